@@ -1,0 +1,261 @@
+//! What a call computes: the logits' shape, the options (PyTorch's names and defaults), the
+//! element and label types, and the validation shared by the GPU and CPU paths.
+
+use crate::error::{Error, Result};
+use crate::plan::PlanChoice;
+
+/// How the per-row losses are reduced, as PyTorch's `reduction`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reduction {
+    /// Per-row losses; the scalar loss is their sum, and the gradient is that of the sum.
+    None,
+    /// Mean over rows whose label is not ignored (PyTorch's default).
+    #[default]
+    Mean,
+    /// Sum over rows.
+    Sum,
+}
+
+impl Reduction {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Reduction::None => crate::abi::REDUCTION_NONE,
+            Reduction::Mean => crate::abi::REDUCTION_MEAN,
+            Reduction::Sum => crate::abi::REDUCTION_SUM,
+        }
+    }
+}
+
+/// Options of a cross-entropy call. Every field has PyTorch's default where PyTorch has one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// Rows whose label equals this get zero loss and zero gradient. Default -100.
+    pub ignore_index: i64,
+    /// Default [`Reduction::Mean`].
+    pub reduction: Reduction,
+    /// Multiplies the gradient: a scale known at forward time (1 / accumulation steps, a loss
+    /// scale) costs nothing extra here. Default 1.
+    pub grad_scale: f32,
+    /// Causal-LM shift: position `t` of each sequence is scored against label `t + 1` of the same
+    /// sequence and the last position gets zero loss and gradient, without copying anything.
+    /// Default false.
+    pub causal_shift: bool,
+    /// Which kernels to run. Default [`PlanChoice::Auto`].
+    pub plan: PlanChoice,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            grad_scale: 1.0,
+            causal_shift: false,
+            plan: PlanChoice::Auto,
+        }
+    }
+}
+
+/// The logits as `[batch, seq_len, vocab]` rows in memory: row `r = b * seq_len + t` starts at
+/// element `r * row_stride`. Labels are `[batch, seq_len]`, contiguous, one per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub vocab: usize,
+    /// Elements between the starts of consecutive rows (`vocab` when contiguous).
+    pub row_stride: usize,
+}
+
+impl Shape {
+    /// `[rows, vocab]`, contiguous (one sequence of `rows` positions).
+    pub fn flat(rows: usize, vocab: usize) -> Shape {
+        Shape { batch: 1, seq_len: rows, vocab, row_stride: vocab }
+    }
+
+    /// `[batch, seq_len, vocab]`, contiguous.
+    pub fn batched(batch: usize, seq_len: usize, vocab: usize) -> Shape {
+        Shape { batch, seq_len, vocab, row_stride: vocab }
+    }
+
+    /// The same shape with rows `row_stride` elements apart.
+    pub fn with_row_stride(self, row_stride: usize) -> Shape {
+        Shape { row_stride, ..self }
+    }
+
+    /// Number of logit rows, `batch * seq_len`.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq_len
+    }
+
+    /// Elements the logits buffer must hold: `(rows - 1) * row_stride + vocab`, 0 without rows.
+    pub fn min_logits_len(&self) -> Option<usize> {
+        match self.rows() {
+            0 => Some(0),
+            rows => (rows - 1).checked_mul(self.row_stride)?.checked_add(self.vocab),
+        }
+    }
+
+    /// Checks the shape against buffer lengths; the error names what is wrong.
+    pub fn validate(&self, logits_len: usize, labels_len: usize) -> Result<()> {
+        if self.vocab == 0 {
+            return Err(Error::EmptyVocab);
+        }
+        if self.vocab > (u32::MAX / 2) as usize {
+            return Err(Error::VocabTooLarge { vocab: self.vocab });
+        }
+        if self.row_stride < self.vocab {
+            return Err(Error::RowStrideTooSmall { row_stride: self.row_stride, vocab: self.vocab });
+        }
+        let rows = self
+            .batch
+            .checked_mul(self.seq_len)
+            .ok_or_else(|| Error::BadShape("batch * seq_len overflows".into()))?;
+        let needed = self
+            .min_logits_len()
+            .ok_or_else(|| Error::BadShape("rows * row_stride overflows".into()))?;
+        if logits_len < needed {
+            return Err(Error::LogitsTooShort { needed, len: logits_len });
+        }
+        if labels_len != rows {
+            return Err(Error::LabelsLength { expected: rows, len: labels_len });
+        }
+        if self.seq_len > u32::MAX as usize {
+            return Err(Error::BadShape(format!("seq_len {} exceeds u32", self.seq_len)));
+        }
+        Ok(())
+    }
+}
+
+/// Element type of the logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    /// Elements per 16-byte vector access in the kernels.
+    pub fn vec(self) -> usize {
+        16 / self.bytes()
+    }
+
+    /// Name used in kernel entry points and benchmark output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A logit element type: `f32`, [`half::f16`] or [`half::bf16`].
+pub trait Element:
+    cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
+    const DTYPE: DType;
+    /// Exact widening.
+    fn to_f64(self) -> f64;
+    /// Rounds to nearest, ties to even (as the kernels' `cvt.rn`).
+    fn from_f64(value: f64) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn from_f64(value: f64) -> Self {
+        half::f16::from_f64(value)
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::Bf16;
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn from_f64(value: f64) -> Self {
+        half::bf16::from_f64(value)
+    }
+}
+
+/// A label type: `i64` (PyTorch's) or `i32`.
+pub trait Label:
+    cudarc::driver::DeviceRepr + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
+    /// Name used in kernel entry points.
+    const NAME: &'static str;
+    fn to_i64(self) -> i64;
+}
+
+impl Label for i64 {
+    const NAME: &'static str = "i64";
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+
+impl Label for i32 {
+    const NAME: &'static str = "i32";
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+
+/// What row `row` is scored against; the one definition the CPU path uses (the kernels mirror it
+/// in `kernels-gpu/src/xent.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Ignored,
+    /// Label neither `ignore_index` nor in `[0, vocab)`.
+    OutOfRange(i64),
+    Class(usize),
+}
+
+/// Resolves the label of `row`, with the causal shift when `opts.causal_shift`.
+pub fn row_target<L: Label>(labels: &[L], shape: &Shape, opts: &Options, row: usize) -> Target {
+    let index = if opts.causal_shift {
+        if row % shape.seq_len == shape.seq_len - 1 {
+            return Target::Ignored;
+        }
+        row + 1
+    } else {
+        row
+    };
+    let label = labels[index].to_i64();
+    if label == opts.ignore_index {
+        Target::Ignored
+    } else if label < 0 || label >= shape.vocab as i64 {
+        Target::OutOfRange(label)
+    } else {
+        Target::Class(label as usize)
+    }
+}

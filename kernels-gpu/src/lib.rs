@@ -1,0 +1,64 @@
+//! The GPU kernels of `xent`, written in Rust and compiled to PTX by rustc's NVPTX backend
+//! (`cargo xtask ptx`). `#![no_std]`: device primitives (`prim`, the only inline PTX), reductions
+//! (`reduce`), element types (`element`), then one module per operation. The `extern
+//! "ptx-kernel"` entry points below are thin and monomorphic over one generic body each.
+#![no_std]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, link_llvm_intrinsics)]
+#![allow(internal_features)]
+
+#[path = "../../host/src/abi.rs"]
+pub mod abi;
+pub mod element;
+pub mod prim;
+pub mod reduce;
+pub mod scale;
+pub mod xent;
+
+use abi::{CountParams, FinishParams, ScaleParams, XentParams};
+use element::{Bf16, F16, F32};
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    prim::trap()
+}
+
+/// Defines `extern "ptx-kernel" fn $name(p: $params)` calling `$body(&p)`.
+macro_rules! kernels {
+    ($($name:ident($params:ty) => $body:expr;)*) => {$(
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(p: $params) {
+            unsafe { $body(&p) }
+        }
+    )*};
+}
+
+kernels! {
+    xent_count_i32(CountParams) => xent::count::<i32>;
+    xent_count_i64(CountParams) => xent::count::<i64>;
+    xent_finish(FinishParams) => xent::finish;
+
+    xent_fused_bf16_i32(XentParams) => xent::fused::<Bf16, i32>;
+    xent_fused_bf16_i64(XentParams) => xent::fused::<Bf16, i64>;
+    xent_fused_f16_i32(XentParams) => xent::fused::<F16, i32>;
+    xent_fused_f16_i64(XentParams) => xent::fused::<F16, i64>;
+    xent_fused_f32_i32(XentParams) => xent::fused::<F32, i32>;
+    xent_fused_f32_i64(XentParams) => xent::fused::<F32, i64>;
+
+    xent_chunk_partial_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32>;
+    xent_chunk_partial_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64>;
+    xent_chunk_partial_f16_i32(XentParams) => xent::chunk_partial::<F16, i32>;
+    xent_chunk_partial_f16_i64(XentParams) => xent::chunk_partial::<F16, i64>;
+    xent_chunk_partial_f32_i32(XentParams) => xent::chunk_partial::<F32, i32>;
+    xent_chunk_partial_f32_i64(XentParams) => xent::chunk_partial::<F32, i64>;
+
+    xent_chunk_grad_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32>;
+    xent_chunk_grad_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64>;
+    xent_chunk_grad_f16_i32(XentParams) => xent::chunk_grad::<F16, i32>;
+    xent_chunk_grad_f16_i64(XentParams) => xent::chunk_grad::<F16, i64>;
+    xent_chunk_grad_f32_i32(XentParams) => xent::chunk_grad::<F32, i32>;
+    xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64>;
+
+    xent_scale_bf16(ScaleParams) => scale::scale::<Bf16>;
+    xent_scale_f16(ScaleParams) => scale::scale::<F16>;
+    xent_scale_f32(ScaleParams) => scale::scale::<F32>;
+}

@@ -1,0 +1,269 @@
+//! Device primitives: every inline-PTX block and LLVM intrinsic of the crate lives here, each a
+//! tiny function whose doc names the instruction it emits.
+//!
+//! Rules learned the hard way (DESIGN.md, "Measured pitfalls"): `asm!` is not convergent, so no
+//! warp- or block-collective instruction is written in `asm!`. Barriers use
+//! `core::arch::nvptx::_syncthreads` and shuffles use LLVM's `llvm.nvvm.shfl.sync.*` intrinsics,
+//! which LLVM knows to be convergent.
+
+use core::arch::asm;
+use core::arch::nvptx;
+
+// The CTA's dynamic shared memory, sized at launch.
+core::arch::global_asm!(".extern .shared .align 16 .b8 xent_dyn_smem[];");
+
+unsafe extern "C" {
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
+    fn llvm_shfl_sync_bfly_f32(mask: i32, value: f32, lane_mask: i32, clamp: i32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
+    fn llvm_shfl_sync_bfly_i32(mask: i32, value: i32, lane_mask: i32, clamp: i32) -> i32;
+}
+
+/// `%tid.x`.
+#[inline(always)]
+pub fn thread_idx() -> u32 {
+    unsafe { nvptx::_thread_idx_x() as u32 }
+}
+
+/// `%ntid.x`.
+#[inline(always)]
+pub fn block_dim() -> u32 {
+    unsafe { nvptx::_block_dim_x() as u32 }
+}
+
+/// `%ctaid.x`.
+#[inline(always)]
+pub fn block_idx() -> u32 {
+    unsafe { nvptx::_block_idx_x() as u32 }
+}
+
+/// `%nctaid.x`.
+#[inline(always)]
+pub fn grid_dim() -> u32 {
+    unsafe { nvptx::_grid_dim_x() as u32 }
+}
+
+/// `bar.sync 0` (through `llvm.nvvm.barrier0`, which LLVM treats as convergent).
+#[inline(always)]
+pub fn sync_threads() {
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// `trap;`: a kernel panic aborts the launch instead of spinning.
+#[inline(always)]
+pub fn trap() -> ! {
+    unsafe { nvptx::trap() }
+}
+
+/// `a / b` and `a % b` without core's divide-by-zero panic path (a zero `b` traps).
+#[inline(always)]
+pub fn div_rem(a: u64, b: u64) -> (u64, u64) {
+    match core::num::NonZeroU64::new(b) {
+        Some(b) => (a / b, a % b),
+        None => trap(),
+    }
+}
+
+/// `shfl.sync.bfly.b32` over the full warp, for `f32`.
+#[inline(always)]
+pub fn shfl_xor_f32(value: f32, lane_mask: u32) -> f32 {
+    unsafe { llvm_shfl_sync_bfly_f32(-1, value, lane_mask as i32, 0x1f) }
+}
+
+/// `shfl.sync.bfly.b32` over the full warp, for `u32`.
+#[inline(always)]
+pub fn shfl_xor_u32(value: u32, lane_mask: u32) -> u32 {
+    unsafe { llvm_shfl_sync_bfly_i32(-1, value as i32, lane_mask as i32, 0x1f) as u32 }
+}
+
+/// `ex2.approx.ftz.f32`: 2^x (relative error about 2^-22; `ex2(-inf) = +0`).
+#[inline(always)]
+pub fn ex2(x: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("ex2.approx.ftz.f32 {y}, {x};", y = out(reg32) y, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    y
+}
+
+/// `lg2.approx.ftz.f32`: log2(x).
+#[inline(always)]
+pub fn lg2(x: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("lg2.approx.ftz.f32 {y}, {x};", y = out(reg32) y, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    y
+}
+
+/// `cvt.f32.f16`: widen an IEEE half.
+#[inline(always)]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("cvt.f32.f16 {y}, {h};", y = out(reg32) y, h = in(reg16) bits,
+             options(pure, nomem, nostack));
+    }
+    y
+}
+
+/// `cvt.rn.f16x2.f32`: round two floats to halves, `hi` in the upper 16 bits.
+#[inline(always)]
+pub fn pack_f16x2(hi: f32, lo: f32) -> u32 {
+    let d: u32;
+    unsafe {
+        asm!("cvt.rn.f16x2.f32 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) hi,
+             b = in(reg32) lo, options(pure, nomem, nostack));
+    }
+    d
+}
+
+/// `cvt.rn.bf16x2.f32`: round two floats to bfloat16s, `hi` in the upper 16 bits.
+#[inline(always)]
+pub fn pack_bf16x2(hi: f32, lo: f32) -> u32 {
+    let d: u32;
+    unsafe {
+        asm!("cvt.rn.bf16x2.f32 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) hi,
+             b = in(reg32) lo, options(pure, nomem, nostack));
+    }
+    d
+}
+
+/// `ld.global.v4.u32`: one 16-byte load. `addr` must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_global_v4(addr: u64) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.global.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+             a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+             p = in(reg64) addr, options(readonly, nostack));
+    }
+    [a, b, c, d]
+}
+
+/// `st.global.v4.u32`: one 16-byte store. `addr` must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn st_global_v4(addr: u64, w: [u32; 4]) {
+    unsafe {
+        asm!("st.global.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+             p = in(reg64) addr, a = in(reg32) w[0], b = in(reg32) w[1], c = in(reg32) w[2],
+             d = in(reg32) w[3], options(nostack));
+    }
+}
+
+/// `ld.global.u16`.
+#[inline(always)]
+pub unsafe fn ld_global_u16(addr: u64) -> u16 {
+    let v: u16;
+    unsafe {
+        asm!("ld.global.u16 {v}, [{p}];", v = out(reg16) v, p = in(reg64) addr,
+             options(readonly, nostack));
+    }
+    v
+}
+
+/// `ld.global.u32`.
+#[inline(always)]
+pub unsafe fn ld_global_u32(addr: u64) -> u32 {
+    let v: u32;
+    unsafe {
+        asm!("ld.global.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg64) addr,
+             options(readonly, nostack));
+    }
+    v
+}
+
+/// `ld.global.u64`.
+#[inline(always)]
+pub unsafe fn ld_global_u64(addr: u64) -> u64 {
+    let v: u64;
+    unsafe {
+        asm!("ld.global.u64 {v}, [{p}];", v = out(reg64) v, p = in(reg64) addr,
+             options(readonly, nostack));
+    }
+    v
+}
+
+/// `st.global.u16`.
+#[inline(always)]
+pub unsafe fn st_global_u16(addr: u64, v: u16) {
+    unsafe { asm!("st.global.u16 [{p}], {v};", p = in(reg64) addr, v = in(reg16) v, options(nostack)) }
+}
+
+/// `st.global.u32`.
+#[inline(always)]
+pub unsafe fn st_global_u32(addr: u64, v: u32) {
+    unsafe { asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}
+
+/// `red.global.add.u32`: atomic add, result unused.
+#[inline(always)]
+pub unsafe fn red_add_u32(addr: u64, v: u32) {
+    unsafe { asm!("red.global.add.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}
+
+/// `mov.u32 %r, xent_dyn_smem;`: the shared-window address of the dynamic shared memory.
+#[inline(always)]
+pub fn smem_base() -> u32 {
+    let a: u32;
+    unsafe { asm!("mov.u32 {a}, xent_dyn_smem;", a = out(reg32) a, options(pure, nomem, nostack)) }
+    a
+}
+
+/// `ld.shared.v4.u32`. `addr` (shared window) must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_shared_v4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+             a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+             p = in(reg32) addr, options(readonly, nostack));
+    }
+    [a, b, c, d]
+}
+
+/// `st.shared.v4.u32`. `addr` (shared window) must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn st_shared_v4(addr: u32, w: [u32; 4]) {
+    unsafe {
+        asm!("st.shared.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+             p = in(reg32) addr, a = in(reg32) w[0], b = in(reg32) w[1], c = in(reg32) w[2],
+             d = in(reg32) w[3], options(nostack));
+    }
+}
+
+/// `ld.shared.u16`.
+#[inline(always)]
+pub unsafe fn ld_shared_u16(addr: u32) -> u16 {
+    let v: u16;
+    unsafe {
+        asm!("ld.shared.u16 {v}, [{p}];", v = out(reg16) v, p = in(reg32) addr,
+             options(readonly, nostack));
+    }
+    v
+}
+
+/// `ld.shared.u32`.
+#[inline(always)]
+pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
+    let v: u32;
+    unsafe {
+        asm!("ld.shared.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg32) addr,
+             options(readonly, nostack));
+    }
+    v
+}
+
+/// `st.shared.u16`.
+#[inline(always)]
+pub unsafe fn st_shared_u16(addr: u32, v: u16) {
+    unsafe { asm!("st.shared.u16 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v, options(nostack)) }
+}
+
+/// `st.shared.u32`.
+#[inline(always)]
+pub unsafe fn st_shared_u32(addr: u32, v: u32) {
+    unsafe { asm!("st.shared.u32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v, options(nostack)) }
+}

@@ -1,0 +1,159 @@
+//! Reductions: the online log-sum-exp state, and warp- and block-wide combines.
+//!
+//! Block reductions use the first `SMEM_REDUCTION_BYTES` of dynamic shared memory as scratch and
+//! must be reached by every thread of the block (they contain barriers).
+
+use crate::abi::SMEM_REDUCTION_BYTES;
+use crate::prim::{self, shfl_xor_f32, shfl_xor_u32, sync_threads};
+
+const _: () = assert!(SMEM_REDUCTION_BYTES >= 32 * 8);
+
+/// Online log-sum-exp in base 2: the set of values `x` summarised as `m + log2(s)`, with
+/// `m = max x` and `s = sum 2^(x - m)`. Inputs are natural logits times log2(e).
+#[derive(Clone, Copy)]
+pub struct Lse2 {
+    pub m: f32,
+    pub s: f32,
+}
+
+impl Lse2 {
+    pub const EMPTY: Lse2 = Lse2 { m: f32::NEG_INFINITY, s: 0.0 };
+
+    /// Adds `x[..n]` (`n >= 1`). NaN inputs make `s` NaN, as they make PyTorch's loss NaN.
+    #[inline(always)]
+    pub fn add<const N: usize>(&mut self, x: &[f32; N], n: usize) {
+        let mut local = x[0];
+        for &v in &x[1..n] {
+            local = local.max(v);
+        }
+        let m = self.m.max(local);
+        if m == f32::NEG_INFINITY {
+            // Everything so far is -inf (no mass) or NaN (max ignores NaN): keep the NaN.
+            if local.is_nan() {
+                self.s = f32::NAN;
+            }
+            return;
+        }
+        let mut s = self.s * prim::ex2(self.m - m);
+        for &v in &x[..n] {
+            s += prim::ex2(v - m);
+        }
+        self.m = m;
+        self.s = s;
+    }
+
+    /// The union of two summaries.
+    #[inline(always)]
+    pub fn merge(self, other: Lse2) -> Lse2 {
+        let m = self.m.max(other.m);
+        if m == f32::NEG_INFINITY {
+            return Lse2 { m, s: self.s + other.s };
+        }
+        Lse2 { m, s: self.s * prim::ex2(self.m - m) + other.s * prim::ex2(other.m - m) }
+    }
+
+    /// `log2(sum 2^x)`: `-inf` for an empty set.
+    #[inline(always)]
+    pub fn value(self) -> f32 {
+        self.m + prim::lg2(self.s)
+    }
+}
+
+/// Butterfly merge over the 32 lanes of a warp; every lane gets the result.
+#[inline(always)]
+pub fn warp_lse2(mut v: Lse2) -> Lse2 {
+    let mut lane_mask = 16;
+    while lane_mask > 0 {
+        let other = Lse2 { m: shfl_xor_f32(v.m, lane_mask), s: shfl_xor_f32(v.s, lane_mask) };
+        v = v.merge(other);
+        lane_mask >>= 1;
+    }
+    v
+}
+
+/// Merge across the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+#[inline(always)]
+pub fn block_lse2(v: Lse2) -> Lse2 {
+    let scratch = prim::smem_base();
+    let tid = prim::thread_idx();
+    let warps = prim::block_dim() / 32;
+    let v = warp_lse2(v);
+    if warps == 1 {
+        return v;
+    }
+    let (lane, warp) = (tid % 32, tid / 32);
+    if lane == 0 {
+        unsafe {
+            prim::st_shared_u32(scratch + 8 * warp, v.m.to_bits());
+            prim::st_shared_u32(scratch + 8 * warp + 4, v.s.to_bits());
+        }
+    }
+    sync_threads();
+    let mut w = Lse2::EMPTY;
+    if lane < warps {
+        unsafe {
+            w.m = f32::from_bits(prim::ld_shared_u32(scratch + 8 * lane));
+            w.s = f32::from_bits(prim::ld_shared_u32(scratch + 8 * lane + 4));
+        }
+    }
+    let w = warp_lse2(w);
+    // The scratch is reused by the next reduction: nobody may write it before all have read.
+    sync_threads();
+    w
+}
+
+/// Sum of a `u32` across the block; every thread gets it.
+#[inline(always)]
+pub fn block_sum_u32(mut v: u32) -> u32 {
+    let mut lane_mask = 16;
+    while lane_mask > 0 {
+        v = v.wrapping_add(shfl_xor_u32(v, lane_mask));
+        lane_mask >>= 1;
+    }
+    block_combine_words(v as u64, |a, b| a.wrapping_add(b)) as u32
+}
+
+/// Sum of an `f64` across the block; every thread gets it.
+#[inline(always)]
+pub fn block_sum_f64(mut v: f64) -> f64 {
+    let mut lane_mask = 16;
+    while lane_mask > 0 {
+        let bits = v.to_bits();
+        let lo = shfl_xor_u32(bits as u32, lane_mask);
+        let hi = shfl_xor_u32((bits >> 32) as u32, lane_mask);
+        v += f64::from_bits(((hi as u64) << 32) | lo as u64);
+        lane_mask >>= 1;
+    }
+    f64::from_bits(block_combine_words(v.to_bits(), |a, b| {
+        (f64::from_bits(a) + f64::from_bits(b)).to_bits()
+    }))
+}
+
+/// Combines the per-warp values (already warp-reduced, identical on all lanes) through shared
+/// memory, serially in warp order so the result does not depend on timing.
+#[inline(always)]
+fn block_combine_words(v: u64, combine: impl Fn(u64, u64) -> u64) -> u64 {
+    let scratch = prim::smem_base();
+    let tid = prim::thread_idx();
+    let warps = prim::block_dim() / 32;
+    if warps == 1 {
+        return v;
+    }
+    if tid % 32 == 0 {
+        unsafe {
+            prim::st_shared_u32(scratch + 8 * (tid / 32), v as u32);
+            prim::st_shared_u32(scratch + 8 * (tid / 32) + 4, (v >> 32) as u32);
+        }
+    }
+    sync_threads();
+    let read = |w: u32| unsafe {
+        prim::ld_shared_u32(scratch + 8 * w) as u64
+            | ((prim::ld_shared_u32(scratch + 8 * w + 4) as u64) << 32)
+    };
+    let mut acc = read(0);
+    for w in 1..warps {
+        acc = combine(acc, read(w));
+    }
+    sync_threads();
+    acc
+}

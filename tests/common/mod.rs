@@ -1,0 +1,263 @@
+//! Shared helpers of the integration tests: the GPU handle (or a loud skip), seeded random
+//! inputs, and the comparison of a GPU call with the CPU reference at stated tolerances.
+
+use std::sync::OnceLock;
+
+use xent::cudarc::driver::CudaStream;
+use xent::half::{bf16, f16};
+use xent::{CrossEntropy, DType, Element, Label, Options, Reduction, Shape, cpu};
+
+/// The GPU handle shared by a test binary, or `None` (after printing why) when there is no GPU.
+/// With `XENT_REQUIRE_GPU=1` a missing GPU fails the test instead.
+pub fn gpu() -> Option<&'static CrossEntropy> {
+    static HANDLE: OnceLock<Result<CrossEntropy, String>> = OnceLock::new();
+    let handle = HANDLE.get_or_init(|| CrossEntropy::new(0).map_err(|e| e.to_string()));
+    match handle {
+        Ok(xent) => Some(xent),
+        Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("XENT_REQUIRE_GPU=1 but no GPU: {err}")
+        }
+        Err(err) => {
+            // Written to the stderr handle, not through `eprintln!`, so the test harness's output
+            // capture does not hide it.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: GPU test without a GPU ({err}); set XENT_REQUIRE_GPU=1 to fail instead"
+            );
+            None
+        }
+    }
+}
+
+/// Under `XENT_SANITIZE=1` (compute-sanitizer runs 10-100x slower) tests shrink their shapes.
+pub fn sanitizing() -> bool {
+    std::env::var("XENT_SANITIZE").is_ok_and(|v| v == "1")
+}
+
+/// SplitMix64: small, seeded, good enough for test data.
+#[derive(Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Value written between rows (in the stride padding): it must survive every call.
+pub const PAD: f64 = 7.25;
+
+/// Random logits for `shape`: roughly N(0, 2) with 1 in 64 values spiked to +-12, and `PAD`
+/// between rows. Filled in parallel, deterministically per seed.
+pub fn random_logits<T: Element>(shape: &Shape, seed: u64) -> Vec<T> {
+    let len = shape.min_logits_len().expect("shape fits usize");
+    let mut data = vec![T::from_f64(PAD); len];
+    let rows_per_job = 256;
+    std::thread::scope(|scope| {
+        for (job, chunk) in data.chunks_mut(rows_per_job * shape.row_stride).enumerate() {
+            scope.spawn(move || {
+                let mut rng = Rng(seed ^ (job as u64).wrapping_mul(0x1000_0000_01b3));
+                for row in chunk.chunks_mut(shape.row_stride) {
+                    for x in row.iter_mut().take(shape.vocab) {
+                        let normal = (0..4).map(|_| rng.unit()).sum::<f64>() - 2.0; // var 1/3
+                        let spike = if rng.below(64) == 0 { 12.0 } else { 0.0 };
+                        let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                        *x = T::from_f64(normal * 3.5 + sign * spike);
+                    }
+                }
+            });
+        }
+    });
+    data
+}
+
+/// Random labels in `[0, vocab)`, a fraction `ignored` of them `ignore_index`.
+pub fn random_labels<L: Label + FromI64>(
+    rows: usize,
+    vocab: usize,
+    ignored: f64,
+    ignore_index: i64,
+    seed: u64,
+) -> Vec<L> {
+    let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(17));
+    (0..rows)
+        .map(|_| {
+            let label =
+                if rng.unit() < ignored { ignore_index } else { rng.below(vocab as u64) as i64 };
+            L::from_i64(label)
+        })
+        .collect()
+}
+
+/// Building labels of either type from i64.
+pub trait FromI64 {
+    fn from_i64(v: i64) -> Self;
+}
+impl FromI64 for i64 {
+    fn from_i64(v: i64) -> Self {
+        v
+    }
+}
+impl FromI64 for i32 {
+    fn from_i64(v: i64) -> Self {
+        v as i32
+    }
+}
+
+/// Relative tolerance of a gradient element of type `dtype` against the f64 reference: one unit
+/// in the last place of the type (the GPU rounds its f32 result, the CPU its f64 result, and the
+/// two may land on neighbouring values), at least 1e-5 for the f32 arithmetic itself
+/// (`ex2.approx` is within 2^-22 relative; `x * log2(e) - lse2` loses about 2^-20 for |x| ~ 10).
+pub fn grad_rtol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2f64.powi(-10),
+        DType::Bf16 => 2f64.powi(-7),
+    }
+}
+
+/// Absolute tolerance of a gradient element, relative to the gradient's scale: the target
+/// element's `p - 1` cancels, leaving f32 error of about 2^-20 of the scale; f16 also rounds
+/// values below its smallest normal (6.1e-5) to a 2^-24 grid.
+pub fn grad_atol(dtype: DType, scale: f64) -> f64 {
+    let base = 1e-5 * scale.abs();
+    if dtype == DType::F16 { base + 2f64.powi(-24) } else { base }
+}
+
+/// Tolerance of a loss or log-sum-exp value `reference`: f32 arithmetic on values up to ~30
+/// (2^-20 relative error per row, summed over many rows in f64).
+pub fn loss_tol(reference: f64) -> f64 {
+    1e-5 * reference.abs().max(1.0)
+}
+
+/// One GPU call against the CPU reference.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub shape: Shape,
+    pub opts: Options,
+    /// Fraction of labels set to `ignore_index`.
+    pub ignored: f64,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn new(rows: usize, vocab: usize) -> Case {
+        Case { shape: Shape::flat(rows, vocab), opts: Options::default(), ignored: 1.0 / 7.0, seed: 1 }
+    }
+}
+
+/// What a comparison found.
+#[derive(Debug)]
+pub struct Outcome {
+    pub loss_gpu: f64,
+    pub loss_cpu: f64,
+    pub max_grad_err_over_tol: f64,
+}
+
+/// Runs `case` on the GPU and the CPU and compares everything: loss, per-row loss and lse, every
+/// gradient element, and the untouched stride padding. Returns a message on mismatch.
+pub fn run_case<T: Element, L: Label + FromI64>(
+    xent: &CrossEntropy,
+    stream: &std::sync::Arc<CudaStream>,
+    case: &Case,
+) -> Result<Outcome, String> {
+    let shape = case.shape;
+    let logits: Vec<T> = random_logits(&shape, case.seed);
+    let labels: Vec<L> = random_labels(
+        shape.rows(),
+        shape.vocab,
+        case.ignored,
+        case.opts.ignore_index,
+        case.seed,
+    );
+    let context = |what: &str| format!("{what} in {case:?} ({} logits)", T::DTYPE.name());
+
+    let mut d_logits = stream.clone_htod(&logits).map_err(|e| context(&e.to_string()))?;
+    let d_labels = stream.clone_htod(&labels).map_err(|e| context(&e.to_string()))?;
+    let loss = xent
+        .forward_backward(stream, &mut d_logits, &d_labels, shape, &case.opts)
+        .map_err(|e| context(&e.to_string()))?;
+    let loss_gpu = loss.read().map_err(|e| context(&e.to_string()))? as f64;
+    let row_loss = loss.read_row_loss().map_err(|e| context(&e.to_string()))?;
+    let row_lse = loss.read_row_lse().map_err(|e| context(&e.to_string()))?;
+    let grad: Vec<T> = stream.clone_dtoh(&d_logits).map_err(|e| context(&e.to_string()))?;
+
+    let mut reference = logits;
+    let expected = cpu::forward_backward(&mut reference, &labels, shape, &case.opts)
+        .map_err(|e| context(&e.to_string()))?;
+
+    let n_valid = loss.n_valid().map_err(|e| context(&e.to_string()))? as usize;
+    if n_valid != expected.n_valid {
+        return Err(context(&format!("n_valid {n_valid} != {}", expected.n_valid)));
+    }
+    let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
+    if !same(loss_gpu, expected.loss, loss_tol(expected.loss)) {
+        return Err(context(&format!("loss {loss_gpu} != reference {}", expected.loss)));
+    }
+    for r in 0..shape.rows() {
+        let (l, e) = (row_loss[r] as f64, expected.row_loss[r]);
+        if !same(l, e, loss_tol(e)) {
+            return Err(context(&format!("row {r}: loss {l} != reference {e}")));
+        }
+        let (l, e) = (row_lse[r] as f64, expected.row_lse[r]);
+        if !same(l, e, loss_tol(e)) {
+            return Err(context(&format!("row {r}: lse {l} != reference {e}")));
+        }
+    }
+    let scale = cpu::grad_scale(&case.opts, expected.n_valid);
+    let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
+    let mut worst = 0.0f64;
+    for (i, (g, e)) in grad.iter().zip(&reference).enumerate() {
+        let (g, e) = (g.to_f64(), e.to_f64());
+        let in_row = i % shape.row_stride < shape.vocab;
+        if !in_row {
+            if g != PAD {
+                return Err(context(&format!("padding element {i} changed to {g}")));
+            }
+            continue;
+        }
+        let tol = atol + rtol * e.abs();
+        let err = (g - e).abs();
+        if err.is_nan() || err > tol {
+            let (r, j) = (i / shape.row_stride, i % shape.row_stride);
+            return Err(context(&format!(
+                "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
+            )));
+        }
+        worst = worst.max(err / tol);
+    }
+    Ok(Outcome { loss_gpu, loss_cpu: expected.loss, max_grad_err_over_tol: worst })
+}
+
+/// Runs `case` for one dtype chosen at run time.
+pub fn run_case_dtype<L: Label + FromI64>(
+    xent: &CrossEntropy,
+    stream: &std::sync::Arc<CudaStream>,
+    dtype: DType,
+    case: &Case,
+) -> Result<Outcome, String> {
+    match dtype {
+        DType::F32 => run_case::<f32, L>(xent, stream, case),
+        DType::F16 => run_case::<f16, L>(xent, stream, case),
+        DType::Bf16 => run_case::<bf16, L>(xent, stream, case),
+    }
+}
+
+/// Every reduction, for loops over options.
+pub const REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
+/// Every dtype.
+pub const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
