@@ -154,6 +154,7 @@ impl CrossEntropy {
         shape: Shape,
         opts: &Options,
     ) -> Result<Loss> {
+        shape.validate(logits.len(), labels.len())?;
         let mut out = Loss::new(stream, shape.rows())?;
         self.forward_backward_into(stream, logits, labels, shape, opts, &mut out)?;
         Ok(out)
@@ -172,9 +173,6 @@ impl CrossEntropy {
     ) -> Result<()> {
         self.check_stream(stream)?;
         shape.validate(logits.len(), labels.len())?;
-        if opts.causal_shift && shape.rows() > 0 && shape.seq_len == 0 {
-            return Err(Error::BadShape("the causal shift needs seq_len > 0".into()));
-        }
         let rows = shape.rows();
         if out.rows != rows {
             return Err(Error::InvalidOption(format!(
@@ -260,8 +258,8 @@ impl CrossEntropy {
         upstream: &impl DevicePtr<f32>,
     ) -> Result<()> {
         self.check_stream(stream)?;
+        shape.validate(grad.len(), shape.rows())?;
         let rows = shape.rows();
-        shape.validate(grad.len(), rows)?;
         if upstream.len() != 1 && upstream.len() != rows {
             return Err(Error::UpstreamLength { rows, len: upstream.len() });
         }

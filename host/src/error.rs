@@ -25,7 +25,7 @@ pub enum Error {
     LabelsLength { expected: usize, len: usize },
     /// An upstream gradient must hold one value, or one per row.
     UpstreamLength { rows: usize, len: usize },
-    /// `seq_len` is 0 with `batch > 0`, or the causal shift was asked for without sequences.
+    /// A shape whose sizes overflow, or that the kernels cannot index.
     BadShape(String),
     /// A label is neither `ignore_index` nor a class in `[0, vocab)`. On the GPU this is detected on
     /// the device and reported when the loss is read; `row` is known only on the CPU.

@@ -83,9 +83,9 @@ impl Shape {
         Shape { row_stride, ..self }
     }
 
-    /// Number of logit rows, `batch * seq_len`.
+    /// Number of logit rows, `batch * seq_len` (saturating: `validate` rejects an overflow).
     pub fn rows(&self) -> usize {
-        self.batch * self.seq_len
+        self.batch.saturating_mul(self.seq_len)
     }
 
     /// Elements the logits buffer must hold: `(rows - 1) * row_stride + vocab`, 0 without rows.

@@ -72,7 +72,8 @@ pub fn tile_len(vocab: usize) -> usize {
 /// Threads to walk `len` elements with `UNROLL` vectors per thread per step.
 pub fn threads_for(len: usize, dtype: DType) -> u32 {
     let per_thread = dtype.vec() * UNROLL;
-    (len.div_ceil(per_thread) as u32).next_power_of_two().clamp(MIN_THREADS, MAX_THREADS)
+    let wanted = len.div_ceil(per_thread).min(MAX_THREADS as usize) as u32;
+    wanted.next_power_of_two().clamp(MIN_THREADS, MAX_THREADS)
 }
 
 /// Dynamic shared memory of the fused plan: reduction scratch, 16 bytes of alignment slack, and
@@ -90,6 +91,9 @@ pub fn plan(
     limits: DeviceLimits,
     choice: PlanChoice,
 ) -> Result<LaunchPlan> {
+    if vocab == 0 || vocab > (u32::MAX / 2) as usize {
+        return Err(Error::PlanDoesNotFit(format!("vocab {vocab} is outside [1, 2^31)")));
+    }
     let smem = fused_smem_bytes(vocab, dtype).filter(|&b| b <= limits.max_smem_per_block);
     let fused = |smem_bytes| {
         if rows > MAX_GRID_X {
@@ -98,7 +102,7 @@ pub fn plan(
         Ok(LaunchPlan::Fused { threads: threads_for(tile_len(vocab), dtype), smem_bytes })
     };
     let chunked = |chunk_len: usize| {
-        if chunk_len == 0 || chunk_len % 8 != 0 {
+        if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
             return Err(Error::PlanDoesNotFit(format!(
                 "chunk_len {chunk_len} must be a positive multiple of 8"
             )));

@@ -1,0 +1,201 @@
+//! Throughput of the fused cross-entropy (loss + gradient) on the GPU, timed with CUDA events, in
+//! the JSON-lines format of `shared/bench/peers.py` so both land in one table.
+//!
+//! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]`
+//! (`cargo xtask bench` forwards its arguments here). First line: `{"copy_GBps": ...}` measured in
+//! this process; then one line per config. Each iteration restores the logits from a pristine copy
+//! outside the timed region, so every timed call sees real logits, not last call's gradient.
+
+use std::sync::Arc;
+
+use xent::cudarc::driver::{CudaSlice, CudaStream};
+use xent::half::{bf16, f16};
+use xent::{CrossEntropy, DType, Element, Loss, Options, PlanChoice, Shape};
+
+/// The table: the peers' configurations, plus a few-rows case for the chunked plan.
+const DEFAULT_CONFIGS: &str =
+    "8192:32000:bf16,8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f32,512:128256:bf16";
+
+struct Args {
+    configs: Vec<(usize, usize, DType)>,
+    iters: usize,
+    plan: PlanChoice,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut configs = DEFAULT_CONFIGS.to_string();
+    let (mut iters, mut plan) = (20, PlanChoice::Auto);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--configs" => configs = args.next().ok_or("--configs needs a value")?,
+            "--iters" => {
+                iters = args.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?
+            }
+            "--plan" => {
+                plan = match args.next().as_deref() {
+                    Some("auto") => PlanChoice::Auto,
+                    Some("fused") => PlanChoice::Fused,
+                    Some("chunked") => PlanChoice::Chunked { chunk_len: None },
+                    other => return Err(format!("--plan auto|fused|chunked, not {other:?}")),
+                }
+            }
+            "--bench" => {} // passed by `cargo bench`
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let configs = configs
+        .split(',')
+        .map(|item| {
+            let parts: Vec<&str> = item.split(':').collect();
+            let [n, v, dtype] = parts[..] else { return Err(format!("bad config {item}")) };
+            let dtype = match dtype {
+                "bf16" => DType::Bf16,
+                "f16" => DType::F16,
+                "f32" => DType::F32,
+                _ => return Err(format!("bad dtype in {item}")),
+            };
+            Ok((n.parse().map_err(|_| item.to_string())?, v.parse().map_err(|_| item.to_string())?, dtype))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Args { configs, iters, plan })
+}
+
+/// Median and minimum of `times`.
+fn median_min(mut times: Vec<f32>) -> (f32, f32) {
+    times.sort_by(f32::total_cmp);
+    (times[times.len() / 2], times[0])
+}
+
+/// Device-to-device copy bandwidth, bytes read + written, best of 10 copies of 4 GiB.
+fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::error::Error>> {
+    let bytes = 4usize << 30;
+    let src = stream.alloc_zeros::<u8>(bytes)?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    let ctx = stream.context();
+    let mut times = Vec::new();
+    for i in 0..13 {
+        let start = ctx.new_event(None)?;
+        let end = ctx.new_event(None)?;
+        start.record(stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        end.record(stream)?;
+        end.synchronize()?;
+        if i >= 3 {
+            times.push(start.elapsed_ms(&end)?);
+        }
+    }
+    let (_, best) = median_min(times);
+    Ok(2.0 * bytes as f64 / (best as f64 * 1e-3) / 1e9)
+}
+
+/// Random logits (N(0, 2)-ish, as peers.py) filled on all cores, and labels with one in seven
+/// ignored.
+fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
+    let mut logits = vec![T::default(); n * v];
+    let workers = std::thread::available_parallelism().map_or(1, |w| w.get());
+    std::thread::scope(|scope| {
+        for (job, chunk) in logits.chunks_mut((n * v).div_ceil(workers).max(1)).enumerate() {
+            scope.spawn(move || {
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (job as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+                for x in chunk {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let u = (state >> 40) as f64 / (1u64 << 24) as f64; // [0, 1)
+                    *x = T::from_f64((u - 0.5) * 6.9); // uniform with variance 4
+                }
+            });
+        }
+    });
+    let labels = (0..n).map(|i| if i % 7 == 0 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    (logits, labels)
+}
+
+fn bench_config<T: Element>(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    n: usize,
+    v: usize,
+    args: &Args,
+    copy_gbps: f64,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let (host_logits, host_labels) = inputs::<T>(n, v);
+    let pristine: CudaSlice<T> = stream.clone_htod(&host_logits)?;
+    drop(host_logits);
+    let mut logits: CudaSlice<T> = stream.alloc_zeros(n * v)?;
+    let labels = stream.clone_htod(&host_labels)?;
+    let shape = Shape::flat(n, v);
+    let opts = Options { plan: args.plan, ..Options::default() };
+    let plan = xent.plan_for(&shape, T::DTYPE, &opts)?;
+    let mut out = Loss::new(stream, n)?;
+    let ctx = stream.context();
+    let (before_free, _) = ctx.mem_get_info()?;
+    let mut times = Vec::new();
+    let mut loss = f32::NAN;
+    for i in 0..args.iters + 3 {
+        stream.memcpy_dtod(&pristine, &mut logits)?;
+        let start = ctx.new_event(None)?;
+        let end = ctx.new_event(None)?;
+        start.record(stream)?;
+        xent.forward_backward_into(stream, &mut logits, &labels, shape, &opts, &mut out)?;
+        end.record(stream)?;
+        end.synchronize()?;
+        if i >= 3 {
+            times.push(start.elapsed_ms(&end)?);
+        }
+        if i == 0 {
+            loss = out.read()?;
+        }
+    }
+    let (after_free, _) = ctx.mem_get_info()?;
+    // Extra memory: the O(N) outputs (loss, per-row loss and lse, counts) and any partials the
+    // chunked plan allocated on its first call.
+    let extra_bytes = 4 * (1 + 2 * n.max(1) + 2) + before_free.saturating_sub(after_free);
+    let (median, best) = median_min(times);
+    let min_bytes = 2.0 * T::DTYPE.bytes() as f64 * n as f64 * v as f64;
+    let gbps = min_bytes / (median as f64 * 1e-3) / 1e9;
+    Ok(format!(
+        "{{\"method\": \"xent\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"ms_median\": {median:.3}, \"ms_min\": {best:.3}, \"eff_GBps\": {gbps:.0}, \"pct_of_copy\": {:.1}, \"extra_peak_MiB\": {}, \"plan\": \"{plan:?}\", \"loss\": {loss:.6}}}",
+        T::DTYPE.name(),
+        100.0 * gbps / copy_gbps,
+        extra_bytes >> 20,
+    ))
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(msg) => {
+            eprintln!("throughput: {msg}");
+            std::process::exit(2);
+        }
+    };
+    let xent = match CrossEntropy::new(0) {
+        Ok(xent) => xent,
+        Err(err) => {
+            eprintln!("throughput: no GPU ({err}); nothing to measure");
+            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                std::process::exit(1);
+            }
+            return;
+        }
+    };
+    let stream = xent.context().default_stream();
+    let copy_gbps = copy_bandwidth_gbps(&stream).expect("copy bandwidth");
+    println!("{{\"copy_GBps\": {copy_gbps:.0}}}");
+    for &(n, v, dtype) in &args.configs {
+        let line = match dtype {
+            DType::Bf16 => bench_config::<bf16>(&xent, &stream, n, v, &args, copy_gbps),
+            DType::F16 => bench_config::<f16>(&xent, &stream, n, v, &args, copy_gbps),
+            DType::F32 => bench_config::<f32>(&xent, &stream, n, v, &args, copy_gbps),
+        };
+        match line {
+            Ok(line) => println!("{line}"),
+            Err(err) => println!(
+                "{{\"method\": \"xent\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"error\": \"{err}\"}}",
+                dtype.name()
+            ),
+        }
+    }
+}

@@ -1,0 +1,1429 @@
+//! CPU-only integration tests: they run on every machine, GPU or not.
+//!
+//! - The CPU reference (`xent::cpu`, the oracle of the GPU tests) against values computed here
+//!   from first principles: `loss = ln(sum_j e^x_j) - x_label`, `grad = softmax - onehot`, scaled.
+//! - Validation: every shape error is returned, never panicked on, and leaves the logits as they
+//!   were.
+//! - Launch planning (`xent::plan`) on the H100's and A100's limits.
+//! - The embedded PTX: every kernel entry point, the right target, the generated-file marker.
+//! - Opening a device without a driver is an error, not a panic.
+//!
+//! Inputs are small and exactly representable in every element type (integers and halves), so
+//! each expected value below is the exact math of those inputs, not a number from a previous run.
+
+use xent::half::{bf16, f16};
+use xent::plan::{self, DeviceLimits, LaunchPlan, PlanChoice};
+use xent::{
+    CrossEntropy, DType, Element, Error, Label, Options, PTX_SM80, PTX_SM90, Reduction, Shape, cpu,
+    kernel_names, ptx_for,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: building inputs, the expected values, comparisons.
+// ---------------------------------------------------------------------------------------------
+
+/// Results computed in f64 from the same inputs as the reference agree to a few ulps of values of
+/// order 1..1000: they differ only in summation order and in `exp`/`ln`'s last bit.
+const F64_TOL: f64 = 1e-12;
+
+/// Logits of type `T`; each value must be exact in `T`, so the hand computation uses the very
+/// numbers the reference sees.
+fn logits<T: Element>(values: &[f64]) -> Vec<T> {
+    values
+        .iter()
+        .map(|&v| {
+            let x = T::from_f64(v);
+            assert_eq!(
+                x.to_f64(),
+                v,
+                "test input {v} is not exact in {:?}",
+                T::DTYPE
+            );
+            x
+        })
+        .collect()
+}
+
+/// Labels of either type (`i32` and `i64` both convert from `i32`).
+fn labels<L: Label + From<i32>>(values: &[i32]) -> Vec<L> {
+    values.iter().map(|&v| L::from(v)).collect()
+}
+
+fn widen<T: Element>(values: &[T]) -> Vec<f64> {
+    values.iter().map(|x| x.to_f64()).collect()
+}
+
+fn opts(reduction: Reduction) -> Options {
+    Options {
+        reduction,
+        ..Options::default()
+    }
+}
+
+/// `ln(e^x_0 + e^x_1 + ...)`, written out without the max shift: the logits given to it are
+/// small (|x| < 700), so no `exp` overflows.
+fn ln_sum_exp(row: &[f64]) -> f64 {
+    row.iter().map(|x| x.exp()).sum::<f64>().ln()
+}
+
+/// `(softmax_j - [j == label]) * scale` for one scored row.
+fn row_grad(row: &[f64], label: usize, scale: f64) -> Vec<f64> {
+    let total: f64 = row.iter().map(|x| x.exp()).sum();
+    let onehot = |j| if j == label { 1.0 } else { 0.0 };
+    row.iter()
+        .enumerate()
+        .map(|(j, x)| (x.exp() / total - onehot(j)) * scale)
+        .collect()
+}
+
+/// What a call must produce, computed from first principles.
+struct Expected {
+    loss: f64,
+    row_loss: Vec<f64>,
+    row_lse: Vec<f64>,
+    n_valid: usize,
+    /// One gradient row per logit row (zeros for rows not scored).
+    grad: Vec<Vec<f64>>,
+}
+
+/// The expected results for `rows` scored against `targets` (`None`: not scored).
+fn expected(
+    rows: &[Vec<f64>],
+    targets: &[Option<usize>],
+    reduction: Reduction,
+    grad_scale: f64,
+) -> Expected {
+    let n_valid = targets.iter().flatten().count();
+    let scale = match reduction {
+        Reduction::Mean => grad_scale / n_valid as f64,
+        Reduction::Sum | Reduction::None => grad_scale,
+    };
+    let mut out = Expected {
+        loss: 0.0,
+        row_loss: vec![],
+        row_lse: vec![],
+        n_valid,
+        grad: vec![],
+    };
+    for (row, target) in rows.iter().zip(targets) {
+        match *target {
+            Some(label) => {
+                let lse = ln_sum_exp(row);
+                out.row_lse.push(lse);
+                out.row_loss.push(lse - row[label]);
+                out.grad.push(row_grad(row, label, scale));
+            }
+            None => {
+                out.row_lse.push(0.0);
+                out.row_loss.push(0.0);
+                out.grad.push(vec![0.0; row.len()]);
+            }
+        }
+    }
+    let sum: f64 = out.row_loss.iter().sum();
+    out.loss = match reduction {
+        Reduction::Mean => sum / n_valid as f64,
+        Reduction::Sum | Reduction::None => sum,
+    };
+    out
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: f64, expected: f64, tol: f64) {
+    assert!(
+        (got - expected).abs() <= tol,
+        "{what}: got {got}, expected {expected} (difference {:e}, tolerance {tol:e})",
+        (got - expected).abs()
+    );
+}
+
+#[track_caller]
+fn assert_all_close(what: &str, got: &[f64], expected: &[f64], tol: f64) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
+        assert_close(&format!("{what}[{i}]"), g, e, tol);
+    }
+}
+
+/// Relative error of rounding to nearest into `dtype`: half an ulp, 2^-p for p significand bits
+/// (f32: 24, f16: 11, bf16: 8).
+fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-24),
+        DType::F16 => 2f64.powi(-11),
+        DType::Bf16 => 2f64.powi(-8),
+    }
+}
+
+/// Spacing of the type's subnormals: below the normal range, rounding errs by up to half of it
+/// in absolute terms, whatever the value.
+fn subnormal_step(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-149),
+        DType::F16 => 2f64.powi(-24),
+        DType::Bf16 => 2f64.powi(-133),
+    }
+}
+
+/// Checks a gradient of type `T` (rows `row_stride` apart) against exact f64 rows: each element
+/// is the exact value rounded once to `T`, so it is within `unit_roundoff` relative (plus half a
+/// subnormal step absolute, plus `F64_TOL` relative for the reference's own f64 arithmetic).
+#[track_caller]
+fn assert_grad_rounded<T: Element>(got: &[T], row_stride: usize, expected: &[Vec<f64>]) {
+    let dtype = T::DTYPE;
+    for (r, row) in expected.iter().enumerate() {
+        for (j, &e) in row.iter().enumerate() {
+            let g = got[r * row_stride + j].to_f64();
+            let tol = (unit_roundoff(dtype) + F64_TOL) * e.abs() + subnormal_step(dtype) / 2.0;
+            assert_close(&format!("{} gradient[{r}][{j}]", dtype.name()), g, e, tol);
+        }
+    }
+}
+
+/// Checks the reference's result against `want` (loss values in f64, so `F64_TOL`).
+#[track_caller]
+fn assert_loss_matches(got: &cpu::CpuLoss, want: &Expected) {
+    assert_eq!(got.n_valid, want.n_valid, "n_valid");
+    assert_close("loss", got.loss, want.loss, F64_TOL);
+    assert_all_close("row_loss", &got.row_loss, &want.row_loss, F64_TOL);
+    assert_all_close("row_lse", &got.row_lse, &want.row_lse, F64_TOL);
+}
+
+/// Runs the reference on a contiguous `[rows, vocab]` f32 batch and checks everything.
+#[track_caller]
+fn check_flat_f32(
+    rows: &[Vec<f64>],
+    label_values: &[i32],
+    targets: &[Option<usize>],
+    options: &Options,
+) {
+    let vocab = rows[0].len();
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let labels: Vec<i64> = labels(label_values);
+    let got = cpu::forward_backward(&mut data, &labels, Shape::flat(rows.len(), vocab), options)
+        .expect("valid input");
+    let want = expected(rows, targets, options.reduction, options.grad_scale as f64);
+    assert_loss_matches(&got, &want);
+    assert_grad_rounded(&data, vocab, &want.grad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CPU reference against hand-computed values.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn mean_loss_is_lse_minus_label_logit_averaged_and_gradient_is_softmax_minus_onehot_over_n() {
+    let mut data: Vec<f32> = logits(&[1.0, 2.0, 3.0, 0.5, -1.0, 2.0]);
+    let got = cpu::forward_backward(
+        &mut data,
+        &[2i64, 0],
+        Shape::flat(2, 3),
+        &Options::default(),
+    )
+    .unwrap();
+
+    // Written out: row 0 = [1, 2, 3] against class 2, row 1 = [0.5, -1, 2] against class 0.
+    let (e1, e2, e3) = (1f64.exp(), 2f64.exp(), 3f64.exp());
+    let (f0, f1, f2) = (0.5f64.exp(), (-1f64).exp(), 2f64.exp());
+    let lse0 = (e1 + e2 + e3).ln();
+    let lse1 = (f0 + f1 + f2).ln();
+    let (loss0, loss1) = (lse0 - 3.0, lse1 - 0.5);
+    assert_eq!(got.n_valid, 2);
+    assert_close("mean loss", got.loss, (loss0 + loss1) / 2.0, F64_TOL);
+    assert_all_close("row_loss", &got.row_loss, &[loss0, loss1], F64_TOL);
+    assert_all_close("row_lse", &got.row_lse, &[lse0, lse1], F64_TOL);
+
+    let s0 = e1 + e2 + e3;
+    let s1 = f0 + f1 + f2;
+    let grad = vec![
+        vec![e1 / s0 / 2.0, e2 / s0 / 2.0, (e3 / s0 - 1.0) / 2.0],
+        vec![(f0 / s1 - 1.0) / 2.0, f1 / s1 / 2.0, f2 / s1 / 2.0],
+    ];
+    assert_grad_rounded(&data, 3, &grad);
+}
+
+#[test]
+fn each_gradient_row_sums_to_zero() {
+    // softmax sums to 1 and the one-hot to 1: a row's gradient sums to 0 (to f32 rounding of
+    // each of the 5 elements, each at most 2^-24 of a value below 1).
+    let mut data: Vec<f32> = logits(&[0.25, -3.0, 4.5, 1.0, 0.0, 2.0, 2.0, 2.0, -2.0, 8.0]);
+    cpu::forward_backward(
+        &mut data,
+        &[4i64, 1],
+        Shape::flat(2, 5),
+        &opts(Reduction::Sum),
+    )
+    .unwrap();
+    for row in data.chunks(5) {
+        let sum: f64 = widen(row).iter().sum();
+        assert_close("gradient row sum", sum, 0.0, 5.0 * 2f64.powi(-24));
+    }
+}
+
+#[test]
+fn sum_reduction_adds_row_losses_and_does_not_divide_the_gradient() {
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![0.0, 0.0, 0.0],
+    ];
+    let targets = [Some(2), Some(0), Some(1)];
+    check_flat_f32(&rows, &[2, 0, 1], &targets, &opts(Reduction::Sum));
+}
+
+#[test]
+fn none_reduction_reports_per_row_losses_and_their_sum_with_undivided_gradient() {
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![4.0, 0.0, -4.0],
+    ];
+    let options = opts(Reduction::None);
+    check_flat_f32(&rows, &[2, 0, 1], &[Some(2), Some(0), Some(1)], &options);
+
+    // Spelled out: the "loss" of `none` is the sum of the per-row losses.
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let got = cpu::forward_backward(&mut data, &[2i64, 0, 1], Shape::flat(3, 3), &options).unwrap();
+    let sum: f64 = got.row_loss.iter().sum();
+    assert_close("none: loss = sum of row losses", got.loss, sum, F64_TOL);
+}
+
+#[test]
+fn default_ignore_index_is_minus_100_and_ignored_rows_get_zero_loss_and_gradient() {
+    assert_eq!(Options::default().ignore_index, -100);
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![4.0, 0.0, -4.0],
+    ];
+    // The mean divides by the 2 scored rows, not the 3 rows.
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        check_flat_f32(
+            &rows,
+            &[2, -100, 1],
+            &[Some(2), None, Some(1)],
+            &opts(reduction),
+        );
+    }
+}
+
+#[test]
+fn custom_ignore_index_replaces_the_default() {
+    let rows = vec![vec![1.0, 2.0, 3.0], vec![0.5, -1.0, 2.0]];
+    let options = Options {
+        ignore_index: -1,
+        ..Options::default()
+    };
+    check_flat_f32(&rows, &[-1, 0], &[None, Some(0)], &options);
+
+    // -100 is then an ordinary label, and out of range.
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let got = cpu::forward_backward(&mut data, &[-100i64, 0], Shape::flat(2, 3), &options);
+    assert_eq!(
+        got,
+        Err(Error::LabelOutOfRange {
+            count: 1,
+            row: Some(0),
+            label: Some(-100)
+        })
+    );
+}
+
+#[test]
+fn ignore_index_inside_the_vocab_still_means_ignored() {
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![4.0, 0.0, -4.0],
+    ];
+    let options = Options {
+        ignore_index: 2,
+        ..Options::default()
+    };
+    // Label 2 is a class of this vocab, yet rows labelled 2 are ignored.
+    check_flat_f32(&rows, &[2, 0, 2], &[None, Some(0), None], &options);
+}
+
+#[test]
+fn grad_scale_multiplies_the_gradient_but_not_the_loss() {
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![4.0, 0.0, -4.0],
+    ];
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        for grad_scale in [0.25, -3.0, 1024.0] {
+            let options = Options {
+                grad_scale,
+                reduction,
+                ..Options::default()
+            };
+            check_flat_f32(&rows, &[2, -100, 0], &[Some(2), None, Some(0)], &options);
+        }
+    }
+}
+
+/// Distinct logits per row, so a row scored against the wrong label shows.
+fn distinct_rows(n_rows: usize, vocab: usize) -> Vec<Vec<f64>> {
+    (0..n_rows)
+        .map(|r| {
+            (0..vocab)
+                .map(|j| ((r * 7 + j * 3) % 11) as f64 * 0.5 - 2.0)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn causal_shift_scores_position_t_against_label_t_plus_1_and_zeroes_the_last_position() {
+    // 2 sequences of 3 positions, vocab 4. Labels [a0 a1 a2 | b0 b1 b2]: position t is scored
+    // against label t+1 of its own sequence; positions 2 and 5 (last of each) score nothing, so
+    // row 2 is never scored against b0: the shift does not cross the sequence boundary.
+    let shape = Shape::batched(2, 3, 4);
+    let rows = distinct_rows(6, 4);
+    let label_values = [3, 1, 2, 0, 3, 1];
+    let targets = [Some(1), Some(2), None, Some(3), Some(1), None];
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let options = Options {
+            causal_shift: true,
+            reduction,
+            ..Options::default()
+        };
+        let mut data: Vec<bf16> = logits(&rows.concat());
+        let got = cpu::forward_backward(&mut data, &labels::<i32>(&label_values), shape, &options)
+            .unwrap();
+        let want = expected(&rows, &targets, reduction, 1.0);
+        assert_loss_matches(&got, &want);
+        assert_grad_rounded(&data, 4, &want.grad);
+    }
+}
+
+#[test]
+fn causal_shift_ignores_shifted_labels_equal_to_ignore_index() {
+    let shape = Shape::batched(2, 3, 4);
+    let rows = distinct_rows(6, 4);
+    // Labels 1 and 5 are ignore_index: rows 0 and 4, which read them, score nothing.
+    let label_values = [3, -100, 2, 0, 3, -100];
+    let targets = [None, Some(2), None, Some(3), None, None];
+    let options = Options {
+        causal_shift: true,
+        ..Options::default()
+    };
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let got = cpu::forward_backward(&mut data, &labels::<i64>(&label_values), shape, &options);
+    let want = expected(&rows, &targets, Reduction::Mean, 1.0);
+    assert_loss_matches(&got.unwrap(), &want);
+    assert_grad_rounded(&data, 4, &want.grad);
+}
+
+#[test]
+fn causal_shift_never_reads_the_first_label_of_a_sequence() {
+    // As PyTorch's `labels[..., 1:]`: the label at position 0 is never a target, so even a value
+    // out of range there is not an error.
+    let shape = Shape::batched(2, 2, 3);
+    let rows = distinct_rows(4, 3);
+    let options = Options {
+        causal_shift: true,
+        ..Options::default()
+    };
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let got = cpu::forward_backward(&mut data, &[99i64, 1, -7, 2], shape, &options).unwrap();
+    let want = expected(&rows, &[Some(1), None, Some(2), None], Reduction::Mean, 1.0);
+    assert_loss_matches(&got, &want);
+    assert_grad_rounded(&data, 3, &want.grad);
+}
+
+#[test]
+fn causal_shift_with_one_position_per_sequence_scores_nothing() {
+    let shape = Shape::batched(3, 1, 2);
+    let options = Options {
+        causal_shift: true,
+        ..Options::default()
+    };
+    let mut data: Vec<f32> = logits(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let got = cpu::forward_backward(&mut data, &[0i64, 1, 0], shape, &options).unwrap();
+    assert_eq!(got.n_valid, 0);
+    assert!(
+        got.loss.is_nan(),
+        "mean over no rows is NaN, got {}",
+        got.loss
+    );
+    assert!(widen(&data).iter().all(|&g| g == 0.0), "gradient {data:?}");
+}
+
+/// Value written into the stride padding: it must survive every call.
+const PAD: f64 = 7.25;
+
+/// `rows` laid out `row_stride` apart with `PAD` between rows and `trailing` PADs after the last.
+fn strided<T: Element>(rows: &[Vec<f64>], row_stride: usize, trailing: usize) -> Vec<T> {
+    let mut values = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        values.extend_from_slice(row);
+        if r + 1 < rows.len() {
+            values.extend(std::iter::repeat_n(PAD, row_stride - row.len()));
+        }
+    }
+    values.extend(std::iter::repeat_n(PAD, trailing));
+    logits(&values)
+}
+
+#[track_caller]
+fn assert_padding_untouched<T: Element>(data: &[T], n_rows: usize, vocab: usize, stride: usize) {
+    for (i, x) in data.iter().enumerate() {
+        let in_a_row = i / stride < n_rows && i % stride < vocab;
+        if !in_a_row {
+            assert_eq!(x.to_f64(), PAD, "element {i} (between rows) was written");
+        }
+    }
+}
+
+#[test]
+fn row_stride_skips_the_elements_between_rows_and_leaves_them_untouched() {
+    let rows = vec![
+        vec![1.0, 2.0, 3.0],
+        vec![0.5, -1.0, 2.0],
+        vec![4.0, 0.0, -4.0],
+    ];
+    let shape = Shape::flat(3, 3).with_row_stride(5);
+    let want = expected(&rows, &[Some(2), Some(0), Some(1)], Reduction::Mean, 1.0);
+    // With the buffer exactly `(rows - 1) * row_stride + vocab` long, and with 4 extra elements.
+    for trailing in [0, 4] {
+        let mut data: Vec<bf16> = strided(&rows, 5, trailing);
+        assert_eq!(data.len(), 2 * 5 + 3 + trailing);
+        let got =
+            cpu::forward_backward(&mut data, &[2i64, 0, 1], shape, &Options::default()).unwrap();
+        assert_loss_matches(&got, &want);
+        assert_grad_rounded(&data, 5, &want.grad);
+        assert_padding_untouched(&data, 3, 3, 5);
+    }
+}
+
+#[test]
+fn all_rows_ignored_gives_nan_mean_zero_sum_and_zero_gradient() {
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let mut data: Vec<f32> = logits(&[1.0, 2.0, 3.0, 0.5, -1.0, 2.0]);
+        let got = cpu::forward_backward(
+            &mut data,
+            &[-100i64, -100],
+            Shape::flat(2, 3),
+            &opts(reduction),
+        )
+        .unwrap();
+        assert_eq!(got.n_valid, 0);
+        if reduction == Reduction::Mean {
+            // PyTorch: mean over zero elements is 0/0.
+            assert!(got.loss.is_nan(), "mean over no rows: got {}", got.loss);
+        } else {
+            assert_eq!(got.loss, 0.0, "{reduction:?} over no rows");
+        }
+        assert_eq!(got.row_loss, [0.0, 0.0]);
+        assert_eq!(got.row_lse, [0.0, 0.0]);
+        assert!(
+            widen(&data).iter().all(|&g| g == 0.0),
+            "{reduction:?}: gradient {data:?}"
+        );
+    }
+}
+
+#[test]
+fn a_single_class_vocab_has_zero_loss_and_zero_gradient() {
+    // softmax of one logit is 1, the one-hot is 1: loss = x - x = 0, gradient = 1 - 1 = 0.
+    let mut data: Vec<f32> = logits(&[5.0, -3.0, 0.0]);
+    let got = cpu::forward_backward(
+        &mut data,
+        &[0i64, 0, 0],
+        Shape::flat(3, 1),
+        &Options::default(),
+    )
+    .unwrap();
+    assert_eq!(got.n_valid, 3);
+    assert_close("loss", got.loss, 0.0, F64_TOL);
+    assert_all_close("row_lse", &got.row_lse, &[5.0, -3.0, 0.0], F64_TOL);
+    assert!(widen(&data).iter().all(|&g| g == 0.0), "gradient {data:?}");
+}
+
+/// One batch through `T` logits and `L` labels: mixed signs, an ignored row, rounding to `T`.
+fn check_element_and_label_type<T: Element, L: Label + From<i32>>() {
+    let rows = vec![
+        vec![0.5, -1.25, 2.0, 3.0],
+        vec![-0.75, 1.5, 0.0, -2.5],
+        vec![6.0, 6.0, -6.0, 0.125],
+        vec![1.0, 1.0, 1.0, 1.0],
+    ];
+    let label_values = [3, -100, 0, 1];
+    let targets = [Some(3), None, Some(0), Some(1)];
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let options = Options {
+            reduction,
+            grad_scale: 0.5,
+            ..Options::default()
+        };
+        let mut data: Vec<T> = logits(&rows.concat());
+        let got = cpu::forward_backward(
+            &mut data,
+            &labels::<L>(&label_values),
+            Shape::flat(4, 4),
+            &options,
+        )
+        .unwrap_or_else(|e| panic!("{} / {}: {e}", T::DTYPE.name(), L::NAME));
+        let want = expected(&rows, &targets, reduction, 0.5);
+        assert_loss_matches(&got, &want);
+        assert_grad_rounded(&data, 4, &want.grad);
+    }
+}
+
+#[test]
+fn f32_logits_give_gradient_rounded_to_f32_with_i32_and_i64_labels() {
+    check_element_and_label_type::<f32, i32>();
+    check_element_and_label_type::<f32, i64>();
+}
+
+#[test]
+fn f16_logits_give_gradient_rounded_to_f16_with_i32_and_i64_labels() {
+    check_element_and_label_type::<f16, i32>();
+    check_element_and_label_type::<f16, i64>();
+}
+
+#[test]
+fn bf16_logits_give_gradient_rounded_to_bf16_with_i32_and_i64_labels() {
+    check_element_and_label_type::<bf16, i32>();
+    check_element_and_label_type::<bf16, i64>();
+}
+
+#[test]
+fn gradient_is_rounded_to_nearest_in_the_element_type() {
+    // Row [0, 0, 0] against class 0: softmax 1/3 each, gradient [-2/3, 1/3, 1/3] (sum). Neither
+    // is exact in any binary type: each element must be the nearest value of the type.
+    fn check<T: Element>() {
+        let mut data: Vec<T> = logits(&[0.0, 0.0, 0.0]);
+        cpu::forward_backward(&mut data, &[0i64], Shape::flat(1, 3), &opts(Reduction::Sum))
+            .unwrap();
+        let nearest = [-2.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]
+            .map(T::from_f64)
+            .map(T::to_f64);
+        assert_eq!(widen(&data), nearest, "{}", T::DTYPE.name());
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
+}
+
+#[test]
+fn large_logits_do_not_overflow() {
+    // e^1000 overflows f64, so the expected values are shifted by hand by the row maximum:
+    // ln(sum e^x) = m + ln(sum e^(x - m)).
+    let rows = [
+        // bf16 spaces values in [512, 1024) 4 apart: these are exact in every type.
+        [1000.0, 1004.0, 1008.0, 992.0],
+        [-1000.0, -1000.0, -1000.0, -1000.0],
+        [1000.0, -1000.0, 0.0, 0.0],
+    ];
+    let lse = [
+        1008.0 + ((-8f64).exp() + (-4f64).exp() + 1.0 + (-16f64).exp()).ln(),
+        -1000.0 + 4f64.ln(),
+        1000.0 + (1.0 + (-2000f64).exp() + 2.0 * (-1000f64).exp()).ln(),
+    ];
+    let label_values = [1, 0, 1];
+    let want_loss = [lse[0] - 1004.0, lse[1] + 1000.0, lse[2] + 1000.0];
+    let grad: Vec<Vec<f64>> = rows
+        .iter()
+        .zip(lse)
+        .zip(label_values)
+        .map(|((row, lse), label)| {
+            let onehot = |j| if j == label { 1.0 } else { 0.0 };
+            row.iter()
+                .enumerate()
+                .map(|(j, x)| (x - lse).exp() - onehot(j))
+                .collect()
+        })
+        .collect();
+
+    fn check<T: Element>(rows: &[[f64; 4]], lse: &[f64], loss: &[f64], grad: &[Vec<f64>]) {
+        let mut data: Vec<T> = logits(&rows.concat());
+        let got = cpu::forward_backward(
+            &mut data,
+            &[1i64, 0, 1],
+            Shape::flat(3, 4),
+            &opts(Reduction::Sum),
+        )
+        .unwrap();
+        // Values near 1000 in f64 carry absolute error ~1e-13 (ulp of 1000 is 1.1e-13).
+        assert_all_close("row_lse", &got.row_lse, lse, 1e-9);
+        assert_all_close("row_loss", &got.row_loss, loss, 1e-9);
+        assert!(
+            widen(&data).iter().all(|g| g.is_finite()),
+            "{}: {data:?}",
+            T::DTYPE.name()
+        );
+        assert_grad_rounded(&data, 4, grad);
+    }
+    check::<f32>(&rows, &lse, &want_loss, &grad);
+    check::<f16>(&rows, &lse, &want_loss, &grad);
+    check::<bf16>(&rows, &lse, &want_loss, &grad);
+}
+
+#[test]
+fn zero_rows_are_valid_with_nan_mean_and_zero_sum() {
+    let mut empty: Vec<f32> = vec![];
+    let mean = cpu::forward_backward(
+        &mut empty,
+        &[] as &[i64],
+        Shape::flat(0, 5),
+        &Options::default(),
+    )
+    .unwrap();
+    assert!(mean.loss.is_nan(), "mean over no rows: got {}", mean.loss);
+    assert_eq!(mean.n_valid, 0);
+    assert!(mean.row_loss.is_empty() && mean.row_lse.is_empty());
+    let sum = cpu::forward_backward(
+        &mut empty,
+        &[] as &[i64],
+        Shape::flat(0, 5),
+        &opts(Reduction::Sum),
+    )
+    .unwrap();
+    assert_eq!(sum.loss, 0.0);
+}
+
+#[test]
+fn zero_length_sequences_under_the_causal_shift_do_not_panic() {
+    // batch 3 of seq_len 0: no rows. Either answer is acceptable; a panic (`row % 0`) is not.
+    let options = Options {
+        causal_shift: true,
+        ..Options::default()
+    };
+    let result = cpu::forward_backward(
+        &mut [] as &mut [f32],
+        &[] as &[i64],
+        Shape::batched(3, 0, 4),
+        &options,
+    );
+    assert!(
+        matches!(&result, Ok(loss) if loss.n_valid == 0)
+            || matches!(result, Err(Error::BadShape(_))),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn scale_grad_with_a_scalar_upstream_scales_every_row_and_skips_the_padding() {
+    let rows = vec![vec![0.5, -1.0, 2.0], vec![-0.25, 3.0, 0.0]];
+    let shape = Shape::flat(2, 3).with_row_stride(4);
+    let mut grad: Vec<f32> = strided(&rows, 4, 1);
+    cpu::scale_grad(&mut grad, shape, &[-1.5]).unwrap();
+    let want: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|x| x * -1.5).collect())
+        .collect();
+    assert_grad_rounded(&grad, 4, &want);
+    assert_padding_untouched(&grad, 2, 3, 4);
+}
+
+#[test]
+fn scale_grad_with_a_per_row_upstream_scales_each_row_by_its_own_value() {
+    let rows = vec![
+        vec![0.5, -1.0, 2.0],
+        vec![-0.25, 3.0, 0.0],
+        vec![1.0, 1.0, -1.0],
+    ];
+    let upstream = [2.0f32, 0.1, -3.0];
+    let shape = Shape::flat(3, 3).with_row_stride(5);
+    let want: Vec<Vec<f64>> = rows
+        .iter()
+        .zip(upstream)
+        .map(|(row, u)| row.iter().map(|x| x * u as f64).collect())
+        .collect();
+    let mut grad: Vec<bf16> = strided(&rows, 5, 0);
+    cpu::scale_grad(&mut grad, shape, &upstream).unwrap();
+    // 0.1 is not exact in f32 or bf16: the product is rounded once to bf16 from `0.1f32 * x`.
+    assert_grad_rounded(&grad, 5, &want);
+    assert_padding_untouched(&grad, 3, 3, 5);
+}
+
+#[test]
+fn scale_grad_of_the_none_reduction_gives_the_gradient_of_a_weighted_sum() {
+    // d(sum_r w_r loss_r) = w_r * d(loss_r): `none` then a per-row upstream w.
+    let rows = [vec![1.0, 2.0, 3.0], vec![0.5, -1.0, 2.0]];
+    let weights = [0.5f32, -2.0];
+    let mut data: Vec<f32> = logits(&rows.concat());
+    let shape = Shape::flat(2, 3);
+    cpu::forward_backward(&mut data, &[2i64, 1], shape, &opts(Reduction::None)).unwrap();
+    cpu::scale_grad(&mut data, shape, &weights).unwrap();
+    let want = [row_grad(&rows[0], 2, 0.5), row_grad(&rows[1], 1, -2.0)];
+    // Two roundings to f32 (gradient, then product): up to twice the unit roundoff.
+    for (r, row) in want.iter().enumerate() {
+        for (j, &e) in row.iter().enumerate() {
+            let tol = 2.0 * unit_roundoff(DType::F32) * e.abs();
+            assert_close(
+                &format!("gradient[{r}][{j}]"),
+                data[r * 3 + j] as f64,
+                e,
+                tol,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: errors, never panics, and the logits left as they were.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the reference on f32 logits `0, 1, 2, ...` and checks that it failed without writing.
+#[track_caller]
+fn forward_error(logits_len: usize, labels: &[i64], shape: Shape, options: &Options) -> Error {
+    let before: Vec<f32> = (0..logits_len).map(|i| i as f32).collect();
+    let mut data = before.clone();
+    let err =
+        cpu::forward_backward(&mut data, labels, shape, options).expect_err("the call must fail");
+    assert_eq!(data, before, "a failed call wrote into the logits ({err})");
+    err
+}
+
+#[test]
+fn zero_vocab_is_empty_vocab() {
+    assert_eq!(
+        forward_error(0, &[0, 0], Shape::flat(2, 0), &Options::default()),
+        Error::EmptyVocab
+    );
+    assert_eq!(
+        cpu::scale_grad(&mut [] as &mut [f32], Shape::flat(2, 0), &[1.0]),
+        Err(Error::EmptyVocab)
+    );
+}
+
+#[test]
+fn vocab_beyond_the_kernels_32_bit_column_index_is_vocab_too_large() {
+    let vocab = (u32::MAX / 2) as usize + 1;
+    let err = forward_error(0, &[], Shape::flat(0, vocab), &Options::default());
+    assert_eq!(err, Error::VocabTooLarge { vocab });
+    // One less is accepted (no rows, so nothing to allocate).
+    let ok = cpu::forward_backward(
+        &mut [] as &mut [f32],
+        &[] as &[i64],
+        Shape::flat(0, vocab - 1),
+        &Options::default(),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn row_stride_smaller_than_vocab_is_row_stride_too_small() {
+    let shape = Shape::flat(2, 4).with_row_stride(3);
+    let err = forward_error(8, &[0, 1], shape, &Options::default());
+    assert_eq!(
+        err,
+        Error::RowStrideTooSmall {
+            row_stride: 3,
+            vocab: 4
+        }
+    );
+    assert_eq!(
+        cpu::scale_grad(&mut [0f32; 8], shape, &[1.0]),
+        Err(Error::RowStrideTooSmall {
+            row_stride: 3,
+            vocab: 4
+        })
+    );
+}
+
+#[test]
+fn logits_shorter_than_the_shape_are_logits_too_short() {
+    // Contiguous: rows * vocab.
+    let err = forward_error(11, &[0, 1, 2], Shape::flat(3, 4), &Options::default());
+    assert_eq!(
+        err,
+        Error::LogitsTooShort {
+            needed: 12,
+            len: 11
+        }
+    );
+    // Strided: (rows - 1) * row_stride + vocab, no padding needed after the last row.
+    let shape = Shape::flat(3, 4).with_row_stride(6);
+    let err = forward_error(15, &[0, 1, 2], shape, &Options::default());
+    assert_eq!(
+        err,
+        Error::LogitsTooShort {
+            needed: 16,
+            len: 15
+        }
+    );
+    assert_eq!(
+        cpu::scale_grad(&mut [0f32; 15], shape, &[1.0]),
+        Err(Error::LogitsTooShort {
+            needed: 16,
+            len: 15
+        })
+    );
+}
+
+#[test]
+fn label_count_other_than_one_per_row_is_labels_length() {
+    let shape = Shape::batched(2, 3, 4);
+    for len in [0, 5, 7] {
+        let labels = vec![0i64; len];
+        let err = forward_error(24, &labels, shape, &Options::default());
+        assert_eq!(err, Error::LabelsLength { expected: 6, len });
+    }
+}
+
+#[test]
+fn upstream_neither_one_value_nor_one_per_row_is_upstream_length() {
+    let shape = Shape::flat(3, 2);
+    for len in [0, 2, 4] {
+        let before = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut grad = before;
+        let err = cpu::scale_grad(&mut grad, shape, &vec![2.0; len]);
+        assert_eq!(err, Err(Error::UpstreamLength { rows: 3, len }));
+        assert_eq!(grad, before, "a failed scale_grad wrote into the gradient");
+    }
+}
+
+#[test]
+fn label_equal_to_vocab_is_out_of_range_and_the_logits_are_untouched() {
+    let err = forward_error(9, &[0, 3, 1], Shape::flat(3, 3), &Options::default());
+    assert_eq!(
+        err,
+        Error::LabelOutOfRange {
+            count: 1,
+            row: Some(1),
+            label: Some(3)
+        }
+    );
+}
+
+#[test]
+fn negative_labels_other_than_ignore_index_are_out_of_range_reporting_the_first_row() {
+    // Rows 1 and 3 are bad, row 2 is ignored: the error counts both and names row 1.
+    let err = forward_error(
+        12,
+        &[0, -5, -100, 7],
+        Shape::flat(4, 3),
+        &Options::default(),
+    );
+    assert_eq!(
+        err,
+        Error::LabelOutOfRange {
+            count: 2,
+            row: Some(1),
+            label: Some(-5)
+        }
+    );
+
+    // The same through i32 labels and a reduction other than the mean.
+    let before: Vec<bf16> = logits(&[1.0; 6]);
+    let mut data = before.clone();
+    let err = cpu::forward_backward(
+        &mut data,
+        &[1i32, -5],
+        Shape::flat(2, 3),
+        &opts(Reduction::Sum),
+    );
+    assert_eq!(
+        err,
+        Err(Error::LabelOutOfRange {
+            count: 1,
+            row: Some(1),
+            label: Some(-5)
+        })
+    );
+    assert_eq!(data, before);
+}
+
+#[test]
+fn out_of_range_labels_under_the_causal_shift_name_the_row_that_reads_them() {
+    // Row 0 reads label 1 (= vocab 3, bad); row 1 is the sequence's last and reads nothing.
+    let err = forward_error(
+        12,
+        &[0, 3, 1, 2],
+        Shape::batched(2, 2, 3),
+        &Options {
+            causal_shift: true,
+            ..Options::default()
+        },
+    );
+    assert_eq!(
+        err,
+        Error::LabelOutOfRange {
+            count: 1,
+            row: Some(0),
+            label: Some(3)
+        }
+    );
+}
+
+#[test]
+fn overflowing_shapes_are_bad_shape() {
+    // batch * seq_len overflows usize.
+    let shape = Shape::batched(usize::MAX, 2, 1);
+    assert!(matches!(
+        forward_error(0, &[], shape, &Options::default()),
+        Error::BadShape(_)
+    ));
+    // (rows - 1) * row_stride overflows usize.
+    let shape = Shape::flat(3, 1).with_row_stride(usize::MAX / 2 + 1);
+    assert!(matches!(
+        forward_error(3, &[0, 0, 0], shape, &Options::default()),
+        Error::BadShape(_)
+    ));
+    // seq_len beyond the kernels' u32 (with no rows, so nothing else is wrong).
+    let shape = Shape::batched(0, u32::MAX as usize + 1, 4);
+    assert!(matches!(
+        forward_error(0, &[], shape, &Options::default()),
+        Error::BadShape(_)
+    ));
+}
+
+#[test]
+
+fn scale_grad_of_an_overflowing_shape_is_bad_shape() {
+    let result = std::panic::catch_unwind(|| {
+        cpu::scale_grad(
+            &mut [] as &mut [f32],
+            Shape::batched(usize::MAX, 2, 1),
+            &[1.0],
+        )
+    });
+    match result {
+        Ok(result) => assert!(matches!(result, Err(Error::BadShape(_))), "{result:?}"),
+        Err(_) => panic!("cpu::scale_grad panicked on an overflowing shape"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch planning.
+// ---------------------------------------------------------------------------------------------
+
+const LLAMA2_VOCAB: usize = 32000;
+const LLAMA3_VOCAB: usize = 128256;
+const GPT2_VOCAB: usize = 50257;
+
+#[test]
+fn tile_len_is_the_next_power_of_two_capped_at_32768() {
+    assert_eq!(plan::MAX_TILE, 32768);
+    for (vocab, tile) in [
+        (1, 1),
+        (2, 2),
+        (3, 4),
+        (1000, 1024),
+        (1024, 1024),
+        (32000, 32768),
+    ] {
+        assert_eq!(plan::tile_len(vocab), tile, "tile_len({vocab})");
+    }
+    for vocab in [32768, 32769, 50257, 128256, usize::MAX / 4] {
+        assert_eq!(plan::tile_len(vocab), 32768, "tile_len({vocab})");
+    }
+    for vocab in 1..=70_000 {
+        let tile = plan::tile_len(vocab);
+        assert!(tile.is_power_of_two(), "tile_len({vocab}) = {tile}");
+        assert!(
+            tile >= vocab.min(32768) && tile < 2 * vocab,
+            "tile_len({vocab}) = {tile}"
+        );
+    }
+}
+
+#[test]
+fn threads_for_is_a_power_of_two_between_one_warp_and_1024() {
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        // Each thread walks `UNROLL` vectors of 16 bytes per step.
+        let per_thread = plan::UNROLL * 16 / dtype.bytes();
+        // Up to the longest row a shape can have (`VocabTooLarge` beyond u32::MAX / 2).
+        let longest = (u32::MAX / 2) as usize;
+        for len in (1..=300_000)
+            .step_by(97)
+            .chain([1, 8, 32768, 1 << 20, longest])
+        {
+            let threads = plan::threads_for(len, dtype);
+            assert!(
+                threads.is_power_of_two(),
+                "threads_for({len}, {dtype:?}) = {threads}"
+            );
+            assert!(
+                (32..=1024).contains(&threads),
+                "threads_for({len}, {dtype:?}) = {threads}"
+            );
+            // Enough threads to walk `len` in one step, unless capped.
+            assert!(
+                threads == 1024 || threads as usize * per_thread >= len,
+                "{len} {dtype:?}"
+            );
+        }
+    }
+    // A full bf16 tile: 32768 elements = 1024 threads x 4 vectors x 8.
+    assert_eq!(plan::threads_for(32768, DType::Bf16), 1024);
+    assert_eq!(plan::threads_for(1, DType::F32), 32);
+}
+
+#[test]
+
+fn threads_for_saturates_at_1024_for_any_length() {
+    // `plan::plan` is public and takes an unvalidated vocab: a length past 2^32 vectors must
+    // still give 1024 threads, not wrap to 32 or overflow `next_power_of_two`.
+    for len in [48_000_000_000, 1 << 40, usize::MAX / 2] {
+        let threads = std::panic::catch_unwind(|| plan::threads_for(len, DType::F32));
+        assert_eq!(threads.ok(), Some(1024), "threads_for({len}, F32)");
+    }
+}
+
+#[test]
+fn h100_plans_fused_for_8192_rows_of_llama2_vocab_in_bf16() {
+    let got = plan::plan(
+        8192,
+        LLAMA2_VOCAB,
+        DType::Bf16,
+        DeviceLimits::H100,
+        PlanChoice::Auto,
+    );
+    let Ok(LaunchPlan::Fused {
+        threads,
+        smem_bytes,
+    }) = got
+    else {
+        panic!("expected a fused plan, got {got:?}");
+    };
+    assert!((32..=1024).contains(&threads) && threads.is_power_of_two());
+    assert!(smem_bytes as usize >= LLAMA2_VOCAB * 2);
+    assert!(smem_bytes <= DeviceLimits::H100.max_smem_per_block);
+}
+
+#[test]
+fn h100_plans_chunked_for_8192_rows_of_llama3_vocab_in_bf16() {
+    // A 128256-element bf16 row is 250.5 KiB, more than the H100's 227 KiB per block.
+    assert!(LLAMA3_VOCAB * 2 > DeviceLimits::H100.max_smem_per_block as usize);
+    let got = plan::plan(
+        8192,
+        LLAMA3_VOCAB,
+        DType::Bf16,
+        DeviceLimits::H100,
+        PlanChoice::Auto,
+    );
+    let Ok(LaunchPlan::Chunked {
+        chunk_len,
+        n_chunks,
+        ..
+    }) = got
+    else {
+        panic!("expected a chunked plan, got {got:?}");
+    };
+    assert!(chunk_len as usize * n_chunks as usize >= LLAMA3_VOCAB);
+}
+
+#[test]
+fn chunked_plan_for_512_rows_fills_every_h100_sm_twice() {
+    let limits = DeviceLimits::H100;
+    let got = plan::plan(512, LLAMA3_VOCAB, DType::Bf16, limits, PlanChoice::Auto);
+    let Ok(LaunchPlan::Chunked { n_chunks, .. }) = got else {
+        panic!("expected a chunked plan, got {got:?}");
+    };
+    assert!(
+        512 * n_chunks as usize >= 2 * limits.sm_count as usize,
+        "{got:?}"
+    );
+}
+
+#[test]
+fn automatic_chunks_give_two_blocks_per_sm_unless_already_at_the_smallest_chunk() {
+    for limits in [DeviceLimits::H100, DeviceLimits::A100] {
+        for rows in [1, 2, 16, 100, 512, 8192] {
+            for vocab in [100, 3000, LLAMA2_VOCAB, GPT2_VOCAB, LLAMA3_VOCAB, 256_000] {
+                let choice = PlanChoice::Chunked { chunk_len: None };
+                let got = plan::plan(rows, vocab, DType::Bf16, limits, choice).unwrap();
+                let LaunchPlan::Chunked {
+                    chunk_len,
+                    n_chunks,
+                    ..
+                } = got
+                else {
+                    panic!("asked for chunks, got {got:?}");
+                };
+                let blocks = rows * n_chunks as usize;
+                assert!(
+                    blocks >= plan::MIN_BLOCKS_PER_SM * limits.sm_count as usize
+                        || chunk_len as usize <= plan::MIN_CHUNK,
+                    "{rows} x {vocab} on {limits:?}: {got:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn forcing_fused_on_a_row_larger_than_shared_memory_is_plan_does_not_fit() {
+    let got = plan::plan(
+        8192,
+        LLAMA3_VOCAB,
+        DType::Bf16,
+        DeviceLimits::H100,
+        PlanChoice::Fused,
+    );
+    assert!(matches!(got, Err(Error::PlanDoesNotFit(_))), "{got:?}");
+    let got = plan::plan(
+        1,
+        LLAMA2_VOCAB,
+        DType::F32,
+        DeviceLimits::A100,
+        PlanChoice::Fused,
+    );
+    assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
+    let got = plan::plan(
+        1,
+        GPT2_VOCAB,
+        DType::F32,
+        DeviceLimits::A100,
+        PlanChoice::Fused,
+    );
+    assert!(matches!(got, Err(Error::PlanDoesNotFit(_))), "{got:?}");
+}
+
+#[test]
+fn chunk_len_that_is_not_a_positive_multiple_of_8_is_plan_does_not_fit() {
+    for chunk_len in [0, 12, 4095] {
+        let choice = PlanChoice::Chunked {
+            chunk_len: Some(chunk_len),
+        };
+        let got = plan::plan(64, LLAMA2_VOCAB, DType::Bf16, DeviceLimits::H100, choice);
+        assert!(
+            matches!(got, Err(Error::PlanDoesNotFit(_))),
+            "chunk_len {chunk_len}: {got:?}"
+        );
+    }
+}
+
+#[test]
+fn more_blocks_than_the_grid_allows_is_plan_does_not_fit() {
+    let rows = plan::MAX_GRID_X + 1;
+    let got = plan::plan(
+        rows,
+        1024,
+        DType::Bf16,
+        DeviceLimits::H100,
+        PlanChoice::Fused,
+    );
+    assert!(matches!(got, Err(Error::PlanDoesNotFit(_))), "{got:?}");
+    let choice = PlanChoice::Chunked { chunk_len: Some(8) };
+    let got = plan::plan(
+        usize::MAX / 2,
+        1024,
+        DType::Bf16,
+        DeviceLimits::H100,
+        choice,
+    );
+    assert!(matches!(got, Err(Error::PlanDoesNotFit(_))), "{got:?}");
+}
+
+#[test]
+fn chunks_cover_the_vocab_without_an_empty_chunk() {
+    let chunk_choices = [
+        None,
+        Some(8),
+        Some(16),
+        Some(1000),
+        Some(4096),
+        Some(32768),
+        Some(1 << 20),
+    ];
+    for vocab in [1, 7, 8, 100, 4097, LLAMA2_VOCAB, GPT2_VOCAB, LLAMA3_VOCAB] {
+        for chunk_len in chunk_choices {
+            for rows in [1, 1000] {
+                let choice = PlanChoice::Chunked { chunk_len };
+                let got = plan::plan(rows, vocab, DType::F16, DeviceLimits::A100, choice).unwrap();
+                let LaunchPlan::Chunked {
+                    threads,
+                    chunk_len: len,
+                    n_chunks,
+                } = got
+                else {
+                    panic!("asked for chunks, got {got:?}");
+                };
+                let (len, n_chunks) = (len as usize, n_chunks as usize);
+                let what = format!("vocab {vocab}, {chunk_len:?}, {rows} rows: {got:?}");
+                assert!(len > 0 && len % 8 == 0, "{what}");
+                assert!(
+                    len * n_chunks >= vocab,
+                    "chunks miss the end of the row: {what}"
+                );
+                assert!(
+                    (n_chunks - 1) * len < vocab,
+                    "the last chunk is empty: {what}"
+                );
+                assert!(
+                    (32..=1024).contains(&threads) && threads.is_power_of_two(),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_shared_memory_holds_the_row_and_fits_the_device() {
+    for limits in [DeviceLimits::H100, DeviceLimits::A100] {
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            for vocab in [
+                1,
+                3,
+                1000,
+                LLAMA2_VOCAB,
+                GPT2_VOCAB,
+                65536,
+                100_000,
+                LLAMA3_VOCAB,
+            ] {
+                // The row after the block-reduction scratch at the start of shared memory.
+                let needed = vocab * dtype.bytes() + xent::abi::SMEM_REDUCTION_BYTES as usize;
+                match plan::plan(10_000, vocab, dtype, limits, PlanChoice::Fused) {
+                    Ok(LaunchPlan::Fused {
+                        threads,
+                        smem_bytes,
+                    }) => {
+                        let what = format!("{vocab} {dtype:?} on {limits:?}: {smem_bytes} bytes");
+                        assert!(smem_bytes as usize >= needed, "{what}");
+                        assert!(smem_bytes <= limits.max_smem_per_block, "{what}");
+                        assert!((32..=1024).contains(&threads) && threads.is_power_of_two());
+                    }
+                    Err(Error::PlanDoesNotFit(_)) => {
+                        assert!(
+                            needed > limits.max_smem_per_block as usize,
+                            "{vocab} {dtype:?}"
+                        );
+                    }
+                    other => panic!("{vocab} {dtype:?} on {limits:?}: {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpt2_vocab_in_f32_is_fused_on_h100_but_chunked_on_a100() {
+    // 50257 x 4 bytes = 196 KiB: under the H100's 227 KiB per block, over the A100's 163 KiB.
+    let on = |limits| plan::plan(8192, GPT2_VOCAB, DType::F32, limits, PlanChoice::Auto);
+    assert!(
+        matches!(on(DeviceLimits::H100), Ok(LaunchPlan::Fused { .. })),
+        "{:?}",
+        on(DeviceLimits::H100)
+    );
+    assert!(
+        matches!(on(DeviceLimits::A100), Ok(LaunchPlan::Chunked { .. })),
+        "{:?}",
+        on(DeviceLimits::A100)
+    );
+    // Llama-2's vocab in bf16 (62.5 KiB) is fused on both.
+    let got = plan::plan(
+        8192,
+        LLAMA2_VOCAB,
+        DType::Bf16,
+        DeviceLimits::A100,
+        PlanChoice::Auto,
+    );
+    assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedded PTX.
+// ---------------------------------------------------------------------------------------------
+
+/// Names of the `.entry` directives of a PTX text (`.entry NAME(` or `.visible .entry NAME(`).
+fn ptx_entries(ptx: &str) -> Vec<&str> {
+    ptx.lines()
+        .filter_map(|line| line.trim_start().split_once(".entry "))
+        .filter(|(before, _)| before.is_empty() || before.trim() == ".visible")
+        .map(|(_, rest)| {
+            rest.split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or("")
+        })
+        .collect()
+}
+
+#[test]
+fn kernel_names_are_distinct() {
+    let names = kernel_names();
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len(), "{names:?}");
+    // count x 2 labels, finish, and per element type: 3 kernels x 2 labels + scale.
+    assert_eq!(names.len(), 2 + 1 + 3 * (3 * 2 + 1));
+}
+
+#[test]
+fn every_kernel_entry_point_is_in_both_ptx_texts() {
+    for (target, ptx) in [("sm_80", PTX_SM80), ("sm_90", PTX_SM90)] {
+        let entries = ptx_entries(ptx);
+        let missing: Vec<String> = kernel_names()
+            .into_iter()
+            .filter(|name| !entries.contains(&name.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{target} PTX lacks {missing:?}; it has {entries:?}"
+        );
+    }
+}
+
+#[test]
+fn each_ptx_text_targets_its_compute_capability() {
+    for (target, ptx) in [("sm_80", PTX_SM80), ("sm_90", PTX_SM90)] {
+        let targets: Vec<&str> = ptx
+            .lines()
+            .filter(|line| line.trim_start().starts_with(".target"))
+            .collect();
+        assert_eq!(targets.len(), 1, "{target}: {targets:?}");
+        let declared = targets[0].trim_start().trim_start_matches(".target").trim();
+        // `.target sm_90` possibly followed by `, debug` etc.
+        assert_eq!(
+            declared.split(',').next().map(str::trim),
+            Some(target),
+            "{targets:?}"
+        );
+    }
+}
+
+#[test]
+fn each_ptx_text_is_marked_generated_on_its_first_line() {
+    for (target, ptx) in [("sm_80", PTX_SM80), ("sm_90", PTX_SM90)] {
+        let first = ptx.lines().next().unwrap_or("");
+        assert!(
+            first.contains("@generated"),
+            "{target} PTX starts with {first:?}"
+        );
+    }
+}
+
+#[test]
+fn ptx_for_picks_sm80_for_8x_and_sm90_for_9x_and_newer() {
+    for (major, minor) in [(7, 5), (7, 0), (6, 1), (0, 0), (-1, 0)] {
+        assert_eq!(
+            ptx_for(major, minor),
+            Err(Error::UnsupportedComputeCapability { major, minor })
+        );
+    }
+    for (major, minor) in [(8, 0), (8, 6), (8, 9)] {
+        assert_eq!(ptx_for(major, minor), Ok(PTX_SM80), "{major}.{minor}");
+    }
+    for (major, minor) in [(9, 0), (10, 0), (12, 0)] {
+        assert_eq!(ptx_for(major, minor), Ok(PTX_SM90), "{major}.{minor}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening a device.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn opening_a_device_without_a_driver_or_device_is_an_error_not_a_panic() {
+    match CrossEntropy::new(0) {
+        // A GPU is present (this file runs on GPU machines too): nothing to check here.
+        Ok(_) => {}
+        Err(Error::NoDriver | Error::NoDevice { .. }) => {}
+        Err(other) => panic!("CrossEntropy::new(0) without a GPU: unexpected {other:?}"),
+    }
+    // No machine has this many devices: always an error.
+    match CrossEntropy::new(1 << 20) {
+        Err(Error::NoDriver) => {}
+        Err(Error::NoDevice { ordinal, .. }) => assert_eq!(ordinal, 1 << 20),
+        other => panic!("CrossEntropy::new(1 << 20): unexpected {other:?}"),
+    }
+}
