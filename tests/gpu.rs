@@ -7,7 +7,12 @@ use xent_tests::{Case, DTYPES, REDUCTIONS, gpu, run_case_dtype, sanitizing};
 
 /// Both plans, forced: the fused kernel and the chunked pair (with a chunk that splits rows).
 fn plans(chunk_len: usize) -> [PlanChoice; 2] {
-    [PlanChoice::Fused, PlanChoice::Chunked { chunk_len: Some(chunk_len) }]
+    [
+        PlanChoice::Fused,
+        PlanChoice::Chunked {
+            chunk_len: Some(chunk_len),
+        },
+    ]
 }
 
 /// Runs `case` for both label types and panics with every mismatch found.
@@ -22,7 +27,12 @@ fn check(xent: &xent::CrossEntropy, dtype: DType, case: &Case) {
             failures.push(msg);
         }
     }
-    assert!(failures.is_empty(), "{} mismatch(es):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatch(es):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -32,7 +42,11 @@ fn every_dtype_label_reduction_and_plan_matches_reference() {
         for reduction in REDUCTIONS {
             for plan in plans(1024) {
                 let mut case = Case::new(67, 5003);
-                case.opts = Options { reduction, plan, ..Options::default() };
+                case.opts = Options {
+                    reduction,
+                    plan,
+                    ..Options::default()
+                };
                 check(xent, dtype, &case);
             }
         }
@@ -43,18 +57,27 @@ fn every_dtype_label_reduction_and_plan_matches_reference() {
 fn vocab_sizes_and_row_counts_match_reference() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
-    let vocabs: &[usize] =
-        if sanitizing() { &[1, 7, 32000] } else { &[1, 7, 32000, 50257, 128256, 262144] };
+    let vocabs: &[usize] = if sanitizing() {
+        &[1, 7, 32000]
+    } else {
+        &[1, 7, 32000, 50257, 128256, 262144]
+    };
     let row_counts: &[usize] = if sanitizing() { &[1, 3] } else { &[1, 3, 4096] };
     for &vocab in vocabs {
         for &rows in row_counts {
-            for plan in [PlanChoice::Auto, PlanChoice::Fused, PlanChoice::Chunked { chunk_len: None }]
-            {
+            for plan in [
+                PlanChoice::Auto,
+                PlanChoice::Fused,
+                PlanChoice::Chunked { chunk_len: None },
+            ] {
                 let mut case = Case::new(rows, vocab);
                 case.opts.plan = plan;
                 case.seed = (rows * 1_000_003 + vocab) as u64;
-                let dtypes: &[DType] =
-                    if rows * vocab <= 4096 * 32000 { &DTYPES } else { &[DType::Bf16] };
+                let dtypes: &[DType] = if rows * vocab <= 4096 * 32000 {
+                    &DTYPES
+                } else {
+                    &[DType::Bf16]
+                };
                 for &dtype in dtypes {
                     let fits = xent.plan_for(&case.shape, dtype, &case.opts);
                     if plan == PlanChoice::Fused && fits.is_err() {
@@ -85,7 +108,11 @@ fn causal_shift_scores_next_label_within_each_sequence() {
             for (batch, seq_len) in [(3, 37), (2, 1), (1, 64)] {
                 let mut case = Case::new(0, 1000);
                 case.shape = Shape::batched(batch, seq_len, 1000);
-                case.opts = Options { causal_shift: true, plan, ..Options::default() };
+                case.opts = Options {
+                    causal_shift: true,
+                    plan,
+                    ..Options::default()
+                };
                 check(xent, dtype, &case);
             }
         }
@@ -113,12 +140,20 @@ fn ignore_index_and_grad_scale_options_match_reference() {
     let Some(xent) = gpu() else { return };
     for dtype in DTYPES {
         for plan in plans(2048) {
-            for (ignore_index, grad_scale, reduction) in
-                [(0, 1.0, Reduction::Mean), (-1, 0.125, Reduction::Sum), (-100, 3.0, Reduction::Mean)]
-            {
+            for (ignore_index, grad_scale, reduction) in [
+                (0, 1.0, Reduction::Mean),
+                (-1, 0.125, Reduction::Sum),
+                (-100, 3.0, Reduction::Mean),
+            ] {
                 let mut case = Case::new(33, 4099);
                 case.ignored = 0.5;
-                case.opts = Options { ignore_index, grad_scale, reduction, plan, ..Options::default() };
+                case.opts = Options {
+                    ignore_index,
+                    grad_scale,
+                    reduction,
+                    plan,
+                    ..Options::default()
+                };
                 check(xent, dtype, &case);
             }
         }
@@ -133,23 +168,43 @@ fn ignored_rows_get_zero_loss_and_gradient() {
     let (rows, vocab) = (16, 2053);
     for plan in plans(512) {
         let logits = vec![bf16::from_f32(1.5); rows * vocab];
-        let labels: Vec<i64> = (0..rows as i64).map(|r| if r % 2 == 0 { -100 } else { r }).collect();
+        let labels: Vec<i64> = (0..rows as i64)
+            .map(|r| if r % 2 == 0 { -100 } else { r })
+            .collect();
         let mut d_logits = stream.clone_htod(&logits).unwrap();
         let d_labels = stream.clone_htod(&labels).unwrap();
-        let opts = Options { plan, ..Options::default() };
+        let opts = Options {
+            plan,
+            ..Options::default()
+        };
         let loss = xent
-            .forward_backward(&stream, &mut d_logits, &d_labels, Shape::flat(rows, vocab), &opts)
+            .forward_backward(
+                &stream,
+                &mut d_logits,
+                &d_labels,
+                Shape::flat(rows, vocab),
+                &opts,
+            )
             .unwrap();
         let row_loss = loss.read_row_loss().unwrap();
         let grad = stream.clone_dtoh(&d_logits).unwrap();
         for r in (0..rows).step_by(2) {
             assert_eq!(row_loss[r], 0.0, "row {r}");
-            assert!(grad[r * vocab..(r + 1) * vocab].iter().all(|g| g.to_bits() == 0), "row {r}");
+            assert!(
+                grad[r * vocab..(r + 1) * vocab]
+                    .iter()
+                    .all(|g| g.to_bits() == 0),
+                "row {r}"
+            );
         }
         // Uniform rows: every scored row's loss is ln(vocab).
         let expected = (vocab as f32).ln();
         for r in (1..rows).step_by(2) {
-            assert!((row_loss[r] - expected).abs() < 1e-4, "row {r}: {}", row_loss[r]);
+            assert!(
+                (row_loss[r] - expected).abs() < 1e-4,
+                "row {r}: {}",
+                row_loss[r]
+            );
         }
         assert_eq!(loss.n_valid().unwrap(), (rows / 2) as u32);
     }
@@ -163,13 +218,28 @@ fn all_rows_ignored_gives_nan_mean_and_zero_sum() {
     for (reduction, nan) in [(Reduction::Mean, true), (Reduction::Sum, false)] {
         let mut d_logits = stream.clone_htod(&vec![1.0f32; rows * vocab]).unwrap();
         let d_labels = stream.clone_htod(&vec![-100i64; rows]).unwrap();
-        let opts = Options { reduction, ..Options::default() };
+        let opts = Options {
+            reduction,
+            ..Options::default()
+        };
         let loss = xent
-            .forward_backward(&stream, &mut d_logits, &d_labels, Shape::flat(rows, vocab), &opts)
+            .forward_backward(
+                &stream,
+                &mut d_logits,
+                &d_labels,
+                Shape::flat(rows, vocab),
+                &opts,
+            )
             .unwrap();
         let value = loss.read().unwrap();
         assert_eq!(value.is_nan(), nan, "{reduction:?}: {value}");
-        assert!(stream.clone_dtoh(&d_logits).unwrap().iter().all(|&g| g == 0.0));
+        assert!(
+            stream
+                .clone_dtoh(&d_logits)
+                .unwrap()
+                .iter()
+                .all(|&g| g == 0.0)
+        );
     }
 }
 
@@ -182,11 +252,22 @@ fn zero_rows_launch_nothing_and_report_like_pytorch() {
     let d_labels = labels_buffer.slice(0..0);
     let shape = Shape::flat(0, 100);
     let mean = xent
-        .forward_backward(&stream, &mut d_logits, &d_labels, shape, &Options::default())
+        .forward_backward(
+            &stream,
+            &mut d_logits,
+            &d_labels,
+            shape,
+            &Options::default(),
+        )
         .unwrap();
     assert!(mean.read().unwrap().is_nan());
-    let opts = Options { reduction: Reduction::Sum, ..Options::default() };
-    let sum = xent.forward_backward(&stream, &mut d_logits, &d_labels, shape, &opts).unwrap();
+    let opts = Options {
+        reduction: Reduction::Sum,
+        ..Options::default()
+    };
+    let sum = xent
+        .forward_backward(&stream, &mut d_logits, &d_labels, shape, &opts)
+        .unwrap();
     assert_eq!(sum.read().unwrap(), 0.0);
 }
 
@@ -199,18 +280,33 @@ fn out_of_range_label_is_reported_when_the_loss_is_read() {
         for bad in [vocab as i64, -5, i64::MAX] {
             let mut d_logits = stream.clone_htod(&vec![0.5f32; rows * vocab]).unwrap();
             let d_labels = stream.clone_htod(&[3i64, bad, 7, -100]).unwrap();
-            let opts = Options { plan, ..Options::default() };
+            let opts = Options {
+                plan,
+                ..Options::default()
+            };
             let loss = xent
-                .forward_backward(&stream, &mut d_logits, &d_labels, Shape::flat(rows, vocab), &opts)
+                .forward_backward(
+                    &stream,
+                    &mut d_logits,
+                    &d_labels,
+                    Shape::flat(rows, vocab),
+                    &opts,
+                )
                 .unwrap();
             match loss.read() {
                 Err(Error::LabelOutOfRange { count: 1, .. }) => {}
                 other => panic!("label {bad}: expected LabelOutOfRange, got {other:?}"),
             }
             let device_loss = stream.clone_dtoh(loss.device_loss()).unwrap()[0];
-            assert!(device_loss.is_nan(), "the device scalar must not look valid");
+            assert!(
+                device_loss.is_nan(),
+                "the device scalar must not look valid"
+            );
             let grad = stream.clone_dtoh(&d_logits).unwrap();
-            assert!(grad[vocab..2 * vocab].iter().all(|&g| g == 0.0), "bad row's gradient is 0");
+            assert!(
+                grad[vocab..2 * vocab].iter().all(|&g| g == 0.0),
+                "bad row's gradient is 0"
+            );
             assert_eq!(loss.n_valid().unwrap(), 2);
         }
     }
@@ -245,7 +341,8 @@ fn scale_case<T: xent::Element>(
     let grad: Vec<T> = xent_tests::random_logits(&shape, 5);
     let mut d_grad = stream.clone_htod(&grad).unwrap();
     let d_upstream = stream.clone_htod(upstream).unwrap();
-    xent.scale_grad(stream, &mut d_grad, shape, &d_upstream).map_err(|e| e.to_string())?;
+    xent.scale_grad(stream, &mut d_grad, shape, &d_upstream)
+        .map_err(|e| e.to_string())?;
     let got = stream.clone_dtoh(&d_grad).unwrap();
     let mut expected = grad;
     cpu::scale_grad(&mut expected, shape, upstream).map_err(|e| e.to_string())?;
@@ -267,10 +364,20 @@ fn bad_shapes_are_errors_not_panics() {
     let d_labels = stream.alloc_zeros::<i64>(10).unwrap();
     let opts = Options::default();
     let mut call = |shape: Shape| {
-        xent.forward_backward(&stream, &mut d_logits, &d_labels, shape, &opts).map(|_| ())
+        xent.forward_backward(&stream, &mut d_logits, &d_labels, shape, &opts)
+            .map(|_| ())
     };
     assert_eq!(call(Shape::flat(10, 0)), Err(Error::EmptyVocab));
-    assert!(matches!(call(Shape::flat(10, 11)), Err(Error::LogitsTooShort { .. })));
-    assert!(matches!(call(Shape::flat(10, 10).with_row_stride(9)), Err(Error::RowStrideTooSmall { .. })));
-    assert!(matches!(call(Shape::flat(9, 10)), Err(Error::LabelsLength { .. })));
+    assert!(matches!(
+        call(Shape::flat(10, 11)),
+        Err(Error::LogitsTooShort { .. })
+    ));
+    assert!(matches!(
+        call(Shape::flat(10, 10).with_row_stride(9)),
+        Err(Error::RowStrideTooSmall { .. })
+    ));
+    assert!(matches!(
+        call(Shape::flat(9, 10)),
+        Err(Error::LabelsLength { .. })
+    ));
 }

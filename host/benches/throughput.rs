@@ -8,13 +8,13 @@
 
 use std::sync::Arc;
 
+use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::{CudaSlice, CudaStream};
 use xent::half::{bf16, f16};
 use xent::{CrossEntropy, DType, Element, Loss, Options, PlanChoice, Shape};
 
 /// The table: the peers' configurations, plus a few-rows case for the chunked plan.
-const DEFAULT_CONFIGS: &str =
-    "8192:32000:bf16,8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f32,512:128256:bf16";
+const DEFAULT_CONFIGS: &str = "8192:32000:bf16,8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f32,512:128256:bf16";
 
 struct Args {
     configs: Vec<(usize, usize, DType)>,
@@ -30,7 +30,10 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--configs" => configs = args.next().ok_or("--configs needs a value")?,
             "--iters" => {
-                iters = args.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?
+                iters = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--iters needs a number")?
             }
             "--plan" => {
                 plan = match args.next().as_deref() {
@@ -48,17 +51,27 @@ fn parse_args() -> Result<Args, String> {
         .split(',')
         .map(|item| {
             let parts: Vec<&str> = item.split(':').collect();
-            let [n, v, dtype] = parts[..] else { return Err(format!("bad config {item}")) };
+            let [n, v, dtype] = parts[..] else {
+                return Err(format!("bad config {item}"));
+            };
             let dtype = match dtype {
                 "bf16" => DType::Bf16,
                 "f16" => DType::F16,
                 "f32" => DType::F32,
                 _ => return Err(format!("bad dtype in {item}")),
             };
-            Ok((n.parse().map_err(|_| item.to_string())?, v.parse().map_err(|_| item.to_string())?, dtype))
+            Ok((
+                n.parse().map_err(|_| item.to_string())?,
+                v.parse().map_err(|_| item.to_string())?,
+                dtype,
+            ))
         })
         .collect::<Result<_, _>>()?;
-    Ok(Args { configs, iters, plan })
+    Ok(Args {
+        configs,
+        iters,
+        plan,
+    })
 }
 
 /// Median and minimum of `times`.
@@ -75,8 +88,8 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     let ctx = stream.context();
     let mut times = Vec::new();
     for i in 0..13 {
-        let start = ctx.new_event(None)?;
-        let end = ctx.new_event(None)?;
+        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
         start.record(stream)?;
         stream.memcpy_dtod(&src, &mut dst)?;
         end.record(stream)?;
@@ -95,9 +108,13 @@ fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
     let mut logits = vec![T::default(); n * v];
     let workers = std::thread::available_parallelism().map_or(1, |w| w.get());
     std::thread::scope(|scope| {
-        for (job, chunk) in logits.chunks_mut((n * v).div_ceil(workers).max(1)).enumerate() {
+        for (job, chunk) in logits
+            .chunks_mut((n * v).div_ceil(workers).max(1))
+            .enumerate()
+        {
             scope.spawn(move || {
-                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (job as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
+                let mut state =
+                    0x9e37_79b9_7f4a_7c15u64 ^ (job as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
                 for x in chunk {
                     state ^= state << 13;
                     state ^= state >> 7;
@@ -108,7 +125,15 @@ fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
             });
         }
     });
-    let labels = (0..n).map(|i| if i % 7 == 0 { -100 } else { ((i * 7919) % v) as i64 }).collect();
+    let labels = (0..n)
+        .map(|i| {
+            if i % 7 == 0 {
+                -100
+            } else {
+                ((i * 7919) % v) as i64
+            }
+        })
+        .collect();
     (logits, labels)
 }
 
@@ -126,7 +151,10 @@ fn bench_config<T: Element>(
     let mut logits: CudaSlice<T> = stream.alloc_zeros(n * v)?;
     let labels = stream.clone_htod(&host_labels)?;
     let shape = Shape::flat(n, v);
-    let opts = Options { plan: args.plan, ..Options::default() };
+    let opts = Options {
+        plan: args.plan,
+        ..Options::default()
+    };
     let plan = xent.plan_for(&shape, T::DTYPE, &opts)?;
     let mut out = Loss::new(stream, n)?;
     let ctx = stream.context();
@@ -135,8 +163,8 @@ fn bench_config<T: Element>(
     let mut loss = f32::NAN;
     for i in 0..args.iters + 3 {
         stream.memcpy_dtod(&pristine, &mut logits)?;
-        let start = ctx.new_event(None)?;
-        let end = ctx.new_event(None)?;
+        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
         start.record(stream)?;
         xent.forward_backward_into(stream, &mut logits, &labels, shape, &opts, &mut out)?;
         end.record(stream)?;

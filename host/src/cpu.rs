@@ -42,7 +42,9 @@ pub fn forward_backward<T: Element, L: Label>(
 ) -> Result<CpuLoss> {
     shape.validate(logits.len(), labels.len())?;
     let rows = shape.rows();
-    let targets: Vec<Target> = (0..rows).map(|r| row_target(labels, &shape, opts, r)).collect();
+    let targets: Vec<Target> = (0..rows)
+        .map(|r| row_target(labels, &shape, opts, r))
+        .collect();
     let bad: Vec<(usize, i64)> = targets
         .iter()
         .enumerate()
@@ -58,20 +60,31 @@ pub fn forward_backward<T: Element, L: Label>(
             label: Some(label),
         });
     }
-    let n_valid = targets.iter().filter(|t| matches!(t, Target::Class(_))).count();
+    let n_valid = targets
+        .iter()
+        .filter(|t| matches!(t, Target::Class(_)))
+        .count();
     let scale = grad_scale(opts, n_valid);
 
     // Rows are independent once `scale` is known: split them over the machine's cores.
     let mut row_loss = vec![0.0; rows];
     let mut row_lse = vec![0.0; rows];
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.max(1));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.max(1));
     let per_worker = rows.div_ceil(workers.max(1)).max(1);
     std::thread::scope(|scope| {
         let mut rest = &mut logits[..];
-        let mut outputs = row_loss.chunks_mut(per_worker).zip(row_lse.chunks_mut(per_worker));
+        let mut outputs = row_loss
+            .chunks_mut(per_worker)
+            .zip(row_lse.chunks_mut(per_worker));
         for first in (0..rows).step_by(per_worker) {
             let count = per_worker.min(rows - first);
-            let len = if first + count == rows { rest.len() } else { count * shape.row_stride };
+            let len = if first + count == rows {
+                rest.len()
+            } else {
+                count * shape.row_stride
+            };
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             let (losses, lses) = outputs.next().expect("one output chunk per worker");
@@ -90,7 +103,12 @@ pub fn forward_backward<T: Element, L: Label>(
         Reduction::Mean => sum / n_valid as f64,
         Reduction::Sum | Reduction::None => sum,
     };
-    Ok(CpuLoss { loss, row_loss, row_lse, n_valid })
+    Ok(CpuLoss {
+        loss,
+        row_loss,
+        row_lse,
+        n_valid,
+    })
 }
 
 /// One row: returns (loss, lse) and writes the gradient over `row`; zeros for a row not scored.
@@ -113,7 +131,11 @@ fn row_forward_backward<T: Element>(row: &mut [T], target: Target, scale: f64) -
 pub fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
     let max = values.clone().fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
-        return if values.clone().any(f64::is_nan) { f64::NAN } else { f64::NEG_INFINITY };
+        return if values.clone().any(f64::is_nan) {
+            f64::NAN
+        } else {
+            f64::NEG_INFINITY
+        };
     }
     max + values.map(|x| (x - max).exp()).sum::<f64>().ln()
 }
@@ -124,7 +146,10 @@ pub fn scale_grad<T: Element>(grad: &mut [T], shape: Shape, upstream: &[f32]) ->
     shape.validate(grad.len(), shape.rows())?;
     let rows = shape.rows();
     if upstream.len() != 1 && upstream.len() != rows {
-        return Err(Error::UpstreamLength { rows, len: upstream.len() });
+        return Err(Error::UpstreamLength {
+            rows,
+            len: upstream.len(),
+        });
     }
     for r in 0..rows {
         let factor = upstream[if upstream.len() == 1 { 0 } else { r }] as f64;

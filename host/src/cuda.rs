@@ -36,7 +36,11 @@ pub const PTX_SM90: &str = include_str!("../ptx/sm_90.ptx");
 
 /// Every kernel entry point the PTX must provide.
 pub fn kernel_names() -> Vec<String> {
-    let mut names = vec!["xent_count_i32".into(), "xent_count_i64".into(), "xent_finish".into()];
+    let mut names = vec![
+        "xent_count_i32".into(),
+        "xent_count_i64".into(),
+        "xent_finish".into(),
+    ];
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
             for kind in ["fused", "chunk_partial", "chunk_grad"] {
@@ -83,9 +87,13 @@ impl CrossEntropy {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::NoDriver);
         }
-        let count = CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
+        let count =
+            CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::NoDevice { ordinal, count: count.max(0) as usize });
+            return Err(Error::NoDevice {
+                ordinal,
+                count: count.max(0) as usize,
+            });
         }
         Self::from_context(CudaContext::new(ordinal)?)
     }
@@ -113,7 +121,12 @@ impl CrossEntropy {
             }
             kernels.insert(name, function);
         }
-        Ok(CrossEntropy { ctx, _module: module, kernels, limits })
+        Ok(CrossEntropy {
+            ctx,
+            _module: module,
+            kernels,
+            limits,
+        })
     }
 
     /// The context the kernels live in.
@@ -202,15 +215,31 @@ impl CrossEntropy {
             n_rows: rows as u64,
             row_stride: shape.row_stride as u64,
             vocab: shape.vocab as u32,
-            seq_len: if opts.causal_shift { shape.seq_len as u32 } else { 0 },
+            seq_len: if opts.causal_shift {
+                shape.seq_len as u32
+            } else {
+                0
+            },
             ignore_index: opts.ignore_index,
         };
 
-        unsafe { cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream()) }?;
+        unsafe {
+            cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream())
+        }?;
         if rows > 0 {
-            let params = CountParams { rows: rows_params, counts };
+            let params = CountParams {
+                rows: rows_params,
+                counts,
+            };
             let blocks = plan::count_blocks(rows, self.limits);
-            self.launch(stream, &format!("xent_count_{}", L::NAME), &params, blocks, plan::COUNT_THREADS, SMEM_REDUCTION_BYTES)?;
+            self.launch(
+                stream,
+                &format!("xent_count_{}", L::NAME),
+                &params,
+                blocks,
+                plan::COUNT_THREADS,
+                SMEM_REDUCTION_BYTES,
+            )?;
 
             let mut params = XentParams {
                 rows: rows_params,
@@ -225,15 +254,43 @@ impl CrossEntropy {
             };
             let suffix = format!("{}_{}", T::DTYPE.name(), L::NAME);
             match launch_plan {
-                LaunchPlan::Fused { threads, smem_bytes } => {
-                    self.launch(stream, &format!("xent_fused_{suffix}"), &params, rows as u32, threads, smem_bytes)?;
+                LaunchPlan::Fused {
+                    threads,
+                    smem_bytes,
+                } => {
+                    self.launch(
+                        stream,
+                        &format!("xent_fused_{suffix}"),
+                        &params,
+                        rows as u32,
+                        threads,
+                        smem_bytes,
+                    )?;
                 }
-                LaunchPlan::Chunked { threads, chunk_len, n_chunks } => {
+                LaunchPlan::Chunked {
+                    threads,
+                    chunk_len,
+                    n_chunks,
+                } => {
                     params.n_chunks = n_chunks;
                     params.chunk_len = chunk_len;
                     let blocks = (rows * n_chunks as usize) as u32;
-                    self.launch(stream, &format!("xent_chunk_partial_{suffix}"), &params, blocks, threads, SMEM_REDUCTION_BYTES)?;
-                    self.launch(stream, &format!("xent_chunk_grad_{suffix}"), &params, blocks, threads, SMEM_REDUCTION_BYTES)?;
+                    self.launch(
+                        stream,
+                        &format!("xent_chunk_partial_{suffix}"),
+                        &params,
+                        blocks,
+                        threads,
+                        SMEM_REDUCTION_BYTES,
+                    )?;
+                    self.launch(
+                        stream,
+                        &format!("xent_chunk_grad_{suffix}"),
+                        &params,
+                        blocks,
+                        threads,
+                        SMEM_REDUCTION_BYTES,
+                    )?;
                 }
             }
         }
@@ -245,7 +302,14 @@ impl CrossEntropy {
             reduction: opts.reduction.code(),
             _pad: 0,
         };
-        self.launch(stream, "xent_finish", &params, 1, plan::FINISH_THREADS, SMEM_REDUCTION_BYTES)
+        self.launch(
+            stream,
+            "xent_finish",
+            &params,
+            1,
+            plan::FINISH_THREADS,
+            SMEM_REDUCTION_BYTES,
+        )
     }
 
     /// Scales a gradient in place by an upstream gradient on the device: `upstream` holds one
@@ -261,7 +325,10 @@ impl CrossEntropy {
         shape.validate(grad.len(), shape.rows())?;
         let rows = shape.rows();
         if upstream.len() != 1 && upstream.len() != rows {
-            return Err(Error::UpstreamLength { rows, len: upstream.len() });
+            return Err(Error::UpstreamLength {
+                rows,
+                len: upstream.len(),
+            });
         }
         if rows == 0 {
             return Ok(());
@@ -270,7 +337,11 @@ impl CrossEntropy {
         let blocks = rows
             .checked_mul(n_tiles)
             .filter(|&b| b <= plan::MAX_GRID_X)
-            .ok_or_else(|| Error::PlanDoesNotFit(format!("{rows} rows x {n_tiles} tiles exceed the grid limit")))?;
+            .ok_or_else(|| {
+                Error::PlanDoesNotFit(format!(
+                    "{rows} rows x {n_tiles} tiles exceed the grid limit"
+                ))
+            })?;
         let (grad_ptr, _g) = grad.device_ptr_mut(stream);
         let (upstream_ptr, _u) = upstream.device_ptr(stream);
         let params = ScaleParams {
@@ -284,7 +355,14 @@ impl CrossEntropy {
             n_tiles: n_tiles as u32,
         };
         let name = format!("xent_scale_{}", T::DTYPE.name());
-        self.launch(stream, &name, &params, blocks as u32, plan::SCALE_THREADS, 0)
+        self.launch(
+            stream,
+            &name,
+            &params,
+            blocks as u32,
+            plan::SCALE_THREADS,
+            0,
+        )
     }
 
     fn launch<P: DeviceRepr>(
@@ -398,7 +476,11 @@ impl Loss {
         let counts = self.stream.clone_dtoh(&self.counts)?;
         match counts[COUNT_BAD] as usize {
             0 => Ok(()),
-            count => Err(Error::LabelOutOfRange { count, row: None, label: None }),
+            count => Err(Error::LabelOutOfRange {
+                count,
+                row: None,
+                label: None,
+            }),
         }
     }
 }

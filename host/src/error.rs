@@ -29,7 +29,11 @@ pub enum Error {
     BadShape(String),
     /// A label is neither `ignore_index` nor a class in `[0, vocab)`. On the GPU this is detected on
     /// the device and reported when the loss is read; `row` is known only on the CPU.
-    LabelOutOfRange { count: usize, row: Option<usize>, label: Option<i64> },
+    LabelOutOfRange {
+        count: usize,
+        row: Option<usize>,
+        label: Option<i64>,
+    },
     /// The requested launch plan cannot run this shape on this device.
     PlanDoesNotFit(String),
     /// The buffers live on a different CUDA context from the one this handle was built for.
@@ -43,7 +47,10 @@ impl fmt::Display for Error {
         match self {
             Error::NoDriver => write!(f, "the CUDA driver (libcuda) could not be loaded"),
             Error::NoDevice { ordinal, count } => {
-                write!(f, "no CUDA device with ordinal {ordinal} ({count} device(s) found)")
+                write!(
+                    f,
+                    "no CUDA device with ordinal {ordinal} ({count} device(s) found)"
+                )
             }
             Error::UnsupportedComputeCapability { major, minor } => write!(
                 f,
@@ -61,7 +68,10 @@ impl fmt::Display for Error {
                 write!(f, "logits hold {len} elements, the shape needs {needed}")
             }
             Error::LabelsLength { expected, len } => {
-                write!(f, "labels hold {len} values, the shape needs {expected} (one per row)")
+                write!(
+                    f,
+                    "labels hold {len} values, the shape needs {expected} (one per row)"
+                )
             }
             Error::UpstreamLength { rows, len } => write!(
                 f,
@@ -69,7 +79,10 @@ impl fmt::Display for Error {
             ),
             Error::BadShape(msg) => write!(f, "bad shape: {msg}"),
             Error::LabelOutOfRange { count, row, label } => {
-                write!(f, "{count} label(s) out of range (neither ignore_index nor in [0, vocab))")?;
+                write!(
+                    f,
+                    "{count} label(s) out of range (neither ignore_index nor in [0, vocab))"
+                )?;
                 if let (Some(row), Some(label)) = (row, label) {
                     write!(f, ", first at row {row}: {label}")?;
                 }
@@ -77,7 +90,10 @@ impl fmt::Display for Error {
             }
             Error::PlanDoesNotFit(msg) => write!(f, "launch plan does not fit: {msg}"),
             Error::ContextMismatch => {
-                write!(f, "the stream belongs to another CUDA context than this handle's")
+                write!(
+                    f,
+                    "the stream belongs to another CUDA context than this handle's"
+                )
             }
             Error::InvalidOption(msg) => write!(f, "invalid option: {msg}"),
         }

@@ -70,12 +70,22 @@ pub struct Shape {
 impl Shape {
     /// `[rows, vocab]`, contiguous (one sequence of `rows` positions).
     pub fn flat(rows: usize, vocab: usize) -> Shape {
-        Shape { batch: 1, seq_len: rows, vocab, row_stride: vocab }
+        Shape {
+            batch: 1,
+            seq_len: rows,
+            vocab,
+            row_stride: vocab,
+        }
     }
 
     /// `[batch, seq_len, vocab]`, contiguous.
     pub fn batched(batch: usize, seq_len: usize, vocab: usize) -> Shape {
-        Shape { batch, seq_len, vocab, row_stride: vocab }
+        Shape {
+            batch,
+            seq_len,
+            vocab,
+            row_stride: vocab,
+        }
     }
 
     /// The same shape with rows `row_stride` elements apart.
@@ -92,7 +102,9 @@ impl Shape {
     pub fn min_logits_len(&self) -> Option<usize> {
         match self.rows() {
             0 => Some(0),
-            rows => (rows - 1).checked_mul(self.row_stride)?.checked_add(self.vocab),
+            rows => (rows - 1)
+                .checked_mul(self.row_stride)?
+                .checked_add(self.vocab),
         }
     }
 
@@ -105,7 +117,10 @@ impl Shape {
             return Err(Error::VocabTooLarge { vocab: self.vocab });
         }
         if self.row_stride < self.vocab {
-            return Err(Error::RowStrideTooSmall { row_stride: self.row_stride, vocab: self.vocab });
+            return Err(Error::RowStrideTooSmall {
+                row_stride: self.row_stride,
+                vocab: self.vocab,
+            });
         }
         let rows = self
             .batch
@@ -115,13 +130,22 @@ impl Shape {
             .min_logits_len()
             .ok_or_else(|| Error::BadShape("rows * row_stride overflows".into()))?;
         if logits_len < needed {
-            return Err(Error::LogitsTooShort { needed, len: logits_len });
+            return Err(Error::LogitsTooShort {
+                needed,
+                len: logits_len,
+            });
         }
         if labels_len != rows {
-            return Err(Error::LabelsLength { expected: rows, len: labels_len });
+            return Err(Error::LabelsLength {
+                expected: rows,
+                len: labels_len,
+            });
         }
         if self.seq_len > u32::MAX as usize {
-            return Err(Error::BadShape(format!("seq_len {} exceeds u32", self.seq_len)));
+            return Err(Error::BadShape(format!(
+                "seq_len {} exceeds u32",
+                self.seq_len
+            )));
         }
         Ok(())
     }

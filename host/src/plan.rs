@@ -40,9 +40,15 @@ pub struct DeviceLimits {
 
 impl DeviceLimits {
     /// An H100/H200 (132 SMs, 227 KiB per block).
-    pub const H100: DeviceLimits = DeviceLimits { sm_count: 132, max_smem_per_block: 232_448 };
+    pub const H100: DeviceLimits = DeviceLimits {
+        sm_count: 132,
+        max_smem_per_block: 232_448,
+    };
     /// An A100 (108 SMs, 163 KiB per block).
-    pub const A100: DeviceLimits = DeviceLimits { sm_count: 108, max_smem_per_block: 166_912 };
+    pub const A100: DeviceLimits = DeviceLimits {
+        sm_count: 108,
+        max_smem_per_block: 166_912,
+    };
 }
 
 /// Which kernels to run: automatic, or forced (for tests and benchmarks).
@@ -60,8 +66,15 @@ pub enum PlanChoice {
 /// A planned launch of the cross-entropy kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LaunchPlan {
-    Fused { threads: u32, smem_bytes: u32 },
-    Chunked { threads: u32, chunk_len: u32, n_chunks: u32 },
+    Fused {
+        threads: u32,
+        smem_bytes: u32,
+    },
+    Chunked {
+        threads: u32,
+        chunk_len: u32,
+        n_chunks: u32,
+    },
 }
 
 /// The seed's block size: the next power of two of `vocab`, at most [`MAX_TILE`].
@@ -92,14 +105,21 @@ pub fn plan(
     choice: PlanChoice,
 ) -> Result<LaunchPlan> {
     if vocab == 0 || vocab > (u32::MAX / 2) as usize {
-        return Err(Error::PlanDoesNotFit(format!("vocab {vocab} is outside [1, 2^31)")));
+        return Err(Error::PlanDoesNotFit(format!(
+            "vocab {vocab} is outside [1, 2^31)"
+        )));
     }
     let smem = fused_smem_bytes(vocab, dtype).filter(|&b| b <= limits.max_smem_per_block);
     let fused = |smem_bytes| {
         if rows > MAX_GRID_X {
-            return Err(Error::PlanDoesNotFit(format!("{rows} rows exceed the grid limit")));
+            return Err(Error::PlanDoesNotFit(format!(
+                "{rows} rows exceed the grid limit"
+            )));
         }
-        Ok(LaunchPlan::Fused { threads: threads_for(tile_len(vocab), dtype), smem_bytes })
+        Ok(LaunchPlan::Fused {
+            threads: threads_for(tile_len(vocab), dtype),
+            smem_bytes,
+        })
     };
     let chunked = |chunk_len: usize| {
         if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
@@ -109,7 +129,10 @@ pub fn plan(
         }
         let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
         let n_chunks = vocab.div_ceil(chunk_len);
-        if rows.checked_mul(n_chunks).is_none_or(|blocks| blocks > MAX_GRID_X) {
+        if rows
+            .checked_mul(n_chunks)
+            .is_none_or(|blocks| blocks > MAX_GRID_X)
+        {
             return Err(Error::PlanDoesNotFit(format!(
                 "{rows} rows x {n_chunks} chunks exceed the grid limit"
             )));
@@ -129,9 +152,9 @@ pub fn plan(
                 limits.max_smem_per_block
             ))),
         },
-        PlanChoice::Chunked { chunk_len } => chunked(chunk_len.unwrap_or_else(|| {
-            auto_chunk_len(rows, vocab, limits)
-        })),
+        PlanChoice::Chunked { chunk_len } => {
+            chunked(chunk_len.unwrap_or_else(|| auto_chunk_len(rows, vocab, limits)))
+        }
         PlanChoice::Auto => {
             let enough_rows = rows >= limits.sm_count as usize;
             match smem {

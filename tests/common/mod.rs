@@ -96,8 +96,11 @@ pub fn random_labels<L: Label + FromI64>(
     let mut rng = Rng(seed.wrapping_mul(31).wrapping_add(17));
     (0..rows)
         .map(|_| {
-            let label =
-                if rng.unit() < ignored { ignore_index } else { rng.below(vocab as u64) as i64 };
+            let label = if rng.unit() < ignored {
+                ignore_index
+            } else {
+                rng.below(vocab as u64) as i64
+            };
             L::from_i64(label)
         })
         .collect()
@@ -135,7 +138,11 @@ pub fn grad_rtol(dtype: DType) -> f64 {
 /// values below its smallest normal (6.1e-5) to a 2^-24 grid.
 pub fn grad_atol(dtype: DType, scale: f64) -> f64 {
     let base = 1e-5 * scale.abs();
-    if dtype == DType::F16 { base + 2f64.powi(-24) } else { base }
+    if dtype == DType::F16 {
+        base + 2f64.powi(-24)
+    } else {
+        base
+    }
 }
 
 /// Tolerance of a loss or log-sum-exp value `reference`: f32 arithmetic on values up to ~30
@@ -156,7 +163,12 @@ pub struct Case {
 
 impl Case {
     pub fn new(rows: usize, vocab: usize) -> Case {
-        Case { shape: Shape::flat(rows, vocab), opts: Options::default(), ignored: 1.0 / 7.0, seed: 1 }
+        Case {
+            shape: Shape::flat(rows, vocab),
+            opts: Options::default(),
+            ignored: 1.0 / 7.0,
+            seed: 1,
+        }
     }
 }
 
@@ -186,15 +198,21 @@ pub fn run_case<T: Element, L: Label + FromI64>(
     );
     let context = |what: &str| format!("{what} in {case:?} ({} logits)", T::DTYPE.name());
 
-    let mut d_logits = stream.clone_htod(&logits).map_err(|e| context(&e.to_string()))?;
-    let d_labels = stream.clone_htod(&labels).map_err(|e| context(&e.to_string()))?;
+    let mut d_logits = stream
+        .clone_htod(&logits)
+        .map_err(|e| context(&e.to_string()))?;
+    let d_labels = stream
+        .clone_htod(&labels)
+        .map_err(|e| context(&e.to_string()))?;
     let loss = xent
         .forward_backward(stream, &mut d_logits, &d_labels, shape, &case.opts)
         .map_err(|e| context(&e.to_string()))?;
     let loss_gpu = loss.read().map_err(|e| context(&e.to_string()))? as f64;
     let row_loss = loss.read_row_loss().map_err(|e| context(&e.to_string()))?;
     let row_lse = loss.read_row_lse().map_err(|e| context(&e.to_string()))?;
-    let grad: Vec<T> = stream.clone_dtoh(&d_logits).map_err(|e| context(&e.to_string()))?;
+    let grad: Vec<T> = stream
+        .clone_dtoh(&d_logits)
+        .map_err(|e| context(&e.to_string()))?;
 
     let mut reference = logits;
     let expected = cpu::forward_backward(&mut reference, &labels, shape, &case.opts)
@@ -202,11 +220,17 @@ pub fn run_case<T: Element, L: Label + FromI64>(
 
     let n_valid = loss.n_valid().map_err(|e| context(&e.to_string()))? as usize;
     if n_valid != expected.n_valid {
-        return Err(context(&format!("n_valid {n_valid} != {}", expected.n_valid)));
+        return Err(context(&format!(
+            "n_valid {n_valid} != {}",
+            expected.n_valid
+        )));
     }
     let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
     if !same(loss_gpu, expected.loss, loss_tol(expected.loss)) {
-        return Err(context(&format!("loss {loss_gpu} != reference {}", expected.loss)));
+        return Err(context(&format!(
+            "loss {loss_gpu} != reference {}",
+            expected.loss
+        )));
     }
     for r in 0..shape.rows() {
         let (l, e) = (row_loss[r] as f64, expected.row_loss[r]);
@@ -240,7 +264,11 @@ pub fn run_case<T: Element, L: Label + FromI64>(
         }
         worst = worst.max(err / tol);
     }
-    Ok(Outcome { loss_gpu, loss_cpu: expected.loss, max_grad_err_over_tol: worst })
+    Ok(Outcome {
+        loss_gpu,
+        loss_cpu: expected.loss,
+        max_grad_err_over_tol: worst,
+    })
 }
 
 /// Runs `case` for one dtype chosen at run time.

@@ -1,0 +1,266 @@
+//! `cargo xtask bundle`: everything a GPU machine without a Rust toolchain needs to run the
+//! tests, the quickstart example and the benchmarks, in `bundle/`:
+//!
+//! - `bin/NAME`: release test binaries (integration tests by target name, unit tests as
+//!   `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped;
+//! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`), see its header;
+//! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::{Result, describe, relative, stable_cargo, stdout_of, step};
+
+/// The script that runs the bundle on the GPU machine.
+const RUN_SH: &str = include_str!("run.sh");
+
+/// One cargo invocation of the bundle, and the name in `bin/` of each artifact it keeps.
+struct Build {
+    args: &'static [&'static str],
+    bin_name: fn(&Artifact) -> Option<String>,
+}
+
+/// The builds, in order: tests, examples, benches (none yet is fine). xtask itself stays out.
+const BUILDS: [Build; 3] = [
+    Build {
+        args: &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--release",
+            "--no-run",
+        ],
+        bin_name: test_name,
+    },
+    Build {
+        args: &["build", "--release", "-p", "xent", "--examples"],
+        bin_name: example_name,
+    },
+    Build {
+        args: &["bench", "--workspace", "--exclude", "xtask", "--no-run"],
+        bin_name: bench_name,
+    },
+];
+
+/// An executable cargo reported building.
+#[derive(Debug, PartialEq)]
+struct Artifact {
+    /// The target's first kind: `test`, `lib`, `bin`, `example`, `bench`, ...
+    kind: String,
+    /// The target's name.
+    name: String,
+    /// Whether it was built with libtest's harness (`false` for `harness = false` targets).
+    harness: bool,
+    /// Where cargo left the binary.
+    executable: PathBuf,
+}
+
+/// `cargo xtask bundle`: builds, copies and strips the binaries, and writes `run.sh`.
+pub fn bundle(root: &Path) -> Result<()> {
+    let bundle_dir = root.join("bundle");
+    let bin_dir = bundle_dir.join("bin");
+    if bundle_dir.exists() {
+        fs::remove_dir_all(&bundle_dir)
+            .map_err(|err| format!("cannot remove old bundle/: {err}"))?;
+    }
+    fs::create_dir_all(&bin_dir).map_err(|err| format!("cannot create bundle/bin/: {err}"))?;
+
+    let mut binaries: Vec<(String, PathBuf)> = Vec::new();
+    for build in &BUILDS {
+        for artifact in build_artifacts(root, build.args)? {
+            let Some(name) = (build.bin_name)(&artifact) else {
+                continue;
+            };
+            if let Some((_, other)) = binaries.iter().find(|(taken, _)| *taken == name) {
+                let (a, b) = (other.display(), artifact.executable.display());
+                return Err(format!(
+                    "two binaries would be bundle/bin/{name}: {a} and {b}"
+                ));
+            }
+            binaries.push((name, artifact.executable));
+        }
+    }
+    if binaries.is_empty() {
+        return Err("cargo built no test, example or bench binaries".to_string());
+    }
+
+    let strip = strip_available();
+    for (name, executable) in &binaries {
+        let dest = bin_dir.join(name);
+        fs::copy(executable, &dest).map_err(|err| {
+            format!(
+                "cannot copy {} to {}: {err}",
+                executable.display(),
+                dest.display()
+            )
+        })?;
+        if strip {
+            stdout_of(Command::new("strip").arg(&dest))?;
+        }
+        let size = fs::metadata(&dest).map(|meta| meta.len()).unwrap_or(0);
+        step(&format!(
+            "bundled {} ({:.1} MB)",
+            relative(root, &dest),
+            size as f64 / 1e6
+        ));
+    }
+
+    match root
+        .parent()
+        .map(|parent| parent.join("shared/bench/peers.py"))
+    {
+        Some(peers) if peers.is_file() => {
+            fs::copy(&peers, bundle_dir.join("peers.py"))
+                .map_err(|err| format!("cannot copy {}: {err}", peers.display()))?;
+            step("bundled bundle/peers.py");
+        }
+        _ => step("no ../shared/bench/peers.py: the bundle has no peers benchmark"),
+    }
+
+    let run_sh = bundle_dir.join("run.sh");
+    fs::write(&run_sh, RUN_SH).map_err(|err| format!("cannot write bundle/run.sh: {err}"))?;
+    make_executable(&run_sh)?;
+    step(
+        "wrote bundle/run.sh: copy bundle/ to the GPU machine and run `bash bundle/run.sh [bench|sanitize]`",
+    );
+    Ok(())
+}
+
+/// Runs `cargo ARGS --message-format=json-render-diagnostics` and returns the executables it built.
+fn build_artifacts(root: &Path, args: &[&str]) -> Result<Vec<Artifact>> {
+    let mut cargo = stable_cargo(root);
+    cargo
+        .args(args)
+        .arg("--message-format=json-render-diagnostics");
+    eprintln!("$ {}", describe(&cargo));
+    // Diagnostics and progress go to the terminal; the JSON lines come back on stdout.
+    let output = cargo
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|err| format!("could not start `{}`: {err}", describe(&cargo)))?;
+    if !output.status.success() {
+        return Err(format!("`{}` failed ({})", describe(&cargo), output.status));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(parse_artifact)
+        .collect())
+}
+
+/// The executable of a `compiler-artifact` JSON line from cargo, if it has one.
+fn parse_artifact(line: &str) -> Option<Artifact> {
+    let message: Value = serde_json::from_str(line).ok()?;
+    if message["reason"] != "compiler-artifact" {
+        return None;
+    }
+    Some(Artifact {
+        kind: message["target"]["kind"][0].as_str()?.to_string(),
+        name: message["target"]["name"].as_str()?.to_string(),
+        harness: message["profile"]["test"].as_bool().unwrap_or(false),
+        executable: PathBuf::from(message["executable"].as_str()?),
+    })
+}
+
+/// Test binaries: an integration test keeps its target's name, a lib's or bin's unit tests are
+/// `unit-NAME` (the plain lib, bin and examples `cargo test` also builds are left out).
+fn test_name(artifact: &Artifact) -> Option<String> {
+    match (artifact.kind.as_str(), artifact.harness) {
+        ("test", _) => Some(artifact.name.clone()),
+        ("lib" | "bin", true) => Some(format!("unit-{}", artifact.name)),
+        _ => None,
+    }
+}
+
+/// Examples are `example-NAME`.
+fn example_name(artifact: &Artifact) -> Option<String> {
+    (artifact.kind == "example").then(|| format!("example-{}", artifact.name))
+}
+
+/// Benchmarks are `bench-NAME`; the lib unit tests `cargo bench` also builds are left out.
+fn bench_name(artifact: &Artifact) -> Option<String> {
+    (artifact.kind == "bench").then(|| format!("bench-{}", artifact.name))
+}
+
+/// Whether binutils' `strip` runs here; warns when it does not.
+fn strip_available() -> bool {
+    let found = Command::new("strip")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        step("warning: `strip` not found, the bundled binaries keep their symbols");
+    }
+    found
+}
+
+/// Sets the executable bits of a file written by xtask.
+#[cfg(unix)]
+fn make_executable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .map_err(|err| format!("cannot make {} executable: {err}", path.display()))
+}
+
+/// Executable bits do not exist here: nothing to set.
+#[cfg(not(unix))]
+fn make_executable(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `compiler-artifact` line as cargo prints it, trimmed to the fields read here.
+    fn artifact_line(kind: &str, name: &str, harness: bool, executable: Option<&str>) -> String {
+        serde_json::json!({
+            "reason": "compiler-artifact",
+            "target": { "kind": [kind], "name": name },
+            "profile": { "test": harness },
+            "executable": executable,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn artifacts_without_an_executable_are_skipped() {
+        assert_eq!(
+            parse_artifact(&artifact_line("lib", "xent", false, None)),
+            None
+        );
+        assert_eq!(
+            parse_artifact(r#"{"reason":"build-finished","success":true}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn binaries_are_named_by_what_they_run() {
+        let named = |builder: fn(&Artifact) -> Option<String>, kind, name, harness| {
+            builder(&parse_artifact(&artifact_line(kind, name, harness, Some("/t/x"))).unwrap())
+        };
+        assert_eq!(
+            named(test_name, "test", "gpu", true).as_deref(),
+            Some("gpu")
+        );
+        assert_eq!(
+            named(test_name, "lib", "xent", true).as_deref(),
+            Some("unit-xent")
+        );
+        assert_eq!(named(test_name, "example", "quickstart", false), None);
+        assert_eq!(
+            named(example_name, "example", "quickstart", false).as_deref(),
+            Some("example-quickstart")
+        );
+        assert_eq!(
+            named(bench_name, "bench", "xent", false).as_deref(),
+            Some("bench-xent")
+        );
+        assert_eq!(named(bench_name, "lib", "xent", true), None);
+    }
+}

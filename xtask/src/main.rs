@@ -1,0 +1,160 @@
+//! `cargo xtask <command>`: the project's chores, written in Rust so they run wherever cargo does.
+//!
+//! - `ptx`: build `kernels-gpu/` with its pinned nightly and write the committed `host/ptx/*.ptx`.
+//! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
+//!   and fail on any register spill.
+//! - `test`: what CI runs: `cargo fmt --check`, `check`, `cargo test --workspace`.
+//! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
+//!   machine without a Rust toolchain.
+//! - `bench`: `cargo bench` over the workspace.
+
+mod bundle;
+mod ptx;
+mod ptxas;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Output};
+
+/// Every failure is a message for the person at the terminal, never a panic.
+type Result<T> = std::result::Result<T, String>;
+
+/// What `cargo xtask help` prints.
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  ptx            build kernels-gpu/ to PTX (sm_80, sm_90) and write host/ptx/<arch>.ptx
+  check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
+  test           cargo fmt --check, then check, then cargo test --workspace (what CI runs)
+  bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
+  bench [ARGS]   cargo bench --workspace [ARGS] (to be extended with the peers comparison)";
+
+/// Runs the command named by the first argument and turns its error into a message and exit code 1.
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = repo_root();
+    let no_args = |run: fn(&Path) -> Result<()>| match args.len() {
+        1 => run(&root),
+        _ => Err(format!("`{}` takes no arguments\n\n{USAGE}", args[0])),
+    };
+    let result = match args.first().map(String::as_str) {
+        Some("ptx") => no_args(ptx::write_committed),
+        Some("check") => no_args(check),
+        Some("test") => no_args(test),
+        Some("bundle") => no_args(bundle::bundle),
+        Some("bench") => bench(&root, &args[1..]),
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+        None => Err(format!("no command given\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask check`: the committed PTX is current, and ptxas compiles it without spills.
+fn check(root: &Path) -> Result<()> {
+    ptx::check_committed(root)?;
+    ptxas::report(root)
+}
+
+/// `cargo xtask test`: formatting, `check`, then the workspace's tests on the pinned stable.
+fn test(root: &Path) -> Result<()> {
+    step("checking formatting");
+    run(stable_cargo(root).args(["fmt", "--all", "--check"]))?;
+    check(root)?;
+    step("running the workspace's tests");
+    run(stable_cargo(root).args(["test", "--workspace"]))?;
+    step("all checks passed");
+    Ok(())
+}
+
+/// `cargo xtask bench ARGS`: the workspace's benchmarks, with ARGS forwarded to `cargo bench`.
+///
+/// For now this is plain `cargo bench`; it will grow the peers comparison of `bench/peers.py`.
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    step("running the workspace's benchmarks");
+    run(stable_cargo(root)
+        .args(["bench", "--workspace", "--exclude", "xtask"])
+        .args(args))
+}
+
+/// The repository root: the parent of this crate's folder, as `cargo run` sets it at run time
+/// (the path compiled in is only a fallback: a moved checkout can reuse a stale build).
+fn repo_root() -> PathBuf {
+    let xtask_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    xtask_dir
+        .parent()
+        .map_or(xtask_dir.clone(), Path::to_path_buf)
+}
+
+/// `cargo` from PATH, in the repository root, so the root `rust-toolchain.toml` picks the stable.
+fn stable_cargo(root: &Path) -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(root);
+    cargo
+}
+
+/// Prints a progress line to stderr, where cargo and the tools it runs report theirs.
+fn step(message: &str) {
+    eprintln!("xtask: {message}");
+}
+
+/// The command line as a person would type it, for messages.
+fn describe(command: &Command) -> String {
+    let mut words = vec![command.get_program().to_string_lossy().into_owned()];
+    words.extend(
+        command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned()),
+    );
+    words.join(" ")
+}
+
+/// Runs a command with inherited stdio (output streams through) and fails unless it exits 0.
+fn run(command: &mut Command) -> Result<()> {
+    let line = describe(command);
+    eprintln!("$ {line}");
+    let status = command
+        .status()
+        .map_err(|err| format!("could not start `{line}`: {err}"))?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(format!("`{line}` failed ({status})")),
+    }
+}
+
+/// Runs a command to completion with its stdout and stderr captured, whatever its exit status.
+fn capture(command: &mut Command) -> Result<Output> {
+    let line = describe(command);
+    command
+        .output()
+        .map_err(|err| format!("could not start `{line}`: {err}"))
+}
+
+/// Runs a command and returns its stdout, or fails with its stderr unless it exits 0.
+fn stdout_of(command: &mut Command) -> Result<String> {
+    let output = capture(command)?;
+    if !output.status.success() {
+        return Err(format!(
+            "`{}` failed ({}):\n{}",
+            describe(command),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The path relative to the repository root, for messages.
+fn relative<'a>(root: &Path, path: &'a Path) -> std::borrow::Cow<'a, str> {
+    path.strip_prefix(root).unwrap_or(path).to_string_lossy()
+}

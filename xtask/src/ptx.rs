@@ -1,0 +1,281 @@
+//! Building `kernels-gpu/` to PTX with its pinned nightly, and the committed copies in `host/ptx/`.
+//!
+//! The kernel crate is built as an rlib with `cargo rustc ... -- --emit=asm` (there is no
+//! `llvm-bitcode-linker` component to link a `cdylib`); the `.s` rustc leaves in `deps/` is the PTX.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{Result, relative, run, stdout_of, step};
+
+/// The kernel crate's folder, relative to the repository root.
+const KERNEL_CRATE: &str = "kernels-gpu";
+/// The kernel crate's library name, which prefixes the files rustc writes.
+const KERNEL_LIB: &str = "xent_kernels";
+/// Where the generated PTX is committed, relative to the repository root.
+const COMMITTED_DIR: &str = "host/ptx";
+
+/// A GPU architecture the committed PTX targets, with the rustc flags it needs beyond `target-cpu`.
+pub struct Arch {
+    /// The `sm_XX` name: rustc's `target-cpu`, ptxas' `-arch` and the PTX file's stem.
+    pub name: &'static str,
+    /// Extra `-C` flags.
+    extra_flags: &'static [&'static str],
+}
+
+/// Every architecture with committed PTX. sm_90 needs PTX ISA 8.0 for the `.release`/`.acquire`
+/// cluster barriers (rustc's default for sm_90 is 7.8).
+pub const ARCHES: [Arch; 2] = [
+    Arch {
+        name: "sm_80",
+        extra_flags: &[],
+    },
+    Arch {
+        name: "sm_90",
+        extra_flags: &["-C", "target-feature=+ptx80"],
+    },
+];
+
+/// Environment variables that would leak the stable toolchain, or its flags, into the nightly cargo.
+const LEAKY_ENV: [&str; 11] = [
+    "RUSTUP_TOOLCHAIN",
+    "RUSTC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTDOC",
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO",
+];
+
+/// `cargo xtask ptx`: builds every architecture and writes `host/ptx/<arch>.ptx`.
+pub fn write_committed(root: &Path) -> Result<()> {
+    let channel = ensure_nightly(root)?;
+    fs::create_dir_all(root.join(COMMITTED_DIR))
+        .map_err(|err| format!("cannot create {COMMITTED_DIR}/: {err}"))?;
+    for arch in &ARCHES {
+        let ptx = build(root, &channel, arch)?;
+        let path = committed_path(root, arch);
+        fs::write(&path, &ptx).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        step(&format!(
+            "wrote {} ({} kernels, {} bytes)",
+            relative(root, &path),
+            count_kernels(&ptx),
+            ptx.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Rebuilds every architecture into `target/ptx/<arch>.ptx` and fails if a committed file differs.
+pub fn check_committed(root: &Path) -> Result<()> {
+    let channel = ensure_nightly(root)?;
+    let mut stale = Vec::new();
+    for arch in &ARCHES {
+        let fresh = build(root, &channel, arch)?;
+        let fresh_path = root.join("target/ptx").join(format!("{}.ptx", arch.name));
+        fs::write(&fresh_path, &fresh)
+            .map_err(|err| format!("cannot write {}: {err}", fresh_path.display()))?;
+        let committed_path = committed_path(root, arch);
+        match fs::read(&committed_path) {
+            Ok(committed) if committed == fresh => step(&format!(
+                "{} is up to date",
+                relative(root, &committed_path)
+            )),
+            Ok(_) => stale.push(format!("{COMMITTED_DIR}/{}.ptx is stale", arch.name)),
+            Err(_) => stale.push(format!("{COMMITTED_DIR}/{}.ptx is missing", arch.name)),
+        }
+    }
+    match stale.is_empty() {
+        true => Ok(()),
+        false => Err(format!(
+            "{}: run `cargo xtask ptx` and commit",
+            stale.join(", ")
+        )),
+    }
+}
+
+/// The committed PTX file of an architecture.
+pub fn committed_path(root: &Path, arch: &Arch) -> PathBuf {
+    root.join(COMMITTED_DIR).join(format!("{}.ptx", arch.name))
+}
+
+/// Builds the kernel crate for one architecture; returns the PTX behind its `@generated` line.
+fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
+    step(&format!(
+        "building {KERNEL_CRATE}/ for {} with {channel}",
+        arch.name
+    ));
+    let target_dir = root.join("target/ptx").join(arch.name);
+    let out_dir = target_dir.join("nvptx64-nvidia-cuda/release");
+    // Cargo does not track `--emit=asm` outputs: without the fingerprint it would call the crate
+    // fresh and leave no `.s`. Removing both makes rustc run and rules out picking an old `.s`.
+    remove_matching(&out_dir.join("deps"), &format!("{KERNEL_LIB}-"), ".s")?;
+    remove_matching(
+        &out_dir.join(".fingerprint"),
+        &format!("{}-", KERNEL_LIB.replace('_', "-")),
+        "",
+    )?;
+
+    let mut cargo = Command::new("cargo");
+    for name in LEAKY_ENV {
+        cargo.env_remove(name);
+    }
+    cargo.current_dir(root).arg(format!("+{channel}")).args([
+        "rustc",
+        "--release",
+        "--target",
+        "nvptx64-nvidia-cuda",
+        "-Zbuild-std=core",
+        "--lib",
+        "--manifest-path",
+    ]);
+    cargo
+        .arg(root.join(KERNEL_CRATE).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir);
+    cargo.args([
+        "--",
+        "--emit=asm",
+        "-C",
+        &format!("target-cpu={}", arch.name),
+    ]);
+    cargo.args(arch.extra_flags).arg("-Zlocation-detail=none");
+    run(&mut cargo)?;
+
+    let asm = find_one(&out_dir.join("deps"), &format!("{KERNEL_LIB}-"), ".s")?;
+    let body = fs::read(&asm).map_err(|err| format!("cannot read {}: {err}", asm.display()))?;
+    let mut ptx = format!(
+        "// @generated by `cargo xtask ptx` from {KERNEL_CRATE}/ (rustc NVPTX backend, {channel}, {}). Do not edit.\n",
+        arch.name
+    )
+    .into_bytes();
+    ptx.extend_from_slice(&body);
+    Ok(ptx)
+}
+
+/// The number of `.entry` (kernel) declarations in a PTX file.
+fn count_kernels(ptx: &[u8]) -> usize {
+    String::from_utf8_lossy(ptx)
+        .lines()
+        .filter(|line| line.contains(".entry "))
+        .count()
+}
+
+/// The channel pinned by `kernels-gpu/rust-toolchain.toml`, e.g. `nightly-2026-05-20`.
+fn nightly_channel(root: &Path) -> Result<String> {
+    let path = root.join(KERNEL_CRATE).join("rust-toolchain.toml");
+    let text = fs::read_to_string(&path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    parse_channel(&text).ok_or_else(|| format!("no `channel = \"...\"` line in {}", path.display()))
+}
+
+/// The value of the `channel = "..."` line of a `rust-toolchain.toml`.
+fn parse_channel(toml: &str) -> Option<String> {
+    toml.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        let value = value.trim().strip_prefix('"')?.split('"').next()?;
+        (key.trim() == "channel" && !value.is_empty()).then(|| value.to_string())
+    })
+}
+
+/// Installs the kernel crate's nightly, with `rust-src`, where it is missing; returns its channel.
+///
+/// Needed because `RUSTUP_AUTO_INSTALL=0` stops rustup from installing a toolchain by itself.
+fn ensure_nightly(root: &Path) -> Result<String> {
+    let channel = nightly_channel(root)?;
+    let toolchains = stdout_of(Command::new("rustup").args(["toolchain", "list"]))?;
+    let installed = toolchains
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .any(|name| {
+            name == channel
+                || name
+                    .strip_prefix(channel.as_str())
+                    .is_some_and(|host| host.starts_with('-'))
+        });
+    if !installed {
+        step(&format!(
+            "installing {channel} (with rust-src) for {KERNEL_CRATE}/"
+        ));
+        run(Command::new("rustup")
+            .args(["toolchain", "install", &channel])
+            .args(["--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    let components = stdout_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &channel,
+    ]))?;
+    if !components.lines().any(|line| line.starts_with("rust-src")) {
+        step(&format!("adding rust-src to {channel}"));
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &channel,
+        ]))?;
+    }
+    Ok(channel)
+}
+
+/// Removes every entry of `dir` whose name starts with `prefix` and ends with `suffix`.
+fn remove_matching(dir: &Path, prefix: &str, suffix: &str) -> Result<()> {
+    for path in matching(dir, prefix, suffix)? {
+        let removed = match path.is_dir() {
+            true => fs::remove_dir_all(&path),
+            false => fs::remove_file(&path),
+        };
+        removed.map_err(|err| format!("cannot remove {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The single entry of `dir` whose name starts with `prefix` and ends with `suffix`.
+fn find_one(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf> {
+    let mut found = matching(dir, prefix, suffix)?;
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(format!(
+            "expected one {prefix}*{suffix} in {}, found {n}",
+            dir.display()
+        )),
+    }
+}
+
+/// The entries of `dir` whose names start with `prefix` and end with `suffix`; none if `dir` is absent.
+fn matching(dir: &Path, prefix: &str, suffix: &str) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(format!("cannot list {}: {err}", dir.display())),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|err| format!("cannot list {}: {err}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(suffix) {
+            found.push(entry.path());
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_is_read_from_the_toolchain_file() {
+        let toml = "# comment\n[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n";
+        assert_eq!(parse_channel(toml).as_deref(), Some("nightly-2026-05-20"));
+        assert_eq!(parse_channel("[toolchain]\nprofile = \"minimal\"\n"), None);
+    }
+}

@@ -1,0 +1,264 @@
+//! Compiling the committed PTX with `ptxas`, with no GPU: a register and spill report per kernel.
+//!
+//! `ptxas` comes from PyPI's `nvidia-cuda-nvcc` wheel, unpacked into the ignored `.tools/`, so
+//! every machine reports with the same compiler.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::ptx::{ARCHES, committed_path};
+use crate::{Result, capture, describe, relative, run, stdout_of, step};
+
+/// The `nvidia-cuda-nvcc` release whose `ptxas` compiles the PTX (CUDA 13.0).
+const NVCC_WHEEL_VERSION: &str = "13.0.88";
+/// The path of `ptxas` inside that wheel.
+const PTXAS_IN_WHEEL: &str = "nvidia/cu13/bin/ptxas";
+
+/// What ptxas reports for one function of one architecture.
+#[derive(Debug, PartialEq)]
+struct FunctionReport {
+    name: String,
+    arch: String,
+    /// Registers per thread; reported for kernels (entry functions) only.
+    registers: Option<u32>,
+    stack_bytes: u32,
+    spill_store_bytes: u32,
+    spill_load_bytes: u32,
+}
+
+/// Compiles every committed PTX file, prints the table, writes it to `target/ptxas-report.txt`,
+/// and fails if ptxas fails or any function spills.
+pub fn report(root: &Path) -> Result<()> {
+    let ptxas = ensure_ptxas(root)?;
+    let mut rows = Vec::new();
+    for arch in &ARCHES {
+        rows.extend(compile(
+            root,
+            &ptxas,
+            arch.name,
+            &committed_path(root, arch),
+        )?);
+    }
+    let table = format_table(&rows);
+    print!("{table}");
+    let report_path = root.join("target/ptxas-report.txt");
+    fs::write(&report_path, &table)
+        .map_err(|err| format!("cannot write {}: {err}", report_path.display()))?;
+    step(&format!(
+        "ptxas report written to {}",
+        relative(root, &report_path)
+    ));
+
+    if rows.iter().all(|row| row.registers.is_none()) {
+        return Err("ptxas reported no kernels".to_string());
+    }
+    let spilling: Vec<String> = rows
+        .iter()
+        .filter(|row| row.spill_store_bytes > 0 || row.spill_load_bytes > 0)
+        .map(|row| format!("{} ({})", row.name, row.arch))
+        .collect();
+    match spilling.is_empty() {
+        true => Ok(()),
+        false => Err(format!(
+            "registers spill to local memory in: {}",
+            spilling.join(", ")
+        )),
+    }
+}
+
+/// Runs `ptxas -v` on one PTX file into a cubin under `target/ptxas/` and parses its report.
+fn compile(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<Vec<FunctionReport>> {
+    let cubin_dir = root.join("target/ptxas");
+    fs::create_dir_all(&cubin_dir)
+        .map_err(|err| format!("cannot create {}: {err}", cubin_dir.display()))?;
+    let mut command = Command::new(ptxas);
+    command.arg(format!("-arch={arch}")).arg("-v").arg(ptx);
+    command
+        .arg("-o")
+        .arg(cubin_dir.join(format!("{arch}.cubin")));
+    step(&format!("compiling {} with ptxas", relative(root, ptx)));
+    let output = capture(&mut command)?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!(
+            "`{}` failed ({}):\n{}",
+            describe(&command),
+            output.status,
+            text.trim_end()
+        ));
+    }
+    Ok(parse_verbose(&text, arch))
+}
+
+/// Parses `ptxas -v` output: one row per "Function properties for NAME" block, with the registers
+/// of the "Used N registers" line that follows a "Compiling entry function" line.
+fn parse_verbose(text: &str, arch: &str) -> Vec<FunctionReport> {
+    let mut rows: Vec<FunctionReport> = Vec::new();
+    let mut entry: Option<String> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            entry = rest.split('\'').next().map(str::to_string);
+        } else if let Some(name) = line.split("Function properties for ").nth(1) {
+            rows.push(FunctionReport {
+                name: name.trim().to_string(),
+                arch: arch.to_string(),
+                registers: None,
+                stack_bytes: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+            });
+        } else if line.contains("bytes stack frame") {
+            if let Some(row) = rows.last_mut() {
+                row.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
+                row.spill_store_bytes = number_before(line, "bytes spill stores").unwrap_or(0);
+                row.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+            }
+        } else if let Some(rest) = line.split("Used ").nth(1) {
+            let registers = rest
+                .split_whitespace()
+                .next()
+                .and_then(|word| word.parse().ok());
+            let kernel = rows
+                .iter_mut()
+                .rev()
+                .find(|row| Some(&row.name) == entry.as_ref());
+            if let Some(row) = kernel {
+                row.registers = registers;
+            }
+        }
+    }
+    rows
+}
+
+/// The integer just before `label` in `line`, as in "24 bytes spill stores".
+fn number_before(line: &str, label: &str) -> Option<u32> {
+    let (before, _) = line.split_once(label)?;
+    before.split_whitespace().next_back()?.parse().ok()
+}
+
+/// The report as an aligned text table, one row per function.
+fn format_table(rows: &[FunctionReport]) -> String {
+    let width = rows
+        .iter()
+        .map(|row| row.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("kernel".len());
+    let mut table = format!(
+        "{:<width$}  {:<5}  {:>9}  {:>5}  {:>12}  {:>11}\n",
+        "kernel", "arch", "registers", "stack", "spill stores", "spill loads"
+    );
+    for row in rows {
+        let registers = row
+            .registers
+            .map_or("-".to_string(), |count| count.to_string());
+        let _ = writeln!(
+            table,
+            "{:<width$}  {:<5}  {:>9}  {:>5}  {:>12}  {:>11}",
+            row.name,
+            row.arch,
+            registers,
+            row.stack_bytes,
+            row.spill_store_bytes,
+            row.spill_load_bytes
+        );
+    }
+    table
+}
+
+/// The pinned `ptxas`, unpacked from the `nvidia-cuda-nvcc` wheel into `.tools/` on first use.
+fn ensure_ptxas(root: &Path) -> Result<PathBuf> {
+    let tool_dir = root
+        .join(".tools")
+        .join(format!("nvidia-cuda-nvcc-{NVCC_WHEEL_VERSION}"));
+    let ptxas = tool_dir.join("ptxas");
+    if ptxas.is_file() {
+        return Ok(ptxas);
+    }
+    step(&format!(
+        "installing ptxas from nvidia-cuda-nvcc=={NVCC_WHEEL_VERSION} into {}",
+        relative(root, &tool_dir)
+    ));
+    let wheel_dir = root.join(".tools/wheels");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+        ])
+        .arg(&wheel_dir)
+        .arg(format!("nvidia-cuda-nvcc=={NVCC_WHEEL_VERSION}")))?;
+    // Unpack the one binary (the wheel holds all of nvcc) to a temporary name, then rename it, so
+    // an interrupted install never leaves a truncated ptxas behind.
+    let unpack = r#"
+import glob, os, sys, zipfile
+wheel_dir, member, version, dest = sys.argv[1:]
+wheels = glob.glob(os.path.join(wheel_dir, f"nvidia_cuda_nvcc-{version}-*.whl"))
+if not wheels:
+    sys.exit(f"no nvidia_cuda_nvcc-{version} wheel in {wheel_dir}")
+os.makedirs(os.path.dirname(dest), exist_ok=True)
+with zipfile.ZipFile(wheels[0]) as wheel, open(dest + ".part", "wb") as out:
+    out.write(wheel.read(member))
+os.chmod(dest + ".part", 0o755)
+os.replace(dest + ".part", dest)
+for wheel in wheels:
+    os.remove(wheel)
+"#;
+    stdout_of(
+        Command::new("python3")
+            .args(["-c", unpack])
+            .arg(&wheel_dir)
+            .arg(PTXAS_IN_WHEEL)
+            .arg(NVCC_WHEEL_VERSION)
+            .arg(&ptxas),
+    )?;
+    Ok(ptxas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Function properties for helper
+    8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function 'xent_fused_bf16_i32' for 'sm_90'
+ptxas info    : Function properties for xent_fused_bf16_i32
+    16 bytes stack frame, 24 bytes spill stores, 32 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers
+ptxas info    : Compile time = 51.315 ms
+";
+
+    #[test]
+    fn verbose_output_gives_registers_and_spills_per_function() {
+        let rows = parse_verbose(SAMPLE, "sm_90");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (
+                rows[0].name.as_str(),
+                rows[0].registers,
+                rows[0].stack_bytes
+            ),
+            ("helper", None, 8)
+        );
+        let kernel = &rows[1];
+        assert_eq!(kernel.name, "xent_fused_bf16_i32");
+        assert_eq!(kernel.registers, Some(40));
+        assert_eq!(
+            (
+                kernel.stack_bytes,
+                kernel.spill_store_bytes,
+                kernel.spill_load_bytes
+            ),
+            (16, 24, 32)
+        );
+    }
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs xent's bundled binaries on a GPU machine that has no Rust toolchain.
+# Written by `cargo xtask bundle`; copy the whole bundle/ folder and run it from anywhere:
+#
+#   run.sh [test] [ARGS...]     every test binary in bin/ (ARGS go to each test harness, e.g. a
+#                               filter), then bin/example-quickstart
+#   run.sh bench [ARGS...]      the same, then every bin/bench-* with --bench ARGS, then peers.py
+#                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
+#   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
+#                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
+#
+# Every binary runs under `timeout`, so a hung kernel costs minutes, not the machine. When OUT is
+# set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with one line per
+# binary, `NAME: ok` or `NAME: FAILED(exit code)`, and exits 1 if any failed.
+set -uo pipefail
+
+mode=test
+case "${1:-}" in
+  test | bench | sanitize) mode=$1; shift ;;
+esac
+if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
+if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
+cd "$(dirname "$0")" || exit 2
+export XENT_REQUIRE_GPU=1
+shopt -s nullglob
+
+names=() codes=() notes=()
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+# to_log FILE: copies stdin to stdout, and appends it to $OUT/FILE when OUT is set.
+to_log() {
+  if [[ -n ${OUT:-} ]]; then tee -a "$OUT/$1"; else cat; fi
+}
+
+# run_one NAME LOG CMD...: runs CMD with its output streamed (and logged), records its exit code.
+run_one() {
+  local name=$1 log=$2; shift 2
+  echo "=== $name: $*" | to_log "$log"
+  "$@" 2>&1 | tee "$scratch/last.out" | to_log "$log"
+  local rc=${PIPESTATUS[0]}
+  names+=("$name") codes+=("$rc") notes+=("")
+  echo "=== $name: exit code $rc" | to_log "$log"
+}
+
+tests=()
+for bin in bin/*; do
+  case ${bin#bin/} in example-* | bench-*) ;; *) tests+=("${bin#bin/}") ;; esac
+done
+if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
+
+log=tests.log
+[[ $mode == sanitize ]] && log=sanitize.log
+if command -v nvidia-smi > /dev/null; then nvidia-smi -L 2>&1 | to_log "$log"; fi
+
+if [[ $mode == sanitize ]]; then
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ ! -x $sanitizer ]]; then echo "run.sh: compute-sanitizer not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
+  export XENT_SANITIZE=1
+  # A binary whose tests never touch CUDA is an error to compute-sanitizer unless told otherwise.
+  sanitizer_flags=(--error-exitcode 99)
+  if "$sanitizer" --help 2>&1 | grep -- --require-cuda-init > /dev/null; then
+    sanitizer_flags+=(--require-cuda-init no)
+  fi
+  for tool in memcheck racecheck initcheck synccheck; do
+    for name in "${tests[@]}"; do
+      run_one "$name [$tool]" "$log" timeout 900 "$sanitizer" --tool "$tool" "${sanitizer_flags[@]}" \
+        "./bin/$name" --test-threads=1 "$@"
+      notes[-1]=$(grep -a -e 'SUMMARY' -e 'before first instrumented API call' "$scratch/last.out" |
+        tail -n 1 | sed 's/^=* *//')
+    done
+  done
+else
+  test_args=()
+  [[ $mode == test ]] && test_args=("$@")
+  for name in "${tests[@]}"; do
+    run_one "$name" "$log" timeout 600 "./bin/$name" --test-threads=1 "${test_args[@]}"
+  done
+  if [[ -x bin/example-quickstart ]]; then
+    run_one example-quickstart "$log" timeout 120 ./bin/example-quickstart
+  fi
+fi
+
+if [[ $mode == bench ]]; then
+  export CRITERION_HOME=${CRITERION_HOME:-${OUT:-$PWD}/criterion}
+  for bin in bin/bench-*; do
+    run_one "${bin#bin/}" bench.log timeout 1800 "./$bin" --bench "$@"
+  done
+  if [[ -f peers.py ]]; then
+    run_one peers.py bench.log timeout 1800 python3 peers.py
+  fi
+fi
+
+failed=0
+echo "=== summary ($mode)" | to_log "$log"
+for i in "${!names[@]}"; do
+  if [[ ${codes[i]} == 0 ]]; then status=ok; else status="FAILED(${codes[i]})" failed=1; fi
+  echo "${names[i]}: $status${notes[i]:+  ${notes[i]}}" | to_log "$log"
+done
+exit "$failed"
