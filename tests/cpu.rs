@@ -1024,7 +1024,7 @@ fn tile_len_is_the_next_power_of_two_capped_at_32768() {
 }
 
 #[test]
-fn threads_for_is_a_power_of_two_between_one_warp_and_1024() {
+fn threads_for_is_whole_warps_between_one_warp_and_the_cap() {
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
         // Each thread walks `UNROLL` vectors of 16 bytes per step.
         let per_thread = plan::UNROLL * 16 / dtype.bytes();
@@ -1035,91 +1035,38 @@ fn threads_for_is_a_power_of_two_between_one_warp_and_1024() {
             .chain([1, 8, 32768, 1 << 20, longest])
         {
             let threads = plan::threads_for(len, dtype);
+            let what = format!("threads_for({len}, {dtype:?}) = {threads}");
+            assert!(threads % 32 == 0, "{what}");
+            assert!((32..=plan::MAX_THREADS).contains(&threads), "{what}");
+            // Enough threads to walk `len` in one step, unless capped, and no idle warp.
             assert!(
-                threads.is_power_of_two(),
-                "threads_for({len}, {dtype:?}) = {threads}"
+                threads == plan::MAX_THREADS || threads as usize * per_thread >= len,
+                "{what}"
             );
             assert!(
-                (32..=1024).contains(&threads),
-                "threads_for({len}, {dtype:?}) = {threads}"
-            );
-            // Enough threads to walk `len` in one step, unless capped.
-            assert!(
-                threads == 1024 || threads as usize * per_thread >= len,
-                "{len} {dtype:?}"
+                threads == 32 || (threads as usize - 32) * per_thread < len,
+                "{what}"
             );
         }
     }
-    // A full bf16 tile: 32768 elements = 1024 threads x 4 vectors x 8.
-    assert_eq!(plan::threads_for(32768, DType::Bf16), 1024);
+    // A 32 KiB bf16 chunk: 16384 elements = 256 threads x 8 vectors x 8.
+    assert_eq!(plan::threads_for(16384, DType::Bf16), 256);
     assert_eq!(plan::threads_for(1, DType::F32), 32);
 }
 
 #[test]
 
-fn threads_for_saturates_at_1024_for_any_length() {
+fn threads_for_saturates_at_the_cap_for_any_length() {
     // `plan::plan` is public and takes an unvalidated vocab: a length past 2^32 vectors must
-    // still give 1024 threads, not wrap to 32 or overflow `next_power_of_two`.
+    // still give the cap, not wrap to 32 or overflow.
     for len in [48_000_000_000, 1 << 40, usize::MAX / 2] {
         let threads = std::panic::catch_unwind(|| plan::threads_for(len, DType::F32));
-        assert_eq!(threads.ok(), Some(1024), "threads_for({len}, F32)");
+        assert_eq!(
+            threads.ok(),
+            Some(plan::MAX_THREADS),
+            "threads_for({len}, F32)"
+        );
     }
-}
-
-#[test]
-fn h100_plans_fused_for_8192_rows_of_llama2_vocab_in_bf16() {
-    let got = plan::plan(
-        8192,
-        LLAMA2_VOCAB,
-        DType::Bf16,
-        DeviceLimits::H100,
-        PlanChoice::Auto,
-    );
-    let Ok(LaunchPlan::Fused {
-        threads,
-        smem_bytes,
-    }) = got
-    else {
-        panic!("expected a fused plan, got {got:?}");
-    };
-    assert!((32..=1024).contains(&threads) && threads.is_power_of_two());
-    assert!(smem_bytes as usize >= LLAMA2_VOCAB * 2);
-    assert!(smem_bytes <= DeviceLimits::H100.max_smem_per_block);
-}
-
-#[test]
-fn h100_plans_chunked_for_8192_rows_of_llama3_vocab_in_bf16() {
-    // A 128256-element bf16 row is 250.5 KiB, more than the H100's 227 KiB per block.
-    assert!(LLAMA3_VOCAB * 2 > DeviceLimits::H100.max_smem_per_block as usize);
-    let got = plan::plan(
-        8192,
-        LLAMA3_VOCAB,
-        DType::Bf16,
-        DeviceLimits::H100,
-        PlanChoice::Auto,
-    );
-    let Ok(LaunchPlan::Chunked {
-        chunk_len,
-        n_chunks,
-        ..
-    }) = got
-    else {
-        panic!("expected a chunked plan, got {got:?}");
-    };
-    assert!(chunk_len as usize * n_chunks as usize >= LLAMA3_VOCAB);
-}
-
-#[test]
-fn chunked_plan_for_512_rows_fills_every_h100_sm_twice() {
-    let limits = DeviceLimits::H100;
-    let got = plan::plan(512, LLAMA3_VOCAB, DType::Bf16, limits, PlanChoice::Auto);
-    let Ok(LaunchPlan::Chunked { n_chunks, .. }) = got else {
-        panic!("expected a chunked plan, got {got:?}");
-    };
-    assert!(
-        512 * n_chunks as usize >= 2 * limits.sm_count as usize,
-        "{got:?}"
-    );
 }
 
 #[test]
@@ -1248,7 +1195,7 @@ fn chunks_cover_the_vocab_without_an_empty_chunk() {
                     "the last chunk is empty: {what}"
                 );
                 assert!(
-                    (32..=1024).contains(&threads) && threads.is_power_of_two(),
+                    (32..=plan::MAX_THREADS).contains(&threads) && threads % 32 == 0,
                     "{what}"
                 );
             }
@@ -1293,31 +1240,6 @@ fn fused_shared_memory_holds_the_row_and_fits_the_device() {
             }
         }
     }
-}
-
-#[test]
-fn gpt2_vocab_in_f32_is_fused_on_h100_but_chunked_on_a100() {
-    // 50257 x 4 bytes = 196 KiB: under the H100's 227 KiB per block, over the A100's 163 KiB.
-    let on = |limits| plan::plan(8192, GPT2_VOCAB, DType::F32, limits, PlanChoice::Auto);
-    assert!(
-        matches!(on(DeviceLimits::H100), Ok(LaunchPlan::Fused { .. })),
-        "{:?}",
-        on(DeviceLimits::H100)
-    );
-    assert!(
-        matches!(on(DeviceLimits::A100), Ok(LaunchPlan::Chunked { .. })),
-        "{:?}",
-        on(DeviceLimits::A100)
-    );
-    // Llama-2's vocab in bf16 (62.5 KiB) is fused on both.
-    let got = plan::plan(
-        8192,
-        LLAMA2_VOCAB,
-        DType::Bf16,
-        DeviceLimits::A100,
-        PlanChoice::Auto,
-    );
-    assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1425,5 +1347,106 @@ fn opening_a_device_without_a_driver_or_device_is_an_error_not_a_panic() {
         Err(Error::NoDriver) => {}
         Err(Error::NoDevice { ordinal, .. }) => assert_eq!(ordinal, 1 << 20),
         other => panic!("CrossEntropy::new(1 << 20): unexpected {other:?}"),
+    }
+}
+
+/// The cluster plan's invariants, for one (rows, vocab, dtype) on an H100-class device.
+fn assert_cluster_plan(rows: usize, vocab: usize, dtype: DType) -> (u32, u32) {
+    let limits = DeviceLimits::H100;
+    let got = plan::plan(rows, vocab, dtype, limits, PlanChoice::Auto);
+    let Ok(LaunchPlan::Cluster {
+        threads,
+        chunk_len,
+        size,
+        smem_bytes,
+    }) = got
+    else {
+        panic!("{rows} x {vocab} {dtype:?}: expected a cluster plan, got {got:?}");
+    };
+    let (chunk, size_usize) = (chunk_len as usize, size as usize);
+    assert!(
+        chunk * size_usize >= vocab,
+        "{got:?} does not cover the row"
+    );
+    assert!(chunk * (size_usize - 1) < vocab, "{got:?} has an empty CTA");
+    assert!(chunk % 8 == 0, "{got:?}: chunks must hold whole vectors");
+    assert!((1..=plan::MAX_CLUSTER).contains(&size), "{got:?}");
+    assert!(
+        threads % 32 == 0 && (32..=plan::MAX_THREADS).contains(&threads),
+        "{got:?}"
+    );
+    assert!(smem_bytes <= limits.max_smem_per_block, "{got:?}");
+    assert!(smem_bytes as usize >= chunk * dtype.bytes(), "{got:?}");
+    (size, chunk_len)
+}
+
+#[test]
+fn h100_splits_rows_over_clusters_with_chunks_that_fit_shared_memory() {
+    // Llama-2 in bf16 (62.5 KiB a row) splits in two 32 KiB chunks; Llama-3 (250.5 KiB), which
+    // no single block can hold, in eight.
+    assert_eq!(assert_cluster_plan(8192, LLAMA2_VOCAB, DType::Bf16).0, 2);
+    assert!(LLAMA3_VOCAB * 2 > DeviceLimits::H100.max_smem_per_block as usize);
+    assert_eq!(assert_cluster_plan(8192, LLAMA3_VOCAB, DType::Bf16).0, 8);
+    for vocab in [1, 7, 5003, GPT2_VOCAB, 151_936, 262_144] {
+        for dtype in [DType::Bf16, DType::F16, DType::F32] {
+            assert_cluster_plan(8192, vocab, dtype);
+        }
+    }
+}
+
+#[test]
+fn few_rows_get_larger_clusters_to_fill_every_sm_twice() {
+    let limits = DeviceLimits::H100;
+    let (size, _) = assert_cluster_plan(512, LLAMA3_VOCAB, DType::Bf16);
+    assert!(512 * size as usize >= 2 * limits.sm_count as usize);
+    let (size, _) = assert_cluster_plan(3, 32000, DType::Bf16);
+    assert_eq!(
+        size,
+        plan::MAX_CLUSTER,
+        "3 rows: as many CTAs per row as a cluster allows"
+    );
+}
+
+#[test]
+fn a100_has_no_clusters_and_uses_fused_or_chunked_plans() {
+    let on_a100 =
+        |rows, vocab, dtype| plan::plan(rows, vocab, dtype, DeviceLimits::A100, PlanChoice::Auto);
+    // Llama-2's vocab in bf16 (62.5 KiB) fits one block: fused.
+    let got = on_a100(8192, LLAMA2_VOCAB, DType::Bf16);
+    assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
+    // GPT-2's in f32 (196 KiB) is over the A100's 163 KiB per block: chunked.
+    let got = on_a100(8192, GPT2_VOCAB, DType::F32);
+    assert!(matches!(got, Ok(LaunchPlan::Chunked { .. })), "{got:?}");
+    // Few rows: chunked, with at least two blocks per SM.
+    let got = on_a100(512, LLAMA3_VOCAB, DType::Bf16);
+    let Ok(LaunchPlan::Chunked { n_chunks, .. }) = got else {
+        panic!("expected a chunked plan, got {got:?}");
+    };
+    assert!(512 * n_chunks as usize >= 2 * DeviceLimits::A100.sm_count as usize);
+    // Forcing the cluster plan without clusters is an error, not a panic.
+    let forced = plan::plan(
+        8,
+        100,
+        DType::Bf16,
+        DeviceLimits::A100,
+        PlanChoice::Cluster { size: None },
+    );
+    assert!(
+        matches!(forced, Err(Error::PlanDoesNotFit(_))),
+        "{forced:?}"
+    );
+}
+
+#[test]
+fn cluster_kernels_are_in_the_sm90_ptx_only() {
+    for name in xent::cluster_kernel_names() {
+        assert!(
+            xent::PTX_SM90.contains(&format!(".entry {name}(")),
+            "{name} missing from sm_90"
+        );
+        assert!(
+            !xent::PTX_SM80.contains(&format!(".entry {name}(")),
+            "{name} in sm_80"
+        );
     }
 }

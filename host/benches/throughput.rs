@@ -13,8 +13,9 @@ use xent::cudarc::driver::{CudaSlice, CudaStream};
 use xent::half::{bf16, f16};
 use xent::{CrossEntropy, DType, Element, Loss, Options, PlanChoice, Shape};
 
-/// The table: the peers' configurations, plus a few-rows case for the chunked plan.
-const DEFAULT_CONFIGS: &str = "8192:32000:bf16,8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f32,512:128256:bf16";
+/// The table (the peers' configurations), a few-rows case and f16; `run.sh bench` gives
+/// peers.py the same list.
+const DEFAULT_CONFIGS: &str = include_str!("configs.txt");
 
 struct Args {
     configs: Vec<(usize, usize, DType)>,
@@ -23,7 +24,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut configs = DEFAULT_CONFIGS.to_string();
+    let mut configs = DEFAULT_CONFIGS.trim().to_string();
     let (mut iters, mut plan) = (20, PlanChoice::Auto);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -40,7 +41,15 @@ fn parse_args() -> Result<Args, String> {
                     Some("auto") => PlanChoice::Auto,
                     Some("fused") => PlanChoice::Fused,
                     Some("chunked") => PlanChoice::Chunked { chunk_len: None },
-                    other => return Err(format!("--plan auto|fused|chunked, not {other:?}")),
+                    Some("cluster") => PlanChoice::Cluster { size: None },
+                    Some(forced) if forced.starts_with("cluster:") => PlanChoice::Cluster {
+                        size: Some(forced[8..].parse().map_err(|_| format!("bad {forced}"))?),
+                    },
+                    other => {
+                        return Err(format!(
+                            "--plan auto|fused|chunked|cluster[:N], not {other:?}"
+                        ));
+                    }
                 }
             }
             "--bench" => {} // passed by `cargo bench`

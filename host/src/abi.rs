@@ -20,6 +20,10 @@ pub const COUNT_WORDS: usize = 2;
 
 /// Bytes of dynamic shared memory reserved at its start for block reductions (32 warps x 8 bytes).
 pub const SMEM_REDUCTION_BYTES: u32 = 256;
+/// Offset of the (max, sum) a CTA publishes to the other CTAs of its cluster.
+pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
+/// Offset of the row stash (plus `row address % 16`, so vectors stay 16-byte aligned).
+pub const SMEM_STASH_OFFSET: u32 = SMEM_CLUSTER_SLOT + 16;
 
 /// Where each row's label lives. Shared by every cross-entropy kernel.
 #[repr(C)]
@@ -61,9 +65,9 @@ pub struct XentParams {
     pub reduction: u32,
     /// Multiplies the gradient (after the mean's division, if any).
     pub grad_scale: f32,
-    /// Chunks per row (chunked plan; 1 for the fused plan).
+    /// Chunks per row: blocks of the chunked plan, or CTAs of a cluster (1 for the fused plan).
     pub n_chunks: u32,
-    /// Elements per chunk, a multiple of 8 (chunked plan; `vocab` for the fused plan).
+    /// Elements per chunk, a multiple of 8 (`vocab` for the fused plan).
     pub chunk_len: u32,
 }
 

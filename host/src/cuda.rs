@@ -34,7 +34,18 @@ pub const PTX_SM80: &str = include_str!("../ptx/sm_80.ptx");
 /// PTX for sm_90 (H100, H200; the driver JIT-compiles it for newer devices).
 pub const PTX_SM90: &str = include_str!("../ptx/sm_90.ptx");
 
-/// Every kernel entry point the PTX must provide.
+/// The cluster-plan entry points, present in the sm_90 PTX only.
+pub fn cluster_kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in [DType::Bf16, DType::F16, DType::F32] {
+        for label in ["i32", "i64"] {
+            names.push(format!("xent_cluster_{}_{label}", dtype.name()));
+        }
+    }
+    names
+}
+
+/// Every kernel entry point both PTX files must provide.
 pub fn kernel_names() -> Vec<String> {
     let mut names = vec![
         "xent_count_i32".into(),
@@ -101,7 +112,15 @@ impl CrossEntropy {
     /// Loads the kernels into an existing context (e.g. one shared with candle or your own code).
     pub fn from_context(ctx: Arc<CudaContext>) -> Result<CrossEntropy> {
         let (major, minor) = ctx.compute_capability()?;
-        let ptx = ptx_for(major, minor)?;
+        let embedded = ptx_for(major, minor)?;
+        // Development hook: `XENT_PTX=path` loads another PTX (a kernel variant under test) in
+        // place of the embedded one, without rebuilding.
+        let ptx = match std::env::var_os("XENT_PTX") {
+            Some(path) => std::fs::read_to_string(&path).map_err(|err| {
+                Error::Driver(format!("XENT_PTX={}: {err}", path.to_string_lossy()))
+            })?,
+            None => embedded.to_string(),
+        };
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let limits = DeviceLimits {
             sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
@@ -109,14 +128,25 @@ impl CrossEntropy {
             max_smem_per_block: ctx.attribute(
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as u32,
+            max_cluster: if major >= 9 { plan::MAX_CLUSTER } else { 1 },
         };
+        let mut names = kernel_names();
+        if limits.max_cluster > 1 {
+            names.extend(cluster_kernel_names());
+        }
         let mut kernels = HashMap::new();
-        for name in kernel_names() {
+        for name in names {
             let function = module.load_function(&name)?;
-            if name.starts_with("xent_fused_") {
+            if name.starts_with("xent_fused_") || name.starts_with("xent_cluster_") {
                 function.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     limits.max_smem_per_block as i32,
+                )?;
+            }
+            if name.starts_with("xent_cluster_") {
+                function.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
                 )?;
             }
             kernels.insert(name, function);
@@ -292,6 +322,18 @@ impl CrossEntropy {
                         SMEM_REDUCTION_BYTES,
                     )?;
                 }
+                LaunchPlan::Cluster {
+                    threads,
+                    chunk_len,
+                    size,
+                    smem_bytes,
+                } => {
+                    params.n_chunks = size;
+                    params.chunk_len = chunk_len;
+                    let blocks = (rows * size as usize) as u32;
+                    let name = format!("xent_cluster_{suffix}");
+                    self.launch_cluster(stream, &name, &params, blocks, threads, smem_bytes, size)?;
+                }
             }
         }
         let params = FinishParams {
@@ -363,6 +405,55 @@ impl CrossEntropy {
             plan::SCALE_THREADS,
             0,
         )
+    }
+
+    /// Launches `name` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_cluster<P: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        params: &P,
+        blocks: u32,
+        threads: u32,
+        smem_bytes: u32,
+        cluster: u32,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut attribute = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+        };
+        attribute.value.clusterDim.x = cluster;
+        attribute.value.clusterDim.y = 1;
+        attribute.value.clusterDim.z = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: blocks,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        let mut args = [params as *const P as *mut std::ffi::c_void];
+        self.ctx.bind_to_thread()?;
+        // SAFETY: as in `launch`; `args` points at the one parameter block the entry point takes,
+        // and the driver copies it before returning.
+        let result = unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.kernel(name).cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        result.result()?;
+        Ok(())
     }
 
     fn launch<P: DeviceRepr>(

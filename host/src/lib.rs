@@ -31,7 +31,9 @@ mod error;
 mod options;
 pub mod plan;
 
-pub use cuda::{CrossEntropy, Loss, PTX_SM80, PTX_SM90, kernel_names, ptx_for};
+pub use cuda::{
+    CrossEntropy, Loss, PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for,
+};
 pub use error::{Error, Result};
 pub use options::{DType, Element, Label, Options, Reduction, Shape, Target, row_target};
 pub use plan::{DeviceLimits, LaunchPlan, PlanChoice};

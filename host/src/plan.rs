@@ -1,17 +1,19 @@
 //! Launch planning: pure functions of (rows, vocab, dtype, device limits), tested without a GPU.
 //! Every tuning constant is here, with the reason for its value.
 
-use crate::abi::SMEM_REDUCTION_BYTES;
+use crate::abi::SMEM_STASH_OFFSET;
 use crate::error::{Error, Result};
 use crate::options::DType;
 
 /// Largest tile, in elements, that one block walks per step: the seed's `MAX_FUSED_SIZE` (32768),
 /// which also caps a bf16 block at 1024 threads x 4 vectors of 8.
 pub const MAX_TILE: usize = 32768;
-/// Vectors each thread loads before using the first (`UNROLL` in kernels-gpu/src/xent.rs).
-pub const UNROLL: usize = 4;
-/// Threads per block: at most the hardware's 1024, at least one warp.
-pub const MAX_THREADS: u32 = 1024;
+/// Vectors each thread loads before using the first (`UNROLL` in kernels-gpu/src/xent.rs); blocks
+/// are sized so that one such batch per thread covers a chunk.
+pub const UNROLL: usize = 8;
+/// Threads per block, at least one warp. At most 512: the kernels hold 8 vectors per thread in
+/// registers (up to 80 registers, ptxas), and 1024 threads x 80 registers exceed the 64K per SM.
+pub const MAX_THREADS: u32 = 512;
 pub const MIN_THREADS: u32 = 32;
 /// The chunked plan wants at least this many blocks per SM so the GPU is full; below it, chunks
 /// are halved (down to `MIN_CHUNK`). Two blocks per SM let one load while the other reduces.
@@ -26,6 +28,16 @@ pub const COUNT_THREADS: u32 = 256;
 pub const COUNT_BLOCKS_PER_SM: usize = 4;
 /// Threads of the single block that reduces per-row losses.
 pub const FINISH_THREADS: u32 = 1024;
+/// Bytes of the row each CTA of the cluster plan keeps in shared memory, at most (while the
+/// cluster has room). Smaller chunks mean more CTAs per SM, whose load, reduce and write phases
+/// then overlap. Measured on an H200 (2026-11-28, % of copy bandwidth): 8192 x 32000 bf16, 2 CTAs
+/// of 32 KiB 81%, 1 of 64 KiB 80%, 4 of 16 KiB 78%; 8192 x 128256 bf16, 8 CTAs of 32 KiB 83%,
+/// 4 of 64 KiB 82%, 2 of 128 KiB 78%.
+pub const CLUSTER_CHUNK_BYTES: usize = 32 * 1024;
+/// The largest cluster the kernels use: the portable 8. Measured on an H200 (2026-11-28), 16
+/// CTAs of 32 KiB ran slower than 8 of 64 KiB at 4096 x 262144 bf16 (72.5% against 78.6% of copy
+/// bandwidth) and at 8192 x 128256 f32 (70.7% against 82.6%).
+pub const MAX_CLUSTER: u32 = 8;
 /// CUDA's limit on `gridDim.x`.
 pub const MAX_GRID_X: usize = (1 << 31) - 1;
 
@@ -36,6 +48,8 @@ pub struct DeviceLimits {
     pub sm_count: u32,
     /// Dynamic shared memory a block may opt in to (bytes).
     pub max_smem_per_block: u32,
+    /// Largest thread-block cluster the kernels may use: 1 without clusters (before sm_90).
+    pub max_cluster: u32,
 }
 
 impl DeviceLimits {
@@ -43,11 +57,13 @@ impl DeviceLimits {
     pub const H100: DeviceLimits = DeviceLimits {
         sm_count: 132,
         max_smem_per_block: 232_448,
+        max_cluster: MAX_CLUSTER,
     };
     /// An A100 (108 SMs, 163 KiB per block).
     pub const A100: DeviceLimits = DeviceLimits {
         sm_count: 108,
         max_smem_per_block: 166_912,
+        max_cluster: 1,
     };
 }
 
@@ -61,6 +77,10 @@ pub enum PlanChoice {
     /// Rows split into chunks: partial log-sum-exp per chunk, then combine + gradient (two reads).
     /// `chunk_len` (a positive multiple of 8) or the automatic choice.
     Chunked { chunk_len: Option<usize> },
+    /// sm_90: a row split over the CTAs of a thread-block cluster, each keeping its chunk in shared
+    /// memory, combined through distributed shared memory: one read and one write per element.
+    /// `size` CTAs per row (1 to 8) or the automatic choice.
+    Cluster { size: Option<u32> },
 }
 
 /// A planned launch of the cross-entropy kernels.
@@ -75,6 +95,12 @@ pub enum LaunchPlan {
         chunk_len: u32,
         n_chunks: u32,
     },
+    Cluster {
+        threads: u32,
+        chunk_len: u32,
+        size: u32,
+        smem_bytes: u32,
+    },
 }
 
 /// The seed's block size: the next power of two of `vocab`, at most [`MAX_TILE`].
@@ -82,17 +108,19 @@ pub fn tile_len(vocab: usize) -> usize {
     vocab.next_power_of_two().min(MAX_TILE)
 }
 
-/// Threads to walk `len` elements with `UNROLL` vectors per thread per step.
+/// Threads to walk `len` elements in one batch of `UNROLL` vectors each: rounded up to whole
+/// warps (not to a power of two, which left up to half of each batch empty: 62% instead of 81% of
+/// copy bandwidth at 16384 x 151936 bf16 on an H200), within [`MIN_THREADS`, `MAX_THREADS`].
 pub fn threads_for(len: usize, dtype: DType) -> u32 {
     let per_thread = dtype.vec() * UNROLL;
     let wanted = len.div_ceil(per_thread).min(MAX_THREADS as usize) as u32;
-    wanted.next_power_of_two().clamp(MIN_THREADS, MAX_THREADS)
+    wanted.next_multiple_of(32).clamp(MIN_THREADS, MAX_THREADS)
 }
 
 /// Dynamic shared memory of the fused plan: reduction scratch, 16 bytes of alignment slack, and
 /// the row.
 pub fn fused_smem_bytes(vocab: usize, dtype: DType) -> Option<u32> {
-    let bytes = SMEM_REDUCTION_BYTES as usize + 16 + vocab.checked_mul(dtype.bytes())?;
+    let bytes = SMEM_STASH_OFFSET as usize + 16 + vocab.checked_mul(dtype.bytes())?;
     u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
@@ -155,6 +183,20 @@ pub fn plan(
         PlanChoice::Chunked { chunk_len } => {
             chunked(chunk_len.unwrap_or_else(|| auto_chunk_len(rows, vocab, limits)))
         }
+        PlanChoice::Cluster { size } => {
+            if limits.max_cluster <= 1 {
+                return Err(Error::PlanDoesNotFit(
+                    "this device has no thread-block clusters".into(),
+                ));
+            }
+            let size = size.unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
+            cluster_plan(rows, vocab, dtype, limits, size)
+        }
+        PlanChoice::Auto if limits.max_cluster > 1 => {
+            let size = auto_cluster_size(rows, vocab, dtype, limits);
+            cluster_plan(rows, vocab, dtype, limits, size)
+                .or_else(|_| chunked(auto_chunk_len(rows, vocab, limits)))
+        }
         PlanChoice::Auto => {
             let enough_rows = rows >= limits.sm_count as usize;
             match smem {
@@ -163,6 +205,61 @@ pub fn plan(
             }
         }
     }
+}
+
+/// The cluster plan with `size` CTAs per row, if each CTA's chunk fits in shared memory.
+pub fn cluster_plan(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    size: u32,
+) -> Result<LaunchPlan> {
+    if size == 0 || size > limits.max_cluster {
+        return Err(Error::PlanDoesNotFit(format!(
+            "cluster size {size} is outside 1..={}",
+            limits.max_cluster
+        )));
+    }
+    let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
+    // Rounding the chunk up can leave the last CTAs empty: keep only CTAs that have elements.
+    let size = vocab.div_ceil(chunk_len) as u32;
+    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
+        .filter(|&b| b <= limits.max_smem_per_block)
+        .ok_or_else(|| {
+            Error::PlanDoesNotFit(format!(
+                "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
+                dtype.name(),
+                limits.max_smem_per_block
+            ))
+        })?;
+    if rows
+        .checked_mul(size as usize)
+        .is_none_or(|blocks| blocks > MAX_GRID_X)
+    {
+        return Err(Error::PlanDoesNotFit(format!(
+            "{rows} rows x {size} CTAs exceed the grid limit"
+        )));
+    }
+    Ok(LaunchPlan::Cluster {
+        threads: threads_for(chunk_len, dtype),
+        chunk_len: chunk_len as u32,
+        size,
+        smem_bytes,
+    })
+}
+
+/// The automatic cluster size: enough CTAs that each keeps at most [`CLUSTER_CHUNK_BYTES`] of the
+/// row, doubled while the grid would leave SMs idle (fewer than [`MIN_BLOCKS_PER_SM`] CTAs per
+/// SM), at most `max_cluster`.
+pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: DeviceLimits) -> u32 {
+    let wanted_blocks = MIN_BLOCKS_PER_SM * limits.sm_count as usize;
+    let by_bytes = (vocab * dtype.bytes()).div_ceil(CLUSTER_CHUNK_BYTES);
+    let mut size = by_bytes.clamp(1, limits.max_cluster as usize) as u32;
+    while size < limits.max_cluster && rows.saturating_mul(size as usize) < wanted_blocks {
+        size = (size * 2).min(limits.max_cluster);
+    }
+    size
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave

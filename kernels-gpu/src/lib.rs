@@ -62,3 +62,13 @@ kernels! {
     xent_scale_f16(ScaleParams) => scale::scale::<F16>;
     xent_scale_f32(ScaleParams) => scale::scale::<F32>;
 }
+
+#[cfg(xent_cluster)]
+kernels! {
+    xent_cluster_bf16_i32(XentParams) => xent::cluster::<Bf16, i32>;
+    xent_cluster_bf16_i64(XentParams) => xent::cluster::<Bf16, i64>;
+    xent_cluster_f16_i32(XentParams) => xent::cluster::<F16, i32>;
+    xent_cluster_f16_i64(XentParams) => xent::cluster::<F16, i64>;
+    xent_cluster_f32_i32(XentParams) => xent::cluster::<F32, i32>;
+    xent_cluster_f32_i64(XentParams) => xent::cluster::<F32, i64>;
+}

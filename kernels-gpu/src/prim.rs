@@ -15,6 +15,8 @@ core::arch::global_asm!(".extern .shared .align 16 .b8 xent_dyn_smem[];");
 unsafe extern "C" {
     #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
     fn llvm_shfl_sync_bfly_f32(mask: i32, value: f32, lane_mask: i32, clamp: i32) -> f32;
+    #[link_name = "llvm.fma.f32"]
+    fn llvm_fma_f32(a: f32, b: f32, c: f32) -> f32;
     #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
     fn llvm_shfl_sync_bfly_i32(mask: i32, value: i32, lane_mask: i32, clamp: i32) -> i32;
 }
@@ -74,6 +76,12 @@ pub fn shfl_xor_f32(value: f32, lane_mask: u32) -> f32 {
 #[inline(always)]
 pub fn shfl_xor_u32(value: u32, lane_mask: u32) -> u32 {
     unsafe { llvm_shfl_sync_bfly_i32(-1, value as i32, lane_mask as i32, 0x1f) as u32 }
+}
+
+/// `fma.rn.f32`: `a * b + c` with one rounding.
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    unsafe { llvm_fma_f32(a, b, c) }
 }
 
 /// `ex2.approx.ftz.f32`: 2^x (relative error about 2^-22; `ex2(-inf) = +0`).
@@ -266,4 +274,42 @@ pub unsafe fn st_shared_u16(addr: u32, v: u16) {
 #[inline(always)]
 pub unsafe fn st_shared_u32(addr: u32, v: u32) {
     unsafe { asm!("st.shared.u32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v, options(nostack)) }
+}
+
+/// `barrier.cluster.arrive.release;` (the non-`.aligned` form: see the module doc).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn cluster_arrive() {
+    unsafe { asm!("barrier.cluster.arrive.release;", options(nostack)) }
+}
+
+/// `barrier.cluster.wait.acquire;` (the non-`.aligned` form).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn cluster_wait() {
+    unsafe { asm!("barrier.cluster.wait.acquire;", options(nostack)) }
+}
+
+/// `mapa.shared::cluster.u32`: the address of this CTA's shared-memory `addr` in CTA `rank`.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn map_shared_rank(addr: u32, rank: u32) -> u32 {
+    let d: u32;
+    unsafe {
+        asm!("mapa.shared::cluster.u32 {d}, {a}, {r};", d = out(reg32) d, a = in(reg32) addr,
+             r = in(reg32) rank, options(pure, nomem, nostack));
+    }
+    d
+}
+
+/// `ld.shared::cluster.u32`: a load from another CTA's shared memory (distributed shared memory).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn ld_shared_cluster_u32(addr: u32) -> u32 {
+    let v: u32;
+    unsafe {
+        asm!("ld.shared::cluster.u32 {v}, [{a}];", v = out(reg32) v, a = in(reg32) addr,
+             options(readonly, nostack));
+    }
+    v
 }

@@ -5,11 +5,12 @@
 
 use crate::abi::SMEM_REDUCTION_BYTES;
 use crate::prim::{self, shfl_xor_f32, shfl_xor_u32, sync_threads};
+use core::f32::consts::LOG2_E;
 
 const _: () = assert!(SMEM_REDUCTION_BYTES >= 32 * 8);
 
 /// Online log-sum-exp in base 2: the set of values `x` summarised as `m + log2(s)`, with
-/// `m = max x` and `s = sum 2^(x - m)`. Inputs are natural logits times log2(e).
+/// `m = max x` and `s = sum 2^(x - m)`, over `x` = natural logits times log2(e).
 #[derive(Clone, Copy)]
 pub struct Lse2 {
     pub m: f32,
@@ -19,14 +20,16 @@ pub struct Lse2 {
 impl Lse2 {
     pub const EMPTY: Lse2 = Lse2 { m: f32::NEG_INFINITY, s: 0.0 };
 
-    /// Adds `x[..n]` (`n >= 1`). NaN inputs make `s` NaN, as they make PyTorch's loss NaN.
+    /// Adds the natural logits `x[..n]` (`n >= 1`), as `x * log2(e)`: the maximum is taken on `x`
+    /// (a positive scale keeps the order), then each term is one FMA and one `ex2`. NaN inputs
+    /// make `s` NaN, as they make PyTorch's loss NaN.
     #[inline(always)]
     pub fn add<const N: usize>(&mut self, x: &[f32; N], n: usize) {
         let mut local = x[0];
         for &v in &x[1..n] {
             local = local.max(v);
         }
-        let m = self.m.max(local);
+        let m = self.m.max(local * LOG2_E);
         if m == f32::NEG_INFINITY {
             // Everything so far is -inf (no mass) or NaN (max ignores NaN): keep the NaN.
             if local.is_nan() {
@@ -36,10 +39,33 @@ impl Lse2 {
         }
         let mut s = self.s * prim::ex2(self.m - m);
         for &v in &x[..n] {
-            s += prim::ex2(v - m);
+            s += prim::ex2(prim::fma(v, LOG2_E, -m));
         }
         self.m = m;
         self.s = s;
+    }
+
+    /// Raises the running maximum to cover natural logits whose maximum is `max_natural`,
+    /// rescaling the sum. False while the maximum is still -inf (nothing to add but NaNs).
+    #[inline(always)]
+    pub fn raise(&mut self, max_natural: f32) -> bool {
+        let m = self.m.max(max_natural * LOG2_E);
+        if m == f32::NEG_INFINITY {
+            return false;
+        }
+        self.s *= prim::ex2(self.m - m);
+        self.m = m;
+        true
+    }
+
+    /// Makes the sum NaN if `x[..n]` holds a NaN (for values `raise` could not take).
+    #[inline(always)]
+    pub fn keep_nan<const N: usize>(&mut self, x: &[f32; N], n: usize) {
+        for &v in &x[..n] {
+            if v.is_nan() {
+                self.s = f32::NAN;
+            }
+        }
     }
 
     /// The union of two summaries.
@@ -56,6 +82,47 @@ impl Lse2 {
     #[inline(always)]
     pub fn value(self) -> f32 {
         self.m + prim::lg2(self.s)
+    }
+}
+
+/// Maximum of `x[..n]` (`n` 1, 4 or 8) as a tree; NaNs are ignored.
+#[inline(always)]
+pub fn max_of<const N: usize>(x: &[f32; N], n: usize) -> f32 {
+    match n {
+        8 => {
+            let a = x[0].max(x[1]).max(x[2].max(x[3]));
+            let b = x[4].max(x[5]).max(x[6].max(x[7]));
+            a.max(b)
+        }
+        4 => x[0].max(x[1]).max(x[2].max(x[3])),
+        _ => {
+            let mut m = x[0];
+            for &v in &x[1..n] {
+                m = m.max(v);
+            }
+            m
+        }
+    }
+}
+
+/// `sum 2^(x * log2(e) - m)` over `x[..n]` (`n` 1, 4 or 8), one FMA and one `ex2` per element,
+/// summed as a tree.
+#[inline(always)]
+pub fn sum_exp2<const N: usize>(x: &[f32; N], n: usize, m: f32) -> f32 {
+    let mut e = [0.0f32; N];
+    for i in 0..n {
+        e[i] = prim::ex2(prim::fma(x[i], LOG2_E, -m));
+    }
+    match n {
+        8 => ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])),
+        4 => (e[0] + e[1]) + (e[2] + e[3]),
+        _ => {
+            let mut s = e[0];
+            for &v in &e[1..n] {
+                s += v;
+            }
+            s
+        }
     }
 }
 

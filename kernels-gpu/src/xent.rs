@@ -7,15 +7,34 @@
 
 use crate::abi::{
     COUNT_BAD, COUNT_VALID, CountParams, FinishParams, REDUCTION_MEAN, RowsParams,
-    SMEM_REDUCTION_BYTES, XentParams,
+    SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
 use crate::prim::{self, thread_idx};
 use crate::reduce::{self, Lse2};
 use core::f32::consts::{LN_2, LOG2_E};
 
-/// Vectors each thread loads before it uses the first, to keep enough bytes in flight.
-const UNROLL: u32 = 4;
+/// Vectors each thread loads before it uses the first, to keep enough bytes in flight
+/// (`plan::UNROLL` on the host sizes blocks so one batch covers a chunk). `unroll!` repeats its
+/// body this many times.
+const UNROLL: u32 = 8;
+
+/// Repeats `$body` with `$u` bound to 0..8 (`UNROLL`), so arrays indexed by `$u` stay in
+/// registers: LLVM does not fully unroll loops with bodies this large, and a loop index would
+/// move the array to local memory.
+macro_rules! unroll {
+    ($u:ident => $body:block) => {{
+        const _: () = assert!(UNROLL == 8);
+        { let $u: u32 = 0; $body }
+        { let $u: u32 = 1; $body }
+        { let $u: u32 = 2; $body }
+        { let $u: u32 = 3; $body }
+        { let $u: u32 = 4; $body }
+        { let $u: u32 = 5; $body }
+        { let $u: u32 = 6; $body }
+        { let $u: u32 = 7; $body }
+    }};
+}
 
 /// What a row is scored against.
 #[derive(Clone, Copy, PartialEq)]
@@ -90,45 +109,56 @@ impl Segment {
     }
 }
 
-#[inline(always)]
-fn to_log2<const N: usize>(mut x: [f32; N]) -> [f32; N] {
-    for v in &mut x {
-        *v *= LOG2_E;
-    }
-    x
-}
-
 /// This thread's share of the online log-sum-exp over `seg`. With `stash`, also copies the raw
 /// data to shared memory, element `j` at `stash + j * BYTES` (`stash` congruent to `seg.addr`
 /// modulo 16, so vectors stay aligned).
+///
+/// Each thread takes vectors `v, v + step, ...` in batches of `UNROLL`: all loads of a batch are
+/// issued before the first is used (bounds-checked, so a partial batch costs one round trip,
+/// not one per vector); the batch's maximum rescales the running sum once; the exponentials are
+/// summed as a tree to keep dependency chains short.
 #[inline(always)]
 unsafe fn reduce_segment<T: Element>(seg: &Segment, stash: Option<u32>) -> Lse2 {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut acc = Lse2::EMPTY;
     let mut v = tid;
-    while v + (UNROLL - 1) * step < seg.n_vec {
+    while v < seg.n_vec {
         let mut words = [[0u32; 4]; UNROLL as usize];
-        for u in 0..UNROLL {
-            let start = seg.vec_start::<T>(v + u * step);
-            words[u as usize] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
-        }
-        for u in 0..UNROLL {
-            let start = seg.vec_start::<T>(v + u * step);
-            if let Some(stash) = stash {
-                unsafe { prim::st_shared_v4(stash + start * T::BYTES, words[u as usize]) };
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                let start = seg.vec_start::<T>(index);
+                words[u as usize] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
             }
-            acc.add(&to_log2(T::unpack(words[u as usize])), T::VEC);
+        });
+        let mut batch_max = f32::NEG_INFINITY;
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                if let Some(stash) = stash {
+                    let start = seg.vec_start::<T>(index);
+                    unsafe { prim::st_shared_v4(stash + start * T::BYTES, words[u as usize]) };
+                }
+                batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
+            }
+        });
+        if acc.raise(batch_max) {
+            let mut sums = [0.0f32; 2];
+            unroll!(u => {
+                if v + u * step < seg.n_vec {
+                    let x = T::unpack(words[u as usize]);
+                    sums[(u & 1) as usize] += reduce::sum_exp2(&x, T::VEC, acc.m);
+                }
+            });
+            acc.s += sums[0] + sums[1];
+        } else {
+            unroll!(u => {
+                if v + u * step < seg.n_vec {
+                    acc.keep_nan(&T::unpack(words[u as usize]), T::VEC);
+                }
+            });
         }
         v += UNROLL * step;
-    }
-    while v < seg.n_vec {
-        let start = seg.vec_start::<T>(v);
-        let w = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
-        if let Some(stash) = stash {
-            unsafe { prim::st_shared_v4(stash + start * T::BYTES, w) };
-        }
-        acc.add(&to_log2(T::unpack(w)), T::VEC);
-        v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
@@ -136,7 +166,7 @@ unsafe fn reduce_segment<T: Element>(seg: &Segment, stash: Option<u32>) -> Lse2 
         if let Some(stash) = stash {
             unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
         }
-        acc.add(&[T::widen(raw) * LOG2_E], 1);
+        acc.add(&[T::widen(raw)], 1);
     }
     acc
 }
@@ -153,9 +183,14 @@ fn grad_values<const N: usize>(
 ) -> [f32; N] {
     let mut g = [0.0; N];
     for i in 0..n {
-        g[i] = prim::ex2(x[i] * LOG2_E - lse2) * scale;
-        if first_col + i as u32 == label {
-            g[i] -= scale;
+        g[i] = prim::ex2(prim::fma(x[i], LOG2_E, -lse2)) * scale;
+    }
+    // One compare per vector; the per-element search runs only in the vector holding the label.
+    if label.wrapping_sub(first_col) < n as u32 {
+        for i in 0..n {
+            if first_col + i as u32 == label {
+                g[i] -= scale;
+            }
         }
     }
     g
@@ -180,23 +215,23 @@ unsafe fn grad_segment<T: Element>(
         }
     };
     let mut v = tid;
-    while v + (UNROLL - 1) * step < seg.n_vec {
-        let mut words = [[0u32; 4]; UNROLL as usize];
-        for u in 0..UNROLL {
-            words[u as usize] = load(seg.vec_start::<T>(v + u * step));
-        }
-        for u in 0..UNROLL {
-            let start = seg.vec_start::<T>(v + u * step);
-            let g = grad_values(T::unpack(words[u as usize]), T::VEC, start, label, lse2, scale);
-            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
-        }
-        v += UNROLL * step;
-    }
     while v < seg.n_vec {
-        let start = seg.vec_start::<T>(v);
-        let g = grad_values(T::unpack(load(start)), T::VEC, start, label, lse2, scale);
-        unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
-        v += step;
+        let mut words = [[0u32; 4]; UNROLL as usize];
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                words[u as usize] = load(seg.vec_start::<T>(index));
+            }
+        });
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                let start = seg.vec_start::<T>(index);
+                let g = grad_values(T::unpack(words[u as usize]), T::VEC, start, label, lse2, scale);
+                unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+            }
+        });
+        v += UNROLL * step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
@@ -294,7 +329,7 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
 /// (2 x element bytes of traffic per element; ignored rows are only written).
 ///
 /// Launch: grid = n_rows, block = a multiple of 32 threads up to 1024, dynamic shared memory =
-/// `SMEM_REDUCTION_BYTES + 16 + vocab * BYTES`.
+/// `SMEM_STASH_OFFSET + 16 + vocab * BYTES`.
 #[inline(always)]
 pub unsafe fn fused<T: Element, L: Label>(p: &XentParams) {
     let rows = &p.rows;
@@ -314,7 +349,7 @@ pub unsafe fn fused<T: Element, L: Label>(p: &XentParams) {
     // Read before the block's first barrier; every gradient write comes after it.
     let x_label =
         if tid == 0 { T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(label)) }) } else { 0.0 };
-    let stash = prim::smem_base() + SMEM_REDUCTION_BYTES + (seg.addr & 15) as u32;
+    let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     let partial = unsafe { reduce_segment::<T>(&seg, Some(stash)) };
     let lse2 = reduce::block_lse2(partial).value();
     let scale = unsafe { grad_scale(p) };
@@ -405,6 +440,77 @@ pub unsafe fn chunk_grad<T: Element, L: Label>(p: &XentParams) {
         let lse = lse2 * LN_2;
         unsafe { write_row_outputs(p, row, lse - x_label, lse) };
     }
+}
+
+/// Cluster plan (sm_90): a row split over the CTAs of a thread-block cluster, one chunk each, kept
+/// in shared memory. Each CTA publishes its chunk's (max, sum) in its shared memory; after a
+/// cluster barrier every warp reads all of them through distributed shared memory, so the row is
+/// read from HBM once and its gradient written once (2 x element bytes per element), for rows
+/// too long for one block and to spread few rows over many SMs.
+///
+/// Launch: grid = n_rows * n_chunks with cluster dimension n_chunks (block `b` is chunk
+/// `b % n_chunks` of row `b / n_chunks`), block = a multiple of 32 threads, dynamic shared memory
+/// = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
+    let (row, start, _, seg) = chunk_of::<T>(p);
+    let tid = thread_idx();
+    // Every CTA of a cluster has the same row, so all of them leave here together or none does.
+    let label = match unsafe { row_target::<L>(&p.rows, row) } {
+        Target::Class(label) => label,
+        target => {
+            unsafe { zero_segment::<T>(&seg) };
+            if start == 0 && tid == 0 {
+                unsafe { write_unscored_row(p, row, target) };
+            }
+            return;
+        }
+    };
+    let local_label = label.wrapping_sub(start);
+    let owns_label = local_label < seg.len;
+    // Read before the block's first barrier; every gradient write comes after it.
+    let x_label = if owns_label && tid == 0 {
+        T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+    } else {
+        0.0
+    };
+    let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
+    let chunk = reduce::block_lse2(unsafe { reduce_segment::<T>(&seg, Some(stash)) });
+    let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
+    if tid == 0 {
+        unsafe {
+            prim::st_shared_u32(slot, chunk.m.to_bits());
+            prim::st_shared_u32(slot + 4, chunk.s.to_bits());
+        }
+    }
+    prim::cluster_arrive();
+    prim::cluster_wait();
+    // Lane i reads the slot of CTA i (i, i + 32, ...), then the warp combines them.
+    let mut acc = Lse2::EMPTY;
+    let mut rank = tid % 32;
+    while rank < p.n_chunks {
+        let remote = prim::map_shared_rank(slot, rank);
+        let part = unsafe {
+            Lse2 {
+                m: f32::from_bits(prim::ld_shared_cluster_u32(remote)),
+                s: f32::from_bits(prim::ld_shared_cluster_u32(remote + 4)),
+            }
+        };
+        acc = acc.merge(part);
+        rank += 32;
+    }
+    let lse2 = reduce::warp_lse2(acc).value();
+    // Done reading the other CTAs' slots; the matching wait keeps this CTA's slot alive until
+    // every CTA of the cluster has read it.
+    prim::cluster_arrive();
+    let scale = unsafe { grad_scale(p) };
+    unsafe { grad_segment::<T>(&seg, Some(stash), lse2, scale, local_label) };
+    if owns_label && tid == 0 {
+        let lse = lse2 * LN_2;
+        unsafe { write_row_outputs(p, row, lse - x_label, lse) };
+    }
+    prim::cluster_wait();
 }
 
 /// Reduces the per-row losses to the loss: their sum, divided by the valid count for the mean

@@ -121,6 +121,40 @@ pub fn bundle(root: &Path) -> Result<()> {
         _ => step("no ../shared/bench/peers.py: the bundle has no peers benchmark"),
     }
 
+    for (from, to) in [
+        ("bench/table.py", "table.py"),
+        ("host/benches/configs.txt", "configs.txt"),
+    ] {
+        fs::copy(root.join(from), bundle_dir.join(to))
+            .map_err(|err| format!("cannot copy {from}: {err}"))?;
+        step(&format!("bundled bundle/{to}"));
+    }
+    // The Python peers' wheels, if downloaded: `pip download --no-deps -d .whl liger-kernel
+    // crossentropy-triton` (the GPU machine has no network).
+    let wheels: Vec<PathBuf> = fs::read_dir(root.join(".whl"))
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if wheels.is_empty() {
+        step("no .whl/*.whl: peers.py will run only the peers already on the GPU machine");
+    } else {
+        fs::create_dir_all(bundle_dir.join("wheels"))
+            .map_err(|err| format!("cannot create bundle/wheels: {err}"))?;
+        for wheel in &wheels {
+            let name = wheel.file_name().expect("a file");
+            fs::copy(wheel, bundle_dir.join("wheels").join(name))
+                .map_err(|err| format!("cannot copy {}: {err}", wheel.display()))?;
+        }
+        step(&format!(
+            "bundled {} wheel(s) into bundle/wheels",
+            wheels.len()
+        ));
+    }
+
     let run_sh = bundle_dir.join("run.sh");
     fs::write(&run_sh, RUN_SH).map_err(|err| format!("cannot write bundle/run.sh: {err}"))?;
     make_executable(&run_sh)?;

@@ -84,10 +84,21 @@ fi
 if [[ $mode == bench ]]; then
   export CRITERION_HOME=${CRITERION_HOME:-${OUT:-$PWD}/criterion}
   for bin in bin/bench-*; do
-    run_one "${bin#bin/}" bench.log timeout 1800 "./$bin" --bench "$@"
+    run_one "${bin#bin/}" bench.log timeout 1800 "./$bin" --bench --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}" "$@"
   done
   if [[ -f peers.py ]]; then
-    run_one peers.py bench.log timeout 1800 python3 peers.py
+    # The pure-Python peers travel as wheels (bundle/wheels/, from `pip download`).
+    wheels=(wheels/*.whl)
+    if [[ ${#wheels[@]} -gt 0 ]]; then
+      python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "${wheels[@]}" &&
+        export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    run_one peers.py bench.log timeout 1800 python3 peers.py --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}"
+  fi
+  if [[ -f table.py && -n ${OUT:-} ]]; then
+    python3 table.py "$OUT/bench.log" | to_log bench.log
+  elif [[ -f table.py ]]; then
+    echo "run.sh: set OUT to get the combined table (table.py reads \$OUT/bench.log)"
   fi
 fi
 

@@ -1,0 +1,43 @@
+"""Combines the JSON lines of xent's throughput bench and shared/bench/peers.py (one run, one GPU)
+into one markdown table: per config, each method's median ms and % of copy bandwidth, and xent's
+speed-up over the fastest peer. Usage: python3 table.py RESULTS.jsonl [...]"""
+import json, sys
+
+rows, copy = {}, None
+for path in sys.argv[1:] or ["-"]:
+    for line in (sys.stdin if path == "-" else open(path)):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if "copy_GBps" in d:
+            copy = copy or d["copy_GBps"]
+        elif "method" in d:
+            rows.setdefault((d["n"], d["v"], d["dtype"]), {})[d["method"]] = d
+
+methods = []
+for per in rows.values():
+    for m in per:
+        if m not in methods:
+            methods.append(m)
+methods.sort(key=lambda m: (m != "xent", m))
+print(f"copy bandwidth {copy} GB/s (read + write); cells: median ms (% of copy); peak extra MiB\n")
+print("| N x V, dtype | " + " | ".join(methods) + " | xent vs fastest peer |")
+print("| --- |" + " --- |" * (len(methods) + 1))
+for (n, v, dtype), per in rows.items():
+    cells = []
+    for m in methods:
+        d = per.get(m)
+        if d is None:
+            cells.append("")
+        elif "error" in d:
+            cells.append("error")
+        else:
+            cells.append(f'{d["ms_median"]:.3f} ({d["pct_of_copy"]:.0f}%) {d["extra_peak_MiB"]}')
+    peers = [d["ms_median"] for m, d in per.items() if m != "xent" and "ms_median" in d]
+    ours = per.get("xent", {}).get("ms_median")
+    ratio = f"{min(peers) / ours:.2f}x" if peers and ours else ""
+    print(f"| {n} x {v} {dtype} | " + " | ".join(cells) + f" | {ratio} |")
