@@ -22,6 +22,9 @@ pub const COUNT_WORDS: usize = 2;
 pub const SMEM_REDUCTION_BYTES: u32 = 256;
 /// Offset of the (max, sum) a CTA publishes to the other CTAs of its cluster.
 pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
+/// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes, in the slot's
+/// 16-byte cell).
+pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 8;
 /// Offset of the row stash (plus `row address % 16`, so vectors stay 16-byte aligned).
 pub const SMEM_STASH_OFFSET: u32 = SMEM_CLUSTER_SLOT + 16;
 

@@ -29,11 +29,12 @@ pub const COUNT_BLOCKS_PER_SM: usize = 4;
 /// Threads of the single block that reduces per-row losses.
 pub const FINISH_THREADS: u32 = 1024;
 /// Bytes of the row each CTA of the cluster plan keeps in shared memory, at most (while the
-/// cluster has room). Smaller chunks mean more CTAs per SM, whose load, reduce and write phases
-/// then overlap. Measured on an H200 (2026-11-28, % of copy bandwidth): 8192 x 32000 bf16, 2 CTAs
-/// of 32 KiB 81%, 1 of 64 KiB 80%, 4 of 16 KiB 78%; 8192 x 128256 bf16, 8 CTAs of 32 KiB 83%,
-/// 4 of 64 KiB 82%, 2 of 128 KiB 78%.
-pub const CLUSTER_CHUNK_BYTES: usize = 32 * 1024;
+/// cluster has room). With the bulk-copy cluster kernel, measured on an H200 (2026-11-28, % of
+/// copy bandwidth by CTAs per row): 8192 x 32000 bf16: 1 (62.5 KiB) 81%, 2 79%, 4 70%;
+/// 8192 x 128256 bf16: 4 (63 KiB) 83%, 8 82%, 2 73%; 16384 x 151936 bf16: 4 (74 KiB) 84%, 5 79%,
+/// 8 80%; 8192 x 128256 f32: 7 (72 KiB) 88%, 8 87%, 4 77%; 4096 x 262144 bf16: 7 (73 KiB) 79%,
+/// 8 80%. Chunks up to 80 KiB pick the best or near-best of each.
+pub const CLUSTER_CHUNK_BYTES: usize = 80 * 1024;
 /// The largest cluster the kernels use: the portable 8. Measured on an H200 (2026-11-28), 16
 /// CTAs of 32 KiB ran slower than 8 of 64 KiB at 4096 x 262144 bf16 (72.5% against 78.6% of copy
 /// bandwidth) and at 8192 x 128256 f32 (70.7% against 82.6%).

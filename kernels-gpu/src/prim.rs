@@ -313,3 +313,61 @@ pub unsafe fn ld_shared_cluster_u32(addr: u32) -> u32 {
     }
     v
 }
+
+/// `mbarrier.init.shared::cta.b64 [addr], count;` (sm_90 bulk copies complete on it).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn mbarrier_init(addr: u32, count: u32) {
+    unsafe {
+        asm!("mbarrier.init.shared::cta.b64 [{a}], {c};", a = in(reg32) addr, c = in(reg32) count,
+             options(nostack));
+    }
+}
+
+/// `fence.mbarrier_init.release.cluster; fence.proxy.async.shared::cta;`: makes an initialised
+/// mbarrier visible to the bulk-copy (async) proxy.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn fence_mbarrier_init() {
+    unsafe {
+        asm!("fence.mbarrier_init.release.cluster;", "fence.proxy.async.shared::cta;",
+             options(nostack));
+    }
+}
+
+/// `mbarrier.arrive.expect_tx.shared::cta.b64 _, [addr], bytes;`: this thread's arrival, and the
+/// bytes the barrier's current phase must still receive.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn mbarrier_arrive_expect_tx(addr: u32, bytes: u32) {
+    unsafe {
+        asm!("mbarrier.arrive.expect_tx.shared::cta.b64 _, [{a}], {b};", a = in(reg32) addr,
+             b = in(reg32) bytes, options(nostack));
+    }
+}
+
+/// `cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [src], bytes, [mbar];`:
+/// the copy engine moves `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
+/// memory to this CTA's shared memory and signals `mbar`.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn bulk_copy_to_shared(dst: u32, src: u64, bytes: u32, mbar: u32) {
+    unsafe {
+        asm!("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{d}], [{s}], {n}, [{m}];",
+             d = in(reg32) dst, s = in(reg64) src, n = in(reg32) bytes, m = in(reg32) mbar,
+             options(nostack));
+    }
+}
+
+/// `mbarrier.try_wait.parity.shared::cta.b64`: whether the phase with `parity` has completed
+/// (waits a bounded, hardware-chosen time before answering false).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn mbarrier_try_wait(addr: u32, parity: u32) -> bool {
+    let done: u32;
+    unsafe {
+        asm!("{{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [{a}], {q}; selp.u32 {d}, 1, 0, p; }}",
+             d = out(reg32) done, a = in(reg32) addr, q = in(reg32) parity, options(nostack));
+    }
+    done != 0
+}

@@ -476,7 +476,12 @@ pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
         0.0
     };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-    let chunk = reduce::block_lse2(unsafe { reduce_segment::<T>(&seg, Some(stash)) });
+    let partial = if BULK_LOAD {
+        unsafe { bulk_load_and_reduce::<T>(&seg, stash) }
+    } else {
+        unsafe { reduce_segment::<T>(&seg, Some(stash)) }
+    };
+    let chunk = reduce::block_lse2(partial);
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
         unsafe {
@@ -505,12 +510,87 @@ pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
     let scale = unsafe { grad_scale(p) };
-    unsafe { grad_segment::<T>(&seg, Some(stash), lse2, scale, local_label) };
+    if BULK_LOAD {
+        unsafe { grad_from_stash::<T>(&seg, stash, lse2, scale, local_label) };
+    } else {
+        unsafe { grad_segment::<T>(&seg, Some(stash), lse2, scale, local_label) };
+    }
     if owns_label && tid == 0 {
         let lse = lse2 * LN_2;
         unsafe { write_row_outputs(p, row, lse - x_label, lse) };
     }
     prim::cluster_wait();
+}
+
+/// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
+/// no registers held) instead of 16-byte loads by every thread.
+#[cfg(xent_cluster)]
+const BULK_LOAD: bool = true;
+
+/// Copies the vectors of `seg` into the stash with one bulk copy (thread 0 issues it; it
+/// completes on an mbarrier), loads and stashes the scalar head and tail meanwhile, then returns
+/// this thread's share of the online log-sum-exp, read from shared memory.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn bulk_load_and_reduce<T: Element>(seg: &Segment, stash: u32) -> Lse2 {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let mbar = prim::smem_base() + crate::abi::SMEM_MBARRIER;
+    let vec_bytes = seg.n_vec * 16;
+    if tid == 0 {
+        unsafe { prim::mbarrier_init(mbar, 1) };
+        prim::fence_mbarrier_init();
+    }
+    prim::sync_threads();
+    if tid == 0 && vec_bytes > 0 {
+        let first = seg.vec_start::<T>(0);
+        unsafe {
+            prim::mbarrier_arrive_expect_tx(mbar, vec_bytes);
+            prim::bulk_copy_to_shared(
+                stash + first * T::BYTES,
+                seg.elem_addr::<T>(first),
+                vec_bytes,
+                mbar,
+            );
+        }
+    }
+    let mut acc = Lse2::EMPTY;
+    if tid < seg.n_scalar::<T>() {
+        let j = seg.scalar_index::<T>(tid);
+        let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
+        unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
+        acc.add(&[T::widen(raw)], 1);
+    }
+    if vec_bytes > 0 {
+        while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
+    }
+    let mut v = tid;
+    while v < seg.n_vec {
+        let start = seg.vec_start::<T>(v);
+        acc.add(&T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) }), T::VEC);
+        v += step;
+    }
+    acc
+}
+
+/// The gradient of `seg` from its stash, one vector at a time (few registers held).
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn grad_from_stash<T: Element>(seg: &Segment, stash: u32, lse2: f32, scale: f32, label: u32) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let mut v = tid;
+    while v < seg.n_vec {
+        let start = seg.vec_start::<T>(v);
+        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) });
+        let g = grad_values(x, T::VEC, start, label, lse2, scale);
+        unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+        v += step;
+    }
+    if tid < seg.n_scalar::<T>() {
+        let j = seg.scalar_index::<T>(tid);
+        let x = T::widen(unsafe { T::ld_shared_raw(stash + j * T::BYTES) });
+        let g = grad_values([x], 1, j, label, lse2, scale);
+        unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+    }
 }
 
 /// Reduces the per-row losses to the loss: their sum, divided by the valid count for the mean

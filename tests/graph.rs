@@ -1,0 +1,79 @@
+//! A call makes no host synchronisation, so it can be captured in a CUDA graph and replayed:
+//! the replays give the eager call's loss and gradient, bit for bit (the kernels reduce in a fixed
+//! order). Its own test binary, because it turns cudarc's event tracking off for its context.
+
+use xent::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use xent::half::bf16;
+use xent::{Loss, Options, PlanChoice, Shape};
+use xent_tests::{gpu, random_labels, random_logits};
+
+#[test]
+fn a_captured_call_replays_with_the_same_loss_and_gradient() {
+    let Some(xent) = gpu() else { return };
+    let ctx = xent.context();
+    // SAFETY: this test uses one stream; cudarc's cross-stream events are not needed, and an
+    // event record of them inside the capture would join the graph.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap(); // the legacy default stream cannot be captured
+    let shape = Shape::batched(4, 33, 32000);
+    let logits: Vec<bf16> = random_logits(&shape, 11);
+    let labels: Vec<i64> = random_labels(shape.rows(), shape.vocab, 0.2, -100, 11);
+    let pristine = stream.clone_htod(&logits).unwrap();
+    let d_labels = stream.clone_htod(&labels).unwrap();
+    let mut work = stream.alloc_zeros::<bf16>(logits.len()).unwrap();
+
+    let mut plans = vec![
+        PlanChoice::Auto,
+        PlanChoice::Chunked {
+            chunk_len: Some(4096),
+        },
+    ];
+    if xent.limits().max_cluster == 1 {
+        plans.push(PlanChoice::Fused);
+    }
+    for plan in plans {
+        let opts = Options {
+            causal_shift: true,
+            plan,
+            ..Options::default()
+        };
+        // Eagerly first: this also makes every buffer the call needs, so the capture allocates
+        // nothing.
+        let mut out = Loss::new(&stream, shape.rows()).unwrap();
+        stream.memcpy_dtod(&pristine, &mut work).unwrap();
+        xent.forward_backward_into(&stream, &mut work, &d_labels, shape, &opts, &mut out)
+            .unwrap();
+        let eager_loss = out.read().unwrap();
+        let eager_grad = stream.clone_dtoh(&work).unwrap();
+        assert!(eager_loss.is_finite());
+
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        stream.memcpy_dtod(&pristine, &mut work).unwrap();
+        xent.forward_backward_into(&stream, &mut work, &d_labels, shape, &opts, &mut out)
+            .unwrap();
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("the capture recorded work");
+
+        for replay in 0..3 {
+            stream.memset_zeros(&mut work).unwrap(); // the replay must restore and recompute
+            graph.launch().unwrap();
+            let loss = out.read().unwrap();
+            assert_eq!(
+                loss.to_bits(),
+                eager_loss.to_bits(),
+                "{plan:?} replay {replay}"
+            );
+            let grad = stream.clone_dtoh(&work).unwrap();
+            assert!(
+                grad.iter()
+                    .zip(&eager_grad)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{plan:?} replay {replay}: gradient differs"
+            );
+        }
+    }
+}
