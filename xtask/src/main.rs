@@ -7,8 +7,10 @@
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
 //!   machine without a Rust toolchain.
 //! - `bench`: `cargo bench` over the workspace.
+//! - `chart`: an SVG bar chart of each `bench/results/*.jsonl`, next to it.
 
 mod bundle;
+mod chart;
 mod ptx;
 mod ptxas;
 
@@ -26,7 +28,9 @@ commands:
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
   test           cargo fmt --check, then check, then cargo test --workspace (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
-  bench [ARGS]   cargo bench --workspace [ARGS] (to be extended with the peers comparison)";
+  bench [ARGS]   cargo bench --workspace [ARGS] (to be extended with the peers comparison)
+  chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
+                 (default: bench/results/*.jsonl)";
 
 /// Runs the command named by the first argument and turns its error into a message and exit code 1.
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Some("test") => no_args(test),
         Some("bundle") => no_args(bundle::bundle),
         Some("bench") => bench(&root, &args[1..]),
+        Some("chart") => chart::chart(&root, &args[1..]),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

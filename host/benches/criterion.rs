@@ -1,0 +1,194 @@
+//! Criterion benchmarks of the fused cross-entropy (loss + gradient, in place):
+//!
+//! - `cpu_reference`: `xent::cpu::forward_backward` (the f64 oracle), so the bench runs anywhere;
+//!   throughput in logits per second.
+//! - `gpu`: `CrossEntropy::forward_backward_into` at the issue's two Llama-sized shapes, timed with
+//!   CUDA events; throughput in bytes per second of the minimum traffic, one read and one write of
+//!   every logit. Skipped with a note without a GPU (a failure under `XENT_REQUIRE_GPU=1`).
+//!
+//! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
+//! `run.sh` and `cargo xtask bench` pass every bench binary throughput.rs's options (`--configs
+//! ...`), which criterion's command line rejects (it exits on an unknown argument): when one of
+//! them is present the command line is ignored and criterion runs with its defaults.
+
+use std::error::Error;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
+use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use xent::cudarc::driver::{CudaSlice, CudaStream};
+use xent::half::bf16;
+use xent::{CrossEntropy, Element, Loss, Options, Shape, cpu};
+
+/// (rows, vocab) of the CPU cases: a few rows of Llama 2's vocabulary, milliseconds per call.
+const CPU_SHAPE: (usize, usize) = (64, 32000);
+
+/// (rows, vocab) of the GPU cases, bf16: Llama 2's and Llama 3's vocabularies at 8192 tokens, the
+/// first two rows of throughput.rs's table.
+const GPU_SHAPES: [(usize, usize); 2] = [(8192, 32000), (8192, 128256)];
+
+/// throughput.rs's options, which `run.sh` and `cargo xtask bench` pass to every bench binary.
+const THROUGHPUT_OPTIONS: [&str; 3] = ["--configs", "--iters", "--plan"];
+
+fn main() {
+    let mut criterion = criterion_from_args();
+    cpu_reference(&mut criterion);
+    gpu(&mut criterion);
+    // What `criterion_main!` ends with: the summary of a benchmarking run (nothing in test mode).
+    criterion.final_summary();
+}
+
+/// Criterion configured from the command line, unless it carries throughput.rs's options.
+fn criterion_from_args() -> Criterion {
+    match std::env::args().find(|arg| THROUGHPUT_OPTIONS.contains(&arg.as_str())) {
+        None => Criterion::default().configure_from_args(),
+        Some(option) => {
+            eprintln!(
+                "criterion: {option} is throughput.rs's; ignoring the command line, \
+                 running every benchmark with criterion's defaults"
+            );
+            Criterion::default()
+        }
+    }
+}
+
+/// The `cpu_reference` group: bf16 and f32, the logits restored (untimed) before every call.
+fn cpu_reference(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("cpu_reference");
+    cpu_case::<bf16>(&mut group);
+    cpu_case::<f32>(&mut group);
+    group.finish();
+}
+
+fn cpu_case<T: Element>(group: &mut BenchmarkGroup<WallTime>) {
+    let (n, v) = CPU_SHAPE;
+    let (logits, labels) = inputs::<T>(n, v);
+    let shape = Shape::flat(n, v);
+    let opts = Options::default();
+    group.throughput(Throughput::Elements((n * v) as u64));
+    group.bench_function(
+        BenchmarkId::new(T::DTYPE.name(), format!("{n}x{v}")),
+        |bencher| {
+            bencher.iter_batched_ref(
+                || logits.clone(),
+                |work| black_box(cpu::forward_backward(work, &labels, shape, &opts).expect("cpu")),
+                BatchSize::LargeInput,
+            )
+        },
+    );
+}
+
+/// The `gpu` group, or a note on stderr when there is no GPU.
+fn gpu(criterion: &mut Criterion) {
+    let xent = match CrossEntropy::new(0) {
+        Ok(xent) => xent,
+        Err(err) => {
+            eprintln!("criterion: no GPU ({err}); skipping the gpu group");
+            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                std::process::exit(1);
+            }
+            return;
+        }
+    };
+    let stream = xent.context().default_stream();
+    let mut group = criterion.benchmark_group("gpu");
+    for (n, v) in GPU_SHAPES {
+        gpu_case::<bf16>(&mut group, &xent, &stream, n, v).expect("gpu benchmark setup");
+    }
+    group.finish();
+}
+
+/// The device buffers of one GPU case: logits are restored from `pristine` before each timed block.
+struct GpuCase<T> {
+    pristine: CudaSlice<T>,
+    logits: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    shape: Shape,
+    opts: Options,
+    out: Loss,
+}
+
+fn gpu_case<T: Element>(
+    group: &mut BenchmarkGroup<WallTime>,
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    n: usize,
+    v: usize,
+) -> Result<(), Box<dyn Error>> {
+    let (host_logits, host_labels) = inputs::<T>(n, v);
+    let mut case = GpuCase {
+        pristine: stream.clone_htod(&host_logits)?,
+        logits: stream.alloc_zeros(n * v)?,
+        labels: stream.clone_htod(&host_labels)?,
+        shape: Shape::flat(n, v),
+        opts: Options::default(),
+        out: Loss::new(stream, n)?,
+    };
+    drop(host_logits);
+    let min_bytes = 2 * T::DTYPE.bytes() as u64 * n as u64 * v as u64;
+    group.throughput(Throughput::Bytes(min_bytes));
+    group.bench_function(
+        BenchmarkId::new(T::DTYPE.name(), format!("{n}x{v}")),
+        |bencher| {
+            bencher
+                .iter_custom(|iters| timed_calls(xent, stream, &mut case, iters).expect("gpu call"))
+        },
+    );
+    Ok(())
+}
+
+/// Restores the logits, then times `iters` back-to-back calls between two CUDA events. Calls after
+/// the first of a block read the previous call's gradient; the kernels' time does not depend on
+/// the values.
+fn timed_calls<T: Element>(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    case: &mut GpuCase<T>,
+    iters: u64,
+) -> Result<Duration, Box<dyn Error>> {
+    stream.memcpy_dtod(&case.pristine, &mut case.logits)?;
+    let ctx = stream.context();
+    let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+    start.record(stream)?;
+    for _ in 0..iters {
+        xent.forward_backward_into(
+            stream,
+            &mut case.logits,
+            &case.labels,
+            case.shape,
+            &case.opts,
+            &mut case.out,
+        )?;
+    }
+    end.record(stream)?;
+    end.synchronize()?;
+    let elapsed_ms = start.elapsed_ms(&end)?;
+    case.out.check_labels()?;
+    Ok(Duration::from_secs_f64(f64::from(elapsed_ms) * 1e-3))
+}
+
+/// Uniform logits with variance 4 (as throughput.rs and peers.py) from a xorshift, and labels with
+/// one row in seven ignored.
+fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let logits = (0..n * v)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let unit = (state >> 40) as f64 / (1u64 << 24) as f64; // [0, 1)
+            T::from_f64((unit - 0.5) * 6.9)
+        })
+        .collect();
+    let labels = (0..n)
+        .map(|row| match row % 7 {
+            0 => -100,
+            _ => ((row * 7919) % v) as i64,
+        })
+        .collect();
+    (logits, labels)
+}
