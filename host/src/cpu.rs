@@ -5,6 +5,19 @@
 //! `grad_j = (exp(x_j - lse) - [j == c]) * scale` with `scale = grad_scale / n_valid` for the mean
 //! and `grad_scale` otherwise, rounded once to the element type. Ignored rows: loss, lse and
 //! gradient 0.
+//!
+//! With the options of issue 4 (see [`Options`] for each one's definition), `x` is first
+//! soft-capped to `y_j = cap·tanh(x_j / cap)`, `lse = ln Σ_j e^{y_j}`, `p = softmax(y)`, and with
+//! class weights `w` (1 without), `W = Σ_j w_j`, smoothing ε, z-loss scale `s`, `V = vocab`:
+//!
+//! - `ce = (1 - ε)·w_c·(lse - y_c) + (ε/V)·Σ_j w_j·(lse - y_j)` (PyTorch), `z = s·lse²` (Liger);
+//!   the row's loss is `ce + z`;
+//! - `mean`: `loss = Σ ce / Σ w_c + Σ z / n_valid` (sums over scored rows); `sum`, `none`:
+//!   `loss = Σ ce + Σ z`;
+//! - `grad_j = ((1 - ε)·w_c·(p_j - [j == c]) + (ε/V)·(W·p_j - w_j))·ce_scale
+//!   + 2·s·lse·p_j·z_scale`, times `1 - tanh²(x_j / cap)` with a soft cap, where
+//!   `ce_scale = grad_scale / Σ w_c` and `z_scale = grad_scale / n_valid` for the mean, both
+//!   `grad_scale` otherwise.
 
 use crate::error::{Error, Result};
 use crate::options::{Element, Label, Options, Reduction, Shape, Target, row_target};
@@ -12,17 +25,32 @@ use crate::options::{Element, Label, Options, Reduction, Shape, Target, row_targ
 /// Results of a CPU call, in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuLoss {
-    /// The reduced loss (`none`: the sum of the per-row losses). NaN for a mean over no rows.
+    /// The reduced loss (`none`: the sum of the per-row losses), z-loss included. NaN for a mean
+    /// over no rows.
     pub loss: f64,
-    /// Per-row loss (0 for ignored rows).
+    /// Per-row loss, z-loss included (0 for ignored rows).
     pub row_loss: Vec<f64>,
-    /// Per-row natural log-sum-exp (0 for ignored rows).
+    /// Per-row natural log-sum-exp, of the soft-capped logits with `softcap` (0 for ignored
+    /// rows).
     pub row_lse: Vec<f64>,
     /// Rows whose label is a class (not ignored).
     pub n_valid: usize,
+    /// The z-loss part of `loss`: `Σ lse_square_scale·lse²` over the scored rows, divided by
+    /// `n_valid` for the mean (Liger's `z_loss`). 0 when `lse_square_scale` is 0.
+    pub z_loss: f64,
+    /// `Σ w[class]` over the scored rows (PyTorch's `total_weight`): the divisor of the mean's
+    /// cross-entropy part; `n_valid` without class weights.
+    pub total_weight: f64,
+    /// With `return_token_accuracy`: per row, whether the first maximal logit is the label
+    /// (false for ignored rows).
+    pub row_correct: Option<Vec<bool>>,
+    /// With `return_token_accuracy`: the fraction of scored rows whose argmax is the label (NaN
+    /// without scored rows), whatever the reduction.
+    pub accuracy: Option<f64>,
 }
 
-/// The gradient's scale for `n_valid` scored rows.
+/// The gradient's scale for `n_valid` scored rows, without class weights (with them, the mean's
+/// cross-entropy part is scaled by `grad_scale / total_weight` instead).
 pub fn grad_scale(opts: &Options, n_valid: usize) -> f64 {
     match opts.reduction {
         Reduction::Mean => opts.grad_scale as f64 / n_valid as f64,
@@ -32,8 +60,8 @@ pub fn grad_scale(opts: &Options, n_valid: usize) -> f64 {
 
 /// Loss and gradient of `logits` (`shape`), the gradient written in place.
 ///
-/// Fails before touching `logits` on a bad shape or a label out of range (the GPU path reports the
-/// latter when its loss is read).
+/// Fails before touching `logits` on a bad shape, a bad option value ([`Options::validate`]) or a
+/// label out of range (the GPU path reports the latter when its loss is read).
 pub fn forward_backward<T: Element, L: Label>(
     logits: &mut [T],
     labels: &[L],
@@ -41,6 +69,7 @@ pub fn forward_backward<T: Element, L: Label>(
     opts: &Options,
 ) -> Result<CpuLoss> {
     shape.validate(logits.len(), labels.len())?;
+    opts.validate(shape.vocab)?;
     let rows = shape.rows();
     let targets: Vec<Target> = (0..rows)
         .map(|r| row_target(labels, &shape, opts, r))
@@ -60,24 +89,41 @@ pub fn forward_backward<T: Element, L: Label>(
             label: Some(label),
         });
     }
-    let n_valid = targets
-        .iter()
-        .filter(|t| matches!(t, Target::Class(_)))
-        .count();
-    let scale = grad_scale(opts, n_valid);
+    let classes = || {
+        targets.iter().filter_map(|t| match t {
+            Target::Class(c) => Some(*c),
+            _ => None,
+        })
+    };
+    let n_valid = classes().count();
+    let weight = opts.weight.as_deref();
+    let total_weight: f64 = match weight {
+        Some(w) => classes().map(|c| w[c] as f64).sum(),
+        None => n_valid as f64,
+    };
+    let math = RowMath {
+        ce_scale: match opts.reduction {
+            Reduction::Mean => opts.grad_scale as f64 / total_weight,
+            Reduction::Sum | Reduction::None => opts.grad_scale as f64,
+        },
+        z_scale: grad_scale(opts, n_valid),
+        smoothing: opts.label_smoothing as f64,
+        lse_square_scale: opts.lse_square_scale as f64,
+        softcap: opts.softcap.map(f64::from),
+        weight,
+        class_weight_sum: weight.map_or(shape.vocab as f64, |w| w.iter().map(|&x| x as f64).sum()),
+        accuracy: opts.return_token_accuracy,
+    };
 
-    // Rows are independent once `scale` is known: split them over the machine's cores.
-    let mut row_loss = vec![0.0; rows];
-    let mut row_lse = vec![0.0; rows];
+    // Rows are independent once the scales are known: split them over the machine's cores.
+    let mut outs = vec![RowOut::default(); rows];
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(rows.max(1));
     let per_worker = rows.div_ceil(workers.max(1)).max(1);
     std::thread::scope(|scope| {
         let mut rest = &mut logits[..];
-        let mut outputs = row_loss
-            .chunks_mut(per_worker)
-            .zip(row_lse.chunks_mut(per_worker));
+        let mut outputs = outs.chunks_mut(per_worker);
         for first in (0..rows).step_by(per_worker) {
             let count = per_worker.min(rows - first);
             let len = if first + count == rows {
@@ -87,44 +133,156 @@ pub fn forward_backward<T: Element, L: Label>(
             };
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
-            let (losses, lses) = outputs.next().expect("one output chunk per worker");
+            let outs = outputs.next().expect("one output chunk per worker");
             let targets = &targets[first..first + count];
+            let math = &math;
             scope.spawn(move || {
                 for (i, target) in targets.iter().enumerate() {
                     let start = i * shape.row_stride;
                     let row = &mut mine[start..start + shape.vocab];
-                    (losses[i], lses[i]) = row_forward_backward(row, *target, scale);
+                    outs[i] = row_forward_backward(row, *target, math);
                 }
             });
         }
     });
-    let sum: f64 = row_loss.iter().sum();
-    let loss = match opts.reduction {
-        Reduction::Mean => sum / n_valid as f64,
-        Reduction::Sum | Reduction::None => sum,
+    let ce_sum: f64 = outs.iter().map(|o| o.ce).sum();
+    let z_sum: f64 = outs.iter().map(|o| o.z).sum();
+    let ce_loss = match opts.reduction {
+        Reduction::Mean => ce_sum / total_weight,
+        Reduction::Sum | Reduction::None => ce_sum,
+    };
+    // 0 without the z-loss (not NaN for a mean over no rows): adding it then leaves the
+    // cross-entropy loss bit for bit.
+    let z_loss = match opts.reduction {
+        _ if opts.lse_square_scale == 0.0 => 0.0,
+        Reduction::Mean => z_sum / n_valid as f64,
+        Reduction::Sum | Reduction::None => z_sum,
+    };
+    let loss = ce_loss + z_loss;
+    let (row_correct, accuracy) = if opts.return_token_accuracy {
+        let correct: Vec<bool> = outs.iter().map(|o| o.correct).collect();
+        let hits = correct.iter().filter(|&&c| c).count();
+        (Some(correct), Some(hits as f64 / n_valid as f64))
+    } else {
+        (None, None)
     };
     Ok(CpuLoss {
         loss,
-        row_loss,
-        row_lse,
+        row_loss: outs.iter().map(|o| o.ce + o.z).collect(),
+        row_lse: outs.iter().map(|o| o.lse).collect(),
         n_valid,
+        z_loss,
+        total_weight,
+        row_correct,
+        accuracy,
     })
 }
 
-/// One row: returns (loss, lse) and writes the gradient over `row`; zeros for a row not scored.
-fn row_forward_backward<T: Element>(row: &mut [T], target: Target, scale: f64) -> (f64, f64) {
+/// What every row's computation shares: the options in f64 and the reduction's scales.
+struct RowMath<'a> {
+    /// Scale of the cross-entropy part of the gradient (`grad_scale / Σ w_c` for the mean).
+    ce_scale: f64,
+    /// Scale of the z-loss part of the gradient (`grad_scale / n_valid` for the mean).
+    z_scale: f64,
+    smoothing: f64,
+    lse_square_scale: f64,
+    softcap: Option<f64>,
+    weight: Option<&'a [f32]>,
+    /// `W = Σ_j w_j` over the whole vocabulary (`V` without weights).
+    class_weight_sum: f64,
+    accuracy: bool,
+}
+
+impl RowMath<'_> {
+    /// The logit the softmax sees, and its derivative w.r.t. the logit as stored.
+    fn capped(&self, x: f64) -> (f64, f64) {
+        match self.softcap {
+            Some(cap) => {
+                let t = (x / cap).tanh();
+                (cap * t, 1.0 - t * t)
+            }
+            None => (x, 1.0),
+        }
+    }
+
+    fn weight(&self, class: usize) -> f64 {
+        self.weight.map_or(1.0, |w| w[class] as f64)
+    }
+}
+
+/// One row's results; all zero (and not correct) for a row not scored.
+#[derive(Clone, Copy, Debug, Default)]
+struct RowOut {
+    /// Cross-entropy part of the row's loss (weighted, smoothed).
+    ce: f64,
+    /// z-loss part, `lse_square_scale·lse²`.
+    z: f64,
+    lse: f64,
+    /// The first maximal logit is the label (only computed with `return_token_accuracy`).
+    correct: bool,
+}
+
+/// One row: returns its results and writes the gradient over `row`; zeros for a row not scored.
+fn row_forward_backward<T: Element>(row: &mut [T], target: Target, math: &RowMath) -> RowOut {
     let Target::Class(class) = target else {
         row.fill(T::from_f64(0.0));
-        return (0.0, 0.0);
+        return RowOut::default();
     };
-    let lse = log_sum_exp(row.iter().map(|x| x.to_f64()));
-    let loss = lse - row[class].to_f64();
-    for (j, x) in row.iter_mut().enumerate() {
-        let p = (x.to_f64() - lse).exp();
-        let onehot = if j == class { 1.0 } else { 0.0 };
-        *x = T::from_f64((p - onehot) * scale);
+    let vocab = row.len() as f64;
+    let capped = |x: &T| math.capped(x.to_f64()).0;
+    let lse = log_sum_exp(row.iter().map(capped));
+    let smoothing = math.smoothing;
+    let w_class = math.weight(class);
+    // Without options: `(1 - 0)·1·(lse - x_c)`, the seed's loss exactly.
+    let mut ce = (1.0 - smoothing) * w_class * (lse - capped(&row[class]));
+    if smoothing > 0.0 {
+        let smooth: f64 = row
+            .iter()
+            .enumerate()
+            .map(|(j, x)| math.weight(j) * (lse - capped(x)))
+            .sum();
+        ce += smoothing / vocab * smooth;
     }
-    (loss, lse)
+    let z = math.lse_square_scale * lse * lse;
+    let correct = math.accuracy && first_argmax(row) == Some(class);
+
+    let onehot_coef = (1.0 - smoothing) * w_class * math.ce_scale;
+    let smooth_coef = smoothing / vocab * math.ce_scale;
+    let z_coef = 2.0 * math.lse_square_scale * lse * math.z_scale;
+    for (j, x) in row.iter_mut().enumerate() {
+        let (y, dy_dx) = math.capped(x.to_f64());
+        let p = (y - lse).exp();
+        let onehot = if j == class { 1.0 } else { 0.0 };
+        let mut grad = (p - onehot) * onehot_coef;
+        if smoothing > 0.0 {
+            grad += (math.class_weight_sum * p - math.weight(j)) * smooth_coef;
+        }
+        if math.lse_square_scale != 0.0 {
+            grad += p * z_coef;
+        }
+        *x = T::from_f64(grad * dy_dx);
+    }
+    RowOut {
+        ce,
+        z,
+        lse,
+        correct,
+    }
+}
+
+/// Index of the first maximal value, as `torch.argmax` (a NaN counts as the maximum); `None` for
+/// an empty row.
+fn first_argmax<T: Element>(row: &[T]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (j, x) in row.iter().enumerate() {
+        let x = x.to_f64();
+        match best {
+            Some((_, b)) if b.is_nan() => break,
+            Some((_, b)) if !(x > b || x.is_nan()) => {}
+            _ => best = Some((j, x)),
+        }
+    }
+    best.map(|(j, _)| j)
 }
 
 /// `ln(sum exp(x))`, shifted by the maximum. NaN in, NaN out; all `-inf` gives `-inf`.

@@ -216,6 +216,12 @@ impl CrossEntropy {
     ) -> Result<()> {
         self.check_stream(stream)?;
         shape.validate(logits.len(), labels.len())?;
+        opts.validate(shape.vocab)?;
+        if let Some(name) = opts.cpu_only_option() {
+            return Err(Error::InvalidOption(format!(
+                "{name} is not yet implemented on the GPU (CPU reference only); see issue 4"
+            )));
+        }
         let rows = shape.rows();
         if out.rows != rows {
             return Err(Error::InvalidOption(format!(
@@ -520,12 +526,14 @@ impl Loss {
         &self.loss
     }
 
-    /// Per-row losses on the device (`[f32; rows]`; 0 for ignored rows).
+    /// Per-row losses on the device (`[f32; rows]`; 0 for ignored rows, NaN for a row whose label
+    /// is out of range).
     pub fn device_row_loss(&self) -> &CudaSlice<f32> {
         &self.row_loss
     }
 
-    /// Per-row natural log-sum-exp on the device (`[f32; rows]`; 0 for ignored rows).
+    /// Per-row natural log-sum-exp on the device (`[f32; rows]`; 0 for ignored rows and rows whose
+    /// label is out of range).
     pub fn device_row_lse(&self) -> &CudaSlice<f32> {
         &self.row_lse
     }
@@ -555,7 +563,8 @@ impl Loss {
         Ok(v)
     }
 
-    /// Waits for the call and returns the per-row log-sum-exp.
+    /// Waits for the call and returns the per-row log-sum-exp. Unlike the losses it does not
+    /// depend on the labels, so it is returned even when a label was out of range.
     pub fn read_row_lse(&self) -> Result<Vec<f32>> {
         let mut v = self.stream.clone_dtoh(&self.row_lse)?;
         v.truncate(self.rows);

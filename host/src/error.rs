@@ -38,7 +38,9 @@ pub enum Error {
     PlanDoesNotFit(String),
     /// The buffers live on a different CUDA context from the one this handle was built for.
     ContextMismatch,
-    /// A reduction other than `none` has no per-row output / `none` has no scalar, etc.
+    /// An option value out of its range (the message names the option: `label_smoothing`,
+    /// `lse_square_scale`, `softcap`, `weight`), an option the GPU path does not implement yet,
+    /// or `Loss` buffers made for another number of rows.
     InvalidOption(String),
 }
 

@@ -42,6 +42,38 @@ pub struct Options {
     pub causal_shift: bool,
     /// Which kernels to run. Default [`PlanChoice::Auto`].
     pub plan: PlanChoice,
+    /// PyTorch's `label_smoothing` ε in `[0, 1]`: the target distribution of a row with class `c`
+    /// becomes `(1 - ε)·onehot(c) + ε/V` (`V = vocab`). With `x` the logits (after
+    /// [`softcap`](Self::softcap)), `lse = ln Σ_j e^{x_j}` and class weights `w` (all 1 without
+    /// [`weight`](Self::weight)), a scored row's loss is
+    /// `(1 - ε)·w_c·(lse - x_c) + (ε/V)·Σ_j w_j·(lse - x_j)`, as PyTorch's
+    /// `cross_entropy_loss_label_smoothing` (only the first term carries `w_c`; the smoothing
+    /// term weights each class by its own `w_j`); its gradient is
+    /// `(1 - ε)·w_c·(softmax - onehot(c)) + (ε/V)·(W·softmax - w)` with `W = Σ_j w_j`
+    /// (unweighted: `softmax - (1 - ε)·onehot(c) - ε/V`), times the reduction's scale.
+    /// Default 0 (off).
+    pub label_smoothing: f32,
+    /// z-loss coefficient `s >= 0` (Liger's `lse_square_scale`, from PaLM): adds `s·lse²` to
+    /// each scored row's loss, and `2·s·lse·softmax` to its gradient. As in Liger, the z-loss is
+    /// not multiplied by class weights and its mean divides by the number of scored rows
+    /// (`n_valid`), also when [`weight`](Self::weight) is set. Default 0 (off).
+    pub lse_square_scale: f32,
+    /// Logit soft-capping (Gemma 2): each logit `x` is replaced by `cap·tanh(x / cap)` before
+    /// everything else (log-sum-exp, loss, smoothing), and the gradient flows through it:
+    /// `d/dx = (1 - tanh²(x / cap))·(gradient w.r.t. the capped logit)`. Must be finite and
+    /// positive. Default `None` (off).
+    pub softcap: Option<f32>,
+    /// PyTorch's per-class `weight` (one finite value per vocabulary entry): a scored row's
+    /// negative log-likelihood is multiplied by `w[class]`, and [`Reduction::Mean`] divides the
+    /// sum of the row losses by `Σ w[class]` over the scored rows (PyTorch's `total_weight`)
+    /// instead of their count. With label smoothing see [`label_smoothing`](Self::label_smoothing).
+    /// Default `None` (every weight 1).
+    pub weight: Option<Vec<f32>>,
+    /// Liger's `return_token_accuracy`: also report, per scored row, whether the first maximal
+    /// logit (`torch.argmax`) is the label, and their fraction over the scored rows. The argmax is
+    /// taken over the logits as given (before [`softcap`](Self::softcap), which preserves their
+    /// order). Default false.
+    pub return_token_accuracy: bool,
 }
 
 impl Default for Options {
@@ -52,6 +84,67 @@ impl Default for Options {
             grad_scale: 1.0,
             causal_shift: false,
             plan: PlanChoice::Auto,
+            label_smoothing: 0.0,
+            lse_square_scale: 0.0,
+            softcap: None,
+            weight: None,
+            return_token_accuracy: false,
+        }
+    }
+}
+
+impl Options {
+    /// Checks the option values for logits of `vocab` classes; the error names the option.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
+        let smoothing = self.label_smoothing;
+        if !(0.0..=1.0).contains(&smoothing) {
+            return Err(Error::InvalidOption(format!(
+                "label_smoothing must be in [0, 1], got {smoothing}"
+            )));
+        }
+        let z = self.lse_square_scale;
+        if !z.is_finite() || z < 0.0 {
+            return Err(Error::InvalidOption(format!(
+                "lse_square_scale must be finite and >= 0, got {z}"
+            )));
+        }
+        if let Some(cap) = self.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(Error::InvalidOption(format!(
+                "softcap must be finite and > 0, got {cap}"
+            )));
+        }
+        if let Some(weight) = &self.weight {
+            if weight.len() != vocab {
+                return Err(Error::InvalidOption(format!(
+                    "weight holds {} values, vocab is {vocab} (one weight per class)",
+                    weight.len()
+                )));
+            }
+            if let Some((class, w)) = weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+                return Err(Error::InvalidOption(format!(
+                    "weight[{class}] is {w}: class weights must be finite"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first option set that only the CPU reference implements yet (issue 4), by name.
+    pub(crate) fn cpu_only_option(&self) -> Option<&'static str> {
+        if self.label_smoothing != 0.0 {
+            Some("label_smoothing")
+        } else if self.lse_square_scale != 0.0 {
+            Some("lse_square_scale")
+        } else if self.softcap.is_some() {
+            Some("softcap")
+        } else if self.weight.is_some() {
+            Some("weight")
+        } else if self.return_token_accuracy {
+            Some("return_token_accuracy")
+        } else {
+            None
         }
     }
 }

@@ -289,3 +289,257 @@ pub fn run_case_dtype<L: Label + FromI64>(
 pub const REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
 /// Every dtype.
 pub const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
+
+// ---------------------------------------------------------------------------------------------
+// Explicit labels and offset base pointers (robustness tests: random.rs, concurrency.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `line` to stderr past the test harness's output capture (as [`gpu`] does for its skip
+/// notice), for summaries that should show in a passing run.
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// One GPU call whose inputs are on the device and whose CPU reference is still to be computed:
+/// `case.shape`'s logits (from [`random_logits`] with `case.seed`) start `base_offset` elements
+/// past the start of their allocation (the elements before them hold [`PAD`]), and the labels
+/// are given explicitly, so they may include values out of range (`case.ignored` is not used).
+///
+/// Split into [`Prepared::launch`] and [`Prepared::check`] so a test can enqueue several calls
+/// before it reads any result.
+pub struct Prepared<T: Element, L: Label> {
+    pub case: Case,
+    pub base_offset: usize,
+    stream: std::sync::Arc<CudaStream>,
+    /// The logits as uploaded, prefix included.
+    logits: Vec<T>,
+    labels: Vec<L>,
+    d_logits: xent::cudarc::driver::CudaSlice<T>,
+    /// At least one element (a zero-length allocation is an error); the call sees `labels.len()`.
+    d_labels: xent::cudarc::driver::CudaSlice<L>,
+}
+
+impl<T: Element, L: Label> Prepared<T, L> {
+    /// Makes the inputs and uploads them on `stream` (the stream the call must run on).
+    pub fn new(
+        stream: &std::sync::Arc<CudaStream>,
+        case: &Case,
+        labels: Vec<L>,
+        base_offset: usize,
+    ) -> Result<Self, String> {
+        let shape = case.shape;
+        let mut logits = vec![T::from_f64(PAD); base_offset];
+        logits.extend(random_logits::<T>(&shape, case.seed));
+        if logits.is_empty() {
+            logits.push(T::from_f64(PAD));
+        }
+        let upload = |e: xent::cudarc::driver::DriverError| format!("upload: {e} in {case:?}");
+        let d_logits = stream.clone_htod(&logits).map_err(upload)?;
+        let d_labels = if labels.is_empty() {
+            stream.clone_htod(&[L::default()])
+        } else {
+            stream.clone_htod(&labels)
+        }
+        .map_err(upload)?;
+        Ok(Prepared {
+            case: case.clone(),
+            base_offset,
+            stream: stream.clone(),
+            logits,
+            labels,
+            d_logits,
+            d_labels,
+        })
+    }
+
+    fn context(&self, what: &str) -> String {
+        format!(
+            "{what} in {:?} ({} logits at base offset {}, {} labels)",
+            self.case,
+            T::DTYPE.name(),
+            self.base_offset,
+            L::NAME
+        )
+    }
+
+    /// Enqueues the call on the stream given to [`Prepared::new`]; returns without waiting.
+    pub fn launch(&mut self, xent: &CrossEntropy) -> Result<xent::Loss, String> {
+        let shape = self.case.shape;
+        let len = shape.min_logits_len().expect("shape fits usize");
+        let start = self.base_offset;
+        let mut logits = self.d_logits.slice_mut(start..start + len);
+        let labels = self.d_labels.slice(0..self.labels.len());
+        xent.forward_backward(&self.stream, &mut logits, &labels, shape, &self.case.opts)
+            .map_err(|e| format!("launch: {e} in {:?}", self.case))
+    }
+
+    /// Waits for the call that returned `loss` and compares everything with the CPU reference:
+    /// the loss (or, with labels out of range, [`xent::Error::LabelOutOfRange`] with their count
+    /// and a NaN device scalar), the count of scored rows, per-row loss and lse of scored rows
+    /// (exactly 0 for ignored ones), every gradient element (exactly 0 in rows not scored), and
+    /// the untouched elements before the first row and between rows.
+    ///
+    /// The reference is the CPU call with every out-of-range label replaced by `ignore_index`:
+    /// the documented treatment of such a row (zero gradient, not counted in the mean).
+    pub fn check(&self, loss: &xent::Loss) -> Result<Outcome, String> {
+        let (shape, opts) = (self.case.shape, &self.case.opts);
+        let rows = shape.rows();
+        let targets: Vec<xent::Target> = (0..rows)
+            .map(|r| xent::row_target(&self.labels, &shape, opts, r))
+            .collect();
+        let n_bad = targets
+            .iter()
+            .filter(|t| matches!(t, xent::Target::OutOfRange(_)))
+            .count();
+        let vocab = shape.vocab as i64;
+        let reference_labels: Vec<i64> = self
+            .labels
+            .iter()
+            .map(|l| match l.to_i64() {
+                label if label == opts.ignore_index || (0..vocab).contains(&label) => label,
+                _ => opts.ignore_index,
+            })
+            .collect();
+        let len = shape.min_logits_len().expect("shape fits usize");
+        let start = self.base_offset;
+        let mut reference = self.logits[start..start + len].to_vec();
+        let expected = cpu::forward_backward(&mut reference, &reference_labels, shape, opts)
+            .map_err(|e| self.context(&format!("CPU reference: {e}")))?;
+
+        let driver = |e: xent::cudarc::driver::DriverError| self.context(&e.to_string());
+        let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
+        let loss_gpu = match (n_bad, loss.read()) {
+            (0, Ok(value)) => {
+                let value = value as f64;
+                if !same(value, expected.loss, loss_tol(expected.loss)) {
+                    return Err(
+                        self.context(&format!("loss {value} != reference {}", expected.loss))
+                    );
+                }
+                value
+            }
+            (n, Err(xent::Error::LabelOutOfRange { count, .. })) if count == n && n > 0 => {
+                let device = self.stream.clone_dtoh(loss.device_loss()).map_err(driver)?[0];
+                if !device.is_nan() {
+                    return Err(self.context(&format!(
+                        "{n} label(s) out of range but the device loss is {device}, not NaN"
+                    )));
+                }
+                f64::NAN
+            }
+            (n, other) => {
+                return Err(self.context(&format!(
+                    "{n} label(s) out of range, but reading the loss gave {other:?}"
+                )));
+            }
+        };
+        let n_valid = loss.n_valid().map_err(|e| self.context(&e.to_string()))? as usize;
+        if n_valid != expected.n_valid {
+            return Err(self.context(&format!("n_valid {n_valid} != {}", expected.n_valid)));
+        }
+
+        let row_loss = self
+            .stream
+            .clone_dtoh(loss.device_row_loss())
+            .map_err(driver)?;
+        let row_lse = self
+            .stream
+            .clone_dtoh(loss.device_row_lse())
+            .map_err(driver)?;
+        for (r, target) in targets.iter().enumerate() {
+            let pairs = [
+                ("loss", row_loss[r] as f64, expected.row_loss[r]),
+                ("lse", row_lse[r] as f64, expected.row_lse[r]),
+            ];
+            for (what, got, want) in pairs {
+                let ok = match target {
+                    xent::Target::Class(_) => same(got, want, loss_tol(want)),
+                    xent::Target::Ignored => got == 0.0,
+                    // Not documented beyond "the loss scalar becomes NaN".
+                    xent::Target::OutOfRange(_) => true,
+                };
+                if !ok {
+                    return Err(self.context(&format!(
+                        "row {r} ({target:?}): {what} {got} != reference {want}"
+                    )));
+                }
+            }
+        }
+
+        let grad: Vec<T> = self.stream.clone_dtoh(&self.d_logits).map_err(driver)?;
+        let scale = cpu::grad_scale(opts, expected.n_valid);
+        let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
+        let mut worst = 0.0f64;
+        for (i, g) in grad.iter().enumerate() {
+            let g = g.to_f64();
+            // (row, column) of element `i`, if it lies in a row (not before the first row, nor in
+            // the padding between rows).
+            let position = i
+                .checked_sub(start)
+                .filter(|&k| k < len)
+                .map(|k| (k / shape.row_stride, k % shape.row_stride))
+                .filter(|&(_, j)| j < shape.vocab);
+            let Some((r, j)) = position else {
+                if g != PAD {
+                    return Err(self.context(&format!(
+                        "element {i} outside the rows changed from {PAD} to {g}"
+                    )));
+                }
+                continue;
+            };
+            let e = reference[i - start].to_f64();
+            if !matches!(targets[r], xent::Target::Class(_)) {
+                if g != 0.0 {
+                    return Err(self.context(&format!(
+                        "grad[{r}, {j}] = {g:e} in a row not scored ({:?})",
+                        targets[r]
+                    )));
+                }
+                continue;
+            }
+            let tol = atol + rtol * e.abs();
+            let err = (g - e).abs();
+            if err.is_nan() || err > tol {
+                return Err(self.context(&format!(
+                    "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
+                )));
+            }
+            worst = worst.max(err / tol);
+        }
+        Ok(Outcome {
+            loss_gpu,
+            loss_cpu: expected.loss,
+            max_grad_err_over_tol: worst,
+        })
+    }
+}
+
+/// [`Prepared`]: upload, launch, wait and compare, in one call.
+pub fn run_case_labels<T: Element, L: Label>(
+    xent: &CrossEntropy,
+    stream: &std::sync::Arc<CudaStream>,
+    case: &Case,
+    labels: Vec<L>,
+    base_offset: usize,
+) -> Result<Outcome, String> {
+    let mut prepared = Prepared::<T, L>::new(stream, case, labels, base_offset)?;
+    let loss = prepared.launch(xent)?;
+    prepared.check(&loss)
+}
+
+/// [`run_case_labels`] for one dtype chosen at run time.
+pub fn run_case_labels_dtype<L: Label>(
+    xent: &CrossEntropy,
+    stream: &std::sync::Arc<CudaStream>,
+    dtype: DType,
+    case: &Case,
+    labels: Vec<L>,
+    base_offset: usize,
+) -> Result<Outcome, String> {
+    match dtype {
+        DType::F32 => run_case_labels::<f32, L>(xent, stream, case, labels, base_offset),
+        DType::F16 => run_case_labels::<f16, L>(xent, stream, case, labels, base_offset),
+        DType::Bf16 => run_case_labels::<bf16, L>(xent, stream, case, labels, base_offset),
+    }
+}
