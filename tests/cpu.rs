@@ -1036,7 +1036,7 @@ fn threads_for_is_whole_warps_between_one_warp_and_the_cap() {
         {
             let threads = plan::threads_for(len, dtype);
             let what = format!("threads_for({len}, {dtype:?}) = {threads}");
-            assert!(threads % 32 == 0, "{what}");
+            assert!(threads.is_multiple_of(32), "{what}");
             assert!((32..=plan::MAX_THREADS).contains(&threads), "{what}");
             // Enough threads to walk `len` in one step, unless capped, and no idle warp.
             assert!(

@@ -75,9 +75,85 @@ fn test(root: &Path) -> Result<()> {
     run(stable_cargo(root).args(["fmt", "--all", "--check"]))?;
     check(root)?;
     step("running the workspace's tests");
-    run(stable_cargo(root).args(["test", "--workspace"]))?;
+    let totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
     step("all checks passed");
+    // One plain summary line for whoever reads the log's end. A GPU test without a GPU returns
+    // early after printing `SKIPPED` (libtest counts it as passed): it is counted as skipped here.
+    let skipped = totals.ignored + totals.gpu_skipped;
+    println!(
+        "tests: {} passed, {} failed, {skipped} skipped",
+        totals.passed - totals.gpu_skipped,
+        totals.failed
+    );
     Ok(())
+}
+
+/// What `cargo test` reported, added up over its test binaries.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    /// `SKIPPED:` lines: GPU tests that found no GPU (see tests/common/mod.rs).
+    gpu_skipped: u64,
+}
+
+/// Runs `cargo test`, streaming its output, and adds up its `test result:` and `SKIPPED:` lines;
+/// fails if cargo does.
+fn run_tests(command: &mut Command) -> Result<TestTotals> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let line = describe(command);
+    eprintln!("$ {line}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("could not start `{line}`: {err}"))?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let skips = std::thread::spawn(move || {
+        let mut skipped = 0;
+        for text in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            eprintln!("{text}");
+            skipped += text.contains("SKIPPED:") as u64;
+        }
+        skipped
+    });
+    let mut totals = TestTotals::default();
+    for text in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let text = text.map_err(|err| format!("reading `{line}`: {err}"))?;
+        println!("{text}");
+        if let Some((passed, failed, ignored)) = parse_test_result(&text) {
+            totals.passed += passed;
+            totals.failed += failed;
+            totals.ignored += ignored;
+        }
+    }
+    totals.gpu_skipped = skips.join().unwrap_or(0);
+    let status = child
+        .wait()
+        .map_err(|err| format!("waiting for `{line}`: {err}"))?;
+    match status.success() {
+        true => Ok(totals),
+        false => Err(format!("`{line}` failed ({status})")),
+    }
+}
+
+/// (passed, failed, ignored) of a libtest `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((count(" passed")?, count(" failed")?, count(" ignored")?))
 }
 
 /// `cargo xtask bench ARGS`: the workspace's benchmarks, with ARGS forwarded to `cargo bench`.
@@ -162,4 +238,20 @@ fn stdout_of(command: &mut Command) -> Result<String> {
 /// The path relative to the repository root, for messages.
 fn relative<'a>(root: &Path, path: &'a Path) -> std::borrow::Cow<'a, str> {
     path.strip_prefix(root).unwrap_or(path).to_string_lossy()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn test_result_lines_are_added_up() {
+        let line = "test result: ok. 55 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.09s";
+        assert_eq!(parse_test_result(line), Some((55, 0, 2)));
+        assert_eq!(
+            parse_test_result("test result: FAILED. 1 passed; 2 failed; 0 ignored;"),
+            Some((1, 2, 0))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
