@@ -28,7 +28,7 @@ commands:
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
   test           cargo fmt --check, then check, then cargo test --workspace (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
-  bench [ARGS]   cargo bench --workspace [ARGS] (to be extended with the peers comparison)
+  bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
                  (default: bench/results/*.jsonl)";
 
@@ -156,9 +156,9 @@ fn parse_test_result(line: &str) -> Option<(u64, u64, u64)> {
     Some((count(" passed")?, count(" failed")?, count(" ignored")?))
 }
 
-/// `cargo xtask bench ARGS`: the workspace's benchmarks, with ARGS forwarded to `cargo bench`.
-///
-/// For now this is plain `cargo bench`; it will grow the peers comparison of `bench/peers.py`.
+/// `cargo xtask bench ARGS`: the workspace's benchmarks (the criterion benches and the JSON-lines
+/// `throughput` bench), with ARGS forwarded to `cargo bench`. On a GPU machine without Rust, the
+/// bundle's `run.sh bench` runs the same binaries next to `peers.py` and prints one table.
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     step("running the workspace's benchmarks");
     run(stable_cargo(root)
