@@ -8,7 +8,7 @@ use std::sync::Barrier;
 
 use xent::half::bf16;
 use xent::{CrossEntropy, Element, Label, Loss, Options, PlanChoice, Reduction, Shape};
-use xent_tests::{Case, FromI64, Prepared, gpu, random_labels, report, sanitizing};
+use xent_tests::{Case, FromI64, Prepared, case_labels, gpu, random_labels, report, sanitizing};
 
 /// Compiles only if `T` may be moved to and shared between threads.
 const fn assert_send_sync<T: Send + Sync>() {}
@@ -61,14 +61,7 @@ fn worker<T: Element, L: Label + FromI64>(
                 .map(|k| {
                     let mut case = work.case.clone();
                     case.seed = work.case.seed + (iteration * rounds.in_flight + k) as u64;
-                    let shape = case.shape;
-                    let labels: Vec<L> = random_labels(
-                        shape.rows(),
-                        shape.vocab,
-                        case.ignored,
-                        case.opts.ignore_index,
-                        case.seed,
-                    );
+                    let labels: Vec<L> = case_labels(&case);
                     Prepared::new(stream, &case, labels, work.base_offset)
                 })
                 .collect(),

@@ -17,6 +17,7 @@ use xent::{
     CrossEntropy, DType, Element, Error, Label, Options, PTX_SM80, PTX_SM90, Reduction, Shape, cpu,
     kernel_names, ptx_for,
 };
+use xent_tests::{subnormal_step, unit_roundoff};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: building inputs, the expected values, comparisons.
@@ -142,26 +143,6 @@ fn assert_all_close(what: &str, got: &[f64], expected: &[f64], tol: f64) {
     assert_eq!(got.len(), expected.len(), "{what}: length");
     for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
         assert_close(&format!("{what}[{i}]"), g, e, tol);
-    }
-}
-
-/// Relative error of rounding to nearest into `dtype`: half an ulp, 2^-p for p significand bits
-/// (f32: 24, f16: 11, bf16: 8).
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2f64.powi(-24),
-        DType::F16 => 2f64.powi(-11),
-        DType::Bf16 => 2f64.powi(-8),
-    }
-}
-
-/// Spacing of the type's subnormals: below the normal range, rounding errs by up to half of it
-/// in absolute terms, whatever the value.
-fn subnormal_step(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2f64.powi(-149),
-        DType::F16 => 2f64.powi(-24),
-        DType::Bf16 => 2f64.powi(-133),
     }
 }
 

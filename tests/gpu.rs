@@ -3,7 +3,7 @@
 
 use xent::half::bf16;
 use xent::{DType, Error, Options, PlanChoice, Reduction, Shape, cpu};
-use xent_tests::{Case, DTYPES, REDUCTIONS, gpu, run_case_dtype, sanitizing};
+use xent_tests::{Case, DTYPES, REDUCTIONS, assert_no_failures, gpu, run_case_dtype, sanitizing};
 
 /// Every plan, forced: the fused kernel, the chunked pair (with a chunk that splits rows) and,
 /// where the device has clusters, the cluster kernel with 3 CTAs per row.
@@ -32,12 +32,7 @@ fn check(xent: &xent::CrossEntropy, dtype: DType, case: &Case) {
             failures.push(msg);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatch(es):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]

@@ -17,6 +17,7 @@
 
 use xent::half::{bf16, f16};
 use xent::{DType, Element, Error, Label, Options, Reduction, Shape, cpu};
+use xent_tests::{subnormal_step, unit_roundoff};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -77,24 +78,6 @@ fn assert_all_close(what: &str, got: &[f64], expected: &[f64], tol: f64) {
     assert_eq!(got.len(), expected.len(), "{what}: length");
     for (i, (&g, &e)) in got.iter().zip(expected).enumerate() {
         assert_close(&format!("{what}[{i}]"), g, e, tol * (1.0 + e.abs()));
-    }
-}
-
-/// Half an ulp relative (2^-p for p significand bits).
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2f64.powi(-24),
-        DType::F16 => 2f64.powi(-11),
-        DType::Bf16 => 2f64.powi(-8),
-    }
-}
-
-/// Spacing of the type's subnormals.
-fn subnormal_step(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2f64.powi(-149),
-        DType::F16 => 2f64.powi(-24),
-        DType::Bf16 => 2f64.powi(-133),
     }
 }
 

@@ -17,8 +17,8 @@
 use xent::plan::PlanChoice;
 use xent::{DType, Error, Options, Shape};
 use xent_tests::{
-    Case, DTYPES, FromI64, REDUCTIONS, Rng, gpu, random_labels, report, run_case_dtype,
-    run_case_labels_dtype, sanitizing,
+    Case, DTYPES, FromI64, REDUCTIONS, Rng, assert_no_failures, gpu, random_labels, report,
+    run_case_dtype, run_case_labels_dtype, sanitizing,
 };
 
 /// The base seed when `XENT_SEED` is not set.
@@ -673,12 +673,7 @@ fn misaligned_base_pointer_is_handled_by_every_plan() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatch(es):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// Under the causal shift, position `t` is scored against label `t + 1` of its sequence, so the
@@ -718,10 +713,5 @@ fn causal_shift_never_reads_the_first_label_of_a_sequence() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatch(es):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }

@@ -121,6 +121,62 @@ impl FromI64 for i32 {
     }
 }
 
+/// Relative error of rounding to nearest into `dtype`: half an ulp, 2^-p for p significand bits
+/// (f32: 24, f16: 11, bf16: 8).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-24),
+        DType::F16 => 2f64.powi(-11),
+        DType::Bf16 => 2f64.powi(-8),
+    }
+}
+
+/// Spacing of the type's subnormals: below the normal range, rounding errs by up to half of it
+/// in absolute terms, whatever the value.
+pub fn subnormal_step(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2f64.powi(-149),
+        DType::F16 => 2f64.powi(-24),
+        DType::Bf16 => 2f64.powi(-133),
+    }
+}
+
+/// `Err((|g - e|, tol))` when a gradient element `g` is further than `atol + rtol * |e|` from
+/// its reference `e` (or NaN), else `Ok(|g - e| / tol)`.
+pub fn grad_error(g: f64, e: f64, rtol: f64, atol: f64) -> Result<f64, (f64, f64)> {
+    let tol = atol + rtol * e.abs();
+    let err = (g - e).abs();
+    if err.is_nan() || err > tol {
+        Err((err, tol))
+    } else {
+        Ok(err / tol)
+    }
+}
+
+/// The labels `run_case` draws for `case`: one per row, a fraction `case.ignored` of them
+/// `ignore_index`.
+pub fn case_labels<L: Label + FromI64>(case: &Case) -> Vec<L> {
+    let shape = case.shape;
+    random_labels(
+        shape.rows(),
+        shape.vocab,
+        case.ignored,
+        case.opts.ignore_index,
+        case.seed,
+    )
+}
+
+/// Panics listing every mismatch, if there is any.
+#[track_caller]
+pub fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} mismatch(es):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Relative tolerance of a gradient element of type `dtype` against the f64 reference: one unit
 /// in the last place of the type (the GPU rounds its f32 result, the CPU its f64 result, and the
 /// two may land on neighbouring values), at least 1e-5 for the f32 arithmetic itself
@@ -189,13 +245,7 @@ pub fn run_case<T: Element, L: Label + FromI64>(
 ) -> Result<Outcome, String> {
     let shape = case.shape;
     let logits: Vec<T> = random_logits(&shape, case.seed);
-    let labels: Vec<L> = random_labels(
-        shape.rows(),
-        shape.vocab,
-        case.ignored,
-        case.opts.ignore_index,
-        case.seed,
-    );
+    let labels: Vec<L> = case_labels(case);
     let context = |what: &str| format!("{what} in {case:?} ({} logits)", T::DTYPE.name());
 
     let mut d_logits = stream
@@ -254,15 +304,15 @@ pub fn run_case<T: Element, L: Label + FromI64>(
             }
             continue;
         }
-        let tol = atol + rtol * e.abs();
-        let err = (g - e).abs();
-        if err.is_nan() || err > tol {
-            let (r, j) = (i / shape.row_stride, i % shape.row_stride);
-            return Err(context(&format!(
-                "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
-            )));
+        match grad_error(g, e, rtol, atol) {
+            Ok(ratio) => worst = worst.max(ratio),
+            Err((err, tol)) => {
+                let (r, j) = (i / shape.row_stride, i % shape.row_stride);
+                return Err(context(&format!(
+                    "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
+                )));
+            }
         }
-        worst = worst.max(err / tol);
     }
     Ok(Outcome {
         loss_gpu,
@@ -498,14 +548,14 @@ impl<T: Element, L: Label> Prepared<T, L> {
                 }
                 continue;
             }
-            let tol = atol + rtol * e.abs();
-            let err = (g - e).abs();
-            if err.is_nan() || err > tol {
-                return Err(self.context(&format!(
-                    "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
-                )));
+            match grad_error(g, e, rtol, atol) {
+                Ok(ratio) => worst = worst.max(ratio),
+                Err((err, tol)) => {
+                    return Err(self.context(&format!(
+                        "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
+                    )));
+                }
             }
-            worst = worst.max(err / tol);
         }
         Ok(Outcome {
             loss_gpu,
