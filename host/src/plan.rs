@@ -140,11 +140,7 @@ pub fn plan(
     }
     let smem = fused_smem_bytes(vocab, dtype).filter(|&b| b <= limits.max_smem_per_block);
     let fused = |smem_bytes| {
-        if rows > MAX_GRID_X {
-            return Err(Error::PlanDoesNotFit(format!(
-                "{rows} rows exceed the grid limit"
-            )));
-        }
+        check_grid(rows, 1, "blocks")?;
         Ok(LaunchPlan::Fused {
             threads: threads_for(tile_len(vocab), dtype),
             smem_bytes,
@@ -158,14 +154,7 @@ pub fn plan(
         }
         let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
         let n_chunks = vocab.div_ceil(chunk_len);
-        if rows
-            .checked_mul(n_chunks)
-            .is_none_or(|blocks| blocks > MAX_GRID_X)
-        {
-            return Err(Error::PlanDoesNotFit(format!(
-                "{rows} rows x {n_chunks} chunks exceed the grid limit"
-            )));
-        }
+        check_grid(rows, n_chunks, "chunks")?;
         Ok(LaunchPlan::Chunked {
             threads: threads_for(chunk_len, dtype),
             chunk_len: chunk_len as u32,
@@ -208,6 +197,16 @@ pub fn plan(
     }
 }
 
+/// Fails unless `rows x per_row` blocks fit in `gridDim.x`.
+fn check_grid(rows: usize, per_row: usize, what: &str) -> Result<()> {
+    match rows.checked_mul(per_row) {
+        Some(blocks) if blocks <= MAX_GRID_X => Ok(()),
+        _ => Err(Error::PlanDoesNotFit(format!(
+            "{rows} rows x {per_row} {what} exceed the grid limit"
+        ))),
+    }
+}
+
 /// The cluster plan with `size` CTAs per row, if each CTA's chunk fits in shared memory.
 pub fn cluster_plan(
     rows: usize,
@@ -234,14 +233,7 @@ pub fn cluster_plan(
                 limits.max_smem_per_block
             ))
         })?;
-    if rows
-        .checked_mul(size as usize)
-        .is_none_or(|blocks| blocks > MAX_GRID_X)
-    {
-        return Err(Error::PlanDoesNotFit(format!(
-            "{rows} rows x {size} CTAs exceed the grid limit"
-        )));
-    }
+    check_grid(rows, size as usize, "CTAs")?;
     Ok(LaunchPlan::Cluster {
         threads: threads_for(chunk_len, dtype),
         chunk_len: chunk_len as u32,
