@@ -231,6 +231,7 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
         },
         _ => PlanChoice::Auto,
     };
+    let options = draw_loss_options(seed, vocab);
     Draw {
         seed,
         dtype,
@@ -248,11 +249,41 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
                 grad_scale,
                 causal_shift,
                 plan,
-                ..Options::default()
+                ..options
             },
             ignored,
             seed,
         },
+    }
+}
+
+/// Salt of the loss options' generator (a stream of its own, so adding options left every
+/// other field of a seed's draw as it was).
+const OPTIONS_SALT: u64 = 0x6f70_7469_6f6e_7321;
+
+/// The loss options of a draw: none in half the cases, else each on with probability 2/5.
+fn draw_loss_options(seed: u64, vocab: usize) -> Options {
+    let mut rng = Rng(seed ^ OPTIONS_SALT);
+    if rng.below(2) == 0 {
+        return Options::default();
+    }
+    let mut on = || rng.below(5) < 2;
+    let (smoothing, z, cap, weight, accuracy) = (on(), on(), on(), on(), on());
+    Options {
+        label_smoothing: if smoothing {
+            [0.1, 0.5, 1.0][rng.below(3) as usize]
+        } else {
+            0.0
+        },
+        lse_square_scale: if z {
+            [1e-4, 0.01][rng.below(2) as usize]
+        } else {
+            0.0
+        },
+        softcap: cap.then(|| [5.0, 30.0][rng.below(2) as usize]),
+        weight: weight.then(|| (0..vocab).map(|_| (rng.below(9) as f32) * 0.25).collect()),
+        return_token_accuracy: accuracy,
+        ..Options::default()
     }
 }
 

@@ -15,18 +15,25 @@ pub const REDUCTION_SUM: u32 = 2;
 pub const COUNT_VALID: usize = 0;
 /// Index into the `counts` buffer: rows whose label is neither `ignore_index` nor in `[0, vocab)`.
 pub const COUNT_BAD: usize = 1;
+/// Index into the `counts` buffer: the f32 bits of `Σ weight[label]` over the rows counted as
+/// valid (class weights only; written by a count launch of one block, so the sum's order is
+/// fixed).
+pub const COUNT_WEIGHT: usize = 2;
 /// Length of the `counts` buffer in `u32` words.
-pub const COUNT_WORDS: usize = 2;
+pub const COUNT_WORDS: usize = 4;
 
 /// Bytes of dynamic shared memory reserved at its start for block reductions (32 warps x 8 bytes).
 pub const SMEM_REDUCTION_BYTES: u32 = 256;
-/// Offset of the (max, sum) a CTA publishes to the other CTAs of its cluster.
+/// Offset of the chunk summary a CTA publishes to the other CTAs of its cluster: max, sum, and
+/// with options the weighted logit sum and the accuracy's violation count (4 words).
 pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
-/// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes, in the slot's
-/// 16-byte cell).
-pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 8;
+/// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes).
+pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 16;
 /// Offset of the row stash (plus `row address % 16`, so vectors stay 16-byte aligned).
-pub const SMEM_STASH_OFFSET: u32 = SMEM_CLUSTER_SLOT + 16;
+pub const SMEM_STASH_OFFSET: u32 = SMEM_MBARRIER + 16;
+/// `u32` words per chunk in the chunked plan's `partials`: the chunk summary, as the cluster
+/// slot.
+pub const PARTIAL_WORDS: usize = 4;
 
 /// Where each row's label lives. Shared by every cross-entropy kernel.
 #[repr(C)]
@@ -61,8 +68,8 @@ pub struct XentParams {
     pub row_loss: u64,
     /// Device address of `[f32; n_rows]`: each row's natural log-sum-exp (0 for ignored rows).
     pub row_lse: u64,
-    /// Device address of `[f32; 2 * n_rows * n_chunks]`: (max, sum) per chunk, in log2 units.
-    /// Chunked plan only.
+    /// Device address of `[f32; PARTIAL_WORDS * n_rows * n_chunks]`: the summary of each chunk
+    /// ((max, sum) in log2 units, weighted logit sum, accuracy violations). Chunked plan only.
     pub partials: u64,
     /// One of the `REDUCTION_*` codes.
     pub reduction: u32,
@@ -72,6 +79,27 @@ pub struct XentParams {
     pub n_chunks: u32,
     /// Elements per chunk, a multiple of 8 (`vocab` for the fused plan).
     pub chunk_len: u32,
+    /// The loss options; read only by the `*_opt_*` entry points.
+    pub opts: OptParams,
+}
+
+/// The loss options (issue 4), as the `*_opt_*` kernels read them. Every field's zero is "off".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OptParams {
+    /// Device address of `[f32; vocab]` class weights, or 0 (every weight 1).
+    pub weight: u64,
+    /// Device address of `[u32; n_rows]`: 1 where the row's first maximal logit is its label,
+    /// or 0 (no token accuracy).
+    pub row_correct: u64,
+    /// Label smoothing ε.
+    pub label_smoothing: f32,
+    /// z-loss coefficient.
+    pub lse_square_scale: f32,
+    /// Soft cap (0: none).
+    pub softcap: f32,
+    /// `Σ_j weight[j]` over the vocabulary (`vocab` without weights).
+    pub weight_sum: f32,
 }
 
 /// Parameters of the count kernel.
@@ -81,6 +109,9 @@ pub struct CountParams {
     pub rows: RowsParams,
     /// Device address of `[u32; COUNT_WORDS]`, zeroed before the launch.
     pub counts: u64,
+    /// Device address of `[f32; vocab]` class weights, or 0. With weights the launch must be one
+    /// block (it stores `COUNT_WEIGHT`).
+    pub weight: u64,
 }
 
 /// Parameters of the kernel that reduces per-row losses to the scalar loss.
@@ -96,6 +127,16 @@ pub struct FinishParams {
     pub n_rows: u64,
     /// One of the `REDUCTION_*` codes.
     pub reduction: u32,
+    /// 1: the mean's cross-entropy part divides by `counts[COUNT_WEIGHT]` (class weights).
+    pub weighted: u32,
+    /// Device address of `[f32; n_rows]`, the per-row log-sum-exp (for the z-loss part).
+    pub row_lse: u64,
+    /// Device address of `[u32; n_rows]` (token accuracy), or 0.
+    pub row_correct: u64,
+    /// Device address of `[f32; 2]`: the z-loss part of the loss, and the token accuracy.
+    pub extras: u64,
+    /// z-loss coefficient (0: off).
+    pub lse_square_scale: f32,
     pub _pad: u32,
 }
 

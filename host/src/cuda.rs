@@ -16,8 +16,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
-    COUNT_BAD, COUNT_VALID, COUNT_WORDS, CountParams, FinishParams, RowsParams,
-    SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
+    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, COUNT_WORDS, CountParams, FinishParams, OptParams,
+    PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Element, Label, Options, Reduction, Shape};
@@ -39,7 +39,9 @@ pub fn cluster_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
-            names.push(format!("xent_cluster_{}_{label}", dtype.name()));
+            for variant in ["", "opt_"] {
+                names.push(format!("xent_cluster_{variant}{}_{label}", dtype.name()));
+            }
         }
     }
     names
@@ -55,7 +57,9 @@ pub fn kernel_names() -> Vec<String> {
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
             for kind in ["fused", "chunk_partial", "chunk_grad"] {
-                names.push(format!("xent_{kind}_{}_{label}", dtype.name()));
+                for variant in ["", "opt_"] {
+                    names.push(format!("xent_{kind}_{variant}{}_{label}", dtype.name()));
+                }
             }
         }
         names.push(format!("xent_scale_{}", dtype.name()));
@@ -217,11 +221,6 @@ impl CrossEntropy {
         self.check_stream(stream)?;
         shape.validate(logits.len(), labels.len())?;
         opts.validate(shape.vocab)?;
-        if let Some(name) = opts.cpu_only_option() {
-            return Err(Error::InvalidOption(format!(
-                "{name} is not yet implemented on the GPU (CPU reference only); see issue 4"
-            )));
-        }
         let rows = shape.rows();
         if out.rows != rows {
             return Err(Error::InvalidOption(format!(
@@ -231,9 +230,19 @@ impl CrossEntropy {
         }
         let launch_plan = self.plan_for(&shape, T::DTYPE, opts)?;
         if let LaunchPlan::Chunked { n_chunks, .. } = launch_plan {
-            out.reserve_partials(stream, 2 * rows * n_chunks as usize)?;
+            out.reserve_partials(stream, PARTIAL_WORDS * rows * n_chunks as usize)?;
+        }
+        let full = opts.has_loss_options();
+        if let Some(weight) = &opts.weight {
+            out.upload_weight(stream, weight)?;
+        }
+        if opts.return_token_accuracy && out.row_correct.is_none() {
+            out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
         }
         out.reduction = opts.reduction;
+        out.z_loss_on = opts.lse_square_scale != 0.0;
+        out.accuracy_on = opts.return_token_accuracy;
+        out.weighted = opts.weight.is_some();
 
         let (logits_ptr, _logits_guard) = logits.device_ptr_mut(stream);
         let (labels_ptr, _labels_guard) = labels.device_ptr(stream);
@@ -241,9 +250,18 @@ impl CrossEntropy {
         let (row_loss, _l) = out.row_loss.device_ptr_mut(stream);
         let (row_lse, _s) = out.row_lse.device_ptr_mut(stream);
         let (loss, _f) = out.loss.device_ptr_mut(stream);
+        let (extras, _e) = out.extras.device_ptr_mut(stream);
         let partials = match out.partials.as_mut() {
             Some(p) => p.device_ptr_mut(stream).0,
             None => 0,
+        };
+        let weight = match (&opts.weight, out.weight.as_mut()) {
+            (Some(_), Some(w)) => w.device_ptr_mut(stream).0,
+            _ => 0,
+        };
+        let row_correct = match (opts.return_token_accuracy, out.row_correct.as_mut()) {
+            (true, Some(c)) => c.device_ptr_mut(stream).0,
+            _ => 0,
         };
         let rows_params = RowsParams {
             logits: logits_ptr,
@@ -266,14 +284,20 @@ impl CrossEntropy {
             let params = CountParams {
                 rows: rows_params,
                 counts,
+                weight,
             };
-            let blocks = plan::count_blocks(rows, self.limits);
+            // With class weights one block sums them, in a fixed order.
+            let (blocks, threads) = if weight != 0 {
+                (1, plan::COUNT_WEIGHT_THREADS)
+            } else {
+                (plan::count_blocks(rows, self.limits), plan::COUNT_THREADS)
+            };
             self.launch(
                 stream,
                 &format!("xent_count_{}", L::NAME),
                 &params,
                 blocks,
-                plan::COUNT_THREADS,
+                threads,
                 SMEM_REDUCTION_BYTES,
             )?;
 
@@ -287,8 +311,20 @@ impl CrossEntropy {
                 grad_scale: opts.grad_scale,
                 n_chunks: 1,
                 chunk_len: shape.vocab as u32,
+                opts: OptParams {
+                    weight,
+                    row_correct,
+                    label_smoothing: opts.label_smoothing,
+                    lse_square_scale: opts.lse_square_scale,
+                    softcap: opts.softcap.unwrap_or(0.0),
+                    weight_sum: match &opts.weight {
+                        Some(w) => w.iter().map(|&x| x as f64).sum::<f64>() as f32,
+                        None => shape.vocab as f32,
+                    },
+                },
             };
-            let suffix = format!("{}_{}", T::DTYPE.name(), L::NAME);
+            let variant = if full { "opt_" } else { "" };
+            let suffix = format!("{variant}{}_{}", T::DTYPE.name(), L::NAME);
             match launch_plan {
                 LaunchPlan::Fused {
                     threads,
@@ -348,6 +384,11 @@ impl CrossEntropy {
             loss,
             n_rows: rows as u64,
             reduction: opts.reduction.code(),
+            weighted: (weight != 0) as u32,
+            row_lse,
+            row_correct,
+            extras,
+            lse_square_scale: opts.lse_square_scale,
             _pad: 0,
         };
         self.launch(
@@ -496,6 +537,17 @@ pub struct Loss {
     row_lse: CudaSlice<f32>,
     counts: CudaSlice<u32>,
     partials: Option<CudaSlice<f32>>,
+    /// The z-loss part of the loss and the token accuracy (`[f32; 2]`).
+    extras: CudaSlice<f32>,
+    /// Class weights on the device, and the host copy they were uploaded from (a call with the
+    /// same weights does not upload them again, so it can be captured in a CUDA graph).
+    weight: Option<CudaSlice<f32>>,
+    weight_host: Vec<f32>,
+    /// Per-row token accuracy (`[u32; rows]`), once a call asked for it.
+    row_correct: Option<CudaSlice<u32>>,
+    z_loss_on: bool,
+    accuracy_on: bool,
+    weighted: bool,
 }
 
 impl Loss {
@@ -510,7 +562,22 @@ impl Loss {
             row_lse: stream.alloc_zeros(rows.max(1))?,
             counts: stream.alloc_zeros(COUNT_WORDS)?,
             partials: None,
+            extras: stream.alloc_zeros(2)?,
+            weight: None,
+            weight_host: Vec::new(),
+            row_correct: None,
+            z_loss_on: false,
+            accuracy_on: false,
+            weighted: false,
         })
+    }
+
+    fn upload_weight(&mut self, stream: &Arc<CudaStream>, weight: &[f32]) -> Result<()> {
+        if self.weight.is_none() || self.weight_host != weight {
+            self.weight = Some(stream.clone_htod(weight)?);
+            self.weight_host = weight.to_vec();
+        }
+        Ok(())
     }
 
     fn reserve_partials(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<()> {
@@ -569,6 +636,51 @@ impl Loss {
         let mut v = self.stream.clone_dtoh(&self.row_lse)?;
         v.truncate(self.rows);
         Ok(v)
+    }
+
+    /// Waits for the call and returns the z-loss part of the loss (`Σ lse_square_scale·lse²` over
+    /// the scored rows, divided by their count for the mean); 0 without the z-loss.
+    pub fn read_z_loss(&self) -> Result<f32> {
+        self.check_labels()?;
+        if !self.z_loss_on {
+            return Ok(0.0);
+        }
+        Ok(self.stream.clone_dtoh(&self.extras)?[0])
+    }
+
+    /// Waits for the call and returns the token accuracy (the fraction of scored rows whose first
+    /// maximal logit is the label; NaN without scored rows), or `None` when the call did not
+    /// ask for it (`return_token_accuracy`).
+    pub fn read_accuracy(&self) -> Result<Option<f32>> {
+        if !self.accuracy_on {
+            return Ok(None);
+        }
+        self.check_labels()?;
+        Ok(Some(self.stream.clone_dtoh(&self.extras)?[1]))
+    }
+
+    /// Waits for the call and returns, per row, whether its first maximal logit is its label
+    /// (false for rows not scored), or `None` when the call did not ask for token accuracy.
+    pub fn read_row_correct(&self) -> Result<Option<Vec<bool>>> {
+        match (&self.row_correct, self.accuracy_on) {
+            (Some(c), true) => {
+                self.check_labels()?;
+                let v = self.stream.clone_dtoh(c)?;
+                Ok(Some(v[..self.rows].iter().map(|&x| x != 0).collect()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the call and returns `Σ weight[label]` over the scored rows (PyTorch's
+    /// `total_weight`): the mean's divisor, the scored row count without class weights.
+    pub fn read_total_weight(&self) -> Result<f32> {
+        let counts = self.stream.clone_dtoh(&self.counts)?;
+        Ok(if self.weighted {
+            f32::from_bits(counts[COUNT_WEIGHT])
+        } else {
+            counts[COUNT_VALID] as f32
+        })
     }
 
     /// Waits for the call; [`Error::LabelOutOfRange`] if any label was out of range.

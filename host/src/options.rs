@@ -131,21 +131,15 @@ impl Options {
         Ok(())
     }
 
-    /// The first option set that only the CPU reference implements yet (issue 4), by name.
-    pub(crate) fn cpu_only_option(&self) -> Option<&'static str> {
-        if self.label_smoothing != 0.0 {
-            Some("label_smoothing")
-        } else if self.lse_square_scale != 0.0 {
-            Some("lse_square_scale")
-        } else if self.softcap.is_some() {
-            Some("softcap")
-        } else if self.weight.is_some() {
-            Some("weight")
-        } else if self.return_token_accuracy {
-            Some("return_token_accuracy")
-        } else {
-            None
-        }
+    /// Whether any loss option is on (label smoothing, z-loss, soft cap, class weights, token
+    /// accuracy): the GPU path then runs the kernels that apply them (`*_opt_*`); with all off it
+    /// runs the plain ones, so an option that is off costs nothing.
+    pub fn has_loss_options(&self) -> bool {
+        self.label_smoothing != 0.0
+            || self.lse_square_scale != 0.0
+            || self.softcap.is_some()
+            || self.weight.is_some()
+            || self.return_token_accuracy
     }
 }
 

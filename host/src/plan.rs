@@ -26,6 +26,9 @@ pub const SCALE_THREADS: u32 = 256;
 /// Threads of the count kernel; its grid is capped at `COUNT_BLOCKS_PER_SM` blocks per SM.
 pub const COUNT_THREADS: u32 = 256;
 pub const COUNT_BLOCKS_PER_SM: usize = 4;
+/// Threads of the count kernel's single block with class weights (it sums them in a fixed
+/// order): the most a block can have, so each thread reads the fewest labels.
+pub const COUNT_WEIGHT_THREADS: u32 = 1024;
 /// Threads of the single block that reduces per-row losses.
 pub const FINISH_THREADS: u32 = 1024;
 /// Bytes of the row each CTA of the cluster plan keeps in shared memory, at most (while the

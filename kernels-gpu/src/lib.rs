@@ -9,6 +9,7 @@
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
 pub mod element;
+pub mod opts;
 pub mod prim;
 pub mod reduce;
 pub mod scale;
@@ -16,6 +17,7 @@ pub mod xent;
 
 use abi::{CountParams, FinishParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
+use opts::{Full, Plain};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -37,26 +39,45 @@ kernels! {
     xent_count_i64(CountParams) => xent::count::<i64>;
     xent_finish(FinishParams) => xent::finish;
 
-    xent_fused_bf16_i32(XentParams) => xent::fused::<Bf16, i32>;
-    xent_fused_bf16_i64(XentParams) => xent::fused::<Bf16, i64>;
-    xent_fused_f16_i32(XentParams) => xent::fused::<F16, i32>;
-    xent_fused_f16_i64(XentParams) => xent::fused::<F16, i64>;
-    xent_fused_f32_i32(XentParams) => xent::fused::<F32, i32>;
-    xent_fused_f32_i64(XentParams) => xent::fused::<F32, i64>;
+    xent_fused_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Plain>;
+    xent_fused_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Plain>;
+    xent_fused_f16_i32(XentParams) => xent::fused::<F16, i32, Plain>;
+    xent_fused_f16_i64(XentParams) => xent::fused::<F16, i64, Plain>;
+    xent_fused_f32_i32(XentParams) => xent::fused::<F32, i32, Plain>;
+    xent_fused_f32_i64(XentParams) => xent::fused::<F32, i64, Plain>;
 
-    xent_chunk_partial_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32>;
-    xent_chunk_partial_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64>;
-    xent_chunk_partial_f16_i32(XentParams) => xent::chunk_partial::<F16, i32>;
-    xent_chunk_partial_f16_i64(XentParams) => xent::chunk_partial::<F16, i64>;
-    xent_chunk_partial_f32_i32(XentParams) => xent::chunk_partial::<F32, i32>;
-    xent_chunk_partial_f32_i64(XentParams) => xent::chunk_partial::<F32, i64>;
+    xent_chunk_partial_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Plain>;
+    xent_chunk_partial_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, Plain>;
+    xent_chunk_partial_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, Plain>;
+    xent_chunk_partial_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, Plain>;
+    xent_chunk_partial_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, Plain>;
+    xent_chunk_partial_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, Plain>;
 
-    xent_chunk_grad_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32>;
-    xent_chunk_grad_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64>;
-    xent_chunk_grad_f16_i32(XentParams) => xent::chunk_grad::<F16, i32>;
-    xent_chunk_grad_f16_i64(XentParams) => xent::chunk_grad::<F16, i64>;
-    xent_chunk_grad_f32_i32(XentParams) => xent::chunk_grad::<F32, i32>;
-    xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64>;
+    xent_chunk_grad_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, Plain>;
+    xent_chunk_grad_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, Plain>;
+    xent_chunk_grad_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, Plain>;
+    xent_chunk_grad_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, Plain>;
+    xent_chunk_grad_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, Plain>;
+    xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Plain>;
+
+    xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
+    xent_fused_opt_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Full>;
+    xent_fused_opt_f16_i32(XentParams) => xent::fused::<F16, i32, Full>;
+    xent_fused_opt_f16_i64(XentParams) => xent::fused::<F16, i64, Full>;
+    xent_fused_opt_f32_i32(XentParams) => xent::fused::<F32, i32, Full>;
+    xent_fused_opt_f32_i64(XentParams) => xent::fused::<F32, i64, Full>;
+    xent_chunk_partial_opt_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Full>;
+    xent_chunk_partial_opt_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, Full>;
+    xent_chunk_partial_opt_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, Full>;
+    xent_chunk_partial_opt_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, Full>;
+    xent_chunk_partial_opt_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, Full>;
+    xent_chunk_partial_opt_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, Full>;
+    xent_chunk_grad_opt_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, Full>;
+    xent_chunk_grad_opt_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, Full>;
+    xent_chunk_grad_opt_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, Full>;
+    xent_chunk_grad_opt_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, Full>;
+    xent_chunk_grad_opt_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, Full>;
+    xent_chunk_grad_opt_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Full>;
 
     xent_scale_bf16(ScaleParams) => scale::scale::<Bf16>;
     xent_scale_f16(ScaleParams) => scale::scale::<F16>;
@@ -65,10 +86,16 @@ kernels! {
 
 #[cfg(xent_cluster)]
 kernels! {
-    xent_cluster_bf16_i32(XentParams) => xent::cluster::<Bf16, i32>;
-    xent_cluster_bf16_i64(XentParams) => xent::cluster::<Bf16, i64>;
-    xent_cluster_f16_i32(XentParams) => xent::cluster::<F16, i32>;
-    xent_cluster_f16_i64(XentParams) => xent::cluster::<F16, i64>;
-    xent_cluster_f32_i32(XentParams) => xent::cluster::<F32, i32>;
-    xent_cluster_f32_i64(XentParams) => xent::cluster::<F32, i64>;
+    xent_cluster_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, Plain>;
+    xent_cluster_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Plain>;
+    xent_cluster_f16_i32(XentParams) => xent::cluster::<F16, i32, Plain>;
+    xent_cluster_f16_i64(XentParams) => xent::cluster::<F16, i64, Plain>;
+    xent_cluster_f32_i32(XentParams) => xent::cluster::<F32, i32, Plain>;
+    xent_cluster_f32_i64(XentParams) => xent::cluster::<F32, i64, Plain>;
+    xent_cluster_opt_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, Full>;
+    xent_cluster_opt_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Full>;
+    xent_cluster_opt_f16_i32(XentParams) => xent::cluster::<F16, i32, Full>;
+    xent_cluster_opt_f16_i64(XentParams) => xent::cluster::<F16, i64, Full>;
+    xent_cluster_opt_f32_i32(XentParams) => xent::cluster::<F32, i32, Full>;
+    xent_cluster_opt_f32_i64(XentParams) => xent::cluster::<F32, i64, Full>;
 }

@@ -169,15 +169,41 @@ pub fn block_lse2(v: Lse2) -> Lse2 {
     w
 }
 
-/// Sum of a `u32` across the block; every thread gets it.
+/// Sum of a `u32` across the warp; every lane gets it.
 #[inline(always)]
-pub fn block_sum_u32(mut v: u32) -> u32 {
+pub fn warp_sum_u32(mut v: u32) -> u32 {
     let mut lane_mask = 16;
     while lane_mask > 0 {
         v = v.wrapping_add(shfl_xor_u32(v, lane_mask));
         lane_mask >>= 1;
     }
-    block_combine_words(v as u64, |a, b| a.wrapping_add(b)) as u32
+    v
+}
+
+/// Sum of a `u32` across the block; every thread gets it.
+#[inline(always)]
+pub fn block_sum_u32(v: u32) -> u32 {
+    block_combine_words(warp_sum_u32(v) as u64, |a, b| a.wrapping_add(b)) as u32
+}
+
+/// Sum of an `f32` across the warp (butterfly, so every lane gets the same bits).
+#[inline(always)]
+pub fn warp_sum_f32(mut v: f32) -> f32 {
+    let mut lane_mask = 16;
+    while lane_mask > 0 {
+        v += shfl_xor_f32(v, lane_mask);
+        lane_mask >>= 1;
+    }
+    v
+}
+
+/// Sum of an `f32` across the block, in a fixed order; every thread gets it.
+#[inline(always)]
+pub fn block_sum_f32(v: f32) -> f32 {
+    let total = block_combine_words(warp_sum_f32(v).to_bits() as u64, |a, b| {
+        (f32::from_bits(a as u32) + f32::from_bits(b as u32)).to_bits() as u64
+    });
+    f32::from_bits(total as u32)
 }
 
 /// Sum of an `f64` across the block; every thread gets it.

@@ -3,16 +3,18 @@
 //!
 //! Every row is computed as: lse = log(sum_j exp(x_j)), loss = lse - x_label, and
 //! grad_j = (softmax_j - [j == label]) * scale, where scale = grad_scale / n_valid for the mean
-//! and grad_scale otherwise. All arithmetic is f32, in base 2 (`x * log2(e)` into `ex2`).
+//! and grad_scale otherwise; the `Full` mode (`opts`) adds the loss options. All arithmetic is
+//! f32, in base 2 (`x * log2(e)` into `ex2`).
 
 use crate::abi::{
-    COUNT_BAD, COUNT_VALID, CountParams, FinishParams, REDUCTION_MEAN, RowsParams,
-    SMEM_STASH_OFFSET, XentParams,
+    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, OptParams, PARTIAL_WORDS,
+    REDUCTION_MEAN, RowsParams, SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
+use crate::opts::{self, Coef, Mode, Part, RowCtx};
 use crate::prim::{self, thread_idx};
-use crate::reduce::{self, Lse2};
-use core::f32::consts::{LN_2, LOG2_E};
+use crate::reduce;
+use core::f32::consts::LN_2;
 
 /// Vectors each thread loads before it uses the first, to keep enough bytes in flight
 /// (`plan::UNROLL` on the host sizes blocks so one batch covers a chunk). `unroll!` repeats its
@@ -109,20 +111,41 @@ impl Segment {
     }
 }
 
-/// This thread's share of the online log-sum-exp over `seg`. With `stash`, also copies the raw
-/// data to shared memory, element `j` at `stash + j * BYTES` (`stash` congruent to `seg.addr`
-/// modulo 16, so vectors stay aligned).
+/// This thread's share of the online log-sum-exp over `seg` (with `Full`, of the whole chunk
+/// summary, `ctx` placing the segment in its row). With `stash`, also copies the raw data to
+/// shared memory, element `j` at `stash + j * BYTES` (`stash` congruent to `seg.addr` modulo 16,
+/// so vectors stay aligned).
 ///
 /// Each thread takes vectors `v, v + step, ...` in batches of `UNROLL`: all loads of a batch are
 /// issued before the first is used (bounds-checked, so a partial batch costs one round trip,
 /// not one per vector); the batch's maximum rescales the running sum once; the exponentials are
 /// summed as a tree to keep dependency chains short.
 #[inline(always)]
-unsafe fn reduce_segment<T: Element>(seg: &Segment, stash: Option<u32>) -> Lse2 {
+unsafe fn reduce_segment<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: Option<u32>,
+    o: &OptParams,
+    ctx: &RowCtx,
+) -> Part {
     let (tid, step) = (thread_idx(), prim::block_dim());
-    let mut acc = Lse2::EMPTY;
+    let mut acc = Part::EMPTY;
     let mut v = tid;
-    while v < seg.n_vec {
+    if M::FULL {
+        // One vector at a time (a rolled loop keeps the options' per-element code small; their
+        // arithmetic, not the loads' latency, bounds this path).
+        while v < seg.n_vec {
+            let start = seg.vec_start::<T>(v);
+            let words = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
+            if let Some(stash) = stash {
+                unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
+            }
+            let x = T::unpack(words);
+            let y = unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) };
+            acc.lse.add(&y, T::VEC);
+            v += step;
+        }
+    }
+    while !M::FULL && v < seg.n_vec {
         let mut words = [[0u32; 4]; UNROLL as usize];
         unroll!(u => {
             let index = v + u * step;
@@ -142,19 +165,19 @@ unsafe fn reduce_segment<T: Element>(seg: &Segment, stash: Option<u32>) -> Lse2 
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
-        if acc.raise(batch_max) {
+        if acc.lse.raise(batch_max) {
             let mut sums = [0.0f32; 2];
             unroll!(u => {
                 if v + u * step < seg.n_vec {
                     let x = T::unpack(words[u as usize]);
-                    sums[(u & 1) as usize] += reduce::sum_exp2(&x, T::VEC, acc.m);
+                    sums[(u & 1) as usize] += reduce::sum_exp2(&x, T::VEC, acc.lse.m);
                 }
             });
-            acc.s += sums[0] + sums[1];
+            acc.lse.s += sums[0] + sums[1];
         } else {
             unroll!(u => {
                 if v + u * step < seg.n_vec {
-                    acc.keep_nan(&T::unpack(words[u as usize]), T::VEC);
+                    acc.lse.keep_nan(&T::unpack(words[u as usize]), T::VEC);
                 }
             });
         }
@@ -166,45 +189,27 @@ unsafe fn reduce_segment<T: Element>(seg: &Segment, stash: Option<u32>) -> Lse2 
         if let Some(stash) = stash {
             unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
         }
-        acc.add(&[T::widen(raw)], 1);
+        unsafe { add_scalar::<M>(&mut acc, T::widen(raw), j, o, ctx) };
     }
     acc
 }
 
-/// Gradient of one vector's worth of logits: `(2^(x*log2e - lse2) - [col == label]) * scale`.
+/// Adds one element (index `j` in its segment) to a summary.
 #[inline(always)]
-fn grad_values<const N: usize>(
-    x: [f32; N],
-    n: usize,
-    first_col: u32,
-    label: u32,
-    lse2: f32,
-    scale: f32,
-) -> [f32; N] {
-    let mut g = [0.0; N];
-    for i in 0..n {
-        g[i] = prim::ex2(prim::fma(x[i], LOG2_E, -lse2)) * scale;
-    }
-    // One compare per vector; the per-element search runs only in the vector holding the label.
-    if label.wrapping_sub(first_col) < n as u32 {
-        for i in 0..n {
-            if first_col + i as u32 == label {
-                g[i] -= scale;
-            }
-        }
-    }
-    g
+unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx: &RowCtx) {
+    let y = if M::FULL { unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) } } else { [x] };
+    acc.lse.add(&y, 1);
 }
 
 /// Writes the gradient over `seg`, reading the logits from `stash` (see `reduce_segment`) or,
 /// without one, from the segment itself. `label` is the label's index in the segment (any value
 /// `>= len` when it lies elsewhere).
 #[inline(always)]
-unsafe fn grad_segment<T: Element>(
+unsafe fn grad_segment<T: Element, M: Mode>(
     seg: &Segment,
     stash: Option<u32>,
-    lse2: f32,
-    scale: f32,
+    o: &OptParams,
+    c: &Coef,
     label: u32,
 ) {
     let (tid, step) = (thread_idx(), prim::block_dim());
@@ -215,7 +220,17 @@ unsafe fn grad_segment<T: Element>(
         }
     };
     let mut v = tid;
-    while v < seg.n_vec {
+    if M::FULL {
+        // One vector at a time, as in `reduce_segment`.
+        while v < seg.n_vec {
+            let start = seg.vec_start::<T>(v);
+            let x = T::unpack(load(start));
+            let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
+            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+            v += step;
+        }
+    }
+    while !M::FULL && v < seg.n_vec {
         let mut words = [[0u32; 4]; UNROLL as usize];
         unroll!(u => {
             let index = v + u * step;
@@ -227,7 +242,8 @@ unsafe fn grad_segment<T: Element>(
             let index = v + u * step;
             if index < seg.n_vec {
                 let start = seg.vec_start::<T>(index);
-                let g = grad_values(T::unpack(words[u as usize]), T::VEC, start, label, lse2, scale);
+                let x = T::unpack(words[u as usize]);
+                let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
                 unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
             }
         });
@@ -241,7 +257,7 @@ unsafe fn grad_segment<T: Element>(
                 None => T::ld_global_raw(seg.elem_addr::<T>(j)),
             }
         };
-        let g = grad_values([T::widen(raw)], 1, j, label, lse2, scale);
+        let g = unsafe { opts::grad_values::<M, 1>(o, [T::widen(raw)], 1, j, label, c) };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
     }
 }
@@ -260,31 +276,45 @@ unsafe fn zero_segment<T: Element>(seg: &Segment) {
     }
 }
 
-/// The gradient's scale: `grad_scale / n_valid` for the mean, `grad_scale` otherwise.
+/// Writes row `row`'s loss, log-sum-exp and (with token accuracy) whether it was `correct`.
 #[inline(always)]
-unsafe fn grad_scale(p: &XentParams) -> f32 {
-    if p.reduction == REDUCTION_MEAN {
-        let n_valid = unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) };
-        p.grad_scale / n_valid as f32
-    } else {
-        p.grad_scale
-    }
-}
-
-#[inline(always)]
-unsafe fn write_row_outputs(p: &XentParams, row: u64, loss: f32, lse: f32) {
+unsafe fn write_row_outputs<M: Mode>(p: &XentParams, row: u64, loss: f32, lse: f32, correct: bool) {
     unsafe {
         prim::st_global_u32(p.row_loss + 4 * row, loss.to_bits());
         prim::st_global_u32(p.row_lse + 4 * row, lse.to_bits());
+        if M::FULL && p.opts.row_correct != 0 {
+            prim::st_global_u32(p.opts.row_correct + 4 * row, correct as u32);
+        }
     }
+}
+
+/// The outputs of a scored row with summary `total` (log-sum-exp `c.lse2` in log2 units).
+#[inline(always)]
+unsafe fn write_scored_row<M: Mode>(p: &XentParams, row: u64, total: &Part, label: u32, x_label: f32, c: &Coef) {
+    let lse = c.lse2 * LN_2;
+    let loss = unsafe { opts::row_loss::<M>(p, total, label, x_label, lse) };
+    unsafe { write_row_outputs::<M>(p, row, loss, lse, total.wrong == 0) }
 }
 
 /// Row outputs of a row that is not scored: zero, or NaN loss for an out-of-range label (so the
 /// reduced loss is NaN too; the host reports the error when the loss is read).
 #[inline(always)]
-unsafe fn write_unscored_row(p: &XentParams, row: u64, target: Target) {
+unsafe fn write_unscored_row<M: Mode>(p: &XentParams, row: u64, target: Target) {
     let loss = if target == Target::Bad { f32::NAN } else { 0.0 };
-    unsafe { write_row_outputs(p, row, loss, 0.0) }
+    unsafe { write_row_outputs::<M>(p, row, loss, 0.0, false) }
+}
+
+/// Phase one's context for a row of class `label`: with token accuracy every thread reads the
+/// label's logit (one broadcast load per warp).
+#[inline(always)]
+unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col0: u32) -> RowCtx {
+    let x_label = if M::FULL && p.opts.row_correct != 0 {
+        let addr = row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64;
+        T::widen(unsafe { T::ld_global_raw(addr) })
+    } else {
+        0.0
+    };
+    RowCtx { col0, label, x_label }
 }
 
 #[inline(always)]
@@ -292,19 +322,27 @@ fn row_addr<T: Element>(rows: &RowsParams, row: u64) -> u64 {
     rows.logits + row * rows.row_stride * T::BYTES as u64
 }
 
-/// Counts valid and out-of-range labels into `counts` (zeroed before the launch).
+/// Counts valid and out-of-range labels into `counts` (zeroed before the launch); with class
+/// weights also `Σ weight[label]` over the valid rows, which needs a launch of one block (so the
+/// sum's order, and its bits, do not depend on timing).
 ///
-/// Launch: any 1-D grid of 1-D blocks (a multiple of 32 threads), 256 bytes of dynamic shared
-/// memory. Traffic: one label per row.
+/// Launch: any 1-D grid of 1-D blocks (a multiple of 32 threads; one block with weights), 256
+/// bytes of dynamic shared memory. Traffic: one label per row.
 #[inline(always)]
 pub unsafe fn count<L: Label>(p: &CountParams) {
     let tid = thread_idx();
     let step = prim::grid_dim() as u64 * prim::block_dim() as u64;
     let mut row = prim::block_idx() as u64 * prim::block_dim() as u64 + tid as u64;
-    let (mut valid, mut bad) = (0u32, 0u32);
+    let (mut valid, mut bad, mut weight) = (0u32, 0u32, 0.0f64);
     while row < p.rows.n_rows {
         match unsafe { row_target::<L>(&p.rows, row) } {
-            Target::Class(_) => valid += 1,
+            Target::Class(label) => {
+                valid += 1;
+                if p.weight != 0 {
+                    let w = unsafe { prim::ld_global_u32(p.weight + 4 * label as u64) };
+                    weight += f32::from_bits(w) as f64;
+                }
+            }
             Target::Bad => bad += 1,
             Target::Ignored => {}
         }
@@ -312,6 +350,7 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
     }
     let valid = reduce::block_sum_u32(valid);
     let bad = reduce::block_sum_u32(bad);
+    let weight = if p.weight != 0 { reduce::block_sum_f64(weight) } else { 0.0 };
     if tid == 0 {
         unsafe {
             if valid > 0 {
@@ -319,6 +358,10 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
             }
             if bad > 0 {
                 prim::red_add_u32(p.counts + 4 * COUNT_BAD as u64, bad);
+            }
+            if p.weight != 0 {
+                let bits = (weight as f32).to_bits();
+                prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, bits);
             }
         }
     }
@@ -331,7 +374,7 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
 /// Launch: grid = n_rows, block = a multiple of 32 threads up to 1024, dynamic shared memory =
 /// `SMEM_STASH_OFFSET + 16 + vocab * BYTES`.
 #[inline(always)]
-pub unsafe fn fused<T: Element, L: Label>(p: &XentParams) {
+pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let rows = &p.rows;
     let row = prim::block_idx() as u64;
     let tid = thread_idx();
@@ -341,7 +384,7 @@ pub unsafe fn fused<T: Element, L: Label>(p: &XentParams) {
         target => {
             unsafe { zero_segment::<T>(&seg) };
             if tid == 0 {
-                unsafe { write_unscored_row(p, row, target) };
+                unsafe { write_unscored_row::<M>(p, row, target) };
             }
             return;
         }
@@ -349,14 +392,14 @@ pub unsafe fn fused<T: Element, L: Label>(p: &XentParams) {
     // Read before the block's first barrier; every gradient write comes after it.
     let x_label =
         if tid == 0 { T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(label)) }) } else { 0.0 };
+    let ctx = unsafe { row_ctx::<T, M>(p, row, label, 0) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-    let partial = unsafe { reduce_segment::<T>(&seg, Some(stash)) };
-    let lse2 = reduce::block_lse2(partial).value();
-    let scale = unsafe { grad_scale(p) };
-    unsafe { grad_segment::<T>(&seg, Some(stash), lse2, scale, label) };
+    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) };
+    let total = partial.block_merge::<M>();
+    let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
+    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, label) };
     if tid == 0 {
-        let lse = lse2 * LN_2;
-        unsafe { write_row_outputs(p, row, lse - x_label, lse) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
     }
 }
 
@@ -372,33 +415,31 @@ fn chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
     (row, start, block, Segment::new::<T>(addr, len))
 }
 
-/// Chunked plan, first kernel: (max, sum) in log2 units of one chunk of a row, into `partials`.
-/// Reads each logit once (element bytes per element).
+/// Chunked plan, first kernel: the summary of one chunk of a row ((max, sum) in log2 units, and
+/// the options' sums), into `partials`. Reads each logit once (element bytes per element).
 ///
 /// Launch: grid = n_rows * n_chunks, block = a multiple of 32 threads, 256 bytes of dynamic
 /// shared memory.
 #[inline(always)]
-pub unsafe fn chunk_partial<T: Element, L: Label>(p: &XentParams) {
-    let (row, _, block, seg) = chunk_of::<T>(p);
-    if !matches!(unsafe { row_target::<L>(&p.rows, row) }, Target::Class(_)) {
+pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    let (row, start, block, seg) = chunk_of::<T>(p);
+    let Target::Class(label) = (unsafe { row_target::<L>(&p.rows, row) }) else {
         return;
-    }
-    let total = reduce::block_lse2(unsafe { reduce_segment::<T>(&seg, None) });
+    };
+    let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
+    let total = unsafe { reduce_segment::<T, M>(&seg, None, &p.opts, &ctx) }.block_merge::<M>();
     if thread_idx() == 0 {
-        unsafe {
-            prim::st_global_u32(p.partials + 8 * block, total.m.to_bits());
-            prim::st_global_u32(p.partials + 8 * block + 4, total.s.to_bits());
-        }
+        unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
     }
 }
 
-/// Chunked plan, second kernel: combines the row's partials into its log-sum-exp, then reads the
+/// Chunked plan, second kernel: combines the row's partials into its summary, then reads the
 /// chunk again and writes its gradient (2 x element bytes per element). The block holding the
-/// label writes the row's loss and log-sum-exp.
+/// label writes the row's outputs.
 ///
 /// Launch: as `chunk_partial`.
 #[inline(always)]
-pub unsafe fn chunk_grad<T: Element, L: Label>(p: &XentParams) {
+pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
@@ -406,7 +447,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label>(p: &XentParams) {
         target => {
             unsafe { zero_segment::<T>(&seg) };
             if start == 0 && tid == 0 {
-                unsafe { write_unscored_row(p, row, target) };
+                unsafe { write_unscored_row::<M>(p, row, target) };
             }
             return;
         }
@@ -420,30 +461,23 @@ pub unsafe fn chunk_grad<T: Element, L: Label>(p: &XentParams) {
         0.0
     };
     let first = row * p.n_chunks as u64;
-    let mut acc = Lse2::EMPTY;
+    let mut acc = Part::EMPTY;
     let mut i = tid;
     while i < p.n_chunks {
-        let at = p.partials + 8 * (first + i as u64);
-        let part = unsafe {
-            Lse2 {
-                m: f32::from_bits(prim::ld_global_u32(at)),
-                s: f32::from_bits(prim::ld_global_u32(at + 4)),
-            }
-        };
-        acc = acc.merge(part);
+        let at = p.partials + 4 * PARTIAL_WORDS as u64 * (first + i as u64);
+        acc = acc.merge::<M>(unsafe { Part::ld_global::<M>(at) });
         i += prim::block_dim();
     }
-    let lse2 = reduce::block_lse2(acc).value();
-    let scale = unsafe { grad_scale(p) };
-    unsafe { grad_segment::<T>(&seg, None, lse2, scale, local_label) };
+    let total = acc.block_merge::<M>();
+    let c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label) };
     if owns_label && tid == 0 {
-        let lse = lse2 * LN_2;
-        unsafe { write_row_outputs(p, row, lse - x_label, lse) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
     }
 }
 
 /// Cluster plan (sm_90): a row split over the CTAs of a thread-block cluster, one chunk each, kept
-/// in shared memory. Each CTA publishes its chunk's (max, sum) in its shared memory; after a
+/// in shared memory. Each CTA publishes its chunk's summary in its shared memory; after a
 /// cluster barrier every warp reads all of them through distributed shared memory, so the row is
 /// read from HBM once and its gradient written once (2 x element bytes per element), for rows
 /// too long for one block and to spread few rows over many SMs.
@@ -453,7 +487,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label>(p: &XentParams) {
 /// = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
 #[cfg(xent_cluster)]
 #[inline(always)]
-pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
+pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     // Every CTA of a cluster has the same row, so all of them leave here together or none does.
@@ -462,7 +496,7 @@ pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
         target => {
             unsafe { zero_segment::<T>(&seg) };
             if start == 0 && tid == 0 {
-                unsafe { write_unscored_row(p, row, target) };
+                unsafe { write_unscored_row::<M>(p, row, target) };
             }
             return;
         }
@@ -475,49 +509,40 @@ pub unsafe fn cluster<T: Element, L: Label>(p: &XentParams) {
     } else {
         0.0
     };
+    let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     let partial = if BULK_LOAD {
-        unsafe { bulk_load_and_reduce::<T>(&seg, stash) }
+        unsafe { bulk_load_and_reduce::<T, M>(&seg, stash, &p.opts, &ctx) }
     } else {
-        unsafe { reduce_segment::<T>(&seg, Some(stash)) }
+        unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }
     };
-    let chunk = reduce::block_lse2(partial);
+    let chunk = partial.block_merge::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
-        unsafe {
-            prim::st_shared_u32(slot, chunk.m.to_bits());
-            prim::st_shared_u32(slot + 4, chunk.s.to_bits());
-        }
+        unsafe { chunk.st_shared::<M>(slot) };
     }
     prim::cluster_arrive();
     prim::cluster_wait();
     // Lane i reads the slot of CTA i (i, i + 32, ...), then the warp combines them.
-    let mut acc = Lse2::EMPTY;
+    let mut acc = Part::EMPTY;
     let mut rank = tid % 32;
     while rank < p.n_chunks {
         let remote = prim::map_shared_rank(slot, rank);
-        let part = unsafe {
-            Lse2 {
-                m: f32::from_bits(prim::ld_shared_cluster_u32(remote)),
-                s: f32::from_bits(prim::ld_shared_cluster_u32(remote + 4)),
-            }
-        };
-        acc = acc.merge(part);
+        acc = acc.merge::<M>(unsafe { Part::ld_shared_cluster::<M>(remote) });
         rank += 32;
     }
-    let lse2 = reduce::warp_lse2(acc).value();
+    let total = acc.warp_merge::<M>();
     // Done reading the other CTAs' slots; the matching wait keeps this CTA's slot alive until
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
-    let scale = unsafe { grad_scale(p) };
+    let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if BULK_LOAD {
-        unsafe { grad_from_stash::<T>(&seg, stash, lse2, scale, local_label) };
+        unsafe { grad_from_stash::<T, M>(&seg, stash, &p.opts, &c, local_label) };
     } else {
-        unsafe { grad_segment::<T>(&seg, Some(stash), lse2, scale, local_label) };
+        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label) };
     }
     if owns_label && tid == 0 {
-        let lse = lse2 * LN_2;
-        unsafe { write_row_outputs(p, row, lse - x_label, lse) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
     }
     prim::cluster_wait();
 }
@@ -529,10 +554,15 @@ const BULK_LOAD: bool = true;
 
 /// Copies the vectors of `seg` into the stash with one bulk copy (thread 0 issues it; it
 /// completes on an mbarrier), loads and stashes the scalar head and tail meanwhile, then returns
-/// this thread's share of the online log-sum-exp, read from shared memory.
+/// this thread's share of the chunk summary, read from shared memory.
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn bulk_load_and_reduce<T: Element>(seg: &Segment, stash: u32) -> Lse2 {
+unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: u32,
+    o: &OptParams,
+    ctx: &RowCtx,
+) -> Part {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mbar = prim::smem_base() + crate::abi::SMEM_MBARRIER;
     let vec_bytes = seg.n_vec * 16;
@@ -553,12 +583,12 @@ unsafe fn bulk_load_and_reduce<T: Element>(seg: &Segment, stash: u32) -> Lse2 {
             );
         }
     }
-    let mut acc = Lse2::EMPTY;
+    let mut acc = Part::EMPTY;
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
         unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
-        acc.add(&[T::widen(raw)], 1);
+        unsafe { add_scalar::<M>(&mut acc, T::widen(raw), j, o, ctx) };
     }
     if vec_bytes > 0 {
         while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
@@ -566,7 +596,13 @@ unsafe fn bulk_load_and_reduce<T: Element>(seg: &Segment, stash: u32) -> Lse2 {
     let mut v = tid;
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
-        acc.add(&T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) }), T::VEC);
+        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) });
+        let y = if M::FULL {
+            unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) }
+        } else {
+            x
+        };
+        acc.lse.add(&y, T::VEC);
         v += step;
     }
     acc
@@ -575,44 +611,81 @@ unsafe fn bulk_load_and_reduce<T: Element>(seg: &Segment, stash: u32) -> Lse2 {
 /// The gradient of `seg` from its stash, one vector at a time (few registers held).
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn grad_from_stash<T: Element>(seg: &Segment, stash: u32, lse2: f32, scale: f32, label: u32) {
+unsafe fn grad_from_stash<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: u32,
+    o: &OptParams,
+    c: &Coef,
+    label: u32,
+) {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut v = tid;
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
         let x = T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) });
-        let g = grad_values(x, T::VEC, start, label, lse2, scale);
+        let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let x = T::widen(unsafe { T::ld_shared_raw(stash + j * T::BYTES) });
-        let g = grad_values([x], 1, j, label, lse2, scale);
+        let g = unsafe { opts::grad_values::<M, 1>(o, [x], 1, j, label, c) };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
     }
 }
 
-/// Reduces the per-row losses to the loss: their sum, divided by the valid count for the mean
-/// (0/0 = NaN when every row is ignored, as in PyTorch). Sums in f64, in a fixed order.
+/// Reduces the per-row losses to the loss: their sum, the mean dividing the cross-entropy part
+/// by the valid count (or, with class weights, the valid rows' total weight) and the z-loss part
+/// by the valid count (0/0 = NaN when every row is ignored, as in PyTorch). With the z-loss the
+/// rows' `s·lse²` are taken out of their losses and reported on their own; with token accuracy
+/// the fraction of valid rows marked correct. Sums in f64, in a fixed order.
 ///
 /// Launch: one block of a multiple of 32 threads, 256 bytes of dynamic shared memory.
 #[inline(always)]
 pub unsafe fn finish(p: &FinishParams) {
     let tid = thread_idx();
-    let mut sum = 0.0f64;
+    let z = p.lse_square_scale as f64;
+    let (mut ce, mut zsum, mut correct) = (0.0f64, 0.0f64, 0u32);
     let mut row = tid as u64;
     while row < p.n_rows {
-        sum += f32::from_bits(unsafe { prim::ld_global_u32(p.row_loss + 4 * row) }) as f64;
+        let loss = f32::from_bits(unsafe { prim::ld_global_u32(p.row_loss + 4 * row) }) as f64;
+        if z != 0.0 {
+            let lse = f32::from_bits(unsafe { prim::ld_global_u32(p.row_lse + 4 * row) }) as f64;
+            let part = z * lse * lse;
+            zsum += part;
+            ce += loss - part;
+        } else {
+            ce += loss;
+        }
+        if p.row_correct != 0 {
+            correct += unsafe { prim::ld_global_u32(p.row_correct + 4 * row) };
+        }
         row += prim::block_dim() as u64;
     }
-    let total = reduce::block_sum_f64(sum);
+    let ce = reduce::block_sum_f64(ce);
+    let zsum = if z != 0.0 { reduce::block_sum_f64(zsum) } else { 0.0 };
+    let correct = if p.row_correct != 0 { reduce::block_sum_u32(correct) } else { 0 };
     if tid == 0 {
-        let loss = if p.reduction == REDUCTION_MEAN {
-            total / unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) } as f64
+        let n_valid = unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) } as f64;
+        let (ce, zsum) = if p.reduction == REDUCTION_MEAN {
+            let total_weight = if p.weighted != 0 {
+                f32::from_bits(unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_WEIGHT as u64) })
+                    as f64
+            } else {
+                n_valid
+            };
+            (ce / total_weight, if z != 0.0 { zsum / n_valid } else { 0.0 })
         } else {
-            total
+            (ce, zsum)
         };
-        unsafe { prim::st_global_u32(p.loss, (loss as f32).to_bits()) };
+        unsafe {
+            prim::st_global_u32(p.loss, ((ce + zsum) as f32).to_bits());
+            if p.extras != 0 {
+                prim::st_global_u32(p.extras, (zsum as f32).to_bits());
+                let accuracy = correct as f64 / n_valid;
+                prim::st_global_u32(p.extras + 4, (accuracy as f32).to_bits());
+            }
+        }
     }
 }

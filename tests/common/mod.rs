@@ -219,6 +219,67 @@ pub fn total_loss_tol(expected: &cpu::CpuLoss, opts: &Options) -> f64 {
     loss_tol(expected.loss).max(1e-6 * scale * magnitude)
 }
 
+/// The scale the gradient's absolute tolerance is relative to: the largest coefficient of a
+/// row's gradient, `max w·ce_scale·(1 + ε) + 2·s·max|lse|·z_scale` (see `xent::Options`), which
+/// is `cpu::grad_scale` without options.
+pub fn grad_tol_scale(opts: &Options, expected: &cpu::CpuLoss) -> f64 {
+    let z_scale = cpu::grad_scale(opts, expected.n_valid).abs();
+    let ce_scale = match opts.reduction {
+        Reduction::Mean => opts.grad_scale as f64 / expected.total_weight,
+        _ => opts.grad_scale as f64,
+    }
+    .abs();
+    let w_max = opts.weight.as_ref().map_or(1.0, |w| {
+        w.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+    });
+    let lse_max = expected.row_lse.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
+    let z = 2.0 * opts.lse_square_scale as f64 * lse_max * z_scale;
+    let scale = w_max * ce_scale * (1.0 + opts.label_smoothing as f64) + z;
+    // A weighted mean over no weight is 0/0: fall back to the unweighted scale.
+    if scale.is_finite() { scale } else { z_scale }
+}
+
+/// Compares what the loss options add (the z-loss part, the token accuracy per row and overall)
+/// with the reference; `Ok` when the call did not ask for them.
+pub fn check_option_outputs(
+    loss: &xent::Loss,
+    expected: &cpu::CpuLoss,
+    opts: &Options,
+) -> Result<(), String> {
+    let z = loss.read_z_loss().map_err(|e| e.to_string())? as f64;
+    let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
+    if !same(z, expected.z_loss, total_loss_tol(expected, opts)) {
+        return Err(format!("z_loss {z} != reference {}", expected.z_loss));
+    }
+    let accuracy = loss.read_accuracy().map_err(|e| e.to_string())?;
+    let row_correct = loss.read_row_correct().map_err(|e| e.to_string())?;
+    match (
+        &expected.row_correct,
+        row_correct,
+        expected.accuracy,
+        accuracy,
+    ) {
+        (None, None, None, None) => Ok(()),
+        (Some(want), Some(got), Some(want_acc), Some(got_acc)) => {
+            if let Some(r) = (0..want.len()).find(|&r| want[r] != got[r]) {
+                return Err(format!(
+                    "row {r}: correct {} != reference {}",
+                    got[r], want[r]
+                ));
+            }
+            if !same(got_acc as f64, want_acc, 1e-6) {
+                return Err(format!("accuracy {got_acc} != reference {want_acc}"));
+            }
+            Ok(())
+        }
+        (_, got, _, got_acc) => Err(format!(
+            "token accuracy asked: {}, GPU returned rows: {}, accuracy: {got_acc:?}",
+            opts.return_token_accuracy,
+            got.is_some()
+        )),
+    }
+}
+
 /// One GPU call against the CPU reference.
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -288,7 +349,11 @@ pub fn run_case<T: Element, L: Label + FromI64>(
         )));
     }
     let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
-    if !same(loss_gpu, expected.loss, total_loss_tol(&expected, &case.opts)) {
+    if !same(
+        loss_gpu,
+        expected.loss,
+        total_loss_tol(&expected, &case.opts),
+    ) {
         return Err(context(&format!(
             "loss {loss_gpu} != reference {}",
             expected.loss
@@ -304,7 +369,8 @@ pub fn run_case<T: Element, L: Label + FromI64>(
             return Err(context(&format!("row {r}: lse {l} != reference {e}")));
         }
     }
-    let scale = cpu::grad_scale(&case.opts, expected.n_valid);
+    check_option_outputs(&loss, &expected, &case.opts).map_err(|e| context(&e))?;
+    let scale = grad_tol_scale(&case.opts, &expected);
     let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
     let mut worst = 0.0f64;
     for (i, (g, e)) in grad.iter().zip(&reference).enumerate() {
@@ -529,8 +595,11 @@ impl<T: Element, L: Label> Prepared<T, L> {
             }
         }
 
+        if n_bad == 0 {
+            check_option_outputs(loss, &expected, opts).map_err(|e| self.context(&e))?;
+        }
         let grad: Vec<T> = self.stream.clone_dtoh(&self.d_logits).map_err(driver)?;
-        let scale = cpu::grad_scale(opts, expected.n_valid);
+        let scale = grad_tol_scale(opts, &expected);
         let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
         let mut worst = 0.0f64;
         for (i, g) in grad.iter().enumerate() {

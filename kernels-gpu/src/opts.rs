@@ -1,0 +1,368 @@
+//! The loss options (label smoothing, z-loss, soft-capping, class weights, token accuracy) as the
+//! kernels apply them, behind a compile-time [`Mode`]: the plain entry points are built with
+//! `Plain`, whose every option branch is a constant `false`, so they compile to the same code as
+//! without options; the `*_opt_*` entry points are built with `Full` and read `OptParams`.
+//!
+//! Per row, with `y = cap·tanh(x / cap)` (or `y = x`), `lse = ln Σ e^y`, class `c`, weights `w`
+//! (1 without), `W = Σ_j w_j`, smoothing `ε`, z-loss scale `s`:
+//!
+//! - loss = `(1 - ε)·w_c·(lse - y_c) + (ε/V)·(W·lse - Σ_j w_j·y_j) + s·lse²`
+//! - d loss / d x_j = `(p_j·a - [j = c]·b - w_j·k) · dy_j/dx_j`, with `p = softmax(y)`,
+//!   `b = (1 - ε)·w_c·ce_scale`, `k = (ε/V)·ce_scale`, `a = b + W·k + 2·s·lse·z_scale`, where
+//!   `ce_scale` is the reduction's scale of the cross-entropy part (`grad_scale / Σ w_c` for a
+//!   weighted mean) and `z_scale` that of the z-loss (`grad_scale / n_valid` for the mean).
+//!
+//! Without options `a = b = scale`, `k = 0`: the plain gradient `(p_j - [j = c])·scale`.
+
+use crate::abi::{COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, XentParams};
+use crate::prim;
+use crate::reduce::{self, Lse2};
+use core::f32::consts::{LN_2, LOG2_E};
+
+/// Whether a kernel applies the options.
+pub trait Mode {
+    const FULL: bool;
+}
+
+/// No options: the fast kernels.
+pub struct Plain;
+impl Mode for Plain {
+    const FULL: bool = false;
+}
+
+/// Every option, read at run time from `OptParams`.
+pub struct Full;
+impl Mode for Full {
+    const FULL: bool = true;
+}
+
+/// A summary of some elements of a row: the online log-sum-exp of the (capped) logits, and with
+/// options `Σ w_j·y_j` (label smoothing) and the count of elements that beat the label for the
+/// argmax (token accuracy).
+#[derive(Clone, Copy)]
+pub struct Part {
+    pub lse: Lse2,
+    pub wsum: f32,
+    pub wrong: u32,
+}
+
+impl Part {
+    pub const EMPTY: Part = Part { lse: Lse2::EMPTY, wsum: 0.0, wrong: 0 };
+
+    #[inline(always)]
+    pub fn merge<M: Mode>(self, other: Part) -> Part {
+        if M::FULL {
+            Part {
+                lse: self.lse.merge(other.lse),
+                wsum: self.wsum + other.wsum,
+                wrong: self.wrong + other.wrong,
+            }
+        } else {
+            Part { lse: self.lse.merge(other.lse), ..Part::EMPTY }
+        }
+    }
+
+    /// The merge across the block; every thread gets it (contains barriers).
+    #[inline(always)]
+    pub fn block_merge<M: Mode>(self) -> Part {
+        let lse = reduce::block_lse2(self.lse);
+        if M::FULL {
+            Part { lse, wsum: reduce::block_sum_f32(self.wsum), wrong: reduce::block_sum_u32(self.wrong) }
+        } else {
+            Part { lse, ..Part::EMPTY }
+        }
+    }
+
+    /// The merge across a warp; every lane gets it.
+    #[inline(always)]
+    pub fn warp_merge<M: Mode>(self) -> Part {
+        let lse = reduce::warp_lse2(self.lse);
+        if M::FULL {
+            Part { lse, wsum: reduce::warp_sum_f32(self.wsum), wrong: reduce::warp_sum_u32(self.wrong) }
+        } else {
+            Part { lse, ..Part::EMPTY }
+        }
+    }
+
+    /// Stores the summary as 4 words at a shared-window address (`Plain`: 2).
+    #[inline(always)]
+    pub unsafe fn st_shared<M: Mode>(&self, at: u32) {
+        unsafe {
+            prim::st_shared_u32(at, self.lse.m.to_bits());
+            prim::st_shared_u32(at + 4, self.lse.s.to_bits());
+            if M::FULL {
+                prim::st_shared_u32(at + 8, self.wsum.to_bits());
+                prim::st_shared_u32(at + 12, self.wrong);
+            }
+        }
+    }
+
+    /// Stores the summary as 4 words at a global address (`Plain`: 2).
+    #[inline(always)]
+    pub unsafe fn st_global<M: Mode>(&self, at: u64) {
+        unsafe {
+            prim::st_global_u32(at, self.lse.m.to_bits());
+            prim::st_global_u32(at + 4, self.lse.s.to_bits());
+            if M::FULL {
+                prim::st_global_u32(at + 8, self.wsum.to_bits());
+                prim::st_global_u32(at + 12, self.wrong);
+            }
+        }
+    }
+
+    /// Loads a summary stored by `st_global`.
+    #[inline(always)]
+    pub unsafe fn ld_global<M: Mode>(at: u64) -> Part {
+        let lse = unsafe {
+            Lse2 {
+                m: f32::from_bits(prim::ld_global_u32(at)),
+                s: f32::from_bits(prim::ld_global_u32(at + 4)),
+            }
+        };
+        if M::FULL {
+            unsafe {
+                Part {
+                    lse,
+                    wsum: f32::from_bits(prim::ld_global_u32(at + 8)),
+                    wrong: prim::ld_global_u32(at + 12),
+                }
+            }
+        } else {
+            Part { lse, ..Part::EMPTY }
+        }
+    }
+
+    /// Loads a summary stored by `st_shared` in another CTA of the cluster (`at` from `mapa`).
+    #[cfg(xent_cluster)]
+    #[inline(always)]
+    pub unsafe fn ld_shared_cluster<M: Mode>(at: u32) -> Part {
+        let lse = unsafe {
+            Lse2 {
+                m: f32::from_bits(prim::ld_shared_cluster_u32(at)),
+                s: f32::from_bits(prim::ld_shared_cluster_u32(at + 4)),
+            }
+        };
+        if M::FULL {
+            unsafe {
+                Part {
+                    lse,
+                    wsum: f32::from_bits(prim::ld_shared_cluster_u32(at + 8)),
+                    wrong: prim::ld_shared_cluster_u32(at + 12),
+                }
+            }
+        } else {
+            Part { lse, ..Part::EMPTY }
+        }
+    }
+}
+
+/// What phase one needs to know about the row besides its elements (`Full` only).
+#[derive(Clone, Copy)]
+pub struct RowCtx {
+    /// Column of the segment's element 0.
+    pub col0: u32,
+    /// The label's column.
+    pub label: u32,
+    /// The label's logit as given (read only with token accuracy).
+    pub x_label: f32,
+}
+
+/// `tanh(u)` in f32 to a few ulp: an odd Taylor polynomial below 0.4 (truncation error below
+/// 1e-8 relative), `1 - 2 / (e^{2|u|} + 1)` above (no cancellation worse than 1.7x there).
+#[inline(always)]
+pub fn tanh(u: f32) -> f32 {
+    let sign = u.to_bits() & 0x8000_0000;
+    let a = f32::from_bits(u.to_bits() & 0x7fff_ffff);
+    let t = if a < 0.4 {
+        let s = a * a;
+        let mut q = 21844.0 / 6081075.0;
+        q = prim::fma(q, s, -1382.0 / 155925.0);
+        q = prim::fma(q, s, 62.0 / 2835.0);
+        q = prim::fma(q, s, -17.0 / 315.0);
+        q = prim::fma(q, s, 2.0 / 15.0);
+        q = prim::fma(q, s, -1.0 / 3.0);
+        prim::fma(a * s, q, a)
+    } else {
+        1.0 - 2.0 / (prim::ex2(a * (2.0 * LOG2_E)) + 1.0)
+    };
+    f32::from_bits(t.to_bits() | sign)
+}
+
+/// The class weight of column `col` (1 without weights).
+#[inline(always)]
+pub unsafe fn class_weight(o: &OptParams, col: u32) -> f32 {
+    if o.weight != 0 { f32::from_bits(unsafe { prim::ld_global_u32(o.weight + 4 * col as u64) }) } else { 1.0 }
+}
+
+/// Phase one of `Full` for elements `x[..n]` at columns `first, first + 1, ...`: counts those
+/// that beat the label for the argmax (`torch.argmax`: the first maximal value, a NaN counting as
+/// the maximum), adds `Σ w_j·y_j`, and returns the capped values `y` for the log-sum-exp.
+#[inline(always)]
+pub unsafe fn observe<const N: usize>(
+    o: &OptParams,
+    ctx: &RowCtx,
+    x: [f32; N],
+    n: usize,
+    first: u32,
+    part: &mut Part,
+) -> [f32; N] {
+    if o.row_correct != 0 {
+        let xl = ctx.x_label;
+        for i in 0..n {
+            let (col, v) = (first + i as u32, x[i]);
+            let beats = if col < ctx.label {
+                v >= xl || v.is_nan()
+            } else if col > ctx.label {
+                v > xl || (v.is_nan() && !xl.is_nan())
+            } else {
+                false
+            };
+            part.wrong += beats as u32;
+        }
+    }
+    let mut y = x;
+    if o.softcap > 0.0 {
+        let inv = 1.0 / o.softcap;
+        for i in 0..n {
+            y[i] = o.softcap * tanh(x[i] * inv);
+        }
+    }
+    if o.label_smoothing != 0.0 {
+        for i in 0..n {
+            part.wsum += unsafe { class_weight(o, first + i as u32) } * y[i];
+        }
+    }
+    y
+}
+
+/// The per-row constants of the gradient (see the module doc).
+#[derive(Clone, Copy)]
+pub struct Coef {
+    /// The row's log-sum-exp in log2 units.
+    pub lse2: f32,
+    pub a: f32,
+    pub b: f32,
+    pub k: f32,
+    /// Column of the segment's element 0 (`Full`).
+    pub col0: u32,
+}
+
+/// The count of valid rows, and the mean's divisor of the cross-entropy part.
+#[inline(always)]
+unsafe fn divisors(p: &XentParams) -> (f32, f32) {
+    let n_valid = unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) } as f32;
+    let total_weight = if p.opts.weight != 0 {
+        f32::from_bits(unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_WEIGHT as u64) })
+    } else {
+        n_valid
+    };
+    (n_valid, total_weight)
+}
+
+/// The gradient's constants for a row of class `label` whose summary is `row`.
+#[inline(always)]
+pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
+    let lse2 = row.lse.value();
+    let mean = p.reduction == REDUCTION_MEAN;
+    if !M::FULL {
+        let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0 };
+    }
+    let o = &p.opts;
+    let (ce_scale, z_scale) = if mean {
+        let (n_valid, total_weight) = unsafe { divisors(p) };
+        (p.grad_scale / total_weight, p.grad_scale / n_valid)
+    } else {
+        (p.grad_scale, p.grad_scale)
+    };
+    let eps = o.label_smoothing;
+    let b = (1.0 - eps) * unsafe { class_weight(o, label) } * ce_scale;
+    let k = eps / p.rows.vocab as f32 * ce_scale;
+    let mut a = prim::fma(o.weight_sum, k, b);
+    if o.lse_square_scale != 0.0 {
+        a = prim::fma(2.0 * o.lse_square_scale * z_scale, lse2 * LN_2, a);
+    }
+    Coef { lse2, a, b, k, col0 }
+}
+
+/// The row's loss (natural log-sum-exp `lse`; `x_label` as given).
+#[inline(always)]
+pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label: f32, lse: f32) -> f32 {
+    if !M::FULL {
+        return lse - x_label;
+    }
+    let o = &p.opts;
+    let y_label = if o.softcap > 0.0 { o.softcap * tanh(x_label * (1.0 / o.softcap)) } else { x_label };
+    let eps = o.label_smoothing;
+    let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * (lse - y_label);
+    if eps != 0.0 {
+        loss += eps / p.rows.vocab as f32 * (o.weight_sum * lse - row.wsum);
+    }
+    if o.lse_square_scale != 0.0 {
+        loss += o.lse_square_scale * lse * lse;
+    }
+    loss
+}
+
+/// Gradient of `x[..n]`, the elements `first, first + 1, ...` of a segment whose label is at
+/// index `label` (any value outside the segment when it lies elsewhere).
+#[inline(always)]
+pub unsafe fn grad_values<M: Mode, const N: usize>(
+    o: &OptParams,
+    x: [f32; N],
+    n: usize,
+    first: u32,
+    label: u32,
+    c: &Coef,
+) -> [f32; N] {
+    if M::FULL {
+        // One element at a time, the whole chain fused, so nothing but the result is indexed.
+        let one = |i: usize, xi: f32| -> f32 {
+            let (y, dy) = if o.softcap > 0.0 {
+                let t = tanh(xi * (1.0 / o.softcap));
+                (o.softcap * t, prim::fma(-t, t, 1.0))
+            } else {
+                (xi, 1.0)
+            };
+            let mut g = prim::ex2(prim::fma(y, LOG2_E, -c.lse2)) * c.a;
+            if c.k != 0.0 {
+                let w = unsafe { class_weight(o, c.col0 + first + i as u32) };
+                g = prim::fma(-w, c.k, g);
+            }
+            if first + i as u32 == label {
+                g -= c.b;
+            }
+            g * dy
+        };
+        let mut g = [0.0; N];
+        if N == 8 && n == 8 {
+            // Spelled out: LLVM leaves a loop this heavy rolled, which would put `g` on the stack.
+            g[0] = one(0, x[0]);
+            g[1] = one(1, x[1]);
+            g[2] = one(2, x[2]);
+            g[3] = one(3, x[3]);
+            g[4] = one(4, x[4]);
+            g[5] = one(5, x[5]);
+            g[6] = one(6, x[6]);
+            g[7] = one(7, x[7]);
+        } else {
+            for i in 0..n {
+                g[i] = one(i, x[i]);
+            }
+        }
+        return g;
+    }
+    let mut g = [0.0; N];
+    for i in 0..n {
+        g[i] = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2)) * c.a;
+    }
+    // One compare per vector; the per-element search runs only in the vector holding the label.
+    if label.wrapping_sub(first) < n as u32 {
+        for i in 0..n {
+            if first + i as u32 == label {
+                g[i] -= c.b;
+            }
+        }
+    }
+    g
+}
