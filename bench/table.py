@@ -23,7 +23,8 @@ for per in rows.values():
     for m in per:
         if m not in methods:
             methods.append(m)
-methods.sort(key=lambda m: (m != "xent", m))
+# Ours first (`xent`, then `xent[OPTION]`: the same call with a loss option on), then the peers.
+methods.sort(key=lambda m: (m != "xent", not m.startswith("xent"), m))
 print(f"copy bandwidth {copy} GB/s (read + write); cells: median ms (% of copy); peak extra MiB\n")
 print("| N x V, dtype | " + " | ".join(methods) + " | xent vs fastest peer |")
 print("| --- |" + " --- |" * (len(methods) + 1))
@@ -37,7 +38,7 @@ for (n, v, dtype), per in rows.items():
             cells.append("error")
         else:
             cells.append(f'{d["ms_median"]:.3f} ({d["pct_of_copy"]:.0f}%) {d["extra_peak_MiB"]}')
-    peers = [d["ms_median"] for m, d in per.items() if m != "xent" and "ms_median" in d]
+    peers = [d["ms_median"] for m, d in per.items() if not m.startswith("xent") and "ms_median" in d]
     ours = per.get("xent", {}).get("ms_median")
     ratio = f"{min(peers) / ours:.2f}x" if peers and ours else ""
     print(f"| {n} x {v} {dtype} | " + " | ".join(cells) + f" | {ratio} |")

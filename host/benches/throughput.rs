@@ -1,9 +1,11 @@
 //! Throughput of the fused cross-entropy (loss + gradient) on the GPU, timed with CUDA events, in
 //! the JSON-lines format of `shared/bench/peers.py` so both land in one table.
 //!
-//! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]`
-//! (`cargo xtask bench` forwards its arguments here). First line: `{"copy_GBps": ...}` measured in
-//! this process; then one line per config. Each iteration restores the logits from a pristine copy
+//! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]
+//! [--options none,smoothing,z,softcap,weight,accuracy,all]` (`cargo xtask bench` forwards its
+//! arguments here). First line: `{"copy_GBps": ...}` measured in this process; then one line per
+//! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
+//! option when on, on the same inputs). Each iteration restores the logits from a pristine copy
 //! outside the timed region, so every timed call sees real logits, not last call's gradient.
 
 use std::sync::Arc;
@@ -21,11 +23,38 @@ struct Args {
     configs: Vec<(usize, usize, DType)>,
     iters: usize,
     plan: PlanChoice,
+    /// Option sets by name (`none`: every option off).
+    options: Vec<String>,
+}
+
+/// The options a set name turns on, for `v` classes: the values a training run would use
+/// (Gemma 2's cap of 30, PaLM's z-loss 1e-4, smoothing 0.1, weights all different from 1).
+fn option_set(name: &str, v: usize) -> Result<Options, String> {
+    let weight = || Some((0..v).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect());
+    let mut opts = Options::default();
+    match name {
+        "none" => {}
+        "smoothing" => opts.label_smoothing = 0.1,
+        "z" => opts.lse_square_scale = 1e-4,
+        "softcap" => opts.softcap = Some(30.0),
+        "weight" => opts.weight = weight(),
+        "accuracy" => opts.return_token_accuracy = true,
+        "all" => {
+            opts.label_smoothing = 0.1;
+            opts.lse_square_scale = 1e-4;
+            opts.softcap = Some(30.0);
+            opts.weight = weight();
+            opts.return_token_accuracy = true;
+        }
+        other => return Err(format!("unknown option set {other}")),
+    }
+    Ok(opts)
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut configs = DEFAULT_CONFIGS.trim().to_string();
     let (mut iters, mut plan) = (20, PlanChoice::Auto);
+    let mut options = vec!["none".to_string()];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -50,6 +79,13 @@ fn parse_args() -> Result<Args, String> {
                             "--plan auto|fused|chunked|cluster[:N], not {other:?}"
                         ));
                     }
+                }
+            }
+            "--options" => {
+                let list = args.next().ok_or("--options needs a value")?;
+                options = list.split(',').map(str::to_string).collect();
+                for name in &options {
+                    option_set(name, 1)?;
                 }
             }
             "--bench" => {} // passed by `cargo bench`
@@ -80,6 +116,7 @@ fn parse_args() -> Result<Args, String> {
         configs,
         iters,
         plan,
+        options,
     })
 }
 
@@ -153,29 +190,73 @@ fn bench_config<T: Element>(
     v: usize,
     args: &Args,
     copy_gbps: f64,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let (host_logits, host_labels) = inputs::<T>(n, v);
     let pristine: CudaSlice<T> = stream.clone_htod(&host_logits)?;
     drop(host_logits);
     let mut logits: CudaSlice<T> = stream.alloc_zeros(n * v)?;
     let labels = stream.clone_htod(&host_labels)?;
+    let mut lines = Vec::new();
+    for name in &args.options {
+        let opts = Options {
+            plan: args.plan,
+            ..option_set(name, v)?
+        };
+        let method = if name == "none" {
+            "xent".to_string()
+        } else {
+            format!("xent[{name}]")
+        };
+        let line = time_call(
+            xent,
+            stream,
+            &pristine,
+            &mut logits,
+            &labels,
+            n,
+            v,
+            &opts,
+            args.iters,
+            copy_gbps,
+        )
+        .map(|line| format!("{{\"method\": \"{method}\", {line}"));
+        lines.push(line.unwrap_or_else(|err| {
+            format!(
+                "{{\"method\": \"{method}\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"error\": \"{err}\"}}",
+                T::DTYPE.name()
+            )
+        }));
+    }
+    Ok(lines)
+}
+
+/// Times one option set; returns the JSON line after its `method` field.
+#[allow(clippy::too_many_arguments)]
+fn time_call<T: Element>(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    pristine: &CudaSlice<T>,
+    logits: &mut CudaSlice<T>,
+    labels: &CudaSlice<i64>,
+    n: usize,
+    v: usize,
+    opts: &Options,
+    iters: usize,
+    copy_gbps: f64,
+) -> Result<String, Box<dyn std::error::Error>> {
     let shape = Shape::flat(n, v);
-    let opts = Options {
-        plan: args.plan,
-        ..Options::default()
-    };
-    let plan = xent.plan_for(&shape, T::DTYPE, &opts)?;
+    let plan = xent.plan_for(&shape, T::DTYPE, opts)?;
     let mut out = Loss::new(stream, n)?;
     let ctx = stream.context();
     let (before_free, _) = ctx.mem_get_info()?;
     let mut times = Vec::new();
     let mut loss = f32::NAN;
-    for i in 0..args.iters + 3 {
-        stream.memcpy_dtod(&pristine, &mut logits)?;
+    for i in 0..iters + 3 {
+        stream.memcpy_dtod(pristine, logits)?;
         let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
         let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
         start.record(stream)?;
-        xent.forward_backward_into(stream, &mut logits, &labels, shape, &opts, &mut out)?;
+        xent.forward_backward_into(stream, logits, labels, shape, opts, &mut out)?;
         end.record(stream)?;
         end.synchronize()?;
         if i >= 3 {
@@ -193,7 +274,7 @@ fn bench_config<T: Element>(
     let min_bytes = 2.0 * T::DTYPE.bytes() as f64 * n as f64 * v as f64;
     let gbps = min_bytes / (median as f64 * 1e-3) / 1e9;
     Ok(format!(
-        "{{\"method\": \"xent\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"ms_median\": {median:.3}, \"ms_min\": {best:.3}, \"eff_GBps\": {gbps:.0}, \"pct_of_copy\": {:.1}, \"extra_peak_MiB\": {}, \"plan\": \"{plan:?}\", \"loss\": {loss:.6}}}",
+        "\"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"ms_median\": {median:.3}, \"ms_min\": {best:.3}, \"eff_GBps\": {gbps:.0}, \"pct_of_copy\": {:.1}, \"extra_peak_MiB\": {}, \"plan\": \"{plan:?}\", \"loss\": {loss:.6}}}",
         T::DTYPE.name(),
         100.0 * gbps / copy_gbps,
         extra_bytes >> 20,
@@ -228,7 +309,7 @@ fn main() {
             DType::F32 => bench_config::<f32>(&xent, &stream, n, v, &args, copy_gbps),
         };
         match line {
-            Ok(line) => println!("{line}"),
+            Ok(lines) => lines.iter().for_each(|line| println!("{line}")),
             Err(err) => println!(
                 "{{\"method\": \"xent\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"error\": \"{err}\"}}",
                 dtype.name()
