@@ -39,12 +39,32 @@ pub fn cluster_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
-            for variant in ["", "opt_"] {
+            for variant in VARIANTS {
                 names.push(format!("xent_cluster_{variant}{}_{label}", dtype.name()));
             }
         }
     }
     names
+}
+
+/// The cross-entropy kernels come in three variants (name infixes): plain (no loss options),
+/// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
+/// without class weights; the plain kernels' loops and registers) and `opt_` (every option, one
+/// vector at a time).
+const VARIANTS: [&str; 3] = ["", "coef_", "opt_"];
+
+/// The variant infix of the kernels that run `opts` (see [`VARIANTS`]).
+fn variant(opts: &Options) -> &'static str {
+    let per_element = opts.softcap.is_some()
+        || opts.return_token_accuracy
+        || (opts.label_smoothing != 0.0 && opts.weight.is_some());
+    if per_element {
+        "opt_"
+    } else if opts.has_loss_options() {
+        "coef_"
+    } else {
+        ""
+    }
 }
 
 /// Every kernel entry point both PTX files must provide.
@@ -57,7 +77,7 @@ pub fn kernel_names() -> Vec<String> {
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
             for kind in ["fused", "chunk_partial", "chunk_grad"] {
-                for variant in ["", "opt_"] {
+                for variant in VARIANTS {
                     names.push(format!("xent_{kind}_{variant}{}_{label}", dtype.name()));
                 }
             }
@@ -232,7 +252,6 @@ impl CrossEntropy {
         if let LaunchPlan::Chunked { n_chunks, .. } = launch_plan {
             out.reserve_partials(stream, PARTIAL_WORDS * rows * n_chunks as usize)?;
         }
-        let full = opts.has_loss_options();
         if let Some(weight) = &opts.weight {
             out.upload_weight(stream, weight)?;
         }
@@ -323,8 +342,7 @@ impl CrossEntropy {
                     },
                 },
             };
-            let variant = if full { "opt_" } else { "" };
-            let suffix = format!("{variant}{}_{}", T::DTYPE.name(), L::NAME);
+            let suffix = format!("{}{}_{}", variant(opts), T::DTYPE.name(), L::NAME);
             match launch_plan {
                 LaunchPlan::Fused {
                     threads,

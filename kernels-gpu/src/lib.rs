@@ -17,7 +17,7 @@ pub mod xent;
 
 use abi::{CountParams, FinishParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
-use opts::{Full, Plain};
+use opts::{Full, Plain, RowConst};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -61,23 +61,41 @@ kernels! {
     xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Plain>;
 
     xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
+    xent_fused_coef_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowConst>;
     xent_fused_opt_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Full>;
+    xent_fused_coef_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowConst>;
     xent_fused_opt_f16_i32(XentParams) => xent::fused::<F16, i32, Full>;
+    xent_fused_coef_f16_i32(XentParams) => xent::fused::<F16, i32, RowConst>;
     xent_fused_opt_f16_i64(XentParams) => xent::fused::<F16, i64, Full>;
+    xent_fused_coef_f16_i64(XentParams) => xent::fused::<F16, i64, RowConst>;
     xent_fused_opt_f32_i32(XentParams) => xent::fused::<F32, i32, Full>;
+    xent_fused_coef_f32_i32(XentParams) => xent::fused::<F32, i32, RowConst>;
     xent_fused_opt_f32_i64(XentParams) => xent::fused::<F32, i64, Full>;
+    xent_fused_coef_f32_i64(XentParams) => xent::fused::<F32, i64, RowConst>;
     xent_chunk_partial_opt_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Full>;
+    xent_chunk_partial_coef_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowConst>;
     xent_chunk_partial_opt_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, Full>;
+    xent_chunk_partial_coef_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, RowConst>;
     xent_chunk_partial_opt_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, Full>;
+    xent_chunk_partial_coef_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, RowConst>;
     xent_chunk_partial_opt_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, Full>;
+    xent_chunk_partial_coef_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, RowConst>;
     xent_chunk_partial_opt_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, Full>;
+    xent_chunk_partial_coef_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, RowConst>;
     xent_chunk_partial_opt_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, Full>;
+    xent_chunk_partial_coef_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, RowConst>;
     xent_chunk_grad_opt_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, Full>;
+    xent_chunk_grad_coef_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, RowConst>;
     xent_chunk_grad_opt_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, Full>;
+    xent_chunk_grad_coef_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, RowConst>;
     xent_chunk_grad_opt_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, Full>;
+    xent_chunk_grad_coef_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, RowConst>;
     xent_chunk_grad_opt_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, Full>;
+    xent_chunk_grad_coef_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, RowConst>;
     xent_chunk_grad_opt_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, Full>;
+    xent_chunk_grad_coef_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, RowConst>;
     xent_chunk_grad_opt_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Full>;
+    xent_chunk_grad_coef_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, RowConst>;
 
     xent_scale_bf16(ScaleParams) => scale::scale::<Bf16>;
     xent_scale_f16(ScaleParams) => scale::scale::<F16>;
@@ -93,9 +111,15 @@ kernels! {
     xent_cluster_f32_i32(XentParams) => xent::cluster::<F32, i32, Plain>;
     xent_cluster_f32_i64(XentParams) => xent::cluster::<F32, i64, Plain>;
     xent_cluster_opt_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, Full>;
+    xent_cluster_coef_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowConst>;
     xent_cluster_opt_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Full>;
+    xent_cluster_coef_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowConst>;
     xent_cluster_opt_f16_i32(XentParams) => xent::cluster::<F16, i32, Full>;
+    xent_cluster_coef_f16_i32(XentParams) => xent::cluster::<F16, i32, RowConst>;
     xent_cluster_opt_f16_i64(XentParams) => xent::cluster::<F16, i64, Full>;
+    xent_cluster_coef_f16_i64(XentParams) => xent::cluster::<F16, i64, RowConst>;
     xent_cluster_opt_f32_i32(XentParams) => xent::cluster::<F32, i32, Full>;
+    xent_cluster_coef_f32_i32(XentParams) => xent::cluster::<F32, i32, RowConst>;
     xent_cluster_opt_f32_i64(XentParams) => xent::cluster::<F32, i64, Full>;
+    xent_cluster_coef_f32_i64(XentParams) => xent::cluster::<F32, i64, RowConst>;
 }

@@ -1,7 +1,13 @@
 //! The loss options (label smoothing, z-loss, soft-capping, class weights, token accuracy) as the
-//! kernels apply them, behind a compile-time [`Mode`]: the plain entry points are built with
-//! `Plain`, whose every option branch is a constant `false`, so they compile to the same code as
-//! without options; the `*_opt_*` entry points are built with `Full` and read `OptParams`.
+//! kernels apply them, behind a compile-time [`Mode`]:
+//!
+//! - `Plain` (the plain entry points): every option branch is a constant `false`, so they compile
+//!   to the same code as without options.
+//! - `RowConst` (`*_coef_*`): options that change only per-row constants, not the per-element work
+//!   (z-loss, class weights, label smoothing without class weights): the plain kernels' batched
+//!   loops and register budget, plus a running `Σ x` for the smoothing.
+//! - `Full` (`*_opt_*`): every option (soft cap, token accuracy, smoothing with class weights),
+//!   one vector at a time.
 //!
 //! Per row, with `y = cap·tanh(x / cap)` (or `y = x`), `lse = ln Σ e^y`, class `c`, weights `w`
 //! (1 without), `W = Σ_j w_j`, smoothing `ε`, z-loss scale `s`:
@@ -19,20 +25,32 @@ use crate::prim;
 use crate::reduce::{self, Lse2};
 use core::f32::consts::{LN_2, LOG2_E};
 
-/// Whether a kernel applies the options.
+/// Which options a kernel applies.
 pub trait Mode {
+    /// Reads `OptParams` (per-row constants, the summary's extra words).
+    const OPTS: bool;
+    /// Per-element option work: the soft cap, token accuracy, smoothing with class weights.
     const FULL: bool;
 }
 
 /// No options: the fast kernels.
 pub struct Plain;
 impl Mode for Plain {
+    const OPTS: bool = false;
+    const FULL: bool = false;
+}
+
+/// The options that change per-row constants only.
+pub struct RowConst;
+impl Mode for RowConst {
+    const OPTS: bool = true;
     const FULL: bool = false;
 }
 
 /// Every option, read at run time from `OptParams`.
 pub struct Full;
 impl Mode for Full {
+    const OPTS: bool = true;
     const FULL: bool = true;
 }
 
@@ -51,7 +69,7 @@ impl Part {
 
     #[inline(always)]
     pub fn merge<M: Mode>(self, other: Part) -> Part {
-        if M::FULL {
+        if M::OPTS {
             Part {
                 lse: self.lse.merge(other.lse),
                 wsum: self.wsum + other.wsum,
@@ -66,7 +84,7 @@ impl Part {
     #[inline(always)]
     pub fn block_merge<M: Mode>(self) -> Part {
         let lse = reduce::block_lse2(self.lse);
-        if M::FULL {
+        if M::OPTS {
             Part { lse, wsum: reduce::block_sum_f32(self.wsum), wrong: reduce::block_sum_u32(self.wrong) }
         } else {
             Part { lse, ..Part::EMPTY }
@@ -77,7 +95,7 @@ impl Part {
     #[inline(always)]
     pub fn warp_merge<M: Mode>(self) -> Part {
         let lse = reduce::warp_lse2(self.lse);
-        if M::FULL {
+        if M::OPTS {
             Part { lse, wsum: reduce::warp_sum_f32(self.wsum), wrong: reduce::warp_sum_u32(self.wrong) }
         } else {
             Part { lse, ..Part::EMPTY }
@@ -90,7 +108,7 @@ impl Part {
         unsafe {
             prim::st_shared_u32(at, self.lse.m.to_bits());
             prim::st_shared_u32(at + 4, self.lse.s.to_bits());
-            if M::FULL {
+            if M::OPTS {
                 prim::st_shared_u32(at + 8, self.wsum.to_bits());
                 prim::st_shared_u32(at + 12, self.wrong);
             }
@@ -103,7 +121,7 @@ impl Part {
         unsafe {
             prim::st_global_u32(at, self.lse.m.to_bits());
             prim::st_global_u32(at + 4, self.lse.s.to_bits());
-            if M::FULL {
+            if M::OPTS {
                 prim::st_global_u32(at + 8, self.wsum.to_bits());
                 prim::st_global_u32(at + 12, self.wrong);
             }
@@ -119,7 +137,7 @@ impl Part {
                 s: f32::from_bits(prim::ld_global_u32(at + 4)),
             }
         };
-        if M::FULL {
+        if M::OPTS {
             unsafe {
                 Part {
                     lse,
@@ -142,7 +160,7 @@ impl Part {
                 s: f32::from_bits(prim::ld_shared_cluster_u32(at + 4)),
             }
         };
-        if M::FULL {
+        if M::OPTS {
             unsafe {
                 Part {
                     lse,
@@ -264,7 +282,7 @@ unsafe fn divisors(p: &XentParams) -> (f32, f32) {
 pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
     let lse2 = row.lse.value();
     let mean = p.reduction == REDUCTION_MEAN;
-    if !M::FULL {
+    if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
         return Coef { lse2, a: scale, b: scale, k: 0.0, col0 };
     }
@@ -288,7 +306,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
 /// The row's loss (natural log-sum-exp `lse`; `x_label` as given).
 #[inline(always)]
 pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label: f32, lse: f32) -> f32 {
-    if !M::FULL {
+    if !M::OPTS {
         return lse - x_label;
     }
     let o = &p.opts;
@@ -354,7 +372,9 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
     }
     let mut g = [0.0; N];
     for i in 0..n {
-        g[i] = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2)) * c.a;
+        let p = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2));
+        // `RowConst`: the unweighted smoothing's `-k` (0 otherwise).
+        g[i] = if M::OPTS { prim::fma(p, c.a, -c.k) } else { p * c.a };
     }
     // One compare per vector; the per-element search runs only in the vector holding the label.
     if label.wrapping_sub(first) < n as u32 {

@@ -105,6 +105,22 @@ pub fn max_of<const N: usize>(x: &[f32; N], n: usize) -> f32 {
     }
 }
 
+/// Sum of `x[..n]` (`n` 1, 4 or 8) as a tree.
+#[inline(always)]
+pub fn sum_of<const N: usize>(x: &[f32; N], n: usize) -> f32 {
+    match n {
+        8 => ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])),
+        4 => (x[0] + x[1]) + (x[2] + x[3]),
+        _ => {
+            let mut s = x[0];
+            for &v in &x[1..n] {
+                s += v;
+            }
+            s
+        }
+    }
+}
+
 /// `sum 2^(x * log2(e) - m)` over `x[..n]` (`n` 1, 4 or 8), one FMA and one `ex2` per element,
 /// summed as a tree.
 #[inline(always)]

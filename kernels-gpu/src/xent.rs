@@ -165,6 +165,13 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
+        if M::OPTS && o.label_smoothing != 0.0 {
+            unroll!(u => {
+                if v + u * step < seg.n_vec {
+                    acc.wsum += reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
+                }
+            });
+        }
         if acc.lse.raise(batch_max) {
             let mut sums = [0.0f32; 2];
             unroll!(u => {
@@ -197,7 +204,14 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
 /// Adds one element (index `j` in its segment) to a summary.
 #[inline(always)]
 unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx: &RowCtx) {
-    let y = if M::FULL { unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) } } else { [x] };
+    let y = if M::FULL {
+        unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) }
+    } else {
+        if M::OPTS && o.label_smoothing != 0.0 {
+            acc.wsum += x;
+        }
+        [x]
+    };
     acc.lse.add(&y, 1);
 }
 
@@ -282,7 +296,7 @@ unsafe fn write_row_outputs<M: Mode>(p: &XentParams, row: u64, loss: f32, lse: f
     unsafe {
         prim::st_global_u32(p.row_loss + 4 * row, loss.to_bits());
         prim::st_global_u32(p.row_lse + 4 * row, lse.to_bits());
-        if M::FULL && p.opts.row_correct != 0 {
+        if M::OPTS && p.opts.row_correct != 0 {
             prim::st_global_u32(p.opts.row_correct + 4 * row, correct as u32);
         }
     }
@@ -600,6 +614,9 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
         let y = if M::FULL {
             unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) }
         } else {
+            if M::OPTS && o.label_smoothing != 0.0 {
+                acc.wsum += reduce::sum_of(&x, T::VEC);
+            }
             x
         };
         acc.lse.add(&y, T::VEC);
