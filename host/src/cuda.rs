@@ -337,7 +337,7 @@ impl CrossEntropy {
                     lse_square_scale: opts.lse_square_scale,
                     softcap: opts.softcap.unwrap_or(0.0),
                     weight_sum: match &opts.weight {
-                        Some(w) => w.iter().map(|&x| x as f64).sum::<f64>() as f32,
+                        Some(_) => out.weight_sum,
                         None => shape.vocab as f32,
                     },
                 },
@@ -561,6 +561,8 @@ pub struct Loss {
     /// same weights does not upload them again, so it can be captured in a CUDA graph).
     weight: Option<CudaSlice<f32>>,
     weight_host: Vec<f32>,
+    /// `Σ_j weight[j]` of the uploaded weights.
+    weight_sum: f32,
     /// Per-row token accuracy (`[u32; rows]`), once a call asked for it.
     row_correct: Option<CudaSlice<u32>>,
     z_loss_on: bool,
@@ -583,6 +585,7 @@ impl Loss {
             extras: stream.alloc_zeros(2)?,
             weight: None,
             weight_host: Vec::new(),
+            weight_sum: 0.0,
             row_correct: None,
             z_loss_on: false,
             accuracy_on: false,
@@ -594,6 +597,7 @@ impl Loss {
         if self.weight.is_none() || self.weight_host != weight {
             self.weight = Some(stream.clone_htod(weight)?);
             self.weight_host = weight.to_vec();
+            self.weight_sum = weight.iter().map(|&x| x as f64).sum::<f64>() as f32;
         }
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! `cargo xtask bundle`: everything a GPU machine without a Rust toolchain needs to run the
 //! tests, the quickstart example and the benchmarks, in `bundle/`:
 //!
-//! - `bin/NAME`: release test binaries (integration tests by target name, unit tests as
-//!   `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped;
+//! - `bin.tar.gz`, holding `bin/NAME`: release test binaries (integration tests by target name,
+//!   unit tests as `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped. Packed
+//!   because each binary embeds the PTX (several MB of text that gzip shrinks about 5x), which
+//!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
 //! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`), see its header;
 //! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists.
 
@@ -108,6 +110,19 @@ pub fn bundle(root: &Path) -> Result<()> {
             size as f64 / 1e6
         ));
     }
+
+    // `run.sh` unpacks this when `bin/` is missing.
+    stdout_of(
+        Command::new("tar")
+            .args(["-czf", "bin.tar.gz", "bin"])
+            .current_dir(&bundle_dir),
+    )?;
+    fs::remove_dir_all(&bin_dir).map_err(|err| format!("cannot remove bundle/bin/: {err}"))?;
+    let packed = fs::metadata(bundle_dir.join("bin.tar.gz")).map_or(0, |meta| meta.len());
+    step(&format!(
+        "packed bundle/bin/ into bundle/bin.tar.gz ({:.1} MB)",
+        packed as f64 / 1e6
+    ));
 
     match root
         .parent()

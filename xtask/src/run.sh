@@ -22,6 +22,8 @@ if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 cd "$(dirname "$0")" || exit 2
 export XENT_REQUIRE_GPU=1
+# `cargo xtask bundle` packs the binaries (they embed the PTX text, which compresses well).
+if [[ ! -d bin && -f bin.tar.gz ]]; then tar -xzf bin.tar.gz || exit 2; fi
 shopt -s nullglob
 
 names=() codes=() notes=()
