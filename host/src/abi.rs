@@ -11,6 +11,11 @@ pub const REDUCTION_MEAN: u32 = 1;
 /// `reduction` code: sum over rows.
 pub const REDUCTION_SUM: u32 = 2;
 
+/// `XentParams::mode`: loss and gradient in one pass (the gradient over the logits).
+pub const MODE_FUSED: u32 = 0;
+/// `XentParams::mode`: the loss and per-row log-sum-exp only; nothing written to the logits.
+pub const MODE_FORWARD: u32 = 1;
+
 /// Index into the `counts` buffer: rows whose label is a class in `[0, vocab)`.
 pub const COUNT_VALID: usize = 0;
 /// Index into the `counts` buffer: rows whose label is neither `ignore_index` nor in `[0, vocab)`.
@@ -79,6 +84,14 @@ pub struct XentParams {
     pub n_chunks: u32,
     /// Elements per chunk, a multiple of 8 (`vocab` for the fused plan).
     pub chunk_len: u32,
+    /// One of the `MODE_*` codes (the backward kernel ignores it).
+    pub mode: u32,
+    /// Backward: 1 when `upstream` holds one value per row, 0 for one value.
+    pub upstream_per_row: u32,
+    /// Backward: bytes from each logit to its gradient (0: in place; a multiple of 16).
+    pub grad_delta: u64,
+    /// Backward: device address of the upstream gradient (`[f32; 1]` or `[f32; n_rows]`).
+    pub upstream: u64,
     /// The loss options; read only by the `*_opt_*` entry points.
     pub opts: OptParams,
 }

@@ -68,6 +68,36 @@ pub fn forward_backward<T: Element, L: Label>(
     shape: Shape,
     opts: &Options,
 ) -> Result<CpuLoss> {
+    forward_backward_scaled(logits, labels, shape, opts, &[1.0])
+}
+
+/// Two-phase mode's reference: the gradient of `upstream · loss` (`upstream` one value, or one
+/// per row: row `r`'s gradient times `upstream[r]`), as the GPU's `forward` + `backward_into`
+/// compute it, written over `logits`; returns the loss of the forward.
+pub fn forward_backward_upstream<T: Element, L: Label>(
+    logits: &mut [T],
+    labels: &[L],
+    shape: Shape,
+    opts: &Options,
+    upstream: &[f32],
+) -> Result<CpuLoss> {
+    let rows = shape.rows();
+    if upstream.len() != 1 && upstream.len() != rows {
+        return Err(Error::UpstreamLength {
+            rows,
+            len: upstream.len(),
+        });
+    }
+    forward_backward_scaled(logits, labels, shape, opts, upstream)
+}
+
+fn forward_backward_scaled<T: Element, L: Label>(
+    logits: &mut [T],
+    labels: &[L],
+    shape: Shape,
+    opts: &Options,
+    upstream: &[f32],
+) -> Result<CpuLoss> {
     shape.validate(logits.len(), labels.len())?;
     opts.validate(shape.vocab)?;
     let rows = shape.rows();
@@ -140,7 +170,8 @@ pub fn forward_backward<T: Element, L: Label>(
                 for (i, target) in targets.iter().enumerate() {
                     let start = i * shape.row_stride;
                     let row = &mut mine[start..start + shape.vocab];
-                    outs[i] = row_forward_backward(row, *target, math);
+                    let factor = upstream[if upstream.len() == 1 { 0 } else { first + i }];
+                    outs[i] = row_forward_backward(row, *target, math, factor as f64);
                 }
             });
         }
@@ -222,8 +253,14 @@ struct RowOut {
     correct: bool,
 }
 
-/// One row: returns its results and writes the gradient over `row`; zeros for a row not scored.
-fn row_forward_backward<T: Element>(row: &mut [T], target: Target, math: &RowMath) -> RowOut {
+/// One row: returns its results and writes the gradient (times `factor`) over `row`; zeros for a
+/// row not scored.
+fn row_forward_backward<T: Element>(
+    row: &mut [T],
+    target: Target,
+    math: &RowMath,
+    factor: f64,
+) -> RowOut {
     let Target::Class(class) = target else {
         row.fill(T::from_f64(0.0));
         return RowOut::default();
@@ -246,9 +283,9 @@ fn row_forward_backward<T: Element>(row: &mut [T], target: Target, math: &RowMat
     let z = math.lse_square_scale * lse * lse;
     let correct = math.accuracy && first_argmax(row) == Some(class);
 
-    let onehot_coef = (1.0 - smoothing) * w_class * math.ce_scale;
-    let smooth_coef = smoothing / vocab * math.ce_scale;
-    let z_coef = 2.0 * math.lse_square_scale * lse * math.z_scale;
+    let onehot_coef = (1.0 - smoothing) * w_class * math.ce_scale * factor;
+    let smooth_coef = smoothing / vocab * math.ce_scale * factor;
+    let z_coef = 2.0 * math.lse_square_scale * lse * math.z_scale * factor;
     for (j, x) in row.iter_mut().enumerate() {
         let (y, dy_dx) = math.capped(x.to_f64());
         let p = (y - lse).exp();

@@ -16,8 +16,9 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
-    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, COUNT_WORDS, CountParams, FinishParams, OptParams,
-    PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
+    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD,
+    MODE_FUSED, OptParams, PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES, ScaleParams,
+    XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Element, Label, Options, Reduction, Shape};
@@ -67,6 +68,28 @@ fn variant(opts: &Options) -> &'static str {
     }
 }
 
+/// The options as the kernels read them.
+fn opt_params(
+    opts: &Options,
+    weight: u64,
+    row_correct: u64,
+    vocab: usize,
+    weight_sum: f32,
+) -> OptParams {
+    OptParams {
+        weight,
+        row_correct,
+        label_smoothing: opts.label_smoothing,
+        lse_square_scale: opts.lse_square_scale,
+        softcap: opts.softcap.unwrap_or(0.0),
+        weight_sum: if opts.weight.is_some() {
+            weight_sum
+        } else {
+            vocab as f32
+        },
+    }
+}
+
 /// Every kernel entry point both PTX files must provide.
 pub fn kernel_names() -> Vec<String> {
     let mut names = vec![
@@ -76,7 +99,7 @@ pub fn kernel_names() -> Vec<String> {
     ];
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for label in ["i32", "i64"] {
-            for kind in ["fused", "chunk_partial", "chunk_grad"] {
+            for kind in ["fused", "chunk_partial", "chunk_grad", "backward"] {
                 for variant in VARIANTS {
                     names.push(format!("xent_{kind}_{variant}{}_{label}", dtype.name()));
                 }
@@ -240,6 +263,220 @@ impl CrossEntropy {
     ) -> Result<()> {
         self.check_stream(stream)?;
         shape.validate(logits.len(), labels.len())?;
+        let (logits_ptr, _logits_guard) = logits.device_ptr_mut(stream);
+        self.enqueue::<T, L>(stream, logits_ptr, labels, shape, opts, out, MODE_FUSED)
+    }
+
+    /// Two-phase mode, forward: the loss, per-row loss and log-sum-exp (and the options'
+    /// outputs) into `out`, reading each logit once and writing nothing to the logits. Keep `out`
+    /// for [`backward_into`](Self::backward_into) / [`backward_in_place`](Self::backward_in_place)
+    /// once the upstream gradient is known: only O(rows) memory is kept between the two.
+    pub fn forward<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        out: &mut Loss,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.validate(logits.len(), labels.len())?;
+        let (logits_ptr, _logits_guard) = logits.device_ptr(stream);
+        self.enqueue::<T, L>(stream, logits_ptr, labels, shape, opts, out, MODE_FORWARD)
+    }
+
+    /// Two-phase mode, backward: the gradient of `upstream · loss` (`upstream` one value, or one
+    /// per row for [`Reduction::None`]) w.r.t. the logits, from the log-sum-exp a
+    /// [`forward`](Self::forward) call with the same logits, labels, shape and options kept in
+    /// `forward`, written into `grad` (same shape and row stride as the logits, and the same
+    /// address modulo 16 bytes, as any buffer from `alloc` is). Reads and writes each element
+    /// once: the upstream scaling costs no extra pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        forward: &Loss,
+        upstream: &impl DevicePtr<f32>,
+        grad: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.validate(logits.len(), labels.len())?;
+        shape.validate(grad.len(), labels.len())?;
+        let (logits_ptr, _l) = logits.device_ptr(stream);
+        let (grad_ptr, _g) = grad.device_ptr_mut(stream);
+        let (labels_ptr, _b) = labels.device_ptr(stream);
+        let (upstream_ptr, _u) = upstream.device_ptr(stream);
+        let delta = grad_ptr.wrapping_sub(logits_ptr);
+        self.enqueue_backward::<T, L>(
+            stream,
+            (
+                logits_ptr,
+                delta,
+                labels_ptr,
+                (upstream_ptr, upstream.len()),
+            ),
+            shape,
+            opts,
+            forward,
+        )
+    }
+
+    /// As [`backward_into`](Self::backward_into), the gradient written over the logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_in_place<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &mut impl DevicePtrMut<T>,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        forward: &Loss,
+        upstream: &impl DevicePtr<f32>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.validate(logits.len(), labels.len())?;
+        let (logits_ptr, _l) = logits.device_ptr_mut(stream);
+        let (labels_ptr, _b) = labels.device_ptr(stream);
+        let (upstream_ptr, _u) = upstream.device_ptr(stream);
+        self.enqueue_backward::<T, L>(
+            stream,
+            (logits_ptr, 0, labels_ptr, (upstream_ptr, upstream.len())),
+            shape,
+            opts,
+            forward,
+        )
+    }
+
+    /// Launches the backward kernel: `ptrs` = (logits, grad - logits in bytes, labels,
+    /// (upstream, its length)).
+    fn enqueue_backward<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        ptrs: (u64, u64, u64, (u64, usize)),
+        shape: Shape,
+        opts: &Options,
+        forward: &Loss,
+    ) -> Result<()> {
+        let (logits_ptr, delta, labels_ptr, (upstream_ptr, upstream_len)) = ptrs;
+        opts.validate(shape.vocab)?;
+        let rows = shape.rows();
+        if forward.rows != rows {
+            return Err(Error::InvalidOption(format!(
+                "the forward Loss holds {} rows, the shape has {rows}",
+                forward.rows
+            )));
+        }
+        if upstream_len != 1 && upstream_len != rows {
+            return Err(Error::UpstreamLength {
+                rows,
+                len: upstream_len,
+            });
+        }
+        if delta % 16 != 0 {
+            return Err(Error::InvalidOption(
+                "the gradient buffer must start at the same address modulo 16 bytes as the logits"
+                    .to_string(),
+            ));
+        }
+        let same_weights = match &opts.weight {
+            Some(w) => forward.weighted && forward.weight_host == *w,
+            None => !forward.weighted,
+        };
+        if forward.reduction != opts.reduction || !same_weights {
+            return Err(Error::InvalidOption(
+                "backward needs the options of the forward call that made `forward` (reduction \
+                 and class weights differ)"
+                    .to_string(),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let n_tiles = plan::scale_tiles(shape.vocab);
+        let blocks = rows
+            .checked_mul(n_tiles)
+            .filter(|&b| b <= plan::MAX_GRID_X)
+            .ok_or_else(|| {
+                Error::PlanDoesNotFit(format!(
+                    "{rows} rows x {n_tiles} tiles exceed the grid limit"
+                ))
+            })?;
+        let (counts, _c) = forward.counts.device_ptr(stream);
+        let (row_lse, _s) = forward.row_lse.device_ptr(stream);
+        let weight = match (&opts.weight, forward.weight.as_ref()) {
+            (Some(_), Some(w)) => w.device_ptr(stream).0,
+            _ => 0,
+        };
+        let params = XentParams {
+            rows: self.rows_params(logits_ptr, labels_ptr, shape, opts),
+            counts,
+            row_loss: 0,
+            row_lse,
+            partials: 0,
+            reduction: opts.reduction.code(),
+            grad_scale: opts.grad_scale,
+            n_chunks: n_tiles as u32,
+            chunk_len: plan::SCALE_TILE as u32,
+            mode: MODE_FUSED,
+            upstream_per_row: (upstream_len == rows && rows > 1) as u32,
+            grad_delta: delta,
+            upstream: upstream_ptr,
+            opts: opt_params(opts, weight, 0, shape.vocab, forward.weight_sum),
+        };
+        // The gradient does not depend on the token accuracy.
+        let grad_opts = Options {
+            return_token_accuracy: false,
+            ..opts.clone()
+        };
+        let name = format!(
+            "xent_backward_{}{}_{}",
+            variant(&grad_opts),
+            T::DTYPE.name(),
+            L::NAME
+        );
+        self.launch(
+            stream,
+            &name,
+            &params,
+            blocks as u32,
+            plan::SCALE_THREADS,
+            SMEM_REDUCTION_BYTES,
+        )
+    }
+
+    fn rows_params(&self, logits: u64, labels: u64, shape: Shape, opts: &Options) -> RowsParams {
+        RowsParams {
+            logits,
+            labels,
+            n_rows: shape.rows() as u64,
+            row_stride: shape.row_stride as u64,
+            vocab: shape.vocab as u32,
+            seq_len: if opts.causal_shift {
+                shape.seq_len as u32
+            } else {
+                0
+            },
+            ignore_index: opts.ignore_index,
+        }
+    }
+
+    /// Enqueues count, the cross-entropy kernel(s) in `mode` and finish.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits_ptr: u64,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        out: &mut Loss,
+        mode: u32,
+    ) -> Result<()> {
         opts.validate(shape.vocab)?;
         let rows = shape.rows();
         if out.rows != rows {
@@ -263,7 +500,6 @@ impl CrossEntropy {
         out.accuracy_on = opts.return_token_accuracy;
         out.weighted = opts.weight.is_some();
 
-        let (logits_ptr, _logits_guard) = logits.device_ptr_mut(stream);
         let (labels_ptr, _labels_guard) = labels.device_ptr(stream);
         let (counts, _c) = out.counts.device_ptr_mut(stream);
         let (row_loss, _l) = out.row_loss.device_ptr_mut(stream);
@@ -282,19 +518,7 @@ impl CrossEntropy {
             (true, Some(c)) => c.device_ptr_mut(stream).0,
             _ => 0,
         };
-        let rows_params = RowsParams {
-            logits: logits_ptr,
-            labels: labels_ptr,
-            n_rows: rows as u64,
-            row_stride: shape.row_stride as u64,
-            vocab: shape.vocab as u32,
-            seq_len: if opts.causal_shift {
-                shape.seq_len as u32
-            } else {
-                0
-            },
-            ignore_index: opts.ignore_index,
-        };
+        let rows_params = self.rows_params(logits_ptr, labels_ptr, shape, opts);
 
         unsafe {
             cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream())
@@ -330,17 +554,11 @@ impl CrossEntropy {
                 grad_scale: opts.grad_scale,
                 n_chunks: 1,
                 chunk_len: shape.vocab as u32,
-                opts: OptParams {
-                    weight,
-                    row_correct,
-                    label_smoothing: opts.label_smoothing,
-                    lse_square_scale: opts.lse_square_scale,
-                    softcap: opts.softcap.unwrap_or(0.0),
-                    weight_sum: match &opts.weight {
-                        Some(_) => out.weight_sum,
-                        None => shape.vocab as f32,
-                    },
-                },
+                mode,
+                upstream_per_row: 0,
+                grad_delta: 0,
+                upstream: 0,
+                opts: opt_params(opts, weight, row_correct, shape.vocab, out.weight_sum),
             };
             let suffix = format!("{}{}_{}", variant(opts), T::DTYPE.name(), L::NAME);
             match launch_plan {

@@ -97,6 +97,25 @@ kernels! {
     xent_chunk_grad_opt_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Full>;
     xent_chunk_grad_coef_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, RowConst>;
 
+    xent_backward_bf16_i32(XentParams) => xent::backward::<Bf16, i32, Plain>;
+    xent_backward_bf16_i64(XentParams) => xent::backward::<Bf16, i64, Plain>;
+    xent_backward_f16_i32(XentParams) => xent::backward::<F16, i32, Plain>;
+    xent_backward_f16_i64(XentParams) => xent::backward::<F16, i64, Plain>;
+    xent_backward_f32_i32(XentParams) => xent::backward::<F32, i32, Plain>;
+    xent_backward_f32_i64(XentParams) => xent::backward::<F32, i64, Plain>;
+    xent_backward_coef_bf16_i32(XentParams) => xent::backward::<Bf16, i32, RowConst>;
+    xent_backward_coef_bf16_i64(XentParams) => xent::backward::<Bf16, i64, RowConst>;
+    xent_backward_coef_f16_i32(XentParams) => xent::backward::<F16, i32, RowConst>;
+    xent_backward_coef_f16_i64(XentParams) => xent::backward::<F16, i64, RowConst>;
+    xent_backward_coef_f32_i32(XentParams) => xent::backward::<F32, i32, RowConst>;
+    xent_backward_coef_f32_i64(XentParams) => xent::backward::<F32, i64, RowConst>;
+    xent_backward_opt_bf16_i32(XentParams) => xent::backward::<Bf16, i32, Full>;
+    xent_backward_opt_bf16_i64(XentParams) => xent::backward::<Bf16, i64, Full>;
+    xent_backward_opt_f16_i32(XentParams) => xent::backward::<F16, i32, Full>;
+    xent_backward_opt_f16_i64(XentParams) => xent::backward::<F16, i64, Full>;
+    xent_backward_opt_f32_i32(XentParams) => xent::backward::<F32, i32, Full>;
+    xent_backward_opt_f32_i64(XentParams) => xent::backward::<F32, i64, Full>;
+
     xent_scale_bf16(ScaleParams) => scale::scale::<Bf16>;
     xent_scale_f16(ScaleParams) => scale::scale::<F16>;
     xent_scale_f32(ScaleParams) => scale::scale::<F32>;

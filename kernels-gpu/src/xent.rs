@@ -7,8 +7,8 @@
 //! f32, in base 2 (`x * log2(e)` into `ex2`).
 
 use crate::abi::{
-    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, OptParams, PARTIAL_WORDS,
-    REDUCTION_MEAN, RowsParams, SMEM_STASH_OFFSET, XentParams,
+    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD, OptParams,
+    PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
@@ -225,6 +225,7 @@ unsafe fn grad_segment<T: Element, M: Mode>(
     o: &OptParams,
     c: &Coef,
     label: u32,
+    delta: u64,
 ) {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let load = |start: u32| unsafe {
@@ -240,7 +241,7 @@ unsafe fn grad_segment<T: Element, M: Mode>(
             let start = seg.vec_start::<T>(v);
             let x = T::unpack(load(start));
             let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
-            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start).wrapping_add(delta), T::pack(&g)) };
             v += step;
         }
     }
@@ -258,7 +259,8 @@ unsafe fn grad_segment<T: Element, M: Mode>(
                 let start = seg.vec_start::<T>(index);
                 let x = T::unpack(words[u as usize]);
                 let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
-                unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+                let at = seg.elem_addr::<T>(start).wrapping_add(delta);
+                unsafe { prim::st_global_v4(at, T::pack(&g)) };
             }
         });
         v += UNROLL * step;
@@ -272,21 +274,23 @@ unsafe fn grad_segment<T: Element, M: Mode>(
             }
         };
         let g = unsafe { opts::grad_values::<M, 1>(o, [T::widen(raw)], 1, j, label, c) };
-        unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+        unsafe { T::store_global(seg.elem_addr::<T>(j).wrapping_add(delta), g[0]) };
     }
 }
 
-/// Writes zeros over `seg` (the gradient of an ignored row).
+/// Writes zeros over `seg` moved by `delta` bytes (the gradient of an ignored row).
 #[inline(always)]
-unsafe fn zero_segment<T: Element>(seg: &Segment) {
+unsafe fn zero_segment<T: Element>(seg: &Segment, delta: u64) {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut v = tid;
     while v < seg.n_vec {
-        unsafe { prim::st_global_v4(seg.elem_addr::<T>(seg.vec_start::<T>(v)), [0; 4]) };
+        let at = seg.elem_addr::<T>(seg.vec_start::<T>(v)).wrapping_add(delta);
+        unsafe { prim::st_global_v4(at, [0; 4]) };
         v += step;
     }
     if tid < seg.n_scalar::<T>() {
-        unsafe { T::store_global(seg.elem_addr::<T>(seg.scalar_index::<T>(tid)), 0.0) };
+        let at = seg.elem_addr::<T>(seg.scalar_index::<T>(tid)).wrapping_add(delta);
+        unsafe { T::store_global(at, 0.0) };
     }
 }
 
@@ -396,7 +400,9 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let label = match unsafe { row_target::<L>(rows, row) } {
         Target::Class(label) => label,
         target => {
-            unsafe { zero_segment::<T>(&seg) };
+            if p.mode != MODE_FORWARD {
+                unsafe { zero_segment::<T>(&seg, 0) };
+            }
             if tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
@@ -411,7 +417,9 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) };
     let total = partial.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
-    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, label) };
+    if p.mode != MODE_FORWARD {
+        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, label, 0) };
+    }
     if tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
     }
@@ -459,7 +467,9 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
         Target::Class(label) => label,
         target => {
-            unsafe { zero_segment::<T>(&seg) };
+            if p.mode != MODE_FORWARD {
+                unsafe { zero_segment::<T>(&seg, 0) };
+            }
             if start == 0 && tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
@@ -484,10 +494,40 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
     let total = acc.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
-    unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label) };
+    if p.mode != MODE_FORWARD {
+        unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
+    }
     if owns_label && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
     }
+}
+
+/// Two-phase mode, backward: the gradient of one chunk of a row from the row's log-sum-exp (kept
+/// by a forward call), times the upstream gradient (one value, or one per row), written
+/// `grad_delta` bytes from the logits (0: in place). Reads and writes each element once.
+///
+/// Launch: as `chunk_partial`, with `counts` and `row_lse` of the forward call.
+#[inline(always)]
+pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    let (row, start, _, seg) = chunk_of::<T>(p);
+    let label = match unsafe { row_target::<L>(&p.rows, row) } {
+        Target::Class(label) => label,
+        _ => {
+            unsafe { zero_segment::<T>(&seg, p.grad_delta) };
+            return;
+        }
+    };
+    let lse = f32::from_bits(unsafe { prim::ld_global_u32(p.row_lse + 4 * row) });
+    // A summary whose value is the kept log-sum-exp, in log2 units.
+    let total = Part { lse: reduce::Lse2 { m: lse * core::f32::consts::LOG2_E, s: 1.0 }, ..Part::EMPTY };
+    let index = if p.upstream_per_row != 0 { row } else { 0 };
+    let factor = f32::from_bits(unsafe { prim::ld_global_u32(p.upstream + 4 * index) });
+    let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    c.a *= factor;
+    c.b *= factor;
+    c.k *= factor;
+    let local_label = label.wrapping_sub(start);
+    unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, p.grad_delta) };
 }
 
 /// Cluster plan (sm_90): a row split over the CTAs of a thread-block cluster, one chunk each, kept
@@ -508,7 +548,9 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
         Target::Class(label) => label,
         target => {
-            unsafe { zero_segment::<T>(&seg) };
+            if p.mode != MODE_FORWARD {
+                unsafe { zero_segment::<T>(&seg, 0) };
+            }
             if start == 0 && tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
@@ -550,10 +592,11 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
-    if BULK_LOAD {
+    if p.mode == MODE_FORWARD {
+    } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M>(&seg, stash, &p.opts, &c, local_label) };
     } else {
-        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label) };
+        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
     }
     if owns_label && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
