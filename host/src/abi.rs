@@ -92,11 +92,12 @@ pub struct XentParams {
     pub grad_delta: u64,
     /// Backward: device address of the upstream gradient (`[f32; 1]` or `[f32; n_rows]`).
     pub upstream: u64,
-    /// The loss options; read only by the `*_opt_*` entry points.
+    /// The loss options; read only by the `*_coef_*` and `*_opt_*` entry points.
     pub opts: OptParams,
 }
 
-/// The loss options (issue 4), as the `*_opt_*` kernels read them. Every field's zero is "off".
+/// The loss options, as the `*_coef_*` and `*_opt_*` kernels read them. Every field's zero is
+/// "off".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OptParams {

@@ -132,8 +132,8 @@ impl Options {
     }
 
     /// Whether any loss option is on (label smoothing, z-loss, soft cap, class weights, token
-    /// accuracy): the GPU path then runs the kernels that apply them (`*_opt_*`); with all off it
-    /// runs the plain ones, so an option that is off costs nothing.
+    /// accuracy): the GPU path then runs the kernels that apply them (`*_coef_*` or `*_opt_*`);
+    /// with all off it runs the plain ones, so an option that is off costs nothing.
     pub fn has_loss_options(&self) -> bool {
         self.label_smoothing != 0.0
             || self.lse_square_scale != 0.0
