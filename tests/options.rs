@@ -1216,4 +1216,30 @@ fn gpu_rejects_a_bad_option_value_as_the_cpu_does() {
         matches!(&err, Some(Error::InvalidOption(m)) if m.contains("must be in [0, 1]")),
         "{err:?}"
     );
+    // A class weight that is not finite, also after a call that uploaded good weights into the
+    // same buffers (the GPU path checks weights when they differ from the uploaded ones).
+    let mut out = xent::Loss::new(&stream, 2).unwrap();
+    let good = Options {
+        weight: Some(vec![1.0, 2.0, 0.5]),
+        ..Options::default()
+    };
+    xent.forward_backward_into(&stream, &mut d_logits, &d_labels, shape, &good, &mut out)
+        .unwrap();
+    let after_good = stream.clone_dtoh(&d_logits).unwrap();
+    let nan = Options {
+        weight: Some(vec![1.0, f32::NAN, 0.5]),
+        ..Options::default()
+    };
+    let err = xent
+        .forward_backward_into(&stream, &mut d_logits, &d_labels, shape, &nan, &mut out)
+        .err();
+    assert!(
+        matches!(&err, Some(Error::InvalidOption(m)) if m.contains("weight[1]")),
+        "{err:?}"
+    );
+    assert_eq!(
+        stream.clone_dtoh(&d_logits).unwrap(),
+        after_good,
+        "nothing ran"
+    );
 }

@@ -68,6 +68,15 @@ fn variant(opts: &Options) -> &'static str {
     }
 }
 
+/// Whether two float slices hold the same bits: one `memcmp`, so a call with the weights it
+/// uploaded last costs microseconds, not a scan of 4 x vocab bytes value by value.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    // SAFETY: an `f32` slice is `4 * len` initialised bytes with no padding.
+    let bytes =
+        |x: &[f32]| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), 4 * x.len()) };
+    bytes(a) == bytes(b)
+}
+
 /// The options as the kernels read them.
 fn opt_params(
     opts: &Options,
@@ -363,7 +372,7 @@ impl CrossEntropy {
         forward: &Loss,
     ) -> Result<()> {
         let (logits_ptr, delta, labels_ptr, (upstream_ptr, upstream_len)) = ptrs;
-        opts.validate(shape.vocab)?;
+        opts.validate_except_weight_values(shape.vocab)?;
         let rows = shape.rows();
         if forward.rows != rows {
             return Err(Error::InvalidOption(format!(
@@ -384,7 +393,7 @@ impl CrossEntropy {
             ));
         }
         let same_weights = match &opts.weight {
-            Some(w) => forward.weighted && forward.weight_host == *w,
+            Some(w) => forward.weighted && same_bits(&forward.weight_host, w),
             None => !forward.weighted,
         };
         if forward.reduction != opts.reduction || !same_weights {
@@ -477,7 +486,7 @@ impl CrossEntropy {
         out: &mut Loss,
         mode: u32,
     ) -> Result<()> {
-        opts.validate(shape.vocab)?;
+        opts.validate_except_weight_values(shape.vocab)?;
         let rows = shape.rows();
         if out.rows != rows {
             return Err(Error::InvalidOption(format!(
@@ -812,7 +821,8 @@ impl Loss {
     }
 
     fn upload_weight(&mut self, stream: &Arc<CudaStream>, weight: &[f32]) -> Result<()> {
-        if self.weight.is_none() || self.weight_host != weight {
+        if self.weight.is_none() || !same_bits(&self.weight_host, weight) {
+            crate::options::check_weight_values(weight)?;
             self.weight = Some(stream.clone_htod(weight)?);
             self.weight_host = weight.to_vec();
             self.weight_sum = weight.iter().map(|&x| x as f64).sum::<f64>() as f32;

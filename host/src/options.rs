@@ -96,6 +96,16 @@ impl Default for Options {
 impl Options {
     /// Checks the option values for logits of `vocab` classes; the error names the option.
     pub fn validate(&self, vocab: usize) -> Result<()> {
+        self.validate_except_weight_values(vocab)?;
+        match &self.weight {
+            Some(weight) => check_weight_values(weight),
+            None => Ok(()),
+        }
+    }
+
+    /// `validate` without the O(vocab) scan of the class weights' values (their count is
+    /// checked): the GPU path scans them only when they differ from the ones it uploaded last.
+    pub(crate) fn validate_except_weight_values(&self, vocab: usize) -> Result<()> {
         let smoothing = self.label_smoothing;
         if !(0.0..=1.0).contains(&smoothing) {
             return Err(Error::InvalidOption(format!(
@@ -122,11 +132,6 @@ impl Options {
                     weight.len()
                 )));
             }
-            if let Some((class, w)) = weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-                return Err(Error::InvalidOption(format!(
-                    "weight[{class}] is {w}: class weights must be finite"
-                )));
-            }
         }
         Ok(())
     }
@@ -140,6 +145,16 @@ impl Options {
             || self.softcap.is_some()
             || self.weight.is_some()
             || self.return_token_accuracy
+    }
+}
+
+/// Every class weight must be finite.
+pub(crate) fn check_weight_values(weight: &[f32]) -> Result<()> {
+    match weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        Some((class, w)) => Err(Error::InvalidOption(format!(
+            "weight[{class}] is {w}: class weights must be finite"
+        ))),
+        None => Ok(()),
     }
 }
 
