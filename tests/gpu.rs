@@ -3,22 +3,9 @@
 
 use xent::half::bf16;
 use xent::{DType, Error, Options, PlanChoice, Reduction, Shape, cpu};
-use xent_tests::{Case, DTYPES, REDUCTIONS, assert_no_failures, gpu, run_case_dtype, sanitizing};
-
-/// Every plan, forced: the fused kernel, the chunked pair (with a chunk that splits rows) and,
-/// where the device has clusters, the cluster kernel with 3 CTAs per row.
-fn plans(xent: &xent::CrossEntropy, chunk_len: usize) -> Vec<PlanChoice> {
-    let mut plans = vec![
-        PlanChoice::Fused,
-        PlanChoice::Chunked {
-            chunk_len: Some(chunk_len),
-        },
-    ];
-    if xent.limits().max_cluster > 1 {
-        plans.push(PlanChoice::Cluster { size: Some(3) });
-    }
-    plans
-}
+use xent_tests::{
+    Case, DTYPES, REDUCTIONS, assert_no_failures, forced_plans, gpu, run_case_dtype, sanitizing,
+};
 
 /// Runs `case` for both label types and panics with every mismatch found.
 fn check(xent: &xent::CrossEntropy, dtype: DType, case: &Case) {
@@ -40,7 +27,7 @@ fn every_dtype_label_reduction_and_plan_matches_reference() {
     let Some(xent) = gpu() else { return };
     for dtype in DTYPES {
         for reduction in REDUCTIONS {
-            for plan in plans(xent, 1024) {
+            for plan in forced_plans(xent, 1024) {
                 let mut case = Case::new(67, 5003);
                 case.opts = Options {
                     reduction,
@@ -104,7 +91,7 @@ fn vocab_sizes_and_row_counts_match_reference() {
 fn causal_shift_scores_next_label_within_each_sequence() {
     let Some(xent) = gpu() else { return };
     for dtype in DTYPES {
-        for plan in plans(xent, 256) {
+        for plan in forced_plans(xent, 256) {
             for (batch, seq_len) in [(3, 37), (2, 1), (1, 64)] {
                 let mut case = Case::new(0, 1000);
                 case.shape = Shape::batched(batch, seq_len, 1000);
@@ -123,7 +110,7 @@ fn causal_shift_scores_next_label_within_each_sequence() {
 fn row_stride_leaves_padding_untouched_and_handles_misaligned_rows() {
     let Some(xent) = gpu() else { return };
     for dtype in DTYPES {
-        for plan in plans(xent, 512) {
+        for plan in forced_plans(xent, 512) {
             // Strides that keep rows 16-byte aligned, and ones that misalign every row.
             for extra in [0, 1, 13, 64] {
                 let mut case = Case::new(50, 3001);
@@ -139,7 +126,7 @@ fn row_stride_leaves_padding_untouched_and_handles_misaligned_rows() {
 fn ignore_index_and_grad_scale_options_match_reference() {
     let Some(xent) = gpu() else { return };
     for dtype in DTYPES {
-        for plan in plans(xent, 2048) {
+        for plan in forced_plans(xent, 2048) {
             for (ignore_index, grad_scale, reduction) in [
                 (0, 1.0, Reduction::Mean),
                 (-1, 0.125, Reduction::Sum),
@@ -166,7 +153,7 @@ fn ignored_rows_get_zero_loss_and_gradient() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
     let (rows, vocab) = (16, 2053);
-    for plan in plans(xent, 512) {
+    for plan in forced_plans(xent, 512) {
         let logits = vec![bf16::from_f32(1.5); rows * vocab];
         let labels: Vec<i64> = (0..rows as i64)
             .map(|r| if r % 2 == 0 { -100 } else { r })
@@ -276,7 +263,7 @@ fn out_of_range_label_is_reported_when_the_loss_is_read() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
     let (rows, vocab) = (4, 300);
-    for plan in plans(xent, 128) {
+    for plan in forced_plans(xent, 128) {
         for bad in [vocab as i64, -5, i64::MAX] {
             let mut d_logits = stream.clone_htod(&vec![0.5f32; rows * vocab]).unwrap();
             let d_labels = stream.clone_htod(&[3i64, bad, 7, -100]).unwrap();

@@ -19,7 +19,7 @@
 //! exact math of the very inputs the reference sees.
 
 use xent::half::{bf16, f16};
-use xent::{DType, Element, Error, Label, Options, PlanChoice, Reduction, Shape, cpu};
+use xent::{DType, Element, Error, Label, Options, Reduction, Shape, cpu};
 use xent_tests::{Case, DTYPES, assert_no_failures, run_case_dtype, subnormal_step, unit_roundoff};
 
 // ---------------------------------------------------------------------------------------------
@@ -1140,15 +1140,7 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
         return;
     };
     let stream = xent.context().default_stream();
-    let mut plans = vec![
-        PlanChoice::Fused,
-        PlanChoice::Chunked {
-            chunk_len: Some(1024),
-        },
-    ];
-    if xent.limits().max_cluster > 1 {
-        plans.push(PlanChoice::Cluster { size: Some(3) });
-    }
+    let plans = xent_tests::forced_plans(xent, 1024);
     // 3 sequences of 11 positions; rows of 3001 classes in a stride of 3011 (rows start off the
     // 16-byte grid, so the scalar head and tail run too).
     // Under compute-sanitizer, rows of 301 classes.

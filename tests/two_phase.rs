@@ -5,9 +5,7 @@
 //! a spread of loss options; plus the errors a misused backward returns.
 
 use xent::half::{bf16, f16};
-use xent::{
-    CrossEntropy, DType, Element, Error, Label, Loss, Options, PlanChoice, Reduction, Shape, cpu,
-};
+use xent::{CrossEntropy, DType, Element, Error, Label, Loss, Options, Reduction, Shape, cpu};
 use xent_tests::{
     Case, DTYPES, FromI64, PAD, REDUCTIONS, assert_no_failures, case_labels, check_option_outputs,
     gpu, grad_atol, grad_error, grad_rtol, grad_tol_scale, loss_tol, random_logits, report,
@@ -198,15 +196,7 @@ fn run<L: Label + FromI64>(
 fn forward_then_backward_matches_the_reference_for_every_plan_dtype_option_set_and_upstream() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
-    let mut plans = vec![
-        PlanChoice::Fused,
-        PlanChoice::Chunked {
-            chunk_len: Some(1024),
-        },
-    ];
-    if xent.limits().max_cluster > 1 {
-        plans.push(PlanChoice::Cluster { size: Some(3) });
-    }
+    let plans = xent_tests::forced_plans(xent, 1024);
     let (vocab, stride) = if sanitizing() {
         (301, 307)
     } else {

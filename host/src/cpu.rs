@@ -82,12 +82,7 @@ pub fn forward_backward_upstream<T: Element, L: Label>(
     upstream: &[f32],
 ) -> Result<CpuLoss> {
     let rows = shape.rows();
-    if upstream.len() != 1 && upstream.len() != rows {
-        return Err(Error::UpstreamLength {
-            rows,
-            len: upstream.len(),
-        });
-    }
+    crate::options::check_upstream_len(rows, upstream.len())?;
     forward_backward_scaled(logits, labels, shape, opts, upstream)
 }
 
@@ -340,12 +335,7 @@ pub fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
 pub fn scale_grad<T: Element>(grad: &mut [T], shape: Shape, upstream: &[f32]) -> Result<()> {
     shape.validate(grad.len(), shape.rows())?;
     let rows = shape.rows();
-    if upstream.len() != 1 && upstream.len() != rows {
-        return Err(Error::UpstreamLength {
-            rows,
-            len: upstream.len(),
-        });
-    }
+    crate::options::check_upstream_len(rows, upstream.len())?;
     for r in 0..rows {
         let factor = upstream[if upstream.len() == 1 { 0 } else { r }] as f64;
         for x in &mut grad[r * shape.row_stride..r * shape.row_stride + shape.vocab] {

@@ -380,12 +380,7 @@ impl CrossEntropy {
                 forward.rows
             )));
         }
-        if upstream_len != 1 && upstream_len != rows {
-            return Err(Error::UpstreamLength {
-                rows,
-                len: upstream_len,
-            });
-        }
+        crate::options::check_upstream_len(rows, upstream_len)?;
         if delta % 16 != 0 {
             return Err(Error::InvalidOption(
                 "the gradient buffer must start at the same address modulo 16 bytes as the logits"
@@ -406,15 +401,7 @@ impl CrossEntropy {
         if rows == 0 {
             return Ok(());
         }
-        let n_tiles = plan::scale_tiles(shape.vocab);
-        let blocks = rows
-            .checked_mul(n_tiles)
-            .filter(|&b| b <= plan::MAX_GRID_X)
-            .ok_or_else(|| {
-                Error::PlanDoesNotFit(format!(
-                    "{rows} rows x {n_tiles} tiles exceed the grid limit"
-                ))
-            })?;
+        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
         let (counts, _c) = forward.counts.device_ptr(stream);
         let (row_lse, _s) = forward.row_lse.device_ptr(stream);
         let weight = match (&opts.weight, forward.weight.as_ref()) {
@@ -452,7 +439,7 @@ impl CrossEntropy {
             stream,
             &name,
             &params,
-            blocks as u32,
+            blocks,
             plan::SCALE_THREADS,
             SMEM_REDUCTION_BYTES,
         )
@@ -658,24 +645,11 @@ impl CrossEntropy {
         self.check_stream(stream)?;
         shape.validate(grad.len(), shape.rows())?;
         let rows = shape.rows();
-        if upstream.len() != 1 && upstream.len() != rows {
-            return Err(Error::UpstreamLength {
-                rows,
-                len: upstream.len(),
-            });
-        }
+        crate::options::check_upstream_len(rows, upstream.len())?;
         if rows == 0 {
             return Ok(());
         }
-        let n_tiles = plan::scale_tiles(shape.vocab);
-        let blocks = rows
-            .checked_mul(n_tiles)
-            .filter(|&b| b <= plan::MAX_GRID_X)
-            .ok_or_else(|| {
-                Error::PlanDoesNotFit(format!(
-                    "{rows} rows x {n_tiles} tiles exceed the grid limit"
-                ))
-            })?;
+        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
         let (grad_ptr, _g) = grad.device_ptr_mut(stream);
         let (upstream_ptr, _u) = upstream.device_ptr(stream);
         let params = ScaleParams {
@@ -689,14 +663,7 @@ impl CrossEntropy {
             n_tiles: n_tiles as u32,
         };
         let name = format!("xent_scale_{}", T::DTYPE.name());
-        self.launch(
-            stream,
-            &name,
-            &params,
-            blocks as u32,
-            plan::SCALE_THREADS,
-            0,
-        )
+        self.launch(stream, &name, &params, blocks, plan::SCALE_THREADS, 0)
     }
 
     /// Launches `name` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).

@@ -148,6 +148,15 @@ impl Options {
     }
 }
 
+/// An upstream gradient holds one value, or one per row.
+pub(crate) fn check_upstream_len(rows: usize, len: usize) -> Result<()> {
+    if len == 1 || len == rows {
+        Ok(())
+    } else {
+        Err(Error::UpstreamLength { rows, len })
+    }
+}
+
 /// Every class weight must be finite.
 pub(crate) fn check_weight_values(weight: &[f32]) -> Result<()> {
     match weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {

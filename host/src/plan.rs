@@ -279,3 +279,11 @@ pub fn count_blocks(rows: usize, limits: DeviceLimits) -> u32 {
 pub fn scale_tiles(vocab: usize) -> usize {
     vocab.div_ceil(SCALE_TILE)
 }
+
+/// The grid of a kernel that takes rows in tiles of `SCALE_TILE` (scaling, two-phase backward):
+/// (tiles per row, blocks), or `PlanDoesNotFit` past the grid limit.
+pub fn tile_grid(rows: usize, vocab: usize) -> Result<(usize, u32)> {
+    let n_tiles = scale_tiles(vocab);
+    check_grid(rows, n_tiles, "tiles")?;
+    Ok((n_tiles, (rows * n_tiles) as u32))
+}

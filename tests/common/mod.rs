@@ -413,6 +413,21 @@ pub fn run_case_dtype<L: Label + FromI64>(
     }
 }
 
+/// Every plan, forced: the fused kernel, the chunked pair (with a chunk of `chunk_len` that
+/// splits rows) and, where the device has clusters, the cluster kernel with 3 CTAs per row.
+pub fn forced_plans(xent: &CrossEntropy, chunk_len: usize) -> Vec<xent::PlanChoice> {
+    let mut plans = vec![
+        xent::PlanChoice::Fused,
+        xent::PlanChoice::Chunked {
+            chunk_len: Some(chunk_len),
+        },
+    ];
+    if xent.limits().max_cluster > 1 {
+        plans.push(xent::PlanChoice::Cluster { size: Some(3) });
+    }
+    plans
+}
+
 /// Every reduction, for loops over options.
 pub const REDUCTIONS: [Reduction; 3] = [Reduction::Mean, Reduction::Sum, Reduction::None];
 /// Every dtype.
