@@ -125,13 +125,13 @@ impl Options {
                 "softcap must be finite and > 0, got {cap}"
             )));
         }
-        if let Some(weight) = &self.weight {
-            if weight.len() != vocab {
-                return Err(Error::InvalidOption(format!(
-                    "weight holds {} values, vocab is {vocab} (one weight per class)",
-                    weight.len()
-                )));
-            }
+        if let Some(weight) = &self.weight
+            && weight.len() != vocab
+        {
+            return Err(Error::InvalidOption(format!(
+                "weight holds {} values, vocab is {vocab} (one weight per class)",
+                weight.len()
+            )));
         }
         Ok(())
     }

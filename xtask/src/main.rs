@@ -3,7 +3,8 @@
 //! - `ptx`: build `kernels-gpu/` with its pinned nightly and write the committed `host/ptx/*.ptx`.
 //! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
 //!   and fail on any register spill.
-//! - `test`: what CI runs: `cargo fmt --check`, `check`, `cargo test --workspace`.
+//! - `test`: what CI runs: `cargo fmt --check`, `cargo clippy -D warnings`, `check`,
+//!   `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
 //!   machine without a Rust toolchain.
 //! - `bench`: `cargo bench` over the workspace.
@@ -26,7 +27,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
-  test           cargo fmt --check, then check, then cargo test --workspace (what CI runs)
+  test           cargo fmt --check, clippy, check, then cargo test --workspace (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
@@ -73,6 +74,15 @@ fn check(root: &Path) -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     step("checking formatting");
     run(stable_cargo(root).args(["fmt", "--all", "--check"]))?;
+    step("linting (clippy, warnings are errors)");
+    run(stable_cargo(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     check(root)?;
     step("running the workspace's tests");
     let totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
