@@ -294,6 +294,64 @@ fn a_misused_backward_is_an_error_and_writes_nothing() {
         matches!(&err, Err(Error::InvalidOption(m)) if m.contains("forward")),
         "{err:?}"
     );
+    // Any loss option the forward's lse depends on, not only the reduction.
+    for other in [
+        Options {
+            ignore_index: 5,
+            ..Options::default()
+        },
+        Options {
+            softcap: Some(30.0),
+            ..Options::default()
+        },
+        Options {
+            label_smoothing: 0.1,
+            ..Options::default()
+        },
+    ] {
+        let err = xent.backward_into(
+            &stream, &d_logits, &d_labels, shape, &other, &fwd, &one, &mut grad,
+        );
+        assert!(
+            matches!(&err, Err(Error::InvalidOption(m)) if m.contains("forward")),
+            "{other:?}: {err:?}"
+        );
+    }
+    // What the forward does not depend on may differ: the gradient's scale.
+    let scaled = Options {
+        grad_scale: 2.0,
+        ..Options::default()
+    };
+    let mut scaled_grad = stream.alloc_zeros::<f32>(16).unwrap();
+    xent.backward_into(
+        &stream,
+        &d_logits,
+        &d_labels,
+        shape,
+        &scaled,
+        &fwd,
+        &one,
+        &mut scaled_grad,
+    )
+    .unwrap();
+    let doubled = stream.clone_dtoh(&scaled_grad).unwrap();
+    let mut plain_grad = stream.alloc_zeros::<f32>(16).unwrap();
+    xent.backward_into(
+        &stream,
+        &d_logits,
+        &d_labels,
+        shape,
+        &opts,
+        &fwd,
+        &one,
+        &mut plain_grad,
+    )
+    .unwrap();
+    let plain = stream.clone_dtoh(&plain_grad).unwrap();
+    assert!(plain.iter().any(|&g| g != 0.0));
+    for (d, p) in doubled.iter().zip(&plain) {
+        assert_eq!(*d, 2.0 * p);
+    }
 
     let other_rows = Loss::new(&stream, 3).unwrap();
     let err = xent.backward_into(

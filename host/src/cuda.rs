@@ -391,10 +391,11 @@ impl CrossEntropy {
             Some(w) => forward.weighted && same_bits(&forward.weight_host, w),
             None => !forward.weighted,
         };
-        if forward.reduction != opts.reduction || !same_weights {
+        if forward.loss_key != Some(LossKey::of(opts)) || !same_weights {
             return Err(Error::InvalidOption(
-                "backward needs the options of the forward call that made `forward` (reduction \
-                 and class weights differ)"
+                "backward needs the loss options of the forward call that made `forward` (one of \
+                 ignore_index, reduction, causal_shift, label_smoothing, lse_square_scale, \
+                 softcap, weight differs)"
                     .to_string(),
             ));
         }
@@ -492,6 +493,7 @@ impl CrossEntropy {
             out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
         }
         out.reduction = opts.reduction;
+        out.loss_key = Some(LossKey::of(opts));
         out.z_loss_on = opts.lse_square_scale != 0.0;
         out.accuracy_on = opts.return_token_accuracy;
         out.weighted = opts.weight.is_some();
@@ -738,6 +740,33 @@ impl CrossEntropy {
     }
 }
 
+/// The options a forward call's results depend on besides the class weights (compared by bytes
+/// on their own): a backward must use the same. `grad_scale`, `plan` and the token accuracy may
+/// differ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LossKey {
+    ignore_index: i64,
+    reduction: Reduction,
+    causal_shift: bool,
+    /// `label_smoothing`, `lse_square_scale` and `softcap` (0 for none) as bits.
+    values: [u32; 3],
+}
+
+impl LossKey {
+    fn of(opts: &Options) -> LossKey {
+        LossKey {
+            ignore_index: opts.ignore_index,
+            reduction: opts.reduction,
+            causal_shift: opts.causal_shift,
+            values: [
+                opts.label_smoothing.to_bits(),
+                opts.lse_square_scale.to_bits(),
+                opts.softcap.unwrap_or(0.0).to_bits(),
+            ],
+        }
+    }
+}
+
 /// The results of a call, on the device: the loss scalar, per-row loss and log-sum-exp, and the
 /// label counts. Reading them synchronises with the stream; leaving them on the device does not.
 pub struct Loss {
@@ -762,6 +791,8 @@ pub struct Loss {
     z_loss_on: bool,
     accuracy_on: bool,
     weighted: bool,
+    /// The loss options of the last call into these buffers (none before the first).
+    loss_key: Option<LossKey>,
 }
 
 impl Loss {
@@ -784,6 +815,7 @@ impl Loss {
             z_loss_on: false,
             accuracy_on: false,
             weighted: false,
+            loss_key: None,
         })
     }
 
