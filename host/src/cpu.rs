@@ -68,7 +68,7 @@ pub fn forward_backward<T: Element, L: Label>(
     shape: Shape,
     opts: &Options,
 ) -> Result<CpuLoss> {
-    forward_backward_scaled(logits, labels, shape, opts, &[1.0])
+    forward_backward_upstream(logits, labels, shape, opts, &[1.0])
 }
 
 /// Two-phase mode's reference: the gradient of `upstream · loss` (`upstream` one value, or one
@@ -83,19 +83,8 @@ pub fn forward_backward_upstream<T: Element, L: Label>(
 ) -> Result<CpuLoss> {
     let rows = shape.rows();
     crate::options::check_upstream_len(rows, upstream.len())?;
-    forward_backward_scaled(logits, labels, shape, opts, upstream)
-}
-
-fn forward_backward_scaled<T: Element, L: Label>(
-    logits: &mut [T],
-    labels: &[L],
-    shape: Shape,
-    opts: &Options,
-    upstream: &[f32],
-) -> Result<CpuLoss> {
     shape.validate(logits.len(), labels.len())?;
     opts.validate(shape.vocab)?;
-    let rows = shape.rows();
     let targets: Vec<Target> = (0..rows)
         .map(|r| row_target(labels, &shape, opts, r))
         .collect();

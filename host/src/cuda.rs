@@ -54,10 +54,11 @@ pub fn cluster_kernel_names() -> Vec<String> {
 /// vector at a time).
 const VARIANTS: [&str; 3] = ["", "coef_", "opt_"];
 
-/// The variant infix of the kernels that run `opts` (see [`VARIANTS`]).
-fn variant(opts: &Options) -> &'static str {
+/// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with or without the
+/// token accuracy (the backward kernels never compute it).
+fn variant(opts: &Options, accuracy: bool) -> &'static str {
     let per_element = opts.softcap.is_some()
-        || opts.return_token_accuracy
+        || accuracy
         || (opts.label_smoothing != 0.0 && opts.weight.is_some());
     if per_element {
         "opt_"
@@ -387,10 +388,10 @@ impl CrossEntropy {
                     .to_string(),
             ));
         }
-        let same_weights = match &opts.weight {
-            Some(w) => forward.weighted && same_bits(&forward.weight_host, w),
-            None => !forward.weighted,
-        };
+        let same_weights = opts
+            .weight
+            .as_ref()
+            .is_none_or(|w| same_bits(&forward.weight_host, w));
         if forward.loss_key != Some(LossKey::of(opts)) || !same_weights {
             return Err(Error::InvalidOption(
                 "backward needs the loss options of the forward call that made `forward` (one of \
@@ -425,14 +426,9 @@ impl CrossEntropy {
             upstream: upstream_ptr,
             opts: opt_params(opts, weight, 0, shape.vocab, forward.weight_sum),
         };
-        // The gradient does not depend on the token accuracy.
-        let grad_opts = Options {
-            return_token_accuracy: false,
-            ..opts.clone()
-        };
         let name = format!(
             "xent_backward_{}{}_{}",
-            variant(&grad_opts),
+            variant(opts, false),
             T::DTYPE.name(),
             L::NAME
         );
@@ -492,11 +488,8 @@ impl CrossEntropy {
         if opts.return_token_accuracy && out.row_correct.is_none() {
             out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
         }
-        out.reduction = opts.reduction;
         out.loss_key = Some(LossKey::of(opts));
-        out.z_loss_on = opts.lse_square_scale != 0.0;
         out.accuracy_on = opts.return_token_accuracy;
-        out.weighted = opts.weight.is_some();
 
         let (labels_ptr, _labels_guard) = labels.device_ptr(stream);
         let (counts, _c) = out.counts.device_ptr_mut(stream);
@@ -558,7 +551,8 @@ impl CrossEntropy {
                 upstream: 0,
                 opts: opt_params(opts, weight, row_correct, shape.vocab, out.weight_sum),
             };
-            let suffix = format!("{}{}_{}", variant(opts), T::DTYPE.name(), L::NAME);
+            let variant = variant(opts, opts.return_token_accuracy);
+            let suffix = format!("{variant}{}_{}", T::DTYPE.name(), L::NAME);
             match launch_plan {
                 LaunchPlan::Fused {
                     threads,
@@ -750,6 +744,8 @@ struct LossKey {
     causal_shift: bool,
     /// `label_smoothing`, `lse_square_scale` and `softcap` (0 for none) as bits.
     values: [u32; 3],
+    /// Class weights are on (their values are compared apart).
+    weighted: bool,
 }
 
 impl LossKey {
@@ -763,6 +759,7 @@ impl LossKey {
                 opts.lse_square_scale.to_bits(),
                 opts.softcap.unwrap_or(0.0).to_bits(),
             ],
+            weighted: opts.weight.is_some(),
         }
     }
 }
@@ -772,7 +769,6 @@ impl LossKey {
 pub struct Loss {
     stream: Arc<CudaStream>,
     rows: usize,
-    reduction: Reduction,
     loss: CudaSlice<f32>,
     row_loss: CudaSlice<f32>,
     row_lse: CudaSlice<f32>,
@@ -788,9 +784,8 @@ pub struct Loss {
     weight_sum: f32,
     /// Per-row token accuracy (`[u32; rows]`), once a call asked for it.
     row_correct: Option<CudaSlice<u32>>,
-    z_loss_on: bool,
+    /// The last call asked for token accuracy.
     accuracy_on: bool,
-    weighted: bool,
     /// The loss options of the last call into these buffers (none before the first).
     loss_key: Option<LossKey>,
 }
@@ -801,7 +796,6 @@ impl Loss {
         Ok(Loss {
             stream: stream.clone(),
             rows,
-            reduction: Reduction::Mean,
             loss: stream.alloc_zeros(1)?,
             row_loss: stream.alloc_zeros(rows.max(1))?,
             row_lse: stream.alloc_zeros(rows.max(1))?,
@@ -812,9 +806,7 @@ impl Loss {
             weight_host: Vec::new(),
             weight_sum: 0.0,
             row_correct: None,
-            z_loss_on: false,
             accuracy_on: false,
-            weighted: false,
             loss_key: None,
         })
     }
@@ -856,7 +848,7 @@ impl Loss {
 
     /// The reduction the loss was computed with.
     pub fn reduction(&self) -> Reduction {
-        self.reduction
+        self.loss_key.map_or(Reduction::Mean, |key| key.reduction)
     }
 
     /// Waits for the call and returns the loss; [`Error::LabelOutOfRange`] if any label was
@@ -891,7 +883,10 @@ impl Loss {
     /// the scored rows, divided by their count for the mean); 0 without the z-loss.
     pub fn read_z_loss(&self) -> Result<f32> {
         self.check_labels()?;
-        if !self.z_loss_on {
+        let z_loss_on = self
+            .loss_key
+            .is_some_and(|key| f32::from_bits(key.values[1]) != 0.0);
+        if !z_loss_on {
             return Ok(0.0);
         }
         Ok(self.stream.clone_dtoh(&self.extras)?[0])
@@ -925,7 +920,7 @@ impl Loss {
     /// `total_weight`): the mean's divisor, the scored row count without class weights.
     pub fn read_total_weight(&self) -> Result<f32> {
         let counts = self.stream.clone_dtoh(&self.counts)?;
-        Ok(if self.weighted {
+        Ok(if self.loss_key.is_some_and(|key| key.weighted) {
             f32::from_bits(counts[COUNT_WEIGHT])
         } else {
             counts[COUNT_VALID] as f32
