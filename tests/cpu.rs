@@ -1432,3 +1432,140 @@ fn cluster_kernels_are_in_the_sm90_ptx_only() {
         );
     }
 }
+
+/// Clusters of a launch an H200 runs at once, by (dynamic shared memory, cluster size), as its
+/// driver's `cuOccupancyMaxActiveClusters` answered for the plain cluster kernels (2026-11-28;
+/// asked with 96 more bytes of shared memory per CTA, an experiment's larger stash offset).
+const H200_ACTIVE_CLUSTERS: &[(u32, u32, u32)] = &[
+    (8304, 8, 124),
+    (9456, 7, 139),
+    (10976, 6, 163),
+    (13104, 5, 193),
+    (16304, 4, 248),
+    (21648, 3, 327),
+    (32304, 2, 396),
+    (32368, 8, 92),
+    (36960, 7, 101),
+    (38288, 8, 77),
+    (43056, 6, 101),
+    (43728, 7, 84),
+    (50960, 6, 79),
+    (51616, 5, 94),
+    (61088, 5, 69),
+    (64304, 1, 396),
+    (64432, 4, 92),
+    (64432, 8, 45),
+    (65840, 8, 45),
+    (73616, 7, 47),
+    (75216, 7, 47),
+    (76272, 4, 92),
+    (85808, 3, 79),
+    (85808, 6, 39),
+    (87696, 6, 39),
+    (101600, 3, 79),
+    (102928, 5, 47),
+    (105168, 5, 47),
+    (128560, 2, 66),
+    (128560, 4, 30),
+    (131376, 4, 30),
+    (152240, 2, 66),
+    (171312, 3, 39),
+    (175072, 3, 39),
+];
+
+fn h200_active_clusters(launch: &LaunchPlan) -> Option<u32> {
+    let &LaunchPlan::Cluster {
+        size, smem_bytes, ..
+    } = launch
+    else {
+        panic!("asked about a launch that is not a cluster plan: {launch:?}");
+    };
+    H200_ACTIVE_CLUSTERS
+        .iter()
+        .find(|&&(smem, s, _)| smem == smem_bytes && s == size)
+        .map(|&(_, _, n)| n)
+}
+
+#[test]
+fn the_cluster_size_keeps_the_most_row_bytes_resident() {
+    // (rows, vocab, dtype, expected size): the best or within noise of the best measured on an
+    // H200 in the sweep quoted at `plan::cluster_size_by_residency`.
+    let cases = [
+        (16384, 151_936, DType::Bf16, 4),
+        (8192, 128_256, DType::Bf16, 6),
+        (8192, 128_256, DType::F16, 6),
+        (4096, 262_144, DType::Bf16, 5),
+        (8192, 32_000, DType::Bf16, 1),
+        (8192, 128_256, DType::F32, 5),
+        (512, 128_256, DType::Bf16, 6),
+    ];
+    for (rows, vocab, dtype, want) in cases {
+        let limits = DeviceLimits::H100;
+        let got =
+            plan::cluster_size_by_residency(rows, vocab, dtype, limits, &mut h200_active_clusters);
+        assert_eq!(got, Some(want), "{rows} x {vocab} {dtype:?}");
+        let launch = plan::plan_with(
+            rows,
+            vocab,
+            dtype,
+            limits,
+            PlanChoice::Auto,
+            &mut h200_active_clusters,
+        )
+        .unwrap();
+        assert!(
+            matches!(launch, LaunchPlan::Cluster { size, .. } if size == want),
+            "{rows} x {vocab} {dtype:?}: {launch:?}"
+        );
+    }
+}
+
+#[test]
+fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
+    let limits = DeviceLimits::H100;
+    for (rows, vocab) in [(8192, 128_256), (64, 128_256), (1, 262_144)] {
+        let fallback = plan::plan(rows, vocab, DType::Bf16, limits, PlanChoice::Auto).unwrap();
+        let unknown = plan::plan_with(
+            rows,
+            vocab,
+            DType::Bf16,
+            limits,
+            PlanChoice::Auto,
+            &mut |_| None,
+        );
+        assert_eq!(unknown.unwrap(), fallback, "{rows} x {vocab}, no answer");
+        // 64 rows are fewer than one wave of clusters at every size: the grid limits them.
+        if rows < 100 {
+            let few = plan::plan_with(
+                rows,
+                vocab,
+                DType::Bf16,
+                limits,
+                PlanChoice::Auto,
+                &mut h200_active_clusters,
+            );
+            assert_eq!(few.unwrap(), fallback, "{rows} x {vocab}");
+            let size = plan::cluster_size_by_residency(
+                rows,
+                vocab,
+                DType::Bf16,
+                limits,
+                &mut h200_active_clusters,
+            );
+            assert_eq!(size, None, "{rows} x {vocab}");
+        }
+    }
+    // A forced size is kept whatever the device says.
+    let forced = plan::plan_with(
+        8192,
+        128_256,
+        DType::Bf16,
+        limits,
+        PlanChoice::Cluster { size: Some(8) },
+        &mut h200_active_clusters,
+    );
+    assert!(
+        matches!(forced, Ok(LaunchPlan::Cluster { size: 8, .. })),
+        "{forced:?}"
+    );
+}

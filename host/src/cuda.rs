@@ -6,7 +6,7 @@
 //! before the capture).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
@@ -129,6 +129,9 @@ pub fn ptx_for(major: i32, minor: i32) -> Result<&'static str> {
     }
 }
 
+/// A cluster launch, for the occupancy cache: kernel name, threads, shared memory, cluster size.
+type ClusterLaunchKey = (String, u32, u32, u32);
+
 /// A handle to the kernels on one CUDA device. Cheap to share: `Send + Sync`, and calls from
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
@@ -136,6 +139,9 @@ pub struct CrossEntropy {
     _module: Arc<CudaModule>,
     kernels: HashMap<String, CudaFunction>,
     limits: DeviceLimits,
+    /// The driver's `cuOccupancyMaxActiveClusters` by (kernel, threads, shared memory, cluster
+    /// size), asked once each: the automatic cluster size depends on it.
+    active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -213,6 +219,7 @@ impl CrossEntropy {
             _module: module,
             kernels,
             limits,
+            active_clusters: Mutex::new(HashMap::new()),
         })
     }
 
@@ -228,7 +235,67 @@ impl CrossEntropy {
 
     /// The plan a call with this shape, dtype and options would run.
     pub fn plan_for(&self, shape: &Shape, dtype: DType, opts: &Options) -> Result<LaunchPlan> {
-        plan::plan(shape.rows(), shape.vocab, dtype, self.limits, opts.plan)
+        // The i32 and i64 kernels differ by a few instructions, not in registers.
+        let name = format!(
+            "xent_cluster_{}{}_i64",
+            variant(opts, opts.return_token_accuracy),
+            dtype.name()
+        );
+        plan::plan_with(
+            shape.rows(),
+            shape.vocab,
+            dtype,
+            self.limits,
+            opts.plan,
+            &mut |launch| self.active_clusters(&name, launch),
+        )
+    }
+
+    /// How many clusters of `launch` (a cluster plan of kernel `name`) the device runs at once,
+    /// as the driver says (`None` if it cannot say). Cached.
+    fn active_clusters(&self, name: &str, launch: &LaunchPlan) -> Option<u32> {
+        let &LaunchPlan::Cluster {
+            threads,
+            size,
+            smem_bytes,
+            ..
+        } = launch
+        else {
+            return None;
+        };
+        let function = self.kernels.get(name)?;
+        let key = (name.to_owned(), threads, smem_bytes, size);
+        let mut cache = self
+            .active_clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(&known) = cache.get(&key) {
+            return known;
+        }
+        let mut attribute = cluster_attribute(size);
+        let config = cluster_config(
+            size,
+            threads,
+            smem_bytes,
+            std::ptr::null_mut(),
+            &mut attribute,
+        );
+        let mut clusters: std::ffi::c_int = 0;
+        let answer = self.ctx.bind_to_thread().ok().and_then(|()| {
+            // SAFETY: `config` and the attribute it points at live across the call; the driver
+            // only reads them and writes one int.
+            let result = unsafe {
+                cudarc::driver::sys::cuOccupancyMaxActiveClusters(
+                    &mut clusters,
+                    function.cu_function(),
+                    &config,
+                )
+            };
+            result.result().ok()?;
+            u32::try_from(clusters).ok().filter(|&n| n > 0)
+        });
+        cache.insert(key, answer);
+        answer
     }
 
     fn kernel(&self, name: &str) -> &CudaFunction {
@@ -675,26 +742,15 @@ impl CrossEntropy {
         cluster: u32,
     ) -> Result<()> {
         use cudarc::driver::sys;
-        let mut attribute = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue { pad: [0; 64] },
-        };
-        attribute.value.clusterDim.x = cluster;
-        attribute.value.clusterDim.y = 1;
-        attribute.value.clusterDim.z = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: blocks,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: threads,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: smem_bytes,
-            hStream: stream.cu_stream(),
-            attrs: &mut attribute,
-            numAttrs: 1,
-        };
+        let mut attribute = cluster_attribute(cluster);
+        let mut config = cluster_config(
+            cluster,
+            threads,
+            smem_bytes,
+            stream.cu_stream(),
+            &mut attribute,
+        );
+        config.gridDimX = blocks;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         self.ctx.bind_to_thread()?;
         // SAFETY: as in `launch`; `args` points at the one parameter block the entry point takes,
@@ -938,5 +994,42 @@ impl Loss {
                 label: None,
             }),
         }
+    }
+}
+
+/// The launch attribute that sets a cluster of `size` CTAs along x.
+fn cluster_attribute(size: u32) -> cudarc::driver::sys::CUlaunchAttribute {
+    use cudarc::driver::sys;
+    let mut attribute = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    attribute.value.clusterDim.x = size;
+    attribute.value.clusterDim.y = 1;
+    attribute.value.clusterDim.z = 1;
+    attribute
+}
+
+/// A launch of one cluster of `size` CTAs (the caller sets the grid) with `attribute` from
+/// [`cluster_attribute`], which must outlive the config.
+fn cluster_config(
+    size: u32,
+    threads: u32,
+    smem_bytes: u32,
+    stream: cudarc::driver::sys::CUstream,
+    attribute: &mut cudarc::driver::sys::CUlaunchAttribute,
+) -> cudarc::driver::sys::CUlaunchConfig {
+    cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: size,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem_bytes,
+        hStream: stream,
+        attrs: attribute,
+        numAttrs: 1,
     }
 }

@@ -128,13 +128,29 @@ pub fn fused_smem_bytes(vocab: usize, dtype: DType) -> Option<u32> {
     u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
-/// Chooses the kernels and their launch shape.
+/// Chooses the kernels and their launch shape, with the cluster size from
+/// [`auto_cluster_size`] when it is automatic.
 pub fn plan(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
     choice: PlanChoice,
+) -> Result<LaunchPlan> {
+    plan_with(rows, vocab, dtype, limits, choice, &mut |_| None)
+}
+
+/// [`plan`], given the device's answer to "how many clusters of this launch fit at once"
+/// (`active_clusters`, the driver's `cuOccupancyMaxActiveClusters`; `None` when unknown): an
+/// automatic cluster size is then [`cluster_size_by_residency`], falling back to
+/// [`auto_cluster_size`] when the device does not say.
+pub fn plan_with(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    choice: PlanChoice,
+    active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
     if vocab == 0 || vocab > (u32::MAX / 2) as usize {
         return Err(Error::PlanDoesNotFit(format!(
@@ -182,11 +198,15 @@ pub fn plan(
                     "this device has no thread-block clusters".into(),
                 ));
             }
-            let size = size.unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
+            let size = size.unwrap_or_else(|| {
+                cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
+                    .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits))
+            });
             cluster_plan(rows, vocab, dtype, limits, size)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
-            let size = auto_cluster_size(rows, vocab, dtype, limits);
+            let size = cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
+                .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
             cluster_plan(rows, vocab, dtype, limits, size)
                 .or_else(|_| chunked(auto_chunk_len(rows, vocab, limits)))
         }
@@ -245,9 +265,10 @@ pub fn cluster_plan(
     })
 }
 
-/// The automatic cluster size: enough CTAs that each keeps at most [`CLUSTER_CHUNK_BYTES`] of the
-/// row, doubled while the grid would leave SMs idle (fewer than [`MIN_BLOCKS_PER_SM`] CTAs per
-/// SM), at most `max_cluster`.
+/// The automatic cluster size when the device's cluster occupancy is unknown or there are few
+/// rows (see [`cluster_size_by_residency`]): enough CTAs that each keeps at most
+/// [`CLUSTER_CHUNK_BYTES`] of the row, doubled while the grid would leave SMs idle (fewer than
+/// [`MIN_BLOCKS_PER_SM`] CTAs per SM), at most `max_cluster`.
 pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: DeviceLimits) -> u32 {
     let wanted_blocks = MIN_BLOCKS_PER_SM * limits.sm_count as usize;
     let by_bytes = (vocab * dtype.bytes()).div_ceil(CLUSTER_CHUNK_BYTES);
@@ -256,6 +277,65 @@ pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: Device
         size = (size * 2).min(limits.max_cluster);
     }
     size
+}
+
+/// How far below the most resident bytes a smaller cluster may fall and still be chosen (see
+/// [`cluster_size_by_residency`]).
+pub const RESIDENCY_SLACK: f64 = 0.02;
+
+/// The cluster size that keeps the most of the rows resident in shared memory across the whole
+/// device: `active clusters x CTAs per cluster x chunk bytes`, where `active_clusters` says how
+/// many clusters of a launch fit at once. Of the sizes within [`RESIDENCY_SLACK`] of the most,
+/// the smallest (fewer CTAs to synchronise per row). `None` if the device does not answer for
+/// some size that fits, or if there are fewer rows than clusters in one wave of some size.
+///
+/// Why: the cluster kernel holds a chunk in shared memory from its load to its gradient store,
+/// so the bytes it can have in flight are the resident bytes; clusters are placed whole within
+/// a GPC, which leaves some CTA slots empty (sizes that do not divide the GPC's free slots) in a
+/// way only the driver knows. Measured on an H200 (2026-11-28, 132 SMs, % of copy bandwidth by
+/// size, resident MiB in brackets): 16384 x 151936 bf16: 4: 87.7 (26.8), 7: 83.9 (24.6),
+/// 5: 78.3 (20.1); 8192 x 128256 bf16: 6: 84.8 (24.9), 4: 84.4 (22.6), 5: 81.3 (23.2);
+/// 4096 x 262144 bf16: 5: 81.6 (23.6), 6: 76.3 (19.6), 4: 70.2 (15.0); 8192 x 32000 bf16:
+/// 1: 82.1 (24.3), 4: 69.9 (15.5). Within 2% of the most resident the order is noise-level and
+/// the smaller cluster was as fast or faster (128256: 6 at 24.9 MiB beat 7 at 25.0, 84.8 to 82.0).
+pub fn cluster_size_by_residency(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
+) -> Option<u32> {
+    let mut sizes = Vec::new();
+    for size in 1..=limits.max_cluster {
+        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size) else {
+            continue;
+        };
+        let LaunchPlan::Cluster {
+            chunk_len,
+            size: real,
+            ..
+        } = plan
+        else {
+            continue;
+        };
+        // Rounding the chunk can give the same launch for two requested sizes.
+        if real != size {
+            continue;
+        }
+        let clusters = active_clusters(&plan)?;
+        // Fewer rows than one full wave of clusters: the grid, not shared memory, limits what
+        // is in flight (the caller's fallback spreads few rows over more CTAs).
+        if (clusters as usize) > rows {
+            return None;
+        }
+        let resident = clusters as f64 * size as f64 * (chunk_len as usize * dtype.bytes()) as f64;
+        sizes.push((size, resident));
+    }
+    let most = sizes.iter().map(|&(_, r)| r).fold(0.0, f64::max);
+    sizes
+        .into_iter()
+        .find(|&(_, r)| most > 0.0 && r >= most * (1.0 - RESIDENCY_SLACK))
+        .map(|(size, _)| size)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
