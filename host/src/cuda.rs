@@ -129,8 +129,9 @@ pub fn ptx_for(major: i32, minor: i32) -> Result<&'static str> {
     }
 }
 
-/// A cluster launch, for the occupancy cache: kernel name, threads, shared memory, cluster size.
-type ClusterLaunchKey = (String, u32, u32, u32);
+/// A cluster launch, for the occupancy cache: kernel variant, dtype, threads, shared memory,
+/// cluster size.
+type ClusterLaunchKey = (&'static str, DType, u32, u32, u32);
 
 /// A handle to the kernels on one CUDA device. Cheap to share: `Send + Sync`, and calls from
 /// several threads on several streams run concurrently.
@@ -235,25 +236,30 @@ impl CrossEntropy {
 
     /// The plan a call with this shape, dtype and options would run.
     pub fn plan_for(&self, shape: &Shape, dtype: DType, opts: &Options) -> Result<LaunchPlan> {
-        // The i32 and i64 kernels differ by a few instructions, not in registers.
-        let name = format!(
-            "xent_cluster_{}{}_i64",
-            variant(opts, opts.return_token_accuracy),
-            dtype.name()
-        );
+        let variant = variant(opts, opts.return_token_accuracy);
+        let mut cache = self
+            .active_clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         plan::plan_with(
             shape.rows(),
             shape.vocab,
             dtype,
             self.limits,
             opts.plan,
-            &mut |launch| self.active_clusters(&name, launch),
+            &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )
     }
 
-    /// How many clusters of `launch` (a cluster plan of kernel `name`) the device runs at once,
-    /// as the driver says (`None` if it cannot say). Cached.
-    fn active_clusters(&self, name: &str, launch: &LaunchPlan) -> Option<u32> {
+    /// How many clusters of `launch` (a cluster plan of the `variant` kernels for `dtype`) the
+    /// device runs at once, as the driver says (`None` if it cannot say), remembered in `cache`.
+    fn active_clusters(
+        &self,
+        cache: &mut HashMap<ClusterLaunchKey, Option<u32>>,
+        variant: &'static str,
+        dtype: DType,
+        launch: &LaunchPlan,
+    ) -> Option<u32> {
         let &LaunchPlan::Cluster {
             threads,
             size,
@@ -263,15 +269,16 @@ impl CrossEntropy {
         else {
             return None;
         };
-        let function = self.kernels.get(name)?;
-        let key = (name.to_owned(), threads, smem_bytes, size);
-        let mut cache = self
-            .active_clusters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let key = (variant, dtype, threads, smem_bytes, size);
         if let Some(&known) = cache.get(&key) {
             return known;
         }
+        // The i32 and i64 kernels differ by a few instructions, not in registers.
+        let name = format!("xent_cluster_{variant}{}_i64", dtype.name());
+        let Some(function) = self.kernels.get(&name) else {
+            cache.insert(key, None);
+            return None;
+        };
         let mut attribute = cluster_attribute(size);
         let config = cluster_config(
             size,
