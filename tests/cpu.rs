@@ -1411,7 +1411,10 @@ fn a100_has_no_clusters_and_uses_fused_or_chunked_plans() {
         100,
         DType::Bf16,
         DeviceLimits::A100,
-        PlanChoice::Cluster { size: None },
+        PlanChoice::Cluster {
+            size: None,
+            threads: None,
+        },
     );
     assert!(
         matches!(forced, Err(Error::PlanDoesNotFit(_))),
@@ -1561,11 +1564,71 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
         128_256,
         DType::Bf16,
         limits,
-        PlanChoice::Cluster { size: Some(8) },
+        PlanChoice::Cluster {
+            size: Some(8),
+            threads: None,
+        },
         &mut h200_active_clusters,
     );
     assert!(
         matches!(forced, Ok(LaunchPlan::Cluster { size: 8, .. })),
         "{forced:?}"
     );
+}
+
+#[test]
+fn a_forced_cluster_thread_count_is_kept_and_a_bad_one_is_plan_does_not_fit() {
+    let limits = DeviceLimits::H100;
+    let auto = |size| {
+        plan::plan(
+            8192,
+            128_256,
+            DType::Bf16,
+            limits,
+            PlanChoice::Cluster {
+                size,
+                threads: None,
+            },
+        )
+        .unwrap()
+    };
+    for size in [None, Some(4), Some(8)] {
+        let LaunchPlan::Cluster {
+            chunk_len,
+            size: got_size,
+            smem_bytes,
+            threads: auto_threads,
+        } = auto(size)
+        else {
+            panic!("not a cluster plan");
+        };
+        for threads in [32, 256, 384, 1024] {
+            let choice = PlanChoice::Cluster {
+                size,
+                threads: Some(threads),
+            };
+            let got = plan::plan(8192, 128_256, DType::Bf16, limits, choice).unwrap();
+            let want = LaunchPlan::Cluster {
+                threads,
+                chunk_len,
+                size: got_size,
+                smem_bytes,
+            };
+            assert_eq!(
+                got, want,
+                "size {size:?}, threads {threads} (auto {auto_threads})"
+            );
+        }
+        for threads in [0, 48, 1056, 4096] {
+            let choice = PlanChoice::Cluster {
+                size,
+                threads: Some(threads),
+            };
+            let got = plan::plan(8192, 128_256, DType::Bf16, limits, choice);
+            assert!(
+                matches!(got, Err(Error::PlanDoesNotFit(_))),
+                "size {size:?}, threads {threads}: {got:?}"
+            );
+        }
+    }
 }

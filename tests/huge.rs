@@ -185,7 +185,13 @@ fn huge_case(rows: usize) {
         (PlanChoice::Chunked { chunk_len: None }, Reduction::Sum),
     ];
     if xent.limits().max_cluster > 1 {
-        runs.push((PlanChoice::Cluster { size: Some(8) }, Reduction::Mean));
+        runs.push((
+            PlanChoice::Cluster {
+                size: Some(8),
+                threads: None,
+            },
+            Reduction::Mean,
+        ));
     }
     let mut failures = Vec::new();
     for (plan, reduction) in runs {

@@ -228,6 +228,7 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
                 0 => None,
                 _ => Some(1 + rng.below(max_cluster as u64) as u32),
             },
+            threads: None,
         },
         _ => PlanChoice::Auto,
     };
@@ -592,10 +593,14 @@ fn random_draws_are_reproducible_bounded_and_cover_every_option() {
         d.case.opts.plan == PlanChoice::Chunked { chunk_len: None }
     });
     covered("a forced cluster size", &|d| {
-        matches!(d.case.opts.plan, PlanChoice::Cluster { size: Some(_) })
+        matches!(d.case.opts.plan, PlanChoice::Cluster { size: Some(_), .. })
     });
     covered("the automatic cluster size", &|d| {
-        d.case.opts.plan == PlanChoice::Cluster { size: None }
+        d.case.opts.plan
+            == PlanChoice::Cluster {
+                size: None,
+                threads: None,
+            }
     });
     covered("zero rows", &|d| d.case.shape.rows() == 0);
     covered("more than 300 rows", &|d| d.case.shape.rows() > 300);
@@ -654,8 +659,14 @@ fn all_plans(xent: &xent::CrossEntropy) -> Vec<PlanChoice> {
         PlanChoice::Chunked { chunk_len: None },
     ];
     if xent.limits().max_cluster > 1 {
-        plans.push(PlanChoice::Cluster { size: Some(3) });
-        plans.push(PlanChoice::Cluster { size: None });
+        plans.push(PlanChoice::Cluster {
+            size: Some(3),
+            threads: None,
+        });
+        plans.push(PlanChoice::Cluster {
+            size: None,
+            threads: None,
+        });
     }
     plans
 }

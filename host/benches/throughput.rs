@@ -5,7 +5,9 @@
 //! [--options none,smoothing,z,softcap,weight,accuracy,all]` (`cargo xtask bench` forwards its
 //! arguments here). First line: `{"copy_GBps": ...}` measured in this process; then one line per
 //! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
-//! option when on, on the same inputs). Each iteration restores the logits from a pristine copy
+//! option when on, on the same inputs). `--plan` is auto, fused, chunked, cluster, or a forced
+//! cluster plan `cluster:N` (N CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA).
+//! Each iteration restores the logits from a pristine copy
 //! outside the timed region, so every timed call sees real logits, not last call's gradient.
 
 use std::sync::Arc;
@@ -70,13 +72,29 @@ fn parse_args() -> Result<Args, String> {
                     Some("auto") => PlanChoice::Auto,
                     Some("fused") => PlanChoice::Fused,
                     Some("chunked") => PlanChoice::Chunked { chunk_len: None },
-                    Some("cluster") => PlanChoice::Cluster { size: None },
-                    Some(forced) if forced.starts_with("cluster:") => PlanChoice::Cluster {
-                        size: Some(forced[8..].parse().map_err(|_| format!("bad {forced}"))?),
+                    Some("cluster") => PlanChoice::Cluster {
+                        size: None,
+                        threads: None,
                     },
+                    Some(forced) if forced.starts_with("cluster:") => {
+                        // cluster:N, cluster:N:T or cluster::T (T threads per CTA).
+                        let mut parts = forced[8..].split(':');
+                        let mut number = |what| -> Result<Option<u32>, String> {
+                            match parts.next() {
+                                None | Some("") => Ok(None),
+                                Some(n) => n
+                                    .parse()
+                                    .map(Some)
+                                    .map_err(|_| format!("bad {what} in {forced}")),
+                            }
+                        };
+                        let size = number("cluster size")?;
+                        let threads = number("thread count")?;
+                        PlanChoice::Cluster { size, threads }
+                    }
                     other => {
                         return Err(format!(
-                            "--plan auto|fused|chunked|cluster[:N], not {other:?}"
+                            "--plan auto|fused|chunked|cluster[:N[:T]], not {other:?}"
                         ));
                     }
                 }

@@ -42,6 +42,9 @@ pub const CLUSTER_CHUNK_BYTES: usize = 80 * 1024;
 /// CTAs of 32 KiB ran slower than 8 of 64 KiB at 4096 x 262144 bf16 (72.5% against 78.6% of copy
 /// bandwidth) and at 8192 x 128256 f32 (70.7% against 82.6%).
 pub const MAX_CLUSTER: u32 = 8;
+/// The most threads a forced cluster plan may ask for per CTA: a block's limit (the kernels'
+/// block reductions have room for 32 warps).
+pub const MAX_CLUSTER_THREADS: u32 = 1024;
 /// CUDA's limit on `gridDim.x`.
 pub const MAX_GRID_X: usize = (1 << 31) - 1;
 
@@ -83,8 +86,12 @@ pub enum PlanChoice {
     Chunked { chunk_len: Option<usize> },
     /// sm_90: a row split over the CTAs of a thread-block cluster, each keeping its chunk in shared
     /// memory, combined through distributed shared memory: one read and one write per element.
-    /// `size` CTAs per row (1 to 8) or the automatic choice.
-    Cluster { size: Option<u32> },
+    /// `size` CTAs per row (1 to 8) or the automatic choice; `threads` per CTA (a multiple of 32,
+    /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice ([`threads_for`] the chunk).
+    Cluster {
+        size: Option<u32>,
+        threads: Option<u32>,
+    },
 }
 
 /// A planned launch of the cross-entropy kernels.
@@ -192,17 +199,42 @@ pub fn plan_with(
         PlanChoice::Chunked { chunk_len } => {
             chunked(chunk_len.unwrap_or_else(|| auto_chunk_len(rows, vocab, limits)))
         }
-        PlanChoice::Cluster { size } => {
+        PlanChoice::Cluster { size, threads } => {
             if limits.max_cluster <= 1 {
                 return Err(Error::PlanDoesNotFit(
                     "this device has no thread-block clusters".into(),
                 ));
             }
+            if let Some(t) = threads
+                && (t == 0 || !t.is_multiple_of(32) || t > MAX_CLUSTER_THREADS)
+            {
+                return Err(Error::PlanDoesNotFit(format!(
+                    "{t} threads per CTA: must be a positive multiple of 32, at most \
+                     {MAX_CLUSTER_THREADS}"
+                )));
+            }
             let size = size.unwrap_or_else(|| {
                 cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
                     .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits))
             });
-            cluster_plan(rows, vocab, dtype, limits, size)
+            let plan = cluster_plan(rows, vocab, dtype, limits, size)?;
+            match (plan, threads) {
+                (
+                    LaunchPlan::Cluster {
+                        chunk_len,
+                        size,
+                        smem_bytes,
+                        ..
+                    },
+                    Some(threads),
+                ) => Ok(LaunchPlan::Cluster {
+                    threads,
+                    chunk_len,
+                    size,
+                    smem_bytes,
+                }),
+                _ => Ok(plan),
+            }
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
             let size = cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)

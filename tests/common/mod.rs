@@ -423,7 +423,10 @@ pub fn forced_plans(xent: &CrossEntropy, chunk_len: usize) -> Vec<xent::PlanChoi
         },
     ];
     if xent.limits().max_cluster > 1 {
-        plans.push(xent::PlanChoice::Cluster { size: Some(3) });
+        plans.push(xent::PlanChoice::Cluster {
+            size: Some(3),
+            threads: None,
+        });
     }
     plans
 }
