@@ -5,8 +5,11 @@
 //!   unit tests as `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped. Packed
 //!   because each binary embeds the PTX (several MB of text that gzip shrinks about 5x), which
 //!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
-//! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`), see its header;
-//! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists.
+//! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`, `./run.sh sweep`),
+//!   see its header;
+//! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists;
+//! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
+//!   a cluster-plan sweep; `configs.txt`: the default benchmark configs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -138,6 +141,7 @@ pub fn bundle(root: &Path) -> Result<()> {
 
     for (from, to) in [
         ("bench/table.py", "table.py"),
+        ("bench/sweep.py", "sweep.py"),
         ("host/benches/configs.txt", "configs.txt"),
     ] {
         fs::copy(root.join(from), bundle_dir.join(to))

@@ -8,6 +8,10 @@
 #                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
+#   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
+#                               $XENT_SWEEP_SIZES (4-8) x threads per CTA $XENT_SWEEP_THREADS
+#                               (auto 256 384 512) on $XENT_BENCH_CONFIGS (default: configs.txt),
+#                               then sweep.py's tables (% of copy by size and threads)
 #
 # Every binary runs under `timeout`, so a hung kernel costs minutes, not the machine. When OUT is
 # set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with one line per
@@ -16,7 +20,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | bench | sanitize) mode=$1; shift ;;
+  test | bench | sanitize | sweep) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -50,6 +54,23 @@ for bin in bin/*; do
   case ${bin#bin/} in example-* | bench-*) ;; *) tests+=("${bin#bin/}") ;; esac
 done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
+
+if [[ $mode == sweep ]]; then
+  configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
+  for size in ${XENT_SWEEP_SIZES:-4 5 6 7 8}; do
+    for threads in ${XENT_SWEEP_THREADS:-auto 256 384 512}; do
+      plan=cluster:$size
+      [[ $threads != auto ]] && plan=$plan:$threads
+      run_one "bench-throughput $plan" sweep.log timeout 300 ./bin/bench-throughput --bench \
+        --configs "$configs" --plan "$plan" "$@"
+      cat "$scratch/last.out" >> "$scratch/sweep.jsonl"
+    done
+  done
+  python3 sweep.py "$scratch/sweep.jsonl" | to_log sweep.log
+  failed=0
+  for i in "${!names[@]}"; do [[ ${codes[i]} == 0 ]] || failed=1; done
+  exit "$failed"
+fi
 
 log=tests.log
 [[ $mode == sanitize ]] && log=sanitize.log
