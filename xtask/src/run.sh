@@ -3,7 +3,7 @@
 # Written by `cargo xtask bundle`; copy the whole bundle/ folder and run it from anywhere:
 #
 #   run.sh [test] [ARGS...]     every test binary in bin/ (ARGS go to each test harness, e.g. a
-#                               filter), then bin/example-quickstart
+#                               filter), then every example (bin/example-*)
 #   run.sh bench [ARGS...]      the same, then every bin/bench-* with --bench ARGS, then peers.py
 #                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
@@ -99,9 +99,9 @@ else
   for name in "${tests[@]}"; do
     run_one "$name" "$log" timeout 600 "./bin/$name" --test-threads=1 "${test_args[@]}"
   done
-  if [[ -x bin/example-quickstart ]]; then
-    run_one example-quickstart "$log" timeout 120 ./bin/example-quickstart
-  fi
+  for bin in bin/example-*; do
+    run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
+  done
 fi
 
 if [[ $mode == bench ]]; then
