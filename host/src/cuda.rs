@@ -140,8 +140,8 @@ pub struct CrossEntropy {
     _module: Arc<CudaModule>,
     kernels: HashMap<String, CudaFunction>,
     limits: DeviceLimits,
-    /// The driver's `cuOccupancyMaxActiveClusters` by (kernel, threads, shared memory, cluster
-    /// size), asked once each: the automatic cluster size depends on it.
+    /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
+    /// automatic cluster size depends on it.
     active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
 }
 
@@ -234,7 +234,9 @@ impl CrossEntropy {
         self.limits
     }
 
-    /// The plan a call with this shape, dtype and options would run.
+    /// The plan a call with this shape, dtype and options would run. On sm_90 the automatic
+    /// cluster size asks the driver how many clusters of each candidate launch fit at once (the
+    /// first time this handle plans that launch; remembered after).
     pub fn plan_for(&self, shape: &Shape, dtype: DType, opts: &Options) -> Result<LaunchPlan> {
         let variant = variant(opts, opts.return_token_accuracy);
         let mut cache = self
