@@ -1,27 +1,21 @@
 """Summarises a cluster-plan sweep (`run.sh sweep`): for each config, a table of % of copy
 bandwidth by cluster size (rows) and threads per CTA (columns), from the JSON lines of xent's
 throughput bench, whose "plan" field names the launch. Usage: python3 sweep.py SWEEP.jsonl"""
-import json, re, sys
+import re, sys
+
+from table import json_lines
 
 cells, copies = {}, []
-for path in sys.argv[1:] or ["-"]:
-    for line in (sys.stdin if path == "-" else open(path)):
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue
-        if "copy_GBps" in d:
-            copies.append(d["copy_GBps"])
-            continue
-        m = re.search(r"Cluster \{ threads: (\d+), chunk_len: (\d+), size: (\d+)", d.get("plan", ""))
-        if d.get("method") != "xent" or not m or "pct_of_copy" not in d:
-            continue
-        threads, chunk, size = (int(g) for g in m.groups())
-        key = (d["n"], d["v"], d["dtype"])
-        cells.setdefault(key, {})[(size, threads)] = (d["pct_of_copy"], chunk)
+for d in json_lines(sys.argv[1:]):
+    if "copy_GBps" in d:
+        copies.append(d["copy_GBps"])
+        continue
+    m = re.search(r"Cluster \{ threads: (\d+), chunk_len: (\d+), size: (\d+)", d.get("plan", ""))
+    if d.get("method") != "xent" or not m or "pct_of_copy" not in d:
+        continue
+    threads, chunk, size = (int(g) for g in m.groups())
+    key = (d["n"], d["v"], d["dtype"])
+    cells.setdefault(key, {})[(size, threads)] = (d["pct_of_copy"], chunk)
 
 if copies:
     print(f"copy bandwidth {min(copies)}-{max(copies)} GB/s over {len(copies)} processes")
