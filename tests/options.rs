@@ -1085,6 +1085,23 @@ fn softcap_not_positive_or_not_finite_is_an_invalid_option() {
 }
 
 #[test]
+fn grad_scale_not_finite_is_an_invalid_option() {
+    for g in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let msg = option_error(&Options {
+            grad_scale: g,
+            ..Options::default()
+        });
+        assert!(msg.contains("grad_scale"), "{msg}");
+    }
+    for g in [0.0, -3.0, 1e-30] {
+        accepted(&Options {
+            grad_scale: g,
+            ..Options::default()
+        });
+    }
+}
+
+#[test]
 fn weight_needs_one_finite_value_per_class() {
     for weight in [vec![1.0; 2], vec![1.0; 4], vec![]] {
         let msg = option_error(&Options {

@@ -34,7 +34,7 @@ pub struct Options {
     /// Default [`Reduction::Mean`].
     pub reduction: Reduction,
     /// Multiplies the gradient: a scale known at forward time (1 / accumulation steps, a loss
-    /// scale) costs nothing extra here. Default 1.
+    /// scale) costs nothing extra here. Must be finite (else `InvalidOption`). Default 1.
     pub grad_scale: f32,
     /// Causal-LM shift: position `t` of each sequence is scored against label `t + 1` of the same
     /// sequence and the last position gets zero loss and gradient, without copying anything.
@@ -110,6 +110,12 @@ impl Options {
         if !(0.0..=1.0).contains(&smoothing) {
             return Err(Error::InvalidOption(format!(
                 "label_smoothing must be in [0, 1], got {smoothing}"
+            )));
+        }
+        let g = self.grad_scale;
+        if !g.is_finite() {
+            return Err(Error::InvalidOption(format!(
+                "grad_scale must be finite, got {g}"
             )));
         }
         let z = self.lse_square_scale;
