@@ -36,8 +36,15 @@ const LEGEND_WIDTH: u32 = 230;
 /// (about 7 px a character) on a plot about 560 px high.
 const LABEL_PCT_PER_CHAR: f64 = 1.3;
 
-/// xent's colour (orange), then the peers' (blues, greens, greys: one family, set apart from ours).
+/// xent's colour (orange), its runs with a loss option (`xent[NAME]`: lighter and darker oranges),
+/// then the peers' (blues, greens, greys: one family, set apart from ours).
 const OUR_COLOUR: RGBColor = RGBColor(230, 97, 1);
+const OUR_OPTION_COLOURS: [RGBColor; 4] = [
+    RGBColor(253, 174, 107),
+    RGBColor(166, 54, 3),
+    RGBColor(253, 208, 162),
+    RGBColor(241, 105, 19),
+];
 const PEER_COLOURS: [RGBColor; 6] = [
     RGBColor(49, 130, 189),
     RGBColor(107, 174, 214),
@@ -130,8 +137,10 @@ fn parse(text: &str) -> Result<Results> {
     if rows.is_empty() {
         return Err("no results to chart".to_string());
     }
-    // A stable sort: xent first, the others keep their order.
-    results.methods.sort_by_key(|method| method != OURS);
+    // A stable sort: xent first, then its option runs, then the peers, each in file order.
+    results
+        .methods
+        .sort_by_key(|method| (method != OURS, !is_our_option(method)));
     results.bars = vec![vec![None; results.methods.len()]; results.configs.len()];
     for (config, method, pct, ms) in rows {
         let at = |names: &[String], name: &str| {
@@ -152,14 +161,35 @@ fn gpu_name(file: &Path) -> String {
         .to_uppercase()
 }
 
-/// The colour of the `index`-th method (index 0 is xent's when xent has results).
+/// Black or white, whichever reads better on `background` (by its luma).
+fn ink_on(background: RGBColor) -> RGBColor {
+    let RGBColor(r, g, b) = background;
+    let luma = 0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64;
+    if luma > 150.0 { BLACK } else { WHITE }
+}
+
+/// Whether `method` is xent with a loss option (`xent[NAME]`).
+fn is_our_option(method: &str) -> bool {
+    method.starts_with("xent[")
+}
+
+/// The colour of the `index`-th method: xent's, one of its option runs' (counted among them), or
+/// a peer's (counted among the peers), so no two methods share one while each family has colours
+/// left.
 fn colour(results: &Results, index: usize) -> RGBColor {
-    match results.methods[index] == OURS {
-        true => OUR_COLOUR,
-        false => {
-            let peer = index - usize::from(results.methods[0] == OURS);
-            PEER_COLOURS[peer % PEER_COLOURS.len()]
-        }
+    let method = &results.methods[index];
+    let before = &results.methods[..index];
+    if method == OURS {
+        OUR_COLOUR
+    } else if is_our_option(method) {
+        let rank = before.iter().filter(|m| is_our_option(m)).count();
+        OUR_OPTION_COLOURS[rank % OUR_OPTION_COLOURS.len()]
+    } else {
+        let rank = before
+            .iter()
+            .filter(|m| *m != OURS && !is_our_option(m))
+            .count();
+        PEER_COLOURS[rank % PEER_COLOURS.len()]
     }
 }
 
@@ -221,8 +251,9 @@ fn render(
                 [(x0, 0.0), (x1, pct.min(100.0))],
                 colour(results, method).filled(),
             )])?;
-            // The ms reads upwards from just above the bar, or from inside its top in white where
-            // it would cross the target line or leave the plot; left out where neither fits.
+            // The ms reads upwards from just above the bar, or from inside its top (in black or
+            // white, whichever the bar's colour shows) where it would cross the target line or
+            // leave the plot; left out where neither fits.
             let text = format!("{ms:.3} ms");
             let height = text.len() as f64 * LABEL_PCT_PER_CHAR;
             let (above, top) = (pct + 1.0, pct + 1.0 + height);
@@ -230,7 +261,10 @@ fn render(
             let at = if !crosses_target && top <= 100.0 {
                 Some((above, BLACK))
             } else if pct > height + 2.0 {
-                Some((pct.min(100.0) - 1.0 - height, WHITE))
+                Some((
+                    pct.min(100.0) - 1.0 - height,
+                    ink_on(colour(results, method)),
+                ))
             } else if top <= 100.0 {
                 Some((above, BLACK))
             } else {
@@ -314,6 +348,60 @@ mod tests {
                 [None, Some((7.4, 0.8))],
             ]
         );
+    }
+
+    #[test]
+    fn every_method_has_its_own_colour_ours_in_oranges() {
+        let mut text = String::new();
+        let methods = [
+            "liger",
+            "xent[z]",
+            "seed",
+            "xent",
+            "torch",
+            "xent[smoothing]",
+            "torch_compile",
+            "xent[weight]",
+            "torch_f32_upcast",
+        ];
+        for method in methods {
+            text += &format!(
+                "{{\"method\": \"{method}\", \"n\": 1, \"v\": 2, \"dtype\": \"bf16\", \
+                 \"ms_median\": 1.0, \"pct_of_copy\": 50.0}}\n"
+            );
+        }
+        let results = parse(&text).unwrap();
+        assert_eq!(
+            results.methods,
+            [
+                "xent",
+                "xent[z]",
+                "xent[smoothing]",
+                "xent[weight]",
+                "liger",
+                "seed",
+                "torch",
+                "torch_compile",
+                "torch_f32_upcast"
+            ]
+        );
+        let colours: Vec<RGBColor> = (0..methods.len()).map(|i| colour(&results, i)).collect();
+        for (i, a) in colours.iter().enumerate() {
+            for (j, b) in colours.iter().enumerate().skip(i + 1) {
+                assert!(
+                    a != b,
+                    "{} and {} share a colour",
+                    results.methods[i],
+                    results.methods[j]
+                );
+            }
+        }
+        assert_eq!(ink_on(OUR_COLOUR), WHITE);
+        assert_eq!(ink_on(RGBColor(253, 208, 162)), BLACK);
+        for (i, method) in results.methods.iter().enumerate().take(4) {
+            let RGBColor(r, g, b) = colours[i];
+            assert!(r > g && g >= b, "{method}: not an orange ({r}, {g}, {b})");
+        }
     }
 
     #[test]
