@@ -12,6 +12,11 @@
 #                               $XENT_SWEEP_SIZES (4-8) x threads per CTA $XENT_SWEEP_THREADS
 #                               (auto 256 384 512) on $XENT_BENCH_CONFIGS (default: configs.txt),
 #                               then sweep.py's tables (% of copy by size and threads)
+#   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_* or
+#                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
+#                               (default 8192:128256:bf16): speed of light, memory, occupancy,
+#                               warp stalls, at the GPU's own clocks (--clock-control none);
+#                               ARGS go to the bench (e.g. --plan cluster:8:256)
 #
 # Every binary runs under `timeout`, so a hung kernel costs minutes, not the machine. When OUT is
 # set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with one line per
@@ -20,7 +25,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | bench | sanitize | sweep) mode=$1; shift ;;
+  test | bench | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -54,6 +59,18 @@ for bin in bin/*; do
   case ${bin#bin/} in example-* | bench-*) ;; *) tests+=("${bin#bin/}") ;; esac
 done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
+
+if [[ $mode == profile ]]; then
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
+  # The first launches warm up (module load, first plan); profile one launch after them.
+  run_one "ncu bench-throughput" profile.log timeout 600 "$ncu" --clock-control none \
+    --kernel-name regex:'xent_(cluster|fused|chunk)' --launch-skip 4 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    ./bin/bench-throughput --bench --iters 5 --configs "${XENT_BENCH_CONFIGS:-8192:128256:bf16}" "$@"
+  exit "${codes[-1]}"
+fi
 
 if [[ $mode == sweep ]]; then
   configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
