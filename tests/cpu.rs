@@ -15,7 +15,7 @@ use xent::half::{bf16, f16};
 use xent::plan::{self, DeviceLimits, LaunchPlan, PlanChoice};
 use xent::{
     CrossEntropy, DType, Element, Error, Label, Options, PTX_SM80, PTX_SM90, Reduction, Shape, cpu,
-    kernel_names, ptx_for,
+    kernel_names, ptx_for, ptx_for_arch,
 };
 use xent_tests::{subnormal_step, unit_roundoff};
 
@@ -1310,6 +1310,36 @@ fn ptx_for_picks_sm80_for_8x_and_sm90_for_9x_and_newer() {
     for (major, minor) in [(9, 0), (10, 0), (12, 0)] {
         assert_eq!(ptx_for(major, minor), Ok(PTX_SM90), "{major}.{minor}");
     }
+}
+
+#[test]
+fn xent_arch_picks_the_ptx_and_clusters_or_is_an_error() {
+    // Unset: the device's own PTX, clusters from 9.0 on.
+    assert_eq!(ptx_for_arch(8, 0, None), Ok((PTX_SM80, false)));
+    assert_eq!(ptx_for_arch(9, 0, None), Ok((PTX_SM90, true)));
+    assert_eq!(ptx_for_arch(10, 0, None), Ok((PTX_SM90, true)));
+    // sm_80 anywhere it runs: the A100's kernels, without clusters.
+    for (major, minor) in [(8, 0), (8, 9), (9, 0), (10, 0)] {
+        assert_eq!(
+            ptx_for_arch(major, minor, Some("sm_80")),
+            Ok((PTX_SM80, false)),
+            "{major}.{minor}"
+        );
+    }
+    assert_eq!(ptx_for_arch(9, 0, Some("sm_90")), Ok((PTX_SM90, true)));
+    // sm_90 PTX cannot run before 9.0; an unknown name is an error naming the variable; a device
+    // too old for any PTX stays unsupported.
+    for (major, arch) in [(8, "sm_90"), (9, "sm_75"), (9, "")] {
+        let got = ptx_for_arch(major, 0, Some(arch));
+        assert!(
+            matches!(&got, Err(Error::InvalidOption(m)) if m.contains("XENT_ARCH")),
+            "{major}.0 {arch:?}: {got:?}"
+        );
+    }
+    assert_eq!(
+        ptx_for_arch(7, 5, Some("sm_80")),
+        Err(Error::UnsupportedComputeCapability { major: 7, minor: 5 })
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

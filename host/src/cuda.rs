@@ -129,6 +129,23 @@ pub fn ptx_for(major: i32, minor: i32) -> Result<&'static str> {
     }
 }
 
+/// The PTX to load and whether to use thread-block clusters, on a device of compute capability
+/// `major.minor`, given the development hook `XENT_ARCH` (`arch`): unset, the device's own
+/// ([`ptx_for`], clusters from sm_90 on); `sm_80`, the sm_80 PTX without clusters on any device
+/// that runs it (so an H100/H200 tests what an A100 runs); `sm_90`, the sm_90 PTX with clusters.
+pub fn ptx_for_arch(major: i32, minor: i32, arch: Option<&str>) -> Result<(&'static str, bool)> {
+    let own = ptx_for(major, minor)?;
+    match arch {
+        None => Ok((own, major >= 9)),
+        Some("sm_80") => Ok((PTX_SM80, false)),
+        Some("sm_90") if major >= 9 => Ok((PTX_SM90, true)),
+        Some(other) => Err(Error::InvalidOption(format!(
+            "XENT_ARCH={other}: expected sm_80, or sm_90 on a device of compute capability 9.0 or \
+             newer (this one is {major}.{minor})"
+        ))),
+    }
+}
+
 /// A cluster launch, for the occupancy cache: kernel variant, dtype, threads, shared memory,
 /// cluster size.
 type ClusterLaunchKey = (&'static str, DType, u32, u32, u32);
@@ -176,7 +193,9 @@ impl CrossEntropy {
     /// Loads the kernels into an existing context (e.g. one shared with candle or your own code).
     pub fn from_context(ctx: Arc<CudaContext>) -> Result<CrossEntropy> {
         let (major, minor) = ctx.compute_capability()?;
-        let embedded = ptx_for(major, minor)?;
+        // Development hook: `XENT_ARCH=sm_80` runs the A100's kernels (no clusters) here.
+        let arch = std::env::var("XENT_ARCH").ok();
+        let (embedded, clusters) = ptx_for_arch(major, minor, arch.as_deref())?;
         // Development hook: `XENT_PTX=path` loads another PTX (a kernel variant under test) in
         // place of the embedded one, without rebuilding.
         let ptx = match std::env::var_os("XENT_PTX") {
@@ -192,7 +211,7 @@ impl CrossEntropy {
             max_smem_per_block: ctx.attribute(
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as u32,
-            max_cluster: if major >= 9 { plan::MAX_CLUSTER } else { 1 },
+            max_cluster: if clusters { plan::MAX_CLUSTER } else { 1 },
         };
         let mut names = kernel_names();
         if limits.max_cluster > 1 {

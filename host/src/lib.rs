@@ -33,6 +33,7 @@ pub mod plan;
 
 pub use cuda::{
     CrossEntropy, Loss, PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for,
+    ptx_for_arch,
 };
 pub use error::{Error, Result};
 pub use options::{DType, Element, Label, Options, Reduction, Shape, Target, row_target};
