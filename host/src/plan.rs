@@ -87,7 +87,8 @@ pub enum PlanChoice {
     /// sm_90: a row split over the CTAs of a thread-block cluster, each keeping its chunk in shared
     /// memory, combined through distributed shared memory: one read and one write per element.
     /// `size` CTAs per row (1 to 8) or the automatic choice; `threads` per CTA (a multiple of 32,
-    /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice ([`threads_for`] the chunk).
+    /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice ([`threads_for`] the chunk). An
+    /// automatic size is chosen for the automatic thread count, whatever `threads` says.
     Cluster {
         size: Option<u32>,
         threads: Option<u32>,
