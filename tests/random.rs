@@ -228,7 +228,7 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
                 0 => None,
                 _ => Some(1 + rng.below(max_cluster as u64) as u32),
             },
-            threads: None,
+            threads: draw_cluster_threads(seed),
         },
         _ => PlanChoice::Auto,
     };
@@ -255,6 +255,19 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
             ignored,
             seed,
         },
+    }
+}
+
+/// Salt of the cluster thread count's generator (a stream of its own, as the options').
+const THREADS_SALT: u64 = 0x7468_7265_6164_7321;
+
+/// The threads per CTA of a forced cluster plan: automatic in half the cases, else any multiple
+/// of 32 up to 1024 (the kernels take any block size; the planner picks few of them).
+fn draw_cluster_threads(seed: u64) -> Option<u32> {
+    let mut rng = Rng(seed ^ THREADS_SALT);
+    match rng.below(2) {
+        0 => None,
+        _ => Some(32 * (1 + rng.below(32) as u32)),
     }
 }
 
@@ -594,6 +607,24 @@ fn random_draws_are_reproducible_bounded_and_cover_every_option() {
     });
     covered("a forced cluster size", &|d| {
         matches!(d.case.opts.plan, PlanChoice::Cluster { size: Some(_), .. })
+    });
+    covered("a forced thread count per CTA", &|d| {
+        matches!(
+            d.case.opts.plan,
+            PlanChoice::Cluster {
+                threads: Some(_),
+                ..
+            }
+        )
+    });
+    covered("1024 threads per CTA", &|d| {
+        matches!(
+            d.case.opts.plan,
+            PlanChoice::Cluster {
+                threads: Some(1024),
+                ..
+            }
+        )
     });
     covered("the automatic cluster size", &|d| {
         d.case.opts.plan
