@@ -60,65 +60,59 @@ for bin in bin/*; do
 done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
 
+log=tests.log
+case $mode in sanitize | sweep | profile) log=$mode.log ;; esac
+
 if [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
   # The first launches warm up (module load, first plan); profile one launch after them.
-  run_one "ncu bench-throughput" profile.log timeout 600 "$ncu" --clock-control none \
+  run_one "ncu bench-throughput" "$log" timeout 600 "$ncu" --clock-control none \
     --kernel-name regex:'xent_(cluster|fused|chunk)' --launch-skip 4 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats \
     ./bin/bench-throughput --bench --iters 5 --configs "${XENT_BENCH_CONFIGS:-8192:128256:bf16}" "$@"
-  exit "${codes[-1]}"
-fi
-
-if [[ $mode == sweep ]]; then
+elif [[ $mode == sweep ]]; then
   configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
   for size in ${XENT_SWEEP_SIZES:-4 5 6 7 8}; do
     for threads in ${XENT_SWEEP_THREADS:-auto 256 384 512}; do
       plan=cluster:$size
       [[ $threads != auto ]] && plan=$plan:$threads
-      run_one "bench-throughput $plan" sweep.log timeout 300 ./bin/bench-throughput --bench \
+      run_one "bench-throughput $plan" "$log" timeout 300 ./bin/bench-throughput --bench \
         --configs "$configs" --plan "$plan" "$@"
       cat "$scratch/last.out" >> "$scratch/sweep.jsonl"
     done
   done
-  python3 sweep.py "$scratch/sweep.jsonl" | to_log sweep.log
-  failed=0
-  for i in "${!names[@]}"; do [[ ${codes[i]} == 0 ]] || failed=1; done
-  exit "$failed"
-fi
-
-log=tests.log
-[[ $mode == sanitize ]] && log=sanitize.log
-if command -v nvidia-smi > /dev/null; then nvidia-smi -L 2>&1 | to_log "$log"; fi
-
-if [[ $mode == sanitize ]]; then
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if [[ ! -x $sanitizer ]]; then echo "run.sh: compute-sanitizer not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
-  export XENT_SANITIZE=1
-  # A binary whose tests never touch CUDA is an error to compute-sanitizer unless told otherwise.
-  sanitizer_flags=(--error-exitcode 99)
-  if "$sanitizer" --help 2>&1 | grep -- --require-cuda-init > /dev/null; then
-    sanitizer_flags+=(--require-cuda-init no)
-  fi
-  for tool in memcheck racecheck initcheck synccheck; do
-    for name in "${tests[@]}"; do
-      run_one "$name [$tool]" "$log" timeout 900 "$sanitizer" --tool "$tool" "${sanitizer_flags[@]}" \
-        "./bin/$name" --test-threads=1 "$@"
-      notes[-1]=$(grep -a -e 'SUMMARY' -e 'before first instrumented API call' "$scratch/last.out" |
-        tail -n 1 | sed 's/^=* *//')
-    done
-  done
+  python3 sweep.py "$scratch/sweep.jsonl" | to_log "$log"
 else
-  test_args=()
-  [[ $mode == test ]] && test_args=("$@")
-  for name in "${tests[@]}"; do
-    run_one "$name" "$log" timeout 600 "./bin/$name" --test-threads=1 "${test_args[@]}"
-  done
-  for bin in bin/example-*; do
-    run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
-  done
+  if command -v nvidia-smi > /dev/null; then nvidia-smi -L 2>&1 | to_log "$log"; fi
+  if [[ $mode == sanitize ]]; then
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    if [[ ! -x $sanitizer ]]; then echo "run.sh: compute-sanitizer not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
+    export XENT_SANITIZE=1
+    # A binary whose tests never touch CUDA is an error to compute-sanitizer unless told otherwise.
+    sanitizer_flags=(--error-exitcode 99)
+    if "$sanitizer" --help 2>&1 | grep -- --require-cuda-init > /dev/null; then
+      sanitizer_flags+=(--require-cuda-init no)
+    fi
+    for tool in memcheck racecheck initcheck synccheck; do
+      for name in "${tests[@]}"; do
+        run_one "$name [$tool]" "$log" timeout 900 "$sanitizer" --tool "$tool" "${sanitizer_flags[@]}" \
+          "./bin/$name" --test-threads=1 "$@"
+        notes[-1]=$(grep -a -e 'SUMMARY' -e 'before first instrumented API call' "$scratch/last.out" |
+          tail -n 1 | sed 's/^=* *//')
+      done
+    done
+  else
+    test_args=()
+    [[ $mode == test ]] && test_args=("$@")
+    for name in "${tests[@]}"; do
+      run_one "$name" "$log" timeout 600 "./bin/$name" --test-threads=1 "${test_args[@]}"
+    done
+    for bin in bin/example-*; do
+      run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
+    done
+  fi
 fi
 
 if [[ $mode == bench ]]; then
