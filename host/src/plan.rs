@@ -206,41 +206,16 @@ pub fn plan_with(
                     "this device has no thread-block clusters".into(),
                 ));
             }
-            if let Some(t) = threads
-                && (t == 0 || !t.is_multiple_of(32) || t > MAX_CLUSTER_THREADS)
-            {
-                return Err(Error::PlanDoesNotFit(format!(
-                    "{t} threads per CTA: must be a positive multiple of 32, at most \
-                     {MAX_CLUSTER_THREADS}"
-                )));
-            }
             let size = size.unwrap_or_else(|| {
                 cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
                     .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits))
             });
-            let plan = cluster_plan(rows, vocab, dtype, limits, size)?;
-            match (plan, threads) {
-                (
-                    LaunchPlan::Cluster {
-                        chunk_len,
-                        size,
-                        smem_bytes,
-                        ..
-                    },
-                    Some(threads),
-                ) => Ok(LaunchPlan::Cluster {
-                    threads,
-                    chunk_len,
-                    size,
-                    smem_bytes,
-                }),
-                _ => Ok(plan),
-            }
+            cluster_plan(rows, vocab, dtype, limits, size, threads)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
             let size = cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
                 .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
-            cluster_plan(rows, vocab, dtype, limits, size)
+            cluster_plan(rows, vocab, dtype, limits, size, None)
                 .or_else(|_| chunked(auto_chunk_len(rows, vocab, limits)))
         }
         PlanChoice::Auto => {
@@ -263,18 +238,27 @@ fn check_grid(rows: usize, per_row: usize, what: &str) -> Result<()> {
     }
 }
 
-/// The cluster plan with `size` CTAs per row, if each CTA's chunk fits in shared memory.
+/// The cluster plan with `size` CTAs per row and `threads` per CTA (or [`threads_for`] the
+/// chunk), if each CTA's chunk fits in shared memory.
 pub fn cluster_plan(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
     size: u32,
+    threads: Option<u32>,
 ) -> Result<LaunchPlan> {
     if size == 0 || size > limits.max_cluster {
         return Err(Error::PlanDoesNotFit(format!(
             "cluster size {size} is outside 1..={}",
             limits.max_cluster
+        )));
+    }
+    if let Some(t) = threads
+        && (t == 0 || !t.is_multiple_of(32) || t > MAX_CLUSTER_THREADS)
+    {
+        return Err(Error::PlanDoesNotFit(format!(
+            "{t} threads per CTA: must be a positive multiple of 32, at most {MAX_CLUSTER_THREADS}"
         )));
     }
     let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
@@ -291,7 +275,7 @@ pub fn cluster_plan(
         })?;
     check_grid(rows, size as usize, "CTAs")?;
     Ok(LaunchPlan::Cluster {
-        threads: threads_for(chunk_len, dtype),
+        threads: threads.unwrap_or_else(|| threads_for(chunk_len, dtype)),
         chunk_len: chunk_len as u32,
         size,
         smem_bytes,
@@ -340,7 +324,7 @@ pub fn cluster_size_by_residency(
 ) -> Option<u32> {
     let mut sizes = Vec::new();
     for size in 1..=limits.max_cluster {
-        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size) else {
+        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, None) else {
             continue;
         };
         let LaunchPlan::Cluster {
