@@ -1388,7 +1388,12 @@ fn assert_cluster_plan(rows: usize, vocab: usize, dtype: DType) -> (u32, u32) {
         "{got:?}"
     );
     assert!(smem_bytes <= limits.max_smem_per_block, "{got:?}");
-    assert!(smem_bytes as usize >= chunk * dtype.bytes(), "{got:?}");
+    // What is not kept in registers is in shared memory.
+    let in_regs = (plan::CLUSTER_KEEP_PLAIN * threads * 16) as usize;
+    assert!(
+        smem_bytes as usize + in_regs >= chunk * dtype.bytes(),
+        "{got:?}"
+    );
     (size, chunk_len)
 }
 
@@ -1534,8 +1539,14 @@ fn the_cluster_size_keeps_the_most_row_bytes_resident() {
     ];
     for (rows, vocab, dtype, want) in cases {
         let limits = DeviceLimits::H100;
-        let got =
-            plan::cluster_size_by_residency(rows, vocab, dtype, limits, &mut h200_active_clusters);
+        let got = plan::cluster_size_by_residency(
+            rows,
+            vocab,
+            dtype,
+            limits,
+            0,
+            &mut h200_active_clusters,
+        );
         assert_eq!(got, Some(want), "{rows} x {vocab} {dtype:?}");
         let launch = plan::plan_with(
             rows,
@@ -1543,6 +1554,7 @@ fn the_cluster_size_keeps_the_most_row_bytes_resident() {
             dtype,
             limits,
             PlanChoice::Auto,
+            0,
             &mut h200_active_clusters,
         )
         .unwrap();
@@ -1564,6 +1576,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
             DType::Bf16,
             limits,
             PlanChoice::Auto,
+            plan::CLUSTER_KEEP_PLAIN,
             &mut |_| None,
         );
         assert_eq!(unknown.unwrap(), fallback, "{rows} x {vocab}, no answer");
@@ -1575,6 +1588,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 DType::Bf16,
                 limits,
                 PlanChoice::Auto,
+                plan::CLUSTER_KEEP_PLAIN,
                 &mut h200_active_clusters,
             );
             assert_eq!(few.unwrap(), fallback, "{rows} x {vocab}");
@@ -1583,6 +1597,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 vocab,
                 DType::Bf16,
                 limits,
+                0,
                 &mut h200_active_clusters,
             );
             assert_eq!(size, None, "{rows} x {vocab}");
@@ -1598,6 +1613,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
             size: Some(8),
             threads: None,
         },
+        0,
         &mut h200_active_clusters,
     );
     assert!(
@@ -1626,7 +1642,7 @@ fn a_forced_cluster_thread_count_is_kept_and_a_bad_one_is_plan_does_not_fit() {
         let LaunchPlan::Cluster {
             chunk_len,
             size: got_size,
-            smem_bytes,
+            smem_bytes: _,
             threads: auto_threads,
         } = auto(size)
         else {
@@ -1638,6 +1654,13 @@ fn a_forced_cluster_thread_count_is_kept_and_a_bad_one_is_plan_does_not_fit() {
                 threads: Some(threads),
             };
             let got = plan::plan(8192, 128_256, DType::Bf16, limits, choice).unwrap();
+            let smem_bytes = plan::cluster_smem_bytes(
+                chunk_len as usize,
+                DType::Bf16,
+                threads,
+                plan::CLUSTER_KEEP_PLAIN,
+            )
+            .unwrap();
             let want = LaunchPlan::Cluster {
                 threads,
                 chunk_len,

@@ -268,6 +268,11 @@ impl CrossEntropy {
             dtype,
             self.limits,
             opts.plan,
+            if variant.is_empty() {
+                crate::abi::CLUSTER_KEEP_PLAIN
+            } else {
+                0
+            },
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )
     }

@@ -1,6 +1,7 @@
 //! Launch planning: pure functions of (rows, vocab, dtype, device limits), tested without a GPU.
 //! Every tuning constant is here, with the reason for its value.
 
+pub use crate::abi::CLUSTER_KEEP_PLAIN;
 use crate::abi::SMEM_STASH_OFFSET;
 use crate::error::{Error, Result};
 use crate::options::DType;
@@ -145,7 +146,15 @@ pub fn plan(
     limits: DeviceLimits,
     choice: PlanChoice,
 ) -> Result<LaunchPlan> {
-    plan_with(rows, vocab, dtype, limits, choice, &mut |_| None)
+    plan_with(
+        rows,
+        vocab,
+        dtype,
+        limits,
+        choice,
+        CLUSTER_KEEP_PLAIN,
+        &mut |_| None,
+    )
 }
 
 /// [`plan`], given the device's answer to "how many clusters of this launch fit at once"
@@ -158,6 +167,7 @@ pub fn plan_with(
     dtype: DType,
     limits: DeviceLimits,
     choice: PlanChoice,
+    keep: u32,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
     if vocab == 0 || vocab > (u32::MAX / 2) as usize {
@@ -207,15 +217,15 @@ pub fn plan_with(
                 ));
             }
             let size = size.unwrap_or_else(|| {
-                cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
+                cluster_size_by_residency(rows, vocab, dtype, limits, keep, active_clusters)
                     .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits))
             });
-            cluster_plan(rows, vocab, dtype, limits, size, threads)
+            cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
-            let size = cluster_size_by_residency(rows, vocab, dtype, limits, active_clusters)
+            let size = cluster_size_by_residency(rows, vocab, dtype, limits, keep, active_clusters)
                 .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
-            cluster_plan(rows, vocab, dtype, limits, size, None)
+            cluster_plan(rows, vocab, dtype, limits, size, None, keep)
                 .or_else(|_| chunked(auto_chunk_len(rows, vocab, limits)))
         }
         PlanChoice::Auto => {
@@ -239,7 +249,9 @@ fn check_grid(rows: usize, per_row: usize, what: &str) -> Result<()> {
 }
 
 /// The cluster plan with `size` CTAs per row and `threads` per CTA (or [`threads_for`] the
-/// chunk), if each CTA's chunk fits in shared memory.
+/// chunk), if each CTA's shared-memory part of its chunk fits ([`cluster_smem_bytes`]; `keep`
+/// vectors per thread stay in registers: [`CLUSTER_KEEP_PLAIN`] for the kernels without loss
+/// options, 0 for the others).
 pub fn cluster_plan(
     rows: usize,
     vocab: usize,
@@ -247,6 +259,7 @@ pub fn cluster_plan(
     limits: DeviceLimits,
     size: u32,
     threads: Option<u32>,
+    keep: u32,
 ) -> Result<LaunchPlan> {
     if size == 0 || size > limits.max_cluster {
         return Err(Error::PlanDoesNotFit(format!(
@@ -264,7 +277,8 @@ pub fn cluster_plan(
     let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
     // Rounding the chunk up can leave the last CTAs empty: keep only CTAs that have elements.
     let size = vocab.div_ceil(chunk_len) as u32;
-    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
+    let threads = threads.unwrap_or_else(|| threads_for(chunk_len, dtype));
+    let smem_bytes = cluster_smem_bytes(chunk_len, dtype, threads, keep)
         .filter(|&b| b <= limits.max_smem_per_block)
         .ok_or_else(|| {
             Error::PlanDoesNotFit(format!(
@@ -275,11 +289,24 @@ pub fn cluster_plan(
         })?;
     check_grid(rows, size as usize, "CTAs")?;
     Ok(LaunchPlan::Cluster {
-        threads: threads.unwrap_or_else(|| threads_for(chunk_len, dtype)),
+        threads,
         chunk_len: chunk_len as u32,
         size,
         smem_bytes,
     })
+}
+
+/// Dynamic shared memory of a cluster CTA: the reserved head and the part of its chunk not kept
+/// in registers (`keep` vectors of 16 bytes per thread; the scalar head and tail are in
+/// registers too).
+pub fn cluster_smem_bytes(chunk_len: usize, dtype: DType, threads: u32, keep: u32) -> Option<u32> {
+    let in_regs = keep as usize * threads as usize * 16;
+    let bytes = SMEM_STASH_OFFSET as usize
+        + 16
+        + chunk_len
+            .checked_mul(dtype.bytes())?
+            .saturating_sub(in_regs);
+    u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
 /// The automatic cluster size when the device's cluster occupancy is unknown or there are few
@@ -320,11 +347,12 @@ pub fn cluster_size_by_residency(
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
+    keep: u32,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Option<u32> {
     let mut sizes = Vec::new();
     for size in 1..=limits.max_cluster {
-        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, None) else {
+        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, None, keep) else {
             continue;
         };
         let LaunchPlan::Cluster {

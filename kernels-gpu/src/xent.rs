@@ -12,6 +12,8 @@ use crate::abi::{
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
+#[cfg(xent_cluster)]
+use crate::abi::CLUSTER_KEEP_PLAIN;
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use core::f32::consts::LN_2;
@@ -567,8 +569,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
+    // With the bulk copy: vectors kept in registers, and the scalar head or tail this thread holds.
+    let mut kept = Kept::EMPTY;
     let partial = if BULK_LOAD {
-        unsafe { bulk_load_and_reduce::<T, M>(&seg, stash, &p.opts, &ctx) }
+        unsafe { bulk_load_and_reduce::<T, M>(&seg, &mut kept, &p.opts, &ctx) }
     } else {
         unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }
     };
@@ -594,7 +598,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode == MODE_FORWARD {
     } else if BULK_LOAD {
-        unsafe { grad_from_stash::<T, M>(&seg, stash, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
     }
@@ -609,88 +613,153 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
 #[cfg(xent_cluster)]
 const BULK_LOAD: bool = true;
 
-/// Copies the vectors of `seg` into the stash with one bulk copy (thread 0 issues it; it
-/// completes on an mbarrier), loads and stashes the scalar head and tail meanwhile, then returns
-/// this thread's share of the chunk summary, read from shared memory.
+/// Most vectors a thread of the cluster kernel keeps in registers.
+#[cfg(xent_cluster)]
+const KEEP_MAX: usize = CLUSTER_KEEP_PLAIN as usize;
+
+/// What a thread of the cluster kernel holds between its chunk's load and its gradient: up to
+/// `KEEP_MAX` vectors (raw words) and one scalar of the chunk's head or tail.
+#[cfg(xent_cluster)]
+struct Kept {
+    words: [[u32; 4]; KEEP_MAX],
+    scalar: u32,
+}
+
+#[cfg(xent_cluster)]
+impl Kept {
+    const EMPTY: Kept = Kept { words: [[0; 4]; KEEP_MAX], scalar: 0 };
+}
+
+/// Vectors per thread the cluster kernel keeps in registers in mode `M` (see
+/// `CLUSTER_KEEP_PLAIN`); the host sizes shared memory from the same constant.
+#[cfg(xent_cluster)]
+#[inline(always)]
+fn keep<M: Mode>() -> u32 {
+    if M::OPTS { 0 } else { CLUSTER_KEEP_PLAIN }
+}
+
+/// The cluster kernel's layout of a chunk: vectors `[0, in_regs)` in registers (vector
+/// `t + k x threads` in thread `t`), vectors `[in_regs, n_vec)` in shared memory from
+/// `smem_base + SMEM_STASH_OFFSET` on, the scalar head and tail in registers.
+#[cfg(xent_cluster)]
+#[inline(always)]
+fn in_regs<M: Mode>(seg: &Segment) -> u32 {
+    (keep::<M>() * prim::block_dim()).min(seg.n_vec)
+}
+
+/// Adds vector `x` (starting at element `start` of `seg`) to this thread's summary.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32, o: &OptParams, ctx: &RowCtx) {
+    let y = if M::FULL {
+        unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
+    } else {
+        if M::OPTS && o.label_smoothing != 0.0 {
+            acc.wsum += reduce::sum_of(&x, n);
+        }
+        x
+    };
+    acc.lse.add(&y, n);
+}
+
+/// Loads this thread's share of `seg` (layout: `in_regs`): thread 0 issues one bulk copy of the
+/// shared-memory part (it completes on an mbarrier); meanwhile every thread loads its vectors
+/// kept in registers and its scalar and adds them up; then the shared-memory part. Returns this
+/// thread's share of the chunk summary.
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
     seg: &Segment,
-    stash: u32,
+    kept: &mut Kept,
     o: &OptParams,
     ctx: &RowCtx,
 ) -> Part {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mbar = prim::smem_base() + crate::abi::SMEM_MBARRIER;
-    let vec_bytes = seg.n_vec * 16;
+    let stash = prim::smem_base() + SMEM_STASH_OFFSET;
+    let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
+    let bulk_bytes = (seg.n_vec - in_regs) * 16;
     if tid == 0 {
         unsafe { prim::mbarrier_init(mbar, 1) };
         prim::fence_mbarrier_init();
     }
     prim::sync_threads();
-    if tid == 0 && vec_bytes > 0 {
-        let first = seg.vec_start::<T>(0);
+    if tid == 0 && bulk_bytes > 0 {
         unsafe {
-            prim::mbarrier_arrive_expect_tx(mbar, vec_bytes);
-            prim::bulk_copy_to_shared(
-                stash + first * T::BYTES,
-                seg.elem_addr::<T>(first),
-                vec_bytes,
-                mbar,
-            );
+            prim::mbarrier_arrive_expect_tx(mbar, bulk_bytes);
+            prim::bulk_copy_to_shared(stash, seg.elem_addr::<T>(seg.vec_start::<T>(in_regs)), bulk_bytes, mbar);
         }
+    }
+    let mut k = 0;
+    while k < KEEP_MAX {
+        let v = tid + k as u32 * step;
+        if (k as u32) < keep && v < in_regs {
+            kept.words[k] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(seg.vec_start::<T>(v))) };
+        }
+        k += 1;
     }
     let mut acc = Part::EMPTY;
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
-        let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
-        unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
-        unsafe { add_scalar::<M>(&mut acc, T::widen(raw), j, o, ctx) };
+        kept.scalar = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
+        unsafe { add_scalar::<M>(&mut acc, T::widen(kept.scalar), j, o, ctx) };
     }
-    if vec_bytes > 0 {
+    let mut k = 0;
+    while k < KEEP_MAX {
+        let v = tid + k as u32 * step;
+        if (k as u32) < keep && v < in_regs {
+            let x = T::unpack(kept.words[k]);
+            unsafe { add_vector::<M>(&mut acc, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+        }
+        k += 1;
+    }
+    if bulk_bytes > 0 {
         while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
     }
-    let mut v = tid;
+    let mut v = in_regs + tid;
     while v < seg.n_vec {
-        let start = seg.vec_start::<T>(v);
-        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) });
-        let y = if M::FULL {
-            unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) }
-        } else {
-            if M::OPTS && o.label_smoothing != 0.0 {
-                acc.wsum += reduce::sum_of(&x, T::VEC);
-            }
-            x
-        };
-        acc.lse.add(&y, T::VEC);
+        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
+        unsafe { add_vector::<M>(&mut acc, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
         v += step;
     }
     acc
 }
 
-/// The gradient of `seg` from its stash, one vector at a time (few registers held).
+/// The gradient of `seg` from what `bulk_load_and_reduce` left: the vectors and scalar this
+/// thread kept, and the shared-memory part, one vector at a time (few registers held).
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn grad_from_stash<T: Element, M: Mode>(
     seg: &Segment,
-    stash: u32,
+    kept: &Kept,
     o: &OptParams,
     c: &Coef,
     label: u32,
 ) {
     let (tid, step) = (thread_idx(), prim::block_dim());
-    let mut v = tid;
+    let stash = prim::smem_base() + SMEM_STASH_OFFSET;
+    let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
+    let mut k = 0;
+    while k < KEEP_MAX {
+        let v = tid + k as u32 * step;
+        if (k as u32) < keep && v < in_regs {
+            let start = seg.vec_start::<T>(v);
+            let g = unsafe { opts::grad_values::<M, 8>(o, T::unpack(kept.words[k]), T::VEC, start, label, c) };
+            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+        }
+        k += 1;
+    }
+    let mut v = in_regs + tid;
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
-        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + start * T::BYTES) });
+        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
         let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
-        let x = T::widen(unsafe { T::ld_shared_raw(stash + j * T::BYTES) });
-        let g = unsafe { opts::grad_values::<M, 1>(o, [x], 1, j, label, c) };
+        let g = unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
     }
 }

@@ -170,7 +170,13 @@ const UNCAPPED: &[&str] = &["xent_fused_", "xent_chunk_grad_coef_"];
 /// Kernels with a tighter cap: the cluster kernel with per-row options runs three 512-thread
 /// CTAs per SM (shared memory allows three ~72 KiB chunks), which needs at most 42 registers a
 /// thread; uncapped it took 44-46 and ran two CTAs per SM. (`xent_cluster_opt_` spills at 40.)
-const TIGHT_CAPS: &[(&str, u32)] = &[("xent_cluster_coef_", 40)];
+const TIGHT_CAPS: &[(&str, u32)] = &[
+    ("xent_cluster_coef_", 40),
+    // Experiment (register keep): three 512-thread CTAs per SM need at most 42.
+    ("xent_cluster_bf16_", 40),
+    ("xent_cluster_f16_", 40),
+    ("xent_cluster_f32_", 40),
+];
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.
 fn cap_registers(ptx: &str) -> String {
