@@ -1471,80 +1471,118 @@ fn cluster_kernels_are_in_the_sm90_ptx_only() {
     }
 }
 
-/// Clusters of a launch an H200 runs at once, by (dynamic shared memory, cluster size), as its
-/// driver's `cuOccupancyMaxActiveClusters` answered for the plain cluster kernels (2026-11-28;
-/// asked with 96 more bytes of shared memory per CTA, an experiment's larger stash offset).
-const H200_ACTIVE_CLUSTERS: &[(u32, u32, u32)] = &[
-    (8304, 8, 124),
-    (9456, 7, 139),
-    (10976, 6, 163),
-    (13104, 5, 193),
-    (16304, 4, 248),
-    (21648, 3, 327),
-    (32304, 2, 396),
-    (32368, 8, 92),
-    (36960, 7, 101),
-    (38288, 8, 77),
-    (43056, 6, 101),
-    (43728, 7, 84),
-    (50960, 6, 79),
-    (51616, 5, 94),
-    (61088, 5, 69),
-    (64304, 1, 396),
-    (64432, 4, 92),
-    (64432, 8, 45),
-    (65840, 8, 45),
-    (73616, 7, 47),
-    (75216, 7, 47),
-    (76272, 4, 92),
-    (85808, 3, 79),
-    (85808, 6, 39),
-    (87696, 6, 39),
-    (101600, 3, 79),
-    (102928, 5, 47),
-    (105168, 5, 47),
-    (128560, 2, 66),
-    (128560, 4, 30),
-    (131376, 4, 30),
-    (152240, 2, 66),
-    (171312, 3, 39),
-    (175072, 3, 39),
+/// Clusters of a launch an H200 runs at once, by (cluster size, threads per CTA, dynamic shared
+/// memory), as its driver's `cuOccupancyMaxActiveClusters` answered for the plain cluster kernels
+/// (2 vectors per thread kept in registers, 39-40 registers; 2026-11-28, printed by
+/// `bench-throughput --explain` for the configs of `host/benches/configs.txt`).
+const H200_ACTIVE_CLUSTERS: &[(u32, u32, u32, u32)] = &[
+    (1, 256, 56112, 528),
+    (1, 512, 47920, 396),
+    (2, 256, 24112, 396),
+    (2, 256, 120368, 66),
+    (2, 256, 144048, 66),
+    (2, 512, 112176, 132),
+    (2, 512, 135856, 66),
+    (3, 192, 15504, 327),
+    (3, 256, 77616, 79),
+    (3, 256, 93408, 79),
+    (3, 256, 163120, 39),
+    (3, 256, 166880, 39),
+    (3, 512, 69424, 124),
+    (3, 512, 85216, 79),
+    (3, 512, 154928, 39),
+    (3, 512, 158688, 39),
+    (4, 128, 12208, 248),
+    (4, 256, 56240, 124),
+    (4, 256, 68080, 92),
+    (4, 256, 120368, 30),
+    (4, 256, 123184, 30),
+    (4, 512, 48048, 92),
+    (4, 512, 59888, 92),
+    (4, 512, 112176, 62),
+    (4, 512, 114992, 62),
+    (5, 128, 9008, 193),
+    (5, 256, 43424, 124),
+    (5, 256, 52896, 94),
+    (5, 256, 94736, 47),
+    (5, 256, 96976, 47),
+    (5, 416, 38304, 69),
+    (5, 480, 45728, 69),
+    (5, 512, 86544, 47),
+    (5, 512, 88784, 47),
+    (6, 96, 7904, 163),
+    (6, 256, 34864, 124),
+    (6, 256, 42768, 101),
+    (6, 256, 77616, 39),
+    (6, 256, 79504, 39),
+    (6, 352, 31792, 79),
+    (6, 416, 37648, 62),
+    (6, 512, 69424, 62),
+    (6, 512, 71312, 62),
+    (7, 96, 6384, 139),
+    (7, 256, 28768, 101),
+    (7, 256, 35536, 101),
+    (7, 256, 65424, 47),
+    (7, 256, 67024, 47),
+    (7, 288, 27744, 84),
+    (7, 352, 32464, 69),
+    (7, 512, 57232, 47),
+    (7, 512, 58832, 47),
+    (8, 64, 6256, 124),
+    (8, 256, 24176, 92),
+    (8, 256, 30096, 92),
+    (8, 256, 56240, 62),
+    (8, 256, 57648, 45),
+    (8, 320, 28048, 62),
+    (8, 512, 48048, 45),
+    (8, 512, 49456, 45),
 ];
 
 fn h200_active_clusters(launch: &LaunchPlan) -> Option<u32> {
     let &LaunchPlan::Cluster {
-        size, smem_bytes, ..
+        size,
+        threads,
+        smem_bytes,
+        ..
     } = launch
     else {
         panic!("asked about a launch that is not a cluster plan: {launch:?}");
     };
     H200_ACTIVE_CLUSTERS
         .iter()
-        .find(|&&(smem, s, _)| smem == smem_bytes && s == size)
-        .map(|&(_, _, n)| n)
+        .find(|&&(s, t, smem, _)| (s, t, smem) == (size, threads, smem_bytes))
+        .map(|&(.., n)| n)
 }
 
 #[test]
-fn the_cluster_size_keeps_the_most_row_bytes_resident() {
-    // (rows, vocab, dtype, expected size): the best or within noise of the best measured on an
-    // H200 in the sweep quoted at `plan::cluster_size_by_residency`.
+fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
+    // (rows, vocab, dtype, expected (size, threads)): the best or within noise of the best
+    // measured on an H200 in the runs quoted at `plan::cluster_shape_by_residency` and
+    // `plan::RESIDENCY_SLACK`.
     let cases = [
-        (16384, 151_936, DType::Bf16, 4),
-        (8192, 128_256, DType::Bf16, 6),
-        (8192, 128_256, DType::F16, 6),
-        (4096, 262_144, DType::Bf16, 5),
-        (8192, 32_000, DType::Bf16, 1),
-        (8192, 128_256, DType::F32, 5),
-        (512, 128_256, DType::Bf16, 6),
+        // 29.3 MiB in 707 CTAs, over 6 of 256 (29.3 MiB, 606 CTAs).
+        (16384, 151_936, DType::Bf16, (7, 256)),
+        // 30.3 MiB in 744 CTAs, within 7% of 2 of 512 (32.3 MiB in 264 CTAs).
+        (8192, 128_256, DType::Bf16, (6, 256)),
+        (8192, 128_256, DType::F16, (6, 256)),
+        // 31.0 MiB in 372 CTAs, as much as 4 of 512 in 248.
+        (4096, 262_144, DType::Bf16, (6, 512)),
+        // 256 threads fit 4 CTAs per SM (512: 3, by registers): 32.2 MiB against 24.2.
+        (8192, 32_000, DType::Bf16, (1, 256)),
+        (8192, 128_256, DType::F32, (8, 256)),
+        // 512 rows: waves of 124 clusters leave the fifth one mostly empty; 132 clusters of 2
+        // take 4 full-ish waves.
+        (512, 128_256, DType::Bf16, (2, 512)),
     ];
     for (rows, vocab, dtype, want) in cases {
         let limits = DeviceLimits::H100;
-        let got = plan::cluster_size_by_residency(
+        let got = plan::cluster_shape_by_residency(
             rows,
             vocab,
             dtype,
             limits,
-            0,
+            plan::CLUSTER_KEEP_PLAIN,
+            None,
             &mut h200_active_clusters,
         );
         assert_eq!(got, Some(want), "{rows} x {vocab} {dtype:?}");
@@ -1554,15 +1592,110 @@ fn the_cluster_size_keeps_the_most_row_bytes_resident() {
             dtype,
             limits,
             PlanChoice::Auto,
-            0,
+            plan::CLUSTER_KEEP_PLAIN,
             &mut h200_active_clusters,
         )
         .unwrap();
         assert!(
-            matches!(launch, LaunchPlan::Cluster { size, .. } if size == want),
+            matches!(launch, LaunchPlan::Cluster { size, threads, .. } if (size, threads) == want),
             "{rows} x {vocab} {dtype:?}: {launch:?}"
         );
     }
+}
+
+#[test]
+fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
+    let limits = DeviceLimits::H100;
+    let candidates = plan::cluster_candidates(
+        8192,
+        128_256,
+        DType::Bf16,
+        limits,
+        plan::CLUSTER_KEEP_PLAIN,
+        None,
+        &mut h200_active_clusters,
+    );
+    let shapes: Vec<(u32, u32)> = candidates
+        .iter()
+        .map(|c| match c.plan {
+            LaunchPlan::Cluster { size, threads, .. } => (size, threads),
+            other => panic!("not a cluster plan: {other:?}"),
+        })
+        .collect();
+    // Size 1 does not fit (250.5 KiB a row); 8 gives 256 threads on its own.
+    let want = [
+        (2, 512),
+        (2, 256),
+        (3, 512),
+        (3, 256),
+        (4, 512),
+        (4, 256),
+        (5, 416),
+        (5, 256),
+        (6, 352),
+        (6, 256),
+        (7, 288),
+        (7, 256),
+        (8, 256),
+    ];
+    assert_eq!(shapes, want);
+    for c in &candidates {
+        assert!(c.active_clusters.is_some(), "{c:?}");
+        let LaunchPlan::Cluster {
+            chunk_len, size, ..
+        } = c.plan
+        else {
+            unreachable!()
+        };
+        let clusters = u64::from(c.active_clusters.unwrap());
+        assert_eq!(
+            c.resident_bytes(DType::Bf16),
+            Some(clusters * u64::from(size) * u64::from(chunk_len) * 2)
+        );
+        assert_eq!(c.resident_ctas(), Some(clusters * u64::from(size)));
+    }
+    // With 8192 rows every wave but the last is full: the mean is within 2% of the peak.
+    let c = candidates[0];
+    let (peak, mean) = (
+        c.resident_bytes(DType::Bf16).unwrap() as f64,
+        c.mean_resident_bytes(8192, DType::Bf16).unwrap(),
+    );
+    assert!(mean <= peak && mean > 0.98 * peak, "{mean} of {peak}");
+    // 200 rows in waves of 132 clusters: two waves, 200 of 264 slots busy.
+    let mean = c.mean_resident_bytes(200, DType::Bf16).unwrap();
+    assert!(
+        (mean - peak * 200.0 / 264.0).abs() < 1.0,
+        "{mean} of {peak}"
+    );
+    // A forced thread count is the only one weighed; no answer, no bytes.
+    let forced = plan::cluster_candidates(
+        8192,
+        128_256,
+        DType::Bf16,
+        limits,
+        plan::CLUSTER_KEEP_PLAIN,
+        Some(128),
+        &mut |_| None,
+    );
+    assert_eq!(forced.len(), 7);
+    for c in &forced {
+        assert!(
+            matches!(c.plan, LaunchPlan::Cluster { threads: 128, .. }),
+            "{c:?}"
+        );
+        assert_eq!(c.resident_bytes(DType::Bf16), None);
+        assert_eq!(c.mean_resident_bytes(8192, DType::Bf16), None);
+    }
+    let shape = plan::cluster_shape_by_residency(
+        8192,
+        128_256,
+        DType::Bf16,
+        limits,
+        plan::CLUSTER_KEEP_PLAIN,
+        Some(128),
+        &mut |_| None,
+    );
+    assert_eq!(shape, None, "no answer: the caller falls back");
 }
 
 #[test]
@@ -1592,15 +1725,16 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 &mut h200_active_clusters,
             );
             assert_eq!(few.unwrap(), fallback, "{rows} x {vocab}");
-            let size = plan::cluster_size_by_residency(
+            let shape = plan::cluster_shape_by_residency(
                 rows,
                 vocab,
                 DType::Bf16,
                 limits,
-                0,
+                plan::CLUSTER_KEEP_PLAIN,
+                None,
                 &mut h200_active_clusters,
             );
-            assert_eq!(size, None, "{rows} x {vocab}");
+            assert_eq!(shape, None, "{rows} x {vocab}");
         }
     }
     // A forced size is kept whatever the device says.

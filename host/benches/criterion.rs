@@ -31,7 +31,7 @@ const CPU_SHAPE: (usize, usize) = (64, 32000);
 const GPU_SHAPES: [(usize, usize); 2] = [(8192, 32000), (8192, 128256)];
 
 /// throughput.rs's options, which `run.sh` and `cargo xtask bench` pass to every bench binary.
-const THROUGHPUT_OPTIONS: [&str; 3] = ["--configs", "--iters", "--plan"];
+const THROUGHPUT_OPTIONS: [&str; 5] = ["--configs", "--iters", "--plan", "--options", "--explain"];
 
 fn main() {
     let mut criterion = criterion_from_args();

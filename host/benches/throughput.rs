@@ -7,6 +7,8 @@
 //! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
 //! option when on, on the same inputs). `--plan` is auto, fused, chunked, cluster, or a forced
 //! cluster plan `cluster:N` (N CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA).
+//! `--explain` adds, before each timed line, one `{"candidate": ...}` line per cluster launch
+//! the automatic plan weighed (the driver's active clusters, resident MiB, and which was chosen).
 //! Each iteration restores the logits from a pristine copy
 //! outside the timed region, so every timed call sees real logits, not last call's gradient.
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::{CudaSlice, CudaStream};
 use xent::half::{bf16, f16};
-use xent::{CrossEntropy, DType, Element, Loss, Options, PlanChoice, Shape};
+use xent::{CrossEntropy, DType, Element, LaunchPlan, Loss, Options, PlanChoice, Shape};
 
 /// The table (the peers' configurations), a few-rows case and f16; `run.sh bench` gives
 /// peers.py the same list.
@@ -27,6 +29,8 @@ struct Args {
     plan: PlanChoice,
     /// Option sets by name (`none`: every option off).
     options: Vec<String>,
+    /// Print the cluster launches the plan weighed.
+    explain: bool,
 }
 
 /// The options a set name turns on, for `v` classes: the values a training run would use
@@ -57,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
     let mut configs = DEFAULT_CONFIGS.trim().to_string();
     let (mut iters, mut plan) = (20, PlanChoice::Auto);
     let mut options = vec!["none".to_string()];
+    let mut explain = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -106,6 +111,7 @@ fn parse_args() -> Result<Args, String> {
                     option_set(name, 1)?;
                 }
             }
+            "--explain" => explain = true,
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other}")),
         }
@@ -135,6 +141,7 @@ fn parse_args() -> Result<Args, String> {
         iters,
         plan,
         options,
+        explain,
     })
 }
 
@@ -225,6 +232,9 @@ fn bench_config<T: Element>(
         } else {
             format!("xent[{name}]")
         };
+        if args.explain {
+            lines.extend(explain(xent, n, v, T::DTYPE, &opts, &method)?);
+        }
         let line = time_call(
             xent,
             stream,
@@ -246,6 +256,32 @@ fn bench_config<T: Element>(
         }));
     }
     Ok(lines)
+}
+
+/// One JSON line per cluster launch the plan weighed for this config and option set.
+fn explain(
+    xent: &CrossEntropy,
+    n: usize,
+    v: usize,
+    dtype: DType,
+    opts: &Options,
+    method: &str,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let shape = Shape::flat(n, v);
+    let chosen = xent.plan_for(&shape, dtype, opts)?;
+    let lines = xent.cluster_candidates(&shape, dtype, opts).into_iter().map(|c| {
+        let LaunchPlan::Cluster { threads, chunk_len, size, smem_bytes } = c.plan else {
+            unreachable!("cluster candidates are cluster plans");
+        };
+        let clusters = c.active_clusters.map_or("null".to_string(), |k| k.to_string());
+        let mib = c.resident_bytes(dtype).map_or("null".to_string(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64));
+        format!(
+            "{{\"candidate\": \"{method}\", \"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"size\": {size}, \"threads\": {threads}, \"chunk_len\": {chunk_len}, \"smem_bytes\": {smem_bytes}, \"active_clusters\": {clusters}, \"resident_MiB\": {mib}, \"chosen\": {}}}",
+            dtype.name(),
+            c.plan == chosen
+        )
+    });
+    Ok(lines.collect())
 }
 
 /// Times one option set; returns the JSON line after its `method` field.

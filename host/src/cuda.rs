@@ -54,6 +54,16 @@ pub fn cluster_kernel_names() -> Vec<String> {
 /// vector at a time).
 const VARIANTS: [&str; 3] = ["", "coef_", "opt_"];
 
+/// Vectors per thread the cluster kernels of `variant` keep in registers: the plain kernels keep
+/// [`crate::abi::CLUSTER_KEEP_PLAIN`], the kernels with loss options none.
+fn cluster_keep(variant: &str) -> u32 {
+    if variant.is_empty() {
+        crate::abi::CLUSTER_KEEP_PLAIN
+    } else {
+        0
+    }
+}
+
 /// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with or without the
 /// token accuracy (the backward kernels never compute it).
 fn variant(opts: &Options, accuracy: bool) -> &'static str {
@@ -254,7 +264,7 @@ impl CrossEntropy {
     }
 
     /// The plan a call with this shape, dtype and options would run. On sm_90 the automatic
-    /// cluster size asks the driver how many clusters of each candidate launch fit at once (the
+    /// cluster shape asks the driver how many clusters of each candidate launch fit at once (the
     /// first time this handle plans that launch; remembered after).
     pub fn plan_for(&self, shape: &Shape, dtype: DType, opts: &Options) -> Result<LaunchPlan> {
         let variant = variant(opts, opts.return_token_accuracy);
@@ -268,11 +278,36 @@ impl CrossEntropy {
             dtype,
             self.limits,
             opts.plan,
-            if variant.is_empty() {
-                crate::abi::CLUSTER_KEEP_PLAIN
-            } else {
-                0
-            },
+            cluster_keep(variant),
+            &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
+        )
+    }
+
+    /// The cluster launches the automatic plan weighs for this shape, dtype and options, with the
+    /// driver's answer for each (see [`plan::cluster_shape_by_residency`]): why a plan was chosen.
+    /// Empty without clusters (before sm_90). A forced `threads` in `opts.plan` is kept.
+    pub fn cluster_candidates(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        opts: &Options,
+    ) -> Vec<plan::ClusterCandidate> {
+        let variant = variant(opts, opts.return_token_accuracy);
+        let threads = match opts.plan {
+            plan::PlanChoice::Cluster { threads, .. } => threads,
+            _ => None,
+        };
+        let mut cache = self
+            .active_clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        plan::cluster_candidates(
+            shape.rows(),
+            shape.vocab,
+            dtype,
+            self.limits,
+            cluster_keep(variant),
+            threads,
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )
     }

@@ -88,8 +88,9 @@ pub enum PlanChoice {
     /// sm_90: a row split over the CTAs of a thread-block cluster, each keeping its chunk in shared
     /// memory, combined through distributed shared memory: one read and one write per element.
     /// `size` CTAs per row (1 to 8) or the automatic choice; `threads` per CTA (a multiple of 32,
-    /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice ([`threads_for`] the chunk). An
-    /// automatic size is chosen for the automatic thread count, whatever `threads` says.
+    /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice. An automatic size is chosen
+    /// for the forced thread count, if any; with a forced size, the automatic thread count is
+    /// [`threads_for`] the chunk.
     Cluster {
         size: Option<u32>,
         threads: Option<u32>,
@@ -138,7 +139,7 @@ pub fn fused_smem_bytes(vocab: usize, dtype: DType) -> Option<u32> {
 }
 
 /// Chooses the kernels and their launch shape, with the cluster size from
-/// [`auto_cluster_size`] when it is automatic.
+/// [`auto_cluster_size`] when it is automatic (no device to ask: see [`plan_with`]).
 pub fn plan(
     rows: usize,
     vocab: usize,
@@ -159,8 +160,8 @@ pub fn plan(
 
 /// [`plan`], given the device's answer to "how many clusters of this launch fit at once"
 /// (`active_clusters`, the driver's `cuOccupancyMaxActiveClusters`; `None` when unknown): an
-/// automatic cluster size is then [`cluster_size_by_residency`], falling back to
-/// [`auto_cluster_size`] when the device does not say.
+/// automatic cluster size and thread count are then [`cluster_shape_by_residency`], falling back
+/// to [`auto_cluster_size`] and [`threads_for`] its chunk when the device does not say.
 pub fn plan_with(
     rows: usize,
     vocab: usize,
@@ -198,6 +199,23 @@ pub fn plan_with(
             n_chunks: n_chunks as u32,
         })
     };
+    // The automatic cluster shape for `threads` per CTA (or the automatic count): by residency,
+    // else the fallback size (with `threads`, or `threads_for` its chunk).
+    let auto_shape =
+        |threads: Option<u32>, active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>| {
+            match cluster_shape_by_residency(
+                rows,
+                vocab,
+                dtype,
+                limits,
+                keep,
+                threads,
+                active_clusters,
+            ) {
+                Some((size, t)) => (size, Some(t)),
+                None => (auto_cluster_size(rows, vocab, dtype, limits), threads),
+            }
+        };
     match choice {
         PlanChoice::Fused => match smem {
             Some(bytes) => fused(bytes),
@@ -216,16 +234,15 @@ pub fn plan_with(
                     "this device has no thread-block clusters".into(),
                 ));
             }
-            let size = size.unwrap_or_else(|| {
-                cluster_size_by_residency(rows, vocab, dtype, limits, keep, active_clusters)
-                    .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits))
-            });
+            let (size, threads) = match size {
+                Some(size) => (size, threads),
+                None => auto_shape(threads, active_clusters),
+            };
             cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
-            let size = cluster_size_by_residency(rows, vocab, dtype, limits, keep, active_clusters)
-                .unwrap_or_else(|| auto_cluster_size(rows, vocab, dtype, limits));
-            cluster_plan(rows, vocab, dtype, limits, size, None, keep)
+            let (size, threads) = auto_shape(None, active_clusters);
+            cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
                 .or_else(|_| chunked(auto_chunk_len(rows, vocab, limits)))
         }
         PlanChoice::Auto => {
@@ -310,7 +327,7 @@ pub fn cluster_smem_bytes(chunk_len: usize, dtype: DType, threads: u32, keep: u3
 }
 
 /// The automatic cluster size when the device's cluster occupancy is unknown or there are few
-/// rows (see [`cluster_size_by_residency`]): enough CTAs that each keeps at most
+/// rows (see [`cluster_shape_by_residency`]): enough CTAs that each keeps at most
 /// [`CLUSTER_CHUNK_BYTES`] of the row, doubled while the grid would leave SMs idle (fewer than
 /// [`MIN_BLOCKS_PER_SM`] CTAs per SM), at most `max_cluster`.
 pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: DeviceLimits) -> u32 {
@@ -323,64 +340,153 @@ pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: Device
     size
 }
 
-/// How far below the most resident bytes a smaller cluster may fall and still be chosen (see
-/// [`cluster_size_by_residency`]).
-pub const RESIDENCY_SLACK: f64 = 0.02;
+/// How far below the most resident bytes a launch may fall and still be chosen for having more
+/// CTAs resident (see [`cluster_shape_by_residency`]). Measured on an H200 (2026-11-28), 8192 x
+/// 128256 bf16: 6 CTAs of 256 threads per row (30.3 MiB and 744 CTAs resident) ran at 93.0% of
+/// copy bandwidth against 88.5-89.5 for 2 of 512 (32.3 MiB, 6% more, in 264 CTAs); sizes 3 to 5
+/// at 30.3 MiB in 372-620 CTAs ran at 89.8-93.1.
+pub const RESIDENCY_SLACK: f64 = 0.07;
 
-/// The cluster size that keeps the most of the rows resident in shared memory across the whole
-/// device: `active clusters x CTAs per cluster x chunk bytes`, where `active_clusters` says how
-/// many clusters of a launch fit at once. Of the sizes within [`RESIDENCY_SLACK`] of the most,
-/// the smallest (fewer CTAs to synchronise per row). `None` if the device does not answer for
-/// some size that fits, or if there are fewer rows than clusters in one wave of some size.
-///
-/// Why: the cluster kernel holds a chunk in shared memory from its load to its gradient store,
-/// so the bytes it can have in flight are the resident bytes; clusters are placed whole within
-/// a GPC, which leaves some CTA slots empty (sizes that do not divide the GPC's free slots) in a
-/// way only the driver knows. Measured on an H200 (2026-11-28, 132 SMs, % of copy bandwidth by
-/// size, resident MiB in brackets): 16384 x 151936 bf16: 4: 87.7 (26.8), 7: 83.9 (24.6),
-/// 5: 78.3 (20.1); 8192 x 128256 bf16: 6: 84.8 (24.9), 4: 84.4 (22.6), 5: 81.3 (23.2);
-/// 4096 x 262144 bf16: 5: 81.6 (23.6), 6: 76.3 (19.6), 4: 70.2 (15.0); 8192 x 32000 bf16:
-/// 1: 82.1 (24.3), 4: 69.9 (15.5). Within 2% of the most resident the order is noise-level and
-/// the smaller cluster was as fast or faster (128256: 6 at 24.9 MiB beat 7 at 25.0, 84.8 to 82.0).
-pub fn cluster_size_by_residency(
+/// Threads per CTA the automatic cluster plan weighs besides [`threads_for`] the chunk (which is
+/// 512 for chunks over 32 K elements of 16 bits): fewer threads need fewer registers per CTA, so
+/// more CTAs fit an SM once the chunk's first vectors are kept in registers (at 40 registers, 6
+/// CTAs of 256 threads against 3 of 512). Measured on an H200 (2026-11-28), same occupancy, 256
+/// threads beat 512 (4096 x 262144 bf16, size 8: 84.3 against 80.9% of copy bandwidth; 8192 x
+/// 128256 bf16, size 4: 86.7 against 84.6); 768 to 1024 threads lose even at equal occupancy.
+pub const CLUSTER_FEW_THREADS: u32 = 256;
+
+/// A cluster launch the automatic plan weighs, with the device's answer to how many of its
+/// clusters run at once (`None`: the device did not say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterCandidate {
+    pub plan: LaunchPlan,
+    pub active_clusters: Option<u32>,
+}
+
+impl ClusterCandidate {
+    /// Row bytes the device holds on chip at once with this launch: active clusters x CTAs per
+    /// cluster x chunk bytes (what it keeps in registers and shared memory from load to store).
+    pub fn resident_bytes(&self, dtype: DType) -> Option<u64> {
+        let LaunchPlan::Cluster {
+            chunk_len, size, ..
+        } = self.plan
+        else {
+            return None;
+        };
+        let clusters = u64::from(self.active_clusters?);
+        Some(clusters * u64::from(size) * u64::from(chunk_len) * dtype.bytes() as u64)
+    }
+
+    /// [`Self::resident_bytes`] averaged over the launch's waves for `rows` rows: the last wave
+    /// of clusters is partly empty when `rows` is not a multiple of the active clusters (512 rows
+    /// in waves of 124 clusters keep 83% of the slots busy; in waves of 132, 97%).
+    pub fn mean_resident_bytes(&self, rows: usize, dtype: DType) -> Option<f64> {
+        let clusters = self.active_clusters? as usize;
+        let waves = rows.div_ceil(clusters).max(1);
+        let busy = rows as f64 / (waves * clusters) as f64;
+        Some(self.resident_bytes(dtype)? as f64 * busy)
+    }
+
+    /// CTAs the device runs at once with this launch.
+    pub fn resident_ctas(&self) -> Option<u64> {
+        let LaunchPlan::Cluster { size, .. } = self.plan else {
+            return None;
+        };
+        Some(u64::from(self.active_clusters?) * u64::from(size))
+    }
+}
+
+/// The launches [`cluster_shape_by_residency`] chooses from: every cluster size that fits (one
+/// launch per distinct chunk), each with `threads` per CTA if given, else with [`threads_for`]
+/// the chunk and with [`CLUSTER_FEW_THREADS`] (if fewer), and the device's answer for each.
+pub fn cluster_candidates(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
     keep: u32,
+    threads: Option<u32>,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
-) -> Option<u32> {
-    let mut sizes = Vec::new();
+) -> Vec<ClusterCandidate> {
+    let mut candidates = Vec::new();
     for size in 1..=limits.max_cluster {
-        let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, None, keep) else {
-            continue;
-        };
-        let LaunchPlan::Cluster {
-            chunk_len,
-            size: real,
-            ..
-        } = plan
-        else {
-            continue;
-        };
+        let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
         // Rounding the chunk can give the same launch for two requested sizes.
-        if real != size {
+        if vocab.div_ceil(chunk_len) != size as usize {
             continue;
         }
-        let clusters = active_clusters(&plan)?;
-        // Fewer rows than one full wave of clusters: the grid, not shared memory, limits what
-        // is in flight (the caller's fallback spreads few rows over more CTAs).
-        if (clusters as usize) > rows {
+        let natural = threads_for(chunk_len, dtype);
+        let counts = match threads {
+            Some(t) => vec![t],
+            None if natural > CLUSTER_FEW_THREADS => vec![natural, CLUSTER_FEW_THREADS],
+            None => vec![natural],
+        };
+        for t in counts {
+            if let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, Some(t), keep) {
+                let active_clusters = active_clusters(&plan);
+                candidates.push(ClusterCandidate {
+                    plan,
+                    active_clusters,
+                });
+            }
+        }
+    }
+    candidates
+}
+
+/// The cluster size and threads per CTA (of [`cluster_candidates`]) that keep the most of the
+/// rows on chip across the whole device over the launch
+/// ([`ClusterCandidate::mean_resident_bytes`]). Of the launches within [`RESIDENCY_SLACK`] of
+/// the most, the one with the most CTAs resident (smaller CTAs, so more of them are loading while
+/// others reduce), then the smaller cluster, then fewer threads. `None` if the device does not
+/// answer for some candidate, or if there are fewer rows than clusters in one wave of some
+/// candidate.
+///
+/// Why: the cluster kernel holds a chunk on chip from its load to its gradient store, so the
+/// bytes it can have in flight are the resident bytes; clusters are placed whole within a GPC,
+/// which leaves some CTA slots empty (sizes that do not divide the GPC's free slots) in a way
+/// only the driver knows. Measured on an H200 (2026-11-28, all of a chunk in shared memory, % of
+/// copy bandwidth by size, resident MiB in brackets): 16384 x 151936 bf16: 4: 87.7 (26.8), 7:
+/// 83.9 (24.6), 5: 78.3 (20.1); 8192 x 128256 bf16: 6: 84.8 (24.9), 4: 84.4 (22.6), 5: 81.3
+/// (23.2); 4096 x 262144 bf16: 5: 81.6 (23.6), 6: 76.3 (19.6), 4: 70.2 (15.0). With 2 vectors per
+/// thread in registers (same day, size/threads, MiB, CTAs): 4096 x 262144 bf16: 6/512 (31.0,
+/// 372) 91.3, 4/512 (31.0, 248) 89.5-90.0, 8/256 (22.5) 84.8, 4/256 (15.0) 60.4; 16384 x 151936
+/// bf16: 7/256 (29.3, 707) 92.8-93.1, 4/512 (26.7, 368) 90.9-91.3; 8192 x 32000 bf16: 1/256
+/// (32.2, 528) 90.4, 1/512 (24.2, 396) 89.1; 8192 x 128256 f32: 8/256 (30.3, 496) 95.9-96.3,
+/// 4/512 (30.3, 248) 96.6.
+pub fn cluster_shape_by_residency(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    keep: u32,
+    threads: Option<u32>,
+    active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
+) -> Option<(u32, u32)> {
+    let candidates = cluster_candidates(rows, vocab, dtype, limits, keep, threads, active_clusters);
+    let mut scored = Vec::with_capacity(candidates.len());
+    for c in &candidates {
+        let LaunchPlan::Cluster { size, threads, .. } = c.plan else {
+            continue;
+        };
+        // Fewer rows than one full wave of clusters: the grid, not the chip, limits what is in
+        // flight (the caller's fallback spreads few rows over more CTAs).
+        if c.active_clusters? as usize > rows {
             return None;
         }
-        let resident = clusters as f64 * size as f64 * (chunk_len as usize * dtype.bytes()) as f64;
-        sizes.push((size, resident));
+        scored.push((
+            size,
+            threads,
+            c.mean_resident_bytes(rows, dtype)?,
+            c.resident_ctas()?,
+        ));
     }
-    let most = sizes.iter().map(|&(_, r)| r).fold(0.0, f64::max);
-    sizes
+    let most = scored.iter().map(|s| s.2).fold(0.0, f64::max);
+    scored
         .into_iter()
-        .find(|&(_, r)| most > 0.0 && r >= most * (1.0 - RESIDENCY_SLACK))
-        .map(|(size, _)| size)
+        .filter(|s| most > 0.0 && s.2 >= most * (1.0 - RESIDENCY_SLACK))
+        .min_by_key(|&(size, threads, _, ctas)| (std::cmp::Reverse(ctas), size, threads))
+        .map(|(size, threads, _, _)| (size, threads))
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
