@@ -1389,7 +1389,7 @@ fn assert_cluster_plan(rows: usize, vocab: usize, dtype: DType) -> (u32, u32) {
     );
     assert!(smem_bytes <= limits.max_smem_per_block, "{got:?}");
     // What is not kept in registers is in shared memory.
-    let in_regs = (plan::CLUSTER_KEEP_PLAIN * threads * 16) as usize;
+    let in_regs = (plan::CLUSTER_KEEP * threads * 16) as usize;
     assert!(
         smem_bytes as usize + in_regs >= chunk * dtype.bytes(),
         "{got:?}"
@@ -1581,7 +1581,7 @@ fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
             vocab,
             dtype,
             limits,
-            plan::CLUSTER_KEEP_PLAIN,
+            plan::CLUSTER_KEEP,
             None,
             &mut h200_active_clusters,
         );
@@ -1592,7 +1592,7 @@ fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
             dtype,
             limits,
             PlanChoice::Auto,
-            plan::CLUSTER_KEEP_PLAIN,
+            plan::CLUSTER_KEEP,
             &mut h200_active_clusters,
         )
         .unwrap();
@@ -1611,7 +1611,7 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP_PLAIN,
+        plan::CLUSTER_KEEP,
         None,
         &mut h200_active_clusters,
     );
@@ -1673,7 +1673,7 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP_PLAIN,
+        plan::CLUSTER_KEEP,
         Some(128),
         &mut |_| None,
     );
@@ -1691,7 +1691,7 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP_PLAIN,
+        plan::CLUSTER_KEEP,
         Some(128),
         &mut |_| None,
     );
@@ -1709,7 +1709,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
             DType::Bf16,
             limits,
             PlanChoice::Auto,
-            plan::CLUSTER_KEEP_PLAIN,
+            plan::CLUSTER_KEEP,
             &mut |_| None,
         );
         assert_eq!(unknown.unwrap(), fallback, "{rows} x {vocab}, no answer");
@@ -1721,7 +1721,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 DType::Bf16,
                 limits,
                 PlanChoice::Auto,
-                plan::CLUSTER_KEEP_PLAIN,
+                plan::CLUSTER_KEEP,
                 &mut h200_active_clusters,
             );
             assert_eq!(few.unwrap(), fallback, "{rows} x {vocab}");
@@ -1730,7 +1730,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 vocab,
                 DType::Bf16,
                 limits,
-                plan::CLUSTER_KEEP_PLAIN,
+                plan::CLUSTER_KEEP,
                 None,
                 &mut h200_active_clusters,
             );
@@ -1792,7 +1792,7 @@ fn a_forced_cluster_thread_count_is_kept_and_a_bad_one_is_plan_does_not_fit() {
                 chunk_len as usize,
                 DType::Bf16,
                 threads,
-                plan::CLUSTER_KEEP_PLAIN,
+                plan::CLUSTER_KEEP,
             )
             .unwrap();
             let want = LaunchPlan::Cluster {

@@ -36,12 +36,13 @@ pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
 pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 16;
 /// Offset of the row stash (plus `row address % 16`, so vectors stay 16-byte aligned).
 pub const SMEM_STASH_OFFSET: u32 = SMEM_MBARRIER + 16;
-/// The cluster kernels without loss options keep the first `CLUSTER_KEEP_PLAIN x threads` vectors
-/// of their chunk in registers (vector `t + k x threads` in thread `t`, `k < CLUSTER_KEEP_PLAIN`)
+/// The cluster kernels without per-element options (plain and `coef_`) keep the first
+/// `CLUSTER_KEEP x threads` vectors
+/// of their chunk in registers (vector `t + k x threads` in thread `t`, `k < CLUSTER_KEEP`)
 /// from the load to the gradient, and only the rest in shared memory (from `SMEM_STASH_OFFSET`,
-/// the chunk's scalar head and tail in registers too), so more CTAs fit on an SM. The option
-/// variants keep none (their register budget is spent).
-pub const CLUSTER_KEEP_PLAIN: u32 = 2;
+/// the chunk's scalar head and tail in registers too), so more CTAs fit on an SM. The `opt_`
+/// variants keep none (their register budget is spent: they take 56-64 registers).
+pub const CLUSTER_KEEP: u32 = 2;
 /// `u32` words per chunk in the chunked plan's `partials`: the chunk summary, as the cluster
 /// slot.
 pub const PARTIAL_WORDS: usize = 4;

@@ -54,11 +54,11 @@ pub fn cluster_kernel_names() -> Vec<String> {
 /// vector at a time).
 const VARIANTS: [&str; 3] = ["", "coef_", "opt_"];
 
-/// Vectors per thread the cluster kernels of `variant` keep in registers: the plain kernels keep
-/// [`crate::abi::CLUSTER_KEEP_PLAIN`], the kernels with loss options none.
+/// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
+/// option (`coef_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element ones none.
 fn cluster_keep(variant: &str) -> u32 {
-    if variant.is_empty() {
-        crate::abi::CLUSTER_KEEP_PLAIN
+    if variant != "opt_" {
+        crate::abi::CLUSTER_KEEP
     } else {
         0
     }

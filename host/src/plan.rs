@@ -1,7 +1,7 @@
 //! Launch planning: pure functions of (rows, vocab, dtype, device limits), tested without a GPU.
 //! Every tuning constant is here, with the reason for its value.
 
-pub use crate::abi::CLUSTER_KEEP_PLAIN;
+pub use crate::abi::CLUSTER_KEEP;
 use crate::abi::SMEM_STASH_OFFSET;
 use crate::error::{Error, Result};
 use crate::options::DType;
@@ -153,7 +153,7 @@ pub fn plan(
         dtype,
         limits,
         choice,
-        CLUSTER_KEEP_PLAIN,
+        CLUSTER_KEEP,
         &mut |_| None,
     )
 }
@@ -267,7 +267,7 @@ fn check_grid(rows: usize, per_row: usize, what: &str) -> Result<()> {
 
 /// The cluster plan with `size` CTAs per row and `threads` per CTA (or [`threads_for`] the
 /// chunk), if each CTA's shared-memory part of its chunk fits ([`cluster_smem_bytes`]; `keep`
-/// vectors per thread stay in registers: [`CLUSTER_KEEP_PLAIN`] for the kernels without loss
+/// vectors per thread stay in registers: [`CLUSTER_KEEP`] for the kernels without loss
 /// options, 0 for the others).
 pub fn cluster_plan(
     rows: usize,

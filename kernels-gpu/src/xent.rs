@@ -13,7 +13,7 @@ use crate::abi::{
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
 #[cfg(xent_cluster)]
-use crate::abi::CLUSTER_KEEP_PLAIN;
+use crate::abi::CLUSTER_KEEP;
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use core::f32::consts::LN_2;
@@ -615,7 +615,7 @@ const BULK_LOAD: bool = true;
 
 /// Most vectors a thread of the cluster kernel keeps in registers.
 #[cfg(xent_cluster)]
-const KEEP_MAX: usize = CLUSTER_KEEP_PLAIN as usize;
+const KEEP_MAX: usize = CLUSTER_KEEP as usize;
 
 /// What a thread of the cluster kernel holds between its chunk's load and its gradient: up to
 /// `KEEP_MAX` vectors (raw words) and one scalar of the chunk's head or tail.
@@ -631,11 +631,11 @@ impl Kept {
 }
 
 /// Vectors per thread the cluster kernel keeps in registers in mode `M` (see
-/// `CLUSTER_KEEP_PLAIN`); the host sizes shared memory from the same constant.
+/// `CLUSTER_KEEP`); the host sizes shared memory from the same constant.
 #[cfg(xent_cluster)]
 #[inline(always)]
 fn keep<M: Mode>() -> u32 {
-    if M::OPTS { 0 } else { CLUSTER_KEEP_PLAIN }
+    if M::FULL { 0 } else { CLUSTER_KEEP }
 }
 
 /// The cluster kernel's layout of a chunk: vectors `[0, in_regs)` in registers (vector

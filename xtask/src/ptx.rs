@@ -167,13 +167,12 @@ fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
 pub const MAX_REGISTERS: u32 = 64;
 /// Kernels left uncapped because ptxas would spill under `MAX_REGISTERS`.
 const UNCAPPED: &[&str] = &["xent_fused_", "xent_chunk_grad_coef_"];
-/// Kernels with a tighter cap: the cluster kernel with per-row options runs three 512-thread
-/// CTAs per SM (shared memory allows three ~72 KiB chunks), which needs at most 42 registers a
-/// thread; uncapped it took 44-46 and ran two CTAs per SM. (`xent_cluster_opt_` spills at 40.)
+/// Kernels with a tighter cap: the plain and per-row option cluster kernels, which keep 2
+/// vectors per thread in registers (39-40 used, no spills): 40 lets 6 CTAs of 256 threads or 3
+/// of 512 share an SM's 64 K registers. (Before the keep, the per-row option kernel took 44-46
+/// uncapped and ran two 512-thread CTAs per SM; `xent_cluster_opt_` spills at 40.)
 const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_cluster_coef_", 40),
-    // The plain cluster kernels keep 2 vectors per thread in registers (39-40 used, no spills):
-    // 40 lets 6 CTAs of 256 threads or 3 of 512 share an SM's 64 K registers.
     ("xent_cluster_bf16_", 40),
     ("xent_cluster_f16_", 40),
     ("xent_cluster_f32_", 40),
