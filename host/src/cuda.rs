@@ -37,16 +37,113 @@ pub const PTX_SM90: &str = include_str!("../ptx/sm_90.ptx");
 
 /// The cluster-plan entry points, present in the sm_90 PTX only.
 pub fn cluster_kernel_names() -> Vec<String> {
-    let mut names = Vec::new();
-    for dtype in [DType::Bf16, DType::F16, DType::F32] {
-        for label in ["i32", "i64"] {
-            for variant in VARIANTS {
-                names.push(format!("xent_cluster_{variant}{}_{label}", dtype.name()));
+    cluster_kernels().into_iter().map(Kernel::name).collect()
+}
+
+/// The cross-entropy kernels' kinds (name infixes after `xent_`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum XentKind {
+    Fused,
+    ChunkPartial,
+    ChunkGrad,
+    Backward,
+    /// sm_90 only.
+    Cluster,
+}
+
+impl XentKind {
+    fn name(self) -> &'static str {
+        match self {
+            XentKind::Fused => "fused",
+            XentKind::ChunkPartial => "chunk_partial",
+            XentKind::ChunkGrad => "chunk_grad",
+            XentKind::Backward => "backward",
+            XentKind::Cluster => "cluster",
+        }
+    }
+}
+
+/// A kernel entry point as a launch knows it: the handle looks kernels up by this, so a launch
+/// builds no string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kernel {
+    /// `xent_count_{label}`.
+    Count { label: &'static str },
+    /// `xent_finish`.
+    Finish,
+    /// `xent_scale_{dtype}`.
+    Scale { dtype: DType },
+    /// `xent_{kind}_{variant}{dtype}_{label}`.
+    Xent {
+        kind: XentKind,
+        variant: &'static str,
+        dtype: DType,
+        label: &'static str,
+    },
+}
+
+impl Kernel {
+    /// The entry point's name in the PTX.
+    fn name(self) -> String {
+        match self {
+            Kernel::Count { label } => format!("xent_count_{label}"),
+            Kernel::Finish => "xent_finish".to_string(),
+            Kernel::Scale { dtype } => format!("xent_scale_{}", dtype.name()),
+            Kernel::Xent {
+                kind,
+                variant,
+                dtype,
+                label,
+            } => format!("xent_{}_{variant}{}_{label}", kind.name(), dtype.name()),
+        }
+    }
+}
+
+/// The cross-entropy kernels of `kinds`, in every variant, dtype and label type.
+fn xent_kernels(kinds: &[XentKind]) -> Vec<Kernel> {
+    let mut kernels = Vec::new();
+    for dtype in DTYPES {
+        for label in LABELS {
+            for &kind in kinds {
+                for variant in VARIANTS {
+                    kernels.push(Kernel::Xent {
+                        kind,
+                        variant,
+                        dtype,
+                        label,
+                    });
+                }
             }
         }
     }
-    names
+    kernels
 }
+
+/// The cluster-plan kernels (sm_90 only).
+fn cluster_kernels() -> Vec<Kernel> {
+    xent_kernels(&[XentKind::Cluster])
+}
+
+/// Every kernel both PTX files provide.
+fn kernels() -> Vec<Kernel> {
+    let mut kernels = vec![
+        Kernel::Count { label: "i32" },
+        Kernel::Count { label: "i64" },
+        Kernel::Finish,
+    ];
+    kernels.extend(xent_kernels(&[
+        XentKind::Fused,
+        XentKind::ChunkPartial,
+        XentKind::ChunkGrad,
+        XentKind::Backward,
+    ]));
+    kernels.extend(DTYPES.map(|dtype| Kernel::Scale { dtype }));
+    kernels
+}
+
+const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
+/// The label types' name suffixes (`Label::NAME`).
+const LABELS: [&str; 2] = ["i32", "i64"];
 
 /// The cross-entropy kernels come in three variants (name infixes): plain (no loss options),
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
@@ -112,22 +209,7 @@ fn opt_params(
 
 /// Every kernel entry point both PTX files must provide.
 pub fn kernel_names() -> Vec<String> {
-    let mut names = vec![
-        "xent_count_i32".into(),
-        "xent_count_i64".into(),
-        "xent_finish".into(),
-    ];
-    for dtype in [DType::Bf16, DType::F16, DType::F32] {
-        for label in ["i32", "i64"] {
-            for kind in ["fused", "chunk_partial", "chunk_grad", "backward"] {
-                for variant in VARIANTS {
-                    names.push(format!("xent_{kind}_{variant}{}_{label}", dtype.name()));
-                }
-            }
-        }
-        names.push(format!("xent_scale_{}", dtype.name()));
-    }
-    names
+    kernels().into_iter().map(Kernel::name).collect()
 }
 
 /// The PTX to load on a device of compute capability `major.minor`.
@@ -165,7 +247,7 @@ type ClusterLaunchKey = (&'static str, DType, u32, u32, u32);
 pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
     _module: Arc<CudaModule>,
-    kernels: HashMap<String, CudaFunction>,
+    kernels: HashMap<Kernel, CudaFunction>,
     limits: DeviceLimits,
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
     /// automatic cluster size depends on it.
@@ -223,12 +305,13 @@ impl CrossEntropy {
             )? as u32,
             max_cluster: if clusters { plan::MAX_CLUSTER } else { 1 },
         };
-        let mut names = kernel_names();
+        let mut wanted = kernels();
         if limits.max_cluster > 1 {
-            names.extend(cluster_kernel_names());
+            wanted.extend(cluster_kernels());
         }
         let mut kernels = HashMap::new();
-        for name in names {
+        for kernel in wanted {
+            let name = kernel.name();
             let function = module.load_function(&name)?;
             if name.starts_with("xent_fused_") || name.starts_with("xent_cluster_") {
                 function.set_attribute(
@@ -242,7 +325,7 @@ impl CrossEntropy {
                     1,
                 )?;
             }
-            kernels.insert(name, function);
+            kernels.insert(kernel, function);
         }
         Ok(CrossEntropy {
             ctx,
@@ -335,8 +418,13 @@ impl CrossEntropy {
             return known;
         }
         // The i32 and i64 kernels differ by a few instructions, not in registers.
-        let name = format!("xent_cluster_{variant}{}_i64", dtype.name());
-        let Some(function) = self.kernels.get(&name) else {
+        let kernel = Kernel::Xent {
+            kind: XentKind::Cluster,
+            variant,
+            dtype,
+            label: "i64",
+        };
+        let Some(function) = self.kernels.get(&kernel) else {
             cache.insert(key, None);
             return None;
         };
@@ -366,9 +454,9 @@ impl CrossEntropy {
         answer
     }
 
-    fn kernel(&self, name: &str) -> &CudaFunction {
-        // Every name is loaded in `from_context`, which fails if one is missing.
-        &self.kernels[name]
+    fn kernel(&self, kernel: Kernel) -> &CudaFunction {
+        // Every kernel is loaded in `from_context`, which fails if one is missing.
+        &self.kernels[&kernel]
     }
 
     fn check_stream(&self, stream: &CudaStream) -> Result<()> {
@@ -561,15 +649,15 @@ impl CrossEntropy {
             upstream: upstream_ptr,
             opts: opt_params(opts, weight, 0, shape.vocab, forward.weight_sum),
         };
-        let name = format!(
-            "xent_backward_{}{}_{}",
-            variant(opts, false),
-            T::DTYPE.name(),
-            L::NAME
-        );
+        let kernel = Kernel::Xent {
+            kind: XentKind::Backward,
+            variant: variant(opts, false),
+            dtype: T::DTYPE,
+            label: L::NAME,
+        };
         self.launch(
             stream,
-            &name,
+            kernel,
             &params,
             blocks,
             plan::SCALE_THREADS,
@@ -663,7 +751,7 @@ impl CrossEntropy {
             };
             self.launch(
                 stream,
-                &format!("xent_count_{}", L::NAME),
+                Kernel::Count { label: L::NAME },
                 &params,
                 blocks,
                 threads,
@@ -687,7 +775,12 @@ impl CrossEntropy {
                 opts: opt_params(opts, weight, row_correct, shape.vocab, out.weight_sum),
             };
             let variant = variant(opts, opts.return_token_accuracy);
-            let suffix = format!("{variant}{}_{}", T::DTYPE.name(), L::NAME);
+            let kernel = |kind| Kernel::Xent {
+                kind,
+                variant,
+                dtype: T::DTYPE,
+                label: L::NAME,
+            };
             match launch_plan {
                 LaunchPlan::Fused {
                     threads,
@@ -695,7 +788,7 @@ impl CrossEntropy {
                 } => {
                     self.launch(
                         stream,
-                        &format!("xent_fused_{suffix}"),
+                        kernel(XentKind::Fused),
                         &params,
                         rows as u32,
                         threads,
@@ -712,7 +805,7 @@ impl CrossEntropy {
                     let blocks = (rows * n_chunks as usize) as u32;
                     self.launch(
                         stream,
-                        &format!("xent_chunk_partial_{suffix}"),
+                        kernel(XentKind::ChunkPartial),
                         &params,
                         blocks,
                         threads,
@@ -720,7 +813,7 @@ impl CrossEntropy {
                     )?;
                     self.launch(
                         stream,
-                        &format!("xent_chunk_grad_{suffix}"),
+                        kernel(XentKind::ChunkGrad),
                         &params,
                         blocks,
                         threads,
@@ -736,8 +829,15 @@ impl CrossEntropy {
                     params.n_chunks = size;
                     params.chunk_len = chunk_len;
                     let blocks = (rows * size as usize) as u32;
-                    let name = format!("xent_cluster_{suffix}");
-                    self.launch_cluster(stream, &name, &params, blocks, threads, smem_bytes, size)?;
+                    self.launch_cluster(
+                        stream,
+                        kernel(XentKind::Cluster),
+                        &params,
+                        blocks,
+                        threads,
+                        smem_bytes,
+                        size,
+                    )?;
                 }
             }
         }
@@ -756,7 +856,7 @@ impl CrossEntropy {
         };
         self.launch(
             stream,
-            "xent_finish",
+            Kernel::Finish,
             &params,
             1,
             plan::FINISH_THREADS,
@@ -793,16 +893,16 @@ impl CrossEntropy {
             tile_len: plan::SCALE_TILE as u32,
             n_tiles: n_tiles as u32,
         };
-        let name = format!("xent_scale_{}", T::DTYPE.name());
-        self.launch(stream, &name, &params, blocks, plan::SCALE_THREADS, 0)
+        let kernel = Kernel::Scale { dtype: T::DTYPE };
+        self.launch(stream, kernel, &params, blocks, plan::SCALE_THREADS, 0)
     }
 
-    /// Launches `name` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).
+    /// Launches `kernel` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).
     #[allow(clippy::too_many_arguments)]
     fn launch_cluster<P: DeviceRepr>(
         &self,
         stream: &CudaStream,
-        name: &str,
+        kernel: Kernel,
         params: &P,
         blocks: u32,
         threads: u32,
@@ -826,7 +926,7 @@ impl CrossEntropy {
         let result = unsafe {
             sys::cuLaunchKernelEx(
                 &config,
-                self.kernel(name).cu_function(),
+                self.kernel(kernel).cu_function(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
@@ -838,7 +938,7 @@ impl CrossEntropy {
     fn launch<P: DeviceRepr>(
         &self,
         stream: &CudaStream,
-        name: &str,
+        kernel: Kernel,
         params: &P,
         blocks: u32,
         threads: u32,
@@ -849,7 +949,7 @@ impl CrossEntropy {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem_bytes,
         };
-        let function = self.kernel(name);
+        let function = self.kernel(kernel);
         // SAFETY: `params` is the parameter block this entry point declares, every address in it
         // was bounds-checked against the shape above, and the buffers outlive the enqueued work
         // (cudarc's stream-ordered frees).
