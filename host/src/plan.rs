@@ -257,12 +257,67 @@ pub fn plan_with(
 
 /// Fails unless `rows x per_row` blocks fit in `gridDim.x`.
 fn check_grid(rows: usize, per_row: usize, what: &str) -> Result<()> {
-    match rows.checked_mul(per_row) {
-        Some(blocks) if blocks <= MAX_GRID_X => Ok(()),
-        _ => Err(Error::PlanDoesNotFit(format!(
+    if grid_fits(rows, per_row) {
+        Ok(())
+    } else {
+        Err(Error::PlanDoesNotFit(format!(
             "{rows} rows x {per_row} {what} exceed the grid limit"
-        ))),
+        )))
     }
+}
+
+/// Whether `rows x per_row` blocks fit in `gridDim.x`.
+fn grid_fits(rows: usize, per_row: usize) -> bool {
+    rows.checked_mul(per_row)
+        .is_some_and(|blocks| blocks <= MAX_GRID_X)
+}
+
+/// Whether a cluster CTA may have `threads` threads: a positive multiple of 32, at most
+/// [`MAX_CLUSTER_THREADS`].
+fn valid_cluster_threads(threads: u32) -> bool {
+    threads != 0 && threads.is_multiple_of(32) && threads <= MAX_CLUSTER_THREADS
+}
+
+/// The chunk length for `size` CTAs per row, and how many CTAs get elements: rounding the chunk
+/// up to whole vectors can leave the last CTAs empty, and only CTAs with elements are launched.
+fn cluster_chunk(vocab: usize, size: u32) -> (usize, u32) {
+    let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
+    (chunk_len, vocab.div_ceil(chunk_len) as u32)
+}
+
+/// Why a cluster launch does not fit, without building a message (the automatic plan tries
+/// launches that do not fit on every call).
+enum Misfit {
+    /// The shared-memory part of a chunk of this many elements is over the limit.
+    SharedMemory(usize),
+    /// This many CTAs per row exceed the grid.
+    Grid(u32),
+}
+
+/// [`cluster_plan`] for a size and thread count already checked.
+fn cluster_launch(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    size: u32,
+    threads: Option<u32>,
+    keep: u32,
+) -> std::result::Result<LaunchPlan, Misfit> {
+    let (chunk_len, size) = cluster_chunk(vocab, size);
+    let threads = threads.unwrap_or_else(|| threads_for(chunk_len, dtype));
+    let smem_bytes = cluster_smem_bytes(chunk_len, dtype, threads, keep)
+        .filter(|&b| b <= limits.max_smem_per_block)
+        .ok_or(Misfit::SharedMemory(chunk_len))?;
+    if !grid_fits(rows, size as usize) {
+        return Err(Misfit::Grid(size));
+    }
+    Ok(LaunchPlan::Cluster {
+        threads,
+        chunk_len: chunk_len as u32,
+        size,
+        smem_bytes,
+    })
 }
 
 /// The cluster plan with `size` CTAs per row and `threads` per CTA (or [`threads_for`] the
@@ -285,31 +340,21 @@ pub fn cluster_plan(
         )));
     }
     if let Some(t) = threads
-        && (t == 0 || !t.is_multiple_of(32) || t > MAX_CLUSTER_THREADS)
+        && !valid_cluster_threads(t)
     {
         return Err(Error::PlanDoesNotFit(format!(
             "{t} threads per CTA: must be a positive multiple of 32, at most {MAX_CLUSTER_THREADS}"
         )));
     }
-    let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
-    // Rounding the chunk up can leave the last CTAs empty: keep only CTAs that have elements.
-    let size = vocab.div_ceil(chunk_len) as u32;
-    let threads = threads.unwrap_or_else(|| threads_for(chunk_len, dtype));
-    let smem_bytes = cluster_smem_bytes(chunk_len, dtype, threads, keep)
-        .filter(|&b| b <= limits.max_smem_per_block)
-        .ok_or_else(|| {
-            Error::PlanDoesNotFit(format!(
-                "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
-                dtype.name(),
-                limits.max_smem_per_block
-            ))
-        })?;
-    check_grid(rows, size as usize, "CTAs")?;
-    Ok(LaunchPlan::Cluster {
-        threads,
-        chunk_len: chunk_len as u32,
-        size,
-        smem_bytes,
+    cluster_launch(rows, vocab, dtype, limits, size, threads, keep).map_err(|misfit| match misfit {
+        Misfit::SharedMemory(chunk_len) => Error::PlanDoesNotFit(format!(
+            "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
+            dtype.name(),
+            limits.max_smem_per_block
+        )),
+        Misfit::Grid(size) => {
+            Error::PlanDoesNotFit(format!("{rows} rows x {size} CTAs exceed the grid limit"))
+        }
     })
 }
 
@@ -382,6 +427,9 @@ impl ClusterCandidate {
     /// in waves of 124 clusters keep 83% of the slots busy; in waves of 132, 97%).
     pub fn mean_resident_bytes(&self, rows: usize, dtype: DType) -> Option<f64> {
         let clusters = self.active_clusters? as usize;
+        if clusters == 0 {
+            return Some(0.0);
+        }
         let waves = rows.div_ceil(clusters).max(1);
         let busy = rows as f64 / (waves * clusters) as f64;
         Some(self.resident_bytes(dtype)? as f64 * busy)
@@ -409,29 +457,48 @@ pub fn cluster_candidates(
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Vec<ClusterCandidate> {
     let mut candidates = Vec::new();
+    let query = (rows, vocab, dtype, limits, keep, threads);
+    visit_cluster_candidates(query, active_clusters, &mut |c| candidates.push(c));
+    candidates
+}
+
+/// (rows, vocab, dtype, limits, keep, threads): what [`cluster_candidates`] is asked.
+type CandidateQuery = (usize, usize, DType, DeviceLimits, u32, Option<u32>);
+
+/// Calls `visit` with each of [`cluster_candidates`] in turn, allocating nothing (the automatic
+/// plan runs this on every call).
+fn visit_cluster_candidates(
+    (rows, vocab, dtype, limits, keep, threads): CandidateQuery,
+    active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
+    visit: &mut dyn FnMut(ClusterCandidate),
+) {
     for size in 1..=limits.max_cluster {
-        let chunk_len = vocab.div_ceil(size as usize).next_multiple_of(8);
+        let (chunk_len, real) = cluster_chunk(vocab, size);
         // Rounding the chunk can give the same launch for two requested sizes.
-        if vocab.div_ceil(chunk_len) != size as usize {
+        if real != size {
             continue;
         }
         let natural = threads_for(chunk_len, dtype);
         let counts = match threads {
-            Some(t) => vec![t],
-            None if natural > CLUSTER_FEW_THREADS => vec![natural, CLUSTER_FEW_THREADS],
-            None => vec![natural],
+            Some(t) => [Some(t), None],
+            None => [
+                Some(natural),
+                (natural > CLUSTER_FEW_THREADS).then_some(CLUSTER_FEW_THREADS),
+            ],
         };
-        for t in counts {
-            if let Ok(plan) = cluster_plan(rows, vocab, dtype, limits, size, Some(t), keep) {
+        for t in counts.into_iter().flatten() {
+            if !valid_cluster_threads(t) {
+                continue;
+            }
+            if let Ok(plan) = cluster_launch(rows, vocab, dtype, limits, size, Some(t), keep) {
                 let active_clusters = active_clusters(&plan);
-                candidates.push(ClusterCandidate {
+                visit(ClusterCandidate {
                     plan,
                     active_clusters,
                 });
             }
         }
     }
-    candidates
 }
 
 /// The cluster size and threads per CTA (of [`cluster_candidates`]) that keep the most of the
@@ -463,30 +530,39 @@ pub fn cluster_shape_by_residency(
     threads: Option<u32>,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Option<(u32, u32)> {
-    let candidates = cluster_candidates(rows, vocab, dtype, limits, keep, threads, active_clusters);
-    let mut scored = Vec::with_capacity(candidates.len());
-    for c in &candidates {
-        let LaunchPlan::Cluster { size, threads, .. } = c.plan else {
-            continue;
-        };
-        // Fewer rows than one full wave of clusters: the grid, not the chip, limits what is in
-        // flight (the caller's fallback spreads few rows over more CTAs).
-        if c.active_clusters? as usize > rows {
-            return None;
-        }
-        scored.push((
-            size,
-            threads,
-            c.mean_resident_bytes(rows, dtype)?,
-            c.resident_ctas()?,
-        ));
+    let query = (rows, vocab, dtype, limits, keep, threads);
+    // First pass: the most mean resident bytes, if the device answered for every launch and
+    // every launch has at least a wave of rows. With fewer rows than one full wave of clusters,
+    // the grid, not the chip, limits what is in flight (the caller's fallback spreads few rows
+    // over more CTAs).
+    let (mut most, mut known) = (0.0f64, true);
+    visit_cluster_candidates(query, active_clusters, &mut |c| match (
+        c.active_clusters,
+        c.mean_resident_bytes(rows, dtype),
+    ) {
+        (Some(clusters), Some(bytes)) if clusters as usize <= rows => most = most.max(bytes),
+        _ => known = false,
+    });
+    if !known || most <= 0.0 {
+        return None;
     }
-    let most = scored.iter().map(|s| s.2).fold(0.0, f64::max);
-    scored
-        .into_iter()
-        .filter(|s| most > 0.0 && s.2 >= most * (1.0 - RESIDENCY_SLACK))
-        .min_by_key(|&(size, threads, _, ctas)| (std::cmp::Reverse(ctas), size, threads))
-        .map(|(size, threads, _, _)| (size, threads))
+    // Second pass: of the launches within the slack, the most CTAs resident, then the smaller
+    // cluster, then fewer threads.
+    let mut best: Option<(std::cmp::Reverse<u64>, u32, u32)> = None;
+    visit_cluster_candidates(query, active_clusters, &mut |c| {
+        let (LaunchPlan::Cluster { size, threads, .. }, Some(bytes), Some(ctas)) = (
+            c.plan,
+            c.mean_resident_bytes(rows, dtype),
+            c.resident_ctas(),
+        ) else {
+            return;
+        };
+        let key = (std::cmp::Reverse(ctas), size, threads);
+        if bytes >= most * (1.0 - RESIDENCY_SLACK) && best.is_none_or(|b| key < b) {
+            best = Some(key);
+        }
+    });
+    best.map(|(_, size, threads)| (size, threads))
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
