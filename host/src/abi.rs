@@ -24,6 +24,10 @@ pub const COUNT_BAD: usize = 1;
 /// valid (class weights only; written by a count launch of one block, so the sum's order is
 /// fixed).
 pub const COUNT_WEIGHT: usize = 2;
+/// Index into the `counts` buffer: the f32 bits of `Σ_j weight[j]` over the whole vocabulary
+/// (class weights with label smoothing only; written by the count launch of one block, summed in
+/// f64 in a fixed order), so that class weights can live in device memory the host never reads.
+pub const COUNT_CLASS_WEIGHT_SUM: usize = 3;
 /// Length of the `counts` buffer in `u32` words.
 pub const COUNT_WORDS: usize = 4;
 
@@ -119,8 +123,7 @@ pub struct OptParams {
     pub lse_square_scale: f32,
     /// Soft cap (0: none).
     pub softcap: f32,
-    /// `Σ_j weight[j]` over the vocabulary (`vocab` without weights).
-    pub weight_sum: f32,
+    pub _pad: u32,
 }
 
 /// Parameters of the count kernel.
@@ -133,6 +136,10 @@ pub struct CountParams {
     /// Device address of `[f32; vocab]` class weights, or 0. With weights the launch must be one
     /// block (it stores `COUNT_WEIGHT`).
     pub weight: u64,
+    /// 1: also store `Σ_j weight[j]` over the vocabulary in `counts[COUNT_CLASS_WEIGHT_SUM]`
+    /// (label smoothing with class weights needs it); only with `weight`.
+    pub sum_class_weights: u32,
+    pub _pad: u32,
 }
 
 /// Parameters of the kernel that reduces per-row losses to the scalar loss.
@@ -174,8 +181,8 @@ pub struct ScaleParams {
     pub vocab: u32,
     /// 0: `upstream[0]` scales every row; 1: `upstream[r]` scales row `r`.
     pub per_row: u32,
-    /// Elements per block along a row (a multiple of 8).
+    /// Elements per tile along a row (a multiple of 8).
     pub tile_len: u32,
-    /// Tiles per row.
+    /// Tiles per row. Block `b` scales tiles `b, b + grid, ...` of the `n_rows * n_tiles`.
     pub n_tiles: u32,
 }

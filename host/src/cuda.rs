@@ -17,8 +17,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
     COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD,
-    MODE_FUSED, OptParams, PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES, ScaleParams,
-    XentParams,
+    MODE_FUSED, OptParams, RowsParams, SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Element, Label, Options, Reduction, Shape};
@@ -161,15 +160,15 @@ fn cluster_keep(variant: &str) -> u32 {
     }
 }
 
-/// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with or without the
-/// token accuracy (the backward kernels never compute it).
-fn variant(opts: &Options, accuracy: bool) -> &'static str {
-    let per_element = opts.softcap.is_some()
-        || accuracy
-        || (opts.label_smoothing != 0.0 && opts.weight.is_some());
+/// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with class weights on or
+/// off (`weighted`: host weights in `opts.weight`, or device weights given to the raw API) and with
+/// or without the token accuracy (the backward kernels never compute it).
+fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
+    let per_element =
+        opts.softcap.is_some() || accuracy || (opts.label_smoothing != 0.0 && weighted);
     if per_element {
         "opt_"
-    } else if opts.has_loss_options() {
+    } else if opts.has_loss_options() || weighted {
         "coef_"
     } else {
         ""
@@ -185,25 +184,15 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     bytes(a) == bytes(b)
 }
 
-/// The options as the kernels read them.
-fn opt_params(
-    opts: &Options,
-    weight: u64,
-    row_correct: u64,
-    vocab: usize,
-    weight_sum: f32,
-) -> OptParams {
+/// The options as the kernels read them (`weight`, `row_correct`: device addresses or 0).
+fn opt_params(opts: &Options, weight: u64, row_correct: u64) -> OptParams {
     OptParams {
         weight,
         row_correct,
         label_smoothing: opts.label_smoothing,
         lse_square_scale: opts.lse_square_scale,
         softcap: opts.softcap.unwrap_or(0.0),
-        weight_sum: if opts.weight.is_some() {
-            weight_sum
-        } else {
-            vocab as f32
-        },
+        _pad: 0,
     }
 }
 
@@ -350,7 +339,19 @@ impl CrossEntropy {
     /// cluster shape asks the driver how many clusters of each candidate launch fit at once (the
     /// first time this handle plans that launch; remembered after).
     pub fn plan_for(&self, shape: &Shape, dtype: DType, opts: &Options) -> Result<LaunchPlan> {
-        let variant = variant(opts, opts.return_token_accuracy);
+        self.plan_variant(shape, dtype, opts, opts.weight.is_some())
+    }
+
+    /// [`plan_for`](Self::plan_for) with class weights on or off whatever `opts.weight` says (the
+    /// raw API takes them in device memory).
+    pub(crate) fn plan_variant(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        opts: &Options,
+        weighted: bool,
+    ) -> Result<LaunchPlan> {
+        let variant = variant(opts, weighted, opts.return_token_accuracy);
         let mut cache = self
             .active_clusters
             .lock()
@@ -375,7 +376,7 @@ impl CrossEntropy {
         dtype: DType,
         opts: &Options,
     ) -> Vec<plan::ClusterCandidate> {
-        let variant = variant(opts, opts.return_token_accuracy);
+        let variant = variant(opts, opts.weight.is_some(), opts.return_token_accuracy);
         let threads = match opts.plan {
             plan::PlanChoice::Cluster { threads, .. } => threads,
             _ => None,
@@ -459,7 +460,7 @@ impl CrossEntropy {
         &self.kernels[&kernel]
     }
 
-    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.ctx.cu_ctx() {
             return Err(Error::ContextMismatch);
         }
@@ -585,8 +586,8 @@ impl CrossEntropy {
         )
     }
 
-    /// Launches the backward kernel: `ptrs` = (logits, grad - logits in bytes, labels,
-    /// (upstream, its length)).
+    /// Checks a backward against the forward `Loss` it reads, then launches the backward kernel:
+    /// `ptrs` = (logits, grad - logits in bytes, labels, (upstream, its length)).
     fn enqueue_backward<T: Element, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
@@ -595,27 +596,18 @@ impl CrossEntropy {
         opts: &Options,
         forward: &Loss,
     ) -> Result<()> {
-        let (logits_ptr, delta, labels_ptr, (upstream_ptr, upstream_len)) = ptrs;
-        opts.validate_except_weight_values(shape.vocab)?;
-        let rows = shape.rows();
-        if forward.rows != rows {
+        if forward.rows != shape.rows() {
             return Err(Error::InvalidOption(format!(
-                "the forward Loss holds {} rows, the shape has {rows}",
-                forward.rows
+                "the forward Loss holds {} rows, the shape has {}",
+                forward.rows,
+                shape.rows()
             )));
-        }
-        crate::options::check_upstream_len(rows, upstream_len)?;
-        if delta % 16 != 0 {
-            return Err(Error::InvalidOption(
-                "the gradient buffer must start at the same address modulo 16 bytes as the logits"
-                    .to_string(),
-            ));
         }
         let same_weights = opts
             .weight
             .as_ref()
             .is_none_or(|w| same_bits(&forward.weight_host, w));
-        if forward.loss_key != Some(LossKey::of(opts)) || !same_weights {
+        if forward.loss_key != Some(LossKey::of(opts, opts.weight.is_some())) || !same_weights {
             return Err(Error::InvalidOption(
                 "backward needs the loss options of the forward call that made `forward` (one of \
                  ignore_index, reduction, causal_shift, label_smoothing, lse_square_scale, \
@@ -623,18 +615,55 @@ impl CrossEntropy {
                     .to_string(),
             ));
         }
-        if rows == 0 {
-            return Ok(());
-        }
-        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
-        let (counts, _c) = forward.counts.device_ptr(stream);
-        let (row_lse, _s) = forward.row_lse.device_ptr(stream);
         let weight = match (&opts.weight, forward.weight.as_ref()) {
             (Some(_), Some(w)) => w.device_ptr(stream).0,
             _ => 0,
         };
+        let (counts, _c) = forward.counts.device_ptr(stream);
+        let (row_lse, _s) = forward.row_lse.device_ptr(stream);
+        let (logits, grad_delta, labels, upstream) = ptrs;
+        let call = KernelCall {
+            dtype: T::DTYPE,
+            label: L::NAME,
+            logits,
+            labels,
+            shape,
+            weight,
+        };
+        self.launch_backward(stream, &call, opts, counts, row_lse, upstream, grad_delta)
+    }
+
+    /// Launches the two-phase backward kernel of `call` from a forward's `counts` and `row_lse`
+    /// (device addresses), `upstream` = (address, length), the gradient `grad_delta` bytes from
+    /// each logit (0: in place; a multiple of 16). Every address has been checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        counts: u64,
+        row_lse: u64,
+        upstream: (u64, usize),
+        grad_delta: u64,
+    ) -> Result<()> {
+        let (upstream_ptr, upstream_len) = upstream;
+        let shape = call.shape;
+        opts.validate_except_weight_values(shape.vocab)?;
+        let rows = shape.rows();
+        crate::options::check_upstream_len(rows, upstream_len)?;
+        if grad_delta % 16 != 0 {
+            return Err(Error::InvalidOption(
+                "the gradient buffer must start at the same address modulo 16 bytes as the logits"
+                    .to_string(),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
         let params = XentParams {
-            rows: self.rows_params(logits_ptr, labels_ptr, shape, opts),
+            rows: self.rows_params(call.logits, call.labels, shape, opts),
             counts,
             row_loss: 0,
             row_lse,
@@ -645,15 +674,15 @@ impl CrossEntropy {
             chunk_len: plan::SCALE_TILE as u32,
             mode: MODE_FUSED,
             upstream_per_row: (upstream_len == rows && rows > 1) as u32,
-            grad_delta: delta,
+            grad_delta,
             upstream: upstream_ptr,
-            opts: opt_params(opts, weight, 0, shape.vocab, forward.weight_sum),
+            opts: opt_params(opts, call.weight, 0),
         };
         let kernel = Kernel::Xent {
             kind: XentKind::Backward,
-            variant: variant(opts, false),
-            dtype: T::DTYPE,
-            label: L::NAME,
+            variant: variant(opts, call.weight != 0, false),
+            dtype: call.dtype,
+            label: call.label,
         };
         self.launch(
             stream,
@@ -681,7 +710,8 @@ impl CrossEntropy {
         }
     }
 
-    /// Enqueues count, the cross-entropy kernel(s) in `mode` and finish.
+    /// Prepares `out` for a call (partials, class weights, accuracy buffer, the options' record),
+    /// then enqueues count, the cross-entropy kernel(s) in `mode` and finish.
     #[allow(clippy::too_many_arguments)]
     fn enqueue<T: Element, L: Label>(
         &self,
@@ -702,16 +732,14 @@ impl CrossEntropy {
             )));
         }
         let launch_plan = self.plan_for(&shape, T::DTYPE, opts)?;
-        if let LaunchPlan::Chunked { n_chunks, .. } = launch_plan {
-            out.reserve_partials(stream, PARTIAL_WORDS * rows * n_chunks as usize)?;
-        }
+        out.reserve_partials(stream, plan::partials_len(rows, &launch_plan))?;
         if let Some(weight) = &opts.weight {
             out.upload_weight(stream, weight)?;
         }
         if opts.return_token_accuracy && out.row_correct.is_none() {
             out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
         }
-        out.loss_key = Some(LossKey::of(opts));
+        out.loss_key = Some(LossKey::of(opts, opts.weight.is_some()));
         out.accuracy_on = opts.return_token_accuracy;
 
         let (labels_ptr, _labels_guard) = labels.device_ptr(stream);
@@ -732,8 +760,44 @@ impl CrossEntropy {
             (true, Some(c)) => c.device_ptr_mut(stream).0,
             _ => 0,
         };
-        let rows_params = self.rows_params(logits_ptr, labels_ptr, shape, opts);
+        let call = KernelCall {
+            dtype: T::DTYPE,
+            label: L::NAME,
+            logits: logits_ptr,
+            labels: labels_ptr,
+            shape,
+            weight,
+        };
+        let buffers = LossBuffers {
+            loss,
+            row_loss,
+            row_lse,
+            counts,
+            extras,
+            row_correct,
+            partials,
+        };
+        self.launch_loss(stream, &call, opts, launch_plan, &buffers, mode)
+    }
 
+    /// Enqueues count, the cross-entropy kernel(s) of `launch_plan` in `mode` and finish for
+    /// `call`, into `out`. Every address has been checked by the caller against the shape and the
+    /// plan (`out.partials` holds [`plan::partials_len`] words, `out.row_correct` one word per row
+    /// when `opts.return_token_accuracy`).
+    pub(crate) fn launch_loss(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        launch_plan: LaunchPlan,
+        out: &LossBuffers,
+        mode: u32,
+    ) -> Result<()> {
+        let shape = call.shape;
+        let rows = shape.rows();
+        let weight = call.weight;
+        let rows_params = self.rows_params(call.logits, call.labels, shape, opts);
+        let counts = out.counts;
         unsafe {
             cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream())
         }?;
@@ -742,6 +806,8 @@ impl CrossEntropy {
                 rows: rows_params,
                 counts,
                 weight,
+                sum_class_weights: (weight != 0 && opts.label_smoothing != 0.0) as u32,
+                _pad: 0,
             };
             // With class weights one block sums them, in a fixed order.
             let (blocks, threads) = if weight != 0 {
@@ -751,7 +817,7 @@ impl CrossEntropy {
             };
             self.launch(
                 stream,
-                Kernel::Count { label: L::NAME },
+                Kernel::Count { label: call.label },
                 &params,
                 blocks,
                 threads,
@@ -761,9 +827,9 @@ impl CrossEntropy {
             let mut params = XentParams {
                 rows: rows_params,
                 counts,
-                row_loss,
-                row_lse,
-                partials,
+                row_loss: out.row_loss,
+                row_lse: out.row_lse,
+                partials: out.partials,
                 reduction: opts.reduction.code(),
                 grad_scale: opts.grad_scale,
                 n_chunks: 1,
@@ -772,14 +838,14 @@ impl CrossEntropy {
                 upstream_per_row: 0,
                 grad_delta: 0,
                 upstream: 0,
-                opts: opt_params(opts, weight, row_correct, shape.vocab, out.weight_sum),
+                opts: opt_params(opts, weight, out.row_correct),
             };
-            let variant = variant(opts, opts.return_token_accuracy);
+            let variant = variant(opts, weight != 0, opts.return_token_accuracy);
             let kernel = |kind| Kernel::Xent {
                 kind,
                 variant,
-                dtype: T::DTYPE,
-                label: L::NAME,
+                dtype: call.dtype,
+                label: call.label,
             };
             match launch_plan {
                 LaunchPlan::Fused {
@@ -842,15 +908,15 @@ impl CrossEntropy {
             }
         }
         let params = FinishParams {
-            row_loss,
+            row_loss: out.row_loss,
             counts,
-            loss,
+            loss: out.loss,
             n_rows: rows as u64,
             reduction: opts.reduction.code(),
             weighted: (weight != 0) as u32,
-            row_lse,
-            row_correct,
-            extras,
+            row_lse: out.row_lse,
+            row_correct: out.row_correct,
+            extras: out.extras,
             lse_square_scale: opts.lse_square_scale,
             _pad: 0,
         };
@@ -875,26 +941,52 @@ impl CrossEntropy {
     ) -> Result<()> {
         self.check_stream(stream)?;
         shape.validate(grad.len(), shape.rows())?;
+        let (grad_ptr, _g) = grad.device_ptr_mut(stream);
+        let (upstream_ptr, _u) = upstream.device_ptr(stream);
+        self.launch_scale(
+            stream,
+            T::DTYPE,
+            grad_ptr,
+            shape,
+            (upstream_ptr, upstream.len()),
+        )
+    }
+
+    /// Launches the scaling kernel over `grad` (`dtype`, checked against `shape` by the caller)
+    /// with `upstream` = (address, length). Where a factor is exactly 1 the kernel returns without
+    /// touching the gradient (see `kernels-gpu/src/scale.rs`).
+    pub(crate) fn launch_scale(
+        &self,
+        stream: &Arc<CudaStream>,
+        dtype: DType,
+        grad: u64,
+        shape: Shape,
+        upstream: (u64, usize),
+    ) -> Result<()> {
         let rows = shape.rows();
-        crate::options::check_upstream_len(rows, upstream.len())?;
+        crate::options::check_upstream_len(rows, upstream.1)?;
         if rows == 0 {
             return Ok(());
         }
-        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
-        let (grad_ptr, _g) = grad.device_ptr_mut(stream);
-        let (upstream_ptr, _u) = upstream.device_ptr(stream);
+        let (n_tiles, blocks) = plan::scale_grid(rows, shape.vocab, self.limits)?;
         let params = ScaleParams {
-            grad: grad_ptr,
-            upstream: upstream_ptr,
+            grad,
+            upstream: upstream.0,
             n_rows: rows as u64,
             row_stride: shape.row_stride as u64,
             vocab: shape.vocab as u32,
-            per_row: (upstream.len() == rows && rows > 1) as u32,
+            per_row: (upstream.1 == rows && rows > 1) as u32,
             tile_len: plan::SCALE_TILE as u32,
             n_tiles: n_tiles as u32,
         };
-        let kernel = Kernel::Scale { dtype: T::DTYPE };
-        self.launch(stream, kernel, &params, blocks, plan::SCALE_THREADS, 0)
+        self.launch(
+            stream,
+            Kernel::Scale { dtype },
+            &params,
+            blocks,
+            plan::SCALE_THREADS,
+            0,
+        )
     }
 
     /// Launches `kernel` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).
@@ -958,6 +1050,30 @@ impl CrossEntropy {
     }
 }
 
+/// A cross-entropy call as the kernels see it: element and label types, device addresses (the
+/// class weights' or 0), the shape.
+pub(crate) struct KernelCall {
+    pub dtype: DType,
+    /// [`Label::NAME`] of the label type.
+    pub label: &'static str,
+    pub logits: u64,
+    pub labels: u64,
+    pub shape: Shape,
+    pub weight: u64,
+}
+
+/// The device addresses of a call's outputs (see [`Loss`]): `row_correct` and `partials` are 0
+/// when the call needs none.
+pub(crate) struct LossBuffers {
+    pub loss: u64,
+    pub row_loss: u64,
+    pub row_lse: u64,
+    pub counts: u64,
+    pub extras: u64,
+    pub row_correct: u64,
+    pub partials: u64,
+}
+
 /// The options a forward call's results depend on besides the class weights (compared by bytes
 /// on their own): a backward must use the same. `grad_scale`, `plan` and the token accuracy may
 /// differ.
@@ -973,7 +1089,7 @@ struct LossKey {
 }
 
 impl LossKey {
-    fn of(opts: &Options) -> LossKey {
+    fn of(opts: &Options, weighted: bool) -> LossKey {
         LossKey {
             ignore_index: opts.ignore_index,
             reduction: opts.reduction,
@@ -983,7 +1099,7 @@ impl LossKey {
                 opts.lse_square_scale.to_bits(),
                 opts.softcap.unwrap_or(0.0).to_bits(),
             ],
-            weighted: opts.weight.is_some(),
+            weighted,
         }
     }
 }
@@ -1004,8 +1120,6 @@ pub struct Loss {
     /// same weights does not upload them again, so it can be captured in a CUDA graph).
     weight: Option<CudaSlice<f32>>,
     weight_host: Vec<f32>,
-    /// `Σ_j weight[j]` of the uploaded weights.
-    weight_sum: f32,
     /// Per-row token accuracy (`[u32; rows]`), once a call asked for it.
     row_correct: Option<CudaSlice<u32>>,
     /// The last call asked for token accuracy.
@@ -1028,7 +1142,6 @@ impl Loss {
             extras: stream.alloc_zeros(2)?,
             weight: None,
             weight_host: Vec::new(),
-            weight_sum: 0.0,
             row_correct: None,
             accuracy_on: false,
             loss_key: None,
@@ -1040,13 +1153,12 @@ impl Loss {
             crate::options::check_weight_values(weight)?;
             self.weight = Some(stream.clone_htod(weight)?);
             self.weight_host = weight.to_vec();
-            self.weight_sum = weight.iter().map(|&x| x as f64).sum::<f64>() as f32;
         }
         Ok(())
     }
 
     fn reserve_partials(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<()> {
-        if self.partials.as_ref().is_none_or(|p| p.len() < len) {
+        if len > 0 && self.partials.as_ref().is_none_or(|p| p.len() < len) {
             self.partials = Some(stream.alloc_zeros(len)?);
         }
         Ok(())

@@ -30,6 +30,7 @@ mod cuda;
 mod error;
 mod options;
 pub mod plan;
+pub mod raw;
 
 pub use cuda::{
     CrossEntropy, Loss, PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for,

@@ -2,7 +2,7 @@
 //! Every tuning constant is here, with the reason for its value.
 
 pub use crate::abi::CLUSTER_KEEP;
-use crate::abi::SMEM_STASH_OFFSET;
+use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET};
 use crate::error::{Error, Result};
 use crate::options::DType;
 
@@ -24,6 +24,9 @@ pub const MIN_CHUNK: usize = 2048;
 /// Elements per block of the scaling kernel, and its threads (8 elements per thread for bf16).
 pub const SCALE_TILE: usize = 8192;
 pub const SCALE_THREADS: u32 = 256;
+/// Blocks per SM of the scaling kernel's grid-stride launch ([`scale_grid`]): 8 x 256 threads
+/// fill an SM's 2048 thread slots, so every tile is in flight as with one block per tile.
+pub const SCALE_BLOCKS_PER_SM: usize = 8;
 /// Threads of the count kernel; its grid is capped at `COUNT_BLOCKS_PER_SM` blocks per SM.
 pub const COUNT_THREADS: u32 = 256;
 pub const COUNT_BLOCKS_PER_SM: usize = 4;
@@ -587,7 +590,28 @@ pub fn scale_tiles(vocab: usize) -> usize {
     vocab.div_ceil(SCALE_TILE)
 }
 
-/// The grid of a kernel that takes rows in tiles of `SCALE_TILE` (scaling, two-phase backward):
+/// `f32` words of the `partials` buffer a call over `rows` rows with `launch` needs: one chunk
+/// summary per chunk of the chunked plan, none for the others.
+pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
+    match *launch {
+        LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
+        _ => 0,
+    }
+}
+
+/// The scaling kernel's grid: (tiles per row, blocks). Its blocks loop over the tiles, so the grid
+/// is capped at `SCALE_BLOCKS_PER_SM` blocks per SM: an upstream of exactly 1, which each block
+/// checks before touching memory, then costs one small launch instead of one block per tile.
+pub fn scale_grid(rows: usize, vocab: usize, limits: DeviceLimits) -> Result<(usize, u32)> {
+    let n_tiles = scale_tiles(vocab);
+    let tiles = rows
+        .checked_mul(n_tiles)
+        .ok_or_else(|| Error::BadShape("rows * tiles overflows".into()))?;
+    let cap = (limits.sm_count as usize * SCALE_BLOCKS_PER_SM).max(1);
+    Ok((n_tiles, tiles.min(cap) as u32))
+}
+
+/// The grid of a kernel that takes rows in tiles of `SCALE_TILE` (two-phase backward):
 /// (tiles per row, blocks), or `PlanDoesNotFit` past the grid limit.
 pub fn tile_grid(rows: usize, vocab: usize) -> Result<(usize, u32)> {
     let n_tiles = scale_tiles(vocab);

@@ -20,7 +20,7 @@
 //!
 //! Without options `a = b = scale`, `k = 0`: the plain gradient `(p_j - [j = c])·scale`.
 
-use crate::abi::{COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, XentParams};
+use crate::abi::{COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, XentParams};
 use crate::prim;
 use crate::reduce::{self, Lse2};
 use core::f32::consts::{LN_2, LOG2_E};
@@ -277,6 +277,18 @@ unsafe fn divisors(p: &XentParams) -> (f32, f32) {
     (n_valid, total_weight)
 }
 
+/// `Σ_j weight[j]` over the vocabulary (the count kernel's sum with class weights), `vocab`
+/// without them.
+#[inline(always)]
+unsafe fn class_weight_sum(p: &XentParams) -> f32 {
+    if p.opts.weight != 0 {
+        let at = p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64;
+        f32::from_bits(unsafe { prim::ld_global_u32(at) })
+    } else {
+        p.rows.vocab as f32
+    }
+}
+
 /// The gradient's constants for a row of class `label` whose summary is `row`.
 #[inline(always)]
 pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
@@ -296,7 +308,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let eps = o.label_smoothing;
     let b = (1.0 - eps) * unsafe { class_weight(o, label) } * ce_scale;
     let k = eps / p.rows.vocab as f32 * ce_scale;
-    let mut a = prim::fma(o.weight_sum, k, b);
+    let mut a = if eps != 0.0 { prim::fma(unsafe { class_weight_sum(p) }, k, b) } else { b };
     if o.lse_square_scale != 0.0 {
         a = prim::fma(2.0 * o.lse_square_scale * z_scale, lse2 * LN_2, a);
     }
@@ -314,7 +326,7 @@ pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label:
     let eps = o.label_smoothing;
     let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * (lse - y_label);
     if eps != 0.0 {
-        loss += eps / p.rows.vocab as f32 * (o.weight_sum * lse - row.wsum);
+        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * lse - row.wsum);
     }
     if o.lse_square_scale != 0.0 {
         loss += o.lse_square_scale * lse * lse;

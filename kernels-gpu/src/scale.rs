@@ -6,17 +6,40 @@ use crate::element::Element;
 use crate::prim::{self, thread_idx};
 
 /// `grad[r, j] *= upstream[0]` (or `upstream[r]` when `per_row`), rounding to the element type.
+/// A factor of exactly 1 leaves its rows untouched without reading them: `x * 1 == x` for every
+/// value, so skipping is exact, and a plain `loss.backward()` (upstream 1) costs one launch and no
+/// pass over the gradient. The decision is made here, on the device, so the host never waits.
 ///
-/// Launch: grid = n_rows * n_tiles, block = a multiple of 32 threads; block `b` scales tile
-/// `b % n_tiles` of row `b / n_tiles`. Traffic: 2 x element bytes per element.
+/// Launch: a bounded grid, block = a multiple of 32 threads; block `b` scales tiles `b, b + grid,
+/// ...` of the `n_rows * n_tiles` (tile `t` is tile `t % n_tiles` of row `t / n_tiles`). Traffic:
+/// 2 x element bytes per element whose factor is not 1, none otherwise.
 #[inline(always)]
 pub unsafe fn scale<T: Element>(p: &ScaleParams) {
-    let block = prim::block_idx() as u64;
-    let (row, tile) = prim::div_rem(block, p.n_tiles as u64);
-    let start = tile as u32 * p.tile_len;
+    let factor_of = |row: u64| {
+        let index = if p.per_row != 0 { row } else { 0 };
+        f32::from_bits(unsafe { prim::ld_global_u32(p.upstream + 4 * index) })
+    };
+    if p.per_row == 0 && factor_of(0) == 1.0 {
+        return;
+    }
+    let n_tiles_total = p.n_rows * p.n_tiles as u64;
+    let mut tile_id = prim::block_idx() as u64;
+    while tile_id < n_tiles_total {
+        let (row, tile) = prim::div_rem(tile_id, p.n_tiles as u64);
+        let factor = factor_of(row);
+        if factor != 1.0 {
+            unsafe { scale_tile::<T>(p, row, tile as u32, factor) };
+        }
+        tile_id += prim::grid_dim() as u64;
+    }
+}
+
+/// Scales tile `tile` of row `row` by `factor`: 16-byte vectors, and the unaligned head and the
+/// tail one element per thread.
+#[inline(always)]
+unsafe fn scale_tile<T: Element>(p: &ScaleParams, row: u64, tile: u32, factor: f32) {
+    let start = tile * p.tile_len;
     let len = p.tile_len.min(p.vocab - start);
-    let upstream_index = if p.per_row != 0 { row } else { 0 };
-    let factor = f32::from_bits(unsafe { prim::ld_global_u32(p.upstream + 4 * upstream_index) });
     let addr = p.grad + (row * p.row_stride + start as u64) * T::BYTES as u64;
 
     let tid = thread_idx();

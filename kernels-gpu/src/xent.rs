@@ -7,7 +7,7 @@
 //! f32, in base 2 (`x * log2(e)` into `ex2`).
 
 use crate::abi::{
-    COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD, OptParams,
+    COUNT_BAD, COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD, OptParams,
     PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
@@ -371,6 +371,20 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
     let valid = reduce::block_sum_u32(valid);
     let bad = reduce::block_sum_u32(bad);
     let weight = if p.weight != 0 { reduce::block_sum_f64(weight) } else { 0.0 };
+    // Label smoothing with class weights needs Σ_j weight[j]: summed here, in the launch's one
+    // block (fixed order), so the weights never travel to the host.
+    let class_weight_sum = if p.weight != 0 && p.sum_class_weights != 0 {
+        let mut sum = 0.0f64;
+        let mut class = tid;
+        while class < p.rows.vocab {
+            let w = unsafe { prim::ld_global_u32(p.weight + 4 * class as u64) };
+            sum += f32::from_bits(w) as f64;
+            class += prim::block_dim();
+        }
+        reduce::block_sum_f64(sum)
+    } else {
+        0.0
+    };
     if tid == 0 {
         unsafe {
             if valid > 0 {
@@ -382,6 +396,8 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
             if p.weight != 0 {
                 let bits = (weight as f32).to_bits();
                 prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, bits);
+                let bits = (class_weight_sum as f32).to_bits();
+                prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, bits);
             }
         }
     }
