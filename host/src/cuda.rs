@@ -652,7 +652,7 @@ impl CrossEntropy {
         opts.validate_except_weight_values(shape.vocab)?;
         let rows = shape.rows();
         crate::options::check_upstream_len(rows, upstream_len)?;
-        if grad_delta % 16 != 0 {
+        if !grad_delta.is_multiple_of(16) {
             return Err(Error::InvalidOption(
                 "the gradient buffer must start at the same address modulo 16 bytes as the logits"
                     .to_string(),

@@ -328,13 +328,32 @@ impl Element for f32 {
     }
 }
 
+/// `value` rounded to f32 *to odd*: truncated toward zero, with the last mantissa bit set when
+/// anything was cut off. Rounding that to nearest in a format of at most 22 mantissa bits (f16
+/// has 10, bf16 7) is exactly one rounding of `value` to nearest, ties to even; rounding f64 to
+/// nearest f32 first would round twice (and `half`'s own f64 conversions do: through f32 on x86
+/// with F16C, by truncating bits for bf16).
+fn f32_round_to_odd(value: f64) -> f32 {
+    let nearest = value as f32;
+    if nearest.is_nan() || nearest.is_infinite() || nearest as f64 == value {
+        return nearest;
+    }
+    // Inexact: the truncation is `nearest`, or its neighbour toward zero if `nearest` rounded up
+    // in magnitude (sign-magnitude bits: one less is one ulp toward zero).
+    let mut bits = nearest.to_bits();
+    if (nearest as f64).abs() > value.abs() {
+        bits -= 1;
+    }
+    f32::from_bits(bits | 1)
+}
+
 impl Element for half::f16 {
     const DTYPE: DType = DType::F16;
     fn to_f64(self) -> f64 {
         self.to_f64()
     }
     fn from_f64(value: f64) -> Self {
-        half::f16::from_f64(value)
+        half::f16::from_f32(f32_round_to_odd(value))
     }
 }
 
@@ -344,7 +363,7 @@ impl Element for half::bf16 {
         self.to_f64()
     }
     fn from_f64(value: f64) -> Self {
-        half::bf16::from_f64(value)
+        half::bf16::from_f32(f32_round_to_odd(value))
     }
 }
 

@@ -8,7 +8,7 @@ use xent::{DType, Element, Label};
 
 use super::{
     Buffer, Options, STATS_COUNTS, STATS_EXTRAS, STATS_LOSS, STATS_ROWS, ShapeArgs, dtype_of,
-    label_type_of, py_err, shape_of, stats_len_for,
+    label_type_of, py_err, shape_of, stats_len,
 };
 use xent::raw::LabelType;
 
@@ -157,8 +157,14 @@ impl Call {
                     )?;
                 } else {
                     let grad = unsafe { host_slice::<T>(grad.0, grad.1) };
-                    let n = grad.len().min(logits.len());
-                    grad[..n].copy_from_slice(&logits[..n]);
+                    // The logits' rows only: what lies between rows belongs to someone else.
+                    let (stride, vocab) = (self.shape.row_stride, self.shape.vocab);
+                    for row in 0..self.shape.rows() {
+                        let span = row * stride..row * stride + vocab;
+                        if span.end <= grad.len().min(logits.len()) {
+                            grad[span.clone()].copy_from_slice(&logits[span]);
+                        }
+                    }
                     xent::cpu::forward_backward_upstream(
                         grad, labels, self.shape, &self.opts, upstream,
                     )?;
@@ -173,7 +179,7 @@ impl Call {
     fn write_stats(&self, result: &xent::cpu::CpuLoss) -> xent::Result<()> {
         let rows = self.shape.rows();
         let accuracy = self.opts.return_token_accuracy;
-        let needed = stats_len_for(rows, accuracy, 0);
+        let needed = stats_len(rows, accuracy);
         if self.stats.1 < needed {
             return Err(xent::Error::InvalidOption(format!(
                 "stats hold {} values, the call needs at least {needed}",

@@ -6,8 +6,9 @@
 //!
 //! Every output of a forward call lives in one `f32` buffer owned by the caller, the *stats*
 //! (layout: [`STATS_LOSS`], [`STATS_EXTRAS`], [`STATS_COUNTS`], then from [`STATS_ROWS`] the
-//! per-row loss, the per-row log-sum-exp, the per-row token accuracy when asked for, and the
-//! planner's workspace), so that a call allocates one tensor and Python slices views of it.
+//! per-row loss, the per-row log-sum-exp and, when asked for, the per-row token accuracy), so
+//! that a call allocates one tensor and Python slices views of it. A plan that needs scratch
+//! memory (the chunked plan's partial sums) takes a second buffer, the workspace.
 
 use std::sync::Arc;
 
@@ -109,8 +110,68 @@ impl Options {
         Ok(Options { inner })
     }
 
+    #[getter]
+    fn ignore_index(&self) -> i64 {
+        self.inner.ignore_index
+    }
+
+    #[getter]
+    fn reduction(&self) -> &'static str {
+        match self.inner.reduction {
+            Reduction::Mean => "mean",
+            Reduction::Sum => "sum",
+            Reduction::None => "none",
+        }
+    }
+
+    #[getter]
+    fn grad_scale(&self) -> f32 {
+        self.inner.grad_scale
+    }
+
+    #[getter]
+    fn causal_shift(&self) -> bool {
+        self.inner.causal_shift
+    }
+
+    #[getter]
+    fn label_smoothing(&self) -> f32 {
+        self.inner.label_smoothing
+    }
+
+    #[getter]
+    fn lse_square_scale(&self) -> f32 {
+        self.inner.lse_square_scale
+    }
+
+    #[getter]
+    fn softcap(&self) -> Option<f32> {
+        self.inner.softcap
+    }
+
+    #[getter]
+    fn return_token_accuracy(&self) -> bool {
+        self.inner.return_token_accuracy
+    }
+
     fn __repr__(&self) -> String {
-        format!("{:?}", self.inner)
+        let o = &self.inner;
+        format!(
+            "Options(ignore_index={}, reduction={:?}, grad_scale={}, causal_shift={}, \
+             label_smoothing={}, lse_square_scale={}, softcap={}, return_token_accuracy={})",
+            o.ignore_index,
+            self.reduction(),
+            o.grad_scale,
+            if o.causal_shift { "True" } else { "False" },
+            o.label_smoothing,
+            o.lse_square_scale,
+            o.softcap.map_or("None".to_string(), |c| c.to_string()),
+            if o.return_token_accuracy {
+                "True"
+            } else {
+                "False"
+            },
+        )
     }
 }
 
@@ -122,8 +183,10 @@ fn shape_of((batch, seq_len, vocab, row_stride): ShapeArgs) -> Shape {
 }
 
 /// `f32` values of the stats of a call over `rows` rows (see the module's doc).
-fn stats_len_for(rows: usize, accuracy: bool, workspace: usize) -> usize {
-    STATS_ROWS + rows * (2 + accuracy as usize) + workspace
+#[pyfunction]
+#[pyo3(signature = (rows, accuracy))]
+fn stats_len(rows: usize, accuracy: bool) -> usize {
+    STATS_ROWS + rows * (2 + accuracy as usize)
 }
 
 /// A buffer (address, elements).
@@ -133,14 +196,19 @@ fn raw((ptr, len): Buffer) -> RawBuffer {
     RawBuffer::new(ptr, len)
 }
 
-/// The outputs inside a stats buffer at `stats` for `rows` rows.
-fn raw_loss(stats: Buffer, rows: usize, accuracy: bool) -> PyResult<RawLoss> {
+/// The outputs inside a stats buffer at `stats` for `rows` rows, and the workspace.
+fn raw_loss(
+    stats: Buffer,
+    rows: usize,
+    accuracy: bool,
+    workspace: Option<Buffer>,
+) -> PyResult<RawLoss> {
     let (base, len) = stats;
     let at = |index: usize, n: usize| RawBuffer::new(base + 4 * index as u64, n);
-    let rows_end = stats_len_for(rows, accuracy, 0);
-    if len < rows_end {
+    let needed = stats_len(rows, accuracy);
+    if len < needed {
         return Err(PyValueError::new_err(format!(
-            "stats hold {len} values, the call needs at least {rows_end}"
+            "stats hold {len} values, the call needs {needed}"
         )));
     }
     Ok(RawLoss {
@@ -150,7 +218,7 @@ fn raw_loss(stats: Buffer, rows: usize, accuracy: bool) -> PyResult<RawLoss> {
         row_loss: at(STATS_ROWS, rows),
         row_lse: at(STATS_ROWS + rows, rows),
         row_correct: accuracy.then(|| at(STATS_ROWS + 2 * rows, rows)),
-        workspace: (len > rows_end).then(|| at(rows_end, len - rows_end)),
+        workspace: workspace.map(raw),
     })
 }
 
@@ -191,24 +259,18 @@ impl Device {
         Ok(Device { xent })
     }
 
-    /// `f32` values of the stats buffer a forward of this layout, dtype and options needs.
-    fn stats_len(
+    /// `f32` values of the workspace a forward of this layout, dtype and options needs (0:
+    /// none; only the chunked plan has one).
+    fn workspace_len(
         &self,
         shape: ShapeArgs,
         dtype: &str,
         opts: &Options,
         weighted: bool,
     ) -> PyResult<usize> {
-        let shape = shape_of(shape);
-        let workspace = self
-            .xent
-            .raw_workspace_len(&shape, dtype_of(dtype)?, &opts.inner, weighted)
-            .map_err(py_err)?;
-        Ok(stats_len_for(
-            shape.rows(),
-            opts.inner.return_token_accuracy,
-            workspace,
-        ))
+        self.xent
+            .raw_workspace_len(&shape_of(shape), dtype_of(dtype)?, &opts.inner, weighted)
+            .map_err(py_err)
     }
 
     /// The loss into `stats`, enqueued on `stream`; with `fused`, the gradient of
@@ -225,10 +287,12 @@ impl Device {
         weight: Option<Buffer>,
         opts: &Options,
         stats: Buffer,
+        workspace: Option<Buffer>,
         fused: bool,
     ) -> PyResult<()> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
-        let out = raw_loss(stats, call.shape.rows(), opts.inner.return_token_accuracy)?;
+        let accuracy = opts.inner.return_token_accuracy;
+        let out = raw_loss(stats, call.shape.rows(), accuracy, workspace)?;
         let stream = self.stream(stream);
         // SAFETY: `xent/_tensors.py` took every address and length from a live tensor of this
         // device, of the dtype named, and the tensors outlive the enqueued work (PyTorch's
@@ -258,7 +322,8 @@ impl Device {
         grad: Buffer,
     ) -> PyResult<()> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
-        let forward = raw_loss(stats, call.shape.rows(), opts.inner.return_token_accuracy)?;
+        let accuracy = opts.inner.return_token_accuracy;
+        let forward = raw_loss(stats, call.shape.rows(), accuracy, None)?;
         let stream = self.stream(stream);
         // SAFETY: as in `forward`.
         unsafe {
@@ -334,6 +399,7 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Options>()?;
     m.add_class::<Device>()?;
     m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(stats_len, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_call, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_scale_grad, m)?)?;
     m.add("STATS_LOSS", STATS_LOSS)?;

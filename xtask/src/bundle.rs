@@ -9,7 +9,9 @@
 //!   see its header;
 //! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists;
 //! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
-//!   a cluster-plan sweep; `configs.txt`: the default benchmark configs.
+//!   a cluster-plan sweep; `configs.txt`: the default benchmark configs;
+//! - `python/`: the Python package's wheel (`cargo xtask wheel`), its tests and examples, and
+//!   `torch_bench.py` (from `bench/`), the PyTorch package's row of the combined table.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -139,9 +141,11 @@ pub fn bundle(root: &Path) -> Result<()> {
         _ => step("no ../shared/bench/peers.py: the bundle has no peers benchmark"),
     }
 
+    bundle_python(root, &bundle_dir)?;
     for (from, to) in [
         ("bench/table.py", "table.py"),
         ("bench/sweep.py", "sweep.py"),
+        ("bench/torch_bench.py", "torch_bench.py"),
         ("host/benches/configs.txt", "configs.txt"),
     ] {
         fs::copy(root.join(from), bundle_dir.join(to))
@@ -180,6 +184,32 @@ pub fn bundle(root: &Path) -> Result<()> {
     step(
         "wrote bundle/run.sh: copy bundle/ to the GPU machine and run `bash bundle/run.sh [bench|sanitize]`",
     );
+    Ok(())
+}
+
+/// The Python package into `bundle/python/`: the wheel, and `python/tests/*.py` and
+/// `python/examples/*.py` beside it.
+fn bundle_python(root: &Path, bundle_dir: &Path) -> Result<()> {
+    let wheel = crate::wheel::wheel(root)?;
+    let py_dir = bundle_dir.join("python");
+    for folder in ["tests", "examples"] {
+        let dest = py_dir.join(folder);
+        fs::create_dir_all(&dest)
+            .map_err(|err| format!("cannot create {}: {err}", dest.display()))?;
+        let sources = fs::read_dir(root.join("python").join(folder))
+            .map_err(|err| format!("cannot read python/{folder}: {err}"))?;
+        for source in sources.flatten().map(|e| e.path()) {
+            if source.extension().is_some_and(|ext| ext == "py") {
+                let name = source.file_name().expect("a file");
+                fs::copy(&source, dest.join(name))
+                    .map_err(|err| format!("cannot copy {}: {err}", source.display()))?;
+            }
+        }
+    }
+    let name = wheel.file_name().expect("a file");
+    fs::copy(&wheel, py_dir.join(name))
+        .map_err(|err| format!("cannot copy {}: {err}", wheel.display()))?;
+    step("bundled bundle/python/ (wheel, tests, examples)");
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod bundle;
 mod chart;
 mod ptx;
 mod ptxas;
+mod wheel;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output};
@@ -27,8 +28,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
-  test           cargo fmt --check, clippy, check, then cargo test --workspace (what CI runs)
+  test           cargo fmt --check, clippy, check, cargo test --workspace, then the Python wheel
+                 and its CPU tests (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
+  wheel          the Python package (python/) as an abi3 wheel in target/wheels/ (maturin)
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
                  (default: bench/results/*.jsonl)";
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Some("check") => no_args(check),
         Some("test") => no_args(test),
         Some("bundle") => no_args(bundle::bundle),
+        Some("wheel") => no_args(|root| wheel::wheel(root).map(drop)),
         Some("bench") => bench(&root, &args[1..]),
         Some("chart") => chart::chart(&root, &args[1..]),
         Some("help" | "-h" | "--help") => {
@@ -86,6 +90,7 @@ fn test(root: &Path) -> Result<()> {
     check(root)?;
     step("running the workspace's tests");
     let totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
+    wheel::test(root)?;
     step("all checks passed");
     // One plain summary line for whoever reads the log's end. A GPU test without a GPU returns
     // early after printing `SKIPPED` (libtest counts it as passed): it is counted as skipped here.

@@ -3,8 +3,12 @@
 # Written by `cargo xtask bundle`; copy the whole bundle/ folder and run it from anywhere:
 #
 #   run.sh [test] [ARGS...]     every test binary in bin/ (ARGS go to each test harness, e.g. a
-#                               filter), then every example (bin/example-*)
-#   run.sh bench [ARGS...]      the same, then every bin/bench-* with --bench ARGS, then peers.py
+#                               filter), then every example (bin/example-*), then the Python
+#                               package's tests and examples (python/: its wheel installed into a
+#                               scratch folder beside the machine's PyTorch)
+#   run.sh python [ARGS...]     only the Python package's tests (ARGS go to pytest) and examples
+#   run.sh bench [ARGS...]      the same as test, then every bin/bench-* with --bench ARGS, then
+#                               peers.py and torch_bench.py (the Python package's rows)
 #                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
@@ -25,7 +29,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | bench | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -63,7 +67,30 @@ if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2
 log=tests.log
 case $mode in sanitize | sweep | profile) log=$mode.log ;; esac
 
-if [[ $mode == profile ]]; then
+# The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
+install_xent_wheel() {
+  local wheels=(python/xent-*.whl)
+  if [[ ${#wheels[@]} == 0 ]]; then echo "run.sh: no python/xent-*.whl in the bundle" >&2; return 1; fi
+  python3 -m pip install -q --no-index --no-deps --target "$scratch/xent" "${wheels[@]}" &&
+    export PYTHONPATH="$scratch/xent${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# run_python ARGS...: the Python package's tests (ARGS go to pytest), then its examples.
+run_python() {
+  if ! install_xent_wheel; then
+    names+=("python wheel") codes+=(2) notes+=("")
+    return
+  fi
+  run_one "pytest python/tests" "$log" timeout 900 python3 -m pytest -q -p no:cacheprovider \
+    python/tests "$@"
+  for example in python/examples/*.py; do
+    run_one "$example" "$log" timeout 120 python3 "$example"
+  done
+}
+
+if [[ $mode == python ]]; then
+  run_python "$@"
+elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
   # The first launches warm up (module load, first plan); profile one launch after them.
@@ -112,6 +139,7 @@ else
     for bin in bin/example-*; do
       run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
     done
+    if [[ $mode == test ]]; then run_python; else run_python -x; fi
   fi
 fi
 
@@ -128,6 +156,9 @@ if [[ $mode == bench ]]; then
         export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     run_one peers.py bench.log timeout 1800 python3 peers.py --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}"
+  fi
+  if [[ -f torch_bench.py ]] && { [[ -d $scratch/xent ]] || install_xent_wheel; }; then
+    run_one torch_bench.py bench.log timeout 900 python3 torch_bench.py --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}"
   fi
   if [[ -f table.py && -n ${OUT:-} ]]; then
     python3 table.py "$OUT/bench.log" | to_log bench.log

@@ -1,0 +1,22 @@
+"""xent for PyTorch: cross-entropy computed by xent's Rust kernels on PyTorch's tensors and
+current stream (CPU tensors take the f64 CPU reference).
+
+>>> import torch, xent.torch as xt
+>>> loss = xt.cross_entropy(logits, target)            # like torch.nn.functional.cross_entropy
+>>> loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)  # like torch.nn / Liger's module
+"""
+
+from . import _ops  # noqa: F401  registers torch.ops.xent.* for torch.compile
+from .function import XentFunction
+from .functional import CrossEntropyOutput, cross_entropy
+from .module import CrossEntropyLoss
+from .seed import CrossEntropyFunction, TritonCausalLMLoss
+
+__all__ = [
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
+    "CrossEntropyOutput",
+    "TritonCausalLMLoss",
+    "XentFunction",
+    "cross_entropy",
+]

@@ -1,0 +1,183 @@
+"""Tensors to the extension: one place that checks a call's tensors, picks the device path (the
+Rust kernels on PyTorch's current CUDA stream, or the f64 CPU reference for CPU tensors) and
+enqueues it. Nothing here synchronises with the GPU or copies the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _tensors, _xent
+
+_DEVICES: dict = {}
+
+
+def device(index: int) -> "_xent.Device":
+    """xent's kernels on CUDA device ``index``, loaded once per process."""
+    handle = _DEVICES.get(index)
+    if handle is None:
+        handle = _DEVICES[index] = _xent.Device(index)
+    return handle
+
+
+class Opts(NamedTuple):
+    """A call's options as plain Python values (what ``torch.compile`` traces and the custom
+    operators take); ``checked`` makes the extension's validated ``Options`` of them."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    grad_scale: float = 1.0
+    causal_shift: bool = False
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    softcap: Optional[float] = None
+    return_token_accuracy: bool = False
+
+
+@functools.lru_cache(maxsize=256)
+def checked(opts: Opts) -> "_xent.Options":
+    """The extension's options for ``opts``, checked (ValueError naming the option); remembered,
+    since a training loop makes the same ones at every step."""
+    return _xent.Options(**opts._asdict())
+
+
+class Call(NamedTuple):
+    """A checked call: the logits as given, the target and class weights as the kernels read
+    them (contiguous; weights float32), and xent's layout of the logits."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    weight: Optional[torch.Tensor]
+    layout: _tensors.Layout
+    dtype: str
+    label_type: str
+
+    def logits_buffer(self, tensor: Optional[torch.Tensor] = None):
+        return ((self.logits if tensor is None else tensor).data_ptr(), self.layout.extent)
+
+    def args(self):
+        """(logits, dtype, labels, label type, shape, weight) as the extension takes them."""
+        weight = None if self.weight is None else (self.weight.data_ptr(), self.weight.numel())
+        return (
+            self.logits_buffer(),
+            self.dtype,
+            (self.target.data_ptr(), self.layout.rows),
+            self.label_type,
+            self.layout.shape(),
+            weight,
+        )
+
+
+def prepare(logits, target, weight, causal_shift: bool) -> Call:
+    """Checks the tensors of a call (PyTorch's kinds of errors) and returns it."""
+    for name, value in (("input", logits), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    logits_buf = _tensors.describe_torch(logits)
+    target_buf = _tensors.describe_torch(target)
+    weight_buf = None if weight is None else _tensors.describe_torch(weight)
+    _tensors.same_device(("input", logits_buf), ("target", target_buf), ("weight", weight_buf))
+    if not target.is_contiguous():
+        target = target.contiguous()
+        target_buf = _tensors.describe_torch(target)
+    layout = _tensors.layout(logits_buf, target_buf, causal_shift)
+    if weight is not None:
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
+            weight = weight.to(torch.float32).contiguous()
+        _tensors.check_weight(_tensors.describe_torch(weight), layout.vocab)
+    return Call(logits, target, weight, layout, logits_buf.dtype, target_buf.dtype)
+
+
+def _on(index: int):
+    """PyTorch's device guard when the call's device is not the current one (so the driver's
+    current context is PyTorch's again afterwards)."""
+    if index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
+def upstream_of(grad_output: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient as the kernels read it: float32, contiguous, flat."""
+    return grad_output.detach().to(torch.float32).contiguous().reshape(-1)
+
+
+def forward(call: Call, opts: "_xent.Options", fused: bool) -> torch.Tensor:
+    """Enqueues the loss of ``call`` and returns its stats (see ``STATS_*``); with ``fused``, the
+    gradient of ``grad_scale * loss`` is written over the logits in the same pass."""
+    logits = call.logits
+    layout = call.layout
+    accuracy = opts.return_token_accuracy
+    stats = torch.empty(_xent.stats_len(layout.rows, accuracy), dtype=torch.float32, device=logits.device)
+    if logits.is_cuda:
+        index = logits.device.index
+        handle = device(index)
+        workspace = None
+        words = handle.workspace_len(layout.shape(), call.dtype, opts, call.weight is not None)
+        if words:
+            scratch = torch.empty(words, dtype=torch.float32, device=logits.device)
+            workspace = (scratch.data_ptr(), words)
+        stream = torch.cuda.current_stream(index).cuda_stream
+        with _on(index):
+            handle.forward(stream, *call.args(), opts, (stats.data_ptr(), stats.numel()), workspace, fused)
+    else:
+        stats.zero_()
+        mode = "fused" if fused else "forward"
+        _xent.cpu_call(*call.args(), opts, (stats.data_ptr(), stats.numel()), mode)
+    return stats
+
+
+def backward(call: Call, opts, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor) -> None:
+    """Two-phase backward: the gradient of ``upstream * loss`` written into ``grad`` (the logits
+    themselves, or a buffer from ``grad_buffer``), from a forward's stats."""
+    grad_buffer_ = call.logits_buffer(grad)
+    upstream_buffer = (upstream.data_ptr(), upstream.numel())
+    if call.logits.is_cuda:
+        index = call.logits.device.index
+        stream = torch.cuda.current_stream(index).cuda_stream
+        with _on(index):
+            device(index).backward(
+                stream, *call.args(), opts, (stats.data_ptr(), stats.numel()), upstream_buffer, grad_buffer_
+            )
+    else:
+        _xent.cpu_call(
+            *call.args(), opts, (stats.data_ptr(), stats.numel()), "backward", upstream_buffer, grad_buffer_
+        )
+
+
+def scale_grad(call: Call, upstream: torch.Tensor) -> None:
+    """Scales the gradient that a fused forward wrote over the logits by ``upstream``; the GPU
+    skips it where the factor is exactly 1, without the host looking."""
+    args = (call.logits_buffer(), call.dtype, call.layout.shape(), (upstream.data_ptr(), upstream.numel()))
+    if call.logits.is_cuda:
+        index = call.logits.device.index
+        stream = torch.cuda.current_stream(index).cuda_stream
+        with _on(index):
+            device(index).scale_grad(stream, *args)
+    else:
+        _xent.cpu_scale_grad(*args)
+
+
+def grad_buffer(call: Call) -> torch.Tensor:
+    """An uninitialised tensor of the logits' shape, strides and dtype, at the same address modulo
+    16 bytes (the kernels' vectors line up with the logits'), holding only the logits' extent."""
+    logits = call.logits
+    itemsize = logits.element_size()
+    base = torch.empty(call.layout.extent + 16 // itemsize, dtype=logits.dtype, device=logits.device)
+    shift = ((logits.data_ptr() - base.data_ptr()) % 16) // itemsize
+    return base.as_strided(logits.shape, logits.stride(), shift)
+
+
+def check_labels(counts: torch.Tensor) -> None:
+    """Waits for the call whose label ``counts`` these are and raises IndexError if a target was
+    neither ``ignore_index`` nor a class (the one synchronising check, on request)."""
+    bad = int(counts[_xent.COUNT_BAD].item())
+    if bad:
+        raise IndexError(
+            f"{bad} target(s) out of range: neither ignore_index nor a class index in [0, n_classes)"
+        )

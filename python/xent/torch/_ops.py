@@ -1,0 +1,118 @@
+"""xent's calls as PyTorch custom operators (``torch.ops.xent.*``), each with a fake (meta)
+implementation, so that ``torch.compile`` traces through the loss instead of breaking the graph
+or falling back, and sees which operator writes into which tensor. Eager calls skip this layer
+(``function.py`` calls ``_launch`` directly: the dispatcher costs host time per call).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _xent
+from . import _launch
+
+
+def option_args(opts) -> tuple:
+    """The options as the operators take them (scalars; softcap 0 for none)."""
+    return (
+        opts.ignore_index,
+        opts.reduction,
+        opts.grad_scale,
+        opts.causal_shift,
+        opts.label_smoothing,
+        opts.lse_square_scale,
+        opts.softcap or 0.0,
+        opts.return_token_accuracy,
+    )
+
+
+def _options(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, accuracy):
+    return _launch.checked(_launch.Opts(
+        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+        softcap if softcap > 0.0 else None, accuracy,
+    ))
+
+
+#: Where a forward's outputs lie in its stats buffer (the extension's layout, as plain ints).
+STATS_LOSS, STATS_EXTRAS, STATS_COUNTS, STATS_ROWS = (
+    _xent.STATS_LOSS, _xent.STATS_EXTRAS, _xent.STATS_COUNTS, _xent.STATS_ROWS,
+)
+
+
+def stats_len(rows, accuracy: bool):
+    """Length of a forward's stats (``_xent.stats_len``), in arithmetic that symbolic sizes
+    follow."""
+    return STATS_ROWS + rows * (3 if accuracy else 2)
+
+
+def _forward(logits, target, weight, fused, *option_values) -> Tensor:
+    opts = _options(*option_values)
+    call = _launch.prepare(logits, target, weight, opts.causal_shift)
+    return _launch.forward(call, opts, fused)
+
+
+@torch.library.custom_op("xent::forward", mutates_args=())
+def forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
+    softcap: float, return_token_accuracy: bool,
+) -> Tensor:
+    """Two-phase forward: the stats (loss, per-row lse, ...); the logits are only read."""
+    return _forward(logits, target, weight, False, ignore_index, reduction, grad_scale, causal_shift,
+                    label_smoothing, lse_square_scale, softcap, return_token_accuracy)
+
+
+@torch.library.custom_op("xent::fused_forward", mutates_args=("logits",))
+def fused_forward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, reduction: str,
+    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
+    softcap: float, return_token_accuracy: bool,
+) -> Tensor:
+    """Fused forward: the stats, and the gradient of ``grad_scale * loss`` over the logits."""
+    return _forward(logits, target, weight, True, ignore_index, reduction, grad_scale, causal_shift,
+                    label_smoothing, lse_square_scale, softcap, return_token_accuracy)
+
+
+def _fake_stats(logits, target, weight, ignore_index, reduction, grad_scale, causal_shift,
+                label_smoothing, lse_square_scale, softcap, return_token_accuracy):
+    return logits.new_empty(stats_len(target.numel(), return_token_accuracy), dtype=torch.float32)
+
+
+forward.register_fake(_fake_stats)
+fused_forward.register_fake(_fake_stats)
+
+
+@torch.library.custom_op("xent::backward", mutates_args=())
+def backward(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor, upstream: Tensor,
+    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool,
+    label_smoothing: float, lse_square_scale: float, softcap: float, return_token_accuracy: bool,
+) -> Tensor:
+    """Two-phase backward into a new tensor of the logits' layout."""
+    opts = _options(ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                    lse_square_scale, softcap, return_token_accuracy)
+    call = _launch.prepare(logits, target, weight, opts.causal_shift)
+    grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+    _launch.backward(call, opts, stats, upstream, grad)
+    return grad
+
+
+@backward.register_fake
+def _(logits, target, weight, stats, upstream, *option_values):
+    return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("xent::scale_grad", mutates_args=("grad",))
+def scale_grad(grad: Tensor, target: Tensor, upstream: Tensor) -> None:
+    """Scales a fused forward's gradient (written over the logits) by the upstream gradient; the
+    device skips it where the factor is exactly 1."""
+    call = _launch.prepare(grad, target, None, False)
+    _launch.scale_grad(call, upstream)
+
+
+@scale_grad.register_fake
+def _(grad, target, upstream):
+    return None

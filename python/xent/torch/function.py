@@ -1,0 +1,94 @@
+"""The autograd Function: forward runs the loss (fused: the gradient too, written over the
+logits), backward finishes the gradient with the upstream gradient, rounding 16-bit logits once.
+
+Modes (``two_phase``), per call on ``[N, V]`` logits of ``b`` bytes per element:
+
+- fused (default): forward reads each logit once and writes its gradient once (``2·b·N·V`` bytes
+  of traffic, no extra memory: the gradient takes the logits' place). Backward launches one small
+  kernel that reads the upstream gradient on the device: where it is exactly 1 (a plain
+  ``loss.backward()``) it returns without touching the gradient; otherwise it multiplies in place
+  (another ``2·b·N·V`` bytes). That product is rounded once when the upstream is a power of two
+  (1/2, 1/4, a GradScaler scale: exact in binary) and the result a normal number; any other
+  upstream multiplies a gradient already rounded to 16 bits, a second rounding. Fold a known
+  scale in with ``grad_scale`` instead, or use ``two_phase=True``.
+- two_phase: forward only reads the logits (``b·N·V`` bytes) and keeps O(N) per-row statistics;
+  backward reads them again and writes the gradient of ``upstream · loss``, rounded once for any
+  upstream (``2·b·N·V`` bytes; 1.5x the fused traffic in all). With ``inplace_backward`` (default)
+  the gradient goes into the logits' memory at backward time; without, into a new tensor (one
+  extra N x V buffer, the logits left intact).
+
+Either mode marks the logits as modified (their version counter) when it overwrites them, so an
+operation that saved them for its own backward raises PyTorch's in-place error instead of using
+overwritten values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _launch, _ops
+
+
+def outputs(stats: torch.Tensor, target: torch.Tensor, opts):
+    """The loss (a scalar, or per row for ``reduction="none"``), z-loss part, token accuracy and
+    label counts, as views of a forward's stats."""
+    if opts.reduction == "none":
+        rows = target.numel()
+        loss = stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
+    else:
+        loss = stats[_ops.STATS_LOSS]
+    z_loss = stats[_ops.STATS_EXTRAS]
+    accuracy = stats[_ops.STATS_EXTRAS + 1]
+    counts = stats[_ops.STATS_COUNTS : _ops.STATS_ROWS].view(torch.int32)
+    return loss, z_loss, accuracy, counts
+
+
+class XentFunction(torch.autograd.Function):
+    """``XentFunction.apply(logits, target, weight, opts, two_phase, inplace_backward)`` (``opts``:
+    an ``_launch.Opts``) ->
+    ``(loss, z_loss, token_accuracy, counts)``; only the loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, opts, two_phase, inplace_backward):
+        if torch.compiler.is_compiling():
+            op = _ops.forward if two_phase else _ops.fused_forward
+            stats = op(logits, target, weight, *_ops.option_args(opts))
+        else:
+            call = _launch.prepare(logits, target, weight, opts.causal_shift)
+            stats = _launch.forward(call, _launch.checked(opts), fused=not two_phase)
+            if not two_phase:
+                torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(logits, target, weight, stats)
+        ctx.opts = opts
+        ctx.two_phase = two_phase
+        ctx.inplace_backward = inplace_backward
+        loss, z_loss, accuracy, counts = outputs(stats, target, opts)
+        ctx.mark_non_differentiable(z_loss, accuracy, counts)
+        return loss, z_loss, accuracy, counts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_z_loss, _grad_accuracy, _grad_counts):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        logits, target, weight, stats = ctx.saved_tensors
+        opts = ctx.opts
+        upstream = _launch.upstream_of(grad_loss)
+        if torch.compiler.is_compiling():
+            if ctx.two_phase:
+                grad = _ops.backward(logits, target, weight, stats, upstream, *_ops.option_args(opts))
+            else:
+                _ops.scale_grad(logits, target, upstream)
+                grad = logits
+            return grad, None, None, None, None, None
+        call = _launch.prepare(logits, target, weight, opts.causal_shift)
+        if not ctx.two_phase:
+            _launch.scale_grad(call, upstream)
+            grad = logits
+        elif ctx.inplace_backward:
+            _launch.backward(call, _launch.checked(opts), stats, upstream, logits)
+            torch.autograd.graph.increment_version(logits)
+            grad = logits
+        else:
+            grad = _launch.grad_buffer(call)
+            _launch.backward(call, _launch.checked(opts), stats, upstream, grad)
+        return grad, None, None, None, None, None

@@ -1,0 +1,97 @@
+"""``xent.torch.cross_entropy``: PyTorch's ``torch.nn.functional.cross_entropy`` and Liger's
+options in one call, computed by xent's Rust kernels on CUDA tensors (the f64 CPU reference on
+CPU tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _launch, _ops
+from .function import XentFunction, outputs
+
+
+def _forward_only(input, target, weight, opts):
+    """The loss without a gradient: the logits are only read."""
+    if torch.compiler.is_compiling():
+        stats = _ops.forward(input, target, weight, *_ops.option_args(opts))
+    else:
+        call = _launch.prepare(input, target, weight, opts.causal_shift)
+        stats = _launch.forward(call, _launch.checked(opts), fused=False)
+    return outputs(stats, target, opts)
+
+
+@dataclass
+class CrossEntropyOutput:
+    """What a call returns when ``return_z_loss`` or ``return_token_accuracy`` is set (Liger's
+    ``CrossEntropyOutput``): device scalars, none of them synchronised."""
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
+    token_accuracy: Optional[torch.Tensor] = None
+    predicted_tokens: Optional[torch.Tensor] = None
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    causal_shift: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    grad_scale: float = 1.0,
+    two_phase: bool = False,
+    inplace_backward: bool = True,
+    check_labels: bool = False,
+):
+    """Cross-entropy of ``input`` (``[..., V]`` logits: float32, float16 or bfloat16; rows may be
+    strided, the class dimension must be contiguous) against ``target`` (``[...]`` class indices,
+    int64 or int32). Returns the loss as a float32 device tensor (a scalar, or ``target``'s shape
+    for ``reduction="none"``), or a ``CrossEntropyOutput`` with ``return_z_loss`` /
+    ``return_token_accuracy``. Nothing waits for the GPU.
+
+    - ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``: PyTorch's.
+    - ``lse_square_scale`` (z-loss), ``softcap``, ``return_z_loss``, ``return_token_accuracy``:
+      Liger's.
+    - ``causal_shift``: position ``t`` of each sequence (the last leading dimension) is scored
+      against ``target`` at ``t + 1``, the last position ignored; no slice or copy needed.
+    - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
+      known now (1/accumulation steps) costs nothing and rounds 16-bit gradients once.
+    - ``two_phase``: see ``xent.torch.function`` for what each mode costs; the default (fused)
+      writes the gradient over ``input`` during the forward when ``input`` requires grad, so
+      ``input``'s values are consumed (the seed's and Liger's behaviour); without grad the
+      logits are only read.
+    - ``inplace_backward`` (two-phase only): the gradient takes the logits' memory at backward.
+    - ``check_labels``: wait for the call and raise IndexError if a target is neither
+      ``ignore_index`` nor in ``[0, V)``. Without it such a row gets zero gradient and makes the
+      loss NaN (on the CPU the call raises at once).
+    """
+    opts = _launch.Opts(
+        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+        softcap, return_token_accuracy,
+    )
+    if not torch.compiler.is_compiling():
+        _launch.checked(opts)  # bad option values raise here, before anything runs
+    if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
+        loss, z_loss, accuracy, counts = XentFunction.apply(
+            input, target, weight, opts, two_phase, inplace_backward
+        )
+    else:
+        loss, z_loss, accuracy, counts = _forward_only(input, target, weight, opts)
+    if check_labels:
+        _launch.check_labels(counts)
+    if return_z_loss or return_token_accuracy:
+        return CrossEntropyOutput(
+            loss=loss,
+            z_loss=z_loss if return_z_loss else None,
+            token_accuracy=accuracy if return_token_accuracy else None,
+        )
+    return loss
