@@ -3,19 +3,22 @@ logits), backward finishes the gradient with the upstream gradient, rounding 16-
 
 Modes (``two_phase``), per call on ``[N, V]`` logits of ``b`` bytes per element:
 
-- fused (default): forward reads each logit once and writes its gradient once (``2·b·N·V`` bytes
-  of traffic, no extra memory: the gradient takes the logits' place). Backward launches one small
-  kernel that reads the upstream gradient on the device: where it is exactly 1 (a plain
-  ``loss.backward()``) it returns without touching the gradient; otherwise it multiplies in place
-  (another ``2·b·N·V`` bytes). That product is rounded once when the upstream is a power of two
-  (1/2, 1/4, a GradScaler scale: exact in binary) and the result a normal number; any other
-  upstream multiplies a gradient already rounded to 16 bits, a second rounding. Fold a known
-  scale in with ``grad_scale`` instead, or use ``two_phase=True``.
-- two_phase: forward only reads the logits (``b·N·V`` bytes) and keeps O(N) per-row statistics;
-  backward reads them again and writes the gradient of ``upstream · loss``, rounded once for any
-  upstream (``2·b·N·V`` bytes; 1.5x the fused traffic in all). With ``inplace_backward`` (default)
-  the gradient goes into the logits' memory at backward time; without, into a new tensor (one
-  extra N x V buffer, the logits left intact).
+- fused (the default for bfloat16 and float32): forward reads each logit once and writes its
+  gradient once (``2·b·N·V`` bytes of traffic, no extra memory: the gradient takes the logits'
+  place). Backward launches one small kernel that reads the upstream gradient on the device:
+  where it is exactly 1 (a plain ``loss.backward()``) it returns without touching the gradient;
+  otherwise it multiplies in place (another ``2·b·N·V`` bytes). That product is rounded once
+  when the upstream is a power of two (1/2, 1/4: exact in binary) and both the gradient and the
+  product are normal numbers; any other upstream multiplies a gradient already rounded to 16
+  bits, a second rounding. Fold a scale known at forward time in with ``grad_scale`` instead, or
+  use ``two_phase=True``.
+- two_phase (the default for float16, whose gradients are mostly subnormal before the loss
+  scale of mixed-precision training multiplies them): forward only reads the logits
+  (``b·N·V`` bytes) and keeps O(N) per-row statistics; backward reads them again and writes the
+  gradient of ``upstream · loss``, rounded once for any upstream (``2·b·N·V`` bytes; 1.5x the
+  fused traffic in all). With ``inplace_backward`` (default) the gradient goes into the logits'
+  memory at backward time; without, into a new tensor (one extra N x V buffer, the logits left
+  intact).
 
 Either mode marks the logits as modified (their version counter) when it overwrites them, so an
 operation that saved them for its own backward raises PyTorch's in-place error instead of using
@@ -58,6 +61,9 @@ class XentFunction(torch.autograd.Function):
             stats = _launch.forward(call, _launch.checked(opts), fused=not two_phase)
             if not two_phase:
                 torch.autograd.graph.increment_version(logits)
+            # What the checks found, for the backward (the tensors travel as saved tensors).
+            ctx.checked = (call.layout, call.dtype, call.label_type)
+            target, weight = call.target, call.weight
         ctx.save_for_backward(logits, target, weight, stats)
         ctx.opts = opts
         ctx.two_phase = two_phase
@@ -80,7 +86,7 @@ class XentFunction(torch.autograd.Function):
                 _ops.scale_grad(logits, target, upstream)
                 grad = logits
             return grad, None, None, None, None, None
-        call = _launch.prepare(logits, target, weight, opts.causal_shift)
+        call = _launch.Call(logits, target, weight, *ctx.checked)
         if not ctx.two_phase:
             _launch.scale_grad(call, upstream)
             grad = logits

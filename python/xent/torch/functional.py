@@ -48,7 +48,7 @@ def cross_entropy(
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
     grad_scale: float = 1.0,
-    two_phase: bool = False,
+    two_phase: Optional[bool] = None,
     inplace_backward: bool = True,
     check_labels: bool = False,
 ):
@@ -65,10 +65,13 @@ def cross_entropy(
       against ``target`` at ``t + 1``, the last position ignored; no slice or copy needed.
     - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
       known now (1/accumulation steps) costs nothing and rounds 16-bit gradients once.
-    - ``two_phase``: see ``xent.torch.function`` for what each mode costs; the default (fused)
-      writes the gradient over ``input`` during the forward when ``input`` requires grad, so
-      ``input``'s values are consumed (the seed's and Liger's behaviour); without grad the
-      logits are only read.
+    - ``two_phase``: see ``xent.torch.function`` for what each mode costs and how it rounds.
+      ``None`` (default) picks per dtype: fused for bfloat16 and float32, which writes the
+      gradient over ``input`` during the forward when ``input`` requires grad, so ``input``'s
+      values are consumed (the seed's and Liger's behaviour); two-phase for float16, whose
+      training scales the loss (GradScaler): a gradient rounded to float16 before that scale
+      would lose its small values to float16's subnormal range. Without grad the logits are only
+      read.
     - ``inplace_backward`` (two-phase only): the gradient takes the logits' memory at backward.
     - ``check_labels``: wait for the call and raise IndexError if a target is neither
       ``ignore_index`` nor in ``[0, V)``. Without it such a row gets zero gradient and makes the
@@ -81,6 +84,8 @@ def cross_entropy(
     if not torch.compiler.is_compiling():
         _launch.checked(opts)  # bad option values raise here, before anything runs
     if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
+        if two_phase is None:
+            two_phase = input.dtype == torch.float16
         loss, z_loss, accuracy, counts = XentFunction.apply(
             input, target, weight, opts, two_phase, inplace_backward
         )

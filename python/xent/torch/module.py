@@ -26,7 +26,7 @@ class CrossEntropyLoss(torch.nn.Module):
     """``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
     reduction="mean", label_smoothing=0.0, *, lse_square_scale=0.0, softcap=None,
     return_z_loss=False, return_token_accuracy=False, causal_shift=False, grad_scale=1.0,
-    two_phase=False)``: PyTorch's positional arguments in PyTorch's order, Liger's by keyword.
+    two_phase=None)``: PyTorch's positional arguments in PyTorch's order, Liger's by keyword.
 
     ``forward(input, target)`` returns the loss, or Liger's ``CrossEntropyOutput`` when
     ``return_z_loss`` or ``return_token_accuracy`` is set. Class indices only (no class
@@ -50,7 +50,7 @@ class CrossEntropyLoss(torch.nn.Module):
         return_predicted_tokens: bool = False,
         causal_shift: bool = False,
         grad_scale: float = 1.0,
-        two_phase: bool = False,
+        two_phase: Optional[bool] = None,
         inplace_backward: bool = True,
     ):
         super().__init__()
