@@ -259,22 +259,10 @@ impl Device {
         Ok(Device { xent })
     }
 
-    /// `f32` values of the workspace a forward of this layout, dtype and options needs (0:
-    /// none; only the chunked plan has one).
-    fn workspace_len(
-        &self,
-        shape: ShapeArgs,
-        dtype: &str,
-        opts: &Options,
-        weighted: bool,
-    ) -> PyResult<usize> {
-        self.xent
-            .raw_workspace_len(&shape_of(shape), dtype_of(dtype)?, &opts.inner, weighted)
-            .map_err(py_err)
-    }
-
     /// The loss into `stats`, enqueued on `stream`; with `fused`, the gradient of
-    /// `grad_scale · loss` written over the logits in the same pass.
+    /// `grad_scale · loss` written over the logits in the same pass. Returns 0, or, enqueueing
+    /// nothing, the `f32` values of workspace the call's plan needs when `workspace` is missing
+    /// or shorter (only the chunked plan has one): call again with one that long.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -289,8 +277,15 @@ impl Device {
         stats: Buffer,
         workspace: Option<Buffer>,
         fused: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<usize> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
+        let needed = self
+            .xent
+            .raw_workspace_len(&call.shape, call.dtype, &opts.inner, weight.is_some())
+            .map_err(py_err)?;
+        if needed > workspace.map_or(0, |(_, len)| len) {
+            return Ok(needed);
+        }
         let accuracy = opts.inner.return_token_accuracy;
         let out = raw_loss(stats, call.shape.rows(), accuracy, workspace)?;
         let stream = self.stream(stream);
@@ -301,7 +296,8 @@ impl Device {
             self.xent
                 .raw_forward(&stream, &call, &opts.inner, &out, fused)
         }
-        .map_err(py_err)
+        .map_err(py_err)?;
+        Ok(0)
     }
 
     /// Two-phase backward: the gradient of `upstream · loss` into `grad` (the logits' address

@@ -72,6 +72,53 @@ class Call(NamedTuple):
         )
 
 
+def _meta(tensor) -> tuple:
+    """What the checks of a tensor depend on (not its address): hashable, cheap to read."""
+    return (tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
+def _buffer(meta) -> _tensors.Buffer:
+    shape, strides, dtype, device_ = meta
+    return _tensors.Buffer(
+        ptr=0,
+        device=device_.type,
+        index=device_.index if device_.type == "cuda" else None,
+        dtype=str(dtype).rpartition(".")[2],
+        shape=tuple(shape),
+        strides=tuple(strides),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _check(logits_meta, target_meta, weight_meta, causal_shift: bool):
+    """The checks of a call's tensors, by their metadata (a training loop repeats it, so it is
+    remembered; an error is raised anew each time): (layout, logits dtype, label type, whether
+    the target must be made contiguous, whether the weights must be made float32 contiguous)."""
+    logits_buf = _buffer(logits_meta)
+    target_buf = _buffer(target_meta)
+    weight_buf = None if weight_meta is None else _buffer(weight_meta)
+    _tensors.same_device(("input", logits_buf), ("target", target_buf), ("weight", weight_buf))
+    contiguous, step = [], 1
+    for size in reversed(target_buf.shape):
+        contiguous.insert(0, step)
+        step *= max(size, 1)
+    contiguous = tuple(contiguous)
+    target_copy = any(
+        size != 1 and stride != want
+        for size, stride, want in zip(target_buf.shape, target_buf.strides, contiguous)
+    )
+    if target_copy:
+        target_buf = target_buf._replace(strides=contiguous)
+    layout = _tensors.layout(logits_buf, target_buf, causal_shift)
+    weight_copy = False
+    if weight_buf is not None:
+        weight_copy = weight_buf.dtype != "float32" or (
+            layout.vocab > 1 and weight_buf.strides != (1,)
+        )
+        _tensors.check_weight(weight_buf._replace(dtype="float32", strides=(1,)), layout.vocab)
+    return layout, logits_buf.dtype, target_buf.dtype, target_copy, weight_copy
+
+
 def prepare(logits, target, weight, causal_shift: bool) -> Call:
     """Checks the tensors of a call (PyTorch's kinds of errors) and returns it."""
     for name, value in (("input", logits), ("target", target)):
@@ -79,32 +126,27 @@ def prepare(logits, target, weight, causal_shift: bool) -> Call:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    logits_buf = _tensors.describe_torch(logits)
-    target_buf = _tensors.describe_torch(target)
-    weight_buf = None if weight is None else _tensors.describe_torch(weight)
-    _tensors.same_device(("input", logits_buf), ("target", target_buf), ("weight", weight_buf))
-    if not target.is_contiguous():
+    weight_meta = None if weight is None else _meta(weight)
+    layout, dtype, label_type, target_copy, weight_copy = _check(
+        _meta(logits), _meta(target), weight_meta, causal_shift
+    )
+    if target_copy:
         target = target.contiguous()
-        target_buf = _tensors.describe_torch(target)
-    layout = _tensors.layout(logits_buf, target_buf, causal_shift)
-    if weight is not None:
-        if weight.dtype != torch.float32 or not weight.is_contiguous():
-            weight = weight.to(torch.float32).contiguous()
-        _tensors.check_weight(_tensors.describe_torch(weight), layout.vocab)
-    return Call(logits, target, weight, layout, logits_buf.dtype, target_buf.dtype)
+    if weight_copy:
+        weight = weight.to(torch.float32).contiguous()
+    return Call(logits, target, weight, layout, dtype, label_type)
 
 
-def _on(index: int):
-    """PyTorch's device guard when the call's device is not the current one (so the driver's
-    current context is PyTorch's again afterwards)."""
-    if index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(index)
+def _stream(index: int) -> int:
+    """PyTorch's current CUDA stream of device ``index``, as a raw handle."""
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 def upstream_of(grad_output: torch.Tensor) -> torch.Tensor:
-    """An upstream gradient as the kernels read it: float32, contiguous, flat."""
-    return grad_output.detach().to(torch.float32).contiguous().reshape(-1)
+    """An upstream gradient as the kernels read it: float32 and contiguous (read flat)."""
+    if grad_output.dtype != torch.float32 or not grad_output.is_contiguous():
+        grad_output = grad_output.detach().to(torch.float32).contiguous()
+    return grad_output
 
 
 def forward(call: Call, opts: "_xent.Options", fused: bool) -> torch.Tensor:
@@ -117,14 +159,12 @@ def forward(call: Call, opts: "_xent.Options", fused: bool) -> torch.Tensor:
     if logits.is_cuda:
         index = logits.device.index
         handle = device(index)
-        workspace = None
-        words = handle.workspace_len(layout.shape(), call.dtype, opts, call.weight is not None)
-        if words:
-            scratch = torch.empty(words, dtype=torch.float32, device=logits.device)
-            workspace = (scratch.data_ptr(), words)
-        stream = torch.cuda.current_stream(index).cuda_stream
+        args = (_stream(index), *call.args(), opts, (stats.data_ptr(), stats.numel()))
         with _on(index):
-            handle.forward(stream, *call.args(), opts, (stats.data_ptr(), stats.numel()), workspace, fused)
+            words = handle.forward(*args, None, fused)
+            if words:  # the plan needs scratch memory (the chunked plan's partial sums)
+                scratch = torch.empty(words, dtype=torch.float32, device=logits.device)
+                handle.forward(*args, (scratch.data_ptr(), words), fused)
     else:
         stats.zero_()
         mode = "fused" if fused else "forward"
@@ -139,10 +179,9 @@ def backward(call: Call, opts, stats: torch.Tensor, upstream: torch.Tensor, grad
     upstream_buffer = (upstream.data_ptr(), upstream.numel())
     if call.logits.is_cuda:
         index = call.logits.device.index
-        stream = torch.cuda.current_stream(index).cuda_stream
         with _on(index):
             device(index).backward(
-                stream, *call.args(), opts, (stats.data_ptr(), stats.numel()), upstream_buffer, grad_buffer_
+                _stream(index), *call.args(), opts, (stats.data_ptr(), stats.numel()), upstream_buffer, grad_buffer_
             )
     else:
         _xent.cpu_call(
@@ -156,9 +195,8 @@ def scale_grad(call: Call, upstream: torch.Tensor) -> None:
     args = (call.logits_buffer(), call.dtype, call.layout.shape(), (upstream.data_ptr(), upstream.numel()))
     if call.logits.is_cuda:
         index = call.logits.device.index
-        stream = torch.cuda.current_stream(index).cuda_stream
         with _on(index):
-            device(index).scale_grad(stream, *args)
+            device(index).scale_grad(_stream(index), *args)
     else:
         _xent.cpu_scale_grad(*args)
 

@@ -32,27 +32,31 @@ import torch
 from . import _launch, _ops
 
 
-def outputs(stats: torch.Tensor, target: torch.Tensor, opts):
-    """The loss (a scalar, or per row for ``reduction="none"``), z-loss part, token accuracy and
-    label counts, as views of a forward's stats."""
+def loss_of(stats: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
+    """The loss in a forward's stats: a scalar, or per row (``target``'s shape) for
+    ``reduction="none"``."""
     if opts.reduction == "none":
         rows = target.numel()
-        loss = stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
-    else:
-        loss = stats[_ops.STATS_LOSS]
+        return stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
+    return stats[_ops.STATS_LOSS]
+
+
+def extras_of(stats: torch.Tensor):
+    """The z-loss part, the token accuracy and the label counts in a forward's stats."""
     z_loss = stats[_ops.STATS_EXTRAS]
     accuracy = stats[_ops.STATS_EXTRAS + 1]
     counts = stats[_ops.STATS_COUNTS : _ops.STATS_ROWS].view(torch.int32)
-    return loss, z_loss, accuracy, counts
+    return z_loss, accuracy, counts
 
 
 class XentFunction(torch.autograd.Function):
     """``XentFunction.apply(logits, target, weight, opts, two_phase, inplace_backward)`` (``opts``:
-    an ``_launch.Opts``) ->
-    ``(loss, z_loss, token_accuracy, counts)``; only the loss is differentiable."""
+    an ``_launch.Opts``) -> ``(loss, stats)``: the loss (differentiable) and the forward's stats
+    buffer it is a view of (see ``outputs`` for the rest of it)."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, opts, two_phase, inplace_backward):
+        ctx.set_materialize_grads(False)  # no zero tensors made for the stats' gradient
         if torch.compiler.is_compiling():
             op = _ops.forward if two_phase else _ops.fused_forward
             stats = op(logits, target, weight, *_ops.option_args(opts))
@@ -64,33 +68,35 @@ class XentFunction(torch.autograd.Function):
             # What the checks found, for the backward (the tensors travel as saved tensors).
             ctx.checked = (call.layout, call.dtype, call.label_type)
             target, weight = call.target, call.weight
-        ctx.save_for_backward(logits, target, weight, stats)
+        if two_phase:
+            ctx.save_for_backward(logits, target, weight, stats)
+        else:  # the gradient is in the logits already: nothing else is needed
+            ctx.save_for_backward(logits, target)
         ctx.opts = opts
         ctx.two_phase = two_phase
         ctx.inplace_backward = inplace_backward
-        loss, z_loss, accuracy, counts = outputs(stats, target, opts)
-        ctx.mark_non_differentiable(z_loss, accuracy, counts)
-        return loss, z_loss, accuracy, counts
+        ctx.mark_non_differentiable(stats)
+        return loss_of(stats, target, opts), stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_z_loss, _grad_accuracy, _grad_counts):
+    def backward(ctx, grad_loss, _grad_stats):
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        logits, target, weight, stats = ctx.saved_tensors
         opts = ctx.opts
         upstream = _launch.upstream_of(grad_loss)
-        if torch.compiler.is_compiling():
-            if ctx.two_phase:
-                grad = _ops.backward(logits, target, weight, stats, upstream, *_ops.option_args(opts))
-            else:
+        if not ctx.two_phase:
+            logits, target = ctx.saved_tensors
+            if torch.compiler.is_compiling():
                 _ops.scale_grad(logits, target, upstream)
-                grad = logits
+            else:
+                _launch.scale_grad(_launch.Call(logits, target, None, *ctx.checked), upstream)
+            return logits, None, None, None, None, None
+        logits, target, weight, stats = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            grad = _ops.backward(logits, target, weight, stats, upstream, *_ops.option_args(opts))
             return grad, None, None, None, None, None
         call = _launch.Call(logits, target, weight, *ctx.checked)
-        if not ctx.two_phase:
-            _launch.scale_grad(call, upstream)
-            grad = logits
-        elif ctx.inplace_backward:
+        if ctx.inplace_backward:
             _launch.backward(call, _launch.checked(opts), stats, upstream, logits)
             torch.autograd.graph.increment_version(logits)
             grad = logits

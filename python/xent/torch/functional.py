@@ -10,17 +10,17 @@ from typing import Optional
 import torch
 
 from . import _launch, _ops
-from .function import XentFunction, outputs
+from .function import XentFunction, extras_of, loss_of
 
 
 def _forward_only(input, target, weight, opts):
-    """The loss without a gradient: the logits are only read."""
+    """The loss without a gradient (the logits are only read): (loss, stats)."""
     if torch.compiler.is_compiling():
         stats = _ops.forward(input, target, weight, *_ops.option_args(opts))
     else:
         call = _launch.prepare(input, target, weight, opts.causal_shift)
         stats = _launch.forward(call, _launch.checked(opts), fused=False)
-    return outputs(stats, target, opts)
+    return loss_of(stats, target, opts), stats
 
 
 @dataclass
@@ -86,11 +86,12 @@ def cross_entropy(
     if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
         if two_phase is None:
             two_phase = input.dtype == torch.float16
-        loss, z_loss, accuracy, counts = XentFunction.apply(
-            input, target, weight, opts, two_phase, inplace_backward
-        )
+        loss, stats = XentFunction.apply(input, target, weight, opts, two_phase, inplace_backward)
     else:
-        loss, z_loss, accuracy, counts = _forward_only(input, target, weight, opts)
+        loss, stats = _forward_only(input, target, weight, opts)
+    if not (check_labels or return_z_loss or return_token_accuracy):
+        return loss
+    z_loss, accuracy, counts = extras_of(stats)
     if check_labels:
         _launch.check_labels(counts)
     if return_z_loss or return_token_accuracy:
