@@ -106,6 +106,13 @@ def host_time(iters, n=8, v=32000):
         ("xent_torch", "fwd"): lambda: xt.cross_entropy(logits, target),
         ("torch", "fwd"): lambda: F.cross_entropy(logits, target),
     }
+    try:  # another autograd Function written in Python, for scale
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+        cases[("liger", "fwd+bwd")] = lambda: liger(x, target).backward()
+    except ImportError:
+        pass
     for (name, what), call in cases.items():
         for _ in range(50):
             call()

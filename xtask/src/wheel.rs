@@ -10,8 +10,13 @@ use std::process::Command;
 use crate::{Result, run, step};
 
 /// What the virtual environment holds, pinned: maturin builds the wheel, NumPy and pytest run
-/// the CPU tests.
-const VENV_PACKAGES: [&str; 3] = ["maturin==1.16.0", "numpy==2.2.6", "pytest==8.4.2"];
+/// the CPU tests, pyflakes reads the Python code that CI cannot run (the CUDA paths).
+const VENV_PACKAGES: [&str; 4] = [
+    "maturin==1.16.0",
+    "numpy==2.2.6",
+    "pytest==8.4.2",
+    "pyflakes==3.4.0",
+];
 
 /// The virtual environment's python, made (with [`VENV_PACKAGES`]) when missing.
 pub fn venv_python(root: &Path) -> Result<PathBuf> {
@@ -22,7 +27,7 @@ pub fn venv_python(root: &Path) -> Result<PathBuf> {
     if python.is_file() && fs::read_to_string(&marker).is_ok_and(|have| have == wanted) {
         return Ok(python);
     }
-    step("making the Python environment .tools/venv (maturin, numpy, pytest)");
+    step("making the Python environment .tools/venv (maturin, numpy, pytest, pyflakes)");
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run(Command::new(&python)
         .args([
@@ -75,6 +80,11 @@ pub fn test(root: &Path) -> Result<()> {
             "--force-reinstall",
         ])
         .arg(&wheel))?;
+    // Undefined names and the like, also on the lines only a GPU runs.
+    step("pyflakes on python/");
+    run(Command::new(&python)
+        .args(["-m", "pyflakes", "xent", "tests", "examples"])
+        .current_dir(root.join("python")))?;
     step("running python/tests against the installed wheel");
     // From python/tests, so that `import xent` finds the installed wheel, not python/xent.
     run(Command::new(&python)

@@ -6,8 +6,7 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)  # like torch.nn / Liger's module
 """
 
-from . import _ops  # noqa: F401  registers torch.ops.xent.* for torch.compile
-from .function import XentFunction
+from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
 from .functional import CrossEntropyOutput, cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss

@@ -142,6 +142,14 @@ def _stream(index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
+def _on(index: int):
+    """PyTorch's device guard when the call's device is not the current one (so the driver's
+    current context is PyTorch's again afterwards)."""
+    if index == torch._C._cuda_getDevice():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 def upstream_of(grad_output: torch.Tensor) -> torch.Tensor:
     """An upstream gradient as the kernels read it: float32 and contiguous (read flat)."""
     if grad_output.dtype != torch.float32 or not grad_output.is_contiguous():

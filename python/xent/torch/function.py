@@ -68,10 +68,13 @@ class XentFunction(torch.autograd.Function):
             # What the checks found, for the backward (the tensors travel as saved tensors).
             ctx.checked = (call.layout, call.dtype, call.label_type)
             target, weight = call.target, call.weight
+        # Saved detached (a tensor of its own over the same memory and version counter), so that
+        # the gradient returned from it can be taken by AccumulateGrad as it is: the input itself
+        # (a leaf the user holds) would be copied, an N x V allocation and pass.
         if two_phase:
-            ctx.save_for_backward(logits, target, weight, stats)
+            ctx.save_for_backward(logits.detach(), target, weight, stats)
         else:  # the gradient is in the logits already: nothing else is needed
-            ctx.save_for_backward(logits, target)
+            ctx.save_for_backward(logits.detach(), target)
         ctx.opts = opts
         ctx.two_phase = two_phase
         ctx.inplace_backward = inplace_backward
