@@ -307,7 +307,11 @@ fn scale_grad_by_scalar_and_per_row_upstream_matches_reference() {
         for stride_extra in [0, 3] {
             let shape = Shape::flat(9, 10007).with_row_stride(10007 + stride_extra);
             let per_row: Vec<f32> = (0..9).map(|r| 0.5 + r as f32 * 0.25).collect();
-            for upstream in [vec![0.37f32], per_row] {
+            // Factors of exactly 1 are skipped on the device: the rows must be left as they are.
+            let some_ones: Vec<f32> = (0..9)
+                .map(|r| if r % 3 == 0 { 1.0 } else { 0.37 })
+                .collect();
+            for upstream in [vec![0.37f32], per_row, vec![1.0], some_ones] {
                 let ok = match dtype {
                     DType::F32 => scale_case::<f32>(xent, &stream, shape, &upstream),
                     DType::F16 => scale_case::<xent::half::f16>(xent, &stream, shape, &upstream),
@@ -316,6 +320,21 @@ fn scale_grad_by_scalar_and_per_row_upstream_matches_reference() {
                 ok.unwrap_or_else(|msg| panic!("{} {shape:?}: {msg}", dtype.name()));
             }
         }
+    }
+}
+
+#[test]
+fn scale_grad_covers_more_tiles_than_its_grid_has_blocks() {
+    let Some(xent) = gpu() else { return };
+    let stream = xent.context().default_stream();
+    // 4000 rows x 2 tiles: more tiles than the grid-stride launch's blocks on any GPU here.
+    let shape = Shape::flat(4000, 9000).with_row_stride(9001);
+    let per_row: Vec<f32> = (0..4000)
+        .map(|r| if r % 5 == 0 { 1.0 } else { 0.75 })
+        .collect();
+    for upstream in [vec![0.3f32], per_row] {
+        scale_case::<bf16>(xent, &stream, shape, &upstream)
+            .unwrap_or_else(|msg| panic!("{shape:?}: {msg}"));
     }
 }
 
