@@ -116,7 +116,8 @@ fn parse(text: &str) -> Result<Results> {
             results.copy_gbps = results.copy_gbps.or(copy.as_f64());
             continue;
         }
-        if record.get("error").is_some() {
+        // A failed run, or a host-time line (torch_bench.py's `host_method`): no bar.
+        if record.get("error").is_some() || record.get("host_method").is_some() {
             continue;
         }
         let text_field = |key: &str| record[key].as_str().ok_or_else(|| bad(key));
@@ -168,9 +169,10 @@ fn ink_on(background: RGBColor) -> RGBColor {
     if luma > 150.0 { BLACK } else { WHITE }
 }
 
-/// Whether `method` is xent with a loss option (`xent[NAME]`).
+/// Whether `method` is another run of xent: with a loss option (`xent[NAME]`) or through another
+/// front end (`xent_torch`, `xent_torch[two_phase]`).
 fn is_our_option(method: &str) -> bool {
-    method.starts_with("xent[")
+    method != OURS && method.starts_with("xent")
 }
 
 /// The colour of the `index`-th method: xent's, one of its option runs' (counted among them), or
