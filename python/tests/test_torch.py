@@ -62,7 +62,8 @@ LABEL_DTYPES = [torch.int64, torch.int32]
 
 # The modes of a call: fused (gradient written over the logits in the forward), two-phase with
 # the gradient written into the logits at backward or into a new tensor, and the default
-# (``two_phase=None``: two-phase for float16, fused otherwise; see ``effective_mode``).
+# (``two_phase=None``: two-phase for float16 and for the sum and none reductions, fused
+# otherwise; see ``effective_mode``).
 MODES = {
     "default": dict(),
     "fused": dict(two_phase=False),
@@ -72,11 +73,14 @@ MODES = {
 MODE_NAMES = list(MODES)
 
 
-def effective_mode(mode: str, dtype) -> str:
+def effective_mode(mode: str, dtype, reduction: str = "mean") -> str:
     """The mode a call runs in: ``two_phase=None`` picks two-phase for float16 (whose gradients
-    are mostly subnormal before a GradScaler scale multiplies them), fused otherwise."""
+    are mostly subnormal before a GradScaler scale multiplies them) and for the sum and none
+    reductions (whose upstream gradients are rarely 1: a divisor, per-row weights), fused for a
+    mean of bfloat16 or float32 logits."""
     if mode == "default":
-        return "two_phase" if dtype == torch.float16 else "fused"
+        two_phase = dtype == torch.float16 or reduction != "mean"
+        return "two_phase" if two_phase else "fused"
     return mode
 
 
@@ -446,7 +450,7 @@ def run_case(
         lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
     )
     ref = reference(logits, target, w, grad_scale=grad_scale, upstream=up, **options)
-    runs_as = effective_mode(mode, dtype)
+    runs_as = effective_mode(mode, dtype, reduction)
     original = logits.clone()
     x = logits.requires_grad_()
     out = xt.cross_entropy(

@@ -3,17 +3,19 @@ logits), backward finishes the gradient with the upstream gradient, rounding 16-
 
 Modes (``two_phase``), per call on ``[N, V]`` logits of ``b`` bytes per element:
 
-- fused (the default for bfloat16 and float32): forward reads each logit once and writes its
-  gradient once (``2·b·N·V`` bytes of traffic, no extra memory: the gradient takes the logits'
-  place). Backward launches one small kernel that reads the upstream gradient on the device:
-  where it is exactly 1 (a plain ``loss.backward()``) it returns without touching the gradient;
+- fused (the default for a mean over bfloat16 or float32 logits): forward reads each logit once
+  and writes its gradient once (``2·b·N·V`` bytes of traffic, no extra memory: the gradient
+  takes the logits' place). Backward launches one small kernel that reads the upstream gradient
+  on the device: where it is exactly 1 (a plain ``loss.backward()``) it returns without touching
+  the gradient;
   otherwise it multiplies in place (another ``2·b·N·V`` bytes). That product is rounded once
   when the upstream is a power of two (1/2, 1/4: exact in binary) and both the gradient and the
   product are normal numbers; any other upstream multiplies a gradient already rounded to 16
   bits, a second rounding. Fold a scale known at forward time in with ``grad_scale`` instead, or
   use ``two_phase=True``.
 - two_phase (the default for float16, whose gradients are mostly subnormal before the loss
-  scale of mixed-precision training multiplies them): forward only reads the logits
+  scale of mixed-precision training multiplies them, and for the sum and none reductions, whose
+  upstream gradients are divisors and per-row weights): forward only reads the logits
   (``b·N·V`` bytes) and keeps O(N) per-row statistics; backward reads them again and writes the
   gradient of ``upstream · loss``, rounded once for any upstream (``2·b·N·V`` bytes; 1.5x the
   fused traffic in all). With ``inplace_backward`` (default) the gradient goes into the logits'

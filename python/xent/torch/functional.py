@@ -66,12 +66,15 @@ def cross_entropy(
     - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
       known now (1/accumulation steps) costs nothing and rounds 16-bit gradients once.
     - ``two_phase``: see ``xent.torch.function`` for what each mode costs and how it rounds.
-      ``None`` (default) picks per dtype: fused for bfloat16 and float32, which writes the
-      gradient over ``input`` during the forward when ``input`` requires grad, so ``input``'s
-      values are consumed (the seed's and Liger's behaviour); two-phase for float16, whose
-      training scales the loss (GradScaler): a gradient rounded to float16 before that scale
-      would lose its small values to float16's subnormal range. Without grad the logits are only
-      read.
+      ``None`` (default) picks the mode that rounds a 16-bit gradient once for the upstream
+      gradient such a call usually gets: fused for a mean of bfloat16 or float32 logits (a plain
+      ``loss.backward()``: upstream 1), which writes the gradient over ``input`` during the
+      forward when ``input`` requires grad, so ``input``'s values are consumed (the seed's and
+      Liger's behaviour); two-phase for float16, whose training multiplies the loss by a
+      GradScaler scale (a gradient rounded to float16 before that scale would lose its small
+      values to float16's subnormal range), and for the sum and none reductions, which are
+      divided or weighted afterwards (``loss.sum() / num_items``, per-token weights). Without
+      grad the logits are only read.
     - ``inplace_backward`` (two-phase only): the gradient takes the logits' memory at backward.
     - ``check_labels``: wait for the call and raise IndexError if a target is neither
       ``ignore_index`` nor in ``[0, V)``. Without it such a row gets zero gradient and makes the
@@ -85,7 +88,7 @@ def cross_entropy(
         _launch.checked(opts)  # bad option values raise here, before anything runs
     if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
         if two_phase is None:
-            two_phase = input.dtype == torch.float16
+            two_phase = input.dtype == torch.float16 or reduction != "mean"
         loss, stats = XentFunction.apply(input, target, weight, opts, two_phase, inplace_backward)
     else:
         loss, stats = _forward_only(input, target, weight, opts)
