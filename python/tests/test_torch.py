@@ -254,13 +254,21 @@ def reference(
     lse = torch.logsumexp(y, dim=-1)
     z_rows = torch.where(valid, s * lse * lse, torch.zeros_like(lse))
     ce_args = dict(weight=w64, ignore_index=ignore_index, label_smoothing=eps)
-    if reduction == "none":
-        rows = F.cross_entropy(y, t, reduction="none", **ce_args) + z_rows
-        rows = rows.reshape(scored_shape)
-        if causal_shift:  # the last position of each sequence is not scored: loss 0
+    hits = (as_given.argmax(dim=-1) == t) & valid
+
+    def per_position(row_values):
+        """Scored rows' values laid out as ``target`` (0 at each sequence's last position when
+        shifted, which is not scored)."""
+        rows = row_values.reshape(scored_shape)
+        if causal_shift:
             rows = torch.cat([rows, rows.new_zeros(scored_shape[:-1] + (1,))], dim=-1)
-        loss = rows.reshape(target.shape)
-        z_loss = z_rows.sum()
+        return rows.reshape(target.shape)
+
+    if reduction == "none":
+        # Per row, as Liger returns them: the loss, the z-loss part and the token accuracy.
+        loss = per_position(F.cross_entropy(y, t, reduction="none", **ce_args) + z_rows)
+        z_loss = per_position(z_rows)
+        accuracy = per_position(hits.to(F64))
     else:
         ce = F.cross_entropy(y, t, reduction=reduction, **ce_args)
         if s == 0.0:
@@ -270,8 +278,7 @@ def reference(
         else:
             z_loss = z_rows.sum()
         loss = ce + z_loss
-    hits = (as_given.argmax(dim=-1) == t) & valid
-    accuracy = hits.sum().to(F64) / n_valid
+        accuracy = hits.sum().to(F64) / n_valid
 
     if isinstance(upstream, torch.Tensor):
         up = upstream.detach().to(torch.float32).to(F64).to(x64.device)

@@ -7,8 +7,7 @@ Modes (``two_phase``), per call on ``[N, V]`` logits of ``b`` bytes per element:
   and writes its gradient once (``2·b·N·V`` bytes of traffic, no extra memory: the gradient
   takes the logits' place). Backward launches one small kernel that reads the upstream gradient
   on the device: where it is exactly 1 (a plain ``loss.backward()``) it returns without touching
-  the gradient;
-  otherwise it multiplies in place (another ``2·b·N·V`` bytes). That product is rounded once
+  the gradient; otherwise it multiplies in place (another ``2·b·N·V`` bytes). That product is rounded once
   when the upstream is a power of two (1/2, 1/4: exact in binary) and both the gradient and the
   product are normal numbers; any other upstream multiplies a gradient already rounded to 16
   bits, a second rounding. Fold a scale known at forward time in with ``grad_scale`` instead, or

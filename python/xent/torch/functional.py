@@ -26,7 +26,9 @@ def _forward_only(input, target, weight, opts):
 @dataclass
 class CrossEntropyOutput:
     """What a call returns when ``return_z_loss`` or ``return_token_accuracy`` is set (Liger's
-    ``CrossEntropyOutput``): device scalars, none of them synchronised."""
+    ``CrossEntropyOutput``): device tensors, none of them synchronised; scalars, or per row
+    (``target``'s shape: each row's z-loss part, and 1.0 where its argmax is its label) with
+    ``reduction="none"``."""
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor] = None
@@ -95,6 +97,13 @@ def cross_entropy(
     if not (check_labels or return_z_loss or return_token_accuracy):
         return loss
     z_loss, accuracy, counts = extras_of(stats)
+    if reduction == "none":  # per row, as Liger returns them
+        rows = target.numel()
+        row_lse = stats[_ops.STATS_ROWS + rows : _ops.STATS_ROWS + 2 * rows]
+        z_loss = (lse_square_scale * row_lse * row_lse).view(target.shape)  # 0 where not scored
+        if return_token_accuracy:
+            row_correct = stats[_ops.STATS_ROWS + 2 * rows : _ops.STATS_ROWS + 3 * rows]
+            accuracy = row_correct.view(torch.int32).to(torch.float32).view(target.shape)
     if check_labels:
         _launch.check_labels(counts)
     if return_z_loss or return_token_accuracy:
