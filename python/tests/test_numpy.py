@@ -16,27 +16,8 @@ import numpy as np
 import pytest
 
 
-def _import_xent():
-    """The installed wheel's ``xent``. ``python -m pytest`` run from ``python/`` puts the source
-    tree first on ``sys.path``, whose ``xent`` has no compiled extension unless ``maturin develop``
-    put one there: then the source tree is taken off the path and the installed package used."""
-    try:
-        import xent._xent  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "xent._xent":
-            raise
-        source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        for name in [m for m in sys.modules if m == "xent" or m.startswith("xent.")]:
-            del sys.modules[name]
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != source_root]
-        import xent._xent  # noqa: F401
-    import xent
-    import xent.numpy
-
-    return xent, xent.numpy
-
-
-xent, xn = _import_xent()
+import xent  # noqa: E402  (conftest.py made it the installed wheel)
+import xent.numpy as xn  # noqa: E402
 
 F64 = np.float64
 

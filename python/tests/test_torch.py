@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 import warnings
 
@@ -27,28 +26,8 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
-
-def _import_xent():
-    """The installed wheel's ``xent`` (as in ``test_numpy.py``): ``python -m pytest`` run from
-    ``python/`` puts the source tree first on ``sys.path``, whose ``xent`` has no compiled
-    extension unless ``maturin develop`` put one there; then the installed package is used."""
-    try:
-        import xent._xent  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != "xent._xent":
-            raise
-        source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        for name in [m for m in sys.modules if m == "xent" or m.startswith("xent.")]:
-            del sys.modules[name]
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != source_root]
-        import xent._xent  # noqa: F401
-    import xent
-    import xent.torch
-
-    return xent, xent.torch
-
-
-xent, xt = _import_xent()
+import xent  # noqa: E402  (conftest.py made it the installed wheel)
+import xent.torch as xt  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 REQUIRE_GPU = os.environ.get("XENT_REQUIRE_GPU") == "1"

@@ -29,18 +29,23 @@ pub fn venv_python(root: &Path) -> Result<PathBuf> {
     }
     step("making the Python environment .tools/venv (maturin, numpy, pytest, pyflakes)");
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(VENV_PACKAGES))?;
+    run(pip_install(&python).args(VENV_PACKAGES))?;
     fs::write(&marker, wanted)
         .map_err(|err| format!("cannot write {}: {err}", marker.display()))?;
     Ok(python)
+}
+
+/// `python -m pip install --quiet` (the caller adds what to install).
+fn pip_install(python: &Path) -> Command {
+    let mut pip = Command::new(python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    pip
 }
 
 /// `cargo xtask wheel`: builds the wheel and returns its path.
@@ -69,16 +74,8 @@ pub fn wheel(root: &Path) -> Result<PathBuf> {
 pub fn test(root: &Path) -> Result<()> {
     let wheel = wheel(root)?;
     let python = venv_python(root)?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--force-reinstall",
-        ])
+    run(pip_install(&python)
+        .args(["--no-deps", "--force-reinstall"])
         .arg(&wheel))?;
     // Undefined names and the like, also on the lines only a GPU runs.
     step("pyflakes on python/");
