@@ -22,6 +22,32 @@
 use crate::error::{Error, Result};
 use crate::options::{Element, Label, Options, Reduction, Shape, Target, row_target};
 
+/// A value the reference computes on: the logit element types, and `f64` itself (the linear
+/// layer's reference keeps its logits and their gradient unrounded).
+pub trait Value: Copy + Send + Sync {
+    fn widen(self) -> f64;
+    /// Rounds once to nearest, ties to even (exact for `f64`).
+    fn narrow(value: f64) -> Self;
+}
+
+impl<T: Element> Value for T {
+    fn widen(self) -> f64 {
+        self.to_f64()
+    }
+    fn narrow(value: f64) -> Self {
+        T::from_f64(value)
+    }
+}
+
+impl Value for f64 {
+    fn widen(self) -> f64 {
+        self
+    }
+    fn narrow(value: f64) -> Self {
+        value
+    }
+}
+
 /// Results of a CPU call, in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuLoss {
@@ -74,7 +100,7 @@ pub fn forward_backward<T: Element, L: Label>(
 /// Two-phase mode's reference: the gradient of `upstream · loss` (`upstream` one value, or one
 /// per row: row `r`'s gradient times `upstream[r]`), as the GPU's `forward` + `backward_into`
 /// compute it, written over `logits`; returns the loss of the forward.
-pub fn forward_backward_upstream<T: Element, L: Label>(
+pub fn forward_backward_upstream<T: Value, L: Label>(
     logits: &mut [T],
     labels: &[L],
     shape: Shape,
@@ -239,18 +265,18 @@ struct RowOut {
 
 /// One row: returns its results and writes the gradient (times `factor`) over `row`; zeros for a
 /// row not scored.
-fn row_forward_backward<T: Element>(
+fn row_forward_backward<T: Value>(
     row: &mut [T],
     target: Target,
     math: &RowMath,
     factor: f64,
 ) -> RowOut {
     let Target::Class(class) = target else {
-        row.fill(T::from_f64(0.0));
+        row.fill(T::narrow(0.0));
         return RowOut::default();
     };
     let vocab = row.len() as f64;
-    let capped = |x: &T| math.capped(x.to_f64()).0;
+    let capped = |x: &T| math.capped(x.widen()).0;
     let lse = log_sum_exp(row.iter().map(capped));
     let smoothing = math.smoothing;
     let w_class = math.weight(class);
@@ -271,7 +297,7 @@ fn row_forward_backward<T: Element>(
     let smooth_coef = smoothing / vocab * math.ce_scale * factor;
     let z_coef = 2.0 * math.lse_square_scale * lse * math.z_scale * factor;
     for (j, x) in row.iter_mut().enumerate() {
-        let (y, dy_dx) = math.capped(x.to_f64());
+        let (y, dy_dx) = math.capped(x.widen());
         let p = (y - lse).exp();
         let onehot = if j == class { 1.0 } else { 0.0 };
         let mut grad = (p - onehot) * onehot_coef;
@@ -281,7 +307,7 @@ fn row_forward_backward<T: Element>(
         if math.lse_square_scale != 0.0 {
             grad += p * z_coef;
         }
-        *x = T::from_f64(grad * dy_dx);
+        *x = T::narrow(grad * dy_dx);
     }
     RowOut {
         ce,
@@ -293,10 +319,10 @@ fn row_forward_backward<T: Element>(
 
 /// Index of the first maximal value, as `torch.argmax` (a NaN counts as the maximum); `None` for
 /// an empty row.
-fn first_argmax<T: Element>(row: &[T]) -> Option<usize> {
+fn first_argmax<T: Value>(row: &[T]) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (j, x) in row.iter().enumerate() {
-        let x = x.to_f64();
+        let x = x.widen();
         match best {
             Some((_, b)) if b.is_nan() => break,
             Some((_, b)) if !(x > b || x.is_nan()) => {}

@@ -28,6 +28,7 @@ pub mod abi;
 pub mod cpu;
 mod cuda;
 mod error;
+pub mod linear;
 mod options;
 pub mod plan;
 pub mod raw;
