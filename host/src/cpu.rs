@@ -155,37 +155,45 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
         accuracy: opts.return_token_accuracy,
     };
 
-    // Rows are independent once the scales are known: split them over the machine's cores.
+    // Rows are independent once the scales are known: split them over the machine's cores, each
+    // thread given at least `MIN_ELEMENTS_PER_THREAD` logits (starting a thread costs more than a
+    // small call's whole work: 2 x 8 logits took 180 µs in a thread of their own, a few µs inline).
     let mut outs = vec![RowOut::default(); rows];
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(rows.max(1));
+    let workers = cores()
+        .min(rows.max(1))
+        .min((rows.saturating_mul(shape.vocab) / MIN_ELEMENTS_PER_THREAD).max(1));
     let per_worker = rows.div_ceil(workers.max(1)).max(1);
-    std::thread::scope(|scope| {
-        let mut rest = &mut logits[..];
-        let mut outputs = outs.chunks_mut(per_worker);
-        for first in (0..rows).step_by(per_worker) {
-            let count = per_worker.min(rows - first);
-            let len = if first + count == rows {
-                rest.len()
-            } else {
-                count * shape.row_stride
-            };
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
-            rest = tail;
-            let outs = outputs.next().expect("one output chunk per worker");
-            let targets = &targets[first..first + count];
-            let math = &math;
-            scope.spawn(move || {
-                for (i, target) in targets.iter().enumerate() {
-                    let start = i * shape.row_stride;
-                    let row = &mut mine[start..start + shape.vocab];
-                    let factor = upstream[if upstream.len() == 1 { 0 } else { first + i }];
-                    outs[i] = row_forward_backward(row, *target, math, factor as f64);
-                }
-            });
+    // Rows `first..` of `mine` (the logits from row `first` on) into `outs`.
+    let run_rows = |mine: &mut [T], outs: &mut [RowOut], first: usize, targets: &[Target]| {
+        for (i, target) in targets.iter().enumerate() {
+            let start = i * shape.row_stride;
+            let row = &mut mine[start..start + shape.vocab];
+            let factor = upstream[if upstream.len() == 1 { 0 } else { first + i }];
+            outs[i] = row_forward_backward(row, *target, &math, factor as f64);
         }
-    });
+    };
+    if workers <= 1 {
+        run_rows(logits, &mut outs, 0, &targets);
+    } else {
+        std::thread::scope(|scope| {
+            let mut rest = &mut logits[..];
+            let mut outputs = outs.chunks_mut(per_worker);
+            for first in (0..rows).step_by(per_worker) {
+                let count = per_worker.min(rows - first);
+                let len = if first + count == rows {
+                    rest.len()
+                } else {
+                    count * shape.row_stride
+                };
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
+                let outs = outputs.next().expect("one output chunk per worker");
+                let targets = &targets[first..first + count];
+                let run_rows = &run_rows;
+                scope.spawn(move || run_rows(mine, outs, first, targets));
+            }
+        });
+    }
     let ce_sum: f64 = outs.iter().map(|o| o.ce).sum();
     let z_sum: f64 = outs.iter().map(|o| o.z).sum();
     let ce_loss = match opts.reduction {
@@ -218,6 +226,17 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
         accuracy,
     })
 }
+
+/// The machine's cores, asked once: `available_parallelism` reads the cgroup's files each time
+/// (tens of µs, more than a small call's work).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The fewest logits a thread of the CPU reference takes (about 0.5 ms of work): below, the rows
+/// are computed on the calling thread.
+const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
 /// What every row's computation shares: the options in f64 and the reduction's scales.
 struct RowMath<'a> {
