@@ -10,10 +10,12 @@ use std::process::Command;
 use crate::{Result, run, step};
 
 /// What the virtual environment holds, pinned: maturin builds the wheel, NumPy and pytest run
-/// the CPU tests, pyflakes reads the Python code that CI cannot run (the CUDA paths).
-const VENV_PACKAGES: [&str; 4] = [
+/// the CPU tests (ml_dtypes gives NumPy a bfloat16, so they cover it too), pyflakes reads the
+/// Python code that CI cannot run (the CUDA paths).
+const VENV_PACKAGES: [&str; 5] = [
     "maturin==1.16.0",
     "numpy==2.2.6",
+    "ml_dtypes==0.5.3",
     "pytest==8.4.2",
     "pyflakes==3.4.0",
 ];
@@ -27,7 +29,7 @@ pub fn venv_python(root: &Path) -> Result<PathBuf> {
     if python.is_file() && fs::read_to_string(&marker).is_ok_and(|have| have == wanted) {
         return Ok(python);
     }
-    step("making the Python environment .tools/venv (maturin, numpy, pytest, pyflakes)");
+    step("making the Python environment .tools/venv (maturin, numpy, ml_dtypes, pytest, pyflakes)");
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run(pip_install(&python).args(VENV_PACKAGES))?;
     fs::write(&marker, wanted)
