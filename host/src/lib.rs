@@ -28,16 +28,17 @@ pub mod abi;
 pub mod cpu;
 mod cuda;
 mod error;
+mod kernels;
 pub mod linear;
+mod loss;
 mod options;
 pub mod plan;
 pub mod raw;
 
-pub use cuda::{
-    CrossEntropy, Loss, PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for,
-    ptx_for_arch,
-};
+pub use cuda::CrossEntropy;
 pub use error::{Error, Result};
+pub use kernels::{PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for, ptx_for_arch};
+pub use loss::Loss;
 pub use options::{DType, Element, Label, Options, Reduction, Shape, Target, row_target};
 pub use plan::{DeviceLimits, LaunchPlan, PlanChoice};
 
