@@ -38,6 +38,13 @@ pub enum Error {
     PlanDoesNotFit(String),
     /// The buffers live on a different CUDA context from the one this handle was built for.
     ContextMismatch,
+    /// A library opened at run time (cuBLASLt) was not found: `tried` says where, and why each
+    /// failed; `hint` how to point to it.
+    LibraryNotFound {
+        library: &'static str,
+        hint: String,
+        tried: Vec<String>,
+    },
     /// An option value out of its range (the message names the option: `label_smoothing`,
     /// `lse_square_scale`, `softcap`, `weight`), an option the GPU path does not implement yet,
     /// or `Loss` buffers made for another number of rows.
@@ -98,6 +105,17 @@ impl fmt::Display for Error {
                 )
             }
             Error::InvalidOption(msg) => write!(f, "invalid option: {msg}"),
+            Error::LibraryNotFound {
+                library,
+                hint,
+                tried,
+            } => {
+                write!(f, "{library} could not be loaded ({hint}); tried:")?;
+                for attempt in tried {
+                    write!(f, "\n  {attempt}")?;
+                }
+                Ok(())
+            }
         }
     }
 }

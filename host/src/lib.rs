@@ -26,6 +26,7 @@
 
 pub mod abi;
 pub mod cpu;
+pub mod cublaslt;
 mod cuda;
 mod error;
 mod kernels;

@@ -35,6 +35,19 @@ if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 cd "$(dirname "$0")" || exit 2
 export XENT_REQUIRE_GPU=1
+# cuBLASLt for the linear + cross-entropy GEMMs (tests/gemm.rs): PyTorch's own wheel's, when the
+# caller has not pointed XENT_CUBLASLT elsewhere.
+if [[ -z ${XENT_CUBLASLT:-} ]] && command -v python3 > /dev/null; then
+  XENT_CUBLASLT=$(python3 -c '
+import glob, os, site
+for root in site.getsitepackages():
+    hits = sorted(glob.glob(os.path.join(root, "nvidia", "**", "libcublasLt.so.*"), recursive=True))
+    if hits:
+        print(hits[0])
+        break
+' 2> /dev/null)
+  export XENT_CUBLASLT
+fi
 # `cargo xtask bundle` packs the binaries (they embed the PTX text, which compresses well).
 if [[ ! -d bin && -f bin.tar.gz ]]; then tar -xzf bin.tar.gz || exit 2; fi
 shopt -s nullglob
