@@ -67,6 +67,7 @@ fn gemm_shapes_are_checked() {
         out,
         alpha: 1.0,
         beta: 0.0,
+        bias: 0,
     };
     assert_eq!(gemm.dims().unwrap(), (4, 3, 5));
     let bad_inner = Gemm {
@@ -84,6 +85,21 @@ fn gemm_shapes_are_checked() {
         ..gemm
     };
     assert!(matches!(bad_ld.dims(), Err(Error::BadShape(_))));
+}
+
+#[test]
+fn alignment_is_what_the_address_and_the_row_pitch_keep() {
+    let at = |ptr, ld| {
+        cublaslt::alignment(&Operand {
+            ptr,
+            ld,
+            ..operand(DType::Bf16, 2, 3, false)
+        })
+    };
+    assert_eq!(at(0x1000, 128), 256);
+    assert_eq!(at(0x1000, 3), 2);
+    assert_eq!(at(0x1008, 128), 8);
+    assert_eq!(at(0x1002, 128), 2);
 }
 
 /// Row-major `[rows, cols]` values on a grid of 1/16 (exact in bf16).
@@ -143,6 +159,7 @@ fn check_gemm<T: Element>(
             },
             alpha,
             beta,
+            bias: 0,
         };
         unsafe { lib.matmul(stream.cu_stream(), &gemm, (pw, 32 << 20)) }.unwrap();
     }

@@ -1,6 +1,7 @@
 //! Linear layer + cross-entropy, the CPU side: the f64 reference (`xent::linear`) against finite
 //! differences of its own loss and against xent's reference on materialised logits, the chunk
-//! planner, and bad shapes. (The GPU path does not exist yet: issue 12.)
+//! planner, and bad shapes; and the GPU path (cuBLASLt + xent's kernel per chunk) against the
+//! same arithmetic done on the CPU.
 
 use xent::linear::{self, LinearShape};
 use xent::{DType, Error, Options, Reduction, cpu};
@@ -206,4 +207,154 @@ fn bad_linear_shapes_are_errors() {
         ),
         Err(Error::BadShape(_))
     ));
+}
+
+/// The GPU path against the arithmetic it performs, done on the CPU: logits `h·Wᵀ + b` rounded to
+/// `T` (the GEMM's output), xent's CPU reference on them (the gradient rounded to `T`, as the
+/// kernel writes it), then the gradients' GEMMs in f64. The GPU's GEMMs accumulate in f32, so a
+/// logit may round the other way: the tolerances below allow one unit of `T` in every term.
+fn check_linear<T: xent::Element>(
+    xent: &xent::CrossEntropy,
+    blas: &xent::cublaslt::CublasLt,
+    shape: LinearShape,
+    with_bias: bool,
+    labels: &[i64],
+    opts: &Options,
+    budget: Option<usize>,
+) -> Result<(), String> {
+    let stream = xent.context().default_stream();
+    let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+    let to_t = |x: &[f32]| x.iter().map(|&f| T::from_f64(f as f64)).collect::<Vec<T>>();
+    let hidden = to_t(&grid(rows * d, 11));
+    let weight = to_t(&grid(v * d, 12));
+    let bias = to_t(&grid(v, 13));
+    // The CPU's version of the GPU's arithmetic.
+    let mut logits: Vec<T> = (0..rows * v)
+        .map(|i| {
+            let (r, j) = (i / v, i % v);
+            let dot: f64 = (0..d)
+                .map(|k| hidden[r * d + k].to_f64() * weight[j * d + k].to_f64())
+                .sum();
+            T::from_f64(dot + if with_bias { bias[j].to_f64() } else { 0.0 })
+        })
+        .collect();
+    let want = cpu::forward_backward(&mut logits, labels, shape.logits(), opts)
+        .map_err(|e| e.to_string())?;
+    let g = |r: usize, j: usize| logits[r * v + j].to_f64();
+    let ulp = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+
+    let d_hidden = stream.clone_htod(&hidden).unwrap();
+    let d_weight = stream.clone_htod(&weight).unwrap();
+    let d_bias = stream.clone_htod(&bias).unwrap();
+    let d_labels = stream.clone_htod(labels).unwrap();
+    let mut d_grad_hidden = stream.alloc_zeros::<T>(rows * d).unwrap();
+    let mut d_grad_weight = stream.clone_htod(&vec![0.25f32; v * d]).unwrap(); // accumulated into
+    let mut d_grad_bias = stream.clone_htod(&vec![0.5f32; v]).unwrap();
+    let mut scratch = linear::LinearScratch::new(&stream, budget).unwrap();
+    let mut out = xent::Loss::new(&stream, rows).unwrap();
+    xent.linear_forward_backward(
+        blas,
+        &stream,
+        (&d_hidden, &d_weight, with_bias.then_some(&d_bias)),
+        &d_labels,
+        shape,
+        opts,
+        (
+            &mut d_grad_hidden,
+            &mut d_grad_weight,
+            with_bias.then_some(&mut d_grad_bias),
+        ),
+        &mut scratch,
+        &mut out,
+    )
+    .map_err(|e| e.to_string())?;
+    let loss = out.read().map_err(|e| e.to_string())? as f64;
+    if (loss - want.loss).abs() > 1e-3 * (1.0 + want.loss.abs()) {
+        return Err(format!("loss {loss} against {}", want.loss));
+    }
+    let grad_hidden = stream.clone_dtoh(&d_grad_hidden).unwrap();
+    for r in 0..rows {
+        for k in 0..d {
+            let terms: Vec<f64> = (0..v)
+                .map(|j| g(r, j) * weight[j * d + k].to_f64())
+                .collect();
+            let want: f64 = terms.iter().sum();
+            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+            let got = grad_hidden[r * d + k].to_f64();
+            if (got - want).abs() > 4.0 * ulp * (scale + want.abs()) + 1e-30 {
+                return Err(format!("grad_hidden[{r},{k}] {got} against {want}"));
+            }
+        }
+    }
+    let grad_weight = stream.clone_dtoh(&d_grad_weight).unwrap();
+    for j in 0..v {
+        for k in 0..d {
+            let terms: Vec<f64> = (0..rows)
+                .map(|r| g(r, j) * hidden[r * d + k].to_f64())
+                .collect();
+            let want = 0.25 + terms.iter().sum::<f64>();
+            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+            let got = grad_weight[j * d + k] as f64;
+            if (got - want).abs() > 4.0 * ulp * scale + 1e-6 {
+                return Err(format!("grad_weight[{j},{k}] {got} against {want}"));
+            }
+        }
+    }
+    if with_bias {
+        let grad_bias = stream.clone_dtoh(&d_grad_bias).unwrap();
+        for (j, &got) in grad_bias.iter().enumerate() {
+            let terms: Vec<f64> = (0..rows).map(|r| g(r, j)).collect();
+            let want = 0.5 + terms.iter().sum::<f64>();
+            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+            if (got as f64 - want).abs() > 4.0 * ulp * scale + 1e-6 {
+                return Err(format!("grad_bias[{j}] {got} against {want}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let blas = match xent::cublaslt::CublasLt::open(&[]) {
+        Ok(blas) => blas,
+        Err(err) => panic!("a GPU but no cuBLASLt (set XENT_CUBLASLT): {err}"),
+    };
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 37,
+        hidden: 48,
+        vocab: 1003,
+    };
+    let mut labels: Vec<i64> = (0..shape.rows() as i64).map(|r| (r * 37) % 1003).collect();
+    labels[5] = -100;
+    labels[40] = -100;
+    let mut failures = Vec::new();
+    for (name, opts) in option_sets() {
+        let opts = match opts.weight {
+            Some(_) => Options {
+                weight: Some((0..1003).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
+                ..opts
+            },
+            None => opts,
+        };
+        // Budgets: every row in one chunk, and chunks of 16 rows (the last one shorter).
+        for budget in [None, Some(16 * 1003 * 2)] {
+            for with_bias in [false, true] {
+                let result = check_linear::<xent::half::bf16>(
+                    xent, &blas, shape, with_bias, &labels, &opts, budget,
+                )
+                .and_then(|()| {
+                    check_linear::<f32>(xent, &blas, shape, with_bias, &labels, &opts, budget)
+                });
+                if let Err(msg) = result {
+                    failures.push(format!("{name} budget {budget:?} bias {with_bias}: {msg}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

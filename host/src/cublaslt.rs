@@ -194,8 +194,8 @@ pub struct Operand {
     pub transposed: bool,
 }
 
-/// `D = alpha · op(A) · op(B) + beta · C` in row-major terms, `D` `[m, n]` written over `C`
-/// (`out`, which may be f32 while `A` and `B` are 16-bit), f32 accumulation.
+/// `D = alpha · op(A) · op(B) + beta · C (+ bias)` in row-major terms, `D` `[m, n]` written over
+/// `C` (`out`, which may be f32 while `A` and `B` are 16-bit), f32 accumulation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub a: Operand,
@@ -204,6 +204,8 @@ pub struct Gemm {
     pub out: Operand,
     pub alpha: f32,
     pub beta: f32,
+    /// `[n]` values of `out`'s dtype added to every row of `D` (cuBLASLt's bias epilogue), or 0.
+    pub bias: u64,
 }
 
 fn data_type(dtype: DType) -> lt::cudaDataType {
@@ -338,6 +340,24 @@ impl CublasLt {
         use lt::cublasLtMatmulDescAttributes_t as Attr;
         set(Attr::CUBLASLT_MATMUL_DESC_TRANSA, op(gemm.b.transposed))?;
         set(Attr::CUBLASLT_MATMUL_DESC_TRANSB, op(gemm.a.transposed))?;
+        if gemm.bias != 0 {
+            // The bias epilogue adds a vector along the rows of column-major Dᵀ: one value per
+            // column of row-major D.
+            let epilogue = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32;
+            set(Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue)?;
+            let bias = gemm.bias;
+            check(
+                unsafe {
+                    (f.desc_set)(
+                        desc,
+                        Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        (&bias as *const u64).cast(),
+                        8,
+                    )
+                },
+                "cublasLtMatmulDescSetAttribute(BIAS_POINTER)",
+            )?;
+        }
         // All three made before any is checked, so the clean-up below frees whichever were.
         let made: Vec<(Status, lt::cublasLtMatrixLayout_t)> = [&gemm.b, &gemm.a, &gemm.out]
             .into_iter()
@@ -385,6 +405,22 @@ impl CublasLt {
             },
             "cublasLtMatmulPreferenceSetAttribute",
         )?;
+        // cuBLASLt assumes 256-byte aligned matrices unless told otherwise: tell it what each one
+        // has (its address and row pitch), so no algorithm needing more is picked. cuBLASLt's A
+        // is our B, its B our A.
+        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
+        for (attr, o) in [
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &gemm.b),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &gemm.a),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &gemm.out),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &gemm.out),
+        ] {
+            let align = alignment(o);
+            check(
+                unsafe { (f.pref_set)(pref, attr, (&align as *const u32).cast(), 4) },
+                "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
+            )?;
+        }
         // SAFETY: a plain C struct of integers; all zero is a valid value to be overwritten.
         let mut result: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
         let mut found: c_int = 0;
@@ -441,6 +477,14 @@ impl CublasLt {
         drop(guard);
         Ok(())
     }
+}
+
+/// The alignment in bytes an operand keeps on every row: the largest power of two, at most 256,
+/// dividing its address and its row pitch.
+pub fn alignment(o: &Operand) -> u32 {
+    let pitch = (o.ld * o.dtype.bytes()) as u64;
+    let bits = o.ptr | pitch | 256;
+    (bits & bits.wrapping_neg()) as u32
 }
 
 /// Runs its closure when dropped (descriptor clean-up on every return path).

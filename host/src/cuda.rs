@@ -590,11 +590,23 @@ impl CrossEntropy {
         out: &LossBuffers,
         mode: u32,
     ) -> Result<()> {
+        self.launch_count(stream, call, opts, out.counts)?;
+        self.launch_main(stream, call, opts, launch_plan, out, mode)?;
+        self.launch_finish(stream, call.shape.rows(), call.weight != 0, opts, out)
+    }
+
+    /// Zeroes `counts` and enqueues the count kernel over `call`'s labels (its logits unread).
+    pub(crate) fn launch_count(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        counts: u64,
+    ) -> Result<()> {
         let shape = call.shape;
         let rows = shape.rows();
         let weight = call.weight;
         let rows_params = self.rows_params(call.logits, call.labels, shape, opts);
-        let counts = out.counts;
         unsafe {
             cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream())
         }?;
@@ -620,7 +632,27 @@ impl CrossEntropy {
                 threads,
                 SMEM_REDUCTION_BYTES,
             )?;
+        }
+        Ok(())
+    }
 
+    /// Enqueues the cross-entropy kernel(s) of `launch_plan` over `call`'s rows, reading the
+    /// counts of `out.counts` (which may cover more rows than `call`: a linear layer's chunk).
+    pub(crate) fn launch_main(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        launch_plan: LaunchPlan,
+        out: &LossBuffers,
+        mode: u32,
+    ) -> Result<()> {
+        let shape = call.shape;
+        let rows = shape.rows();
+        let weight = call.weight;
+        let counts = out.counts;
+        if rows > 0 {
+            let rows_params = self.rows_params(call.logits, call.labels, shape, opts);
             let mut params = XentParams {
                 rows: rows_params,
                 counts,
@@ -704,13 +736,25 @@ impl CrossEntropy {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Enqueues the finish kernel: the reduced loss of `rows` rows of `out`.
+    pub(crate) fn launch_finish(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        weighted: bool,
+        opts: &Options,
+        out: &LossBuffers,
+    ) -> Result<()> {
         let params = FinishParams {
             row_loss: out.row_loss,
-            counts,
+            counts: out.counts,
             loss: out.loss,
             n_rows: rows as u64,
             reduction: opts.reduction.code(),
-            weighted: (weight != 0) as u32,
+            weighted: weighted as u32,
             row_lse: out.row_lse,
             row_correct: out.row_correct,
             extras: out.extras,
