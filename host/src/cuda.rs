@@ -28,6 +28,17 @@ use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
 use crate::plan::{self, DeviceLimits, LaunchPlan};
 
+/// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
+/// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
+/// build chose `dynamic-linking`), it is loaded already and opening it succeeds.
+pub fn driver_loadable() -> bool {
+    const NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+    // SAFETY: opening the driver library runs its initialisers, as cudarc's own loading does.
+    NAMES
+        .iter()
+        .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
+}
+
 /// A handle to the kernels on one CUDA device. Cheap to share: `Send + Sync`, and calls from
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
@@ -54,7 +65,7 @@ impl CrossEntropy {
     /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] without that device.
     pub fn new(ordinal: usize) -> Result<CrossEntropy> {
         // cudarc panics when it cannot load libcuda: ask first.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !driver_loadable() {
             return Err(Error::NoDriver);
         }
         let count =

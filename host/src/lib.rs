@@ -36,7 +36,7 @@ mod options;
 pub mod plan;
 pub mod raw;
 
-pub use cuda::CrossEntropy;
+pub use cuda::{CrossEntropy, driver_loadable};
 pub use error::{Error, Result};
 pub use kernels::{PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for, ptx_for_arch};
 pub use loss::Loss;

@@ -384,7 +384,7 @@ mod cpu;
 #[pyfunction]
 fn cuda_device_count() -> usize {
     // cudarc panics when it cannot load libcuda: ask first.
-    if !unsafe { xent::cudarc::driver::sys::is_culib_present() } {
+    if !xent::driver_loadable() {
         return 0;
     }
     xent::cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
