@@ -541,14 +541,7 @@ impl CrossEntropy {
         }
         let launch_plan = self.plan_for(&shape, T::DTYPE, opts)?;
         out.reserve_partials(stream, plan::partials_len(rows, &launch_plan))?;
-        if let Some(weight) = &opts.weight {
-            out.upload_weight(stream, weight)?;
-        }
-        if opts.return_token_accuracy && out.row_correct.is_none() {
-            out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
-        }
-        out.loss_key = Some(LossKey::of(opts, opts.weight.is_some()));
-        out.accuracy_on = opts.return_token_accuracy;
+        out.prepare(stream, opts)?;
 
         let (labels_ptr, _labels_guard) = labels.device_ptr(stream);
         let (counts, _c) = out.counts.device_ptr_mut(stream);

@@ -16,7 +16,7 @@ use crate::cpu::{self, CpuLoss};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
-use crate::loss::{Loss, LossKey};
+use crate::loss::Loss;
 use crate::options::{DType, Element, Label, Options, Shape};
 use crate::plan;
 
@@ -310,14 +310,7 @@ impl CrossEntropy {
         let (t_bytes, l_bytes) = (T::DTYPE.bytes(), std::mem::size_of::<L>());
         let lopts = chunk_options(opts);
         let weighted = opts.weight.is_some();
-        if let Some(w) = &opts.weight {
-            out.upload_weight(stream, w)?;
-        }
-        if opts.return_token_accuracy && out.row_correct.is_none() {
-            out.row_correct = Some(stream.alloc_zeros(rows.max(1))?);
-        }
-        out.loss_key = Some(LossKey::of(opts, weighted));
-        out.accuracy_on = opts.return_token_accuracy;
+        out.prepare(stream, opts)?;
 
         let cu_stream = stream.cu_stream();
         let (hidden_ptr, _h) = hidden.device_ptr(stream);

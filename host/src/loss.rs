@@ -92,7 +92,22 @@ impl Loss {
         })
     }
 
-    pub(crate) fn upload_weight(&mut self, stream: &Arc<CudaStream>, weight: &[f32]) -> Result<()> {
+    /// Makes the buffers ready for a call with `opts` (its class weights uploaded unless they are
+    /// those of the last call, the token accuracy's buffer), and records the options the results
+    /// will come from.
+    pub(crate) fn prepare(&mut self, stream: &Arc<CudaStream>, opts: &Options) -> Result<()> {
+        if let Some(weight) = &opts.weight {
+            self.upload_weight(stream, weight)?;
+        }
+        if opts.return_token_accuracy && self.row_correct.is_none() {
+            self.row_correct = Some(stream.alloc_zeros(self.rows.max(1))?);
+        }
+        self.loss_key = Some(LossKey::of(opts, opts.weight.is_some()));
+        self.accuracy_on = opts.return_token_accuracy;
+        Ok(())
+    }
+
+    fn upload_weight(&mut self, stream: &Arc<CudaStream>, weight: &[f32]) -> Result<()> {
         if self.weight.is_none() || !same_bits(&self.weight_host, weight) {
             crate::options::check_weight_values(weight)?;
             self.weight = Some(stream.clone_htod(weight)?);
