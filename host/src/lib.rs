@@ -25,6 +25,8 @@
 //! without a GPU.
 
 pub mod abi;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cublaslt;
 mod cuda;

@@ -28,8 +28,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
-  test           cargo fmt --check, clippy, check, cargo test --workspace, then the Python wheel
-                 and its CPU tests (what CI runs)
+  test           cargo fmt --check, clippy, check, cargo test --workspace (and xent's candle
+                 feature), then the Python wheel and its CPU tests (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
   wheel          the Python package (python/) as an abi3 wheel in target/wheels/ (maturin)
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
@@ -87,9 +87,33 @@ fn test(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The optional candle integration: built, linted and tested apart, so the default build
+    // stays without candle.
+    run(stable_cargo(root).args([
+        "clippy",
+        "-p",
+        "xent",
+        "--features",
+        "candle",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     check(root)?;
     step("running the workspace's tests");
-    let totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
+    let mut totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
+    let candle = run_tests(stable_cargo(root).args([
+        "test",
+        "-p",
+        "xent",
+        "--features",
+        "candle",
+        "--lib",
+    ]))?;
+    totals.passed += candle.passed;
+    totals.failed += candle.failed;
+    totals.ignored += candle.ignored;
     wheel::test(root)?;
     step("all checks passed");
     // One plain summary line for whoever reads the log's end. A GPU test without a GPU returns
