@@ -3,6 +3,8 @@
 //! planner, and bad shapes; and the GPU path (cuBLASLt + xent's kernel per chunk) against the
 //! same arithmetic done on the CPU.
 
+use cudarc::driver::DevicePtr;
+use xent::cudarc;
 use xent::linear::{self, LinearShape};
 use xent::{DType, Error, Options, Reduction, cpu};
 
@@ -354,6 +356,304 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
                     failures.push(format!("{name} budget {budget:?} bias {with_bias}: {msg}"));
                 }
             }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Raw device buffers of a linear call's outputs, allocated by the test.
+struct RawOut {
+    loss: cudarc::driver::CudaSlice<f32>,
+    row_loss: cudarc::driver::CudaSlice<f32>,
+    row_lse: cudarc::driver::CudaSlice<f32>,
+    counts: cudarc::driver::CudaSlice<u32>,
+    extras: cudarc::driver::CudaSlice<f32>,
+    workspace: cudarc::driver::CudaSlice<f32>,
+}
+
+impl RawOut {
+    fn new(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        rows: usize,
+        work: usize,
+    ) -> RawOut {
+        RawOut {
+            loss: stream.alloc_zeros(1).unwrap(),
+            row_loss: stream.alloc_zeros(rows).unwrap(),
+            row_lse: stream.alloc_zeros(rows).unwrap(),
+            counts: stream.alloc_zeros(xent::abi::COUNT_WORDS).unwrap(),
+            extras: stream.alloc_zeros(2).unwrap(),
+            workspace: stream.alloc_zeros(work.max(1)).unwrap(),
+        }
+    }
+
+    fn raw(&mut self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> xent::raw::RawLoss {
+        use xent::raw::RawBuffer;
+        xent::raw::RawLoss {
+            loss: RawBuffer::of(stream, &mut self.loss),
+            row_loss: RawBuffer::of(stream, &mut self.row_loss),
+            row_lse: RawBuffer::of(stream, &mut self.row_lse),
+            counts: RawBuffer::of(stream, &mut self.counts),
+            extras: RawBuffer::of(stream, &mut self.extras),
+            row_correct: None,
+            workspace: Some(RawBuffer::of(stream, &mut self.workspace)),
+        }
+    }
+}
+
+/// The raw passes against the typed fused call (f32 weight gradient, from zero): a fused pass
+/// with 16-bit weight and bias gradients overwritten (no zeroing), and a forward pass then a
+/// backward pass with an upstream gradient (one value, and one per row), whose gradients are the
+/// fused ones times the upstream, and whose loss is the fused call's.
+#[test]
+fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
+    use xent::half::bf16;
+    use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
+    use xent::raw::{LabelType, RawBuffer};
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let blas =
+        xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt (set XENT_CUBLASLT)");
+    let stream = xent.context().default_stream();
+    let shape = LinearShape {
+        batch: 3,
+        seq_len: 29,
+        hidden: 64,
+        vocab: 777,
+    };
+    let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+    let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+    let hidden = stream.clone_htod(&to_bf16(grid(rows * d, 21))).unwrap();
+    let weight = stream.clone_htod(&to_bf16(grid(v * d, 22))).unwrap();
+    let bias = stream.clone_htod(&to_bf16(grid(v, 23))).unwrap();
+    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
+    labels[7] = -100;
+    let labels = stream.clone_htod(&labels).unwrap();
+    let budget = Some(16 * v * 2); // chunks of 16 rows, the last shorter
+    let mut failures = Vec::new();
+    for (name, opts) in option_sets() {
+        if opts.weight.is_some() {
+            continue; // class weights: the typed test covers them
+        }
+        // The typed fused call: the reference here.
+        let mut gh = stream.alloc_zeros::<bf16>(rows * d).unwrap();
+        let mut gw = stream.alloc_zeros::<f32>(v * d).unwrap();
+        let mut gb = stream.alloc_zeros::<f32>(v).unwrap();
+        let mut scratch = linear::LinearScratch::new(&stream, budget).unwrap();
+        let mut out = xent::Loss::new(&stream, rows).unwrap();
+        xent.linear_forward_backward(
+            &blas,
+            &stream,
+            (&hidden, &weight, Some(&bias)),
+            &labels,
+            shape,
+            &opts,
+            (&mut gh, &mut gw, Some(&mut gb)),
+            &mut scratch,
+            &mut out,
+        )
+        .unwrap();
+        let want_loss = out.read().unwrap() as f64;
+        let want_gh: Vec<f64> = stream
+            .clone_dtoh(&gh)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f64())
+            .collect();
+        let want_gw: Vec<f64> = stream
+            .clone_dtoh(&gw)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let want_gb: Vec<f64> = stream
+            .clone_dtoh(&gb)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+
+        let call = RawLinearCall {
+            hidden: RawBuffer::new(hidden.device_ptr(&stream).0, hidden.len()),
+            weight: RawBuffer::new(weight.device_ptr(&stream).0, weight.len()),
+            bias: Some(RawBuffer::new(bias.device_ptr(&stream).0, bias.len())),
+            dtype: DType::Bf16,
+            labels: RawBuffer::new(labels.device_ptr(&stream).0, labels.len()),
+            label_type: LabelType::I64,
+            shape,
+            class_weight: None,
+        };
+        let lens = xent
+            .raw_linear_scratch_lens(&call, &opts, LinearPass::Fused, budget)
+            .unwrap();
+        assert_eq!(lens.chunk_rows, 16);
+        let mut logits = stream.alloc_zeros::<u8>(lens.logits_bytes).unwrap();
+        let mut gemm = stream.alloc_zeros::<u8>(lens.gemm_workspace_bytes).unwrap();
+        let mut shifted = stream.alloc_zeros::<u8>(rows * 8).unwrap();
+        let mut ones = stream.clone_htod(&vec![bf16::ONE; lens.ones_len]).unwrap();
+        let scratch = RawLinearScratch {
+            chunk_rows: lens.chunk_rows,
+            logits: RawBuffer::of(&stream, &mut logits),
+            gemm_workspace: RawBuffer::of(&stream, &mut gemm),
+            labels: Some(RawBuffer::of(&stream, &mut shifted)),
+            ones: Some(RawBuffer::of(&stream, &mut ones)),
+        };
+        let mut raw_out = RawOut::new(&stream, rows, lens.loss_workspace_len);
+        // Garbage in the overwritten gradients: a pass without `accumulate` must not read it.
+        let mut gh16 = stream
+            .clone_htod(&vec![bf16::from_f32(7.0); rows * d])
+            .unwrap();
+        let mut gw16 = stream
+            .clone_htod(&vec![bf16::from_f32(7.0); v * d])
+            .unwrap();
+        let mut gb16 = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
+        let mut grads = RawLinearGrads {
+            hidden: Some(RawBuffer::of(&stream, &mut gh16)),
+            weight: Some(RawGrad {
+                buffer: RawBuffer::of(&stream, &mut gw16),
+                dtype: DType::Bf16,
+            }),
+            bias: Some(RawGrad {
+                buffer: RawBuffer::of(&stream, &mut gb16),
+                dtype: DType::Bf16,
+            }),
+            accumulate: false,
+        };
+        let out_raw = raw_out.raw(&stream);
+        unsafe {
+            xent.raw_linear(
+                &blas,
+                &stream,
+                &call,
+                &opts,
+                LinearPass::Fused,
+                &out_raw,
+                &grads,
+                &scratch,
+            )
+        }
+        .unwrap();
+        let compare =
+            |what: &str, got: &[f64], want: &[f64], factor: &dyn Fn(usize) -> f64, tol: f64| {
+                let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .enumerate()
+                    .map(|(i, (g, w))| (g - w * factor(i)).abs() / scale)
+                    .fold(0.0f64, f64::max);
+                if worst > tol {
+                    Err(format!(
+                        "{what}: worst error {worst:.3e} of the largest value (tolerance {tol:.1e})"
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+        let read16 = |s: &cudarc::driver::CudaSlice<bf16>| -> Vec<f64> {
+            stream
+                .clone_dtoh(s)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_f64())
+                .collect()
+        };
+        let one = |_: usize| 1.0;
+        // bf16 gradients: one rounding per chunk (6 chunks) of values below the largest.
+        let bf16_tol = 8.0 * 2f64.powi(-8);
+        let mut check = |what: String, r: Result<(), String>| {
+            if let Err(msg) = r {
+                failures.push(format!("{name}: {what}: {msg}"));
+            }
+        };
+        check(
+            "fused grad_hidden".into(),
+            compare("grad_hidden", &read16(&gh16), &want_gh, &one, 1e-6),
+        );
+        check(
+            "fused bf16 grad_weight".into(),
+            compare("grad_weight", &read16(&gw16), &want_gw, &one, bf16_tol),
+        );
+        check(
+            "fused bf16 grad_bias".into(),
+            compare("grad_bias", &read16(&gb16), &want_gb, &one, bf16_tol),
+        );
+
+        // Forward, then Backward with an upstream: one value, or the same value once per row.
+        for per_row in [false, true] {
+            let mut raw_out = RawOut::new(&stream, rows, lens.loss_workspace_len);
+            let out_raw = raw_out.raw(&stream);
+            let none = RawLinearGrads::default();
+            unsafe {
+                xent.raw_linear(
+                    &blas,
+                    &stream,
+                    &call,
+                    &opts,
+                    LinearPass::Forward,
+                    &out_raw,
+                    &none,
+                    &scratch,
+                )
+            }
+            .unwrap();
+            let loss = stream.clone_dtoh(&raw_out.loss).unwrap()[0] as f64;
+            if (loss - want_loss).abs() > 1e-6 * (1.0 + want_loss.abs()) {
+                check(
+                    "forward loss".into(),
+                    Err(format!("{loss} against the fused {want_loss}")),
+                );
+            }
+            let upstream_values: Vec<f32> = if per_row { vec![0.5; rows] } else { vec![0.5] };
+            let mut upstream = stream.clone_htod(&upstream_values).unwrap();
+            let mut gw32 = stream.clone_htod(&vec![7.0f32; v * d]).unwrap();
+            let mut gb32 = stream.clone_htod(&vec![7.0f32; v]).unwrap();
+            grads.weight = Some(RawGrad {
+                buffer: RawBuffer::of(&stream, &mut gw32),
+                dtype: DType::F32,
+            });
+            grads.bias = Some(RawGrad {
+                buffer: RawBuffer::of(&stream, &mut gb32),
+                dtype: DType::F32,
+            });
+            let pass = LinearPass::Backward {
+                upstream: RawBuffer::of(&stream, &mut upstream),
+            };
+            unsafe {
+                xent.raw_linear(
+                    &blas, &stream, &call, &opts, pass, &out_raw, &grads, &scratch,
+                )
+            }
+            .unwrap();
+            let half = |_: usize| 0.5;
+            let gw32: Vec<f64> = stream
+                .clone_dtoh(&gw32)
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let gb32: Vec<f64> = stream
+                .clone_dtoh(&gb32)
+                .unwrap()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            // The backward's gradient of the logits is rounded from upstream · G, the fused one
+            // from G: one bf16 rounding apart per logit.
+            let tol = 4.0 * 2f64.powi(-8);
+            check(
+                format!("backward (per row {per_row}) grad_hidden"),
+                compare("grad_hidden", &read16(&gh16), &want_gh, &half, tol),
+            );
+            check(
+                format!("backward (per row {per_row}) grad_weight"),
+                compare("grad_weight", &gw32, &want_gw, &half, tol),
+            );
+            check(
+                format!("backward (per row {per_row}) grad_bias"),
+                compare("grad_bias", &gb32, &want_gb, &half, tol),
+            );
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -8,6 +8,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use crate::abi::{COUNT_BAD, COUNT_VALID, COUNT_WEIGHT, COUNT_WORDS};
 use crate::error::{Error, Result};
 use crate::options::{Options, Reduction};
+use crate::raw::{RawBuffer, RawLoss};
 
 /// Whether two float slices hold the same bits: one `memcmp`, so a call with the weights it
 /// uploaded last costs microseconds, not a scan of 4 x vocab bytes value by value.
@@ -114,6 +115,20 @@ impl Loss {
             self.weight_host = weight.to_vec();
         }
         Ok(())
+    }
+
+    /// The buffers by address, for a raw call on `stream` (the accuracy buffer and the partial
+    /// sums as far as [`prepare`](Self::prepare) and `reserve_partials` made them).
+    pub(crate) fn raw(&mut self, stream: &Arc<CudaStream>) -> RawLoss {
+        RawLoss {
+            loss: RawBuffer::of(stream, &mut self.loss),
+            row_loss: RawBuffer::of(stream, &mut self.row_loss),
+            row_lse: RawBuffer::of(stream, &mut self.row_lse),
+            counts: RawBuffer::of(stream, &mut self.counts),
+            extras: RawBuffer::of(stream, &mut self.extras),
+            row_correct: self.row_correct.as_mut().map(|c| RawBuffer::of(stream, c)),
+            workspace: self.partials.as_mut().map(|p| RawBuffer::of(stream, p)),
+        }
     }
 
     pub(crate) fn reserve_partials(&mut self, stream: &Arc<CudaStream>, len: usize) -> Result<()> {

@@ -28,7 +28,7 @@ pub enum LabelType {
 
 impl LabelType {
     /// The kernels' name suffix ([`crate::Label::NAME`]).
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             LabelType::I32 => "i32",
             LabelType::I64 => "i64",
@@ -47,6 +47,13 @@ impl RawBuffer {
     /// A buffer of `len` elements at `ptr`.
     pub fn new(ptr: u64, len: usize) -> RawBuffer {
         RawBuffer { ptr, len }
+    }
+
+    /// A cudarc buffer's address (for writing, on `stream`) and length.
+    pub fn of<T>(stream: &Arc<CudaStream>, slice: &mut cudarc::driver::CudaSlice<T>) -> RawBuffer {
+        use cudarc::driver::DevicePtrMut;
+        let len = slice.len();
+        RawBuffer::new(slice.device_ptr_mut(stream).0, len)
     }
 }
 
@@ -79,7 +86,7 @@ pub struct RawLoss {
 }
 
 /// Fails unless `buffer` holds at least `needed` elements; `what` names it in the error.
-fn check_len(what: &str, buffer: RawBuffer, needed: usize) -> Result<()> {
+pub(crate) fn check_len(what: &str, buffer: RawBuffer, needed: usize) -> Result<()> {
     if buffer.len < needed {
         return Err(Error::InvalidOption(format!(
             "{what} holds {} elements, the call needs {needed}",
@@ -128,7 +135,12 @@ impl RawCall {
 impl RawLoss {
     /// Checks every buffer's length for `rows` rows (and `workspace_len`), and returns their
     /// addresses.
-    fn buffers(&self, rows: usize, opts: &Options, workspace_len: usize) -> Result<LossBuffers> {
+    pub(crate) fn buffers(
+        &self,
+        rows: usize,
+        opts: &Options,
+        workspace_len: usize,
+    ) -> Result<LossBuffers> {
         check_len("loss", self.loss, 1)?;
         check_len("row_loss", self.row_loss, rows)?;
         check_len("row_lse", self.row_lse, rows)?;

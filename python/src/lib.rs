@@ -226,6 +226,8 @@ fn raw_loss(
 #[pyclass(frozen, module = "xent._xent")]
 struct Device {
     xent: CrossEntropy,
+    /// cuBLASLt for the linear path, opened on first use (`open_cublaslt`).
+    blas: std::sync::OnceLock<xent::cublaslt::CublasLt>,
 }
 
 impl Device {
@@ -256,7 +258,10 @@ impl Device {
     #[new]
     fn new(ordinal: usize) -> PyResult<Device> {
         let xent = CrossEntropy::new(ordinal).map_err(py_err)?;
-        Ok(Device { xent })
+        Ok(Device {
+            xent,
+            blas: std::sync::OnceLock::new(),
+        })
     }
 
     /// The loss into `stats`, enqueued on `stream`; with `fused`, the gradient of
@@ -379,6 +384,7 @@ fn raw_call(
 }
 
 mod cpu;
+mod linear;
 
 /// Number of CUDA devices the driver sees; 0 without a driver (never raises).
 #[pyfunction]
@@ -398,6 +404,9 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats_len, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_call, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::cpu_scale_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::open_cublaslt, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_scratch, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear, m)?)?;
     m.add("STATS_LOSS", STATS_LOSS)?;
     m.add("STATS_EXTRAS", STATS_EXTRAS)?;
     m.add("STATS_COUNTS", STATS_COUNTS)?;

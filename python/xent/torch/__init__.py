@@ -4,10 +4,12 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> import torch, xent.torch as xt
 >>> loss = xt.cross_entropy(logits, target)            # like torch.nn.functional.cross_entropy
 >>> loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)  # like torch.nn / Liger's module
+>>> loss = xt.linear_cross_entropy(hidden, lm_head.weight, target)  # no [N, V] logits
 """
 
 from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
 from .functional import CrossEntropyOutput, cross_entropy
+from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
 
@@ -15,7 +17,9 @@ __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
     "CrossEntropyOutput",
+    "FusedLinearCrossEntropyLoss",
     "TritonCausalLMLoss",
     "XentFunction",
     "cross_entropy",
+    "linear_cross_entropy",
 ]

@@ -94,6 +94,16 @@ def cross_entropy(
         loss, stats = XentFunction.apply(input, target, weight, opts, two_phase, inplace_backward)
     else:
         loss, stats = _forward_only(input, target, weight, opts)
+    return outputs(
+        loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
+        check_labels,
+    )
+
+
+def outputs(loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
+            check_labels):
+    """What a call returns from its loss and stats: the loss, or a ``CrossEntropyOutput``; with
+    ``check_labels``, after waiting for the call and raising IndexError for a bad target."""
     if not (check_labels or return_z_loss or return_token_accuracy):
         return loss
     z_loss, accuracy, counts = extras_of(stats)

@@ -1,0 +1,188 @@
+//! Linear layer + cross-entropy (issue 12): the shape, the chunking of rows under a memory budget,
+//! the f64 reference, and the GPU path ([`gpu`]: cuBLASLt GEMMs around xent's kernel, one chunk of
+//! logits at a time).
+//!
+//! With hidden states `h: [N, D]`, the LM-head weight `W: [V, D]` and an optional bias `b: [V]`,
+//! `logits = h·Wᵀ + b` and the loss is xent's of those logits with the same [`Options`]. With
+//! `G = d loss / d logits` (`grad_scale` folded in, as xent writes it):
+//! `grad_hidden = G·W` (`[N, D]`), `grad_weight = Gᵀ·h` (`[V, D]`), `grad_bias = Σ_rows G`.
+
+pub mod gpu;
+
+pub use gpu::{
+    GEMM_WORKSPACE_BYTES, LinearGrads, LinearPass, LinearScratch, LinearScratchLens, RawGrad,
+    RawLinearCall, RawLinearGrads, RawLinearScratch,
+};
+
+use crate::cpu::{self, CpuLoss};
+use crate::error::{Error, Result};
+use crate::options::{DType, Element, Label, Options, Shape};
+
+/// The hidden states as `[batch, seq_len]` rows of `hidden` features, scored against `vocab`
+/// classes; rows and labels contiguous (the causal shift works on `[batch, seq_len]` as in
+/// [`Shape::batched`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+}
+
+impl LinearShape {
+    /// `[rows, hidden]` hidden states, one sequence.
+    pub fn flat(rows: usize, hidden: usize, vocab: usize) -> LinearShape {
+        LinearShape {
+            batch: 1,
+            seq_len: rows,
+            hidden,
+            vocab,
+        }
+    }
+
+    /// Number of rows, `batch * seq_len` (saturating; `validate` rejects an overflow).
+    pub fn rows(&self) -> usize {
+        self.batch.saturating_mul(self.seq_len)
+    }
+
+    /// The logits' shape: `[batch, seq_len, vocab]`, contiguous.
+    pub fn logits(&self) -> Shape {
+        Shape::batched(self.batch, self.seq_len, self.vocab)
+    }
+
+    /// Checks the shape against the buffers' lengths (`bias` `None` without a bias).
+    pub fn validate(
+        &self,
+        hidden_len: usize,
+        weight_len: usize,
+        bias_len: Option<usize>,
+        labels_len: usize,
+    ) -> Result<()> {
+        if self.hidden == 0 {
+            return Err(Error::BadShape("hidden size is 0".into()));
+        }
+        let rows = self
+            .batch
+            .checked_mul(self.seq_len)
+            .ok_or_else(|| Error::BadShape("batch * seq_len overflows".into()))?;
+        let product = |a: usize, b: usize, what: &str| {
+            a.checked_mul(b)
+                .ok_or_else(|| Error::BadShape(format!("{what} overflows")))
+        };
+        let need_hidden = product(rows, self.hidden, "rows * hidden")?;
+        if hidden_len != need_hidden {
+            return Err(Error::BadShape(format!(
+                "hidden states hold {hidden_len} values, [{rows}, {}] needs {need_hidden}",
+                self.hidden
+            )));
+        }
+        let need_weight = product(self.vocab, self.hidden, "vocab * hidden")?;
+        if weight_len != need_weight {
+            return Err(Error::BadShape(format!(
+                "the weight holds {weight_len} values, [{}, {}] needs {need_weight}",
+                self.vocab, self.hidden
+            )));
+        }
+        if let Some(len) = bias_len
+            && len != self.vocab
+        {
+            return Err(Error::BadShape(format!(
+                "the bias holds {len} values, it needs one per class ({})",
+                self.vocab
+            )));
+        }
+        self.logits().validate(rows * self.vocab, labels_len)
+    }
+}
+
+/// The default memory budget for one chunk of logits: an eighth of the whole `[N, V]` logits
+/// (the issue's target: at most 1/8 of the unfused path's extra memory), and at least
+/// [`MIN_CHUNK_BYTES`], so that a chunk keeps the GEMMs large enough to run at speed.
+pub const DEFAULT_BUDGET_FRACTION: usize = 8;
+/// The smallest default chunk budget: 64 MiB holds 256 rows of a 128256-class bf16 vocabulary
+/// (Liger's chunk).
+pub const MIN_CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows per chunk of logits for `rows` rows of `vocab` classes of `dtype` under `budget_bytes`
+/// (`None`: the default, [`DEFAULT_BUDGET_FRACTION`] of the whole logits but at least
+/// [`MIN_CHUNK_BYTES`]): the most rows whose logits fit, at least 1 and at most `rows`, rounded
+/// down to a multiple of 8 when more than 8 fit (tensor-core tiles).
+pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<usize>) -> usize {
+    let row_bytes = vocab.saturating_mul(dtype.bytes()).max(1);
+    let budget = budget_bytes.unwrap_or_else(|| {
+        (rows.saturating_mul(row_bytes) / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES)
+    });
+    let fit = (budget / row_bytes).max(1);
+    let fit = if fit > 8 { fit / 8 * 8 } else { fit };
+    fit.min(rows.max(1))
+}
+
+/// The results of the reference: the loss (as [`cpu::forward_backward`] reports it) and the
+/// gradients, unrounded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuLinear {
+    pub loss: CpuLoss,
+    /// `[N, D]`.
+    pub grad_hidden: Vec<f64>,
+    /// `[V, D]`.
+    pub grad_weight: Vec<f64>,
+    /// `[V]`, with a bias.
+    pub grad_bias: Option<Vec<f64>>,
+}
+
+/// The f64 reference of linear + cross-entropy: logits `h·Wᵀ + b` in f64 (not rounded to `T`),
+/// xent's CPU reference on them (every option, the causal shift), then the gradients of the
+/// hidden states, the weight and the bias. O(N·V·D): for tests and small shapes.
+pub fn cpu_forward_backward<T: Element, L: Label>(
+    hidden: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    labels: &[L],
+    shape: LinearShape,
+    opts: &Options,
+) -> Result<CpuLinear> {
+    shape.validate(
+        hidden.len(),
+        weight.len(),
+        bias.map(<[T]>::len),
+        labels.len(),
+    )?;
+    let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+    let h = |r: usize, k: usize| hidden[r * d + k].to_f64();
+    let w = |j: usize, k: usize| weight[j * d + k].to_f64();
+    let mut logits = vec![0.0f64; rows * v];
+    for r in 0..rows {
+        for j in 0..v {
+            let dot: f64 = (0..d).map(|k| h(r, k) * w(j, k)).sum();
+            logits[r * v + j] = dot + bias.map_or(0.0, |b| b[j].to_f64());
+        }
+    }
+    // The gradient of the logits, written over them (f64: not rounded).
+    let loss = cpu::forward_backward_upstream(&mut logits, labels, shape.logits(), opts, &[1.0])?;
+    let g = &logits;
+    let mut grad_hidden = vec![0.0f64; rows * d];
+    let mut grad_weight = vec![0.0f64; v * d];
+    for r in 0..rows {
+        for j in 0..v {
+            let gij = g[r * v + j];
+            if gij == 0.0 {
+                continue;
+            }
+            for k in 0..d {
+                grad_hidden[r * d + k] += gij * w(j, k);
+                grad_weight[j * d + k] += gij * h(r, k);
+            }
+        }
+    }
+    let grad_bias = bias.map(|_| {
+        (0..v)
+            .map(|j| (0..rows).map(|r| g[r * v + j]).sum())
+            .collect()
+    });
+    Ok(CpuLinear {
+        loss,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    })
+}

@@ -1,0 +1,220 @@
+//! Linear + cross-entropy for the Python package: [`xent::linear`]'s raw call on tensors by
+//! address, the scratch sized here and allocated by PyTorch (so its memory shows in PyTorch's
+//! accounting and returns to its cache).
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use xent::cublaslt::CublasLt;
+use xent::linear::{
+    LinearPass, LinearShape, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
+};
+
+use super::{Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss};
+
+/// `[batch, seq_len]` rows of `hidden` features against `vocab` classes.
+type LinearShapeArgs = (usize, usize, usize, usize);
+
+/// The inputs: hidden states, weight, optional bias (all of `dtype`), labels and class weights.
+type LinearInputs<'a> = (
+    Buffer,
+    Buffer,
+    Option<Buffer>,
+    &'a str,
+    Buffer,
+    &'a str,
+    LinearShapeArgs,
+    Option<Buffer>,
+);
+
+fn raw_linear_call(
+    (hidden, weight, bias, dtype, labels, label_type, shape, class_weight): LinearInputs<'_>,
+) -> PyResult<RawLinearCall> {
+    let (batch, seq_len, hidden_size, vocab) = shape;
+    Ok(RawLinearCall {
+        hidden: raw(hidden),
+        weight: raw(weight),
+        bias: bias.map(raw),
+        dtype: dtype_of(dtype)?,
+        labels: raw(labels),
+        label_type: label_type_of(label_type)?,
+        shape: LinearShape {
+            batch,
+            seq_len,
+            hidden: hidden_size,
+            vocab,
+        },
+        class_weight: class_weight.map(raw),
+    })
+}
+
+fn pass_of(name: &str, upstream: Option<Buffer>) -> PyResult<LinearPass> {
+    match (name, upstream) {
+        ("forward", _) => Ok(LinearPass::Forward),
+        ("fused", _) => Ok(LinearPass::Fused),
+        ("backward", Some(upstream)) => Ok(LinearPass::Backward {
+            upstream: raw(upstream),
+        }),
+        ("backward", None) => Err(PyValueError::new_err("a backward pass needs an upstream")),
+        (other, _) => Err(PyValueError::new_err(format!(
+            "pass must be 'forward', 'fused' or 'backward', got {other:?}"
+        ))),
+    }
+}
+
+/// A gradient buffer and its dtype's name.
+type GradArg = Option<(Buffer, String)>;
+
+fn raw_grad(grad: GradArg) -> PyResult<Option<RawGrad>> {
+    grad.map(|(buffer, dtype)| {
+        Ok(RawGrad {
+            buffer: raw(buffer),
+            dtype: dtype_of(&dtype)?,
+        })
+    })
+    .transpose()
+}
+
+impl Device {
+    fn blas(&self) -> PyResult<&CublasLt> {
+        self.blas.get().ok_or_else(|| {
+            PyRuntimeError::new_err("cuBLASLt is not open: call Device.open_cublaslt first")
+        })
+    }
+}
+
+/// Opens cuBLASLt for the linear path (once; later calls return the same library's path):
+/// `$XENT_CUBLASLT`, then `libcublasLt.so.13`/`.12`/`.so` in `dirs`, then on the loader's
+/// path. RuntimeError naming every file tried when none loads.
+#[pyfunction]
+pub(crate) fn open_cublaslt(device: &Device, dirs: Vec<String>) -> PyResult<String> {
+    if let Some(blas) = device.blas.get() {
+        return Ok(blas.path().display().to_string());
+    }
+    let dirs: Vec<PathBuf> = dirs.into_iter().map(PathBuf::from).collect();
+    let blas = CublasLt::open(&dirs).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let path = blas.path().display().to_string();
+    let _ = device.blas.set(blas);
+    Ok(path)
+}
+
+/// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of shifted
+/// labels, ones, f32 values of the loss's workspace), for chunks of logits of at most
+/// `budget` bytes (None: the default).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget))]
+pub(crate) fn linear_scratch(
+    device: &Device,
+    hidden: Buffer,
+    weight: Buffer,
+    bias: Option<Buffer>,
+    dtype: &str,
+    labels: Buffer,
+    label_type: &str,
+    shape: LinearShapeArgs,
+    class_weight: Option<Buffer>,
+    opts: &Options,
+    pass_name: &str,
+    budget: Option<usize>,
+) -> PyResult<(usize, usize, usize, usize, usize)> {
+    let call = raw_linear_call((
+        hidden,
+        weight,
+        bias,
+        dtype,
+        labels,
+        label_type,
+        shape,
+        class_weight,
+    ))?;
+    let pass = pass_of(pass_name, Some((0, 1)))?;
+    let lens = device
+        .xent
+        .raw_linear_scratch_lens(&call, &opts.inner, pass, budget)
+        .map_err(py_err)?;
+    Ok((
+        lens.chunk_rows,
+        lens.logits_bytes,
+        lens.labels_bytes,
+        lens.ones_len,
+        lens.loss_workspace_len,
+    ))
+}
+
+/// One linear + cross-entropy pass (`'forward'`, `'fused'` or `'backward'` with `upstream`)
+/// on `stream`: the loss into `stats` (a backward reads the forward's), the gradients into
+/// `grads` (`(hidden, (weight, dtype), (bias, dtype), accumulate)`, each optional), working in
+/// `scratch` (`(chunk_rows, logits, gemm_workspace, labels, ones)`, sized by
+/// `linear_scratch`; the ones filled with 1).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch))]
+pub(crate) fn linear(
+    device: &Device,
+    stream: usize,
+    hidden: Buffer,
+    weight: Buffer,
+    bias: Option<Buffer>,
+    dtype: &str,
+    labels: Buffer,
+    label_type: &str,
+    shape: LinearShapeArgs,
+    class_weight: Option<Buffer>,
+    opts: &Options,
+    pass_name: &str,
+    upstream: Option<Buffer>,
+    stats: Buffer,
+    workspace: Option<Buffer>,
+    grads: (Option<Buffer>, GradArg, GradArg, bool),
+    scratch: (usize, Buffer, Buffer, Option<Buffer>, Option<Buffer>),
+) -> PyResult<()> {
+    let call = raw_linear_call((
+        hidden,
+        weight,
+        bias,
+        dtype,
+        labels,
+        label_type,
+        shape,
+        class_weight,
+    ))?;
+    let pass = pass_of(pass_name, upstream)?;
+    let accuracy = opts.inner.return_token_accuracy;
+    let out = raw_loss(stats, call.shape.rows(), accuracy, workspace)?;
+    let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
+    let grads = RawLinearGrads {
+        hidden: grad_hidden.map(raw),
+        weight: raw_grad(grad_weight)?,
+        bias: raw_grad(grad_bias)?,
+        accumulate,
+    };
+    let (chunk_rows, logits, gemm_workspace, labels, ones) = scratch;
+    let scratch = RawLinearScratch {
+        chunk_rows,
+        logits: raw(logits),
+        gemm_workspace: raw(gemm_workspace),
+        labels: labels.map(raw),
+        ones: ones.map(raw),
+    };
+    let blas = device.blas()?;
+    let stream = device.stream(stream);
+    // SAFETY: `xent/torch/linear.py` took every address and length from a live tensor of
+    // this device, of the dtype named, sized the scratch with `linear_scratch` and filled the
+    // ones; the tensors outlive the enqueued work (PyTorch's caching allocator reuses memory
+    // only in stream order).
+    unsafe {
+        device.xent.raw_linear(
+            blas,
+            &stream,
+            &call,
+            &opts.inner,
+            pass,
+            &out,
+            &grads,
+            &scratch,
+        )
+    }
+    .map_err(py_err)
+}

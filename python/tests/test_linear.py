@@ -1,0 +1,275 @@
+"""Tests of ``xent.torch.linear_cross_entropy`` / ``FusedLinearCrossEntropyLoss``.
+
+The reference: the logits ``h·Wᵀ + b`` computed in float64 from the inputs' exact values,
+``test_torch.reference`` on them (PyTorch's cross-entropy with Liger's options, float64
+autograd), and the gradients of the hidden states, the weight and the bias from the logits'
+gradient ``G`` by float64 matrix products: ``G·W``, ``Gᵀ·h``, ``Σ_rows G``.
+
+Tolerances (GPU): the forward GEMM rounds each logit to the inputs' dtype (relative ``u``: 2^-8
+for bfloat16, 2^-11 for float16, 2^-24 for float32, cuBLASLt accumulating in f32), which moves
+each softmax probability by about ``p·|z|·u``; the kernel rounds ``G`` once more, and the gradient
+GEMMs round their outputs (and, for a 16-bit weight gradient, once per chunk). So each gradient
+element is allowed ``K·u·(1 + max|z|)`` times the sum of the absolute values of the terms it
+sums (``|G|·|W|``, ``|G|ᵀ·|h|``, ``Σ|G|``), with ``K = 8``; the loss ``K·u·(1 + max|z|)·(1 +
+|loss|)``. Measured errors sit well inside these (see the README's tolerance table).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import xent.torch as xt  # noqa: E402
+from test_torch import reference  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+F64 = torch.float64
+UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+K = 8.0
+
+OPTION_CASES = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "all": dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, grad_scale=0.5,
+                return_z_loss=True, return_token_accuracy=True),
+    "weighted": dict(weighted=True, label_smoothing=0.05),
+    "causal": dict(causal_shift=True, label_smoothing=0.1),
+    "ignore_7": dict(ignore_index=7),
+}
+
+
+def inputs(device, lead=(67,), d=64, v=1003, dtype=torch.bfloat16, bias=False, weighted=False,
+           ignore_index=-100, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*lead, d, generator=gen) * scale).to(dtype).to(device)
+    w = (torch.randn(v, d, generator=gen) / d**0.5).to(dtype).to(device)
+    b = (torch.randn(v, generator=gen) * 0.1).to(dtype).to(device) if bias else None
+    y = torch.randint(0, v, lead, generator=gen)
+    flat = y.reshape(-1)
+    flat[3::5] = ignore_index
+    cw = (torch.rand(v, generator=gen) + 0.5).to(device) if weighted else None
+    return h, w, b, flat.reshape(lead).to(device), cw
+
+
+class LinearReference:
+    def __init__(self, h, w, b, y, cw, upstream=1.0, **opts):
+        self.h64, self.w64 = h.detach().to(F64), w.detach().to(F64)
+        self.b64 = None if b is None else b.detach().to(F64)
+        logits = self.h64 @ self.w64.T
+        if self.b64 is not None:
+            logits = logits + self.b64
+        self.zmax = float(logits.abs().max()) if logits.numel() else 0.0
+        keep = {k: v for k, v in opts.items() if k not in ("return_z_loss", "return_token_accuracy")}
+        self.ref = reference(logits, y, cw, upstream=upstream, **keep)
+        g = self.ref.grad.reshape(-1, w.shape[0])
+        hf = self.h64.reshape(-1, w.shape[1])
+        self.grad_h = (g @ self.w64).reshape(h.shape)
+        self.grad_w = g.T @ hf
+        self.grad_b = g.sum(0)
+        ga = g.abs()
+        self.terms_h = (ga @ self.w64.abs()).reshape(h.shape)
+        self.terms_w = ga.T @ hf.abs()
+        self.terms_b = ga.sum(0)
+
+
+def close(got, want, terms, dtype, zmax, what):
+    assert got is not None, f"{what}: no gradient"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    err = (got.detach().to(F64).cpu() - want.cpu()).abs()
+    allowed = K * UNIT[dtype] * (1.0 + zmax) * terms.cpu() + 1e-12
+    bad = err > allowed
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {err.numel()} elements outside the tolerance; worst "
+        f"error/allowed {float((err / allowed).max()):.3g}"
+    )
+
+
+def check_loss(got, want, dtype, zmax, what="loss"):
+    got = got.detach().to(F64).cpu()
+    want = want.to(F64).cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} against {tuple(want.shape)}"
+    tol = K * UNIT[dtype] * (1.0 + zmax) * (1.0 + want.abs()) + 1e-6
+    assert bool(((got - want).abs() <= tol).all()), f"{what}: {got} against {want}"
+
+
+def run(device, case, dtype=torch.bfloat16, bias=False, lead=(67,), chunk_bytes=None,
+        two_phase=None, upstream=1.0, accum_dtype=None, v=1003, d=64):
+    opts = dict(OPTION_CASES[case])
+    weighted = opts.pop("weighted", False)
+    if opts.get("causal_shift") and len(lead) == 1:
+        lead = (3, 23)
+    h, w, b, y, cw = inputs(device, lead, d, v, dtype, bias, weighted,
+                            ignore_index=opts.get("ignore_index", -100))
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    out = xt.linear_cross_entropy(h, w, y, b, ce_weight=cw, chunk_bytes=chunk_bytes,
+                                  two_phase=two_phase, accum_dtype=accum_dtype, **opts)
+    loss = out.loss if isinstance(out, xt.CrossEntropyOutput) else out
+    if isinstance(upstream, torch.Tensor):
+        (loss * upstream.to(loss.device)).sum().backward()
+    else:
+        (loss * upstream).sum().backward()
+    ref = LinearReference(h, w, b, y, cw, upstream=upstream, **opts)
+    check_loss(loss, ref.ref.loss, dtype, ref.zmax)
+    if isinstance(out, xt.CrossEntropyOutput):
+        if opts.get("return_z_loss"):
+            check_loss(out.z_loss, ref.ref.z_loss, dtype, ref.zmax, "z_loss")
+        if opts.get("return_token_accuracy"):
+            # A logit within rounding of the row's maximum may change the argmax: allow one row.
+            rows = float((y != opts.get("ignore_index", -100)).sum())
+            assert abs(float(out.token_accuracy) - float(ref.ref.accuracy)) <= 1.0 / rows + 1e-6
+    close(h.grad, ref.grad_h, ref.terms_h, dtype, ref.zmax, "grad_hidden")
+    close(w.grad, ref.grad_w, ref.terms_w, dtype, ref.zmax, "grad_weight")
+    if b is not None:
+        close(b.grad, ref.grad_b, ref.terms_b, dtype, ref.zmax, "grad_bias")
+    assert w.grad.dtype == w.dtype and h.grad.dtype == h.dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_options_match_reference(device, dtype, case, bias):
+    # chunks of 16 rows: five chunks, the last one shorter
+    run(device, case, dtype, bias, chunk_bytes=16 * 1003 * torch.tensor([], dtype=dtype).element_size())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("two_phase", [False, True], ids=["fused", "two_phase"])
+@pytest.mark.parametrize("upstream", [1.0, 0.5, 3.0])
+def test_scalar_upstream(device, two_phase, upstream):
+    run(device, "all", torch.bfloat16, True, two_phase=two_phase, upstream=upstream)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_upstream_of_reduction_none(device):
+    upstream = torch.linspace(-1.0, 2.0, 67)
+    run(device, "none", torch.bfloat16, True, upstream=upstream, chunk_bytes=8 * 1003 * 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("accum", [None, torch.float32], ids=["weight_dtype", "f32"])
+def test_accum_dtype(device, accum):
+    run(device, "mean", torch.bfloat16, True, accum_dtype=accum, chunk_bytes=8 * 1003 * 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_is_liger_shaped(device):
+    h, w, b, y, _ = inputs(device, bias=True)
+    loss_fn = xt.FusedLinearCrossEntropyLoss(label_smoothing=0.1, return_z_loss=True, lse_square_scale=1e-4)
+    out = loss_fn(w, h, y, b)  # Liger's argument order: weight first
+    assert isinstance(out, xt.CrossEntropyOutput) and out.z_loss is not None
+    direct = xt.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, lse_square_scale=1e-4)
+    assert torch.equal(out.loss, direct)
+    assert "label_smoothing=0.1" in repr(loss_fn)
+    with pytest.raises(NotImplementedError):
+        xt.FusedLinearCrossEntropyLoss(use_token_scaling=True)
+    with pytest.raises(ValueError):
+        xt.FusedLinearCrossEntropyLoss(reduction="avg")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_gives_the_loss(device):
+    h, w, b, y, _ = inputs(device, bias=True)
+    with torch.no_grad():
+        loss = xt.linear_cross_entropy(h, w, y, b)
+    ref = LinearReference(h, w, b, y, None)
+    check_loss(loss, ref.ref.loss, torch.bfloat16, ref.zmax)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_weight_and_3d_input(device):
+    h, w, b, y, _ = inputs(device, lead=(2, 33))
+    h.requires_grad_(True)
+    loss = xt.linear_cross_entropy(h, w, y, chunk_bytes=10 * 1003 * 2)
+    loss.backward()
+    assert w.grad is None and h.grad.shape == h.shape
+    ref = LinearReference(h, w, None, y, None)
+    close(h.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, "grad_hidden")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    h, w, b, y, _ = inputs(device, bias=True)
+    with pytest.raises(TypeError):
+        xt.linear_cross_entropy(h.float(), w, y)
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h, w[:, :-1], y)
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h, w, y[:-1])
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h, w, y, b[:-1])
+    with pytest.raises(TypeError):
+        xt.linear_cross_entropy(h, w, y.float())
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h, w, y, accum_dtype=torch.float16)
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h, w, y, label_smoothing=2.0)
+    with pytest.raises(ValueError):
+        xt.linear_cross_entropy(h[0], w, y[0], causal_shift=True)  # no sequence dimension
+
+
+# The issue's grid, on the GPU against PyTorch in float32 (TF32 off): D in {2048, 4096},
+# V in {32000, 128256, 256000}, N in {1, 1000, 8192}, bf16 and f32, plain and every option.
+GRID = [(n, d, v) for d in (2048, 4096) for v in (32000, 128256, 256000) for n in (1, 1000, 8192)]
+
+
+def torch_f32(h, w, y, opts):
+    """PyTorch in float32: logits, options, autograd."""
+    hf = h.detach().float().requires_grad_(True)
+    wf = w.detach().float().requires_grad_(True)
+    z = hf @ wf.T
+    cap = opts.get("softcap")
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    eps = opts.get("label_smoothing", 0.0)
+    ce = F.cross_entropy(z, y, ignore_index=-100, label_smoothing=eps)
+    s = opts.get("lse_square_scale", 0.0)
+    if s:
+        valid = y != -100
+        lse = torch.logsumexp(z, -1)
+        ce = ce + s * (lse[valid] ** 2).mean()
+    ce.backward()
+    return ce.detach(), hf.grad, wf.grad
+
+
+@cuda_only
+@pytest.mark.skipif(os.environ.get("XENT_LINEAR_GRID", "1") == "0", reason="XENT_LINEAR_GRID=0")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("case", ["plain", "options"])
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "x".join(map(str, s)))
+def test_issue_grid_against_torch_f32(shape, case, dtype):
+    n, d, v = shape
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(n + d + v)
+    h = (torch.randn(n, d, device="cuda", generator=gen)).to(dtype)
+    w = (torch.randn(v, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+    y = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    y[1::7] = -100
+    opts = {} if case == "plain" else dict(label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0)
+    want_loss, want_h, want_w = torch_f32(h, w, y, opts)
+    hx = h.clone().requires_grad_(True)
+    wx = w.clone().requires_grad_(True)
+    loss = xt.linear_cross_entropy(hx, wx, y, **opts)
+    loss.backward()
+    # Relative to the largest gradient element: f32 agrees to f32 accumulation; bf16 to the
+    # logits' rounding (the tolerance of the module doc, with |z| ~ 4-6 here) and bf16 outputs.
+    u = UNIT[dtype]
+    zmax = 6.0
+    tol = K * u * (1 + zmax)
+    lt = float((loss.float() - want_loss).abs())
+    assert lt <= tol * (1 + float(want_loss.abs())), f"loss {float(loss)} against {float(want_loss)}"
+    for what, got, want in (("grad_hidden", hx.grad, want_h), ("grad_weight", wx.grad, want_w)):
+        scale = float(want.abs().max())
+        err = float((got.float() - want).abs().max())
+        assert err <= tol * scale + 1e-12, f"{what}: max error {err:.3g}, largest value {scale:.3g}"

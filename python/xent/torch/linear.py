@@ -1,0 +1,365 @@
+"""Linear layer + cross-entropy without the ``[N, V]`` logits: ``linear_cross_entropy(hidden,
+weight, target)`` is ``cross_entropy(hidden @ weight.T + bias, target)``, computed one chunk of
+rows at a time (cuBLASLt GEMMs around xent's kernel, on PyTorch's current stream), so that the
+logits never exist whole. ``FusedLinearCrossEntropyLoss`` takes the arguments of Liger's
+``LigerFusedLinearCrossEntropyLoss`` and can replace it.
+
+Memory: one chunk of logits (``chunk_bytes``; by default an eighth of the whole logits, at least
+64 MiB), cuBLASLt's workspace, and the gradients themselves. Modes (``two_phase``):
+
+- fused (default for the mean and sum reductions): the forward computes the loss and every
+  gradient (three GEMMs per chunk: the logits, ``grad_hidden = G·W``, ``grad_weight += Gᵀ·h``)
+  and keeps the gradients until backward, which multiplies them by the upstream gradient only
+  when it is not exactly 1 (decided on the device). Liger's scheme.
+- two-phase (forced for ``reduction="none"``, whose per-row upstream cannot be applied to a
+  weight gradient already summed over rows): the forward computes the loss only (one GEMM per
+  chunk) and keeps per-row statistics; the backward computes the logits again and the gradients
+  of ``upstream · loss`` (four GEMMs in all; nothing of size ``[V, D]`` held between the two).
+
+The weight gradient is accumulated over the chunks in the weight's dtype (as Liger's default
+does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or in
+``accum_dtype=torch.float32``, converted to the weight's dtype in backward (an f32 ``[V, D]``
+buffer more, exact to f32 accumulation).
+
+CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
+CPU reference). ``torch.compile`` runs this function eagerly (a graph break), as it does
+Liger's.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import site
+from typing import Optional
+
+import torch
+
+from .. import _xent
+from . import _launch
+from .function import loss_of
+from .functional import cross_entropy, outputs
+
+_GEMM_WORKSPACE_MAX = 32 << 20
+_BLAS_OPEN: set = set()
+
+
+def _cublaslt_dirs() -> list:
+    """Folders where PyTorch's CUDA wheels keep libcublasLt (``nvidia/cu13/lib``,
+    ``nvidia/cublas/lib``) beside torch itself and in the site folders."""
+    roots = [os.path.dirname(os.path.dirname(torch.__file__))]
+    try:
+        roots += site.getsitepackages()
+    except AttributeError:  # a virtualenv's old site module
+        pass
+    dirs = []
+    for root in dict.fromkeys(roots):
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))
+    return dirs
+
+
+def _device(index: int):
+    """xent on CUDA device ``index`` with cuBLASLt open (RuntimeError saying what was tried)."""
+    handle = _launch.device(index)
+    if index not in _BLAS_OPEN:
+        _xent.open_cublaslt(handle, _cublaslt_dirs())
+        _BLAS_OPEN.add(index)
+    return handle
+
+
+def _buffer(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else (tensor.data_ptr(), tensor.numel())
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).rpartition(".")[2]
+
+
+class _Call:
+    """A checked call on CUDA tensors: 2-D contiguous hidden states, weight, bias, flat labels,
+    float32 class weights, and the shape ``(batch, seq_len, hidden, vocab)``."""
+
+    def __init__(self, hidden, weight, target, bias, ce_weight, shape):
+        self.hidden, self.weight, self.target, self.bias = hidden, weight, target, bias
+        self.ce_weight, self.shape = ce_weight, shape
+
+    def inputs(self):
+        return (
+            _buffer(self.hidden),
+            _buffer(self.weight),
+            _buffer(self.bias),
+            _dtype(self.hidden),
+            _buffer(self.target),
+            _dtype(self.target),
+            self.shape,
+            _buffer(self.ce_weight),
+        )
+
+
+def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
+         accum_dtype=None):
+    """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
+    asked for). The scratch comes from PyTorch's allocator and goes back to its cache after."""
+    device = call.hidden.device
+    index = device.index
+    handle = _device(index)
+    checked = _launch.checked(opts)
+    inputs = call.inputs()
+    chunk_rows, logits_bytes, labels_bytes, ones_len, workspace_len = _xent.linear_scratch(
+        handle, *inputs, checked, pass_name, chunk_bytes
+    )
+    u8 = dict(dtype=torch.uint8, device=device)
+    logits = torch.empty(max(logits_bytes, 1), **u8)
+    gemm_bytes = min(_GEMM_WORKSPACE_MAX, max(4 << 20, logits_bytes // 4))
+    gemm = torch.empty(gemm_bytes, **u8)
+    labels = torch.empty(labels_bytes, **u8) if labels_bytes else None
+    ones = torch.ones(ones_len, dtype=call.hidden.dtype, device=device) if ones_len else None
+    workspace = torch.empty(workspace_len, dtype=torch.float32, device=device) if workspace_len else None
+    want_h, want_w, want_b = grads
+    grad_h = torch.empty_like(call.hidden) if want_h else None
+    grad_dtype = accum_dtype or call.weight.dtype
+    grad_w = torch.empty(call.weight.shape, dtype=grad_dtype, device=device) if want_w else None
+    grad_b = torch.empty(call.bias.shape, dtype=grad_dtype, device=device) if want_b else None
+
+    def typed(tensor):
+        return None if tensor is None else (_buffer(tensor), _dtype(tensor))
+
+    with _launch._on(index):
+        _xent.linear(
+            handle, _launch._stream(index), *inputs, checked, pass_name, _buffer(upstream),
+            _buffer(stats), _buffer(workspace), (_buffer(grad_h), typed(grad_w), typed(grad_b), False),
+            (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
+        )
+    return grad_h, grad_w, grad_b
+
+
+class LinearXentFunction(torch.autograd.Function):
+    """``apply(hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
+    chunk_bytes)`` -> ``(loss, stats)`` on checked CUDA tensors (see ``linear_cross_entropy``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
+                chunk_bytes):
+        ctx.set_materialize_grads(False)
+        call = _Call(hidden, weight, target, bias, ce_weight, shape)
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[3])
+        rows = target.numel()
+        stats = torch.empty(_xent.stats_len(rows, opts.return_token_accuracy), dtype=torch.float32,
+                            device=hidden.device)
+        fused = any(want) and not two_phase
+        if fused:
+            grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype)
+            ctx.save_for_backward(*grads)
+        else:
+            _run(call, opts, "forward", stats, chunk_bytes)
+            if any(want):
+                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
+        ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
+        ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
+        ctx.mark_non_differentiable(stats)
+        return loss_of(stats, target, opts), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        nones = (None,) * 7
+        if grad_loss is None or not any(ctx.want):
+            return (None, None, None, None) + nones
+        upstream = _launch.upstream_of(grad_loss)
+        if ctx.fused:
+            grads = list(ctx.saved_tensors)
+            handle = _device(upstream.device.index)
+            with _launch._on(upstream.device.index):
+                stream = _launch._stream(upstream.device.index)
+                for grad in grads:
+                    if grad is not None:  # scaled on the device where the upstream is not 1
+                        shape = (1, grad.shape[0], grad.numel() // grad.shape[0], grad.numel() // grad.shape[0])
+                        handle.scale_grad(stream, _buffer(grad), _dtype(grad), shape, _buffer(upstream))
+        else:
+            hidden, weight, target, bias, ce_weight, stats = ctx.saved_tensors
+            call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
+            grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
+                              grads=ctx.want, accum_dtype=ctx.accum_dtype))
+        for i in (1, 2):
+            if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
+                grads[i] = grads[i].to(ctx.weight_dtype)
+        grad_h, grad_w, grad_b = grads
+        return grad_h, grad_w, None, grad_b, *nones[:6]
+
+
+def _check(hidden, weight, target, bias, ce_weight, causal_shift):
+    """PyTorch's kinds of errors for bad tensors; returns them as the kernels take them and the
+    shape ``(batch, seq_len, hidden, vocab)``."""
+    for name, value in (("input", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in (("bias", bias), ("ce_weight", ce_weight)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"input of dtype {hidden.dtype} is not supported: expected float32, float16 or bfloat16")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(
+            f"input ({hidden.dtype}), weight ({weight.dtype}) and bias "
+            f"({None if bias is None else bias.dtype}) must have one dtype"
+        )
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target of dtype {target.dtype} is not supported: expected int64 or int32 class indices")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"input {tuple(hidden.shape)} and weight {tuple(weight.shape)}: expected [..., D] and [V, D]"
+        )
+    vocab, d = weight.shape
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target {tuple(target.shape)} must have input's shape without its last dimension "
+            f"({tuple(hidden.shape[:-1])})"
+        )
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{vocab}]")
+    if ce_weight is not None and tuple(ce_weight.shape) != (vocab,):
+        raise ValueError(f"ce_weight {tuple(ce_weight.shape)} must hold one weight per class ({vocab})")
+    devices = {t.device for t in (hidden, weight, target, bias, ce_weight) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every tensor must be on one device, got {sorted(map(str, devices))}")
+    if causal_shift and hidden.dim() < 2:
+        raise ValueError("causal_shift needs input of shape [..., seq_len, D]")
+    rows = target.numel()
+    seq_len = hidden.shape[-2] if causal_shift else rows
+    batch = rows // seq_len if seq_len else 0
+    if ce_weight is not None:
+        ce_weight = ce_weight.detach().to(torch.float32).contiguous()
+    return (
+        hidden.reshape(rows, d).contiguous(),
+        weight.contiguous(),
+        target.reshape(rows).contiguous(),
+        None if bias is None else bias.contiguous(),
+        ce_weight,
+        (batch, seq_len, d, vocab),
+    )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ce_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    causal_shift: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    grad_scale: float = 1.0,
+    accum_dtype: Optional[torch.dtype] = None,
+    two_phase: Optional[bool] = None,
+    chunk_bytes: Optional[int] = None,
+    check_labels: bool = False,
+):
+    """Cross-entropy of ``input @ weight.T + bias`` against ``target`` without materialising the
+    logits: ``input`` ``[..., D]`` hidden states, ``weight`` ``[V, D]`` (the LM head), ``bias``
+    ``[V]``, all float32, float16 or bfloat16 of one dtype; ``target`` ``input.shape[:-1]`` class
+    indices. Returns what ``xent.torch.cross_entropy`` returns for those logits (every option
+    means the same; ``ce_weight`` is its ``weight``), differentiable in ``input``, ``weight`` and
+    ``bias``.
+
+    - ``accum_dtype``: the weight and bias gradients' accumulator (None: the weight's dtype;
+      ``torch.float32``: exact to f32, one [V, D] f32 buffer more while it lives).
+    - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none (see
+      the module's doc for each mode's cost).
+    - ``chunk_bytes``: the memory of one chunk of logits (None: an eighth of the whole logits,
+      at least 64 MiB); smaller saves memory and costs time.
+    """
+    opts = _launch.Opts(
+        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+        softcap, return_token_accuracy,
+    )
+    _launch.checked(opts)  # bad option values raise here, before anything runs
+    if accum_dtype not in (None, torch.float32, weight.dtype):
+        raise ValueError(f"accum_dtype must be None, torch.float32 or the weight's dtype, got {accum_dtype}")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    common = dict(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        grad_scale=grad_scale, check_labels=check_labels,
+    )
+    if not isinstance(input, torch.Tensor) or not input.is_cuda:
+        # The unfused path, on the CPU reference: the same values, O(N·V) memory.
+        _check(input, weight, target, bias, ce_weight, causal_shift)
+        logits = torch.nn.functional.linear(input, weight, bias)
+        return cross_entropy(logits, target, ce_weight, **common)
+    hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
+        input, weight, target, bias, ce_weight, causal_shift
+    )
+    if two_phase is None or reduction == "none":
+        two_phase = two_phase or reduction == "none"
+    apply = torch.compiler.disable(LinearXentFunction.apply)
+    loss, stats = apply(
+        hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes
+    )
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    return outputs(
+        loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, check_labels
+    )
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """Liger's ``LigerFusedLinearCrossEntropyLoss`` (its arguments, defaults and return types),
+    computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``.
+    Beyond Liger's: ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
+
+    def __init__(
+        self,
+        ce_weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        lse_square_scale: float = 0.0,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+        softcap: Optional[float] = None,
+        return_z_loss: bool = False,
+        accum_dtype: Optional[torch.dtype] = None,
+        use_token_scaling: bool = False,
+        return_token_accuracy: bool = False,
+        return_predicted_tokens: bool = False,
+        *,
+        causal_shift: bool = False,
+        grad_scale: float = 1.0,
+        two_phase: Optional[bool] = None,
+        chunk_bytes: Optional[int] = None,
+    ):
+        super().__init__()
+        if use_token_scaling:
+            raise NotImplementedError(
+                "use_token_scaling is not supported by xent: scale the per-token loss of "
+                "reduction='none' instead"
+            )
+        if return_predicted_tokens:
+            raise NotImplementedError(
+                "return_predicted_tokens is not supported by xent: take the argmax of the logits "
+                "where you need it"
+            )
+        _launch.checked(_launch.Opts(
+            ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+            softcap, return_token_accuracy,
+        ))
+        self.ce_weight = ce_weight
+        self.options = dict(
+            ignore_index=ignore_index, lse_square_scale=lse_square_scale,
+            label_smoothing=label_smoothing, reduction=reduction, softcap=softcap,
+            return_z_loss=return_z_loss, accum_dtype=accum_dtype,
+            return_token_accuracy=return_token_accuracy, causal_shift=causal_shift,
+            grad_scale=grad_scale, two_phase=two_phase, chunk_bytes=chunk_bytes,
+        )
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        return linear_cross_entropy(_input, lin_weight, target, bias, ce_weight=self.ce_weight, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
