@@ -105,6 +105,11 @@ pub struct XentParams {
     pub upstream: u64,
     /// The loss options; read only by the `*_coef_*` and `*_opt_*` entry points.
     pub opts: OptParams,
+    /// Backward only: with `slice_len` > 0 the logits hold columns `[slice_start, slice_start +
+    /// slice_len)` of rows of `rows.vocab` classes (`rows.row_stride` apart), and the gradient of
+    /// those columns is written; 0: whole rows.
+    pub slice_start: u32,
+    pub slice_len: u32,
 }
 
 /// The loss options, as the `*_coef_*` and `*_opt_*` kernels read them. Every field's zero is

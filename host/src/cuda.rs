@@ -438,7 +438,9 @@ impl CrossEntropy {
             shape,
             weight,
         };
-        self.launch_backward(stream, &call, opts, counts, row_lse, upstream, grad_delta)
+        self.launch_backward(
+            stream, &call, opts, counts, row_lse, upstream, grad_delta, None,
+        )
     }
 
     /// Launches the two-phase backward kernel of `call` from a forward's `counts` and `row_lse`
@@ -454,6 +456,7 @@ impl CrossEntropy {
         row_lse: u64,
         upstream: (u64, usize),
         grad_delta: u64,
+        slice: Option<(usize, usize)>,
     ) -> Result<()> {
         let (upstream_ptr, upstream_len) = upstream;
         let shape = call.shape;
@@ -469,9 +472,30 @@ impl CrossEntropy {
         if rows == 0 {
             return Ok(());
         }
-        let (n_tiles, blocks) = plan::tile_grid(rows, shape.vocab)?;
+        // A slice of the vocabulary: its columns only, `len` elements per row in memory.
+        let (slice_start, slice_len) = slice.unwrap_or((0, 0));
+        let (columns, row_shape) = match slice {
+            Some((start, len)) => {
+                if len == 0 || start + len > shape.vocab {
+                    return Err(Error::InvalidOption(format!(
+                        "vocabulary slice [{start}, {}) outside [0, {})",
+                        start + len,
+                        shape.vocab
+                    )));
+                }
+                (
+                    len,
+                    Shape {
+                        row_stride: len,
+                        ..shape
+                    },
+                )
+            }
+            None => (shape.vocab, shape),
+        };
+        let (n_tiles, blocks) = plan::tile_grid(rows, columns)?;
         let params = XentParams {
-            rows: self.rows_params(call.logits, call.labels, shape, opts),
+            rows: self.rows_params(call.logits, call.labels, row_shape, opts),
             counts,
             row_loss: 0,
             row_lse,
@@ -485,6 +509,8 @@ impl CrossEntropy {
             grad_delta,
             upstream: upstream_ptr,
             opts: opt_params(opts, call.weight, 0),
+            slice_start: slice_start as u32,
+            slice_len: slice_len as u32,
         };
         let kernel = Kernel::Xent {
             kind: XentKind::Backward,
@@ -672,6 +698,8 @@ impl CrossEntropy {
                 grad_delta: 0,
                 upstream: 0,
                 opts: opt_params(opts, weight, out.row_correct),
+                slice_start: 0,
+                slice_len: 0,
             };
             let variant = variant(opts, weight != 0, opts.return_token_accuracy);
             let kernel = |kind| Kernel::Xent {

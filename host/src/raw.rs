@@ -259,6 +259,7 @@ impl CrossEntropy {
             forward.row_lse.ptr,
             (upstream.ptr, upstream.len),
             delta,
+            None,
         )
     }
 

@@ -455,6 +455,20 @@ fn chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
     (row, start, block, Segment::new::<T>(addr, len))
 }
 
+/// As `chunk_of`, or over a slice of the vocabulary (`slice_len` > 0): the chunks cover the
+/// slice's columns, laid out from column 0 of each row in memory, and the start returned is the
+/// chunk's first class in the whole vocabulary (`slice_start` is 0 without a slice).
+#[inline(always)]
+fn slice_chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
+    let block = prim::block_idx() as u64;
+    let (row, chunk) = prim::div_rem(block, p.n_chunks as u64);
+    let local = chunk as u32 * p.chunk_len;
+    let columns = if p.slice_len != 0 { p.slice_len } else { p.rows.vocab };
+    let len = p.chunk_len.min(columns - local);
+    let addr = row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64;
+    (row, p.slice_start + local, block, Segment::new::<T>(addr, len))
+}
+
 /// Chunked plan, first kernel: the summary of one chunk of a row ((max, sum) in log2 units, and
 /// the options' sums), into `partials`. Reads each logit once (element bytes per element).
 ///
@@ -524,10 +538,11 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
 /// by a forward call), times the upstream gradient (one value, or one per row), written
 /// `grad_delta` bytes from the logits (0: in place). Reads and writes each element once.
 ///
-/// Launch: as `chunk_partial`, with `counts` and `row_lse` of the forward call.
+/// Launch: as `chunk_partial`, with `counts` and `row_lse` of the forward call; with a slice,
+/// `n_chunks` tiles cover `slice_len` columns.
 #[inline(always)]
 pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
-    let (row, start, _, seg) = chunk_of::<T>(p);
+    let (row, start, _, seg) = slice_chunk_of::<T>(p);
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
         Target::Class(label) => label,
         _ => {

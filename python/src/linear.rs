@@ -99,8 +99,8 @@ pub(crate) fn open_cublaslt(device: &Device, dirs: Vec<String>) -> PyResult<Stri
     Ok(path)
 }
 
-/// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of shifted
-/// labels, ones, f32 values of the loss's workspace), for chunks of logits of at most
+/// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of cuBLASLt's
+/// workspace, bytes of shifted labels, ones, f32 values of the loss's workspace), for chunks of logits of at most
 /// `budget` bytes (None: the default).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -118,7 +118,7 @@ pub(crate) fn linear_scratch(
     opts: &Options,
     pass_name: &str,
     budget: Option<usize>,
-) -> PyResult<(usize, usize, usize, usize, usize)> {
+) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
     let call = raw_linear_call((
         hidden,
         weight,
@@ -137,6 +137,7 @@ pub(crate) fn linear_scratch(
     Ok((
         lens.chunk_rows,
         lens.logits_bytes,
+        lens.gemm_workspace_bytes,
         lens.labels_bytes,
         lens.ones_len,
         lens.loss_workspace_len,

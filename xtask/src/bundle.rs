@@ -7,7 +7,9 @@
 //!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
 //! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`, `./run.sh sweep`),
 //!   see its header;
-//! - `peers.py`: the peers benchmark, copied from `../shared/bench/` when it exists;
+//! - `peers.py`, `peers_linear.py`, `peers_options.py`: the peers' benchmarks, copied from
+//!   `../shared/bench/` when they exist; `linear_bench.py` (from `bench/`): linear +
+//!   cross-entropy, xent's methods beside `peers_linear.py`'s;
 //! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
 //!   a cluster-plan sweep; `configs.txt`: the default benchmark configs;
 //! - `python/`: the Python package's wheel (`cargo xtask wheel`), its tests and examples, and
@@ -129,16 +131,21 @@ pub fn bundle(root: &Path) -> Result<()> {
         packed as f64 / 1e6
     ));
 
-    match root
-        .parent()
-        .map(|parent| parent.join("shared/bench/peers.py"))
-    {
-        Some(peers) if peers.is_file() => {
-            fs::copy(&peers, bundle_dir.join("peers.py"))
-                .map_err(|err| format!("cannot copy {}: {err}", peers.display()))?;
-            step("bundled bundle/peers.py");
+    // The peers' benchmarks, from the team's shared folder when it exists.
+    for name in ["peers.py", "peers_linear.py", "peers_options.py"] {
+        match root
+            .parent()
+            .map(|parent| parent.join("shared/bench").join(name))
+        {
+            Some(peers) if peers.is_file() => {
+                fs::copy(&peers, bundle_dir.join(name))
+                    .map_err(|err| format!("cannot copy {}: {err}", peers.display()))?;
+                step(&format!("bundled bundle/{name}"));
+            }
+            _ => step(&format!(
+                "no ../shared/bench/{name}: the bundle runs without it"
+            )),
         }
-        _ => step("no ../shared/bench/peers.py: the bundle has no peers benchmark"),
     }
 
     bundle_python(root, &bundle_dir)?;
@@ -146,6 +153,7 @@ pub fn bundle(root: &Path) -> Result<()> {
         ("bench/table.py", "table.py"),
         ("bench/sweep.py", "sweep.py"),
         ("bench/torch_bench.py", "torch_bench.py"),
+        ("bench/linear_bench.py", "linear_bench.py"),
         ("host/benches/configs.txt", "configs.txt"),
     ] {
         fs::copy(root.join(from), bundle_dir.join(to))

@@ -10,6 +10,8 @@
 #   run.sh bench [ARGS...]      the same as test, then every bin/bench-* with --bench ARGS, then
 #                               peers.py and torch_bench.py (the Python package's rows)
 #                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
+#   run.sh linear [ARGS...]     linear + cross-entropy: linear_bench.py (xent's methods and
+#                               peers_linear.py's, one process; ARGS go to it) into linear.log
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
@@ -29,7 +31,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | linear | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -78,7 +80,7 @@ done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear) log=$mode.log ;; esac
 
 # The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
 install_xent_wheel() {
@@ -101,8 +103,24 @@ run_python() {
   done
 }
 
+# The pure-Python peers travel as wheels (bundle/wheels/, from `pip download`).
+install_peer_wheels() {
+  local wheels=(wheels/*.whl)
+  if [[ ${#wheels[@]} -gt 0 && ! -d $scratch/site ]]; then
+    python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "${wheels[@]}" &&
+      export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+}
+
 if [[ $mode == python ]]; then
   run_python "$@"
+elif [[ $mode == linear ]]; then
+  install_peer_wheels
+  if install_xent_wheel; then
+    run_one linear_bench.py "$log" timeout 1800 python3 linear_bench.py "$@"
+  else
+    names+=("python wheel") codes+=(2) notes+=("")
+  fi
 elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
@@ -162,12 +180,7 @@ if [[ $mode == bench ]]; then
     run_one "${bin#bin/}" bench.log timeout 1800 "./$bin" --bench --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}" "$@"
   done
   if [[ -f peers.py ]]; then
-    # The pure-Python peers travel as wheels (bundle/wheels/, from `pip download`).
-    wheels=(wheels/*.whl)
-    if [[ ${#wheels[@]} -gt 0 ]]; then
-      python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "${wheels[@]}" &&
-        export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
+    install_peer_wheels
     run_one peers.py bench.log timeout 1800 python3 peers.py --configs "${XENT_BENCH_CONFIGS:-$(cat configs.txt)}"
   fi
   if [[ -f torch_bench.py ]] && { [[ -d $scratch/xent ]] || install_xent_wheel; }; then

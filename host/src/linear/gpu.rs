@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use super::{LinearShape, chunk_rows};
+use super::{LinearShape, chunk_rows, gemm_workspace_bytes, vocab_block};
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
@@ -23,9 +23,6 @@ use crate::loss::Loss;
 use crate::options::{DType, Element, Label, Options, Shape, check_upstream_len};
 use crate::plan;
 use crate::raw::{LabelType, RawBuffer, RawLoss, check_len};
-
-/// cuBLASLt's workspace: 32 MiB, NVIDIA's advice for Hopper.
-pub const GEMM_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// What a linear + cross-entropy call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,21 +212,19 @@ impl CrossEntropy {
             LinearPass::Backward { .. } => 0,
             _ => self.chunk_plans(call, opts, chunk)?.2,
         };
-        let label_bytes = match call.label_type {
-            LabelType::I32 => 4,
-            LabelType::I64 => 8,
-        };
+        let logits = logits_bytes(rows, v, chunk, call.dtype.bytes());
         Ok(LinearScratchLens {
             chunk_rows: chunk,
-            logits_bytes: chunk * v * call.dtype.bytes(),
-            gemm_workspace_bytes: GEMM_WORKSPACE_BYTES,
+            logits_bytes: logits,
+            gemm_workspace_bytes: gemm_workspace_bytes(logits),
             labels_bytes: if opts.causal_shift {
-                rows * label_bytes
+                rows * label_bytes(call.label_type)
             } else {
                 0
             },
+            // The row scheme needs a chunk of ones, the blocked backward one per row.
             ones_len: if call.bias.is_some() && pass != LinearPass::Forward {
-                chunk
+                rows.max(1)
             } else {
                 0
             },
@@ -265,6 +260,14 @@ impl CrossEntropy {
     /// Every option of [`Options`] applies, the causal shift included. Enqueued on `stream`;
     /// nothing allocates, uploads or waits, so a call can be captured in a CUDA graph.
     ///
+    /// How: the loss by chunks of rows (a GEMM writes a chunk's logits, xent's kernel reads them).
+    /// The gradients either in the same pass (`Fused` with chunks of at least
+    /// [`ROW_SCHEME_MIN_ROWS`] rows: two GEMMs per chunk, the weight's gradient accumulated over
+    /// the chunks), or by blocks of the vocabulary after the loss (`Backward`, and `Fused` with
+    /// smaller chunks): per block the logits of every row again, their gradient from the kept
+    /// log-sum-exps, the block's weight gradient written once and the hidden states' gradient
+    /// accumulated, which moves `N·D` per block instead of `V·D` per chunk.
+    ///
     /// # Safety
     /// Every address must be device memory of this handle's context holding at least the stated
     /// number of elements of the stated type, the outputs and the scratch overlapping nothing
@@ -286,24 +289,24 @@ impl CrossEntropy {
         call.validate(opts)?;
         grads.validate(call, pass)?;
         let shape = call.shape;
-        let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+        let (rows, v) = (shape.rows(), shape.vocab);
         let t_bytes = call.dtype.bytes();
-        let l_bytes = match call.label_type {
-            LabelType::I32 => 4,
-            LabelType::I64 => 8,
-        };
         let chunk = scratch.chunk_rows;
         if chunk == 0 {
             return Err(Error::InvalidOption("chunk_rows is 0".to_string()));
         }
+        let scheme = Scheme::of(pass, rows, chunk);
+        let block = vocab_block(rows, v, chunk);
         check_len(
             "scratch.logits (bytes)",
             scratch.logits,
-            chunk * v * t_bytes,
+            logits_bytes(rows, v, chunk, t_bytes),
         )?;
-        check_len("scratch.gemm_workspace (bytes)", scratch.gemm_workspace, 1)?;
-        let lopts = chunk_options(opts);
-        // The main kernel's plans (a full chunk, the last one) and the partial sums they need.
+        check_len(
+            "scratch.gemm_workspace (bytes)",
+            scratch.gemm_workspace,
+            GEMM_HEADER_BYTES + 1,
+        )?;
         let plans = match pass {
             LinearPass::Backward { .. } => None,
             _ => Some(self.chunk_plans(call, opts, chunk)?),
@@ -330,7 +333,12 @@ impl CrossEntropy {
         let ones = match (bias_grad, scratch.ones) {
             (None, _) => 0,
             (Some(_), Some(ones)) => {
-                check_len("scratch.ones", ones, chunk.min(rows))?;
+                let needed = if scheme.vocab_backward {
+                    rows
+                } else {
+                    chunk.min(rows)
+                };
+                check_len("scratch.ones", ones, needed)?;
                 ones.ptr
             }
             (Some(_), None) => {
@@ -340,43 +348,7 @@ impl CrossEntropy {
             }
         };
         let cu_stream = stream.cu_stream();
-
-        // The causal shift, once for the whole call: shifted[r] = labels[r + 1], and the last
-        // position of each sequence ignored (one strided memset per 32-bit half of a label).
-        let labels = if opts.causal_shift && rows > 0 {
-            let Some(shifted) = scratch.labels else {
-                return Err(Error::InvalidOption(
-                    "a causal call needs scratch.labels".to_string(),
-                ));
-            };
-            check_len("scratch.labels (bytes)", shifted, rows * l_bytes)?;
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    shifted.ptr,
-                    call.labels.ptr + l_bytes as u64,
-                    (rows - 1) * l_bytes,
-                    cu_stream,
-                )?;
-                let ignore = opts.ignore_index.to_le_bytes();
-                for half in 0..l_bytes / 4 {
-                    let word =
-                        u32::from_le_bytes(ignore[4 * half..4 * half + 4].try_into().unwrap());
-                    cudarc::driver::sys::cuMemsetD2D32Async(
-                        shifted.ptr + ((shape.seq_len - 1) * l_bytes + 4 * half) as u64,
-                        shape.seq_len * l_bytes,
-                        word,
-                        1,
-                        shape.batch,
-                        cu_stream,
-                    )
-                    .result()?;
-                }
-            }
-            shifted.ptr
-        } else {
-            call.labels.ptr
-        };
-
+        let labels = self.shifted_labels(call, opts, scratch, cu_stream)?;
         let whole = KernelCall {
             dtype: call.dtype,
             label: call.label_type.name(),
@@ -385,9 +357,6 @@ impl CrossEntropy {
             shape: Shape::flat(rows, v),
             weight: call.class_weight.map_or(0, |w| w.ptr),
         };
-        if !matches!(pass, LinearPass::Backward { .. }) {
-            self.launch_count(stream, &whole, &lopts, buffers.counts)?;
-        }
         // Overwritten gradients with no rows: zeros, as the sum over no rows.
         if rows == 0 && !grads.accumulate && pass != LinearPass::Forward {
             for grad in [grads.weight, bias_grad].into_iter().flatten() {
@@ -401,127 +370,359 @@ impl CrossEntropy {
                 }
             }
         }
+        let work = Work {
+            blas,
+            stream,
+            call,
+            opts: chunk_options(opts),
+            whole,
+            logits: scratch.logits.ptr,
+            // The workspace's first bytes hold the upstream 1 of a fused call's blocked backward.
+            one: scratch.gemm_workspace.ptr,
+            gemm: (
+                scratch.gemm_workspace.ptr + GEMM_HEADER_BYTES as u64,
+                scratch.gemm_workspace.len - GEMM_HEADER_BYTES,
+            ),
+            grads,
+            bias_grad,
+            ones,
+        };
 
-        let workspace = (scratch.gemm_workspace.ptr, scratch.gemm_workspace.len);
-        let logits = scratch.logits.ptr;
-        let dtype = call.dtype;
-        for first in (0..rows).step_by(chunk) {
-            let c = chunk.min(rows - first);
-            let hidden_rows = call.hidden.ptr + (first * d * t_bytes) as u64;
-            // 1. The chunk's logits: h·Wᵀ (+ bias).
-            let gemm = Gemm {
-                a: matrix(hidden_rows, dtype, c, d, false),
-                b: matrix(call.weight.ptr, dtype, v, d, true),
-                out: matrix(logits, dtype, c, v, false),
+        // The loss (and, in the row scheme, the gradients) by chunks of rows.
+        if !matches!(pass, LinearPass::Backward { .. }) {
+            let (full, last, _) = plans.expect("planned for Forward and Fused");
+            self.launch_count(stream, &work.whole, &work.opts, buffers.counts)?;
+            for first in (0..rows).step_by(chunk) {
+                let c = chunk.min(rows - first);
+                let launch = if c == chunk { full } else { last };
+                work.row_chunk(self, first, c, launch, &buffers, scheme.row_grads)?;
+            }
+            self.launch_finish(stream, rows, work.whole.weight != 0, &work.opts, &buffers)?;
+        }
+        // The gradients by blocks of the vocabulary, from the kept log-sum-exps.
+        if scheme.vocab_backward && rows > 0 {
+            let upstream = match pass {
+                LinearPass::Backward { upstream } => upstream,
+                _ => {
+                    // The gradient of grad_scale · loss: an upstream of exactly 1.
+                    unsafe {
+                        cudarc::driver::sys::cuMemsetD32Async(
+                            work.one,
+                            1.0f32.to_bits(),
+                            1,
+                            cu_stream,
+                        )
+                        .result()?;
+                    }
+                    RawBuffer::new(work.one, 1)
+                }
+            };
+            for v0 in (0..v).step_by(block) {
+                let width = block.min(v - v0);
+                work.vocab_block(self, v0, width, &buffers, upstream)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A causal call's labels shifted once for the whole call: `shifted[r] = labels[r + 1]`, the
+    /// last position of each sequence ignored (one strided memset per 32-bit half of a label);
+    /// the labels as given otherwise.
+    fn shifted_labels(
+        &self,
+        call: &RawLinearCall,
+        opts: &Options,
+        scratch: &RawLinearScratch,
+        cu_stream: cudarc::driver::sys::CUstream,
+    ) -> Result<u64> {
+        let shape = call.shape;
+        let rows = shape.rows();
+        let l_bytes = label_bytes(call.label_type);
+        if !opts.causal_shift || rows == 0 {
+            return Ok(call.labels.ptr);
+        }
+        let Some(shifted) = scratch.labels else {
+            return Err(Error::InvalidOption(
+                "a causal call needs scratch.labels".to_string(),
+            ));
+        };
+        check_len("scratch.labels (bytes)", shifted, rows * l_bytes)?;
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                shifted.ptr,
+                call.labels.ptr + l_bytes as u64,
+                (rows - 1) * l_bytes,
+                cu_stream,
+            )?;
+            let ignore = opts.ignore_index.to_le_bytes();
+            for half in 0..l_bytes / 4 {
+                let word = u32::from_le_bytes(ignore[4 * half..4 * half + 4].try_into().unwrap());
+                cudarc::driver::sys::cuMemsetD2D32Async(
+                    shifted.ptr + ((shape.seq_len - 1) * l_bytes + 4 * half) as u64,
+                    shape.seq_len * l_bytes,
+                    word,
+                    1,
+                    shape.batch,
+                    cu_stream,
+                )
+                .result()?;
+            }
+        }
+        Ok(shifted.ptr)
+    }
+}
+
+/// Bytes at the start of the GEMM workspace that a call keeps for itself (an upstream of 1).
+const GEMM_HEADER_BYTES: usize = 256;
+
+/// `Fused` calls whose chunks hold fewer rows take the vocabulary-blocked backward: below this,
+/// accumulating the `[V, D]` weight gradient once per chunk costs more than computing the logits
+/// a second time (H200, 8192 x 4096 x 128256 bf16, fwd + both gradients: rows scheme 90 ms at
+/// 128-row chunks, 55 at 256, 45 at 512; blocked 62 ms at 128-row memory, 57 at 256).
+pub const ROW_SCHEME_MIN_ROWS: usize = 192;
+
+/// How a call computes its gradients.
+#[derive(Clone, Copy, Debug)]
+struct Scheme {
+    /// In the loss's pass over chunks of rows.
+    row_grads: bool,
+    /// Afterwards, by blocks of the vocabulary.
+    vocab_backward: bool,
+}
+
+impl Scheme {
+    fn of(pass: LinearPass, rows: usize, chunk: usize) -> Scheme {
+        match pass {
+            LinearPass::Forward => Scheme {
+                row_grads: false,
+                vocab_backward: false,
+            },
+            LinearPass::Backward { .. } => Scheme {
+                row_grads: false,
+                vocab_backward: true,
+            },
+            LinearPass::Fused => {
+                let rows_scheme = chunk >= rows || chunk >= ROW_SCHEME_MIN_ROWS;
+                Scheme {
+                    row_grads: rows_scheme,
+                    vocab_backward: !rows_scheme,
+                }
+            }
+        }
+    }
+}
+
+fn label_bytes(label_type: LabelType) -> usize {
+    match label_type {
+        LabelType::I32 => 4,
+        LabelType::I64 => 8,
+    }
+}
+
+/// Bytes of logits scratch: a chunk of rows, or a block of the vocabulary for every row.
+fn logits_bytes(rows: usize, vocab: usize, chunk: usize, t_bytes: usize) -> usize {
+    (chunk.min(rows.max(1)) * vocab).max(rows * vocab_block(rows, vocab, chunk)) * t_bytes
+}
+
+/// What the chunks and blocks of one call share.
+struct Work<'a> {
+    blas: &'a CublasLt,
+    stream: &'a Arc<CudaStream>,
+    call: &'a RawLinearCall,
+    opts: Options,
+    whole: KernelCall,
+    logits: u64,
+    one: u64,
+    gemm: (u64, usize),
+    grads: &'a RawLinearGrads,
+    bias_grad: Option<RawGrad>,
+    ones: u64,
+}
+
+impl Work<'_> {
+    fn matmul(&self, gemm: Gemm) -> Result<()> {
+        // SAFETY: the operands were checked against the call's shape by the caller.
+        unsafe { self.blas.matmul(self.stream.cu_stream(), &gemm, self.gemm) }
+    }
+
+    fn t_bytes(&self) -> usize {
+        self.call.dtype.bytes()
+    }
+
+    /// Rows `first..first + c`: their logits, xent's kernel on them (the loss, and with `grads`
+    /// their gradient, which two GEMMs then take into the hidden states' and the weight's).
+    fn row_chunk(
+        &self,
+        xent: &CrossEntropy,
+        first: usize,
+        c: usize,
+        launch: plan::LaunchPlan,
+        buffers: &LossBuffers,
+        grads: bool,
+    ) -> Result<()> {
+        let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
+        let (dtype, t_bytes) = (self.call.dtype, self.t_bytes());
+        let hidden_rows = self.call.hidden.ptr + (first * d * t_bytes) as u64;
+        self.matmul(Gemm {
+            a: matrix(hidden_rows, dtype, c, d, false),
+            b: matrix(self.call.weight.ptr, dtype, v, d, true),
+            out: matrix(self.logits, dtype, c, v, false),
+            alpha: 1.0,
+            beta: 0.0,
+            bias: self.call.bias.map_or(0, |b| b.ptr),
+        })?;
+        let kernel_call = KernelCall {
+            logits: self.logits,
+            labels: self.whole.labels + (first * label_bytes(self.call.label_type)) as u64,
+            shape: Shape::flat(c, v),
+            ..self.whole
+        };
+        let at = |base: u64| {
+            if base == 0 {
+                0
+            } else {
+                base + 4 * first as u64
+            }
+        };
+        let chunk_buffers = LossBuffers {
+            row_loss: at(buffers.row_loss),
+            row_lse: at(buffers.row_lse),
+            row_correct: at(buffers.row_correct),
+            ..*buffers
+        };
+        let mode = if grads { MODE_FUSED } else { MODE_FORWARD };
+        xent.launch_main(
+            self.stream,
+            &kernel_call,
+            &self.opts,
+            launch,
+            &chunk_buffers,
+            mode,
+        )?;
+        if !grads {
+            return Ok(());
+        }
+        // grad_hidden[chunk] = G·W.
+        if let Some(grad_hidden) = self.grads.hidden {
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, c, v, false),
+                b: matrix(self.call.weight.ptr, dtype, v, d, false),
+                out: matrix(
+                    grad_hidden.ptr + (first * d * t_bytes) as u64,
+                    dtype,
+                    c,
+                    d,
+                    false,
+                ),
                 alpha: 1.0,
                 beta: 0.0,
-                bias: call.bias.map_or(0, |b| b.ptr),
-            };
-            unsafe { blas.matmul(cu_stream, &gemm, workspace) }?;
-            // 2. xent's kernel on the chunk: its loss, and (but in Forward) its gradient over the
-            //    logits.
-            let kernel_call = KernelCall {
-                logits,
-                labels: labels + (first * l_bytes) as u64,
-                shape: Shape::flat(c, v),
-                ..whole
-            };
-            let at = |base: u64| {
-                if base == 0 {
-                    0
-                } else {
-                    base + 4 * first as u64
-                }
-            };
-            match pass {
-                LinearPass::Forward | LinearPass::Fused => {
-                    let (full, last, _) = plans.expect("planned for Forward and Fused");
-                    let launch = if c == chunk { full } else { last };
-                    let chunk_buffers = LossBuffers {
-                        row_loss: at(buffers.row_loss),
-                        row_lse: at(buffers.row_lse),
-                        row_correct: at(buffers.row_correct),
-                        ..buffers
-                    };
-                    let mode = if pass == LinearPass::Forward {
-                        MODE_FORWARD
-                    } else {
-                        MODE_FUSED
-                    };
-                    self.launch_main(stream, &kernel_call, &lopts, launch, &chunk_buffers, mode)?;
-                }
-                LinearPass::Backward { upstream } => {
-                    let upstream = if upstream.len == rows && rows > 1 {
-                        (upstream.ptr + 4 * first as u64, c)
-                    } else {
-                        (upstream.ptr, 1)
-                    };
-                    self.launch_backward(
-                        stream,
-                        &kernel_call,
-                        &lopts,
-                        buffers.counts,
-                        at(buffers.row_lse),
-                        upstream,
-                        0,
-                    )?;
-                }
-            }
-            if pass == LinearPass::Forward {
-                continue;
-            }
-            // 3. grad_hidden[chunk] = G·W.
-            if let Some(grad_hidden) = grads.hidden {
-                let gemm = Gemm {
-                    a: matrix(logits, dtype, c, v, false),
-                    b: matrix(call.weight.ptr, dtype, v, d, false),
-                    out: matrix(
-                        grad_hidden.ptr + (first * d * t_bytes) as u64,
-                        dtype,
-                        c,
-                        d,
-                        false,
-                    ),
-                    alpha: 1.0,
-                    beta: 0.0,
-                    bias: 0,
-                };
-                unsafe { blas.matmul(cu_stream, &gemm, workspace) }?;
-            }
-            let beta = if grads.accumulate || first > 0 {
-                1.0
-            } else {
-                0.0
-            };
-            // 4. grad_weight (+)= Gᵀ·h[chunk].
-            if let Some(grad_weight) = grads.weight {
-                let gemm = Gemm {
-                    a: matrix(logits, dtype, c, v, true),
-                    b: matrix(hidden_rows, dtype, c, d, false),
-                    out: matrix(grad_weight.buffer.ptr, grad_weight.dtype, v, d, false),
-                    alpha: 1.0,
-                    beta,
-                    bias: 0,
-                };
-                unsafe { blas.matmul(cu_stream, &gemm, workspace) }?;
-            }
-            // 5. grad_bias (+)= Gᵀ·1.
-            if let Some(grad_bias) = bias_grad {
-                let gemm = Gemm {
-                    a: matrix(logits, dtype, c, v, true),
-                    b: matrix(ones, dtype, c, 1, false),
-                    out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
-                    alpha: 1.0,
-                    beta,
-                    bias: 0,
-                };
-                unsafe { blas.matmul(cu_stream, &gemm, workspace) }?;
-            }
+                bias: 0,
+            })?;
         }
-        match pass {
-            LinearPass::Backward { .. } => Ok(()),
-            _ => self.launch_finish(stream, rows, call.class_weight.is_some(), &lopts, &buffers),
+        let beta = if self.grads.accumulate || first > 0 {
+            1.0
+        } else {
+            0.0
+        };
+        // grad_weight (+)= Gᵀ·h[chunk].
+        if let Some(grad_weight) = self.grads.weight {
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, c, v, true),
+                b: matrix(hidden_rows, dtype, c, d, false),
+                out: matrix(grad_weight.buffer.ptr, grad_weight.dtype, v, d, false),
+                alpha: 1.0,
+                beta,
+                bias: 0,
+            })?;
         }
+        // grad_bias (+)= Gᵀ·1.
+        if let Some(grad_bias) = self.bias_grad {
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, c, v, true),
+                b: matrix(self.ones, dtype, c, 1, false),
+                out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
+                alpha: 1.0,
+                beta,
+                bias: 0,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Classes `v0..v0 + width` for every row: their logits, their gradient from the kept
+    /// log-sum-exps times `upstream`, the block's weight (and bias) gradient written once, and
+    /// the hidden states' gradient accumulated over the blocks.
+    fn vocab_block(
+        &self,
+        xent: &CrossEntropy,
+        v0: usize,
+        width: usize,
+        buffers: &LossBuffers,
+        upstream: RawBuffer,
+    ) -> Result<()> {
+        let shape = self.call.shape;
+        let (rows, d) = (shape.rows(), shape.hidden);
+        let (dtype, t_bytes) = (self.call.dtype, self.t_bytes());
+        let weight_rows = self.call.weight.ptr + (v0 * d * t_bytes) as u64;
+        self.matmul(Gemm {
+            a: matrix(self.call.hidden.ptr, dtype, rows, d, false),
+            b: matrix(weight_rows, dtype, width, d, true),
+            out: matrix(self.logits, dtype, rows, width, false),
+            alpha: 1.0,
+            beta: 0.0,
+            bias: self.call.bias.map_or(0, |b| b.ptr + (v0 * t_bytes) as u64),
+        })?;
+        let kernel_call = KernelCall {
+            logits: self.logits,
+            ..self.whole
+        };
+        let upstream = (upstream.ptr, upstream.len);
+        xent.launch_backward(
+            self.stream,
+            &kernel_call,
+            &self.opts,
+            buffers.counts,
+            buffers.row_lse,
+            upstream,
+            0,
+            Some((v0, width)),
+        )?;
+        let beta = if self.grads.accumulate { 1.0 } else { 0.0 };
+        // grad_weight[block] (+)= Gᵀ·h, all rows at once.
+        if let Some(grad_weight) = self.grads.weight {
+            let at = grad_weight.buffer.ptr + (v0 * d * grad_weight.dtype.bytes()) as u64;
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, rows, width, true),
+                b: matrix(self.call.hidden.ptr, dtype, rows, d, false),
+                out: matrix(at, grad_weight.dtype, width, d, false),
+                alpha: 1.0,
+                beta,
+                bias: 0,
+            })?;
+        }
+        if let Some(grad_bias) = self.bias_grad {
+            let at = grad_bias.buffer.ptr + (v0 * grad_bias.dtype.bytes()) as u64;
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, rows, width, true),
+                b: matrix(self.ones, dtype, rows, 1, false),
+                out: matrix(at, grad_bias.dtype, width, 1, false),
+                alpha: 1.0,
+                beta,
+                bias: 0,
+            })?;
+        }
+        // grad_hidden (+)= G·W[block].
+        if let Some(grad_hidden) = self.grads.hidden {
+            self.matmul(Gemm {
+                a: matrix(self.logits, dtype, rows, width, false),
+                b: matrix(weight_rows, dtype, width, d, false),
+                out: matrix(grad_hidden.ptr, dtype, rows, d, false),
+                alpha: 1.0,
+                beta: if v0 == 0 { 0.0 } else { 1.0 },
+                bias: 0,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -532,7 +733,7 @@ pub struct LinearScratch {
     stream: Arc<CudaStream>,
     budget: Option<usize>,
     logits: Option<CudaSlice<u8>>,
-    workspace: CudaSlice<u8>,
+    workspace: Option<CudaSlice<u8>>,
     labels: Option<CudaSlice<u8>>,
     ones: Option<CudaSlice<u8>>,
     /// The element type and length of the ones in `ones`.
@@ -547,7 +748,7 @@ impl LinearScratch {
             stream: stream.clone(),
             budget: budget_bytes,
             logits: None,
-            workspace: stream.alloc_zeros(GEMM_WORKSPACE_BYTES)?,
+            workspace: None,
             labels: None,
             ones: None,
             ones_of: None,
@@ -597,11 +798,11 @@ impl LinearScratch {
                 Some(RawBuffer::new(ones.device_ptr_mut(&stream).0, len))
             }
         };
-        let workspace = self.workspace.device_ptr_mut(&stream).0;
+        let workspace = Self::reserve(&stream, &mut self.workspace, lens.gemm_workspace_bytes)?;
         Ok(RawLinearScratch {
             chunk_rows: lens.chunk_rows,
             logits,
-            gemm_workspace: RawBuffer::new(workspace, GEMM_WORKSPACE_BYTES),
+            gemm_workspace: workspace,
             labels,
             ones,
         })

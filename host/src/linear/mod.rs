@@ -10,7 +10,7 @@
 pub mod gpu;
 
 pub use gpu::{
-    GEMM_WORKSPACE_BYTES, LinearGrads, LinearPass, LinearScratch, LinearScratchLens, RawGrad,
+    LinearGrads, LinearPass, LinearScratch, LinearScratchLens, ROW_SCHEME_MIN_ROWS, RawGrad,
     RawLinearCall, RawLinearGrads, RawLinearScratch,
 };
 
@@ -95,26 +95,59 @@ impl LinearShape {
     }
 }
 
-/// The default memory budget for one chunk of logits: an eighth of the whole `[N, V]` logits
-/// (the target: at most 1/8 of the unfused path's extra memory), and at least
-/// [`MIN_CHUNK_BYTES`], so that a chunk keeps the GEMMs large enough to run at speed.
+/// The default memory budget of a call: an eighth of the whole `[N, V]` logits (the issue's
+/// target: at most 1/8 of the unfused path's extra memory), and at least [`MIN_CHUNK_BYTES`], so
+/// that a chunk keeps the GEMMs large enough to run at speed. Of it, [`GEMM_SHARE`] goes to
+/// cuBLASLt's workspace ([`gemm_workspace_bytes`]) and the rest to a chunk of logits.
 pub const DEFAULT_BUDGET_FRACTION: usize = 8;
-/// The smallest default chunk budget: 64 MiB holds 256 rows of a 128256-class bf16 vocabulary
-/// (Liger's chunk).
+/// The smallest default budget: 64 MiB holds 256 rows of a 128256-class bf16 vocabulary (Liger's
+/// chunk).
 pub const MIN_CHUNK_BYTES: usize = 64 << 20;
+/// cuBLASLt's workspace takes 1/GEMM_SHARE of the default budget (between 4 and 32 MiB).
+pub const GEMM_SHARE: usize = 16;
+
+/// cuBLASLt's workspace for chunks of `logits_bytes`: a sixteenth of them, between 4 MiB and
+/// 32 MiB (NVIDIA's advice for Hopper), plus 256 bytes the call keeps for itself.
+pub fn gemm_workspace_bytes(logits_bytes: usize) -> usize {
+    (logits_bytes / GEMM_SHARE).clamp(4 << 20, 32 << 20) + 256
+}
 
 /// Rows per chunk of logits for `rows` rows of `vocab` classes of `dtype` under `budget_bytes`
 /// (`None`: the default, [`DEFAULT_BUDGET_FRACTION`] of the whole logits but at least
-/// [`MIN_CHUNK_BYTES`]): the most rows whose logits fit, at least 1 and at most `rows`, rounded
-/// down to a multiple of 8 when more than 8 fit (tensor-core tiles).
+/// [`MIN_CHUNK_BYTES`], less cuBLASLt's share): at least 1 and at most `rows`. The rows are
+/// split into chunks of equal size (the last one may be shorter), a multiple of 8 when more than
+/// 8 rows fit (tensor-core tiles), none larger than fits.
 pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<usize>) -> usize {
     let row_bytes = vocab.saturating_mul(dtype.bytes()).max(1);
     let budget = budget_bytes.unwrap_or_else(|| {
-        (rows.saturating_mul(row_bytes) / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES)
+        let total = (rows.saturating_mul(row_bytes) / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES);
+        total - total / GEMM_SHARE
     });
-    let fit = (budget / row_bytes).max(1);
-    let fit = if fit > 8 { fit / 8 * 8 } else { fit };
-    fit.min(rows.max(1))
+    let rows = rows.max(1);
+    let fit = (budget / row_bytes).clamp(1, rows);
+    if fit >= rows {
+        return rows;
+    }
+    if fit <= 8 {
+        return fit;
+    }
+    // As few chunks as fit, of equal size rounded up to 8 (down when that would not fit).
+    let chunks = rows.div_ceil(fit);
+    let even = rows.div_ceil(chunks).next_multiple_of(8);
+    if even <= fit { even } else { fit / 8 * 8 }
+}
+
+/// Classes per block of the vocabulary-blocked backward ([`gpu`]): the block's `[rows, block]`
+/// logits fit where `chunk` rows of the whole vocabulary do; a multiple of 64 when at least 64
+/// (GEMM tiles), of 8 otherwise, at least 8 and at most `vocab`.
+pub fn vocab_block(rows: usize, vocab: usize, chunk: usize) -> usize {
+    let fit = chunk.saturating_mul(vocab) / rows.max(1);
+    let block = if fit >= 64 {
+        fit / 64 * 64
+    } else {
+        (fit / 8 * 8).max(8)
+    };
+    block.min(vocab)
 }
 
 /// The results of the reference: the loss (as [`cpu::forward_backward`] reports it) and the

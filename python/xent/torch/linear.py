@@ -40,7 +40,6 @@ from . import _launch
 from .function import loss_of
 from .functional import cross_entropy, outputs
 
-_GEMM_WORKSPACE_MAX = 32 << 20
 _BLAS_OPEN: set = set()
 
 
@@ -105,12 +104,11 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     handle = _device(index)
     checked = _launch.checked(opts)
     inputs = call.inputs()
-    chunk_rows, logits_bytes, labels_bytes, ones_len, workspace_len = _xent.linear_scratch(
+    chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len = _xent.linear_scratch(
         handle, *inputs, checked, pass_name, chunk_bytes
     )
     u8 = dict(dtype=torch.uint8, device=device)
     logits = torch.empty(max(logits_bytes, 1), **u8)
-    gemm_bytes = min(_GEMM_WORKSPACE_MAX, max(4 << 20, logits_bytes // 4))
     gemm = torch.empty(gemm_bytes, **u8)
     labels = torch.empty(labels_bytes, **u8) if labels_bytes else None
     ones = torch.ones(ones_len, dtype=call.hidden.dtype, device=device) if ones_len else None

@@ -1,0 +1,187 @@
+"""Fused linear + cross-entropy on one GPU (forward + both gradients): xent's methods and the
+peers of ``peers_linear.py`` (imported from beside this file when present) in one process, on
+the same inputs, measured the same way. Prints one JSON line per (method, config, input) and a
+markdown table per config at the end.
+
+Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflops``),
+``xent_linear`` (xent.torch.FusedLinearCrossEntropyLoss at its default chunk budget),
+``xent_linear_small`` (chunks of 128 rows: at most Liger's memory), ``xent_linear[rows=R]`` (the
+time-memory curve), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits,
+autograd's two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
+``cce``, ``cce_exact``.
+
+Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scaled so the mean
+per-row entropy is about 2.5 nats; recorded as ``entropy``).
+
+Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2,...]
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+import xent.torch as xt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    import peers_linear
+except ImportError:  # the peers are optional; xent's rows still run
+    peers_linear = None
+
+DEV = "cuda"
+
+
+def timed(fn, iters=10, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts), min(ts)
+
+
+def entropy_at(h, w, scale, rows=256):
+    with torch.no_grad():
+        z = (h[:rows] * scale).float() @ w.float().T
+        p = z.log_softmax(-1)
+        return float(-(p.exp() * p).sum(-1).mean())
+
+
+def peaked_scale(h, w, target=2.5):
+    lo, hi = 1.0, 64.0
+    for _ in range(30):
+        mid = math.sqrt(lo * hi)
+        if entropy_at(h, w, mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def xent_methods(v, curve):
+    out = {}
+
+    def with_rows(rows):
+        loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
+
+        def run(h, w, y):
+            loss_fn(w, h, y).backward()
+
+        return run
+
+    out["xent_linear"] = with_rows(None)
+    out["xent_linear_small"] = with_rows(128)
+    for rows in curve:
+        out[f"xent_linear[rows={rows}]"] = with_rows(rows)
+
+    def xent_unfused(h, w, y):
+        xt.cross_entropy(h @ w.T, y, ignore_index=-100).backward()
+
+    out["xent_unfused"] = xent_unfused
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="8192:4096:128256,16384:4096:128256")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--curve", default="256,384,512,2048")
+    a = ap.parse_args()
+    only = set(filter(None, a.only.split(",")))
+    curve = [int(r) for r in a.curve.split(",") if r]
+    torch.manual_seed(0)
+    peers = peers_linear.methods() if peers_linear is not None else {}
+    for cfg in a.configs.split(","):
+        n, d, v = map(int, cfg.split(":"))
+        methods = {**xent_methods(v, curve), **peers}
+        w0 = (torch.randn(v, d, device=DEV) / math.sqrt(d)).to(torch.bfloat16)
+        h0 = torch.randn(n, d, device=DEV).to(torch.bfloat16)
+        y = torch.randint(0, v, (n,), device=DEV)
+        y[::7] = -100
+        rows = []
+        med, mn = timed(lambda: h0 @ w0.T)
+        row = {"method": "gemm", "n": n, "d": d, "v": v, "dtype": "bf16", "ms_median": round(med, 3),
+               "tflops": round(2 * n * d * v / (mn * 1e-3) / 1e12, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        scale = peaked_scale(h0, w0)
+        for inp, s in (("random", 1.0), ("peaked", scale)):
+            h_base = (h0.float() * s).to(torch.bfloat16)
+            ent = entropy_at(h_base, w0, 1.0)
+            for name, fn in methods.items():
+                if only and name not in only:
+                    continue
+                h = h_base.clone().requires_grad_(True)
+                w = w0.clone().requires_grad_(True)
+
+                def step():
+                    h.grad = None
+                    w.grad = None
+                    fn(h, w, y)
+
+                try:
+                    step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    med, mn = timed(step)
+                    peak = torch.cuda.max_memory_allocated() - base
+                    row = {"method": name, "input": inp, "entropy": round(ent, 2), "n": n, "d": d, "v": v,
+                           "dtype": "bf16", "ms_median": round(med, 3), "ms_min": round(mn, 3),
+                           "tflops": round(6 * n * d * v / (med * 1e-3) / 1e12, 1),
+                           "extra_peak_MiB": round(peak / 2**20)}
+                except Exception as ex:  # a peer that fails here still lets the others run
+                    row = {"method": name, "input": inp, "n": n, "d": d, "v": v, "error": repr(ex)[:200]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del h, w
+                torch.cuda.empty_cache()
+        table(rows)
+
+
+def table(rows):
+    """Markdown: one row per method, ms and extra MiB for each input, and ratios to Liger and to
+    xent_unfused."""
+    gemm = next((r for r in rows if r["method"] == "gemm"), None)
+    by = {}
+    for r in rows:
+        if "input" in r and "ms_median" in r:
+            by.setdefault(r["method"], {})[r["input"]] = r
+    n, d, v = rows[0]["n"], rows[0]["d"], rows[0]["v"]
+    print(f"\n### N x D x V = {n} x {d} x {v} bf16 (fwd + both gradients)")
+    if gemm:
+        print(f"forward GEMM alone: {gemm['ms_median']} ms, {gemm['tflops']} TFLOP/s; "
+              f"three-GEMM bound {3 * gemm['ms_median']:.1f} ms")
+    print("| method | random ms | peaked ms | extra peak MiB | TFLOP/s (6NDV) | vs liger_flce | vs xent_unfused |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, per in by.items():
+        r, p = per.get("random"), per.get("peaked")
+        ms = [x["ms_median"] for x in (r, p) if x]
+        liger = by.get("liger_flce", {})
+        unf = by.get("xent_unfused", {})
+
+        def ratio(other):
+            got = [other[k]["ms_median"] / per[k]["ms_median"] for k in per if k in other]
+            return " / ".join(f"{x:.2f}x" for x in got) if got else "-"
+
+        print(f"| {name} | {r['ms_median'] if r else '-'} | {p['ms_median'] if p else '-'} | "
+              f"{max(x['extra_peak_MiB'] for x in (r, p) if x)} | {max(x['tflops'] for x in (r, p) if x)} | "
+              f"{ratio(liger)} | {ratio(unf)} |")
+    del ms
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
