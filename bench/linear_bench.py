@@ -5,9 +5,10 @@ markdown table per config at the end.
 
 Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflops``),
 ``xent_linear`` (xent.torch.FusedLinearCrossEntropyLoss at its default chunk budget),
-``xent_linear_small`` (chunks of 128 rows: at most Liger's memory), ``xent_linear[rows=R]`` (the
-time-memory curve), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits,
-autograd's two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
+``xent_linear_small`` (chunks of 224 rows: at most Liger's memory), ``xent_linear[rows=R]`` (the
+time-memory curve), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
+overlapped), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits, autograd's
+two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
 ``cce``, ``cce_exact``.
 
 Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scaled so the mean
@@ -73,16 +74,24 @@ def peaked_scale(h, w, target=2.5):
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows):
+    def with_rows(rows, serial=False):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
-            loss_fn(w, h, y).backward()
+            if serial:  # the two gradient GEMMs one after the other, on one stream
+                os.environ["XENT_LINEAR_OVERLAP"] = "0"
+            try:
+                loss_fn(w, h, y).backward()
+            finally:
+                os.environ.pop("XENT_LINEAR_OVERLAP", None)
 
         return run
 
     out["xent_linear"] = with_rows(None)
-    out["xent_linear_small"] = with_rows(128)
+    out["xent_linear[serial]"] = with_rows(None, serial=True)
+    # At most Liger's memory (63 MiB at 8192 x 128256: its 256-row chunk): 224-row chunks
+    # (54.8 MiB) and cuBLASLt's 4 MiB.
+    out["xent_linear_small"] = with_rows(224)
     for rows in curve:
         out[f"xent_linear[rows={rows}]"] = with_rows(rows)
 
@@ -97,7 +106,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="8192:4096:128256,16384:4096:128256")
     ap.add_argument("--only", default="")
-    ap.add_argument("--curve", default="256,384,512,2048")
+    ap.add_argument("--curve", default="256,512,1024,2048")
     a = ap.parse_args()
     only = set(filter(None, a.only.split(",")))
     curve = [int(r) for r in a.curve.split(",") if r]

@@ -140,9 +140,12 @@ fn reference_loss_is_xents_on_the_materialised_logits() {
 #[test]
 fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
     // 8192 x 128256 bf16: the logits are 2004 MiB; an eighth is 250.5 MiB, of which 15/16 for
-    // the logits (234.8 MiB: 960 rows of 250.5 KiB) and 1/16 for cuBLASLt: 9 chunks of 912 rows.
+    // the logits (234.8 MiB: 960 rows of 250.5 KiB) and 1/16 for cuBLASLt: nine even chunks
+    // would hold 911 rows, 1024 when rounded up to whole tiles, which does not fit: 896 rows.
     let rows = linear::chunk_rows(8192, 128256, DType::Bf16, None);
-    assert_eq!(rows, 912, "nine even chunks");
+    assert_eq!(rows, 896, "whole tiles");
+    // 16384 rows: 1920 fit, nine chunks of 1821 round up to 1920.
+    assert_eq!(linear::chunk_rows(16384, 128256, DType::Bf16, None), 1920);
     let total = rows * 128256 * 2 + linear::gemm_workspace_bytes(rows * 128256 * 2);
     assert!(total <= 8192 * 128256 * 2 / 8, "{total} bytes in all");
     // Few rows: the 64 MiB floor, capped at the rows there are.
@@ -158,8 +161,13 @@ fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
         linear::chunk_rows(8192, 1000, DType::F32, Some(5 * 4000)),
         5
     );
-    // Even chunks: 100 rows under a budget of 40 -> 3 chunks of 34 -> 40 (multiple of 8, fits).
+    // Even chunks: 100 rows under a budget of 40 -> 3 chunks of 34 -> 40 (multiple of 8, fits);
+    // 1000 rows under 300: 4 chunks of 250 -> 256 (multiple of 128, fits).
     assert_eq!(linear::chunk_rows(100, 10, DType::F32, Some(40 * 40)), 40);
+    assert_eq!(
+        linear::chunk_rows(1000, 10, DType::F32, Some(300 * 40)),
+        256
+    );
     for rows in [1, 7, 8, 9, 1000, 8192, 16384] {
         for budget in [None, Some(1 << 20), Some(1 << 30)] {
             let chunk = linear::chunk_rows(rows, 32000, DType::Bf16, budget);

@@ -49,6 +49,8 @@ pub struct CrossEntropy {
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
     /// automatic cluster size depends on it.
     active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
+    /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
+    pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -130,6 +132,7 @@ impl CrossEntropy {
             kernels,
             limits,
             active_clusters: Mutex::new(HashMap::new()),
+            side: Mutex::new(None),
         })
     }
 

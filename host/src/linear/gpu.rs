@@ -370,7 +370,19 @@ impl CrossEntropy {
                 }
             }
         }
+        // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
+        // held for the call).
+        let mut side_guard = None;
+        if scheme.row_grads && grads.weight.is_some() && grads.hidden.is_some() && overlap_enabled()
+        {
+            let mut guard = self.side.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_none() {
+                *guard = Some(SideStream::new(stream.context())?);
+            }
+            side_guard = Some(guard);
+        }
         let work = Work {
+            side: side_guard.as_ref().and_then(|g| g.as_ref()),
             blas,
             stream,
             call,
@@ -472,6 +484,55 @@ impl CrossEntropy {
     }
 }
 
+/// A second stream for the weight gradient's GEMM, which runs beside the hidden states' (the
+/// first is bound by memory traffic, the second by tensor cores), with the events that fork it
+/// from the call's stream and join it back (capturable: the side stream joins the call's stream
+/// before each chunk's logits are overwritten).
+pub(crate) struct SideStream {
+    ctx: Arc<cudarc::driver::CudaContext>,
+    stream: cudarc::driver::sys::CUstream,
+    fork: cudarc::driver::sys::CUevent,
+    join: cudarc::driver::sys::CUevent,
+}
+
+// SAFETY: the handles are the driver's, usable from any thread with their context bound; the
+// owner (`CrossEntropy::side`) hands them out under a mutex.
+unsafe impl Send for SideStream {}
+
+impl SideStream {
+    fn new(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<SideStream> {
+        use cudarc::driver::result::{event, stream};
+        ctx.bind_to_thread()?;
+        let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        Ok(SideStream {
+            ctx: ctx.clone(),
+            stream: stream::create(stream::StreamKind::NonBlocking)?,
+            fork: event::create(flags)?,
+            join: event::create(flags)?,
+        })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        use cudarc::driver::result::{event, stream};
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: made by `new` in this context; nothing else holds them.
+            unsafe {
+                let _ = event::destroy(self.fork);
+                let _ = event::destroy(self.join);
+                let _ = stream::destroy(self.stream);
+            }
+        }
+    }
+}
+
+/// Whether the row scheme overlaps its two gradient GEMMs on two streams: yes unless
+/// `XENT_LINEAR_OVERLAP=0` (for measuring what the overlap gains).
+fn overlap_enabled() -> bool {
+    std::env::var_os("XENT_LINEAR_OVERLAP").is_none_or(|v| v != "0")
+}
+
 /// Bytes at the start of the GEMM workspace that a call keeps for itself (an upstream of 1).
 const GEMM_HEADER_BYTES: usize = 256;
 
@@ -537,12 +598,28 @@ struct Work<'a> {
     grads: &'a RawLinearGrads,
     bias_grad: Option<RawGrad>,
     ones: u64,
+    /// The side stream of the overlapped gradient GEMMs, when they overlap.
+    side: Option<&'a SideStream>,
 }
 
 impl Work<'_> {
     fn matmul(&self, gemm: Gemm) -> Result<()> {
         // SAFETY: the operands were checked against the call's shape by the caller.
         unsafe { self.blas.matmul(self.stream.cu_stream(), &gemm, self.gemm) }
+    }
+
+    /// `gemm` on `stream` with half of the workspace (`which`: 0 or 1), so that two GEMMs can
+    /// run at once.
+    fn matmul_half(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        which: usize,
+        gemm: Gemm,
+    ) -> Result<()> {
+        let half = self.gemm.1 / 2 / 256 * 256;
+        let workspace = (self.gemm.0 + (which * half) as u64, half);
+        // SAFETY: as `matmul`; the halves do not overlap.
+        unsafe { self.blas.matmul(stream, &gemm, workspace) }
     }
 
     fn t_bytes(&self) -> usize {
@@ -602,23 +679,22 @@ impl Work<'_> {
         if !grads {
             return Ok(());
         }
-        // grad_hidden[chunk] = G·W.
-        if let Some(grad_hidden) = self.grads.hidden {
-            self.matmul(Gemm {
-                a: matrix(self.logits, dtype, c, v, false),
-                b: matrix(self.call.weight.ptr, dtype, v, d, false),
-                out: matrix(
-                    grad_hidden.ptr + (first * d * t_bytes) as u64,
-                    dtype,
-                    c,
-                    d,
-                    false,
-                ),
-                alpha: 1.0,
-                beta: 0.0,
-                bias: 0,
-            })?;
-        }
+        let main = self.stream.cu_stream();
+        // The weight's (and bias's) gradient GEMMs go to the side stream when there is one: it
+        // waits for the chunk's gradient, and the call's stream waits for it before the next
+        // chunk's logits overwrite that gradient.
+        let (weight_stream, which) = match self.side {
+            Some(side) => unsafe {
+                cudarc::driver::result::event::record(side.fork, main)?;
+                cudarc::driver::result::stream::wait_event(
+                    side.stream,
+                    side.fork,
+                    cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )?;
+                (side.stream, 1)
+            },
+            None => (main, 0),
+        };
         let beta = if self.grads.accumulate || first > 0 {
             1.0
         } else {
@@ -626,25 +702,64 @@ impl Work<'_> {
         };
         // grad_weight (+)= Gᵀ·h[chunk].
         if let Some(grad_weight) = self.grads.weight {
-            self.matmul(Gemm {
-                a: matrix(self.logits, dtype, c, v, true),
-                b: matrix(hidden_rows, dtype, c, d, false),
-                out: matrix(grad_weight.buffer.ptr, grad_weight.dtype, v, d, false),
-                alpha: 1.0,
-                beta,
-                bias: 0,
-            })?;
+            self.matmul_half(
+                weight_stream,
+                which,
+                Gemm {
+                    a: matrix(self.logits, dtype, c, v, true),
+                    b: matrix(hidden_rows, dtype, c, d, false),
+                    out: matrix(grad_weight.buffer.ptr, grad_weight.dtype, v, d, false),
+                    alpha: 1.0,
+                    beta,
+                    bias: 0,
+                },
+            )?;
         }
         // grad_bias (+)= Gᵀ·1.
         if let Some(grad_bias) = self.bias_grad {
-            self.matmul(Gemm {
-                a: matrix(self.logits, dtype, c, v, true),
-                b: matrix(self.ones, dtype, c, 1, false),
-                out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
-                alpha: 1.0,
-                beta,
-                bias: 0,
-            })?;
+            self.matmul_half(
+                weight_stream,
+                which,
+                Gemm {
+                    a: matrix(self.logits, dtype, c, v, true),
+                    b: matrix(self.ones, dtype, c, 1, false),
+                    out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
+                    alpha: 1.0,
+                    beta,
+                    bias: 0,
+                },
+            )?;
+        }
+        // grad_hidden[chunk] = G·W.
+        if let Some(grad_hidden) = self.grads.hidden {
+            self.matmul_half(
+                main,
+                0,
+                Gemm {
+                    a: matrix(self.logits, dtype, c, v, false),
+                    b: matrix(self.call.weight.ptr, dtype, v, d, false),
+                    out: matrix(
+                        grad_hidden.ptr + (first * d * t_bytes) as u64,
+                        dtype,
+                        c,
+                        d,
+                        false,
+                    ),
+                    alpha: 1.0,
+                    beta: 0.0,
+                    bias: 0,
+                },
+            )?;
+        }
+        if let Some(side) = self.side {
+            unsafe {
+                cudarc::driver::result::event::record(side.join, side.stream)?;
+                cudarc::driver::result::stream::wait_event(
+                    main,
+                    side.join,
+                    cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )?;
+            }
         }
         Ok(())
     }

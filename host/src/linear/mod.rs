@@ -115,8 +115,8 @@ pub fn gemm_workspace_bytes(logits_bytes: usize) -> usize {
 /// Rows per chunk of logits for `rows` rows of `vocab` classes of `dtype` under `budget_bytes`
 /// (`None`: the default, [`DEFAULT_BUDGET_FRACTION`] of the whole logits but at least
 /// [`MIN_CHUNK_BYTES`], less cuBLASLt's share): at least 1 and at most `rows`. The rows are
-/// split into chunks of equal size (the last one may be shorter), a multiple of 8 when more than
-/// 8 rows fit (tensor-core tiles), none larger than fits.
+/// split into chunks of equal size (the last one may be shorter), rounded to whole GEMM tiles
+/// ([`chunk_granule`] rows), none larger than fits.
 pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<usize>) -> usize {
     let row_bytes = vocab.saturating_mul(dtype.bytes()).max(1);
     let budget = budget_bytes.unwrap_or_else(|| {
@@ -128,13 +128,32 @@ pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<
     if fit >= rows {
         return rows;
     }
-    if fit <= 8 {
+    let granule = chunk_granule(fit);
+    if granule == 1 {
         return fit;
     }
-    // As few chunks as fit, of equal size rounded up to 8 (down when that would not fit).
+    // As few chunks as fit, of equal size rounded up to the granule (down when that would not
+    // fit).
     let chunks = rows.div_ceil(fit);
-    let even = rows.div_ceil(chunks).next_multiple_of(8);
-    if even <= fit { even } else { fit / 8 * 8 }
+    let even = rows.div_ceil(chunks).next_multiple_of(granule);
+    if even <= fit {
+        even
+    } else {
+        fit / granule * granule
+    }
+}
+
+/// The multiple a chunk of `fit` rows is rounded to: 128 (a whole tile of cuBLASLt's kernels on
+/// the rows' side, which a chunk of 912 rows would waste 11% of) from 512 rows; 32 from 128 (a
+/// 224-row chunk, Liger's memory less cuBLASLt's, would otherwise round down to 128), 8 from 8,
+/// else 1.
+pub fn chunk_granule(fit: usize) -> usize {
+    match fit {
+        512.. => 128,
+        128..=511 => 32,
+        8..=127 => 8,
+        _ => 1,
+    }
 }
 
 /// Classes per block of the vocabulary-blocked backward ([`gpu`]): the block's `[rows, block]`
