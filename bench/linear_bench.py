@@ -155,7 +155,6 @@ def main():
                     row = {"method": name, "input": inp, "n": n, "d": d, "v": v, "error": repr(ex)[:200]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                del h, w
                 torch.cuda.empty_cache()
         table(rows)
 
