@@ -96,6 +96,30 @@ pub fn bundle(root: &Path) -> Result<()> {
     if binaries.is_empty() {
         return Err("cargo built no test, example or bench binaries".to_string());
     }
+    // The candle-cuda feature's binaries, once `cargo xtask candle-cuda` has set up its tree.
+    if root.join(".tools/cuda13/.installed").is_file() {
+        let tree = crate::candle_cuda::setup(root)?;
+        for args in crate::candle_cuda::BUILDS {
+            let mut cargo = stable_cargo(root);
+            cargo.args(*args);
+            tree.apply(root, &mut cargo);
+            for artifact in artifacts_of(cargo)? {
+                let name = match artifact.kind.as_str() {
+                    "test" => test_name(&artifact),
+                    "example" => example_name(&artifact),
+                    "bench" => bench_name(&artifact),
+                    _ => None,
+                };
+                if let Some(name) = name {
+                    binaries.push((name, artifact.executable));
+                }
+            }
+        }
+    } else {
+        step(
+            "no .tools/cuda13 (`cargo xtask candle-cuda`): the bundle has no candle-cuda binaries",
+        );
+    }
 
     let strip = strip_available();
     for (name, executable) in &binaries {
@@ -224,9 +248,13 @@ fn bundle_python(root: &Path, bundle_dir: &Path) -> Result<()> {
 /// Runs `cargo ARGS --message-format=json-render-diagnostics` and returns the executables it built.
 fn build_artifacts(root: &Path, args: &[&str]) -> Result<Vec<Artifact>> {
     let mut cargo = stable_cargo(root);
-    cargo
-        .args(args)
-        .arg("--message-format=json-render-diagnostics");
+    cargo.args(args);
+    artifacts_of(cargo)
+}
+
+/// Runs a cargo build and returns the executables it reported.
+fn artifacts_of(mut cargo: Command) -> Result<Vec<Artifact>> {
+    cargo.arg("--message-format=json-render-diagnostics");
     eprintln!("$ {}", describe(&cargo));
     // Diagnostics and progress go to the terminal; the JSON lines come back on stdout.
     let output = cargo

@@ -11,6 +11,7 @@
 //! - `chart`: an SVG bar chart of each `bench/results/*.jsonl`, next to it.
 
 mod bundle;
+mod candle_cuda;
 mod chart;
 mod ptx;
 mod ptxas;
@@ -31,6 +32,9 @@ commands:
   test           cargo fmt --check, clippy, check, cargo test --workspace (and xent's candle
                  feature), then the Python wheel and its CPU tests (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
+                 (with the candle-cuda binaries once `cargo xtask candle-cuda` has run)
+  candle-cuda    CUDA 13.0's nvcc and libraries from PyPI into .tools/cuda13, link stubs, and
+                 a release build of the candle-cuda feature's test, bench and example
   wheel          the Python package (python/) as an abi3 wheel in target/wheels/ (maturin)
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Some("check") => no_args(check),
         Some("test") => no_args(test),
         Some("bundle") => no_args(bundle::bundle),
+        Some("candle-cuda") => no_args(candle_cuda::command),
         Some("wheel") => no_args(|root| wheel::wheel(root).map(drop)),
         Some("bench") => bench(&root, &args[1..]),
         Some("chart") => chart::chart(&root, &args[1..]),

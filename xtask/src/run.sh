@@ -50,6 +50,11 @@ for root in site.getsitepackages():
 ' 2> /dev/null)
   export XENT_CUBLASLT
 fi
+# The candle-cuda binaries link cuBLAS, cuRAND and NVRTC by soname: PyTorch's wheels have them
+# beside cuBLASLt (the driver provides libcuda).
+if [[ -n ${XENT_CUBLASLT:-} && -f $XENT_CUBLASLT ]]; then
+  export LD_LIBRARY_PATH="$(dirname "$XENT_CUBLASLT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 # `cargo xtask bundle` packs the binaries (they embed the PTX text, which compresses well).
 if [[ ! -d bin && -f bin.tar.gz ]]; then tar -xzf bin.tar.gz || exit 2; fi
 shopt -s nullglob

@@ -5,8 +5,12 @@
 //! `loss.backward()` yields the gradient of `upstream · loss` w.r.t. the logits, rounded once to
 //! their dtype.
 //!
-//! CPU tensors run xent's f64 CPU reference. CUDA tensors are not handled yet (issue 14: the
-//! build recipe is in `bench/NOTES.md`); they get candle's "no cuda implementation" error.
+//! CPU tensors run xent's f64 CPU reference. CUDA tensors (cargo feature `candle-cuda`) run xent's
+//! kernels on candle's stream, two-phase: the forward reads the logits once and keeps per-row
+//! log-sum-exps, the backward writes the gradient of `upstream · loss` into a new tensor in one
+//! pass (candle's tensors are immutable, so the logits are never overwritten). On CUDA a label out
+//! of range makes the loss NaN instead of an error (no host synchronisation); u32 targets are
+//! read as i32 (class indices below 2^31).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Tensor};
@@ -23,17 +27,29 @@ pub fn cross_entropy(
 ) -> candle_core::Result<Tensor> {
     opts.validate(*logits.dims().last().unwrap_or(&0))
         .map_err(candle_core::Error::wrap)?;
-    logits.apply_op2(targets, Forward { opts: opts.clone() })
+    logits.apply_op2(
+        targets,
+        Forward {
+            opts: opts.clone(),
+            #[cfg(feature = "candle-cuda")]
+            saved: Default::default(),
+        },
+    )
 }
 
 /// The forward op: the loss (and nothing written anywhere).
 struct Forward {
     opts: Options,
+    /// What a CUDA forward keeps for the backward (label counts, per-row log-sum-exps).
+    #[cfg(feature = "candle-cuda")]
+    saved: on_cuda::SavedSlot,
 }
 
 /// The backward op: `(logits, targets, upstream)` to the gradient of `upstream · loss`.
 struct Backward {
     opts: Options,
+    #[cfg(feature = "candle-cuda")]
+    saved: on_cuda::SavedSlot,
 }
 
 fn err(e: crate::Error) -> candle_core::Error {
@@ -149,6 +165,17 @@ impl CustomOp2 for Forward {
         })
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        on_cuda::forward(&self.opts, &self.saved, s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -165,6 +192,8 @@ impl CustomOp2 for Forward {
             &upstream,
             &Backward {
                 opts: self.opts.clone(),
+                #[cfg(feature = "candle-cuda")]
+                saved: self.saved.clone(),
             },
         )?;
         Ok((Some(grad), None))
@@ -218,7 +247,23 @@ impl CustomOp3 for Backward {
         };
         Ok((storage, l1.shape().clone()))
     }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        on_cuda::backward(&self.opts, &self.saved, (s1, l1), (s2, l2), (s3, l3))
+    }
 }
+
+#[cfg(feature = "candle-cuda")]
+mod on_cuda;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,286 @@
+//! xent's candle op on CUDA tensors (feature `candle-cuda`), on the GPU: values and gradients
+//! against the same op on CPU tensors (xent's f64 reference) and against
+//! `candle_nn::loss::cross_entropy`, every dtype, both label types, ignore_index, the causal shift
+//! and the loss options; and a few optimizer steps of a small model with xent's loss tracking the
+//! same model with candle's.
+
+use candle_core::{DType, Device, Tensor, Var};
+use xent::{Options, Reduction};
+
+/// candle's CUDA device 0, or `None` (after `xent_tests::gpu` printed why) without a GPU.
+fn cuda() -> Option<Device> {
+    xent_tests::gpu()?;
+    Some(Device::new_cuda(0).expect("a GPU for xent but no candle CUDA device"))
+}
+
+/// Logits `[rows, vocab]` (or `dims`), values in [-4, 4), seeded.
+fn logits(dims: &[usize], seed: u64) -> Vec<f32> {
+    let mut rng = xent_tests::Rng(seed);
+    let n: usize = dims.iter().product();
+    (0..n).map(|_| (rng.unit() * 8.0 - 4.0) as f32).collect()
+}
+
+fn labels(rows: usize, vocab: usize, ignore_every: usize, seed: u64) -> Vec<i64> {
+    let mut rng = xent_tests::Rng(seed);
+    (0..rows)
+        .map(|r| {
+            if ignore_every > 0 && r % ignore_every == ignore_every - 1 {
+                -100
+            } else {
+                rng.below(vocab as u64) as i64
+            }
+        })
+        .collect()
+}
+
+/// Loss and gradient of `upstream · loss` (the upstream a tensor of the loss's shape) through
+/// candle's autograd, as f64 vectors.
+fn loss_and_grad(
+    values: &[f32],
+    dims: &[usize],
+    dtype: DType,
+    targets: &Tensor,
+    opts: &Options,
+    upstream: &[f32],
+    device: &Device,
+) -> (Vec<f64>, Vec<f64>) {
+    let x = Tensor::from_vec(values.to_vec(), dims, device)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let targets = targets.to_device(device).unwrap();
+    let loss = xent::candle::cross_entropy(x.as_tensor(), &targets, opts).unwrap();
+    let up = Tensor::from_vec(upstream.to_vec(), loss.shape(), device).unwrap();
+    let grads = (loss.clone() * up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grad = grads.get(x.as_tensor()).expect("a gradient for the logits");
+    assert_eq!(grad.dtype(), dtype, "the gradient has the logits' dtype");
+    let to64 = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    (to64(&loss), to64(grad))
+}
+
+fn close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if !((g - w).abs() <= atol + rtol * w.abs()) {
+            return Err(format!("{what}[{i}]: {g} against {w}"));
+        }
+    }
+    Ok(())
+}
+
+/// Relative tolerance of a gradient element of `dtype` against the CPU path's (both rounded once
+/// from f32 / f64 values that agree to ~1e-6): two units of the dtype.
+fn grad_rtol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2.0 * 2f64.powi(-11),
+        _ => 2.0 * 2f64.powi(-8),
+    }
+}
+
+#[test]
+fn cuda_matches_the_cpu_path_for_every_dtype_label_type_and_option() {
+    let Some(gpu) = cuda() else {
+        return;
+    };
+    let mut failures = Vec::new();
+    let cases: Vec<(&str, Options)> = vec![
+        ("mean", Options::default()),
+        (
+            "sum",
+            Options {
+                reduction: Reduction::Sum,
+                ..Options::default()
+            },
+        ),
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..Options::default()
+            },
+        ),
+        (
+            "options",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                softcap: Some(5.0),
+                grad_scale: 0.5,
+                ..Options::default()
+            },
+        ),
+        (
+            "weights",
+            Options {
+                weight: Some((0..1003).map(|j| 0.5 + (j % 3) as f32 * 0.5).collect()),
+                label_smoothing: 0.05,
+                ..Options::default()
+            },
+        ),
+        (
+            "causal",
+            Options {
+                causal_shift: true,
+                ..Options::default()
+            },
+        ),
+    ];
+    for (name, opts) in cases {
+        let dims: Vec<usize> = if opts.causal_shift {
+            vec![3, 41, 1003]
+        } else {
+            vec![123, 1003]
+        };
+        let rows = dims[..dims.len() - 1].iter().product::<usize>();
+        let values = logits(&dims, 7);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for label_type in [DType::I64, DType::U32] {
+                // u32 targets cannot hold -100: none ignored there.
+                let ignore = if label_type == DType::I64 { 7 } else { 0 };
+                let ids = labels(rows, 1003, ignore, 11);
+                let targets = Tensor::from_vec(ids, &dims[..dims.len() - 1], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(label_type)
+                    .unwrap();
+                let upstream: Vec<f32> = if opts.reduction == Reduction::None {
+                    (0..rows).map(|r| 0.25 + (r % 5) as f32 * 0.5).collect()
+                } else {
+                    vec![0.75]
+                };
+                let (loss_cpu, grad_cpu) = loss_and_grad(
+                    &values,
+                    &dims,
+                    dtype,
+                    &targets,
+                    &opts,
+                    &upstream,
+                    &Device::Cpu,
+                );
+                let (loss_gpu, grad_gpu) =
+                    loss_and_grad(&values, &dims, dtype, &targets, &opts, &upstream, &gpu);
+                let scale = grad_cpu.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+                let result = close("loss", &loss_gpu, &loss_cpu, 1e-5, 1e-5).and_then(|()| {
+                    close("grad", &grad_gpu, &grad_cpu, grad_rtol(dtype), 1e-6 * scale)
+                });
+                if let Err(msg) = result {
+                    failures.push(format!("{name} {dtype:?} {label_type:?}: {msg}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn cuda_matches_candle_nn_cross_entropy() {
+    let Some(gpu) = cuda() else {
+        return;
+    };
+    let (rows, vocab) = (257, 32000);
+    let values = logits(&[rows, vocab], 3);
+    let ids: Vec<u32> = labels(rows, vocab, 0, 5)
+        .iter()
+        .map(|&l| l as u32)
+        .collect();
+    let x = Var::from_tensor(&Tensor::from_vec(values, (rows, vocab), &gpu).unwrap()).unwrap();
+    let t = Tensor::from_vec(ids, rows, &gpu).unwrap();
+    let ours = xent::candle::cross_entropy(x.as_tensor(), &t, &Options::default()).unwrap();
+    let theirs = candle_nn::loss::cross_entropy(x.as_tensor(), &t).unwrap();
+    let g_ours = ours.backward().unwrap();
+    let g_theirs = theirs.backward().unwrap();
+    let a = ours.to_scalar::<f32>().unwrap() as f64;
+    let b = theirs.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (a - b).abs() < 1e-5 * b.abs(),
+        "loss {a} against candle_nn's {b}"
+    );
+    let flat = |g: &candle_core::backprop::GradStore| -> Vec<f64> {
+        g.get(x.as_tensor())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (ga, gb) = (flat(&g_ours), flat(&g_theirs));
+    let scale = gb.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    close("grad against candle_nn", &ga, &gb, 1e-4, 1e-6 * scale).unwrap();
+}
+
+/// A tiny language model (embedding, then a linear head) trained for a few SGD steps twice from
+/// the same weights: with xent's loss and with candle_nn's. The losses must track each other.
+#[test]
+fn optimizer_steps_with_xents_loss_track_candle_nns() {
+    let Some(gpu) = cuda() else {
+        return;
+    };
+    let (vocab, dim, rows) = (512, 64, 256);
+    let init = |n: usize, seed: u64, scale: f32| -> Vec<f32> {
+        logits(&[n], seed).iter().map(|x| x * scale / 4.0).collect()
+    };
+    let tokens: Vec<u32> = labels(rows + 1, vocab, 0, 9)
+        .iter()
+        .map(|&l| l as u32)
+        .collect();
+    let inputs = Tensor::from_vec(tokens[..rows].to_vec(), rows, &gpu).unwrap();
+    let targets = Tensor::from_vec(tokens[1..].to_vec(), rows, &gpu).unwrap();
+    let mut curves = Vec::new();
+    for use_xent in [true, false] {
+        let embed = Var::from_tensor(
+            &Tensor::from_vec(init(vocab * dim, 1, 1.0), (vocab, dim), &gpu).unwrap(),
+        )
+        .unwrap();
+        let head = Var::from_tensor(
+            &Tensor::from_vec(init(vocab * dim, 2, 0.1), (vocab, dim), &gpu).unwrap(),
+        )
+        .unwrap();
+        let mut curve = Vec::new();
+        for _ in 0..6 {
+            let hidden = embed.as_tensor().index_select(&inputs, 0).unwrap();
+            let logits = hidden.matmul(&head.as_tensor().t().unwrap()).unwrap();
+            let loss = if use_xent {
+                xent::candle::cross_entropy(&logits, &targets, &Options::default()).unwrap()
+            } else {
+                candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
+            };
+            curve.push(loss.to_scalar::<f32>().unwrap());
+            let grads = loss.backward().unwrap();
+            for var in [&embed, &head] {
+                let g = grads.get(var.as_tensor()).unwrap();
+                let next = (var.as_tensor() - (g * 1.0).unwrap()).unwrap();
+                var.set(&next).unwrap();
+            }
+        }
+        curves.push(curve);
+    }
+    let (ours, theirs) = (&curves[0], &curves[1]);
+    assert!(ours[5] < ours[0], "the loss did not go down: {ours:?}");
+    for (step, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-3 * b.abs(),
+            "step {step}: xent {a} against candle_nn {b} ({ours:?} / {theirs:?})"
+        );
+    }
+}
