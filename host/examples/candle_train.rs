@@ -71,7 +71,7 @@ fn main() -> candle_core::Result<()> {
         "loss {first:.4} -> {last:.4} (uniform: ln {vocab} = {:.4})",
         (vocab as f32).ln()
     );
-    if !(last < first) {
+    if last.is_nan() || last >= first {
         candle_core::bail!("the loss did not go down");
     }
     Ok(())
