@@ -387,3 +387,96 @@ fn bad_shapes_are_errors_not_panics() {
         Err(Error::LabelsLength { .. })
     ));
 }
+
+/// The loss at logits of large magnitude (issue 13): computed as `(m - x[label]) + ln(s)`, its
+/// error scales with the loss, not with the logits. All logits equal to 12345 (exact in f32, and
+/// 12352 in bf16): every row's loss is ln(V) exactly; random logits in [-4, 4) shifted by 12345
+/// (f32): the CPU reference's loss on the same values. Every plan, with and without a z-loss and
+/// class weights (label smoothing's sum is not yet computed this way).
+#[test]
+fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
+    let Some(xent) = gpu() else { return };
+    let stream = xent.context().default_stream();
+    let (rows, vocab) = (64, 32000);
+    let shape = Shape::flat(rows, vocab);
+    let labels: Vec<i64> = (0..rows as i64).map(|r| (r * 499) % vocab as i64).collect();
+    let d_labels = stream.clone_htod(&labels).unwrap();
+    let mut rng = xent_tests::Rng(12345);
+    let shifted: Vec<f32> = (0..rows * vocab)
+        .map(|_| 12345.0 + (rng.unit() * 8.0 - 4.0) as f32)
+        .collect();
+    let mut failures = Vec::new();
+    for plan in [
+        PlanChoice::Auto,
+        PlanChoice::Fused,
+        PlanChoice::Chunked { chunk_len: None },
+    ] {
+        for (name, base) in [
+            ("plain", Options::default()),
+            (
+                "z-loss and weights",
+                Options {
+                    // lse² is 1.5e8 here: a z-loss of 0.15 beside a cross-entropy of 10.
+                    lse_square_scale: 1e-9,
+                    weight: Some((0..vocab).map(|j| 0.5 + (j % 3) as f32 * 0.5).collect()),
+                    ..Options::default()
+                },
+            ),
+        ] {
+            let opts = Options { plan, ..base };
+            if xent.plan_for(&shape, DType::F32, &opts).is_err() {
+                continue; // a forced plan that does not fit this shape
+            }
+            // All equal: ln(V) (plus the z-loss) per row, f32 and bf16.
+            let equal_f32 = vec![12345.0f32; rows * vocab];
+            let equal_bf16 = vec![bf16::from_f32(12345.0); rows * vocab];
+            let mut want_equal = equal_f32.clone();
+            let want = cpu::forward_backward(&mut want_equal, &labels, shape, &opts)
+                .unwrap()
+                .loss;
+            let mut d = stream.clone_htod(&equal_f32).unwrap();
+            let got = xent
+                .forward_backward(&stream, &mut d, &d_labels, shape, &opts)
+                .and_then(|l| l.read())
+                .unwrap() as f64;
+            if (got - want).abs() > 4e-6 * want.abs() {
+                failures.push(format!(
+                    "{plan:?} {name} f32 all 12345: {got} against {want}"
+                ));
+            }
+            let mut want_bf16 = equal_bf16.clone();
+            let want = cpu::forward_backward(&mut want_bf16, &labels, shape, &opts)
+                .unwrap()
+                .loss;
+            let mut d = stream.clone_htod(&equal_bf16).unwrap();
+            let got = xent
+                .forward_backward(&stream, &mut d, &d_labels, shape, &opts)
+                .and_then(|l| l.read())
+                .unwrap() as f64;
+            if (got - want).abs() > 4e-6 * want.abs() {
+                failures.push(format!(
+                    "{plan:?} {name} bf16 all 12352: {got} against {want}"
+                ));
+            }
+            // Random around 12345, row by row: the f64 reference on the same f32 values.
+            let mut want_shifted = shifted.clone();
+            let want = cpu::forward_backward(&mut want_shifted, &labels, shape, &opts)
+                .unwrap()
+                .row_loss;
+            let mut d = stream.clone_htod(&shifted).unwrap();
+            let got = xent
+                .forward_backward(&stream, &mut d, &d_labels, shape, &opts)
+                .and_then(|l| l.read_row_loss())
+                .unwrap();
+            for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                if (g as f64 - w).abs() > 1e-5 * w.abs() {
+                    failures.push(format!(
+                        "{plan:?} {name} f32 around 12345, row {r}: {g} against {w}"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

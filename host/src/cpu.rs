@@ -296,16 +296,20 @@ fn row_forward_backward<T: Value>(
     };
     let vocab = row.len() as f64;
     let capped = |x: &T| math.capped(x.widen()).0;
-    let lse = log_sum_exp(row.iter().map(capped));
+    let (max, ln_sum) = log_sum_exp_parts(row.iter().map(capped));
+    let lse = max + ln_sum;
+    // `lse - y` as `(max - y) + ln(sum)`: its error scales with the difference, not with the
+    // logits' magnitude (the kernels compute it so too).
+    let lse_minus = |y: f64| (max - y) + ln_sum;
     let smoothing = math.smoothing;
     let w_class = math.weight(class);
     // Without options: `(1 - 0)·1·(lse - x_c)`, the seed's loss exactly.
-    let mut ce = (1.0 - smoothing) * w_class * (lse - capped(&row[class]));
+    let mut ce = (1.0 - smoothing) * w_class * lse_minus(capped(&row[class]));
     if smoothing > 0.0 {
         let smooth: f64 = row
             .iter()
             .enumerate()
-            .map(|(j, x)| math.weight(j) * (lse - capped(x)))
+            .map(|(j, x)| math.weight(j) * lse_minus(capped(x)))
             .sum();
         ce += smoothing / vocab * smooth;
     }
@@ -353,15 +357,22 @@ fn first_argmax<T: Value>(row: &[T]) -> Option<usize> {
 
 /// `ln(sum exp(x))`, shifted by the maximum. NaN in, NaN out; all `-inf` gives `-inf`.
 pub fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let (max, ln_sum) = log_sum_exp_parts(values);
+    max + ln_sum
+}
+
+/// The log-sum-exp as `(max, ln Σ exp(x - max))`; `(-inf, 0)` when every value is -inf, NaN in
+/// the second when a value is NaN and nothing is larger than -inf.
+fn log_sum_exp_parts(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let max = values.clone().fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return if values.clone().any(f64::is_nan) {
-            f64::NAN
+            (f64::NEG_INFINITY, f64::NAN)
         } else {
-            f64::NEG_INFINITY
+            (f64::NEG_INFINITY, 0.0)
         };
     }
-    max + values.map(|x| (x - max).exp()).sum::<f64>().ln()
+    (max, values.map(|x| (x - max).exp()).sum::<f64>().ln())
 }
 
 /// Scales a gradient in place by `upstream[0]`, or by `upstream[r]` for row `r` when it holds one

@@ -315,16 +315,25 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     Coef { lse2, a, b, k, col0 }
 }
 
+/// `lse - y` for a value `y` of the row summarised by `row` (`m`, the largest `y·log2(e)` rounded,
+/// and `s`, the sum of `2^(y_j·log2(e) - m)`): `(m - y·log2(e)) + log2(s)`, the first term with one
+/// rounding (an FMA), so that the error scales with the difference rather than with the logits'
+/// magnitude (at logits near 12345, `lse - y` in f32 would lose 1e-3 of it).
+#[inline(always)]
+fn lse_minus(row: &Part, y: f32) -> f32 {
+    (prim::fma(-y, LOG2_E, row.lse.m) + prim::lg2(row.lse.s)) * LN_2
+}
+
 /// The row's loss (natural log-sum-exp `lse`; `x_label` as given).
 #[inline(always)]
 pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label: f32, lse: f32) -> f32 {
     if !M::OPTS {
-        return lse - x_label;
+        return lse_minus(row, x_label);
     }
     let o = &p.opts;
     let y_label = if o.softcap > 0.0 { o.softcap * tanh(x_label * (1.0 / o.softcap)) } else { x_label };
     let eps = o.label_smoothing;
-    let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * (lse - y_label);
+    let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * lse_minus(row, y_label);
     if eps != 0.0 {
         loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * lse - row.wsum);
     }
