@@ -1,7 +1,7 @@
 //! `cargo xtask bundle`: everything a GPU machine without a Rust toolchain needs to run the
 //! tests, the quickstart example and the benchmarks, in `bundle/`:
 //!
-//! - `bin.tar.gz`, holding `bin/NAME`: release test binaries (integration tests by target name,
+//! - `bin.tar.xz`, holding `bin/NAME`: release test binaries (integration tests by target name,
 //!   unit tests as `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped. Packed
 //!   because each binary embeds the PTX (several MB of text that gzip shrinks about 5x), which
 //!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
@@ -142,16 +142,18 @@ pub fn bundle(root: &Path) -> Result<()> {
         ));
     }
 
-    // `run.sh` unpacks this when `bin/` is missing.
+    // `run.sh` unpacks this when `bin/` is missing. xz: the binaries embed PTX and candle's
+    // kernels, which xz packs to less than half of gzip's size (a carry holds 64 MiB).
     stdout_of(
         Command::new("tar")
-            .args(["-czf", "bin.tar.gz", "bin"])
+            .args(["-cJf", "bin.tar.xz", "bin"])
+            .env("XZ_OPT", "-6 -T0")
             .current_dir(&bundle_dir),
     )?;
     fs::remove_dir_all(&bin_dir).map_err(|err| format!("cannot remove bundle/bin/: {err}"))?;
-    let packed = fs::metadata(bundle_dir.join("bin.tar.gz")).map_or(0, |meta| meta.len());
+    let packed = fs::metadata(bundle_dir.join("bin.tar.xz")).map_or(0, |meta| meta.len());
     step(&format!(
-        "packed bundle/bin/ into bundle/bin.tar.gz ({:.1} MB)",
+        "packed bundle/bin/ into bundle/bin.tar.xz ({:.1} MB)",
         packed as f64 / 1e6
     ));
 

@@ -26,7 +26,7 @@ const WHEELS: &[&str] = &[
     "nvidia-nvvm==13.0.88",
     "nvidia-cuda-runtime==13.0.96",
     "nvidia-cuda-nvrtc==13.0.88",
-    "nvidia-curand==10.4.0.35",
+    "nvidia-curand==10.4.5.25",
     "nvidia-cublas==13.0.2.14",
 ];
 

@@ -56,7 +56,11 @@ if [[ -n ${XENT_CUBLASLT:-} && -f $XENT_CUBLASLT ]]; then
   export LD_LIBRARY_PATH="$(dirname "$XENT_CUBLASLT")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 # `cargo xtask bundle` packs the binaries (they embed the PTX text, which compresses well).
-if [[ ! -d bin && -f bin.tar.gz ]]; then tar -xzf bin.tar.gz || exit 2; fi
+if [[ ! -d bin && -f bin.tar.xz ]]; then
+  # Python's tarfile when tar has no xz at hand.
+  tar -xJf bin.tar.xz 2> /dev/null ||
+    python3 -c 'import tarfile; tarfile.open("bin.tar.xz").extractall()' || exit 2
+fi
 shopt -s nullglob
 
 names=() codes=() notes=()

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, DType as CandleDType, Layout};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
