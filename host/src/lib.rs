@@ -37,6 +37,7 @@ mod loss;
 mod options;
 pub mod plan;
 pub mod raw;
+pub mod vocab_parallel;
 
 pub use cuda::{CrossEntropy, driver_loadable};
 pub use error::{Error, Result};

@@ -1,0 +1,254 @@
+//! The vocabulary-parallel protocol (`xent::vocab_parallel`), in f64 on the CPU, against xent's
+//! CPU reference over the whole vocabulary: P in {1, 2, 3, 4, 8} shards, even and uneven, every
+//! option and reduction, the causal shift, ignored rows, upstream gradients, f32 and bf16.
+
+use xent::half::bf16;
+use xent::vocab_parallel::{self, Shard};
+use xent::{Element, Options, Reduction, Shape, cpu};
+
+fn option_sets(vocab: usize) -> Vec<(&'static str, Options)> {
+    let base = Options::default();
+    vec![
+        ("mean", base.clone()),
+        (
+            "sum",
+            Options {
+                reduction: Reduction::Sum,
+                ..base.clone()
+            },
+        ),
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..base.clone()
+            },
+        ),
+        (
+            "every option",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                softcap: Some(4.0),
+                weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect()),
+                return_token_accuracy: true,
+                grad_scale: 0.5,
+                ..base.clone()
+            },
+        ),
+        (
+            "causal",
+            Options {
+                causal_shift: true,
+                label_smoothing: 0.05,
+                ..base.clone()
+            },
+        ),
+        (
+            "ignore 3",
+            Options {
+                ignore_index: 3,
+                return_token_accuracy: true,
+                ..base
+            },
+        ),
+    ]
+}
+
+/// One call split over `shards`: stats per shard, the "all-gather" (every rank sees all), then
+/// every shard's backward; returns rank 0's loss and the shards' gradients side by side.
+fn split_call<T: Element>(
+    logits: &[T],
+    labels: &[i64],
+    shape: Shape,
+    shards: &[Shard],
+    opts: &Options,
+    upstream: &[f32],
+) -> (cpu::CpuLoss, Vec<T>) {
+    let (rows, vocab) = (shape.rows(), shape.vocab);
+    let piece = |s: &Shard| -> Vec<T> {
+        (0..rows)
+            .flat_map(|r| logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec())
+            .collect()
+    };
+    let shard_shape = |s: &Shard| Shape {
+        vocab: s.width,
+        row_stride: s.width,
+        ..shape
+    };
+    let gathered: Vec<_> = shards
+        .iter()
+        .map(|s| {
+            vocab_parallel::cpu_shard_stats(&piece(s), labels, shard_shape(s), *s, vocab, opts)
+                .unwrap()
+        })
+        .collect();
+    let mut grad = vec![T::from_f64(f64::NAN); rows * vocab];
+    let mut first_loss = None;
+    for s in shards {
+        let mut mine = piece(s);
+        let loss = vocab_parallel::cpu_shard_backward(
+            &mut mine,
+            labels,
+            shard_shape(s),
+            *s,
+            vocab,
+            opts,
+            &gathered,
+            upstream,
+        )
+        .unwrap();
+        for r in 0..rows {
+            grad[r * vocab + s.start..r * vocab + s.start + s.width]
+                .copy_from_slice(&mine[r * s.width..(r + 1) * s.width]);
+        }
+        // Every rank computes the same loss.
+        match &first_loss {
+            None => first_loss = Some(loss),
+            Some(first) => assert_eq!(first.loss.to_bits(), loss.loss.to_bits()),
+        }
+    }
+    (first_loss.unwrap(), grad)
+}
+
+fn check<T: Element>(
+    what: &str,
+    shape: Shape,
+    world: usize,
+    opts: &Options,
+    upstream: &[f32],
+) -> Result<(), String> {
+    let (rows, vocab) = (shape.rows(), shape.vocab);
+    let mut rng = xent_tests::Rng(rows as u64 * 31 + vocab as u64);
+    let logits: Vec<T> = (0..rows * vocab)
+        .map(|_| T::from_f64(rng.unit() * 8.0 - 4.0))
+        .collect();
+    let labels: Vec<i64> = (0..rows)
+        .map(|r| {
+            if r % 5 == 4 {
+                opts.ignore_index
+            } else {
+                rng.below(vocab as u64) as i64
+            }
+        })
+        .collect();
+    let shards = Shard::split(vocab, world).unwrap();
+    let (loss, grad) = split_call(&logits, &labels, shape, &shards, opts, upstream);
+    let mut want_grad = logits.clone();
+    let want =
+        cpu::forward_backward_upstream(&mut want_grad, &labels, shape, opts, upstream).unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
+    if !near(loss.loss, want.loss) {
+        return Err(format!("{what}: loss {} against {}", loss.loss, want.loss));
+    }
+    for r in 0..rows {
+        if !near(loss.row_loss[r], want.row_loss[r]) || !near(loss.row_lse[r], want.row_lse[r]) {
+            return Err(format!(
+                "{what}: row {r}: {} / {} against {} / {}",
+                loss.row_loss[r], loss.row_lse[r], want.row_loss[r], want.row_lse[r]
+            ));
+        }
+    }
+    if loss.row_correct != want.row_correct || loss.accuracy != want.accuracy {
+        return Err(format!(
+            "{what}: accuracy {:?} against {:?}",
+            loss.accuracy, want.accuracy
+        ));
+    }
+    // Both round the same f64 value once, computed in another order: at most one unit apart.
+    let ulp = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+    for (i, (g, w)) in grad.iter().zip(&want_grad).enumerate() {
+        let (g, w) = (g.to_f64(), w.to_f64());
+        if (g - w).abs() > ulp * w.abs() + 1e-300 && (g - w).abs() > 1e-15 {
+            return Err(format!("{what}: grad[{i}] {g} against {w}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn shards_reproduce_the_whole_vocabulary_reference() {
+    let mut failures = Vec::new();
+    for (vocab, shape) in [
+        (1003, Shape::batched(3, 7, 1003)),
+        (64, Shape::batched(2, 9, 64)),
+    ] {
+        for (name, opts) in option_sets(vocab) {
+            for world in [1, 2, 3, 4, 8] {
+                let rows = shape.rows();
+                let upstreams: Vec<Vec<f32>> = if opts.reduction == Reduction::None {
+                    vec![(0..rows).map(|r| 0.5 + r as f32 * 0.25).collect()]
+                } else {
+                    vec![vec![1.0], vec![0.3]]
+                };
+                for upstream in &upstreams {
+                    let what = format!("V {vocab} P {world} {name} upstream {:?}", &upstream[..1]);
+                    if let Err(msg) = check::<f32>(&what, shape, world, &opts, upstream) {
+                        failures.push(msg);
+                    }
+                    if let Err(msg) =
+                        check::<bf16>(&format!("{what} bf16"), shape, world, &opts, upstream)
+                    {
+                        failures.push(msg);
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn shards_split_evenly_and_bad_calls_are_errors() {
+    let shards = Shard::split(1003, 4).unwrap();
+    let widths: Vec<usize> = shards.iter().map(|s| s.width).collect();
+    assert_eq!(widths, vec![251, 251, 251, 250]);
+    assert_eq!(shards[3].start, 753);
+    assert!(Shard::split(10, 0).is_err());
+    assert!(Shard::split(3, 4).is_err());
+    let shard = Shard { start: 0, width: 5 };
+    let logits = vec![0.0f32; 2 * 5];
+    let opts = Options::default();
+    // A label beyond the whole vocabulary, a shard past it, rows of the wrong width.
+    let err =
+        vocab_parallel::cpu_shard_stats(&logits, &[1i64, 12], Shape::flat(2, 5), shard, 10, &opts);
+    assert!(
+        matches!(err, Err(xent::Error::LabelOutOfRange { .. })),
+        "{err:?}"
+    );
+    let past = Shard { start: 8, width: 5 };
+    assert!(
+        vocab_parallel::cpu_shard_stats(&logits, &[1i64, 2], Shape::flat(2, 5), past, 10, &opts)
+            .is_err()
+    );
+    assert!(
+        vocab_parallel::cpu_shard_stats(
+            &logits,
+            &[1i64, 2],
+            Shape::flat(2, 5),
+            Shard { start: 0, width: 4 },
+            10,
+            &opts
+        )
+        .is_err()
+    );
+    // The gathered stats of the wrong row count.
+    let mut grad = logits.clone();
+    let stats =
+        vocab_parallel::cpu_shard_stats(&logits, &[1i64, 2], Shape::flat(2, 5), shard, 10, &opts)
+            .unwrap();
+    let short = vec![stats[..1].to_vec()];
+    assert!(
+        vocab_parallel::cpu_shard_backward(
+            &mut grad,
+            &[1i64, 2],
+            Shape::flat(2, 5),
+            shard,
+            10,
+            &opts,
+            &short,
+            &[1.0]
+        )
+        .is_err()
+    );
+}
