@@ -4,10 +4,8 @@
 //! when it finds nothing; this one searches where those libraries live and says what it tried.
 //! The types (handles, the heuristic result, enum values) are cudarc's bindings.
 //!
-//! Loading was checked without a GPU (PyTorch's `nvidia/cu13/lib/libcublasLt.so.13` loaded, every
-//! entry point resolved, `cublasLtCreate` answered `NOT_INITIALIZED` for want of a device); no
-//! GEMM has run yet (session 5 had no device time left): `tests/gemm.rs` checks each of the three
-//! GEMM shapes against f64 on the first GPU run.
+//! On the H200 (PyTorch's `nvidia/cu13/lib/libcublasLt.so.13`), `tests/gemm.rs` checks each of the
+//! linear path's GEMM shapes against f64, and `tests/linear.rs` the whole path.
 
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
@@ -262,7 +260,11 @@ impl CublasLt {
             let lib = match unsafe { Library::new(&path) } {
                 Ok(lib) => lib,
                 Err(err) => {
-                    tried.push(format!("{}: {err}", path.display()));
+                    tried.push(format!(
+                        "{}: {}",
+                        path.display(),
+                        crate::error::load_error(&err)
+                    ));
                     continue;
                 }
             };

@@ -34,6 +34,7 @@ mod error;
 mod kernels;
 pub mod linear;
 mod loss;
+pub mod nccl;
 mod options;
 pub mod plan;
 pub mod raw;
