@@ -391,8 +391,9 @@ fn bad_shapes_are_errors_not_panics() {
 /// The loss at logits of large magnitude (issue 13): computed as `(m - x[label]) + ln(s)`, its
 /// error scales with the loss, not with the logits. All logits equal to 12345 (exact in f32, and
 /// 12352 in bf16): every row's loss is ln(V) exactly; random logits in [-4, 4) shifted by 12345
-/// (f32): the CPU reference's loss on the same values. Every plan, with and without a z-loss and
-/// class weights (label smoothing's sum is not yet computed this way).
+/// (f32): the CPU reference's loss on the same values. Every plan, plain, with a z-loss and class
+/// weights, and with label smoothing (its sum over the row taken relative to the row's first
+/// logit), weighted or not, soft-capped or not.
 #[test]
 fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
     let Some(xent) = gpu() else { return };
@@ -419,6 +420,30 @@ fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
                     // lse² is 1.5e8 here: a z-loss of 0.15 beside a cross-entropy of 10.
                     lse_square_scale: 1e-9,
                     weight: Some((0..vocab).map(|j| 0.5 + (j % 3) as f32 * 0.5).collect()),
+                    ..Options::default()
+                },
+            ),
+            (
+                "smoothing",
+                Options {
+                    label_smoothing: 0.1,
+                    ..Options::default()
+                },
+            ),
+            (
+                "weighted smoothing",
+                Options {
+                    label_smoothing: 0.1,
+                    weight: Some((0..vocab).map(|j| 0.5 + (j % 3) as f32 * 0.5).collect()),
+                    ..Options::default()
+                },
+            ),
+            (
+                // The cap bounds the logits: this checks the reference is taken after the cap.
+                "smoothing with a soft cap",
+                Options {
+                    label_smoothing: 0.1,
+                    softcap: Some(30.0),
                     ..Options::default()
                 },
             ),

@@ -5,14 +5,16 @@
 //!   to the same code as without options.
 //! - `RowConst` (`*_coef_*`): options that change only per-row constants, not the per-element work
 //!   (z-loss, class weights, label smoothing without class weights): the plain kernels' batched
-//!   loops and register budget, plus a running `Σ x` for the smoothing.
+//!   loops and register budget, plus a running `Σ (x - x_0)` for the smoothing (`x_0` the row's
+//!   first logit: the sum keeps the logits' spread, not their magnitude).
 //! - `Full` (`*_opt_*`): every option (soft cap, token accuracy, smoothing with class weights),
 //!   one vector at a time.
 //!
 //! Per row, with `y = cap·tanh(x / cap)` (or `y = x`), `lse = ln Σ e^y`, class `c`, weights `w`
 //! (1 without), `W = Σ_j w_j`, smoothing `ε`, z-loss scale `s`:
 //!
-//! - loss = `(1 - ε)·w_c·(lse - y_c) + (ε/V)·(W·lse - Σ_j w_j·y_j) + s·lse²`
+//! - loss = `(1 - ε)·w_c·(lse - y_c) + (ε/V)·(W·(lse - y_0) - Σ_j w_j·(y_j - y_0)) + s·lse²`,
+//!   each `lse - y` as `(m - y·log2 e) + log2 s` from the online log-sum-exp's `(m, s)`
 //! - d loss / d x_j = `(p_j·a - [j = c]·b - w_j·k) · dy_j/dx_j`, with `p = softmax(y)`,
 //!   `b = (1 - ε)·w_c·ce_scale`, `k = (ε/V)·ce_scale`, `a = b + W·k + 2·s·lse·z_scale`, where
 //!   `ce_scale` is the reduction's scale of the cross-entropy part (`grad_scale / Σ w_c` for a
@@ -55,8 +57,8 @@ impl Mode for Full {
 }
 
 /// A summary of some elements of a row: the online log-sum-exp of the (capped) logits, and with
-/// options `Σ w_j·y_j` (label smoothing) and the count of elements that beat the label for the
-/// argmax (token accuracy).
+/// options `Σ w_j·(y_j - y_0)` (label smoothing; `y_0` the row's first capped logit) and the count
+/// of elements that beat the label for the argmax (token accuracy).
 #[derive(Clone, Copy)]
 pub struct Part {
     pub lse: Lse2,
@@ -183,6 +185,10 @@ pub struct RowCtx {
     pub label: u32,
     /// The label's logit as given (read only with token accuracy).
     pub x_label: f32,
+    /// Label smoothing's reference: the row's first (soft-capped) logit, subtracted from every
+    /// logit its sum `wsum` adds, so that the sum keeps the logits' spread and not their
+    /// magnitude (0 without smoothing).
+    pub y_ref: f32,
 }
 
 /// `tanh(u)` in f32 to a few ulp: an odd Taylor polynomial below 0.4 (truncation error below
@@ -247,7 +253,7 @@ pub unsafe fn observe<const N: usize>(
     }
     if o.label_smoothing != 0.0 {
         for i in 0..n {
-            part.wsum += unsafe { class_weight(o, first + i as u32) } * y[i];
+            part.wsum += unsafe { class_weight(o, first + i as u32) } * (y[i] - ctx.y_ref);
         }
     }
     y
@@ -324,9 +330,10 @@ fn lse_minus(row: &Part, y: f32) -> f32 {
     (prim::fma(-y, LOG2_E, row.lse.m) + prim::lg2(row.lse.s)) * LN_2
 }
 
-/// The row's loss (natural log-sum-exp `lse`; `x_label` as given).
+/// The row's loss (natural log-sum-exp `lse`; `x_label` as given; `y_ref` the smoothing sum's
+/// reference, see [`RowCtx::y_ref`]).
 #[inline(always)]
-pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label: f32, lse: f32) -> f32 {
+pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label: f32, y_ref: f32, lse: f32) -> f32 {
     if !M::OPTS {
         return lse_minus(row, x_label);
     }
@@ -335,7 +342,8 @@ pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label:
     let eps = o.label_smoothing;
     let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * lse_minus(row, y_label);
     if eps != 0.0 {
-        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * lse - row.wsum);
+        // Σ_j w_j·(lse - y_j) = W·(lse - y_ref) - Σ_j w_j·(y_j - y_ref): both terms small.
+        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * lse_minus(row, y_ref) - row.wsum);
     }
     if o.lse_square_scale != 0.0 {
         loss += o.lse_square_scale * lse * lse;

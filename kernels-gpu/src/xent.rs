@@ -170,7 +170,8 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         if M::OPTS && o.label_smoothing != 0.0 {
             unroll!(u => {
                 if v + u * step < seg.n_vec {
-                    acc.wsum += reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
+                    let sum = reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
+                    acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, sum);
                 }
             });
         }
@@ -210,7 +211,7 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
         unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) }
     } else {
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += x;
+            acc.wsum += x - ctx.y_ref;
         }
         [x]
     };
@@ -310,9 +311,9 @@ unsafe fn write_row_outputs<M: Mode>(p: &XentParams, row: u64, loss: f32, lse: f
 
 /// The outputs of a scored row with summary `total` (log-sum-exp `c.lse2` in log2 units).
 #[inline(always)]
-unsafe fn write_scored_row<M: Mode>(p: &XentParams, row: u64, total: &Part, label: u32, x_label: f32, c: &Coef) {
+unsafe fn write_scored_row<M: Mode>(p: &XentParams, row: u64, total: &Part, label: u32, x_label: f32, y_ref: f32, c: &Coef) {
     let lse = c.lse2 * LN_2;
-    let loss = unsafe { opts::row_loss::<M>(p, total, label, x_label, lse) };
+    let loss = unsafe { opts::row_loss::<M>(p, total, label, x_label, y_ref, lse) };
     unsafe { write_row_outputs::<M>(p, row, loss, lse, total.wrong == 0) }
 }
 
@@ -334,7 +335,18 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
     } else {
         0.0
     };
-    RowCtx { col0, label, x_label }
+    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row) } }
+}
+
+/// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): its first logit, soft-capped as
+/// the sum sees it; 0 without smoothing. Every chunk of a row reads the same element.
+#[inline(always)]
+unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64) -> f32 {
+    if !M::OPTS || p.opts.label_smoothing == 0.0 {
+        return 0.0;
+    }
+    let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row)) });
+    if M::FULL && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * (1.0 / p.opts.softcap)) } else { x }
 }
 
 #[inline(always)]
@@ -439,7 +451,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, label, 0) };
     }
     if tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
 }
 
@@ -530,7 +542,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
     }
     if owns_label && tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, smoothing_ref::<T, M>(p, row), &c) };
     }
 }
 
@@ -634,7 +646,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
     }
     if owns_label && tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, &c) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
     prim::cluster_wait();
 }
@@ -686,7 +698,7 @@ unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32,
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += reduce::sum_of(&x, n);
+            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&x, n));
         }
         x
     };
