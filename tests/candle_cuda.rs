@@ -80,7 +80,8 @@ fn close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) -> Result<
         ));
     }
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        if !((g - w).abs() <= atol + rtol * w.abs()) {
+        let error = (g - w).abs();
+        if error.is_nan() || error > atol + rtol * w.abs() {
             return Err(format!("{what}[{i}]: {g} against {w}"));
         }
     }

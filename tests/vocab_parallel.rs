@@ -252,3 +252,177 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
         .is_err()
     );
 }
+
+/// The GPU path with P shards on one GPU (unvalidated as of session 6): each shard's step 1
+/// writes straight into its place of one gathered buffer (the collective, in process), then
+/// every shard's step 3 reads all of it. Against the CPU reference over the whole vocabulary.
+#[test]
+fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
+    use xent::cudarc::driver::CudaSlice;
+    use xent::raw::{LabelType, RawBuffer, RawLoss};
+    use xent::vocab_parallel::ShardCall;
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let mut failures = Vec::new();
+    for (vocab, shape) in [
+        (1003, Shape::batched(3, 7, 1003)),
+        (32000, Shape::batched(2, 33, 32000)),
+    ] {
+        for (name, opts) in option_sets(vocab) {
+            if opts.return_token_accuracy {
+                continue; // not yet on the GPU
+            }
+            for world in [1, 2, 3, 4, 8] {
+                for dtype in [xent::DType::F32, xent::DType::Bf16] {
+                    let result = match dtype {
+                        xent::DType::F32 => gpu_case::<f32>(xent, &stream, shape, world, &opts),
+                        _ => gpu_case::<bf16>(xent, &stream, shape, world, &opts),
+                    };
+                    if let Err(msg) = result {
+                        failures.push(format!("V {vocab} P {world} {name} {dtype:?}: {msg}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    fn gpu_case<
+        T: Element + xent::cudarc::driver::DeviceRepr + xent::cudarc::driver::ValidAsZeroBits,
+    >(
+        xent: &xent::CrossEntropy,
+        stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+        shape: Shape,
+        world: usize,
+        opts: &Options,
+    ) -> Result<(), String> {
+        let (rows, vocab) = (shape.rows(), shape.vocab);
+        let mut rng = xent_tests::Rng(rows as u64 * 7 + vocab as u64);
+        let logits: Vec<T> = (0..rows * vocab)
+            .map(|_| T::from_f64(rng.unit() * 8.0 - 4.0))
+            .collect();
+        let labels: Vec<i64> = (0..rows)
+            .map(|r| {
+                if r % 5 == 4 {
+                    opts.ignore_index
+                } else {
+                    rng.below(vocab as u64) as i64
+                }
+            })
+            .collect();
+        let mut want_grad = logits.clone();
+        let want = cpu::forward_backward(&mut want_grad, &labels, shape, opts)
+            .map_err(|e| e.to_string())?;
+        let shards = Shard::split(vocab, world).unwrap();
+        let layout = xent
+            .shard_layout(rows, vocab, world, T::DTYPE, opts)
+            .map_err(|e| e.to_string())?;
+        let dev_opts = Options {
+            weight: None,
+            ..opts.clone()
+        };
+        let mut weight: Option<CudaSlice<f32>> =
+            opts.weight.as_ref().map(|w| stream.clone_htod(w).unwrap());
+        let mut d_labels = stream.clone_htod(&labels).unwrap();
+        let mut gathered = stream.alloc_zeros::<f32>(world * layout.words).unwrap();
+        let gathered_raw = RawBuffer::of(stream, &mut gathered);
+        let mut pieces: Vec<CudaSlice<T>> = shards
+            .iter()
+            .map(|s| {
+                let piece: Vec<T> = (0..rows)
+                    .flat_map(|r| {
+                        logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec()
+                    })
+                    .collect();
+                stream.clone_htod(&piece).unwrap()
+            })
+            .collect();
+        let labels_raw = RawBuffer::of(stream, &mut d_labels);
+        let weight_raw = weight.as_mut().map(|w| RawBuffer::of(stream, w));
+        let calls: Vec<ShardCall> = shards
+            .iter()
+            .zip(pieces.iter_mut())
+            .map(|(s, piece)| ShardCall {
+                logits: RawBuffer::of(stream, piece),
+                dtype: T::DTYPE,
+                labels: labels_raw,
+                label_type: LabelType::I64,
+                shape: Shape {
+                    vocab: s.width,
+                    row_stride: s.width,
+                    ..shape
+                },
+                shard: *s,
+                vocab,
+                weight: weight_raw,
+            })
+            .collect();
+        for (q, call) in calls.iter().enumerate() {
+            let send = RawBuffer::new(
+                gathered_raw.ptr + (4 * q * layout.words) as u64,
+                layout.words,
+            );
+            unsafe { xent.raw_shard_stats(stream, call, &dev_opts, &layout, send) }
+                .map_err(|e| e.to_string())?;
+        }
+        let mut losses = Vec::new();
+        for call in &calls {
+            let mut loss = stream.alloc_zeros::<f32>(1).unwrap();
+            let mut row_loss = stream.alloc_zeros::<f32>(rows).unwrap();
+            let mut row_lse = stream.alloc_zeros::<f32>(rows).unwrap();
+            let mut counts = stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap();
+            let mut extras = stream.alloc_zeros::<f32>(2).unwrap();
+            let out = RawLoss {
+                loss: RawBuffer::of(stream, &mut loss),
+                row_loss: RawBuffer::of(stream, &mut row_loss),
+                row_lse: RawBuffer::of(stream, &mut row_lse),
+                counts: RawBuffer::of(stream, &mut counts),
+                extras: RawBuffer::of(stream, &mut extras),
+                row_correct: None,
+                workspace: None,
+            };
+            unsafe {
+                xent.raw_shard_backward(
+                    stream,
+                    call,
+                    &dev_opts,
+                    &layout,
+                    world,
+                    gathered_raw,
+                    &out,
+                    true,
+                )
+            }
+            .map_err(|e| e.to_string())?;
+            losses.push(stream.clone_dtoh(&loss).unwrap()[0]);
+        }
+        if losses.iter().any(|l| l.to_bits() != losses[0].to_bits()) {
+            return Err(format!("the ranks' losses differ: {losses:?}"));
+        }
+        let got = losses[0] as f64;
+        let loss_error = (got - want.loss).abs();
+        if loss_error.is_nan() || loss_error > 1e-5 * (1.0 + want.loss.abs()) {
+            return Err(format!("loss {got} against {}", want.loss));
+        }
+        let u = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+        let scale = want_grad
+            .iter()
+            .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
+        for (s, piece) in shards.iter().zip(&pieces) {
+            let got = stream.clone_dtoh(piece).unwrap();
+            for r in 0..rows {
+                for j in 0..s.width {
+                    let g = got[r * s.width + j].to_f64();
+                    let w = want_grad[r * vocab + s.start + j].to_f64();
+                    let error = (g - w).abs();
+                    if error.is_nan() || error > 2.0 * u * w.abs() + 1e-5 * scale {
+                        return Err(format!("grad[{r}, {}] {g} against {w}", s.start + j));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -110,6 +110,17 @@ pub struct XentParams {
     /// those columns is written; 0: whole rows.
     pub slice_start: u32,
     pub slice_len: u32,
+    /// Vocabulary-parallel calls (`ranks` > 1; 0 or 1 otherwise). The chunked plan's first kernel
+    /// writes the label's logit (as stored) of each row whose label is in its slice to
+    /// `label_logits` (`[f32; n_rows]`, zeroed before), beside its partials. The second kernel
+    /// merges the partials of every rank, `rank_stride` bytes apart from `partials`, takes the
+    /// label's logit as the sum of every rank's `label_logits` (the same stride), and the block of
+    /// each row's first chunk writes the row's outputs. With `label_logits` set, the smoothing
+    /// sum's reference is 0 (every rank must take the same).
+    pub label_logits: u64,
+    pub rank_stride: u64,
+    pub ranks: u32,
+    pub _pad2: u32,
 }
 
 /// The loss options, as the `*_coef_*` and `*_opt_*` kernels read them. Every field's zero is

@@ -514,6 +514,7 @@ impl CrossEntropy {
             opts: opt_params(opts, call.weight, 0),
             slice_start: slice_start as u32,
             slice_len: slice_len as u32,
+            ..XentParams::default()
         };
         let kernel = Kernel::Xent {
             kind: XentKind::Backward,
@@ -531,7 +532,13 @@ impl CrossEntropy {
         )
     }
 
-    fn rows_params(&self, logits: u64, labels: u64, shape: Shape, opts: &Options) -> RowsParams {
+    pub(crate) fn rows_params(
+        &self,
+        logits: u64,
+        labels: u64,
+        shape: Shape,
+        opts: &Options,
+    ) -> RowsParams {
         RowsParams {
             logits,
             labels,
@@ -701,8 +708,7 @@ impl CrossEntropy {
                 grad_delta: 0,
                 upstream: 0,
                 opts: opt_params(opts, weight, out.row_correct),
-                slice_start: 0,
-                slice_len: 0,
+                ..XentParams::default()
             };
             let variant = variant(opts, weight != 0, opts.return_token_accuracy);
             let kernel = |kind| Kernel::Xent {
@@ -903,7 +909,7 @@ impl CrossEntropy {
         Ok(())
     }
 
-    fn launch<P: DeviceRepr>(
+    pub(crate) fn launch<P: DeviceRepr>(
         &self,
         stream: &CudaStream,
         kernel: Kernel,

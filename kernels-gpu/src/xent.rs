@@ -342,7 +342,9 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
 /// the sum sees it; 0 without smoothing. Every chunk of a row reads the same element.
 #[inline(always)]
 unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64) -> f32 {
-    if !M::OPTS || p.opts.label_smoothing == 0.0 {
+    // Vocabulary-parallel calls (`label_logits` set) share 0: their ranks hold different first
+    // columns.
+    if !M::OPTS || p.opts.label_smoothing == 0.0 || p.label_logits != 0 {
         return 0.0;
     }
     let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row)) });
@@ -476,7 +478,7 @@ fn slice_chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
     let (row, chunk) = prim::div_rem(block, p.n_chunks as u64);
     let local = chunk as u32 * p.chunk_len;
     let columns = if p.slice_len != 0 { p.slice_len } else { p.rows.vocab };
-    let len = p.chunk_len.min(columns - local);
+    let len = p.chunk_len.min(columns.saturating_sub(local));
     let addr = row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64;
     (row, p.slice_start + local, block, Segment::new::<T>(addr, len))
 }
@@ -488,7 +490,7 @@ fn slice_chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
 /// shared memory.
 #[inline(always)]
 pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
-    let (row, start, block, seg) = chunk_of::<T>(p);
+    let (row, start, block, seg) = slice_chunk_of::<T>(p);
     let Target::Class(label) = (unsafe { row_target::<L>(&p.rows, row) }) else {
         return;
     };
@@ -496,6 +498,12 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let total = unsafe { reduce_segment::<T, M>(&seg, None, &p.opts, &ctx) }.block_merge::<M>();
     if thread_idx() == 0 {
         unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
+        // Vocabulary-parallel: the label's logit, from the rank whose slice holds it.
+        let local_label = label.wrapping_sub(start);
+        if p.label_logits != 0 && local_label < seg.len {
+            let x = T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) });
+            unsafe { prim::st_global_u32(p.label_logits + 4 * row, x.to_bits()) };
+        }
     }
 }
 
@@ -506,33 +514,48 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
 /// Launch: as `chunk_partial`.
 #[inline(always)]
 pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
-    let (row, start, _, seg) = chunk_of::<T>(p);
+    let (row, start, _, seg) = slice_chunk_of::<T>(p);
     let tid = thread_idx();
+    // The block of the row's first chunk (of this rank's slice).
+    let first_chunk = start == p.slice_start;
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
         Target::Class(label) => label,
         target => {
             if p.mode != MODE_FORWARD {
                 unsafe { zero_segment::<T>(&seg, 0) };
             }
-            if start == 0 && tid == 0 {
+            if first_chunk && tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
             return;
         }
     };
     let local_label = label.wrapping_sub(start);
-    let owns_label = local_label < seg.len;
+    let ranks = if p.ranks > 1 { p.ranks } else { 1 };
+    // Who writes the row's outputs: the block holding the label, or (vocabulary-parallel, where
+    // the label may be another rank's) the first chunk's, with the label's logit gathered.
+    let writes_row = if ranks > 1 { first_chunk } else { local_label < seg.len };
     // Read before the block's first barrier; every gradient write comes after it.
-    let x_label = if owns_label && tid == 0 {
-        T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+    let x_label = if writes_row && tid == 0 {
+        if ranks > 1 {
+            let mut sum = 0.0f32;
+            for q in 0..ranks as u64 {
+                let at = p.label_logits + q * p.rank_stride + 4 * row;
+                sum += f32::from_bits(unsafe { prim::ld_global_u32(at) });
+            }
+            sum
+        } else {
+            T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+        }
     } else {
         0.0
     };
     let first = row * p.n_chunks as u64;
     let mut acc = Part::EMPTY;
     let mut i = tid;
-    while i < p.n_chunks {
-        let at = p.partials + 4 * PARTIAL_WORDS as u64 * (first + i as u64);
+    while i < p.n_chunks * ranks {
+        let (q, chunk) = (i / p.n_chunks, i % p.n_chunks);
+        let at = p.partials + q as u64 * p.rank_stride + 4 * PARTIAL_WORDS as u64 * (first + chunk as u64);
         acc = acc.merge::<M>(unsafe { Part::ld_global::<M>(at) });
         i += prim::block_dim();
     }
@@ -541,7 +564,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     if p.mode != MODE_FORWARD {
         unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
     }
-    if owns_label && tid == 0 {
+    if writes_row && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, smoothing_ref::<T, M>(p, row), &c) };
     }
 }

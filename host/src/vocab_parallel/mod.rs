@@ -12,8 +12,14 @@
 //!    same on every rank) and writes the gradient of its own columns.
 //!
 //! This module is the protocol in f64 on the CPU ([`cpu_shard_stats`], [`cpu_shard_backward`]),
-//! checked against xent's CPU reference over the whole vocabulary (`tests/vocab_parallel.rs`):
-//! the oracle the GPU kernels and communicators will be held to.
+//! checked against xent's CPU reference over the whole vocabulary (`tests/vocab_parallel.rs`),
+//! and on the GPU ([`ShardCall`], `CrossEntropy::raw_shard_stats` / `raw_shard_backward`,
+//! `gpu.rs`), whose first kernel's stats are the chunked plan's partials: its collective carries
+//! those instead of the five words per row of the CPU model.
+
+mod gpu;
+
+pub use gpu::{ShardCall, ShardLayout};
 
 use crate::cpu::{CpuLoss, Value};
 use crate::error::{Error, Result};

@@ -1,0 +1,285 @@
+//! The protocol on the GPU, on raw device memory (unvalidated on a GPU as of session 6): step 1
+//! is the chunked plan's first kernel over the rank's slice of the vocabulary (its partials and
+//! the label's logit where the label is the rank's: [`ShardLayout::words`] f32 values per rank),
+//! step 3 the chunked plan's second kernel merging every rank's partials, between the count and
+//! finish kernels as in a single-GPU call. The collective between them is the caller's (one
+//! all-gather of `words` f32 values per rank; on one GPU, step 1 of each shard can write straight
+//! into its place of the gathered buffer).
+//!
+//! Not yet: token accuracy (each rank would need the label's logit before step 1), and the
+//! smoothing sum's large-magnitude reference (0 here: every rank must take the same).
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
+use super::Shard;
+use crate::abi::{
+    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, SMEM_REDUCTION_BYTES, XentParams,
+};
+use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
+use crate::error::{Error, Result};
+use crate::kernels::{Kernel, XentKind, opt_params, variant};
+use crate::options::{DType, Options, Shape};
+use crate::plan::{LaunchPlan, PlanChoice};
+use crate::raw::{LabelType, RawBuffer, RawLoss, check_len};
+
+/// One rank's call: its shard of the logits (`shape`: the call's rows, `shard.width` classes a
+/// row, `row_stride` apart; batch and sequence as the whole call's, for the causal shift), the
+/// labels of every row (global class ids), and the class weights of the whole vocabulary
+/// (`[f32; vocab]` on the device, `Options::weight` `None`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShardCall {
+    pub logits: RawBuffer,
+    pub dtype: DType,
+    pub labels: RawBuffer,
+    pub label_type: LabelType,
+    pub shape: Shape,
+    pub shard: Shard,
+    pub vocab: usize,
+    pub weight: Option<RawBuffer>,
+}
+
+/// The chunking every rank shares (from the widest shard), and the f32 values each rank
+/// contributes to the collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardLayout {
+    pub rows: usize,
+    pub threads: u32,
+    pub chunk_len: u32,
+    pub n_chunks: u32,
+    /// `rows · n_chunks · PARTIAL_WORDS` partials, then `rows` label logits.
+    pub words: usize,
+}
+
+impl ShardLayout {
+    fn label_offset(&self) -> usize {
+        self.rows * self.n_chunks as usize * PARTIAL_WORDS
+    }
+}
+
+impl ShardCall {
+    fn validate(&self, opts: &Options) -> Result<()> {
+        let Shard { start, width } = self.shard;
+        if width == 0 || start + width > self.vocab || self.shape.vocab != width {
+            return Err(Error::InvalidOption(format!(
+                "shard [{start}, {}) of {} classes with rows of {}",
+                start + width,
+                self.vocab,
+                self.shape.vocab
+            )));
+        }
+        self.shape.validate(self.logits.len, self.labels.len)?;
+        if opts.weight.is_some() {
+            return Err(Error::InvalidOption(
+                "a shard call takes class weights in device memory (ShardCall::weight)".to_string(),
+            ));
+        }
+        if opts.return_token_accuracy {
+            return Err(Error::InvalidOption(
+                "token accuracy is not supported by the vocabulary-parallel loss yet".to_string(),
+            ));
+        }
+        opts.validate(self.vocab)?;
+        if let Some(w) = self.weight
+            && w.len != self.vocab
+        {
+            return Err(Error::InvalidOption(format!(
+                "class weights hold {} values, the vocabulary has {}",
+                w.len, self.vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// The kernel call over the shard, with the whole vocabulary's label range.
+    fn kernel_call(&self) -> KernelCall {
+        KernelCall {
+            dtype: self.dtype,
+            label: self.label_type.name(),
+            logits: self.logits.ptr,
+            labels: self.labels.ptr,
+            shape: Shape {
+                vocab: self.vocab,
+                ..self.shape
+            },
+            weight: self.weight.map_or(0, |w| w.ptr),
+        }
+    }
+}
+
+impl CrossEntropy {
+    /// The layout of a `world`-rank call of `rows` rows over `vocab` classes of `dtype`.
+    pub fn shard_layout(
+        &self,
+        rows: usize,
+        vocab: usize,
+        world: usize,
+        dtype: DType,
+        opts: &Options,
+    ) -> Result<ShardLayout> {
+        let widest = Shard::split(vocab, world)?[0].width;
+        let chunked = Options {
+            plan: PlanChoice::Chunked { chunk_len: None },
+            weight: None,
+            ..opts.clone()
+        };
+        let weighted = opts.weight.is_some();
+        match self.plan_variant(&Shape::flat(rows.max(1), widest), dtype, &chunked, weighted)? {
+            LaunchPlan::Chunked {
+                threads,
+                chunk_len,
+                n_chunks,
+            } => Ok(ShardLayout {
+                rows,
+                threads,
+                chunk_len,
+                n_chunks,
+                words: rows * n_chunks as usize * PARTIAL_WORDS + rows,
+            }),
+            other => Err(Error::InvalidOption(format!(
+                "the chunked plan was asked for and {other:?} came back"
+            ))),
+        }
+    }
+
+    fn shard_params(
+        &self,
+        call: &ShardCall,
+        opts: &Options,
+        layout: &ShardLayout,
+        counts: u64,
+    ) -> XentParams {
+        let kernel_call = call.kernel_call();
+        let mut rows = self.rows_params(
+            kernel_call.logits,
+            kernel_call.labels,
+            kernel_call.shape,
+            opts,
+        );
+        rows.row_stride = call.shape.row_stride as u64;
+        XentParams {
+            rows,
+            counts,
+            reduction: opts.reduction.code(),
+            grad_scale: opts.grad_scale,
+            n_chunks: layout.n_chunks,
+            chunk_len: layout.chunk_len,
+            opts: opt_params(opts, kernel_call.weight, 0),
+            slice_start: call.shard.start as u32,
+            slice_len: call.shard.width as u32,
+            ..XentParams::default()
+        }
+    }
+
+    fn shard_kernel(&self, call: &ShardCall, opts: &Options, kind: XentKind) -> Kernel {
+        Kernel::Xent {
+            kind,
+            variant: variant(opts, call.weight.is_some(), false),
+            dtype: call.dtype,
+            label: call.label_type.name(),
+        }
+    }
+
+    /// Step 1 on one rank: its contribution to the collective (`layout.words` f32 values) into
+    /// `send`.
+    ///
+    /// # Safety
+    /// As [`raw_forward`](Self::raw_forward): every address device memory of this context of the
+    /// stated length, alive until the work has run.
+    pub unsafe fn raw_shard_stats(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &ShardCall,
+        opts: &Options,
+        layout: &ShardLayout,
+        send: RawBuffer,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        call.validate(opts)?;
+        check_len("send", send, layout.words)?;
+        let rows = call.shape.rows();
+        if rows != layout.rows {
+            return Err(Error::InvalidOption(format!(
+                "the layout is for {} rows, the call has {rows}",
+                layout.rows
+            )));
+        }
+        let label_logits = send.ptr + 4 * layout.label_offset() as u64;
+        unsafe {
+            cudarc::driver::result::memset_d8_async(label_logits, 0, 4 * rows, stream.cu_stream())?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let params = XentParams {
+            partials: send.ptr,
+            label_logits,
+            mode: MODE_FORWARD,
+            ..self.shard_params(call, opts, layout, 0)
+        };
+        self.launch(
+            stream,
+            self.shard_kernel(call, opts, XentKind::ChunkPartial),
+            &params,
+            (rows * layout.n_chunks as usize) as u32,
+            layout.threads,
+            SMEM_REDUCTION_BYTES,
+        )
+    }
+
+    /// Step 3 on one rank: from every rank's contributions (`gathered`: `world · layout.words`
+    /// values in rank order), the loss into `out` (the same on every rank) and, with `fused`, the
+    /// gradient of `grad_scale · loss` w.r.t. this rank's logits written over them.
+    ///
+    /// # Safety
+    /// As [`raw_shard_stats`](Self::raw_shard_stats); with `fused` the logits must be writable.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw_shard_backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &ShardCall,
+        opts: &Options,
+        layout: &ShardLayout,
+        world: usize,
+        gathered: RawBuffer,
+        out: &RawLoss,
+        fused: bool,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        call.validate(opts)?;
+        let rows = call.shape.rows();
+        if rows != layout.rows || world == 0 {
+            return Err(Error::InvalidOption(format!(
+                "the layout is for {} rows, the call has {rows} ({world} ranks)",
+                layout.rows
+            )));
+        }
+        check_len("gathered", gathered, world * layout.words)?;
+        check_len("counts", out.counts, COUNT_WORDS)?;
+        let buffers: LossBuffers = out.buffers(rows, opts, 0)?;
+        let kernel_call = call.kernel_call();
+        self.launch_count(stream, &kernel_call, opts, buffers.counts)?;
+        if rows > 0 {
+            let params = XentParams {
+                row_loss: buffers.row_loss,
+                row_lse: buffers.row_lse,
+                partials: gathered.ptr,
+                label_logits: gathered.ptr + 4 * layout.label_offset() as u64,
+                rank_stride: 4 * layout.words as u64,
+                ranks: world as u32,
+                mode: if fused { MODE_FUSED } else { MODE_FORWARD },
+                ..self.shard_params(call, opts, layout, buffers.counts)
+            };
+            self.launch(
+                stream,
+                self.shard_kernel(call, opts, XentKind::ChunkGrad),
+                &params,
+                (rows * layout.n_chunks as usize) as u32,
+                layout.threads,
+                SMEM_REDUCTION_BYTES,
+            )?;
+        }
+        self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
+    }
+}
