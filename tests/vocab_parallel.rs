@@ -359,45 +359,49 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                 weight: weight_raw,
             })
             .collect();
-        for (q, call) in calls.iter().enumerate() {
-            let send = RawBuffer::new(
-                gathered_raw.ptr + (4 * q * layout.words) as u64,
-                layout.words,
-            );
-            unsafe { xent.raw_shard_stats(stream, call, &dev_opts, &layout, send) }
-                .map_err(|e| e.to_string())?;
-        }
-        let mut losses = Vec::new();
-        for call in &calls {
-            let mut loss = stream.alloc_zeros::<f32>(1).unwrap();
-            let mut row_loss = stream.alloc_zeros::<f32>(rows).unwrap();
-            let mut row_lse = stream.alloc_zeros::<f32>(rows).unwrap();
-            let mut counts = stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap();
-            let mut extras = stream.alloc_zeros::<f32>(2).unwrap();
-            let out = RawLoss {
-                loss: RawBuffer::of(stream, &mut loss),
-                row_loss: RawBuffer::of(stream, &mut row_loss),
-                row_lse: RawBuffer::of(stream, &mut row_lse),
-                counts: RawBuffer::of(stream, &mut counts),
-                extras: RawBuffer::of(stream, &mut extras),
+        // Every shard's outputs, then all ranks at once through raw_shards_in_process.
+        let mut buffers: Vec<[CudaSlice<f32>; 4]> = (0..world)
+            .map(|_| {
+                [
+                    stream.alloc_zeros::<f32>(1).unwrap(),
+                    stream.alloc_zeros::<f32>(rows).unwrap(),
+                    stream.alloc_zeros::<f32>(rows).unwrap(),
+                    stream.alloc_zeros::<f32>(2).unwrap(),
+                ]
+            })
+            .collect();
+        let mut counts: Vec<CudaSlice<u32>> = (0..world)
+            .map(|_| stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap())
+            .collect();
+        let outs: Vec<RawLoss> = buffers
+            .iter_mut()
+            .zip(counts.iter_mut())
+            .map(|([loss, row_loss, row_lse, extras], counts)| RawLoss {
+                loss: RawBuffer::of(stream, loss),
+                row_loss: RawBuffer::of(stream, row_loss),
+                row_lse: RawBuffer::of(stream, row_lse),
+                counts: RawBuffer::of(stream, counts),
+                extras: RawBuffer::of(stream, extras),
                 row_correct: None,
                 workspace: None,
-            };
-            unsafe {
-                xent.raw_shard_backward(
-                    stream,
-                    call,
-                    &dev_opts,
-                    &layout,
-                    world,
-                    gathered_raw,
-                    &out,
-                    true,
-                )
-            }
-            .map_err(|e| e.to_string())?;
-            losses.push(stream.clone_dtoh(&loss).unwrap()[0]);
+            })
+            .collect();
+        unsafe {
+            xent.raw_shards_in_process(
+                stream,
+                &calls,
+                &dev_opts,
+                &layout,
+                gathered_raw,
+                &outs,
+                true,
+            )
         }
+        .map_err(|e| e.to_string())?;
+        let losses: Vec<f32> = buffers
+            .iter()
+            .map(|[loss, ..]| stream.clone_dtoh(loss).unwrap()[0])
+            .collect();
         if losses.iter().any(|l| l.to_bits() != losses[0].to_bits()) {
             return Err(format!("the ranks' losses differ: {losses:?}"));
         }

@@ -283,3 +283,113 @@ impl CrossEntropy {
         self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
     }
 }
+
+/// The one collective of a vocabulary-parallel call: an all-gather of f32 values, in rank order.
+/// NCCL's communicator ([`crate::nccl::Comm`]) is one; a framework's (PyTorch's
+/// `all_gather_into_tensor`) can be another.
+pub trait Collective {
+    /// Ranks in the communicator.
+    fn world(&self) -> usize;
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Gathers `count` f32 values from `send` on every rank into `recv` (`world · count`, rank
+    /// order), enqueued on `stream`.
+    ///
+    /// # Safety
+    /// `send` and `recv` device memory of the stream's device of `count` and `world · count`
+    /// f32 values, alive until the collective has run.
+    unsafe fn all_gather_f32(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()>;
+}
+
+impl Collective for crate::nccl::Comm<'_> {
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    unsafe fn all_gather_f32(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        // SAFETY: as the caller promised.
+        unsafe { crate::nccl::Comm::all_gather_f32(self, send, recv, count, stream.cu_stream()) }
+    }
+}
+
+impl CrossEntropy {
+    /// A vocabulary-parallel call on one rank: step 1 into `send` (`layout.words` values), the
+    /// all-gather into `recv` (`world · layout.words`), step 3 (see
+    /// [`raw_shard_backward`](Self::raw_shard_backward)). Everything on `stream`, no host wait.
+    ///
+    /// # Safety
+    /// As [`raw_shard_backward`](Self::raw_shard_backward), for `send` and `recv` too.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw_vocab_parallel(
+        &self,
+        stream: &Arc<CudaStream>,
+        comm: &dyn Collective,
+        call: &ShardCall,
+        opts: &Options,
+        layout: &ShardLayout,
+        (send, recv): (RawBuffer, RawBuffer),
+        out: &RawLoss,
+        fused: bool,
+    ) -> Result<()> {
+        let world = comm.world();
+        check_len("recv", recv, world * layout.words)?;
+        unsafe {
+            self.raw_shard_stats(stream, call, opts, layout, send)?;
+            comm.all_gather_f32(send.ptr, recv.ptr, layout.words, stream)?;
+            self.raw_shard_backward(stream, call, opts, layout, world, recv, out, fused)
+        }
+    }
+
+    /// Every rank of a vocabulary-parallel call on this one GPU (tests, and users without NCCL):
+    /// each shard's step 1 writes straight into its place of `gathered` (`calls.len() ·
+    /// layout.words` values), then each shard's step 3 reads all of it into its `outs` entry.
+    ///
+    /// # Safety
+    /// As [`raw_shard_backward`](Self::raw_shard_backward), for every call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw_shards_in_process(
+        &self,
+        stream: &Arc<CudaStream>,
+        calls: &[ShardCall],
+        opts: &Options,
+        layout: &ShardLayout,
+        gathered: RawBuffer,
+        outs: &[RawLoss],
+        fused: bool,
+    ) -> Result<()> {
+        let world = calls.len();
+        if outs.len() != world {
+            return Err(Error::InvalidOption(format!(
+                "{world} shards and {} outputs",
+                outs.len()
+            )));
+        }
+        check_len("gathered", gathered, world * layout.words)?;
+        for (q, call) in calls.iter().enumerate() {
+            let send = RawBuffer::new(gathered.ptr + (4 * q * layout.words) as u64, layout.words);
+            unsafe { self.raw_shard_stats(stream, call, opts, layout, send)? };
+        }
+        for (call, out) in calls.iter().zip(outs) {
+            unsafe {
+                self.raw_shard_backward(stream, call, opts, layout, world, gathered, out, fused)?
+            };
+        }
+        Ok(())
+    }
+}

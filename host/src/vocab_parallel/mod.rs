@@ -19,7 +19,7 @@
 
 mod gpu;
 
-pub use gpu::{ShardCall, ShardLayout};
+pub use gpu::{Collective, ShardCall, ShardLayout};
 
 use crate::cpu::{CpuLoss, Value};
 use crate::error::{Error, Result};
