@@ -385,6 +385,7 @@ fn raw_call(
 
 mod cpu;
 mod linear;
+mod vocab_parallel;
 
 /// Number of CUDA devices the driver sees; 0 without a driver (never raises).
 #[pyfunction]
@@ -407,6 +408,9 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::open_cublaslt, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_scratch, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel::shard_words, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel::shard_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel::shard_backward, m)?)?;
     m.add("STATS_LOSS", STATS_LOSS)?;
     m.add("STATS_EXTRAS", STATS_EXTRAS)?;
     m.add("STATS_COUNTS", STATS_COUNTS)?;

@@ -12,6 +12,7 @@ from .functional import CrossEntropyOutput, cross_entropy
 from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
+from .vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [
     "CrossEntropyFunction",
@@ -22,4 +23,5 @@ __all__ = [
     "XentFunction",
     "cross_entropy",
     "linear_cross_entropy",
+    "vocab_parallel_cross_entropy",
 ]

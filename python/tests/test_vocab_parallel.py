@@ -1,0 +1,98 @@
+"""``xent.torch.vocab_parallel`` on CUDA (not yet run on a GPU as of session 6): every rank of a
+P-rank call simulated on one GPU through ``shard_stats`` / ``shard_loss`` (the all-gather is a
+concatenation), against ``test_torch.reference`` (PyTorch's cross-entropy with Liger's options in
+float64) over the whole vocabulary; and the autograd function through a one-rank NCCL group."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import xent.torch as xt  # noqa: E402
+from test_torch import reference  # noqa: E402
+from xent.torch import _launch  # noqa: E402
+from xent.torch import vocab_parallel as vp  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+
+CASES = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "options": dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, grad_scale=0.5),
+    "weighted": dict(weighted=True, label_smoothing=0.05),
+    "causal": dict(causal_shift=True),
+}
+
+
+def split(vocab, world):
+    base, extra = divmod(vocab, world)
+    starts, start = [], 0
+    for r in range(world):
+        width = base + (1 if r < extra else 0)
+        starts.append((start, width))
+        start += width
+    return starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", list(CASES))
+def test_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtype):
+    kw = dict(CASES[case])
+    weighted = kw.pop("weighted", False)
+    vocab = 1003
+    gen = torch.Generator().manual_seed(world)
+    lead = (3, 11) if kw.get("causal_shift") else (41,)
+    logits = (torch.randn(*lead, vocab, generator=gen) * 2).to(dtype).cuda()
+    target = torch.randint(0, vocab, lead, generator=gen).cuda()
+    target.view(-1)[4::5] = -100
+    weight = (torch.rand(vocab, generator=gen) + 0.5).cuda() if weighted else None
+    opts = _launch.Opts(
+        -100, kw.get("reduction", "mean"), kw.get("grad_scale", 1.0), kw.get("causal_shift", False),
+        kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap"), False,
+    )
+    shards = split(vocab, world)
+    pieces = [logits[..., s:s + w].contiguous() for s, w in shards]
+    common = dict(vocab_size=vocab, world=world, weight=weight, opts=opts)
+    sends = [vp.shard_stats(p, target, vocab_start=s, **common) for p, (s, _) in zip(pieces, shards)]
+    gathered = torch.cat(sends)
+    losses = []
+    for p, (s, _) in zip(pieces, shards):
+        stats = vp.shard_loss(p, target, gathered, vocab_start=s, fused=True, **common)
+        losses.append(xt.function.loss_of(stats, target, opts))
+    assert all(torch.equal(losses[0], l) for l in losses), "the ranks' losses differ"
+    ref = reference(logits, target, weight, **{k: v for k, v in kw.items()})
+    got = float(losses[0])
+    want = float(ref.loss)
+    assert abs(got - want) <= 1e-4 * (1 + abs(want)), f"loss {got} against {want}"
+    grad = torch.cat(pieces, dim=-1).double()
+    expected = ref.grad.to(grad.device)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+    err = (grad - expected).abs()
+    allowed = 2 * u * expected.abs() + 1e-5 * float(expected.abs().max())
+    assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
+
+
+def test_autograd_function_through_a_one_rank_nccl_group():
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this PyTorch")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    try:
+        vocab = 2000
+        logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        target = torch.randint(0, vocab, (64,), device="cuda")
+        loss = xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=vocab)
+        (loss * 0.5).backward()
+        ref = reference(logits, target, upstream=0.5)
+        assert abs(float(loss) - float(ref.loss)) <= 1e-4 * float(ref.loss)
+        err = (logits.grad.double() - ref.grad.cuda()).abs().max()
+        assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
+    finally:
+        dist.destroy_process_group()

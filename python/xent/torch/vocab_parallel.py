@@ -1,0 +1,170 @@
+"""Vocabulary-parallel cross-entropy over ``torch.distributed`` (work in progress: written, not
+yet run on a GPU): with the LM head split by vocabulary, each rank holds logits ``[..., V_r]``
+for classes ``[vocab_start, vocab_start + V_r)`` of ``vocab_size``, and the loss and each rank's
+gradient come from one all-gather (``torch.distributed.all_gather_into_tensor``) of a few values
+per row, TransformerEngine's scheme, run by xent's kernels on PyTorch's current stream.
+
+>>> loss = xt.vocab_parallel_cross_entropy(local_logits, target, vocab_start=rank * V_r,
+...                                        vocab_size=V, group=tp_group)
+
+The gradient of ``grad_scale · loss`` is written over the local logits during the forward (as
+``xt.cross_entropy``'s fused mode); backward multiplies it by the upstream gradient on the device
+only when that is not exactly 1. Every option of ``xt.cross_entropy`` but token accuracy.
+
+``shard_stats`` and ``shard_loss`` are the two steps apart, for a collective of the caller's own
+(or every rank simulated on one GPU, as the tests do).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _xent
+from . import _launch
+from .function import loss_of
+
+
+def _describe(logits, target, vocab_start, vocab_size, causal_shift):
+    """Checks one rank's tensors; returns ``(logits, target, shape, shard)`` as the kernels take
+    them (``shape``: ``(batch, seq_len, width, row_stride)``)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("input and target must be torch.Tensors")
+    if not logits.is_cuda:
+        raise ValueError("vocab_parallel_cross_entropy runs on CUDA tensors")
+    width = logits.shape[-1]
+    if not (0 <= vocab_start and vocab_start + width <= vocab_size and width > 0):
+        raise ValueError(
+            f"the shard [{vocab_start}, {vocab_start + width}) is not inside [0, {vocab_size})"
+        )
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target {tuple(target.shape)} must have the logits' shape without the class dimension"
+        )
+    logits_c = logits if logits.is_contiguous() else logits.contiguous()
+    target_c = target.contiguous()
+    rows = target.numel()
+    seq_len = logits.shape[-2] if (causal_shift and logits.dim() >= 2) else rows
+    batch = rows // seq_len if seq_len else 1
+    shape = (batch, seq_len, width, width)
+    return logits_c, target_c, shape, (vocab_start, width)
+
+
+def _args(logits, target, shape, shard, vocab_size, world, weight, opts):
+    index = logits.device.index
+    weight_buf = None if weight is None else (weight.data_ptr(), weight.numel())
+    return (
+        _launch.device(index),
+        _launch._stream(index),
+        (logits.data_ptr(), logits.numel()),
+        str(logits.dtype).rpartition(".")[2],
+        (target.data_ptr(), target.numel()),
+        str(target.dtype).rpartition(".")[2],
+        shape,
+        shard,
+        vocab_size,
+        world,
+        weight_buf,
+        _launch.checked(opts),
+    )
+
+
+def shard_stats(logits, target, *, vocab_start, vocab_size, world, weight=None, opts):
+    """Step 1 on one rank: the values it contributes to the all-gather (a float32 tensor)."""
+    logits, target, shape, shard = _describe(logits, target, vocab_start, vocab_size, opts.causal_shift)
+    device, stream, *rest = _args(logits, target, shape, shard, vocab_size, world, weight, opts)
+    words = _xent.shard_words(device, target.numel(), vocab_size, world, rest[1], _launch.checked(opts))
+    send = torch.empty(words, dtype=torch.float32, device=logits.device)
+    with _launch._on(logits.device.index):
+        _xent.shard_stats(device, stream, *rest, (send.data_ptr(), send.numel()))
+    return send
+
+
+def shard_loss(logits, target, gathered, *, vocab_start, vocab_size, world, weight=None, opts, fused):
+    """Step 3 on one rank: from every rank's values (``gathered``, rank order), the stats buffer
+    (see ``xent.torch.function.loss_of``); with ``fused`` the gradient of ``grad_scale · loss``
+    written over ``logits`` (which must then be contiguous)."""
+    if fused and not logits.is_contiguous():
+        raise ValueError("a fused shard_loss writes the gradient over the logits: they must be contiguous")
+    logits, target, shape, shard = _describe(logits, target, vocab_start, vocab_size, opts.causal_shift)
+    device, stream, *rest = _args(logits, target, shape, shard, vocab_size, world, weight, opts)
+    stats = torch.empty(_xent.stats_len(target.numel(), False), dtype=torch.float32, device=logits.device)
+    with _launch._on(logits.device.index):
+        _xent.shard_backward(
+            device, stream, *rest, (gathered.data_ptr(), gathered.numel()),
+            (stats.data_ptr(), stats.numel()), fused,
+        )
+    return stats
+
+
+class _VocabParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group):
+        ctx.set_materialize_grads(False)
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, world=world, weight=weight, opts=opts)
+        send = shard_stats(logits, target, **kw)
+        gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
+        dist.all_gather_into_tensor(gathered, send, group=group)
+        fused = ctx.needs_input_grad[0]
+        stats = shard_loss(logits, target, gathered, fused=fused, **kw)
+        if fused:
+            torch.autograd.graph.increment_version(logits)
+            ctx.save_for_backward(logits.detach())
+        ctx.mark_non_differentiable(stats)
+        return loss_of(stats, target, opts), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        nones = (None,) * 6
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None,) + nones
+        (grad,) = ctx.saved_tensors
+        upstream = _launch.upstream_of(grad_loss)
+        index = grad.device.index
+        rows = grad.numel() // grad.shape[-1]
+        with _launch._on(index):
+            _launch.device(index).scale_grad(
+                _launch._stream(index), (grad.data_ptr(), grad.numel()),
+                str(grad.dtype).rpartition(".")[2], (1, rows, grad.shape[-1], grad.shape[-1]),
+                (upstream.data_ptr(), upstream.numel()),
+            )
+        return (grad,) + nones
+
+
+def vocab_parallel_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group=None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    causal_shift: bool = False,
+    grad_scale: float = 1.0,
+):
+    """The cross-entropy of logits split by vocabulary over the ranks of ``group``: ``input``
+    ``[..., V_r]`` (this rank's classes ``[vocab_start, vocab_start + V_r)`` of ``vocab_size``,
+    contiguous), ``target`` ``[...]`` global class ids, ``weight`` ``[vocab_size]`` on every rank.
+    Returns the loss (the same on every rank), as ``xt.cross_entropy`` does."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            "vocab_parallel_cross_entropy supports the mean and sum reductions for now "
+            f"(the gradient is written in the forward), got {reduction!r}"
+        )
+    opts = _launch.Opts(
+        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, False
+    )
+    _launch.checked(opts)
+    if weight is not None:
+        weight = weight.detach().to(torch.float32).contiguous()
+    loss, _stats = _VocabParallel.apply(input, target, weight, opts, vocab_start, vocab_size, group)
+    return loss
