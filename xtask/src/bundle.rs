@@ -180,6 +180,7 @@ pub fn bundle(root: &Path) -> Result<()> {
         ("bench/sweep.py", "sweep.py"),
         ("bench/torch_bench.py", "torch_bench.py"),
         ("bench/linear_bench.py", "linear_bench.py"),
+        ("bench/vocab_parallel_bench.py", "vocab_parallel_bench.py"),
         ("host/benches/configs.txt", "configs.txt"),
     ] {
         fs::copy(root.join(from), bundle_dir.join(to))

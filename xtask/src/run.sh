@@ -12,6 +12,10 @@
 #                               (XENT_BENCH=1 run.sh does the same as run.sh bench)
 #   run.sh linear [ARGS...]     linear + cross-entropy: linear_bench.py (xent's methods and
 #                               peers_linear.py's, one process; ARGS go to it) into linear.log
+#   run.sh vocab [ARGS...]      vocabulary-parallel, one GPU: vocab_parallel_bench.py (one rank's
+#                               shard kernels per world size, % of their traffic bound)
+#   run.sh multi [ARGS...]      vocabulary-parallel over every GPU of the machine: torchrun
+#                               vocab_parallel_bench.py --distributed (NVLink multicast off)
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
@@ -31,7 +35,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | linear | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | linear | vocab | multi | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -89,7 +93,7 @@ done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile | linear) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear | vocab | multi) log=$mode.log ;; esac
 
 # The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
 install_xent_wheel() {
@@ -123,6 +127,21 @@ install_peer_wheels() {
 
 if [[ $mode == python ]]; then
   run_python "$@"
+elif [[ $mode == vocab || $mode == multi ]]; then
+  install_peer_wheels
+  if install_xent_wheel; then
+    if [[ $mode == vocab ]]; then
+      run_one vocab_parallel_bench.py "$log" timeout 900 python3 vocab_parallel_bench.py "$@"
+    else
+      gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
+        python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
+        vocab_parallel_bench.py --distributed "$@"
+    fi
+  else
+    names+=("python wheel") codes+=(2) notes+=("")
+  fi
 elif [[ $mode == linear ]]; then
   install_peer_wheels
   if install_xent_wheel; then

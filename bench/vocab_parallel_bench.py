@@ -1,0 +1,201 @@
+"""Vocabulary-parallel cross-entropy benchmarks (issues 15 and 16). Prints JSON lines.
+
+One GPU (``python3 vocab_parallel_bench.py``): for each world size P, one rank's kernels on its
+shard ``[N, V/P]`` (step 1 and step 3, fused gradient; no collective), timed between CUDA events,
+with ``pct_of_bound`` against the traffic of two reads and one write per logit at the copy
+bandwidth measured in the same run. Method ``xent_vocab_parallel``.
+
+Several GPUs (``torchrun --nproc_per_node=P vocab_parallel_bench.py --distributed``; NVLink
+multicast off: ``NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1``):
+per rank, forward + backward of the mean loss with the vocabulary split over the ranks:
+``xent_vocab_parallel`` (xent.torch.vocab_parallel_cross_entropy, one all-gather),
+``megatron_style`` (PyTorch: three all-reduces, the f32 softmax kept for backward),
+``liger_vocab_parallel`` (LigerVocabParallelCrossEntropy, when importable), and ``xent`` with
+``world`` 1 (rank 0, the whole vocabulary on one GPU). Rank 0 prints the lines.
+
+Usage: [--configs N:V,...] [--worlds 1,2,4,8] [--distributed]
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+import xent.torch as xt
+from xent.torch import _launch
+from xent.torch import vocab_parallel as vp
+
+DEFAULT_CONFIGS = "8192:128256,16384:128256,8192:151936,16384:151936,8192:262144,16384:262144"
+
+
+def timed(fn, iters=10, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Read + write bytes per second of a 4 GiB device copy."""
+    src = torch.empty(1 << 30, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def one_gpu(configs, worlds):
+    bandwidth = copy_bandwidth()
+    opts = _launch.Opts()
+    for n, v in configs:
+        for world in worlds:
+            width = -(-v // world)
+            logits = torch.randn(n, width, device="cuda", dtype=torch.bfloat16)
+            target = torch.randint(0, v, (n,), device="cuda")
+            target[::7] = -100
+            common = dict(vocab_size=v, world=world, opts=opts)
+            words = vp.shard_stats(logits, target, vocab_start=0, **common).numel()
+            gathered = torch.zeros(world * words, dtype=torch.float32, device="cuda")
+
+            def step():
+                send = vp.shard_stats(logits, target, vocab_start=0, **common)
+                gathered[:words].copy_(send)  # the rank's own place; the others' stay empty rows
+                vp.shard_loss(logits, target, gathered, vocab_start=0, fused=True, **common)
+
+            ms = timed(step)
+            # Two reads and one write of 2 bytes per logit, at the measured read + write rate.
+            bound_s = 6 * n * width / bandwidth
+            print(json.dumps({
+                "method": "xent_vocab_parallel", "world": world, "n": n, "v": v, "dtype": "bf16",
+                "ms_median": round(ms, 4), "pct_of_bound": round(100 * bound_s / (ms * 1e-3), 1),
+                "collective": "none: one rank's kernels", "copy_GBps": round(bandwidth / 1e9),
+            }), flush=True)
+
+
+class _MegatronStyle(torch.autograd.Function):
+    """Megatron-core's vocab_parallel_cross_entropy in plain PyTorch: three all-reduces (max,
+    target logit, sum of exponentials), the f32 softmax of the shard kept for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group):
+        import torch.distributed as dist
+
+        x = logits.float()
+        m = x.max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        x = x - m.unsqueeze(-1)
+        width = x.shape[-1]
+        local = target - vocab_start
+        mine = (local >= 0) & (local < width) & (target != -100)
+        index = local.clamp(0, width - 1).unsqueeze(-1)
+        picked = torch.where(mine, x.gather(-1, index).squeeze(-1), 0.0)
+        dist.all_reduce(picked, group=group)
+        e = x.exp()
+        s = e.sum(-1)
+        dist.all_reduce(s, group=group)
+        valid = target != -100
+        loss = ((torch.log(s) - picked) * valid).sum() / valid.sum()
+        e.div_(s.unsqueeze(-1))  # the softmax, kept
+        ctx.save_for_backward(e, index, mine, valid)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, index, mine, valid = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, index, -mine.float().unsqueeze(-1))
+        grad.mul_((valid.float() * (grad_loss / valid.sum())).unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None, None
+
+
+def megatron_style(logits, target, group, vocab_start):
+    return _MegatronStyle.apply(logits, target, vocab_start, group)
+
+
+def distributed(configs):
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    try:
+        from liger_kernel.transformers import LigerVocabParallelCrossEntropy
+        liger = LigerVocabParallelCrossEntropy()
+    except Exception:  # the peer is optional
+        liger = None
+    for n, v in configs:
+        base, extra = divmod(v, world)
+        width = base + (1 if rank < extra else 0)
+        start = rank * base + min(rank, extra)
+        torch.manual_seed(0)
+        full = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+        target = torch.randint(0, v, (n,), device="cuda")
+        target[::7] = -100
+        shard = full[:, start:start + width].contiguous()
+        del full
+        methods = {
+            "xent_vocab_parallel": lambda x: xt.vocab_parallel_cross_entropy(
+                x, target, vocab_start=start, vocab_size=v),
+            "megatron_style": lambda x: megatron_style(x, target, None, start),
+        }
+        if liger is not None:
+            def liger_loss(x):
+                per_token = liger(x.unsqueeze(1), target.unsqueeze(1))
+                valid = target != -100
+                return (per_token.squeeze(1) * valid).sum() / valid.sum()
+            methods["liger_vocab_parallel"] = liger_loss
+        for name, fn in methods.items():
+            x = shard.clone().requires_grad_(True)
+
+            def step():
+                x.grad = None
+                fn(x).backward()
+
+            try:
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+                ms = timed(step)
+                peak = torch.cuda.max_memory_allocated() - base_mem
+                row = {"method": name, "world": world, "n": n, "v": v, "dtype": "bf16",
+                       "ms_median": round(ms, 3), "extra_peak_MiB": round(peak / 2**20)}
+            except Exception as ex:
+                row = {"method": name, "world": world, "n": n, "v": v, "error": repr(ex)[:200]}
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+        if rank == 0:
+            whole = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            ms = timed(lambda: xt.cross_entropy(whole, target).backward())
+            print(json.dumps({"method": "xent", "world": 1, "n": n, "v": v, "dtype": "bf16",
+                              "ms_median": round(ms, 3)}), flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
+    ap.add_argument("--worlds", default="1,2,4,8")
+    ap.add_argument("--distributed", action="store_true")
+    a = ap.parse_args()
+    configs = [tuple(map(int, c.split(":"))) for c in a.configs.split(",")]
+    if a.distributed:
+        distributed(configs)
+    else:
+        one_gpu(configs, [int(w) for w in a.worlds.split(",")])
+
+
+if __name__ == "__main__":
+    main()
