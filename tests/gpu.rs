@@ -453,35 +453,42 @@ fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
                 continue; // a forced plan that does not fit this shape
             }
             // All equal: ln(V) (plus the z-loss) per row, f32 and bf16.
-            let equal_f32 = vec![12345.0f32; rows * vocab];
-            let equal_bf16 = vec![bf16::from_f32(12345.0); rows * vocab];
-            let mut want_equal = equal_f32.clone();
-            let want = cpu::forward_backward(&mut want_equal, &labels, shape, &opts)
-                .unwrap()
-                .loss;
-            let mut d = stream.clone_htod(&equal_f32).unwrap();
-            let got = xent
-                .forward_backward(&stream, &mut d, &d_labels, shape, &opts)
-                .and_then(|l| l.read())
-                .unwrap() as f64;
-            if (got - want).abs() > 4e-6 * want.abs() {
-                failures.push(format!(
-                    "{plan:?} {name} f32 all 12345: {got} against {want}"
-                ));
+            fn all_equal<T: xent::Element>(
+                xent: &xent::CrossEntropy,
+                stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+                value: T,
+                labels: &[i64],
+                d_labels: &xent::cudarc::driver::CudaSlice<i64>,
+                shape: Shape,
+                opts: &Options,
+            ) -> (f64, f64) {
+                let values = vec![value; shape.rows() * shape.vocab];
+                let mut host = values.clone();
+                let want = cpu::forward_backward(&mut host, labels, shape, opts)
+                    .unwrap()
+                    .loss;
+                let mut d = stream.clone_htod(&values).unwrap();
+                let got = xent
+                    .forward_backward(stream, &mut d, d_labels, shape, opts)
+                    .and_then(|l| l.read())
+                    .unwrap() as f64;
+                (got, want)
             }
-            let mut want_bf16 = equal_bf16.clone();
-            let want = cpu::forward_backward(&mut want_bf16, &labels, shape, &opts)
-                .unwrap()
-                .loss;
-            let mut d = stream.clone_htod(&equal_bf16).unwrap();
-            let got = xent
-                .forward_backward(&stream, &mut d, &d_labels, shape, &opts)
-                .and_then(|l| l.read())
-                .unwrap() as f64;
-            if (got - want).abs() > 4e-6 * want.abs() {
-                failures.push(format!(
-                    "{plan:?} {name} bf16 all 12352: {got} against {want}"
-                ));
+            let f32_case = all_equal(xent, &stream, 12345.0f32, &labels, &d_labels, shape, &opts);
+            let bf16_case = all_equal(
+                xent,
+                &stream,
+                bf16::from_f32(12345.0),
+                &labels,
+                &d_labels,
+                shape,
+                &opts,
+            );
+            for (what, (got, want)) in [("f32 all 12345", f32_case), ("bf16 all 12352", bf16_case)]
+            {
+                if (got - want).abs() > 4e-6 * want.abs() {
+                    failures.push(format!("{plan:?} {name} {what}: {got} against {want}"));
+                }
             }
             // Random around 12345, row by row: the f64 reference on the same f32 values.
             let mut want_shifted = shifted.clone();

@@ -55,6 +55,25 @@ fn option_sets(vocab: usize) -> Vec<(&'static str, Options)> {
     ]
 }
 
+/// Logits in [-4, 4) and labels (every fifth row ignored) for `shape`, seeded.
+fn inputs<T: Element>(shape: Shape, opts: &Options, seed: u64) -> (Vec<T>, Vec<i64>) {
+    let (rows, vocab) = (shape.rows(), shape.vocab);
+    let mut rng = xent_tests::Rng(rows as u64 * seed + vocab as u64);
+    let logits = (0..rows * vocab)
+        .map(|_| T::from_f64(rng.unit() * 8.0 - 4.0))
+        .collect();
+    let labels = (0..rows)
+        .map(|r| {
+            if r % 5 == 4 {
+                opts.ignore_index
+            } else {
+                rng.below(vocab as u64) as i64
+            }
+        })
+        .collect();
+    (logits, labels)
+}
+
 /// One call split over `shards`: stats per shard, the "all-gather" (every rank sees all), then
 /// every shard's backward; returns rank 0's loss and the shards' gradients side by side.
 fn split_call<T: Element>(
@@ -119,19 +138,7 @@ fn check<T: Element>(
     upstream: &[f32],
 ) -> Result<(), String> {
     let (rows, vocab) = (shape.rows(), shape.vocab);
-    let mut rng = xent_tests::Rng(rows as u64 * 31 + vocab as u64);
-    let logits: Vec<T> = (0..rows * vocab)
-        .map(|_| T::from_f64(rng.unit() * 8.0 - 4.0))
-        .collect();
-    let labels: Vec<i64> = (0..rows)
-        .map(|r| {
-            if r % 5 == 4 {
-                opts.ignore_index
-            } else {
-                rng.below(vocab as u64) as i64
-            }
-        })
-        .collect();
+    let (logits, labels) = inputs::<T>(shape, opts, 31);
     let shards = Shard::split(vocab, world).unwrap();
     let (loss, grad) = split_call(&logits, &labels, shape, &shards, opts, upstream);
     let mut want_grad = logits.clone();
@@ -299,19 +306,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         opts: &Options,
     ) -> Result<(), String> {
         let (rows, vocab) = (shape.rows(), shape.vocab);
-        let mut rng = xent_tests::Rng(rows as u64 * 7 + vocab as u64);
-        let logits: Vec<T> = (0..rows * vocab)
-            .map(|_| T::from_f64(rng.unit() * 8.0 - 4.0))
-            .collect();
-        let labels: Vec<i64> = (0..rows)
-            .map(|r| {
-                if r % 5 == 4 {
-                    opts.ignore_index
-                } else {
-                    rng.below(vocab as u64) as i64
-                }
-            })
-            .collect();
+        let (logits, labels) = inputs::<T>(shape, opts, 7);
         let mut want_grad = logits.clone();
         let want = cpu::forward_backward(&mut want_grad, &labels, shape, opts)
             .map_err(|e| e.to_string())?;

@@ -26,23 +26,7 @@ pub const FILE_NAMES: [&str; 3] = ["libcublasLt.so.13", "libcublasLt.so.12", "li
 /// [`FILE_NAMES`]), each of `dirs` searched for [`FILE_NAMES`], then the bare names (the
 /// loader's path: `LD_LIBRARY_PATH`, the system's folders).
 pub fn candidates(env: Option<&str>, dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut tries = Vec::new();
-    let in_dir = |dir: &Path, tries: &mut Vec<PathBuf>| {
-        tries.extend(FILE_NAMES.iter().map(|name| dir.join(name)));
-    };
-    if let Some(path) = env.filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        if path.is_dir() {
-            in_dir(&path, &mut tries);
-        } else {
-            tries.push(path);
-        }
-    }
-    for dir in dirs {
-        in_dir(dir, &mut tries);
-    }
-    tries.extend(FILE_NAMES.iter().map(PathBuf::from));
-    tries
+    crate::dylib::candidates(env, dirs.iter().cloned(), &FILE_NAMES)
 }
 
 type Status = lt::cublasStatus_t;
@@ -263,7 +247,7 @@ impl CublasLt {
                     tried.push(format!(
                         "{}: {}",
                         path.display(),
-                        crate::error::load_error(&err)
+                        crate::dylib::load_error(&err)
                     ));
                     continue;
                 }

@@ -130,13 +130,3 @@ impl From<cudarc::driver::DriverError> for Error {
 
 /// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// A library loader's error with its cause (libloading's `dlopen failed` says why only in its
-/// source: the file is missing, or a library it needs is).
-pub(crate) fn load_error(err: &libloading::Error) -> String {
-    use std::error::Error as _;
-    match err.source() {
-        Some(cause) => format!("{err}: {cause}"),
-        None => err.to_string(),
-    }
-}

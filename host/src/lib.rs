@@ -30,6 +30,7 @@ pub mod candle;
 pub mod cpu;
 pub mod cublaslt;
 mod cuda;
+mod dylib;
 mod error;
 mod kernels;
 pub mod linear;

@@ -25,26 +25,10 @@ pub const FILE_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 /// [`FILE_NAMES`]), each of `dirs`, the `nvidia/nccl/lib` folder of each of `site_packages`
 /// (where the NCCL wheels put it), then the bare names (the loader's path).
 pub fn candidates(env: Option<&str>, dirs: &[PathBuf], site_packages: &[PathBuf]) -> Vec<PathBuf> {
-    let mut tries = Vec::new();
-    let in_dir = |dir: &Path, tries: &mut Vec<PathBuf>| {
-        tries.extend(FILE_NAMES.iter().map(|name| dir.join(name)));
-    };
-    if let Some(path) = env.filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        if path.is_dir() {
-            in_dir(&path, &mut tries);
-        } else {
-            tries.push(path);
-        }
-    }
-    for dir in dirs {
-        in_dir(dir, &mut tries);
-    }
-    for site in site_packages {
-        in_dir(&site.join("nvidia/nccl/lib"), &mut tries);
-    }
-    tries.extend(FILE_NAMES.iter().map(PathBuf::from));
-    tries
+    let wheels = site_packages
+        .iter()
+        .map(|site| site.join("nvidia/nccl/lib"));
+    crate::dylib::candidates(env, dirs.iter().cloned().chain(wheels), &FILE_NAMES)
 }
 
 /// `ncclResult_t`.
@@ -127,7 +111,7 @@ impl Nccl {
                     tried.push(format!(
                         "{}: {}",
                         path.display(),
-                        crate::error::load_error(&err)
+                        crate::dylib::load_error(&err)
                     ));
                     continue;
                 }
