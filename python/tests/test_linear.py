@@ -289,3 +289,22 @@ def test_issue_grid_against_torch_f32(shape, case, dtype):
         err = (got.float() - want).abs()
         ratio = float((err / (tol * terms + 1e-30)).max())
         assert ratio <= 1.0, f"{what}: worst error / allowed {ratio:.3g} (tolerance {tol:.3g} of the terms)"
+
+
+@cuda_only
+def test_torch_compile_runs_it_eagerly_with_the_same_results():
+    h, w, b, y, _ = inputs("cuda", bias=True)
+
+    def step(h, w, b):
+        return xt.linear_cross_entropy(h, w, y, b, label_smoothing=0.1)
+
+    compiled = torch.compile(step)
+    results = []
+    for fn in (step, compiled, compiled):  # the second compiled call reuses the compiled graph
+        hx, wx, bx = (t.clone().requires_grad_(True) for t in (h, w, b))
+        loss = fn(hx, wx, bx)
+        loss.backward()
+        results.append((loss.detach(), hx.grad, wx.grad, bx.grad))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)

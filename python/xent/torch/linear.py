@@ -185,6 +185,11 @@ class LinearXentFunction(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, *nones[:6]
 
 
+# Made once: under torch.compile the call is a graph break (the same function every time, so no
+# recompilation), and runs eagerly.
+_apply = torch.compiler.disable(LinearXentFunction.apply)
+
+
 def _check(hidden, weight, target, bias, ce_weight, causal_shift):
     """PyTorch's kinds of errors for bad tensors; returns them as the kernels take them and the
     shape ``(batch, seq_len, hidden, vocab)``."""
@@ -297,8 +302,7 @@ def linear_cross_entropy(
     )
     if two_phase is None or reduction == "none":
         two_phase = two_phase or reduction == "none"
-    apply = torch.compiler.disable(LinearXentFunction.apply)
-    loss, stats = apply(
+    loss, stats = _apply(
         hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes
     )
     if reduction == "none":
