@@ -392,8 +392,8 @@ fn bad_shapes_are_errors_not_panics() {
 /// error scales with the loss, not with the logits. All logits equal to 12345 (exact in f32, and
 /// 12352 in bf16): every row's loss is ln(V) exactly; random logits in [-4, 4) shifted by 12345
 /// (f32): the CPU reference's loss on the same values. Every plan, plain, with a z-loss and class
-/// weights, and with label smoothing (its sum over the row taken relative to the row's first
-/// logit), weighted or not, soft-capped or not.
+/// weights, and with label smoothing (its sum over the row taken relative to the label's logit),
+/// weighted or not, soft-capped or not.
 #[test]
 fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
     let Some(xent) = gpu() else { return };

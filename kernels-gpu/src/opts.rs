@@ -5,8 +5,8 @@
 //!   to the same code as without options.
 //! - `RowConst` (`*_coef_*`): options that change only per-row constants, not the per-element work
 //!   (z-loss, class weights, label smoothing without class weights): the plain kernels' batched
-//!   loops and register budget, plus a running `Σ (x - x_0)` for the smoothing (`x_0` the row's
-//!   first logit: the sum keeps the logits' spread, not their magnitude).
+//!   loops and register budget, plus a running `Σ (x - x_0)` for the smoothing (`x_0` the label's
+//!   logit: the sum keeps the logits' spread, not their magnitude).
 //! - `Full` (`*_opt_*`): every option (soft cap, token accuracy, smoothing with class weights),
 //!   one vector at a time.
 //!
@@ -57,7 +57,7 @@ impl Mode for Full {
 }
 
 /// A summary of some elements of a row: the online log-sum-exp of the (capped) logits, and with
-/// options `Σ w_j·(y_j - y_0)` (label smoothing; `y_0` the row's first capped logit) and the count
+/// options `Σ w_j·(y_j - y_0)` (label smoothing; `y_0` the label's capped logit) and the count
 /// of elements that beat the label for the argmax (token accuracy).
 #[derive(Clone, Copy)]
 pub struct Part {
@@ -185,7 +185,7 @@ pub struct RowCtx {
     pub label: u32,
     /// The label's logit as given (read only with token accuracy).
     pub x_label: f32,
-    /// Label smoothing's reference: the row's first (soft-capped) logit, subtracted from every
+    /// Label smoothing's reference: the label's (soft-capped) logit, subtracted from every
     /// logit its sum `wsum` adds, so that the sum keeps the logits' spread and not their
     /// magnitude (0 without smoothing).
     pub y_ref: f32,

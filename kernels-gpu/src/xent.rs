@@ -335,19 +335,25 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
     } else {
         0.0
     };
-    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row) } }
+    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) } }
 }
 
-/// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): its first logit, soft-capped as
-/// the sum sees it; 0 without smoothing. Every chunk of a row reads the same element.
+/// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): the label's logit, soft-capped as
+/// the sum sees it (every chunk of the row reads the same element, and a label is never a masked
+/// class, whose -inf or -1e30 would swamp the sum); 0 without smoothing.
 #[inline(always)]
-unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64) -> f32 {
+unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32) -> f32 {
     // Vocabulary-parallel calls (`label_logits` set) share 0: their ranks hold different first
     // columns.
     if !M::OPTS || p.opts.label_smoothing == 0.0 || p.label_logits != 0 {
         return 0.0;
     }
-    let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row)) });
+    let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64) });
+    // A -inf or NaN label logit would turn the infinite loss PyTorch gives into NaN (inf - inf):
+    // no reference then, as before.
+    if !x.is_finite() {
+        return 0.0;
+    }
     if M::FULL && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * (1.0 / p.opts.softcap)) } else { x }
 }
 
@@ -565,7 +571,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
     }
     if writes_row && tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, smoothing_ref::<T, M>(p, row), &c) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, smoothing_ref::<T, M>(p, row, label), &c) };
     }
 }
 
