@@ -41,6 +41,8 @@ if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
 cd "$(dirname "$0")" || exit 2
 export XENT_REQUIRE_GPU=1
+# NVLink multicast stays off on the shared machines, for every NCCL user this script starts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # cuBLASLt for the linear + cross-entropy GEMMs (tests/gemm.rs): PyTorch's own wheel's, when the
 # caller has not pointed XENT_CUBLASLT elsewhere.
 if [[ -z ${XENT_CUBLASLT:-} ]] && command -v python3 > /dev/null; then
@@ -134,7 +136,6 @@ elif [[ $mode == vocab || $mode == multi ]]; then
       run_one vocab_parallel_bench.py "$log" timeout 900 python3 vocab_parallel_bench.py "$@"
     else
       gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
-      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
         python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
         vocab_parallel_bench.py --distributed "$@"
