@@ -237,46 +237,28 @@ impl CublasLt {
     /// was tried and why each failed.
     pub fn open(dirs: &[PathBuf]) -> Result<CublasLt> {
         let env = std::env::var(CUBLASLT_ENV).ok();
-        let mut tried = Vec::new();
-        for path in candidates(env.as_deref(), dirs) {
-            // SAFETY: loading runs the library's initialisers; cuBLASLt's are those of a CUDA
-            // library, safe to run in a process that uses CUDA.
-            let lib = match unsafe { Library::new(&path) } {
-                Ok(lib) => lib,
-                Err(err) => {
-                    tried.push(format!(
-                        "{}: {}",
-                        path.display(),
-                        crate::dylib::load_error(&err)
-                    ));
-                    continue;
-                }
-            };
-            let fns = match Fns::of(&lib) {
-                Ok(fns) => fns,
-                Err(missing) => {
-                    tried.push(format!("{}: missing {missing}", path.display()));
-                    continue;
-                }
-            };
-            let mut handle = std::ptr::null_mut();
-            // SAFETY: `create` writes one handle.
-            check(unsafe { (fns.create)(&mut handle) }, "cublasLtCreate")?;
-            return Ok(CublasLt {
-                fns,
-                handle,
-                path,
-                _lib: lib,
-            });
-        }
-        Err(Error::LibraryNotFound {
-            library: "cuBLASLt",
-            hint: format!(
-                "set {CUBLASLT_ENV} to the file or its folder (PyTorch's: site-packages/nvidia/\
+        let opened = crate::dylib::open_first(candidates(env.as_deref(), dirs), Fns::of);
+        match opened {
+            Ok((lib, path, fns)) => {
+                let mut handle = std::ptr::null_mut();
+                // SAFETY: `create` writes one handle.
+                check(unsafe { (fns.create)(&mut handle) }, "cublasLtCreate")?;
+                Ok(CublasLt {
+                    fns,
+                    handle,
+                    path,
+                    _lib: lib,
+                })
+            }
+            Err(tried) => Err(Error::LibraryNotFound {
+                library: "cuBLASLt",
+                hint: format!(
+                    "set {CUBLASLT_ENV} to the file or its folder (PyTorch's: site-packages/nvidia/\
                  cublas/lib, or nvidia/cu13/lib)"
-            ),
-            tried,
-        })
+                ),
+                tried,
+            }),
+        }
     }
 
     /// The file that loaded.

@@ -101,39 +101,21 @@ impl Nccl {
     /// `Error::LibraryNotFound` lists what was tried and why each failed.
     pub fn open(dirs: &[PathBuf], site_packages: &[PathBuf]) -> Result<Nccl> {
         let env = std::env::var(NCCL_ENV).ok();
-        let mut tried = Vec::new();
-        for path in candidates(env.as_deref(), dirs, site_packages) {
-            // SAFETY: loading runs the library's initialisers; NCCL's are safe to run in a
-            // process that uses CUDA.
-            let lib = match unsafe { Library::new(&path) } {
-                Ok(lib) => lib,
-                Err(err) => {
-                    tried.push(format!(
-                        "{}: {}",
-                        path.display(),
-                        crate::dylib::load_error(&err)
-                    ));
-                    continue;
-                }
-            };
-            match Fns::of(&lib) {
-                Ok(fns) => {
-                    return Ok(Nccl {
-                        fns,
-                        path,
-                        _lib: lib,
-                    });
-                }
-                Err(missing) => tried.push(format!("{}: missing {missing}", path.display())),
-            }
-        }
-        Err(Error::LibraryNotFound {
-            library: "NCCL",
+        let candidates = candidates(env.as_deref(), dirs, site_packages);
+        let (lib, path, fns) = crate::dylib::open_first(candidates, Fns::of).map_err(|tried| {
+            Error::LibraryNotFound {
+                library: "NCCL",
             hint: format!(
                 "set {NCCL_ENV} to the file or its folder (PyTorch's: site-packages/nvidia/nccl/\
                  lib/libnccl.so.2, from the nvidia-nccl-cu12 or -cu13 wheel)"
             ),
             tried,
+            }
+        })?;
+        Ok(Nccl {
+            fns,
+            path,
+            _lib: lib,
         })
     }
 
