@@ -608,16 +608,21 @@ impl Work<'_> {
         unsafe { self.blas.matmul(self.stream.cu_stream(), &gemm, self.gemm) }
     }
 
-    /// `gemm` on `stream` with half of the workspace (`which`: 0 or 1), so that two GEMMs can
-    /// run at once.
+    /// `gemm` on `stream`: with a side stream, in half of the workspace (`which`: 0 or 1), so that
+    /// two GEMMs can run at once; without, in all of it.
     fn matmul_half(
         &self,
         stream: cudarc::driver::sys::CUstream,
         which: usize,
         gemm: Gemm,
     ) -> Result<()> {
-        let half = self.gemm.1 / 2 / 256 * 256;
-        let workspace = (self.gemm.0 + (which * half) as u64, half);
+        let workspace = match self.side {
+            Some(_) => {
+                let half = self.gemm.1 / 2 / 256 * 256;
+                (self.gemm.0 + (which * half) as u64, half)
+            }
+            None => self.gemm,
+        };
         // SAFETY: as `matmul`; the halves do not overlap.
         unsafe { self.blas.matmul(stream, &gemm, workspace) }
     }
