@@ -19,6 +19,8 @@ use crate::raw::{LabelType, RawBuffer, RawCall, RawLoss};
 pub(super) struct Saved {
     counts: CudaSlice<u32>,
     row_lse: CudaSlice<f32>,
+    /// The class weights the forward uploaded (uploaded once per step, not again in backward).
+    weight: Option<CudaSlice<f32>>,
 }
 
 /// Shared by a forward op and the backward op it makes.
@@ -108,23 +110,23 @@ fn labels_of<'a>(
     })
 }
 
-/// The options without host class weights (the raw API takes them on the device), and the
-/// weights uploaded.
-fn device_options(
+/// The options without host class weights (the raw API takes them on the device).
+fn device_options(opts: &Options) -> Options {
+    Options {
+        weight: None,
+        ..opts.clone()
+    }
+}
+
+/// The class weights uploaded, if any.
+fn upload_weight(
     opts: &Options,
     stream: &Arc<CudaStream>,
-) -> candle_core::Result<(Options, Option<CudaSlice<f32>>)> {
-    let weight = match &opts.weight {
-        Some(w) => Some(stream.clone_htod(w).map_err(driver)?),
-        None => None,
-    };
-    Ok((
-        Options {
-            weight: None,
-            ..opts.clone()
-        },
-        weight,
-    ))
+) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    opts.weight
+        .as_ref()
+        .map(|w| stream.clone_htod(w).map_err(driver))
+        .transpose()
 }
 
 /// Device buffers of one forward call's outputs.
@@ -195,7 +197,8 @@ pub(super) fn forward(
     let device = s1.device.clone();
     let stream = device.cuda_stream();
     let xent = handle(stream.context().ordinal())?;
-    let (dev_opts, mut weight) = device_options(opts, &stream)?;
+    let dev_opts = device_options(opts);
+    let mut weight = upload_weight(opts, &stream)?;
     let (logits, dtype, _g1) = logits_of(s1, l1, &stream)?;
     let (labels, label_type, _g2) = labels_of(s2, l2, &stream)?;
     let call = RawCall {
@@ -220,6 +223,7 @@ pub(super) fn forward(
     *saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved {
         counts: out.counts,
         row_lse: out.row_lse,
+        weight,
     });
     Ok(result)
 }
@@ -250,32 +254,35 @@ pub(super) fn backward(
     let device = s1.device.clone();
     let stream = device.cuda_stream();
     let xent = handle(stream.context().ordinal())?;
-    let (dev_opts, mut weight) = device_options(opts, &stream)?;
     let (logits, dtype, _g1) = logits_of(s1, l1, &stream)?;
     let (labels, label_type, _g2) = labels_of(s2, l2, &stream)?;
     if s3.dtype() != CandleDType::F32 || !l3.is_contiguous() {
         candle_core::bail!("xent cross_entropy: the upstream gradient must be contiguous f32");
     }
     let (upstream, _g3) = view(s3.as_cuda_slice::<f32>()?, l3, &stream);
-    let call = RawCall {
+    // The forward's counts, log-sum-exps and class weights, or (a backward without its
+    // forward's, as candle may call it after moving tensors) a forward now.
+    let dev_opts = device_options(opts);
+    let call_with = |weight: Option<&mut CudaSlice<f32>>| RawCall {
         logits,
         dtype,
         labels,
         label_type,
         shape,
-        weight: weight.as_mut().map(|w| RawBuffer::of(&stream, w)),
+        weight: weight.map(|w| RawBuffer::of(&stream, w)),
     };
-    // The forward's counts and log-sum-exps, or (a backward without its forward's, as candle may
-    // call it after moving tensors) a forward now.
     let mut slot = saved.lock().unwrap_or_else(|e| e.into_inner());
     if slot.is_none() {
-        let out = run_forward(&xent, &stream, &call, &dev_opts)?;
+        let mut weight = upload_weight(opts, &stream)?;
+        let out = run_forward(&xent, &stream, &call_with(weight.as_mut()), &dev_opts)?;
         *slot = Some(Saved {
             counts: out.counts,
             row_lse: out.row_lse,
+            weight,
         });
     }
     let kept = slot.as_mut().expect("filled above");
+    let call = call_with(kept.weight.as_mut());
     let forward = RawLoss {
         loss: RawBuffer::new(0, 0),
         row_loss: RawBuffer::new(0, 0),
