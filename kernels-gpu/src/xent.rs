@@ -556,6 +556,9 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         0.0
     };
+    // The smoothing sum's reference, for the same reason read now: in place, the gradient
+    // overwrites the label's logit.
+    let y_ref = if writes_row && tid == 0 { unsafe { smoothing_ref::<T, M>(p, row, label) } } else { 0.0 };
     let first = row * p.n_chunks as u64;
     let mut acc = Part::EMPTY;
     let mut i = tid;
@@ -571,7 +574,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
     }
     if writes_row && tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, smoothing_ref::<T, M>(p, row, label), &c) };
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, y_ref, &c) };
     }
 }
 

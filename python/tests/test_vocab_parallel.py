@@ -56,7 +56,9 @@ def test_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtype):
         kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap"), False,
     )
     shards = split(vocab, world)
-    pieces = [logits[..., s:s + w].contiguous() for s, w in shards]
+    # Copies: a fused shard_loss writes the gradient over its piece (and a one-rank piece would
+    # be `logits` itself, which the reference reads below).
+    pieces = [logits[..., s:s + w].clone() for s, w in shards]
     common = dict(vocab_size=vocab, world=world, weight=weight, opts=opts)
     sends = [vp.shard_stats(p, target, vocab_start=s, **common) for p, (s, _) in zip(pieces, shards)]
     gathered = torch.cat(sends)
@@ -88,9 +90,10 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         vocab = 2000
         logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         target = torch.randint(0, vocab, (64,), device="cuda")
+        # The reference from a copy: the forward writes the gradient over the logits.
+        ref = reference(logits.detach().clone(), target, upstream=0.5)
         loss = xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=vocab)
         (loss * 0.5).backward()
-        ref = reference(logits, target, upstream=0.5)
         assert abs(float(loss) - float(ref.loss)) <= 1e-4 * float(ref.loss)
         err = (logits.grad.double() - ref.grad.cuda()).abs().max()
         assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
