@@ -13,7 +13,7 @@ per rank, forward + backward of the mean loss with the vocabulary split over the
 ``liger_vocab_parallel`` (LigerVocabParallelCrossEntropy, when importable), and ``xent`` with
 ``world`` 1 (rank 0, the whole vocabulary on one GPU). Rank 0 prints the lines.
 
-Usage: [--configs N:V,...] [--worlds 1,2,4,8] [--distributed]
+Usage: [--configs N:V,...] [--worlds 1,2,4,8] [--distributed] [--chunkings auto,LEN[:THREADS],...]
 """
 
 import argparse
@@ -30,7 +30,9 @@ from xent.torch import vocab_parallel as vp
 DEFAULT_CONFIGS = "8192:128256,16384:128256,8192:151936,16384:151936,8192:262144,16384:262144"
 
 
-def timed(fn, iters=10, warm=3):
+def timed(fn, iters=10, warm=3, reps=1):
+    """Median ms per call of ``fn`` between CUDA events, ``reps`` calls per pair of events (so
+    the host queues the next call while the GPU runs one: GPU time, not Python's)."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -39,10 +41,11 @@ def timed(fn, iters=10, warm=3):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
@@ -54,32 +57,36 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def one_gpu(configs, worlds):
+def one_gpu(configs, worlds, chunkings):
     bandwidth = copy_bandwidth()
     opts = _launch.Opts()
-    for n, v in configs:
-        for world in worlds:
-            width = -(-v // world)
-            logits = torch.randn(n, width, device="cuda", dtype=torch.bfloat16)
-            target = torch.randint(0, v, (n,), device="cuda")
-            target[::7] = -100
-            common = dict(vocab_size=v, world=world, opts=opts)
-            words = vp.shard_stats(logits, target, vocab_start=0, **common).numel()
-            gathered = torch.zeros(world * words, dtype=torch.float32, device="cuda")
+    for n, v, world, chunking in ((n, v, w, c) for n, v in configs for w in worlds for c in chunkings):
+        if chunking == "auto":
+            os.environ.pop("XENT_SHARD_CHUNK", None)
+        else:
+            os.environ["XENT_SHARD_CHUNK"] = chunking
+        width = -(-v // world)
+        logits = torch.randn(n, width, device="cuda", dtype=torch.bfloat16)
+        target = torch.randint(0, v, (n,), device="cuda")
+        target[::7] = -100
+        common = dict(vocab_size=v, world=world, opts=opts)
+        words = vp.shard_stats(logits, target, vocab_start=0, **common).numel()
+        gathered = torch.zeros(world * words, dtype=torch.float32, device="cuda")
 
-            def step():
-                send = vp.shard_stats(logits, target, vocab_start=0, **common)
-                gathered[:words].copy_(send)  # the rank's own place; the others' stay empty rows
-                vp.shard_loss(logits, target, gathered, vocab_start=0, fused=True, **common)
+        def step():
+            send = vp.shard_stats(logits, target, vocab_start=0, **common)
+            gathered[:words].copy_(send)  # the rank's own place; the others' stay empty rows
+            vp.shard_loss(logits, target, gathered, vocab_start=0, fused=True, **common)
 
-            ms = timed(step)
-            # Two reads and one write of 2 bytes per logit, at the measured read + write rate.
-            bound_s = 6 * n * width / bandwidth
-            print(json.dumps({
-                "method": "xent_vocab_parallel", "world": world, "n": n, "v": v, "dtype": "bf16",
-                "ms_median": round(ms, 4), "pct_of_bound": round(100 * bound_s / (ms * 1e-3), 1),
-                "collective": "none: one rank's kernels", "copy_GBps": round(bandwidth / 1e9),
-            }), flush=True)
+        ms = timed(step, reps=10)
+        # Two reads and one write of 2 bytes per logit, at the measured read + write rate.
+        bound_s = 6 * n * width / bandwidth
+        print(json.dumps({
+            "method": "xent_vocab_parallel", "world": world, "n": n, "v": v, "dtype": "bf16",
+            "ms_median": round(ms, 4), "pct_of_bound": round(100 * bound_s / (ms * 1e-3), 1),
+            "collective": "none: one rank's kernels", "copy_GBps": round(bandwidth / 1e9),
+            **({} if chunking == "auto" else {"chunking": chunking}),
+        }), flush=True)
 
 
 class _MegatronStyle(torch.autograd.Function):
@@ -189,12 +196,14 @@ def main():
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
     ap.add_argument("--worlds", default="1,2,4,8")
     ap.add_argument("--distributed", action="store_true")
+    ap.add_argument("--chunkings", default="auto",
+                    help="one GPU: shard chunkings to compare, 'auto' or XENT_SHARD_CHUNK values")
     a = ap.parse_args()
     configs = [tuple(map(int, c.split(":"))) for c in a.configs.split(",")]
     if a.distributed:
         distributed(configs)
     else:
-        one_gpu(configs, [int(w) for w in a.worlds.split(",")])
+        one_gpu(configs, [int(w) for w in a.worlds.split(",")], a.chunkings.split(","))
 
 
 if __name__ == "__main__":

@@ -568,6 +568,23 @@ pub fn cluster_shape_by_residency(
     best.map(|(_, size, threads)| (size, threads))
 }
 
+/// Elements per chunk the vocabulary-parallel shard kernels aim at ([`shard_chunking`]).
+/// Measured on an H200 (2026-12-01, % of the shard kernels' traffic bound, bf16, shards of
+/// 8192 x 151936 / P): chunks of 4096 or 8192 elements 96-97% at P = 4 and 88-90% at P = 8;
+/// the chunked plan's one 32768-element tile 76% and 85% (one 512-thread block per SM, and a
+/// ragged last chunk); 16384 91% and 79%. 8192 keeps the collective at half of 4096's.
+pub const SHARD_CHUNK: usize = 8192;
+
+/// The chunking of a vocabulary shard of `width` columns: `(chunk_len, n_chunks, threads)`, with
+/// chunks of about [`SHARD_CHUNK`] elements, as even as whole vectors allow (a multiple of 8).
+/// Each chunk adds [`PARTIAL_WORDS`] f32 values per row to the collective.
+pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
+    let width = width.max(1);
+    let n_chunks = width.div_ceil(SHARD_CHUNK);
+    let chunk_len = width.div_ceil(n_chunks).next_multiple_of(8);
+    (chunk_len, width.div_ceil(chunk_len), threads_for(chunk_len, dtype))
+}
+
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
 /// SMs idle (fewer than [`MIN_BLOCKS_PER_SM`] blocks per SM), but not below [`MIN_CHUNK`].
 pub fn auto_chunk_len(rows: usize, vocab: usize, limits: DeviceLimits) -> usize {

@@ -21,7 +21,7 @@ use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, XentKind, opt_params, variant};
 use crate::options::{DType, Options, Shape};
-use crate::plan::{LaunchPlan, PlanChoice};
+use crate::plan;
 use crate::raw::{LabelType, RawBuffer, RawLoss, check_len};
 
 /// One rank's call: its shard of the logits (`shape`: the call's rows, `shard.width` classes a
@@ -50,6 +50,32 @@ pub struct ShardLayout {
     pub n_chunks: u32,
     /// `rows · n_chunks · PARTIAL_WORDS` partials, then `rows` label logits.
     pub words: usize,
+}
+
+/// A chunking forced by `XENT_SHARD_CHUNK=LEN[:THREADS]` (for measuring the alternatives; unset:
+/// the automatic one).
+fn forced_shard_chunk() -> Result<Option<(usize, Option<u32>)>> {
+    let Some(value) = std::env::var_os("XENT_SHARD_CHUNK") else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy().into_owned();
+    let bad = || Error::InvalidOption(format!("XENT_SHARD_CHUNK={value:?}: expected LEN or LEN:THREADS"));
+    let (len, threads) = match value.split_once(':') {
+        Some((len, threads)) => (len, Some(threads)),
+        None => (value.as_str(), None),
+    };
+    let len = len.parse::<usize>().map_err(|_| bad())?;
+    let threads = match threads {
+        Some(t) => {
+            let t = t.parse::<u32>().map_err(|_| bad())?;
+            if t == 0 || t % 32 != 0 || t > 512 {
+                return Err(bad());
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    Ok(Some((len, threads)))
 }
 
 impl ShardLayout {
@@ -109,7 +135,9 @@ impl ShardCall {
 }
 
 impl CrossEntropy {
-    /// The layout of a `world`-rank call of `rows` rows over `vocab` classes of `dtype`.
+    /// The layout of a `world`-rank call of `rows` rows over `vocab` classes of `dtype`: chunks
+    /// of about [`plan::SHARD_CHUNK`] elements of the widest shard (every option shares it; an
+    /// invalid one is reported here, before any launch).
     pub fn shard_layout(
         &self,
         rows: usize,
@@ -118,29 +146,28 @@ impl CrossEntropy {
         dtype: DType,
         opts: &Options,
     ) -> Result<ShardLayout> {
+        opts.validate_except_weight_values(vocab)?;
         let widest = Shard::split(vocab, world)?[0].width;
-        let chunked = Options {
-            plan: PlanChoice::Chunked { chunk_len: None },
-            weight: None,
-            ..opts.clone()
+        let (chunk_len, n_chunks, threads) = match forced_shard_chunk()? {
+            Some((len, threads)) => {
+                if len == 0 || !len.is_multiple_of(8) {
+                    return Err(Error::InvalidOption(format!(
+                        "XENT_SHARD_CHUNK: a chunk of {len} elements is not a positive multiple of 8"
+                    )));
+                }
+                let len = len.min(widest.next_multiple_of(8));
+                let threads = threads.unwrap_or_else(|| plan::threads_for(len, dtype));
+                (len, widest.div_ceil(len), threads)
+            }
+            None => plan::shard_chunking(widest, dtype),
         };
-        let weighted = opts.weight.is_some();
-        match self.plan_variant(&Shape::flat(rows.max(1), widest), dtype, &chunked, weighted)? {
-            LaunchPlan::Chunked {
-                threads,
-                chunk_len,
-                n_chunks,
-            } => Ok(ShardLayout {
-                rows,
-                threads,
-                chunk_len,
-                n_chunks,
-                words: rows * n_chunks as usize * PARTIAL_WORDS + rows,
-            }),
-            other => Err(Error::InvalidOption(format!(
-                "the chunked plan was asked for and {other:?} came back"
-            ))),
-        }
+        Ok(ShardLayout {
+            rows,
+            threads,
+            chunk_len: chunk_len as u32,
+            n_chunks: n_chunks as u32,
+            words: rows * n_chunks * PARTIAL_WORDS + rows,
+        })
     }
 
     fn shard_params(
