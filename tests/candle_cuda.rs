@@ -93,7 +93,11 @@ fn close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) -> Result<
 /// The absolute floor of a gradient comparison: f16 gradients this small are subnormal, where
 /// one rounding step is 2^-24 whatever the value (two roundings of the same f32 may differ by it).
 fn grad_atol(dtype: DType, scale: f64) -> f64 {
-    let floor = if dtype == DType::F16 { 2f64.powi(-24) } else { 0.0 };
+    let floor = if dtype == DType::F16 {
+        2f64.powi(-24)
+    } else {
+        0.0
+    };
     (1e-6 * scale).max(floor)
 }
 
@@ -188,7 +192,13 @@ fn cuda_matches_the_cpu_path_for_every_dtype_label_type_and_option() {
                     loss_and_grad(&values, &dims, dtype, &targets, &opts, &upstream, &gpu);
                 let scale = grad_cpu.iter().fold(0.0f64, |m, g| m.max(g.abs()));
                 let result = close("loss", &loss_gpu, &loss_cpu, 1e-5, 1e-5).and_then(|()| {
-                    close("grad", &grad_gpu, &grad_cpu, grad_rtol(dtype), grad_atol(dtype, scale))
+                    close(
+                        "grad",
+                        &grad_gpu,
+                        &grad_cpu,
+                        grad_rtol(dtype),
+                        grad_atol(dtype, scale),
+                    )
                 });
                 if let Err(msg) = result {
                     failures.push(format!("{name} {dtype:?} {label_type:?}: {msg}"));

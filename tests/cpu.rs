@@ -1052,12 +1052,17 @@ fn threads_for_saturates_at_the_cap_for_any_length() {
 
 #[test]
 fn shard_chunks_are_even_whole_vectors_of_about_the_target_and_cover_the_shard() {
-    for width in (1..300).chain([8191, 8192, 8193, 16032, 18992, 32064, 37984, 64128, 131072, 262144]) {
+    for width in (1..300).chain([
+        8191, 8192, 8193, 16032, 18992, 32064, 37984, 64128, 131072, 262144,
+    ]) {
         for dtype in [DType::F32, DType::Bf16, DType::F16] {
             let (len, n, threads) = plan::shard_chunking(width, dtype);
             let what = format!("shard_chunking({width}, {dtype:?}) = ({len}, {n}, {threads})");
             assert!(len > 0 && len % 8 == 0, "{what}: not whole vectors");
-            assert!(n * len >= width && (n - 1) * len < width, "{what}: does not cover the shard once");
+            assert!(
+                n * len >= width && (n - 1) * len < width,
+                "{what}: does not cover the shard once"
+            );
             assert_eq!(n, width.div_ceil(plan::SHARD_CHUNK), "{what}: chunk count");
             // Even: the last chunk is at most a vector's worth per chunk shorter than the others.
             assert!(n * len - width < 8 * n, "{what}: uneven");

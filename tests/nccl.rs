@@ -67,7 +67,7 @@ fn nccl_loads_and_reports_its_version_or_says_what_it_tried() {
     }
 }
 
-/// The vocabulary-parallel call over NCCL (issue 15; not yet run on a GPU as of session 6): one
+/// The vocabulary-parallel call over NCCL (issue 15): one
 /// thread per GPU of the machine (one rank on a one-GPU machine: loading, the communicator and
 /// the call path), the vocabulary split over them, each rank's loss and gradient against the
 /// CPU reference over the whole vocabulary. `XENT_NCCL_WORLD` caps the ranks.

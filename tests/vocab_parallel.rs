@@ -260,7 +260,7 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
     );
 }
 
-/// The GPU path with P shards on one GPU (unvalidated as of session 6): each shard's step 1
+/// The GPU path with P shards on one GPU: each shard's step 1
 /// writes straight into its place of one gathered buffer (the collective, in process), then
 /// every shard's step 3 reads all of it. Against the CPU reference over the whole vocabulary.
 #[test]

@@ -582,7 +582,11 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
     let width = width.max(1);
     let n_chunks = width.div_ceil(SHARD_CHUNK);
     let chunk_len = width.div_ceil(n_chunks).next_multiple_of(8);
-    (chunk_len, width.div_ceil(chunk_len), threads_for(chunk_len, dtype))
+    (
+        chunk_len,
+        width.div_ceil(chunk_len),
+        threads_for(chunk_len, dtype),
+    )
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave

@@ -1,4 +1,4 @@
-"""``xent.torch.vocab_parallel`` on CUDA (not yet run on a GPU as of session 6): every rank of a
+"""``xent.torch.vocab_parallel`` on CUDA: every rank of a
 P-rank call simulated on one GPU through ``shard_stats`` / ``shard_loss`` (the all-gather is a
 concatenation), against ``test_torch.reference`` (PyTorch's cross-entropy with Liger's options in
 float64) over the whole vocabulary; and the autograd function through a one-rank NCCL group."""

@@ -1,4 +1,4 @@
-//! The protocol on the GPU, on raw device memory (unvalidated on a GPU as of session 6): step 1
+//! The protocol on the GPU, on raw device memory: step 1
 //! is the chunked plan's first kernel over the rank's slice of the vocabulary (its partials and
 //! the label's logit where the label is the rank's: [`ShardLayout::words`] f32 values per rank),
 //! step 3 the chunked plan's second kernel merging every rank's partials, between the count and
@@ -59,7 +59,11 @@ fn forced_shard_chunk() -> Result<Option<(usize, Option<u32>)>> {
         return Ok(None);
     };
     let value = value.to_string_lossy().into_owned();
-    let bad = || Error::InvalidOption(format!("XENT_SHARD_CHUNK={value:?}: expected LEN or LEN:THREADS"));
+    let bad = || {
+        Error::InvalidOption(format!(
+            "XENT_SHARD_CHUNK={value:?}: expected LEN or LEN:THREADS"
+        ))
+    };
     let (len, threads) = match value.split_once(':') {
         Some((len, threads)) => (len, Some(threads)),
         None => (value.as_str(), None),
