@@ -1,7 +1,8 @@
 """Vocabulary-parallel cross-entropy over ``torch.distributed``: with the LM head split by
 vocabulary, each rank holds logits ``[..., V_r]`` for classes ``[vocab_start, vocab_start + V_r)``
-of ``vocab_size``, and the loss and each rank's gradient come from one all-gather (``torch.distributed.all_gather_into_tensor``) of a few values
-per row, TransformerEngine's scheme, run by xent's kernels on PyTorch's current stream.
+of ``vocab_size``, and the loss and each rank's gradient come from one all-gather
+(``torch.distributed.all_gather_into_tensor``) of a few values per row, TransformerEngine's
+scheme, run by xent's kernels on PyTorch's current stream.
 
 >>> loss = xt.vocab_parallel_cross_entropy(local_logits, target, vocab_start=rank * V_r,
 ...                                        vocab_size=V, group=tp_group)
