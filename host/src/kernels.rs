@@ -149,11 +149,11 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// off (`weighted`: host weights in `opts.weight`, or device weights given to the raw API) and with
 /// or without the token accuracy (the backward kernels never compute it).
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
-    let per_element =
-        opts.softcap.is_some() || accuracy || (opts.label_smoothing != 0.0 && weighted);
+    // Token accuracy is a compare in the first pass: the per-row kernels count it.
+    let per_element = opts.softcap.is_some() || (opts.label_smoothing != 0.0 && weighted);
     if per_element {
         "opt_"
-    } else if opts.has_loss_options() || weighted {
+    } else if opts.has_loss_options() || weighted || accuracy {
         "coef_"
     } else {
         ""

@@ -3,11 +3,12 @@
 //!
 //! - `Plain` (the plain entry points): every option branch is a constant `false`, so they compile
 //!   to the same code as without options.
-//! - `RowConst` (`*_coef_*`): options that change only per-row constants, not the per-element work
-//!   (z-loss, class weights, label smoothing without class weights): the plain kernels' batched
-//!   loops and register budget, plus a running `Σ (x - x_0)` for the smoothing (`x_0` the label's
-//!   logit: the sum keeps the logits' spread, not their magnitude).
-//! - `Full` (`*_opt_*`): every option (soft cap, token accuracy, smoothing with class weights),
+//! - `RowConst` (`*_coef_*`): options that leave the gradient's per-element work alone (z-loss,
+//!   class weights, label smoothing without class weights, token accuracy): the plain kernels'
+//!   batched loops and register budget, plus a running `Σ (x - x_0)` for the smoothing (`x_0` the
+//!   label's logit: the sum keeps the logits' spread, not their magnitude) and, with token
+//!   accuracy, a count of the logits that beat the label's in the first pass.
+//! - `Full` (`*_opt_*`): every option (the soft cap and smoothing with class weights need it),
 //!   one vector at a time.
 //!
 //! Per row, with `y = cap·tanh(x / cap)` (or `y = x`), `lse = ln Σ e^y`, class `c`, weights `w`
@@ -218,6 +219,36 @@ pub unsafe fn class_weight(o: &OptParams, col: u32) -> f32 {
     if o.weight != 0 { f32::from_bits(unsafe { prim::ld_global_u32(o.weight + 4 * col as u64) }) } else { 1.0 }
 }
 
+/// How many of `x[..n]` (columns `first, first + 1, ...`) beat the label's logit `ctx.x_label`
+/// for the argmax (`torch.argmax`: the first maximal value, a NaN counting as the maximum). One
+/// branch per vector: only the vector holding the label compares element by element with its
+/// column (fewer registers than a branch-free compare of every column: ptxas, 2026-12-01).
+#[inline(always)]
+pub fn beats_label<const N: usize>(ctx: &RowCtx, x: &[f32; N], n: usize, first: u32) -> u32 {
+    let xl = ctx.x_label;
+    // Before the label's column a tie or a NaN beats it; after it a larger value, or a NaN unless
+    // the label's logit is NaN too.
+    let before = |v: f32| v >= xl || v.is_nan();
+    let after = |v: f32| v > xl || (v.is_nan() && !xl.is_nan());
+    let mut count = 0u32;
+    if first + n as u32 <= ctx.label {
+        for i in 0..n {
+            count += before(x[i]) as u32;
+        }
+    } else if first > ctx.label {
+        for i in 0..n {
+            count += after(x[i]) as u32;
+        }
+    } else {
+        for i in 0..n {
+            let col = first + i as u32;
+            let beats = if col < ctx.label { before(x[i]) } else { col > ctx.label && after(x[i]) };
+            count += beats as u32;
+        }
+    }
+    count
+}
+
 /// Phase one of `Full` for elements `x[..n]` at columns `first, first + 1, ...`: counts those
 /// that beat the label for the argmax (`torch.argmax`: the first maximal value, a NaN counting as
 /// the maximum), adds `Σ w_j·y_j`, and returns the capped values `y` for the log-sum-exp.
@@ -231,18 +262,7 @@ pub unsafe fn observe<const N: usize>(
     part: &mut Part,
 ) -> [f32; N] {
     if o.row_correct != 0 {
-        let xl = ctx.x_label;
-        for i in 0..n {
-            let (col, v) = (first + i as u32, x[i]);
-            let beats = if col < ctx.label {
-                v >= xl || v.is_nan()
-            } else if col > ctx.label {
-                v > xl || (v.is_nan() && !xl.is_nan())
-            } else {
-                false
-            };
-            part.wrong += beats as u32;
-        }
+        part.wrong += beats_label(ctx, &x, n, first);
     }
     let mut y = x;
     if o.softcap > 0.0 {
