@@ -129,14 +129,15 @@ pub(crate) const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
 /// The label types' name suffixes (`Label::NAME`).
 pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 
-/// The cross-entropy kernels come in three variants (name infixes): plain (no loss options),
+/// The cross-entropy kernels come in four variants (name infixes): plain (no loss options),
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
-/// without class weights; the plain kernels' loops and registers) and `opt_` (every option, one
-/// vector at a time).
-pub(crate) const VARIANTS: [&str; 3] = ["", "coef_", "opt_"];
+/// without class weights; the plain kernels' loops and registers), `acc_` (those and token
+/// accuracy, a compare per element in the first pass) and `opt_` (every option, one vector at a
+/// time).
+pub(crate) const VARIANTS: [&str; 4] = ["", "coef_", "acc_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
-/// option (`coef_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element ones none.
+/// option (`coef_`, `acc_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element ones none.
 pub(crate) fn cluster_keep(variant: &str) -> u32 {
     if variant != "opt_" {
         crate::abi::CLUSTER_KEEP
@@ -149,11 +150,13 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// off (`weighted`: host weights in `opts.weight`, or device weights given to the raw API) and with
 /// or without the token accuracy (the backward kernels never compute it).
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
-    // Token accuracy is a compare in the first pass: the per-row kernels count it.
+    // Token accuracy is a compare in the first pass: the per-row kernels with it count it.
     let per_element = opts.softcap.is_some() || (opts.label_smoothing != 0.0 && weighted);
     if per_element {
         "opt_"
-    } else if opts.has_loss_options() || weighted || accuracy {
+    } else if accuracy {
+        "acc_"
+    } else if opts.has_loss_options() || weighted {
         "coef_"
     } else {
         ""

@@ -17,7 +17,7 @@ pub mod xent;
 
 use abi::{CountParams, FinishParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
-use opts::{Full, Plain, RowConst};
+use opts::{Full, Plain, RowAcc, RowConst};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -62,40 +62,58 @@ kernels! {
 
     xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
     xent_fused_coef_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowConst>;
+    xent_fused_acc_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowAcc>;
     xent_fused_opt_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Full>;
     xent_fused_coef_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowConst>;
+    xent_fused_acc_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowAcc>;
     xent_fused_opt_f16_i32(XentParams) => xent::fused::<F16, i32, Full>;
     xent_fused_coef_f16_i32(XentParams) => xent::fused::<F16, i32, RowConst>;
+    xent_fused_acc_f16_i32(XentParams) => xent::fused::<F16, i32, RowAcc>;
     xent_fused_opt_f16_i64(XentParams) => xent::fused::<F16, i64, Full>;
     xent_fused_coef_f16_i64(XentParams) => xent::fused::<F16, i64, RowConst>;
+    xent_fused_acc_f16_i64(XentParams) => xent::fused::<F16, i64, RowAcc>;
     xent_fused_opt_f32_i32(XentParams) => xent::fused::<F32, i32, Full>;
     xent_fused_coef_f32_i32(XentParams) => xent::fused::<F32, i32, RowConst>;
+    xent_fused_acc_f32_i32(XentParams) => xent::fused::<F32, i32, RowAcc>;
     xent_fused_opt_f32_i64(XentParams) => xent::fused::<F32, i64, Full>;
     xent_fused_coef_f32_i64(XentParams) => xent::fused::<F32, i64, RowConst>;
+    xent_fused_acc_f32_i64(XentParams) => xent::fused::<F32, i64, RowAcc>;
     xent_chunk_partial_opt_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Full>;
     xent_chunk_partial_coef_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowConst>;
+    xent_chunk_partial_acc_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowAcc>;
     xent_chunk_partial_opt_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, Full>;
     xent_chunk_partial_coef_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, RowConst>;
+    xent_chunk_partial_acc_bf16_i64(XentParams) => xent::chunk_partial::<Bf16, i64, RowAcc>;
     xent_chunk_partial_opt_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, Full>;
     xent_chunk_partial_coef_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, RowConst>;
+    xent_chunk_partial_acc_f16_i32(XentParams) => xent::chunk_partial::<F16, i32, RowAcc>;
     xent_chunk_partial_opt_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, Full>;
     xent_chunk_partial_coef_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, RowConst>;
+    xent_chunk_partial_acc_f16_i64(XentParams) => xent::chunk_partial::<F16, i64, RowAcc>;
     xent_chunk_partial_opt_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, Full>;
     xent_chunk_partial_coef_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, RowConst>;
+    xent_chunk_partial_acc_f32_i32(XentParams) => xent::chunk_partial::<F32, i32, RowAcc>;
     xent_chunk_partial_opt_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, Full>;
     xent_chunk_partial_coef_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, RowConst>;
+    xent_chunk_partial_acc_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, RowAcc>;
     xent_chunk_grad_opt_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, Full>;
     xent_chunk_grad_coef_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, RowConst>;
+    xent_chunk_grad_acc_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, RowAcc>;
     xent_chunk_grad_opt_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, Full>;
     xent_chunk_grad_coef_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, RowConst>;
+    xent_chunk_grad_acc_bf16_i64(XentParams) => xent::chunk_grad::<Bf16, i64, RowAcc>;
     xent_chunk_grad_opt_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, Full>;
     xent_chunk_grad_coef_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, RowConst>;
+    xent_chunk_grad_acc_f16_i32(XentParams) => xent::chunk_grad::<F16, i32, RowAcc>;
     xent_chunk_grad_opt_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, Full>;
     xent_chunk_grad_coef_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, RowConst>;
+    xent_chunk_grad_acc_f16_i64(XentParams) => xent::chunk_grad::<F16, i64, RowAcc>;
     xent_chunk_grad_opt_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, Full>;
     xent_chunk_grad_coef_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, RowConst>;
+    xent_chunk_grad_acc_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, RowAcc>;
     xent_chunk_grad_opt_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Full>;
     xent_chunk_grad_coef_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, RowConst>;
+    xent_chunk_grad_acc_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, RowAcc>;
 
     xent_backward_bf16_i32(XentParams) => xent::backward::<Bf16, i32, Plain>;
     xent_backward_bf16_i64(XentParams) => xent::backward::<Bf16, i64, Plain>;
@@ -104,11 +122,17 @@ kernels! {
     xent_backward_f32_i32(XentParams) => xent::backward::<F32, i32, Plain>;
     xent_backward_f32_i64(XentParams) => xent::backward::<F32, i64, Plain>;
     xent_backward_coef_bf16_i32(XentParams) => xent::backward::<Bf16, i32, RowConst>;
+    xent_backward_acc_bf16_i32(XentParams) => xent::backward::<Bf16, i32, RowAcc>;
     xent_backward_coef_bf16_i64(XentParams) => xent::backward::<Bf16, i64, RowConst>;
+    xent_backward_acc_bf16_i64(XentParams) => xent::backward::<Bf16, i64, RowAcc>;
     xent_backward_coef_f16_i32(XentParams) => xent::backward::<F16, i32, RowConst>;
+    xent_backward_acc_f16_i32(XentParams) => xent::backward::<F16, i32, RowAcc>;
     xent_backward_coef_f16_i64(XentParams) => xent::backward::<F16, i64, RowConst>;
+    xent_backward_acc_f16_i64(XentParams) => xent::backward::<F16, i64, RowAcc>;
     xent_backward_coef_f32_i32(XentParams) => xent::backward::<F32, i32, RowConst>;
+    xent_backward_acc_f32_i32(XentParams) => xent::backward::<F32, i32, RowAcc>;
     xent_backward_coef_f32_i64(XentParams) => xent::backward::<F32, i64, RowConst>;
+    xent_backward_acc_f32_i64(XentParams) => xent::backward::<F32, i64, RowAcc>;
     xent_backward_opt_bf16_i32(XentParams) => xent::backward::<Bf16, i32, Full>;
     xent_backward_opt_bf16_i64(XentParams) => xent::backward::<Bf16, i64, Full>;
     xent_backward_opt_f16_i32(XentParams) => xent::backward::<F16, i32, Full>;
@@ -131,14 +155,20 @@ kernels! {
     xent_cluster_f32_i64(XentParams) => xent::cluster::<F32, i64, Plain>;
     xent_cluster_opt_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, Full>;
     xent_cluster_coef_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowConst>;
+    xent_cluster_acc_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowAcc>;
     xent_cluster_opt_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Full>;
     xent_cluster_coef_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowConst>;
+    xent_cluster_acc_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowAcc>;
     xent_cluster_opt_f16_i32(XentParams) => xent::cluster::<F16, i32, Full>;
     xent_cluster_coef_f16_i32(XentParams) => xent::cluster::<F16, i32, RowConst>;
+    xent_cluster_acc_f16_i32(XentParams) => xent::cluster::<F16, i32, RowAcc>;
     xent_cluster_opt_f16_i64(XentParams) => xent::cluster::<F16, i64, Full>;
     xent_cluster_coef_f16_i64(XentParams) => xent::cluster::<F16, i64, RowConst>;
+    xent_cluster_acc_f16_i64(XentParams) => xent::cluster::<F16, i64, RowAcc>;
     xent_cluster_opt_f32_i32(XentParams) => xent::cluster::<F32, i32, Full>;
     xent_cluster_coef_f32_i32(XentParams) => xent::cluster::<F32, i32, RowConst>;
+    xent_cluster_acc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowAcc>;
     xent_cluster_opt_f32_i64(XentParams) => xent::cluster::<F32, i64, Full>;
     xent_cluster_coef_f32_i64(XentParams) => xent::cluster::<F32, i64, RowConst>;
+    xent_cluster_acc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowAcc>;
 }

@@ -175,7 +175,7 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 }
             });
         }
-        if M::OPTS && o.row_correct != 0 {
+        if M::ACCURACY && o.row_correct != 0 {
             unroll!(u => {
                 let index = v + u * step;
                 if index < seg.n_vec {
@@ -223,7 +223,7 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
         if M::OPTS && o.label_smoothing != 0.0 {
             acc.wsum += x - ctx.y_ref;
         }
-        if M::OPTS && o.row_correct != 0 {
+        if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &[x], 1, ctx.col0 + j);
         }
         [x]
@@ -342,7 +342,7 @@ unsafe fn write_unscored_row<M: Mode>(p: &XentParams, row: u64, target: Target) 
 /// label's logit (one broadcast load per warp).
 #[inline(always)]
 unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col0: u32) -> RowCtx {
-    let x_label = if M::OPTS && p.opts.row_correct != 0 {
+    let x_label = if (M::FULL || M::ACCURACY) && p.opts.row_correct != 0 {
         let addr = row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64;
         T::widen(unsafe { T::ld_global_raw(addr) })
     } else {
@@ -745,7 +745,7 @@ unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32,
         if M::OPTS && o.label_smoothing != 0.0 {
             acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&x, n));
         }
-        if M::OPTS && o.row_correct != 0 {
+        if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
         x
