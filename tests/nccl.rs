@@ -67,158 +67,406 @@ fn nccl_loads_and_reports_its_version_or_says_what_it_tried() {
     }
 }
 
-/// The vocabulary-parallel call over NCCL (issue 15): one
-/// thread per GPU of the machine (one rank on a one-GPU machine: loading, the communicator and
-/// the call path), the vocabulary split over them, each rank's loss and gradient against the
-/// CPU reference over the whole vocabulary. `XENT_NCCL_WORLD` caps the ranks.
-#[test]
-fn vocab_parallel_over_nccl_matches_the_reference_on_every_gpu() {
-    use xent::cudarc::driver::CudaContext;
+/// The option sets the NCCL tests run (token accuracy is not supported vocabulary-parallel).
+fn option_sets(vocab: usize) -> Vec<(&'static str, xent::Options)> {
+    use xent::{Options, Reduction};
+    let base = Options::default();
+    vec![
+        ("mean", base.clone()),
+        (
+            "sum, grad_scale 0.5",
+            Options {
+                reduction: Reduction::Sum,
+                grad_scale: 0.5,
+                ..base.clone()
+            },
+        ),
+        (
+            "smoothing, z-loss, causal",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-4,
+                causal_shift: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "every option",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                softcap: Some(4.0),
+                weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect()),
+                ..base.clone()
+            },
+        ),
+        (
+            "ignore 3",
+            Options {
+                ignore_index: 3,
+                ..base
+            },
+        ),
+    ]
+}
+
+/// One case of the NCCL tests: `[2, 37, 32003]` f32 logits in [-4, 4), labels with every sixth
+/// row ignored (and, with `ignore_index` 3, some rows labelled 3), the same on every rank.
+struct NcclCase {
+    shape: xent::Shape,
+    logits: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+impl NcclCase {
+    fn new(opts: &xent::Options) -> NcclCase {
+        let shape = xent::Shape::batched(2, 37, 32003);
+        let (rows, vocab) = (shape.rows(), shape.vocab);
+        let mut rng = xent_tests::Rng(2026);
+        let logits = (0..rows * vocab)
+            .map(|_| (rng.unit() * 8.0 - 4.0) as f32)
+            .collect();
+        let labels = (0..rows)
+            .map(|r| match r % 6 {
+                5 => -100,
+                4 if opts.ignore_index == 3 => 3,
+                _ => rng.below(vocab as u64) as i64,
+            })
+            .collect();
+        NcclCase {
+            shape,
+            logits,
+            labels,
+        }
+    }
+}
+
+/// What one rank computed: the loss, and its shard's gradient (eagerly, and from each replay of a
+/// CUDA graph of the same call when captured).
+struct RankResult {
+    loss: f32,
+    grad: Vec<f32>,
+    replays: Vec<(f32, Vec<f32>)>,
+}
+
+/// Rank `rank` of a `world`-rank vocabulary-parallel call over NCCL on GPU `rank`: eagerly, then
+/// (with `capture`) captured in a CUDA graph and replayed twice on the pristine shard.
+fn run_rank(
+    nccl: &Nccl,
+    world: usize,
+    id: nccl::UniqueId,
+    rank: usize,
+    case: &NcclCase,
+    opts: &xent::Options,
+    capture: bool,
+) -> Result<RankResult, String> {
+    use xent::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use xent::raw::{LabelType, RawBuffer, RawLoss};
     use xent::vocab_parallel::{Shard, ShardCall};
-    use xent::{Options, Shape, cpu};
 
-    let Some(_) = xent_tests::gpu() else {
-        return;
+    let err = |e: xent::Error| e.to_string();
+    let drv = |e: xent::cudarc::driver::DriverError| e.to_string();
+    let (shape, vocab) = (case.shape, case.shape.vocab);
+    let rows = shape.rows();
+    let shard = Shard::split(vocab, world).map_err(err)?[rank];
+    let xent = xent::CrossEntropy::new(rank).map_err(err)?;
+    xent.context().bind_to_thread().map_err(drv)?;
+    // SAFETY: one stream; cudarc's cross-stream events are not needed, and an event record of
+    // them inside the capture would join the graph.
+    unsafe { xent.context().disable_event_tracking() };
+    let stream = xent.context().new_stream().map_err(drv)?; // capturable, unlike the legacy one
+    let comm = nccl.comm_init_rank(world, id, rank).map_err(err)?;
+    let piece: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            case.logits[r * vocab + shard.start..r * vocab + shard.start + shard.width].to_vec()
+        })
+        .collect();
+    let pristine = stream.clone_htod(&piece).map_err(drv)?;
+    let mut d_piece = stream.clone_htod(&piece).map_err(drv)?;
+    let mut d_labels = stream.clone_htod(&case.labels).map_err(drv)?;
+    let mut d_weight = match &opts.weight {
+        Some(w) => Some(stream.clone_htod(w).map_err(drv)?),
+        None => None,
     };
-    let nccl = match Nccl::open(&[], &site_packages()) {
-        Ok(nccl) => nccl,
+    let opts = xent::Options {
+        weight: None,
+        ..opts.clone()
+    };
+    let layout = xent
+        .shard_layout(rows, vocab, world, xent::DType::F32, &opts)
+        .map_err(err)?;
+    let mut send = stream.alloc_zeros::<f32>(layout.words).map_err(drv)?;
+    let mut recv = stream
+        .alloc_zeros::<f32>(world * layout.words)
+        .map_err(drv)?;
+    let mut loss = stream.alloc_zeros::<f32>(1).map_err(drv)?;
+    let mut row_loss = stream.alloc_zeros::<f32>(rows).map_err(drv)?;
+    let mut row_lse = stream.alloc_zeros::<f32>(rows).map_err(drv)?;
+    let mut counts = stream
+        .alloc_zeros::<u32>(xent::abi::COUNT_WORDS)
+        .map_err(drv)?;
+    let mut extras = stream.alloc_zeros::<f32>(2).map_err(drv)?;
+    let call = ShardCall {
+        logits: RawBuffer::of(&stream, &mut d_piece),
+        dtype: xent::DType::F32,
+        labels: RawBuffer::of(&stream, &mut d_labels),
+        label_type: LabelType::I64,
+        shape: xent::Shape {
+            vocab: shard.width,
+            row_stride: shard.width,
+            ..shape
+        },
+        shard,
+        vocab,
+        weight: d_weight.as_mut().map(|w| RawBuffer::of(&stream, w)),
+    };
+    let out = RawLoss {
+        loss: RawBuffer::of(&stream, &mut loss),
+        row_loss: RawBuffer::of(&stream, &mut row_loss),
+        row_lse: RawBuffer::of(&stream, &mut row_lse),
+        counts: RawBuffer::of(&stream, &mut counts),
+        extras: RawBuffer::of(&stream, &mut extras),
+        row_correct: None,
+        workspace: None,
+    };
+    let buffers = (
+        RawBuffer::of(&stream, &mut send),
+        RawBuffer::of(&stream, &mut recv),
+    );
+    // SAFETY: every buffer above is this stream's device memory of the stated length, alive past
+    // the synchronising reads below.
+    let step = || unsafe {
+        xent.raw_vocab_parallel(&stream, &comm, &call, &opts, &layout, buffers, &out, true)
+    };
+    step().map_err(err)?;
+    let read_loss = |stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>| {
+        stream.clone_dtoh(&loss).map(|l| l[0]).map_err(drv)
+    };
+    let result_loss = read_loss(&stream)?;
+    let grad = stream.clone_dtoh(&d_piece).map_err(drv)?;
+    let mut replays = Vec::new();
+    if capture {
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv)?;
+        stream.memcpy_dtod(&pristine, &mut d_piece).map_err(drv)?;
+        step().map_err(err)?;
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(drv)?
+            .ok_or("the capture recorded no work")?;
+        for _ in 0..2 {
+            stream.memset_zeros(&mut d_piece).map_err(drv)?; // the replay restores and recomputes
+            graph.launch().map_err(drv)?;
+            replays.push((
+                read_loss(&stream)?,
+                stream.clone_dtoh(&d_piece).map_err(drv)?,
+            ));
+        }
+    }
+    Ok(RankResult {
+        loss: result_loss,
+        grad,
+        replays,
+    })
+}
+
+/// Checks rank `rank`'s result against the CPU reference over the whole vocabulary; replays must
+/// equal the eager call bit for bit.
+fn check_rank(
+    what: &str,
+    world: usize,
+    rank: usize,
+    case: &NcclCase,
+    opts: &xent::Options,
+    result: &RankResult,
+) -> Result<(), String> {
+    let (shape, vocab) = (case.shape, case.shape.vocab);
+    let rows = shape.rows();
+    let mut want_grad = case.logits.clone();
+    let want = xent::cpu::forward_backward(&mut want_grad, &case.labels, shape, opts)
+        .map_err(|e| e.to_string())?;
+    let shard = xent::vocab_parallel::Shard::split(vocab, world).unwrap()[rank];
+    let scale = want_grad.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64));
+    let want_loss = want.loss;
+    let at = format!("{what}, rank {rank} of {world}");
+    if (result.loss as f64 - want_loss).abs() > 1e-5 * (1.0 + want_loss.abs()) {
+        return Err(format!("{at}: loss {} against {want_loss}", result.loss));
+    }
+    for r in 0..rows {
+        for j in 0..shard.width {
+            let (g, w) = (
+                result.grad[r * shard.width + j] as f64,
+                want_grad[r * vocab + shard.start + j] as f64,
+            );
+            if (g - w).abs() > 1e-5 * w.abs() + 1e-6 * scale {
+                return Err(format!(
+                    "{at}: grad[{r}, {}] {g} against {w}",
+                    shard.start + j
+                ));
+            }
+        }
+    }
+    for (i, (loss, grad)) in result.replays.iter().enumerate() {
+        let same = loss.to_bits() == result.loss.to_bits()
+            && grad
+                .iter()
+                .zip(&result.grad)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same {
+            return Err(format!(
+                "{at}: graph replay {i} differs from the eager call"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// NCCL from `XENT_NCCL` or PyTorch's wheel, on a machine with a GPU (`None`: skip; a GPU
+/// without NCCL under `XENT_REQUIRE_GPU=1` fails).
+fn nccl_for_gpu_tests() -> Option<Nccl> {
+    xent_tests::gpu()?;
+    match Nccl::open(&[], &site_packages()) {
+        Ok(nccl) => Some(nccl),
         Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("a GPU but no NCCL (set XENT_NCCL): {err}")
         }
         Err(err) => {
             eprintln!("SKIPPED: no NCCL ({err})");
-            return;
+            None
         }
-    };
-    let gpus = CudaContext::device_count().unwrap() as usize;
-    let world = std::env::var("XENT_NCCL_WORLD")
+    }
+}
+
+/// Ranks of the multi-GPU tests: every GPU, at most `XENT_NCCL_WORLD`.
+fn nccl_world() -> usize {
+    let gpus = xent::cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    std::env::var("XENT_NCCL_WORLD")
         .ok()
         .and_then(|w| w.parse().ok())
         .unwrap_or(gpus)
         .min(gpus)
-        .max(1);
-    let (batch, seq_len, vocab) = (2usize, 37usize, 32003usize);
-    let shape = Shape::batched(batch, seq_len, vocab);
-    let rows = shape.rows();
-    let mut rng = xent_tests::Rng(2026);
-    let logits: Vec<f32> = (0..rows * vocab)
-        .map(|_| (rng.unit() * 8.0 - 4.0) as f32)
-        .collect();
-    let labels: Vec<i64> = (0..rows)
-        .map(|r| {
-            if r % 6 == 5 {
-                -100
-            } else {
-                rng.below(vocab as u64) as i64
-            }
-        })
-        .collect();
-    let opts = Options {
-        label_smoothing: 0.1,
-        lse_square_scale: 1e-4,
-        causal_shift: true,
-        ..Options::default()
+        .max(1)
+}
+
+/// The vocabulary-parallel call over NCCL (issues 15 and 16): one thread per GPU of the machine
+/// (one rank on a one-GPU machine: loading, the communicator, the call path), the vocabulary
+/// (32003 classes: uneven shards from 2 ranks on) split over them, every option set, each rank's
+/// loss and gradient against the CPU reference over the whole vocabulary; each call also captured
+/// in a CUDA graph (the all-gather included) and replayed, bit for bit. `XENT_NCCL_WORLD` caps
+/// the ranks.
+#[test]
+fn vocab_parallel_over_nccl_matches_the_reference_on_every_gpu() {
+    let Some(nccl) = nccl_for_gpu_tests() else {
+        return;
     };
-    let mut want_grad = logits.clone();
-    let want = cpu::forward_backward(&mut want_grad, &labels, shape, &opts).unwrap();
-    let shards = Shard::split(vocab, world).unwrap();
-    let id = nccl.unique_id().expect("ncclGetUniqueId");
-    let results: Vec<Result<(f32, Vec<f32>), String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = shards
-            .iter()
-            .enumerate()
-            .map(|(rank, shard)| {
-                let (nccl, logits, labels, opts) = (&nccl, &logits, &labels, &opts);
-                scope.spawn(move || -> Result<(f32, Vec<f32>), String> {
-                    let xent = xent::CrossEntropy::new(rank).map_err(|e| e.to_string())?;
-                    xent.context().bind_to_thread().map_err(|e| e.to_string())?;
-                    let stream = xent.context().default_stream();
-                    let comm = nccl
-                        .comm_init_rank(world, id, rank)
-                        .map_err(|e| e.to_string())?;
-                    let piece: Vec<f32> = (0..rows)
-                        .flat_map(|r| {
-                            logits[r * vocab + shard.start..r * vocab + shard.start + shard.width]
-                                .to_vec()
-                        })
-                        .collect();
-                    let mut d_piece = stream.clone_htod(&piece).unwrap();
-                    let mut d_labels = stream.clone_htod(labels).unwrap();
-                    let layout = xent
-                        .shard_layout(rows, vocab, world, xent::DType::F32, opts)
-                        .map_err(|e| e.to_string())?;
-                    let mut send = stream.alloc_zeros::<f32>(layout.words).unwrap();
-                    let mut recv = stream.alloc_zeros::<f32>(world * layout.words).unwrap();
-                    let mut loss = stream.alloc_zeros::<f32>(1).unwrap();
-                    let mut row_loss = stream.alloc_zeros::<f32>(rows).unwrap();
-                    let mut row_lse = stream.alloc_zeros::<f32>(rows).unwrap();
-                    let mut counts = stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap();
-                    let mut extras = stream.alloc_zeros::<f32>(2).unwrap();
-                    let call = ShardCall {
-                        logits: RawBuffer::of(&stream, &mut d_piece),
-                        dtype: xent::DType::F32,
-                        labels: RawBuffer::of(&stream, &mut d_labels),
-                        label_type: LabelType::I64,
-                        shape: Shape {
-                            vocab: shard.width,
-                            row_stride: shard.width,
-                            ..shape
-                        },
-                        shard: *shard,
-                        vocab,
-                        weight: None,
-                    };
-                    let out = RawLoss {
-                        loss: RawBuffer::of(&stream, &mut loss),
-                        row_loss: RawBuffer::of(&stream, &mut row_loss),
-                        row_lse: RawBuffer::of(&stream, &mut row_lse),
-                        counts: RawBuffer::of(&stream, &mut counts),
-                        extras: RawBuffer::of(&stream, &mut extras),
-                        row_correct: None,
-                        workspace: None,
-                    };
-                    let buffers = (
-                        RawBuffer::of(&stream, &mut send),
-                        RawBuffer::of(&stream, &mut recv),
-                    );
-                    unsafe {
-                        xent.raw_vocab_parallel(
-                            &stream, &comm, &call, opts, &layout, buffers, &out, true,
-                        )
-                    }
-                    .map_err(|e| e.to_string())?;
-                    let loss = stream.clone_dtoh(&loss).unwrap()[0];
-                    Ok((loss, stream.clone_dtoh(&d_piece).unwrap()))
+    let world = nccl_world();
+    let mut failures = Vec::new();
+    for (what, opts) in option_sets(32003) {
+        let case = NcclCase::new(&opts);
+        let id = nccl.unique_id().expect("ncclGetUniqueId");
+        let results: Vec<Result<RankResult, String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let (nccl, case, opts) = (&nccl, &case, &opts);
+                    scope.spawn(move || run_rank(nccl, world, id, rank, case, opts, true))
                 })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let scale = want_grad.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64));
-    for (rank, (shard, result)) in shards.iter().zip(results).enumerate() {
-        let (loss, grad) = result.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
-        assert!(
-            (loss as f64 - want.loss).abs() <= 1e-5 * (1.0 + want.loss.abs()),
-            "rank {rank} of {world}: loss {loss} against {}",
-            want.loss
-        );
-        for r in 0..rows {
-            for j in 0..shard.width {
-                let (g, w) = (
-                    grad[r * shard.width + j] as f64,
-                    want_grad[r * vocab + shard.start + j] as f64,
-                );
-                assert!(
-                    (g - w).abs() <= 1e-5 * w.abs() + 1e-6 * scale,
-                    "rank {rank} of {world}: grad[{r}, {}] {g} against {w}",
-                    shard.start + j
-                );
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, result) in results.iter().enumerate() {
+            let checked = result
+                .as_ref()
+                .map_err(|e| format!("{what}, rank {rank}: {e}"))
+                .and_then(|r| check_rank(what, world, rank, &case, &opts, r));
+            if let Err(e) = checked {
+                failures.push(e);
             }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!(
-        "vocabulary-parallel over NCCL: {world} rank(s), loss {}",
-        want.loss
+        "vocabulary-parallel over NCCL, one thread per GPU: {world} rank(s), {} option sets, \
+         eager and graph replays",
+        option_sets(1).len()
+    );
+}
+
+/// The same with one process per GPU, as `torchrun` runs them: this test starts its own binary
+/// once per rank (`XENT_NCCL_CHILD_RANK`, the communicators' ids in hex in `XENT_NCCL_IDS`), each
+/// child checks its rank against the CPU reference and exits non-zero on a mismatch.
+#[test]
+fn vocab_parallel_over_nccl_one_process_per_gpu() {
+    const NAME: &str = "vocab_parallel_over_nccl_one_process_per_gpu";
+    if let Ok(rank) = std::env::var("XENT_NCCL_CHILD_RANK") {
+        let rank: usize = rank.parse().expect("XENT_NCCL_CHILD_RANK");
+        let world: usize = std::env::var("XENT_NCCL_CHILD_WORLD")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .expect("XENT_NCCL_CHILD_WORLD");
+        let ids: Vec<nccl::UniqueId> = std::env::var("XENT_NCCL_IDS")
+            .expect("XENT_NCCL_IDS")
+            .split(',')
+            .map(|hex| {
+                let mut id = nccl::UniqueId { internal: [0; 128] };
+                for (i, byte) in id.internal.iter_mut().enumerate() {
+                    *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                        .expect("XENT_NCCL_IDS: 256 hex digits per id");
+                }
+                id
+            })
+            .collect();
+        let nccl = Nccl::open(&[], &site_packages()).expect("NCCL in the child");
+        for ((what, opts), id) in option_sets(32003).into_iter().zip(ids) {
+            let case = NcclCase::new(&opts);
+            let result = run_rank(&nccl, world, id, rank, &case, &opts, false)
+                .unwrap_or_else(|e| panic!("{what}, rank {rank}: {e}"));
+            check_rank(what, world, rank, &case, &opts, &result).unwrap();
+        }
+        return;
+    }
+    let Some(nccl) = nccl_for_gpu_tests() else {
+        return;
+    };
+    let world = nccl_world();
+    let exe = std::env::current_exe().unwrap();
+    let sets = option_sets(1).len();
+    // One id per option set (an id's bootstrap root, in this process, serves one communicator):
+    // the children take id `i` for set `i`.
+    let ids: Vec<String> = (0..sets)
+        .map(|_| {
+            let id = nccl.unique_id().expect("ncclGetUniqueId");
+            id.internal.iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect();
+    let ids = ids.join(",");
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env("XENT_NCCL_CHILD_RANK", rank.to_string())
+                .env("XENT_NCCL_CHILD_WORLD", world.to_string())
+                .env("XENT_NCCL_IDS", &ids)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a rank")
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            failures.push(format!(
+                "rank {rank}: {}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!(
+        "vocabulary-parallel over NCCL, one process per GPU: {world} rank(s), {sets} option sets"
     );
 }
