@@ -14,8 +14,10 @@
 #                               peers_linear.py's, one process; ARGS go to it) into linear.log
 #   run.sh vocab [ARGS...]      vocabulary-parallel, one GPU: vocab_parallel_bench.py (one rank's
 #                               shard kernels per world size, % of their traffic bound)
-#   run.sh multi [ARGS...]      vocabulary-parallel over every GPU of the machine: torchrun
-#                               vocab_parallel_bench.py --distributed (NVLink multicast off)
+#   run.sh multi [ARGS...]      vocabulary-parallel over every GPU of the machine: bin/nccl's
+#                               tests with XENT_NCCL_WORLD 2, 4, 8 (as many as there are GPUs),
+#                               then torchrun vocab_parallel_bench.py --distributed (NVLink
+#                               multicast off)
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
@@ -136,6 +138,13 @@ elif [[ $mode == vocab || $mode == multi ]]; then
       run_one vocab_parallel_bench.py "$log" timeout 900 python3 vocab_parallel_bench.py "$@"
     else
       gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
+      # The NCCL tests (one thread per GPU, one process per GPU) at each world size the machine
+      # has, from 2 on, then the benchmark over every GPU.
+      for world in 2 4 8; do
+        if ((world <= gpus)); then
+          XENT_NCCL_WORLD=$world run_one "nccl x$world" "$log" timeout 900 ./bin/nccl --test-threads=1
+        fi
+      done
       run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
         python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
         vocab_parallel_bench.py --distributed "$@"
