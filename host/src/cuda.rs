@@ -449,6 +449,8 @@ impl CrossEntropy {
     /// Launches the two-phase backward kernel of `call` from a forward's `counts` and `row_lse`
     /// (device addresses), `upstream` = (address, length), the gradient `grad_delta` bytes from
     /// each logit (0: in place; a multiple of 16). Every address has been checked by the caller.
+    /// With `slice` = `(start, len, row_stride)` the logits hold columns `[start, start + len)`
+    /// of `call.shape.vocab`, `row_stride` elements apart, and only their gradient is written.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_backward(
         &self,
@@ -459,7 +461,7 @@ impl CrossEntropy {
         row_lse: u64,
         upstream: (u64, usize),
         grad_delta: u64,
-        slice: Option<(usize, usize)>,
+        slice: Option<(usize, usize, usize)>,
     ) -> Result<()> {
         let (upstream_ptr, upstream_len) = upstream;
         let shape = call.shape;
@@ -475,13 +477,13 @@ impl CrossEntropy {
         if rows == 0 {
             return Ok(());
         }
-        // A slice of the vocabulary: its columns only, `len` elements per row in memory.
-        let (slice_start, slice_len) = slice.unwrap_or((0, 0));
+        // A slice of the vocabulary: its columns only, `row_stride` elements apart in memory.
+        let (slice_start, slice_len, _) = slice.unwrap_or((0, 0, 0));
         let (columns, row_shape) = match slice {
-            Some((start, len)) => {
-                if len == 0 || start + len > shape.vocab {
+            Some((start, len, row_stride)) => {
+                if len == 0 || start + len > shape.vocab || row_stride < len {
                     return Err(Error::InvalidOption(format!(
-                        "vocabulary slice [{start}, {}) outside [0, {})",
+                        "vocabulary slice [{start}, {}) of [0, {}) with rows {row_stride} apart",
                         start + len,
                         shape.vocab
                     )));
@@ -489,7 +491,7 @@ impl CrossEntropy {
                 (
                     len,
                     Shape {
-                        row_stride: len,
+                        row_stride,
                         ..shape
                     },
                 )

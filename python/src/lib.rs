@@ -411,6 +411,7 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_words, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_stats, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(vocab_parallel::shard_grad, m)?)?;
     m.add("STATS_LOSS", STATS_LOSS)?;
     m.add("STATS_EXTRAS", STATS_EXTRAS)?;
     m.add("STATS_COUNTS", STATS_COUNTS)?;

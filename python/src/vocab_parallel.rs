@@ -148,3 +148,39 @@ pub(crate) fn shard_backward(
     }
     .map_err(py_err)
 }
+
+/// Two-phase, step 4 on one rank: the gradient of `upstream · loss` over the shard's logits, from
+/// the `stats` of a step 3 without `fused` (its counts and whole-vocabulary log-sum-exps),
+/// `upstream` one value or one per row.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, weight, opts, stats, upstream))]
+pub(crate) fn shard_grad(
+    device: &Device,
+    stream: usize,
+    logits: Buffer,
+    dtype: &str,
+    labels: Buffer,
+    label_type: &str,
+    shape: ShapeArgs,
+    shard: (usize, usize),
+    vocab: usize,
+    weight: Option<Buffer>,
+    opts: &Options,
+    stats: Buffer,
+    upstream: Buffer,
+) -> PyResult<()> {
+    let call = call_of(
+        logits, dtype, labels, label_type, shape, shard, vocab, weight,
+    )?;
+    let out = raw_loss(stats, call.shape.rows(), false, None)?;
+    let stream = device.stream(stream);
+    // SAFETY: as in `shard_stats`; `stats` is the same call's step 3 output, enqueued before on
+    // this stream.
+    unsafe {
+        device
+            .xent
+            .raw_shard_grad(&stream, &call, &opts.inner, &out, raw(upstream))
+    }
+    .map_err(py_err)
+}

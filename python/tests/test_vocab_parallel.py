@@ -79,6 +79,50 @@ def test_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtype):
     assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("case", ["none", "mean", "options"])
+def test_two_phase_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtype):
+    """shard_loss without fused leaves the logits alone; shard_grad then writes the gradient of
+    upstream · loss (per row with reduction "none")."""
+    kw = {"none": dict(reduction="none"), "mean": dict(), "options": dict(CASES["options"])}[case]
+    vocab = 1003
+    gen = torch.Generator().manual_seed(17 + world)
+    logits = (torch.randn(41, vocab, generator=gen) * 2).to(dtype).cuda()
+    target = torch.randint(0, vocab, (41,), generator=gen).cuda()
+    target[4::5] = -100
+    reduction = kw.get("reduction", "mean")
+    upstream = (torch.rand(41, generator=gen) + 0.25).cuda() if reduction == "none" else torch.tensor(0.75).cuda()
+    opts = _launch.Opts(
+        -100, reduction, kw.get("grad_scale", 1.0), False,
+        kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap"), False,
+    )
+    shards = split(vocab, world)
+    pieces = [logits[..., s:s + w].clone() for s, w in shards]
+    common = dict(vocab_size=vocab, world=world, opts=opts)
+    gathered = torch.cat([vp.shard_stats(p, target, vocab_start=s, **common) for p, (s, _) in zip(pieces, shards)])
+    stats = [vp.shard_loss(p, target, gathered, vocab_start=s, fused=False, **common) for p, (s, _) in zip(pieces, shards)]
+    assert torch.equal(torch.cat(pieces, dim=-1), logits), "the forward wrote over the logits"
+    for p, (s, _), st in zip(pieces, shards, stats):
+        vp.shard_grad(p, target, st, upstream, vocab_start=s, vocab_size=vocab, opts=opts)
+    ref = reference(logits, target, upstream=upstream if reduction == "none" else 0.75, **kw)
+    got = xt.function.loss_of(stats[0], target, opts).double()
+    assert torch.allclose(got, ref.loss.to(got.device), rtol=1e-4, atol=1e-4), f"loss {got} against {ref.loss}"
+    grad = torch.cat(pieces, dim=-1).double()
+    expected = ref.grad.to(grad.device)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+    err = (grad - expected).abs()
+    allowed = 2 * u * expected.abs() + 1e-5 * float(expected.abs().max())
+    assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
+
+
+def test_reduction_none_needs_two_phase():
+    logits = torch.randn(4, 10, device="cuda")
+    target = torch.zeros(4, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="two_phase"):
+        xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=10, reduction="none")
+
+
 def test_autograd_function_through_a_one_rank_nccl_group():
     import torch.distributed as dist
 
@@ -95,6 +139,18 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         loss = xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=vocab)
         (loss * 0.5).backward()
         assert abs(float(loss) - float(ref.loss)) <= 1e-4 * float(ref.loss)
+        err = (logits.grad.double() - ref.grad.cuda()).abs().max()
+        assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
+
+        # Two-phase with a per-row upstream gradient (reduction "none").
+        logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        upstream = torch.rand(64, device="cuda") + 0.25
+        ref = reference(logits.detach().clone(), target, reduction="none", upstream=upstream)
+        loss = xt.vocab_parallel_cross_entropy(
+            logits, target, vocab_start=0, vocab_size=vocab, reduction="none", two_phase=True
+        )
+        loss.backward(upstream)
+        assert torch.allclose(loss.double(), ref.loss.cuda(), rtol=1e-4, atol=1e-4)
         err = (logits.grad.double() - ref.grad.cuda()).abs().max()
         assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
     finally:

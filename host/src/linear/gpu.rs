@@ -805,7 +805,7 @@ impl Work<'_> {
             buffers.row_lse,
             upstream,
             0,
-            Some((v0, width)),
+            Some((v0, width, width)),
         )?;
         let beta = if self.grads.accumulate { 1.0 } else { 0.0 };
         // grad_weight[block] (+)= Gᵀ·h, all rows at once.

@@ -315,6 +315,42 @@ impl CrossEntropy {
     }
 }
 
+impl CrossEntropy {
+    /// Two-phase, step 4 on one rank: the gradient of `upstream · loss` w.r.t. this rank's logits,
+    /// written over them, from the forward's `out` (a [`raw_shard_backward`](Self::raw_shard_backward)
+    /// with `fused` false, or [`raw_vocab_parallel`](Self::raw_vocab_parallel) with `fused` false:
+    /// their `counts` and `row_lse`, the log-sum-exp over the whole vocabulary), `upstream` one
+    /// value or one per row on the device. One pass over the shard (a read and a write per
+    /// logit), no collective; the gradient is rounded once whatever the upstream.
+    ///
+    /// # Safety
+    /// As [`raw_shard_backward`](Self::raw_shard_backward); the logits must be writable and
+    /// `out` the same call's forward outputs, its work ordered before this on `stream`.
+    pub unsafe fn raw_shard_grad(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &ShardCall,
+        opts: &Options,
+        out: &RawLoss,
+        upstream: RawBuffer,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        call.validate(opts)?;
+        let buffers: LossBuffers = out.buffers(call.shape.rows(), opts, 0)?;
+        let slice = (call.shard.start, call.shard.width, call.shape.row_stride);
+        self.launch_backward(
+            stream,
+            &call.kernel_call(),
+            opts,
+            buffers.counts,
+            buffers.row_lse,
+            (upstream.ptr, upstream.len),
+            0,
+            Some(slice),
+        )
+    }
+}
+
 /// The one collective of a vocabulary-parallel call: an all-gather of f32 values, in rank order.
 /// NCCL's communicator ([`crate::nccl::Comm`]) is one; a framework's (PyTorch's
 /// `all_gather_into_tensor`) can be another.

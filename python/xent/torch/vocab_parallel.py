@@ -52,6 +52,7 @@ def _describe(logits, target, vocab_start, vocab_size, causal_shift):
 
 
 def _args(logits, target, shape, shard, vocab_size, world, weight, opts):
+    """The binding's leading arguments; ``world`` ``None`` for step 4, which has no collective."""
     index = logits.device.index
     weight_buf = None if weight is None else (weight.data_ptr(), weight.numel())
     return (
@@ -64,7 +65,7 @@ def _args(logits, target, shape, shard, vocab_size, world, weight, opts):
         shape,
         shard,
         vocab_size,
-        world,
+        *(() if world is None else (world,)),
         weight_buf,
         _launch.checked(opts),
     )
@@ -98,9 +99,25 @@ def shard_loss(logits, target, gathered, *, vocab_start, vocab_size, world, weig
     return stats
 
 
+def shard_grad(logits, target, stats, upstream, *, vocab_start, vocab_size, weight=None, opts):
+    """Two-phase, step 4 on one rank: the gradient of ``upstream · loss`` written over
+    ``logits`` (contiguous), from the ``stats`` of a ``shard_loss`` without ``fused``;
+    ``upstream`` a float32 tensor of one value, or one per row (``reduction="none"``)."""
+    if not logits.is_contiguous():
+        raise ValueError("shard_grad writes the gradient over the logits: they must be contiguous")
+    logits, target, shape, shard = _describe(logits, target, vocab_start, vocab_size, opts.causal_shift)
+    device, stream, *rest = _args(logits, target, shape, shard, vocab_size, None, weight, opts)
+    upstream = _launch.upstream_of(upstream)
+    with _launch._on(logits.device.index):
+        _xent.shard_grad(
+            device, stream, *rest, (stats.data_ptr(), stats.numel()),
+            (upstream.data_ptr(), upstream.numel()),
+        )
+
+
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group):
+    def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group, two_phase):
         ctx.set_materialize_grads(False)
         import torch.distributed as dist
 
@@ -109,19 +126,28 @@ class _VocabParallel(torch.autograd.Function):
         send = shard_stats(logits, target, **kw)
         gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
         dist.all_gather_into_tensor(gathered, send, group=group)
-        fused = ctx.needs_input_grad[0]
+        fused = ctx.needs_input_grad[0] and not two_phase
         stats = shard_loss(logits, target, gathered, fused=fused, **kw)
         if fused:
             torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits.detach())
+        elif ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits.detach(), target, weight, stats)
+            ctx.kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, opts=opts)
+        ctx.two_phase = two_phase
         ctx.mark_non_differentiable(stats)
         return loss_of(stats, target, opts), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        nones = (None,) * 6
+        nones = (None,) * 7
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) + nones
+        if ctx.two_phase:
+            logits, target, weight, stats = ctx.saved_tensors
+            shard_grad(logits, target, stats, grad_loss, weight=weight, **ctx.kw)
+            torch.autograd.graph.increment_version(logits)
+            return (logits,) + nones
         (grad,) = ctx.saved_tensors
         upstream = _launch.upstream_of(grad_loss)
         index = grad.device.index
@@ -150,15 +176,23 @@ def vocab_parallel_cross_entropy(
     softcap: Optional[float] = None,
     causal_shift: bool = False,
     grad_scale: float = 1.0,
+    two_phase: bool = False,
 ):
     """The cross-entropy of logits split by vocabulary over the ranks of ``group``: ``input``
     ``[..., V_r]`` (this rank's classes ``[vocab_start, vocab_start + V_r)`` of ``vocab_size``,
     contiguous), ``target`` ``[...]`` global class ids, ``weight`` ``[vocab_size]`` on every rank.
-    Returns the loss (the same on every rank), as ``xt.cross_entropy`` does."""
-    if reduction not in ("mean", "sum"):
+    Returns the loss (the same on every rank), as ``xt.cross_entropy`` does.
+
+    By default the gradient of ``grad_scale · loss`` is written over ``input`` in the forward
+    (one pass); with ``two_phase`` the forward leaves ``input`` alone and the backward writes the
+    gradient of ``upstream · loss`` over it (a second pass, the upstream gradient rounded in
+    once); ``reduction="none"`` needs ``two_phase``."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction == "none" and not two_phase:
         raise ValueError(
-            "vocab_parallel_cross_entropy supports the mean and sum reductions for now "
-            f"(the gradient is written in the forward), got {reduction!r}"
+            "reduction='none' needs two_phase=True: the fused mode writes the gradient in the "
+            "forward, before the per-row upstream gradient is known"
         )
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, False
@@ -166,5 +200,7 @@ def vocab_parallel_cross_entropy(
     _launch.checked(opts)
     if weight is not None:
         weight = weight.detach().to(torch.float32).contiguous()
-    loss, _stats = _VocabParallel.apply(input, target, weight, opts, vocab_start, vocab_size, group)
+    loss, _stats = _VocabParallel.apply(
+        input, target, weight, opts, vocab_start, vocab_size, group, two_phase
+    )
     return loss
