@@ -67,47 +67,20 @@ fn nccl_loads_and_reports_its_version_or_says_what_it_tried() {
     }
 }
 
-/// The option sets the NCCL tests run (token accuracy is not supported vocabulary-parallel).
+/// The vocabulary-parallel tests' option sets, without token accuracy (not supported
+/// vocabulary-parallel yet) and without `Reduction::None` (the loss these tests read is a scalar).
 fn option_sets(vocab: usize) -> Vec<(&'static str, xent::Options)> {
-    use xent::{Options, Reduction};
-    let base = Options::default();
-    vec![
-        ("mean", base.clone()),
-        (
-            "sum, grad_scale 0.5",
-            Options {
-                reduction: Reduction::Sum,
-                grad_scale: 0.5,
-                ..base.clone()
-            },
-        ),
-        (
-            "smoothing, z-loss, causal",
-            Options {
-                label_smoothing: 0.1,
-                lse_square_scale: 1e-4,
-                causal_shift: true,
-                ..base.clone()
-            },
-        ),
-        (
-            "every option",
-            Options {
-                label_smoothing: 0.1,
-                lse_square_scale: 1e-3,
-                softcap: Some(4.0),
-                weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect()),
-                ..base.clone()
-            },
-        ),
-        (
-            "ignore 3",
-            Options {
-                ignore_index: 3,
-                ..base
-            },
-        ),
-    ]
+    xent_tests::vocab_parallel_option_sets(vocab)
+        .into_iter()
+        .filter(|(_, opts)| opts.reduction != xent::Reduction::None)
+        .map(|(what, opts)| {
+            let opts = xent::Options {
+                return_token_accuracy: false,
+                ..opts
+            };
+            (what, opts)
+        })
+        .collect()
 }
 
 /// One case of the NCCL tests: `[2, 37, 32003]` f32 logits in [-4, 4), labels with every sixth

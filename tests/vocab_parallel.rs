@@ -6,55 +6,6 @@ use xent::half::bf16;
 use xent::vocab_parallel::{self, Shard};
 use xent::{Element, Options, Reduction, Shape, cpu};
 
-fn option_sets(vocab: usize) -> Vec<(&'static str, Options)> {
-    let base = Options::default();
-    vec![
-        ("mean", base.clone()),
-        (
-            "sum",
-            Options {
-                reduction: Reduction::Sum,
-                ..base.clone()
-            },
-        ),
-        (
-            "none",
-            Options {
-                reduction: Reduction::None,
-                ..base.clone()
-            },
-        ),
-        (
-            "every option",
-            Options {
-                label_smoothing: 0.1,
-                lse_square_scale: 1e-3,
-                softcap: Some(4.0),
-                weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect()),
-                return_token_accuracy: true,
-                grad_scale: 0.5,
-                ..base.clone()
-            },
-        ),
-        (
-            "causal",
-            Options {
-                causal_shift: true,
-                label_smoothing: 0.05,
-                ..base.clone()
-            },
-        ),
-        (
-            "ignore 3",
-            Options {
-                ignore_index: 3,
-                return_token_accuracy: true,
-                ..base
-            },
-        ),
-    ]
-}
-
 /// Logits in [-4, 4) and labels (every fifth row ignored) for `shape`, seeded.
 fn inputs<T: Element>(shape: Shape, opts: &Options, seed: u64) -> (Vec<T>, Vec<i64>) {
     let (rows, vocab) = (shape.rows(), shape.vocab);
@@ -180,7 +131,7 @@ fn shards_reproduce_the_whole_vocabulary_reference() {
         (1003, Shape::batched(3, 7, 1003)),
         (64, Shape::batched(2, 9, 64)),
     ] {
-        for (name, opts) in option_sets(vocab) {
+        for (name, opts) in xent_tests::vocab_parallel_option_sets(vocab) {
             for world in [1, 2, 3, 4, 8] {
                 let rows = shape.rows();
                 let upstreams: Vec<Vec<f32>> = if opts.reduction == Reduction::None {
@@ -279,7 +230,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         (1003, Shape::batched(3, 7, 1003)),
         (32000, Shape::batched(2, 33, 32000)),
     ] {
-        for (name, opts) in option_sets(vocab) {
+        for (name, opts) in xent_tests::vocab_parallel_option_sets(vocab) {
             // Token accuracy is not yet supported vocabulary-parallel on the GPU: the sets run
             // without it.
             let opts = Options {
@@ -328,16 +279,19 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let mut d_labels = stream.clone_htod(&labels).unwrap();
         let mut gathered = stream.alloc_zeros::<f32>(world * layout.words).unwrap();
         let gathered_raw = RawBuffer::of(stream, &mut gathered);
-        let mut pieces: Vec<CudaSlice<T>> = shards
+        let originals: Vec<Vec<T>> = shards
             .iter()
             .map(|s| {
-                let piece: Vec<T> = (0..rows)
+                (0..rows)
                     .flat_map(|r| {
                         logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec()
                     })
-                    .collect();
-                stream.clone_htod(&piece).unwrap()
+                    .collect()
             })
+            .collect();
+        let mut pieces: Vec<CudaSlice<T>> = originals
+            .iter()
+            .map(|piece| stream.clone_htod(piece).unwrap())
             .collect();
         let labels_raw = RawBuffer::of(stream, &mut d_labels);
         let weight_raw = weight.as_mut().map(|w| RawBuffer::of(stream, w));
@@ -410,23 +364,32 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         if loss_error.is_nan() || loss_error > 1e-5 * (1.0 + want.loss.abs()) {
             return Err(format!("loss {got} against {}", want.loss));
         }
-        let u = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
-        let scale = want_grad
-            .iter()
-            .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
-        for (s, piece) in shards.iter().zip(&pieces) {
-            let got = stream.clone_dtoh(piece).unwrap();
-            for r in 0..rows {
-                for j in 0..s.width {
-                    let g = got[r * s.width + j].to_f64();
-                    let w = want_grad[r * vocab + s.start + j].to_f64();
-                    let error = (g - w).abs();
-                    if error.is_nan() || error > 2.0 * u * w.abs() + 1e-5 * scale {
-                        return Err(format!("grad[{r}, {}] {g} against {w}", s.start + j));
+        // Each shard's gradient against its columns of the whole-vocabulary reference.
+        let compare =
+            |what: &str, pieces: &[CudaSlice<T>], want_grad: &[T]| -> Result<(), String> {
+                let u = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+                let scale = want_grad
+                    .iter()
+                    .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
+                for (s, piece) in shards.iter().zip(pieces) {
+                    let got = stream.clone_dtoh(piece).unwrap();
+                    for r in 0..rows {
+                        for j in 0..s.width {
+                            let g = got[r * s.width + j].to_f64();
+                            let w = want_grad[r * vocab + s.start + j].to_f64();
+                            let error = (g - w).abs();
+                            if error.is_nan() || error > 2.0 * u * w.abs() + 1e-5 * scale {
+                                return Err(format!(
+                                    "{what}grad[{r}, {}] {g} against {w}",
+                                    s.start + j
+                                ));
+                            }
+                        }
                     }
                 }
-            }
-        }
+                Ok(())
+            };
+        compare("", &pieces, &want_grad)?;
 
         // Two-phase: a forward that leaves the logits alone, then each rank's gradient of
         // `upstream · loss` (one value; one per row without a reduction) from its row_lse.
@@ -438,16 +401,6 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let mut want_grad = logits.clone();
         cpu::forward_backward_upstream(&mut want_grad, &labels, shape, opts, &upstream)
             .map_err(|e| e.to_string())?;
-        let originals: Vec<Vec<T>> = shards
-            .iter()
-            .map(|s| {
-                (0..rows)
-                    .flat_map(|r| {
-                        logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec()
-                    })
-                    .collect()
-            })
-            .collect();
         for (piece, original) in pieces.iter_mut().zip(&originals) {
             stream.memcpy_htod(original, piece).unwrap();
         }
@@ -479,25 +432,6 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
             unsafe { xent.raw_shard_grad(stream, call, &dev_opts, out, upstream_raw) }
                 .map_err(|e| format!("two-phase: {e}"))?;
         }
-        let scale = want_grad
-            .iter()
-            .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
-        for (s, piece) in shards.iter().zip(&pieces) {
-            let got = stream.clone_dtoh(piece).unwrap();
-            for r in 0..rows {
-                for j in 0..s.width {
-                    let g = got[r * s.width + j].to_f64();
-                    let w = want_grad[r * vocab + s.start + j].to_f64();
-                    let error = (g - w).abs();
-                    if error.is_nan() || error > 2.0 * u * w.abs() + 1e-5 * scale {
-                        return Err(format!(
-                            "two-phase: grad[{r}, {}] {g} against {w}",
-                            s.start + j
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
+        compare("two-phase: ", &pieces, &want_grad)
     }
 }

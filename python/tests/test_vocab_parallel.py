@@ -28,6 +28,17 @@ CASES = {
 }
 
 
+def assert_shard_grads(pieces, ref, dtype):
+    """The ranks' gradients side by side against the float64 reference: two roundings of the
+    logits' dtype, and a floor of 1e-5 of the largest."""
+    grad = torch.cat(pieces, dim=-1).double()
+    expected = ref.grad.to(grad.device)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
+    err = (grad - expected).abs()
+    allowed = 2 * u * expected.abs() + 1e-5 * float(expected.abs().max())
+    assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
+
+
 def split(vocab, world):
     base, extra = divmod(vocab, world)
     starts, start = [], 0
@@ -71,12 +82,7 @@ def test_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtype):
     got = float(losses[0])
     want = float(ref.loss)
     assert abs(got - want) <= 1e-4 * (1 + abs(want)), f"loss {got} against {want}"
-    grad = torch.cat(pieces, dim=-1).double()
-    expected = ref.grad.to(grad.device)
-    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
-    err = (grad - expected).abs()
-    allowed = 2 * u * expected.abs() + 1e-5 * float(expected.abs().max())
-    assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
+    assert_shard_grads(pieces, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -108,12 +114,7 @@ def test_two_phase_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtyp
     ref = reference(logits, target, upstream=upstream if reduction == "none" else 0.75, **kw)
     got = xt.function.loss_of(stats[0], target, opts).double()
     assert torch.allclose(got, ref.loss.to(got.device), rtol=1e-4, atol=1e-4), f"loss {got} against {ref.loss}"
-    grad = torch.cat(pieces, dim=-1).double()
-    expected = ref.grad.to(grad.device)
-    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23
-    err = (grad - expected).abs()
-    allowed = 2 * u * expected.abs() + 1e-5 * float(expected.abs().max())
-    assert bool((err <= allowed).all()), f"gradient: worst {float((err - allowed).max()):.3g} over"
+    assert_shard_grads(pieces, ref, dtype)
 
 
 def test_reduction_none_needs_two_phase():

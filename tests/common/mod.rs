@@ -692,3 +692,54 @@ pub fn run_case_labels_dtype<L: Label>(
         DType::Bf16 => run_case_labels::<bf16, L>(xent, stream, case, labels, base_offset),
     }
 }
+
+/// The option sets of the vocabulary-parallel tests (`tests/vocab_parallel.rs`, `tests/nccl.rs`):
+/// every reduction, every option at once, the causal shift, another `ignore_index`.
+pub fn vocab_parallel_option_sets(vocab: usize) -> Vec<(&'static str, Options)> {
+    let base = Options::default();
+    vec![
+        ("mean", base.clone()),
+        (
+            "sum",
+            Options {
+                reduction: Reduction::Sum,
+                ..base.clone()
+            },
+        ),
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..base.clone()
+            },
+        ),
+        (
+            "every option",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                softcap: Some(4.0),
+                weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect()),
+                return_token_accuracy: true,
+                grad_scale: 0.5,
+                ..base.clone()
+            },
+        ),
+        (
+            "causal",
+            Options {
+                causal_shift: true,
+                label_smoothing: 0.05,
+                ..base.clone()
+            },
+        ),
+        (
+            "ignore 3",
+            Options {
+                ignore_index: 3,
+                return_token_accuracy: true,
+                ..base
+            },
+        ),
+    ]
+}
