@@ -231,32 +231,44 @@ pub unsafe fn class_weight(o: &OptParams, col: u32) -> f32 {
     if o.weight != 0 { f32::from_bits(unsafe { prim::ld_global_u32(o.weight + 4 * col as u64) }) } else { 1.0 }
 }
 
-/// How many of `x[..n]` (columns `first, first + 1, ...`) beat the label's logit `ctx.x_label`
-/// for the argmax (`torch.argmax`: the first maximal value, a NaN counting as the maximum). One
-/// branch per vector: only the vector holding the label compares element by element with its
-/// column (fewer registers than a branch-free compare of every column: ptxas, 2026-12-01).
+/// Whether `x[..n]` (columns `first, first + 1, ...`) beat the label's logit `ctx.x_label` for
+/// the argmax (`torch.argmax`: the first maximal value, a NaN counting as the maximum): before
+/// the label's column a tie or a NaN beats it, after it a larger value, or a NaN unless the label's
+/// logit is NaN too. Returns a count that is 0 exactly when none does (the row is correct when
+/// the counts of all its vectors sum to 0): a vector wholly on one side of the label compares
+/// only its NaN-propagating maximum, one compare instead of one per element; only the vector
+/// holding the label compares element by element.
 #[inline(always)]
 pub fn beats_label<const N: usize>(ctx: &RowCtx, x: &[f32; N], n: usize, first: u32) -> u32 {
     let xl = ctx.x_label;
-    // Before the label's column a tie or a NaN beats it; after it a larger value, or a NaN unless
-    // the label's logit is NaN too.
+    let end = first + n as u32;
+    if end <= ctx.label || first > ctx.label {
+        let m = if N == 8 && n == 8 {
+            let a = prim::max_nan(prim::max_nan(x[0], x[1]), prim::max_nan(x[2], x[3]));
+            let b = prim::max_nan(prim::max_nan(x[4], x[5]), prim::max_nan(x[6], x[7]));
+            prim::max_nan(a, b)
+        } else {
+            let mut m = x[0];
+            for &v in &x[1..n] {
+                m = prim::max_nan(m, v);
+            }
+            m
+        };
+        let beats = if end <= ctx.label {
+            // `!(m < xl)`: some element is at least `xl`, or NaN (then `m` is NaN).
+            if xl.is_nan() { m.is_nan() } else { !(m < xl) }
+        } else {
+            !xl.is_nan() && !(m <= xl)
+        };
+        return beats as u32;
+    }
     let before = |v: f32| v >= xl || v.is_nan();
     let after = |v: f32| v > xl || (v.is_nan() && !xl.is_nan());
     let mut count = 0u32;
-    if first + n as u32 <= ctx.label {
-        for i in 0..n {
-            count += before(x[i]) as u32;
-        }
-    } else if first > ctx.label {
-        for i in 0..n {
-            count += after(x[i]) as u32;
-        }
-    } else {
-        for i in 0..n {
-            let col = first + i as u32;
-            let beats = if col < ctx.label { before(x[i]) } else { col > ctx.label && after(x[i]) };
-            count += beats as u32;
-        }
+    for i in 0..n {
+        let col = first + i as u32;
+        let beats = if col < ctx.label { before(x[i]) } else { col > ctx.label && after(x[i]) };
+        count += beats as u32;
     }
     count
 }

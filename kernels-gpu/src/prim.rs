@@ -95,6 +95,18 @@ pub fn ex2(x: f32) -> f32 {
     y
 }
 
+/// `max.NaN.f32`: the larger of `a` and `b`, NaN when either is (PTX ISA 7.0, sm_80 on;
+/// `f32::max` returns the other operand instead).
+#[inline(always)]
+pub fn max_nan(a: f32, b: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("max.NaN.f32 {y}, {a}, {b};", y = out(reg32) y, a = in(reg32) a, b = in(reg32) b,
+             options(pure, nomem, nostack));
+    }
+    y
+}
+
 /// `lg2.approx.ftz.f32`: log2(x).
 #[inline(always)]
 pub fn lg2(x: f32) -> f32 {
