@@ -262,13 +262,16 @@ pub fn beats_label<const N: usize>(ctx: &RowCtx, x: &[f32; N], n: usize, first: 
         };
         return beats as u32;
     }
-    let before = |v: f32| v >= xl || v.is_nan();
-    let after = |v: f32| v > xl || (v.is_nan() && !xl.is_nan());
+    // The vector holding the label (column `first + k`): branch-free over a constant trip count,
+    // so that LLVM unrolls it and `x` stays in registers (a rolled loop put it on the stack).
+    let k = ctx.label - first;
+    let xl_is_nan = xl.is_nan();
     let mut count = 0u32;
-    for i in 0..n {
-        let col = first + i as u32;
-        let beats = if col < ctx.label { before(x[i]) } else { col > ctx.label && after(x[i]) };
-        count += beats as u32;
+    for i in 0..N {
+        let v = x[i];
+        let before = (i as u32) < k && (v >= xl || v.is_nan());
+        let after = (i as u32) > k && (v > xl || (v.is_nan() && !xl_is_nan));
+        count += ((before || after) && i < n) as u32;
     }
     count
 }

@@ -40,6 +40,18 @@ macro_rules! unroll {
     }};
 }
 
+/// `for k in 0..KEEP_MAX` spelled out (`$k` a `usize`), so the kept vectors are indexed by
+/// constants and stay in registers: LLVM left the loop rolled in the token-accuracy kernels, which
+/// put `Kept` on the stack (36 bytes of local memory, ptxas).
+#[cfg(xent_cluster)]
+macro_rules! for_kept {
+    ($k:ident => $body:block) => {{
+        const _: () = assert!(KEEP_MAX == 2);
+        { let $k: usize = 0; $body }
+        { let $k: usize = 1; $body }
+    }};
+}
+
 /// What a row is scored against.
 #[derive(Clone, Copy, PartialEq)]
 pub enum Target {
@@ -781,29 +793,25 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
             prim::bulk_copy_to_shared(stash, seg.elem_addr::<T>(seg.vec_start::<T>(in_regs)), bulk_bytes, mbar);
         }
     }
-    let mut k = 0;
-    while k < KEEP_MAX {
+    for_kept!(k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             kept.words[k] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(seg.vec_start::<T>(v))) };
         }
-        k += 1;
-    }
+    });
     let mut acc = Part::EMPTY;
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         kept.scalar = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
         unsafe { add_scalar::<M>(&mut acc, T::widen(kept.scalar), j, o, ctx) };
     }
-    let mut k = 0;
-    while k < KEEP_MAX {
+    for_kept!(k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let x = T::unpack(kept.words[k]);
             unsafe { add_vector::<M>(&mut acc, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
         }
-        k += 1;
-    }
+    });
     if bulk_bytes > 0 {
         while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
     }
@@ -830,16 +838,14 @@ unsafe fn grad_from_stash<T: Element, M: Mode>(
     let (tid, step) = (thread_idx(), prim::block_dim());
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
-    let mut k = 0;
-    while k < KEEP_MAX {
+    for_kept!(k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let start = seg.vec_start::<T>(v);
             let g = unsafe { opts::grad_values::<M, 8>(o, T::unpack(kept.words[k]), T::VEC, start, label, c) };
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         }
-        k += 1;
-    }
+    });
     let mut v = in_regs + tid;
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
