@@ -9,7 +9,8 @@
 //!   see its header;
 //! - `peers.py`, `peers_linear.py`, `peers_options.py`: the peers' benchmarks, copied from
 //!   `../shared/bench/` when they exist; `linear_bench.py` (from `bench/`): linear +
-//!   cross-entropy, xent's methods beside `peers_linear.py`'s;
+//!   cross-entropy, xent's methods beside `peers_linear.py`'s; `vocab_parallel_bench.py` and
+//!   `softcap_error.py` (the soft cap's error against float64, xent beside Liger);
 //! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
 //!   a cluster-plan sweep; `configs.txt`: the default benchmark configs;
 //! - `python/`: the Python package's wheel (`cargo xtask wheel`), its tests and examples, and
@@ -181,6 +182,7 @@ pub fn bundle(root: &Path) -> Result<()> {
         ("bench/torch_bench.py", "torch_bench.py"),
         ("bench/linear_bench.py", "linear_bench.py"),
         ("bench/vocab_parallel_bench.py", "vocab_parallel_bench.py"),
+        ("bench/softcap_error.py", "softcap_error.py"),
         ("host/benches/configs.txt", "configs.txt"),
     ] {
         fs::copy(root.join(from), bundle_dir.join(to))

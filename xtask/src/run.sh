@@ -18,6 +18,8 @@
 #                               tests with XENT_NCCL_WORLD 2, 4, 8 (as many as there are GPUs),
 #                               then torchrun vocab_parallel_bench.py --distributed (NVLink
 #                               multicast off)
+#   run.sh precision [ARGS...]  the soft cap's error against float64: softcap_error.py (xent,
+#                               Liger, PyTorch; ARGS go to it) into precision.log
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
 #                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
@@ -37,7 +39,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | linear | vocab | multi | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | linear | vocab | multi | precision | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -97,7 +99,7 @@ done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile | linear | vocab | multi) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear | vocab | multi | precision) log=$mode.log ;; esac
 
 # The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
 install_xent_wheel() {
@@ -149,6 +151,13 @@ elif [[ $mode == vocab || $mode == multi ]]; then
         python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
         vocab_parallel_bench.py --distributed "$@"
     fi
+  else
+    names+=("python wheel") codes+=(2) notes+=("")
+  fi
+elif [[ $mode == precision ]]; then
+  install_peer_wheels
+  if install_xent_wheel; then
+    run_one softcap_error.py "$log" timeout 900 python3 softcap_error.py "$@"
   else
     names+=("python wheel") codes+=(2) notes+=("")
   fi
