@@ -189,6 +189,8 @@ def vocab_parallel_cross_entropy(
     once); ``reduction="none"`` needs ``two_phase``."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if isinstance(input, torch.Tensor) and input.requires_grad and not input.is_contiguous():
+        raise ValueError("input must be contiguous: its gradient is written over it")
     if reduction == "none" and not two_phase:
         raise ValueError(
             "reduction='none' needs two_phase=True: the fused mode writes the gradient in the "
