@@ -1481,6 +1481,128 @@ fn a100_has_no_clusters_and_uses_fused_or_chunked_plans() {
 }
 
 #[test]
+fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() {
+    let a100 = DeviceLimits::A100;
+    // Refused where the cluster plan runs.
+    assert!(matches!(
+        plan::plan(
+            64,
+            128256,
+            DType::Bf16,
+            DeviceLimits::H100,
+            PlanChoice::Split { chunk_len: None }
+        ),
+        Err(Error::PlanDoesNotFit(_))
+    ));
+    for (vocab, dtype) in [
+        (128256, DType::Bf16),
+        (262144, DType::Bf16),
+        (151936, DType::F16),
+        (128256, DType::F32),
+        (1000, DType::F32),
+    ] {
+        for rows in [1, 7, 4096] {
+            let got = plan::plan(
+                rows,
+                vocab,
+                dtype,
+                a100,
+                PlanChoice::Split { chunk_len: None },
+            )
+            .unwrap();
+            let LaunchPlan::Split {
+                threads,
+                chunk_len,
+                n_chunks,
+                groups,
+                smem_bytes,
+            } = got
+            else {
+                panic!("{got:?}");
+            };
+            let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
+            let chunk_len = chunk_len as usize;
+            assert!(
+                chunk_len.is_multiple_of(8) && chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
+                "{what}"
+            );
+            assert!(
+                n_chunks as usize * chunk_len >= vocab
+                    && (n_chunks as usize - 1) * chunk_len < vocab,
+                "{what}"
+            );
+            assert_eq!(
+                n_chunks as usize,
+                (vocab * dtype.bytes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
+                "{what}"
+            );
+            assert!(
+                threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
+                "{what}"
+            );
+            assert!(smem_bytes <= a100.max_smem_per_block, "{what}");
+            // Without the driver's answer: one CTA per SM, whole groups, at most one per row.
+            assert_eq!(
+                groups as usize,
+                ((a100.sm_count / n_chunks) as usize).min(rows),
+                "{what}"
+            );
+            // Two summaries per CTA and a counter per group.
+            assert_eq!(
+                plan::partials_len(rows, &got),
+                groups as usize * (2 * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
+                "{what}"
+            );
+        }
+    }
+    // A forced chunk: a multiple of 8 that fits in shared memory.
+    for bad in [0, 12, 1 << 20] {
+        assert!(
+            matches!(
+                plan::plan(
+                    8,
+                    1 << 21,
+                    DType::F32,
+                    a100,
+                    PlanChoice::Split {
+                        chunk_len: Some(bad)
+                    }
+                ),
+                Err(Error::PlanDoesNotFit(_))
+            ),
+            "chunk_len {bad}"
+        );
+    }
+    // More chunks a row than CTAs resident at once: no plan.
+    assert!(matches!(
+        plan::plan(
+            8,
+            1 << 20,
+            DType::F32,
+            a100,
+            PlanChoice::Split {
+                chunk_len: Some(512)
+            }
+        ),
+        Err(Error::PlanDoesNotFit(_))
+    ));
+}
+
+#[test]
+fn split_kernels_are_in_the_sm80_ptx_only() {
+    for name in xent::split_kernel_names() {
+        assert!(
+            xent::PTX_SM80.contains(&format!(".entry {name}(")),
+            "{name} missing from sm_80"
+        );
+        assert!(
+            !xent::PTX_SM90.contains(&format!(".entry {name}(")),
+            "{name} in sm_90"
+        );
+    }
+}
+
+#[test]
 fn cluster_kernels_are_in_the_sm90_ptx_only() {
     for name in xent::cluster_kernel_names() {
         assert!(

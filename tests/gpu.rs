@@ -56,6 +56,7 @@ fn vocab_sizes_and_row_counts_match_reference() {
                 PlanChoice::Auto,
                 PlanChoice::Fused,
                 PlanChoice::Chunked { chunk_len: None },
+                PlanChoice::Split { chunk_len: None },
             ] {
                 let mut case = Case::new(rows, vocab);
                 case.opts.plan = plan;
@@ -411,6 +412,7 @@ fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
         PlanChoice::Auto,
         PlanChoice::Fused,
         PlanChoice::Chunked { chunk_len: None },
+        PlanChoice::Split { chunk_len: None },
     ] {
         for (name, base) in [
             ("plain", Options::default()),

@@ -230,7 +230,13 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
             },
             threads: draw_cluster_threads(seed),
         },
-        _ => PlanChoice::Auto,
+        // Without clusters, the split plan (sm_80).
+        _ => PlanChoice::Split {
+            chunk_len: match rng.below(2) {
+                0 => None,
+                _ => Some(chunk_len(&mut rng, vocab)),
+            },
+        },
     };
     let options = draw_loss_options(seed, vocab);
     Draw {

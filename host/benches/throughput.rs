@@ -5,7 +5,8 @@
 //! [--options none,smoothing,z,softcap,weight,accuracy,all]` (`cargo xtask bench` forwards its
 //! arguments here). First line: `{"copy_GBps": ...}` measured in this process; then one line per
 //! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
-//! option when on, on the same inputs). `--plan` is auto, fused, chunked, cluster, or a forced
+//! option when on, on the same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX:
+//! `XENT_ARCH=sm_80` on an H100/H200), `split:LEN`, cluster, or a forced
 //! cluster plan `cluster:N` (N CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA).
 //! `--explain` adds, before each timed line, one `{"candidate": ...}` line per cluster launch
 //! the automatic plan weighed (the driver's active clusters, resident MiB, and which was chosen).
@@ -77,6 +78,14 @@ fn parse_args() -> Result<Args, String> {
                     Some("auto") => PlanChoice::Auto,
                     Some("fused") => PlanChoice::Fused,
                     Some("chunked") => PlanChoice::Chunked { chunk_len: None },
+                    Some("split") => PlanChoice::Split { chunk_len: None },
+                    Some(forced) if forced.starts_with("split:") => PlanChoice::Split {
+                        chunk_len: Some(
+                            forced[6..]
+                                .parse()
+                                .map_err(|_| format!("bad chunk length in {forced}"))?,
+                        ),
+                    },
                     Some("cluster") => PlanChoice::Cluster {
                         size: None,
                         threads: None,
@@ -99,7 +108,7 @@ fn parse_args() -> Result<Args, String> {
                     }
                     other => {
                         return Err(format!(
-                            "--plan auto|fused|chunked|cluster[:N[:T]], not {other:?}"
+                            "--plan auto|fused|chunked|split[:LEN]|cluster[:N[:T]], not {other:?}"
                         ));
                     }
                 }

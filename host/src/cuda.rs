@@ -22,7 +22,7 @@ use crate::abi::{
 use crate::error::{Error, Result};
 use crate::kernels::{
     ClusterLaunchKey, Kernel, XentKind, cluster_keep, cluster_kernels, kernels, opt_params,
-    ptx_for_arch, variant,
+    ptx_for_arch, split_kernels, variant,
 };
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
@@ -104,15 +104,42 @@ impl CrossEntropy {
             )? as u32,
             max_cluster: if clusters { plan::MAX_CLUSTER } else { 1 },
         };
+        // Development hook: `XENT_LIMITS=a100` plans as on an A100 (108 SMs, 163 KiB of shared
+        // memory a block, no clusters), for measuring the sm_80 plans on a larger GPU.
+        let limits = match std::env::var("XENT_LIMITS").ok().as_deref() {
+            None => limits,
+            Some("a100") if clusters => {
+                return Err(Error::InvalidOption(
+                    "XENT_LIMITS=a100 plans the sm_80 kernels: set XENT_ARCH=sm_80 too".into(),
+                ));
+            }
+            Some("a100") => DeviceLimits {
+                sm_count: limits.sm_count.min(DeviceLimits::A100.sm_count),
+                max_smem_per_block: limits
+                    .max_smem_per_block
+                    .min(DeviceLimits::A100.max_smem_per_block),
+                max_cluster: 1,
+            },
+            Some(other) => {
+                return Err(Error::InvalidOption(format!(
+                    "XENT_LIMITS={other}: expected a100"
+                )));
+            }
+        };
         let mut wanted = kernels();
         if limits.max_cluster > 1 {
             wanted.extend(cluster_kernels());
+        } else {
+            wanted.extend(split_kernels());
         }
         let mut kernels = HashMap::new();
         for kernel in wanted {
             let name = kernel.name();
             let function = module.load_function(&name)?;
-            if name.starts_with("xent_fused_") || name.starts_with("xent_cluster_") {
+            if ["xent_fused_", "xent_cluster_", "xent_split_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            {
                 function.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     limits.max_smem_per_block as i32,
@@ -207,6 +234,31 @@ impl CrossEntropy {
         )
     }
 
+    /// CTAs of the split kernel of `variant` for `dtype` the device runs at once with `threads`
+    /// and `smem_bytes` each (`None` if the driver cannot say).
+    fn resident_split_ctas(
+        &self,
+        variant: &'static str,
+        dtype: DType,
+        threads: u32,
+        smem_bytes: u32,
+    ) -> Option<u32> {
+        // The i64 kernels take as many registers as the i32 ones or a few more.
+        let kernel = Kernel::Xent {
+            kind: XentKind::Split,
+            variant,
+            dtype,
+            label: "i64",
+        };
+        let function = self.kernels.get(&kernel)?;
+        let per_sm = self.ctx.bind_to_thread().ok().and_then(|()| {
+            function
+                .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
+                .ok()
+        })?;
+        Some(per_sm * self.limits.sm_count)
+    }
+
     /// How many clusters of `launch` (a cluster plan of the `variant` kernels for `dtype`) the
     /// device runs at once, as the driver says (`None` if it cannot say), remembered in `cache`.
     fn active_clusters(
@@ -216,6 +268,14 @@ impl CrossEntropy {
         dtype: DType,
         launch: &LaunchPlan,
     ) -> Option<u32> {
+        if let &LaunchPlan::Split {
+            threads,
+            smem_bytes,
+            ..
+        } = launch
+        {
+            return self.resident_split_ctas(variant, dtype, threads, smem_bytes);
+        }
         let &LaunchPlan::Cluster {
             threads,
             size,
@@ -776,6 +836,42 @@ impl CrossEntropy {
                         smem_bytes,
                         size,
                     )?;
+                }
+                LaunchPlan::Split {
+                    threads,
+                    chunk_len,
+                    n_chunks,
+                    groups,
+                    smem_bytes,
+                } => {
+                    params.n_chunks = n_chunks;
+                    params.chunk_len = chunk_len;
+                    // The groups' counters, after their summaries, start at 0.
+                    let summaries =
+                        2 * crate::abi::PARTIAL_WORDS * n_chunks as usize * groups as usize;
+                    // SAFETY: `out.partials` holds `partials_len` words (checked by the caller).
+                    unsafe {
+                        cudarc::driver::result::memset_d8_async(
+                            out.partials + 4 * summaries as u64,
+                            0,
+                            4 * groups as usize,
+                            stream.cu_stream(),
+                        )?;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (groups * n_chunks, 1, 1),
+                        block_dim: (threads, 1, 1),
+                        shared_mem_bytes: smem_bytes,
+                    };
+                    let function = self.kernel(kernel(XentKind::Split));
+                    // SAFETY: as in `launch`; the plan sized the grid to what is resident at once,
+                    // and the driver refuses a cooperative launch that is not.
+                    unsafe {
+                        stream
+                            .launch_builder(function)
+                            .arg(&params)
+                            .launch_cooperative(cfg)
+                    }?;
                 }
             }
         }

@@ -24,6 +24,11 @@ pub fn cluster_kernel_names() -> Vec<String> {
     cluster_kernels().into_iter().map(Kernel::name).collect()
 }
 
+/// The split-plan entry points, present in the sm_80 PTX only.
+pub fn split_kernel_names() -> Vec<String> {
+    split_kernels().into_iter().map(Kernel::name).collect()
+}
+
 /// The cross-entropy kernels' kinds (name infixes after `xent_`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum XentKind {
@@ -33,6 +38,8 @@ pub(crate) enum XentKind {
     Backward,
     /// sm_90 only.
     Cluster,
+    /// sm_80 only.
+    Split,
 }
 
 impl XentKind {
@@ -43,6 +50,7 @@ impl XentKind {
             XentKind::ChunkGrad => "chunk_grad",
             XentKind::Backward => "backward",
             XentKind::Cluster => "cluster",
+            XentKind::Split => "split",
         }
     }
 }
@@ -106,6 +114,11 @@ pub(crate) fn xent_kernels(kinds: &[XentKind]) -> Vec<Kernel> {
 /// The cluster-plan kernels (sm_90 only).
 pub(crate) fn cluster_kernels() -> Vec<Kernel> {
     xent_kernels(&[XentKind::Cluster])
+}
+
+/// The split-plan kernels (sm_80 only).
+pub(crate) fn split_kernels() -> Vec<Kernel> {
+    xent_kernels(&[XentKind::Split])
 }
 
 /// Every kernel both PTX files provide.

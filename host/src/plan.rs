@@ -98,6 +98,12 @@ pub enum PlanChoice {
         size: Option<u32>,
         threads: Option<u32>,
     },
+    /// sm_80 (experimental: not yet run on a GPU, and the automatic plan does not take it): a row
+    /// split over a group of co-resident CTAs (a cooperative launch), each keeping its chunk in
+    /// shared memory, combined through global memory: one read and one write per element for
+    /// rows longer than one block's shared memory. `chunk_len` (a positive multiple of 8 that
+    /// fits in shared memory) or the automatic choice ([`auto_split_chunk_len`]).
+    Split { chunk_len: Option<usize> },
 }
 
 /// A planned launch of the cross-entropy kernels.
@@ -116,6 +122,15 @@ pub enum LaunchPlan {
         threads: u32,
         chunk_len: u32,
         size: u32,
+        smem_bytes: u32,
+    },
+    /// `groups` groups of `n_chunks` CTAs, every CTA resident at once (see
+    /// [`PlanChoice::Split`]).
+    Split {
+        threads: u32,
+        chunk_len: u32,
+        n_chunks: u32,
+        groups: u32,
         smem_bytes: u32,
     },
 }
@@ -242,6 +257,16 @@ pub fn plan_with(
                 None => auto_shape(threads, active_clusters),
             };
             cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
+        }
+        PlanChoice::Split { chunk_len } => {
+            if limits.max_cluster > 1 {
+                return Err(Error::PlanDoesNotFit(
+                    "the split plan is the sm_80 kernels' (this device runs the cluster plan)"
+                        .into(),
+                ));
+            }
+            let chunk_len = chunk_len.unwrap_or_else(|| auto_split_chunk_len(vocab, dtype));
+            split_plan(rows, vocab, dtype, limits, chunk_len, active_clusters)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
             let (size, threads) = auto_shape(None, active_clusters);
@@ -589,6 +614,67 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
     )
 }
 
+/// Bytes of a row each CTA of the split plan keeps in shared memory, at most: two CTAs fit in an
+/// A100's 164 KiB per SM, so one can load while the other computes. (A guess from the cluster
+/// plan's measurements; not yet measured for this plan.)
+pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
+/// Threads per CTA of the split plan, at most: its per-row option kernels take 86-96 registers
+/// (ptxas), and two CTAs of 256 threads fit in an SM's 64 K registers.
+pub const SPLIT_MAX_THREADS: u32 = 256;
+
+/// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
+/// multiple of 8 elements.
+pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
+    let n_chunks = (vocab * dtype.bytes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
+    vocab.div_ceil(n_chunks).next_multiple_of(8)
+}
+
+/// The split plan of `rows` rows of `vocab` with chunks of `chunk_len`: `groups` as many groups of
+/// CTAs as are resident at once (`resident`, the device's answer for the launch with one group;
+/// without one, one CTA per SM), at most one per row.
+fn split_plan(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    chunk_len: usize,
+    resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
+) -> Result<LaunchPlan> {
+    if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
+        return Err(Error::PlanDoesNotFit(format!(
+            "chunk_len {chunk_len} must be a positive multiple of 8"
+        )));
+    }
+    let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
+    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
+        .filter(|&b| b <= limits.max_smem_per_block)
+        .ok_or_else(|| {
+            Error::PlanDoesNotFit(format!(
+                "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
+                dtype.name(),
+                limits.max_smem_per_block
+            ))
+        })?;
+    let n_chunks = vocab.div_ceil(chunk_len) as u32;
+    let threads = threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS);
+    let with_groups = |groups: usize| LaunchPlan::Split {
+        threads,
+        chunk_len: chunk_len as u32,
+        n_chunks,
+        groups: groups as u32,
+        smem_bytes,
+    };
+    let ctas = resident(&with_groups(1)).unwrap_or(limits.sm_count) as usize;
+    let groups = (ctas / n_chunks as usize).min(rows.max(1));
+    if groups == 0 {
+        return Err(Error::PlanDoesNotFit(format!(
+            "{n_chunks} CTAs a row, {ctas} resident at once"
+        )));
+    }
+    check_grid(groups, n_chunks as usize, "CTAs")?;
+    Ok(with_groups(groups))
+}
+
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
 /// SMs idle (fewer than [`MIN_BLOCKS_PER_SM`] blocks per SM), but not below [`MIN_CHUNK`].
 pub fn auto_chunk_len(rows: usize, vocab: usize, limits: DeviceLimits) -> usize {
@@ -616,6 +702,10 @@ pub fn scale_tiles(vocab: usize) -> usize {
 pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
     match *launch {
         LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
+        // Two summaries per CTA, then a counter per group.
+        LaunchPlan::Split {
+            n_chunks, groups, ..
+        } => (2 * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
     }
 }

@@ -172,3 +172,32 @@ kernels! {
     xent_cluster_coef_f32_i64(XentParams) => xent::cluster::<F32, i64, RowConst>;
     xent_cluster_acc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowAcc>;
 }
+
+/// The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
+#[cfg(not(xent_cluster))]
+kernels! {
+    xent_split_bf16_i32(XentParams) => xent::split::<Bf16, i32, Plain>;
+    xent_split_coef_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowConst>;
+    xent_split_acc_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowAcc>;
+    xent_split_opt_bf16_i32(XentParams) => xent::split::<Bf16, i32, Full>;
+    xent_split_bf16_i64(XentParams) => xent::split::<Bf16, i64, Plain>;
+    xent_split_coef_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowConst>;
+    xent_split_acc_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowAcc>;
+    xent_split_opt_bf16_i64(XentParams) => xent::split::<Bf16, i64, Full>;
+    xent_split_f16_i32(XentParams) => xent::split::<F16, i32, Plain>;
+    xent_split_coef_f16_i32(XentParams) => xent::split::<F16, i32, RowConst>;
+    xent_split_acc_f16_i32(XentParams) => xent::split::<F16, i32, RowAcc>;
+    xent_split_opt_f16_i32(XentParams) => xent::split::<F16, i32, Full>;
+    xent_split_f16_i64(XentParams) => xent::split::<F16, i64, Plain>;
+    xent_split_coef_f16_i64(XentParams) => xent::split::<F16, i64, RowConst>;
+    xent_split_acc_f16_i64(XentParams) => xent::split::<F16, i64, RowAcc>;
+    xent_split_opt_f16_i64(XentParams) => xent::split::<F16, i64, Full>;
+    xent_split_f32_i32(XentParams) => xent::split::<F32, i32, Plain>;
+    xent_split_coef_f32_i32(XentParams) => xent::split::<F32, i32, RowConst>;
+    xent_split_acc_f32_i32(XentParams) => xent::split::<F32, i32, RowAcc>;
+    xent_split_opt_f32_i32(XentParams) => xent::split::<F32, i32, Full>;
+    xent_split_f32_i64(XentParams) => xent::split::<F32, i64, Plain>;
+    xent_split_coef_f32_i64(XentParams) => xent::split::<F32, i64, RowConst>;
+    xent_split_acc_f32_i64(XentParams) => xent::split::<F32, i64, RowAcc>;
+    xent_split_opt_f32_i64(XentParams) => xent::split::<F32, i64, Full>;
+}

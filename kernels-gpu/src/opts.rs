@@ -143,23 +143,24 @@ impl Part {
         }
     }
 
-    /// Loads a summary stored by `st_global`.
+    /// Loads a summary stored by [`st_global`](Self::st_global) (`Plain`: 2 words).
     #[inline(always)]
     pub unsafe fn ld_global<M: Mode>(at: u64) -> Part {
-        let lse = unsafe {
-            Lse2 {
-                m: f32::from_bits(prim::ld_global_u32(at)),
-                s: f32::from_bits(prim::ld_global_u32(at + 4)),
-            }
-        };
+        unsafe { Self::ld_global_with::<M>(at, |a| unsafe { prim::ld_global_u32(a) }) }
+    }
+
+    /// [`ld_global`](Self::ld_global) past L1, for a summary another CTA stored during this
+    /// launch (the split plan).
+    #[inline(always)]
+    pub unsafe fn ld_global_cg<M: Mode>(at: u64) -> Part {
+        unsafe { Self::ld_global_with::<M>(at, |a| unsafe { prim::ld_global_cg_u32(a) }) }
+    }
+
+    #[inline(always)]
+    unsafe fn ld_global_with<M: Mode>(at: u64, load: impl Fn(u64) -> u32) -> Part {
+        let lse = Lse2 { m: f32::from_bits(load(at)), s: f32::from_bits(load(at + 4)) };
         if M::OPTS {
-            unsafe {
-                Part {
-                    lse,
-                    wsum: f32::from_bits(prim::ld_global_u32(at + 8)),
-                    wrong: prim::ld_global_u32(at + 12),
-                }
-            }
+            Part { lse, wsum: f32::from_bits(load(at + 8)), wrong: load(at + 12) }
         } else {
             Part { lse, ..Part::EMPTY }
         }

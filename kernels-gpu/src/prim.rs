@@ -224,6 +224,46 @@ pub unsafe fn red_add_u32(addr: u64, v: u32) {
     unsafe { asm!("red.global.add.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// `ld.global.cg.u32`: a load that skips L1 (which is not coherent across SMs), for values
+/// another CTA wrote during this launch.
+#[inline(always)]
+pub unsafe fn ld_global_cg_u32(addr: u64) -> u32 {
+    let v: u32;
+    unsafe {
+        asm!("ld.global.cg.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg64) addr, options(nostack));
+    }
+    v
+}
+
+/// `ld.acquire.gpu.global.u32`: a load that orders this thread's later accesses after it, and
+/// sees what a release to the same address made visible.
+#[inline(always)]
+pub unsafe fn ld_acquire_gpu_u32(addr: u64) -> u32 {
+    let v: u32;
+    unsafe {
+        asm!("ld.acquire.gpu.global.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg64) addr,
+             options(nostack));
+    }
+    v
+}
+
+/// `red.release.gpu.global.add.u32`: an atomic add that orders this thread's earlier writes
+/// before it, at GPU scope.
+#[inline(always)]
+pub unsafe fn red_add_release_gpu_u32(addr: u64, v: u32) {
+    unsafe {
+        asm!("red.release.gpu.global.add.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v,
+             options(nostack));
+    }
+}
+
+/// `fence.acq_rel.gpu`: this thread's memory accesses before it happen before those after it,
+/// at GPU scope.
+#[inline(always)]
+pub fn fence_acq_rel_gpu() {
+    unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+}
+
 /// `mov.u32 %r, xent_dyn_smem;`: the shared-window address of the dynamic shared memory.
 #[inline(always)]
 pub fn smem_base() -> u32 {

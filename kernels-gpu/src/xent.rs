@@ -603,6 +603,94 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
 }
 
+/// Split plan (sm_80: rows longer than one block's shared memory, each logit still read once):
+/// a row is cut into `n_chunks` chunks of `chunk_len`, one per CTA of a group of `n_chunks`
+/// CTAs; the launch is cooperative, so every CTA is resident at once, and the `grid / n_chunks`
+/// groups walk the rows (group `g` takes rows `g, g + groups, ...`). Each CTA keeps its chunk in
+/// shared memory, stores its summary in `partials`, counts itself in on its group's counter
+/// (release), waits until the whole group has (acquire), merges the group's summaries in a fixed
+/// order (every CTA gets the same bits) and writes its chunk's gradient from shared memory.
+///
+/// `partials`: `groups x 2 x n_chunks` summaries (`PARTIAL_WORDS` each; the two halves
+/// alternate between a group's rows, so a CTA that runs ahead never overwrites a summary another
+/// still reads), then `groups` counters that must be 0 at launch.
+///
+/// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
+/// shared memory = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
+#[inline(always)]
+pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    let tid = thread_idx();
+    let n_chunks = p.n_chunks;
+    let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
+    let groups = (prim::grid_dim() / n_chunks) as u64;
+    let summary_bytes = 4 * PARTIAL_WORDS as u64;
+    let counter = p.partials + groups * 2 * n_chunks as u64 * summary_bytes + 4 * group;
+    // Summary `q` of the group's half `half`.
+    let slot = |half: u32, q: u32| {
+        p.partials + ((group * 2 + half as u64) * n_chunks as u64 + q as u64) * summary_bytes
+    };
+    let local = chunk as u32 * p.chunk_len;
+    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
+    // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
+    let mut scored = 0u32;
+    let mut row = group;
+    while row < p.rows.n_rows {
+        let seg = Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+        match unsafe { row_target::<L>(&p.rows, row) } {
+            Target::Class(label) => {
+                let local_label = label.wrapping_sub(local);
+                let owns_label = local_label < seg.len;
+                // Read before the block's first barrier; every gradient write comes after it.
+                let x_label = if owns_label && tid == 0 {
+                    T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+                } else {
+                    0.0
+                };
+                let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
+                let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
+                let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
+                let half = scored & 1;
+                if tid == 0 {
+                    unsafe {
+                        part.st_global::<M>(slot(half, chunk as u32));
+                        prim::red_add_release_gpu_u32(counter, 1);
+                        let target = n_chunks * (scored + 1);
+                        while prim::ld_acquire_gpu_u32(counter) < target {}
+                    }
+                    prim::fence_acq_rel_gpu();
+                }
+                prim::sync_threads();
+                let mut acc = Part::EMPTY;
+                let mut q = tid;
+                while q < n_chunks {
+                    acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(slot(half, q)) });
+                    q += prim::block_dim();
+                }
+                let total = acc.block_merge::<M>();
+                let c = unsafe { opts::coef::<M>(p, &total, label, local) };
+                if p.mode != MODE_FORWARD {
+                    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
+                }
+                if owns_label && tid == 0 {
+                    unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
+                }
+                scored += 1;
+            }
+            target => {
+                if p.mode != MODE_FORWARD {
+                    unsafe { zero_segment::<T>(&seg, 0) };
+                }
+                if chunk == 0 && tid == 0 {
+                    unsafe { write_unscored_row::<M>(p, row, target) };
+                }
+            }
+        }
+        // The stash and the reduction scratch serve the next row.
+        prim::sync_threads();
+        row += groups;
+    }
+}
+
 /// Two-phase mode, backward: the gradient of one chunk of a row from the row's log-sum-exp (kept
 /// by a forward call), times the upstream gradient (one value, or one per row), written
 /// `grad_delta` bytes from the logits (0: in place). Reads and writes each element once.

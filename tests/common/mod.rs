@@ -427,6 +427,10 @@ pub fn forced_plans(xent: &CrossEntropy, chunk_len: usize) -> Vec<xent::PlanChoi
             size: Some(3),
             threads: None,
         });
+    } else {
+        plans.push(xent::PlanChoice::Split {
+            chunk_len: Some(chunk_len),
+        });
     }
     plans
 }

@@ -170,6 +170,8 @@ const UNCAPPED: &[&str] = &[
     "xent_fused_",
     "xent_chunk_grad_coef_",
     "xent_chunk_grad_acc_",
+    "xent_split_coef_",
+    "xent_split_acc_",
 ];
 /// Kernels with a tighter cap: the plain and per-row option cluster kernels, which keep 2
 /// vectors per thread in registers (39-40 used, no spills): 40 lets 6 CTAs of 256 threads or 3
