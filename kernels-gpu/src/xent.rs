@@ -603,6 +603,10 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
 }
 
+/// Polls of a group's counter before the split kernel gives up (each a round trip to L2 of about
+/// half a microsecond: seconds, where a group waits microseconds).
+const SPLIT_MAX_SPINS: u32 = 1 << 24;
+
 /// Split plan (sm_80: rows longer than one block's shared memory, each logit still read once):
 /// a row is cut into `n_chunks` chunks of `chunk_len`, one per CTA of a group of `n_chunks`
 /// CTAs; the launch is cooperative, so every CTA is resident at once, and the `grid / n_chunks`
@@ -655,7 +659,15 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                         part.st_global::<M>(slot(half, chunk as u32));
                         prim::red_add_release_gpu_u32(counter, 1);
                         let target = n_chunks * (scored + 1);
-                        while prim::ld_acquire_gpu_u32(counter) < target {}
+                        // Bounded: a group that never completes (a bug, or a launch that was not
+                        // resident at once) traps, an error the host reports, not a hung GPU.
+                        let mut spins = 0u32;
+                        while prim::ld_acquire_gpu_u32(counter) < target {
+                            spins += 1;
+                            if spins == SPLIT_MAX_SPINS {
+                                prim::trap();
+                            }
+                        }
                     }
                     prim::fence_acq_rel_gpu();
                 }
