@@ -340,18 +340,22 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                 workspace: None,
             })
             .collect();
-        unsafe {
-            xent.raw_shards_in_process(
-                stream,
-                &calls,
-                &dev_opts,
-                &layout,
-                gathered_raw,
-                &outs,
-                true,
-            )
-        }
-        .map_err(|e| e.to_string())?;
+        // Every rank at once: the fused gradient in step 3, or (two-phase) none.
+        let run_shards = |fused: bool| -> Result<(), String> {
+            unsafe {
+                xent.raw_shards_in_process(
+                    stream,
+                    &calls,
+                    &dev_opts,
+                    &layout,
+                    gathered_raw,
+                    &outs,
+                    fused,
+                )
+            }
+            .map_err(|e| e.to_string())
+        };
+        run_shards(true)?;
         let losses: Vec<f32> = buffers
             .iter()
             .map(|[loss, ..]| stream.clone_dtoh(loss).unwrap()[0])
@@ -404,18 +408,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         for (piece, original) in pieces.iter_mut().zip(&originals) {
             stream.memcpy_htod(original, piece).unwrap();
         }
-        unsafe {
-            xent.raw_shards_in_process(
-                stream,
-                &calls,
-                &dev_opts,
-                &layout,
-                gathered_raw,
-                &outs,
-                false,
-            )
-        }
-        .map_err(|e| e.to_string())?;
+        run_shards(false)?;
         for (piece, original) in pieces.iter().zip(&originals) {
             let now = stream.clone_dtoh(piece).unwrap();
             if now

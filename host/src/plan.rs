@@ -203,11 +203,7 @@ pub fn plan_with(
         })
     };
     let chunked = |chunk_len: usize| {
-        if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
-            return Err(Error::PlanDoesNotFit(format!(
-                "chunk_len {chunk_len} must be a positive multiple of 8"
-            )));
-        }
+        check_chunk_len(chunk_len)?;
         let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
         let n_chunks = vocab.div_ceil(chunk_len);
         check_grid(rows, n_chunks, "chunks")?;
@@ -629,6 +625,17 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
     vocab.div_ceil(n_chunks).next_multiple_of(8)
 }
 
+/// A forced chunk length must be a positive multiple of 8 (whole 16-byte vectors of 16-bit
+/// elements).
+fn check_chunk_len(chunk_len: usize) -> Result<()> {
+    if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
+        return Err(Error::PlanDoesNotFit(format!(
+            "chunk_len {chunk_len} must be a positive multiple of 8"
+        )));
+    }
+    Ok(())
+}
+
 /// The split plan of `rows` rows of `vocab` with chunks of `chunk_len`: `groups` as many groups of
 /// CTAs as are resident at once (`resident`, the device's answer for the launch with one group;
 /// without one, one CTA per SM), at most one per row.
@@ -640,11 +647,7 @@ fn split_plan(
     chunk_len: usize,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
-    if chunk_len == 0 || !chunk_len.is_multiple_of(8) {
-        return Err(Error::PlanDoesNotFit(format!(
-            "chunk_len {chunk_len} must be a positive multiple of 8"
-        )));
-    }
+    check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
     let smem_bytes = fused_smem_bytes(chunk_len, dtype)
         .filter(|&b| b <= limits.max_smem_per_block)

@@ -131,43 +131,42 @@ install_peer_wheels() {
   fi
 }
 
-if [[ $mode == python ]]; then
-  run_python "$@"
-elif [[ $mode == vocab || $mode == multi ]]; then
+# run_peer_script SCRIPT SECONDS ARGS...: a Python script beside the peers' wheels and xent's.
+run_peer_script() {
+  local script=$1 seconds=$2; shift 2
   install_peer_wheels
   if install_xent_wheel; then
-    if [[ $mode == vocab ]]; then
-      run_one vocab_parallel_bench.py "$log" timeout 900 python3 vocab_parallel_bench.py "$@"
-    else
-      gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
-      # The NCCL tests (one thread per GPU, one process per GPU) at each world size the machine
-      # has, from 2 on, then the benchmark over every GPU.
-      for world in 2 4 8; do
-        if ((world <= gpus)); then
-          XENT_NCCL_WORLD=$world run_one "nccl x$world" "$log" timeout 900 ./bin/nccl --test-threads=1
-        fi
-      done
-      run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
-        python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
-        vocab_parallel_bench.py --distributed "$@"
+    run_one "$script" "$log" timeout "$seconds" python3 "$script" "$@"
+  else
+    names+=("python wheel") codes+=(2) notes+=("")
+  fi
+}
+
+if [[ $mode == python ]]; then
+  run_python "$@"
+elif [[ $mode == vocab ]]; then
+  run_peer_script vocab_parallel_bench.py 900 "$@"
+elif [[ $mode == multi ]]; then
+  gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
+  # The NCCL tests (one thread per GPU, one process per GPU) at each world size the machine has,
+  # from 2 on, then the benchmark over every GPU.
+  for world in 2 4 8; do
+    if ((world <= gpus)); then
+      XENT_NCCL_WORLD=$world run_one "nccl x$world" "$log" timeout 900 ./bin/nccl --test-threads=1
     fi
+  done
+  install_peer_wheels
+  if install_xent_wheel; then
+    run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
+      python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
+      vocab_parallel_bench.py --distributed "$@"
   else
     names+=("python wheel") codes+=(2) notes+=("")
   fi
 elif [[ $mode == precision ]]; then
-  install_peer_wheels
-  if install_xent_wheel; then
-    run_one softcap_error.py "$log" timeout 900 python3 softcap_error.py "$@"
-  else
-    names+=("python wheel") codes+=(2) notes+=("")
-  fi
+  run_peer_script softcap_error.py 900 "$@"
 elif [[ $mode == linear ]]; then
-  install_peer_wheels
-  if install_xent_wheel; then
-    run_one linear_bench.py "$log" timeout 1800 python3 linear_bench.py "$@"
-  else
-    names+=("python wheel") codes+=(2) notes+=("")
-  fi
+  run_peer_script linear_bench.py 1800 "$@"
 elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
