@@ -147,7 +147,8 @@ pub struct OptParams {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CountParams {
     pub rows: RowsParams,
-    /// Device address of `[u32; COUNT_WORDS]`, zeroed before the launch.
+    /// Device address of `[u32; COUNT_WORDS]`, zeroed before a launch of several blocks (one
+    /// block stores every word).
     pub counts: u64,
     /// Device address of `[f32; vocab]` class weights, or 0. With weights the launch must be one
     /// block (it stores `COUNT_WEIGHT`).

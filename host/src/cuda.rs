@@ -697,7 +697,8 @@ impl CrossEntropy {
         self.launch_finish(stream, call.shape.rows(), call.weight != 0, opts, out)
     }
 
-    /// Zeroes `counts` and enqueues the count kernel over `call`'s labels (its logits unread).
+    /// Enqueues the count kernel over `call`'s labels (its logits unread) into `counts`, zeroed
+    /// first unless the kernel's one block stores every word (few rows, or class weights).
     pub(crate) fn launch_count(
         &self,
         stream: &Arc<CudaStream>,
@@ -709,9 +710,22 @@ impl CrossEntropy {
         let rows = shape.rows();
         let weight = call.weight;
         let rows_params = self.rows_params(call.logits, call.labels, shape, opts);
-        unsafe {
-            cudarc::driver::result::memset_d8_async(counts, 0, 4 * COUNT_WORDS, stream.cu_stream())
-        }?;
+        // With class weights one block sums them, in a fixed order.
+        let (blocks, threads) = if weight != 0 {
+            (1, plan::COUNT_WEIGHT_THREADS)
+        } else {
+            (plan::count_blocks(rows, self.limits), plan::COUNT_THREADS)
+        };
+        if rows == 0 || blocks > 1 {
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    counts,
+                    0,
+                    4 * COUNT_WORDS,
+                    stream.cu_stream(),
+                )
+            }?;
+        }
         if rows > 0 {
             let params = CountParams {
                 rows: rows_params,
@@ -719,12 +733,6 @@ impl CrossEntropy {
                 weight,
                 sum_class_weights: (weight != 0 && opts.label_smoothing != 0.0) as u32,
                 _pad: 0,
-            };
-            // With class weights one block sums them, in a fixed order.
-            let (blocks, threads) = if weight != 0 {
-                (1, plan::COUNT_WEIGHT_THREADS)
-            } else {
-                (plan::count_blocks(rows, self.limits), plan::COUNT_THREADS)
             };
             self.launch(
                 stream,

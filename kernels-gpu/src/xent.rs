@@ -387,7 +387,8 @@ fn row_addr<T: Element>(rows: &RowsParams, row: u64) -> u64 {
     rows.logits + row * rows.row_stride * T::BYTES as u64
 }
 
-/// Counts valid and out-of-range labels into `counts` (zeroed before the launch); with class
+/// Counts valid and out-of-range labels into `counts` (zeroed before a launch of several
+/// blocks; a launch of one block stores every word); with class
 /// weights also `Σ weight[label]` over the valid rows, which needs a launch of one block (so the
 /// sum's order, and its bits, do not depend on timing).
 ///
@@ -430,7 +431,17 @@ pub unsafe fn count<L: Label>(p: &CountParams) {
     } else {
         0.0
     };
-    if tid == 0 {
+    if tid == 0 && prim::grid_dim() == 1 {
+        // The launch's only block: it stores every word, so `counts` need not be zeroed first
+        // (one operation less per call with few rows).
+        let weight_bits = if p.weight != 0 { (weight as f32).to_bits() } else { 0 };
+        unsafe {
+            prim::st_global_u32(p.counts + 4 * COUNT_VALID as u64, valid);
+            prim::st_global_u32(p.counts + 4 * COUNT_BAD as u64, bad);
+            prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, weight_bits);
+            prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, (class_weight_sum as f32).to_bits());
+        }
+    } else if tid == 0 {
         unsafe {
             if valid > 0 {
                 prim::red_add_u32(p.counts + 4 * COUNT_VALID as u64, valid);
