@@ -196,7 +196,6 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 }
             });
         }
-
         if acc.lse.raise(batch_max) {
             let mut sums = [0.0f32; 2];
             unroll!(u => {
