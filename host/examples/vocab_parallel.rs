@@ -1,0 +1,201 @@
+//! Vocabulary-parallel cross-entropy, as a tensor-parallel LM head computes it: the vocabulary is
+//! split over P ranks, each holding logits `[N, V_r]` for its classes; one all-gather of a few
+//! values per row gives every rank the loss and its own columns' gradient. Here the P ranks run
+//! in one process: on the GPU (`raw_shards_in_process`: each rank's step 1 writes its place of the
+//! gathered buffer, then each rank's step 3), else with the CPU model of the same protocol
+//! (`cpu_shard_stats` / `cpu_shard_backward`). Checked against the CPU reference over the whole
+//! vocabulary; it says which path ran. `cargo run --release --example vocab_parallel`.
+//! Across GPUs, NCCL's communicator (`xent::nccl`) or PyTorch's process group does the all-gather
+//! (README, "Vocabulary-parallel").
+
+use xent::raw::{LabelType, RawBuffer, RawLoss};
+use xent::vocab_parallel::{self, Shard, ShardCall};
+use xent::{CrossEntropy, DType, Options, Shape, cpu};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (rows, vocab, world) = (512, 128_256, 4);
+    let shape = Shape::flat(rows, vocab);
+    let opts = Options {
+        label_smoothing: 0.1,
+        lse_square_scale: 1e-4,
+        ..Options::default()
+    };
+    let shards = Shard::split(vocab, world)?;
+
+    // Deterministic pseudo-random logits and labels, one label in five ignored.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| (next() % 4000) as f32 / 400.0 - 5.0)
+        .collect();
+    let labels: Vec<i64> = (0..rows)
+        .map(|i| {
+            if i % 5 == 0 {
+                -100
+            } else {
+                (next() % vocab as u64) as i64
+            }
+        })
+        .collect();
+    // Rank r's logits: its columns of every row.
+    let piece = |s: &Shard| -> Vec<f32> {
+        (0..rows)
+            .flat_map(|r| logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec())
+            .collect()
+    };
+    let shard_shape = |s: &Shard| Shape {
+        vocab: s.width,
+        row_stride: s.width,
+        ..shape
+    };
+    println!(
+        "vocabulary-parallel cross-entropy: {rows} rows, vocab {vocab} split over {world} ranks \
+         ({} classes each), f32, label smoothing 0.1, z-loss 1e-4",
+        shards[0].width
+    );
+
+    let mut want_grad = logits.clone();
+    let want = cpu::forward_backward(&mut want_grad, &labels, shape, &opts)?;
+    // Each rank's gradient, and the loss every rank computed.
+    let (path, losses, grads): (String, Vec<f64>, Vec<Vec<f32>>) = match CrossEntropy::new(0) {
+        Ok(xent) => {
+            let stream = xent.context().default_stream();
+            let layout = xent.shard_layout(rows, vocab, world, DType::F32, &opts)?;
+            let mut d_labels = stream.clone_htod(&labels)?;
+            let mut gathered = stream.alloc_zeros::<f32>(world * layout.words)?;
+            let mut pieces = shards
+                .iter()
+                .map(|s| stream.clone_htod(&piece(s)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let labels_raw = RawBuffer::of(&stream, &mut d_labels);
+            let calls: Vec<ShardCall> = shards
+                .iter()
+                .zip(pieces.iter_mut())
+                .map(|(s, p)| ShardCall {
+                    logits: RawBuffer::of(&stream, p),
+                    dtype: DType::F32,
+                    labels: labels_raw,
+                    label_type: LabelType::I64,
+                    shape: shard_shape(s),
+                    shard: *s,
+                    vocab,
+                    weight: None,
+                })
+                .collect();
+            // Each rank's outputs: loss, per-row loss and lse, counts, extras.
+            let mut buffers = (0..world)
+                .map(|_| -> Result<_, Box<dyn std::error::Error>> {
+                    Ok((
+                        [
+                            stream.alloc_zeros::<f32>(1)?,
+                            stream.alloc_zeros::<f32>(rows)?,
+                            stream.alloc_zeros::<f32>(rows)?,
+                            stream.alloc_zeros::<f32>(2)?,
+                        ],
+                        stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let outs: Vec<RawLoss> = buffers
+                .iter_mut()
+                .map(|([loss, row_loss, row_lse, extras], counts)| RawLoss {
+                    loss: RawBuffer::of(&stream, loss),
+                    row_loss: RawBuffer::of(&stream, row_loss),
+                    row_lse: RawBuffer::of(&stream, row_lse),
+                    counts: RawBuffer::of(&stream, counts),
+                    extras: RawBuffer::of(&stream, extras),
+                    row_correct: None,
+                    workspace: None,
+                })
+                .collect();
+            let gathered_raw = RawBuffer::of(&stream, &mut gathered);
+            // SAFETY: every buffer above is this stream's device memory of the stated length,
+            // alive until the reads below synchronise.
+            unsafe {
+                xent.raw_shards_in_process(
+                    &stream,
+                    &calls,
+                    &opts,
+                    &layout,
+                    gathered_raw,
+                    &outs,
+                    true,
+                )
+            }?;
+            let mut losses = Vec::new();
+            for ([loss, ..], _) in &buffers {
+                losses.push(stream.clone_dtoh(loss)?[0] as f64);
+            }
+            let grads = pieces
+                .iter()
+                .map(|p| stream.clone_dtoh(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            (format!("GPU ({})", xent.context().name()?), losses, grads)
+        }
+        Err(err) => {
+            println!("no CUDA GPU ({err}): the ranks run the protocol's CPU model");
+            // Step 1 on every rank, the all-gather (every rank sees all), step 3 on every rank.
+            let gathered = shards
+                .iter()
+                .map(|s| {
+                    vocab_parallel::cpu_shard_stats(
+                        &piece(s),
+                        &labels,
+                        shard_shape(s),
+                        *s,
+                        vocab,
+                        &opts,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut losses = Vec::new();
+            let mut grads = Vec::new();
+            for s in &shards {
+                let mut mine = piece(s);
+                let loss = vocab_parallel::cpu_shard_backward(
+                    &mut mine,
+                    &labels,
+                    shard_shape(s),
+                    *s,
+                    vocab,
+                    &opts,
+                    &gathered,
+                    &[1.0],
+                )?;
+                losses.push(loss.loss);
+                grads.push(mine);
+            }
+            ("CPU (f64)".to_string(), losses, grads)
+        }
+    };
+
+    let scale = want_grad.iter().fold(0.0f64, |m, g| m.max(g.abs() as f64));
+    let mut worst = 0.0f64;
+    for (s, grad) in shards.iter().zip(&grads) {
+        for r in 0..rows {
+            for j in 0..s.width {
+                let (g, w) = (
+                    grad[r * s.width + j] as f64,
+                    want_grad[r * vocab + s.start + j] as f64,
+                );
+                worst = worst.max((g - w).abs());
+            }
+        }
+    }
+    let loss_error = (losses[0] - want.loss).abs();
+    println!(
+        "{path}: loss = {:.6} on every rank (reference over the whole vocabulary {:.6}, |error| \
+         {loss_error:.1e}); max |gradient error| {worst:.1e} (gradient values up to {scale:.1e})",
+        losses[0], want.loss
+    );
+    let same = losses.iter().all(|l| l.to_bits() == losses[0].to_bits());
+    if !same || loss_error > 1e-5 * (1.0 + want.loss.abs()) || worst > 1e-5 * scale {
+        return Err(format!("the ranks do not match the reference (losses {losses:?})").into());
+    }
+    Ok(())
+}
