@@ -40,15 +40,25 @@ macro_rules! unroll {
     }};
 }
 
-/// `for k in 0..KEEP_MAX` spelled out (`$k` a `usize`), so the kept vectors are indexed by
-/// constants and stay in registers: LLVM left the loop rolled in the token-accuracy kernels, which
-/// put `Kept` on the stack (36 bytes of local memory, ptxas).
+/// `for k in 0..KEEP_MAX` over the kept vectors of mode `$m`. With token accuracy it is spelled
+/// out (`$k` a `usize`), so the vectors are indexed by constants and stay in registers: LLVM left
+/// the loop rolled in the `acc_` kernels, which put `Kept` on the stack (36 bytes of local memory,
+/// ptxas). The other modes keep the loop LLVM unrolls itself, so their PTX (measured at 93% of
+/// copy) does not change.
 #[cfg(xent_cluster)]
 macro_rules! for_kept {
-    ($k:ident => $body:block) => {{
-        const _: () = assert!(KEEP_MAX == 2);
-        { let $k: usize = 0; $body }
-        { let $k: usize = 1; $body }
+    ($m:ty, $k:ident => $body:block) => {{
+        if <$m>::ACCURACY {
+            const _: () = assert!(KEEP_MAX == 2);
+            { let $k: usize = 0; $body }
+            { let $k: usize = 1; $body }
+        } else {
+            let mut $k = 0;
+            while $k < KEEP_MAX {
+                $body
+                $k += 1;
+            }
+        }
     }};
 }
 
@@ -903,7 +913,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
             prim::bulk_copy_to_shared(stash, seg.elem_addr::<T>(seg.vec_start::<T>(in_regs)), bulk_bytes, mbar);
         }
     }
-    for_kept!(k => {
+    for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             kept.words[k] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(seg.vec_start::<T>(v))) };
@@ -915,7 +925,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
         kept.scalar = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
         unsafe { add_scalar::<M>(&mut acc, T::widen(kept.scalar), j, o, ctx) };
     }
-    for_kept!(k => {
+    for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let x = T::unpack(kept.words[k]);
@@ -948,7 +958,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode>(
     let (tid, step) = (thread_idx(), prim::block_dim());
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
-    for_kept!(k => {
+    for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let start = seg.vec_start::<T>(v);
