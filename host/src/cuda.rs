@@ -260,7 +260,8 @@ impl CrossEntropy {
     }
 
     /// How many clusters of `launch` (a cluster plan of the `variant` kernels for `dtype`) the
-    /// device runs at once, as the driver says (`None` if it cannot say), remembered in `cache`.
+    /// device runs at once, as the driver says (`None` if it cannot say), remembered in `cache`;
+    /// for a split plan, how many of its CTAs (remembered under cluster size 0).
     fn active_clusters(
         &self,
         cache: &mut HashMap<ClusterLaunchKey, Option<u32>>,
@@ -274,7 +275,10 @@ impl CrossEntropy {
             ..
         } = launch
         {
-            return self.resident_split_ctas(variant, dtype, threads, smem_bytes);
+            let key = (variant, dtype, threads, smem_bytes, 0);
+            return *cache
+                .entry(key)
+                .or_insert_with(|| self.resident_split_ctas(variant, dtype, threads, smem_bytes));
         }
         let &LaunchPlan::Cluster {
             threads,

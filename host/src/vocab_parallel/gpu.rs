@@ -83,6 +83,17 @@ fn forced_shard_chunk() -> Result<Option<(usize, Option<u32>)>> {
 }
 
 impl ShardLayout {
+    /// A call of `rows` rows must be the one the layout was made for.
+    fn check_rows(&self, rows: usize) -> Result<()> {
+        if rows != self.rows {
+            return Err(Error::InvalidOption(format!(
+                "the layout is for {} rows, the call has {rows}",
+                self.rows
+            )));
+        }
+        Ok(())
+    }
+
     fn label_offset(&self) -> usize {
         self.rows * self.n_chunks as usize * PARTIAL_WORDS
     }
@@ -230,12 +241,7 @@ impl CrossEntropy {
         call.validate(opts)?;
         check_len("send", send, layout.words)?;
         let rows = call.shape.rows();
-        if rows != layout.rows {
-            return Err(Error::InvalidOption(format!(
-                "the layout is for {} rows, the call has {rows}",
-                layout.rows
-            )));
-        }
+        layout.check_rows(rows)?;
         let label_logits = send.ptr + 4 * layout.label_offset() as u64;
         unsafe {
             cudarc::driver::result::memset_d8_async(label_logits, 0, 4 * rows, stream.cu_stream())?;
@@ -280,11 +286,9 @@ impl CrossEntropy {
         self.check_stream(stream)?;
         call.validate(opts)?;
         let rows = call.shape.rows();
-        if rows != layout.rows || world == 0 {
-            return Err(Error::InvalidOption(format!(
-                "the layout is for {} rows, the call has {rows} ({world} ranks)",
-                layout.rows
-            )));
+        layout.check_rows(rows)?;
+        if world == 0 {
+            return Err(Error::InvalidOption("a call of 0 ranks".to_string()));
         }
         check_len("gathered", gathered, world * layout.words)?;
         check_len("counts", out.counts, COUNT_WORDS)?;
