@@ -21,6 +21,19 @@ fn grid(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A device buffer's values, widened to f64 on the host.
+fn host_f64<T: xent::Element + cudarc::driver::DeviceRepr>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    buffer: &cudarc::driver::CudaSlice<T>,
+) -> Vec<f64> {
+    stream
+        .clone_dtoh(buffer)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect()
+}
+
 fn option_sets() -> Vec<(&'static str, Options)> {
     let base = Options::default();
     vec![
@@ -510,24 +523,9 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         )
         .unwrap();
         let want_loss = out.read().unwrap() as f64;
-        let want_gh: Vec<f64> = stream
-            .clone_dtoh(&gh)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_f64())
-            .collect();
-        let want_gw: Vec<f64> = stream
-            .clone_dtoh(&gw)
-            .unwrap()
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let want_gb: Vec<f64> = stream
-            .clone_dtoh(&gb)
-            .unwrap()
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
+        let want_gh: Vec<f64> = host_f64(&stream, &gh);
+        let want_gw: Vec<f64> = host_f64(&stream, &gw);
+        let want_gb: Vec<f64> = host_f64(&stream, &gb);
 
         let call = RawLinearCall {
             hidden: RawBuffer::new(hidden.device_ptr(&stream).0, hidden.len()),
@@ -606,14 +604,6 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
                     Ok(())
                 }
             };
-        let read16 = |s: &cudarc::driver::CudaSlice<bf16>| -> Vec<f64> {
-            stream
-                .clone_dtoh(s)
-                .unwrap()
-                .iter()
-                .map(|x| x.to_f64())
-                .collect()
-        };
         let one = |_: usize| 1.0;
         // bf16 gradients: one rounding per chunk (6 chunks) of values below the largest.
         let bf16_tol = 8.0 * 2f64.powi(-8);
@@ -624,15 +614,33 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         };
         check(
             "fused grad_hidden".into(),
-            compare("grad_hidden", &read16(&gh16), &want_gh, &one, 1e-6),
+            compare(
+                "grad_hidden",
+                &host_f64(&stream, &gh16),
+                &want_gh,
+                &one,
+                1e-6,
+            ),
         );
         check(
             "fused bf16 grad_weight".into(),
-            compare("grad_weight", &read16(&gw16), &want_gw, &one, bf16_tol),
+            compare(
+                "grad_weight",
+                &host_f64(&stream, &gw16),
+                &want_gw,
+                &one,
+                bf16_tol,
+            ),
         );
         check(
             "fused bf16 grad_bias".into(),
-            compare("grad_bias", &read16(&gb16), &want_gb, &one, bf16_tol),
+            compare(
+                "grad_bias",
+                &host_f64(&stream, &gb16),
+                &want_gb,
+                &one,
+                bf16_tol,
+            ),
         );
 
         // Forward, then Backward with an upstream: one value, or the same value once per row.
@@ -682,24 +690,20 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
             }
             .unwrap();
             let half = |_: usize| 0.5;
-            let gw32: Vec<f64> = stream
-                .clone_dtoh(&gw32)
-                .unwrap()
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
-            let gb32: Vec<f64> = stream
-                .clone_dtoh(&gb32)
-                .unwrap()
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
+            let gw32: Vec<f64> = host_f64(&stream, &gw32);
+            let gb32: Vec<f64> = host_f64(&stream, &gb32);
             // The backward's gradient of the logits is rounded from upstream · G, the fused one
             // from G: one bf16 rounding apart per logit.
             let tol = 4.0 * 2f64.powi(-8);
             check(
                 format!("backward (per row {per_row}) grad_hidden"),
-                compare("grad_hidden", &read16(&gh16), &want_gh, &half, tol),
+                compare(
+                    "grad_hidden",
+                    &host_f64(&stream, &gh16),
+                    &want_gh,
+                    &half,
+                    tol,
+                ),
             );
             check(
                 format!("backward (per row {per_row}) grad_weight"),
