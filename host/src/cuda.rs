@@ -243,19 +243,24 @@ impl CrossEntropy {
         threads: u32,
         smem_bytes: u32,
     ) -> Option<u32> {
-        // The i64 kernels take as many registers as the i32 ones or a few more.
-        let kernel = Kernel::Xent {
-            kind: XentKind::Split,
-            variant,
-            dtype,
-            label: "i64",
-        };
-        let function = self.kernels.get(&kernel)?;
-        let per_sm = self.ctx.bind_to_thread().ok().and_then(|()| {
-            function
+        // The fewer of the i32 and i64 kernels': a cooperative launch of more CTAs than are
+        // resident fails, and the JIT may give either label type's kernel more registers (the
+        // sm_80 PTX on an H200: vocabulary 35, f32, token accuracy, seen 2026-12-01).
+        self.ctx.bind_to_thread().ok()?;
+        let mut per_sm = u32::MAX;
+        for label in ["i32", "i64"] {
+            let kernel = Kernel::Xent {
+                kind: XentKind::Split,
+                variant,
+                dtype,
+                label,
+            };
+            let function = self.kernels.get(&kernel)?;
+            let blocks = function
                 .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
-                .ok()
-        })?;
+                .ok()?;
+            per_sm = per_sm.min(blocks);
+        }
         Some(per_sm * self.limits.sm_count)
     }
 
