@@ -142,15 +142,16 @@ pub(crate) const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
 /// The label types' name suffixes (`Label::NAME`).
 pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 
-/// The cross-entropy kernels come in four variants (name infixes): plain (no loss options),
+/// The cross-entropy kernels come in five variants (name infixes): plain (no loss options),
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
 /// without class weights; the plain kernels' loops and registers), `acc_` (those and token
-/// accuracy, a compare per element in the first pass) and `opt_` (every option, one vector at a
-/// time).
-pub(crate) const VARIANTS: [&str; 4] = ["", "coef_", "acc_", "opt_"];
+/// accuracy, a compare per element in the first pass), `cap_` (those and the soft cap, a
+/// polynomial per element in both passes) and `opt_` (every option, one vector at a time).
+pub(crate) const VARIANTS: [&str; 5] = ["", "coef_", "acc_", "cap_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
-/// option (`coef_`, `acc_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element ones none.
+/// option (`coef_`, `acc_`, `cap_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element
+/// ones none.
 pub(crate) fn cluster_keep(variant: &str) -> u32 {
     if variant != "opt_" {
         crate::abi::CLUSTER_KEEP
@@ -164,9 +165,13 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// or without the token accuracy (the backward kernels never compute it).
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
     // Token accuracy is a compare in the first pass: the per-row kernels with it count it.
-    let per_element = opts.softcap.is_some() || (opts.label_smoothing != 0.0 && weighted);
-    if per_element {
+    // The soft cap with token accuracy, and smoothing with class weights, take the kernels that
+    // do every option per element.
+    let weighted_smoothing = opts.label_smoothing != 0.0 && weighted;
+    if weighted_smoothing || (opts.softcap.is_some() && accuracy) {
         "opt_"
+    } else if opts.softcap.is_some() {
+        "cap_"
     } else if accuracy {
         "acc_"
     } else if opts.has_loss_options() || weighted {

@@ -40,15 +40,15 @@ macro_rules! unroll {
     }};
 }
 
-/// `for k in 0..KEEP_MAX` over the kept vectors of mode `$m`. With token accuracy it is spelled
-/// out (`$k` a `usize`), so the vectors are indexed by constants and stay in registers: LLVM left
-/// the loop rolled in the `acc_` kernels, which put `Kept` on the stack (36 bytes of local memory,
-/// ptxas). The other modes keep the loop LLVM unrolls itself, so their PTX (measured at 93% of
-/// copy) does not change.
+/// `for k in 0..KEEP_MAX` over the kept vectors of mode `$m`. With token accuracy or the soft cap
+/// it is spelled out (`$k` a `usize`), so the vectors are indexed by constants and stay in
+/// registers: LLVM left the loop rolled in the `acc_` kernels, which put `Kept` on the stack (36
+/// bytes of local memory, ptxas). The other modes keep the loop LLVM unrolls itself, so their PTX
+/// (measured at 93% of copy) does not change.
 #[cfg(xent_cluster)]
 macro_rules! for_kept {
     ($m:ty, $k:ident => $body:block) => {{
-        if <$m>::ACCURACY {
+        if <$m>::ACCURACY || <$m>::CAP {
             const _: () = assert!(KEEP_MAX == 2);
             { let $k: usize = 0; $body }
             { let $k: usize = 1; $body }
@@ -189,7 +189,7 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
-        if M::OPTS && o.label_smoothing != 0.0 {
+        if M::OPTS && !M::CAP && o.label_smoothing != 0.0 {
             unroll!(u => {
                 if v + u * step < seg.n_vec {
                     let sum = reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
@@ -206,12 +206,18 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 }
             });
         }
+        // The cap is increasing: the capped batch's maximum is the capped maximum.
+        let batch_max = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[batch_max], 1)[0] } else { batch_max };
         if acc.lse.raise(batch_max) {
             let mut sums = [0.0f32; 2];
             unroll!(u => {
                 if v + u * step < seg.n_vec {
                     let x = T::unpack(words[u as usize]);
-                    sums[(u & 1) as usize] += reduce::sum_exp2(&x, T::VEC, acc.lse.m);
+                    let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, T::VEC) } else { x };
+                    if M::CAP && o.label_smoothing != 0.0 {
+                        acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, reduce::sum_of(&y, T::VEC));
+                    }
+                    sums[(u & 1) as usize] += reduce::sum_exp2(&y, T::VEC, acc.lse.m);
                 }
             });
             acc.lse.s += sums[0] + sums[1];
@@ -241,13 +247,14 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
     let y = if M::FULL {
         unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) }
     } else {
+        let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[x], 1)[0] } else { x };
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += x - ctx.y_ref;
+            acc.wsum += y - ctx.y_ref;
         }
         if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &[x], 1, ctx.col0 + j);
         }
-        [x]
+        [y]
     };
     acc.lse.add(&y, 1);
 }
@@ -369,7 +376,8 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
     } else {
         0.0
     };
-    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) } }
+    let inv_cap = if M::CAP { 1.0 / p.opts.softcap } else { 0.0 };
+    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) }, inv_cap }
 }
 
 /// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): the label's logit, soft-capped as
@@ -388,7 +396,7 @@ unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u3
     if !x.is_finite() {
         return 0.0;
     }
-    if M::FULL && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * (1.0 / p.opts.softcap)) } else { x }
+    if (M::FULL || M::CAP) && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * (1.0 / p.opts.softcap)) } else { x }
 }
 
 #[inline(always)]
@@ -874,13 +882,14 @@ unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32,
     let y = if M::FULL {
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
+        let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, n) } else { x };
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&x, n));
+            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&y, n));
         }
         if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
-        x
+        y
     };
     acc.lse.add(&y, n);
 }
