@@ -336,8 +336,16 @@ fn time_call<T: Element>(
     let (median, best) = median_min(times);
     let min_bytes = 2.0 * T::DTYPE.bytes() as f64 * n as f64 * v as f64;
     let gbps = min_bytes / (median as f64 * 1e-3) / 1e9;
+    // Rows of another architecture's PTX (`XENT_ARCH=sm_80` on an H200) and the limits imposed
+    // on the planner (`XENT_LIMITS=a100`) say so.
+    let mut tags = String::new();
+    for (var, key) in [("XENT_ARCH", "arch"), ("XENT_LIMITS", "limits")] {
+        if let Ok(value) = std::env::var(var) {
+            tags.push_str(&format!(", \"{key}\": \"{value}\""));
+        }
+    }
     Ok(format!(
-        "\"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"ms_median\": {median:.3}, \"ms_min\": {best:.3}, \"eff_GBps\": {gbps:.0}, \"pct_of_copy\": {:.1}, \"extra_peak_MiB\": {}, \"plan\": \"{plan:?}\", \"loss\": {loss:.6}}}",
+        "\"n\": {n}, \"v\": {v}, \"dtype\": \"{}\", \"ms_median\": {median:.3}, \"ms_min\": {best:.3}, \"eff_GBps\": {gbps:.0}, \"pct_of_copy\": {:.1}, \"extra_peak_MiB\": {}, \"plan\": \"{plan:?}\", \"loss\": {loss:.6}{tags}}}",
         T::DTYPE.name(),
         100.0 * gbps / copy_gbps,
         extra_bytes >> 20,
