@@ -22,11 +22,44 @@ use crate::abi::{
 use crate::error::{Error, Result};
 use crate::kernels::{
     ClusterLaunchKey, Kernel, XentKind, cluster_keep, cluster_kernels, kernels, opt_params,
-    ptx_for_arch, split_kernels, variant,
+    ptx_for_arch, ptx_modules, split_kernels, variant,
 };
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
 use crate::plan::{self, DeviceLimits, LaunchPlan};
+
+/// Most modules (and threads) the PTX is loaded as (see [`ptx_modules`]).
+const JIT_THREADS: usize = 8;
+
+/// Loads `ptx` as up to `parts` modules, one thread each (see [`ptx_modules`]), with each
+/// module's entry points' names.
+fn load_modules(
+    ctx: &Arc<CudaContext>,
+    ptx: &str,
+    parts: usize,
+) -> Result<Vec<(Arc<CudaModule>, Vec<String>)>> {
+    let texts = ptx_modules(ptx, parts);
+    let loaded: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = texts
+            .into_iter()
+            .map(|(text, names)| {
+                scope.spawn(move || ctx.load_module(Ptx::from_src(text)).map(|m| (m, names)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    // The calling thread's current context, as the single load left it.
+    ctx.bind_to_thread()?;
+    Ok(loaded
+        .into_iter()
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
 
 /// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
 /// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
@@ -43,7 +76,7 @@ pub fn driver_loadable() -> bool {
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
-    _module: Arc<CudaModule>,
+    _modules: Vec<Arc<CudaModule>>,
     kernels: HashMap<Kernel, CudaFunction>,
     limits: DeviceLimits,
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
@@ -95,7 +128,16 @@ impl CrossEntropy {
             })?,
             None => embedded.to_string(),
         };
-        let module = ctx.load_module(Ptx::from_src(ptx))?;
+        // Development hook: `XENT_JIT_MODULES=N` loads the PTX as N modules (1: as one).
+        let parts = match std::env::var("XENT_JIT_MODULES") {
+            Ok(n) => n.parse::<usize>().map_err(|_| {
+                Error::InvalidOption(format!("XENT_JIT_MODULES={n}: expected a count"))
+            })?,
+            Err(_) => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(JIT_THREADS),
+        };
+        let modules = load_modules(&ctx, &ptx, parts)?;
         let limits = DeviceLimits {
             sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
                 as u32,
@@ -135,6 +177,10 @@ impl CrossEntropy {
         let mut kernels = HashMap::new();
         for kernel in wanted {
             let name = kernel.name();
+            let module = modules
+                .iter()
+                .find(|(_, names)| names.contains(&name))
+                .map_or(&modules[0].0, |(module, _)| module);
             let function = module.load_function(&name)?;
             if ["xent_fused_", "xent_cluster_", "xent_split_"]
                 .iter()
@@ -155,7 +201,7 @@ impl CrossEntropy {
         }
         Ok(CrossEntropy {
             ctx,
-            _module: module,
+            _modules: modules.into_iter().map(|(module, _)| module).collect(),
             kernels,
             limits,
             active_clusters: Mutex::new(HashMap::new()),

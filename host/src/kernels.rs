@@ -224,6 +224,73 @@ pub fn ptx_for_arch(major: i32, minor: i32, arch: Option<&str>) -> Result<(&'sta
     }
 }
 
+/// Splits the text of a PTX module into at most `parts` modules of about equal size, each with
+/// the original's header (`.version`, `.target`, the `extern .shared` declaration) and a share of
+/// its entry points, for [`CrossEntropy::new`](crate::CrossEntropy::new) to load from as many
+/// threads: the driver compiles each module's PTX on its own (the first load on a machine, before
+/// its cache holds the result), so the parts compile in parallel. Returns the whole text, as one
+/// part, when it has a call between functions (a part would miss its callee) or no entry point.
+/// Each part lists its entry points' names.
+pub fn ptx_modules(ptx: &str, parts: usize) -> Vec<(String, Vec<String>)> {
+    const MARK: &str = "\t// .globl\t";
+    let whole = || vec![(ptx.to_string(), entry_names(ptx))];
+    let Some(first) = ptx.find(MARK) else {
+        return whole();
+    };
+    if parts <= 1 || ptx.contains("\tcall") {
+        return whole();
+    }
+    let header = &ptx[..first];
+    let mut blocks = Vec::new();
+    let mut rest = &ptx[first..];
+    while !rest.is_empty() {
+        let end = rest[MARK.len()..]
+            .find(MARK)
+            .map_or(rest.len(), |i| i + MARK.len());
+        blocks.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    // The largest first, each to the part with the fewest bytes so far (ties: the first).
+    let mut order: Vec<usize> = (0..blocks.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(blocks[i].len()));
+    let parts = parts.min(blocks.len());
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); parts];
+    let mut sizes = vec![0usize; parts];
+    for i in order {
+        let part = (0..parts).min_by_key(|&p| sizes[p]).unwrap_or(0);
+        sizes[part] += blocks[i].len();
+        members[part].push(i);
+    }
+    members
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .map(|mut m| {
+            // The original's order within a part.
+            m.sort_unstable();
+            let mut text = String::with_capacity(
+                header.len() + m.iter().map(|&i| blocks[i].len()).sum::<usize>(),
+            );
+            text.push_str(header);
+            for i in m {
+                text.push_str(blocks[i]);
+            }
+            let names = entry_names(&text);
+            (text, names)
+        })
+        .collect()
+}
+
+/// The names of the entry points (`.entry NAME(`) of a PTX text.
+fn entry_names(ptx: &str) -> Vec<String> {
+    const ENTRY: &str = ".entry ";
+    ptx.match_indices(ENTRY)
+        .filter_map(|(at, _)| {
+            let name = &ptx[at + ENTRY.len()..];
+            name.find('(').map(|end| name[..end].trim().to_string())
+        })
+        .collect()
+}
+
 /// A cluster launch, for the occupancy cache: kernel variant, dtype, threads, shared memory,
 /// cluster size.
 pub(crate) type ClusterLaunchKey = (&'static str, DType, u32, u32, u32);
