@@ -1270,9 +1270,9 @@ fn kernel_names_are_distinct() {
     sorted.dedup();
     assert_eq!(sorted.len(), names.len(), "{names:?}");
     // count x 2 labels, finish, and per element type: 4 kernels (fused, chunk partial, chunk
-    // grad, backward) x 4 variants (plain, per-row options, those and token accuracy, every
-    // option) x 2 labels + scale.
-    assert_eq!(names.len(), 2 + 1 + 3 * (4 * 4 * 2 + 1));
+    // grad, backward) x 5 variants (plain, per-row options, those and token accuracy, those and
+    // the soft cap, every option) x 2 labels + scale.
+    assert_eq!(names.len(), 2 + 1 + 3 * (4 * 5 * 2 + 1));
 }
 
 #[test]
