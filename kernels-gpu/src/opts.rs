@@ -230,17 +230,24 @@ pub fn tanh(u: f32) -> f32 {
     let a = f32::from_bits(u.to_bits() & 0x7fff_ffff);
     let t = if a < 0.4 {
         let s = a * a;
-        let mut q = 21844.0 / 6081075.0;
-        q = prim::fma(q, s, -1382.0 / 155925.0);
-        q = prim::fma(q, s, 62.0 / 2835.0);
-        q = prim::fma(q, s, -17.0 / 315.0);
-        q = prim::fma(q, s, 2.0 / 15.0);
-        q = prim::fma(q, s, -1.0 / 3.0);
+        let q = tanh_q(s);
         prim::fma(a * s, q, a)
     } else {
         1.0 - 2.0 / (prim::ex2(a * (2.0 * LOG2_E)) + 1.0)
     };
     f32::from_bits(t.to_bits() | sign)
+}
+
+/// `q(s)` of `tanh(u) = u + u·s·q(s)`, `s = u²`: the odd Taylor series to `u^13` (below
+/// `|u| = 0.4` its truncation error is under 1e-8 relative).
+#[inline(always)]
+fn tanh_q(s: f32) -> f32 {
+    let mut q = 21844.0 / 6081075.0;
+    q = prim::fma(q, s, -1382.0 / 155925.0);
+    q = prim::fma(q, s, 62.0 / 2835.0);
+    q = prim::fma(q, s, -17.0 / 315.0);
+    q = prim::fma(q, s, 2.0 / 15.0);
+    prim::fma(q, s, -1.0 / 3.0)
 }
 
 /// `cap·tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`): where every `|x / cap|` is below 0.4,
@@ -255,12 +262,7 @@ pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f3
         let u = x[i] * inv;
         let s = u * u;
         widest = widest.max(s);
-        let mut q = 21844.0 / 6081075.0;
-        q = prim::fma(q, s, -1382.0 / 155925.0);
-        q = prim::fma(q, s, 62.0 / 2835.0);
-        q = prim::fma(q, s, -17.0 / 315.0);
-        q = prim::fma(q, s, 2.0 / 15.0);
-        q = prim::fma(q, s, -1.0 / 3.0);
+        let q = tanh_q(s);
         y[i] = prim::fma(x[i] * s, q, x[i]);
     }
     if !(widest < 0.16) {
