@@ -2,8 +2,8 @@
 //! the JSON-lines format of `shared/bench/peers.py` so both land in one table.
 //!
 //! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]
-//! [--options none,smoothing,z,softcap,weight,accuracy,all]` (`cargo xtask bench` forwards its
-//! arguments here). First line: `{"copy_GBps": ...}` measured in this process; then one line per
+//! [--options none,smoothing,z,softcap,weight,accuracy,all,softcap+accuracy]` (`cargo xtask
+//! bench` forwards its arguments here; `+` joins option sets). First line: `{"copy_GBps": ...}` measured in this process; then one line per
 //! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
 //! option when on, on the same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX:
 //! `XENT_ARCH=sm_80` on an H100/H200), `split:LEN`, cluster, or a forced
@@ -36,9 +36,18 @@ struct Args {
 
 /// The options a set name turns on, for `v` classes: the values a training run would use
 /// (Gemma 2's cap of 30, PaLM's z-loss 1e-4, smoothing 0.1, weights all different from 1).
+/// Names joined by `+` combine (`softcap+accuracy`).
 fn option_set(name: &str, v: usize) -> Result<Options, String> {
-    let weight = || Some((0..v).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect());
     let mut opts = Options::default();
+    for part in name.split('+') {
+        add_option(&mut opts, part, v)?;
+    }
+    Ok(opts)
+}
+
+/// Turns on the options of set `name` (see [`option_set`]) in `opts`.
+fn add_option(opts: &mut Options, name: &str, v: usize) -> Result<(), String> {
+    let weight = || Some((0..v).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect());
     match name {
         "none" => {}
         "smoothing" => opts.label_smoothing = 0.1,
@@ -55,7 +64,7 @@ fn option_set(name: &str, v: usize) -> Result<Options, String> {
         }
         other => return Err(format!("unknown option set {other}")),
     }
-    Ok(opts)
+    Ok(())
 }
 
 fn parse_args() -> Result<Args, String> {
