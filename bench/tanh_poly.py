@@ -1,0 +1,73 @@
+"""The soft cap's polynomial: fit q(s) of tanh(u) = u + u*s*q(s), s = u^2, |u| < 0.4, and check
+it in f32 arithmetic against float64 over every |x| < 0.4*cap.
+
+Run: python3 bench/tanh_poly.py (numpy). Prints the fitted cubic's f32 coefficients and, for the
+cubic and the odd Taylor series to u^13, the largest error of cap*tanh(x/cap) in ulps of the
+correctly rounded result, computed as the kernels do (u = x*inv, s = u*u, Horner with FMAs,
+y = fma(x*s, q, x)).
+"""
+
+import numpy as np
+
+F32 = np.float32
+S_MAX = 0.16  # (0.4)^2
+TAYLOR = [-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075]
+
+
+def fma(a, b, c):
+    """f32 FMA: the product of two f32 is exact in f64; one f64 rounding of the sum, then f32."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(F32)
+
+
+def q_true(s):
+    u = np.sqrt(s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = (np.tanh(u) / u - 1) / s
+    return np.where(s < 1e-6, -1 / 3 + 2 / 15 * s - 17 / 315 * s * s, q)
+
+
+def fit(degree, nodes=4000, rounds=30):
+    """Least maximum of s*|q - q_true| (the error q puts into tanh(u)/u) by Lawson's reweighted
+    least squares on Chebyshev nodes of [0, S_MAX]."""
+    k = np.arange(nodes)
+    s = S_MAX / 2 * (1 - np.cos(np.pi * (k + 0.5) / nodes))
+    a = np.vander(s, degree + 1, increasing=True)
+    target = q_true(s)
+    w = np.ones(nodes)
+    for _ in range(rounds):
+        sw = np.sqrt(w) * s
+        c, *_ = np.linalg.lstsq(a * sw[:, None], target * sw, rcond=None)
+        e = np.abs(a @ c - target) * s
+        w = np.maximum(w * e / (w * e).sum(), 1e-30)
+    return [F32(v) for v in c]
+
+
+def capped(x, inv, coefs):
+    u = (x * inv).astype(F32)
+    s = (u * u).astype(F32)
+    q = np.full_like(s, F32(coefs[-1]))
+    for c in coefs[-2::-1]:
+        q = fma(q, s, np.full_like(s, F32(c)))
+    return fma((x * s).astype(F32), q, x)
+
+
+def max_ulps(coefs, cap):
+    inv = F32(1) / F32(cap)
+    x = np.linspace(-0.4 * cap * 0.99999, 0.4 * cap * 0.99999, 1_000_001).astype(F32)
+    exact = cap * np.tanh(x.astype(np.float64) / cap)
+    ulp = np.spacing(np.abs(exact).astype(F32)).astype(np.float64)
+    return float(np.max(np.abs(capped(x, inv, coefs).astype(np.float64) - exact) / ulp))
+
+
+def main():
+    cubic = fit(3)
+    print("cubic q, f32:", ", ".join(repr(float(c)) for c in cubic))
+    for cap in (5.0, 15.0, 30.0, 50.0):
+        print(
+            f"cap {cap}: cubic {max_ulps(cubic, cap):.3f} ulp, "
+            f"Taylor to u^13 {max_ulps([F32(c) for c in TAYLOR], cap):.3f} ulp"
+        )
+
+
+if __name__ == "__main__":
+    main()
