@@ -229,9 +229,8 @@ pub fn ptx_for_arch(major: i32, minor: i32, arch: Option<&str>) -> Result<(&'sta
 /// its entry points, for [`CrossEntropy::new`](crate::CrossEntropy::new) to load from as many
 /// threads: the driver compiles each module's PTX on its own (the first load on a machine, before
 /// its cache holds the result), so that it may compile the parts in parallel (whether it does is
-/// not measured yet). Returns the whole text, as one
-/// part, when it has a call between functions (a part would miss its callee) or no entry point.
-/// Each part lists its entry points' names.
+/// not measured yet). Returns the whole text, as one part, when it has a call between functions
+/// (a part would miss its callee) or no entry point. Each part lists its entry points' names.
 pub fn ptx_modules(ptx: &str, parts: usize) -> Vec<(String, Vec<String>)> {
     const MARK: &str = "\t// .globl\t";
     let whole = || vec![(ptx.to_string(), entry_names(ptx))];
