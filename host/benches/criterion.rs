@@ -5,6 +5,10 @@
 //! - `gpu`: `CrossEntropy::forward_backward_into` at the issue's two Llama-sized shapes, timed with
 //!   CUDA events; throughput in bytes per second of the minimum traffic, one read and one write of
 //!   every logit. Skipped with a note without a GPU (a failure under `XENT_REQUIRE_GPU=1`).
+//! - `small`: 1, 8 and 64 rows of 128256 classes, bf16 (issue 13's small batches): `host`, the
+//!   wall time a call takes to enqueue (the GPU runs behind); `gpu_graph`, the GPU time a call
+//!   takes inside a CUDA graph of `GRAPH_CALLS` calls, replayed between two events (the kernels
+//!   and the gaps between them, without the host's launches).
 //!
 //! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
 //! `run.sh` and `cargo xtask bench` pass every bench binary throughput.rs's options (`--configs
@@ -14,12 +18,13 @@
 use std::error::Error;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-use xent::cudarc::driver::{CudaSlice, CudaStream};
+use xent::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use xent::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use xent::half::bf16;
 use xent::{CrossEntropy, Element, Loss, Options, Shape, cpu};
 
@@ -29,6 +34,15 @@ const CPU_SHAPE: (usize, usize) = (64, 32000);
 /// (rows, vocab) of the GPU cases, bf16: Llama 2's and Llama 3's vocabularies at 8192 tokens, the
 /// first two rows of throughput.rs's table.
 const GPU_SHAPES: [(usize, usize); 2] = [(8192, 32000), (8192, 128256)];
+
+/// Rows of the `small` group's cases, of `SMALL_VOCAB` classes in bf16.
+const SMALL_ROWS: [usize; 3] = [1, 8, 64];
+const SMALL_VOCAB: usize = 128256;
+/// Calls captured in the `small` group's graph.
+const GRAPH_CALLS: usize = 100;
+/// Calls the `small` group's host case enqueues before it waits for the GPU (untimed), so that
+/// the launch queue never fills and blocks a timed call on the GPU.
+const HOST_BLOCK: u64 = 256;
 
 /// throughput.rs's options, which `run.sh` and `cargo xtask bench` pass to every bench binary.
 const THROUGHPUT_OPTIONS: [&str; 5] = ["--configs", "--iters", "--plan", "--options", "--explain"];
@@ -99,6 +113,98 @@ fn gpu(criterion: &mut Criterion) {
         gpu_case::<bf16>(&mut group, &xent, &stream, n, v).expect("gpu benchmark setup");
     }
     group.finish();
+    small(criterion, &xent).expect("small benchmark setup");
+}
+
+/// The `small` group (see the module doc), on a stream of its own: the legacy default stream
+/// cannot be captured.
+fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
+    let ctx = xent.context();
+    // SAFETY: one stream; cudarc's cross-stream events are not needed, and an event record of
+    // them inside the capture would join the graph.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream()?;
+    let mut group = criterion.benchmark_group("small");
+    for n in SMALL_ROWS {
+        let mut case = GpuCase::<bf16>::new(&stream, n, SMALL_VOCAB)?;
+        let id = format!("{n}x{SMALL_VOCAB}");
+        group.bench_function(BenchmarkId::new("host", &id), |bencher| {
+            bencher.iter_custom(|iters| host_calls(xent, &stream, &mut case, iters).expect("host"))
+        });
+        let graph = capture_calls(xent, &stream, &mut case, GRAPH_CALLS)?;
+        group.bench_function(BenchmarkId::new("gpu_graph", &id), |bencher| {
+            bencher.iter_custom(|iters| graph_calls(&stream, &graph, iters).expect("graph"))
+        });
+    }
+    group.finish();
+    Ok(())
+}
+
+/// The wall time of enqueueing `iters` calls, in blocks of `HOST_BLOCK` with an untimed wait for
+/// the GPU after each.
+fn host_calls<T: Element>(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    case: &mut GpuCase<T>,
+    iters: u64,
+) -> Result<Duration, Box<dyn Error>> {
+    stream.memcpy_dtod(&case.pristine, &mut case.logits)?;
+    stream.synchronize()?;
+    let mut elapsed = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let block = left.min(HOST_BLOCK);
+        let start = Instant::now();
+        for _ in 0..block {
+            case.call(xent, stream)?;
+        }
+        elapsed += start.elapsed();
+        stream.synchronize()?;
+        left -= block;
+    }
+    case.out.check_labels()?;
+    Ok(elapsed)
+}
+
+/// `calls` calls captured in one CUDA graph (after one eager call, which makes every buffer they
+/// need).
+fn capture_calls<T: Element>(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    case: &mut GpuCase<T>,
+    calls: usize,
+) -> Result<CudaGraph, Box<dyn Error>> {
+    stream.memcpy_dtod(&case.pristine, &mut case.logits)?;
+    case.call(xent, stream)?;
+    stream.synchronize()?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    for _ in 0..calls {
+        case.call(xent, stream)?;
+    }
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+    graph.ok_or_else(|| "the capture recorded no work".into())
+}
+
+/// The GPU time of `iters` calls: replays of `graph` (`GRAPH_CALLS` calls each) between two
+/// events, scaled to `iters` calls.
+fn graph_calls(
+    stream: &Arc<CudaStream>,
+    graph: &CudaGraph,
+    iters: u64,
+) -> Result<Duration, Box<dyn Error>> {
+    let replays = iters.div_ceil(GRAPH_CALLS as u64).max(1);
+    let ctx = stream.context();
+    let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+    start.record(stream)?;
+    for _ in 0..replays {
+        graph.launch()?;
+    }
+    end.record(stream)?;
+    end.synchronize()?;
+    let per_call =
+        f64::from(start.elapsed_ms(&end)?) * 1e-3 / (replays * GRAPH_CALLS as u64) as f64;
+    Ok(Duration::from_secs_f64(per_call * iters as f64))
 }
 
 /// The device buffers of one GPU case: logits are restored from `pristine` before each timed block.
@@ -111,6 +217,33 @@ struct GpuCase<T> {
     out: Loss,
 }
 
+impl<T: Element> GpuCase<T> {
+    /// `n` rows of `v` classes from [`inputs`], on the device.
+    fn new(stream: &Arc<CudaStream>, n: usize, v: usize) -> Result<GpuCase<T>, Box<dyn Error>> {
+        let (host_logits, host_labels) = inputs::<T>(n, v);
+        Ok(GpuCase {
+            pristine: stream.clone_htod(&host_logits)?,
+            logits: stream.alloc_zeros(n * v)?,
+            labels: stream.clone_htod(&host_labels)?,
+            shape: Shape::flat(n, v),
+            opts: Options::default(),
+            out: Loss::new(stream, n)?,
+        })
+    }
+
+    /// One call, in place on `logits`.
+    fn call(&mut self, xent: &CrossEntropy, stream: &Arc<CudaStream>) -> xent::Result<()> {
+        xent.forward_backward_into(
+            stream,
+            &mut self.logits,
+            &self.labels,
+            self.shape,
+            &self.opts,
+            &mut self.out,
+        )
+    }
+}
+
 fn gpu_case<T: Element>(
     group: &mut BenchmarkGroup<WallTime>,
     xent: &CrossEntropy,
@@ -118,16 +251,7 @@ fn gpu_case<T: Element>(
     n: usize,
     v: usize,
 ) -> Result<(), Box<dyn Error>> {
-    let (host_logits, host_labels) = inputs::<T>(n, v);
-    let mut case = GpuCase {
-        pristine: stream.clone_htod(&host_logits)?,
-        logits: stream.alloc_zeros(n * v)?,
-        labels: stream.clone_htod(&host_labels)?,
-        shape: Shape::flat(n, v),
-        opts: Options::default(),
-        out: Loss::new(stream, n)?,
-    };
-    drop(host_logits);
+    let mut case = GpuCase::<T>::new(stream, n, v)?;
     let min_bytes = 2 * T::DTYPE.bytes() as u64 * n as u64 * v as u64;
     group.throughput(Throughput::Bytes(min_bytes));
     group.bench_function(
@@ -155,14 +279,7 @@ fn timed_calls<T: Element>(
     let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
     start.record(stream)?;
     for _ in 0..iters {
-        xent.forward_backward_into(
-            stream,
-            &mut case.logits,
-            &case.labels,
-            case.shape,
-            &case.opts,
-            &mut case.out,
-        )?;
+        case.call(xent, stream)?;
     }
     end.record(stream)?;
     end.synchronize()?;
