@@ -148,11 +148,7 @@ fn run_rank(
     unsafe { xent.context().disable_event_tracking() };
     let stream = xent.context().new_stream().map_err(drv)?; // capturable, unlike the legacy one
     let comm = nccl.comm_init_rank(world, id, rank).map_err(err)?;
-    let piece: Vec<f32> = (0..rows)
-        .flat_map(|r| {
-            case.logits[r * vocab + shard.start..r * vocab + shard.start + shard.width].to_vec()
-        })
-        .collect();
+    let piece: Vec<f32> = shard.columns(&case.logits, shape);
     let pristine = stream.clone_htod(&piece).map_err(drv)?;
     let mut d_piece = stream.clone_htod(&piece).map_err(drv)?;
     let mut d_labels = stream.clone_htod(&case.labels).map_err(drv)?;
@@ -183,11 +179,7 @@ fn run_rank(
         dtype: xent::DType::F32,
         labels: RawBuffer::of(&stream, &mut d_labels),
         label_type: LabelType::I64,
-        shape: xent::Shape {
-            vocab: shard.width,
-            row_stride: shard.width,
-            ..shape
-        },
+        shape: shard.shape_in(shape),
         shard,
         vocab,
         weight: d_weight.as_mut().map(|w| RawBuffer::of(&stream, w)),

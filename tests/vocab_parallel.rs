@@ -36,31 +36,28 @@ fn split_call<T: Element>(
     upstream: &[f32],
 ) -> (cpu::CpuLoss, Vec<T>) {
     let (rows, vocab) = (shape.rows(), shape.vocab);
-    let piece = |s: &Shard| -> Vec<T> {
-        (0..rows)
-            .flat_map(|r| logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec())
-            .collect()
-    };
-    let shard_shape = |s: &Shard| Shape {
-        vocab: s.width,
-        row_stride: s.width,
-        ..shape
-    };
     let gathered: Vec<_> = shards
         .iter()
         .map(|s| {
-            vocab_parallel::cpu_shard_stats(&piece(s), labels, shard_shape(s), *s, vocab, opts)
-                .unwrap()
+            vocab_parallel::cpu_shard_stats(
+                &s.columns(logits, shape),
+                labels,
+                s.shape_in(shape),
+                *s,
+                vocab,
+                opts,
+            )
+            .unwrap()
         })
         .collect();
     let mut grad = vec![T::from_f64(f64::NAN); rows * vocab];
     let mut first_loss = None;
     for s in shards {
-        let mut mine = piece(s);
+        let mut mine = s.columns(logits, shape);
         let loss = vocab_parallel::cpu_shard_backward(
             &mut mine,
             labels,
-            shard_shape(s),
+            s.shape_in(shape),
             *s,
             vocab,
             opts,
@@ -154,6 +151,23 @@ fn shards_reproduce_the_whole_vocabulary_reference() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A shard's logits are its columns of every row, packed, whatever the whole call's row stride.
+#[test]
+fn a_shards_columns_and_shape_are_its_slice_of_every_row() {
+    // 2 rows of 5 classes, 7 values apart; element (r, j) holds 10 r + j, padding 99.
+    let whole = Shape {
+        row_stride: 7,
+        ..Shape::flat(2, 5)
+    };
+    let logits: Vec<u32> = (0..14)
+        .map(|i| if i % 7 < 5 { 10 * (i / 7) + i % 7 } else { 99 })
+        .collect();
+    let shard = Shard { start: 2, width: 3 };
+    assert_eq!(shard.columns(&logits, whole), vec![2, 3, 4, 12, 13, 14]);
+    let shape = shard.shape_in(whole);
+    assert_eq!((shape.vocab, shape.row_stride, shape.rows()), (3, 3, 2));
 }
 
 #[test]
@@ -279,16 +293,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let mut d_labels = stream.clone_htod(&labels).unwrap();
         let mut gathered = stream.alloc_zeros::<f32>(world * layout.words).unwrap();
         let gathered_raw = RawBuffer::of(stream, &mut gathered);
-        let originals: Vec<Vec<T>> = shards
-            .iter()
-            .map(|s| {
-                (0..rows)
-                    .flat_map(|r| {
-                        logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec()
-                    })
-                    .collect()
-            })
-            .collect();
+        let originals: Vec<Vec<T>> = shards.iter().map(|s| s.columns(&logits, shape)).collect();
         let mut pieces: Vec<CudaSlice<T>> = originals
             .iter()
             .map(|piece| stream.clone_htod(piece).unwrap())
@@ -303,11 +308,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                 dtype: T::DTYPE,
                 labels: labels_raw,
                 label_type: LabelType::I64,
-                shape: Shape {
-                    vocab: s.width,
-                    row_stride: s.width,
-                    ..shape
-                },
+                shape: s.shape_in(shape),
                 shard: *s,
                 vocab,
                 weight: weight_raw,

@@ -42,17 +42,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .collect();
-    // Rank r's logits: its columns of every row.
-    let piece = |s: &Shard| -> Vec<f32> {
-        (0..rows)
-            .flat_map(|r| logits[r * vocab + s.start..r * vocab + s.start + s.width].to_vec())
-            .collect()
-    };
-    let shard_shape = |s: &Shard| Shape {
-        vocab: s.width,
-        row_stride: s.width,
-        ..shape
-    };
     println!(
         "vocabulary-parallel cross-entropy: {rows} rows, vocab {vocab} split over {world} ranks \
          ({} classes each), f32, label smoothing 0.1, z-loss 1e-4",
@@ -70,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut gathered = stream.alloc_zeros::<f32>(world * layout.words)?;
             let mut pieces = shards
                 .iter()
-                .map(|s| stream.clone_htod(&piece(s)))
+                .map(|s| stream.clone_htod(&s.columns(&logits, shape)))
                 .collect::<Result<Vec<_>, _>>()?;
             let labels_raw = RawBuffer::of(&stream, &mut d_labels);
             let calls: Vec<ShardCall> = shards
@@ -81,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     dtype: DType::F32,
                     labels: labels_raw,
                     label_type: LabelType::I64,
-                    shape: shard_shape(s),
+                    shape: s.shape_in(shape),
                     shard: *s,
                     vocab,
                     weight: None,
@@ -144,9 +133,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .map(|s| {
                     vocab_parallel::cpu_shard_stats(
-                        &piece(s),
+                        &s.columns(&logits, shape),
                         &labels,
-                        shard_shape(s),
+                        s.shape_in(shape),
                         *s,
                         vocab,
                         &opts,
@@ -156,11 +145,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut losses = Vec::new();
             let mut grads = Vec::new();
             for s in &shards {
-                let mut mine = piece(s);
+                let mut mine = s.columns(&logits, shape);
                 let loss = vocab_parallel::cpu_shard_backward(
                     &mut mine,
                     &labels,
-                    shard_shape(s),
+                    s.shape_in(shape),
                     *s,
                     vocab,
                     &opts,

@@ -60,6 +60,27 @@ impl Shard {
     pub fn owns(&self, class: usize) -> bool {
         (self.start..self.start + self.width).contains(&class)
     }
+
+    /// The shape of this shard's logits, packed (`row_stride` = `width`), of a call of shape
+    /// `whole` over the whole vocabulary.
+    pub fn shape_in(&self, whole: Shape) -> Shape {
+        Shape {
+            vocab: self.width,
+            row_stride: self.width,
+            ..whole
+        }
+    }
+
+    /// This shard's columns of every row of `logits` (shape `whole`), packed: the logits a rank
+    /// of a vocabulary-parallel LM head holds.
+    pub fn columns<T: Clone>(&self, logits: &[T], whole: Shape) -> Vec<T> {
+        (0..whole.rows())
+            .flat_map(|r| {
+                let at = r * whole.row_stride + self.start;
+                logits[at..at + self.width].iter().cloned()
+            })
+            .collect()
+    }
 }
 
 /// One row of one shard, as the collective carries it (f64 in this model, f32 on the GPU).
