@@ -193,18 +193,29 @@ fn graph_calls(
     iters: u64,
 ) -> Result<Duration, Box<dyn Error>> {
     let replays = iters.div_ceil(GRAPH_CALLS as u64).max(1);
+    let seconds = event_seconds(stream, || {
+        for _ in 0..replays {
+            graph.launch()?;
+        }
+        Ok(())
+    })?;
+    let per_call = seconds / (replays * GRAPH_CALLS as u64) as f64;
+    Ok(Duration::from_secs_f64(per_call * iters as f64))
+}
+
+/// The GPU time of the work `enqueue` puts on `stream`, between two CUDA events (waits for it).
+fn event_seconds(
+    stream: &Arc<CudaStream>,
+    enqueue: impl FnOnce() -> Result<(), Box<dyn Error>>,
+) -> Result<f64, Box<dyn Error>> {
     let ctx = stream.context();
     let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
     let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
     start.record(stream)?;
-    for _ in 0..replays {
-        graph.launch()?;
-    }
+    enqueue()?;
     end.record(stream)?;
     end.synchronize()?;
-    let per_call =
-        f64::from(start.elapsed_ms(&end)?) * 1e-3 / (replays * GRAPH_CALLS as u64) as f64;
-    Ok(Duration::from_secs_f64(per_call * iters as f64))
+    Ok(f64::from(start.elapsed_ms(&end)?) * 1e-3)
 }
 
 /// The device buffers of one GPU case: logits are restored from `pristine` before each timed block.
@@ -274,18 +285,14 @@ fn timed_calls<T: Element>(
     iters: u64,
 ) -> Result<Duration, Box<dyn Error>> {
     stream.memcpy_dtod(&case.pristine, &mut case.logits)?;
-    let ctx = stream.context();
-    let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-    let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-    start.record(stream)?;
-    for _ in 0..iters {
-        case.call(xent, stream)?;
-    }
-    end.record(stream)?;
-    end.synchronize()?;
-    let elapsed_ms = start.elapsed_ms(&end)?;
+    let seconds = event_seconds(stream, || {
+        for _ in 0..iters {
+            case.call(xent, stream)?;
+        }
+        Ok(())
+    })?;
     case.out.check_labels()?;
-    Ok(Duration::from_secs_f64(f64::from(elapsed_ms) * 1e-3))
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Uniform logits with variance 4 (as throughput.rs and peers.py) from a xorshift, and labels with
