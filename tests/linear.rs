@@ -6,7 +6,7 @@
 use cudarc::driver::DevicePtr;
 use xent::cudarc;
 use xent::linear::{self, LinearShape};
-use xent::{DType, Error, Options, Reduction, cpu};
+use xent::{DType, Error, Options, cpu};
 
 /// Values on a grid of 1/64, so that a perturbation of 1/128 is exact in f32.
 fn grid(len: usize, seed: u64) -> Vec<f32> {
@@ -36,22 +36,8 @@ fn host_f64<T: xent::Element + cudarc::driver::DeviceRepr>(
 
 fn option_sets() -> Vec<(&'static str, Options)> {
     let base = Options::default();
-    vec![
-        ("mean", base.clone()),
-        (
-            "sum",
-            Options {
-                reduction: Reduction::Sum,
-                ..base.clone()
-            },
-        ),
-        (
-            "none",
-            Options {
-                reduction: Reduction::None,
-                ..base.clone()
-            },
-        ),
+    let mut sets = xent_tests::reduction_option_sets();
+    sets.extend([
         (
             "all",
             Options {
@@ -71,7 +57,8 @@ fn option_sets() -> Vec<(&'static str, Options)> {
                 ..base
             },
         ),
-    ]
+    ]);
+    sets
 }
 
 #[test]

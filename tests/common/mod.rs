@@ -697,26 +697,30 @@ pub fn run_case_labels_dtype<L: Label>(
     }
 }
 
+/// The default options under each reduction: "mean", "sum", "none".
+pub fn reduction_option_sets() -> Vec<(&'static str, Options)> {
+    [
+        ("mean", Reduction::Mean),
+        ("sum", Reduction::Sum),
+        ("none", Reduction::None),
+    ]
+    .into_iter()
+    .map(|(what, reduction)| {
+        let opts = Options {
+            reduction,
+            ..Options::default()
+        };
+        (what, opts)
+    })
+    .collect()
+}
+
 /// The option sets of the vocabulary-parallel tests (`tests/vocab_parallel.rs`, `tests/nccl.rs`):
 /// every reduction, every option at once, the causal shift, another `ignore_index`.
 pub fn vocab_parallel_option_sets(vocab: usize) -> Vec<(&'static str, Options)> {
     let base = Options::default();
-    vec![
-        ("mean", base.clone()),
-        (
-            "sum",
-            Options {
-                reduction: Reduction::Sum,
-                ..base.clone()
-            },
-        ),
-        (
-            "none",
-            Options {
-                reduction: Reduction::None,
-                ..base.clone()
-            },
-        ),
+    let mut sets = reduction_option_sets();
+    sets.extend([
         (
             "every option",
             Options {
@@ -745,5 +749,6 @@ pub fn vocab_parallel_option_sets(vocab: usize) -> Vec<(&'static str, Options)> 
                 ..base
             },
         ),
-    ]
+    ]);
+    sets
 }
