@@ -15,7 +15,7 @@ use xent::half::{bf16, f16};
 use xent::plan::{self, DeviceLimits, LaunchPlan, PlanChoice};
 use xent::{
     CrossEntropy, DType, Element, Error, Label, Options, PTX_SM80, PTX_SM90, Reduction, Shape, cpu,
-    kernel_names, ptx_for, ptx_for_arch, ptx_modules,
+    kernel_names, ptx_for, ptx_for_arch,
 };
 use xent_tests::{subnormal_step, unit_roundoff};
 
@@ -1333,64 +1333,6 @@ fn ptx_for_picks_sm80_for_8x_and_sm90_for_9x_and_newer() {
     for (major, minor) in [(9, 0), (10, 0), (12, 0)] {
         assert_eq!(ptx_for(major, minor), Ok(PTX_SM90), "{major}.{minor}");
     }
-}
-
-/// The PTX is loaded as several modules compiled in parallel: every entry point lands in exactly
-/// one part, whole and in its original order, after the original's header; the parts are within
-/// one entry point's size of each other; one part, or a text with calls, stays whole.
-#[test]
-fn ptx_modules_split_the_entry_points_among_parts_with_the_header() {
-    for ptx in [PTX_SM80, PTX_SM90] {
-        let header = &ptx[..ptx.find("\t// .globl\t").unwrap()];
-        assert!(header.contains(".target sm_") && header.contains(".extern .shared"));
-        let all = ptx_modules(ptx, 1);
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].0, ptx);
-        let mut every: Vec<String> = all[0].1.clone();
-        assert!(every.len() > 100, "{}", every.len());
-        for parts in [2, 5, 8] {
-            let split = ptx_modules(ptx, parts);
-            assert_eq!(split.len(), parts);
-            let mut names = Vec::new();
-            let mut largest_entry = 0;
-            for (text, part_names) in &split {
-                assert!(text.starts_with(header), "a part without the header");
-                assert!(!part_names.is_empty());
-                for name in part_names {
-                    // Each entry whole: from its `.globl` line to the next part's or the end.
-                    let entry = format!(".entry {name}(");
-                    let body = &text[text.find(&entry).unwrap()..];
-                    let end = body.find("\t// .globl\t").unwrap_or(body.len());
-                    let original = &ptx[ptx.find(&entry).unwrap()..];
-                    assert_eq!(
-                        &original[..end],
-                        &body[..end],
-                        "{name}: not as in the whole PTX"
-                    );
-                    largest_entry = largest_entry.max(end);
-                }
-                // In the original's order.
-                let positions: Vec<usize> = part_names
-                    .iter()
-                    .map(|n| ptx.find(&format!(".entry {n}(")).unwrap())
-                    .collect();
-                assert!(positions.windows(2).all(|w| w[0] < w[1]));
-                names.extend(part_names.iter().cloned());
-            }
-            names.sort();
-            every.sort();
-            assert_eq!(names, every, "{parts} parts: not every entry exactly once");
-            let sizes: Vec<usize> = split.iter().map(|(t, _)| t.len()).collect();
-            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-            assert!(
-                max - min <= largest_entry + 1024,
-                "{parts} parts: {sizes:?}"
-            );
-        }
-    }
-    // A call between functions keeps the text whole.
-    let with_call = format!("{}\tcall f;\n", PTX_SM90);
-    assert_eq!(ptx_modules(&with_call, 4).len(), 1);
 }
 
 #[test]

@@ -514,3 +514,161 @@ fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Small calls take one launch (`plan::self_finish`: each CTA counts the labels, the last one
+/// reduces the loss): its loss, extras, counts, per-row outputs and gradient are the bits of the
+/// three launches (count, cross-entropy, finish), for every option set that takes it, and stay
+/// so call after call on the same `Loss` (the done counter wraps back to 0). Toggles the shared
+/// handle's hook; the other tests pass on either path.
+#[test]
+fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
+    let Some(xent) = gpu() else { return };
+    let stream = xent.context().default_stream();
+    let vocab = 5003;
+    let weight: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect();
+    let base = Options::default();
+    let mut sets = xent_tests::reduction_option_sets();
+    sets.extend([
+        (
+            "z-loss",
+            Options {
+                lse_square_scale: 1e-3,
+                ..base.clone()
+            },
+        ),
+        (
+            "smoothing",
+            Options {
+                label_smoothing: 0.1,
+                ..base.clone()
+            },
+        ),
+        (
+            "weights",
+            Options {
+                weight: Some(weight.clone()),
+                ..base.clone()
+            },
+        ),
+        (
+            "accuracy",
+            Options {
+                return_token_accuracy: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "softcap",
+            Options {
+                softcap: Some(4.0),
+                ..base.clone()
+            },
+        ),
+        (
+            "all but weighted smoothing",
+            Options {
+                lse_square_scale: 1e-3,
+                softcap: Some(4.0),
+                weight: Some(weight.clone()),
+                return_token_accuracy: true,
+                grad_scale: 0.5,
+                ..base.clone()
+            },
+        ),
+        (
+            "causal",
+            Options {
+                causal_shift: true,
+                label_smoothing: 0.05,
+                ..base.clone()
+            },
+        ),
+    ]);
+    let mut failures = Vec::new();
+    let mut one_launch = 0;
+    for dtype in [DType::Bf16, DType::F32] {
+        for rows in [1, 3, 64, 200] {
+            let shape = if rows == 64 {
+                Shape::batched(4, 16, vocab)
+            } else {
+                Shape::flat(rows, vocab)
+            };
+            for (name, opts) in &sets {
+                let weighted = opts.weight.is_some();
+                let taken = xent
+                    .plan_for(&shape, dtype, opts)
+                    .is_ok_and(|launch| xent::plan::self_finish(rows, &launch, opts, weighted));
+                one_launch += taken as usize;
+                let what = format!("{dtype:?} {rows} rows, {name}");
+                let result = match dtype {
+                    DType::F32 => small_call_bits::<f32>(xent, &stream, shape, opts),
+                    _ => small_call_bits::<bf16>(xent, &stream, shape, opts),
+                };
+                match result {
+                    Ok((three, one, again)) => {
+                        if three != one {
+                            failures.push(format!("{what}: one launch differs from three"));
+                        }
+                        if one != again {
+                            failures.push(format!("{what}: the second one-launch call differs"));
+                        }
+                    }
+                    Err(err) => failures.push(format!("{what}: {err}")),
+                }
+            }
+        }
+    }
+    xent.set_small_finish(true);
+    assert_no_failures(&failures);
+    // Not vacuous: most of these calls took one launch.
+    assert!(
+        one_launch >= 2 * 4 * sets.len() - 8,
+        "only {one_launch} calls took one launch"
+    );
+}
+
+/// Every output of one call's bits: loss, extras, counts, per-row loss and log-sum-exp, gradient.
+type CallBits = (Vec<u32>, Vec<u32>);
+
+/// The bits of `shape` (random logits, a sixth of the rows ignored) through three launches, then
+/// one launch twice on the same `Loss`.
+fn small_call_bits<T: xent::Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    shape: Shape,
+    opts: &Options,
+) -> Result<(CallBits, CallBits, CallBits), Error> {
+    let logits: Vec<T> = xent_tests::random_logits(&shape, 7);
+    let labels: Vec<i64> = xent_tests::random_labels(shape.rows(), shape.vocab, 1.0 / 6.0, -100, 7);
+    let d_labels = stream.clone_htod(&labels)?;
+    let mut out = xent::Loss::new(stream, shape.rows())?;
+    let call = |small: bool, out: &mut xent::Loss| -> Result<CallBits, Error> {
+        xent.set_small_finish(small);
+        let mut d_logits = stream.clone_htod(&logits)?;
+        xent.forward_backward_into(stream, &mut d_logits, &d_labels, shape, opts, out)?;
+        let mut scalars = vec![
+            out.read()?.to_bits(),
+            out.read_z_loss()?.to_bits(),
+            out.n_valid()?,
+        ];
+        scalars.push(out.read_accuracy()?.map_or(0, f32::to_bits));
+        if opts.weight.is_some() {
+            scalars.push(out.read_total_weight()?.to_bits());
+        }
+        scalars.extend(out.read_row_loss()?.iter().map(|v| v.to_bits()));
+        scalars.extend(out.read_row_lse()?.iter().map(|v| v.to_bits()));
+        if let Some(correct) = out.read_row_correct()? {
+            scalars.extend(correct.iter().map(|&c| c as u32));
+        }
+        let grad: Vec<u32> = stream
+            .clone_dtoh(&d_logits)?
+            .iter()
+            .map(|&g| (g.to_f64() as f32).to_bits())
+            .collect();
+        Ok((scalars, grad))
+    };
+    let three = call(false, &mut out)?;
+    let one = call(true, &mut out)?;
+    let again = call(true, &mut out)?;
+    Ok((three, one, again))
+}

@@ -28,8 +28,12 @@ pub const COUNT_WEIGHT: usize = 2;
 /// (class weights with label smoothing only; written by the count launch of one block, summed in
 /// f64 in a fixed order), so that class weights can live in device memory the host never reads.
 pub const COUNT_CLASS_WEIGHT_SUM: usize = 3;
+/// Index into the `counts` buffer: the small calls' done counter (see
+/// `XentParams::self_finish`). Zero when the buffer is made, and zero again after each call that
+/// uses it (its last CTA wraps it), so a buffer xent allocated zeroed never needs a reset.
+pub const COUNT_DONE: usize = 4;
 /// Length of the `counts` buffer in `u32` words.
-pub const COUNT_WORDS: usize = 4;
+pub const COUNT_WORDS: usize = 5;
 
 /// Bytes of dynamic shared memory reserved at its start for block reductions (32 warps x 8 bytes).
 pub const SMEM_REDUCTION_BYTES: u32 = 256;
@@ -38,6 +42,9 @@ pub const SMEM_REDUCTION_BYTES: u32 = 256;
 pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
 /// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes).
 pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 16;
+/// Offset of a small call's label counts, as the CTA counted them itself (`self_finish`): the
+/// valid rows and the f32 bits of their total class weight (2 words, after the mbarrier).
+pub const SMEM_COUNTS: u32 = SMEM_MBARRIER + 8;
 /// Offset of the row stash (plus `row address % 16`, so vectors stay 16-byte aligned).
 pub const SMEM_STASH_OFFSET: u32 = SMEM_MBARRIER + 16;
 /// The cluster kernels without per-element options (plain and `coef_`) keep the first
@@ -120,7 +127,17 @@ pub struct XentParams {
     pub label_logits: u64,
     pub rank_stride: u64,
     pub ranks: u32,
-    pub _pad2: u32,
+    /// Small calls (rows at most the block's threads; fused and cluster kernels only; not class
+    /// weights with label smoothing): 1 makes one launch do the work of three. Every CTA counts
+    /// the labels itself instead of reading `counts`; the CTA that finishes last (the done
+    /// counter `counts[COUNT_DONE]`, which must be 0 before the launch) stores the counts and
+    /// reduces the rows' losses into `loss` and `extras` as the finish kernel does, in the same
+    /// order. 0: the count and finish kernels do that.
+    pub self_finish: u32,
+    /// With `self_finish`: device addresses of the loss (`[f32; 1]`) and the extras (`[f32; 2]`,
+    /// or 0), as in `FinishParams`.
+    pub loss: u64,
+    pub extras: u64,
 }
 
 /// The loss options, as the `*_coef_*` and `*_opt_*` kernels read them. Every field's zero is

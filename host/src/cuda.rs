@@ -6,6 +6,7 @@
 //! before the capture).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -16,50 +17,17 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
-    COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD, MODE_FUSED, RowsParams,
+    COUNT_DONE, COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD, MODE_FUSED, RowsParams,
     SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::kernels::{
     ClusterLaunchKey, Kernel, XentKind, cluster_keep, cluster_kernels, kernels, opt_params,
-    ptx_for_arch, ptx_modules, split_kernels, variant,
+    ptx_for_arch, split_kernels, variant,
 };
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
 use crate::plan::{self, DeviceLimits, LaunchPlan};
-
-/// Most modules (and threads) the PTX is loaded as (see [`ptx_modules`]).
-const JIT_THREADS: usize = 8;
-
-/// Loads `ptx` as up to `parts` modules, one thread each (see [`ptx_modules`]), with each
-/// module's entry points' names.
-fn load_modules(
-    ctx: &Arc<CudaContext>,
-    ptx: &str,
-    parts: usize,
-) -> Result<Vec<(Arc<CudaModule>, Vec<String>)>> {
-    let texts = ptx_modules(ptx, parts);
-    let loaded: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = texts
-            .into_iter()
-            .map(|(text, names)| {
-                scope.spawn(move || ctx.load_module(Ptx::from_src(text)).map(|m| (m, names)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    // The calling thread's current context, as the single load left it.
-    ctx.bind_to_thread()?;
-    Ok(loaded
-        .into_iter()
-        .collect::<std::result::Result<Vec<_>, _>>()?)
-}
 
 /// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
 /// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
@@ -76,7 +44,7 @@ pub fn driver_loadable() -> bool {
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
-    _modules: Vec<Arc<CudaModule>>,
+    _module: Arc<CudaModule>,
     kernels: HashMap<Kernel, CudaFunction>,
     limits: DeviceLimits,
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
@@ -84,6 +52,8 @@ pub struct CrossEntropy {
     active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
     /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
     pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
+    /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.
+    small_finish: AtomicBool,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -128,16 +98,10 @@ impl CrossEntropy {
             })?,
             None => embedded.to_string(),
         };
-        // Development hook: `XENT_JIT_MODULES=N` loads the PTX as N modules (1: as one).
-        let parts = match std::env::var("XENT_JIT_MODULES") {
-            Ok(n) => n.parse::<usize>().map_err(|_| {
-                Error::InvalidOption(format!("XENT_JIT_MODULES={n}: expected a count"))
-            })?,
-            Err(_) => std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(JIT_THREADS),
-        };
-        let modules = load_modules(&ctx, &ptx, parts)?;
+        // The driver compiles the PTX here, on a machine's first handle (then from its cache).
+        // It compiles one module at a time: the PTX split into 8 modules loaded from 8 threads
+        // took as long (H200, cache off: 38.8 s against 38.7).
+        let module = ctx.load_module(Ptx::from_src(ptx))?;
         let limits = DeviceLimits {
             sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
                 as u32,
@@ -177,10 +141,6 @@ impl CrossEntropy {
         let mut kernels = HashMap::new();
         for kernel in wanted {
             let name = kernel.name();
-            let module = modules
-                .iter()
-                .find(|(_, names)| names.contains(&name))
-                .map_or(&modules[0].0, |(module, _)| module);
             let function = module.load_function(&name)?;
             if ["xent_fused_", "xent_cluster_", "xent_split_"]
                 .iter()
@@ -201,12 +161,20 @@ impl CrossEntropy {
         }
         Ok(CrossEntropy {
             ctx,
-            _modules: modules.into_iter().map(|(module, _)| module).collect(),
+            _module: module,
             kernels,
             limits,
             active_clusters: Mutex::new(HashMap::new()),
             side: Mutex::new(None),
+            small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
         })
+    }
+
+    /// Testing hook: whether small calls take one launch (count and finish in the cross-entropy
+    /// kernel, [`plan::self_finish`]) or three, as larger ones do. Both give the same bits.
+    #[doc(hidden)]
+    pub fn set_small_finish(&self, on: bool) {
+        self.small_finish.store(on, Ordering::Relaxed);
     }
 
     /// The context the kernels live in.
@@ -730,6 +698,8 @@ impl CrossEntropy {
             extras,
             row_correct,
             partials,
+            // `Loss` allocates its counts zeroed, and small calls leave the done counter at 0.
+            done_zeroed: true,
         };
         self.launch_loss(stream, &call, opts, launch_plan, &buffers, mode)
     }
@@ -747,9 +717,26 @@ impl CrossEntropy {
         out: &LossBuffers,
         mode: u32,
     ) -> Result<()> {
-        self.launch_count(stream, call, opts, out.counts)?;
-        self.launch_main(stream, call, opts, launch_plan, out, mode)?;
-        self.launch_finish(stream, call.shape.rows(), call.weight != 0, opts, out)
+        let rows = call.shape.rows();
+        let small = self.small_finish.load(Ordering::Relaxed)
+            && plan::self_finish(rows, &launch_plan, opts, call.weight != 0);
+        if !small {
+            self.launch_count(stream, call, opts, out.counts)?;
+            self.launch_main(stream, call, opts, launch_plan, out, mode, false)?;
+            return self.launch_finish(stream, rows, call.weight != 0, opts, out);
+        }
+        if !out.done_zeroed {
+            // SAFETY: `out.counts` holds `COUNT_WORDS` words (checked by the caller).
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    out.counts + 4 * COUNT_DONE as u64,
+                    0,
+                    4,
+                    stream.cu_stream(),
+                )
+            }?;
+        }
+        self.launch_main(stream, call, opts, launch_plan, out, mode, true)
     }
 
     /// Enqueues the count kernel over `call`'s labels (its logits unread) into `counts`, zeroed
@@ -811,6 +798,7 @@ impl CrossEntropy {
         launch_plan: LaunchPlan,
         out: &LossBuffers,
         mode: u32,
+        self_finish: bool,
     ) -> Result<()> {
         let shape = call.shape;
         let rows = shape.rows();
@@ -833,6 +821,9 @@ impl CrossEntropy {
                 grad_delta: 0,
                 upstream: 0,
                 opts: opt_params(opts, weight, out.row_correct),
+                self_finish: self_finish as u32,
+                loss: out.loss,
+                extras: out.extras,
                 ..XentParams::default()
             };
             let variant = variant(opts, weight != 0, opts.return_token_accuracy);
@@ -1115,6 +1106,9 @@ pub(crate) struct LossBuffers {
     pub extras: u64,
     pub row_correct: u64,
     pub partials: u64,
+    /// Whether `counts[COUNT_DONE]` is known to be 0 (buffers xent allocated); otherwise a small
+    /// call zeroes it first.
+    pub done_zeroed: bool,
 }
 
 /// The launch attribute that sets a cluster of `size` CTAs along x.

@@ -44,7 +44,7 @@ pub mod vocab_parallel;
 pub use cuda::{CrossEntropy, driver_loadable};
 pub use error::{Error, Result};
 pub use kernels::{
-    PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for, ptx_for_arch, ptx_modules,
+    PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for, ptx_for_arch,
     split_kernel_names,
 };
 pub use loss::Loss;

@@ -4,7 +4,7 @@
 pub use crate::abi::CLUSTER_KEEP;
 use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET};
 use crate::error::{Error, Result};
-use crate::options::DType;
+use crate::options::{DType, Options};
 
 /// Largest tile, in elements, that one block walks per step: the seed's `MAX_FUSED_SIZE` (32768),
 /// which also caps a bf16 block at 1024 threads x 4 vectors of 8.
@@ -731,4 +731,18 @@ pub fn tile_grid(rows: usize, vocab: usize) -> Result<(usize, u32)> {
     let n_tiles = scale_tiles(vocab);
     check_grid(rows, n_tiles, "tiles")?;
     Ok((n_tiles, (rows * n_tiles) as u32))
+}
+
+/// Whether a call of `rows` rows under `plan` takes one launch instead of three (count, the
+/// cross-entropy kernel, finish): each CTA counts the labels itself and the last to finish
+/// reduces the loss (`XentParams::self_finish`). Fused and cluster plans, with at most as many
+/// rows as a block has threads (each thread then takes at most one row, as in the count and
+/// finish kernels, so the loss has the same bits), and not label smoothing with class weights
+/// (its `Σ_j weight[j]` is the count kernel's).
+pub fn self_finish(rows: usize, plan: &LaunchPlan, opts: &Options, weighted: bool) -> bool {
+    let threads = match *plan {
+        LaunchPlan::Fused { threads, .. } | LaunchPlan::Cluster { threads, .. } => threads,
+        LaunchPlan::Chunked { .. } | LaunchPlan::Split { .. } => return false,
+    };
+    rows > 0 && rows <= threads as usize && !(weighted && opts.label_smoothing != 0.0)
 }

@@ -178,6 +178,8 @@ impl RawLoss {
             extras: self.extras.ptr,
             row_correct,
             partials,
+            // The caller's counts: a small call zeroes the done counter first.
+            done_zeroed: false,
         })
     }
 }

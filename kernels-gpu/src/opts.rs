@@ -22,7 +22,7 @@
 //!
 //! Without options `a = b = scale`, `k = 0`: the plain gradient `(p_j - [j = c])·scale`.
 
-use crate::abi::{COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, XentParams};
+use crate::abi::{COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, SMEM_COUNTS, XentParams};
 use crate::prim;
 use crate::reduce::{self, Lse2};
 use core::f32::consts::{LN_2, LOG2_E};
@@ -372,12 +372,16 @@ pub struct Coef {
 /// The count of valid rows, and the mean's divisor of the cross-entropy part.
 #[inline(always)]
 unsafe fn divisors(p: &XentParams) -> (f32, f32) {
-    let n_valid = unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) } as f32;
-    let total_weight = if p.opts.weight != 0 {
-        f32::from_bits(unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_WEIGHT as u64) })
-    } else {
-        n_valid
+    // A small call's CTA counted the labels itself (`XentParams::self_finish`).
+    let word = |i: usize| unsafe {
+        if p.self_finish != 0 {
+            prim::ld_shared_u32(prim::smem_base() + SMEM_COUNTS + 4 * i as u32)
+        } else {
+            prim::ld_global_u32(p.counts + 4 * i as u64)
+        }
     };
+    let n_valid = word(COUNT_VALID) as f32;
+    let total_weight = if p.opts.weight != 0 { f32::from_bits(word(COUNT_WEIGHT)) } else { n_valid };
     (n_valid, total_weight)
 }
 

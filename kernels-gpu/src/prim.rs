@@ -224,6 +224,18 @@ pub unsafe fn red_add_u32(addr: u64, v: u32) {
     unsafe { asm!("red.global.add.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// `atom.global.inc.u32`: returns the word's old value and stores `old + 1`, or 0 where `old`
+/// is at least `limit` (a counter that wraps after `limit + 1` increments).
+#[inline(always)]
+pub unsafe fn atom_inc_u32(addr: u64, limit: u32) -> u32 {
+    let old: u32;
+    unsafe {
+        asm!("atom.global.inc.u32 {old}, [{p}], {limit};", old = out(reg32) old, p = in(reg64) addr,
+             limit = in(reg32) limit, options(nostack));
+    }
+    old
+}
+
 /// `ld.global.cg.u32`: a load that skips L1 (which is not coherent across SMs), for values
 /// another CTA wrote during this launch.
 #[inline(always)]

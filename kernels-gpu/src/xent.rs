@@ -7,8 +7,8 @@
 //! f32, in base 2 (`x * log2(e)` into `ex2`).
 
 use crate::abi::{
-    COUNT_BAD, COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD, OptParams,
-    PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_STASH_OFFSET, XentParams,
+    COUNT_BAD, COUNT_CLASS_WEIGHT_SUM, COUNT_DONE, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD,
+    OptParams, PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_COUNTS, SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
@@ -488,6 +488,9 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let row = prim::block_idx() as u64;
     let tid = thread_idx();
     let seg = Segment::new::<T>(row_addr::<T>(rows, row), rows.vocab);
+    if p.self_finish != 0 {
+        unsafe { self_count::<L>(p) };
+    }
     let label = match unsafe { row_target::<L>(rows, row) } {
         Target::Class(label) => label,
         target => {
@@ -497,6 +500,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
             if tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
+            unsafe { finish_if_last::<L>(p) };
             return;
         }
     };
@@ -514,6 +518,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     if tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
+    unsafe { finish_if_last::<L>(p) };
 }
 
 /// Block `b` of the chunked plan handles chunk `b % n_chunks` of row `b / n_chunks`.
@@ -774,6 +779,9 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
 pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
+    if p.self_finish != 0 {
+        unsafe { self_count::<L>(p) };
+    }
     // Every CTA of a cluster has the same row, so all of them leave here together or none does.
     let label = match unsafe { row_target::<L>(&p.rows, row) } {
         Target::Class(label) => label,
@@ -784,6 +792,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
             if start == 0 && tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
+            unsafe { finish_if_last::<L>(p) };
             return;
         }
     };
@@ -834,6 +843,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
     prim::cluster_wait();
+    unsafe { finish_if_last::<L>(p) };
 }
 
 /// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
@@ -999,14 +1009,24 @@ unsafe fn grad_from_stash<T: Element, M: Mode>(
 /// Launch: one block of a multiple of 32 threads, 256 bytes of dynamic shared memory.
 #[inline(always)]
 pub unsafe fn finish(p: &FinishParams) {
+    let word = |i: usize| unsafe { prim::ld_global_u32(p.counts + 4 * i as u64) };
+    unsafe { finish_rows(*p, word(COUNT_VALID), word(COUNT_WEIGHT)) }
+}
+
+/// The finish kernel's work for `p`'s rows, by the whole block, with the counts given (`valid`
+/// rows, and the f32 bits of their total class weight); rows written by other CTAs of this
+/// launch are read past L1. Not inlined: every fused and cluster kernel calls it (inlined, their
+/// PTX grew by a third).
+#[inline(never)]
+unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
     let tid = thread_idx();
     let z = p.lse_square_scale as f64;
     let (mut ce, mut zsum, mut correct) = (0.0f64, 0.0f64, 0u32);
     let mut row = tid as u64;
     while row < p.n_rows {
-        let loss = f32::from_bits(unsafe { prim::ld_global_u32(p.row_loss + 4 * row) }) as f64;
+        let loss = f32::from_bits(unsafe { prim::ld_global_cg_u32(p.row_loss + 4 * row) }) as f64;
         if z != 0.0 {
-            let lse = f32::from_bits(unsafe { prim::ld_global_u32(p.row_lse + 4 * row) }) as f64;
+            let lse = f32::from_bits(unsafe { prim::ld_global_cg_u32(p.row_lse + 4 * row) }) as f64;
             let part = z * lse * lse;
             zsum += part;
             ce += loss - part;
@@ -1014,7 +1034,7 @@ pub unsafe fn finish(p: &FinishParams) {
             ce += loss;
         }
         if p.row_correct != 0 {
-            correct += unsafe { prim::ld_global_u32(p.row_correct + 4 * row) };
+            correct += unsafe { prim::ld_global_cg_u32(p.row_correct + 4 * row) };
         }
         row += prim::block_dim() as u64;
     }
@@ -1022,14 +1042,9 @@ pub unsafe fn finish(p: &FinishParams) {
     let zsum = if z != 0.0 { reduce::block_sum_f64(zsum) } else { 0.0 };
     let correct = if p.row_correct != 0 { reduce::block_sum_u32(correct) } else { 0 };
     if tid == 0 {
-        let n_valid = unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_VALID as u64) } as f64;
+        let n_valid = valid as f64;
         let (ce, zsum) = if p.reduction == REDUCTION_MEAN {
-            let total_weight = if p.weighted != 0 {
-                f32::from_bits(unsafe { prim::ld_global_u32(p.counts + 4 * COUNT_WEIGHT as u64) })
-                    as f64
-            } else {
-                n_valid
-            };
+            let total_weight = if p.weighted != 0 { f32::from_bits(weight_bits) as f64 } else { n_valid };
             (ce / total_weight, if z != 0.0 { zsum / n_valid } else { 0.0 })
         } else {
             (ce, zsum)
@@ -1043,4 +1058,97 @@ pub unsafe fn finish(p: &FinishParams) {
             }
         }
     }
+}
+
+/// A small call's labels, counted by the whole block (`XentParams::self_finish`: at most as many
+/// rows as the block has threads, so each thread takes at most one, as in the count and finish
+/// kernels): valid rows, rows out of range, and the f32 bits of the valid rows' total class
+/// weight (0 without), every thread getting them. Not inlined: every fused and cluster kernel
+/// calls it (as `finish_rows`).
+#[inline(never)]
+unsafe fn count_labels<L: Label>(rows: RowsParams, weight_at: u64) -> (u32, u32, u32) {
+    let tid = thread_idx();
+    let (mut valid, mut bad, mut weight) = (0u32, 0u32, 0.0f64);
+    if (tid as u64) < rows.n_rows {
+        match unsafe { row_target::<L>(&rows, tid as u64) } {
+            Target::Class(label) => {
+                valid = 1;
+                if weight_at != 0 {
+                    weight = f32::from_bits(unsafe { prim::ld_global_u32(weight_at + 4 * label as u64) }) as f64;
+                }
+            }
+            Target::Bad => bad = 1,
+            Target::Ignored => {}
+        }
+    }
+    let valid = reduce::block_sum_u32(valid);
+    let bad = reduce::block_sum_u32(bad);
+    let weight_bits = if weight_at != 0 { (reduce::block_sum_f64(weight) as f32).to_bits() } else { 0 };
+    (valid, bad, weight_bits)
+}
+
+/// A small call's start: the CTA counts the labels itself into its shared `SMEM_COUNTS` (valid
+/// rows, their total class weight), which `opts::coef` reads instead of `counts`; the block's
+/// next barrier publishes them.
+#[inline(always)]
+unsafe fn self_count<L: Label>(p: &XentParams) {
+    let (valid, _, weight_bits) = unsafe { count_labels::<L>(p.rows, p.opts.weight) };
+    if thread_idx() == 0 {
+        let at = prim::smem_base() + SMEM_COUNTS;
+        unsafe {
+            prim::st_shared_u32(at + 4 * COUNT_VALID as u32, valid);
+            prim::st_shared_u32(at + 4 * COUNT_WEIGHT as u32, weight_bits);
+        }
+    }
+}
+
+/// A small call's end (`XentParams::self_finish`), by every thread of each CTA once its row
+/// outputs are written (by its thread 0): the CTA counts itself done; the last one counts the
+/// labels again, stores the counts and does the finish kernel's work. The done counter wraps to
+/// 0 on the last increment. The flag that tells the CTA it was last lives in the cluster slot,
+/// which no other CTA reads any more.
+#[inline(always)]
+unsafe fn finish_if_last<L: Label>(p: &XentParams) {
+    if p.self_finish == 0 {
+        return;
+    }
+    let tid = thread_idx();
+    let flag = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
+    if tid == 0 {
+        // Thread 0 wrote this CTA's row outputs, if any: they happen before its increment.
+        prim::fence_acq_rel_gpu();
+        let last = prim::grid_dim() - 1;
+        let old = unsafe { prim::atom_inc_u32(p.counts + 4 * COUNT_DONE as u64, last) };
+        unsafe { prim::st_shared_u32(flag, (old == last) as u32) };
+    }
+    prim::sync_threads();
+    let is_last = unsafe { prim::ld_shared_u32(flag) } != 0;
+    if !is_last {
+        return;
+    }
+    // Every other CTA's increment, and so its row outputs, happen before what follows.
+    prim::fence_acq_rel_gpu();
+    let (valid, bad, weight_bits) = unsafe { count_labels::<L>(p.rows, p.opts.weight) };
+    if tid == 0 {
+        unsafe {
+            prim::st_global_u32(p.counts + 4 * COUNT_VALID as u64, valid);
+            prim::st_global_u32(p.counts + 4 * COUNT_BAD as u64, bad);
+            prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, weight_bits);
+            prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, 0);
+        }
+    }
+    let finish = FinishParams {
+        row_loss: p.row_loss,
+        counts: p.counts,
+        loss: p.loss,
+        n_rows: p.rows.n_rows,
+        reduction: p.reduction,
+        weighted: (p.opts.weight != 0) as u32,
+        row_lse: p.row_lse,
+        row_correct: p.opts.row_correct,
+        extras: p.extras,
+        lse_square_scale: p.opts.lse_square_scale,
+        _pad: 0,
+    };
+    unsafe { finish_rows(finish, valid, weight_bits) }
 }

@@ -325,6 +325,7 @@ impl CrossEntropy {
                     extras: 0,
                     row_correct: 0,
                     partials: 0,
+                    done_zeroed: false,
                 }
             }
             _ => out.buffers(rows, opts, partials_len)?,
@@ -680,6 +681,7 @@ impl Work<'_> {
             launch,
             &chunk_buffers,
             mode,
+            false,
         )?;
         if !grads {
             return Ok(());
