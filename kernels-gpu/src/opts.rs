@@ -372,16 +372,18 @@ pub struct Coef {
 /// The count of valid rows, and the mean's divisor of the cross-entropy part.
 #[inline(always)]
 unsafe fn divisors(p: &XentParams) -> (f32, f32) {
-    // A small call's CTA counted the labels itself (`XentParams::self_finish`).
-    let word = |i: usize| unsafe {
+    // A small call's CTA counted the labels itself (`XentParams::self_finish`): its two words.
+    let (valid, weight_bits) = unsafe {
         if p.self_finish != 0 {
-            prim::ld_shared_u32(prim::smem_base() + SMEM_COUNTS + 4 * i as u32)
+            let at = prim::smem_base() + SMEM_COUNTS;
+            (prim::ld_shared_u32(at), prim::ld_shared_u32(at + 4))
         } else {
-            prim::ld_global_u32(p.counts + 4 * i as u64)
+            let word = |i: usize| prim::ld_global_u32(p.counts + 4 * i as u64);
+            (word(COUNT_VALID), word(COUNT_WEIGHT))
         }
     };
-    let n_valid = word(COUNT_VALID) as f32;
-    let total_weight = if p.opts.weight != 0 { f32::from_bits(word(COUNT_WEIGHT)) } else { n_valid };
+    let n_valid = valid as f32;
+    let total_weight = if p.opts.weight != 0 { f32::from_bits(weight_bits) } else { n_valid };
     (n_valid, total_weight)
 }
 

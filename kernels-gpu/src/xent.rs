@@ -1096,8 +1096,9 @@ unsafe fn self_count<L: Label>(p: &XentParams) {
     if thread_idx() == 0 {
         let at = prim::smem_base() + SMEM_COUNTS;
         unsafe {
-            prim::st_shared_u32(at + 4 * COUNT_VALID as u32, valid);
-            prim::st_shared_u32(at + 4 * COUNT_WEIGHT as u32, weight_bits);
+            // Two words: `SMEM_COUNTS` ends where the stash begins.
+            prim::st_shared_u32(at, valid);
+            prim::st_shared_u32(at + 4, weight_bits);
         }
     }
 }
