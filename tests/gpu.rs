@@ -585,7 +585,9 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
         ),
     ]);
     let mut failures = Vec::new();
-    let mut one_launch = 0;
+    // Calls of at most 32 rows take one launch on every plan (a block has at least a warp);
+    // larger ones where the plan's blocks have as many threads as there are rows.
+    let mut not_taken = Vec::new();
     for dtype in [DType::Bf16, DType::F32] {
         for rows in [1, 3, 64, 200] {
             let shape = if rows == 64 {
@@ -598,8 +600,10 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
                 let taken = xent
                     .plan_for(&shape, dtype, opts)
                     .is_ok_and(|launch| xent::plan::self_finish(rows, &launch, opts, weighted));
-                one_launch += taken as usize;
                 let what = format!("{dtype:?} {rows} rows, {name}");
+                if rows <= 32 && !taken {
+                    not_taken.push(what.clone());
+                }
                 let result = match dtype {
                     DType::F32 => small_call_bits::<f32>(xent, &stream, shape, opts),
                     _ => small_call_bits::<bf16>(xent, &stream, shape, opts),
@@ -620,11 +624,7 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
     }
     xent.set_small_finish(true);
     assert_no_failures(&failures);
-    // Not vacuous: most of these calls took one launch.
-    assert!(
-        one_launch >= 2 * 4 * sets.len() - 8,
-        "only {one_launch} calls took one launch"
-    );
+    assert!(not_taken.is_empty(), "three launches for {not_taken:?}");
 }
 
 /// Every output of one call's bits: loss, extras, counts, per-row loss and log-sum-exp, gradient.

@@ -789,7 +789,10 @@ impl CrossEntropy {
     }
 
     /// Enqueues the cross-entropy kernel(s) of `launch_plan` over `call`'s rows, reading the
-    /// counts of `out.counts` (which may cover more rows than `call`: a linear layer's chunk).
+    /// counts of `out.counts` (which may cover more rows than `call`: a linear layer's chunk);
+    /// with `self_finish` (a call that [`plan::self_finish`] allows) the kernel counts and finishes
+    /// itself instead.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_main(
         &self,
         stream: &Arc<CudaStream>,
