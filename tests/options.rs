@@ -1203,6 +1203,74 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
     assert_no_failures(&failures);
 }
 
+/// The soft cap at the caps training uses (issue 13): 5 (some of a thread's logits beyond
+/// `0.4·cap`, where `tanh` itself runs), 30 (Gemma 2's: every logit on the polynomial, so the
+/// cluster kernel's second pass skips the check; the first pass sums against the fixed reference
+/// `cap`) and 50 (above `FIXED_CAP_MAX`: the running maximum), alone and with smoothing or the
+/// z-loss, every dtype and plan, on rows of 3001 classes and, automatic plan, of 50000.
+#[test]
+fn gpu_softcap_at_training_caps_matches_the_reference() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let mut plans = xent_tests::forced_plans(xent, 1024);
+    plans.push(xent::PlanChoice::Auto);
+    let (vocab, stride, long) = if xent_tests::sanitizing() {
+        (301, 307, 1000)
+    } else {
+        (3001, 3011, 50000)
+    };
+    let shapes = [
+        Shape::batched(3, 11, vocab).with_row_stride(stride),
+        Shape::flat(9, long),
+    ];
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for cap in [5.0f32, 30.0, 50.0] {
+        let sets = [
+            ("softcap", 0.0, 0.0),
+            ("softcap+smoothing", 0.1, 0.0),
+            ("softcap+z", 0.0, 1e-4),
+        ];
+        for (name, label_smoothing, lse_square_scale) in sets {
+            for (s, shape) in shapes.iter().enumerate() {
+                // The long rows take the automatic plan only.
+                let plans = if s == 0 {
+                    &plans[..]
+                } else {
+                    &plans[plans.len() - 1..]
+                };
+                for plan in plans {
+                    for dtype in DTYPES {
+                        let case = Case {
+                            shape: *shape,
+                            opts: Options {
+                                reduction: REDUCTIONS[cases % 3],
+                                plan: *plan,
+                                softcap: Some(cap),
+                                label_smoothing,
+                                lse_square_scale,
+                                ..Options::default()
+                            },
+                            ignored: 1.0 / 7.0,
+                            seed: 91 + cases as u64,
+                        };
+                        cases += 1;
+                        if let Err(msg) = run_case_dtype::<i64>(xent, &stream, dtype, &case) {
+                            failures.push(format!("cap {cap} {name}: {msg}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "soft cap at training caps on the GPU: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
 #[test]
 fn gpu_rejects_a_bad_option_value_as_the_cpu_does() {
     let Some(xent) = xent_tests::gpu() else {

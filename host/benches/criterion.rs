@@ -8,7 +8,10 @@
 //! - `small`: 1, 8 and 64 rows of 128256 classes, bf16 (issue 13's small batches): `host`, the
 //!   wall time a call takes to enqueue (the GPU runs behind); `gpu_graph`, the GPU time a call
 //!   takes inside a CUDA graph of `GRAPH_CALLS` calls, replayed between two events (the kernels
-//!   and the gaps between them, without the host's launches).
+//!   and the gaps between them, without the host's launches); `launch_floor`, the driver's own
+//!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
+//!   cluster of 8 CTAs of 256 threads (`cluster8`, what a call of one row launches) and as a plain
+//!   launch of 8 CTAs (`plain`).
 //!
 //! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
 //! `run.sh` and `cargo xtask bench` pass every bench binary throughput.rs's options (`--configs
@@ -136,7 +139,82 @@ fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn E
             bencher.iter_custom(|iters| graph_calls(&stream, &graph, iters).expect("graph"))
         });
     }
+    launch_floor(&mut group, &stream)?;
     group.finish();
+    Ok(())
+}
+
+/// The `launch_floor` cases (see the module doc): `cuLaunchKernelEx` with and without a cluster
+/// attribute, nothing of xent's planning or checks around it.
+fn launch_floor(
+    group: &mut BenchmarkGroup<WallTime>,
+    stream: &Arc<CudaStream>,
+) -> Result<(), Box<dyn Error>> {
+    use xent::cudarc::driver::sys;
+    let bytes = std::mem::size_of::<xent::abi::XentParams>();
+    let ptx = format!(
+        ".version 8.0\n.target sm_90\n.address_size 64\n\
+         .visible .entry xent_floor(.param .align 8 .b8 p[{bytes}])\n{{\n\tret;\n}}\n"
+    );
+    let module = stream
+        .context()
+        .load_module(xent::cudarc::nvrtc::Ptx::from_src(ptx))?;
+    let function = module.load_function("xent_floor")?;
+    let params = vec![0u64; bytes.div_ceil(8)];
+    for (name, cluster) in [("cluster8", true), ("plain", false)] {
+        let launch = || -> Result<(), Box<dyn Error>> {
+            let mut attribute = sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+            };
+            attribute.value.clusterDim.x = 8;
+            attribute.value.clusterDim.y = 1;
+            attribute.value.clusterDim.z = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: 8,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: 256,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: stream.cu_stream(),
+                attrs: &mut attribute,
+                numAttrs: u32::from(cluster),
+            };
+            let mut args = [params.as_ptr() as *mut std::ffi::c_void];
+            // SAFETY: the kernel takes one parameter block of `bytes` bytes, which `params` holds;
+            // the driver copies it before returning.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &config,
+                    function.cu_function(),
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()?;
+            Ok(())
+        };
+        group.bench_function(BenchmarkId::new("launch_floor", name), |bencher| {
+            bencher.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let block = left.min(HOST_BLOCK);
+                    let start = Instant::now();
+                    for _ in 0..block {
+                        launch().expect("launch");
+                    }
+                    elapsed += start.elapsed();
+                    stream.synchronize().expect("synchronize");
+                    left -= block;
+                }
+                elapsed
+            })
+        });
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! the JSON-lines format of `shared/bench/peers.py` so both land in one table.
 //!
 //! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]
-//! [--options none,smoothing,z,softcap,weight,accuracy,all,softcap+accuracy]` (`cargo xtask
+//! [--options none,smoothing,z,softcap,softcap50,weight,accuracy,all,softcap+accuracy]` (`cargo xtask
 //! bench` forwards its arguments here; `+` joins option sets). First line: `{"copy_GBps": ...}` measured in this process; then one line per
 //! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
 //! option when on, on the same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX:
@@ -53,6 +53,9 @@ fn add_option(opts: &mut Options, name: &str, v: usize) -> Result<(), String> {
         "smoothing" => opts.label_smoothing = 0.1,
         "z" => opts.lse_square_scale = 1e-4,
         "softcap" => opts.softcap = Some(30.0),
+        // Above the kernels' `FIXED_CAP_MAX`: the soft cap with a running maximum, on logits
+        // that take the same polynomial (uniform in ±3.45) as with 30.
+        "softcap50" => opts.softcap = Some(50.0),
         "weight" => opts.weight = weight(),
         "accuracy" => opts.return_token_accuracy = true,
         "all" => {

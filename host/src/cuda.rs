@@ -22,8 +22,8 @@ use crate::abi::{
 };
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ClusterLaunchKey, Kernel, XentKind, cluster_keep, cluster_kernels, kernels, opt_params,
-    ptx_for_arch, split_kernels, variant,
+    ClusterLaunchKey, Kernel, PLAN_CACHE_MAX, PlanKey, XentKind, cluster_keep, cluster_kernels,
+    kernels, opt_params, ptx_for_arch, split_kernels, variant,
 };
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
@@ -50,6 +50,9 @@ pub struct CrossEntropy {
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
     /// automatic cluster size depends on it.
     active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
+    /// The automatic plans made so far, by [`PlanKey`]: planning weighs up to a few dozen cluster
+    /// launches, a few microseconds a call, which small calls would spend on every call.
+    plans: Mutex<HashMap<PlanKey, LaunchPlan>>,
     /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
     pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
     /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.
@@ -165,6 +168,7 @@ impl CrossEntropy {
             kernels,
             limits,
             active_clusters: Mutex::new(HashMap::new()),
+            plans: Mutex::new(HashMap::new()),
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
         })
@@ -204,11 +208,16 @@ impl CrossEntropy {
         weighted: bool,
     ) -> Result<LaunchPlan> {
         let variant = variant(opts, weighted, opts.return_token_accuracy);
+        let key = (shape.rows(), shape.vocab, dtype, opts.plan, variant);
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&known) = plans.get(&key) {
+            return Ok(known);
+        }
         let mut cache = self
             .active_clusters
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        plan::plan_with(
+        let made = plan::plan_with(
             shape.rows(),
             shape.vocab,
             dtype,
@@ -216,7 +225,13 @@ impl CrossEntropy {
             opts.plan,
             cluster_keep(variant),
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
-        )
+        )?;
+        // A bound on what a caller with ever new shapes keeps: start again past it.
+        if plans.len() >= PLAN_CACHE_MAX {
+            plans.clear();
+        }
+        plans.insert(key, made);
+        Ok(made)
     }
 
     /// The cluster launches the automatic plan weighs for this shape, dtype and options, with the

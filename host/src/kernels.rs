@@ -227,3 +227,10 @@ pub fn ptx_for_arch(major: i32, minor: i32, arch: Option<&str>) -> Result<(&'sta
 /// A cluster launch, for the occupancy cache: kernel variant, dtype, threads, shared memory,
 /// cluster size.
 pub(crate) type ClusterLaunchKey = (&'static str, DType, u32, u32, u32);
+
+/// What an automatic plan depends on besides the device: rows, classes, dtype, the plan asked
+/// for, and the kernel variant (see `CrossEntropy::plan_for`).
+pub(crate) type PlanKey = (usize, usize, DType, crate::plan::PlanChoice, &'static str);
+
+/// Plans a `CrossEntropy` keeps before it forgets them all (a caller whose shapes never repeat).
+pub(crate) const PLAN_CACHE_MAX: usize = 4096;

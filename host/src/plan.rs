@@ -79,7 +79,7 @@ impl DeviceLimits {
 }
 
 /// Which kernels to run: automatic, or forced (for tests and benchmarks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PlanChoice {
     #[default]
     Auto,

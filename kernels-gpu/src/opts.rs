@@ -266,13 +266,90 @@ pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f3
         let q = tanh_q(s);
         y[i] = prim::fma(x[i] * s, q, x[i]);
     }
-    if !(widest < 0.16) {
+    if !(widest < POLY_WIDEST) {
         for i in 0..n {
             y[i] = cap * tanh(x[i] * inv);
         }
     }
     y
 }
+
+/// `t = tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`), as [`capped`] takes `y = cap·t` (the
+/// polynomial where every `(x / cap)²` is below [`POLY_WIDEST`], [`tanh`] otherwise), and the
+/// largest `(x / cap)²` (NaNs ignored): whether every element took the polynomial.
+#[inline(always)]
+pub fn tanh_widest<const N: usize>(inv: f32, x: &[f32; N], n: usize) -> ([f32; N], f32) {
+    let mut t = [0.0; N];
+    let mut widest = 0.0f32;
+    for i in 0..n {
+        let u = x[i] * inv;
+        let s = u * u;
+        widest = widest.max(s);
+        t[i] = prim::fma(u * s, tanh_q(s), u);
+    }
+    if !(widest < POLY_WIDEST) {
+        for i in 0..n {
+            t[i] = tanh(x[i] * inv);
+        }
+    }
+    (t, widest)
+}
+
+/// `(x / cap)²` below which [`capped`] takes the polynomial (`|x / cap| < 0.4`).
+pub const POLY_WIDEST: f32 = 0.16;
+
+/// The soft cap's gradient (as [`grad_capped`]) of elements known to lie where [`capped`] takes
+/// the polynomial (`(x / cap)²` below [`POLY_WIDEST`], from the first pass over them: no check
+/// here): [`grad_from_t`] of `t = u + u·s·q(s)`.
+#[inline(always)]
+pub fn grad_capped_poly<const N: usize>(
+    x: [f32; N],
+    n: usize,
+    first: u32,
+    label: u32,
+    c: &Coef,
+    cap_log2e: f32,
+) -> [f32; N] {
+    let mut t = [0.0; N];
+    for i in 0..n {
+        let u = x[i] * c.inv_cap;
+        let s = u * u;
+        t[i] = prim::fma(u * s, tanh_q(s), u);
+    }
+    grad_from_t(t, n, first, label, c, cap_log2e)
+}
+
+/// The soft cap's gradient (as [`grad_capped`]) from `t = tanh(x / cap)` itself:
+/// `p = 2^(t·cap·log2(e) - lse2)`, one multiply fewer an element than from `y = cap·t`.
+/// `cap_log2e` is `cap·log2(e)`.
+#[inline(always)]
+pub fn grad_from_t<const N: usize>(
+    t: [f32; N],
+    n: usize,
+    first: u32,
+    label: u32,
+    c: &Coef,
+    cap_log2e: f32,
+) -> [f32; N] {
+    let mut g = [0.0; N];
+    for i in 0..n {
+        let p = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2));
+        g[i] = prim::fma(p, c.a, -c.k) * prim::fma(-t[i], t[i], 1.0);
+    }
+    if label.wrapping_sub(first) < n as u32 {
+        for i in 0..n {
+            if first + i as u32 == label {
+                g[i] -= c.b * prim::fma(-t[i], t[i], 1.0);
+            }
+        }
+    }
+    g
+}
+
+/// The largest soft cap whose capped logits the per-row kernels sum against the fixed reference
+/// `cap` ([`Lse2::add_fixed`](crate::reduce::Lse2::add_fixed)) instead of a running maximum:
+/// every term `e^(y - cap)` is at least `e^(-2·cap)`, a normal f32 (not flushed) up to a cap of 43.6.
+pub const FIXED_CAP_MAX: f32 = 40.0;
 
 /// The class weight of column `col` (1 without weights).
 #[inline(always)]
@@ -435,6 +512,25 @@ fn lse_minus(row: &Part, y: f32) -> f32 {
     (prim::fma(-y, LOG2_E, row.lse.m) + prim::lg2(row.lse.s)) * LN_2
 }
 
+/// [`lse_minus`] in f64 from `s`'s exponent and `lg2` of its mantissa, for the soft cap's fixed
+/// reference ([`FIXED_CAP_MAX`]): there `m` is `cap·log2(e)`, not the row's maximum, and both
+/// `m - y·log2(e)` and `log2(s)` reach `2·cap·log2(e)`, whose f32 rounding (2e-6) the loss would
+/// keep. A NaN or zero `s` takes [`lse_minus`].
+#[inline(always)]
+fn lse_minus_wide(row: &Part, y: f32) -> f32 {
+    let s = row.lse.s;
+    if !(s > 0.0) || s == f32::INFINITY {
+        return lse_minus(row, y);
+    }
+    // `s` is normal: every term is (flush-to-zero arithmetic keeps no subnormal).
+    let bits = s.to_bits();
+    let exponent = ((bits >> 23) & 0xff) as i32 - 127;
+    let mantissa = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    let log2_s = exponent as f64 + prim::lg2(mantissa) as f64;
+    let diff = row.lse.m as f64 - y as f64 * core::f64::consts::LOG2_E;
+    ((diff + log2_s) * core::f64::consts::LN_2) as f32
+}
+
 /// The row's loss (natural log-sum-exp `lse`; `x_label` as given; `y_ref` the smoothing sum's
 /// reference, see [`RowCtx::y_ref`]).
 #[inline(always)]
@@ -444,11 +540,12 @@ pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label:
     }
     let o = &p.opts;
     let y_label = if o.softcap > 0.0 { o.softcap * tanh(x_label * (1.0 / o.softcap)) } else { x_label };
+    let minus = |y: f32| if M::CAP { lse_minus_wide(row, y) } else { lse_minus(row, y) };
     let eps = o.label_smoothing;
-    let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * lse_minus(row, y_label);
+    let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * minus(y_label);
     if eps != 0.0 {
         // Σ_j w_j·(lse - y_j) = W·(lse - y_ref) - Σ_j w_j·(y_j - y_ref): both terms small.
-        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * lse_minus(row, y_ref) - row.wsum);
+        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * minus(y_ref) - row.wsum);
     }
     if o.lse_square_scale != 0.0 {
         loss += o.lse_square_scale * lse * lse;
@@ -504,25 +601,10 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         }
         return g;
     }
-    let mut g = [0.0; N];
     if M::CAP {
-        // `(p·a - k - [j = c]·b)·(1 - t²)`, `t = y / cap`; the label's `b` in the vector holding it.
-        let y = capped(o.softcap, c.inv_cap, &x, n);
-        for i in 0..n {
-            let p = prim::ex2(prim::fma(y[i], LOG2_E, -c.lse2));
-            let t = y[i] * c.inv_cap;
-            g[i] = prim::fma(p, c.a, -c.k) * prim::fma(-t, t, 1.0);
-        }
-        if label.wrapping_sub(first) < n as u32 {
-            for i in 0..n {
-                if first + i as u32 == label {
-                    let t = y[i] * c.inv_cap;
-                    g[i] -= c.b * prim::fma(-t, t, 1.0);
-                }
-            }
-        }
-        return g;
+        return grad_capped(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c);
     }
+    let mut g = [0.0; N];
     for i in 0..n {
         let p = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2));
         // `RowConst`: the unweighted smoothing's `-k` (0 otherwise).
@@ -533,6 +615,27 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         for i in 0..n {
             if first + i as u32 == label {
                 g[i] -= c.b;
+            }
+        }
+    }
+    g
+}
+
+/// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]):
+/// `(p·a - k - [j = c]·b)·(1 - t²)`, `t = y / cap`; the label's `b` in the vector holding it.
+#[inline(always)]
+pub fn grad_capped<const N: usize>(y: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
+    let mut g = [0.0; N];
+    for i in 0..n {
+        let p = prim::ex2(prim::fma(y[i], LOG2_E, -c.lse2));
+        let t = y[i] * c.inv_cap;
+        g[i] = prim::fma(p, c.a, -c.k) * prim::fma(-t, t, 1.0);
+    }
+    if label.wrapping_sub(first) < n as u32 {
+        for i in 0..n {
+            if first + i as u32 == label {
+                let t = y[i] * c.inv_cap;
+                g[i] -= c.b * prim::fma(-t, t, 1.0);
             }
         }
     }

@@ -45,6 +45,28 @@ impl Lse2 {
         self.s = s;
     }
 
+    /// Adds `2^(t·scale - m)` for `t[..n]` against the fixed reference `m = self.m` (`t·scale`
+    /// never above `m` and within 126 of it: no term overflows or flushes to zero), without a
+    /// maximum: one FMA and one `ex2` per element, summed as a tree. NaN inputs make `s` NaN.
+    #[inline(always)]
+    pub fn add_fixed<const N: usize>(&mut self, t: &[f32; N], n: usize, scale: f32) {
+        let mut e = [0.0f32; N];
+        for i in 0..n {
+            e[i] = prim::ex2(prim::fma(t[i], scale, -self.m));
+        }
+        self.s += match n {
+            8 => ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])),
+            4 => (e[0] + e[1]) + (e[2] + e[3]),
+            _ => {
+                let mut s = e[0];
+                for &v in &e[1..n] {
+                    s += v;
+                }
+                s
+            }
+        };
+    }
+
     /// Raises the running maximum to cover natural logits whose maximum is `max_natural`,
     /// rescaling the sum. False while the maximum is still -inf (nothing to add but NaNs).
     #[inline(always)]

@@ -808,10 +808,15 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     // With the bulk copy: vectors kept in registers, and the scalar head or tail this thread holds.
     let mut kept = Kept::EMPTY;
-    let partial = if BULK_LOAD {
-        unsafe { bulk_load_and_reduce::<T, M>(&seg, &mut kept, &p.opts, &ctx) }
+    // The soft cap up to `FIXED_CAP_MAX`: the first pass sums against a fixed reference, and a
+    // thread whose elements all took the polynomial skips its check in the second.
+    let fixed = M::CAP && p.opts.softcap <= opts::FIXED_CAP_MAX;
+    let (partial, widest) = if BULK_LOAD && fixed {
+        unsafe { bulk_load_and_reduce::<T, M, true>(&seg, &mut kept, &p.opts, &ctx) }
+    } else if BULK_LOAD {
+        unsafe { bulk_load_and_reduce::<T, M, false>(&seg, &mut kept, &p.opts, &ctx) }
     } else {
-        unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }
+        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }, f32::INFINITY)
     };
     let chunk = partial.block_merge::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
@@ -834,8 +839,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     prim::cluster_arrive();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode == MODE_FORWARD {
+    } else if BULK_LOAD && M::CAP && widest < opts::POLY_WIDEST {
+        unsafe { grad_from_stash::<T, M, true>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
-        unsafe { grad_from_stash::<T, M>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, false>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
     }
@@ -885,10 +892,32 @@ fn in_regs<M: Mode>(seg: &Segment) -> u32 {
     (keep::<M>() * prim::block_dim()).min(seg.n_vec)
 }
 
-/// Adds vector `x` (starting at element `start` of `seg`) to this thread's summary.
+/// Adds vector `x` (starting at element `start` of `seg`) to this thread's summary. With `FIXED`
+/// (the soft cap, at most [`opts::FIXED_CAP_MAX`]) the capped values are summed against the fixed
+/// reference `acc.lse.m = cap·log2(e)` ([`reduce::Lse2::add_fixed`]: no maximum, no rescaling),
+/// and `widest` keeps the largest `(x / cap)²` seen. Returns `t = tanh(x / cap)` with the soft cap
+/// (`x` otherwise).
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32, o: &OptParams, ctx: &RowCtx) {
+unsafe fn add_vector<M: Mode, const FIXED: bool>(
+    acc: &mut Part,
+    widest: &mut f32,
+    x: [f32; 8],
+    n: usize,
+    start: u32,
+    o: &OptParams,
+    ctx: &RowCtx,
+) -> [f32; 8] {
+    if M::CAP && FIXED {
+        let (t, w) = opts::tanh_widest(ctx.inv_cap, &x, n);
+        *widest = widest.max(w);
+        if o.label_smoothing != 0.0 {
+            // Σ y = cap·Σ t.
+            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, o.softcap * reduce::sum_of(&t, n));
+        }
+        acc.lse.add_fixed(&t, n, acc.lse.m);
+        return t;
+    }
     let y = if M::FULL {
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
@@ -902,20 +931,39 @@ unsafe fn add_vector<M: Mode>(acc: &mut Part, x: [f32; 8], n: usize, start: u32,
         y
     };
     acc.lse.add(&y, n);
+    if M::CAP {
+        let mut t = [0.0; 8];
+        for i in 0..n {
+            t[i] = y[i] * ctx.inv_cap;
+        }
+        t
+    } else {
+        y
+    }
+}
+
+/// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
+/// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
+/// does not compute `tanh` again).
+#[cfg(xent_cluster)]
+#[inline(always)]
+fn keeps_t<T: Element, M: Mode>() -> bool {
+    M::CAP && T::BYTES == 4
 }
 
 /// Loads this thread's share of `seg` (layout: `in_regs`): thread 0 issues one bulk copy of the
 /// shared-memory part (it completes on an mbarrier); meanwhile every thread loads its vectors
 /// kept in registers and its scalar and adds them up; then the shared-memory part. Returns this
-/// thread's share of the chunk summary.
+/// thread's share of the chunk summary and, with `FIXED` (see `add_vector`), the largest
+/// `(x / cap)²` of its elements (infinity without).
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
+unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     seg: &Segment,
     kept: &mut Kept,
     o: &OptParams,
     ctx: &RowCtx,
-) -> Part {
+) -> (Part, f32) {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mbar = prim::smem_base() + crate::abi::SMEM_MBARRIER;
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
@@ -939,16 +987,34 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
         }
     });
     let mut acc = Part::EMPTY;
+    let fixed = M::CAP && FIXED;
+    let mut widest = if fixed { 0.0 } else { f32::INFINITY };
+    if fixed {
+        acc.lse.m = o.softcap * core::f32::consts::LOG2_E;
+    }
+    let keep_t = keeps_t::<T, M>();
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         kept.scalar = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
-        unsafe { add_scalar::<M>(&mut acc, T::widen(kept.scalar), j, o, ctx) };
+        if M::CAP {
+            let mut x = [0.0; 8];
+            x[0] = T::widen(kept.scalar);
+            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, 1, j, o, ctx) };
+            if keep_t {
+                kept.scalar = t[0].to_bits();
+            }
+        } else {
+            unsafe { add_scalar::<M>(&mut acc, T::widen(kept.scalar), j, o, ctx) };
+        }
     }
     for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let x = T::unpack(kept.words[k]);
-            unsafe { add_vector::<M>(&mut acc, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+            if keep_t {
+                kept.words[k] = T::pack(&t);
+            }
         }
     });
     if bulk_bytes > 0 {
@@ -956,18 +1022,23 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode>(
     }
     let mut v = in_regs + tid;
     while v < seg.n_vec {
-        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
-        unsafe { add_vector::<M>(&mut acc, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+        let at = stash + (v - in_regs) * 16;
+        let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+        let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+        if keep_t {
+            // This thread's own vector: no other thread reads it before the gradient pass.
+            unsafe { prim::st_shared_v4(at, T::pack(&t)) };
+        }
         v += step;
     }
-    acc
+    (acc, widest)
 }
 
 /// The gradient of `seg` from what `bulk_load_and_reduce` left: the vectors and scalar this
 /// thread kept, and the shared-memory part, one vector at a time (few registers held).
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn grad_from_stash<T: Element, M: Mode>(
+unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
     seg: &Segment,
     kept: &Kept,
     o: &OptParams,
@@ -977,11 +1048,25 @@ unsafe fn grad_from_stash<T: Element, M: Mode>(
     let (tid, step) = (thread_idx(), prim::block_dim());
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
+    // With the soft cap in f32 the first pass left `t = tanh(x / cap)` in place of `x`
+    // (`keeps_t`); with `POLY` (every element of this thread's vectors below `POLY_WIDEST` in the
+    // first pass) `t` comes from the polynomial without the check.
+    let keep_t = keeps_t::<T, M>();
+    let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
+    let grad = |x: [f32; 8], start: u32| unsafe {
+        if keep_t {
+            opts::grad_from_t(x, T::VEC, start, label, c, cap_log2e)
+        } else if M::CAP && POLY {
+            opts::grad_capped_poly(x, T::VEC, start, label, c, cap_log2e)
+        } else {
+            opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c)
+        }
+    };
     for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let start = seg.vec_start::<T>(v);
-            let g = unsafe { opts::grad_values::<M, 8>(o, T::unpack(kept.words[k]), T::VEC, start, label, c) };
+            let g = grad(T::unpack(kept.words[k]), start);
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         }
     });
@@ -989,13 +1074,17 @@ unsafe fn grad_from_stash<T: Element, M: Mode>(
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
         let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
-        let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
+        let g = grad(x, start);
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
-        let g = unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) };
+        let g = if keep_t {
+            opts::grad_from_t([f32::from_bits(kept.scalar)], 1, j, label, c, cap_log2e)
+        } else {
+            unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) }
+        };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
     }
 }
