@@ -1271,6 +1271,81 @@ fn gpu_softcap_at_training_caps_matches_the_reference() {
     assert_no_failures(&failures);
 }
 
+/// The soft cap on logits that are not ordinary numbers, on the GPU as on the CPU: masked
+/// columns at -inf or -1e30 (capped to -cap, no gradient through the flat `tanh`), +inf, a NaN
+/// (its row's loss and gradient NaN), a masked label, at caps 30 (the fixed reference) and 50 (the
+/// running maximum), every dtype and plan.
+#[test]
+fn gpu_softcap_with_infinite_masked_and_nan_logits_matches_the_reference() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let mut plans = xent_tests::forced_plans(xent, 1024);
+    plans.push(xent::PlanChoice::Auto);
+    let vocab = 3001;
+    let rows = 6;
+    let shape = Shape::flat(rows, vocab);
+    let base: Vec<f32> = xent_tests::random_logits::<f32>(&shape, 5);
+    let mut data = base.clone();
+    // Row 0: a third of the columns masked at -inf; row 1: masked at -1e30 and the label among
+    // them; row 2: +inf at two columns; row 3: one NaN; row 4: every logit -inf but the label's;
+    // row 5: plain.
+    for j in (0..vocab).step_by(3) {
+        data[j] = f32::NEG_INFINITY;
+        data[vocab + j] = -1e30;
+    }
+    data[2 * vocab + 17] = f32::INFINITY;
+    data[2 * vocab + 2900] = f32::INFINITY;
+    data[3 * vocab + 1234] = f32::NAN;
+    for j in 0..vocab {
+        if j != 40 {
+            data[4 * vocab + j] = f32::NEG_INFINITY;
+        }
+    }
+    let labels: Vec<i64> = vec![1, 3, 17, 5, 40, 2999];
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for cap in [30.0f32, 50.0] {
+        for plan in &plans {
+            for dtype in DTYPES {
+                let case = Case {
+                    shape,
+                    opts: Options {
+                        reduction: REDUCTIONS[cases % 3],
+                        plan: *plan,
+                        softcap: Some(cap),
+                        ..Options::default()
+                    },
+                    ignored: 0.0,
+                    seed: 0,
+                };
+                cases += 1;
+                let result = match dtype {
+                    DType::F32 => {
+                        xent_tests::run_logits(xent, &stream, &case, data.clone(), labels.clone())
+                    }
+                    DType::F16 => {
+                        let logits = data.iter().map(|&x| f16::from_f32(x)).collect();
+                        xent_tests::run_logits(xent, &stream, &case, logits, labels.clone())
+                    }
+                    DType::Bf16 => {
+                        let logits = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                        xent_tests::run_logits(xent, &stream, &case, logits, labels.clone())
+                    }
+                };
+                if let Err(msg) = result {
+                    failures.push(format!("cap {cap}: {msg}"));
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "soft cap with non-finite logits on the GPU: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
 #[test]
 fn gpu_rejects_a_bad_option_value_as_the_cpu_does() {
     let Some(xent) = xent_tests::gpu() else {
