@@ -5,7 +5,9 @@ markdown table per config at the end.
 
 Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflops``),
 ``xent_linear`` (xent.torch.FusedLinearCrossEntropyLoss at its default chunk budget),
-``xent_linear_small`` (chunks of 224 rows: at most Liger's memory), ``xent_linear[rows=R]`` (the
+``xent_linear_small`` (chunks of 224 rows: at most Liger's memory),
+``xent_linear_small[rows=256,workspace=256K]`` (Liger's chunk, within its memory with cuBLASLt's
+workspace at 256 KiB: ``XENT_GEMM_WORKSPACE``), ``xent_linear[rows=R]`` (the
 time-memory curve), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
 overlapped), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits, autograd's
 two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
@@ -74,16 +76,19 @@ def peaked_scale(h, w, target=2.5):
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows, serial=False):
+    def with_rows(rows, serial=False, workspace=None):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
             if serial:  # the two gradient GEMMs one after the other, on one stream
                 os.environ["XENT_LINEAR_OVERLAP"] = "0"
+            if workspace is not None:  # cuBLASLt's workspace in bytes (default: 4 to 32 MiB)
+                os.environ["XENT_GEMM_WORKSPACE"] = str(workspace)
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 os.environ.pop("XENT_LINEAR_OVERLAP", None)
+                os.environ.pop("XENT_GEMM_WORKSPACE", None)
 
         return run
 
@@ -92,6 +97,8 @@ def xent_methods(v, curve):
     # At most Liger's memory (63 MiB at 8192 x 128256: its 256-row chunk): 224-row chunks
     # (54.8 MiB) and cuBLASLt's 4 MiB.
     out["xent_linear_small"] = with_rows(224)
+    # Liger's memory with Liger's chunk: 256 rows (62.6 MiB) and a 256 KiB workspace.
+    out["xent_linear_small[rows=256,workspace=256K]"] = with_rows(256, workspace=256 << 10)
     for rows in curve:
         out[f"xent_linear[rows={rows}]"] = with_rows(rows)
 

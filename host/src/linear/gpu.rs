@@ -216,7 +216,7 @@ impl CrossEntropy {
         Ok(LinearScratchLens {
             chunk_rows: chunk,
             logits_bytes: logits,
-            gemm_workspace_bytes: gemm_workspace_bytes(logits),
+            gemm_workspace_bytes: workspace_for(logits),
             labels_bytes: if opts.causal_shift {
                 rows * label_bytes(call.label_type)
             } else {
@@ -536,6 +536,19 @@ fn overlap_enabled() -> bool {
 
 /// Bytes at the start of the GEMM workspace that a call keeps for itself (an upstream of 1).
 const GEMM_HEADER_BYTES: usize = 256;
+
+/// cuBLASLt's workspace with chunks of `logits` bytes: [`gemm_workspace_bytes`], unless
+/// `XENT_GEMM_WORKSPACE` gives the bytes (at least the call's own [`GEMM_HEADER_BYTES`]), for
+/// measuring what a smaller one costs (256-row chunks fit Liger's memory with at most 0.4 MiB).
+fn workspace_for(logits: usize) -> usize {
+    match std::env::var("XENT_GEMM_WORKSPACE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(bytes) => bytes.max(GEMM_HEADER_BYTES),
+        None => gemm_workspace_bytes(logits),
+    }
+}
 
 /// `Fused` calls whose chunks hold fewer rows take the vocabulary-blocked backward: below this,
 /// accumulating the `[V, D]` weight gradient once per chunk costs more than computing the logits
