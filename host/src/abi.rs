@@ -202,6 +202,26 @@ pub struct FinishParams {
     pub _pad: u32,
 }
 
+/// Parameters of the prototype that takes the log-sum-exp of every row of `hidden · weightᵀ`
+/// without writing the logits (`xent_lse_gemm_bf16`, issue 12's "beyond").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LseGemmParams {
+    /// Device address of `hidden [n_rows, dim]`, bf16, rows contiguous.
+    pub hidden: u64,
+    /// Device address of `weight [vocab, dim]`, bf16, rows contiguous.
+    pub weight: u64,
+    /// Device address of `[splits, n_rows, 2]` f32: each range's (max, sum) per row, the max in
+    /// log2 units (`x·log2(e)`) and the sum of `2^(x·log2(e) - max)`.
+    pub partials: u64,
+    pub n_rows: u32,
+    pub vocab: u32,
+    /// A positive multiple of 64.
+    pub dim: u32,
+    /// Classes per range; range `s` is `[s·vocab_per_split, (s + 1)·vocab_per_split)`.
+    pub vocab_per_split: u32,
+}
+
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

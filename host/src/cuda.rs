@@ -145,9 +145,14 @@ impl CrossEntropy {
         for kernel in wanted {
             let name = kernel.name();
             let function = module.load_function(&name)?;
-            if ["xent_fused_", "xent_cluster_", "xent_split_"]
-                .iter()
-                .any(|prefix| name.starts_with(prefix))
+            if [
+                "xent_fused_",
+                "xent_cluster_",
+                "xent_split_",
+                "xent_lse_gemm_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
             {
                 function.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

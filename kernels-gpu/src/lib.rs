@@ -9,13 +9,14 @@
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
 pub mod element;
+pub mod lse_gemm;
 pub mod opts;
 pub mod prim;
 pub mod reduce;
 pub mod scale;
 pub mod xent;
 
-use abi::{CountParams, FinishParams, ScaleParams, XentParams};
+use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
 use opts::{Full, Plain, RowAcc, RowCap, RowConst};
 
@@ -38,6 +39,7 @@ kernels! {
     xent_count_i32(CountParams) => xent::count::<i32>;
     xent_count_i64(CountParams) => xent::count::<i64>;
     xent_finish(FinishParams) => xent::finish;
+    xent_lse_gemm_bf16(LseGemmParams) => lse_gemm::lse_gemm_bf16;
 
     xent_fused_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Plain>;
     xent_fused_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Plain>;

@@ -193,6 +193,9 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_cluster_bf16_", 40),
     ("xent_cluster_f16_", 40),
     ("xent_cluster_f32_", 40),
+    // The GEMM + log-sum-exp prototype: 64 accumulators and 24 fragment registers a thread; 128
+    // lets two 256-thread CTAs share an SM.
+    ("xent_lse_gemm_", 128),
 ];
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.

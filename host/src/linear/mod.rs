@@ -8,6 +8,7 @@
 //! `grad_hidden = G·W` (`[N, D]`), `grad_weight = Gᵀ·h` (`[V, D]`), `grad_bias = Σ_rows G`.
 
 pub mod gpu;
+pub mod lse_gemm;
 
 pub use gpu::{
     LinearGrads, LinearPass, LinearScratch, LinearScratchLens, ROW_SCHEME_MIN_ROWS, RawGrad,

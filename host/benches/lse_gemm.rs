@@ -1,0 +1,144 @@
+//! The GEMM + log-sum-exp prototype (`xent::linear::lse_gemm`, issue 12's "beyond") against
+//! cuBLASLt's forward GEMM alone on the same inputs, timed with CUDA events (median of 10 after 3
+//! warm-ups), one JSON line each: `method` (`xent_lse_gemm`, `gemm`), `n`, `d`, `v`, `dtype`,
+//! `ms_median`, `tflops` (counting `2·N·D·V`). The prototype writes no logits (its partial
+//! (max, sum) pairs are `N·splits·8` bytes); the GEMM writes all `N·V` of them in bf16.
+//!
+//! `cargo bench -p xent --bench lse_gemm` (no arguments of its own: `run.sh bench`'s are
+//! ignored). Without a GPU it says so and exits (a failure under `XENT_REQUIRE_GPU=1`).
+
+use std::error::Error;
+use std::sync::Arc;
+
+use xent::cublaslt::{CublasLt, Gemm, Operand};
+use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use xent::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use xent::half::bf16;
+use xent::linear::lse_gemm::auto_splits;
+use xent::{CrossEntropy, DType};
+
+/// (N, D, V): issue 12's shapes.
+const CONFIGS: [(usize, usize, usize); 2] = [(8192, 4096, 128256), (16384, 4096, 128256)];
+
+fn main() {
+    let xent = match CrossEntropy::new(0) {
+        Ok(xent) => xent,
+        Err(err) => {
+            eprintln!("lse_gemm: no GPU ({err}); nothing to measure");
+            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                std::process::exit(1);
+            }
+            return;
+        }
+    };
+    if let Err(err) = run(&xent) {
+        eprintln!("lse_gemm: {err}");
+        std::process::exit(1);
+    }
+}
+
+fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
+    let stream = xent.context().default_stream();
+    let blas = CublasLt::open(&[])?;
+    for (n, d, v) in CONFIGS {
+        let h: Vec<bf16> = noise(n * d, 1, 1.0);
+        let w: Vec<bf16> = noise(v * d, 2, 2.0 / (d as f64).sqrt());
+        let d_h = stream.clone_htod(&h)?;
+        let d_w = stream.clone_htod(&w)?;
+        drop((h, w));
+        let splits = auto_splits(n, v, xent.limits().sm_count);
+        let mut partials = stream.alloc_zeros::<f32>(splits * n * 2)?;
+        let lse_ms = median_ms(&stream, || {
+            xent.lse_gemm_partials(&stream, &d_h, &d_w, (n, v, d), splits, &mut partials)?;
+            Ok(())
+        })?;
+        let mut logits = stream.alloc_zeros::<bf16>(n * v)?;
+        let workspace = stream.alloc_zeros::<u8>(32 << 20)?;
+        let gemm_ms = {
+            let (h_ptr, _a) = d_h.device_ptr(&stream);
+            let (w_ptr, _b) = d_w.device_ptr(&stream);
+            let (out_ptr, _c) = logits.device_ptr_mut(&stream);
+            let (ws_ptr, _d) = workspace.device_ptr(&stream);
+            let gemm = Gemm {
+                a: Operand {
+                    ptr: h_ptr,
+                    dtype: DType::Bf16,
+                    rows: n,
+                    cols: d,
+                    ld: d,
+                    transposed: false,
+                },
+                b: Operand {
+                    ptr: w_ptr,
+                    dtype: DType::Bf16,
+                    rows: v,
+                    cols: d,
+                    ld: d,
+                    transposed: true,
+                },
+                out: Operand {
+                    ptr: out_ptr,
+                    dtype: DType::Bf16,
+                    rows: n,
+                    cols: v,
+                    ld: v,
+                    transposed: false,
+                },
+                alpha: 1.0,
+                beta: 0.0,
+                bias: 0,
+            };
+            median_ms(&stream, || {
+                // SAFETY: every operand is a live allocation of the sizes it names.
+                unsafe { blas.matmul(stream.cu_stream(), &gemm, (ws_ptr, 32 << 20)) }?;
+                Ok(())
+            })?
+        };
+        let flops = 2.0 * n as f64 * d as f64 * v as f64;
+        for (method, ms) in [("xent_lse_gemm", lse_ms), ("gemm", gemm_ms)] {
+            println!(
+                "{{\"method\": \"{method}\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"bf16\", \
+                 \"ms_median\": {ms:.3}, \"tflops\": {:.1}, \"splits\": {splits}}}",
+                flops / (ms as f64 * 1e-3) / 1e12
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `len` values uniform in `±scale`, deterministic per `seed`.
+fn noise(len: usize, seed: u64, scale: f64) -> Vec<bf16> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f64 / (1u64 << 24) as f64;
+            bf16::from_f64((u * 2.0 - 1.0) * scale)
+        })
+        .collect()
+}
+
+/// The median of 10 timed runs of `enqueue` (after 3 untimed), in ms.
+fn median_ms(
+    stream: &Arc<CudaStream>,
+    mut enqueue: impl FnMut() -> Result<(), Box<dyn Error>>,
+) -> Result<f32, Box<dyn Error>> {
+    for _ in 0..3 {
+        enqueue()?;
+    }
+    let ctx = stream.context();
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
+        start.record(stream)?;
+        enqueue()?;
+        end.record(stream)?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)?);
+    }
+    times.sort_by(f32::total_cmp);
+    Ok(times[times.len() / 2])
+}

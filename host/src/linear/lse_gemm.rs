@@ -1,0 +1,128 @@
+//! Prototype (issue 12, "beyond"; not yet run on a GPU): the log-sum-exp of every row of
+//! `hidden · weightᵀ` on the tensor cores without writing the logits (CCE's idea, in Rust):
+//! `xent_lse_gemm_bf16` multiplies tiles of 128 rows by 128 classes with `mma.sync` (bf16 in,
+//! f32 accumulated) and folds each tile into the rows' running (max, sum) in registers. It is the
+//! forward's expensive half; the loss also needs each row's label logit (one dot product a row)
+//! and the gradients. Its rate against cuBLASLt's GEMM alone is what `cargo bench --bench
+//! lse_gemm` reports.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::CrossEntropy;
+use crate::abi::LseGemmParams;
+use crate::error::{Error, Result};
+use crate::kernels::Kernel;
+
+/// Threads of a CTA (8 warps: 2 along the rows x 4 along the classes).
+const THREADS: u32 = 256;
+/// Rows of a CTA's tile.
+pub const ROWS_PER_CTA: usize = 128;
+/// `dim` must be a multiple of this (the depth of a tile along `D`).
+pub const DIM_MULTIPLE: usize = 64;
+/// Dynamic shared memory of a CTA: two stages of two 128 x 72 bf16 tiles.
+const SMEM_BYTES: u32 = 2 * 2 * 128 * 72 * 2;
+
+/// Ranges of the vocabulary per row block so that `rows` rows make at least two CTAs per SM of
+/// `sm_count` (each range at least one tile of 128 classes).
+pub fn auto_splits(rows: usize, vocab: usize, sm_count: u32) -> usize {
+    let row_blocks = rows.div_ceil(ROWS_PER_CTA).max(1);
+    let wanted = (2 * sm_count as usize).div_ceil(row_blocks);
+    wanted.clamp(1, vocab.div_ceil(128).max(1))
+}
+
+impl CrossEntropy {
+    /// Enqueues `xent_lse_gemm_bf16`: for `hidden [rows, dim]` and `weight [vocab, dim]` (bf16,
+    /// rows contiguous), writes into `partials` (`[splits, rows, 2]` f32) each of `splits` equal
+    /// ranges of the vocabulary's (max, sum) per row, the max in log2 units and the sum of
+    /// `2^(x·log2(e) - max)`; [`merge_partials`] turns them into each row's log-sum-exp.
+    /// Prototype: see the module doc.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lse_gemm_partials(
+        &self,
+        stream: &Arc<CudaStream>,
+        hidden: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        (rows, vocab, dim): (usize, usize, usize),
+        splits: usize,
+        partials: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let bad = |what: String| Err(Error::InvalidOption(what));
+        if rows == 0 || vocab == 0 {
+            return bad(format!(
+                "lse_gemm: rows {rows} and vocab {vocab} must be positive"
+            ));
+        }
+        if dim == 0 || !dim.is_multiple_of(DIM_MULTIPLE) {
+            return bad(format!(
+                "lse_gemm: dim {dim} must be a positive multiple of {DIM_MULTIPLE}"
+            ));
+        }
+        if splits == 0 || splits > vocab {
+            return bad(format!("lse_gemm: splits {splits} must be in [1, vocab]"));
+        }
+        let as_u32 = |v: usize, what: &str| {
+            u32::try_from(v)
+                .map_err(|_| Error::InvalidOption(format!("lse_gemm: {what} {v} exceeds u32")))
+        };
+        let need = |len: usize, want: usize, what: &str| {
+            if len < want {
+                Err(Error::InvalidOption(format!(
+                    "lse_gemm: {what} holds {len} elements, needs {want}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        need(hidden.len(), rows * dim, "hidden")?;
+        need(weight.len(), vocab * dim, "weight")?;
+        need(partials.len(), splits * rows * 2, "partials")?;
+        let row_blocks = rows.div_ceil(ROWS_PER_CTA);
+        let blocks = as_u32(row_blocks * splits, "CTAs")?;
+        let (hidden_ptr, _h) = hidden.device_ptr(stream);
+        let (weight_ptr, _w) = weight.device_ptr(stream);
+        let (partials_ptr, _p) = partials.device_ptr_mut(stream);
+        let params = LseGemmParams {
+            hidden: hidden_ptr,
+            weight: weight_ptr,
+            partials: partials_ptr,
+            n_rows: as_u32(rows, "rows")?,
+            vocab: as_u32(vocab, "vocab")?,
+            dim: as_u32(dim, "dim")?,
+            vocab_per_split: as_u32(vocab.div_ceil(splits), "vocab per split")?,
+        };
+        self.launch(
+            stream,
+            Kernel::LseGemm,
+            &params,
+            blocks,
+            THREADS,
+            SMEM_BYTES,
+        )
+    }
+}
+
+/// Each row's natural log-sum-exp from [`CrossEntropy::lse_gemm_partials`]'s `partials`
+/// (`[splits, rows, 2]`), merged in f64.
+pub fn merge_partials(partials: &[f32], rows: usize, splits: usize) -> Vec<f64> {
+    (0..rows)
+        .map(|r| {
+            let pairs = (0..splits).map(|s| {
+                let at = 2 * (s * rows + r);
+                (partials[at] as f64, partials[at + 1] as f64)
+            });
+            let m = pairs
+                .clone()
+                .map(|(m, _)| m)
+                .fold(f64::NEG_INFINITY, f64::max);
+            if m == f64::NEG_INFINITY {
+                return f64::NEG_INFINITY;
+            }
+            let s: f64 = pairs.map(|(pm, ps)| ps * (pm - m).exp2()).sum();
+            (m + s.log2()) * std::f64::consts::LN_2
+        })
+        .collect()
+}
