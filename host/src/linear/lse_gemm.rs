@@ -25,12 +25,22 @@ pub const DIM_MULTIPLE: usize = 64;
 /// Dynamic shared memory of a CTA: two stages of two 128 x 72 bf16 tiles.
 const SMEM_BYTES: u32 = 2 * 2 * 128 * 72 * 2;
 
-/// Ranges of the vocabulary per row block so that `rows` rows make at least two CTAs per SM of
-/// `sm_count` (each range at least one tile of 128 classes).
+/// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs: the count (at most
+/// four times what one wave of two CTAs per SM needs, and at most one per tile of 128 classes)
+/// whose CTAs fill their last wave best, the smaller on a tie (every range reloads the rows'
+/// tiles for each of its class tiles, so the count moves no traffic; only the waves' tail).
 pub fn auto_splits(rows: usize, vocab: usize, sm_count: u32) -> usize {
     let row_blocks = rows.div_ceil(ROWS_PER_CTA).max(1);
-    let wanted = (2 * sm_count as usize).div_ceil(row_blocks);
-    wanted.clamp(1, vocab.div_ceil(128).max(1))
+    let slots = 2 * sm_count.max(1) as usize;
+    let most = (4 * slots.div_ceil(row_blocks)).clamp(1, vocab.div_ceil(128).max(1));
+    let fill = |splits: usize| {
+        let ctas = row_blocks * splits;
+        ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
+    };
+    (1..=most).fold(
+        1,
+        |best, s| if fill(s) > fill(best) + 1e-9 { s } else { best },
+    )
 }
 
 impl CrossEntropy {
@@ -125,4 +135,29 @@ pub fn merge_partials(partials: &[f32], rows: usize, splits: usize) -> Vec<f64> 
             (m + s.log2()) * std::f64::consts::LN_2
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_splits_fill_the_last_wave_of_two_ctas_per_sm() {
+        // 64 row blocks on 132 SMs: 4 ranges make 256 CTAs, 97% of one wave of 264.
+        assert_eq!(auto_splits(8192, 128256, 132), 4);
+        assert_eq!(auto_splits(16384, 128256, 132), 2);
+        // One row block: as many ranges as fill a wave, at most one per class tile.
+        assert_eq!(auto_splits(1, 128256, 132), 264);
+        assert_eq!(auto_splits(1, 1000, 132), 8);
+    }
+
+    #[test]
+    fn merge_partials_combines_ranges_in_log2_units() {
+        // Two ranges of one row: (max 1, sum 1) and (max 3, sum 2), log2 units: 2^1 + 2·2^3.
+        let lse = merge_partials(&[1.0, 1.0, 3.0, 2.0], 1, 2);
+        assert!((lse[0] - (2f64 + 16.0).ln()).abs() < 1e-12, "{lse:?}");
+        // An empty range, (-inf, 0), adds nothing.
+        let lse = merge_partials(&[f32::NEG_INFINITY, 0.0, 0.0, 1.0], 1, 2);
+        assert!(lse[0].abs() < 1e-12, "{lse:?}");
+    }
 }
