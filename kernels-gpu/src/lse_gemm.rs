@@ -9,7 +9,6 @@
 
 use crate::abi::LseGemmParams;
 use crate::prim::{self, thread_idx};
-use core::arch::asm;
 use core::f32::consts::LOG2_E;
 
 /// Repeats `$body` with `$i` bound to each value given, so that arrays indexed by `$i` stay in
@@ -30,59 +29,6 @@ const LDS: u32 = BK + 8;
 /// Bytes of one operand's tile in one stage.
 const TILE_BYTES: u32 = BM * LDS * 2;
 
-/// Copies 16 bytes from global `src` to shared `dst`, or writes 16 zero bytes when `valid` is
-/// false (rows past the matrix).
-#[inline(always)]
-unsafe fn cp_async_16(dst: u32, src: u64, valid: bool) {
-    let size: u32 = if valid { 16 } else { 0 };
-    unsafe {
-        asm!("cp.async.cg.shared.global [{d}], [{s}], 16, {n};", d = in(reg32) dst, s = in(reg64) src,
-             n = in(reg32) size, options(nostack));
-    }
-}
-
-#[inline(always)]
-fn cp_async_commit() {
-    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
-}
-
-/// Waits until at most one group of copies is in flight.
-#[inline(always)]
-fn cp_async_wait_one() {
-    unsafe { asm!("cp.async.wait_group 1;", options(nostack)) };
-}
-
-#[inline(always)]
-fn cp_async_wait_all() {
-    unsafe { asm!("cp.async.wait_group 0;", options(nostack)) };
-}
-
-/// `ldmatrix` of four 8x8 b16 matrices; lane `l` gives the address of row `l % 8` of matrix
-/// `l / 8`.
-#[inline(always)]
-unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    unsafe {
-        asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
-             a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
-             p = in(reg32) addr, options(nostack, readonly));
-    }
-    [a, b, c, d]
-}
-
-/// `acc += a · b` on one m16n8k16 tile (bf16 in, f32 accumulated).
-#[inline(always)]
-fn mma_bf16(acc: &mut [f32; 4], a: [u32; 4], b0: u32, b1: u32) {
-    unsafe {
-        asm!("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, \
-              {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
-             d0 = inout(reg32) acc[0], d1 = inout(reg32) acc[1], d2 = inout(reg32) acc[2],
-             d3 = inout(reg32) acc[3], a0 = in(reg32) a[0], a1 = in(reg32) a[1],
-             a2 = in(reg32) a[2], a3 = in(reg32) a[3], b0 = in(reg32) b0, b1 = in(reg32) b1,
-             options(pure, nomem, nostack));
-    }
-}
-
 /// Issues the copies of step `it` (vocabulary tile `it / k_steps`, depth `it % k_steps`) into
 /// stage `stage`: each thread four 16-byte pieces of each operand.
 #[inline(always)]
@@ -98,15 +44,18 @@ unsafe fn load_stage(p: &LseGemmParams, smem: u32, stage: u32, row0: u32, col0: 
         let k = (k0 + piece * 8) as u64;
         let row = row0 + r;
         let a_src = p.hidden + ((row.min(p.n_rows - 1) as u64) * p.dim as u64 + k) * 2;
-        unsafe { cp_async_16(a_base + dst, a_src, row < p.n_rows) };
+        unsafe { prim::cp_async_16(a_base + dst, a_src, row < p.n_rows) };
         let col = col0 + r;
         let b_src = p.weight + ((col.min(p.vocab - 1) as u64) * p.dim as u64 + k) * 2;
-        unsafe { cp_async_16(b_base + dst, b_src, col < col_end) };
+        unsafe { prim::cp_async_16(b_base + dst, b_src, col < col_end) };
         i += prim::block_dim();
     }
 }
 
 /// One CTA: rows `[128·rb, 128·rb + 128)` over classes `[split·vocab_per_split, ...)`.
+/// Traffic: a CTA reads its rows' `128·D·2` bytes once per tile of 128 classes and the weight's
+/// tile once per row block, `N·V·D/32` bytes in all, mostly from L2 (the CTAs running together
+/// share their weight tiles); it writes 8 bytes per row and range, nothing per logit.
 /// Launch: `row_blocks · splits` CTAs of 256 threads (block `b`: row block `b % row_blocks`,
 /// range `b / row_blocks`, so CTAs running together read the same weight tiles), dynamic shared
 /// memory `4 · TILE_BYTES` (73728 bytes).
@@ -135,7 +84,7 @@ pub unsafe fn lse_gemm_bf16(p: &LseGemmParams) {
     if total > 0 {
         unsafe { load_stage(p, smem, 0, row0, col_begin, 0, col_end) };
     }
-    cp_async_commit();
+    prim::cp_async_commit();
     let mut it = 0;
     while it < total {
         let (tile, ks) = (it / k_steps, it % k_steps);
@@ -143,10 +92,10 @@ pub unsafe fn lse_gemm_bf16(p: &LseGemmParams) {
         if it + 1 < total {
             let (next_tile, next_ks) = ((it + 1) / k_steps, (it + 1) % k_steps);
             unsafe { load_stage(p, smem, (it + 1) % 2, row0, col_begin + next_tile * BN, next_ks * BK, col_end) };
-            cp_async_commit();
-            cp_async_wait_one();
+            prim::cp_async_commit();
+            prim::cp_async_wait_one();
         } else {
-            cp_async_wait_all();
+            prim::cp_async_wait_all();
         }
         prim::sync_threads();
         if ks == 0 {
@@ -161,20 +110,20 @@ pub unsafe fn lse_gemm_bf16(p: &LseGemmParams) {
             for mi in 0..4u32 {
                 let row = 64 * wm + 16 * mi + (lane % 8) + 8 * ((lane / 8) % 2);
                 let k = kk + 8 * (lane / 16);
-                a[mi as usize] = unsafe { ldmatrix_x4(a_base + (row * LDS + k) * 2) };
+                a[mi as usize] = unsafe { prim::ldmatrix_x4(a_base + (row * LDS + k) * 2) };
             }
             // B: two x4 loads, each two n8 tiles (classes 32·wn + 16·nj + ...), k halves.
             let mut b = [[0u32; 2]; 4];
             for nj in 0..2u32 {
                 let n = 32 * wn + 16 * nj + (lane % 8) + 8 * (lane / 16);
                 let k = kk + 8 * ((lane / 8) % 2);
-                let r = unsafe { ldmatrix_x4(b_base + (n * LDS + k) * 2) };
+                let r = unsafe { prim::ldmatrix_x4(b_base + (n * LDS + k) * 2) };
                 b[2 * nj as usize] = [r[0], r[1]];
                 b[2 * nj as usize + 1] = [r[2], r[3]];
             }
             for mi in 0..4 {
                 for ni in 0..4 {
-                    mma_bf16(&mut acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                    prim::mma_bf16(&mut acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
                 }
             }
             kk += 16;

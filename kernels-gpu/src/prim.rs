@@ -435,3 +435,59 @@ pub unsafe fn mbarrier_try_wait(addr: u32, parity: u32) -> bool {
     }
     done != 0
 }
+
+/// `cp.async.cg.shared.global` of 16 bytes from global `src` to shared `dst`, or 16 zero bytes
+/// when `valid` is false (its source size 0).
+#[inline(always)]
+pub unsafe fn cp_async_16(dst: u32, src: u64, valid: bool) {
+    let size: u32 = if valid { 16 } else { 0 };
+    unsafe {
+        asm!("cp.async.cg.shared.global [{d}], [{s}], 16, {n};", d = in(reg32) dst, s = in(reg64) src,
+             n = in(reg32) size, options(nostack));
+    }
+}
+
+/// `cp.async.commit_group`.
+#[inline(always)]
+pub fn cp_async_commit() {
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
+}
+
+/// `cp.async.wait_group 1`: waits until at most one group of copies is in flight.
+#[inline(always)]
+pub fn cp_async_wait_one() {
+    unsafe { asm!("cp.async.wait_group 1;", options(nostack)) };
+}
+
+/// `cp.async.wait_group 0`: waits for every copy.
+#[inline(always)]
+pub fn cp_async_wait_all() {
+    unsafe { asm!("cp.async.wait_group 0;", options(nostack)) };
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: four 8x8 b16 matrices; lane `l` gives the address of row `l % 8` of matrix
+/// `l / 8`.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{p}];",
+             a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+             p = in(reg32) addr, options(nostack, readonly));
+    }
+    [a, b, c, d]
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `acc += a · b` on one m16n8k16 tile
+/// (bf16 in, f32 accumulated).
+#[inline(always)]
+pub fn mma_bf16(acc: &mut [f32; 4], a: [u32; 4], b0: u32, b1: u32) {
+    unsafe {
+        asm!("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, \
+              {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
+             d0 = inout(reg32) acc[0], d1 = inout(reg32) acc[1], d2 = inout(reg32) acc[2],
+             d3 = inout(reg32) acc[3], a0 = in(reg32) a[0], a1 = in(reg32) a[1],
+             a2 = in(reg32) a[2], a3 = in(reg32) a[3], b0 = in(reg32) b0, b1 = in(reg32) b1,
+             options(pure, nomem, nostack));
+    }
+}
