@@ -1,5 +1,5 @@
-//! The GEMM + log-sum-exp prototype (`xent::linear::lse_gemm`, issue 12's "beyond") on the GPU
-//! against an f64 reference on the same bf16 inputs: each row's log-sum-exp of `hidden · weightᵀ`
+//! The GEMM + log-sum-exp prototypes (`xent::linear::lse_gemm`, issue 12's "beyond": `mma.sync`,
+//! and `wgmma` on compute capability 9.0) on the GPU against an f64 reference on the same bf16 inputs: each row's log-sum-exp of `hidden · weightᵀ`
 //! from the partial (max, sum) pairs of every vocabulary range. Shapes cover partial row blocks
 //! (rows not a multiple of 128), partial class tiles (vocab not a multiple of 128), ranges that
 //! split the vocabulary unevenly, and one row.
@@ -9,7 +9,7 @@
 //! `ex2`/`lg2` approximations and the f32 sums (a few 1e-7 relative).
 
 use xent::half::bf16;
-use xent::linear::lse_gemm::{auto_splits, merge_partials};
+use xent::linear::lse_gemm::{LseGemmKernel, auto_splits, merge_partials};
 use xent_tests::{Rng, report};
 
 fn reference(
@@ -52,6 +52,15 @@ fn lse_of_hidden_times_weight_matches_the_f64_reference() {
     let stream = xent.context().default_stream();
     let sm = xent.limits().sm_count;
     let (mut failures, mut cases) = (Vec::new(), 0);
+    let mut kernels = vec![LseGemmKernel::MmaSync];
+    if xent
+        .context()
+        .compute_capability()
+        .expect("compute capability")
+        == (9, 0)
+    {
+        kernels.push(LseGemmKernel::Wgmma);
+    }
     // (rows, vocab, dim, splits; 0: auto_splits)
     let shapes = [
         (1, 1000, 64, 1),
@@ -77,29 +86,40 @@ fn lse_of_hidden_times_weight_matches_the_f64_reference() {
             .collect();
         let d_h = stream.clone_htod(&h).expect("upload hidden");
         let d_w = stream.clone_htod(&w).expect("upload weight");
-        let mut d_p = stream
-            .alloc_zeros::<f32>(splits * rows * 2)
-            .expect("partials");
-        xent.lse_gemm_partials(&stream, &d_h, &d_w, (rows, vocab, dim), splits, &mut d_p)
-            .expect("launch");
-        let partials = stream.clone_dtoh(&d_p).expect("download");
-        let got = merge_partials(&partials, rows, splits);
         let (want, bound) = reference(&h, &w, rows, vocab, dim);
-        cases += 1;
-        for r in 0..rows {
-            let tol = bound[r] + 2e-6 * want[r].abs() + 1e-6;
-            let err = (got[r] - want[r]).abs();
-            if err.is_nan() || err > tol {
-                failures.push(format!(
-                    "{rows}x{vocab}x{dim}, {splits} ranges, row {r}: lse {} against {} (tol {tol:e})",
-                    got[r], want[r]
-                ));
-                break;
+        for &kernel in &kernels {
+            let mut d_p = stream
+                .alloc_zeros::<f32>(splits * rows * 2)
+                .expect("partials");
+            xent.lse_gemm_partials(
+                &stream,
+                kernel,
+                &d_h,
+                &d_w,
+                (rows, vocab, dim),
+                splits,
+                &mut d_p,
+            )
+            .expect("launch");
+            let partials = stream.clone_dtoh(&d_p).expect("download");
+            let got = merge_partials(&partials, rows, splits);
+            cases += 1;
+            for r in 0..rows {
+                let tol = bound[r] + 2e-6 * want[r].abs() + 1e-6;
+                let err = (got[r] - want[r]).abs();
+                if err.is_nan() || err > tol {
+                    failures.push(format!(
+                        "{kernel:?} {rows}x{vocab}x{dim}, {splits} ranges, row {r}: lse {} against \
+                         {} (tol {tol:e})",
+                        got[r], want[r]
+                    ));
+                    break;
+                }
             }
         }
     }
     report(&format!(
-        "lse_gemm on the GPU: {cases} shapes, {} failed",
+        "lse_gemm on the GPU: {cases} kernel x shape cases, {} failed",
         failures.len()
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -122,7 +142,15 @@ fn lse_gemm_rejects_bad_shapes() {
         ((65, 64, 64), 1, "hidden"),
     ] {
         let err = xent
-            .lse_gemm_partials(&stream, &d_h, &d_w, shape, splits, &mut d_p)
+            .lse_gemm_partials(
+                &stream,
+                LseGemmKernel::MmaSync,
+                &d_h,
+                &d_w,
+                shape,
+                splits,
+                &mut d_p,
+            )
             .expect_err(what);
         assert!(err.to_string().contains(what), "{what}: {err}");
     }

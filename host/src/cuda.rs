@@ -53,6 +53,9 @@ pub struct CrossEntropy {
     /// The automatic plans made so far, by [`PlanKey`]: planning weighs up to a few dozen cluster
     /// launches, a few microseconds a call, which small calls would spend on every call.
     plans: Mutex<HashMap<PlanKey, LaunchPlan>>,
+    /// The sm_90a module's warpgroup-MMA prototype (`linear::lse_gemm`), loaded on first use
+    /// (or why it could not be).
+    pub(crate) wgmma: std::sync::OnceLock<std::result::Result<CudaFunction, String>>,
     /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
     pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
     /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.
@@ -174,6 +177,7 @@ impl CrossEntropy {
             limits,
             active_clusters: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
+            wgmma: std::sync::OnceLock::new(),
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
         })

@@ -5,6 +5,9 @@
 #![no_std]
 #![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, link_llvm_intrinsics)]
 #![allow(internal_features)]
+// The sm_90a module (`xent_wgmma`) holds only the warpgroup-MMA prototype: the rest compiles
+// there unused.
+#![cfg_attr(xent_wgmma, allow(dead_code, unused_imports))]
 
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
@@ -14,6 +17,8 @@ pub mod opts;
 pub mod prim;
 pub mod reduce;
 pub mod scale;
+#[cfg(xent_wgmma)]
+pub mod wgmma;
 pub mod xent;
 
 use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
@@ -35,6 +40,7 @@ macro_rules! kernels {
     )*};
 }
 
+#[cfg(not(xent_wgmma))]
 kernels! {
     xent_count_i32(CountParams) => xent::count::<i32>;
     xent_count_i64(CountParams) => xent::count::<i64>;
@@ -206,7 +212,7 @@ kernels! {
 }
 
 /// The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
-#[cfg(not(xent_cluster))]
+#[cfg(not(any(xent_cluster, xent_wgmma)))]
 kernels! {
     xent_split_bf16_i32(XentParams) => xent::split::<Bf16, i32, Plain>;
     xent_split_coef_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowConst>;
@@ -238,4 +244,11 @@ kernels! {
     xent_split_acc_f32_i64(XentParams) => xent::split::<F32, i64, RowAcc>;
     xent_split_cap_f32_i64(XentParams) => xent::split::<F32, i64, RowCap>;
     xent_split_opt_f32_i64(XentParams) => xent::split::<F32, i64, Full>;
+}
+
+// The sm_90a module: Hopper's warpgroup MMA, which PTX for plain sm_90 cannot name (and which
+// newer GPUs cannot JIT), so it lives apart from the main PTX.
+#[cfg(xent_wgmma)]
+kernels! {
+    xent_lse_wgmma_bf16(LseGemmParams) => wgmma::lse_wgmma_bf16;
 }

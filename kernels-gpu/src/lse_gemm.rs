@@ -13,6 +13,7 @@ use core::f32::consts::LOG2_E;
 
 /// Repeats `$body` with `$i` bound to each value given, so that arrays indexed by `$i` stay in
 /// registers (LLVM left the epilogue's loops rolled, which put the accumulators on the stack).
+#[macro_export]
 macro_rules! each {
     ($i:ident in [$($v:expr),*] => $body:block) => {{
         $( { let $i: usize = $v; $body } )*
@@ -192,7 +193,7 @@ pub unsafe fn lse_gemm_bf16(p: &LseGemmParams) {
 
 /// Folds the values `vals` (log2 units, -inf for none) into a running (max `m`, sum `s`).
 #[inline(always)]
-fn fold(m: &mut f32, s: &mut f32, vals: &[f32; 8]) {
+pub(crate) fn fold(m: &mut f32, s: &mut f32, vals: &[f32; 8]) {
     let a = vals[0].max(vals[1]).max(vals[2].max(vals[3]));
     let b = vals[4].max(vals[5]).max(vals[6].max(vals[7]));
     let nm = m.max(a.max(b));
@@ -209,7 +210,7 @@ fn fold(m: &mut f32, s: &mut f32, vals: &[f32; 8]) {
 
 /// Merges another (max `om`, sum `os`) into (max `m`, sum `s`).
 #[inline(always)]
-fn merge(m: &mut f32, s: &mut f32, om: f32, os: f32) {
+pub(crate) fn merge(m: &mut f32, s: &mut f32, om: f32, os: f32) {
     let nm = m.max(om);
     if nm != f32::NEG_INFINITY {
         *s = *s * prim::ex2(*m - nm) + os * prim::ex2(om - nm);

@@ -27,7 +27,7 @@ type Result<T> = std::result::Result<T, String>;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  ptx            build kernels-gpu/ to PTX (sm_80, sm_90) and write host/ptx/<arch>.ptx
+  ptx            build kernels-gpu/ to PTX (sm_80, sm_90, sm_90a) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
   test           cargo fmt --check, clippy, check, cargo test --workspace (and xent's candle
                  feature), then the Python wheel and its CPU tests (what CI runs)

@@ -25,8 +25,10 @@ pub struct Arch {
 }
 
 /// Every architecture with committed PTX. sm_90 needs PTX ISA 8.0 for the `.release`/`.acquire`
-/// cluster barriers (rustc's default for sm_90 is 7.8).
-pub const ARCHES: [Arch; 2] = [
+/// cluster barriers (rustc's default for sm_90 is 7.8). sm_90a is a module apart: the
+/// warpgroup-MMA prototype, whose `wgmma` only `sm_90a` PTX may use (and which no later GPU can
+/// JIT, so the main PTX stays `sm_90`).
+pub const ARCHES: [Arch; 3] = [
     Arch {
         name: "sm_80",
         extra_flags: &[],
@@ -35,6 +37,10 @@ pub const ARCHES: [Arch; 2] = [
         name: "sm_90",
         // `xent_cluster` compiles the thread-block-cluster kernels, which need sm_90.
         extra_flags: &["-C", "target-feature=+ptx80", "--cfg", "xent_cluster"],
+    },
+    Arch {
+        name: "sm_90a",
+        extra_flags: &["-C", "target-feature=+ptx80", "--cfg", "xent_wgmma"],
     },
 ];
 
@@ -196,6 +202,9 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // The GEMM + log-sum-exp prototype: 64 accumulators and 24 fragment registers a thread; 128
     // lets two 256-thread CTAs share an SM.
     ("xent_lse_gemm_", 128),
+    // Its warpgroup-MMA version: 64 accumulators and the epilogue's values; two 256-thread CTAs
+    // an SM.
+    ("xent_lse_wgmma_", 128),
 ];
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.

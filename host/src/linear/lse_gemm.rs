@@ -8,13 +8,17 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use crate::CrossEntropy;
 use crate::abi::LseGemmParams;
 use crate::error::{Error, Result};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, PTX_SM90A};
 
 /// Threads of a CTA (8 warps: 2 along the rows x 4 along the classes).
 const THREADS: u32 = 256;
@@ -24,6 +28,8 @@ pub const ROWS_PER_CTA: usize = 128;
 pub const DIM_MULTIPLE: usize = 64;
 /// Dynamic shared memory of a CTA: two stages of two 128 x 72 bf16 tiles.
 const SMEM_BYTES: u32 = 2 * 2 * 128 * 72 * 2;
+/// The same for the warpgroup-MMA kernel: two stages of two 128 x 64 bf16 tiles (no padding).
+const WGMMA_SMEM_BYTES: u32 = 2 * 2 * 128 * 64 * 2;
 
 /// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs: the count (at most
 /// four times what one wave of two CTAs per SM needs, and at most one per tile of 128 classes)
@@ -43,9 +49,19 @@ pub fn auto_splits(rows: usize, vocab: usize, sm_count: u32) -> usize {
     )
 }
 
+/// Which kernel [`CrossEntropy::lse_gemm_partials`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LseGemmKernel {
+    /// `xent_lse_gemm_bf16`: `mma.sync` (sm_80 and later), in the main PTX.
+    MmaSync,
+    /// `xent_lse_wgmma_bf16`: Hopper's warpgroup MMA, from the sm_90a PTX (compute capability
+    /// 9.0 only; [`Error::UnsupportedComputeCapability`] elsewhere).
+    Wgmma,
+}
+
 impl CrossEntropy {
-    /// Enqueues `xent_lse_gemm_bf16`: for `hidden [rows, dim]` and `weight [vocab, dim]` (bf16,
-    /// rows contiguous), writes into `partials` (`[splits, rows, 2]` f32) each of `splits` equal
+    /// Enqueues `kernel` for `hidden [rows, dim]` and `weight [vocab, dim]` (bf16, rows
+    /// contiguous): writes into `partials` (`[splits, rows, 2]` f32) each of `splits` equal
     /// ranges of the vocabulary's (max, sum) per row, the max in log2 units and the sum of
     /// `2^(x·log2(e) - max)`; [`merge_partials`] turns them into each row's log-sum-exp.
     /// Prototype: see the module doc.
@@ -53,6 +69,7 @@ impl CrossEntropy {
     pub fn lse_gemm_partials(
         &self,
         stream: &Arc<CudaStream>,
+        kernel: LseGemmKernel,
         hidden: &CudaSlice<bf16>,
         weight: &CudaSlice<bf16>,
         (rows, vocab, dim): (usize, usize, usize),
@@ -92,6 +109,10 @@ impl CrossEntropy {
         need(partials.len(), splits * rows * 2, "partials")?;
         let row_blocks = rows.div_ceil(ROWS_PER_CTA);
         let blocks = as_u32(row_blocks * splits, "CTAs")?;
+        let wgmma = match kernel {
+            LseGemmKernel::MmaSync => None,
+            LseGemmKernel::Wgmma => Some(self.wgmma_function()?),
+        };
         let (hidden_ptr, _h) = hidden.device_ptr(stream);
         let (weight_ptr, _w) = weight.device_ptr(stream);
         let (partials_ptr, _p) = partials.device_ptr_mut(stream);
@@ -104,14 +125,50 @@ impl CrossEntropy {
             dim: as_u32(dim, "dim")?,
             vocab_per_split: as_u32(vocab.div_ceil(splits), "vocab per split")?,
         };
-        self.launch(
-            stream,
-            Kernel::LseGemm,
-            &params,
-            blocks,
-            THREADS,
-            SMEM_BYTES,
-        )
+        match wgmma {
+            None => self.launch(
+                stream,
+                Kernel::LseGemm,
+                &params,
+                blocks,
+                THREADS,
+                SMEM_BYTES,
+            ),
+            Some(function) => {
+                let cfg = LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: WGMMA_SMEM_BYTES,
+                };
+                // SAFETY: `params` is the parameter block the entry point declares; every address
+                // in it was checked against the shape above.
+                unsafe { stream.launch_builder(function).arg(&params).launch(cfg) }?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The sm_90a prototype's function, loading its module the first time.
+    fn wgmma_function(&self) -> Result<&CudaFunction> {
+        let loaded = self.wgmma.get_or_init(|| {
+            let load = || -> Result<CudaFunction> {
+                let (major, minor) = self.context().compute_capability()?;
+                if (major, minor) != (9, 0) {
+                    return Err(Error::UnsupportedComputeCapability { major, minor });
+                }
+                let module = self.context().load_module(Ptx::from_src(PTX_SM90A))?;
+                let function = module.load_function("xent_lse_wgmma_bf16")?;
+                function.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    WGMMA_SMEM_BYTES as i32,
+                )?;
+                Ok(function)
+            };
+            load().map_err(|err| err.to_string())
+        });
+        loaded
+            .as_ref()
+            .map_err(|why| Error::Driver(format!("the sm_90a prototype: {why}")))
     }
 }
 
