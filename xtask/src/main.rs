@@ -7,6 +7,7 @@
 //!   `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
 //!   machine without a Rust toolchain.
+//! - `sass`: one kernel's SASS (ptxas + nvdisasm, no GPU) and its loops' instruction counts.
 //! - `bench`: `cargo bench` over the workspace.
 //! - `chart`: an SVG bar chart of each `bench/results/*.jsonl`, next to it.
 
@@ -15,6 +16,7 @@ mod candle_cuda;
 mod chart;
 mod ptx;
 mod ptxas;
+mod sass;
 mod wheel;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +38,9 @@ commands:
   candle-cuda    CUDA 13.0's nvcc and libraries from PyPI into .tools/cuda13, link stubs, and
                  a release build of the candle-cuda feature's test, bench and example
   wheel          the Python package (python/) as an abi3 wheel in target/wheels/ (maturin)
+  sass KERNEL [ARCH]
+                 one kernel's SASS in target/sass/ (ptxas, nvdisasm from PyPI; no GPU) and
+                 each loop's instructions, shared/global loads and stores, ex2 and MMAs
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
                  (default: bench/results/*.jsonl)";
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Some("wheel") => no_args(|root| wheel::wheel(root).map(drop)),
         Some("bench") => bench(&root, &args[1..]),
         Some("chart") => chart::chart(&root, &args[1..]),
+        Some("sass") => sass::command(&root, &args[1..]),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

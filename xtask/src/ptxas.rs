@@ -170,16 +170,32 @@ fn format_table(rows: &[FunctionReport]) -> String {
 }
 
 /// The pinned `ptxas`, unpacked from the `nvidia-cuda-nvcc` wheel into `.tools/` on first use.
-fn ensure_ptxas(root: &Path) -> Result<PathBuf> {
-    let tool_dir = root
-        .join(".tools")
-        .join(format!("nvidia-cuda-nvcc-{NVCC_WHEEL_VERSION}"));
-    let ptxas = tool_dir.join("ptxas");
-    if ptxas.is_file() {
-        return Ok(ptxas);
+pub(crate) fn ensure_ptxas(root: &Path) -> Result<PathBuf> {
+    ensure_tool(
+        root,
+        "nvidia-cuda-nvcc",
+        NVCC_WHEEL_VERSION,
+        PTXAS_IN_WHEEL,
+        "ptxas",
+    )
+}
+
+/// A binary from an NVIDIA wheel on PyPI, unpacked on first use into
+/// `.tools/<package>-<version>/<name>` (only that file: the wheels hold whole toolkits).
+pub(crate) fn ensure_tool(
+    root: &Path,
+    package: &str,
+    version: &str,
+    member: &str,
+    name: &str,
+) -> Result<PathBuf> {
+    let tool_dir = root.join(".tools").join(format!("{package}-{version}"));
+    let tool = tool_dir.join(name);
+    if tool.is_file() {
+        return Ok(tool);
     }
     step(&format!(
-        "installing ptxas from nvidia-cuda-nvcc=={NVCC_WHEEL_VERSION} into {}",
+        "installing {name} from {package}=={version} into {}",
         relative(root, &tool_dir)
     ));
     let wheel_dir = root.join(".tools/wheels");
@@ -194,15 +210,15 @@ fn ensure_ptxas(root: &Path) -> Result<PathBuf> {
             "-d",
         ])
         .arg(&wheel_dir)
-        .arg(format!("nvidia-cuda-nvcc=={NVCC_WHEEL_VERSION}")))?;
-    // Unpack the one binary (the wheel holds all of nvcc) to a temporary name, then rename it, so
-    // an interrupted install never leaves a truncated ptxas behind.
+        .arg(format!("{package}=={version}")))?;
+    // Unpack the one binary to a temporary name, then rename it, so an interrupted install never
+    // leaves a truncated binary behind.
     let unpack = r#"
 import glob, os, sys, zipfile
-wheel_dir, member, version, dest = sys.argv[1:]
-wheels = glob.glob(os.path.join(wheel_dir, f"nvidia_cuda_nvcc-{version}-*.whl"))
+wheel_dir, stem, member, version, dest = sys.argv[1:]
+wheels = glob.glob(os.path.join(wheel_dir, f"{stem}-{version}-*.whl"))
 if not wheels:
-    sys.exit(f"no nvidia_cuda_nvcc-{version} wheel in {wheel_dir}")
+    sys.exit(f"no {stem}-{version} wheel in {wheel_dir}")
 os.makedirs(os.path.dirname(dest), exist_ok=True)
 with zipfile.ZipFile(wheels[0]) as wheel, open(dest + ".part", "wb") as out:
     out.write(wheel.read(member))
@@ -215,11 +231,12 @@ for wheel in wheels:
         Command::new("python3")
             .args(["-c", unpack])
             .arg(&wheel_dir)
-            .arg(PTXAS_IN_WHEEL)
-            .arg(NVCC_WHEEL_VERSION)
-            .arg(&ptxas),
+            .arg(package.replace('-', "_"))
+            .arg(member)
+            .arg(version)
+            .arg(&tool),
     )?;
-    Ok(ptxas)
+    Ok(tool)
 }
 
 #[cfg(test)]
