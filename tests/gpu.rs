@@ -1,7 +1,7 @@
 //! GPU tests: every kernel, dtype, label type, reduction and plan against the CPU reference.
 //! Without a GPU each test prints that it skipped; with `XENT_REQUIRE_GPU=1` it fails instead.
 
-use xent::half::bf16;
+use xent::half::{bf16, f16};
 use xent::{DType, Error, Options, PlanChoice, Reduction, Shape, cpu};
 use xent_tests::{
     Case, DTYPES, REDUCTIONS, assert_no_failures, forced_plans, gpu, run_case_dtype, sanitizing,
@@ -52,39 +52,58 @@ fn vocab_sizes_and_row_counts_match_reference() {
     let row_counts: &[usize] = if sanitizing() { &[1, 3] } else { &[1, 3, 4096] };
     for &vocab in vocabs {
         for &rows in row_counts {
-            for plan in [
-                PlanChoice::Auto,
-                PlanChoice::Fused,
-                PlanChoice::Chunked { chunk_len: None },
-                PlanChoice::Split { chunk_len: None },
-            ] {
-                let mut case = Case::new(rows, vocab);
-                case.opts.plan = plan;
-                case.seed = (rows * 1_000_003 + vocab) as u64;
-                let dtypes: &[DType] = if rows * vocab <= 4096 * 32000 {
-                    &DTYPES
-                } else {
-                    &[DType::Bf16]
-                };
-                for &dtype in dtypes {
-                    let fits = xent.plan_for(&case.shape, dtype, &case.opts);
-                    if fits.is_err() && plan != PlanChoice::Auto {
-                        // A row too long for shared memory: the forced plan must say so.
-                        assert!(matches!(fits, Err(Error::PlanDoesNotFit(_))), "{fits:?}");
-                        continue;
-                    }
-                    let outcome = run_case_dtype::<i64>(xent, &stream, dtype, &case)
-                        .unwrap_or_else(|msg| panic!("{msg}"));
-                    eprintln!(
-                        "{rows:>5} x {vocab:>6} {:<4} {plan:?}: loss {:.6} (ref {:.6}), worst grad err {:.2} of tol",
-                        dtype.name(),
-                        outcome.loss_gpu,
-                        outcome.loss_cpu,
-                        outcome.max_grad_err_over_tol
-                    );
+            let dtypes: &[DType] = if rows * vocab <= 4096 * 32000 {
+                &DTYPES
+            } else {
+                &[DType::Bf16]
+            };
+            for &dtype in dtypes {
+                match dtype {
+                    DType::F32 => every_plan::<f32>(xent, &stream, rows, vocab),
+                    DType::F16 => every_plan::<f16>(xent, &stream, rows, vocab),
+                    DType::Bf16 => every_plan::<bf16>(xent, &stream, rows, vocab),
                 }
             }
         }
+    }
+}
+
+/// `vocab_sizes_and_row_counts_match_reference`'s case of `rows x vocab` in `T`: the CPU
+/// reference once, then every plan against it (a forced plan whose row does not fit in shared
+/// memory must say so).
+fn every_plan<T: xent::Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    rows: usize,
+    vocab: usize,
+) {
+    let mut case = Case::new(rows, vocab);
+    case.seed = (rows * 1_000_003 + vocab) as u64;
+    let reference =
+        xent_tests::Reference::<T, i64>::of_case(&case).unwrap_or_else(|msg| panic!("{msg}"));
+    for plan in [
+        PlanChoice::Auto,
+        PlanChoice::Fused,
+        PlanChoice::Chunked { chunk_len: None },
+        PlanChoice::Split { chunk_len: None },
+    ] {
+        case.opts.plan = plan;
+        let fits = xent.plan_for(&case.shape, T::DTYPE, &case.opts);
+        if fits.is_err() && plan != PlanChoice::Auto {
+            // A row too long for shared memory: the forced plan must say so.
+            assert!(matches!(fits, Err(Error::PlanDoesNotFit(_))), "{fits:?}");
+            continue;
+        }
+        let outcome = reference
+            .check(xent, stream, &case)
+            .unwrap_or_else(|msg| panic!("{msg}"));
+        eprintln!(
+            "{rows:>5} x {vocab:>6} {:<4} {plan:?}: loss {:.6} (ref {:.6}), worst grad err {:.2} of tol",
+            T::DTYPE.name(),
+            outcome.loss_gpu,
+            outcome.loss_cpu,
+            outcome.max_grad_err_over_tol
+        );
     }
 }
 

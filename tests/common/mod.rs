@@ -334,85 +334,132 @@ pub fn run_logits<T: Element, L: Label>(
     logits: Vec<T>,
     labels: Vec<L>,
 ) -> Result<Outcome, String> {
-    let shape = case.shape;
-    let context = |what: &str| format!("{what} in {case:?} ({} logits)", T::DTYPE.name());
+    let reference = Reference::new(case, logits, labels)?;
+    reference.check(xent, stream, case)
+}
 
-    let mut d_logits = stream
-        .clone_htod(&logits)
-        .map_err(|e| context(&e.to_string()))?;
-    let d_labels = stream
-        .clone_htod(&labels)
-        .map_err(|e| context(&e.to_string()))?;
-    let loss = xent
-        .forward_backward(stream, &mut d_logits, &d_labels, shape, &case.opts)
-        .map_err(|e| context(&e.to_string()))?;
-    let loss_gpu = loss.read().map_err(|e| context(&e.to_string()))? as f64;
-    let row_loss = loss.read_row_loss().map_err(|e| context(&e.to_string()))?;
-    let row_lse = loss.read_row_lse().map_err(|e| context(&e.to_string()))?;
-    let grad: Vec<T> = stream
-        .clone_dtoh(&d_logits)
-        .map_err(|e| context(&e.to_string()))?;
+/// A case's inputs and the CPU reference's results on them, computed once: the reference does not
+/// depend on the plan, so a test can check every plan against one (`check`), which saves the
+/// reference's time at large shapes.
+pub struct Reference<T: Element, L: Label> {
+    logits: Vec<T>,
+    labels: Vec<L>,
+    expected: cpu::CpuLoss,
+    /// The reference's gradient, rounded to `T` as the GPU writes it.
+    grad: Vec<T>,
+}
 
-    let mut reference = logits;
-    let expected = cpu::forward_backward(&mut reference, &labels, shape, &case.opts)
-        .map_err(|e| context(&e.to_string()))?;
-
-    let n_valid = loss.n_valid().map_err(|e| context(&e.to_string()))? as usize;
-    if n_valid != expected.n_valid {
-        return Err(context(&format!(
-            "n_valid {n_valid} != {}",
-            expected.n_valid
-        )));
+impl<T: Element, L: Label + FromI64> Reference<T, L> {
+    /// The reference for `case`'s random logits and labels.
+    pub fn of_case(case: &Case) -> Result<Reference<T, L>, String> {
+        Reference::new(
+            case,
+            random_logits(&case.shape, case.seed),
+            case_labels(case),
+        )
     }
-    let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
-    if !same(
-        loss_gpu,
-        expected.loss,
-        total_loss_tol(&expected, &case.opts),
-    ) {
-        return Err(context(&format!(
-            "loss {loss_gpu} != reference {}",
-            expected.loss
-        )));
+}
+
+impl<T: Element, L: Label> Reference<T, L> {
+    /// The reference on `logits` and `labels` with `case`'s shape and options (its plan unused).
+    pub fn new(case: &Case, logits: Vec<T>, labels: Vec<L>) -> Result<Reference<T, L>, String> {
+        let mut grad = logits.clone();
+        let expected = cpu::forward_backward(&mut grad, &labels, case.shape, &case.opts)
+            .map_err(|e| format!("reference of {case:?}: {e}"))?;
+        Ok(Reference {
+            logits,
+            labels,
+            expected,
+            grad,
+        })
     }
-    for r in 0..shape.rows() {
-        let (l, e) = (row_loss[r] as f64, expected.row_loss[r]);
-        if !same(l, e, loss_tol(e)) {
-            return Err(context(&format!("row {r}: loss {l} != reference {e}")));
+
+    /// Runs `case` (its shape and options as the reference's, any plan) on the GPU and compares
+    /// everything with the reference: loss, per-row loss and lse, every gradient element, and the
+    /// untouched stride padding. Returns a message on mismatch.
+    pub fn check(
+        &self,
+        xent: &CrossEntropy,
+        stream: &std::sync::Arc<CudaStream>,
+        case: &Case,
+    ) -> Result<Outcome, String> {
+        let shape = case.shape;
+        let context = |what: &str| format!("{what} in {case:?} ({} logits)", T::DTYPE.name());
+        let expected = &self.expected;
+
+        let mut d_logits = stream
+            .clone_htod(&self.logits)
+            .map_err(|e| context(&e.to_string()))?;
+        let d_labels = stream
+            .clone_htod(&self.labels)
+            .map_err(|e| context(&e.to_string()))?;
+        let loss = xent
+            .forward_backward(stream, &mut d_logits, &d_labels, shape, &case.opts)
+            .map_err(|e| context(&e.to_string()))?;
+        let loss_gpu = loss.read().map_err(|e| context(&e.to_string()))? as f64;
+        let row_loss = loss.read_row_loss().map_err(|e| context(&e.to_string()))?;
+        let row_lse = loss.read_row_lse().map_err(|e| context(&e.to_string()))?;
+        let grad: Vec<T> = stream
+            .clone_dtoh(&d_logits)
+            .map_err(|e| context(&e.to_string()))?;
+
+        let n_valid = loss.n_valid().map_err(|e| context(&e.to_string()))? as usize;
+        if n_valid != expected.n_valid {
+            return Err(context(&format!(
+                "n_valid {n_valid} != {}",
+                expected.n_valid
+            )));
         }
-        let (l, e) = (row_lse[r] as f64, expected.row_lse[r]);
-        if !same(l, e, loss_tol(e)) {
-            return Err(context(&format!("row {r}: lse {l} != reference {e}")));
+        let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
+        if !same(
+            loss_gpu,
+            expected.loss,
+            total_loss_tol(expected, &case.opts),
+        ) {
+            return Err(context(&format!(
+                "loss {loss_gpu} != reference {}",
+                expected.loss
+            )));
         }
-    }
-    check_option_outputs(&loss, &expected, &case.opts).map_err(|e| context(&e))?;
-    let scale = grad_tol_scale(&case.opts, &expected);
-    let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
-    let mut worst = 0.0f64;
-    for (i, (g, e)) in grad.iter().zip(&reference).enumerate() {
-        let (g, e) = (g.to_f64(), e.to_f64());
-        let in_row = i % shape.row_stride < shape.vocab;
-        if !in_row {
-            if g != PAD {
-                return Err(context(&format!("padding element {i} changed to {g}")));
+        for r in 0..shape.rows() {
+            let (l, e) = (row_loss[r] as f64, expected.row_loss[r]);
+            if !same(l, e, loss_tol(e)) {
+                return Err(context(&format!("row {r}: loss {l} != reference {e}")));
             }
-            continue;
-        }
-        match grad_error(g, e, rtol, atol) {
-            Ok(ratio) => worst = worst.max(ratio),
-            Err((err, tol)) => {
-                let (r, j) = (i / shape.row_stride, i % shape.row_stride);
-                return Err(context(&format!(
-                    "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
-                )));
+            let (l, e) = (row_lse[r] as f64, expected.row_lse[r]);
+            if !same(l, e, loss_tol(e)) {
+                return Err(context(&format!("row {r}: lse {l} != reference {e}")));
             }
         }
+        check_option_outputs(&loss, expected, &case.opts).map_err(|e| context(&e))?;
+        let scale = grad_tol_scale(&case.opts, expected);
+        let (rtol, atol) = (grad_rtol(T::DTYPE), grad_atol(T::DTYPE, scale));
+        let mut worst = 0.0f64;
+        for (i, (g, e)) in grad.iter().zip(&self.grad).enumerate() {
+            let (g, e) = (g.to_f64(), e.to_f64());
+            let in_row = i % shape.row_stride < shape.vocab;
+            if !in_row {
+                if g != PAD {
+                    return Err(context(&format!("padding element {i} changed to {g}")));
+                }
+                continue;
+            }
+            match grad_error(g, e, rtol, atol) {
+                Ok(ratio) => worst = worst.max(ratio),
+                Err((err, tol)) => {
+                    let (r, j) = (i / shape.row_stride, i % shape.row_stride);
+                    return Err(context(&format!(
+                        "grad[{r}, {j}] = {g:e}, reference {e:e}, |diff| {err:e} > tol {tol:e}"
+                    )));
+                }
+            }
+        }
+        Ok(Outcome {
+            loss_gpu,
+            loss_cpu: expected.loss,
+            max_grad_err_over_tol: worst,
+        })
     }
-    Ok(Outcome {
-        loss_gpu,
-        loss_cpu: expected.loss,
-        max_grad_err_over_tol: worst,
-    })
 }
 
 /// Runs `case` for one dtype chosen at run time.
