@@ -334,8 +334,23 @@ pub fn grad_from_t<const N: usize>(
     let mut g = [0.0; N];
     for i in 0..n {
         let p = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2));
-        g[i] = prim::fma(p, c.a, -c.k) * prim::fma(-t[i], t[i], 1.0);
+        g[i] = capped_term(p, t[i], c);
     }
+    capped_label(&mut g, &t, n, first, label, c);
+    g
+}
+
+/// The soft cap's gradient of one element from its softmax `p` and `t = tanh(x / cap)`:
+/// `(p·a - k)·(1 - t²)` ([`capped_label`] adds the label's `-b·(1 - t²)`).
+#[inline(always)]
+fn capped_term(p: f32, t: f32, c: &Coef) -> f32 {
+    prim::fma(p, c.a, -c.k) * prim::fma(-t, t, 1.0)
+}
+
+/// Subtracts `b·(1 - t²)` from the label's element of `g` (elements `first, first + 1, ...`),
+/// if the label is among them: one compare per vector.
+#[inline(always)]
+fn capped_label<const N: usize>(g: &mut [f32; N], t: &[f32; N], n: usize, first: u32, label: u32, c: &Coef) {
     if label.wrapping_sub(first) < n as u32 {
         for i in 0..n {
             if first + i as u32 == label {
@@ -343,7 +358,6 @@ pub fn grad_from_t<const N: usize>(
             }
         }
     }
-    g
 }
 
 /// The largest soft cap whose capped logits the per-row kernels sum against the fixed reference
@@ -621,23 +635,16 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
     g
 }
 
-/// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]):
-/// `(p·a - k - [j = c]·b)·(1 - t²)`, `t = y / cap`; the label's `b` in the vector holding it.
+/// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]), with
+/// `p = 2^(y·log2(e) - lse2)` and `t = y / cap` (see [`capped_term`]).
 #[inline(always)]
 pub fn grad_capped<const N: usize>(y: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
-    let mut g = [0.0; N];
+    let (mut g, mut t) = ([0.0; N], [0.0; N]);
     for i in 0..n {
         let p = prim::ex2(prim::fma(y[i], LOG2_E, -c.lse2));
-        let t = y[i] * c.inv_cap;
-        g[i] = prim::fma(p, c.a, -c.k) * prim::fma(-t, t, 1.0);
+        t[i] = y[i] * c.inv_cap;
+        g[i] = capped_term(p, t[i], c);
     }
-    if label.wrapping_sub(first) < n as u32 {
-        for i in 0..n {
-            if first + i as u32 == label {
-                let t = y[i] * c.inv_cap;
-                g[i] -= c.b * prim::fma(-t, t, 1.0);
-            }
-        }
-    }
+    capped_label(&mut g, &t, n, first, label, c);
     g
 }

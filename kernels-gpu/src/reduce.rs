@@ -50,21 +50,19 @@ impl Lse2 {
     /// maximum: one FMA and one `ex2` per element, summed as a tree. NaN inputs make `s` NaN.
     #[inline(always)]
     pub fn add_fixed<const N: usize>(&mut self, t: &[f32; N], n: usize, scale: f32) {
-        let mut e = [0.0f32; N];
-        for i in 0..n {
-            e[i] = prim::ex2(prim::fma(t[i], scale, -self.m));
+        self.s += sum_exp2_scaled(t, n, scale, self.m);
+    }
+
+    /// Adds values already in log2 units, `v[..n]` (-inf for none): the running maximum raised
+    /// to theirs and the terms summed as a tree ([`add`](Self::add) takes natural logits).
+    #[inline(always)]
+    pub fn add_log2<const N: usize>(&mut self, v: &[f32; N], n: usize) {
+        let m = self.m.max(max_of(v, n));
+        if m == f32::NEG_INFINITY {
+            return;
         }
-        self.s += match n {
-            8 => ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])),
-            4 => (e[0] + e[1]) + (e[2] + e[3]),
-            _ => {
-                let mut s = e[0];
-                for &v in &e[1..n] {
-                    s += v;
-                }
-                s
-            }
-        };
+        self.s = prim::fma(self.s, prim::ex2(self.m - m), sum_exp2_scaled(v, n, 1.0, m));
+        self.m = m;
     }
 
     /// Raises the running maximum to cover natural logits whose maximum is `max_natural`,
@@ -147,21 +145,18 @@ pub fn sum_of<const N: usize>(x: &[f32; N], n: usize) -> f32 {
 /// summed as a tree.
 #[inline(always)]
 pub fn sum_exp2<const N: usize>(x: &[f32; N], n: usize, m: f32) -> f32 {
+    sum_exp2_scaled(x, n, LOG2_E, m)
+}
+
+/// `sum 2^(x * scale - m)` over `x[..n]` (`n` 1, 4 or 8), one FMA and one `ex2` per element,
+/// summed as a tree.
+#[inline(always)]
+pub fn sum_exp2_scaled<const N: usize>(x: &[f32; N], n: usize, scale: f32, m: f32) -> f32 {
     let mut e = [0.0f32; N];
     for i in 0..n {
-        e[i] = prim::ex2(prim::fma(x[i], LOG2_E, -m));
+        e[i] = prim::ex2(prim::fma(x[i], scale, -m));
     }
-    match n {
-        8 => ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7])),
-        4 => (e[0] + e[1]) + (e[2] + e[3]),
-        _ => {
-            let mut s = e[0];
-            for &v in &e[1..n] {
-                s += v;
-            }
-            s
-        }
-    }
+    sum_of(&e, n)
 }
 
 /// Butterfly merge over the 32 lanes of a warp; every lane gets the result.

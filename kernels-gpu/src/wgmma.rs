@@ -13,82 +13,45 @@
 //! products wrong, those two offsets swapped is the first suspect.
 
 use crate::abi::LseGemmParams;
+use crate::lse_gemm::{BK, BM, Share, quad_merge};
 use crate::prim::{self, thread_idx};
+use crate::reduce::Lse2;
 use core::f32::consts::LOG2_E;
 
-const BM: u32 = 128;
-const BN: u32 = 128;
-const BK: u32 = 64;
 /// Bytes of one operand's tile in one stage (no padding: the core-matrix layout).
 const TILE_BYTES: u32 = BM * BK * 2;
 /// Core-matrix offsets: along `D` (leading) and along the rows (stride).
 const LEADING: u32 = 128;
 const STRIDE: u32 = 1024;
 
-/// Issues the copies of one stage: for each operand, 128 rows x 8 pieces of 16 bytes, piece
-/// (row `r`, `D` group `j`) to core matrix (`r / 8`, `j`), row `r % 8`.
+/// Where piece (row `r`, `D` group `j`) of a tile goes: core matrix (`r / 8`, `j`), row `r % 8`.
 #[inline(always)]
-unsafe fn load_stage(p: &LseGemmParams, a_base: u32, row0: u32, col0: u32, k0: u32, col_end: u32) {
-    let b_base = a_base + TILE_BYTES;
-    let mut i = thread_idx();
-    while i < BM * (BK / 8) {
-        let (r, j) = (i / (BK / 8), i % (BK / 8));
-        let dst = (8 * (r / 8) + j) * 128 + (r % 8) * 16;
-        let k = (k0 + 8 * j) as u64;
-        let row = row0 + r;
-        let a_src = p.hidden + ((row.min(p.n_rows - 1) as u64) * p.dim as u64 + k) * 2;
-        unsafe { prim::cp_async_16(a_base + dst, a_src, row < p.n_rows) };
-        let col = col0 + r;
-        let b_src = p.weight + ((col.min(p.vocab - 1) as u64) * p.dim as u64 + k) * 2;
-        unsafe { prim::cp_async_16(b_base + dst, b_src, col < col_end) };
-        i += prim::block_dim();
-    }
+fn core_matrix(r: u32, j: u32) -> u32 {
+    (8 * (r / 8) + j) * LEADING + (r % 8) * 16
 }
 
-/// Launch: as `xent_lse_gemm_bf16` (`row_blocks · splits` CTAs of 256 threads, block `b`: row
-/// block `b % row_blocks`, range `b / row_blocks`), dynamic shared memory `4 · TILE_BYTES`
-/// (65536 bytes).
+/// Launch: as `xent_lse_gemm_bf16` (`row_blocks · splits` CTAs of 256 threads, see
+/// [`Share`]), dynamic shared memory `4 · TILE_BYTES` (65536 bytes).
 #[inline(always)]
 pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
     let tid = thread_idx();
     let (warpgroup, warp, lane) = (tid / 128, (tid / 32) % 4, tid % 32);
-    let row_blocks = p.n_rows.div_ceil(BM).max(1);
-    let block = prim::block_idx();
-    let (rb, split) = (block % row_blocks, block / row_blocks);
-    let row0 = rb * BM;
-    let col_begin = split * p.vocab_per_split;
-    let col_end = (col_begin + p.vocab_per_split).min(p.vocab);
+    let share = Share::of(p);
     let smem = prim::smem_base();
+    let stage = |s: u32| (smem + s * 2 * TILE_BYTES, smem + s * 2 * TILE_BYTES + TILE_BYTES);
     let (g, q) = (lane / 4, lane % 4);
-    // The thread's two rows of its warpgroup's 64: `16·warp + g` and 8 further.
-    let mut run_m = [f32::NEG_INFINITY; 2];
-    let mut run_s = [0.0f32; 2];
-    let k_steps = (p.dim / BK).max(1);
-    let tiles = if col_end > col_begin { (col_end - col_begin).div_ceil(BN) } else { 0 };
-    let total = tiles * k_steps;
+    // The thread's two rows of its warpgroup's 64: `16·warp + g` and 8 further, in log2 units.
+    let mut run = [Lse2::EMPTY; 2];
     let mut acc = [0.0f32; 64];
-    if total > 0 {
-        unsafe { load_stage(p, smem, row0, col_begin, 0, col_end) };
-    }
-    prim::cp_async_commit();
+    unsafe { share.start(p, stage, core_matrix) };
     let mut it = 0;
-    while it < total {
-        let (tile, ks) = (it / k_steps, it % k_steps);
-        let col0 = col_begin + tile * BN;
-        if it + 1 < total {
-            let (next_tile, next_ks) = ((it + 1) / k_steps, (it + 1) % k_steps);
-            let next_base = smem + ((it + 1) % 2) * 2 * TILE_BYTES;
-            unsafe { load_stage(p, next_base, row0, col_begin + next_tile * BN, next_ks * BK, col_end) };
-            prim::cp_async_commit();
-            prim::cp_async_wait_one();
-        } else {
-            prim::cp_async_wait_all();
-        }
+    while it < share.total {
+        let (col0, k0) = share.step(it);
+        unsafe { share.advance(p, it, stage, core_matrix) };
         // This thread's copies, then everyone's, visible to the MMA's async proxy.
         prim::fence_proxy_async_shared();
         prim::sync_threads();
-        let a_base = smem + (it % 2) * 2 * TILE_BYTES;
-        let b_base = a_base + TILE_BYTES;
+        let (a_base, b_base) = stage(it % 2);
         // The warpgroup's 64 rows: 8 row groups of 8 core matrices.
         let a_rows = a_base + warpgroup * 8 * STRIDE;
         prim::wgmma_fence();
@@ -97,14 +60,14 @@ pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
             // Each k16 step is two core matrices along `D`.
             let desc_a = prim::wgmma_desc(a_rows + kk * 2 * LEADING, LEADING, STRIDE);
             let desc_b = prim::wgmma_desc(b_base + kk * 2 * LEADING, LEADING, STRIDE);
-            prim::wgmma_m64n128k16_bf16(&mut acc, desc_a, desc_b, ks > 0 || kk > 0);
+            prim::wgmma_m64n128k16_bf16(&mut acc, desc_a, desc_b, k0 > 0 || kk > 0);
             kk += 1;
         }
         prim::wgmma_commit();
         prim::wgmma_wait_all();
         // Every warpgroup done with this stage before the next step's copies overwrite it.
         prim::sync_threads();
-        if ks == k_steps - 1 {
+        if k0 + BK == share.k_steps * BK {
             // Accumulator `4·j + 2·h + e`: row `16·warp + g + 8·h`, class `8·j + 2·q + e`.
             let first = col0 + 2 * q;
             crate::each!(h in [0, 1] => {
@@ -113,34 +76,22 @@ pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
                     crate::each!(jj in [0, 1, 2, 3] => {
                         let j = 4 * quarter + jj;
                         crate::each!(e in [0, 1] => {
-                            if first + ((8 * j + e) as u32) < col_end {
+                            if first + ((8 * j + e) as u32) < share.col_end {
                                 vals[2 * jj + e] = acc[4 * j + 2 * h + e] * LOG2_E;
                             }
                         });
                     });
-                    crate::lse_gemm::fold(&mut run_m[h], &mut run_s[h], &vals);
+                    run[h].add_log2(&vals, 8);
                 });
             });
         }
         it += 1;
     }
     crate::each!(h in [0, 1] => {
-        crate::each!(mask in [1, 2] => {
-            let om = prim::shfl_xor_f32(run_m[h], mask as u32);
-            let os = prim::shfl_xor_f32(run_s[h], mask as u32);
-            crate::lse_gemm::merge(&mut run_m[h], &mut run_s[h], om, os);
-        });
+        run[h] = quad_merge(run[h]);
+        if q == 0 {
+            let row = share.row0 + 64 * warpgroup + 16 * warp + g + 8 * h as u32;
+            unsafe { share.store(p, row, run[h]) };
+        }
     });
-    if q == 0 {
-        crate::each!(h in [0, 1] => {
-            let row = row0 + 64 * warpgroup + 16 * warp + g + 8 * h as u32;
-            if row < p.n_rows {
-                let out = p.partials + ((split as u64 * p.n_rows as u64 + row as u64) * 2) * 4;
-                unsafe {
-                    prim::st_global_u32(out, run_m[h].to_bits());
-                    prim::st_global_u32(out + 4, run_s[h].to_bits());
-                }
-            }
-        });
-    }
 }
