@@ -107,7 +107,7 @@ pub fn command(root: &Path, args: &[String]) -> Result<()> {
             .iter()
             .map(|op| {
                 body.iter()
-                    .filter(|i| opcode(i).starts_with(op))
+                    .filter(|i| is_op(opcode(i), op))
                     .count()
                     .to_string()
             })
@@ -144,6 +144,16 @@ fn instructions(sass: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether `opcode` is `op`: the whole name before its first `.` (`LDS` is not `LDSM`), or with
+/// `op`'s own suffix (`MUFU.EX2`).
+fn is_op(opcode: &str, op: &str) -> bool {
+    if op.contains('.') {
+        opcode == op || opcode.starts_with(&format!("{op}."))
+    } else {
+        opcode.split('.').next() == Some(op)
+    }
 }
 
 /// Whether an entry of [`instructions`] is a label, not an instruction.
@@ -211,5 +221,8 @@ mod tests {
         assert_eq!(loops(&instructions), vec![Loop { start: 1, end: 4 }]);
         assert_eq!(opcode(&instructions[4]), "BRA");
         assert_eq!(opcode(&instructions[3]), "MUFU.EX2");
+        assert!(is_op("LDS.128", "LDS") && !is_op("LDSM.16.M88.4", "LDS"));
+        assert!(is_op("MUFU.EX2", "MUFU.EX2") && !is_op("MUFU.RCP", "MUFU.EX2"));
+        assert!(!is_op("LDGSTS.E.BYPASS.128", "LDG"));
     }
 }
