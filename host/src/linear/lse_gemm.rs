@@ -3,8 +3,8 @@
 //! `xent_lse_gemm_bf16` multiplies tiles of 128 rows by 128 classes with `mma.sync` (bf16 in,
 //! f32 accumulated) and folds each tile into the rows' running (max, sum) in registers. It is the
 //! forward's expensive half; the loss also needs each row's label logit (one dot product a row)
-//! and the gradients. Its rate against cuBLASLt's GEMM alone is what `cargo bench --bench
-//! lse_gemm` reports.
+//! and the gradients. Its rate against cuBLASLt's GEMM alone is what `cargo bench -p xent
+//! --bench lse_gemm` reports.
 
 use std::sync::Arc;
 
