@@ -380,20 +380,31 @@ pub unsafe fn class_weight(o: &OptParams, col: u32) -> f32 {
 /// holding the label compares element by element.
 #[inline(always)]
 pub fn beats_label<const N: usize>(ctx: &RowCtx, x: &[f32; N], n: usize, first: u32) -> u32 {
+    beats_label_given_max(ctx, x, n, first, max_nan_of(x, n))
+}
+
+/// The NaN-propagating maximum of `x[..n]` (a tree for 8).
+#[inline(always)]
+pub fn max_nan_of<const N: usize>(x: &[f32; N], n: usize) -> f32 {
+    if N == 8 && n == 8 {
+        let a = prim::max_nan(prim::max_nan(x[0], x[1]), prim::max_nan(x[2], x[3]));
+        let b = prim::max_nan(prim::max_nan(x[4], x[5]), prim::max_nan(x[6], x[7]));
+        prim::max_nan(a, b)
+    } else {
+        let mut m = x[0];
+        for &v in &x[1..n] {
+            m = prim::max_nan(m, v);
+        }
+        m
+    }
+}
+
+/// [`beats_label`] with the vector's NaN-propagating maximum `m` ([`max_nan_of`]) given.
+#[inline(always)]
+pub fn beats_label_given_max<const N: usize>(ctx: &RowCtx, x: &[f32; N], n: usize, first: u32, m: f32) -> u32 {
     let xl = ctx.x_label;
     let end = first + n as u32;
     if end <= ctx.label || first > ctx.label {
-        let m = if N == 8 && n == 8 {
-            let a = prim::max_nan(prim::max_nan(x[0], x[1]), prim::max_nan(x[2], x[3]));
-            let b = prim::max_nan(prim::max_nan(x[4], x[5]), prim::max_nan(x[6], x[7]));
-            prim::max_nan(a, b)
-        } else {
-            let mut m = x[0];
-            for &v in &x[1..n] {
-                m = prim::max_nan(m, v);
-            }
-            m
-        };
         let beats = if end <= ctx.label {
             // `!(m < xl)`: some element is at least `xl`, or NaN (then `m` is NaN).
             if xl.is_nan() { m.is_nan() } else { !(m < xl) }

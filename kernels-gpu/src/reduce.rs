@@ -65,6 +65,22 @@ impl Lse2 {
         self.m = m;
     }
 
+    /// [`add`](Self::add) with the NaN-propagating maximum of `x[..n]` given (token accuracy has
+    /// it already) and the terms summed as a tree: a NaN maximum leaves `m` as it was, and the
+    /// NaN term makes `s` NaN.
+    #[inline(always)]
+    pub fn add_given_max<const N: usize>(&mut self, x: &[f32; N], n: usize, local: f32) {
+        let m = self.m.max(local * LOG2_E);
+        if m == f32::NEG_INFINITY {
+            if local.is_nan() {
+                self.s = f32::NAN;
+            }
+            return;
+        }
+        self.s = prim::fma(self.s, prim::ex2(self.m - m), sum_exp2(x, n, m));
+        self.m = m;
+    }
+
     /// Raises the running maximum to cover natural logits whose maximum is `max_natural`,
     /// rescaling the sum. False while the maximum is still -inf (nothing to add but NaNs).
     #[inline(always)]

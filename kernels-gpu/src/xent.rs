@@ -925,6 +925,13 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         if M::OPTS && o.label_smoothing != 0.0 {
             acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&y, n));
         }
+        if M::ACCURACY && !M::CAP && o.row_correct != 0 && n == 8 {
+            // One NaN-propagating maximum for both the compare and the sum.
+            let mx = opts::max_nan_of(&x, n);
+            acc.wrong += opts::beats_label_given_max(ctx, &x, n, ctx.col0 + start, mx);
+            acc.lse.add_given_max(&x, n, mx);
+            return x;
+        }
         if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
