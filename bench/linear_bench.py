@@ -5,9 +5,9 @@ markdown table per config at the end.
 
 Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflops``),
 ``xent_linear`` (xent.torch.FusedLinearCrossEntropyLoss at its default chunk budget),
-``xent_linear_small`` (chunks of 224 rows: at most Liger's memory),
-``xent_linear_small[rows=256,workspace=256K]`` (Liger's chunk, within its memory with cuBLASLt's
-workspace at 256 KiB: ``XENT_GEMM_WORKSPACE``), ``xent_linear[rows=R]`` (the
+``xent_linear_small`` (Liger's memory: chunks of exactly Liger's rows, 256 at 8192 x 4096 x
+128256, with cuBLASLt's workspace at 64 KiB through ``XENT_CHUNK_ROWS`` and
+``XENT_GEMM_WORKSPACE``), ``xent_linear[rows=R]`` (the
 time-memory curve), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
 overlapped), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits, autograd's
 two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
@@ -16,13 +16,25 @@ two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_f
 Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scaled so the mean
 per-row entropy is about 2.5 nats; recorded as ``entropy``).
 
-Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2,...]
+Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2@W,...]
+                                [--profile]
+
+``--curve`` entries are budgets of ``R`` rows per chunk (rounded as the library rounds them),
+``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
+workspace at ``W`` bytes (``4M``, ``256K``), then ``:serial`` for the gradient GEMMs on one
+stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``) and ``:tune``
+for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
+timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
+splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only) with one step under
+``torch.profiler``: its kernels by GPU time (cuBLASLt's included: CUPTI sees every launch of the
+process), to see where a method's time over the GEMMs goes.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -73,10 +85,22 @@ def peaked_scale(h, w, target=2.5):
     return math.sqrt(lo * hi)
 
 
+def size_bytes(text):
+    """``256K``, ``4M`` or a plain number of bytes."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def liger_chunk_rows(n, d, v):
+    """Rows of Liger's chunk (``LigerFusedLinearCrossEntropyFunction``'s rule)."""
+    rows = math.ceil(n / math.ceil(v / d))
+    return 1 << (rows - 1).bit_length()
+
+
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows, serial=False, workspace=None):
+    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
@@ -84,23 +108,50 @@ def xent_methods(v, curve):
                 os.environ["XENT_LINEAR_OVERLAP"] = "0"
             if workspace is not None:  # cuBLASLt's workspace in bytes (default: 4 to 32 MiB)
                 os.environ["XENT_GEMM_WORKSPACE"] = str(workspace)
+            if exact:  # chunks of exactly `rows` rows, not rounded to whole tiles
+                os.environ["XENT_CHUNK_ROWS"] = str(rows)
+            if algo is not None:  # cuBLASLt's algo-th heuristic result for every GEMM
+                os.environ["XENT_GEMM_ALGO"] = str(algo)
+            if tune:  # the fastest of cuBLASLt's candidates, timed on the first call of a shape
+                os.environ["XENT_GEMM_TUNE"] = "1"
             try:
                 loss_fn(w, h, y).backward()
             finally:
-                os.environ.pop("XENT_LINEAR_OVERLAP", None)
-                os.environ.pop("XENT_GEMM_WORKSPACE", None)
+                for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
+                             "XENT_GEMM_TUNE"):
+                    os.environ.pop(name, None)
 
         return run
 
     out["xent_linear"] = with_rows(None)
     out["xent_linear[serial]"] = with_rows(None, serial=True)
-    # At most Liger's memory (63 MiB at 8192 x 128256: its 256-row chunk): 224-row chunks
-    # (54.8 MiB) and cuBLASLt's 4 MiB.
-    out["xent_linear_small"] = with_rows(224)
-    # Liger's memory with Liger's chunk: 256 rows (62.6 MiB) and a 256 KiB workspace.
-    out["xent_linear_small[rows=256,workspace=256K]"] = with_rows(256, workspace=256 << 10)
-    for rows in curve:
-        out[f"xent_linear[rows={rows}]"] = with_rows(rows)
+    # Liger's memory: Liger's own chunk (next power of two of N / ceil(V / D) rows: 256 at
+    # 8192 x 4096 x 128256, 512 at 16384), exactly, with cuBLASLt's workspace at 64 KiB.
+    def small(tune):
+        fns = {}
+
+        def run(h, w, y):
+            rows = liger_chunk_rows(h.shape[0], w.shape[1], v)
+            fns.setdefault(rows, with_rows(rows, workspace=64 << 10, exact=True, tune=tune))(h, w, y)
+
+        return run
+
+    out["xent_linear_small"] = small(False)
+    out["xent_linear_small[tuned]"] = small(True)
+    out["xent_linear[tuned]"] = with_rows(None, tune=True)
+    for entry in curve:  # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I
+        spec, *flags = entry.split(":")
+        rows, _, ws = spec.partition("@")
+        exact = rows.startswith("=")
+        rows = rows.lstrip("=")
+        serial = "serial" in flags
+        tune = "tune" in flags
+        algo = next((int(f[5:]) for f in flags if f.startswith("algo=")), None)
+        name = f"xent_linear[rows={'=' if exact else ''}{rows}" + "".join(
+            [f",workspace={ws}" if ws else "", ",serial" if serial else "", f",algo={algo}" if algo is not None else "",
+             ",tuned" if tune else ""]) + "]"
+        out[name] = with_rows(int(rows), serial=serial, workspace=size_bytes(ws) if ws else None, exact=exact,
+                              algo=algo, tune=tune)
 
     def xent_unfused(h, w, y):
         xt.cross_entropy(h @ w.T, y, ignore_index=-100).backward()
@@ -114,9 +165,10 @@ def main():
     ap.add_argument("--configs", default="8192:4096:128256,16384:4096:128256")
     ap.add_argument("--only", default="")
     ap.add_argument("--curve", default="256,512,1024,2048")
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    only = set(filter(None, a.only.split(",")))
-    curve = [int(r) for r in a.curve.split(",") if r]
+    only = set(filter(None, re.split(r",(?![^\[]*\])", a.only)))
+    curve = [r for r in a.curve.split(",") if r]
     torch.manual_seed(0)
     peers = peers_linear.methods() if peers_linear is not None else {}
     for cfg in a.configs.split(","):
@@ -162,8 +214,34 @@ def main():
                     row = {"method": name, "input": inp, "n": n, "d": d, "v": v, "error": repr(ex)[:200]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if a.profile and inp == "random" and "ms_median" in row:
+                    profile(name, step)
                 torch.cuda.empty_cache()
         table(rows)
+
+
+def profile(name, step):
+    """One step of ``name`` under torch.profiler: its GPU kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for item in prof.key_averages():
+        us = getattr(item, "self_device_time_total", None)
+        if us is None:
+            us = getattr(item, "self_cuda_time_total", 0)
+        if us > 0:
+            kernels[item.key] = [item.count, us]
+    total = sum(us for _, us in kernels.values())
+    print(f"#### profile {name}: {total / 1e3:.3f} ms of GPU kernels in one step")
+    print("| kernel | calls | ms | share |")
+    print("| --- | --- | --- | --- |")
+    for kname, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"| {kname[:110]} | {calls} | {us / 1e3:.3f} | {100 * us / max(total, 1e-9):.1f}% |")
+    sys.stdout.flush()
 
 
 def table(rows):

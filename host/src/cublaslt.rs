@@ -7,8 +7,11 @@
 //! On the H200 (PyTorch's `nvidia/cu13/lib/libcublasLt.so.13`), `tests/gemm.rs` checks each of the
 //! linear path's GEMM shapes against f64, and `tests/linear.rs` the whole path.
 
+use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use cudarc::cublaslt::sys as lt;
 use libloading::Library;
@@ -139,6 +142,10 @@ pub struct CublasLt {
     handle: lt::cublasLtHandle_t,
     /// The file that loaded.
     path: PathBuf,
+    /// The algorithm timed fastest for each GEMM shape tuned ([`CublasLt::set_tuning`]).
+    tuned: Mutex<HashMap<TuneKey, lt::cublasLtMatmulAlgo_t>>,
+    /// [`CublasLt::set_tuning`]: 0 follows [`tuning_env`], 1 off, 2 on.
+    tune: AtomicU8,
     /// Kept loaded while `fns` point into it; dropped last.
     _lib: Library,
 }
@@ -247,6 +254,8 @@ impl CublasLt {
                     fns,
                     handle,
                     path,
+                    tuned: Mutex::new(HashMap::new()),
+                    tune: AtomicU8::new(0),
                     _lib: lib,
                 })
             }
@@ -264,6 +273,41 @@ impl CublasLt {
     /// The file that loaded.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Autotuning of this handle's GEMMs: `Some(true)` on, `Some(false)` off, `None` (the
+    /// default) as `XENT_GEMM_TUNE` says ([`tuning_env`]). When on, the first GEMM of each shape
+    /// (operands' sizes, types, layouts and alignments, bias, workspace) with `beta` 0, outside
+    /// graph capture, runs each of cuBLASLt's first [`MAX_ALGOS`] heuristic choices
+    /// [`TUNE_RUNS`] times, timed with events (the host waits for them), and the fastest serves
+    /// every later GEMM of that shape, `beta` 1 included (the weight gradient's accumulation
+    /// takes the algorithm its first chunk timed). Shapes met first with `beta` 1 keep
+    /// cuBLASLt's first choice until a `beta` 0 GEMM of theirs comes. Off by default: the first
+    /// call of each shape waits, and a choice made by timing may differ between processes, and
+    /// with it the rounding of the sums.
+    pub fn set_tuning(&self, on: Option<bool>) {
+        self.tune.store(
+            match on {
+                None => 0,
+                Some(false) => 1,
+                Some(true) => 2,
+            },
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether this handle's GEMMs are tuned now ([`set_tuning`](Self::set_tuning)).
+    pub fn tuning(&self) -> bool {
+        match self.tune.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => tuning_env(),
+        }
+    }
+
+    /// How many GEMM shapes have a tuned algorithm.
+    pub fn tuned_shapes(&self) -> usize {
+        self.tuned.lock().map_or(0, |tuned| tuned.len())
     }
 
     /// Enqueues `gemm` on `stream` with `workspace` (address, bytes; cuBLASLt picks an algorithm
@@ -389,62 +433,205 @@ impl CublasLt {
                 "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
             )?;
         }
-        // SAFETY: a plain C struct of integers; all zero is a valid value to be overwritten.
-        let mut result: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
-        let mut found: c_int = 0;
-        check(
-            unsafe {
-                (f.heuristic)(
-                    self.handle,
-                    desc,
-                    lb,
-                    la,
-                    ld,
-                    ld,
-                    pref,
-                    1,
-                    &mut result,
-                    &mut found,
-                )
-            },
-            "cublasLtMatmulAlgoGetHeuristic",
-        )?;
-        if found == 0 {
-            return Err(Error::Driver(format!(
-                "cuBLASLt has no algorithm for a [{m}, {k}] x [{k}, {n}] GEMM within {} bytes of \
-                 workspace",
-                workspace.1
-            )));
-        }
-        let out = gemm.out.ptr as *mut c_void;
-        check(
-            unsafe {
-                (f.matmul)(
-                    self.handle,
-                    desc,
-                    (&gemm.alpha as *const f32).cast(),
-                    gemm.b.ptr as *const c_void,
-                    lb,
-                    gemm.a.ptr as *const c_void,
-                    la,
-                    (&gemm.beta as *const f32).cast(),
-                    out,
-                    ld,
-                    out,
-                    ld,
-                    &result.algo,
-                    workspace.0 as *mut c_void,
-                    workspace.1,
-                    stream as lt::cudaStream_t,
-                )
-            },
-            "cublasLtMatmul",
-        )?;
+        let key = TuneKey::of(gemm, workspace.1);
+        let tune = self.tuning();
+        let cached = match tune {
+            true => self
+                .tuned
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&key)
+                .copied(),
+            false => None,
+        };
+        // SAFETY (every `matmul` call below): the caller's contract on the operands, workspace
+        // and stream; `desc` and the layouts describe them.
+        let run = |algo: &lt::cublasLtMatmulAlgo_t| unsafe {
+            (f.matmul)(
+                self.handle,
+                desc,
+                (&gemm.alpha as *const f32).cast(),
+                gemm.b.ptr as *const c_void,
+                lb,
+                gemm.a.ptr as *const c_void,
+                la,
+                (&gemm.beta as *const f32).cast(),
+                gemm.out.ptr as *const c_void,
+                ld,
+                gemm.out.ptr as *mut c_void,
+                ld,
+                algo,
+                workspace.0 as *mut c_void,
+                workspace.1,
+                stream as lt::cudaStream_t,
+            )
+        };
+        let algo = match cached {
+            Some(algo) => algo,
+            None => {
+                let pick = algo_override();
+                // SAFETY: plain C structs of integers; all zero is a valid value to overwrite.
+                let mut results: [lt::cublasLtMatmulHeuristicResult_t; MAX_ALGOS] =
+                    unsafe { std::mem::zeroed() };
+                let wanted = if tune { MAX_ALGOS } else { pick + 1 };
+                let mut found: c_int = 0;
+                check(
+                    unsafe {
+                        (f.heuristic)(
+                            self.handle,
+                            desc,
+                            lb,
+                            la,
+                            ld,
+                            ld,
+                            pref,
+                            wanted as c_int,
+                            results.as_mut_ptr(),
+                            &mut found,
+                        )
+                    },
+                    "cublasLtMatmulAlgoGetHeuristic",
+                )?;
+                if found <= 0 {
+                    return Err(Error::Driver(format!(
+                        "cuBLASLt has no algorithm for a [{m}, {k}] x [{k}, {n}] GEMM within {} \
+                         bytes of workspace",
+                        workspace.1
+                    )));
+                }
+                let found = &results[..found as usize];
+                // Timing runs the GEMM several times: only when that leaves the result as one
+                // run would (beta 0: D is overwritten, not added to) and nothing is captured.
+                if tune && gemm.beta == 0.0 && !capturing(stream)? {
+                    let best = fastest(found, &run, stream)?;
+                    self.tuned.lock().map_err(|_| poisoned())?.insert(key, best);
+                    best
+                } else {
+                    found[pick.min(found.len() - 1)].algo
+                }
+            }
+        };
+        check(run(&algo), "cublasLtMatmul")?;
         drop(pref_guard);
         drop(layouts_guard);
         drop(guard);
         Ok(())
     }
+}
+
+/// Heuristic results asked for at most ([`algo_override`], [`tuning`]).
+pub const MAX_ALGOS: usize = 8;
+
+/// Timed runs of each candidate when tuning (after one untimed run).
+pub const TUNE_RUNS: usize = 3;
+
+/// `XENT_GEMM_TUNE=1`: autotuning on for every handle left at its default
+/// ([`CublasLt::set_tuning`]).
+pub fn tuning_env() -> bool {
+    std::env::var_os("XENT_GEMM_TUNE").is_some_and(|v| v == "1")
+}
+
+/// What makes two GEMMs the same problem for cuBLASLt: shapes, types, layouts, alignments,
+/// epilogue and workspace (not the addresses beyond their alignment, not alpha or beta).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct TuneKey {
+    operands: [(usize, usize, usize, bool, u8, u32); 3],
+    bias: bool,
+    workspace: usize,
+}
+
+impl TuneKey {
+    fn of(gemm: &Gemm, workspace: usize) -> TuneKey {
+        let o = |o: &Operand| {
+            let dtype = match o.dtype {
+                DType::F32 => 0,
+                DType::F16 => 1,
+                DType::Bf16 => 2,
+            };
+            (o.rows, o.cols, o.ld, o.transposed, dtype, alignment(o))
+        };
+        TuneKey {
+            operands: [o(&gemm.a), o(&gemm.b), o(&gemm.out)],
+            bias: gemm.bias != 0,
+            workspace,
+        }
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Driver("cuBLASLt's tuning cache: a thread panicked holding it".into())
+}
+
+/// Whether `stream` is capturing a graph (where nothing may wait).
+fn capturing(stream: cudarc::driver::sys::CUstream) -> Result<bool> {
+    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    // SAFETY: the caller's stream, valid per `matmul`'s contract.
+    let status = unsafe { cudarc::driver::result::stream::is_capturing(stream) }
+        .map_err(|err| Error::Driver(format!("cuStreamIsCapturing: {err}")))?;
+    Ok(status != Status::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// The candidate of `found` whose runs through `run` on `stream` take the least time (one untimed
+/// run, then [`TUNE_RUNS`] between two events); candidates that fail to run are skipped, and
+/// the heuristic's first choice is kept when none ran.
+fn fastest(
+    found: &[lt::cublasLtMatmulHeuristicResult_t],
+    run: &dyn Fn(&lt::cublasLtMatmulAlgo_t) -> Status,
+    stream: cudarc::driver::sys::CUstream,
+) -> Result<lt::cublasLtMatmulAlgo_t> {
+    use cudarc::driver::result::event;
+    fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+        move |err| Error::Driver(format!("{what}: {err}"))
+    }
+    let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let start = event::create(flags).map_err(driver("cuEventCreate"))?;
+    let end = event::create(flags).map_err(driver("cuEventCreate"));
+    let end = match end {
+        Ok(end) => end,
+        Err(err) => {
+            // SAFETY: made above, used by nothing.
+            let _ = unsafe { event::destroy(start) };
+            return Err(err);
+        }
+    };
+    let mut best = (f32::INFINITY, found[0].algo);
+    let timed = (|| -> Result<()> {
+        for candidate in found {
+            if run(&candidate.algo) != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                continue;
+            }
+            // SAFETY: events and stream of the current context.
+            unsafe {
+                event::record(start, stream).map_err(driver("cuEventRecord"))?;
+                for _ in 0..TUNE_RUNS {
+                    check(run(&candidate.algo), "cublasLtMatmul")?;
+                }
+                event::record(end, stream).map_err(driver("cuEventRecord"))?;
+                event::synchronize(end).map_err(driver("cuEventSynchronize"))?;
+                let ms = event::elapsed(start, end).map_err(driver("cuEventElapsedTime"))?;
+                if ms < best.0 {
+                    best = (ms, candidate.algo);
+                }
+            }
+        }
+        Ok(())
+    })();
+    // SAFETY: both events were made above; the last wait covered every record.
+    unsafe {
+        let _ = event::destroy(start);
+        let _ = event::destroy(end);
+    }
+    timed.map(|()| best.1)
+}
+
+/// `XENT_GEMM_ALGO=i` makes every GEMM use cuBLASLt's `i`-th heuristic result (0 is its first
+/// choice; the last it has when it has fewer; at most 7), for measuring whether another algorithm
+/// is faster for a shape. Unset: 0.
+fn algo_override() -> usize {
+    std::env::var("XENT_GEMM_ALGO")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(0, |i| i.min(MAX_ALGOS - 1))
 }
 
 /// The alignment in bytes an operand keeps on every row: the largest power of two, at most 256,

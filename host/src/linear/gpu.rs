@@ -207,7 +207,8 @@ impl CrossEntropy {
     ) -> Result<LinearScratchLens> {
         call.validate(opts)?;
         let (rows, v) = (call.shape.rows(), call.shape.vocab);
-        let chunk = chunk_rows(rows, v, call.dtype, budget_bytes);
+        let chunk =
+            chunk_override(rows).unwrap_or_else(|| chunk_rows(rows, v, call.dtype, budget_bytes));
         let loss_workspace_len = match pass {
             LinearPass::Backward { .. } => 0,
             _ => self.chunk_plans(call, opts, chunk)?.2,
@@ -548,6 +549,16 @@ fn workspace_for(logits: usize) -> usize {
         Some(bytes) => bytes.max(GEMM_HEADER_BYTES),
         None => gemm_workspace_bytes(logits),
     }
+}
+
+/// `XENT_CHUNK_ROWS=R` makes every chunk `R` rows (at most `rows`), whatever the budget, for
+/// measuring chunkings that [`chunk_rows`]'s rounding to whole tiles would not pick.
+fn chunk_override(rows: usize) -> Option<usize> {
+    let r = std::env::var("XENT_CHUNK_ROWS")
+        .ok()?
+        .parse::<usize>()
+        .ok()?;
+    (r > 0).then(|| r.min(rows.max(1)))
 }
 
 /// `Fused` calls whose chunks hold fewer rows take the vocabulary-blocked backward: below this,
