@@ -360,25 +360,31 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     labels[5] = -100;
     labels[40] = -100;
     let mut failures = Vec::new();
-    for (name, opts) in option_sets() {
-        let opts = match opts.weight {
-            Some(_) => Options {
-                weight: Some((0..1003).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
-                ..opts
-            },
-            None => opts,
-        };
-        // Budgets: every row in one chunk, and chunks of 16 rows (the last one shorter).
-        for budget in [None, Some(16 * 1003 * 2)] {
-            for with_bias in [false, true] {
-                let result = check_linear::<xent::half::bf16>(
-                    xent, &blas, shape, with_bias, &labels, &opts, budget,
-                )
-                .and_then(|()| {
-                    check_linear::<f32>(xent, &blas, shape, with_bias, &labels, &opts, budget)
-                });
-                if let Err(msg) = result {
-                    failures.push(format!("{name} budget {budget:?} bias {with_bias}: {msg}"));
+    // cuBLASLt's first choices, then the algorithms its tuning times fastest (`set_tuning`).
+    for tuned in [false, true] {
+        blas.set_tuning(Some(tuned));
+        for (name, opts) in option_sets() {
+            let opts = match opts.weight {
+                Some(_) => Options {
+                    weight: Some((0..1003).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
+                    ..opts
+                },
+                None => opts,
+            };
+            // Budgets: every row in one chunk, and chunks of 16 rows (the last one shorter).
+            for budget in [None, Some(16 * 1003 * 2)] {
+                for with_bias in [false, true] {
+                    let result = check_linear::<xent::half::bf16>(
+                        xent, &blas, shape, with_bias, &labels, &opts, budget,
+                    )
+                    .and_then(|()| {
+                        check_linear::<f32>(xent, &blas, shape, with_bias, &labels, &opts, budget)
+                    });
+                    if let Err(msg) = result {
+                        failures.push(format!(
+                            "{name} budget {budget:?} bias {with_bias} tuned {tuned}: {msg}"
+                        ));
+                    }
                 }
             }
         }
@@ -396,20 +402,25 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     const { assert!(448 >= linear::ROW_SCHEME_MIN_ROWS) };
     let mut labels: Vec<i64> = (0..900).map(|r| (r * 31) % 203).collect();
     labels[100] = -100;
-    for (name, opts) in option_sets() {
-        let opts = match opts.weight {
-            Some(_) => Options {
-                weight: Some((0..203).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
-                ..opts
-            },
-            None => opts,
-        };
-        for with_bias in [false, true] {
-            let result = check_linear::<xent::half::bf16>(
-                xent, &blas, shape, with_bias, &labels, &opts, budget,
-            );
-            if let Err(msg) = result {
-                failures.push(format!("rows scheme, {name} bias {with_bias}: {msg}"));
+    for tuned in [false, true] {
+        blas.set_tuning(Some(tuned));
+        for (name, opts) in option_sets() {
+            let opts = match opts.weight {
+                Some(_) => Options {
+                    weight: Some((0..203).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
+                    ..opts
+                },
+                None => opts,
+            };
+            for with_bias in [false, true] {
+                let result = check_linear::<xent::half::bf16>(
+                    xent, &blas, shape, with_bias, &labels, &opts, budget,
+                );
+                if let Err(msg) = result {
+                    failures.push(format!(
+                        "rows scheme, {name} bias {with_bias} tuned {tuned}: {msg}"
+                    ));
+                }
             }
         }
     }

@@ -281,7 +281,8 @@ impl CublasLt {
     /// graph capture, runs each of cuBLASLt's first [`MAX_ALGOS`] heuristic choices
     /// [`TUNE_RUNS`] times, timed with events (the host waits for them), and the fastest serves
     /// every later GEMM of that shape, `beta` 1 included (the weight gradient's accumulation
-    /// takes the algorithm its first chunk timed). Shapes met first with `beta` 1 keep
+    /// takes the algorithm its first chunk timed). With a 16-bit output only algorithms that
+    /// reduce split sums in f32 are candidates (no extra rounding to the output's type). Shapes met first with `beta` 1 keep
     /// cuBLASLt's first choice until a `beta` 0 GEMM of theirs comes. Off by default: the first
     /// call of each shape waits, and a choice made by timing may differ between processes, and
     /// with it the rounding of the sums.
@@ -474,6 +475,24 @@ impl CublasLt {
                 let mut results: [lt::cublasLtMatmulHeuristicResult_t; MAX_ALGOS] =
                     unsafe { std::mem::zeroed() };
                 let wanted = if tune { MAX_ALGOS } else { pick + 1 };
+                if tune && gemm.out.dtype != DType::F32 {
+                    // Timing would also pick split-K algorithms that add their partial sums in
+                    // a 16-bit output (in place, or in a workspace of the output's type): one
+                    // rounding per part instead of one in all. Only f32 reductions are candidates.
+                    let mask = lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
+                        as u32;
+                    check(
+                        unsafe {
+                            (f.pref_set)(
+                                pref,
+                                Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                (&mask as *const u32).cast(),
+                                4,
+                            )
+                        },
+                        "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)",
+                    )?;
+                }
                 let mut found: c_int = 0;
                 check(
                     unsafe {
@@ -499,7 +518,21 @@ impl CublasLt {
                         workspace.1
                     )));
                 }
-                let found = &results[..found as usize];
+                let valid = |r: &lt::cublasLtMatmulHeuristicResult_t| {
+                    r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                };
+                let count = results[..found as usize]
+                    .iter()
+                    .take_while(|r| valid(r))
+                    .count();
+                if count == 0 {
+                    return Err(Error::Driver(format!(
+                        "cuBLASLt's first algorithm for a [{m}, {k}] x [{k}, {n}] GEMM is not \
+                         usable: {:?}",
+                        results[0].state
+                    )));
+                }
+                let found = &results[..count];
                 // Timing runs the GEMM several times: only when that leaves the result as one
                 // run would (beta 0: D is overwritten, not added to) and nothing is captured.
                 if tune && gemm.beta == 0.0 && !capturing(stream)? {
