@@ -181,57 +181,61 @@ fn check_gemm<T: Element>(
     }
 }
 
-#[test]
-fn the_gemms_of_linear_cross_entropy_match_f64() {
-    let Some(xent) = gpu() else { return };
-    let lib = match CublasLt::open(&[]) {
-        Ok(lib) => lib,
+/// cuBLASLt on a GPU machine, or `None` (skipped) without one; with `XENT_REQUIRE_GPU=1` a
+/// missing library fails the test.
+fn cublaslt() -> Option<(&'static xent::CrossEntropy, CublasLt)> {
+    let xent = gpu()?;
+    match CublasLt::open(&[]) {
+        Ok(lib) => Some((xent, lib)),
         Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("XENT_REQUIRE_GPU=1 but {err}")
         }
         Err(err) => {
             eprintln!("SKIPPED: {err}");
-            return;
+            None
         }
+    }
+}
+
+/// N = 67 rows, D = 40 features, V = 129 classes.
+const SHAPE: (usize, usize, usize) = (67, 40, 129);
+
+/// The linear path's GEMMs at [`SHAPE`], with `beta`: logits = h·Wᵀ, grad_hidden = G·W and
+/// grad_weight (+)= Gᵀ·h in bf16, the logits in f32 too.
+fn linear_gemms(lib: &CublasLt, xent: &xent::CrossEntropy, beta: f32) {
+    let (rows, d, v) = SHAPE;
+    check_gemm::<bf16>(lib, xent, (rows, d, v), (false, true), beta);
+    check_gemm::<bf16>(lib, xent, (rows, v, d), (false, false), beta);
+    check_gemm::<bf16>(lib, xent, (v, rows, d), (true, false), beta);
+    check_gemm::<f32>(lib, xent, (rows, d, v), (false, true), beta);
+}
+
+#[test]
+fn the_gemms_of_linear_cross_entropy_match_f64() {
+    let Some((xent, lib)) = cublaslt() else {
+        return;
     };
-    // (m, k, n) with N = 67 rows, D = 40 features, V = 129 classes: logits = h·Wᵀ,
-    // grad_hidden = G·W, grad_weight (+)= Gᵀ·h.
-    let (rows, d, v) = (67, 40, 129);
     for beta in [0.0, 1.0] {
-        check_gemm::<bf16>(&lib, xent, (rows, d, v), (false, true), beta);
-        check_gemm::<bf16>(&lib, xent, (rows, v, d), (false, false), beta);
-        check_gemm::<bf16>(&lib, xent, (v, rows, d), (true, false), beta);
-        check_gemm::<f32>(&lib, xent, (rows, d, v), (false, true), beta);
+        linear_gemms(&lib, xent, beta);
     }
 }
 
 #[test]
 fn tuned_gemms_match_f64_and_keep_one_algorithm_per_shape() {
-    let Some(xent) = gpu() else { return };
-    let lib = match CublasLt::open(&[]) {
-        Ok(lib) => lib,
-        Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("XENT_REQUIRE_GPU=1 but {err}")
-        }
-        Err(err) => {
-            eprintln!("SKIPPED: {err}");
-            return;
-        }
+    let Some((xent, lib)) = cublaslt() else {
+        return;
     };
+    let (rows, d, v) = SHAPE;
     // Off: nothing is timed or kept.
     lib.set_tuning(Some(false));
-    check_gemm::<bf16>(&lib, xent, (67, 40, 129), (false, true), 0.0);
+    check_gemm::<bf16>(&lib, xent, (rows, d, v), (false, true), 0.0);
     assert_eq!(lib.tuned_shapes(), 0);
     // On: each shape's beta-0 GEMM times the candidates (each run several times, which must
     // leave the result of one run) and keeps the fastest; the beta-1 GEMMs after it accumulate
     // with that algorithm. Four shapes: the three of the linear path in bf16, one in f32.
     lib.set_tuning(Some(true));
-    let (rows, d, v) = (67, 40, 129);
     for beta in [0.0, 1.0] {
-        check_gemm::<bf16>(&lib, xent, (rows, d, v), (false, true), beta);
-        check_gemm::<bf16>(&lib, xent, (rows, v, d), (false, false), beta);
-        check_gemm::<bf16>(&lib, xent, (v, rows, d), (true, false), beta);
-        check_gemm::<f32>(&lib, xent, (rows, d, v), (false, true), beta);
+        linear_gemms(&lib, xent, beta);
     }
     assert_eq!(lib.tuned_shapes(), 4);
     // A shape met first with beta 1 is not timed (its output would be added to again).
