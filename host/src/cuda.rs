@@ -293,7 +293,7 @@ impl CrossEntropy {
                 dtype,
                 label,
             };
-            let function = self.kernels.get(&kernel)?;
+            let function = self.kernels.get(&kernel.canonical())?;
             let blocks = function
                 .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
                 .ok()?;
@@ -343,7 +343,7 @@ impl CrossEntropy {
             dtype,
             label: "i64",
         };
-        let Some(function) = self.kernels.get(&kernel) else {
+        let Some(function) = self.kernels.get(&kernel.canonical()) else {
             cache.insert(key, None);
             return None;
         };
@@ -375,7 +375,7 @@ impl CrossEntropy {
 
     fn kernel(&self, kernel: Kernel) -> &CudaFunction {
         // Every kernel is loaded in `from_context`, which fails if one is missing.
-        &self.kernels[&kernel]
+        &self.kernels[&kernel.canonical()]
     }
 
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {

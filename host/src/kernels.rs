@@ -98,13 +98,58 @@ impl Kernel {
     }
 }
 
-/// The cross-entropy kernels of `kinds`, in every variant, dtype and label type.
+impl Kernel {
+    /// The kernel that runs this one's work: a variant the kind has no kernel of is served by
+    /// one that does ([`kernel_variant`]).
+    pub(crate) fn canonical(self) -> Kernel {
+        match self {
+            Kernel::Xent {
+                kind,
+                variant,
+                dtype,
+                label,
+            } => Kernel::Xent {
+                kind,
+                variant: kernel_variant(kind, variant),
+                dtype,
+                label,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The variants `kind` has kernels of. The second passes (`chunk_grad`, `backward`) count no
+/// token accuracy, so `acc_` would be `coef_`'s code again (their PTX was the same but for
+/// names); `capacc_` (the soft cap with token accuracy) exists for the cluster and split plans.
+pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
+    match kind {
+        XentKind::Cluster | XentKind::Split => &VARIANTS,
+        XentKind::Fused | XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
+        XentKind::ChunkGrad | XentKind::Backward => &["", "coef_", "cap_", "opt_"],
+    }
+}
+
+/// The variant of `kind` that runs the work of `variant` ([`variants_of`]): `acc_` second
+/// passes are `coef_`; the soft cap with token accuracy takes `opt_` in the fused and chunked
+/// plans (whose two kernels must agree on the partial sums they pass) and `cap_` in the
+/// backward kernel (which counts no accuracy).
+pub(crate) fn kernel_variant(kind: XentKind, variant: &'static str) -> &'static str {
+    match (kind, variant) {
+        (XentKind::ChunkGrad | XentKind::Backward, "acc_") => "coef_",
+        (XentKind::Fused | XentKind::ChunkPartial | XentKind::ChunkGrad, "capacc_") => "opt_",
+        (XentKind::Backward, "capacc_") => "cap_",
+        _ => variant,
+    }
+}
+
+/// The cross-entropy kernels of `kinds`, in every variant each has, dtype and label type.
 pub(crate) fn xent_kernels(kinds: &[XentKind]) -> Vec<Kernel> {
     let mut kernels = Vec::new();
     for dtype in DTYPES {
         for label in LABELS {
             for &kind in kinds {
-                for variant in VARIANTS {
+                for &variant in variants_of(kind) {
                     kernels.push(Kernel::Xent {
                         kind,
                         variant,
@@ -150,12 +195,13 @@ pub(crate) const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
 /// The label types' name suffixes (`Label::NAME`).
 pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 
-/// The cross-entropy kernels come in five variants (name infixes): plain (no loss options),
+/// The cross-entropy kernels come in six variants (name infixes): plain (no loss options),
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
 /// without class weights; the plain kernels' loops and registers), `acc_` (those and token
 /// accuracy, a compare per element in the first pass), `cap_` (those and the soft cap, a
-/// polynomial per element in both passes) and `opt_` (every option, one vector at a time).
-pub(crate) const VARIANTS: [&str; 5] = ["", "coef_", "acc_", "cap_", "opt_"];
+/// polynomial per element in both passes), `capacc_` (those of `cap_` and token accuracy) and
+/// `opt_` (every option, one vector at a time).
+pub(crate) const VARIANTS: [&str; 6] = ["", "coef_", "acc_", "cap_", "capacc_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
 /// option (`coef_`, `acc_`, `cap_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element
@@ -173,11 +219,12 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// or without the token accuracy (the backward kernels never compute it).
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
     // Token accuracy is a compare in the first pass: the per-row kernels with it count it.
-    // The soft cap with token accuracy, and smoothing with class weights, take the kernels that
-    // do every option per element.
+    // Smoothing with class weights takes the kernels that do every option per element.
     let weighted_smoothing = opts.label_smoothing != 0.0 && weighted;
-    if weighted_smoothing || (opts.softcap.is_some() && accuracy) {
+    if weighted_smoothing {
         "opt_"
+    } else if opts.softcap.is_some() && accuracy {
+        "capacc_"
     } else if opts.softcap.is_some() {
         "cap_"
     } else if accuracy {
@@ -242,3 +289,39 @@ pub(crate) type PlanKey = (usize, usize, DType, crate::plan::PlanChoice, &'stati
 
 /// Plans a `CrossEntropy` keeps before it forgets them all (a caller whose shapes never repeat).
 pub(crate) const PLAN_CACHE_MAX: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_of_every_kind_runs_on_a_kernel_that_exists() {
+        let kinds = [
+            XentKind::Fused,
+            XentKind::ChunkPartial,
+            XentKind::ChunkGrad,
+            XentKind::Backward,
+            XentKind::Cluster,
+            XentKind::Split,
+        ];
+        for kind in kinds {
+            for variant in VARIANTS {
+                let runs = kernel_variant(kind, variant);
+                assert!(
+                    variants_of(kind).contains(&runs),
+                    "{kind:?} {variant:?} -> {runs:?}"
+                );
+            }
+            // A variant the kind has runs as itself.
+            for &variant in variants_of(kind) {
+                assert_eq!(kernel_variant(kind, variant), variant, "{kind:?}");
+            }
+        }
+        // The chunked plan's two kernels agree: both per element, or both per row.
+        for variant in VARIANTS {
+            let partial = kernel_variant(XentKind::ChunkPartial, variant);
+            let grad = kernel_variant(XentKind::ChunkGrad, variant);
+            assert_eq!(partial == "opt_", grad == "opt_", "{variant:?}");
+        }
+    }
+}

@@ -909,6 +909,10 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
     ctx: &RowCtx,
 ) -> [f32; 8] {
     if M::CAP && FIXED {
+        if M::ACCURACY && o.row_correct != 0 {
+            // The argmax of the logits as given (`tanh` keeps their order, not their ties).
+            acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
+        }
         let (t, w) = opts::tanh_widest(ctx.inv_cap, &x, n);
         *widest = widest.max(w);
         if o.label_smoothing != 0.0 {
