@@ -5,7 +5,8 @@
 #   run.sh [test] [ARGS...]     every test binary in bin/ (ARGS go to each test harness, e.g. a
 #                               filter), then every example (bin/example-*), then the Python
 #                               package's tests and examples (python/: its wheel installed into a
-#                               scratch folder beside the machine's PyTorch)
+#                               scratch folder beside the machine's PyTorch); XENT_TESTS="options
+#                               linear" runs only those binaries (here and in sanitize mode)
 #   run.sh python [ARGS...]     only the Python package's tests (ARGS go to pytest) and examples
 #   run.sh bench [ARGS...]      the same as test, then every bin/bench-* with --bench ARGS, then
 #                               peers.py and torch_bench.py (the Python package's rows)
@@ -33,8 +34,10 @@
 #                               ARGS go to the bench (e.g. --plan cluster:8:256)
 #
 # Every binary runs under `timeout`, so a hung kernel costs minutes, not the machine. When OUT is
-# set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with one line per
-# binary, `NAME: ok` or `NAME: FAILED(exit code)`, and exits 1 if any failed.
+# set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with the lines a
+# note quotes (case counts, `test result:`, pytest's tally, each panic and the 4 lines after it)
+# and one line per binary,
+# `NAME: ok` or `NAME: FAILED(exit code)`, and exits 1 if any failed.
 set -uo pipefail
 
 mode=test
@@ -88,6 +91,9 @@ run_one() {
   echo "=== $name: $*" | to_log "$log"
   "$@" 2>&1 | tee "$scratch/last.out" | to_log "$log"
   local rc=${PIPESTATUS[0]}
+  # The lines a closing note quotes: case counts, harness results, pytest's tally, panics.
+  { grep -a -E "cases|test result:|[0-9]+ passed|[0-9]+ failed" "$scratch/last.out"
+    grep -a -A4 "panicked" "$scratch/last.out"; } | sed "s|^|$name: |" >> "$scratch/highlights"
   names+=("$name") codes+=("$rc") notes+=("")
   echo "=== $name: exit code $rc" | to_log "$log"
 }
@@ -97,6 +103,13 @@ for bin in bin/*; do
   case ${bin#bin/} in example-* | bench-*) ;; *) tests+=("${bin#bin/}") ;; esac
 done
 if [[ ${#tests[@]} == 0 ]]; then echo "run.sh: no test binaries in $PWD/bin" >&2; exit 2; fi
+# XENT_TESTS="options linear": only those test binaries (and, in test mode, no examples or Python).
+if [[ -n ${XENT_TESTS:-} ]]; then
+  for name in $XENT_TESTS; do
+    [[ -x bin/$name ]] || { echo "run.sh: XENT_TESTS names $name, not a test binary in bin/" >&2; exit 2; }
+  done
+  read -r -a tests <<< "$XENT_TESTS"
+fi
 
 log=tests.log
 case $mode in sanitize | sweep | profile | linear | vocab | multi | precision) log=$mode.log ;; esac
@@ -213,10 +226,12 @@ else
     for name in "${tests[@]}"; do
       run_one "$name" "$log" timeout 600 "./bin/$name" --test-threads=1 "${test_args[@]}"
     done
-    for bin in bin/example-*; do
-      run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
-    done
-    if [[ $mode == test ]]; then run_python; else run_python -x; fi
+    if [[ -z ${XENT_TESTS:-} ]]; then
+      for bin in bin/example-*; do
+        run_one "${bin#bin/}" "$log" timeout 120 "./$bin"
+      done
+      if [[ $mode == test ]]; then run_python; else run_python -x; fi
+    fi
   fi
 fi
 
@@ -240,6 +255,10 @@ if [[ $mode == bench ]]; then
 fi
 
 failed=0
+if [[ -s $scratch/highlights ]]; then
+  echo "=== results ($mode)" | to_log "$log"
+  to_log "$log" < "$scratch/highlights"
+fi
 echo "=== summary ($mode)" | to_log "$log"
 for i in "${!names[@]}"; do
   if [[ ${codes[i]} == 0 ]]; then status=ok; else status="FAILED(${codes[i]})" failed=1; fi
