@@ -53,6 +53,7 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
         for (method, kernel) in [
             ("xent_lse_gemm", LseGemmKernel::MmaSync),
             ("xent_lse_wgmma", LseGemmKernel::Wgmma),
+            ("xent_lse_wgmma_pipe", LseGemmKernel::WgmmaPipelined),
         ] {
             let ms = median_ms(&stream, || {
                 xent.lse_gemm_partials(

@@ -20,7 +20,8 @@ pub const PTX_SM80: &str = include_str!("../ptx/sm_80.ptx");
 /// PTX for sm_90 (H100, H200; the driver JIT-compiles it for newer devices).
 pub const PTX_SM90: &str = include_str!("../ptx/sm_90.ptx");
 /// PTX for sm_90a only (compute capability 9.0 exactly): the warpgroup-MMA prototype
-/// (`xent_lse_wgmma_bf16`, `linear::lse_gemm`), loaded on first use.
+/// (`xent_lse_wgmma_bf16` and its pipelined `xent_lse_wgmma_pipe_bf16`, `linear::lse_gemm`),
+/// loaded on first use.
 pub const PTX_SM90A: &str = include_str!("../ptx/sm_90a.ptx");
 
 /// The cluster-plan entry points, present in the sm_90 PTX only.

@@ -255,4 +255,5 @@ kernels! {
 #[cfg(xent_wgmma)]
 kernels! {
     xent_lse_wgmma_bf16(LseGemmParams) => wgmma::lse_wgmma_bf16;
+    xent_lse_wgmma_pipe_bf16(LseGemmParams) => wgmma::lse_wgmma_pipe_bf16;
 }

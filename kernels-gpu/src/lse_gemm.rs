@@ -68,7 +68,7 @@ impl Share {
     /// (row `r`, `D` group `j`) of the rows' tile to `a_base + place(r, j)`, of the weight's to
     /// `b_base + place(r, j)`; rows and classes past the matrix or the range are zeros.
     #[inline(always)]
-    unsafe fn load(self, p: &LseGemmParams, it: u32, (a_base, b_base): (u32, u32), place: impl Fn(u32, u32) -> u32) {
+    pub(crate) unsafe fn load(self, p: &LseGemmParams, it: u32, (a_base, b_base): (u32, u32), place: impl Fn(u32, u32) -> u32) {
         let (col0, k0) = self.step(it);
         let mut i = thread_idx();
         while i < BM * (BK / 8) {

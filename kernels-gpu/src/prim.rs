@@ -595,6 +595,13 @@ pub fn wgmma_wait_all() {
     unsafe { asm!("wgmma.wait_group.sync.aligned 0;", options(nostack)) };
 }
 
+/// `wgmma.wait_group.sync.aligned 1`: waits for every committed `wgmma` group but the newest.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn wgmma_wait_one() {
+    unsafe { asm!("wgmma.wait_group.sync.aligned 1;", options(nostack)) };
+}
+
 /// `fence.proxy.async.shared::cta`: makes this thread's shared-memory writes (`cp.async` here)
 /// visible to the async proxy that `wgmma` reads through.
 #[cfg(xent_wgmma)]

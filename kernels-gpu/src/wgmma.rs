@@ -4,7 +4,8 @@
 //! rows by the tile (`wgmma` m64n128k16, bf16 in, f32 accumulated, both operands read from
 //! shared memory through descriptors), two stages of 64 along `D` filled by `cp.async` in the
 //! no-swizzle core-matrix layout, then folds the tile into each row's running (max, sum). Same
-//! parameters and output as `xent_lse_gemm_bf16`.
+//! parameters and output as `xent_lse_gemm_bf16`. `xent_lse_wgmma_pipe_bf16` is the same with
+//! four stages, copies two steps ahead and `wgmma`s left in flight ([`lse_wgmma_pipe_bf16`]).
 //!
 //! Shared memory, per stage and operand (128 rows x 64 of `D`, bf16): core matrices of 8 rows x
 //! 8 elements (128 contiguous bytes, row `r % 8` at `16·(r % 8)`), core matrix (row group `i`,
@@ -68,25 +69,37 @@ pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
         // Every warpgroup done with this stage before the next step's copies overwrite it.
         prim::sync_threads();
         if k0 + BK == share.k_steps * BK {
-            // Accumulator `4·j + 2·h + e`: row `16·warp + g + 8·h`, class `8·j + 2·q + e`.
-            let first = col0 + 2 * q;
-            crate::each!(h in [0, 1] => {
-                crate::each!(quarter in [0, 1, 2, 3] => {
-                    let mut vals = [f32::NEG_INFINITY; 8];
-                    crate::each!(jj in [0, 1, 2, 3] => {
-                        let j = 4 * quarter + jj;
-                        crate::each!(e in [0, 1] => {
-                            if first + ((8 * j + e) as u32) < share.col_end {
-                                vals[2 * jj + e] = acc[4 * j + 2 * h + e] * LOG2_E;
-                            }
-                        });
-                    });
-                    run[h].add_log2(&vals, 8);
-                });
-            });
+            fold(&mut run, &acc, col0 + 2 * q, share.col_end);
         }
         it += 1;
     }
+    unsafe { store_rows(p, &share, run, (warpgroup, warp, g, q)) };
+}
+
+/// Folds a finished tile's accumulators into the thread's two rows' running (max, sum):
+/// accumulator `4·j + 2·h + e` is row `16·warp + g + 8·h`, class `first + 8·j + e` (`first` =
+/// the tile's first class + `2·q`); classes from `col_end` on are not the range's.
+#[inline(always)]
+fn fold(run: &mut [Lse2; 2], acc: &[f32; 64], first: u32, col_end: u32) {
+    crate::each!(h in [0, 1] => {
+        crate::each!(quarter in [0, 1, 2, 3] => {
+            let mut vals = [f32::NEG_INFINITY; 8];
+            crate::each!(jj in [0, 1, 2, 3] => {
+                let j = 4 * quarter + jj;
+                crate::each!(e in [0, 1] => {
+                    if first + ((8 * j + e) as u32) < col_end {
+                        vals[2 * jj + e] = acc[4 * j + 2 * h + e] * LOG2_E;
+                    }
+                });
+            });
+            run[h].add_log2(&vals, 8);
+        });
+    });
+}
+
+/// Stores each of the thread's two rows' (max, sum) once its quad has merged them.
+#[inline(always)]
+unsafe fn store_rows(p: &LseGemmParams, share: &Share, mut run: [Lse2; 2], (warpgroup, warp, g, q): (u32, u32, u32, u32)) {
     crate::each!(h in [0, 1] => {
         run[h] = quad_merge(run[h]);
         if q == 0 {
@@ -94,4 +107,73 @@ pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
             unsafe { share.store(p, row, run[h]) };
         }
     });
+}
+
+/// Stages of [`lse_wgmma_pipe_bf16`]'s pipeline, and how many steps ahead its copies run: a
+/// stage is refilled two steps after its `wgmma`s were issued, once a `wait_group 1` and a
+/// barrier say they are done.
+const STAGES: u32 = 4;
+const AHEAD: u32 = STAGES - 2;
+
+/// Launch: as [`lse_wgmma_bf16`], dynamic shared memory `2 · STAGES · TILE_BYTES` (131072
+/// bytes). The same tiles and layout, pipelined: copies run two steps ahead into four stages,
+/// and each step's `wgmma`s stay in flight while the next step's copies are waited for (`wait_group
+/// 1`); only a tile's last step waits for all of them, before its fold.
+#[inline(always)]
+pub unsafe fn lse_wgmma_pipe_bf16(p: &LseGemmParams) {
+    let tid = thread_idx();
+    let (warpgroup, warp, lane) = (tid / 128, (tid / 32) % 4, tid % 32);
+    let share = Share::of(p);
+    let smem = prim::smem_base();
+    let stage = |s: u32| (smem + s * 2 * TILE_BYTES, smem + s * 2 * TILE_BYTES + TILE_BYTES);
+    let (g, q) = (lane / 4, lane % 4);
+    let mut run = [Lse2::EMPTY; 2];
+    let mut acc = [0.0f32; 64];
+    // Steps 0 .. AHEAD, one copy group each (empty past the end, so that the count of groups
+    // in flight is the same at every step).
+    let mut s = 0;
+    while s < AHEAD {
+        if s < share.total {
+            unsafe { share.load(p, s, stage(s % STAGES), core_matrix) };
+        }
+        prim::cp_async_commit();
+        s += 1;
+    }
+    let mut it = 0;
+    while it < share.total {
+        let (col0, k0) = share.step(it);
+        // This thread's copies of step `it` (the one group younger than them may still fly).
+        prim::cp_async_wait_one();
+        prim::fence_proxy_async_shared();
+        // Everyone's copies of step `it` have landed, and every warpgroup's `wgmma`s of step
+        // `it - 2` are done (each waited for all but its newest group before arriving): stage
+        // `(it + AHEAD) % STAGES`, step `it - 2`'s, is free.
+        prim::sync_threads();
+        let ahead = it + AHEAD;
+        if ahead < share.total {
+            unsafe { share.load(p, ahead, stage(ahead % STAGES), core_matrix) };
+        }
+        prim::cp_async_commit();
+        let (a_base, b_base) = stage(it % STAGES);
+        let a_rows = a_base + warpgroup * 8 * STRIDE;
+        prim::wgmma_fence();
+        let mut kk = 0;
+        while kk < BK / 16 {
+            let desc_a = prim::wgmma_desc(a_rows + kk * 2 * LEADING, LEADING, STRIDE);
+            let desc_b = prim::wgmma_desc(b_base + kk * 2 * LEADING, LEADING, STRIDE);
+            prim::wgmma_m64n128k16_bf16(&mut acc, desc_a, desc_b, k0 > 0 || kk > 0);
+            kk += 1;
+        }
+        prim::wgmma_commit();
+        if k0 + BK == share.k_steps * BK {
+            // The tile's last step: its sums are read now.
+            prim::wgmma_wait_all();
+            fold(&mut run, &acc, col0 + 2 * q, share.col_end);
+        } else {
+            prim::wgmma_wait_one();
+        }
+        it += 1;
+    }
+    prim::wgmma_wait_all();
+    unsafe { store_rows(p, &share, run, (warpgroup, warp, g, q)) };
 }

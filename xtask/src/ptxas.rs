@@ -32,14 +32,11 @@ struct FunctionReport {
 /// and fails if ptxas fails or any function spills.
 pub fn report(root: &Path) -> Result<()> {
     let ptxas = ensure_ptxas(root)?;
-    let mut rows = Vec::new();
+    let (mut rows, mut serialised) = (Vec::new(), Vec::new());
     for arch in &ARCHES {
-        rows.extend(compile(
-            root,
-            &ptxas,
-            arch.name,
-            &committed_path(root, arch),
-        )?);
+        let (found, notes) = compile(root, &ptxas, arch.name, &committed_path(root, arch))?;
+        rows.extend(found);
+        serialised.extend(notes);
     }
     let table = format_table(&rows);
     print!("{table}");
@@ -59,17 +56,41 @@ pub fn report(root: &Path) -> Result<()> {
         .filter(|row| row.spill_store_bytes > 0 || row.spill_load_bytes > 0)
         .map(|row| format!("{} ({})", row.name, row.arch))
         .collect();
-    match spilling.is_empty() {
-        true => Ok(()),
-        false => Err(format!(
+    if !spilling.is_empty() {
+        return Err(format!(
             "registers spill to local memory in: {}",
             spilling.join(", ")
+        ));
+    }
+    match serialised.is_empty() {
+        true => Ok(()),
+        false => Err(format!(
+            "ptxas waits for warpgroup MMAs the code leaves in flight:\n{}",
+            serialised.join("\n")
         )),
     }
 }
 
-/// Runs `ptxas -v` on one PTX file into a cubin under `target/ptxas/` and parses its report.
-fn compile(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<Vec<FunctionReport>> {
+/// ptxas' notes that it serialised `wgmma`s or injected a wait for them (C7510-C7520): a
+/// pipelined kernel that gets one runs its MMAs one group at a time, whatever its source says.
+fn wgmma_waits(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| {
+            line.contains("warpgroup.wait is injected")
+                || line.contains("wgmma.mma_async instructions are serialized")
+        })
+        .map(|line| line.trim().to_string())
+        .collect()
+}
+
+/// Runs `ptxas -v` on one PTX file into a cubin under `target/ptxas/` and parses its report,
+/// with its notes of `wgmma`s serialised ([`wgmma_waits`]).
+fn compile(
+    root: &Path,
+    ptxas: &Path,
+    arch: &str,
+    ptx: &Path,
+) -> Result<(Vec<FunctionReport>, Vec<String>)> {
     let cubin_dir = root.join("target/ptxas");
     fs::create_dir_all(&cubin_dir)
         .map_err(|err| format!("cannot create {}: {err}", cubin_dir.display()))?;
@@ -90,7 +111,7 @@ fn compile(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<Vec<Func
             text.trim_end()
         ));
     }
-    Ok(parse_verbose(&text, arch))
+    Ok((parse_verbose(&text, arch), wgmma_waits(&text)))
 }
 
 /// Parses `ptxas -v` output: one row per "Function properties for NAME" block, with the registers
@@ -253,6 +274,17 @@ ptxas info    : Function properties for xent_fused_bf16_i32
 ptxas info    : Used 40 registers, used 1 barriers
 ptxas info    : Compile time = 51.315 ms
 ";
+
+    #[test]
+    fn injected_warpgroup_waits_are_found() {
+        let text = "ptxas info    : (C7517) warpgroup.wait is injected in around line 1998 by \
+                    compiler to allow use of registers defined by GMMA in function 'k'\n\
+                    ptxas info    : Used 122 registers, used 1 barriers\n";
+        let found = wgmma_waits(text);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("ptxas info    : (C7517)"), "{found:?}");
+        assert!(wgmma_waits(SAMPLE).is_empty());
+    }
 
     #[test]
     fn verbose_output_gives_registers_and_spills_per_function() {

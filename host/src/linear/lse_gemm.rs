@@ -30,6 +30,8 @@ pub const DIM_MULTIPLE: usize = 64;
 const SMEM_BYTES: u32 = 2 * 2 * 128 * 72 * 2;
 /// The same for the warpgroup-MMA kernel: two stages of two 128 x 64 bf16 tiles (no padding).
 const WGMMA_SMEM_BYTES: u32 = 2 * 2 * 128 * 64 * 2;
+/// The pipelined `wgmma` kernel's: four stages (one CTA an SM).
+const WGMMA_PIPE_SMEM_BYTES: u32 = 4 * 2 * 128 * 64 * 2;
 
 /// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs: the count (at most
 /// four times what one wave of two CTAs per SM needs, and at most one per tile of 128 classes)
@@ -57,6 +59,23 @@ pub enum LseGemmKernel {
     /// `xent_lse_wgmma_bf16`: Hopper's warpgroup MMA, from the sm_90a PTX (compute capability
     /// 9.0 only; [`Error::UnsupportedComputeCapability`] elsewhere).
     Wgmma,
+    /// `xent_lse_wgmma_pipe_bf16`: the same, pipelined (four stages, copies two steps ahead,
+    /// `wgmma`s left in flight across steps); sm_90a as [`Wgmma`](Self::Wgmma).
+    WgmmaPipelined,
+}
+
+impl LseGemmKernel {
+    /// Every kernel, the sm_90a ones last.
+    pub const ALL: [LseGemmKernel; 3] = [
+        LseGemmKernel::MmaSync,
+        LseGemmKernel::Wgmma,
+        LseGemmKernel::WgmmaPipelined,
+    ];
+
+    /// Whether it lives in the sm_90a module (compute capability 9.0 only).
+    pub fn needs_sm90a(self) -> bool {
+        self != LseGemmKernel::MmaSync
+    }
 }
 
 impl CrossEntropy {
@@ -111,7 +130,10 @@ impl CrossEntropy {
         let blocks = as_u32(row_blocks * splits, "CTAs")?;
         let wgmma = match kernel {
             LseGemmKernel::MmaSync => None,
-            LseGemmKernel::Wgmma => Some(self.wgmma_function()?),
+            LseGemmKernel::Wgmma => Some((&self.wgmma_functions()?.0, WGMMA_SMEM_BYTES)),
+            LseGemmKernel::WgmmaPipelined => {
+                Some((&self.wgmma_functions()?.1, WGMMA_PIPE_SMEM_BYTES))
+            }
         };
         let (hidden_ptr, _h) = hidden.device_ptr(stream);
         let (weight_ptr, _w) = weight.device_ptr(stream);
@@ -134,11 +156,11 @@ impl CrossEntropy {
                 THREADS,
                 SMEM_BYTES,
             ),
-            Some(function) => {
+            Some((function, smem)) => {
                 let cfg = LaunchConfig {
                     grid_dim: (blocks, 1, 1),
                     block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: WGMMA_SMEM_BYTES,
+                    shared_mem_bytes: smem,
                 };
                 // SAFETY: `params` is the parameter block the entry point declares; every address
                 // in it was checked against the shape above.
@@ -148,21 +170,28 @@ impl CrossEntropy {
         }
     }
 
-    /// The sm_90a prototype's function, loading its module the first time.
-    fn wgmma_function(&self) -> Result<&CudaFunction> {
+    /// The sm_90a prototypes' functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`),
+    /// loading their module the first time.
+    fn wgmma_functions(&self) -> Result<&(CudaFunction, CudaFunction)> {
         let loaded = self.wgmma.get_or_init(|| {
-            let load = || -> Result<CudaFunction> {
+            let load = || -> Result<(CudaFunction, CudaFunction)> {
                 let (major, minor) = self.context().compute_capability()?;
                 if (major, minor) != (9, 0) {
                     return Err(Error::UnsupportedComputeCapability { major, minor });
                 }
                 let module = self.context().load_module(Ptx::from_src(PTX_SM90A))?;
-                let function = module.load_function("xent_lse_wgmma_bf16")?;
-                function.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    WGMMA_SMEM_BYTES as i32,
-                )?;
-                Ok(function)
+                let function = |name: &str, smem: u32| -> Result<CudaFunction> {
+                    let function = module.load_function(name)?;
+                    function.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )?;
+                    Ok(function)
+                };
+                Ok((
+                    function("xent_lse_wgmma_bf16", WGMMA_SMEM_BYTES)?,
+                    function("xent_lse_wgmma_pipe_bf16", WGMMA_PIPE_SMEM_BYTES)?,
+                ))
             };
             load().map_err(|err| err.to_string())
         });
