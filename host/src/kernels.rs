@@ -122,7 +122,8 @@ impl Kernel {
 
 /// The variants `kind` has kernels of. The second passes (`chunk_grad`, `backward`) count no
 /// token accuracy, so `acc_` would be `coef_`'s code again (their PTX was the same but for
-/// names); `capacc_` (the soft cap with token accuracy) exists for the cluster and split plans.
+/// names); `capacc_` (the soft cap with token accuracy or class-weighted smoothing) exists for
+/// the cluster and split plans.
 pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
     match kind {
         XentKind::Cluster | XentKind::Split => &VARIANTS,
@@ -132,14 +133,14 @@ pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
 }
 
 /// The variant of `kind` that runs the work of `variant` ([`variants_of`]): `acc_` second
-/// passes are `coef_`; the soft cap with token accuracy takes `opt_` in the fused and chunked
-/// plans (whose two kernels must agree on the partial sums they pass) and `cap_` in the
-/// backward kernel (which counts no accuracy).
+/// passes are `coef_`; `capacc_`'s work (the soft cap with token accuracy or with class-weighted
+/// smoothing) takes `opt_` in the fused and chunked plans (whose two kernels must agree on the
+/// partial sums they pass) and in the backward kernel (the smoothing's per-class weights).
 pub(crate) fn kernel_variant(kind: XentKind, variant: &'static str) -> &'static str {
     match (kind, variant) {
         (XentKind::ChunkGrad | XentKind::Backward, "acc_") => "coef_",
-        (XentKind::Fused | XentKind::ChunkPartial | XentKind::ChunkGrad, "capacc_") => "opt_",
-        (XentKind::Backward, "capacc_") => "cap_",
+        (XentKind::Cluster | XentKind::Split, _) => variant,
+        (_, "capacc_") => "opt_",
         _ => variant,
     }
 }
@@ -200,8 +201,8 @@ pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
 /// without class weights; the plain kernels' loops and registers), `acc_` (those and token
 /// accuracy, a compare per element in the first pass), `cap_` (those and the soft cap, a
-/// polynomial per element in both passes), `capacc_` (those of `cap_` and token accuracy) and
-/// `opt_` (every option, one vector at a time).
+/// polynomial per element in both passes), `capacc_` (those of `cap_` with token accuracy and
+/// smoothing with class weights) and `opt_` (every option, one vector at a time).
 pub(crate) const VARIANTS: [&str; 6] = ["", "coef_", "acc_", "cap_", "capacc_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
@@ -220,12 +221,14 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// or without the token accuracy (the backward kernels never compute it).
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
     // Token accuracy is a compare in the first pass: the per-row kernels with it count it.
-    // Smoothing with class weights takes the kernels that do every option per element.
+    // Smoothing with class weights weights a sum and a gradient term per class: with the soft
+    // cap the `capacc_` kernels do it (as they count the accuracy), without it the kernels that
+    // do every option per element.
     let weighted_smoothing = opts.label_smoothing != 0.0 && weighted;
-    if weighted_smoothing {
-        "opt_"
-    } else if opts.softcap.is_some() && accuracy {
+    if opts.softcap.is_some() && (accuracy || weighted_smoothing) {
         "capacc_"
+    } else if weighted_smoothing {
+        "opt_"
     } else if opts.softcap.is_some() {
         "cap_"
     } else if accuracy {

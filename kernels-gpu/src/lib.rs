@@ -68,8 +68,9 @@ kernels! {
     xent_chunk_grad_f32_i32(XentParams) => xent::chunk_grad::<F32, i32, Plain>;
     xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Plain>;
 
-    // Per-row option variants. Token accuracy with the soft cap (`RowCapAcc`) has cluster and
-    // split kernels only: the host runs the fused and chunked plans' `opt_` kernels for it.
+    // Per-row option variants. The soft cap with token accuracy or class-weighted smoothing
+    // (`RowCapAcc`) has cluster and split kernels only: the host runs `opt_` kernels for it in
+    // the fused and chunked plans and the backward pass.
     xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
     xent_fused_coef_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowConst>;
     xent_fused_acc_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowAcc>;

@@ -40,6 +40,9 @@ pub trait Mode {
     /// The soft cap in the per-row kernels' batched loops (`RowCap`; `Full` applies it in
     /// [`observe`]).
     const CAP: bool = false;
+    /// Label smoothing with class weights in the batched loops (`RowCapAcc`): the smoothing
+    /// sum and the gradient's smoothing term weighted per class, read from `OptParams::weight`.
+    const WSMOOTH: bool = false;
 }
 
 /// No options: the fast kernels.
@@ -78,8 +81,9 @@ impl Mode for RowCap {
     const CAP: bool = true;
 }
 
-/// `RowCap` and token accuracy (`*_capacc_*`): the soft cap's batched loops with the compare of
-/// each logit as given against the label's. Kernels of their own, as `RowAcc`'s are: counting
+/// `RowCap` with token accuracy and label smoothing with class weights (`*_capacc_*`), each on
+/// at run time: the soft cap's batched loops with the compare of each logit as given against the
+/// label's, and the smoothing's sum and gradient term weighted per class. Kernels of their own, as `RowAcc`'s are: counting
 /// it in the `cap_` kernels took them to 72 registers and the soft cap alone from 61.6 to 55.4% of
 /// copy (H200, 8192 x 128256 bf16), where the soft cap with token accuracy in these loops ran at
 /// 52-55% against 23% one vector at a time (`Full`).
@@ -89,6 +93,7 @@ impl Mode for RowCapAcc {
     const FULL: bool = false;
     const ACCURACY: bool = true;
     const CAP: bool = true;
+    const WSMOOTH: bool = true;
 }
 
 /// Every option, read at run time from `OptParams`.
@@ -316,7 +321,7 @@ pub const POLY_WIDEST: f32 = 0.16;
 /// the polynomial (`(x / cap)²` below [`POLY_WIDEST`], from the first pass over them: no check
 /// here): [`grad_from_t`] of `t = u + u·s·q(s)`.
 #[inline(always)]
-pub fn grad_capped_poly<const N: usize>(
+pub fn grad_capped_poly<M: Mode, const N: usize>(
     x: [f32; N],
     n: usize,
     first: u32,
@@ -330,14 +335,14 @@ pub fn grad_capped_poly<const N: usize>(
         let s = u * u;
         t[i] = prim::fma(u * s, tanh_q(s), u);
     }
-    grad_from_t(t, n, first, label, c, cap_log2e)
+    grad_from_t::<M, N>(t, n, first, label, c, cap_log2e)
 }
 
 /// The soft cap's gradient (as [`grad_capped`]) from `t = tanh(x / cap)` itself:
 /// `p = 2^(t·cap·log2(e) - lse2)`, one multiply fewer an element than from `y = cap·t`.
 /// `cap_log2e` is `cap·log2(e)`.
 #[inline(always)]
-pub fn grad_from_t<const N: usize>(
+pub fn grad_from_t<M: Mode, const N: usize>(
     t: [f32; N],
     n: usize,
     first: u32,
@@ -348,17 +353,46 @@ pub fn grad_from_t<const N: usize>(
     let mut g = [0.0; N];
     for i in 0..n {
         let p = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2));
-        g[i] = capped_term(p, t[i], c);
+        g[i] = capped_term(p, t[i], unsafe { smoothing_weight::<M>(c, first + i as u32) }, c);
     }
     capped_label(&mut g, &t, n, first, label, c);
     g
 }
 
-/// The soft cap's gradient of one element from its softmax `p` and `t = tanh(x / cap)`:
-/// `(p·a - k)·(1 - t²)` ([`capped_label`] adds the label's `-b·(1 - t²)`).
+/// The soft cap's gradient of one element from its softmax `p`, `t = tanh(x / cap)` and its
+/// class's smoothing weight `w` ([`smoothing_weight`]): `(p·a - w·k)·(1 - t²)` ([`capped_label`]
+/// adds the label's `-b·(1 - t²)`).
 #[inline(always)]
-fn capped_term(p: f32, t: f32, c: &Coef) -> f32 {
-    prim::fma(p, c.a, -c.k) * prim::fma(-t, t, 1.0)
+fn capped_term(p: f32, t: f32, w: f32, c: &Coef) -> f32 {
+    prim::fma(p, c.a, -(w * c.k)) * prim::fma(-t, t, 1.0)
+}
+
+/// The smoothing term's weight of the element at `first` of the segment whose class 0 is
+/// `c.col0`: its class weight where `M::WSMOOTH` and the row smooths with class weights
+/// (`c.weight`), else 1 (a constant the multiply folds away).
+#[inline(always)]
+unsafe fn smoothing_weight<M: Mode>(c: &Coef, first: u32) -> f32 {
+    if M::WSMOOTH && c.weight != 0 {
+        f32::from_bits(unsafe { prim::ld_global_u32(c.weight + 4 * (c.col0 + first) as u64) })
+    } else {
+        1.0
+    }
+}
+
+/// Label smoothing's share of a summary from the capped values `y[..n]` of columns `col, col +
+/// 1, ...`: `Σ (y_i - y_ref)`, each term times its class weight where `M::WSMOOTH` and there are
+/// class weights.
+#[inline(always)]
+pub unsafe fn smoothing_sum<M: Mode, const N: usize>(o: &OptParams, y: &[f32; N], n: usize, col: u32, y_ref: f32) -> f32 {
+    if M::WSMOOTH && o.weight != 0 {
+        let mut s = 0.0;
+        for i in 0..n {
+            s = prim::fma(unsafe { class_weight(o, col + i as u32) }, y[i] - y_ref, s);
+        }
+        s
+    } else {
+        prim::fma(-(n as f32), y_ref, reduce::sum_of(y, n))
+    }
 }
 
 /// Subtracts `b·(1 - t²)` from the label's element of `g` (elements `first, first + 1, ...`),
@@ -483,6 +517,9 @@ pub struct Coef {
     pub col0: u32,
     /// `1 / cap` (`RowCap` only; 0 otherwise).
     pub inv_cap: f32,
+    /// The class weights' address where the smoothing term is weighted per class in the
+    /// batched loops (`M::WSMOOTH`, smoothing and class weights on); 0 otherwise.
+    pub weight: u64,
 }
 
 /// The count of valid rows, and the mean's divisor of the cross-entropy part.
@@ -522,7 +559,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let mean = p.reduction == REDUCTION_MEAN;
     if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0 };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, weight: 0 };
     }
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
@@ -539,7 +576,8 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
         a = prim::fma(2.0 * o.lse_square_scale * z_scale, lse2 * LN_2, a);
     }
     let inv_cap = if M::CAP { 1.0 / o.softcap } else { 0.0 };
-    Coef { lse2, a, b, k, col0, inv_cap }
+    let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
+    Coef { lse2, a, b, k, col0, inv_cap, weight }
 }
 
 /// `lse - y` for a value `y` of the row summarised by `row` (`m`, the largest `y·log2(e)` rounded,
@@ -641,7 +679,7 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         return g;
     }
     if M::CAP {
-        return grad_capped(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c);
+        return grad_capped::<M, N>(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c);
     }
     let mut g = [0.0; N];
     for i in 0..n {
@@ -663,12 +701,12 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
 /// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]), with
 /// `p = 2^(y·log2(e) - lse2)` and `t = y / cap` (see [`capped_term`]).
 #[inline(always)]
-pub fn grad_capped<const N: usize>(y: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
+pub fn grad_capped<M: Mode, const N: usize>(y: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
     let (mut g, mut t) = ([0.0; N], [0.0; N]);
     for i in 0..n {
         let p = prim::ex2(prim::fma(y[i], LOG2_E, -c.lse2));
         t[i] = y[i] * c.inv_cap;
-        g[i] = capped_term(p, t[i], c);
+        g[i] = capped_term(p, t[i], unsafe { smoothing_weight::<M>(c, first + i as u32) }, c);
     }
     capped_label(&mut g, &t, n, first, label, c);
     g

@@ -215,7 +215,8 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                     let x = T::unpack(words[u as usize]);
                     let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, T::VEC) } else { x };
                     if M::CAP && o.label_smoothing != 0.0 {
-                        acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, reduce::sum_of(&y, T::VEC));
+                        let col = ctx.col0 + seg.vec_start::<T>(v + u * step);
+                        acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, T::VEC, col, ctx.y_ref) };
                     }
                     sums[(u & 1) as usize] += reduce::sum_exp2(&y, T::VEC, acc.lse.m);
                 }
@@ -249,7 +250,7 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
     } else {
         let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[x], 1)[0] } else { x };
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += y - ctx.y_ref;
+            acc.wsum += unsafe { opts::smoothing_sum::<M, 1>(o, &[y], 1, ctx.col0 + j, ctx.y_ref) };
         }
         if M::ACCURACY && o.row_correct != 0 {
             acc.wrong += opts::beats_label(ctx, &[x], 1, ctx.col0 + j);
@@ -916,8 +917,16 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         let (t, w) = opts::tanh_widest(ctx.inv_cap, &x, n);
         *widest = widest.max(w);
         if o.label_smoothing != 0.0 {
-            // Σ y = cap·Σ t.
-            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, o.softcap * reduce::sum_of(&t, n));
+            acc.wsum += if M::WSMOOTH && o.weight != 0 {
+                let mut y = [0.0f32; 8];
+                for i in 0..n {
+                    y[i] = o.softcap * t[i];
+                }
+                unsafe { opts::smoothing_sum::<M, 8>(o, &y, n, ctx.col0 + start, ctx.y_ref) }
+            } else {
+                // Σ y = cap·Σ t.
+                prim::fma(-(n as f32), ctx.y_ref, o.softcap * reduce::sum_of(&t, n))
+            };
         }
         acc.lse.add_fixed(&t, n, acc.lse.m);
         return t;
@@ -927,7 +936,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
     } else {
         let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, n) } else { x };
         if M::OPTS && o.label_smoothing != 0.0 {
-            acc.wsum += prim::fma(-(n as f32), ctx.y_ref, reduce::sum_of(&y, n));
+            acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, n, ctx.col0 + start, ctx.y_ref) };
         }
         if M::ACCURACY && !M::CAP && o.row_correct != 0 && n == 8 {
             // One NaN-propagating maximum for both the compare and the sum.
@@ -1066,9 +1075,9 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
     let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
     let grad = |x: [f32; 8], start: u32| unsafe {
         if keep_t {
-            opts::grad_from_t(x, T::VEC, start, label, c, cap_log2e)
+            opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
         } else if M::CAP && POLY {
-            opts::grad_capped_poly(x, T::VEC, start, label, c, cap_log2e)
+            opts::grad_capped_poly::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
         } else {
             opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c)
         }
@@ -1092,7 +1101,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let g = if keep_t {
-            opts::grad_from_t([f32::from_bits(kept.scalar)], 1, j, label, c, cap_log2e)
+            opts::grad_from_t::<M, 1>([f32::from_bits(kept.scalar)], 1, j, label, c, cap_log2e)
         } else {
             unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) }
         };
