@@ -406,31 +406,32 @@ impl CublasLt {
         let pref_guard = Cleanup(Some(|| unsafe {
             (f.pref_destroy)(pref);
         }));
-        let bytes = workspace.1 as u64;
-        check(
-            unsafe {
-                (f.pref_set)(
-                    pref,
-                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    (&bytes as *const u64).cast(),
-                    8,
-                )
-            },
+        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
+        // One preference attribute from its value's bytes.
+        let set_pref = |attr: Pref, value: &[u8], what: &str| {
+            // SAFETY: `pref` is live until `pref_guard` runs; the value is `value.len()` bytes.
+            check(
+                unsafe { (f.pref_set)(pref, attr, value.as_ptr().cast(), value.len()) },
+                what,
+            )
+        };
+        set_pref(
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &(workspace.1 as u64).to_ne_bytes(),
             "cublasLtMatmulPreferenceSetAttribute",
         )?;
         // cuBLASLt assumes 256-byte aligned matrices unless told otherwise: tell it what each one
         // has (its address and row pitch), so no algorithm needing more is picked. cuBLASLt's A
         // is our B, its B our A.
-        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
         for (attr, o) in [
             (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &gemm.b),
             (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &gemm.a),
             (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &gemm.out),
             (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &gemm.out),
         ] {
-            let align = alignment(o);
-            check(
-                unsafe { (f.pref_set)(pref, attr, (&align as *const u32).cast(), 4) },
+            set_pref(
+                attr,
+                &alignment(o).to_ne_bytes(),
                 "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
             )?;
         }
@@ -481,15 +482,9 @@ impl CublasLt {
                     // rounding per part instead of one in all. Only f32 reductions are candidates.
                     let mask = lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
                         as u32;
-                    check(
-                        unsafe {
-                            (f.pref_set)(
-                                pref,
-                                Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                (&mask as *const u32).cast(),
-                                4,
-                            )
-                        },
+                    set_pref(
+                        Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                        &mask.to_ne_bytes(),
                         "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)",
                     )?;
                 }

@@ -35,12 +35,8 @@ fn core_matrix(r: u32, j: u32) -> u32 {
 /// [`Share`]), dynamic shared memory `4 · TILE_BYTES` (65536 bytes).
 #[inline(always)]
 pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
-    let tid = thread_idx();
-    let (warpgroup, warp, lane) = (tid / 128, (tid / 32) % 4, tid % 32);
+    let me = Place::of_thread();
     let share = Share::of(p);
-    let smem = prim::smem_base();
-    let stage = |s: u32| (smem + s * 2 * TILE_BYTES, smem + s * 2 * TILE_BYTES + TILE_BYTES);
-    let (g, q) = (lane / 4, lane % 4);
     // The thread's two rows of its warpgroup's 64: `16·warp + g` and 8 further, in log2 units.
     let mut run = [Lse2::EMPTY; 2];
     let mut acc = [0.0f32; 64];
@@ -52,28 +48,35 @@ pub unsafe fn lse_wgmma_bf16(p: &LseGemmParams) {
         // This thread's copies, then everyone's, visible to the MMA's async proxy.
         prim::fence_proxy_async_shared();
         prim::sync_threads();
-        let (a_base, b_base) = stage(it % 2);
-        // The warpgroup's 64 rows: 8 row groups of 8 core matrices.
-        let a_rows = a_base + warpgroup * 8 * STRIDE;
-        prim::wgmma_fence();
-        let mut kk = 0;
-        while kk < BK / 16 {
-            // Each k16 step is two core matrices along `D`.
-            let desc_a = prim::wgmma_desc(a_rows + kk * 2 * LEADING, LEADING, STRIDE);
-            let desc_b = prim::wgmma_desc(b_base + kk * 2 * LEADING, LEADING, STRIDE);
-            prim::wgmma_m64n128k16_bf16(&mut acc, desc_a, desc_b, k0 > 0 || kk > 0);
-            kk += 1;
-        }
-        prim::wgmma_commit();
+        mma_step(&mut acc, stage(it % 2), me.warpgroup, k0);
         prim::wgmma_wait_all();
         // Every warpgroup done with this stage before the next step's copies overwrite it.
         prim::sync_threads();
         if k0 + BK == share.k_steps * BK {
-            fold(&mut run, &acc, col0 + 2 * q, share.col_end);
+            fold(&mut run, &acc, col0 + 2 * me.q, share.col_end);
         }
         it += 1;
     }
-    unsafe { store_rows(p, &share, run, (warpgroup, warp, g, q)) };
+    unsafe { store_rows(p, &share, run, me) };
+}
+
+/// Issues and commits the warpgroup's `wgmma`s of one step: its 64 rows of the stage's rows tile
+/// (`a_base`) by the stage's 128 classes (`b_base`), 64 along `D`, added to `acc` except at a
+/// tile's first step (`k0` 0). Returns without waiting for them.
+#[inline(always)]
+fn mma_step(acc: &mut [f32; 64], (a_base, b_base): (u32, u32), warpgroup: u32, k0: u32) {
+    // The warpgroup's 64 rows: 8 row groups of 8 core matrices.
+    let a_rows = a_base + warpgroup * 8 * STRIDE;
+    prim::wgmma_fence();
+    let mut kk = 0;
+    while kk < BK / 16 {
+        // Each k16 step is two core matrices along `D`.
+        let desc_a = prim::wgmma_desc(a_rows + kk * 2 * LEADING, LEADING, STRIDE);
+        let desc_b = prim::wgmma_desc(b_base + kk * 2 * LEADING, LEADING, STRIDE);
+        prim::wgmma_m64n128k16_bf16(acc, desc_a, desc_b, k0 > 0 || kk > 0);
+        kk += 1;
+    }
+    prim::wgmma_commit();
 }
 
 /// Folds a finished tile's accumulators into the thread's two rows' running (max, sum):
@@ -99,14 +102,40 @@ fn fold(run: &mut [Lse2; 2], acc: &[f32; 64], first: u32, col_end: u32) {
 
 /// Stores each of the thread's two rows' (max, sum) once its quad has merged them.
 #[inline(always)]
-unsafe fn store_rows(p: &LseGemmParams, share: &Share, mut run: [Lse2; 2], (warpgroup, warp, g, q): (u32, u32, u32, u32)) {
+unsafe fn store_rows(p: &LseGemmParams, share: &Share, mut run: [Lse2; 2], me: Place) {
     crate::each!(h in [0, 1] => {
         run[h] = quad_merge(run[h]);
-        if q == 0 {
-            let row = share.row0 + 64 * warpgroup + 16 * warp + g + 8 * h as u32;
+        if me.q == 0 {
+            let row = share.row0 + 64 * me.warpgroup + 16 * me.warp + me.g + 8 * h as u32;
             unsafe { share.store(p, row, run[h]) };
         }
     });
+}
+
+/// A thread's place in the CTA: its warpgroup (64 rows each), its warp in it, and its lane's
+/// row (`g`, and 8 further) and column pair (`2·q`) in the MMA's accumulator fragments.
+#[derive(Clone, Copy)]
+struct Place {
+    warpgroup: u32,
+    warp: u32,
+    g: u32,
+    q: u32,
+}
+
+impl Place {
+    #[inline(always)]
+    fn of_thread() -> Place {
+        let tid = thread_idx();
+        let lane = tid % 32;
+        Place { warpgroup: tid / 128, warp: (tid / 32) % 4, g: lane / 4, q: lane % 4 }
+    }
+}
+
+/// Stage `s`'s two tiles in shared memory: the rows' and the weight's.
+#[inline(always)]
+fn stage(s: u32) -> (u32, u32) {
+    let base = prim::smem_base() + s * 2 * TILE_BYTES;
+    (base, base + TILE_BYTES)
 }
 
 /// Stages of [`lse_wgmma_pipe_bf16`]'s pipeline, and how many steps ahead its copies run: a
@@ -121,12 +150,8 @@ const AHEAD: u32 = STAGES - 2;
 /// 1`); only a tile's last step waits for all of them, before its fold.
 #[inline(always)]
 pub unsafe fn lse_wgmma_pipe_bf16(p: &LseGemmParams) {
-    let tid = thread_idx();
-    let (warpgroup, warp, lane) = (tid / 128, (tid / 32) % 4, tid % 32);
+    let me = Place::of_thread();
     let share = Share::of(p);
-    let smem = prim::smem_base();
-    let stage = |s: u32| (smem + s * 2 * TILE_BYTES, smem + s * 2 * TILE_BYTES + TILE_BYTES);
-    let (g, q) = (lane / 4, lane % 4);
     let mut run = [Lse2::EMPTY; 2];
     let mut acc = [0.0f32; 64];
     // Steps 0 .. AHEAD, one copy group each (empty past the end, so that the count of groups
@@ -154,26 +179,16 @@ pub unsafe fn lse_wgmma_pipe_bf16(p: &LseGemmParams) {
             unsafe { share.load(p, ahead, stage(ahead % STAGES), core_matrix) };
         }
         prim::cp_async_commit();
-        let (a_base, b_base) = stage(it % STAGES);
-        let a_rows = a_base + warpgroup * 8 * STRIDE;
-        prim::wgmma_fence();
-        let mut kk = 0;
-        while kk < BK / 16 {
-            let desc_a = prim::wgmma_desc(a_rows + kk * 2 * LEADING, LEADING, STRIDE);
-            let desc_b = prim::wgmma_desc(b_base + kk * 2 * LEADING, LEADING, STRIDE);
-            prim::wgmma_m64n128k16_bf16(&mut acc, desc_a, desc_b, k0 > 0 || kk > 0);
-            kk += 1;
-        }
-        prim::wgmma_commit();
+        mma_step(&mut acc, stage(it % STAGES), me.warpgroup, k0);
         if k0 + BK == share.k_steps * BK {
             // The tile's last step: its sums are read now.
             prim::wgmma_wait_all();
-            fold(&mut run, &acc, col0 + 2 * q, share.col_end);
+            fold(&mut run, &acc, col0 + 2 * me.q, share.col_end);
         } else {
             prim::wgmma_wait_one();
         }
         it += 1;
     }
     prim::wgmma_wait_all();
-    unsafe { store_rows(p, &share, run, (warpgroup, warp, g, q)) };
+    unsafe { store_rows(p, &share, run, me) };
 }
