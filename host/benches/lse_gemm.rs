@@ -1,8 +1,9 @@
 //! The GEMM + log-sum-exp prototypes (`xent::linear::lse_gemm`, issue 12's "beyond": `mma.sync`
 //! and, on compute capability 9.0, `wgmma`) against cuBLASLt's forward GEMM alone on the same
 //! inputs, timed with CUDA events (median of 10 after 3 warm-ups), one JSON line each: `method`
-//! (`xent_lse_gemm`, `xent_lse_wgmma`, `gemm`), `n`, `d`, `v`, `dtype`,
-//! `ms_median`, `tflops` (counting `2·N·D·V`). The prototype writes no logits (its partial
+//! (`xent_lse_gemm`, `xent_lse_wgmma`, `xent_lse_wgmma_pipe`, `gemm`), `n`, `d`, `v`, `dtype`,
+//! `ms_median`, `tflops` (counting `2·N·D·V`), `splits` (the vocabulary ranges, for the CTAs
+//! each kernel keeps resident: `auto_splits_for`). The prototypes write no logits (their partial
 //! (max, sum) pairs are `N·splits·8` bytes); the GEMM writes all `N·V` of them in bf16.
 //!
 //! `cargo bench -p xent --bench lse_gemm` (no arguments of its own: `run.sh bench`'s are
@@ -15,7 +16,7 @@ use xent::cublaslt::{CublasLt, Gemm, Operand};
 use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use xent::half::bf16;
-use xent::linear::lse_gemm::{LseGemmKernel, auto_splits};
+use xent::linear::lse_gemm::{LseGemmKernel, auto_splits_for};
 use xent::{CrossEntropy, DType};
 
 /// (N, D, V): issue 12's shapes.
@@ -47,14 +48,21 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
         let d_h = stream.clone_htod(&h)?;
         let d_w = stream.clone_htod(&w)?;
         drop((h, w));
-        let splits = auto_splits(n, v, xent.limits().sm_count);
-        let mut partials = stream.alloc_zeros::<f32>(splits * n * 2)?;
+        let sm = xent.limits().sm_count;
+        // Room for the most ranges any kernel takes.
+        let most = LseGemmKernel::ALL
+            .iter()
+            .map(|k| auto_splits_for(n, v, sm, k.ctas_per_sm()))
+            .max()
+            .unwrap_or(1);
+        let mut partials = stream.alloc_zeros::<f32>(most * n * 2)?;
         let mut rows = Vec::new();
         for (method, kernel) in [
             ("xent_lse_gemm", LseGemmKernel::MmaSync),
             ("xent_lse_wgmma", LseGemmKernel::Wgmma),
             ("xent_lse_wgmma_pipe", LseGemmKernel::WgmmaPipelined),
         ] {
+            let splits = auto_splits_for(n, v, sm, kernel.ctas_per_sm());
             let ms = median_ms(&stream, || {
                 xent.lse_gemm_partials(
                     &stream,
@@ -68,7 +76,7 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
                 Ok(())
             });
             match ms {
-                Ok(ms) => rows.push((method, ms)),
+                Ok(ms) => rows.push((method, ms, splits)),
                 // The sm_90a prototype on another GPU: say so, measure the rest.
                 Err(err) => eprintln!("lse_gemm: {method}: {err}"),
             }
@@ -116,8 +124,8 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
             })?
         };
         let flops = 2.0 * n as f64 * d as f64 * v as f64;
-        rows.push(("gemm", gemm_ms));
-        for (method, ms) in rows {
+        rows.push(("gemm", gemm_ms, 0));
+        for (method, ms, splits) in rows {
             println!(
                 "{{\"method\": \"{method}\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"bf16\", \
                  \"ms_median\": {ms:.3}, \"tflops\": {:.1}, \"splits\": {splits}}}",

@@ -33,13 +33,20 @@ const WGMMA_SMEM_BYTES: u32 = 2 * 2 * 128 * 64 * 2;
 /// The pipelined `wgmma` kernel's: four stages (one CTA an SM).
 const WGMMA_PIPE_SMEM_BYTES: u32 = 4 * 2 * 128 * 64 * 2;
 
-/// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs: the count (at most
-/// four times what one wave of two CTAs per SM needs, and at most one per tile of 128 classes)
-/// whose CTAs fill their last wave best, the smaller on a tie (every range reloads the rows'
-/// tiles for each of its class tiles, so the count moves no traffic; only the waves' tail).
+/// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs, for kernels that
+/// hold two CTAs an SM ([`auto_splits_for`] with 2).
 pub fn auto_splits(rows: usize, vocab: usize, sm_count: u32) -> usize {
+    auto_splits_for(rows, vocab, sm_count, 2)
+}
+
+/// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs, `per_sm` CTAs
+/// resident an SM ([`LseGemmKernel::ctas_per_sm`]): the count (at most four times what one wave
+/// needs, and at most one per tile of 128 classes) whose CTAs fill their last wave best, the
+/// smaller on a tie (every range reloads the rows' tiles for each of its class tiles, so the
+/// count moves no traffic; only the waves' tail).
+pub fn auto_splits_for(rows: usize, vocab: usize, sm_count: u32, per_sm: u32) -> usize {
     let row_blocks = rows.div_ceil(ROWS_PER_CTA).max(1);
-    let slots = 2 * sm_count.max(1) as usize;
+    let slots = per_sm.max(1) as usize * sm_count.max(1) as usize;
     let most = (4 * slots.div_ceil(row_blocks)).clamp(1, vocab.div_ceil(128).max(1));
     let fill = |splits: usize| {
         let ctas = row_blocks * splits;
@@ -75,6 +82,15 @@ impl LseGemmKernel {
     /// Whether it lives in the sm_90a module (compute capability 9.0 only).
     pub fn needs_sm90a(self) -> bool {
         self != LseGemmKernel::MmaSync
+    }
+
+    /// CTAs an H100/H200 SM holds of it (registers and shared memory): two of the two-stage
+    /// kernels (128 and 122 registers, 72 and 64 KiB), one of the pipelined one (128 KiB).
+    pub fn ctas_per_sm(self) -> u32 {
+        match self {
+            LseGemmKernel::WgmmaPipelined => 1,
+            _ => 2,
+        }
     }
 }
 
@@ -235,6 +251,10 @@ mod tests {
         // One row block: as many ranges as fill a wave, at most one per class tile.
         assert_eq!(auto_splits(1, 128256, 132), 264);
         assert_eq!(auto_splits(1, 1000, 132), 8);
+        // One CTA an SM: 64 row blocks fill 132 slots best with 2 ranges... or more.
+        let one = auto_splits_for(8192, 128256, 132, 1);
+        let fill = |s: usize| (64 * s) as f64 / ((64 * s).div_ceil(132) * 132) as f64;
+        assert!((1..=9).all(|s| fill(one) >= fill(s) - 1e-9), "{one}");
     }
 
     #[test]
