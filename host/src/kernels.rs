@@ -328,4 +328,42 @@ mod tests {
             assert_eq!(partial == "opt_", grad == "opt_", "{variant:?}");
         }
     }
+
+    #[test]
+    fn each_option_set_runs_the_narrowest_variant_that_has_its_work() {
+        use crate::options::Options;
+        let with = |f: &dyn Fn(&mut Options)| {
+            let mut o = Options::default();
+            f(&mut o);
+            o
+        };
+        let cap = |o: &mut Options| o.softcap = Some(30.0);
+        let smooth = |o: &mut Options| o.label_smoothing = 0.1;
+        let cases: [(Options, bool, bool, &str); 9] = [
+            (Options::default(), false, false, ""),
+            (with(&smooth), false, false, "coef_"),
+            (with(&|o| o.lse_square_scale = 1e-4), false, false, "coef_"),
+            (Options::default(), true, false, "coef_"),
+            (Options::default(), false, true, "acc_"),
+            (with(&cap), true, false, "cap_"),
+            (with(&cap), false, true, "capacc_"),
+            (
+                with(&|o| {
+                    cap(o);
+                    smooth(o)
+                }),
+                true,
+                false,
+                "capacc_",
+            ),
+            (with(&smooth), true, false, "opt_"),
+        ];
+        for (opts, weighted, accuracy, want) in cases {
+            assert_eq!(
+                variant(&opts, weighted, accuracy),
+                want,
+                "{opts:?} {weighted} {accuracy}"
+            );
+        }
+    }
 }
