@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use xent::cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 use xent::half::bf16;
 use xent::{CrossEntropy, Element, Loss, Options, Shape, cpu};
+
+mod common;
 
 /// (rows, vocab) of the CPU cases: a few rows of Llama 2's vocabulary, milliseconds per call.
 const CPU_SHAPE: (usize, usize) = (64, 32000);
@@ -100,15 +101,8 @@ fn cpu_case<T: Element>(group: &mut BenchmarkGroup<WallTime>) {
 
 /// The `gpu` group, or a note on stderr when there is no GPU.
 fn gpu(criterion: &mut Criterion) {
-    let xent = match CrossEntropy::new(0) {
-        Ok(xent) => xent,
-        Err(err) => {
-            eprintln!("criterion: no GPU ({err}); skipping the gpu group");
-            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                std::process::exit(1);
-            }
-            return;
-        }
+    let Some(xent) = common::gpu("criterion", "skipping the gpu group") else {
+        return;
     };
     let stream = xent.context().default_stream();
     let mut group = criterion.benchmark_group("gpu");
@@ -281,19 +275,12 @@ fn graph_calls(
     Ok(Duration::from_secs_f64(per_call * iters as f64))
 }
 
-/// The GPU time of the work `enqueue` puts on `stream`, between two CUDA events (waits for it).
+/// The GPU time in seconds of the work `enqueue` puts on `stream` ([`common::event_ms`]).
 fn event_seconds(
     stream: &Arc<CudaStream>,
     enqueue: impl FnOnce() -> Result<(), Box<dyn Error>>,
 ) -> Result<f64, Box<dyn Error>> {
-    let ctx = stream.context();
-    let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-    let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-    start.record(stream)?;
-    enqueue()?;
-    end.record(stream)?;
-    end.synchronize()?;
-    Ok(f64::from(start.elapsed_ms(&end)?) * 1e-3)
+    Ok(f64::from(common::event_ms(stream, enqueue)?) * 1e-3)
 }
 
 /// The device buffers of one GPU case: logits are restored from `pristine` before each timed block.

@@ -13,25 +13,19 @@ use std::error::Error;
 use std::sync::Arc;
 
 use xent::cublaslt::{CublasLt, Gemm, Operand};
-use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use xent::half::bf16;
 use xent::linear::lse_gemm::{LseGemmKernel, auto_splits_for};
 use xent::{CrossEntropy, DType};
 
+mod common;
+
 /// (N, D, V): issue 12's shapes.
 const CONFIGS: [(usize, usize, usize); 2] = [(8192, 4096, 128256), (16384, 4096, 128256)];
 
 fn main() {
-    let xent = match CrossEntropy::new(0) {
-        Ok(xent) => xent,
-        Err(err) => {
-            eprintln!("lse_gemm: no GPU ({err}); nothing to measure");
-            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                std::process::exit(1);
-            }
-            return;
-        }
+    let Some(xent) = common::gpu("lse_gemm", "nothing to measure") else {
+        return;
     };
     if let Err(err) = run(&xent) {
         eprintln!("lse_gemm: {err}");
@@ -158,16 +152,9 @@ fn median_ms(
     for _ in 0..3 {
         enqueue()?;
     }
-    let ctx = stream.context();
     let mut times = Vec::new();
     for _ in 0..10 {
-        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        start.record(stream)?;
-        enqueue()?;
-        end.record(stream)?;
-        end.synchronize()?;
-        times.push(start.elapsed_ms(&end)?);
+        times.push(common::event_ms(stream, &mut enqueue)?);
     }
     times.sort_by(f32::total_cmp);
     Ok(times[times.len() / 2])

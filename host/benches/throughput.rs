@@ -15,10 +15,11 @@
 
 use std::sync::Arc;
 
-use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use xent::cudarc::driver::{CudaSlice, CudaStream};
 use xent::half::{bf16, f16};
 use xent::{CrossEntropy, DType, Element, LaunchPlan, Loss, Options, PlanChoice, Shape};
+
+mod common;
 
 /// The table (the peers' configurations), a few-rows case and f16; `run.sh bench` gives
 /// peers.py the same list.
@@ -177,17 +178,11 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     let bytes = 4usize << 30;
     let src = stream.alloc_zeros::<u8>(bytes)?;
     let mut dst = stream.alloc_zeros::<u8>(bytes)?;
-    let ctx = stream.context();
     let mut times = Vec::new();
     for i in 0..13 {
-        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        start.record(stream)?;
-        stream.memcpy_dtod(&src, &mut dst)?;
-        end.record(stream)?;
-        end.synchronize()?;
+        let ms = common::event_ms(stream, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
         if i >= 3 {
-            times.push(start.elapsed_ms(&end)?);
+            times.push(ms);
         }
     }
     let (_, best) = median_min(times);
@@ -328,14 +323,11 @@ fn time_call<T: Element>(
     let mut loss = f32::NAN;
     for i in 0..iters + 3 {
         stream.memcpy_dtod(pristine, logits)?;
-        let start = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        let end = ctx.new_event(Some(CU_EVENT_DEFAULT))?;
-        start.record(stream)?;
-        xent.forward_backward_into(stream, logits, labels, shape, opts, &mut out)?;
-        end.record(stream)?;
-        end.synchronize()?;
+        let ms = common::event_ms(stream, || {
+            Ok(xent.forward_backward_into(stream, logits, labels, shape, opts, &mut out)?)
+        })?;
         if i >= 3 {
-            times.push(start.elapsed_ms(&end)?);
+            times.push(ms);
         }
         if i == 0 {
             loss = out.read()?;
@@ -372,15 +364,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let xent = match CrossEntropy::new(0) {
-        Ok(xent) => xent,
-        Err(err) => {
-            eprintln!("throughput: no GPU ({err}); nothing to measure");
-            if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                std::process::exit(1);
-            }
-            return;
-        }
+    let Some(xent) = common::gpu("throughput", "nothing to measure") else {
+        return;
     };
     let stream = xent.context().default_stream();
     let copy_gbps = copy_bandwidth_gbps(&stream).expect("copy bandwidth");
