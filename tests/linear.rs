@@ -34,6 +34,17 @@ fn host_f64<T: xent::Element + cudarc::driver::DeviceRepr>(
         .collect()
 }
 
+/// `opts` with its class weights, if it has any, stretched to `vocab` classes.
+fn weights_for(opts: Options, vocab: usize) -> Options {
+    match opts.weight {
+        Some(_) => Options {
+            weight: Some((0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
+            ..opts
+        },
+        None => opts,
+    }
+}
+
 fn option_sets() -> Vec<(&'static str, Options)> {
     let base = Options::default();
     let mut sets = xent_tests::reduction_option_sets();
@@ -364,13 +375,7 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     for tuned in [false, true] {
         blas.set_tuning(Some(tuned));
         for (name, opts) in option_sets() {
-            let opts = match opts.weight {
-                Some(_) => Options {
-                    weight: Some((0..1003).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
-                    ..opts
-                },
-                None => opts,
-            };
+            let opts = weights_for(opts, 1003);
             // Budgets: every row in one chunk, and chunks of 16 rows (the last one shorter).
             for budget in [None, Some(16 * 1003 * 2)] {
                 for with_bias in [false, true] {
@@ -405,13 +410,7 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     for tuned in [false, true] {
         blas.set_tuning(Some(tuned));
         for (name, opts) in option_sets() {
-            let opts = match opts.weight {
-                Some(_) => Options {
-                    weight: Some((0..203).map(|j| 0.5 + (j % 4) as f32 * 0.5).collect()),
-                    ..opts
-                },
-                None => opts,
-            };
+            let opts = weights_for(opts, 203);
             for with_bias in [false, true] {
                 let result = check_linear::<xent::half::bf16>(
                     xent, &blas, shape, with_bias, &labels, &opts, budget,
