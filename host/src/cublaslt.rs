@@ -142,8 +142,9 @@ pub struct CublasLt {
     handle: lt::cublasLtHandle_t,
     /// The file that loaded.
     path: PathBuf,
-    /// The algorithm timed fastest for each GEMM shape tuned ([`CublasLt::set_tuning`]).
-    tuned: Mutex<HashMap<TuneKey, lt::cublasLtMatmulAlgo_t>>,
+    /// The algorithm chosen for each GEMM shape: cuBLASLt's heuristic choice (asked once per
+    /// shape), or the fastest timed ([`CublasLt::set_tuning`]).
+    algos: Mutex<HashMap<AlgoKey, lt::cublasLtMatmulAlgo_t>>,
     /// [`CublasLt::set_tuning`]: 0 follows [`tuning_env`], 1 off, 2 on.
     tune: AtomicU8,
     /// Kept loaded while `fns` point into it; dropped last.
@@ -254,7 +255,7 @@ impl CublasLt {
                     fns,
                     handle,
                     path,
-                    tuned: Mutex::new(HashMap::new()),
+                    algos: Mutex::new(HashMap::new()),
                     tune: AtomicU8::new(0),
                     _lib: lib,
                 })
@@ -282,10 +283,10 @@ impl CublasLt {
     /// [`TUNE_RUNS`] times, timed with events (the host waits for them), and the fastest serves
     /// every later GEMM of that shape, `beta` 1 included (the weight gradient's accumulation
     /// takes the algorithm its first chunk timed). With a 16-bit output only algorithms that
-    /// reduce split sums in f32 are candidates (no extra rounding to the output's type). Shapes met first with `beta` 1 keep
-    /// cuBLASLt's first choice until a `beta` 0 GEMM of theirs comes. Off by default: the first
-    /// call of each shape waits, and a choice made by timing may differ between processes, and
-    /// with it the rounding of the sums.
+    /// reduce split sums in f32 are candidates (no extra rounding to the output's type). Shapes
+    /// met first with `beta` 1 keep cuBLASLt's first choice until a `beta` 0 GEMM of theirs
+    /// comes. Off by default: the first call of each shape waits, and a choice made by timing may
+    /// differ between processes, and with it the rounding of the sums.
     pub fn set_tuning(&self, on: Option<bool>) {
         self.tune.store(
             match on {
@@ -308,11 +309,17 @@ impl CublasLt {
 
     /// How many GEMM shapes have a tuned algorithm.
     pub fn tuned_shapes(&self) -> usize {
-        self.tuned.lock().map_or(0, |tuned| tuned.len())
+        self.algos.lock().map_or(0, |algos| {
+            algos
+                .keys()
+                .filter(|key| key.choice == Choice::Tuned)
+                .count()
+        })
     }
 
     /// Enqueues `gemm` on `stream` with `workspace` (address, bytes; cuBLASLt picks an algorithm
-    /// that fits it).
+    /// that fits it, asked once per shape and kept: a chunked linear call makes the same few
+    /// GEMMs dozens of times).
     ///
     /// # Safety
     /// Every operand's address must be device memory of the stream's context holding its
@@ -323,7 +330,7 @@ impl CublasLt {
         gemm: &Gemm,
         workspace: (u64, usize),
     ) -> Result<()> {
-        let (m, k, n) = gemm.dims()?;
+        let (m, _, n) = gemm.dims()?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -398,54 +405,6 @@ impl CublasLt {
             check(status, "cublasLtMatrixLayoutCreate")?;
         }
         let (lb, la, ld) = (layouts[0], layouts[1], layouts[2]);
-        let mut pref = std::ptr::null_mut();
-        check(
-            unsafe { (f.pref_create)(&mut pref) },
-            "cublasLtMatmulPreferenceCreate",
-        )?;
-        let pref_guard = Cleanup(Some(|| unsafe {
-            (f.pref_destroy)(pref);
-        }));
-        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
-        // One preference attribute from its value's bytes.
-        let set_pref = |attr: Pref, value: &[u8], what: &str| {
-            // SAFETY: `pref` is live until `pref_guard` runs; the value is `value.len()` bytes.
-            check(
-                unsafe { (f.pref_set)(pref, attr, value.as_ptr().cast(), value.len()) },
-                what,
-            )
-        };
-        set_pref(
-            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            &(workspace.1 as u64).to_ne_bytes(),
-            "cublasLtMatmulPreferenceSetAttribute",
-        )?;
-        // cuBLASLt assumes 256-byte aligned matrices unless told otherwise: tell it what each one
-        // has (its address and row pitch), so no algorithm needing more is picked. cuBLASLt's A
-        // is our B, its B our A.
-        for (attr, o) in [
-            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &gemm.b),
-            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &gemm.a),
-            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &gemm.out),
-            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &gemm.out),
-        ] {
-            set_pref(
-                attr,
-                &alignment(o).to_ne_bytes(),
-                "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
-            )?;
-        }
-        let key = TuneKey::of(gemm, workspace.1);
-        let tune = self.tuning();
-        let cached = match tune {
-            true => self
-                .tuned
-                .lock()
-                .map_err(|_| poisoned())?
-                .get(&key)
-                .copied(),
-            false => None,
-        };
         // SAFETY (every `matmul` call below): the caller's contract on the operands, workspace
         // and stream; `desc` and the layouts describe them.
         let run = |algo: &lt::cublasLtMatmulAlgo_t| unsafe {
@@ -468,82 +427,154 @@ impl CublasLt {
                 stream as lt::cudaStream_t,
             )
         };
+        let tune = self.tuning();
+        let pick = algo_override();
+        let key = AlgoKey {
+            shape: ShapeKey::of(gemm, workspace.1),
+            choice: if tune {
+                Choice::Tuned
+            } else {
+                Choice::Heuristic(pick)
+            },
+        };
+        let cached = self
+            .algos
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&key)
+            .copied();
         let algo = match cached {
             Some(algo) => algo,
             None => {
-                let pick = algo_override();
-                // SAFETY: plain C structs of integers; all zero is a valid value to overwrite.
-                let mut results: [lt::cublasLtMatmulHeuristicResult_t; MAX_ALGOS] =
-                    unsafe { std::mem::zeroed() };
                 let wanted = if tune { MAX_ALGOS } else { pick + 1 };
-                if tune && gemm.out.dtype != DType::F32 {
-                    // Timing would also pick split-K algorithms that add their partial sums in
-                    // a 16-bit output (in place, or in a workspace of the output's type): one
-                    // rounding per part instead of one in all. Only f32 reductions are candidates.
-                    let mask = lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
-                        as u32;
-                    set_pref(
-                        Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                        &mask.to_ne_bytes(),
-                        "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)",
-                    )?;
-                }
-                let mut found: c_int = 0;
-                check(
-                    unsafe {
-                        (f.heuristic)(
-                            self.handle,
-                            desc,
-                            lb,
-                            la,
-                            ld,
-                            ld,
-                            pref,
-                            wanted as c_int,
-                            results.as_mut_ptr(),
-                            &mut found,
-                        )
-                    },
-                    "cublasLtMatmulAlgoGetHeuristic",
-                )?;
-                if found <= 0 {
-                    return Err(Error::Driver(format!(
-                        "cuBLASLt has no algorithm for a [{m}, {k}] x [{k}, {n}] GEMM within {} \
-                         bytes of workspace",
-                        workspace.1
-                    )));
-                }
-                let valid = |r: &lt::cublasLtMatmulHeuristicResult_t| {
-                    r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS
-                };
-                let count = results[..found as usize]
-                    .iter()
-                    .take_while(|r| valid(r))
-                    .count();
-                if count == 0 {
-                    return Err(Error::Driver(format!(
-                        "cuBLASLt's first algorithm for a [{m}, {k}] x [{k}, {n}] GEMM is not \
-                         usable: {:?}",
-                        results[0].state
-                    )));
-                }
-                let found = &results[..count];
+                // SAFETY: `desc` and the layouts are live until the guards below run.
+                let found = unsafe {
+                    self.heuristics(desc, [lb, la, ld], gemm, workspace.1, wanted, tune)
+                }?;
                 // Timing runs the GEMM several times: only when that leaves the result as one
-                // run would (beta 0: D is overwritten, not added to) and nothing is captured.
-                if tune && gemm.beta == 0.0 && !capturing(stream)? {
-                    let best = fastest(found, &run, stream)?;
-                    self.tuned.lock().map_err(|_| poisoned())?.insert(key, best);
-                    best
-                } else {
-                    found[pick.min(found.len() - 1)].algo
+                // run would (beta 0: D is overwritten, not added to) and nothing is captured. A
+                // heuristic choice is kept as it is.
+                let keep = !tune || (gemm.beta == 0.0 && !capturing(stream)?);
+                let algo = match tune && keep {
+                    true => fastest(&found, &run, stream)?,
+                    false => found[pick.min(found.len() - 1)],
+                };
+                if keep {
+                    self.algos.lock().map_err(|_| poisoned())?.insert(key, algo);
                 }
+                algo
             }
         };
         check(run(&algo), "cublasLtMatmul")?;
-        drop(pref_guard);
         drop(layouts_guard);
         drop(guard);
         Ok(())
+    }
+
+    /// cuBLASLt's first `wanted` usable algorithms for `desc` over the layouts `[B, A, D]` of
+    /// `gemm` (in cuBLASLt's order: its A is our B) within `workspace` bytes; with `tune` and a
+    /// 16-bit output, only those that reduce split sums in f32. At least one, or an error.
+    ///
+    /// # Safety
+    /// `desc` and the layouts must be live descriptors of this library.
+    unsafe fn heuristics(
+        &self,
+        desc: lt::cublasLtMatmulDesc_t,
+        [lb, la, ld]: [lt::cublasLtMatrixLayout_t; 3],
+        gemm: &Gemm,
+        workspace: usize,
+        wanted: usize,
+        tune: bool,
+    ) -> Result<Vec<lt::cublasLtMatmulAlgo_t>> {
+        let f = &self.fns;
+        let mut pref = std::ptr::null_mut();
+        check(
+            unsafe { (f.pref_create)(&mut pref) },
+            "cublasLtMatmulPreferenceCreate",
+        )?;
+        let _pref_guard = Cleanup(Some(|| unsafe {
+            (f.pref_destroy)(pref);
+        }));
+        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
+        // One preference attribute from its value's bytes.
+        let set_pref = |attr: Pref, value: &[u8], what: &str| {
+            // SAFETY: `pref` is live until `_pref_guard` runs; the value is `value.len()` bytes.
+            check(
+                unsafe { (f.pref_set)(pref, attr, value.as_ptr().cast(), value.len()) },
+                what,
+            )
+        };
+        set_pref(
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &(workspace as u64).to_ne_bytes(),
+            "cublasLtMatmulPreferenceSetAttribute",
+        )?;
+        // cuBLASLt assumes 256-byte aligned matrices unless told otherwise: tell it what each one
+        // has (its address and row pitch), so no algorithm needing more is picked. cuBLASLt's A
+        // is our B, its B our A.
+        for (attr, o) in [
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &gemm.b),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &gemm.a),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &gemm.out),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &gemm.out),
+        ] {
+            set_pref(
+                attr,
+                &alignment(o).to_ne_bytes(),
+                "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)",
+            )?;
+        }
+        if tune && gemm.out.dtype != DType::F32 {
+            // Timing would also pick split-K algorithms that add their partial sums in a 16-bit
+            // output (in place, or in a workspace of the output's type): one rounding per part
+            // instead of one in all. Only f32 reductions are candidates.
+            let mask = lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+            set_pref(
+                Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                &mask.to_ne_bytes(),
+                "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)",
+            )?;
+        }
+        // SAFETY: plain C structs of integers; all zero is a valid value to overwrite.
+        let mut results: [lt::cublasLtMatmulHeuristicResult_t; MAX_ALGOS] =
+            unsafe { std::mem::zeroed() };
+        let mut found: c_int = 0;
+        check(
+            unsafe {
+                (f.heuristic)(
+                    self.handle,
+                    desc,
+                    lb,
+                    la,
+                    ld,
+                    ld,
+                    pref,
+                    wanted.min(MAX_ALGOS) as c_int,
+                    results.as_mut_ptr(),
+                    &mut found,
+                )
+            },
+            "cublasLtMatmulAlgoGetHeuristic",
+        )?;
+        let (m, k, n) = gemm.dims()?;
+        if found <= 0 {
+            return Err(Error::Driver(format!(
+                "cuBLASLt has no algorithm for a [{m}, {k}] x [{k}, {n}] GEMM within {workspace} \
+                 bytes of workspace"
+            )));
+        }
+        let usable: Vec<_> = results[..found as usize]
+            .iter()
+            .take_while(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo)
+            .collect();
+        if usable.is_empty() {
+            return Err(Error::Driver(format!(
+                "cuBLASLt's first algorithm for a [{m}, {k}] x [{k}, {n}] GEMM is not usable: {:?}",
+                results[0].state
+            )));
+        }
+        Ok(usable)
     }
 }
 
@@ -560,16 +591,32 @@ pub fn tuning_env() -> bool {
 }
 
 /// What makes two GEMMs the same problem for cuBLASLt: shapes, types, layouts, alignments,
-/// epilogue and workspace (not the addresses beyond their alignment, not alpha or beta).
+/// epilogue (the bias's alignment, 0 without) and workspace (not the addresses beyond their
+/// alignment, not alpha or beta).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct TuneKey {
+struct ShapeKey {
     operands: [(usize, usize, usize, bool, u8, u32); 3],
-    bias: bool,
+    bias: u32,
     workspace: usize,
 }
 
-impl TuneKey {
-    fn of(gemm: &Gemm, workspace: usize) -> TuneKey {
+/// How a shape's algorithm was chosen: cuBLASLt's heuristic choice `i` ([`algo_override`]), or
+/// the fastest timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Choice {
+    Heuristic(usize),
+    Tuned,
+}
+
+/// A shape and how its algorithm was chosen: the key of [`CublasLt`]'s algorithm cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    shape: ShapeKey,
+    choice: Choice,
+}
+
+impl ShapeKey {
+    fn of(gemm: &Gemm, workspace: usize) -> ShapeKey {
         let o = |o: &Operand| {
             let dtype = match o.dtype {
                 DType::F32 => 0,
@@ -578,16 +625,21 @@ impl TuneKey {
             };
             (o.rows, o.cols, o.ld, o.transposed, dtype, alignment(o))
         };
-        TuneKey {
+        // The bias's alignment in bytes (at most 256), as `alignment` takes an operand's.
+        let bias = match gemm.bias | 256 {
+            _ if gemm.bias == 0 => 0,
+            bits => (bits & bits.wrapping_neg()) as u32,
+        };
+        ShapeKey {
             operands: [o(&gemm.a), o(&gemm.b), o(&gemm.out)],
-            bias: gemm.bias != 0,
+            bias,
             workspace,
         }
     }
 }
 
 fn poisoned() -> Error {
-    Error::Driver("cuBLASLt's tuning cache: a thread panicked holding it".into())
+    Error::Driver("cuBLASLt's algorithm cache: a thread panicked holding it".into())
 }
 
 /// Whether `stream` is capturing a graph (where nothing may wait).
@@ -603,7 +655,7 @@ fn capturing(stream: cudarc::driver::sys::CUstream) -> Result<bool> {
 /// run, then [`TUNE_RUNS`] between two events); candidates that fail to run are skipped, and
 /// the heuristic's first choice is kept when none ran.
 fn fastest(
-    found: &[lt::cublasLtMatmulHeuristicResult_t],
+    found: &[lt::cublasLtMatmulAlgo_t],
     run: &dyn Fn(&lt::cublasLtMatmulAlgo_t) -> Status,
     stream: cudarc::driver::sys::CUstream,
 ) -> Result<lt::cublasLtMatmulAlgo_t> {
@@ -622,23 +674,23 @@ fn fastest(
             return Err(err);
         }
     };
-    let mut best = (f32::INFINITY, found[0].algo);
+    let mut best = (f32::INFINITY, found[0]);
     let timed = (|| -> Result<()> {
         for candidate in found {
-            if run(&candidate.algo) != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            if run(candidate) != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 continue;
             }
             // SAFETY: events and stream of the current context.
             unsafe {
                 event::record(start, stream).map_err(driver("cuEventRecord"))?;
                 for _ in 0..TUNE_RUNS {
-                    check(run(&candidate.algo), "cublasLtMatmul")?;
+                    check(run(candidate), "cublasLtMatmul")?;
                 }
                 event::record(end, stream).map_err(driver("cuEventRecord"))?;
                 event::synchronize(end).map_err(driver("cuEventSynchronize"))?;
                 let ms = event::elapsed(start, end).map_err(driver("cuEventElapsedTime"))?;
                 if ms < best.0 {
-                    best = (ms, candidate.algo);
+                    best = (ms, *candidate);
                 }
             }
         }
