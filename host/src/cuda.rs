@@ -236,12 +236,57 @@ impl CrossEntropy {
             cluster_keep(variant),
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )?;
+        self.check_block_threads(&made, variant, dtype)?;
         // A bound on what a caller with ever new shapes keeps: start again past it.
         if plans.len() >= PLAN_CACHE_MAX {
             plans.clear();
         }
         plans.insert(key, made);
         Ok(made)
+    }
+
+    /// Fails with [`Error::PlanDoesNotFit`] when a cluster or split plan asks for more threads per
+    /// CTA than its kernel can launch with: the most a block may have is the register file over
+    /// the kernel's registers per thread, and the kernels with the most work per logit (the soft
+    /// cap with token accuracy, 72 registers on sm_90) stop short of 1024. The automatic plans ask
+    /// for at most [`plan::MAX_THREADS`]; only a forced `threads` reaches this.
+    fn check_block_threads(
+        &self,
+        made: &LaunchPlan,
+        variant: &'static str,
+        dtype: DType,
+    ) -> Result<()> {
+        let (kind, threads) = match *made {
+            LaunchPlan::Cluster { threads, .. } => (XentKind::Cluster, threads),
+            LaunchPlan::Split { threads, .. } => (XentKind::Split, threads),
+            _ => return Ok(()),
+        };
+        if threads <= plan::MAX_THREADS {
+            return Ok(());
+        }
+        for label in ["i32", "i64"] {
+            let kernel = Kernel::Xent {
+                kind,
+                variant,
+                dtype,
+                label,
+            };
+            let Some(function) = self.kernels.get(&kernel.canonical()) else {
+                continue;
+            };
+            let most = function
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+                .map_err(|e| Error::Driver(e.to_string()))?;
+            if i64::from(threads) > i64::from(most) {
+                return Err(Error::PlanDoesNotFit(format!(
+                    "{threads} threads per CTA: the {} kernel for these options launches with at \
+                     most {most} ({} registers a thread)",
+                    kernel.canonical().name(),
+                    function.num_regs().unwrap_or(0),
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The cluster launches the automatic plan weighs for this shape, dtype and options, with the
