@@ -134,13 +134,13 @@ pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
 
 /// The variant of `kind` that runs the work of `variant` ([`variants_of`]): `acc_` second
 /// passes are `coef_`; `capacc_`'s work (the soft cap with token accuracy or with class-weighted
-/// smoothing) takes `opt_` in the fused and chunked plans (whose two kernels must agree on the
+/// smoothing) and `wsm_`'s (class-weighted smoothing) take `opt_` in the fused and chunked plans (whose two kernels must agree on the
 /// partial sums they pass) and in the backward kernel (the smoothing's per-class weights).
 pub(crate) fn kernel_variant(kind: XentKind, variant: &'static str) -> &'static str {
     match (kind, variant) {
         (XentKind::ChunkGrad | XentKind::Backward, "acc_") => "coef_",
         (XentKind::Cluster | XentKind::Split, _) => variant,
-        (_, "capacc_") => "opt_",
+        (_, "capacc_" | "wsm_") => "opt_",
         _ => variant,
     }
 }
@@ -203,7 +203,7 @@ pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 /// accuracy, a compare per element in the first pass), `cap_` (those and the soft cap, a
 /// polynomial per element in both passes), `capacc_` (those of `cap_` with token accuracy and
 /// smoothing with class weights) and `opt_` (every option, one vector at a time).
-pub(crate) const VARIANTS: [&str; 6] = ["", "coef_", "acc_", "cap_", "capacc_", "opt_"];
+pub(crate) const VARIANTS: [&str; 7] = ["", "coef_", "acc_", "cap_", "capacc_", "wsm_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
 /// option (`coef_`, `acc_`, `cap_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element
@@ -222,13 +222,13 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'static str {
     // Token accuracy is a compare in the first pass: the per-row kernels with it count it.
     // Smoothing with class weights weights a sum and a gradient term per class: with the soft
-    // cap the `capacc_` kernels do it (as they count the accuracy), without it the kernels that
-    // do every option per element.
+    // cap the `capacc_` kernels do it (as they count the accuracy), without it the `wsm_` ones
+    // (which count it too).
     let weighted_smoothing = opts.label_smoothing != 0.0 && weighted;
     if opts.softcap.is_some() && (accuracy || weighted_smoothing) {
         "capacc_"
     } else if weighted_smoothing {
-        "opt_"
+        "wsm_"
     } else if opts.softcap.is_some() {
         "cap_"
     } else if accuracy {
@@ -339,7 +339,7 @@ mod tests {
         };
         let cap = |o: &mut Options| o.softcap = Some(30.0);
         let smooth = |o: &mut Options| o.label_smoothing = 0.1;
-        let cases: [(Options, bool, bool, &str); 9] = [
+        let cases: [(Options, bool, bool, &str); 10] = [
             (Options::default(), false, false, ""),
             (with(&smooth), false, false, "coef_"),
             (with(&|o| o.lse_square_scale = 1e-4), false, false, "coef_"),
@@ -356,7 +356,8 @@ mod tests {
                 false,
                 "capacc_",
             ),
-            (with(&smooth), true, false, "opt_"),
+            (with(&smooth), true, false, "wsm_"),
+            (with(&smooth), true, true, "wsm_"),
         ];
         for (opts, weighted, accuracy, want) in cases {
             assert_eq!(

@@ -23,7 +23,7 @@ pub mod xent;
 
 use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
-use opts::{Full, Plain, RowAcc, RowCap, RowCapAcc, RowConst};
+use opts::{Full, Plain, RowAcc, RowCap, RowCapAcc, RowConst, RowWSmooth};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -69,8 +69,9 @@ kernels! {
     xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Plain>;
 
     // Per-row option variants. The soft cap with token accuracy or class-weighted smoothing
-    // (`RowCapAcc`) has cluster and split kernels only: the host runs `opt_` kernels for it in
-    // the fused and chunked plans and the backward pass.
+    // (`RowCapAcc`) and class-weighted smoothing without the cap (`RowWSmooth`) have cluster and
+    // split kernels only: the host runs `opt_` kernels for them in the fused and chunked plans
+    // and the backward pass.
     xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
     xent_fused_coef_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowConst>;
     xent_fused_acc_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowAcc>;
@@ -120,7 +121,7 @@ kernels! {
     xent_chunk_partial_acc_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, RowAcc>;
     xent_chunk_partial_cap_f32_i64(XentParams) => xent::chunk_partial::<F32, i64, RowCap>;
     // The second passes count no token accuracy: no `acc_` kernels (the host runs `coef_`, the
-    // same code), and no `capacc_` ones.
+    // same code), and no `capacc_` or `wsm_` ones.
     xent_chunk_grad_opt_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, Full>;
     xent_chunk_grad_coef_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, RowConst>;
     xent_chunk_grad_cap_bf16_i32(XentParams) => xent::chunk_grad::<Bf16, i32, RowCap>;
@@ -183,31 +184,37 @@ kernels! {
     xent_cluster_acc_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowAcc>;
     xent_cluster_cap_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowCap>;
     xent_cluster_capacc_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowCapAcc>;
+    xent_cluster_wsm_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, RowWSmooth>;
     xent_cluster_opt_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Full>;
     xent_cluster_coef_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowConst>;
     xent_cluster_acc_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowAcc>;
     xent_cluster_cap_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowCap>;
     xent_cluster_capacc_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowCapAcc>;
+    xent_cluster_wsm_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, RowWSmooth>;
     xent_cluster_opt_f16_i32(XentParams) => xent::cluster::<F16, i32, Full>;
     xent_cluster_coef_f16_i32(XentParams) => xent::cluster::<F16, i32, RowConst>;
     xent_cluster_acc_f16_i32(XentParams) => xent::cluster::<F16, i32, RowAcc>;
     xent_cluster_cap_f16_i32(XentParams) => xent::cluster::<F16, i32, RowCap>;
     xent_cluster_capacc_f16_i32(XentParams) => xent::cluster::<F16, i32, RowCapAcc>;
+    xent_cluster_wsm_f16_i32(XentParams) => xent::cluster::<F16, i32, RowWSmooth>;
     xent_cluster_opt_f16_i64(XentParams) => xent::cluster::<F16, i64, Full>;
     xent_cluster_coef_f16_i64(XentParams) => xent::cluster::<F16, i64, RowConst>;
     xent_cluster_acc_f16_i64(XentParams) => xent::cluster::<F16, i64, RowAcc>;
     xent_cluster_cap_f16_i64(XentParams) => xent::cluster::<F16, i64, RowCap>;
     xent_cluster_capacc_f16_i64(XentParams) => xent::cluster::<F16, i64, RowCapAcc>;
+    xent_cluster_wsm_f16_i64(XentParams) => xent::cluster::<F16, i64, RowWSmooth>;
     xent_cluster_opt_f32_i32(XentParams) => xent::cluster::<F32, i32, Full>;
     xent_cluster_coef_f32_i32(XentParams) => xent::cluster::<F32, i32, RowConst>;
     xent_cluster_acc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowAcc>;
     xent_cluster_cap_f32_i32(XentParams) => xent::cluster::<F32, i32, RowCap>;
     xent_cluster_capacc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowCapAcc>;
+    xent_cluster_wsm_f32_i32(XentParams) => xent::cluster::<F32, i32, RowWSmooth>;
     xent_cluster_opt_f32_i64(XentParams) => xent::cluster::<F32, i64, Full>;
     xent_cluster_coef_f32_i64(XentParams) => xent::cluster::<F32, i64, RowConst>;
     xent_cluster_acc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowAcc>;
     xent_cluster_cap_f32_i64(XentParams) => xent::cluster::<F32, i64, RowCap>;
     xent_cluster_capacc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowCapAcc>;
+    xent_cluster_wsm_f32_i64(XentParams) => xent::cluster::<F32, i64, RowWSmooth>;
 }
 
 /// The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
@@ -218,36 +225,42 @@ kernels! {
     xent_split_acc_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowAcc>;
     xent_split_cap_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowCap>;
     xent_split_capacc_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowCapAcc>;
+    xent_split_wsm_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowWSmooth>;
     xent_split_opt_bf16_i32(XentParams) => xent::split::<Bf16, i32, Full>;
     xent_split_bf16_i64(XentParams) => xent::split::<Bf16, i64, Plain>;
     xent_split_coef_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowConst>;
     xent_split_acc_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowAcc>;
     xent_split_cap_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowCap>;
     xent_split_capacc_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowCapAcc>;
+    xent_split_wsm_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowWSmooth>;
     xent_split_opt_bf16_i64(XentParams) => xent::split::<Bf16, i64, Full>;
     xent_split_f16_i32(XentParams) => xent::split::<F16, i32, Plain>;
     xent_split_coef_f16_i32(XentParams) => xent::split::<F16, i32, RowConst>;
     xent_split_acc_f16_i32(XentParams) => xent::split::<F16, i32, RowAcc>;
     xent_split_cap_f16_i32(XentParams) => xent::split::<F16, i32, RowCap>;
     xent_split_capacc_f16_i32(XentParams) => xent::split::<F16, i32, RowCapAcc>;
+    xent_split_wsm_f16_i32(XentParams) => xent::split::<F16, i32, RowWSmooth>;
     xent_split_opt_f16_i32(XentParams) => xent::split::<F16, i32, Full>;
     xent_split_f16_i64(XentParams) => xent::split::<F16, i64, Plain>;
     xent_split_coef_f16_i64(XentParams) => xent::split::<F16, i64, RowConst>;
     xent_split_acc_f16_i64(XentParams) => xent::split::<F16, i64, RowAcc>;
     xent_split_cap_f16_i64(XentParams) => xent::split::<F16, i64, RowCap>;
     xent_split_capacc_f16_i64(XentParams) => xent::split::<F16, i64, RowCapAcc>;
+    xent_split_wsm_f16_i64(XentParams) => xent::split::<F16, i64, RowWSmooth>;
     xent_split_opt_f16_i64(XentParams) => xent::split::<F16, i64, Full>;
     xent_split_f32_i32(XentParams) => xent::split::<F32, i32, Plain>;
     xent_split_coef_f32_i32(XentParams) => xent::split::<F32, i32, RowConst>;
     xent_split_acc_f32_i32(XentParams) => xent::split::<F32, i32, RowAcc>;
     xent_split_cap_f32_i32(XentParams) => xent::split::<F32, i32, RowCap>;
     xent_split_capacc_f32_i32(XentParams) => xent::split::<F32, i32, RowCapAcc>;
+    xent_split_wsm_f32_i32(XentParams) => xent::split::<F32, i32, RowWSmooth>;
     xent_split_opt_f32_i32(XentParams) => xent::split::<F32, i32, Full>;
     xent_split_f32_i64(XentParams) => xent::split::<F32, i64, Plain>;
     xent_split_coef_f32_i64(XentParams) => xent::split::<F32, i64, RowConst>;
     xent_split_acc_f32_i64(XentParams) => xent::split::<F32, i64, RowAcc>;
     xent_split_cap_f32_i64(XentParams) => xent::split::<F32, i64, RowCap>;
     xent_split_capacc_f32_i64(XentParams) => xent::split::<F32, i64, RowCapAcc>;
+    xent_split_wsm_f32_i64(XentParams) => xent::split::<F32, i64, RowWSmooth>;
     xent_split_opt_f32_i64(XentParams) => xent::split::<F32, i64, Full>;
 }
 

@@ -189,11 +189,22 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
-        if M::OPTS && !M::CAP && o.label_smoothing != 0.0 {
+        if M::OPTS && !M::CAP && !M::WSMOOTH && o.label_smoothing != 0.0 {
             unroll!(u => {
                 if v + u * step < seg.n_vec {
                     let sum = reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
                     acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, sum);
+                }
+            });
+        }
+        // Smoothing with class weights (`RowWSmooth`): each term times its class's weight.
+        if M::WSMOOTH && !M::CAP && o.label_smoothing != 0.0 {
+            unroll!(u => {
+                let index = v + u * step;
+                if index < seg.n_vec {
+                    let col = ctx.col0 + seg.vec_start::<T>(index);
+                    let x = T::unpack(words[u as usize]);
+                    acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &x, T::VEC, col, ctx.y_ref) };
                 }
             });
         }

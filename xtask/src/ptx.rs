@@ -202,6 +202,9 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_cluster_acc_", 48),
     // The soft cap with token accuracy: 20-64 bytes of spills at 64 (16-bit).
     ("xent_cluster_capacc_", 72),
+    // Class-weighted smoothing (with token accuracy on at run time): `acc_`'s cap fits it too
+    // (47-48 registers, no spills).
+    ("xent_cluster_wsm_", 48),
     ("xent_cluster_bf16_", 40),
     ("xent_cluster_f16_", 40),
     ("xent_cluster_f32_", 40),
