@@ -1395,3 +1395,94 @@ fn gpu_rejects_a_bad_option_value_as_the_cpu_does() {
         "nothing ran"
     );
 }
+
+/// A forced cluster plan may ask for up to 1024 threads a CTA, more than the kernels with the
+/// most registers launch with (the soft cap with token accuracy: 72 registers on sm_90, so at most
+/// 896 threads). Such a plan is refused with `PlanDoesNotFit` naming the kernel's limit, never
+/// left to fail at launch (random draws met `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES` before the
+/// check); every plan not refused matches the reference.
+#[test]
+fn gpu_forced_threads_past_a_kernels_limit_are_refused_before_launch() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    if xent.limits().max_cluster <= 1 {
+        // Only the cluster plan takes a forced thread count.
+        xent_tests::report("forced threads: no clusters on this device (or XENT_ARCH=sm_80)");
+        return;
+    }
+    let stream = xent.context().default_stream();
+    let vocab = 49152;
+    let weights: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect();
+    let option_sets = [
+        ("none", Options::default()),
+        (
+            "soft cap + accuracy",
+            Options {
+                softcap: Some(30.0),
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "soft cap + weighted smoothing",
+            Options {
+                softcap: Some(30.0),
+                label_smoothing: 0.1,
+                weight: Some(weights.clone()),
+                ..Options::default()
+            },
+        ),
+        (
+            "weighted smoothing + accuracy",
+            Options {
+                label_smoothing: 0.1,
+                weight: Some(weights.clone()),
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+    ];
+    let (mut failures, mut cases, mut refused) = (Vec::new(), 0, 0);
+    for (name, opts) in &option_sets {
+        for threads in [1024, 960, 512] {
+            for dtype in DTYPES {
+                let case = Case {
+                    shape: Shape::flat(4, vocab),
+                    opts: Options {
+                        plan: xent::PlanChoice::Cluster {
+                            size: Some(2),
+                            threads: Some(threads),
+                        },
+                        ..opts.clone()
+                    },
+                    ignored: 0.0,
+                    seed: 11,
+                };
+                cases += 1;
+                let what = format!("{name}, {threads} threads, {dtype:?}");
+                match xent.plan_for(&case.shape, dtype, &case.opts) {
+                    Err(Error::PlanDoesNotFit(msg)) => {
+                        refused += 1;
+                        if threads <= 512 || !msg.contains("launches with at most") {
+                            failures.push(format!("{what}: refused: {msg}"));
+                        }
+                    }
+                    Err(other) => failures.push(format!("{what}: {other}")),
+                    Ok(_) => {
+                        if let Err(msg) = run_case_dtype::<i64>(xent, &stream, dtype, &case) {
+                            failures.push(format!("{what}: {msg}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "forced threads on the GPU: {cases} cases, {refused} refused before launch, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+    // The soft cap with token accuracy cannot take 1024 threads on sm_90 (72 registers).
+    assert!(refused > 0, "no forced plan was refused: the check never ran");
+}
