@@ -1484,5 +1484,8 @@ fn gpu_forced_threads_past_a_kernels_limit_are_refused_before_launch() {
     ));
     assert_no_failures(&failures);
     // The soft cap with token accuracy cannot take 1024 threads on sm_90 (72 registers).
-    assert!(refused > 0, "no forced plan was refused: the check never ran");
+    assert!(
+        refused > 0,
+        "no forced plan was refused: the check never ran"
+    );
 }
