@@ -1269,11 +1269,12 @@ fn kernel_names_are_distinct() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len(), "{names:?}");
-    // count x 2 labels, finish, and per element type: fused and chunk partial in 5 variants
-    // (plain, per-row options, those and token accuracy, those and the soft cap, every option),
-    // chunk grad and backward in 4 (no token accuracy in a second pass), each x 2 labels, +
-    // scale; and the GEMM + log-sum-exp prototype.
-    assert_eq!(names.len(), 2 + 1 + 3 * ((2 * 5 + 2 * 4) * 2 + 1) + 1);
+    // count x 2 labels, finish, and per element type: fused in 7 variants (plain, per-row
+    // options, those and token accuracy, those and the soft cap, the soft cap with token accuracy
+    // or weighted smoothing, weighted smoothing, every option), chunk partial in 5 (not the two
+    // before the last), chunk grad and backward in 4 (no token accuracy in a second pass), each
+    // x 2 labels, + scale; and the GEMM + log-sum-exp prototype.
+    assert_eq!(names.len(), 2 + 1 + 3 * ((7 + 5 + 2 * 4) * 2 + 1) + 1);
 }
 
 #[test]

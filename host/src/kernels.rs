@@ -122,24 +122,26 @@ impl Kernel {
 
 /// The variants `kind` has kernels of. The second passes (`chunk_grad`, `backward`) count no
 /// token accuracy, so `acc_` would be `coef_`'s code again (their PTX was the same but for
-/// names); `capacc_` (the soft cap with token accuracy or class-weighted smoothing) exists for
-/// the cluster and split plans.
+/// names); `capacc_` (the soft cap with token accuracy or class-weighted smoothing) and `wsm_`
+/// (class-weighted smoothing) exist for the one-kernel plans (fused, cluster, split).
 pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
     match kind {
         XentKind::Cluster | XentKind::Split => &VARIANTS,
-        XentKind::Fused | XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
+        XentKind::Fused => &VARIANTS,
+        XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
         XentKind::ChunkGrad | XentKind::Backward => &["", "coef_", "cap_", "opt_"],
     }
 }
 
 /// The variant of `kind` that runs the work of `variant` ([`variants_of`]): `acc_` second
 /// passes are `coef_`; `capacc_`'s work (the soft cap with token accuracy or with class-weighted
-/// smoothing) and `wsm_`'s (class-weighted smoothing) take `opt_` in the fused and chunked plans (whose two kernels must agree on the
-/// partial sums they pass) and in the backward kernel (the smoothing's per-class weights).
+/// smoothing) and `wsm_`'s (class-weighted smoothing) take `opt_` in the chunked plan (whose two
+/// kernels must agree on the partial sums they pass) and in the backward kernel (the smoothing's
+/// per-class weights); the one-kernel plans (fused, cluster, split) have every variant.
 pub(crate) fn kernel_variant(kind: XentKind, variant: &'static str) -> &'static str {
     match (kind, variant) {
         (XentKind::ChunkGrad | XentKind::Backward, "acc_") => "coef_",
-        (XentKind::Cluster | XentKind::Split, _) => variant,
+        (XentKind::Fused | XentKind::Cluster | XentKind::Split, _) => variant,
         (_, "capacc_" | "wsm_") => "opt_",
         _ => variant,
     }

@@ -69,33 +69,45 @@ kernels! {
     xent_chunk_grad_f32_i64(XentParams) => xent::chunk_grad::<F32, i64, Plain>;
 
     // Per-row option variants. The soft cap with token accuracy or class-weighted smoothing
-    // (`RowCapAcc`) and class-weighted smoothing without the cap (`RowWSmooth`) have cluster and
-    // split kernels only: the host runs `opt_` kernels for them in the fused and chunked plans
-    // and the backward pass.
+    // (`RowCapAcc`) and class-weighted smoothing without the cap (`RowWSmooth`) have fused,
+    // cluster and split kernels only (one kernel a row): the host runs `opt_` kernels for them in
+    // the chunked plan and the backward pass.
     xent_fused_opt_bf16_i32(XentParams) => xent::fused::<Bf16, i32, Full>;
     xent_fused_coef_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowConst>;
     xent_fused_acc_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowAcc>;
     xent_fused_cap_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowCap>;
+    xent_fused_capacc_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowCapAcc>;
+    xent_fused_wsm_bf16_i32(XentParams) => xent::fused::<Bf16, i32, RowWSmooth>;
     xent_fused_opt_bf16_i64(XentParams) => xent::fused::<Bf16, i64, Full>;
     xent_fused_coef_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowConst>;
     xent_fused_acc_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowAcc>;
     xent_fused_cap_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowCap>;
+    xent_fused_capacc_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowCapAcc>;
+    xent_fused_wsm_bf16_i64(XentParams) => xent::fused::<Bf16, i64, RowWSmooth>;
     xent_fused_opt_f16_i32(XentParams) => xent::fused::<F16, i32, Full>;
     xent_fused_coef_f16_i32(XentParams) => xent::fused::<F16, i32, RowConst>;
     xent_fused_acc_f16_i32(XentParams) => xent::fused::<F16, i32, RowAcc>;
     xent_fused_cap_f16_i32(XentParams) => xent::fused::<F16, i32, RowCap>;
+    xent_fused_capacc_f16_i32(XentParams) => xent::fused::<F16, i32, RowCapAcc>;
+    xent_fused_wsm_f16_i32(XentParams) => xent::fused::<F16, i32, RowWSmooth>;
     xent_fused_opt_f16_i64(XentParams) => xent::fused::<F16, i64, Full>;
     xent_fused_coef_f16_i64(XentParams) => xent::fused::<F16, i64, RowConst>;
     xent_fused_acc_f16_i64(XentParams) => xent::fused::<F16, i64, RowAcc>;
     xent_fused_cap_f16_i64(XentParams) => xent::fused::<F16, i64, RowCap>;
+    xent_fused_capacc_f16_i64(XentParams) => xent::fused::<F16, i64, RowCapAcc>;
+    xent_fused_wsm_f16_i64(XentParams) => xent::fused::<F16, i64, RowWSmooth>;
     xent_fused_opt_f32_i32(XentParams) => xent::fused::<F32, i32, Full>;
     xent_fused_coef_f32_i32(XentParams) => xent::fused::<F32, i32, RowConst>;
     xent_fused_acc_f32_i32(XentParams) => xent::fused::<F32, i32, RowAcc>;
     xent_fused_cap_f32_i32(XentParams) => xent::fused::<F32, i32, RowCap>;
+    xent_fused_capacc_f32_i32(XentParams) => xent::fused::<F32, i32, RowCapAcc>;
+    xent_fused_wsm_f32_i32(XentParams) => xent::fused::<F32, i32, RowWSmooth>;
     xent_fused_opt_f32_i64(XentParams) => xent::fused::<F32, i64, Full>;
     xent_fused_coef_f32_i64(XentParams) => xent::fused::<F32, i64, RowConst>;
     xent_fused_acc_f32_i64(XentParams) => xent::fused::<F32, i64, RowAcc>;
     xent_fused_cap_f32_i64(XentParams) => xent::fused::<F32, i64, RowCap>;
+    xent_fused_capacc_f32_i64(XentParams) => xent::fused::<F32, i64, RowCapAcc>;
+    xent_fused_wsm_f32_i64(XentParams) => xent::fused::<F32, i64, RowWSmooth>;
     xent_chunk_partial_opt_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Full>;
     xent_chunk_partial_coef_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowConst>;
     xent_chunk_partial_acc_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowAcc>;
