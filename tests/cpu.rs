@@ -2026,3 +2026,15 @@ impl FromF64Exact for f16 {
         <f16 as Element>::from_f64(value)
     }
 }
+
+#[test]
+fn a_failing_cases_message_shows_a_few_class_weights_and_their_count_not_all() {
+    let mut case = xent_tests::Case::new(2, 1000);
+    case.opts.weight = Some((0..1000).map(|j| j as f32 * 0.5).collect());
+    let text = format!("{case:?}");
+    assert!(
+        text.contains("[0.0, 0.5, 1.0, 1.5, ...] (1000 values)"),
+        "{text}"
+    );
+    assert!(text.len() < 800, "{} characters: {text}", text.len());
+}

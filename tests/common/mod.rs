@@ -284,14 +284,38 @@ pub fn check_option_outputs(
     }
 }
 
-/// One GPU call against the CPU reference.
-#[derive(Clone, Debug)]
+/// One GPU call against the CPU reference. Its `Debug` (in every failure message) shows the
+/// first class weights and their count, not all of them: a vocabulary's worth made one failing
+/// random run's log 2 MB.
+#[derive(Clone)]
 pub struct Case {
     pub shape: Shape,
     pub opts: Options,
     /// Fraction of labels set to `ignore_index`.
     pub ignored: f64,
     pub seed: u64,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 4;
+        let weight = self.opts.weight.as_ref().map(|w| {
+            let head: Vec<String> = w.iter().take(SHOWN).map(|x| format!("{x:?}")).collect();
+            let more = if w.len() > SHOWN { ", ..." } else { "" };
+            format!("[{}{more}] ({} values)", head.join(", "), w.len())
+        });
+        let opts = Options {
+            weight: None,
+            ..self.opts.clone()
+        };
+        f.debug_struct("Case")
+            .field("shape", &self.shape)
+            .field("opts (weight below)", &opts)
+            .field("weight", &weight)
+            .field("ignored", &self.ignored)
+            .field("seed", &self.seed)
+            .finish()
+    }
 }
 
 impl Case {
