@@ -625,10 +625,10 @@ impl ShapeKey {
             };
             (o.rows, o.cols, o.ld, o.transposed, dtype, alignment(o))
         };
-        // The bias's alignment in bytes (at most 256), as `alignment` takes an operand's.
-        let bias = match gemm.bias | 256 {
-            _ if gemm.bias == 0 => 0,
-            bits => (bits & bits.wrapping_neg()) as u32,
+        let bias = if gemm.bias == 0 {
+            0
+        } else {
+            address_alignment(gemm.bias)
         };
         ShapeKey {
             operands: [o(&gemm.a), o(&gemm.b), o(&gemm.out)],
@@ -718,7 +718,13 @@ fn algo_override() -> usize {
 /// dividing its address and its row pitch.
 pub fn alignment(o: &Operand) -> u32 {
     let pitch = (o.ld * o.dtype.bytes()) as u64;
-    let bits = o.ptr | pitch | 256;
+    address_alignment(o.ptr | pitch)
+}
+
+/// The largest power of two, at most 256, that divides `bits` (an address, or addresses and
+/// pitches or-ed together).
+fn address_alignment(bits: u64) -> u32 {
+    let bits = bits | 256;
     (bits & bits.wrapping_neg()) as u32
 }
 

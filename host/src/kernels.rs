@@ -126,8 +126,7 @@ impl Kernel {
 /// (class-weighted smoothing) exist for the one-kernel plans (fused, cluster, split).
 pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
     match kind {
-        XentKind::Cluster | XentKind::Split => &VARIANTS,
-        XentKind::Fused => &VARIANTS,
+        XentKind::Fused | XentKind::Cluster | XentKind::Split => &VARIANTS,
         XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
         XentKind::ChunkGrad | XentKind::Backward => &["", "coef_", "cap_", "opt_"],
     }
@@ -199,16 +198,17 @@ pub(crate) const DTYPES: [DType; 3] = [DType::Bf16, DType::F16, DType::F32];
 /// The label types' name suffixes (`Label::NAME`).
 pub(crate) const LABELS: [&str; 2] = ["i32", "i64"];
 
-/// The cross-entropy kernels come in six variants (name infixes): plain (no loss options),
+/// The cross-entropy kernels come in seven variants (name infixes): plain (no loss options),
 /// `coef_` (options that change only per-row constants: z-loss, class weights, label smoothing
 /// without class weights; the plain kernels' loops and registers), `acc_` (those and token
 /// accuracy, a compare per element in the first pass), `cap_` (those and the soft cap, a
 /// polynomial per element in both passes), `capacc_` (those of `cap_` with token accuracy and
-/// smoothing with class weights) and `opt_` (every option, one vector at a time).
+/// smoothing with class weights), `wsm_` (those of `acc_` with smoothing with class weights) and
+/// `opt_` (every option, one vector at a time).
 pub(crate) const VARIANTS: [&str; 7] = ["", "coef_", "acc_", "cap_", "capacc_", "wsm_", "opt_"];
 
 /// Vectors per thread the cluster kernels of `variant` keep in registers: the plain and per-row
-/// option (`coef_`, `acc_`, `cap_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element
+/// option (`coef_`, `acc_`, `cap_`, `capacc_`, `wsm_`) kernels keep [`crate::abi::CLUSTER_KEEP`], the per-element
 /// ones none.
 pub(crate) fn cluster_keep(variant: &str) -> u32 {
     if variant != "opt_" {

@@ -100,8 +100,8 @@ impl Mode for RowCapAcc {
 /// `RowAcc` with label smoothing weighted per class (`*_wsm_*`), without the soft cap: the
 /// smoothing's sum and gradient term read each class's weight in the batched loops, where `Full`
 /// did one vector at a time with every option's check (H200, 8192 x 128256 bf16, smoothing with
-/// class weights: 27.7% of copy). Token accuracy is on at run time, as in `RowCapAcc`. Cluster
-/// and split kernels only, as `RowCapAcc`'s are.
+/// class weights: 27.7% of copy). Token accuracy is on at run time, as in `RowCapAcc`. Fused,
+/// cluster and split kernels only (one kernel a row), as `RowCapAcc`'s are.
 pub struct RowWSmooth;
 impl Mode for RowWSmooth {
     const OPTS: bool = true;

@@ -180,9 +180,6 @@ const UNCAPPED: &[&str] = &[
     "xent_chunk_partial_cap_",
     "xent_chunk_grad_cap_",
     "xent_backward_cap_",
-    "xent_chunk_partial_capacc_",
-    "xent_chunk_grad_capacc_",
-    "xent_backward_capacc_",
     // At most 256 threads a CTA (`plan::SPLIT_MAX_THREADS`): up to 96 registers still lets two
     // CTAs share an SM.
     "xent_split_",
