@@ -1,8 +1,8 @@
 //! The GEMM + log-sum-exp prototypes (`xent::linear::lse_gemm`, issue 12's "beyond": `mma.sync`,
 //! and `wgmma` on compute capability 9.0) on the GPU against an f64 reference on the same bf16 inputs: each row's log-sum-exp of `hidden · weightᵀ`
 //! from the partial (max, sum) pairs of every vocabulary range. Shapes cover partial row blocks
-//! (rows not a multiple of 128), partial class tiles (vocab not a multiple of 128), ranges that
-//! split the vocabulary unevenly, and one row.
+//! (rows not a multiple of 128), partial class tiles (vocab not a multiple of 128 or 256), ranges
+//! that split the vocabulary unevenly, one row, and more row blocks than the TMA kernel's groups.
 //!
 //! Tolerance: the kernel sums `dim` products in f32, so a logit is off by up to about
 //! `dim·2⁻²⁴·Σ_k |h_k·w_k|`; the log-sum-exp moves by at most the largest such error, plus the
@@ -68,6 +68,8 @@ fn lse_of_hidden_times_weight_matches_the_f64_reference() {
         (256, 1280, 256, 0),
         (77, 129, 64, 2),
         (300, 5000, 192, 7),
+        // 17 row blocks: the TMA kernel's groups of 16 row blocks, and a group of one.
+        (2100, 700, 64, 3),
     ];
     for (rows, vocab, dim, splits) in shapes {
         let splits = if splits == 0 {

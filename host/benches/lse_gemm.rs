@@ -1,9 +1,11 @@
 //! The GEMM + log-sum-exp prototypes (`xent::linear::lse_gemm`, issue 12's "beyond": `mma.sync`
 //! and, on compute capability 9.0, `wgmma`) against cuBLASLt's forward GEMM alone on the same
 //! inputs, timed with CUDA events (median of 10 after 3 warm-ups), one JSON line each: `method`
-//! (`xent_lse_gemm`, `xent_lse_wgmma`, `xent_lse_wgmma_pipe`, `gemm`), `n`, `d`, `v`, `dtype`,
-//! `ms_median`, `tflops` (counting `2·N·D·V`), `splits` (the vocabulary ranges, for the CTAs
-//! each kernel keeps resident: `auto_splits_for`). The prototypes write no logits (their partial
+//! (`xent_lse_gemm`, `xent_lse_wgmma`, `xent_lse_wgmma_pipe`, `xent_lse_tma`, `gemm`), `n`, `d`,
+//! `v`, `dtype`, `ms_median`, `tflops` (counting `2·N·D·V`), `splits` (the vocabulary ranges, for
+//! the CTAs each kernel keeps resident: `auto_splits_for`, or listed in `XENT_LSE_TMA_SPLITS`),
+//! `group` (the TMA kernel's row-block groups, from `XENT_LSE_TMA_GROUPS`), `max_lse_diff` (the
+//! largest difference of a row's log-sum-exp from the `mma.sync` kernel's). The prototypes write no logits (their partial
 //! (max, sum) pairs are `N·splits·8` bytes); the GEMM writes all `N·V` of them in bf16.
 //!
 //! `cargo bench -p xent --bench lse_gemm` (no arguments of its own: `run.sh bench`'s are
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use xent::cublaslt::{CublasLt, Gemm, Operand};
 use xent::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use xent::half::bf16;
-use xent::linear::lse_gemm::{LseGemmKernel, auto_splits_for};
+use xent::linear::lse_gemm::{LseGemmKernel, auto_splits_for, merge_partials};
 use xent::{CrossEntropy, DType};
 
 mod common;
@@ -50,13 +52,52 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
             .max()
             .unwrap_or(1);
         let mut partials = stream.alloc_zeros::<f32>(most * n * 2)?;
+        let mut most = most;
         let mut rows = Vec::new();
-        for (method, kernel) in [
-            ("xent_lse_gemm", LseGemmKernel::MmaSync),
-            ("xent_lse_wgmma", LseGemmKernel::Wgmma),
-            ("xent_lse_wgmma_pipe", LseGemmKernel::WgmmaPipelined),
-        ] {
-            let splits = auto_splits_for(n, v, sm, kernel.ctas_per_sm());
+        // The TMA kernel at its automatic ranges and at each count `XENT_LSE_TMA_SPLITS` lists
+        // (comma-separated), each with the row-block groups `XENT_LSE_GROUP` is set to in turn
+        // from `XENT_LSE_TMA_GROUPS` (default: the kernel's own).
+        let listed = |name: &str| -> Vec<usize> {
+            std::env::var(name)
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|t| t.trim().parse().ok())
+                .collect()
+        };
+        let groups = listed("XENT_LSE_TMA_GROUPS");
+        let mut runs = vec![
+            ("xent_lse_gemm", LseGemmKernel::MmaSync, 0, None),
+            ("xent_lse_wgmma", LseGemmKernel::Wgmma, 0, None),
+            (
+                "xent_lse_wgmma_pipe",
+                LseGemmKernel::WgmmaPipelined,
+                0,
+                None,
+            ),
+            ("xent_lse_tma", LseGemmKernel::Tma, 0, None),
+        ];
+        for splits in listed("XENT_LSE_TMA_SPLITS") {
+            runs.push(("xent_lse_tma", LseGemmKernel::Tma, splits, None));
+            for &g in &groups {
+                runs.push(("xent_lse_tma", LseGemmKernel::Tma, splits, Some(g)));
+            }
+        }
+        let mut reference: Option<Vec<f64>> = None;
+        for (method, kernel, splits, group) in runs {
+            let splits = if splits == 0 {
+                auto_splits_for(n, v, sm, kernel.ctas_per_sm())
+            } else {
+                splits
+            };
+            if splits > most {
+                partials = stream.alloc_zeros::<f32>(splits * n * 2)?;
+                most = splits;
+            }
+            match group {
+                // SAFETY (edition 2024's `set_var`): the bench runs on this one thread.
+                Some(g) => unsafe { std::env::set_var("XENT_LSE_GROUP", g.to_string()) },
+                None => unsafe { std::env::remove_var("XENT_LSE_GROUP") },
+            }
             let ms = median_ms(&stream, || {
                 xent.lse_gemm_partials(
                     &stream,
@@ -69,8 +110,24 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
                 )?;
                 Ok(())
             });
+            // Each kernel's log-sum-exps against the first's (the `mma.sync` kernel's): the
+            // largest difference, which a wrong tile layout would make large.
+            let diff = match ms {
+                Ok(_) => {
+                    let got = merge_partials(&stream.clone_dtoh(&partials)?, n, splits);
+                    let diff = reference.as_ref().map_or(0.0, |want| {
+                        want.iter()
+                            .zip(&got)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0, f64::max)
+                    });
+                    reference.get_or_insert(got);
+                    diff
+                }
+                Err(_) => f64::NAN,
+            };
             match ms {
-                Ok(ms) => rows.push((method, ms, splits)),
+                Ok(ms) => rows.push((method, ms, splits, group, diff)),
                 // The sm_90a prototype on another GPU: say so, measure the rest.
                 Err(err) => eprintln!("lse_gemm: {method}: {err}"),
             }
@@ -118,11 +175,13 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
             })?
         };
         let flops = 2.0 * n as f64 * d as f64 * v as f64;
-        rows.push(("gemm", gemm_ms, 0));
-        for (method, ms, splits) in rows {
+        rows.push(("gemm", gemm_ms, 0, None, 0.0));
+        for (method, ms, splits, group, diff) in rows {
+            let group = group.map_or(String::new(), |g| format!(", \"group\": {g}"));
             println!(
                 "{{\"method\": \"{method}\", \"n\": {n}, \"d\": {d}, \"v\": {v}, \"dtype\": \"bf16\", \
-                 \"ms_median\": {ms:.3}, \"tflops\": {:.1}, \"splits\": {splits}}}",
+                 \"ms_median\": {ms:.3}, \"tflops\": {:.1}, \"splits\": {splits}{group}, \
+                 \"max_lse_diff\": {diff:.2e}}}",
                 flops / (ms as f64 * 1e-3) / 1e12
             );
         }

@@ -220,6 +220,15 @@ pub struct LseGemmParams {
     pub dim: u32,
     /// Classes per range; range `s` is `[s·vocab_per_split, (s + 1)·vocab_per_split)`.
     pub vocab_per_split: u32,
+    /// The TMA kernel's (`xent_lse_tma_bf16`): device addresses of two 128-byte tensor maps
+    /// (`CUtensorMap`, 64-byte aligned, in global memory) of `hidden` and `weight`, boxes of 64
+    /// along `dim` by 128 rows and by 256 classes, 128-byte swizzle; 0 for the other kernels.
+    pub tmap_hidden: u64,
+    pub tmap_weight: u64,
+    /// The TMA kernel's: row blocks (of 128) that run side by side, each through every range,
+    /// so that CTAs running together share both operands' tiles in L2.
+    pub group_rows: u32,
+    pub _pad: u32,
 }
 
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.

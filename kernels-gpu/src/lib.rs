@@ -282,4 +282,5 @@ kernels! {
 kernels! {
     xent_lse_wgmma_bf16(LseGemmParams) => wgmma::lse_wgmma_bf16;
     xent_lse_wgmma_pipe_bf16(LseGemmParams) => wgmma::lse_wgmma_pipe_bf16;
+    xent_lse_tma_bf16(LseGemmParams) => wgmma::lse_tma_bf16;
 }

@@ -192,3 +192,175 @@ pub unsafe fn lse_wgmma_pipe_bf16(p: &LseGemmParams) {
     prim::wgmma_wait_all();
     unsafe { store_rows(p, &share, run, me) };
 }
+
+/// Classes of [`lse_tma_bf16`]'s tile, its stages, and the bytes of one stage's two tiles (rows
+/// 128 x 64, classes 256 x 64, bf16, each in TMA's 128-byte swizzle layout: 8-row atoms of 1024
+/// bytes).
+const TMA_BN: u32 = 256;
+const TMA_STAGES: u32 = 4;
+const TMA_A_BYTES: u32 = BM * BK * 2;
+const TMA_STAGE_BYTES: u32 = TMA_A_BYTES + TMA_BN * BK * 2;
+/// Warps that arrive on a stage's "empty" barrier: the two consumer warpgroups' eight.
+const TMA_CONSUMER_WARPS: u32 = 8;
+
+/// A CTA's share of a [`lse_tma_bf16`] launch: rows `[row0, row0 + 128)` against classes
+/// `[col_begin, col_end)` of range `split`, in `total` steps of 256 classes by 64 of `D`. Block
+/// `b` takes its row block and range so that the CTAs running together cover `group_rows` row
+/// blocks (each through every range) and so share both operands' tiles in L2.
+#[derive(Clone, Copy)]
+struct TmaShare {
+    row0: u32,
+    split: u32,
+    col_begin: u32,
+    col_end: u32,
+    k_steps: u32,
+    total: u32,
+}
+
+impl TmaShare {
+    #[inline(always)]
+    fn of(p: &LseGemmParams) -> TmaShare {
+        let row_blocks = p.n_rows.div_ceil(BM).max(1);
+        let splits = p.vocab.div_ceil(p.vocab_per_split.max(1)).max(1);
+        let group = p.group_rows.clamp(1, row_blocks);
+        let b = prim::block_idx();
+        let per_group = (group * splits).max(1);
+        let first = b / per_group * group;
+        let size = group.min(row_blocks.saturating_sub(first)).max(1);
+        let local = b % per_group;
+        let split = local / size;
+        let col_begin = split * p.vocab_per_split;
+        let col_end = (col_begin + p.vocab_per_split).min(p.vocab);
+        let k_steps = (p.dim / BK).max(1);
+        let tiles = if col_end > col_begin { (col_end - col_begin).div_ceil(TMA_BN) } else { 0 };
+        TmaShare {
+            row0: (first + local % size) * BM,
+            split,
+            col_begin,
+            col_end,
+            k_steps,
+            total: tiles * k_steps,
+        }
+    }
+
+    /// Step `it`'s first class and depth along `D`.
+    #[inline(always)]
+    fn step(self, it: u32) -> (u32, u32) {
+        (self.col_begin + it / self.k_steps * TMA_BN, it % self.k_steps * BK)
+    }
+}
+
+/// Launch: `row_blocks · splits` CTAs of 288 threads (two consumer warpgroups, then one producer
+/// warp), dynamic shared memory `TMA_STAGES · TMA_STAGE_BYTES + 2048` (the stages 1024-byte
+/// aligned, then the barriers). Same output as [`lse_wgmma_bf16`].
+///
+/// The producer warp's first lane walks the CTA's steps: it waits until a stage is free (its
+/// "empty" barrier), then has the tensor memory accelerator copy the step's two tiles into it
+/// (one `cp.async.bulk.tensor` each, completing on the stage's "full" barrier). Each consumer
+/// warpgroup waits for a stage to be full, issues four `wgmma` m64n256k16 on its 64 rows, and
+/// releases the stage the step before used once `wait_group 1` says those are done; a tile's last
+/// step waits for all, releases both, and folds the tile into the rows' running (max, sum). No
+/// barrier of the whole CTA after the start.
+#[inline(always)]
+pub unsafe fn lse_tma_bf16(p: &LseGemmParams) {
+    let tid = thread_idx();
+    let base = (prim::smem_base() + 1023) & !1023;
+    let bars = base + TMA_STAGES * TMA_STAGE_BYTES;
+    let full = |s: u32| bars + 8 * s;
+    let empty = |s: u32| bars + 8 * (TMA_STAGES + s);
+    let share = TmaShare::of(p);
+    if tid == 0 {
+        let mut s = 0;
+        while s < TMA_STAGES {
+            unsafe {
+                prim::mbarrier_init(full(s), 1);
+                prim::mbarrier_init(empty(s), TMA_CONSUMER_WARPS);
+            }
+            s += 1;
+        }
+        prim::fence_mbarrier_init();
+    }
+    prim::sync_threads();
+    // The role by warp, uniform in ptxas' eyes: a branch it must assume divergent serialises
+    // every `wgmma` behind it (C7518).
+    let warp = prim::warp_uniform(tid / 32);
+    if warp >= TMA_CONSUMER_WARPS {
+        if tid % 32 == 0 {
+            let mut it = 0;
+            while it < share.total {
+                let s = it % TMA_STAGES;
+                // A fresh barrier's phase "before 0" counts as complete: the first round passes.
+                unsafe { prim::mbarrier_wait(empty(s), (it / TMA_STAGES + 1) & 1) };
+                let (col0, k0) = share.step(it);
+                let a = base + s * TMA_STAGE_BYTES;
+                unsafe {
+                    prim::mbarrier_arrive_expect_tx(full(s), TMA_STAGE_BYTES);
+                    prim::tma_load_2d(a, p.tmap_hidden, k0, share.row0, full(s));
+                    prim::tma_load_2d(a + TMA_A_BYTES, p.tmap_weight, k0, col0, full(s));
+                }
+                it += 1;
+            }
+        }
+        return;
+    }
+    let me = Place::of_thread();
+    let lane0 = tid % 32 == 0;
+    let mut run = [Lse2::EMPTY; 2];
+    let (mut lo, mut hi) = ([0.0f32; 64], [0.0f32; 64]);
+    // The stage of the step before, not yet released.
+    let mut pending: Option<u32> = None;
+    let mut it = 0;
+    while it < share.total {
+        let s = it % TMA_STAGES;
+        unsafe { prim::mbarrier_wait(full(s), (it / TMA_STAGES) & 1) };
+        let (col0, k0) = share.step(it);
+        let a = base + s * TMA_STAGE_BYTES + me.warpgroup * 64 * 128;
+        let b = base + s * TMA_STAGE_BYTES + TMA_A_BYTES;
+        prim::wgmma_fence();
+        let mut kk = 0;
+        while kk < BK / 16 {
+            let desc_a = prim::wgmma_desc_sw128(a + 32 * kk);
+            let desc_b = prim::wgmma_desc_sw128(b + 32 * kk);
+            prim::wgmma_m64n256k16_bf16(&mut lo, &mut hi, desc_a, desc_b, k0 > 0 || kk > 0);
+            kk += 1;
+        }
+        prim::wgmma_commit();
+        // The fold reads the accumulators only on the path that waited for all (ptxas injects a
+        // wait before every step's `wgmma`s if any path to a read might not have).
+        if k0 + BK == share.k_steps * BK {
+            prim::wgmma_wait_all();
+            if lane0 {
+                if let Some(before) = pending {
+                    unsafe { prim::mbarrier_arrive(empty(before)) };
+                }
+                unsafe { prim::mbarrier_arrive(empty(s)) };
+            }
+            pending = None;
+            fold(&mut run, &lo, col0 + 2 * me.q, share.col_end);
+            fold(&mut run, &hi, col0 + 128 + 2 * me.q, share.col_end);
+        } else {
+            prim::wgmma_wait_one();
+            if lane0 && let Some(before) = pending {
+                unsafe { prim::mbarrier_arrive(empty(before)) };
+            }
+            pending = Some(s);
+        }
+        it += 1;
+    }
+    // Nothing is in flight here; said explicitly, ptxas stops injecting a wait at the loop's exit
+    // branch (C7517), which serialised every step.
+    prim::wgmma_wait_all();
+    crate::each!(h in [0, 1] => {
+        run[h] = quad_merge(run[h]);
+        if me.q == 0 {
+            let row = share.row0 + 64 * me.warpgroup + 16 * me.warp + me.g + 8 * h as u32;
+            if row < p.n_rows {
+                let out = p.partials + ((share.split as u64 * p.n_rows as u64 + row as u64) * 2) * 4;
+                unsafe {
+                    prim::st_global_u32(out, run[h].m.to_bits());
+                    prim::st_global_u32(out + 4, run[h].s.to_bits());
+                }
+            }
+        }
+    });
+}

@@ -211,6 +211,8 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // Its warpgroup-MMA version: 64 accumulators and the epilogue's values; two 256-thread CTAs
     // an SM.
     ("xent_lse_wgmma_", 128),
+    // The TMA kernel: 128 accumulators a thread; 288 threads (one CTA an SM) allow 224.
+    ("xent_lse_tma_", 224),
 ];
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.

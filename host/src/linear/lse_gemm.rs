@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{CUfunction_attribute, CUtensorMap};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
@@ -32,6 +32,16 @@ const SMEM_BYTES: u32 = 2 * 2 * 128 * 72 * 2;
 const WGMMA_SMEM_BYTES: u32 = 2 * 2 * 128 * 64 * 2;
 /// The pipelined `wgmma` kernel's: four stages (one CTA an SM).
 const WGMMA_PIPE_SMEM_BYTES: u32 = 4 * 2 * 128 * 64 * 2;
+/// The TMA kernel's: four stages of a 128 x 64 and a 256 x 64 bf16 tile, 1024 bytes to align
+/// them, and the stages' barriers.
+const TMA_SMEM_BYTES: u32 = 4 * (128 + 256) * 64 * 2 + 2048;
+/// The TMA kernel's threads: two consumer warpgroups and one producer warp.
+const TMA_THREADS: u32 = 288;
+/// The TMA kernel's classes per tile (rows: [`ROWS_PER_CTA`]) and its rows' tile along `D`.
+const TMA_BOX: [u32; 3] = [64, 128, 256];
+/// Row blocks the TMA kernel's CTAs take side by side (`LseGemmParams::group_rows`), unless
+/// `XENT_LSE_GROUP` says otherwise.
+const TMA_GROUP_ROWS: u32 = 16;
 
 /// Ranges of the vocabulary per row block for `rows` rows on `sm_count` SMs, for kernels that
 /// hold two CTAs an SM ([`auto_splits_for`] with 2).
@@ -69,14 +79,19 @@ pub enum LseGemmKernel {
     /// `xent_lse_wgmma_pipe_bf16`: the same, pipelined (four stages, copies two steps ahead,
     /// `wgmma`s left in flight across steps); sm_90a as [`Wgmma`](Self::Wgmma).
     WgmmaPipelined,
+    /// `xent_lse_tma_bf16`: tiles of 128 rows by 256 classes copied by the tensor memory
+    /// accelerator (128-byte swizzle) into four stages by a producer warp, `wgmma` m64n256k16
+    /// by two consumer warpgroups, stages handed over through mbarriers; sm_90a.
+    Tma,
 }
 
 impl LseGemmKernel {
     /// Every kernel, the sm_90a ones last.
-    pub const ALL: [LseGemmKernel; 3] = [
+    pub const ALL: [LseGemmKernel; 4] = [
         LseGemmKernel::MmaSync,
         LseGemmKernel::Wgmma,
         LseGemmKernel::WgmmaPipelined,
+        LseGemmKernel::Tma,
     ];
 
     /// Whether it lives in the sm_90a module (compute capability 9.0 only).
@@ -85,10 +100,11 @@ impl LseGemmKernel {
     }
 
     /// CTAs an H100/H200 SM holds of it (registers and shared memory): two of the two-stage
-    /// kernels (128 and 122 registers, 72 and 64 KiB), one of the pipelined one (128 KiB).
+    /// kernels (128 and 122 registers, 72 and 64 KiB), one of the pipelined one (128 KiB) and
+    /// of the TMA one (194 KiB).
     pub fn ctas_per_sm(self) -> u32 {
         match self {
-            LseGemmKernel::WgmmaPipelined => 1,
+            LseGemmKernel::WgmmaPipelined | LseGemmKernel::Tma => 1,
             _ => 2,
         }
     }
@@ -146,14 +162,38 @@ impl CrossEntropy {
         let blocks = as_u32(row_blocks * splits, "CTAs")?;
         let wgmma = match kernel {
             LseGemmKernel::MmaSync => None,
-            LseGemmKernel::Wgmma => Some((&self.wgmma_functions()?.0, WGMMA_SMEM_BYTES)),
+            LseGemmKernel::Wgmma => Some((&self.wgmma_functions()?[0], WGMMA_SMEM_BYTES, THREADS)),
             LseGemmKernel::WgmmaPipelined => {
-                Some((&self.wgmma_functions()?.1, WGMMA_PIPE_SMEM_BYTES))
+                Some((&self.wgmma_functions()?[1], WGMMA_PIPE_SMEM_BYTES, THREADS))
             }
+            LseGemmKernel::Tma => Some((&self.wgmma_functions()?[2], TMA_SMEM_BYTES, TMA_THREADS)),
         };
         let (hidden_ptr, _h) = hidden.device_ptr(stream);
         let (weight_ptr, _w) = weight.device_ptr(stream);
         let (partials_ptr, _p) = partials.device_ptr_mut(stream);
+        // The TMA kernel's tensor maps, in device memory the launch reads (freed in stream order
+        // after it).
+        let tmaps = if kernel == LseGemmKernel::Tma {
+            let maps = [
+                tensor_map_2d(hidden_ptr, dim, rows, [TMA_BOX[0], TMA_BOX[1]])?,
+                tensor_map_2d(weight_ptr, dim, vocab, [TMA_BOX[0], TMA_BOX[2]])?,
+            ];
+            let words: Vec<u64> = maps.iter().flat_map(|m| m.opaque).collect();
+            Some(stream.clone_htod(&words)?)
+        } else {
+            None
+        };
+        let (tmap_hidden, tmap_weight) = match &tmaps {
+            Some(words) => {
+                let (ptr, _t) = words.device_ptr(stream);
+                (ptr, ptr + 128)
+            }
+            None => (0, 0),
+        };
+        let group_rows = std::env::var("XENT_LSE_GROUP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(TMA_GROUP_ROWS);
         let params = LseGemmParams {
             hidden: hidden_ptr,
             weight: weight_ptr,
@@ -162,6 +202,10 @@ impl CrossEntropy {
             vocab: as_u32(vocab, "vocab")?,
             dim: as_u32(dim, "dim")?,
             vocab_per_split: as_u32(vocab.div_ceil(splits), "vocab per split")?,
+            tmap_hidden,
+            tmap_weight,
+            group_rows,
+            _pad: 0,
         };
         match wgmma {
             None => self.launch(
@@ -172,10 +216,10 @@ impl CrossEntropy {
                 THREADS,
                 SMEM_BYTES,
             ),
-            Some((function, smem)) => {
+            Some((function, smem, threads)) => {
                 let cfg = LaunchConfig {
                     grid_dim: (blocks, 1, 1),
-                    block_dim: (THREADS, 1, 1),
+                    block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
                 };
                 // SAFETY: `params` is the parameter block the entry point declares; every address
@@ -186,11 +230,11 @@ impl CrossEntropy {
         }
     }
 
-    /// The sm_90a prototypes' functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`),
-    /// loading their module the first time.
-    fn wgmma_functions(&self) -> Result<&(CudaFunction, CudaFunction)> {
+    /// The sm_90a prototypes' functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`,
+    /// `xent_lse_tma_bf16`), loading their module the first time.
+    fn wgmma_functions(&self) -> Result<&[CudaFunction; 3]> {
         let loaded = self.wgmma.get_or_init(|| {
-            let load = || -> Result<(CudaFunction, CudaFunction)> {
+            let load = || -> Result<[CudaFunction; 3]> {
                 let (major, minor) = self.context().compute_capability()?;
                 if (major, minor) != (9, 0) {
                     return Err(Error::UnsupportedComputeCapability { major, minor });
@@ -204,10 +248,11 @@ impl CrossEntropy {
                     )?;
                     Ok(function)
                 };
-                Ok((
+                Ok([
                     function("xent_lse_wgmma_bf16", WGMMA_SMEM_BYTES)?,
                     function("xent_lse_wgmma_pipe_bf16", WGMMA_PIPE_SMEM_BYTES)?,
-                ))
+                    function("xent_lse_tma_bf16", TMA_SMEM_BYTES)?,
+                ])
             };
             load().map_err(|err| err.to_string())
         });
@@ -215,6 +260,42 @@ impl CrossEntropy {
             .as_ref()
             .map_err(|why| Error::Driver(format!("the sm_90a prototype: {why}")))
     }
+}
+
+/// A TMA tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements at `ptr`:
+/// boxes of `boxes[0]` elements along a row by `boxes[1]` rows, 128-byte swizzle (a box row is
+/// 128 bytes), zeros outside the matrix.
+fn tensor_map_2d(ptr: u64, cols: usize, rows: usize, boxes: [u32; 2]) -> Result<CUtensorMap> {
+    use cudarc::driver::sys::{
+        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+        CUtensorMapL2promotion, CUtensorMapSwizzle, cuTensorMapEncodeTiled,
+    };
+    let mut map = CUtensorMap { opaque: [0; 16] };
+    let dims = [cols as u64, rows as u64];
+    // Bytes between rows (the innermost dimension's stride is implied).
+    let strides = [cols as u64 * 2];
+    let element_strides = [1u32, 1];
+    // SAFETY: every pointer names a live local array of the rank's length; the driver only reads
+    // them and writes `map`.
+    unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|err| Error::Driver(format!("cuTensorMapEncodeTiled: {err}")))?;
+    }
+    Ok(map)
 }
 
 /// Each row's natural log-sum-exp from [`CrossEntropy::lse_gemm_partials`]'s `partials`
