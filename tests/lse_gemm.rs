@@ -157,3 +157,122 @@ fn lse_gemm_rejects_bad_shapes() {
         assert!(err.to_string().contains(what), "{what}: {err}");
     }
 }
+
+/// `xent_gemm_tn_bf16` (the linear path's weight-gradient GEMM, sm_90a): `C = alpha·Aᵀ·B +
+/// beta·C` against f64 on the same bf16 inputs, rounded once to bf16. Shapes cover partial
+/// output tiles (M not a multiple of 128, N not of 256), K not a multiple of 64 (and K = 1),
+/// more tiles than CTAs (each CTA walks several), row strides wider than the rows, and beta 0
+/// (C not read: it starts as NaN there) and 1.
+///
+/// Tolerance: f32 sums of K products are off by up to `K·2⁻²⁴·Σ|a·b|`; then one rounding to
+/// bf16, half a unit in the last place (`2⁻⁹` relative).
+#[test]
+fn gemm_tn_matches_the_f64_reference() {
+    use xent::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use xent::linear::gemm_tn::Matrix;
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    if xent
+        .context()
+        .compute_capability()
+        .expect("compute capability")
+        != (9, 0)
+    {
+        eprintln!("gemm_tn: compute capability 9.0 only; skipped");
+        return;
+    }
+    let stream = xent.context().default_stream();
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    // (K, M, N, extra columns of each row stride, alpha, beta)
+    let shapes = [
+        (64, 128, 256, 0, 1.0f32, 1.0f32),
+        (100, 300, 520, 8, 1.0, 1.0),
+        (1, 129, 257, 0, 1.0, 0.0),
+        (256, 2000, 512, 0, 0.5, 1.0),
+        (896, 700, 64, 16, 1.0, 0.0),
+        (130, 4500, 300, 0, 1.0, 1.0),
+    ];
+    for (k, m, n, pad, alpha, beta) in shapes {
+        let mut rng = Rng((k * 7 + m * 13 + n) as u64);
+        let mut matrix = |rows: usize, cols: usize, ld: usize, scale: f64| -> Vec<bf16> {
+            (0..rows * ld)
+                .map(|i| {
+                    if i % ld < cols {
+                        bf16::from_f64((rng.unit() * 2.0 - 1.0) * scale)
+                    } else {
+                        bf16::from_f64(f64::NAN)
+                    }
+                })
+                .collect()
+        };
+        let (lda, ldb, ldc) = (m + pad, n + pad, n + pad);
+        let a = matrix(k, m, lda, 1.0);
+        let b = matrix(k, n, ldb, 1.0);
+        let c0: Vec<bf16> = if beta == 0.0 {
+            vec![bf16::from_f64(f64::NAN); m * ldc]
+        } else {
+            matrix(m, n, ldc, 4.0)
+        };
+        let d_a = stream.clone_htod(&a).expect("upload A");
+        let d_b = stream.clone_htod(&b).expect("upload B");
+        let mut d_c = stream.clone_htod(&c0).expect("upload C");
+        {
+            let (pa, _a) = d_a.device_ptr(&stream);
+            let (pb, _b) = d_b.device_ptr(&stream);
+            let (pc, _c) = d_c.device_ptr_mut(&stream);
+            let mat = |ptr, rows, cols, ld| Matrix { ptr, rows, cols, ld };
+            // SAFETY: the three are live allocations of the sizes named, C apart from A and B.
+            unsafe {
+                xent.gemm_tn_bf16(
+                    &stream,
+                    mat(pa, k, m, lda),
+                    mat(pb, k, n, ldb),
+                    mat(pc, m, n, ldc),
+                    alpha,
+                    beta,
+                )
+            }
+            .expect("launch");
+        }
+        let got = stream.clone_dtoh(&d_c).expect("download");
+        cases += 1;
+        'check: for i in 0..m {
+            for j in 0..ldc {
+                let at = i * ldc + j;
+                if j >= n {
+                    // Past the row: untouched.
+                    if !got[at].is_nan() {
+                        failures.push(format!("{k}x{m}x{n}: C[{i}][{j}] past the row was written"));
+                        break 'check;
+                    }
+                    continue;
+                }
+                let (mut dot, mut abs) = (0.0f64, 0.0f64);
+                for r in 0..k {
+                    let p = a[r * lda + i].to_f64() * b[r * ldb + j].to_f64();
+                    dot += p;
+                    abs += p.abs();
+                }
+                let c = if beta == 0.0 { 0.0 } else { c0[at].to_f64() };
+                let want = alpha as f64 * dot + beta as f64 * c;
+                let tol = alpha as f64 * k as f64 * 2f64.powi(-24) * abs
+                    + want.abs() * 2f64.powi(-8)
+                    + 1e-30;
+                let err = (got[at].to_f64() - want).abs();
+                if err.is_nan() || err > tol {
+                    failures.push(format!(
+                        "{k}x{m}x{n} (ld pad {pad}, alpha {alpha}, beta {beta}): C[{i}][{j}] {} against {want} (tol {tol:e})",
+                        got[at]
+                    ));
+                    break 'check;
+                }
+            }
+        }
+    }
+    report(&format!(
+        "gemm_tn on the GPU: {cases} shapes, {} failed",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

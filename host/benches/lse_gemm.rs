@@ -186,6 +186,69 @@ fn run(xent: &CrossEntropy) -> Result<(), Box<dyn Error>> {
             );
         }
     }
+    gemm_tn(xent, &stream, &blas)?;
+    Ok(())
+}
+
+/// The linear path's weight-gradient GEMM, `C += Gᵀ·h` with `G [K, V]`, `h [K, D]`, `C [V, D]`
+/// (bf16): `xent_gemm_tn` against cuBLASLt at Liger's chunk (256 rows) and the default budget's
+/// (896), one JSON line each with `ms_median`, `tflops` (`2·K·V·D`) and `c_gbps` (C read and
+/// written, `4·V·D` bytes, per second).
+fn gemm_tn(
+    xent: &CrossEntropy,
+    stream: &Arc<CudaStream>,
+    blas: &CublasLt,
+) -> Result<(), Box<dyn Error>> {
+    use xent::linear::gemm_tn::Matrix;
+    let (v, d) = (128256usize, 4096usize);
+    let d_c = stream.clone_htod(&noise(v * d, 5, 1e-3))?;
+    let workspace = stream.alloc_zeros::<u8>(32 << 20)?;
+    for k in [256usize, 896] {
+        let d_g = stream.clone_htod(&noise(k * v, 3, 1e-4))?;
+        let d_h = stream.clone_htod(&noise(k * d, 4, 1.0))?;
+        let (g_ptr, _g) = d_g.device_ptr(stream);
+        let (h_ptr, _h) = d_h.device_ptr(stream);
+        let (c_ptr, _c) = d_c.device_ptr(stream);
+        let (ws_ptr, _w) = workspace.device_ptr(stream);
+        let ours = median_ms(stream, || {
+            let mat = |ptr, rows, cols| Matrix { ptr, rows, cols, ld: cols };
+            // SAFETY: live allocations of the sizes named; C apart from G and h.
+            unsafe { xent.gemm_tn_bf16(stream, mat(g_ptr, k, v), mat(h_ptr, k, d), mat(c_ptr, v, d), 1.0, 1.0) }?;
+            Ok(())
+        });
+        let operand = |ptr, rows, cols, transposed| Operand {
+            ptr,
+            dtype: DType::Bf16,
+            rows,
+            cols,
+            ld: cols,
+            transposed,
+        };
+        let gemm = Gemm {
+            a: operand(g_ptr, k, v, true),
+            b: operand(h_ptr, k, d, false),
+            out: operand(c_ptr, v, d, false),
+            alpha: 1.0,
+            beta: 1.0,
+            bias: 0,
+        };
+        let cublas = median_ms(stream, || {
+            // SAFETY: every operand is a live allocation of the sizes it names.
+            unsafe { blas.matmul(stream.cu_stream(), &gemm, (ws_ptr, 32 << 20)) }?;
+            Ok(())
+        });
+        for (method, ms) in [("xent_gemm_tn", ours), ("cublaslt_gemm_tn", cublas)] {
+            match ms {
+                Ok(ms) => println!(
+                    "{{\"method\": \"{method}\", \"k\": {k}, \"v\": {v}, \"d\": {d}, \"dtype\": \"bf16\", \
+                     \"beta\": 1, \"ms_median\": {ms:.3}, \"tflops\": {:.1}, \"c_gbps\": {:.0}}}",
+                    2.0 * (k * v * d) as f64 / (ms as f64 * 1e-3) / 1e12,
+                    4.0 * (v * d) as f64 / (ms as f64 * 1e-3) / 1e9
+                ),
+                Err(err) => eprintln!("lse_gemm: {method}: {err}"),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -231,6 +231,26 @@ pub struct LseGemmParams {
     pub _pad: u32,
 }
 
+/// Parameters of `xent_gemm_tn_bf16` (sm_90a): `C = alpha·Aᵀ·B + beta·C` for `A [K, M]`,
+/// `B [K, N]` and `C [M, N]`, all bf16 and row-major, through TMA tensor maps in global memory
+/// (`CUtensorMap`, 64-byte aligned): `A`'s and `B`'s boxes 64 wide by 64 rows, `C`'s 64 wide by
+/// 128 rows, all with the 128-byte swizzle. The weight gradient of the linear path, `Gᵀ·h`,
+/// accumulated over chunks of rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GemmParams {
+    pub tmap_a: u64,
+    pub tmap_b: u64,
+    pub tmap_c: u64,
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub alpha: f32,
+    /// 0: `C` is not read.
+    pub beta: f32,
+    pub _pad: u32,
+}
+
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

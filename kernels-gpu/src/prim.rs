@@ -761,6 +761,150 @@ pub fn wgmma_m64n256k16_bf16(lo: &mut [f32; 64], hi: &mut [f32; 64], desc_a: u64
     }
 }
 
+/// [`wgmma_m64n256k16_bf16`] with both operands MN-major (`imm-trans-a`, `imm-trans-b` 1): A
+/// stored as 16 rows of K by 64 of M, B as 16 rows of K by 256 of N, in the 128-byte swizzle
+/// layout [`wgmma_desc_sw128_mn`] describes.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn wgmma_m64n256k16_bf16_mn(lo: &mut [f32; 64], hi: &mut [f32; 64], desc_a: u64, desc_b: u64, accumulate: bool) {
+    let scale_d: u32 = accumulate as u32;
+    unsafe {
+        asm!("{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; \
+              wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 \
+              {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}, {d24}, {d25}, {d26}, {d27}, {d28}, {d29}, {d30}, {d31}, {d32}, {d33}, {d34}, {d35}, {d36}, {d37}, {d38}, {d39}, {d40}, {d41}, {d42}, {d43}, {d44}, {d45}, {d46}, {d47}, {d48}, {d49}, {d50}, {d51}, {d52}, {d53}, {d54}, {d55}, {d56}, {d57}, {d58}, {d59}, {d60}, {d61}, {d62}, {d63}, {d64}, {d65}, {d66}, {d67}, {d68}, {d69}, {d70}, {d71}, {d72}, {d73}, {d74}, {d75}, {d76}, {d77}, {d78}, {d79}, {d80}, {d81}, {d82}, {d83}, {d84}, {d85}, {d86}, {d87}, {d88}, {d89}, {d90}, {d91}, {d92}, {d93}, {d94}, {d95}, {d96}, {d97}, {d98}, {d99}, {d100}, {d101}, {d102}, {d103}, {d104}, {d105}, {d106}, {d107}, {d108}, {d109}, {d110}, {d111}, {d112}, {d113}, {d114}, {d115}, {d116}, {d117}, {d118}, {d119}, {d120}, {d121}, {d122}, {d123}, {d124}, {d125}, {d126}, {d127}}}, {da}, {db}, p, 1, 1, 1, 1; }}",
+             d0 = inout(reg32) lo[0],
+             d1 = inout(reg32) lo[1],
+             d2 = inout(reg32) lo[2],
+             d3 = inout(reg32) lo[3],
+             d4 = inout(reg32) lo[4],
+             d5 = inout(reg32) lo[5],
+             d6 = inout(reg32) lo[6],
+             d7 = inout(reg32) lo[7],
+             d8 = inout(reg32) lo[8],
+             d9 = inout(reg32) lo[9],
+             d10 = inout(reg32) lo[10],
+             d11 = inout(reg32) lo[11],
+             d12 = inout(reg32) lo[12],
+             d13 = inout(reg32) lo[13],
+             d14 = inout(reg32) lo[14],
+             d15 = inout(reg32) lo[15],
+             d16 = inout(reg32) lo[16],
+             d17 = inout(reg32) lo[17],
+             d18 = inout(reg32) lo[18],
+             d19 = inout(reg32) lo[19],
+             d20 = inout(reg32) lo[20],
+             d21 = inout(reg32) lo[21],
+             d22 = inout(reg32) lo[22],
+             d23 = inout(reg32) lo[23],
+             d24 = inout(reg32) lo[24],
+             d25 = inout(reg32) lo[25],
+             d26 = inout(reg32) lo[26],
+             d27 = inout(reg32) lo[27],
+             d28 = inout(reg32) lo[28],
+             d29 = inout(reg32) lo[29],
+             d30 = inout(reg32) lo[30],
+             d31 = inout(reg32) lo[31],
+             d32 = inout(reg32) lo[32],
+             d33 = inout(reg32) lo[33],
+             d34 = inout(reg32) lo[34],
+             d35 = inout(reg32) lo[35],
+             d36 = inout(reg32) lo[36],
+             d37 = inout(reg32) lo[37],
+             d38 = inout(reg32) lo[38],
+             d39 = inout(reg32) lo[39],
+             d40 = inout(reg32) lo[40],
+             d41 = inout(reg32) lo[41],
+             d42 = inout(reg32) lo[42],
+             d43 = inout(reg32) lo[43],
+             d44 = inout(reg32) lo[44],
+             d45 = inout(reg32) lo[45],
+             d46 = inout(reg32) lo[46],
+             d47 = inout(reg32) lo[47],
+             d48 = inout(reg32) lo[48],
+             d49 = inout(reg32) lo[49],
+             d50 = inout(reg32) lo[50],
+             d51 = inout(reg32) lo[51],
+             d52 = inout(reg32) lo[52],
+             d53 = inout(reg32) lo[53],
+             d54 = inout(reg32) lo[54],
+             d55 = inout(reg32) lo[55],
+             d56 = inout(reg32) lo[56],
+             d57 = inout(reg32) lo[57],
+             d58 = inout(reg32) lo[58],
+             d59 = inout(reg32) lo[59],
+             d60 = inout(reg32) lo[60],
+             d61 = inout(reg32) lo[61],
+             d62 = inout(reg32) lo[62],
+             d63 = inout(reg32) lo[63],
+             d64 = inout(reg32) hi[0],
+             d65 = inout(reg32) hi[1],
+             d66 = inout(reg32) hi[2],
+             d67 = inout(reg32) hi[3],
+             d68 = inout(reg32) hi[4],
+             d69 = inout(reg32) hi[5],
+             d70 = inout(reg32) hi[6],
+             d71 = inout(reg32) hi[7],
+             d72 = inout(reg32) hi[8],
+             d73 = inout(reg32) hi[9],
+             d74 = inout(reg32) hi[10],
+             d75 = inout(reg32) hi[11],
+             d76 = inout(reg32) hi[12],
+             d77 = inout(reg32) hi[13],
+             d78 = inout(reg32) hi[14],
+             d79 = inout(reg32) hi[15],
+             d80 = inout(reg32) hi[16],
+             d81 = inout(reg32) hi[17],
+             d82 = inout(reg32) hi[18],
+             d83 = inout(reg32) hi[19],
+             d84 = inout(reg32) hi[20],
+             d85 = inout(reg32) hi[21],
+             d86 = inout(reg32) hi[22],
+             d87 = inout(reg32) hi[23],
+             d88 = inout(reg32) hi[24],
+             d89 = inout(reg32) hi[25],
+             d90 = inout(reg32) hi[26],
+             d91 = inout(reg32) hi[27],
+             d92 = inout(reg32) hi[28],
+             d93 = inout(reg32) hi[29],
+             d94 = inout(reg32) hi[30],
+             d95 = inout(reg32) hi[31],
+             d96 = inout(reg32) hi[32],
+             d97 = inout(reg32) hi[33],
+             d98 = inout(reg32) hi[34],
+             d99 = inout(reg32) hi[35],
+             d100 = inout(reg32) hi[36],
+             d101 = inout(reg32) hi[37],
+             d102 = inout(reg32) hi[38],
+             d103 = inout(reg32) hi[39],
+             d104 = inout(reg32) hi[40],
+             d105 = inout(reg32) hi[41],
+             d106 = inout(reg32) hi[42],
+             d107 = inout(reg32) hi[43],
+             d108 = inout(reg32) hi[44],
+             d109 = inout(reg32) hi[45],
+             d110 = inout(reg32) hi[46],
+             d111 = inout(reg32) hi[47],
+             d112 = inout(reg32) hi[48],
+             d113 = inout(reg32) hi[49],
+             d114 = inout(reg32) hi[50],
+             d115 = inout(reg32) hi[51],
+             d116 = inout(reg32) hi[52],
+             d117 = inout(reg32) hi[53],
+             d118 = inout(reg32) hi[54],
+             d119 = inout(reg32) hi[55],
+             d120 = inout(reg32) hi[56],
+             d121 = inout(reg32) hi[57],
+             d122 = inout(reg32) hi[58],
+             d123 = inout(reg32) hi[59],
+             d124 = inout(reg32) hi[60],
+             d125 = inout(reg32) hi[61],
+             d126 = inout(reg32) hi[62],
+             d127 = inout(reg32) hi[63],
+             da = in(reg64) desc_a, db = in(reg64) desc_b, sd = in(reg32) scale_d,
+             options(nostack));
+    }
+}
+
 /// `wgmma.fence.sync.aligned`: orders the warpgroup's register accesses before the `wgmma`s
 /// that follow.
 #[cfg(xent_wgmma)]
@@ -817,3 +961,74 @@ pub fn wgmma_desc(addr: u32, leading: u32, stride: u32) -> u64 {
 pub fn wgmma_desc_sw128(addr: u32) -> u64 {
     (((addr as u64) >> 4) & 0x3fff) | (1 << 16) | ((1024u64 >> 4) << 32) | (1u64 << 62)
 }
+
+/// A `wgmma` descriptor for an MN-major tile in TMA's 128-byte swizzle layout: rows of K, each 64
+/// elements (128 bytes) of M or N, 8-row atoms of 1024 bytes (1024-byte aligned); `mn_block`
+/// bytes between blocks of 64 along M or N (the leading offset), 1024 between groups of 8 rows
+/// along K (the stride offset). Moving along K by 16 rows adds 2048 bytes to `addr`.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn wgmma_desc_sw128_mn(addr: u32, mn_block: u32) -> u64 {
+    let field = |v: u32| ((v as u64) >> 4) & 0x3fff;
+    field(addr) | (field(mn_block) << 16) | (field(1024) << 32) | (1u64 << 62)
+}
+
+/// `cp.async.bulk.tensor.2d.global.shared::cta.bulk_group`: the tensor memory accelerator copies
+/// shared `src` (laid out as the map says) to the box at (`x`, `y`) of the tensor map at `tmap`,
+/// leaving out what falls outside the tensor. Completes with [`bulk_commit`] /
+/// [`bulk_wait_read`].
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub unsafe fn tma_store_2d(tmap: u64, x: u32, y: u32, src: u32) {
+    unsafe {
+        asm!("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [{t}, {{{x}, {y}}}], [{s}];",
+             t = in(reg64) tmap, x = in(reg32) x, y = in(reg32) y, s = in(reg32) src,
+             options(nostack));
+    }
+}
+
+/// `cp.async.bulk.commit_group`: this thread's bulk stores so far form a group.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn bulk_commit() {
+    unsafe { asm!("cp.async.bulk.commit_group;", options(nostack)) };
+}
+
+/// `cp.async.bulk.wait_group.read 0`: waits until this thread's bulk stores have read their
+/// shared memory (it may be written again).
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn bulk_wait_read() {
+    unsafe { asm!("cp.async.bulk.wait_group.read 0;", options(nostack)) };
+}
+
+/// `cp.async.bulk.wait_group 0`: waits until this thread's bulk stores are complete.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn bulk_wait_all() {
+    unsafe { asm!("cp.async.bulk.wait_group 0;", options(nostack)) };
+}
+
+/// `bar.sync id, threads`: a named barrier for `threads` of the CTA (a multiple of 32).
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn named_barrier(id: u32, threads: u32) {
+    unsafe { asm!("bar.sync {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack)) };
+}
+
+/// `setmaxnreg.inc.sync.aligned.u32 N` / `.dec`: the warpgroup's registers per thread become `N`
+/// (a multiple of 8 in 24..=256); every thread of the warpgroup executes it. The GEMM's consumers
+/// take registers the producer gives back.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn setmaxnreg_inc<const N: u32>() {
+    unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) };
+}
+
+/// See [`setmaxnreg_inc`].
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn setmaxnreg_dec<const N: u32>() {
+    unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) };
+}
+

@@ -215,6 +215,8 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // quadrants of 16 K, warp `w` in quadrant `w % 4`: the first quadrant holds three of the nine
     // warps, so at most 170 a thread (224 failed at launch: out of resources). 168: no spills.
     ("xent_lse_tma_", 168),
+    // The weight-gradient GEMM: the same threads and accumulators.
+    ("xent_gemm_tn_", 168),
 ];
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.

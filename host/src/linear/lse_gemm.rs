@@ -175,8 +175,8 @@ impl CrossEntropy {
         // after it).
         let tmaps = if kernel == LseGemmKernel::Tma {
             let maps = [
-                tensor_map_2d(hidden_ptr, dim, rows, [TMA_BOX[0], TMA_BOX[1]])?,
-                tensor_map_2d(weight_ptr, dim, vocab, [TMA_BOX[0], TMA_BOX[2]])?,
+                tensor_map_2d(hidden_ptr, dim, rows, dim * 2, [TMA_BOX[0], TMA_BOX[1]])?,
+                tensor_map_2d(weight_ptr, dim, vocab, dim * 2, [TMA_BOX[0], TMA_BOX[2]])?,
             ];
             let words: Vec<u64> = maps.iter().flat_map(|m| m.opaque).collect();
             Some(stream.clone_htod(&words)?)
@@ -230,11 +230,11 @@ impl CrossEntropy {
         }
     }
 
-    /// The sm_90a prototypes' functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`,
-    /// `xent_lse_tma_bf16`), loading their module the first time.
-    fn wgmma_functions(&self) -> Result<&[CudaFunction; 3]> {
+    /// The sm_90a module's functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`,
+    /// `xent_lse_tma_bf16`, `xent_gemm_tn_bf16`), loading it the first time.
+    pub(crate) fn wgmma_functions(&self) -> Result<&[CudaFunction; 4]> {
         let loaded = self.wgmma.get_or_init(|| {
-            let load = || -> Result<[CudaFunction; 3]> {
+            let load = || -> Result<[CudaFunction; 4]> {
                 let (major, minor) = self.context().compute_capability()?;
                 if (major, minor) != (9, 0) {
                     return Err(Error::UnsupportedComputeCapability { major, minor });
@@ -252,20 +252,27 @@ impl CrossEntropy {
                     function("xent_lse_wgmma_bf16", WGMMA_SMEM_BYTES)?,
                     function("xent_lse_wgmma_pipe_bf16", WGMMA_PIPE_SMEM_BYTES)?,
                     function("xent_lse_tma_bf16", TMA_SMEM_BYTES)?,
+                    function("xent_gemm_tn_bf16", super::gemm_tn::SMEM_BYTES)?,
                 ])
             };
             load().map_err(|err| err.to_string())
         });
         loaded
             .as_ref()
-            .map_err(|why| Error::Driver(format!("the sm_90a prototype: {why}")))
+            .map_err(|why| Error::Driver(format!("the sm_90a module: {why}")))
     }
 }
 
-/// A TMA tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements at `ptr`:
-/// boxes of `boxes[0]` elements along a row by `boxes[1]` rows, 128-byte swizzle (a box row is
-/// 128 bytes), zeros outside the matrix.
-fn tensor_map_2d(ptr: u64, cols: usize, rows: usize, boxes: [u32; 2]) -> Result<CUtensorMap> {
+/// A TMA tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements at `ptr`, rows
+/// `row_bytes` apart (a multiple of 16, as `ptr` must be): boxes of `boxes[0]` elements along a
+/// row by `boxes[1]` rows, 128-byte swizzle (a box row is 128 bytes), zeros outside the matrix.
+pub(crate) fn tensor_map_2d(
+    ptr: u64,
+    cols: usize,
+    rows: usize,
+    row_bytes: usize,
+    boxes: [u32; 2],
+) -> Result<CUtensorMap> {
     use cudarc::driver::sys::{
         CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
         CUtensorMapL2promotion, CUtensorMapSwizzle, cuTensorMapEncodeTiled,
@@ -273,7 +280,7 @@ fn tensor_map_2d(ptr: u64, cols: usize, rows: usize, boxes: [u32; 2]) -> Result<
     let mut map = CUtensorMap { opaque: [0; 16] };
     let dims = [cols as u64, rows as u64];
     // Bytes between rows (the innermost dimension's stride is implied).
-    let strides = [cols as u64 * 2];
+    let strides = [row_bytes as u64];
     let element_strides = [1u32, 1];
     // SAFETY: every pointer names a live local array of the rank's length; the driver only reads
     // them and writes `map`.

@@ -7,6 +7,7 @@
 //! `G = d loss / d logits` (`grad_scale` folded in, as xent writes it):
 //! `grad_hidden = G·W` (`[N, D]`), `grad_weight = Gᵀ·h` (`[V, D]`), `grad_bias = Σ_rows G`.
 
+pub mod gemm_tn;
 pub mod gpu;
 pub mod lse_gemm;
 

@@ -1,0 +1,129 @@
+//! The weight-gradient GEMM of the linear path on Hopper (`xent_gemm_tn_bf16`, sm_90a):
+//! `C = alpha·Aᵀ·B + beta·C` for row-major bf16 `A [K, M]`, `B [K, N]`, `C [M, N]`, f32
+//! accumulated and rounded once. Per chunk of rows the linear path adds `Gᵀ·h` (`A` the chunk's
+//! logit gradient, `B` its hidden states) to the weight's gradient; cuBLAS reads and writes that
+//! `[V, D]` gradient after its products, where this kernel has the tensor memory accelerator
+//! bring each output tile's `C` in while the tile's products run and store it back while the next
+//! tile's run. See `kernels-gpu/src/gemm.rs`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+
+use super::lse_gemm::tensor_map_2d;
+use crate::CrossEntropy;
+use crate::abi::GemmParams;
+use crate::error::{Error, Result};
+
+/// Dynamic shared memory: three stages of a 64 x 128 and a 64 x 256 bf16 tile, `C`'s 128 x 256
+/// tile, 1024 bytes to align them, and the barriers.
+pub(crate) const SMEM_BYTES: u32 = 3 * 64 * (128 + 256) * 2 + 128 * 256 * 2 + 2048;
+/// Three warpgroups: two consumers, the producer.
+const THREADS: u32 = 384;
+
+/// One operand of [`CrossEntropy::gemm_tn_bf16`]: a row-major bf16 matrix of `rows` rows of
+/// `cols` elements at device address `ptr`, rows `ld` elements apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matrix {
+    pub ptr: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl Matrix {
+    /// Why the tensor memory accelerator cannot take it (address and row stride multiples of 16
+    /// bytes, sizes within its 32-bit coordinates), if it cannot.
+    fn unfit(&self, what: &str) -> Option<String> {
+        if self.ptr % 16 != 0 || self.ld % 8 != 0 {
+            Some(format!(
+                "gemm_tn: {what}'s address and row stride must be multiples of 16 bytes (ld {})",
+                self.ld
+            ))
+        } else if self.ld < self.cols || self.rows == 0 || self.cols == 0 {
+            Some(format!(
+                "gemm_tn: {what} is {} x {} with ld {}",
+                self.rows, self.cols, self.ld
+            ))
+        } else if self.rows > i32::MAX as usize || self.cols > i32::MAX as usize {
+            Some(format!("gemm_tn: {what} exceeds 2^31 rows or columns"))
+        } else {
+            None
+        }
+    }
+}
+
+/// Whether [`CrossEntropy::gemm_tn_bf16`] takes these operands (the linear path falls back to
+/// cuBLASLt where it does not).
+pub fn fits(a: &Matrix, b: &Matrix, c: &Matrix) -> bool {
+    [a, b, c].iter().all(|m| m.unfit("").is_none())
+        && a.rows == b.rows
+        && c.rows == a.cols
+        && c.cols == b.cols
+        && u32::try_from(a.rows).is_ok()
+}
+
+impl CrossEntropy {
+    /// Enqueues `C = alpha·Aᵀ·B + beta·C` (`A [K, M]`, `B [K, N]`, `C [M, N]`, bf16, row-major)
+    /// on `stream`; with `beta` 0, `C` is only written. Compute capability 9.0 only
+    /// ([`Error::UnsupportedComputeCapability`] elsewhere).
+    ///
+    /// # Safety
+    /// Each matrix must be a live device allocation of at least `(rows - 1)·ld + cols` bf16
+    /// elements, on this handle's device, not written by anything else until the GEMM is done;
+    /// `C` must not overlap `A` or `B`.
+    pub unsafe fn gemm_tn_bf16(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: Matrix,
+        b: Matrix,
+        c: Matrix,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        for (m, what) in [(&a, "A"), (&b, "B"), (&c, "C")] {
+            if let Some(why) = m.unfit(what) {
+                return Err(Error::InvalidOption(why));
+            }
+        }
+        if a.rows != b.rows || c.rows != a.cols || c.cols != b.cols {
+            return Err(Error::InvalidOption(format!(
+                "gemm_tn: A {} x {}, B {} x {} and C {} x {} do not make C = Aᵀ·B",
+                a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
+            )));
+        }
+        let function = &self.wgmma_functions()?[3];
+        let maps = [
+            tensor_map_2d(a.ptr, a.cols, a.rows, a.ld * 2, [64, 64])?,
+            tensor_map_2d(b.ptr, b.cols, b.rows, b.ld * 2, [64, 64])?,
+            tensor_map_2d(c.ptr, c.cols, c.rows, c.ld * 2, [64, 128])?,
+        ];
+        let words: Vec<u64> = maps.iter().flat_map(|m| m.opaque).collect();
+        // Freed in stream order after the launch.
+        let d_maps = stream.clone_htod(&words)?;
+        let (maps_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&d_maps, stream);
+        let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
+        let ctas = tiles.min(self.limits().sm_count.max(1) as usize) as u32;
+        let params = GemmParams {
+            tmap_a: maps_ptr,
+            tmap_b: maps_ptr + 128,
+            tmap_c: maps_ptr + 256,
+            m: c.rows as u32,
+            n: c.cols as u32,
+            k: a.rows as u32,
+            alpha,
+            beta,
+            _pad: 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (ctas, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: SMEM_BYTES,
+        };
+        // SAFETY: `params` is the parameter block the entry point declares; the tensor maps name
+        // the caller's matrices, which the caller vouches for.
+        unsafe { stream.launch_builder(function).arg(&params).launch(cfg) }?;
+        Ok(())
+    }
+}
