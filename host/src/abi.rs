@@ -232,16 +232,18 @@ pub struct LseGemmParams {
 }
 
 /// Parameters of `xent_gemm_tn_bf16` (sm_90a): `C = alpha·Aᵀ·B + beta·C` for `A [K, M]`,
-/// `B [K, N]` and `C [M, N]`, all bf16 and row-major, through TMA tensor maps in global memory
-/// (`CUtensorMap`, 64-byte aligned): `A`'s and `B`'s boxes 64 wide by 64 rows, `C`'s 64 wide by
+/// `B [K, N]` and `C [M, N]`, all bf16 and row-major, through three TMA tensor maps
+/// (`CUtensorMap`, 128 bytes) passed here by value, which the kernel names in parameter space
+/// (`cvta.param`; rustc declares the block 16-byte aligned, the most its NVPTX kernel ABI allows,
+/// and `cargo xtask ptx` raises that to the 64 bytes a tensor map needs): `A`'s and `B`'s boxes 64 wide by 64 rows, `C`'s 64 wide by
 /// 128 rows, all with the 128-byte swizzle. The weight gradient of the linear path, `Gᵀ·h`,
 /// accumulated over chunks of rows.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmParams {
-    pub tmap_a: u64,
-    pub tmap_b: u64,
-    pub tmap_c: u64,
+    pub tmap_a: [u64; 16],
+    pub tmap_b: [u64; 16],
+    pub tmap_c: [u64; 16],
     pub m: u32,
     pub n: u32,
     pub k: u32,

@@ -47,6 +47,9 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     let empty = |s: u32| bars + 8 * (STAGES + s);
     let c_full = bars + 16 * STAGES;
     let c_empty = c_full + 8;
+    // The tensor maps, read by the tensor memory accelerator in parameter space.
+    let params = prim::gemm_tn_params_generic();
+    let maps = (params, params + 128, params + 256);
     let tiles_n = p.n.div_ceil(BN).max(1);
     let tiles = p.m.div_ceil(BM) * tiles_n;
     let k_steps = p.k.div_ceil(BK).max(1);
@@ -72,7 +75,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
         // The producer warpgroup gives back registers; its first warp's first lane works.
         prim::setmaxnreg_dec::<40>();
         if tid == 32 * CONSUMER_WARPS {
-            unsafe { produce(p, base, c_tile, (full, empty), (c_full, c_empty), (first, stride, tiles, tiles_n, k_steps)) };
+            unsafe { produce(p, maps, base, c_tile, (full, empty), (c_full, c_empty), (first, stride, tiles, tiles_n, k_steps)) };
         }
         return;
     }
@@ -114,7 +117,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
                     unsafe { prim::mbarrier_arrive(empty(s)) };
                 }
                 pending = None;
-                unsafe { epilogue(p, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
+                unsafe { epilogue(p, maps.2, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
             } else {
                 prim::wgmma_wait_one();
                 if lane == 0 && let Some(before) = pending {
@@ -142,6 +145,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
 #[inline(always)]
 unsafe fn produce(
     p: &GemmParams,
+    (map_a, map_b, map_c): (u64, u64, u64),
     base: u32,
     c_tile: u32,
     (full, empty): (impl Fn(u32) -> u32, impl Fn(u32) -> u32),
@@ -162,11 +166,11 @@ unsafe fn produce(
             let k0 = ks * BK;
             unsafe {
                 prim::mbarrier_arrive_expect_tx(full(s), STAGE_BYTES);
-                prim::tma_load_2d(stage, p.tmap_a, m0, k0, full(s));
-                prim::tma_load_2d(stage + BOX_BYTES, p.tmap_a, m0 + 64, k0, full(s));
+                prim::tma_load_2d(stage, map_a, m0, k0, full(s));
+                prim::tma_load_2d(stage + BOX_BYTES, map_a, m0 + 64, k0, full(s));
                 let mut j = 0;
                 while j < 4 {
-                    prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, p.tmap_b, n0 + 64 * j, k0, full(s));
+                    prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, map_b, n0 + 64 * j, k0, full(s));
                     j += 1;
                 }
             }
@@ -179,7 +183,7 @@ unsafe fn produce(
                 prim::mbarrier_arrive_expect_tx(c_full, C_BYTES);
                 let mut j = 0;
                 while j < 4 {
-                    prim::tma_load_2d(c_tile + j * C_BOX_BYTES, p.tmap_c, n0 + 64 * j, m0, c_full);
+                    prim::tma_load_2d(c_tile + j * C_BOX_BYTES, map_c, n0 + 64 * j, m0, c_full);
                     j += 1;
                 }
             }
@@ -200,6 +204,7 @@ unsafe fn produce(
 #[inline(always)]
 unsafe fn epilogue(
     p: &GemmParams,
+    map_c: u64,
     c_tile: u32,
     (c_full, c_empty): (u32, u32),
     round: u32,
@@ -233,7 +238,7 @@ unsafe fn epilogue(
         unsafe {
             let mut j = 0;
             while j < 4 {
-                prim::tma_store_2d(p.tmap_c, n0 + 64 * j, m0, c_tile + j * C_BOX_BYTES);
+                prim::tma_store_2d(map_c, n0 + 64 * j, m0, c_tile + j * C_BOX_BYTES);
                 j += 1;
             }
             prim::bulk_commit();

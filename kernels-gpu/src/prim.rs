@@ -1032,3 +1032,18 @@ pub fn setmaxnreg_dec<const N: u32>() {
     unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
 
+/// The generic address of `xent_gemm_tn_bf16`'s parameter block (`mov` of the parameter's
+/// symbol, then `cvta.param`, PTX 7.7): its tensor maps stay in parameter space, where
+/// `cp.async.bulk.tensor` may read them, instead of the copy in local memory that taking the
+/// address of a kernel argument in Rust makes. Only inside that kernel.
+#[cfg(xent_wgmma)]
+#[inline(always)]
+pub fn gemm_tn_params_generic() -> u64 {
+    let a: u64;
+    unsafe {
+        asm!("mov.b64 {a}, xent_gemm_tn_bf16_param_0;", "cvta.param.u64 {a}, {a};", a = out(reg64) a,
+             options(pure, nomem, nostack));
+    }
+    a
+}
+

@@ -161,7 +161,7 @@ fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
         arch.name
     )
     .into_bytes();
-    ptx.extend_from_slice(cap_registers(&String::from_utf8_lossy(&body)).as_bytes());
+    ptx.extend_from_slice(align_params(&cap_registers(&String::from_utf8_lossy(&body))).as_bytes());
     Ok(ptx)
 }
 
@@ -218,6 +218,22 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // The weight-gradient GEMM: the same threads and accumulators.
     ("xent_gemm_tn_", 168),
 ];
+
+/// Kernels whose parameter block holds TMA tensor maps, which must be 64-byte aligned in
+/// parameter space; rustc's NVPTX kernel ABI declares at most 16.
+const PARAMS_ALIGN_64: &[&str] = &["xent_gemm_tn_bf16"];
+
+/// Raises the declared alignment of [`PARAMS_ALIGN_64`]'s parameter blocks to 64 bytes.
+fn align_params(ptx: &str) -> String {
+    let mut out = ptx.to_string();
+    for name in PARAMS_ALIGN_64 {
+        out = out.replace(
+            &format!(".param .align 16 .b8 {name}_param_0["),
+            &format!(".param .align 64 .b8 {name}_param_0["),
+        );
+    }
+    out
+}
 
 /// Inserts `.maxnreg MAX_REGISTERS` between each entry's parameter list and its body.
 fn cap_registers(ptx: &str) -> String {

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaStream;
 
 use super::lse_gemm::tensor_map_2d;
 use crate::CrossEntropy;
@@ -82,6 +82,24 @@ impl CrossEntropy {
         beta: f32,
     ) -> Result<()> {
         self.check_stream(stream)?;
+        // SAFETY: the caller's promises, and `stream` is this handle's context's.
+        unsafe { self.gemm_tn_bf16_raw(stream.cu_stream(), a, b, c, alpha, beta) }
+    }
+
+    /// [`gemm_tn_bf16`](Self::gemm_tn_bf16) on a raw stream of this handle's context (the
+    /// linear path's side stream).
+    ///
+    /// # Safety
+    /// As `gemm_tn_bf16`, and `stream` must belong to this handle's context.
+    pub(crate) unsafe fn gemm_tn_bf16_raw(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        a: Matrix,
+        b: Matrix,
+        c: Matrix,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         for (m, what) in [(&a, "A"), (&b, "B"), (&c, "C")] {
             if let Some(why) = m.unfit(what) {
                 return Err(Error::InvalidOption(why));
@@ -94,21 +112,10 @@ impl CrossEntropy {
             )));
         }
         let function = &self.wgmma_functions()?[3];
-        let maps = [
-            tensor_map_2d(a.ptr, a.cols, a.rows, a.ld * 2, [64, 64])?,
-            tensor_map_2d(b.ptr, b.cols, b.rows, b.ld * 2, [64, 64])?,
-            tensor_map_2d(c.ptr, c.cols, c.rows, c.ld * 2, [64, 128])?,
-        ];
-        let words: Vec<u64> = maps.iter().flat_map(|m| m.opaque).collect();
-        // Freed in stream order after the launch.
-        let d_maps = stream.clone_htod(&words)?;
-        let (maps_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&d_maps, stream);
-        let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
-        let ctas = tiles.min(self.limits().sm_count.max(1) as usize) as u32;
-        let params = GemmParams {
-            tmap_a: maps_ptr,
-            tmap_b: maps_ptr + 128,
-            tmap_c: maps_ptr + 256,
+        let mut params = GemmParams {
+            tmap_a: tensor_map_2d(a.ptr, a.cols, a.rows, a.ld * 2, [64, 64])?.opaque,
+            tmap_b: tensor_map_2d(b.ptr, b.cols, b.rows, b.ld * 2, [64, 64])?.opaque,
+            tmap_c: tensor_map_2d(c.ptr, c.cols, c.rows, c.ld * 2, [64, 128])?.opaque,
             m: c.rows as u32,
             n: c.cols as u32,
             k: a.rows as u32,
@@ -116,14 +123,23 @@ impl CrossEntropy {
             beta,
             _pad: 0,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (ctas, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: SMEM_BYTES,
-        };
-        // SAFETY: `params` is the parameter block the entry point declares; the tensor maps name
-        // the caller's matrices, which the caller vouches for.
-        unsafe { stream.launch_builder(function).arg(&params).launch(cfg) }?;
+        let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
+        let ctas = tiles.min(self.limits().sm_count.max(1) as usize) as u32;
+        let mut args = [&mut params as *mut GemmParams as *mut std::ffi::c_void];
+        // SAFETY: `params` is the parameter block the entry point declares (the driver copies it
+        // at the launch); the tensor maps name the caller's matrices, which the caller vouches
+        // for, and `stream` is of this context (the caller's promise).
+        unsafe {
+            self.context().bind_to_thread()?;
+            cudarc::driver::result::launch_kernel(
+                function.cu_function(),
+                (ctas, 1, 1),
+                (THREADS, 1, 1),
+                SMEM_BYTES,
+                stream,
+                &mut args,
+            )?;
+        }
         Ok(())
     }
 }
