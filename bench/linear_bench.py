@@ -100,7 +100,7 @@ def liger_chunk_rows(n, d, v):
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False):
+    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
@@ -114,11 +114,13 @@ def xent_methods(v, curve):
                 os.environ["XENT_GEMM_ALGO"] = str(algo)
             if tune:  # the fastest of cuBLASLt's candidates, timed on the first call of a shape
                 os.environ["XENT_GEMM_TUNE"] = "1"
+            if gemm_tn is not None:  # the weight gradient from xent's own GEMM: "1" always, "0" never
+                os.environ["XENT_GEMM_TN"] = gemm_tn
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
-                             "XENT_GEMM_TUNE"):
+                             "XENT_GEMM_TUNE", "XENT_GEMM_TN"):
                     os.environ.pop(name, None)
 
         return run
@@ -127,16 +129,21 @@ def xent_methods(v, curve):
     out["xent_linear[serial]"] = with_rows(None, serial=True)
     # Liger's memory: Liger's own chunk (next power of two of N / ceil(V / D) rows: 256 at
     # 8192 x 4096 x 128256, 512 at 16384), exactly, with cuBLASLt's workspace at 64 KiB.
-    def small(tune):
+    def small(tune, gemm_tn=None):
         fns = {}
 
         def run(h, w, y):
             rows = liger_chunk_rows(h.shape[0], w.shape[1], v)
-            fns.setdefault(rows, with_rows(rows, workspace=64 << 10, exact=True, tune=tune))(h, w, y)
+            fns.setdefault(rows, with_rows(rows, workspace=64 << 10, exact=True, tune=tune,
+                                             gemm_tn=gemm_tn))(h, w, y)
 
         return run
 
     out["xent_linear_small"] = small(False)
+    # The weight gradient from cuBLASLt only (as before xent's own GEMM), and the default budget
+    # with xent's GEMM at every chunk size.
+    out["xent_linear_small[cublas]"] = small(False, gemm_tn="0")
+    out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     for entry in curve:  # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I

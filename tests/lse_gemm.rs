@@ -221,7 +221,12 @@ fn gemm_tn_matches_the_f64_reference() {
             let (pa, _a) = d_a.device_ptr(&stream);
             let (pb, _b) = d_b.device_ptr(&stream);
             let (pc, _c) = d_c.device_ptr_mut(&stream);
-            let mat = |ptr, rows, cols, ld| Matrix { ptr, rows, cols, ld };
+            let mat = |ptr, rows, cols, ld| Matrix {
+                ptr,
+                rows,
+                cols,
+                ld,
+            };
             // SAFETY: the three are live allocations of the sizes named, C apart from A and B.
             unsafe {
                 xent.gemm_tn_bf16(
@@ -275,8 +280,18 @@ fn gemm_tn_matches_the_f64_reference() {
     let d_x = stream.alloc_zeros::<bf16>(129 * 129).expect("scratch");
     {
         let (px, _x) = d_x.device_ptr(&stream);
-        let odd = Matrix { ptr: px, rows: 129, cols: 129, ld: 129 };
-        let even = Matrix { ptr: px, rows: 64, cols: 64, ld: 64 };
+        let odd = Matrix {
+            ptr: px,
+            rows: 129,
+            cols: 129,
+            ld: 129,
+        };
+        let even = Matrix {
+            ptr: px,
+            rows: 64,
+            cols: 64,
+            ld: 64,
+        };
         // SAFETY: refused before anything runs (and the sizes fit the allocation anyway).
         match unsafe { xent.gemm_tn_bf16(&stream, odd, even, even, 1.0, 0.0) } {
             Err(xent::Error::InvalidOption(why)) if why.contains("multiples of 16 bytes") => {}

@@ -211,9 +211,23 @@ fn gemm_tn(
         let (c_ptr, _c) = d_c.device_ptr(stream);
         let (ws_ptr, _w) = workspace.device_ptr(stream);
         let ours = median_ms(stream, || {
-            let mat = |ptr, rows, cols| Matrix { ptr, rows, cols, ld: cols };
+            let mat = |ptr, rows, cols| Matrix {
+                ptr,
+                rows,
+                cols,
+                ld: cols,
+            };
             // SAFETY: live allocations of the sizes named; C apart from G and h.
-            unsafe { xent.gemm_tn_bf16(stream, mat(g_ptr, k, v), mat(h_ptr, k, d), mat(c_ptr, v, d), 1.0, 1.0) }?;
+            unsafe {
+                xent.gemm_tn_bf16(
+                    stream,
+                    mat(g_ptr, k, v),
+                    mat(h_ptr, k, d),
+                    mat(c_ptr, v, d),
+                    1.0,
+                    1.0,
+                )
+            }?;
             Ok(())
         });
         let operand = |ptr, rows, cols, transposed| Operand {
