@@ -129,13 +129,13 @@ def xent_methods(v, curve):
     out["xent_linear[serial]"] = with_rows(None, serial=True)
     # Liger's memory: Liger's own chunk (next power of two of N / ceil(V / D) rows: 256 at
     # 8192 x 4096 x 128256, 512 at 16384), exactly, with cuBLASLt's workspace at 64 KiB.
-    def small(tune, gemm_tn=None):
+    def small(tune, gemm_tn=None, serial=False):
         fns = {}
 
         def run(h, w, y):
             rows = liger_chunk_rows(h.shape[0], w.shape[1], v)
             fns.setdefault(rows, with_rows(rows, workspace=64 << 10, exact=True, tune=tune,
-                                             gemm_tn=gemm_tn))(h, w, y)
+                                             gemm_tn=gemm_tn, serial=serial))(h, w, y)
 
         return run
 
@@ -143,6 +143,7 @@ def xent_methods(v, curve):
     # The weight gradient from cuBLASLt only (as before xent's own GEMM), and the default budget
     # with xent's GEMM at every chunk size.
     out["xent_linear_small[cublas]"] = small(False, gemm_tn="0")
+    out["xent_linear_small[gemm_tn,serial]"] = small(False, gemm_tn="1", serial=True)
     out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)

@@ -251,6 +251,8 @@ pub struct GemmParams {
     /// 0: `C` is not read.
     pub beta: f32,
     pub _pad: u32,
+    /// Device address of a `u32` that is 0 at the launch: the next output tile to take.
+    pub counter: u64,
 }
 
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.

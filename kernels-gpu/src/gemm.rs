@@ -5,9 +5,9 @@
 //! chunks (Liger's 256 rows) reading and writing `C` costs more than the products, and cuBLAS runs
 //! the two one after the other. Here they overlap.
 //!
-//! A persistent CTA (one an SM, 384 threads) walks output tiles of 128 x 256 (tile `t`: rows
-//! `128·(t / tiles_n)`, columns `256·(t % tiles_n)`, so that CTAs running together share `A`'s
-//! tiles in L2). Its producer warp has the tensor memory accelerator copy each step's two tiles
+//! A persistent CTA (one an SM, 384 threads) takes output tiles of 128 x 256 from a counter
+//! (tile `t`: rows `128·(t / tiles_n)`, columns `256·(t % tiles_n)`, so that CTAs running
+//! together share `A`'s tiles in L2; a CTA whose SM another stream's kernel holds takes fewer). Its producer warp has the tensor memory accelerator copy each step's two tiles
 //! (64 of K; MN-major, 128-byte swizzle) into three stages, and after a tile's steps its `C` tile
 //! into a buffer of its own, so that `C` arrives while the products run. Two consumer warpgroups
 //! run `wgmma` m64n256k16 (both operands MN-major) over the stages, then each thread adds its
@@ -32,8 +32,10 @@ const C_BYTES: u32 = 4 * C_BOX_BYTES;
 /// Warps that release a stage: the two consumer warpgroups'.
 const CONSUMER_WARPS: u32 = 8;
 const CONSUMER_THREADS: u32 = 256;
+/// The slot's value that ends a CTA's walk.
+const NO_TILE: u32 = u32::MAX;
 
-/// Launch: `min(tiles, SMs)` CTAs of 384 threads (three warpgroups: two consumers, then the
+/// Launch: `min(tiles, SMs)` CTAs of 384 threads, `counter` 0 (three warpgroups: two consumers, then the
 /// producer; launched at 168 registers a thread, the consumers take 232 and the producer 40),
 /// dynamic shared memory
 /// `STAGES · STAGE_BYTES + C_BYTES + 2048` (the tiles 1024-byte aligned, then the barriers).
@@ -53,7 +55,10 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     let tiles_n = p.n.div_ceil(BN).max(1);
     let tiles = p.m.div_ceil(BM) * tiles_n;
     let k_steps = p.k.div_ceil(BK).max(1);
-    let (first, stride) = (prim::block_idx(), prim::grid_dim().max(1));
+    // The tile of each of the CTA's rounds, from the producer (four slots: it runs at most
+    // `STAGES` steps, so three tiles, ahead); `NO_TILE` ends the walk.
+    let slots = c_empty + 8;
+    let slot = |round: u32| slots + 4 * (round % 4);
     if tid == 0 {
         let mut s = 0;
         while s < STAGES {
@@ -75,7 +80,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
         // The producer warpgroup gives back registers; its first warp's first lane works.
         prim::setmaxnreg_dec::<40>();
         if tid == 32 * CONSUMER_WARPS {
-            unsafe { produce(p, maps, base, c_tile, (full, empty), (c_full, c_empty), (first, stride, tiles, tiles_n, k_steps)) };
+            unsafe { produce(p, maps, base, c_tile, (full, empty), (c_full, c_empty), slot, (tiles, tiles_n, k_steps)) };
         }
         return;
     }
@@ -87,14 +92,21 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     // Steps so far (the stages' phases) and tiles so far (`C`'s).
     let mut step = 0u32;
     let mut round = 0u32;
-    let mut tile = first;
-    while tile < tiles {
+    loop {
+        // The tile's first stage also brings its number (uniform, as ptxas must know).
+        unsafe { prim::mbarrier_wait(full(step % STAGES), (step / STAGES) & 1) };
+        let tile = prim::warp_uniform(unsafe { prim::ld_shared_u32(slot(round)) });
+        if tile == NO_TILE {
+            break;
+        }
         let (m0, n0) = (tile / tiles_n * BM, tile % tiles_n * BN);
         let mut pending: Option<u32> = None;
         let mut ks = 0;
         while ks < k_steps {
             let s = step % STAGES;
-            unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
+            if ks > 0 {
+                unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
+            }
             let stage = base + s * STAGE_BYTES;
             // This warpgroup's 64 of the tile's 128 rows: `A`'s box `warpgroup`.
             let a = stage + warpgroup * BOX_BYTES;
@@ -129,7 +141,6 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
             ks += 1;
         }
         round += 1;
-        tile += stride;
     }
     // Nothing is in flight; said explicitly so ptxas does not wait at the loop's exit (C7517).
     prim::wgmma_wait_all();
@@ -139,9 +150,12 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     }
 }
 
-/// The producer warp's first lane: for each of the CTA's tiles, each step's two tiles into the
-/// next free stage, then (once the tile before has been stored from it) `C`'s tile into its
-/// buffer, or with `beta` 0 only the buffer's hand-over.
+/// The producer warp's first lane: takes tiles from the launch's counter (so that a CTA that
+/// starts late, its SM busy with another stream's kernel, takes fewer) until none is left; for
+/// each, its number into the round's slot, each step's two tiles into the next free stage, then
+/// (once the tile before has been stored from it) `C`'s tile into its buffer, or with `beta` 0
+/// only the buffer's hand-over. The end is a stage with [`NO_TILE`] in the slot and no copies.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn produce(
     p: &GemmParams,
@@ -150,18 +164,31 @@ unsafe fn produce(
     c_tile: u32,
     (full, empty): (impl Fn(u32) -> u32, impl Fn(u32) -> u32),
     (c_full, c_empty): (u32, u32),
-    (first, stride, tiles, tiles_n, k_steps): (u32, u32, u32, u32, u32),
+    slot: impl Fn(u32) -> u32,
+    (tiles, tiles_n, k_steps): (u32, u32, u32),
 ) {
     let mut step = 0u32;
     let mut round = 0u32;
-    let mut tile = first;
-    while tile < tiles {
+    loop {
+        let tile = unsafe { prim::atom_inc_u32(p.counter, u32::MAX) };
+        let s = step % STAGES;
+        // A fresh barrier's phase "before 0" counts as complete: the first round passes.
+        unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
+        if tile >= tiles {
+            unsafe {
+                prim::st_shared_u32(slot(round), NO_TILE);
+                prim::mbarrier_arrive(full(s));
+            }
+            return;
+        }
+        unsafe { prim::st_shared_u32(slot(round), tile) };
         let (m0, n0) = (tile / tiles_n * BM, tile % tiles_n * BN);
         let mut ks = 0;
         while ks < k_steps {
             let s = step % STAGES;
-            // A fresh barrier's phase "before 0" counts as complete: the first round passes.
-            unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
+            if ks > 0 {
+                unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
+            }
             let stage = base + s * STAGE_BYTES;
             let k0 = ks * BK;
             unsafe {
@@ -191,7 +218,6 @@ unsafe fn produce(
             unsafe { prim::mbarrier_arrive(c_full) };
         }
         round += 1;
-        tile += stride;
     }
 }
 

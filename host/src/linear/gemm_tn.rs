@@ -82,15 +82,21 @@ impl CrossEntropy {
         beta: f32,
     ) -> Result<()> {
         self.check_stream(stream)?;
-        // SAFETY: the caller's promises, and `stream` is this handle's context's.
-        unsafe { self.gemm_tn_bf16_raw(stream.cu_stream(), a, b, c, alpha, beta) }
+        // The tile counter, zeroed in stream order and freed in stream order after the launch.
+        let counter = stream.alloc_zeros::<u32>(1)?;
+        let (counter_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&counter, stream);
+        // SAFETY: the caller's promises, `stream` is this handle's context's, and the counter is
+        // a zeroed word nothing else uses.
+        unsafe { self.gemm_tn_bf16_raw(stream.cu_stream(), a, b, c, alpha, beta, counter_ptr) }
     }
 
     /// [`gemm_tn_bf16`](Self::gemm_tn_bf16) on a raw stream of this handle's context (the
-    /// linear path's side stream).
+    /// linear path's side stream), its CTAs taking output tiles from the `u32` at `counter`.
     ///
     /// # Safety
-    /// As `gemm_tn_bf16`, and `stream` must belong to this handle's context.
+    /// As `gemm_tn_bf16`; `stream` must belong to this handle's context, and `counter` must be a
+    /// device word that is 0 when the launch starts and that nothing else touches until it ends.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_tn_bf16_raw(
         &self,
         stream: cudarc::driver::sys::CUstream,
@@ -99,6 +105,7 @@ impl CrossEntropy {
         c: Matrix,
         alpha: f32,
         beta: f32,
+        counter: u64,
     ) -> Result<()> {
         for (m, what) in [(&a, "A"), (&b, "B"), (&c, "C")] {
             if let Some(why) = m.unfit(what) {
@@ -122,6 +129,7 @@ impl CrossEntropy {
             alpha,
             beta,
             _pad: 0,
+            counter,
         };
         let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
         let ctas = tiles.min(self.limits().sm_count.max(1) as usize) as u32;

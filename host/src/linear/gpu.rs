@@ -659,15 +659,21 @@ impl Work<'_> {
         which: usize,
         gemm: Gemm,
     ) -> Result<()> {
-        let workspace = match self.side {
+        let workspace = self.workspace_half(which);
+        // SAFETY: as `matmul`; the halves do not overlap.
+        unsafe { self.blas.matmul(stream, &gemm, workspace) }
+    }
+
+    /// The workspace of a GEMM on stream `which` (0: the call's, 1: the side stream): with a
+    /// side stream, half of cuBLASLt's workspace each (256-byte aligned); without, all of it.
+    fn workspace_half(&self, which: usize) -> (u64, usize) {
+        match self.side {
             Some(_) => {
                 let half = self.gemm.1 / 2 / 256 * 256;
                 (self.gemm.0 + (which * half) as u64, half)
             }
             None => self.gemm,
-        };
-        // SAFETY: as `matmul`; the halves do not overlap.
-        unsafe { self.blas.matmul(stream, &gemm, workspace) }
+        }
     }
 
     fn t_bytes(&self) -> usize {
@@ -763,11 +769,20 @@ impl Work<'_> {
                 mat(hidden_rows, c, d),
                 mat(grad_weight.buffer.ptr, v, d),
             );
-            if gemm_tn_for(xent, c, dtype, grad_weight.dtype) && gemm_tn::fits(&g, &h, &out) {
+            if gemm_tn_for(xent, c, dtype, grad_weight.dtype)
+                && gemm_tn::fits(&g, &h, &out)
+                && self.workspace_half(which).1 >= 4
+            {
                 // SAFETY: the chunk's gradient, its hidden states and the weight's gradient were
                 // checked against the call's shape; the weight stream orders them as cuBLASLt's
                 // GEMM would be.
-                unsafe { xent.gemm_tn_bf16_raw(weight_stream, g, h, out, 1.0, beta) }?;
+                // Its tile counter: the first word of the weight stream's half of cuBLASLt's
+                // workspace (unused by this GEMM), zeroed in stream order.
+                let counter = self.workspace_half(which).0;
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(counter, 0, 4, weight_stream)?;
+                    xent.gemm_tn_bf16_raw(weight_stream, g, h, out, 1.0, beta, counter)
+                }?;
             } else {
                 self.matmul_half(
                     weight_stream,
