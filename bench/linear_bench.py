@@ -140,9 +140,9 @@ def xent_methods(v, curve):
         return run
 
     out["xent_linear_small"] = small(False)
-    # The weight gradient from cuBLASLt only (as before xent's own GEMM), and the default budget
-    # with xent's GEMM at every chunk size.
-    out["xent_linear_small[cublas]"] = small(False, gemm_tn="0")
+    # The weight gradient from xent's own GEMM (opt-in, XENT_GEMM_TN=1), beside the hidden states'
+    # GEMM or after it.
+    out["xent_linear_small[gemm_tn]"] = small(False, gemm_tn="1")
     out["xent_linear_small[gemm_tn,serial]"] = small(False, gemm_tn="1", serial=True)
     out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")
     out["xent_linear_small[tuned]"] = small(True)

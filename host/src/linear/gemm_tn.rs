@@ -35,7 +35,7 @@ impl Matrix {
     /// Why the tensor memory accelerator cannot take it (address and row stride multiples of 16
     /// bytes, sizes within its 32-bit coordinates), if it cannot.
     fn unfit(&self, what: &str) -> Option<String> {
-        if self.ptr % 16 != 0 || self.ld % 8 != 0 {
+        if !self.ptr.is_multiple_of(16) || !self.ld.is_multiple_of(8) {
             Some(format!(
                 "gemm_tn: {what}'s address and row stride must be multiples of 16 bytes (ld {})",
                 self.ld

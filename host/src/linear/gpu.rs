@@ -184,22 +184,19 @@ impl RawLinearGrads {
 }
 
 /// A row-major matrix operand, rows contiguous.
-/// Chunks of at most this many rows take the weight's gradient from xent's own GEMM
-/// (`gemm_tn`) on compute capability 9.0, unless `XENT_GEMM_TN` says `0` (never) or `1`
-/// (always). H200, `Gᵀ·h` added to a `[128256, 4096]` bf16 gradient (bench `lse_gemm`): 0.760
-/// against cuBLASLt's 0.868 ms at 256 rows, where reading and writing the gradient costs as much
-/// as the products and this kernel overlaps the two; 1.479 against 1.330 at 896.
-pub const GEMM_TN_MAX_ROWS: usize = 512;
-
-/// Whether a chunk of `rows` rows takes the weight's gradient from `gemm_tn` (bf16 throughout, a
-/// Hopper GPU whose sm_90a module loads, and the rule of [`GEMM_TN_MAX_ROWS`]).
-fn gemm_tn_for(xent: &CrossEntropy, rows: usize, dtype: DType, grad: DType) -> bool {
-    let wanted = match std::env::var("XENT_GEMM_TN").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => rows <= GEMM_TN_MAX_ROWS,
-    };
-    wanted && dtype == DType::Bf16 && grad == DType::Bf16 && xent.wgmma_functions().is_ok()
+/// Whether a chunk's weight gradient comes from xent's own GEMM (`gemm_tn`, compute capability
+/// 9.0, bf16 throughout): only when `XENT_GEMM_TN=1` asks for it. Alone it beats cuBLASLt where
+/// reading and writing the gradient costs as much as the products (H200, `Gᵀ·h` added to a
+/// `[128256, 4096]` bf16 gradient: 0.739 against 0.850 ms at 256 rows; 1.466 against 1.390 at
+/// 896), but in the linear path it lost (session 13: 56.7 / 58.1 ms against 54.9 / 54.5 at
+/// Liger's memory, 43.8 against 41.5 at the default budget, 8192 x 4096 x 128256): the weight
+/// gradient runs on a side stream beside the hidden states' GEMM, and this kernel's one 215 KiB
+/// CTA an SM leaves that GEMM no room, where cuBLASLt's kernels share the SMs.
+fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
+    std::env::var("XENT_GEMM_TN").as_deref() == Ok("1")
+        && dtype == DType::Bf16
+        && grad == DType::Bf16
+        && xent.wgmma_functions().is_ok()
 }
 
 fn matrix(ptr: u64, dtype: DType, rows: usize, cols: usize, transposed: bool) -> Operand {
@@ -755,8 +752,8 @@ impl Work<'_> {
         } else {
             0.0
         };
-        // grad_weight (+)= Gᵀ·h[chunk]: xent's own GEMM where it is the faster (see
-        // `gemm_tn_for`), cuBLASLt otherwise.
+        // grad_weight (+)= Gᵀ·h[chunk]: cuBLASLt, or xent's own GEMM where asked for (see
+        // `gemm_tn_for`).
         if let Some(grad_weight) = self.grads.weight {
             let mat = |ptr, rows, cols| gemm_tn::Matrix {
                 ptr,
@@ -769,7 +766,7 @@ impl Work<'_> {
                 mat(hidden_rows, c, d),
                 mat(grad_weight.buffer.ptr, v, d),
             );
-            if gemm_tn_for(xent, c, dtype, grad_weight.dtype)
+            if gemm_tn_for(xent, dtype, grad_weight.dtype)
                 && gemm_tn::fits(&g, &h, &out)
                 && self.workspace_half(which).1 >= 4
             {
