@@ -116,7 +116,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
             while kk < BK / 16 {
                 let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
                 let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-                prim::wgmma_m64n256k16_bf16_mn(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
+                prim::wgmma_m64n256k16_bf16::<1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
                 kk += 1;
             }
             prim::wgmma_commit();
