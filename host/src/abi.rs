@@ -220,13 +220,20 @@ pub struct LseGemmParams {
     pub dim: u32,
     /// Classes per range; range `s` is `[s·vocab_per_split, (s + 1)·vocab_per_split)`.
     pub vocab_per_split: u32,
-    /// The TMA kernel's (`xent_lse_tma_bf16`): device addresses of two 128-byte tensor maps
-    /// (`CUtensorMap`, 64-byte aligned, in global memory) of `hidden` and `weight`, boxes of 64
-    /// along `dim` by 128 rows and by 256 classes, 128-byte swizzle; 0 for the other kernels.
-    pub tmap_hidden: u64,
-    pub tmap_weight: u64,
-    /// The TMA kernel's: row blocks (of 128) that run side by side, each through every range,
-    /// so that CTAs running together share both operands' tiles in L2.
+}
+
+/// Parameters of `xent_lse_tma_bf16` (sm_90a): `LseGemmParams`' call, with two TMA tensor maps
+/// (`CUtensorMap`, 128 bytes) of `hidden` and `weight` by value (boxes of 64 along `dim` by 128
+/// rows and by 256 classes, 128-byte swizzle), which the kernel names in parameter space (as
+/// [`GemmParams`]' maps).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LseTmaParams {
+    pub tmap_hidden: [u64; 16],
+    pub tmap_weight: [u64; 16],
+    pub call: LseGemmParams,
+    /// Row blocks (of 128) that run side by side, each through every range, so that CTAs
+    /// running together share both operands' tiles in L2.
     pub group_rows: u32,
     pub _pad: u32,
 }
@@ -235,8 +242,8 @@ pub struct LseGemmParams {
 /// `B [K, N]` and `C [M, N]`, all bf16 and row-major, through three TMA tensor maps
 /// (`CUtensorMap`, 128 bytes) passed here by value, which the kernel names in parameter space
 /// (`cvta.param`; rustc declares the block 16-byte aligned, the most its NVPTX kernel ABI allows,
-/// and `cargo xtask ptx` raises that to the 64 bytes a tensor map needs): `A`'s and `B`'s boxes 64 wide by 64 rows, `C`'s 64 wide by
-/// 128 rows, all with the 128-byte swizzle. The weight gradient of the linear path, `Gᵀ·h`,
+/// and `cargo xtask ptx` raises that to the 64 bytes a tensor map needs): `A`'s and `B`'s boxes
+/// 64 wide by 64 rows, `C`'s 64 wide by 128 rows, all with the 128-byte swizzle. The weight gradient of the linear path, `Gᵀ·h`,
 /// accumulated over chunks of rows.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -7,8 +7,9 @@
 //!
 //! A persistent CTA (one an SM, 384 threads) takes output tiles of 128 x 256 from a counter
 //! (tile `t`: rows `128·(t / tiles_n)`, columns `256·(t % tiles_n)`, so that CTAs running
-//! together share `A`'s tiles in L2; a CTA whose SM another stream's kernel holds takes fewer). Its producer warp has the tensor memory accelerator copy each step's two tiles
-//! (64 of K; MN-major, 128-byte swizzle) into three stages, and after a tile's steps its `C` tile
+//! together share `A`'s tiles in L2; a CTA whose SM another stream's kernel holds takes
+//! fewer). Its producer warp has the tensor memory accelerator copy each step's two tiles (64 of
+//! K; MN-major, 128-byte swizzle) into three stages, and after a tile's steps its `C` tile
 //! into a buffer of its own, so that `C` arrives while the products run. Two consumer warpgroups
 //! run `wgmma` m64n256k16 (both operands MN-major) over the stages, then each thread adds its
 //! accumulators to `C` in shared memory, and one thread stores the tile back with the tensor
@@ -35,10 +36,10 @@ const CONSUMER_THREADS: u32 = 256;
 /// The slot's value that ends a CTA's walk.
 const NO_TILE: u32 = u32::MAX;
 
-/// Launch: `min(tiles, SMs)` CTAs of 384 threads, `counter` 0 (three warpgroups: two consumers, then the
+/// Launch: `min(tiles, SMs)` CTAs of 384 threads (three warpgroups: two consumers, then the
 /// producer; launched at 168 registers a thread, the consumers take 232 and the producer 40),
-/// dynamic shared memory
-/// `STAGES · STAGE_BYTES + C_BYTES + 2048` (the tiles 1024-byte aligned, then the barriers).
+/// `counter` 0, dynamic shared memory `STAGES · STAGE_BYTES + C_BYTES + 2048` (the tiles
+/// 1024-byte aligned, then the barriers).
 #[inline(always)]
 pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     let tid = thread_idx();
@@ -50,7 +51,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     let c_full = bars + 16 * STAGES;
     let c_empty = c_full + 8;
     // The tensor maps, read by the tensor memory accelerator in parameter space.
-    let params = prim::gemm_tn_params_generic();
+    let params = crate::param_block_generic!("xent_gemm_tn_bf16");
     let maps = (params, params + 128, params + 256);
     let tiles_n = p.n.div_ceil(BN).max(1);
     let tiles = p.m.div_ceil(BM) * tiles_n;
@@ -59,22 +60,8 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     // `STAGES` steps, so three tiles, ahead); `NO_TILE` ends the walk.
     let slots = c_empty + 8;
     let slot = |round: u32| slots + 4 * (round % 4);
-    if tid == 0 {
-        let mut s = 0;
-        while s < STAGES {
-            unsafe {
-                prim::mbarrier_init(full(s), 1);
-                prim::mbarrier_init(empty(s), CONSUMER_WARPS);
-            }
-            s += 1;
-        }
-        unsafe {
-            prim::mbarrier_init(c_full, 1);
-            prim::mbarrier_init(c_empty, 1);
-        }
-        prim::fence_mbarrier_init();
-    }
-    prim::sync_threads();
+    // The stages' barriers, then `c_full` and `c_empty`.
+    unsafe { crate::wgmma::init_pipeline(bars, STAGES, CONSUMER_WARPS, 2) };
     let warp = prim::warp_uniform(tid / 32);
     if warp >= CONSUMER_WARPS {
         // The producer warpgroup gives back registers; its first warp's first lane works.

@@ -23,7 +23,7 @@ pub mod scale;
 pub mod wgmma;
 pub mod xent;
 
-use abi::{CountParams, FinishParams, GemmParams, LseGemmParams, ScaleParams, XentParams};
+use abi::{CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, ScaleParams, XentParams};
 use element::{Bf16, F16, F32};
 use opts::{Full, Plain, RowAcc, RowCap, RowCapAcc, RowConst, RowWSmooth};
 
@@ -284,6 +284,6 @@ kernels! {
 kernels! {
     xent_lse_wgmma_bf16(LseGemmParams) => wgmma::lse_wgmma_bf16;
     xent_lse_wgmma_pipe_bf16(LseGemmParams) => wgmma::lse_wgmma_pipe_bf16;
-    xent_lse_tma_bf16(LseGemmParams) => wgmma::lse_tma_bf16;
+    xent_lse_tma_bf16(LseTmaParams) => wgmma::lse_tma_bf16;
     xent_gemm_tn_bf16(GemmParams) => gemm::gemm_tn_bf16;
 }

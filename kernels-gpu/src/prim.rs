@@ -455,7 +455,8 @@ pub unsafe fn mbarrier_wait(addr: u32, parity: u32) {
 
 /// `cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes`: the tensor
 /// memory accelerator copies the box at coordinates (`x` innermost, `y`) of the tensor map at
-/// generic address `tmap` (global memory, 64-byte aligned) to shared `dst`, laid out (and
+/// generic address `tmap` (64-byte aligned, in parameter space: [`param_block_generic!`]) to
+/// shared `dst`, laid out (and
 /// swizzled) as the map says, zeros where the box leaves the tensor, and signals `mbar` with its
 /// bytes.
 #[cfg(xent_wgmma)]
@@ -896,18 +897,21 @@ pub fn setmaxnreg_dec<const N: u32>() {
     unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
 
-/// The generic address of `xent_gemm_tn_bf16`'s parameter block (`mov` of the parameter's
-/// symbol, then `cvta.param`, PTX 7.7): its tensor maps stay in parameter space, where
-/// `cp.async.bulk.tensor` may read them, instead of the copy in local memory that taking the
-/// address of a kernel argument in Rust makes. Only inside that kernel.
+/// The generic address of entry point `$entry`'s parameter block (`mov` of the parameter's
+/// symbol, then `cvta.param`, PTX 7.7): tensor maps passed by value stay in parameter space,
+/// where `cp.async.bulk.tensor` may read them, instead of the copy in local memory that taking
+/// the address of a kernel argument in Rust makes. Only inside that entry point (its body is
+/// inlined into it).
 #[cfg(xent_wgmma)]
-#[inline(always)]
-pub fn gemm_tn_params_generic() -> u64 {
-    let a: u64;
-    unsafe {
-        asm!("mov.b64 {a}, xent_gemm_tn_bf16_param_0;", "cvta.param.u64 {a}, {a};", a = out(reg64) a,
-             options(pure, nomem, nostack));
-    }
-    a
+#[macro_export]
+macro_rules! param_block_generic {
+    ($entry:literal) => {{
+        let a: u64;
+        unsafe {
+            core::arch::asm!(concat!("mov.b64 {a}, ", $entry, "_param_0;"), "cvta.param.u64 {a}, {a};",
+                             a = out(reg64) a, options(pure, nomem, nostack));
+        }
+        a
+    }};
 }
 

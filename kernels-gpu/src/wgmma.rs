@@ -13,7 +13,7 @@
 //! leading offset) and 1024 along the rows (its stride offset). If the first GPU run finds the
 //! products wrong, those two offsets swapped is the first suspect.
 
-use crate::abi::LseGemmParams;
+use crate::abi::{LseGemmParams, LseTmaParams};
 use crate::lse_gemm::{BK, BM, Share, quad_merge};
 use crate::prim::{self, thread_idx};
 use crate::reduce::Lse2;
@@ -219,10 +219,10 @@ struct TmaShare {
 
 impl TmaShare {
     #[inline(always)]
-    fn of(p: &LseGemmParams) -> TmaShare {
+    fn of(p: &LseGemmParams, group_rows: u32) -> TmaShare {
         let row_blocks = p.n_rows.div_ceil(BM).max(1);
         let splits = p.vocab.div_ceil(p.vocab_per_split.max(1)).max(1);
-        let group = p.group_rows.clamp(1, row_blocks);
+        let group = group_rows.clamp(1, row_blocks);
         let b = prim::block_idx();
         let per_group = (group * splits).max(1);
         let first = b / per_group * group;
@@ -262,25 +262,17 @@ impl TmaShare {
 /// step waits for all, releases both, and folds the tile into the rows' running (max, sum). No
 /// barrier of the whole CTA after the start.
 #[inline(always)]
-pub unsafe fn lse_tma_bf16(p: &LseGemmParams) {
+pub unsafe fn lse_tma_bf16(tp: &LseTmaParams) {
+    let p = &tp.call;
+    // The tensor maps, read by the tensor memory accelerator in parameter space.
+    let maps = crate::param_block_generic!("xent_lse_tma_bf16");
     let tid = thread_idx();
     let base = (prim::smem_base() + 1023) & !1023;
     let bars = base + TMA_STAGES * TMA_STAGE_BYTES;
     let full = |s: u32| bars + 8 * s;
     let empty = |s: u32| bars + 8 * (TMA_STAGES + s);
-    let share = TmaShare::of(p);
-    if tid == 0 {
-        let mut s = 0;
-        while s < TMA_STAGES {
-            unsafe {
-                prim::mbarrier_init(full(s), 1);
-                prim::mbarrier_init(empty(s), TMA_CONSUMER_WARPS);
-            }
-            s += 1;
-        }
-        prim::fence_mbarrier_init();
-    }
-    prim::sync_threads();
+    let share = TmaShare::of(p, tp.group_rows);
+    unsafe { init_pipeline(bars, TMA_STAGES, TMA_CONSUMER_WARPS, 0) };
     // The role by warp, uniform in ptxas' eyes: a branch it must assume divergent serialises
     // every `wgmma` behind it (C7518).
     let warp = prim::warp_uniform(tid / 32);
@@ -295,8 +287,8 @@ pub unsafe fn lse_tma_bf16(p: &LseGemmParams) {
                 let a = base + s * TMA_STAGE_BYTES;
                 unsafe {
                     prim::mbarrier_arrive_expect_tx(full(s), TMA_STAGE_BYTES);
-                    prim::tma_load_2d(a, p.tmap_hidden, k0, share.row0, full(s));
-                    prim::tma_load_2d(a + TMA_A_BYTES, p.tmap_weight, k0, col0, full(s));
+                    prim::tma_load_2d(a, maps, k0, share.row0, full(s));
+                    prim::tma_load_2d(a + TMA_A_BYTES, maps + 128, k0, col0, full(s));
                 }
                 it += 1;
             }
@@ -364,3 +356,29 @@ pub unsafe fn lse_tma_bf16(p: &LseGemmParams) {
         }
     });
 }
+
+/// The TMA kernels' barriers at `bars` (8 bytes each): per stage `s` of `stages`, "full" at
+/// `bars + 8·s` (one arrival: the producer's, with the stage's bytes) and "empty" at
+/// `bars + 8·(stages + s)` (`consumers` arrivals), then `extra` more of one arrival each. Thread
+/// 0 initialises them; every thread returns after a barrier of the whole CTA.
+#[inline(always)]
+pub(crate) unsafe fn init_pipeline(bars: u32, stages: u32, consumers: u32, extra: u32) {
+    if thread_idx() == 0 {
+        let mut s = 0;
+        while s < stages {
+            unsafe {
+                prim::mbarrier_init(bars + 8 * s, 1);
+                prim::mbarrier_init(bars + 8 * (stages + s), consumers);
+            }
+            s += 1;
+        }
+        let mut e = 0;
+        while e < extra {
+            unsafe { prim::mbarrier_init(bars + 8 * (2 * stages + e), 1) };
+            e += 1;
+        }
+        prim::fence_mbarrier_init();
+    }
+    prim::sync_threads();
+}
+

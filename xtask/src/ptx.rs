@@ -221,7 +221,7 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
 
 /// Kernels whose parameter block holds TMA tensor maps, which must be 64-byte aligned in
 /// parameter space; rustc's NVPTX kernel ABI declares at most 16.
-const PARAMS_ALIGN_64: &[&str] = &["xent_gemm_tn_bf16"];
+const PARAMS_ALIGN_64: &[&str] = &["xent_gemm_tn_bf16", "xent_lse_tma_bf16"];
 
 /// Raises the declared alignment of [`PARAMS_ALIGN_64`]'s parameter blocks to 64 bytes.
 fn align_params(ptx: &str) -> String {

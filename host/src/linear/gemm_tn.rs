@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::lse_gemm::tensor_map_2d;
 use crate::CrossEntropy;
 use crate::abi::GemmParams;
 use crate::error::{Error, Result};
@@ -32,6 +31,52 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    /// `rows` rows of `cols` elements, rows contiguous.
+    pub fn dense(ptr: u64, rows: usize, cols: usize) -> Matrix {
+        Matrix {
+            ptr,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    /// Its TMA tensor map (`CUtensorMap`'s 128 bytes): boxes of `boxes[0]` elements along a row
+    /// by `boxes[1]` rows, 128-byte swizzle (a box row is 128 bytes), zeros outside the matrix.
+    /// The address and row stride must be multiples of 16 bytes ([`Matrix::unfit`]).
+    pub(crate) fn tensor_map(&self, boxes: [u32; 2]) -> Result<[u64; 16]> {
+        use cudarc::driver::sys::{
+            CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+            CUtensorMapL2promotion, CUtensorMapSwizzle, cuTensorMapEncodeTiled,
+        };
+        let mut map = CUtensorMap { opaque: [0; 16] };
+        let dims = [self.cols as u64, self.rows as u64];
+        // Bytes between rows (the innermost dimension's stride is implied).
+        let strides = [self.ld as u64 * 2];
+        let element_strides = [1u32, 1];
+        // SAFETY: every pointer names a live local array of the rank's length; the driver only
+        // reads them and writes `map`.
+        unsafe {
+            cuTensorMapEncodeTiled(
+                &mut map,
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                self.ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+            .map_err(|err| Error::Driver(format!("cuTensorMapEncodeTiled: {err}")))?;
+        }
+        Ok(map.opaque)
+    }
+
     /// Why the tensor memory accelerator cannot take it (address and row stride multiples of 16
     /// bytes, sizes within its 32-bit coordinates), if it cannot.
     fn unfit(&self, what: &str) -> Option<String> {
@@ -53,14 +98,27 @@ impl Matrix {
     }
 }
 
+/// Why [`CrossEntropy::gemm_tn_bf16`] cannot take these operands, if it cannot: one the tensor
+/// memory accelerator cannot address ([`Matrix::unfit`]), or shapes that do not make `C = Aᵀ·B`.
+fn check(a: &Matrix, b: &Matrix, c: &Matrix) -> Result<()> {
+    for (m, what) in [(a, "A"), (b, "B"), (c, "C")] {
+        if let Some(why) = m.unfit(what) {
+            return Err(Error::InvalidOption(why));
+        }
+    }
+    if a.rows != b.rows || c.rows != a.cols || c.cols != b.cols {
+        return Err(Error::InvalidOption(format!(
+            "gemm_tn: A {} x {}, B {} x {} and C {} x {} do not make C = Aᵀ·B",
+            a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
+        )));
+    }
+    Ok(())
+}
+
 /// Whether [`CrossEntropy::gemm_tn_bf16`] takes these operands (the linear path falls back to
 /// cuBLASLt where it does not).
 pub fn fits(a: &Matrix, b: &Matrix, c: &Matrix) -> bool {
-    [a, b, c].iter().all(|m| m.unfit("").is_none())
-        && a.rows == b.rows
-        && c.rows == a.cols
-        && c.cols == b.cols
-        && u32::try_from(a.rows).is_ok()
+    check(a, b, c).is_ok()
 }
 
 impl CrossEntropy {
@@ -107,22 +165,12 @@ impl CrossEntropy {
         beta: f32,
         counter: u64,
     ) -> Result<()> {
-        for (m, what) in [(&a, "A"), (&b, "B"), (&c, "C")] {
-            if let Some(why) = m.unfit(what) {
-                return Err(Error::InvalidOption(why));
-            }
-        }
-        if a.rows != b.rows || c.rows != a.cols || c.cols != b.cols {
-            return Err(Error::InvalidOption(format!(
-                "gemm_tn: A {} x {}, B {} x {} and C {} x {} do not make C = Aᵀ·B",
-                a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
-            )));
-        }
+        check(&a, &b, &c)?;
         let function = &self.wgmma_functions()?[3];
         let mut params = GemmParams {
-            tmap_a: tensor_map_2d(a.ptr, a.cols, a.rows, a.ld * 2, [64, 64])?.opaque,
-            tmap_b: tensor_map_2d(b.ptr, b.cols, b.rows, b.ld * 2, [64, 64])?.opaque,
-            tmap_c: tensor_map_2d(c.ptr, c.cols, c.rows, c.ld * 2, [64, 128])?.opaque,
+            tmap_a: a.tensor_map([64, 64])?,
+            tmap_b: b.tensor_map([64, 64])?,
+            tmap_c: c.tensor_map([64, 128])?,
             m: c.rows as u32,
             n: c.cols as u32,
             k: a.rows as u32,

@@ -183,7 +183,6 @@ impl RawLinearGrads {
     }
 }
 
-/// A row-major matrix operand, rows contiguous.
 /// Whether a chunk's weight gradient comes from xent's own GEMM (`gemm_tn`, compute capability
 /// 9.0, bf16 throughout): only when `XENT_GEMM_TN=1` asks for it. Alone it beats cuBLASLt where
 /// reading and writing the gradient costs as much as the products (H200, `Gᵀ·h` added to a
@@ -199,6 +198,7 @@ fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
         && xent.wgmma_functions().is_ok()
 }
 
+/// A row-major matrix operand, rows contiguous.
 fn matrix(ptr: u64, dtype: DType, rows: usize, cols: usize, transposed: bool) -> Operand {
     Operand {
         ptr,
@@ -755,27 +755,21 @@ impl Work<'_> {
         // grad_weight (+)= Gᵀ·h[chunk]: cuBLASLt, or xent's own GEMM where asked for (see
         // `gemm_tn_for`).
         if let Some(grad_weight) = self.grads.weight {
-            let mat = |ptr, rows, cols| gemm_tn::Matrix {
-                ptr,
-                rows,
-                cols,
-                ld: cols,
-            };
             let (g, h, out) = (
-                mat(self.logits, c, v),
-                mat(hidden_rows, c, d),
-                mat(grad_weight.buffer.ptr, v, d),
+                gemm_tn::Matrix::dense(self.logits, c, v),
+                gemm_tn::Matrix::dense(hidden_rows, c, d),
+                gemm_tn::Matrix::dense(grad_weight.buffer.ptr, v, d),
             );
+            // Its tile counter: the first word of the weight stream's part of cuBLASLt's
+            // workspace (unused by this GEMM), zeroed in stream order.
+            let (counter, room) = self.workspace_half(which);
             if gemm_tn_for(xent, dtype, grad_weight.dtype)
                 && gemm_tn::fits(&g, &h, &out)
-                && self.workspace_half(which).1 >= 4
+                && room >= 4
             {
                 // SAFETY: the chunk's gradient, its hidden states and the weight's gradient were
                 // checked against the call's shape; the weight stream orders them as cuBLASLt's
-                // GEMM would be.
-                // Its tile counter: the first word of the weight stream's half of cuBLASLt's
-                // workspace (unused by this GEMM), zeroed in stream order.
-                let counter = self.workspace_half(which).0;
+                // GEMM would be, and the counter is that stream's alone.
                 unsafe {
                     cudarc::driver::result::memset_d8_async(counter, 0, 4, weight_stream)?;
                     xent.gemm_tn_bf16_raw(weight_stream, g, h, out, 1.0, beta, counter)

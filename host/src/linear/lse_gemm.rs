@@ -8,15 +8,16 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUfunction_attribute, CUtensorMap};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
 
+use super::gemm_tn::Matrix;
 use crate::CrossEntropy;
-use crate::abi::LseGemmParams;
+use crate::abi::{LseGemmParams, LseTmaParams};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, PTX_SM90A};
 
@@ -162,38 +163,16 @@ impl CrossEntropy {
         let blocks = as_u32(row_blocks * splits, "CTAs")?;
         let wgmma = match kernel {
             LseGemmKernel::MmaSync => None,
-            LseGemmKernel::Wgmma => Some((&self.wgmma_functions()?[0], WGMMA_SMEM_BYTES, THREADS)),
+            LseGemmKernel::Wgmma => Some((&self.wgmma_functions()?[0], WGMMA_SMEM_BYTES)),
             LseGemmKernel::WgmmaPipelined => {
-                Some((&self.wgmma_functions()?[1], WGMMA_PIPE_SMEM_BYTES, THREADS))
+                Some((&self.wgmma_functions()?[1], WGMMA_PIPE_SMEM_BYTES))
             }
-            LseGemmKernel::Tma => Some((&self.wgmma_functions()?[2], TMA_SMEM_BYTES, TMA_THREADS)),
+            // Launched below with its own parameter block.
+            LseGemmKernel::Tma => None,
         };
         let (hidden_ptr, _h) = hidden.device_ptr(stream);
         let (weight_ptr, _w) = weight.device_ptr(stream);
         let (partials_ptr, _p) = partials.device_ptr_mut(stream);
-        // The TMA kernel's tensor maps, in device memory the launch reads (freed in stream order
-        // after it).
-        let tmaps = if kernel == LseGemmKernel::Tma {
-            let maps = [
-                tensor_map_2d(hidden_ptr, dim, rows, dim * 2, [TMA_BOX[0], TMA_BOX[1]])?,
-                tensor_map_2d(weight_ptr, dim, vocab, dim * 2, [TMA_BOX[0], TMA_BOX[2]])?,
-            ];
-            let words: Vec<u64> = maps.iter().flat_map(|m| m.opaque).collect();
-            Some(stream.clone_htod(&words)?)
-        } else {
-            None
-        };
-        let (tmap_hidden, tmap_weight) = match &tmaps {
-            Some(words) => {
-                let (ptr, _t) = words.device_ptr(stream);
-                (ptr, ptr + 128)
-            }
-            None => (0, 0),
-        };
-        let group_rows = std::env::var("XENT_LSE_GROUP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(TMA_GROUP_ROWS);
         let params = LseGemmParams {
             hidden: hidden_ptr,
             weight: weight_ptr,
@@ -202,11 +181,36 @@ impl CrossEntropy {
             vocab: as_u32(vocab, "vocab")?,
             dim: as_u32(dim, "dim")?,
             vocab_per_split: as_u32(vocab.div_ceil(splits), "vocab per split")?,
-            tmap_hidden,
-            tmap_weight,
-            group_rows,
-            _pad: 0,
         };
+        if kernel == LseGemmKernel::Tma {
+            let group_rows = std::env::var("XENT_LSE_GROUP")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(TMA_GROUP_ROWS);
+            let tma = LseTmaParams {
+                tmap_hidden: Matrix::dense(hidden_ptr, rows, dim)
+                    .tensor_map([TMA_BOX[0], TMA_BOX[1]])?,
+                tmap_weight: Matrix::dense(weight_ptr, vocab, dim)
+                    .tensor_map([TMA_BOX[0], TMA_BOX[2]])?,
+                call: params,
+                group_rows,
+                _pad: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (TMA_THREADS, 1, 1),
+                shared_mem_bytes: TMA_SMEM_BYTES,
+            };
+            // SAFETY: `tma` is the parameter block the entry point declares; its addresses and
+            // tensor maps were checked against the shape above.
+            unsafe {
+                stream
+                    .launch_builder(&self.wgmma_functions()?[2])
+                    .arg(&tma)
+                    .launch(cfg)
+            }?;
+            return Ok(());
+        }
         match wgmma {
             None => self.launch(
                 stream,
@@ -216,10 +220,10 @@ impl CrossEntropy {
                 THREADS,
                 SMEM_BYTES,
             ),
-            Some((function, smem, threads)) => {
+            Some((function, smem)) => {
                 let cfg = LaunchConfig {
                     grid_dim: (blocks, 1, 1),
-                    block_dim: (threads, 1, 1),
+                    block_dim: (THREADS, 1, 1),
                     shared_mem_bytes: smem,
                 };
                 // SAFETY: `params` is the parameter block the entry point declares; every address
@@ -261,48 +265,6 @@ impl CrossEntropy {
             .as_ref()
             .map_err(|why| Error::Driver(format!("the sm_90a module: {why}")))
     }
-}
-
-/// A TMA tensor map of a row-major bf16 matrix of `rows` rows of `cols` elements at `ptr`, rows
-/// `row_bytes` apart (a multiple of 16, as `ptr` must be): boxes of `boxes[0]` elements along a
-/// row by `boxes[1]` rows, 128-byte swizzle (a box row is 128 bytes), zeros outside the matrix.
-pub(crate) fn tensor_map_2d(
-    ptr: u64,
-    cols: usize,
-    rows: usize,
-    row_bytes: usize,
-    boxes: [u32; 2],
-) -> Result<CUtensorMap> {
-    use cudarc::driver::sys::{
-        CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
-        CUtensorMapL2promotion, CUtensorMapSwizzle, cuTensorMapEncodeTiled,
-    };
-    let mut map = CUtensorMap { opaque: [0; 16] };
-    let dims = [cols as u64, rows as u64];
-    // Bytes between rows (the innermost dimension's stride is implied).
-    let strides = [row_bytes as u64];
-    let element_strides = [1u32, 1];
-    // SAFETY: every pointer names a live local array of the rank's length; the driver only reads
-    // them and writes `map`.
-    unsafe {
-        cuTensorMapEncodeTiled(
-            &mut map,
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()
-        .map_err(|err| Error::Driver(format!("cuTensorMapEncodeTiled: {err}")))?;
-    }
-    Ok(map)
 }
 
 /// Each row's natural log-sum-exp from [`CrossEntropy::lse_gemm_partials`]'s `partials`
