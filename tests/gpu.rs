@@ -646,6 +646,89 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
     assert!(not_taken.is_empty(), "three launches for {not_taken:?}");
 }
 
+/// A small call's out-of-range labels (each CTA counts them at its start, the last one stores
+/// the count) are reported as the three launches report them, with the same count.
+#[test]
+fn small_calls_in_one_launch_report_out_of_range_labels() {
+    let Some(xent) = gpu() else { return };
+    let stream = xent.context().default_stream();
+    let shape = Shape::flat(5, 5003);
+    let logits: Vec<f32> = xent_tests::random_logits(&shape, 3);
+    // 5003 and -7 are out of range; -100 is ignored.
+    let d_labels = stream.clone_htod(&[5003i64, 2, -100, -7, 17]).unwrap();
+    let mut failures = Vec::new();
+    for small in [false, true] {
+        xent.set_small_finish(small);
+        let mut out = xent::Loss::new(&stream, shape.rows()).unwrap();
+        let mut d_logits = stream.clone_htod(&logits).unwrap();
+        xent.forward_backward_into(
+            &stream,
+            &mut d_logits,
+            &d_labels,
+            shape,
+            &Options::default(),
+            &mut out,
+        )
+        .unwrap();
+        match out.read() {
+            Err(Error::LabelOutOfRange { count: 2, .. }) => {}
+            other => failures.push(format!(
+                "one launch {small}: {other:?}, not 2 labels out of range"
+            )),
+        }
+    }
+    xent.set_small_finish(true);
+    assert_no_failures(&failures);
+}
+
+/// Small cluster calls are launched with a programmatic dependency on the kernel before them
+/// (their CTAs may start early and wait for it in the kernel): two such calls back to back in
+/// place on one buffer, the second reading the first's gradient, give the bits they give without
+/// it. Toggles the shared handle's hook; the other tests pass on either path.
+#[test]
+fn small_calls_back_to_back_give_the_same_bits_with_and_without_programmatic_launch() {
+    let Some(xent) = gpu() else { return };
+    let stream = xent.context().default_stream();
+    let mut failures = Vec::new();
+    for rows in [1, 8, 64] {
+        let shape = Shape::flat(rows, 32000);
+        let logits: Vec<bf16> = xent_tests::random_logits(&shape, 11);
+        let labels: Vec<i64> = xent_tests::random_labels(rows, shape.vocab, 0.0, -100, 11);
+        let d_labels = stream.clone_htod(&labels).unwrap();
+        let twice = |pdl: bool| -> Result<(Vec<u32>, Vec<u16>), Error> {
+            xent.set_pdl(pdl);
+            let mut out = xent::Loss::new(&stream, rows)?;
+            let mut d_logits = stream.clone_htod(&logits)?;
+            let mut losses = Vec::new();
+            for _ in 0..2 {
+                xent.forward_backward_into(
+                    &stream,
+                    &mut d_logits,
+                    &d_labels,
+                    shape,
+                    &Options::default(),
+                    &mut out,
+                )?;
+            }
+            losses.push(out.read()?.to_bits());
+            losses.extend(out.read_row_loss()?.iter().map(|v| v.to_bits()));
+            let grad = stream
+                .clone_dtoh(&d_logits)?
+                .iter()
+                .map(|g| g.to_bits())
+                .collect();
+            Ok((losses, grad))
+        };
+        match (twice(false), twice(true)) {
+            (Ok(off), Ok(on)) if off == on => {}
+            (Ok(_), Ok(_)) => failures.push(format!("{rows} rows: the bits differ")),
+            (off, on) => failures.push(format!("{rows} rows: {:?} / {:?}", off.err(), on.err())),
+        }
+    }
+    xent.set_pdl(true);
+    assert_no_failures(&failures);
+}
+
 /// Every output of one call's bits: loss, extras, counts, per-row loss and log-sum-exp, gradient.
 type CallBits = (Vec<u32>, Vec<u32>);
 

@@ -5,8 +5,9 @@
 //! - `gpu`: `CrossEntropy::forward_backward_into` at the issue's two Llama-sized shapes, timed with
 //!   CUDA events; throughput in bytes per second of the minimum traffic, one read and one write of
 //!   every logit. Skipped with a note without a GPU (a failure under `XENT_REQUIRE_GPU=1`).
-//! - `small`: 1, 8 and 64 rows of 128256 classes, bf16 (issue 13's small batches): `host`, the
-//!   wall time a call takes to enqueue (the GPU runs behind); `gpu_graph`, the GPU time a call
+//! - `small`: 1, 8 and 64 rows of 128256 classes, bf16, every row scored (issue 13's small
+//!   batches; until session 14 row 0 was ignored, so the 1-row case only zeroed its row): `host`,
+//!   the wall time a call takes to enqueue (the GPU runs behind); `gpu_graph`, the GPU time a call
 //!   takes inside a CUDA graph of `GRAPH_CALLS` calls, replayed between two events (the kernels
 //!   and the gaps between them, without the host's launches); `launch_floor`, the driver's own
 //!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
@@ -123,7 +124,7 @@ fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn E
     let stream = ctx.new_stream()?;
     let mut group = criterion.benchmark_group("small");
     for n in SMALL_ROWS {
-        let mut case = GpuCase::<bf16>::new(&stream, n, SMALL_VOCAB)?;
+        let mut case = GpuCase::<bf16>::new(&stream, n, SMALL_VOCAB, true)?;
         let id = format!("{n}x{SMALL_VOCAB}");
         group.bench_function(BenchmarkId::new("host", &id), |bencher| {
             bencher.iter_custom(|iters| host_calls(xent, &stream, &mut case, iters).expect("host"))
@@ -294,9 +295,19 @@ struct GpuCase<T> {
 }
 
 impl<T: Element> GpuCase<T> {
-    /// `n` rows of `v` classes from [`inputs`], on the device.
-    fn new(stream: &Arc<CudaStream>, n: usize, v: usize) -> Result<GpuCase<T>, Box<dyn Error>> {
-        let (host_logits, host_labels) = inputs::<T>(n, v);
+    /// `n` rows of `v` classes from [`inputs`], on the device; with `all_scored`, no row ignored.
+    fn new(
+        stream: &Arc<CudaStream>,
+        n: usize,
+        v: usize,
+        all_scored: bool,
+    ) -> Result<GpuCase<T>, Box<dyn Error>> {
+        let (host_logits, mut host_labels) = inputs::<T>(n, v);
+        if all_scored {
+            for (row, label) in host_labels.iter_mut().enumerate() {
+                *label = ((row * 7919) % v) as i64;
+            }
+        }
         Ok(GpuCase {
             pristine: stream.clone_htod(&host_logits)?,
             logits: stream.alloc_zeros(n * v)?,
@@ -327,7 +338,7 @@ fn gpu_case<T: Element>(
     n: usize,
     v: usize,
 ) -> Result<(), Box<dyn Error>> {
-    let mut case = GpuCase::<T>::new(stream, n, v)?;
+    let mut case = GpuCase::<T>::new(stream, n, v, false)?;
     let min_bytes = 2 * T::DTYPE.bytes() as u64 * n as u64 * v as u64;
     group.throughput(Throughput::Bytes(min_bytes));
     group.bench_function(

@@ -2,16 +2,19 @@
 //! the JSON-lines format of `shared/bench/peers.py` so both land in one table.
 //!
 //! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]
-//! [--options none,smoothing,z,softcap,softcap50,weight,accuracy,all,softcap+accuracy]` (`cargo xtask
-//! bench` forwards its arguments here; `+` joins option sets). First line: `{"copy_GBps": ...}` measured in this process; then one line per
-//! config and option set (method `xent` without options, `xent[NAME]` with: the cost of each
-//! option when on, on the same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX:
-//! `XENT_ARCH=sm_80` on an H100/H200), `split:LEN`, cluster, or a forced
-//! cluster plan `cluster:N` (N CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA).
-//! `--explain` adds, before each timed line, one `{"candidate": ...}` line per cluster launch
-//! the automatic plan weighed (the driver's active clusters, resident MiB, and which was chosen).
-//! Each iteration restores the logits from a pristine copy
-//! outside the timed region, so every timed call sees real logits, not last call's gradient.
+//! [--options none,smoothing,z,softcap,softcap50,weight,accuracy,all,softcap+accuracy,z=1e-3]
+//! [--ignore-every K] [--explain]` (`cargo xtask bench` forwards its arguments here; `+` joins
+//! option sets, and `smoothing=X`, `z=X`, `softcap=X` set one option to another value). First
+//! line: `{"copy_GBps": ...}` measured in this process; then one line per config and option set
+//! (method `xent` without options, `xent[NAME]` with: the cost of each option when on, on the
+//! same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX: `XENT_ARCH=sm_80` on an
+//! H100/H200), `split:LEN`, cluster, or a forced cluster plan `cluster:N` (N CTAs per row),
+//! `cluster:N:T` or `cluster::T` (T threads per CTA). `--ignore-every K` ignores rows 0, K, 2K,
+//! ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more
+//! than a zero fill). `--explain` adds, before each timed line, one `{"candidate": ...}` line per
+//! cluster launch the automatic plan weighed (the driver's active clusters, resident MiB, and
+//! which was chosen). Each iteration restores the logits from a pristine copy outside the timed
+//! region, so every timed call sees real logits, not last call's gradient.
 
 use std::sync::Arc;
 
@@ -33,6 +36,8 @@ struct Args {
     options: Vec<String>,
     /// Print the cluster launches the plan weighed.
     explain: bool,
+    /// Every `ignore_every`-th row (from row 0) is ignored (-100); 0: every row is scored.
+    ignore_every: usize,
 }
 
 /// The options a set name turns on, for `v` classes: the values a training run would use
@@ -49,6 +54,19 @@ fn option_set(name: &str, v: usize) -> Result<Options, String> {
 /// Turns on the options of set `name` (see [`option_set`]) in `opts`.
 fn add_option(opts: &mut Options, name: &str, v: usize) -> Result<(), String> {
     let weight = || Some((0..v).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect());
+    // `smoothing=X`, `z=X`, `softcap=X`: the option at another value than the set's.
+    if let Some((option, value)) = name.split_once('=') {
+        let value: f32 = value
+            .parse()
+            .map_err(|_| format!("option set {name}: {value} is not a number"))?;
+        match option {
+            "smoothing" => opts.label_smoothing = value,
+            "z" => opts.lse_square_scale = value,
+            "softcap" => opts.softcap = Some(value),
+            other => return Err(format!("option set {name}: {other} takes no value")),
+        }
+        return Ok(());
+    }
     match name {
         "none" => {}
         "smoothing" => opts.label_smoothing = 0.1,
@@ -76,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
     let (mut iters, mut plan) = (20, PlanChoice::Auto);
     let mut options = vec!["none".to_string()];
     let mut explain = false;
+    let mut ignore_every = 7;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -85,6 +104,12 @@ fn parse_args() -> Result<Args, String> {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .ok_or("--iters needs a number")?
+            }
+            "--ignore-every" => {
+                ignore_every = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--ignore-every needs a number (0: none)")?
             }
             "--plan" => {
                 plan = match args.next().as_deref() {
@@ -164,6 +189,7 @@ fn parse_args() -> Result<Args, String> {
         plan,
         options,
         explain,
+        ignore_every,
     })
 }
 
@@ -189,9 +215,10 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     Ok(2.0 * bytes as f64 / (best as f64 * 1e-3) / 1e9)
 }
 
-/// Random logits (N(0, 2)-ish, as peers.py) filled on all cores, and labels with one in seven
-/// ignored.
-fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
+/// Random logits (N(0, 2)-ish, as peers.py) filled on all cores, and labels with every
+/// `ignore_every`-th row ignored from row 0 (one in seven, as peers.py; 0: none, which a call of
+/// one row needs to be scored at all).
+fn inputs<T: Element>(n: usize, v: usize, ignore_every: usize) -> (Vec<T>, Vec<i64>) {
     let mut logits = vec![T::default(); n * v];
     let workers = std::thread::available_parallelism().map_or(1, |w| w.get());
     std::thread::scope(|scope| {
@@ -214,7 +241,7 @@ fn inputs<T: Element>(n: usize, v: usize) -> (Vec<T>, Vec<i64>) {
     });
     let labels = (0..n)
         .map(|i| {
-            if i % 7 == 0 {
+            if ignore_every != 0 && i % ignore_every == 0 {
                 -100
             } else {
                 ((i * 7919) % v) as i64
@@ -232,7 +259,7 @@ fn bench_config<T: Element>(
     args: &Args,
     copy_gbps: f64,
 ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let (host_logits, host_labels) = inputs::<T>(n, v);
+    let (host_logits, host_labels) = inputs::<T>(n, v, args.ignore_every);
     let pristine: CudaSlice<T> = stream.clone_htod(&host_logits)?;
     drop(host_logits);
     let mut logits: CudaSlice<T> = stream.alloc_zeros(n * v)?;

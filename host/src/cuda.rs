@@ -60,6 +60,9 @@ pub struct CrossEntropy {
     pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
     /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.
     small_finish: AtomicBool,
+    /// Whether small cluster calls are launched with a programmatic dependency on the kernel
+    /// before them (`launch_cluster`); on unless `XENT_PDL=0`.
+    pdl: AtomicBool,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -180,6 +183,7 @@ impl CrossEntropy {
             wgmma: std::sync::OnceLock::new(),
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
+            pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
         })
     }
 
@@ -188,6 +192,14 @@ impl CrossEntropy {
     #[doc(hidden)]
     pub fn set_small_finish(&self, on: bool) {
         self.small_finish.store(on, Ordering::Relaxed);
+    }
+
+    /// Testing hook: whether small cluster calls are launched with a programmatic dependency on
+    /// the kernel before them (their CTAs start early and wait for it in the kernel). Both give
+    /// the same bits.
+    #[doc(hidden)]
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on, Ordering::Relaxed);
     }
 
     /// The context the kernels live in.
@@ -953,14 +965,16 @@ impl CrossEntropy {
                     params.n_chunks = size;
                     params.chunk_len = chunk_len;
                     let blocks = (rows * size as usize) as u32;
+                    // A small call's kernel waits for the one before it in the kernel
+                    // (`griddepcontrol.wait`), so its launch need not.
+                    let pdl = self_finish && self.pdl.load(Ordering::Relaxed);
                     self.launch_cluster(
                         stream,
                         kernel(XentKind::Cluster),
                         &params,
-                        blocks,
-                        threads,
-                        smem_bytes,
+                        (blocks, threads, smem_bytes),
                         size,
+                        pdl,
                     )?;
                 }
                 LaunchPlan::Split {
@@ -1095,27 +1109,31 @@ impl CrossEntropy {
         )
     }
 
-    /// Launches `kernel` with thread-block clusters of `cluster` CTAs (`cuLaunchKernelEx`).
-    #[allow(clippy::too_many_arguments)]
+    /// Launches `kernel` on (blocks, threads, dynamic shared bytes) with thread-block clusters of
+    /// `cluster` CTAs (`cuLaunchKernelEx`); with `pdl`, also with a programmatic dependency on
+    /// the stream's previous kernel (a programmatic dependent launch: the grid may start before
+    /// that kernel ends, so `kernel` must wait for it, `griddepcontrol.wait`, before it touches
+    /// memory).
     fn launch_cluster<P: DeviceRepr>(
         &self,
         stream: &CudaStream,
         kernel: Kernel,
         params: &P,
-        blocks: u32,
-        threads: u32,
-        smem_bytes: u32,
+        (blocks, threads, smem_bytes): (u32, u32, u32),
         cluster: u32,
+        pdl: bool,
     ) -> Result<()> {
         use cudarc::driver::sys;
-        let mut attribute = cluster_attribute(cluster);
+        let mut attributes = [cluster_attribute(cluster), programmatic_attribute()];
         let mut config = cluster_config(
             cluster,
             threads,
             smem_bytes,
             stream.cu_stream(),
-            &mut attribute,
+            &mut attributes[0],
         );
+        config.attrs = attributes.as_mut_ptr();
+        config.numAttrs = 1 + u32::from(pdl);
         config.gridDimX = blocks;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         self.ctx.bind_to_thread()?;
@@ -1194,6 +1212,19 @@ fn cluster_attribute(size: u32) -> cudarc::driver::sys::CUlaunchAttribute {
     attribute.value.clusterDim.x = size;
     attribute.value.clusterDim.y = 1;
     attribute.value.clusterDim.z = 1;
+    attribute
+}
+
+/// The launch attribute that lets a grid start before the stream's previous kernel has ended
+/// (programmatic stream serialization); the kernel waits for it itself.
+fn programmatic_attribute() -> cudarc::driver::sys::CUlaunchAttribute {
+    use cudarc::driver::sys;
+    let mut attribute = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    attribute.value.programmaticStreamSerializationAllowed = 1;
     attribute
 }
 

@@ -566,6 +566,19 @@ pub struct Coef {
     pub weight: u64,
 }
 
+/// A small call's valid and out-of-range row counts in one word of shared memory (each at most
+/// 1024, the most threads a block has: see `plan::self_finish`).
+#[inline(always)]
+pub fn pack_counts(valid: u32, bad: u32) -> u32 {
+    valid | (bad << 16)
+}
+
+/// The (valid, out-of-range) counts of [`pack_counts`]' word.
+#[inline(always)]
+pub fn unpack_counts(word: u32) -> (u32, u32) {
+    (word & 0xffff, word >> 16)
+}
+
 /// The count of valid rows, and the mean's divisor of the cross-entropy part.
 #[inline(always)]
 unsafe fn divisors(p: &XentParams) -> (f32, f32) {
@@ -573,7 +586,7 @@ unsafe fn divisors(p: &XentParams) -> (f32, f32) {
     let (valid, weight_bits) = unsafe {
         if p.self_finish != 0 {
             let at = prim::smem_base() + SMEM_COUNTS;
-            (prim::ld_shared_u32(at), prim::ld_shared_u32(at + 4))
+            (unpack_counts(prim::ld_shared_u32(at)).0, prim::ld_shared_u32(at + 4))
         } else {
             let word = |i: usize| prim::ld_global_u32(p.counts + 4 * i as u64);
             (word(COUNT_VALID), word(COUNT_WEIGHT))

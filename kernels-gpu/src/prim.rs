@@ -354,6 +354,23 @@ pub fn cluster_wait() {
     unsafe { asm!("barrier.cluster.wait.acquire;", options(nostack)) }
 }
 
+/// `griddepcontrol.wait;`: with a programmatic dependent launch, waits until the grids this one
+/// depends on have completed and their memory is visible; without one, returns at once. Nothing
+/// may read or write global memory before it.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn grid_dependency_wait() {
+    unsafe { asm!("griddepcontrol.wait;", options(nostack)) }
+}
+
+/// `griddepcontrol.launch_dependents;`: lets a grid launched after this one with a programmatic
+/// dependency start (it waits in [`grid_dependency_wait`] for this grid's completion).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub fn launch_dependents() {
+    unsafe { asm!("griddepcontrol.launch_dependents;", options(nostack)) }
+}
+
 /// `mapa.shared::cluster.u32`: the address of this CTA's shared-memory `addr` in CTA `rank`.
 #[cfg(xent_cluster)]
 #[inline(always)]

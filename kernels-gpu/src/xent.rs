@@ -789,6 +789,13 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
 #[cfg(xent_cluster)]
 #[inline(always)]
 pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    // A small call is launched with a programmatic dependency on the kernel before it (the host's
+    // `launch_cluster`): its CTAs may start before that kernel's end, and wait here. It lets the
+    // next such launch start as soon as every CTA of this one has (that launch waits in turn).
+    prim::grid_dependency_wait();
+    if p.self_finish != 0 {
+        prim::launch_dependents();
+    }
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     if p.self_finish != 0 {
@@ -1208,24 +1215,25 @@ unsafe fn count_labels<L: Label>(rows: RowsParams, weight_at: u64) -> (u32, u32,
 }
 
 /// A small call's start: the CTA counts the labels itself into its shared `SMEM_COUNTS` (valid
-/// rows, their total class weight), which `opts::coef` reads instead of `counts`; the block's
-/// next barrier publishes them.
+/// and out-of-range rows, their total class weight), which `opts::coef` reads instead of `counts`
+/// and the last CTA's `finish_if_last` stores; the block's next barrier publishes them.
 #[inline(always)]
 unsafe fn self_count<L: Label>(p: &XentParams) {
-    let (valid, _, weight_bits) = unsafe { count_labels::<L>(p.rows, p.opts.weight) };
+    let (valid, bad, weight_bits) = unsafe { count_labels::<L>(p.rows, p.opts.weight) };
     if thread_idx() == 0 {
         let at = prim::smem_base() + SMEM_COUNTS;
         unsafe {
-            // Two words: `SMEM_COUNTS` ends where the stash begins.
-            prim::st_shared_u32(at, valid);
+            // Two words: `SMEM_COUNTS` ends where the stash begins. Both counts are at most the
+            // block's threads (at most 1024), so they share the first word.
+            prim::st_shared_u32(at, opts::pack_counts(valid, bad));
             prim::st_shared_u32(at + 4, weight_bits);
         }
     }
 }
 
 /// A small call's end (`XentParams::self_finish`), by every thread of each CTA once its row
-/// outputs are written (by its thread 0): the CTA counts itself done; the last one counts the
-/// labels again, stores the counts and does the finish kernel's work. The done counter wraps to
+/// outputs are written (by its thread 0): the CTA counts itself done; the last one stores the
+/// counts it took at its start and does the finish kernel's work. The done counter wraps to
 /// 0 on the last increment. The flag that tells the CTA it was last lives in the cluster slot,
 /// which no other CTA reads any more.
 #[inline(always)]
@@ -1249,7 +1257,10 @@ unsafe fn finish_if_last<L: Label>(p: &XentParams) {
     }
     // Every other CTA's increment, and so its row outputs, happen before what follows.
     prim::fence_acq_rel_gpu();
-    let (valid, bad, weight_bits) = unsafe { count_labels::<L>(p.rows, p.opts.weight) };
+    // This CTA's own count from its start (`self_count`).
+    let at = prim::smem_base() + SMEM_COUNTS;
+    let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });
+    let weight_bits = unsafe { prim::ld_shared_u32(at + 4) };
     if tid == 0 {
         unsafe {
             prim::st_global_u32(p.counts + 4 * COUNT_VALID as u64, valid);
