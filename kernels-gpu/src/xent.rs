@@ -790,12 +790,8 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
 #[inline(always)]
 pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // A small call is launched with a programmatic dependency on the kernel before it (the host's
-    // `launch_cluster`): its CTAs may start before that kernel's end, and wait here. It lets the
-    // next such launch start as soon as every CTA of this one has (that launch waits in turn).
+    // `launch_cluster`): its CTAs may start before that kernel's end, and wait here.
     prim::grid_dependency_wait();
-    if p.self_finish != 0 {
-        prim::launch_dependents();
-    }
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     if p.self_finish != 0 {
@@ -1241,6 +1237,11 @@ unsafe fn finish_if_last<L: Label>(p: &XentParams) {
     if p.self_finish == 0 {
         return;
     }
+    // This CTA's share of the call is issued: the next small call's launch may start once every
+    // CTA is here (it waits for this grid's end before it touches memory). Earlier, its waiting
+    // CTAs took SM slots this launch still used (64 rows: 19.7 against 17.3 µs a call).
+    #[cfg(xent_cluster)]
+    prim::launch_dependents();
     let tid = thread_idx();
     let flag = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
