@@ -54,7 +54,8 @@ pub fn auto_splits(rows: usize, vocab: usize, sm_count: u32) -> usize {
 /// resident an SM ([`LseGemmKernel::ctas_per_sm`]): the count (at most four times what one wave
 /// needs, and at most one per tile of 128 classes) whose CTAs fill their last wave best, the
 /// smaller on a tie (every range reloads the rows' tiles for each of its class tiles, so the
-/// count moves no traffic; only the waves' tail).
+/// count moves no traffic; only the waves' tail); with one CTA an SM, at least
+/// [`ONE_CTA_MIN_SPLITS`].
 pub fn auto_splits_for(rows: usize, vocab: usize, sm_count: u32, per_sm: u32) -> usize {
     let row_blocks = rows.div_ceil(ROWS_PER_CTA).max(1);
     let slots = per_sm.max(1) as usize * sm_count.max(1) as usize;
@@ -63,11 +64,23 @@ pub fn auto_splits_for(rows: usize, vocab: usize, sm_count: u32, per_sm: u32) ->
         let ctas = row_blocks * splits;
         ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
     };
-    (1..=most).fold(
+    let best = (1..=most).fold(
         1,
         |best, s| if fill(s) > fill(best) + 1e-9 { s } else { best },
-    )
+    );
+    if per_sm == 1 {
+        best.max(ONE_CTA_MIN_SPLITS.min(vocab.div_ceil(128).max(1)))
+    } else {
+        best
+    }
 }
+
+/// The fewest ranges [`auto_splits_for`] gives a kernel of one CTA an SM (the TMA kernel): a
+/// CTA that sweeps the whole vocabulary of its row block runs one long wave, and the slowest SM
+/// sets its end; shorter ranges in several waves even it out. Measured on an H200 (2026-12-02,
+/// `xent_lse_tma_bf16`, N x 4096 x 128256, TFLOP/s): 8192 rows, 2 ranges (the fullest wave) 635
+/// and 654 in two runs, 8 ranges 670; 16384 rows, 1 range 552-561, 8 ranges 623-632.
+pub const ONE_CTA_MIN_SPLITS: usize = 8;
 
 /// Which kernel [`CrossEntropy::lse_gemm_partials`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,10 +314,13 @@ mod tests {
         // One row block: as many ranges as fill a wave, at most one per class tile.
         assert_eq!(auto_splits(1, 128256, 132), 264);
         assert_eq!(auto_splits(1, 1000, 132), 8);
-        // One CTA an SM: 64 row blocks fill 132 slots best with 2 ranges... or more.
-        let one = auto_splits_for(8192, 128256, 132, 1);
-        let fill = |s: usize| (64 * s) as f64 / ((64 * s).div_ceil(132) * 132) as f64;
-        assert!((1..=9).all(|s| fill(one) >= fill(s) - 1e-9), "{one}");
+        // One CTA an SM: 64 row blocks fill 132 slots best with 2 ranges, but the waves of
+        // that long a range end with their slowest SM: at least 8.
+        assert_eq!(auto_splits_for(8192, 128256, 132, 1), ONE_CTA_MIN_SPLITS);
+        assert_eq!(auto_splits_for(16384, 128256, 132, 1), ONE_CTA_MIN_SPLITS);
+        // Few rows still fill a wave; a vocabulary of 3 class tiles has 3 ranges at most.
+        assert_eq!(auto_splits_for(128, 128256, 132, 1), 132);
+        assert_eq!(auto_splits_for(8192, 300, 132, 1), 3);
     }
 
     #[test]
