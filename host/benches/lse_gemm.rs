@@ -5,8 +5,9 @@
 //! `v`, `dtype`, `ms_median`, `tflops` (counting `2·N·D·V`), `splits` (the vocabulary ranges, for
 //! the CTAs each kernel keeps resident: `auto_splits_for`, or listed in `XENT_LSE_TMA_SPLITS`),
 //! `group` (the TMA kernel's row-block groups, from `XENT_LSE_TMA_GROUPS`), `max_lse_diff` (the
-//! largest difference of a row's log-sum-exp from the `mma.sync` kernel's). The prototypes write no logits (their partial
-//! (max, sum) pairs are `N·splits·8` bytes); the GEMM writes all `N·V` of them in bf16.
+//! largest difference of a row's log-sum-exp from the `mma.sync` kernel's). The prototypes write
+//! no logits (their partial (max, sum) pairs are `N·splits·8` bytes); the GEMM writes all `N·V`
+//! of them in bf16.
 //!
 //! `cargo bench -p xent --bench lse_gemm` (no arguments of its own: `run.sh bench`'s are
 //! ignored). Without a GPU it says so and exits (a failure under `XENT_REQUIRE_GPU=1`).

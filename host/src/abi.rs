@@ -243,8 +243,8 @@ pub struct LseTmaParams {
 /// (`CUtensorMap`, 128 bytes) passed here by value, which the kernel names in parameter space
 /// (`cvta.param`; rustc declares the block 16-byte aligned, the most its NVPTX kernel ABI allows,
 /// and `cargo xtask ptx` raises that to the 64 bytes a tensor map needs): `A`'s and `B`'s boxes
-/// 64 wide by 64 rows, `C`'s 64 wide by 128 rows, all with the 128-byte swizzle. The weight gradient of the linear path, `Gᵀ·h`,
-/// accumulated over chunks of rows.
+/// 64 wide by 64 rows, `C`'s 64 wide by 128 rows, all with the 128-byte swizzle. The weight
+/// gradient of the linear path, `Gᵀ·h`, accumulated over chunks of rows.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmParams {

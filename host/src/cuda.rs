@@ -410,7 +410,7 @@ impl CrossEntropy {
             threads,
             smem_bytes,
             std::ptr::null_mut(),
-            &mut attribute,
+            std::slice::from_mut(&mut attribute),
         );
         let mut clusters: std::ffi::c_int = 0;
         let answer = self.ctx.bind_to_thread().ok().and_then(|()| {
@@ -1125,15 +1125,14 @@ impl CrossEntropy {
     ) -> Result<()> {
         use cudarc::driver::sys;
         let mut attributes = [cluster_attribute(cluster), programmatic_attribute()];
+        let used = 1 + usize::from(pdl);
         let mut config = cluster_config(
             cluster,
             threads,
             smem_bytes,
             stream.cu_stream(),
-            &mut attributes[0],
+            &mut attributes[..used],
         );
-        config.attrs = attributes.as_mut_ptr();
-        config.numAttrs = 1 + u32::from(pdl);
         config.gridDimX = blocks;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         self.ctx.bind_to_thread()?;
@@ -1201,14 +1200,22 @@ pub(crate) struct LossBuffers {
     pub done_zeroed: bool,
 }
 
+/// A launch attribute `id` with its value zeroed, for the caller to set.
+fn launch_attribute(
+    id: cudarc::driver::sys::CUlaunchAttributeID,
+) -> cudarc::driver::sys::CUlaunchAttribute {
+    cudarc::driver::sys::CUlaunchAttribute {
+        id,
+        pad: [0; 4],
+        value: cudarc::driver::sys::CUlaunchAttributeValue { pad: [0; 64] },
+    }
+}
+
 /// The launch attribute that sets a cluster of `size` CTAs along x.
 fn cluster_attribute(size: u32) -> cudarc::driver::sys::CUlaunchAttribute {
-    use cudarc::driver::sys;
-    let mut attribute = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
-    };
+    use cudarc::driver::sys::CUlaunchAttributeID;
+    let mut attribute =
+        launch_attribute(CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION);
     attribute.value.clusterDim.x = size;
     attribute.value.clusterDim.y = 1;
     attribute.value.clusterDim.z = 1;
@@ -1218,24 +1225,22 @@ fn cluster_attribute(size: u32) -> cudarc::driver::sys::CUlaunchAttribute {
 /// The launch attribute that lets a grid start before the stream's previous kernel has ended
 /// (programmatic stream serialization); the kernel waits for it itself.
 fn programmatic_attribute() -> cudarc::driver::sys::CUlaunchAttribute {
-    use cudarc::driver::sys;
-    let mut attribute = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
-    };
+    use cudarc::driver::sys::CUlaunchAttributeID;
+    let mut attribute = launch_attribute(
+        CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+    );
     attribute.value.programmaticStreamSerializationAllowed = 1;
     attribute
 }
 
-/// A launch of one cluster of `size` CTAs (the caller sets the grid) with `attribute` from
-/// [`cluster_attribute`], which must outlive the config.
+/// A launch of one cluster of `size` CTAs (the caller sets the grid) with `attributes` (the
+/// first from [`cluster_attribute`]), which must outlive the config.
 fn cluster_config(
     size: u32,
     threads: u32,
     smem_bytes: u32,
     stream: cudarc::driver::sys::CUstream,
-    attribute: &mut cudarc::driver::sys::CUlaunchAttribute,
+    attributes: &mut [cudarc::driver::sys::CUlaunchAttribute],
 ) -> cudarc::driver::sys::CUlaunchConfig {
     cudarc::driver::sys::CUlaunchConfig {
         gridDimX: size,
@@ -1246,7 +1251,7 @@ fn cluster_config(
         blockDimZ: 1,
         sharedMemBytes: smem_bytes,
         hStream: stream,
-        attrs: attribute,
-        numAttrs: 1,
+        attrs: attributes.as_mut_ptr(),
+        numAttrs: attributes.len() as u32,
     }
 }
