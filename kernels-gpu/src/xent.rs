@@ -394,12 +394,13 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
 
 /// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): the label's logit, soft-capped as
 /// the sum sees it (every chunk of the row reads the same element, and a label is never a masked
-/// class, whose -inf or -1e30 would swamp the sum); 0 without smoothing.
+/// class, whose -inf or -1e30 would swamp the sum); 0 without smoothing, except in the modes that
+/// take its path anyway ([`Mode::SMOOTHING_PATH`](opts::Mode::SMOOTHING_PATH)).
 #[inline(always)]
 unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32) -> f32 {
     // Vocabulary-parallel calls (`label_logits` set) share 0: their ranks hold different first
     // columns.
-    if !M::OPTS || p.opts.label_smoothing == 0.0 || p.label_logits != 0 {
+    if !M::OPTS || (p.opts.label_smoothing == 0.0 && !M::SMOOTHING_PATH) || p.label_logits != 0 {
         return 0.0;
     }
     let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64) });
@@ -949,7 +950,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
         let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, n) } else { x };
-        if M::OPTS && o.label_smoothing != 0.0 {
+        if M::OPTS && (o.label_smoothing != 0.0 || M::SMOOTHING_PATH) {
             acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, n, ctx.col0 + start, ctx.y_ref) };
         }
         if M::ACCURACY && !M::CAP && o.row_correct != 0 && n == 8 {
