@@ -156,7 +156,52 @@ pub struct OptParams {
     pub lse_square_scale: f32,
     /// Soft cap (0: none).
     pub softcap: f32,
-    pub _pad: u32,
+    /// With the soft cap: the largest `x²` (exclusive) where the cluster kernels take `tanh(x /
+    /// cap)` from `tanh_poly` and `exp_poly` instead of element by element; 0 (the default)
+    /// never. See [`softcap_polys`].
+    pub poly_x2_max: f32,
+    /// `P` with `tanh(x / cap) ≈ x·P(x²)` where `x²` is below `poly_x2_max`: coefficients of
+    /// `x⁰, x², ..., x⁸`.
+    pub tanh_poly: [f32; 5],
+    /// `cap·log2(e)·P`: the first pass's exponent `x·exp_poly(x²) - cap·log2(e)` in one FMA.
+    pub exp_poly: [f32; 5],
+}
+
+/// `q(s)` of `tanh(u) = u + u·s·q(s)` (`s = u²`, `|u| < 0.4`), coefficients of `s⁰` to `s³`: a
+/// cubic fitted to the least maximum of `s·|q - q_true|` (the error it puts into `tanh(u)/u`) by
+/// reweighted least squares on 4000 Chebyshev nodes (`bench/tanh_poly.py`). In f32 over every
+/// `|u| < 0.4` it is within 0.66 ulp of the correctly rounded `cap·tanh(x/cap)`.
+pub const TANH_Q: [f32; 4] = [-0.333333, 0.13331234, -0.05356413, 0.018751191];
+
+/// `|x / cap|` below which the kernels take [`TANH_Q`]'s polynomial.
+pub const TANH_POLY_WIDEST: f64 = 0.4;
+
+/// `OptParams`' `(poly_x2_max, tanh_poly, exp_poly)` for soft cap `cap`: with `u = x / cap`,
+/// `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)` is `q_(k-1) /
+/// cap^(2k+1)` (`1 / cap` for `k = 0`), each rounded once from f64. Without a cap, or where a
+/// coefficient is not a normal f32 (caps below about 1e-4 or above 1e4), `poly_x2_max` is 0 and
+/// the kernels take `tanh` element by element.
+pub fn softcap_polys(cap: f32) -> (f32, [f32; 5], [f32; 5]) {
+    let off = (0.0, [0.0; 5], [0.0; 5]);
+    if !(cap > 0.0) || !cap.is_finite() {
+        return off;
+    }
+    let inv = 1.0 / cap as f64;
+    let log2e_cap = cap as f64 * core::f64::consts::LOG2_E;
+    let (mut tanh_poly, mut exp_poly) = ([0.0f32; 5], [0.0f32; 5]);
+    let mut power = inv;
+    for k in 0..5 {
+        let q = if k == 0 { 1.0 } else { TANH_Q[k - 1] as f64 };
+        let (p, e) = ((q * power) as f32, (q * power * log2e_cap) as f32);
+        if !p.is_normal() || !e.is_normal() {
+            return off;
+        }
+        tanh_poly[k] = p;
+        exp_poly[k] = e;
+        power *= inv * inv;
+    }
+    let widest = TANH_POLY_WIDEST * cap as f64;
+    ((widest * widest) as f32, tanh_poly, exp_poly)
 }
 
 /// Parameters of the count kernel.

@@ -279,17 +279,25 @@ pub fn tanh(u: f32) -> f32 {
     f32::from_bits(t.to_bits() | sign)
 }
 
-/// `q(s)` of `tanh(u) = u + u·s·q(s)`, `s = u²`, for `|u| < 0.4`: a cubic fitted to the least
-/// maximum of `s·|q - q_true|` (the error it puts into `tanh(u)/u`) by reweighted least squares on
-/// 4000 Chebyshev nodes (`bench/tanh_poly.py`). In f32 over every `|u| < 0.4` it is within 0.66
-/// ulp of the correctly rounded `cap·tanh(x/cap)`, where the odd Taylor series to `u^13` (two
-/// more FMAs) was within 0.64.
+/// `q(s)` of `tanh(u) = u + u·s·q(s)`, `s = u²`, for `|u| < 0.4`: [`TANH_Q`](crate::abi::TANH_Q).
 #[inline(always)]
 fn tanh_q(s: f32) -> f32 {
-    let mut q = 0.018751191;
-    q = prim::fma(q, s, -0.05356413);
-    q = prim::fma(q, s, 0.13331234);
-    prim::fma(q, s, -0.333333)
+    let [c0, c1, c2, c3] = crate::abi::TANH_Q;
+    let mut q = c3;
+    q = prim::fma(q, s, c2);
+    q = prim::fma(q, s, c1);
+    prim::fma(q, s, c0)
+}
+
+/// `c(x2)` for the coefficients `c` of `x2⁰` to `x2⁴` (`OptParams::tanh_poly`, `exp_poly`):
+/// Horner's four FMAs.
+#[inline(always)]
+pub fn poly5(c: &[f32; 5], x2: f32) -> f32 {
+    let mut v = c[4];
+    v = prim::fma(v, x2, c[3]);
+    v = prim::fma(v, x2, c[2]);
+    v = prim::fma(v, x2, c[1]);
+    prim::fma(v, x2, c[0])
 }
 
 /// `cap·tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`): where every `|x / cap|` is below 0.4,
@@ -315,33 +323,12 @@ pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f3
     y
 }
 
-/// `t = tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`), as [`capped`] takes `y = cap·t` (the
-/// polynomial where every `(x / cap)²` is below [`POLY_WIDEST`], [`tanh`] otherwise), and the
-/// largest `(x / cap)²` (NaNs ignored): whether every element took the polynomial.
-#[inline(always)]
-pub fn tanh_widest<const N: usize>(inv: f32, x: &[f32; N], n: usize) -> ([f32; N], f32) {
-    let mut t = [0.0; N];
-    let mut widest = 0.0f32;
-    for i in 0..n {
-        let u = x[i] * inv;
-        let s = u * u;
-        widest = widest.max(s);
-        t[i] = prim::fma(u * s, tanh_q(s), u);
-    }
-    if !(widest < POLY_WIDEST) {
-        for i in 0..n {
-            t[i] = tanh(x[i] * inv);
-        }
-    }
-    (t, widest)
-}
-
 /// `(x / cap)²` below which [`capped`] takes the polynomial (`|x / cap| < 0.4`).
 pub const POLY_WIDEST: f32 = 0.16;
 
-/// The soft cap's gradient (as [`grad_capped`]) of elements known to lie where [`capped`] takes
-/// the polynomial (`(x / cap)²` below [`POLY_WIDEST`], from the first pass over them: no check
-/// here): [`grad_from_t`] of `t = u + u·s·q(s)`.
+/// The soft cap's gradient (as [`grad_capped`]) of elements known to lie where the polynomial
+/// `tanh_poly` holds (`x²` below `OptParams::poly_x2_max`, from the first pass over them: no check
+/// here): [`grad_from_t`] of `t = x·P(x²)` (six instructions an element).
 #[inline(always)]
 pub fn grad_capped_poly<M: Mode, const N: usize>(
     x: [f32; N],
@@ -350,12 +337,11 @@ pub fn grad_capped_poly<M: Mode, const N: usize>(
     label: u32,
     c: &Coef,
     cap_log2e: f32,
+    tanh_poly: &[f32; 5],
 ) -> [f32; N] {
     let mut t = [0.0; N];
     for i in 0..n {
-        let u = x[i] * c.inv_cap;
-        let s = u * u;
-        t[i] = prim::fma(u * s, tanh_q(s), u);
+        t[i] = x[i] * poly5(tanh_poly, x[i] * x[i]);
     }
     grad_from_t::<M, N>(t, n, first, label, c, cap_log2e)
 }

@@ -855,7 +855,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     prim::cluster_arrive();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode == MODE_FORWARD {
-    } else if BULK_LOAD && M::CAP && widest < opts::POLY_WIDEST {
+    } else if BULK_LOAD && M::CAP && widest < p.opts.poly_x2_max {
         unsafe { grad_from_stash::<T, M, true>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, false>(&seg, &kept, &p.opts, &c, local_label) };
@@ -911,8 +911,9 @@ fn in_regs<M: Mode>(seg: &Segment) -> u32 {
 /// Adds vector `x` (starting at element `start` of `seg`) to this thread's summary. With `FIXED`
 /// (the soft cap, at most [`opts::FIXED_CAP_MAX`]) the capped values are summed against the fixed
 /// reference `acc.lse.m = cap·log2(e)` ([`reduce::Lse2::add_fixed`]: no maximum, no rescaling),
-/// and `widest` keeps the largest `(x / cap)²` seen. Returns `t = tanh(x / cap)` with the soft cap
-/// (`x` otherwise).
+/// and `widest` keeps the largest `x²` seen. Returns `t = tanh(x / cap)` with the soft cap (`x`
+/// otherwise); with `FIXED`, no smoothing and no `need_t` (the caller keeps `x`, not `t`), a
+/// vector that takes the polynomial skips `t` and returns `x`.
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn add_vector<M: Mode, const FIXED: bool>(
@@ -923,14 +924,42 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
     start: u32,
     o: &OptParams,
     ctx: &RowCtx,
+    need_t: bool,
 ) -> [f32; 8] {
     if M::CAP && FIXED {
         if M::ACCURACY && o.row_correct != 0 {
             // The argmax of the logits as given (`tanh` keeps their order, not their ties).
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
-        let (t, w) = opts::tanh_widest(ctx.inv_cap, &x, n);
+        // Where every x² of the vector is below `poly_x2_max`, `t = x·P(x²)`; NaNs are ignored by
+        // the maximum and stay NaN through the polynomial.
+        let mut x2 = [0.0f32; 8];
+        let mut w = 0.0f32;
+        for i in 0..n {
+            x2[i] = x[i] * x[i];
+            w = w.max(x2[i]);
+        }
         *widest = widest.max(w);
+        let poly = w < o.poly_x2_max;
+        if poly && !need_t && o.label_smoothing == 0.0 {
+            // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
+            let mut e = [0.0f32; 8];
+            for i in 0..n {
+                e[i] = prim::ex2(prim::fma(x[i], opts::poly5(&o.exp_poly, x2[i]), -acc.lse.m));
+            }
+            acc.lse.s += reduce::sum_of(&e, n);
+            return x;
+        }
+        let mut t = [0.0f32; 8];
+        if poly {
+            for i in 0..n {
+                t[i] = x[i] * opts::poly5(&o.tanh_poly, x2[i]);
+            }
+        } else {
+            for i in 0..n {
+                t[i] = opts::tanh(x[i] * ctx.inv_cap);
+            }
+        }
         if o.label_smoothing != 0.0 {
             acc.wsum += if M::WSMOOTH && o.weight != 0 {
                 let mut y = [0.0f32; 8];
@@ -990,7 +1019,7 @@ fn keeps_t<T: Element, M: Mode>() -> bool {
 /// shared-memory part (it completes on an mbarrier); meanwhile every thread loads its vectors
 /// kept in registers and its scalar and adds them up; then the shared-memory part. Returns this
 /// thread's share of the chunk summary and, with `FIXED` (see `add_vector`), the largest
-/// `(x / cap)²` of its elements (infinity without).
+/// `x²` of its elements (infinity without).
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
@@ -1034,7 +1063,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
         if M::CAP {
             let mut x = [0.0; 8];
             x[0] = T::widen(kept.scalar);
-            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, 1, j, o, ctx) };
+            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, 1, j, o, ctx, keep_t) };
             if keep_t {
                 kept.scalar = t[0].to_bits();
             }
@@ -1046,7 +1075,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let x = T::unpack(kept.words[k]);
-            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
             if keep_t {
                 kept.words[k] = T::pack(&t);
             }
@@ -1059,7 +1088,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     while v < seg.n_vec {
         let at = stash + (v - in_regs) * 16;
         let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
-        let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx) };
+        let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
         if keep_t {
             // This thread's own vector: no other thread reads it before the gradient pass.
             unsafe { prim::st_shared_v4(at, T::pack(&t)) };
@@ -1084,7 +1113,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     // With the soft cap in f32 the first pass left `t = tanh(x / cap)` in place of `x`
-    // (`keeps_t`); with `POLY` (every element of this thread's vectors below `POLY_WIDEST` in the
+    // (`keeps_t`); with `POLY` (every element of this thread's vectors below `poly_x2_max` in the
     // first pass) `t` comes from the polynomial without the check.
     let keep_t = keeps_t::<T, M>();
     let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
@@ -1092,7 +1121,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
         if keep_t {
             opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
         } else if M::CAP && POLY {
-            opts::grad_capped_poly::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
+            opts::grad_capped_poly::<M, 8>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
         } else {
             opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c)
         }
