@@ -379,18 +379,21 @@ mod tests {
     }
 
     /// The cluster kernels' soft-cap polynomial from `softcap_polys`, evaluated in f32 as they do
-    /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2 ulp of `t` over `|x / cap| <
-    /// 0.4` at training caps, and `exp_poly` is `cap·log2(e)` times it; no polynomial for no cap
+    /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2.5 ulp of `t` over `|x / cap| <
+    /// 0.4` at training caps (2.2 at 15; the form it replaced, `u + u·s·q(s)` from `u = x / cap`
+    /// rounded, 1.8), and `exp_poly` is `cap·log2(e)` times it; no polynomial for no cap
     /// or caps whose coefficients leave f32's normal range.
     #[test]
     fn softcap_polynomial_matches_tanh_where_the_kernels_take_it() {
         for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 1e3] {
             let (x2_max, tanh_poly, exp_poly) = crate::abi::softcap_polys(cap);
             let bound = (0.4 * cap as f64).powi(2) as f32;
-            assert!((x2_max - bound).abs() <= bound * 1e-6, "cap {cap}: {x2_max} against {bound}");
-            let horner = |c: &[f32; 5], x2: f32| {
-                c[..4].iter().rev().fold(c[4], |v, &ck| v.mul_add(x2, ck))
-            };
+            assert!(
+                (x2_max - bound).abs() <= bound * 1e-6,
+                "cap {cap}: {x2_max} against {bound}"
+            );
+            let horner =
+                |c: &[f32; 5], x2: f32| c[..4].iter().rev().fold(c[4], |v, &ck| v.mul_add(x2, ck));
             let mut worst = 0.0f64;
             for i in 0..=4000 {
                 let x = (i as f32 - 2000.0) / 2000.0 * 0.4 * cap;
@@ -404,9 +407,12 @@ mod tests {
                 worst = worst.max((t as f64 - exact).abs() / ulp);
                 let e = x * horner(&exp_poly, x * x);
                 let want = t as f64 * cap as f64 * std::f64::consts::LOG2_E;
-                assert!((e as f64 - want).abs() <= want.abs() * 1e-6 + 1e-30, "cap {cap}, x {x}");
+                assert!(
+                    (e as f64 - want).abs() <= want.abs() * 1e-6 + 1e-30,
+                    "cap {cap}, x {x}"
+                );
             }
-            assert!(worst <= 2.0, "cap {cap}: {worst} ulp");
+            assert!(worst <= 2.5, "cap {cap}: {worst} ulp");
         }
         for cap in [0.0f32, -1.0, f32::NAN, f32::INFINITY, 1e-6, 1e6] {
             assert_eq!(crate::abi::softcap_polys(cap).0, 0.0, "cap {cap}");
