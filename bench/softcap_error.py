@@ -14,7 +14,12 @@ in their dtype). Methods: ``xent`` (xt.cross_entropy, fused), ``xent[two_phase]`
 (LigerCrossEntropyLoss(softcap=cap), when importable), ``torch`` (the same formula in the
 logits' dtype, float32 math for 16-bit inputs as autocast would not do: ``x.float()``).
 
-Usage: ``python3 softcap_error.py [--configs N:V,...] [--caps 30,15]`` (``run.sh precision``).
+``--spread S`` draws the logits with standard deviation ``S·cap`` instead (rows ``"spread": S``):
+0.1 keeps nearly every 8-logit vector within ``|x| < 0.4·cap``, where the cluster kernels take
+their polynomial for ``tanh``.
+
+Usage: ``python3 softcap_error.py [--configs N:V,...] [--caps 30,15] [--spread 1]`` (``run.sh
+precision``).
 """
 
 import argparse
@@ -63,13 +68,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="4096:128256,2048:262144")
     ap.add_argument("--caps", default="30,15")
+    ap.add_argument("--spread", type=float, default=1.0)
     a = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(13)
     for config in a.configs.split(","):
         n, v = map(int, config.split(":"))
         for cap in map(float, a.caps.split(",")):
             by_name = methods(cap)
-            x32 = torch.randn(n, v, device="cuda", generator=gen) * cap
+            x32 = torch.randn(n, v, device="cuda", generator=gen) * (cap * a.spread)
             target = torch.randint(0, v, (n,), device="cuda", generator=gen)
             target[::7] = -100
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -80,7 +86,7 @@ def main():
                     loss = fn(xi, target)
                     loss.backward()
                     row = {"method": name, "n": n, "v": v, "dtype": str(dtype).rpartition(".")[2],
-                           "softcap": cap}
+                           "softcap": cap, "spread": a.spread}
                     row.update(errors(loss, xi.grad, ref_loss, ref_grad))
                     print(json.dumps(row), flush=True)
                     del xi, loss

@@ -343,6 +343,15 @@ pub fn grad_capped_poly<M: Mode, const N: usize>(
     for i in 0..n {
         t[i] = x[i] * poly5(tanh_poly, x[i] * x[i]);
     }
+    if !c.lse2_a.is_nan() {
+        // `p·a·(1 - t²)` with `a` in the exponent (`k = 0`: no smoothing term).
+        let mut g = [0.0; N];
+        for i in 0..n {
+            g[i] = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2_a)) * prim::fma(-t[i], t[i], 1.0);
+        }
+        capped_label(&mut g, &t, n, first, label, c);
+        return g;
+    }
     grad_from_t::<M, N>(t, n, first, label, c, cap_log2e)
 }
 
@@ -555,6 +564,9 @@ pub struct Coef {
     pub col0: u32,
     /// `1 / cap` (`RowCap` only; 0 otherwise).
     pub inv_cap: f32,
+    /// With the soft cap, no smoothing term (`k = 0`) and `a` positive and finite: `lse2 -
+    /// log2(a)`, so that `p·a` is one `ex2` ([`grad_capped_poly`]); NaN otherwise.
+    pub lse2_a: f32,
     /// The class weights' address where the smoothing term is weighted per class in the
     /// batched loops (`M::WSMOOTH`, smoothing and class weights on); 0 otherwise.
     pub weight: u64,
@@ -610,7 +622,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let mean = p.reduction == REDUCTION_MEAN;
     if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, weight: 0 };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a: f32::NAN, weight: 0 };
     }
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
@@ -628,7 +640,8 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     }
     let inv_cap = if M::CAP { 1.0 / o.softcap } else { 0.0 };
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
-    Coef { lse2, a, b, k, col0, inv_cap, weight }
+    let lse2_a = if M::CAP && k == 0.0 && a > 0.0 && a < f32::INFINITY { lse2 - prim::lg2(a) } else { f32::NAN };
+    Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight }
 }
 
 /// `lse - y` for a value `y` of the row summarised by `row` (`m`, the largest `y·log2(e)` rounded,
