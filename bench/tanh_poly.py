@@ -5,7 +5,14 @@ Run: python3 bench/tanh_poly.py (numpy). Prints the fitted cubic's f32 coefficie
 cubic and the odd Taylor series to u^13, the largest error of cap*tanh(x/cap) in ulps of the
 correctly rounded result, computed as the kernels do (u = x*inv, s = u*u, Horner with FMAs,
 y = fma(x*s, q, x)).
+
+With --short: the quadratic q on |u| < 0.3 (abi::TANH_Q_SHORT) and the cubic on |u| < 0.4, each
+as the cluster kernels evaluate t = tanh(x/cap) since session 15: t = x*P(x^2), P's coefficients
+q_(k-1)/cap^(2k+1) rounded once from f64 (abi::softcap_polys), Horner with FMAs; the largest
+error of t in ulps of tanh(x/cap).
 """
+
+import sys
 
 import numpy as np
 
@@ -59,7 +66,34 @@ def max_ulps(coefs, cap):
     return float(np.max(np.abs(capped(x, inv, coefs).astype(np.float64) - exact) / ulp))
 
 
+def t_ulps(coefs, cap, widest):
+    """The largest error of t = x*P(x^2) (as the cluster kernels take it) over |x/cap| < widest."""
+    p = [F32(1 / cap)] + [F32(float(c) / cap ** (2 * k + 3)) for k, c in enumerate(coefs)]
+    x = np.linspace(-widest * cap * 0.99999, widest * cap * 0.99999, 400_001).astype(F32)
+    x2 = (x * x).astype(F32)
+    v = np.full_like(x2, p[-1])
+    for c in p[-2::-1]:
+        v = fma(v, x2, np.full_like(x2, c))
+    t = (x * v).astype(F32).astype(np.float64)
+    exact = np.tanh(x.astype(np.float64) / cap)
+    keep = np.abs(exact) > 1e-30
+    ulp = np.spacing(np.abs(exact[keep]).astype(F32)).astype(np.float64)
+    return float(np.max(np.abs(t[keep] - exact[keep]) / ulp))
+
+
 def main():
+    global S_MAX
+    if "--short" in sys.argv[1:]:
+        cubic = fit(3)
+        S_MAX = 0.09
+        quadratic = fit(2)
+        print("quadratic q on |u| < 0.3, f32:", ", ".join(repr(float(c)) for c in quadratic))
+        for cap in (5.0, 15.0, 30.0, 40.0):
+            print(
+                f"cap {cap}: t from the quadratic {t_ulps(quadratic, cap, 0.3):.2f} ulp (|u| < 0.3), "
+                f"from the cubic {t_ulps(cubic, cap, 0.4):.2f} ulp (|u| < 0.4)"
+            )
+        return
     cubic = fit(3)
     print("cubic q, f32:", ", ".join(repr(float(c)) for c in cubic))
     for cap in (5.0, 15.0, 30.0, 50.0):

@@ -165,43 +165,87 @@ pub struct OptParams {
     pub tanh_poly: [f32; 5],
     /// `cap·log2(e)·P`: the first pass's exponent `x·exp_poly(x²) - cap·log2(e)` in one FMA.
     pub exp_poly: [f32; 5],
+    /// The same for a vector whose `x²` all lie below `short_x2_max` (at most `poly_x2_max`; 0:
+    /// never), with a polynomial one degree shorter ([`TANH_Q_SHORT`]): one FMA fewer an element.
+    pub short_x2_max: f32,
+    pub tanh_short: [f32; 4],
+    pub exp_short: [f32; 4],
+    pub _pad: u32,
 }
 
 /// `q(s)` of `tanh(u) = u + u·s·q(s)` (`s = u²`, `|u| < 0.4`), coefficients of `s⁰` to `s³`: a
 /// cubic fitted to the least maximum of `s·|q - q_true|` (the error it puts into `tanh(u)/u`) by
 /// reweighted least squares on 4000 Chebyshev nodes (`bench/tanh_poly.py`). In f32 over every
-/// `|u| < 0.4` it is within 0.66 ulp of the correctly rounded `cap·tanh(x/cap)`.
+/// `|u| < 0.4` it is within 0.66 ulp of the correctly rounded `cap·tanh(x/cap)` (as `x + x·s·q`),
+/// where the odd Taylor series to `u^13` (two more FMAs) was within 0.64.
 pub const TANH_Q: [f32; 4] = [-0.333333, 0.13331234, -0.05356413, 0.018751191];
 
 /// `|x / cap|` below which the kernels take [`TANH_Q`]'s polynomial.
 pub const TANH_POLY_WIDEST: f64 = 0.4;
 
-/// `OptParams`' `(poly_x2_max, tanh_poly, exp_poly)` for soft cap `cap`: with `u = x / cap`,
-/// `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)` is `q_(k-1) /
+/// [`TANH_Q`] one degree shorter, fitted the same way on `|u| < 0.3` (`bench/tanh_poly.py
+/// --short`): `x·P(x²)` is as close to `tanh(x / cap)` there (within 2.5 ulp in f32) as the
+/// cubic's is on `|u| < 0.4`.
+pub const TANH_Q_SHORT: [f32; 3] = [-0.33333063, 0.13314907, -0.050372254];
+
+/// `|x / cap|` below which the kernels may take [`TANH_Q_SHORT`]'s polynomial.
+pub const TANH_SHORT_WIDEST: f64 = 0.3;
+
+/// The soft cap's polynomials for `OptParams` (see [`softcap_polys`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SoftcapPolys {
+    pub x2_max: f32,
+    pub tanh: [f32; 5],
+    pub exp: [f32; 5],
+    pub short_x2_max: f32,
+    pub tanh_short: [f32; 4],
+    pub exp_short: [f32; 4],
+}
+
+/// `OptParams`' polynomials for soft cap `cap` (`short`: also the shorter one). With `u = x /
+/// cap`, `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)` is `q_(k-1) /
 /// cap^(2k+1)` (`1 / cap` for `k = 0`), each rounded once from f64. Without a cap, or where a
-/// coefficient is not a normal f32 (caps below about 1e-4 or above 1e4), `poly_x2_max` is 0 and
-/// the kernels take `tanh` element by element.
-pub fn softcap_polys(cap: f32) -> (f32, [f32; 5], [f32; 5]) {
-    let off = (0.0, [0.0; 5], [0.0; 5]);
-    if !(cap > 0.0) || !cap.is_finite() {
-        return off;
+/// coefficient is not a normal f32 (caps outside about 1e-4 to 1e4), the `x2_max` are 0 and the
+/// kernels take `tanh` element by element.
+pub fn softcap_polys(cap: f32, short: bool) -> SoftcapPolys {
+    let mut out = SoftcapPolys::default();
+    if let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q, TANH_POLY_WIDEST) {
+        (out.x2_max, out.tanh, out.exp) = (x2_max, tanh, exp);
+        if let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_SHORT, TANH_SHORT_WIDEST)
+            && short
+        {
+            (out.short_x2_max, out.tanh_short, out.exp_short) = (x2_max, tanh, exp);
+        }
+    }
+    out
+}
+
+/// One of [`softcap_polys`]' polynomials: `q`'s `P` (`N` = `q.len() + 1` coefficients), `cap·log2(e)`
+/// times it, and the largest `x²`, `(widest·cap)²`.
+fn softcap_poly<const N: usize>(
+    cap: f32,
+    q: &[f32],
+    widest: f64,
+) -> Option<(f32, [f32; N], [f32; N])> {
+    if !(cap > 0.0) || !cap.is_finite() || q.len() + 1 != N {
+        return None;
     }
     let inv = 1.0 / cap as f64;
     let log2e_cap = cap as f64 * core::f64::consts::LOG2_E;
-    let (mut tanh_poly, mut exp_poly) = ([0.0f32; 5], [0.0f32; 5]);
+    let (mut tanh, mut exp) = ([0.0f32; N], [0.0f32; N]);
     let mut power = inv;
-    for k in 0..5 {
-        let q = if k == 0 { 1.0 } else { TANH_Q[k - 1] as f64 };
+    for k in 0..N {
+        let q = if k == 0 { 1.0 } else { q[k - 1] as f64 };
         let (p, e) = ((q * power) as f32, (q * power * log2e_cap) as f32);
         if !p.is_normal() || !e.is_normal() {
-            return off;
+            return None;
         }
-        tanh_poly[k] = p;
-        exp_poly[k] = e;
+        tanh[k] = p;
+        exp[k] = e;
         power *= inv * inv;
     }
-    let widest = TANH_POLY_WIDEST * cap as f64;
-    ((widest * widest) as f32, tanh_poly, exp_poly)
+    let widest = widest * cap as f64;
+    Some(((widest * widest) as f32, tanh, exp))
 }
 
 /// Parameters of the count kernel.

@@ -247,18 +247,30 @@ pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'stati
     }
 }
 
+/// Whether the soft cap's cluster kernels may take the shorter polynomial where it holds
+/// ([`crate::abi::TANH_Q_SHORT`]): yes unless `XENT_CAP_SHORT=0` (a development hook for A/B runs
+/// in one process), read once.
+fn short_softcap_poly() -> bool {
+    static SHORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SHORT.get_or_init(|| std::env::var("XENT_CAP_SHORT").as_deref() != Ok("0"))
+}
+
 /// The options as the kernels read them (`weight`, `row_correct`: device addresses or 0).
 pub(crate) fn opt_params(opts: &Options, weight: u64, row_correct: u64) -> OptParams {
-    let (poly_x2_max, tanh_poly, exp_poly) = crate::abi::softcap_polys(opts.softcap.unwrap_or(0.0));
+    let polys = crate::abi::softcap_polys(opts.softcap.unwrap_or(0.0), short_softcap_poly());
     OptParams {
         weight,
         row_correct,
         label_smoothing: opts.label_smoothing,
         lse_square_scale: opts.lse_square_scale,
         softcap: opts.softcap.unwrap_or(0.0),
-        poly_x2_max,
-        tanh_poly,
-        exp_poly,
+        poly_x2_max: polys.x2_max,
+        tanh_poly: polys.tanh,
+        exp_poly: polys.exp,
+        short_x2_max: polys.short_x2_max,
+        tanh_short: polys.tanh_short,
+        exp_short: polys.exp_short,
+        _pad: 0,
     }
 }
 
@@ -378,44 +390,67 @@ mod tests {
         }
     }
 
-    /// The cluster kernels' soft-cap polynomial from `softcap_polys`, evaluated in f32 as they do
-    /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2.5 ulp of `t` over `|x / cap| <
-    /// 0.4` at training caps (2.2 at 15; the form it replaced, `u + u·s·q(s)` from `u = x / cap`
-    /// rounded, 1.8), and `exp_poly` is `cap·log2(e)` times it; no polynomial for no cap
-    /// or caps whose coefficients leave f32's normal range.
+    /// The cluster kernels' soft-cap polynomials from `softcap_polys`, evaluated in f32 as they do
+    /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2.5 ulp of `t` where each holds
+    /// (`|x / cap| < 0.4`; the shorter one `< 0.3`) at training caps (2.2 and 2.4 at 15; the form
+    /// they replaced, `u + u·s·q(s)` from `u = x / cap` rounded, 1.8), and the `exp` ones are
+    /// `cap·log2(e)` times them; no polynomial for no cap or caps whose coefficients leave f32's
+    /// normal range, and no shorter one when not asked for.
     #[test]
-    fn softcap_polynomial_matches_tanh_where_the_kernels_take_it() {
-        for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 1e3] {
-            let (x2_max, tanh_poly, exp_poly) = crate::abi::softcap_polys(cap);
-            let bound = (0.4 * cap as f64).powi(2) as f32;
+    fn softcap_polynomials_match_tanh_where_the_kernels_take_them() {
+        fn check<const K: usize>(
+            cap: f32,
+            x2_max: f32,
+            widest: f64,
+            tanh: &[f32; K],
+            exp: &[f32; K],
+        ) {
+            let bound = (widest * cap as f64).powi(2) as f32;
             assert!(
                 (x2_max - bound).abs() <= bound * 1e-6,
                 "cap {cap}: {x2_max} against {bound}"
             );
-            let horner =
-                |c: &[f32; 5], x2: f32| c[..4].iter().rev().fold(c[4], |v, &ck| v.mul_add(x2, ck));
+            let horner = |c: &[f32; K], x2: f32| {
+                c[..K - 1]
+                    .iter()
+                    .rev()
+                    .fold(c[K - 1], |v, &ck| v.mul_add(x2, ck))
+            };
             let mut worst = 0.0f64;
             for i in 0..=4000 {
-                let x = (i as f32 - 2000.0) / 2000.0 * 0.4 * cap;
+                let x = (i as f32 - 2000.0) / 2000.0 * widest as f32 * cap;
                 if x * x >= x2_max {
                     continue;
                 }
-                let t = x * horner(&tanh_poly, x * x);
+                let t = x * horner(tanh, x * x);
                 let exact = (x as f64 / cap as f64).tanh();
                 let ulp = (exact.abs().max(f32::MIN_POSITIVE as f64) as f32).to_bits();
                 let ulp = f32::from_bits(ulp + 1) as f64 - f32::from_bits(ulp) as f64;
                 worst = worst.max((t as f64 - exact).abs() / ulp);
-                let e = x * horner(&exp_poly, x * x);
+                let e = x * horner(exp, x * x);
                 let want = t as f64 * cap as f64 * std::f64::consts::LOG2_E;
                 assert!(
                     (e as f64 - want).abs() <= want.abs() * 1e-6 + 1e-30,
                     "cap {cap}, x {x}"
                 );
             }
-            assert!(worst <= 2.5, "cap {cap}: {worst} ulp");
+            assert!(worst <= 2.5, "cap {cap}, {K} coefficients: {worst} ulp");
+        }
+        for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 1e3] {
+            let p = crate::abi::softcap_polys(cap, true);
+            check(cap, p.x2_max, crate::abi::TANH_POLY_WIDEST, &p.tanh, &p.exp);
+            check(
+                cap,
+                p.short_x2_max,
+                crate::abi::TANH_SHORT_WIDEST,
+                &p.tanh_short,
+                &p.exp_short,
+            );
+            assert_eq!(crate::abi::softcap_polys(cap, false).short_x2_max, 0.0);
         }
         for cap in [0.0f32, -1.0, f32::NAN, f32::INFINITY, 1e-6, 1e6] {
-            assert_eq!(crate::abi::softcap_polys(cap).0, 0.0, "cap {cap}");
+            let p = crate::abi::softcap_polys(cap, true);
+            assert_eq!((p.x2_max, p.short_x2_max), (0.0, 0.0), "cap {cap}");
         }
     }
 }

@@ -289,15 +289,15 @@ fn tanh_q(s: f32) -> f32 {
     prim::fma(q, s, c0)
 }
 
-/// `c(x2)` for the coefficients `c` of `x2⁰` to `x2⁴` (`OptParams::tanh_poly`, `exp_poly`):
-/// Horner's four FMAs.
+/// `c(x2)` for the coefficients `c` of `x2⁰` to `x2^(K-1)` (`OptParams::tanh_poly`, `exp_poly`,
+/// `tanh_short`, `exp_short`): Horner's `K - 1` FMAs.
 #[inline(always)]
-pub fn poly5(c: &[f32; 5], x2: f32) -> f32 {
-    let mut v = c[4];
-    v = prim::fma(v, x2, c[3]);
-    v = prim::fma(v, x2, c[2]);
-    v = prim::fma(v, x2, c[1]);
-    prim::fma(v, x2, c[0])
+pub fn horner<const K: usize>(c: &[f32; K], x2: f32) -> f32 {
+    let mut v = c[K - 1];
+    for k in (0..K - 1).rev() {
+        v = prim::fma(v, x2, c[k]);
+    }
+    v
 }
 
 /// `cap·tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`): where every `|x / cap|` is below 0.4,
@@ -327,21 +327,22 @@ pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f3
 pub const POLY_WIDEST: f32 = 0.16;
 
 /// The soft cap's gradient (as [`grad_capped`]) of elements known to lie where the polynomial
-/// `tanh_poly` holds (`x²` below `OptParams::poly_x2_max`, from the first pass over them: no check
-/// here): [`grad_from_t`] of `t = x·P(x²)` (six instructions an element).
+/// `tanh_poly` (`tanh_short`) holds (`x²` below `OptParams::poly_x2_max` (`short_x2_max`), from the
+/// first pass over them: no check here): [`grad_from_t`] of `t = x·P(x²)` (six (five)
+/// instructions an element).
 #[inline(always)]
-pub fn grad_capped_poly<M: Mode, const N: usize>(
+pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize>(
     x: [f32; N],
     n: usize,
     first: u32,
     label: u32,
     c: &Coef,
     cap_log2e: f32,
-    tanh_poly: &[f32; 5],
+    tanh_poly: &[f32; K],
 ) -> [f32; N] {
     let mut t = [0.0; N];
     for i in 0..n {
-        t[i] = x[i] * poly5(tanh_poly, x[i] * x[i]);
+        t[i] = x[i] * horner(tanh_poly, x[i] * x[i]);
     }
     if !c.lse2_a.is_nan() {
         // `p·a·(1 - t²)` with `a` in the exponent (`k = 0`: no smoothing term).

@@ -855,10 +855,12 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     prim::cluster_arrive();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode == MODE_FORWARD {
+    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.short_x2_max {
+        unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD && M::CAP && widest < p.opts.poly_x2_max {
-        unsafe { grad_from_stash::<T, M, true>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
-        unsafe { grad_from_stash::<T, M, false>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
     }
@@ -944,8 +946,14 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         if poly && !need_t && o.label_smoothing == 0.0 {
             // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
             let mut e = [0.0f32; 8];
-            for i in 0..n {
-                e[i] = prim::ex2(prim::fma(x[i], opts::poly5(&o.exp_poly, x2[i]), -acc.lse.m));
+            if w < o.short_x2_max {
+                for i in 0..n {
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_short, x2[i]), -acc.lse.m));
+                }
+            } else {
+                for i in 0..n {
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_poly, x2[i]), -acc.lse.m));
+                }
             }
             acc.lse.s += reduce::sum_of(&e, n);
             return x;
@@ -953,7 +961,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         let mut t = [0.0f32; 8];
         if poly {
             for i in 0..n {
-                t[i] = x[i] * opts::poly5(&o.tanh_poly, x2[i]);
+                t[i] = x[i] * opts::horner(&o.tanh_poly, x2[i]);
             }
         } else {
             for i in 0..n {
@@ -1005,6 +1013,15 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         y
     }
 }
+
+/// `grad_from_stash`'s `POLY`: how its thread's elements take the soft cap's `tanh` (each
+/// element's own check; the polynomial `OptParams::tanh_poly`; the shorter `tanh_short`).
+#[cfg(xent_cluster)]
+const POLY_NONE: u8 = 0;
+#[cfg(xent_cluster)]
+const POLY_LONG: u8 = 1;
+#[cfg(xent_cluster)]
+const POLY_SHORT: u8 = 2;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
@@ -1102,7 +1119,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
 /// thread kept, and the shared-memory part, one vector at a time (few registers held).
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
+unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     seg: &Segment,
     kept: &Kept,
     o: &OptParams,
@@ -1113,15 +1130,18 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: bool>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     // With the soft cap in f32 the first pass left `t = tanh(x / cap)` in place of `x`
-    // (`keeps_t`); with `POLY` (every element of this thread's vectors below `poly_x2_max` in the
-    // first pass) `t` comes from the polynomial without the check.
+    // (`keeps_t`); with `POLY_LONG` or `POLY_SHORT` (every element of this thread's vectors below
+    // `poly_x2_max` or `short_x2_max` in the first pass) `t` comes from that polynomial without
+    // the check.
     let keep_t = keeps_t::<T, M>();
     let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
     let grad = |x: [f32; 8], start: u32| unsafe {
         if keep_t {
             opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
-        } else if M::CAP && POLY {
-            opts::grad_capped_poly::<M, 8>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
+        } else if M::CAP && POLY == POLY_SHORT {
+            opts::grad_capped_poly::<M, 8, 4>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short)
+        } else if M::CAP && POLY == POLY_LONG {
+            opts::grad_capped_poly::<M, 8, 5>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
         } else {
             opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c)
         }
