@@ -227,7 +227,7 @@ fn softcap_poly<const N: usize>(
     q: &[f32],
     widest: f64,
 ) -> Option<(f32, [f32; N], [f32; N])> {
-    if !(cap > 0.0) || !cap.is_finite() || q.len() + 1 != N {
+    if cap.is_nan() || cap <= 0.0 || !cap.is_finite() || q.len() + 1 != N {
         return None;
     }
     let inv = 1.0 / cap as f64;
