@@ -3,18 +3,20 @@
 //!
 //! `cargo bench -p xent --bench throughput -- [--configs N:V:dtype,...] [--iters K] [--plan P]
 //! [--options none,smoothing,z,softcap,softcap50,weight,accuracy,all,softcap+accuracy,z=1e-3]
-//! [--ignore-every K] [--explain]` (`cargo xtask bench` forwards its arguments here; `+` joins
-//! option sets, and `smoothing=X`, `z=X`, `softcap=X` set one option to another value). First
-//! line: `{"copy_GBps": ...}` measured in this process; then one line per config and option set
-//! (method `xent` without options, `xent[NAME]` with: the cost of each option when on, on the
+//! [--ignore-every K] [--spread S] [--explain]` (`cargo xtask bench` forwards its arguments here;
+//! `+` joins option sets, and `smoothing=X`, `z=X`, `softcap=X` set one option to another value).
+//! First line: `{"copy_GBps": ...}` measured in this process; then one line per config and option
+//! set (method `xent` without options, `xent[NAME]` with: the cost of each option when on, on the
 //! same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX: `XENT_ARCH=sm_80` on an
 //! H100/H200), `split:LEN`, cluster, or a forced cluster plan `cluster:N` (N CTAs per row),
 //! `cluster:N:T` or `cluster::T` (T threads per CTA). `--ignore-every K` ignores rows 0, K, 2K,
 //! ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more
-//! than a zero fill). `--explain` adds, before each timed line, one `{"candidate": ...}` line per
-//! cluster launch the automatic plan weighed (the driver's active clusters, resident MiB, and
-//! which was chosen). Each iteration restores the logits from a pristine copy outside the timed
-//! region, so every timed call sees real logits, not last call's gradient.
+//! than a zero fill). `--spread S`: logits uniform in `±S` (default 3.45); with a soft cap of 30,
+//! an S above 9 (12) sends vectors past the cluster kernels' shorter (longer) polynomial, to
+//! `tanh` element by element. `--explain` adds, before each timed line, one `{"candidate": ...}`
+//! line per cluster launch the automatic plan weighed (the driver's active clusters, resident MiB,
+//! and which was chosen). Each iteration restores the logits from a pristine copy outside the
+//! timed region, so every timed call sees real logits, not last call's gradient.
 
 use std::sync::Arc;
 
@@ -38,6 +40,8 @@ struct Args {
     explain: bool,
     /// Every `ignore_every`-th row (from row 0) is ignored (-100); 0: every row is scored.
     ignore_every: usize,
+    /// The logits' half-width: uniform in `±spread` (default 3.45, variance 4).
+    spread: f64,
 }
 
 /// The options a set name turns on, for `v` classes: the values a training run would use
@@ -95,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
     let mut options = vec!["none".to_string()];
     let mut explain = false;
     let mut ignore_every = 7;
+    let mut spread = 3.45;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -110,6 +115,13 @@ fn parse_args() -> Result<Args, String> {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .ok_or("--ignore-every needs a number (0: none)")?
+            }
+            "--spread" => {
+                spread = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|s: &f64| *s > 0.0)
+                    .ok_or("--spread needs a positive number")?
             }
             "--plan" => {
                 plan = match args.next().as_deref() {
@@ -190,6 +202,7 @@ fn parse_args() -> Result<Args, String> {
         options,
         explain,
         ignore_every,
+        spread,
     })
 }
 
@@ -215,10 +228,10 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     Ok(2.0 * bytes as f64 / (best as f64 * 1e-3) / 1e9)
 }
 
-/// Random logits (N(0, 2)-ish, as peers.py) filled on all cores, and labels with every
-/// `ignore_every`-th row ignored from row 0 (one in seven, as peers.py; 0: none, which a call of
-/// one row needs to be scored at all).
-fn inputs<T: Element>(n: usize, v: usize, ignore_every: usize) -> (Vec<T>, Vec<i64>) {
+/// Random logits (uniform in `±spread`; the default 3.45 has variance 4, as peers.py's N(0, 2))
+/// filled on all cores, and labels with every `ignore_every`-th row ignored from row 0 (one in
+/// seven, as peers.py; 0: none, which a call of one row needs to be scored at all).
+fn inputs<T: Element>(n: usize, v: usize, ignore_every: usize, spread: f64) -> (Vec<T>, Vec<i64>) {
     let mut logits = vec![T::default(); n * v];
     let workers = std::thread::available_parallelism().map_or(1, |w| w.get());
     std::thread::scope(|scope| {
@@ -234,7 +247,7 @@ fn inputs<T: Element>(n: usize, v: usize, ignore_every: usize) -> (Vec<T>, Vec<i
                     state ^= state >> 7;
                     state ^= state << 17;
                     let u = (state >> 40) as f64 / (1u64 << 24) as f64; // [0, 1)
-                    *x = T::from_f64((u - 0.5) * 6.9); // uniform with variance 4
+                    *x = T::from_f64((2.0 * u - 1.0) * spread);
                 }
             });
         }
@@ -259,7 +272,7 @@ fn bench_config<T: Element>(
     args: &Args,
     copy_gbps: f64,
 ) -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let (host_logits, host_labels) = inputs::<T>(n, v, args.ignore_every);
+    let (host_logits, host_labels) = inputs::<T>(n, v, args.ignore_every, args.spread);
     let pristine: CudaSlice<T> = stream.clone_htod(&host_logits)?;
     drop(host_logits);
     let mut logits: CudaSlice<T> = stream.alloc_zeros(n * v)?;
