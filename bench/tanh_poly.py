@@ -33,11 +33,11 @@ def q_true(s):
     return np.where(s < 1e-6, -1 / 3 + 2 / 15 * s - 17 / 315 * s * s, q)
 
 
-def fit(degree, nodes=4000, rounds=30):
+def fit(degree, s_max=S_MAX, nodes=4000, rounds=30):
     """Least maximum of s*|q - q_true| (the error q puts into tanh(u)/u) by Lawson's reweighted
-    least squares on Chebyshev nodes of [0, S_MAX]."""
+    least squares on Chebyshev nodes of [0, s_max]."""
     k = np.arange(nodes)
-    s = S_MAX / 2 * (1 - np.cos(np.pi * (k + 0.5) / nodes))
+    s = s_max / 2 * (1 - np.cos(np.pi * (k + 0.5) / nodes))
     a = np.vander(s, degree + 1, increasing=True)
     target = q_true(s)
     w = np.ones(nodes)
@@ -82,11 +82,9 @@ def t_ulps(coefs, cap, widest):
 
 
 def main():
-    global S_MAX
     if "--short" in sys.argv[1:]:
         cubic = fit(3)
-        S_MAX = 0.09
-        quadratic = fit(2)
+        quadratic = fit(2, s_max=0.3**2)
         print("quadratic q on |u| < 0.3, f32:", ", ".join(repr(float(c)) for c in quadratic))
         for cap in (5.0, 15.0, 30.0, 40.0):
             print(
