@@ -8,7 +8,7 @@ y = fma(x*s, q, x)).
 
 With --short: the quadratic q on |u| < 0.3 (abi::TANH_Q_SHORT) and the cubic on |u| < 0.4, each
 as the cluster kernels evaluate t = tanh(x/cap) since session 15: t = x*P(x^2), P's coefficients
-q_(k-1)/cap^(2k+1) rounded once from f64 (abi::softcap_polys), Horner with FMAs; the largest
+q_(k-1)/cap^(2k+1) rounded once from f64 (kernels::set_softcap), Horner with FMAs; the largest
 error of t in ulps of tanh(x/cap).
 """
 

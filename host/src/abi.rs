@@ -158,7 +158,7 @@ pub struct OptParams {
     pub softcap: f32,
     /// With the soft cap: the largest `x²` (exclusive) where the cluster kernels take `tanh(x /
     /// cap)` from `tanh_poly` and `exp_poly` instead of element by element; 0 (the default)
-    /// never. See [`softcap_polys`].
+    /// never. The host's `kernels::set_softcap` fills these.
     pub poly_x2_max: f32,
     /// `P` with `tanh(x / cap) ≈ x·P(x²)` where `x²` is below `poly_x2_max`: coefficients of
     /// `x⁰, x², ..., x⁸`.
@@ -190,63 +190,6 @@ pub const TANH_Q_SHORT: [f32; 3] = [-0.33333063, 0.13314907, -0.050372254];
 
 /// `|x / cap|` below which the kernels may take [`TANH_Q_SHORT`]'s polynomial.
 pub const TANH_SHORT_WIDEST: f64 = 0.3;
-
-/// The soft cap's polynomials for `OptParams` (see [`softcap_polys`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct SoftcapPolys {
-    pub x2_max: f32,
-    pub tanh: [f32; 5],
-    pub exp: [f32; 5],
-    pub short_x2_max: f32,
-    pub tanh_short: [f32; 4],
-    pub exp_short: [f32; 4],
-}
-
-/// `OptParams`' polynomials for soft cap `cap` (`short`: also the shorter one). With `u = x /
-/// cap`, `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)` is `q_(k-1) /
-/// cap^(2k+1)` (`1 / cap` for `k = 0`), each rounded once from f64. Without a cap, or where a
-/// coefficient is not a normal f32 (caps outside about 1e-4 to 1e4), the `x2_max` are 0 and the
-/// kernels take `tanh` element by element.
-pub fn softcap_polys(cap: f32, short: bool) -> SoftcapPolys {
-    let mut out = SoftcapPolys::default();
-    if let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q, TANH_POLY_WIDEST) {
-        (out.x2_max, out.tanh, out.exp) = (x2_max, tanh, exp);
-        if let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_SHORT, TANH_SHORT_WIDEST)
-            && short
-        {
-            (out.short_x2_max, out.tanh_short, out.exp_short) = (x2_max, tanh, exp);
-        }
-    }
-    out
-}
-
-/// One of [`softcap_polys`]' polynomials: `q`'s `P` (`N` = `q.len() + 1` coefficients), `cap·log2(e)`
-/// times it, and the largest `x²`, `(widest·cap)²`.
-fn softcap_poly<const N: usize>(
-    cap: f32,
-    q: &[f32],
-    widest: f64,
-) -> Option<(f32, [f32; N], [f32; N])> {
-    if cap.is_nan() || cap <= 0.0 || !cap.is_finite() || q.len() + 1 != N {
-        return None;
-    }
-    let inv = 1.0 / cap as f64;
-    let log2e_cap = cap as f64 * core::f64::consts::LOG2_E;
-    let (mut tanh, mut exp) = ([0.0f32; N], [0.0f32; N]);
-    let mut power = inv;
-    for k in 0..N {
-        let q = if k == 0 { 1.0 } else { q[k - 1] as f64 };
-        let (p, e) = ((q * power) as f32, (q * power * log2e_cap) as f32);
-        if !p.is_normal() || !e.is_normal() {
-            return None;
-        }
-        tanh[k] = p;
-        exp[k] = e;
-        power *= inv * inv;
-    }
-    let widest = widest * cap as f64;
-    Some(((widest * widest) as f32, tanh, exp))
-}
 
 /// Parameters of the count kernel.
 #[repr(C)]

@@ -257,21 +257,66 @@ fn short_softcap_poly() -> bool {
 
 /// The options as the kernels read them (`weight`, `row_correct`: device addresses or 0).
 pub(crate) fn opt_params(opts: &Options, weight: u64, row_correct: u64) -> OptParams {
-    let polys = crate::abi::softcap_polys(opts.softcap.unwrap_or(0.0), short_softcap_poly());
-    OptParams {
+    let mut params = OptParams {
         weight,
         row_correct,
         label_smoothing: opts.label_smoothing,
         lse_square_scale: opts.lse_square_scale,
-        softcap: opts.softcap.unwrap_or(0.0),
-        poly_x2_max: polys.x2_max,
-        tanh_poly: polys.tanh,
-        exp_poly: polys.exp,
-        short_x2_max: polys.short_x2_max,
-        tanh_short: polys.tanh_short,
-        exp_short: polys.exp_short,
-        _pad: 0,
+        ..OptParams::default()
+    };
+    set_softcap(
+        &mut params,
+        opts.softcap.unwrap_or(0.0),
+        short_softcap_poly(),
+    );
+    params
+}
+
+/// Sets `params`' soft cap `cap` (0: none) and its polynomials (`short`: also the shorter one).
+/// With `u = x / cap`, `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)`
+/// is `q_(k-1) / cap^(2k+1)` (`1 / cap` for `k = 0`), each rounded once from f64. Without a cap,
+/// or where a coefficient is not a normal f32 (caps outside about 1e-4 to 1e4), the `x2_max`
+/// fields stay 0 and the kernels take `tanh` element by element.
+fn set_softcap(params: &mut OptParams, cap: f32, short: bool) {
+    use crate::abi::{TANH_POLY_WIDEST, TANH_Q, TANH_Q_SHORT, TANH_SHORT_WIDEST};
+    params.softcap = cap;
+    let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q, TANH_POLY_WIDEST) else {
+        return;
+    };
+    (params.poly_x2_max, params.tanh_poly, params.exp_poly) = (x2_max, tanh, exp);
+    if short && let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_SHORT, TANH_SHORT_WIDEST)
+    {
+        (params.short_x2_max, params.tanh_short, params.exp_short) = (x2_max, tanh, exp);
     }
+}
+
+/// One of [`set_softcap`]'s polynomials: `q`'s `P` (`N` = `q.len() + 1` coefficients),
+/// `cap·log2(e)` times it, and the largest `x²` where it holds, `(widest·cap)²`.
+fn softcap_poly<const N: usize>(
+    cap: f32,
+    q: &[f32],
+    widest: f64,
+) -> Option<(f32, [f32; N], [f32; N])> {
+    debug_assert_eq!(q.len() + 1, N);
+    if !cap.is_finite() || cap <= 0.0 {
+        return None;
+    }
+    let inv = 1.0 / cap as f64;
+    let log2e_cap = cap as f64 * std::f64::consts::LOG2_E;
+    let (mut tanh, mut exp) = ([0.0f32; N], [0.0f32; N]);
+    let mut power = inv;
+    for k in 0..N {
+        let q = if k == 0 { 1.0 } else { q[k - 1] as f64 };
+        let (p, e) = ((q * power) as f32, (q * power * log2e_cap) as f32);
+        if !p.is_normal() || !e.is_normal() {
+            return None;
+        }
+        tanh[k] = p;
+        exp[k] = e;
+        power *= inv * inv;
+    }
+    let widest = widest * cap as f64;
+    Some(((widest * widest) as f32, tanh, exp))
 }
 
 /// Every kernel entry point both PTX files must provide.
@@ -390,7 +435,7 @@ mod tests {
         }
     }
 
-    /// The cluster kernels' soft-cap polynomials from `softcap_polys`, evaluated in f32 as they do
+    /// The cluster kernels' soft-cap polynomials from `set_softcap`, evaluated in f32 as they do
     /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2.5 ulp of `t` where each holds
     /// (`|x / cap| < 0.4`; the shorter one `< 0.3`) at training caps (2.2 and 2.4 at 15; the form
     /// they replaced, `u + u·s·q(s)` from `u = x / cap` rounded, 1.8), and the `exp` ones are
@@ -436,9 +481,20 @@ mod tests {
             }
             assert!(worst <= 2.5, "cap {cap}, {K} coefficients: {worst} ulp");
         }
+        let params = |cap: f32, short: bool| {
+            let mut params = OptParams::default();
+            set_softcap(&mut params, cap, short);
+            params
+        };
         for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 1e3] {
-            let p = crate::abi::softcap_polys(cap, true);
-            check(cap, p.x2_max, crate::abi::TANH_POLY_WIDEST, &p.tanh, &p.exp);
+            let p = params(cap, true);
+            check(
+                cap,
+                p.poly_x2_max,
+                crate::abi::TANH_POLY_WIDEST,
+                &p.tanh_poly,
+                &p.exp_poly,
+            );
             check(
                 cap,
                 p.short_x2_max,
@@ -446,11 +502,11 @@ mod tests {
                 &p.tanh_short,
                 &p.exp_short,
             );
-            assert_eq!(crate::abi::softcap_polys(cap, false).short_x2_max, 0.0);
+            assert_eq!(params(cap, false).short_x2_max, 0.0);
         }
         for cap in [0.0f32, -1.0, f32::NAN, f32::INFINITY, 1e-6, 1e6] {
-            let p = crate::abi::softcap_polys(cap, true);
-            assert_eq!((p.x2_max, p.short_x2_max), (0.0, 0.0), "cap {cap}");
+            let p = params(cap, true);
+            assert_eq!((p.poly_x2_max, p.short_x2_max), (0.0, 0.0), "cap {cap}");
         }
     }
 }
