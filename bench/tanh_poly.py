@@ -10,6 +10,8 @@ With --short: the quadratic q on |u| < 0.3 (abi::TANH_Q_SHORT) and the cubic on 
 as the cluster kernels evaluate t = tanh(x/cap) since session 15: t = x*P(x^2), P's coefficients
 q_(k-1)/cap^(2k+1) rounded once from f64 (kernels::set_softcap), Horner with FMAs; the largest
 error of t in ulps of tanh(x/cap).
+
+With --wide: q of degree 6 on |u| < 1 (abi::TANH_Q_WIDE, session 16), checked the same way.
 """
 
 import sys
@@ -82,6 +84,12 @@ def t_ulps(coefs, cap, widest):
 
 
 def main():
+    if "--wide" in sys.argv[1:]:
+        wide = fit(6, s_max=1.0)
+        print("degree-6 q on |u| < 1, f32:", ", ".join(repr(float(c)) for c in wide))
+        for cap in (1.0, 5.0, 15.0, 30.0, 40.0, 50.0, 150.0):
+            print(f"cap {cap}: t from the wide polynomial {t_ulps(wide, cap, 1.0):.2f} ulp (|u| < 1)")
+        return
     if "--short" in sys.argv[1:]:
         cubic = fit(3)
         quadratic = fit(2, s_max=0.3**2)

@@ -170,7 +170,12 @@ pub struct OptParams {
     pub short_x2_max: f32,
     pub tanh_short: [f32; 4],
     pub exp_short: [f32; 4],
-    pub _pad: u32,
+    /// The same for a vector whose `x²` all lie below `wide_x2_max` (at least `poly_x2_max`; 0:
+    /// never), with the longer polynomial [`TANH_Q_WIDE`] that holds to `|x / cap| < 1`: three
+    /// FMAs more an element than `tanh_poly`, and no exponential or division.
+    pub wide_x2_max: f32,
+    pub tanh_wide: [f32; 8],
+    pub exp_wide: [f32; 8],
 }
 
 /// `q(s)` of `tanh(u) = u + u·s·q(s)` (`s = u²`, `|u| < 0.4`), coefficients of `s⁰` to `s³`: a
@@ -190,6 +195,23 @@ pub const TANH_Q_SHORT: [f32; 3] = [-0.33333063, 0.13314907, -0.050372254];
 
 /// `|x / cap|` below which the kernels may take [`TANH_Q_SHORT`]'s polynomial.
 pub const TANH_SHORT_WIDEST: f64 = 0.3;
+
+/// `q` of degree 6, fitted the same way on `|u| < 1` (`bench/tanh_poly.py --wide`): `x·P(x²)` is
+/// within 2.3 ulp of `tanh(x / cap)` there in f32 (caps 1 to 50). Its `P` has coefficients down to
+/// `q_6 / cap^15`, normal f32 for caps up to about 199; above that the kernels do without it (and
+/// logits of 0.4 times such a cap are rare).
+pub const TANH_Q_WIDE: [f32; 7] = [
+    -0.33333299,
+    0.13332412,
+    -0.0538841,
+    0.021499386,
+    -0.00796519,
+    0.0023154486,
+    -0.00036251798,
+];
+
+/// `|x / cap|` below which the kernels may take [`TANH_Q_WIDE`]'s polynomial.
+pub const TANH_WIDE_WIDEST: f64 = 1.0;
 
 /// Parameters of the count kernel.
 #[repr(C)]

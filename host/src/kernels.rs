@@ -247,12 +247,23 @@ pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'stati
     }
 }
 
-/// Whether the soft cap's cluster kernels may take the shorter polynomial where it holds
-/// ([`crate::abi::TANH_Q_SHORT`]): yes unless `XENT_CAP_SHORT=0` (a development hook for A/B runs
-/// in one process), read once.
-fn short_softcap_poly() -> bool {
-    static SHORT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SHORT.get_or_init(|| std::env::var("XENT_CAP_SHORT").as_deref() != Ok("0"))
+/// Which of the soft cap's optional polynomials the cluster kernels may take where they hold:
+/// the shorter one ([`crate::abi::TANH_Q_SHORT`]) unless `XENT_CAP_SHORT=0`, the wide one
+/// ([`crate::abi::TANH_Q_WIDE`]) unless `XENT_CAP_WIDE=0` (development hooks for A/B runs in one
+/// process), read once.
+fn softcap_tiers() -> Tiers {
+    static TIERS: std::sync::OnceLock<Tiers> = std::sync::OnceLock::new();
+    *TIERS.get_or_init(|| {
+        let on = |name| std::env::var(name).as_deref() != Ok("0");
+        Tiers { short: on("XENT_CAP_SHORT"), wide: on("XENT_CAP_WIDE") }
+    })
+}
+
+/// The soft cap's optional polynomials (see [`softcap_tiers`]).
+#[derive(Clone, Copy)]
+struct Tiers {
+    short: bool,
+    wide: bool,
 }
 
 /// The options as the kernels read them (`weight`, `row_correct`: device addresses or 0).
@@ -264,29 +275,34 @@ pub(crate) fn opt_params(opts: &Options, weight: u64, row_correct: u64) -> OptPa
         lse_square_scale: opts.lse_square_scale,
         ..OptParams::default()
     };
-    set_softcap(
-        &mut params,
-        opts.softcap.unwrap_or(0.0),
-        short_softcap_poly(),
-    );
+    set_softcap(&mut params, opts.softcap.unwrap_or(0.0), softcap_tiers());
     params
 }
 
-/// Sets `params`' soft cap `cap` (0: none) and its polynomials (`short`: also the shorter one).
+/// Sets `params`' soft cap `cap` (0: none) and its polynomials (`tiers`: also the shorter and
+/// the wide one).
 /// With `u = x / cap`, `tanh(u) = u·(1 + u²·q(u²)) = x·P(x²)` where `P`'s coefficient of `x^(2k)`
 /// is `q_(k-1) / cap^(2k+1)` (`1 / cap` for `k = 0`), each rounded once from f64. Without a cap,
 /// or where a coefficient is not a normal f32 (caps outside about 1e-4 to 1e4), the `x2_max`
 /// fields stay 0 and the kernels take `tanh` element by element.
-fn set_softcap(params: &mut OptParams, cap: f32, short: bool) {
-    use crate::abi::{TANH_POLY_WIDEST, TANH_Q, TANH_Q_SHORT, TANH_SHORT_WIDEST};
+fn set_softcap(params: &mut OptParams, cap: f32, tiers: Tiers) {
+    use crate::abi::{
+        TANH_POLY_WIDEST, TANH_Q, TANH_Q_SHORT, TANH_Q_WIDE, TANH_SHORT_WIDEST, TANH_WIDE_WIDEST,
+    };
     params.softcap = cap;
     let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q, TANH_POLY_WIDEST) else {
         return;
     };
     (params.poly_x2_max, params.tanh_poly, params.exp_poly) = (x2_max, tanh, exp);
-    if short && let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_SHORT, TANH_SHORT_WIDEST)
+    if tiers.short
+        && let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_SHORT, TANH_SHORT_WIDEST)
     {
         (params.short_x2_max, params.tanh_short, params.exp_short) = (x2_max, tanh, exp);
+    }
+    if tiers.wide
+        && let Some((x2_max, tanh, exp)) = softcap_poly(cap, &TANH_Q_WIDE, TANH_WIDE_WIDEST)
+    {
+        (params.wide_x2_max, params.tanh_wide, params.exp_wide) = (x2_max, tanh, exp);
     }
 }
 
@@ -437,10 +453,10 @@ mod tests {
 
     /// The cluster kernels' soft-cap polynomials from `set_softcap`, evaluated in f32 as they do
     /// (`x·P(x²)`, Horner's FMAs), against f64's `tanh`: within 2.5 ulp of `t` where each holds
-    /// (`|x / cap| < 0.4`; the shorter one `< 0.3`) at training caps (2.2 and 2.4 at 15; the form
+    /// (`|x / cap| < 0.4`; the shorter one `< 0.3`, the wide one `< 1`) at training caps (2.2 and 2.4 at 15; the form
     /// they replaced, `u + u·s·q(s)` from `u = x / cap` rounded, 1.8), and the `exp` ones are
     /// `cap·log2(e)` times them; no polynomial for no cap or caps whose coefficients leave f32's
-    /// normal range, and no shorter one when not asked for.
+    /// normal range, and no shorter or wide one when not asked for.
     #[test]
     fn softcap_polynomials_match_tanh_where_the_kernels_take_them() {
         fn check<const K: usize>(
@@ -481,13 +497,13 @@ mod tests {
             }
             assert!(worst <= 2.5, "cap {cap}, {K} coefficients: {worst} ulp");
         }
-        let params = |cap: f32, short: bool| {
+        let params = |cap: f32, short: bool, wide: bool| {
             let mut params = OptParams::default();
-            set_softcap(&mut params, cap, short);
+            set_softcap(&mut params, cap, Tiers { short, wide });
             params
         };
-        for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 1e3] {
-            let p = params(cap, true);
+        for cap in [1.0f32, 5.0, 15.0, 30.0, 40.0, 50.0, 150.0, 200.0, 1e3] {
+            let p = params(cap, true, true);
             check(
                 cap,
                 p.poly_x2_max,
@@ -502,11 +518,28 @@ mod tests {
                 &p.tanh_short,
                 &p.exp_short,
             );
-            assert_eq!(params(cap, false).short_x2_max, 0.0);
+            // The wide polynomial's `q_6 / cap^15` leaves f32's normal range past a cap of 199.
+            if cap <= 150.0 {
+                check(
+                    cap,
+                    p.wide_x2_max,
+                    crate::abi::TANH_WIDE_WIDEST,
+                    &p.tanh_wide,
+                    &p.exp_wide,
+                );
+            } else {
+                assert_eq!(p.wide_x2_max, 0.0, "cap {cap}");
+            }
+            assert_eq!(params(cap, false, true).short_x2_max, 0.0);
+            assert_eq!(params(cap, true, false).wide_x2_max, 0.0);
         }
         for cap in [0.0f32, -1.0, f32::NAN, f32::INFINITY, 1e-6, 1e6] {
-            let p = params(cap, true);
-            assert_eq!((p.poly_x2_max, p.short_x2_max), (0.0, 0.0), "cap {cap}");
+            let p = params(cap, true, true);
+            assert_eq!(
+                (p.poly_x2_max, p.short_x2_max, p.wide_x2_max),
+                (0.0, 0.0, 0.0),
+                "cap {cap}"
+            );
         }
     }
 }

@@ -95,6 +95,17 @@ pub fn ex2(x: f32) -> f32 {
     y
 }
 
+/// `rcp.approx.ftz.f32`: 1/x (at most 1 ulp from the rounded reciprocal; `rcp(inf) = +0`).
+#[inline(always)]
+pub fn rcp(x: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("rcp.approx.ftz.f32 {y}, {x};", y = out(reg32) y, x = in(reg32) x,
+             options(pure, nomem, nostack));
+    }
+    y
+}
+
 /// `max.NaN.f32`: the larger of `a` and `b`, NaN when either is (PTX ISA 7.0, sm_80 on;
 /// `f32::max` returns the other operand instead).
 #[inline(always)]

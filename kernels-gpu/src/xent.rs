@@ -859,6 +859,8 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD && M::CAP && widest < p.opts.poly_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label) };
+    } else if BULK_LOAD && M::CAP && widest < p.opts.wide_x2_max {
+        unsafe { grad_from_stash::<T, M, POLY_WIDE>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
@@ -933,8 +935,9 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             // The argmax of the logits as given (`tanh` keeps their order, not their ties).
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
-        // Where every x² of the vector is below `poly_x2_max`, `t = x·P(x²)`; NaNs are ignored by
-        // the maximum and stay NaN through the polynomial.
+        // Where every x² of the vector is below `poly_x2_max` (or `wide_x2_max`), `t = x·P(x²)`
+        // with the shortest polynomial that holds; NaNs are ignored by the maximum and stay NaN
+        // through the polynomial.
         let mut x2 = [0.0f32; 8];
         let mut w = 0.0f32;
         for i in 0..n {
@@ -942,7 +945,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             w = w.max(x2[i]);
         }
         *widest = widest.max(w);
-        let poly = w < o.poly_x2_max;
+        let poly = w < o.poly_x2_max || w < o.wide_x2_max;
         if poly && !need_t && o.label_smoothing == 0.0 {
             // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
             let mut e = [0.0f32; 8];
@@ -950,18 +953,26 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
                 for i in 0..n {
                     e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_short, x2[i]), -acc.lse.m));
                 }
-            } else {
+            } else if w < o.poly_x2_max {
                 for i in 0..n {
                     e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_poly, x2[i]), -acc.lse.m));
+                }
+            } else {
+                for i in 0..n {
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_wide, x2[i]), -acc.lse.m));
                 }
             }
             acc.lse.s += reduce::sum_of(&e, n);
             return x;
         }
         let mut t = [0.0f32; 8];
-        if poly {
+        if poly && w < o.poly_x2_max {
             for i in 0..n {
                 t[i] = x[i] * opts::horner(&o.tanh_poly, x2[i]);
+            }
+        } else if poly {
+            for i in 0..n {
+                t[i] = x[i] * opts::horner(&o.tanh_wide, x2[i]);
             }
         } else {
             for i in 0..n {
@@ -1015,13 +1026,16 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
 }
 
 /// `grad_from_stash`'s `POLY`: how its thread's elements take the soft cap's `tanh` (each
-/// element's own check; the polynomial `OptParams::tanh_poly`; the shorter `tanh_short`).
+/// element's own check; the polynomial `OptParams::tanh_poly`; the shorter `tanh_short`; the
+/// wide `tanh_wide`).
 #[cfg(xent_cluster)]
 const POLY_NONE: u8 = 0;
 #[cfg(xent_cluster)]
 const POLY_LONG: u8 = 1;
 #[cfg(xent_cluster)]
 const POLY_SHORT: u8 = 2;
+#[cfg(xent_cluster)]
+const POLY_WIDE: u8 = 3;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
@@ -1130,27 +1144,20 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     // With the soft cap in f32 the first pass left `t = tanh(x / cap)` in place of `x`
-    // (`keeps_t`); with `POLY_LONG` or `POLY_SHORT` (every element of this thread's vectors below
-    // `poly_x2_max` or `short_x2_max` in the first pass) `t` comes from that polynomial without
-    // the check.
+    // (`keeps_t`); with `POLY_LONG`, `POLY_SHORT` or `POLY_WIDE` (every element of this thread's
+    // vectors below `poly_x2_max`, `short_x2_max` or `wide_x2_max` in the first pass) `t` comes
+    // from that polynomial without the check.
     let keep_t = keeps_t::<T, M>();
     let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
-    let grad = |x: [f32; 8], start: u32| unsafe {
-        if keep_t {
-            opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
-        } else if M::CAP && POLY == POLY_SHORT {
-            opts::grad_capped_poly::<M, 8, 4>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short)
-        } else if M::CAP && POLY == POLY_LONG {
-            opts::grad_capped_poly::<M, 8, 5>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
-        } else {
-            opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c)
-        }
-    };
+    // `grad_vector` is a function, not a closure: LLVM declined to inline the closure once it had
+    // four arms, and the call took `o`'s address, which copied the whole parameter block to local
+    // memory.
     for_kept!(M, k => {
         let v = tid + k as u32 * step;
         if (k as u32) < keep && v < in_regs {
             let start = seg.vec_start::<T>(v);
-            let g = grad(T::unpack(kept.words[k]), start);
+            let x = T::unpack(kept.words[k]);
+            let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e) };
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         }
     });
@@ -1158,7 +1165,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
         let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
-        let g = grad(x, start);
+        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e) };
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         v += step;
     }
@@ -1170,6 +1177,30 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
             unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) }
         };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+    }
+}
+
+/// [`grad_from_stash`]'s gradient of one vector `x` (starting at element `start`).
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn grad_vector<T: Element, M: Mode, const POLY: u8>(
+    x: [f32; 8],
+    start: u32,
+    label: u32,
+    o: &OptParams,
+    c: &Coef,
+    cap_log2e: f32,
+) -> [f32; 8] {
+    if keeps_t::<T, M>() {
+        opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
+    } else if M::CAP && POLY == POLY_SHORT {
+        opts::grad_capped_poly::<M, 8, 4>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short)
+    } else if M::CAP && POLY == POLY_LONG {
+        opts::grad_capped_poly::<M, 8, 5>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
+    } else if M::CAP && POLY == POLY_WIDE {
+        opts::grad_capped_poly::<M, 8, 8>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_wide)
+    } else {
+        unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
     }
 }
 
