@@ -12,8 +12,8 @@
 //! `cluster:N:T` or `cluster::T` (T threads per CTA). `--ignore-every K` ignores rows 0, K, 2K,
 //! ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more
 //! than a zero fill). `--spread S`: logits uniform in `±S` (default 3.45); with a soft cap of 30,
-//! an S above 9 (12) sends vectors past the cluster kernels' shorter (longer) polynomial, to
-//! `tanh` element by element. `--explain` adds, before each timed line, one `{"candidate": ...}`
+//! an S above 9 (12, 30) sends vectors past the cluster kernels' shorter (cubic, wide) polynomial,
+//! the last to `tanh` element by element. `--explain` adds, before each timed line, one `{"candidate": ...}`
 //! line per cluster launch the automatic plan weighed (the driver's active clusters, resident MiB,
 //! and which was chosen). Each iteration restores the logits from a pristine copy outside the
 //! timed region, so every timed call sees real logits, not last call's gradient.

@@ -255,7 +255,10 @@ fn softcap_tiers() -> Tiers {
     static TIERS: std::sync::OnceLock<Tiers> = std::sync::OnceLock::new();
     *TIERS.get_or_init(|| {
         let on = |name| std::env::var(name).as_deref() != Ok("0");
-        Tiers { short: on("XENT_CAP_SHORT"), wide: on("XENT_CAP_WIDE") }
+        Tiers {
+            short: on("XENT_CAP_SHORT"),
+            wide: on("XENT_CAP_WIDE"),
+        }
     })
 }
 
