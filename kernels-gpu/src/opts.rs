@@ -269,15 +269,23 @@ pub struct RowCtx {
 pub fn tanh(u: f32) -> f32 {
     let sign = u.to_bits() & 0x8000_0000;
     let a = f32::from_bits(u.to_bits() & 0x7fff_ffff);
-    let t = if a < 0.4 {
+    if a < 0.4 {
         let s = a * a;
         let q = tanh_q(s);
-        prim::fma(a * s, q, a)
+        f32::from_bits(prim::fma(a * s, q, a).to_bits() | sign)
     } else {
-        // An approximate reciprocal, not IEEE division (no slow path): beyond 0.4 the
-        // subtraction amplifies its error at most 1.7x.
-        prim::fma(-2.0, prim::rcp(prim::ex2(a * (2.0 * LOG2_E)) + 1.0), 1.0)
-    };
+        tanh_beyond(u)
+    }
+}
+
+/// [`tanh`] for `|u|` at least 0.4 (or infinite): `1 - 2 / (e^{2|u|} + 1)` with `u`'s sign, with
+/// an approximate reciprocal, not IEEE division (no slow path): beyond 0.4 the subtraction
+/// amplifies its error at most 1.7x. NaN stays NaN.
+#[inline(always)]
+pub fn tanh_beyond(u: f32) -> f32 {
+    let sign = u.to_bits() & 0x8000_0000;
+    let a = f32::from_bits(u.to_bits() & 0x7fff_ffff);
+    let t = prim::fma(-2.0, prim::rcp(prim::ex2(a * (2.0 * LOG2_E)) + 1.0), 1.0);
     f32::from_bits(t.to_bits() | sign)
 }
 
@@ -328,12 +336,13 @@ pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f3
 /// `(x / cap)²` below which [`capped`] takes the polynomial (`|x / cap| < 0.4`).
 pub const POLY_WIDEST: f32 = 0.16;
 
-/// The soft cap's gradient (as [`grad_capped`]) of elements known to lie where the polynomial
-/// `tanh_poly` (`tanh_short`, `tanh_wide`) holds (`x²` below `OptParams::poly_x2_max`
-/// (`short_x2_max`, `wide_x2_max`), from the first pass over them: no check here): [`grad_from_t`]
-/// of `t = x·P(x²)` (`K + 1` instructions an element).
+/// The soft cap's gradient (as [`grad_capped`]) from `t = x·P(x²)` (`K + 1` instructions an
+/// element), the polynomial `tanh_poly` (`OptParams::tanh_poly`, `tanh_short` or `tanh_wide`):
+/// without `FIX`, of elements known to lie where it holds (`x²` below `x2_max`, from the first
+/// pass over them: no check here); with `FIX`, of any elements, those with `x²` at least `x2_max`
+/// taking [`tanh_beyond`] instead (a check a vector, and one an element where it fails).
 #[inline(always)]
-pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize>(
+pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize, const FIX: bool>(
     x: [f32; N],
     n: usize,
     first: u32,
@@ -341,10 +350,24 @@ pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize>(
     c: &Coef,
     cap_log2e: f32,
     tanh_poly: &[f32; K],
+    x2_max: f32,
 ) -> [f32; N] {
-    let mut t = [0.0; N];
+    let (mut t, mut x2) = ([0.0; N], [0.0; N]);
+    let mut widest = 0.0f32;
     for i in 0..n {
-        t[i] = x[i] * horner(tanh_poly, x[i] * x[i]);
+        x2[i] = x[i] * x[i];
+        t[i] = x[i] * horner(tanh_poly, x2[i]);
+        if FIX {
+            widest = widest.max(x2[i]);
+        }
+    }
+    if FIX && !(widest < x2_max) {
+        // Elements beyond the polynomial (`x²` at least `x2_max`, or infinite): `tanh` itself.
+        for i in 0..n {
+            if x2[i] >= x2_max {
+                t[i] = tanh_beyond(x[i] * c.inv_cap);
+            }
+        }
     }
     if !c.lse2_a.is_nan() {
         // `p·a·(1 - t²)` with `a` in the exponent (`k = 0`: no smoothing term).

@@ -497,6 +497,38 @@ pub unsafe fn tma_load_2d(dst: u32, tmap: u64, x: u32, y: u32, mbar: u32) {
     }
 }
 
+/// Whether `p` holds in every active lane of the warp (`vote.sync.all` over `activemask`), so a
+/// branch on it takes those lanes one way. Not `pure`: it must not be merged across branches.
+#[inline(always)]
+pub fn warp_all(p: bool) -> bool {
+    let r: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .pred %wa_p, %wa_q; .reg .b32 %wa_m;",
+            "activemask.b32 %wa_m;",
+            "setp.ne.u32 %wa_p, {x}, 0;",
+            "vote.sync.all.pred %wa_q, %wa_p, %wa_m;",
+            "selp.u32 {r}, 1, 0, %wa_q; }}",
+            r = out(reg32) r, x = in(reg32) p as u32, options(nomem, nostack));
+    }
+    r != 0
+}
+
+/// The largest `v` of the warp's active lanes (`redux.sync.max.u32` over `activemask`; sm_80 on).
+/// Not `pure`, as [`warp_all`].
+#[inline(always)]
+pub fn warp_max_u32(v: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .b32 %wm_m;",
+            "activemask.b32 %wm_m;",
+            "redux.sync.max.u32 {r}, {v}, %wm_m; }}",
+            r = out(reg32) r, v = in(reg32) v, options(nomem, nostack));
+    }
+    r
+}
+
 /// `v` of the warp's first lane (`shfl.sync.idx` from lane 0): a value ptxas knows is the same
 /// across the warp, so branches on it are not divergent (the `wgmma` kernels' roles).
 #[inline(always)]

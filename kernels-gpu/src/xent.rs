@@ -854,13 +854,23 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    // The soft cap's second pass takes one polynomial for the whole warp (the shortest that held
+    // for all its lanes' elements in the first pass), so no warp runs two of its loops; with the
+    // wide one, any element it does not hold for takes `tanh` itself (`POLY_WIDE_FIX`).
+    let widest = if M::CAP && !keeps_t::<T, M>() {
+        f32::from_bits(prim::warp_max_u32(widest.to_bits()))
+    } else {
+        widest
+    };
     if p.mode == MODE_FORWARD {
     } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.short_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label) };
-    } else if BULK_LOAD && M::CAP && widest < p.opts.poly_x2_max {
+    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.poly_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label) };
-    } else if BULK_LOAD && M::CAP && widest < p.opts.wide_x2_max {
+    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.wide_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_WIDE>(&seg, &kept, &p.opts, &c, local_label) };
+    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && p.opts.wide_x2_max > 0.0 {
+        unsafe { grad_from_stash::<T, M, POLY_WIDE_FIX>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
@@ -935,9 +945,11 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             // The argmax of the logits as given (`tanh` keeps their order, not their ties).
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
-        // Where every x² of the vector is below `poly_x2_max` (or `wide_x2_max`), `t = x·P(x²)`
-        // with the shortest polynomial that holds; NaNs are ignored by the maximum and stay NaN
-        // through the polynomial.
+        // `t = x·P(x²)` with one polynomial for the warp's vectors (a vote, so its lanes do not
+        // run two of them one after the other): the shortest that holds for every element of
+        // every lane's vector, or the wide one with `tanh` itself for the elements beyond it, or,
+        // without the wide one, `tanh` element by element. NaNs are ignored by the maximum and
+        // stay NaN through the polynomial.
         let mut x2 = [0.0f32; 8];
         let mut w = 0.0f32;
         for i in 0..n {
@@ -945,34 +957,61 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             w = w.max(x2[i]);
         }
         *widest = widest.max(w);
-        let poly = w < o.poly_x2_max || w < o.wide_x2_max;
-        if poly && !need_t && o.label_smoothing == 0.0 {
+        let all = |p: bool| if WARP_TIERS { prim::warp_all(p) } else { p };
+        let tier = if all(w < o.short_x2_max) {
+            TIER_SHORT
+        } else if all(w < o.poly_x2_max) {
+            TIER_LONG
+        } else if o.wide_x2_max > 0.0 {
+            TIER_WIDE
+        } else {
+            TIER_NONE
+        };
+        // Elements of this lane's vector beyond the wide polynomial.
+        let beyond = tier == TIER_WIDE && !(w < o.wide_x2_max);
+        if tier != TIER_NONE && !need_t && o.label_smoothing == 0.0 {
             // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
             let mut e = [0.0f32; 8];
-            if w < o.short_x2_max {
+            let m = acc.lse.m;
+            if tier == TIER_SHORT {
                 for i in 0..n {
-                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_short, x2[i]), -acc.lse.m));
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_short, x2[i]), -m));
                 }
-            } else if w < o.poly_x2_max {
+            } else if tier == TIER_LONG {
                 for i in 0..n {
-                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_poly, x2[i]), -acc.lse.m));
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_poly, x2[i]), -m));
                 }
             } else {
                 for i in 0..n {
-                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_wide, x2[i]), -acc.lse.m));
+                    e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_wide, x2[i]), -m));
+                }
+                if beyond {
+                    for i in 0..n {
+                        if x2[i] >= o.wide_x2_max {
+                            let t = opts::tanh_beyond(x[i] * ctx.inv_cap);
+                            e[i] = prim::ex2(prim::fma(t, m, -m));
+                        }
+                    }
                 }
             }
             acc.lse.s += reduce::sum_of(&e, n);
             return x;
         }
         let mut t = [0.0f32; 8];
-        if poly && w < o.poly_x2_max {
+        if tier == TIER_SHORT || tier == TIER_LONG {
             for i in 0..n {
                 t[i] = x[i] * opts::horner(&o.tanh_poly, x2[i]);
             }
-        } else if poly {
+        } else if tier == TIER_WIDE {
             for i in 0..n {
                 t[i] = x[i] * opts::horner(&o.tanh_wide, x2[i]);
+            }
+            if beyond {
+                for i in 0..n {
+                    if x2[i] >= o.wide_x2_max {
+                        t[i] = opts::tanh_beyond(x[i] * ctx.inv_cap);
+                    }
+                }
             }
         } else {
             for i in 0..n {
@@ -1027,7 +1066,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
 
 /// `grad_from_stash`'s `POLY`: how its thread's elements take the soft cap's `tanh` (each
 /// element's own check; the polynomial `OptParams::tanh_poly`; the shorter `tanh_short`; the
-/// wide `tanh_wide`).
+/// wide `tanh_wide`; the wide one with a check a vector for elements beyond it).
 #[cfg(xent_cluster)]
 const POLY_NONE: u8 = 0;
 #[cfg(xent_cluster)]
@@ -1036,6 +1075,24 @@ const POLY_LONG: u8 = 1;
 const POLY_SHORT: u8 = 2;
 #[cfg(xent_cluster)]
 const POLY_WIDE: u8 = 3;
+#[cfg(xent_cluster)]
+const POLY_WIDE_FIX: u8 = 4;
+
+/// `add_vector`'s choice for the soft cap's vectors (one for the warp): the shorter polynomial
+/// `OptParams::tanh_short` (its exponent form; `t` from `tanh_poly`), `tanh_poly`, `tanh_wide`
+/// (with `tanh` itself for elements beyond it), `tanh` element by element.
+#[cfg(xent_cluster)]
+const TIER_SHORT: u8 = 0;
+/// Whether `add_vector` takes the soft cap's tier for the whole warp (a vote a vector) rather
+/// than for each lane's vector.
+#[cfg(xent_cluster)]
+const WARP_TIERS: bool = true;
+#[cfg(xent_cluster)]
+const TIER_LONG: u8 = 1;
+#[cfg(xent_cluster)]
+const TIER_WIDE: u8 = 2;
+#[cfg(xent_cluster)]
+const TIER_NONE: u8 = 3;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
@@ -1144,9 +1201,9 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     // With the soft cap in f32 the first pass left `t = tanh(x / cap)` in place of `x`
-    // (`keeps_t`); with `POLY_LONG`, `POLY_SHORT` or `POLY_WIDE` (every element of this thread's
+    // (`keeps_t`); with `POLY_LONG`, `POLY_SHORT` or `POLY_WIDE` (every element of this warp's
     // vectors below `poly_x2_max`, `short_x2_max` or `wide_x2_max` in the first pass) `t` comes
-    // from that polynomial without the check.
+    // from that polynomial without the check; `POLY_WIDE_FIX` checks a vector at a time.
     let keep_t = keeps_t::<T, M>();
     let cap_log2e = if M::CAP { o.softcap * core::f32::consts::LOG2_E } else { 0.0 };
     // `grad_vector` is a function, not a closure: LLVM declined to inline the closure once it had
@@ -1194,11 +1251,14 @@ unsafe fn grad_vector<T: Element, M: Mode, const POLY: u8>(
     if keeps_t::<T, M>() {
         opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
     } else if M::CAP && POLY == POLY_SHORT {
-        opts::grad_capped_poly::<M, 8, 4>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short)
+        opts::grad_capped_poly::<M, 8, 4, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short, 0.0)
     } else if M::CAP && POLY == POLY_LONG {
-        opts::grad_capped_poly::<M, 8, 5>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly)
+        opts::grad_capped_poly::<M, 8, 5, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly, 0.0)
     } else if M::CAP && POLY == POLY_WIDE {
-        opts::grad_capped_poly::<M, 8, 8>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_wide)
+        opts::grad_capped_poly::<M, 8, 8, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_wide, 0.0)
+    } else if M::CAP && POLY == POLY_WIDE_FIX {
+        let (tanh, x2_max) = (&o.tanh_wide, o.wide_x2_max);
+        opts::grad_capped_poly::<M, 8, 8, true>(x, T::VEC, start, label, c, cap_log2e, tanh, x2_max)
     } else {
         unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
     }
