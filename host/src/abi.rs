@@ -172,9 +172,7 @@ pub struct OptParams {
     pub exp_short: [f32; 4],
     /// The same for a vector whose `x²` all lie below `wide_x2_max` (at least `poly_x2_max`; 0:
     /// never), with the longer polynomial [`TANH_Q_WIDE`] that holds to `|x / cap| < 1`: three
-    /// FMAs more an element than `tanh_poly`, and no exponential or division. With it on, the
-    /// cluster kernels take it for every vector past `tanh_poly`, and `tanh` itself only for the
-    /// elements beyond it.
+    /// FMAs more an element than `tanh_poly`, and no exponential or division.
     pub wide_x2_max: f32,
     pub tanh_wide: [f32; 8],
     pub exp_wide: [f32; 8],

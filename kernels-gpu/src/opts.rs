@@ -310,15 +310,12 @@ pub fn horner<const K: usize>(c: &[f32; K], x2: f32) -> f32 {
     v
 }
 
-/// `cap·tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`, `o.softcap` = `cap`): where every
-/// `|x / cap|` is below 0.4, `x + x·u²·q(u²)` with `u = x / cap` and the odd Taylor polynomial of
-/// [`tanh`] (its leading term `x` exact, 10 instructions an element, no branch per element);
-/// otherwise (a large logit, an infinity) the wide polynomial `x·P(x²)` (`o.tanh_wide`, where the
-/// host set it) with [`tanh_beyond`] for the elements past it, or without it [`tanh`] element by
-/// element. A NaN stays NaN on every path.
+/// `cap·tanh(x / cap)` for `x[..n]` (`inv` = `1 / cap`): where every `|x / cap|` is below 0.4,
+/// `x + x·u²·q(u²)` with `u = x / cap` and the odd Taylor polynomial of [`tanh`] (its leading term
+/// `x` exact, 10 instructions an element, no branch per element); otherwise (a large logit, an
+/// infinity) [`tanh`] element by element. A NaN stays NaN on either path.
 #[inline(always)]
-pub fn capped<const N: usize>(o: &OptParams, inv: f32, x: &[f32; N], n: usize) -> [f32; N] {
-    let cap = o.softcap;
+pub fn capped<const N: usize>(cap: f32, inv: f32, x: &[f32; N], n: usize) -> [f32; N] {
     let mut y = [0.0; N];
     let mut widest = 0.0f32;
     for i in 0..n {
@@ -328,55 +325,12 @@ pub fn capped<const N: usize>(o: &OptParams, inv: f32, x: &[f32; N], n: usize) -
         let q = tanh_q(s);
         y[i] = prim::fma(x[i] * s, q, x[i]);
     }
-    if widest < POLY_WIDEST {
-        return y;
-    }
-    if o.wide_x2_max > 0.0 && N == 8 {
-        let mut v = [0.0; 8];
-        for i in 0..n {
-            v[i] = x[i];
-        }
-        let v = capped_wide(v, n as u32, cap, inv, o.wide_x2_max, o.tanh_wide);
-        for i in 0..n {
-            y[i] = v[i];
-        }
-    } else if o.wide_x2_max > 0.0 {
-        for i in 0..n {
-            y[i] = capped_wide_one(x[i], cap, inv, o.wide_x2_max, &o.tanh_wide);
-        }
-    } else {
+    if !(widest < POLY_WIDEST) {
         for i in 0..n {
             y[i] = cap * tanh(x[i] * inv);
         }
     }
     y
-}
-
-/// [`capped`]'s wide polynomial for a vector of 8 (`n` used): a function of its own, called
-/// rather than inlined at each of `capped`'s many sites (inlined, it grew the PTX by a sixth), and
-/// given the values it needs rather than `OptParams` (whose address would copy the parameter block
-/// to local memory).
-#[inline(never)]
-fn capped_wide(x: [f32; 8], n: u32, cap: f32, inv: f32, x2_max: f32, tanh_wide: [f32; 8]) -> [f32; 8] {
-    let mut y = [0.0; 8];
-    for i in 0..8 {
-        if (i as u32) < n {
-            y[i] = capped_wide_one(x[i], cap, inv, x2_max, &tanh_wide);
-        }
-    }
-    y
-}
-
-/// `cap·tanh(x / cap)` from the wide polynomial `x·P(x²)` where `x²` is below `x2_max`,
-/// [`tanh_beyond`] past it (an infinity too); NaN stays NaN.
-#[inline(always)]
-fn capped_wide_one(x: f32, cap: f32, inv: f32, x2_max: f32, tanh_wide: &[f32; 8]) -> f32 {
-    let x2 = x * x;
-    if x2 < x2_max {
-        cap * (x * horner(tanh_wide, x2))
-    } else {
-        cap * tanh_beyond(x * inv)
-    }
 }
 
 /// `(x / cap)²` below which [`capped`] takes the polynomial (`|x / cap| < 0.4`).
@@ -815,7 +769,7 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         return g;
     }
     if M::CAP {
-        return grad_capped::<M, N>(capped(o, c.inv_cap, &x, n), n, first, label, c);
+        return grad_capped::<M, N>(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c);
     }
     let mut g = [0.0; N];
     let w = unsafe { smoothing_weights::<M, N>(c, first, n) };

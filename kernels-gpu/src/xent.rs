@@ -218,13 +218,13 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
             });
         }
         // The cap is increasing: the capped batch's maximum is the capped maximum.
-        let batch_max = if M::CAP { opts::capped(o, ctx.inv_cap, &[batch_max], 1)[0] } else { batch_max };
+        let batch_max = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[batch_max], 1)[0] } else { batch_max };
         if acc.lse.raise(batch_max) {
             let mut sums = [0.0f32; 2];
             unroll!(u => {
                 if v + u * step < seg.n_vec {
                     let x = T::unpack(words[u as usize]);
-                    let y = if M::CAP { opts::capped(o, ctx.inv_cap, &x, T::VEC) } else { x };
+                    let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, T::VEC) } else { x };
                     if M::CAP && o.label_smoothing != 0.0 {
                         let col = ctx.col0 + seg.vec_start::<T>(v + u * step);
                         acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, T::VEC, col, ctx.y_ref) };
@@ -259,7 +259,7 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
     let y = if M::FULL {
         unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) }
     } else {
-        let y = if M::CAP { opts::capped(o, ctx.inv_cap, &[x], 1)[0] } else { x };
+        let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[x], 1)[0] } else { x };
         if M::OPTS && o.label_smoothing != 0.0 {
             acc.wsum += unsafe { opts::smoothing_sum::<M, 1>(o, &[y], 1, ctx.col0 + j, ctx.y_ref) };
         }
@@ -1036,7 +1036,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
     let y = if M::FULL {
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
-        let y = if M::CAP { opts::capped(o, ctx.inv_cap, &x, n) } else { x };
+        let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, n) } else { x };
         if M::OPTS && (o.label_smoothing != 0.0 || M::SMOOTHING_PATH) {
             acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, n, ctx.col0 + start, ctx.y_ref) };
         }
