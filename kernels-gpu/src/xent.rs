@@ -945,11 +945,11 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             // The argmax of the logits as given (`tanh` keeps their order, not their ties).
             acc.wrong += opts::beats_label(ctx, &x, n, ctx.col0 + start);
         }
-        // `t = x·P(x²)` with one polynomial for the warp's vectors (a vote, so its lanes do not
-        // run two of them one after the other): the shortest that holds for every element of
-        // every lane's vector, or the wide one with `tanh` itself for the elements beyond it, or,
-        // without the wide one, `tanh` element by element. NaNs are ignored by the maximum and
-        // stay NaN through the polynomial.
+        // `t = x·P(x²)` with the shortest polynomial that holds for every element of the vector,
+        // past the shorter one the same for every lane of the warp that got that far (a vote, so
+        // they do not run two polynomials one after the other): the cubic, or the wide one with
+        // `tanh` itself for the elements beyond it, or, without the wide one, `tanh` element by
+        // element. NaNs are ignored by the maximum and stay NaN through the polynomial.
         let mut x2 = [0.0f32; 8];
         let mut w = 0.0f32;
         for i in 0..n {
@@ -957,8 +957,10 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
             w = w.max(x2[i]);
         }
         *widest = widest.max(w);
+        // The shorter polynomial is chosen lane by lane, without the vote's cost: where it holds
+        // for one lane it usually does for all (the benchmark's logits); the vote only runs past it.
         let all = |p: bool| if WARP_TIERS { prim::warp_all(p) } else { p };
-        let tier = if all(w < o.short_x2_max) {
+        let tier = if w < o.short_x2_max {
             TIER_SHORT
         } else if all(w < o.poly_x2_max) {
             TIER_LONG
@@ -1083,8 +1085,8 @@ const POLY_WIDE_FIX: u8 = 4;
 /// (with `tanh` itself for elements beyond it), `tanh` element by element.
 #[cfg(xent_cluster)]
 const TIER_SHORT: u8 = 0;
-/// Whether `add_vector` takes the soft cap's tier for the whole warp (a vote a vector) rather
-/// than for each lane's vector.
+/// Whether `add_vector` takes the soft cap's tier past the shorter polynomial for the whole warp
+/// (a vote a vector) rather than for each lane's vector.
 #[cfg(xent_cluster)]
 const WARP_TIERS: bool = true;
 #[cfg(xent_cluster)]
