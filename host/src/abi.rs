@@ -201,7 +201,7 @@ pub const TANH_SHORT_WIDEST: f64 = 0.3;
 /// `q_6 / cap^15`, normal f32 for caps up to about 199; above that the kernels do without it (and
 /// logits of 0.4 times such a cap are rare).
 pub const TANH_Q_WIDE: [f32; 7] = [
-    -0.33333299,
+    -0.333333,
     0.13332412,
     -0.0538841,
     0.021499386,
