@@ -249,8 +249,8 @@ pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'stati
 
 /// Which of the soft cap's optional polynomials the cluster kernels may take where they hold:
 /// the shorter one ([`crate::abi::TANH_Q_SHORT`]) unless `XENT_CAP_SHORT=0`, the wide one
-/// ([`crate::abi::TANH_Q_WIDE`]) unless `XENT_CAP_WIDE=0` (development hooks for A/B runs in one
-/// process), read once.
+/// ([`crate::abi::TANH_Q_WIDE`]) unless `XENT_CAP_WIDE=0` (development hooks for A/B runs on the
+/// same PTX), read once per process.
 fn softcap_tiers() -> Tiers {
     static TIERS: std::sync::OnceLock<Tiers> = std::sync::OnceLock::new();
     *TIERS.get_or_init(|| {

@@ -289,6 +289,22 @@ pub fn tanh_beyond(u: f32) -> f32 {
     f32::from_bits(t.to_bits() | sign)
 }
 
+/// For each element of `$x[..$n]` past a polynomial that holds below `$x2_max` (`$x2[i] = x[i]²`
+/// at least `$x2_max`, an infinity too; a NaN is not), `$body` with `$i` its index and `$t` its
+/// `tanh(x / cap)` ([`tanh_beyond`]; `$inv` = `1 / cap`). A macro, not a function taking a
+/// closure: the closure changed the branches' layout in the PTX.
+#[macro_export]
+macro_rules! each_past {
+    ($x:expr, $x2:expr, $n:expr, $x2_max:expr, $inv:expr, |$i:ident, $t:ident| $body:expr) => {
+        for $i in 0..$n {
+            if $x2[$i] >= $x2_max {
+                let $t = $crate::opts::tanh_beyond($x[$i] * $inv);
+                $body;
+            }
+        }
+    };
+}
+
 /// `q(s)` of `tanh(u) = u + u·s·q(s)`, `s = u²`, for `|u| < 0.4`: [`TANH_Q`](crate::abi::TANH_Q).
 #[inline(always)]
 fn tanh_q(s: f32) -> f32 {
@@ -362,12 +378,7 @@ pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize, const FIX: bool
         }
     }
     if FIX && !(widest < x2_max) {
-        // Elements beyond the polynomial (`x²` at least `x2_max`, or infinite): `tanh` itself.
-        for i in 0..n {
-            if x2[i] >= x2_max {
-                t[i] = tanh_beyond(x[i] * c.inv_cap);
-            }
-        }
+        crate::each_past!(x, x2, n, x2_max, c.inv_cap, |i, ti| t[i] = ti);
     }
     if !c.lse2_a.is_nan() {
         // `p·a·(1 - t²)` with `a` in the exponent (`k = 0`: no smoothing term).

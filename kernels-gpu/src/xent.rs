@@ -862,14 +862,15 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         widest
     };
+    let poly = BULK_LOAD && M::CAP && !keeps_t::<T, M>();
     if p.mode == MODE_FORWARD {
-    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.short_x2_max {
+    } else if poly && widest < p.opts.short_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label) };
-    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.poly_x2_max {
+    } else if poly && widest < p.opts.poly_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label) };
-    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && widest < p.opts.wide_x2_max {
+    } else if poly && widest < p.opts.wide_x2_max {
         unsafe { grad_from_stash::<T, M, POLY_WIDE>(&seg, &kept, &p.opts, &c, local_label) };
-    } else if BULK_LOAD && M::CAP && !keeps_t::<T, M>() && p.opts.wide_x2_max > 0.0 {
+    } else if poly && p.opts.wide_x2_max > 0.0 {
         unsafe { grad_from_stash::<T, M, POLY_WIDE_FIX>(&seg, &kept, &p.opts, &c, local_label) };
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
@@ -961,25 +962,25 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         // for one lane it usually does for all (the benchmark's logits); the vote only runs past it.
         let all = |p: bool| if WARP_TIERS { prim::warp_all(p) } else { p };
         let tier = if w < o.short_x2_max {
-            TIER_SHORT
+            POLY_SHORT
         } else if all(w < o.poly_x2_max) {
-            TIER_LONG
+            POLY_LONG
         } else if o.wide_x2_max > 0.0 {
-            TIER_WIDE
+            POLY_WIDE
         } else {
-            TIER_NONE
+            POLY_NONE
         };
         // Elements of this lane's vector beyond the wide polynomial.
-        let beyond = tier == TIER_WIDE && !(w < o.wide_x2_max);
-        if tier != TIER_NONE && !need_t && o.label_smoothing == 0.0 {
+        let beyond = tier == POLY_WIDE && !(w < o.wide_x2_max);
+        if tier != POLY_NONE && !need_t && o.label_smoothing == 0.0 {
             // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
             let mut e = [0.0f32; 8];
             let m = acc.lse.m;
-            if tier == TIER_SHORT {
+            if tier == POLY_SHORT {
                 for i in 0..n {
                     e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_short, x2[i]), -m));
                 }
-            } else if tier == TIER_LONG {
+            } else if tier == POLY_LONG {
                 for i in 0..n {
                     e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_poly, x2[i]), -m));
                 }
@@ -988,32 +989,25 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
                     e[i] = prim::ex2(prim::fma(x[i], opts::horner(&o.exp_wide, x2[i]), -m));
                 }
                 if beyond {
-                    for i in 0..n {
-                        if x2[i] >= o.wide_x2_max {
-                            let t = opts::tanh_beyond(x[i] * ctx.inv_cap);
-                            e[i] = prim::ex2(prim::fma(t, m, -m));
-                        }
-                    }
+                    crate::each_past!(x, x2, n, o.wide_x2_max, ctx.inv_cap, |i, t| {
+                        e[i] = prim::ex2(prim::fma(t, m, -m))
+                    });
                 }
             }
             acc.lse.s += reduce::sum_of(&e, n);
             return x;
         }
         let mut t = [0.0f32; 8];
-        if tier == TIER_SHORT || tier == TIER_LONG {
+        if tier == POLY_SHORT || tier == POLY_LONG {
             for i in 0..n {
                 t[i] = x[i] * opts::horner(&o.tanh_poly, x2[i]);
             }
-        } else if tier == TIER_WIDE {
+        } else if tier == POLY_WIDE {
             for i in 0..n {
                 t[i] = x[i] * opts::horner(&o.tanh_wide, x2[i]);
             }
             if beyond {
-                for i in 0..n {
-                    if x2[i] >= o.wide_x2_max {
-                        t[i] = opts::tanh_beyond(x[i] * ctx.inv_cap);
-                    }
-                }
+                crate::each_past!(x, x2, n, o.wide_x2_max, ctx.inv_cap, |i, ti| t[i] = ti);
             }
         } else {
             for i in 0..n {
@@ -1066,35 +1060,29 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
     }
 }
 
-/// `grad_from_stash`'s `POLY`: how its thread's elements take the soft cap's `tanh` (each
-/// element's own check; the polynomial `OptParams::tanh_poly`; the shorter `tanh_short`; the
-/// wide `tanh_wide`; the wide one with a check a vector for elements beyond it).
+/// Which polynomial the soft cap's `t = tanh(x / cap)` comes from: `add_vector`'s choice for a
+/// vector (past `POLY_SHORT`, one for the warp) and `grad_from_stash`'s for a thread (the widest
+/// its warp needed in the first pass). `POLY_SHORT`: `OptParams::tanh_short` (in `add_vector`
+/// its exponent form only; `t` from `tanh_poly`); `POLY_LONG`: `tanh_poly`; `POLY_WIDE`:
+/// `tanh_wide` (in `add_vector` with `tanh` itself for a lane's elements beyond it);
+/// `POLY_NONE`: `tanh` element by element; `POLY_WIDE_FIX` (`grad_from_stash` only): `tanh_wide`
+/// with a check a vector for elements beyond it.
 #[cfg(xent_cluster)]
-const POLY_NONE: u8 = 0;
+const POLY_SHORT: u8 = 0;
 #[cfg(xent_cluster)]
 const POLY_LONG: u8 = 1;
 #[cfg(xent_cluster)]
-const POLY_SHORT: u8 = 2;
+const POLY_WIDE: u8 = 2;
 #[cfg(xent_cluster)]
-const POLY_WIDE: u8 = 3;
+const POLY_NONE: u8 = 3;
 #[cfg(xent_cluster)]
 const POLY_WIDE_FIX: u8 = 4;
 
-/// `add_vector`'s choice for the soft cap's vectors (one for the warp): the shorter polynomial
-/// `OptParams::tanh_short` (its exponent form; `t` from `tanh_poly`), `tanh_poly`, `tanh_wide`
-/// (with `tanh` itself for elements beyond it), `tanh` element by element.
-#[cfg(xent_cluster)]
-const TIER_SHORT: u8 = 0;
-/// Whether `add_vector` takes the soft cap's tier past the shorter polynomial for the whole warp
-/// (a vote a vector) rather than for each lane's vector.
+/// Whether `add_vector` takes the soft cap's polynomial past the shorter one for the whole warp
+/// (a vote a vector) rather than for each lane's vector (`false`: session 16's `lane.ptx`, the
+/// A/B's other side).
 #[cfg(xent_cluster)]
 const WARP_TIERS: bool = true;
-#[cfg(xent_cluster)]
-const TIER_LONG: u8 = 1;
-#[cfg(xent_cluster)]
-const TIER_WIDE: u8 = 2;
-#[cfg(xent_cluster)]
-const TIER_NONE: u8 = 3;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
