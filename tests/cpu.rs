@@ -1517,6 +1517,7 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 chunk_len,
                 n_chunks,
                 groups,
+                stashes,
                 smem_bytes,
             } = got
             else {
@@ -1525,7 +1526,8 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
             let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
             let chunk_len = chunk_len as usize;
             assert!(
-                chunk_len.is_multiple_of(8) && chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
+                chunk_len.is_multiple_of(8)
+                    && stashes as usize * chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
                 "{what}"
             );
             assert!(
@@ -1533,9 +1535,18 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                     && (n_chunks as usize - 1) * chunk_len < vocab,
                 "{what}"
             );
+            // Two stashes by default (`XENT_SPLIT_STASHES=1` gives one).
+            assert_eq!(stashes as usize, plan::split_stashes(), "{what}");
             assert_eq!(
                 n_chunks as usize,
-                (vocab * dtype.bytes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
+                (vocab * dtype.bytes() * plan::split_stashes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
+                "{what}"
+            );
+            let stash_bytes = 16 + chunk_len * dtype.bytes();
+            assert_eq!(
+                smem_bytes as usize,
+                (xent::abi::SMEM_STASH_OFFSET as usize + stashes as usize * stash_bytes)
+                    .next_multiple_of(16),
                 "{what}"
             );
             assert!(
@@ -1549,10 +1560,12 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 ((a100.sm_count / n_chunks) as usize).min(rows),
                 "{what}"
             );
-            // Two summaries per CTA and a counter per group.
+            // `SPLIT_SLOTS` summaries per CTA and as many counters per group.
             assert_eq!(
                 plan::partials_len(rows, &got),
-                groups as usize * (2 * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
+                groups as usize
+                    * xent::abi::SPLIT_SLOTS
+                    * (xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
                 "{what}"
             );
         }

@@ -2,7 +2,7 @@
 //! Every tuning constant is here, with the reason for its value.
 
 pub use crate::abi::CLUSTER_KEEP;
-use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET};
+use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET, SPLIT_SLOTS};
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
 
@@ -98,11 +98,12 @@ pub enum PlanChoice {
         size: Option<u32>,
         threads: Option<u32>,
     },
-    /// sm_80 (experimental: not yet run on a GPU, and the automatic plan does not take it): a row
-    /// split over a group of co-resident CTAs (a cooperative launch), each keeping its chunk in
-    /// shared memory, combined through global memory: one read and one write per element for
-    /// rows longer than one block's shared memory. `chunk_len` (a positive multiple of 8 that
-    /// fits in shared memory) or the automatic choice ([`auto_split_chunk_len`]).
+    /// sm_80 (the automatic plan does not take it): a row split over a group of co-resident CTAs
+    /// (a cooperative launch), each keeping its chunk in shared memory, combined through global
+    /// memory: one read and one write per element for rows longer than one block's shared
+    /// memory. Each CTA holds two rows' chunks where they fit ([`split_stashes`]). `chunk_len` (a
+    /// positive multiple of 8 that fits in shared memory) or the automatic choice
+    /// ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
 }
 
@@ -125,12 +126,13 @@ pub enum LaunchPlan {
         smem_bytes: u32,
     },
     /// `groups` groups of `n_chunks` CTAs, every CTA resident at once (see
-    /// [`PlanChoice::Split`]).
+    /// [`PlanChoice::Split`]), each holding `stashes` rows' chunks in shared memory (1 or 2).
     Split {
         threads: u32,
         chunk_len: u32,
         n_chunks: u32,
         groups: u32,
+        stashes: u32,
         smem_bytes: u32,
     },
 }
@@ -610,18 +612,28 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
     )
 }
 
-/// Bytes of a row each CTA of the split plan keeps in shared memory, at most: two CTAs fit in an
-/// A100's 164 KiB per SM, so one can load while the other computes. (A guess from the cluster
-/// plan's measurements; not yet measured for this plan.)
+/// Bytes of shared memory the stashes of a CTA of the split plan take, at most: two CTAs fit in
+/// an A100's 164 KiB per SM, so one can load while the other computes. (A guess from the
+/// cluster plan's measurements; not yet measured for this plan.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
+/// Rows a CTA of the split plan holds in shared memory: 2 (it loads the next row while its group
+/// finishes the one before), or 1 with `XENT_SPLIT_STASHES=1` (a development hook for A/B runs,
+/// read once per process).
+pub fn split_stashes() -> usize {
+    static STASHES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *STASHES.get_or_init(|| match std::env::var("XENT_SPLIT_STASHES").as_deref() {
+        Ok("1") => 1,
+        _ => 2,
+    })
+}
 /// Threads per CTA of the split plan, at most: its per-row option kernels take 86-96 registers
 /// (ptxas), and two CTAs of 256 threads fit in an SM's 64 K registers.
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
-/// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
-/// multiple of 8 elements.
+/// The split plan's automatic chunk: the fewest chunks whose [`split_stashes`] take at most
+/// [`SPLIT_CHUNK_BYTES`], even to a multiple of 8 elements.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
-    let n_chunks = (vocab * dtype.bytes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
+    let n_chunks = (vocab * dtype.bytes() * split_stashes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
     vocab.div_ceil(n_chunks).next_multiple_of(8)
 }
 
@@ -649,8 +661,13 @@ fn split_plan(
 ) -> Result<LaunchPlan> {
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
-    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
-        .filter(|&b| b <= limits.max_smem_per_block)
+    // Each stash is 16 bytes of alignment slack and a chunk; two where they fit.
+    let stash_bytes = 16 + chunk_len * dtype.bytes();
+    let (stashes, smem_bytes) = (1..=split_stashes())
+        .rev()
+        .map(|stashes| (stashes as u32, SMEM_STASH_OFFSET as usize + stashes * stash_bytes))
+        .find(|&(_, bytes)| bytes <= limits.max_smem_per_block as usize)
+        .map(|(stashes, bytes)| (stashes, bytes.next_multiple_of(16) as u32))
         .ok_or_else(|| {
             Error::PlanDoesNotFit(format!(
                 "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
@@ -665,6 +682,7 @@ fn split_plan(
         chunk_len: chunk_len as u32,
         n_chunks,
         groups: groups as u32,
+        stashes,
         smem_bytes,
     };
     let ctas = resident(&with_groups(1)).unwrap_or(limits.sm_count) as usize;
@@ -705,10 +723,10 @@ pub fn scale_tiles(vocab: usize) -> usize {
 pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
     match *launch {
         LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
-        // Two summaries per CTA, then a counter per group.
+        // `SPLIT_SLOTS` summaries per CTA, then as many counters per group.
         LaunchPlan::Split {
             n_chunks, groups, ..
-        } => (2 * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
+        } => SPLIT_SLOTS * (PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
     }
 }

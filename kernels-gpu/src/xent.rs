@@ -8,7 +8,7 @@
 
 use crate::abi::{
     COUNT_BAD, COUNT_CLASS_WEIGHT_SUM, COUNT_DONE, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD,
-    OptParams, PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_COUNTS, SMEM_STASH_OFFSET, XentParams,
+    OptParams, PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_COUNTS, SMEM_STASH_OFFSET, SPLIT_SLOTS, XentParams,
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
@@ -96,6 +96,7 @@ pub unsafe fn row_target<L: Label>(rows: &RowsParams, row: u64) -> Target {
 
 /// A run of `len` elements of one row from global byte address `addr`: a scalar head up to the
 /// first 16-byte boundary, `n_vec` aligned vectors, and a scalar tail.
+#[derive(Clone, Copy)]
 struct Segment {
     addr: u64,
     len: u32,
@@ -404,6 +405,15 @@ unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u3
         return 0.0;
     }
     let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64) });
+    smoothing_ref_of::<M>(p, x)
+}
+
+/// [`smoothing_ref`] of the label's logit `x`, wherever it was read.
+#[inline(always)]
+fn smoothing_ref_of<M: Mode>(p: &XentParams, x: f32) -> f32 {
+    if !M::OPTS || (p.opts.label_smoothing == 0.0 && !M::SMOOTHING_PATH) || p.label_logits != 0 {
+        return 0.0;
+    }
     // A -inf or NaN label logit would turn the infinite loss PyTorch gives into NaN (inf - inf):
     // no reference then, as before.
     if !x.is_finite() {
@@ -657,16 +667,21 @@ const SPLIT_MAX_SPINS: u32 = 1 << 24;
 /// a row is cut into `n_chunks` chunks of `chunk_len`, one per CTA of a group of `n_chunks`
 /// CTAs; the launch is cooperative, so every CTA is resident at once, and the `grid / n_chunks`
 /// groups walk the rows (group `g` takes rows `g, g + groups, ...`). Each CTA keeps its chunk in
-/// shared memory, stores its summary in `partials`, counts itself in on its group's counter
-/// (release), waits until the whole group has (acquire), merges the group's summaries in a fixed
-/// order (every CTA gets the same bits) and writes its chunk's gradient from shared memory.
+/// shared memory, stores its summary in `partials`, counts itself in on the summary slot's
+/// counter (release), and later waits until the whole group has (acquire), merges the group's
+/// summaries in a fixed order (every CTA gets the same bits) and writes its chunk's gradient from
+/// shared memory.
 ///
-/// `partials`: `groups x 2 x n_chunks` summaries (`PARTIAL_WORDS` each; the two halves
-/// alternate between a group's rows, so a CTA that runs ahead never overwrites a summary another
-/// still reads), then `groups` counters that must be 0 at launch.
+/// With two stashes (the launch's shared memory holds two chunks), a CTA loads and publishes its
+/// next row before it waits on the one it holds: the wait for the slowest CTA of the group, which
+/// left HBM idle, overlaps a row's loads. With one, it finishes each row before the next.
+///
+/// `partials`: `groups x SPLIT_SLOTS x n_chunks` summaries (`PARTIAL_WORDS` each; a group's
+/// `k`-th scored row takes slot `k % SPLIT_SLOTS`), then `groups x SPLIT_SLOTS` counters that
+/// must be 0 at launch.
 ///
 /// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
-/// shared memory = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
+/// shared memory = `SMEM_STASH_OFFSET + s * (16 + chunk_len * BYTES)` for `s` = 1 or 2 stashes.
 #[inline(always)]
 pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let tid = thread_idx();
@@ -674,78 +689,142 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
     let groups = (prim::grid_dim() / n_chunks) as u64;
     let summary_bytes = 4 * PARTIAL_WORDS as u64;
-    let counter = p.partials + groups * 2 * n_chunks as u64 * summary_bytes + 4 * group;
-    // Summary `q` of the group's half `half`.
-    let slot = |half: u32, q: u32| {
-        p.partials + ((group * 2 + half as u64) * n_chunks as u64 + q as u64) * summary_bytes
+    let slots = SPLIT_SLOTS as u64;
+    let group_split = Split {
+        summaries: p.partials + group * slots * n_chunks as u64 * summary_bytes,
+        counters: p.partials + groups * slots * n_chunks as u64 * summary_bytes + 4 * slots * group,
+        n_chunks,
+        local: chunk as u32 * p.chunk_len,
     };
-    let local = chunk as u32 * p.chunk_len;
-    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
-    // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
+    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(group_split.local));
+    let stash_bytes = 16 + p.chunk_len * T::BYTES;
+    let stashes = if prim::dynamic_smem_size() >= SMEM_STASH_OFFSET + 2 * stash_bytes { 2 } else { 1 };
+    // Where this CTA's chunk of `row` starts, and the stash of the group's `k`-th scored row.
+    let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + group_split.local as u64 * T::BYTES as u64, len);
+    let stash_of = |seg: &Segment, k: u32| prim::smem_base() + SMEM_STASH_OFFSET + (k & (stashes - 1)) * stash_bytes + (seg.addr & 15) as u32;
+    // The rows published and held in the stashes, oldest first, waiting for their gradient: (row,
+    // its index among the group's scored rows). The rest is found again from the row (a held
+    // row's state across the other row's loops took ptxas from 80 to 168 registers).
+    let mut older: Option<(u64, u32)> = None;
+    let mut newer: Option<(u64, u32)> = None;
+    // Rows this group has scored so far.
     let mut scored = 0u32;
     let mut row = group;
-    while row < p.rows.n_rows {
-        let seg = Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
-        match unsafe { row_target::<L>(&p.rows, row) } {
-            Target::Class(label) => {
-                let local_label = label.wrapping_sub(local);
-                let owns_label = local_label < seg.len;
-                // Read before the block's first barrier; every gradient write comes after it.
-                let x_label = if owns_label && tid == 0 {
-                    T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
-                } else {
-                    0.0
-                };
-                let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
-                let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-                let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
-                let half = scored & 1;
-                if tid == 0 {
-                    unsafe {
-                        part.st_global::<M>(slot(half, chunk as u32));
-                        prim::red_add_release_gpu_u32(counter, 1);
-                        let target = n_chunks * (scored + 1);
-                        // Bounded: a group that never completes (a bug, or a launch that was not
-                        // resident at once) traps, an error the host reports, not a hung GPU.
-                        let mut spins = 0u32;
-                        while prim::ld_acquire_gpu_u32(counter) < target {
-                            spins += 1;
-                            if spins == SPLIT_MAX_SPINS {
-                                prim::trap();
-                            }
+    // One step per turn: load the next row while a stash is free, else finish the oldest held
+    // (each inlined once: the PTX keeps one copy of each loop).
+    loop {
+        let held = older.is_some() as u32 + newer.is_some() as u32;
+        if held < stashes && row < p.rows.n_rows {
+            let seg = seg_of(row);
+            match unsafe { row_target::<L>(&p.rows, row) } {
+                Target::Class(label) => {
+                    let ctx = unsafe { row_ctx::<T, M>(p, row, label, group_split.local) };
+                    let stash = stash_of(&seg, scored);
+                    let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
+                    if tid == 0 {
+                        unsafe {
+                            part.st_global::<M>(group_split.summary(scored, chunk as u32));
+                            prim::red_add_release_gpu_u32(group_split.counter(scored), 1);
                         }
                     }
-                    prim::fence_acq_rel_gpu();
+                    if older.is_none() {
+                        older = Some((row, scored));
+                    } else {
+                        newer = Some((row, scored));
+                    }
+                    scored += 1;
                 }
-                prim::sync_threads();
-                let mut acc = Part::EMPTY;
-                let mut q = tid;
-                while q < n_chunks {
-                    acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(slot(half, q)) });
-                    q += prim::block_dim();
-                }
-                let total = acc.block_merge::<M>();
-                let c = unsafe { opts::coef::<M>(p, &total, label, local) };
-                if p.mode != MODE_FORWARD {
-                    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
-                }
-                if owns_label && tid == 0 {
-                    unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
-                }
-                scored += 1;
-            }
-            target => {
-                if p.mode != MODE_FORWARD {
-                    unsafe { zero_segment::<T>(&seg, 0) };
-                }
-                if chunk == 0 && tid == 0 {
-                    unsafe { write_unscored_row::<M>(p, row, target) };
+                target => {
+                    if p.mode != MODE_FORWARD {
+                        unsafe { zero_segment::<T>(&seg, 0) };
+                    }
+                    if chunk == 0 && tid == 0 {
+                        unsafe { write_unscored_row::<M>(p, row, target) };
+                    }
                 }
             }
+            row += groups;
+        } else if let Some((oldest, k)) = older {
+            if let Target::Class(label) = unsafe { row_target::<L>(&p.rows, oldest) } {
+                let seg = seg_of(oldest);
+                unsafe { group_split.finish::<T, M>(p, oldest, label, &seg, stash_of(&seg, k), k) };
+            }
+            older = newer.take();
+        } else {
+            break;
         }
-        // The stash and the reduction scratch serve the next row.
+        // The stash just finished and the reduction scratch serve the next turn.
         prim::sync_threads();
-        row += groups;
+    }
+}
+
+/// A CTA's place in the split plan: its group's summaries and counters, and its chunk.
+struct Split {
+    summaries: u64,
+    counters: u64,
+    n_chunks: u32,
+    /// The chunk's first column.
+    local: u32,
+}
+
+impl Split {
+    /// Address of chunk `q`'s summary of the group's `k`-th scored row.
+    #[inline(always)]
+    fn summary(&self, k: u32, q: u32) -> u64 {
+        self.summaries + ((k as u64 % SPLIT_SLOTS as u64) * self.n_chunks as u64 + q as u64) * 4 * PARTIAL_WORDS as u64
+    }
+
+    /// Address of the counter of the `k`-th scored row's slot.
+    #[inline(always)]
+    fn counter(&self, k: u32) -> u64 {
+        self.counters + 4 * (k as u64 % SPLIT_SLOTS as u64)
+    }
+
+    /// Waits until every CTA of the group has published `row` (the group's `k`-th scored row, of
+    /// class `label`, this CTA's chunk `seg` in `stash`), merges the summaries, writes the
+    /// gradient of the chunk from the stash and, in the CTA that owns the label, the row's outputs.
+    #[inline(always)]
+    unsafe fn finish<T: Element, M: Mode>(&self, p: &XentParams, row: u64, label: u32, seg: &Segment, stash: u32, k: u32) {
+        let tid = thread_idx();
+        if tid == 0 {
+            // A slot's counter gains `n_chunks` for each row that takes it; no CTA publishes the
+            // slot's next row before every CTA has published this one (`SPLIT_SLOTS`).
+            let target = self.n_chunks * (k / SPLIT_SLOTS as u32 + 1);
+            let counter = self.counter(k);
+            // Bounded: a group that never completes (a bug, or a launch that was not resident
+            // at once) traps, an error the host reports, not a hung GPU.
+            let mut spins = 0u32;
+            while unsafe { prim::ld_acquire_gpu_u32(counter) } < target {
+                spins += 1;
+                if spins == SPLIT_MAX_SPINS {
+                    prim::trap();
+                }
+            }
+            prim::fence_acq_rel_gpu();
+        }
+        prim::sync_threads();
+        let mut acc = Part::EMPTY;
+        let mut q = tid;
+        while q < self.n_chunks {
+            acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(self.summary(k, q)) });
+            q += prim::block_dim();
+        }
+        let total = acc.block_merge::<M>();
+        let c = unsafe { opts::coef::<M>(p, &total, label, self.local) };
+        let local_label = label.wrapping_sub(self.local);
+        // The label's logit as loaded, from the stash: the gradient below overwrites it in place.
+        let x_label = if local_label < seg.len && tid == 0 {
+            T::widen(unsafe { T::ld_shared_raw(stash + local_label * T::BYTES) })
+        } else {
+            0.0
+        };
+        if p.mode != MODE_FORWARD {
+            unsafe { grad_segment::<T, M>(seg, Some(stash), &p.opts, &c, local_label, 0) };
+        }
+        if local_label < seg.len && tid == 0 {
+            let y_ref = smoothing_ref_of::<M>(p, x_label);
+            unsafe { write_scored_row::<M>(p, row, &total, label, x_label, y_ref, &c) };
+        }
     }
 }
 
