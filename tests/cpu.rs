@@ -1517,7 +1517,6 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 chunk_len,
                 n_chunks,
                 groups,
-                stashes,
                 smem_bytes,
             } = got
             else {
@@ -1525,9 +1524,10 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
             };
             let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
             let chunk_len = chunk_len as usize;
+            // Two stashes of a chunk each.
             assert!(
                 chunk_len.is_multiple_of(8)
-                    && stashes as usize * chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
+                    && 2 * chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
                 "{what}"
             );
             assert!(
@@ -1535,17 +1535,14 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                     && (n_chunks as usize - 1) * chunk_len < vocab,
                 "{what}"
             );
-            // Two stashes by default (`XENT_SPLIT_STASHES=1` gives one).
-            assert_eq!(stashes as usize, plan::split_stashes(), "{what}");
             assert_eq!(
                 n_chunks as usize,
-                (vocab * dtype.bytes() * plan::split_stashes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
+                (2 * vocab * dtype.bytes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
                 "{what}"
             );
-            let stash_bytes = 16 + chunk_len * dtype.bytes();
             assert_eq!(
                 smem_bytes as usize,
-                (xent::abi::SMEM_STASH_OFFSET as usize + stashes as usize * stash_bytes)
+                (xent::abi::SMEM_STASH_OFFSET as usize + 2 * (16 + chunk_len * dtype.bytes()))
                     .next_multiple_of(16),
                 "{what}"
             );

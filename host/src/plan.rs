@@ -101,9 +101,9 @@ pub enum PlanChoice {
     /// sm_80 (the automatic plan does not take it): a row split over a group of co-resident CTAs
     /// (a cooperative launch), each keeping its chunk in shared memory, combined through global
     /// memory: one read and one write per element for rows longer than one block's shared
-    /// memory. Each CTA holds two rows' chunks where they fit ([`split_stashes`]). `chunk_len` (a
-    /// positive multiple of 8 that fits in shared memory) or the automatic choice
-    /// ([`auto_split_chunk_len`]).
+    /// memory; each CTA copies its next row's chunk while it finishes the one before, so it needs
+    /// shared memory for two. `chunk_len` (a positive multiple of 8 whose two copies fit in shared
+    /// memory) or the automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
 }
 
@@ -126,13 +126,12 @@ pub enum LaunchPlan {
         smem_bytes: u32,
     },
     /// `groups` groups of `n_chunks` CTAs, every CTA resident at once (see
-    /// [`PlanChoice::Split`]), each holding `stashes` rows' chunks in shared memory (1 or 2).
+    /// [`PlanChoice::Split`]).
     Split {
         threads: u32,
         chunk_len: u32,
         n_chunks: u32,
         groups: u32,
-        stashes: u32,
         smem_bytes: u32,
     },
 }
@@ -612,28 +611,20 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
     )
 }
 
-/// Bytes of shared memory the stashes of a CTA of the split plan take, at most: two CTAs fit in
-/// an A100's 164 KiB per SM, so one can load while the other computes. (A guess from the
-/// cluster plan's measurements; not yet measured for this plan.)
+/// Bytes of shared memory the two stashes of a CTA of the split plan take, at most: two CTAs fit
+/// in an A100's 164 KiB per SM. (A guess; see `bench/NOTES.md`, session 17, for the chunk sizes
+/// measured.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
-/// Rows a CTA of the split plan holds in shared memory: 2 (it loads the next row while its group
-/// finishes the one before), or 1 with `XENT_SPLIT_STASHES=1` (a development hook for A/B runs,
-/// read once per process).
-pub fn split_stashes() -> usize {
-    static STASHES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *STASHES.get_or_init(|| match std::env::var("XENT_SPLIT_STASHES").as_deref() {
-        Ok("1") => 1,
-        _ => 2,
-    })
-}
 /// Threads per CTA of the split plan, at most: its per-row option kernels take 86-96 registers
 /// (ptxas), and two CTAs of 256 threads fit in an SM's 64 K registers.
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
-/// The split plan's automatic chunk: the fewest chunks whose [`split_stashes`] take at most
+/// The split plan's automatic chunk: the fewest chunks whose two stashes take at most
 /// [`SPLIT_CHUNK_BYTES`], even to a multiple of 8 elements.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
-    let n_chunks = (vocab * dtype.bytes() * split_stashes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
+    let n_chunks = (vocab * dtype.bytes() * 2)
+        .div_ceil(SPLIT_CHUNK_BYTES)
+        .max(1);
     vocab.div_ceil(n_chunks).next_multiple_of(8)
 }
 
@@ -661,13 +652,11 @@ fn split_plan(
 ) -> Result<LaunchPlan> {
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
-    // Each stash is 16 bytes of alignment slack and a chunk; two where they fit.
-    let stash_bytes = 16 + chunk_len * dtype.bytes();
-    let (stashes, smem_bytes) = (1..=split_stashes())
-        .rev()
-        .map(|stashes| (stashes as u32, SMEM_STASH_OFFSET as usize + stashes * stash_bytes))
-        .find(|&(_, bytes)| bytes <= limits.max_smem_per_block as usize)
-        .map(|(stashes, bytes)| (stashes, bytes.next_multiple_of(16) as u32))
+    // Two stashes, each 16 bytes of alignment slack and a chunk.
+    let smem_bytes = chunk_len
+        .checked_mul(dtype.bytes())
+        .and_then(split_smem_bytes)
+        .filter(|&bytes| bytes <= limits.max_smem_per_block)
         .ok_or_else(|| {
             Error::PlanDoesNotFit(format!(
                 "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
@@ -682,7 +671,6 @@ fn split_plan(
         chunk_len: chunk_len as u32,
         n_chunks,
         groups: groups as u32,
-        stashes,
         smem_bytes,
     };
     let ctas = resident(&with_groups(1)).unwrap_or(limits.sm_count) as usize;
@@ -694,6 +682,13 @@ fn split_plan(
     }
     check_grid(groups, n_chunks as usize, "CTAs")?;
     Ok(with_groups(groups))
+}
+
+/// Shared memory of a split-plan CTA whose chunks take `chunk_bytes`: two stashes of 16 bytes of
+/// alignment slack and a chunk each.
+pub fn split_smem_bytes(chunk_bytes: usize) -> Option<u32> {
+    let bytes = chunk_bytes.checked_add(16)?.checked_mul(2)? + SMEM_STASH_OFFSET as usize;
+    u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave

@@ -149,9 +149,24 @@ impl Segment {
 unsafe fn reduce_segment<T: Element, M: Mode>(
     seg: &Segment,
     stash: Option<u32>,
+    stashed: bool,
     o: &OptParams,
     ctx: &RowCtx,
 ) -> Part {
+    // With `stashed`, the vectors are in the stash already (`copy_to_stash`): read from there.
+    let load = |start: u32| unsafe {
+        match stash {
+            Some(stash) if stashed => prim::ld_shared_v4(stash + start * T::BYTES),
+            _ => prim::ld_global_v4(seg.elem_addr::<T>(start)),
+        }
+    };
+    let keep = |start: u32, words: [u32; 4]| {
+        if let Some(stash) = stash
+            && !stashed
+        {
+            unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
+        }
+    };
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut acc = Part::EMPTY;
     let mut v = tid;
@@ -160,10 +175,8 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         // arithmetic, not the loads' latency, bounds this path).
         while v < seg.n_vec {
             let start = seg.vec_start::<T>(v);
-            let words = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
-            if let Some(stash) = stash {
-                unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
-            }
+            let words = load(start);
+            keep(start, words);
             let x = T::unpack(words);
             let y = unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) };
             acc.lse.add(&y, T::VEC);
@@ -175,18 +188,14 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                let start = seg.vec_start::<T>(index);
-                words[u as usize] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
+                words[u as usize] = load(seg.vec_start::<T>(index));
             }
         });
         let mut batch_max = f32::NEG_INFINITY;
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                if let Some(stash) = stash {
-                    let start = seg.vec_start::<T>(index);
-                    unsafe { prim::st_shared_v4(stash + start * T::BYTES, words[u as usize]) };
-                }
+                keep(seg.vec_start::<T>(index), words[u as usize]);
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
@@ -532,7 +541,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
         if tid == 0 { T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(label)) }) } else { 0.0 };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, 0) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) };
+    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), false, &p.opts, &ctx) };
     let total = partial.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
     if p.mode != MODE_FORWARD {
@@ -582,7 +591,7 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
         return;
     };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
-    let total = unsafe { reduce_segment::<T, M>(&seg, None, &p.opts, &ctx) }.block_merge::<M>();
+    let total = unsafe { reduce_segment::<T, M>(&seg, None, false, &p.opts, &ctx) }.block_merge::<M>();
     if thread_idx() == 0 {
         unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
         // Vocabulary-parallel: the label's logit, from the rank whose slice holds it.
@@ -668,20 +677,20 @@ const SPLIT_MAX_SPINS: u32 = 1 << 24;
 /// CTAs; the launch is cooperative, so every CTA is resident at once, and the `grid / n_chunks`
 /// groups walk the rows (group `g` takes rows `g, g + groups, ...`). Each CTA keeps its chunk in
 /// shared memory, stores its summary in `partials`, counts itself in on the summary slot's
-/// counter (release), and later waits until the whole group has (acquire), merges the group's
-/// summaries in a fixed order (every CTA gets the same bits) and writes its chunk's gradient from
-/// shared memory.
+/// counter (release), waits until the whole group has (acquire), merges the group's summaries in
+/// a fixed order (every CTA gets the same bits) and writes its chunk's gradient from shared
+/// memory.
 ///
-/// With two stashes (the launch's shared memory holds two chunks), a CTA loads and publishes its
-/// next row before it waits on the one it holds: the wait for the slowest CTA of the group, which
-/// left HBM idle, overlaps a row's loads. With one, it finishes each row before the next.
+/// Two stashes: a CTA starts the copy of its next row's chunk into one (`cp.async`) before it
+/// reads the one it holds from the other, so its loads stay in flight through the row's
+/// exchange with the group, when a CTA that loaded through registers left HBM idle.
 ///
 /// `partials`: `groups x SPLIT_SLOTS x n_chunks` summaries (`PARTIAL_WORDS` each; a group's
 /// `k`-th scored row takes slot `k % SPLIT_SLOTS`), then `groups x SPLIT_SLOTS` counters that
 /// must be 0 at launch.
 ///
 /// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
-/// shared memory = `SMEM_STASH_OFFSET + s * (16 + chunk_len * BYTES)` for `s` = 1 or 2 stashes.
+/// shared memory = `SMEM_STASH_OFFSET + 2 * (16 + chunk_len * BYTES)`.
 #[inline(always)]
 pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let tid = thread_idx();
@@ -698,45 +707,23 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     };
     let len = p.chunk_len.min(p.rows.vocab.saturating_sub(group_split.local));
     let stash_bytes = 16 + p.chunk_len * T::BYTES;
-    let stashes = if prim::dynamic_smem_size() >= SMEM_STASH_OFFSET + 2 * stash_bytes { 2 } else { 1 };
     // Where this CTA's chunk of `row` starts, and the stash of the group's `k`-th scored row.
     let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + group_split.local as u64 * T::BYTES as u64, len);
-    let stash_of = |seg: &Segment, k: u32| prim::smem_base() + SMEM_STASH_OFFSET + (k & (stashes - 1)) * stash_bytes + (seg.addr & 15) as u32;
-    // The rows published and held in the stashes, oldest first, waiting for their gradient: (row,
-    // its index among the group's scored rows). The rest is found again from the row (a held
-    // row's state across the other row's loops took ptxas from 80 to 168 registers).
-    let mut older: Option<(u64, u32)> = None;
-    let mut newer: Option<(u64, u32)> = None;
-    // Rows this group has scored so far.
-    let mut scored = 0u32;
+    let stash_of = |seg: &Segment, k: u32| prim::smem_base() + SMEM_STASH_OFFSET + (k & 1) * stash_bytes + (seg.addr & 15) as u32;
+    // The row whose copy is in flight or done, waiting to be read, and its class.
+    let mut current: Option<(u64, u32)> = None;
+    // Its index among the group's scored rows.
+    let mut k = 0u32;
     let mut row = group;
-    // One step per turn: load the next row while a stash is free, else finish the oldest held
-    // (each inlined once: the PTX keeps one copy of each loop).
     loop {
-        let held = older.is_some() as u32 + newer.is_some() as u32;
-        if held < stashes && row < p.rows.n_rows {
-            let seg = seg_of(row);
+        // The next row to score; the rows before it take no copy (an ignored row's gradient is 0).
+        let mut next = None;
+        while next.is_none() && row < p.rows.n_rows {
             match unsafe { row_target::<L>(&p.rows, row) } {
-                Target::Class(label) => {
-                    let ctx = unsafe { row_ctx::<T, M>(p, row, label, group_split.local) };
-                    let stash = stash_of(&seg, scored);
-                    let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
-                    if tid == 0 {
-                        unsafe {
-                            part.st_global::<M>(group_split.summary(scored, chunk as u32));
-                            prim::red_add_release_gpu_u32(group_split.counter(scored), 1);
-                        }
-                    }
-                    if older.is_none() {
-                        older = Some((row, scored));
-                    } else {
-                        newer = Some((row, scored));
-                    }
-                    scored += 1;
-                }
+                Target::Class(label) => next = Some((row, label)),
                 target => {
                     if p.mode != MODE_FORWARD {
-                        unsafe { zero_segment::<T>(&seg, 0) };
+                        unsafe { zero_segment::<T>(&seg_of(row), 0) };
                     }
                     if chunk == 0 && tid == 0 {
                         unsafe { write_unscored_row::<M>(p, row, target) };
@@ -744,17 +731,54 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 }
             }
             row += groups;
-        } else if let Some((oldest, k)) = older {
-            if let Target::Class(label) = unsafe { row_target::<L>(&p.rows, oldest) } {
-                let seg = seg_of(oldest);
-                unsafe { group_split.finish::<T, M>(p, oldest, label, &seg, stash_of(&seg, k), k) };
+        }
+        // Its vectors go to the stash the previous row freed (a group of copies, empty at the end).
+        if let Some((next_row, _)) = next {
+            let seg = seg_of(next_row);
+            unsafe { copy_to_stash::<T>(&seg, stash_of(&seg, k + current.is_some() as u32)) };
+        }
+        prim::cp_async_commit();
+        let Some((held, label)) = current else {
+            if next.is_none() {
+                break;
             }
-            older = newer.take();
-        } else {
+            current = next;
+            continue;
+        };
+        // Every copy but the group just committed is done; the barrier shows all threads' copies.
+        prim::cp_async_wait_one();
+        prim::sync_threads();
+        let seg = seg_of(held);
+        let stash = stash_of(&seg, k);
+        let ctx = unsafe { row_ctx::<T, M>(p, held, label, group_split.local) };
+        let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), true, &p.opts, &ctx) }.block_merge::<M>();
+        if tid == 0 {
+            unsafe {
+                part.st_global::<M>(group_split.summary(k, chunk as u32));
+                prim::red_add_release_gpu_u32(group_split.counter(k), 1);
+            }
+        }
+        unsafe { group_split.finish::<T, M>(p, held, label, &seg, stash, k) };
+        // The stash and the reduction scratch serve the next rows.
+        prim::sync_threads();
+        k += 1;
+        current = next;
+        if current.is_none() {
             break;
         }
-        // The stash just finished and the reduction scratch serve the next turn.
-        prim::sync_threads();
+    }
+}
+
+/// Starts the copy of `seg`'s vectors to `stash` (`cp.async`, one 16-byte copy per vector; the
+/// scalar head and tail `reduce_segment` copies itself), without committing them.
+#[inline(always)]
+unsafe fn copy_to_stash<T: Element>(seg: &Segment, stash: u32) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let mut v = tid;
+    while v < seg.n_vec {
+        let start = seg.vec_start::<T>(v);
+        unsafe { prim::cp_async_16(stash + start * T::BYTES, seg.elem_addr::<T>(start), true) };
+        v += step;
     }
 }
 
@@ -911,7 +935,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else if BULK_LOAD {
         unsafe { bulk_load_and_reduce::<T, M, false>(&seg, &mut kept, &p.opts, &ctx) }
     } else {
-        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }, f32::INFINITY)
+        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), false, &p.opts, &ctx) }, f32::INFINITY)
     };
     let chunk = partial.block_merge::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
