@@ -57,10 +57,6 @@ pub const CLUSTER_KEEP: u32 = 2;
 /// `u32` words per chunk in the chunked plan's `partials`: the chunk summary, as the cluster
 /// slot.
 pub const PARTIAL_WORDS: usize = 4;
-/// Summary slots per group of the split plan's CTAs, each with its own counter: a CTA publishes
-/// row `k + 1`'s summary before it reads row `k`'s, so a CTA can be two rows ahead of another
-/// while that one still reads; four slots keep every summary until its last reader is done.
-pub const SPLIT_SLOTS: usize = 4;
 
 /// Where each row's label lives. Shared by every cross-entropy kernel.
 #[repr(C)]

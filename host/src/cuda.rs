@@ -983,19 +983,18 @@ impl CrossEntropy {
                     n_chunks,
                     groups,
                     smem_bytes,
-                    ..
                 } => {
                     params.n_chunks = n_chunks;
                     params.chunk_len = chunk_len;
                     // The groups' counters, after their summaries, start at 0.
-                    let slots = crate::abi::SPLIT_SLOTS * groups as usize;
-                    let summaries = crate::abi::PARTIAL_WORDS * n_chunks as usize * slots;
+                    let summaries =
+                        2 * crate::abi::PARTIAL_WORDS * n_chunks as usize * groups as usize;
                     // SAFETY: `out.partials` holds `partials_len` words (checked by the caller).
                     unsafe {
                         cudarc::driver::result::memset_d8_async(
                             out.partials + 4 * summaries as u64,
                             0,
-                            4 * slots,
+                            4 * groups as usize,
                             stream.cu_stream(),
                         )?;
                     }

@@ -2,7 +2,7 @@
 //! Every tuning constant is here, with the reason for its value.
 
 pub use crate::abi::CLUSTER_KEEP;
-use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET, SPLIT_SLOTS};
+use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET};
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
 
@@ -98,12 +98,11 @@ pub enum PlanChoice {
         size: Option<u32>,
         threads: Option<u32>,
     },
-    /// sm_80 (the automatic plan does not take it): a row split over a group of co-resident CTAs
-    /// (a cooperative launch), each keeping its chunk in shared memory, combined through global
-    /// memory: one read and one write per element for rows longer than one block's shared
-    /// memory; each CTA copies its next row's chunk while it finishes the one before, so it needs
-    /// shared memory for two. `chunk_len` (a positive multiple of 8 whose two copies fit in shared
-    /// memory) or the automatic choice ([`auto_split_chunk_len`]).
+    /// sm_80 (experimental: not yet run on a GPU, and the automatic plan does not take it): a row
+    /// split over a group of co-resident CTAs (a cooperative launch), each keeping its chunk in
+    /// shared memory, combined through global memory: one read and one write per element for
+    /// rows longer than one block's shared memory. `chunk_len` (a positive multiple of 8 that
+    /// fits in shared memory) or the automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
 }
 
@@ -611,20 +610,18 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
     )
 }
 
-/// Bytes of shared memory the two stashes of a CTA of the split plan take, at most: two CTAs fit
-/// in an A100's 164 KiB per SM. (A guess; see `bench/NOTES.md`, session 17, for the chunk sizes
-/// measured.)
+/// Bytes of a row each CTA of the split plan keeps in shared memory, at most: two CTAs fit in an
+/// A100's 164 KiB per SM, so one can load while the other computes. (A guess from the cluster
+/// plan's measurements; not yet measured for this plan.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
 /// Threads per CTA of the split plan, at most: its per-row option kernels take 86-96 registers
 /// (ptxas), and two CTAs of 256 threads fit in an SM's 64 K registers.
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
-/// The split plan's automatic chunk: the fewest chunks whose two stashes take at most
-/// [`SPLIT_CHUNK_BYTES`], even to a multiple of 8 elements.
+/// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
+/// multiple of 8 elements.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
-    let n_chunks = (vocab * dtype.bytes() * 2)
-        .div_ceil(SPLIT_CHUNK_BYTES)
-        .max(1);
+    let n_chunks = (vocab * dtype.bytes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
     vocab.div_ceil(n_chunks).next_multiple_of(8)
 }
 
@@ -652,11 +649,8 @@ fn split_plan(
 ) -> Result<LaunchPlan> {
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
-    // Two stashes, each 16 bytes of alignment slack and a chunk.
-    let smem_bytes = chunk_len
-        .checked_mul(dtype.bytes())
-        .and_then(split_smem_bytes)
-        .filter(|&bytes| bytes <= limits.max_smem_per_block)
+    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
+        .filter(|&b| b <= limits.max_smem_per_block)
         .ok_or_else(|| {
             Error::PlanDoesNotFit(format!(
                 "a chunk of {chunk_len} {} elements does not fit in {} bytes of shared memory",
@@ -682,13 +676,6 @@ fn split_plan(
     }
     check_grid(groups, n_chunks as usize, "CTAs")?;
     Ok(with_groups(groups))
-}
-
-/// Shared memory of a split-plan CTA whose chunks take `chunk_bytes`: two stashes of 16 bytes of
-/// alignment slack and a chunk each.
-pub fn split_smem_bytes(chunk_bytes: usize) -> Option<u32> {
-    let bytes = chunk_bytes.checked_add(16)?.checked_mul(2)? + SMEM_STASH_OFFSET as usize;
-    u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
@@ -718,10 +705,10 @@ pub fn scale_tiles(vocab: usize) -> usize {
 pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
     match *launch {
         LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
-        // `SPLIT_SLOTS` summaries per CTA, then as many counters per group.
+        // Two summaries per CTA, then a counter per group.
         LaunchPlan::Split {
             n_chunks, groups, ..
-        } => SPLIT_SLOTS * (PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
+        } => (2 * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
     }
 }

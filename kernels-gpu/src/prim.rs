@@ -287,14 +287,6 @@ pub fn fence_acq_rel_gpu() {
     unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
 }
 
-/// `%dynamic_smem_size`: bytes of dynamic shared memory this launch gave each block.
-#[inline(always)]
-pub fn dynamic_smem_size() -> u32 {
-    let n: u32;
-    unsafe { asm!("mov.u32 {n}, %dynamic_smem_size;", n = out(reg32) n, options(pure, nomem, nostack)) }
-    n
-}
-
 /// `mov.u32 %r, xent_dyn_smem;`: the shared-window address of the dynamic shared memory.
 #[inline(always)]
 pub fn smem_base() -> u32 {

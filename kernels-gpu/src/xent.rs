@@ -8,7 +8,7 @@
 
 use crate::abi::{
     COUNT_BAD, COUNT_CLASS_WEIGHT_SUM, COUNT_DONE, COUNT_VALID, COUNT_WEIGHT, CountParams, FinishParams, MODE_FORWARD,
-    OptParams, PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_COUNTS, SMEM_STASH_OFFSET, SPLIT_SLOTS, XentParams,
+    OptParams, PARTIAL_WORDS, REDUCTION_MEAN, RowsParams, SMEM_COUNTS, SMEM_STASH_OFFSET, XentParams,
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
@@ -96,7 +96,6 @@ pub unsafe fn row_target<L: Label>(rows: &RowsParams, row: u64) -> Target {
 
 /// A run of `len` elements of one row from global byte address `addr`: a scalar head up to the
 /// first 16-byte boundary, `n_vec` aligned vectors, and a scalar tail.
-#[derive(Clone, Copy)]
 struct Segment {
     addr: u64,
     len: u32,
@@ -149,24 +148,9 @@ impl Segment {
 unsafe fn reduce_segment<T: Element, M: Mode>(
     seg: &Segment,
     stash: Option<u32>,
-    stashed: bool,
     o: &OptParams,
     ctx: &RowCtx,
 ) -> Part {
-    // With `stashed`, the vectors are in the stash already (`copy_to_stash`): read from there.
-    let load = |start: u32| unsafe {
-        match stash {
-            Some(stash) if stashed => prim::ld_shared_v4(stash + start * T::BYTES),
-            _ => prim::ld_global_v4(seg.elem_addr::<T>(start)),
-        }
-    };
-    let keep = |start: u32, words: [u32; 4]| {
-        if let Some(stash) = stash
-            && !stashed
-        {
-            unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
-        }
-    };
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut acc = Part::EMPTY;
     let mut v = tid;
@@ -175,8 +159,10 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         // arithmetic, not the loads' latency, bounds this path).
         while v < seg.n_vec {
             let start = seg.vec_start::<T>(v);
-            let words = load(start);
-            keep(start, words);
+            let words = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
+            if let Some(stash) = stash {
+                unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
+            }
             let x = T::unpack(words);
             let y = unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) };
             acc.lse.add(&y, T::VEC);
@@ -188,14 +174,18 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                words[u as usize] = load(seg.vec_start::<T>(index));
+                let start = seg.vec_start::<T>(index);
+                words[u as usize] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
             }
         });
         let mut batch_max = f32::NEG_INFINITY;
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                keep(seg.vec_start::<T>(index), words[u as usize]);
+                if let Some(stash) = stash {
+                    let start = seg.vec_start::<T>(index);
+                    unsafe { prim::st_shared_v4(stash + start * T::BYTES, words[u as usize]) };
+                }
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
@@ -414,15 +404,6 @@ unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u3
         return 0.0;
     }
     let x = T::widen(unsafe { T::ld_global_raw(row_addr::<T>(&p.rows, row) + label as u64 * T::BYTES as u64) });
-    smoothing_ref_of::<M>(p, x)
-}
-
-/// [`smoothing_ref`] of the label's logit `x`, wherever it was read.
-#[inline(always)]
-fn smoothing_ref_of<M: Mode>(p: &XentParams, x: f32) -> f32 {
-    if !M::OPTS || (p.opts.label_smoothing == 0.0 && !M::SMOOTHING_PATH) || p.label_logits != 0 {
-        return 0.0;
-    }
     // A -inf or NaN label logit would turn the infinite loss PyTorch gives into NaN (inf - inf):
     // no reference then, as before.
     if !x.is_finite() {
@@ -541,7 +522,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
         if tid == 0 { T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(label)) }) } else { 0.0 };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, 0) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), false, &p.opts, &ctx) };
+    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) };
     let total = partial.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
     if p.mode != MODE_FORWARD {
@@ -591,7 +572,7 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
         return;
     };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
-    let total = unsafe { reduce_segment::<T, M>(&seg, None, false, &p.opts, &ctx) }.block_merge::<M>();
+    let total = unsafe { reduce_segment::<T, M>(&seg, None, &p.opts, &ctx) }.block_merge::<M>();
     if thread_idx() == 0 {
         unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
         // Vocabulary-parallel: the label's logit, from the rank whose slice holds it.
@@ -676,21 +657,16 @@ const SPLIT_MAX_SPINS: u32 = 1 << 24;
 /// a row is cut into `n_chunks` chunks of `chunk_len`, one per CTA of a group of `n_chunks`
 /// CTAs; the launch is cooperative, so every CTA is resident at once, and the `grid / n_chunks`
 /// groups walk the rows (group `g` takes rows `g, g + groups, ...`). Each CTA keeps its chunk in
-/// shared memory, stores its summary in `partials`, counts itself in on the summary slot's
-/// counter (release), waits until the whole group has (acquire), merges the group's summaries in
-/// a fixed order (every CTA gets the same bits) and writes its chunk's gradient from shared
-/// memory.
+/// shared memory, stores its summary in `partials`, counts itself in on its group's counter
+/// (release), waits until the whole group has (acquire), merges the group's summaries in a fixed
+/// order (every CTA gets the same bits) and writes its chunk's gradient from shared memory.
 ///
-/// Two stashes: a CTA starts the copy of its next row's chunk into one (`cp.async`) before it
-/// reads the one it holds from the other, so its loads stay in flight through the row's
-/// exchange with the group, when a CTA that loaded through registers left HBM idle.
-///
-/// `partials`: `groups x SPLIT_SLOTS x n_chunks` summaries (`PARTIAL_WORDS` each; a group's
-/// `k`-th scored row takes slot `k % SPLIT_SLOTS`), then `groups x SPLIT_SLOTS` counters that
-/// must be 0 at launch.
+/// `partials`: `groups x 2 x n_chunks` summaries (`PARTIAL_WORDS` each; the two halves
+/// alternate between a group's rows, so a CTA that runs ahead never overwrites a summary another
+/// still reads), then `groups` counters that must be 0 at launch.
 ///
 /// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
-/// shared memory = `SMEM_STASH_OFFSET + 2 * (16 + chunk_len * BYTES)`.
+/// shared memory = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
 #[inline(always)]
 pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let tid = thread_idx();
@@ -698,157 +674,78 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
     let groups = (prim::grid_dim() / n_chunks) as u64;
     let summary_bytes = 4 * PARTIAL_WORDS as u64;
-    let slots = SPLIT_SLOTS as u64;
-    let group_split = Split {
-        summaries: p.partials + group * slots * n_chunks as u64 * summary_bytes,
-        counters: p.partials + groups * slots * n_chunks as u64 * summary_bytes + 4 * slots * group,
-        n_chunks,
-        local: chunk as u32 * p.chunk_len,
+    let counter = p.partials + groups * 2 * n_chunks as u64 * summary_bytes + 4 * group;
+    // Summary `q` of the group's half `half`.
+    let slot = |half: u32, q: u32| {
+        p.partials + ((group * 2 + half as u64) * n_chunks as u64 + q as u64) * summary_bytes
     };
-    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(group_split.local));
-    let stash_bytes = 16 + p.chunk_len * T::BYTES;
-    // Where this CTA's chunk of `row` starts, and the stash of the group's `k`-th scored row.
-    let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + group_split.local as u64 * T::BYTES as u64, len);
-    let stash_of = |seg: &Segment, k: u32| prim::smem_base() + SMEM_STASH_OFFSET + (k & 1) * stash_bytes + (seg.addr & 15) as u32;
-    // The row whose copy is in flight or done, waiting to be read, and its class.
-    let mut current: Option<(u64, u32)> = None;
-    // Its index among the group's scored rows.
-    let mut k = 0u32;
+    let local = chunk as u32 * p.chunk_len;
+    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
+    // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
+    let mut scored = 0u32;
     let mut row = group;
-    loop {
-        // The next row to score; the rows before it take no copy (an ignored row's gradient is 0).
-        let mut next = None;
-        while next.is_none() && row < p.rows.n_rows {
-            match unsafe { row_target::<L>(&p.rows, row) } {
-                Target::Class(label) => next = Some((row, label)),
-                target => {
-                    if p.mode != MODE_FORWARD {
-                        unsafe { zero_segment::<T>(&seg_of(row), 0) };
+    while row < p.rows.n_rows {
+        let seg = Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+        match unsafe { row_target::<L>(&p.rows, row) } {
+            Target::Class(label) => {
+                let local_label = label.wrapping_sub(local);
+                let owns_label = local_label < seg.len;
+                // Read before the block's first barrier; every gradient write comes after it.
+                let x_label = if owns_label && tid == 0 {
+                    T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+                } else {
+                    0.0
+                };
+                let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
+                let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
+                let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
+                let half = scored & 1;
+                if tid == 0 {
+                    unsafe {
+                        part.st_global::<M>(slot(half, chunk as u32));
+                        prim::red_add_release_gpu_u32(counter, 1);
+                        let target = n_chunks * (scored + 1);
+                        // Bounded: a group that never completes (a bug, or a launch that was not
+                        // resident at once) traps, an error the host reports, not a hung GPU.
+                        let mut spins = 0u32;
+                        while prim::ld_acquire_gpu_u32(counter) < target {
+                            spins += 1;
+                            if spins == SPLIT_MAX_SPINS {
+                                prim::trap();
+                            }
+                        }
                     }
-                    if chunk == 0 && tid == 0 {
-                        unsafe { write_unscored_row::<M>(p, row, target) };
-                    }
+                    prim::fence_acq_rel_gpu();
+                }
+                prim::sync_threads();
+                let mut acc = Part::EMPTY;
+                let mut q = tid;
+                while q < n_chunks {
+                    acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(slot(half, q)) });
+                    q += prim::block_dim();
+                }
+                let total = acc.block_merge::<M>();
+                let c = unsafe { opts::coef::<M>(p, &total, label, local) };
+                if p.mode != MODE_FORWARD {
+                    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
+                }
+                if owns_label && tid == 0 {
+                    unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
+                }
+                scored += 1;
+            }
+            target => {
+                if p.mode != MODE_FORWARD {
+                    unsafe { zero_segment::<T>(&seg, 0) };
+                }
+                if chunk == 0 && tid == 0 {
+                    unsafe { write_unscored_row::<M>(p, row, target) };
                 }
             }
-            row += groups;
         }
-        // Its vectors go to the stash the previous row freed (a group of copies, empty at the end).
-        if let Some((next_row, _)) = next {
-            let seg = seg_of(next_row);
-            unsafe { copy_to_stash::<T>(&seg, stash_of(&seg, k + current.is_some() as u32)) };
-        }
-        prim::cp_async_commit();
-        let Some((held, label)) = current else {
-            if next.is_none() {
-                break;
-            }
-            current = next;
-            continue;
-        };
-        // Every copy but the group just committed is done; the barrier shows all threads' copies.
-        prim::cp_async_wait_one();
+        // The stash and the reduction scratch serve the next row.
         prim::sync_threads();
-        let seg = seg_of(held);
-        let stash = stash_of(&seg, k);
-        let ctx = unsafe { row_ctx::<T, M>(p, held, label, group_split.local) };
-        let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), true, &p.opts, &ctx) }.block_merge::<M>();
-        if tid == 0 {
-            unsafe {
-                part.st_global::<M>(group_split.summary(k, chunk as u32));
-                prim::red_add_release_gpu_u32(group_split.counter(k), 1);
-            }
-        }
-        unsafe { group_split.finish::<T, M>(p, held, label, &seg, stash, k) };
-        // The stash and the reduction scratch serve the next rows.
-        prim::sync_threads();
-        k += 1;
-        current = next;
-        if current.is_none() {
-            break;
-        }
-    }
-}
-
-/// Starts the copy of `seg`'s vectors to `stash` (`cp.async`, one 16-byte copy per vector; the
-/// scalar head and tail `reduce_segment` copies itself), without committing them.
-#[inline(always)]
-unsafe fn copy_to_stash<T: Element>(seg: &Segment, stash: u32) {
-    let (tid, step) = (thread_idx(), prim::block_dim());
-    let mut v = tid;
-    while v < seg.n_vec {
-        let start = seg.vec_start::<T>(v);
-        unsafe { prim::cp_async_16(stash + start * T::BYTES, seg.elem_addr::<T>(start), true) };
-        v += step;
-    }
-}
-
-/// A CTA's place in the split plan: its group's summaries and counters, and its chunk.
-struct Split {
-    summaries: u64,
-    counters: u64,
-    n_chunks: u32,
-    /// The chunk's first column.
-    local: u32,
-}
-
-impl Split {
-    /// Address of chunk `q`'s summary of the group's `k`-th scored row.
-    #[inline(always)]
-    fn summary(&self, k: u32, q: u32) -> u64 {
-        self.summaries + ((k as u64 % SPLIT_SLOTS as u64) * self.n_chunks as u64 + q as u64) * 4 * PARTIAL_WORDS as u64
-    }
-
-    /// Address of the counter of the `k`-th scored row's slot.
-    #[inline(always)]
-    fn counter(&self, k: u32) -> u64 {
-        self.counters + 4 * (k as u64 % SPLIT_SLOTS as u64)
-    }
-
-    /// Waits until every CTA of the group has published `row` (the group's `k`-th scored row, of
-    /// class `label`, this CTA's chunk `seg` in `stash`), merges the summaries, writes the
-    /// gradient of the chunk from the stash and, in the CTA that owns the label, the row's outputs.
-    #[inline(always)]
-    unsafe fn finish<T: Element, M: Mode>(&self, p: &XentParams, row: u64, label: u32, seg: &Segment, stash: u32, k: u32) {
-        let tid = thread_idx();
-        if tid == 0 {
-            // A slot's counter gains `n_chunks` for each row that takes it; no CTA publishes the
-            // slot's next row before every CTA has published this one (`SPLIT_SLOTS`).
-            let target = self.n_chunks * (k / SPLIT_SLOTS as u32 + 1);
-            let counter = self.counter(k);
-            // Bounded: a group that never completes (a bug, or a launch that was not resident
-            // at once) traps, an error the host reports, not a hung GPU.
-            let mut spins = 0u32;
-            while unsafe { prim::ld_acquire_gpu_u32(counter) } < target {
-                spins += 1;
-                if spins == SPLIT_MAX_SPINS {
-                    prim::trap();
-                }
-            }
-            prim::fence_acq_rel_gpu();
-        }
-        prim::sync_threads();
-        let mut acc = Part::EMPTY;
-        let mut q = tid;
-        while q < self.n_chunks {
-            acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(self.summary(k, q)) });
-            q += prim::block_dim();
-        }
-        let total = acc.block_merge::<M>();
-        let c = unsafe { opts::coef::<M>(p, &total, label, self.local) };
-        let local_label = label.wrapping_sub(self.local);
-        // The label's logit as loaded, from the stash: the gradient below overwrites it in place.
-        let x_label = if local_label < seg.len && tid == 0 {
-            T::widen(unsafe { T::ld_shared_raw(stash + local_label * T::BYTES) })
-        } else {
-            0.0
-        };
-        if p.mode != MODE_FORWARD {
-            unsafe { grad_segment::<T, M>(seg, Some(stash), &p.opts, &c, local_label, 0) };
-        }
-        if local_label < seg.len && tid == 0 {
-            let y_ref = smoothing_ref_of::<M>(p, x_label);
-            unsafe { write_scored_row::<M>(p, row, &total, label, x_label, y_ref, &c) };
-        }
+        row += groups;
     }
 }
 
@@ -935,7 +832,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else if BULK_LOAD {
         unsafe { bulk_load_and_reduce::<T, M, false>(&seg, &mut kept, &p.opts, &ctx) }
     } else {
-        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), false, &p.opts, &ctx) }, f32::INFINITY)
+        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }, f32::INFINITY)
     };
     let chunk = partial.block_merge::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;

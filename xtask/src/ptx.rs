@@ -171,8 +171,7 @@ fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
 /// per SM: on an H200 at 8192 x 128256 bf16 it went from 75% to 83% of copy bandwidth, and
 /// 8192 x 32000 from 75% to 81% (2026-11-28).
 pub const MAX_REGISTERS: u32 = 64;
-/// Kernels left uncapped because ptxas would spill under `MAX_REGISTERS` (unless [`TIGHT_CAPS`]
-/// names them).
+/// Kernels left uncapped because ptxas would spill under `MAX_REGISTERS`.
 const UNCAPPED: &[&str] = &[
     "xent_fused_",
     "xent_chunk_grad_coef_",
@@ -181,8 +180,8 @@ const UNCAPPED: &[&str] = &[
     "xent_chunk_partial_cap_",
     "xent_chunk_grad_cap_",
     "xent_backward_cap_",
-    // At most 256 threads a CTA (`plan::SPLIT_MAX_THREADS`): 72-128 registers (ptxas; a cap of
-    // 128 makes it take 118 for the plain kernel) let two CTAs share an SM.
+    // At most 256 threads a CTA (`plan::SPLIT_MAX_THREADS`): up to 96 registers still lets two
+    // CTAs share an SM.
     "xent_split_",
 ];
 /// Kernels with a tighter cap: the plain and per-row option cluster kernels, which keep 2
@@ -206,10 +205,6 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_cluster_bf16_", 40),
     ("xent_cluster_f16_", 40),
     ("xent_cluster_f32_", 40),
-    // The split plan's soft-cap kernels (`cap_`, `capacc_`), at most 256 threads a CTA
-    // (`plan::SPLIT_MAX_THREADS`): uncapped they take up to 132 registers (one CTA an SM); 128
-    // lets two share it, without spills (sm_80 and sm_90).
-    ("xent_split_cap", 128),
     // The GEMM + log-sum-exp prototype: 64 accumulators and 24 fragment registers a thread; 128
     // lets two 256-thread CTAs share an SM.
     ("xent_lse_gemm_", 128),
@@ -246,14 +241,13 @@ fn cap_registers(ptx: &str) -> String {
     let mut pending = None;
     for line in ptx.split_inclusive('\n') {
         if let Some(name) = line.split(".entry ").nth(1) {
-            // A tighter cap first (it may name a subset of an uncapped prefix), then uncapped.
-            let tight = TIGHT_CAPS
-                .iter()
-                .find(|(prefix, _)| name.starts_with(prefix));
-            pending = match tight {
-                Some(&(_, cap)) => Some(cap),
-                None if UNCAPPED.iter().any(|prefix| name.starts_with(prefix)) => None,
-                None => Some(MAX_REGISTERS),
+            pending = if UNCAPPED.iter().any(|prefix| name.starts_with(prefix)) {
+                None
+            } else {
+                let tight = TIGHT_CAPS
+                    .iter()
+                    .find(|(prefix, _)| name.starts_with(prefix));
+                Some(tight.map_or(MAX_REGISTERS, |&(_, cap)| cap))
             };
         }
         if let Some(cap) = pending
