@@ -960,10 +960,9 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         *widest = widest.max(w);
         // The shorter polynomial is chosen lane by lane, without the vote's cost: where it holds
         // for one lane it usually does for all (the benchmark's logits); the vote only runs past it.
-        let all = |p: bool| if WARP_TIERS { prim::warp_all(p) } else { p };
         let tier = if w < o.short_x2_max {
             POLY_SHORT
-        } else if all(w < o.poly_x2_max) {
+        } else if prim::warp_all(w < o.poly_x2_max) {
             POLY_LONG
         } else if o.wide_x2_max > 0.0 {
             POLY_WIDE
@@ -1078,11 +1077,6 @@ const POLY_NONE: u8 = 3;
 #[cfg(xent_cluster)]
 const POLY_WIDE_FIX: u8 = 4;
 
-/// Whether `add_vector` takes the soft cap's polynomial past the shorter one for the whole warp
-/// (a vote a vector) rather than for each lane's vector (`false`: session 16's `lane.ptx`, the
-/// A/B's other side).
-#[cfg(xent_cluster)]
-const WARP_TIERS: bool = true;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
