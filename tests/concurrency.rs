@@ -107,18 +107,31 @@ fn two_threads_on_two_streams_compute_different_losses_at_once() {
             150,
         )
     };
-    // bf16 logits and i64 labels: LLM rows under the shift, the automatic plan (the cluster
-    // kernel on sm_90), the mean.
+    // bf16 logits and i64 labels: LLM rows under the shift, the mean; the automatic plan (the
+    // cluster kernel on sm_90), or without clusters the split plan's cooperative launch (4 chunks a
+    // row), beside the other stream's kernels.
+    let clusters = xent.limits().max_cluster > 1;
     let mut case_a = Case::new(0, 32000);
     case_a.shape = Shape::batched(2, seq_len, 32000);
     case_a.opts = Options {
         causal_shift: true,
+        plan: if clusters {
+            PlanChoice::Auto
+        } else {
+            PlanChoice::Split {
+                chunk_len: Some(8000),
+            }
+        },
         ..Options::default()
     };
     case_a.ignored = 0.1;
     case_a.seed = 1000;
     let work_a = Work {
-        name: "bf16/i64 shifted mean, automatic plan",
+        name: if clusters {
+            "bf16/i64 shifted mean, automatic plan"
+        } else {
+            "bf16/i64 shifted mean, split plan"
+        },
         case: case_a,
         base_offset: 0,
     };

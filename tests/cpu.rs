@@ -1450,21 +1450,48 @@ fn few_rows_get_larger_clusters_to_fill_every_sm_twice() {
 }
 
 #[test]
-fn a100_has_no_clusters_and_uses_fused_or_chunked_plans() {
+fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
     let on_a100 =
         |rows, vocab, dtype| plan::plan(rows, vocab, dtype, DeviceLimits::A100, PlanChoice::Auto);
     // Llama-2's vocab in bf16 (62.5 KiB) fits one block: fused.
     let got = on_a100(8192, LLAMA2_VOCAB, DType::Bf16);
     assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
-    // GPT-2's in f32 (196 KiB) is over the A100's 163 KiB per block: chunked.
+    // GPT-2's in f32 (196 KiB) is over the A100's 163 KiB per block: split (3 chunks of 67 KiB),
+    // every group busy.
     let got = on_a100(8192, GPT2_VOCAB, DType::F32);
-    assert!(matches!(got, Ok(LaunchPlan::Chunked { .. })), "{got:?}");
-    // Few rows: chunked, with at least two blocks per SM.
+    assert!(
+        matches!(got, Ok(LaunchPlan::Split { groups, n_chunks: 3, .. }) if groups < 8192),
+        "{got:?}"
+    );
+    // Llama 3's in bf16: 4 chunks a row, split at 512 rows (one CTA per SM without the driver's
+    // answer: 27 groups).
     let got = on_a100(512, LLAMA3_VOCAB, DType::Bf16);
+    assert!(
+        matches!(
+            got,
+            Ok(LaunchPlan::Split {
+                groups: 27,
+                n_chunks: 4,
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    // A 256K vocabulary in bf16: 7 chunks a row, split.
+    let got = on_a100(4096, 262144, DType::Bf16);
+    assert!(
+        matches!(got, Ok(LaunchPlan::Split { n_chunks: 7, .. })),
+        "{got:?}"
+    );
+    // More chunks a row than the split plan was measured at (the same in f32: 13): chunked.
+    let got = on_a100(4096, 262144, DType::F32);
+    assert!(matches!(got, Ok(LaunchPlan::Chunked { .. })), "{got:?}");
+    // Fewer rows than the split plan has groups: chunked, with at least two blocks per SM.
+    let got = on_a100(8, LLAMA3_VOCAB, DType::Bf16);
     let Ok(LaunchPlan::Chunked { n_chunks, .. }) = got else {
         panic!("expected a chunked plan, got {got:?}");
     };
-    assert!(512 * n_chunks as usize >= 2 * DeviceLimits::A100.sm_count as usize);
+    assert!(8 * n_chunks as usize >= 2 * DeviceLimits::A100.sm_count as usize);
     // Forcing the cluster plan without clusters is an error, not a panic.
     let forced = plan::plan(
         8,

@@ -107,6 +107,127 @@ fn every_plan<T: xent::Element>(
     }
 }
 
+/// The split plan (sm_80) walks each group's rows in turn, and copies a group's next row into the
+/// stash behind the gradient of the row before where both lie alike modulo 16 bytes and the next
+/// row is scored. Many rows a group (twice the groups and more), a third of the rows ignored (so
+/// runs of them), strides that keep rows 16-byte aligned and one that does not, chunks a thread
+/// covers in one vector and in several, and each family of split kernels, against the reference.
+#[test]
+fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
+    let Some(xent) = gpu() else { return };
+    if xent.limits().max_cluster > 1 {
+        xent_tests::report("split plan: the cluster plan runs here (XENT_ARCH=sm_80 runs it)");
+        return;
+    }
+    let families: [(&str, Options); 8] = [
+        ("plain", Options::default()),
+        (
+            "z-loss and smoothing",
+            Options {
+                lse_square_scale: 1e-4,
+                label_smoothing: 0.1,
+                ..Options::default()
+            },
+        ),
+        (
+            "class weights",
+            Options {
+                weight: Some(Vec::new()),
+                ..Options::default()
+            },
+        ),
+        (
+            "accuracy",
+            Options {
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "soft cap",
+            Options {
+                softcap: Some(3.0),
+                ..Options::default()
+            },
+        ),
+        (
+            "soft cap and accuracy",
+            Options {
+                softcap: Some(3.0),
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "weighted smoothing",
+            Options {
+                weight: Some(Vec::new()),
+                label_smoothing: 0.1,
+                ..Options::default()
+            },
+        ),
+        (
+            "all five",
+            Options {
+                lse_square_scale: 1e-4,
+                label_smoothing: 0.1,
+                softcap: Some(3.0),
+                weight: Some(Vec::new()),
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for (vocab, chunk_len) in [(2048, 64), (32000, 4096)] {
+        for dtype in [DType::Bf16, DType::F32] {
+            for extra in [0, 3] {
+                for (name, family) in &families {
+                    let opts = Options {
+                        weight: family
+                            .weight
+                            .as_ref()
+                            .map(|_| (0..vocab).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect()),
+                        plan: PlanChoice::Split {
+                            chunk_len: Some(chunk_len),
+                        },
+                        ..family.clone()
+                    };
+                    // As many groups as are resident; then two rows a group and a few more.
+                    let plan = xent.plan_for(&Shape::flat(1 << 20, vocab), dtype, &opts);
+                    let Ok(xent::LaunchPlan::Split { groups, .. }) = plan else {
+                        panic!(
+                            "{name}, {vocab} x {chunk_len} {}: expected a split plan, got {plan:?}",
+                            dtype.name()
+                        );
+                    };
+                    let rows = 2 * groups as usize + 7;
+                    let mut case = Case::new(rows, vocab);
+                    case.shape = Shape::flat(rows, vocab).with_row_stride(vocab + extra);
+                    case.opts = opts;
+                    case.ignored = 0.3;
+                    case.seed = (vocab + extra) as u64;
+                    for result in [
+                        run_case_dtype::<i64>(xent, &xent.context().default_stream(), dtype, &case),
+                        run_case_dtype::<i32>(xent, &xent.context().default_stream(), dtype, &case),
+                    ] {
+                        cases += 1;
+                        if let Err(msg) = result {
+                            failures.push(format!("{name}: {msg}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "split plan, many rows a group: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
 #[test]
 fn causal_shift_scores_next_label_within_each_sequence() {
     let Some(xent) = gpu() else { return };

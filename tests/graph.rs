@@ -36,7 +36,11 @@ fn a_captured_call_replays_with_the_same_loss_and_gradient() {
         },
     ];
     if xent.limits().max_cluster == 1 {
+        // sm_80: the split plan's cooperative launch, and the memset of its counters, captured.
         plans.push(PlanChoice::Fused);
+        plans.push(PlanChoice::Split {
+            chunk_len: Some(4096),
+        });
     }
     for plan in plans {
         let opts = Options {

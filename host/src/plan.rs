@@ -273,7 +273,17 @@ pub fn plan_with(
             let enough_rows = rows >= limits.sm_count as usize;
             match smem {
                 Some(bytes) if enough_rows => fused(bytes),
-                _ => chunked(auto_chunk_len(rows, vocab, limits)),
+                // Rows longer than a block's shared memory, or too few to fill the SMs: the split
+                // plan reads them once where it cuts a row into at most `SPLIT_AUTO_MAX_CHUNKS`
+                // and there are rows for every group it can run; else the chunked plan, which
+                // reads them twice but cuts few rows finer.
+                _ => {
+                    let chunk_len = auto_split_chunk_len(vocab, dtype);
+                    split_plan(rows, vocab, dtype, limits, chunk_len, active_clusters)
+                        .ok()
+                        .filter(|plan| split_is_full(plan, rows))
+                        .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
+                }
             }
         }
     }
@@ -611,11 +621,12 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
 }
 
 /// Bytes of a row each CTA of the split plan keeps in shared memory, at most: two CTAs fit in an
-/// A100's 164 KiB per SM, so one can load while the other computes. (A guess from the cluster
-/// plan's measurements; not yet measured for this plan.)
+/// A100's 164 KiB per SM. (Session 17: chunks of half this size, to keep two rows a CTA, lost
+/// 15-20 points of copy.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
-/// Threads per CTA of the split plan, at most: its per-row option kernels take 86-96 registers
-/// (ptxas), and two CTAs of 256 threads fit in an SM's 64 K registers.
+/// Threads per CTA of the split plan, at most: its kernels are capped at 80 registers (`cargo
+/// xtask ptx`), so three CTAs of 256 threads fit in an SM's 64 K registers. (Session 17: 384 and
+/// 512 threads lost resident CTAs and 1-30 points of copy.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
@@ -676,6 +687,20 @@ fn split_plan(
     }
     check_grid(groups, n_chunks as usize, "CTAs")?;
     Ok(with_groups(groups))
+}
+
+/// Chunks a row at most where the automatic plan takes the split plan. On an H200 under an A100's
+/// limits (2026-12-02, session 18, each CTA copying its next row behind its gradient) the split
+/// plan beat the chunked plan by 7.8-8.5 points of copy at four chunks a row (8192 x 128256 in
+/// 16-bit, 16384 x 151936 bf16) and by 5.1 and 8.0 at seven (4096 x 262144 bf16, 8192 x 128256
+/// f32); more chunks were not measured.
+pub const SPLIT_AUTO_MAX_CHUNKS: u32 = 8;
+
+/// Whether the automatic plan takes a split plan: at most [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row,
+/// and as many groups as are resident, not fewer for lack of rows.
+fn split_is_full(plan: &LaunchPlan, rows: usize) -> bool {
+    matches!(*plan, LaunchPlan::Split { groups, n_chunks, .. }
+        if n_chunks <= SPLIT_AUTO_MAX_CHUNKS && (groups as usize) < rows)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave

@@ -135,10 +135,21 @@ impl Segment {
     }
 }
 
+/// Where [`reduce_segment`] reads a segment's vectors, and whether it keeps them.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Global memory only.
+    Global,
+    /// Global memory, each element `j` also copied to shared memory at `stash + j * BYTES` (the
+    /// stash, congruent to the segment's address modulo 16, so vectors stay aligned).
+    Keep(u32),
+    /// The stash, where [`grad_segment`] copied the vectors behind the row before (the scalar
+    /// head and tail are still read from global memory and kept).
+    Stashed(u32),
+}
+
 /// This thread's share of the online log-sum-exp over `seg` (with `Full`, of the whole chunk
-/// summary, `ctx` placing the segment in its row). With `stash`, also copies the raw data to
-/// shared memory, element `j` at `stash + j * BYTES` (`stash` congruent to `seg.addr` modulo 16,
-/// so vectors stay aligned).
+/// summary, `ctx` placing the segment in its row), read from `src`.
 ///
 /// Each thread takes vectors `v, v + step, ...` in batches of `UNROLL`: all loads of a batch are
 /// issued before the first is used (bounds-checked, so a partial batch costs one round trip,
@@ -147,10 +158,21 @@ impl Segment {
 #[inline(always)]
 unsafe fn reduce_segment<T: Element, M: Mode>(
     seg: &Segment,
-    stash: Option<u32>,
+    src: Source,
     o: &OptParams,
     ctx: &RowCtx,
 ) -> Part {
+    let load = |start: u32| unsafe {
+        match src {
+            Source::Stashed(stash) => prim::ld_shared_v4(stash + start * T::BYTES),
+            _ => prim::ld_global_v4(seg.elem_addr::<T>(start)),
+        }
+    };
+    let keep = |start: u32, words: [u32; 4]| {
+        if let Source::Keep(stash) = src {
+            unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
+        }
+    };
     let (tid, step) = (thread_idx(), prim::block_dim());
     let mut acc = Part::EMPTY;
     let mut v = tid;
@@ -159,10 +181,8 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         // arithmetic, not the loads' latency, bounds this path).
         while v < seg.n_vec {
             let start = seg.vec_start::<T>(v);
-            let words = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
-            if let Some(stash) = stash {
-                unsafe { prim::st_shared_v4(stash + start * T::BYTES, words) };
-            }
+            let words = load(start);
+            keep(start, words);
             let x = T::unpack(words);
             let y = unsafe { opts::observe(o, ctx, x, T::VEC, ctx.col0 + start, &mut acc) };
             acc.lse.add(&y, T::VEC);
@@ -174,18 +194,14 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                let start = seg.vec_start::<T>(index);
-                words[u as usize] = unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
+                words[u as usize] = load(seg.vec_start::<T>(index));
             }
         });
         let mut batch_max = f32::NEG_INFINITY;
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                if let Some(stash) = stash {
-                    let start = seg.vec_start::<T>(index);
-                    unsafe { prim::st_shared_v4(stash + start * T::BYTES, words[u as usize]) };
-                }
+                keep(seg.vec_start::<T>(index), words[u as usize]);
                 batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
             }
         });
@@ -245,7 +261,7 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
-        if let Some(stash) = stash {
+        if let Source::Keep(stash) | Source::Stashed(stash) = src {
             unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
         }
         unsafe { add_scalar::<M>(&mut acc, T::widen(raw), j, o, ctx) };
@@ -274,15 +290,27 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
 /// Writes the gradient over `seg`, reading the logits from `stash` (see `reduce_segment`) or,
 /// without one, from the segment itself. `label` is the label's index in the segment (any value
 /// `>= len` when it lies elsewhere).
+///
+/// With `next` (and a stash; a segment of the same length and address modulo 16), each thread
+/// copies (`cp.async`, committed at the end) `next`'s vectors into the stash slots it has just
+/// read, each behind the gradient store that used the slot: the next row's loads are in flight
+/// while this row's gradient is written, for `reduce_segment` from `Source::Stashed` after a
+/// `cp.async.wait_group 0` (each thread reads back only the vectors it copied).
 #[inline(always)]
 unsafe fn grad_segment<T: Element, M: Mode>(
     seg: &Segment,
     stash: Option<u32>,
+    next: Option<&Segment>,
     o: &OptParams,
     c: &Coef,
     label: u32,
     delta: u64,
 ) {
+    let copy_next = |start: u32| {
+        if let (Some(stash), Some(next)) = (stash, next) {
+            unsafe { prim::cp_async_16(stash + start * T::BYTES, next.elem_addr::<T>(start), true) };
+        }
+    };
     let (tid, step) = (thread_idx(), prim::block_dim());
     let load = |start: u32| unsafe {
         match stash {
@@ -298,6 +326,7 @@ unsafe fn grad_segment<T: Element, M: Mode>(
             let x = T::unpack(load(start));
             let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start).wrapping_add(delta), T::pack(&g)) };
+            copy_next(start);
             v += step;
         }
     }
@@ -317,9 +346,13 @@ unsafe fn grad_segment<T: Element, M: Mode>(
                 let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
                 let at = seg.elem_addr::<T>(start).wrapping_add(delta);
                 unsafe { prim::st_global_v4(at, T::pack(&g)) };
+                copy_next(start);
             }
         });
         v += UNROLL * step;
+    }
+    if next.is_some() {
+        prim::cp_async_commit();
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
@@ -522,11 +555,11 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
         if tid == 0 { T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(label)) }) } else { 0.0 };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, 0) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-    let partial = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) };
+    let partial = unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) };
     let total = partial.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
     if p.mode != MODE_FORWARD {
-        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, label, 0) };
+        unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, label, 0) };
     }
     if tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
@@ -572,7 +605,7 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
         return;
     };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
-    let total = unsafe { reduce_segment::<T, M>(&seg, None, &p.opts, &ctx) }.block_merge::<M>();
+    let total = unsafe { reduce_segment::<T, M>(&seg, Source::Global, &p.opts, &ctx) }.block_merge::<M>();
     if thread_idx() == 0 {
         unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
         // Vocabulary-parallel: the label's logit, from the rank whose slice holds it.
@@ -642,7 +675,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let total = acc.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode != MODE_FORWARD {
-        unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, 0) };
+        unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, 0) };
     }
     if writes_row && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, y_ref, &c) };
@@ -681,11 +714,14 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     };
     let local = chunk as u32 * p.chunk_len;
     let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
+    let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
     // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
     let mut scored = 0u32;
+    // Whether this row's vectors are in the stash already (copied behind the last row's gradient).
+    let mut stashed = false;
     let mut row = group;
     while row < p.rows.n_rows {
-        let seg = Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+        let seg = seg_of(row);
         match unsafe { row_target::<L>(&p.rows, row) } {
             Target::Class(label) => {
                 let local_label = label.wrapping_sub(local);
@@ -698,7 +734,23 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 };
                 let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
                 let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-                let part = unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }.block_merge::<M>();
+                let src = if stashed {
+                    prim::cp_async_wait_all();
+                    Source::Stashed(stash)
+                } else {
+                    Source::Keep(stash)
+                };
+                let part = unsafe { reduce_segment::<T, M>(&seg, src, &p.opts, &ctx) }.block_merge::<M>();
+                // The group's next row, copied behind this row's gradient where it is scored and
+                // its chunk lies as this one modulo 16 (rows of a multiple of 16 bytes); not for
+                // the per-element options (`Full`), bound by their arithmetic, not their loads.
+                let next_row = row + groups;
+                let next_seg = seg_of(next_row);
+                stashed = !M::FULL
+                    && p.mode != MODE_FORWARD
+                    && next_row < p.rows.n_rows
+                    && (next_seg.addr ^ seg.addr) & 15 == 0
+                    && matches!(unsafe { row_target::<L>(&p.rows, next_row) }, Target::Class(_));
                 let half = scored & 1;
                 if tid == 0 {
                     unsafe {
@@ -727,7 +779,8 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 let total = acc.block_merge::<M>();
                 let c = unsafe { opts::coef::<M>(p, &total, label, local) };
                 if p.mode != MODE_FORWARD {
-                    unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
+                    let next = if stashed { Some(&next_seg) } else { None };
+                    unsafe { grad_segment::<T, M>(&seg, Some(stash), next, &p.opts, &c, local_label, 0) };
                 }
                 if owns_label && tid == 0 {
                     unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
@@ -775,7 +828,7 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     c.b *= factor;
     c.k *= factor;
     let local_label = label.wrapping_sub(start);
-    unsafe { grad_segment::<T, M>(&seg, None, &p.opts, &c, local_label, p.grad_delta) };
+    unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }
 
 /// Cluster plan (sm_90): a row split over the CTAs of a thread-block cluster, one chunk each, kept
@@ -832,7 +885,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else if BULK_LOAD {
         unsafe { bulk_load_and_reduce::<T, M, false>(&seg, &mut kept, &p.opts, &ctx) }
     } else {
-        (unsafe { reduce_segment::<T, M>(&seg, Some(stash), &p.opts, &ctx) }, f32::INFINITY)
+        (unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) }, f32::INFINITY)
     };
     let chunk = partial.block_merge::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
@@ -875,7 +928,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
     } else {
-        unsafe { grad_segment::<T, M>(&seg, Some(stash), &p.opts, &c, local_label, 0) };
+        unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
     }
     if owns_label && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
