@@ -98,11 +98,12 @@ pub enum PlanChoice {
         size: Option<u32>,
         threads: Option<u32>,
     },
-    /// sm_80 (experimental: not yet run on a GPU, and the automatic plan does not take it): a row
-    /// split over a group of co-resident CTAs (a cooperative launch), each keeping its chunk in
-    /// shared memory, combined through global memory: one read and one write per element for
-    /// rows longer than one block's shared memory. `chunk_len` (a positive multiple of 8 that
-    /// fits in shared memory) or the automatic choice ([`auto_split_chunk_len`]).
+    /// sm_80: a row split over a group of co-resident CTAs (a cooperative launch), each keeping
+    /// its chunk in shared memory, combined through global memory: one read and one write per
+    /// element for rows longer than one block's shared memory. The automatic plan takes it for
+    /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
+    /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
+    /// automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
 }
 
