@@ -1450,6 +1450,42 @@ fn few_rows_get_larger_clusters_to_fill_every_sm_twice() {
 }
 
 #[test]
+fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
+    let auto = |traits| {
+        plan::plan_with(
+            8192,
+            LLAMA3_VOCAB,
+            DType::Bf16,
+            DeviceLimits::A100,
+            PlanChoice::Auto,
+            traits,
+            &mut |_| None,
+        )
+    };
+    let got = auto(plan::KernelTraits::PLAIN);
+    assert!(matches!(got, Ok(LaunchPlan::Split { .. })), "{got:?}");
+    let got = auto(plan::KernelTraits {
+        split_automatic: false,
+        ..plan::KernelTraits::PLAIN
+    });
+    assert!(matches!(got, Ok(LaunchPlan::Chunked { .. })), "{got:?}");
+    // Rows that fit one block stay fused either way.
+    let got = plan::plan_with(
+        8192,
+        LLAMA2_VOCAB,
+        DType::Bf16,
+        DeviceLimits::A100,
+        PlanChoice::Auto,
+        plan::KernelTraits {
+            split_automatic: false,
+            ..plan::KernelTraits::PLAIN
+        },
+        &mut |_| None,
+    );
+    assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
+}
+
+#[test]
 fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
     let on_a100 =
         |rows, vocab, dtype| plan::plan(rows, vocab, dtype, DeviceLimits::A100, PlanChoice::Auto);
@@ -1766,7 +1802,7 @@ fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
             dtype,
             limits,
             PlanChoice::Auto,
-            plan::CLUSTER_KEEP,
+            plan::KernelTraits::PLAIN,
             &mut h200_active_clusters,
         )
         .unwrap();
@@ -1883,7 +1919,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
             DType::Bf16,
             limits,
             PlanChoice::Auto,
-            plan::CLUSTER_KEEP,
+            plan::KernelTraits::PLAIN,
             &mut |_| None,
         );
         assert_eq!(unknown.unwrap(), fallback, "{rows} x {vocab}, no answer");
@@ -1895,7 +1931,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 DType::Bf16,
                 limits,
                 PlanChoice::Auto,
-                plan::CLUSTER_KEEP,
+                plan::KernelTraits::PLAIN,
                 &mut h200_active_clusters,
             );
             assert_eq!(few.unwrap(), fallback, "{rows} x {vocab}");
@@ -1921,7 +1957,10 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
             size: Some(8),
             threads: None,
         },
-        0,
+        plan::KernelTraits {
+            keep: 0,
+            ..plan::KernelTraits::PLAIN
+        },
         &mut h200_active_clusters,
     );
     assert!(

@@ -23,11 +23,11 @@ use crate::abi::{
 use crate::error::{Error, Result};
 use crate::kernels::{
     ClusterLaunchKey, Kernel, PLAN_CACHE_MAX, PlanKey, XentKind, cluster_keep, cluster_kernels,
-    kernels, opt_params, ptx_for_arch, split_is_automatic, split_kernels, variant,
+    kernel_traits, kernels, opt_params, ptx_for_arch, split_kernels, variant,
 };
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
-use crate::plan::{self, DeviceLimits, LaunchPlan, PlanChoice};
+use crate::plan::{self, DeviceLimits, LaunchPlan};
 
 /// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
 /// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
@@ -238,24 +238,15 @@ impl CrossEntropy {
             .active_clusters
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut plan_as = |choice| {
-            plan::plan_with(
-                shape.rows(),
-                shape.vocab,
-                dtype,
-                self.limits,
-                choice,
-                cluster_keep(variant),
-                &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
-            )
-        };
-        let mut made = plan_as(opts.plan)?;
-        if opts.plan == PlanChoice::Auto
-            && matches!(made, LaunchPlan::Split { .. })
-            && !split_is_automatic(variant)
-        {
-            made = plan_as(PlanChoice::Chunked { chunk_len: None })?;
-        }
+        let made = plan::plan_with(
+            shape.rows(),
+            shape.vocab,
+            dtype,
+            self.limits,
+            opts.plan,
+            kernel_traits(variant),
+            &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
+        )?;
         self.check_block_threads(&made, variant, dtype)?;
         // A bound on what a caller with ever new shapes keeps: start again past it.
         if plans.len() >= PLAN_CACHE_MAX {

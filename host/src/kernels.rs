@@ -10,6 +10,7 @@ use crate::abi::{
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
+use crate::plan::KernelTraits;
 
 // SAFETY: plain `#[repr(C)]` structs of integers and floats, as the kernels declare them.
 unsafe impl DeviceRepr for XentParams {}
@@ -223,15 +224,19 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
     }
 }
 
-/// Whether the automatic plan may take the split plan (sm_80's long rows) for `variant`'s work.
-/// Not for `capacc_` (the soft cap with token accuracy or class-weighted smoothing; "all five"):
+/// What the planner needs of `variant`'s kernels: what the cluster kernels keep in registers
+/// ([`cluster_keep`]), and whether the automatic plan may take the split plan (sm_80's long rows).
+/// It may not for `capacc_` (the soft cap with token accuracy or class-weighted smoothing; "all five"):
 /// its split kernels take 116-128 registers, two CTAs an SM, and on an H200 under an A100's
 /// limits (session 18) lost to the chunked plan's per-element kernels (29.5 / 27.4 / 29.7% of copy
 /// against 32.1 / 32.6 / 31.9 with token accuracy, 24.6 / 23.2 / 25.0 against 25.6 for all five,
 /// at 8192x128256, 4096x262144 and 16384x151936 bf16); nor for `wsm_`, as heavy (110-123
 /// registers) and not measured against it.
-pub(crate) fn split_is_automatic(variant: &str) -> bool {
-    !matches!(variant, "capacc_" | "wsm_")
+pub(crate) fn kernel_traits(variant: &str) -> KernelTraits {
+    KernelTraits {
+        keep: cluster_keep(variant),
+        split_automatic: !matches!(variant, "capacc_" | "wsm_"),
+    }
 }
 
 /// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with class weights on or

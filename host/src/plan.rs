@@ -157,6 +157,26 @@ pub fn fused_smem_bytes(vocab: usize, dtype: DType) -> Option<u32> {
     u32::try_from(bytes.next_multiple_of(16)).ok()
 }
 
+/// What the planner needs to know of the kernels a call runs (their variant: which loss options
+/// they handle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTraits {
+    /// Vectors per thread the cluster kernels keep in registers ([`CLUSTER_KEEP`], or 0 for the
+    /// per-element option kernels).
+    pub keep: u32,
+    /// Whether the automatic plan may take the split plan for sm_80's long rows (not where the
+    /// variant's split kernels were measured slower than the chunked plan).
+    pub split_automatic: bool,
+}
+
+impl KernelTraits {
+    /// The plain kernels' (and most option variants').
+    pub const PLAIN: KernelTraits = KernelTraits {
+        keep: CLUSTER_KEEP,
+        split_automatic: true,
+    };
+}
+
 /// Chooses the kernels and their launch shape, with the cluster size from
 /// [`auto_cluster_size`] when it is automatic (no device to ask: see [`plan_with`]).
 pub fn plan(
@@ -172,24 +192,26 @@ pub fn plan(
         dtype,
         limits,
         choice,
-        CLUSTER_KEEP,
+        KernelTraits::PLAIN,
         &mut |_| None,
     )
 }
 
-/// [`plan`], given the device's answer to "how many clusters of this launch fit at once"
-/// (`active_clusters`, the driver's `cuOccupancyMaxActiveClusters`; `None` when unknown): an
-/// automatic cluster size and thread count are then [`cluster_shape_by_residency`], falling back
-/// to [`auto_cluster_size`] and [`threads_for`] its chunk when the device does not say.
+/// [`plan`] for kernels of `traits`, given the device's answer to "how many clusters of this
+/// launch fit at once" (`active_clusters`, the driver's `cuOccupancyMaxActiveClusters`; `None`
+/// when unknown): an automatic cluster size and thread count are then
+/// [`cluster_shape_by_residency`], falling back to [`auto_cluster_size`] and [`threads_for`] its
+/// chunk when the device does not say.
 pub fn plan_with(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
     choice: PlanChoice,
-    keep: u32,
+    traits: KernelTraits,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
+    let keep = traits.keep;
     if vocab == 0 || vocab > (u32::MAX / 2) as usize {
         return Err(Error::PlanDoesNotFit(format!(
             "vocab {vocab} is outside [1, 2^31)"
@@ -275,16 +297,17 @@ pub fn plan_with(
             match smem {
                 Some(bytes) if enough_rows => fused(bytes),
                 // Rows longer than a block's shared memory, or too few to fill the SMs: the split
-                // plan reads them once where it cuts a row into at most `SPLIT_AUTO_MAX_CHUNKS`
-                // and there are rows for every group it can run; else the chunked plan, which
-                // reads them twice but cuts few rows finer.
-                _ => {
+                // plan reads them once where its kernels are the faster (`traits`), it cuts a row
+                // into at most `SPLIT_AUTO_MAX_CHUNKS` and there are rows for every group it can
+                // run; else the chunked plan, which reads them twice but cuts few rows finer.
+                _ if traits.split_automatic => {
                     let chunk_len = auto_split_chunk_len(vocab, dtype);
                     split_plan(rows, vocab, dtype, limits, chunk_len, active_clusters)
                         .ok()
                         .filter(|plan| split_is_full(plan, rows))
                         .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
+                _ => chunked(auto_chunk_len(rows, vocab, limits)),
             }
         }
     }
@@ -625,8 +648,10 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
 /// A100's 164 KiB per SM. (Session 17: chunks of half this size, to keep two rows a CTA, lost
 /// 15-20 points of copy.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
-/// Threads per CTA of the split plan, at most: its kernels are capped at 80 registers (`cargo
-/// xtask ptx`), so three CTAs of 256 threads fit in an SM's 64 K registers. (Session 17: 384 and
+/// Threads per CTA of the split plan, at most: its plain kernels take at most 80 registers and its
+/// per-row constant and token accuracy ones are capped there (`cargo xtask ptx`), so three CTAs of
+/// 256 threads fit in an SM's 64 K registers (the soft cap's and weighted smoothing's, uncapped,
+/// two). (Session 17: 384 and
 /// 512 threads lost resident CTAs and 1-30 points of copy.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
