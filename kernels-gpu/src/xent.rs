@@ -197,76 +197,104 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
                 words[u as usize] = load(seg.vec_start::<T>(index));
             }
         });
-        let mut batch_max = f32::NEG_INFINITY;
+        unsafe { fold_batch::<T, M>(seg, &words, v, step, o, ctx, &mut acc, keep) };
+        v += UNROLL * step;
+    }
+    let stash = match src {
+        Source::Keep(stash) | Source::Stashed(stash) => Some(stash),
+        Source::Global => None,
+    };
+    unsafe { fold_scalar::<T, M>(seg, stash, o, ctx, &mut acc) };
+    acc
+}
+
+/// [`reduce_segment`]'s batch of `UNROLL` vectors from `v` (`step` apart), loaded in `words`,
+/// folded into `acc`; `keep` sees each vector first (to stash it).
+#[inline(always)]
+unsafe fn fold_batch<T: Element, M: Mode>(
+    seg: &Segment,
+    words: &[[u32; 4]; UNROLL as usize],
+    v: u32,
+    step: u32,
+    o: &OptParams,
+    ctx: &RowCtx,
+    acc: &mut Part,
+    keep: impl Fn(u32, [u32; 4]),
+) {
+    let mut batch_max = f32::NEG_INFINITY;
+    unroll!(u => {
+        let index = v + u * step;
+        if index < seg.n_vec {
+            keep(seg.vec_start::<T>(index), words[u as usize]);
+            batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
+        }
+    });
+    if M::OPTS && !M::CAP && !M::WSMOOTH && o.label_smoothing != 0.0 {
+        unroll!(u => {
+            if v + u * step < seg.n_vec {
+                let sum = reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
+                acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, sum);
+            }
+        });
+    }
+    // Smoothing with class weights (`RowWSmooth`): each term times its class's weight.
+    if M::WSMOOTH && !M::CAP && o.label_smoothing != 0.0 {
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
-                keep(seg.vec_start::<T>(index), words[u as usize]);
-                batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
+                let col = ctx.col0 + seg.vec_start::<T>(index);
+                let x = T::unpack(words[u as usize]);
+                acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &x, T::VEC, col, ctx.y_ref) };
             }
         });
-        if M::OPTS && !M::CAP && !M::WSMOOTH && o.label_smoothing != 0.0 {
-            unroll!(u => {
-                if v + u * step < seg.n_vec {
-                    let sum = reduce::sum_of(&T::unpack(words[u as usize]), T::VEC);
-                    acc.wsum += prim::fma(-(T::VEC as f32), ctx.y_ref, sum);
-                }
-            });
-        }
-        // Smoothing with class weights (`RowWSmooth`): each term times its class's weight.
-        if M::WSMOOTH && !M::CAP && o.label_smoothing != 0.0 {
-            unroll!(u => {
-                let index = v + u * step;
-                if index < seg.n_vec {
-                    let col = ctx.col0 + seg.vec_start::<T>(index);
-                    let x = T::unpack(words[u as usize]);
-                    acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &x, T::VEC, col, ctx.y_ref) };
-                }
-            });
-        }
-        if M::ACCURACY && o.row_correct != 0 {
-            unroll!(u => {
-                let index = v + u * step;
-                if index < seg.n_vec {
-                    let first = ctx.col0 + seg.vec_start::<T>(index);
-                    acc.wrong += opts::beats_label(ctx, &T::unpack(words[u as usize]), T::VEC, first);
-                }
-            });
-        }
-        // The cap is increasing: the capped batch's maximum is the capped maximum.
-        let batch_max = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[batch_max], 1)[0] } else { batch_max };
-        if acc.lse.raise(batch_max) {
-            let mut sums = [0.0f32; 2];
-            unroll!(u => {
-                if v + u * step < seg.n_vec {
-                    let x = T::unpack(words[u as usize]);
-                    let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, T::VEC) } else { x };
-                    if M::CAP && o.label_smoothing != 0.0 {
-                        let col = ctx.col0 + seg.vec_start::<T>(v + u * step);
-                        acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, T::VEC, col, ctx.y_ref) };
-                    }
-                    sums[(u & 1) as usize] += reduce::sum_exp2(&y, T::VEC, acc.lse.m);
-                }
-            });
-            acc.lse.s += sums[0] + sums[1];
-        } else {
-            unroll!(u => {
-                if v + u * step < seg.n_vec {
-                    acc.lse.keep_nan(&T::unpack(words[u as usize]), T::VEC);
-                }
-            });
-        }
-        v += UNROLL * step;
     }
+    if M::ACCURACY && o.row_correct != 0 {
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                let first = ctx.col0 + seg.vec_start::<T>(index);
+                acc.wrong += opts::beats_label(ctx, &T::unpack(words[u as usize]), T::VEC, first);
+            }
+        });
+    }
+    // The cap is increasing: the capped batch's maximum is the capped maximum.
+    let batch_max = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[batch_max], 1)[0] } else { batch_max };
+    if acc.lse.raise(batch_max) {
+        let mut sums = [0.0f32; 2];
+        unroll!(u => {
+            if v + u * step < seg.n_vec {
+                let x = T::unpack(words[u as usize]);
+                let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, T::VEC) } else { x };
+                if M::CAP && o.label_smoothing != 0.0 {
+                    let col = ctx.col0 + seg.vec_start::<T>(v + u * step);
+                    acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, T::VEC, col, ctx.y_ref) };
+                }
+                sums[(u & 1) as usize] += reduce::sum_exp2(&y, T::VEC, acc.lse.m);
+            }
+        });
+        acc.lse.s += sums[0] + sums[1];
+    } else {
+        unroll!(u => {
+            if v + u * step < seg.n_vec {
+                acc.lse.keep_nan(&T::unpack(words[u as usize]), T::VEC);
+            }
+        });
+    }
+}
+
+/// [`reduce_segment`]'s scalar head and tail (one element a thread), read from global memory and,
+/// with `stash`, kept there.
+#[inline(always)]
+unsafe fn fold_scalar<T: Element, M: Mode>(seg: &Segment, stash: Option<u32>, o: &OptParams, ctx: &RowCtx, acc: &mut Part) {
+    let tid = thread_idx();
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
-        if let Source::Keep(stash) | Source::Stashed(stash) = src {
+        if let Some(stash) = stash {
             unsafe { T::st_shared_raw(stash + j * T::BYTES, raw) };
         }
-        unsafe { add_scalar::<M>(&mut acc, T::widen(raw), j, o, ctx) };
+        unsafe { add_scalar::<M>(acc, T::widen(raw), j, o, ctx) };
     }
-    acc
 }
 
 /// Adds one element (index `j` in its segment) to a summary.
@@ -366,6 +394,93 @@ unsafe fn grad_segment<T: Element, M: Mode>(
         unsafe { T::store_global(seg.elem_addr::<T>(j).wrapping_add(delta), g[0]) };
     }
 }
+
+/// [`grad_segment`] from `stash` (not `Full`; in place), with the group's next row `next` (a
+/// segment of the same length and address modulo 16) copied into the stash behind it and reduced
+/// a batch behind: for each batch of `UNROLL` vectors a thread reads its slots, writes their
+/// gradient, copies (`cp.async`) `next`'s vectors into them, each behind the store that used the
+/// slot, and commits the batch's copies; then it reduces the batch before from the stash once
+/// that batch's copies have landed (`cp.async.wait_group 1`; each thread reads back only the
+/// vectors it copied). Returns this thread's share of `next`'s summary, as `reduce_segment` with
+/// a stash would (`next_ctx` placing `next` in its row), so the next row's reads overlap this
+/// row's writes and its reduction is done when they are.
+#[inline(always)]
+unsafe fn grad_and_reduce_next<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: u32,
+    o: &OptParams,
+    c: &Coef,
+    label: u32,
+    next: &Segment,
+    next_ctx: &RowCtx,
+) -> Part {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let mut acc = Part::EMPTY;
+    // The first vector of the batch whose copies are in flight (`u32::MAX`: none yet).
+    let mut in_flight = u32::MAX;
+    let mut v = tid;
+    while v < seg.n_vec {
+        let mut words = [[0u32; 4]; UNROLL as usize];
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                words[u as usize] = unsafe { prim::ld_shared_v4(stash + seg.vec_start::<T>(index) * T::BYTES) };
+            }
+        });
+        unroll!(u => {
+            let index = v + u * step;
+            if index < seg.n_vec {
+                let start = seg.vec_start::<T>(index);
+                let x = T::unpack(words[u as usize]);
+                let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
+                unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+                unsafe { prim::cp_async_16(stash + start * T::BYTES, next.elem_addr::<T>(start), true) };
+            }
+        });
+        prim::cp_async_commit();
+        if in_flight != u32::MAX {
+            prim::cp_async_wait_one();
+            unsafe { reduce_stashed_batch::<T, M>(next, stash, in_flight, step, o, next_ctx, &mut acc) };
+        }
+        in_flight = v;
+        v += UNROLL * step;
+    }
+    if in_flight != u32::MAX {
+        prim::cp_async_wait_all();
+        unsafe { reduce_stashed_batch::<T, M>(next, stash, in_flight, step, o, next_ctx, &mut acc) };
+    }
+    // The scalar head and tail: this row's gradient, then the next row's elements in their slots.
+    if tid < seg.n_scalar::<T>() {
+        let j = seg.scalar_index::<T>(tid);
+        let x = T::widen(unsafe { T::ld_shared_raw(stash + j * T::BYTES) });
+        let g = unsafe { opts::grad_values::<M, 1>(o, [x], 1, j, label, c) };
+        unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+    }
+    unsafe { fold_scalar::<T, M>(next, Some(stash), o, next_ctx, &mut acc) };
+    acc
+}
+
+/// [`fold_batch`] of `seg`'s batch from vector `v`, read from `stash`.
+#[inline(always)]
+unsafe fn reduce_stashed_batch<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: u32,
+    v: u32,
+    step: u32,
+    o: &OptParams,
+    ctx: &RowCtx,
+    acc: &mut Part,
+) {
+    let mut words = [[0u32; 4]; UNROLL as usize];
+    unroll!(u => {
+        let index = v + u * step;
+        if index < seg.n_vec {
+            words[u as usize] = unsafe { prim::ld_shared_v4(stash + seg.vec_start::<T>(index) * T::BYTES) };
+        }
+    });
+    unsafe { fold_batch::<T, M>(seg, &words, v, step, o, ctx, acc, |_, _| {}) };
+}
+
 
 /// Writes zeros over `seg` moved by `delta` bytes (the gradient of an ignored row).
 #[inline(always)]
@@ -682,6 +797,26 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
 }
 
+/// What a split CTA's gradient of one row did for its group's next row (see [`split`]).
+#[derive(Clone, Copy)]
+enum Ahead {
+    Nothing,
+    /// Copied its chunk into the stash (`cp.async`, committed).
+    Copied,
+    /// Copied and reduced it: this thread's share of its summary.
+    Reduced(Part),
+}
+
+/// Whether the split kernels of `M` reduce the next row during this row's gradient
+/// ([`grad_and_reduce_next`]) or only copy it ([`grad_segment`] with `next`): only the plain ones
+/// (78-80 registers, three CTAs an SM). The per-row constant and token accuracy kernels (capped at
+/// 80) spill 24 and 116 bytes doing both; the soft cap's (uncapped) fell from 37.8 to 30.3% of
+/// copy with it (session 19, 8192 x 128256 bf16, A100 limits), and weighted smoothing's is of the
+/// same build.
+const fn reduce_ahead<M: Mode>() -> bool {
+    !M::OPTS
+}
+
 /// Polls of a group's counter before the split kernel gives up (each a round trip to L2 of about
 /// half a microsecond: seconds, where a group waits microseconds).
 const SPLIT_MAX_SPINS: u32 = 1 << 24;
@@ -717,8 +852,8 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
     // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
     let mut scored = 0u32;
-    // Whether this row's vectors are in the stash already (copied behind the last row's gradient).
-    let mut stashed = false;
+    // What the last row's gradient did for this one.
+    let mut ahead = Ahead::Nothing;
     let mut row = group;
     while row < p.rows.n_rows {
         let seg = seg_of(row);
@@ -734,23 +869,26 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 };
                 let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
                 let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-                let src = if stashed {
-                    prim::cp_async_wait_all();
-                    Source::Stashed(stash)
-                } else {
-                    Source::Keep(stash)
+                let part = match ahead {
+                    Ahead::Reduced(part) => part,
+                    Ahead::Copied => {
+                        prim::cp_async_wait_all();
+                        unsafe { reduce_segment::<T, M>(&seg, Source::Stashed(stash), &p.opts, &ctx) }
+                    }
+                    Ahead::Nothing => unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) },
                 };
-                let part = unsafe { reduce_segment::<T, M>(&seg, src, &p.opts, &ctx) }.block_merge::<M>();
-                // The group's next row, copied behind this row's gradient where it is scored and
-                // its chunk lies as this one modulo 16 (rows of a multiple of 16 bytes); not for
-                // the per-element options (`Full`), bound by their arithmetic, not their loads.
+                let part = part.block_merge::<M>();
+                // The group's next row, copied behind this row's gradient (and reduced there, see
+                // [`reduce_ahead`]) where it is scored and its chunk lies as this one modulo 16 (rows
+                // of a multiple of 16 bytes); not for the per-element options (`Full`), bound by
+                // their arithmetic, not their loads.
                 let next_row = row + groups;
                 let next_seg = seg_of(next_row);
-                stashed = !M::FULL
-                    && p.mode != MODE_FORWARD
-                    && next_row < p.rows.n_rows
-                    && (next_seg.addr ^ seg.addr) & 15 == 0
-                    && matches!(unsafe { row_target::<L>(&p.rows, next_row) }, Target::Class(_));
+                let next_target = match next_row < p.rows.n_rows {
+                    true => unsafe { row_target::<L>(&p.rows, next_row) },
+                    false => Target::Ignored,
+                };
+                ahead = Ahead::Nothing;
                 let half = scored & 1;
                 if tid == 0 {
                     unsafe {
@@ -779,8 +917,20 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 let total = acc.block_merge::<M>();
                 let c = unsafe { opts::coef::<M>(p, &total, label, local) };
                 if p.mode != MODE_FORWARD {
-                    let next = if stashed { Some(&next_seg) } else { None };
-                    unsafe { grad_segment::<T, M>(&seg, Some(stash), next, &p.opts, &c, local_label, 0) };
+                    match next_target {
+                        Target::Class(next_label) if !M::FULL && (next_seg.addr ^ seg.addr) & 15 == 0 => {
+                            if reduce_ahead::<M>() {
+                                let next_ctx = unsafe { row_ctx::<T, M>(p, next_row, next_label, local) };
+                                ahead = Ahead::Reduced(unsafe {
+                                    grad_and_reduce_next::<T, M>(&seg, stash, &p.opts, &c, local_label, &next_seg, &next_ctx)
+                                });
+                            } else {
+                                unsafe { grad_segment::<T, M>(&seg, Some(stash), Some(&next_seg), &p.opts, &c, local_label, 0) };
+                                ahead = Ahead::Copied;
+                            }
+                        }
+                        _ => unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) },
+                    }
                 }
                 if owns_label && tid == 0 {
                     unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
