@@ -24,7 +24,9 @@
 //!
 //! Without options `a = b = scale`, `k = 0`: the plain gradient `(p_j - [j = c])·scale`.
 
-use crate::abi::{COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, SMEM_COUNTS, XentParams};
+use crate::abi::{
+    COUNT_CLASS_WEIGHT_SUM, COUNT_VALID, COUNT_WEIGHT, OptParams, REDUCTION_MEAN, SMEM_COUNTS, SMEM_REDUCTION_BYTES, XentParams,
+};
 use crate::prim;
 use crate::reduce::{self, Lse2};
 use core::f32::consts::{LN_2, LOG2_E};
@@ -125,6 +127,10 @@ impl Mode for Full {
     const FULL: bool = true;
 }
 
+/// Most warps whose summaries with options (4 words each) fit the reduction scratch at once.
+const MERGE_ONCE_WARPS: u32 = SMEM_REDUCTION_BYTES / 16;
+const _: () = assert!(MERGE_ONCE_WARPS >= 8);
+
 /// A summary of some elements of a row: the online log-sum-exp of the (capped) logits, and with
 /// options `Σ w_j·(y_j - y_0)` (label smoothing; `y_0` the label's capped logit) and the count
 /// of elements that beat the label for the argmax (token accuracy).
@@ -154,12 +160,65 @@ impl Part {
     /// The merge across the block; every thread gets it (contains barriers).
     #[inline(always)]
     pub fn block_merge<M: Mode>(self) -> Part {
-        let lse = reduce::block_lse2(self.lse);
-        if M::OPTS {
-            Part { lse, wsum: reduce::block_sum_f32(self.wsum), wrong: reduce::block_sum_u32(self.wrong) }
-        } else {
-            Part { lse, ..Part::EMPTY }
+        let total = self.block_merge_unsynced::<M>();
+        // The scratch is reused by the next reduction: nobody may write it before all have read.
+        prim::sync_threads();
+        total
+    }
+
+    /// [`block_merge`](Self::block_merge) without its closing barrier: one barrier (up to
+    /// `MERGE_ONCE_WARPS` warps), after which every thread reads the scratch, so the caller must
+    /// pass another barrier (of the block or its cluster) before any thread writes the scratch
+    /// again (the next block reduction).
+    ///
+    /// Each warp merges its lanes, lane 0 stores the warp's summary (16 bytes a warp with options,
+    /// 8 without), and every warp merges the stored summaries in a butterfly (lane `w` reads warp
+    /// `w`'s): the same bits in every thread, with one barrier where the log-sum-exp, the
+    /// smoothing sum and the accuracy count took two each.
+    #[inline(always)]
+    pub fn block_merge_unsynced<M: Mode>(self) -> Part {
+        let warps = prim::block_dim() / 32;
+        if warps == 1 {
+            return self.warp_merge::<M>();
         }
+        if M::OPTS && warps > MERGE_ONCE_WARPS {
+            // Blocks of more than 512 threads: a round for each value.
+            return Part {
+                lse: reduce::block_lse2(self.lse),
+                wsum: reduce::block_sum_f32(self.wsum),
+                wrong: reduce::block_sum_u32(self.wrong),
+            };
+        }
+        let scratch = prim::smem_base();
+        let tid = prim::thread_idx();
+        let (lane, warp) = (tid % 32, tid / 32);
+        let stride = if M::OPTS { 16 } else { 8 };
+        let at = |w: u32| scratch + stride * w;
+        // One value at a time, each stored as soon as it is merged (the cluster kernels keep
+        // their chunk in registers, with few to spare).
+        let lse = reduce::warp_lse2(self.lse);
+        if lane == 0 {
+            unsafe {
+                prim::st_shared_u32(at(warp), lse.m.to_bits());
+                prim::st_shared_u32(at(warp) + 4, lse.s.to_bits());
+            }
+        }
+        if M::OPTS {
+            let wsum = reduce::warp_sum_f32(self.wsum);
+            if lane == 0 {
+                unsafe { prim::st_shared_u32(at(warp) + 8, wsum.to_bits()) };
+            }
+            let wrong = reduce::warp_sum_u32(self.wrong);
+            if lane == 0 {
+                unsafe { prim::st_shared_u32(at(warp) + 12, wrong) };
+            }
+        }
+        prim::sync_threads();
+        let mut warp_total = Part::EMPTY;
+        if lane < warps {
+            warp_total = unsafe { Part::ld_shared::<M>(at(lane)) };
+        }
+        warp_total.warp_merge::<M>()
     }
 
     /// The merge across a warp; every lane gets it.
@@ -183,6 +242,19 @@ impl Part {
                 prim::st_shared_u32(at + 8, self.wsum.to_bits());
                 prim::st_shared_u32(at + 12, self.wrong);
             }
+        }
+    }
+
+    /// Loads a summary stored by [`st_shared`](Self::st_shared) (`Plain`: 2 words).
+    #[inline(always)]
+    pub unsafe fn ld_shared<M: Mode>(at: u32) -> Part {
+        let lse = unsafe {
+            Lse2 { m: f32::from_bits(prim::ld_shared_u32(at)), s: f32::from_bits(prim::ld_shared_u32(at + 4)) }
+        };
+        if M::OPTS {
+            unsafe { Part { lse, wsum: f32::from_bits(prim::ld_shared_u32(at + 8)), wrong: prim::ld_shared_u32(at + 12) } }
+        } else {
+            Part { lse, ..Part::EMPTY }
         }
     }
 

@@ -671,7 +671,8 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, 0) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     let partial = unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) };
-    let total = partial.block_merge::<M>();
+    // The scratch's next writer (a small call's last CTA's totals) passes `finish_if_last`'s barrier.
+    let total = partial.block_merge_unsynced::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
     if p.mode != MODE_FORWARD {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, label, 0) };
@@ -720,7 +721,7 @@ pub unsafe fn chunk_partial<T: Element, L: Label, M: Mode>(p: &XentParams) {
         return;
     };
     let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
-    let total = unsafe { reduce_segment::<T, M>(&seg, Source::Global, &p.opts, &ctx) }.block_merge::<M>();
+    let total = unsafe { reduce_segment::<T, M>(&seg, Source::Global, &p.opts, &ctx) }.block_merge_unsynced::<M>();
     if thread_idx() == 0 {
         unsafe { total.st_global::<M>(p.partials + 4 * PARTIAL_WORDS as u64 * block) };
         // Vocabulary-parallel: the label's logit, from the rank whose slice holds it.
@@ -877,7 +878,8 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                     }
                     Ahead::Nothing => unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) },
                 };
-                let part = part.block_merge::<M>();
+                // The scratch is written next by the next row's merge, after the barrier below.
+                let part = part.block_merge_unsynced::<M>();
                 // The group's next row, copied behind this row's gradient (and reduced there, see
                 // [`reduce_ahead`]) where it is scored and its chunk lies as this one modulo 16 (rows
                 // of a multiple of 16 bytes); not for the per-element options (`Full`), bound by
@@ -908,13 +910,15 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                     prim::fence_acq_rel_gpu();
                 }
                 prim::sync_threads();
+                // Every warp merges the group's summaries itself (lane i reads summary i, i + 32,
+                // ...): the same bits in every warp and every CTA of the group, no barrier.
                 let mut acc = Part::EMPTY;
-                let mut q = tid;
+                let mut q = tid % 32;
                 while q < n_chunks {
                     acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(slot(half, q)) });
-                    q += prim::block_dim();
+                    q += 32;
                 }
-                let total = acc.block_merge::<M>();
+                let total = acc.warp_merge::<M>();
                 let c = unsafe { opts::coef::<M>(p, &total, label, local) };
                 if p.mode != MODE_FORWARD {
                     match next_target {
@@ -1037,7 +1041,9 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         (unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) }, f32::INFINITY)
     };
-    let chunk = partial.block_merge::<M>();
+    // Nothing writes the scratch again (the cluster's barriers come first where a small call's
+    // last CTA sums its totals).
+    let chunk = partial.block_merge_unsynced::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
         unsafe { chunk.st_shared::<M>(slot) };
