@@ -481,7 +481,6 @@ unsafe fn reduce_stashed_batch<T: Element, M: Mode>(
     unsafe { fold_batch::<T, M>(seg, &words, v, step, o, ctx, acc, |_, _| {}) };
 }
 
-
 /// Writes zeros over `seg` moved by `delta` bytes (the gradient of an ignored row).
 #[inline(always)]
 unsafe fn zero_segment<T: Element>(seg: &Segment, delta: u64) {
@@ -1285,7 +1284,6 @@ const POLY_WIDE: u8 = 2;
 const POLY_NONE: u8 = 3;
 #[cfg(xent_cluster)]
 const POLY_WIDE_FIX: u8 = 4;
-
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
