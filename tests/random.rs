@@ -226,7 +226,8 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
         _ if max_cluster > 1 => PlanChoice::Cluster {
             size: match rng.below(4) {
                 0 => None,
-                _ => Some(1 + rng.below(max_cluster as u64) as u32),
+                // Up to the non-portable 16 a forced plan may ask for.
+                _ => Some(1 + rng.below(xent::plan::MAX_FORCED_CLUSTER as u64) as u32),
             },
             threads: draw_cluster_threads(seed),
         },
@@ -614,6 +615,10 @@ fn random_draws_are_reproducible_bounded_and_cover_every_option() {
     covered("a forced cluster size", &|d| {
         matches!(d.case.opts.plan, PlanChoice::Cluster { size: Some(_), .. })
     });
+    covered(
+        "a forced non-portable cluster size (over 8)",
+        &|d| matches!(d.case.opts.plan, PlanChoice::Cluster { size: Some(s), .. } if s > xent::plan::MAX_CLUSTER),
+    );
     covered("a forced thread count per CTA", &|d| {
         matches!(
             d.case.opts.plan,

@@ -12,7 +12,8 @@
 //!   and the gaps between them, without the host's launches); `launch_floor`, the driver's own
 //!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
 //!   cluster of 8 CTAs of 256 threads (`cluster8`, what a call of one row launches) and as a plain
-//!   launch of 8 CTAs (`plain`).
+//!   launch of 8 CTAs (`plain`). `XENT_SMALL_PLAN` (a plan as throughput.rs's `--plan` spells it)
+//!   forces the small calls' plan.
 //!
 //! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
 //! `run.sh` and `cargo xtask bench` pass every bench binary throughput.rs's options (`--configs
@@ -123,8 +124,15 @@ fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn E
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream()?;
     let mut group = criterion.benchmark_group("small");
+    // A forced plan for the small calls (`cluster:16:256`, say), to weigh plans the automatic
+    // choice does not take.
+    let plan = match std::env::var("XENT_SMALL_PLAN") {
+        Ok(text) => common::parse_plan(Some(&text))?,
+        Err(_) => xent::PlanChoice::Auto,
+    };
     for n in SMALL_ROWS {
         let mut case = GpuCase::<bf16>::new(&stream, n, SMALL_VOCAB, true)?;
+        case.opts.plan = plan;
         let id = format!("{n}x{SMALL_VOCAB}");
         group.bench_function(BenchmarkId::new("host", &id), |bencher| {
             bencher.iter_custom(|iters| host_calls(xent, &stream, &mut case, iters).expect("host"))

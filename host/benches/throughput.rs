@@ -124,44 +124,7 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or("--spread needs a positive number")?
             }
             "--plan" => {
-                plan = match args.next().as_deref() {
-                    Some("auto") => PlanChoice::Auto,
-                    Some("fused") => PlanChoice::Fused,
-                    Some("chunked") => PlanChoice::Chunked { chunk_len: None },
-                    Some("split") => PlanChoice::Split { chunk_len: None },
-                    Some(forced) if forced.starts_with("split:") => PlanChoice::Split {
-                        chunk_len: Some(
-                            forced[6..]
-                                .parse()
-                                .map_err(|_| format!("bad chunk length in {forced}"))?,
-                        ),
-                    },
-                    Some("cluster") => PlanChoice::Cluster {
-                        size: None,
-                        threads: None,
-                    },
-                    Some(forced) if forced.starts_with("cluster:") => {
-                        // cluster:N, cluster:N:T or cluster::T (T threads per CTA).
-                        let mut parts = forced[8..].split(':');
-                        let mut number = |what| -> Result<Option<u32>, String> {
-                            match parts.next() {
-                                None | Some("") => Ok(None),
-                                Some(n) => n
-                                    .parse()
-                                    .map(Some)
-                                    .map_err(|_| format!("bad {what} in {forced}")),
-                            }
-                        };
-                        let size = number("cluster size")?;
-                        let threads = number("thread count")?;
-                        PlanChoice::Cluster { size, threads }
-                    }
-                    other => {
-                        return Err(format!(
-                            "--plan auto|fused|chunked|split[:LEN]|cluster[:N[:T]], not {other:?}"
-                        ));
-                    }
-                }
+                plan = common::parse_plan(args.next().as_deref())?;
             }
             "--options" => {
                 let list = args.next().ok_or("--options needs a value")?;

@@ -46,6 +46,11 @@ pub const CLUSTER_CHUNK_BYTES: usize = 80 * 1024;
 /// CTAs of 32 KiB ran slower than 8 of 64 KiB at 4096 x 262144 bf16 (72.5% against 78.6% of copy
 /// bandwidth) and at 8192 x 128256 f32 (70.7% against 82.6%).
 pub const MAX_CLUSTER: u32 = 8;
+/// The largest cluster a forced plan may ask for on a device with clusters: 16, the non-portable
+/// size Hopper allows (the cluster kernels carry `CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED`;
+/// the driver's occupancy query says whether a launch of it fits). The automatic plan stays at
+/// [`MAX_CLUSTER`].
+pub const MAX_FORCED_CLUSTER: u32 = 16;
 /// The most threads a forced cluster plan may ask for per CTA: a block's limit (the kernels'
 /// block reductions have room for 32 warps).
 pub const MAX_CLUSTER_THREADS: u32 = 1024;
@@ -90,7 +95,8 @@ pub enum PlanChoice {
     Chunked { chunk_len: Option<usize> },
     /// sm_90: a row split over the CTAs of a thread-block cluster, each keeping its chunk in shared
     /// memory, combined through distributed shared memory: one read and one write per element.
-    /// `size` CTAs per row (1 to 8) or the automatic choice; `threads` per CTA (a multiple of 32,
+    /// `size` CTAs per row (1 to [`MAX_FORCED_CLUSTER`]; the automatic choice is at most
+    /// [`MAX_CLUSTER`]); `threads` per CTA (a multiple of 32,
     /// at most [`MAX_CLUSTER_THREADS`]) or the automatic choice. An automatic size is chosen
     /// for the forced thread count, if any; with a forced size, the automatic thread count is
     /// [`threads_for`] the chunk.
@@ -391,10 +397,14 @@ pub fn cluster_plan(
     threads: Option<u32>,
     keep: u32,
 ) -> Result<LaunchPlan> {
-    if size == 0 || size > limits.max_cluster {
+    let most = if limits.max_cluster > 1 {
+        MAX_FORCED_CLUSTER.max(limits.max_cluster)
+    } else {
+        limits.max_cluster
+    };
+    if size == 0 || size > most {
         return Err(Error::PlanDoesNotFit(format!(
-            "cluster size {size} is outside 1..={}",
-            limits.max_cluster
+            "cluster size {size} is outside 1..={most}"
         )));
     }
     if let Some(t) = threads

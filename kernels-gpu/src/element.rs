@@ -24,6 +24,21 @@ pub trait Element: Copy {
     fn unpack(w: [u32; 4]) -> [f32; 8];
     /// Rounds `VEC` floats into a vector.
     fn pack(v: &[f32; 8]) -> [u32; 4];
+    /// A running maximum of vectors that holds none yet: see [`max_fold`](Self::max_fold).
+    const MAX_EMPTY: u32;
+    /// The running maximum `acc` raised to vector `w`'s elements, NaNs ignored (as `f32::max`):
+    /// 16-bit types keep it packed, two lanes a word (`max.bf16x2`/`max.f16x2`, exact), so a batch's
+    /// maximum takes one instruction a word instead of a widening and a compare an element; f32
+    /// keeps a float's bits.
+    #[inline(always)]
+    fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
+        f32::from_bits(acc).max(crate::reduce::max_of(&Self::unpack(w), Self::VEC)).to_bits()
+    }
+    /// The largest element of [`max_fold`](Self::max_fold)'s running maximum (-inf for none).
+    #[inline(always)]
+    fn max_value(acc: u32) -> f32 {
+        f32::from_bits(acc)
+    }
 }
 
 /// bfloat16: the upper half of an f32.
@@ -82,6 +97,17 @@ impl Element for Bf16 {
         }
         w
     }
+    /// Two bfloat16 -infs.
+    const MAX_EMPTY: u32 = 0xff80_ff80;
+    #[inline(always)]
+    fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
+        let m = prim::max_bf16x2(prim::max_bf16x2(w[0], w[1]), prim::max_bf16x2(w[2], w[3]));
+        prim::max_bf16x2(acc, m)
+    }
+    #[inline(always)]
+    fn max_value(acc: u32) -> f32 {
+        Self::widen(acc & 0xffff).max(Self::widen(acc >> 16))
+    }
 }
 
 impl Element for F16 {
@@ -112,6 +138,17 @@ impl Element for F16 {
             w[i] = prim::pack_f16x2(v[2 * i + 1], v[2 * i]);
         }
         w
+    }
+    /// Two half -infs.
+    const MAX_EMPTY: u32 = 0xfc00_fc00;
+    #[inline(always)]
+    fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
+        let m = prim::max_f16x2(prim::max_f16x2(w[0], w[1]), prim::max_f16x2(w[2], w[3]));
+        prim::max_f16x2(acc, m)
+    }
+    #[inline(always)]
+    fn max_value(acc: u32) -> f32 {
+        Self::widen(acc & 0xffff).max(Self::widen(acc >> 16))
     }
 }
 
@@ -154,6 +191,7 @@ impl Element for F32 {
         }
         w
     }
+    const MAX_EMPTY: u32 = 0xff80_0000;
 }
 
 /// A label type: PyTorch's `i64`, or `i32`.

@@ -673,8 +673,9 @@ pub struct Coef {
     pub col0: u32,
     /// `1 / cap` (`RowCap` only; 0 otherwise).
     pub inv_cap: f32,
-    /// With the soft cap, no smoothing term (`k = 0`) and `a` positive and finite: `lse2 -
-    /// log2(a)`, so that `p·a` is one `ex2` ([`grad_capped_poly`]); NaN otherwise.
+    /// In the plain kernels, and with the soft cap and no smoothing term (`k = 0`), where `a` is
+    /// positive and finite ([`fold_a`]): `lse2 - log2(a)`, so that `p·a` is one `ex2`
+    /// ([`grad_values`], [`grad_capped_poly`]); NaN otherwise.
     pub lse2_a: f32,
     /// The class weights' address where the smoothing term is weighted per class in the
     /// batched loops (`M::WSMOOTH`, smoothing and class weights on); 0 otherwise.
@@ -731,7 +732,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let mean = p.reduction == REDUCTION_MEAN;
     if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a: f32::NAN, weight: 0 };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a: fold_a(lse2, scale), weight: 0 };
     }
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
@@ -749,8 +750,16 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     }
     let inv_cap = if M::CAP { 1.0 / o.softcap } else { 0.0 };
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
-    let lse2_a = if M::CAP && k == 0.0 && a > 0.0 && a < f32::INFINITY { lse2 - prim::lg2(a) } else { f32::NAN };
+    let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
     Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight }
+}
+
+/// [`Coef::lse2_a`] of a row whose log-sum-exp is `lse2` (log2 units) and whose gradient scale is
+/// `a`: `lse2 - log2(a)` where `a` is a positive normal finite number, NaN otherwise (a negative
+/// or zero scale, which the exponent cannot carry).
+#[inline(always)]
+pub fn fold_a(lse2: f32, a: f32) -> f32 {
+    if a >= f32::MIN_POSITIVE && a < f32::INFINITY { lse2 - prim::lg2(a) } else { f32::NAN }
 }
 
 /// `lse - y` for a value `y` of the row summarised by `row` (`m`, the largest `y·log2(e)` rounded,
@@ -861,6 +870,25 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         // `RowConst`: the unweighted smoothing's `-k` (0 otherwise); `RowWSmooth`: `-w_i·k`.
         g[i] = if M::OPTS { prim::fma(p, c.a, -(w[i] * c.k)) } else { p * c.a };
     }
+    label_term(&mut g, n, first, label, c);
+    g
+}
+
+/// [`grad_values`] of a plain kernel (`!M::OPTS`) whose scale is folded into the exponent
+/// ([`Coef::lse2_a`] not NaN): `p·a` is one `ex2`, a multiply fewer an element.
+#[inline(always)]
+pub fn grad_values_folded<const N: usize>(x: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
+    let mut g = [0.0; N];
+    for i in 0..n {
+        g[i] = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2_a));
+    }
+    label_term(&mut g, n, first, label, c);
+    g
+}
+
+/// The label's `-b` in `g[..n]` (elements `first..`).
+#[inline(always)]
+fn label_term<const N: usize>(g: &mut [f32; N], n: usize, first: u32, label: u32, c: &Coef) {
     // One compare per vector; the per-element search runs only in the vector holding the label.
     if label.wrapping_sub(first) < n as u32 {
         for i in 0..n {
@@ -869,7 +897,6 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
             }
         }
     }
-    g
 }
 
 /// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]), with

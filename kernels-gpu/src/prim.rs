@@ -140,6 +140,30 @@ pub fn f16_to_f32(bits: u16) -> f32 {
     y
 }
 
+/// `max.bf16x2`: the lane-wise maximum of two pairs of bfloat16s; a NaN lane gives the other
+/// operand's lane (as `f32::max`).
+#[inline(always)]
+pub fn max_bf16x2(a: u32, b: u32) -> u32 {
+    let d: u32;
+    unsafe {
+        asm!("max.bf16x2 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b,
+             options(pure, nomem, nostack));
+    }
+    d
+}
+
+/// `max.f16x2`: the lane-wise maximum of two pairs of halves; a NaN lane gives the other
+/// operand's lane (as `f32::max`).
+#[inline(always)]
+pub fn max_f16x2(a: u32, b: u32) -> u32 {
+    let d: u32;
+    unsafe {
+        asm!("max.f16x2 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b,
+             options(pure, nomem, nostack));
+    }
+    d
+}
+
 /// `cvt.rn.f16x2.f32`: round two floats to halves, `hi` in the upper 16 bits.
 #[inline(always)]
 pub fn pack_f16x2(hi: f32, lo: f32) -> u32 {

@@ -148,6 +148,20 @@ enum Source {
     Stashed(u32),
 }
 
+/// A thread's batch of `seg`'s vectors `v, v + step, ...` (`UNROLL` of them; those past the
+/// segment stay zero), each loaded by `load(start)` before any is used.
+#[inline(always)]
+fn load_batch<T: Element>(seg: &Segment, v: u32, step: u32, load: impl Fn(u32) -> [u32; 4]) -> [[u32; 4]; UNROLL as usize] {
+    let mut words = [[0u32; 4]; UNROLL as usize];
+    unroll!(u => {
+        let index = v + u * step;
+        if index < seg.n_vec {
+            words[u as usize] = load(seg.vec_start::<T>(index));
+        }
+    });
+    words
+}
+
 /// This thread's share of the online log-sum-exp over `seg` (with `Full`, of the whole chunk
 /// summary, `ctx` placing the segment in its row), read from `src`.
 ///
@@ -190,13 +204,7 @@ unsafe fn reduce_segment<T: Element, M: Mode>(
         }
     }
     while !M::FULL && v < seg.n_vec {
-        let mut words = [[0u32; 4]; UNROLL as usize];
-        unroll!(u => {
-            let index = v + u * step;
-            if index < seg.n_vec {
-                words[u as usize] = load(seg.vec_start::<T>(index));
-            }
-        });
+        let words = load_batch::<T>(seg, v, step, load);
         unsafe { fold_batch::<T, M>(seg, &words, v, step, o, ctx, &mut acc, keep) };
         v += UNROLL * step;
     }
@@ -221,14 +229,15 @@ unsafe fn fold_batch<T: Element, M: Mode>(
     acc: &mut Part,
     keep: impl Fn(u32, [u32; 4]),
 ) {
-    let mut batch_max = f32::NEG_INFINITY;
+    let mut packed_max = T::MAX_EMPTY;
     unroll!(u => {
         let index = v + u * step;
         if index < seg.n_vec {
             keep(seg.vec_start::<T>(index), words[u as usize]);
-            batch_max = batch_max.max(reduce::max_of(&T::unpack(words[u as usize]), T::VEC));
+            packed_max = T::max_fold(packed_max, words[u as usize]);
         }
     });
+    let batch_max = T::max_value(packed_max);
     if M::OPTS && !M::CAP && !M::WSMOOTH && o.label_smoothing != 0.0 {
         unroll!(u => {
             if v + u * step < seg.n_vec {
@@ -359,13 +368,7 @@ unsafe fn grad_segment<T: Element, M: Mode>(
         }
     }
     while !M::FULL && v < seg.n_vec {
-        let mut words = [[0u32; 4]; UNROLL as usize];
-        unroll!(u => {
-            let index = v + u * step;
-            if index < seg.n_vec {
-                words[u as usize] = load(seg.vec_start::<T>(index));
-            }
-        });
+        let words = load_batch::<T>(seg, v, step, load);
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
@@ -382,6 +385,14 @@ unsafe fn grad_segment<T: Element, M: Mode>(
     if next.is_some() {
         prim::cp_async_commit();
     }
+    unsafe { grad_scalar::<T, M>(seg, stash, o, c, label, delta) };
+}
+
+/// [`grad_segment`]'s scalar head and tail (one element a thread), read from `stash` or the
+/// segment.
+#[inline(always)]
+unsafe fn grad_scalar<T: Element, M: Mode>(seg: &Segment, stash: Option<u32>, o: &OptParams, c: &Coef, label: u32, delta: u64) {
+    let tid = thread_idx();
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let raw = unsafe {
@@ -403,9 +414,10 @@ unsafe fn grad_segment<T: Element, M: Mode>(
 /// that batch's copies have landed (`cp.async.wait_group 1`; each thread reads back only the
 /// vectors it copied). Returns this thread's share of `next`'s summary, as `reduce_segment` with
 /// a stash would (`next_ctx` placing `next` in its row), so the next row's reads overlap this
-/// row's writes and its reduction is done when they are.
+/// row's writes and its reduction is done when they are. With `FOLD` (plain kernels, [`Coef::lse2_a`]
+/// not NaN) the gradient's scale rides in the exponent ([`opts::grad_values_folded`]).
 #[inline(always)]
-unsafe fn grad_and_reduce_next<T: Element, M: Mode>(
+unsafe fn grad_and_reduce_next<T: Element, M: Mode, const FOLD: bool>(
     seg: &Segment,
     stash: u32,
     o: &OptParams,
@@ -419,20 +431,19 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode>(
     // The first vector of the batch whose copies are in flight (`u32::MAX`: none yet).
     let mut in_flight = u32::MAX;
     let mut v = tid;
+    let stashed = |start: u32| unsafe { prim::ld_shared_v4(stash + start * T::BYTES) };
     while v < seg.n_vec {
-        let mut words = [[0u32; 4]; UNROLL as usize];
-        unroll!(u => {
-            let index = v + u * step;
-            if index < seg.n_vec {
-                words[u as usize] = unsafe { prim::ld_shared_v4(stash + seg.vec_start::<T>(index) * T::BYTES) };
-            }
-        });
+        let words = load_batch::<T>(seg, v, step, stashed);
         unroll!(u => {
             let index = v + u * step;
             if index < seg.n_vec {
                 let start = seg.vec_start::<T>(index);
                 let x = T::unpack(words[u as usize]);
-                let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
+                let g = if FOLD {
+                    opts::grad_values_folded::<8>(x, T::VEC, start, label, c)
+                } else {
+                    unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
+                };
                 unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
                 unsafe { prim::cp_async_16(stash + start * T::BYTES, next.elem_addr::<T>(start), true) };
             }
@@ -440,45 +451,21 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode>(
         prim::cp_async_commit();
         if in_flight != u32::MAX {
             prim::cp_async_wait_one();
-            unsafe { reduce_stashed_batch::<T, M>(next, stash, in_flight, step, o, next_ctx, &mut acc) };
+            let words = load_batch::<T>(next, in_flight, step, stashed);
+            unsafe { fold_batch::<T, M>(next, &words, in_flight, step, o, next_ctx, &mut acc, |_, _| {}) };
         }
         in_flight = v;
         v += UNROLL * step;
     }
     if in_flight != u32::MAX {
         prim::cp_async_wait_all();
-        unsafe { reduce_stashed_batch::<T, M>(next, stash, in_flight, step, o, next_ctx, &mut acc) };
+        let words = load_batch::<T>(next, in_flight, step, stashed);
+        unsafe { fold_batch::<T, M>(next, &words, in_flight, step, o, next_ctx, &mut acc, |_, _| {}) };
     }
     // The scalar head and tail: this row's gradient, then the next row's elements in their slots.
-    if tid < seg.n_scalar::<T>() {
-        let j = seg.scalar_index::<T>(tid);
-        let x = T::widen(unsafe { T::ld_shared_raw(stash + j * T::BYTES) });
-        let g = unsafe { opts::grad_values::<M, 1>(o, [x], 1, j, label, c) };
-        unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
-    }
+    unsafe { grad_scalar::<T, M>(seg, Some(stash), o, c, label, 0) };
     unsafe { fold_scalar::<T, M>(next, Some(stash), o, next_ctx, &mut acc) };
     acc
-}
-
-/// [`fold_batch`] of `seg`'s batch from vector `v`, read from `stash`.
-#[inline(always)]
-unsafe fn reduce_stashed_batch<T: Element, M: Mode>(
-    seg: &Segment,
-    stash: u32,
-    v: u32,
-    step: u32,
-    o: &OptParams,
-    ctx: &RowCtx,
-    acc: &mut Part,
-) {
-    let mut words = [[0u32; 4]; UNROLL as usize];
-    unroll!(u => {
-        let index = v + u * step;
-        if index < seg.n_vec {
-            words[u as usize] = unsafe { prim::ld_shared_v4(stash + seg.vec_start::<T>(index) * T::BYTES) };
-        }
-    });
-    unsafe { fold_batch::<T, M>(seg, &words, v, step, o, ctx, acc, |_, _| {}) };
 }
 
 /// Writes zeros over `seg` moved by `delta` bytes (the gradient of an ignored row).
@@ -925,7 +912,11 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                             if reduce_ahead::<M>() {
                                 let next_ctx = unsafe { row_ctx::<T, M>(p, next_row, next_label, local) };
                                 ahead = Ahead::Reduced(unsafe {
-                                    grad_and_reduce_next::<T, M>(&seg, stash, &p.opts, &c, local_label, &next_seg, &next_ctx)
+                                    if !M::OPTS && !c.lse2_a.is_nan() {
+                                        grad_and_reduce_next::<T, M, true>(&seg, stash, &p.opts, &c, local_label, &next_seg, &next_ctx)
+                                    } else {
+                                        grad_and_reduce_next::<T, M, false>(&seg, stash, &p.opts, &c, local_label, &next_seg, &next_ctx)
+                                    }
                                 });
                             } else {
                                 unsafe { grad_segment::<T, M>(&seg, Some(stash), Some(&next_seg), &p.opts, &c, local_label, 0) };
@@ -980,6 +971,10 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     c.a *= factor;
     c.b *= factor;
     c.k *= factor;
+    // The scale changed: fold it again where `coef` folded it.
+    if !c.lse2_a.is_nan() || !M::OPTS {
+        c.lse2_a = opts::fold_a(c.lse2, c.a);
+    }
     let local_label = label.wrapping_sub(start);
     unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }

@@ -4,9 +4,9 @@
 use std::error::Error;
 use std::sync::Arc;
 
-use xent::CrossEntropy;
 use xent::cudarc::driver::CudaStream;
 use xent::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use xent::{CrossEntropy, PlanChoice};
 
 /// A handle on GPU 0, or `None` after telling stderr why not (`bench`: the binary's name, `skip`:
 /// what it leaves out). Without a GPU under `XENT_REQUIRE_GPU=1` the process exits with 1.
@@ -37,4 +37,48 @@ pub fn event_ms(
     end.record(stream)?;
     end.synchronize()?;
     Ok(start.elapsed_ms(&end)?)
+}
+
+/// A plan as the benches' command lines and `XENT_SMALL_PLAN` spell it:
+/// `auto|fused|chunked|split[:LEN]|cluster[:N[:T]]` (`cluster::T`: T threads per CTA, the size
+/// automatic). (lse_gemm.rs has no plan.)
+#[allow(dead_code)]
+pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
+    Ok(match text {
+        Some("auto") => PlanChoice::Auto,
+        Some("fused") => PlanChoice::Fused,
+        Some("chunked") => PlanChoice::Chunked { chunk_len: None },
+        Some("split") => PlanChoice::Split { chunk_len: None },
+        Some(forced) if forced.starts_with("split:") => PlanChoice::Split {
+            chunk_len: Some(
+                forced[6..]
+                    .parse()
+                    .map_err(|_| format!("bad chunk length in {forced}"))?,
+            ),
+        },
+        Some("cluster") => PlanChoice::Cluster {
+            size: None,
+            threads: None,
+        },
+        Some(forced) if forced.starts_with("cluster:") => {
+            let mut parts = forced[8..].split(':');
+            let mut number = |what| -> Result<Option<u32>, String> {
+                match parts.next() {
+                    None | Some("") => Ok(None),
+                    Some(n) => n
+                        .parse()
+                        .map(Some)
+                        .map_err(|_| format!("bad {what} in {forced}")),
+                }
+            };
+            let size = number("cluster size")?;
+            let threads = number("thread count")?;
+            PlanChoice::Cluster { size, threads }
+        }
+        other => {
+            return Err(format!(
+                "plan auto|fused|chunked|split[:LEN]|cluster[:N[:T]], not {other:?}"
+            ));
+        }
+    })
 }
