@@ -2104,3 +2104,120 @@ fn a_failing_cases_message_shows_a_few_class_weights_and_their_count_not_all() {
     );
     assert!(text.len() < 800, "{} characters: {text}", text.len());
 }
+
+#[test]
+fn small_calls_take_more_smaller_ctas_where_measured_faster() {
+    let limits = DeviceLimits::H100;
+    // A device that fits 1000 clusters of any launch: never a full wave of rows here, so the
+    // residency rule does not answer and the small-call shapes apply.
+    let auto = |rows: usize, vocab: usize, answer: Option<u32>| {
+        plan::plan_with(
+            rows,
+            vocab,
+            DType::Bf16,
+            limits,
+            PlanChoice::Auto,
+            plan::KernelTraits::PLAIN,
+            &mut |_| answer,
+        )
+        .unwrap()
+    };
+    let shape = |plan: LaunchPlan| match plan {
+        LaunchPlan::Cluster { size, threads, .. } => (size, threads),
+        other => panic!("expected a cluster plan, got {other:?}"),
+    };
+    let t = plan::SMALL_CALL_THREADS;
+    for rows in 1..=plan::TINY_CALL_ROWS {
+        assert_eq!(
+            shape(auto(rows, LLAMA3_VOCAB, Some(1000))),
+            (plan::MAX_FORCED_CLUSTER, t),
+            "{rows} rows"
+        );
+        // Clusters of 16 only where the device says one fits.
+        assert_eq!(
+            shape(auto(rows, LLAMA3_VOCAB, None)),
+            (plan::MAX_CLUSTER, 256)
+        );
+        assert_eq!(
+            shape(auto(rows, LLAMA3_VOCAB, Some(0))),
+            (plan::MAX_CLUSTER, 256)
+        );
+    }
+    for rows in [8, 16] {
+        assert_eq!(
+            shape(auto(rows, LLAMA3_VOCAB, Some(1000))),
+            (plan::MAX_CLUSTER, 256),
+            "{rows} rows"
+        );
+    }
+    for rows in plan::SMALL_CALL_ROWS {
+        assert_eq!(
+            shape(auto(rows, LLAMA3_VOCAB, Some(1000))),
+            (plan::MAX_CLUSTER, t),
+            "{rows} rows"
+        );
+        // Every row still counted by one thread of each CTA: the call takes one launch.
+        assert!(plan::self_finish(
+            rows,
+            &auto(rows, LLAMA3_VOCAB, Some(1000)),
+            &Options::default(),
+            false
+        ));
+    }
+    // Vocabularies whose fallback is not 8 CTAs of 256 threads keep it.
+    for vocab in [32_000, 262_144] {
+        let fallback = plan::plan(1, vocab, DType::Bf16, limits, PlanChoice::Auto).unwrap();
+        assert_eq!(auto(1, vocab, Some(1000)), fallback, "1 x {vocab}");
+        assert_ne!(shape(fallback).1, t, "1 x {vocab}");
+    }
+    // A forced thread count is kept.
+    let forced = plan::plan_with(
+        1,
+        LLAMA3_VOCAB,
+        DType::Bf16,
+        limits,
+        PlanChoice::Cluster {
+            size: None,
+            threads: Some(256),
+        },
+        plan::KernelTraits::PLAIN,
+        &mut |_| Some(1000),
+    )
+    .unwrap();
+    assert_eq!(shape(forced).1, 256);
+}
+
+#[test]
+fn forced_clusters_go_up_to_the_non_portable_sixteen_and_no_further() {
+    let limits = DeviceLimits::H100;
+    let forced = |size| {
+        plan::plan(
+            4,
+            LLAMA3_VOCAB,
+            DType::Bf16,
+            limits,
+            PlanChoice::Cluster {
+                size: Some(size),
+                threads: None,
+            },
+        )
+    };
+    assert!(matches!(
+        forced(16),
+        Ok(LaunchPlan::Cluster { size: 16, .. })
+    ));
+    let err = forced(17).unwrap_err().to_string();
+    assert!(err.contains("outside 1..=16"), "{err}");
+    // Without clusters (an A100) no cluster plan is forced at all.
+    let a100 = plan::plan(
+        4,
+        LLAMA3_VOCAB,
+        DType::Bf16,
+        DeviceLimits::A100,
+        PlanChoice::Cluster {
+            size: Some(2),
+            threads: None,
+        },
+    );
+    assert!(a100.is_err());
+}

@@ -925,3 +925,78 @@ fn small_call_bits<T: xent::Element>(
     let again = call(true, &mut out)?;
     Ok((three, one, again))
 }
+
+/// Small calls of Llama 3's vocabulary take the planner's small-call shapes (`plan::small_call_shape`:
+/// clusters of 16 CTAs of 128 threads at 1-4 rows on a device that fits them, 8 of 128 at 32-128
+/// rows) and match the reference, with and without options, in both 16-bit types.
+#[test]
+fn small_calls_of_an_llm_vocabulary_take_their_shapes_and_match_the_reference() {
+    let Some(xent) = gpu() else { return };
+    if xent.limits().max_cluster <= 1 {
+        eprintln!(
+            "small-call shapes: no clusters on this device (the sm_80 plans are tested elsewhere)"
+        );
+        return;
+    }
+    let vocab = 128_256;
+    let sets = [
+        ("plain", Options::default()),
+        (
+            "z-loss + smoothing + accuracy",
+            Options {
+                lse_square_scale: 1e-4,
+                label_smoothing: 0.1,
+                return_token_accuracy: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "softcap, sum",
+            Options {
+                softcap: Some(30.0),
+                reduction: Reduction::Sum,
+                ..Options::default()
+            },
+        ),
+    ];
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for rows in [1, 3, 4, 8, 32, 100, 128] {
+        for dtype in [DType::Bf16, DType::F16] {
+            for (name, opts) in &sets {
+                let mut case = Case::new(rows, vocab);
+                case.opts = opts.clone();
+                case.seed = 40 + rows as u64;
+                let plan = xent.plan_for(&case.shape, dtype, &case.opts).unwrap();
+                let (size, threads) = match plan {
+                    xent::plan::LaunchPlan::Cluster { size, threads, .. } => (size, threads),
+                    other => panic!("{rows} x {vocab}: expected a cluster plan, got {other:?}"),
+                };
+                let expected = match rows {
+                    1..=4 => Some((
+                        xent::plan::MAX_FORCED_CLUSTER,
+                        xent::plan::SMALL_CALL_THREADS,
+                    )),
+                    32..=128 => Some((xent::plan::MAX_CLUSTER, xent::plan::SMALL_CALL_THREADS)),
+                    _ => None,
+                };
+                if let Some(want) = expected
+                    && (size, threads) != want
+                {
+                    failures.push(format!(
+                        "{rows} x {vocab} {name}: plan {plan:?}, expected {want:?}"
+                    ));
+                }
+                let stream = xent.context().default_stream();
+                cases += 1;
+                if let Err(msg) = xent_tests::run_case_dtype::<i64>(xent, &stream, dtype, &case) {
+                    failures.push(format!("{name}: {msg}"));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "small calls of 128256 classes on the GPU: {cases} cases, {} failed",
+        failures.len()
+    );
+    assert_no_failures(&failures);
+}

@@ -13,7 +13,7 @@
 //!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
 //!   cluster of 8 CTAs of 256 threads (`cluster8`, what a call of one row launches) and as a plain
 //!   launch of 8 CTAs (`plain`). `XENT_SMALL_PLAN` (a plan as throughput.rs's `--plan` spells it)
-//!   forces the small calls' plan.
+//!   forces the small calls' plan, `XENT_SMALL_ROWS` (comma-separated) their row counts.
 //!
 //! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
 //! `run.sh` and `cargo xtask bench` pass every bench binary throughput.rs's options (`--configs
@@ -130,7 +130,16 @@ fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn E
         Ok(text) => common::parse_plan(Some(&text))?,
         Err(_) => xent::PlanChoice::Auto,
     };
-    for n in SMALL_ROWS {
+    // Other row counts than `SMALL_ROWS` (`1,2,4`, say).
+    let rows: Vec<usize> = match std::env::var("XENT_SMALL_ROWS") {
+        Ok(text) => text
+            .split(',')
+            .map(|n| n.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("XENT_SMALL_ROWS={text}: expected row counts, comma-separated"))?,
+        Err(_) => SMALL_ROWS.to_vec(),
+    };
+    for n in rows {
         let mut case = GpuCase::<bf16>::new(&stream, n, SMALL_VOCAB, true)?;
         case.opts.plan = plan;
         let id = format!("{n}x{SMALL_VOCAB}");

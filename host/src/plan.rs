@@ -256,7 +256,10 @@ pub fn plan_with(
                 active_clusters,
             ) {
                 Some((size, t)) => (size, Some(t)),
-                None => (auto_cluster_size(rows, vocab, dtype, limits), threads),
+                None => {
+                    small_call_shape(rows, vocab, dtype, limits, keep, threads, active_clusters)
+                        .unwrap_or((auto_cluster_size(rows, vocab, dtype, limits), threads))
+                }
             }
         };
     match choice {
@@ -451,6 +454,72 @@ pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: Device
         size = (size * 2).min(limits.max_cluster);
     }
     size
+}
+
+/// Threads per CTA of a small call's cluster plan ([`small_call_shape`]).
+pub const SMALL_CALL_THREADS: u32 = 128;
+/// Rows up to which a small call takes clusters of [`MAX_FORCED_CLUSTER`] ([`small_call_shape`]).
+pub const TINY_CALL_ROWS: usize = 4;
+/// Rows for which a small call takes [`SMALL_CALL_THREADS`] threads a CTA at the
+/// fallback cluster size ([`small_call_shape`]).
+pub const SMALL_CALL_ROWS: std::ops::RangeInclusive<usize> = 32..=128;
+
+/// The cluster shape of a call with fewer rows than a wave of clusters (where
+/// [`cluster_shape_by_residency`] does not answer), with no forced thread count, of a vocabulary
+/// whose chunks at [`MAX_CLUSTER`] CTAs take 256 threads ([`threads_for`]: one or two batches of
+/// vectors a thread at [`SMALL_CALL_THREADS`]): up to [`TINY_CALL_ROWS`] rows, clusters of
+/// [`MAX_FORCED_CLUSTER`] CTAs of [`SMALL_CALL_THREADS`] (where the device says one fits);
+/// [`SMALL_CALL_ROWS`] rows, [`MAX_CLUSTER`] CTAs of [`SMALL_CALL_THREADS`]; else `None` (the
+/// caller's fallback, [`auto_cluster_size`]: 8 CTAs of 256 threads up to 65 rows of 128256
+/// classes, 4 of 512 from 66).
+///
+/// Measured on an H200 (2026-12-02, session 20, 128256 classes bf16, GPU µs a call in a CUDA graph
+/// of 100, `results/h200-2026-12-02-s20-run3-small.txt`), rows 1 / 2 / 4 / 8 / 16 / 32 / 64 /
+/// 128: the fallback 9.56 / 9.58 / 9.50 / 9.61 / 11.04 / 12.81 / 17.32 / 31.63; 16 x 128
+/// 8.76 / 8.81 / 8.88 / 10.11 / 11.44 / 13.52 / 21.81 / 35.84; 8 x 128 10.19 / 10.18 / 10.10 /
+/// 10.20 / 11.20 / 12.37 / 16.08 / 28.87; 16 x 256, 16 x 64 and 8 x 64 slower. Other vocabularies
+/// keep the fallback (not measured).
+fn small_call_shape(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    limits: DeviceLimits,
+    keep: u32,
+    threads: Option<u32>,
+    active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
+) -> Option<(u32, Option<u32>)> {
+    let size = MAX_CLUSTER.min(limits.max_cluster);
+    let (chunk_len, real) = cluster_chunk(vocab, size);
+    if threads.is_some()
+        || rows == 0
+        || real != MAX_CLUSTER
+        || threads_for(chunk_len, dtype) != 2 * SMALL_CALL_THREADS
+    {
+        return None;
+    }
+    let fits = |size: u32| {
+        cluster_launch(
+            rows,
+            vocab,
+            dtype,
+            limits,
+            size,
+            Some(SMALL_CALL_THREADS),
+            keep,
+        )
+        .ok()
+    };
+    if rows <= TINY_CALL_ROWS
+        && limits.max_cluster > 1
+        && let Some(plan @ LaunchPlan::Cluster { size, .. }) = fits(MAX_FORCED_CLUSTER)
+        && active_clusters(&plan).is_some_and(|n| n > 0)
+    {
+        return Some((size, Some(SMALL_CALL_THREADS)));
+    }
+    if SMALL_CALL_ROWS.contains(&rows) && fits(size).is_some() {
+        return Some((size, Some(SMALL_CALL_THREADS)));
+    }
+    None
 }
 
 /// How far below the most resident bytes a launch may fall and still be chosen for having more
