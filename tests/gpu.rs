@@ -933,9 +933,7 @@ fn small_call_bits<T: xent::Element>(
 fn small_calls_of_an_llm_vocabulary_take_their_shapes_and_match_the_reference() {
     let Some(xent) = gpu() else { return };
     if xent.limits().max_cluster <= 1 {
-        eprintln!(
-            "small-call shapes: no clusters on this device (the sm_80 plans are tested elsewhere)"
-        );
+        xent_tests::report("small-call shapes: no clusters on this device (nothing to check)");
         return;
     }
     let vocab = 128_256;
@@ -994,9 +992,9 @@ fn small_calls_of_an_llm_vocabulary_take_their_shapes_and_match_the_reference() 
             }
         }
     }
-    eprintln!(
+    xent_tests::report(&format!(
         "small calls of 128256 classes on the GPU: {cases} cases, {} failed",
         failures.len()
-    );
+    ));
     assert_no_failures(&failures);
 }
