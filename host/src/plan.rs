@@ -509,8 +509,8 @@ fn small_call_shape(
         )
         .ok()
     };
+    // (`real == MAX_CLUSTER` above: the device has clusters.)
     if rows <= TINY_CALL_ROWS
-        && limits.max_cluster > 1
         && let Some(plan @ LaunchPlan::Cluster { size, .. }) = fits(MAX_FORCED_CLUSTER)
         && active_clusters(&plan).is_some_and(|n| n > 0)
     {

@@ -68,6 +68,22 @@ macro_rules! half_scalar_access {
     };
 }
 
+/// [`Element`]'s running maximum for a 16-bit type, kept packed two lanes a word: `max2` is the
+/// type's lane-wise maximum, `empty` two -infs.
+macro_rules! half_packed_max {
+    ($max2:path, $empty:expr) => {
+        const MAX_EMPTY: u32 = $empty;
+        #[inline(always)]
+        fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
+            $max2(acc, $max2($max2(w[0], w[1]), $max2(w[2], w[3])))
+        }
+        #[inline(always)]
+        fn max_value(acc: u32) -> f32 {
+            Self::widen(acc & 0xffff).max(Self::widen(acc >> 16))
+        }
+    };
+}
+
 impl Element for Bf16 {
     const BYTES: u32 = 2;
     const VEC: usize = 8;
@@ -97,17 +113,8 @@ impl Element for Bf16 {
         }
         w
     }
-    /// Two bfloat16 -infs.
-    const MAX_EMPTY: u32 = 0xff80_ff80;
-    #[inline(always)]
-    fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
-        let m = prim::max_bf16x2(prim::max_bf16x2(w[0], w[1]), prim::max_bf16x2(w[2], w[3]));
-        prim::max_bf16x2(acc, m)
-    }
-    #[inline(always)]
-    fn max_value(acc: u32) -> f32 {
-        Self::widen(acc & 0xffff).max(Self::widen(acc >> 16))
-    }
+    // Two bfloat16 -infs.
+    half_packed_max!(prim::max_bf16x2, 0xff80_ff80);
 }
 
 impl Element for F16 {
@@ -139,17 +146,8 @@ impl Element for F16 {
         }
         w
     }
-    /// Two half -infs.
-    const MAX_EMPTY: u32 = 0xfc00_fc00;
-    #[inline(always)]
-    fn max_fold(acc: u32, w: [u32; 4]) -> u32 {
-        let m = prim::max_f16x2(prim::max_f16x2(w[0], w[1]), prim::max_f16x2(w[2], w[3]));
-        prim::max_f16x2(acc, m)
-    }
-    #[inline(always)]
-    fn max_value(acc: u32) -> f32 {
-        Self::widen(acc & 0xffff).max(Self::widen(acc >> 16))
-    }
+    // Two half -infs.
+    half_packed_max!(prim::max_f16x2, 0xfc00_fc00);
 }
 
 impl Element for F32 {

@@ -675,7 +675,7 @@ pub struct Coef {
     pub inv_cap: f32,
     /// In the plain kernels, and with the soft cap and no smoothing term (`k = 0`), where `a` is
     /// positive and finite ([`fold_a`]): `lse2 - log2(a)`, so that `p·a` is one `ex2`
-    /// ([`grad_values`], [`grad_capped_poly`]); NaN otherwise.
+    /// ([`grad_values_folded`], [`grad_capped_poly`]); NaN otherwise.
     pub lse2_a: f32,
     /// The class weights' address where the smoothing term is weighted per class in the
     /// batched loops (`M::WSMOOTH`, smoothing and class weights on); 0 otherwise.
@@ -752,6 +752,20 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
     let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
     Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight }
+}
+
+impl Coef {
+    /// The gradient times `factor` (the two-phase backward's upstream gradient), with
+    /// [`lse2_a`](Self::lse2_a) folded again where [`coef`] folded it.
+    #[inline(always)]
+    pub fn scale<M: Mode>(&mut self, factor: f32) {
+        self.a *= factor;
+        self.b *= factor;
+        self.k *= factor;
+        if !self.lse2_a.is_nan() || !M::OPTS {
+            self.lse2_a = fold_a(self.lse2, self.a);
+        }
+    }
 }
 
 /// [`Coef::lse2_a`] of a row whose log-sum-exp is `lse2` (log2 units) and whose gradient scale is

@@ -968,13 +968,7 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let index = if p.upstream_per_row != 0 { row } else { 0 };
     let factor = f32::from_bits(unsafe { prim::ld_global_u32(p.upstream + 4 * index) });
     let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
-    c.a *= factor;
-    c.b *= factor;
-    c.k *= factor;
-    // The scale changed: fold it again where `coef` folded it.
-    if !c.lse2_a.is_nan() || !M::OPTS {
-        c.lse2_a = opts::fold_a(c.lse2, c.a);
-    }
+    c.scale::<M>(factor);
     let local_label = label.wrapping_sub(start);
     unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }
