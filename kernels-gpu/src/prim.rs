@@ -271,6 +271,19 @@ pub unsafe fn atom_inc_u32(addr: u64, limit: u32) -> u32 {
     old
 }
 
+/// `atom.acq_rel.gpu.global.inc.u32`: [`atom_inc_u32`] as one release and acquire at GPU scope,
+/// so this thread's accesses before it happen before a later acquirer's that reads its value,
+/// and those after it see what earlier releasers wrote (in place of a fence before the atomic).
+#[inline(always)]
+pub unsafe fn atom_inc_acq_rel_gpu_u32(addr: u64, limit: u32) -> u32 {
+    let old: u32;
+    unsafe {
+        asm!("atom.acq_rel.gpu.global.inc.u32 {old}, [{p}], {limit};", old = out(reg32) old,
+             p = in(reg64) addr, limit = in(reg32) limit, options(nostack));
+    }
+    old
+}
+
 /// `ld.global.cg.u32`: a load that skips L1 (which is not coherent across SMs), for values
 /// another CTA wrote during this launch.
 #[inline(always)]

@@ -647,7 +647,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
             if tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
-            unsafe { finish_if_last::<L>(p) };
+            unsafe { finish_if_last::<L>(p, true) };
             return;
         }
     };
@@ -666,7 +666,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     if tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
-    unsafe { finish_if_last::<L>(p) };
+    unsafe { finish_if_last::<L>(p, true) };
 }
 
 /// Block `b` of the chunked plan handles chunk `b % n_chunks` of row `b / n_chunks`.
@@ -1003,7 +1003,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
             if start == 0 && tid == 0 {
                 unsafe { write_unscored_row::<M>(p, row, target) };
             }
-            unsafe { finish_if_last::<L>(p) };
+            unsafe { finish_if_last::<L>(p, start == 0) };
             return;
         }
     };
@@ -1078,7 +1078,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
     prim::cluster_wait();
-    unsafe { finish_if_last::<L>(p) };
+    unsafe { finish_if_last::<L>(p, owns_label) };
 }
 
 /// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
@@ -1549,12 +1549,14 @@ unsafe fn self_count<L: Label>(p: &XentParams) {
 }
 
 /// A small call's end (`XentParams::self_finish`), by every thread of each CTA once its row
-/// outputs are written (by its thread 0): the CTA counts itself done; the last one stores the
-/// counts it took at its start and does the finish kernel's work. The done counter wraps to
-/// 0 on the last increment. The flag that tells the CTA it was last lives in the cluster slot,
-/// which no other CTA reads any more.
+/// outputs are written (by its thread 0; `wrote`: this CTA wrote them). With one row the CTA that
+/// wrote its outputs finishes the call alone, as soon as it has written them: no other CTA has
+/// anything it needs. With more, each CTA counts itself done; the last one stores the counts it
+/// took at its start and does the finish kernel's work. The done counter wraps to 0 on the last
+/// increment. The flag that tells the CTA it was last lives in the cluster slot, which no other
+/// CTA reads any more.
 #[inline(always)]
-unsafe fn finish_if_last<L: Label>(p: &XentParams) {
+unsafe fn finish_if_last<L: Label>(p: &XentParams, wrote: bool) {
     if p.self_finish == 0 {
         return;
     }
@@ -1564,21 +1566,28 @@ unsafe fn finish_if_last<L: Label>(p: &XentParams) {
     #[cfg(xent_cluster)]
     prim::launch_dependents();
     let tid = thread_idx();
-    let flag = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
-    if tid == 0 {
-        // Thread 0 wrote this CTA's row outputs, if any: they happen before its increment.
-        prim::fence_acq_rel_gpu();
-        let last = prim::grid_dim() - 1;
-        let old = unsafe { prim::atom_inc_u32(p.counts + 4 * COUNT_DONE as u64, last) };
-        unsafe { prim::st_shared_u32(flag, (old == last) as u32) };
+    if p.rows.n_rows == 1 {
+        if !wrote {
+            return;
+        }
+        // Thread 0 wrote the row and reads it back below; the barrier orders the block's last
+        // use of the reduction scratch before `finish_rows` uses it again.
+        prim::sync_threads();
+    } else {
+        let flag = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
+        if tid == 0 {
+            // Its release orders thread 0's row outputs before the increment; its acquire, in
+            // the last CTA, every other CTA's outputs before what the block does after the
+            // barrier below (thread 0 then the barrier: acquire, then CTA order).
+            let last = prim::grid_dim() - 1;
+            let old = unsafe { prim::atom_inc_acq_rel_gpu_u32(p.counts + 4 * COUNT_DONE as u64, last) };
+            unsafe { prim::st_shared_u32(flag, (old == last) as u32) };
+        }
+        prim::sync_threads();
+        if unsafe { prim::ld_shared_u32(flag) } == 0 {
+            return;
+        }
     }
-    prim::sync_threads();
-    let is_last = unsafe { prim::ld_shared_u32(flag) } != 0;
-    if !is_last {
-        return;
-    }
-    // Every other CTA's increment, and so its row outputs, happen before what follows.
-    prim::fence_acq_rel_gpu();
     // This CTA's own count from its start (`self_count`).
     let at = prim::smem_base() + SMEM_COUNTS;
     let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });
