@@ -369,23 +369,46 @@ unsafe fn grad_segment<T: Element, M: Mode>(
     }
     while !M::FULL && v < seg.n_vec {
         let words = load_batch::<T>(seg, v, step, load);
-        unroll!(u => {
-            let index = v + u * step;
-            if index < seg.n_vec {
-                let start = seg.vec_start::<T>(index);
-                let x = T::unpack(words[u as usize]);
-                let g = unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) };
-                let at = seg.elem_addr::<T>(start).wrapping_add(delta);
-                unsafe { prim::st_global_v4(at, T::pack(&g)) };
-                copy_next(start);
-            }
-        });
+        unsafe { grad_batch::<T, M, false>(seg, &words, v, step, o, c, label, delta, copy_next) };
         v += UNROLL * step;
     }
     if next.is_some() {
         prim::cp_async_commit();
     }
     unsafe { grad_scalar::<T, M>(seg, stash, o, c, label, delta) };
+}
+
+/// The gradient of a thread's batch of `UNROLL` vectors from `v` (`step` apart), loaded in `words`,
+/// written `delta` bytes from the segment; `after(start)` follows each vector's store (the next
+/// row's copy into the slot it used). With `FOLD` the scale rides in the exponent
+/// ([`opts::grad_values_folded`]).
+#[inline(always)]
+unsafe fn grad_batch<T: Element, M: Mode, const FOLD: bool>(
+    seg: &Segment,
+    words: &[[u32; 4]; UNROLL as usize],
+    v: u32,
+    step: u32,
+    o: &OptParams,
+    c: &Coef,
+    label: u32,
+    delta: u64,
+    after: impl Fn(u32),
+) {
+    unroll!(u => {
+        let index = v + u * step;
+        if index < seg.n_vec {
+            let start = seg.vec_start::<T>(index);
+            let x = T::unpack(words[u as usize]);
+            let g = if FOLD {
+                opts::grad_values_folded::<8>(x, T::VEC, start, label, c)
+            } else {
+                unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
+            };
+            let at = seg.elem_addr::<T>(start).wrapping_add(delta);
+            unsafe { prim::st_global_v4(at, T::pack(&g)) };
+            after(start);
+        }
+    });
 }
 
 /// [`grad_segment`]'s scalar head and tail (one element a thread), read from `stash` or the
@@ -432,22 +455,10 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode, const FOLD: bool>(
     let mut in_flight = u32::MAX;
     let mut v = tid;
     let stashed = |start: u32| unsafe { prim::ld_shared_v4(stash + start * T::BYTES) };
+    let copy_next = |start: u32| unsafe { prim::cp_async_16(stash + start * T::BYTES, next.elem_addr::<T>(start), true) };
     while v < seg.n_vec {
         let words = load_batch::<T>(seg, v, step, stashed);
-        unroll!(u => {
-            let index = v + u * step;
-            if index < seg.n_vec {
-                let start = seg.vec_start::<T>(index);
-                let x = T::unpack(words[u as usize]);
-                let g = if FOLD {
-                    opts::grad_values_folded::<8>(x, T::VEC, start, label, c)
-                } else {
-                    unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
-                };
-                unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
-                unsafe { prim::cp_async_16(stash + start * T::BYTES, next.elem_addr::<T>(start), true) };
-            }
-        });
+        unsafe { grad_batch::<T, M, FOLD>(seg, &words, v, step, o, c, label, 0, copy_next) };
         prim::cp_async_commit();
         if in_flight != u32::MAX {
             prim::cp_async_wait_one();
