@@ -23,7 +23,9 @@ pub mod scale;
 pub mod wgmma;
 pub mod xent;
 
-use abi::{CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, ScaleParams, XentParams};
+use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
+#[cfg(xent_wgmma)]
+use abi::{GemmParams, LseTmaParams};
 use element::{Bf16, F16, F32};
 use opts::{Full, Plain, RowAcc, RowCap, RowCapAcc, RowConst, RowWSmooth};
 
@@ -231,7 +233,7 @@ kernels! {
     xent_cluster_wsm_f32_i64(XentParams) => xent::cluster::<F32, i64, RowWSmooth>;
 }
 
-/// The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
+// The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
 #[cfg(not(any(xent_cluster, xent_wgmma)))]
 kernels! {
     xent_split_bf16_i32(XentParams) => xent::split::<Bf16, i32, Plain>;

@@ -274,14 +274,14 @@ impl Part {
     /// Loads a summary stored by [`st_global`](Self::st_global) (`Plain`: 2 words).
     #[inline(always)]
     pub unsafe fn ld_global<M: Mode>(at: u64) -> Part {
-        unsafe { Self::ld_global_with::<M>(at, |a| unsafe { prim::ld_global_u32(a) }) }
+        unsafe { Self::ld_global_with::<M>(at, |a| prim::ld_global_u32(a)) }
     }
 
     /// [`ld_global`](Self::ld_global) past L1, for a summary another CTA stored during this
     /// launch (the split plan).
     #[inline(always)]
     pub unsafe fn ld_global_cg<M: Mode>(at: u64) -> Part {
-        unsafe { Self::ld_global_with::<M>(at, |a| unsafe { prim::ld_global_cg_u32(a) }) }
+        unsafe { Self::ld_global_with::<M>(at, |a| prim::ld_global_cg_u32(a)) }
     }
 
     #[inline(always)]

@@ -680,7 +680,9 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     unsafe { finish_if_last::<L>(p, true) };
 }
 
-/// Block `b` of the chunked plan handles chunk `b % n_chunks` of row `b / n_chunks`.
+/// Block `b` of the cluster plan handles chunk `b % n_chunks` of row `b / n_chunks` (the chunked
+/// plan's kernels take [`slice_chunk_of`]).
+#[cfg(xent_cluster)]
 #[inline(always)]
 fn chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
     let block = prim::block_idx() as u64;
