@@ -690,7 +690,9 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
     let vocab = 5003;
-    let weight: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect();
+    let class_weights =
+        |vocab: usize| -> Vec<f32> { (0..vocab).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect() };
+    let weight = class_weights(vocab);
     let base = Options::default();
     let mut sets = xent_tests::reduction_option_sets();
     sets.extend([
@@ -761,7 +763,7 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
         .collect();
     let llm = 128_256;
     cases.extend([0, 70_001, 128_255, -100].map(|label| (1, llm, Some(vec![label]))));
-    let llm_weight: Vec<f32> = (0..llm).map(|j| 0.5 + (j % 4) as f32 * 0.25).collect();
+    let llm_weight = class_weights(llm);
     let mut not_taken = Vec::new();
     for dtype in [DType::Bf16, DType::F32] {
         for (rows, vocab, labels) in &cases {
