@@ -1492,3 +1492,164 @@ fn gpu_forced_threads_past_a_kernels_limit_are_refused_before_launch() {
         "no forced plan was refused: the check never ran"
     );
 }
+
+/// Class-weighted smoothing on the cluster kernel with a gradient pass: that pass, which reads
+/// each class weight for the gradient, also sums the loss's `Σ w_j·(y_j - y_ref)`; each CTA's
+/// share goes to the CTA holding the label, which adds them in rank order (`gather_wsum`). The
+/// label sits in the first, an inner and the last chunk and at both ends of the vocabulary, one
+/// row is ignored; cluster sizes 2 to 16 and 1024-thread CTAs (32 warps, the most the reduction
+/// scratch holds below the slots), with the soft cap, token accuracy and the z-loss around it.
+/// The fused call (the gradient pass's sum) and a forward call (the first pass's sum) both match
+/// the reference.
+#[test]
+fn gpu_weighted_smoothing_summed_in_the_gradient_pass_matches_the_reference_at_every_cluster_shape()
+{
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    if xent.limits().max_cluster <= 1 {
+        xent_tests::report(
+            "weighted smoothing, cluster shapes: no clusters on this device (or XENT_ARCH=sm_80)",
+        );
+        return;
+    }
+    let stream = xent.context().default_stream();
+    let vocab = if xent_tests::sanitizing() {
+        2003
+    } else {
+        20011
+    };
+    let shape = Shape::flat(7, vocab).with_row_stride(vocab + 5);
+    let weights: Vec<f32> = (0..vocab)
+        .map(|j| 0.25 + ((j * 7) % 13) as f32 * 0.125)
+        .collect();
+    let smoothing = Options {
+        label_smoothing: 0.1,
+        weight: Some(weights),
+        ..Options::default()
+    };
+    let option_sets = [
+        ("weighted smoothing", smoothing.clone()),
+        (
+            "+ accuracy + z-loss",
+            Options {
+                return_token_accuracy: true,
+                lse_square_scale: 1e-3,
+                ..smoothing.clone()
+            },
+        ),
+        (
+            "+ soft cap 30",
+            Options {
+                softcap: Some(30.0),
+                ..smoothing.clone()
+            },
+        ),
+        (
+            "+ soft cap 5 + accuracy",
+            Options {
+                softcap: Some(5.0),
+                return_token_accuracy: true,
+                ..smoothing.clone()
+            },
+        ),
+    ];
+    let (mut failures, mut cases, mut refused) = (Vec::new(), 0, 0);
+    for (name, set) in &option_sets {
+        for (size, threads) in [
+            (2, None),
+            (3, Some(1024)),
+            (5, None),
+            (8, Some(128)),
+            (16, None),
+            (16, Some(1024)),
+        ] {
+            let chunk = vocab.div_ceil(size as usize);
+            let labels: Vec<i64> = vec![
+                0,
+                chunk as i64 - 1,
+                chunk as i64,
+                (vocab / 2) as i64,
+                -100,
+                (vocab - chunk) as i64,
+                vocab as i64 - 1,
+            ];
+            for dtype in DTYPES {
+                let case = Case {
+                    shape,
+                    opts: Options {
+                        plan: xent::PlanChoice::Cluster {
+                            size: Some(size),
+                            threads,
+                        },
+                        reduction: REDUCTIONS[cases % 3],
+                        ..set.clone()
+                    },
+                    ignored: 0.0,
+                    seed: 90 + cases as u64,
+                };
+                let what = format!("{name}, cluster {size} x {threads:?}, {dtype:?}");
+                if let Err(Error::PlanDoesNotFit(msg)) =
+                    xent.plan_for(&case.shape, dtype, &case.opts)
+                    && threads == Some(1024)
+                    && msg.contains("launches with at most")
+                {
+                    // The soft cap's 16-bit kernels take 72 registers: at most 896 threads.
+                    refused += 1;
+                    continue;
+                }
+                cases += 1;
+                let result = match dtype {
+                    DType::Bf16 => weighted_smoothing_case::<bf16>(xent, &stream, &case, &labels),
+                    DType::F16 => weighted_smoothing_case::<f16>(xent, &stream, &case, &labels),
+                    DType::F32 => weighted_smoothing_case::<f32>(xent, &stream, &case, &labels),
+                };
+                if let Err(msg) = result {
+                    failures.push(format!("{what}: {msg}"));
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "weighted smoothing at cluster shapes on the GPU: {cases} cases, {refused} refused before launch, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
+/// One case of the test above: the fused call against the reference (loss, rows, gradient), then
+/// a forward call's loss and per-row losses against the same reference.
+fn weighted_smoothing_case<T: Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    case: &Case,
+    labels: &[i64],
+) -> Result<(), String> {
+    let logits: Vec<T> = xent_tests::random_logits(&case.shape, case.seed);
+    let reference = xent_tests::Reference::new(case, logits.clone(), labels.to_vec())?;
+    reference.check(xent, stream, case)?;
+    let mut expected_grad = logits.clone();
+    let expected = cpu::forward_backward(&mut expected_grad, labels, case.shape, &case.opts)
+        .map_err(|e| e.to_string())?;
+    let d_logits = stream.clone_htod(&logits).map_err(|e| e.to_string())?;
+    let d_labels = stream.clone_htod(labels).map_err(|e| e.to_string())?;
+    let mut fwd = xent::Loss::new(stream, case.shape.rows()).map_err(|e| e.to_string())?;
+    xent.forward(
+        stream, &d_logits, &d_labels, case.shape, &case.opts, &mut fwd,
+    )
+    .map_err(|e| e.to_string())?;
+    let loss = fwd.read().map_err(|e| e.to_string())? as f64;
+    if (loss - expected.loss).abs() > xent_tests::total_loss_tol(&expected, &case.opts) {
+        return Err(format!(
+            "forward loss {loss} != reference {}",
+            expected.loss
+        ));
+    }
+    let row_loss = fwd.read_row_loss().map_err(|e| e.to_string())?;
+    for (r, (&got, &want)) in row_loss.iter().zip(&expected.row_loss).enumerate() {
+        if (got as f64 - want).abs() > xent_tests::loss_tol(want) {
+            return Err(format!("forward, row {r}: loss {got} != reference {want}"));
+        }
+    }
+    Ok(())
+}

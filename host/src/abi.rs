@@ -40,6 +40,13 @@ pub const SMEM_REDUCTION_BYTES: u32 = 256;
 /// Offset of the chunk summary a CTA publishes to the other CTAs of its cluster: max, sum, and
 /// with options the weighted logit sum and the accuracy's violation count (4 words).
 pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
+/// Offset, inside the reduction scratch, of the slots where the cluster kernel's CTA that holds a
+/// row's label collects the other CTAs' shares of the class-weighted smoothing sum when the
+/// gradient pass takes it (one f32 a CTA of the cluster, at most 16). A block reduction of one
+/// word a warp (at most 32 warps) stays below it.
+pub const SMEM_WSUM_SLOTS: u32 = 128;
+const _: () =
+    assert!(32 * 4 <= SMEM_WSUM_SLOTS && SMEM_WSUM_SLOTS + 16 * 4 <= SMEM_REDUCTION_BYTES);
 /// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes).
 pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 16;
 /// Offset of a small call's label counts, as the CTA counted them itself (`self_finish`): the

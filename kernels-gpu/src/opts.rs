@@ -333,6 +333,9 @@ pub struct RowCtx {
     pub y_ref: f32,
     /// `1 / cap` with the soft cap (0 without; `RowCap` only), computed once a row.
     pub inv_cap: f32,
+    /// The class-weighted smoothing sum is left to the gradient pass ([`Coef::wsum_later`]): the
+    /// first pass reads no class weight.
+    pub wsum_later: bool,
 }
 
 /// `tanh(u)` in f32 to a few ulp: an odd Taylor polynomial below 0.4 (truncation error below
@@ -439,6 +442,7 @@ pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize, const FIX: bool
     cap_log2e: f32,
     tanh_poly: &[f32; K],
     x2_max: f32,
+    wsum: &mut f32,
 ) -> [f32; N] {
     let (mut t, mut x2) = ([0.0; N], [0.0; N]);
     let mut widest = 0.0f32;
@@ -461,7 +465,7 @@ pub fn grad_capped_poly<M: Mode, const N: usize, const K: usize, const FIX: bool
         capped_label(&mut g, &t, n, first, label, c);
         return g;
     }
-    grad_from_t::<M, N>(t, n, first, label, c, cap_log2e)
+    grad_from_t::<M, N>(t, n, first, label, c, cap_log2e, wsum)
 }
 
 /// The soft cap's gradient (as [`grad_capped`]) from `t = tanh(x / cap)` itself:
@@ -475,12 +479,18 @@ pub fn grad_from_t<M: Mode, const N: usize>(
     label: u32,
     c: &Coef,
     cap_log2e: f32,
+    wsum: &mut f32,
 ) -> [f32; N] {
     let mut g = [0.0; N];
     let w = unsafe { smoothing_weights::<M, N>(c, first, n) };
     for i in 0..n {
         let p = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2));
         g[i] = capped_term(p, t[i], w[i], c);
+    }
+    if M::WSMOOTH && c.wsum_later {
+        for i in 0..n {
+            *wsum = prim::fma(w[i], prim::fma(c.cap, t[i], -c.y_ref), *wsum);
+        }
     }
     capped_label(&mut g, &t, n, first, label, c);
     g
@@ -680,6 +690,13 @@ pub struct Coef {
     /// The class weights' address where the smoothing term is weighted per class in the
     /// batched loops (`M::WSMOOTH`, smoothing and class weights on); 0 otherwise.
     pub weight: u64,
+    /// The cluster kernel's gradient pass with class-weighted smoothing (`weight` set): it reads
+    /// each class weight for the gradient anyway, so it also sums the loss's
+    /// `Σ w_j·(y_j - y_ref)` ([`RowCtx::y_ref`] in `y_ref`, `y = cap·t` with the soft cap `cap`),
+    /// and the first pass reads no weight at all ([`grad_values_summing`], [`grad_from_t`]).
+    pub wsum_later: bool,
+    pub y_ref: f32,
+    pub cap: f32,
 }
 
 /// A small call's valid and out-of-range row counts in one word of shared memory (each at most
@@ -732,7 +749,8 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let mean = p.reduction == REDUCTION_MEAN;
     if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a: fold_a(lse2, scale), weight: 0 };
+        let (wsum_later, y_ref, cap, lse2_a) = (false, 0.0, 0.0, fold_a(lse2, scale));
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a, weight: 0, wsum_later, y_ref, cap };
     }
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
@@ -751,7 +769,8 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let inv_cap = if M::CAP { 1.0 / o.softcap } else { 0.0 };
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
     let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
-    Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight }
+    let cap = if M::WSMOOTH { o.softcap } else { 0.0 };
+    Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight, wsum_later: false, y_ref: 0.0, cap }
 }
 
 impl Coef {
@@ -837,6 +856,21 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
     label: u32,
     c: &Coef,
 ) -> [f32; N] {
+    unsafe { grad_values_summing::<M, N>(o, x, n, first, label, c, &mut 0.0) }
+}
+
+/// [`grad_values`], adding the elements' share of the smoothing sum to `wsum` where the gradient
+/// pass takes it ([`Coef::wsum_later`]).
+#[inline(always)]
+pub unsafe fn grad_values_summing<M: Mode, const N: usize>(
+    o: &OptParams,
+    x: [f32; N],
+    n: usize,
+    first: u32,
+    label: u32,
+    c: &Coef,
+    wsum: &mut f32,
+) -> [f32; N] {
     if M::FULL {
         // One element at a time, the whole chain fused, so nothing but the result is indexed.
         let one = |i: usize, xi: f32| -> f32 {
@@ -875,7 +909,7 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         return g;
     }
     if M::CAP {
-        return grad_capped::<M, N>(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c);
+        return grad_capped::<M, N>(capped(o.softcap, c.inv_cap, &x, n), n, first, label, c, wsum);
     }
     let mut g = [0.0; N];
     let w = unsafe { smoothing_weights::<M, N>(c, first, n) };
@@ -883,6 +917,11 @@ pub unsafe fn grad_values<M: Mode, const N: usize>(
         let p = prim::ex2(prim::fma(x[i], LOG2_E, -c.lse2));
         // `RowConst`: the unweighted smoothing's `-k` (0 otherwise); `RowWSmooth`: `-w_i·k`.
         g[i] = if M::OPTS { prim::fma(p, c.a, -(w[i] * c.k)) } else { p * c.a };
+    }
+    if M::WSMOOTH && c.wsum_later {
+        for i in 0..n {
+            *wsum = prim::fma(w[i], x[i] - c.y_ref, *wsum);
+        }
     }
     label_term(&mut g, n, first, label, c);
     g
@@ -916,13 +955,25 @@ fn label_term<const N: usize>(g: &mut [f32; N], n: usize, first: u32, label: u32
 /// The soft cap's gradient of the capped values `y[..n]` (as [`grad_values`]), with
 /// `p = 2^(y·log2(e) - lse2)` and `t = y / cap` (see [`capped_term`]).
 #[inline(always)]
-pub fn grad_capped<M: Mode, const N: usize>(y: [f32; N], n: usize, first: u32, label: u32, c: &Coef) -> [f32; N] {
+pub fn grad_capped<M: Mode, const N: usize>(
+    y: [f32; N],
+    n: usize,
+    first: u32,
+    label: u32,
+    c: &Coef,
+    wsum: &mut f32,
+) -> [f32; N] {
     let (mut g, mut t) = ([0.0; N], [0.0; N]);
     let w = unsafe { smoothing_weights::<M, N>(c, first, n) };
     for i in 0..n {
         let p = prim::ex2(prim::fma(y[i], LOG2_E, -c.lse2));
         t[i] = y[i] * c.inv_cap;
         g[i] = capped_term(p, t[i], w[i], c);
+    }
+    if M::WSMOOTH && c.wsum_later {
+        for i in 0..n {
+            *wsum = prim::fma(w[i], y[i] - c.y_ref, *wsum);
+        }
     }
     capped_label(&mut g, &t, n, first, label, c);
     g

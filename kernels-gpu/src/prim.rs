@@ -443,6 +443,13 @@ pub unsafe fn ld_shared_cluster_u32(addr: u32) -> u32 {
     v
 }
 
+/// `st.shared::cluster.u32`: a store into another CTA's shared memory (distributed shared memory).
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn st_shared_cluster_u32(addr: u32, v: u32) {
+    unsafe { asm!("st.shared::cluster.u32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack)) }
+}
+
 /// `mbarrier.init.shared::cta.b64 [addr], count;` (sm_90 bulk copies complete on it).
 #[cfg(any(xent_cluster, xent_wgmma))]
 #[inline(always)]

@@ -13,7 +13,7 @@ use crate::abi::{
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
 #[cfg(xent_cluster)]
-use crate::abi::CLUSTER_KEEP;
+use crate::abi::{CLUSTER_KEEP, SMEM_WSUM_SLOTS};
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use core::f32::consts::LN_2;
@@ -313,7 +313,7 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
         unsafe { opts::observe(o, ctx, [x], 1, ctx.col0 + j, acc) }
     } else {
         let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &[x], 1)[0] } else { x };
-        if M::OPTS && o.label_smoothing != 0.0 {
+        if M::OPTS && o.label_smoothing != 0.0 && !(M::WSMOOTH && ctx.wsum_later) {
             acc.wsum += unsafe { opts::smoothing_sum::<M, 1>(o, &[y], 1, ctx.col0 + j, ctx.y_ref) };
         }
         if M::ACCURACY && o.row_correct != 0 {
@@ -534,7 +534,7 @@ unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, label: u32, col
         0.0
     };
     let inv_cap = if M::CAP { 1.0 / p.opts.softcap } else { 0.0 };
-    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) }, inv_cap }
+    RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) }, inv_cap, wsum_later: false }
 }
 
 /// Label smoothing's reference for `row` ([`RowCtx::y_ref`]): the label's logit, soft-capped as
@@ -1028,7 +1028,11 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         0.0
     };
-    let ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
+    let mut ctx = unsafe { row_ctx::<T, M>(p, row, label, start) };
+    // With class-weighted smoothing and a gradient pass, that pass sums `Σ w_j·(y_j - y_ref)`
+    // from the weights it reads anyway, and the first reads none (`Coef::wsum_later`).
+    let wsum_later = BULK_LOAD && M::WSMOOTH && p.mode != MODE_FORWARD && p.opts.weight != 0 && p.opts.label_smoothing != 0.0;
+    ctx.wsum_later = wsum_later;
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     // With the bulk copy: vectors kept in registers, and the scalar head or tail this thread holds.
     let mut kept = Kept::EMPTY;
@@ -1063,7 +1067,8 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // Done reading the other CTAs' slots; the matching wait keeps this CTA's slot alive until
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
-    let c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    (c.wsum_later, c.y_ref) = (wsum_later, ctx.y_ref);
     // The soft cap's second pass takes one polynomial for the whole warp (the shortest that held
     // for all its lanes' elements in the first pass), so no warp runs two of its loops; with the
     // wide one, any element it does not hold for takes `tanh` itself (`POLY_WIDE_FIX`).
@@ -1073,25 +1078,75 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
         widest
     };
     let poly = BULK_LOAD && M::CAP && !keeps_t::<T, M>();
+    // This thread's share of the smoothing sum, where the gradient pass takes it.
+    let mut wsum = 0.0;
     if p.mode == MODE_FORWARD {
     } else if poly && widest < p.opts.short_x2_max {
-        unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_SHORT>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else if poly && widest < p.opts.poly_x2_max {
-        unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_LONG>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else if poly && widest < p.opts.wide_x2_max {
-        unsafe { grad_from_stash::<T, M, POLY_WIDE>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_WIDE>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else if poly && p.opts.wide_x2_max > 0.0 {
-        unsafe { grad_from_stash::<T, M, POLY_WIDE_FIX>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_WIDE_FIX>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else if BULK_LOAD {
-        unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label) };
+        unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
+    }
+    let mut total = total;
+    if wsum_later {
+        // Completes the cluster barrier arrived at above.
+        total.wsum = unsafe { gather_wsum(p, wsum, label / p.chunk_len.max(1), owns_label) };
     }
     if owns_label && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
     }
-    prim::cluster_wait();
+    if !wsum_later {
+        prim::cluster_wait();
+    }
     unsafe { finish_if_last::<L>(p, owns_label) };
+}
+
+/// The row's smoothing sum where the cluster kernel's gradient pass took it
+/// ([`opts::Coef::wsum_later`]), from each thread's `share`: each CTA sums its threads' shares
+/// (warp by warp, then the warps in order), and its thread 0 stores that into the slot of its rank
+/// in the CTA of rank `owner` (the one holding the label, [`SMEM_WSUM_SLOTS`]), whose thread 0
+/// sums the slots in rank order, so the sum does not depend on timing. The value is that sum in
+/// the owner's thread 0 (`owns`), 0 elsewhere.
+///
+/// Waits at the cluster barrier the kernel arrived at after reading the chunk summaries (past it,
+/// no CTA reads another's reduction scratch, so the owner's slots are free), then takes one more
+/// arrive and wait, whose release and acquire order the slot stores before the owner's reads.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32 {
+    let (tid, warps) = (thread_idx(), prim::block_dim() / 32);
+    let scratch = prim::smem_base();
+    let warp_share = reduce::warp_sum_f32(share);
+    if tid % 32 == 0 {
+        unsafe { prim::st_shared_u32(scratch + 4 * (tid / 32), warp_share.to_bits()) };
+    }
+    prim::sync_threads();
+    prim::cluster_wait();
+    let slots = scratch + SMEM_WSUM_SLOTS;
+    if tid == 0 {
+        let mut sum = 0.0f32;
+        for w in 0..warps {
+            sum += f32::from_bits(unsafe { prim::ld_shared_u32(scratch + 4 * w) });
+        }
+        let rank = prim::block_idx() % p.n_chunks;
+        unsafe { prim::st_shared_cluster_u32(prim::map_shared_rank(slots + 4 * rank, owner), sum.to_bits()) };
+    }
+    prim::cluster_arrive();
+    prim::cluster_wait();
+    let mut total = 0.0f32;
+    if owns && tid == 0 {
+        for rank in 0..p.n_chunks {
+            total += f32::from_bits(unsafe { prim::ld_shared_u32(slots + 4 * rank) });
+        }
+    }
+    total
 }
 
 /// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
@@ -1181,7 +1236,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         };
         // Elements of this lane's vector beyond the wide polynomial.
         let beyond = tier == POLY_WIDE && !(w < o.wide_x2_max);
-        if tier != POLY_NONE && !need_t && o.label_smoothing == 0.0 {
+        if tier != POLY_NONE && !need_t && (o.label_smoothing == 0.0 || (M::WSMOOTH && ctx.wsum_later)) {
             // The exponent `cap·log2(e)·(t - 1)` in one FMA from `x`, without `t`.
             let mut e = [0.0f32; 8];
             let m = acc.lse.m;
@@ -1223,7 +1278,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
                 t[i] = opts::tanh(x[i] * ctx.inv_cap);
             }
         }
-        if o.label_smoothing != 0.0 {
+        if o.label_smoothing != 0.0 && !(M::WSMOOTH && ctx.wsum_later) {
             acc.wsum += if M::WSMOOTH && o.weight != 0 {
                 let mut y = [0.0f32; 8];
                 for i in 0..n {
@@ -1242,7 +1297,7 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
         unsafe { opts::observe(o, ctx, x, n, ctx.col0 + start, acc) }
     } else {
         let y = if M::CAP { opts::capped(o.softcap, ctx.inv_cap, &x, n) } else { x };
-        if M::OPTS && (o.label_smoothing != 0.0 || M::SMOOTHING_PATH) {
+        if M::OPTS && (o.label_smoothing != 0.0 || M::SMOOTHING_PATH) && !(M::WSMOOTH && ctx.wsum_later) {
             acc.wsum += unsafe { opts::smoothing_sum::<M, 8>(o, &y, n, ctx.col0 + start, ctx.y_ref) };
         }
         if M::ACCURACY && !M::CAP && o.row_correct != 0 && n == 8 {
@@ -1389,6 +1444,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     o: &OptParams,
     c: &Coef,
     label: u32,
+    wsum: &mut f32,
 ) {
     let (tid, step) = (thread_idx(), prim::block_dim());
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
@@ -1407,7 +1463,7 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
         if (k as u32) < keep && v < in_regs {
             let start = seg.vec_start::<T>(v);
             let x = T::unpack(kept.words[k]);
-            let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e) };
+            let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, wsum) };
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         }
     });
@@ -1415,16 +1471,16 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     while v < seg.n_vec {
         let start = seg.vec_start::<T>(v);
         let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
-        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e) };
+        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, wsum) };
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
         let g = if keep_t {
-            opts::grad_from_t::<M, 1>([f32::from_bits(kept.scalar)], 1, j, label, c, cap_log2e)
+            opts::grad_from_t::<M, 1>([f32::from_bits(kept.scalar)], 1, j, label, c, cap_log2e, wsum)
         } else {
-            unsafe { opts::grad_values::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c) }
+            unsafe { opts::grad_values_summing::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c, wsum) }
         };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
     }
@@ -1440,20 +1496,21 @@ unsafe fn grad_vector<T: Element, M: Mode, const POLY: u8>(
     o: &OptParams,
     c: &Coef,
     cap_log2e: f32,
+    wsum: &mut f32,
 ) -> [f32; 8] {
     if keeps_t::<T, M>() {
-        opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e)
+        opts::grad_from_t::<M, 8>(x, T::VEC, start, label, c, cap_log2e, wsum)
     } else if M::CAP && POLY == POLY_SHORT {
-        opts::grad_capped_poly::<M, 8, 4, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short, 0.0)
+        opts::grad_capped_poly::<M, 8, 4, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_short, 0.0, wsum)
     } else if M::CAP && POLY == POLY_LONG {
-        opts::grad_capped_poly::<M, 8, 5, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly, 0.0)
+        opts::grad_capped_poly::<M, 8, 5, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_poly, 0.0, wsum)
     } else if M::CAP && POLY == POLY_WIDE {
-        opts::grad_capped_poly::<M, 8, 8, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_wide, 0.0)
+        opts::grad_capped_poly::<M, 8, 8, false>(x, T::VEC, start, label, c, cap_log2e, &o.tanh_wide, 0.0, wsum)
     } else if M::CAP && POLY == POLY_WIDE_FIX {
         let (tanh, x2_max) = (&o.tanh_wide, o.wide_x2_max);
-        opts::grad_capped_poly::<M, 8, 8, true>(x, T::VEC, start, label, c, cap_log2e, tanh, x2_max)
+        opts::grad_capped_poly::<M, 8, 8, true>(x, T::VEC, start, label, c, cap_log2e, tanh, x2_max, wsum)
     } else {
-        unsafe { opts::grad_values::<M, 8>(o, x, T::VEC, start, label, c) }
+        unsafe { opts::grad_values_summing::<M, 8>(o, x, T::VEC, start, label, c, wsum) }
     }
 }
 
