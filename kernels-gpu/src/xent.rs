@@ -1115,9 +1115,11 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
 /// sums the slots in rank order, so the sum does not depend on timing. The value is that sum in
 /// the owner's thread 0 (`owns`), 0 elsewhere.
 ///
-/// Waits at the cluster barrier the kernel arrived at after reading the chunk summaries (past it,
-/// no CTA reads another's reduction scratch, so the owner's slots are free), then takes one more
-/// arrive and wait, whose release and acquire order the slot stores before the owner's reads.
+/// Waits at the cluster barrier the kernel arrived at after reading the chunk summaries (past it
+/// every CTA has arrived there, so the owner's merge of its chunk summary, which used its whole
+/// reduction scratch, is done and the slots are free), then takes one more arrive and wait, whose
+/// release and acquire order the slot stores before the owner's reads. A CTA's own sum of its
+/// warps' shares stays below the slots (one word a warp).
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32 {
