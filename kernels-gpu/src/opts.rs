@@ -487,13 +487,21 @@ pub fn grad_from_t<M: Mode, const N: usize>(
         let p = prim::ex2(prim::fma(t[i], cap_log2e, -c.lse2));
         g[i] = capped_term(p, t[i], w[i], c);
     }
-    if M::WSMOOTH && c.wsum_later {
-        for i in 0..n {
-            *wsum = prim::fma(w[i], prim::fma(c.cap, t[i], -c.y_ref), *wsum);
-        }
-    }
+    later_wsum::<M, N>(wsum, c, &w, n, |i| prim::fma(c.cap, t[i], -c.y_ref));
     capped_label(&mut g, &t, n, first, label, c);
     g
+}
+
+/// Adds `Σ w_i·(y_i - y_ref)` over `i < n` to `wsum` where the gradient pass takes the smoothing
+/// sum ([`Coef::wsum_later`]), from the weights `w` the gradient loaded; `diff(i)` is
+/// `y_i - y_ref`.
+#[inline(always)]
+fn later_wsum<M: Mode, const N: usize>(wsum: &mut f32, c: &Coef, w: &[f32; N], n: usize, diff: impl Fn(usize) -> f32) {
+    if M::WSMOOTH && c.wsum_later {
+        for i in 0..n {
+            *wsum = prim::fma(w[i], diff(i), *wsum);
+        }
+    }
 }
 
 /// The soft cap's gradient of one element from its softmax `p`, `t = tanh(x / cap)` and its
@@ -918,11 +926,7 @@ pub unsafe fn grad_values_summing<M: Mode, const N: usize>(
         // `RowConst`: the unweighted smoothing's `-k` (0 otherwise); `RowWSmooth`: `-w_i·k`.
         g[i] = if M::OPTS { prim::fma(p, c.a, -(w[i] * c.k)) } else { p * c.a };
     }
-    if M::WSMOOTH && c.wsum_later {
-        for i in 0..n {
-            *wsum = prim::fma(w[i], x[i] - c.y_ref, *wsum);
-        }
-    }
+    later_wsum::<M, N>(wsum, c, &w, n, |i| x[i] - c.y_ref);
     label_term(&mut g, n, first, label, c);
     g
 }
@@ -970,11 +974,7 @@ pub fn grad_capped<M: Mode, const N: usize>(
         t[i] = y[i] * c.inv_cap;
         g[i] = capped_term(p, t[i], w[i], c);
     }
-    if M::WSMOOTH && c.wsum_later {
-        for i in 0..n {
-            *wsum = prim::fma(w[i], y[i] - c.y_ref, *wsum);
-        }
-    }
+    later_wsum::<M, N>(wsum, c, &w, n, |i| y[i] - c.y_ref);
     capped_label(&mut g, &t, n, first, label, c);
     g
 }
