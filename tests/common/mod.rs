@@ -398,6 +398,11 @@ impl<T: Element, L: Label> Reference<T, L> {
         })
     }
 
+    /// The reference's loss, per-row losses and option outputs.
+    pub fn expected(&self) -> &cpu::CpuLoss {
+        &self.expected
+    }
+
     /// Runs `case` (its shape and options as the reference's, any plan) on the GPU and compares
     /// everything with the reference: loss, per-row loss and lse, every gradient element, and the
     /// untouched stride padding. Returns a message on mismatch.
