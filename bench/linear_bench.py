@@ -100,7 +100,7 @@ def liger_chunk_rows(n, d, v):
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None):
+    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None, sms=None):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
@@ -116,11 +116,13 @@ def xent_methods(v, curve):
                 os.environ["XENT_GEMM_TUNE"] = "1"
             if gemm_tn is not None:  # the weight gradient from xent's own GEMM: "1" always, "0" never
                 os.environ["XENT_GEMM_TN"] = gemm_tn
+            if sms is not None:  # "H,W": the SMs the overlapped grad_hidden / grad_weight GEMMs plan for
+                os.environ["XENT_LINEAR_SMS"] = sms
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
-                             "XENT_GEMM_TUNE", "XENT_GEMM_TN"):
+                             "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS"):
                     os.environ.pop(name, None)
 
         return run
@@ -147,7 +149,9 @@ def xent_methods(v, curve):
     out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
-    for entry in curve:  # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I
+    # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's
+    # weight-gradient GEMM), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs)
+    for entry in curve:
         spec, *flags = entry.split(":")
         rows, _, ws = spec.partition("@")
         exact = rows.startswith("=")
@@ -155,11 +159,13 @@ def xent_methods(v, curve):
         serial = "serial" in flags
         tune = "tune" in flags
         algo = next((int(f[5:]) for f in flags if f.startswith("algo=")), None)
+        sms = next((f[4:].replace("/", ",") for f in flags if f.startswith("sms=")), None)
+        tn = "tn" in flags
         name = f"xent_linear[rows={'=' if exact else ''}{rows}" + "".join(
             [f",workspace={ws}" if ws else "", ",serial" if serial else "", f",algo={algo}" if algo is not None else "",
-             ",tuned" if tune else ""]) + "]"
+             ",tuned" if tune else "", ",gemm_tn" if tn else "", f",sms={sms}" if sms else ""]) + "]"
         out[name] = with_rows(int(rows), serial=serial, workspace=size_bytes(ws) if ws else None, exact=exact,
-                              algo=algo, tune=tune)
+                              algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms)
 
     def xent_unfused(h, w, y):
         xt.cross_entropy(h @ w.T, y, ignore_index=-100).backward()
@@ -197,7 +203,8 @@ def main():
             h_base = (h0.float() * s).to(torch.bfloat16)
             ent = entropy_at(h_base, w0, 1.0)
             for name, fn in methods.items():
-                if only and name not in only:
+                # --only names the fixed methods; --curve's entries always run
+                if only and name not in only and not name.startswith("xent_linear[rows="):
                     continue
                 h = h_base.clone().requires_grad_(True)
                 w = w0.clone().requires_grad_(True)

@@ -330,6 +330,24 @@ impl CublasLt {
         gemm: &Gemm,
         workspace: (u64, usize),
     ) -> Result<()> {
+        // SAFETY: the caller's promises.
+        unsafe { self.matmul_on_sms(stream, gemm, workspace, 0) }
+    }
+
+    /// [`matmul`](Self::matmul) with cuBLASLt told to plan for `sms` SMs
+    /// (`CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET`; 0: the whole device), for a GEMM that shares the
+    /// device with another one on a second stream: its persistent kernels then launch that many
+    /// CTAs and leave the other SMs to the other GEMM.
+    ///
+    /// # Safety
+    /// As [`matmul`](Self::matmul).
+    pub unsafe fn matmul_on_sms(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        gemm: &Gemm,
+        workspace: (u64, usize),
+        sms: u32,
+    ) -> Result<()> {
         let (m, _, n) = gemm.dims()?;
         if m == 0 || n == 0 {
             return Ok(());
@@ -360,6 +378,12 @@ impl CublasLt {
         use lt::cublasLtMatmulDescAttributes_t as Attr;
         set(Attr::CUBLASLT_MATMUL_DESC_TRANSA, op(gemm.b.transposed))?;
         set(Attr::CUBLASLT_MATMUL_DESC_TRANSB, op(gemm.a.transposed))?;
+        if sms > 0 {
+            set(
+                Attr::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                sms.min(i32::MAX as u32) as i32,
+            )?;
+        }
         if gemm.bias != 0 {
             // The bias epilogue adds a vector along the rows of column-major Dᵀ: one value per
             // column of row-major D.
@@ -430,7 +454,7 @@ impl CublasLt {
         let tune = self.tuning();
         let pick = algo_override();
         let key = AlgoKey {
-            shape: ShapeKey::of(gemm, workspace.1),
+            shape: ShapeKey::of(gemm, workspace.1, sms),
             choice: if tune {
                 Choice::Tuned
             } else {
@@ -598,6 +622,8 @@ struct ShapeKey {
     operands: [(usize, usize, usize, bool, u8, u32); 3],
     bias: u32,
     workspace: usize,
+    /// The SMs cuBLASLt was told to plan for (0: all).
+    sms: u32,
 }
 
 /// How a shape's algorithm was chosen: cuBLASLt's heuristic choice `i` ([`algo_override`]), or
@@ -616,7 +642,7 @@ struct AlgoKey {
 }
 
 impl ShapeKey {
-    fn of(gemm: &Gemm, workspace: usize) -> ShapeKey {
+    fn of(gemm: &Gemm, workspace: usize, sms: u32) -> ShapeKey {
         let o = |o: &Operand| {
             let dtype = match o.dtype {
                 DType::F32 => 0,
@@ -634,6 +660,7 @@ impl ShapeKey {
             operands: [o(&gemm.a), o(&gemm.b), o(&gemm.out)],
             bias,
             workspace,
+            sms,
         }
     }
 }

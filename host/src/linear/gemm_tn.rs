@@ -145,11 +145,13 @@ impl CrossEntropy {
         let (counter_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&counter, stream);
         // SAFETY: the caller's promises, `stream` is this handle's context's, and the counter is
         // a zeroed word nothing else uses.
-        unsafe { self.gemm_tn_bf16_raw(stream.cu_stream(), a, b, c, alpha, beta, counter_ptr) }
+        unsafe { self.gemm_tn_bf16_raw(stream.cu_stream(), a, b, c, (alpha, beta), counter_ptr, 0) }
     }
 
     /// [`gemm_tn_bf16`](Self::gemm_tn_bf16) on a raw stream of this handle's context (the
-    /// linear path's side stream), its CTAs taking output tiles from the `u32` at `counter`.
+    /// linear path's side stream), its CTAs taking output tiles from the `u32` at `counter`:
+    /// one CTA an SM, at most `max_ctas` of them (0: as many as the device has SMs), so that a
+    /// GEMM on another stream can have the other SMs.
     ///
     /// # Safety
     /// As `gemm_tn_bf16`; `stream` must belong to this handle's context, and `counter` must be a
@@ -161,9 +163,9 @@ impl CrossEntropy {
         a: Matrix,
         b: Matrix,
         c: Matrix,
-        alpha: f32,
-        beta: f32,
+        (alpha, beta): (f32, f32),
         counter: u64,
+        max_ctas: u32,
     ) -> Result<()> {
         check(&a, &b, &c)?;
         let function = &self.wgmma_functions()?[3];
@@ -180,7 +182,11 @@ impl CrossEntropy {
             counter,
         };
         let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
-        let ctas = tiles.min(self.limits().sm_count.max(1) as usize) as u32;
+        let sms = self.limits().sm_count.max(1);
+        let ctas = tiles.min(match max_ctas {
+            0 => sms,
+            cap => cap.min(sms),
+        } as usize) as u32;
         let mut args = [&mut params as *mut GemmParams as *mut std::ffi::c_void];
         // SAFETY: `params` is the parameter block the entry point declares (the driver copies it
         // at the launch); the tensor maps name the caller's matrices, which the caller vouches

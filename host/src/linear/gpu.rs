@@ -415,6 +415,11 @@ impl CrossEntropy {
             grads,
             bias_grad,
             ones,
+            sms: if side_guard.is_some() {
+                GradSms::from_env()
+            } else {
+                GradSms::default()
+            },
         };
 
         // The loss (and, in the row scheme, the gradients) by chunks of rows.
@@ -640,6 +645,31 @@ struct Work<'a> {
     ones: u64,
     /// The side stream of the overlapped gradient GEMMs, when they overlap.
     side: Option<&'a SideStream>,
+    /// The SMs each overlapped gradient GEMM plans for.
+    sms: GradSms,
+}
+
+/// The SMs the two gradient GEMMs of a chunk plan for when they overlap on two streams (0: the
+/// whole device): from `XENT_LINEAR_SMS=H,W` (`grad_hidden`'s, `grad_weight`'s), else 0 and 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GradSms {
+    hidden: u32,
+    weight: u32,
+}
+
+impl GradSms {
+    fn from_env() -> GradSms {
+        let Ok(text) = std::env::var("XENT_LINEAR_SMS") else {
+            return GradSms::default();
+        };
+        let mut parts = text
+            .split(',')
+            .map(|p| p.trim().parse::<u32>().unwrap_or(0));
+        GradSms {
+            hidden: parts.next().unwrap_or(0),
+            weight: parts.next().unwrap_or(0),
+        }
+    }
 }
 
 impl Work<'_> {
@@ -655,10 +685,11 @@ impl Work<'_> {
         stream: cudarc::driver::sys::CUstream,
         which: usize,
         gemm: Gemm,
+        sms: u32,
     ) -> Result<()> {
         let workspace = self.workspace_half(which);
         // SAFETY: as `matmul`; the halves do not overlap.
-        unsafe { self.blas.matmul(stream, &gemm, workspace) }
+        unsafe { self.blas.matmul_on_sms(stream, &gemm, workspace, sms) }
     }
 
     /// The workspace of a GEMM on stream `which` (0: the call's, 1: the side stream): with a
@@ -772,7 +803,15 @@ impl Work<'_> {
                 // GEMM would be, and the counter is that stream's alone.
                 unsafe {
                     cudarc::driver::result::memset_d8_async(counter, 0, 4, weight_stream)?;
-                    xent.gemm_tn_bf16_raw(weight_stream, g, h, out, 1.0, beta, counter)
+                    xent.gemm_tn_bf16_raw(
+                        weight_stream,
+                        g,
+                        h,
+                        out,
+                        (1.0, beta),
+                        counter,
+                        self.sms.weight,
+                    )
                 }?;
             } else {
                 self.matmul_half(
@@ -786,6 +825,7 @@ impl Work<'_> {
                         beta,
                         bias: 0,
                     },
+                    self.sms.weight,
                 )?;
             }
         }
@@ -802,6 +842,7 @@ impl Work<'_> {
                     beta,
                     bias: 0,
                 },
+                0,
             )?;
         }
         // grad_hidden[chunk] = G·W.
@@ -823,6 +864,7 @@ impl Work<'_> {
                     beta: 0.0,
                     bias: 0,
                 },
+                self.sms.hidden,
             )?;
         }
         if let Some(side) = self.side {
