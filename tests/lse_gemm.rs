@@ -304,3 +304,164 @@ fn gemm_tn_matches_the_f64_reference() {
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `xent_gemm_grads_bf16` (both gradient GEMMs of a linear chunk in one launch, sm_90a):
+/// `grad_hidden = G·W` and `grad_weight = Gᵀ·h + beta·grad_weight` against f64 on the same bf16
+/// inputs, each rounded once to bf16. Shapes cover partial row blocks (rows not a multiple of
+/// 64), one row, a vocabulary of one step (the second warpgroup adds nothing to the hidden
+/// states' tiles) and of an odd number of steps, vocabularies that are not a multiple of 64 or
+/// 128, more items than CTAs, beta 0 (the weight's gradient starts as NaN) and 1; the rows of
+/// `grad_hidden` past the chunk stay untouched.
+///
+/// Tolerance: as `gemm_tn`'s, with `K` the vocabulary for `grad_hidden` and the rows for
+/// `grad_weight`.
+#[test]
+fn gemm_grads_matches_the_f64_reference() {
+    use xent::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use xent::linear::gemm_tn::{GradOperands, Matrix};
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    if xent
+        .context()
+        .compute_capability()
+        .expect("compute capability")
+        != (9, 0)
+    {
+        eprintln!("gemm_grads: compute capability 9.0 only; skipped");
+        return;
+    }
+    let stream = xent.context().default_stream();
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    // (rows, V, D, beta)
+    let shapes = [
+        (64, 128, 256, 1.0f32),
+        (100, 520, 512, 0.0),
+        (1, 200, 256, 1.0),
+        (300, 64, 256, 1.0),
+        (256, 2000, 512, 1.0),
+        (513, 1500, 768, 0.0),
+    ];
+    for (rows, v, d, beta) in shapes {
+        let mut rng = Rng((rows * 7 + v * 13 + d) as u64);
+        let mut matrix = |r: usize, c: usize, scale: f64| -> Vec<bf16> {
+            (0..r * c)
+                .map(|_| bf16::from_f64((rng.unit() * 2.0 - 1.0) * scale))
+                .collect()
+        };
+        let g = matrix(rows, v, 0.05);
+        let h = matrix(rows, d, 1.0);
+        let w = matrix(v, d, 0.05);
+        let dw0: Vec<bf16> = if beta == 0.0 {
+            vec![bf16::from_f64(f64::NAN); v * d]
+        } else {
+            matrix(v, d, 4.0)
+        };
+        // Two rows past the chunk, which must stay NaN.
+        let dh0 = vec![bf16::from_f64(f64::NAN); (rows + 2) * d];
+        let d_g = stream.clone_htod(&g).expect("upload G");
+        let d_h = stream.clone_htod(&h).expect("upload h");
+        let d_w = stream.clone_htod(&w).expect("upload W");
+        let mut d_dw = stream.clone_htod(&dw0).expect("upload grad_weight");
+        let mut d_dh = stream.clone_htod(&dh0).expect("upload grad_hidden");
+        {
+            let (pg, _g) = d_g.device_ptr(&stream);
+            let (ph, _h) = d_h.device_ptr(&stream);
+            let (pw, _w) = d_w.device_ptr(&stream);
+            let (pdw, _dw) = d_dw.device_ptr_mut(&stream);
+            let (pdh, _dh) = d_dh.device_ptr_mut(&stream);
+            let ops = GradOperands {
+                g: Matrix::dense(pg, rows, v),
+                h: Matrix::dense(ph, rows, d),
+                w: Matrix::dense(pw, v, d),
+                grad_weight: Matrix::dense(pdw, v, d),
+                grad_hidden: pdh,
+            };
+            // SAFETY: five live allocations of the sizes named, the outputs apart from the inputs.
+            unsafe { xent.gemm_grads_bf16(&stream, ops, beta) }.expect("launch");
+        }
+        let got_dh = stream.clone_dtoh(&d_dh).expect("download grad_hidden");
+        let got_dw = stream.clone_dtoh(&d_dw).expect("download grad_weight");
+        cases += 1;
+        let what = format!("{rows}x{v}x{d} (beta {beta})");
+        let close = |got: bf16, want: f64, k: usize, abs: f64| {
+            let tol = k as f64 * 2f64.powi(-24) * abs + want.abs() * 2f64.powi(-8) + 1e-30;
+            let err = (got.to_f64() - want).abs();
+            (!err.is_nan() && err <= tol, tol)
+        };
+        'dh: for r in 0..rows + 2 {
+            for j in 0..d {
+                let got = got_dh[r * d + j];
+                if r >= rows {
+                    if !got.is_nan() {
+                        failures.push(format!(
+                            "{what}: grad_hidden[{r}][{j}] past the chunk was written"
+                        ));
+                        break 'dh;
+                    }
+                    continue;
+                }
+                let (mut dot, mut abs) = (0.0f64, 0.0f64);
+                for k in 0..v {
+                    let p = g[r * v + k].to_f64() * w[k * d + j].to_f64();
+                    dot += p;
+                    abs += p.abs();
+                }
+                let (ok, tol) = close(got, dot, v, abs);
+                if !ok {
+                    failures.push(format!(
+                        "{what}: grad_hidden[{r}][{j}] {got} against {dot} (tol {tol:e})"
+                    ));
+                    break 'dh;
+                }
+            }
+        }
+        'dw: for i in 0..v {
+            for j in 0..d {
+                let (mut dot, mut abs) = (0.0f64, 0.0f64);
+                for r in 0..rows {
+                    let p = g[r * v + i].to_f64() * h[r * d + j].to_f64();
+                    dot += p;
+                    abs += p.abs();
+                }
+                let c = if beta == 0.0 {
+                    0.0
+                } else {
+                    dw0[i * d + j].to_f64()
+                };
+                let want = dot + beta as f64 * c;
+                let got = got_dw[i * d + j];
+                let (ok, tol) = close(got, want, rows, abs);
+                if !ok {
+                    failures.push(format!(
+                        "{what}: grad_weight[{i}][{j}] {got} against {want} (tol {tol:e})"
+                    ));
+                    break 'dw;
+                }
+            }
+        }
+    }
+    // A hidden size that is not a multiple of 256 is refused before any launch.
+    let d_x = stream.alloc_zeros::<bf16>(64 * 200).expect("scratch");
+    {
+        let (px, _x) = d_x.device_ptr(&stream);
+        let m = |rows, cols| Matrix::dense(px, rows, cols);
+        let ops = GradOperands {
+            g: m(1, 64),
+            h: m(1, 200),
+            w: m(64, 200),
+            grad_weight: m(64, 200),
+            grad_hidden: px,
+        };
+        // SAFETY: refused before anything runs.
+        match unsafe { xent.gemm_grads_bf16(&stream, ops, 1.0) } {
+            Err(xent::Error::InvalidOption(why)) if why.contains("multiple of 256") => {}
+            other => failures.push(format!("D = 200 gave {other:?}")),
+        }
+    }
+    report(&format!(
+        "gemm_grads on the GPU: {cases} shapes, {} failed",
+        failures.len()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -323,6 +323,30 @@ pub struct GemmParams {
     pub counter: u64,
 }
 
+/// Parameters of `xent_gemm_grads_bf16` (sm_90a): both gradient GEMMs of a linear chunk in one
+/// launch, `grad_hidden = G·W` (written) and `grad_weight = Gᵀ·h + beta·grad_weight`, all bf16
+/// and row-major, f32 accumulated and rounded once, through four TMA tensor maps by value (as
+/// [`GemmParams`]'): `G [rows, vocab]`, `h [rows, dim]` and `W [vocab, dim]` in boxes 64 wide by
+/// 64 rows, `grad_weight [vocab, dim]` in boxes 64 wide by 128 rows, 128-byte swizzle.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradGemmParams {
+    pub tmap_g: [u64; 16],
+    pub tmap_h: [u64; 16],
+    pub tmap_grad_weight: [u64; 16],
+    pub tmap_w: [u64; 16],
+    /// Device address of `grad_hidden [rows, dim]`, rows `dim` elements apart.
+    pub grad_hidden: u64,
+    /// Device address of a `u32` that is 0 at the launch: the next item to take.
+    pub counter: u64,
+    pub rows: u32,
+    pub vocab: u32,
+    /// A multiple of 256 (`grad_hidden`'s tiles are whole columns).
+    pub dim: u32,
+    /// 0: `grad_weight` is not read.
+    pub beta: f32,
+}
+
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

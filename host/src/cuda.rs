@@ -55,7 +55,7 @@ pub struct CrossEntropy {
     plans: Mutex<HashMap<PlanKey, LaunchPlan>>,
     /// The sm_90a module's warpgroup-MMA prototype (`linear::lse_gemm`), loaded on first use
     /// (or why it could not be).
-    pub(crate) wgmma: std::sync::OnceLock<std::result::Result<[CudaFunction; 4], String>>,
+    pub(crate) wgmma: std::sync::OnceLock<std::result::Result<[CudaFunction; 5], String>>,
     /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
     pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
     /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.

@@ -15,7 +15,7 @@
 //! accumulators to `C` in shared memory, and one thread stores the tile back with the tensor
 //! memory accelerator (asynchronously, while the next tile's products run).
 
-use crate::abi::GemmParams;
+use crate::abi::{GemmParams, GradGemmParams};
 use crate::prim::{self, thread_idx};
 
 /// Output tile, and K per step.
@@ -103,7 +103,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
             while kk < BK / 16 {
                 let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
                 let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-                prim::wgmma_m64n256k16_bf16::<1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
+                prim::wgmma_m64n256k16_bf16::<1, 1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
                 kk += 1;
             }
             prim::wgmma_commit();
@@ -116,7 +116,7 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
                     unsafe { prim::mbarrier_arrive(empty(s)) };
                 }
                 pending = None;
-                unsafe { epilogue(p, maps.2, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
+                unsafe { epilogue((p.alpha, p.beta), maps.2, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
             } else {
                 prim::wgmma_wait_one();
                 if lane == 0 && let Some(before) = pending {
@@ -216,7 +216,7 @@ unsafe fn produce(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn epilogue(
-    p: &GemmParams,
+    (alpha, beta): (f32, f32),
     map_c: u64,
     c_tile: u32,
     (c_full, c_empty): (u32, u32),
@@ -228,20 +228,20 @@ unsafe fn epilogue(
     hi: &[f32; 64],
 ) {
     unsafe { prim::mbarrier_wait(c_full, round & 1) };
-    let read = p.beta != 0.0;
+    let read = beta != 0.0;
     crate::each!(h in [0, 1] => {
         let row = 64 * wg + 16 * w + g + 8 * h as u32;
         let row_at = c_tile + row * 128 + q * 4;
         crate::each!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] => {
             let at = row_at + (j as u32 / 8) * C_BOX_BYTES + (((j as u32 % 8) ^ g) * 16);
             let (x0, x1) = (lo[4 * j + 2 * h], lo[4 * j + 2 * h + 1]);
-            unsafe { add_pair(at, x0, x1, p.alpha, p.beta, read) };
+            unsafe { add_pair(at, x0, x1, alpha, beta, read) };
         });
         crate::each!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] => {
             let jj = j as u32 + 16;
             let at = row_at + (jj / 8) * C_BOX_BYTES + (((jj % 8) ^ g) * 16);
             let (x0, x1) = (hi[4 * j + 2 * h], hi[4 * j + 2 * h + 1]);
-            unsafe { add_pair(at, x0, x1, p.alpha, p.beta, read) };
+            unsafe { add_pair(at, x0, x1, alpha, beta, read) };
         });
     });
     // Every consumer's writes, visible to the tensor memory accelerator, before the store.
@@ -272,4 +272,327 @@ unsafe fn add_pair(at: u32, x0: f32, x1: f32, alpha: f32, beta: f32, read: bool)
         y1 = prim::fma(beta, f32::from_bits(c & 0xffff_0000), y1);
     }
     unsafe { prim::st_shared_u32(at, prim::pack_bf16x2(y1, y0)) };
+}
+
+/// Both gradient GEMMs of a linear chunk in one persistent launch (`xent_gemm_grads_bf16`): the
+/// hidden states' `dh = G·W` (`G [rows, V]`, `W [V, D]`, `dh [rows, D]` written) and the weight's
+/// `dW += Gᵀ·h` (`h [rows, D]`, `dW [V, D]`, as [`gemm_tn_bf16`] with `alpha` 1). The first is
+/// bound by the tensor cores, the second, at short chunks, by `dW`'s traffic; on two streams
+/// cuBLAS's kernels and [`gemm_tn_bf16`]'s did not share the SMs well, so here they come from one
+/// counter: items `0..dh_tiles` are `dh`'s tiles of 64 rows x 256 columns over the whole
+/// vocabulary (long; the consecutive ones share `W`'s columns, so they read it from L2
+/// together), then `dW`'s tiles of 128 x 256 (short), which CTAs take as they free up.
+///
+/// A `dh` item's steps are `G`'s 64 x 64 box (K-major: 64 classes a row) and `W`'s four 64 x 64
+/// boxes (MN-major) in the stages of [`gemm_tn_bf16`]; the two consumer warpgroups take its steps
+/// in turns (each a 64 x 256 accumulator of its own, the other warpgroup releasing the stage at
+/// once), then the second hands its sums through `C`'s buffer (in the `c_full`/`c_empty`
+/// rounds, with nothing loaded) to the first, which adds them, rounds once and stores the tile.
+///
+/// Launch as [`gemm_tn_bf16`]: `min(items, SMs)` CTAs of 384 threads at 168 registers, `counter`
+/// 0, the same shared memory.
+#[inline(always)]
+pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
+    let tid = thread_idx();
+    let base = (prim::smem_base() + 1023) & !1023;
+    let c_tile = base + STAGES * STAGE_BYTES;
+    let bars = c_tile + C_BYTES;
+    let full = |s: u32| bars + 8 * s;
+    let empty = |s: u32| bars + 8 * (STAGES + s);
+    let c_full = bars + 16 * STAGES;
+    let c_empty = c_full + 8;
+    let params = crate::param_block_generic!("xent_gemm_grads_bf16");
+    let maps = GradMaps { g: params, h: params + 128, dw: params + 256, w: params + 384 };
+    let shape = GradShape::of(p);
+    let slots = c_empty + 8;
+    let slot = |round: u32| slots + 4 * (round % 4);
+    unsafe { crate::wgmma::init_pipeline(bars, STAGES, CONSUMER_WARPS, 2) };
+    let warp = prim::warp_uniform(tid / 32);
+    if warp >= CONSUMER_WARPS {
+        prim::setmaxnreg_dec::<40>();
+        if tid == 32 * CONSUMER_WARPS {
+            unsafe { produce_grads(p, &maps, &shape, base, (full, empty), (c_full, c_empty), slot) };
+        }
+        return;
+    }
+    prim::setmaxnreg_inc::<232>();
+    let warpgroup = warp / 4;
+    let (lane, w) = (tid % 32, warp % 4);
+    let (g, q) = (lane / 4, lane % 4);
+    let (mut lo, mut hi) = ([0.0f32; 64], [0.0f32; 64]);
+    let mut step = 0u32;
+    let mut round = 0u32;
+    loop {
+        unsafe { prim::mbarrier_wait(full(step % STAGES), (step / STAGES) & 1) };
+        let item = prim::warp_uniform(unsafe { prim::ld_shared_u32(slot(round)) });
+        if item == NO_TILE {
+            break;
+        }
+        if item < shape.dh_tiles {
+            // `dh`'s tile: rows `m0..m0 + 64`, columns `n0..n0 + 256`; this warpgroup's steps are
+            // those of its parity.
+            let (m0, n0) = (item % shape.dh_tiles_m * 64, item / shape.dh_tiles_m * BN);
+            let mut pending: Option<u32> = None;
+            let mut first = true;
+            let mut ks = 0;
+            while ks < shape.v_steps {
+                let s = step % STAGES;
+                if ks > 0 {
+                    unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
+                }
+                if ks % 2 == warpgroup {
+                    let stage = base + s * STAGE_BYTES;
+                    let b = stage + A_BYTES;
+                    prim::wgmma_fence();
+                    let mut kk = 0;
+                    while kk < BK / 16 {
+                        let desc_a = prim::wgmma_desc_sw128(stage + 32 * kk);
+                        let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
+                        prim::wgmma_m64n256k16_bf16::<0, 1>(&mut lo, &mut hi, desc_a, desc_b, !first || kk > 0);
+                        kk += 1;
+                    }
+                    prim::wgmma_commit();
+                    first = false;
+                    prim::wgmma_wait_one();
+                    if lane == 0 && let Some(before) = pending {
+                        unsafe { prim::mbarrier_arrive(empty(before)) };
+                    }
+                    pending = Some(s);
+                } else if lane == 0 {
+                    unsafe { prim::mbarrier_arrive(empty(s)) };
+                }
+                step += 1;
+                ks += 1;
+            }
+            prim::wgmma_wait_all();
+            if lane == 0 && let Some(before) = pending {
+                unsafe { prim::mbarrier_arrive(empty(before)) };
+            }
+            // A warpgroup with no step (a single-step item) adds zeros.
+            if first {
+                lo = [0.0; 64];
+                hi = [0.0; 64];
+            }
+            unsafe { dh_epilogue(p, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
+        } else {
+            let t = item - shape.dh_tiles;
+            let (m0, n0) = (t / shape.dw_tiles_n * BM, t % shape.dw_tiles_n * BN);
+            let mut pending: Option<u32> = None;
+            let mut ks = 0;
+            while ks < shape.row_steps {
+                let s = step % STAGES;
+                if ks > 0 {
+                    unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
+                }
+                let stage = base + s * STAGE_BYTES;
+                let a = stage + warpgroup * BOX_BYTES;
+                let b = stage + A_BYTES;
+                prim::wgmma_fence();
+                let mut kk = 0;
+                while kk < BK / 16 {
+                    let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
+                    let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
+                    prim::wgmma_m64n256k16_bf16::<1, 1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
+                    kk += 1;
+                }
+                prim::wgmma_commit();
+                if ks + 1 == shape.row_steps {
+                    prim::wgmma_wait_all();
+                    if lane == 0 {
+                        if let Some(before) = pending {
+                            unsafe { prim::mbarrier_arrive(empty(before)) };
+                        }
+                        unsafe { prim::mbarrier_arrive(empty(s)) };
+                    }
+                    pending = None;
+                    unsafe { epilogue((1.0, p.beta), maps.dw, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
+                } else {
+                    prim::wgmma_wait_one();
+                    if lane == 0 && let Some(before) = pending {
+                        unsafe { prim::mbarrier_arrive(empty(before)) };
+                    }
+                    pending = Some(s);
+                }
+                step += 1;
+                ks += 1;
+            }
+        }
+        round += 1;
+    }
+    prim::wgmma_wait_all();
+    if tid == 0 {
+        prim::bulk_wait_all();
+    }
+}
+
+/// The four tensor maps of [`gemm_grads_bf16`], as generic addresses in parameter space.
+struct GradMaps {
+    g: u64,
+    h: u64,
+    dw: u64,
+    w: u64,
+}
+
+/// [`gemm_grads_bf16`]'s items and steps.
+struct GradShape {
+    /// `dh`'s tiles: row blocks of 64 (`dh_tiles_m`) by column blocks of 256.
+    dh_tiles_m: u32,
+    dh_tiles: u32,
+    /// `dW`'s tiles: row blocks of 128 by column blocks of 256 (`dw_tiles_n`).
+    dw_tiles_n: u32,
+    items: u32,
+    /// Steps of 64 along the vocabulary (a `dh` item) and along the rows (a `dW` item).
+    v_steps: u32,
+    row_steps: u32,
+}
+
+impl GradShape {
+    #[inline(always)]
+    fn of(p: &GradGemmParams) -> GradShape {
+        let col_blocks = p.dim.div_ceil(BN).max(1);
+        let dh_tiles_m = p.rows.div_ceil(64).max(1);
+        let dh_tiles = dh_tiles_m * col_blocks;
+        GradShape {
+            dh_tiles_m,
+            dh_tiles,
+            dw_tiles_n: col_blocks,
+            items: dh_tiles + p.vocab.div_ceil(BM) * col_blocks,
+            v_steps: p.vocab.div_ceil(BK).max(1),
+            row_steps: p.rows.div_ceil(BK).max(1),
+        }
+    }
+}
+
+/// [`produce`] for [`gemm_grads_bf16`]'s two kinds of item: a `dh` item's steps bring `G`'s box
+/// at (class `k0`, row `m0`) and `W`'s four at (column `n0 + 64·j`, class `k0`), then only the
+/// `C` buffer's hand-over; a `dW` item's are [`produce`]'s (`A` = `G`, `B` = `h`, `C` = `dW`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn produce_grads(
+    p: &GradGemmParams,
+    maps: &GradMaps,
+    shape: &GradShape,
+    base: u32,
+    (full, empty): (impl Fn(u32) -> u32, impl Fn(u32) -> u32),
+    (c_full, c_empty): (u32, u32),
+    slot: impl Fn(u32) -> u32,
+) {
+    let c_tile = base + STAGES * STAGE_BYTES;
+    let mut step = 0u32;
+    let mut round = 0u32;
+    loop {
+        let item = unsafe { prim::atom_inc_u32(p.counter, u32::MAX) };
+        let s = step % STAGES;
+        unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
+        if item >= shape.items {
+            unsafe {
+                prim::st_shared_u32(slot(round), NO_TILE);
+                prim::mbarrier_arrive(full(s));
+            }
+            return;
+        }
+        unsafe { prim::st_shared_u32(slot(round), item) };
+        let dh = item < shape.dh_tiles;
+        let (m0, n0, k_steps) = if dh {
+            (item % shape.dh_tiles_m * 64, item / shape.dh_tiles_m * BN, shape.v_steps)
+        } else {
+            let t = item - shape.dh_tiles;
+            (t / shape.dw_tiles_n * BM, t % shape.dw_tiles_n * BN, shape.row_steps)
+        };
+        let mut ks = 0;
+        while ks < k_steps {
+            let s = step % STAGES;
+            if ks > 0 {
+                unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
+            }
+            let stage = base + s * STAGE_BYTES;
+            let k0 = ks * BK;
+            unsafe {
+                if dh {
+                    prim::mbarrier_arrive_expect_tx(full(s), BOX_BYTES + BK * BN * 2);
+                    prim::tma_load_2d(stage, maps.g, k0, m0, full(s));
+                } else {
+                    prim::mbarrier_arrive_expect_tx(full(s), STAGE_BYTES);
+                    prim::tma_load_2d(stage, maps.g, m0, k0, full(s));
+                    prim::tma_load_2d(stage + BOX_BYTES, maps.g, m0 + 64, k0, full(s));
+                }
+                let map_b = if dh { maps.w } else { maps.h };
+                let mut j = 0;
+                while j < 4 {
+                    prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, map_b, n0 + 64 * j, k0, full(s));
+                    j += 1;
+                }
+            }
+            step += 1;
+            ks += 1;
+        }
+        unsafe { prim::mbarrier_wait(c_empty, (round + 1) & 1) };
+        if !dh && p.beta != 0.0 {
+            unsafe {
+                prim::mbarrier_arrive_expect_tx(c_full, C_BYTES);
+                let mut j = 0;
+                while j < 4 {
+                    prim::tma_load_2d(c_tile + j * C_BOX_BYTES, maps.dw, n0 + 64 * j, m0, c_full);
+                    j += 1;
+                }
+            }
+        } else {
+            unsafe { prim::mbarrier_arrive(c_full) };
+        }
+        round += 1;
+    }
+}
+
+/// A `dh` item's end: the second warpgroup writes its 128 sums a thread into `C`'s buffer (pair
+/// `i` of thread `t`, its sums `2·i` and `2·i + 1` of `lo` then `hi`, at 8-byte slot `128·i + t`:
+/// a warp's slots side by side), the first adds them to its own, rounds each pair once and
+/// stores it (rows `m0 + 16·w + g + 8·h` below `rows`, columns `n0 + 8·j + 2·q`: `dim` is a
+/// multiple of 256), then hands the buffer back.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn dh_epilogue(
+    p: &GradGemmParams,
+    c_tile: u32,
+    (c_full, c_empty): (u32, u32),
+    round: u32,
+    (m0, n0): (u32, u32),
+    (wg, w, g, q): (u32, u32, u32, u32),
+    tid: u32,
+    lo: &[f32; 64],
+    hi: &[f32; 64],
+) {
+    unsafe { prim::mbarrier_wait(c_full, round & 1) };
+    let slot = c_tile + 8 * (tid % 128);
+    if wg == 1 {
+        crate::each!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] => {
+            unsafe {
+                prim::st_shared_v2(slot + 1024 * i as u32, [lo[2 * i].to_bits(), lo[2 * i + 1].to_bits()]);
+                prim::st_shared_v2(slot + 1024 * (32 + i as u32), [hi[2 * i].to_bits(), hi[2 * i + 1].to_bits()]);
+            }
+        });
+    }
+    prim::named_barrier(1, CONSUMER_THREADS);
+    if wg == 0 {
+        crate::each!(h in [0, 1] => {
+            let row = m0 + 16 * w + g + 8 * h as u32;
+            // Column `n0 + 2·q` of the row; pair `j` is 16·j bytes on.
+            let at = p.grad_hidden + 2 * ((row as u64) * (p.dim as u64) + (n0 + 2 * q) as u64);
+            crate::each!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] => {
+                let i = 4 * (j % 16) + 2 * h;
+                let mine = if j < 16 { lo } else { hi };
+                let pair = (i / 2 + 32 * (j / 16)) as u32;
+                let other = unsafe { prim::ld_shared_v2(slot + 1024 * pair) };
+                let x0 = mine[i] + f32::from_bits(other[0]);
+                let x1 = mine[i + 1] + f32::from_bits(other[1]);
+                if row < p.rows {
+                    unsafe { prim::st_global_u32(at + 16 * j as u64, prim::pack_bf16x2(x1, x0)) };
+                }
+            });
+        });
+        // Every read of the buffer done before it goes back to the producer.
+        prim::named_barrier(2, 128);
+        if tid == 0 {
+            unsafe { prim::mbarrier_arrive(c_empty) };
+        }
+    }
 }

@@ -25,7 +25,7 @@ pub mod xent;
 
 use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
 #[cfg(xent_wgmma)]
-use abi::{GemmParams, LseTmaParams};
+use abi::{GemmParams, GradGemmParams, LseTmaParams};
 use element::{Bf16, F16, F32};
 use opts::{Full, Plain, RowAcc, RowCap, RowCapAcc, RowConst, RowWSmooth};
 
@@ -288,4 +288,5 @@ kernels! {
     xent_lse_wgmma_pipe_bf16(LseGemmParams) => wgmma::lse_wgmma_pipe_bf16;
     xent_lse_tma_bf16(LseTmaParams) => wgmma::lse_tma_bf16;
     xent_gemm_tn_bf16(GemmParams) => gemm::gemm_tn_bf16;
+    xent_gemm_grads_bf16(GradGemmParams) => gemm::gemm_grads_bf16;
 }

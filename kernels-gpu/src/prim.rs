@@ -365,6 +365,26 @@ pub unsafe fn ld_shared_u16(addr: u32) -> u16 {
     v
 }
 
+/// `ld.shared.v2.u32`: two words at an 8-byte aligned address.
+#[inline(always)]
+pub unsafe fn ld_shared_v2(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    unsafe {
+        asm!("ld.shared.v2.u32 {{{a}, {b}}}, [{p}];", a = out(reg32) a, b = out(reg32) b, p = in(reg32) addr,
+             options(readonly, nostack));
+    }
+    [a, b]
+}
+
+/// `st.shared.v2.u32`: two words at an 8-byte aligned address.
+#[inline(always)]
+pub unsafe fn st_shared_v2(addr: u32, w: [u32; 2]) {
+    unsafe {
+        asm!("st.shared.v2.u32 [{p}], {{{a}, {b}}};", p = in(reg32) addr, a = in(reg32) w[0], b = in(reg32) w[1],
+             options(nostack));
+    }
+}
+
 /// `ld.shared.u32`.
 #[inline(always)]
 pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
@@ -725,11 +745,12 @@ pub fn wgmma_m64n128k16_bf16(acc: &mut [f32; 64], desc_a: u64, desc_b: u64, accu
 /// `wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16` (sm_90a): as
 /// [`wgmma_m64n128k16_bf16`] for a 64 x 256 tile (B 16 x 256, K-major): 128 accumulators a thread,
 /// `acc[4·j + 2·h + e]` (`lo` then `hi`) at row `16·warp + lane / 4 + 8·h`, column
-/// `8·j + 2·(lane % 4) + e`. `MN_MAJOR` 1 sets both `imm-trans` bits: A stored as 16 rows of K by
-/// 64 of M, B as 16 rows of K by 256 of N, in the layout [`wgmma_desc_sw128_mn`] describes.
+/// `8·j + 2·(lane % 4) + e`. `A_MN` 1 sets A's `imm-trans` bit (A stored as 16 rows of K by 64
+/// of M, in the layout [`wgmma_desc_sw128_mn`] describes; 0: K-major, [`wgmma_desc_sw128`]), `B_MN`
+/// 1 B's (16 rows of K by 256 of N).
 #[cfg(xent_wgmma)]
 #[inline(always)]
-pub fn wgmma_m64n256k16_bf16<const MN_MAJOR: u32>(
+pub fn wgmma_m64n256k16_bf16<const A_MN: u32, const B_MN: u32>(
     lo: &mut [f32; 64],
     hi: &mut [f32; 64],
     desc_a: u64,
@@ -740,7 +761,7 @@ pub fn wgmma_m64n256k16_bf16<const MN_MAJOR: u32>(
     unsafe {
         asm!("{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; \
               wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 \
-              {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}, {d24}, {d25}, {d26}, {d27}, {d28}, {d29}, {d30}, {d31}, {d32}, {d33}, {d34}, {d35}, {d36}, {d37}, {d38}, {d39}, {d40}, {d41}, {d42}, {d43}, {d44}, {d45}, {d46}, {d47}, {d48}, {d49}, {d50}, {d51}, {d52}, {d53}, {d54}, {d55}, {d56}, {d57}, {d58}, {d59}, {d60}, {d61}, {d62}, {d63}, {d64}, {d65}, {d66}, {d67}, {d68}, {d69}, {d70}, {d71}, {d72}, {d73}, {d74}, {d75}, {d76}, {d77}, {d78}, {d79}, {d80}, {d81}, {d82}, {d83}, {d84}, {d85}, {d86}, {d87}, {d88}, {d89}, {d90}, {d91}, {d92}, {d93}, {d94}, {d95}, {d96}, {d97}, {d98}, {d99}, {d100}, {d101}, {d102}, {d103}, {d104}, {d105}, {d106}, {d107}, {d108}, {d109}, {d110}, {d111}, {d112}, {d113}, {d114}, {d115}, {d116}, {d117}, {d118}, {d119}, {d120}, {d121}, {d122}, {d123}, {d124}, {d125}, {d126}, {d127}}}, {da}, {db}, p, 1, 1, {t}, {t}; }}",
+              {{{d0}, {d1}, {d2}, {d3}, {d4}, {d5}, {d6}, {d7}, {d8}, {d9}, {d10}, {d11}, {d12}, {d13}, {d14}, {d15}, {d16}, {d17}, {d18}, {d19}, {d20}, {d21}, {d22}, {d23}, {d24}, {d25}, {d26}, {d27}, {d28}, {d29}, {d30}, {d31}, {d32}, {d33}, {d34}, {d35}, {d36}, {d37}, {d38}, {d39}, {d40}, {d41}, {d42}, {d43}, {d44}, {d45}, {d46}, {d47}, {d48}, {d49}, {d50}, {d51}, {d52}, {d53}, {d54}, {d55}, {d56}, {d57}, {d58}, {d59}, {d60}, {d61}, {d62}, {d63}, {d64}, {d65}, {d66}, {d67}, {d68}, {d69}, {d70}, {d71}, {d72}, {d73}, {d74}, {d75}, {d76}, {d77}, {d78}, {d79}, {d80}, {d81}, {d82}, {d83}, {d84}, {d85}, {d86}, {d87}, {d88}, {d89}, {d90}, {d91}, {d92}, {d93}, {d94}, {d95}, {d96}, {d97}, {d98}, {d99}, {d100}, {d101}, {d102}, {d103}, {d104}, {d105}, {d106}, {d107}, {d108}, {d109}, {d110}, {d111}, {d112}, {d113}, {d114}, {d115}, {d116}, {d117}, {d118}, {d119}, {d120}, {d121}, {d122}, {d123}, {d124}, {d125}, {d126}, {d127}}}, {da}, {db}, p, 1, 1, {ta}, {tb}; }}",
              d0 = inout(reg32) lo[0],
              d1 = inout(reg32) lo[1],
              d2 = inout(reg32) lo[2],
@@ -869,7 +890,7 @@ pub fn wgmma_m64n256k16_bf16<const MN_MAJOR: u32>(
              d125 = inout(reg32) hi[61],
              d126 = inout(reg32) hi[62],
              d127 = inout(reg32) hi[63],
-             da = in(reg64) desc_a, db = in(reg64) desc_b, sd = in(reg32) scale_d, t = const MN_MAJOR,
+             da = in(reg64) desc_a, db = in(reg64) desc_b, sd = in(reg32) scale_d, ta = const A_MN, tb = const B_MN,
              options(nostack));
     }
 }

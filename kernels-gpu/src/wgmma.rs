@@ -313,7 +313,7 @@ pub unsafe fn lse_tma_bf16(tp: &LseTmaParams) {
         while kk < BK / 16 {
             let desc_a = prim::wgmma_desc_sw128(a + 32 * kk);
             let desc_b = prim::wgmma_desc_sw128(b + 32 * kk);
-            prim::wgmma_m64n256k16_bf16::<0>(&mut lo, &mut hi, desc_a, desc_b, k0 > 0 || kk > 0);
+            prim::wgmma_m64n256k16_bf16::<0, 0>(&mut lo, &mut hi, desc_a, desc_b, k0 > 0 || kk > 0);
             kk += 1;
         }
         prim::wgmma_commit();

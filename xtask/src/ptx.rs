@@ -237,11 +237,16 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_lse_tma_", 168),
     // The weight-gradient GEMM: the same threads and accumulators.
     ("xent_gemm_tn_", 168),
+    ("xent_gemm_grads_", 168),
 ];
 
 /// Kernels whose parameter block holds TMA tensor maps, which must be 64-byte aligned in
 /// parameter space; rustc's NVPTX kernel ABI declares at most 16.
-const PARAMS_ALIGN_64: &[&str] = &["xent_gemm_tn_bf16", "xent_lse_tma_bf16"];
+const PARAMS_ALIGN_64: &[&str] = &[
+    "xent_gemm_tn_bf16",
+    "xent_gemm_grads_bf16",
+    "xent_lse_tma_bf16",
+];
 
 /// Raises the declared alignment of [`PARAMS_ALIGN_64`]'s parameter blocks to 64 bytes.
 fn align_params(ptx: &str) -> String {

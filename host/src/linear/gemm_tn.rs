@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 
 use crate::CrossEntropy;
-use crate::abi::GemmParams;
+use crate::abi::{GemmParams, GradGemmParams};
 use crate::error::{Error, Result};
 
 /// Dynamic shared memory: three stages of a 64 x 128 and a 64 x 256 bf16 tile, `C`'s 128 x 256
@@ -191,6 +191,142 @@ impl CrossEntropy {
         // SAFETY: `params` is the parameter block the entry point declares (the driver copies it
         // at the launch); the tensor maps name the caller's matrices, which the caller vouches
         // for, and `stream` is of this context (the caller's promise).
+        unsafe {
+            self.context().bind_to_thread()?;
+            cudarc::driver::result::launch_kernel(
+                function.cu_function(),
+                (ctas, 1, 1),
+                (THREADS, 1, 1),
+                SMEM_BYTES,
+                stream,
+                &mut args,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The operands of [`CrossEntropy::gemm_grads_bf16`]: a chunk's logit gradient `g [rows, V]`,
+/// its hidden states `h [rows, D]`, the LM head's `w [V, D]`, the weight's gradient
+/// `grad_weight [V, D]` (added to with `beta` 1, overwritten with 0) and `grad_hidden [rows, D]`
+/// (overwritten; rows `D` elements apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GradOperands {
+    pub g: Matrix,
+    pub h: Matrix,
+    pub w: Matrix,
+    pub grad_weight: Matrix,
+    pub grad_hidden: u64,
+}
+
+impl GradOperands {
+    /// Why [`CrossEntropy::gemm_grads_bf16`] cannot take them, if it cannot: what
+    /// [`Matrix::unfit`] refuses, shapes that do not match, or `D` not a multiple of 256 (the
+    /// hidden states' tiles are whole columns).
+    fn check(&self) -> Result<()> {
+        for (m, what) in [
+            (&self.g, "G"),
+            (&self.h, "h"),
+            (&self.w, "W"),
+            (&self.grad_weight, "grad_weight"),
+        ] {
+            if let Some(why) = m.unfit(what) {
+                return Err(Error::InvalidOption(why.replace("gemm_tn", "gemm_grads")));
+            }
+        }
+        let (rows, v, d) = (self.g.rows, self.g.cols, self.h.cols);
+        if self.h.rows != rows
+            || (self.w.rows, self.w.cols) != (v, d)
+            || (self.grad_weight.rows, self.grad_weight.cols) != (v, d)
+        {
+            return Err(Error::InvalidOption(format!(
+                "gemm_grads: G {rows} x {v}, h {} x {d}, W {} x {} and grad_weight {} x {} do not \
+                 make G·W and Gᵀ·h",
+                self.h.rows, self.w.rows, self.w.cols, self.grad_weight.rows, self.grad_weight.cols
+            )));
+        }
+        if !d.is_multiple_of(256) || self.grad_hidden == 0 || !self.grad_hidden.is_multiple_of(4) {
+            return Err(Error::InvalidOption(format!(
+                "gemm_grads: D = {d} must be a multiple of 256 and grad_hidden a 4-byte aligned \
+                 address"
+            )));
+        }
+        if rows > u32::MAX as usize / 2 || v > u32::MAX as usize / 2 {
+            return Err(Error::InvalidOption(
+                "gemm_grads: too many rows or classes".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether [`CrossEntropy::gemm_grads_bf16`] takes them.
+    pub fn fit(&self) -> bool {
+        self.check().is_ok()
+    }
+}
+
+impl CrossEntropy {
+    /// Enqueues both gradient GEMMs of a linear chunk as one launch on `stream`:
+    /// `grad_hidden = G·W` and `grad_weight = Gᵀ·h + beta·grad_weight`, bf16, f32 accumulated and
+    /// rounded once (`xent_gemm_grads_bf16`, see `kernels-gpu/src/gemm.rs`). Compute capability
+    /// 9.0 only ([`Error::UnsupportedComputeCapability`] elsewhere).
+    ///
+    /// # Safety
+    /// Each matrix must be a live device allocation of at least `(rows - 1)·ld + cols` bf16
+    /// elements (`grad_hidden` of `rows·D`), on this handle's device, not written by anything
+    /// else until the GEMMs are done; the outputs must not overlap the inputs or each other.
+    pub unsafe fn gemm_grads_bf16(
+        &self,
+        stream: &Arc<CudaStream>,
+        ops: GradOperands,
+        beta: f32,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let counter = stream.alloc_zeros::<u32>(1)?;
+        let (counter_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&counter, stream);
+        // SAFETY: the caller's promises, `stream` is this handle's context's, and the counter is
+        // a zeroed word nothing else uses.
+        unsafe { self.gemm_grads_bf16_raw(stream.cu_stream(), ops, beta, counter_ptr, 0) }
+    }
+
+    /// [`gemm_grads_bf16`](Self::gemm_grads_bf16) on a raw stream of this handle's context, its
+    /// CTAs taking items from the `u32` at `counter`, at most `max_ctas` of them (0: one an SM).
+    ///
+    /// # Safety
+    /// As `gemm_grads_bf16`; `counter` must be a device word that is 0 when the launch starts
+    /// and that nothing else touches until it ends.
+    pub(crate) unsafe fn gemm_grads_bf16_raw(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        ops: GradOperands,
+        beta: f32,
+        counter: u64,
+        max_ctas: u32,
+    ) -> Result<()> {
+        ops.check()?;
+        let function = &self.wgmma_functions()?[4];
+        let (rows, v, d) = (ops.g.rows, ops.g.cols, ops.h.cols);
+        let mut params = GradGemmParams {
+            tmap_g: ops.g.tensor_map([64, 64])?,
+            tmap_h: ops.h.tensor_map([64, 64])?,
+            tmap_grad_weight: ops.grad_weight.tensor_map([64, 128])?,
+            tmap_w: ops.w.tensor_map([64, 64])?,
+            grad_hidden: ops.grad_hidden,
+            counter,
+            rows: rows as u32,
+            vocab: v as u32,
+            dim: d as u32,
+            beta,
+        };
+        let items = rows.div_ceil(64) * (d / 256) + v.div_ceil(128) * (d / 256);
+        let sms = self.limits().sm_count.max(1);
+        let ctas = items.min(match max_ctas {
+            0 => sms,
+            cap => cap.min(sms),
+        } as usize) as u32;
+        let mut args = [&mut params as *mut GradGemmParams as *mut std::ffi::c_void];
+        // SAFETY: `params` is the parameter block the entry point declares; the maps name the
+        // caller's matrices, which the caller vouches for, and `stream` is of this context.
         unsafe {
             self.context().bind_to_thread()?;
             cudarc::driver::result::launch_kernel(

@@ -192,10 +192,18 @@ impl RawLinearGrads {
 /// gradient runs on a side stream beside the hidden states' GEMM, and this kernel's one 215 KiB
 /// CTA an SM leaves that GEMM no room, where cuBLASLt's kernels share the SMs.
 fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
-    std::env::var("XENT_GEMM_TN").as_deref() == Ok("1")
-        && dtype == DType::Bf16
-        && grad == DType::Bf16
-        && xent.wgmma_functions().is_ok()
+    std::env::var("XENT_GEMM_TN").as_deref() == Ok("1") && bf16_gemms(xent, dtype, grad)
+}
+
+/// Whether a chunk's two gradient GEMMs come from xent's one kernel (`gemm_grads`: compute
+/// capability 9.0, bf16 throughout): only when `XENT_GEMM_GRADS=1` asks for it (to measure).
+fn gemm_grads_for(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
+    std::env::var("XENT_GEMM_GRADS").as_deref() == Ok("1") && bf16_gemms(xent, dtype, grad)
+}
+
+/// Whether xent's own sm_90a GEMMs can take a call of `dtype` with a weight gradient of `grad`.
+fn bf16_gemms(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
+    dtype == DType::Bf16 && grad == DType::Bf16 && xent.wgmma_functions().is_ok()
 }
 
 /// A row-major matrix operand, rows contiguous.
@@ -763,6 +771,9 @@ impl Work<'_> {
             return Ok(());
         }
         let main = self.stream.cu_stream();
+        if self.both_grads_in_one(xent, first, c, hidden_rows)? {
+            return Ok(());
+        }
         // The weight's (and bias's) gradient GEMMs go to the side stream when there is one: it
         // waits for the chunk's gradient, and the call's stream waits for it before the next
         // chunk's logits overwrite that gradient.
@@ -878,6 +889,62 @@ impl Work<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Both gradient GEMMs of rows `first..first + c` as one launch of xent's own kernel
+    /// (`gemm_grads`, on the call's stream), where [`gemm_grads_for`] says so and the operands
+    /// fit it (the bias's gradient, if any, after it on the same stream). False: nothing was
+    /// enqueued, the caller takes the two-GEMM path.
+    fn both_grads_in_one(
+        &self,
+        xent: &CrossEntropy,
+        first: usize,
+        c: usize,
+        hidden_rows: u64,
+    ) -> Result<bool> {
+        let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
+        let (Some(grad_weight), Some(grad_hidden)) = (self.grads.weight, self.grads.hidden) else {
+            return Ok(false);
+        };
+        if !gemm_grads_for(xent, self.call.dtype, grad_weight.dtype) {
+            return Ok(false);
+        }
+        let ops = gemm_tn::GradOperands {
+            g: gemm_tn::Matrix::dense(self.logits, c, v),
+            h: gemm_tn::Matrix::dense(hidden_rows, c, d),
+            w: gemm_tn::Matrix::dense(self.call.weight.ptr, v, d),
+            grad_weight: gemm_tn::Matrix::dense(grad_weight.buffer.ptr, v, d),
+            grad_hidden: grad_hidden.ptr + (first * d * self.t_bytes()) as u64,
+        };
+        let (counter, room) = self.gemm;
+        if !ops.fit() || room < 4 {
+            return Ok(false);
+        }
+        let beta = if self.grads.accumulate || first > 0 {
+            1.0
+        } else {
+            0.0
+        };
+        let main = self.stream.cu_stream();
+        // SAFETY: every operand was checked against the call's shape; the call's stream orders
+        // the chunk's gradient before and the next chunk's logits after, and the counter (the
+        // workspace's first word, unused by cuBLASLt until the bias's GEMM after it) is zeroed
+        // in stream order.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(counter, 0, 4, main)?;
+            xent.gemm_grads_bf16_raw(main, ops, beta, counter, 0)?;
+        }
+        if let Some(grad_bias) = self.bias_grad {
+            self.matmul(Gemm {
+                a: matrix(self.logits, self.call.dtype, c, v, true),
+                b: matrix(self.ones, self.call.dtype, c, 1, false),
+                out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
+                alpha: 1.0,
+                beta,
+                bias: 0,
+            })?;
+        }
+        Ok(true)
     }
 
     /// Classes `v0..v0 + width` for every row: their logits, their gradient from the kept

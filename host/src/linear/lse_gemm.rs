@@ -248,10 +248,11 @@ impl CrossEntropy {
     }
 
     /// The sm_90a module's functions (`xent_lse_wgmma_bf16`, `xent_lse_wgmma_pipe_bf16`,
-    /// `xent_lse_tma_bf16`, `xent_gemm_tn_bf16`), loading it the first time.
-    pub(crate) fn wgmma_functions(&self) -> Result<&[CudaFunction; 4]> {
+    /// `xent_lse_tma_bf16`, `xent_gemm_tn_bf16`, `xent_gemm_grads_bf16`), loading it the first
+    /// time.
+    pub(crate) fn wgmma_functions(&self) -> Result<&[CudaFunction; 5]> {
         let loaded = self.wgmma.get_or_init(|| {
-            let load = || -> Result<[CudaFunction; 4]> {
+            let load = || -> Result<[CudaFunction; 5]> {
                 let (major, minor) = self.context().compute_capability()?;
                 if (major, minor) != (9, 0) {
                     return Err(Error::UnsupportedComputeCapability { major, minor });
@@ -270,6 +271,7 @@ impl CrossEntropy {
                     function("xent_lse_wgmma_pipe_bf16", WGMMA_PIPE_SMEM_BYTES)?,
                     function("xent_lse_tma_bf16", TMA_SMEM_BYTES)?,
                     function("xent_gemm_tn_bf16", super::gemm_tn::SMEM_BYTES)?,
+                    function("xent_gemm_grads_bf16", super::gemm_tn::SMEM_BYTES)?,
                 ])
             };
             load().map_err(|err| err.to_string())
