@@ -100,7 +100,8 @@ def liger_chunk_rows(n, d, v):
 def xent_methods(v, curve):
     out = {}
 
-    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None, sms=None):
+    def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None, sms=None,
+                  grads=False):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
@@ -118,11 +119,13 @@ def xent_methods(v, curve):
                 os.environ["XENT_GEMM_TN"] = gemm_tn
             if sms is not None:  # "H,W": the SMs the overlapped grad_hidden / grad_weight GEMMs plan for
                 os.environ["XENT_LINEAR_SMS"] = sms
+            if grads:  # both gradient GEMMs from xent's one kernel
+                os.environ["XENT_GEMM_GRADS"] = "1"
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
-                             "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS"):
+                             "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS", "XENT_GEMM_GRADS"):
                     os.environ.pop(name, None)
 
         return run
@@ -150,7 +153,8 @@ def xent_methods(v, curve):
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's
-    # weight-gradient GEMM), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs)
+    # weight-gradient GEMM), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs),
+    # :grads (both gradient GEMMs from xent's one kernel)
     for entry in curve:
         spec, *flags = entry.split(":")
         rows, _, ws = spec.partition("@")
@@ -161,11 +165,13 @@ def xent_methods(v, curve):
         algo = next((int(f[5:]) for f in flags if f.startswith("algo=")), None)
         sms = next((f[4:].replace("/", ",") for f in flags if f.startswith("sms=")), None)
         tn = "tn" in flags
+        grads = "grads" in flags
         name = f"xent_linear[rows={'=' if exact else ''}{rows}" + "".join(
             [f",workspace={ws}" if ws else "", ",serial" if serial else "", f",algo={algo}" if algo is not None else "",
-             ",tuned" if tune else "", ",gemm_tn" if tn else "", f",sms={sms}" if sms else ""]) + "]"
+             ",tuned" if tune else "", ",gemm_tn" if tn else "", f",sms={sms}" if sms else "",
+             ",grads" if grads else ""]) + "]"
         out[name] = with_rows(int(rows), serial=serial, workspace=size_bytes(ws) if ws else None, exact=exact,
-                              algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms)
+                              algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms, grads=grads)
 
     def xent_unfused(h, w, y):
         xt.cross_entropy(h @ w.T, y, ignore_index=-100).backward()
