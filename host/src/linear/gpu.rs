@@ -667,9 +667,11 @@ struct GradSms {
 
 impl GradSms {
     fn from_env() -> GradSms {
-        let Ok(text) = std::env::var("XENT_LINEAR_SMS") else {
-            return GradSms::default();
-        };
+        std::env::var("XENT_LINEAR_SMS").map_or(GradSms::default(), |text| GradSms::parse(&text))
+    }
+
+    /// `H,W`; a part that is missing or not a number is 0 (the whole device).
+    fn parse(text: &str) -> GradSms {
         let mut parts = text
             .split(',')
             .map(|p| p.trim().parse::<u32>().unwrap_or(0));
@@ -1218,5 +1220,20 @@ impl CrossEntropy {
                 &raw_scratch,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GradSms;
+
+    #[test]
+    fn grad_sms_reads_both_counts_and_takes_zero_for_what_is_missing_or_bad() {
+        let sms = |hidden, weight| GradSms { hidden, weight };
+        assert_eq!(GradSms::parse("88,44"), sms(88, 44));
+        assert_eq!(GradSms::parse(" 66 , 66 "), sms(66, 66));
+        assert_eq!(GradSms::parse("100"), sms(100, 0));
+        assert_eq!(GradSms::parse("x,32"), sms(0, 32));
+        assert_eq!(GradSms::parse(""), sms(0, 0));
     }
 }
