@@ -182,15 +182,34 @@ impl CrossEntropy {
             counter,
         };
         let tiles = c.rows.div_ceil(128) * c.cols.div_ceil(256);
+        // SAFETY: `params` is the parameter block the entry point declares; the tensor maps name
+        // the caller's matrices, which the caller vouches for, and `stream` is of this context
+        // (the caller's promise).
+        unsafe { self.launch_persistent(function, stream, &mut params, tiles, max_ctas) }
+    }
+
+    /// Launches `function`, one of the persistent GEMMs here, with `params` as its parameter
+    /// block: one CTA of [`THREADS`] threads an SM (at most `max_ctas`, 0: as many as there are
+    /// SMs), no more than `items`, with [`SMEM_BYTES`] of shared memory.
+    ///
+    /// # Safety
+    /// `P` must be the parameter block `function` declares, naming memory the kernel may read
+    /// and write; `stream` must belong to this handle's context.
+    unsafe fn launch_persistent<P>(
+        &self,
+        function: &cudarc::driver::CudaFunction,
+        stream: cudarc::driver::sys::CUstream,
+        params: &mut P,
+        items: usize,
+        max_ctas: u32,
+    ) -> Result<()> {
         let sms = self.limits().sm_count.max(1);
-        let ctas = tiles.min(match max_ctas {
+        let ctas = items.min(match max_ctas {
             0 => sms,
             cap => cap.min(sms),
         } as usize) as u32;
-        let mut args = [&mut params as *mut GemmParams as *mut std::ffi::c_void];
-        // SAFETY: `params` is the parameter block the entry point declares (the driver copies it
-        // at the launch); the tensor maps name the caller's matrices, which the caller vouches
-        // for, and `stream` is of this context (the caller's promise).
+        let mut args = [params as *mut P as *mut std::ffi::c_void];
+        // SAFETY: the caller's promises; the driver copies the block at the launch.
         unsafe {
             self.context().bind_to_thread()?;
             cudarc::driver::result::launch_kernel(
@@ -319,25 +338,8 @@ impl CrossEntropy {
             beta,
         };
         let items = rows.div_ceil(64) * (d / 256) + v.div_ceil(128) * (d / 256);
-        let sms = self.limits().sm_count.max(1);
-        let ctas = items.min(match max_ctas {
-            0 => sms,
-            cap => cap.min(sms),
-        } as usize) as u32;
-        let mut args = [&mut params as *mut GradGemmParams as *mut std::ffi::c_void];
         // SAFETY: `params` is the parameter block the entry point declares; the maps name the
         // caller's matrices, which the caller vouches for, and `stream` is of this context.
-        unsafe {
-            self.context().bind_to_thread()?;
-            cudarc::driver::result::launch_kernel(
-                function.cu_function(),
-                (ctas, 1, 1),
-                (THREADS, 1, 1),
-                SMEM_BYTES,
-                stream,
-                &mut args,
-            )?;
-        }
-        Ok(())
+        unsafe { self.launch_persistent(function, stream, &mut params, items, max_ctas) }
     }
 }
