@@ -791,11 +791,7 @@ impl Work<'_> {
             },
             None => (main, 0),
         };
-        let beta = if self.grads.accumulate || first > 0 {
-            1.0
-        } else {
-            0.0
-        };
+        let beta = self.chunk_beta(first);
         // grad_weight (+)= Gᵀ·h[chunk]: cuBLASLt, or xent's own GEMM where asked for (see
         // `gemm_tn_for`).
         if let Some(grad_weight) = self.grads.weight {
@@ -843,20 +839,8 @@ impl Work<'_> {
             }
         }
         // grad_bias (+)= Gᵀ·1.
-        if let Some(grad_bias) = self.bias_grad {
-            self.matmul_half(
-                weight_stream,
-                which,
-                Gemm {
-                    a: matrix(self.logits, dtype, c, v, true),
-                    b: matrix(self.ones, dtype, c, 1, false),
-                    out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
-                    alpha: 1.0,
-                    beta,
-                    bias: 0,
-                },
-                0,
-            )?;
+        if let Some(gemm) = self.bias_grad_gemm(c, beta) {
+            self.matmul_half(weight_stream, which, gemm, 0)?;
         }
         // grad_hidden[chunk] = G·W.
         if let Some(grad_hidden) = self.grads.hidden {
@@ -922,11 +906,7 @@ impl Work<'_> {
         if !ops.fit() || room < 4 {
             return Ok(false);
         }
-        let beta = if self.grads.accumulate || first > 0 {
-            1.0
-        } else {
-            0.0
-        };
+        let beta = self.chunk_beta(first);
         let main = self.stream.cu_stream();
         // SAFETY: every operand was checked against the call's shape; the call's stream orders
         // the chunk's gradient before and the next chunk's logits after, and the counter (the
@@ -936,17 +916,33 @@ impl Work<'_> {
             cudarc::driver::result::memset_d8_async(counter, 0, 4, main)?;
             xent.gemm_grads_bf16_raw(main, ops, beta, counter, 0)?;
         }
-        if let Some(grad_bias) = self.bias_grad {
-            self.matmul(Gemm {
-                a: matrix(self.logits, self.call.dtype, c, v, true),
-                b: matrix(self.ones, self.call.dtype, c, 1, false),
-                out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
-                alpha: 1.0,
-                beta,
-                bias: 0,
-            })?;
+        if let Some(gemm) = self.bias_grad_gemm(c, beta) {
+            self.matmul(gemm)?;
         }
         Ok(true)
+    }
+
+    /// `beta` of the weight's (and bias's) gradient GEMMs of the chunk at row `first`: 1 (added
+    /// to) when the call accumulates or after the first chunk, else 0 (written).
+    fn chunk_beta(&self, first: usize) -> f32 {
+        if self.grads.accumulate || first > 0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// `grad_bias (+)= Gᵀ·1` over the chunk's `c` rows, when the call has a bias.
+    fn bias_grad_gemm(&self, c: usize, beta: f32) -> Option<Gemm> {
+        let (dtype, v) = (self.call.dtype, self.call.shape.vocab);
+        self.bias_grad.map(|grad_bias| Gemm {
+            a: matrix(self.logits, dtype, c, v, true),
+            b: matrix(self.ones, dtype, c, 1, false),
+            out: matrix(grad_bias.buffer.ptr, grad_bias.dtype, v, 1, false),
+            alpha: 1.0,
+            beta,
+            bias: 0,
+        })
     }
 
     /// Classes `v0..v0 + width` for every row: their logits, their gradient from the kept
