@@ -87,46 +87,9 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
             break;
         }
         let (m0, n0) = (tile / tiles_n * BM, tile % tiles_n * BN);
-        let mut pending: Option<u32> = None;
-        let mut ks = 0;
-        while ks < k_steps {
-            let s = step % STAGES;
-            if ks > 0 {
-                unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
-            }
-            let stage = base + s * STAGE_BYTES;
-            // This warpgroup's 64 of the tile's 128 rows: `A`'s box `warpgroup`.
-            let a = stage + warpgroup * BOX_BYTES;
-            let b = stage + A_BYTES;
-            prim::wgmma_fence();
-            let mut kk = 0;
-            while kk < BK / 16 {
-                let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
-                let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-                prim::wgmma_m64n256k16_bf16::<1, 1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
-                kk += 1;
-            }
-            prim::wgmma_commit();
-            if ks + 1 == k_steps {
-                prim::wgmma_wait_all();
-                if lane == 0 {
-                    if let Some(before) = pending {
-                        unsafe { prim::mbarrier_arrive(empty(before)) };
-                    }
-                    unsafe { prim::mbarrier_arrive(empty(s)) };
-                }
-                pending = None;
-                unsafe { epilogue((p.alpha, p.beta), maps.2, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
-            } else {
-                prim::wgmma_wait_one();
-                if lane == 0 && let Some(before) = pending {
-                    unsafe { prim::mbarrier_arrive(empty(before)) };
-                }
-                pending = Some(s);
-            }
-            step += 1;
-            ks += 1;
-        }
+        unsafe {
+            tn_tile((p.alpha, p.beta), maps.2, (base, c_tile), (&full, &empty), (c_full, c_empty), (&mut step, round), (m0, n0, k_steps), (warpgroup, w, g, q, lane), tid, (&mut lo, &mut hi))
+        };
         round += 1;
     }
     // Nothing is in flight; said explicitly so ptxas does not wait at the loop's exit (C7517).
@@ -134,6 +97,66 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
     if tid == 0 {
         // The last tile's stores complete before the CTA exits.
         prim::bulk_wait_all();
+    }
+}
+
+/// One output tile of `C = alpha·Aᵀ·B + beta·C` for the consumer warpgroups (both MN-major,
+/// 128 x 256, this warpgroup's 64 rows from `A`'s box `warpgroup`): its `k_steps` stages from
+/// `*step` on (each released once the next one's `wgmma`s are issued, the last after all), then
+/// [`epilogue`]. Shared by [`gemm_tn_bf16`] and [`gemm_grads_bf16`]'s weight-gradient items.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tn_tile(
+    (alpha, beta): (f32, f32),
+    map_c: u64,
+    (base, c_tile): (u32, u32),
+    (full, empty): (&impl Fn(u32) -> u32, &impl Fn(u32) -> u32),
+    (c_full, c_empty): (u32, u32),
+    (step, round): (&mut u32, u32),
+    (m0, n0, k_steps): (u32, u32, u32),
+    (warpgroup, w, g, q, lane): (u32, u32, u32, u32, u32),
+    tid: u32,
+    (lo, hi): (&mut [f32; 64], &mut [f32; 64]),
+) {
+    let mut pending: Option<u32> = None;
+    let mut ks = 0;
+    while ks < k_steps {
+        let s = *step % STAGES;
+        if ks > 0 {
+            unsafe { prim::mbarrier_wait(full(s), (*step / STAGES) & 1) };
+        }
+        let stage = base + s * STAGE_BYTES;
+        // This warpgroup's 64 of the tile's 128 rows: `A`'s box `warpgroup`.
+        let a = stage + warpgroup * BOX_BYTES;
+        let b = stage + A_BYTES;
+        prim::wgmma_fence();
+        let mut kk = 0;
+        while kk < BK / 16 {
+            let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
+            let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
+            prim::wgmma_m64n256k16_bf16::<1, 1>(lo, hi, desc_a, desc_b, ks > 0 || kk > 0);
+            kk += 1;
+        }
+        prim::wgmma_commit();
+        if ks + 1 == k_steps {
+            prim::wgmma_wait_all();
+            if lane == 0 {
+                if let Some(before) = pending {
+                    unsafe { prim::mbarrier_arrive(empty(before)) };
+                }
+                unsafe { prim::mbarrier_arrive(empty(s)) };
+            }
+            pending = None;
+            unsafe { epilogue((alpha, beta), map_c, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, lo, hi) };
+        } else {
+            prim::wgmma_wait_one();
+            if lane == 0 && let Some(before) = pending {
+                unsafe { prim::mbarrier_arrive(empty(before)) };
+            }
+            pending = Some(s);
+        }
+        *step += 1;
+        ks += 1;
     }
 }
 
@@ -182,11 +205,7 @@ unsafe fn produce(
                 prim::mbarrier_arrive_expect_tx(full(s), STAGE_BYTES);
                 prim::tma_load_2d(stage, map_a, m0, k0, full(s));
                 prim::tma_load_2d(stage + BOX_BYTES, map_a, m0 + 64, k0, full(s));
-                let mut j = 0;
-                while j < 4 {
-                    prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, map_b, n0 + 64 * j, k0, full(s));
-                    j += 1;
-                }
+                load_b_boxes(stage, map_b, (n0, k0), full(s));
             }
             step += 1;
             ks += 1;
@@ -195,16 +214,34 @@ unsafe fn produce(
         if p.beta != 0.0 {
             unsafe {
                 prim::mbarrier_arrive_expect_tx(c_full, C_BYTES);
-                let mut j = 0;
-                while j < 4 {
-                    prim::tma_load_2d(c_tile + j * C_BOX_BYTES, map_c, n0 + 64 * j, m0, c_full);
-                    j += 1;
-                }
+                load_c_tile(c_tile, map_c, (n0, m0), c_full);
             }
         } else {
             unsafe { prim::mbarrier_arrive(c_full) };
         }
         round += 1;
+    }
+}
+
+/// A step's `B` tile (MN-major, 64 rows of K by 256 columns from column `n0`, row `k0`): four
+/// 64 x 64 boxes after `A`'s in the stage at `stage`, signalling `bar`.
+#[inline(always)]
+unsafe fn load_b_boxes(stage: u32, map_b: u64, (n0, k0): (u32, u32), bar: u32) {
+    let mut j = 0;
+    while j < 4 {
+        unsafe { prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, map_b, n0 + 64 * j, k0, bar) };
+        j += 1;
+    }
+}
+
+/// `C`'s 128 x 256 tile at (column `n0`, row `m0`) into the buffer at `c_tile`: four boxes of
+/// 128 rows x 64 columns, signalling `bar`.
+#[inline(always)]
+unsafe fn load_c_tile(c_tile: u32, map_c: u64, (n0, m0): (u32, u32), bar: u32) {
+    let mut j = 0;
+    while j < 4 {
+        unsafe { prim::tma_load_2d(c_tile + j * C_BOX_BYTES, map_c, n0 + 64 * j, m0, bar) };
+        j += 1;
     }
 }
 
@@ -377,45 +414,9 @@ pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
         } else {
             let t = item - shape.dh_tiles;
             let (m0, n0) = (t / shape.dw_tiles_n * BM, t % shape.dw_tiles_n * BN);
-            let mut pending: Option<u32> = None;
-            let mut ks = 0;
-            while ks < shape.row_steps {
-                let s = step % STAGES;
-                if ks > 0 {
-                    unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
-                }
-                let stage = base + s * STAGE_BYTES;
-                let a = stage + warpgroup * BOX_BYTES;
-                let b = stage + A_BYTES;
-                prim::wgmma_fence();
-                let mut kk = 0;
-                while kk < BK / 16 {
-                    let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
-                    let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-                    prim::wgmma_m64n256k16_bf16::<1, 1>(&mut lo, &mut hi, desc_a, desc_b, ks > 0 || kk > 0);
-                    kk += 1;
-                }
-                prim::wgmma_commit();
-                if ks + 1 == shape.row_steps {
-                    prim::wgmma_wait_all();
-                    if lane == 0 {
-                        if let Some(before) = pending {
-                            unsafe { prim::mbarrier_arrive(empty(before)) };
-                        }
-                        unsafe { prim::mbarrier_arrive(empty(s)) };
-                    }
-                    pending = None;
-                    unsafe { epilogue((1.0, p.beta), maps.dw, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
-                } else {
-                    prim::wgmma_wait_one();
-                    if lane == 0 && let Some(before) = pending {
-                        unsafe { prim::mbarrier_arrive(empty(before)) };
-                    }
-                    pending = Some(s);
-                }
-                step += 1;
-                ks += 1;
-            }
+            unsafe {
+                tn_tile((1.0, p.beta), maps.dw, (base, c_tile), (&full, &empty), (c_full, c_empty), (&mut step, round), (m0, n0, shape.row_steps), (warpgroup, w, g, q, lane), tid, (&mut lo, &mut hi))
+            };
         }
         round += 1;
     }
@@ -517,11 +518,7 @@ unsafe fn produce_grads(
                     prim::tma_load_2d(stage + BOX_BYTES, maps.g, m0 + 64, k0, full(s));
                 }
                 let map_b = if dh { maps.w } else { maps.h };
-                let mut j = 0;
-                while j < 4 {
-                    prim::tma_load_2d(stage + A_BYTES + j * BOX_BYTES, map_b, n0 + 64 * j, k0, full(s));
-                    j += 1;
-                }
+                load_b_boxes(stage, map_b, (n0, k0), full(s));
             }
             step += 1;
             ks += 1;
@@ -530,11 +527,7 @@ unsafe fn produce_grads(
         if !dh && p.beta != 0.0 {
             unsafe {
                 prim::mbarrier_arrive_expect_tx(c_full, C_BYTES);
-                let mut j = 0;
-                while j < 4 {
-                    prim::tma_load_2d(c_tile + j * C_BOX_BYTES, maps.dw, n0 + 64 * j, m0, c_full);
-                    j += 1;
-                }
+                load_c_tile(c_tile, maps.dw, (n0, m0), c_full);
             }
         } else {
             unsafe { prim::mbarrier_arrive(c_full) };
