@@ -119,13 +119,16 @@ def xent_methods(v, curve):
                 os.environ["XENT_GEMM_TN"] = gemm_tn
             if sms is not None:  # "H,W": the SMs the overlapped grad_hidden / grad_weight GEMMs plan for
                 os.environ["XENT_LINEAR_SMS"] = sms
-            if grads:  # both gradient GEMMs from xent's one kernel
+            if grads:  # both gradient GEMMs from xent's one kernel (True, or its splits: 1 or 2)
                 os.environ["XENT_GEMM_GRADS"] = "1"
+                if grads is not True:
+                    os.environ["XENT_GEMM_GRADS_SPLITS"] = str(grads)
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
-                             "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS", "XENT_GEMM_GRADS"):
+                             "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS", "XENT_GEMM_GRADS",
+                             "XENT_GEMM_GRADS_SPLITS"):
                     os.environ.pop(name, None)
 
         return run
@@ -154,7 +157,8 @@ def xent_methods(v, curve):
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's
     # weight-gradient GEMM), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs),
-    # :grads (both gradient GEMMs from xent's one kernel)
+    # :grads (both gradient GEMMs from xent's one kernel; :grads=S with its hidden-state tiles in S
+    # splits of the vocabulary, 1 or 2)
     for entry in curve:
         spec, *flags = entry.split(":")
         rows, _, ws = spec.partition("@")
@@ -165,11 +169,12 @@ def xent_methods(v, curve):
         algo = next((int(f[5:]) for f in flags if f.startswith("algo=")), None)
         sms = next((f[4:].replace("/", ",") for f in flags if f.startswith("sms=")), None)
         tn = "tn" in flags
-        grads = "grads" in flags
+        grads = next((int(f[6:]) if f.startswith("grads=") else True for f in flags
+                      if f == "grads" or f.startswith("grads=")), False)
         name = f"xent_linear[rows={'=' if exact else ''}{rows}" + "".join(
             [f",workspace={ws}" if ws else "", ",serial" if serial else "", f",algo={algo}" if algo is not None else "",
              ",tuned" if tune else "", ",gemm_tn" if tn else "", f",sms={sms}" if sms else "",
-             ",grads" if grads else ""]) + "]"
+             (",grads" if grads is True else f",grads={grads}") if grads else ""]) + "]"
         out[name] = with_rows(int(rows), serial=serial, workspace=size_bytes(ws) if ws else None, exact=exact,
                               algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms, grads=grads)
 

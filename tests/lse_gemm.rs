@@ -307,10 +307,12 @@ fn gemm_tn_matches_the_f64_reference() {
 
 /// `xent_gemm_grads_bf16` (both gradient GEMMs of a linear chunk in one launch, sm_90a):
 /// `grad_hidden = G·W` and `grad_weight = Gᵀ·h + beta·grad_weight` against f64 on the same bf16
-/// inputs, each rounded once to bf16. Shapes cover partial row blocks (rows not a multiple of
-/// 64), one row, a vocabulary of one step (the second warpgroup adds nothing to the hidden
-/// states' tiles) and of an odd number of steps, vocabularies that are not a multiple of 64 or
-/// 128, more items than CTAs, beta 0 (the weight's gradient starts as NaN) and 1; the rows of
+/// inputs, each rounded once to bf16, with `grad_hidden`'s tiles whole (1 split) and in two
+/// halves of the vocabulary (2, added through the partial sums; every shape but the one-step
+/// vocabulary, which 2 refuses before launch). Shapes cover partial row blocks (rows not a
+/// multiple of 128, and a second warpgroup with no row), one row, a vocabulary of one step and of
+/// an odd number of steps (halves of unequal length), vocabularies that are not a multiple of 64
+/// or 128, more items than CTAs, beta 0 (the weight's gradient starts as NaN) and 1; the rows of
 /// `grad_hidden` past the chunk stay untouched.
 ///
 /// Tolerance: as `gemm_tn`'s, with `K` the vocabulary for `grad_hidden` and the rows for
@@ -342,7 +344,11 @@ fn gemm_grads_matches_the_f64_reference() {
         (256, 2000, 512, 1.0),
         (513, 1496, 768, 0.0),
     ];
-    for (rows, v, d, beta) in shapes {
+    let runs = shapes
+        .iter()
+        .flat_map(|&shape| [(shape, 1u32), (shape, 2)])
+        .filter(|&((_, v, _, _), splits)| splits == 1 || v > 64);
+    for ((rows, v, d, beta), splits) in runs {
         let mut rng = Rng((rows * 7 + v * 13 + d) as u64);
         let mut matrix = |r: usize, c: usize, scale: f64| -> Vec<bf16> {
             (0..r * c)
@@ -378,12 +384,12 @@ fn gemm_grads_matches_the_f64_reference() {
                 grad_hidden: pdh,
             };
             // SAFETY: five live allocations of the sizes named, the outputs apart from the inputs.
-            unsafe { xent.gemm_grads_bf16(&stream, ops, beta) }.expect("launch");
+            unsafe { xent.gemm_grads_bf16(&stream, ops, beta, Some(splits)) }.expect("launch");
         }
         let got_dh = stream.clone_dtoh(&d_dh).expect("download grad_hidden");
         let got_dw = stream.clone_dtoh(&d_dw).expect("download grad_weight");
         cases += 1;
-        let what = format!("{rows}x{v}x{d} (beta {beta})");
+        let what = format!("{rows}x{v}x{d} (beta {beta}, {splits} splits)");
         let close = |got: bf16, want: f64, k: usize, abs: f64| {
             let tol = k as f64 * 2f64.powi(-24) * abs + want.abs() * 2f64.powi(-8) + 1e-30;
             let err = (got.to_f64() - want).abs();
@@ -441,8 +447,9 @@ fn gemm_grads_matches_the_f64_reference() {
             }
         }
     }
-    // A hidden size that is not a multiple of 256 is refused before any launch.
-    let d_x = stream.alloc_zeros::<bf16>(64 * 200).expect("scratch");
+    // A hidden size that is not a multiple of 256, and splits the vocabulary cannot take (two
+    // halves of one step, three), are refused before any launch.
+    let d_x = stream.alloc_zeros::<bf16>(64 * 256).expect("scratch");
     {
         let (px, _x) = d_x.device_ptr(&stream);
         let m = |rows, cols| Matrix::dense(px, rows, cols);
@@ -454,13 +461,27 @@ fn gemm_grads_matches_the_f64_reference() {
             grad_hidden: px,
         };
         // SAFETY: refused before anything runs.
-        match unsafe { xent.gemm_grads_bf16(&stream, ops, 1.0) } {
+        match unsafe { xent.gemm_grads_bf16(&stream, ops, 1.0, None) } {
             Err(xent::Error::InvalidOption(why)) if why.contains("multiple of 256") => {}
             other => failures.push(format!("D = 200 gave {other:?}")),
         }
+        let ops = GradOperands {
+            g: m(1, 64),
+            h: m(1, 256),
+            w: m(64, 256),
+            grad_weight: m(64, 256),
+            grad_hidden: px,
+        };
+        for splits in [2, 3] {
+            // SAFETY: refused before anything runs.
+            match unsafe { xent.gemm_grads_bf16(&stream, ops, 1.0, Some(splits)) } {
+                Err(xent::Error::InvalidOption(why)) if why.contains("splits") => {}
+                other => failures.push(format!("{splits} splits of V = 64 gave {other:?}")),
+            }
+        }
     }
     report(&format!(
-        "gemm_grads on the GPU: {cases} shapes, {} failed",
+        "gemm_grads on the GPU: {cases} shape x split cases, {} failed",
         failures.len()
     ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));

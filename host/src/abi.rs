@@ -328,6 +328,8 @@ pub struct GemmParams {
 /// and row-major, f32 accumulated and rounded once, through four TMA tensor maps by value (as
 /// [`GemmParams`]'): `G [rows, vocab]`, `h [rows, dim]` and `W [vocab, dim]` in boxes 64 wide by
 /// 64 rows, `grad_weight [vocab, dim]` in boxes 64 wide by 128 rows, 128-byte swizzle.
+/// `grad_hidden`'s tiles of 128 x 256 may be split in two halves of the vocabulary, added through
+/// `partials` (`f32` addition is commutative: the sum is the same whichever half comes first).
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GradGemmParams {
@@ -345,6 +347,17 @@ pub struct GradGemmParams {
     pub dim: u32,
     /// 0: `grad_weight` is not read.
     pub beta: f32,
+    /// Device address of two `u32` a `grad_hidden` tile, 0 at the launch, when `splits` is 2:
+    /// the tile's halves that have finished, and whether the first one's sums are in
+    /// `partials`.
+    pub flags: u64,
+    /// Device address, 16-byte aligned, of 128 KiB of `f32` a `grad_hidden` tile when `splits`
+    /// is 2: the sums of the half of the vocabulary that finishes first.
+    pub partials: u64,
+    /// 1: each `grad_hidden` tile is one item over the whole vocabulary; 2: two items, one a
+    /// half (at least two steps of 64 classes).
+    pub splits: u32,
+    pub _pad: u32,
 }
 
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.

@@ -101,9 +101,8 @@ pub unsafe fn gemm_tn_bf16(p: &GemmParams) {
 }
 
 /// One output tile of `C = alpha·Aᵀ·B + beta·C` for the consumer warpgroups (both MN-major,
-/// 128 x 256, this warpgroup's 64 rows from `A`'s box `warpgroup`): its `k_steps` stages from
-/// `*step` on (each released once the next one's `wgmma`s are issued, the last after all), then
-/// [`epilogue`]. Shared by [`gemm_tn_bf16`] and [`gemm_grads_bf16`]'s weight-gradient items.
+/// 128 x 256): [`mma_steps`], then [`epilogue`]. Shared by [`gemm_tn_bf16`] and
+/// [`gemm_grads_bf16`]'s weight-gradient items.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tn_tile(
@@ -118,6 +117,24 @@ unsafe fn tn_tile(
     tid: u32,
     (lo, hi): (&mut [f32; 64], &mut [f32; 64]),
 ) {
+    unsafe { mma_steps::<1>(base, (full, empty), step, k_steps, (warpgroup, lane), (lo, hi)) };
+    unsafe { epilogue((alpha, beta), map_c, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, lo, hi) };
+}
+
+/// The consumer warpgroups' products of one 128 x 256 tile: `k_steps` stages from `*step` on
+/// (the first one already waited for by the caller), this warpgroup's 64 rows from `A`'s box
+/// `warpgroup` (MN-major when `A_MN` is 1, else K-major), `B` MN-major; each stage is released
+/// once the next one's `wgmma`s are issued, the last once all are done. Returns with every
+/// `wgmma` complete and the sums in `lo`/`hi`.
+#[inline(always)]
+unsafe fn mma_steps<const A_MN: u32>(
+    base: u32,
+    (full, empty): (&impl Fn(u32) -> u32, &impl Fn(u32) -> u32),
+    step: &mut u32,
+    k_steps: u32,
+    (warpgroup, lane): (u32, u32),
+    (lo, hi): (&mut [f32; 64], &mut [f32; 64]),
+) {
     let mut pending: Option<u32> = None;
     let mut ks = 0;
     while ks < k_steps {
@@ -126,15 +143,19 @@ unsafe fn tn_tile(
             unsafe { prim::mbarrier_wait(full(s), (*step / STAGES) & 1) };
         }
         let stage = base + s * STAGE_BYTES;
-        // This warpgroup's 64 of the tile's 128 rows: `A`'s box `warpgroup`.
         let a = stage + warpgroup * BOX_BYTES;
         let b = stage + A_BYTES;
         prim::wgmma_fence();
         let mut kk = 0;
         while kk < BK / 16 {
-            let desc_a = prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES);
+            // MN-major: 16 rows of K are 2048 bytes on; K-major: 16 elements of a 128-byte row.
+            let desc_a = if A_MN == 1 {
+                prim::wgmma_desc_sw128_mn(a + 2048 * kk, BOX_BYTES)
+            } else {
+                prim::wgmma_desc_sw128(a + 32 * kk)
+            };
             let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-            prim::wgmma_m64n256k16_bf16::<1, 1>(lo, hi, desc_a, desc_b, ks > 0 || kk > 0);
+            prim::wgmma_m64n256k16_bf16::<A_MN, 1>(lo, hi, desc_a, desc_b, ks > 0 || kk > 0);
             kk += 1;
         }
         prim::wgmma_commit();
@@ -147,7 +168,6 @@ unsafe fn tn_tile(
                 unsafe { prim::mbarrier_arrive(empty(s)) };
             }
             pending = None;
-            unsafe { epilogue((alpha, beta), map_c, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, lo, hi) };
         } else {
             prim::wgmma_wait_one();
             if lane == 0 && let Some(before) = pending {
@@ -158,6 +178,8 @@ unsafe fn tn_tile(
         *step += 1;
         ks += 1;
     }
+    // Nothing is in flight here; said explicitly so that ptxas sees it on every path (C7514).
+    prim::wgmma_wait_all();
 }
 
 /// The producer warp's first lane: takes tiles from the launch's counter (so that a CTA that
@@ -316,18 +338,19 @@ unsafe fn add_pair(at: u32, x0: f32, x1: f32, alpha: f32, beta: f32, read: bool)
 /// `dW += Gᵀ·h` (`h [rows, D]`, `dW [V, D]`, as [`gemm_tn_bf16`] with `alpha` 1). The first is
 /// bound by the tensor cores, the second, at short chunks, by `dW`'s traffic; on two streams
 /// cuBLAS's kernels and [`gemm_tn_bf16`]'s did not share the SMs well, so here they come from one
-/// counter: items `0..dh_tiles` are `dh`'s tiles of 64 rows x 256 columns over the whole
-/// vocabulary (long; the consecutive ones share `W`'s columns, so they read it from L2
-/// together), then `dW`'s tiles of 128 x 256 (short), which CTAs take as they free up.
+/// counter: first `dh`'s items (long), then `dW`'s tiles of 128 x 256 (short), which CTAs take
+/// as they free up, so that the two run side by side.
 ///
-/// A `dh` item's steps are `G`'s 64 x 64 box (K-major: 64 classes a row) and `W`'s four 64 x 64
-/// boxes (MN-major) in the stages of [`gemm_tn_bf16`]; the two consumer warpgroups take its steps
-/// in turns (each a 64 x 256 accumulator of its own, the other warpgroup releasing the stage at
-/// once), then the second hands its sums through `C`'s buffer (in the `c_full`/`c_empty`
-/// rounds, with nothing loaded) to the first, which adds them, rounds once and stores the tile.
+/// `dh`'s tiles are 128 x 256 too (`G`'s two 64 x 64 boxes, K-major, and `W`'s four, MN-major,
+/// a step; each consumer warpgroup its 64 rows). With `splits` 1 a tile is one item over the
+/// whole vocabulary; with 2 it is two items, one a half of the vocabulary's steps, so that a
+/// short chunk's few tiles do not make the launch wait for the longest: the half that finishes
+/// first leaves its sums in `partials` (`f32`) and says so in the tile's `flags`, the other adds
+/// them to its own (the same sum either way: addition is commutative), rounds once and stores.
+/// The second never waits for a CTA that has not started: the first has finished its products.
 ///
 /// Launch as [`gemm_tn_bf16`]: `min(items, SMs)` CTAs of 384 threads at 168 registers, `counter`
-/// 0, the same shared memory.
+/// 0 (and with `splits` 2 the `flags`), the same shared memory.
 #[inline(always)]
 pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
     let tid = thread_idx();
@@ -343,6 +366,8 @@ pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
     let shape = GradShape::of(p);
     let slots = c_empty + 8;
     let slot = |round: u32| slots + 4 * (round % 4);
+    // Which half of a split `dh` tile this CTA's is (0: the first to finish), from thread 0.
+    let order = slots + 16;
     unsafe { crate::wgmma::init_pipeline(bars, STAGES, CONSUMER_WARPS, 2) };
     let warp = prim::warp_uniform(tid / 32);
     if warp >= CONSUMER_WARPS {
@@ -365,55 +390,13 @@ pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
         if item == NO_TILE {
             break;
         }
-        if item < shape.dh_tiles {
-            // `dh`'s tile: rows `m0..m0 + 64`, columns `n0..n0 + 256`; this warpgroup's steps are
-            // those of its parity.
-            let (m0, n0) = (item % shape.dh_tiles_m * 64, item / shape.dh_tiles_m * BN);
-            let mut pending: Option<u32> = None;
-            let mut first = true;
-            let mut ks = 0;
-            while ks < shape.v_steps {
-                let s = step % STAGES;
-                if ks > 0 {
-                    unsafe { prim::mbarrier_wait(full(s), (step / STAGES) & 1) };
-                }
-                if ks % 2 == warpgroup {
-                    let stage = base + s * STAGE_BYTES;
-                    let b = stage + A_BYTES;
-                    prim::wgmma_fence();
-                    let mut kk = 0;
-                    while kk < BK / 16 {
-                        let desc_a = prim::wgmma_desc_sw128(stage + 32 * kk);
-                        let desc_b = prim::wgmma_desc_sw128_mn(b + 2048 * kk, BOX_BYTES);
-                        prim::wgmma_m64n256k16_bf16::<0, 1>(&mut lo, &mut hi, desc_a, desc_b, !first || kk > 0);
-                        kk += 1;
-                    }
-                    prim::wgmma_commit();
-                    first = false;
-                    prim::wgmma_wait_one();
-                    if lane == 0 && let Some(before) = pending {
-                        unsafe { prim::mbarrier_arrive(empty(before)) };
-                    }
-                    pending = Some(s);
-                } else if lane == 0 {
-                    unsafe { prim::mbarrier_arrive(empty(s)) };
-                }
-                step += 1;
-                ks += 1;
-            }
-            prim::wgmma_wait_all();
-            if lane == 0 && let Some(before) = pending {
-                unsafe { prim::mbarrier_arrive(empty(before)) };
-            }
-            // A warpgroup with no step (a single-step item) adds zeros.
-            if first {
-                lo = [0.0; 64];
-                hi = [0.0; 64];
-            }
-            unsafe { dh_epilogue(p, c_tile, (c_full, c_empty), round, (m0, n0), (warpgroup, w, g, q), tid, &lo, &hi) };
+        if item < shape.dh_items {
+            let (tile, (m0, n0), (k_begin, k_end)) = shape.dh_item(item);
+            unsafe { mma_steps::<0>(base, (&full, &empty), &mut step, k_end - k_begin, (warpgroup, lane), (&mut lo, &mut hi)) };
+            unsafe { dh_epilogue(p, (c_full, c_empty, order), round, tile, (m0, n0), (warpgroup, w, g, q), tid, &mut lo, &mut hi) };
         } else {
-            let t = item - shape.dh_tiles;
-            let (m0, n0) = (t / shape.dw_tiles_n * BM, t % shape.dw_tiles_n * BN);
+            let t = item - shape.dh_items;
+            let (m0, n0) = (t / shape.col_blocks * BM, t % shape.col_blocks * BN);
             unsafe {
                 tn_tile((1.0, p.beta), maps.dw, (base, c_tile), (&full, &empty), (c_full, c_empty), (&mut step, round), (m0, n0, shape.row_steps), (warpgroup, w, g, q, lane), tid, (&mut lo, &mut hi))
             };
@@ -436,14 +419,17 @@ struct GradMaps {
 
 /// [`gemm_grads_bf16`]'s items and steps.
 struct GradShape {
-    /// `dh`'s tiles: row blocks of 64 (`dh_tiles_m`) by column blocks of 256.
+    /// `dh`'s tiles: row blocks of 128 (`dh_tiles_m`) by column blocks of 256 (`col_blocks`,
+    /// also `dW`'s), each `splits` items.
     dh_tiles_m: u32,
-    dh_tiles: u32,
-    /// `dW`'s tiles: row blocks of 128 by column blocks of 256 (`dw_tiles_n`).
-    dw_tiles_n: u32,
+    col_blocks: u32,
+    splits: u32,
+    dh_items: u32,
     items: u32,
-    /// Steps of 64 along the vocabulary (a `dh` item) and along the rows (a `dW` item).
+    /// Steps of 64 along the vocabulary (a whole `dh` tile), a split's (the last may be
+    /// shorter), and along the rows (a `dW` item).
     v_steps: u32,
+    split_steps: u32,
     row_steps: u32,
 }
 
@@ -451,22 +437,40 @@ impl GradShape {
     #[inline(always)]
     fn of(p: &GradGemmParams) -> GradShape {
         let col_blocks = p.dim.div_ceil(BN).max(1);
-        let dh_tiles_m = p.rows.div_ceil(64).max(1);
-        let dh_tiles = dh_tiles_m * col_blocks;
+        let dh_tiles_m = p.rows.div_ceil(BM).max(1);
+        let splits = if p.splits == 2 { 2 } else { 1 };
+        let dh_items = dh_tiles_m * col_blocks * splits;
+        let v_steps = p.vocab.div_ceil(BK).max(1);
         GradShape {
             dh_tiles_m,
-            dh_tiles,
-            dw_tiles_n: col_blocks,
-            items: dh_tiles + p.vocab.div_ceil(BM) * col_blocks,
-            v_steps: p.vocab.div_ceil(BK).max(1),
+            col_blocks,
+            splits,
+            dh_items,
+            items: dh_items + p.vocab.div_ceil(BM) * col_blocks,
+            v_steps,
+            split_steps: v_steps.div_ceil(splits),
             row_steps: p.rows.div_ceil(BK).max(1),
         }
     }
+
+    /// A `dh` item's tile (consecutive tiles share `W`'s columns, so that CTAs running together
+    /// read them from L2), its rows and columns, and its steps along the vocabulary: the two
+    /// halves of a tile are consecutive items.
+    #[inline(always)]
+    fn dh_item(&self, item: u32) -> (u32, (u32, u32), (u32, u32)) {
+        let (tile, half) = (item / self.splits, item % self.splits);
+        let m0 = tile % self.dh_tiles_m * BM;
+        let n0 = tile / self.dh_tiles_m * BN;
+        let k_begin = half * self.split_steps;
+        let k_end = if half + 1 == self.splits { self.v_steps } else { k_begin + self.split_steps };
+        (tile, (m0, n0), (k_begin, k_end))
+    }
 }
 
-/// [`produce`] for [`gemm_grads_bf16`]'s two kinds of item: a `dh` item's steps bring `G`'s box
-/// at (class `k0`, row `m0`) and `W`'s four at (column `n0 + 64·j`, class `k0`), then only the
-/// `C` buffer's hand-over; a `dW` item's are [`produce`]'s (`A` = `G`, `B` = `h`, `C` = `dW`).
+/// [`produce`] for [`gemm_grads_bf16`]'s two kinds of item: a `dh` item's steps bring `G`'s two
+/// boxes at (class `k0`, rows `m0` and `m0 + 64`) and `W`'s four at (column `n0 + 64·j`, class
+/// `k0`), then only the `C` buffer's hand-over; a `dW` item's are [`produce`]'s (`A` = `G`,
+/// `B` = `h`, `C` = `dW`).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn produce_grads(
@@ -493,27 +497,28 @@ unsafe fn produce_grads(
             return;
         }
         unsafe { prim::st_shared_u32(slot(round), item) };
-        let dh = item < shape.dh_tiles;
-        let (m0, n0, k_steps) = if dh {
-            (item % shape.dh_tiles_m * 64, item / shape.dh_tiles_m * BN, shape.v_steps)
+        let dh = item < shape.dh_items;
+        let (m0, n0, k_begin, k_end) = if dh {
+            let (_, (m0, n0), (k_begin, k_end)) = shape.dh_item(item);
+            (m0, n0, k_begin, k_end)
         } else {
-            let t = item - shape.dh_tiles;
-            (t / shape.dw_tiles_n * BM, t % shape.dw_tiles_n * BN, shape.row_steps)
+            let t = item - shape.dh_items;
+            (t / shape.col_blocks * BM, t % shape.col_blocks * BN, 0, shape.row_steps)
         };
-        let mut ks = 0;
-        while ks < k_steps {
+        let mut ks = k_begin;
+        while ks < k_end {
             let s = step % STAGES;
-            if ks > 0 {
+            if ks > k_begin {
                 unsafe { prim::mbarrier_wait(empty(s), (step / STAGES + 1) & 1) };
             }
             let stage = base + s * STAGE_BYTES;
             let k0 = ks * BK;
             unsafe {
+                prim::mbarrier_arrive_expect_tx(full(s), STAGE_BYTES);
                 if dh {
-                    prim::mbarrier_arrive_expect_tx(full(s), BOX_BYTES + BK * BN * 2);
                     prim::tma_load_2d(stage, maps.g, k0, m0, full(s));
+                    prim::tma_load_2d(stage + BOX_BYTES, maps.g, k0, m0 + 64, full(s));
                 } else {
-                    prim::mbarrier_arrive_expect_tx(full(s), STAGE_BYTES);
                     prim::tma_load_2d(stage, maps.g, m0, k0, full(s));
                     prim::tma_load_2d(stage + BOX_BYTES, maps.g, m0 + 64, k0, full(s));
                 }
@@ -536,56 +541,86 @@ unsafe fn produce_grads(
     }
 }
 
-/// A `dh` item's end: the second warpgroup writes its 128 sums a thread into `C`'s buffer (pair
-/// `i` of thread `t`, its sums `2·i` and `2·i + 1` of `lo` then `hi`, at 8-byte slot `128·i + t`:
-/// a warp's slots side by side), the first adds them to its own, rounds each pair once and
-/// stores it (rows `m0 + 16·w + g + 8·h` below `rows`, columns `n0 + 8·j + 2·q`: `dim` is a
-/// multiple of 256), then hands the buffer back.
+/// A `dh` item's end, after the `C` buffer's hand-over (a `dh` item takes it only to keep the
+/// rounds): with `splits` 1 each consumer thread rounds its sums once and stores them (rows
+/// `m0 + 64·wg + 16·w + g + 8·h` below `rows`, columns `n0 + 8·j + 2·q`: `dim` is a multiple of
+/// 256). With 2, thread 0 counts the tile's finished halves in its first flag: the first half
+/// stores its sums in the tile's `partials` (thread `t`'s sums `4·u..4·u + 4`, of `lo` then
+/// `hi`, 16 bytes at `16·(256·u + t)`: a warp's stores side by side) and, once every thread's are
+/// out, releases the second flag; the second waits for that flag, adds the partial sums to its
+/// own and stores as with 1.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn dh_epilogue(
     p: &GradGemmParams,
-    c_tile: u32,
-    (c_full, c_empty): (u32, u32),
+    (c_full, c_empty, order): (u32, u32, u32),
     round: u32,
+    tile: u32,
     (m0, n0): (u32, u32),
     (wg, w, g, q): (u32, u32, u32, u32),
     tid: u32,
-    lo: &[f32; 64],
-    hi: &[f32; 64],
+    lo: &mut [f32; 64],
+    hi: &mut [f32; 64],
 ) {
     unsafe { prim::mbarrier_wait(c_full, round & 1) };
-    let slot = c_tile + 8 * (tid % 128);
-    if wg == 1 {
-        crate::each!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] => {
-            unsafe {
-                prim::st_shared_v2(slot + 1024 * i as u32, [lo[2 * i].to_bits(), lo[2 * i + 1].to_bits()]);
-                prim::st_shared_v2(slot + 1024 * (32 + i as u32), [hi[2 * i].to_bits(), hi[2 * i + 1].to_bits()]);
+    let mut store = true;
+    if p.splits == 2 {
+        let flags = p.flags + 8 * tile as u64;
+        let partial = p.partials + (tile as u64) * (BM * BN * 4) as u64 + 16 * tid as u64;
+        if tid == 0 {
+            unsafe { prim::st_shared_u32(order, prim::atom_inc_u32(flags, u32::MAX)) };
+        }
+        prim::named_barrier(1, CONSUMER_THREADS);
+        let first = prim::warp_uniform(unsafe { prim::ld_shared_u32(order) }) == 0;
+        if first {
+            crate::each!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] => {
+                let v = [lo[4 * u].to_bits(), lo[4 * u + 1].to_bits(), lo[4 * u + 2].to_bits(), lo[4 * u + 3].to_bits()];
+                unsafe { prim::st_global_v4(partial + 4096 * u as u64, v) };
+                let v = [hi[4 * u].to_bits(), hi[4 * u + 1].to_bits(), hi[4 * u + 2].to_bits(), hi[4 * u + 3].to_bits()];
+                unsafe { prim::st_global_v4(partial + 4096 * (16 + u) as u64, v) };
+            });
+            // Every thread's sums out before the flag says so (the barrier, then thread 0's
+            // release at GPU scope).
+            prim::named_barrier(1, CONSUMER_THREADS);
+            if tid == 0 {
+                prim::fence_acq_rel_gpu();
+                unsafe { prim::red_add_release_gpu_u32(flags + 4, 1) };
             }
-        });
+            store = false;
+        } else {
+            if tid == 0 {
+                while unsafe { prim::ld_acquire_gpu_u32(flags + 4) } == 0 {
+                    prim::nanosleep(256);
+                }
+            }
+            prim::named_barrier(1, CONSUMER_THREADS);
+            crate::each!(u in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] => {
+                let v = unsafe { prim::ld_global_cg_v4(partial + 4096 * u as u64) };
+                crate::each!(e in [0, 1, 2, 3] => { lo[4 * u + e] += f32::from_bits(v[e]); });
+                let v = unsafe { prim::ld_global_cg_v4(partial + 4096 * (16 + u) as u64) };
+                crate::each!(e in [0, 1, 2, 3] => { hi[4 * u + e] += f32::from_bits(v[e]); });
+            });
+        }
     }
-    prim::named_barrier(1, CONSUMER_THREADS);
-    if wg == 0 {
+    if store {
         crate::each!(h in [0, 1] => {
-            let row = m0 + 16 * w + g + 8 * h as u32;
+            let row = m0 + 64 * wg + 16 * w + g + 8 * h as u32;
             // Column `n0 + 2·q` of the row; pair `j` is 16·j bytes on.
             let at = p.grad_hidden + 2 * ((row as u64) * (p.dim as u64) + (n0 + 2 * q) as u64);
-            crate::each!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31] => {
-                let i = 4 * (j % 16) + 2 * h;
-                let mine = if j < 16 { lo } else { hi };
-                let pair = (i / 2 + 32 * (j / 16)) as u32;
-                let other = unsafe { prim::ld_shared_v2(slot + 1024 * pair) };
-                let x0 = mine[i] + f32::from_bits(other[0]);
-                let x1 = mine[i + 1] + f32::from_bits(other[1]);
+            crate::each!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] => {
+                // Sums `4·j + 2·h` and the next, of `lo` (columns 0..128) and of `hi`.
+                let i = 4 * j + 2 * h;
                 if row < p.rows {
-                    unsafe { prim::st_global_u32(at + 16 * j as u64, prim::pack_bf16x2(x1, x0)) };
+                    unsafe {
+                        prim::st_global_u32(at + 16 * j as u64, prim::pack_bf16x2(lo[i + 1], lo[i]));
+                        prim::st_global_u32(at + 16 * (16 + j) as u64, prim::pack_bf16x2(hi[i + 1], hi[i]));
+                    }
                 }
             });
         });
-        // Every read of the buffer done before it goes back to the producer.
-        prim::named_barrier(2, 128);
-        if tid == 0 {
-            unsafe { prim::mbarrier_arrive(c_empty) };
-        }
+    }
+    // The buffer back to the producer: a `dh` item does not touch it.
+    if tid == 0 {
+        unsafe { prim::mbarrier_arrive(c_empty) };
     }
 }

@@ -295,6 +295,26 @@ pub unsafe fn ld_global_cg_u32(addr: u64) -> u32 {
     v
 }
 
+/// `ld.global.cg.v4.u32`: [`ld_global_v4`] skipping L1, for values another CTA wrote during
+/// this launch. `addr` must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_global_cg_v4(addr: u64) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.global.cg.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+             a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+             p = in(reg64) addr, options(nostack));
+    }
+    [a, b, c, d]
+}
+
+/// `nanosleep.u32 N`: suspends the thread for about `N` nanoseconds (at most 1 ms), to wait on a
+/// flag without taking the memory system's time.
+#[inline(always)]
+pub fn nanosleep(ns: u32) {
+    unsafe { asm!("nanosleep.u32 {n};", n = in(reg32) ns, options(nostack)) };
+}
+
 /// `ld.acquire.gpu.global.u32`: a load that orders this thread's later accesses after it, and
 /// sees what a release to the same address made visible.
 #[inline(always)]

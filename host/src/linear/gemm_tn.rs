@@ -284,11 +284,35 @@ impl GradOperands {
     }
 }
 
+/// The scratch of [`CrossEntropy::gemm_grads_bf16`] at `splits` 2 for `rows` rows and a hidden
+/// size `dim`: the item counter (4 bytes, then to 256), two flag words a `grad_hidden` tile (to
+/// the next 256 bytes), then 128 KiB of partial sums a tile. With `splits` 1 only the counter.
+/// Returns (bytes to zero before the launch, bytes in all).
+pub fn grads_scratch_bytes(rows: usize, dim: usize, splits: u32) -> (usize, usize) {
+    if splits < 2 {
+        return (4, 4);
+    }
+    let tiles = rows.div_ceil(128) * dim.div_ceil(256);
+    let zeroed = (256 + 8 * tiles).next_multiple_of(256);
+    (zeroed, zeroed + tiles * 128 * 256 * 4)
+}
+
+/// The splits of [`CrossEntropy::gemm_grads_bf16`]'s `grad_hidden` tiles on a device of `sms`
+/// SMs: 2 (each tile two items of half the vocabulary) when both halves of every tile fit the
+/// device at once and the vocabulary has at least two steps of 64, so that a short chunk's few
+/// long items do not outlast the weight gradient's tiles; else 1.
+pub fn grads_splits(rows: usize, vocab: usize, dim: usize, sms: usize) -> u32 {
+    let tiles = rows.div_ceil(128) * dim.div_ceil(256);
+    if 2 * tiles <= sms && vocab > 64 { 2 } else { 1 }
+}
+
 impl CrossEntropy {
     /// Enqueues both gradient GEMMs of a linear chunk as one launch on `stream`:
     /// `grad_hidden = G·W` and `grad_weight = Gᵀ·h + beta·grad_weight`, bf16, f32 accumulated and
-    /// rounded once (`xent_gemm_grads_bf16`, see `kernels-gpu/src/gemm.rs`). Compute capability
-    /// 9.0 only ([`Error::UnsupportedComputeCapability`] elsewhere).
+    /// rounded once (`xent_gemm_grads_bf16`, see `kernels-gpu/src/gemm.rs`), with `grad_hidden`'s
+    /// tiles split in `splits` (1 or 2) parts of the vocabulary (`None`: [`grads_splits`]'s
+    /// choice; 2 needs a vocabulary of more than 64 classes). Compute capability 9.0 only
+    /// ([`Error::UnsupportedComputeCapability`] elsewhere).
     ///
     /// # Safety
     /// Each matrix must be a live device allocation of at least `(rows - 1)·ld + cols` bf16
@@ -299,47 +323,72 @@ impl CrossEntropy {
         stream: &Arc<CudaStream>,
         ops: GradOperands,
         beta: f32,
+        splits: Option<u32>,
     ) -> Result<()> {
         self.check_stream(stream)?;
-        let counter = stream.alloc_zeros::<u32>(1)?;
-        let (counter_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&counter, stream);
-        // SAFETY: the caller's promises, `stream` is this handle's context's, and the counter is
-        // a zeroed word nothing else uses.
-        unsafe { self.gemm_grads_bf16_raw(stream.cu_stream(), ops, beta, counter_ptr, 0) }
+        ops.check()?;
+        let (rows, v, d) = (ops.g.rows, ops.g.cols, ops.h.cols);
+        let splits =
+            splits.unwrap_or_else(|| grads_splits(rows, v, d, self.limits().sm_count as usize));
+        let (_, bytes) = grads_scratch_bytes(rows, d, splits);
+        // The counter, flags and partial sums, zeroed in stream order and freed in stream order
+        // after the launch.
+        let scratch = stream.alloc_zeros::<u8>(bytes)?;
+        let (scratch_ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(&scratch, stream);
+        // SAFETY: the caller's promises, `stream` is this handle's context's, and the scratch is
+        // zeroed memory of the size the splits need, which nothing else uses.
+        unsafe { self.gemm_grads_bf16_raw(stream.cu_stream(), ops, beta, (scratch_ptr, splits), 0) }
     }
 
-    /// [`gemm_grads_bf16`](Self::gemm_grads_bf16) on a raw stream of this handle's context, its
-    /// CTAs taking items from the `u32` at `counter`, at most `max_ctas` of them (0: one an SM).
+    /// [`gemm_grads_bf16`](Self::gemm_grads_bf16) on a raw stream of this handle's context, in
+    /// the scratch at `scratch` (its first word the item counter; [`grads_scratch_bytes`] for
+    /// `splits`), at most `max_ctas` CTAs (0: one an SM).
     ///
     /// # Safety
-    /// As `gemm_grads_bf16`; `counter` must be a device word that is 0 when the launch starts
-    /// and that nothing else touches until it ends.
+    /// As `gemm_grads_bf16`; the scratch must hold [`grads_scratch_bytes`]' bytes, the first
+    /// ones zero when the launch starts, and nothing else may touch it until the launch ends.
     pub(crate) unsafe fn gemm_grads_bf16_raw(
         &self,
         stream: cudarc::driver::sys::CUstream,
         ops: GradOperands,
         beta: f32,
-        counter: u64,
+        (scratch, splits): (u64, u32),
         max_ctas: u32,
     ) -> Result<()> {
         ops.check()?;
-        let function = &self.wgmma_functions()?[4];
         let (rows, v, d) = (ops.g.rows, ops.g.cols, ops.h.cols);
+        if !(splits == 1 || splits == 2 && v > 64) {
+            return Err(Error::InvalidOption(format!(
+                "gemm_grads: {splits} splits of a vocabulary of {v} (1, or 2 above 64 classes)"
+            )));
+        }
+        if !scratch.is_multiple_of(256) {
+            return Err(Error::InvalidOption(
+                "gemm_grads: the scratch must be 256-byte aligned".into(),
+            ));
+        }
+        let function = &self.wgmma_functions()?[4];
+        let (zeroed, _) = grads_scratch_bytes(rows, d, splits);
         let mut params = GradGemmParams {
             tmap_g: ops.g.tensor_map([64, 64])?,
             tmap_h: ops.h.tensor_map([64, 64])?,
             tmap_grad_weight: ops.grad_weight.tensor_map([64, 128])?,
             tmap_w: ops.w.tensor_map([64, 64])?,
             grad_hidden: ops.grad_hidden,
-            counter,
+            counter: scratch,
             rows: rows as u32,
             vocab: v as u32,
             dim: d as u32,
             beta,
+            flags: scratch + 256,
+            partials: scratch + zeroed as u64,
+            splits,
+            _pad: 0,
         };
-        let items = rows.div_ceil(64) * (d / 256) + v.div_ceil(128) * (d / 256);
+        let items = rows.div_ceil(128) * (d / 256) * splits as usize + v.div_ceil(128) * (d / 256);
         // SAFETY: `params` is the parameter block the entry point declares; the maps name the
-        // caller's matrices, which the caller vouches for, and `stream` is of this context.
+        // caller's matrices and the scratch the caller's, which the caller vouches for, and
+        // `stream` is of this context.
         unsafe { self.launch_persistent(function, stream, &mut params, items, max_ctas) }
     }
 }

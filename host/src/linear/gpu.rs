@@ -902,19 +902,30 @@ impl Work<'_> {
             grad_weight: gemm_tn::Matrix::dense(grad_weight.buffer.ptr, v, d),
             grad_hidden: grad_hidden.ptr + (first * d * self.t_bytes()) as u64,
         };
-        let (counter, room) = self.gemm;
-        if !ops.fit() || room < 4 {
+        // The kernel's scratch is cuBLASLt's workspace, unused until the bias's GEMM after it;
+        // splits of 2 where it holds their partial sums.
+        let (scratch, room) = self.gemm;
+        let sms = xent.limits().sm_count as usize;
+        let mut splits = std::env::var("XENT_GEMM_GRADS_SPLITS")
+            .ok()
+            .and_then(|text| text.parse::<u32>().ok())
+            .filter(|&s| s == 1 || s == 2 && v > 64)
+            .unwrap_or_else(|| gemm_tn::grads_splits(c, v, d, sms));
+        if gemm_tn::grads_scratch_bytes(c, d, splits).1 > room {
+            splits = 1;
+        }
+        let (zeroed, needed) = gemm_tn::grads_scratch_bytes(c, d, splits);
+        if !ops.fit() || needed > room || !scratch.is_multiple_of(256) {
             return Ok(false);
         }
         let beta = self.chunk_beta(first);
         let main = self.stream.cu_stream();
         // SAFETY: every operand was checked against the call's shape; the call's stream orders
-        // the chunk's gradient before and the next chunk's logits after, and the counter (the
-        // workspace's first word, unused by cuBLASLt until the bias's GEMM after it) is zeroed
-        // in stream order.
+        // the chunk's gradient before and the next chunk's logits after, and the scratch's
+        // counter and flags are zeroed in stream order.
         unsafe {
-            cudarc::driver::result::memset_d8_async(counter, 0, 4, main)?;
-            xent.gemm_grads_bf16_raw(main, ops, beta, counter, 0)?;
+            cudarc::driver::result::memset_d8_async(scratch, 0, zeroed, main)?;
+            xent.gemm_grads_bf16_raw(main, ops, beta, (scratch, splits), 0)?;
         }
         if let Some(gemm) = self.bias_grad_gemm(c, beta) {
             self.matmul(gemm)?;
