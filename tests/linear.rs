@@ -152,9 +152,11 @@ fn reference_loss_is_xents_on_the_materialised_logits() {
 fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
     // 8192 x 128256 bf16: the logits are 2004 MiB; an eighth is 250.5 MiB, of which 15/16 for
     // the logits (234.8 MiB: 960 rows of 250.5 KiB) and 1/16 for cuBLASLt: nine even chunks
-    // would hold 911 rows, 1024 when rounded up to whole tiles, which does not fit: 896 rows.
+    // would hold 911 rows, 1024 when rounded up to whole tiles, which does not fit; 912 (a
+    // multiple of 16) does, and keeps nine chunks (8 of 912, one of 896) where 896 would make
+    // ten (the last of 128).
     let rows = linear::chunk_rows(8192, 128256, DType::Bf16, None);
-    assert_eq!(rows, 896, "whole tiles");
+    assert_eq!(rows, 912, "nine chunks");
     // 16384 rows: 1920 fit, nine chunks of 1821 round up to 1920.
     assert_eq!(linear::chunk_rows(16384, 128256, DType::Bf16, None), 1920);
     let total = rows * 128256 * 2 + linear::gemm_workspace_bytes(rows * 128256 * 2);
