@@ -22,7 +22,8 @@ Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,
 ``--curve`` entries are budgets of ``R`` rows per chunk (rounded as the library rounds them),
 ``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
 workspace at ``W`` bytes (``4M``, ``256K``), then ``:serial`` for the gradient GEMMs on one
-stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``) and ``:tune``
+stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``; ``:algo=L/H/W`` one a GEMM:
+the logits', ``grad_hidden``'s, ``grad_weight``'s) and ``:tune``
 for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
 splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only) with one step under
@@ -166,7 +167,8 @@ def xent_methods(v, curve):
         rows = rows.lstrip("=")
         serial = "serial" in flags
         tune = "tune" in flags
-        algo = next((int(f[5:]) for f in flags if f.startswith("algo=")), None)
+        # algo=I for every GEMM, or algo=L/H/W for the logits', grad_hidden's and grad_weight's
+        algo = next((f[5:].replace("/", ",") for f in flags if f.startswith("algo=")), None)
         sms = next((f[4:].replace("/", ",") for f in flags if f.startswith("sms=")), None)
         tn = "tn" in flags
         grads = next((int(f[6:]) if f.startswith("grads=") else True for f in flags

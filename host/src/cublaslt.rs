@@ -452,7 +452,7 @@ impl CublasLt {
             )
         };
         let tune = self.tuning();
-        let pick = algo_override();
+        let pick = algo_override(gemm);
         let key = AlgoKey {
             shape: ShapeKey::of(gemm, workspace.1, sms),
             choice: if tune {
@@ -733,12 +733,30 @@ fn fastest(
 
 /// `XENT_GEMM_ALGO=i` makes every GEMM use cuBLASLt's `i`-th heuristic result (0 is its first
 /// choice; the last it has when it has fewer; at most 7), for measuring whether another algorithm
-/// is faster for a shape. Unset: 0.
-fn algo_override() -> usize {
-    std::env::var("XENT_GEMM_ALGO")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(0, |i| i.min(MAX_ALGOS - 1))
+/// is faster for a shape; `XENT_GEMM_ALGO=L,H,W` gives one a role ([`algo_pick`]). Unset: 0.
+fn algo_override(gemm: &Gemm) -> usize {
+    std::env::var("XENT_GEMM_ALGO").map_or(0, |text| algo_pick(&text, gemm))
+}
+
+/// The heuristic result [`algo_override`] takes for `gemm` from `text`: one index for every GEMM,
+/// or three for the linear path's roles, told apart by their transposes: `L` for `A·Bᵀ` (the
+/// logits `h·Wᵀ`), `H` for `A·B` (`grad_hidden = G·W`), `W` for `Aᵀ·B` (`grad_weight = Gᵀ·h`). A
+/// part that is missing or not a number is 0; at most 7.
+fn algo_pick(text: &str, gemm: &Gemm) -> usize {
+    let parts: Vec<usize> = text
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().unwrap_or(0))
+        .collect();
+    let role = match (gemm.a.transposed, gemm.b.transposed) {
+        (false, true) => 0,
+        (false, false) => 1,
+        (true, _) => 2,
+    };
+    let i = match parts.len() {
+        1 => parts[0],
+        _ => parts.get(role).copied().unwrap_or(0),
+    };
+    i.min(MAX_ALGOS - 1)
 }
 
 /// The alignment in bytes an operand keeps on every row: the largest power of two, at most 256,
@@ -763,5 +781,44 @@ impl<F: FnOnce()> Drop for Cleanup<F> {
         if let Some(f) = self.0.take() {
             f();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gemm(a_t: bool, b_t: bool) -> Gemm {
+        let o = |transposed| Operand {
+            ptr: 0,
+            dtype: DType::Bf16,
+            rows: 1,
+            cols: 1,
+            ld: 1,
+            transposed,
+        };
+        Gemm {
+            a: o(a_t),
+            b: o(b_t),
+            out: o(false),
+            alpha: 1.0,
+            beta: 0.0,
+            bias: 0,
+        }
+    }
+
+    #[test]
+    fn algo_pick_takes_one_index_or_one_a_role() {
+        let (logits, hidden, weight) = (gemm(false, true), gemm(false, false), gemm(true, false));
+        for g in [&logits, &hidden, &weight] {
+            assert_eq!(algo_pick("2", g), 2);
+            assert_eq!(algo_pick("99", g), MAX_ALGOS - 1);
+            assert_eq!(algo_pick("x", g), 0);
+        }
+        assert_eq!(algo_pick("1,2,3", &logits), 1);
+        assert_eq!(algo_pick("1,2,3", &hidden), 2);
+        assert_eq!(algo_pick("1,2,3", &weight), 3);
+        assert_eq!(algo_pick("0,,2", &hidden), 0);
+        assert_eq!(algo_pick("0,1", &weight), 0);
     }
 }
