@@ -395,8 +395,7 @@ pub unsafe fn gemm_grads_bf16(p: &GradGemmParams) {
             unsafe { mma_steps::<0>(base, (&full, &empty), &mut step, k_end - k_begin, (warpgroup, lane), (&mut lo, &mut hi)) };
             unsafe { dh_epilogue(p, (c_full, c_empty, order), round, tile, (m0, n0), (warpgroup, w, g, q), tid, &mut lo, &mut hi) };
         } else {
-            let t = item - shape.dh_items;
-            let (m0, n0) = (t / shape.col_blocks * BM, t % shape.col_blocks * BN);
+            let (m0, n0) = shape.dw_item(item);
             unsafe {
                 tn_tile((1.0, p.beta), maps.dw, (base, c_tile), (&full, &empty), (c_full, c_empty), (&mut step, round), (m0, n0, shape.row_steps), (warpgroup, w, g, q, lane), tid, (&mut lo, &mut hi))
             };
@@ -465,6 +464,13 @@ impl GradShape {
         let k_end = if half + 1 == self.splits { self.v_steps } else { k_begin + self.split_steps };
         (tile, (m0, n0), (k_begin, k_end))
     }
+
+    /// A `dW` item's tile: its first class and column.
+    #[inline(always)]
+    fn dw_item(&self, item: u32) -> (u32, u32) {
+        let t = item - self.dh_items;
+        (t / self.col_blocks * BM, t % self.col_blocks * BN)
+    }
 }
 
 /// [`produce`] for [`gemm_grads_bf16`]'s two kinds of item: a `dh` item's steps bring `G`'s two
@@ -502,8 +508,8 @@ unsafe fn produce_grads(
             let (_, (m0, n0), (k_begin, k_end)) = shape.dh_item(item);
             (m0, n0, k_begin, k_end)
         } else {
-            let t = item - shape.dh_items;
-            (t / shape.col_blocks * BM, t % shape.col_blocks * BN, 0, shape.row_steps)
+            let (m0, n0) = shape.dw_item(item);
+            (m0, n0, 0, shape.row_steps)
         };
         let mut ks = k_begin;
         while ks < k_end {
