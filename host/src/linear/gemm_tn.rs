@@ -303,7 +303,17 @@ pub fn grads_scratch_bytes(rows: usize, dim: usize, splits: u32) -> (usize, usiz
 /// long items do not outlast the weight gradient's tiles; else 1.
 pub fn grads_splits(rows: usize, vocab: usize, dim: usize, sms: usize) -> u32 {
     let tiles = rows.div_ceil(128) * dim.div_ceil(256);
-    if 2 * tiles <= sms && vocab > 64 { 2 } else { 1 }
+    if 2 * tiles <= sms && splits_fit(2, vocab) {
+        2
+    } else {
+        1
+    }
+}
+
+/// Whether [`CrossEntropy::gemm_grads_bf16`] takes `splits` for a vocabulary of `vocab`
+/// classes: 1 always, 2 when each half has at least one step of 64 classes.
+pub fn splits_fit(splits: u32, vocab: usize) -> bool {
+    splits == 1 || splits == 2 && vocab > 64
 }
 
 impl CrossEntropy {
@@ -326,7 +336,6 @@ impl CrossEntropy {
         splits: Option<u32>,
     ) -> Result<()> {
         self.check_stream(stream)?;
-        ops.check()?;
         let (rows, v, d) = (ops.g.rows, ops.g.cols, ops.h.cols);
         let splits =
             splits.unwrap_or_else(|| grads_splits(rows, v, d, self.limits().sm_count as usize));
@@ -357,7 +366,7 @@ impl CrossEntropy {
     ) -> Result<()> {
         ops.check()?;
         let (rows, v, d) = (ops.g.rows, ops.g.cols, ops.h.cols);
-        if !(splits == 1 || splits == 2 && v > 64) {
+        if !splits_fit(splits, v) {
             return Err(Error::InvalidOption(format!(
                 "gemm_grads: {splits} splits of a vocabulary of {v} (1, or 2 above 64 classes)"
             )));

@@ -906,14 +906,15 @@ impl Work<'_> {
         // splits of 2 where it holds their partial sums.
         let (scratch, room) = self.gemm;
         let sms = xent.limits().sm_count as usize;
-        let mut splits = std::env::var("XENT_GEMM_GRADS_SPLITS")
+        let wanted = std::env::var("XENT_GEMM_GRADS_SPLITS")
             .ok()
             .and_then(|text| text.parse::<u32>().ok())
-            .filter(|&s| s == 1 || s == 2 && v > 64)
+            .filter(|&s| gemm_tn::splits_fit(s, v))
             .unwrap_or_else(|| gemm_tn::grads_splits(c, v, d, sms));
-        if gemm_tn::grads_scratch_bytes(c, d, splits).1 > room {
-            splits = 1;
-        }
+        let splits = match gemm_tn::grads_scratch_bytes(c, d, wanted) {
+            (_, bytes) if bytes > room => 1,
+            _ => wanted,
+        };
         let (zeroed, needed) = gemm_tn::grads_scratch_bytes(c, d, splits);
         if !ops.fit() || needed > room || !scratch.is_multiple_of(256) {
             return Ok(false);

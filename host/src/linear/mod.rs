@@ -140,10 +140,11 @@ pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<
     // down to the granule (one chunk more).
     let chunks = rows.div_ceil(fit);
     let even = rows.div_ceil(chunks);
-    if even.next_multiple_of(granule) <= fit {
-        even.next_multiple_of(granule)
-    } else if granule > 16 && even.next_multiple_of(16) <= fit {
-        even.next_multiple_of(16)
+    let (whole, sixteens) = (even.next_multiple_of(granule), even.next_multiple_of(16));
+    if whole <= fit {
+        whole
+    } else if granule > 16 && sixteens <= fit {
+        sixteens
     } else {
         fit / granule * granule
     }
