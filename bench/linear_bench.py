@@ -17,7 +17,7 @@ Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scal
 per-row entropy is about 2.5 nats; recorded as ``entropy``).
 
 Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2@W,...]
-                                [--profile]
+                                [--profile] [--rounds R]
 
 ``--curve`` entries are budgets of ``R`` rows per chunk (rounded as the library rounds them),
 ``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
@@ -28,7 +28,12 @@ for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first e
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
 splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only) with one step under
 ``torch.profiler``: its kernels by GPU time (cuBLASLt's included: CUPTI sees every launch of the
-process), to see where a method's time over the GEMMs goes.
+process), then the step's timeline (idle time between kernels, time two kernels overlapped, the
+first kernels in order), to see where a method's time over the GEMMs goes. ``--rounds R`` measures
+every method R times, interleaved (all methods, then all again), and reports each one's median over
+the rounds (``ms_spread``: the range of its round medians): the GPU's clocks drift with power and
+heat over a run (the same step took 35.7 and 41.0 ms in session 25's profiles), and a method
+measured once is compared with the others at whatever clock it met.
 """
 
 import argparse
@@ -193,6 +198,7 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--curve", default="256,512,1024,2048")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1)
     a = ap.parse_args()
     only = set(filter(None, re.split(r",(?![^\[]*\])", a.only)))
     curve = [r for r in a.curve.split(",") if r]
@@ -215,37 +221,70 @@ def main():
         for inp, s in (("random", 1.0), ("peaked", scale)):
             h_base = (h0.float() * s).to(torch.bfloat16)
             ent = entropy_at(h_base, w0, 1.0)
-            for name, fn in methods.items():
-                # --only names the fixed methods; --curve's entries always run
-                if only and name not in only and not name.startswith("xent_linear[rows="):
-                    continue
-                h = h_base.clone().requires_grad_(True)
-                w = w0.clone().requires_grad_(True)
+            # Every method once a round, in the same order: with --rounds R each method's time is
+            # the median over rounds, so a drift of the GPU's clocks (power, heat) over the run
+            # reaches every method alike instead of the ones measured last.
+            per_round = []
+            for rnd in range(a.rounds):
+                for name, fn in methods.items():
+                    # --only names the fixed methods; --curve's entries always run
+                    if only and name not in only and not name.startswith("xent_linear[rows="):
+                        continue
+                    h = h_base.clone().requires_grad_(True)
+                    w = w0.clone().requires_grad_(True)
 
-                def step():
-                    h.grad = None
-                    w.grad = None
-                    fn(h, w, y)
+                    def step():
+                        h.grad = None
+                        w.grad = None
+                        fn(h, w, y)
 
-                try:
-                    step()
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    med, mn = timed(step)
-                    peak = torch.cuda.max_memory_allocated() - base
-                    row = {"method": name, "input": inp, "entropy": round(ent, 2), "n": n, "d": d, "v": v,
-                           "dtype": "bf16", "ms_median": round(med, 3), "ms_min": round(mn, 3),
-                           "tflops": round(6 * n * d * v / (med * 1e-3) / 1e12, 1),
-                           "extra_peak_MiB": round(peak / 2**20)}
-                except Exception as ex:  # a peer that fails here still lets the others run
-                    row = {"method": name, "input": inp, "n": n, "d": d, "v": v, "error": repr(ex)[:200]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                if a.profile and inp == "random" and "ms_median" in row:
-                    profile(name, step)
-                torch.cuda.empty_cache()
+                    try:
+                        step()
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        med, mn = timed(step)
+                        peak = torch.cuda.max_memory_allocated() - base
+                        row = {"method": name, "input": inp, "entropy": round(ent, 2), "n": n, "d": d, "v": v,
+                               "dtype": "bf16", "ms_median": round(med, 3), "ms_min": round(mn, 3),
+                               "tflops": round(6 * n * d * v / (med * 1e-3) / 1e12, 1),
+                               "extra_peak_MiB": round(peak / 2**20)}
+                        if a.rounds > 1:
+                            row["round"] = rnd
+                    except Exception as ex:  # a peer that fails here still lets the others run
+                        row = {"method": name, "input": inp, "n": n, "d": d, "v": v, "error": repr(ex)[:200]}
+                    print(json.dumps(row), flush=True)
+                    (per_round if a.rounds > 1 else rows).append(row)
+                    if a.profile and rnd == 0 and inp == "random" and "ms_median" in row:
+                        profile(name, step)
+                    torch.cuda.empty_cache()
+            if a.rounds > 1:
+                rows.extend(over_rounds(per_round))
         table(rows)
+
+
+def over_rounds(per_round):
+    """One row per method from its rows of every round: the median of their medians (and the
+    spread, max - min, of those medians), the least minimum and the largest extra peak."""
+    out = {}
+    for r in per_round:
+        out.setdefault(r["method"], []).append(r)
+    rows = []
+    for name, rs in out.items():
+        ok = [r for r in rs if "ms_median" in r]
+        if not ok:
+            rows.append(rs[0])
+            continue
+        meds = [r["ms_median"] for r in ok]
+        row = {k: v for k, v in ok[0].items() if k != "round"}
+        med = statistics.median(meds)
+        row.update(ms_median=round(med, 3), ms_min=min(r["ms_min"] for r in ok),
+                   ms_spread=round(max(meds) - min(meds), 3), rounds=len(ok),
+                   extra_peak_MiB=max(r["extra_peak_MiB"] for r in ok),
+                   tflops=round(6 * row["n"] * row["d"] * row["v"] / (med * 1e-3) / 1e12, 1))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def profile(name, step):
@@ -269,7 +308,39 @@ def profile(name, step):
     print("| --- | --- | --- | --- |")
     for kname, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:14]:
         print(f"| {kname[:110]} | {calls} | {us / 1e3:.3f} | {100 * us / max(total, 1e-9):.1f}% |")
+    timeline(prof)
     sys.stdout.flush()
+
+
+def timeline(prof):
+    """Where the step's GPU time went between kernels: the span from the first kernel's start to
+    the last one's end, the time some kernel ran (the union of their intervals), the idle rest,
+    and the time two kernels ran at once; then the first kernels in order (start, length)."""
+    spans = []
+    for ev in prof.events():
+        if "cuda" not in str(getattr(ev, "device_type", "")).lower():
+            continue
+        tr = ev.time_range
+        if tr.end > tr.start:
+            spans.append((tr.start, tr.end, ev.name))
+    if not spans:
+        return
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for s, e, _ in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = max(e for _, e, _ in spans) - spans[0][0]
+    summed = sum(e - s for s, e, _ in spans)
+    print(f"timeline: span {span / 1e3:.3f} ms, busy {busy / 1e3:.3f}, idle {(span - busy) / 1e3:.3f}, "
+          f"overlapped {(summed - busy) / 1e3:.3f} (kernels' sum {summed / 1e3:.3f})")
+    t0 = spans[0][0]
+    for s, e, name in spans[:16]:
+        print(f"  {(s - t0) / 1e3:8.3f} +{(e - s) / 1e3:.3f}  {name[:70]}")
 
 
 def table(rows):

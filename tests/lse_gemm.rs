@@ -383,6 +383,8 @@ fn gemm_grads_matches_the_f64_reference() {
                 grad_weight: Matrix::dense(pdw, v, d),
                 grad_hidden: pdh,
             };
+            // The case, shown with the test's output if a launch fails.
+            eprintln!("gemm_grads: {rows}x{v}x{d} (beta {beta}, {splits} splits)");
             // SAFETY: five live allocations of the sizes named, the outputs apart from the inputs.
             unsafe { xent.gemm_grads_bf16(&stream, ops, beta, Some(splits)) }.expect("launch");
         }

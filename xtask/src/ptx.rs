@@ -240,23 +240,36 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_gemm_grads_", 168),
 ];
 
-/// Kernels whose parameter block holds TMA tensor maps, which must be 64-byte aligned in
-/// parameter space; rustc's NVPTX kernel ABI declares at most 16.
-const PARAMS_ALIGN_64: &[&str] = &[
-    "xent_gemm_tn_bf16",
-    "xent_gemm_grads_bf16",
-    "xent_lse_tma_bf16",
-];
-
-/// Raises the declared alignment of [`PARAMS_ALIGN_64`]'s parameter blocks to 64 bytes.
+/// Raises the declared alignment of the parameter block of every entry that uses TMA
+/// (`cp.async.bulk.tensor`: its tensor maps live in the parameter block and must be 64-byte
+/// aligned in parameter space) to 64 bytes; rustc's NVPTX kernel ABI declares at most 16. Found
+/// from the entries' bodies, so a new TMA kernel cannot be missed (one was, in session 24: the
+/// pair kernel's first launch failed with a misaligned address).
 fn align_params(ptx: &str) -> String {
-    let mut out = ptx.to_string();
-    for name in PARAMS_ALIGN_64 {
-        out = out.replace(
-            &format!(".param .align 16 .b8 {name}_param_0["),
-            &format!(".param .align 64 .b8 {name}_param_0["),
-        );
+    let mut out = String::with_capacity(ptx.len());
+    let mut rest = ptx;
+    while let Some(at) = rest.find(".visible .entry ") {
+        let next = rest[at + 1..]
+            .find(".visible .entry ")
+            .map_or(rest.len(), |n| at + 1 + n);
+        let (before, entry) = (&rest[..at], &rest[at..next]);
+        out.push_str(before);
+        if entry.contains("cp.async.bulk.tensor") {
+            let name = entry[".visible .entry ".len()..]
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or_default();
+            out.push_str(&entry.replacen(
+                &format!(".param .align 16 .b8 {name}_param_0["),
+                &format!(".param .align 64 .b8 {name}_param_0["),
+                1,
+            ));
+        } else {
+            out.push_str(entry);
+        }
+        rest = &rest[next..];
     }
+    out.push_str(rest);
     out
 }
 
@@ -407,6 +420,23 @@ mod tests {
         let capped = cap_registers(ptx);
         assert!(capped.contains(&format!(")\n.maxnreg {MAX_REGISTERS}\n{{\n\tret;")));
         assert_eq!(capped.matches(".maxnreg").count(), 1, "{capped}");
+    }
+
+    #[test]
+    fn parameter_blocks_of_tma_kernels_are_64_byte_aligned() {
+        let ptx = ".visible .entry xent_a(\n\t.param .align 16 .b8 xent_a_param_0[576]\n)\n{\n\t\
+                   cp.async.bulk.tensor.2d.shared::cluster.global [r], [t, {x, y}], [m];\n}\n\
+                   .visible .entry xent_b(\n\t.param .align 16 .b8 xent_b_param_0[64]\n)\n{\n\tret;\n}\n";
+        let aligned = align_params(ptx);
+        assert!(
+            aligned.contains(".param .align 64 .b8 xent_a_param_0[576]"),
+            "{aligned}"
+        );
+        assert!(
+            aligned.contains(".param .align 16 .b8 xent_b_param_0[64]"),
+            "{aligned}"
+        );
+        assert_eq!(aligned.len(), ptx.len());
     }
 
     #[test]
