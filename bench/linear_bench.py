@@ -17,7 +17,7 @@ Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scal
 per-row entropy is about 2.5 nats; recorded as ``entropy``).
 
 Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2@W,...]
-                                [--profile] [--rounds R]
+                                [--profile] [--rounds R] [--energy]
 
 ``--curve`` entries are budgets of ``R`` rows per chunk (rounded as the library rounds them),
 ``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
@@ -33,7 +33,9 @@ first kernels in order), to see where a method's time over the GEMMs goes. ``--r
 every method R times, interleaved (all methods, then all again), and reports each one's median over
 the rounds (``ms_spread``: the range of its round medians): the GPU's clocks drift with power and
 heat over a run (the same step took 35.7 and 41.0 ms in session 25's profiles), and a method
-measured once is compared with the others at whatever clock it met.
+measured once is compared with the others at whatever clock it met. ``--energy`` adds, from NVML,
+each timed loop's energy a step (``joules_step``), its mean SM clock (``sm_mhz``) and the share of
+that time the clock was held by the software power cap (``power_capped``).
 """
 
 import argparse
@@ -57,10 +59,85 @@ except ImportError:  # the peers are optional; xent's rows still run
 DEV = "cuda"
 
 
-def timed(fn, iters=10, warm=3):
+class Meter:
+    """The GPU's energy counter and SM clock through NVML (the driver's ``libnvidia-ml.so.1``, by
+    ctypes: no Python package needed). ``with meter:`` around a timed loop; then ``joules`` (energy
+    counter's difference), ``mhz`` (mean of the SM clock sampled every 2 ms by a thread) and
+    ``capped`` (share of samples whose clock-event reasons include the software power cap)."""
+
+    SM_CLOCK, POWER_CAP_BIT = 1, 0x4
+
+    def __init__(self, index):
+        import ctypes
+        self.c = ctypes
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise RuntimeError("nvmlInit failed")
+        self.handle = ctypes.c_void_p()
+        # NVML counts every GPU of the machine; the bench's device is the first visible one.
+        if self.lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(self.handle)) != 0:
+            raise RuntimeError("nvmlDeviceGetHandleByIndex failed")
+        self.joules, self.mhz, self.capped = 0.0, 0.0, 0.0
+        try:  # the name since r535, then the older one
+            self.reasons = self.lib.nvmlDeviceGetCurrentClocksEventReasons
+        except AttributeError:
+            self.reasons = self.lib.nvmlDeviceGetCurrentClocksThrottleReasons
+
+    def energy_mj(self):
+        e = self.c.c_ulonglong()
+        self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, self.c.byref(e))
+        return e.value
+
+    def sample(self):
+        clock, reasons = self.c.c_uint(), self.c.c_ulonglong()
+        self.lib.nvmlDeviceGetClockInfo(self.handle, self.SM_CLOCK, self.c.byref(clock))
+        self.reasons(self.handle, self.c.byref(reasons))
+        return clock.value, bool(reasons.value & self.POWER_CAP_BIT)
+
+    def __enter__(self):
+        import threading
+        import time
+        self.samples, self.stop = [], threading.Event()
+
+        def run():
+            while not self.stop.is_set():
+                self.samples.append(self.sample())
+                time.sleep(0.002)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.e0 = self.energy_mj()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.joules = (self.energy_mj() - self.e0) / 1e3
+        n = max(len(self.samples), 1)
+        self.mhz = sum(c for c, _ in self.samples) / n
+        self.capped = sum(1 for _, p in self.samples if p) / n
+        return False
+
+
+def meter_or_none():
+    try:
+        return Meter(0)
+    except Exception as ex:  # no NVML: the rows go without energy and clocks
+        print(f"no NVML meter: {ex!r}", file=sys.stderr)
+        return None
+
+
+ITERS = 10
+
+
+def timed(fn, iters=ITERS, warm=3, meter=None):
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
+    if meter is not None:
+        with meter:
+            med, mn = timed(fn, iters, 0)
+        return med, mn
     ts = []
     for _ in range(iters):
         s = torch.cuda.Event(enable_timing=True)
@@ -199,9 +276,11 @@ def main():
     ap.add_argument("--curve", default="256,512,1024,2048")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--energy", action="store_true")
     a = ap.parse_args()
     only = set(filter(None, re.split(r",(?![^\[]*\])", a.only)))
     curve = [r for r in a.curve.split(",") if r]
+    meter = meter_or_none() if a.energy else None
     torch.manual_seed(0)
     peers = peers_linear.methods() if peers_linear is not None else {}
     for cfg in a.configs.split(","):
@@ -243,12 +322,15 @@ def main():
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                        med, mn = timed(step)
+                        med, mn = timed(step, meter=meter)
                         peak = torch.cuda.max_memory_allocated() - base
                         row = {"method": name, "input": inp, "entropy": round(ent, 2), "n": n, "d": d, "v": v,
                                "dtype": "bf16", "ms_median": round(med, 3), "ms_min": round(mn, 3),
                                "tflops": round(6 * n * d * v / (med * 1e-3) / 1e12, 1),
                                "extra_peak_MiB": round(peak / 2**20)}
+                        if meter is not None:  # energy a step, mean SM clock, share of it power-capped
+                            row.update(joules_step=round(meter.joules / ITERS, 2), sm_mhz=round(meter.mhz),
+                                       power_capped=round(meter.capped, 2))
                         if a.rounds > 1:
                             row["round"] = rnd
                     except Exception as ex:  # a peer that fails here still lets the others run
@@ -281,6 +363,8 @@ def over_rounds(per_round):
         row.update(ms_median=round(med, 3), ms_min=min(r["ms_min"] for r in ok),
                    ms_spread=round(max(meds) - min(meds), 3), rounds=len(ok),
                    extra_peak_MiB=max(r["extra_peak_MiB"] for r in ok),
+                   **{k: statistics.median(r[k] for r in ok) for k in ("joules_step", "sm_mhz", "power_capped")
+                      if all(k in r for r in ok)},
                    tflops=round(6 * row["n"] * row["d"] * row["v"] / (med * 1e-3) / 1e12, 1))
         print(json.dumps(row), flush=True)
         rows.append(row)
