@@ -27,8 +27,8 @@ the logits', ``grad_hidden``'s, ``grad_weight``'s) and ``:tune``
 for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
 splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only) with one step under
-``torch.profiler``: its kernels by GPU time (cuBLASLt's included: CUPTI sees every launch of the
-process), then the step's timeline (idle time between kernels, time two kernels overlapped, the
+``torch.profiler`` (five steps back to back, reported a step): its kernels by GPU time (cuBLASLt's
+included: CUPTI sees every launch of the process), then the steps' timeline (idle time between kernels, time two kernels overlapped, the
 first kernels in order), to see where a method's time over the GEMMs goes. ``--rounds R`` measures
 every method R times, interleaved (all methods, then all again), and reports each one's median over
 the rounds (``ms_spread``: the range of its round medians): the GPU's clocks drift with power and
@@ -371,13 +371,19 @@ def over_rounds(per_round):
     return rows
 
 
+PROFILE_STEPS = 5
+
+
 def profile(name, step):
-    """One step of ``name`` under torch.profiler: its GPU kernels by total time."""
+    """``PROFILE_STEPS`` steps of ``name`` back to back under torch.profiler (so at the clocks a
+    timed loop meets, not those of one step after an idle moment, which ran 15% faster in session
+    25): its GPU kernels by time a step, then the timeline."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+        for _ in range(PROFILE_STEPS):
+            step()
         torch.cuda.synchronize()
     kernels = {}
     for item in prof.key_averages():
@@ -385,21 +391,22 @@ def profile(name, step):
         if us is None:
             us = getattr(item, "self_cuda_time_total", 0)
         if us > 0:
-            kernels[item.key] = [item.count, us]
+            kernels[item.key] = [item.count / PROFILE_STEPS, us / PROFILE_STEPS]
     total = sum(us for _, us in kernels.values())
-    print(f"#### profile {name}: {total / 1e3:.3f} ms of GPU kernels in one step")
-    print("| kernel | calls | ms | share |")
+    print(f"#### profile {name}: {total / 1e3:.3f} ms of GPU kernels a step ({PROFILE_STEPS} steps back to back)")
+    print("| kernel | calls a step | ms a step | share |")
     print("| --- | --- | --- | --- |")
     for kname, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:14]:
-        print(f"| {kname[:110]} | {calls} | {us / 1e3:.3f} | {100 * us / max(total, 1e-9):.1f}% |")
-    timeline(prof)
+        print(f"| {kname[:110]} | {calls:g} | {us / 1e3:.3f} | {100 * us / max(total, 1e-9):.1f}% |")
+    timeline(prof, PROFILE_STEPS)
     sys.stdout.flush()
 
 
-def timeline(prof):
-    """Where the step's GPU time went between kernels: the span from the first kernel's start to
-    the last one's end, the time some kernel ran (the union of their intervals), the idle rest,
-    and the time two kernels ran at once; then the first kernels in order (start, length)."""
+def timeline(prof, steps):
+    """Where the steps' GPU time went between kernels, a step: the span from the first kernel's
+    start to the last one's end, the time some kernel ran (the union of their intervals), the idle
+    rest, and the time two kernels ran at once; then the last step's first kernels in order
+    (start, length; the last ``1/steps`` of the kernels)."""
     spans = []
     for ev in prof.events():
         if "cuda" not in str(getattr(ev, "device_type", "")).lower():
@@ -420,10 +427,12 @@ def timeline(prof):
     busy += cur_e - cur_s
     span = max(e for _, e, _ in spans) - spans[0][0]
     summed = sum(e - s for s, e, _ in spans)
-    print(f"timeline: span {span / 1e3:.3f} ms, busy {busy / 1e3:.3f}, idle {(span - busy) / 1e3:.3f}, "
-          f"overlapped {(summed - busy) / 1e3:.3f} (kernels' sum {summed / 1e3:.3f})")
-    t0 = spans[0][0]
-    for s, e, name in spans[:16]:
+    k = 1e3 * steps
+    print(f"timeline a step: span {span / k:.3f} ms, busy {busy / k:.3f}, idle {(span - busy) / k:.3f}, "
+          f"overlapped {(summed - busy) / k:.3f} (kernels' sum {summed / k:.3f})")
+    last = spans[len(spans) - len(spans) // steps:]
+    t0 = last[0][0]
+    for s, e, name in last[:16]:
         print(f"  {(s - t0) / 1e3:8.3f} +{(e - s) / 1e3:.3f}  {name[:70]}")
 
 
