@@ -26,7 +26,7 @@ stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``
 the logits', ``grad_hidden``'s, ``grad_weight``'s) and ``:tune``
 for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
-splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only) with one step under
+splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only, first round) with steps under
 ``torch.profiler`` (five steps back to back, reported a step): its kernels by GPU time (cuBLASLt's
 included: CUPTI sees every launch of the process), then the steps' timeline (idle time between kernels, time two kernels overlapped, the
 first kernels in order), to see where a method's time over the GEMMs goes. ``--rounds R`` measures
