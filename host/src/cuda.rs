@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -28,6 +28,7 @@ use crate::kernels::{
 use crate::loss::{Loss, LossKey, same_bits};
 use crate::options::{DType, Element, Label, Options, Shape};
 use crate::plan::{self, DeviceLimits, LaunchPlan};
+use crate::ptx_index::PtxIndex;
 
 /// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
 /// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
@@ -44,8 +45,11 @@ pub fn driver_loadable() -> bool {
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
-    _module: Arc<CudaModule>,
-    kernels: HashMap<Kernel, CudaFunction>,
+    /// Every kernel the handle may launch, loaded when the handle is made (the PTX as one module)
+    /// or, with `XENT_LAZY_MODULES=1`, on its first use (a module of its own, from `lazy`).
+    kernels: HashMap<Kernel, OnceLock<std::result::Result<CudaFunction, String>>>,
+    /// The PTX split into one module a kernel, when the kernels load on first use.
+    lazy: Option<PtxIndex>,
     limits: DeviceLimits,
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
     /// automatic cluster size depends on it.
@@ -107,10 +111,16 @@ impl CrossEntropy {
             })?,
             None => embedded.to_string(),
         };
-        // The driver compiles the PTX here, on a machine's first handle (then from its cache).
-        // It compiles one module at a time: the PTX split into 8 modules loaded from 8 threads
-        // took as long (H200, cache off: 38.8 s against 38.7).
-        let module = ctx.load_module(Ptx::from_src(ptx))?;
+        // The driver compiles the PTX on a machine's first handle (then from its cache): all of
+        // it here as one module (it compiles one module at a time: the PTX split into 8 modules
+        // loaded from 8 threads took as long, H200, cache off: 38.8 s against 38.7), or with
+        // `XENT_LAZY_MODULES=1` each kernel as a module of its own on its first use.
+        let lazy = std::env::var("XENT_LAZY_MODULES").as_deref() == Ok("1");
+        let (module, lazy) = if lazy {
+            (None, Some(PtxIndex::parse(&ptx)))
+        } else {
+            (Some(ctx.load_module(Ptx::from_src(ptx))?), None)
+        };
         let limits = DeviceLimits {
             sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
                 as u32,
@@ -150,33 +160,25 @@ impl CrossEntropy {
         let mut kernels = HashMap::new();
         for kernel in wanted {
             let name = kernel.name();
-            let function = module.load_function(&name)?;
-            if [
-                "xent_fused_",
-                "xent_cluster_",
-                "xent_split_",
-                "xent_lse_gemm_",
-            ]
-            .iter()
-            .any(|prefix| name.starts_with(prefix))
-            {
-                function.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    limits.max_smem_per_block as i32,
-                )?;
+            let slot = OnceLock::new();
+            match (&module, &lazy) {
+                (Some(module), _) => {
+                    let function = module.load_function(&name)?;
+                    configure(&function, &name, limits)?;
+                    let _ = slot.set(Ok(function));
+                }
+                // Loaded on first use; missing is an error now, as when loading them all.
+                (None, Some(index)) if !index.has_entry(&name) => {
+                    return Err(Error::Driver(format!("the PTX has no kernel {name}")));
+                }
+                _ => {}
             }
-            if name.starts_with("xent_cluster_") {
-                function.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                    1,
-                )?;
-            }
-            kernels.insert(kernel, function);
+            kernels.insert(kernel, slot);
         }
         Ok(CrossEntropy {
             ctx,
-            _module: module,
             kernels,
+            lazy,
             limits,
             active_clusters: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
@@ -282,9 +284,10 @@ impl CrossEntropy {
                 dtype,
                 label,
             };
-            let Some(function) = self.kernels.get(&kernel.canonical()) else {
+            let Some(function) = self.kernel_if_any(kernel) else {
                 continue;
             };
+            let function = function?;
             let most = function
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
                 .map_err(|e| Error::Driver(e.to_string()))?;
@@ -350,7 +353,7 @@ impl CrossEntropy {
                 dtype,
                 label,
             };
-            let function = self.kernels.get(&kernel.canonical())?;
+            let function = self.kernel_if_any(kernel)?.ok()?;
             let blocks = function
                 .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
                 .ok()?;
@@ -400,7 +403,7 @@ impl CrossEntropy {
             dtype,
             label: "i64",
         };
-        let Some(function) = self.kernels.get(&kernel.canonical()) else {
+        let Some(Ok(function)) = self.kernel_if_any(kernel) else {
             cache.insert(key, None);
             return None;
         };
@@ -430,9 +433,41 @@ impl CrossEntropy {
         answer
     }
 
-    fn kernel(&self, kernel: Kernel) -> &CudaFunction {
-        // Every kernel is loaded in `from_context`, which fails if one is missing.
-        &self.kernels[&kernel.canonical()]
+    /// The function of `kernel` (its canonical kernel's), loaded now if the handle loads kernels
+    /// on first use; `None` if the handle has no such kernel (one of another architecture's plans).
+    fn kernel_if_any(&self, kernel: Kernel) -> Option<Result<&CudaFunction>> {
+        let kernel = kernel.canonical();
+        let slot = self.kernels.get(&kernel)?;
+        let loaded = slot.get_or_init(|| self.load_kernel(kernel).map_err(|err| err.to_string()));
+        Some(loaded.as_ref().map_err(|err| Error::Driver(err.clone())))
+    }
+
+    /// [`kernel_if_any`](Self::kernel_if_any) of a kernel every handle has: `from_context` made a
+    /// slot for each, so a missing one is a bug.
+    fn kernel(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        self.kernel_if_any(kernel).unwrap_or_else(|| {
+            Err(Error::Driver(format!(
+                "no kernel {} for this device",
+                kernel.canonical().name()
+            )))
+        })
+    }
+
+    /// Loads `kernel` from a module of its own ([`PtxIndex::module_for`]): the driver compiles
+    /// that kernel alone.
+    fn load_kernel(&self, kernel: Kernel) -> Result<CudaFunction> {
+        let name = kernel.name();
+        let Some(index) = &self.lazy else {
+            // Eager handles filled every slot in `from_context`.
+            return Err(Error::Driver(format!("{name} was not loaded")));
+        };
+        let text = index
+            .module_for(&name)
+            .ok_or_else(|| Error::Driver(format!("the PTX has no kernel {name}")))?;
+        let module = self.ctx.load_module(Ptx::from_src(text))?;
+        let function = module.load_function(&name)?;
+        configure(&function, &name, self.limits)?;
+        Ok(function)
     }
 
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
@@ -1003,7 +1038,7 @@ impl CrossEntropy {
                         block_dim: (threads, 1, 1),
                         shared_mem_bytes: smem_bytes,
                     };
-                    let function = self.kernel(kernel(XentKind::Split));
+                    let function = self.kernel(kernel(XentKind::Split))?;
                     // SAFETY: as in `launch`; the plan sized the grid to what is resident at once,
                     // and the driver refuses a cooperative launch that is not.
                     unsafe {
@@ -1134,6 +1169,7 @@ impl CrossEntropy {
             &mut attributes[..used],
         );
         config.gridDimX = blocks;
+        let function = self.kernel(kernel)?;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         self.ctx.bind_to_thread()?;
         // SAFETY: as in `launch`; `args` points at the one parameter block the entry point takes,
@@ -1141,7 +1177,7 @@ impl CrossEntropy {
         let result = unsafe {
             sys::cuLaunchKernelEx(
                 &config,
-                self.kernel(kernel).cu_function(),
+                function.cu_function(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
@@ -1164,7 +1200,7 @@ impl CrossEntropy {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem_bytes,
         };
-        let function = self.kernel(kernel);
+        let function = self.kernel(kernel)?;
         // SAFETY: `params` is the parameter block this entry point declares, every address in it
         // was bounds-checked against the shape above, and the buffers outlive the enqueued work
         // (cudarc's stream-ordered frees).
@@ -1209,6 +1245,32 @@ fn launch_attribute(
         pad: [0; 4],
         value: cudarc::driver::sys::CUlaunchAttributeValue { pad: [0; 64] },
     }
+}
+
+/// Sets what a kernel needs before its first launch: the dynamic shared memory the plans may give
+/// the kernels that keep rows on chip (the device's opt-in maximum), and clusters past 8 CTAs.
+fn configure(function: &CudaFunction, name: &str, limits: DeviceLimits) -> Result<()> {
+    if [
+        "xent_fused_",
+        "xent_cluster_",
+        "xent_split_",
+        "xent_lse_gemm_",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+    {
+        function.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            limits.max_smem_per_block as i32,
+        )?;
+    }
+    if name.starts_with("xent_cluster_") {
+        function.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )?;
+    }
+    Ok(())
 }
 
 /// The launch attribute that sets a cluster of `size` CTAs along x.

@@ -38,6 +38,7 @@ mod loss;
 pub mod nccl;
 mod options;
 pub mod plan;
+mod ptx_index;
 pub mod raw;
 pub mod vocab_parallel;
 

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::ptx::{ARCHES, committed_path};
+
+#[path = "../../host/src/ptx_index.rs"]
+#[allow(dead_code)]
+mod ptx_index;
 use crate::{Result, capture, describe, relative, run, stdout_of, step};
 
 /// The `nvidia-cuda-nvcc` release whose `ptxas` compiles the PTX (CUDA 13.0).
@@ -37,6 +41,7 @@ pub fn report(root: &Path) -> Result<()> {
         let (found, notes) = compile(root, &ptxas, arch.name, &committed_path(root, arch))?;
         rows.extend(found);
         serialised.extend(notes);
+        compile_modules(root, &ptxas, arch.name, &committed_path(root, arch))?;
     }
     let table = format_table(&rows);
     print!("{table}");
@@ -112,6 +117,83 @@ fn compile(
         ));
     }
     Ok((parse_verbose(&text, arch), wgmma_waits(&text)))
+}
+
+/// Compiles each module of one entry point that the host makes of `ptx` when it loads kernels on
+/// their first use (`XENT_LAZY_MODULES=1`, `host/src/ptx_index.rs`), so that a function a kernel
+/// calls but its module lacks fails here, not on a GPU. As many ptxas processes at once as the
+/// machine has cores; the modules go to `target/ptx-modules/ARCH/`.
+fn compile_modules(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<()> {
+    let text =
+        fs::read_to_string(ptx).map_err(|err| format!("cannot read {}: {err}", ptx.display()))?;
+    let index = ptx_index::PtxIndex::parse(&text);
+    let dir = root.join("target/ptx-modules").join(arch);
+    fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let mut names: Vec<&str> = index.entry_names().collect();
+    names.sort_unstable();
+    let mut paths = Vec::new();
+    for name in &names {
+        let path = dir.join(format!("{name}.ptx"));
+        let module = index.module_for(name).expect("an entry of the index");
+        fs::write(&path, module)
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        paths.push(path);
+    }
+    step(&format!(
+        "compiling {}'s {} kernels one a module with ptxas",
+        relative(root, ptx),
+        paths.len()
+    ));
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let paths = &paths;
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    for path in paths.iter().skip(w).step_by(workers) {
+                        let mut command = Command::new(ptxas);
+                        // -O0: this checks that each module stands alone (its functions,
+                        // its declarations); the optimised code is the whole file's, above.
+                        command
+                            .arg(format!("-arch={arch}"))
+                            .arg("-O0")
+                            .arg(path)
+                            .arg("-o")
+                            .arg(path.with_extension("cubin"));
+                        match capture(&mut command) {
+                            Ok(output) if output.status.success() => {
+                                let _ = fs::remove_file(path.with_extension("cubin"));
+                            }
+                            Ok(output) => failed.push(format!(
+                                "{}: {}",
+                                path.display(),
+                                String::from_utf8_lossy(&output.stderr).trim_end()
+                            )),
+                            Err(err) => failed.push(err),
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["a ptxas worker panicked".into()])
+            })
+            .collect()
+    });
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ptxas failed on {} of {arch}'s one-kernel modules:\n{}",
+            failures.len(),
+            failures.join("\n")
+        ))
+    }
 }
 
 /// Parses `ptxas -v` output: one row per "Function properties for NAME" block, with the registers

@@ -19,6 +19,10 @@
 #                               tests with XENT_NCCL_WORLD 2, 4, 8 (as many as there are GPUs),
 #                               then torchrun vocab_parallel_bench.py --distributed (NVLink
 #                               multicast off)
+#   run.sh jit                  the driver's compile of the PTX, timed with its cache off
+#                               (CUDA_CACHE_DISABLE=1): bin/example-quickstart with the kernels
+#                               loaded as one module when the handle is made, then with each
+#                               kernel a module of its own on its first use (XENT_LAZY_MODULES=1)
 #   run.sh precision [ARGS...]  the soft cap's error against float64: softcap_error.py (xent,
 #                               Liger, PyTorch; ARGS go to it) into precision.log
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
@@ -42,7 +46,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | linear | vocab | multi | precision | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | linear | vocab | multi | jit | precision | sanitize | sweep | profile) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -112,7 +116,7 @@ if [[ -n ${XENT_TESTS:-} ]]; then
 fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile | linear | vocab | multi | precision) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision) log=$mode.log ;; esac
 
 # The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
 install_xent_wheel() {
@@ -176,6 +180,13 @@ elif [[ $mode == multi ]]; then
   else
     names+=("python wheel") codes+=(2) notes+=("")
   fi
+elif [[ $mode == jit ]]; then
+  for lazy in 0 1; do
+    start=$(date +%s.%N)
+    CUDA_CACHE_DISABLE=1 XENT_LAZY_MODULES=$lazy run_one "example-quickstart (cache off, XENT_LAZY_MODULES=$lazy)" \
+      "$log" timeout 600 ./bin/example-quickstart
+    notes[-1]="$(awk "BEGIN { printf \"%.1f s\", $(date +%s.%N) - $start }")"
+  done
 elif [[ $mode == precision ]]; then
   run_peer_script softcap_error.py 900 "$@"
 elif [[ $mode == linear ]]; then
