@@ -66,10 +66,20 @@ impl PtxIndex {
             .filter(|(entry, _, _)| !entry)
             .map(|(_, name, _)| name.clone())
             .collect();
+        // The functions an item calls: the names on its `call` lines (a scan of those lines only:
+        // the PTX is tens of megabytes and a handle parses it when it is made).
         let calls_in = |range: &Range<usize>, own: &str| -> Vec<usize> {
-            let body = &ptx[range.clone()];
+            let call_lines: Vec<&str> = ptx[range.clone()]
+                .lines()
+                .filter(|line| line.trim_start().starts_with("call"))
+                .collect();
             (0..func_names.len())
-                .filter(|&i| func_names[i] != own && body.contains(func_names[i].as_str()))
+                .filter(|&i| {
+                    func_names[i] != own
+                        && call_lines
+                            .iter()
+                            .any(|line| line.contains(func_names[i].as_str()))
+                })
                 .collect()
         };
         let mut funcs = Vec::new();
