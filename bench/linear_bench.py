@@ -74,8 +74,14 @@ class Meter:
         if self.lib.nvmlInit_v2() != 0:
             raise RuntimeError("nvmlInit failed")
         self.handle = ctypes.c_void_p()
-        # NVML counts every GPU of the machine; the bench's device is the first visible one.
-        if self.lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(self.handle)) != 0:
+        # NVML counts every GPU of the machine, CUDA only the visible ones: find the bench's
+        # device by its UUID, else take NVML's device `index`.
+        try:
+            uuid = f"GPU-{torch.cuda.get_device_properties(0).uuid}".encode()
+            found = self.lib.nvmlDeviceGetHandleByUUID(ctypes.c_char_p(uuid), ctypes.byref(self.handle)) == 0
+        except Exception:  # an older torch without `uuid`
+            found = False
+        if not found and self.lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(self.handle)) != 0:
             raise RuntimeError("nvmlDeviceGetHandleByIndex failed")
         self.joules, self.mhz, self.capped = 0.0, 0.0, 0.0
         try:  # the name since r535, then the older one
