@@ -117,7 +117,7 @@ impl CrossEntropy {
         // `XENT_LAZY_MODULES=1` each kernel as a module of its own on its first use.
         let lazy = std::env::var("XENT_LAZY_MODULES").as_deref() == Ok("1");
         let (module, lazy) = if lazy {
-            (None, Some(PtxIndex::parse(&ptx)))
+            (None, Some(PtxIndex::parse(ptx)))
         } else {
             (Some(ctx.load_module(Ptx::from_src(ptx))?), None)
         };

@@ -22,7 +22,7 @@ pub struct PtxIndex {
 /// A function or kernel: its name, its text (from the `.func` / `.entry` line to the closing
 /// brace), and the functions it calls directly (indices into [`PtxIndex::funcs`]).
 struct Item {
-    #[allow(dead_code)] // read by `funcs_in_module`, which the tests and xtask's check call
+    #[cfg_attr(not(test), allow(dead_code))] // read by `funcs_in_module` (tests)
     name: String,
     range: Range<usize>,
     calls: Vec<usize>,
@@ -32,7 +32,8 @@ impl PtxIndex {
     /// Splits `ptx`. Lines outside functions go to the header in their order (a function's
     /// declaration without a body, ending in `;`, is one of them); a function runs from its
     /// `.func` or `.entry` line to the first line that is a lone `}` after its body's `{`.
-    pub fn parse(ptx: &str) -> PtxIndex {
+    pub fn parse(text: String) -> PtxIndex {
+        let ptx = text.as_str();
         let mut header = String::new();
         let mut items: Vec<(bool, String, Range<usize>)> = Vec::new();
         // (start of the item, its name, whether an entry, whether its body has begun)
@@ -98,7 +99,7 @@ impl PtxIndex {
             }
         }
         PtxIndex {
-            text: ptx.to_string(),
+            text,
             header,
             funcs,
             entries,
@@ -143,8 +144,8 @@ impl PtxIndex {
         Some(module)
     }
 
-    /// The functions `name`'s module defines besides the kernel (for tests and checks).
-    #[allow(dead_code)] // the tests call it
+    /// The functions `name`'s module defines besides the kernel.
+    #[cfg(test)]
     pub fn funcs_in_module(&self, name: &str) -> Vec<&str> {
         let Some(module) = self.module_for(name) else {
             return Vec::new();
@@ -202,7 +203,7 @@ mod tests {
 
     #[test]
     fn each_kernel_gets_the_header_and_the_functions_it_calls_through_others() {
-        let index = PtxIndex::parse(PTX);
+        let index = PtxIndex::parse(PTX.to_string());
         assert!(index.has_entry("k_a") && index.has_entry("k_b") && !index.has_entry("leaf"));
         let a = index.module_for("k_a").expect("k_a");
         assert!(
@@ -230,7 +231,7 @@ mod tests {
     fn a_declaration_without_a_body_stays_in_the_header() {
         let ptx = ".version 8.0\n.extern .func (.param .b32 r) vprintf(\n\t.param .b64 f\n)\n;\n\
                    .visible .entry k(\n)\n{\n\tret;\n}\n";
-        let index = PtxIndex::parse(ptx);
+        let index = PtxIndex::parse(ptx.to_string());
         let k = index.module_for("k").expect("k");
         assert!(
             k.contains("vprintf(\n\t.param .b64 f\n)\n;\n.visible .entry k("),
@@ -246,7 +247,7 @@ mod tests {
             include_str!("../ptx/sm_80.ptx"),
             include_str!("../ptx/sm_90a.ptx"),
         ] {
-            let index = PtxIndex::parse(ptx);
+            let index = PtxIndex::parse(ptx.to_string());
             let entries = ptx
                 .lines()
                 .filter(|l| l.starts_with(".visible .entry "))

@@ -126,7 +126,7 @@ fn compile(
 fn compile_modules(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<()> {
     let text =
         fs::read_to_string(ptx).map_err(|err| format!("cannot read {}: {err}", ptx.display()))?;
-    let index = ptx_index::PtxIndex::parse(&text);
+    let index = ptx_index::PtxIndex::parse(text);
     let dir = root.join("target/ptx-modules").join(arch);
     fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     let mut names: Vec<&str> = index.entry_names().collect();

@@ -911,11 +911,11 @@ impl Work<'_> {
             .and_then(|text| text.parse::<u32>().ok())
             .filter(|&s| gemm_tn::splits_fit(s, v))
             .unwrap_or_else(|| gemm_tn::grads_splits(c, v, d, sms));
-        let splits = match gemm_tn::grads_scratch_bytes(c, d, wanted) {
-            (_, bytes) if bytes > room => 1,
-            _ => wanted,
+        // Whole tiles where the workspace cannot hold the split's partial sums.
+        let (splits, (zeroed, needed)) = match gemm_tn::grads_scratch_bytes(c, d, wanted) {
+            (_, bytes) if bytes > room => (1, gemm_tn::grads_scratch_bytes(c, d, 1)),
+            sizes => (wanted, sizes),
         };
-        let (zeroed, needed) = gemm_tn::grads_scratch_bytes(c, d, splits);
         if !ops.fit() || needed > room || !scratch.is_multiple_of(256) {
             return Ok(false);
         }
