@@ -903,6 +903,59 @@ fn small_calls_back_to_back_give_the_same_bits_with_and_without_programmatic_lau
     assert_no_failures(&failures);
 }
 
+/// A handle loads each kernel on its first use, as a module of its own (`ptx_index`), unless
+/// `XENT_LAZY_MODULES=0` loads the PTX as one module when it is made: both give the same bits,
+/// for the plain kernels and for option sets that take other kernels.
+#[test]
+fn kernels_loaded_on_first_use_give_the_bits_of_kernels_loaded_at_once() {
+    let Some(xent) = gpu() else { return };
+    let ctx = xent.context().clone();
+    let stream = ctx.default_stream();
+    let eager = xent::CrossEntropy::from_context_loading(ctx.clone(), false).unwrap();
+    let lazy = xent::CrossEntropy::from_context_loading(ctx, true).unwrap();
+    let mut option_sets = vec![Options::default()];
+    option_sets.push(Options {
+        label_smoothing: 0.1,
+        lse_square_scale: 1e-4,
+        ..Options::default()
+    });
+    option_sets.push(Options {
+        softcap: Some(30.0),
+        return_token_accuracy: true,
+        ..Options::default()
+    });
+    let mut failures = Vec::new();
+    for (rows, vocab) in [(3, 32000), (256, 128_256)] {
+        let shape = Shape::flat(rows, vocab);
+        let logits: Vec<bf16> = xent_tests::random_logits(&shape, 5);
+        let labels: Vec<i64> = xent_tests::random_labels(rows, vocab, 0.1, -100, 5);
+        let d_labels = stream.clone_htod(&labels).unwrap();
+        for opts in &option_sets {
+            let bits = |handle: &xent::CrossEntropy| -> Result<(Vec<u32>, Vec<u16>), Error> {
+                let mut d_logits = stream.clone_htod(&logits)?;
+                let out =
+                    handle.forward_backward(&stream, &mut d_logits, &d_labels, shape, opts)?;
+                let mut scalars = vec![out.read()?.to_bits()];
+                scalars.extend(out.read_row_lse()?.iter().map(|v| v.to_bits()));
+                let grad = stream
+                    .clone_dtoh(&d_logits)?
+                    .iter()
+                    .map(|g| g.to_bits())
+                    .collect();
+                Ok((scalars, grad))
+            };
+            match (bits(&eager), bits(&lazy)) {
+                (Ok(at_once), Ok(first_use)) if at_once == first_use => {}
+                (Ok(_), Ok(_)) => failures.push(format!("{shape:?} {opts:?}: the bits differ")),
+                (a, b) => {
+                    failures.push(format!("{shape:?} {opts:?}: {:?} / {:?}", a.err(), b.err()))
+                }
+            }
+        }
+    }
+    assert_no_failures(&failures);
+}
+
 /// Every output of one call's bits: loss, extras, counts, per-row loss and log-sum-exp, gradient.
 type CallBits = (Vec<u32>, Vec<u32>);
 

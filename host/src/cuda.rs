@@ -45,8 +45,8 @@ pub fn driver_loadable() -> bool {
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
-    /// Every kernel the handle may launch, loaded when the handle is made (the PTX as one module)
-    /// or, with `XENT_LAZY_MODULES=1`, on its first use (a module of its own, from `lazy`).
+    /// Every kernel the handle may launch, loaded on its first use (a module of its own, from
+    /// `lazy`) or, with `XENT_LAZY_MODULES=0`, when the handle is made (the PTX as one module).
     kernels: HashMap<Kernel, OnceLock<std::result::Result<CudaFunction, String>>>,
     /// The PTX split into one module a kernel, when the kernels load on first use.
     lazy: Option<PtxIndex>,
@@ -97,8 +97,21 @@ impl CrossEntropy {
         Self::from_context(CudaContext::new(ordinal)?)
     }
 
-    /// Loads the kernels into an existing context (e.g. one shared with candle or your own code).
+    /// Makes a handle on an existing context (e.g. one shared with candle or your own code).
+    ///
+    /// Each kernel is compiled by the driver (from the PTX, then from its cache in
+    /// `~/.nv/ComputeCache`) on its first launch, as a module of its own, so a program pays only
+    /// for the kernels it uses. `XENT_LAZY_MODULES=0` loads them all when the handle is made, as
+    /// one module (tens of seconds on a machine's first handle).
     pub fn from_context(ctx: Arc<CudaContext>) -> Result<CrossEntropy> {
+        let lazy = std::env::var("XENT_LAZY_MODULES").as_deref() != Ok("0");
+        Self::from_context_loading(ctx, lazy)
+    }
+
+    /// Testing hook: [`from_context`](Self::from_context) with each kernel loaded on its first
+    /// use (`lazy`) or all of them now, whatever `XENT_LAZY_MODULES` says.
+    #[doc(hidden)]
+    pub fn from_context_loading(ctx: Arc<CudaContext>, lazy: bool) -> Result<CrossEntropy> {
         let (major, minor) = ctx.compute_capability()?;
         // Development hook: `XENT_ARCH=sm_80` runs the A100's kernels (no clusters) here.
         let arch = std::env::var("XENT_ARCH").ok();
@@ -111,11 +124,10 @@ impl CrossEntropy {
             })?,
             None => embedded.to_string(),
         };
-        // The driver compiles the PTX on a machine's first handle (then from its cache): all of
-        // it here as one module (it compiles one module at a time: the PTX split into 8 modules
-        // loaded from 8 threads took as long, H200, cache off: 38.8 s against 38.7), or with
-        // `XENT_LAZY_MODULES=1` each kernel as a module of its own on its first use.
-        let lazy = std::env::var("XENT_LAZY_MODULES").as_deref() == Ok("1");
+        // The driver compiles PTX on a machine's first load (then from its cache): each kernel on
+        // its first use (the quickstart, H200, cache off: 1.5 s), or all of it here as one module
+        // (49.4 s; the driver compiles one module at a time, so 8 modules loaded from 8 threads
+        // took as long as one).
         let (module, lazy) = if lazy {
             (None, Some(PtxIndex::parse(ptx)))
         } else {

@@ -2,8 +2,8 @@
 //!
 //! - `ptx`: build `kernels-gpu/` with its pinned nightly and write the committed `host/ptx/*.ptx`.
 //! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
-//!   and fail on any register spill; also compile each kernel's one-kernel module (what
-//!   `XENT_LAZY_MODULES=1` loads) on its own.
+//!   and fail on any register spill; also compile each kernel's one-kernel module (what a
+//!   handle loads on the kernel's first use) on its own.
 //! - `test`: what CI runs: `cargo fmt --check`, `cargo clippy -D warnings`, `check`,
 //!   `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
@@ -32,7 +32,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90, sm_90a) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills;
-                 compile every one-kernel module (XENT_LAZY_MODULES=1) on its own
+                 compile every one-kernel module (what a handle loads) on its own
   test           cargo fmt --check, clippy, check, cargo test --workspace (and xent's candle
                  feature), then the Python wheel and its CPU tests (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine

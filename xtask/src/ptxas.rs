@@ -120,7 +120,7 @@ fn compile(
 }
 
 /// Compiles each module of one entry point that the host makes of `ptx` when it loads kernels on
-/// their first use (`XENT_LAZY_MODULES=1`, `host/src/ptx_index.rs`), so that a function a kernel
+/// their first use (the default, `host/src/ptx_index.rs`), so that a function a kernel
 /// calls but its module lacks fails here, not on a GPU. As many ptxas processes at once as the
 /// machine has cores; the modules go to `target/ptx-modules/ARCH/`.
 fn compile_modules(root: &Path, ptxas: &Path, arch: &str, ptx: &Path) -> Result<()> {

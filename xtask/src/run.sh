@@ -21,8 +21,10 @@
 #                               multicast off)
 #   run.sh jit                  the driver's compile of the PTX, timed with its cache off
 #                               (CUDA_CACHE_DISABLE=1): bin/example-quickstart with the kernels
-#                               loaded as one module when the handle is made, then with each
-#                               kernel a module of its own on its first use (XENT_LAZY_MODULES=1)
+#                               loaded as one module when the handle is made (XENT_LAZY_MODULES=0),
+#                               then with each kernel a module of its own on its first use (the
+#                               default, XENT_LAZY_MODULES=1); then the same for the Python
+#                               package's quickstart
 #   run.sh precision [ARGS...]  the soft cap's error against float64: softcap_error.py (xent,
 #                               Liger, PyTorch; ARGS go to it) into precision.log
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
@@ -30,7 +32,8 @@
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
 #                               $XENT_SWEEP_SIZES (4-8) x threads per CTA $XENT_SWEEP_THREADS
 #                               (auto 256 384 512) on $XENT_BENCH_CONFIGS (default: configs.txt),
-#                               then sweep.py's tables (% of copy by size and threads)
+#                               after the automatic plan, then sweep.py's tables (% of copy by
+#                               size and threads, per option set: ARGS such as --options softcap)
 #   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_* or
 #                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
 #                               (default 8192:128256:bf16): speed of light, memory, occupancy,
@@ -187,6 +190,15 @@ elif [[ $mode == jit ]]; then
       "$log" timeout 600 ./bin/example-quickstart
     notes[-1]="$(awk "BEGIN { printf \"%.1f s\", $(date +%s.%N) - $start }")"
   done
+  # The same for the Python package's quickstart (PyTorch's own start-up included in both).
+  if [[ -f python/examples/quickstart.py ]] && install_xent_wheel; then
+    for lazy in 0 1; do
+      start=$(date +%s.%N)
+      CUDA_CACHE_DISABLE=1 XENT_LAZY_MODULES=$lazy run_one "python/examples/quickstart.py (cache off, XENT_LAZY_MODULES=$lazy)" \
+        "$log" timeout 600 python3 python/examples/quickstart.py
+      notes[-1]="$(awk "BEGIN { printf \"%.1f s\", $(date +%s.%N) - $start }")"
+    done
+  fi
 elif [[ $mode == precision ]]; then
   run_peer_script softcap_error.py 900 "$@"
 elif [[ $mode == linear ]]; then
@@ -202,6 +214,10 @@ elif [[ $mode == profile ]]; then
     ./bin/bench-throughput --bench --iters 5 --configs "${XENT_BENCH_CONFIGS:-8192:128256:bf16}" "$@"
 elif [[ $mode == sweep ]]; then
   configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
+  # The automatic plan first, for the tables' comparison.
+  run_one "bench-throughput (automatic plan)" "$log" timeout 300 ./bin/bench-throughput --bench \
+    --configs "$configs" "$@"
+  cat "$scratch/last.out" >> "$scratch/auto.jsonl"
   for size in ${XENT_SWEEP_SIZES:-4 5 6 7 8}; do
     for threads in ${XENT_SWEEP_THREADS:-auto 256 384 512}; do
       plan=cluster:$size
@@ -211,7 +227,7 @@ elif [[ $mode == sweep ]]; then
       cat "$scratch/last.out" >> "$scratch/sweep.jsonl"
     done
   done
-  python3 sweep.py "$scratch/sweep.jsonl" | to_log "$log"
+  python3 sweep.py --auto "$scratch/auto.jsonl" "$scratch/sweep.jsonl" | to_log "$log"
 else
   if command -v nvidia-smi > /dev/null; then nvidia-smi -L 2>&1 | to_log "$log"; fi
   if [[ $mode == sanitize ]]; then
