@@ -47,9 +47,13 @@ pub struct CrossEntropy {
     ctx: Arc<CudaContext>,
     /// Every kernel the handle may launch, loaded on its first use (a module of its own, from
     /// `lazy`) or, with `XENT_LAZY_MODULES=0`, when the handle is made (the PTX as one module).
-    kernels: HashMap<Kernel, OnceLock<std::result::Result<CudaFunction, String>>>,
+    /// A load that failed is not kept: the next use tries again (a load needs device memory for
+    /// the code, which a full device may lack for a while).
+    kernels: HashMap<Kernel, OnceLock<CudaFunction>>,
     /// The PTX split into one module a kernel, when the kernels load on first use.
     lazy: Option<PtxIndex>,
+    /// Held while a kernel is loaded on its first use.
+    loading: Mutex<()>,
     limits: DeviceLimits,
     /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
     /// automatic cluster size depends on it.
@@ -177,7 +181,7 @@ impl CrossEntropy {
                 (Some(module), _) => {
                     let function = module.load_function(&name)?;
                     configure(&function, &name, limits)?;
-                    let _ = slot.set(Ok(function));
+                    let _ = slot.set(function);
                 }
                 // Loaded on first use; missing is an error now, as when loading them all.
                 (None, Some(index)) if !index.has_entry(&name) => {
@@ -191,6 +195,7 @@ impl CrossEntropy {
             ctx,
             kernels,
             lazy,
+            loading: Mutex::new(()),
             limits,
             active_clusters: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
@@ -450,8 +455,19 @@ impl CrossEntropy {
     fn kernel_if_any(&self, kernel: Kernel) -> Option<Result<&CudaFunction>> {
         let kernel = kernel.canonical();
         let slot = self.kernels.get(&kernel)?;
-        let loaded = slot.get_or_init(|| self.load_kernel(kernel).map_err(|err| err.to_string()));
-        Some(loaded.as_ref().map_err(|err| Error::Driver(err.clone())))
+        if let Some(function) = slot.get() {
+            return Some(Ok(function));
+        }
+        // One load at a time (the driver compiles one module at a time anyway), so that threads
+        // that want the same kernel wait for one compile rather than each making its own.
+        let _one_load = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(function) = slot.get() {
+            return Some(Ok(function));
+        }
+        Some(
+            self.load_kernel(kernel)
+                .map(|function| slot.get_or_init(|| function)),
+        )
     }
 
     /// [`kernel_if_any`](Self::kernel_if_any) of a kernel every handle has: `from_context` made a
