@@ -83,7 +83,7 @@ impl std::fmt::Debug for CrossEntropy {
 }
 
 impl CrossEntropy {
-    /// Opens device `ordinal` (its primary context) and loads the kernels.
+    /// Opens device `ordinal` (its primary context); kernels load as [`from_context`](Self::from_context) says.
     /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] without that device.
     pub fn new(ordinal: usize) -> Result<CrossEntropy> {
         // cudarc panics when it cannot load libcuda: ask first.
