@@ -602,7 +602,8 @@ impl CublasLt {
     }
 }
 
-/// Heuristic results asked for at most ([`algo_override`], [`tuning`]).
+/// Heuristic results asked for at most (`XENT_GEMM_ALGO`'s index, and the candidates timed when
+/// tuning: [`tuning_env`]).
 pub const MAX_ALGOS: usize = 8;
 
 /// Timed runs of each candidate when tuning (after one untimed run).

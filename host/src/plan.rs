@@ -456,12 +456,12 @@ pub fn auto_cluster_size(rows: usize, vocab: usize, dtype: DType, limits: Device
     size
 }
 
-/// Threads per CTA of a small call's cluster plan ([`small_call_shape`]).
+/// Threads per CTA of a small call's cluster plan (the automatic plan's `small_call_shape`).
 pub const SMALL_CALL_THREADS: u32 = 128;
-/// Rows up to which a small call takes clusters of [`MAX_FORCED_CLUSTER`] ([`small_call_shape`]).
+/// Rows up to which a small call takes clusters of [`MAX_FORCED_CLUSTER`] (`small_call_shape`).
 pub const TINY_CALL_ROWS: usize = 4;
 /// Rows for which a small call takes [`SMALL_CALL_THREADS`] threads a CTA at the
-/// fallback cluster size ([`small_call_shape`]).
+/// fallback cluster size (`small_call_shape`).
 pub const SMALL_CALL_ROWS: std::ops::RangeInclusive<usize> = 32..=128;
 
 /// The cluster shape of a call with fewer rows than a wave of clusters (where
