@@ -4,8 +4,8 @@
 //! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
 //!   and fail on any register spill; also compile each kernel's one-kernel module (what a
 //!   handle loads on the kernel's first use) on its own.
-//! - `test`: what CI runs: `cargo fmt --check`, `cargo clippy -D warnings`, `check`,
-//!   `cargo test --workspace`.
+//! - `test`: what CI runs: `cargo fmt --check`, `cargo clippy -D warnings`, `cargo doc` with
+//!   warnings as errors, `check`, `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
 //!   machine without a Rust toolchain.
 //! - `sass`: one kernel's SASS (ptxas + nvdisasm, no GPU) and its loops' instruction counts.
@@ -33,7 +33,7 @@ commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90, sm_90a) and write host/ptx/<arch>.ptx
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills;
                  compile every one-kernel module (what a handle loads) on its own
-  test           cargo fmt --check, clippy, check, cargo test --workspace (and xent's candle
+  test           cargo fmt --check, clippy, rustdoc, check, cargo test --workspace (and xent's candle
                  feature), then the Python wheel and its CPU tests (what CI runs)
   bundle         release test/example/bench binaries and run.sh in bundle/, for a GPU machine
                  (with the candle-cuda binaries once `cargo xtask candle-cuda` has run)
@@ -113,6 +113,10 @@ fn test(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    step("documenting xent (rustdoc, warnings are errors: no broken or private links)");
+    run(stable_cargo(root)
+        .args(["doc", "-p", "xent", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     check(root)?;
     step("running the workspace's tests");
     let mut totals = run_tests(stable_cargo(root).args(["test", "--workspace"]))?;
