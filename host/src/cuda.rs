@@ -492,10 +492,19 @@ impl CrossEntropy {
         let text = index
             .module_for(&name)
             .ok_or_else(|| Error::Driver(format!("the PTX has no kernel {name}")))?;
-        let module = self.ctx.load_module(Ptx::from_src(text))?;
-        let function = module.load_function(&name)?;
-        configure(&function, &name, self.limits)?;
-        Ok(function)
+        // The driver's error names no kernel: say which one failed to load.
+        let load = || -> Result<CudaFunction> {
+            let module = self.ctx.load_module(Ptx::from_src(text))?;
+            let function = module.load_function(&name)?;
+            configure(&function, &name, self.limits)?;
+            Ok(function)
+        };
+        load().map_err(|err| match err {
+            Error::Driver(message) => {
+                Error::Driver(format!("loading kernel {name} on its first use: {message}"))
+            }
+            other => other,
+        })
     }
 
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
