@@ -956,6 +956,103 @@ fn kernels_loaded_on_first_use_give_the_bits_of_kernels_loaded_at_once() {
     assert_no_failures(&failures);
 }
 
+/// A call loads every kernel it will launch before it launches the first (`preload`), so that a
+/// kernel that cannot be loaded fails the call before anything is enqueued, never halfway (a
+/// gradient written in place, its loss not finished). On a fresh handle that loads kernels on
+/// first use and refuses to launch one its call did not load first (`set_strict_preload`), every
+/// plan, option set and entry point (one launch and three, two-phase, scaling) must still match
+/// the reference.
+#[test]
+fn every_call_loads_its_kernels_before_its_first_launch() {
+    let Some(xent) = gpu() else { return };
+    let fresh = xent::CrossEntropy::from_context_loading(xent.context().clone(), true).unwrap();
+    fresh.set_strict_preload(true);
+    let stream = fresh.context().default_stream();
+    let vocab = 3000;
+    let weight: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect();
+    let option_sets = [
+        Options::default(),
+        Options {
+            label_smoothing: 0.1,
+            lse_square_scale: 1e-4,
+            ..Options::default()
+        },
+        Options {
+            return_token_accuracy: true,
+            ..Options::default()
+        },
+        Options {
+            softcap: Some(30.0),
+            ..Options::default()
+        },
+        Options {
+            softcap: Some(30.0),
+            return_token_accuracy: true,
+            ..Options::default()
+        },
+        Options {
+            label_smoothing: 0.1,
+            weight: Some(weight.clone()),
+            ..Options::default()
+        },
+        Options {
+            label_smoothing: 0.1,
+            lse_square_scale: 1e-4,
+            softcap: Some(30.0),
+            weight: Some(weight.clone()),
+            return_token_accuracy: true,
+            ..Options::default()
+        },
+    ];
+    let mut failures = Vec::new();
+    for dtype in DTYPES {
+        // 3 rows: one launch where the plan allows it; 40: count, cross-entropy, finish.
+        for rows in [3, 40] {
+            for plan in forced_plans(&fresh, 1024) {
+                for opts in &option_sets {
+                    let mut case = Case::new(rows, vocab);
+                    case.opts = Options {
+                        plan,
+                        ..opts.clone()
+                    };
+                    if let Err(msg) = run_case_dtype::<i64>(&fresh, &stream, dtype, &case) {
+                        failures.push(format!("{dtype:?} {rows} rows {plan:?}: {msg}"));
+                    }
+                }
+            }
+        }
+    }
+    // Two-phase (forward, then backward in place) and scaling a gradient.
+    let shape = Shape::flat(40, vocab);
+    let logits: Vec<bf16> = xent_tests::random_logits(&shape, 3);
+    let labels: Vec<i64> = xent_tests::random_labels(40, vocab, 0.1, -100, 3);
+    let d_labels = stream.clone_htod(&labels).unwrap();
+    for opts in &option_sets {
+        let two_phase = || -> Result<(), Error> {
+            let mut d_logits = stream.clone_htod(&logits)?;
+            let mut out = xent::Loss::new(&stream, 40)?;
+            fresh.forward(&stream, &d_logits, &d_labels, shape, opts, &mut out)?;
+            let upstream = stream.clone_htod(&[0.5f32])?;
+            fresh.backward_in_place(
+                &stream,
+                &mut d_logits,
+                &d_labels,
+                shape,
+                opts,
+                &out,
+                &upstream,
+            )?;
+            fresh.scale_grad(&stream, &mut d_logits, shape, &upstream)?;
+            stream.synchronize()?;
+            Ok(())
+        };
+        if let Err(err) = two_phase() {
+            failures.push(format!("two-phase {opts:?}: {err}"));
+        }
+    }
+    assert_no_failures(&failures);
+}
+
 /// Every output of one call's bits: loss, extras, counts, per-row loss and log-sum-exp, gradient.
 type CallBits = (Vec<u32>, Vec<u32>);
 

@@ -71,6 +71,8 @@ pub struct CrossEntropy {
     /// Whether small cluster calls are launched with a programmatic dependency on the kernel
     /// before them (`launch_cluster`); on unless `XENT_PDL=0`.
     pdl: AtomicBool,
+    /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
+    strict_preload: AtomicBool,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -203,7 +205,16 @@ impl CrossEntropy {
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
             pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
+            strict_preload: AtomicBool::new(false),
         })
+    }
+
+    /// Testing hook: with `on`, launching a kernel that is not loaded yet is an error, so that a
+    /// test on a handle that loads kernels on first use sees every call load all its kernels
+    /// before its first launch ([`preload`](Self::preload)).
+    #[doc(hidden)]
+    pub fn set_strict_preload(&self, on: bool) {
+        self.strict_preload.store(on, Ordering::Relaxed);
     }
 
     /// Testing hook: whether small calls take one launch (count and finish in the cross-entropy
@@ -470,9 +481,28 @@ impl CrossEntropy {
         )
     }
 
-    /// [`kernel_if_any`](Self::kernel_if_any) of a kernel every handle has: `from_context` made a
-    /// slot for each, so a missing one is a bug.
+    /// The function a launch of `kernel` takes: [`kernel_if_any`](Self::kernel_if_any) of a
+    /// kernel every handle has (`from_context` made a slot for each, so a missing one is a bug).
+    /// With [`set_strict_preload`](Self::set_strict_preload), a kernel not loaded before is an
+    /// error instead: its call did not [`preload`](Self::preload) it.
     fn kernel(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        if self.strict_preload.load(Ordering::Relaxed)
+            && self
+                .kernels
+                .get(&kernel.canonical())
+                .is_some_and(|slot| slot.get().is_none())
+        {
+            return Err(Error::Driver(format!(
+                "{} launched before its call preloaded it",
+                kernel.canonical().name()
+            )));
+        }
+        self.preloaded(kernel)
+    }
+
+    /// [`kernel_if_any`](Self::kernel_if_any), loading it now if need be, of a kernel every
+    /// handle has.
+    fn preloaded(&self, kernel: Kernel) -> Result<&CudaFunction> {
         self.kernel_if_any(kernel).unwrap_or_else(|| {
             Err(Error::Driver(format!(
                 "no kernel {} for this device",
@@ -505,6 +535,17 @@ impl CrossEntropy {
             }
             other => other,
         })
+    }
+
+    /// Loads now, where not loaded yet, each kernel of `kernels`. A call does this for every
+    /// kernel it will launch before it launches the first, so that one that cannot be loaded (on
+    /// a device without memory for its code, say) fails the call before anything is enqueued,
+    /// never halfway through it (a gradient written in place and its loss not finished).
+    pub(crate) fn preload(&self, kernels: impl IntoIterator<Item = Option<Kernel>>) -> Result<()> {
+        for kernel in kernels.into_iter().flatten() {
+            self.preloaded(kernel)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
@@ -754,12 +795,8 @@ impl CrossEntropy {
             slice_len: slice_len as u32,
             ..XentParams::default()
         };
-        let kernel = Kernel::Xent {
-            kind: XentKind::Backward,
-            variant: variant(opts, call.weight != 0, false),
-            dtype: call.dtype,
-            label: call.label,
-        };
+        let kernel = backward_kernel(call, opts);
+        self.preload([Some(kernel)])?;
         self.launch(
             stream,
             kernel,
@@ -873,6 +910,7 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         let small = self.small_finish.load(Ordering::Relaxed)
             && plan::self_finish(rows, &launch_plan, opts, call.weight != 0);
+        self.preload(loss_kernels(call, opts, &launch_plan, small))?;
         if !small {
             self.launch_count(stream, call, opts, out.counts)?;
             self.launch_main(stream, call, opts, launch_plan, out, mode, false)?;
@@ -982,13 +1020,7 @@ impl CrossEntropy {
                 extras: out.extras,
                 ..XentParams::default()
             };
-            let variant = variant(opts, weight != 0, opts.return_token_accuracy);
-            let kernel = |kind| Kernel::Xent {
-                kind,
-                variant,
-                dtype: call.dtype,
-                label: call.label,
-            };
+            let kernel = |kind| xent_kernel(call, opts, kind);
             match launch_plan {
                 LaunchPlan::Fused {
                     threads,
@@ -1171,6 +1203,7 @@ impl CrossEntropy {
             tile_len: plan::SCALE_TILE as u32,
             n_tiles: n_tiles as u32,
         };
+        self.preload([Some(Kernel::Scale { dtype })])?;
         self.launch(
             stream,
             Kernel::Scale { dtype },
@@ -1286,6 +1319,59 @@ fn launch_attribute(
 
 /// Sets what a kernel needs before its first launch: the dynamic shared memory the plans may give
 /// the kernels that keep rows on chip (the device's opt-in maximum), and clusters past 8 CTAs.
+/// The cross-entropy kernel of `kind` for `call` with `opts` (its [`variant`]).
+fn xent_kernel(call: &KernelCall, opts: &Options, kind: XentKind) -> Kernel {
+    Kernel::Xent {
+        kind,
+        variant: variant(opts, call.weight != 0, opts.return_token_accuracy),
+        dtype: call.dtype,
+        label: call.label,
+    }
+}
+
+/// The two-phase backward kernel of `call` with `opts` (it never counts the token accuracy).
+pub(crate) fn backward_kernel(call: &KernelCall, opts: &Options) -> Kernel {
+    Kernel::Xent {
+        kind: XentKind::Backward,
+        variant: variant(opts, call.weight != 0, false),
+        dtype: call.dtype,
+        label: call.label,
+    }
+}
+
+/// The cross-entropy kernels that [`CrossEntropy::launch_main`] launches for `launch_plan`.
+pub(crate) fn main_kernels(
+    call: &KernelCall,
+    opts: &Options,
+    launch_plan: &LaunchPlan,
+) -> [Option<Kernel>; 2] {
+    let kernel = |kind| Some(xent_kernel(call, opts, kind));
+    match launch_plan {
+        LaunchPlan::Fused { .. } => [kernel(XentKind::Fused), None],
+        LaunchPlan::Chunked { .. } => [kernel(XentKind::ChunkPartial), kernel(XentKind::ChunkGrad)],
+        LaunchPlan::Cluster { .. } => [kernel(XentKind::Cluster), None],
+        LaunchPlan::Split { .. } => [kernel(XentKind::Split), None],
+    }
+}
+
+/// Every kernel [`CrossEntropy::launch_loss`] launches for `launch_plan`: count and finish
+/// unless the call is `small` (it counts and finishes in its one kernel), and
+/// [`main_kernels`].
+pub(crate) fn loss_kernels(
+    call: &KernelCall,
+    opts: &Options,
+    launch_plan: &LaunchPlan,
+    small: bool,
+) -> [Option<Kernel>; 4] {
+    let [first, second] = main_kernels(call, opts, launch_plan);
+    [
+        (!small).then_some(Kernel::Count { label: call.label }),
+        first,
+        second,
+        (!small).then_some(Kernel::Finish),
+    ]
+}
+
 fn configure(function: &CudaFunction, name: &str, limits: DeviceLimits) -> Result<()> {
     if [
         "xent_fused_",

@@ -17,7 +17,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use super::{LinearShape, chunk_rows, gemm_tn, gemm_workspace_bytes, vocab_block};
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
-use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
+use crate::cuda::{
+    CrossEntropy, KernelCall, LossBuffers, backward_kernel, loss_kernels, main_kernels,
+};
 use crate::error::{Error, Result};
 use crate::loss::Loss;
 use crate::options::{DType, Element, Label, Options, Shape, check_upstream_len};
@@ -430,6 +432,22 @@ impl CrossEntropy {
             },
         };
 
+        // Every xent kernel the call launches is loaded before the first is launched, so that one
+        // that cannot be loaded fails the call before anything is enqueued (a weight gradient
+        // added to halfway, say).
+        let chunk_plans = plans.map(|(full, last, _)| (full, last));
+        let backward =
+            (scheme.vocab_backward && rows > 0).then(|| backward_kernel(&work.whole, &work.opts));
+        self.preload(
+            chunk_plans
+                .into_iter()
+                .flat_map(|(full, last)| {
+                    loss_kernels(&work.whole, &work.opts, &full, false)
+                        .into_iter()
+                        .chain(main_kernels(&work.whole, &work.opts, &last))
+                })
+                .chain([backward]),
+        )?;
         // The loss (and, in the row scheme, the gradients) by chunks of rows.
         if !matches!(pass, LinearPass::Backward { .. }) {
             let (full, last, _) = plans.expect("planned for Forward and Fused");

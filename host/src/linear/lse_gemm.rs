@@ -225,14 +225,17 @@ impl CrossEntropy {
             return Ok(());
         }
         match wgmma {
-            None => self.launch(
-                stream,
-                Kernel::LseGemm,
-                &params,
-                blocks,
-                THREADS,
-                SMEM_BYTES,
-            ),
+            None => {
+                self.preload([Some(Kernel::LseGemm)])?;
+                self.launch(
+                    stream,
+                    Kernel::LseGemm,
+                    &params,
+                    blocks,
+                    THREADS,
+                    SMEM_BYTES,
+                )
+            }
             Some((function, smem)) => {
                 let cfg = LaunchConfig {
                     grid_dim: (blocks, 1, 1),

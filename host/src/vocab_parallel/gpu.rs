@@ -243,6 +243,8 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         layout.check_rows(rows)?;
         let label_logits = send.ptr + 4 * layout.label_offset() as u64;
+        let kernel = self.shard_kernel(call, opts, XentKind::ChunkPartial);
+        self.preload([(rows > 0).then_some(kernel)])?;
         unsafe {
             cudarc::driver::result::memset_d8_async(label_logits, 0, 4 * rows, stream.cu_stream())?;
         }
@@ -257,7 +259,7 @@ impl CrossEntropy {
         };
         self.launch(
             stream,
-            self.shard_kernel(call, opts, XentKind::ChunkPartial),
+            kernel,
             &params,
             (rows * layout.n_chunks as usize) as u32,
             layout.threads,
@@ -294,6 +296,14 @@ impl CrossEntropy {
         check_len("counts", out.counts, COUNT_WORDS)?;
         let buffers: LossBuffers = out.buffers(rows, opts, 0)?;
         let kernel_call = call.kernel_call();
+        // All three loaded before the first is launched (see `CrossEntropy::preload`).
+        self.preload([
+            Some(Kernel::Count {
+                label: kernel_call.label,
+            }),
+            (rows > 0).then(|| self.shard_kernel(call, opts, XentKind::ChunkGrad)),
+            Some(Kernel::Finish),
+        ])?;
         self.launch_count(stream, &kernel_call, opts, buffers.counts)?;
         if rows > 0 {
             let params = XentParams {
