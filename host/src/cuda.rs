@@ -1317,8 +1317,6 @@ fn launch_attribute(
     }
 }
 
-/// Sets what a kernel needs before its first launch: the dynamic shared memory the plans may give
-/// the kernels that keep rows on chip (the device's opt-in maximum), and clusters past 8 CTAs.
 /// The cross-entropy kernel of `kind` for `call` with `opts` (its [`variant`]).
 fn xent_kernel(call: &KernelCall, opts: &Options, kind: XentKind) -> Kernel {
     Kernel::Xent {
@@ -1372,6 +1370,8 @@ pub(crate) fn loss_kernels(
     ]
 }
 
+/// Sets what a kernel needs before its first launch: the dynamic shared memory the plans may give
+/// the kernels that keep rows on chip (the device's opt-in maximum), and clusters past 8 CTAs.
 fn configure(function: &CudaFunction, name: &str, limits: DeviceLimits) -> Result<()> {
     if [
         "xent_fused_",
