@@ -965,8 +965,7 @@ fn kernels_loaded_on_first_use_give_the_bits_of_kernels_loaded_at_once() {
 #[test]
 fn every_call_loads_its_kernels_before_its_first_launch() {
     let Some(xent) = gpu() else { return };
-    let fresh = xent::CrossEntropy::from_context_loading(xent.context().clone(), true).unwrap();
-    fresh.set_strict_preload(true);
+    let fresh = xent_tests::strict_lazy_handle(xent);
     let stream = fresh.context().default_stream();
     let vocab = 3000;
     let weight: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect();

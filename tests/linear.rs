@@ -359,11 +359,9 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     let Some(shared) = xent_tests::gpu() else {
         return;
     };
-    // A fresh handle that loads kernels on first use and refuses to launch one that its call did
-    // not load before its first launch (`CrossEntropy::preload`: a linear call adds to
-    // `grad_weight` chunk by chunk, so a load failing halfway would leave it half added to).
-    let xent = &xent::CrossEntropy::from_context_loading(shared.context().clone(), true).unwrap();
-    xent.set_strict_preload(true);
+    // Strict (a linear call adds to `grad_weight` chunk by chunk, so a load failing halfway would
+    // leave it half added to).
+    let xent = &xent_tests::strict_lazy_handle(shared);
     let blas = match xent::cublaslt::CublasLt::open(&[]) {
         Ok(blas) => blas,
         Err(err) => panic!("a GPU but no cuBLASLt (set XENT_CUBLASLT): {err}"),

@@ -238,10 +238,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
     let Some(shared) = xent_tests::gpu() else {
         return;
     };
-    // A fresh handle that loads kernels on first use and refuses to launch one that its call did
-    // not load before its first launch (`CrossEntropy::preload`).
-    let xent = &xent::CrossEntropy::from_context_loading(shared.context().clone(), true).unwrap();
-    xent.set_strict_preload(true);
+    let xent = &xent_tests::strict_lazy_handle(shared);
     let stream = xent.context().default_stream();
     let mut failures = Vec::new();
     for (vocab, shape) in [

@@ -497,12 +497,12 @@ impl CrossEntropy {
                 kernel.canonical().name()
             )));
         }
-        self.preloaded(kernel)
+        self.loaded(kernel)
     }
 
-    /// [`kernel_if_any`](Self::kernel_if_any), loading it now if need be, of a kernel every
-    /// handle has.
-    fn preloaded(&self, kernel: Kernel) -> Result<&CudaFunction> {
+    /// The function of `kernel`, a kernel every handle has, loaded now if need be
+    /// ([`kernel_if_any`](Self::kernel_if_any)).
+    fn loaded(&self, kernel: Kernel) -> Result<&CudaFunction> {
         self.kernel_if_any(kernel).unwrap_or_else(|| {
             Err(Error::Driver(format!(
                 "no kernel {} for this device",
@@ -543,7 +543,7 @@ impl CrossEntropy {
     /// never halfway through it (a gradient written in place and its loss not finished).
     pub(crate) fn preload(&self, kernels: impl IntoIterator<Item = Option<Kernel>>) -> Result<()> {
         for kernel in kernels.into_iter().flatten() {
-            self.preloaded(kernel)?;
+            self.loaded(kernel)?;
         }
         Ok(())
     }

@@ -9,6 +9,16 @@ use xent::{CrossEntropy, DType, Element, Label, Options, Reduction, Shape, cpu};
 
 /// The GPU handle shared by a test binary, or `None` (after printing why) when there is no GPU.
 /// With `XENT_REQUIRE_GPU=1` a missing GPU fails the test instead.
+/// A fresh handle on `shared`'s context that loads each kernel on its first use and refuses to
+/// launch one that its call did not load before its first launch (`CrossEntropy::preload`), so a
+/// test on it also checks that every call it makes loads all its kernels up front.
+pub fn strict_lazy_handle(shared: &CrossEntropy) -> CrossEntropy {
+    let handle = CrossEntropy::from_context_loading(shared.context().clone(), true)
+        .expect("a second handle on a context that already has one");
+    handle.set_strict_preload(true);
+    handle
+}
+
 pub fn gpu() -> Option<&'static CrossEntropy> {
     static HANDLE: OnceLock<Result<CrossEntropy, String>> = OnceLock::new();
     let handle = HANDLE.get_or_init(|| CrossEntropy::new(0).map_err(|e| e.to_string()));
