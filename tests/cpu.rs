@@ -1814,6 +1814,55 @@ fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
 }
 
 #[test]
+fn size_5_is_taken_only_when_no_other_size_keeps_as_much_resident() {
+    // The driver's answers for token accuracy's cluster kernels (47 registers) at 8192 x 128256
+    // bf16 on an H200 (`--explain`, 2026-12-03): 4 and 5 x 256 both keep 124 clusters (30.3 MiB),
+    // 6 x 256 101. By CTAs the tie went to 5 (86.2% of copy); 4 ran at 88.3, and at 87.7 against
+    // 5's 85.8 in one later run.
+    let accuracy = |plan: &LaunchPlan| {
+        let LaunchPlan::Cluster { size, threads, .. } = *plan else {
+            return None;
+        };
+        Some(match (size, threads) {
+            (2, 512) => 132,
+            (2, 256) => 66,
+            (3, _) => 79,
+            (4, 512) | (6, 352) => 62,
+            (4, 256) | (5, 256) => 124,
+            (5, 416) | (7, 288) => 69,
+            (6, 256) => 101,
+            (7, 256) => 84,
+            (8, 256) => 77,
+            _ => return None,
+        })
+    };
+    let limits = DeviceLimits::H100;
+    let shape = |answers: &dyn Fn(&LaunchPlan) -> Option<u32>| {
+        plan::cluster_shape_by_residency(
+            8192,
+            128_256,
+            DType::Bf16,
+            limits,
+            plan::CLUSTER_KEEP,
+            None,
+            &mut |p| answers(p),
+        )
+    };
+    assert_eq!(plan::CLUSTER_SIZE_LAST, 5);
+    assert_eq!(shape(&accuracy), Some((4, 256)));
+    // Alone within the slack, size 5 is taken.
+    let five_alone = |plan: &LaunchPlan| match *plan {
+        LaunchPlan::Cluster {
+            size: 5,
+            threads: 256,
+            ..
+        } => Some(124),
+        _ => accuracy(plan).map(|n| n.min(101)),
+    };
+    assert_eq!(shape(&five_alone), Some((5, 256)));
+}
+
+#[test]
 fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
     let limits = DeviceLimits::H100;
     let candidates = plan::cluster_candidates(

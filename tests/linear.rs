@@ -21,6 +21,21 @@ fn grid(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// `len` integers in `[-k, k]` from `seed`: inputs whose logits (sums of at most a few hundred
+/// products and a bias, each an integer) are exact in bf16 (at most 256 in magnitude) and in every
+/// partial sum, so every GEMM algorithm gives the same logits, however it orders and rounds its sums.
+fn integer_grid(len: usize, seed: u64, k: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % (2 * k + 1)) as f32 - k as f32
+        })
+        .collect()
+}
+
 /// A device buffer's values, widened to f64 on the host.
 fn host_f64<T: xent::Element + cudarc::driver::DeviceRepr>(
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
@@ -262,9 +277,18 @@ fn check_linear<T: xent::Element>(
     let stream = xent.context().default_stream();
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
     let to_t = |x: &[f32]| x.iter().map(|&f| T::from_f64(f as f64)).collect::<Vec<T>>();
-    let hidden = to_t(&grid(rows * d, 11));
-    let weight = to_t(&grid(v * d, 12));
-    let bias = to_t(&grid(v, 13));
+    // Integer inputs (hidden states and weights in {-1, 0, 1}, biases in [-4, 4]): every logit is
+    // exact in T whichever algorithm cuBLASLt runs. On a grid of 1/64 (until session 27) the
+    // logits needed rounding to bf16, and cuBLASLt's algorithms do not all round them alike: with
+    // its 2nd to 8th choices forced on the logits' GEMM (`XENT_GEMM_ALGO=k,0,0`) the vocabulary-
+    // blocked backward's weight gradient missed the reference by 5-10% (with a bias; the 2nd and
+    // 3rd also without), and the tuned run, whose choice is timed, failed once in 13 runs. One
+    // unit of bf16 in a logit of 8 moves its softmax by 6%, past these tolerances. With these
+    // inputs every forced choice passed.
+    assert!(d <= 200, "logits must stay exact in bf16");
+    let hidden = to_t(&integer_grid(rows * d, 11, 1));
+    let weight = to_t(&integer_grid(v * d, 12, 1));
+    let bias = to_t(&integer_grid(v, 13, 4));
     // The CPU's version of the GPU's arithmetic.
     let mut logits: Vec<T> = (0..rows * v)
         .map(|i| {
@@ -387,8 +411,10 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
                     let result = check_linear::<xent::half::bf16>(
                         xent, &blas, shape, with_bias, &labels, &opts, budget,
                     )
+                    .map_err(|msg| format!("bf16: {msg}"))
                     .and_then(|()| {
                         check_linear::<f32>(xent, &blas, shape, with_bias, &labels, &opts, budget)
+                            .map_err(|msg| format!("f32: {msg}"))
                     });
                     if let Err(msg) = result {
                         failures.push(format!(

@@ -641,8 +641,9 @@ fn visit_cluster_candidates(
 /// The cluster size and threads per CTA (of [`cluster_candidates`]) that keep the most of the
 /// rows on chip across the whole device over the launch
 /// ([`ClusterCandidate::mean_resident_bytes`]). Of the launches within [`RESIDENCY_SLACK`] of
-/// the most, the one with the most CTAs resident (smaller CTAs, so more of them are loading while
-/// others reduce), then the smaller cluster, then fewer threads. `None` if the device does not
+/// the most, one of a size other than [`CLUSTER_SIZE_LAST`] if any, then the one with the most
+/// CTAs resident (smaller CTAs, so more of them are loading while others reduce), then the
+/// smaller cluster, then fewer threads. `None` if the device does not
 /// answer for some candidate, or if there are fewer rows than clusters in one wave of some
 /// candidate.
 ///
@@ -683,9 +684,10 @@ pub fn cluster_shape_by_residency(
     if !known || most <= 0.0 {
         return None;
     }
-    // Second pass: of the launches within the slack, the most CTAs resident, then the smaller
-    // cluster, then fewer threads.
-    let mut best: Option<(std::cmp::Reverse<u64>, u32, u32)> = None;
+    // Second pass: of the launches within the slack, any of a size other than
+    // [`CLUSTER_SIZE_LAST`], then the most CTAs resident, then the smaller cluster, then fewer
+    // threads.
+    let mut best: Option<(bool, std::cmp::Reverse<u64>, u32, u32)> = None;
     visit_cluster_candidates(query, active_clusters, &mut |c| {
         let (LaunchPlan::Cluster { size, threads, .. }, Some(bytes), Some(ctas)) = (
             c.plan,
@@ -694,13 +696,29 @@ pub fn cluster_shape_by_residency(
         ) else {
             return;
         };
-        let key = (std::cmp::Reverse(ctas), size, threads);
+        let key = (
+            size == CLUSTER_SIZE_LAST,
+            std::cmp::Reverse(ctas),
+            size,
+            threads,
+        );
         if bytes >= most * (1.0 - RESIDENCY_SLACK) && best.is_none_or(|b| key < b) {
             best = Some(key);
         }
     });
-    best.map(|(_, size, threads)| (size, threads))
+    best.map(|(_, _, size, threads)| (size, threads))
 }
+
+/// The cluster size [`cluster_shape_by_residency`] takes only when no other size is within
+/// [`RESIDENCY_SLACK`] of the most resident bytes. Measured on an H200 (2026-12-03, every size
+/// 4-8 forced at 256, 384 and 512 threads, 8192 x 128256, 4096 x 262144 and 16384 x 151936 bf16
+/// and 8192 x 128256 f16, four option sets, `bench/results/h200-2026-12-03-s26-runD-*`): size 5
+/// was the best shape in none of the 16 tables, and at 256 threads it ran below size 4 in every
+/// table but 4096 x 262144's, whatever the option set (plain 8192 x 128256 bf16: 91.0 / 88.9 /
+/// 92.2% of copy at sizes 4 / 5 / 6). The driver's answers (2026-12-03, `--explain`) left it tied with others: token
+/// accuracy's kernels (47 registers) at 8192 x 128256 keep 124 clusters of 4 and of 5 x 256 (30.3
+/// MiB) against 101 of 6, and the tie went to 5 for its CTAs (86.2% of copy; 4 x 256: 88.3).
+pub const CLUSTER_SIZE_LAST: u32 = 5;
 
 /// Elements per chunk the vocabulary-parallel shard kernels aim at ([`shard_chunking`]).
 /// Measured on an H200 (2026-12-01, % of the shard kernels' traffic bound, bf16, shards of
