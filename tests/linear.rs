@@ -8,22 +8,18 @@ use xent::cudarc;
 use xent::linear::{self, LinearShape};
 use xent::{DType, Error, Options, cpu};
 
-/// Values on a grid of 1/64, so that a perturbation of 1/128 is exact in f32.
+/// Values on a grid of 1/64 in `[-1, 1]`, so that a perturbation of 1/128 is exact in f32.
 fn grid(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state % 129) as f32 - 64.0) / 64.0
-        })
+    integer_grid(len, seed, 64)
+        .into_iter()
+        .map(|x| x / 64.0)
         .collect()
 }
 
-/// `len` integers in `[-k, k]` from `seed`: inputs whose logits (sums of at most a few hundred
-/// products and a bias, each an integer) are exact in bf16 (at most 256 in magnitude) and in every
-/// partial sum, so every GEMM algorithm gives the same logits, however it orders and rounds its sums.
+/// `len` integers in `[-k, k]` from `seed` (xorshift). With small `k`, inputs whose logits (sums of
+/// at most a few hundred products and a bias, each an integer) are exact in bf16 (at most 256 in
+/// magnitude) and so is every partial sum: every GEMM algorithm gives the same logits, however it
+/// orders and rounds its sums.
 fn integer_grid(len: usize, seed: u64, k: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
