@@ -281,7 +281,11 @@ def linear_cross_entropy(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
         softcap, return_token_accuracy,
     )
-    _launch.checked(opts)  # bad option values raise here, before anything runs
+    if not torch.compiler.is_compiling():
+        # Bad option values raise here, before anything runs. Under torch.compile the call's
+        # forward (run eagerly, `_apply`) checks them: traced, this cached check of an extension
+        # type made Dynamo warn twice.
+        _launch.checked(opts)
     if accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(f"accum_dtype must be None, torch.float32 or the weight's dtype, got {accum_dtype}")
     if chunk_bytes is not None and chunk_bytes < 1:
