@@ -715,9 +715,11 @@ pub fn cluster_shape_by_residency(
 /// and 8192 x 128256 f16, four option sets, `bench/results/h200-2026-12-03-s26-runD-*`): size 5
 /// was the best shape in none of the 16 tables, and at 256 threads it ran below size 4 in every
 /// table but 4096 x 262144's, whatever the option set (plain 8192 x 128256 bf16: 91.0 / 88.9 /
-/// 92.2% of copy at sizes 4 / 5 / 6). The driver's answers (2026-12-03, `--explain`) left it tied with others: token
-/// accuracy's kernels (47 registers) at 8192 x 128256 keep 124 clusters of 4 and of 5 x 256 (30.3
-/// MiB) against 101 of 6, and the tie went to 5 for its CTAs (86.2% of copy; 4 x 256: 88.3).
+/// 92.2% of copy at sizes 4 / 5 / 6). The driver's answers (`--explain`, `-s27-run1-*`) left it
+/// tied with others: token accuracy's kernels (47 registers) at 8192 x 128256 keep 124 clusters
+/// of 4 and of 5 x 256 (30.3 MiB) against 101 of 6, and the tie went to 5 for its CTAs. With
+/// this rule (`-s27-run5-*`): 4 x 256, 87.7% of copy in bf16 and 89.1 in f16, against 85.8 and
+/// 86.2 for 5 x 256 forced in the same run.
 pub const CLUSTER_SIZE_LAST: u32 = 5;
 
 /// Elements per chunk the vocabulary-parallel shard kernels aim at ([`shard_chunking`]).
