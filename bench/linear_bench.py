@@ -8,7 +8,8 @@ Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflo
 ``xent_linear_small`` (Liger's memory: chunks of exactly Liger's rows, 256 at 8192 x 4096 x
 128256, with cuBLASLt's workspace at 64 KiB through ``XENT_CHUNK_ROWS`` and
 ``XENT_GEMM_WORKSPACE``), ``xent_linear[rows=R]`` (the
-time-memory curve), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
+time-memory curve), ``xent_linear[dft]`` and ``liger_flce[dft]`` (Liger's ``use_token_scaling``,
+TRL's DFT loss), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
 overlapped), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits, autograd's
 two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
 ``cce``, ``cce_exact``.
@@ -242,6 +243,25 @@ def xent_methods(v, curve):
     out["xent_linear_small[gemm_tn]"] = small(False, gemm_tn="1")
     out["xent_linear_small[gemm_tn,serial]"] = small(False, gemm_tn="1", serial=True)
     out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")
+    # Liger's token scaling (TRL's DFT loss): two-phase with a per-row upstream; beside it
+    # `liger_flce[dft]` (below) when Liger is importable.
+    dft_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, use_token_scaling=True)
+
+    def xent_dft(h, w, y):
+        dft_fn(w, h, y).backward()
+
+    out["xent_linear[dft]"] = xent_dft
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_dft_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, use_token_scaling=True)
+
+        def liger_dft(h, w, y):
+            liger_dft_fn(w, h, y).backward()
+
+        out["liger_flce[dft]"] = liger_dft
+    except Exception as ex:  # Liger absent or without token scaling: xent's row still runs
+        print("liger_flce[dft] unavailable:", repr(ex)[:300], file=sys.stderr)
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's

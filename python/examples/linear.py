@@ -1,7 +1,8 @@
 """Linear + cross-entropy without the [N, V] logits: a small language-model head trained for a
 few steps twice from the same start, once with xent.torch.FusedLinearCrossEntropyLoss and once
 with PyTorch's `h @ W.T` then F.cross_entropy; the losses are printed side by side and must
-track each other. On a CUDA device xent runs cuBLASLt's GEMMs around its Rust kernel in chunks
+track each other, then one step of Liger's token scaling (TRL's DFT loss) against PyTorch. On a
+CUDA device xent runs cuBLASLt's GEMMs around its Rust kernel in chunks
 of rows (here four chunks); on the CPU it computes the same through its CPU reference.
 
     python3 python/examples/linear.py
@@ -63,3 +64,26 @@ gap = max(abs(a - b) for a, b in zip(runs["xent"], runs["torch"]))
 assert runs["xent"][-1] < runs["xent"][0], "the loss did not go down"
 assert gap < (5e-2 if dtype == torch.bfloat16 else 1e-4), f"xent and torch drift apart: {gap:.2e}"
 print(f"largest difference {gap:.1e}; ok")
+
+# Liger's token scaling (TRL's DFT loss): each token's loss times the probability the model gives
+# its label, as a constant. One step of it against the same in PyTorch.
+dft_fn = xt.FusedLinearCrossEntropyLoss(causal_shift=True, use_token_scaling=True)
+hidden = embed(tokens.clamp(min=0)).detach()
+h_x = hidden.clone().requires_grad_()
+h_t = hidden.clone().requires_grad_()
+dft = dft_fn(head.weight, h_x, tokens)
+dft.backward()
+logits = F.linear(h_t, head.weight.detach()).float()[:, :-1].reshape(-1, vocab)
+labels = tokens[:, 1:].reshape(-1)
+scored = labels != -100
+nll = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+prob = torch.exp(-nll.detach()) * scored  # softmax(logits)[label], 0 where not scored
+want = (prob * nll).sum() / scored.sum()
+want.backward()
+grad_gap = float((h_x.grad.float() - h_t.grad.float()).abs().max() / h_t.grad.float().abs().max())
+print(f"token-scaled (DFT) loss: xent {float(dft.detach()):.6f}, torch {float(want.detach()):.6f}; "
+      f"largest gradient difference / largest gradient {grad_gap:.1e}")
+dft, want = float(dft.detach()), float(want.detach())
+assert abs(dft - want) <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * abs(want)
+assert grad_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4)
+print("ok")

@@ -174,7 +174,7 @@ def test_module_is_liger_shaped(device):
     assert torch.equal(out.loss, direct)
     assert "label_smoothing=0.1" in repr(loss_fn)
     with pytest.raises(NotImplementedError):
-        xt.FusedLinearCrossEntropyLoss(use_token_scaling=True)
+        xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True)
     with pytest.raises(ValueError):
         xt.FusedLinearCrossEntropyLoss(reduction="avg")
 
@@ -315,3 +315,112 @@ def test_torch_compile_runs_it_eagerly_with_the_same_results():
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert torch.equal(a, c)
+
+
+def token_scaled_reference(h, w, b, y, cw, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                           lse_square_scale=0.0, softcap=None, causal_shift=False, grad_scale=1.0, **_):
+    """Liger's token scaling in float64 (its ``fused_linear_cross_entropy_forward``): each scored
+    row's loss and z-loss part times ``softmax(x)[y]`` (detached) of its soft-capped logits; the
+    mean divides the cross-entropy part by the scored rows (their labels' class weights with
+    ``cw``) and the z-loss part by the scored rows. Returns (loss, z_loss, grad of the logits
+    [rows, V], zmax)."""
+    h64, w64 = h.detach().to(F64).cpu(), w.detach().to(F64).cpu()
+    full = h64 @ w64.T
+    if b is not None:
+        full = full + b.detach().to(F64).cpu()
+    zmax = float(full.abs().max()) if full.numel() else 0.0
+    leaf = full.clone().requires_grad_()
+    x, t = leaf, y.detach().cpu().to(torch.int64)
+    if causal_shift:
+        x, t = x[..., :-1, :], t[..., 1:]
+    x, t = x.reshape(-1, w.shape[0]), t.reshape(-1)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    valid = t != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    cw64 = None if cw is None else cw.detach().to(F64).cpu()
+    ce = F.cross_entropy(x, t, weight=cw64, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         reduction="none")
+    z = torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
+    label_x = x.detach().gather(1, t.clamp(min=0).view(-1, 1)).view(-1)
+    scale = torch.where(valid, torch.exp(label_x - lse.detach()), torch.zeros_like(lse))
+    if reduction == "none":
+        loss, z_loss = scale * (ce + z), scale * z
+        if causal_shift:  # laid out as the target: 0 at each sequence's last position
+            pad = loss.new_zeros(y.shape[:-1] + (1,))
+            loss = torch.cat([loss.view(y.shape[:-1] + (-1,)), pad], dim=-1)
+            z_loss = torch.cat([z_loss.view(y.shape[:-1] + (-1,)), pad.detach()], dim=-1)
+        loss, z_loss = loss.reshape(y.shape), z_loss.reshape(y.shape)
+    elif reduction == "sum":
+        loss, z_loss = (scale * (ce + z)).sum(), (scale * z).sum()
+    else:
+        n = valid.sum().to(F64)
+        denominator = n if cw64 is None else cw64[t[valid]].sum()
+        loss, z_loss = (scale * ce).sum() / denominator + (scale * z).sum() / n, (scale * z).sum() / n
+    (grad,) = torch.autograd.grad(grad_scale * loss.sum(), leaf)
+    return loss.detach(), z_loss.detach(), grad.reshape(-1, w.shape[0]), zmax
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["mean", "sum", "none", "all", "weighted", "causal", "ignore_7"])
+def test_token_scaling_matches_liger_definition(device, dtype, case):
+    opts = dict(OPTION_CASES[case])
+    weighted = opts.pop("weighted", False)
+    lead = (3, 23) if opts.get("causal_shift") else (67,)
+    h, w, b, y, cw = inputs(device, lead, 64, 1003, dtype, True, weighted,
+                            ignore_index=opts.get("ignore_index", -100), scale=3.0)
+    for t in (h, w, b):
+        t.requires_grad_(True)
+    out = xt.linear_cross_entropy(h, w, y, b, ce_weight=cw, use_token_scaling=True,
+                                  chunk_bytes=16 * 1003 * h.element_size(), **opts)
+    loss = out.loss if isinstance(out, xt.CrossEntropyOutput) else out
+    loss.sum().backward()
+    want, want_z, g, zmax = token_scaled_reference(h, w, b, y, cw, **opts)
+    check_loss(loss, want, dtype, zmax)
+    if opts.get("return_z_loss"):
+        check_loss(out.z_loss, want_z, dtype, zmax, "z_loss")
+    if opts.get("return_token_accuracy"):
+        assert out.token_accuracy is not None and 0.0 <= float(out.token_accuracy) <= 1.0
+    # The scale is not 1: the scaled loss differs from the unscaled one.
+    plain = xt.linear_cross_entropy(h.detach(), w.detach(), y, b.detach(), ce_weight=cw, **opts)
+    plain = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
+    assert float((plain.detach().to(F64).cpu() - want).abs().max()) > 1e-3
+    w64, h64 = w.detach().to(F64).cpu(), h.detach().to(F64).cpu().reshape(-1, w.shape[1])
+    ga = g.abs()
+    close(h.grad, (g @ w64).reshape(h.shape), (ga @ w64.abs()).reshape(h.shape), dtype, zmax, "grad_hidden")
+    close(w.grad, g.T @ h64, ga.T @ h64.abs(), dtype, zmax, "grad_weight")
+    close(b.grad, g.sum(0), ga.sum(0), dtype, zmax, "grad_bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_scaling_refuses_class_weights_with_z_loss_under_the_mean(device):
+    h, w, b, y, cw = inputs(device, weighted=True)
+    with pytest.raises(NotImplementedError, match="use_token_scaling"):
+        xt.linear_cross_entropy(h, w, y, ce_weight=cw, lse_square_scale=1e-3, use_token_scaling=True)
+    loss_fn = xt.FusedLinearCrossEntropyLoss(use_token_scaling=True)
+    direct = xt.linear_cross_entropy(h, w, y, use_token_scaling=True)
+    assert torch.equal(loss_fn(w, h, y), direct)
+
+
+@cuda_only
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, softcap=30.0),
+                                  dict(reduction="sum", lse_square_scale=1e-4)],
+                         ids=["mean", "smoothing_softcap", "sum_z"])
+def test_token_scaling_matches_liger_itself(opts):
+    """Against Liger's own ``use_token_scaling`` where Liger is installed (the GPU runs carry its
+    wheel), in float32."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    h, w, b, y, _ = inputs("cuda", (512,), 256, 32000, torch.float32, True, scale=3.0)
+    results = []
+    for make in (lambda: xt.FusedLinearCrossEntropyLoss(use_token_scaling=True, **opts),
+                 lambda: liger.LigerFusedLinearCrossEntropyLoss(use_token_scaling=True, **opts)):
+        hh, ww, bb = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+        loss = make()(ww, hh, y, bb)
+        loss.backward()
+        results.append((loss.detach(), hh.grad, ww.grad, bb.grad))
+    (xl, *xg), (ll, *lg) = results
+    assert abs(float(xl) - float(ll)) <= 1e-4 * abs(float(ll)) + 1e-6, f"loss {float(xl)} against Liger's {float(ll)}"
+    for what, got, want in zip(("grad_hidden", "grad_weight", "grad_bias"), xg, lg):
+        err = float((got - want).abs().max())
+        assert err <= 1e-4 * float(want.abs().max()) + 1e-9, f"{what}: max error {err:.3g} against Liger's"

@@ -37,8 +37,9 @@ import torch
 
 from .. import _xent
 from . import _launch
-from .function import loss_of
-from .functional import cross_entropy, outputs
+from . import _ops
+from .function import extras_of, loss_of
+from .functional import CrossEntropyOutput, cross_entropy, outputs
 
 _BLAS_OPEN: set = set()
 
@@ -262,6 +263,7 @@ def linear_cross_entropy(
     two_phase: Optional[bool] = None,
     chunk_bytes: Optional[int] = None,
     check_labels: bool = False,
+    use_token_scaling: bool = False,
 ):
     """Cross-entropy of ``input @ weight.T + bias`` against ``target`` without materialising the
     logits: ``input`` ``[..., D]`` hidden states, ``weight`` ``[V, D]`` (the LM head), ``bias``
@@ -276,6 +278,13 @@ def linear_cross_entropy(
       the module's doc for each mode's cost).
     - ``chunk_bytes``: the memory of one chunk of logits (None: an eighth of the whole logits,
       at least 64 MiB); smaller saves memory and costs time.
+    - ``use_token_scaling``: Liger's token scaling (TRL's ``loss_type="dft"``): each row's loss,
+      z-loss part and gradient times the probability the row gives its label, ``softmax(x)[y]``
+      of the (soft-capped) logits, taken as a constant (no gradient through it; 0 for rows not
+      scored). The mean still divides by the scored rows (by the sum of their labels' class
+      weights for the cross-entropy part with ``ce_weight``). Runs two-phase with a per-row
+      upstream (four GEMMs a chunk, as ``reduction="none"``); class weights with the z-loss
+      under the mean are refused (their two parts need different denominators).
     """
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
@@ -296,6 +305,8 @@ def linear_cross_entropy(
         return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
         grad_scale=grad_scale, check_labels=check_labels,
     )
+    if use_token_scaling:
+        return _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dtype, chunk_bytes)
     if not isinstance(input, torch.Tensor) or not input.is_cuda:
         # The unfused path, on the CPU reference: the same values, O(N·V) memory.
         _check(input, weight, target, bias, ce_weight, causal_shift)
@@ -316,10 +327,120 @@ def linear_cross_entropy(
     )
 
 
+# Rows of hidden states a step of `_label_logits` multiplies (a gathered [rows, D] of the weight
+# in f32 and the hidden states' rows in f32: 16 MiB each at D = 4096).
+_LABEL_ROWS_BYTES = 16 << 20
+
+
+def _scored_labels(target, ignore_index, causal_shift):
+    """Each row's label as the loss scores it (``target`` shifted left within each sequence under
+    ``causal_shift``, the last position ignored), flattened."""
+    if causal_shift:
+        pad = torch.full_like(target[..., :1], ignore_index)
+        target = torch.cat([target[..., 1:], pad], dim=-1)
+    return target.reshape(-1)
+
+
+def _label_logits(hidden, weight, bias, labels):
+    """``hidden[i] · weight[labels[i]] + bias[labels[i]]`` in f32, rounded to the logits' dtype
+    as the forward GEMM rounds them; a few rows at a time, so no ``[N, D]`` temporary."""
+    rows, d = hidden.shape
+    out = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    step = max(1, _LABEL_ROWS_BYTES // (4 * max(d, 1)))
+    for start in range(0, rows, step):
+        idx = labels[start:start + step]
+        x = (hidden[start:start + step].float() * weight[idx].float()).sum(-1)
+        if bias is not None:
+            x = x + bias[idx].float()
+        out[start:start + step] = x.to(hidden.dtype).float()
+    return out
+
+
+def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dtype, chunk_bytes):
+    """``linear_cross_entropy(..., use_token_scaling=True)``: the rows' losses (reduction
+    "none", two-phase, so the backward takes a per-row upstream), each times its label's
+    probability (detached), then reduced as Liger reduces them."""
+    reduction, ignore_index = common["reduction"], common["ignore_index"]
+    lse_square_scale, softcap = common["lse_square_scale"], common["softcap"]
+    causal_shift = common["causal_shift"]
+    if ce_weight is not None and lse_square_scale != 0.0 and reduction == "mean":
+        raise NotImplementedError(
+            "use_token_scaling with ce_weight and lse_square_scale under reduction='mean' is not "
+            "supported: the cross-entropy part divides by the labels' class weights and the "
+            "z-loss part by the scored rows; use reduction='sum' or 'none' and divide yourself"
+        )
+    per_row = dict(common, reduction="none", return_z_loss=False, return_token_accuracy=False)
+    hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
+        input, weight, target, bias, ce_weight, causal_shift
+    )
+    vocab = shape[3]
+    labels = _scored_labels(target_c.view(target.shape), ignore_index, causal_shift)
+    scored = labels != ignore_index
+    index = labels.clamp(0, max(vocab - 1, 0))
+    accuracy = None
+    if not input.is_cuda:
+        logits = torch.nn.functional.linear(input, weight, bias)
+        out = cross_entropy(logits, target, ce_weight, **dict(
+            per_row, return_token_accuracy=common["return_token_accuracy"]))
+        rows_loss = out.loss if isinstance(out, CrossEntropyOutput) else out
+        accuracy = out.token_accuracy if isinstance(out, CrossEntropyOutput) else None
+        x = logits.detach().reshape(-1, vocab).to(torch.float64)
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
+        lse = torch.logsumexp(x, dim=-1) if vocab else x.new_zeros(x.shape[0])
+        label_x = x.gather(1, index.view(-1, 1)).view(-1) if vocab else lse
+    else:
+        per_opts = _launch.Opts(
+            ignore_index, "none", common["grad_scale"], causal_shift, common["label_smoothing"],
+            lse_square_scale, softcap, common["return_token_accuracy"],
+        )
+        rows_loss, stats = _apply(
+            hidden, weight_c, target_c, bias_c, ce_weight_c, per_opts, shape, True, accum_dtype, chunk_bytes
+        )
+        rows_loss = rows_loss.view(target.shape)
+        rows = target.numel()
+        lse = stats[_ops.STATS_ROWS + rows:_ops.STATS_ROWS + 2 * rows].detach()
+        if common["return_token_accuracy"]:
+            hits = stats[_ops.STATS_ROWS + 2 * rows:_ops.STATS_ROWS + 3 * rows]
+            accuracy = hits.view(torch.int32).to(torch.float32).view(target.shape)
+        if common["check_labels"]:
+            _launch.check_labels(extras_of(stats)[2])
+        with torch.no_grad():
+            label_x = _label_logits(hidden, weight_c, bias_c, index)
+            if softcap is not None:
+                label_x = softcap * torch.tanh(label_x / softcap)
+    with torch.no_grad():
+        scale = torch.where(scored, torch.exp(label_x - lse), torch.zeros_like(lse)).to(torch.float32)
+        z_rows = torch.where(scored, lse_square_scale * lse * lse, torch.zeros_like(lse)).to(torch.float32)
+        scale, z_rows = scale.view(target.shape), z_rows.view(target.shape)
+    scaled = rows_loss * scale
+    z_scaled = z_rows * scale
+    if reduction == "none":
+        loss, z_loss = scaled, z_scaled
+    elif reduction == "sum":
+        loss, z_loss = scaled.sum(), z_scaled.sum()
+    else:
+        count = scored.sum().to(torch.float32)
+        if ce_weight is None:
+            denominator = count
+        else:
+            denominator = ce_weight_c[index].masked_fill(~scored, 0.0).sum()
+        loss, z_loss = scaled.sum() / denominator, z_scaled.sum() / count
+    if reduction != "none" and accuracy is not None:
+        accuracy = accuracy.sum() / scored.sum().to(torch.float32)
+    if common["return_z_loss"] or common["return_token_accuracy"]:
+        return CrossEntropyOutput(
+            loss=loss,
+            z_loss=z_loss if common["return_z_loss"] else None,
+            token_accuracy=accuracy if common["return_token_accuracy"] else None,
+        )
+    return loss
+
+
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Liger's ``LigerFusedLinearCrossEntropyLoss`` (its arguments, defaults and return types),
-    computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``.
-    Beyond Liger's: ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
+    computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``
+    (every argument of Liger's but ``return_predicted_tokens``). Beyond Liger's: ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
 
     def __init__(
         self,
@@ -341,11 +462,6 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         chunk_bytes: Optional[int] = None,
     ):
         super().__init__()
-        if use_token_scaling:
-            raise NotImplementedError(
-                "use_token_scaling is not supported by xent: scale the per-token loss of "
-                "reduction='none' instead"
-            )
         if return_predicted_tokens:
             raise NotImplementedError(
                 "return_predicted_tokens is not supported by xent: take the argmax of the logits "
@@ -362,6 +478,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             return_z_loss=return_z_loss, accum_dtype=accum_dtype,
             return_token_accuracy=return_token_accuracy, causal_shift=causal_shift,
             grad_scale=grad_scale, two_phase=two_phase, chunk_bytes=chunk_bytes,
+            use_token_scaling=use_token_scaling,
         )
 
     def forward(self, lin_weight, _input, target, bias=None):
