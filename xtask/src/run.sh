@@ -135,6 +135,9 @@ run_python() {
     names+=("python wheel") codes+=(2) notes+=("")
     return
   fi
+  # The peers' wheels too, where the bundle has them, so that the tests comparing with a peer
+  # (Liger's token scaling) run instead of skipping.
+  install_peer_wheels
   run_one "pytest python/tests" "$log" timeout 900 python3 -m pytest -q -p no:cacheprovider \
     python/tests "$@"
   for example in python/examples/*.py; do
@@ -145,7 +148,7 @@ run_python() {
 # The pure-Python peers travel as wheels (bundle/wheels/, from `pip download`).
 install_peer_wheels() {
   local wheels=(wheels/*.whl)
-  if [[ ${#wheels[@]} -gt 0 && ! -d $scratch/site ]]; then
+  if [[ -f ${wheels[0]} && ! -d $scratch/site ]]; then
     python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "${wheels[@]}" &&
       export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
