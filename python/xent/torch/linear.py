@@ -369,7 +369,7 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
             "supported: the cross-entropy part divides by the labels' class weights and the "
             "z-loss part by the scored rows; use reduction='sum' or 'none' and divide yourself"
         )
-    per_row = dict(common, reduction="none", return_z_loss=False, return_token_accuracy=False)
+    per_row = dict(common, reduction="none", return_z_loss=False)
     hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
         input, weight, target, bias, ce_weight, causal_shift
     )
@@ -380,8 +380,7 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
     accuracy = None
     if not input.is_cuda:
         logits = torch.nn.functional.linear(input, weight, bias)
-        out = cross_entropy(logits, target, ce_weight, **dict(
-            per_row, return_token_accuracy=common["return_token_accuracy"]))
+        out = cross_entropy(logits, target, ce_weight, **per_row)
         rows_loss = out.loss if isinstance(out, CrossEntropyOutput) else out
         accuracy = out.token_accuracy if isinstance(out, CrossEntropyOutput) else None
         x = logits.detach().reshape(-1, vocab).to(torch.float64)
@@ -390,12 +389,9 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         lse = torch.logsumexp(x, dim=-1) if vocab else x.new_zeros(x.shape[0])
         label_x = x.gather(1, index.view(-1, 1)).view(-1) if vocab else lse
     else:
-        per_opts = _launch.Opts(
-            ignore_index, "none", common["grad_scale"], causal_shift, common["label_smoothing"],
-            lse_square_scale, softcap, common["return_token_accuracy"],
-        )
         rows_loss, stats = _apply(
-            hidden, weight_c, target_c, bias_c, ce_weight_c, per_opts, shape, True, accum_dtype, chunk_bytes
+            hidden, weight_c, target_c, bias_c, ce_weight_c, opts._replace(reduction="none"), shape, True,
+            accum_dtype, chunk_bytes,
         )
         rows_loss = rows_loss.view(target.shape)
         rows = target.numel()
@@ -415,19 +411,19 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         scale, z_rows = scale.view(target.shape), z_rows.view(target.shape)
     scaled = rows_loss * scale
     z_scaled = z_rows * scale
+    count = scored.sum().to(torch.float32)
     if reduction == "none":
         loss, z_loss = scaled, z_scaled
     elif reduction == "sum":
         loss, z_loss = scaled.sum(), z_scaled.sum()
     else:
-        count = scored.sum().to(torch.float32)
         if ce_weight is None:
             denominator = count
         else:
             denominator = ce_weight_c[index].masked_fill(~scored, 0.0).sum()
         loss, z_loss = scaled.sum() / denominator, z_scaled.sum() / count
     if reduction != "none" and accuracy is not None:
-        accuracy = accuracy.sum() / scored.sum().to(torch.float32)
+        accuracy = accuracy.sum() / count
     if common["return_z_loss"] or common["return_token_accuracy"]:
         return CrossEntropyOutput(
             loss=loss,
@@ -440,7 +436,8 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Liger's ``LigerFusedLinearCrossEntropyLoss`` (its arguments, defaults and return types),
     computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``
-    (every argument of Liger's but ``return_predicted_tokens``). Beyond Liger's: ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
+    (every argument of Liger's but ``return_predicted_tokens``). Beyond Liger's:
+    ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
 
     def __init__(
         self,
