@@ -9,7 +9,8 @@ Methods (issue 12's names): ``gemm`` (the forward GEMM alone, its rate in ``tflo
 128256, with cuBLASLt's workspace at 64 KiB through ``XENT_CHUNK_ROWS`` and
 ``XENT_GEMM_WORKSPACE``), ``xent_linear[rows=R]`` (the
 time-memory curve), ``xent_linear[dft]`` and ``liger_flce[dft]`` (Liger's ``use_token_scaling``,
-TRL's DFT loss), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
+TRL's DFT loss), ``xent_linear[predicted]`` and ``liger_flce[predicted]`` (Liger's
+``return_predicted_tokens``), ``xent_linear[serial]`` (the gradient GEMMs on one stream, not
 overlapped), ``xent_unfused`` (``h @ W.T``, xent's cross-entropy on the whole logits, autograd's
 two GEMMs), and the peers: ``torch_linear``, ``torch_compile_linear``, ``liger_flce``,
 ``cce``, ``cce_exact``.
@@ -262,6 +263,25 @@ def xent_methods(v, curve):
         out["liger_flce[dft]"] = liger_dft
     except Exception as ex:  # Liger absent or without token scaling: xent's row still runs
         print("liger_flce[dft] unavailable:", repr(ex)[:300], file=sys.stderr)
+    # Liger's return_predicted_tokens: each row's argmax from the chunks of logits; beside it
+    # `liger_flce[predicted]` when Liger is importable.
+    predicted_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, return_predicted_tokens=True)
+
+    def xent_predicted(h, w, y):
+        predicted_fn(w, h, y).loss.backward()
+
+    out["xent_linear[predicted]"] = xent_predicted
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger_predicted_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, return_predicted_tokens=True)
+
+        def liger_predicted(h, w, y):
+            liger_predicted_fn(w, h, y).loss.backward()
+
+        out["liger_flce[predicted]"] = liger_predicted
+    except Exception as ex:  # Liger absent or without predicted tokens: xent's row still runs
+        print("liger_flce[predicted] unavailable:", repr(ex)[:300], file=sys.stderr)
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's

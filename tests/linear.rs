@@ -488,6 +488,7 @@ impl RawOut {
             counts: RawBuffer::of(stream, &mut self.counts),
             extras: RawBuffer::of(stream, &mut self.extras),
             row_correct: None,
+            predicted: None,
             workspace: Some(RawBuffer::of(stream, &mut self.workspace)),
         }
     }

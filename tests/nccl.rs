@@ -191,6 +191,7 @@ fn run_rank(
         counts: RawBuffer::of(&stream, &mut counts),
         extras: RawBuffer::of(&stream, &mut extras),
         row_correct: None,
+        predicted: None,
         workspace: None,
     };
     let buffers = (

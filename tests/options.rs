@@ -553,6 +553,64 @@ fn token_accuracy_compares_the_first_maximal_logit_with_the_label() {
     assert!(got.accuracy.unwrap().is_nan(), "{:?}", got.accuracy);
 }
 
+#[test]
+fn predicted_tokens_are_each_scored_rows_first_maximal_logit() {
+    // Ties go to the first (row 0: classes 1 and 2); a NaN is the maximum, the first NaN (row 1);
+    // every logit -inf gives class 0 (row 2); an ignored row gives -1 (row 3); the soft cap (which
+    // keeps the order) and the label change nothing.
+    let inf = f64::INFINITY;
+    let rows = [
+        vec![2.0, 5.0, 5.0, -1.0],
+        vec![2.0, f64::NAN, 9.0, f64::NAN],
+        vec![-inf, -inf, -inf, -inf],
+        vec![7.0, 1.0, 0.0, 3.0],
+        vec![0.0, 1.0, 0.0, 1.5],
+    ];
+    let logits: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+    let labels: Vec<i64> = vec![1, 2, 0, -100, 2];
+    let run = |opts: &Options| {
+        let mut data = logits.clone();
+        cpu::forward_backward(&mut data, &labels, Shape::flat(5, 4), opts).unwrap()
+    };
+    for softcap in [None, Some(2.0)] {
+        for reduction in REDUCTIONS {
+            let plain = Options {
+                softcap,
+                ..with(reduction)
+            };
+            let got = run(&Options {
+                return_predicted_tokens: true,
+                ..plain.clone()
+            });
+            let want = vec![1, 1, 0, -1, 3];
+            assert_eq!(
+                got.predicted_tokens,
+                Some(want),
+                "{reduction:?} {softcap:?}"
+            );
+            let plain = run(&plain);
+            assert_eq!(plain.predicted_tokens, None);
+            assert_eq!(got.row_loss.len(), plain.row_loss.len());
+            for (a, b) in got.row_loss.iter().zip(&plain.row_loss) {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "the loss does not change: {a} {b}"
+                );
+            }
+        }
+    }
+    // Under the causal shift the last position of each sequence is not scored.
+    let opts = Options {
+        return_predicted_tokens: true,
+        causal_shift: true,
+        ..Options::default()
+    };
+    let labels: Vec<i64> = vec![0, 1, 2, 3, 1, 0];
+    let mut grad = [logits.clone(), vec![0.0, 0.0, 4.0, 0.0]].concat();
+    let got = cpu::forward_backward(&mut grad, &labels, Shape::batched(2, 3, 4), &opts).unwrap();
+    assert_eq!(got.predicted_tokens, Some(vec![1, 1, -1, 0, 3, -1]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pairs of options, hand-checked.
 // ---------------------------------------------------------------------------------------------
@@ -1179,6 +1237,8 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
                         plan: *plan,
                         causal_shift: cases % 2 == 0,
                         grad_scale: 0.5,
+                        // The predicted tokens in half the cases (they change nothing else).
+                        return_predicted_tokens: cases % 4 < 2,
                         ..set.clone()
                     },
                     ignored: 1.0 / 7.0,
@@ -1317,6 +1377,8 @@ fn gpu_softcap_with_infinite_masked_and_nan_logits_matches_the_reference() {
                         reduction: REDUCTIONS[cases % 3],
                         plan: *plan,
                         softcap: Some(cap),
+                        // The first maximum among infinities and NaNs too, in half the cases.
+                        return_predicted_tokens: cases % 2 == 0,
                         ..Options::default()
                     },
                     ignored: 0.0,
@@ -1661,4 +1723,110 @@ fn weighted_smoothing_case<T: Element>(
         }
     }
     Ok(())
+}
+
+/// The predicted tokens on logits with many ties (integers in [-20, 20]: the first maximum wins),
+/// a NaN row (the first NaN), a row of -inf (class 0), ignored rows (-1), every dtype and plan,
+/// from the fused call and from the two-phase forward (which reads the logits only), against the
+/// CPU reference exactly.
+#[test]
+fn gpu_predicted_tokens_take_the_first_maximum_in_every_plan_and_mode() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let mut plans = xent_tests::forced_plans(xent, 1024);
+    plans.push(xent::PlanChoice::Auto);
+    let (rows, vocab, stride) = (37, 3001, 3011);
+    let shape = Shape::flat(rows, vocab).with_row_stride(stride);
+    let mut rng = 12345u64;
+    let mut data = vec![0.0f32; rows * stride];
+    for (i, x) in data.iter_mut().enumerate() {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *x = if i % stride < vocab {
+            ((rng >> 33) % 41) as f32 - 20.0
+        } else {
+            0.0
+        };
+    }
+    data[3 * stride + 2000] = f32::NAN;
+    data[3 * stride + 2500] = f32::NAN;
+    for j in 0..vocab {
+        data[5 * stride + j] = f32::NEG_INFINITY;
+    }
+    let labels: Vec<i64> = (0..rows as i64)
+        .map(|r| {
+            if r % 6 == 4 {
+                -100
+            } else {
+                (r * 97) % vocab as i64
+            }
+        })
+        .collect();
+    let d_labels = stream.clone_htod(&labels).unwrap();
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for plan in &plans {
+        for dtype in DTYPES {
+            for two_phase in [false, true] {
+                let opts = Options {
+                    plan: *plan,
+                    return_predicted_tokens: true,
+                    ..Options::default()
+                };
+                cases += 1;
+                let got = match dtype {
+                    DType::F32 => {
+                        predicted_on_gpu(xent, &stream, &data, &d_labels, shape, &opts, two_phase)
+                    }
+                    DType::F16 => {
+                        let logits: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                        predicted_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                    }
+                    DType::Bf16 => {
+                        let logits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                        predicted_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                    }
+                };
+                let mut reference = data.clone();
+                let want = cpu::forward_backward(&mut reference, &labels, shape, &opts)
+                    .unwrap()
+                    .predicted_tokens;
+                if got != want {
+                    failures.push(format!(
+                        "{plan:?} {dtype:?} two-phase {two_phase}: {got:?} != {want:?}"
+                    ));
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "predicted tokens on the GPU: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
+/// The predicted tokens of one GPU call on `logits` (fused, or the two-phase forward).
+fn predicted_on_gpu<T: Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    logits: &[T],
+    labels: &xent::cudarc::driver::CudaSlice<i64>,
+    shape: Shape,
+    opts: &Options,
+    two_phase: bool,
+) -> Option<Vec<i64>> {
+    let mut d_logits = stream.clone_htod(logits).unwrap();
+    let loss = if two_phase {
+        let mut out = xent::Loss::new(stream, shape.rows()).unwrap();
+        xent.forward(stream, &d_logits, labels, shape, opts, &mut out)
+            .unwrap();
+        out
+    } else {
+        xent.forward_backward(stream, &mut d_logits, labels, shape, opts)
+            .unwrap()
+    };
+    loss.read_predicted_tokens().unwrap()
 }

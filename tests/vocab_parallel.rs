@@ -339,6 +339,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                 counts: RawBuffer::of(stream, counts),
                 extras: RawBuffer::of(stream, extras),
                 row_correct: None,
+                predicted: None,
                 workspace: None,
             })
             .collect();

@@ -99,6 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     counts: RawBuffer::of(&stream, counts),
                     extras: RawBuffer::of(&stream, extras),
                     row_correct: None,
+                    predicted: None,
                     workspace: None,
                 })
                 .collect();

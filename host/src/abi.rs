@@ -360,6 +360,18 @@ pub struct GradGemmParams {
     pub _pad: u32,
 }
 
+/// Parameters of the predicted-tokens kernel (Liger's `return_predicted_tokens`): each scored
+/// row's first maximal logit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ArgmaxParams {
+    pub rows: RowsParams,
+    /// Device address of `[i64; n_rows]`: each row's first maximal logit's class (`torch.argmax`:
+    /// a NaN counts as the maximum), -1 for a row not scored (ignored, or past a sequence's end
+    /// under the causal shift, or with a label out of range).
+    pub out: u64,
+}
+
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

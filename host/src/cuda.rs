@@ -17,8 +17,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
-    COUNT_DONE, COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD, MODE_FUSED, RowsParams,
-    SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
+    ArgmaxParams, COUNT_DONE, COUNT_WORDS, CountParams, FinishParams, MODE_FORWARD, MODE_FUSED,
+    RowsParams, SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::kernels::{
@@ -872,6 +872,10 @@ impl CrossEntropy {
             (true, Some(c)) => c.device_ptr_mut(stream).0,
             _ => 0,
         };
+        let predicted = match (opts.return_predicted_tokens, out.predicted.as_mut()) {
+            (true, Some(c)) => c.device_ptr_mut(stream).0,
+            _ => 0,
+        };
         let call = KernelCall {
             dtype: T::DTYPE,
             label: L::NAME,
@@ -887,6 +891,7 @@ impl CrossEntropy {
             counts,
             extras,
             row_correct,
+            predicted,
             partials,
             // `Loss` allocates its counts zeroed, and small calls leave the done counter at 0.
             done_zeroed: true,
@@ -911,6 +916,8 @@ impl CrossEntropy {
         let small = self.small_finish.load(Ordering::Relaxed)
             && plan::self_finish(rows, &launch_plan, opts, call.weight != 0);
         self.preload(loss_kernels(call, opts, &launch_plan, small))?;
+        // The predicted tokens first: the fused modes write the gradient over the logits.
+        self.launch_argmax(stream, call, opts, out.predicted)?;
         if !small {
             self.launch_count(stream, call, opts, out.counts)?;
             self.launch_main(stream, call, opts, launch_plan, out, mode, false)?;
@@ -1122,6 +1129,38 @@ impl CrossEntropy {
         Ok(())
     }
 
+    /// Enqueues the predicted-tokens kernel over `call`'s logits into `out` (`[i64; rows]`; 0:
+    /// nothing to do): before anything writes a gradient over them.
+    pub(crate) fn launch_argmax(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        out: u64,
+    ) -> Result<()> {
+        let rows = call.shape.rows();
+        if rows == 0 || out == 0 {
+            return Ok(());
+        }
+        let kernel = Kernel::Argmax {
+            dtype: call.dtype,
+            label: call.label,
+        };
+        let params = ArgmaxParams {
+            rows: self.rows_params(call.logits, call.labels, call.shape, opts),
+            out,
+        };
+        self.preload([Some(kernel)])?;
+        self.launch(
+            stream,
+            kernel,
+            &params,
+            plan::argmax_blocks(rows, self.limits),
+            plan::ARGMAX_THREADS,
+            SMEM_REDUCTION_BYTES,
+        )
+    }
+
     /// Enqueues the finish kernel: the reduced loss of `rows` rows of `out`.
     pub(crate) fn launch_finish(
         &self,
@@ -1300,6 +1339,8 @@ pub(crate) struct LossBuffers {
     pub counts: u64,
     pub extras: u64,
     pub row_correct: u64,
+    /// `[i64; rows]` of predicted tokens (`return_predicted_tokens`; 0: none).
+    pub predicted: u64,
     pub partials: u64,
     /// Whether `counts[COUNT_DONE]` is known to be 0 (buffers xent allocated); otherwise a small
     /// call zeroes it first.

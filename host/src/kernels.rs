@@ -5,8 +5,8 @@
 use cudarc::driver::DeviceRepr;
 
 use crate::abi::{
-    CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, OptParams, ScaleParams,
-    XentParams,
+    ArgmaxParams, CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, OptParams,
+    ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
@@ -17,6 +17,7 @@ unsafe impl DeviceRepr for XentParams {}
 unsafe impl DeviceRepr for CountParams {}
 unsafe impl DeviceRepr for FinishParams {}
 unsafe impl DeviceRepr for ScaleParams {}
+unsafe impl DeviceRepr for ArgmaxParams {}
 unsafe impl DeviceRepr for LseGemmParams {}
 unsafe impl DeviceRepr for GemmParams {}
 unsafe impl DeviceRepr for LseTmaParams {}
@@ -78,6 +79,8 @@ pub(crate) enum Kernel {
     Scale { dtype: DType },
     /// `xent_lse_gemm_bf16` (the prototype of [`crate::linear::lse_gemm`]).
     LseGemm,
+    /// `xent_argmax_{dtype}_{label}`: the predicted tokens (`return_predicted_tokens`).
+    Argmax { dtype: DType, label: &'static str },
     /// `xent_{kind}_{variant}{dtype}_{label}`.
     Xent {
         kind: XentKind,
@@ -95,6 +98,7 @@ impl Kernel {
             Kernel::Finish => "xent_finish".to_string(),
             Kernel::Scale { dtype } => format!("xent_scale_{}", dtype.name()),
             Kernel::LseGemm => "xent_lse_gemm_bf16".to_string(),
+            Kernel::Argmax { dtype, label } => format!("xent_argmax_{}_{label}", dtype.name()),
             Kernel::Xent {
                 kind,
                 variant,
@@ -196,6 +200,9 @@ pub(crate) fn kernels() -> Vec<Kernel> {
         XentKind::Backward,
     ]));
     kernels.extend(DTYPES.map(|dtype| Kernel::Scale { dtype }));
+    for dtype in DTYPES {
+        kernels.extend(LABELS.map(|label| Kernel::Argmax { dtype, label }));
+    }
     kernels.push(Kernel::LseGemm);
     kernels
 }

@@ -69,6 +69,10 @@ pub struct Loss {
     pub(crate) row_correct: Option<CudaSlice<u32>>,
     /// The last call asked for token accuracy.
     pub(crate) accuracy_on: bool,
+    /// Per-row predicted tokens (`[i64; rows]`), once a call asked for them.
+    pub(crate) predicted: Option<CudaSlice<i64>>,
+    /// The last call asked for predicted tokens.
+    pub(crate) predicted_on: bool,
     /// The loss options of the last call into these buffers (none before the first).
     pub(crate) loss_key: Option<LossKey>,
 }
@@ -89,6 +93,8 @@ impl Loss {
             weight_host: Vec::new(),
             row_correct: None,
             accuracy_on: false,
+            predicted: None,
+            predicted_on: false,
             loss_key: None,
         })
     }
@@ -103,8 +109,12 @@ impl Loss {
         if opts.return_token_accuracy && self.row_correct.is_none() {
             self.row_correct = Some(stream.alloc_zeros(self.rows.max(1))?);
         }
+        if opts.return_predicted_tokens && self.predicted.is_none() {
+            self.predicted = Some(stream.alloc_zeros(self.rows.max(1))?);
+        }
         self.loss_key = Some(LossKey::of(opts, opts.weight.is_some()));
         self.accuracy_on = opts.return_token_accuracy;
+        self.predicted_on = opts.return_predicted_tokens;
         Ok(())
     }
 
@@ -127,6 +137,7 @@ impl Loss {
             counts: RawBuffer::of(stream, &mut self.counts),
             extras: RawBuffer::of(stream, &mut self.extras),
             row_correct: self.row_correct.as_mut().map(|c| RawBuffer::of(stream, c)),
+            predicted: self.predicted.as_mut().map(|c| RawBuffer::of(stream, c)),
             workspace: self.partials.as_mut().map(|p| RawBuffer::of(stream, p)),
         }
     }
@@ -221,6 +232,19 @@ impl Loss {
                 self.check_labels()?;
                 let v = self.stream.clone_dtoh(c)?;
                 Ok(Some(v[..self.rows].iter().map(|&x| x != 0).collect()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the call and returns, per row, its first maximal logit's class (`torch.argmax`
+    /// of the logits as given; -1 for rows not scored), or `None` when the call did not ask for
+    /// them (`return_predicted_tokens`).
+    pub fn read_predicted_tokens(&self) -> Result<Option<Vec<i64>>> {
+        match (&self.predicted, self.predicted_on) {
+            (Some(p), true) => {
+                let v = self.stream.clone_dtoh(p)?;
+                Ok(Some(v[..self.rows].to_vec()))
             }
             _ => Ok(None),
         }

@@ -74,6 +74,12 @@ pub struct Options {
     /// taken over the logits as given (before [`softcap`](Self::softcap), which preserves their
     /// order). Default false.
     pub return_token_accuracy: bool,
+    /// Liger's `return_predicted_tokens`: also report each scored row's first maximal logit's
+    /// class (`torch.argmax` of the logits as given, as token accuracy takes it; -1 for a row
+    /// not scored). One more read of the logits (a kernel of its own, before the loss's), so it
+    /// costs about half the loss's own time. Not an option of the loss: the kernels that compute
+    /// it are the same with it on or off. Default false.
+    pub return_predicted_tokens: bool,
 }
 
 impl Default for Options {
@@ -89,6 +95,7 @@ impl Default for Options {
             softcap: None,
             weight: None,
             return_token_accuracy: false,
+            return_predicted_tokens: false,
         }
     }
 }

@@ -845,6 +845,18 @@ pub fn count_blocks(rows: usize, limits: DeviceLimits) -> u32 {
     rows.div_ceil(COUNT_THREADS as usize).clamp(1, cap) as u32
 }
 
+/// Threads per block of the predicted-tokens kernel (`xent_argmax_*`).
+pub const ARGMAX_THREADS: u32 = 512;
+/// Blocks per SM of the predicted-tokens kernel at most (four of 512 threads fill an SM); each
+/// block takes rows `b, b + grid, ...`.
+pub const ARGMAX_BLOCKS_PER_SM: usize = 4;
+
+/// Grid of the predicted-tokens kernel: a block a row, capped per SM.
+pub fn argmax_blocks(rows: usize, limits: DeviceLimits) -> u32 {
+    let cap = ARGMAX_BLOCKS_PER_SM * limits.sm_count.max(1) as usize;
+    rows.clamp(1, cap) as u32
+}
+
 /// Tiles per row of the scaling kernel.
 pub fn scale_tiles(vocab: usize) -> usize {
     vocab.div_ceil(SCALE_TILE)

@@ -72,6 +72,7 @@ pub struct RawCall {
 /// The outputs of a forward call, owned by the caller, as [`crate::Loss`] holds them: `loss`
 /// `[f32; 1]`, `row_loss` and `row_lse` `[f32; rows]`, `counts` `[u32; COUNT_WORDS]`, `extras`
 /// `[f32; 2]` (z-loss part, token accuracy), `row_correct` `[u32; rows]` (token accuracy only),
+/// `predicted` `[i64; rows]` (predicted tokens only),
 /// `workspace` `[f32; workspace_len]` ([`CrossEntropy::raw_workspace_len`]; none when that is 0).
 /// A two-phase backward reads `counts` and `row_lse` of the forward that wrote them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +83,7 @@ pub struct RawLoss {
     pub counts: RawBuffer,
     pub extras: RawBuffer,
     pub row_correct: Option<RawBuffer>,
+    pub predicted: Option<RawBuffer>,
     pub workspace: Option<RawBuffer>,
 }
 
@@ -158,6 +160,18 @@ impl RawLoss {
                 ));
             }
         };
+        let predicted = match (opts.return_predicted_tokens, self.predicted) {
+            (false, _) => 0,
+            (true, Some(buffer)) => {
+                check_len("predicted", buffer, rows)?;
+                buffer.ptr
+            }
+            (true, None) => {
+                return Err(Error::InvalidOption(
+                    "return_predicted_tokens needs a predicted buffer ([i64; rows])".to_string(),
+                ));
+            }
+        };
         let partials = match (workspace_len, self.workspace) {
             (0, _) => 0,
             (needed, Some(buffer)) => {
@@ -177,6 +191,7 @@ impl RawLoss {
             counts: self.counts.ptr,
             extras: self.extras.ptr,
             row_correct,
+            predicted,
             partials,
             // The caller's counts: a small call zeroes the done counter first.
             done_zeroed: false,

@@ -11,6 +11,7 @@
 
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
+pub mod argmax;
 pub mod element;
 #[cfg(xent_wgmma)]
 pub mod gemm;
@@ -23,7 +24,7 @@ pub mod scale;
 pub mod wgmma;
 pub mod xent;
 
-use abi::{CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
+use abi::{ArgmaxParams, CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
 #[cfg(xent_wgmma)]
 use abi::{GemmParams, GradGemmParams, LseTmaParams};
 use element::{Bf16, F16, F32};
@@ -185,6 +186,13 @@ kernels! {
     xent_scale_bf16(ScaleParams) => scale::scale::<Bf16>;
     xent_scale_f16(ScaleParams) => scale::scale::<F16>;
     xent_scale_f32(ScaleParams) => scale::scale::<F32>;
+
+    xent_argmax_bf16_i32(ArgmaxParams) => argmax::argmax::<Bf16, i32>;
+    xent_argmax_bf16_i64(ArgmaxParams) => argmax::argmax::<Bf16, i64>;
+    xent_argmax_f16_i32(ArgmaxParams) => argmax::argmax::<F16, i32>;
+    xent_argmax_f16_i64(ArgmaxParams) => argmax::argmax::<F16, i64>;
+    xent_argmax_f32_i32(ArgmaxParams) => argmax::argmax::<F32, i32>;
+    xent_argmax_f32_i64(ArgmaxParams) => argmax::argmax::<F32, i64>;
 }
 
 #[cfg(xent_cluster)]

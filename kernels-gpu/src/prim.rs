@@ -253,6 +253,12 @@ pub unsafe fn st_global_u32(addr: u64, v: u32) {
     unsafe { asm!("st.global.u32 [{p}], {v};", p = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// `st.global.u64`.
+#[inline(always)]
+pub unsafe fn st_global_u64(addr: u64, v: u64) {
+    unsafe { asm!("st.global.u64 [{p}], {v};", p = in(reg64) addr, v = in(reg64) v, options(nostack)) }
+}
+
 /// `red.global.add.u32`: atomic add, result unused.
 #[inline(always)]
 pub unsafe fn red_add_u32(addr: u64, v: u32) {

@@ -271,6 +271,59 @@ pub fn block_sum_f64(mut v: f64) -> f64 {
     }))
 }
 
+/// A candidate for `torch.argmax`: a value and its index (`u32::MAX`: no candidate yet).
+#[derive(Clone, Copy)]
+pub struct Best {
+    pub value: f32,
+    pub index: u32,
+}
+
+impl Best {
+    pub const NONE: Best = Best { value: f32::NEG_INFINITY, index: u32::MAX };
+
+    #[inline(always)]
+    pub fn is_none(&self) -> bool {
+        self.index == u32::MAX
+    }
+
+    /// The first maximum of the two: a NaN beats any number, a larger value a smaller, and of
+    /// equal values (or two NaNs) the smaller index wins; no candidate loses to any.
+    #[inline(always)]
+    pub fn or(self, other: Best) -> Best {
+        let (a_nan, b_nan) = (self.value.is_nan(), other.value.is_nan());
+        let other_wins = if other.is_none() {
+            false
+        } else if self.is_none() {
+            true
+        } else if a_nan || b_nan {
+            b_nan && (!a_nan || other.index < self.index)
+        } else {
+            other.value > self.value || (other.value == self.value && other.index < self.index)
+        };
+        if other_wins { other } else { self }
+    }
+
+    fn word(self) -> u64 {
+        ((self.value.to_bits() as u64) << 32) | self.index as u64
+    }
+
+    fn of_word(w: u64) -> Best {
+        Best { value: f32::from_bits((w >> 32) as u32), index: w as u32 }
+    }
+}
+
+/// [`Best::or`] across the block; every thread gets it (the same whatever the timing).
+#[inline(always)]
+pub fn block_best(mut v: Best) -> Best {
+    let mut lane_mask = 16;
+    while lane_mask > 0 {
+        let other = Best { value: shfl_xor_f32(v.value, lane_mask), index: shfl_xor_u32(v.index, lane_mask) };
+        v = v.or(other);
+        lane_mask >>= 1;
+    }
+    Best::of_word(block_combine_words(v.word(), |a, b| Best::of_word(a).or(Best::of_word(b)).word()))
+}
+
 /// Combines the per-warp values (already warp-reduced, identical on all lanes) through shared
 /// memory, serially in warp order so the result does not depend on timing.
 #[inline(always)]

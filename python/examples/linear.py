@@ -87,3 +87,14 @@ dft, want = float(dft.detach()), float(want.detach())
 assert abs(dft - want) <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * abs(want)
 assert grad_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4)
 print("ok")
+
+# Liger's return_predicted_tokens: each scored position's argmax, found on the chunks of logits
+# (which never exist whole), -1 where nothing is scored (here the last position of each sequence).
+out = xt.FusedLinearCrossEntropyLoss(causal_shift=True, return_predicted_tokens=True)(head.weight, hidden, tokens)
+want = F.linear(hidden, head.weight.detach()).argmax(-1)
+want[:, -1] = -1
+want[tokens.roll(-1, dims=1) == -100] = -1
+same = float((out.predicted_tokens == want).float().mean())
+print(f"predicted tokens: {same:.1%} equal to the argmax of PyTorch's logits")
+assert same > 0.9 and bool((out.predicted_tokens[:, -1] == -1).all())
+print("ok")

@@ -202,6 +202,7 @@ fn raw_loss(
     rows: usize,
     accuracy: bool,
     workspace: Option<Buffer>,
+    predicted: Option<Buffer>,
 ) -> PyResult<RawLoss> {
     let (base, len) = stats;
     let at = |index: usize, n: usize| RawBuffer::new(base + 4 * index as u64, n);
@@ -218,8 +219,17 @@ fn raw_loss(
         row_loss: at(STATS_ROWS, rows),
         row_lse: at(STATS_ROWS + rows, rows),
         row_correct: accuracy.then(|| at(STATS_ROWS + 2 * rows, rows)),
+        predicted: predicted.map(raw),
         workspace: workspace.map(raw),
     })
+}
+
+/// `opts` with `return_predicted_tokens` on where the caller gave a `predicted` buffer.
+fn with_predicted(opts: &xent::Options, predicted: Option<Buffer>) -> xent::Options {
+    xent::Options {
+        return_predicted_tokens: predicted.is_some(),
+        ..opts.clone()
+    }
 }
 
 /// xent's kernels on one CUDA device (its primary context, the one PyTorch uses).
@@ -292,7 +302,7 @@ impl Device {
             return Ok(needed);
         }
         let accuracy = opts.inner.return_token_accuracy;
-        let out = raw_loss(stats, call.shape.rows(), accuracy, workspace)?;
+        let out = raw_loss(stats, call.shape.rows(), accuracy, workspace, None)?;
         let stream = self.stream(stream);
         // SAFETY: `xent/_tensors.py` took every address and length from a live tensor of this
         // device, of the dtype named, and the tensors outlive the enqueued work (PyTorch's
@@ -324,7 +334,7 @@ impl Device {
     ) -> PyResult<()> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
         let accuracy = opts.inner.return_token_accuracy;
-        let forward = raw_loss(stats, call.shape.rows(), accuracy, None)?;
+        let forward = raw_loss(stats, call.shape.rows(), accuracy, None, None)?;
         let stream = self.stream(stream);
         // SAFETY: as in `forward`.
         unsafe {

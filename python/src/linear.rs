@@ -11,7 +11,9 @@ use xent::linear::{
     LinearPass, LinearShape, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
 };
 
-use super::{Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss};
+use super::{
+    Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss, with_predicted,
+};
 
 /// `[batch, seq_len]` rows of `hidden` features against `vocab` classes.
 type LinearShapeArgs = (usize, usize, usize, usize);
@@ -148,10 +150,11 @@ pub(crate) fn linear_scratch(
 /// on `stream`: the loss into `stats` (a backward reads the forward's), the gradients into
 /// `grads` (`(hidden, (weight, dtype), (bias, dtype), accumulate)`, each optional), working in
 /// `scratch` (`(chunk_rows, logits, gemm_workspace, labels, ones)`, sized by
-/// `linear_scratch`; the ones filled with 1).
+/// `linear_scratch`; the ones filled with 1). With `predicted` (`[i64; rows]`, a forward or
+/// fused pass), each scored row's first maximal logit's class too (-1 for the others).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch))]
+#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None))]
 pub(crate) fn linear(
     device: &Device,
     stream: usize,
@@ -170,6 +173,7 @@ pub(crate) fn linear(
     workspace: Option<Buffer>,
     grads: (Option<Buffer>, GradArg, GradArg, bool),
     scratch: (usize, Buffer, Buffer, Option<Buffer>, Option<Buffer>),
+    predicted: Option<Buffer>,
 ) -> PyResult<()> {
     let call = raw_linear_call((
         hidden,
@@ -183,7 +187,8 @@ pub(crate) fn linear(
     ))?;
     let pass = pass_of(pass_name, upstream)?;
     let accuracy = opts.inner.return_token_accuracy;
-    let out = raw_loss(stats, call.shape.rows(), accuracy, workspace)?;
+    let out = raw_loss(stats, call.shape.rows(), accuracy, workspace, predicted)?;
+    let opts = with_predicted(&opts.inner, predicted);
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
         hidden: grad_hidden.map(raw),
@@ -206,16 +211,9 @@ pub(crate) fn linear(
     // ones; the tensors outlive the enqueued work (PyTorch's caching allocator reuses memory
     // only in stream order).
     unsafe {
-        device.xent.raw_linear(
-            blas,
-            &stream,
-            &call,
-            &opts.inner,
-            pass,
-            &out,
-            &grads,
-            &scratch,
-        )
+        device
+            .xent
+            .raw_linear(blas, &stream, &call, &opts, pass, &out, &grads, &scratch)
     }
     .map_err(py_err)
 }

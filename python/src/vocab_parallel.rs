@@ -131,7 +131,7 @@ pub(crate) fn shard_backward(
     )?;
     let rows = call.shape.rows();
     let layout = layout(&device.xent, rows, vocab, world, call.dtype, opts)?;
-    let out = raw_loss(stats, rows, false, None)?;
+    let out = raw_loss(stats, rows, false, None, None)?;
     let stream = device.stream(stream);
     // SAFETY: as in `shard_stats`.
     unsafe {
@@ -173,7 +173,7 @@ pub(crate) fn shard_grad(
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
-    let out = raw_loss(stats, call.shape.rows(), false, None)?;
+    let out = raw_loss(stats, call.shape.rows(), false, None, None)?;
     let stream = device.stream(stream);
     // SAFETY: as in `shard_stats`; `stats` is the same call's step 3 output, enqueued before on
     // this stream.

@@ -173,8 +173,6 @@ def test_module_is_liger_shaped(device):
     direct = xt.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, lse_square_scale=1e-4)
     assert torch.equal(out.loss, direct)
     assert "label_smoothing=0.1" in repr(loss_fn)
-    with pytest.raises(NotImplementedError):
-        xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True)
     with pytest.raises(ValueError):
         xt.FusedLinearCrossEntropyLoss(reduction="avg")
 
@@ -424,3 +422,77 @@ def test_token_scaling_matches_liger_itself(opts):
     for what, got, want in zip(("grad_hidden", "grad_weight", "grad_bias"), xg, lg):
         err = float((got - want).abs().max())
         assert err <= 1e-4 * float(want.abs().max()) + 1e-9, f"{what}: max error {err:.3g} against Liger's"
+
+
+def linear_predicted(h, w, b, y, ignore_index=-100, causal_shift=False):
+    """The predicted tokens of ``h·Wᵀ + b``: the float64 logits' first maximum per scored row (-1
+    elsewhere), and the logits (for rows whose two largest logits lie within rounding)."""
+    logits = h.detach().to(F64) @ w.detach().to(F64).T
+    if b is not None:
+        logits = logits + b.detach().to(F64)
+    labels = y
+    if causal_shift:
+        labels = torch.cat([y[..., 1:], torch.full_like(y[..., :1], ignore_index)], dim=-1)
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < w.shape[0])
+    best = logits.argmax(-1)
+    return torch.where(scored, best, torch.full_like(best, -1)), logits
+
+
+def check_predicted(got, h, w, b, y, dtype, ignore_index=-100, causal_shift=False):
+    """``got`` is a maximal logit of each scored row up to the GEMM's rounding of the logits
+    (``2·u·(1 + max|z|)``: each logit rounded to the inputs' dtype once), and -1 exactly where
+    the row is not scored; most rows match the float64 argmax exactly."""
+    want, logits = linear_predicted(h, w, b, y, ignore_index, causal_shift)
+    assert got.dtype == torch.int64 and got.shape == y.shape
+    assert torch.equal(got == -1, want == -1)
+    scored = want != -1
+    top = logits.max(-1).values
+    picked = logits.gather(-1, got.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    tol = 2 * UNIT[dtype] * (1 + float(logits.abs().max()))
+    gap = (top - picked)[scored]
+    assert float(gap.max()) <= tol if gap.numel() else True, f"a predicted logit {float(gap.max()):.3g} below the maximum"
+    # The first maximum of the logits rounded as the GEMM rounds them: ties after rounding go to
+    # the first, as there; a logit rounded the other way (f32 sums against float64's) moves a few.
+    rounded = logits.to(dtype).to(F64).argmax(-1)
+    assert float((got == rounded)[scored].float().mean()) >= 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["mean", "none", "causal", "ignore_7", "token_scaling", "no_grad"])
+def test_return_predicted_tokens_is_the_scored_rows_argmax(device, dtype, case):
+    kwargs = dict(
+        mean=dict(),
+        none=dict(reduction="none", return_token_accuracy=True),
+        causal=dict(causal_shift=True, softcap=4.0),
+        ignore_7=dict(ignore_index=7, return_z_loss=True, lse_square_scale=1e-4),
+        token_scaling=dict(use_token_scaling=True),
+        no_grad=dict(),
+    )[case]
+    ignore_index = kwargs.get("ignore_index", -100)
+    causal = kwargs.get("causal_shift", False)
+    h, w, b, y, _ = inputs(device, (3, 41), dtype=dtype, bias=True, ignore_index=ignore_index, scale=2.0)
+    grad = case != "no_grad"
+    hh, ww, bb = (t.detach().clone().requires_grad_(grad) for t in (h, w, b))
+    # Small chunks, so that several chunks each take their rows' predictions.
+    out = xt.linear_cross_entropy(hh, ww, y, bb, return_predicted_tokens=True, chunk_bytes=40 * 1003 * 4, **kwargs)
+    assert isinstance(out, xt.CrossEntropyOutput)
+    check_predicted(out.predicted_tokens, h, w, b, y, dtype, ignore_index, causal)
+    plain = xt.linear_cross_entropy(h, w, y, b, chunk_bytes=40 * 1003 * 4, **kwargs)
+    loss = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
+    assert torch.equal(out.loss, loss), "the option changes the loss"
+    if grad:
+        out.loss.sum().backward()
+        assert hh.grad is not None and ww.grad is not None
+    module = xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True, ignore_index=ignore_index)
+    check_predicted(module(w, h, y, b).predicted_tokens, h, w, b, y, dtype, ignore_index)
+
+
+@cuda_only
+def test_return_predicted_tokens_matches_liger_itself():
+    """Against Liger's own ``return_predicted_tokens`` where Liger is installed (float32)."""
+    liger = pytest.importorskip("liger_kernel.transformers")
+    h, w, b, y, _ = inputs("cuda", (512,), 256, 32000, torch.float32, True, scale=3.0)
+    ours = xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True)(w, h, y, b)
+    theirs = liger.LigerFusedLinearCrossEntropyLoss(return_predicted_tokens=True)(w, h, y, b)
+    assert torch.equal(ours.predicted_tokens.view(-1), theirs.predicted_tokens.view(-1))

@@ -989,8 +989,54 @@ def test_module_rejects_bad_options_at_construction():
     for kwargs in bad:
         with pytest.raises(ValueError):
             xt.CrossEntropyLoss(**kwargs)
-    with pytest.raises(NotImplementedError):
-        xt.CrossEntropyLoss(return_predicted_tokens=True)
+
+
+def expected_predicted(logits, target, ignore_index=-100, causal_shift=False):
+    """``return_predicted_tokens``' definition: each row's first maximal logit (float64 argmax of
+    the logits as given), -1 where the row is not scored."""
+    labels = target
+    if causal_shift:
+        labels = torch.cat([target[..., 1:], torch.full_like(target[..., :1], ignore_index)], dim=-1)
+    vocab = logits.shape[-1]
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    best = logits.detach().to(F64).argmax(-1).to(labels.device)
+    return torch.where(scored, best, torch.full_like(best, -1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", ["mean", "none", "softcap_causal", "grad_two_phase", "ignore_7"])
+def test_return_predicted_tokens_is_the_scored_rows_argmax(device, dtype, case):
+    kwargs = dict(
+        mean=dict(),
+        none=dict(reduction="none", return_token_accuracy=True),
+        softcap_causal=dict(softcap=2.0, causal_shift=True, label_smoothing=0.1),
+        grad_two_phase=dict(two_phase=True, lse_square_scale=1e-3, return_z_loss=True),
+        ignore_7=dict(ignore_index=7),
+    )[case]
+    ignore_index = kwargs.get("ignore_index", -100)
+    causal = kwargs.get("causal_shift", False)
+    logits, target, _ = make_inputs(device, (4, 33, 1003), dtype=dtype, ignore_index=ignore_index,
+                                    causal_shift=causal, hits=True, logit_scale=3.0)
+    if case == "none":  # a row of equal maxima and a NaN row: the first of them
+        logits[0, 0, 5:9] = 50.0
+        logits[0, 1, 17] = float("nan")
+        logits[0, 1, 30] = float("nan")
+    want = expected_predicted(logits, target, ignore_index, causal)
+    plain = xt.cross_entropy(logits.clone(), target, **kwargs)
+    grad = case in ("mean", "grad_two_phase")
+    x = logits.clone().requires_grad_(grad)
+    out = xt.cross_entropy(x, target, return_predicted_tokens=True, **kwargs)
+    assert isinstance(out, xt.CrossEntropyOutput)
+    assert out.predicted_tokens.dtype == torch.int64 and out.predicted_tokens.shape == target.shape
+    assert torch.equal(out.predicted_tokens, want), (out.predicted_tokens != want).nonzero()[:5]
+    loss = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=0, equal_nan=True)  # the same loss
+    if grad:
+        out.loss.backward()  # the fused call wrote its gradient over x after the argmax was taken
+        assert x.grad is not None
+    module = xt.CrossEntropyLoss(return_predicted_tokens=True, **{k: v for k, v in kwargs.items()})
+    assert torch.equal(module(logits.clone(), target).predicted_tokens, want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,6 +265,21 @@ pub fn check_option_outputs(
     if !same(z, expected.z_loss, total_loss_tol(expected, opts)) {
         return Err(format!("z_loss {z} != reference {}", expected.z_loss));
     }
+    let predicted = loss.read_predicted_tokens().map_err(|e| e.to_string())?;
+    if predicted != expected.predicted_tokens {
+        let (got, want) = (
+            predicted.unwrap_or_default(),
+            expected.predicted_tokens.clone(),
+        );
+        let want = want.unwrap_or_default();
+        let r = (0..got.len().max(want.len())).find(|&r| got.get(r) != want.get(r));
+        return Err(format!(
+            "predicted tokens (asked: {}): row {r:?}: {:?} != reference {:?}",
+            opts.return_predicted_tokens,
+            r.and_then(|r| got.get(r)),
+            r.and_then(|r| want.get(r))
+        ));
+    }
     let accuracy = loss.read_accuracy().map_err(|e| e.to_string())?;
     let row_correct = loss.read_row_correct().map_err(|e| e.to_string())?;
     match (

@@ -27,6 +27,12 @@ pub fn cross_entropy(
 ) -> candle_core::Result<Tensor> {
     opts.validate(*logits.dims().last().unwrap_or(&0))
         .map_err(candle_core::Error::wrap)?;
+    if opts.return_predicted_tokens {
+        candle_core::bail!(
+            "xent cross_entropy: return_predicted_tokens is not supported here (the op returns the \
+             loss only): take logits.argmax(D::Minus1) before the call"
+        );
+    }
     logits.apply_op2(
         targets,
         Forward {

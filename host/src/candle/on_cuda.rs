@@ -174,6 +174,7 @@ fn run_forward(
         counts: RawBuffer::of(stream, &mut out.counts),
         extras: RawBuffer::of(stream, &mut out.extras),
         row_correct: out.row_correct.as_mut().map(|c| RawBuffer::of(stream, c)),
+        predicted: None,
         workspace: out.workspace.as_mut().map(|w| RawBuffer::of(stream, w)),
     };
     // SAFETY: every address is a live buffer of candle's or this call's on `stream`'s context,
@@ -290,6 +291,7 @@ pub(super) fn backward(
         counts: RawBuffer::of(&stream, &mut kept.counts),
         extras: RawBuffer::new(0, 0),
         row_correct: None,
+        predicted: None,
         workspace: None,
     };
     let len = logits.len;

@@ -350,6 +350,7 @@ impl CrossEntropy {
                     counts: out.counts.ptr,
                     extras: 0,
                     row_correct: 0,
+                    predicted: 0,
                     partials: 0,
                     done_zeroed: false,
                 }
@@ -775,8 +776,20 @@ impl Work<'_> {
             row_loss: at(buffers.row_loss),
             row_lse: at(buffers.row_lse),
             row_correct: at(buffers.row_correct),
+            predicted: if buffers.predicted == 0 {
+                0
+            } else {
+                buffers.predicted + 8 * first as u64
+            },
             ..*buffers
         };
+        // The predicted tokens from the chunk's logits, before its gradient overwrites them.
+        xent.launch_argmax(
+            self.stream,
+            &kernel_call,
+            &self.opts,
+            chunk_buffers.predicted,
+        )?;
         let mode = if grads { MODE_FUSED } else { MODE_FORWARD };
         xent.launch_main(
             self.stream,

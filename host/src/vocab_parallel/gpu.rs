@@ -121,6 +121,12 @@ impl ShardCall {
                 "token accuracy is not supported by the vocabulary-parallel loss yet".to_string(),
             ));
         }
+        if opts.return_predicted_tokens {
+            return Err(Error::InvalidOption(
+                "predicted tokens are not supported by the vocabulary-parallel loss yet"
+                    .to_string(),
+            ));
+        }
         opts.validate(self.vocab)?;
         if let Some(w) = self.weight
             && w.len != self.vocab

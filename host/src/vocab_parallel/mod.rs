@@ -365,5 +365,6 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
         total_weight,
         row_correct,
         accuracy,
+        predicted_tokens: None,
     })
 }

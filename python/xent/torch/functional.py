@@ -23,12 +23,37 @@ def _forward_only(input, target, weight, opts):
     return loss_of(stats, target, opts), stats
 
 
+def scored_labels(target, ignore_index, causal_shift):
+    """Each row's label as the loss scores it (``target`` shifted left within each sequence under
+    ``causal_shift``, the last position ``ignore_index``), in ``target``'s shape."""
+    if causal_shift:
+        pad = torch.full_like(target[..., :1], ignore_index)
+        target = torch.cat([target[..., 1:], pad], dim=-1)
+    return target
+
+
+def predicted_tokens(logits, target, ignore_index, causal_shift):
+    """Liger's ``return_predicted_tokens``: each scored row's first maximal logit's class
+    (``torch.argmax`` of ``logits`` as given, before any soft cap, as token accuracy takes it),
+    -1 for a row not scored (its label ``ignore_index`` or out of range, or the last position
+    under ``causal_shift``); int64, ``target``'s shape. Read before a fused loss writes its
+    gradient over the logits."""
+    labels = scored_labels(target, ignore_index, causal_shift)
+    vocab = logits.shape[-1]
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    if vocab == 0:
+        return torch.full(target.shape, -1, dtype=torch.int64, device=target.device)
+    argmax = logits.detach().argmax(-1).view(target.shape).to(device=target.device)
+    return torch.where(scored, argmax, torch.full_like(argmax, -1))
+
+
 @dataclass
 class CrossEntropyOutput:
-    """What a call returns when ``return_z_loss`` or ``return_token_accuracy`` is set (Liger's
-    ``CrossEntropyOutput``): device tensors, none of them synchronised; scalars, or per row
-    (``target``'s shape: each row's z-loss part, and 1.0 where its argmax is its label) with
-    ``reduction="none"``."""
+    """What a call returns when ``return_z_loss``, ``return_token_accuracy`` or
+    ``return_predicted_tokens`` is set (Liger's ``CrossEntropyOutput``): device tensors, none of
+    them synchronised; scalars, or per row (``target``'s shape: each row's z-loss part, and 1.0
+    where its argmax is its label) with ``reduction="none"``; the predicted tokens are per row
+    (``target``'s shape, int64, -1 where not scored) whatever the reduction."""
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor] = None
@@ -49,6 +74,7 @@ def cross_entropy(
     causal_shift: bool = False,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
     grad_scale: float = 1.0,
     two_phase: Optional[bool] = None,
     inplace_backward: bool = True,
@@ -61,8 +87,10 @@ def cross_entropy(
     ``return_token_accuracy``. Nothing waits for the GPU.
 
     - ``weight``, ``ignore_index``, ``reduction``, ``label_smoothing``: PyTorch's.
-    - ``lse_square_scale`` (z-loss), ``softcap``, ``return_z_loss``, ``return_token_accuracy``:
-      Liger's.
+    - ``lse_square_scale`` (z-loss), ``softcap``, ``return_z_loss``, ``return_token_accuracy``,
+      ``return_predicted_tokens``: Liger's. The predicted tokens (``predicted_tokens``) are
+      ``input.argmax(-1)``, taken before the loss (which may write its gradient over ``input``):
+      one more read of the logits.
     - ``causal_shift``: position ``t`` of each sequence (the last leading dimension) is scored
       against ``target`` at ``t + 1``, the last position ignored; no slice or copy needed.
     - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
@@ -88,6 +116,9 @@ def cross_entropy(
     )
     if not torch.compiler.is_compiling():
         _launch.checked(opts)  # bad option values raise here, before anything runs
+    predicted = None
+    if return_predicted_tokens and isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+        predicted = predicted_tokens(input, target, ignore_index, causal_shift)
     if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
         if two_phase is None:
             two_phase = input.dtype == torch.float16 or reduction != "mean"
@@ -96,15 +127,16 @@ def cross_entropy(
         loss, stats = _forward_only(input, target, weight, opts)
     return outputs(
         loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
-        check_labels,
+        check_labels, predicted,
     )
 
 
 def outputs(loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
-            check_labels):
-    """What a call returns from its loss and stats: the loss, or a ``CrossEntropyOutput``; with
-    ``check_labels``, after waiting for the call and raising IndexError for a bad target."""
-    if not (check_labels or return_z_loss or return_token_accuracy):
+            check_labels, predicted=None):
+    """What a call returns from its loss and stats: the loss, or a ``CrossEntropyOutput`` (with
+    ``predicted``, the predicted tokens, too); with ``check_labels``, after waiting for the call
+    and raising IndexError for a bad target."""
+    if not (check_labels or return_z_loss or return_token_accuracy or predicted is not None):
         return loss
     z_loss, accuracy, counts = extras_of(stats)
     if reduction == "none":  # per row, as Liger returns them
@@ -116,10 +148,11 @@ def outputs(loss, stats, target, reduction, lse_square_scale, return_z_loss, ret
             accuracy = row_correct.view(torch.int32).to(torch.float32).view(target.shape)
     if check_labels:
         _launch.check_labels(counts)
-    if return_z_loss or return_token_accuracy:
+    if return_z_loss or return_token_accuracy or predicted is not None:
         return CrossEntropyOutput(
             loss=loss,
             z_loss=z_loss if return_z_loss else None,
             token_accuracy=accuracy if return_token_accuracy else None,
+            predicted_tokens=predicted,
         )
     return loss

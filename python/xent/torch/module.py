@@ -25,11 +25,12 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
 class CrossEntropyLoss(torch.nn.Module):
     """``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
     reduction="mean", label_smoothing=0.0, *, lse_square_scale=0.0, softcap=None,
-    return_z_loss=False, return_token_accuracy=False, causal_shift=False, grad_scale=1.0,
-    two_phase=None)``: PyTorch's positional arguments in PyTorch's order, Liger's by keyword.
+    return_z_loss=False, return_token_accuracy=False, return_predicted_tokens=False,
+    causal_shift=False, grad_scale=1.0, two_phase=None)``: PyTorch's positional arguments in
+    PyTorch's order, Liger's by keyword.
 
     ``forward(input, target)`` returns the loss, or Liger's ``CrossEntropyOutput`` when
-    ``return_z_loss`` or ``return_token_accuracy`` is set. Class indices only (no class
+    ``return_z_loss``, ``return_token_accuracy`` or ``return_predicted_tokens`` is set. Class indices only (no class
     probabilities as targets); the class dimension is the last (``[N, C]``, ``[..., C]`` or an
     unbatched ``[C]``).
     """
@@ -54,11 +55,6 @@ class CrossEntropyLoss(torch.nn.Module):
         inplace_backward: bool = True,
     ):
         super().__init__()
-        if return_predicted_tokens:
-            raise NotImplementedError(
-                "return_predicted_tokens is not supported by xent: take input.argmax(-1) before "
-                "the loss (the fused loss overwrites input with its gradient)"
-            )
         reduction = _legacy_reduction(size_average, reduce, reduction)
         # Checks every option now (ValueError), as Liger's asserts do.
         self.options = _launch.checked(_launch.Opts(
@@ -73,6 +69,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.return_z_loss = return_z_loss
         self.return_token_accuracy = return_token_accuracy
+        self.return_predicted_tokens = return_predicted_tokens
         self.causal_shift = causal_shift
         self.grad_scale = grad_scale
         self.two_phase = two_phase
@@ -91,6 +88,7 @@ class CrossEntropyLoss(torch.nn.Module):
             causal_shift=self.causal_shift,
             return_z_loss=self.return_z_loss,
             return_token_accuracy=self.return_token_accuracy,
+            return_predicted_tokens=self.return_predicted_tokens,
             grad_scale=self.grad_scale,
             two_phase=self.two_phase,
             inplace_backward=self.inplace_backward,

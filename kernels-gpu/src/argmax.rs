@@ -1,0 +1,67 @@
+//! Predicted tokens (Liger's `return_predicted_tokens`): the class of each scored row's first
+//! maximal logit, read from the logits before the cross-entropy kernel writes its gradient over
+//! them.
+
+use crate::abi::ArgmaxParams;
+use crate::element::{Element, Label};
+use crate::opts;
+use crate::prim::{self, thread_idx};
+use crate::reduce::{self, Best};
+use crate::xent::{Target, row_target};
+
+/// Writes `out[row]` for every row: the index of its first maximal logit (`torch.argmax` of the
+/// logits as given: a NaN counts as the maximum, and of equal maxima the first), or -1 for a row
+/// that is not scored.
+///
+/// Launch: any 1-D grid (block `b` takes rows `b, b + grid, ...`), block = a multiple of 32
+/// threads, 256 bytes of dynamic shared memory. Traffic: one read of each scored row.
+#[inline(always)]
+pub unsafe fn argmax<T: Element, L: Label>(p: &ArgmaxParams) {
+    let rows = &p.rows;
+    let mut row = prim::block_idx() as u64;
+    while row < rows.n_rows {
+        let class = match unsafe { row_target::<L>(rows, row) } {
+            Target::Class(_) => i64::from(unsafe { row_argmax::<T>(p, row) }),
+            Target::Ignored | Target::Bad => -1,
+        };
+        if thread_idx() == 0 {
+            unsafe { prim::st_global_u64(p.out + 8 * row, class as u64) };
+        }
+        row += prim::grid_dim() as u64;
+    }
+}
+
+/// The first maximal logit's index in row `row`, by the whole block (every thread gets it): each
+/// thread takes 16-byte vectors `t, t + threads, ...` and one element of the unaligned head or the
+/// tail; a vector is looked into only when its (NaN-propagating) maximum could beat the thread's
+/// best, which holds an earlier index.
+#[inline(always)]
+unsafe fn row_argmax<T: Element>(p: &ArgmaxParams, row: u64) -> u32 {
+    let rows = &p.rows;
+    let len = rows.vocab;
+    let addr = rows.logits + row * rows.row_stride * T::BYTES as u64;
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let head = ((((16 - (addr & 15)) & 15) as u32) / T::BYTES).min(len);
+    let n_vec = (len - head) / T::VEC as u32;
+    let mut best = Best::NONE;
+    let mut v = tid;
+    while v < n_vec {
+        let start = head + v * T::VEC as u32;
+        let x = T::unpack(unsafe { prim::ld_global_v4(addr + (start * T::BYTES) as u64) });
+        let m = opts::max_nan_of(&x, T::VEC);
+        // Ties with `best` keep it (an earlier index); a NaN beats any number, not another NaN.
+        if best.is_none() || m > best.value || (m.is_nan() && !best.value.is_nan()) {
+            for (i, &value) in x.iter().enumerate().take(T::VEC) {
+                best = best.or(Best { value, index: start + i as u32 });
+            }
+        }
+        v += step;
+    }
+    let n_scalar = len - n_vec * T::VEC as u32;
+    if tid < n_scalar {
+        let j = if tid < head { tid } else { tid + n_vec * T::VEC as u32 };
+        let value = T::widen(unsafe { T::ld_global_raw(addr + (j * T::BYTES) as u64) });
+        best = best.or(Best { value, index: j });
+    }
+    reduce::block_best(best).index
+}
