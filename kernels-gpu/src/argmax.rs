@@ -44,17 +44,30 @@ unsafe fn row_argmax<T: Element>(p: &ArgmaxParams, row: u64) -> u32 {
     let head = ((((16 - (addr & 15)) & 15) as u32) / T::BYTES).min(len);
     let n_vec = (len - head) / T::VEC as u32;
     let mut best = Best::NONE;
-    let mut v = tid;
-    while v < n_vec {
-        let start = head + v * T::VEC as u32;
-        let x = T::unpack(unsafe { prim::ld_global_v4(addr + (start * T::BYTES) as u64) });
+    // Vector `vk`'s first maximum joins `best` when it could beat it: ties with `best` keep it
+    // (an earlier index), a NaN beats any number but not another NaN. Spelled out with constant
+    // indices so the vectors stay in registers (a loop over them put 96 bytes on the stack).
+    let visit = |best: &mut Best, w: [u32; 4], vk: u32| {
+        let x = T::unpack(w);
         let m = opts::max_nan_of(&x, T::VEC);
-        // Ties with `best` keep it (an earlier index); a NaN beats any number, not another NaN.
         if best.is_none() || m > best.value || (m.is_nan() && !best.value.is_nan()) {
-            for (i, &value) in x.iter().enumerate().take(T::VEC) {
-                best = best.or(Best { value, index: start + i as u32 });
-            }
+            *best = best.or(Best { value: m, index: head + vk * T::VEC as u32 + first_of(&x, m) });
         }
+    };
+    let mut v = tid;
+    // Four vectors' loads in flight before the first is looked into.
+    while v + 3 * step < n_vec {
+        let load = |vk: u32| unsafe { prim::ld_global_v4(addr + ((head + vk * T::VEC as u32) * T::BYTES) as u64) };
+        let (w0, w1, w2, w3) = (load(v), load(v + step), load(v + 2 * step), load(v + 3 * step));
+        visit(&mut best, w0, v);
+        visit(&mut best, w1, v + step);
+        visit(&mut best, w2, v + 2 * step);
+        visit(&mut best, w3, v + 3 * step);
+        v += 4 * step;
+    }
+    while v < n_vec {
+        let w = unsafe { prim::ld_global_v4(addr + ((head + v * T::VEC as u32) * T::BYTES) as u64) };
+        visit(&mut best, w, v);
         v += step;
     }
     let n_scalar = len - n_vec * T::VEC as u32;
@@ -64,4 +77,19 @@ unsafe fn row_argmax<T: Element>(p: &ArgmaxParams, row: u64) -> u32 {
         best = best.or(Best { value, index: j });
     }
     reduce::block_best(best).index
+}
+
+/// The index of the first element of `x` equal to `m`, the (NaN-propagating) maximum of its first
+/// `VEC`: the first NaN when `m` is NaN. One of the first `VEC` always matches, so what lies past
+/// them (unspecified for f32) is never taken. Selects from the last element down, no branch.
+#[inline(always)]
+fn first_of(x: &[f32; 8], m: f32) -> u32 {
+    let nan = m.is_nan();
+    let mut index = 7;
+    for i in (0..7).rev() {
+        if x[i] == m || (nan && x[i].is_nan()) {
+            index = i as u32;
+        }
+    }
+    index
 }

@@ -288,7 +288,7 @@ def linear_cross_entropy(
     - ``return_predicted_tokens``: Liger's: also return each scored row's first maximal logit's
       class (``predicted_tokens`` of the ``CrossEntropyOutput``: int64, ``target``'s shape, -1
       for a row not scored), found on each chunk of logits before its gradient overwrites it (a
-      read of the chunk more: about 2% of a step at 8192 x 4096 x 128256).
+      read of the chunk more: 0.76 ms of kernel time in a 42 ms step at 8192 x 4096 x 128256).
     - ``use_token_scaling``: Liger's token scaling (TRL's ``loss_type="dft"``): each row's loss,
       z-loss part and gradient times the probability the row gives its label, ``softmax(x)[y]``
       of the (soft-capped) logits, taken as a constant (no gradient through it; 0 for rows not
