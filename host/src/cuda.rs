@@ -1142,10 +1142,7 @@ impl CrossEntropy {
         if rows == 0 || out == 0 {
             return Ok(());
         }
-        let kernel = Kernel::Argmax {
-            dtype: call.dtype,
-            label: call.label,
-        };
+        let kernel = argmax_kernel(call);
         let params = ArgmaxParams {
             rows: self.rows_params(call.logits, call.labels, call.shape, opts),
             out,
@@ -1363,6 +1360,14 @@ fn xent_kernel(call: &KernelCall, opts: &Options, kind: XentKind) -> Kernel {
     Kernel::Xent {
         kind,
         variant: variant(opts, call.weight != 0, opts.return_token_accuracy),
+        dtype: call.dtype,
+        label: call.label,
+    }
+}
+
+/// The predicted-tokens kernel of `call` ([`CrossEntropy::launch_argmax`]).
+pub(crate) fn argmax_kernel(call: &KernelCall) -> Kernel {
+    Kernel::Argmax {
         dtype: call.dtype,
         label: call.label,
     }

@@ -18,7 +18,8 @@ use super::{LinearShape, chunk_rows, gemm_tn, gemm_workspace_bytes, vocab_block}
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
 use crate::cuda::{
-    CrossEntropy, KernelCall, LossBuffers, backward_kernel, loss_kernels, main_kernels,
+    CrossEntropy, KernelCall, LossBuffers, argmax_kernel, backward_kernel, loss_kernels,
+    main_kernels,
 };
 use crate::error::{Error, Result};
 use crate::loss::Loss;
@@ -447,7 +448,8 @@ impl CrossEntropy {
                         .into_iter()
                         .chain(main_kernels(&work.whole, &work.opts, &last))
                 })
-                .chain([backward]),
+                .chain([backward])
+                .chain([(buffers.predicted != 0).then(|| argmax_kernel(&work.whole))]),
         )?;
         // The loss (and, in the row scheme, the gradients) by chunks of rows.
         if !matches!(pass, LinearPass::Backward { .. }) {
