@@ -335,10 +335,16 @@ fn row_forward_backward<T: Value>(
         ce += smoothing / vocab * smooth;
     }
     let z = math.lse_square_scale * lse * lse;
-    let correct = math.accuracy && first_argmax(row) == Some(class);
-    let predicted = match math.predicted {
-        true => first_argmax(row).map_or(-1, |j| j as i64),
-        false => -1,
+    // The argmax, once, for token accuracy and the predicted tokens.
+    let argmax = if math.accuracy || math.predicted {
+        first_argmax(row)
+    } else {
+        None
+    };
+    let correct = math.accuracy && argmax == Some(class);
+    let predicted = match (math.predicted, argmax) {
+        (true, Some(j)) => j as i64,
+        _ => -1,
     };
 
     let onehot_coef = (1.0 - smoothing) * w_class * math.ce_scale * factor;

@@ -98,6 +98,22 @@ pub(crate) fn check_len(what: &str, buffer: RawBuffer, needed: usize) -> Result<
     Ok(())
 }
 
+/// The address of a per-row output the call asked for (`asked`): `buffer`, checked to hold `rows`
+/// elements (`what` names it), or the error `missing` without one; 0 when not asked for.
+fn asked_buffer(
+    asked: bool,
+    buffer: Option<RawBuffer>,
+    rows: usize,
+    missing: &str,
+    what: &str,
+) -> Result<u64> {
+    match (asked, buffer) {
+        (false, _) => Ok(0),
+        (true, Some(buffer)) => check_len(what, buffer, rows).map(|()| buffer.ptr),
+        (true, None) => Err(Error::InvalidOption(missing.to_string())),
+    }
+}
+
 impl RawCall {
     /// Checks the shape against the buffers, the options' values, and the weights' place: the
     /// errors are those of the typed API.
@@ -148,30 +164,20 @@ impl RawLoss {
         check_len("row_lse", self.row_lse, rows)?;
         check_len("counts", self.counts, COUNT_WORDS)?;
         check_len("extras", self.extras, 2)?;
-        let row_correct = match (opts.return_token_accuracy, self.row_correct) {
-            (false, _) => 0,
-            (true, Some(buffer)) => {
-                check_len("row_correct", buffer, rows)?;
-                buffer.ptr
-            }
-            (true, None) => {
-                return Err(Error::InvalidOption(
-                    "return_token_accuracy needs a row_correct buffer".to_string(),
-                ));
-            }
-        };
-        let predicted = match (opts.return_predicted_tokens, self.predicted) {
-            (false, _) => 0,
-            (true, Some(buffer)) => {
-                check_len("predicted", buffer, rows)?;
-                buffer.ptr
-            }
-            (true, None) => {
-                return Err(Error::InvalidOption(
-                    "return_predicted_tokens needs a predicted buffer ([i64; rows])".to_string(),
-                ));
-            }
-        };
+        let row_correct = asked_buffer(
+            opts.return_token_accuracy,
+            self.row_correct,
+            rows,
+            "return_token_accuracy needs a row_correct buffer",
+            "row_correct",
+        )?;
+        let predicted = asked_buffer(
+            opts.return_predicted_tokens,
+            self.predicted,
+            rows,
+            "return_predicted_tokens needs a predicted buffer ([i64; rows])",
+            "predicted",
+        )?;
         let partials = match (workspace_len, self.workspace) {
             (0, _) => 0,
             (needed, Some(buffer)) => {

@@ -767,22 +767,19 @@ impl Work<'_> {
             shape: Shape::flat(c, v),
             ..self.whole
         };
-        let at = |base: u64| {
+        // Row `first` of a per-row output of `bytes`-byte elements (0: none).
+        let at = |base: u64, bytes: u64| {
             if base == 0 {
                 0
             } else {
-                base + 4 * first as u64
+                base + bytes * first as u64
             }
         };
         let chunk_buffers = LossBuffers {
-            row_loss: at(buffers.row_loss),
-            row_lse: at(buffers.row_lse),
-            row_correct: at(buffers.row_correct),
-            predicted: if buffers.predicted == 0 {
-                0
-            } else {
-                buffers.predicted + 8 * first as u64
-            },
+            row_loss: at(buffers.row_loss, 4),
+            row_lse: at(buffers.row_lse, 4),
+            row_correct: at(buffers.row_correct, 4),
+            predicted: at(buffers.predicted, 8),
             ..*buffers
         };
         // The predicted tokens from the chunk's logits, before its gradient overwrites them.

@@ -38,11 +38,11 @@ def predicted_tokens(logits, target, ignore_index, causal_shift):
     -1 for a row not scored (its label ``ignore_index`` or out of range, or the last position
     under ``causal_shift``); int64, ``target``'s shape. Read before a fused loss writes its
     gradient over the logits."""
-    labels = scored_labels(target, ignore_index, causal_shift)
     vocab = logits.shape[-1]
-    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
     if vocab == 0:
         return torch.full(target.shape, -1, dtype=torch.int64, device=target.device)
+    labels = scored_labels(target, ignore_index, causal_shift)
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
     argmax = logits.detach().argmax(-1).view(target.shape).to(device=target.device)
     return torch.where(scored, argmax, torch.full_like(argmax, -1))
 
