@@ -541,6 +541,30 @@ pub unsafe fn bulk_copy_to_shared(dst: u32, src: u64, bytes: u32, mbar: u32) {
     }
 }
 
+/// `cp.async.bulk.prefetch.L2.global [src], bytes;`: brings `bytes` (a multiple of 16) from the
+/// 16-byte aligned global address `src` into L2, without waiting.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn bulk_prefetch_l2(src: u64, bytes: u32) {
+    unsafe { asm!("cp.async.bulk.prefetch.L2.global [{s}], {n};", s = in(reg64) src, n = in(reg32) bytes, options(nostack)) };
+}
+
+/// `%nsmid`: the number of SMs (an upper bound on `%smid`).
+#[inline(always)]
+pub fn sm_count() -> u32 {
+    let a: u32;
+    unsafe { asm!("mov.u32 {a}, %nsmid;", a = out(reg32) a, options(pure, nomem, nostack)) }
+    a
+}
+
+/// `%dynamic_smem_size`: this launch's dynamic shared memory per CTA, in bytes.
+#[inline(always)]
+pub fn dynamic_smem_size() -> u32 {
+    let a: u32;
+    unsafe { asm!("mov.u32 {a}, %dynamic_smem_size;", a = out(reg32) a, options(pure, nomem, nostack)) }
+    a
+}
+
 /// `mbarrier.try_wait.parity.shared::cta.b64`: whether the phase with `parity` has completed
 /// (waits a bounded, hardware-chosen time before answering false).
 #[cfg(any(xent_cluster, xent_wgmma))]

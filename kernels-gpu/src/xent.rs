@@ -1020,6 +1020,9 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
             return;
         }
     };
+    if M::CAP && tid == 32 {
+        unsafe { prefetch_ahead::<T>(p, &seg, row) };
+    }
     let local_label = label.wrapping_sub(start);
     let owns_label = local_label < seg.len;
     // Read before the block's first barrier; every gradient write comes after it.
@@ -1149,6 +1152,40 @@ unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32
         }
     }
     total
+}
+
+/// How far ahead the soft-capped cluster kernels prefetch, in eighths of the rows the GPU holds
+/// at once ([`prefetch_ahead`]). Session 30, 8192 x 128256, 4096 x 262144, 16384 x 151936 bf16
+/// and 8192 x 128256 f16: one eighth took the soft cap from 79.8 / 74.3 / 76.5 / 80.6% of copy to
+/// 81.5 / 76.7 / 80.3 / 82.4 (with token accuracy +0.6 to +1.3, all five options +0.2 to +1.2);
+/// two eighths lost at 4096 x 262144 (70), a half and more lost everywhere (L2 thrashing), and
+/// the plain kernels (at 92%) lost 1-4 points at two eighths, so only the soft cap's kernels
+/// prefetch.
+#[cfg(xent_cluster)]
+const PREFETCH_EIGHTHS: u32 = 1;
+
+/// Brings this CTA's chunk of the row [`PREFETCH_EIGHTHS`] eighths of the resident rows after
+/// `row` into L2 (`cp.async.bulk.prefetch.L2`, nothing waits for it), so HBM keeps reading while
+/// the soft cap's two compute-heavy passes run, and the CTA that takes that row later finds its
+/// bulk load in L2. The resident rows are estimated from the launch: CTAs an SM by threads (2048)
+/// and shared memory (228 KiB an SM on the H100 and H200), times `%nsmid`, over the cluster size.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn prefetch_ahead<T: Element>(p: &XentParams, seg: &Segment, row: u64) {
+    let by_threads = 2048 / prim::block_dim().max(1);
+    let by_smem = 116736 / (prim::dynamic_smem_size() / 2 + 512).max(1);
+    let per_sm = by_threads.min(by_smem).max(1);
+    let ahead = (PREFETCH_EIGHTHS * prim::sm_count() * per_sm / 8 / p.n_chunks.max(1)).max(1) as u64;
+    if row + ahead < p.rows.n_rows {
+        // The 16-byte aligned interior of that chunk (the prefetch needs 16-byte alignment and
+        // must not reach past the logits).
+        let delta = ahead * p.rows.row_stride * T::BYTES as u64;
+        let lo = (seg.addr + delta + 15) & !15;
+        let hi = (seg.elem_addr::<T>(seg.len) + delta) & !15;
+        if hi > lo {
+            unsafe { prim::bulk_prefetch_l2(lo, (hi - lo) as u32) };
+        }
+    }
 }
 
 /// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
@@ -1469,13 +1506,22 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
             unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
         }
     });
-    let mut v = in_regs + tid;
-    while v < seg.n_vec {
-        let start = seg.vec_start::<T>(v);
-        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
-        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, wsum) };
+    // The stashed vectors' loop leaves the label out (no compare a vector): its vector is written
+    // again below, with the label's term, by the thread that wrote it (so the second store wins).
+    // Two copies of the loop, one for each form of the soft cap's gradient (`Coef::lse2_a` NaN or
+    // not), so the choice is made once, not a vector at a time.
+    if M::CAP && c.lse2_a.is_nan() {
+        unsafe { grad_stashed::<T, M, POLY>(seg, o, c, cap_log2e, wsum) };
+    } else {
+        unsafe { grad_stashed::<T, M, POLY>(seg, o, c, cap_log2e, wsum) };
+    }
+    let label_vec = label.wrapping_sub(seg.head) / T::VEC as u32;
+    if label >= seg.head && label_vec < seg.n_vec && label_vec >= in_regs && label_vec % step == tid {
+        let start = seg.vec_start::<T>(label_vec);
+        let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (label_vec - in_regs) * 16) });
+        // Its share of the smoothing sum is in `wsum` already.
+        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, &mut 0.0) };
         unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
-        v += step;
     }
     if tid < seg.n_scalar::<T>() {
         let j = seg.scalar_index::<T>(tid);
@@ -1485,6 +1531,28 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
             unsafe { opts::grad_values_summing::<M, 1>(o, [T::widen(kept.scalar)], 1, j, label, c, wsum) }
         };
         unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+    }
+}
+
+/// [`grad_from_stash`]'s loop over the vectors in shared memory, without the label's term.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn grad_stashed<T: Element, M: Mode, const POLY: u8>(seg: &Segment, o: &OptParams, c: &Coef, cap_log2e: f32, wsum: &mut f32) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let in_regs = in_regs::<M>(seg);
+    let mut v = in_regs + tid;
+    // Running addresses: the stash slot and the vector in global memory.
+    let mut at = prim::smem_base() + SMEM_STASH_OFFSET + tid * 16;
+    let mut dst = seg.elem_addr::<T>(seg.vec_start::<T>(v));
+    while v < seg.n_vec {
+        let start = seg.vec_start::<T>(v);
+        let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+        // `start - 1` is before the vector: LLVM folds the label's compare away.
+        let g = unsafe { grad_vector::<T, M, POLY>(x, start, start.wrapping_sub(1), o, c, cap_log2e, wsum) };
+        unsafe { prim::st_global_v4(dst, T::pack(&g)) };
+        v += step;
+        at += step * 16;
+        dst += step as u64 * 16;
     }
 }
 
