@@ -68,6 +68,7 @@ fn option_sets() -> Vec<(&'static str, Options)> {
                 softcap: Some(3.0),
                 weight: Some(vec![0.5, 1.0, 2.0, 1.5, 0.25]),
                 grad_scale: 0.5,
+                return_predicted_tokens: true,
                 ..base.clone()
             },
         ),
@@ -76,6 +77,7 @@ fn option_sets() -> Vec<(&'static str, Options)> {
             Options {
                 causal_shift: true,
                 label_smoothing: 0.2,
+                return_predicted_tokens: true,
                 ..base
             },
         ),
@@ -332,6 +334,23 @@ fn check_linear<T: xent::Element>(
     if (loss - want.loss).abs() > 1e-3 * (1.0 + want.loss.abs()) {
         return Err(format!("loss {loss} against {}", want.loss));
     }
+    // The predicted tokens, exactly: the logits are integers, exact in T, so the GPU's chunks of
+    // logits are the CPU's and so are their first maxima, ties included.
+    let predicted = out.read_predicted_tokens().map_err(|e| e.to_string())?;
+    if predicted != want.predicted_tokens {
+        let (got, want) = (
+            predicted.unwrap_or_default(),
+            want.predicted_tokens.clone().unwrap_or_default(),
+        );
+        let first = (0..got.len().max(want.len())).find(|&r| got.get(r) != want.get(r));
+        return Err(format!(
+            "predicted tokens differ (lengths {} and {}), first at row {first:?}: {:?} against {:?}",
+            got.len(),
+            want.len(),
+            first.and_then(|r| got.get(r)),
+            first.and_then(|r| want.get(r)),
+        ));
+    }
     let grad_hidden = stream.clone_dtoh(&d_grad_hidden).unwrap();
     for r in 0..rows {
         for k in 0..d {
@@ -529,6 +548,11 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         if opts.weight.is_some() {
             continue; // class weights: the typed test covers them
         }
+        // Predicted tokens: the typed test covers them (`RawOut` gives no buffer for them).
+        let opts = Options {
+            return_predicted_tokens: false,
+            ..opts
+        };
         // The typed fused call: the reference here.
         let mut gh = stream.alloc_zeros::<bf16>(rows * d).unwrap();
         let mut gw = stream.alloc_zeros::<f32>(v * d).unwrap();
