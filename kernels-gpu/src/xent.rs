@@ -1510,13 +1510,25 @@ unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     // again below, with the label's term, by the thread that wrote it (so the second store wins).
     // Two copies of the loop, one for each form of the soft cap's gradient (`Coef::lse2_a` NaN or
     // not), so the choice is made once, not a vector at a time.
-    if M::CAP && c.lse2_a.is_nan() {
+    // Class-weighted smoothing without the soft cap (`wsm_`, capped at 56 registers) keeps the
+    // compare in the loop: the rewrite after it spilled 4 bytes there.
+    let label_after = !(M::WSMOOTH && !M::CAP);
+    if !label_after {
+        let mut v = in_regs + tid;
+        while v < seg.n_vec {
+            let start = seg.vec_start::<T>(v);
+            let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (v - in_regs) * 16) });
+            let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, wsum) };
+            unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+            v += step;
+        }
+    } else if M::CAP && c.lse2_a.is_nan() {
         unsafe { grad_stashed::<T, M, POLY>(seg, o, c, cap_log2e, wsum) };
     } else {
         unsafe { grad_stashed::<T, M, POLY>(seg, o, c, cap_log2e, wsum) };
     }
     let label_vec = label.wrapping_sub(seg.head) / T::VEC as u32;
-    if label >= seg.head && label_vec < seg.n_vec && label_vec >= in_regs && label_vec % step == tid {
+    if label_after && label >= seg.head && label_vec < seg.n_vec && label_vec >= in_regs && label_vec % step == tid {
         let start = seg.vec_start::<T>(label_vec);
         let x = T::unpack(unsafe { prim::ld_shared_v4(stash + (label_vec - in_regs) * 16) });
         // Its share of the smoothing sum is in `wsum` already.
