@@ -1164,16 +1164,28 @@ unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32
 #[cfg(xent_cluster)]
 const PREFETCH_EIGHTHS: u32 = 1;
 
+/// Resident threads an SM (sm_80 to sm_90).
+#[cfg(xent_cluster)]
+const SM_THREADS: u32 = 2048;
+/// Shared memory an SM on the H100 and H200 (228 KiB), of which each resident CTA takes its
+/// dynamic shared memory and [`CTA_RESERVED_SMEM_BYTES`].
+#[cfg(xent_cluster)]
+const SM_SMEM_BYTES: u32 = 228 * 1024;
+/// Shared memory the hardware reserves for each resident CTA (1 KiB on sm_80 to sm_90).
+#[cfg(xent_cluster)]
+const CTA_RESERVED_SMEM_BYTES: u32 = 1024;
+
 /// Brings this CTA's chunk of the row [`PREFETCH_EIGHTHS`] eighths of the resident rows after
 /// `row` into L2 (`cp.async.bulk.prefetch.L2`, nothing waits for it), so HBM keeps reading while
 /// the soft cap's two compute-heavy passes run, and the CTA that takes that row later finds its
-/// bulk load in L2. The resident rows are estimated from the launch: CTAs an SM by threads (2048)
-/// and shared memory (228 KiB an SM on the H100 and H200), times `%nsmid`, over the cluster size.
+/// bulk load in L2. The resident rows are estimated from the launch: CTAs an SM by threads and by
+/// shared memory ([`SM_THREADS`], [`SM_SMEM_BYTES`], [`CTA_RESERVED_SMEM_BYTES`]), times
+/// `%nsmid`, over the cluster size.
 #[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn prefetch_ahead<T: Element>(p: &XentParams, seg: &Segment, row: u64) {
-    let by_threads = 2048 / prim::block_dim().max(1);
-    let by_smem = 116736 / (prim::dynamic_smem_size() / 2 + 512).max(1);
+    let by_threads = SM_THREADS / prim::block_dim().max(1);
+    let by_smem = SM_SMEM_BYTES / (prim::dynamic_smem_size() + CTA_RESERVED_SMEM_BYTES).max(1);
     let per_sm = by_threads.min(by_smem).max(1);
     let ahead = (PREFETCH_EIGHTHS * prim::sm_count() * per_sm / 8 / p.n_chunks.max(1)).max(1) as u64;
     if row + ahead < p.rows.n_rows {
