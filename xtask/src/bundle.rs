@@ -1,7 +1,7 @@
 //! `cargo xtask bundle`: everything a GPU machine without a Rust toolchain needs to run the
 //! tests, the quickstart example and the benchmarks, in `bundle/`:
 //!
-//! - `bin.tar.xz`, holding `bin/NAME`: release test binaries (integration tests by target name,
+//! - `bin.tar.xz`, holding `bin/NAME` (and the wheel, below): release test binaries (integration tests by target name,
 //!   unit tests as `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped. Packed
 //!   because each binary embeds the PTX (several MB of text that gzip shrinks about 5x), which
 //!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
@@ -13,7 +13,8 @@
 //!   `softcap_error.py` (the soft cap's error against float64, xent beside Liger);
 //! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
 //!   a cluster-plan sweep; `configs.txt`: the default benchmark configs;
-//! - `python/`: the Python package's wheel (`cargo xtask wheel`), its tests and examples, and
+//! - `python/`: the Python package's tests and examples; its wheel (`cargo xtask wheel`) travels
+//!   unpacked in `bin.tar.xz` as `python/site/`; and
 //!   `torch_bench.py` (from `bench/`), the PyTorch package's row of the combined table.
 
 use std::fs;
@@ -143,20 +144,28 @@ pub fn bundle(root: &Path) -> Result<()> {
         ));
     }
 
+    // The wheel goes in unpacked beside the binaries (`python/site/`): its library embeds the
+    // same PTX, which then packs as a reference to theirs.
+    bundle_python(root, &bundle_dir)?;
     // `run.sh` unpacks this when `bin/` is missing. xz: the binaries embed PTX and candle's
-    // kernels, which xz packs to less than half of gzip's size (a carry holds 64 MiB); one
-    // thread and a dictionary larger than the whole tar, so each binary's copy of the same PTX
-    // packs as a reference to the first (8.7 MB instead of 30 with `-6 -T0`'s 24 MB blocks).
+    // kernels, which xz packs to less than half of gzip's size. One thread and a dictionary
+    // larger than the whole tar (1 GB without the candle-cuda binaries; about 11 GB of memory
+    // here, 1 GiB to unpack), so each binary's copy of the same PTX packs as a reference to the
+    // first: session 30 measured 9.7 MB for the binaries with a 1536 MiB dictionary, 20-30 MB
+    // with 256 MiB or `-T2`, and the carry to the GPU machine holds 64 MiB with the tracked tree
+    // (about 49 MB, most of it PTX).
     stdout_of(
         Command::new("tar")
-            .args(["-cJf", "bin.tar.xz", "bin"])
-            .env("XZ_OPT", "-T1 --lzma2=preset=6,dict=256MiB")
+            .args(["-cJf", "bin.tar.xz", "bin", "python/site"])
+            .env("XZ_OPT", "-T1 --lzma2=preset=6,dict=1536MiB")
             .current_dir(&bundle_dir),
     )?;
     fs::remove_dir_all(&bin_dir).map_err(|err| format!("cannot remove bundle/bin/: {err}"))?;
+    let site = bundle_dir.join("python/site");
+    fs::remove_dir_all(&site).map_err(|err| format!("cannot remove bundle/python/site/: {err}"))?;
     let packed = fs::metadata(bundle_dir.join("bin.tar.xz")).map_or(0, |meta| meta.len());
     step(&format!(
-        "packed bundle/bin/ into bundle/bin.tar.xz ({:.1} MB)",
+        "packed bundle/bin/ and bundle/python/site/ into bundle/bin.tar.xz ({:.1} MB)",
         packed as f64 / 1e6
     ));
 
@@ -177,7 +186,6 @@ pub fn bundle(root: &Path) -> Result<()> {
         }
     }
 
-    bundle_python(root, &bundle_dir)?;
     for (from, to) in [
         ("bench/table.py", "table.py"),
         ("bench/sweep.py", "sweep.py"),
@@ -226,7 +234,8 @@ pub fn bundle(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The Python package into `bundle/python/`: the wheel, and `python/tests/*.py` and
+/// The Python package into `bundle/python/`: the wheel unpacked into `site/` (what `pip install
+/// --target` would make of it: importable as it is), and `python/tests/*.py` and
 /// `python/examples/*.py` beside it.
 fn bundle_python(root: &Path, bundle_dir: &Path) -> Result<()> {
     let wheel = crate::wheel::wheel(root)?;
@@ -245,10 +254,17 @@ fn bundle_python(root: &Path, bundle_dir: &Path) -> Result<()> {
             }
         }
     }
-    let name = wheel.file_name().expect("a file");
-    fs::copy(&wheel, py_dir.join(name))
-        .map_err(|err| format!("cannot copy {}: {err}", wheel.display()))?;
-    step("bundled bundle/python/ (wheel, tests, examples)");
+    // A wheel is a zip of the installed layout; Python's zipfile unpacks it.
+    stdout_of(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(py_dir.join("site")),
+    )?;
+    step(&format!(
+        "bundled bundle/python/ ({} unpacked into site/, tests, examples)",
+        relative(root, &wheel)
+    ));
     Ok(())
 }
 

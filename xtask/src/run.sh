@@ -121,10 +121,15 @@ fi
 log=tests.log
 case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision) log=$mode.log ;; esac
 
-# The Python package: its wheel into a scratch folder, importable beside the machine's PyTorch.
+# The Python package, importable beside the machine's PyTorch: the wheel unpacked by the bundle
+# (python/site/, from bin.tar.xz), or a wheel installed into a scratch folder.
 install_xent_wheel() {
+  if [[ -d python/site/xent ]]; then
+    export PYTHONPATH="$PWD/python/site${PYTHONPATH:+:$PYTHONPATH}"
+    return 0
+  fi
   local wheels=(python/xent-*.whl)
-  if [[ ${#wheels[@]} == 0 ]]; then echo "run.sh: no python/xent-*.whl in the bundle" >&2; return 1; fi
+  if [[ ${#wheels[@]} == 0 ]]; then echo "run.sh: no python/site/ or python/xent-*.whl in the bundle" >&2; return 1; fi
   python3 -m pip install -q --no-index --no-deps --target "$scratch/xent" "${wheels[@]}" &&
     export PYTHONPATH="$scratch/xent${PYTHONPATH:+:$PYTHONPATH}"
 }
