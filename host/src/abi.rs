@@ -47,6 +47,15 @@ pub const SMEM_CLUSTER_SLOT: u32 = SMEM_REDUCTION_BYTES;
 pub const SMEM_WSUM_SLOTS: u32 = 128;
 const _: () =
     assert!(32 * 4 <= SMEM_WSUM_SLOTS && SMEM_WSUM_SLOTS + 16 * 4 <= SMEM_REDUCTION_BYTES);
+/// Offset, inside the reduction scratch, of the mbarriers of the soft cap's cluster kernels'
+/// second and later pieces of a chunk (8 bytes each, at most 4): above the smoothing slots, and
+/// reached by a block merge (16 bytes a warp) only in blocks of more than 14 warps, which wait
+/// until the pieces are done with them.
+pub const SMEM_PIECE_MBARRIERS: u32 = 224;
+const _: () = assert!(
+    SMEM_WSUM_SLOTS + 16 * 4 <= SMEM_PIECE_MBARRIERS
+        && SMEM_PIECE_MBARRIERS + 4 * 8 <= SMEM_REDUCTION_BYTES
+);
 /// Offset of the mbarrier the sm_90 bulk copy of a chunk completes on (8 bytes).
 pub const SMEM_MBARRIER: u32 = SMEM_CLUSTER_SLOT + 16;
 /// Offset of a small call's label counts, as the CTA counted them itself (`self_finish`): the

@@ -565,6 +565,13 @@ pub fn dynamic_smem_size() -> u32 {
     a
 }
 
+/// `mbarrier.inval.shared::cta.b64 [addr];`: the barrier's memory may serve something else.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn mbarrier_inval(addr: u32) {
+    unsafe { asm!("mbarrier.inval.shared::cta.b64 [{a}];", a = in(reg32) addr, options(nostack)) }
+}
+
 /// `mbarrier.try_wait.parity.shared::cta.b64`: whether the phase with `parity` has completed
 /// (waits a bounded, hardware-chosen time before answering false).
 #[cfg(any(xent_cluster, xent_wgmma))]

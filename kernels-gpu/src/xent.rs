@@ -13,7 +13,7 @@ use crate::abi::{
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
 #[cfg(xent_cluster)]
-use crate::abi::{CLUSTER_KEEP, SMEM_WSUM_SLOTS};
+use crate::abi::{CLUSTER_KEEP, SMEM_PIECE_MBARRIERS, SMEM_WSUM_SLOTS};
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use core::f32::consts::LN_2;
@@ -1164,6 +1164,16 @@ unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32
 #[cfg(xent_cluster)]
 const PREFETCH_EIGHTHS: u32 = 1;
 
+/// Bulk copies the soft cap's cluster kernels (without token accuracy) load their chunk in
+/// ([`bulk_load_and_reduce`]). Session 31, % of copy at 8192 x 128256, 4096 x 262144 and
+/// 16384 x 151936 bf16 and 8192 x 128256 f16, one run, two rounds: 1 piece 81.7 / 76.9 / 80.6 /
+/// 82.6, 2 pieces 82.8 / 79.7 / 81.1 / 83.1, 4 pieces 81.3 / 79.0 / 79.7 / 82.0; the final build
+/// against main in another run: 81.8 / 77.0 / 80.5 / 82.7 -> 82.7 / 79.7 / 81.0 / 83.1 (f32
+/// 89.4 -> 89.6). With token accuracy (and so all five options) 2 pieces lost 0.7-1.8 points in
+/// the first run: those kernels take one copy.
+#[cfg(xent_cluster)]
+const CAP_PIECES: u32 = 2;
+
 /// Resident threads an SM (sm_80 to sm_90).
 #[cfg(xent_cluster)]
 const SM_THREADS: u32 = 2048;
@@ -1420,15 +1430,52 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     let bulk_bytes = (seg.n_vec - in_regs) * 16;
-    if tid == 0 {
-        unsafe { prim::mbarrier_init(mbar, 1) };
-        prim::fence_mbarrier_init();
+    // The soft cap alone loads its chunk in `pieces` bulk copies ([`CAP_PIECES`]), each on its
+    // own mbarrier (the first at `SMEM_MBARRIER`, the others at `SMEM_PIECE_MBARRIERS`), so the
+    // first pass starts on a piece as soon as it lands. A piece is whole rounds of `step`
+    // vectors, so each thread waits for a piece once.
+    // The other kernels keep the one copy's code as it was (a loop over one piece changed their
+    // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point).
+    let pieces = if M::CAP && !M::ACCURACY { CAP_PIECES } else { 1 };
+    let (round_bytes, piece_rounds) = if pieces > 1 {
+        let round_bytes = step * 16;
+        (round_bytes, bulk_bytes.div_ceil(round_bytes.max(1)).div_ceil(pieces).max(1))
+    } else {
+        (0, 0)
+    };
+    let piece_mbar = |k: u32| if k == 0 { mbar } else { prim::smem_base() + SMEM_PIECE_MBARRIERS + 8 * (k - 1) };
+    if pieces == 1 {
+        if tid == 0 {
+            unsafe { prim::mbarrier_init(mbar, 1) };
+            prim::fence_mbarrier_init();
+        }
+        prim::sync_threads();
+        if tid == 0 && bulk_bytes > 0 {
+            unsafe {
+                prim::mbarrier_arrive_expect_tx(mbar, bulk_bytes);
+                prim::bulk_copy_to_shared(stash, seg.elem_addr::<T>(seg.vec_start::<T>(in_regs)), bulk_bytes, mbar);
+            }
+        }
+    } else {
+        if tid == 0 {
+            for k in 0..pieces {
+                unsafe { prim::mbarrier_init(piece_mbar(k), 1) };
+            }
+            prim::fence_mbarrier_init();
+        }
+        prim::sync_threads();
     }
-    prim::sync_threads();
-    if tid == 0 && bulk_bytes > 0 {
-        unsafe {
-            prim::mbarrier_arrive_expect_tx(mbar, bulk_bytes);
-            prim::bulk_copy_to_shared(stash, seg.elem_addr::<T>(seg.vec_start::<T>(in_regs)), bulk_bytes, mbar);
+    if pieces > 1 && tid == 0 && bulk_bytes > 0 {
+        let src = seg.elem_addr::<T>(seg.vec_start::<T>(in_regs));
+        for k in 0..pieces {
+            let lo = (k * piece_rounds * round_bytes).min(bulk_bytes);
+            let hi = ((k + 1) * piece_rounds * round_bytes).min(bulk_bytes);
+            if hi > lo {
+                unsafe {
+                    prim::mbarrier_arrive_expect_tx(piece_mbar(k), hi - lo);
+                    prim::bulk_copy_to_shared(stash + lo, src + lo as u64, hi - lo, piece_mbar(k));
+                }
+            }
         }
     }
     for_kept!(M, k => {
@@ -1468,19 +1515,53 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
             }
         }
     });
-    if bulk_bytes > 0 {
-        while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
-    }
-    let mut v = in_regs + tid;
-    while v < seg.n_vec {
-        let at = stash + (v - in_regs) * 16;
-        let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
-        let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
-        if keep_t {
-            // This thread's own vector: no other thread reads it before the gradient pass.
-            unsafe { prim::st_shared_v4(at, T::pack(&t)) };
+    if pieces == 1 {
+        if bulk_bytes > 0 {
+            while !unsafe { prim::mbarrier_try_wait(mbar, 0) } {}
         }
-        v += step;
+        let mut v = in_regs + tid;
+        while v < seg.n_vec {
+            let at = stash + (v - in_regs) * 16;
+            let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
+            if keep_t {
+                // This thread's own vector: no other thread reads it before the gradient pass.
+                unsafe { prim::st_shared_v4(at, T::pack(&t)) };
+            }
+            v += step;
+        }
+    } else {
+        let mut v = in_regs + tid;
+        for k in 0..pieces {
+            let end = (in_regs + (k + 1) * piece_rounds * step).min(seg.n_vec);
+            if v < end {
+                while !unsafe { prim::mbarrier_try_wait(piece_mbar(k), 0) } {}
+            }
+            while v < end {
+                let at = stash + (v - in_regs) * 16;
+                let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+                let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
+                if keep_t {
+                    // This thread's own vector: no other thread reads it before the gradient pass.
+                    unsafe { prim::st_shared_v4(at, T::pack(&t)) };
+                }
+                v += step;
+            }
+        }
+        // Every piece has landed (thread 0 waited for each: it has a vector in every round) and
+        // no thread polls their mbarriers any more; then they are invalidated, and in blocks
+        // whose merge reaches them (more than 14 warps) nothing stores there before that.
+        // Session 31: this barrier also paid (without it, 256-thread CTAs at 8192 x 128256 lost
+        // the pieces' gain).
+        prim::sync_threads();
+        if tid == 0 {
+            for k in 1..pieces {
+                unsafe { prim::mbarrier_inval(piece_mbar(k)) };
+            }
+        }
+        if step > 32 * (SMEM_PIECE_MBARRIERS / 16) {
+            prim::sync_threads();
+        }
     }
     (acc, widest)
 }
