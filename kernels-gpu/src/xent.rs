@@ -1435,7 +1435,9 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     // first pass starts on a piece as soon as it lands. A piece is whole rounds of `step`
     // vectors, so each thread waits for a piece once.
     // The other kernels keep the one copy's code as it was (a loop over one piece changed their
-    // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point).
+    // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point), so the first pass's
+    // stash loop is written twice below (a closure shared by both was not inlined, and its call
+    // brought core's panic into the PTX).
     let pieces = if M::CAP && !M::ACCURACY { CAP_PIECES } else { 1 };
     let (round_bytes, piece_rounds) = if pieces > 1 {
         let round_bytes = step * 16;
