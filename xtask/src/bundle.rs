@@ -11,8 +11,9 @@
 //!   `../shared/bench/` when they exist; `linear_bench.py` (from `bench/`): linear +
 //!   cross-entropy, xent's methods beside `peers_linear.py`'s; `vocab_parallel_bench.py` and
 //!   `softcap_error.py` (the soft cap's error against float64, xent beside Liger);
-//! - `table.py` and `sweep.py` (from `bench/`): the combined table of a bench run, the tables of
-//!   a cluster-plan sweep; `configs.txt`: the default benchmark configs;
+//! - `table.py`, `sweep.py` and `ab.py` (from `bench/`): the combined table of a bench run, the
+//!   tables of a cluster-plan sweep, the table of an A/B of PTX builds; `configs.txt`: the default
+//!   benchmark configs;
 //! - `python/`: the Python package's tests and examples; its wheel (`cargo xtask wheel`) travels
 //!   unpacked in `bin.tar.xz` as `python/site/`; and
 //!   `torch_bench.py` (from `bench/`), the PyTorch package's row of the combined table.
@@ -189,6 +190,7 @@ pub fn bundle(root: &Path) -> Result<()> {
     for (from, to) in [
         ("bench/table.py", "table.py"),
         ("bench/sweep.py", "sweep.py"),
+        ("bench/ab.py", "ab.py"),
         ("bench/torch_bench.py", "torch_bench.py"),
         ("bench/linear_bench.py", "linear_bench.py"),
         ("bench/vocab_parallel_bench.py", "vocab_parallel_bench.py"),

@@ -34,6 +34,14 @@
 #                               (auto 256 384 512) on $XENT_BENCH_CONFIGS (default: configs.txt),
 #                               after the automatic plan, then sweep.py's tables (% of copy by
 #                               size and threads, per option set: ARGS such as --options softcap)
+#   run.sh ab PTX PTX...        an A/B of kernel builds on bin/bench-throughput: each PTX file
+#                               (plain or .xz; `embedded`: the binaries' own) through XENT_PTX,
+#                               $XENT_AB_ROUNDS rounds (default 2) whose order alternates (odd
+#                               rounds as given, even rounds reversed: the second process of a
+#                               pair reads up to a point lower), on $XENT_BENCH_CONFIGS (default:
+#                               configs.txt) with --options $XENT_AB_OPTIONS (default
+#                               none,softcap,softcap+accuracy,all); every row, tagged with its
+#                               variant and round, in ab.jsonl, then ab.py's table
 #   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_* or
 #                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
 #                               (default 8192:128256:bf16): speed of light, memory, occupancy,
@@ -49,10 +57,11 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | linear | vocab | multi | jit | precision | sanitize | sweep | profile) mode=$1; shift ;;
+  test | python | bench | linear | vocab | multi | jit | precision | sanitize | sweep | profile | ab) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
+caller_dir=$PWD
 cd "$(dirname "$0")" || exit 2
 export XENT_REQUIRE_GPU=1
 # NVLink multicast stays off on the shared machines, for every NCCL user this script starts.
@@ -119,7 +128,7 @@ if [[ -n ${XENT_TESTS:-} ]]; then
 fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision | ab) log=$mode.log ;; esac
 
 # The Python package, importable beside the machine's PyTorch: the wheel unpacked by the bundle
 # (python/site/, from bin.tar.xz), or a wheel installed into a scratch folder.
@@ -211,6 +220,43 @@ elif [[ $mode == precision ]]; then
   run_peer_script softcap_error.py 900 "$@"
 elif [[ $mode == linear ]]; then
   run_peer_script linear_bench.py 1800 "$@"
+elif [[ $mode == ab ]]; then
+  if (($# < 2)); then echo "run.sh ab: name two or more PTX files (or embedded)" >&2; exit 2; fi
+  ab_names=() ab_paths=()
+  for spec in "$@"; do
+    if [[ $spec == embedded ]]; then
+      ab_names+=(embedded) ab_paths+=("")
+      continue
+    fi
+    [[ $spec == /* ]] || spec=$caller_dir/$spec
+    if [[ ! -f $spec ]]; then echo "run.sh ab: no file $spec" >&2; exit 2; fi
+    name=$(basename "$spec" .xz)
+    name=${name%.ptx}
+    if [[ $spec == *.xz ]]; then
+      xz -dc "$spec" > "$scratch/$name.ptx" || exit 2
+      spec=$scratch/$name.ptx
+    fi
+    ab_names+=("$name") ab_paths+=("$spec")
+  done
+  : > "$scratch/ab.jsonl"
+  configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
+  for ((round = 1; round <= ${XENT_AB_ROUNDS:-2}; round++)); do
+    order=("${!ab_names[@]}")
+    if ((round % 2 == 0)); then
+      order=()
+      for ((i = ${#ab_names[@]} - 1; i >= 0; i--)); do order+=("$i"); done
+    fi
+    for i in "${order[@]}"; do
+      ptx_env=(-u XENT_PTX)
+      [[ -n ${ab_paths[i]} ]] && ptx_env=(XENT_PTX="${ab_paths[i]}")
+      run_one "bench-throughput ${ab_names[i]} round $round" "$log" timeout 300 \
+        env "${ptx_env[@]}" ./bin/bench-throughput --bench --configs "$configs" \
+        --options "${XENT_AB_OPTIONS:-none,softcap,softcap+accuracy,all}"
+      sed "s/^{/{\"variant\": \"${ab_names[i]}\", \"round\": $round, /" "$scratch/last.out" >> "$scratch/ab.jsonl"
+    done
+  done
+  if [[ -n ${OUT:-} ]]; then cp "$scratch/ab.jsonl" "$OUT/ab.jsonl"; fi
+  python3 ab.py "$scratch/ab.jsonl" | to_log "$log"
 elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
