@@ -48,9 +48,9 @@ pub const SMEM_WSUM_SLOTS: u32 = 128;
 const _: () =
     assert!(32 * 4 <= SMEM_WSUM_SLOTS && SMEM_WSUM_SLOTS + 16 * 4 <= SMEM_REDUCTION_BYTES);
 /// Offset, inside the reduction scratch, of the mbarriers of the soft cap's cluster kernels'
-/// second and later pieces of a chunk (8 bytes each, at most 4): above the smoothing slots, and
-/// reached by a block merge (16 bytes a warp) only in blocks of more than 14 warps, which wait
-/// until the pieces are done with them.
+/// second and later pieces of a chunk (8 bytes each, at most 4: the kernels assert it of their
+/// `CAP_PIECES`): above the smoothing slots, and reached by a block merge (16 bytes a warp) only
+/// in blocks of more than 14 warps, which wait until the pieces are done with them.
 pub const SMEM_PIECE_MBARRIERS: u32 = 224;
 const _: () = assert!(
     SMEM_WSUM_SLOTS + 16 * 4 <= SMEM_PIECE_MBARRIERS

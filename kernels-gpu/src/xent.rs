@@ -1173,6 +1173,9 @@ const PREFETCH_EIGHTHS: u32 = 1;
 /// the first run: those kernels take one copy.
 #[cfg(xent_cluster)]
 const CAP_PIECES: u32 = 2;
+// The pieces after the first have room for their mbarriers at `SMEM_PIECE_MBARRIERS`.
+#[cfg(xent_cluster)]
+const _: () = assert!(CAP_PIECES >= 1 && CAP_PIECES - 1 <= 4);
 
 /// Resident threads an SM (sm_80 to sm_90).
 #[cfg(xent_cluster)]
