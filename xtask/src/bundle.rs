@@ -1,8 +1,9 @@
 //! `cargo xtask bundle`: everything a GPU machine without a Rust toolchain needs to run the
 //! tests, the quickstart example and the benchmarks, in `bundle/`:
 //!
-//! - `bin.tar.xz`, holding `bin/NAME` (and the wheel, below): release test binaries (integration tests by target name,
-//!   unit tests as `unit-<crate>`), `bin/example-NAME` and `bin/bench-NAME`, stripped. Packed
+//! - `bin.tar.xz`, holding `bin/NAME` (and the wheel, below): release test binaries
+//!   (integration tests by target name, unit tests as `unit-<crate>`), `bin/example-NAME` and
+//!   `bin/bench-NAME`, stripped. Packed
 //!   because each binary embeds the PTX (several MB of text that gzip shrinks about 5x), which
 //!   keeps the bundle within what the GPU machine's carry takes; `run.sh` unpacks it;
 //! - `run.sh`: runs them (`./run.sh`, `./run.sh bench`, `./run.sh sanitize`, `./run.sh sweep`),

@@ -232,9 +232,13 @@ elif [[ $mode == ab ]]; then
     if [[ ! -f $spec ]]; then echo "run.sh ab: no file $spec" >&2; exit 2; fi
     name=$(basename "$spec" .xz)
     name=${name%.ptx}
+    # Two files of one name (a/sm_90.ptx, b/sm_90.ptx) keep apart: the later one is numbered.
+    for taken in "${ab_names[@]}"; do
+      if [[ $taken == "$name" ]]; then name=$name-${#ab_names[@]}; break; fi
+    done
     if [[ $spec == *.xz ]]; then
-      xz -dc "$spec" > "$scratch/$name.ptx" || exit 2
-      spec=$scratch/$name.ptx
+      xz -dc "$spec" > "$scratch/ab-${#ab_names[@]}.ptx" || exit 2
+      spec=$scratch/ab-${#ab_names[@]}.ptx
     fi
     ab_names+=("$name") ab_paths+=("$spec")
   done
