@@ -1438,9 +1438,9 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     // first pass starts on a piece as soon as it lands. A piece is whole rounds of `step`
     // vectors, so each thread waits for a piece once.
     // The other kernels keep the one copy's code as it was (a loop over one piece changed their
-    // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point), so the first pass's
-    // stash loop is written twice below (a closure shared by both was not inlined, and its call
-    // brought core's panic into the PTX).
+    // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point), so the first pass
+    // has two loops over the stash below, one body (`first_pass_stashed`: a closure there was
+    // not inlined, and its call brought core's panic into the PTX).
     let pieces = if M::CAP && !M::ACCURACY { CAP_PIECES } else { 1 };
     let (round_bytes, piece_rounds) = if pieces > 1 {
         let round_bytes = step * 16;
@@ -1526,13 +1526,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
         }
         let mut v = in_regs + tid;
         while v < seg.n_vec {
-            let at = stash + (v - in_regs) * 16;
-            let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
-            let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
-            if keep_t {
-                // This thread's own vector: no other thread reads it before the gradient pass.
-                unsafe { prim::st_shared_v4(at, T::pack(&t)) };
-            }
+            unsafe { first_pass_stashed::<T, M, FIXED>(&mut acc, &mut widest, seg, stash + (v - in_regs) * 16, v, o, ctx, keep_t) };
             v += step;
         }
     } else {
@@ -1543,13 +1537,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
                 while !unsafe { prim::mbarrier_try_wait(piece_mbar(k), 0) } {}
             }
             while v < end {
-                let at = stash + (v - in_regs) * 16;
-                let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
-                let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
-                if keep_t {
-                    // This thread's own vector: no other thread reads it before the gradient pass.
-                    unsafe { prim::st_shared_v4(at, T::pack(&t)) };
-                }
+                unsafe { first_pass_stashed::<T, M, FIXED>(&mut acc, &mut widest, seg, stash + (v - in_regs) * 16, v, o, ctx, keep_t) };
                 v += step;
             }
         }
@@ -1569,6 +1557,29 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
         }
     }
     (acc, widest)
+}
+
+/// [`bulk_load_and_reduce`]'s first pass over the stashed vector `v` at shared address `at`
+/// (with `keep_t`, `t` written back in its place).
+#[cfg(xent_cluster)]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn first_pass_stashed<T: Element, M: Mode, const FIXED: bool>(
+    acc: &mut Part,
+    widest: &mut f32,
+    seg: &Segment,
+    at: u32,
+    v: u32,
+    o: &OptParams,
+    ctx: &RowCtx,
+    keep_t: bool,
+) {
+    let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+    let t = unsafe { add_vector::<M, FIXED>(acc, widest, x, T::VEC, seg.vec_start::<T>(v), o, ctx, keep_t) };
+    if keep_t {
+        // This thread's own vector: no other thread reads it before the gradient pass.
+        unsafe { prim::st_shared_v4(at, T::pack(&t)) };
+    }
 }
 
 /// The gradient of `seg` from what `bulk_load_and_reduce` left: the vectors and scalar this
