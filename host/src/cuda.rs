@@ -288,9 +288,10 @@ impl CrossEntropy {
 
     /// Fails with [`Error::PlanDoesNotFit`] when a cluster or split plan asks for more threads per
     /// CTA than its kernel can launch with: the most a block may have is the register file over
-    /// the kernel's registers per thread, and the kernels with the most work per logit (the soft
-    /// cap with token accuracy, 72 registers on sm_90) stop short of 1024. The automatic plans ask
-    /// for at most [`plan::MAX_THREADS`]; only a forced `threads` reaches this.
+    /// the kernel's registers per thread, so a kernel of more than 64 stops short of 1024 (the soft
+    /// cap with token accuracy did on sm_90 at 72 registers, until session 32; the sm_80 split
+    /// kernels take up to 125, but their threads are not forced). The automatic plans ask for at
+    /// most [`plan::MAX_THREADS`]; only a forced `threads` reaches this.
     fn check_block_threads(
         &self,
         made: &LaunchPlan,

@@ -1164,13 +1164,16 @@ unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32
 #[cfg(xent_cluster)]
 const PREFETCH_EIGHTHS: u32 = 1;
 
-/// Bulk copies the soft cap's cluster kernels (without token accuracy) load their chunk in
-/// ([`bulk_load_and_reduce`]). Session 31, % of copy at 8192 x 128256, 4096 x 262144 and
-/// 16384 x 151936 bf16 and 8192 x 128256 f16, one run, two rounds: 1 piece 81.7 / 76.9 / 80.6 /
-/// 82.6, 2 pieces 82.8 / 79.7 / 81.1 / 83.1, 4 pieces 81.3 / 79.0 / 79.7 / 82.0; the final build
-/// against main in another run: 81.8 / 77.0 / 80.5 / 82.7 -> 82.7 / 79.7 / 81.0 / 83.1 (f32
-/// 89.4 -> 89.6). With token accuracy (and so all five options) 2 pieces lost 0.7-1.8 points in
-/// the first run: those kernels take one copy.
+/// Bulk copies the soft cap's cluster kernels load their chunk in ([`bulk_load_and_reduce`]).
+/// Session 31, `cap_` kernels, % of copy at 8192 x 128256, 4096 x 262144 and 16384 x 151936 bf16
+/// and 8192 x 128256 f16, one run, two rounds: 1 piece 81.7 / 76.9 / 80.6 / 82.6, 2 pieces 82.8 /
+/// 79.7 / 81.1 / 83.1, 4 pieces 81.3 / 79.0 / 79.7 / 82.0; the final build against main in another
+/// run: 81.8 / 77.0 / 80.5 / 82.7 -> 82.7 / 79.7 / 81.0 / 83.1 (f32 89.4 -> 89.6); session 32, 3
+/// pieces: -0.6 to -0.9 against 2. With token accuracy (`capacc_`, which also runs all five
+/// options) 2 pieces lost 0.7-1.8 points at 72 registers (session 31) and gained at 64, where four
+/// 256-thread CTAs share an SM (session 32, soft cap + accuracy 67.5 / 65.5 / 71.2 / 69.0 -> 70.8
+/// / 70.1 / 69.1 / 71.9, all five 51.0 / 48.3 / 54.5 / 51.7 -> 56.2 / 53.2 / 53.2 / 57.2; see
+/// `xtask/src/ptx.rs`'s `TIGHT_CAPS`).
 #[cfg(xent_cluster)]
 const CAP_PIECES: u32 = 2;
 // The pieces after the first have room for their mbarriers at `SMEM_PIECE_MBARRIERS`.
@@ -1433,7 +1436,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     let stash = prim::smem_base() + SMEM_STASH_OFFSET;
     let (keep, in_regs) = (keep::<M>(), in_regs::<M>(seg));
     let bulk_bytes = (seg.n_vec - in_regs) * 16;
-    // The soft cap alone loads its chunk in `pieces` bulk copies ([`CAP_PIECES`]), each on its
+    // The soft cap loads its chunk in `pieces` bulk copies ([`CAP_PIECES`]), each on its
     // own mbarrier (the first at `SMEM_MBARRIER`, the others at `SMEM_PIECE_MBARRIERS`), so the
     // first pass starts on a piece as soon as it lands. A piece is whole rounds of `step`
     // vectors, so each thread waits for a piece once.
@@ -1441,7 +1444,7 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     // code: the `wsm_` kernels spilled and the plain ones lost 0.5-1 point), so the first pass
     // has two loops over the stash below, one body (`first_pass_stashed`: a closure there was
     // not inlined, and its call brought core's panic into the PTX).
-    let pieces = if M::CAP && !M::ACCURACY { CAP_PIECES } else { 1 };
+    let pieces = if M::CAP { CAP_PIECES } else { 1 };
     let (round_bytes, piece_rounds) = if pieces > 1 {
         let round_bytes = step * 16;
         (round_bytes, bulk_bytes.div_ceil(round_bytes.max(1)).div_ceil(pieces).max(1))

@@ -33,7 +33,7 @@ struct FunctionReport {
 }
 
 /// Compiles every committed PTX file, prints the table, writes it to `target/ptxas-report.txt`,
-/// and fails if ptxas fails or any function spills.
+/// and fails if ptxas fails or any function spills more than [`SPILLS_ALLOWED`] lets it.
 pub fn report(root: &Path) -> Result<()> {
     let ptxas = ensure_ptxas(root)?;
     let (mut rows, mut serialised) = (Vec::new(), Vec::new());
@@ -58,7 +58,7 @@ pub fn report(root: &Path) -> Result<()> {
     }
     let spilling: Vec<String> = rows
         .iter()
-        .filter(|row| row.spill_store_bytes > 0 || row.spill_load_bytes > 0)
+        .filter(|row| spills_too_much(row))
         .map(|row| format!("{} ({})", row.name, row.arch))
         .collect();
     if !spilling.is_empty() {
@@ -74,6 +74,24 @@ pub fn report(root: &Path) -> Result<()> {
             serialised.join("\n")
         )),
     }
+}
+
+/// Kernels allowed to spill, by name prefix, up to this many bytes of spill stores and loads
+/// together. Only where a cap that spills was measured faster than one that does not, and the
+/// spills stay out of the loops over a chunk's vectors (`cargo xtask sass KERNEL`).
+///
+/// `xent_cluster_capacc_` (16-bit): 44-152 bytes at its cap of 64 (`TIGHT_CAPS` in ptx.rs says
+/// what the cap gained). Session 32, its SASS: none in the first pass's or the gradient's
+/// loops; they are around the waits for the chunk's pieces, once a CTA.
+const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 160)];
+
+/// Whether a function spills more than [`SPILLS_ALLOWED`] lets it (nothing, for most).
+fn spills_too_much(row: &FunctionReport) -> bool {
+    let allowed = SPILLS_ALLOWED
+        .iter()
+        .find(|(prefix, _)| row.name.starts_with(prefix))
+        .map_or(0, |&(_, bytes)| bytes);
+    row.spill_store_bytes + row.spill_load_bytes > allowed
 }
 
 /// ptxas' notes that it serialised `wgmma`s or injected a wait for them (C7510-C7520): a
@@ -366,6 +384,32 @@ ptxas info    : Compile time = 51.315 ms
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("ptxas info    : (C7517)"), "{found:?}");
         assert!(wgmma_waits(SAMPLE).is_empty());
+    }
+
+    #[test]
+    fn only_the_named_kernels_may_spill_and_only_so_much() {
+        let row = |name: &str, stores, loads| FunctionReport {
+            name: name.to_string(),
+            arch: "sm_90".to_string(),
+            registers: Some(64),
+            stack_bytes: 112,
+            spill_store_bytes: stores,
+            spill_load_bytes: loads,
+        };
+        assert!(!spills_too_much(&row("xent_cluster_cap_bf16_i32", 0, 0)));
+        assert!(spills_too_much(&row("xent_cluster_cap_bf16_i32", 4, 0)));
+        assert!(spills_too_much(&row("xent_cluster_cap_bf16_i32", 0, 4)));
+        assert!(!spills_too_much(&row(
+            "xent_cluster_capacc_bf16_i64",
+            36,
+            116
+        )));
+        assert!(spills_too_much(&row(
+            "xent_cluster_capacc_bf16_i64",
+            60,
+            116
+        )));
+        assert!(spills_too_much(&row("xent_split_capacc_bf16_i64", 4, 4)));
     }
 
     #[test]
