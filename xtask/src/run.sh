@@ -162,7 +162,8 @@ run_python() {
 # The pure-Python peers travel as wheels (bundle/wheels/, from `pip download`).
 install_peer_wheels() {
   local wheels=(wheels/*.whl)
-  if [[ -f ${wheels[0]} && ! -d $scratch/site ]]; then
+  # (nullglob: no wheels is an empty list, which `set -u` refuses to index.)
+  if ((${#wheels[@]} > 0)) && [[ ! -d $scratch/site ]]; then
     python3 -m pip install -q --no-index --no-deps --target "$scratch/site" "${wheels[@]}" &&
       export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
