@@ -8,7 +8,8 @@
 //!   warnings as errors, `check`, `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
 //!   machine without a Rust toolchain.
-//! - `sass`: one kernel's SASS (ptxas + nvdisasm, no GPU) and its loops' instruction counts.
+//! - `sass`: one kernel's SASS (ptxas + nvdisasm, no GPU), its live registers and its loops'
+//!   instruction counts, of the committed PTX or a variant, at its own register cap or another.
 //! - `bench`: `cargo bench` over the workspace.
 //! - `chart`: an SVG bar chart of each `bench/results/*.jsonl`, next to it.
 
@@ -41,9 +42,11 @@ commands:
   candle-cuda    CUDA 13.0's nvcc and libraries from PyPI into .tools/cuda13, link stubs, and
                  a release build of the candle-cuda feature's test, bench and example
   wheel          the Python package (python/) as an abi3 wheel in target/wheels/ (maturin)
-  sass KERNEL [ARCH]
-                 one kernel's SASS in target/sass/ (ptxas, nvdisasm from PyPI; no GPU) and
-                 each loop's instructions, shared/global loads and stores, ex2 and MMAs
+  sass KERNEL [ARCH] [--ptx FILE] [--maxnreg N]
+                 one kernel's SASS in target/sass/ (ptxas, nvdisasm from PyPI; no GPU) with
+                 live registers, and each loop's instructions, most live registers, shared/global
+                 loads and stores, ex2, MMAs and spills; from FILE instead of the committed PTX,
+                 at N registers instead of the kernel's cap
   bench [ARGS]   cargo bench --workspace [ARGS] (criterion + throughput JSON lines)
   chart [FILES]  SVG bar chart (% of copy bandwidth) next to each results .jsonl
                  (default: bench/results/*.jsonl)";
