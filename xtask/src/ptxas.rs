@@ -82,7 +82,9 @@ pub fn report(root: &Path) -> Result<()> {
 ///
 /// `xent_cluster_capacc_` (16-bit): 44-152 bytes at its cap of 64 (`TIGHT_CAPS` in ptx.rs says
 /// what the cap gained). Session 32, its SASS: none in the first pass's or the gradient's
-/// loops; they are around the waits for the chunk's pieces, once a CTA.
+/// loops; one of the two vectors kept in registers is stored after its load and read back in
+/// each pass, once a row, because the per-row divisions' slow-path calls sit in its live range
+/// (bench/NOTES.md, session 32).
 const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 160)];
 
 /// Whether a function spills more than [`SPILLS_ALLOWED`] lets it (nothing, for most).
