@@ -206,14 +206,13 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_chunk_partial_acc_", 80),
     ("xent_cluster_coef_", 40),
     ("xent_cluster_acc_", 48),
-    // The soft cap with token accuracy (and all five options): 64 lets four 256-thread CTAs
-    // share an SM (72 allowed three). In 16 bits that spills 44-152 bytes (`SPILLS_ALLOWED` in
-    // ptxas.rs), and still paid: session 32, with the chunk in two pieces, % of copy at 8192 x
-    // 128256, 4096 x 262144, 16384 x 151936 bf16 and 8192 x 128256 f16, 72 -> 64 registers:
-    // soft cap + accuracy 67.5 / 65.5 / 71.2 / 69.0 -> 70.8 / 70.1 / 69.1 / 71.9, all five 51.0 / 48.3 /
-    // 54.5 / 51.7 -> 56.2 / 53.2 / 53.2 / 57.2 (16384 x 151936 is held to three CTAs an SM by its
-    // chunk's shared memory either way, and lost 1.5-2 points at 64 in two runs). In f32, 60
-    // with no spills.
+    // The soft cap with token accuracy (and all five options): 64 lets four 256-thread CTAs share
+    // an SM (72 allowed three). In 16 bits that spills 44-152 bytes (`SPILLS_ALLOWED` in ptxas.rs),
+    // and still paid: session 32, with the chunk in two pieces, % of copy at 8192 x 128256, 4096 x
+    // 262144, 16384 x 151936 bf16 and 8192 x 128256 f16, 72 -> 64 registers: soft cap + accuracy
+    // 67.5 / 65.5 / 71.2 / 69.0 -> 70.8 / 70.1 / 69.1 / 71.9, all five 51.0 / 48.3 / 54.5 / 51.7 ->
+    // 56.2 / 53.2 / 53.2 / 57.2 (16384 x 151936 is held to three CTAs an SM by its chunk's shared
+    // memory either way, and lost 1.5-2 points at 64 in two runs). In f32, 60 with no spills.
     ("xent_cluster_capacc_", 64),
     // Class-weighted smoothing (with token accuracy on at run time): 47-48 registers, no
     // spills, at 48 while the first pass summed the smoothing; its gradient pass summing it
