@@ -53,11 +53,15 @@ pub trait Mode {
     /// copy, class weights 87.4 -> 88.9 (H200, 8192 x 128256 bf16, two A/B rounds, session 15;
     /// 4096 x 262144 unchanged).
     const SMOOTHING_PATH: bool = false;
+    /// What the cluster kernel takes of the call's scales before its chunk's loads
+    /// ([`CallScales`], or `()`: nothing, [`coef`] takes them after the merge).
+    type Early: EarlyScales;
 }
 
 /// No options: the fast kernels.
 pub struct Plain;
 impl Mode for Plain {
+    type Early = CallScales;
     const OPTS: bool = false;
     const FULL: bool = false;
 }
@@ -65,6 +69,7 @@ impl Mode for Plain {
 /// The options that change per-row constants only.
 pub struct RowConst;
 impl Mode for RowConst {
+    type Early = CallScales;
     const OPTS: bool = true;
     const FULL: bool = false;
     const SMOOTHING_PATH: bool = true;
@@ -75,6 +80,7 @@ impl Mode for RowConst {
 /// copy bandwidth even when it is off (H200, 8192 x 128256 bf16, z-loss: 85% -> 77%).
 pub struct RowAcc;
 impl Mode for RowAcc {
+    type Early = CallScales;
     const OPTS: bool = true;
     const FULL: bool = false;
     const ACCURACY: bool = true;
@@ -87,6 +93,7 @@ impl Mode for RowAcc {
 /// 58 instructions per logit, issue-bound).
 pub struct RowCap;
 impl Mode for RowCap {
+    type Early = ();
     const OPTS: bool = true;
     const FULL: bool = false;
     const CAP: bool = true;
@@ -100,6 +107,7 @@ impl Mode for RowCap {
 /// 52-55% against 23% one vector at a time (`Full`).
 pub struct RowCapAcc;
 impl Mode for RowCapAcc {
+    type Early = ();
     const OPTS: bool = true;
     const FULL: bool = false;
     const ACCURACY: bool = true;
@@ -114,6 +122,7 @@ impl Mode for RowCapAcc {
 /// cluster and split kernels only (one kernel a row), as `RowCapAcc`'s are.
 pub struct RowWSmooth;
 impl Mode for RowWSmooth {
+    type Early = ();
     const OPTS: bool = true;
     const FULL: bool = false;
     const ACCURACY: bool = true;
@@ -123,6 +132,7 @@ impl Mode for RowWSmooth {
 /// Every option, read at run time from `OptParams`.
 pub struct Full;
 impl Mode for Full {
+    type Early = ();
     const OPTS: bool = true;
     const FULL: bool = true;
 }
@@ -779,6 +789,94 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
     let cap = if M::WSMOOTH { o.softcap } else { 0.0 };
     Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight, wsum_later: false, y_ref: 0.0, cap }
+}
+
+/// The parts of [`coef`] that are the same for every row of a call, each an IEEE division whose
+/// slow path is a subroutine call: the cross-entropy part's scale (`ce`: the mean's division by
+/// the valid count or total weight), the z-loss's (`z`) and the smoothing's `k`. The plain, per-row
+/// constant and token accuracy cluster kernels take them before their chunk's loads
+/// ([`EarlyScales::take`], then [`coef_early`]) rather than after the row's merge: 0.4-2.4 points
+/// of copy bandwidth at the 16-bit shapes (H200, session 33, `bench/NOTES.md`). The soft cap's
+/// kernels lost 0.2-2.2 doing the same (their scales spilled), so they keep [`coef`].
+#[derive(Clone, Copy)]
+pub struct CallScales {
+    ce: f32,
+    z: f32,
+    k: f32,
+}
+
+impl CallScales {
+    /// The call's scales, as [`coef`] computes them (the counts must be ready: the count
+    /// kernel's, or with `self_finish` this CTA's, after a barrier), computed here
+    /// ([`prim::here`]: LLVM would sink them to their use).
+    #[inline(always)]
+    pub unsafe fn now<M: Mode>(p: &XentParams) -> CallScales {
+        let mean = p.reduction == REDUCTION_MEAN;
+        let (ce, z) = if mean {
+            let (n_valid, total_weight) = unsafe { divisors(p) };
+            if M::OPTS { (p.grad_scale / total_weight, p.grad_scale / n_valid) } else { (p.grad_scale / n_valid, 0.0) }
+        } else {
+            (p.grad_scale, p.grad_scale)
+        };
+        let k = if M::OPTS { p.opts.label_smoothing / p.rows.vocab as f32 * ce } else { 0.0 };
+        CallScales { ce: prim::here(ce), z: prim::here(z), k: prim::here(k) }
+    }
+}
+
+/// The cluster kernel's [`Mode::Early`]: the call's scales it takes at its start, and the row's
+/// constants from them.
+pub trait EarlyScales: Copy {
+    /// The scales (a small call's CTA waits at a barrier for its own counts first).
+    unsafe fn take<M: Mode>(p: &XentParams) -> Self;
+    /// [`coef`] with these scales.
+    unsafe fn coef<M: Mode>(self, p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef;
+}
+
+impl EarlyScales for () {
+    #[inline(always)]
+    unsafe fn take<M: Mode>(_: &XentParams) {}
+
+    #[inline(always)]
+    unsafe fn coef<M: Mode>(self, p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
+        unsafe { coef::<M>(p, row, label, col0) }
+    }
+}
+
+impl EarlyScales for CallScales {
+    #[inline(always)]
+    unsafe fn take<M: Mode>(p: &XentParams) -> CallScales {
+        if p.self_finish != 0 {
+            prim::sync_threads();
+        }
+        unsafe { CallScales::now::<M>(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn coef<M: Mode>(self, p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
+        unsafe { coef_early::<M>(p, row, label, col0, self) }
+    }
+}
+
+/// [`coef`] with the call's scales taken already, for the modes without the soft cap, the
+/// class-weighted smoothing or `Full` (whose extra constants it leaves off): the same values.
+/// Not `coef` itself written over it: that changed the code of every kernel calling `coef`, and
+/// took the `capacc_` kernels' spills from 48 to 152 bytes.
+#[inline(always)]
+pub unsafe fn coef_early<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32, s: CallScales) -> Coef {
+    let lse2 = row.lse.value();
+    let (wsum_later, y_ref, inv_cap, weight, cap) = (false, 0.0, 0.0, 0, 0.0);
+    if !M::OPTS {
+        let (scale, lse2_a) = (s.ce, fold_a(lse2, s.ce));
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap, lse2_a, weight, wsum_later, y_ref, cap };
+    }
+    let o = &p.opts;
+    let eps = o.label_smoothing;
+    let b = (1.0 - eps) * unsafe { class_weight(o, label) } * s.ce;
+    let mut a = if eps != 0.0 { prim::fma(unsafe { class_weight_sum(p) }, s.k, b) } else { b };
+    if o.lse_square_scale != 0.0 {
+        a = prim::fma(2.0 * o.lse_square_scale * s.z, lse2 * LN_2, a);
+    }
+    Coef { lse2, a, b, k: s.k, col0, inv_cap, lse2_a: f32::NAN, weight, wsum_later, y_ref, cap }
 }
 
 impl Coef {

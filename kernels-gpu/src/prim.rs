@@ -84,6 +84,18 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
     unsafe { llvm_fma_f32(a, b, c) }
 }
 
+/// `x`, computed here: an opaque `mov` with side effects, so that LLVM does not sink the
+/// computation of `x` to where it is used ([`opts::call_scales`](crate::opts::call_scales), whose
+/// divisions must come before the chunk's loads).
+#[inline(always)]
+pub fn here(x: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!("mov.b32 {y}, {x};", y = out(reg32) y, x = in(reg32) x, options(nomem, nostack));
+    }
+    y
+}
+
 /// `ex2.approx.ftz.f32`: 2^x (relative error about 2^-22; `ex2(-inf) = +0`).
 #[inline(always)]
 pub fn ex2(x: f32) -> f32 {

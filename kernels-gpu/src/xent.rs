@@ -1023,6 +1023,9 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     if M::CAP && tid == 32 {
         unsafe { prefetch_ahead::<T>(p, &seg, row) };
     }
+    // The call's scales before the chunk's loads, in the kernels that gain by it
+    // ([`opts::CallScales`]).
+    let early = unsafe { <M::Early as opts::EarlyScales>::take::<M>(p) };
     let local_label = label.wrapping_sub(start);
     let owns_label = local_label < seg.len;
     // Read before the block's first barrier; every gradient write comes after it.
@@ -1070,7 +1073,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // Done reading the other CTAs' slots; the matching wait keeps this CTA's slot alive until
     // every CTA of the cluster has read it.
     prim::cluster_arrive();
-    let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
+    let mut c = unsafe { opts::EarlyScales::coef::<M>(early, p, &total, label, start) };
     (c.wsum_later, c.y_ref) = (wsum_later, ctx.y_ref);
     // The soft cap's second pass takes one polynomial for the whole warp (the shortest that held
     // for all its lanes' elements in the first pass), so no warp runs two of its loops; with the

@@ -36,6 +36,7 @@
 #                               size and threads, per option set: ARGS such as --options softcap)
 #   run.sh ab PTX PTX...        an A/B of kernel builds on bin/bench-throughput: each PTX file
 #                               (plain or .xz; `embedded`: the binaries' own) through XENT_PTX,
+#                               `PTX+VAR=VALUE+...` with those variables set too,
 #                               $XENT_AB_ROUNDS rounds (default 2) whose order alternates (odd
 #                               rounds as given, even rounds reversed: the second process of a
 #                               pair reads up to a point lower), on $XENT_BENCH_CONFIGS (default:
@@ -223,16 +224,20 @@ elif [[ $mode == linear ]]; then
   run_peer_script linear_bench.py 1800 "$@"
 elif [[ $mode == ab ]]; then
   if (($# < 2)); then echo "run.sh ab: name two or more PTX files (or embedded)" >&2; exit 2; fi
-  ab_names=() ab_paths=()
+  ab_names=() ab_paths=() ab_envs=()
   for spec in "$@"; do
+    # `PTX+VAR=VALUE+...`: that build with those variables set (e.g. embedded+XENT_PERSIST=1).
+    env_spec=
+    if [[ $spec == *+* ]]; then env_spec=${spec#*+} spec=${spec%%+*}; fi
+    ab_envs+=("${env_spec//+/ }")
     if [[ $spec == embedded ]]; then
-      ab_names+=(embedded) ab_paths+=("")
+      ab_names+=("embedded${env_spec:++$env_spec}") ab_paths+=("")
       continue
     fi
     [[ $spec == /* ]] || spec=$caller_dir/$spec
     if [[ ! -f $spec ]]; then echo "run.sh ab: no file $spec" >&2; exit 2; fi
     name=$(basename "$spec" .xz)
-    name=${name%.ptx}
+    name=${name%.ptx}${env_spec:++$env_spec}
     # Two files of one name (a/sm_90.ptx, b/sm_90.ptx) keep apart: the later one is numbered.
     for taken in "${ab_names[@]}"; do
       if [[ $taken == "$name" ]]; then name=$name-${#ab_names[@]}; break; fi
@@ -254,6 +259,8 @@ elif [[ $mode == ab ]]; then
     for i in "${order[@]}"; do
       ptx_env=(-u XENT_PTX)
       [[ -n ${ab_paths[i]} ]] && ptx_env=(XENT_PTX="${ab_paths[i]}")
+      # shellcheck disable=SC2206 # the variables are words: VAR=VALUE
+      ptx_env+=(${ab_envs[i]})
       run_one "bench-throughput ${ab_names[i]} round $round" "$log" timeout 300 \
         env "${ptx_env[@]}" ./bin/bench-throughput --bench --configs "$configs" \
         --options "${XENT_AB_OPTIONS:-none,softcap,softcap+accuracy,all}"
