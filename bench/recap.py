@@ -8,21 +8,19 @@ matches wins); entries without a `.maxnreg` (uncapped) get none. Prints what it 
 where the spills land before measuring: `ptxas -v` and `nvdisasm` on the copy (session 32,
 bench/NOTES.md)."""
 
-import re
 import sys
+
+from ptxentries import spans
 
 
 def recap(ptx, rules):
     """`ptx` with the caps of `rules` ((prefix, cap) pairs); returns (text, {entry: cap})."""
     out, pos, changed = [], 0, {}
-    entries = list(re.finditer(r"\.visible \.entry (\w+)\(", ptx))
-    for i, m in enumerate(entries):
-        name = m.group(1)
+    for name, (start, end) in spans(ptx).items():
         cap = next((c for p, c in rules if name.startswith(p)), None)
         if cap is None:
             continue
-        end = entries[i + 1].start() if i + 1 < len(entries) else len(ptx)
-        j = ptx.find(".maxnreg", m.end(), end)
+        j = ptx.find(".maxnreg", start, end)
         if j < 0:
             continue
         k = ptx.index("\n", j)

@@ -85,8 +85,8 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// `x`, computed here: an opaque `mov` with side effects, so that LLVM does not sink the
-/// computation of `x` to where it is used ([`opts::call_scales`](crate::opts::call_scales), whose
-/// divisions must come before the chunk's loads).
+/// computation of `x` to where it is used ([`CallScales::now`](crate::opts::CallScales::now),
+/// whose divisions must come before the chunk's loads).
 #[inline(always)]
 pub fn here(x: f32) -> f32 {
     let y: f32;

@@ -2,8 +2,8 @@
 //!
 //! - `ptx`: build `kernels-gpu/` with its pinned nightly and write the committed `host/ptx/*.ptx`.
 //! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
-//!   and fail on a register spill (but those `ptxas.rs` allows by name and size); also compile each kernel's one-kernel module (what a
-//!   handle loads on the kernel's first use) on its own.
+//!   and fail on a register spill (but those `ptxas.rs` allows by name and size); also compile
+//!   each kernel's one-kernel module (what a handle loads on the kernel's first use) on its own.
 //! - `test`: what CI runs: `cargo fmt --check`, `cargo clippy -D warnings`, `cargo doc` with
 //!   warnings as errors, `check`, `cargo test --workspace`.
 //! - `bundle`: release test, example and bench binaries plus `run.sh` in `bundle/`, for a GPU
