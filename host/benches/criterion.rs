@@ -12,7 +12,12 @@
 //!   and the gaps between them, without the host's launches); `launch_floor`, the driver's own
 //!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
 //!   cluster of 8 CTAs of 256 threads (`cluster8`, what a call of one row launches) and as a plain
-//!   launch of 8 CTAs (`plain`). `XENT_SMALL_PLAN` (a plan as throughput.rs's `--plan` spells it)
+//!   launch of 8 CTAs (`plain`); `graph_floor`, the GPU time a call of nothing takes in the same
+//!   graph: a kernel that only waits for the one before it and lets the next one start (what
+//!   every small call's kernel does first and last), launched as the small calls' plans launch
+//!   (`cluster16x128` for 1-4 rows, `cluster8x256` a cluster a row for 8: `rows8`, and 64 rows of
+//!   8 x 128: `rows64`), with the programmatic dependency xent's launches carry.
+//!   `XENT_SMALL_PLAN` (a plan as throughput.rs's `--plan` spells it)
 //!   forces the small calls' plan, `XENT_SMALL_ROWS` (comma-separated) their row counts.
 //!
 //! `cargo bench -p xent --bench criterion [-- FILTER | --test | --quick | ...]`. The bundle's
@@ -152,6 +157,7 @@ fn small(criterion: &mut Criterion, xent: &CrossEntropy) -> Result<(), Box<dyn E
         });
     }
     launch_floor(&mut group, &stream)?;
+    graph_floor(&mut group, &stream)?;
     group.finish();
     Ok(())
 }
@@ -162,52 +168,16 @@ fn launch_floor(
     group: &mut BenchmarkGroup<WallTime>,
     stream: &Arc<CudaStream>,
 ) -> Result<(), Box<dyn Error>> {
-    use xent::cudarc::driver::sys;
-    let bytes = std::mem::size_of::<xent::abi::XentParams>();
-    let ptx = format!(
-        ".version 8.0\n.target sm_90\n.address_size 64\n\
-         .visible .entry xent_floor(.param .align 8 .b8 p[{bytes}])\n{{\n\tret;\n}}\n"
-    );
-    let module = stream
-        .context()
-        .load_module(xent::cudarc::nvrtc::Ptx::from_src(ptx))?;
-    let function = module.load_function("xent_floor")?;
-    let params = vec![0u64; bytes.div_ceil(8)];
+    let (function, params) = empty_kernel(stream, "")?;
     for (name, cluster) in [("cluster8", true), ("plain", false)] {
-        let mut launch = || -> Result<(), Box<dyn Error>> {
-            let mut attribute = sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+        let mut launch = || {
+            let shape = EmptyLaunch {
+                grid: 8,
+                cluster: if cluster { 8 } else { 1 },
+                threads: 256,
+                pdl: false,
             };
-            attribute.value.clusterDim.x = 8;
-            attribute.value.clusterDim.y = 1;
-            attribute.value.clusterDim.z = 1;
-            let config = sys::CUlaunchConfig {
-                gridDimX: 8,
-                gridDimY: 1,
-                gridDimZ: 1,
-                blockDimX: 256,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: 0,
-                hStream: stream.cu_stream(),
-                attrs: &mut attribute,
-                numAttrs: u32::from(cluster),
-            };
-            let mut args = [params.as_ptr() as *mut std::ffi::c_void];
-            // SAFETY: the kernel takes one parameter block of `bytes` bytes, which `params` holds;
-            // the driver copies it before returning.
-            unsafe {
-                sys::cuLaunchKernelEx(
-                    &config,
-                    function.cu_function(),
-                    args.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
-            }
-            .result()?;
-            Ok(())
+            launch_empty(stream, &function, &params, shape)
         };
         group.bench_function(BenchmarkId::new("launch_floor", name), |bencher| {
             bencher.iter_custom(|iters| enqueue_time(stream, iters, &mut launch).expect("launch"))
@@ -403,4 +373,144 @@ fn inputs<T: Element>(n: usize, v: usize, ignored: bool) -> (Vec<T>, Vec<i64>) {
         })
         .collect();
     (logits, labels)
+}
+
+/// The `graph_floor` cases (see the module doc): `GRAPH_CALLS` launches of an empty kernel that
+/// waits for the grid before it (`griddepcontrol.wait`) and lets the next one start
+/// (`griddepcontrol.launch_dependents`), in one graph, with the programmatic stream
+/// serialization xent's small calls are launched with; per call, as `gpu_graph`.
+fn graph_floor(
+    group: &mut BenchmarkGroup<WallTime>,
+    stream: &Arc<CudaStream>,
+) -> Result<(), Box<dyn Error>> {
+    use xent::cudarc::driver::sys;
+    let (function, params) = empty_kernel(
+        stream,
+        "\tgriddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n",
+    )?;
+    // (name, grid, cluster, threads): the automatic small plans at 128256 classes in bf16.
+    let shapes = [
+        ("cluster16x128", 16, 16, 128),
+        ("rows8", 64, 8, 256),
+        ("rows64", 512, 8, 128),
+    ];
+    for (name, grid, cluster, threads) in shapes {
+        let shape = EmptyLaunch {
+            grid,
+            cluster,
+            threads,
+            pdl: true,
+        };
+        let launch = || launch_empty(stream, &function, &params, shape);
+        if cluster > 8 {
+            // SAFETY: a function attribute of a function this module owns.
+            unsafe {
+                sys::cuFuncSetAttribute(
+                    function.cu_function(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )
+            }
+            .result()?;
+        }
+        launch()?;
+        stream.synchronize()?;
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        for _ in 0..GRAPH_CALLS {
+            launch()?;
+        }
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))?
+            .ok_or("the capture recorded no work")?;
+        group.bench_function(BenchmarkId::new("graph_floor", name), |bencher| {
+            bencher.iter_custom(|iters| graph_calls(stream, &graph, iters).expect("graph"))
+        });
+    }
+    Ok(())
+}
+
+/// How [`launch_empty`] launches: `grid` CTAs of `threads` in clusters of `cluster` (1: no cluster
+/// attribute), with the programmatic stream serialization xent's small calls carry if `pdl`.
+#[derive(Clone, Copy)]
+struct EmptyLaunch {
+    grid: u32,
+    cluster: u32,
+    threads: u32,
+    pdl: bool,
+}
+
+/// One `cuLaunchKernelEx` of `function` (a kernel taking one parameter block, which `params`
+/// holds) on `stream`, shaped as `shape` says.
+fn launch_empty(
+    stream: &Arc<CudaStream>,
+    function: &xent::cudarc::driver::CudaFunction,
+    params: &[u64],
+    shape: EmptyLaunch,
+) -> Result<(), Box<dyn Error>> {
+    use xent::cudarc::driver::sys;
+    let empty = || sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    let mut attributes = Vec::new();
+    if shape.cluster > 1 {
+        let mut attribute = empty();
+        attribute.value.clusterDim.x = shape.cluster;
+        attribute.value.clusterDim.y = 1;
+        attribute.value.clusterDim.z = 1;
+        attributes.push(attribute);
+    }
+    if shape.pdl {
+        let mut attribute = empty();
+        attribute.id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        attributes.push(attribute);
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: shape.grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: shape.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: attributes.as_mut_ptr(),
+        numAttrs: attributes.len() as u32,
+    };
+    let mut args = [params.as_ptr() as *mut std::ffi::c_void];
+    // SAFETY: the kernel takes one parameter block of `params`' bytes, which the driver copies
+    // before returning; `attributes` outlives the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()?;
+    Ok(())
+}
+
+/// A kernel of `body` (PTX lines; empty: it only returns) that takes a parameter block of
+/// `XentParams`' size, and a zeroed block to launch it with.
+fn empty_kernel(
+    stream: &Arc<CudaStream>,
+    body: &str,
+) -> Result<(xent::cudarc::driver::CudaFunction, Vec<u64>), Box<dyn Error>> {
+    let bytes = std::mem::size_of::<xent::abi::XentParams>();
+    let ptx = format!(
+        ".version 8.0\n.target sm_90\n.address_size 64\n\
+         .visible .entry xent_floor(.param .align 8 .b8 p[{bytes}])\n{{\n{body}\tret;\n}}\n"
+    );
+    let module = stream
+        .context()
+        .load_module(xent::cudarc::nvrtc::Ptx::from_src(ptx))?;
+    Ok((
+        module.load_function("xent_floor")?,
+        vec![0u64; bytes.div_ceil(8)],
+    ))
 }

@@ -561,6 +561,24 @@ pub unsafe fn bulk_prefetch_l2(src: u64, bytes: u32) {
     unsafe { asm!("cp.async.bulk.prefetch.L2.global [{s}], {n};", s = in(reg64) src, n = in(reg32) bytes, options(nostack)) };
 }
 
+/// `%globaltimer` (nanoseconds) for the phase timeline of `--cfg xent_trace` builds.
+#[cfg(xent_trace)]
+#[inline(always)]
+pub fn global_timer() -> u64 {
+    let t: u64;
+    unsafe { asm!("mov.u64 {t}, %globaltimer;", t = out(reg64) t, options(nomem, nostack)) }
+    t
+}
+
+/// `%smid` for the phase timeline of `--cfg xent_trace` builds.
+#[cfg(xent_trace)]
+#[inline(always)]
+pub fn sm_id() -> u32 {
+    let a: u32;
+    unsafe { asm!("mov.u32 {a}, %smid;", a = out(reg32) a, options(nomem, nostack)) }
+    a
+}
+
 /// `%nsmid`: the number of SMs (an upper bound on `%smid`).
 #[inline(always)]
 pub fn sm_count() -> u32 {

@@ -257,7 +257,16 @@ pub fn block_sum_f32(v: f32) -> f32 {
 
 /// Sum of an `f64` across the block; every thread gets it.
 #[inline(always)]
-pub fn block_sum_f64(mut v: f64) -> f64 {
+pub fn block_sum_f64(v: f64) -> f64 {
+    f64::from_bits(block_combine_words(warp_sum_f64(v).to_bits(), |a, b| {
+        (f64::from_bits(a) + f64::from_bits(b)).to_bits()
+    }))
+}
+
+/// Sum of an `f64` across the warp (butterfly, so every lane gets the same bits): the first
+/// half of [`block_sum_f64`].
+#[inline(always)]
+pub fn warp_sum_f64(mut v: f64) -> f64 {
     let mut lane_mask = 16;
     while lane_mask > 0 {
         let bits = v.to_bits();
@@ -266,9 +275,7 @@ pub fn block_sum_f64(mut v: f64) -> f64 {
         v += f64::from_bits(((hi as u64) << 32) | lo as u64);
         lane_mask >>= 1;
     }
-    f64::from_bits(block_combine_words(v.to_bits(), |a, b| {
-        (f64::from_bits(a) + f64::from_bits(b)).to_bits()
-    }))
+    v
 }
 
 /// A candidate for `torch.argmax`: a value and its index (`u32::MAX`: no candidate yet).

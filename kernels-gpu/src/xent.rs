@@ -1000,7 +1000,13 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
 pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // A small call is launched with a programmatic dependency on the kernel before it (the host's
     // `launch_cluster`): its CTAs may start before that kernel's end, and wait here.
+    #[cfg(xent_trace)]
+    let mut trace = [prim::global_timer(); 10];
     prim::grid_dependency_wait();
+    #[cfg(xent_trace)]
+    {
+        trace[1] = prim::global_timer();
+    }
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     if p.self_finish != 0 {
@@ -1020,12 +1026,20 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
             return;
         }
     };
+    #[cfg(xent_trace)]
+    {
+        trace[2] = prim::global_timer();
+    }
     if M::CAP && tid == 32 {
         unsafe { prefetch_ahead::<T>(p, &seg, row) };
     }
     // The call's scales before the chunk's loads, in the kernels that gain by it
     // ([`opts::CallScales`]).
     let early = unsafe { <M::Early as opts::EarlyScales>::take::<M>(p) };
+    #[cfg(xent_trace)]
+    {
+        trace[3] = prim::global_timer();
+    }
     let local_label = label.wrapping_sub(start);
     let owns_label = local_label < seg.len;
     // Read before the block's first barrier; every gradient write comes after it.
@@ -1054,6 +1068,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     };
     // Nothing writes the scratch again (the cluster's barriers come first where a small call's
     // last CTA sums its totals).
+    #[cfg(xent_trace)]
+    {
+        trace[4] = prim::global_timer();
+    }
     let chunk = partial.block_merge_unsynced::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
@@ -1061,6 +1079,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
     prim::cluster_arrive();
     prim::cluster_wait();
+    #[cfg(xent_trace)]
+    {
+        trace[5] = prim::global_timer();
+    }
     // Lane i reads the slot of CTA i (i, i + 32, ...), then the warp combines them.
     let mut acc = Part::EMPTY;
     let mut rank = tid % 32;
@@ -1075,6 +1097,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     prim::cluster_arrive();
     let mut c = unsafe { opts::EarlyScales::coef::<M>(early, p, &total, label, start) };
     (c.wsum_later, c.y_ref) = (wsum_later, ctx.y_ref);
+    #[cfg(xent_trace)]
+    {
+        trace[6] = prim::global_timer();
+    }
     // The soft cap's second pass takes one polynomial for the whole warp (the shortest that held
     // for all its lanes' elements in the first pass), so no warp runs two of its loops; with the
     // wide one, any element it does not hold for takes `tanh` itself (`POLY_WIDE_FIX`).
@@ -1100,6 +1126,10 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
     }
+    #[cfg(xent_trace)]
+    {
+        trace[7] = prim::global_timer();
+    }
     let mut total = total;
     if wsum_later {
         // Completes the cluster barrier arrived at above.
@@ -1111,7 +1141,40 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     if !wsum_later {
         prim::cluster_wait();
     }
+    #[cfg(xent_trace)]
+    {
+        trace[8] = prim::global_timer();
+        if tid == 0 {
+            for k in 0..10 {
+                unsafe { prim::st_shared_u32(prim::smem_base() + SMEM_STASH_OFFSET + 4 * k, 0) };
+            }
+        }
+    }
     unsafe { finish_if_last::<L>(p, owns_label) };
+    #[cfg(xent_trace)]
+    {
+        trace[9] = prim::global_timer();
+        // The timeline over the first 32 words of this CTA's chunk of the gradient (after its own
+        // gradient stores, which the cluster barrier above ordered): ten stamps from registers,
+        // five from `trace_mark`'s words (0: not reached), `%smid`, a mark.
+        if tid == 0 {
+            let at = seg.elem_addr::<T>(0);
+            for (k, t) in trace.iter().enumerate() {
+                unsafe {
+                    prim::st_global_u32(at + 8 * k as u64, *t as u32);
+                    prim::st_global_u32(at + 8 * k as u64 + 4, (*t >> 32) as u32);
+                }
+            }
+            for k in 0..10 {
+                let w = unsafe { prim::ld_shared_u32(prim::smem_base() + SMEM_STASH_OFFSET + 4 * k) };
+                unsafe { prim::st_global_u32(at + 80 + 4 * k as u64, w) };
+            }
+            unsafe {
+                prim::st_global_u32(at + 120, prim::sm_id());
+                prim::st_global_u32(at + 124, 0x7ace_7ace);
+            }
+        }
+    }
 }
 
 /// The row's smoothing sum where the cluster kernel's gradient pass took it
@@ -1724,13 +1787,48 @@ pub unsafe fn finish(p: &FinishParams) {
     unsafe { finish_rows(*p, word(COUNT_VALID), word(COUNT_WEIGHT)) }
 }
 
-/// The finish kernel's work for `p`'s rows, by the whole block, with the counts given (`valid`
-/// rows, and the f32 bits of their total class weight); rows written by other CTAs of this
-/// launch are read past L1. Not inlined: every fused and cluster kernel calls it (inlined, their
+/// `--cfg xent_trace` builds (`small_trace`'s timeline): thread 0 stamps `%globaltimer` into
+/// word pair `k` of the stash (free once the gradient is written), which the cluster kernel
+/// copies out at its end.
+#[cfg(xent_trace)]
+#[inline(always)]
+fn trace_mark(k: u32) {
+    if thread_idx() == 0 {
+        let t = prim::global_timer();
+        let at = prim::smem_base() + SMEM_STASH_OFFSET + 8 * k;
+        unsafe {
+            prim::st_shared_u32(at, t as u32);
+            prim::st_shared_u32(at + 4, (t >> 32) as u32);
+        }
+    }
+}
+
+/// The finish kernel's work for `p`'s rows, by the whole block (up to 32 rows by warp 0 alone:
+/// the other warps return at once, so no caller may wait at a barrier after it), with the counts
+/// given (`valid` rows, and the f32 bits of their total class weight); rows written by other CTAs
+/// of this launch are read past L1. Not inlined: every fused and cluster kernel calls it (inlined, their
 /// PTX grew by a third).
 #[inline(never)]
 unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
     let tid = thread_idx();
+    // Up to 32 rows are warp 0's alone: its sums are the block's (the other warps' would add
+    // +0.0 each, which only turns a -0.0 into +0.0: `+ 0.0` does that here), without the block
+    // sums' two barriers and serial combine each (a small call's last CTA, where they were about
+    // a microsecond of the call's end).
+    let one_warp = p.n_rows <= 32;
+    if one_warp && tid >= 32 {
+        return;
+    }
+    let many_warps = prim::block_dim() > 32;
+    let sum_f64 = |v: f64| {
+        if !one_warp {
+            reduce::block_sum_f64(v)
+        } else if many_warps {
+            reduce::warp_sum_f64(v) + 0.0
+        } else {
+            reduce::warp_sum_f64(v)
+        }
+    };
     let z = p.lse_square_scale as f64;
     let (mut ce, mut zsum, mut correct) = (0.0f64, 0.0f64, 0u32);
     let mut row = tid as u64;
@@ -1749,9 +1847,17 @@ unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
         }
         row += prim::block_dim() as u64;
     }
-    let ce = reduce::block_sum_f64(ce);
-    let zsum = if z != 0.0 { reduce::block_sum_f64(zsum) } else { 0.0 };
-    let correct = if p.row_correct != 0 { reduce::block_sum_u32(correct) } else { 0 };
+    #[cfg(xent_trace)]
+    trace_mark(2);
+    let ce = sum_f64(ce);
+    let zsum = if z != 0.0 { sum_f64(zsum) } else { 0.0 };
+    let correct = match p.row_correct != 0 {
+        true if one_warp => reduce::warp_sum_u32(correct),
+        true => reduce::block_sum_u32(correct),
+        false => 0,
+    };
+    #[cfg(xent_trace)]
+    trace_mark(3);
     if tid == 0 {
         let n_valid = valid as f64;
         let (ce, zsum) = if p.reduction == REDUCTION_MEAN {
@@ -1769,6 +1875,8 @@ unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
             }
         }
     }
+    #[cfg(xent_trace)]
+    trace_mark(4);
 }
 
 /// A small call's labels, counted by the whole block (`XentParams::self_finish`: at most as many
@@ -1792,8 +1900,9 @@ unsafe fn count_labels<L: Label>(rows: RowsParams, weight_at: u64) -> (u32, u32,
             Target::Ignored => {}
         }
     }
-    let valid = reduce::block_sum_u32(valid);
-    let bad = reduce::block_sum_u32(bad);
+    // Both counts are at most the block's threads (at most 1024): one sum of the two packed.
+    let packed = reduce::block_sum_u32(valid | bad << 16);
+    let (valid, bad) = (packed & 0xffff, packed >> 16);
     let weight_bits = if weight_at != 0 { (reduce::block_sum_f64(weight) as f32).to_bits() } else { 0 };
     (valid, bad, weight_bits)
 }
@@ -1851,10 +1960,14 @@ unsafe fn finish_if_last<L: Label>(p: &XentParams, wrote: bool) {
             unsafe { prim::st_shared_u32(flag, (old == last) as u32) };
         }
         prim::sync_threads();
+        #[cfg(xent_trace)]
+        trace_mark(0);
         if unsafe { prim::ld_shared_u32(flag) } == 0 {
             return;
         }
     }
+    #[cfg(xent_trace)]
+    trace_mark(1);
     // This CTA's own count from its start (`self_count`).
     let at = prim::smem_base() + SMEM_COUNTS;
     let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });

@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: the project's chores, written in Rust so they run wherever cargo does.
 //!
 //! - `ptx`: build `kernels-gpu/` with its pinned nightly and write the committed `host/ptx/*.ptx`.
+//! - `ptx-trace`: the sm_90 PTX with `--cfg xent_trace` (the small calls' phase timeline) into
+//!   `target/ptx-trace/sm_90.ptx`, for `examples/small_trace.rs`; never committed.
 //! - `check`: rebuild the PTX, fail if the committed files differ, then compile them with `ptxas`
 //!   and fail on a register spill (but those `ptxas.rs` allows by name and size); also compile
 //!   each kernel's one-kernel module (what a handle loads on the kernel's first use) on its own.
@@ -32,6 +34,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   ptx            build kernels-gpu/ to PTX (sm_80, sm_90, sm_90a) and write host/ptx/<arch>.ptx
+  ptx-trace      build the sm_90 PTX with the small calls' phase timeline (--cfg xent_trace) into
+                 target/ptx-trace/sm_90.ptx, for `XENT_PTX=... cargo run --release --example
+                 small_trace` on a GPU
   check          fail if host/ptx/ is stale; compile it with ptxas, print registers, fail on spills
                  (but those allowed by name and size);
                  compile every one-kernel module (what a handle loads) on its own
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
     };
     let result = match args.first().map(String::as_str) {
         Some("ptx") => no_args(ptx::write_committed),
+        Some("ptx-trace") => no_args(ptx::write_trace),
         Some("check") => no_args(check),
         Some("test") => no_args(test),
         Some("bundle") => no_args(bundle::bundle),

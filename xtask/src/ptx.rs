@@ -78,6 +78,35 @@ pub fn write_committed(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask ptx-trace`: the sm_90 PTX with `--cfg xent_trace` into `target/ptx-trace/sm_90.ptx`
+/// (never committed): its cluster kernels stamp a phase timeline into each CTA's chunk of the
+/// gradient, which `cargo run --release --example small_trace` reads with `XENT_PTX` set to it.
+pub fn write_trace(root: &Path) -> Result<()> {
+    const TRACE: Arch = Arch {
+        name: "sm_90",
+        extra_flags: &[
+            "-C",
+            "target-feature=+ptx80",
+            "--cfg",
+            "xent_cluster",
+            "--cfg",
+            "xent_trace",
+        ],
+    };
+    let channel = ensure_nightly(root)?;
+    let ptx = build(root, &channel, &TRACE)?;
+    let dir = root.join("target/ptx-trace");
+    fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let path = dir.join("sm_90.ptx");
+    fs::write(&path, &ptx).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    step(&format!(
+        "wrote {} ({} kernels)",
+        relative(root, &path),
+        count_kernels(&ptx)
+    ));
+    Ok(())
+}
+
 /// Rebuilds every architecture into `target/ptx/<arch>.ptx` and fails if a committed file differs.
 pub fn check_committed(root: &Path) -> Result<()> {
     let channel = ensure_nightly(root)?;

@@ -1,0 +1,157 @@
+//! Where a small call's time goes on the GPU: the phase timeline of calls of 1, 8 and 64 rows of
+//! 128256 classes in bf16 (`TRACE_ROWS`, comma-separated, for others), each the last of
+//! `TRACE_CALLS` (50) calls back to back, read from a PTX build whose cluster kernels stamp
+//! `%globaltimer` as they go (`cargo xtask ptx-trace`):
+//!
+//! ```text
+//! cargo xtask ptx-trace
+//! XENT_PTX=target/ptx-trace/sm_90.ptx cargo run --release --example small_trace
+//! ```
+//!
+//! Each CTA's thread 0 writes its stamps, its `%smid` and a mark over the first 32 words of its
+//! chunk of the gradient (the call's output is then not a gradient); this prints, per phase, the
+//! shortest, median and longest time over the CTAs, and the stamps of the first 16 CTAs and of
+//! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits.
+
+use std::error::Error;
+
+use xent::half::bf16;
+use xent::{CrossEntropy, LaunchPlan, Loss, Options, Shape};
+
+const VOCAB: usize = 128256;
+const PHASES: [&str; 14] = [
+    "dep_wait",
+    "count+label",
+    "scales",
+    "load+pass1",
+    "merge+cl_bar",
+    "dsmem+coef",
+    "grad",
+    "write+cl_wait",
+    "fin:done_flag",
+    "fin:counts",
+    "fin:row_loads",
+    "fin:block_sums",
+    "fin:div+store",
+    "fin:exit",
+];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let xent = match CrossEntropy::new(0) {
+        Ok(xent) => xent,
+        Err(err) => {
+            println!("small_trace: no GPU here ({err}); it reads a GPU's timeline, nothing to do");
+            return Ok(());
+        }
+    };
+    let stream = xent.context().default_stream();
+    let rows_list: Vec<usize> = std::env::var("TRACE_ROWS")
+        .unwrap_or_else(|_| "1,8,64".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let calls: usize = std::env::var("TRACE_CALLS")
+        .ok()
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(50);
+    for n in rows_list {
+        let shape = Shape::flat(n, VOCAB);
+        let opts = Options::default();
+        let plan = xent.plan_for(&shape, xent::DType::Bf16, &opts)?;
+        let (size, chunk_len) = match plan {
+            LaunchPlan::Cluster {
+                size, chunk_len, ..
+            } => (size as usize, chunk_len as usize),
+            other => return Err(format!("{n} rows: not a cluster plan: {other:?}").into()),
+        };
+        let host: Vec<bf16> = (0..n * VOCAB)
+            .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 250.0 - 2.0))
+            .collect();
+        let labels: Vec<i64> = (0..n).map(|r| ((r * 7919) % VOCAB) as i64).collect();
+        let mut logits = stream.clone_htod(&host)?;
+        let labels = stream.clone_htod(&labels)?;
+        let mut out = Loss::new(&stream, n)?;
+        for _ in 0..calls {
+            xent.forward_backward_into(&stream, &mut logits, &labels, shape, &opts, &mut out)?;
+        }
+        stream.synchronize()?;
+        let grad: Vec<bf16> = stream.clone_dtoh(&logits)?;
+        let words: Vec<u32> = grad
+            .chunks(2)
+            .map(|p| p[0].to_bits() as u32 | (p.get(1).map_or(0, |b| b.to_bits() as u32) << 16))
+            .collect();
+        let mut ctas = Vec::new();
+        for r in 0..n {
+            for k in 0..size {
+                let at = (r * VOCAB + k * chunk_len) / 2;
+                if !(r * VOCAB + k * chunk_len).is_multiple_of(2) || words[at + 31] != 0x7ace_7ace {
+                    println!(
+                        "small_trace: row {r}'s CTA {k} left no timeline: not a trace build; run \
+                         `cargo xtask ptx-trace` and set XENT_PTX=target/ptx-trace/sm_90.ptx"
+                    );
+                    return Ok(());
+                }
+                let stamp =
+                    |j: usize| words[at + 2 * j] as u64 | (words[at + 2 * j + 1] as u64) << 32;
+                // Registers' stamps 0-8, the finish's five (0: not reached, so the one before),
+                // then the end (register stamp 9).
+                let mut t: Vec<u64> = (0..9).map(stamp).collect();
+                for j in 10..15 {
+                    let v = stamp(j);
+                    t.push(if v == 0 { *t.last().unwrap() } else { v });
+                }
+                t.push(stamp(9));
+                ctas.push((r, k, words[at + 30], t));
+            }
+        }
+        let base = ctas.iter().map(|c| c.3[1]).min().unwrap();
+        let first_start = ctas.iter().map(|c| c.3[0]).min().unwrap();
+        let end = ctas.iter().map(|c| c.3[14]).max().unwrap();
+        println!(
+            "\n{n} rows: plan {plan:?}; {} CTAs; times in ns from the first CTA past its dependency wait",
+            ctas.len()
+        );
+        println!(
+            "first CTA start {} ns before; last CTA end at {} ns",
+            base as i64 - first_start as i64,
+            end - base
+        );
+        let mut header = String::from("phase (ns)        ");
+        for q in ["min", "median", "max"] {
+            header += &format!("{q:>8}");
+        }
+        println!("{header}");
+        for (j, name) in PHASES.iter().enumerate() {
+            let mut d: Vec<i64> = ctas
+                .iter()
+                .map(|c| c.3[j + 1] as i64 - c.3[j] as i64)
+                .collect();
+            d.sort();
+            println!(
+                "{name:<18}{:>8}{:>8}{:>8}",
+                d[0],
+                d[d.len() / 2],
+                d[d.len() - 1]
+            );
+        }
+        let mut starts: Vec<i64> = ctas.iter().map(|c| c.3[1] as i64 - base as i64).collect();
+        starts.sort();
+        println!(
+            "past dep_wait at   {:>8}{:>8}{:>8}",
+            starts[0],
+            starts[starts.len() / 2],
+            starts[starts.len() - 1]
+        );
+        let show = ctas.len().min(16);
+        println!("first {show} CTAs (row, rank, sm): stamps from `base`");
+        let last = ctas.iter().max_by_key(|c| c.3[14]).unwrap();
+        for c in ctas.iter().take(show).chain(std::iter::once(last)) {
+            let rel: Vec<String> =
+                c.3.iter()
+                    .map(|&t| format!("{:>6}", t as i64 - base as i64))
+                    .collect();
+            println!("  {:>3} {:>2} sm{:>3}: {}", c.0, c.1, c.2, rel.join(" "));
+        }
+    }
+    Ok(())
+}
