@@ -37,6 +37,21 @@ const PHASES: [&str; 14] = [
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
+    let rows_text = std::env::var("TRACE_ROWS").unwrap_or_else(|_| "1,8,64".into());
+    let rows_list: Vec<usize> = rows_text
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("TRACE_ROWS={rows_text}: expected row counts, comma-separated"))?;
+    if rows_list.contains(&0) {
+        return Err(format!("TRACE_ROWS={rows_text}: row counts must be positive").into());
+    }
+    let calls: usize = match std::env::var("TRACE_CALLS") {
+        Ok(text) => text
+            .parse()
+            .map_err(|_| format!("TRACE_CALLS={text}: expected a number of calls"))?,
+        Err(_) => 50,
+    };
     let xent = match CrossEntropy::new(0) {
         Ok(xent) => xent,
         Err(err) => {
@@ -45,15 +60,6 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     };
     let stream = xent.context().default_stream();
-    let rows_list: Vec<usize> = std::env::var("TRACE_ROWS")
-        .unwrap_or_else(|_| "1,8,64".into())
-        .split(',')
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let calls: usize = std::env::var("TRACE_CALLS")
-        .ok()
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(50);
     for n in rows_list {
         let shape = Shape::flat(n, VOCAB);
         let opts = Options::default();
@@ -101,12 +107,17 @@ fn main() -> Result<(), Box<dyn Error>> {
                     t.push(if v == 0 { *t.last().unwrap() } else { v });
                 }
                 t.push(stamp(9));
-                ctas.push((r, k, words[at + 30], t));
+                ctas.push(Cta {
+                    row: r,
+                    rank: k,
+                    sm: words[at + 30],
+                    t,
+                });
             }
         }
-        let base = ctas.iter().map(|c| c.3[1]).min().unwrap();
-        let first_start = ctas.iter().map(|c| c.3[0]).min().unwrap();
-        let end = ctas.iter().map(|c| c.3[14]).max().unwrap();
+        let base = ctas.iter().map(|c| c.t[1]).min().unwrap();
+        let first_start = ctas.iter().map(|c| c.t[0]).min().unwrap();
+        let end = ctas.iter().map(|c| c.t[14]).max().unwrap();
         println!(
             "\n{n} rows: plan {plan:?}; {} CTAs; times in ns from the first CTA past its dependency wait",
             ctas.len()
@@ -122,36 +133,52 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
         println!("{header}");
         for (j, name) in PHASES.iter().enumerate() {
-            let mut d: Vec<i64> = ctas
-                .iter()
-                .map(|c| c.3[j + 1] as i64 - c.3[j] as i64)
-                .collect();
-            d.sort();
-            println!(
-                "{name:<18}{:>8}{:>8}{:>8}",
-                d[0],
-                d[d.len() / 2],
-                d[d.len() - 1]
+            spread(
+                name,
+                ctas.iter()
+                    .map(|c| c.t[j + 1] as i64 - c.t[j] as i64)
+                    .collect(),
             );
         }
-        let mut starts: Vec<i64> = ctas.iter().map(|c| c.3[1] as i64 - base as i64).collect();
-        starts.sort();
-        println!(
-            "past dep_wait at   {:>8}{:>8}{:>8}",
-            starts[0],
-            starts[starts.len() / 2],
-            starts[starts.len() - 1]
+        spread(
+            "past dep_wait at",
+            ctas.iter().map(|c| c.t[1] as i64 - base as i64).collect(),
         );
         let show = ctas.len().min(16);
         println!("first {show} CTAs (row, rank, sm): stamps from `base`");
-        let last = ctas.iter().max_by_key(|c| c.3[14]).unwrap();
+        let last = ctas.iter().max_by_key(|c| c.t[14]).unwrap();
         for c in ctas.iter().take(show).chain(std::iter::once(last)) {
             let rel: Vec<String> =
-                c.3.iter()
+                c.t.iter()
                     .map(|&t| format!("{:>6}", t as i64 - base as i64))
                     .collect();
-            println!("  {:>3} {:>2} sm{:>3}: {}", c.0, c.1, c.2, rel.join(" "));
+            println!(
+                "  {:>3} {:>2} sm{:>3}: {}",
+                c.row,
+                c.rank,
+                c.sm,
+                rel.join(" ")
+            );
         }
     }
     Ok(())
+}
+
+/// One CTA's timeline: its row, its rank in the row's cluster, its SM, and its 15 stamps (ns).
+struct Cta {
+    row: usize,
+    rank: usize,
+    sm: u32,
+    t: Vec<u64>,
+}
+
+/// Prints `name` and the shortest, median and longest of `values`.
+fn spread(name: &str, mut values: Vec<i64>) {
+    values.sort();
+    let (min, median, max) = (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    );
+    println!("{name:<18}{min:>8}{median:>8}{max:>8}");
 }
