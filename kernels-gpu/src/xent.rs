@@ -986,6 +986,18 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }
 
+/// `--cfg xent_trace` builds: `%globaltimer` into slot `k` of the cluster kernel's timeline
+/// (`examples/small_trace.rs`); nothing otherwise.
+#[cfg(xent_cluster)]
+macro_rules! stamp {
+    ($trace:ident[$k:expr]) => {
+        #[cfg(xent_trace)]
+        {
+            $trace[$k] = prim::global_timer();
+        }
+    };
+}
+
 /// Cluster plan (sm_90): a row split over the CTAs of a thread-block cluster, one chunk each, kept
 /// in shared memory. Each CTA publishes its chunk's summary in its shared memory; after a
 /// cluster barrier every warp reads all of them through distributed shared memory, so the row is
@@ -1003,10 +1015,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     #[cfg(xent_trace)]
     let mut trace = [prim::global_timer(); 10];
     prim::grid_dependency_wait();
-    #[cfg(xent_trace)]
-    {
-        trace[1] = prim::global_timer();
-    }
+    stamp!(trace[1]);
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     if p.self_finish != 0 {
@@ -1026,20 +1035,14 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
             return;
         }
     };
-    #[cfg(xent_trace)]
-    {
-        trace[2] = prim::global_timer();
-    }
+    stamp!(trace[2]);
     if M::CAP && tid == 32 {
         unsafe { prefetch_ahead::<T>(p, &seg, row) };
     }
     // The call's scales before the chunk's loads, in the kernels that gain by it
     // ([`opts::CallScales`]).
     let early = unsafe { <M::Early as opts::EarlyScales>::take::<M>(p) };
-    #[cfg(xent_trace)]
-    {
-        trace[3] = prim::global_timer();
-    }
+    stamp!(trace[3]);
     let local_label = label.wrapping_sub(start);
     let owns_label = local_label < seg.len;
     // Read before the block's first barrier; every gradient write comes after it.
@@ -1068,10 +1071,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     };
     // Nothing writes the scratch again (the cluster's barriers come first where a small call's
     // last CTA sums its totals).
-    #[cfg(xent_trace)]
-    {
-        trace[4] = prim::global_timer();
-    }
+    stamp!(trace[4]);
     let chunk = partial.block_merge_unsynced::<M>();
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
@@ -1079,10 +1079,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
     prim::cluster_arrive();
     prim::cluster_wait();
-    #[cfg(xent_trace)]
-    {
-        trace[5] = prim::global_timer();
-    }
+    stamp!(trace[5]);
     // Lane i reads the slot of CTA i (i, i + 32, ...), then the warp combines them.
     let mut acc = Part::EMPTY;
     let mut rank = tid % 32;
@@ -1097,10 +1094,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     prim::cluster_arrive();
     let mut c = unsafe { opts::EarlyScales::coef::<M>(early, p, &total, label, start) };
     (c.wsum_later, c.y_ref) = (wsum_later, ctx.y_ref);
-    #[cfg(xent_trace)]
-    {
-        trace[6] = prim::global_timer();
-    }
+    stamp!(trace[6]);
     // The soft cap's second pass takes one polynomial for the whole warp (the shortest that held
     // for all its lanes' elements in the first pass), so no warp runs two of its loops; with the
     // wide one, any element it does not hold for takes `tanh` itself (`POLY_WIDE_FIX`).
@@ -1126,10 +1120,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else {
         unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
     }
-    #[cfg(xent_trace)]
-    {
-        trace[7] = prim::global_timer();
-    }
+    stamp!(trace[7]);
     let mut total = total;
     if wsum_later {
         // Completes the cluster barrier arrived at above.
