@@ -43,6 +43,11 @@
 #                               configs.txt) with --options $XENT_AB_OPTIONS (default
 #                               none,softcap,softcap+accuracy,all); every row, tagged with its
 #                               variant and round, in ab.jsonl, then ab.py's table
+#   run.sh small PTX PTX...     the same A/B for small calls: bin/bench-criterion's
+#                               small/gpu_graph (µs a call in a graph; XENT_SMALL_ROWS for other
+#                               row counts), rounds alternating as above, into small.log and a
+#                               table; then, with XENT_TRACE_PTX (`cargo xtask ptx-trace`'s file),
+#                               bin/example-small_trace's phase timeline from it
 #   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_* or
 #                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
 #                               (default 8192:128256:bf16): speed of light, memory, occupancy,
@@ -58,7 +63,7 @@ set -uo pipefail
 
 mode=test
 case "${1:-}" in
-  test | python | bench | linear | vocab | multi | jit | precision | sanitize | sweep | profile | ab) mode=$1; shift ;;
+  test | python | bench | linear | vocab | multi | jit | precision | sanitize | sweep | profile | ab | small) mode=$1; shift ;;
 esac
 if [[ $mode == test && ${XENT_BENCH:-0} == 1 ]]; then mode=bench; fi
 if [[ -n ${OUT:-} ]]; then mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd); fi
@@ -115,6 +120,57 @@ run_one() {
   echo "=== $name: exit code $rc" | to_log "$log"
 }
 
+# variants MODE SPEC...: the builds an A/B compares, from `PTX`, `PTX.xz`, `embedded` and
+# `PTX+VAR=VALUE+...` specs, into ab_names, ab_paths ("" for the binaries' own) and ab_envs.
+variants() {
+  local what=$1
+  shift
+  if (($# < 2)); then echo "run.sh $what: name two or more PTX files (or embedded)" >&2; exit 2; fi
+  ab_names=() ab_paths=() ab_envs=()
+  local spec env_spec name taken
+  for spec in "$@"; do
+    # `PTX+VAR=VALUE+...`: that build with those variables set (e.g. embedded+XENT_PERSIST=1).
+    env_spec=
+    if [[ $spec == *+* ]]; then env_spec=${spec#*+} spec=${spec%%+*}; fi
+    ab_envs+=("${env_spec//+/ }")
+    if [[ $spec == embedded ]]; then
+      ab_names+=("embedded${env_spec:++$env_spec}") ab_paths+=("")
+      continue
+    fi
+    [[ $spec == /* ]] || spec=$caller_dir/$spec
+    if [[ ! -f $spec ]]; then echo "run.sh $what: no file $spec" >&2; exit 2; fi
+    name=$(basename "$spec" .xz)
+    name=${name%.ptx}${env_spec:++$env_spec}
+    # Two files of one name (a/sm_90.ptx, b/sm_90.ptx) keep apart: the later one is numbered.
+    for taken in "${ab_names[@]}"; do
+      if [[ $taken == "$name" ]]; then name=$name-${#ab_names[@]}; break; fi
+    done
+    if [[ $spec == *.xz ]]; then
+      xz -dc "$spec" > "$scratch/ab-${#ab_names[@]}.ptx" || exit 2
+      spec=$scratch/ab-${#ab_names[@]}.ptx
+    fi
+    ab_names+=("$name") ab_paths+=("$spec")
+  done
+}
+
+# variant_env I: env(1)'s arguments that run variant I (its XENT_PTX and variables), in ptx_env.
+variant_env() {
+  ptx_env=(-u XENT_PTX)
+  [[ -n ${ab_paths[$1]} ]] && ptx_env=(XENT_PTX="${ab_paths[$1]}")
+  # shellcheck disable=SC2206 # the variables are words: VAR=VALUE
+  ptx_env+=(${ab_envs[$1]})
+}
+
+# round_order ROUND: the variants' indices in ROUND's order (odd rounds as given, even reversed:
+# the second process of a pair reads up to a point lower), in order.
+round_order() {
+  order=("${!ab_names[@]}")
+  if (($1 % 2 == 0)); then
+    order=()
+    for ((i = ${#ab_names[@]} - 1; i >= 0; i--)); do order+=("$i"); done
+  fi
+}
+
 tests=()
 for bin in bin/*; do
   case ${bin#bin/} in example-* | bench-*) ;; *) tests+=("${bin#bin/}") ;; esac
@@ -129,7 +185,7 @@ if [[ -n ${XENT_TESTS:-} ]]; then
 fi
 
 log=tests.log
-case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision | ab) log=$mode.log ;; esac
+case $mode in sanitize | sweep | profile | linear | vocab | multi | jit | precision | ab | small) log=$mode.log ;; esac
 
 # The Python package, importable beside the machine's PyTorch: the wheel unpacked by the bundle
 # (python/site/, from bin.tar.xz), or a wheel installed into a scratch folder.
@@ -223,44 +279,13 @@ elif [[ $mode == precision ]]; then
 elif [[ $mode == linear ]]; then
   run_peer_script linear_bench.py 1800 "$@"
 elif [[ $mode == ab ]]; then
-  if (($# < 2)); then echo "run.sh ab: name two or more PTX files (or embedded)" >&2; exit 2; fi
-  ab_names=() ab_paths=() ab_envs=()
-  for spec in "$@"; do
-    # `PTX+VAR=VALUE+...`: that build with those variables set (e.g. embedded+XENT_PERSIST=1).
-    env_spec=
-    if [[ $spec == *+* ]]; then env_spec=${spec#*+} spec=${spec%%+*}; fi
-    ab_envs+=("${env_spec//+/ }")
-    if [[ $spec == embedded ]]; then
-      ab_names+=("embedded${env_spec:++$env_spec}") ab_paths+=("")
-      continue
-    fi
-    [[ $spec == /* ]] || spec=$caller_dir/$spec
-    if [[ ! -f $spec ]]; then echo "run.sh ab: no file $spec" >&2; exit 2; fi
-    name=$(basename "$spec" .xz)
-    name=${name%.ptx}${env_spec:++$env_spec}
-    # Two files of one name (a/sm_90.ptx, b/sm_90.ptx) keep apart: the later one is numbered.
-    for taken in "${ab_names[@]}"; do
-      if [[ $taken == "$name" ]]; then name=$name-${#ab_names[@]}; break; fi
-    done
-    if [[ $spec == *.xz ]]; then
-      xz -dc "$spec" > "$scratch/ab-${#ab_names[@]}.ptx" || exit 2
-      spec=$scratch/ab-${#ab_names[@]}.ptx
-    fi
-    ab_names+=("$name") ab_paths+=("$spec")
-  done
+  variants ab "$@"
   : > "$scratch/ab.jsonl"
   configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
   for ((round = 1; round <= ${XENT_AB_ROUNDS:-2}; round++)); do
-    order=("${!ab_names[@]}")
-    if ((round % 2 == 0)); then
-      order=()
-      for ((i = ${#ab_names[@]} - 1; i >= 0; i--)); do order+=("$i"); done
-    fi
+    round_order "$round"
     for i in "${order[@]}"; do
-      ptx_env=(-u XENT_PTX)
-      [[ -n ${ab_paths[i]} ]] && ptx_env=(XENT_PTX="${ab_paths[i]}")
-      # shellcheck disable=SC2206 # the variables are words: VAR=VALUE
-      ptx_env+=(${ab_envs[i]})
+      variant_env "$i"
       run_one "bench-throughput ${ab_names[i]} round $round" "$log" timeout 300 \
         env "${ptx_env[@]}" ./bin/bench-throughput --bench --configs "$configs" \
         --options "${XENT_AB_OPTIONS:-none,softcap,softcap+accuracy,all}"
@@ -269,6 +294,32 @@ elif [[ $mode == ab ]]; then
   done
   if [[ -n ${OUT:-} ]]; then cp "$scratch/ab.jsonl" "$OUT/ab.jsonl"; fi
   python3 ab.py "$scratch/ab.jsonl" | to_log "$log"
+elif [[ $mode == small ]]; then
+  variants small "$@"
+  : > "$scratch/small.tsv"
+  for ((round = 1; round <= ${XENT_AB_ROUNDS:-2}; round++)); do
+    round_order "$round"
+    for i in "${order[@]}"; do
+      variant_env "$i"
+      run_one "bench-criterion ${ab_names[i]} round $round" "$log" timeout 300 \
+        env "${ptx_env[@]}" ./bin/bench-criterion --bench small/gpu_graph --warm-up-time 1 \
+        --measurement-time 2
+      # Criterion prints the case, then (on the same line or the next) `time: [low mid high]`.
+      awk -v v="${ab_names[i]}" -v r="$round" '
+        /^small\/gpu_graph\// { split($1, id, "/"); case_ = id[3] }
+        /time:/ && case_ != "" { for (k = 1; k <= NF; k++) if ($k == "time:") { print v "\t" r "\t" case_ "\t" substr($(k + 3), 1) " " $(k + 4); case_ = "" } }
+      ' "$scratch/last.out" >> "$scratch/small.tsv"
+    done
+  done
+  { echo "small/gpu_graph, the middle estimate a call (variant, round: case time)"
+    sort -t $'\t' -k3,3 -k1,1 -k2,2n "$scratch/small.tsv" | awk -F '\t' '{ print $3 "  " $1 "  round " $2 ": " $4 }'
+  } | to_log "$log"
+  if [[ -n ${XENT_TRACE_PTX:-} ]]; then
+    trace=$XENT_TRACE_PTX
+    [[ $trace == /* ]] || trace=$caller_dir/$trace
+    if [[ $trace == *.xz ]]; then xz -dc "$trace" > "$scratch/trace.ptx" || exit 2; trace=$scratch/trace.ptx; fi
+    run_one "small_trace" "$log" timeout 120 env XENT_PTX="$trace" ./bin/example-small_trace
+  fi
 elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
