@@ -1797,8 +1797,8 @@ fn trace_mark(k: u32) {
 /// The finish kernel's work for `p`'s rows, by the whole block (up to 32 rows by warp 0 alone:
 /// the other warps return at once, so no caller may wait at a barrier after it), with the counts
 /// given (`valid` rows, and the f32 bits of their total class weight); rows written by other CTAs
-/// of this launch are read past L1. Not inlined: every fused and cluster kernel calls it (inlined, their
-/// PTX grew by a third).
+/// of this launch are read past L1. Not inlined: every fused and cluster kernel calls it
+/// (inlined, their PTX grew by a third).
 #[inline(never)]
 unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
     let tid = thread_idx();

@@ -65,7 +65,7 @@ pub fn write_committed(root: &Path) -> Result<()> {
     fs::create_dir_all(root.join(COMMITTED_DIR))
         .map_err(|err| format!("cannot create {COMMITTED_DIR}/: {err}"))?;
     for arch in &ARCHES {
-        let ptx = build(root, &channel, arch)?;
+        let ptx = build(root, &channel, arch, &[])?;
         let path = committed_path(root, arch);
         fs::write(&path, &ptx).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
         step(&format!(
@@ -82,19 +82,12 @@ pub fn write_committed(root: &Path) -> Result<()> {
 /// (never committed): its cluster kernels stamp a phase timeline into each CTA's chunk of the
 /// gradient, which `cargo run --release --example small_trace` reads with `XENT_PTX` set to it.
 pub fn write_trace(root: &Path) -> Result<()> {
-    const TRACE: Arch = Arch {
-        name: "sm_90",
-        extra_flags: &[
-            "-C",
-            "target-feature=+ptx80",
-            "--cfg",
-            "xent_cluster",
-            "--cfg",
-            "xent_trace",
-        ],
-    };
+    let sm_90 = ARCHES
+        .iter()
+        .find(|arch| arch.name == "sm_90")
+        .ok_or("no sm_90 in ARCHES")?;
     let channel = ensure_nightly(root)?;
-    let ptx = build(root, &channel, &TRACE)?;
+    let ptx = build(root, &channel, sm_90, &["--cfg", "xent_trace"])?;
     let dir = root.join("target/ptx-trace");
     fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     let path = dir.join("sm_90.ptx");
@@ -112,7 +105,7 @@ pub fn check_committed(root: &Path) -> Result<()> {
     let channel = ensure_nightly(root)?;
     let mut stale = Vec::new();
     for arch in &ARCHES {
-        let fresh = build(root, &channel, arch)?;
+        let fresh = build(root, &channel, arch, &[])?;
         let fresh_path = root.join("target/ptx").join(format!("{}.ptx", arch.name));
         fs::write(&fresh_path, &fresh)
             .map_err(|err| format!("cannot write {}: {err}", fresh_path.display()))?;
@@ -140,8 +133,9 @@ pub fn committed_path(root: &Path, arch: &Arch) -> PathBuf {
     root.join(COMMITTED_DIR).join(format!("{}.ptx", arch.name))
 }
 
-/// Builds the kernel crate for one architecture; returns the PTX behind its `@generated` line.
-fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
+/// Builds the kernel crate for one architecture (with `more_flags` after its own: `ptx-trace`'s
+/// cfg); returns the PTX behind its `@generated` line.
+fn build(root: &Path, channel: &str, arch: &Arch, more_flags: &[&str]) -> Result<Vec<u8>> {
     step(&format!(
         "building {KERNEL_CRATE}/ for {} with {channel}",
         arch.name
@@ -180,7 +174,10 @@ fn build(root: &Path, channel: &str, arch: &Arch) -> Result<Vec<u8>> {
         "-C",
         &format!("target-cpu={}", arch.name),
     ]);
-    cargo.args(arch.extra_flags).arg("-Zlocation-detail=none");
+    cargo
+        .args(arch.extra_flags)
+        .args(more_flags)
+        .arg("-Zlocation-detail=none");
     run(&mut cargo)?;
 
     let asm = find_one(&out_dir.join("deps"), &format!("{KERNEL_LIB}-"), ".s")?;
