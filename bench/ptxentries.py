@@ -29,13 +29,19 @@ def spans(ptx):
 
 
 def normalized(text):
-    """`text` with registers (`%r12`) and labels (`$L__BB3_7`) numbered in order of first use."""
+    """`text` with registers (`%r12`), labels (`$L__BB3_7`), local depots (`__local_depot12`) and
+    call sequences (`callseq 7`) numbered in order of first use: the last two count over the
+    module, so an entry added before others renumbers theirs."""
     names = {}
 
     def rename(m):
         return names.setdefault(m.group(0), "%s#%d" % (m.group(1), len(names)))
 
+    # The next entry's `// .globl NAME` line ends an entry's span.
+    text = re.sub(r"^\s*// \.globl\s+\S+\s*$", "", text, flags=re.M)
     text = re.sub(r"(%[a-z]+)\d+", rename, text)
+    text = re.sub(r"(__local_depot)\d+", rename, text)
+    text = re.sub(r"(callseq )\d+", rename, text)
     return re.sub(r"(\$L__BB)\d+_\d+", rename, text)
 
 

@@ -2271,3 +2271,101 @@ fn forced_clusters_go_up_to_the_non_portable_sixteen_and_no_further() {
     );
     assert!(a100.is_err());
 }
+
+/// The small-call kernels (`plan::small_kernel`) take cluster plans of at most 32 rows of the
+/// plain loss that take one launch, and nothing else: not a loss option that changes the kernel,
+/// not 33 rows, not a fused, chunked or split plan.
+#[test]
+fn small_call_kernels_take_plain_cluster_calls_of_at_most_32_rows() {
+    let limits = DeviceLimits::H100;
+    let plain = Options::default();
+    let cluster =
+        |rows| plan::plan(rows, LLAMA3_VOCAB, DType::Bf16, limits, PlanChoice::Auto).unwrap();
+    for rows in [1, 2, 8, 31, 32] {
+        let made = cluster(rows);
+        assert!(
+            matches!(made, LaunchPlan::Cluster { .. }),
+            "{rows} rows: {made:?}"
+        );
+        assert!(
+            plan::small_kernel(rows, &made, &plain, false),
+            "{rows} rows"
+        );
+        // Reductions, grad_scale, the shift and ignore_index keep the plain kernels.
+        for opts in [
+            Options {
+                reduction: Reduction::Sum,
+                grad_scale: 0.5,
+                ..plain.clone()
+            },
+            Options {
+                causal_shift: true,
+                ignore_index: 3,
+                ..plain.clone()
+            },
+        ] {
+            assert!(
+                plan::small_kernel(rows, &made, &opts, false),
+                "{rows} rows, {opts:?}"
+            );
+        }
+        for opts in [
+            Options {
+                label_smoothing: 0.1,
+                ..plain.clone()
+            },
+            Options {
+                lse_square_scale: 1e-4,
+                ..plain.clone()
+            },
+            Options {
+                softcap: Some(30.0),
+                ..plain.clone()
+            },
+            Options {
+                return_token_accuracy: true,
+                ..plain.clone()
+            },
+        ] {
+            assert!(
+                !plan::small_kernel(rows, &made, &opts, false),
+                "{rows} rows, {opts:?}"
+            );
+        }
+        assert!(
+            !plan::small_kernel(rows, &made, &plain, true),
+            "{rows} rows, class weights"
+        );
+    }
+    assert!(
+        !plan::small_kernel(33, &cluster(33), &plain, false),
+        "33 rows"
+    );
+    let fused = plan::plan(4, 1000, DType::Bf16, limits, PlanChoice::Fused).unwrap();
+    assert!(matches!(fused, LaunchPlan::Fused { .. }), "{fused:?}");
+    assert!(!plan::small_kernel(4, &fused, &plain, false), "fused");
+    let chunked = plan::plan(
+        4,
+        1000,
+        DType::Bf16,
+        limits,
+        PlanChoice::Chunked { chunk_len: None },
+    )
+    .unwrap();
+    assert!(
+        !plan::small_kernel(4, &chunked, &plain, false),
+        "chunked: {chunked:?}"
+    );
+    let a100 = plan::plan(
+        4,
+        LLAMA3_VOCAB,
+        DType::Bf16,
+        DeviceLimits::A100,
+        PlanChoice::Auto,
+    )
+    .unwrap();
+    assert!(
+        !plan::small_kernel(4, &a100, &plain, false),
+        "A100: {a100:?}"
+    );
+}

@@ -798,8 +798,10 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
                     not_taken.push(what.clone());
                 }
                 let result = match dtype {
-                    DType::F32 => small_call_bits::<f32>(xent, &stream, shape, &labels, opts),
-                    _ => small_call_bits::<bf16>(xent, &stream, shape, &labels, opts),
+                    DType::F32 => {
+                        small_call_bits::<f32, i64>(xent, &stream, shape, &labels, opts, false)
+                    }
+                    _ => small_call_bits::<bf16, i64>(xent, &stream, shape, &labels, opts, false),
                 };
                 match result {
                     Ok((three, one, again)) => {
@@ -818,6 +820,170 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
     xent.set_small_finish(true);
     assert_no_failures(&failures);
     assert!(not_taken.is_empty(), "three launches for {not_taken:?}");
+}
+
+/// The small-call kernels (`plan::small_kernel`: a cluster plan, at most 32 rows, the plain loss;
+/// they count the labels behind the chunk's first pass) give the three launches' bits: loss,
+/// counts, per-row outputs and gradient, in every reduction, with `grad_scale`, the causal shift,
+/// a forward alone, all rows ignored, in each dtype and label type, at cluster sizes from 16 CTAs
+/// (1-4 rows of Llama 3's vocabulary) down; and report out-of-range labels as those do. Toggles
+/// the shared handle's hooks (and restores `XENT_SMALL_KERNEL`'s choice); the other tests pass
+/// on either path.
+#[test]
+fn small_call_kernels_match_three_launches_bit_for_bit() {
+    let Some(xent) = gpu() else { return };
+    if xent.limits().max_cluster <= 1 {
+        xent_tests::report("small-call kernels: no clusters on this device (nothing to check)");
+        return;
+    }
+    let stream = xent.context().default_stream();
+    let mut sets = xent_tests::reduction_option_sets();
+    sets.extend([
+        (
+            "grad_scale",
+            Options {
+                grad_scale: 0.25,
+                ..Options::default()
+            },
+        ),
+        (
+            "causal, sum",
+            Options {
+                causal_shift: true,
+                reduction: Reduction::Sum,
+                ..Options::default()
+            },
+        ),
+        (
+            "ignore_index 7",
+            Options {
+                ignore_index: 7,
+                ..Options::default()
+            },
+        ),
+    ]);
+    xent.set_small_kernel(true);
+    let (mut failures, mut not_taken, mut cases) = (Vec::new(), Vec::new(), 0);
+    // Labels: random with a sixth ignored; in the first, a middle and the last chunk; none scored.
+    let llm = 128_256;
+    let mut shapes: Vec<(Shape, Option<Vec<i64>>)> = [1, 2, 4, 8, 17, 32]
+        .into_iter()
+        .flat_map(|rows| {
+            [
+                (Shape::flat(rows, llm), None),
+                (Shape::flat(rows, 32_000), None),
+            ]
+        })
+        .collect();
+    shapes.push((Shape::batched(2, 16, llm), None));
+    shapes.extend([0, 70_001, 128_255].map(|label| (Shape::flat(1, llm), Some(vec![label]))));
+    shapes.push((Shape::flat(3, llm), Some(vec![-100, -100, -100])));
+    for dtype in [DType::Bf16, DType::F16, DType::F32] {
+        for (shape, labels) in &shapes {
+            let (shape, rows) = (*shape, shape.rows());
+            let labels = labels.clone().unwrap_or_else(|| {
+                xent_tests::random_labels(rows, shape.vocab, 1.0 / 6.0, -100, 9)
+            });
+            for (name, opts) in &sets {
+                for forward_only in [false, true] {
+                    if forward_only && opts.reduction == Reduction::None {
+                        continue;
+                    }
+                    let what = format!(
+                        "{dtype:?} {rows} x {}, labels {:?}, {name}{}",
+                        shape.vocab,
+                        &labels[..labels.len().min(4)],
+                        if forward_only { ", forward" } else { "" }
+                    );
+                    match xent.plan_for(&shape, dtype, opts) {
+                        Ok(plan) if xent::plan::small_kernel(rows, &plan, opts, false) => {}
+                        other => {
+                            not_taken.push(format!("{what}: {other:?}"));
+                            continue;
+                        }
+                    }
+                    cases += 1;
+                    // i32 labels for the 16-bit types, i64 for f32.
+                    let labels32: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+                    let result = match dtype {
+                        DType::F32 => small_call_bits::<f32, i64>(
+                            xent,
+                            &stream,
+                            shape,
+                            &labels,
+                            opts,
+                            forward_only,
+                        ),
+                        DType::F16 => small_call_bits::<f16, i32>(
+                            xent,
+                            &stream,
+                            shape,
+                            &labels32,
+                            opts,
+                            forward_only,
+                        ),
+                        DType::Bf16 => small_call_bits::<bf16, i32>(
+                            xent,
+                            &stream,
+                            shape,
+                            &labels32,
+                            opts,
+                            forward_only,
+                        ),
+                    };
+                    match result {
+                        Ok((three, one, again)) => {
+                            if three != one {
+                                failures.push(format!(
+                                    "{what}: the small-call kernel differs from three launches"
+                                ));
+                            }
+                            if one != again {
+                                failures.push(format!("{what}: its second call differs"));
+                            }
+                        }
+                        Err(err) => failures.push(format!("{what}: {err}")),
+                    }
+                }
+            }
+        }
+    }
+    // Out-of-range labels (5 rows of Llama 3's vocabulary: 128256 and -7; -100 is ignored).
+    let shape = Shape::flat(5, llm);
+    let logits: Vec<bf16> = xent_tests::random_logits(&shape, 3);
+    let d_labels = stream.clone_htod(&[128_256i64, 2, -100, -7, 17]).unwrap();
+    for small in [false, true] {
+        xent.set_small_finish(small);
+        let mut out = xent::Loss::new(&stream, shape.rows()).unwrap();
+        let mut d_logits = stream.clone_htod(&logits).unwrap();
+        let result = xent
+            .forward_backward_into(
+                &stream,
+                &mut d_logits,
+                &d_labels,
+                shape,
+                &Options::default(),
+                &mut out,
+            )
+            .and_then(|()| out.read());
+        if !matches!(result, Err(Error::LabelOutOfRange { count: 2, .. })) {
+            failures.push(format!(
+                "5 x {llm}, one launch {small}: {result:?}, not 2 labels out of range"
+            ));
+        }
+    }
+    xent.set_small_finish(true);
+    xent.set_small_kernel(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1"));
+    xent_tests::report(&format!(
+        "small-call kernels on the GPU: {cases} cases, {} not taken, {} failed",
+        not_taken.len(),
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+    assert!(
+        not_taken.is_empty(),
+        "not the small-call kernel: {not_taken:?}"
+    );
 }
 
 /// A small call's out-of-range labels (each CTA counts them at its start, the last one stores
@@ -1056,13 +1222,15 @@ fn every_call_loads_its_kernels_before_its_first_launch() {
 type CallBits = (Vec<u32>, Vec<u32>);
 
 /// The bits of `shape` (random logits, a sixth of the rows ignored) through three launches, then
-/// one launch twice on the same `Loss`.
-fn small_call_bits<T: xent::Element>(
+/// one launch twice on the same `Loss`; with `forward_only`, of the two-phase forward (the
+/// logits left as they are).
+fn small_call_bits<T: xent::Element, L: xent::Label>(
     xent: &xent::CrossEntropy,
     stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
     shape: Shape,
-    labels: &[i64],
+    labels: &[L],
     opts: &Options,
+    forward_only: bool,
 ) -> Result<(CallBits, CallBits, CallBits), Error> {
     let logits: Vec<T> = xent_tests::random_logits(&shape, 7);
     let d_labels = stream.clone_htod(labels)?;
@@ -1070,7 +1238,11 @@ fn small_call_bits<T: xent::Element>(
     let call = |small: bool, out: &mut xent::Loss| -> Result<CallBits, Error> {
         xent.set_small_finish(small);
         let mut d_logits = stream.clone_htod(&logits)?;
-        xent.forward_backward_into(stream, &mut d_logits, &d_labels, shape, opts, out)?;
+        if forward_only {
+            xent.forward(stream, &d_logits, &d_labels, shape, opts, out)?;
+        } else {
+            xent.forward_backward_into(stream, &mut d_logits, &d_labels, shape, opts, out)?;
+        }
         let mut scalars = vec![
             out.read()?.to_bits(),
             out.read_z_loss()?.to_bits(),

@@ -11,7 +11,9 @@
 //! Each CTA's thread 0 writes its stamps, its `%smid` and a mark over the first 32 words of its
 //! chunk of the gradient (the call's output is then not a gradient); this prints, per phase, the
 //! shortest, median and longest time over the CTAs, and the stamps of the first 16 CTAs and of
-//! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits.
+//! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits. With
+//! `XENT_SMALL_KERNEL=1` (read by the handle too) calls of at most 32 rows run the small-call
+//! kernels, whose phases come in another order.
 
 use std::error::Error;
 
@@ -25,6 +27,24 @@ const PHASES: [&str; 14] = [
     "scales",
     "load+pass1",
     "merge+cl_bar",
+    "dsmem+coef",
+    "grad",
+    "write+cl_wait",
+    "fin:done_flag",
+    "fin:counts",
+    "fin:row_loads",
+    "fin:block_sums",
+    "fin:div+store",
+    "fin:exit",
+];
+/// The phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 32 rows:
+/// `xent_cluster_small_*`), which count the labels behind the first pass.
+const SMALL_KERNEL_PHASES: [&str; 14] = [
+    "dep_wait",
+    "load+pass1",
+    "count+x_label",
+    "merge+scales",
+    "cl_bar",
     "dsmem+coef",
     "grad",
     "write+cl_wait",
@@ -60,6 +80,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     };
     let stream = xent.context().default_stream();
+    let small_kernels = std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1");
     for n in rows_list {
         let shape = Shape::flat(n, VOCAB);
         let opts = Options::default();
@@ -132,7 +153,13 @@ fn main() -> Result<(), Box<dyn Error>> {
             header += &format!("{q:>8}");
         }
         println!("{header}");
-        for (j, name) in PHASES.iter().enumerate() {
+        let phases = if small_kernels && xent::plan::small_kernel(n, &plan, &opts, false) {
+            println!("small-call kernel (xent_cluster_small_*)");
+            SMALL_KERNEL_PHASES
+        } else {
+            PHASES
+        };
+        for (j, name) in phases.iter().enumerate() {
             spread(
                 name,
                 ctas.iter()

@@ -71,6 +71,10 @@ pub struct CrossEntropy {
     /// Whether small cluster calls are launched with a programmatic dependency on the kernel
     /// before them (`launch_cluster`); on unless `XENT_PDL=0`.
     pdl: AtomicBool,
+    /// Whether small calls of the plain loss take the cluster plan's small-call kernels
+    /// ([`plan::small_kernel`]); off unless `XENT_SMALL_KERNEL=1` until they are measured on a
+    /// GPU (`bench/NOTES.md`, session 35).
+    small_kernel: AtomicBool,
     /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
     strict_preload: AtomicBool,
 }
@@ -205,6 +209,7 @@ impl CrossEntropy {
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
             pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
+            small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1")),
             strict_preload: AtomicBool::new(false),
         })
     }
@@ -230,6 +235,29 @@ impl CrossEntropy {
     #[doc(hidden)]
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// Testing hook: whether small calls of the plain loss take the cluster plan's small-call
+    /// kernels ([`plan::small_kernel`]) or the cluster kernels. Both give the same bits.
+    #[doc(hidden)]
+    pub fn set_small_kernel(&self, on: bool) {
+        self.small_kernel.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a call of `rows` rows under `launch_plan`, taking one launch (`self_finish`), runs
+    /// the small-call kernels: the handle's choice ([`set_small_kernel`](Self::set_small_kernel))
+    /// and [`plan::small_kernel`].
+    fn small_kernel(
+        &self,
+        rows: usize,
+        launch_plan: &LaunchPlan,
+        opts: &Options,
+        weighted: bool,
+        self_finish: bool,
+    ) -> bool {
+        self_finish
+            && self.small_kernel.load(Ordering::Relaxed)
+            && plan::small_kernel(rows, launch_plan, opts, weighted)
     }
 
     /// The context the kernels live in.
@@ -916,7 +944,8 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         let small = self.small_finish.load(Ordering::Relaxed)
             && plan::self_finish(rows, &launch_plan, opts, call.weight != 0);
-        self.preload(loss_kernels(call, opts, &launch_plan, small))?;
+        let small_kernel = self.small_kernel(rows, &launch_plan, opts, call.weight != 0, small);
+        self.preload(loss_kernels(call, opts, &launch_plan, small, small_kernel))?;
         // The predicted tokens first: the fused modes write the gradient over the logits.
         self.launch_argmax(stream, call, opts, out.predicted)?;
         if !small {
@@ -1080,9 +1109,11 @@ impl CrossEntropy {
                     // A small call's kernel waits for the one before it in the kernel
                     // (`griddepcontrol.wait`), so its launch need not.
                     let pdl = self_finish && self.pdl.load(Ordering::Relaxed);
+                    let small =
+                        self.small_kernel(rows, &launch_plan, opts, weight != 0, self_finish);
                     self.launch_cluster(
                         stream,
-                        kernel(XentKind::Cluster),
+                        kernel(cluster_kind(small)),
                         &params,
                         (blocks, threads, smem_bytes),
                         size,
@@ -1384,17 +1415,29 @@ pub(crate) fn backward_kernel(call: &KernelCall, opts: &Options) -> Kernel {
     }
 }
 
-/// The cross-entropy kernels that [`CrossEntropy::launch_main`] launches for `launch_plan`.
+/// The cluster plan's kernels: the small-call ones for a call that takes them
+/// ([`CrossEntropy::small_kernel`]).
+fn cluster_kind(small_kernel: bool) -> XentKind {
+    if small_kernel {
+        XentKind::ClusterSmall
+    } else {
+        XentKind::Cluster
+    }
+}
+
+/// The cross-entropy kernels that [`CrossEntropy::launch_main`] launches for `launch_plan`
+/// (`small_kernel`: the call takes the small-call kernels, [`CrossEntropy::small_kernel`]).
 pub(crate) fn main_kernels(
     call: &KernelCall,
     opts: &Options,
     launch_plan: &LaunchPlan,
+    small_kernel: bool,
 ) -> [Option<Kernel>; 2] {
     let kernel = |kind| Some(xent_kernel(call, opts, kind));
     match launch_plan {
         LaunchPlan::Fused { .. } => [kernel(XentKind::Fused), None],
         LaunchPlan::Chunked { .. } => [kernel(XentKind::ChunkPartial), kernel(XentKind::ChunkGrad)],
-        LaunchPlan::Cluster { .. } => [kernel(XentKind::Cluster), None],
+        LaunchPlan::Cluster { .. } => [kernel(cluster_kind(small_kernel)), None],
         LaunchPlan::Split { .. } => [kernel(XentKind::Split), None],
     }
 }
@@ -1407,8 +1450,9 @@ pub(crate) fn loss_kernels(
     opts: &Options,
     launch_plan: &LaunchPlan,
     small: bool,
+    small_kernel: bool,
 ) -> [Option<Kernel>; 4] {
-    let [first, second] = main_kernels(call, opts, launch_plan);
+    let [first, second] = main_kernels(call, opts, launch_plan, small_kernel);
     [
         (!small).then_some(Kernel::Count { label: call.label }),
         first,

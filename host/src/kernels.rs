@@ -50,6 +50,8 @@ pub(crate) enum XentKind {
     Backward,
     /// sm_90 only.
     Cluster,
+    /// sm_90 only: small calls of the plain loss (`plan::small_kernel`).
+    ClusterSmall,
     /// sm_80 only.
     Split,
 }
@@ -62,6 +64,7 @@ impl XentKind {
             XentKind::ChunkGrad => "chunk_grad",
             XentKind::Backward => "backward",
             XentKind::Cluster => "cluster",
+            XentKind::ClusterSmall => "cluster_small",
             XentKind::Split => "split",
         }
     }
@@ -137,6 +140,7 @@ impl Kernel {
 pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
     match kind {
         XentKind::Fused | XentKind::Cluster | XentKind::Split => &VARIANTS,
+        XentKind::ClusterSmall => &[""],
         XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
         XentKind::ChunkGrad | XentKind::Backward => &["", "coef_", "cap_", "opt_"],
     }
@@ -178,7 +182,7 @@ pub(crate) fn xent_kernels(kinds: &[XentKind]) -> Vec<Kernel> {
 
 /// The cluster-plan kernels (sm_90 only).
 pub(crate) fn cluster_kernels() -> Vec<Kernel> {
-    xent_kernels(&[XentKind::Cluster])
+    xent_kernels(&[XentKind::Cluster, XentKind::ClusterSmall])
 }
 
 /// The split-plan kernels (sm_80 only).

@@ -2,7 +2,7 @@
 //! Every tuning constant is here, with the reason for its value.
 
 pub use crate::abi::CLUSTER_KEEP;
-use crate::abi::{PARTIAL_WORDS, SMEM_STASH_OFFSET};
+use crate::abi::{PARTIAL_WORDS, SMALL_KERNEL_ROWS, SMEM_STASH_OFFSET};
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
 
@@ -907,4 +907,15 @@ pub fn self_finish(rows: usize, plan: &LaunchPlan, opts: &Options, weighted: boo
         LaunchPlan::Chunked { .. } | LaunchPlan::Split { .. } => return false,
     };
     rows > 0 && rows <= threads as usize && !(weighted && opts.label_smoothing != 0.0)
+}
+
+/// Whether a call that [`self_finish`] allows may take the cluster plan's small-call kernels
+/// (`xent_cluster_small_*`, ordered for latency: the labels' count overlaps the chunk's loads):
+/// a cluster plan, at most [`SMALL_KERNEL_ROWS`] rows, and no loss option that changes the
+/// kernel (the plain variant). The same bits as the cluster kernel.
+pub fn small_kernel(rows: usize, plan: &LaunchPlan, opts: &Options, weighted: bool) -> bool {
+    matches!(plan, LaunchPlan::Cluster { .. })
+        && rows <= SMALL_KERNEL_ROWS
+        && self_finish(rows, plan, opts, weighted)
+        && crate::kernels::variant(opts, weighted, opts.return_token_accuracy).is_empty()
 }

@@ -197,6 +197,14 @@ kernels! {
 
 #[cfg(xent_cluster)]
 kernels! {
+    // Small calls of the plain loss, ordered for latency (`xent::cluster_small`).
+    xent_cluster_small_bf16_i32(XentParams) => xent::cluster_small::<Bf16, i32>;
+    xent_cluster_small_bf16_i64(XentParams) => xent::cluster_small::<Bf16, i64>;
+    xent_cluster_small_f16_i32(XentParams) => xent::cluster_small::<F16, i32>;
+    xent_cluster_small_f16_i64(XentParams) => xent::cluster_small::<F16, i64>;
+    xent_cluster_small_f32_i32(XentParams) => xent::cluster_small::<F32, i32>;
+    xent_cluster_small_f32_i64(XentParams) => xent::cluster_small::<F32, i64>;
+
     xent_cluster_bf16_i32(XentParams) => xent::cluster::<Bf16, i32, Plain>;
     xent_cluster_bf16_i64(XentParams) => xent::cluster::<Bf16, i64, Plain>;
     xent_cluster_f16_i32(XentParams) => xent::cluster::<F16, i32, Plain>;

@@ -19,6 +19,8 @@ unsafe extern "C" {
     fn llvm_fma_f32(a: f32, b: f32, c: f32) -> f32;
     #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
     fn llvm_shfl_sync_bfly_i32(mask: i32, value: i32, lane_mask: i32, clamp: i32) -> i32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.i32"]
+    fn llvm_shfl_sync_idx_i32(mask: i32, value: i32, lane: i32, clamp: i32) -> i32;
 }
 
 /// `%tid.x`.
@@ -76,6 +78,12 @@ pub fn shfl_xor_f32(value: f32, lane_mask: u32) -> f32 {
 #[inline(always)]
 pub fn shfl_xor_u32(value: u32, lane_mask: u32) -> u32 {
     unsafe { llvm_shfl_sync_bfly_i32(-1, value as i32, lane_mask as i32, 0x1f) as u32 }
+}
+
+/// `shfl.sync.idx.b32` over the full warp: lane `lane`'s `value` (`lane` < 32), in every lane.
+#[inline(always)]
+pub fn shfl_idx_u32(value: u32, lane: u32) -> u32 {
+    unsafe { llvm_shfl_sync_idx_i32(-1, value as i32, lane as i32, 0x1f) as u32 }
 }
 
 /// `fma.rn.f32`: `a * b + c` with one rounding.

@@ -94,6 +94,68 @@ pub unsafe fn row_target<L: Label>(rows: &RowsParams, row: u64) -> Target {
     }
 }
 
+/// [`Target::Ignored`] as one word ([`Target::code`]).
+#[cfg(xent_cluster)]
+const TARGET_IGNORED: u32 = u32::MAX;
+/// [`Target::Bad`] as one word ([`Target::code`]).
+#[cfg(xent_cluster)]
+const TARGET_BAD: u32 = u32::MAX - 1;
+
+#[cfg(xent_cluster)]
+impl Target {
+    /// The target as one word, for a shuffle: the class (below `vocab`, which the host keeps at
+    /// most `u32::MAX / 2`), or one of two codes above every class.
+    #[inline(always)]
+    fn code(self) -> u32 {
+        match self {
+            Target::Ignored => TARGET_IGNORED,
+            Target::Bad => TARGET_BAD,
+            Target::Class(label) => label,
+        }
+    }
+
+    /// The target [`code`](Self::code) stands for.
+    #[inline(always)]
+    fn from_code(code: u32) -> Target {
+        match code {
+            TARGET_IGNORED => Target::Ignored,
+            TARGET_BAD => Target::Bad,
+            label => Target::Class(label),
+        }
+    }
+}
+
+/// [`row_target`] in two steps, so a kernel can issue the label's load early and use it late:
+/// the label as loaded, or `None` for the last position of a sequence under the causal shift
+/// (ignored); [`classify_label`] then gives the target. (`row_target` keeps its own text: its
+/// callers' code, in every kernel, stays as measured.)
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn load_label<L: Label>(rows: &RowsParams, row: u64) -> Option<i64> {
+    let index = if rows.seq_len > 0 {
+        let seq_len = rows.seq_len as u64;
+        if prim::div_rem(row, seq_len).1 == seq_len - 1 {
+            return None;
+        }
+        row + 1
+    } else {
+        row
+    };
+    Some(unsafe { L::load(rows.labels, index) })
+}
+
+/// The target of a label [`load_label`] loaded.
+#[cfg(xent_cluster)]
+#[inline(always)]
+fn classify_label(rows: &RowsParams, label: Option<i64>) -> Target {
+    match label {
+        None => Target::Ignored,
+        Some(label) if label == rows.ignore_index => Target::Ignored,
+        Some(label) if label < 0 || label >= rows.vocab as i64 => Target::Bad,
+        Some(label) => Target::Class(label as u32),
+    }
+}
+
 /// A run of `len` elements of one row from global byte address `addr`: a scalar head up to the
 /// first 16-byte boundary, `n_vec` aligned vectors, and a scalar tail.
 struct Segment {
@@ -1073,6 +1135,8 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // last CTA sums its totals).
     stamp!(trace[4]);
     let chunk = partial.block_merge_unsynced::<M>();
+    // `cluster_total`'s work, spelled out: through the helper, ptxas gave 18 of these kernels
+    // other code (session 35).
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
     if tid == 0 {
         unsafe { chunk.st_shared::<M>(slot) };
@@ -1145,27 +1209,201 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     #[cfg(xent_trace)]
     {
         trace[9] = prim::global_timer();
-        // The timeline over the first 32 words of this CTA's chunk of the gradient (after its own
-        // gradient stores, which the cluster barrier above ordered): ten stamps from registers,
-        // five from `trace_mark`'s words (0: not reached), `%smid`, a mark.
-        if tid == 0 {
-            let at = seg.elem_addr::<T>(0);
-            for (k, t) in trace.iter().enumerate() {
-                unsafe {
-                    prim::st_global_u32(at + 8 * k as u64, *t as u32);
-                    prim::st_global_u32(at + 8 * k as u64 + 4, (*t >> 32) as u32);
-                }
-            }
-            for k in 0..10 {
-                let w = unsafe { prim::ld_shared_u32(prim::smem_base() + SMEM_STASH_OFFSET + 4 * k) };
-                unsafe { prim::st_global_u32(at + 80 + 4 * k as u64, w) };
-            }
+        unsafe { trace_out::<T>(&trace, &seg) };
+    }
+}
+
+/// `--cfg xent_trace` builds: the timeline over the first 32 words of this CTA's chunk of the
+/// gradient (after its own gradient stores, which the cluster barrier before ordered), by thread
+/// 0: ten stamps from registers, five from `trace_mark`'s words (0: not reached), `%smid`, a mark.
+#[cfg(all(xent_cluster, xent_trace))]
+#[inline(always)]
+unsafe fn trace_out<T: Element>(trace: &[u64; 10], seg: &Segment) {
+    if thread_idx() == 0 {
+        let at = seg.elem_addr::<T>(0);
+        for (k, t) in trace.iter().enumerate() {
             unsafe {
-                prim::st_global_u32(at + 120, prim::sm_id());
-                prim::st_global_u32(at + 124, 0x7ace_7ace);
+                prim::st_global_u32(at + 8 * k as u64, *t as u32);
+                prim::st_global_u32(at + 8 * k as u64 + 4, (*t >> 32) as u32);
+            }
+        }
+        for k in 0..10 {
+            let w = unsafe { prim::ld_shared_u32(prim::smem_base() + SMEM_STASH_OFFSET + 4 * k) };
+            unsafe { prim::st_global_u32(at + 80 + 4 * k as u64, w) };
+        }
+        unsafe {
+            prim::st_global_u32(at + 120, prim::sm_id());
+            prim::st_global_u32(at + 124, 0x7ace_7ace);
+        }
+    }
+}
+
+/// [`cluster`]`::<T, L, Plain>` for a small call (`XentParams::self_finish`) of at most
+/// [`SMALL_KERNEL_ROWS`](crate::abi::SMALL_KERNEL_ROWS) rows without
+/// loss options, ordered for latency rather than traffic:
+/// each lane loads its row's label for the call's count (lane `i` row `i`, every warp) before
+/// the chunk's loads and classifies it after the first pass, so the count's round trip overlaps
+/// the chunk's instead of coming before it; each warp takes its CTA's row's target from its lane
+/// (no barrier, no second load of that label), and the label's logit is loaded behind the first
+/// pass (this CTA alone writes its chunk, in its gradient pass, past the cluster barrier). The
+/// same results, bit for bit: the first pass needs no label without options (its context is
+/// label-free in `Plain`), warp 0's sums are the count's block sums (`reduce::rows_sum_f64`), and
+/// the rest is `cluster`'s. A row that is not scored has its chunk loaded for nothing, at most 32
+/// rows' worth.
+///
+/// Launch: as [`cluster`]'s, with `self_finish` set and at most 32 rows.
+#[cfg(xent_cluster)]
+#[inline(always)]
+pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
+    type M = opts::Plain;
+    #[cfg(xent_trace)]
+    let mut trace = [prim::global_timer(); 10];
+    prim::grid_dependency_wait();
+    stamp!(trace[1]);
+    let (row, start, _, seg) = chunk_of::<T>(p);
+    let tid = thread_idx();
+    let lane = (tid % 32) as u64;
+    let counted = lane < p.rows.n_rows;
+    let label = if counted { unsafe { load_label::<L>(&p.rows, lane) } } else { None };
+    let ctx = unsafe { row_ctx::<T, M>(p, row, 0, start) };
+    let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
+    let mut kept = Kept::EMPTY;
+    let partial = if BULK_LOAD {
+        unsafe { bulk_load_and_reduce::<T, M, false>(&seg, &mut kept, &p.opts, &ctx) }.0
+    } else {
+        unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) }
+    };
+    stamp!(trace[2]);
+    let code = unsafe { count_small(p, counted, label, row) };
+    let label = match Target::from_code(code) {
+        Target::Class(label) => label,
+        target => {
+            if p.mode != MODE_FORWARD {
+                unsafe { zero_segment::<T>(&seg, 0) };
+            }
+            if start == 0 && tid == 0 {
+                unsafe { write_unscored_row::<M>(p, row, target) };
+            }
+            unsafe { finish_if_last::<L>(p, start == 0) };
+            return;
+        }
+    };
+    let local_label = label.wrapping_sub(start);
+    let owns_label = local_label < seg.len;
+    let x_label = if owns_label && tid == 0 {
+        T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+    } else {
+        0.0
+    };
+    stamp!(trace[3]);
+    // Its barrier publishes thread 0's counts (`count_small`) to the call's scales below.
+    let chunk = partial.block_merge_unsynced::<M>();
+    let scales = unsafe { opts::CallScales::now::<M>(p) };
+    stamp!(trace[4]);
+    let total = unsafe { cluster_total::<M>(p, chunk, || {
+        stamp!(trace[5]);
+    }) };
+    let c = unsafe { opts::coef_early::<M>(p, &total, label, start, scales) };
+    stamp!(trace[6]);
+    if p.mode != MODE_FORWARD {
+        let mut wsum = 0.0;
+        if BULK_LOAD {
+            unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
+        } else {
+            unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
+        }
+    }
+    stamp!(trace[7]);
+    if owns_label && tid == 0 {
+        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
+    }
+    prim::cluster_wait();
+    #[cfg(xent_trace)]
+    {
+        trace[8] = prim::global_timer();
+        if tid == 0 {
+            for k in 0..10 {
+                unsafe { prim::st_shared_u32(prim::smem_base() + SMEM_STASH_OFFSET + 4 * k, 0) };
             }
         }
     }
+    unsafe { finish_if_last::<L>(p, owns_label) };
+    #[cfg(xent_trace)]
+    {
+        trace[9] = prim::global_timer();
+        unsafe { trace_out::<T>(&trace, &seg) };
+    }
+}
+
+/// [`cluster_small`]'s count of the call's labels, from each lane's label as loaded (`counted`:
+/// lane `i` has row `i`): valid and out-of-range rows and the valid rows' class weight, which
+/// warp 0 sums and its thread 0 stores at `SMEM_COUNTS` as [`self_count`] does (the block's next
+/// barrier publishes them), with the bits of `count_labels`' block sums (`reduce::rows_sum_f64`).
+/// Returns row `row`'s [`Target::code`], from its lane, in every thread.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn count_small(p: &XentParams, counted: bool, label: Option<i64>, row: u64) -> u32 {
+    let tid = thread_idx();
+    let (mut valid, mut bad, mut weight, mut code) = (0u32, 0u32, 0.0f64, TARGET_IGNORED);
+    if counted {
+        let target = classify_label(&p.rows, label);
+        code = target.code();
+        match target {
+            Target::Class(label) => {
+                valid = 1;
+                if p.opts.weight != 0 && tid < 32 {
+                    let at = p.opts.weight + 4 * label as u64;
+                    weight = f32::from_bits(unsafe { prim::ld_global_u32(at) }) as f64;
+                }
+            }
+            Target::Bad => bad = 1,
+            Target::Ignored => {}
+        }
+    }
+    let code = prim::shfl_idx_u32(code, row as u32);
+    if tid < 32 {
+        let n_rows = p.rows.n_rows;
+        let packed = reduce::rows_sum_u32(valid | bad << 16, n_rows);
+        let weight_bits =
+            if p.opts.weight != 0 { (reduce::rows_sum_f64(weight, n_rows) as f32).to_bits() } else { 0 };
+        if tid == 0 {
+            let at = prim::smem_base() + SMEM_COUNTS;
+            unsafe {
+                prim::st_shared_u32(at, opts::pack_counts(packed & 0xffff, packed >> 16));
+                prim::st_shared_u32(at + 4, weight_bits);
+            }
+        }
+    }
+    code
+}
+
+/// The row's total over its cluster, from this CTA's summary of its chunk (`chunk`, a block
+/// merge's, so every thread holds it): thread 0 publishes it in the CTA's cluster slot; past a
+/// cluster barrier (where `at_barrier` runs: a trace stamp) lane `i` of every warp reads the slot
+/// of CTA `i` (`i`, `i + 32`, ...) and the warp combines them. Then it arrives at the cluster
+/// barrier again, done reading the other CTAs' slots: the caller's matching wait keeps this
+/// CTA's slot alive until every CTA of the cluster has read it.
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn cluster_total<M: Mode>(p: &XentParams, chunk: Part, at_barrier: impl FnOnce()) -> Part {
+    let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
+    let tid = thread_idx();
+    if tid == 0 {
+        unsafe { chunk.st_shared::<M>(slot) };
+    }
+    prim::cluster_arrive();
+    prim::cluster_wait();
+    at_barrier();
+    let mut acc = Part::EMPTY;
+    let mut rank = tid % 32;
+    while rank < p.n_chunks {
+        let remote = prim::map_shared_rank(slot, rank);
+        acc = acc.merge::<M>(unsafe { Part::ld_shared_cluster::<M>(remote) });
+        rank += 32;
+    }
+    let total = acc.warp_merge::<M>();
+    prim::cluster_arrive();
+    total
 }
 
 /// The row's smoothing sum where the cluster kernel's gradient pass took it

@@ -444,9 +444,9 @@ impl CrossEntropy {
             chunk_plans
                 .into_iter()
                 .flat_map(|(full, last)| {
-                    loss_kernels(&work.whole, &work.opts, &full, false)
+                    loss_kernels(&work.whole, &work.opts, &full, false, false)
                         .into_iter()
-                        .chain(main_kernels(&work.whole, &work.opts, &last))
+                        .chain(main_kernels(&work.whole, &work.opts, &last, false))
                 })
                 .chain([backward])
                 .chain([(buffers.predicted != 0).then(|| argmax_kernel(&work.whole))]),
