@@ -826,7 +826,8 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
 /// they count the labels behind the chunk's first pass) give the three launches' bits: loss,
 /// counts, per-row outputs and gradient, in every reduction, with `grad_scale`, the causal shift,
 /// a forward alone, all rows ignored, in each dtype and label type, at cluster sizes from 16 CTAs
-/// (1-4 rows of Llama 3's vocabulary) down; and report out-of-range labels as those do. Toggles
+/// (1-4 rows of Llama 3's vocabulary) down (a one-row call finishes from the loss in a register,
+/// `finish_one_row`); and report out-of-range labels as those do. Toggles
 /// the shared handle's hooks (and restores `XENT_SMALL_KERNEL`'s choice); the other tests pass
 /// on either path.
 #[test]
@@ -876,7 +877,7 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
         })
         .collect();
     shapes.push((Shape::batched(2, 16, llm), None));
-    shapes.extend([0, 70_001, 128_255].map(|label| (Shape::flat(1, llm), Some(vec![label]))));
+    shapes.extend([0, 70_001, 128_255, -100].map(|label| (Shape::flat(1, llm), Some(vec![label]))));
     shapes.push((Shape::flat(3, llm), Some(vec![-100, -100, -100])));
     for dtype in [DType::Bf16, DType::F16, DType::F32] {
         for (shape, labels) in &shapes {

@@ -1314,8 +1314,12 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         }
     }
     stamp!(trace[7]);
+    // `write_scored_row`, keeping the loss for a one-row call's finish.
+    let mut loss = 0.0;
     if owns_label && tid == 0 {
-        unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
+        let lse = c.lse2 * LN_2;
+        loss = unsafe { opts::row_loss::<M>(p, &total, label, x_label, ctx.y_ref, lse) };
+        unsafe { write_row_outputs::<M>(p, row, loss, lse, total.wrong == 0) };
     }
     prim::cluster_wait();
     #[cfg(xent_trace)]
@@ -1327,11 +1331,56 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
             }
         }
     }
-    unsafe { finish_if_last::<L>(p, owns_label) };
+    if p.rows.n_rows == 1 {
+        unsafe { finish_one_row(p, owns_label, loss) };
+    } else {
+        unsafe { finish_if_last::<L>(p, owns_label) };
+    }
     #[cfg(xent_trace)]
     {
         trace[9] = prim::global_timer();
         unsafe { trace_out::<T>(&trace, &seg) };
+    }
+}
+
+/// [`finish_if_last`] for a one-row call of the plain loss ([`cluster_small`]), by the CTA that
+/// wrote the row (`wrote`) from the row's `loss` in its thread 0's register, where `finish_rows`
+/// reads it back from memory (a round trip through L2 at the call's end): the same operations in
+/// the same order, so the same bits (the sum of one row is `loss + 0.0`; without z-loss and token
+/// accuracy, which the plain loss has neither of, their sums are 0).
+#[cfg(xent_cluster)]
+#[inline(always)]
+unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
+    prim::launch_dependents();
+    if !wrote || thread_idx() != 0 {
+        return;
+    }
+    // This CTA's own count from its start (`count_small`).
+    let at = prim::smem_base() + SMEM_COUNTS;
+    let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });
+    let weight_bits = unsafe { prim::ld_shared_u32(at + 4) };
+    unsafe {
+        prim::st_global_u32(p.counts + 4 * COUNT_VALID as u64, valid);
+        prim::st_global_u32(p.counts + 4 * COUNT_BAD as u64, bad);
+        prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, weight_bits);
+        prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, 0);
+    }
+    let (zsum, correct) = (0.0f64, 0u32);
+    let ce = (0.0 + loss as f64) + 0.0;
+    let n_valid = valid as f64;
+    let ce = if p.reduction == REDUCTION_MEAN {
+        let total_weight = if p.opts.weight != 0 { f32::from_bits(weight_bits) as f64 } else { n_valid };
+        ce / total_weight
+    } else {
+        ce
+    };
+    unsafe {
+        prim::st_global_u32(p.loss, ((ce + zsum) as f32).to_bits());
+        if p.extras != 0 {
+            prim::st_global_u32(p.extras, (zsum as f32).to_bits());
+            let accuracy = correct as f64 / n_valid;
+            prim::st_global_u32(p.extras + 4, (accuracy as f32).to_bits());
+        }
     }
 }
 
