@@ -1304,6 +1304,22 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         stamp!(trace[5]);
     }) };
     let c = unsafe { opts::coef_early::<M>(p, &total, label, start, scales) };
+    // The row's outputs (`write_scored_row`, keeping the loss for a one-row call's finish) and,
+    // with more rows, this CTA's count in the done counter, now rather than after the gradient:
+    // the counter's round trip (its release waits for thread 0's row-output stores, not for its
+    // gradient's) overlaps the gradient pass, and the last CTA to count finds every row written.
+    let (mut loss, mut counted) = (0.0, 0);
+    if tid == 0 {
+        if owns_label {
+            let lse = c.lse2 * LN_2;
+            loss = unsafe { opts::row_loss::<M>(p, &total, label, x_label, ctx.y_ref, lse) };
+            unsafe { write_row_outputs::<M>(p, row, loss, lse, total.wrong == 0) };
+        }
+        if p.rows.n_rows > 1 {
+            let last = prim::grid_dim() - 1;
+            counted = unsafe { prim::atom_inc_acq_rel_gpu_u32(p.counts + 4 * COUNT_DONE as u64, last) };
+        }
+    }
     stamp!(trace[6]);
     if p.mode != MODE_FORWARD {
         let mut wsum = 0.0;
@@ -1314,13 +1330,6 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         }
     }
     stamp!(trace[7]);
-    // `write_scored_row`, keeping the loss for a one-row call's finish.
-    let mut loss = 0.0;
-    if owns_label && tid == 0 {
-        let lse = c.lse2 * LN_2;
-        loss = unsafe { opts::row_loss::<M>(p, &total, label, x_label, ctx.y_ref, lse) };
-        unsafe { write_row_outputs::<M>(p, row, loss, lse, total.wrong == 0) };
-    }
     prim::cluster_wait();
     #[cfg(xent_trace)]
     {
@@ -1334,7 +1343,7 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
     if p.rows.n_rows == 1 {
         unsafe { finish_one_row(p, owns_label, loss) };
     } else {
-        unsafe { finish_if_last::<L>(p, owns_label) };
+        unsafe { finish_if_last_counted::<L>(p, owns_label, Some(counted)) };
     }
     #[cfg(xent_trace)]
     {
@@ -2211,6 +2220,14 @@ unsafe fn self_count<L: Label>(p: &XentParams) {
 /// CTA reads any more.
 #[inline(always)]
 unsafe fn finish_if_last<L: Label>(p: &XentParams, wrote: bool) {
+    unsafe { finish_if_last_counted::<L>(p, wrote, None) }
+}
+
+/// [`finish_if_last`], with this CTA's increment of the done counter taken already where
+/// `counted` is given (its old value, in thread 0; [`cluster_small`] takes it before its
+/// gradient pass, right after its row outputs, with the same `atom_inc_acq_rel_gpu_u32`).
+#[inline(always)]
+unsafe fn finish_if_last_counted<L: Label>(p: &XentParams, wrote: bool, counted: Option<u32>) {
     if p.self_finish == 0 {
         return;
     }
@@ -2234,7 +2251,10 @@ unsafe fn finish_if_last<L: Label>(p: &XentParams, wrote: bool) {
             // the last CTA, every other CTA's outputs before what the block does after the
             // barrier below (thread 0 then the barrier: acquire, then CTA order).
             let last = prim::grid_dim() - 1;
-            let old = unsafe { prim::atom_inc_acq_rel_gpu_u32(p.counts + 4 * COUNT_DONE as u64, last) };
+            let old = match counted {
+                Some(old) => old,
+                None => unsafe { prim::atom_inc_acq_rel_gpu_u32(p.counts + 4 * COUNT_DONE as u64, last) },
+            };
             unsafe { prim::st_shared_u32(flag, (old == last) as u32) };
         }
         prim::sync_threads();
