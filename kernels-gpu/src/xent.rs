@@ -1263,8 +1263,8 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
     let lane = (tid % 32) as u64;
-    let counted = lane < p.rows.n_rows;
-    let label = if counted { unsafe { load_label::<L>(&p.rows, lane) } } else { None };
+    let lane_row = lane < p.rows.n_rows;
+    let label = if lane_row { unsafe { load_label::<L>(&p.rows, lane) } } else { None };
     let ctx = unsafe { row_ctx::<T, M>(p, row, 0, start) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     let mut kept = Kept::EMPTY;
@@ -1274,7 +1274,7 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) }
     };
     stamp!(trace[2]);
-    let code = unsafe { count_small(p, counted, label, row) };
+    let code = unsafe { count_small(p, lane_row, label, row) };
     let label = match Target::from_code(code) {
         Target::Class(label) => label,
         target => {
@@ -1393,17 +1393,17 @@ unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
     }
 }
 
-/// [`cluster_small`]'s count of the call's labels, from each lane's label as loaded (`counted`:
+/// [`cluster_small`]'s count of the call's labels, from each lane's label as loaded (`lane_row`:
 /// lane `i` has row `i`): valid and out-of-range rows and the valid rows' class weight, which
 /// warp 0 sums and its thread 0 stores at `SMEM_COUNTS` as [`self_count`] does (the block's next
 /// barrier publishes them), with the bits of `count_labels`' block sums (`reduce::rows_sum_f64`).
 /// Returns row `row`'s [`Target::code`], from its lane, in every thread.
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn count_small(p: &XentParams, counted: bool, label: Option<i64>, row: u64) -> u32 {
+unsafe fn count_small(p: &XentParams, lane_row: bool, label: Option<i64>, row: u64) -> u32 {
     let tid = thread_idx();
     let (mut valid, mut bad, mut weight, mut code) = (0u32, 0u32, 0.0f64, TARGET_IGNORED);
-    if counted {
+    if lane_row {
         let target = classify_label(&p.rows, label);
         code = target.code();
         match target {
