@@ -879,7 +879,14 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
     shapes.push((Shape::batched(2, 16, llm), None));
     shapes.extend([0, 70_001, 128_255, -100].map(|label| (Shape::flat(1, llm), Some(vec![label]))));
     shapes.push((Shape::flat(3, llm), Some(vec![-100, -100, -100])));
-    for dtype in [DType::Bf16, DType::F16, DType::F32] {
+    let mut dtypes = vec![DType::Bf16, DType::F16, DType::F32];
+    // Under the sanitizer (10-100x slower): one dtype, one or eight rows, two option sets.
+    if sanitizing() {
+        dtypes.truncate(1);
+        shapes.retain(|(shape, labels)| labels.is_none() && [1, 8].contains(&shape.rows()));
+        sets.retain(|(name, _)| ["mean", "causal, sum"].contains(name));
+    }
+    for dtype in dtypes {
         for (shape, labels) in &shapes {
             let (shape, rows) = (*shape, shape.rows());
             let labels = labels.clone().unwrap_or_else(|| {
