@@ -38,14 +38,15 @@ const PHASES: [&str; 14] = [
     "fin:exit",
 ];
 /// The phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 32 rows:
-/// `xent_cluster_small_*`), which count the labels behind the first pass.
+/// `xent_cluster_small_*`), which count the labels behind the first pass and take the done
+/// counter before the gradient (a one-row call's finish, from a register, leaves no `fin:` marks).
 const SMALL_KERNEL_PHASES: [&str; 14] = [
     "dep_wait",
     "load+pass1",
     "count+x_label",
     "merge+scales",
     "cl_bar",
-    "dsmem+coef",
+    "dsmem+coef+done",
     "grad",
     "write+cl_wait",
     "fin:done_flag",
