@@ -2272,16 +2272,16 @@ fn forced_clusters_go_up_to_the_non_portable_sixteen_and_no_further() {
     assert!(a100.is_err());
 }
 
-/// The small-call kernels (`plan::small_kernel`) take cluster plans of at most 32 rows of the
+/// The small-call kernels (`plan::small_kernel`) take cluster plans of at most 64 rows of the
 /// plain loss that take one launch, and nothing else: not a loss option that changes the kernel,
-/// not 33 rows, not a fused, chunked or split plan.
+/// not 65 rows, not a fused, chunked or split plan.
 #[test]
-fn small_call_kernels_take_plain_cluster_calls_of_at_most_32_rows() {
+fn small_call_kernels_take_plain_cluster_calls_of_at_most_64_rows() {
     let limits = DeviceLimits::H100;
     let plain = Options::default();
     let cluster =
         |rows| plan::plan(rows, LLAMA3_VOCAB, DType::Bf16, limits, PlanChoice::Auto).unwrap();
-    for rows in [1, 2, 8, 31, 32] {
+    for rows in [1, 2, 8, 32, 33, 64] {
         let made = cluster(rows);
         assert!(
             matches!(made, LaunchPlan::Cluster { .. }),
@@ -2338,8 +2338,8 @@ fn small_call_kernels_take_plain_cluster_calls_of_at_most_32_rows() {
         );
     }
     assert!(
-        !plan::small_kernel(33, &cluster(33), &plain, false),
-        "33 rows"
+        !plan::small_kernel(65, &cluster(65), &plain, false),
+        "65 rows"
     );
     let fused = plan::plan(4, 1000, DType::Bf16, limits, PlanChoice::Fused).unwrap();
     assert!(matches!(fused, LaunchPlan::Fused { .. }), "{fused:?}");

@@ -12,7 +12,7 @@
 //! chunk of the gradient (the call's output is then not a gradient); this prints, per phase, the
 //! shortest, median and longest time over the CTAs, and the stamps of the first 16 CTAs and of
 //! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits. With
-//! `XENT_SMALL_KERNEL=1` (read by the handle too) calls of at most 32 rows run the small-call
+//! `XENT_SMALL_KERNEL=1` (read by the handle too) calls of at most 64 rows run the small-call
 //! kernels, whose phases come in another order.
 
 use std::error::Error;
@@ -37,7 +37,7 @@ const PHASES: [&str; 14] = [
     "fin:div+store",
     "fin:exit",
 ];
-/// The phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 32 rows:
+/// The phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 64 rows:
 /// `xent_cluster_small_*`), which count the labels behind the first pass and take the done
 /// counter before the gradient (a one-row call's finish, from a register, leaves no `fin:` marks).
 const SMALL_KERNEL_PHASES: [&str; 14] = [

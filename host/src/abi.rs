@@ -33,8 +33,8 @@ pub const COUNT_CLASS_WEIGHT_SUM: usize = 3;
 /// uses it (its last CTA wraps it), so a buffer xent allocated zeroed never needs a reset.
 pub const COUNT_DONE: usize = 4;
 /// The most rows a small call (`XentParams::self_finish`) of the plain loss may have for the
-/// cluster plan's `xent_cluster_small_*` kernels, which count the labels one a lane of each warp.
-pub const SMALL_KERNEL_ROWS: usize = 32;
+/// cluster plan's `xent_cluster_small_*` kernels, which count the labels two a lane of each warp.
+pub const SMALL_KERNEL_ROWS: usize = 64;
 /// Length of the `counts` buffer in `u32` words.
 pub const COUNT_WORDS: usize = 5;
 

@@ -1251,7 +1251,8 @@ unsafe fn trace_out<T: Element>(trace: &[u64; 10], seg: &Segment) {
 /// the rest is `cluster`'s. A row that is not scored has its chunk loaded for nothing, at most 32
 /// rows' worth.
 ///
-/// Launch: as [`cluster`]'s, with `self_finish` set and at most 32 rows.
+/// Launch: as [`cluster`]'s, with `self_finish` set, at most `SMALL_KERNEL_ROWS` rows and no
+/// class weights (the plain loss has none).
 #[cfg(xent_cluster)]
 #[inline(always)]
 pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
@@ -1262,9 +1263,15 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
     stamp!(trace[1]);
     let (row, start, _, seg) = chunk_of::<T>(p);
     let tid = thread_idx();
+    // This lane's rows of the count: `lane` and `lane + 32`.
     let lane = (tid % 32) as u64;
-    let lane_row = lane < p.rows.n_rows;
-    let label = if lane_row { unsafe { load_label::<L>(&p.rows, lane) } } else { None };
+    let mut labels = [None; SMALL_LABELS];
+    for (k, label) in labels.iter_mut().enumerate() {
+        let count_row = lane + 32 * k as u64;
+        if count_row < p.rows.n_rows {
+            *label = unsafe { load_label::<L>(&p.rows, count_row) };
+        }
+    }
     let ctx = unsafe { row_ctx::<T, M>(p, row, 0, start) };
     let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
     let mut kept = Kept::EMPTY;
@@ -1274,7 +1281,7 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) }
     };
     stamp!(trace[2]);
-    let code = unsafe { count_small(p, lane_row, label, row) };
+    let code = unsafe { count_small(p, labels, row) };
     let label = match Target::from_code(code) {
         Target::Class(label) => label,
         target => {
@@ -1393,42 +1400,45 @@ unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
     }
 }
 
-/// [`cluster_small`]'s count of the call's labels, from each lane's label as loaded (`lane_row`:
-/// lane `i` has row `i`): valid and out-of-range rows and the valid rows' class weight, which
-/// warp 0 sums and its thread 0 stores at `SMEM_COUNTS` as [`self_count`] does (the block's next
-/// barrier publishes them), with the bits of `count_labels`' block sums (`reduce::rows_sum_f64`).
+/// Labels a lane of [`cluster_small`] loads for the call's count (rows `lane` and `lane + 32`).
+#[cfg(xent_cluster)]
+const SMALL_LABELS: usize = 2;
+#[cfg(xent_cluster)]
+const _: () = assert!(SMALL_LABELS * 32 == crate::abi::SMALL_KERNEL_ROWS);
+
+/// [`cluster_small`]'s count of the call's labels, from each lane's labels as loaded (`None` past
+/// the rows, or where the shift ignores the row; lane `i` has rows `i` and `i + 32`): valid and
+/// out-of-range rows, which warp 0 sums and its thread 0 stores at `SMEM_COUNTS` as
+/// [`self_count`] does (the block's next barrier publishes them; counts are integers, so any
+/// order gives `count_labels`' sums; no class weights in the plain loss, so their word is 0).
 /// Returns row `row`'s [`Target::code`], from its lane, in every thread.
 #[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn count_small(p: &XentParams, lane_row: bool, label: Option<i64>, row: u64) -> u32 {
+unsafe fn count_small(p: &XentParams, labels: [Option<i64>; SMALL_LABELS], row: u64) -> u32 {
     let tid = thread_idx();
-    let (mut valid, mut bad, mut weight, mut code) = (0u32, 0u32, 0.0f64, TARGET_IGNORED);
-    if lane_row {
-        let target = classify_label(&p.rows, label);
-        code = target.code();
-        match target {
-            Target::Class(label) => {
-                valid = 1;
-                if p.opts.weight != 0 && tid < 32 {
-                    let at = p.opts.weight + 4 * label as u64;
-                    weight = f32::from_bits(unsafe { prim::ld_global_u32(at) }) as f64;
-                }
+    let lane = (tid % 32) as u64;
+    let (mut valid, mut bad, mut codes) = (0u32, 0u32, [TARGET_IGNORED; SMALL_LABELS]);
+    for (k, (&label, code)) in labels.iter().zip(codes.iter_mut()).enumerate() {
+        if lane + 32 * (k as u64) < p.rows.n_rows {
+            let target = classify_label(&p.rows, label);
+            *code = target.code();
+            match target {
+                Target::Class(_) => valid += 1,
+                Target::Bad => bad += 1,
+                Target::Ignored => {}
             }
-            Target::Bad => bad = 1,
-            Target::Ignored => {}
         }
     }
-    let code = prim::shfl_idx_u32(code, row as u32);
+    // The same choice in every lane (`row` is the CTA's).
+    let code = prim::shfl_idx_u32(if row < 32 { codes[0] } else { codes[1] }, (row % 32) as u32);
     if tid < 32 {
-        let n_rows = p.rows.n_rows;
-        let packed = reduce::rows_sum_u32(valid | bad << 16, n_rows);
-        let weight_bits =
-            if p.opts.weight != 0 { (reduce::rows_sum_f64(weight, n_rows) as f32).to_bits() } else { 0 };
+        let packed = valid | bad << 16;
+        let packed = if p.rows.n_rows > 1 { reduce::warp_sum_u32(packed) } else { packed };
         if tid == 0 {
             let at = prim::smem_base() + SMEM_COUNTS;
             unsafe {
                 prim::st_shared_u32(at, opts::pack_counts(packed & 0xffff, packed >> 16));
-                prim::st_shared_u32(at + 4, weight_bits);
+                prim::st_shared_u32(at + 4, 0);
             }
         }
     }
