@@ -957,31 +957,8 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
             }
         }
     }
-    // Out-of-range labels (5 rows of Llama 3's vocabulary: 128256 and -7; -100 is ignored).
-    let shape = Shape::flat(5, llm);
-    let logits: Vec<bf16> = xent_tests::random_logits(&shape, 3);
-    let d_labels = stream.clone_htod(&[128_256i64, 2, -100, -7, 17]).unwrap();
-    for small in [false, true] {
-        xent.set_small_finish(small);
-        let mut out = xent::Loss::new(&stream, shape.rows()).unwrap();
-        let mut d_logits = stream.clone_htod(&logits).unwrap();
-        let result = xent
-            .forward_backward_into(
-                &stream,
-                &mut d_logits,
-                &d_labels,
-                shape,
-                &Options::default(),
-                &mut out,
-            )
-            .and_then(|()| out.read());
-        if !matches!(result, Err(Error::LabelOutOfRange { count: 2, .. })) {
-            failures.push(format!(
-                "5 x {llm}, one launch {small}: {result:?}, not 2 labels out of range"
-            ));
-        }
-    }
-    xent.set_small_finish(true);
+    // Out-of-range labels, in the small kernel at Llama 3's vocabulary.
+    failures.extend(out_of_range_failures(xent, &stream, llm));
     xent.set_small_kernel(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1"));
     xent_tests::report(&format!(
         "small-call kernels on the GPU: {cases} cases, {} not taken, {} failed",
@@ -1001,33 +978,42 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
 fn small_calls_in_one_launch_report_out_of_range_labels() {
     let Some(xent) = gpu() else { return };
     let stream = xent.context().default_stream();
-    let shape = Shape::flat(5, 5003);
+    assert_no_failures(&out_of_range_failures(xent, &stream, 5003));
+}
+
+/// A call of 5 rows of `vocab` classes whose labels `vocab` and -7 are out of range (-100 is
+/// ignored), in three launches and in one: each way that does not report 2 labels out of range.
+fn out_of_range_failures(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    vocab: usize,
+) -> Vec<String> {
+    let shape = Shape::flat(5, vocab);
     let logits: Vec<f32> = xent_tests::random_logits(&shape, 3);
-    // 5003 and -7 are out of range; -100 is ignored.
-    let d_labels = stream.clone_htod(&[5003i64, 2, -100, -7, 17]).unwrap();
+    let d_labels = stream.clone_htod(&[vocab as i64, 2, -100, -7, 17]).unwrap();
     let mut failures = Vec::new();
     for small in [false, true] {
         xent.set_small_finish(small);
-        let mut out = xent::Loss::new(&stream, shape.rows()).unwrap();
+        let mut out = xent::Loss::new(stream, shape.rows()).unwrap();
         let mut d_logits = stream.clone_htod(&logits).unwrap();
-        xent.forward_backward_into(
-            &stream,
-            &mut d_logits,
-            &d_labels,
-            shape,
-            &Options::default(),
-            &mut out,
-        )
-        .unwrap();
-        match out.read() {
-            Err(Error::LabelOutOfRange { count: 2, .. }) => {}
-            other => failures.push(format!(
-                "one launch {small}: {other:?}, not 2 labels out of range"
-            )),
+        let result = xent
+            .forward_backward_into(
+                stream,
+                &mut d_logits,
+                &d_labels,
+                shape,
+                &Options::default(),
+                &mut out,
+            )
+            .and_then(|()| out.read());
+        if !matches!(result, Err(Error::LabelOutOfRange { count: 2, .. })) {
+            failures.push(format!(
+                "5 x {vocab}, one launch {small}: {result:?}, not 2 labels out of range"
+            ));
         }
     }
     xent.set_small_finish(true);
-    assert_no_failures(&failures);
+    failures
 }
 
 /// Small cluster calls are launched with a programmatic dependency on the kernel before them

@@ -37,24 +37,17 @@ const PHASES: [&str; 14] = [
     "fin:div+store",
     "fin:exit",
 ];
-/// The phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 64 rows:
+/// The first six phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 64 rows:
 /// `xent_cluster_small_*`), which count the labels behind the first pass and take the done
-/// counter before the gradient (a one-row call's finish, from a register, leaves no `fin:` marks).
-const SMALL_KERNEL_PHASES: [&str; 14] = [
+/// counter before the gradient; the rest are [`PHASES`]' (a one-row call's finish, from a
+/// register, leaves no `fin:` marks).
+const SMALL_KERNEL_HEAD: [&str; 6] = [
     "dep_wait",
     "load+pass1",
     "count+x_label",
     "merge+scales",
     "cl_bar",
     "dsmem+coef+done",
-    "grad",
-    "write+cl_wait",
-    "fin:done_flag",
-    "fin:counts",
-    "fin:row_loads",
-    "fin:block_sums",
-    "fin:div+store",
-    "fin:exit",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -154,12 +147,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             header += &format!("{q:>8}");
         }
         println!("{header}");
-        let phases = if small_kernels && xent::plan::small_kernel(n, &plan, &opts, false) {
+        let mut phases = PHASES;
+        if small_kernels && xent::plan::small_kernel(n, &plan, &opts, false) {
             println!("small-call kernel (xent_cluster_small_*)");
-            SMALL_KERNEL_PHASES
-        } else {
-            PHASES
-        };
+            phases[..SMALL_KERNEL_HEAD.len()].copy_from_slice(&SMALL_KERNEL_HEAD);
+        }
         for (j, name) in phases.iter().enumerate() {
             spread(
                 name,
