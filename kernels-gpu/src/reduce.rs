@@ -263,33 +263,6 @@ pub fn block_sum_f64(v: f64) -> f64 {
     }))
 }
 
-/// [`block_sum_f64`] of `v` where only the first `rows` threads of the block hold values (the
-/// others +0.0), as warp 0 gets it: one row's value as it is, up to 32 rows warp 0's butterfly,
-/// more the block's sum (every thread of the block must call it then). The other warps' +0.0
-/// only turn a -0.0 into +0.0, which `+ 0.0` does here, so the bits are the block sum's.
-#[inline(always)]
-pub fn rows_sum_f64(v: f64, rows: u64) -> f64 {
-    if rows > 32 {
-        block_sum_f64(v)
-    } else if rows == 1 {
-        v + 0.0
-    } else if prim::block_dim() > 32 {
-        warp_sum_f64(v) + 0.0
-    } else {
-        warp_sum_f64(v)
-    }
-}
-
-/// [`rows_sum_f64`] for `u32` (no sign of zero to mind).
-#[inline(always)]
-pub fn rows_sum_u32(v: u32, rows: u64) -> u32 {
-    match rows {
-        0..=1 => v,
-        2..=32 => warp_sum_u32(v),
-        _ => block_sum_u32(v),
-    }
-}
-
 /// Sum of an `f64` across the warp (butterfly, so every lane gets the same bits): the first
 /// half of [`block_sum_f64`].
 #[inline(always)]

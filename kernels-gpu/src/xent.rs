@@ -1239,17 +1239,17 @@ unsafe fn trace_out<T: Element>(trace: &[u64; 10], seg: &Segment) {
 }
 
 /// [`cluster`]`::<T, L, Plain>` for a small call (`XentParams::self_finish`) of at most
-/// [`SMALL_KERNEL_ROWS`](crate::abi::SMALL_KERNEL_ROWS) rows without
-/// loss options, ordered for latency rather than traffic:
-/// each lane loads its row's label for the call's count (lane `i` row `i`, every warp) before
-/// the chunk's loads and classifies it after the first pass, so the count's round trip overlaps
-/// the chunk's instead of coming before it; each warp takes its CTA's row's target from its lane
-/// (no barrier, no second load of that label), and the label's logit is loaded behind the first
-/// pass (this CTA alone writes its chunk, in its gradient pass, past the cluster barrier). The
-/// same results, bit for bit: the first pass needs no label without options (its context is
-/// label-free in `Plain`), warp 0's sums are the count's block sums (`reduce::rows_sum_f64`), and
-/// the rest is `cluster`'s. A row that is not scored has its chunk loaded for nothing, at most 32
-/// rows' worth.
+/// [`SMALL_KERNEL_ROWS`](crate::abi::SMALL_KERNEL_ROWS) rows without loss options, ordered for
+/// latency rather than traffic: each lane loads its rows' labels for the call's count (rows `i`
+/// and `i + 32` in lane `i`, every warp) before the chunk's loads and classifies them after the
+/// first pass, so the count's round trip overlaps the chunk's instead of coming before it; each
+/// warp takes its CTA's row's target from its lane (no barrier, no second load of that label),
+/// and the label's logit is loaded behind the first pass (this CTA alone writes its chunk, in its
+/// gradient pass). The row's outputs and the done counter come before the gradient pass, and a
+/// one-row call finishes from a register ([`finish_one_row`]). The same results, bit for bit: the
+/// first pass needs no label without options (its context is label-free in `Plain`), the counts
+/// are integers (any order sums them alike), and the rest is `cluster`'s. A row that is not
+/// scored has its chunk loaded for nothing, at most 64 rows' worth.
 ///
 /// Launch: as [`cluster`]'s, with `self_finish` set, at most `SMALL_KERNEL_ROWS` rows and no
 /// class weights (the plain loss has none).
@@ -1371,33 +1371,11 @@ unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
     if !wrote || thread_idx() != 0 {
         return;
     }
-    // This CTA's own count from its start (`count_small`).
-    let at = prim::smem_base() + SMEM_COUNTS;
-    let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });
-    let weight_bits = unsafe { prim::ld_shared_u32(at + 4) };
-    unsafe {
-        prim::st_global_u32(p.counts + 4 * COUNT_VALID as u64, valid);
-        prim::st_global_u32(p.counts + 4 * COUNT_BAD as u64, bad);
-        prim::st_global_u32(p.counts + 4 * COUNT_WEIGHT as u64, weight_bits);
-        prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, 0);
-    }
-    let (zsum, correct) = (0.0f64, 0u32);
+    let (valid, weight_bits) = unsafe { store_own_counts(p, 0) };
+    // One row's sum (`finish_rows`: `0.0 + loss`, then the warp's `+ 0.0`s); no z-loss or token
+    // accuracy in the plain loss.
     let ce = (0.0 + loss as f64) + 0.0;
-    let n_valid = valid as f64;
-    let ce = if p.reduction == REDUCTION_MEAN {
-        let total_weight = if p.opts.weight != 0 { f32::from_bits(weight_bits) as f64 } else { n_valid };
-        ce / total_weight
-    } else {
-        ce
-    };
-    unsafe {
-        prim::st_global_u32(p.loss, ((ce + zsum) as f32).to_bits());
-        if p.extras != 0 {
-            prim::st_global_u32(p.extras, (zsum as f32).to_bits());
-            let accuracy = correct as f64 / n_valid;
-            prim::st_global_u32(p.extras + 4, (accuracy as f32).to_bits());
-        }
-    }
+    unsafe { store_call_loss(&finish_params(p), valid, weight_bits, ce, 0.0, 0) }
 }
 
 /// Labels a lane of [`cluster_small`] loads for the call's count (rows `lane` and `lane + 32`).
@@ -2156,24 +2134,33 @@ unsafe fn finish_rows(p: FinishParams, valid: u32, weight_bits: u32) {
     #[cfg(xent_trace)]
     trace_mark(3);
     if tid == 0 {
-        let n_valid = valid as f64;
-        let (ce, zsum) = if p.reduction == REDUCTION_MEAN {
-            let total_weight = if p.weighted != 0 { f32::from_bits(weight_bits) as f64 } else { n_valid };
-            (ce / total_weight, if z != 0.0 { zsum / n_valid } else { 0.0 })
-        } else {
-            (ce, zsum)
-        };
-        unsafe {
-            prim::st_global_u32(p.loss, ((ce + zsum) as f32).to_bits());
-            if p.extras != 0 {
-                prim::st_global_u32(p.extras, (zsum as f32).to_bits());
-                let accuracy = correct as f64 / n_valid;
-                prim::st_global_u32(p.extras + 4, (accuracy as f32).to_bits());
-            }
-        }
+        unsafe { store_call_loss(&p, valid, weight_bits, ce, zsum, correct) };
     }
     #[cfg(xent_trace)]
     trace_mark(4);
+}
+
+/// The call's loss and extras from the rows' sums (`ce`: the losses without the z-loss, `zsum`:
+/// the z-loss terms, `correct`: the rows predicted right) and the counts (`valid` rows, the f32
+/// bits of their class weight), as the finish stores them (one thread).
+#[inline(always)]
+unsafe fn store_call_loss(p: &FinishParams, valid: u32, weight_bits: u32, ce: f64, zsum: f64, correct: u32) {
+    let z = p.lse_square_scale as f64;
+    let n_valid = valid as f64;
+    let (ce, zsum) = if p.reduction == REDUCTION_MEAN {
+        let total_weight = if p.weighted != 0 { f32::from_bits(weight_bits) as f64 } else { n_valid };
+        (ce / total_weight, if z != 0.0 { zsum / n_valid } else { 0.0 })
+    } else {
+        (ce, zsum)
+    };
+    unsafe {
+        prim::st_global_u32(p.loss, ((ce + zsum) as f32).to_bits());
+        if p.extras != 0 {
+            prim::st_global_u32(p.extras, (zsum as f32).to_bits());
+            let accuracy = correct as f64 / n_valid;
+            prim::st_global_u32(p.extras + 4, (accuracy as f32).to_bits());
+        }
+    }
 }
 
 /// A small call's labels, counted by the whole block (`XentParams::self_finish`: at most as many
@@ -2276,7 +2263,15 @@ unsafe fn finish_if_last_counted<L: Label>(p: &XentParams, wrote: bool, counted:
     }
     #[cfg(xent_trace)]
     trace_mark(1);
-    // This CTA's own count from its start (`self_count`).
+    let (valid, weight_bits) = unsafe { store_own_counts(p, tid) };
+    unsafe { finish_rows(finish_params(p), valid, weight_bits) }
+}
+
+/// A small call's counts as its CTA took them at its start (`SMEM_COUNTS`), stored into `counts`
+/// by thread 0 (`tid`) as the count kernel stores them; returns the valid rows and the f32 bits
+/// of their class weight.
+#[inline(always)]
+unsafe fn store_own_counts(p: &XentParams, tid: u32) -> (u32, u32) {
     let at = prim::smem_base() + SMEM_COUNTS;
     let (valid, bad) = opts::unpack_counts(unsafe { prim::ld_shared_u32(at) });
     let weight_bits = unsafe { prim::ld_shared_u32(at + 4) };
@@ -2288,7 +2283,13 @@ unsafe fn finish_if_last_counted<L: Label>(p: &XentParams, wrote: bool, counted:
             prim::st_global_u32(p.counts + 4 * COUNT_CLASS_WEIGHT_SUM as u64, 0);
         }
     }
-    let finish = FinishParams {
+    (valid, weight_bits)
+}
+
+/// The finish kernel's parameters for a small call that finishes itself.
+#[inline(always)]
+fn finish_params(p: &XentParams) -> FinishParams {
+    FinishParams {
         row_loss: p.row_loss,
         counts: p.counts,
         loss: p.loss,
@@ -2300,6 +2301,5 @@ unsafe fn finish_if_last_counted<L: Label>(p: &XentParams, wrote: bool, counted:
         extras: p.extras,
         lse_square_scale: p.opts.lse_square_scale,
         _pad: 0,
-    };
-    unsafe { finish_rows(finish, valid, weight_bits) }
+    }
 }
