@@ -1,0 +1,290 @@
+//! The GPU path: loads the committed PTX for the device, plans and launches the kernels.
+//!
+//! A call enqueues, on the caller's stream, `memset(counts)`, the count kernel, the cross-entropy
+//! kernel(s) and the finish kernel, and returns at once: nothing waits on the host, so a call can
+//! be captured in a CUDA graph (with [`CrossEntropy::forward_backward_into`] and buffers made
+//! before the capture).
+
+//!
+//! The handle's code, by what it does:
+//! - this file: the handle, made on a device or a context, and its switches;
+//! - [`calls`]: the public calls on device buffers, checked and enqueued;
+//! - [`launch`]: the kernels a call enqueues in order, with their parameter blocks;
+//! - [`driver`]: the launches themselves (plain, or with clusters through `cuLaunchKernelEx`);
+//! - [`planning`]: the automatic plans and the driver's occupancy answers they weigh;
+//! - [`loading`]: the kernel table, each kernel loaded when the handle is made or on first use.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+use crate::kernels::{
+    ClusterLaunchKey, Kernel, PlanKey, cluster_kernels, kernels, ptx_for_arch, split_kernels,
+};
+use crate::options::Options;
+use crate::plan::{self, DeviceLimits, LaunchPlan};
+use crate::ptx_index::PtxIndex;
+
+mod calls;
+mod driver;
+mod launch;
+mod loading;
+mod planning;
+
+pub(crate) use launch::{
+    KernelCall, LossBuffers, argmax_kernel, backward_kernel, loss_kernels, main_kernels,
+};
+use loading::configure;
+
+/// Whether the CUDA driver library can be opened (cudarc panics where it cannot). The names are
+/// those an NVIDIA driver installs; where cudarc links libcuda instead (another crate of the
+/// build chose `dynamic-linking`), it is loaded already and opening it succeeds.
+pub fn driver_loadable() -> bool {
+    const NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+    // SAFETY: opening the driver library runs its initialisers, as cudarc's own loading does.
+    NAMES
+        .iter()
+        .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
+}
+
+/// A handle to the kernels on one CUDA device. Cheap to share: `Send + Sync`, and calls from
+/// several threads on several streams run concurrently.
+pub struct CrossEntropy {
+    ctx: Arc<CudaContext>,
+    /// Every kernel the handle may launch, loaded on its first use (a module of its own, from
+    /// `lazy`) or, with `XENT_LAZY_MODULES=0`, when the handle is made (the PTX as one module).
+    /// A load that failed is not kept: the next use tries again (a load needs device memory for
+    /// the code, which a full device may lack for a while).
+    kernels: HashMap<Kernel, OnceLock<CudaFunction>>,
+    /// The PTX split into one module a kernel, when the kernels load on first use.
+    lazy: Option<PtxIndex>,
+    /// Held while a kernel is loaded on its first use.
+    loading: Mutex<()>,
+    limits: DeviceLimits,
+    /// The driver's `cuOccupancyMaxActiveClusters` by [`ClusterLaunchKey`], asked once each: the
+    /// automatic cluster size depends on it.
+    active_clusters: Mutex<HashMap<ClusterLaunchKey, Option<u32>>>,
+    /// The automatic plans made so far, by [`PlanKey`]: planning weighs up to a few dozen cluster
+    /// launches, a few microseconds a call, which small calls would spend on every call.
+    plans: Mutex<HashMap<PlanKey, LaunchPlan>>,
+    /// The sm_90a module's warpgroup-MMA prototype (`linear::lse_gemm`), loaded on first use
+    /// (or why it could not be).
+    pub(crate) wgmma: std::sync::OnceLock<std::result::Result<[CudaFunction; 5], String>>,
+    /// The second stream of the linear path's overlapped gradient GEMMs, made on first use.
+    pub(crate) side: Mutex<Option<crate::linear::gpu::SideStream>>,
+    /// Whether small calls take one launch ([`plan::self_finish`]); on unless `XENT_SMALL_FINISH=0`.
+    small_finish: AtomicBool,
+    /// Whether small cluster calls are launched with a programmatic dependency on the kernel
+    /// before them (`launch_cluster`); on unless `XENT_PDL=0`.
+    pdl: AtomicBool,
+    /// Whether small calls of the plain loss take the cluster plan's small-call kernels
+    /// ([`plan::small_kernel`]); off unless `XENT_SMALL_KERNEL=1` until they are measured on a
+    /// GPU (`bench/NOTES.md`, session 35).
+    small_kernel: AtomicBool,
+    /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
+    strict_preload: AtomicBool,
+}
+
+impl std::fmt::Debug for CrossEntropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrossEntropy")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl CrossEntropy {
+    /// Opens device `ordinal` (its primary context); kernels load as [`from_context`](Self::from_context) says.
+    /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] without that device.
+    pub fn new(ordinal: usize) -> Result<CrossEntropy> {
+        // cudarc panics when it cannot load libcuda: ask first.
+        if !driver_loadable() {
+            return Err(Error::NoDriver);
+        }
+        let count =
+            CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice {
+                ordinal,
+                count: count.max(0) as usize,
+            });
+        }
+        Self::from_context(CudaContext::new(ordinal)?)
+    }
+
+    /// Makes a handle on an existing context (e.g. one shared with candle or your own code).
+    ///
+    /// Each kernel is compiled by the driver (from the PTX, then from its cache in
+    /// `~/.nv/ComputeCache`) on its first launch, as a module of its own, so a program pays only
+    /// for the kernels it uses. `XENT_LAZY_MODULES=0` loads them all when the handle is made, as
+    /// one module (tens of seconds on a machine's first handle).
+    pub fn from_context(ctx: Arc<CudaContext>) -> Result<CrossEntropy> {
+        let lazy = std::env::var("XENT_LAZY_MODULES").as_deref() != Ok("0");
+        Self::from_context_loading(ctx, lazy)
+    }
+
+    /// Testing hook: [`from_context`](Self::from_context) with each kernel loaded on its first
+    /// use (`lazy`) or all of them now, whatever `XENT_LAZY_MODULES` says.
+    #[doc(hidden)]
+    pub fn from_context_loading(ctx: Arc<CudaContext>, lazy: bool) -> Result<CrossEntropy> {
+        let (major, minor) = ctx.compute_capability()?;
+        // Development hook: `XENT_ARCH=sm_80` runs the A100's kernels (no clusters) here.
+        let arch = std::env::var("XENT_ARCH").ok();
+        let (embedded, clusters) = ptx_for_arch(major, minor, arch.as_deref())?;
+        // Development hook: `XENT_PTX=path` loads another PTX (a kernel variant under test) in
+        // place of the embedded one, without rebuilding.
+        let ptx = match std::env::var_os("XENT_PTX") {
+            Some(path) => std::fs::read_to_string(&path).map_err(|err| {
+                Error::Driver(format!("XENT_PTX={}: {err}", path.to_string_lossy()))
+            })?,
+            None => embedded.to_string(),
+        };
+        // The driver compiles PTX on a machine's first load (then from its cache): each kernel on
+        // its first use (the quickstart, H200, cache off: 1.5 s), or all of it here as one module
+        // (49.4 s; the driver compiles one module at a time, so 8 modules loaded from 8 threads
+        // took as long as one).
+        let (module, lazy) = if lazy {
+            (None, Some(PtxIndex::parse(ptx)))
+        } else {
+            (Some(ctx.load_module(Ptx::from_src(ptx))?), None)
+        };
+        let limits = DeviceLimits {
+            sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as u32,
+            max_smem_per_block: ctx.attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as u32,
+            max_cluster: if clusters { plan::MAX_CLUSTER } else { 1 },
+        };
+        // Development hook: `XENT_LIMITS=a100` plans as on an A100 (108 SMs, 163 KiB of shared
+        // memory a block, no clusters), for measuring the sm_80 plans on a larger GPU.
+        let limits = match std::env::var("XENT_LIMITS").ok().as_deref() {
+            None => limits,
+            Some("a100") if clusters => {
+                return Err(Error::InvalidOption(
+                    "XENT_LIMITS=a100 plans the sm_80 kernels: set XENT_ARCH=sm_80 too".into(),
+                ));
+            }
+            Some("a100") => DeviceLimits {
+                sm_count: limits.sm_count.min(DeviceLimits::A100.sm_count),
+                max_smem_per_block: limits
+                    .max_smem_per_block
+                    .min(DeviceLimits::A100.max_smem_per_block),
+                max_cluster: 1,
+            },
+            Some(other) => {
+                return Err(Error::InvalidOption(format!(
+                    "XENT_LIMITS={other}: expected a100"
+                )));
+            }
+        };
+        let mut wanted = kernels();
+        if limits.max_cluster > 1 {
+            wanted.extend(cluster_kernels());
+        } else {
+            wanted.extend(split_kernels());
+        }
+        let mut kernels = HashMap::new();
+        for kernel in wanted {
+            let name = kernel.name();
+            let slot = OnceLock::new();
+            match (&module, &lazy) {
+                (Some(module), _) => {
+                    let function = module.load_function(&name)?;
+                    configure(&function, &name, limits)?;
+                    let _ = slot.set(function);
+                }
+                // Loaded on first use; missing is an error now, as when loading them all.
+                (None, Some(index)) if !index.has_entry(&name) => {
+                    return Err(Error::Driver(format!("the PTX has no kernel {name}")));
+                }
+                _ => {}
+            }
+            kernels.insert(kernel, slot);
+        }
+        Ok(CrossEntropy {
+            ctx,
+            kernels,
+            lazy,
+            loading: Mutex::new(()),
+            limits,
+            active_clusters: Mutex::new(HashMap::new()),
+            plans: Mutex::new(HashMap::new()),
+            wgmma: std::sync::OnceLock::new(),
+            side: Mutex::new(None),
+            small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
+            pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
+            small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1")),
+            strict_preload: AtomicBool::new(false),
+        })
+    }
+
+    /// Testing hook: with `on`, launching a kernel that is not loaded yet is an error, so that a
+    /// test on a handle that loads kernels on first use sees every call load all its kernels
+    /// before its first launch ([`preload`](Self::preload)).
+    #[doc(hidden)]
+    pub fn set_strict_preload(&self, on: bool) {
+        self.strict_preload.store(on, Ordering::Relaxed);
+    }
+
+    /// Testing hook: whether small calls take one launch (count and finish in the cross-entropy
+    /// kernel, [`plan::self_finish`]) or three, as larger ones do. Both give the same bits.
+    #[doc(hidden)]
+    pub fn set_small_finish(&self, on: bool) {
+        self.small_finish.store(on, Ordering::Relaxed);
+    }
+
+    /// Testing hook: whether small cluster calls are launched with a programmatic dependency on
+    /// the kernel before them (their CTAs start early and wait for it in the kernel). Both give
+    /// the same bits.
+    #[doc(hidden)]
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// Testing hook: whether small calls of the plain loss take the cluster plan's small-call
+    /// kernels ([`plan::small_kernel`]) or the cluster kernels. Both give the same bits.
+    #[doc(hidden)]
+    pub fn set_small_kernel(&self, on: bool) {
+        self.small_kernel.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether a call of `rows` rows under `launch_plan`, taking one launch (`self_finish`), runs
+    /// the small-call kernels: the handle's choice ([`set_small_kernel`](Self::set_small_kernel))
+    /// and [`plan::small_kernel`].
+    fn small_kernel(
+        &self,
+        rows: usize,
+        launch_plan: &LaunchPlan,
+        opts: &Options,
+        weighted: bool,
+        self_finish: bool,
+    ) -> bool {
+        self_finish
+            && self.small_kernel.load(Ordering::Relaxed)
+            && plan::small_kernel(rows, launch_plan, opts, weighted)
+    }
+
+    /// The context the kernels live in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// What planning knows about the device.
+    pub fn limits(&self) -> DeviceLimits {
+        self.limits
+    }
+
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::ContextMismatch);
+        }
+        Ok(())
+    }
+}
