@@ -1486,6 +1486,42 @@ fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
     assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
 }
 
+/// The `XENT_LIMITS=a100` emulation gives each SM the CTAs an A100's 164 KiB of shared memory
+/// hold (1 KiB reserved a CTA), not the H200's 228 KiB: two of the split plan's chunks at the
+/// large 16-bit shapes and in f32, where the H200 holds three.
+#[test]
+fn an_a100_sm_holds_two_split_chunks_where_an_h200_holds_three() {
+    for (rows, vocab, dtype) in [
+        (8192, LLAMA3_VOCAB, DType::Bf16),
+        (16384, 151_936, DType::Bf16),
+        (4096, 262_144, DType::Bf16),
+        (8192, GPT2_VOCAB, DType::F32),
+    ] {
+        let got = plan::plan(rows, vocab, dtype, DeviceLimits::A100, PlanChoice::Auto);
+        let Ok(LaunchPlan::Split { smem_bytes, .. }) = got else {
+            panic!("{rows} x {vocab} {dtype:?}: expected a split plan, got {got:?}");
+        };
+        let per_cta = smem_bytes + plan::SMEM_RESERVED_PER_CTA;
+        assert_eq!(
+            plan::a100_ctas_per_sm(smem_bytes),
+            2,
+            "{rows} x {vocab} {dtype:?}"
+        );
+        assert_eq!(
+            228 * 1024 / per_cta,
+            3,
+            "{rows} x {vocab} {dtype:?} on an H200"
+        );
+    }
+    // The most a CTA may opt in to on an A100 leaves room for one; a small CTA for many.
+    assert_eq!(
+        plan::a100_ctas_per_sm(DeviceLimits::A100.max_smem_per_block),
+        1
+    );
+    assert_eq!(plan::a100_ctas_per_sm(16 * 1024), 9);
+    assert_eq!(plan::a100_ctas_per_sm(0), 164);
+}
+
 #[test]
 fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
     let on_a100 =

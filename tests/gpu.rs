@@ -107,6 +107,62 @@ fn every_plan<T: xent::Element>(
     }
 }
 
+/// A handle on a partition of the SMs (a green context) plans for the partition's SMs, not the
+/// device's, and every plan it runs there matches the reference: the split plan (sm_80) sizes
+/// its co-resident groups by them (a cooperative launch of more CTAs than the partition holds
+/// would fail or wait forever), and the count kernel's grid too.
+#[test]
+fn a_partition_of_the_sms_is_what_the_handle_plans_for() {
+    let Some(whole) = gpu() else { return };
+    let device_sms = whole
+        .context()
+        .attribute(
+            xent::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as u32;
+    if std::env::var_os("XENT_GREEN_SMS").is_none() && std::env::var_os("XENT_LIMITS").is_none() {
+        // The context's SM resource, read from the driver's struct, is the whole device's.
+        assert_eq!(whole.limits().sm_count, device_sms);
+    }
+    let wanted = 16;
+    let clusters = whole.limits().max_cluster > 1;
+    let ctx = xent::green_context(0, wanted, clusters).unwrap_or_else(|e| panic!("{e}"));
+    let xent = xent::CrossEntropy::from_context(ctx).unwrap();
+    let sms = xent.limits().sm_count;
+    assert!(
+        (wanted..device_sms).contains(&sms),
+        "a partition of {wanted} SMs of {device_sms}: the handle plans for {sms}"
+    );
+    let stream = xent.context().new_stream().unwrap();
+    // Two chunks a row on sm_80 (100 KB), more rows than groups of two.
+    let rows = if sanitizing() { 40 } else { 300 };
+    every_plan::<bf16>(&xent, &stream, rows, 50_000);
+    every_plan::<f32>(&xent, &stream, rows / 4, 3001);
+    if !clusters {
+        let case = Case::new(rows, 50_000);
+        let made = xent.plan_for(
+            &case.shape,
+            DType::Bf16,
+            &Options {
+                plan: PlanChoice::Split { chunk_len: None },
+                ..Options::default()
+            },
+        );
+        let Ok(xent::LaunchPlan::Split {
+            groups, n_chunks, ..
+        }) = made
+        else {
+            panic!("expected a split plan, got {made:?}");
+        };
+        // An SM holds a few of these CTAs (registers, shared memory), never 8; the whole
+        // device would hold hundreds.
+        assert!(
+            groups * n_chunks <= 8 * sms,
+            "{groups} groups of {n_chunks} CTAs on {sms} SMs"
+        );
+    }
+}
+
 /// The split plan (sm_80) walks each group's rows in turn, and copies a group's next row into the
 /// stash behind the gradient of the row before where both lie alike modulo 16 bytes and the next
 /// row is scored. Many rows a group (twice the groups and more), a third of the rows ignored (so

@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use xent::cudarc::driver::{CudaSlice, CudaStream};
+use xent::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use xent::half::{bf16, f16};
 use xent::{CrossEntropy, DType, Element, LaunchPlan, Loss, Options, PlanChoice, Shape};
 
@@ -343,10 +343,14 @@ fn time_call<T: Element>(
     let (median, best) = median_min(times);
     let min_bytes = 2.0 * T::DTYPE.bytes() as f64 * n as f64 * v as f64;
     let gbps = min_bytes / (median as f64 * 1e-3) / 1e9;
-    // Rows of another architecture's PTX (`XENT_ARCH=sm_80` on an H200) and the limits imposed
-    // on the planner (`XENT_LIMITS=a100`) say so.
+    // Rows of another architecture's PTX (`XENT_ARCH=sm_80` on an H200), the limits imposed on
+    // the planner (`XENT_LIMITS=a100`) and a partition of the SMs (`XENT_GREEN_SMS`) say so.
     let mut tags = String::new();
-    for (var, key) in [("XENT_ARCH", "arch"), ("XENT_LIMITS", "limits")] {
+    for (var, key) in [
+        ("XENT_ARCH", "arch"),
+        ("XENT_LIMITS", "limits"),
+        ("XENT_GREEN_SMS", "green_sms"),
+    ] {
         if let Ok(value) = std::env::var(var) {
             tags.push_str(&format!(", \"{key}\": \"{value}\""));
         }
@@ -371,8 +375,15 @@ fn main() {
         return;
     };
     let stream = xent.context().default_stream();
-    let copy_gbps = copy_bandwidth_gbps(&stream).expect("copy bandwidth");
-    println!("{{\"copy_GBps\": {copy_gbps:.0}}}");
+    // The whole device's copy (a primary context's stream), also when the handle runs on part of
+    // its SMs (`XENT_GREEN_SMS`): the kernels' share of copy is then against the whole GPU's.
+    let primary = CudaContext::new(0).expect("device 0");
+    let copy_gbps = copy_bandwidth_gbps(&primary.default_stream()).expect("copy bandwidth");
+    drop(primary);
+    println!(
+        "{{\"copy_GBps\": {copy_gbps:.0}, \"sm_count\": {}}}",
+        xent.limits().sm_count
+    );
     for &(n, v, dtype) in &args.configs {
         let line = match dtype {
             DType::Bf16 => bench_config::<bf16>(&xent, &stream, n, v, &args, copy_gbps),

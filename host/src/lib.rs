@@ -42,7 +42,7 @@ mod ptx_index;
 pub mod raw;
 pub mod vocab_parallel;
 
-pub use cuda::{CrossEntropy, driver_loadable};
+pub use cuda::{CrossEntropy, driver_loadable, green_context};
 pub use error::{Error, Result};
 pub use kernels::{
     PTX_SM80, PTX_SM90, cluster_kernel_names, kernel_names, ptx_for, ptx_for_arch,

@@ -83,6 +83,19 @@ impl DeviceLimits {
     };
 }
 
+/// Shared memory an A100's SM holds for its CTAs (164 KiB).
+pub const A100_SMEM_PER_SM: u32 = 167_936;
+/// Shared memory the driver reserves for each CTA on sm_80 and later (1 KiB), beside its own.
+pub const SMEM_RESERVED_PER_CTA: u32 = 1024;
+
+/// CTAs of `smem_bytes` of dynamic shared memory each that an A100's SM holds at once, by its
+/// shared memory: two of the split plan's 64 KiB chunks, where an H200's 228 KiB hold three.
+/// (Its registers and threads an SM are an H100's, so the driver's answer on an H100 or H200
+/// covers those.) The `XENT_LIMITS=a100` emulation's resident CTAs; at least 1.
+pub fn a100_ctas_per_sm(smem_bytes: u32) -> u32 {
+    (A100_SMEM_PER_SM / (smem_bytes + SMEM_RESERVED_PER_CTA)).max(1)
+}
+
 /// Which kernels to run: automatic, or forced (for tests and benchmarks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PlanChoice {

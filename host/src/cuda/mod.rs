@@ -34,7 +34,10 @@ mod calls;
 mod driver;
 mod launch;
 mod loading;
+mod partition;
 mod planning;
+
+pub use partition::green_context;
 
 pub(crate) use launch::{
     KernelCall, LossBuffers, argmax_kernel, backward_kernel, loss_kernels, main_kernels,
@@ -88,6 +91,8 @@ pub struct CrossEntropy {
     small_kernel: AtomicBool,
     /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
     strict_preload: AtomicBool,
+    /// `XENT_LIMITS=a100`: an SM holds the CTAs an A100's would ([`plan::a100_ctas_per_sm`]).
+    a100: bool,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -115,7 +120,22 @@ impl CrossEntropy {
                 count: count.max(0) as usize,
             });
         }
-        Self::from_context(CudaContext::new(ordinal)?)
+        let ctx = CudaContext::new(ordinal)?;
+        // Development hook: `XENT_GREEN_SMS=N` runs on N of the device's SMs (a green context,
+        // `partition`), e.g. 108 with `XENT_ARCH=sm_80 XENT_LIMITS=a100` for an A100's SMs.
+        let ctx = match std::env::var("XENT_GREEN_SMS").ok() {
+            None => ctx,
+            Some(text) => {
+                let sms = text.parse().map_err(|_| {
+                    Error::InvalidOption(format!("XENT_GREEN_SMS={text}: expected a number of SMs"))
+                })?;
+                let (major, minor) = ctx.compute_capability()?;
+                let arch = std::env::var("XENT_ARCH").ok();
+                let (_, clusters) = ptx_for_arch(major, minor, arch.as_deref())?;
+                green_context(ordinal, sms, clusters)?
+            }
+        };
+        Self::from_context(ctx)
     }
 
     /// Makes a handle on an existing context (e.g. one shared with candle or your own code).
@@ -154,16 +174,20 @@ impl CrossEntropy {
         } else {
             (Some(ctx.load_module(Ptx::from_src(ptx))?), None)
         };
+        let device_sms =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let limits = DeviceLimits {
-            sm_count: ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-                as u32,
+            // A green context's partition, where the context is one.
+            sm_count: partition::context_sm_count(&ctx, device_sms),
             max_smem_per_block: ctx.attribute(
                 CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )? as u32,
             max_cluster: if clusters { plan::MAX_CLUSTER } else { 1 },
         };
         // Development hook: `XENT_LIMITS=a100` plans as on an A100 (108 SMs, 163 KiB of shared
-        // memory a block, no clusters), for measuring the sm_80 plans on a larger GPU.
+        // memory a block, no clusters, as many CTAs an SM as its 164 KiB hold), for measuring the
+        // sm_80 plans on a larger GPU.
+        let a100 = std::env::var("XENT_LIMITS").as_deref() == Ok("a100");
         let limits = match std::env::var("XENT_LIMITS").ok().as_deref() {
             None => limits,
             Some("a100") if clusters => {
@@ -222,6 +246,7 @@ impl CrossEntropy {
             pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
             small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1")),
             strict_preload: AtomicBool::new(false),
+            a100,
         })
     }
 

@@ -161,6 +161,10 @@ impl CrossEntropy {
                 .ok()?;
             per_sm = per_sm.min(blocks);
         }
+        if self.a100 {
+            // The driver answers for this GPU's shared memory an SM (228 KiB on an H200).
+            per_sm = per_sm.min(plan::a100_ctas_per_sm(smem_bytes));
+        }
         Some(per_sm * self.limits.sm_count)
     }
 
