@@ -67,19 +67,12 @@ fn nccl_loads_and_reports_its_version_or_says_what_it_tried() {
     }
 }
 
-/// The vocabulary-parallel tests' option sets, without token accuracy (not supported
-/// vocabulary-parallel yet) and without `Reduction::None` (the loss these tests read is a scalar).
+/// The vocabulary-parallel tests' option sets without `Reduction::None` (the loss these tests
+/// read is a scalar).
 fn option_sets(vocab: usize) -> Vec<(&'static str, xent::Options)> {
     xent_tests::vocab_parallel_option_sets(vocab)
         .into_iter()
         .filter(|(_, opts)| opts.reduction != xent::Reduction::None)
-        .map(|(what, opts)| {
-            let opts = xent::Options {
-                return_token_accuracy: false,
-                ..opts
-            };
-            (what, opts)
-        })
         .collect()
 }
 
@@ -118,6 +111,8 @@ impl NcclCase {
 struct RankResult {
     loss: f32,
     grad: Vec<f32>,
+    /// The token accuracy, where the options ask for it.
+    accuracy: Option<f32>,
     replays: Vec<(f32, Vec<f32>)>,
 }
 
@@ -174,6 +169,7 @@ fn run_rank(
         .alloc_zeros::<u32>(xent::abi::COUNT_WORDS)
         .map_err(drv)?;
     let mut extras = stream.alloc_zeros::<f32>(2).map_err(drv)?;
+    let mut row_correct = stream.alloc_zeros::<u32>(rows).map_err(drv)?;
     let call = ShardCall {
         logits: RawBuffer::of(&stream, &mut d_piece),
         dtype: xent::DType::F32,
@@ -190,7 +186,9 @@ fn run_rank(
         row_lse: RawBuffer::of(&stream, &mut row_lse),
         counts: RawBuffer::of(&stream, &mut counts),
         extras: RawBuffer::of(&stream, &mut extras),
-        row_correct: None,
+        row_correct: opts
+            .return_token_accuracy
+            .then(|| RawBuffer::of(&stream, &mut row_correct)),
         predicted: None,
         workspace: None,
     };
@@ -209,6 +207,10 @@ fn run_rank(
     };
     let result_loss = read_loss(&stream)?;
     let grad = stream.clone_dtoh(&d_piece).map_err(drv)?;
+    let accuracy = match opts.return_token_accuracy {
+        true => Some(stream.clone_dtoh(&extras).map_err(drv)?[1]),
+        false => None,
+    };
     let mut replays = Vec::new();
     if capture {
         stream
@@ -232,6 +234,7 @@ fn run_rank(
     Ok(RankResult {
         loss: result_loss,
         grad,
+        accuracy,
         replays,
     })
 }
@@ -257,6 +260,14 @@ fn check_rank(
     let at = format!("{what}, rank {rank} of {world}");
     if (result.loss as f64 - want_loss).abs() > 1e-5 * (1.0 + want_loss.abs()) {
         return Err(format!("{at}: loss {} against {want_loss}", result.loss));
+    }
+    // Token accuracy over the whole vocabulary: the argmax of the logits as given, exactly.
+    let want_accuracy = want.accuracy.map(|a| a as f32);
+    if result.accuracy.map(f32::to_bits) != want_accuracy.map(f32::to_bits) {
+        return Err(format!(
+            "{at}: accuracy {:?} against {want_accuracy:?}",
+            result.accuracy
+        ));
     }
     for r in 0..rows {
         for j in 0..shard.width {

@@ -246,10 +246,9 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         (32000, Shape::batched(2, 33, 32000)),
     ] {
         for (name, opts) in xent_tests::vocab_parallel_option_sets(vocab) {
-            // Token accuracy is not yet supported vocabulary-parallel on the GPU: the sets run
-            // without it.
+            // Predicted tokens with token accuracy ("ignore 3") and alone ("causal").
             let opts = Options {
-                return_token_accuracy: false,
+                return_predicted_tokens: matches!(name, "ignore 3" | "causal"),
                 ..opts
             };
             for world in [1, 2, 3, 4, 8] {
@@ -329,19 +328,34 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let mut counts: Vec<CudaSlice<u32>> = (0..world)
             .map(|_| stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap())
             .collect();
+        // Token accuracy's and the predicted tokens' outputs, each rank's, filled with what no
+        // row may end with (the kernels write every row).
+        let mut row_correct: Vec<CudaSlice<u32>> = (0..world)
+            .map(|_| stream.clone_htod(&vec![7u32; rows]).unwrap())
+            .collect();
+        let mut predicted: Vec<CudaSlice<i64>> = (0..world)
+            .map(|_| stream.clone_htod(&vec![-7i64; rows]).unwrap())
+            .collect();
         let outs: Vec<RawLoss> = buffers
             .iter_mut()
             .zip(counts.iter_mut())
-            .map(|([loss, row_loss, row_lse, extras], counts)| RawLoss {
-                loss: RawBuffer::of(stream, loss),
-                row_loss: RawBuffer::of(stream, row_loss),
-                row_lse: RawBuffer::of(stream, row_lse),
-                counts: RawBuffer::of(stream, counts),
-                extras: RawBuffer::of(stream, extras),
-                row_correct: None,
-                predicted: None,
-                workspace: None,
-            })
+            .zip(row_correct.iter_mut().zip(predicted.iter_mut()))
+            .map(
+                |(([loss, row_loss, row_lse, extras], counts), (correct, tokens))| RawLoss {
+                    loss: RawBuffer::of(stream, loss),
+                    row_loss: RawBuffer::of(stream, row_loss),
+                    row_lse: RawBuffer::of(stream, row_lse),
+                    counts: RawBuffer::of(stream, counts),
+                    extras: RawBuffer::of(stream, extras),
+                    row_correct: opts
+                        .return_token_accuracy
+                        .then(|| RawBuffer::of(stream, correct)),
+                    predicted: opts
+                        .return_predicted_tokens
+                        .then(|| RawBuffer::of(stream, tokens)),
+                    workspace: None,
+                },
+            )
             .collect();
         // Every rank at once: the fused gradient in step 3, or (two-phase) none.
         let run_shards = |fused: bool| -> Result<(), String> {
@@ -370,6 +384,41 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let loss_error = (got - want.loss).abs();
         if loss_error.is_nan() || loss_error > 1e-5 * (1.0 + want.loss.abs()) {
             return Err(format!("loss {got} against {}", want.loss));
+        }
+        // Every rank's token accuracy, rows predicted right and predicted tokens: the whole
+        // vocabulary's, exactly (the argmax is of the logits as given, on both sides).
+        for q in 0..world {
+            if let (Some(want_correct), Some(want_accuracy)) = (&want.row_correct, want.accuracy) {
+                let correct: Vec<bool> = stream
+                    .clone_dtoh(&row_correct[q])
+                    .unwrap()
+                    .iter()
+                    .map(|&c| {
+                        assert!(c <= 1, "rank {q}: row_correct holds {c}");
+                        c == 1
+                    })
+                    .collect();
+                if &correct != want_correct {
+                    return Err(format!("rank {q}: rows predicted right differ"));
+                }
+                let accuracy = stream.clone_dtoh(&buffers[q][3]).unwrap()[1];
+                let want_accuracy32 = want_accuracy as f32;
+                let same = accuracy.to_bits() == want_accuracy32.to_bits()
+                    || (accuracy.is_nan() && want_accuracy32.is_nan());
+                if !same {
+                    return Err(format!(
+                        "rank {q}: accuracy {accuracy} against {want_accuracy}"
+                    ));
+                }
+            }
+            if let Some(want_tokens) = &want.predicted_tokens {
+                let tokens = stream.clone_dtoh(&predicted[q]).unwrap();
+                if &tokens != want_tokens {
+                    return Err(format!(
+                        "rank {q}: predicted tokens {tokens:?} against {want_tokens:?}"
+                    ));
+                }
+            }
         }
         // Each shard's gradient against its columns of the whole-vocabulary reference.
         let compare =

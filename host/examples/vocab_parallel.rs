@@ -18,11 +18,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options {
         label_smoothing: 0.1,
         lse_square_scale: 1e-4,
+        return_token_accuracy: true,
         ..Options::default()
     };
     let shards = Shard::split(vocab, world)?;
 
-    // Deterministic pseudo-random logits and labels, one label in five ignored.
+    // Deterministic pseudo-random logits and labels, one label in five ignored and one in three
+    // the row's first maximal logit.
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         state ^= state << 13;
@@ -37,6 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| {
             if i % 5 == 0 {
                 -100
+            } else if i % 3 == 0 {
+                // A row predicted right: its label its first maximal logit.
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                (0..vocab).fold(0, |b, j| if row[j] > row[b] { j } else { b }) as i64
             } else {
                 (next() % vocab as u64) as i64
             }
@@ -44,14 +50,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     println!(
         "vocabulary-parallel cross-entropy: {rows} rows, vocab {vocab} split over {world} ranks \
-         ({} classes each), f32, label smoothing 0.1, z-loss 1e-4",
+         ({} classes each), f32, label smoothing 0.1, z-loss 1e-4, token accuracy",
         shards[0].width
     );
 
     let mut want_grad = logits.clone();
     let want = cpu::forward_backward(&mut want_grad, &labels, shape, &opts)?;
-    // Each rank's gradient, and the loss every rank computed.
-    let (path, losses, grads): (String, Vec<f64>, Vec<Vec<f32>>) = match CrossEntropy::new(0) {
+    // Each rank's gradient, and the loss and token accuracy every rank computed.
+    type Ranks = (String, Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
+    let (path, losses, accuracies, grads): Ranks = match CrossEntropy::new(0) {
         Ok(xent) => {
             let stream = xent.context().default_stream();
             let layout = xent.shard_layout(rows, vocab, world, DType::F32, &opts)?;
@@ -76,7 +83,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     weight: None,
                 })
                 .collect();
-            // Each rank's outputs: loss, per-row loss and lse, counts, extras.
+            // Each rank's outputs: loss, per-row loss and lse, extras (the z-loss part and the
+            // token accuracy), counts, the rows predicted right.
             let mut buffers = (0..world)
                 .map(|_| -> Result<_, Box<dyn std::error::Error>> {
                     Ok((
@@ -87,21 +95,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             stream.alloc_zeros::<f32>(2)?,
                         ],
                         stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS)?,
+                        stream.alloc_zeros::<u32>(rows)?,
                     ))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let outs: Vec<RawLoss> = buffers
                 .iter_mut()
-                .map(|([loss, row_loss, row_lse, extras], counts)| RawLoss {
-                    loss: RawBuffer::of(&stream, loss),
-                    row_loss: RawBuffer::of(&stream, row_loss),
-                    row_lse: RawBuffer::of(&stream, row_lse),
-                    counts: RawBuffer::of(&stream, counts),
-                    extras: RawBuffer::of(&stream, extras),
-                    row_correct: None,
-                    predicted: None,
-                    workspace: None,
-                })
+                .map(
+                    |([loss, row_loss, row_lse, extras], counts, correct)| RawLoss {
+                        loss: RawBuffer::of(&stream, loss),
+                        row_loss: RawBuffer::of(&stream, row_loss),
+                        row_lse: RawBuffer::of(&stream, row_lse),
+                        counts: RawBuffer::of(&stream, counts),
+                        extras: RawBuffer::of(&stream, extras),
+                        row_correct: Some(RawBuffer::of(&stream, correct)),
+                        predicted: None,
+                        workspace: None,
+                    },
+                )
                 .collect();
             let gathered_raw = RawBuffer::of(&stream, &mut gathered);
             // SAFETY: every buffer above is this stream's device memory of the stated length,
@@ -117,15 +128,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     true,
                 )
             }?;
-            let mut losses = Vec::new();
-            for ([loss, ..], _) in &buffers {
+            let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
+            for ([loss, _, _, extras], _, _) in &buffers {
                 losses.push(stream.clone_dtoh(loss)?[0] as f64);
+                accuracies.push(stream.clone_dtoh(extras)?[1] as f64);
             }
             let grads = pieces
                 .iter()
                 .map(|p| stream.clone_dtoh(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            (format!("GPU ({})", xent.context().name()?), losses, grads)
+            let path = format!("GPU ({})", xent.context().name()?);
+            (path, losses, accuracies, grads)
         }
         Err(err) => {
             println!("no CUDA GPU ({err}): the ranks run the protocol's CPU model");
@@ -143,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut losses = Vec::new();
+            let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
             let mut grads = Vec::new();
             for s in &shards {
                 let mut mine = s.columns(&logits, shape);
@@ -158,9 +171,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     &[1.0],
                 )?;
                 losses.push(loss.loss);
+                accuracies.push(loss.accuracy.unwrap_or(f64::NAN));
                 grads.push(mine);
             }
-            ("CPU (f64)".to_string(), losses, grads)
+            ("CPU (f64)".to_string(), losses, accuracies, grads)
         }
     };
 
@@ -178,14 +192,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let loss_error = (losses[0] - want.loss).abs();
+    let want_accuracy = want.accuracy.unwrap_or(f64::NAN);
     println!(
         "{path}: loss = {:.6} on every rank (reference over the whole vocabulary {:.6}, |error| \
-         {loss_error:.1e}); max |gradient error| {worst:.1e} (gradient values up to {scale:.1e})",
-        losses[0], want.loss
+         {loss_error:.1e}); max |gradient error| {worst:.1e} (gradient values up to {scale:.1e}); \
+         token accuracy {:.6} (reference {want_accuracy:.6})",
+        losses[0], want.loss, accuracies[0]
     );
     let same = losses.iter().all(|l| l.to_bits() == losses[0].to_bits());
-    if !same || loss_error > 1e-5 * (1.0 + want.loss.abs()) || worst > 1e-5 * scale {
-        return Err(format!("the ranks do not match the reference (losses {losses:?})").into());
+    // The accuracy is a count over the scored rows: the same on every rank, and the reference's
+    // to f32's rounding.
+    let accurate = accuracies.iter().all(|a| (a - want_accuracy).abs() <= 1e-6);
+    if !same || loss_error > 1e-5 * (1.0 + want.loss.abs()) || worst > 1e-5 * scale || !accurate {
+        return Err(format!(
+            "the ranks do not match the reference (losses {losses:?}, accuracies {accuracies:?})"
+        )
+        .into());
     }
     Ok(())
 }

@@ -384,6 +384,46 @@ pub struct ArgmaxParams {
     pub out: u64,
 }
 
+/// Parameters of the vocabulary-parallel argmax, step 1 (token accuracy and predicted tokens):
+/// each scored row's first maximal logit in one rank's shard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ShardArgmaxParams {
+    /// The shard's logits (`row_stride` apart), the labels, and the whole vocabulary's size
+    /// (`vocab`: the labels' range).
+    pub rows: RowsParams,
+    /// Device address of `[[u32; 2]; n_rows]`: each row's pair, the f32 bits of its shard's first
+    /// maximal logit and that logit's class (`start` + its column); `[-inf, u32::MAX]` for a row
+    /// not scored.
+    pub out: u64,
+    /// The shard's columns a row.
+    pub width: u32,
+    /// The shard's first class.
+    pub start: u32,
+}
+
+/// Parameters of the vocabulary-parallel argmax, step 3: each row's class from every rank's
+/// pair ([`ShardArgmaxParams::out`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ShardMergeParams {
+    /// The labels and the whole vocabulary (`logits` and `row_stride` unused).
+    pub rows: RowsParams,
+    /// Device address of the gathered values: `ranks` blocks of `rank_stride` bytes, each with
+    /// its pairs `pairs_offset` bytes in.
+    pub gathered: u64,
+    pub rank_stride: u64,
+    pub pairs_offset: u64,
+    /// Device address of `[i64; n_rows]`: each row's class (`torch.argmax` over the whole
+    /// vocabulary), -1 for a row not scored; 0: not asked.
+    pub predicted: u64,
+    /// Device address of `[u32; n_rows]`: 1 where the row's class is its label, else 0; 0: not
+    /// asked.
+    pub row_correct: u64,
+    pub ranks: u32,
+    pub _pad: u32,
+}
+
 /// Parameters of the kernel that scales a gradient in place by an upstream gradient.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

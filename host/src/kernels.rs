@@ -6,7 +6,7 @@ use cudarc::driver::DeviceRepr;
 
 use crate::abi::{
     ArgmaxParams, CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, OptParams,
-    ScaleParams, XentParams,
+    ScaleParams, ShardArgmaxParams, ShardMergeParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
@@ -18,6 +18,8 @@ unsafe impl DeviceRepr for CountParams {}
 unsafe impl DeviceRepr for FinishParams {}
 unsafe impl DeviceRepr for ScaleParams {}
 unsafe impl DeviceRepr for ArgmaxParams {}
+unsafe impl DeviceRepr for ShardArgmaxParams {}
+unsafe impl DeviceRepr for ShardMergeParams {}
 unsafe impl DeviceRepr for LseGemmParams {}
 unsafe impl DeviceRepr for GemmParams {}
 unsafe impl DeviceRepr for LseTmaParams {}
@@ -84,6 +86,11 @@ pub(crate) enum Kernel {
     LseGemm,
     /// `xent_argmax_{dtype}_{label}`: the predicted tokens (`return_predicted_tokens`).
     Argmax { dtype: DType, label: &'static str },
+    /// `xent_shard_argmax_{dtype}_{label}`: a vocabulary shard's argmax (token accuracy and
+    /// predicted tokens, vocabulary-parallel).
+    ShardArgmax { dtype: DType, label: &'static str },
+    /// `xent_shard_merge_{label}`: the ranks' argmaxes merged.
+    ShardMerge { label: &'static str },
     /// `xent_{kind}_{variant}{dtype}_{label}`.
     Xent {
         kind: XentKind,
@@ -102,6 +109,10 @@ impl Kernel {
             Kernel::Scale { dtype } => format!("xent_scale_{}", dtype.name()),
             Kernel::LseGemm => "xent_lse_gemm_bf16".to_string(),
             Kernel::Argmax { dtype, label } => format!("xent_argmax_{}_{label}", dtype.name()),
+            Kernel::ShardArgmax { dtype, label } => {
+                format!("xent_shard_argmax_{}_{label}", dtype.name())
+            }
+            Kernel::ShardMerge { label } => format!("xent_shard_merge_{label}"),
             Kernel::Xent {
                 kind,
                 variant,
@@ -206,7 +217,9 @@ pub(crate) fn kernels() -> Vec<Kernel> {
     kernels.extend(DTYPES.map(|dtype| Kernel::Scale { dtype }));
     for dtype in DTYPES {
         kernels.extend(LABELS.map(|label| Kernel::Argmax { dtype, label }));
+        kernels.extend(LABELS.map(|label| Kernel::ShardArgmax { dtype, label }));
     }
+    kernels.extend(LABELS.map(|label| Kernel::ShardMerge { label }));
     kernels.push(Kernel::LseGemm);
     kernels
 }

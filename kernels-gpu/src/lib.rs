@@ -24,7 +24,10 @@ pub mod scale;
 pub mod wgmma;
 pub mod xent;
 
-use abi::{ArgmaxParams, CountParams, FinishParams, LseGemmParams, ScaleParams, XentParams};
+use abi::{
+    ArgmaxParams, CountParams, FinishParams, LseGemmParams, ScaleParams, ShardArgmaxParams,
+    ShardMergeParams, XentParams,
+};
 #[cfg(xent_wgmma)]
 use abi::{GemmParams, GradGemmParams, LseTmaParams};
 use element::{Bf16, F16, F32};
@@ -193,6 +196,16 @@ kernels! {
     xent_argmax_f16_i64(ArgmaxParams) => argmax::argmax::<F16, i64>;
     xent_argmax_f32_i32(ArgmaxParams) => argmax::argmax::<F32, i32>;
     xent_argmax_f32_i64(ArgmaxParams) => argmax::argmax::<F32, i64>;
+
+    // Vocabulary-parallel token accuracy and predicted tokens: a shard's argmax, then the ranks'.
+    xent_shard_argmax_bf16_i32(ShardArgmaxParams) => argmax::shard_argmax::<Bf16, i32>;
+    xent_shard_argmax_bf16_i64(ShardArgmaxParams) => argmax::shard_argmax::<Bf16, i64>;
+    xent_shard_argmax_f16_i32(ShardArgmaxParams) => argmax::shard_argmax::<F16, i32>;
+    xent_shard_argmax_f16_i64(ShardArgmaxParams) => argmax::shard_argmax::<F16, i64>;
+    xent_shard_argmax_f32_i32(ShardArgmaxParams) => argmax::shard_argmax::<F32, i32>;
+    xent_shard_argmax_f32_i64(ShardArgmaxParams) => argmax::shard_argmax::<F32, i64>;
+    xent_shard_merge_i32(ShardMergeParams) => argmax::shard_argmax_merge::<i32>;
+    xent_shard_merge_i64(ShardMergeParams) => argmax::shard_argmax_merge::<i64>;
 }
 
 #[cfg(xent_cluster)]

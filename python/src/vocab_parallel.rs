@@ -10,15 +10,23 @@ use super::{
     Buffer, Device, Options, ShapeArgs, dtype_of, label_type_of, py_err, raw, raw_loss, shape_of,
 };
 
+/// `opts` with `return_predicted_tokens` as `predicted` says.
+fn predicting(opts: &Options, predicted: bool) -> xent::Options {
+    xent::Options {
+        return_predicted_tokens: predicted,
+        ..opts.inner.clone()
+    }
+}
+
 fn layout(
     xent: &CrossEntropy,
     rows: usize,
     vocab: usize,
     world: usize,
     dtype: DType,
-    opts: &Options,
+    opts: &xent::Options,
 ) -> PyResult<ShardLayout> {
-    xent.shard_layout(rows, vocab, world, dtype, &opts.inner)
+    xent.shard_layout(rows, vocab, world, dtype, opts)
         .map_err(py_err)
 }
 
@@ -49,8 +57,10 @@ fn call_of(
     })
 }
 
-/// f32 values each rank contributes to the all-gather of a `world`-rank call.
+/// f32 values each rank contributes to the all-gather of a `world`-rank call (`predicted`: the
+/// call also returns the predicted tokens).
 #[pyfunction]
+#[pyo3(signature = (device, rows, vocab, world, dtype, opts, predicted=false))]
 pub(crate) fn shard_words(
     device: &Device,
     rows: usize,
@@ -58,14 +68,17 @@ pub(crate) fn shard_words(
     world: usize,
     dtype: &str,
     opts: &Options,
+    predicted: bool,
 ) -> PyResult<usize> {
-    Ok(layout(&device.xent, rows, vocab, world, dtype_of(dtype)?, opts)?.words)
+    let opts = predicting(opts, predicted);
+    Ok(layout(&device.xent, rows, vocab, world, dtype_of(dtype)?, &opts)?.words)
 }
 
-/// Step 1 on one rank: its contribution into `send` (`shard_words` f32 values).
+/// Step 1 on one rank: its contribution into `send` (`shard_words` f32 values; `predicted` as
+/// there).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, send))]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, send, predicted=false))]
 pub(crate) fn shard_stats(
     device: &Device,
     stream: usize,
@@ -80,17 +93,19 @@ pub(crate) fn shard_stats(
     weight: Option<Buffer>,
     opts: &Options,
     send: Buffer,
+    predicted: bool,
 ) -> PyResult<()> {
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
+    let opts = predicting(opts, predicted);
     let layout = layout(
         &device.xent,
         call.shape.rows(),
         vocab,
         world,
         call.dtype,
-        opts,
+        &opts,
     )?;
     let stream = device.stream(stream);
     // SAFETY: `xent/torch/vocab_parallel.py` took every address from a live tensor of this
@@ -98,17 +113,18 @@ pub(crate) fn shard_stats(
     unsafe {
         device
             .xent
-            .raw_shard_stats(&stream, &call, &opts.inner, &layout, raw(send))
+            .raw_shard_stats(&stream, &call, &opts, &layout, raw(send))
     }
     .map_err(py_err)
 }
 
 /// Step 3 on one rank: from the gathered contributions (`world · shard_words`), the loss into
-/// `stats` (the package's stats layout) and, with `fused`, the gradient of `grad_scale · loss`
-/// over the shard's logits.
+/// `stats` (the package's stats layout, with the rows predicted right where `opts` asks for token
+/// accuracy), the predicted tokens into `predicted` (int64, one a row) where given, and, with
+/// `fused`, the gradient of `grad_scale · loss` over the shard's logits.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, gathered, stats, fused))]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, gathered, stats, fused, predicted=None))]
 pub(crate) fn shard_backward(
     device: &Device,
     stream: usize,
@@ -125,20 +141,23 @@ pub(crate) fn shard_backward(
     gathered: Buffer,
     stats: Buffer,
     fused: bool,
+    predicted: Option<Buffer>,
 ) -> PyResult<()> {
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
     let rows = call.shape.rows();
-    let layout = layout(&device.xent, rows, vocab, world, call.dtype, opts)?;
-    let out = raw_loss(stats, rows, false, None, None)?;
+    let accuracy = opts.inner.return_token_accuracy;
+    let opts = predicting(opts, predicted.is_some());
+    let layout = layout(&device.xent, rows, vocab, world, call.dtype, &opts)?;
+    let out = raw_loss(stats, rows, accuracy, None, predicted)?;
     let stream = device.stream(stream);
-    // SAFETY: as in `shard_stats`.
+    // SAFETY: as in `shard_stats`; `predicted`, where given, a live int64 tensor of `rows`.
     unsafe {
         device.xent.raw_shard_backward(
             &stream,
             &call,
-            &opts.inner,
+            &opts,
             &layout,
             world,
             raw(gathered),

@@ -117,6 +117,47 @@ def test_two_phase_ranks_on_one_gpu_match_the_whole_vocabulary(case, world, dtyp
     assert_shard_grads(pieces, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_token_accuracy_and_predicted_tokens_are_the_whole_vocabularys(causal, world, dtype):
+    """Each rank adds its shard's argmax to the all-gather: every rank's token accuracy and
+    predicted tokens are ``torch.argmax`` over the whole rows (-1 for a row not scored)."""
+    vocab = 1003
+    gen = torch.Generator().manual_seed(29 + world)
+    lead = (3, 11) if causal else (41,)
+    logits = (torch.randn(*lead, vocab, generator=gen) * 2).to(dtype).cuda()
+    target = torch.randint(0, vocab, lead, generator=gen).cuda()
+    target.view(-1)[4::5] = -100
+    labels = xt.functional.scored_labels(target, -100, causal).reshape(-1)
+    scored = (labels >= 0) & (labels < vocab)
+    rows = logits.view(-1, vocab)
+    # A third of the scored rows predicted right, in whichever shard their label falls.
+    for r in range(0, rows.shape[0], 3):
+        if bool(scored[r]):
+            rows[r, labels[r]] = rows[r].max() + 1
+    want_tokens = torch.where(scored, rows.argmax(-1), torch.full_like(labels, -1))
+    want_accuracy = float((want_tokens == labels)[scored].double().mean())
+    assert 0.0 < want_accuracy < 1.0
+    opts = _launch.Opts(-100, "mean", 1.0, causal, 0.0, 0.0, None, True)
+    shards = split(vocab, world)
+    pieces = [logits[..., s:s + w].clone() for s, w in shards]
+    common = dict(vocab_size=vocab, world=world, opts=opts)
+    gathered = torch.cat(
+        [vp.shard_stats(p, target, vocab_start=s, predicted=True, **common) for p, (s, _) in zip(pieces, shards)]
+    )
+    for q, (p, (s, _)) in enumerate(zip(pieces, shards)):
+        tokens = torch.full((target.numel(),), -7, dtype=torch.int64, device="cuda")
+        stats = vp.shard_loss(p, target, gathered, vocab_start=s, fused=True, predicted=tokens, **common)
+        out = xt.functional.outputs(
+            xt.function.loss_of(stats, target, opts), stats, target, "mean", 0.0, False, True, False,
+            tokens.view(target.shape),
+        )
+        assert torch.equal(out.predicted_tokens.view(-1), want_tokens), f"rank {q}: predicted tokens"
+        got = float(out.token_accuracy)
+        assert abs(got - want_accuracy) <= 1e-6, f"rank {q}: accuracy {got} against {want_accuracy}"
+
+
 def test_reduction_none_needs_two_phase():
     logits = torch.randn(4, 10, device="cuda")
     target = torch.zeros(4, dtype=torch.long, device="cuda")
@@ -142,6 +183,19 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         assert abs(float(loss.detach()) - float(ref.loss)) <= 1e-4 * float(ref.loss)
         err = (logits.grad.double() - ref.grad.cuda()).abs().max()
         assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
+
+        # Token accuracy and the predicted tokens, as xt.cross_entropy returns them.
+        logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        want_tokens = logits.detach().argmax(-1)
+        target[::2] = want_tokens[::2]
+        want_accuracy = float((want_tokens == target).double().mean())
+        out = xt.vocab_parallel_cross_entropy(
+            logits, target, vocab_start=0, vocab_size=vocab, return_token_accuracy=True,
+            return_predicted_tokens=True,
+        )
+        out.loss.backward()
+        assert torch.equal(out.predicted_tokens, want_tokens)
+        assert abs(float(out.token_accuracy) - want_accuracy) <= 1e-6
 
         # Two-phase with a per-row upstream gradient (reduction "none").
         logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -6,8 +6,13 @@
 //! all-gather of `words` f32 values per rank; on one GPU, step 1 of each shard can write straight
 //! into its place of the gathered buffer).
 //!
-//! Not yet: token accuracy (each rank would need the label's logit before step 1), and the
-//! smoothing sum's large-magnitude reference (0 here: every rank must take the same).
+//! Token accuracy and predicted tokens add a pair per row to each rank's values: step 1 also
+//! takes each row's first maximal logit in the shard (`xent_shard_argmax_*`, one more read of the
+//! shard), and step 3 merges the ranks' pairs into the row's class over the whole vocabulary
+//! (`xent_shard_merge_*`), before the finish kernel counts the rows predicted right.
+//!
+//! Not yet: the smoothing sum's large-magnitude reference (0 here: every rank must take the
+//! same).
 
 use std::sync::Arc;
 
@@ -15,7 +20,8 @@ use cudarc::driver::CudaStream;
 
 use super::Shard;
 use crate::abi::{
-    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, SMEM_REDUCTION_BYTES, XentParams,
+    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES,
+    ShardArgmaxParams, ShardMergeParams, XentParams,
 };
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
@@ -48,9 +54,21 @@ pub struct ShardLayout {
     pub threads: u32,
     pub chunk_len: u32,
     pub n_chunks: u32,
-    /// `rows · n_chunks · PARTIAL_WORDS` partials, then `rows` label logits.
+    /// Whether each rank also contributes each row's argmax pair (its shard's first maximal
+    /// logit and that logit's class): for token accuracy or predicted tokens.
+    pub argmax: bool,
+    /// `rows · n_chunks · PARTIAL_WORDS` partials, then `rows` label logits, then with `argmax`
+    /// `rows` pairs (`2 · rows` values).
     pub words: usize,
 }
+
+/// Whether a call with `opts` needs each row's argmax over the whole vocabulary.
+fn wants_argmax(opts: &Options) -> bool {
+    opts.return_token_accuracy || opts.return_predicted_tokens
+}
+
+/// Threads a block of the argmax merge (`xent_shard_merge_*`: a thread a row).
+const MERGE_THREADS: u32 = 256;
 
 /// A chunking forced by `XENT_SHARD_CHUNK=LEN[:THREADS]` (for measuring the alternatives; unset:
 /// the automatic one).
@@ -94,8 +112,25 @@ impl ShardLayout {
         Ok(())
     }
 
+    /// A call with `opts` must need the argmax pairs if and only if the layout has them.
+    fn check_options(&self, opts: &Options) -> Result<()> {
+        if self.argmax != wants_argmax(opts) {
+            return Err(Error::InvalidOption(
+                "the layout was made for options with a different return_token_accuracy or \
+                 return_predicted_tokens"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     fn label_offset(&self) -> usize {
         self.rows * self.n_chunks as usize * PARTIAL_WORDS
+    }
+
+    /// Where the argmax pairs start, in f32 values.
+    fn pairs_offset(&self) -> usize {
+        self.label_offset() + self.rows
     }
 }
 
@@ -114,17 +149,6 @@ impl ShardCall {
         if opts.weight.is_some() {
             return Err(Error::InvalidOption(
                 "a shard call takes class weights in device memory (ShardCall::weight)".to_string(),
-            ));
-        }
-        if opts.return_token_accuracy {
-            return Err(Error::InvalidOption(
-                "token accuracy is not supported by the vocabulary-parallel loss yet".to_string(),
-            ));
-        }
-        if opts.return_predicted_tokens {
-            return Err(Error::InvalidOption(
-                "predicted tokens are not supported by the vocabulary-parallel loss yet"
-                    .to_string(),
             ));
         }
         opts.validate(self.vocab)?;
@@ -182,13 +206,29 @@ impl CrossEntropy {
             }
             None => plan::shard_chunking(widest, dtype),
         };
+        let argmax = wants_argmax(opts);
         Ok(ShardLayout {
             rows,
             threads,
             chunk_len: chunk_len as u32,
             n_chunks: n_chunks as u32,
-            words: rows * n_chunks * PARTIAL_WORDS + rows,
+            argmax,
+            words: rows * n_chunks * PARTIAL_WORDS + rows + if argmax { 2 * rows } else { 0 },
         })
+    }
+
+    /// The rows as the shard kernels see them: the shard's logits and row stride, the labels and
+    /// the whole vocabulary (their range).
+    fn shard_rows(&self, call: &ShardCall, opts: &Options) -> RowsParams {
+        let kernel_call = call.kernel_call();
+        let mut rows = self.rows_params(
+            kernel_call.logits,
+            kernel_call.labels,
+            kernel_call.shape,
+            opts,
+        );
+        rows.row_stride = call.shape.row_stride as u64;
+        rows
     }
 
     fn shard_params(
@@ -199,15 +239,8 @@ impl CrossEntropy {
         counts: u64,
     ) -> XentParams {
         let kernel_call = call.kernel_call();
-        let mut rows = self.rows_params(
-            kernel_call.logits,
-            kernel_call.labels,
-            kernel_call.shape,
-            opts,
-        );
-        rows.row_stride = call.shape.row_stride as u64;
         XentParams {
-            rows,
+            rows: self.shard_rows(call, opts),
             counts,
             reduction: opts.reduction.code(),
             grad_scale: opts.grad_scale,
@@ -248,9 +281,17 @@ impl CrossEntropy {
         check_len("send", send, layout.words)?;
         let rows = call.shape.rows();
         layout.check_rows(rows)?;
+        layout.check_options(opts)?;
         let label_logits = send.ptr + 4 * layout.label_offset() as u64;
         let kernel = self.shard_kernel(call, opts, XentKind::ChunkPartial);
-        self.preload([(rows > 0).then_some(kernel)])?;
+        let argmax = Kernel::ShardArgmax {
+            dtype: call.dtype,
+            label: call.label_type.name(),
+        };
+        self.preload([
+            (rows > 0).then_some(kernel),
+            (rows > 0 && layout.argmax).then_some(argmax),
+        ])?;
         unsafe {
             cudarc::driver::result::memset_d8_async(label_logits, 0, 4 * rows, stream.cu_stream())?;
         }
@@ -269,6 +310,23 @@ impl CrossEntropy {
             &params,
             (rows * layout.n_chunks as usize) as u32,
             layout.threads,
+            SMEM_REDUCTION_BYTES,
+        )?;
+        if !layout.argmax {
+            return Ok(());
+        }
+        let params = ShardArgmaxParams {
+            rows: self.shard_rows(call, opts),
+            out: send.ptr + 4 * layout.pairs_offset() as u64,
+            width: call.shard.width as u32,
+            start: call.shard.start as u32,
+        };
+        self.launch(
+            stream,
+            argmax,
+            &params,
+            plan::argmax_blocks(rows, self.limits()),
+            plan::ARGMAX_THREADS,
             SMEM_REDUCTION_BYTES,
         )
     }
@@ -295,6 +353,7 @@ impl CrossEntropy {
         call.validate(opts)?;
         let rows = call.shape.rows();
         layout.check_rows(rows)?;
+        layout.check_options(opts)?;
         if world == 0 {
             return Err(Error::InvalidOption("a call of 0 ranks".to_string()));
         }
@@ -302,12 +361,16 @@ impl CrossEntropy {
         check_len("counts", out.counts, COUNT_WORDS)?;
         let buffers: LossBuffers = out.buffers(rows, opts, 0)?;
         let kernel_call = call.kernel_call();
-        // All three loaded before the first is launched (see `CrossEntropy::preload`).
+        let merge = Kernel::ShardMerge {
+            label: kernel_call.label,
+        };
+        // All loaded before the first is launched (see `CrossEntropy::preload`).
         self.preload([
             Some(Kernel::Count {
                 label: kernel_call.label,
             }),
             (rows > 0).then(|| self.shard_kernel(call, opts, XentKind::ChunkGrad)),
+            (rows > 0 && layout.argmax).then_some(merge),
             Some(Kernel::Finish),
         ])?;
         self.launch_count(stream, &kernel_call, opts, buffers.counts)?;
@@ -330,6 +393,24 @@ impl CrossEntropy {
                 layout.threads,
                 SMEM_REDUCTION_BYTES,
             )?;
+        }
+        if rows > 0 && layout.argmax {
+            // Each row's class over the whole vocabulary, before the finish counts the rows
+            // predicted right.
+            let params = ShardMergeParams {
+                rows: self.shard_rows(call, opts),
+                gathered: gathered.ptr,
+                rank_stride: 4 * layout.words as u64,
+                pairs_offset: 4 * layout.pairs_offset() as u64,
+                predicted: buffers.predicted,
+                row_correct: buffers.row_correct,
+                ranks: world as u32,
+                _pad: 0,
+            };
+            let blocks = rows
+                .div_ceil(MERGE_THREADS as usize)
+                .min(4 * self.limits().sm_count as usize) as u32;
+            self.launch(stream, merge, &params, blocks, MERGE_THREADS, 0)?;
         }
         self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
     }

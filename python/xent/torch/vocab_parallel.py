@@ -9,7 +9,9 @@ scheme, run by xent's kernels on PyTorch's current stream.
 
 The gradient of ``grad_scale · loss`` is written over the local logits during the forward (as
 ``xt.cross_entropy``'s fused mode); backward multiplies it by the upstream gradient on the device
-only when that is not exactly 1. Every option of ``xt.cross_entropy`` but token accuracy.
+only when that is not exactly 1. Every option of ``xt.cross_entropy``: token accuracy and the
+predicted tokens are the whole vocabulary's (each rank adds its shard's argmax to the
+all-gather, and takes one more read of its shard for it).
 
 ``shard_stats`` and ``shard_loss`` are the two steps apart, for a collective of the caller's own
 (or every rank simulated on one GPU, as the tests do).
@@ -24,6 +26,7 @@ import torch
 from .. import _xent
 from . import _launch
 from .function import loss_of
+from .functional import outputs
 
 
 def _describe(logits, target, vocab_start, vocab_size, causal_shift):
@@ -71,30 +74,43 @@ def _args(logits, target, shape, shard, vocab_size, world, weight, opts):
     )
 
 
-def shard_stats(logits, target, *, vocab_start, vocab_size, world, weight=None, opts):
-    """Step 1 on one rank: the values it contributes to the all-gather (a float32 tensor)."""
+def shard_stats(logits, target, *, vocab_start, vocab_size, world, weight=None, opts, predicted=False):
+    """Step 1 on one rank: the values it contributes to the all-gather (a float32 tensor;
+    ``predicted``: the call returns the predicted tokens, which, as token accuracy, add each row's
+    argmax in the shard)."""
     logits, target, shape, shard = _describe(logits, target, vocab_start, vocab_size, opts.causal_shift)
     device, stream, *rest = _args(logits, target, shape, shard, vocab_size, world, weight, opts)
-    words = _xent.shard_words(device, target.numel(), vocab_size, world, rest[1], _launch.checked(opts))
+    words = _xent.shard_words(device, target.numel(), vocab_size, world, rest[1], _launch.checked(opts), predicted)
     send = torch.empty(words, dtype=torch.float32, device=logits.device)
     with _launch._on(logits.device.index):
-        _xent.shard_stats(device, stream, *rest, (send.data_ptr(), send.numel()))
+        _xent.shard_stats(device, stream, *rest, (send.data_ptr(), send.numel()), predicted)
     return send
 
 
-def shard_loss(logits, target, gathered, *, vocab_start, vocab_size, world, weight=None, opts, fused):
+def shard_loss(logits, target, gathered, *, vocab_start, vocab_size, world, weight=None, opts, fused,
+               predicted=None):
     """Step 3 on one rank: from every rank's values (``gathered``, rank order), the stats buffer
-    (see ``xent.torch.function.loss_of``); with ``fused`` the gradient of ``grad_scale · loss``
-    written over ``logits`` (which must then be contiguous)."""
+    (see ``xent.torch.function.loss_of``; with ``opts.return_token_accuracy`` it holds the rows
+    predicted right, see ``xent.torch.functional.outputs``); with ``fused`` the gradient of
+    ``grad_scale · loss`` written over ``logits`` (which must then be contiguous); with
+    ``predicted`` (an int64 tensor of ``target``'s size, the same as given to ``shard_stats``) each
+    row's class over the whole vocabulary written into it, -1 for a row not scored."""
     if fused and not logits.is_contiguous():
         raise ValueError("a fused shard_loss writes the gradient over the logits: they must be contiguous")
     logits, target, shape, shard = _describe(logits, target, vocab_start, vocab_size, opts.causal_shift)
     device, stream, *rest = _args(logits, target, shape, shard, vocab_size, world, weight, opts)
-    stats = torch.empty(_xent.stats_len(target.numel(), False), dtype=torch.float32, device=logits.device)
+    stats = torch.empty(
+        _xent.stats_len(target.numel(), opts.return_token_accuracy), dtype=torch.float32, device=logits.device
+    )
+    tokens = None
+    if predicted is not None:
+        if predicted.dtype != torch.int64 or predicted.numel() != target.numel() or not predicted.is_contiguous():
+            raise ValueError("predicted must be a contiguous int64 tensor of one value a row")
+        tokens = (predicted.data_ptr(), predicted.numel())
     with _launch._on(logits.device.index):
         _xent.shard_backward(
             device, stream, *rest, (gathered.data_ptr(), gathered.numel()),
-            (stats.data_ptr(), stats.numel()), fused,
+            (stats.data_ptr(), stats.numel()), fused, tokens,
         )
     return stats
 
@@ -117,17 +133,21 @@ def shard_grad(logits, target, stats, upstream, *, vocab_start, vocab_size, weig
 
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group, two_phase):
+    def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group, two_phase, predicting):
         ctx.set_materialize_grads(False)
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
         kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, world=world, weight=weight, opts=opts)
-        send = shard_stats(logits, target, **kw)
+        send = shard_stats(logits, target, predicted=predicting, **kw)
         gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
         dist.all_gather_into_tensor(gathered, send, group=group)
         fused = ctx.needs_input_grad[0] and not two_phase
-        stats = shard_loss(logits, target, gathered, fused=fused, **kw)
+        # Empty when not asked: an autograd Function's outputs are tensors.
+        predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=send.device)
+        stats = shard_loss(
+            logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw
+        )
         if fused:
             torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits.detach())
@@ -135,12 +155,12 @@ class _VocabParallel(torch.autograd.Function):
             ctx.save_for_backward(logits.detach(), target, weight, stats)
             ctx.kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, opts=opts)
         ctx.two_phase = two_phase
-        ctx.mark_non_differentiable(stats)
-        return loss_of(stats, target, opts), stats
+        ctx.mark_non_differentiable(stats, predicted)
+        return loss_of(stats, target, opts), stats, predicted
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        nones = (None,) * 7
+    def backward(ctx, grad_loss, _grad_stats, _grad_predicted):
+        nones = (None,) * 8
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) + nones
         if ctx.two_phase:
@@ -177,11 +197,17 @@ def vocab_parallel_cross_entropy(
     causal_shift: bool = False,
     grad_scale: float = 1.0,
     two_phase: bool = False,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+    return_predicted_tokens: bool = False,
 ):
     """The cross-entropy of logits split by vocabulary over the ranks of ``group``: ``input``
     ``[..., V_r]`` (this rank's classes ``[vocab_start, vocab_start + V_r)`` of ``vocab_size``,
     contiguous), ``target`` ``[...]`` global class ids, ``weight`` ``[vocab_size]`` on every rank.
-    Returns the loss (the same on every rank), as ``xt.cross_entropy`` does.
+    Returns the loss (the same on every rank), as ``xt.cross_entropy`` does: with
+    ``return_z_loss``, ``return_token_accuracy`` or ``return_predicted_tokens`` a
+    ``CrossEntropyOutput``, whose token accuracy and predicted tokens are the whole vocabulary's
+    (``torch.argmax`` of the whole rows, the same on every rank).
 
     By default the gradient of ``grad_scale · loss`` is written over ``input`` in the forward
     (one pass); with ``two_phase`` the forward leaves ``input`` alone and the backward writes the
@@ -197,12 +223,16 @@ def vocab_parallel_cross_entropy(
             "forward, before the per-row upstream gradient is known"
         )
     opts = _launch.Opts(
-        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, False
+        ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap,
+        return_token_accuracy,
     )
     _launch.checked(opts)
     if weight is not None:
         weight = weight.detach().to(torch.float32).contiguous()
-    loss, _stats = _VocabParallel.apply(
-        input, target, weight, opts, vocab_start, vocab_size, group, two_phase
+    loss, stats, predicted = _VocabParallel.apply(
+        input, target, weight, opts, vocab_start, vocab_size, group, two_phase, return_predicted_tokens
     )
-    return loss
+    return outputs(
+        loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, False,
+        predicted.view(target.shape) if return_predicted_tokens else None,
+    )
