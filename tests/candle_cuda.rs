@@ -302,3 +302,171 @@ fn optimizer_steps_with_xents_loss_track_candle_nns() {
         );
     }
 }
+
+/// Loss and the gradients of `upstream · loss` w.r.t. the hidden states and the weight through
+/// `xent::candle::linear_cross_entropy` on `device`, as f64 vectors.
+#[allow(clippy::too_many_arguments)]
+fn linear_loss_and_grads(
+    (hidden, weight): (&[f32], &[f32]),
+    (dims, vocab): (&[usize], usize),
+    dtype: DType,
+    targets: &Tensor,
+    opts: &Options,
+    upstream: &[f32],
+    device: &Device,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let d = *dims.last().unwrap();
+    let var = |values: &[f32], shape: &[usize]| {
+        let t = Tensor::from_vec(values.to_vec(), shape, device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        Var::from_tensor(&t).unwrap()
+    };
+    let (h, w) = (var(hidden, dims), var(weight, &[vocab, d]));
+    let targets = targets.to_device(device).unwrap();
+    let loss =
+        xent::candle::linear_cross_entropy(h.as_tensor(), w.as_tensor(), &targets, opts).unwrap();
+    let up = Tensor::from_vec(upstream.to_vec(), loss.shape(), device).unwrap();
+    let grads = (loss.clone() * up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let to64 = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (gh, gw) = (
+        grads
+            .get(h.as_tensor())
+            .expect("a gradient for the hidden states"),
+        grads.get(w.as_tensor()).expect("a gradient for the weight"),
+    );
+    assert_eq!(
+        (gh.dtype(), gw.dtype()),
+        (dtype, dtype),
+        "the gradients have the values' dtype"
+    );
+    (to64(&loss), to64(gh), to64(gw))
+}
+
+/// `linear_cross_entropy` on CUDA (xent's linear path: cuBLASLt GEMMs a chunk of rows at a time,
+/// two-phase) against the same op on CPU tensors (the f64 reference, logits not rounded), f32
+/// and bf16, every reduction, the loss options, class weights and the causal shift. The GPU
+/// rounds the logits to the values' dtype, so bf16 is compared at the logits' rounding.
+#[test]
+fn cuda_linear_cross_entropy_matches_the_cpu_path() {
+    let Some(gpu) = cuda() else {
+        return;
+    };
+    let (d, vocab) = (64, 1003);
+    let cases: Vec<(&str, Options)> = vec![
+        ("mean", Options::default()),
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..Options::default()
+            },
+        ),
+        (
+            "options",
+            Options {
+                reduction: Reduction::Sum,
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                softcap: Some(5.0),
+                grad_scale: 0.5,
+                ..Options::default()
+            },
+        ),
+        (
+            "weights",
+            Options {
+                weight: Some((0..vocab).map(|j| 0.5 + (j % 3) as f32 * 0.5).collect()),
+                label_smoothing: 0.05,
+                ..Options::default()
+            },
+        ),
+        (
+            "causal",
+            Options {
+                causal_shift: true,
+                ..Options::default()
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, opts) in cases {
+        let dims: Vec<usize> = if opts.causal_shift {
+            vec![3, 41, d]
+        } else {
+            vec![123, d]
+        };
+        let rows = dims[..dims.len() - 1].iter().product::<usize>();
+        // Hidden states and weight of unit scale: logits of a few units.
+        let scaled = |n: usize, seed: u64| -> Vec<f32> {
+            logits(&[n], seed).iter().map(|x| x / 8.0).collect()
+        };
+        let (hidden, weight) = (scaled(rows * d, 21), scaled(vocab * d, 22));
+        let ids = labels(rows, vocab, 7, 23);
+        let targets = Tensor::from_vec(ids, &dims[..dims.len() - 1], &Device::Cpu).unwrap();
+        let upstream: Vec<f32> = if opts.reduction == Reduction::None {
+            (0..rows).map(|r| 0.25 + (r % 5) as f32 * 0.5).collect()
+        } else {
+            vec![0.75]
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |device: &Device| {
+                linear_loss_and_grads(
+                    (&hidden, &weight),
+                    (&dims, vocab),
+                    dtype,
+                    &targets,
+                    &opts,
+                    &upstream,
+                    device,
+                )
+            };
+            let (loss_cpu, gh_cpu, gw_cpu) = run(&Device::Cpu);
+            let (loss_gpu, gh_gpu, gw_gpu) = run(&gpu);
+            // f32: xent's GEMMs compute in f32 (not TF32), so the sums differ in order only; bf16: the
+            // logits are rounded to bf16 on the GPU (2^-8 of a few units), the gradients too.
+            let (rtol, floor) = if dtype == DType::F32 {
+                (1e-4, 1e-5)
+            } else {
+                (2e-2, 2e-2)
+            };
+            let scale = |g: &[f64]| g.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let result = close("loss", &loss_gpu, &loss_cpu, rtol, rtol)
+                .and_then(|()| {
+                    close(
+                        "grad_hidden",
+                        &gh_gpu,
+                        &gh_cpu,
+                        rtol,
+                        floor * scale(&gh_cpu),
+                    )
+                })
+                .and_then(|()| {
+                    close(
+                        "grad_weight",
+                        &gw_gpu,
+                        &gw_cpu,
+                        rtol,
+                        floor * scale(&gw_cpu),
+                    )
+                });
+            if let Err(msg) = result {
+                failures.push(format!("{name} {dtype:?}: {msg}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

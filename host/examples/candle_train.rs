@@ -1,14 +1,16 @@
 //! A tiny language model (an embedding and a linear head) trained for a few SGD steps in candle
 //! with xent's loss: prints the loss curve and which path ran. With `--features candle` it runs on
 //! the CPU (xent's f64 reference); with `--features candle-cuda` on a GPU when there is one
-//! (xent's kernels on candle's stream).
+//! (xent's kernels on candle's stream). With `--linear` the head and the loss are one op,
+//! `xent::candle::linear_cross_entropy`, which never holds the `[batch, seq_len, vocab]` logits.
 //!
-//! `cargo run --release --example candle_train --features candle`
+//! `cargo run --release --example candle_train --features candle [-- --linear]`
 
 use candle_core::{DType, Device, Tensor, Var};
 use xent::Options;
 
 fn main() -> candle_core::Result<()> {
+    let linear = std::env::args().any(|a| a == "--linear");
     let device = match Device::new_cuda(0) {
         Ok(device) => {
             println!("candle on CUDA device 0: xent's kernels");
@@ -53,10 +55,16 @@ fn main() -> candle_core::Result<()> {
     let mut curve = Vec::new();
     for step in 0..20 {
         let hidden = embed.as_tensor().index_select(&tokens.flatten_all()?, 0)?;
-        let logits = hidden
-            .matmul(&head.as_tensor().t()?)?
-            .reshape((batch, seq_len, vocab))?;
-        let loss = xent::candle::cross_entropy(&logits, &tokens, &opts)?;
+        let loss = if linear {
+            // The head's GEMMs and the loss in one op, a chunk of rows of logits at a time.
+            let hidden = hidden.reshape((batch, seq_len, dim))?;
+            xent::candle::linear_cross_entropy(&hidden, head.as_tensor(), &tokens, &opts)?
+        } else {
+            let logits = hidden
+                .matmul(&head.as_tensor().t()?)?
+                .reshape((batch, seq_len, vocab))?;
+            xent::candle::cross_entropy(&logits, &tokens, &opts)?
+        };
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         curve.push(value);
         println!("step {step:2}: loss {value:.4}");
@@ -68,8 +76,9 @@ fn main() -> candle_core::Result<()> {
     }
     let (first, last) = (curve[0], curve[curve.len() - 1]);
     println!(
-        "loss {first:.4} -> {last:.4} (uniform: ln {vocab} = {:.4})",
-        (vocab as f32).ln()
+        "loss {first:.4} -> {last:.4} (uniform: ln {vocab} = {:.4}){}",
+        (vocab as f32).ln(),
+        if linear { ", linear_cross_entropy" } else { "" }
     );
     if last.is_nan() || last >= first {
         candle_core::bail!("the loss did not go down");

@@ -1,5 +1,6 @@
 //! candle integration (cargo feature `candle`): xent's loss as a candle op with a backward, for
-//! Rust training loops. `cross_entropy(&logits, &targets, &opts)` takes `[N, V]` or `[..., V]`
+//! Rust training loops, and linear + cross-entropy ([`linear_cross_entropy`]: the LM head's loss
+//! without the `[N, V]` logits). `cross_entropy(&logits, &targets, &opts)` takes `[N, V]` or `[..., V]`
 //! logits (f32, f16, bf16; contiguous) and class indices (u32, i64 or i32) of the leading shape,
 //! and returns the loss as an f32 tensor (a scalar, or per row for `Reduction::None`);
 //! `loss.backward()` yields the gradient of `upstream · loss` w.r.t. the logits, rounded once to
@@ -268,8 +269,13 @@ impl CustomOp3 for Backward {
     }
 }
 
+mod linear;
+#[cfg(feature = "candle-cuda")]
+mod linear_on_cuda;
 #[cfg(feature = "candle-cuda")]
 mod on_cuda;
+
+pub use linear::linear_cross_entropy;
 
 #[cfg(test)]
 mod tests {

@@ -17,17 +17,17 @@ use crate::raw::{LabelType, RawBuffer, RawCall, RawLoss};
 
 /// What a forward keeps for its backward.
 pub(super) struct Saved {
-    counts: CudaSlice<u32>,
-    row_lse: CudaSlice<f32>,
+    pub(super) counts: CudaSlice<u32>,
+    pub(super) row_lse: CudaSlice<f32>,
     /// The class weights the forward uploaded (uploaded once per step, not again in backward).
-    weight: Option<CudaSlice<f32>>,
+    pub(super) weight: Option<CudaSlice<f32>>,
 }
 
 /// Shared by a forward op and the backward op it makes.
 pub(super) type SavedSlot = Arc<Mutex<Option<Saved>>>;
 
 /// xent's kernels on each CUDA device, loaded once per process.
-fn handle(ordinal: usize) -> candle_core::Result<Arc<CrossEntropy>> {
+pub(super) fn handle(ordinal: usize) -> candle_core::Result<Arc<CrossEntropy>> {
     static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CrossEntropy>>>> = OnceLock::new();
     let mut handles = HANDLES
         .get_or_init(Default::default)
@@ -41,13 +41,13 @@ fn handle(ordinal: usize) -> candle_core::Result<Arc<CrossEntropy>> {
     Ok(handle)
 }
 
-fn driver(e: cudarc::driver::DriverError) -> candle_core::Error {
+pub(super) fn driver(e: cudarc::driver::DriverError) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
 /// The address and length of `slice`'s elements from `layout`'s start (contiguous), with the
 /// guard that keeps cudarc's event tracking right until the enqueued work is done with it.
-fn view<'a, T>(
+pub(super) fn view<'a, T>(
     slice: &'a CudaSlice<T>,
     layout: &Layout,
     stream: &'a CudaStream,
@@ -61,7 +61,7 @@ fn view<'a, T>(
 }
 
 /// The logits of `storage` as xent reads them: buffer, dtype and the guard.
-fn logits_of<'a>(
+pub(super) fn logits_of<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
     stream: &'a CudaStream,
@@ -86,7 +86,7 @@ fn logits_of<'a>(
 }
 
 /// The targets as xent reads them (u32 as i32: the same bits below 2^31).
-fn labels_of<'a>(
+pub(super) fn labels_of<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
     stream: &'a CudaStream,
@@ -111,7 +111,7 @@ fn labels_of<'a>(
 }
 
 /// The options without host class weights (the raw API takes them on the device).
-fn device_options(opts: &Options) -> Options {
+pub(super) fn device_options(opts: &Options) -> Options {
     Options {
         weight: None,
         ..opts.clone()
@@ -119,7 +119,7 @@ fn device_options(opts: &Options) -> Options {
 }
 
 /// The class weights uploaded, if any.
-fn upload_weight(
+pub(super) fn upload_weight(
     opts: &Options,
     stream: &Arc<CudaStream>,
 ) -> candle_core::Result<Option<CudaSlice<f32>>> {

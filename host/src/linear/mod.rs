@@ -200,6 +200,21 @@ pub fn cpu_forward_backward<T: Element, L: Label>(
     shape: LinearShape,
     opts: &Options,
 ) -> Result<CpuLinear> {
+    cpu_forward_backward_upstream(hidden, weight, bias, labels, shape, opts, &[1.0])
+}
+
+/// [`cpu_forward_backward`] with the gradients of `upstream · loss`: `upstream` one value, or one
+/// per row for [`Reduction::None`](crate::Reduction::None) (as
+/// [`cpu::forward_backward_upstream`] takes it).
+pub fn cpu_forward_backward_upstream<T: Element, L: Label>(
+    hidden: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    labels: &[L],
+    shape: LinearShape,
+    opts: &Options,
+    upstream: &[f32],
+) -> Result<CpuLinear> {
     shape.validate(
         hidden.len(),
         weight.len(),
@@ -217,7 +232,7 @@ pub fn cpu_forward_backward<T: Element, L: Label>(
         }
     }
     // The gradient of the logits, written over them (f64: not rounded).
-    let loss = cpu::forward_backward_upstream(&mut logits, labels, shape.logits(), opts, &[1.0])?;
+    let loss = cpu::forward_backward_upstream(&mut logits, labels, shape.logits(), opts, upstream)?;
     let g = &logits;
     let mut grad_hidden = vec![0.0f64; rows * d];
     let mut grad_weight = vec![0.0f64; v * d];
