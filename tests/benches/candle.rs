@@ -115,7 +115,8 @@ fn main() {
     for config in linear_configs.split(',').filter(|c| !c.is_empty()) {
         let parts: Vec<&str> = config.split(':').collect();
         let (n, d): (usize, usize) = (parts[0].parse().unwrap(), parts[1].parse().unwrap());
-        let (_, v, dtype, dtype_name) = parse(&parts[1..].join(":"));
+        let rest = parts[1..].join(":");
+        let (_, v, dtype, dtype_name) = parse(&rest);
         let randn = |rows: usize, scale: f64| {
             let t = (Tensor::randn(0f32, 1f32, (rows, d), &device).unwrap() * scale).unwrap();
             Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()

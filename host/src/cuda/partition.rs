@@ -52,16 +52,22 @@ const GREEN_ENTRY_POINTS: [&str; 5] = [
     "cuCtxFromGreenCtx",
 ];
 
-/// Whether the loaded driver has `name`.
+/// Whether the driver library has `name`. Asked of the library itself, not of cudarc, which
+/// has no handle to it where another crate of the build links libcuda (candle's `cuda`).
 fn has_entry_point(name: &str) -> bool {
+    static DRIVER: std::sync::OnceLock<Option<libloading::Library>> = std::sync::OnceLock::new();
+    let driver = DRIVER.get_or_init(|| {
+        // SAFETY: the driver is loaded already (the caller made a context): opening it again
+        // runs no initialiser.
+        ["libcuda.so.1", "libcuda.so"]
+            .iter()
+            .find_map(|&file| unsafe { libloading::Library::new(file) }.ok())
+    });
     let symbol = format!("{name}\0");
-    // SAFETY: the driver library is loaded (the caller made a context); looking a symbol up runs
-    // nothing, and the pointer is not called.
-    unsafe {
-        sys::culib()
-            .get::<unsafe extern "C" fn()>(symbol.as_bytes())
-            .is_ok()
-    }
+    // SAFETY: looking a symbol up runs nothing, and the pointer is not called.
+    driver
+        .as_ref()
+        .is_some_and(|lib| unsafe { lib.get::<unsafe extern "C" fn()>(symbol.as_bytes()).is_ok() })
 }
 
 /// SMs `ctx` may run on: its SM resource (`cuCtxGetDevResource`: a green context's partition, or
