@@ -4,11 +4,10 @@
 //!
 //! CPU tensors run xent's f64 reference ([`crate::linear::cpu_forward_backward_upstream`]: the
 //! logits in f64, O(N·V·D), for tests and small models). CUDA tensors (cargo feature
-//! `candle-cuda`) run the linear path of `xent::linear` on candle's stream, two-phase as
-//! `cross_entropy` is: the forward computes the loss a chunk of rows at a time (one GEMM a chunk)
-//! and keeps the label counts and per-row log-sum-exps in the op; the backward computes the
-//! chunks' logits again and writes both gradients of `upstream · loss` (by blocks of the
-//! vocabulary: the weight's gradient written once, rounded once to its dtype).
+//! `candle-cuda`) run the linear path of `xent::linear` on candle's stream, a chunk of rows of
+//! logits at a time: with gradients to come of a scalar loss, the fused pass in the forward
+//! (three GEMMs a chunk) and the gradients scaled in the backward; otherwise two-phase (the
+//! backward computes the chunks' logits again). See `linear_on_cuda.rs`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Storage, Tensor};
@@ -50,6 +49,9 @@ pub fn linear_cross_entropy(
         targets,
         Forward {
             opts: opts.clone(),
+            // Gradients to come (an input candle tracks) of a scalar loss: on CUDA the forward
+            // computes them too (three GEMMs a chunk, not four), for the backward to scale.
+            fused: (hidden.track_op() || weight.track_op()) && opts.reduction != Reduction::None,
             #[cfg(feature = "candle-cuda")]
             saved: Default::default(),
         },
@@ -59,6 +61,9 @@ pub fn linear_cross_entropy(
 /// The forward op over `(hidden, weight, targets)`: the loss.
 struct Forward {
     opts: Options,
+    /// On CUDA, compute both gradients of `grad_scale · loss` in the forward (a scalar loss).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    fused: bool,
     /// What a CUDA forward keeps for the backward (label counts, per-row log-sum-exps).
     #[cfg(feature = "candle-cuda")]
     saved: super::on_cuda::SavedSlot,
@@ -222,7 +227,14 @@ impl CustomOp3 for Forward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        super::linear_on_cuda::forward(&self.opts, &self.saved, (s1, l1), (s2, l2), (s3, l3))
+        super::linear_on_cuda::forward(
+            &self.opts,
+            self.fused,
+            &self.saved,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
     }
 
     fn bwd(
@@ -237,6 +249,17 @@ impl CustomOp3 for Forward {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .contiguous()?;
+        #[cfg(feature = "candle-cuda")]
+        if super::linear_on_cuda::has_grads(&self.saved) {
+            // The fused forward's gradients, each scaled by the upstream gradient in place.
+            let take = |which: usize| TakeGrad {
+                saved: self.saved.clone(),
+                which,
+            };
+            let grad_hidden = hidden.apply_op2_no_bwd(&upstream, &take(0))?;
+            let grad_weight = weight.apply_op2_no_bwd(&upstream, &take(1))?;
+            return Ok((Some(grad_hidden), Some(grad_weight), None));
+        }
         let grads = hidden.apply_op2_no_bwd(
             weight,
             &Backward {
@@ -253,6 +276,47 @@ impl CustomOp3 for Forward {
             .narrow(0, n_hidden, weight.elem_count())?
             .reshape(weight.shape())?;
         Ok((Some(grad_hidden), Some(grad_weight), None))
+    }
+}
+
+/// The op over `(values, upstream)` that hands over the fused CUDA forward's gradient w.r.t.
+/// `values` (the hidden states, `which` 0, or the weight, 1), scaled by the upstream gradient.
+#[cfg(feature = "candle-cuda")]
+struct TakeGrad {
+    saved: super::on_cuda::SavedSlot,
+    which: usize,
+}
+
+#[cfg(feature = "candle-cuda")]
+impl CustomOp2 for TakeGrad {
+    fn name(&self) -> &'static str {
+        "xent-linear-cross-entropy-take-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("xent linear_cross_entropy: a fused forward's gradients are on the GPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let grad = super::linear_on_cuda::take_grad(
+            &self.saved,
+            self.which,
+            l1.shape().elem_count(),
+            (s2, l2),
+        )?;
+        Ok((grad, l1.shape().clone()))
     }
 }
 

@@ -1,8 +1,14 @@
 //! [`linear_cross_entropy`](super::linear_cross_entropy) on CUDA tensors (cargo feature
-//! `candle-cuda`): `xent::linear`'s raw API on candle's buffers and stream, two-phase. The
-//! forward (`LinearPass::Forward`) keeps the label counts and per-row log-sum-exps in the op; the
-//! backward (`LinearPass::Backward`) computes the chunks' logits again and writes both gradients
-//! of `upstream · loss` into one new buffer (the hidden states', then the weight's).
+//! `candle-cuda`): `xent::linear`'s raw API on candle's buffers and stream.
+//!
+//! With gradients to come and a scalar loss (the mean or the sum), the forward runs the fused
+//! pass (`LinearPass::Fused`: three GEMMs a chunk) and keeps both gradients of
+//! `grad_scale · loss` in the op; the backward scales each in place by the upstream gradient
+//! (xent's scale kernel, which leaves a factor of exactly 1 alone) and hands it over. Otherwise
+//! two-phase: the forward (`LinearPass::Forward`) keeps the label counts and per-row
+//! log-sum-exps, and the backward (`LinearPass::Backward`) computes the chunks' logits again and
+//! writes both gradients of `upstream · loss` (per row for `Reduction::None`) into one new buffer
+//! (the hidden states', then the weight's).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,7 +26,7 @@ use crate::abi::COUNT_WORDS;
 use crate::cublaslt::CublasLt;
 use crate::cuda::CrossEntropy;
 use crate::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
-use crate::options::{DType, Options, Reduction};
+use crate::options::{DType, Options, Reduction, Shape};
 use crate::raw::{RawBuffer, RawLoss};
 
 /// cuBLASLt, opened once per process (from `XENT_CUBLASLT` or the loader's path: candle's own
@@ -128,9 +134,10 @@ fn run(
 }
 
 /// The forward op on CUDA: the loss (a scalar, or per row for `Reduction::None`), and what the
-/// backward needs kept in `saved`.
+/// backward needs kept in `saved`: with `fused`, both gradients of `grad_scale · loss`.
 pub(super) fn forward(
     opts: &Options,
+    fused: bool,
     saved: &SavedSlot,
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
@@ -156,8 +163,13 @@ pub(super) fn forward(
         shape,
         class_weight: weight.as_mut().map(|w| RawBuffer::of(&stream, w)),
     };
+    let pass = if fused {
+        LinearPass::Fused
+    } else {
+        LinearPass::Forward
+    };
     let lens = xent
-        .raw_linear_scratch_lens(&call, &dev_opts, LinearPass::Forward, None)
+        .raw_linear_scratch_lens(&call, &dev_opts, pass, None)
         .map_err(err)?;
     let alloc = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(driver);
     let mut loss = alloc(1)?;
@@ -183,16 +195,59 @@ pub(super) fn forward(
         predicted: None,
         workspace: workspace.as_mut().map(|w| RawBuffer::of(&stream, w)),
     };
-    let none = RawLinearGrads::default();
-    run(
-        &xent,
-        &stream,
-        &call,
-        &dev_opts,
-        LinearPass::Forward,
-        &out,
-        &none,
-    )?;
+    // The fused pass's gradients: the hidden states' in their dtype, the weight's summed over
+    // the chunks in f32 and rounded to its dtype once at the end.
+    let (n_hidden, n_weight) = (hidden.len, head.len);
+    let mut grad_hidden = None;
+    let mut grad_weight = None;
+    let grads = if fused {
+        macro_rules! alloc_of {
+            ($t:ty) => {
+                CudaStorage::wrap_cuda_slice(
+                    stream.alloc_zeros::<$t>(n_hidden.max(1)).map_err(driver)?,
+                    device.clone(),
+                )
+            };
+        }
+        let mut hidden_grad = match dtype {
+            DType::F32 => alloc_of!(f32),
+            DType::F16 => alloc_of!(half::f16),
+            DType::Bf16 => alloc_of!(half::bf16),
+        };
+        let mut weight_grad = stream.alloc_zeros::<f32>(n_weight.max(1)).map_err(driver)?;
+        let grads = RawLinearGrads {
+            hidden: Some(RawBuffer::new(
+                storage_ptr(&mut hidden_grad, &stream)?,
+                n_hidden,
+            )),
+            weight: Some(RawGrad {
+                buffer: RawBuffer::new(RawBuffer::of(&stream, &mut weight_grad).ptr, n_weight),
+                dtype: DType::F32,
+            }),
+            bias: None,
+            accumulate: false,
+        };
+        grad_hidden = Some(hidden_grad);
+        grad_weight = Some(weight_grad);
+        grads
+    } else {
+        RawLinearGrads::default()
+    };
+    run(&xent, &stream, &call, &dev_opts, pass, &out, &grads)?;
+    let grads = match (grad_hidden, grad_weight) {
+        (Some(h), Some(w)) => {
+            let w = CudaStorage::wrap_cuda_slice(w, device.clone());
+            // The f32 sums' own layout: the weight's shape from their start.
+            let sums = Layout::contiguous(l2.shape().clone());
+            let w = match dtype {
+                DType::F32 => w,
+                DType::F16 => w.to_dtype(&sums, CandleDType::F16)?,
+                DType::Bf16 => w.to_dtype(&sums, CandleDType::BF16)?,
+            };
+            [Some(h), Some(w)]
+        }
+        _ => [None, None],
+    };
     let result = match opts.reduction {
         Reduction::None => (
             CudaStorage::wrap_cuda_slice(row_loss, device),
@@ -207,8 +262,85 @@ pub(super) fn forward(
         counts,
         row_lse,
         weight,
+        grads,
     });
     Ok(result)
+}
+
+/// The device address of `storage`'s first element (a float storage of the values' dtypes).
+fn storage_ptr(storage: &mut CudaStorage, stream: &Arc<CudaStream>) -> candle_core::Result<u64> {
+    Ok(match storage.dtype() {
+        CandleDType::F32 => RawBuffer::of(stream, storage.as_cuda_slice_mut::<f32>()?).ptr,
+        CandleDType::F16 => RawBuffer::of(stream, storage.as_cuda_slice_mut::<half::f16>()?).ptr,
+        CandleDType::BF16 => RawBuffer::of(stream, storage.as_cuda_slice_mut::<half::bf16>()?).ptr,
+        other => candle_core::bail!("xent linear_cross_entropy: a gradient of {other:?}"),
+    })
+}
+
+/// Whether `saved` holds the fused forward's gradients.
+pub(super) fn has_grads(saved: &SavedSlot) -> bool {
+    saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|kept| kept.grads.iter().all(Option::is_some))
+}
+
+/// Elements of a float storage of the values' dtypes, and their xent dtype.
+fn extent(storage: &CudaStorage) -> candle_core::Result<(usize, DType)> {
+    Ok(match storage.dtype() {
+        CandleDType::F32 => (storage.as_cuda_slice::<f32>()?.len(), DType::F32),
+        CandleDType::F16 => (storage.as_cuda_slice::<half::f16>()?.len(), DType::F16),
+        CandleDType::BF16 => (storage.as_cuda_slice::<half::bf16>()?.len(), DType::Bf16),
+        other => candle_core::bail!("xent linear_cross_entropy: a gradient of {other:?}"),
+    })
+}
+
+/// The fused forward's gradient w.r.t. the hidden states (`which` 0) or the weight (1), taken
+/// out of `saved` and scaled in place by `upstream` (one f32 on the device): the backward's
+/// result for that input, `len` elements.
+pub(super) fn take_grad(
+    saved: &SavedSlot,
+    which: usize,
+    len: usize,
+    (s2, l2): (&CudaStorage, &Layout),
+) -> candle_core::Result<CudaStorage> {
+    let taken = saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+        .and_then(|kept| kept.grads[which].take());
+    let Some(mut grad) = taken else {
+        candle_core::bail!("xent linear_cross_entropy: the forward's gradient was taken already");
+    };
+    if s2.dtype() != CandleDType::F32 || !l2.is_contiguous() || l2.shape().elem_count() != 1 {
+        candle_core::bail!("xent linear_cross_entropy: the upstream gradient must be one f32");
+    }
+    let (elements, dtype) = extent(&grad)?;
+    // The buffer may hold one element more than an empty gradient (no zero-length allocation).
+    if elements < len {
+        candle_core::bail!("xent linear_cross_entropy: a gradient of {elements} values for {len}");
+    }
+    let stream = grad.device.cuda_stream();
+    let xent = handle(stream.context().ordinal())?;
+    let (upstream, _g) = view(s2.as_cuda_slice::<f32>()?, l2, &stream);
+    if len > 0 {
+        let ptr = storage_ptr(&mut grad, &stream)?;
+        // SAFETY: `grad` is this module's buffer of at least `len` elements of `dtype` on the
+        // stream's context, `upstream` candle's one f32 (checked above); both outlive the
+        // enqueue (cudarc's stream order).
+        unsafe {
+            xent.raw_scale_grad(
+                &stream,
+                RawBuffer::new(ptr, len),
+                dtype,
+                Shape::flat(1, len),
+                upstream,
+            )
+        }
+        .map_err(err)?;
+    }
+    Ok(grad)
 }
 
 /// The backward op on CUDA: the gradients of `upstream · loss` w.r.t. the hidden states and the
@@ -257,7 +389,7 @@ pub(super) fn backward(
         // A backward without its forward's outputs (candle may call it after moving tensors):
         // the forward again, into a slot of its own.
         let again: SavedSlot = Default::default();
-        forward(opts, &again, (s1, l1), (s2, l2), (s3, l3))?;
+        forward(opts, false, &again, (s1, l1), (s2, l2), (s3, l3))?;
         *slot = again.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
     let kept = slot.as_mut().expect("filled above");

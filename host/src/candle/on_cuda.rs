@@ -21,6 +21,10 @@ pub(super) struct Saved {
     pub(super) row_lse: CudaSlice<f32>,
     /// The class weights the forward uploaded (uploaded once per step, not again in backward).
     pub(super) weight: Option<CudaSlice<f32>>,
+    /// `linear_cross_entropy`'s gradients of `grad_scale · loss` w.r.t. the hidden states and
+    /// the weight, where its forward computed them (the fused pass), each until the backward
+    /// takes it.
+    pub(super) grads: [Option<CudaStorage>; 2],
 }
 
 /// Shared by a forward op and the backward op it makes.
@@ -225,6 +229,7 @@ pub(super) fn forward(
         counts: out.counts,
         row_lse: out.row_lse,
         weight,
+        grads: [None, None],
     });
     Ok(result)
 }
@@ -280,6 +285,7 @@ pub(super) fn backward(
             counts: out.counts,
             row_lse: out.row_lse,
             weight,
+            grads: [None, None],
         });
     }
     let kept = slot.as_mut().expect("filled above");
