@@ -1389,6 +1389,12 @@ fn opening_a_device_without_a_driver_or_device_is_an_error_not_a_panic() {
         Err(Error::NoDevice { ordinal, .. }) => assert_eq!(ordinal, 1 << 20),
         other => panic!("CrossEntropy::new(1 << 20): unexpected {other:?}"),
     }
+    // Nor a partition of its SMs.
+    match xent::green_context(1 << 20, 16, false) {
+        Err(Error::NoDriver) => {}
+        Err(Error::NoDevice { ordinal, .. }) => assert_eq!(ordinal, 1 << 20),
+        other => panic!("green_context(1 << 20, ..): unexpected {other:?}"),
+    }
 }
 
 /// The cluster plan's invariants, for one (rows, vocab, dtype) on an H100-class device.

@@ -126,6 +126,14 @@ fn a_partition_of_the_sms_is_what_the_handle_plans_for() {
     }
     let wanted = 16;
     let clusters = whole.limits().max_cluster > 1;
+    // No SMs, or more than the device has: errors, not panics.
+    for bad in [0, device_sms + 1] {
+        let made = xent::green_context(0, bad, clusters);
+        assert!(
+            matches!(made, Err(Error::InvalidOption(_))),
+            "{bad} SMs: {made:?}"
+        );
+    }
     let ctx = xent::green_context(0, wanted, clusters).unwrap_or_else(|e| panic!("{e}"));
     let xent = xent::CrossEntropy::from_context(ctx).unwrap();
     let sms = xent.limits().sm_count;

@@ -104,6 +104,17 @@ pub(crate) fn context_sm_count(ctx: &CudaContext, device_sms: u32) -> u32 {
 /// The partition lasts as long as the process: cudarc's context cannot destroy a green context.
 /// Meant for tests and benchmarks (`XENT_GREEN_SMS`).
 pub fn green_context(ordinal: usize, sm_count: u32, clusters: bool) -> Result<Arc<CudaContext>> {
+    // cudarc panics when it cannot load libcuda: ask first.
+    if !super::driver_loadable() {
+        return Err(Error::NoDriver);
+    }
+    let count = CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
+    if ordinal >= count.max(0) as usize {
+        return Err(Error::NoDevice {
+            ordinal,
+            count: count.max(0) as usize,
+        });
+    }
     // Retains the device's primary context, which the green context shares (the driver advises
     // making it first).
     let primary = CudaContext::new(ordinal)?;
