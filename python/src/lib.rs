@@ -267,7 +267,8 @@ impl Device {
     /// or a compute capability of 8.0).
     #[new]
     fn new(ordinal: usize) -> PyResult<Device> {
-        let xent = CrossEntropy::new(ordinal).map_err(py_err)?;
+        // PyTorch's streams belong to the device's primary context.
+        let xent = CrossEntropy::on_primary_context(ordinal).map_err(py_err)?;
         Ok(Device {
             xent,
             blas: std::sync::OnceLock::new(),

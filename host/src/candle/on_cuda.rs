@@ -40,7 +40,8 @@ pub(super) fn handle(ordinal: usize) -> candle_core::Result<Arc<CrossEntropy>> {
     if let Some(handle) = handles.get(&ordinal) {
         return Ok(handle.clone());
     }
-    let handle = Arc::new(CrossEntropy::new(ordinal).map_err(err)?);
+    // candle's streams belong to the device's primary context.
+    let handle = Arc::new(CrossEntropy::on_primary_context(ordinal).map_err(err)?);
     handles.insert(ordinal, handle.clone());
     Ok(handle)
 }

@@ -55,6 +55,22 @@ pub fn driver_loadable() -> bool {
         .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
+/// Device `ordinal`'s primary context. [`Error::NoDriver`] without libcuda (cudarc would panic:
+/// asked first), [`Error::NoDevice`] without that device.
+pub(crate) fn primary_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if !driver_loadable() {
+        return Err(Error::NoDriver);
+    }
+    let count = CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
+    if ordinal >= count.max(0) as usize {
+        return Err(Error::NoDevice {
+            ordinal,
+            count: count.max(0) as usize,
+        });
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
 /// A handle to the kernels on one CUDA device. Cheap to share: `Send + Sync`, and calls from
 /// several threads on several streams run concurrently.
 pub struct CrossEntropy {
@@ -105,22 +121,11 @@ impl std::fmt::Debug for CrossEntropy {
 }
 
 impl CrossEntropy {
-    /// Opens device `ordinal` (its primary context); kernels load as [`from_context`](Self::from_context) says.
+    /// Opens device `ordinal` (its primary context, or with `XENT_GREEN_SMS=N` a partition of N of
+    /// its SMs: a development hook); kernels load as [`from_context`](Self::from_context) says.
     /// Errors: [`Error::NoDriver`] without libcuda, [`Error::NoDevice`] without that device.
     pub fn new(ordinal: usize) -> Result<CrossEntropy> {
-        // cudarc panics when it cannot load libcuda: ask first.
-        if !driver_loadable() {
-            return Err(Error::NoDriver);
-        }
-        let count =
-            CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
-        if ordinal >= count.max(0) as usize {
-            return Err(Error::NoDevice {
-                ordinal,
-                count: count.max(0) as usize,
-            });
-        }
-        let ctx = CudaContext::new(ordinal)?;
+        let ctx = primary_context(ordinal)?;
         // Development hook: `XENT_GREEN_SMS=N` runs on N of the device's SMs (a green context,
         // `partition`), e.g. 108 with `XENT_ARCH=sm_80 XENT_LIMITS=a100` for an A100's SMs.
         let ctx = match std::env::var("XENT_GREEN_SMS").ok() {
@@ -136,6 +141,12 @@ impl CrossEntropy {
             }
         };
         Self::from_context(ctx)
+    }
+
+    /// Opens device `ordinal`'s primary context whatever `XENT_GREEN_SMS` says: the context
+    /// PyTorch and candle run on, whose streams a framework passes in.
+    pub fn on_primary_context(ordinal: usize) -> Result<CrossEntropy> {
+        Self::from_context(primary_context(ordinal)?)
     }
 
     /// Makes a handle on an existing context (e.g. one shared with candle or your own code).

@@ -104,20 +104,9 @@ pub(crate) fn context_sm_count(ctx: &CudaContext, device_sms: u32) -> u32 {
 /// The partition lasts as long as the process: cudarc's context cannot destroy a green context.
 /// Meant for tests and benchmarks (`XENT_GREEN_SMS`).
 pub fn green_context(ordinal: usize, sm_count: u32, clusters: bool) -> Result<Arc<CudaContext>> {
-    // cudarc panics when it cannot load libcuda: ask first.
-    if !super::driver_loadable() {
-        return Err(Error::NoDriver);
-    }
-    let count = CudaContext::device_count().map_err(|_| Error::NoDevice { ordinal, count: 0 })?;
-    if ordinal >= count.max(0) as usize {
-        return Err(Error::NoDevice {
-            ordinal,
-            count: count.max(0) as usize,
-        });
-    }
     // Retains the device's primary context, which the green context shares (the driver advises
     // making it first).
-    let primary = CudaContext::new(ordinal)?;
+    let primary = super::primary_context(ordinal)?;
     if let Some(missing) = GREEN_ENTRY_POINTS.iter().find(|n| !has_entry_point(n)) {
         return Err(Error::Driver(format!(
             "SM partitions (green contexts) need a CUDA 12.4 driver or later: this one has no \
