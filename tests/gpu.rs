@@ -976,6 +976,12 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
                         }
                     }
                     cases += 1;
+                    // The ignored rows carry the set's `ignore_index` (-100 is out of range
+                    // under `ignore_index` 7, which the out-of-range cases below try apart).
+                    let labels: Vec<i64> = labels
+                        .iter()
+                        .map(|&l| if l == -100 { opts.ignore_index } else { l })
+                        .collect();
                     // i32 labels for the 16-bit types, i64 for f32.
                     let labels32: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
                     let result = match dtype {
