@@ -128,6 +128,29 @@ pub(super) fn linear_shape(
     })
 }
 
+/// `$body` with `$h` and `$w` contiguous copies of the hidden states' and the weight's values
+/// (one dtype: f32, f16 or bf16), and `$wrap` the `CpuStorage` variant of that dtype; any other
+/// dtype returns the error.
+macro_rules! with_values {
+    (($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$h:ident, $w:ident, $wrap:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(h), CpuStorage::F32(w)) => {
+                let ($h, $w, $wrap) = (values_of(h, $l1), values_of(w, $l2), CpuStorage::F32);
+                $body
+            }
+            (CpuStorage::F16(h), CpuStorage::F16(w)) => {
+                let ($h, $w, $wrap) = (values_of(h, $l1), values_of(w, $l2), CpuStorage::F16);
+                $body
+            }
+            (CpuStorage::BF16(h), CpuStorage::BF16(w)) => {
+                let ($h, $w, $wrap) = (values_of(h, $l1), values_of(w, $l2), CpuStorage::BF16);
+                $body
+            }
+            (other, _) => return Err(unsupported(other)),
+        }
+    };
+}
+
 /// A contiguous copy of the values of `v` from `l`.
 fn values_of<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
     let (start, end) = l.contiguous_offsets().expect("checked contiguous");
@@ -199,21 +222,9 @@ impl CustomOp3 for Forward {
         let labels = labels_of(s3, l3)?;
         let opts = &self.opts;
         let one = [1.0f32];
-        let result = match (s1, s2) {
-            (CpuStorage::F32(h), CpuStorage::F32(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                reference((&h, &w), &labels, shape, opts, &one)?
-            }
-            (CpuStorage::F16(h), CpuStorage::F16(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                reference((&h, &w), &labels, shape, opts, &one)?
-            }
-            (CpuStorage::BF16(h), CpuStorage::BF16(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                reference((&h, &w), &labels, shape, opts, &one)?
-            }
-            (other, _) => return Err(unsupported(other)),
-        };
+        let result = with_values!((s1, l1), (s2, l2), |h, w, _wrap| {
+            reference((&h, &w), &labels, shape, opts, &one)?
+        });
         Ok(loss_storage(&result.loss, opts, l3))
     }
 
@@ -355,39 +366,15 @@ impl CustomOp2 for Backward {
         let (labels, targets_layout, upstream) = self.cpu_inputs()?;
         let shape = linear_shape(l1, l2, &targets_layout)?;
         let opts = &self.opts;
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(h), CpuStorage::F32(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                CpuStorage::F32(packed(&reference(
-                    (&h, &w),
-                    &labels,
-                    shape,
-                    opts,
-                    &upstream,
-                )?))
-            }
-            (CpuStorage::F16(h), CpuStorage::F16(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                CpuStorage::F16(packed(&reference(
-                    (&h, &w),
-                    &labels,
-                    shape,
-                    opts,
-                    &upstream,
-                )?))
-            }
-            (CpuStorage::BF16(h), CpuStorage::BF16(w)) => {
-                let (h, w) = (values_of(h, l1), values_of(w, l2));
-                CpuStorage::BF16(packed(&reference(
-                    (&h, &w),
-                    &labels,
-                    shape,
-                    opts,
-                    &upstream,
-                )?))
-            }
-            (other, _) => return Err(unsupported(other)),
-        };
+        let storage = with_values!((s1, l1), (s2, l2), |h, w, wrap| {
+            wrap(packed(&reference(
+                (&h, &w),
+                &labels,
+                shape,
+                opts,
+                &upstream,
+            )?))
+        });
         let len = l1.shape().elem_count() + l2.shape().elem_count();
         Ok((storage, candle_core::Shape::from(len)))
     }

@@ -20,7 +20,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use super::err;
 use super::linear::linear_shape;
 use super::on_cuda::{
-    Saved, SavedSlot, device_options, driver, handle, labels_of, upload_weight, view,
+    self, Saved, SavedSlot, device_options, driver, handle, labels_of, upload_weight, view,
 };
 use crate::abi::COUNT_WORDS;
 use crate::cublaslt::CublasLt;
@@ -81,23 +81,7 @@ fn values_of<'a>(
     layout: &Layout,
     stream: &'a CudaStream,
 ) -> candle_core::Result<(RawBuffer, DType, cudarc::driver::SyncOnDrop<'a>)> {
-    Ok(match storage.dtype() {
-        CandleDType::F32 => {
-            let (b, g) = view(storage.as_cuda_slice::<f32>()?, layout, stream);
-            (b, DType::F32, g)
-        }
-        CandleDType::F16 => {
-            let (b, g) = view(storage.as_cuda_slice::<half::f16>()?, layout, stream);
-            (b, DType::F16, g)
-        }
-        CandleDType::BF16 => {
-            let (b, g) = view(storage.as_cuda_slice::<half::bf16>()?, layout, stream);
-            (b, DType::Bf16, g)
-        }
-        other => candle_core::bail!(
-            "xent linear_cross_entropy: values of dtype {other:?}: expected f32, f16 or bf16"
-        ),
-    })
+    on_cuda::values_of(storage, layout, stream, "xent linear_cross_entropy: values")
 }
 
 /// Runs `pass` of the call on `stream` in the device's scratch.

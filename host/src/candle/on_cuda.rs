@@ -66,10 +66,21 @@ pub(super) fn view<'a, T>(
 }
 
 /// The logits of `storage` as xent reads them: buffer, dtype and the guard.
-pub(super) fn logits_of<'a>(
+fn logits_of<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
     stream: &'a CudaStream,
+) -> candle_core::Result<(RawBuffer, DType, cudarc::driver::SyncOnDrop<'a>)> {
+    values_of(storage, layout, stream, "xent cross_entropy: logits")
+}
+
+/// A float storage's values as xent reads them (`what` names them in the error for another
+/// dtype): buffer, dtype and the guard.
+pub(super) fn values_of<'a>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    stream: &'a CudaStream,
+    what: &str,
 ) -> candle_core::Result<(RawBuffer, DType, cudarc::driver::SyncOnDrop<'a>)> {
     Ok(match storage.dtype() {
         CandleDType::F32 => {
@@ -84,9 +95,7 @@ pub(super) fn logits_of<'a>(
             let (b, g) = view(storage.as_cuda_slice::<half::bf16>()?, layout, stream);
             (b, DType::Bf16, g)
         }
-        other => candle_core::bail!(
-            "xent cross_entropy: logits of dtype {other:?}: expected f32, f16 or bf16"
-        ),
+        other => candle_core::bail!("{what} of dtype {other:?}: expected f32, f16 or bf16"),
     })
 }
 
