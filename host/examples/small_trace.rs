@@ -11,9 +11,9 @@
 //! Each CTA's thread 0 writes its stamps, its `%smid` and a mark over the first 32 words of its
 //! chunk of the gradient (the call's output is then not a gradient); this prints, per phase, the
 //! shortest, median and longest time over the CTAs, and the stamps of the first 16 CTAs and of
-//! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits. With
-//! `XENT_SMALL_KERNEL=1` (read by the handle too) calls of at most 64 rows run the small-call
-//! kernels, whose phases come in another order.
+//! the one that ended last. Without a GPU, or with the committed PTX, it says so and exits.
+//! Calls of at most 64 rows run the small-call kernels, whose phases come in another order,
+//! unless `XENT_SMALL_KERNEL=0` (read by the handle too).
 
 use std::error::Error;
 
@@ -37,7 +37,7 @@ const PHASES: [&str; 14] = [
     "fin:div+store",
     "fin:exit",
 ];
-/// The first six phases of the small-call kernels (`XENT_SMALL_KERNEL=1`, at most 64 rows:
+/// The first six phases of the small-call kernels (by default, at most 64 rows:
 /// `xent_cluster_small_*`), which count the labels behind the first pass and take the done
 /// counter before the gradient; the rest are [`PHASES`]' (a one-row call's finish, from a
 /// register, leaves no `fin:` marks).
@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     };
     let stream = xent.context().default_stream();
-    let small_kernels = std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1");
+    let small_kernels = std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0");
     for n in rows_list {
         let shape = Shape::flat(n, VOCAB);
         let opts = Options::default();

@@ -102,8 +102,8 @@ pub struct CrossEntropy {
     /// before them (`launch_cluster`); on unless `XENT_PDL=0`.
     pdl: AtomicBool,
     /// Whether small calls of the plain loss take the cluster plan's small-call kernels
-    /// ([`plan::small_kernel`]); off unless `XENT_SMALL_KERNEL=1` until they are measured on a
-    /// GPU (`bench/NOTES.md`, session 35).
+    /// ([`plan::small_kernel`]); on unless `XENT_SMALL_KERNEL=0` (measured faster on the H200 at
+    /// 1, 8 and 64 rows: `bench/NOTES.md`, session 37).
     small_kernel: AtomicBool,
     /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
     strict_preload: AtomicBool,
@@ -255,7 +255,7 @@ impl CrossEntropy {
             side: Mutex::new(None),
             small_finish: AtomicBool::new(std::env::var("XENT_SMALL_FINISH").as_deref() != Ok("0")),
             pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
-            small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() == Ok("1")),
+            small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0")),
             strict_preload: AtomicBool::new(false),
             a100,
         })
