@@ -353,6 +353,28 @@ pub unsafe fn ld_acquire_gpu_u32(addr: u64) -> u32 {
     v
 }
 
+/// `st.relaxed.gpu.global.b64`: a 64-bit store other CTAs see whole (single-copy atomic), with
+/// no ordering of this thread's other accesses: a value and its tag in one word.
+#[inline(always)]
+pub unsafe fn st_relaxed_gpu_u64(addr: u64, v: u64) {
+    unsafe {
+        asm!("st.relaxed.gpu.global.b64 [{p}], {v};", p = in(reg64) addr, v = in(reg64) v,
+             options(nostack));
+    }
+}
+
+/// `ld.relaxed.gpu.global.b64`: a 64-bit load, whole, that sees other CTAs' stores as they land
+/// (no stale L1 copy), with no ordering of this thread's other accesses.
+#[inline(always)]
+pub unsafe fn ld_relaxed_gpu_u64(addr: u64) -> u64 {
+    let v: u64;
+    unsafe {
+        asm!("ld.relaxed.gpu.global.b64 {v}, [{p}];", v = out(reg64) v, p = in(reg64) addr,
+             options(nostack));
+    }
+    v
+}
+
 /// `red.release.gpu.global.add.u32`: an atomic add that orders this thread's earlier writes
 /// before it, at GPU scope.
 #[inline(always)]

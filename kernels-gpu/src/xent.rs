@@ -889,7 +889,8 @@ const SPLIT_MAX_SPINS: u32 = 1 << 24;
 /// groups walk the rows (group `g` takes rows `g, g + groups, ...`). Each CTA keeps its chunk in
 /// shared memory, stores its summary in `partials`, counts itself in on its group's counter
 /// (release), waits until the whole group has (acquire), merges the group's summaries in a fixed
-/// order (every CTA gets the same bits) and writes its chunk's gradient from shared memory.
+/// order (every CTA gets the same bits) and writes its chunk's gradient from shared memory. The
+/// plain kernels wait on tagged summaries instead of the counter (below, `tagged`).
 ///
 /// `partials`: `groups x 2 x n_chunks` summaries (`PARTIAL_WORDS` each; the two halves
 /// alternate between a group's rows, so a CTA that runs ahead never overwrites a summary another
@@ -912,6 +913,30 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let local = chunk as u32 * p.chunk_len;
     let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
     let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+    // The plain loss's summary (two words) rides in its slot as two (word, tag) pairs, the tag
+    // the group's scored-row count plus one: a CTA waits on the slots themselves, not on the
+    // counter, so its handshake needs no release (which would wait for its own gradient stores
+    // to drain) and one round trip to L2 fewer. The slots are cleared once a launch (a summary of
+    // an earlier call could carry a tag this one expects), behind the launch's one counter wait.
+    // A slot's two halves alternate between rows without a release: a reader's loads of row r's
+    // summaries have returned before its CTA stores row r + 1's (their values feed the gradient
+    // before the row's closing barrier), and a writer stores row r + 2's only after it has seen
+    // every CTA's row r + 1 summary.
+    let tagged = !M::OPTS;
+    if tagged {
+        if tid == 0 {
+            unsafe {
+                for half in 0..2 {
+                    prim::st_relaxed_gpu_u64(slot(half, chunk as u32), 0);
+                    prim::st_relaxed_gpu_u64(slot(half, chunk as u32) + 8, 0);
+                }
+                prim::red_add_release_gpu_u32(counter, 1);
+                wait_for_count(counter, n_chunks);
+            }
+            prim::fence_acq_rel_gpu();
+        }
+        prim::sync_threads();
+    }
     // Rows this group has scored so far: the counter's target is `n_chunks` per scored row.
     let mut scored = 0u32;
     // What the last row's gradient did for this one.
@@ -953,30 +978,37 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 };
                 ahead = Ahead::Nothing;
                 let half = scored & 1;
-                if tid == 0 {
-                    unsafe {
-                        part.st_global::<M>(slot(half, chunk as u32));
-                        prim::red_add_release_gpu_u32(counter, 1);
-                        let target = n_chunks * (scored + 1);
-                        // Bounded: a group that never completes (a bug, or a launch that was not
-                        // resident at once) traps, an error the host reports, not a hung GPU.
-                        let mut spins = 0u32;
-                        while prim::ld_acquire_gpu_u32(counter) < target {
-                            spins += 1;
-                            if spins == SPLIT_MAX_SPINS {
-                                prim::trap();
-                            }
+                let tag = ((scored + 1) as u64) << 32;
+                if tagged {
+                    if tid == 0 {
+                        unsafe {
+                            prim::st_relaxed_gpu_u64(slot(half, chunk as u32), part.lse.m.to_bits() as u64 | tag);
+                            prim::st_relaxed_gpu_u64(slot(half, chunk as u32) + 8, part.lse.s.to_bits() as u64 | tag);
                         }
                     }
-                    prim::fence_acq_rel_gpu();
+                } else {
+                    if tid == 0 {
+                        unsafe {
+                            part.st_global::<M>(slot(half, chunk as u32));
+                            prim::red_add_release_gpu_u32(counter, 1);
+                            wait_for_count(counter, n_chunks * (scored + 1));
+                        }
+                        prim::fence_acq_rel_gpu();
+                    }
+                    prim::sync_threads();
                 }
-                prim::sync_threads();
                 // Every warp merges the group's summaries itself (lane i reads summary i, i + 32,
                 // ...): the same bits in every warp and every CTA of the group, no barrier.
                 let mut acc = Part::EMPTY;
                 let mut q = tid % 32;
                 while q < n_chunks {
-                    acc = acc.merge::<M>(unsafe { Part::ld_global_cg::<M>(slot(half, q)) });
+                    let summary = if tagged {
+                        let (m, s) = unsafe { wait_for_tagged(slot(half, q), tag) };
+                        Part { lse: reduce::Lse2 { m, s }, ..Part::EMPTY }
+                    } else {
+                        unsafe { Part::ld_global_cg::<M>(slot(half, q)) }
+                    };
+                    acc = acc.merge::<M>(summary);
                     q += 32;
                 }
                 let total = acc.warp_merge::<M>();
@@ -1018,6 +1050,37 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
         // The stash and the reduction scratch serve the next row.
         prim::sync_threads();
         row += groups;
+    }
+}
+
+/// Waits until the counter at `counter` reaches `target` (acquire). Bounded: a group that never
+/// completes (a bug, or a launch that was not resident at once) traps, an error the host
+/// reports, not a hung GPU.
+#[inline(always)]
+unsafe fn wait_for_count(counter: u64, target: u32) {
+    let mut spins = 0u32;
+    while unsafe { prim::ld_acquire_gpu_u32(counter) } < target {
+        spins += 1;
+        if spins == SPLIT_MAX_SPINS {
+            prim::trap();
+        }
+    }
+}
+
+/// Waits until both words of the tagged summary at `at` carry `tag` (in their high halves) and
+/// returns its `(m, s)`; bounded as [`wait_for_count`].
+#[inline(always)]
+unsafe fn wait_for_tagged(at: u64, tag: u64) -> (f32, f32) {
+    let mut spins = 0u32;
+    loop {
+        let (m, s) = unsafe { (prim::ld_relaxed_gpu_u64(at), prim::ld_relaxed_gpu_u64(at + 8)) };
+        if (m & !0xffff_ffff) == tag && (s & !0xffff_ffff) == tag {
+            return (f32::from_bits(m as u32), f32::from_bits(s as u32));
+        }
+        spins += 1;
+        if spins == SPLIT_MAX_SPINS {
+            prim::trap();
+        }
     }
 }
 
