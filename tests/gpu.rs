@@ -892,7 +892,7 @@ fn small_calls_in_one_launch_match_three_launches_bit_for_bit() {
 /// a forward alone, all rows ignored, in each dtype and label type, at cluster sizes from 16 CTAs
 /// (1-4 rows of Llama 3's vocabulary) down (a one-row call finishes from the loss in a register,
 /// `finish_one_row`); and report out-of-range labels as those do. Toggles
-/// the shared handle's hooks (and restores `XENT_SMALL_KERNEL`'s choice); the other tests pass
+/// the shared handle's hooks (and restores the handle's choice); the other tests pass
 /// on either path.
 #[test]
 fn small_call_kernels_match_three_launches_bit_for_bit() {
@@ -927,6 +927,7 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
             },
         ),
     ]);
+    let small_kernel_before = xent.small_kernel_on();
     xent.set_small_kernel(true);
     let (mut failures, mut not_taken, mut cases) = (Vec::new(), Vec::new(), 0);
     // Labels: random with a sixth ignored; in the first, a middle and the last chunk; none scored.
@@ -1029,7 +1030,7 @@ fn small_call_kernels_match_three_launches_bit_for_bit() {
     }
     // Out-of-range labels, in the small kernel at Llama 3's vocabulary.
     failures.extend(out_of_range_failures(xent, &stream, llm));
-    xent.set_small_kernel(std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0"));
+    xent.set_small_kernel(small_kernel_before);
     xent_tests::report(&format!(
         "small-call kernels on the GPU: {cases} cases, {} not taken, {} failed",
         not_taken.len(),

@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     };
     let stream = xent.context().default_stream();
-    let small_kernels = std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0");
+    let small_kernels = xent.small_kernel_on();
     for n in rows_list {
         let shape = Shape::flat(n, VOCAB);
         let opts = Options::default();

@@ -291,6 +291,13 @@ impl CrossEntropy {
         self.small_kernel.store(on, Ordering::Relaxed);
     }
 
+    /// Testing hook: the handle's choice that [`set_small_kernel`](Self::set_small_kernel) sets
+    /// (from `XENT_SMALL_KERNEL` when the handle is made).
+    #[doc(hidden)]
+    pub fn small_kernel_on(&self) -> bool {
+        self.small_kernel.load(Ordering::Relaxed)
+    }
+
     /// Whether a call of `rows` rows under `launch_plan`, taking one launch (`self_finish`), runs
     /// the small-call kernels: the handle's choice ([`set_small_kernel`](Self::set_small_kernel))
     /// and [`plan::small_kernel`].
