@@ -1627,6 +1627,7 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 n_chunks,
                 groups,
                 smem_bytes,
+                in_l2: false,
             } = got
             else {
                 panic!("{got:?}");
@@ -1697,6 +1698,108 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
         ),
         Err(Error::PlanDoesNotFit(_))
     ));
+}
+
+/// The split_l2 plan (forced only): sm_80's, the plain loss's, chunks of at most
+/// `SPLIT_L2_CHUNK_BYTES` that need no room in shared memory (a forced chunk of any size fits),
+/// only the reduction's scratch a CTA, and four summary slots a CTA before the groups' counters.
+#[test]
+fn split_l2_plan_keeps_no_chunk_in_shared_memory_and_only_runs_the_plain_loss() {
+    let a100 = DeviceLimits::A100;
+    let forced = |chunk_len| PlanChoice::SplitL2 { chunk_len };
+    assert!(matches!(
+        plan::plan(64, 128256, DType::Bf16, DeviceLimits::H100, forced(None)),
+        Err(Error::PlanDoesNotFit(_))
+    ));
+    let options_kernels = plan::plan_with(
+        64,
+        128256,
+        DType::Bf16,
+        a100,
+        forced(None),
+        plan::KernelTraits {
+            split_l2: false,
+            ..plan::KernelTraits::PLAIN
+        },
+        &mut |_| None,
+    );
+    assert!(
+        matches!(options_kernels, Err(Error::PlanDoesNotFit(_))),
+        "{options_kernels:?}"
+    );
+    for (vocab, dtype) in [
+        (128256, DType::Bf16),
+        (262144, DType::Bf16),
+        (151936, DType::F16),
+        (128256, DType::F32),
+        (1000, DType::F32),
+    ] {
+        // The automatic plan does not take it.
+        let auto = plan::plan(8192, vocab, dtype, a100, PlanChoice::Auto).unwrap();
+        assert!(
+            !matches!(auto, LaunchPlan::Split { in_l2: true, .. }),
+            "{auto:?}"
+        );
+        for rows in [1, 7, 4096] {
+            let got = plan::plan(rows, vocab, dtype, a100, forced(None)).unwrap();
+            let LaunchPlan::Split {
+                threads,
+                chunk_len,
+                n_chunks,
+                groups,
+                smem_bytes,
+                in_l2: true,
+            } = got
+            else {
+                panic!("{got:?}");
+            };
+            let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
+            let chunk_len = chunk_len as usize;
+            assert!(
+                chunk_len.is_multiple_of(8)
+                    && chunk_len * dtype.bytes() <= plan::SPLIT_L2_CHUNK_BYTES,
+                "{what}"
+            );
+            assert_eq!(
+                n_chunks as usize,
+                (vocab * dtype.bytes()).div_ceil(plan::SPLIT_L2_CHUNK_BYTES),
+                "{what}"
+            );
+            assert!(n_chunks as usize * chunk_len >= vocab, "{what}");
+            assert!(
+                threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
+                "{what}"
+            );
+            assert_eq!(smem_bytes, xent::abi::SMEM_STASH_OFFSET, "{what}");
+            assert_eq!(
+                groups as usize,
+                ((a100.sm_count / n_chunks) as usize).min(rows),
+                "{what}"
+            );
+            assert_eq!(
+                plan::partials_len(rows, &got),
+                groups as usize
+                    * (plan::SPLIT_L2_SLOTS * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
+                "{what}"
+            );
+        }
+    }
+    // No shared memory to fit: a chunk the split plan refuses is taken; a chunk must still be a
+    // positive multiple of 8.
+    assert!(matches!(
+        plan::plan(8, 1 << 21, DType::F32, a100, forced(Some(1 << 20))),
+        Ok(LaunchPlan::Split {
+            n_chunks: 2,
+            in_l2: true,
+            ..
+        })
+    ));
+    for bad in [0, 12] {
+        assert!(matches!(
+            plan::plan(8, 4096, DType::F32, a100, forced(Some(bad))),
+            Err(Error::PlanDoesNotFit(_))
+        ));
+    }
 }
 
 #[test]

@@ -86,6 +86,7 @@ fn every_plan<T: xent::Element>(
         PlanChoice::Fused,
         PlanChoice::Chunked { chunk_len: None },
         PlanChoice::Split { chunk_len: None },
+        PlanChoice::SplitL2 { chunk_len: None },
     ] {
         case.opts.plan = plan;
         let fits = xent.plan_for(&case.shape, T::DTYPE, &case.opts);
@@ -312,6 +313,89 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
     }
     xent_tests::report(&format!(
         "split plan, many rows a group: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
+/// The split_l2 plan (sm_80, the plain loss): each CTA reduces its group's next row before it
+/// writes a row's gradient from its chunk read again, and its summaries cycle through four slots.
+/// Many rows a group (so every slot is reused), a third of the rows ignored, aligned and unaligned
+/// strides, one chunk a row, a few, and more than a warp's lanes (each lane merging several
+/// summaries), every dtype and label type, against the reference (the forward-only kernel runs in
+/// two_phase.rs); options it has no kernels for are refused.
+#[test]
+fn split_l2_plan_reduces_a_row_ahead_and_matches_the_reference() {
+    let Some(xent) = gpu() else { return };
+    if xent.limits().max_cluster > 1 {
+        xent_tests::report("split_l2 plan: the cluster plan runs here (XENT_ARCH=sm_80 runs it)");
+        return;
+    }
+    let refused = xent.plan_for(
+        &Shape::flat(64, 32000),
+        DType::Bf16,
+        &Options {
+            label_smoothing: 0.1,
+            plan: PlanChoice::SplitL2 { chunk_len: None },
+            ..Options::default()
+        },
+    );
+    assert!(
+        matches!(refused, Err(Error::PlanDoesNotFit(_))),
+        "{refused:?}"
+    );
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    let shapes: &[(usize, usize)] = if sanitizing() {
+        &[(2048, 64), (1000, 1000)]
+    } else {
+        &[(2048, 64), (1000, 1000), (32000, 4096), (32000, 512)]
+    };
+    for &(vocab, chunk_len) in shapes {
+        for dtype in DTYPES {
+            for extra in [0, 3] {
+                let opts = Options {
+                    plan: PlanChoice::SplitL2 {
+                        chunk_len: Some(chunk_len),
+                    },
+                    ..Options::default()
+                };
+                let plan = xent.plan_for(&Shape::flat(1 << 20, vocab), dtype, &opts);
+                let Ok(xent::LaunchPlan::Split {
+                    groups,
+                    in_l2: true,
+                    ..
+                }) = plan
+                else {
+                    panic!(
+                        "{vocab} x {chunk_len} {}: expected a split_l2 plan, got {plan:?}",
+                        dtype.name()
+                    );
+                };
+                // Every group walks at least nine rows: each of its four slots twice.
+                let rows = 9 * groups as usize + 5;
+                let mut case = Case::new(rows, vocab);
+                case.shape = Shape::flat(rows, vocab).with_row_stride(vocab + extra);
+                case.opts = opts;
+                case.ignored = 0.3;
+                case.seed = (vocab + extra + chunk_len) as u64;
+                for result in [
+                    run_case_dtype::<i64>(xent, &xent.context().default_stream(), dtype, &case),
+                    run_case_dtype::<i32>(xent, &xent.context().default_stream(), dtype, &case),
+                ] {
+                    cases += 1;
+                    if let Err(msg) = result {
+                        failures.push(format!(
+                            "{vocab} x {chunk_len} {} stride +{extra}: {msg}",
+                            dtype.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "split_l2 plan, many rows a group: {cases} cases, {} failed",
         failures.len()
     ));
     assert_no_failures(&failures);

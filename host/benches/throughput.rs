@@ -8,9 +8,10 @@
 //! First line: `{"copy_GBps": ...}` measured in this process; then one line per config and option
 //! set (method `xent` without options, `xent[NAME]` with: the cost of each option when on, on the
 //! same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX: `XENT_ARCH=sm_80` on an
-//! H100/H200), `split:LEN`, cluster, or a forced cluster plan `cluster:N` (N CTAs per row),
-//! `cluster:N:T` or `cluster::T` (T threads per CTA). `--ignore-every K` ignores rows 0, K, 2K,
-//! ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more
+//! H100/H200), `split:LEN`, `split_l2[:LEN]`, cluster, or a forced cluster plan `cluster:N` (N
+//! CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA); `XENT_BENCH_PLAN` sets it
+//! too (`run.sh ab` variants: `embedded+XENT_BENCH_PLAN=split_l2`). `--ignore-every K` ignores
+//! rows 0, K, 2K, ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more
 //! than a zero fill). `--spread S`: logits uniform in `±S` (default 3.45); with a soft cap of 30,
 //! an S above 9 (12, 30) sends vectors past the cluster kernels' shorter (cubic, wide) polynomial,
 //! the last to `tanh` element by element. `--explain` adds, before each timed line, one `{"candidate": ...}`
@@ -95,7 +96,12 @@ fn add_option(opts: &mut Options, name: &str, v: usize) -> Result<(), String> {
 
 fn parse_args() -> Result<Args, String> {
     let mut configs = DEFAULT_CONFIGS.trim().to_string();
-    let (mut iters, mut plan) = (20, PlanChoice::Auto);
+    // `XENT_BENCH_PLAN` (as `--plan`): a plan per variant of `run.sh ab`.
+    let mut plan = match std::env::var("XENT_BENCH_PLAN") {
+        Ok(text) => common::parse_plan(Some(&text))?,
+        Err(_) => PlanChoice::Auto,
+    };
+    let mut iters = 20;
     let mut options = vec!["none".to_string()];
     let mut explain = false;
     let mut ignore_every = 7;

@@ -56,6 +56,8 @@ pub(crate) enum XentKind {
     ClusterSmall,
     /// sm_80 only.
     Split,
+    /// sm_80 only, the plain loss only: the split plan with the chunks left in L2.
+    SplitL2,
 }
 
 impl XentKind {
@@ -68,6 +70,7 @@ impl XentKind {
             XentKind::Cluster => "cluster",
             XentKind::ClusterSmall => "cluster_small",
             XentKind::Split => "split",
+            XentKind::SplitL2 => "split_l2",
         }
     }
 }
@@ -151,7 +154,7 @@ impl Kernel {
 pub(crate) fn variants_of(kind: XentKind) -> &'static [&'static str] {
     match kind {
         XentKind::Fused | XentKind::Cluster | XentKind::Split => &VARIANTS,
-        XentKind::ClusterSmall => &[""],
+        XentKind::ClusterSmall | XentKind::SplitL2 => &[""],
         XentKind::ChunkPartial => &["", "coef_", "acc_", "cap_", "opt_"],
         XentKind::ChunkGrad | XentKind::Backward => &["", "coef_", "cap_", "opt_"],
     }
@@ -198,7 +201,7 @@ pub(crate) fn cluster_kernels() -> Vec<Kernel> {
 
 /// The split-plan kernels (sm_80 only).
 pub(crate) fn split_kernels() -> Vec<Kernel> {
-    xent_kernels(&[XentKind::Split])
+    xent_kernels(&[XentKind::Split, XentKind::SplitL2])
 }
 
 /// Every kernel both PTX files provide.
@@ -260,6 +263,7 @@ pub(crate) fn kernel_traits(variant: &str) -> KernelTraits {
     KernelTraits {
         keep: cluster_keep(variant),
         split_automatic: !matches!(variant, "capacc_" | "wsm_"),
+        split_l2: variant.is_empty(),
     }
 }
 

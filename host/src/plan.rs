@@ -124,6 +124,13 @@ pub enum PlanChoice {
     /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
     /// automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
+    /// sm_80, the plain loss only, forced (not yet measured against [`PlanChoice::Split`]): the
+    /// split plan with each CTA's chunk left in L2 between its two passes instead of kept in shared
+    /// memory. A CTA reduces its group's next row before it writes a row's gradient, so it waits
+    /// for its group a row behind its own reads, and only registers limit the resident CTAs.
+    /// `chunk_len` (a positive multiple of 8) or the automatic choice
+    /// ([`auto_split_l2_chunk_len`]).
+    SplitL2 { chunk_len: Option<usize> },
 }
 
 /// A planned launch of the cross-entropy kernels.
@@ -145,13 +152,14 @@ pub enum LaunchPlan {
         smem_bytes: u32,
     },
     /// `groups` groups of `n_chunks` CTAs, every CTA resident at once (see
-    /// [`PlanChoice::Split`]).
+    /// [`PlanChoice::Split`]); `in_l2`: the chunks are left in L2 ([`PlanChoice::SplitL2`]).
     Split {
         threads: u32,
         chunk_len: u32,
         n_chunks: u32,
         groups: u32,
         smem_bytes: u32,
+        in_l2: bool,
     },
 }
 
@@ -186,6 +194,8 @@ pub struct KernelTraits {
     /// Whether the automatic plan may take the split plan for sm_80's long rows (not where the
     /// variant's split kernels were measured slower than the chunked plan).
     pub split_automatic: bool,
+    /// Whether the variant has kernels for [`PlanChoice::SplitL2`] (the plain loss only).
+    pub split_l2: bool,
 }
 
 impl KernelTraits {
@@ -193,6 +203,7 @@ impl KernelTraits {
     pub const PLAIN: KernelTraits = KernelTraits {
         keep: CLUSTER_KEEP,
         split_automatic: true,
+        split_l2: true,
     };
 }
 
@@ -307,7 +318,32 @@ pub fn plan_with(
                 ));
             }
             let chunk_len = chunk_len.unwrap_or_else(|| auto_split_chunk_len(vocab, dtype));
-            split_plan(rows, vocab, dtype, limits, chunk_len, active_clusters)
+            split_plan(
+                rows,
+                vocab,
+                dtype,
+                limits,
+                chunk_len,
+                false,
+                active_clusters,
+            )
+        }
+        PlanChoice::SplitL2 { chunk_len } => {
+            if limits.max_cluster > 1 {
+                return Err(Error::PlanDoesNotFit(
+                    "the split_l2 plan is the sm_80 kernels' (this device runs the cluster plan)"
+                        .into(),
+                ));
+            }
+            if !traits.split_l2 {
+                return Err(Error::PlanDoesNotFit(
+                    "the split_l2 plan has kernels for the plain loss only (no loss options, \
+                     class weights or token accuracy)"
+                        .into(),
+                ));
+            }
+            let chunk_len = chunk_len.unwrap_or_else(|| auto_split_l2_chunk_len(vocab, dtype));
+            split_plan(rows, vocab, dtype, limits, chunk_len, true, active_clusters)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
             let (size, threads) = auto_shape(None, active_clusters);
@@ -324,10 +360,18 @@ pub fn plan_with(
                 // run; else the chunked plan, which reads them twice but cuts few rows finer.
                 _ if traits.split_automatic => {
                     let chunk_len = auto_split_chunk_len(vocab, dtype);
-                    split_plan(rows, vocab, dtype, limits, chunk_len, active_clusters)
-                        .ok()
-                        .filter(|plan| split_is_full(plan, rows))
-                        .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
+                    split_plan(
+                        rows,
+                        vocab,
+                        dtype,
+                        limits,
+                        chunk_len,
+                        false,
+                        active_clusters,
+                    )
+                    .ok()
+                    .filter(|plan| split_is_full(plan, rows))
+                    .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
                 _ => chunked(auto_chunk_len(rows, vocab, limits)),
             }
@@ -770,7 +814,27 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
 /// multiple of 8 elements.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
-    let n_chunks = (vocab * dtype.bytes()).div_ceil(SPLIT_CHUNK_BYTES).max(1);
+    even_chunk_len(vocab, dtype, SPLIT_CHUNK_BYTES)
+}
+
+/// Bytes of a row each CTA of the split_l2 plan reads, at most: one batch of [`UNROLL`] vectors
+/// for each of [`SPLIT_MAX_THREADS`] threads. Its L2 holds two chunks a resident CTA (the one
+/// reduced, the one whose gradient is written): 20 MiB for 320 CTAs (108 SMs at three), half an
+/// A100's L2. Not yet measured against other sizes (force `chunk_len` to compare).
+pub const SPLIT_L2_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Summary slots a CTA of the split_l2 plan cycles through (`SPLIT_L2_SLOTS` in the kernel).
+pub const SPLIT_L2_SLOTS: usize = 4;
+
+/// The split_l2 plan's automatic chunk: the fewest chunks of at most [`SPLIT_L2_CHUNK_BYTES`], even
+/// to a multiple of 8 elements.
+pub fn auto_split_l2_chunk_len(vocab: usize, dtype: DType) -> usize {
+    even_chunk_len(vocab, dtype, SPLIT_L2_CHUNK_BYTES)
+}
+
+/// The fewest chunks of `vocab` of at most `bytes`, even to a multiple of 8 elements.
+fn even_chunk_len(vocab: usize, dtype: DType, bytes: usize) -> usize {
+    let n_chunks = (vocab * dtype.bytes()).div_ceil(bytes).max(1);
     vocab.div_ceil(n_chunks).next_multiple_of(8)
 }
 
@@ -785,20 +849,27 @@ fn check_chunk_len(chunk_len: usize) -> Result<()> {
     Ok(())
 }
 
-/// The split plan of `rows` rows of `vocab` with chunks of `chunk_len`: `groups` as many groups of
-/// CTAs as are resident at once (`resident`, the device's answer for the launch with one group;
-/// without one, one CTA per SM), at most one per row.
+/// The split plan of `rows` rows of `vocab` with chunks of `chunk_len` (`in_l2`: the chunks left in
+/// L2, no stash in shared memory): `groups` as many groups of CTAs as are resident at once
+/// (`resident`, the device's answer for the launch with one group; without one, one CTA per SM),
+/// at most one per row.
 fn split_plan(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
     chunk_len: usize,
+    in_l2: bool,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
-    let smem_bytes = fused_smem_bytes(chunk_len, dtype)
+    let stash = if in_l2 {
+        Some(SMEM_STASH_OFFSET)
+    } else {
+        fused_smem_bytes(chunk_len, dtype)
+    };
+    let smem_bytes = stash
         .filter(|&b| b <= limits.max_smem_per_block)
         .ok_or_else(|| {
             Error::PlanDoesNotFit(format!(
@@ -815,6 +886,7 @@ fn split_plan(
         n_chunks,
         groups: groups as u32,
         smem_bytes,
+        in_l2,
     };
     let ctas = resident(&with_groups(1)).unwrap_or(limits.sm_count) as usize;
     let groups = (ctas / n_chunks as usize).min(rows.max(1));
@@ -880,12 +952,20 @@ pub fn scale_tiles(vocab: usize) -> usize {
 pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
     match *launch {
         LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
-        // Two summaries per CTA, then a counter per group.
+        // Two summaries per CTA (split_l2: `SPLIT_L2_SLOTS`), then a counter per group.
         LaunchPlan::Split {
-            n_chunks, groups, ..
-        } => (2 * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
+            n_chunks,
+            groups,
+            in_l2,
+            ..
+        } => (split_slots(in_l2) * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
     }
+}
+
+/// Summary slots a split plan's CTA has in `partials` (before the groups' counters).
+pub fn split_slots(in_l2: bool) -> usize {
+    if in_l2 { SPLIT_L2_SLOTS } else { 2 }
 }
 
 /// The scaling kernel's grid: (tiles per row, blocks). Its blocks loop over the tiles, so the grid

@@ -309,6 +309,17 @@ kernels! {
     xent_split_opt_f32_i64(XentParams) => xent::split::<F32, i64, Full>;
 }
 
+// The split plan with the chunks left in L2 (`xent::split_l2`): sm_80, the plain loss only.
+#[cfg(not(any(xent_cluster, xent_wgmma)))]
+kernels! {
+    xent_split_l2_bf16_i32(XentParams) => xent::split_l2::<Bf16, i32, Plain>;
+    xent_split_l2_bf16_i64(XentParams) => xent::split_l2::<Bf16, i64, Plain>;
+    xent_split_l2_f16_i32(XentParams) => xent::split_l2::<F16, i32, Plain>;
+    xent_split_l2_f16_i64(XentParams) => xent::split_l2::<F16, i64, Plain>;
+    xent_split_l2_f32_i32(XentParams) => xent::split_l2::<F32, i32, Plain>;
+    xent_split_l2_f32_i64(XentParams) => xent::split_l2::<F32, i64, Plain>;
+}
+
 // The sm_90a module: Hopper's warpgroup MMA, which PTX for plain sm_90 cannot name (and which
 // newer GPUs cannot JIT), so it lives apart from the main PTX.
 #[cfg(xent_wgmma)]

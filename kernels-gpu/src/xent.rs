@@ -1053,6 +1053,174 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
 }
 
+/// Summary slots a [`split_l2`] CTA cycles through. A CTA stores its summary of the group's
+/// `k`-th scored row only after it has merged row `k - 2`'s, for which every CTA of the group had
+/// stored row `k - 2`'s summary, and so had finished merging row `k - 4`'s (a CTA merges row
+/// `j` before it reduces row `j + 2`); rows `k - 3` to `k - 1` may still be read. Four slots,
+/// the row's index modulo four, never overwrite a summary still to be read.
+const SPLIT_L2_SLOTS: u64 = 4;
+
+/// A row between a [`split_l2`] CTA's two passes.
+#[derive(Clone, Copy)]
+struct Reduced {
+    row: u64,
+    target: Target,
+    /// The label's logit, read by thread 0 of the CTA whose chunk holds it, before any gradient
+    /// of the row is written.
+    x_label: f32,
+    y_ref: f32,
+    /// Scored rows of the group before this one: its summaries' slot and (plus one) tag.
+    index: u32,
+}
+
+/// Split plan with the chunks left in L2 (sm_80, plain loss; `PlanChoice::SplitL2`): as in
+/// [`split`], a row is cut into `n_chunks` chunks, one per CTA of a group of a cooperative launch,
+/// and the groups walk the rows; but no CTA keeps its chunk on chip. A CTA reduces its chunk of a
+/// row (read from HBM), stores its summary, and reduces its chunk of the group's next row before it
+/// merges the first row's summaries and writes that row's gradient, reading the chunk again: from
+/// L2, where it was read one row earlier. The wait for the group is a row behind the CTA's own
+/// reads, and without a stash in shared memory, registers alone limit the resident CTAs. The
+/// summaries travel tagged as in [`split`] (two `(value, tag)` words, the tag the group's scored
+/// rows before the row plus one), in [`SPLIT_L2_SLOTS`] slots a CTA.
+///
+/// `partials`: `groups x SPLIT_L2_SLOTS x n_chunks` summaries of 16 bytes, then `groups`
+/// counters that must be 0 at launch.
+///
+/// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
+/// shared memory = `SMEM_STASH_OFFSET` (the reduction scratch).
+#[inline(always)]
+pub unsafe fn split_l2<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    let tid = thread_idx();
+    let n_chunks = p.n_chunks;
+    let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
+    let groups = (prim::grid_dim() / n_chunks) as u64;
+    let counter = p.partials + groups * SPLIT_L2_SLOTS * n_chunks as u64 * 16 + 4 * group;
+    // Chunk `q`'s summary of the group's scored row `index`.
+    let slot = |index: u32, q: u32| {
+        p.partials + ((group * SPLIT_L2_SLOTS + index as u64 % SPLIT_L2_SLOTS) * n_chunks as u64 + q as u64) * 16
+    };
+    let local = chunk as u32 * p.chunk_len;
+    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
+    let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+    // This CTA's slots, cleared behind the launch's one counter wait (see `split`).
+    if tid == 0 {
+        unsafe {
+            for index in 0..SPLIT_L2_SLOTS as u32 {
+                prim::st_relaxed_gpu_u64(slot(index, chunk as u32), 0);
+                prim::st_relaxed_gpu_u64(slot(index, chunk as u32) + 8, 0);
+            }
+            prim::red_add_release_gpu_u32(counter, 1);
+            wait_for_count(counter, n_chunks);
+        }
+        prim::fence_acq_rel_gpu();
+    }
+    prim::sync_threads();
+    let mut scored = 0u32;
+    // The row reduced one step ago, whose gradient this step writes.
+    let mut behind: Option<Reduced> = None;
+    let mut row = group;
+    loop {
+        // First pass over this step's row.
+        let ahead = if row < p.rows.n_rows {
+            let seg = seg_of(row);
+            let target = unsafe { row_target::<L>(&p.rows, row) };
+            let mut reduced = Reduced { row, target, x_label: 0.0, y_ref: 0.0, index: scored };
+            if let Target::Class(label) = target {
+                let local_label = label.wrapping_sub(local);
+                if local_label < seg.len && tid == 0 {
+                    reduced.x_label = T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) });
+                }
+                let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
+                reduced.y_ref = ctx.y_ref;
+                let part = unsafe { reduce_segment::<T, M>(&seg, Source::Global, &p.opts, &ctx) };
+                // Synced: the next row's merge writes the scratch without another barrier.
+                let part = part.block_merge::<M>();
+                if tid == 0 {
+                    let tag = ((scored + 1) as u64) << 32;
+                    unsafe {
+                        prim::st_relaxed_gpu_u64(slot(scored, chunk as u32), part.lse.m.to_bits() as u64 | tag);
+                        prim::st_relaxed_gpu_u64(slot(scored, chunk as u32) + 8, part.lse.s.to_bits() as u64 | tag);
+                    }
+                }
+                scored += 1;
+            }
+            Some(reduced)
+        } else {
+            None
+        };
+        // Second pass over the row before: its gradient, its chunk read again.
+        if let Some(r) = behind {
+            unsafe { split_l2_finish_row::<T, M>(p, &r, &seg_of(r.row), local, chunk == 0, |q| slot(r.index, q)) };
+        }
+        match ahead {
+            Some(reduced) => behind = Some(reduced),
+            None => break,
+        }
+        row += groups;
+    }
+}
+
+/// [`split_l2`]'s second pass over row `r` (segment `seg`, from column `local`): its group's
+/// summaries merged by every warp (`slot(q)` holds chunk `q`'s), then its gradient and, in the CTA
+/// whose chunk holds the label (`first` for rows that are not scored), its outputs.
+#[inline(always)]
+unsafe fn split_l2_finish_row<T: Element, M: Mode>(
+    p: &XentParams,
+    r: &Reduced,
+    seg: &Segment,
+    local: u32,
+    first: bool,
+    slot: impl Fn(u32) -> u64,
+) {
+    let tid = thread_idx();
+    let Target::Class(label) = r.target else {
+        if p.mode != MODE_FORWARD {
+            unsafe { zero_segment::<T>(seg, 0) };
+        }
+        if first && tid == 0 {
+            unsafe { write_unscored_row::<M>(p, r.row, r.target) };
+        }
+        return;
+    };
+    let tag = ((r.index + 1) as u64) << 32;
+    let mut acc = Part::EMPTY;
+    let mut q = tid % 32;
+    while q < p.n_chunks {
+        let (m, s) = unsafe { wait_for_tagged(slot(q), tag) };
+        acc = acc.merge::<M>(Part { lse: reduce::Lse2 { m, s }, ..Part::EMPTY });
+        q += 32;
+    }
+    let total = acc.warp_merge::<M>();
+    let c = unsafe { opts::coef::<M>(p, &total, label, local) };
+    let local_label = label.wrapping_sub(local);
+    if p.mode != MODE_FORWARD {
+        if !M::OPTS && !c.lse2_a.is_nan() {
+            unsafe { grad_global::<T, M, true>(seg, &p.opts, &c, local_label) };
+        } else {
+            unsafe { grad_global::<T, M, false>(seg, &p.opts, &c, local_label) };
+        }
+    }
+    if local_label < seg.len && tid == 0 {
+        unsafe { write_scored_row::<M>(p, r.row, &total, label, r.x_label, r.y_ref, &c) };
+    }
+}
+
+/// The gradient of `seg` (not `Full`) read from global memory and written in place, a batch of
+/// `UNROLL` vectors a thread at a time; with `FOLD` the scale rides in the exponent (see
+/// [`grad_and_reduce_next`]).
+#[inline(always)]
+unsafe fn grad_global<T: Element, M: Mode, const FOLD: bool>(seg: &Segment, o: &OptParams, c: &Coef, label: u32) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let load = |start: u32| unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
+    let mut v = tid;
+    while v < seg.n_vec {
+        let words = load_batch::<T>(seg, v, step, load);
+        unsafe { grad_batch::<T, M, FOLD>(seg, &words, v, step, o, c, label, 0, |_| {}) };
+        v += UNROLL * step;
+    }
+    unsafe { grad_scalar::<T, M>(seg, None, o, c, label, 0) };
+}
+
 /// Waits until the counter at `counter` reaches `target` (acquire). Bounded: a group that never
 /// completes (a bug, or a launch that was not resident at once) traps, an error the host
 /// reports, not a hung GPU.

@@ -252,6 +252,9 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_split_bf16_", 80),
     ("xent_split_f16_", 80),
     ("xent_split_f32_", 80),
+    // The split plan with the chunks in L2 (session 38): 80-96 uncapped; at 72 it spills 24-60
+    // bytes, at 80 none (three 256-thread CTAs an SM).
+    ("xent_split_l2_", 80),
     ("xent_cluster_bf16_", 40),
     ("xent_cluster_f16_", 40),
     ("xent_cluster_f32_", 40),

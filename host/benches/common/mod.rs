@@ -40,7 +40,7 @@ pub fn event_ms(
 }
 
 /// A plan as the benches' command lines and `XENT_SMALL_PLAN` spell it:
-/// `auto|fused|chunked|split[:LEN]|cluster[:N[:T]]` (`cluster::T`: T threads per CTA, the size
+/// `auto|fused|chunked|split[:LEN]|split_l2[:LEN]|cluster[:N[:T]]` (`cluster::T`: T threads per CTA, the size
 /// automatic). (lse_gemm.rs has no plan.)
 #[allow(dead_code)]
 pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
@@ -50,11 +50,11 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         Some("chunked") => PlanChoice::Chunked { chunk_len: None },
         Some("split") => PlanChoice::Split { chunk_len: None },
         Some(forced) if forced.starts_with("split:") => PlanChoice::Split {
-            chunk_len: Some(
-                forced[6..]
-                    .parse()
-                    .map_err(|_| format!("bad chunk length in {forced}"))?,
-            ),
+            chunk_len: Some(chunk_len(forced, 6)?),
+        },
+        Some("split_l2") => PlanChoice::SplitL2 { chunk_len: None },
+        Some(forced) if forced.starts_with("split_l2:") => PlanChoice::SplitL2 {
+            chunk_len: Some(chunk_len(forced, 9)?),
         },
         Some("cluster") => PlanChoice::Cluster {
             size: None,
@@ -77,8 +77,16 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         }
         other => {
             return Err(format!(
-                "plan auto|fused|chunked|split[:LEN]|cluster[:N[:T]], not {other:?}"
+                "plan auto|fused|chunked|split[:LEN]|split_l2[:LEN]|cluster[:N[:T]], not {other:?}"
             ));
         }
     })
+}
+
+/// The chunk length after the first `at` bytes of a forced plan (`split:LEN`).
+#[allow(dead_code)]
+fn chunk_len(forced: &str, at: usize) -> Result<usize, String> {
+    forced[at..]
+        .parse()
+        .map_err(|_| format!("bad chunk length in {forced}"))
 }

@@ -323,12 +323,15 @@ impl CrossEntropy {
                     n_chunks,
                     groups,
                     smem_bytes,
+                    in_l2,
                 } => {
                     params.n_chunks = n_chunks;
                     params.chunk_len = chunk_len;
                     // The groups' counters, after their summaries, start at 0.
-                    let summaries =
-                        2 * crate::abi::PARTIAL_WORDS * n_chunks as usize * groups as usize;
+                    let summaries = plan::split_slots(in_l2)
+                        * crate::abi::PARTIAL_WORDS
+                        * n_chunks as usize
+                        * groups as usize;
                     // SAFETY: `out.partials` holds `partials_len` words (checked by the caller).
                     unsafe {
                         cudarc::driver::result::memset_d8_async(
@@ -343,7 +346,7 @@ impl CrossEntropy {
                         block_dim: (threads, 1, 1),
                         shared_mem_bytes: smem_bytes,
                     };
-                    let function = self.kernel(kernel(XentKind::Split))?;
+                    let function = self.kernel(kernel(split_kind(in_l2)))?;
                     // SAFETY: as in `launch`; the plan sized the grid to what is resident at once,
                     // and the driver refuses a cooperative launch that is not.
                     unsafe {
@@ -538,7 +541,16 @@ pub(crate) fn main_kernels(
         LaunchPlan::Fused { .. } => [kernel(XentKind::Fused), None],
         LaunchPlan::Chunked { .. } => [kernel(XentKind::ChunkPartial), kernel(XentKind::ChunkGrad)],
         LaunchPlan::Cluster { .. } => [kernel(cluster_kind(small_kernel)), None],
-        LaunchPlan::Split { .. } => [kernel(XentKind::Split), None],
+        LaunchPlan::Split { in_l2, .. } => [kernel(split_kind(*in_l2)), None],
+    }
+}
+
+/// The kernel kind of a split plan (`in_l2`: the chunks left in L2).
+pub(crate) fn split_kind(in_l2: bool) -> XentKind {
+    if in_l2 {
+        XentKind::SplitL2
+    } else {
+        XentKind::Split
     }
 }
 

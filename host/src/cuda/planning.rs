@@ -7,6 +7,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 
 use super::CrossEntropy;
 use super::driver::{cluster_attribute, cluster_config};
+use super::launch::split_kind;
 use crate::error::{Error, Result};
 use crate::kernels::{
     ClusterLaunchKey, Kernel, PLAN_CACHE_MAX, XentKind, cluster_keep, kernel_traits, variant,
@@ -73,7 +74,7 @@ impl CrossEntropy {
     ) -> Result<()> {
         let (kind, threads) = match *made {
             LaunchPlan::Cluster { threads, .. } => (XentKind::Cluster, threads),
-            LaunchPlan::Split { threads, .. } => (XentKind::Split, threads),
+            LaunchPlan::Split { threads, in_l2, .. } => (split_kind(in_l2), threads),
             _ => return Ok(()),
         };
         if threads <= plan::MAX_THREADS {
@@ -134,10 +135,11 @@ impl CrossEntropy {
         )
     }
 
-    /// CTAs of the split kernel of `variant` for `dtype` the device runs at once with `threads`
-    /// and `smem_bytes` each (`None` if the driver cannot say).
+    /// CTAs of the split kernel (`kind`) of `variant` for `dtype` the device runs at once with
+    /// `threads` and `smem_bytes` each (`None` if the driver cannot say).
     fn resident_split_ctas(
         &self,
+        kind: XentKind,
         variant: &'static str,
         dtype: DType,
         threads: u32,
@@ -150,7 +152,7 @@ impl CrossEntropy {
         let mut per_sm = u32::MAX;
         for label in ["i32", "i64"] {
             let kernel = Kernel::Xent {
-                kind: XentKind::Split,
+                kind,
                 variant,
                 dtype,
                 label,
@@ -170,7 +172,8 @@ impl CrossEntropy {
 
     /// How many clusters of `launch` (a cluster plan of the `variant` kernels for `dtype`) the
     /// device runs at once, as the driver says (`None` if it cannot say), remembered in `cache`;
-    /// for a split plan, how many of its CTAs (remembered under cluster size 0).
+    /// for a split plan, how many of its CTAs (remembered under cluster size 0, split_l2's under
+    /// `u32::MAX`).
     fn active_clusters(
         &self,
         cache: &mut HashMap<ClusterLaunchKey, Option<u32>>,
@@ -181,13 +184,20 @@ impl CrossEntropy {
         if let &LaunchPlan::Split {
             threads,
             smem_bytes,
+            in_l2,
             ..
         } = launch
         {
-            let key = (variant, dtype, threads, smem_bytes, 0);
-            return *cache
-                .entry(key)
-                .or_insert_with(|| self.resident_split_ctas(variant, dtype, threads, smem_bytes));
+            let key = (
+                variant,
+                dtype,
+                threads,
+                smem_bytes,
+                if in_l2 { u32::MAX } else { 0 },
+            );
+            return *cache.entry(key).or_insert_with(|| {
+                self.resident_split_ctas(split_kind(in_l2), variant, dtype, threads, smem_bytes)
+            });
         }
         let &LaunchPlan::Cluster {
             threads,
