@@ -1594,129 +1594,111 @@ fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
 #[test]
 fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() {
     let a100 = DeviceLimits::A100;
-    // Refused where the cluster plan runs.
-    assert!(matches!(
-        plan::plan(
-            64,
-            128256,
-            DType::Bf16,
-            DeviceLimits::H100,
-            PlanChoice::Split { chunk_len: None }
-        ),
-        Err(Error::PlanDoesNotFit(_))
-    ));
-    for (vocab, dtype) in [
-        (128256, DType::Bf16),
-        (262144, DType::Bf16),
-        (151936, DType::F16),
-        (128256, DType::F32),
-        (1000, DType::F32),
-    ] {
-        for rows in [1, 7, 4096] {
-            let got = plan::plan(
-                rows,
-                vocab,
-                dtype,
-                a100,
-                PlanChoice::Split { chunk_len: None },
-            )
-            .unwrap();
-            let LaunchPlan::Split {
-                threads,
-                chunk_len,
-                n_chunks,
-                groups,
-                smem_bytes,
-                in_l2: false,
-            } = got
-            else {
-                panic!("{got:?}");
-            };
-            let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
-            let chunk_len = chunk_len as usize;
+    // The split plan keeps its chunks in shared memory, split_l2 (forced only, the plain loss)
+    // in L2: chunks of at most `SPLIT_CHUNK_BYTES` that fit there, or of at most
+    // `SPLIT_L2_CHUNK_BYTES` and only the reduction's scratch a CTA.
+    for in_l2 in [false, true] {
+        let forced = |chunk_len| match in_l2 {
+            false => PlanChoice::Split { chunk_len },
+            true => PlanChoice::SplitL2 { chunk_len },
+        };
+        let (chunk_bytes, slots) = match in_l2 {
+            false => (plan::SPLIT_CHUNK_BYTES, 2),
+            true => (plan::SPLIT_L2_CHUNK_BYTES, plan::SPLIT_L2_SLOTS),
+        };
+        // Refused where the cluster plan runs.
+        assert!(matches!(
+            plan::plan(64, 128256, DType::Bf16, DeviceLimits::H100, forced(None)),
+            Err(Error::PlanDoesNotFit(_))
+        ));
+        for (vocab, dtype) in [
+            (128256, DType::Bf16),
+            (262144, DType::Bf16),
+            (151936, DType::F16),
+            (128256, DType::F32),
+            (1000, DType::F32),
+        ] {
+            for rows in [1, 7, 4096] {
+                let got = plan::plan(rows, vocab, dtype, a100, forced(None)).unwrap();
+                let LaunchPlan::Split {
+                    threads,
+                    chunk_len,
+                    n_chunks,
+                    groups,
+                    smem_bytes,
+                    in_l2: got_in_l2,
+                } = got
+                else {
+                    panic!("{got:?}");
+                };
+                let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
+                assert_eq!(got_in_l2, in_l2, "{what}");
+                let chunk_len = chunk_len as usize;
+                assert!(
+                    chunk_len.is_multiple_of(8) && chunk_len * dtype.bytes() <= chunk_bytes,
+                    "{what}"
+                );
+                assert!(
+                    n_chunks as usize * chunk_len >= vocab
+                        && (n_chunks as usize - 1) * chunk_len < vocab,
+                    "{what}"
+                );
+                assert_eq!(
+                    n_chunks as usize,
+                    (vocab * dtype.bytes()).div_ceil(chunk_bytes),
+                    "{what}"
+                );
+                assert!(
+                    threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
+                    "{what}"
+                );
+                assert!(smem_bytes <= a100.max_smem_per_block, "{what}");
+                if in_l2 {
+                    assert_eq!(smem_bytes, xent::abi::SMEM_STASH_OFFSET, "{what}");
+                }
+                // Without the driver's answer: one CTA per SM, whole groups, at most one per row.
+                assert_eq!(
+                    groups as usize,
+                    ((a100.sm_count / n_chunks) as usize).min(rows),
+                    "{what}"
+                );
+                // `slots` summaries per CTA and a counter per group.
+                assert_eq!(
+                    plan::partials_len(rows, &got),
+                    groups as usize * (slots * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
+                    "{what}"
+                );
+            }
+        }
+        // A forced chunk: a positive multiple of 8 (that fits in shared memory, for split).
+        for bad in [0, 12] {
             assert!(
-                chunk_len.is_multiple_of(8) && chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
-                "{what}"
-            );
-            assert!(
-                n_chunks as usize * chunk_len >= vocab
-                    && (n_chunks as usize - 1) * chunk_len < vocab,
-                "{what}"
-            );
-            assert_eq!(
-                n_chunks as usize,
-                (vocab * dtype.bytes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
-                "{what}"
-            );
-            assert!(
-                threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
-                "{what}"
-            );
-            assert!(smem_bytes <= a100.max_smem_per_block, "{what}");
-            // Without the driver's answer: one CTA per SM, whole groups, at most one per row.
-            assert_eq!(
-                groups as usize,
-                ((a100.sm_count / n_chunks) as usize).min(rows),
-                "{what}"
-            );
-            // Two summaries per CTA and a counter per group.
-            assert_eq!(
-                plan::partials_len(rows, &got),
-                groups as usize * (2 * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
-                "{what}"
+                matches!(
+                    plan::plan(8, 1 << 21, DType::F32, a100, forced(Some(bad))),
+                    Err(Error::PlanDoesNotFit(_))
+                ),
+                "chunk_len {bad}"
             );
         }
-    }
-    // A forced chunk: a multiple of 8 that fits in shared memory.
-    for bad in [0, 12, 1 << 20] {
-        assert!(
-            matches!(
-                plan::plan(
-                    8,
-                    1 << 21,
-                    DType::F32,
-                    a100,
-                    PlanChoice::Split {
-                        chunk_len: Some(bad)
-                    }
-                ),
-                Err(Error::PlanDoesNotFit(_))
-            ),
-            "chunk_len {bad}"
+        let large = plan::plan(8, 1 << 21, DType::F32, a100, forced(Some(1 << 20)));
+        assert_eq!(
+            matches!(large, Ok(LaunchPlan::Split { n_chunks: 2, .. })),
+            in_l2,
+            "{large:?}"
         );
+        // More chunks a row than CTAs resident at once: no plan.
+        assert!(matches!(
+            plan::plan(8, 1 << 20, DType::F32, a100, forced(Some(512))),
+            Err(Error::PlanDoesNotFit(_))
+        ));
     }
-    // More chunks a row than CTAs resident at once: no plan.
-    assert!(matches!(
-        plan::plan(
-            8,
-            1 << 20,
-            DType::F32,
-            a100,
-            PlanChoice::Split {
-                chunk_len: Some(512)
-            }
-        ),
-        Err(Error::PlanDoesNotFit(_))
-    ));
-}
-
-/// The split_l2 plan (forced only): sm_80's, the plain loss's, chunks of at most
-/// `SPLIT_L2_CHUNK_BYTES` that need no room in shared memory (a forced chunk of any size fits),
-/// only the reduction's scratch a CTA, and four summary slots a CTA before the groups' counters.
-#[test]
-fn split_l2_plan_keeps_no_chunk_in_shared_memory_and_only_runs_the_plain_loss() {
-    let a100 = DeviceLimits::A100;
-    let forced = |chunk_len| PlanChoice::SplitL2 { chunk_len };
-    assert!(matches!(
-        plan::plan(64, 128256, DType::Bf16, DeviceLimits::H100, forced(None)),
-        Err(Error::PlanDoesNotFit(_))
-    ));
+    // split_l2 has kernels for the plain loss only, and the automatic plan never takes it.
     let options_kernels = plan::plan_with(
         64,
         128256,
         DType::Bf16,
         a100,
-        forced(None),
+        PlanChoice::SplitL2 { chunk_len: None },
         plan::KernelTraits {
             split_l2: false,
             ..plan::KernelTraits::PLAIN
@@ -1727,78 +1709,12 @@ fn split_l2_plan_keeps_no_chunk_in_shared_memory_and_only_runs_the_plain_loss() 
         matches!(options_kernels, Err(Error::PlanDoesNotFit(_))),
         "{options_kernels:?}"
     );
-    for (vocab, dtype) in [
-        (128256, DType::Bf16),
-        (262144, DType::Bf16),
-        (151936, DType::F16),
-        (128256, DType::F32),
-        (1000, DType::F32),
-    ] {
-        // The automatic plan does not take it.
-        let auto = plan::plan(8192, vocab, dtype, a100, PlanChoice::Auto).unwrap();
+    for vocab in [128256, 262144] {
+        let auto = plan::plan(8192, vocab, DType::Bf16, a100, PlanChoice::Auto).unwrap();
         assert!(
-            !matches!(auto, LaunchPlan::Split { in_l2: true, .. }),
+            matches!(auto, LaunchPlan::Split { in_l2: false, .. }),
             "{auto:?}"
         );
-        for rows in [1, 7, 4096] {
-            let got = plan::plan(rows, vocab, dtype, a100, forced(None)).unwrap();
-            let LaunchPlan::Split {
-                threads,
-                chunk_len,
-                n_chunks,
-                groups,
-                smem_bytes,
-                in_l2: true,
-            } = got
-            else {
-                panic!("{got:?}");
-            };
-            let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
-            let chunk_len = chunk_len as usize;
-            assert!(
-                chunk_len.is_multiple_of(8)
-                    && chunk_len * dtype.bytes() <= plan::SPLIT_L2_CHUNK_BYTES,
-                "{what}"
-            );
-            assert_eq!(
-                n_chunks as usize,
-                (vocab * dtype.bytes()).div_ceil(plan::SPLIT_L2_CHUNK_BYTES),
-                "{what}"
-            );
-            assert!(n_chunks as usize * chunk_len >= vocab, "{what}");
-            assert!(
-                threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
-                "{what}"
-            );
-            assert_eq!(smem_bytes, xent::abi::SMEM_STASH_OFFSET, "{what}");
-            assert_eq!(
-                groups as usize,
-                ((a100.sm_count / n_chunks) as usize).min(rows),
-                "{what}"
-            );
-            assert_eq!(
-                plan::partials_len(rows, &got),
-                groups as usize
-                    * (plan::SPLIT_L2_SLOTS * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
-                "{what}"
-            );
-        }
-    }
-    // No shared memory to fit: a chunk the split plan refuses is taken; a chunk must still be a
-    // positive multiple of 8.
-    assert!(matches!(
-        plan::plan(8, 1 << 21, DType::F32, a100, forced(Some(1 << 20))),
-        Ok(LaunchPlan::Split {
-            n_chunks: 2,
-            in_l2: true,
-            ..
-        })
-    ));
-    for bad in [0, 12] {
-        assert!(matches!(
-            plan::plan(8, 4096, DType::F32, a100, forced(Some(bad))),
-            Err(Error::PlanDoesNotFit(_))
-        ));
     }
 }
 

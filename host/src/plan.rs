@@ -311,12 +311,6 @@ pub fn plan_with(
             cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
         }
         PlanChoice::Split { chunk_len } => {
-            if limits.max_cluster > 1 {
-                return Err(Error::PlanDoesNotFit(
-                    "the split plan is the sm_80 kernels' (this device runs the cluster plan)"
-                        .into(),
-                ));
-            }
             let chunk_len = chunk_len.unwrap_or_else(|| auto_split_chunk_len(vocab, dtype));
             split_plan(
                 rows,
@@ -329,12 +323,6 @@ pub fn plan_with(
             )
         }
         PlanChoice::SplitL2 { chunk_len } => {
-            if limits.max_cluster > 1 {
-                return Err(Error::PlanDoesNotFit(
-                    "the split_l2 plan is the sm_80 kernels' (this device runs the cluster plan)"
-                        .into(),
-                ));
-            }
             if !traits.split_l2 {
                 return Err(Error::PlanDoesNotFit(
                     "the split_l2 plan has kernels for the plain loss only (no loss options, \
@@ -862,6 +850,12 @@ fn split_plan(
     in_l2: bool,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Result<LaunchPlan> {
+    if limits.max_cluster > 1 {
+        let name = if in_l2 { "split_l2" } else { "split" };
+        return Err(Error::PlanDoesNotFit(format!(
+            "the {name} plan is the sm_80 kernels' (this device runs the cluster plan)"
+        )));
+    }
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
     let stash = if in_l2 {
