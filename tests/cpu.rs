@@ -1654,7 +1654,13 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 );
                 assert!(smem_bytes <= a100.max_smem_per_block, "{what}");
                 if in_l2 {
-                    assert_eq!(smem_bytes, xent::abi::SMEM_STASH_OFFSET, "{what}");
+                    // The scratch and one batch a thread: three CTAs fit in an A100's SM.
+                    assert_eq!(smem_bytes, plan::split_l2_smem_bytes(threads), "{what}");
+                    assert!(
+                        smem_bytes == xent::abi::SMEM_STASH_OFFSET + threads * 128
+                            && plan::a100_ctas_per_sm(smem_bytes) >= 3,
+                        "{what}"
+                    );
                 }
                 // Without the driver's answer: one CTA per SM, whole groups, at most one per row.
                 assert_eq!(

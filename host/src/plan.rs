@@ -811,6 +811,15 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
 /// A100's L2. Not yet measured against other sizes (force `chunk_len` to compare).
 pub const SPLIT_L2_CHUNK_BYTES: usize = 32 * 1024;
 
+/// Dynamic shared memory of a split_l2 CTA of `threads`: the reduction's scratch, then one batch of
+/// [`UNROLL`] 16-byte vectors a thread, where the staged variant of the kernel copies its group's
+/// next row (`bench/experiments/split-l2-staged.patch`; main's kernel reads into registers and
+/// leaves it unused). At up to 256 threads that is 32 KiB: three such CTAs, as many as main's
+/// kernel's 80 registers allow, fit in an A100's SM.
+pub fn split_l2_smem_bytes(threads: u32) -> u32 {
+    SMEM_STASH_OFFSET + threads * (UNROLL * 16) as u32
+}
+
 /// Summary slots a CTA of the split_l2 plan cycles through (`SPLIT_L2_SLOTS` in the kernel).
 pub const SPLIT_L2_SLOTS: usize = 4;
 
@@ -858,8 +867,9 @@ fn split_plan(
     }
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
+    let threads = threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS);
     let stash = if in_l2 {
-        Some(SMEM_STASH_OFFSET)
+        Some(split_l2_smem_bytes(threads))
     } else {
         fused_smem_bytes(chunk_len, dtype)
     };
@@ -873,7 +883,6 @@ fn split_plan(
             ))
         })?;
     let n_chunks = vocab.div_ceil(chunk_len) as u32;
-    let threads = threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS);
     let with_groups = |groups: usize| LaunchPlan::Split {
         threads,
         chunk_len: chunk_len as u32,

@@ -1087,7 +1087,8 @@ struct Reduced {
 /// counters that must be 0 at launch.
 ///
 /// Launch: cooperative, grid = groups * n_chunks, block = a multiple of 32 threads, dynamic
-/// shared memory = `SMEM_STASH_OFFSET` (the reduction scratch).
+/// shared memory at least `SMEM_STASH_OFFSET` (the reduction scratch; the host plans one batch a
+/// thread more, `plan::split_l2_smem_bytes`, which a staged variant uses).
 #[inline(always)]
 pub unsafe fn split_l2<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let tid = thread_idx();
