@@ -20,6 +20,7 @@ pub mod opts;
 pub mod prim;
 pub mod reduce;
 pub mod scale;
+pub mod split;
 #[cfg(xent_wgmma)]
 pub mod wgmma;
 pub mod xent;
@@ -265,59 +266,59 @@ kernels! {
 // The split plan's kernels: sm_80 only (on sm_90 the cluster kernels take every shape).
 #[cfg(not(any(xent_cluster, xent_wgmma)))]
 kernels! {
-    xent_split_bf16_i32(XentParams) => xent::split::<Bf16, i32, Plain>;
-    xent_split_coef_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowConst>;
-    xent_split_acc_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowAcc>;
-    xent_split_cap_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowCap>;
-    xent_split_capacc_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowCapAcc>;
-    xent_split_wsm_bf16_i32(XentParams) => xent::split::<Bf16, i32, RowWSmooth>;
-    xent_split_opt_bf16_i32(XentParams) => xent::split::<Bf16, i32, Full>;
-    xent_split_bf16_i64(XentParams) => xent::split::<Bf16, i64, Plain>;
-    xent_split_coef_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowConst>;
-    xent_split_acc_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowAcc>;
-    xent_split_cap_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowCap>;
-    xent_split_capacc_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowCapAcc>;
-    xent_split_wsm_bf16_i64(XentParams) => xent::split::<Bf16, i64, RowWSmooth>;
-    xent_split_opt_bf16_i64(XentParams) => xent::split::<Bf16, i64, Full>;
-    xent_split_f16_i32(XentParams) => xent::split::<F16, i32, Plain>;
-    xent_split_coef_f16_i32(XentParams) => xent::split::<F16, i32, RowConst>;
-    xent_split_acc_f16_i32(XentParams) => xent::split::<F16, i32, RowAcc>;
-    xent_split_cap_f16_i32(XentParams) => xent::split::<F16, i32, RowCap>;
-    xent_split_capacc_f16_i32(XentParams) => xent::split::<F16, i32, RowCapAcc>;
-    xent_split_wsm_f16_i32(XentParams) => xent::split::<F16, i32, RowWSmooth>;
-    xent_split_opt_f16_i32(XentParams) => xent::split::<F16, i32, Full>;
-    xent_split_f16_i64(XentParams) => xent::split::<F16, i64, Plain>;
-    xent_split_coef_f16_i64(XentParams) => xent::split::<F16, i64, RowConst>;
-    xent_split_acc_f16_i64(XentParams) => xent::split::<F16, i64, RowAcc>;
-    xent_split_cap_f16_i64(XentParams) => xent::split::<F16, i64, RowCap>;
-    xent_split_capacc_f16_i64(XentParams) => xent::split::<F16, i64, RowCapAcc>;
-    xent_split_wsm_f16_i64(XentParams) => xent::split::<F16, i64, RowWSmooth>;
-    xent_split_opt_f16_i64(XentParams) => xent::split::<F16, i64, Full>;
-    xent_split_f32_i32(XentParams) => xent::split::<F32, i32, Plain>;
-    xent_split_coef_f32_i32(XentParams) => xent::split::<F32, i32, RowConst>;
-    xent_split_acc_f32_i32(XentParams) => xent::split::<F32, i32, RowAcc>;
-    xent_split_cap_f32_i32(XentParams) => xent::split::<F32, i32, RowCap>;
-    xent_split_capacc_f32_i32(XentParams) => xent::split::<F32, i32, RowCapAcc>;
-    xent_split_wsm_f32_i32(XentParams) => xent::split::<F32, i32, RowWSmooth>;
-    xent_split_opt_f32_i32(XentParams) => xent::split::<F32, i32, Full>;
-    xent_split_f32_i64(XentParams) => xent::split::<F32, i64, Plain>;
-    xent_split_coef_f32_i64(XentParams) => xent::split::<F32, i64, RowConst>;
-    xent_split_acc_f32_i64(XentParams) => xent::split::<F32, i64, RowAcc>;
-    xent_split_cap_f32_i64(XentParams) => xent::split::<F32, i64, RowCap>;
-    xent_split_capacc_f32_i64(XentParams) => xent::split::<F32, i64, RowCapAcc>;
-    xent_split_wsm_f32_i64(XentParams) => xent::split::<F32, i64, RowWSmooth>;
-    xent_split_opt_f32_i64(XentParams) => xent::split::<F32, i64, Full>;
+    xent_split_bf16_i32(XentParams) => split::split::<Bf16, i32, Plain>;
+    xent_split_coef_bf16_i32(XentParams) => split::split::<Bf16, i32, RowConst>;
+    xent_split_acc_bf16_i32(XentParams) => split::split::<Bf16, i32, RowAcc>;
+    xent_split_cap_bf16_i32(XentParams) => split::split::<Bf16, i32, RowCap>;
+    xent_split_capacc_bf16_i32(XentParams) => split::split::<Bf16, i32, RowCapAcc>;
+    xent_split_wsm_bf16_i32(XentParams) => split::split::<Bf16, i32, RowWSmooth>;
+    xent_split_opt_bf16_i32(XentParams) => split::split::<Bf16, i32, Full>;
+    xent_split_bf16_i64(XentParams) => split::split::<Bf16, i64, Plain>;
+    xent_split_coef_bf16_i64(XentParams) => split::split::<Bf16, i64, RowConst>;
+    xent_split_acc_bf16_i64(XentParams) => split::split::<Bf16, i64, RowAcc>;
+    xent_split_cap_bf16_i64(XentParams) => split::split::<Bf16, i64, RowCap>;
+    xent_split_capacc_bf16_i64(XentParams) => split::split::<Bf16, i64, RowCapAcc>;
+    xent_split_wsm_bf16_i64(XentParams) => split::split::<Bf16, i64, RowWSmooth>;
+    xent_split_opt_bf16_i64(XentParams) => split::split::<Bf16, i64, Full>;
+    xent_split_f16_i32(XentParams) => split::split::<F16, i32, Plain>;
+    xent_split_coef_f16_i32(XentParams) => split::split::<F16, i32, RowConst>;
+    xent_split_acc_f16_i32(XentParams) => split::split::<F16, i32, RowAcc>;
+    xent_split_cap_f16_i32(XentParams) => split::split::<F16, i32, RowCap>;
+    xent_split_capacc_f16_i32(XentParams) => split::split::<F16, i32, RowCapAcc>;
+    xent_split_wsm_f16_i32(XentParams) => split::split::<F16, i32, RowWSmooth>;
+    xent_split_opt_f16_i32(XentParams) => split::split::<F16, i32, Full>;
+    xent_split_f16_i64(XentParams) => split::split::<F16, i64, Plain>;
+    xent_split_coef_f16_i64(XentParams) => split::split::<F16, i64, RowConst>;
+    xent_split_acc_f16_i64(XentParams) => split::split::<F16, i64, RowAcc>;
+    xent_split_cap_f16_i64(XentParams) => split::split::<F16, i64, RowCap>;
+    xent_split_capacc_f16_i64(XentParams) => split::split::<F16, i64, RowCapAcc>;
+    xent_split_wsm_f16_i64(XentParams) => split::split::<F16, i64, RowWSmooth>;
+    xent_split_opt_f16_i64(XentParams) => split::split::<F16, i64, Full>;
+    xent_split_f32_i32(XentParams) => split::split::<F32, i32, Plain>;
+    xent_split_coef_f32_i32(XentParams) => split::split::<F32, i32, RowConst>;
+    xent_split_acc_f32_i32(XentParams) => split::split::<F32, i32, RowAcc>;
+    xent_split_cap_f32_i32(XentParams) => split::split::<F32, i32, RowCap>;
+    xent_split_capacc_f32_i32(XentParams) => split::split::<F32, i32, RowCapAcc>;
+    xent_split_wsm_f32_i32(XentParams) => split::split::<F32, i32, RowWSmooth>;
+    xent_split_opt_f32_i32(XentParams) => split::split::<F32, i32, Full>;
+    xent_split_f32_i64(XentParams) => split::split::<F32, i64, Plain>;
+    xent_split_coef_f32_i64(XentParams) => split::split::<F32, i64, RowConst>;
+    xent_split_acc_f32_i64(XentParams) => split::split::<F32, i64, RowAcc>;
+    xent_split_cap_f32_i64(XentParams) => split::split::<F32, i64, RowCap>;
+    xent_split_capacc_f32_i64(XentParams) => split::split::<F32, i64, RowCapAcc>;
+    xent_split_wsm_f32_i64(XentParams) => split::split::<F32, i64, RowWSmooth>;
+    xent_split_opt_f32_i64(XentParams) => split::split::<F32, i64, Full>;
 }
 
-// The split plan with the chunks left in L2 (`xent::split_l2`): sm_80, the plain loss only.
+// The split plan with the chunks left in L2 (`split::split_l2`): sm_80, the plain loss only.
 #[cfg(not(any(xent_cluster, xent_wgmma)))]
 kernels! {
-    xent_split_l2_bf16_i32(XentParams) => xent::split_l2::<Bf16, i32, Plain>;
-    xent_split_l2_bf16_i64(XentParams) => xent::split_l2::<Bf16, i64, Plain>;
-    xent_split_l2_f16_i32(XentParams) => xent::split_l2::<F16, i32, Plain>;
-    xent_split_l2_f16_i64(XentParams) => xent::split_l2::<F16, i64, Plain>;
-    xent_split_l2_f32_i32(XentParams) => xent::split_l2::<F32, i32, Plain>;
-    xent_split_l2_f32_i64(XentParams) => xent::split_l2::<F32, i64, Plain>;
+    xent_split_l2_bf16_i32(XentParams) => split::split_l2::<Bf16, i32, Plain>;
+    xent_split_l2_bf16_i64(XentParams) => split::split_l2::<Bf16, i64, Plain>;
+    xent_split_l2_f16_i32(XentParams) => split::split_l2::<F16, i32, Plain>;
+    xent_split_l2_f16_i64(XentParams) => split::split_l2::<F16, i64, Plain>;
+    xent_split_l2_f32_i32(XentParams) => split::split_l2::<F32, i32, Plain>;
+    xent_split_l2_f32_i64(XentParams) => split::split_l2::<F32, i64, Plain>;
 }
 
 // The sm_90a module: Hopper's warpgroup MMA, which PTX for plain sm_90 cannot name (and which
