@@ -1596,7 +1596,7 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
     let a100 = DeviceLimits::A100;
     // The split plan keeps its chunks in shared memory, split_l2 (forced only, the plain loss)
     // in L2: chunks of at most `SPLIT_CHUNK_BYTES` that fit there, or of at most
-    // `SPLIT_L2_CHUNK_BYTES` and only the reduction's scratch a CTA.
+    // `SPLIT_L2_CHUNK_BYTES` with the reduction's scratch and one batch a thread a CTA.
     for in_l2 in [false, true] {
         let forced = |chunk_len| match in_l2 {
             false => PlanChoice::Split { chunk_len },
