@@ -48,7 +48,7 @@
 #                               row counts), rounds alternating as above, into small.log and a
 #                               table; then, with XENT_TRACE_PTX (`cargo xtask ptx-trace`'s file),
 #                               bin/example-small_trace's phase timeline from it
-#   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_* or
+#   run.sh profile [ARGS...]    ncu on the main kernel (xent_cluster_*, xent_fused_*, xent_split_* or
 #                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
 #                               (default 8192:128256:bf16): speed of light, memory, occupancy,
 #                               warp stalls, at the GPU's own clocks (--clock-control none);
@@ -325,7 +325,7 @@ elif [[ $mode == profile ]]; then
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
   # The first launches warm up (module load, first plan); profile one launch after them.
   run_one "ncu bench-throughput" "$log" timeout 600 "$ncu" --clock-control none \
-    --kernel-name regex:'xent_(cluster|fused|chunk)' --launch-skip 4 --launch-count 1 \
+    --kernel-name regex:'xent_(cluster|fused|chunk|split)' --launch-skip 4 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats \
     ./bin/bench-throughput --bench --iters 5 --configs "${XENT_BENCH_CONFIGS:-8192:128256:bf16}" "$@"
