@@ -1604,7 +1604,7 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
         };
         let (chunk_bytes, slots) = match in_l2 {
             false => (plan::SPLIT_CHUNK_BYTES, 2),
-            true => (plan::SPLIT_L2_CHUNK_BYTES, plan::SPLIT_L2_SLOTS),
+            true => (plan::SPLIT_L2_CHUNK_BYTES, xent::abi::SPLIT_L2_SLOTS),
         };
         // Refused where the cluster plan runs.
         assert!(matches!(

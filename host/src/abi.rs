@@ -76,6 +76,12 @@ pub const CLUSTER_KEEP: u32 = 2;
 /// `u32` words per chunk in the chunked plan's `partials`: the chunk summary, as the cluster
 /// slot.
 pub const PARTIAL_WORDS: usize = 4;
+/// Summary slots a CTA of the split_l2 plan (`split::split_l2`) cycles through: a CTA stores its
+/// summary of the group's `k`-th scored row only after it has merged row `k - 2`'s, for which every
+/// CTA of the group had stored row `k - 2`'s summary, and so had finished merging row `k - 4`'s (a
+/// CTA merges row `j` before it reduces row `j + 2`); rows `k - 3` to `k - 1` may still be read.
+/// Four slots, the row's index modulo four, never overwrite a summary still to be read.
+pub const SPLIT_L2_SLOTS: usize = 4;
 
 /// Where each row's label lives. Shared by every cross-entropy kernel.
 #[repr(C)]

@@ -2,7 +2,7 @@
 //! Every tuning constant is here, with the reason for its value.
 
 pub use crate::abi::CLUSTER_KEEP;
-use crate::abi::{PARTIAL_WORDS, SMALL_KERNEL_ROWS, SMEM_STASH_OFFSET};
+use crate::abi::{PARTIAL_WORDS, SMALL_KERNEL_ROWS, SMEM_STASH_OFFSET, SPLIT_L2_SLOTS};
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
 
@@ -819,9 +819,6 @@ pub const SPLIT_L2_CHUNK_BYTES: usize = 32 * 1024;
 pub fn split_l2_smem_bytes(threads: u32) -> u32 {
     SMEM_STASH_OFFSET + threads * (UNROLL * 16) as u32
 }
-
-/// Summary slots a CTA of the split_l2 plan cycles through (`SPLIT_L2_SLOTS` in the kernel).
-pub const SPLIT_L2_SLOTS: usize = 4;
 
 /// The split_l2 plan's automatic chunk: the fewest chunks of at most [`SPLIT_L2_CHUNK_BYTES`], even
 /// to a multiple of 8 elements.

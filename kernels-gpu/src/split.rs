@@ -231,11 +231,11 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                                     }
                                 });
                             } else {
-                                unsafe { grad_segment::<T, M>(&seg, Some(stash), Some(&next_seg), &p.opts, &c, local_label, 0) };
+                                unsafe { grad_segment::<T, M, false>(&seg, Some(stash), Some(&next_seg), &p.opts, &c, local_label, 0) };
                                 ahead = Ahead::Copied;
                             }
                         }
-                        _ => unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) },
+                        _ => unsafe { grad_segment::<T, M, false>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) },
                     }
                 }
                 if owns_label && tid == 0 {
@@ -258,12 +258,8 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
     }
 }
 
-/// Summary slots a [`split_l2`] CTA cycles through. A CTA stores its summary of the group's
-/// `k`-th scored row only after it has merged row `k - 2`'s, for which every CTA of the group had
-/// stored row `k - 2`'s summary, and so had finished merging row `k - 4`'s (a CTA merges row
-/// `j` before it reduces row `j + 2`); rows `k - 3` to `k - 1` may still be read. Four slots,
-/// the row's index modulo four, never overwrite a summary still to be read.
-const SPLIT_L2_SLOTS: u64 = 4;
+/// [`SPLIT_L2_SLOTS`](crate::abi::SPLIT_L2_SLOTS) as the address arithmetic takes it.
+const SPLIT_L2_SLOTS: u64 = crate::abi::SPLIT_L2_SLOTS as u64;
 
 /// A row between a [`split_l2`] CTA's two passes.
 #[derive(Clone, Copy)]
@@ -401,30 +397,14 @@ unsafe fn split_l2_finish_row<T: Element, M: Mode>(
     let local_label = label.wrapping_sub(local);
     if p.mode != MODE_FORWARD {
         if !M::OPTS && !c.lse2_a.is_nan() {
-            unsafe { grad_global::<T, M, true>(seg, &p.opts, &c, local_label) };
+            unsafe { grad_segment::<T, M, true>(seg, None, None, &p.opts, &c, local_label, 0) };
         } else {
-            unsafe { grad_global::<T, M, false>(seg, &p.opts, &c, local_label) };
+            unsafe { grad_segment::<T, M, false>(seg, None, None, &p.opts, &c, local_label, 0) };
         }
     }
     if local_label < seg.len && tid == 0 {
         unsafe { write_scored_row::<M>(p, r.row, &total, label, r.x_label, r.y_ref, &c) };
     }
-}
-
-/// The gradient of `seg` (not `Full`) read from global memory and written in place, a batch of
-/// `UNROLL` vectors a thread at a time; with `FOLD` the scale rides in the exponent (see
-/// [`grad_and_reduce_next`]).
-#[inline(always)]
-unsafe fn grad_global<T: Element, M: Mode, const FOLD: bool>(seg: &Segment, o: &OptParams, c: &Coef, label: u32) {
-    let (tid, step) = (thread_idx(), prim::block_dim());
-    let load = |start: u32| unsafe { prim::ld_global_v4(seg.elem_addr::<T>(start)) };
-    let mut v = tid;
-    while v < seg.n_vec {
-        let words = load_batch::<T>(seg, v, step, load);
-        unsafe { grad_batch::<T, M, FOLD>(seg, &words, v, step, o, c, label, 0, |_| {}) };
-        v += UNROLL * step;
-    }
-    unsafe { grad_scalar::<T, M>(seg, None, o, c, label, 0) };
 }
 
 /// Waits until the counter at `counter` reaches `target` (acquire). Bounded: a group that never

@@ -394,9 +394,11 @@ unsafe fn add_scalar<M: Mode>(acc: &mut Part, x: f32, j: u32, o: &OptParams, ctx
 /// copies (`cp.async`, committed at the end) `next`'s vectors into the stash slots it has just
 /// read, each behind the gradient store that used the slot: the next row's loads are in flight
 /// while this row's gradient is written, for `reduce_segment` from `Source::Stashed` after a
-/// `cp.async.wait_group 0` (each thread reads back only the vectors it copied).
+/// `cp.async.wait_group 0` (each thread reads back only the vectors it copied). With `FOLD` (not
+/// `Full`; [`Coef::lse2_a`] not NaN) the gradient's scale rides in the exponent
+/// ([`opts::grad_values_folded`]).
 #[inline(always)]
-pub(crate) unsafe fn grad_segment<T: Element, M: Mode>(
+pub(crate) unsafe fn grad_segment<T: Element, M: Mode, const FOLD: bool>(
     seg: &Segment,
     stash: Option<u32>,
     next: Option<&Segment>,
@@ -431,7 +433,7 @@ pub(crate) unsafe fn grad_segment<T: Element, M: Mode>(
     }
     while !M::FULL && v < seg.n_vec {
         let words = load_batch::<T>(seg, v, step, load);
-        unsafe { grad_batch::<T, M, false>(seg, &words, v, step, o, c, label, delta, copy_next) };
+        unsafe { grad_batch::<T, M, FOLD>(seg, &words, v, step, o, c, label, delta, copy_next) };
         v += UNROLL * step;
     }
     if next.is_some() {
@@ -684,7 +686,7 @@ pub unsafe fn fused<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let total = partial.block_merge_unsynced::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, 0) };
     if p.mode != MODE_FORWARD {
-        unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, label, 0) };
+        unsafe { grad_segment::<T, M, false>(&seg, Some(stash), None, &p.opts, &c, label, 0) };
     }
     if tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, ctx.y_ref, &c) };
@@ -802,7 +804,7 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let total = acc.block_merge::<M>();
     let c = unsafe { opts::coef::<M>(p, &total, label, start) };
     if p.mode != MODE_FORWARD {
-        unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, 0) };
+        unsafe { grad_segment::<T, M, false>(&seg, None, None, &p.opts, &c, local_label, 0) };
     }
     if writes_row && tid == 0 {
         unsafe { write_scored_row::<M>(p, row, &total, label, x_label, y_ref, &c) };
@@ -833,7 +835,7 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
     c.scale::<M>(factor);
     let local_label = label.wrapping_sub(start);
-    unsafe { grad_segment::<T, M>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
+    unsafe { grad_segment::<T, M, false>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }
 
 /// `--cfg xent_trace` builds: `%globaltimer` into slot `k` of the cluster kernel's timeline
@@ -970,7 +972,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     } else if BULK_LOAD {
         unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
     } else {
-        unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
+        unsafe { grad_segment::<T, M, false>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
     }
     stamp!(trace[7]);
     let mut total = total;
@@ -1121,7 +1123,7 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
         if BULK_LOAD {
             unsafe { grad_from_stash::<T, M, POLY_NONE>(&seg, &kept, &p.opts, &c, local_label, &mut wsum) };
         } else {
-            unsafe { grad_segment::<T, M>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
+            unsafe { grad_segment::<T, M, false>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) };
         }
     }
     stamp!(trace[7]);
