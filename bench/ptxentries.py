@@ -7,6 +7,14 @@
         BASE with the entries whose names match REGEX (Python `re.match`) taken from OTHER: one
         kernel family's variant measured beside the rest as they are, for `run.sh ab` (through
         `XENT_PTX`); both files must come from the same module layout (the same `.func`s)
+    python3 bench/ptxentries.py extract VARIANT.ptx OUT.ptx REGEX
+        only the entries of VARIANT whose names match REGEX: a variant that changes a few kernels
+        travels to the GPU machine as those (tens of KB compressed, where a whole PTX file takes
+        1-2 MB of the carry), for `take` there
+    python3 bench/ptxentries.py take BASE.ptx ENTRIES.ptx OUT.ptx
+        BASE with every entry ENTRIES holds put in place of its own (`extract`'s file spliced
+        back: `take` gives VARIANT again where BASE is the PTX VARIANT was built beside);
+        `run.sh ab` does this for `NAME.entries.ptx[.xz]` specs
     python3 bench/ptxentries.py f64div IN.ptx OUT.ptx
         every `div.rn.f32 d, a, b` and `rcp.rn.f32 d, a` done in f64 and rounded to f32: the same
         bits (53 >= 2 x 24 + 2 makes the double rounding innocuous), another subroutine for ptxas
@@ -71,6 +79,25 @@ def splice(base, other, pattern):
     return "".join(out)
 
 
+def extract(ptx, pattern):
+    found = spans(ptx)
+    take = [n for n in found if re.match(pattern, n)]
+    if not take:
+        sys.exit("ptxentries.py: no entry matches " + pattern)
+    print("%d entries extracted" % len(take))
+    return "".join(ptx[slice(*found[n])] for n in take)
+
+
+def take_all(base, entries):
+    names = list(spans(entries))
+    if not names:
+        sys.exit("ptxentries.py: no entries in the entries file")
+    missing = [n for n in names if n not in spans(base)]
+    if missing:
+        sys.exit("ptxentries.py: not in the base file: " + " ".join(missing))
+    return splice(base, entries, "(?:%s)$" % "|".join(map(re.escape, names)))
+
+
 def f64div(ptx):
     div = re.compile(r"\tdiv\.rn\.f32\s+(%r\d+), (%r\d+), (%r\d+);")
     rcp = re.compile(r"\trcp\.rn\.f32\s+(%r\d+), (%r\d+);")
@@ -94,6 +121,10 @@ def main(args):
         diff(read(args[1]), read(args[2]))
     elif len(args) == 5 and args[0] == "splice":
         open(args[3], "w").write(splice(read(args[1]), read(args[2]), args[4]))
+    elif len(args) == 4 and args[0] == "extract":
+        open(args[2], "w").write(extract(read(args[1]), args[3]))
+    elif len(args) == 4 and args[0] == "take":
+        open(args[3], "w").write(take_all(read(args[1]), read(args[2])))
     elif len(args) == 3 and args[0] == "f64div":
         open(args[2], "w").write(f64div(read(args[1])))
     else:

@@ -14,7 +14,8 @@
 //!   `softcap_error.py` (the soft cap's error against float64, xent beside Liger);
 //! - `table.py`, `sweep.py` and `ab.py` (from `bench/`): the combined table of a bench run, the
 //!   tables of a cluster-plan sweep, the table of an A/B of PTX builds; `configs.txt`: the default
-//!   benchmark configs;
+//!   benchmark configs; `ptxentries.py` and `ptx.sha256` (the hashes of the PTX the binaries
+//!   embed), so that an A/B can take a variant as its changed entries only;
 //! - `python/`: the Python package's tests and examples; its wheel (`cargo xtask wheel`) travels
 //!   unpacked in `bin.tar.xz` as `python/site/`; and
 //!   `torch_bench.py` (from `bench/`), the PyTorch package's row of the combined table.
@@ -192,6 +193,7 @@ pub fn bundle(root: &Path) -> Result<()> {
         ("bench/table.py", "table.py"),
         ("bench/sweep.py", "sweep.py"),
         ("bench/ab.py", "ab.py"),
+        ("bench/ptxentries.py", "ptxentries.py"),
         ("bench/torch_bench.py", "torch_bench.py"),
         ("bench/linear_bench.py", "linear_bench.py"),
         ("bench/vocab_parallel_bench.py", "vocab_parallel_bench.py"),
@@ -202,6 +204,16 @@ pub fn bundle(root: &Path) -> Result<()> {
             .map_err(|err| format!("cannot copy {from}: {err}"))?;
         step(&format!("bundled bundle/{to}"));
     }
+    // The PTX the binaries embed, by hash: `run.sh ab` splices a variant's entries
+    // (`NAME.entries.ptx`) into the working tree's copy only where it is this one.
+    let sums = stdout_of(
+        Command::new("sha256sum")
+            .current_dir(root)
+            .args(["host/ptx/sm_80.ptx", "host/ptx/sm_90.ptx"]),
+    )?;
+    fs::write(bundle_dir.join("ptx.sha256"), sums)
+        .map_err(|err| format!("cannot write bundle/ptx.sha256: {err}"))?;
+    step("bundled bundle/ptx.sha256");
     // The Python peers' wheels, if downloaded: `pip download --no-deps -d .whl liger-kernel
     // crossentropy-triton` (the GPU machine has no network).
     let wheels: Vec<PathBuf> = fs::read_dir(root.join(".whl"))

@@ -36,6 +36,8 @@
 #                               size and threads, per option set: ARGS such as --options softcap)
 #   run.sh ab PTX PTX...        an A/B of kernel builds on bin/bench-throughput: each PTX file
 #                               (plain or .xz; `embedded`: the binaries' own) through XENT_PTX,
+#                               `NAME.entries.ptx[.xz]` the committed PTX with those entries
+#                               (bench/ptxentries.py extract/take),
 #                               `PTX+VAR=VALUE+...` with those variables set too,
 #                               $XENT_AB_ROUNDS rounds (default 2) whose order alternates (odd
 #                               rounds as given, even rounds reversed: the second process of a
@@ -148,6 +150,20 @@ variants() {
     if [[ $spec == *.xz ]]; then
       xz -dc "$spec" > "$scratch/ab-${#ab_names[@]}.ptx" || exit 2
       spec=$scratch/ab-${#ab_names[@]}.ptx
+    fi
+    # `NAME.entries.ptx[.xz]` (`ptxentries.py extract`'s file): those entries put into the
+    # committed PTX of the architecture run (XENT_ARCH, else sm_90), which must be the one the
+    # binaries embed (ptx.sha256, written with the bundle).
+    if [[ $name == *.entries* ]]; then
+      name=${name/.entries/}
+      local arch=${XENT_ARCH:-sm_90} sums=$PWD/ptx.sha256
+      if ! (cd "$caller_dir" && grep " host/ptx/$arch.ptx\$" "$sums" | sha256sum -c --quiet -); then
+        echo "run.sh $what: $caller_dir/host/ptx/$arch.ptx is not the PTX the bundle's binaries embed" >&2
+        exit 2
+      fi
+      python3 ptxentries.py take "$caller_dir/host/ptx/$arch.ptx" "$spec" \
+        "$scratch/ab-${#ab_names[@]}-whole.ptx" || exit 2
+      spec=$scratch/ab-${#ab_names[@]}-whole.ptx
     fi
     ab_names+=("$name") ab_paths+=("$spec")
   done
