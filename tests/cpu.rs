@@ -1506,7 +1506,8 @@ fn an_a100_sm_holds_two_split_chunks_where_an_h200_holds_three() {
         (4096, 262_144, DType::Bf16),
         (8192, GPT2_VOCAB, DType::F32),
     ] {
-        let got = plan::plan(rows, vocab, dtype, DeviceLimits::A100, PlanChoice::Auto);
+        let split = PlanChoice::Split { chunk_len: None };
+        let got = plan::plan(rows, vocab, dtype, DeviceLimits::A100, split);
         let Ok(LaunchPlan::Split { smem_bytes, .. }) = got else {
             panic!("{rows} x {vocab} {dtype:?}: expected a split plan, got {got:?}");
         };
@@ -1559,10 +1560,18 @@ fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
         ),
         "{got:?}"
     );
-    // A 256K vocabulary in bf16: 7 chunks a row, split.
+    // A 256K vocabulary in bf16: 7 chunks a row for the split plan, so split_l2 for the plain
+    // loss (32 chunks of 16 KiB).
     let got = on_a100(4096, 262144, DType::Bf16);
     assert!(
-        matches!(got, Ok(LaunchPlan::Split { n_chunks: 7, .. })),
+        matches!(
+            got,
+            Ok(LaunchPlan::Split {
+                n_chunks: 32,
+                in_l2: true,
+                ..
+            })
+        ),
         "{got:?}"
     );
     // More chunks a row than the split plan was measured at (the same in f32: 13): chunked.
@@ -1594,17 +1603,17 @@ fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
 #[test]
 fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() {
     let a100 = DeviceLimits::A100;
-    // The split plan keeps its chunks in shared memory, split_l2 (forced only, the plain loss)
-    // in L2: chunks of at most `SPLIT_CHUNK_BYTES` that fit there, or of at most
-    // `SPLIT_L2_CHUNK_BYTES` with the reduction's scratch and one batch a thread a CTA.
+    // The split plan keeps its chunks in shared memory, split_l2 (the plain loss) in L2: even
+    // chunks of at most `SPLIT_CHUNK_BYTES` that fit there, or chunks of `SPLIT_L2_CHUNK_LEN`
+    // elements with the reduction's scratch and one batch a thread a CTA.
     for in_l2 in [false, true] {
         let forced = |chunk_len| match in_l2 {
             false => PlanChoice::Split { chunk_len },
             true => PlanChoice::SplitL2 { chunk_len },
         };
-        let (chunk_bytes, slots) = match in_l2 {
-            false => (plan::SPLIT_CHUNK_BYTES, 2),
-            true => (plan::SPLIT_L2_CHUNK_BYTES, xent::abi::SPLIT_L2_SLOTS),
+        let slots = match in_l2 {
+            false => 2,
+            true => xent::abi::SPLIT_L2_SLOTS,
         };
         // Refused where the cluster plan runs.
         assert!(matches!(
@@ -1634,20 +1643,29 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                 let what = format!("{rows} x {vocab} {dtype:?}: {got:?}");
                 assert_eq!(got_in_l2, in_l2, "{what}");
                 let chunk_len = chunk_len as usize;
-                assert!(
-                    chunk_len.is_multiple_of(8) && chunk_len * dtype.bytes() <= chunk_bytes,
-                    "{what}"
-                );
+                assert!(chunk_len.is_multiple_of(8), "{what}");
                 assert!(
                     n_chunks as usize * chunk_len >= vocab
                         && (n_chunks as usize - 1) * chunk_len < vocab,
                     "{what}"
                 );
-                assert_eq!(
-                    n_chunks as usize,
-                    (vocab * dtype.bytes()).div_ceil(chunk_bytes),
-                    "{what}"
-                );
+                if in_l2 {
+                    assert_eq!(
+                        chunk_len,
+                        plan::SPLIT_L2_CHUNK_LEN.min(vocab.next_multiple_of(8)),
+                        "{what}"
+                    );
+                } else {
+                    assert!(
+                        chunk_len * dtype.bytes() <= plan::SPLIT_CHUNK_BYTES,
+                        "{what}"
+                    );
+                    assert_eq!(
+                        n_chunks as usize,
+                        (vocab * dtype.bytes()).div_ceil(plan::SPLIT_CHUNK_BYTES),
+                        "{what}"
+                    );
+                }
                 assert!(
                     threads.is_multiple_of(32) && threads <= plan::SPLIT_MAX_THREADS,
                     "{what}"
@@ -1698,7 +1716,7 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
             Err(Error::PlanDoesNotFit(_))
         ));
     }
-    // split_l2 has kernels for the plain loss only, and the automatic plan never takes it.
+    // split_l2 has kernels for the plain loss only.
     let options_kernels = plan::plan_with(
         64,
         128256,
@@ -1715,13 +1733,51 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
         matches!(options_kernels, Err(Error::PlanDoesNotFit(_))),
         "{options_kernels:?}"
     );
-    for vocab in [128256, 262144] {
-        let auto = plan::plan(8192, vocab, DType::Bf16, a100, PlanChoice::Auto).unwrap();
+    // The automatic plan: split_l2 for the plain loss where the split plan would cut a row into
+    // 6 to 8 chunks (401 to 640 KiB), the split plan for shorter rows and for the options' kernels.
+    let options_traits = plan::KernelTraits {
+        split_l2: false,
+        ..plan::KernelTraits::PLAIN
+    };
+    for (vocab, dtype, plain_in_l2) in [
+        (128256, DType::Bf16, false),
+        (151936, DType::Bf16, false),
+        (200000, DType::Bf16, false),
+        (262144, DType::Bf16, true),
+        (128256, DType::F32, true),
+        (160000, DType::F32, true),
+    ] {
+        let what = format!("{vocab} {dtype:?}");
+        let auto = plan::plan(8192, vocab, dtype, a100, PlanChoice::Auto).unwrap();
         assert!(
-            matches!(auto, LaunchPlan::Split { in_l2: false, .. }),
-            "{auto:?}"
+            matches!(auto, LaunchPlan::Split { in_l2, .. } if in_l2 == plain_in_l2),
+            "{what}: {auto:?}"
+        );
+        if plain_in_l2 {
+            assert!(
+                matches!(auto, LaunchPlan::Split { chunk_len, .. }
+                    if chunk_len as usize == plan::SPLIT_L2_CHUNK_LEN),
+                "{what}: {auto:?}"
+            );
+        }
+        let with_options = plan::plan_with(
+            8192,
+            vocab,
+            dtype,
+            a100,
+            PlanChoice::Auto,
+            options_traits,
+            &mut |_| None,
+        )
+        .unwrap();
+        assert!(
+            matches!(with_options, LaunchPlan::Split { in_l2: false, .. }),
+            "{what}: {with_options:?}"
         );
     }
+    // Rows the split plan would cut into more than 8 chunks stay chunked, split_l2 or not.
+    let longer = plan::plan(8192, 1 << 20, DType::Bf16, a100, PlanChoice::Auto).unwrap();
+    assert!(matches!(longer, LaunchPlan::Chunked { .. }), "{longer:?}");
 }
 
 #[test]

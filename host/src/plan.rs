@@ -121,15 +121,15 @@ pub enum PlanChoice {
     /// its chunk in shared memory, combined through global memory: one read and one write per
     /// element for rows longer than one block's shared memory. The automatic plan takes it for
     /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
-    /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
+    /// resident groups (the plain loss at [`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`] or more: split_l2). `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
     /// automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
-    /// sm_80, the plain loss only, forced (not yet measured against [`PlanChoice::Split`]): the
-    /// split plan with each CTA's chunk left in L2 between its two passes instead of kept in shared
-    /// memory. A CTA reduces its group's next row before it writes a row's gradient, so it waits
-    /// for its group a row behind its own reads, and only registers limit the resident CTAs.
-    /// `chunk_len` (a positive multiple of 8) or the automatic choice
-    /// ([`auto_split_l2_chunk_len`]).
+    /// sm_80, the plain loss only: the split plan with each CTA's chunk left in L2 between its two
+    /// passes instead of kept in shared memory. A CTA reduces its group's next row before it
+    /// writes a row's gradient, so it waits for its group a row behind its own reads, and only
+    /// registers limit the resident CTAs. The automatic plan takes it for the longest rows the
+    /// split plan would take ([`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`]). `chunk_len` (a positive
+    /// multiple of 8) or the automatic choice ([`auto_split_l2_chunk_len`]).
     SplitL2 { chunk_len: Option<usize> },
 }
 
@@ -330,7 +330,7 @@ pub fn plan_with(
                         .into(),
                 ));
             }
-            let chunk_len = chunk_len.unwrap_or_else(|| auto_split_l2_chunk_len(vocab, dtype));
+            let chunk_len = chunk_len.unwrap_or_else(|| auto_split_l2_chunk_len(vocab));
             split_plan(rows, vocab, dtype, limits, chunk_len, true, active_clusters)
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
@@ -345,20 +345,30 @@ pub fn plan_with(
                 // Rows longer than a block's shared memory, or too few to fill the SMs: the split
                 // plan reads them once where its kernels are the faster (`traits`), it cuts a row
                 // into at most `SPLIT_AUTO_MAX_CHUNKS` and there are rows for every group it can
-                // run; else the chunked plan, which reads them twice but cuts few rows finer.
+                // run; the plain loss's longest such rows take split_l2 (its chunks in L2); else
+                // the chunked plan, which reads them twice but cuts few rows finer.
                 _ if traits.split_automatic => {
                     let chunk_len = auto_split_chunk_len(vocab, dtype);
+                    let split_chunks = vocab.div_ceil(chunk_len) as u32;
+                    let in_l2 = traits.split_l2
+                        && (SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS..=SPLIT_AUTO_MAX_CHUNKS)
+                            .contains(&split_chunks);
+                    let chunk_len = if in_l2 {
+                        auto_split_l2_chunk_len(vocab)
+                    } else {
+                        chunk_len
+                    };
                     split_plan(
                         rows,
                         vocab,
                         dtype,
                         limits,
                         chunk_len,
-                        false,
+                        in_l2,
                         active_clusters,
                     )
                     .ok()
-                    .filter(|plan| split_is_full(plan, rows))
+                    .filter(|plan| split_is_full(plan, rows, split_chunks))
                     .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
                 _ => chunked(auto_chunk_len(rows, vocab, limits)),
@@ -805,25 +815,36 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
     even_chunk_len(vocab, dtype, SPLIT_CHUNK_BYTES)
 }
 
-/// Bytes of a row each CTA of the split_l2 plan reads, at most: one batch of [`UNROLL`] vectors
-/// for each of [`SPLIT_MAX_THREADS`] threads. Its L2 holds two chunks a resident CTA (the one
-/// reduced, the one whose gradient is written): 20 MiB for 320 CTAs (108 SMs at three), half an
-/// A100's L2. Not yet measured against other sizes (force `chunk_len` to compare).
-pub const SPLIT_L2_CHUNK_BYTES: usize = 32 * 1024;
+/// Elements of a row each CTA of the split_l2 plan reads: 16 KiB in 16 bits (one batch of
+/// [`UNROLL`] vectors for each of 128 threads, so six CTAs an SM at its 80 registers), 32 KiB in
+/// f32 (256 threads, three). Its L2 holds two chunks a resident CTA (the one reduced, the one whose
+/// gradient is written): about 20 MiB on an A100's 108 SMs, half its L2. On the H200 under an
+/// A100's limits on 108 SMs (session 39, `bench/results/h200-2026-12-05-s39-run1-*`, two rounds),
+/// chunks of this length beat even 32 KiB chunks (16032 elements in 16 bits, 8016 in f32) at every
+/// shape measured: 70.8 / 73.5 / 69.6 / 70.6 / 76.3% of copy against 68.2 / 69.1 / 66.5 / 68.0 /
+/// 74.3 at 8192 x 128256 bf16, 4096 x 262144 bf16, 16384 x 151936 bf16, 8192 x 128256 f16 and
+/// f32; the split plan ran at 74.7 / 69.5 / 74.3 / 74.9 / 74.2 in the same run.
+pub const SPLIT_L2_CHUNK_LEN: usize = 8192;
+
+/// The fewest chunks a row of the split plan at which the automatic plan takes split_l2 instead
+/// (the plain loss; rows of at least 5 x [`SPLIT_CHUNK_BYTES`] + 1, 401 KiB): in the run of
+/// [`SPLIT_L2_CHUNK_LEN`] it won at seven chunks (4096 x 262144 bf16: 73.5 against 69.5% of copy;
+/// 8192 x 128256 f32: 76.3 against 74.2) and lost at four (the other three shapes, by 4.0-4.7).
+pub const SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS: u32 = 6;
 
 /// Dynamic shared memory of a split_l2 CTA of `threads`: the reduction's scratch, then one batch of
 /// [`UNROLL`] 16-byte vectors a thread, where the staged variant of the kernel copies its group's
-/// next row (`bench/experiments/split-l2-staged.patch`; main's kernel reads into registers and
-/// leaves it unused). At up to 256 threads that is 32 KiB: three such CTAs, as many as main's
-/// kernel's 80 registers allow, fit in an A100's SM.
+/// next row (`bench/experiments/split-l2-staged.patch`, 10-23 points of copy slower in session 39;
+/// main's kernel reads into registers and leaves it unused). At up to 256 threads that is 32 KiB:
+/// three such CTAs, as many as main's kernel's 80 registers allow, fit in an A100's SM.
 pub fn split_l2_smem_bytes(threads: u32) -> u32 {
     SMEM_STASH_OFFSET + threads * (UNROLL * 16) as u32
 }
 
-/// The split_l2 plan's automatic chunk: the fewest chunks of at most [`SPLIT_L2_CHUNK_BYTES`], even
-/// to a multiple of 8 elements.
-pub fn auto_split_l2_chunk_len(vocab: usize, dtype: DType) -> usize {
-    even_chunk_len(vocab, dtype, SPLIT_L2_CHUNK_BYTES)
+/// The split_l2 plan's automatic chunk: [`SPLIT_L2_CHUNK_LEN`] elements (the last chunk of a row
+/// takes what is left), or the whole row to a multiple of 8.
+pub fn auto_split_l2_chunk_len(vocab: usize) -> usize {
+    SPLIT_L2_CHUNK_LEN.min(vocab.next_multiple_of(8))
 }
 
 /// The fewest chunks of `vocab` of at most `bytes`, even to a multiple of 8 elements.
@@ -906,11 +927,12 @@ fn split_plan(
 /// f32); more chunks were not measured.
 pub const SPLIT_AUTO_MAX_CHUNKS: u32 = 8;
 
-/// Whether the automatic plan takes a split plan: at most [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row,
-/// and as many groups as are resident, not fewer for lack of rows.
-fn split_is_full(plan: &LaunchPlan, rows: usize) -> bool {
-    matches!(*plan, LaunchPlan::Split { groups, n_chunks, .. }
-        if n_chunks <= SPLIT_AUTO_MAX_CHUNKS && (groups as usize) < rows)
+/// Whether the automatic plan takes a split plan (or split_l2) whose split plan cuts a row into
+/// `split_chunks`: at most [`SPLIT_AUTO_MAX_CHUNKS`], and as many groups as are resident, not fewer
+/// for lack of rows.
+fn split_is_full(plan: &LaunchPlan, rows: usize, split_chunks: u32) -> bool {
+    split_chunks <= SPLIT_AUTO_MAX_CHUNKS
+        && matches!(*plan, LaunchPlan::Split { groups, .. } if (groups as usize) < rows)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
