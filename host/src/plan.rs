@@ -121,8 +121,9 @@ pub enum PlanChoice {
     /// its chunk in shared memory, combined through global memory: one read and one write per
     /// element for rows longer than one block's shared memory. The automatic plan takes it for
     /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
-    /// resident groups (the plain loss at [`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`] or more: split_l2). `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
-    /// automatic choice ([`auto_split_chunk_len`]).
+    /// resident groups (for the plain loss at [`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`] or more, split_l2
+    /// instead). `chunk_len` (a positive multiple of 8 that fits in shared memory) or the automatic
+    /// choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
     /// sm_80, the plain loss only: the split plan with each CTA's chunk left in L2 between its two
     /// passes instead of kept in shared memory. A CTA reduces its group's next row before it
@@ -348,28 +349,30 @@ pub fn plan_with(
                 // run; the plain loss's longest such rows take split_l2 (its chunks in L2); else
                 // the chunked plan, which reads them twice but cuts few rows finer.
                 _ if traits.split_automatic => {
-                    let chunk_len = auto_split_chunk_len(vocab, dtype);
-                    let split_chunks = vocab.div_ceil(chunk_len) as u32;
-                    let in_l2 = traits.split_l2
-                        && (SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS..=SPLIT_AUTO_MAX_CHUNKS)
-                            .contains(&split_chunks);
+                    let split_chunk_len = auto_split_chunk_len(vocab, dtype);
+                    let split_chunks = vocab.div_ceil(split_chunk_len) as u32;
+                    let in_l2 = traits.split_l2 && split_chunks >= SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS;
                     let chunk_len = if in_l2 {
                         auto_split_l2_chunk_len(vocab)
                     } else {
-                        chunk_len
+                        split_chunk_len
                     };
-                    split_plan(
-                        rows,
-                        vocab,
-                        dtype,
-                        limits,
-                        chunk_len,
-                        in_l2,
-                        active_clusters,
-                    )
-                    .ok()
-                    .filter(|plan| split_is_full(plan, rows, split_chunks))
-                    .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
+                    (split_chunks <= SPLIT_AUTO_MAX_CHUNKS)
+                        .then(|| {
+                            split_plan(
+                                rows,
+                                vocab,
+                                dtype,
+                                limits,
+                                chunk_len,
+                                in_l2,
+                                active_clusters,
+                            )
+                            .ok()
+                        })
+                        .flatten()
+                        .filter(|plan| split_is_full(plan, rows))
+                        .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
                 _ => chunked(auto_chunk_len(rows, vocab, limits)),
             }
@@ -927,12 +930,10 @@ fn split_plan(
 /// f32); more chunks were not measured.
 pub const SPLIT_AUTO_MAX_CHUNKS: u32 = 8;
 
-/// Whether the automatic plan takes a split plan (or split_l2) whose split plan cuts a row into
-/// `split_chunks`: at most [`SPLIT_AUTO_MAX_CHUNKS`], and as many groups as are resident, not fewer
-/// for lack of rows.
-fn split_is_full(plan: &LaunchPlan, rows: usize, split_chunks: u32) -> bool {
-    split_chunks <= SPLIT_AUTO_MAX_CHUNKS
-        && matches!(*plan, LaunchPlan::Split { groups, .. } if (groups as usize) < rows)
+/// Whether a split plan (or split_l2) runs as many groups as are resident, not fewer for lack of
+/// rows: the automatic plan takes it only then.
+fn split_is_full(plan: &LaunchPlan, rows: usize) -> bool {
+    matches!(*plan, LaunchPlan::Split { groups, .. } if (groups as usize) < rows)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
