@@ -1560,15 +1560,16 @@ fn a100_has_no_clusters_and_uses_fused_split_or_chunked_plans() {
         ),
         "{got:?}"
     );
-    // A 256K vocabulary in bf16: 7 chunks a row for the split plan, so split_l2 for the plain
-    // loss (32 chunks of 16 KiB).
+    // A 256K vocabulary in bf16: 7 chunks a row of 37504 elements (the even 37456 rounded up to
+    // 256 bytes), split, not split_l2.
     let got = on_a100(4096, 262144, DType::Bf16);
     assert!(
         matches!(
             got,
             Ok(LaunchPlan::Split {
-                n_chunks: 32,
-                in_l2: true,
+                n_chunks: 7,
+                chunk_len: 37504,
+                in_l2: false,
                 ..
             })
         ),
@@ -1733,49 +1734,56 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
         matches!(options_kernels, Err(Error::PlanDoesNotFit(_))),
         "{options_kernels:?}"
     );
-    // The automatic plan: split_l2 for the plain loss where the split plan would cut a row into
-    // 6 to 8 chunks (401 to 640 KiB), the split plan for shorter rows and for the options' kernels.
+    // The automatic plan takes the split plan, never split_l2 (forced only), for the plain loss
+    // and the options' kernels alike, with even chunks rounded up to whole 256-byte runs.
     let options_traits = plan::KernelTraits {
         split_l2: false,
         ..plan::KernelTraits::PLAIN
     };
-    for (vocab, dtype, plain_in_l2) in [
-        (128256, DType::Bf16, false),
-        (151936, DType::Bf16, false),
-        (200000, DType::Bf16, false),
-        (262144, DType::Bf16, true),
-        (128256, DType::F32, true),
-        (160000, DType::F32, true),
+    for (vocab, dtype, chunk, chunks) in [
+        (128256, DType::Bf16, 32128, 4),
+        (128256, DType::F16, 32128, 4),
+        (151936, DType::Bf16, 38016, 4),
+        (200000, DType::Bf16, 40064, 5),
+        (262144, DType::Bf16, 37504, 7),
+        (128256, DType::F32, 18368, 7),
+        (160000, DType::F32, 20032, 8),
+        // 8 even chunks of 20424 f32: rounded up to the bound itself (80 KiB), not past it.
+        (163388, DType::F32, 20480, 8),
+        // A row's only chunk stays whole vectors of the row.
+        (72, DType::Bf16, 72, 1),
     ] {
         let what = format!("{vocab} {dtype:?}");
-        let auto = plan::plan(8192, vocab, dtype, a100, PlanChoice::Auto).unwrap();
-        assert!(
-            matches!(auto, LaunchPlan::Split { in_l2, .. } if in_l2 == plain_in_l2),
-            "{what}: {auto:?}"
+        assert_eq!(
+            (
+                plan::auto_split_chunk_len(vocab, dtype),
+                vocab.div_ceil(chunk)
+            ),
+            (chunk, chunks),
+            "{what}"
         );
-        if plain_in_l2 {
+        if chunks == 1 {
+            continue;
+        }
+        for traits in [plan::KernelTraits::PLAIN, options_traits] {
+            let auto = plan::plan_with(
+                8192,
+                vocab,
+                dtype,
+                a100,
+                PlanChoice::Auto,
+                traits,
+                &mut |_| None,
+            )
+            .unwrap();
             assert!(
-                matches!(auto, LaunchPlan::Split { chunk_len, .. }
-                    if chunk_len as usize == plan::SPLIT_L2_CHUNK_LEN),
+                matches!(auto, LaunchPlan::Split { in_l2: false, chunk_len, n_chunks, .. }
+                    if chunk_len as usize == chunk && n_chunks as usize == chunks),
                 "{what}: {auto:?}"
             );
         }
-        let with_options = plan::plan_with(
-            8192,
-            vocab,
-            dtype,
-            a100,
-            PlanChoice::Auto,
-            options_traits,
-            &mut |_| None,
-        )
-        .unwrap();
-        assert!(
-            matches!(with_options, LaunchPlan::Split { in_l2: false, .. }),
-            "{what}: {with_options:?}"
-        );
     }
-    // Rows the split plan would cut into more than 8 chunks stay chunked, split_l2 or not.
+    // Rows the split plan would cut into more than 8 chunks stay chunked.
     let longer = plan::plan(8192, 1 << 20, DType::Bf16, a100, PlanChoice::Auto).unwrap();
     assert!(matches!(longer, LaunchPlan::Chunked { .. }), "{longer:?}");
 }

@@ -121,16 +121,16 @@ pub enum PlanChoice {
     /// its chunk in shared memory, combined through global memory: one read and one write per
     /// element for rows longer than one block's shared memory. The automatic plan takes it for
     /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
-    /// resident groups (for the plain loss at [`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`] or more, split_l2
-    /// instead). `chunk_len` (a positive multiple of 8 that fits in shared memory) or the automatic
-    /// choice ([`auto_split_chunk_len`]).
+    /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
+    /// automatic choice ([`auto_split_chunk_len`]).
     Split { chunk_len: Option<usize> },
-    /// sm_80, the plain loss only: the split plan with each CTA's chunk left in L2 between its two
-    /// passes instead of kept in shared memory. A CTA reduces its group's next row before it
-    /// writes a row's gradient, so it waits for its group a row behind its own reads, and only
-    /// registers limit the resident CTAs. The automatic plan takes it for the longest rows the
-    /// split plan would take ([`SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS`]). `chunk_len` (a positive
-    /// multiple of 8) or the automatic choice ([`auto_split_l2_chunk_len`]).
+    /// sm_80, the plain loss only, forced: the split plan with each CTA's chunk left in L2 between
+    /// its two passes instead of kept in shared memory. A CTA reduces its group's next row before
+    /// it writes a row's gradient, so it waits for its group a row behind its own reads, and only
+    /// registers limit the resident CTAs. The automatic plan does not take it (see
+    /// [`SPLIT_L2_CHUNK_LEN`]: it won only where each SM is asked for more bandwidth than an
+    /// A100's). `chunk_len` (a positive multiple of 8) or the automatic choice
+    /// ([`auto_split_l2_chunk_len`]).
     SplitL2 { chunk_len: Option<usize> },
 }
 
@@ -346,33 +346,21 @@ pub fn plan_with(
                 // Rows longer than a block's shared memory, or too few to fill the SMs: the split
                 // plan reads them once where its kernels are the faster (`traits`), it cuts a row
                 // into at most `SPLIT_AUTO_MAX_CHUNKS` and there are rows for every group it can
-                // run; the plain loss's longest such rows take split_l2 (its chunks in L2); else
-                // the chunked plan, which reads them twice but cuts few rows finer.
+                // run; else the chunked plan, which reads them twice but cuts few rows finer.
                 _ if traits.split_automatic => {
-                    let split_chunk_len = auto_split_chunk_len(vocab, dtype);
-                    let split_chunks = vocab.div_ceil(split_chunk_len) as u32;
-                    let in_l2 = traits.split_l2 && split_chunks >= SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS;
-                    let chunk_len = if in_l2 {
-                        auto_split_l2_chunk_len(vocab)
-                    } else {
-                        split_chunk_len
-                    };
-                    (split_chunks <= SPLIT_AUTO_MAX_CHUNKS)
-                        .then(|| {
-                            split_plan(
-                                rows,
-                                vocab,
-                                dtype,
-                                limits,
-                                chunk_len,
-                                in_l2,
-                                active_clusters,
-                            )
-                            .ok()
-                        })
-                        .flatten()
-                        .filter(|plan| split_is_full(plan, rows))
-                        .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
+                    let chunk_len = auto_split_chunk_len(vocab, dtype);
+                    split_plan(
+                        rows,
+                        vocab,
+                        dtype,
+                        limits,
+                        chunk_len,
+                        false,
+                        active_clusters,
+                    )
+                    .ok()
+                    .filter(|plan| split_is_full(plan, rows))
+                    .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
                 _ => chunked(auto_chunk_len(rows, vocab, limits)),
             }
@@ -812,11 +800,25 @@ pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
 /// 512 threads lost resident CTAs and 1-30 points of copy.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
 
-/// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even to a
-/// multiple of 8 elements.
+/// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,
+/// rounded up to a multiple of [`SPLIT_CHUNK_ALIGN_BYTES`] (a row's only chunk: to 8 elements).
+/// The rounding keeps both the count and the bound: the bound is a multiple of the alignment, and
+/// with two chunks or more each is over half the bound, so the last loses at most 7 x 255 bytes.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
-    even_chunk_len(vocab, dtype, SPLIT_CHUNK_BYTES)
+    let even = even_chunk_len(vocab, dtype, SPLIT_CHUNK_BYTES);
+    even.next_multiple_of(SPLIT_CHUNK_ALIGN_BYTES / dtype.bytes())
+        .min(vocab.next_multiple_of(8))
 }
+
+/// Bytes the split plan's automatic chunk is a multiple of where it can be, so that every chunk of
+/// a row whose own start is so aligned starts on a 256-byte boundary. On an H100 under an A100's
+/// limits on 108 SMs (session 40, `bench/results/h100-2026-12-05-s40-run4-*`, two rounds, the
+/// same chunk counts), 256-byte chunks gained 1.3 to 2.1 points of copy over the even chunks to 8
+/// elements: 4096 x 262144 bf16 (7 chunks, 37456 -> 37504 elements) 84.0 -> 86.1, 16384 x 151936
+/// bf16 (4, 37984 -> 38016) 87.9 -> 89.2, 8192 x 128256 f32 (7, 18328 -> 18368) 86.3 -> 88.2, where
+/// 128-byte chunks (18336) took 87.5. The sm_90 cluster kernels did not move with their chunks'
+/// alignment (`-s40-run2-sm90-aligned-v.txt`), so only the split plan rounds.
+pub const SPLIT_CHUNK_ALIGN_BYTES: usize = 256;
 
 /// Elements of a row each CTA of the split_l2 plan reads: 16 KiB in 16 bits (one batch of
 /// [`UNROLL`] vectors for each of 128 threads, so six CTAs an SM at its 80 registers), 32 KiB in
@@ -826,14 +828,15 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
 /// chunks of this length beat even 32 KiB chunks (16032 elements in 16 bits, 8016 in f32) at every
 /// shape measured: 70.8 / 73.5 / 69.6 / 70.6 / 76.3% of copy against 68.2 / 69.1 / 66.5 / 68.0 /
 /// 74.3 at 8192 x 128256 bf16, 4096 x 262144 bf16, 16384 x 151936 bf16, 8192 x 128256 f16 and
-/// f32; the split plan ran at 74.7 / 69.5 / 74.3 / 74.9 / 74.2 in the same run.
+/// f32; the split plan ran at 74.7 / 69.5 / 74.3 / 74.9 / 74.2 in the same run, so session 39 made
+/// split_l2 the automatic plan where the split plan cuts a row into 6-8 chunks. On an H100 under
+/// the same limits (session 40, `bench/results/h100-2026-12-05-s40-run3-*`) the order reversed:
+/// split_l2 78.2 (4096 x 262144 bf16) and 77.8 (8192 x 128256 f32) against the split plan's 84.5
+/// and 86.6. The emulation on 108 of the H200's SMs asks each SM for 44 GB/s (4.8 TB/s / 108), on
+/// the H100's 31, where an A100 80 GB asks 19 (2.0 TB/s / 108) and the other sm_80 and sm_89 GPUs
+/// less: split_l2 wins only where the SMs, not HBM, bound the loss, which no GPU that runs the
+/// sm_80 kernels does, so it is a forced plan only.
 pub const SPLIT_L2_CHUNK_LEN: usize = 8192;
-
-/// The fewest chunks a row of the split plan at which the automatic plan takes split_l2 instead
-/// (the plain loss; rows of at least 5 x [`SPLIT_CHUNK_BYTES`] + 1, 401 KiB): in the run of
-/// [`SPLIT_L2_CHUNK_LEN`] it won at seven chunks (4096 x 262144 bf16: 73.5 against 69.5% of copy;
-/// 8192 x 128256 f32: 76.3 against 74.2) and lost at four (the other three shapes, by 4.0-4.7).
-pub const SPLIT_L2_AUTO_MIN_SPLIT_CHUNKS: u32 = 6;
 
 /// Dynamic shared memory of a split_l2 CTA of `threads`: the reduction's scratch, then one batch of
 /// [`UNROLL`] 16-byte vectors a thread, where the staged variant of the kernel copies its group's
@@ -930,10 +933,11 @@ fn split_plan(
 /// f32); more chunks were not measured.
 pub const SPLIT_AUTO_MAX_CHUNKS: u32 = 8;
 
-/// Whether a split plan (or split_l2) runs as many groups as are resident, not fewer for lack of
-/// rows: the automatic plan takes it only then.
+/// Whether the automatic plan takes a split plan: at most [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row,
+/// and as many groups as are resident, not fewer for lack of rows.
 fn split_is_full(plan: &LaunchPlan, rows: usize) -> bool {
-    matches!(*plan, LaunchPlan::Split { groups, .. } if (groups as usize) < rows)
+    matches!(*plan, LaunchPlan::Split { groups, n_chunks, .. }
+        if n_chunks <= SPLIT_AUTO_MAX_CHUNKS && (groups as usize) < rows)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
