@@ -311,6 +311,41 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
             }
         }
     }
+    // The automatic plan's own chunks of long rows: even, rounded up to 256 bytes, so the last
+    // chunk of a row is the shortest (32128 x 3 + 31872 in 16 bits, 18368 x 6 + 18048 in f32).
+    if !sanitizing() {
+        for dtype in [DType::Bf16, DType::F32] {
+            let vocab = 128256;
+            let plan = xent.plan_for(&Shape::flat(1 << 20, vocab), dtype, &Options::default());
+            let Ok(xent::LaunchPlan::Split {
+                groups, chunk_len, ..
+            }) = plan
+            else {
+                panic!(
+                    "automatic, {vocab} {}: expected a split plan, got {plan:?}",
+                    dtype.name()
+                );
+            };
+            assert_eq!(
+                chunk_len as usize,
+                xent::plan::auto_split_chunk_len(vocab, dtype),
+                "{plan:?}"
+            );
+            let rows = 2 * groups as usize + 7;
+            let mut case = Case::new(rows, vocab);
+            case.ignored = 0.3;
+            case.seed = 40 + dtype.bytes() as u64;
+            for result in [
+                run_case_dtype::<i64>(xent, &xent.context().default_stream(), dtype, &case),
+                run_case_dtype::<i32>(xent, &xent.context().default_stream(), dtype, &case),
+            ] {
+                cases += 1;
+                if let Err(msg) = result {
+                    failures.push(format!("automatic, {vocab} {}: {msg}", dtype.name()));
+                }
+            }
+        }
+    }
     xent_tests::report(&format!(
         "split plan, many rows a group: {cases} cases, {} failed",
         failures.len()

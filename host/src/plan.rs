@@ -812,12 +812,16 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
 
 /// Bytes the split plan's automatic chunk is a multiple of where it can be, so that every chunk of
 /// a row whose own start is so aligned starts on a 256-byte boundary. On an H100 under an A100's
-/// limits on 108 SMs (session 40, `bench/results/h100-2026-12-05-s40-run4-*`, two rounds, the
-/// same chunk counts), 256-byte chunks gained 1.3 to 2.1 points of copy over the even chunks to 8
+/// limits on 108 SMs (session 40, `bench/results/h100-2026-12-05-s40-run4-*`, two rounds, the same
+/// chunk counts), 256-byte chunks gained 1.3 to 2.1 points of copy over the even chunks to 8
 /// elements: 4096 x 262144 bf16 (7 chunks, 37456 -> 37504 elements) 84.0 -> 86.1, 16384 x 151936
 /// bf16 (4, 37984 -> 38016) 87.9 -> 89.2, 8192 x 128256 f32 (7, 18328 -> 18368) 86.3 -> 88.2, where
-/// 128-byte chunks (18336) took 87.5. The sm_90 cluster kernels did not move with their chunks'
-/// alignment (`-s40-run2-sm90-aligned-v.txt`), so only the split plan rounds.
+/// 128-byte chunks (18336) took 87.5. On the H200 under the same limits
+/// (`h200-2026-12-05-s40-run5-*`, the chunks of this rule against session 39's even ones) 71.2
+/// against 69.5, 75.7 against 74.3, 75.5 against 74.2 at those shapes, and 75.4 / 76.1 against 74.6
+/// / 75.2 at 8192 x 128256 bf16 / f16 (32128 against 32064 elements, both in one run). The sm_90
+/// cluster kernels did not move with their chunks' alignment
+/// (`h100-2026-12-05-s40-run2-sm90-aligned-v.txt`), so only the split plan rounds.
 pub const SPLIT_CHUNK_ALIGN_BYTES: usize = 256;
 
 /// Elements of a row each CTA of the split_l2 plan reads: 16 KiB in 16 bits (one batch of
@@ -827,15 +831,16 @@ pub const SPLIT_CHUNK_ALIGN_BYTES: usize = 256;
 /// A100's limits on 108 SMs (session 39, `bench/results/h200-2026-12-05-s39-run1-*`, two rounds),
 /// chunks of this length beat even 32 KiB chunks (16032 elements in 16 bits, 8016 in f32) at every
 /// shape measured: 70.8 / 73.5 / 69.6 / 70.6 / 76.3% of copy against 68.2 / 69.1 / 66.5 / 68.0 /
-/// 74.3 at 8192 x 128256 bf16, 4096 x 262144 bf16, 16384 x 151936 bf16, 8192 x 128256 f16 and
-/// f32; the split plan ran at 74.7 / 69.5 / 74.3 / 74.9 / 74.2 in the same run, so session 39 made
+/// 74.3 at 8192 x 128256 bf16, 4096 x 262144 bf16, 16384 x 151936 bf16, 8192 x 128256 f16 and f32;
+/// the split plan ran at 74.7 / 69.5 / 74.3 / 74.9 / 74.2 in the same run, so session 39 made
 /// split_l2 the automatic plan where the split plan cuts a row into 6-8 chunks. On an H100 under
 /// the same limits (session 40, `bench/results/h100-2026-12-05-s40-run3-*`) the order reversed:
 /// split_l2 78.2 (4096 x 262144 bf16) and 77.8 (8192 x 128256 f32) against the split plan's 84.5
-/// and 86.6. The emulation on 108 of the H200's SMs asks each SM for 44 GB/s (4.8 TB/s / 108), on
-/// the H100's 31, where an A100 80 GB asks 19 (2.0 TB/s / 108) and the other sm_80 and sm_89 GPUs
-/// less: split_l2 wins only where the SMs, not HBM, bound the loss, which no GPU that runs the
-/// sm_80 kernels does, so it is a forced plan only.
+/// and 86.6 (on the H200 split_l2 still won there with the 256-byte chunks, 73.6 against 71.2 and
+/// 77.0 against 75.5). The emulation on 108 of the H200's SMs asks each SM for 44 GB/s (4.8 TB/s /
+/// 108), on the H100's 31, where an A100 80 GB asks 19 (2.0 TB/s / 108) and the other sm_80 and
+/// sm_89 GPUs less: split_l2 won only on the emulation that asks each SM for the most, further
+/// from an A100 than the H100's, so it is a forced plan only.
 pub const SPLIT_L2_CHUNK_LEN: usize = 8192;
 
 /// Dynamic shared memory of a split_l2 CTA of `threads`: the reduction's scratch, then one batch of
