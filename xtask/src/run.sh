@@ -44,7 +44,8 @@
 #                               pair reads up to a point lower), on $XENT_BENCH_CONFIGS (default:
 #                               configs.txt) with --options $XENT_AB_OPTIONS (default
 #                               none,softcap,softcap+accuracy,all); every row, tagged with its
-#                               variant and round, in ab.jsonl, then ab.py's table
+#                               variant and round, appended to $OUT/ab.jsonl as each
+#                               process ends (every A/B of a call), then ab.py's table of this one
 #   run.sh small PTX PTX...     the same A/B for small calls: bin/bench-criterion's
 #                               small/gpu_graph (µs a call in a graph; XENT_SMALL_ROWS for other
 #                               row counts), rounds alternating as above, into small.log and a
@@ -305,10 +306,13 @@ elif [[ $mode == ab ]]; then
       run_one "bench-throughput ${ab_names[i]} round $round" "$log" timeout 300 \
         env "${ptx_env[@]}" ./bin/bench-throughput --bench --configs "$configs" \
         --options "${XENT_AB_OPTIONS:-none,softcap,softcap+accuracy,all}"
-      sed "s/^{/{\"variant\": \"${ab_names[i]}\", \"round\": $round, /" "$scratch/last.out" >> "$scratch/ab.jsonl"
+      sed "s/^{/{\"variant\": \"${ab_names[i]}\", \"round\": $round, /" "$scratch/last.out" > "$scratch/tagged"
+      cat "$scratch/tagged" >> "$scratch/ab.jsonl"
+      # $OUT/ab.jsonl gathers every process's rows as it ends: all the A/Bs of a call, and those
+      # of a call cut short.
+      if [[ -n ${OUT:-} ]]; then cat "$scratch/tagged" >> "$OUT/ab.jsonl"; fi
     done
   done
-  if [[ -n ${OUT:-} ]]; then cp "$scratch/ab.jsonl" "$OUT/ab.jsonl"; fi
   python3 ab.py "$scratch/ab.jsonl" | to_log "$log"
 elif [[ $mode == small ]]; then
   variants small "$@"
