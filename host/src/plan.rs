@@ -820,8 +820,8 @@ pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
 /// (`h200-2026-12-05-s40-run5-*`, the chunks of this rule against session 39's even ones) 71.2
 /// against 69.5, 75.7 against 74.3, 75.5 against 74.2 at those shapes, and 75.4 / 76.1 against 74.6
 /// / 75.2 at 8192 x 128256 bf16 / f16 (32128 against 32064 elements, both in one run). The sm_90
-/// cluster kernels did not move with their chunks' alignment
-/// (`h100-2026-12-05-s40-run2-sm90-aligned-v.txt`), so only the split plan rounds.
+/// cluster kernels moved by -0.2 to +0.75 with their chunks' alignment (one round,
+/// `h100-2026-12-05-s40-run2-sm90-aligned-v.txt`), so only the split plan rounds.
 pub const SPLIT_CHUNK_ALIGN_BYTES: usize = 256;
 
 /// Elements of a row each CTA of the split_l2 plan reads: 16 KiB in 16 bits (one batch of
