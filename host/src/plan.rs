@@ -802,8 +802,9 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,
 /// rounded up to a multiple of [`SPLIT_CHUNK_ALIGN_BYTES`] (a row's only chunk: to 8 elements).
-/// The rounding keeps both the count and the bound: the bound is a multiple of the alignment, and
-/// with two chunks or more each is over half the bound, so the last loses at most 7 x 255 bytes.
+/// The rounding keeps the bound (a multiple of the alignment) and, up to the
+/// [`SPLIT_AUTO_MAX_CHUNKS`] the automatic plan takes, the count: with two chunks or more each is
+/// over half the bound, and the last loses at most 7 x 255 bytes.
 pub fn auto_split_chunk_len(vocab: usize, dtype: DType) -> usize {
     let even = even_chunk_len(vocab, dtype, SPLIT_CHUNK_BYTES);
     even.next_multiple_of(SPLIT_CHUNK_ALIGN_BYTES / dtype.bytes())
