@@ -348,19 +348,24 @@ pub fn plan_with(
                 // into at most `SPLIT_AUTO_MAX_CHUNKS` and there are rows for every group it can
                 // run; else the chunked plan, which reads them twice but cuts few rows finer.
                 _ if traits.split_automatic => {
+                    // The chunk count is checked before planning, which asks the device.
                     let chunk_len = auto_split_chunk_len(vocab, dtype);
-                    split_plan(
-                        rows,
-                        vocab,
-                        dtype,
-                        limits,
-                        chunk_len,
-                        false,
-                        active_clusters,
-                    )
-                    .ok()
-                    .filter(|plan| split_is_full(plan, rows))
-                    .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
+                    (vocab.div_ceil(chunk_len) <= SPLIT_AUTO_MAX_CHUNKS as usize)
+                        .then(|| {
+                            split_plan(
+                                rows,
+                                vocab,
+                                dtype,
+                                limits,
+                                chunk_len,
+                                false,
+                                active_clusters,
+                            )
+                            .ok()
+                        })
+                        .flatten()
+                        .filter(|plan| split_is_full(plan, rows))
+                        .map_or_else(|| chunked(auto_chunk_len(rows, vocab, limits)), Ok)
                 }
                 _ => chunked(auto_chunk_len(rows, vocab, limits)),
             }
@@ -939,11 +944,11 @@ fn split_plan(
 /// f32); more chunks were not measured.
 pub const SPLIT_AUTO_MAX_CHUNKS: u32 = 8;
 
-/// Whether the automatic plan takes a split plan: at most [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row,
-/// and as many groups as are resident, not fewer for lack of rows.
+/// Whether a split plan runs as many groups as are resident, not fewer for lack of rows: the
+/// automatic plan takes it only then (and at most [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row, checked
+/// before it plans).
 fn split_is_full(plan: &LaunchPlan, rows: usize) -> bool {
-    matches!(*plan, LaunchPlan::Split { groups, n_chunks, .. }
-        if n_chunks <= SPLIT_AUTO_MAX_CHUNKS && (groups as usize) < rows)
+    matches!(*plan, LaunchPlan::Split { groups, .. } if (groups as usize) < rows)
 }
 
 /// The chunk length of the automatic chunked plan: one tile, halved while the grid would leave
