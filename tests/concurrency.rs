@@ -120,6 +120,7 @@ fn two_threads_on_two_streams_compute_different_losses_at_once() {
         } else {
             PlanChoice::Split {
                 chunk_len: Some(8000),
+                threads: None,
             }
         },
         ..Options::default()

@@ -1495,6 +1495,33 @@ fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
     assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
 }
 
+/// A forced thread count for the split plan is the CTA's, whatever the chunk; without one the
+/// plan takes `threads_for` the chunk up to `SPLIT_MAX_THREADS`; a count that is not a multiple of
+/// 32 up to `MAX_THREADS` is refused, not launched.
+#[test]
+fn the_split_plan_takes_a_forced_thread_count_and_refuses_a_bad_one() {
+    let (rows, vocab, dtype) = (8192, LLAMA3_VOCAB, DType::Bf16);
+    let threads_of = |threads: Option<u32>| {
+        let choice = PlanChoice::Split {
+            chunk_len: None,
+            threads,
+        };
+        match plan::plan(rows, vocab, dtype, DeviceLimits::A100, choice) {
+            Ok(LaunchPlan::Split { threads, .. }) => Ok(threads),
+            Ok(other) => panic!("expected a split plan, got {other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    assert_eq!(threads_of(None), Ok(plan::SPLIT_MAX_THREADS));
+    for t in [32, 128, 384, 512] {
+        assert_eq!(threads_of(Some(t)), Ok(t));
+    }
+    for t in [0, 100, plan::MAX_THREADS + 32] {
+        let err = threads_of(Some(t)).expect_err("a bad thread count must be refused");
+        assert!(err.contains("threads per CTA"), "{t}: {err}");
+    }
+}
+
 /// The `XENT_LIMITS=a100` emulation gives each SM the CTAs an A100's 164 KiB of shared memory
 /// hold (1 KiB reserved a CTA), not the H200's 228 KiB: two of the split plan's chunks at the
 /// large 16-bit shapes and in f32, where the H200 holds three.
@@ -1506,7 +1533,10 @@ fn an_a100_sm_holds_two_split_chunks_where_an_h200_holds_three() {
         (4096, 262_144, DType::Bf16),
         (8192, GPT2_VOCAB, DType::F32),
     ] {
-        let split = PlanChoice::Split { chunk_len: None };
+        let split = PlanChoice::Split {
+            chunk_len: None,
+            threads: None,
+        };
         let got = plan::plan(rows, vocab, dtype, DeviceLimits::A100, split);
         let Ok(LaunchPlan::Split { smem_bytes, .. }) = got else {
             panic!("{rows} x {vocab} {dtype:?}: expected a split plan, got {got:?}");
@@ -1609,7 +1639,10 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
     // elements with the reduction's scratch and one batch a thread a CTA.
     for in_l2 in [false, true] {
         let forced = |chunk_len| match in_l2 {
-            false => PlanChoice::Split { chunk_len },
+            false => PlanChoice::Split {
+                chunk_len,
+                threads: None,
+            },
             true => PlanChoice::SplitL2 { chunk_len },
         };
         let slots = match in_l2 {

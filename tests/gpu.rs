@@ -85,7 +85,10 @@ fn every_plan<T: xent::Element>(
         PlanChoice::Auto,
         PlanChoice::Fused,
         PlanChoice::Chunked { chunk_len: None },
-        PlanChoice::Split { chunk_len: None },
+        PlanChoice::Split {
+            chunk_len: None,
+            threads: None,
+        },
         PlanChoice::SplitL2 { chunk_len: None },
     ] {
         case.opts.plan = plan;
@@ -153,7 +156,10 @@ fn a_partition_of_the_sms_is_what_the_handle_plans_for() {
             &case.shape,
             DType::Bf16,
             &Options {
-                plan: PlanChoice::Split { chunk_len: None },
+                plan: PlanChoice::Split {
+                    chunk_len: None,
+                    threads: None,
+                },
                 ..Options::default()
             },
         );
@@ -281,6 +287,7 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
                             .map(|_| (0..vocab).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect()),
                         plan: PlanChoice::Split {
                             chunk_len: Some(chunk_len),
+                            threads: None,
                         },
                         ..family.clone()
                     };
@@ -760,7 +767,10 @@ fn loss_error_scales_with_the_loss_at_large_logit_magnitudes() {
         PlanChoice::Auto,
         PlanChoice::Fused,
         PlanChoice::Chunked { chunk_len: None },
-        PlanChoice::Split { chunk_len: None },
+        PlanChoice::Split {
+            chunk_len: None,
+            threads: None,
+        },
     ] {
         for (name, base) in [
             ("plain", Options::default()),

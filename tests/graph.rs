@@ -40,6 +40,7 @@ fn a_captured_call_replays_with_the_same_loss_and_gradient() {
         plans.push(PlanChoice::Fused);
         plans.push(PlanChoice::Split {
             chunk_len: Some(4096),
+            threads: None,
         });
     }
     for plan in plans {

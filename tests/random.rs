@@ -237,6 +237,11 @@ fn draw(seed: u64, max_cluster: u32) -> Draw {
                 0 => None,
                 _ => Some(chunk_len(&mut rng, vocab)),
             },
+            // Forced thread counts: 64 to the most a CTA of the split plan may have.
+            threads: match rng.below(3) {
+                0 => Some(64 * (1 + rng.below(u64::from(xent::plan::MAX_THREADS / 64))) as u32),
+                _ => None,
+            },
         },
     };
     let options = draw_loss_options(seed, vocab);

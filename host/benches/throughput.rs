@@ -8,7 +8,7 @@
 //! First line: `{"copy_GBps": ...}` measured in this process; then one line per config and option
 //! set (method `xent` without options, `xent[NAME]` with: the cost of each option when on, on the
 //! same inputs). `--plan` is auto, fused, chunked, split (sm_80 PTX: `XENT_ARCH=sm_80` on an
-//! H100/H200), `split:LEN`, `split_l2[:LEN]`, cluster, or a forced cluster plan `cluster:N` (N
+//! H100/H200), `split:LEN` (`split:LEN:T`, `split::T`: T threads a CTA), `split_l2[:LEN]`, cluster, or a forced cluster plan `cluster:N` (N
 //! CTAs per row), `cluster:N:T` or `cluster::T` (T threads per CTA); `XENT_BENCH_PLAN` sets it
 //! too (`run.sh ab` variants: `embedded+XENT_BENCH_PLAN=split_l2`). `--ignore-every K` ignores
 //! rows 0, K, 2K, ... (default 7, as peers.py; 0: every row scored, which a call of one row needs to be more

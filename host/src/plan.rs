@@ -122,8 +122,13 @@ pub enum PlanChoice {
     /// element for rows longer than one block's shared memory. The automatic plan takes it for
     /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
     /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
-    /// automatic choice ([`auto_split_chunk_len`]).
-    Split { chunk_len: Option<usize> },
+    /// automatic choice ([`auto_split_chunk_len`]); `threads` per CTA (a multiple of 32, at most
+    /// [`MAX_THREADS`]) or the automatic choice, [`threads_for`] the chunk up to
+    /// [`SPLIT_MAX_THREADS`].
+    Split {
+        chunk_len: Option<usize>,
+        threads: Option<u32>,
+    },
     /// sm_80, the plain loss only, forced: the split plan with each CTA's chunk left in L2 between
     /// its two passes instead of kept in shared memory. A CTA reduces its group's next row before
     /// it writes a row's gradient, so it waits for its group a row behind its own reads, and only
@@ -311,13 +316,14 @@ pub fn plan_with(
             };
             cluster_plan(rows, vocab, dtype, limits, size, threads, keep)
         }
-        PlanChoice::Split { chunk_len } => {
+        PlanChoice::Split { chunk_len, threads } => {
             let chunk_len = chunk_len.unwrap_or_else(|| auto_split_chunk_len(vocab, dtype));
             split_plan(
                 rows,
                 vocab,
                 dtype,
                 limits,
+                threads,
                 chunk_len,
                 false,
                 active_clusters,
@@ -332,7 +338,16 @@ pub fn plan_with(
                 ));
             }
             let chunk_len = chunk_len.unwrap_or_else(|| auto_split_l2_chunk_len(vocab));
-            split_plan(rows, vocab, dtype, limits, chunk_len, true, active_clusters)
+            split_plan(
+                rows,
+                vocab,
+                dtype,
+                limits,
+                None,
+                chunk_len,
+                true,
+                active_clusters,
+            )
         }
         PlanChoice::Auto if limits.max_cluster > 1 => {
             let (size, threads) = auto_shape(None, active_clusters);
@@ -357,6 +372,7 @@ pub fn plan_with(
                                 vocab,
                                 dtype,
                                 limits,
+                                None,
                                 chunk_len,
                                 false,
                                 active_clusters,
@@ -882,14 +898,17 @@ fn check_chunk_len(chunk_len: usize) -> Result<()> {
 }
 
 /// The split plan of `rows` rows of `vocab` with chunks of `chunk_len` (`in_l2`: the chunks left in
-/// L2, no stash in shared memory): `groups` as many groups of CTAs as are resident at once
+/// L2, no stash in shared memory) and `threads` per CTA (automatic: [`threads_for`] the chunk, up
+/// to [`SPLIT_MAX_THREADS`]): `groups` as many groups of CTAs as are resident at once
 /// (`resident`, the device's answer for the launch with one group; without one, one CTA per SM),
 /// at most one per row.
+#[allow(clippy::too_many_arguments)]
 fn split_plan(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
+    threads: Option<u32>,
     chunk_len: usize,
     in_l2: bool,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
@@ -902,7 +921,15 @@ fn split_plan(
     }
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
-    let threads = threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS);
+    let threads = match threads {
+        Some(t) if t == 0 || !t.is_multiple_of(32) || t > MAX_THREADS => {
+            return Err(Error::PlanDoesNotFit(format!(
+                "{t} threads per CTA: the split plan takes a multiple of 32 up to {MAX_THREADS}"
+            )));
+        }
+        Some(t) => t,
+        None => threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS),
+    };
     let stash = if in_l2 {
         Some(split_l2_smem_bytes(threads))
     } else {

@@ -547,6 +547,7 @@ pub fn forced_plans(xent: &CrossEntropy, chunk_len: usize) -> Vec<xent::PlanChoi
     } else {
         plans.push(xent::PlanChoice::Split {
             chunk_len: Some(chunk_len),
+            threads: None,
         });
     }
     plans

@@ -48,10 +48,27 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         Some("auto") => PlanChoice::Auto,
         Some("fused") => PlanChoice::Fused,
         Some("chunked") => PlanChoice::Chunked { chunk_len: None },
-        Some("split") => PlanChoice::Split { chunk_len: None },
-        Some(forced) if forced.starts_with("split:") => PlanChoice::Split {
-            chunk_len: Some(chunk_len(forced, 6)?),
+        Some("split") => PlanChoice::Split {
+            chunk_len: None,
+            threads: None,
         },
+        // `split:LEN`, `split:LEN:THREADS`, `split::THREADS` (an empty part: automatic).
+        Some(forced) if forced.starts_with("split:") => {
+            let (len, threads) = forced[6..].split_once(':').unwrap_or((&forced[6..], ""));
+            let number = |text: &str, what: &str| -> Result<Option<u64>, String> {
+                match text {
+                    "" => Ok(None),
+                    n => n
+                        .parse()
+                        .map(Some)
+                        .map_err(|_| format!("bad {what} in {forced}")),
+                }
+            };
+            PlanChoice::Split {
+                chunk_len: number(len, "chunk length")?.map(|n| n as usize),
+                threads: number(threads, "thread count")?.map(|n| n as u32),
+            }
+        }
         Some("split_l2") => PlanChoice::SplitL2 { chunk_len: None },
         Some(forced) if forced.starts_with("split_l2:") => PlanChoice::SplitL2 {
             chunk_len: Some(chunk_len(forced, 9)?),
@@ -77,7 +94,7 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         }
         other => {
             return Err(format!(
-                "plan auto|fused|chunked|split[:LEN]|split_l2[:LEN]|cluster[:N[:T]], not {other:?}"
+                "plan auto|fused|chunked|split[:LEN[:T]]|split_l2[:LEN]|cluster[:N[:T]], not {other:?}"
             ));
         }
     })
