@@ -1495,6 +1495,57 @@ fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
     assert!(matches!(got, Ok(LaunchPlan::Fused { .. })), "{got:?}");
 }
 
+/// The per-row option kernels' bound (`SPLIT_OPTION_THREADS`) gives the automatic split plan 384
+/// threads a CTA at the large shapes, with the same chunks as the plain kernels' 256.
+#[test]
+fn the_split_plan_takes_the_kernels_thread_bound() {
+    for (rows, vocab, dtype) in [
+        (8192, LLAMA3_VOCAB, DType::Bf16),
+        (16384, 151_936, DType::Bf16),
+        (4096, 262_144, DType::Bf16),
+        (8192, LLAMA3_VOCAB, DType::F32),
+    ] {
+        let auto = |split_threads| {
+            let traits = plan::KernelTraits {
+                split_threads,
+                ..plan::KernelTraits::PLAIN
+            };
+            plan::plan_with(
+                rows,
+                vocab,
+                dtype,
+                DeviceLimits::A100,
+                PlanChoice::Auto,
+                traits,
+                &mut |_| None,
+            )
+        };
+        let (
+            Ok(LaunchPlan::Split {
+                threads: plain,
+                chunk_len: a,
+                ..
+            }),
+            Ok(LaunchPlan::Split {
+                threads: option,
+                chunk_len: b,
+                ..
+            }),
+        ) = (
+            auto(plan::SPLIT_MAX_THREADS),
+            auto(plan::SPLIT_OPTION_THREADS),
+        )
+        else {
+            panic!("{rows} x {vocab} {dtype:?}: expected split plans");
+        };
+        assert_eq!(
+            (plain, option, a),
+            (256, 384, b),
+            "{rows} x {vocab} {dtype:?}"
+        );
+    }
+}
+
 /// A forced thread count for the split plan is the CTA's, whatever the chunk; without one the
 /// plan takes `threads_for` the chunk up to `SPLIT_MAX_THREADS`; a count that is not a multiple of
 /// 32 up to `MAX_THREADS` is refused, not launched.

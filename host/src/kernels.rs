@@ -252,18 +252,30 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 }
 
 /// What the planner needs of `variant`'s kernels: what the cluster kernels keep in registers
-/// ([`cluster_keep`]), and whether the automatic plan may take the split plan (sm_80's long rows).
-/// It may not for `capacc_` (the soft cap with token accuracy or class-weighted smoothing; "all five"):
-/// its split kernels take 116-128 registers, two CTAs an SM, and on an H200 under an A100's
-/// limits (session 18) lost to the chunked plan's per-element kernels (29.5 / 27.4 / 29.7% of copy
-/// against 32.1 / 32.6 / 31.9 with token accuracy, 24.6 / 23.2 / 25.0 against 25.6 for all five,
-/// at 8192x128256, 4096x262144 and 16384x151936 bf16); nor for `wsm_`, as heavy (110-123
-/// registers) and not measured against it.
+/// ([`cluster_keep`]), whether the automatic plan may take the split plan (sm_80's long rows),
+/// and how many threads a split CTA may have.
+///
+/// The automatic plan does not take the split plan for `capacc_` (the soft cap with token accuracy
+/// or class-weighted smoothing; "all five"): its split kernels take 113-128 registers, two CTAs an
+/// SM, and on an H200 under an A100's limits (session 18) lost to the chunked plan's per-element
+/// kernels (29.5 / 27.4 / 29.7% of copy against 32.1 / 32.6 / 31.9 with token accuracy, 24.6 /
+/// 23.2 / 25.0 against 25.6 for all five, at 8192x128256, 4096x262144 and 16384x151936 bf16);
+/// session 41 (H100, an A100's limits on 108 SMs) again: soft cap and accuracy 37.1 / 35.8 / 37.0
+/// against the chunked plan's 40.1 / 39.4 / 39.1 (4096x262144 first), all five a tie. It does for
+/// `wsm_` since session 41 (at 80 registers and [`SPLIT_OPTION_THREADS`]: 53.2 / 49.8 / 56.5 / 57.4
+/// against the chunked plan's 38.3 / 38.5 / 38.6 / 57.1 at 8192x128256, 4096x262144, 16384x151936
+/// bf16 and 8192x128256 f32).
+///
+/// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
 pub(crate) fn kernel_traits(variant: &str) -> KernelTraits {
     KernelTraits {
         keep: cluster_keep(variant),
-        split_automatic: !matches!(variant, "capacc_" | "wsm_"),
+        split_automatic: variant != "capacc_",
         split_l2: variant.is_empty(),
+        split_threads: match variant {
+            "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
+            _ => crate::plan::SPLIT_MAX_THREADS,
+        },
     }
 }
 
@@ -457,6 +469,23 @@ mod tests {
             let grad = kernel_variant(XentKind::ChunkGrad, variant);
             assert_eq!(partial == "opt_", grad == "opt_", "{variant:?}");
         }
+    }
+
+    /// The split plan's per-row option kernels (capped at 80 registers) take 384 threads a CTA,
+    /// the plain and soft-cap ones 256; the automatic plan takes the split plan for every variant
+    /// but `capacc_`.
+    #[test]
+    fn the_split_plans_thread_bound_and_choice_follow_the_variant() {
+        for variant in VARIANTS {
+            let traits = kernel_traits(variant);
+            let wanted = match variant {
+                "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
+                _ => crate::plan::SPLIT_MAX_THREADS,
+            };
+            assert_eq!(traits.split_threads, wanted, "{variant:?}");
+            assert_eq!(traits.split_automatic, variant != "capacc_", "{variant:?}");
+        }
+        assert_eq!(crate::plan::SPLIT_OPTION_THREADS, 384);
     }
 
     #[test]

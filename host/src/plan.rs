@@ -123,8 +123,9 @@ pub enum PlanChoice {
     /// such rows at up to [`SPLIT_AUTO_MAX_CHUNKS`] chunks a row when there are more rows than
     /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
     /// automatic choice ([`auto_split_chunk_len`]); `threads` per CTA (a multiple of 32, at most
-    /// [`MAX_THREADS`]) or the automatic choice, [`threads_for`] the chunk up to
-    /// [`SPLIT_MAX_THREADS`].
+    /// [`MAX_THREADS`]) or the automatic choice, [`threads_for`] the chunk up to the kernels'
+    /// bound ([`KernelTraits::split_threads`]: [`SPLIT_MAX_THREADS`], or
+    /// [`SPLIT_OPTION_THREADS`] for the per-row option kernels).
     Split {
         chunk_len: Option<usize>,
         threads: Option<u32>,
@@ -202,6 +203,9 @@ pub struct KernelTraits {
     pub split_automatic: bool,
     /// Whether the variant has kernels for [`PlanChoice::SplitL2`] (the plain loss only).
     pub split_l2: bool,
+    /// Threads a CTA of the split plan, at most, when the count is automatic
+    /// ([`SPLIT_MAX_THREADS`] or [`SPLIT_OPTION_THREADS`]).
+    pub split_threads: u32,
 }
 
 impl KernelTraits {
@@ -210,6 +214,7 @@ impl KernelTraits {
         keep: CLUSTER_KEEP,
         split_automatic: true,
         split_l2: true,
+        split_threads: SPLIT_MAX_THREADS,
     };
 }
 
@@ -323,7 +328,7 @@ pub fn plan_with(
                 vocab,
                 dtype,
                 limits,
-                threads,
+                (threads, traits.split_threads),
                 chunk_len,
                 false,
                 active_clusters,
@@ -343,7 +348,7 @@ pub fn plan_with(
                 vocab,
                 dtype,
                 limits,
-                None,
+                (None, SPLIT_MAX_THREADS),
                 chunk_len,
                 true,
                 active_clusters,
@@ -372,7 +377,7 @@ pub fn plan_with(
                                 vocab,
                                 dtype,
                                 limits,
-                                None,
+                                (None, traits.split_threads),
                                 chunk_len,
                                 false,
                                 active_clusters,
@@ -820,6 +825,17 @@ pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
 /// two). (Session 17: 384 and
 /// 512 threads lost resident CTAs and 1-30 points of copy.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
+/// Threads per CTA of the split plan, at most, for the per-row option kernels (`coef_`: label
+/// smoothing, the z-loss, class weights; `acc_`: token accuracy; `wsm_`: class-weighted
+/// smoothing), all capped at 80 registers: two CTAs of 384 threads share an SM's 64 K registers,
+/// as many as an A100's shared memory holds of their chunks. Session 41, H100 under an A100's
+/// limits on 108 SMs, two rounds, % of copy at 8192 x 128256 bf16, 4096 x 262144 bf16, 16384 x
+/// 151936 bf16, 8192 x 128256 f32, against 256 threads: token accuracy 74.7 / 76.0 / 80.8 / 81.2
+/// against 73.4 / 72.2 / 75.6 / 76.8, smoothing 79.1 / 80.6 / 84.5 / 86.5 against 79.2 / 77.5 /
+/// 81.0 / 82.8, class-weighted smoothing 53.2 / 49.8 / 56.5 / 57.4 against 49.5 / 44.0 / 50.8 / 49.2
+/// (uncapped). The plain kernels lost 2.7-5.0 points at 384 and the soft cap's 0.5-1.8 (at 80
+/// registers), so they keep 256.
+pub const SPLIT_OPTION_THREADS: u32 = 384;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,
 /// rounded up to a multiple of [`SPLIT_CHUNK_ALIGN_BYTES`] (a row's only chunk: to 8 elements).
@@ -898,8 +914,8 @@ fn check_chunk_len(chunk_len: usize) -> Result<()> {
 }
 
 /// The split plan of `rows` rows of `vocab` with chunks of `chunk_len` (`in_l2`: the chunks left in
-/// L2, no stash in shared memory) and `threads` per CTA (automatic: [`threads_for`] the chunk, up
-/// to [`SPLIT_MAX_THREADS`]): `groups` as many groups of CTAs as are resident at once
+/// L2, no stash in shared memory) and `threads` per CTA (forced, or automatic: [`threads_for`] the
+/// chunk, up to the kernels' bound): `groups` as many groups of CTAs as are resident at once
 /// (`resident`, the device's answer for the launch with one group; without one, one CTA per SM),
 /// at most one per row.
 #[allow(clippy::too_many_arguments)]
@@ -908,7 +924,7 @@ fn split_plan(
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
-    threads: Option<u32>,
+    (threads, max_threads): (Option<u32>, u32),
     chunk_len: usize,
     in_l2: bool,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
@@ -928,7 +944,7 @@ fn split_plan(
             )));
         }
         Some(t) => t,
-        None => threads_for(chunk_len, dtype).min(SPLIT_MAX_THREADS),
+        None => threads_for(chunk_len, dtype).min(max_threads),
     };
     let stash = if in_l2 {
         Some(split_l2_smem_bytes(threads))

@@ -85,7 +85,11 @@ pub fn report(root: &Path) -> Result<()> {
 /// loops; one of the two vectors kept in registers is stored after its load and read back in
 /// each pass, once a row, because the per-row divisions' slow-path calls sit in its live range
 /// (bench/NOTES.md, session 32).
-const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 160)];
+///
+/// `xent_split_wsm_` (16-bit): 64-76 bytes at its cap of 80 (`TIGHT_CAPS`). Session 41, its SASS:
+/// none in the loops over the chunk's vectors (both passes and the next row's copy); 7 loads and 5
+/// stores a row in the row loop.
+const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 160), ("xent_split_wsm_", 80)];
 
 /// Whether a function spills more than [`SPILLS_ALLOWED`] lets it (nothing, for most).
 fn spills_too_much(row: &FunctionReport) -> bool {
