@@ -260,20 +260,24 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// SM, and on an H200 under an A100's limits (session 18) lost to the chunked plan's per-element
 /// kernels (29.5 / 27.4 / 29.7% of copy against 32.1 / 32.6 / 31.9 with token accuracy, 24.6 /
 /// 23.2 / 25.0 against 25.6 for all five, at 8192x128256, 4096x262144 and 16384x151936 bf16);
-/// session 41 (H100, an A100's limits on 108 SMs) again: soft cap and accuracy 37.1 / 35.8 / 37.0
-/// against the chunked plan's 40.1 / 39.4 / 39.1 (4096x262144 first), all five a tie. It does for
-/// `wsm_` since session 41 (at 80 registers and [`SPLIT_OPTION_THREADS`]: 53.2 / 49.8 / 56.5 / 57.4
-/// against the chunked plan's 38.3 / 38.5 / 38.6 / 57.1 at 8192x128256, 4096x262144, 16384x151936
-/// bf16 and 8192x128256 f32).
+/// session 41 (H100, an A100's limits on 108 SMs) again in 16 bits: soft cap and accuracy 37.1 /
+/// 35.8 / 37.0 against the chunked plan's 40.1 / 39.4 / 39.1 (4096x262144 first), all five a tie.
+/// In f32 its split kernels (capped at 80 registers, [`SPLIT_OPTION_THREADS`]) won there, 62.4
+/// against 54.5 with accuracy at 8192x128256 (all five 48.0 against 47.7), so f32 takes them. It
+/// does for `wsm_` since session 41 (at 80 registers and [`SPLIT_OPTION_THREADS`]: 53.2 / 49.8 /
+/// 56.5 / 57.4 against the chunked plan's 38.3 / 38.5 / 38.6 / 57.1 at 8192x128256, 4096x262144,
+/// 16384x151936 bf16 and 8192x128256 f32).
 ///
 /// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
-pub(crate) fn kernel_traits(variant: &str) -> KernelTraits {
+pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
+    let capacc_f32 = variant == "capacc_" && dtype == DType::F32;
     KernelTraits {
         keep: cluster_keep(variant),
-        split_automatic: variant != "capacc_",
+        split_automatic: variant != "capacc_" || capacc_f32,
         split_l2: variant.is_empty(),
         split_threads: match variant {
             "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
+            "capacc_" if capacc_f32 => crate::plan::SPLIT_OPTION_THREADS,
             _ => crate::plan::SPLIT_MAX_THREADS,
         },
     }
@@ -473,17 +477,22 @@ mod tests {
 
     /// The split plan's per-row option kernels (capped at 80 registers) take 384 threads a CTA,
     /// the plain and soft-cap ones 256; the automatic plan takes the split plan for every variant
-    /// but `capacc_`.
+    /// but `capacc_` in 16 bits.
     #[test]
     fn the_split_plans_thread_bound_and_choice_follow_the_variant() {
         for variant in VARIANTS {
-            let traits = kernel_traits(variant);
-            let wanted = match variant {
-                "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
-                _ => crate::plan::SPLIT_MAX_THREADS,
-            };
-            assert_eq!(traits.split_threads, wanted, "{variant:?}");
-            assert_eq!(traits.split_automatic, variant != "capacc_", "{variant:?}");
+            for dtype in [DType::Bf16, DType::F16, DType::F32] {
+                let traits = kernel_traits(variant, dtype);
+                let f32_capacc = variant == "capacc_" && dtype == DType::F32;
+                let wanted = match variant {
+                    "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
+                    "capacc_" if f32_capacc => crate::plan::SPLIT_OPTION_THREADS,
+                    _ => crate::plan::SPLIT_MAX_THREADS,
+                };
+                assert_eq!(traits.split_threads, wanted, "{variant:?} {dtype:?}");
+                let automatic = variant != "capacc_" || f32_capacc;
+                assert_eq!(traits.split_automatic, automatic, "{variant:?} {dtype:?}");
+            }
         }
         assert_eq!(crate::plan::SPLIT_OPTION_THREADS, 384);
     }

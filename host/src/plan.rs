@@ -834,7 +834,8 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 /// against 73.4 / 72.2 / 75.6 / 76.8, smoothing 79.1 / 80.6 / 84.5 / 86.5 against 79.2 / 77.5 /
 /// 81.0 / 82.8, class-weighted smoothing 53.2 / 49.8 / 56.5 / 57.4 against 49.5 / 44.0 / 50.8 / 49.2
 /// (uncapped). The plain kernels lost 2.7-5.0 points at 384 and the soft cap's 0.5-1.8 (at 80
-/// registers), so they keep 256.
+/// registers), so they keep 256. The soft cap with token accuracy (`capacc_`) takes it in f32
+/// only, where its split kernels are capped at 80 too (`kernels::kernel_traits`).
 pub const SPLIT_OPTION_THREADS: u32 = 384;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,

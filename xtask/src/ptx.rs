@@ -213,7 +213,8 @@ const UNCAPPED: &[&str] = &[
     // limits) it lost 0.5-1.8 points against 256 uncapped. The others are capped below.
     "xent_split_opt_",
     "xent_split_cap_",
-    "xent_split_capacc_",
+    "xent_split_capacc_bf16_",
+    "xent_split_capacc_f16_",
 ];
 /// Kernels with a tighter cap: the plain and per-row option cluster kernels, which keep 2
 /// vectors per thread in registers (39-40 used, no spills): 40 lets 6 CTAs of 256 threads or 3
@@ -251,6 +252,11 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // the same kernel uncapped at 256 by 3.7-8.2 points of copy and the chunked plan by 11-18 in
     // 16 bits (session 41, H100 under an A100's limits).
     ("xent_split_wsm_", 80),
+    // The soft cap with token accuracy in f32 (113-116 uncapped): at 80 it spills 64-76 bytes, and
+    // with 384 threads it beat the uncapped kernel at 256 by 3.4 points and the chunked plan by 7.9
+    // (62.4% of copy with accuracy at 8192 x 128256, session 41), so f32 takes the split plan for
+    // it. In 16 bits it lost to the chunked plan either way and stays uncapped (above).
+    ("xent_split_capacc_f32_", 80),
     ("xent_split_acc_", 80),
     // The plain ones: 72-80 registers uncapped before their handshake waited on tagged summaries
     // (session 37), 80-95 since; 80, no spills, keeps three CTAs an SM where their chunk allows.

@@ -48,7 +48,7 @@ impl CrossEntropy {
             dtype,
             self.limits,
             opts.plan,
-            kernel_traits(variant),
+            kernel_traits(variant, dtype),
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )?;
         self.check_block_threads(&made, variant, dtype)?;
