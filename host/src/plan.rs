@@ -819,11 +819,12 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
 /// A100's 164 KiB per SM. (Session 17: chunks of half this size, to keep two rows a CTA, lost
 /// 15-20 points of copy.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
-/// Threads per CTA of the split plan, at most: its plain kernels take at most 80 registers and its
-/// per-row constant and token accuracy ones are capped there (`cargo xtask ptx`), so three CTAs of
-/// 256 threads fit in an SM's 64 K registers (the soft cap's and weighted smoothing's, uncapped,
-/// two). (Session 17: 384 and
-/// 512 threads lost resident CTAs and 1-30 points of copy.)
+/// Threads per CTA of the split plan, at most, for the plain and soft-cap kernels (the per-row
+/// option kernels take [`SPLIT_OPTION_THREADS`]): the plain kernels take at most 80 registers
+/// (`cargo xtask ptx`), so three CTAs of 256 threads fit in an SM's 64 K registers (the soft
+/// cap's, uncapped, two). (Session 17: 384 and 512 threads lost resident CTAs and 1-30 points of
+/// copy; session 41: at two CTAs an SM, as many as an A100's shared memory holds, the plain
+/// kernels at 384 lost 2.7-5.0 points.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
 /// Threads per CTA of the split plan, at most, for the per-row option kernels (`coef_`: label
 /// smoothing, the z-loss, class weights; `acc_`: token accuracy; `wsm_`: class-weighted
