@@ -411,10 +411,15 @@ fn grid_fits(rows: usize, per_row: usize) -> bool {
         .is_some_and(|blocks| blocks <= MAX_GRID_X)
 }
 
-/// Whether a cluster CTA may have `threads` threads: a positive multiple of 32, at most
+/// Whether a CTA may have `threads` threads with at most `max`: a positive multiple of 32.
+fn valid_threads(threads: u32, max: u32) -> bool {
+    threads != 0 && threads.is_multiple_of(32) && threads <= max
+}
+
+/// Whether a cluster CTA may have `threads` threads: [`valid_threads`] up to
 /// [`MAX_CLUSTER_THREADS`].
 fn valid_cluster_threads(threads: u32) -> bool {
-    threads != 0 && threads.is_multiple_of(32) && threads <= MAX_CLUSTER_THREADS
+    valid_threads(threads, MAX_CLUSTER_THREADS)
 }
 
 /// The chunk length for `size` CTAs per row, and how many CTAs get elements: rounding the chunk
@@ -940,7 +945,7 @@ fn split_plan(
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
     let threads = match threads {
-        Some(t) if t == 0 || !t.is_multiple_of(32) || t > MAX_THREADS => {
+        Some(t) if !valid_threads(t, MAX_THREADS) => {
             return Err(Error::PlanDoesNotFit(format!(
                 "{t} threads per CTA: the split plan takes a multiple of 32 up to {MAX_THREADS}"
             )));

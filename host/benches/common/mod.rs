@@ -54,19 +54,10 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         },
         // `split:LEN`, `split:LEN:THREADS`, `split::THREADS` (an empty part: automatic).
         Some(forced) if forced.starts_with("split:") => {
-            let (len, threads) = forced[6..].split_once(':').unwrap_or((&forced[6..], ""));
-            let number = |text: &str, what: &str| -> Result<Option<u64>, String> {
-                match text {
-                    "" => Ok(None),
-                    n => n
-                        .parse()
-                        .map(Some)
-                        .map_err(|_| format!("bad {what} in {forced}")),
-                }
-            };
+            let mut parts = forced[6..].split(':');
             PlanChoice::Split {
-                chunk_len: number(len, "chunk length")?.map(|n| n as usize),
-                threads: number(threads, "thread count")?.map(|n| n as u32),
+                chunk_len: forced_part(parts.next(), "chunk length", forced)?,
+                threads: forced_part(parts.next(), "thread count", forced)?,
             }
         }
         Some("split_l2") => PlanChoice::SplitL2 { chunk_len: None },
@@ -79,18 +70,10 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
         },
         Some(forced) if forced.starts_with("cluster:") => {
             let mut parts = forced[8..].split(':');
-            let mut number = |what| -> Result<Option<u32>, String> {
-                match parts.next() {
-                    None | Some("") => Ok(None),
-                    Some(n) => n
-                        .parse()
-                        .map(Some)
-                        .map_err(|_| format!("bad {what} in {forced}")),
-                }
-            };
-            let size = number("cluster size")?;
-            let threads = number("thread count")?;
-            PlanChoice::Cluster { size, threads }
+            PlanChoice::Cluster {
+                size: forced_part(parts.next(), "cluster size", forced)?,
+                threads: forced_part(parts.next(), "thread count", forced)?,
+            }
         }
         other => {
             return Err(format!(
@@ -100,7 +83,23 @@ pub fn parse_plan(text: Option<&str>) -> Result<PlanChoice, String> {
     })
 }
 
-/// The chunk length after the first `at` bytes of a forced plan (`split:LEN`).
+/// One `:`-separated part of a forced plan (`cluster:N:T`, `split:LEN:T`): absent or empty is the
+/// automatic choice (`None`).
+fn forced_part<T: std::str::FromStr>(
+    part: Option<&str>,
+    what: &str,
+    forced: &str,
+) -> Result<Option<T>, String> {
+    match part {
+        None | Some("") => Ok(None),
+        Some(n) => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("bad {what} in {forced}")),
+    }
+}
+
+/// The chunk length after the first `at` bytes of a forced plan (`split_l2:LEN`).
 #[allow(dead_code)]
 fn chunk_len(forced: &str, at: usize) -> Result<usize, String> {
     forced[at..]
