@@ -249,9 +249,9 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
             },
         ),
     ];
-    // The automatic plan of Llama 3's rows (too long for one block) takes the split plan but for
-    // the soft cap with token accuracy (alone or in all five) in 16 bits, which lost to chunked;
-    // with 384 threads a CTA for the per-row option kernels, 256 for the plain and soft-cap ones.
+    // The automatic plan of Llama 3's rows (too long for one block) takes the split plan for every
+    // family, with 384 threads a CTA for the per-row option kernels, 512 for the soft cap's (alone,
+    // with token accuracy, in all five) and 256 for the plain ones.
     for (name, family) in &families {
         let opts = Options {
             weight: family.weight.as_ref().map(|_| vec![1.0; 128256]),
@@ -259,21 +259,15 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
         };
         for dtype in [DType::Bf16, DType::F32] {
             let auto = xent.plan_for(&Shape::flat(8192, 128256), dtype, &opts);
-            let capacc = matches!(*name, "soft cap and accuracy" | "all five");
-            let split = !capacc || dtype == DType::F32;
-            assert_eq!(
-                matches!(auto, Ok(xent::LaunchPlan::Split { .. })),
-                split,
-                "{name} {dtype:?}: automatic plan {auto:?}"
-            );
-            assert!(auto.is_ok(), "{name} {dtype:?}: {auto:?}");
-            if let Ok(xent::LaunchPlan::Split { threads, .. }) = auto {
-                let wanted = match *name {
-                    "plain" | "soft cap" => xent::plan::SPLIT_MAX_THREADS,
-                    _ => xent::plan::SPLIT_OPTION_THREADS,
-                };
-                assert_eq!(threads, wanted, "{name} {dtype:?}: automatic plan {auto:?}");
-            }
+            let Ok(xent::LaunchPlan::Split { threads, .. }) = auto else {
+                panic!("{name} {dtype:?}: automatic plan {auto:?}, not the split plan");
+            };
+            let wanted = match *name {
+                "plain" => xent::plan::SPLIT_MAX_THREADS,
+                "soft cap" | "soft cap and accuracy" | "all five" => xent::plan::SPLIT_CAP_THREADS,
+                _ => xent::plan::SPLIT_OPTION_THREADS,
+            };
+            assert_eq!(threads, wanted, "{name} {dtype:?}: automatic plan {auto:?}");
         }
     }
     let mut failures = Vec::new();

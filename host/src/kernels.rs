@@ -270,14 +270,14 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 ///
 /// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
 pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
-    let capacc_f32 = variant == "capacc_" && dtype == DType::F32;
+    let _ = dtype;
     KernelTraits {
         keep: cluster_keep(variant),
-        split_automatic: variant != "capacc_" || capacc_f32,
+        split_automatic: true,
         split_l2: variant.is_empty(),
         split_threads: match variant {
             "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
-            "capacc_" if capacc_f32 => crate::plan::SPLIT_OPTION_THREADS,
+            "cap_" | "capacc_" => crate::plan::SPLIT_CAP_THREADS,
             _ => crate::plan::SPLIT_MAX_THREADS,
         },
     }
@@ -476,24 +476,23 @@ mod tests {
     }
 
     /// The split plan's per-row option kernels (capped at 80 registers) take 384 threads a CTA,
-    /// the plain and soft-cap ones 256; the automatic plan takes the split plan for every variant
-    /// but `capacc_` in 16 bits.
+    /// the soft cap's (capped at 64) 512 and the plain ones 256; the automatic plan takes the split
+    /// plan for every variant.
     #[test]
     fn the_split_plans_thread_bound_and_choice_follow_the_variant() {
         for variant in VARIANTS {
             for dtype in [DType::Bf16, DType::F16, DType::F32] {
                 let traits = kernel_traits(variant, dtype);
-                let f32_capacc = variant == "capacc_" && dtype == DType::F32;
                 let wanted = match variant {
                     "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
-                    "capacc_" if f32_capacc => crate::plan::SPLIT_OPTION_THREADS,
+                    "cap_" | "capacc_" => crate::plan::SPLIT_CAP_THREADS,
                     _ => crate::plan::SPLIT_MAX_THREADS,
                 };
                 assert_eq!(traits.split_threads, wanted, "{variant:?} {dtype:?}");
-                let automatic = variant != "capacc_" || f32_capacc;
-                assert_eq!(traits.split_automatic, automatic, "{variant:?} {dtype:?}");
+                assert!(traits.split_automatic, "{variant:?} {dtype:?}");
             }
         }
+        assert_eq!(crate::plan::SPLIT_CAP_THREADS, 512);
         assert_eq!(crate::plan::SPLIT_OPTION_THREADS, 384);
     }
 

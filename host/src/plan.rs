@@ -844,6 +844,12 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 /// only, where its split kernels are capped at 80 too (`kernels::kernel_traits`).
 pub const SPLIT_OPTION_THREADS: u32 = 384;
 
+/// Threads per CTA of the split plan, at most, for the soft cap's kernels (`cap_`, and `capacc_`:
+/// with token accuracy or class-weighted smoothing), whose passes take one vector at a time from
+/// the chunk in shared memory (session 42) and are capped at 64 registers: two CTAs of 512 threads
+/// fill an SM's 64 K registers, as many as an A100's shared memory holds of their chunks.
+pub const SPLIT_CAP_THREADS: u32 = 512;
+
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,
 /// rounded up to a multiple of [`SPLIT_CHUNK_ALIGN_BYTES`] (a row's only chunk: to 8 elements).
 /// The rounding keeps the bound (a multiple of the alignment) and, up to the

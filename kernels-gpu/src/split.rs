@@ -10,9 +10,11 @@ use crate::opts::{self, Coef, Mode, Part, RowCtx};
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use crate::xent::{
-    Segment, Source, Target, UNROLL, fold_batch, fold_scalar, grad_batch, grad_scalar, grad_segment, load_batch,
-    reduce_segment, row_addr, row_ctx, row_target, write_scored_row, write_unscored_row, zero_segment,
+    POLY_LONG, POLY_NONE, POLY_SHORT, POLY_WIDE, POLY_WIDE_FIX, Segment, Source, Target, UNROLL, add_vector, first_pass_stashed,
+    fold_batch, fold_scalar, grad_batch, grad_scalar, grad_segment, grad_vector, keeps_t, load_batch, reduce_segment, row_addr,
+    row_ctx, row_target, write_scored_row, write_unscored_row, zero_segment,
 };
+use core::f32::consts::LOG2_E;
 
 /// [`grad_segment`] from `stash` (not `Full`; in place), with the group's next row `next` (a
 /// segment of the same length and address modulo 16) copied into the stash behind it and reduced
@@ -62,6 +64,130 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode, const FOLD: bool>(
     unsafe { grad_scalar::<T, M>(seg, Some(stash), o, c, label, 0) };
     unsafe { fold_scalar::<T, M>(next, Some(stash), o, next_ctx, &mut acc) };
     acc
+}
+
+/// The soft cap's first pass over a split CTA's chunk `seg`, one vector at a time from the stash
+/// (the cluster kernels' [`first_pass_stashed`]: few registers held, so more warps an SM hide the
+/// pass's arithmetic, where the batched [`reduce_segment`] of `UNROLL` vectors held 122-126
+/// registers). With `copy` each thread first copies its vectors into the stash (`cp.async`, one
+/// wait); without, the row before's gradient copied them there (`Ahead::Copied`). The scalar head
+/// and tail are read from global memory and kept in the stash (with [`keeps_t`], as `t`). With
+/// `FIXED` the sum is taken against the fixed reference `cap·log2(e)` ([`add_vector`]). Returns
+/// this thread's share of the chunk summary and, with `FIXED`, the largest `x²` of its elements
+/// (infinity without), which picks [`cap_grad`]'s polynomial.
+#[inline(always)]
+unsafe fn cap_first_pass<T: Element, M: Mode, const FIXED: bool>(
+    seg: &Segment,
+    stash: u32,
+    copy: bool,
+    o: &OptParams,
+    ctx: &RowCtx,
+) -> (Part, f32) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    if copy {
+        let mut v = tid;
+        while v < seg.n_vec {
+            let start = seg.vec_start::<T>(v);
+            unsafe { prim::cp_async_16(stash + start * T::BYTES, seg.elem_addr::<T>(start), true) };
+            v += step;
+        }
+        prim::cp_async_commit();
+    }
+    let mut acc = Part::EMPTY;
+    let mut widest = if FIXED { 0.0 } else { f32::INFINITY };
+    if FIXED {
+        acc.lse.m = o.softcap * LOG2_E;
+    }
+    let keep_t = keeps_t::<T, M>();
+    // The scalar while the copies are in flight.
+    if tid < seg.n_scalar::<T>() {
+        let j = seg.scalar_index::<T>(tid);
+        let raw = unsafe { T::ld_global_raw(seg.elem_addr::<T>(j)) };
+        let mut x = [0.0; 8];
+        x[0] = T::widen(raw);
+        let t = unsafe { add_vector::<M, FIXED>(&mut acc, &mut widest, x, 1, j, o, ctx, keep_t) };
+        unsafe { T::st_shared_raw(stash + j * T::BYTES, if keep_t { t[0].to_bits() } else { raw }) };
+    }
+    prim::cp_async_wait_all();
+    let mut v = tid;
+    while v < seg.n_vec {
+        let at = stash + seg.vec_start::<T>(v) * T::BYTES;
+        unsafe { first_pass_stashed::<T, M, FIXED>(&mut acc, &mut widest, seg, at, v, o, ctx, keep_t) };
+        v += step;
+    }
+    (acc, widest)
+}
+
+/// The soft cap's gradient of `seg` from the stash [`cap_first_pass`] filled, one vector at a
+/// time, `t` from the shortest polynomial that held for every element of the warp's vectors in
+/// that pass (`widest`, this thread's largest `x²`; the cluster kernel's choice), with the group's
+/// next row `next` (a segment of the same length and address modulo 16) copied into each slot
+/// behind the store that used it (`cp.async`, committed at the end).
+#[inline(always)]
+unsafe fn cap_grad<T: Element, M: Mode>(
+    seg: &Segment,
+    stash: u32,
+    next: Option<&Segment>,
+    o: &OptParams,
+    c: &Coef,
+    label: u32,
+    widest: f32,
+) {
+    // With `keeps_t` (f32) the stash holds `t`: no polynomial.
+    let poly = !keeps_t::<T, M>();
+    let widest = if poly { f32::from_bits(prim::warp_max_u32(widest.to_bits())) } else { widest };
+    unsafe {
+        if poly && widest < o.short_x2_max {
+            cap_grad_with::<T, M, POLY_SHORT>(seg, stash, next, o, c, label)
+        } else if poly && widest < o.poly_x2_max {
+            cap_grad_with::<T, M, POLY_LONG>(seg, stash, next, o, c, label)
+        } else if poly && widest < o.wide_x2_max {
+            cap_grad_with::<T, M, POLY_WIDE>(seg, stash, next, o, c, label)
+        } else if poly && o.wide_x2_max > 0.0 {
+            cap_grad_with::<T, M, POLY_WIDE_FIX>(seg, stash, next, o, c, label)
+        } else {
+            cap_grad_with::<T, M, POLY_NONE>(seg, stash, next, o, c, label)
+        }
+    }
+}
+
+/// [`cap_grad`] with its polynomial chosen.
+#[inline(always)]
+unsafe fn cap_grad_with<T: Element, M: Mode, const POLY: u8>(
+    seg: &Segment,
+    stash: u32,
+    next: Option<&Segment>,
+    o: &OptParams,
+    c: &Coef,
+    label: u32,
+) {
+    let (tid, step) = (thread_idx(), prim::block_dim());
+    let cap_log2e = o.softcap * LOG2_E;
+    let mut v = tid;
+    while v < seg.n_vec {
+        let start = seg.vec_start::<T>(v);
+        let at = stash + start * T::BYTES;
+        let x = T::unpack(unsafe { prim::ld_shared_v4(at) });
+        let g = unsafe { grad_vector::<T, M, POLY>(x, start, label, o, c, cap_log2e, &mut 0.0) };
+        unsafe { prim::st_global_v4(seg.elem_addr::<T>(start), T::pack(&g)) };
+        if let Some(next) = next {
+            unsafe { prim::cp_async_16(at, next.elem_addr::<T>(start), true) };
+        }
+        v += step;
+    }
+    if next.is_some() {
+        prim::cp_async_commit();
+    }
+    if tid < seg.n_scalar::<T>() {
+        let j = seg.scalar_index::<T>(tid);
+        let raw = unsafe { T::ld_shared_raw(stash + j * T::BYTES) };
+        let g = if keeps_t::<T, M>() {
+            opts::grad_from_t::<M, 1>([f32::from_bits(raw)], 1, j, label, c, cap_log2e, &mut 0.0)
+        } else {
+            unsafe { opts::grad_values::<M, 1>(o, [T::widen(raw)], 1, j, label, c) }
+        };
+        unsafe { T::store_global(seg.elem_addr::<T>(j), g[0]) };
+    }
 }
 
 /// What a split CTA's gradient of one row did for its group's next row (see [`split`]).
@@ -161,13 +287,26 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 };
                 let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
                 let stash = prim::smem_base() + SMEM_STASH_OFFSET + (seg.addr & 15) as u32;
-                let part = match ahead {
-                    Ahead::Reduced(part) => part,
-                    Ahead::Copied => {
-                        prim::cp_async_wait_all();
-                        unsafe { reduce_segment::<T, M>(&seg, Source::Stashed(stash), &p.opts, &ctx) }
+                // The soft cap's passes take one vector at a time from the stash ([`cap_first_pass`]).
+                let mut widest = f32::INFINITY;
+                let part = if M::CAP {
+                    let copy = !matches!(ahead, Ahead::Copied);
+                    let (part, w) = if p.opts.softcap <= opts::FIXED_CAP_MAX {
+                        unsafe { cap_first_pass::<T, M, true>(&seg, stash, copy, &p.opts, &ctx) }
+                    } else {
+                        unsafe { cap_first_pass::<T, M, false>(&seg, stash, copy, &p.opts, &ctx) }
+                    };
+                    widest = w;
+                    part
+                } else {
+                    match ahead {
+                        Ahead::Reduced(part) => part,
+                        Ahead::Copied => {
+                            prim::cp_async_wait_all();
+                            unsafe { reduce_segment::<T, M>(&seg, Source::Stashed(stash), &p.opts, &ctx) }
+                        }
+                        Ahead::Nothing => unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) },
                     }
-                    Ahead::Nothing => unsafe { reduce_segment::<T, M>(&seg, Source::Keep(stash), &p.opts, &ctx) },
                 };
                 // The scratch is written next by the next row's merge, after the barrier below.
                 let part = part.block_merge_unsynced::<M>();
@@ -221,7 +360,10 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                 if p.mode != MODE_FORWARD {
                     match next_target {
                         Target::Class(next_label) if !M::FULL && (next_seg.addr ^ seg.addr) & 15 == 0 => {
-                            if reduce_ahead::<M>() {
+                            if M::CAP {
+                                unsafe { cap_grad::<T, M>(&seg, stash, Some(&next_seg), &p.opts, &c, local_label, widest) };
+                                ahead = Ahead::Copied;
+                            } else if reduce_ahead::<M>() {
                                 let next_ctx = unsafe { row_ctx::<T, M>(p, next_row, next_label, local) };
                                 ahead = Ahead::Reduced(unsafe {
                                     if !M::OPTS && !c.lse2_a.is_nan() {
@@ -235,6 +377,7 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
                                 ahead = Ahead::Copied;
                             }
                         }
+                        _ if M::CAP => unsafe { cap_grad::<T, M>(&seg, stash, None, &p.opts, &c, local_label, widest) },
                         _ => unsafe { grad_segment::<T, M, false>(&seg, Some(stash), None, &p.opts, &c, local_label, 0) },
                     }
                 }

@@ -1392,9 +1392,8 @@ fn in_regs<M: Mode>(seg: &Segment) -> u32 {
 /// and `widest` keeps the largest `x²` seen. Returns `t = tanh(x / cap)` with the soft cap (`x`
 /// otherwise); with `FIXED`, no smoothing and no `need_t` (the caller keeps `x`, not `t`), a
 /// vector that takes the polynomial skips `t` and returns `x`.
-#[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn add_vector<M: Mode, const FIXED: bool>(
+pub(crate) unsafe fn add_vector<M: Mode, const FIXED: bool>(
     acc: &mut Part,
     widest: &mut f32,
     x: [f32; 8],
@@ -1529,23 +1528,17 @@ unsafe fn add_vector<M: Mode, const FIXED: bool>(
 /// `tanh_wide` (in `add_vector` with `tanh` itself for a lane's elements beyond it);
 /// `POLY_NONE`: `tanh` element by element; `POLY_WIDE_FIX` (`grad_from_stash` only): `tanh_wide`
 /// with a check a vector for elements beyond it.
-#[cfg(xent_cluster)]
-const POLY_SHORT: u8 = 0;
-#[cfg(xent_cluster)]
-const POLY_LONG: u8 = 1;
-#[cfg(xent_cluster)]
-const POLY_WIDE: u8 = 2;
-#[cfg(xent_cluster)]
-const POLY_NONE: u8 = 3;
-#[cfg(xent_cluster)]
-const POLY_WIDE_FIX: u8 = 4;
+pub(crate) const POLY_SHORT: u8 = 0;
+pub(crate) const POLY_LONG: u8 = 1;
+pub(crate) const POLY_WIDE: u8 = 2;
+pub(crate) const POLY_NONE: u8 = 3;
+pub(crate) const POLY_WIDE_FIX: u8 = 4;
 
 /// Whether the cluster kernel keeps the soft cap's `t = tanh(x / cap)` instead of `x` (f32 only:
 /// the same size, so it is written over `x` in registers and shared memory, and the gradient pass
 /// does not compute `tanh` again).
-#[cfg(xent_cluster)]
 #[inline(always)]
-fn keeps_t<T: Element, M: Mode>() -> bool {
+pub(crate) fn keeps_t<T: Element, M: Mode>() -> bool {
     M::CAP && T::BYTES == 4
 }
 
@@ -1695,10 +1688,9 @@ unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
 
 /// [`bulk_load_and_reduce`]'s first pass over the stashed vector `v` at shared address `at`
 /// (with `keep_t`, `t` written back in its place).
-#[cfg(xent_cluster)]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn first_pass_stashed<T: Element, M: Mode, const FIXED: bool>(
+pub(crate) unsafe fn first_pass_stashed<T: Element, M: Mode, const FIXED: bool>(
     acc: &mut Part,
     widest: &mut f32,
     seg: &Segment,
@@ -1812,9 +1804,8 @@ unsafe fn grad_stashed<T: Element, M: Mode, const POLY: u8>(seg: &Segment, o: &O
 }
 
 /// [`grad_from_stash`]'s gradient of one vector `x` (starting at element `start`).
-#[cfg(xent_cluster)]
 #[inline(always)]
-unsafe fn grad_vector<T: Element, M: Mode, const POLY: u8>(
+pub(crate) unsafe fn grad_vector<T: Element, M: Mode, const POLY: u8>(
     x: [f32; 8],
     start: u32,
     label: u32,

@@ -252,11 +252,12 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // the same kernel uncapped at 256 by 3.7-8.2 points of copy and the chunked plan by 11-18 in
     // 16 bits (session 41, H100 under an A100's limits).
     ("xent_split_wsm_", 80),
-    // The soft cap with token accuracy in f32 (113-116 uncapped): at 80 it spills 64-76 bytes, and
-    // with 384 threads it beat the uncapped kernel at 256 by 3.4 points and the chunked plan by 7.9
-    // (62.4% of copy with accuracy at 8192 x 128256, session 41), so f32 takes the split plan for
-    // it. In 16 bits it lost to the chunked plan either way and stays uncapped (above).
-    ("xent_split_capacc_f32_", 80),
+    // The soft cap's, alone and with token accuracy or class-weighted smoothing: their passes
+    // take one vector at a time from the chunk in shared memory (session 42), 76-91 registers
+    // uncapped; at 64, no spills except 8 bytes in 16-bit `capacc_` (outside the loops over the
+    // chunk), so two 512-thread CTAs share an SM (`plan::SPLIT_CAP_THREADS`).
+    ("xent_split_cap_", 64),
+    ("xent_split_capacc_", 64),
     ("xent_split_acc_", 80),
     // The plain ones: 72-80 registers uncapped before their handshake waited on tagged summaries
     // (session 37), 80-95 since; 80, no spills, keeps three CTAs an SM where their chunk allows.

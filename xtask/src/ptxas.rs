@@ -95,7 +95,7 @@ pub fn report(root: &Path) -> Result<()> {
 const SPILLS_ALLOWED: &[(&str, u32)] = &[
     ("xent_cluster_capacc_", 160),
     ("xent_split_wsm_", 80),
-    ("xent_split_capacc_f32_", 80),
+    ("xent_split_capacc_", 16),
 ];
 
 /// Whether a function spills more than [`SPILLS_ALLOWED`] lets it (nothing, for most).
