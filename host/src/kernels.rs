@@ -251,33 +251,35 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
     }
 }
 
-/// What the planner needs of `variant`'s kernels: what the cluster kernels keep in registers
-/// ([`cluster_keep`]), whether the automatic plan may take the split plan (sm_80's long rows),
-/// and how many threads a split CTA may have.
+/// What the planner needs of `variant`'s kernels in `dtype`: what the cluster kernels keep in
+/// registers ([`cluster_keep`]), whether the automatic plan may take the split plan (sm_80's long
+/// rows), and how many threads a split CTA may have.
 ///
-/// The automatic plan does not take the split plan for `capacc_` (the soft cap with token accuracy
-/// or class-weighted smoothing; "all five"): its split kernels take 113-128 registers, two CTAs an
-/// SM, and on an H200 under an A100's limits (session 18) lost to the chunked plan's per-element
-/// kernels (29.5 / 27.4 / 29.7% of copy against 32.1 / 32.6 / 31.9 with token accuracy, 24.6 /
-/// 23.2 / 25.0 against 25.6 for all five, at 8192x128256, 4096x262144 and 16384x151936 bf16);
-/// session 41 (H100, an A100's limits on 108 SMs) again in 16 bits: soft cap and accuracy 37.1 /
-/// 35.8 / 37.0 against the chunked plan's 40.1 / 39.4 / 39.1 (4096x262144 first), all five a tie.
-/// In f32 its split kernels (capped at 80 registers, [`SPLIT_OPTION_THREADS`]) won there, 62.4
-/// against 54.5 with accuracy at 8192x128256 (all five 48.0 against 47.7), so f32 takes them. It
-/// does for `wsm_` since session 41 (at 80 registers and [`SPLIT_OPTION_THREADS`]: 53.2 / 49.8 /
-/// 56.5 / 57.4 against the chunked plan's 38.3 / 38.5 / 38.6 / 57.1 at 8192x128256, 4096x262144,
-/// 16384x151936 bf16 and 8192x128256 f32).
+/// The automatic plan takes the split plan for every variant. The soft cap's split kernels
+/// (`cap_`, and `capacc_`: with token accuracy or class-weighted smoothing, "all five") take one
+/// vector at a time from the chunk in shared memory since session 42, and run
+/// [`SPLIT_CAP_THREADS`] a CTA in f32 (capped at 64 registers) and [`SPLIT_OPTION_THREADS`] in 16
+/// bits (`cap_` capped at 80, `capacc_` uncapped: `xtask/src/ptx.rs`). Session 42 (H100 under an
+/// A100's limits on 108 SMs, two rounds, % of copy at 4096x262144, 8192x128256, 16384x151936 bf16
+/// and 8192x128256 f32): the soft cap 73.2 / 72.6 / 77.8 / 83.2 against 52.6 / 50.8 / 52.7 / 76.3
+/// before, with token accuracy 64.9 / 65.0 / 69.5 / 77.0 against the chunked plan's 40.0 / 39.2 /
+/// 39.1 (and the f32 split kernels' 62.0 before), all five 43.4 / 46.5 / 49.7 / 58.7 against 31.3
+/// / 31.2 / 31.3 / 47.7; before, `capacc_` took the chunked plan in 16 bits, whose per-element
+/// kernels beat its batched split kernels there. The per-row option kernels (`coef_`, `acc_`,
+/// `wsm_`: capped at 80) run [`SPLIT_OPTION_THREADS`] too since session 41, the plain ones
+/// [`SPLIT_MAX_THREADS`].
 ///
+/// [`SPLIT_CAP_THREADS`]: crate::plan::SPLIT_CAP_THREADS
 /// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
+/// [`SPLIT_MAX_THREADS`]: crate::plan::SPLIT_MAX_THREADS
 pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
-    let _ = dtype;
     KernelTraits {
         keep: cluster_keep(variant),
         split_automatic: true,
         split_l2: variant.is_empty(),
         split_threads: match variant {
-            "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
-            "cap_" | "capacc_" => crate::plan::SPLIT_CAP_THREADS,
+            "cap_" | "capacc_" if dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
+            "coef_" | "acc_" | "wsm_" | "cap_" | "capacc_" => crate::plan::SPLIT_OPTION_THREADS,
             _ => crate::plan::SPLIT_MAX_THREADS,
         },
     }
@@ -475,17 +477,20 @@ mod tests {
         }
     }
 
-    /// The split plan's per-row option kernels (capped at 80 registers) take 384 threads a CTA,
-    /// the soft cap's (capped at 64) 512 and the plain ones 256; the automatic plan takes the split
-    /// plan for every variant.
+    /// The split plan's per-row option kernels take 384 threads a CTA, the soft cap's 384 in 16
+    /// bits and 512 in f32, the plain ones 256; the automatic plan takes the split plan for every
+    /// variant.
     #[test]
     fn the_split_plans_thread_bound_and_choice_follow_the_variant() {
         for variant in VARIANTS {
             for dtype in [DType::Bf16, DType::F16, DType::F32] {
                 let traits = kernel_traits(variant, dtype);
+                let soft_cap = variant == "cap_" || variant == "capacc_";
                 let wanted = match variant {
-                    "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
-                    "cap_" | "capacc_" => crate::plan::SPLIT_CAP_THREADS,
+                    _ if soft_cap && dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
+                    "coef_" | "acc_" | "wsm_" | "cap_" | "capacc_" => {
+                        crate::plan::SPLIT_OPTION_THREADS
+                    }
                     _ => crate::plan::SPLIT_MAX_THREADS,
                 };
                 assert_eq!(traits.split_threads, wanted, "{variant:?} {dtype:?}");

@@ -824,12 +824,12 @@ pub fn shard_chunking(width: usize, dtype: DType) -> (usize, usize, u32) {
 /// A100's 164 KiB per SM. (Session 17: chunks of half this size, to keep two rows a CTA, lost
 /// 15-20 points of copy.)
 pub const SPLIT_CHUNK_BYTES: usize = 80 * 1024;
-/// Threads per CTA of the split plan, at most, for the plain and soft-cap kernels (the per-row
-/// option kernels take [`SPLIT_OPTION_THREADS`]): the plain kernels take at most 80 registers
-/// (`cargo xtask ptx`), so three CTAs of 256 threads fit in an SM's 64 K registers (the soft
-/// cap's, uncapped, two). (Session 17: 384 and 512 threads lost resident CTAs and 1-30 points of
-/// copy; session 41: at two CTAs an SM, as many as an A100's shared memory holds, the plain
-/// kernels at 384 lost 2.7-5.0 points.)
+/// Threads per CTA of the split plan, at most, for the plain kernels (the per-row option kernels
+/// take [`SPLIT_OPTION_THREADS`], the soft cap's in f32 [`SPLIT_CAP_THREADS`]): the plain kernels
+/// take at most 80 registers (`cargo xtask ptx`), so three CTAs of 256 threads fit in an SM's 64 K
+/// registers. (Session 17: 384 and 512 threads lost resident CTAs and 1-30 points of copy; session
+/// 41: at two CTAs an SM, as many as an A100's shared memory holds, the plain kernels at 384 lost
+/// 2.7-5.0 points.)
 pub const SPLIT_MAX_THREADS: u32 = 256;
 /// Threads per CTA of the split plan, at most, for the per-row option kernels (`coef_`: label
 /// smoothing, the z-loss, class weights; `acc_`: token accuracy; `wsm_`: class-weighted
@@ -839,15 +839,16 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 /// 151936 bf16, 8192 x 128256 f32, against 256 threads: token accuracy 74.7 / 76.0 / 80.8 / 81.2
 /// against 73.4 / 72.2 / 75.6 / 76.8, smoothing 79.1 / 80.6 / 84.5 / 86.5 against 79.2 / 77.5 /
 /// 81.0 / 82.8, class-weighted smoothing 53.2 / 49.8 / 56.5 / 57.4 against 49.5 / 44.0 / 50.8 / 49.2
-/// (uncapped). The plain kernels lost 2.7-5.0 points at 384 and the soft cap's 0.5-1.8 (at 80
-/// registers), so they keep 256. The soft cap with token accuracy (`capacc_`) takes it in f32
-/// only, where its split kernels are capped at 80 too (`kernels::kernel_traits`).
+/// (uncapped). The plain kernels lost 2.7-5.0 points at 384, so they keep 256. The soft cap's
+/// kernels take it in 16 bits since session 42 (`cap_` at 80 registers, two CTAs an SM; `capacc_`
+/// uncapped, one), [`SPLIT_CAP_THREADS`] in f32 (`kernels::kernel_traits`).
 pub const SPLIT_OPTION_THREADS: u32 = 384;
 
-/// Threads per CTA of the split plan, at most, for the soft cap's kernels (`cap_`, and `capacc_`:
-/// with token accuracy or class-weighted smoothing), whose passes take one vector at a time from
-/// the chunk in shared memory (session 42) and are capped at 64 registers: two CTAs of 512 threads
-/// fill an SM's 64 K registers, as many as an A100's shared memory holds of their chunks.
+/// Threads per CTA of the split plan, at most, for the soft cap's kernels in f32 (`cap_`, and
+/// `capacc_`: with token accuracy or class-weighted smoothing), whose passes take one vector at a
+/// time from the chunk in shared memory (session 42) and are capped at 64 registers: two CTAs of
+/// 512 threads fill an SM's 64 K registers, as many as an A100's shared memory holds of their
+/// chunks. In 16 bits they take [`SPLIT_OPTION_THREADS`] (`kernels::kernel_traits`).
 pub const SPLIT_CAP_THREADS: u32 = 512;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,

@@ -201,11 +201,11 @@ enum Ahead {
 }
 
 /// Whether the split kernels of `M` reduce the next row during this row's gradient
-/// ([`grad_and_reduce_next`]) or only copy it ([`grad_segment`] with `next`): only the plain ones
-/// (78-80 registers, three CTAs an SM). The per-row constant and token accuracy kernels (capped at
-/// 80) spill 24 and 116 bytes doing both; the soft cap's (uncapped) fell from 37.8 to 30.3% of
-/// copy with it (session 19, 8192 x 128256 bf16, A100 limits), and weighted smoothing's is of the
-/// same build.
+/// ([`grad_and_reduce_next`]) or only copy it ([`grad_segment`] with `next`, or for the soft cap
+/// [`cap_grad`]): only the plain ones (78-80 registers, three CTAs an SM). The per-row constant
+/// and token accuracy kernels (capped at 80) spill 24 and 116 bytes doing both; the soft cap's
+/// batched kernels of session 19 fell from 37.8 to 30.3% of copy with it (8192 x 128256 bf16, A100
+/// limits), and weighted smoothing's is of the same build.
 const fn reduce_ahead<M: Mode>() -> bool {
     !M::OPTS
 }

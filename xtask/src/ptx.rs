@@ -206,13 +206,11 @@ const UNCAPPED: &[&str] = &[
     "xent_chunk_partial_cap_",
     "xent_chunk_grad_cap_",
     "xent_backward_cap_",
-    // The split plan's per-element kernels take 55-68 registers uncapped, and the soft cap's
-    // 113-128: at 80 (three CTAs an SM) those spill 16-72 bytes, though on an H200 under an A100's
-    // limits (session 18, 8192 x 128256 bf16) the soft cap ran faster so (37.8 -> 40.6% of copy,
-    // with accuracy 29.5 -> 30.9); at 80 with 384 threads (session 41, H100 under an A100's
-    // limits) it lost 0.5-1.8 points against 256 uncapped. The others are capped below.
+    // The split plan's per-element kernels take 55-68 registers uncapped. The soft cap's with
+    // token accuracy (`capacc_`) in 16 bits take 96: one 384-thread CTA an SM, which ran 0.4-2.0
+    // points of copy faster than two at 64 or 80 registers with accuracy, and within 1.5 of them
+    // for all five (session 42, H100 under an A100's limits). The others are capped below.
     "xent_split_opt_",
-    "xent_split_cap_",
     "xent_split_capacc_bf16_",
     "xent_split_capacc_f16_",
 ];
@@ -252,12 +250,16 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     // the same kernel uncapped at 256 by 3.7-8.2 points of copy and the chunked plan by 11-18 in
     // 16 bits (session 41, H100 under an A100's limits).
     ("xent_split_wsm_", 80),
-    // The soft cap's, alone and with token accuracy or class-weighted smoothing: their passes
-    // take one vector at a time from the chunk in shared memory (session 42), 76-91 registers
-    // uncapped; at 64, no spills except 8 bytes in 16-bit `capacc_` (outside the loops over the
-    // chunk), so two 512-thread CTAs share an SM (`plan::SPLIT_CAP_THREADS`).
-    ("xent_split_cap_", 64),
-    ("xent_split_capacc_", 64),
+    // The soft cap's, whose passes take one vector at a time from the chunk in shared memory
+    // (session 42; H100 under an A100's limits, % of copy). In f32 (53-61 registers uncapped) 64
+    // lets two 512-thread CTAs share an SM (`plan::SPLIT_CAP_THREADS`): 83.2 against 81.8 at 384
+    // threads at 8192 x 128256, with token accuracy 77.0 against 75.5, all five 58.7 against 53.2.
+    // In 16 bits (91 uncapped) 80 lets two 384-thread CTAs share one: 73.2 / 72.6 / 77.8 at
+    // 4096 x 262144, 8192 x 128256 and 16384 x 151936 bf16, against 72.1 / 72.0 / 77.0 uncapped
+    // (one CTA an SM) and 69.8 / 71.3 / 75.0 at 64 (two). No spills at these caps.
+    ("xent_split_cap_f32_", 64),
+    ("xent_split_capacc_f32_", 64),
+    ("xent_split_cap_", 80),
     ("xent_split_acc_", 80),
     // The plain ones: 72-80 registers uncapped before their handshake waited on tagged summaries
     // (session 37), 80-95 since; 80, no spills, keeps three CTAs an SM where their chunk allows.
