@@ -1496,7 +1496,8 @@ fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
 }
 
 /// The per-row option kernels' bound (`SPLIT_OPTION_THREADS`) gives the automatic split plan 384
-/// threads a CTA at the large shapes, with the same chunks as the plain kernels' 256.
+/// threads a CTA at the large shapes, and the soft cap's in f32 (`SPLIT_CAP_THREADS`) 512, with
+/// the same chunks as the plain kernels' 256.
 #[test]
 fn the_split_plan_takes_the_kernels_thread_bound() {
     for (rows, vocab, dtype) in [
@@ -1531,16 +1532,22 @@ fn the_split_plan_takes_the_kernels_thread_bound() {
                 chunk_len: b,
                 ..
             }),
+            Ok(LaunchPlan::Split {
+                threads: soft_cap,
+                chunk_len: c,
+                ..
+            }),
         ) = (
             auto(plan::SPLIT_MAX_THREADS),
             auto(plan::SPLIT_OPTION_THREADS),
+            auto(plan::SPLIT_CAP_THREADS),
         )
         else {
             panic!("{rows} x {vocab} {dtype:?}: expected split plans");
         };
         assert_eq!(
-            (plain, option, a),
-            (256, 384, b),
+            (plain, option, soft_cap, a, a),
+            (256, 384, 512, b, c),
             "{rows} x {vocab} {dtype:?}"
         );
     }
