@@ -67,9 +67,9 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode, const FOLD: bool>(
 }
 
 /// The soft cap's first pass over a split CTA's chunk `seg`, one vector at a time from the stash
-/// (the cluster kernels' [`first_pass_stashed`]: few registers held, so more warps an SM hide the
-/// pass's arithmetic, where the batched [`reduce_segment`] of `UNROLL` vectors held 122-126
-/// registers). With `copy` each thread first copies its vectors into the stash (`cp.async`, one
+/// (the cluster kernels' [`first_pass_stashed`]: fewer registers held, 53-96 uncapped where the
+/// batched [`reduce_segment`] of `UNROLL` vectors held 122-126, and fewer instructions an element:
+/// no running maximum, the exponent straight from `x`). With `copy` each thread first copies its vectors into the stash (`cp.async`, one
 /// wait); without, the row before's gradient copied them there (`Ahead::Copied`). The scalar head
 /// and tail are read from global memory and kept in the stash (with [`keeps_t`], as `t`). With
 /// `FIXED` the sum is taken against the fixed reference `cap·log2(e)` ([`add_vector`]). Returns
