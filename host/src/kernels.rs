@@ -264,7 +264,7 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// and 8192x128256 f32): the soft cap 73.2 / 72.6 / 77.8 / 83.2 against 52.6 / 50.8 / 52.7 / 76.3
 /// before, with token accuracy 64.9 / 65.0 / 69.5 / 77.0 against the chunked plan's 40.0 / 39.2 /
 /// 39.1 (and the f32 split kernels' 62.0 before), all five 43.4 / 46.5 / 49.7 / 58.7 against 31.3
-/// / 31.2 / 31.3 / 47.7; before, `capacc_` took the chunked plan in 16 bits, whose per-element
+/// / 31.2 / 31.3 / 47.8; before, `capacc_` took the chunked plan in 16 bits, whose per-element
 /// kernels beat its batched split kernels there. The per-row option kernels (`coef_`, `acc_`,
 /// `wsm_`: capped at 80) run [`SPLIT_OPTION_THREADS`] too since session 41, the plain ones
 /// [`SPLIT_MAX_THREADS`].
