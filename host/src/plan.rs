@@ -124,8 +124,8 @@ pub enum PlanChoice {
     /// resident groups. `chunk_len` (a positive multiple of 8 that fits in shared memory) or the
     /// automatic choice ([`auto_split_chunk_len`]); `threads` per CTA (a multiple of 32, at most
     /// [`MAX_THREADS`]) or the automatic choice, [`threads_for`] the chunk up to the kernels'
-    /// bound ([`KernelTraits::split_threads`]: [`SPLIT_MAX_THREADS`], or
-    /// [`SPLIT_OPTION_THREADS`] for the per-row option kernels).
+    /// bound ([`KernelTraits::split_threads`]: [`SPLIT_MAX_THREADS`], [`SPLIT_OPTION_THREADS`]
+    /// or [`SPLIT_CAP_THREADS`], by the variant's kernels).
     Split {
         chunk_len: Option<usize>,
         threads: Option<u32>,
@@ -204,7 +204,7 @@ pub struct KernelTraits {
     /// Whether the variant has kernels for [`PlanChoice::SplitL2`] (the plain loss only).
     pub split_l2: bool,
     /// Threads a CTA of the split plan, at most, when the count is automatic
-    /// ([`SPLIT_MAX_THREADS`] or [`SPLIT_OPTION_THREADS`]).
+    /// ([`SPLIT_MAX_THREADS`], [`SPLIT_OPTION_THREADS`] or [`SPLIT_CAP_THREADS`]).
     pub split_threads: u32,
 }
 
