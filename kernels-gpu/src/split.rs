@@ -76,7 +76,7 @@ unsafe fn grad_and_reduce_next<T: Element, M: Mode, const FOLD: bool>(
 /// this thread's share of the chunk summary and, with `FIXED`, the largest `x²` of its elements
 /// (infinity without), which picks [`cap_grad`]'s polynomial.
 #[inline(always)]
-unsafe fn cap_first_pass<T: Element, M: Mode, const FIXED: bool>(
+pub(crate) unsafe fn cap_first_pass<T: Element, M: Mode, const FIXED: bool>(
     seg: &Segment,
     stash: u32,
     copy: bool,
@@ -124,7 +124,7 @@ unsafe fn cap_first_pass<T: Element, M: Mode, const FIXED: bool>(
 /// next row `next` (a segment of the same length and address modulo 16) copied into each slot
 /// behind the store that used it (`cp.async`, committed at the end).
 #[inline(always)]
-unsafe fn cap_grad<T: Element, M: Mode>(
+pub(crate) unsafe fn cap_grad<T: Element, M: Mode>(
     seg: &Segment,
     stash: u32,
     next: Option<&Segment>,
