@@ -231,6 +231,10 @@ const SPLIT_MAX_SPINS: u32 = 1 << 24;
 /// shared memory = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
 #[inline(always)]
 pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    if M::CAP {
+        unsafe { split_cap::<T, L, M>(p) };
+        return;
+    }
     let tid = thread_idx();
     let n_chunks = p.n_chunks;
     let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
@@ -398,6 +402,200 @@ pub unsafe fn split<T: Element, L: Label, M: Mode>(p: &XentParams) {
         // The stash and the reduction scratch serve the next row.
         prim::sync_threads();
         row += groups;
+    }
+}
+
+/// A scored row of [`split_cap`] between its first pass and its gradient.
+#[derive(Clone, Copy)]
+struct CapPending {
+    row: u64,
+    label: u32,
+    /// As [`split`] reads it: thread 0 of the CTA whose chunk holds the label, before any gradient
+    /// of the row is written.
+    x_label: f32,
+    y_ref: f32,
+    /// This thread's largest `x²` ([`cap_first_pass`]).
+    widest: f32,
+    /// Scored rows of the group before this one: its stash (`index & 1`) and ring entry.
+    index: u32,
+}
+
+/// [`SPLIT_CAP_RING`](crate::abi::SPLIT_CAP_RING) as the address arithmetic takes it.
+const SPLIT_CAP_RING: u64 = crate::abi::SPLIT_CAP_RING as u64;
+
+/// The soft cap's split kernel ([`split`] with `M::CAP`), pipelined over two row stashes: a CTA
+/// takes the first pass of its group's next scored row (from the stash the row before's gradient
+/// filled by `cp.async`) and publishes its summary before it waits for the group's summaries of the
+/// row before, so that wait and the last copies' latency are hidden behind a pass, then writes
+/// that row's gradient from the other stash while copying the row after into it.
+///
+/// Summaries are tagged (each 8-byte word holds a value and the row's index plus one, stored
+/// relaxed: a reader needs no acquire), in a ring of [`SPLIT_CAP_RING`] entries a CTA after the
+/// split plan's summaries and counters in `partials` (8-byte aligned); a CTA clears its entries at
+/// launch behind one counter wait. Dynamic shared memory: `SMEM_STASH_OFFSET` and
+/// [`SPLIT_CAP_STASHES`](crate::abi::SPLIT_CAP_STASHES) stashes of `16 + chunk_len * BYTES` bytes
+/// rounded up to 16.
+#[inline(always)]
+unsafe fn split_cap<T: Element, L: Label, M: Mode>(p: &XentParams) {
+    let tid = thread_idx();
+    let n_chunks = p.n_chunks;
+    let (group, chunk) = prim::div_rem(prim::block_idx() as u64, n_chunks as u64);
+    let chunk = chunk as u32;
+    let groups = (prim::grid_dim() / n_chunks) as u64;
+    let summaries = groups * 2 * n_chunks as u64 * 4 * PARTIAL_WORDS as u64;
+    let counter = p.partials + summaries + 4 * group;
+    let ring = (p.partials + summaries + 4 * groups).next_multiple_of(8);
+    // Ring entry of the group's scored row `index`, CTA `q`: four tagged words.
+    let entry = |index: u32, q: u32| {
+        ring + ((group * SPLIT_CAP_RING + (index as u64 % SPLIT_CAP_RING)) * n_chunks as u64 + q as u64) * 32
+    };
+    let slot_bytes = (16 + p.chunk_len * T::BYTES).next_multiple_of(16);
+    let local = chunk * p.chunk_len;
+    let len = p.chunk_len.min(p.rows.vocab.saturating_sub(local));
+    let seg_of = |row: u64| Segment::new::<T>(row_addr::<T>(&p.rows, row) + local as u64 * T::BYTES as u64, len);
+    let stash_of = |seg: &Segment, index: u32| {
+        prim::smem_base() + SMEM_STASH_OFFSET + (index & 1) * slot_bytes + (seg.addr & 15) as u32
+    };
+    if tid == 0 {
+        unsafe {
+            for index in 0..SPLIT_CAP_RING as u32 {
+                for w in 0..4 {
+                    prim::st_relaxed_gpu_u64(entry(index, chunk) + 8 * w, 0);
+                }
+            }
+            prim::red_add_release_gpu_u32(counter, 1);
+            wait_for_count(counter, n_chunks);
+        }
+        prim::fence_acq_rel_gpu();
+    }
+    prim::sync_threads();
+    // The row whose chunk the last gradient copied into the stash of the next scored row.
+    let mut copied = u64::MAX;
+    let mut pending: Option<CapPending> = None;
+    let mut scored = 0u32;
+    let mut row = group;
+    while row < p.rows.n_rows {
+        let seg = seg_of(row);
+        match unsafe { row_target::<L>(&p.rows, row) } {
+            Target::Class(label) => {
+                let local_label = label.wrapping_sub(local);
+                let x_label = if local_label < seg.len && tid == 0 {
+                    T::widen(unsafe { T::ld_global_raw(seg.elem_addr::<T>(local_label)) })
+                } else {
+                    0.0
+                };
+                let ctx = unsafe { row_ctx::<T, M>(p, row, label, local) };
+                let stash = stash_of(&seg, scored);
+                let copy = copied != row;
+                let (part, widest) = if p.opts.softcap <= opts::FIXED_CAP_MAX {
+                    unsafe { cap_first_pass::<T, M, true>(&seg, stash, copy, &p.opts, &ctx) }
+                } else {
+                    unsafe { cap_first_pass::<T, M, false>(&seg, stash, copy, &p.opts, &ctx) }
+                };
+                // The scratch is written next by the next row's merge, after the barrier below.
+                let part = part.block_merge_unsynced::<M>();
+                if tid == 0 {
+                    unsafe { st_tagged(entry(scored, chunk), &part, scored) };
+                }
+                if let Some(before) = pending {
+                    // The group's row after this one goes into the stash `before` frees.
+                    let next = row + groups;
+                    let ahead = next < p.rows.n_rows
+                        && matches!(unsafe { row_target::<L>(&p.rows, next) }, Target::Class(_))
+                        && (seg_of(next).addr ^ seg_of(before.row).addr) & 15 == 0;
+                    unsafe { cap_finish::<T, M>(p, &before, ahead.then_some(next), &seg_of, &stash_of, &entry, local) };
+                    copied = if ahead { next } else { u64::MAX };
+                }
+                pending = Some(CapPending { row, label, x_label, y_ref: ctx.y_ref, widest, index: scored });
+                scored += 1;
+            }
+            target => {
+                if p.mode != MODE_FORWARD {
+                    unsafe { zero_segment::<T>(&seg, 0) };
+                }
+                if chunk == 0 && tid == 0 {
+                    unsafe { write_unscored_row::<M>(p, row, target) };
+                }
+            }
+        }
+        // The stashes and the reduction scratch serve the next row.
+        prim::sync_threads();
+        row += groups;
+    }
+    if let Some(before) = pending {
+        unsafe { cap_finish::<T, M>(p, &before, None, &seg_of, &stash_of, &entry, local) };
+    }
+}
+
+/// [`split_cap`]'s second half of a row: waits for and merges the group's summaries of `row`
+/// (every warp itself, lane `i` reading CTA `i`, `i + 32`, ...: the same bits everywhere), writes
+/// its gradient from its stash with the chunk of `next` copied in behind it, and its loss.
+#[inline(always)]
+unsafe fn cap_finish<T: Element, M: Mode>(
+    p: &XentParams,
+    row: &CapPending,
+    next: Option<u64>,
+    seg_of: &impl Fn(u64) -> Segment,
+    stash_of: &impl Fn(&Segment, u32) -> u32,
+    entry: &impl Fn(u32, u32) -> u64,
+    local: u32,
+) {
+    let seg = seg_of(row.row);
+    let mut acc = Part::EMPTY;
+    let mut q = thread_idx() % 32;
+    while q < p.n_chunks {
+        acc = acc.merge::<M>(unsafe { wait_for_tagged_part(entry(row.index, q), row.index) });
+        q += 32;
+    }
+    let total = acc.warp_merge::<M>();
+    let c = unsafe { opts::coef::<M>(p, &total, row.label, local) };
+    let local_label = row.label.wrapping_sub(local);
+    if p.mode != MODE_FORWARD {
+        let stash = stash_of(&seg, row.index);
+        let next_seg = next.map(seg_of);
+        unsafe { cap_grad::<T, M>(&seg, stash, next_seg.as_ref(), &p.opts, &c, local_label, row.widest) };
+    }
+    if local_label < seg.len && thread_idx() == 0 {
+        unsafe { write_scored_row::<M>(p, row.row, &total, row.label, row.x_label, row.y_ref, &c) };
+    }
+}
+
+/// Stores `part` at `at` as four words, each with `index + 1` in its high half ([`split_cap`]).
+#[inline(always)]
+unsafe fn st_tagged(at: u64, part: &Part, index: u32) {
+    let tag = ((index + 1) as u64) << 32;
+    let words = [part.lse.m.to_bits(), part.lse.s.to_bits(), part.wsum.to_bits(), part.wrong];
+    for (w, word) in words.into_iter().enumerate() {
+        unsafe { prim::st_relaxed_gpu_u64(at + 8 * w as u64, word as u64 | tag) };
+    }
+}
+
+/// Waits until the four words at `at` carry `index + 1` ([`st_tagged`]) and returns the summary;
+/// bounded as [`wait_for_count`].
+#[inline(always)]
+unsafe fn wait_for_tagged_part(at: u64, index: u32) -> Part {
+    let tag = ((index + 1) as u64) << 32;
+    let mut spins = 0u32;
+    loop {
+        let w = unsafe {
+            [
+                prim::ld_relaxed_gpu_u64(at),
+                prim::ld_relaxed_gpu_u64(at + 8),
+                prim::ld_relaxed_gpu_u64(at + 16),
+                prim::ld_relaxed_gpu_u64(at + 24),
+            ]
+        };
+        if w.iter().all(|&w| w & !0xffff_ffff == tag) {
+            return Part {
+                lse: reduce::Lse2 { m: f32::from_bits(w[0] as u32), s: f32::from_bits(w[1] as u32) },
+                wsum: f32::from_bits(w[2] as u32),
+                wrong: w[3] as u32,
+            };
+        }
+        spins += 1;
+        if spins == SPLIT_MAX_SPINS {
+            prim::trap();
+        }
     }
 }
 
