@@ -1496,9 +1496,8 @@ fn kernels_the_split_plan_loses_with_take_the_chunked_plan_automatically() {
 }
 
 /// The per-row option kernels' bound (`SPLIT_OPTION_THREADS`) gives the automatic split plan 384
-/// threads a CTA at the large shapes, and the soft cap's pipelined kernels (two stashes) their
-/// whole bound (`SPLIT_CAP_THREADS`, 768), with the same chunks as the plain kernels' 256 and
-/// shared memory for two of them.
+/// threads a CTA at the large shapes, and the soft cap's in f32 (`SPLIT_CAP_THREADS`) 512, with
+/// the same chunks as the plain kernels' 256.
 #[test]
 fn the_split_plan_takes_the_kernels_thread_bound() {
     for (rows, vocab, dtype) in [
@@ -1510,11 +1509,6 @@ fn the_split_plan_takes_the_kernels_thread_bound() {
         let auto = |split_threads| {
             let traits = plan::KernelTraits {
                 split_threads,
-                split_stashes: if split_threads == plan::SPLIT_CAP_THREADS {
-                    xent::abi::SPLIT_CAP_STASHES
-                } else {
-                    1
-                },
                 ..plan::KernelTraits::PLAIN
             };
             plan::plan_with(
@@ -1541,7 +1535,6 @@ fn the_split_plan_takes_the_kernels_thread_bound() {
             Ok(LaunchPlan::Split {
                 threads: soft_cap,
                 chunk_len: c,
-                smem_bytes,
                 ..
             }),
         ) = (
@@ -1554,12 +1547,7 @@ fn the_split_plan_takes_the_kernels_thread_bound() {
         };
         assert_eq!(
             (plain, option, soft_cap, a, a),
-            (256, 384, 768, b, c),
-            "{rows} x {vocab} {dtype:?}"
-        );
-        assert_eq!(
-            Some(smem_bytes),
-            plan::split_smem_bytes(c as usize, dtype, 2),
+            (256, 384, 512, b, c),
             "{rows} x {vocab} {dtype:?}"
         );
     }
@@ -1586,7 +1574,7 @@ fn the_split_plan_takes_a_forced_thread_count_and_refuses_a_bad_one() {
     for t in [32, 128, 384, 512] {
         assert_eq!(threads_of(Some(t)), Ok(t));
     }
-    for t in [0, 100, plan::SPLIT_FORCED_MAX_THREADS + 32] {
+    for t in [0, 100, plan::MAX_THREADS + 32] {
         let err = threads_of(Some(t)).expect_err("a bad thread count must be refused");
         assert!(err.contains("threads per CTA"), "{t}: {err}");
     }
@@ -1790,19 +1778,10 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                     ((a100.sm_count / n_chunks) as usize).min(rows),
                     "{what}"
                 );
-                // `slots` summaries per CTA and a counter per group; for the split plan then,
-                // from an 8-byte boundary, the soft cap's ring of tagged summaries (four 8-byte
-                // words an entry).
-                let head =
-                    groups as usize * (slots * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1);
-                let ring = groups as usize * n_chunks as usize * xent::abi::SPLIT_CAP_RING * 8;
+                // `slots` summaries per CTA and a counter per group.
                 assert_eq!(
                     plan::partials_len(rows, &got),
-                    if in_l2 {
-                        head
-                    } else {
-                        head.next_multiple_of(2) + ring
-                    },
+                    groups as usize * (slots * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
                     "{what}"
                 );
             }

@@ -265,9 +265,7 @@ fn split_plan_walks_many_rows_a_group_with_every_kernel_family() {
             let soft_cap = matches!(*name, "soft cap" | "soft cap and accuracy" | "all five");
             let wanted = match *name {
                 "plain" => xent::plan::SPLIT_MAX_THREADS,
-                _ if soft_cap && dtype == DType::F32 => xent::plan::SPLIT_CAP_THREADS_F32,
-                "soft cap" => xent::plan::SPLIT_CAP_THREADS,
-                _ if soft_cap => xent::plan::SPLIT_CAPACC_THREADS,
+                _ if soft_cap && dtype == DType::F32 => xent::plan::SPLIT_CAP_THREADS,
                 _ => xent::plan::SPLIT_OPTION_THREADS,
             };
             assert_eq!(threads, wanted, "{name} {dtype:?}: automatic plan {auto:?}");

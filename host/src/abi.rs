@@ -82,15 +82,6 @@ pub const PARTIAL_WORDS: usize = 4;
 /// CTA merges row `j` before it reduces row `j + 2`); rows `k - 3` to `k - 1` may still be read.
 /// Four slots, the row's index modulo four, never overwrite a summary still to be read.
 pub const SPLIT_L2_SLOTS: usize = 4;
-/// Tagged summaries a CTA of the soft cap's split kernels (`split::split_cap`) cycles through, in
-/// `partials` after the split plan's summaries and counters: a CTA stores its summary of the
-/// group's `k`-th scored row after it has merged row `k - 2`'s, for which every CTA of the group had
-/// stored row `k - 2`'s summary, and so had merged row `k - 4`'s (a CTA stores row `j`'s summary
-/// before it merges row `j - 1`'s). Four, the row's index modulo four, as `SPLIT_L2_SLOTS`.
-pub const SPLIT_CAP_RING: usize = 4;
-/// Row stashes of a CTA of the soft cap's split kernels: the first pass of the group's next row
-/// reads one while the row before waits for its group's summaries in the other.
-pub const SPLIT_CAP_STASHES: u32 = 2;
 
 /// Where each row's label lives. Shared by every cross-entropy kernel.
 #[repr(C)]

@@ -278,33 +278,11 @@ pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
         split_automatic: true,
         split_l2: variant.is_empty(),
         split_threads: match variant {
-            "cap_" | "capacc_" if split_cap_stashes() > 1 => match (variant, dtype) {
-                (_, DType::F32) => crate::plan::SPLIT_CAP_THREADS_F32,
-                ("cap_", _) => crate::plan::SPLIT_CAP_THREADS,
-                _ => crate::plan::SPLIT_CAPACC_THREADS,
-            },
-            "cap_" | "capacc_" if dtype == DType::F32 => 512,
+            "cap_" | "capacc_" if dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
             "coef_" | "acc_" | "wsm_" | "cap_" | "capacc_" => crate::plan::SPLIT_OPTION_THREADS,
             _ => crate::plan::SPLIT_MAX_THREADS,
         },
-        split_stashes: match variant {
-            "cap_" | "capacc_" => split_cap_stashes(),
-            _ => 1,
-        },
     }
-}
-
-/// Row stashes of the soft cap's split kernels: [`crate::abi::SPLIT_CAP_STASHES`], or 1 with
-/// `XENT_SPLIT_CAP_STASHES=1` (a development hook for A/B runs against session 42's kernels through
-/// `XENT_PTX`, with their thread counts), read once per process.
-fn split_cap_stashes() -> u32 {
-    static STASHES: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *STASHES.get_or_init(
-        || match std::env::var("XENT_SPLIT_CAP_STASHES").as_deref() {
-            Ok("1") => 1,
-            _ => crate::abi::SPLIT_CAP_STASHES,
-        },
-    )
 }
 
 /// The variant infix of the kernels that run `opts` (see [`VARIANTS`]), with class weights on or
@@ -509,23 +487,17 @@ mod tests {
                 let traits = kernel_traits(variant, dtype);
                 let soft_cap = variant == "cap_" || variant == "capacc_";
                 let wanted = match variant {
-                    _ if soft_cap && dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS_F32,
-                    "cap_" => crate::plan::SPLIT_CAP_THREADS,
-                    "capacc_" => crate::plan::SPLIT_CAPACC_THREADS,
-                    "coef_" | "acc_" | "wsm_" => crate::plan::SPLIT_OPTION_THREADS,
+                    _ if soft_cap && dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
+                    "coef_" | "acc_" | "wsm_" | "cap_" | "capacc_" => {
+                        crate::plan::SPLIT_OPTION_THREADS
+                    }
                     _ => crate::plan::SPLIT_MAX_THREADS,
                 };
                 assert_eq!(traits.split_threads, wanted, "{variant:?} {dtype:?}");
-                let stashes = if soft_cap {
-                    crate::abi::SPLIT_CAP_STASHES
-                } else {
-                    1
-                };
-                assert_eq!(traits.split_stashes, stashes, "{variant:?} {dtype:?}");
                 assert!(traits.split_automatic, "{variant:?} {dtype:?}");
             }
         }
-        assert_eq!(crate::plan::SPLIT_CAP_THREADS, 768);
+        assert_eq!(crate::plan::SPLIT_CAP_THREADS, 512);
         assert_eq!(crate::plan::SPLIT_OPTION_THREADS, 384);
     }
 

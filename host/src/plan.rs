@@ -206,9 +206,6 @@ pub struct KernelTraits {
     /// Threads a CTA of the split plan, at most, when the count is automatic
     /// ([`SPLIT_MAX_THREADS`], [`SPLIT_OPTION_THREADS`] or [`SPLIT_CAP_THREADS`]).
     pub split_threads: u32,
-    /// Row stashes a CTA of the split plan keeps in shared memory: 1, or for the soft cap's
-    /// pipelined kernels [`SPLIT_CAP_STASHES`](crate::abi::SPLIT_CAP_STASHES).
-    pub split_stashes: u32,
 }
 
 impl KernelTraits {
@@ -218,7 +215,6 @@ impl KernelTraits {
         split_automatic: true,
         split_l2: true,
         split_threads: SPLIT_MAX_THREADS,
-        split_stashes: 1,
     };
 }
 
@@ -332,7 +328,7 @@ pub fn plan_with(
                 vocab,
                 dtype,
                 limits,
-                (threads, traits.split_threads, traits.split_stashes),
+                (threads, traits.split_threads),
                 chunk_len,
                 false,
                 active_clusters,
@@ -352,7 +348,7 @@ pub fn plan_with(
                 vocab,
                 dtype,
                 limits,
-                (None, SPLIT_MAX_THREADS, 1),
+                (None, SPLIT_MAX_THREADS),
                 chunk_len,
                 true,
                 active_clusters,
@@ -381,7 +377,7 @@ pub fn plan_with(
                                 vocab,
                                 dtype,
                                 limits,
-                                (None, traits.split_threads, traits.split_stashes),
+                                (None, traits.split_threads),
                                 chunk_len,
                                 false,
                                 active_clusters,
@@ -848,14 +844,12 @@ pub const SPLIT_MAX_THREADS: u32 = 256;
 /// uncapped, one), [`SPLIT_CAP_THREADS`] in f32 (`kernels::kernel_traits`).
 pub const SPLIT_OPTION_THREADS: u32 = 384;
 
-/// Threads per CTA of the split plan for the soft cap's pipelined kernels (two row stashes, so one
-/// CTA an SM under an A100's shared memory): `cap_` in 16 bits, capped at 80 registers.
-pub const SPLIT_CAP_THREADS: u32 = 768;
-/// [`SPLIT_CAP_THREADS`] for `capacc_` in 16 bits (token accuracy or class-weighted smoothing with
-/// the soft cap: uncapped, 120 registers).
-pub const SPLIT_CAPACC_THREADS: u32 = 512;
-/// [`SPLIT_CAP_THREADS`] for both in f32 (capped at 64 registers).
-pub const SPLIT_CAP_THREADS_F32: u32 = 1024;
+/// Threads per CTA of the split plan, at most, for the soft cap's kernels in f32 (`cap_`, and
+/// `capacc_`: with token accuracy or class-weighted smoothing), whose passes take one vector at a
+/// time from the chunk in shared memory (session 42) and are capped at 64 registers: two CTAs of
+/// 512 threads fill an SM's 64 K registers, as many as an A100's shared memory holds of their
+/// chunks. In 16 bits they take [`SPLIT_OPTION_THREADS`] (`kernels::kernel_traits`).
+pub const SPLIT_CAP_THREADS: u32 = 512;
 
 /// The split plan's automatic chunk: the fewest chunks of at most [`SPLIT_CHUNK_BYTES`], even,
 /// rounded up to a multiple of [`SPLIT_CHUNK_ALIGN_BYTES`] (a row's only chunk: to 8 elements).
@@ -910,18 +904,6 @@ pub fn split_l2_smem_bytes(threads: u32) -> u32 {
     SMEM_STASH_OFFSET + threads * (UNROLL * 16) as u32
 }
 
-/// Dynamic shared memory of a split CTA with `stashes` stashes of a chunk (each `16 + chunk_len *
-/// bytes` rounded up to 16, after the reduction scratch): [`fused_smem_bytes`] of the chunk for one.
-pub fn split_smem_bytes(chunk_len: usize, dtype: DType, stashes: u32) -> Option<u32> {
-    let stash = (16 + chunk_len.checked_mul(dtype.bytes())?).next_multiple_of(16);
-    let bytes = SMEM_STASH_OFFSET as usize + stash.checked_mul(stashes as usize)?;
-    u32::try_from(bytes).ok()
-}
-
-/// Threads a CTA of a forced split plan may have: the plain and per-row kernels take at most 512
-/// automatically, the soft cap's pipelined kernels more (their two stashes keep one CTA an SM).
-pub const SPLIT_FORCED_MAX_THREADS: u32 = 1024;
-
 /// The split_l2 plan's automatic chunk: [`SPLIT_L2_CHUNK_LEN`] elements (the last chunk of a row
 /// takes what is left), or the whole row to a multiple of 8.
 pub fn auto_split_l2_chunk_len(vocab: usize) -> usize {
@@ -956,7 +938,7 @@ fn split_plan(
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
-    (threads, max_threads, stashes): (Option<u32>, u32, u32),
+    (threads, max_threads): (Option<u32>, u32),
     chunk_len: usize,
     in_l2: bool,
     resident: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
@@ -970,20 +952,18 @@ fn split_plan(
     check_chunk_len(chunk_len)?;
     let chunk_len = chunk_len.min(vocab.next_multiple_of(8));
     let threads = match threads {
-        Some(t) if !valid_threads(t, SPLIT_FORCED_MAX_THREADS) => {
+        Some(t) if !valid_threads(t, MAX_THREADS) => {
             return Err(Error::PlanDoesNotFit(format!(
-                "{t} threads per CTA: the split plan takes a multiple of 32 up to {SPLIT_FORCED_MAX_THREADS}"
+                "{t} threads per CTA: the split plan takes a multiple of 32 up to {MAX_THREADS}"
             )));
         }
         Some(t) => t,
-        // The pipelined kernels' one CTA an SM takes all its threads.
-        None if stashes > 1 => max_threads,
         None => threads_for(chunk_len, dtype).min(max_threads),
     };
     let stash = if in_l2 {
         Some(split_l2_smem_bytes(threads))
     } else {
-        split_smem_bytes(chunk_len, dtype, stashes)
+        fused_smem_bytes(chunk_len, dtype)
     };
     let smem_bytes = stash
         .filter(|&b| b <= limits.max_smem_per_block)
@@ -1073,22 +1053,8 @@ pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
             groups,
             in_l2,
             ..
-        } => split_ring_words(n_chunks, groups, in_l2),
+        } => (split_slots(in_l2) * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
-    }
-}
-
-/// `f32` words of a split plan's `partials`: each CTA's summary slots, a counter a group, and for
-/// the split plan (not split_l2) the soft cap's kernels' ring of tagged summaries
-/// ([`SPLIT_CAP_RING`](crate::abi::SPLIT_CAP_RING) entries of four 8-byte words a CTA) from the
-/// next 8-byte boundary.
-fn split_ring_words(n_chunks: u32, groups: u32, in_l2: bool) -> usize {
-    let (n_chunks, groups) = (n_chunks as usize, groups as usize);
-    let head = (split_slots(in_l2) * PARTIAL_WORDS * n_chunks + 1) * groups;
-    if in_l2 {
-        head
-    } else {
-        head.next_multiple_of(2) + groups * n_chunks * crate::abi::SPLIT_CAP_RING * 8
     }
 }
 
