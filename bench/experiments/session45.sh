@@ -35,3 +35,14 @@ case $mode in
       timeout ${T:-400} bash bundle/run.sh sweep --options softcap 2>&1 | grep -v '^{' | tail -40 ;;
 esac
 done
+# (third block) The module split (fa1d5bc) left 4 sm_80 kernels with the same instructions in other
+# registers: their entries from before it against the bundle's own (a bundle built at fa1d5bc or later).
+PRE=bench/experiments/xent-module-split-before.sm_80.entries.ptx.xz
+for mode in "$@"; do
+case $mode in
+  absplit)
+    echo "=== absplit $(date +%T)"
+    env $A100 XENT_AB_ROUNDS=2 XENT_AB_OPTIONS=softcap+accuracy,all XENT_BENCH_CONFIGS=$S5 \
+      timeout ${T:-200} bash bundle/run.sh ab embedded $PRE 2>&1 | grep -v '^{' | grep "^|" ;;
+esac
+done
