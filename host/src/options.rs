@@ -398,7 +398,7 @@ impl Label for i32 {
 }
 
 /// What row `row` is scored against; the one definition the CPU path uses (the kernels mirror it
-/// in `kernels-gpu/src/xent.rs`).
+/// in `kernels-gpu/src/xent/mod.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     Ignored,

@@ -9,7 +9,7 @@ use crate::options::{DType, Options};
 /// Largest tile, in elements, that one block walks per step: the seed's `MAX_FUSED_SIZE` (32768),
 /// which also caps a bf16 block at 1024 threads x 4 vectors of 8.
 pub const MAX_TILE: usize = 32768;
-/// Vectors each thread loads before using the first (`UNROLL` in kernels-gpu/src/xent.rs); blocks
+/// Vectors each thread loads before using the first (`UNROLL` in kernels-gpu/src/xent/mod.rs); blocks
 /// are sized so that one such batch per thread covers a chunk.
 pub const UNROLL: usize = 8;
 /// Threads per block, at least one warp. At most 512: the kernels hold 8 vectors per thread in
