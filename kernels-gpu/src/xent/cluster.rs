@@ -2,10 +2,10 @@
 //! its chunk on chip, merged through distributed shared memory.
 
 use super::*;
+use crate::abi::{CLUSTER_KEEP, SMEM_PIECE_MBARRIERS, SMEM_WSUM_SLOTS};
 
 /// Block `b` of the cluster plan handles chunk `b % n_chunks` of row `b / n_chunks` (the chunked
 /// plan's kernels take `chunked::slice_chunk_of`).
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub(super) fn chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
     let block = prim::block_idx() as u64;
@@ -26,7 +26,6 @@ pub(super) fn chunk_of<T: Element>(p: &XentParams) -> (u64, u32, u64, Segment) {
 /// Launch: grid = n_rows * n_chunks with cluster dimension n_chunks (block `b` is chunk
 /// `b % n_chunks` of row `b / n_chunks`), block = a multiple of 32 threads, dynamic shared memory
 /// = `SMEM_STASH_OFFSET + 16 + chunk_len * BYTES`.
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
     // A small call is launched with a programmatic dependency on the kernel before it (the host's
@@ -173,7 +172,7 @@ pub unsafe fn cluster<T: Element, L: Label, M: Mode>(p: &XentParams) {
 /// `--cfg xent_trace` builds: the timeline over the first 32 words of this CTA's chunk of the
 /// gradient (after its own gradient stores, which the cluster barrier before ordered), by thread
 /// 0: ten stamps from registers, five from `trace_mark`'s words (0: not reached), `%smid`, a mark.
-#[cfg(all(xent_cluster, xent_trace))]
+#[cfg(xent_trace)]
 #[inline(always)]
 pub(super) unsafe fn trace_out<T: Element>(trace: &[u64; 10], seg: &Segment) {
     if thread_idx() == 0 {
@@ -201,7 +200,6 @@ pub(super) unsafe fn trace_out<T: Element>(trace: &[u64; 10], seg: &Segment) {
 /// of CTA `i` (`i`, `i + 32`, ...) and the warp combines them. Then it arrives at the cluster
 /// barrier again, done reading the other CTAs' slots: the caller's matching wait keeps this
 /// CTA's slot alive until every CTA of the cluster has read it.
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub(super) unsafe fn cluster_total<M: Mode>(p: &XentParams, chunk: Part, at_barrier: impl FnOnce()) -> Part {
     let slot = prim::smem_base() + crate::abi::SMEM_CLUSTER_SLOT;
@@ -236,7 +234,6 @@ pub(super) unsafe fn cluster_total<M: Mode>(p: &XentParams, chunk: Part, at_barr
 /// reduction scratch, is done and the slots are free), then takes one more arrive and wait, whose
 /// release and acquire order the slot stores before the owner's reads. A CTA's own sum of its
 /// warps' shares stays below the slots (one word a warp).
-#[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32 {
     let (tid, warps) = (thread_idx(), prim::block_dim() / 32);
@@ -274,7 +271,6 @@ unsafe fn gather_wsum(p: &XentParams, share: f32, owner: u32, owns: bool) -> f32
 /// two eighths lost at 4096 x 262144 (70), a half and more lost everywhere (L2 thrashing), and
 /// the plain kernels (at 92%) lost 1-4 points at two eighths, so only the soft cap's kernels
 /// prefetch.
-#[cfg(xent_cluster)]
 const PREFETCH_EIGHTHS: u32 = 1;
 
 /// Bulk copies the soft cap's cluster kernels load their chunk in ([`bulk_load_and_reduce`]).
@@ -287,21 +283,16 @@ const PREFETCH_EIGHTHS: u32 = 1;
 /// 256-thread CTAs share an SM (session 32, soft cap + accuracy 67.5 / 65.5 / 71.2 / 69.0 -> 70.8
 /// / 70.1 / 69.1 / 71.9, all five 51.0 / 48.3 / 54.5 / 51.7 -> 56.2 / 53.2 / 53.2 / 57.2; see
 /// `xtask/src/ptx.rs`'s `TIGHT_CAPS`).
-#[cfg(xent_cluster)]
 const CAP_PIECES: u32 = 2;
 // The pieces after the first have room for their mbarriers at `SMEM_PIECE_MBARRIERS`.
-#[cfg(xent_cluster)]
 const _: () = assert!(CAP_PIECES >= 1 && CAP_PIECES - 1 <= 4);
 
 /// Resident threads an SM (sm_80 to sm_90).
-#[cfg(xent_cluster)]
 const SM_THREADS: u32 = 2048;
 /// Shared memory an SM on the H100 and H200 (228 KiB), of which each resident CTA takes its
 /// dynamic shared memory and [`CTA_RESERVED_SMEM_BYTES`].
-#[cfg(xent_cluster)]
 const SM_SMEM_BYTES: u32 = 228 * 1024;
 /// Shared memory the hardware reserves for each resident CTA (1 KiB on sm_80 to sm_90).
-#[cfg(xent_cluster)]
 const CTA_RESERVED_SMEM_BYTES: u32 = 1024;
 
 /// Brings this CTA's chunk of the row [`PREFETCH_EIGHTHS`] eighths of the resident rows after
@@ -310,7 +301,6 @@ const CTA_RESERVED_SMEM_BYTES: u32 = 1024;
 /// bulk load in L2. The resident rows are estimated from the launch: CTAs an SM by threads and by
 /// shared memory ([`SM_THREADS`], [`SM_SMEM_BYTES`], [`CTA_RESERVED_SMEM_BYTES`]), times
 /// `%nsmid`, over the cluster size.
-#[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn prefetch_ahead<T: Element>(p: &XentParams, seg: &Segment, row: u64) {
     let by_threads = SM_THREADS / prim::block_dim().max(1);
@@ -331,29 +321,24 @@ unsafe fn prefetch_ahead<T: Element>(p: &XentParams, seg: &Segment, row: u64) {
 
 /// Whether the cluster kernel loads its chunk with the sm_90 bulk-copy engine (one instruction,
 /// no registers held) instead of 16-byte loads by every thread.
-#[cfg(xent_cluster)]
 pub(super) const BULK_LOAD: bool = true;
 
 /// Most vectors a thread of the cluster kernel keeps in registers.
-#[cfg(xent_cluster)]
 const KEEP_MAX: usize = CLUSTER_KEEP as usize;
 
 /// What a thread of the cluster kernel holds between its chunk's load and its gradient: up to
 /// `KEEP_MAX` vectors (raw words) and one scalar of the chunk's head or tail.
-#[cfg(xent_cluster)]
 pub(super) struct Kept {
     words: [[u32; 4]; KEEP_MAX],
     scalar: u32,
 }
 
-#[cfg(xent_cluster)]
 impl Kept {
     pub(super) const EMPTY: Kept = Kept { words: [[0; 4]; KEEP_MAX], scalar: 0 };
 }
 
 /// Vectors per thread the cluster kernel keeps in registers in mode `M` (see
 /// `CLUSTER_KEEP`); the host sizes shared memory from the same constant.
-#[cfg(xent_cluster)]
 #[inline(always)]
 fn keep<M: Mode>() -> u32 {
     if M::FULL { 0 } else { CLUSTER_KEEP }
@@ -362,7 +347,6 @@ fn keep<M: Mode>() -> u32 {
 /// The cluster kernel's layout of a chunk: vectors `[0, in_regs)` in registers (vector
 /// `t + k x threads` in thread `t`), vectors `[in_regs, n_vec)` in shared memory from
 /// `smem_base + SMEM_STASH_OFFSET` on, the scalar head and tail in registers.
-#[cfg(xent_cluster)]
 #[inline(always)]
 fn in_regs<M: Mode>(seg: &Segment) -> u32 {
     (keep::<M>() * prim::block_dim()).min(seg.n_vec)
@@ -373,7 +357,6 @@ fn in_regs<M: Mode>(seg: &Segment) -> u32 {
 /// kept in registers and its scalar and adds them up; then the shared-memory part. Returns this
 /// thread's share of the chunk summary and, with `FIXED` (see `add_vector`), the largest
 /// `x²` of its elements (infinity without).
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub(super) unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool>(
     seg: &Segment,
@@ -514,7 +497,6 @@ pub(super) unsafe fn bulk_load_and_reduce<T: Element, M: Mode, const FIXED: bool
 
 /// The gradient of `seg` from what `bulk_load_and_reduce` left: the vectors and scalar this
 /// thread kept, and the shared-memory part, one vector at a time (few registers held).
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub(super) unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
     seg: &Segment,
@@ -586,7 +568,6 @@ pub(super) unsafe fn grad_from_stash<T: Element, M: Mode, const POLY: u8>(
 }
 
 /// [`grad_from_stash`]'s loop over the vectors in shared memory, without the label's term.
-#[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn grad_stashed<T: Element, M: Mode, const POLY: u8>(seg: &Segment, o: &OptParams, c: &Coef, cap_log2e: f32, wsum: &mut f32) {
     let (tid, step) = (thread_idx(), prim::block_dim());

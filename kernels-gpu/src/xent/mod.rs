@@ -17,8 +17,6 @@ use crate::abi::{
 };
 use crate::element::{Element, Label};
 use crate::opts::{self, Coef, Mode, Part, RowCtx};
-#[cfg(xent_cluster)]
-use crate::abi::{CLUSTER_KEEP, SMEM_PIECE_MBARRIERS, SMEM_WSUM_SLOTS};
 use crate::prim::{self, thread_idx};
 use crate::reduce;
 use core::f32::consts::LN_2;

@@ -20,7 +20,6 @@ use super::cluster::trace_out;
 ///
 /// Launch: as [`cluster`]'s, with `self_finish` set, at most `SMALL_KERNEL_ROWS` rows and no
 /// class weights (the plain loss has none).
-#[cfg(xent_cluster)]
 #[inline(always)]
 pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
     type M = opts::Plain;
@@ -131,7 +130,6 @@ pub unsafe fn cluster_small<T: Element, L: Label>(p: &XentParams) {
 /// reads it back from memory (a round trip through L2 at the call's end): the same operations in
 /// the same order, so the same bits (the sum of one row is `loss + 0.0`; without z-loss and token
 /// accuracy, which the plain loss has neither of, their sums are 0).
-#[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
     prim::launch_dependents();
@@ -146,9 +144,7 @@ unsafe fn finish_one_row(p: &XentParams, wrote: bool, loss: f32) {
 }
 
 /// Labels a lane of [`cluster_small`] loads for the call's count (rows `lane` and `lane + 32`).
-#[cfg(xent_cluster)]
 const SMALL_LABELS: usize = 2;
-#[cfg(xent_cluster)]
 const _: () = assert!(SMALL_LABELS * 32 == crate::abi::SMALL_KERNEL_ROWS);
 
 /// [`cluster_small`]'s count of the call's labels, from each lane's labels as loaded (`None` past
@@ -157,7 +153,6 @@ const _: () = assert!(SMALL_LABELS * 32 == crate::abi::SMALL_KERNEL_ROWS);
 /// [`self_count`] does (the block's next barrier publishes them; counts are integers, so any
 /// order gives `count_labels`' sums; no class weights in the plain loss, so their word is 0).
 /// Returns row `row`'s [`Target::code`], from its lane, in every thread.
-#[cfg(xent_cluster)]
 #[inline(always)]
 unsafe fn count_small(p: &XentParams, labels: [Option<i64>; SMALL_LABELS], row: u64) -> u32 {
     let tid = thread_idx();
