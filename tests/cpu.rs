@@ -1778,18 +1778,10 @@ fn split_plan_cuts_rows_into_even_chunks_that_fit_and_groups_what_is_resident() 
                     ((a100.sm_count / n_chunks) as usize).min(rows),
                     "{what}"
                 );
-                // `slots` summaries per CTA and a counter per group; for the split plan then, from
-                // an 8-byte boundary, room for two tagged summaries of four 8-byte words per CTA.
-                let head =
-                    groups as usize * (slots * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1);
-                let tagged = groups as usize * n_chunks as usize * 2 * 8;
+                // `slots` summaries per CTA and a counter per group.
                 assert_eq!(
                     plan::partials_len(rows, &got),
-                    if in_l2 {
-                        head
-                    } else {
-                        head.next_multiple_of(2) + tagged
-                    },
+                    groups as usize * (slots * xent::abi::PARTIAL_WORDS * n_chunks as usize + 1),
                     "{what}"
                 );
             }

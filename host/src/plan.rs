@@ -1047,34 +1047,15 @@ pub fn scale_tiles(vocab: usize) -> usize {
 pub fn partials_len(rows: usize, launch: &LaunchPlan) -> usize {
     match *launch {
         LaunchPlan::Chunked { n_chunks, .. } => PARTIAL_WORDS * rows * n_chunks as usize,
-        // Two summaries per CTA (split_l2: `SPLIT_L2_SLOTS`), then a counter per group; for the
-        // split plan then, from the next 8-byte boundary, two tagged summaries of four 8-byte
-        // words per CTA (`split_tagged_words`).
+        // Two summaries per CTA (split_l2: `SPLIT_L2_SLOTS`), then a counter per group.
         LaunchPlan::Split {
             n_chunks,
             groups,
             in_l2,
             ..
-        } => {
-            let head =
-                (split_slots(in_l2) * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize;
-            if in_l2 {
-                head
-            } else {
-                head.next_multiple_of(2) + split_tagged_words(n_chunks, groups)
-            }
-        }
+        } => (split_slots(in_l2) * PARTIAL_WORDS * n_chunks as usize + 1) * groups as usize,
         _ => 0,
     }
-}
-
-/// `f32` words of the split plan's tagged summaries with options in `partials` (after the
-/// counters, 8-byte aligned): two of four 8-byte words (a value and the row's tag each) per CTA.
-/// Room for `bench/experiments/split-tagged-options.patch`, whose kernels exchange their four-word
-/// summaries as the plain kernels do their two (main's kernels with options use a counter and
-/// leave it unused).
-pub fn split_tagged_words(n_chunks: u32, groups: u32) -> usize {
-    groups as usize * n_chunks as usize * 2 * 8
 }
 
 /// Summary slots a split plan's CTA has in `partials` (before the groups' counters).
