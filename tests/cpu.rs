@@ -2017,7 +2017,7 @@ fn the_cluster_shape_keeps_the_most_row_bytes_resident() {
             vocab,
             dtype,
             limits,
-            plan::CLUSTER_KEEP,
+            plan::KernelTraits::PLAIN,
             None,
             &mut h200_active_clusters,
         );
@@ -2069,7 +2069,7 @@ fn size_5_is_taken_only_when_no_other_size_keeps_as_much_resident() {
             128_256,
             DType::Bf16,
             limits,
-            plan::CLUSTER_KEEP,
+            plan::KernelTraits::PLAIN,
             None,
             &mut |p| answers(p),
         )
@@ -2096,7 +2096,7 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP,
+        plan::KernelTraits::PLAIN,
         None,
         &mut h200_active_clusters,
     );
@@ -2158,7 +2158,7 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP,
+        plan::KernelTraits::PLAIN,
         Some(128),
         &mut |_| None,
     );
@@ -2176,11 +2176,67 @@ fn the_cluster_candidates_are_every_size_with_its_own_and_256_threads() {
         128_256,
         DType::Bf16,
         limits,
-        plan::CLUSTER_KEEP,
+        plan::KernelTraits::PLAIN,
         Some(128),
         &mut |_| None,
     );
     assert_eq!(shape, None, "no answer: the caller falls back");
+}
+
+#[test]
+fn kernels_that_weigh_fewer_threads_add_a_candidate_per_size_where_the_chunk_takes_more() {
+    let limits = DeviceLimits::H100;
+    let cap = plan::KernelTraits {
+        cluster_threads: &[256, 128],
+        ..plan::KernelTraits::PLAIN
+    };
+    let shapes = |rows, vocab, traits, threads| -> Vec<(u32, u32)> {
+        plan::cluster_candidates(
+            rows,
+            vocab,
+            DType::Bf16,
+            limits,
+            traits,
+            threads,
+            &mut |_| None,
+        )
+        .iter()
+        .map(|c| match c.plan {
+            LaunchPlan::Cluster { size, threads, .. } => (size, threads),
+            other => panic!("not a cluster plan: {other:?}"),
+        })
+        .collect()
+    };
+    let plain = shapes(8192, 128_256, plan::KernelTraits::PLAIN, None);
+    let with_128 = shapes(8192, 128_256, cap, None);
+    // Each size's own count and 256 as for the plain kernels, then 128.
+    let mut want = Vec::new();
+    for size in 2..=8 {
+        want.extend(plain.iter().filter(|&&(s, _)| s == size));
+        want.push((size, 128));
+    }
+    assert_eq!(with_128, want);
+    // 32000 classes: from 4 CTAs a row, the chunk's own count is 128 or fewer, and nothing more
+    // is weighed.
+    let small = shapes(8192, 32_000, cap, None);
+    let want = [
+        (1, 512),
+        (1, 256),
+        (1, 128),
+        (2, 256),
+        (2, 128),
+        (3, 192),
+        (3, 128),
+        (4, 128),
+        (5, 128),
+        (6, 96),
+        (7, 96),
+        (8, 64),
+    ];
+    assert_eq!(small, want);
+    // A forced count is still the only one weighed.
+    let forced = shapes(8192, 128_256, cap, Some(384));
+    assert!(forced.iter().all(|&(_, t)| t == 384), "{forced:?}");
 }
 
 #[test]
@@ -2215,7 +2271,7 @@ fn without_an_occupancy_answer_or_with_few_rows_the_cluster_size_falls_back() {
                 vocab,
                 DType::Bf16,
                 limits,
-                plan::CLUSTER_KEEP,
+                plan::KernelTraits::PLAIN,
                 None,
                 &mut h200_active_clusters,
             );

@@ -19,7 +19,7 @@
 //! exact math of the very inputs the reference sees.
 
 use xent::half::{bf16, f16};
-use xent::{DType, Element, Error, Label, Options, Reduction, Shape, cpu};
+use xent::{DType, Element, Error, Label, Options, Reduction, Shape, cpu, plan};
 use xent_tests::{Case, DTYPES, assert_no_failures, run_case_dtype, subnormal_step, unit_roundoff};
 
 // ---------------------------------------------------------------------------------------------
@@ -1270,7 +1270,9 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
 /// kernel's second pass takes the widest of a thread's vectors without a check per element, the
 /// first sums against the fixed reference `cap`) and 50 (above `FIXED_CAP_MAX`: the running
 /// maximum), alone and with smoothing or the z-loss, every dtype and plan, on rows of 3001
-/// classes and, automatic plan, of 50000.
+/// classes, of 50000 (automatic plan) and, with clusters, of Llama 3's 128256 in clusters of 8
+/// CTAs of 128 threads (the automatic plan's shape for the soft cap at 8192 rows of them,
+/// `plan::CLUSTER_CAP_FEW_THREADS`; not under compute-sanitizer).
 #[test]
 fn gpu_softcap_at_training_caps_matches_the_reference() {
     let Some(xent) = xent_tests::gpu() else {
@@ -1284,9 +1286,26 @@ fn gpu_softcap_at_training_caps_matches_the_reference() {
     } else {
         (3001, 3011, 50000)
     };
+    let few_threads = [xent::PlanChoice::Cluster {
+        size: Some(8),
+        threads: Some(plan::CLUSTER_CAP_FEW_THREADS),
+    }];
+    let with_few_threads = xent.limits().max_cluster >= 8 && !xent_tests::sanitizing();
+    // Each shape with the plans it takes.
     let shapes = [
-        Shape::batched(3, 11, vocab).with_row_stride(stride),
-        Shape::flat(9, long),
+        (
+            Shape::batched(3, 11, vocab).with_row_stride(stride),
+            &plans[..],
+        ),
+        (Shape::flat(9, long), &plans[plans.len() - 1..]),
+        (
+            Shape::flat(5, 128_256),
+            if with_few_threads {
+                &few_threads[..]
+            } else {
+                &[]
+            },
+        ),
     ];
     let (mut failures, mut cases) = (Vec::new(), 0);
     for cap in [5.0f32, 15.0, 30.0, 50.0] {
@@ -1296,17 +1315,11 @@ fn gpu_softcap_at_training_caps_matches_the_reference() {
             ("softcap+z", 0.0, 1e-4),
         ];
         for (name, label_smoothing, lse_square_scale) in sets {
-            for (s, shape) in shapes.iter().enumerate() {
-                // The long rows take the automatic plan only.
-                let plans = if s == 0 {
-                    &plans[..]
-                } else {
-                    &plans[plans.len() - 1..]
-                };
+            for &(shape, plans) in &shapes {
                 for plan in plans {
                     for dtype in DTYPES {
                         let case = Case {
-                            shape: *shape,
+                            shape,
                             opts: Options {
                                 reduction: REDUCTIONS[cases % 3],
                                 plan: *plan,

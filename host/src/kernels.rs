@@ -270,10 +270,28 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// [`SPLIT_MAX_THREADS`].
 ///
 /// [`SPLIT_CAP_THREADS`]: crate::plan::SPLIT_CAP_THREADS
+///
+/// The automatic cluster plan (sm_90) weighs [`CLUSTER_FEW_THREADS`] a CTA for every variant and
+/// [`CLUSTER_CAP_FEW_THREADS`] too for the soft cap's kernels in 16 bits (unless
+/// `XENT_CAP_FEW_THREADS=0`, a development hook for A/B runs on the same binaries, read once per
+/// process).
+///
 /// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
 /// [`SPLIT_MAX_THREADS`]: crate::plan::SPLIT_MAX_THREADS
+/// [`CLUSTER_FEW_THREADS`]: crate::plan::CLUSTER_FEW_THREADS
+/// [`CLUSTER_CAP_FEW_THREADS`]: crate::plan::CLUSTER_CAP_FEW_THREADS
 pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
+    use crate::plan::{CLUSTER_CAP_FEW_THREADS, CLUSTER_FEW_THREADS};
+    static CAP_FEW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cap_few =
+        *CAP_FEW.get_or_init(|| std::env::var("XENT_CAP_FEW_THREADS").as_deref() != Ok("0"));
+    let soft_cap = matches!(variant, "cap_" | "capacc_");
     KernelTraits {
+        cluster_threads: if soft_cap && dtype != DType::F32 && cap_few {
+            &[CLUSTER_FEW_THREADS, CLUSTER_CAP_FEW_THREADS]
+        } else {
+            &[CLUSTER_FEW_THREADS]
+        },
         keep: cluster_keep(variant),
         split_automatic: true,
         split_l2: variant.is_empty(),
@@ -499,6 +517,24 @@ mod tests {
         }
         assert_eq!(crate::plan::SPLIT_CAP_THREADS, 512);
         assert_eq!(crate::plan::SPLIT_OPTION_THREADS, 384);
+    }
+
+    /// The automatic cluster plan weighs 256 threads a CTA for every variant, and 128 too for the
+    /// soft cap's 16-bit kernels (the tests do not set `XENT_CAP_FEW_THREADS`).
+    #[test]
+    fn the_soft_caps_16_bit_cluster_kernels_also_weigh_128_threads() {
+        for variant in VARIANTS {
+            for dtype in [DType::Bf16, DType::F16, DType::F32] {
+                let soft_cap = variant == "cap_" || variant == "capacc_";
+                let wanted: &[u32] = if soft_cap && dtype != DType::F32 {
+                    &[256, 128]
+                } else {
+                    &[256]
+                };
+                let traits = kernel_traits(variant, dtype);
+                assert_eq!(traits.cluster_threads, wanted, "{variant:?} {dtype:?}");
+            }
+        }
     }
 
     #[test]

@@ -206,6 +206,10 @@ pub struct KernelTraits {
     /// Threads a CTA of the split plan, at most, when the count is automatic
     /// ([`SPLIT_MAX_THREADS`], [`SPLIT_OPTION_THREADS`] or [`SPLIT_CAP_THREADS`]).
     pub split_threads: u32,
+    /// Threads per CTA the automatic cluster plan weighs besides [`threads_for`] the chunk, each
+    /// where it is fewer: [`CLUSTER_FEW_THREADS`], and for the soft cap's 16-bit kernels also
+    /// [`CLUSTER_CAP_FEW_THREADS`].
+    pub cluster_threads: &'static [u32],
 }
 
 impl KernelTraits {
@@ -215,6 +219,7 @@ impl KernelTraits {
         split_automatic: true,
         split_l2: true,
         split_threads: SPLIT_MAX_THREADS,
+        cluster_threads: &[CLUSTER_FEW_THREADS],
     };
 }
 
@@ -286,7 +291,7 @@ pub fn plan_with(
                 vocab,
                 dtype,
                 limits,
-                keep,
+                traits,
                 threads,
                 active_clusters,
             ) {
@@ -614,6 +619,15 @@ pub const RESIDENCY_SLACK: f64 = 0.07;
 /// 128256 bf16, size 4: 86.7 against 84.6); 768 to 1024 threads lose even at equal occupancy.
 pub const CLUSTER_FEW_THREADS: u32 = 256;
 
+/// Threads per CTA the automatic cluster plan also weighs for the soft cap's 16-bit kernels
+/// (`cap_` and `capacc_`, 64 registers a thread: 4 CTAs of 256 threads an SM by registers, 8 of
+/// 128), so that more, smaller CTAs are resident where a row's chunks of a bigger cluster fit them.
+/// Measured on an H100 (2026-12-05, session 44, sm_90, % of copy, two rounds,
+/// `bench/results/h100-2026-12-05-s44-run*`): 8192 x 128256 bf16, the soft cap at 8 x 128 forced
+/// 95.9 against 90.9 for the automatic 4 x 256 (f16 96.0 / 91.2), with token accuracy 85.7 / 83.3;
+/// all five 73.5 / 73.6; 16384 x 151936 bf16 91.4 / 92.5.
+pub const CLUSTER_CAP_FEW_THREADS: u32 = 128;
+
 /// A cluster launch the automatic plan weighs, with the device's answer to how many of its
 /// clusters run at once (`None`: the device did not say).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -660,29 +674,30 @@ impl ClusterCandidate {
 
 /// The launches [`cluster_shape_by_residency`] chooses from: every cluster size that fits (one
 /// launch per distinct chunk), each with `threads` per CTA if given, else with [`threads_for`]
-/// the chunk and with [`CLUSTER_FEW_THREADS`] (if fewer), and the device's answer for each.
+/// the chunk and with each of the kernels' [`KernelTraits::cluster_threads`] that is fewer, and
+/// the device's answer for each.
 pub fn cluster_candidates(
     rows: usize,
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
-    keep: u32,
+    traits: KernelTraits,
     threads: Option<u32>,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Vec<ClusterCandidate> {
     let mut candidates = Vec::new();
-    let query = (rows, vocab, dtype, limits, keep, threads);
+    let query = (rows, vocab, dtype, limits, traits, threads);
     visit_cluster_candidates(query, active_clusters, &mut |c| candidates.push(c));
     candidates
 }
 
-/// (rows, vocab, dtype, limits, keep, threads): what [`cluster_candidates`] is asked.
-type CandidateQuery = (usize, usize, DType, DeviceLimits, u32, Option<u32>);
+/// (rows, vocab, dtype, limits, traits, threads): what [`cluster_candidates`] is asked.
+type CandidateQuery = (usize, usize, DType, DeviceLimits, KernelTraits, Option<u32>);
 
 /// Calls `visit` with each of [`cluster_candidates`] in turn, allocating nothing (the automatic
 /// plan runs this on every call).
 fn visit_cluster_candidates(
-    (rows, vocab, dtype, limits, keep, threads): CandidateQuery,
+    (rows, vocab, dtype, limits, traits, threads): CandidateQuery,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
     visit: &mut dyn FnMut(ClusterCandidate),
 ) {
@@ -693,17 +708,17 @@ fn visit_cluster_candidates(
             continue;
         }
         let natural = threads_for(chunk_len, dtype);
-        let counts = match threads {
-            Some(t) => [Some(t), None],
-            None => [
-                Some(natural),
-                (natural > CLUSTER_FEW_THREADS).then_some(CLUSTER_FEW_THREADS),
-            ],
+        // A forced count alone, else the chunk's own and each fewer one of the kernels'.
+        let (first, fewer) = match threads {
+            Some(t) => (t, &[][..]),
+            None => (natural, traits.cluster_threads),
         };
-        for t in counts.into_iter().flatten() {
+        let fewer = fewer.iter().copied().filter(|&t| t < natural);
+        for t in std::iter::once(first).chain(fewer) {
             if !valid_cluster_threads(t) {
                 continue;
             }
+            let keep = traits.keep;
             if let Ok(plan) = cluster_launch(rows, vocab, dtype, limits, size, Some(t), keep) {
                 let active_clusters = active_clusters(&plan);
                 visit(ClusterCandidate {
@@ -741,11 +756,11 @@ pub fn cluster_shape_by_residency(
     vocab: usize,
     dtype: DType,
     limits: DeviceLimits,
-    keep: u32,
+    traits: KernelTraits,
     threads: Option<u32>,
     active_clusters: &mut dyn FnMut(&LaunchPlan) -> Option<u32>,
 ) -> Option<(u32, u32)> {
-    let query = (rows, vocab, dtype, limits, keep, threads);
+    let query = (rows, vocab, dtype, limits, traits, threads);
     // First pass: the most mean resident bytes, if the device answered for every launch and
     // every launch has at least a wave of rows. With fewer rows than one full wave of clusters,
     // the grid, not the chip, limits what is in flight (the caller's fallback spreads few rows

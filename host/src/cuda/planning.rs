@@ -9,9 +9,7 @@ use super::CrossEntropy;
 use super::driver::{cluster_attribute, cluster_config};
 use super::launch::split_kind;
 use crate::error::{Error, Result};
-use crate::kernels::{
-    ClusterLaunchKey, Kernel, PLAN_CACHE_MAX, XentKind, cluster_keep, kernel_traits, variant,
-};
+use crate::kernels::{ClusterLaunchKey, Kernel, PLAN_CACHE_MAX, XentKind, kernel_traits, variant};
 use crate::options::{DType, Options, Shape};
 use crate::plan::{self, LaunchPlan};
 
@@ -129,7 +127,7 @@ impl CrossEntropy {
             shape.vocab,
             dtype,
             self.limits,
-            cluster_keep(variant),
+            kernel_traits(variant, dtype),
             threads,
             &mut |launch| self.active_clusters(&mut cache, variant, dtype, launch),
         )
