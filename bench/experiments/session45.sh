@@ -3,7 +3,8 @@
 # carried, e.g. `bash bench/experiments/session45.sh tests capab explain`; the steps run in the order
 # given. `capab` is the A/B of the soft cap's 128-thread candidate (plan::CLUSTER_CAP_FEW_THREADS)
 # against the rule before it (XENT_CAP_FEW_THREADS=0); `explain` lists the launches the automatic
-# plan weighs for the soft cap's kernels, with the driver's answers.
+# plan weighs for the soft cap's kernels, with the driver's answers; `rowsweep` times the per-row
+# options (issue 13's 90% of copy) at 4096 x 262144 in forced shapes beside the automatic one.
 # (Session 44 ran its tagged-options, weights16 and module-split steps on an H100: bench/experiments/README.md.)
 set -u
 f() { grep -E "cases|test result|: ok|FAILED|panicked|failed|error|ERROR|run," | grep -v "^{" | tail -${1:-30}; }
@@ -28,6 +29,9 @@ for mode in "$@"; do
     capsweep)
       XENT_SWEEP_SIZES="4 8 16" XENT_SWEEP_THREADS="128 256" XENT_BENCH_CONFIGS=8192:128256:bf16,4096:262144:bf16,16384:151936:bf16 \
         timeout ${T:-400} bash bundle/run.sh sweep --options softcap 2>&1 | grep -v '^{' | tail -40 ;;
-    *) echo "session45.sh: unknown step $mode (tests cap8 capab explain capsweep)" >&2 ;;
+    rowsweep)
+      XENT_SWEEP_SIZES="4 5 6 7 8" XENT_SWEEP_THREADS="256 384 512" XENT_BENCH_CONFIGS=4096:262144:bf16 \
+        timeout ${T:-300} bash bundle/run.sh sweep --options none,smoothing,z,weight 2>&1 | grep -v '^{' | tail -40 ;;
+    *) echo "session45.sh: unknown step $mode (tests cap8 capab explain capsweep rowsweep)" >&2 ;;
   esac
 done
