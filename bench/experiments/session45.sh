@@ -12,7 +12,7 @@ for mode in "$@"; do
   echo "=== $mode $(date +%T)"
   case $mode in
     tests)
-      XENT_TESTS="gpu options random" timeout ${T:-420} bash bundle/run.sh test 2>&1 | f 60 ;;
+      XENT_TESTS="${TESTS:-gpu options random}" timeout ${T:-420} bash bundle/run.sh test 2>&1 | f 60 ;;
     cap8)
       XENT_AB_ROUNDS=2 XENT_AB_OPTIONS=none,softcap,softcap+accuracy,all \
         XENT_BENCH_CONFIGS=8192:128256:bf16,8192:128256:f16,16384:151936:bf16,4096:262144:bf16 \
