@@ -1271,8 +1271,8 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
 /// first sums against the fixed reference `cap`) and 50 (above `FIXED_CAP_MAX`: the running
 /// maximum), alone and with smoothing or the z-loss, every dtype and plan, on rows of 3001
 /// classes, of 50000 (automatic plan) and, with clusters, of Llama 3's 128256 in clusters of 8
-/// CTAs of 128 threads (the automatic plan's shape for the soft cap at 8192 rows of them,
-/// `plan::CLUSTER_CAP_FEW_THREADS`; not under compute-sanitizer).
+/// CTAs of 128 threads (`plan::CLUSTER_CAP_FEW_THREADS`: the fastest shape for the soft cap at
+/// 8192 rows of them on an H100; not under compute-sanitizer).
 #[test]
 fn gpu_softcap_at_training_caps_matches_the_reference() {
     let Some(xent) = xent_tests::gpu() else {

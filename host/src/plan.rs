@@ -207,8 +207,8 @@ pub struct KernelTraits {
     /// ([`SPLIT_MAX_THREADS`], [`SPLIT_OPTION_THREADS`] or [`SPLIT_CAP_THREADS`]).
     pub split_threads: u32,
     /// Threads per CTA the automatic cluster plan weighs besides [`threads_for`] the chunk, each
-    /// where it is fewer: [`CLUSTER_FEW_THREADS`], and for the soft cap's 16-bit kernels also
-    /// [`CLUSTER_CAP_FEW_THREADS`].
+    /// where it is fewer: [`CLUSTER_FEW_THREADS`] (and, on request, [`CLUSTER_CAP_FEW_THREADS`]
+    /// for the soft cap's 16-bit kernels).
     pub cluster_threads: &'static [u32],
 }
 
@@ -621,7 +621,10 @@ pub const CLUSTER_FEW_THREADS: u32 = 256;
 
 /// Threads per CTA the automatic cluster plan also weighs for the soft cap's 16-bit kernels
 /// (`cap_` and `capacc_`, 64 registers a thread: 4 CTAs of 256 threads an SM by registers, 8 of
-/// 128), so that more, smaller CTAs are resident where a row's chunks of a bigger cluster fit them.
+/// 128) when `XENT_CAP_FEW_THREADS=1`, so that more, smaller CTAs are resident where a row's
+/// chunks of a bigger cluster fit them. Off by default until an A/B of the automatic plan with and
+/// without it on an H200 (`bench/experiments/session45.sh capab explain`): which shapes it would
+/// take depends on the driver's answers, and only forced shapes were timed, on an H100.
 /// Measured on an H100 (2026-12-05, session 44, sm_90, % of copy, two rounds,
 /// `bench/results/h100-2026-12-05-s44-run*`): 8192 x 128256 bf16, the soft cap at 8 x 128 forced
 /// 95.9 against 90.9 for the automatic 4 x 256 (f16 96.0 / 91.2), with token accuracy 85.7 / 83.3;
