@@ -269,25 +269,20 @@ pub(crate) fn cluster_keep(variant: &str) -> u32 {
 /// `wsm_`: capped at 80) run [`SPLIT_OPTION_THREADS`] too since session 41, the plain ones
 /// [`SPLIT_MAX_THREADS`].
 ///
-/// [`SPLIT_CAP_THREADS`]: crate::plan::SPLIT_CAP_THREADS
-///
 /// The automatic cluster plan (sm_90) weighs [`CLUSTER_FEW_THREADS`] a CTA for every variant, and
-/// with `XENT_CAP_FEW_THREADS=1` [`CLUSTER_CAP_FEW_THREADS`] too for the soft cap's kernels in 16
-/// bits (an experiment waiting for its A/B on an H200, on the same binaries: read once per
-/// process).
+/// [`CLUSTER_CAP_FEW_THREADS`] too for the soft cap's kernels in 16 bits where
+/// [`cap_few_threads`] says so.
 ///
+/// [`SPLIT_CAP_THREADS`]: crate::plan::SPLIT_CAP_THREADS
 /// [`SPLIT_OPTION_THREADS`]: crate::plan::SPLIT_OPTION_THREADS
 /// [`SPLIT_MAX_THREADS`]: crate::plan::SPLIT_MAX_THREADS
 /// [`CLUSTER_FEW_THREADS`]: crate::plan::CLUSTER_FEW_THREADS
 /// [`CLUSTER_CAP_FEW_THREADS`]: crate::plan::CLUSTER_CAP_FEW_THREADS
 pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
     use crate::plan::{CLUSTER_CAP_FEW_THREADS, CLUSTER_FEW_THREADS};
-    static CAP_FEW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let cap_few =
-        *CAP_FEW.get_or_init(|| std::env::var("XENT_CAP_FEW_THREADS").as_deref() == Ok("1"));
     let soft_cap = matches!(variant, "cap_" | "capacc_");
     KernelTraits {
-        cluster_threads: if soft_cap && dtype != DType::F32 && cap_few {
+        cluster_threads: if soft_cap && dtype != DType::F32 && cap_few_threads() {
             &[CLUSTER_FEW_THREADS, CLUSTER_CAP_FEW_THREADS]
         } else {
             &[CLUSTER_FEW_THREADS]
@@ -296,7 +291,7 @@ pub(crate) fn kernel_traits(variant: &str, dtype: DType) -> KernelTraits {
         split_automatic: true,
         split_l2: variant.is_empty(),
         split_threads: match variant {
-            "cap_" | "capacc_" if dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
+            _ if soft_cap && dtype == DType::F32 => crate::plan::SPLIT_CAP_THREADS,
             "coef_" | "acc_" | "wsm_" | "cap_" | "capacc_" => crate::plan::SPLIT_OPTION_THREADS,
             _ => crate::plan::SPLIT_MAX_THREADS,
         },
@@ -325,6 +320,14 @@ pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'stati
     } else {
         ""
     }
+}
+
+/// Whether the automatic cluster plan weighs [`crate::plan::CLUSTER_CAP_FEW_THREADS`] for the
+/// soft cap's 16-bit kernels: only with `XENT_CAP_FEW_THREADS=1` (an experiment waiting for its
+/// A/B on an H200, on the same binaries), read once per process.
+fn cap_few_threads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("XENT_CAP_FEW_THREADS").as_deref() == Ok("1"))
 }
 
 /// Which of the soft cap's optional polynomials the cluster kernels may take where they hold:

@@ -710,7 +710,7 @@ fn visit_cluster_candidates(
         if real != size {
             continue;
         }
-        let natural = threads_for(chunk_len, dtype);
+        let (natural, keep) = (threads_for(chunk_len, dtype), traits.keep);
         // A forced count alone, else the chunk's own and each fewer one of the kernels'.
         let (first, fewer) = match threads {
             Some(t) => (t, &[][..]),
@@ -721,7 +721,6 @@ fn visit_cluster_candidates(
             if !valid_cluster_threads(t) {
                 continue;
             }
-            let keep = traits.keep;
             if let Ok(plan) = cluster_launch(rows, vocab, dtype, limits, size, Some(t), keep) {
                 let active_clusters = active_clusters(&plan);
                 visit(ClusterCandidate {
