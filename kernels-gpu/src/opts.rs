@@ -53,6 +53,13 @@ pub trait Mode {
     /// copy, class weights 87.4 -> 88.9 (H200, 8192 x 128256 bf16, two A/B rounds, session 15;
     /// 4096 x 262144 unchanged).
     const SMOOTHING_PATH: bool = false;
+    /// The row's IEEE divisions ([`coef`]'s scales, `1 / cap`, the loss's `ε / V`) computed in
+    /// f64 ([`prim::div_rn_f64`], the same bits): `RowCapAcc`, where ptxas then keeps both of
+    /// the kept vectors in registers (bf16 i32 spills 8 + 4 bytes instead of 24 + 24, i64 24 +
+    /// 24 instead of 36 + 116). The soft cap with token accuracy gained 2.3-4.4 points of copy
+    /// bandwidth and all five 0.0-1.9 (H100, session 46); done in every kernel (session 33) it
+    /// cost the others up to 0.9.
+    const F64_DIVISION: bool = false;
     /// What the cluster kernel takes of the call's scales before its chunk's loads
     /// ([`CallScales`], or `()`: nothing, [`coef`] takes them after the merge).
     type Early: EarlyScales;
@@ -113,6 +120,7 @@ impl Mode for RowCapAcc {
     const ACCURACY: bool = true;
     const CAP: bool = true;
     const WSMOOTH: bool = true;
+    const F64_DIVISION: bool = true;
 }
 
 /// `RowAcc` with label smoothing weighted per class (`*_wsm_*`), without the soft cap: the
@@ -760,6 +768,18 @@ unsafe fn class_weight_sum(p: &XentParams) -> f32 {
     }
 }
 
+/// `a / b`, through f64 in the kernels of [`Mode::F64_DIVISION`] (the same bits).
+#[inline(always)]
+pub(crate) fn div<M: Mode>(a: f32, b: f32) -> f32 {
+    if M::F64_DIVISION { prim::div_rn_f64(a, b) } else { a / b }
+}
+
+/// `1 / a`, through f64 in the kernels of [`Mode::F64_DIVISION`] (the same bits).
+#[inline(always)]
+pub(crate) fn recip<M: Mode>(a: f32) -> f32 {
+    if M::F64_DIVISION { prim::rcp_rn_f64(a) } else { 1.0 / a }
+}
+
 /// The gradient's constants for a row of class `label` whose summary is `row`.
 #[inline(always)]
 pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -> Coef {
@@ -773,18 +793,18 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
         let (n_valid, total_weight) = unsafe { divisors(p) };
-        (p.grad_scale / total_weight, p.grad_scale / n_valid)
+        (div::<M>(p.grad_scale, total_weight), div::<M>(p.grad_scale, n_valid))
     } else {
         (p.grad_scale, p.grad_scale)
     };
     let eps = o.label_smoothing;
     let b = (1.0 - eps) * unsafe { class_weight(o, label) } * ce_scale;
-    let k = eps / p.rows.vocab as f32 * ce_scale;
+    let k = div::<M>(eps, p.rows.vocab as f32) * ce_scale;
     let mut a = if eps != 0.0 { prim::fma(unsafe { class_weight_sum(p) }, k, b) } else { b };
     if o.lse_square_scale != 0.0 {
         a = prim::fma(2.0 * o.lse_square_scale * z_scale, lse2 * LN_2, a);
     }
-    let inv_cap = if M::CAP { 1.0 / o.softcap } else { 0.0 };
+    let inv_cap = if M::CAP { recip::<M>(o.softcap) } else { 0.0 };
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
     let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
     let cap = if M::WSMOOTH { o.softcap } else { 0.0 };
@@ -937,13 +957,13 @@ pub unsafe fn row_loss<M: Mode>(p: &XentParams, row: &Part, label: u32, x_label:
         return lse_minus(row, x_label);
     }
     let o = &p.opts;
-    let y_label = if o.softcap > 0.0 { o.softcap * tanh(x_label * (1.0 / o.softcap)) } else { x_label };
+    let y_label = if o.softcap > 0.0 { o.softcap * tanh(x_label * recip::<M>(o.softcap)) } else { x_label };
     let minus = |y: f32| if M::CAP { lse_minus_wide(row, y) } else { lse_minus(row, y) };
     let eps = o.label_smoothing;
     let mut loss = (1.0 - eps) * unsafe { class_weight(o, label) } * minus(y_label);
     if eps != 0.0 {
         // Σ_j w_j·(lse - y_j) = W·(lse - y_ref) - Σ_j w_j·(y_j - y_ref): both terms small.
-        loss += eps / p.rows.vocab as f32 * (unsafe { class_weight_sum(p) } * minus(y_ref) - row.wsum);
+        loss += div::<M>(eps, p.rows.vocab as f32) * (unsafe { class_weight_sum(p) } * minus(y_ref) - row.wsum);
     }
     if o.lse_square_scale != 0.0 {
         loss += o.lse_square_scale * lse * lse;

@@ -104,6 +104,36 @@ pub fn here(x: f32) -> f32 {
     y
 }
 
+/// `a / b` with the bits of `div.rn.f32`, computed in f64 (`div.rn.f64`, then one rounding to
+/// f32: 53 >= 2 x 24 + 2 bits make the double rounding innocuous). ptxas calls another
+/// subroutine for its slow path, which holds fewer registers across the code around it
+/// ([`Mode::F64_DIVISION`](crate::opts::Mode::F64_DIVISION)). In asm because LLVM folds an f64
+/// division of two widened f32 values back into `div.rn.f32`.
+#[inline(always)]
+pub fn div_rn_f64(a: f32, b: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!(
+            "{{ .reg .f64 %xa, %xb; cvt.f64.f32 %xa, {a}; cvt.f64.f32 %xb, {b}; div.rn.f64 %xa, %xa, %xb; cvt.rn.f32.f64 {y}, %xa; }}",
+            y = out(reg32) y, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack),
+        );
+    }
+    y
+}
+
+/// `1 / a` with the bits of `rcp.rn.f32`, computed in f64 as [`div_rn_f64`] is.
+#[inline(always)]
+pub fn rcp_rn_f64(a: f32) -> f32 {
+    let y: f32;
+    unsafe {
+        asm!(
+            "{{ .reg .f64 %xa; cvt.f64.f32 %xa, {a}; rcp.rn.f64 %xa, %xa; cvt.rn.f32.f64 {y}, %xa; }}",
+            y = out(reg32) y, a = in(reg32) a, options(pure, nomem, nostack),
+        );
+    }
+    y
+}
+
 /// `ex2.approx.ftz.f32`: 2^x (relative error about 2^-22; `ex2(-inf) = +0`).
 #[inline(always)]
 pub fn ex2(x: f32) -> f32 {

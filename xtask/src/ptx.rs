@@ -228,7 +228,8 @@ const TIGHT_CAPS: &[(&str, u32)] = &[
     ("xent_cluster_coef_", 40),
     ("xent_cluster_acc_", 48),
     // The soft cap with token accuracy (and all five options): 64 lets four 256-thread CTAs share
-    // an SM (72 allowed three). In 16 bits that spills 44-152 bytes (`SPILLS_ALLOWED` in ptxas.rs),
+    // an SM (72 allowed three). In 16 bits that spilled 44-152 bytes (12-48 since session 46's f64
+    // divisions, `Mode::F64_DIVISION`; `SPILLS_ALLOWED` in ptxas.rs),
     // and still paid: session 32, with the chunk in two pieces, % of copy at 8192 x 128256, 4096 x
     // 262144, 16384 x 151936 bf16 and 8192 x 128256 f16, 72 -> 64 registers: soft cap + accuracy
     // 67.5 / 65.5 / 71.2 / 69.0 -> 70.8 / 70.1 / 69.1 / 71.9, all five 51.0 / 48.3 / 54.5 / 51.7 ->

@@ -80,16 +80,17 @@ pub fn report(root: &Path) -> Result<()> {
 /// together. Only where a cap that spills was measured faster than one that does not, and the
 /// spills stay out of the loops over a chunk's vectors (`cargo xtask sass KERNEL`).
 ///
-/// `xent_cluster_capacc_` (16-bit): 44-152 bytes at its cap of 64 (`TIGHT_CAPS` in ptx.rs says
+/// `xent_cluster_capacc_` (16-bit): 12-48 bytes at its cap of 64 (`TIGHT_CAPS` in ptx.rs says
 /// what the cap gained). Session 32, its SASS: none in the first pass's or the gradient's
-/// loops; one of the two vectors kept in registers is stored after its load and read back in
-/// each pass, once a row, because the per-row divisions' slow-path calls sit in its live range
-/// (bench/NOTES.md, session 32).
+/// loops; one of the two vectors kept in registers was stored after its load and read back in
+/// each pass, once a row, because the per-row divisions' slow-path calls sat in its live range
+/// (bench/NOTES.md, session 32; 44-152 bytes then). Since session 46 those divisions run in f64
+/// (`Mode::F64_DIVISION`), and both vectors stay in registers.
 ///
 /// `xent_split_wsm_` (16-bit): 64-76 bytes at its cap of 80 (`TIGHT_CAPS`). Session 41, its SASS:
 /// none in the loops over the chunk's vectors (both passes and the next row's copy); 7 loads and 5
 /// stores a row in the row loop.
-const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 160), ("xent_split_wsm_", 80)];
+const SPILLS_ALLOWED: &[(&str, u32)] = &[("xent_cluster_capacc_", 48), ("xent_split_wsm_", 80)];
 
 /// Whether a function spills more than [`SPILLS_ALLOWED`] lets it (nothing, for most).
 fn spills_too_much(row: &FunctionReport) -> bool {

@@ -580,7 +580,7 @@ pub(crate) unsafe fn row_ctx<T: Element, M: Mode>(p: &XentParams, row: u64, labe
     } else {
         0.0
     };
-    let inv_cap = if M::CAP { 1.0 / p.opts.softcap } else { 0.0 };
+    let inv_cap = if M::CAP { opts::recip::<M>(p.opts.softcap) } else { 0.0 };
     RowCtx { col0, label, x_label, y_ref: unsafe { smoothing_ref::<T, M>(p, row, label) }, inv_cap, wsum_later: false }
 }
 
@@ -601,7 +601,7 @@ unsafe fn smoothing_ref<T: Element, M: Mode>(p: &XentParams, row: u64, label: u3
     if !x.is_finite() {
         return 0.0;
     }
-    if (M::FULL || M::CAP) && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * (1.0 / p.opts.softcap)) } else { x }
+    if (M::FULL || M::CAP) && p.opts.softcap > 0.0 { p.opts.softcap * opts::tanh(x * opts::recip::<M>(p.opts.softcap)) } else { x }
 }
 
 #[inline(always)]
