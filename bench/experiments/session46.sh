@@ -7,6 +7,8 @@
 # `capacc_` kernels' divisions in f64 (bench/experiments/capacc-f64.sm_90.entries.ptx.xz:
 # `ptxentries.py f64div` of the committed PTX, only `xent_cluster_capacc_` taken; ptxas spills
 # 8 + 4 bytes instead of 24 + 24 in bf16 i32, 24 + 24 instead of 36 + 116 in bf16 i64), and both.
+# (capab4 was run 1 of session 46, on 4c6394e: its entries file takes that PTX, which run.sh checks.)
+# `capacc-ab` times the committed build against the same PTX with the f32 divisions put back.
 set -u
 here=$(dirname "$0")
 for mode in "$@"; do
@@ -17,6 +19,15 @@ for mode in "$@"; do
       XENT_AB_ROUNDS=${ROUNDS:-2} XENT_AB_OPTIONS=${OPTIONS:-softcap,softcap+accuracy,all} \
         XENT_BENCH_CONFIGS=${CAP_CONFIGS:-8192:128256:bf16,8192:128256:f16,16384:151936:bf16,4096:262144:bf16} \
         timeout ${T:-300} bash bundle/run.sh ab $main $main+XENT_CAP_FEW_THREADS=1 $f64 $f64+XENT_CAP_FEW_THREADS=1 2>&1 |
+        grep -v '^{' | grep -E "^\||error|no file|not the PTX" ;;
+    capacc-ab)
+      # The committed build (e0f2218 on: the `capacc_` divisions in f64) against the same PTX with
+      # 4c6394e's `capacc_` cluster and fused entries (f32 divisions) put back.
+      echo "=== $mode $(date +%T)"
+      main=host/ptx/sm_90.ptx old=bench/experiments/capacc-f32div.sm_90.entries.ptx.xz
+      XENT_AB_ROUNDS=${ROUNDS:-2} XENT_AB_OPTIONS=${OPTIONS:-softcap+accuracy,all} \
+        XENT_BENCH_CONFIGS=${CAP_CONFIGS:-8192:128256:bf16,8192:128256:f16,16384:151936:bf16,4096:262144:bf16,8192:128256:f32,8192:32000:bf16} \
+        timeout ${T:-300} bash bundle/run.sh ab $old $main 2>&1 |
         grep -v '^{' | grep -E "^\||error|no file|not the PTX" ;;
     *) bash "$here/session45.sh" "$mode" ;;
   esac
