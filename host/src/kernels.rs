@@ -323,8 +323,8 @@ pub(crate) fn variant(opts: &Options, weighted: bool, accuracy: bool) -> &'stati
 }
 
 /// Whether the automatic cluster plan weighs [`crate::plan::CLUSTER_CAP_FEW_THREADS`] for the
-/// soft cap's 16-bit kernels: only with `XENT_CAP_FEW_THREADS=1` (an experiment waiting for its
-/// A/B on an H200, on the same binaries), read once per process.
+/// soft cap's 16-bit kernels: only with `XENT_CAP_FEW_THREADS=1` (an experiment hook, measured
+/// slower in session 46: see the constant), read once per process.
 fn cap_few_threads() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("XENT_CAP_FEW_THREADS").as_deref() == Ok("1"))

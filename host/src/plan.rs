@@ -622,13 +622,14 @@ pub const CLUSTER_FEW_THREADS: u32 = 256;
 /// Threads per CTA the automatic cluster plan also weighs for the soft cap's 16-bit kernels
 /// (`cap_` and `capacc_`, 64 registers a thread: 4 CTAs of 256 threads an SM by registers, 8 of
 /// 128) when `XENT_CAP_FEW_THREADS=1`, so that more, smaller CTAs are resident where a row's
-/// chunks of a bigger cluster fit them. Off by default until an A/B of the automatic plan with and
-/// without it on an H200 (`bench/experiments/session45.sh capab explain`): which shapes it would
-/// take depends on the driver's answers, and only forced shapes were timed, on an H100.
-/// Measured on an H100 (2026-12-05, session 44, sm_90, % of copy, two rounds,
+/// chunks of a bigger cluster fit them. Off: measured, it does not pay.
+/// Forced shapes on an H100 (2026-12-05, session 44, sm_90, % of copy, two rounds,
 /// `bench/results/h100-2026-12-05-s44-run*`): 8192 x 128256 bf16, the soft cap at 8 x 128 forced
 /// 95.9 against 90.9 for the automatic 4 x 256 (f16 96.0 / 91.2), with token accuracy 85.7 / 83.3;
-/// all five 73.5 / 73.6; 16384 x 151936 bf16 91.4 / 92.5.
+/// all five 73.5 / 73.6; 16384 x 151936 bf16 91.4 / 92.5. The automatic plan with it (H100,
+/// session 46, `bench/results/h100-2026-12-06-s46-run1-*`): at 8192 x 128256 the residency rule
+/// keeps 4 x 256 (30.3 MiB resident against 8 x 128's 26.2), and at 16384 x 151936 it takes 8 x
+/// 128 on a tie (26.7 MiB), where the soft cap lost 1.8 points and with token accuracy 2.1.
 pub const CLUSTER_CAP_FEW_THREADS: u32 = 128;
 
 /// A cluster launch the automatic plan weighs, with the device's answer to how many of its
