@@ -291,7 +291,7 @@ def test_issue_grid_against_torch_f32(shape, case, dtype):
 
 
 @cuda_only
-def test_torch_compile_runs_it_eagerly_with_the_same_results():
+def test_torch_compile_gives_eager_results_without_dynamo_warnings():
     h, w, b, y, _ = inputs("cuda", bias=True)
 
     def step(h, w, b):
@@ -306,13 +306,70 @@ def test_torch_compile_runs_it_eagerly_with_the_same_results():
             loss = fn(hx, wx, bx)
             loss.backward()
             results.append((loss.detach(), hx.grad, wx.grad, bx.grad))
-    # Dynamo traced the option check before the graph break, and warned of its cache and of the
-    # extension's Options type (until session 27).
+    # Dynamo traced the option check, and warned of its cache and of the extension's Options type
+    # (until session 27).
     dynamo = [str(w.message) for w in caught if "lru_cache" in str(w.message) or "Options" in str(w.message)]
     assert not dynamo, dynamo
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert torch.equal(a, c)
+
+
+COMPILE_CASES = {
+    # The fused pass (mean), its gradients scaled by the upstream in backward.
+    "fused": dict(label_smoothing=0.1, lse_square_scale=1e-3),
+    # Two-phase, class weights, an f32 weight-gradient accumulator, the causal shift.
+    "two_phase": dict(two_phase=True, weighted=True, accum_dtype=torch.float32, causal_shift=True, softcap=20.0),
+    # Per-row losses: two-phase with a per-row upstream.
+    "none": dict(reduction="none", label_smoothing=0.05),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_torch_compile_fullgraph_matches_eager(case):
+    """``linear_cross_entropy`` compiled with ``fullgraph=True`` (a graph break fails: until
+    session 47 the call was one): no graph break, and the loss, z-loss, token accuracy, predicted
+    tokens and the three gradients equal eager's, for upstream gradients 1 and 0.3."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    options = dict(COMPILE_CASES[case])
+    weighted = options.pop("weighted", False)
+    h, w, b, y, cw = inputs("cuda", lead=(3, 29), bias=True, weighted=weighted)
+    kwargs = dict(options, ce_weight=cw, return_z_loss=True, return_token_accuracy=True,
+                  return_predicted_tokens=True)
+
+    def step(h, w, b):
+        out = xt.linear_cross_entropy(h, w, y, b, **kwargs)
+        return out.loss, out.z_loss, out.token_accuracy, out.predicted_tokens
+
+    def leaves():
+        return tuple(t.clone().requires_grad_(True) for t in (h, w, b))
+
+    explanation = torch._dynamo.explain(step)(*leaves())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, fullgraph=True)
+
+    def run(fn, c):
+        hx, wx, bx = leaves()
+        loss, z_loss, accuracy, predicted = fn(hx, wx, bx)
+        (loss.sum() * c).backward()
+        return [t.detach() for t in (loss, z_loss, accuracy, predicted)], (hx.grad, wx.grad, bx.grad)
+
+    for c in (1.0, 0.3):
+        (e_loss, e_z, e_acc, e_pred), e_grads = run(step, c)
+        (c_loss, c_z, c_acc, c_pred), c_grads = run(compiled, c)
+        assert torch.equal(c_loss, e_loss), (case, c)
+        assert torch.equal(c_pred, e_pred)
+        assert int((e_pred >= 0).sum()) > 0
+        # The z-loss and accuracy are torch arithmetic on the stats, which Inductor may fuse.
+        torch.testing.assert_close(c_z, e_z, rtol=1e-6, atol=0.0)
+        torch.testing.assert_close(c_acc, e_acc, rtol=1e-6, atol=0.0)
+        for what, got, want in zip(("grad_hidden", "grad_weight", "grad_bias"), c_grads, e_grads):
+            assert got is not None and got.dtype == want.dtype, what
+            assert float(want.abs().max()) > 0, f"{what}: all zero"
+            assert torch.equal(got, want), f"{case}, upstream {c}: {what} differs"
 
 
 def token_scaled_reference(h, w, b, y, cw, ignore_index=-100, reduction="mean", label_smoothing=0.0,

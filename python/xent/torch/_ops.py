@@ -29,11 +29,16 @@ def option_args(opts) -> tuple:
     )
 
 
-def _options(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, accuracy):
-    return _launch.checked(_launch.Opts(
+def opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap, accuracy):
+    """The options from the operators' scalars (``option_args``' inverse), unchecked."""
+    return _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
         softcap if softcap > 0.0 else None, accuracy,
-    ))
+    )
+
+
+def _options(*option_values):
+    return _launch.checked(opts_of(*option_values))
 
 
 #: Where a forward's outputs lie in its stats buffer (the extension's layout, as plain ints).

@@ -22,8 +22,12 @@ does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or 
 buffer more, exact to f32 accumulation).
 
 CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
-CPU reference). ``torch.compile`` runs this function eagerly (a graph break), as it does
-Liger's.
+CPU reference). Under ``torch.compile`` the passes are the custom operators
+``torch.ops.xent.linear_fused``, ``linear_forward``, ``linear_backward`` and ``linear_scale_grad``
+(with fake implementations), so the graph does not break (``fullgraph=True`` compiles). The
+compiler does not let an operator write into a tensor saved for backward: where the upstream
+gradient must be applied to a fused pass's saved gradients, the compiled backward copies them
+first (one more ``[V, D]`` and ``[N, D]`` buffer while it runs); eager calls scale them in place.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from __future__ import annotations
 import glob
 import os
 import site
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from .. import _xent
 from . import _launch
@@ -135,51 +140,216 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     return grad_h, grad_w, grad_b
 
 
+def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
+    """Multiplies a fused pass's gradient by the upstream gradient in place, on the device (where
+    the factor is exactly 1 the kernel returns without touching it)."""
+    index = upstream.device.index
+    handle = _device(index)
+    rows = grad.shape[0]
+    shape = (1, rows, grad.numel() // rows, grad.numel() // rows)
+    with _launch._on(index):
+        handle.scale_grad(_launch._stream(index), _buffer(grad), _dtype(grad), shape, _buffer(upstream))
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes as PyTorch custom operators (`torch.ops.xent.linear_*`), with fake implementations,
+# so that `torch.compile` traces through `linear_cross_entropy` (no graph break: `fullgraph=True`
+# compiles) and sees what each pass writes. Eager calls go through `_run` directly. A gradient not
+# asked for, and the predicted tokens when not asked for, come back as empty tensors (an
+# operator's outputs are tensors).
+# ---------------------------------------------------------------------------------------------
+
+
+def _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len):
+    return _Call(hidden, weight, target, bias, ce_weight, (batch, seq_len, hidden.shape[1], weight.shape[0]))
+
+
+def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return like.new_empty(0, dtype=dtype) if tensor is None else tensor
+
+
+def _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32):
+    """The gradients a pass returns, as the fake implementations make them."""
+    grad_dtype = torch.float32 if accum_f32 else weight.dtype
+    return (
+        torch.empty_like(hidden) if want_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape, dtype=grad_dtype) if want_weight else hidden.new_empty(0),
+        bias.new_empty(bias.shape, dtype=grad_dtype) if want_bias and bias is not None else hidden.new_empty(0),
+    )
+
+
+@torch.library.custom_op("xent::linear_fused", mutates_args=())
+def _linear_fused_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
+    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
+    want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool, chunk_bytes: int,
+    want_predicted: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused pass: the stats, the gradients asked for (of ``grad_scale * loss``) and the
+    predicted tokens if asked for."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    stats = _stats_buffer(target, return_token_accuracy)
+    predicted = _predicted_buffer(target) if want_predicted else None
+    grads = _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "fused", stats,
+                 chunk_bytes or None, grads=(want_hidden, want_weight, want_bias),
+                 accum_dtype=torch.float32 if accum_f32 else None, predicted=predicted)
+    return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64))
+
+
+@_linear_fused_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
+      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, want_hidden,
+      want_weight, want_bias, accum_f32, chunk_bytes, want_predicted):
+    grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
+    predicted = target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
+    return (_fake_stats(target, return_token_accuracy), *grads, predicted)
+
+
+@torch.library.custom_op("xent::linear_forward", mutates_args=())
+def _linear_forward_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
+    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
+    chunk_bytes: int, want_predicted: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Two-phase forward: the stats (with the per-row statistics backward needs) and the
+    predicted tokens if asked for."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    stats = _stats_buffer(target, return_token_accuracy)
+    predicted = _predicted_buffer(target) if want_predicted else None
+    _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "forward", stats,
+         chunk_bytes or None, predicted=predicted)
+    return stats, _or_empty(predicted, target, torch.int64)
+
+
+@_linear_forward_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
+      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, chunk_bytes,
+      want_predicted):
+    predicted = target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
+    return _fake_stats(target, return_token_accuracy), predicted
+
+
+@torch.library.custom_op("xent::linear_backward", mutates_args=())
+def _linear_backward_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    stats: Tensor, upstream: Tensor, ignore_index: int, reduction: str, grad_scale: float,
+    causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
+    return_token_accuracy: bool, batch: int, seq_len: int, want_hidden: bool, want_weight: bool,
+    want_bias: bool, accum_f32: bool, chunk_bytes: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Two-phase backward: the logits again, chunk by chunk, and the gradients asked for of
+    ``upstream · loss``."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    grads = _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "backward", stats,
+                 chunk_bytes or None, upstream=upstream, grads=(want_hidden, want_weight, want_bias),
+                 accum_dtype=torch.float32 if accum_f32 else None)
+    return tuple(_or_empty(g, hidden) for g in grads)
+
+
+@_linear_backward_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, stats, upstream, ignore_index, reduction, grad_scale,
+      causal_shift, label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len,
+      want_hidden, want_weight, want_bias, accum_f32, chunk_bytes):
+    return _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
+
+
+@torch.library.custom_op("xent::linear_scale_grad", mutates_args=("grad",))
+def _linear_scale_grad_op(grad: Tensor, upstream: Tensor) -> None:
+    """A fused pass's gradient times the upstream gradient, in place."""
+    _scale_grad(grad, upstream)
+
+
+@_linear_scale_grad_op.register_fake
+def _(grad, upstream):
+    return None
+
+
+def _stats_buffer(target, accuracy):
+    return torch.empty(_xent.stats_len(target.numel(), accuracy), dtype=torch.float32, device=target.device)
+
+
+def _fake_stats(target, accuracy):
+    return target.new_empty(_ops.stats_len(target.numel(), accuracy), dtype=torch.float32)
+
+
+def _predicted_buffer(target):
+    """Where the GPU path writes the predicted tokens: ``[rows]`` int64 (-1 where not scored)."""
+    return torch.empty(target.numel(), dtype=torch.int64, device=target.device)
+
+
 class LinearXentFunction(torch.autograd.Function):
     """``apply(hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-    chunk_bytes, predicted)`` -> ``(loss, stats)`` on checked CUDA tensors (see
-    ``linear_cross_entropy``); ``predicted`` (``[rows]`` int64, or None) gets the predicted
-    tokens."""
+    chunk_bytes, want_predicted)`` -> ``(loss, stats, predicted)`` on checked CUDA tensors (see
+    ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the predicted tokens, where
+    ``want_predicted`` (else empty). Under ``torch.compile`` the passes are the custom operators
+    above."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-                chunk_bytes, predicted):
+                chunk_bytes, want_predicted):
         ctx.set_materialize_grads(False)
-        call = _Call(hidden, weight, target, bias, ce_weight, shape)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[3])
-        rows = target.numel()
-        stats = torch.empty(_xent.stats_len(rows, opts.return_token_accuracy), dtype=torch.float32,
-                            device=hidden.device)
         fused = any(want) and not two_phase
-        if fused:
-            grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                         predicted=predicted)
-            ctx.save_for_backward(*grads)
+        accum_f32 = accum_dtype == torch.float32
+        if torch.compiler.is_compiling():
+            values = (*_ops.option_args(opts), shape[0], shape[1])
+            if fused:
+                stats, *grads, predicted = _linear_fused_op(
+                    hidden, weight, target, bias, ce_weight, *values, *want, accum_f32, chunk_bytes or 0,
+                    want_predicted,
+                )
+                ctx.save_for_backward(*(g if w else None for g, w in zip(grads, want)))
+            else:
+                stats, predicted = _linear_forward_op(
+                    hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted
+                )
+                if any(want):
+                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         else:
-            _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted)
-            if any(want):
-                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
+            call = _Call(hidden, weight, target, bias, ce_weight, shape)
+            stats = _stats_buffer(target, opts.return_token_accuracy)
+            predicted = _predicted_buffer(target) if want_predicted else target.new_empty(0, dtype=torch.int64)
+            found = predicted if want_predicted else None
+            if fused:
+                grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
+                             predicted=found)
+                ctx.save_for_backward(*grads)
+            else:
+                _run(call, opts, "forward", stats, chunk_bytes, predicted=found)
+                if any(want):
+                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
-        ctx.mark_non_differentiable(stats)
-        return loss_of(stats, target, opts), stats
+        ctx.mark_non_differentiable(stats, predicted)
+        return loss_of(stats, target, opts), stats, predicted
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        nones = (None,) * 8
+    def backward(ctx, grad_loss, _grad_stats, _grad_predicted):
+        nones = (None,) * 7
         if grad_loss is None or not any(ctx.want):
             return (None, None, None, None) + nones
         upstream = _launch.upstream_of(grad_loss)
+        compiling = torch.compiler.is_compiling()
         if ctx.fused:
             grads = list(ctx.saved_tensors)
-            handle = _device(upstream.device.index)
-            with _launch._on(upstream.device.index):
-                stream = _launch._stream(upstream.device.index)
-                for grad in grads:
-                    if grad is not None:  # scaled on the device where the upstream is not 1
-                        shape = (1, grad.shape[0], grad.numel() // grad.shape[0], grad.numel() // grad.shape[0])
-                        handle.scale_grad(stream, _buffer(grad), _dtype(grad), shape, _buffer(upstream))
+            for grad in grads:
+                if grad is not None:  # scaled on the device where the upstream is not 1
+                    if compiling:
+                        _linear_scale_grad_op(grad, upstream)
+                    else:
+                        _scale_grad(grad, upstream)
+        elif compiling:
+            hidden, weight, target, bias, ce_weight, stats = ctx.saved_tensors
+            values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1])
+            out = _linear_backward_op(hidden, weight, target, bias, ce_weight, stats, upstream, *values, *ctx.want,
+                                      ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0)
+            grads = [g if w else None for g, w in zip(out, ctx.want)]
         else:
             hidden, weight, target, bias, ce_weight, stats = ctx.saved_tensors
             call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
@@ -189,12 +359,7 @@ class LinearXentFunction(torch.autograd.Function):
             if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
                 grads[i] = grads[i].to(ctx.weight_dtype)
         grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, None, grad_b, *nones[:7]
-
-
-# Made once: under torch.compile the call is a graph break (the same function every time, so no
-# recompilation), and runs eagerly.
-_apply = torch.compiler.disable(LinearXentFunction.apply)
+        return grad_h, grad_w, None, grad_b, *nones
 
 
 def _check(hidden, weight, target, bias, ce_weight, causal_shift):
@@ -302,9 +467,9 @@ def linear_cross_entropy(
         softcap, return_token_accuracy,
     )
     if not torch.compiler.is_compiling():
-        # Bad option values raise here, before anything runs. Under torch.compile the call's
-        # forward (run eagerly, `_apply`) checks them: traced, this cached check of an extension
-        # type made Dynamo warn twice.
+        # Bad option values raise here, before anything runs. Under torch.compile the operators
+        # check them when they run: traced, this cached check of an extension type made Dynamo
+        # warn twice.
         _launch.checked(opts)
     if accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(f"accum_dtype must be None, torch.float32 or the weight's dtype, got {accum_dtype}")
@@ -329,22 +494,16 @@ def linear_cross_entropy(
     )
     if two_phase is None or reduction == "none":
         two_phase = two_phase or reduction == "none"
-    predicted = _predicted_buffer(target_c) if return_predicted_tokens else None
-    loss, stats = _apply(
+    loss, stats, predicted = LinearXentFunction.apply(
         hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes,
-        predicted,
+        return_predicted_tokens,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
     return outputs(
         loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, check_labels,
-        None if predicted is None else predicted.view(target.shape),
+        predicted.view(target.shape) if return_predicted_tokens else None,
     )
-
-
-def _predicted_buffer(target):
-    """Where the GPU path writes the predicted tokens: ``[rows]`` int64 (-1 where not scored)."""
-    return torch.empty(target.numel(), dtype=torch.int64, device=target.device)
 
 
 # Rows of hidden states a step of `_label_logits` multiplies (a gathered [rows, D] of the weight
@@ -402,14 +561,11 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         lse = torch.logsumexp(x, dim=-1) if vocab else x.new_zeros(x.shape[0])
         label_x = x.gather(1, index.view(-1, 1)).view(-1) if vocab else lse
     else:
-        if common["return_predicted_tokens"]:
-            predicted = _predicted_buffer(target_c)
-        rows_loss, stats = _apply(
+        rows_loss, stats, predicted = LinearXentFunction.apply(
             hidden, weight_c, target_c, bias_c, ce_weight_c, opts._replace(reduction="none"), shape, True,
-            accum_dtype, chunk_bytes, predicted,
+            accum_dtype, chunk_bytes, common["return_predicted_tokens"],
         )
-        if predicted is not None:
-            predicted = predicted.view(target.shape)
+        predicted = predicted.view(target.shape) if common["return_predicted_tokens"] else None
         rows_loss = rows_loss.view(target.shape)
         rows = target.numel()
         lse = stats[_ops.STATS_ROWS + rows:_ops.STATS_ROWS + 2 * rows].detach()
