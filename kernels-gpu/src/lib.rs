@@ -109,13 +109,13 @@ kernels! {
     xent_fused_coef_f32_i32(XentParams) => xent::fused::<F32, i32, RowConst>;
     xent_fused_acc_f32_i32(XentParams) => xent::fused::<F32, i32, RowAcc>;
     xent_fused_cap_f32_i32(XentParams) => xent::fused::<F32, i32, RowCap>;
-    xent_fused_capacc_f32_i32(XentParams) => xent::fused::<F32, i32, RowCapAcc>;
+    xent_fused_capacc_f32_i32(XentParams) => xent::fused::<F32, i32, RowCapAcc<false>>;
     xent_fused_wsm_f32_i32(XentParams) => xent::fused::<F32, i32, RowWSmooth>;
     xent_fused_opt_f32_i64(XentParams) => xent::fused::<F32, i64, Full>;
     xent_fused_coef_f32_i64(XentParams) => xent::fused::<F32, i64, RowConst>;
     xent_fused_acc_f32_i64(XentParams) => xent::fused::<F32, i64, RowAcc>;
     xent_fused_cap_f32_i64(XentParams) => xent::fused::<F32, i64, RowCap>;
-    xent_fused_capacc_f32_i64(XentParams) => xent::fused::<F32, i64, RowCapAcc>;
+    xent_fused_capacc_f32_i64(XentParams) => xent::fused::<F32, i64, RowCapAcc<false>>;
     xent_fused_wsm_f32_i64(XentParams) => xent::fused::<F32, i64, RowWSmooth>;
     xent_chunk_partial_opt_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, Full>;
     xent_chunk_partial_coef_bf16_i32(XentParams) => xent::chunk_partial::<Bf16, i32, RowConst>;
@@ -253,13 +253,13 @@ kernels! {
     xent_cluster_coef_f32_i32(XentParams) => xent::cluster::<F32, i32, RowConst>;
     xent_cluster_acc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowAcc>;
     xent_cluster_cap_f32_i32(XentParams) => xent::cluster::<F32, i32, RowCap>;
-    xent_cluster_capacc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowCapAcc>;
+    xent_cluster_capacc_f32_i32(XentParams) => xent::cluster::<F32, i32, RowCapAcc<false>>;
     xent_cluster_wsm_f32_i32(XentParams) => xent::cluster::<F32, i32, RowWSmooth>;
     xent_cluster_opt_f32_i64(XentParams) => xent::cluster::<F32, i64, Full>;
     xent_cluster_coef_f32_i64(XentParams) => xent::cluster::<F32, i64, RowConst>;
     xent_cluster_acc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowAcc>;
     xent_cluster_cap_f32_i64(XentParams) => xent::cluster::<F32, i64, RowCap>;
-    xent_cluster_capacc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowCapAcc>;
+    xent_cluster_capacc_f32_i64(XentParams) => xent::cluster::<F32, i64, RowCapAcc<false>>;
     xent_cluster_wsm_f32_i64(XentParams) => xent::cluster::<F32, i64, RowWSmooth>;
 }
 
@@ -298,14 +298,14 @@ kernels! {
     xent_split_coef_f32_i32(XentParams) => split::split::<F32, i32, RowConst>;
     xent_split_acc_f32_i32(XentParams) => split::split::<F32, i32, RowAcc>;
     xent_split_cap_f32_i32(XentParams) => split::split::<F32, i32, RowCap>;
-    xent_split_capacc_f32_i32(XentParams) => split::split::<F32, i32, RowCapAcc>;
+    xent_split_capacc_f32_i32(XentParams) => split::split::<F32, i32, RowCapAcc<false>>;
     xent_split_wsm_f32_i32(XentParams) => split::split::<F32, i32, RowWSmooth>;
     xent_split_opt_f32_i32(XentParams) => split::split::<F32, i32, Full>;
     xent_split_f32_i64(XentParams) => split::split::<F32, i64, Plain>;
     xent_split_coef_f32_i64(XentParams) => split::split::<F32, i64, RowConst>;
     xent_split_acc_f32_i64(XentParams) => split::split::<F32, i64, RowAcc>;
     xent_split_cap_f32_i64(XentParams) => split::split::<F32, i64, RowCap>;
-    xent_split_capacc_f32_i64(XentParams) => split::split::<F32, i64, RowCapAcc>;
+    xent_split_capacc_f32_i64(XentParams) => split::split::<F32, i64, RowCapAcc<false>>;
     xent_split_wsm_f32_i64(XentParams) => split::split::<F32, i64, RowWSmooth>;
     xent_split_opt_f32_i64(XentParams) => split::split::<F32, i64, Full>;
 }

@@ -54,11 +54,13 @@ pub trait Mode {
     /// 4096 x 262144 unchanged).
     const SMOOTHING_PATH: bool = false;
     /// The row's IEEE divisions ([`coef`]'s scales, `1 / cap`, the loss's `ε / V`) computed in
-    /// f64 ([`prim::div_rn_f64`], the same bits): `RowCapAcc`, where ptxas then keeps both of
-    /// the kept vectors in registers (bf16 i32 spills 8 + 4 bytes instead of 24 + 24, i64 24 +
-    /// 24 instead of 36 + 116). The soft cap with token accuracy gained 2.3-4.4 points of copy
-    /// bandwidth and all five 0.0-1.9 (H100, session 46); done in every kernel (session 33) it
-    /// cost the others up to 0.9.
+    /// f64 ([`prim::div_rn_f64`], the same bits): `RowCapAcc` in 16 bits, where ptxas then keeps
+    /// both of the kept vectors in registers (bf16 i32 spills 8 + 4 bytes instead of 24 + 24,
+    /// i64 24 + 24 instead of 36 + 116). The soft cap with token accuracy gained 2.3-4.4 points
+    /// of copy bandwidth and all five 0.0-1.9 on the H100 (session 46); on the H200 (session 47)
+    /// -0.7 to +1.4 and -0.3 to -0.6, and in f32 the f32 divisions were 0.9-1.3 and 0.3-0.5
+    /// points faster (`RowCapAcc<false>`). Done in every kernel (session 33) it cost the others
+    /// up to 0.9.
     const F64_DIVISION: bool = false;
     /// What the cluster kernel takes of the call's scales before its chunk's loads
     /// ([`CallScales`], or `()`: nothing, [`coef`] takes them after the merge).
@@ -112,15 +114,16 @@ impl Mode for RowCap {
 /// it in the `cap_` kernels took them to 72 registers and the soft cap alone from 61.6 to 55.4% of
 /// copy (H200, 8192 x 128256 bf16), where the soft cap with token accuracy in these loops ran at
 /// 52-55% against 23% one vector at a time (`Full`).
-pub struct RowCapAcc;
-impl Mode for RowCapAcc {
+/// `F64_DIV`: [`Mode::F64_DIVISION`] (true in 16 bits, false in f32).
+pub struct RowCapAcc<const F64_DIV: bool = true>;
+impl<const F64_DIV: bool> Mode for RowCapAcc<F64_DIV> {
     type Early = ();
     const OPTS: bool = true;
     const FULL: bool = false;
     const ACCURACY: bool = true;
     const CAP: bool = true;
     const WSMOOTH: bool = true;
-    const F64_DIVISION: bool = true;
+    const F64_DIVISION: bool = F64_DIV;
 }
 
 /// `RowAcc` with label smoothing weighted per class (`*_wsm_*`), without the soft cap: the
