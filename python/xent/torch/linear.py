@@ -151,6 +151,21 @@ def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
         handle.scale_grad(_launch._stream(index), _buffer(grad), _dtype(grad), shape, _buffer(upstream))
 
 
+def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted):
+    """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for); returns
+    the stats, the gradients (None where not computed) and the predicted tokens (None where not
+    asked for). Eager calls and the custom operators below both run it."""
+    stats = _stats_buffer(call.target, opts.return_token_accuracy)
+    predicted = _predicted_buffer(call.target) if want_predicted else None
+    if fused:
+        grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
+                     predicted=predicted)
+    else:
+        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted)
+        grads = (None, None, None)
+    return stats, grads, predicted
+
+
 # ---------------------------------------------------------------------------------------------
 # The passes as PyTorch custom operators (`torch.ops.xent.linear_*`), with fake implementations,
 # so that `torch.compile` traces through `linear_cross_entropy` (no graph break: `fullgraph=True`
@@ -190,11 +205,11 @@ def _linear_fused_op(
     predicted tokens if asked for."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
-    stats = _stats_buffer(target, return_token_accuracy)
-    predicted = _predicted_buffer(target) if want_predicted else None
-    grads = _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "fused", stats,
-                 chunk_bytes or None, grads=(want_hidden, want_weight, want_bias),
-                 accum_dtype=torch.float32 if accum_f32 else None, predicted=predicted)
+    stats, grads, predicted = _forward_pass(
+        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, True,
+        (want_hidden, want_weight, want_bias), torch.float32 if accum_f32 else None, chunk_bytes or None,
+        want_predicted,
+    )
     return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64))
 
 
@@ -203,8 +218,7 @@ def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_sca
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, want_hidden,
       want_weight, want_bias, accum_f32, chunk_bytes, want_predicted):
     grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
-    predicted = target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
-    return (_fake_stats(target, return_token_accuracy), *grads, predicted)
+    return (_fake_stats(target, return_token_accuracy), *grads, _fake_predicted(target, want_predicted))
 
 
 @torch.library.custom_op("xent::linear_forward", mutates_args=())
@@ -218,10 +232,10 @@ def _linear_forward_op(
     predicted tokens if asked for."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
-    stats = _stats_buffer(target, return_token_accuracy)
-    predicted = _predicted_buffer(target) if want_predicted else None
-    _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "forward", stats,
-         chunk_bytes or None, predicted=predicted)
+    stats, _, predicted = _forward_pass(
+        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, False, (False, False, False),
+        None, chunk_bytes or None, want_predicted,
+    )
     return stats, _or_empty(predicted, target, torch.int64)
 
 
@@ -229,8 +243,7 @@ def _linear_forward_op(
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, chunk_bytes,
       want_predicted):
-    predicted = target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
-    return _fake_stats(target, return_token_accuracy), predicted
+    return _fake_stats(target, return_token_accuracy), _fake_predicted(target, want_predicted)
 
 
 @torch.library.custom_op("xent::linear_backward", mutates_args=())
@@ -277,6 +290,10 @@ def _fake_stats(target, accuracy):
     return target.new_empty(_ops.stats_len(target.numel(), accuracy), dtype=torch.float32)
 
 
+def _fake_predicted(target, want_predicted):
+    return target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
+
+
 def _predicted_buffer(target):
     """Where the GPU path writes the predicted tokens: ``[rows]`` int64 (-1 where not scored)."""
     return torch.empty(target.numel(), dtype=torch.int64, device=target.device)
@@ -296,9 +313,9 @@ class LinearXentFunction(torch.autograd.Function):
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[3])
         fused = any(want) and not two_phase
-        accum_f32 = accum_dtype == torch.float32
         if torch.compiler.is_compiling():
             values = (*_ops.option_args(opts), shape[0], shape[1])
+            accum_f32 = accum_dtype == torch.float32
             if fused:
                 stats, *grads, predicted = _linear_fused_op(
                     hidden, weight, target, bias, ce_weight, *values, *want, accum_f32, chunk_bytes or 0,
@@ -313,17 +330,13 @@ class LinearXentFunction(torch.autograd.Function):
                     ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         else:
             call = _Call(hidden, weight, target, bias, ce_weight, shape)
-            stats = _stats_buffer(target, opts.return_token_accuracy)
-            predicted = _predicted_buffer(target) if want_predicted else target.new_empty(0, dtype=torch.int64)
-            found = predicted if want_predicted else None
+            stats, grads, predicted = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
+                                                    want_predicted)
+            predicted = _or_empty(predicted, target, torch.int64)
             if fused:
-                grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                             predicted=found)
                 ctx.save_for_backward(*grads)
-            else:
-                _run(call, opts, "forward", stats, chunk_bytes, predicted=found)
-                if any(want):
-                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
+            elif any(want):
+                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
         ctx.mark_non_differentiable(stats, predicted)
