@@ -1217,6 +1217,55 @@ def test_torch_compile_matches_eager(device, mode, options):
     torch.testing.assert_close(eager_b.to(F64), ref.grad.sum(0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "mode,reduction",
+    # (The fused mode takes a scalar upstream gradient only.)
+    [("fused", "mean"), ("fused", "sum"), ("two_phase", "mean"), ("two_phase", "sum"), ("two_phase", "none")],
+)
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_compile_returns_the_loss_and_an_alias_of_it(device, loss_fn, mode, reduction):
+    """A compiled function returning the loss and a view of it (``loss, loss.detach()``, as a
+    training step returns a value to log): until session 48 AOTAutograd replayed the loss's view
+    of the stats on the loss itself and failed (an IndexError for a scalar, a shape error per
+    row). Both outputs and the gradient equal eager's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    rows, dims, vocab = 24, 16, 301
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[2::7] = -100
+    target = target.to(device)
+    if loss_fn == "cross_entropy":
+        leaves = [torch.randn(rows, vocab, generator=gen)]
+    else:
+        leaves = [torch.randn(rows, dims, generator=gen), torch.randn(vocab, dims, generator=gen) * 0.3]
+    leaves = [t.to(device) for t in leaves]
+    kwargs = dict(reduction=reduction, two_phase=mode == "two_phase")
+
+    def step(*args):
+        loss = getattr(xt, loss_fn)(*args[:1] if loss_fn == "cross_entropy" else args, target, **kwargs)
+        return loss, loss.detach()
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+
+    def run(fn):
+        args = [t.clone().requires_grad_(True) for t in leaves]
+        loss, logged = fn(*args)
+        (loss.sum() * 0.3).backward()
+        return loss.detach(), logged, [a.grad for a in args]
+
+    e_loss, e_logged, e_grads = run(step)
+    c_loss, c_logged, c_grads = run(compiled)
+    assert c_logged.shape == e_logged.shape == (() if reduction != "none" else (rows,))
+    torch.testing.assert_close(c_loss, e_loss, rtol=LOSS_RTOL_F32, atol=0.0)
+    torch.testing.assert_close(c_logged, e_logged, rtol=LOSS_RTOL_F32, atol=0.0)
+    assert torch.equal(c_logged, c_loss)
+    for got, want in zip(c_grads, e_grads):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: device mismatch, CUDA graphs, streams, large cases
 # ---------------------------------------------------------------------------------------------

@@ -35,11 +35,19 @@ from . import _launch, _ops
 
 def loss_of(stats: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
     """The loss in a forward's stats: a scalar, or per row (``target``'s shape) for
-    ``reduction="none"``."""
+    ``reduction="none"``; a view of the stats, or a copy when compiling."""
     if opts.reduction == "none":
         rows = target.numel()
-        return stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
-    return stats[_ops.STATS_LOSS]
+        loss = stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
+    else:
+        loss = stats[_ops.STATS_LOSS]
+    if torch.compiler.is_compiling():
+        # A copy when compiling: AOTAutograd replays the views of an output that aliases
+        # another, and a compiled function returning the loss and a view of it (`loss,
+        # loss.detach()`) would replay the stats' `select` on the 0-dim loss (an IndexError in
+        # torch 2.11). Eager calls keep the view (no launch).
+        loss = loss.clone()
+    return loss
 
 
 def extras_of(stats: torch.Tensor):
