@@ -1266,6 +1266,111 @@ def test_torch_compile_returns_the_loss_and_an_alias_of_it(device, loss_fn, mode
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
+class _LossModel(torch.nn.Module):
+    """A Linear LM head then xent's loss: through ``xt.cross_entropy`` on the head's logits, or
+    ``xt.linear_cross_entropy`` on the hidden states and the head's weight."""
+
+    def __init__(self, loss_fn, dims, vocab, gen, **kwargs):
+        super().__init__()
+        self.loss_fn, self.kwargs = loss_fn, kwargs
+        self.head = torch.nn.Linear(dims, vocab, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(vocab, dims, generator=gen) * 0.2)
+
+    def forward(self, h, target):
+        if self.loss_fn == "cross_entropy":
+            return xt.cross_entropy(self.head(h), target, **self.kwargs)
+        return xt.linear_cross_entropy(h, self.head.weight, target, **self.kwargs)
+
+
+def _train_steps(model, step, batches):
+    """Each batch's loss and the head's weight gradient (copies: a CUDA graph's outputs are
+    overwritten by its next replay)."""
+    out = []
+    for h, target in batches:
+        model.zero_grad(set_to_none=True)
+        loss = step(h, target)
+        (loss.sum() * 0.5).backward()
+        out.append((loss.detach().clone(), model.head.weight.grad.clone()))
+    return out
+
+
+def _batches(device, dims, vocab, row_counts, gen):
+    batches = []
+    for rows in row_counts:
+        h = torch.randn(rows, dims, generator=gen)
+        target = torch.randint(0, vocab, (rows,), generator=gen)
+        target[1::6] = -100
+        batches.append((h.to(device), target.to(device)))
+    return batches
+
+
+COMPILE_MODEL_CASES = {
+    "fused": dict(two_phase=False, label_smoothing=0.1),
+    "two_phase": dict(two_phase=True, lse_square_scale=1e-3, softcap=30.0),
+    "none": dict(reduction="none"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILE_MODEL_CASES))
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_compile_dynamic_rows_compile_once(device, loss_fn, case):
+    """``torch.compile(dynamic=True)`` (batches of varying length, as packing and variable
+    sequence lengths give): the first batch's compiled frames serve every row count after it (the operators' fakes size
+    their outputs in symbolic arithmetic), and every batch's loss and weight gradient equal
+    eager's."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend  # counts frames compiled
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(8)
+    dims, vocab = 32, 517
+    model = _LossModel(loss_fn, dims, vocab, gen, **COMPILE_MODEL_CASES[case]).to(device)
+    batches = _batches(device, dims, vocab, (40, 72, 136, 65), gen)
+    counter = CompileCounterWithBackend("inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    got = _train_steps(model, compiled, batches[:1])
+    first = counter.frame_count
+    got += _train_steps(model, compiled, batches[1:])
+    want = _train_steps(model, model, batches)
+    assert first > 0 and counter.frame_count == first, f"recompiled: {first} frames, then {counter.frame_count}"
+    for (c_loss, c_grad), (e_loss, e_grad) in zip(got, want):
+        assert float(e_grad.abs().max()) > 0
+        torch.testing.assert_close(c_loss, e_loss, rtol=LOSS_RTOL_F32, atol=0.0)
+        torch.testing.assert_close(c_grad, e_grad, rtol=1e-4, atol=1e-5 * float(e_grad.abs().max()))
+
+
+@cuda_only
+@pytest.mark.parametrize("case", list(COMPILE_MODEL_CASES))
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_compile_reduce_overhead_replays_cuda_graphs(loss_fn, case):
+    """``torch.compile(mode="reduce-overhead")``: Inductor records the step's forward and
+    backward as CUDA graphs (nothing in xent's launches may allocate or synchronise during the
+    capture) and replays them; five steps of the same shape on new data, then one of another
+    shape (a second recording), each equal to eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+    dims, vocab = 32, 517
+    model = _LossModel(loss_fn, dims, vocab, gen, **COMPILE_MODEL_CASES[case]).cuda()
+    batches = _batches("cuda", dims, vocab, (96,) * 5 + (48,), gen)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    got = _train_steps(model, compiled, batches)
+    # Recorded (each graph node counts its non-static inputs, the batch's tensors), none skipped
+    # (Inductor runs a graph it cannot capture without CUDA graphs, and says so only in its log).
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0, dict(counters["inductor"])
+    want = _train_steps(model, model, batches)
+    for i, ((c_loss, c_grad), (e_loss, e_grad)) in enumerate(zip(got, want)):
+        assert float(e_grad.abs().max()) > 0
+        torch.testing.assert_close(c_loss, e_loss, rtol=LOSS_RTOL_F32, atol=0.0, msg=f"step {i}")
+        torch.testing.assert_close(c_grad, e_grad, rtol=1e-4, atol=1e-5 * float(e_grad.abs().max()),
+                                   msg=f"step {i}")
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: device mismatch, CUDA graphs, streams, large cases
 # ---------------------------------------------------------------------------------------------
