@@ -210,3 +210,63 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
     finally:
         dist.destroy_process_group()
+
+
+def test_torch_compile_through_a_one_rank_nccl_group():
+    """``torch.compile(fullgraph=True)`` of an LM head and ``vocab_parallel_cross_entropy`` (the
+    steps are the custom operators ``torch.ops.xent.shard_*``, the all-gather a functional
+    collective): no graph break, and the loss, the token accuracy and the head's gradient equal
+    eager's, fused (smoothing, soft cap, token accuracy, upstream 0.5) and two-phase per row (a
+    per-row upstream)."""
+    import torch._dynamo
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this PyTorch")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29518", rank=0, world_size=1)
+    try:
+        vocab, dims, rows = 2000, 64, 96
+        gen = torch.Generator().manual_seed(3)
+        head = torch.nn.Linear(dims, vocab, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(vocab, dims, generator=gen) * 0.3)
+        head = head.cuda()
+        h = torch.randn(rows, dims, generator=gen).cuda()
+        target = torch.randint(0, vocab, (rows,), generator=gen).cuda()
+        target[::7] = -100
+        upstream = (torch.rand(rows, generator=gen) + 0.25).cuda()
+        cases = {
+            "fused": dict(label_smoothing=0.1, softcap=30.0, return_token_accuracy=True),
+            "two_phase": dict(two_phase=True, reduction="none"),
+        }
+        for name, kwargs in cases.items():
+
+            def step(h):
+                out = xt.vocab_parallel_cross_entropy(head(h), target, vocab_start=0, vocab_size=vocab, **kwargs)
+                # Per row: the loss and a detached alias of it, as a step returns a value to log.
+                return (out.loss, out.token_accuracy) if name == "fused" else (out, out.detach())
+
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(step)(h)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+            compiled = torch.compile(step, fullgraph=True)
+
+            def run(fn):
+                head.zero_grad(set_to_none=True)
+                loss, extra = fn(h)
+                (loss * (0.5 if name == "fused" else upstream)).sum().backward()
+                return loss.detach().clone(), extra.detach().clone(), head.weight.grad.clone()
+
+            e_loss, e_extra, e_grad = run(step)
+            c_loss, c_extra, c_grad = run(compiled)
+            assert float(e_grad.abs().max()) > 0, name
+            torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=0.0, msg=name)
+            torch.testing.assert_close(c_extra, e_extra, rtol=1e-6, atol=0.0, msg=name)
+            torch.testing.assert_close(c_grad, e_grad, rtol=1e-4, atol=1e-5 * float(e_grad.abs().max()), msg=name)
+            # And eager against the float64 reference through the same head.
+            kw = {k: v for k, v in kwargs.items() if k not in ("two_phase", "return_token_accuracy")}
+            ref = reference(head(h).detach(), target, **kw)
+            torch.testing.assert_close(e_loss.double().cpu(), ref.loss.reshape(e_loss.shape).cpu(), rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -15,16 +15,24 @@ all-gather, and takes one more read of its shard for it).
 
 ``shard_stats`` and ``shard_loss`` are the two steps apart, for a collective of the caller's own
 (or every rank simulated on one GPU, as the tests do).
+
+Under ``torch.compile`` the steps are the custom operators ``torch.ops.xent.shard_stats``,
+``shard_loss`` / ``shard_loss_fused`` and ``shard_grad`` (with fakes) and the all-gather a
+functional collective, so ``fullgraph=True`` compiles. As for ``xt.cross_entropy``, the compiler
+does not let an operator write into a tensor saved for backward: a compiled backward writes the
+gradient into a copy of the logits (one more ``[..., V_r]`` buffer while it runs).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from torch import Tensor
+
 from .. import _xent
-from . import _launch
+from . import _launch, _ops
 from .function import loss_of
 from .functional import outputs
 
@@ -131,6 +139,118 @@ def shard_grad(logits, target, stats, upstream, *, vocab_start, vocab_size, weig
         )
 
 
+# The steps as PyTorch custom operators, for ``torch.compile`` (eager calls skip them): each
+# takes the options as ``_ops.option_args`` gives them after ``vocab_start, vocab_size, world``.
+
+
+def _step_kw(vocab_start, vocab_size, world, weight, option_values):
+    kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, weight=weight,
+              opts=_ops.opts_of(*option_values))
+    if world is not None:
+        kw["world"] = world
+    return kw
+
+
+@torch.library.custom_op("xent::shard_stats", mutates_args=())
+def _shard_stats_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], predicting: bool, vocab_start: int,
+    vocab_size: int, world: int, ignore_index: int, reduction: str, grad_scale: float,
+    causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
+    return_token_accuracy: bool,
+) -> Tensor:
+    """Step 1: this rank's values for the all-gather."""
+    option_values = (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                     lse_square_scale, softcap, return_token_accuracy)
+    kw = _step_kw(vocab_start, vocab_size, world, weight, option_values)
+    return shard_stats(logits, target, predicted=predicting, **kw)
+
+
+@_shard_stats_op.register_fake
+def _(logits, target, weight, predicting, vocab_start, vocab_size, world, *option_values):
+    # A row's words depend on the shard chunking of the widest shard, not on the rows
+    # (`ShardLayout::words`): ask the extension for one row's, in plain ints.
+    index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    opts = _launch.checked(_ops.opts_of(*option_values))
+    per_row = _xent.shard_words(_launch.device(index), 1, vocab_size, world,
+                                str(logits.dtype).rpartition(".")[2], opts, predicting)
+    return logits.new_empty(target.numel() * per_row, dtype=torch.float32)
+
+
+def _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
+                     option_values, fused):
+    kw = _step_kw(vocab_start, vocab_size, world, weight, option_values)
+    predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=logits.device)
+    stats = shard_loss(logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw)
+    return stats, predicted
+
+
+@torch.library.custom_op("xent::shard_loss", mutates_args=())
+def _shard_loss_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], gathered: Tensor, predicting: bool,
+    vocab_start: int, vocab_size: int, world: int, ignore_index: int, reduction: str,
+    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
+    softcap: float, return_token_accuracy: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Step 3, the logits only read: (stats, predicted tokens or an empty tensor)."""
+    return _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
+                            (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                             lse_square_scale, softcap, return_token_accuracy), fused=False)
+
+
+@torch.library.custom_op("xent::shard_loss_fused", mutates_args=("logits",))
+def _shard_loss_fused_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], gathered: Tensor, predicting: bool,
+    vocab_start: int, vocab_size: int, world: int, ignore_index: int, reduction: str,
+    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
+    softcap: float, return_token_accuracy: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Step 3 with the gradient of ``grad_scale · loss`` written over the logits."""
+    return _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
+                            (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                             lse_square_scale, softcap, return_token_accuracy), fused=True)
+
+
+def _fake_shard_loss(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
+                     ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                     lse_square_scale, softcap, return_token_accuracy):
+    rows = target.numel()
+    stats = logits.new_empty(_ops.stats_len(rows, return_token_accuracy), dtype=torch.float32)
+    return stats, logits.new_empty(rows if predicting else 0, dtype=torch.int64)
+
+
+_shard_loss_op.register_fake(_fake_shard_loss)
+_shard_loss_fused_op.register_fake(_fake_shard_loss)
+
+
+@torch.library.custom_op("xent::shard_grad", mutates_args=())
+def _shard_grad_op(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor, upstream: Tensor,
+    vocab_start: int, vocab_size: int, ignore_index: int, reduction: str, grad_scale: float,
+    causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
+    return_token_accuracy: bool,
+) -> Tensor:
+    """Two-phase step 4 into a new tensor (a copy of the logits the kernel writes over: an
+    operator may not write into its input, a tensor saved for backward)."""
+    option_values = (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                     lse_square_scale, softcap, return_token_accuracy)
+    grad = logits.contiguous().clone()
+    shard_grad(grad, target, stats, upstream, **_step_kw(vocab_start, vocab_size, None, weight, option_values))
+    return grad
+
+
+@_shard_grad_op.register_fake
+def _(logits, target, weight, stats, upstream, *rest):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _all_gather(send, world, group):
+    """Every rank's values in rank order, as the compiler traces it (functional collectives)."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_gather_tensor(send, 0, group if group is not None else dist.group.WORLD)
+
+
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, opts, vocab_start, vocab_size, group, two_phase, predicting):
@@ -138,22 +258,30 @@ class _VocabParallel(torch.autograd.Function):
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
-        kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, world=world, weight=weight, opts=opts)
-        send = shard_stats(logits, target, predicted=predicting, **kw)
-        gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
-        dist.all_gather_into_tensor(gathered, send, group=group)
         fused = ctx.needs_input_grad[0] and not two_phase
-        # Empty when not asked: an autograd Function's outputs are tensors.
-        predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=send.device)
-        stats = shard_loss(
-            logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw
-        )
+        if torch.compiler.is_compiling():
+            args = (vocab_start, vocab_size, world, *_ops.option_args(opts))
+            send = _shard_stats_op(logits, target, weight, predicting, *args)
+            gathered = _all_gather(send, world, group)
+            op = _shard_loss_fused_op if fused else _shard_loss_op
+            stats, predicted = op(logits, target, weight, gathered, predicting, *args)
+        else:
+            kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, world=world, weight=weight, opts=opts)
+            send = shard_stats(logits, target, predicted=predicting, **kw)
+            gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
+            dist.all_gather_into_tensor(gathered, send, group=group)
+            # Empty when not asked: an autograd Function's outputs are tensors.
+            predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=send.device)
+            stats = shard_loss(
+                logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw
+            )
+            if fused:
+                torch.autograd.graph.increment_version(logits)
         if fused:
-            torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(logits.detach())
+            ctx.save_for_backward(logits.detach(), target)
         elif ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits.detach(), target, weight, stats)
-            ctx.kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, opts=opts)
+        ctx.kw = dict(vocab_start=vocab_start, vocab_size=vocab_size, opts=opts)
         ctx.two_phase = two_phase
         ctx.mark_non_differentiable(stats, predicted)
         return loss_of(stats, target, opts), stats, predicted
@@ -163,13 +291,22 @@ class _VocabParallel(torch.autograd.Function):
         nones = (None,) * 8
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) + nones
+        compiling = torch.compiler.is_compiling()
         if ctx.two_phase:
             logits, target, weight, stats = ctx.saved_tensors
+            if compiling:
+                kw = ctx.kw
+                args = (kw["vocab_start"], kw["vocab_size"], *_ops.option_args(kw["opts"]))
+                grad = _shard_grad_op(logits, target, weight, stats, _launch.upstream_of(grad_loss), *args)
+                return (grad,) + nones
             shard_grad(logits, target, stats, grad_loss, weight=weight, **ctx.kw)
             torch.autograd.graph.increment_version(logits)
             return (logits,) + nones
-        (grad,) = ctx.saved_tensors
+        grad, target = ctx.saved_tensors
         upstream = _launch.upstream_of(grad_loss)
+        if compiling:
+            _ops.scale_grad(grad, target, upstream)
+            return (grad,) + nones
         index = grad.device.index
         rows = grad.numel() // grad.shape[-1]
         with _launch._on(index):
@@ -226,7 +363,8 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap,
         return_token_accuracy,
     )
-    _launch.checked(opts)
+    if not torch.compiler.is_compiling():
+        _launch.checked(opts)  # bad option values raise here, before anything runs
     if weight is not None:
         weight = weight.detach().to(torch.float32).contiguous()
     loss, stats, predicted = _VocabParallel.apply(
