@@ -555,3 +555,26 @@ def test_return_predicted_tokens_matches_liger_itself():
     ours = xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True)(w, h, y, b)
     theirs = liger.LigerFusedLinearCrossEntropyLoss(return_predicted_tokens=True)(w, h, y, b)
     assert torch.equal(ours.predicted_tokens.view(-1), theirs.predicted_tokens.view(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", ["mixed", "f32"])
+def test_autocast_casts_input_weight_and_bias_as_f_linear_does(device, dtypes):
+    """Under ``torch.autocast(dtype=torch.bfloat16)``: bf16 hidden states beside an f32 master
+    weight and bias (``mixed``: refused as two dtypes before session 48), or all three f32, give
+    the loss and gradients of the same call on bf16 copies outside autocast (what ``F.linear``
+    would have cast them to), each gradient in its own tensor's dtype."""
+    h, w, b, y, _ = inputs(device, lead=(2, 37), bias=True, dtype=torch.float32)
+    h_dtype = torch.bfloat16 if dtypes == "mixed" else torch.float32
+    leaves = [h.to(h_dtype).requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss = xt.linear_cross_entropy(*leaves[:2], y, leaves[2], label_smoothing=0.1)
+    (loss * 0.5).backward()
+    bf16 = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
+    want = xt.linear_cross_entropy(*bf16[:2], y, bf16[2], label_smoothing=0.1)
+    (want * 0.5).backward()
+    assert torch.equal(loss, want)
+    for got, ref, leaf in zip((t.grad for t in leaves), (t.grad for t in bf16), leaves):
+        assert got.dtype == leaf.dtype
+        assert float(ref.abs().max()) > 0
+        assert torch.equal(got, ref.to(leaf.dtype))

@@ -427,6 +427,22 @@ def _check(hidden, weight, target, bias, ce_weight, causal_shift):
     )
 
 
+def _autocast(input, weight, bias):
+    """Under ``torch.autocast`` for the hidden states' device, the hidden states, weight and bias
+    in autocast's dtype, as ``F.linear`` would take them (floating point other than float64; Liger's
+    and Cut Cross-Entropy's losses do the same): an f32 master weight beside bf16 activations
+    works, and the casts carry each gradient back in its tensor's own dtype. Otherwise as given."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        castable = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if castable and t.dtype != dtype else t
+
+    return cast(input), cast(weight), cast(bias)
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -457,6 +473,10 @@ def linear_cross_entropy(
     means the same; ``ce_weight`` is its ``weight``), differentiable in ``input``, ``weight`` and
     ``bias``.
 
+    - Under ``torch.autocast``, ``input``, ``weight`` and ``bias`` are cast to autocast's dtype
+      first, as ``F.linear`` would cast them (an f32 master weight beside bf16 activations, say;
+      the gradients reach each tensor in its own dtype). Pass ``accum_dtype=torch.float32`` to
+      sum an f32 master weight's gradient over the chunks in f32.
     - ``accum_dtype``: the weight and bias gradients' accumulator (None: the weight's dtype;
       ``torch.float32``: exact to f32, one [V, D] f32 buffer more while it lives).
     - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none (see
@@ -484,6 +504,7 @@ def linear_cross_entropy(
         # check them when they run: traced, this cached check of an extension type made Dynamo
         # warn twice.
         _launch.checked(opts)
+    input, weight, bias = _autocast(input, weight, bias)
     if accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(f"accum_dtype must be None, torch.float32 or the weight's dtype, got {accum_dtype}")
     if chunk_bytes is not None and chunk_bytes < 1:
