@@ -5,10 +5,12 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> loss = xt.cross_entropy(logits, target)            # like torch.nn.functional.cross_entropy
 >>> loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)  # like torch.nn / Liger's module
 >>> loss = xt.linear_cross_entropy(hidden, lm_head.weight, target)  # no [N, V] logits
+>>> model.loss_function = xt.ForCausalLMLoss            # a Transformers model's loss
 """
 
 from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
 from .functional import CrossEntropyOutput, cross_entropy
+from .hf import ForCausalLMLoss
 from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
@@ -18,6 +20,7 @@ __all__ = [
     "CrossEntropyFunction",
     "CrossEntropyLoss",
     "CrossEntropyOutput",
+    "ForCausalLMLoss",
     "FusedLinearCrossEntropyLoss",
     "TritonCausalLMLoss",
     "XentFunction",
