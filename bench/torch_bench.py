@@ -4,8 +4,10 @@
 CUDA events, median of 10 after 3 warm-ups; extra peak memory beyond the logits), so that
 ``table.py`` puts ``xent_torch`` beside ``xent`` (the Rust benchmark) and the peers.
 
-Methods: ``xent_torch`` (the default: fused mode, two-phase for float16) and
-``xent_torch[two_phase]``. Each row also carries ``ms_steady``: ms per call over 10 calls issued
+Methods: ``xent_torch`` (the default: fused mode, two-phase for float16),
+``xent_torch[two_phase]``, and a Transformers model's loss: ``transformers_causal_lm`` (its
+``ForCausalLMLoss`` written out: float32 upcast, shifted labels) against
+``xent_torch[transformers]`` (``xt.ForCausalLMLoss``, the same labels). Each row also carries ``ms_steady``: ms per call over 10 calls issued
 back to back (the host ahead of the GPU, as in training), beside peers.py's single timed call,
 which also counts the host time before the call's first kernel reaches an idle GPU.
 
@@ -70,9 +72,21 @@ def copy_bandwidth_gbps():
     return 2 * (4 << 30) / (best * 1e-3) / 1e9
 
 
+def transformers_causal_lm_loss(x, y):
+    """Transformers' ``ForCausalLMLoss`` (transformers 5.25) written out, ``[N, V]`` taken as one
+    sequence: the logits upcast to float32, the labels padded by one ignored label and shifted
+    left, the mean over the scored rows."""
+    labels = F.pad(y, (0, 1), value=-100)[..., 1:].contiguous()
+    return F.cross_entropy(x.float().view(-1, x.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
 METHODS = {
     "xent_torch": lambda x, y: xt.cross_entropy(x, y).backward(),
     "xent_torch[two_phase]": lambda x, y: xt.cross_entropy(x, y, two_phase=True).backward(),
+    # A Transformers model's loss: its own, and xent's as the model's `loss_function` (the same
+    # shifted labels, two-phase).
+    "transformers_causal_lm": lambda x, y: transformers_causal_lm_loss(x, y).backward(),
+    "xent_torch[transformers]": lambda x, y: xt.ForCausalLMLoss(x, y, x.shape[-1]).backward(),
 }
 
 
