@@ -38,6 +38,7 @@ def transformers_loss(logits, labels, vocab_size, num_items_in_batch=None, ignor
 
 CASES = {
     "mean": dict(),
+    "copy": dict(inplace_backward=False),
     "num_items_tensor": dict(num_items_in_batch="tensor"),
     "num_items_int": dict(num_items_in_batch=41),
     "shift_labels": dict(shift_labels=True),
@@ -58,15 +59,18 @@ def test_matches_transformers_for_causal_lm_loss(device, dtype, case):
     logits = (torch.randn(batch, seq, vocab, generator=gen) * 2).to(dtype).to(device)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     labels[:, :4] = ignore  # a prompt, not scored
+    inplace = kw.pop("inplace_backward", True)
     if kw.get("num_items_in_batch") == "tensor":
         kw["num_items_in_batch"] = torch.tensor(37)
     if kw.get("shift_labels"):
         kw["shift_labels"] = F.pad(labels, (0, 1), value=ignore)[..., 1:].contiguous()
     leaf = logits.clone().requires_grad_()
     before = leaf.detach().clone()
-    loss = xt.ForCausalLMLoss(leaf, labels, vocab, **kw, output_attentions=False)
+    loss = xt.ForCausalLMLoss(leaf, labels, vocab, **kw, inplace_backward=inplace, output_attentions=False)
     assert torch.equal(leaf.detach(), before), "the forward changed the logits"
     (loss * 0.5).backward()
+    if not inplace:
+        assert torch.equal(leaf.detach(), before), "inplace_backward=False changed the logits"
 
     ref_leaf = logits.detach().double().requires_grad_()
     want = transformers_loss(ref_leaf, labels, vocab, **kw)

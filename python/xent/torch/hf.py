@@ -31,14 +31,17 @@ def ForCausalLMLoss(  # noqa: N802  (Transformers' name)
     num_items_in_batch=None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    *,
+    inplace_backward: bool = True,
     **kwargs,
 ) -> torch.Tensor:
     """Transformers' ``ForCausalLMLoss`` on xent's kernels: ``logits`` ``[..., T, V]`` (any float
     dtype xent takes, rows may be strided), ``labels`` ``[..., T]`` (position ``t`` is scored
     against ``labels[..., t + 1]``, the last position against nothing), or ``shift_labels``
     ``[..., T]`` already shifted (scored as they are). ``vocab_size``, when given, must be the
-    logits' last dimension (Transformers views them by it). Other keyword arguments are ignored,
-    as Transformers' own ignores those it does not use."""
+    logits' last dimension (Transformers views them by it). ``inplace_backward=False`` (through
+    ``functools.partial``) writes the gradient into a new tensor instead of over the logits. Other
+    keyword arguments are ignored, as Transformers' own ignores those it does not use."""
     if vocab_size is not None and logits.shape[-1] != vocab_size:
         raise ValueError(f"logits {tuple(logits.shape)} do not end in vocab_size {vocab_size}")
     target = labels if shift_labels is None else shift_labels
@@ -46,7 +49,7 @@ def ForCausalLMLoss(  # noqa: N802  (Transformers' name)
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = cross_entropy(
         logits, target, ignore_index=ignore_index, reduction=reduction,
-        causal_shift=shift_labels is None, two_phase=True,
+        causal_shift=shift_labels is None, two_phase=True, inplace_backward=inplace_backward,
     )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
