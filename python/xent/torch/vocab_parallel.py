@@ -175,50 +175,36 @@ def _(logits, target, weight, predicting, vocab_start, vocab_size, world, *optio
     return logits.new_empty(target.numel() * per_row, dtype=torch.float32)
 
 
-def _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
-                     option_values, fused):
-    kw = _step_kw(vocab_start, vocab_size, world, weight, option_values)
-    predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=logits.device)
-    stats = shard_loss(logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw)
-    return stats, predicted
+def _shard_loss_operator(name: str, fused: bool):
+    """Step 3 as the operator ``xent::{name}``: (stats, predicted tokens or an empty tensor); with
+    ``fused`` the gradient of ``grad_scale · loss`` written over the logits (an operator of its
+    own, as it alone writes into them)."""
+
+    def step(
+        logits: Tensor, target: Tensor, weight: Optional[Tensor], gathered: Tensor, predicting: bool,
+        vocab_start: int, vocab_size: int, world: int, ignore_index: int, reduction: str,
+        grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
+        softcap: float, return_token_accuracy: bool,
+    ) -> Tuple[Tensor, Tensor]:
+        option_values = (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
+                         lse_square_scale, softcap, return_token_accuracy)
+        kw = _step_kw(vocab_start, vocab_size, world, weight, option_values)
+        predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=logits.device)
+        stats = shard_loss(logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw)
+        return stats, predicted
+
+    def fake(logits, target, weight, gathered, predicting, *option_args):
+        rows, accuracy = target.numel(), option_args[-1]
+        stats = logits.new_empty(_ops.stats_len(rows, accuracy), dtype=torch.float32)
+        return stats, logits.new_empty(rows if predicting else 0, dtype=torch.int64)
+
+    op = torch.library.custom_op(f"xent::{name}", step, mutates_args=("logits",) if fused else ())
+    op.register_fake(fake)
+    return op
 
 
-@torch.library.custom_op("xent::shard_loss", mutates_args=())
-def _shard_loss_op(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], gathered: Tensor, predicting: bool,
-    vocab_start: int, vocab_size: int, world: int, ignore_index: int, reduction: str,
-    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
-    softcap: float, return_token_accuracy: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Step 3, the logits only read: (stats, predicted tokens or an empty tensor)."""
-    return _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
-                            (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
-                             lse_square_scale, softcap, return_token_accuracy), fused=False)
-
-
-@torch.library.custom_op("xent::shard_loss_fused", mutates_args=("logits",))
-def _shard_loss_fused_op(
-    logits: Tensor, target: Tensor, weight: Optional[Tensor], gathered: Tensor, predicting: bool,
-    vocab_start: int, vocab_size: int, world: int, ignore_index: int, reduction: str,
-    grad_scale: float, causal_shift: bool, label_smoothing: float, lse_square_scale: float,
-    softcap: float, return_token_accuracy: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Step 3 with the gradient of ``grad_scale · loss`` written over the logits."""
-    return _shard_loss_impl(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
-                            (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
-                             lse_square_scale, softcap, return_token_accuracy), fused=True)
-
-
-def _fake_shard_loss(logits, target, weight, gathered, predicting, vocab_start, vocab_size, world,
-                     ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
-                     lse_square_scale, softcap, return_token_accuracy):
-    rows = target.numel()
-    stats = logits.new_empty(_ops.stats_len(rows, return_token_accuracy), dtype=torch.float32)
-    return stats, logits.new_empty(rows if predicting else 0, dtype=torch.int64)
-
-
-_shard_loss_op.register_fake(_fake_shard_loss)
-_shard_loss_fused_op.register_fake(_fake_shard_loss)
+_shard_loss_op = _shard_loss_operator("shard_loss", fused=False)
+_shard_loss_fused_op = _shard_loss_operator("shard_loss_fused", fused=True)
 
 
 @torch.library.custom_op("xent::shard_grad", mutates_args=())
