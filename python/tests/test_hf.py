@@ -132,3 +132,41 @@ def test_a_transformers_model_trains_with_it_as_its_loss_function(device):
         for name, want in want_grads.items():
             torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
                                        msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_transformers_model_does_not_break_its_graph_at_the_loss(device):
+    """``torch.compile`` of a small ``LlamaForCausalLM`` whose ``loss_function`` is xent's:
+    Dynamo finds no graph break in the whole forward, loss included, and the compiled model's
+    loss and head gradient equal Transformers' own loss in eager."""
+    import torch._dynamo
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device)
+    gen = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 251, (2, 23), generator=gen).to(device)
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    items = torch.tensor(30, device=device)
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(input_ids=input_ids, labels=labels, num_items_in_batch=items).loss
+        loss.backward()
+        return loss.detach(), model.lm_head.weight.grad.clone()
+
+    want_loss, want_grad = run(model)
+    model.loss_function = xt.ForCausalLMLoss
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=input_ids, labels=labels, num_items_in_batch=items)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    got_loss, got_grad = run(torch.compile(model, backend=backend))
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5 * float(want_grad.abs().max()))
