@@ -90,11 +90,9 @@ def test_rejects_logits_of_another_vocabulary_size():
         xt.ForCausalLMLoss(logits, torch.zeros(2, 5, dtype=torch.long), vocab_size=12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_transformers_model_trains_with_it_as_its_loss_function(device):
-    """A small ``LlamaForCausalLM`` (Transformers installed): ``model(input_ids, labels=...)``'s
-    loss and every parameter's gradient with ``model.loss_function = xt.ForCausalLMLoss`` equal
-    those with Transformers' own, with and without ``num_items_in_batch``."""
+def tiny_llama(device, seed):
+    """A one-layer ``LlamaForCausalLM`` of 251 classes (Transformers installed, else the test
+    skips), and a batch of 2 x 23 tokens whose first 5 labels are ignored (a prompt)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -102,10 +100,19 @@ def test_a_transformers_model_trains_with_it_as_its_loss_function(device):
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, 251, (2, 23), generator=gen).to(device)
     labels = input_ids.clone()
     labels[:, :5] = -100
+    return model, input_ids, labels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_transformers_model_trains_with_it_as_its_loss_function(device):
+    """A small ``LlamaForCausalLM`` (Transformers installed): ``model(input_ids, labels=...)``'s
+    loss and every parameter's gradient with ``model.loss_function = xt.ForCausalLMLoss`` equal
+    those with Transformers' own, with and without ``num_items_in_batch``."""
+    model, input_ids, labels = tiny_llama(device, seed=1)
 
     def step(extra):
         model.zero_grad(set_to_none=True)
@@ -141,17 +148,7 @@ def test_a_compiled_transformers_model_does_not_break_its_graph_at_the_loss(devi
     loss and head gradient equal Transformers' own loss in eager."""
     import torch._dynamo
 
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device)
-    gen = torch.Generator().manual_seed(2)
-    input_ids = torch.randint(0, 251, (2, 23), generator=gen).to(device)
-    labels = input_ids.clone()
-    labels[:, :5] = -100
+    model, input_ids, labels = tiny_llama(device, seed=2)
     items = torch.tensor(30, device=device)
 
     def run(fn):

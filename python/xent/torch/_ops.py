@@ -81,13 +81,25 @@ def fused_forward(
                     label_smoothing, lse_square_scale, softcap, return_token_accuracy)
 
 
-def _fake_stats(logits, target, weight, ignore_index, reduction, grad_scale, causal_shift,
-                label_smoothing, lse_square_scale, softcap, return_token_accuracy):
-    return logits.new_empty(stats_len(target.numel(), return_token_accuracy), dtype=torch.float32)
+def fake_stats(target, accuracy: bool) -> Tensor:
+    """A forward's stats as a fake implementation returns them (every operator's, here and in
+    ``linear.py`` and ``vocab_parallel.py``)."""
+    return target.new_empty(stats_len(target.numel(), accuracy), dtype=torch.float32)
 
 
-forward.register_fake(_fake_stats)
-fused_forward.register_fake(_fake_stats)
+def fake_predicted(target, want: bool) -> Tensor:
+    """The predicted tokens as an operator returns them: ``[rows]`` int64, or empty when not asked
+    for (an operator's outputs are tensors)."""
+    return target.new_empty(target.numel() if want else 0, dtype=torch.int64)
+
+
+def _fake_forward(logits, target, weight, ignore_index, reduction, grad_scale, causal_shift,
+                  label_smoothing, lse_square_scale, softcap, return_token_accuracy):
+    return fake_stats(target, return_token_accuracy)
+
+
+forward.register_fake(_fake_forward)
+fused_forward.register_fake(_fake_forward)
 
 
 @torch.library.custom_op("xent::backward", mutates_args=())

@@ -218,7 +218,7 @@ def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_sca
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, want_hidden,
       want_weight, want_bias, accum_f32, chunk_bytes, want_predicted):
     grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
-    return (_fake_stats(target, return_token_accuracy), *grads, _fake_predicted(target, want_predicted))
+    return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted))
 
 
 @torch.library.custom_op("xent::linear_forward", mutates_args=())
@@ -243,7 +243,7 @@ def _linear_forward_op(
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, chunk_bytes,
       want_predicted):
-    return _fake_stats(target, return_token_accuracy), _fake_predicted(target, want_predicted)
+    return _ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted)
 
 
 @torch.library.custom_op("xent::linear_backward", mutates_args=())
@@ -284,14 +284,6 @@ def _(grad, upstream):
 
 def _stats_buffer(target, accuracy):
     return torch.empty(_xent.stats_len(target.numel(), accuracy), dtype=torch.float32, device=target.device)
-
-
-def _fake_stats(target, accuracy):
-    return target.new_empty(_ops.stats_len(target.numel(), accuracy), dtype=torch.float32)
-
-
-def _fake_predicted(target, want_predicted):
-    return target.new_empty(target.numel() if want_predicted else 0, dtype=torch.int64)
 
 
 def _predicted_buffer(target):

@@ -175,6 +175,14 @@ def _(logits, target, weight, predicting, vocab_start, vocab_size, world, *optio
     return logits.new_empty(target.numel() * per_row, dtype=torch.float32)
 
 
+def _loss_step(logits, target, gathered, fused, predicting, kw):
+    """Step 3 as the autograd function runs it, eagerly or as an operator: (stats, the predicted
+    tokens, empty when not asked for)."""
+    predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=logits.device)
+    stats = shard_loss(logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw)
+    return stats, predicted
+
+
 def _shard_loss_operator(name: str, fused: bool):
     """Step 3 as the operator ``xent::{name}``: (stats, predicted tokens or an empty tensor); with
     ``fused`` the gradient of ``grad_scale · loss`` written over the logits (an operator of its
@@ -189,14 +197,10 @@ def _shard_loss_operator(name: str, fused: bool):
         option_values = (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
                          lse_square_scale, softcap, return_token_accuracy)
         kw = _step_kw(vocab_start, vocab_size, world, weight, option_values)
-        predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=logits.device)
-        stats = shard_loss(logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw)
-        return stats, predicted
+        return _loss_step(logits, target, gathered, fused, predicting, kw)
 
     def fake(logits, target, weight, gathered, predicting, *option_args):
-        rows, accuracy = target.numel(), option_args[-1]
-        stats = logits.new_empty(_ops.stats_len(rows, accuracy), dtype=torch.float32)
-        return stats, logits.new_empty(rows if predicting else 0, dtype=torch.int64)
+        return _ops.fake_stats(target, option_args[-1]), _ops.fake_predicted(target, predicting)
 
     op = torch.library.custom_op(f"xent::{name}", step, mutates_args=("logits",) if fused else ())
     op.register_fake(fake)
@@ -218,7 +222,7 @@ def _shard_grad_op(
     operator may not write into its input, a tensor saved for backward)."""
     option_values = (ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
                      lse_square_scale, softcap, return_token_accuracy)
-    grad = logits.contiguous().clone()
+    grad = logits.clone(memory_format=torch.contiguous_format)
     shard_grad(grad, target, stats, upstream, **_step_kw(vocab_start, vocab_size, None, weight, option_values))
     return grad
 
@@ -255,11 +259,7 @@ class _VocabParallel(torch.autograd.Function):
             send = shard_stats(logits, target, predicted=predicting, **kw)
             gathered = torch.empty(world * send.numel(), dtype=torch.float32, device=send.device)
             dist.all_gather_into_tensor(gathered, send, group=group)
-            # Empty when not asked: an autograd Function's outputs are tensors.
-            predicted = torch.empty(target.numel() if predicting else 0, dtype=torch.int64, device=send.device)
-            stats = shard_loss(
-                logits, target, gathered, fused=fused, predicted=predicted if predicting else None, **kw
-            )
+            stats, predicted = _loss_step(logits, target, gathered, fused, predicting, kw)
             if fused:
                 torch.autograd.graph.increment_version(logits)
         if fused:
