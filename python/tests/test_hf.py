@@ -4,6 +4,8 @@ installed, a small ``LlamaForCausalLM`` trained one step with either as its ``lo
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -167,3 +169,212 @@ def test_a_compiled_transformers_model_does_not_break_its_graph_at_the_loss(devi
     got_loss, got_grad = run(torch.compile(model, backend=backend))
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5 * float(want_grad.abs().max()))
+
+
+# Tiny configs of causal LMs `fuse_linear_cross_entropy` is checked on: the plain decoder
+# (Llama), others of the same form, Gemma 2 (its `final_logit_softcapping` taken as xent's
+# `softcap`) and Mixtral (a mixture of experts whose router loss the model adds to the loss).
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", {}),
+    "gemma2_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=16, final_logit_softcapping=3.0)),
+    "mixtral_router_loss": ("MixtralForCausalLM", "MixtralConfig",
+                            dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)),
+}
+
+
+def tiny_model(architecture, device, vocab=251, hidden=32, **extra):
+    """A one-layer causal LM of ``ARCHITECTURES`` in float32, training, its seed fixed."""
+    transformers = pytest.importorskip("transformers")
+    model_name, config_name, config_extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, **config_extra, **extra,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).to(device).train()
+
+
+def model_step(model, **inputs):
+    """One forward and backward: the output, the loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(got, want):
+    (_, got_loss, got_grads), (_, want_loss, want_grads) = got, want
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name, ref in want_grads.items():
+        torch.testing.assert_close(got_grads[name], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
+FUSE_CASES = {
+    "labels": lambda labels, device: dict(labels=labels),
+    "num_items_in_batch": lambda labels, device: dict(labels=labels, num_items_in_batch=torch.tensor(30, device=device)),
+    "shift_labels": lambda labels, device: dict(
+        labels=labels, shift_labels=F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+@pytest.mark.parametrize("case", list(FUSE_CASES))
+def test_fused_model_trains_as_its_own_loss_does(device, architecture, case):
+    """``fuse_linear_cross_entropy(model)``: a training step's loss and every parameter's
+    gradient equal those of the model's own forward and loss; its output holds no logits; and
+    ``remove()`` gives back the model's own forward (its logits again)."""
+    model = tiny_model(architecture, device)
+    gen = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, 251, (2, 23), generator=gen).to(device)
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    inputs = dict(input_ids=input_ids, **FUSE_CASES[case](labels, device))
+    want = model_step(model, **inputs)
+    assert want[0].logits.shape == (2, 23, 251)
+    handle = xt.fuse_linear_cross_entropy(model)
+    got = model_step(model, **inputs)
+    assert got[0].logits is None, "the fused step returned logits"
+    assert_same_step(got, want)
+    if architecture == "mixtral_router_loss":
+        assert got[0].aux_loss is not None
+        torch.testing.assert_close(got[0].aux_loss, want[0].aux_loss)
+    handle.remove()
+    assert model_step(model, **inputs)[0].logits.shape == (2, 23, 251)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_keeps_its_logits_where_it_does_not_train(device):
+    """In eval mode, or without labels, the fused model runs as it was (logits, its own loss);
+    ``in_eval=True`` fuses in eval mode too; positional labels count as labels."""
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(6)).to(device)
+    xt.fuse_linear_cross_entropy(model)
+    assert model(input_ids=input_ids).logits.shape == (2, 9, 251)
+    model.eval()
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert out.logits.shape == (2, 9, 251) and out.loss is not None
+    model.train()
+    fused = model(input_ids, None, None, None, None, input_ids)  # labels sixth, as in the signature
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, out.loss, rtol=1e-5, atol=1e-6)
+    # Trainer passes num_items_in_batch when the forward's signature has **kwargs: it still has.
+    assert "kwargs" in inspect.signature(model.forward).parameters
+
+    other = tiny_model("llama", device)
+    xt.fuse_linear_cross_entropy(other, in_eval=True)
+    other.eval()
+    evaluated = other(input_ids=input_ids, labels=input_ids)
+    assert evaluated.logits is None
+    torch.testing.assert_close(evaluated.loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_passes_options_to_linear_cross_entropy(device):
+    """``options`` reach ``linear_cross_entropy``: label smoothing and the z-loss give the loss of
+    ``xt.ForCausalLMLoss``'s formula with the same options on the model's own logits."""
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 11), generator=torch.Generator().manual_seed(7)).to(device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    want = xt.cross_entropy(logits, input_ids, label_smoothing=0.1, lse_square_scale=1e-3, causal_shift=True)
+    xt.fuse_linear_cross_entropy(model, label_smoothing=0.1, lse_square_scale=1e-3, chunk_bytes=4096)
+    got = model(input_ids=input_ids, labels=input_ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_refuses_what_it_cannot_compute():
+    """Errors, never a wrong loss: options the model's call decides or that change the loss's
+    type, unknown options, a second patch, a model that scales its logits after its head
+    (Cohere), one whose head's output is changed before its loss (a hook here), and one whose
+    forward computes its loss without its ``loss_function``."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model("llama", "cpu")
+    input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
+    for bad in (dict(reduction="sum"), dict(softcap=3.0), dict(return_z_loss=True)):
+        with pytest.raises(TypeError, match="sets or refuses"):
+            xt.fuse_linear_cross_entropy(model, **bad)
+    with pytest.raises(TypeError):
+        xt.fuse_linear_cross_entropy(model, chunk_rows=4)
+    handle = xt.fuse_linear_cross_entropy(model)
+    with pytest.raises(RuntimeError, match="patched already"):
+        xt.fuse_linear_cross_entropy(model)
+
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(RuntimeError, match="changed its logits"):
+        model(input_ids=input_ids, labels=input_ids)
+    hook.remove()
+    assert "forward" not in model.lm_head.__dict__ and "_loss_function" not in model.__dict__
+    assert model(input_ids=input_ids, labels=input_ids).logits is None  # works again
+    handle.remove()
+
+    cohere = transformers.CohereConfig(
+        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, logit_scale=0.5,
+    )
+    with pytest.raises(ValueError, match="logit_scale"):
+        xt.fuse_linear_cross_entropy(transformers.CohereForCausalLM(cohere))
+
+    class InlineLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            return out
+
+    inline = InlineLoss(model.config).train()
+    xt.fuse_linear_cross_entropy(inline)
+    with pytest.raises(RuntimeError, match="did not call its loss_function"):
+        inline(input_ids=input_ids, labels=input_ids)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_fused_model_step_holds_no_logits():
+    """On the GPU, a fused training step's peak memory stays far under the logits it avoids: a
+    model of 32000 classes over 2 x 1024 tokens, whose own step holds float32 logits (262 MB)
+    and their gradient; the fused step with 16 MiB chunks must add under a quarter of that."""
+    model = tiny_model("llama", "cuda", vocab=32000, hidden=64)
+    input_ids = torch.randint(0, 32000, (2, 1024), generator=torch.Generator().manual_seed(9)).cuda()
+
+    def peak(step):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = step()
+        loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, loss.detach()
+
+    own, own_loss = peak(lambda: model(input_ids=input_ids, labels=input_ids).loss)
+    xt.fuse_linear_cross_entropy(model, chunk_bytes=16 << 20)
+    fused, fused_loss = peak(lambda: model(input_ids=input_ids, labels=input_ids).loss)
+    logits_bytes = 2 * 1024 * 32000 * 4
+    assert own >= logits_bytes, (own, logits_bytes)
+    assert fused < logits_bytes / 4, (fused, own)
+    torch.testing.assert_close(fused_loss, own_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fused_model_does_not_break_its_graph(device):
+    """``torch.compile`` of a fused model: no graph break in the forward (patching included), and
+    the compiled step's loss and head gradient equal the model's own in eager."""
+    import torch._dynamo
+
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(10)).to(device)
+    inputs = dict(input_ids=input_ids, labels=input_ids, num_items_in_batch=torch.tensor(30, device=device))
+    _, want_loss, want_grads = model_step(model, **inputs)
+    xt.fuse_linear_cross_entropy(model)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    out, got_loss, _ = model_step(torch.compile(model, backend=backend), **inputs)
+    assert out.logits is None
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    ref = want_grads["lm_head.weight"]
+    torch.testing.assert_close(model.lm_head.weight.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -1266,6 +1266,48 @@ def test_torch_compile_returns_the_loss_and_an_alias_of_it(device, loss_fn, mode
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mode,reduction",
+    [("fused", "mean"), ("fused", "sum"), ("two_phase", "mean"), ("two_phase", "sum"), ("two_phase", "none")],
+)
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "linear_cross_entropy"])
+def test_the_loss_may_be_changed_in_place(device, loss_fn, mode, reduction):
+    """``loss += extra`` and ``loss.mul_(s)`` on the returned loss (Transformers' mixture-of-experts
+    models add their router loss so): until session 49 the loss was a view of the forward's stats,
+    and PyTorch refuses to change a custom Function's view in place. The gradient is the one of
+    the loss changed out of place."""
+    gen = torch.Generator().manual_seed(6)
+    rows, dims, vocab = 24, 16, 301
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[3::5] = -100
+    target = target.to(device)
+    if loss_fn == "cross_entropy":
+        leaves = [torch.randn(rows, vocab, generator=gen)]
+    else:
+        leaves = [torch.randn(rows, dims, generator=gen), torch.randn(vocab, dims, generator=gen) * 0.3]
+    leaves = [t.to(device) for t in leaves]
+    extra = torch.randn((), generator=gen).to(device).requires_grad_(True)
+
+    def run(in_place):
+        args = [t.clone().requires_grad_(True) for t in leaves]
+        loss = getattr(xt, loss_fn)(*args, target, reduction=reduction, two_phase=mode == "two_phase")
+        if in_place:
+            loss += extra
+            loss.mul_(0.7)
+        else:
+            loss = (loss + extra) * 0.7
+        loss.sum().backward()
+        return loss.detach(), [a.grad for a in args]
+
+    want_loss, want_grads = run(False)
+    got_loss, got_grads = run(True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0.0)
+    for got, want in zip(got_grads, want_grads):
+        assert float(want.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))
+
+
 class _LossModel(torch.nn.Module):
     """A Linear LM head then xent's loss: through ``xt.cross_entropy`` on the head's logits, or
     ``xt.linear_cross_entropy`` on the hidden states and the head's weight."""

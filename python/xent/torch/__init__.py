@@ -6,11 +6,12 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)  # like torch.nn / Liger's module
 >>> loss = xt.linear_cross_entropy(hidden, lm_head.weight, target)  # no [N, V] logits
 >>> model.loss_function = xt.ForCausalLMLoss            # a Transformers model's loss
+>>> xt.fuse_linear_cross_entropy(model)                 # ... from its hidden states, no logits
 """
 
 from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
 from .functional import CrossEntropyOutput, cross_entropy
-from .hf import ForCausalLMLoss
+from .hf import FusedHandle, ForCausalLMLoss, fuse_linear_cross_entropy
 from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
@@ -21,10 +22,12 @@ __all__ = [
     "CrossEntropyLoss",
     "CrossEntropyOutput",
     "ForCausalLMLoss",
+    "FusedHandle",
     "FusedLinearCrossEntropyLoss",
     "TritonCausalLMLoss",
     "XentFunction",
     "cross_entropy",
+    "fuse_linear_cross_entropy",
     "linear_cross_entropy",
     "vocab_parallel_cross_entropy",
 ]

@@ -35,18 +35,20 @@ from . import _launch, _ops
 
 def loss_of(stats: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
     """The loss in a forward's stats: a scalar, or per row (``target``'s shape) for
-    ``reduction="none"``; a view of the stats, or a copy when compiling."""
+    ``reduction="none"``; a copy, not a view of the stats.
+
+    A copy because a view of a custom Function's output may not be changed in place: Transformers'
+    mixture-of-experts models add their router loss with ``loss += ...`` (a RuntimeError on a
+    view), and under torch.compile AOTAutograd replays the views of an output that aliases another,
+    so a compiled function returning the loss and a view of it (``loss, loss.detach()``) would
+    replay the stats' ``select`` on the 0-dim loss (an IndexError in torch 2.11). The copy is one
+    small launch (4 bytes, or 4 a row)."""
     if opts.reduction == "none":
         rows = target.numel()
         loss = stats[_ops.STATS_ROWS : _ops.STATS_ROWS + rows].view(target.shape)
     else:
         loss = stats[_ops.STATS_LOSS]
-    if torch.compiler.is_compiling():
-        # A copy when compiling: AOTAutograd replays the views of an output that aliases
-        # another, and a compiled function returning the loss and a view of it (`loss,
-        # loss.detach()`) would replay the stats' `select` on the 0-dim loss (an IndexError in
-        # torch 2.11). Eager calls keep the view (no launch).
-        loss = loss.clone()
+    loss = loss.clone()
     return loss
 
 
@@ -61,7 +63,7 @@ def extras_of(stats: torch.Tensor):
 class XentFunction(torch.autograd.Function):
     """``XentFunction.apply(logits, target, weight, opts, two_phase, inplace_backward)`` (``opts``:
     an ``_launch.Opts``) -> ``(loss, stats)``: the loss (differentiable) and the forward's stats
-    buffer it is a view of (see ``outputs`` for the rest of it)."""
+    buffer it was copied from (see ``outputs`` for the rest of it)."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, opts, two_phase, inplace_backward):

@@ -1,7 +1,9 @@
-"""Hugging Face Transformers: xent's loss as a model's ``loss_function``.
+"""Hugging Face Transformers: xent's loss as a model's ``loss_function``, or its training loss
+from the last hidden states with no logits at all.
 
 >>> model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
 >>> model.loss_function = xt.ForCausalLMLoss      # instead of Transformers' own
+>>> handle = xt.fuse_linear_cross_entropy(model)   # or: no [N, V] logits while training
 
 ``ForCausalLMLoss`` takes the arguments of Transformers' ``ForCausalLMLoss`` (the default loss of
 its ``...ForCausalLM`` models) and gives its loss: each position scored against the next label
@@ -19,9 +21,15 @@ if you need them; PyTorch raises its in-place error if autograd saved them for s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import inspect
+
 import torch
 
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
 
 
 def ForCausalLMLoss(  # noqa: N802  (Transformers' name)
@@ -44,15 +52,177 @@ def ForCausalLMLoss(  # noqa: N802  (Transformers' name)
     keyword arguments are ignored, as Transformers' own ignores those it does not use."""
     if vocab_size is not None and logits.shape[-1] != vocab_size:
         raise ValueError(f"logits {tuple(logits.shape)} do not end in vocab_size {vocab_size}")
-    target = labels if shift_labels is None else shift_labels
-    target = target.to(logits.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = cross_entropy(
-        logits, target, ignore_index=ignore_index, reduction=reduction,
-        causal_shift=shift_labels is None, two_phase=True, inplace_backward=inplace_backward,
+        logits, _target(labels, shift_labels, logits.device), ignore_index=ignore_index,
+        reduction=_reduction(num_items_in_batch), causal_shift=shift_labels is None, two_phase=True,
+        inplace_backward=inplace_backward,
     )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    return _per_item(loss, num_items_in_batch)
+
+
+def _target(labels, shift_labels, device):
+    """The class indices a causal LM loss scores: ``labels`` (to be shifted) or ``shift_labels``."""
+    return (labels if shift_labels is None else shift_labels).to(device)
+
+
+def _reduction(num_items_in_batch):
+    return "sum" if num_items_in_batch is not None else "mean"
+
+
+def _per_item(loss, num_items_in_batch):
+    """Transformers' average over gradient-accumulation steps: the sum over ``num_items_in_batch``."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+# Keyword arguments of `linear_cross_entropy` that `fuse_linear_cross_entropy` sets itself or
+# refuses: the model's call decides the first four, and the return_* ones would change what the
+# model's loss is (a tuple instead of a scalar).
+_FUSE_SETS = ("ignore_index", "reduction", "causal_shift", "softcap")
+_FUSE_REFUSES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens")
+# Config attributes of models that scale their logits after the head (Cohere's `logit_scale`,
+# Granite's `logits_scaling`): the model's forward would multiply a full [B, T, V] tensor.
+_SCALED_LOGITS = ("logit_scale", "logits_scaling")
+
+
+class FusedHandle:
+    """What ``fuse_linear_cross_entropy`` returns: ``remove()`` puts the model's own forward back."""
+
+    def __init__(self, model, forward):
+        self._model, self._forward = model, forward
+
+    def remove(self) -> None:
+        if self._model is not None and self._model.__dict__.get("forward") is self._forward:
+            del self._model.forward
+        self._model = None
+
+
+class _FusedCall:
+    """One fused forward: while active, the head returns a placeholder of the logits' shape (a
+    zero-stride view of one zero, no memory) and keeps its input; the model's ``loss_function``
+    is ``loss`` below, which checks it got that placeholder back untouched and computes the loss
+    with ``linear_cross_entropy`` from the kept hidden states and the head's weight and bias."""
+
+    def __init__(self, model, head, softcap, options):
+        self.model, self.head, self.softcap, self.options = model, head, softcap, options
+        self.hidden = self.placeholder = None
+        self.loss_called = False
+
+    def head_forward(self, hidden):
+        self.hidden = hidden
+        self.placeholder = hidden.new_zeros(()).expand(*hidden.shape[:-1], self.head.out_features)
+        return self.placeholder
+
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+             shift_labels=None, **kwargs):
+        if logits is not self.placeholder:
+            raise RuntimeError(
+                f"{type(self.model).__name__} changed its logits between lm_head and its loss "
+                "(a scale, a cap or another operation xent cannot see), so "
+                "fuse_linear_cross_entropy cannot compute its loss; remove() it and use "
+                "xt.ForCausalLMLoss as its loss_function instead"
+            )
+        self.loss_called = True
+        loss = linear_cross_entropy(
+            self.hidden, self.head.weight, _target(labels, shift_labels, self.hidden.device), self.head.bias,
+            ignore_index=ignore_index, reduction=_reduction(num_items_in_batch),
+            causal_shift=shift_labels is None, softcap=self.softcap, **self.options,
+        )
+        return _per_item(loss, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The head's forward, the model's ``loss_function`` and Gemma's logit cap (taken by
+        ``loss`` as xent's ``softcap`` instead) swapped for the call, and put back after it."""
+        model, config = self.model, self.model.config
+        missing = object()
+        saved_loss = model.__dict__.get("_loss_function", missing)
+        saved_cap = getattr(config, "final_logit_softcapping", None)
+        saved_head = self.head.__dict__.get("forward", missing)
+        self.head.forward = self.head_forward
+        model.loss_function = self.loss
+        if saved_cap is not None:
+            config.final_logit_softcapping = None
+        try:
+            yield
+        finally:
+            if saved_head is missing:
+                del self.head.forward
+            else:
+                self.head.forward = saved_head
+            if saved_loss is missing:
+                del model._loss_function
+            else:
+                model._loss_function = saved_loss
+            if saved_cap is not None:
+                config.final_logit_softcapping = saved_cap
+
+
+def _without_logits(out, placeholder):
+    """The model's output with its placeholder logits taken out (``None``, as Liger's does)."""
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, logits=None)
+    if isinstance(out, tuple):
+        return tuple(None if item is placeholder else item for item in out)
+    return out
+
+
+def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> FusedHandle:
+    """Make a Transformers causal LM compute its loss with ``linear_cross_entropy`` from its last
+    hidden states and its head's weight, so a training step never holds its ``[B, T, V]``
+    logits (Liger's ``apply_liger_kernel_to_*`` with ``fused_linear_cross_entropy``, for any
+    model that ends in ``logits = lm_head(hidden)`` and ``loss_function(logits, labels, ...)``).
+
+    It patches this model object (its ``forward``; the class and other instances are untouched)
+    and returns a handle whose ``remove()`` undoes it. A call fuses when it passes ``labels``
+    and the model is training (or ``in_eval=True``); it then returns ``loss`` as Transformers'
+    own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
+    sum over ``num_items_in_batch``) and ``logits=None``. Other calls (generation, evaluation)
+    run the model as it was. Gemma's ``final_logit_softcapping`` becomes xent's ``softcap``.
+    ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
+    ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
+
+    Refused: a head that is not an ``nn.Linear``, models that scale their logits after the head
+    (Cohere, Granite), and, at the call, a model whose forward changes the logits before its
+    loss or does not call its ``loss_function``: each with an error, never a wrong loss."""
+    for name in _FUSE_SETS + _FUSE_REFUSES:
+        if name in options:
+            raise TypeError(f"fuse_linear_cross_entropy sets or refuses {name!r}: the model's call decides it")
+    inspect.signature(linear_cross_entropy).bind(None, None, None, **options)
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not nn.Linear")
+    config = model.config
+    for name in _SCALED_LOGITS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(model).__name__} scales its logits after lm_head (config.{name}); "
+                "fuse_linear_cross_entropy does not support it: use xt.ForCausalLMLoss as its loss_function"
+            )
+    if "forward" in model.__dict__:
+        raise RuntimeError(f"{type(model).__name__}'s forward is patched already (remove() the handle first)")
+    original = model.forward
+    labels_of = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        labels = kwargs.get("labels")
+        if labels is None and args:
+            labels = labels_of.bind_partial(*args, **kwargs).arguments.get("labels")
+        if labels is None or not (model.training or in_eval):
+            return original(*args, **kwargs)
+        call = _FusedCall(model, head, getattr(model.config, "final_logit_softcapping", None), options)
+        with call.active():
+            out = original(*args, **kwargs)
+        if not call.loss_called:
+            raise RuntimeError(
+                f"{type(model).__name__}'s forward did not call its loss_function, so "
+                "fuse_linear_cross_entropy cannot compute its loss"
+            )
+        return _without_logits(out, call.placeholder)
+
+    model.forward = forward
+    return FusedHandle(model, forward)

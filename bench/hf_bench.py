@@ -1,0 +1,107 @@
+"""A Transformers model's training step with each loss: a ``LlamaForCausalLM`` of Llama 3 8B's
+layer and head shapes (D = 4096, V = 128256; ``--layers`` decoder layers, 1 by default, so the
+head and loss are a large share of the step), bf16, ``--batch`` x ``--seq`` tokens, forward and
+backward of the whole model. Methods, each on the same model and tokens:
+
+- ``transformers``: the model's own ``ForCausalLMLoss`` (float32 copy of the logits);
+- ``xent_loss_function``: ``model.loss_function = xt.ForCausalLMLoss`` (the logits as the
+  model makes them, their gradient written over them);
+- ``xent_fused``: ``xt.fuse_linear_cross_entropy(model)`` (no logits: the loss from the last
+  hidden states and the head's weight, chunk by chunk);
+- ``liger_flce``: Liger's ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with
+  its other kernels off (it patches the class, so it runs last); a row with ``error`` if that
+  Liger does not fit this Transformers.
+
+Each row: ``ms_median`` of 10 steps after 3 (CUDA events), ``extra_peak_MiB`` (peak memory of a
+step above the model, its gradients and the tokens), ``loss`` (the same for every method, to the
+GEMMs' rounding). Usage: python3 hf_bench.py [--layers 1] [--batch 2] [--seq 4096]
+"""
+
+import argparse
+import json
+import statistics
+import traceback
+
+import torch
+
+import xent.torch as xt
+
+
+def timed(step, iters=10, warmup=3):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=4096)
+    args = parser.parse_args()
+
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max(8192, args.seq),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).train()
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).cuda()
+    labels = input_ids.clone()
+    labels[:, :16] = -100
+    base = dict(n=args.batch * args.seq, d=config.hidden_size, v=config.vocab_size, layers=args.layers,
+                dtype="bf16", transformers=transformers.__version__, gpu=torch.cuda.get_device_name())
+
+    def step():
+        model.zero_grad(set_to_none=False)  # the gradients' buffers stay: they are not the loss's
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        return loss
+
+    def measure(method):
+        loss = step()  # the gradients' buffers exist from here on
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        ms, ms_min = timed(step)
+        row = dict(method=method, **base, ms_median=round(ms, 3), ms_min=round(ms_min, 3),
+                   extra_peak_MiB=round(extra / 2**20), loss=round(float(loss), 6))
+        print(json.dumps(row), flush=True)
+
+    measure("transformers")
+    model.loss_function = xt.ForCausalLMLoss
+    measure("xent_loss_function")
+    del model._loss_function
+    handle = xt.fuse_linear_cross_entropy(model)
+    measure("xent_fused")
+    handle.remove()
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=True,
+                                    rms_norm=False, swiglu=False)
+        measure("liger_flce")
+    except Exception as error:  # noqa: BLE001 (a peer that does not fit this Transformers)
+        print(json.dumps(dict(method="liger_flce", **base, error=f"{type(error).__name__}: {error}")))
+        traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
