@@ -82,7 +82,7 @@ def main():
         extra = torch.cuda.max_memory_allocated() - before
         ms, ms_min = timed(step)
         row = dict(method=method, **base, ms_median=round(ms, 3), ms_min=round(ms_min, 3),
-                   extra_peak_MiB=round(extra / 2**20), loss=round(float(loss), 6))
+                   extra_peak_MiB=round(extra / 2**20), loss=round(float(loss.detach()), 6))
         print(json.dumps(row), flush=True)
 
     measure("transformers")
