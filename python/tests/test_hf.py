@@ -288,7 +288,7 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
 
 def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
-    type, unknown options, a second patch, a model that scales its logits after its head
+    type, unknown options, a module that is not a Transformers model, a second patch, a model that scales its logits after its head
     (Cohere), one whose head's output is changed before its loss (a hook here), and one whose
     forward computes its loss without its ``loss_function``."""
     transformers = pytest.importorskip("transformers")
@@ -299,6 +299,8 @@ def test_fuse_refuses_what_it_cannot_compute():
             xt.fuse_linear_cross_entropy(model, **bad)
     with pytest.raises(TypeError):
         xt.fuse_linear_cross_entropy(model, chunk_rows=4)
+    with pytest.raises(TypeError, match="not a Transformers model"):
+        xt.fuse_linear_cross_entropy(torch.nn.Linear(2, 3))
     handle = xt.fuse_linear_cross_entropy(model)
     with pytest.raises(RuntimeError, match="patched already"):
         xt.fuse_linear_cross_entropy(model)
@@ -378,3 +380,80 @@ def test_compiled_fused_model_does_not_break_its_graph(device):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     ref = want_grads["lm_head.weight"]
     torch.testing.assert_close(model.lm_head.weight.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_fused_model_under_ddp_and_fsdp(device, wrapper):
+    """A fused model wrapped by ``DistributedDataParallel``, or sharded by FSDP2's ``fully_shard``
+    (each decoder layer and the root), in a one-rank group (gloo on the CPU, NCCL on CUDA): the
+    loss and the head's gradient equal the model's own, unwrapped."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(11)).to(device)
+    _, want_loss, want_grads = model_step(model, input_ids=input_ids, labels=input_ids)
+    model.zero_grad(set_to_none=True)
+    port = 29531 + (wrapper == "fsdp2") + 2 * (device == "cuda")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        xt.fuse_linear_cross_entropy(model)
+        if wrapper == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        out = wrapped(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        assert out.logits is None
+        torch.testing.assert_close(out.loss.detach(), want_loss, rtol=1e-5, atol=1e-6)
+        grad = model.lm_head.weight.grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        ref = want_grads["lm_head.weight"]
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_with_gradient_checkpointing(device):
+    """Transformers' gradient checkpointing (the decoder layers recomputed in backward) beside
+    the fused loss: the loss and every gradient equal the checkpointed model's own."""
+    model = tiny_model("llama", device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(12)).to(device)
+    want = model_step(model, input_ids=input_ids, labels=input_ids)
+    xt.fuse_linear_cross_entropy(model)
+    got = model_step(model, input_ids=input_ids, labels=input_ids)
+    assert got[0].logits is None
+    assert_same_step(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_peft_model_trains_as_its_own_loss_does(device):
+    """A PEFT model (LoRA on the attention's projections; ``peft`` installed, else the test
+    skips): ``fuse_linear_cross_entropy`` patches its base model, and the loss and the adapters'
+    gradients equal the PEFT model's own."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_model("llama", device), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ).train()
+    torch.manual_seed(13)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at the start: the adapters' A would get no gradient
+            torch.nn.init.normal_(param)
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(13)).to(device)
+    want = model_step(model, input_ids=input_ids, labels=input_ids)
+    handle = xt.fuse_linear_cross_entropy(model)
+    got = model_step(model, input_ids=input_ids, labels=input_ids)
+    assert got[0].logits is None
+    assert len(got[2]) == 4, sorted(got[2])  # the adapters' A and B only
+    assert_same_step(got, want)
+    handle.remove()
+    assert model_step(model, input_ids=input_ids, labels=input_ids)[0].logits is not None

@@ -176,8 +176,8 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     logits (Liger's ``apply_liger_kernel_to_*`` with ``fused_linear_cross_entropy``, for any
     model that ends in ``logits = lm_head(hidden)`` and ``loss_function(logits, labels, ...)``).
 
-    It patches this model object (its ``forward``; the class and other instances are untouched)
-    and returns a handle whose ``remove()`` undoes it. A call fuses when it passes ``labels``
+    It patches this model object (its ``forward``; the class and other instances are untouched;
+    for a PEFT model, its base model) and returns a handle whose ``remove()`` undoes it. A call fuses when it passes ``labels``
     and the model is training (or ``in_eval=True``); it then returns ``loss`` as Transformers'
     own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
     sum over ``num_items_in_batch``) and ``logits=None``. Other calls (generation, evaluation)
@@ -192,6 +192,14 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
         if name in options:
             raise TypeError(f"fuse_linear_cross_entropy sets or refuses {name!r}: the model's call decides it")
     inspect.signature(linear_cross_entropy).bind(None, None, None, **options)
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()  # PEFT's wrapper: its forward calls the base model's
+    settable = getattr(type(model), "loss_function", None)
+    if not isinstance(settable, property) or settable.fset is None:
+        raise TypeError(
+            f"{type(model).__name__} is not a Transformers model whose loss_function can be set "
+            "(transformers 4.49 or later)"
+        )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not nn.Linear")
