@@ -457,3 +457,29 @@ def test_fused_peft_model_trains_as_its_own_loss_does(device):
     assert_same_step(got, want)
     handle.remove()
     assert model_step(model, input_ids=input_ids, labels=input_ids)[0].logits is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_vision_language_model_caps_its_logits_as_its_forward_does(device):
+    """A vision-language model (a tiny ``Gemma3ForConditionalGeneration``, text tokens only) whose
+    text config holds a ``final_logit_softcapping``: the fused loss and gradients equal the
+    model's own, capped or not as its forward does it (transformers 5.25's forward leaves the
+    logits uncapped; a soft cap taken from the config alone would change the loss)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Gemma3Config(
+        text_config=dict(vocab_size=262, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                         final_logit_softcapping=3.0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=261, boi_token_index=259, eoi_token_index=260,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).to(device).train()
+    input_ids = torch.randint(0, 250, (2, 23), generator=torch.Generator().manual_seed(14)).to(device)
+    want = model_step(model, input_ids=input_ids, labels=input_ids)
+    xt.fuse_linear_cross_entropy(model)
+    got = model_step(model, input_ids=input_ids, labels=input_ids)
+    assert got[0].logits is None
+    assert_same_step(got, want)
+    assert model.config.get_text_config().final_logit_softcapping == 3.0

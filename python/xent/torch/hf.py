@@ -137,14 +137,16 @@ class _FusedCall:
     def active(self):
         """The head's forward, the model's ``loss_function`` and Gemma's logit cap (taken by
         ``loss`` as xent's ``softcap`` instead) swapped for the call, and put back after it."""
-        model, config = self.model, self.model.config
+        model = self.model
         missing = object()
         saved_loss = model.__dict__.get("_loss_function", missing)
-        saved_cap = getattr(config, "final_logit_softcapping", None)
+        capped = [c for c in _configs(model.config) if getattr(c, "final_logit_softcapping", None) is not None]
+        capped = capped if self.softcap is not None else []
+        saved_caps = [c.final_logit_softcapping for c in capped]
         saved_head = self.head.__dict__.get("forward", missing)
         self.head.forward = self.head_forward
         model.loss_function = self.loss
-        if saved_cap is not None:
+        for config in capped:
             config.final_logit_softcapping = None
         try:
             yield
@@ -157,8 +159,38 @@ class _FusedCall:
                 del model._loss_function
             else:
                 model._loss_function = saved_loss
-            if saved_cap is not None:
-                config.final_logit_softcapping = saved_cap
+            for config, cap in zip(capped, saved_caps):
+                config.final_logit_softcapping = cap
+
+
+def _configs(config):
+    """A model's config, and its text model's where it is a composite (a vision-language model's
+    ``text_config``, which holds Gemma 3's ``final_logit_softcapping``)."""
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    return [config] if text is None or text is config else [config, text]
+
+
+def _softcap(config):
+    caps = {getattr(c, "final_logit_softcapping", None) for c in _configs(config)} - {None}
+    if len(caps) > 1:
+        raise ValueError(f"the model's configs give two final_logit_softcapping values: {sorted(caps)}")
+    return caps.pop() if caps else None
+
+
+def _caps_its_logits(model) -> bool:
+    """Whether the model's forward applies its config's ``final_logit_softcapping``: a config may
+    hold one that the forward does not read (transformers 5.25's ``Gemma3ForConditionalGeneration``
+    leaves its logits uncapped), so the forward's source decides."""
+    if _softcap(model.config) is None:
+        return False
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError) as error:
+        raise ValueError(
+            f"{type(model).__name__}'s config has a final_logit_softcapping, and its forward's source "
+            "cannot be read to tell whether it applies it"
+        ) from error
+    return "final_logit_softcapping" in source
 
 
 def _without_logits(out, placeholder):
@@ -181,7 +213,8 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     and the model is training (or ``in_eval=True``); it then returns ``loss`` as Transformers'
     own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
     sum over ``num_items_in_batch``) and ``logits=None``. Other calls (generation, evaluation)
-    run the model as it was. Gemma's ``final_logit_softcapping`` becomes xent's ``softcap``.
+    run the model as it was. Gemma's ``final_logit_softcapping`` (of the config or its text
+    config) becomes xent's ``softcap`` where the model's forward applies it.
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 
@@ -203,8 +236,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not nn.Linear")
-    config = model.config
-    for name in _SCALED_LOGITS:
+    for config, name in ((c, n) for c in _configs(model.config) for n in _SCALED_LOGITS):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise ValueError(
                 f"{type(model).__name__} scales its logits after lm_head (config.{name}); "
@@ -214,6 +246,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
         raise RuntimeError(f"{type(model).__name__}'s forward is patched already (remove() the handle first)")
     original = model.forward
     labels_of = inspect.signature(original)
+    capping = _caps_its_logits(model)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -222,7 +255,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
             labels = labels_of.bind_partial(*args, **kwargs).arguments.get("labels")
         if labels is None or not (model.training or in_eval):
             return original(*args, **kwargs)
-        call = _FusedCall(model, head, getattr(model.config, "final_logit_softcapping", None), options)
+        call = _FusedCall(model, head, _softcap(model.config) if capping else None, options)
         with call.active():
             out = original(*args, **kwargs)
         if not call.loss_called:
