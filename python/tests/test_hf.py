@@ -404,11 +404,14 @@ def test_fused_model_under_ddp_and_fsdp(device, wrapper):
         if wrapper == "ddp":
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # The mesh's device given: FSDP2's default mesh is CUDA's wherever CUDA exists.
+            mesh = init_device_mesh(device, (1,))
             for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
         out = wrapped(input_ids=input_ids, labels=input_ids)
         out.loss.backward()
         assert out.logits is None
