@@ -4,6 +4,7 @@ installed, a small ``LlamaForCausalLM`` trained one step with either as its ``lo
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -486,3 +487,42 @@ def test_fused_vision_language_model_caps_its_logits_as_its_forward_does(device)
     assert got[0].logits is None
     assert_same_step(got, want)
     assert model.config.get_text_config().final_logit_softcapping == 3.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_with_gradient_accumulation_trains_as_unfused(device, tmp_path):
+    """Transformers' ``Trainer`` (``accelerate`` installed, else the test skips), two optimizer
+    steps of two accumulated batches of two: with the fused model it still passes
+    ``num_items_in_batch`` (the patched forward keeps the model's signature), logs the same
+    losses and ends at the same weights as with the model's own loss."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    base = tiny_model("llama", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(8):  # prompts of different lengths: the batches score different counts
+        input_ids = torch.randint(0, 251, (19,), generator=gen)
+        labels = input_ids.clone()
+        labels[: 2 + i] = -100
+        data.append({"input_ids": input_ids, "labels": labels})
+
+    def train(fuse):
+        model = copy.deepcopy(base)
+        if fuse:
+            xt.fuse_linear_cross_entropy(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"fused{fuse}"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=device == "cpu",
+            save_strategy="no", seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    own, own_losses = train(False)
+    fused, fused_losses = train(True)
+    assert len(own_losses) == 2
+    assert fused_losses == pytest.approx(own_losses, rel=1e-5)
+    for (name, want), got in zip(own.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
