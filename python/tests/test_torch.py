@@ -1306,6 +1306,12 @@ def test_the_loss_may_be_changed_in_place(device, loss_fn, mode, reduction):
     for got, want in zip(got_grads, want_grads):
         assert float(want.abs().max()) > 0
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))
+    # Without autograd (a view of the stats there, no copy): in place as well.
+    with torch.no_grad():
+        loss = getattr(xt, loss_fn)(*leaves, target, reduction=reduction, two_phase=mode == "two_phase")
+        loss += extra
+        loss.mul_(0.7)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0.0)
 
 
 class _LossModel(torch.nn.Module):

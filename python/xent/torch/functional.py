@@ -20,7 +20,7 @@ def _forward_only(input, target, weight, opts):
     else:
         call = _launch.prepare(input, target, weight, opts.causal_shift)
         stats = _launch.forward(call, _launch.checked(opts), fused=False)
-    return loss_of(stats, target, opts), stats
+    return loss_of(stats, target, opts, copy=torch.compiler.is_compiling()), stats
 
 
 def scored_labels(target, ignore_index, causal_shift):
