@@ -19,27 +19,12 @@ GEMMs' rounding). Usage: python3 hf_bench.py [--layers 1] [--batch 2] [--seq 409
 
 import argparse
 import json
-import statistics
 import traceback
 
 import torch
+from torch_bench import timed  # CUDA events, median of 10 after 3 (bench/ is the script's folder)
 
 import xent.torch as xt
-
-
-def timed(step, iters=10, warmup=3):
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), min(times)
 
 
 def main():

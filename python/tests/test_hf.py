@@ -213,6 +213,17 @@ def assert_same_step(got, want):
         torch.testing.assert_close(got_grads[name], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
 
 
+def check_fused_step(model, **inputs):
+    """A training step of ``model`` with its own loss, then fused: no logits, the same loss and
+    gradients. Returns the fused step and the handle."""
+    want = model_step(model, **inputs)
+    handle = xt.fuse_linear_cross_entropy(model)
+    got = model_step(model, **inputs)
+    assert got[0].logits is None, "the fused step returned logits"
+    assert_same_step(got, want)
+    return want, got, handle
+
+
 FUSE_CASES = {
     "labels": lambda labels, device: dict(labels=labels),
     "num_items_in_batch": lambda labels, device: dict(labels=labels, num_items_in_batch=torch.tensor(30, device=device)),
@@ -234,12 +245,8 @@ def test_fused_model_trains_as_its_own_loss_does(device, architecture, case):
     labels = input_ids.clone()
     labels[:, :5] = -100
     inputs = dict(input_ids=input_ids, **FUSE_CASES[case](labels, device))
-    want = model_step(model, **inputs)
+    want, got, handle = check_fused_step(model, **inputs)
     assert want[0].logits.shape == (2, 23, 251)
-    handle = xt.fuse_linear_cross_entropy(model)
-    got = model_step(model, **inputs)
-    assert got[0].logits is None, "the fused step returned logits"
-    assert_same_step(got, want)
     if architecture == "mixtral_router_loss":
         assert got[0].aux_loss is not None
         torch.testing.assert_close(got[0].aux_loss, want[0].aux_loss)
@@ -432,11 +439,7 @@ def test_fused_model_with_gradient_checkpointing(device):
     model = tiny_model("llama", device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(12)).to(device)
-    want = model_step(model, input_ids=input_ids, labels=input_ids)
-    xt.fuse_linear_cross_entropy(model)
-    got = model_step(model, input_ids=input_ids, labels=input_ids)
-    assert got[0].logits is None
-    assert_same_step(got, want)
+    check_fused_step(model, input_ids=input_ids, labels=input_ids)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -453,12 +456,8 @@ def test_fused_peft_model_trains_as_its_own_loss_does(device):
         if "lora_B" in name:  # zero at the start: the adapters' A would get no gradient
             torch.nn.init.normal_(param)
     input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(13)).to(device)
-    want = model_step(model, input_ids=input_ids, labels=input_ids)
-    handle = xt.fuse_linear_cross_entropy(model)
-    got = model_step(model, input_ids=input_ids, labels=input_ids)
-    assert got[0].logits is None
+    _, got, handle = check_fused_step(model, input_ids=input_ids, labels=input_ids)
     assert len(got[2]) == 4, sorted(got[2])  # the adapters' A and B only
-    assert_same_step(got, want)
     handle.remove()
     assert model_step(model, input_ids=input_ids, labels=input_ids)[0].logits is not None
 
@@ -481,11 +480,7 @@ def test_fused_vision_language_model_caps_its_logits_as_its_forward_does(device)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config).to(device).train()
     input_ids = torch.randint(0, 250, (2, 23), generator=torch.Generator().manual_seed(14)).to(device)
-    want = model_step(model, input_ids=input_ids, labels=input_ids)
-    xt.fuse_linear_cross_entropy(model)
-    got = model_step(model, input_ids=input_ids, labels=input_ids)
-    assert got[0].logits is None
-    assert_same_step(got, want)
+    check_fused_step(model, input_ids=input_ids, labels=input_ids)
     assert model.config.get_text_config().final_logit_softcapping == 3.0
 
 

@@ -1217,6 +1217,18 @@ def test_torch_compile_matches_eager(device, mode, options):
     torch.testing.assert_close(eager_b.to(F64), ref.grad.sum(0), rtol=1e-4, atol=1e-6)
 
 
+def _loss_inputs(loss_fn, device, gen, rows, dims=16, vocab=301):
+    """Labels (one in seven ignored) and the leaves ``loss_fn`` takes before them: ``[logits]``
+    for ``cross_entropy``, ``[hidden, weight]`` for ``linear_cross_entropy``."""
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[2::7] = -100
+    if loss_fn == "cross_entropy":
+        leaves = [torch.randn(rows, vocab, generator=gen)]
+    else:
+        leaves = [torch.randn(rows, dims, generator=gen), torch.randn(vocab, dims, generator=gen) * 0.3]
+    return target.to(device), [t.to(device) for t in leaves]
+
+
 @pytest.mark.parametrize(
     "mode,reduction",
     # (The fused mode takes a scalar upstream gradient only.)
@@ -1232,15 +1244,8 @@ def test_torch_compile_returns_the_loss_and_an_alias_of_it(device, loss_fn, mode
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)
-    rows, dims, vocab = 24, 16, 301
-    target = torch.randint(0, vocab, (rows,), generator=gen)
-    target[2::7] = -100
-    target = target.to(device)
-    if loss_fn == "cross_entropy":
-        leaves = [torch.randn(rows, vocab, generator=gen)]
-    else:
-        leaves = [torch.randn(rows, dims, generator=gen), torch.randn(vocab, dims, generator=gen) * 0.3]
-    leaves = [t.to(device) for t in leaves]
+    rows = 24
+    target, leaves = _loss_inputs(loss_fn, device, gen, rows)
     kwargs = dict(reduction=reduction, two_phase=mode == "two_phase")
 
     def step(*args):
@@ -1278,15 +1283,7 @@ def test_the_loss_may_be_changed_in_place(device, loss_fn, mode, reduction):
     and PyTorch refuses to change a custom Function's view in place. The gradient is the one of
     the loss changed out of place."""
     gen = torch.Generator().manual_seed(6)
-    rows, dims, vocab = 24, 16, 301
-    target = torch.randint(0, vocab, (rows,), generator=gen)
-    target[3::5] = -100
-    target = target.to(device)
-    if loss_fn == "cross_entropy":
-        leaves = [torch.randn(rows, vocab, generator=gen)]
-    else:
-        leaves = [torch.randn(rows, dims, generator=gen), torch.randn(vocab, dims, generator=gen) * 0.3]
-    leaves = [t.to(device) for t in leaves]
+    target, leaves = _loss_inputs(loss_fn, device, gen, rows=24)
     extra = torch.randn((), generator=gen).to(device).requires_grad_(True)
 
     def run(in_place):
