@@ -22,7 +22,7 @@ import json
 import traceback
 
 import torch
-from torch_bench import timed  # CUDA events, median of 10 after 3 (bench/ is the script's folder)
+from torch_bench import extra_peak_bytes, timed  # (bench/, the script's folder)
 
 import xent.torch as xt
 
@@ -59,12 +59,7 @@ def main():
 
     def measure(method):
         loss = step()  # the gradients' buffers exist from here on
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - before
+        extra = extra_peak_bytes(step)
         ms, ms_min = timed(step)
         row = dict(method=method, **base, ms_median=round(ms, 3), ms_min=round(ms_min, 3),
                    extra_peak_MiB=round(extra / 2**20), loss=round(float(loss.detach()), 6))

@@ -49,6 +49,16 @@ def timed(fn, iters=10, warmup=3):
     return statistics.median(times), min(times)
 
 
+def extra_peak_bytes(fn):
+    """Bytes of CUDA memory ``fn`` allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def steady_ms(fn, calls=10):
     """ms per call of ``calls`` back-to-back calls between two CUDA events: the host runs ahead
     of the GPU as in a training step, so host time before a call's first kernel is hidden."""
@@ -105,12 +115,7 @@ def throughput(configs, bandwidth):
                 method(x, y)
 
             try:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                step()
-                torch.cuda.synchronize()
-                extra = torch.cuda.max_memory_allocated() - before
+                extra = extra_peak_bytes(step)
                 median, best = timed(step)
                 steady = steady_ms(step)
                 gbps = 2 * base.element_size() * n * v / (median * 1e-3) / 1e9
