@@ -257,7 +257,8 @@ def test_fused_model_trains_as_its_own_loss_does(device, architecture, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_model_keeps_its_logits_where_it_does_not_train(device):
     """In eval mode, or without labels, the fused model runs as it was (logits, its own loss);
-    ``in_eval=True`` fuses in eval mode too; positional labels count as labels."""
+    ``in_eval=True`` fuses in eval mode too; positional labels count as labels; with
+    ``return_dict=False`` the tuple holds None where the logits were."""
     model = tiny_model("llama", device)
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(6)).to(device)
     xt.fuse_linear_cross_entropy(model)
@@ -269,6 +270,9 @@ def test_fused_model_keeps_its_logits_where_it_does_not_train(device):
     fused = model(input_ids, None, None, None, None, input_ids)  # labels sixth, as in the signature
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, out.loss, rtol=1e-5, atol=1e-6)
+    as_tuple = model(input_ids=input_ids, labels=input_ids, return_dict=False)  # logits' place: None
+    assert isinstance(as_tuple, tuple) and as_tuple[1] is None
+    torch.testing.assert_close(as_tuple[0], out.loss, rtol=1e-5, atol=1e-6)
     # Trainer passes num_items_in_batch when the forward's signature has **kwargs: it still has.
     assert "kwargs" in inspect.signature(model.forward).parameters
 
