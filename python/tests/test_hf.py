@@ -525,3 +525,31 @@ def test_trainer_with_gradient_accumulation_trains_as_unfused(device, tmp_path):
     assert fused_losses == pytest.approx(own_losses, rel=1e-5)
     for (name, want), got in zip(own.named_parameters(), fused.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_under_autocast(device):
+    """A float32 model trained under ``torch.autocast`` to bfloat16 (as ``Trainer(bf16=True)``
+    runs one): the fused head casts the hidden states and the weight as ``F.linear`` would, and
+    the loss and gradients (float32, the parameters' dtype) equal the model's own under autocast,
+    to bf16's rounding (on CUDA also chunks of the logits against one GEMM)."""
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(15)).to(device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(input_ids=input_ids, labels=input_ids)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return out, out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    _, want_loss, want_grads = step()
+    xt.fuse_linear_cross_entropy(model)
+    out, got_loss, got_grads = step()
+    assert out.logits is None
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5 if device == "cpu" else 1e-4, atol=1e-6)
+    # The logits' gradient is rounded to bf16 once either way, from other f32 (or f64) values:
+    # an element may differ by one bf16 unit (2^-8 relative) before the bf16 GEMMs.
+    for name, ref in want_grads.items():
+        assert got_grads[name].dtype == torch.float32
+        torch.testing.assert_close(got_grads[name], ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()), msg=name)
