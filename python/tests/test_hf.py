@@ -488,6 +488,19 @@ def test_fused_vision_language_model_caps_its_logits_as_its_forward_does(device)
     assert model.config.get_text_config().final_logit_softcapping == 3.0
 
 
+def _precision_flags():
+    """PyTorch's process-wide float32 matmul settings (TF32 or IEEE)."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+
+
+def _set_precision_flags(flags):
+    matmul, cuda_tf32, cudnn_tf32 = flags
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_trainer_with_gradient_accumulation_trains_as_unfused(device, tmp_path):
     """Transformers' ``Trainer`` (``accelerate`` installed, else the test skips), two optimizer
@@ -519,8 +532,12 @@ def test_trainer_with_gradient_accumulation_trains_as_unfused(device, tmp_path):
         trainer.train()
         return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    own, own_losses = train(False)
-    fused, fused_losses = train(True)
+    saved = _precision_flags()
+    try:
+        own, own_losses = train(False)
+        fused, fused_losses = train(True)
+    finally:  # Trainer may change them for the whole process: the tests after this one need them
+        _set_precision_flags(saved)
     assert len(own_losses) == 2
     assert fused_losses == pytest.approx(own_losses, rel=1e-5)
     for (name, want), got in zip(own.named_parameters(), fused.parameters()):
