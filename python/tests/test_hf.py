@@ -300,9 +300,10 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
 
 def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
-    type, unknown options, a module that is not a Transformers model, a second patch, a model that scales its logits after its head
-    (Cohere), one whose head's output is changed before its loss (a hook here), and one whose
-    forward computes its loss without its ``loss_function``."""
+    type, unknown options, a module that is not a Transformers model, a second patch, models
+    that scale their logits after the head (Cohere, Granite), one whose head's output is changed before its loss (a hook here), a
+    ``vocab_size`` that is not the head's, and one whose forward computes its loss without its
+    ``loss_function``."""
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama", "cpu")
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
@@ -323,6 +324,10 @@ def test_fuse_refuses_what_it_cannot_compute():
     hook.remove()
     assert "forward" not in model.lm_head.__dict__ and "_loss_function" not in model.__dict__
     assert model(input_ids=input_ids, labels=input_ids).logits is None  # works again
+    model.config.vocab_size = 250  # the head has 251 classes
+    with pytest.raises(ValueError, match="vocab_size 250"):
+        model(input_ids=input_ids, labels=input_ids)
+    model.config.vocab_size = 251
     handle.remove()
 
     cohere = transformers.CohereConfig(
@@ -331,6 +336,12 @@ def test_fuse_refuses_what_it_cannot_compute():
     )
     with pytest.raises(ValueError, match="logit_scale"):
         xt.fuse_linear_cross_entropy(transformers.CohereForCausalLM(cohere))
+    granite = transformers.GraniteConfig(  # divides by logits_scaling, 1 by default: still a full tensor
+        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ValueError, match="logits_scaling"):
+        xt.fuse_linear_cross_entropy(transformers.GraniteForCausalLM(granite))
 
     class InlineLoss(transformers.LlamaForCausalLM):
         def forward(self, input_ids=None, labels=None, **kwargs):

@@ -84,7 +84,8 @@ def _per_item(loss, num_items_in_batch):
 _FUSE_SETS = ("ignore_index", "reduction", "causal_shift", "softcap")
 _FUSE_REFUSES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens")
 # Config attributes of models that scale their logits after the head (Cohere's `logit_scale`,
-# Granite's `logits_scaling`): the model's forward would multiply a full [B, T, V] tensor.
+# Granite's `logits_scaling`): the model's forward would multiply (or divide) a full [B, T, V]
+# tensor, even by 1.
 _SCALED_LOGITS = ("logit_scale", "logits_scaling")
 
 
@@ -124,6 +125,11 @@ class _FusedCall:
                 "(a scale, a cap or another operation xent cannot see), so "
                 "fuse_linear_cross_entropy cannot compute its loss; remove() it and use "
                 "xt.ForCausalLMLoss as its loss_function instead"
+            )
+        if vocab_size is not None and vocab_size != self.head.out_features:
+            raise ValueError(
+                f"vocab_size {vocab_size} is not the head's {self.head.out_features} classes "
+                "(Transformers' own loss would fail to view the logits by it)"
             )
         self.loss_called = True
         loss = linear_cross_entropy(
@@ -209,9 +215,9 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     model that ends in ``logits = lm_head(hidden)`` and ``loss_function(logits, labels, ...)``).
 
     It patches this model object (its ``forward``; the class and other instances are untouched;
-    for a PEFT model, its base model) and returns a handle whose ``remove()`` undoes it. A call fuses when it passes ``labels``
-    and the model is training (or ``in_eval=True``); it then returns ``loss`` as Transformers'
-    own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
+    for a PEFT model, its base model) and returns a handle whose ``remove()`` undoes it. A call
+    fuses when it passes ``labels`` and the model is training (or ``in_eval=True``); it then
+    returns ``loss`` as Transformers' own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
     sum over ``num_items_in_batch``) and ``logits=None``. Other calls (generation, evaluation)
     run the model as it was. Gemma's ``final_logit_softcapping`` (of the config or its text
     config) becomes xent's ``softcap`` where the model's forward applies it.
@@ -237,7 +243,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not nn.Linear")
     for config, name in ((c, n) for c in _configs(model.config) for n in _SCALED_LOGITS):
-        if getattr(config, name, None) not in (None, 1, 1.0):
+        if getattr(config, name, None) is not None:
             raise ValueError(
                 f"{type(model).__name__} scales its logits after lm_head (config.{name}); "
                 "fuse_linear_cross_entropy does not support it: use xt.ForCausalLMLoss as its loss_function"
