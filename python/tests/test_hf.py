@@ -301,9 +301,9 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
 def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
     type, unknown options, a module that is not a Transformers model, a second patch, models
-    that scale their logits after the head (Cohere, Granite), one whose head's output is changed before its loss (a hook here), a
-    ``vocab_size`` that is not the head's, and one whose forward computes its loss without its
-    ``loss_function``."""
+    that scale their logits after the head (Cohere, Granite), one whose head's output is changed
+    before its loss (a hook here), a ``vocab_size`` that is not the head's, and one whose
+    forward computes its loss without its ``loss_function``."""
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama", "cpu")
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
