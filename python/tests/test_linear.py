@@ -578,3 +578,43 @@ def test_autocast_casts_input_weight_and_bias_as_f_linear_does(device, dtypes):
         assert got.dtype == leaf.dtype
         assert float(ref.abs().max()) > 0
         assert torch.equal(got, ref.to(leaf.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_token_log_probs_for_policy_gradients(device):
+    """Per-token log-probabilities as policy-gradient losses (GRPO, PPO, DPO) take them, without
+    the logits: ``-linear_cross_entropy(hidden / temperature, weight, input_ids,
+    reduction="none", causal_shift=True)`` is ``log_softmax(logits / temperature)`` at each next
+    token (0 where not scored: the last position, padding), and an advantage-weighted mean of it
+    has the gradient of that written in PyTorch in float64, in the hidden states and the head."""
+    gen = torch.Generator().manual_seed(21)
+    batch, seq, d, vocab, temperature = 3, 29, 48, 701, 0.7
+    hidden = torch.randn(batch, seq, d, generator=gen)
+    weight = torch.randn(vocab, d, generator=gen) * 0.3
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    input_ids[1, 20:] = -100  # padding of a shorter completion
+    advantages = torch.randn(batch, seq - 1, generator=gen)
+
+    def objective(token_logp, mask):
+        return -(token_logp * advantages.to(token_logp) * mask).sum() / mask.sum()
+
+    h = hidden.clone().to(device).requires_grad_(True)
+    w = weight.clone().to(device).requires_grad_(True)
+    target = input_ids.to(device)
+    logp = -xt.linear_cross_entropy(h / temperature, w, target, reduction="none", causal_shift=True)
+    assert logp.shape == (batch, seq) and bool((logp[:, -1] == 0).all()) and bool((logp[1, 19:] == 0).all())
+    mask = (target[:, 1:] != -100).to(logp.dtype)
+    objective(logp[:, :-1], mask).backward()
+
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    labels = input_ids[:, 1:]
+    all_logp = torch.log_softmax((h64 @ w64.T)[:, :-1] / temperature, dim=-1)
+    want = all_logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask64 = (labels != -100).double()
+    objective(want * mask64, mask64).backward()
+
+    torch.testing.assert_close(logp[:, :-1].double().cpu() * mask64, want.detach() * mask64, rtol=1e-5, atol=1e-5)
+    for got, ref, name in ((h.grad, h64.grad, "hidden"), (w.grad, w64.grad, "weight")):
+        assert float(ref.abs().max()) > 0
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
