@@ -7,7 +7,8 @@ backward of the whole model. Methods, each on the same model and tokens:
 - ``xent_loss_function``: ``model.loss_function = xt.ForCausalLMLoss`` (the logits as the
   model makes them, their gradient written over them);
 - ``xent_fused``: ``xt.fuse_linear_cross_entropy(model)`` (no logits: the loss from the last
-  hidden states and the head's weight, chunk by chunk);
+  hidden states and the head's weight, chunk by chunk), and ``xent_fused[64MiB]`` with chunks
+  of 64 MiB of logits (about Liger's memory);
 - ``liger_flce``: Liger's ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with
   its other kernels off (it patches the class, so it runs last); a row with ``error`` if that
   Liger does not fit this Transformers.
@@ -71,6 +72,10 @@ def main():
     del model._loss_function
     handle = xt.fuse_linear_cross_entropy(model)
     measure("xent_fused")
+    handle.remove()
+    # At about Liger's memory: chunks of 64 MiB of logits (Liger's are 256 rows, 63 MiB here).
+    handle = xt.fuse_linear_cross_entropy(model, chunk_bytes=64 << 20)
+    measure("xent_fused[64MiB]")
     handle.remove()
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
