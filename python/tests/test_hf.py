@@ -173,7 +173,8 @@ def test_a_compiled_transformers_model_does_not_break_its_graph_at_the_loss(devi
 
 
 # Tiny configs of causal LMs `fuse_linear_cross_entropy` is checked on: the plain decoder
-# (Llama), others of the same form (Qwen 2 and 3, Mistral, Phi-3), Gemma 2 (its
+# (Llama), others of the same form (Qwen 2 and 3, Mistral, Phi-3), Phi-2's form (a bias in its
+# head, which the fused loss takes as linear_cross_entropy's `bias`), Gemma 2 (its
 # `final_logit_softcapping` taken as xent's `softcap`) and Mixtral (a mixture of experts whose
 # router loss the model adds to the loss).
 ARCHITECTURES = {
@@ -182,6 +183,7 @@ ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", "MistralConfig", {}),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16)),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),
+    "phi_head_bias": ("PhiForCausalLM", "PhiConfig", {}),
     "gemma2_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=16, final_logit_softcapping=3.0)),
     "mixtral_router_loss": ("MixtralForCausalLM", "MixtralConfig",
                             dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)),
