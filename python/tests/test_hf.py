@@ -174,7 +174,8 @@ def test_a_compiled_transformers_model_does_not_break_its_graph_at_the_loss(devi
 
 # Tiny configs of causal LMs `fuse_linear_cross_entropy` is checked on: the plain decoder
 # (Llama), others of the same form (Qwen 2 and 3, Mistral, Phi-3), Phi-2's form (a bias in its
-# head, which the fused loss takes as linear_cross_entropy's `bias`), Gemma 2 (its
+# head, which the fused loss takes as linear_cross_entropy's `bias`), Cohere and Granite (a
+# logit scale after the head, taken as a factor of the hidden states), Gemma 2 (its
 # `final_logit_softcapping` taken as xent's `softcap`) and Mixtral (a mixture of experts whose
 # router loss the model adds to the loss).
 ARCHITECTURES = {
@@ -184,6 +185,8 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=16)),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0)),
     "phi_head_bias": ("PhiForCausalLM", "PhiConfig", {}),
+    "cohere_logit_scale": ("CohereForCausalLM", "CohereConfig", dict(logit_scale=0.5)),
+    "granite_logits_scaling": ("GraniteForCausalLM", "GraniteConfig", dict(logits_scaling=4.0)),
     "gemma2_softcap": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=16, final_logit_softcapping=3.0)),
     "mixtral_router_loss": ("MixtralForCausalLM", "MixtralConfig",
                             dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)),
@@ -250,8 +253,11 @@ def test_fused_model_trains_as_its_own_loss_does(device, architecture, case):
     labels = input_ids.clone()
     labels[:, :5] = -100
     inputs = dict(input_ids=input_ids, **FUSE_CASES[case](labels, device))
+    config, scale = model.config.to_dict(), getattr(model, "logit_scale", None)
     want, got, handle = check_fused_step(model, **inputs)
     assert want[0].logits.shape == (2, 23, 251)
+    # What the call swapped (a soft cap, a logit scale) is back.
+    assert model.config.to_dict() == config and getattr(model, "logit_scale", None) == scale
     if architecture == "mixtral_router_loss":
         assert got[0].aux_loss is not None
         torch.testing.assert_close(got[0].aux_loss, want[0].aux_loss)
@@ -305,10 +311,10 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
 
 def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
-    type, unknown options, a module that is not a Transformers model, a second patch, models
-    that scale their logits after the head (Cohere, Granite), one whose head's output is changed
-    before its loss (a hook here), a ``vocab_size`` that is not the head's, and one whose
-    forward computes its loss without its ``loss_function``."""
+    type, unknown options, a module that is not a Transformers model, a second patch, a model
+    whose head's output is changed before its loss in a way xent does not know (a hook here), a
+    ``vocab_size`` that is not the head's, and one whose forward computes its loss without its
+    ``loss_function``."""
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama", "cpu")
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
@@ -335,18 +341,6 @@ def test_fuse_refuses_what_it_cannot_compute():
     model.config.vocab_size = 251
     handle.remove()
 
-    cohere = transformers.CohereConfig(
-        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, logit_scale=0.5,
-    )
-    with pytest.raises(ValueError, match="logit_scale"):
-        xt.fuse_linear_cross_entropy(transformers.CohereForCausalLM(cohere))
-    granite = transformers.GraniteConfig(  # divides by logits_scaling, 1 by default: still a full tensor
-        vocab_size=251, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    with pytest.raises(ValueError, match="logits_scaling"):
-        xt.fuse_linear_cross_entropy(transformers.GraniteForCausalLM(granite))
 
     class InlineLoss(transformers.LlamaForCausalLM):
         def forward(self, input_ids=None, labels=None, **kwargs):
@@ -388,25 +382,29 @@ def test_fused_model_step_holds_no_logits():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_fused_model_does_not_break_its_graph(device):
-    """``torch.compile`` of a fused model: no graph break in the forward (patching included), and
-    the compiled step's loss and head gradient equal the model's own in eager."""
+# Graph breaks allowed: none for the plain form and the soft cap; Cohere's and Granite's scale
+# stand-in breaks once (Dynamo does not trace its swap; torch 2.11).
+@pytest.mark.parametrize("architecture,breaks", [("llama", 0), ("gemma2_softcap", 0), ("cohere_logit_scale", 1)])
+def test_compiled_fused_model_does_not_break_its_graph(device, architecture, breaks):
+    """``torch.compile`` of a fused model: no graph break in the forward (patching included; one
+    where a logit scale is swapped), and the compiled step's loss and head gradient equal the
+    model's own in eager."""
     import torch._dynamo
 
-    model = tiny_model("llama", device)
+    model = tiny_model(architecture, device)
     input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(10)).to(device)
     inputs = dict(input_ids=input_ids, labels=input_ids, num_items_in_batch=torch.tensor(30, device=device))
-    _, want_loss, want_grads = model_step(model, **inputs)
+    _, want_loss, _ = model_step(model, **inputs)
+    ref = model.lm_head.weight.grad.clone()  # (tied to the embeddings in Gemma 2 and Cohere)
     xt.fuse_linear_cross_entropy(model)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(**inputs)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_break_count <= breaks, explanation.break_reasons
     torch._dynamo.reset()
     backend = "inductor" if device == "cuda" else "aot_eager"
     out, got_loss, _ = model_step(torch.compile(model, backend=backend), **inputs)
     assert out.logits is None
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-    ref = want_grads["lm_head.weight"]
     torch.testing.assert_close(model.lm_head.weight.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 

@@ -83,10 +83,31 @@ def _per_item(loss, num_items_in_batch):
 # model's loss is (a tuple instead of a scalar).
 _FUSE_SETS = ("ignore_index", "reduction", "causal_shift", "softcap")
 _FUSE_REFUSES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens")
-# Config attributes of models that scale their logits after the head (Cohere's `logit_scale`,
-# Granite's `logits_scaling`): the model's forward would multiply (or divide) a full [B, T, V]
-# tensor, even by 1.
-_SCALED_LOGITS = ("logit_scale", "logits_scaling")
+# Scales that models put on their logits between the head and the loss, as their forward's
+# source writes them: (the expression, the object holding the value and its attribute, the factor
+# the hidden states take instead). Cohere (1 and 2) multiply by `self.logit_scale`, Granite and
+# its mixture-of-experts variants divide by `config.logits_scaling`.
+_SCALES = (
+    ("logits * self.logit_scale", lambda model: model, "logit_scale", lambda value: value),
+    ("logits / self.config.logits_scaling", lambda model: model.config, "logits_scaling", lambda value: 1.0 / value),
+)
+
+
+class _Unscaled:
+    """Stands in for a logit scale during a fused call: the model's ``logits * scale`` (or
+    ``/ scale``) on the placeholder gives the placeholder back (PyTorch's operator returns
+    NotImplemented for this type, so Python asks this object), and ``loss`` scales the hidden
+    states instead."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def _same(self, other):
+        if other is not self.call.placeholder:
+            raise TypeError("a fused call's logit scale was applied to something other than its logits")
+        return other
+
+    __rmul__ = __rtruediv__ = _same
 
 
 class FusedHandle:
@@ -107,8 +128,10 @@ class _FusedCall:
     is ``loss`` below, which checks it got that placeholder back untouched and computes the loss
     with ``linear_cross_entropy`` from the kept hidden states and the head's weight and bias."""
 
-    def __init__(self, model, head, softcap, options):
+    def __init__(self, model, head, softcap, scale, options):
         self.model, self.head, self.softcap, self.options = model, head, softcap, options
+        self.scale = scale  # one of _SCALES (its owner, attribute, factor), or None
+        self.factor = None
         self.hidden = self.placeholder = None
         self.loss_called = False
 
@@ -132,8 +155,12 @@ class _FusedCall:
                 "(Transformers' own loss would fail to view the logits by it)"
             )
         self.loss_called = True
+        hidden, bias = self.hidden, self.head.bias
+        if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
+            hidden = hidden * self.factor
+            bias = None if bias is None else bias * self.factor
         loss = linear_cross_entropy(
-            self.hidden, self.head.weight, _target(labels, shift_labels, self.hidden.device), self.head.bias,
+            hidden, self.head.weight, _target(labels, shift_labels, hidden.device), bias,
             ignore_index=ignore_index, reduction=_reduction(num_items_in_batch),
             causal_shift=shift_labels is None, softcap=self.softcap, **self.options,
         )
@@ -141,8 +168,9 @@ class _FusedCall:
 
     @contextlib.contextmanager
     def active(self):
-        """The head's forward, the model's ``loss_function`` and Gemma's logit cap (taken by
-        ``loss`` as xent's ``softcap`` instead) swapped for the call, and put back after it."""
+        """The head's forward, the model's ``loss_function``, Gemma's logit cap (taken by
+        ``loss`` as xent's ``softcap`` instead) and a logit scale (taken by ``loss`` as a factor
+        of the hidden states) swapped for the call, and put back after it."""
         model = self.model
         missing = object()
         saved_loss = model.__dict__.get("_loss_function", missing)
@@ -150,6 +178,13 @@ class _FusedCall:
         capped = capped if self.softcap is not None else []
         saved_caps = [c.final_logit_softcapping for c in capped]
         saved_head = self.head.__dict__.get("forward", missing)
+        if self.scale is not None:
+            _, owner_of, name, factor_of = self.scale
+            owner = owner_of(model)
+            saved_scale = getattr(owner, name)
+            self.factor = factor_of(saved_scale)
+            # Past the owner's own __setattr__: Transformers' configs validate their fields' types.
+            object.__setattr__(owner, name, _Unscaled(self))
         self.head.forward = self.head_forward
         model.loss_function = self.loss
         for config in capped:
@@ -157,6 +192,8 @@ class _FusedCall:
         try:
             yield
         finally:
+            if self.scale is not None:
+                object.__setattr__(owner, name, saved_scale)
             if saved_head is missing:
                 del self.head.forward
             else:
@@ -183,20 +220,35 @@ def _softcap(config):
     return caps.pop() if caps else None
 
 
-def _caps_its_logits(model) -> bool:
+def _forward_source(model):
+    """The source of the model's class's forward, or None where it cannot be read."""
+    try:
+        return inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def _caps_its_logits(model, source) -> bool:
     """Whether the model's forward applies its config's ``final_logit_softcapping``: a config may
     hold one that the forward does not read (transformers 5.25's ``Gemma3ForConditionalGeneration``
     leaves its logits uncapped), so the forward's source decides."""
     if _softcap(model.config) is None:
         return False
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError) as error:
+    if source is None:
         raise ValueError(
             f"{type(model).__name__}'s config has a final_logit_softcapping, and its forward's source "
             "cannot be read to tell whether it applies it"
-        ) from error
+        )
     return "final_logit_softcapping" in source
+
+
+def _scale_of(source):
+    """The entry of ``_SCALES`` the model's forward applies to its logits, or None (a forward that
+    scales them some other way fails the call's placeholder check instead)."""
+    found = [scale for scale in _SCALES if source is not None and scale[0] in source]
+    if len(found) > 1:
+        raise ValueError(f"the model's forward scales its logits twice: {[scale[0] for scale in found]}")
+    return found[0] if found else None
 
 
 def _without_logits(out, placeholder):
@@ -220,13 +272,14 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     returns ``loss`` as Transformers' own loss would (``labels`` shifted or ``shift_labels``, ``ignore_index``, the mean, or the
     sum over ``num_items_in_batch``) and ``logits=None``. Other calls (generation, evaluation)
     run the model as it was. Gemma's ``final_logit_softcapping`` (of the config or its text
-    config) becomes xent's ``softcap`` where the model's forward applies it.
+    config) becomes xent's ``softcap`` where the model's forward applies it, and Cohere's and
+    Granite's logit scales a factor of the hidden states.
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 
-    Refused: a head that is not an ``nn.Linear``, models that scale their logits after the head
-    (Cohere, Granite), and, at the call, a model whose forward changes the logits before its
-    loss or does not call its ``loss_function``: each with an error, never a wrong loss."""
+    Refused: a head that is not an ``nn.Linear``, and, at the call, a model whose forward
+    changes the logits before its loss some other way or does not call its ``loss_function``:
+    each with an error, never a wrong loss."""
     for name in _FUSE_SETS + _FUSE_REFUSES:
         if name in options:
             raise TypeError(f"fuse_linear_cross_entropy sets or refuses {name!r}: the model's call decides it")
@@ -242,17 +295,13 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not nn.Linear")
-    for config, name in ((c, n) for c in _configs(model.config) for n in _SCALED_LOGITS):
-        if getattr(config, name, None) is not None:
-            raise ValueError(
-                f"{type(model).__name__} scales its logits after lm_head (config.{name}); "
-                "fuse_linear_cross_entropy does not support it: use xt.ForCausalLMLoss as its loss_function"
-            )
     if "forward" in model.__dict__:
         raise RuntimeError(f"{type(model).__name__}'s forward is patched already (remove() the handle first)")
     original = model.forward
     labels_of = inspect.signature(original)
-    capping = _caps_its_logits(model)
+    source = _forward_source(model)
+    capping = _caps_its_logits(model, source)
+    scale = _scale_of(source)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -261,7 +310,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
             labels = labels_of.bind_partial(*args, **kwargs).arguments.get("labels")
         if labels is None or not (model.training or in_eval):
             return original(*args, **kwargs)
-        call = _FusedCall(model, head, _softcap(model.config) if capping else None, options)
+        call = _FusedCall(model, head, _softcap(model.config) if capping else None, scale, options)
         with call.active():
             out = original(*args, **kwargs)
         if not call.loss_called:
