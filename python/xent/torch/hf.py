@@ -174,8 +174,9 @@ class _FusedCall:
         model = self.model
         missing = object()
         saved_loss = model.__dict__.get("_loss_function", missing)
-        capped = [c for c in _configs(model.config) if getattr(c, "final_logit_softcapping", None) is not None]
-        capped = capped if self.softcap is not None else []
+        capped = [] if self.softcap is None else [
+            c for c in _configs(model.config) if getattr(c, "final_logit_softcapping", None) is not None
+        ]
         saved_caps = [c.final_logit_softcapping for c in capped]
         saved_head = self.head.__dict__.get("forward", missing)
         if self.scale is not None:
