@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 
 import pytest
 
@@ -409,11 +410,13 @@ def test_compiled_fused_model_does_not_break_its_graph(device, architecture, bre
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "fsdp2_head"])
 def test_fused_model_under_ddp_and_fsdp(device, wrapper):
     """A fused model wrapped by ``DistributedDataParallel``, or sharded by FSDP2's ``fully_shard``
-    (each decoder layer and the root), in a one-rank group (gloo on the CPU, NCCL on CUDA): the
-    loss and the head's gradient equal the model's own, unwrapped."""
+    (each decoder layer and the root; ``fsdp2_head``: the head too, in a unit of its own that
+    frees its gathered weight after forward), in a one-rank group (gloo on the CPU, NCCL on CUDA):
+    the loss and the head's gradient equal the model's own, unwrapped. ``test_fused_model_trains_on_two_ranks``
+    has two ranks."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -422,7 +425,7 @@ def test_fused_model_under_ddp_and_fsdp(device, wrapper):
     input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(11)).to(device)
     _, want_loss, want_grads = model_step(model, input_ids=input_ids, labels=input_ids)
     model.zero_grad(set_to_none=True)
-    port = 29531 + (wrapper == "fsdp2") + 2 * (device == "cuda")
+    port = 29531 + ["ddp", "fsdp2", "fsdp2_head"].index(wrapper) + 3 * (device == "cuda")
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     try:
@@ -437,6 +440,8 @@ def test_fused_model_under_ddp_and_fsdp(device, wrapper):
             mesh = init_device_mesh(device, (1,))
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh)
+            if wrapper == "fsdp2_head":
+                fully_shard(model.lm_head, mesh=mesh)
             wrapped = fully_shard(model, mesh=mesh)
         out = wrapped(input_ids=input_ids, labels=input_ids)
         out.loss.backward()
@@ -448,6 +453,97 @@ def test_fused_model_under_ddp_and_fsdp(device, wrapper):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory):
+    """``two_ranks.py`` run as two processes (gloo on the CPU): each rank's steps per layout."""
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "two_ranks.py")
+    out = str(tmp_path_factory.mktemp("two_ranks") / "steps")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The children import the xent this process imported (conftest.py may have moved it).
+    import xent
+
+    site = os.path.dirname(os.path.dirname(os.path.abspath(xent.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, script, str(rank), "2", str(port), out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("two_ranks.py did not finish in 600 s")
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log[-3000:]}"
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+
+
+@pytest.mark.parametrize("layout", [
+    "ddp", "fsdp_root", "fsdp_root_patched_after", "fsdp_head", "fsdp_head_patched_after", "fsdp_tail",
+    "fsdp_tail_resharded", "fsdp_tied_tail", "fsdp_tied_tail_resharded",
+])
+def test_fused_model_trains_on_two_ranks(two_rank_steps, layout):
+    """A fused Llama trained on two ranks (two processes, gloo on the CPU) for two steps under
+    DDP or FSDP2 in the layouts trainers use: the head in the root unit, a unit of its own that
+    reshards after forward (its weight a sharded DTensor when the loss runs), Accelerate's
+    ``[norm, lm_head]`` unit (with the embeddings where they are tied), patched before or after
+    wrapping. Each rank's loss equals the model's own on its batch and every gradient the mean of
+    the ranks' own, gathered whole."""
+    import two_ranks
+
+    tied = two_ranks.LAYOUTS[layout][0]
+    want = two_ranks.reference(tied, 2)
+    for rank, results in enumerate(two_rank_steps):
+        got = results[layout]
+        assert not isinstance(got, str), f"rank {rank} failed:\n{got}"
+        for step, ((no_logits, loss, grads), (want_losses, want_grads)) in enumerate(zip(got, want)):
+            assert no_logits, f"rank {rank} step {step} returned logits"
+            assert loss == pytest.approx(want_losses[rank], rel=1e-5), f"rank {rank} step {step}"
+            assert grads.keys() == want_grads.keys()
+            for name, ref in want_grads.items():
+                assert grads[name] is not None, f"rank {rank} step {step}: no gradient for {name}"
+                torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()),
+                                           msg=f"rank {rank} step {step}: {name}")
+
+
+@pytest.mark.parametrize("layout", ["fsdp_head_bf16", "fsdp_tail_bf16"])
+def test_fused_model_trains_on_two_ranks_in_mixed_precision(two_rank_steps, layout):
+    """As above under FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters in forward and backward,
+    gradients reduced in float32), the head in a unit of its own or Accelerate's tail: the loss
+    and every gradient against the model's own loss in the same layout, to bf16's precision."""
+    for rank, results in enumerate(two_rank_steps):
+        got, want = results[layout], results[layout + "_own"]
+        for steps in (got, want):
+            assert not isinstance(steps, str), f"rank {rank} failed:\n{steps}"
+        for step, ((no_logits, loss, grads), (_, want_loss, want_grads)) in enumerate(zip(got, want)):
+            assert no_logits, f"rank {rank} step {step} returned logits"
+            assert loss == pytest.approx(want_loss, rel=2e-3), f"rank {rank} step {step}"
+            for name, ref in want_grads.items():
+                torch.testing.assert_close(grads[name], ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()),
+                                           msg=f"rank {rank} step {step}: {name}")
+
+
+def test_fused_model_refuses_a_tensor_parallel_head(two_rank_steps):
+    """A head split over the vocabulary by tensor parallelism (``ColwiseParallel``, its weight a
+    DTensor that FSDP does not gather) is refused with an error on every rank, not a wrong loss."""
+    for rank, results in enumerate(two_rank_steps):
+        got = results["tp_head"]
+        assert isinstance(got, str), f"rank {rank} trained a tensor-parallel head"
+        assert "TypeError: the head's weight is a DTensor (tensor parallelism?)" in got, got
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -142,6 +142,14 @@ class _FusedCall:
 
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
              shift_labels=None, **kwargs):
+        sharded = _sharded_by_fsdp(self.head)
+        if not sharded:
+            for name, tensor in (("weight", self.head.weight), ("input", self.hidden)):
+                if _is_dtensor(tensor):
+                    raise TypeError(
+                        f"the head's {name} is a DTensor (tensor parallelism?), which "
+                        "fuse_linear_cross_entropy does not take (FSDP2's fully_shard is supported)"
+                    )
         if logits is not self.placeholder:
             raise RuntimeError(
                 f"{type(self.model).__name__} changed its logits between lm_head and its loss "
@@ -155,16 +163,24 @@ class _FusedCall:
                 "(Transformers' own loss would fail to view the logits by it)"
             )
         self.loss_called = True
-        hidden, bias = self.hidden, self.head.bias
-        if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
-            hidden = hidden * self.factor
-            bias = None if bias is None else bias * self.factor
-        loss = linear_cross_entropy(
-            hidden, self.head.weight, _target(labels, shift_labels, hidden.device), bias,
-            ignore_index=ignore_index, reduction=_reduction(num_items_in_batch),
-            causal_shift=shift_labels is None, softcap=self.softcap, **self.options,
-        )
-        return _per_item(loss, num_items_in_batch)
+
+        def head_loss(head, hidden):
+            bias = head.bias
+            if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
+                hidden = hidden * self.factor
+                bias = None if bias is None else bias * self.factor
+            return linear_cross_entropy(
+                hidden, head.weight, _target(labels, shift_labels, hidden.device), bias,
+                ignore_index=ignore_index, reduction=_reduction(num_items_in_batch),
+                causal_shift=shift_labels is None, softcap=self.softcap, **self.options,
+            )
+
+        if sharded:
+            # Gathered again until its post-backward hook (on the unit's inputs, which the hidden
+            # states come through) reduce-scatters the gradient and reshards: one all-gather in
+            # place of the one before backward that the logits' hook would have made.
+            self.head.unshard()
+        return _per_item(head_loss(self.head, self.hidden), num_items_in_batch)
 
     @contextlib.contextmanager
     def active(self):
@@ -205,6 +221,21 @@ class _FusedCall:
                 model._loss_function = saved_loss
             for config, cap in zip(capped, saved_caps):
                 config.final_logit_softcapping = cap
+
+
+def _is_dtensor(tensor) -> bool:
+    return torch.distributed.is_available() and isinstance(tensor, torch.distributed.tensor.DTensor)
+
+
+def _sharded_by_fsdp(head) -> bool:
+    """Whether the head is an FSDP2 unit of its own whose weight is sharded now: it resharded after
+    its forward (its default; the root's units and a group that does not reshard, such as
+    Accelerate's ``[norm, lm_head]``, keep the weight whole until the model's forward ends)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule) and _is_dtensor(head.weight)
 
 
 def _configs(config):
@@ -278,9 +309,14 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 
-    Refused: a head that is not an ``nn.Linear``, and, at the call, a model whose forward
-    changes the logits before its loss some other way or does not call its ``loss_function``:
-    each with an error, never a wrong loss."""
+    Wrapped by DDP or FSDP2's ``fully_shard`` before or after the patch: where the head is a
+    unit of its own that resharded after its forward, the loss gathers its weight again
+    (``unshard()``) and the unit's post-backward hook reduce-scatters the gradient as usual.
+
+    Refused: a head that is not an ``nn.Linear`` or is split by tensor parallelism (a DTensor
+    weight outside FSDP), and, at the call, a model whose forward changes the logits before its
+    loss some other way or does not call its ``loss_function``: each with an error, never a wrong
+    loss."""
     for name in _FUSE_SETS + _FUSE_REFUSES:
         if name in options:
             raise TypeError(f"fuse_linear_cross_entropy sets or refuses {name!r}: the model's call decides it")
