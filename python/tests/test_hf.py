@@ -314,8 +314,9 @@ def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
     type, unknown options, a module that is not a Transformers model, a second patch, a model
     whose head's output is changed before its loss in a way xent does not know (a hook here), a
-    ``vocab_size`` that is not the head's, and one whose forward computes its loss without its
-    ``loss_function``."""
+    ``vocab_size`` that is not the head's, a head whose weight is gathered for its forward only
+    (DeepSpeed ZeRO-3's, outside that forward), and one whose forward computes its loss without
+    its ``loss_function``."""
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama", "cpu")
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
@@ -340,6 +341,11 @@ def test_fuse_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="vocab_size 250"):
         model(input_ids=input_ids, labels=input_ids)
     model.config.vocab_size = 251
+    weight = model.lm_head.weight.data
+    model.lm_head.weight.data = torch.empty(0)  # DeepSpeed ZeRO-3's head outside its forward
+    with pytest.raises(RuntimeError, match=r"weight has shape \(0,\) outside its forward"):
+        model(input_ids=input_ids, labels=input_ids)
+    model.lm_head.weight.data = weight
     handle.remove()
 
 

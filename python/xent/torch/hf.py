@@ -180,6 +180,14 @@ class _FusedCall:
             # states come through) reduce-scatters the gradient and reshards: one all-gather in
             # place of the one before backward that the logits' hook would have made.
             self.head.unshard()
+        head = self.head
+        if tuple(head.weight.shape) != (head.out_features, head.in_features):
+            raise RuntimeError(
+                f"the head's weight has shape {tuple(head.weight.shape)} outside its forward, not "
+                f"{(head.out_features, head.in_features)}: something gathers it for the head's forward "
+                "only (DeepSpeed ZeRO-3 does), which fuse_linear_cross_entropy does not support; "
+                "use xt.ForCausalLMLoss as the model's loss_function instead"
+            )
         return _per_item(head_loss(self.head, self.hidden), num_items_in_batch)
 
     @contextlib.contextmanager
@@ -315,7 +323,8 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
 
     Refused: a head that is not an ``nn.Linear`` or is split by tensor parallelism (a DTensor
     weight outside FSDP), and, at the call, a model whose forward changes the logits before its
-    loss some other way or does not call its ``loss_function``: each with an error, never a wrong
+    loss some other way or does not call its ``loss_function``, and a head whose weight is
+    gathered for its own forward only (DeepSpeed ZeRO-3): each with an error, never a wrong
     loss."""
     for name in _FUSE_SETS + _FUSE_REFUSES:
         if name in options:
