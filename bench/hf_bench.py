@@ -7,15 +7,20 @@ backward of the whole model. Methods, each on the same model and tokens:
 - ``xent_loss_function``: ``model.loss_function = xt.ForCausalLMLoss`` (the logits as the
   model makes them, their gradient written over them);
 - ``xent_fused``: ``xt.fuse_linear_cross_entropy(model)`` (no logits: the loss from the last
-  hidden states and the head's weight, chunk by chunk), and ``xent_fused[64MiB]`` with chunks
-  of 64 MiB of logits (about Liger's memory);
+  hidden states and the head's weight, chunk by chunk, only the scored rows), ``xent_fused[all
+  rows]`` with ``skip_ignored=False`` (every row through the head, the ignored ones too), and
+  ``xent_fused[64MiB]`` with chunks of 64 MiB of logits (about Liger's memory);
 - ``liger_flce``: Liger's ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)`` with
   its other kernels off (it patches the class, so it runs last); a row with ``error`` if that
   Liger does not fit this Transformers.
 
+The labels of each sequence's first ``--prompt`` tokens are -100 (16 by default; a fraction
+below 1 takes that share of the sequence: a fine-tuning batch whose prompts are masked).
+
 Each row: ``ms_median`` of 10 steps after 3 (CUDA events), ``extra_peak_MiB`` (peak memory of a
 step above the model, its gradients and the tokens), ``loss`` (the same for every method, to the
-GEMMs' rounding). Usage: python3 hf_bench.py [--layers 1] [--batch 2] [--seq 4096]
+GEMMs' rounding), ``scored`` (the labels scored). Usage: python3 hf_bench.py [--layers 1]
+[--batch 2] [--seq 4096] [--prompt 16]
 """
 
 import argparse
@@ -33,6 +38,7 @@ def main():
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--prompt", type=float, default=16)
     args = parser.parse_args()
 
     import transformers
@@ -48,9 +54,10 @@ def main():
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).cuda()
     labels = input_ids.clone()
-    labels[:, :16] = -100
+    labels[:, :int(args.prompt if args.prompt >= 1 else args.prompt * args.seq)] = -100
     base = dict(n=args.batch * args.seq, d=config.hidden_size, v=config.vocab_size, layers=args.layers,
-                dtype="bf16", transformers=transformers.__version__, gpu=torch.cuda.get_device_name())
+                dtype="bf16", transformers=transformers.__version__, gpu=torch.cuda.get_device_name(),
+                scored=int(labels[:, 1:].ne(-100).sum()))
 
     def step():
         model.zero_grad(set_to_none=False)  # the gradients' buffers stay: they are not the loss's
@@ -72,6 +79,9 @@ def main():
     del model._loss_function
     handle = xt.fuse_linear_cross_entropy(model)
     measure("xent_fused")
+    handle.remove()
+    handle = xt.fuse_linear_cross_entropy(model, skip_ignored=False)
+    measure("xent_fused[all rows]")
     handle.remove()
     # At about Liger's memory: chunks of 64 MiB of logits (Liger's are 256 rows, 63 MiB here).
     handle = xt.fuse_linear_cross_entropy(model, chunk_bytes=64 << 20)

@@ -310,6 +310,43 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(FUSE_CASES))
+def test_fused_step_computes_only_the_scored_rows(device, case, monkeypatch):
+    """A fine-tuning batch (prompts and padding labelled -100): the fused step sends only the
+    scored rows through the head (``skip_ignored``, the default) and, with ``skip_ignored=False``,
+    every row; both give the model's own loss and gradients. With every label ignored the loss is
+    the model's own too (NaN for the mean, 0 for a sum) and the step still reaches every gradient."""
+    import xent.torch.hf as hf
+
+    model = tiny_model("llama", device)
+    input_ids = torch.randint(0, 251, (2, 23), generator=torch.Generator().manual_seed(21)).to(device)
+    labels = input_ids.clone()
+    labels[0, :9] = -100  # a prompt
+    labels[1, :15] = -100
+    labels[1, 20:] = -100  # padding
+    inputs = dict(input_ids=input_ids, **FUSE_CASES[case](labels, device))
+    scored = int((inputs["shift_labels"] if case == "shift_labels" else labels[:, 1:]).ne(-100).sum())
+    want = model_step(model, **inputs)
+    rows = []
+    real = hf.linear_cross_entropy
+    monkeypatch.setattr(hf, "linear_cross_entropy", lambda h, *a, **k: rows.append(tuple(h.shape)) or real(h, *a, **k))
+    for skip, shape in ((True, (scored, 32)), (False, (2, 23, 32))):
+        rows.clear()
+        handle = xt.fuse_linear_cross_entropy(model, skip_ignored=skip)
+        assert_same_step(model_step(model, **inputs), want)
+        assert rows == [shape], f"skip_ignored={skip}"
+        handle.remove()
+
+    none = {k: (torch.full_like(v, -100) if k in ("labels", "shift_labels") else v) for k, v in inputs.items()}
+    _, want_loss, want_grads = model_step(model, **none)
+    handle = xt.fuse_linear_cross_entropy(model)
+    _, got_loss, got_grads = model_step(model, **none)
+    handle.remove()
+    torch.testing.assert_close(got_loss, want_loss, equal_nan=True)
+    assert got_grads.keys() == want_grads.keys()
+
+
 def test_fuse_refuses_what_it_cannot_compute():
     """Errors, never a wrong loss: options the model's call decides or that change the loss's
     type, unknown options, a module that is not a Transformers model, a second patch, a model

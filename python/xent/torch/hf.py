@@ -128,8 +128,9 @@ class _FusedCall:
     is ``loss`` below, which checks it got that placeholder back untouched and computes the loss
     with ``linear_cross_entropy`` from the kept hidden states and the head's weight and bias."""
 
-    def __init__(self, model, head, softcap, scale, options):
+    def __init__(self, model, head, softcap, scale, options, skip_ignored=False):
         self.model, self.head, self.softcap, self.options = model, head, softcap, options
+        self.skip_ignored = skip_ignored
         self.scale = scale  # one of _SCALES (its owner, attribute, factor), or None
         self.factor = None
         self.hidden = self.placeholder = None
@@ -166,13 +167,17 @@ class _FusedCall:
 
         def head_loss(head, hidden):
             bias = head.bias
+            target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
+            if self.skip_ignored and _may_wait(hidden):
+                hidden, target = _scored_rows(hidden, target, ignore_index, causal)
+                causal = False
             if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
                 hidden = hidden * self.factor
                 bias = None if bias is None else bias * self.factor
             return linear_cross_entropy(
-                hidden, head.weight, _target(labels, shift_labels, hidden.device), bias,
-                ignore_index=ignore_index, reduction=_reduction(num_items_in_batch),
-                causal_shift=shift_labels is None, softcap=self.softcap, **self.options,
+                hidden, head.weight, target, bias, ignore_index=ignore_index,
+                reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
+                **self.options,
             )
 
         if sharded:
@@ -229,6 +234,28 @@ class _FusedCall:
                 model._loss_function = saved_loss
             for config, cap in zip(capped, saved_caps):
                 config.final_logit_softcapping = cap
+
+
+def _may_wait(tensor) -> bool:
+    """Whether a call may wait for the GPU to count its rows: not while ``torch.compile`` traces it
+    (a count of rows would be a dynamic shape) nor while a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _scored_rows(hidden, target, ignore_index, causal):
+    """The rows of ``hidden`` ``[..., T, D]`` that a causal LM loss scores, and their classes: row
+    ``t`` against ``target[..., t + 1]`` where ``causal`` (a sequence's last row scores nothing),
+    else against ``target`` as it is, without the rows whose class is ``ignore_index``. Counting
+    them waits for the GPU (``nonzero``)."""
+    if causal:
+        shifted = torch.full_like(target, ignore_index)
+        shifted[..., :-1] = target[..., 1:]
+        target = shifted
+    target = target.reshape(-1)
+    keep = (target != ignore_index).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), target.index_select(0, keep)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -300,7 +327,7 @@ def _without_logits(out, placeholder):
     return out
 
 
-def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> FusedHandle:
+def fuse_linear_cross_entropy(model, *, in_eval: bool = False, skip_ignored: bool = True, **options) -> FusedHandle:
     """Make a Transformers causal LM compute its loss with ``linear_cross_entropy`` from its last
     hidden states and its head's weight, so a training step never holds its ``[B, T, V]``
     logits (Liger's ``apply_liger_kernel_to_*`` with ``fused_linear_cross_entropy``, for any
@@ -314,6 +341,10 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
     run the model as it was. Gemma's ``final_logit_softcapping`` (of the config or its text
     config) becomes xent's ``softcap`` where the model's forward applies it, and Cohere's and
     Granite's logit scales a factor of the hidden states.
+    ``skip_ignored`` (the default): only the rows scored (labels not ``ignore_index``, a prompt's
+    or padding's) go through the head's GEMMs, so a fine-tuning batch whose prompts are masked
+    costs that much less; counting them waits for the GPU once a step (``nonzero``), and under
+    ``torch.compile`` or CUDA graph capture every row is computed instead (the same loss).
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 
@@ -356,7 +387,7 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, **options) -> Fus
             labels = labels_of.bind_partial(*args, **kwargs).arguments.get("labels")
         if labels is None or not (model.training or in_eval):
             return original(*args, **kwargs)
-        call = _FusedCall(model, head, _softcap(model.config) if capping else None, scale, options)
+        call = _FusedCall(model, head, _softcap(model.config) if capping else None, scale, options, skip_ignored)
         with call.active():
             out = original(*args, **kwargs)
         if not call.loss_called:
