@@ -187,6 +187,23 @@ def test_no_grad_gives_the_loss(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_rows(device, reduction):
+    """A call with no rows (every row of a batch dropped, as ``fuse_linear_cross_entropy`` drops
+    ignored ones): PyTorch's loss (NaN for the mean, 0 for the sum), and zero gradients of the
+    weight and bias, from backward too (its scaling once divided by the rows: an error)."""
+    h, w, b, y, _ = inputs(device, bias=True)
+    h, w, b = (t.detach().requires_grad_(True) for t in (h[:0], w, b))
+    loss = xt.linear_cross_entropy(h, w, y[:0], b, reduction=reduction)
+    want = F.cross_entropy(F.linear(h.float(), w.float(), b.float()), y[:0], reduction=reduction)
+    torch.testing.assert_close(loss.float(), want, equal_nan=True)
+    loss.backward()
+    assert h.grad.shape == h.shape
+    for grad in (w.grad, b.grad):
+        assert grad is not None and not grad.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_frozen_weight_and_3d_input(device):
     h, w, b, y, _ = inputs(device, lead=(2, 33))
     h.requires_grad_(True)

@@ -169,8 +169,9 @@ class _FusedCall:
             bias = head.bias
             target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
             if self.skip_ignored and _may_wait(hidden):
-                hidden, target = _scored_rows(hidden, target, ignore_index, causal)
-                causal = False
+                rows, scored = _scored_rows(hidden, target, ignore_index, causal)
+                if len(rows) <= (1 - _SKIP_AT_LEAST) * (hidden.numel() // hidden.shape[-1]):
+                    hidden, target, causal = rows, scored, False
             if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
                 hidden = hidden * self.factor
                 bias = None if bias is None else bias * self.factor
@@ -258,6 +259,10 @@ def _scored_rows(hidden, target, ignore_index, causal):
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), target.index_select(0, keep)
 
 
+# `_scored_rows` copies the scored rows: worth it where it drops at least this share of them.
+_SKIP_AT_LEAST = 1 / 16
+
+
 def _is_dtensor(tensor) -> bool:
     return torch.distributed.is_available() and isinstance(tensor, torch.distributed.tensor.DTensor)
 
@@ -343,8 +348,9 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, skip_ignored: boo
     Granite's logit scales a factor of the hidden states.
     ``skip_ignored`` (the default): only the rows scored (labels not ``ignore_index``, a prompt's
     or padding's) go through the head's GEMMs, so a fine-tuning batch whose prompts are masked
-    costs that much less; counting them waits for the GPU once a step (``nonzero``), and under
-    ``torch.compile`` or CUDA graph capture every row is computed instead (the same loss).
+    costs that much less. Counting them waits for the GPU once a step (``nonzero``); the scored
+    rows are copied (so a batch that would drop less than 1/16 of its rows keeps them all);
+    under ``torch.compile`` or CUDA graph capture every row is computed (the same loss).
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 

@@ -143,6 +143,8 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
 def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
     """Multiplies a fused pass's gradient by the upstream gradient in place, on the device (where
     the factor is exactly 1 the kernel returns without touching it)."""
+    if grad.numel() == 0:  # a call with no rows: nothing to scale
+        return
     index = upstream.device.index
     handle = _device(index)
     rows = grad.shape[0]
