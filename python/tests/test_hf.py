@@ -315,8 +315,9 @@ def test_fused_model_passes_options_to_linear_cross_entropy(device):
 def test_fused_step_computes_only_the_scored_rows(device, case, monkeypatch):
     """A fine-tuning batch (prompts and padding labelled -100): the fused step sends only the
     scored rows through the head (``skip_ignored``, the default) and, with ``skip_ignored=False``,
-    every row; both give the model's own loss and gradients. With every label ignored the loss is
-    the model's own too (NaN for the mean, 0 for a sum) and the step still reaches every gradient."""
+    every row; both give the model's own loss and gradients. A batch that would drop under 1/16 of
+    its rows keeps them all. With every label ignored the loss is the model's own too (NaN for the
+    mean, 0 for a sum) and the step still reaches every gradient."""
     import xent.torch.hf as hf
 
     model = tiny_model("llama", device)
@@ -336,6 +337,13 @@ def test_fused_step_computes_only_the_scored_rows(device, case, monkeypatch):
         handle = xt.fuse_linear_cross_entropy(model, skip_ignored=skip)
         assert_same_step(model_step(model, **inputs), want)
         assert rows == [shape], f"skip_ignored={skip}"
+        handle.remove()
+    if case != "shift_labels":
+        # A batch that would drop under 1/16 of its rows (2 of 46: each sequence's last) keeps them all.
+        rows.clear()
+        handle = xt.fuse_linear_cross_entropy(model)
+        model_step(model, **dict(inputs, labels=input_ids))
+        assert rows == [(2, 23, 32)]
         handle.remove()
 
     none = {k: (torch.full_like(v, -100) if k in ("labels", "shift_labels") else v) for k, v in inputs.items()}

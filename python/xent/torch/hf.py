@@ -128,7 +128,7 @@ class _FusedCall:
     is ``loss`` below, which checks it got that placeholder back untouched and computes the loss
     with ``linear_cross_entropy`` from the kept hidden states and the head's weight and bias."""
 
-    def __init__(self, model, head, softcap, scale, options, skip_ignored=False):
+    def __init__(self, model, head, softcap, scale, options, skip_ignored):
         self.model, self.head, self.softcap, self.options = model, head, softcap, options
         self.skip_ignored = skip_ignored
         self.scale = scale  # one of _SCALES (its owner, attribute, factor), or None
@@ -164,29 +164,12 @@ class _FusedCall:
                 "(Transformers' own loss would fail to view the logits by it)"
             )
         self.loss_called = True
-
-        def head_loss(head, hidden):
-            bias = head.bias
-            target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
-            if self.skip_ignored and _may_wait(hidden):
-                rows, scored = _scored_rows(hidden, target, ignore_index, causal)
-                if len(rows) <= (1 - _SKIP_AT_LEAST) * (hidden.numel() // hidden.shape[-1]):
-                    hidden, target, causal = rows, scored, False
-            if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
-                hidden = hidden * self.factor
-                bias = None if bias is None else bias * self.factor
-            return linear_cross_entropy(
-                hidden, head.weight, target, bias, ignore_index=ignore_index,
-                reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
-                **self.options,
-            )
-
+        head = self.head
         if sharded:
             # Gathered again until its post-backward hook (on the unit's inputs, which the hidden
             # states come through) reduce-scatters the gradient and reshards: one all-gather in
             # place of the one before backward that the logits' hook would have made.
-            self.head.unshard()
-        head = self.head
+            head.unshard()
         if tuple(head.weight.shape) != (head.out_features, head.in_features):
             raise RuntimeError(
                 f"the head's weight has shape {tuple(head.weight.shape)} outside its forward, not "
@@ -194,7 +177,19 @@ class _FusedCall:
                 "only (DeepSpeed ZeRO-3 does), which fuse_linear_cross_entropy does not support; "
                 "use xt.ForCausalLMLoss as the model's loss_function instead"
             )
-        return _per_item(head_loss(self.head, self.hidden), num_items_in_batch)
+        hidden, bias = self.hidden, head.bias
+        target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
+        if self.skip_ignored and _may_wait(hidden):
+            hidden, target, causal = _scored_rows(hidden, target, ignore_index, causal)
+        if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
+            hidden = hidden * self.factor
+            bias = None if bias is None else bias * self.factor
+        loss = linear_cross_entropy(
+            hidden, head.weight, target, bias, ignore_index=ignore_index,
+            reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
+            **self.options,
+        )
+        return _per_item(loss, num_items_in_batch)
 
     @contextlib.contextmanager
     def active(self):
@@ -246,17 +241,19 @@ def _may_wait(tensor) -> bool:
 
 
 def _scored_rows(hidden, target, ignore_index, causal):
-    """The rows of ``hidden`` ``[..., T, D]`` that a causal LM loss scores, and their classes: row
-    ``t`` against ``target[..., t + 1]`` where ``causal`` (a sequence's last row scores nothing),
-    else against ``target`` as it is, without the rows whose class is ``ignore_index``. Counting
-    them waits for the GPU (``nonzero``)."""
+    """``(hidden, target, causal)`` for the loss of ``hidden`` ``[..., T, D]`` against ``target``
+    (shifted by one where ``causal``: a sequence's last row scores nothing): the rows whose class
+    is not ``ignore_index`` alone, copied, with their classes, where that drops at least
+    ``_SKIP_AT_LEAST`` of the rows; else the call's own. Counting them waits for the GPU."""
+    flat = target
     if causal:
-        shifted = torch.full_like(target, ignore_index)
-        shifted[..., :-1] = target[..., 1:]
-        target = shifted
-    target = target.reshape(-1)
-    keep = (target != ignore_index).nonzero().squeeze(1)
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), target.index_select(0, keep)
+        flat = torch.full_like(target, ignore_index)
+        flat[..., :-1] = target[..., 1:]
+    flat = flat.reshape(-1)
+    keep = (flat != ignore_index).nonzero().squeeze(1)
+    if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
+        return hidden, target, causal
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), False
 
 
 # `_scored_rows` copies the scored rows: worth it where it drops at least this share of them.
