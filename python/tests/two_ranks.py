@@ -51,9 +51,13 @@ def batch(rank: int, step: int) -> torch.Tensor:
 
 
 def step_of(model, wrapped, ids):
-    """One training step: the loss and every parameter's gradient (whole, where sharded)."""
+    """One training step: the loss and every parameter's gradient (whole, where sharded). Each
+    sequence's first 8 labels are ignored (a prompt), so the fused loss takes the scored rows
+    alone (``skip_ignored``)."""
     model.zero_grad(set_to_none=True)
-    out = wrapped(input_ids=ids, labels=ids)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    out = wrapped(input_ids=ids, labels=labels)
     out.loss.backward()
     grads = {}
     for name, param in model.named_parameters():
