@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from .functional import cross_entropy
+from .functional import cross_entropy, scored_labels
 from .linear import linear_cross_entropy
 
 
@@ -245,11 +245,7 @@ def _scored_rows(hidden, target, ignore_index, causal):
     (shifted by one where ``causal``: a sequence's last row scores nothing): the rows whose class
     is not ``ignore_index`` alone, copied, with their classes, where that drops at least
     ``_SKIP_AT_LEAST`` of the rows; else the call's own. Counting them waits for the GPU."""
-    flat = target
-    if causal:
-        flat = torch.full_like(target, ignore_index)
-        flat[..., :-1] = target[..., 1:]
-    flat = flat.reshape(-1)
+    flat = scored_labels(target, ignore_index, causal).reshape(-1)
     keep = (flat != ignore_index).nonzero().squeeze(1)
     if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
         return hidden, target, causal
@@ -268,11 +264,11 @@ def _sharded_by_fsdp(head) -> bool:
     """Whether the head is an FSDP2 unit of its own whose weight is sharded now: it resharded after
     its forward (its default; the root's units and a group that does not reshard, such as
     Accelerate's ``[norm, lm_head]``, keep the weight whole until the model's forward ends)."""
-    if not torch.distributed.is_available():
+    if not _is_dtensor(head.weight):
         return False
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(head, FSDPModule) and _is_dtensor(head.weight)
+    return isinstance(head, FSDPModule)
 
 
 def _configs(config):
