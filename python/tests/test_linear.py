@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import xent.torch as xt  # noqa: E402
+from xent.torch.functional import scored_labels  # noqa: E402
 from test_torch import reference  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -102,7 +103,7 @@ def check_loss(got, want, dtype, zmax, what="loss"):
 
 
 def run(device, case, dtype=torch.bfloat16, bias=False, lead=(67,), chunk_bytes=None,
-        two_phase=None, upstream=1.0, accum_dtype=None, v=1003, d=64):
+        two_phase=None, upstream=1.0, accum_dtype=None, v=1003, d=64, skip_ignored=True):
     opts = dict(OPTION_CASES[case])
     weighted = opts.pop("weighted", False)
     if opts.get("causal_shift") and len(lead) == 1:
@@ -113,8 +114,8 @@ def run(device, case, dtype=torch.bfloat16, bias=False, lead=(67,), chunk_bytes=
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
-    out = xt.linear_cross_entropy(h, w, y, b, ce_weight=cw, chunk_bytes=chunk_bytes,
-                                  two_phase=two_phase, accum_dtype=accum_dtype, **opts)
+    out = xt.linear_cross_entropy(h, w, y, b, ce_weight=cw, chunk_bytes=chunk_bytes, two_phase=two_phase,
+                                  accum_dtype=accum_dtype, skip_ignored=skip_ignored, **opts)
     loss = out.loss if isinstance(out, xt.CrossEntropyOutput) else out
     if isinstance(upstream, torch.Tensor):
         (loss * upstream.to(loss.device)).sum().backward()
@@ -140,9 +141,12 @@ def run(device, case, dtype=torch.bfloat16, bias=False, lead=(67,), chunk_bytes=
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_options_match_reference(device, dtype, case, bias):
-    # chunks of 16 rows: five chunks, the last one shorter
-    run(device, case, dtype, bias, chunk_bytes=16 * 1003 * torch.tensor([], dtype=dtype).element_size())
+@pytest.mark.parametrize("skip", [True, False], ids=["scored_rows", "every_row"])
+def test_options_match_reference(device, dtype, case, bias, skip):
+    # chunks of 16 rows: five chunks, the last one shorter (four with the scored rows alone: a
+    # fifth of the rows is ignored)
+    run(device, case, dtype, bias, chunk_bytes=16 * 1003 * torch.tensor([], dtype=dtype).element_size(),
+        skip_ignored=skip)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -201,6 +205,142 @@ def test_no_rows(device, reduction):
     assert h.grad.shape == h.shape
     for grad in (w.grad, b.grad):
         assert grad is not None and not grad.any()
+
+
+def rows_reaching_the_gemms(monkeypatch, device):
+    """A list that collects the rows of each call's hidden states where the GEMMs take them (the
+    CUDA path's autograd Function, the CPU path's ``F.linear``)."""
+    import xent.torch.linear as linear
+
+    rows = []
+    if device == "cuda":
+        real = linear.LinearXentFunction.apply
+
+        def spy(hidden, *args):
+            rows.append(hidden.shape[0])
+            return real(hidden, *args)
+
+        monkeypatch.setattr(linear.LinearXentFunction, "apply", spy)
+    else:
+        real_linear = F.linear
+
+        def spy_linear(hidden, *args):
+            rows.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+            return real_linear(hidden, *args)
+
+        monkeypatch.setattr(torch.nn.functional, "linear", spy_linear)
+    return rows
+
+
+SKIP_CASES = {
+    "mean": dict(),
+    "sum": dict(reduction="sum", return_z_loss=True, lse_square_scale=1e-3),
+    "none": dict(reduction="none", return_z_loss=True, lse_square_scale=1e-3, return_token_accuracy=True),
+    "causal": dict(causal_shift=True, label_smoothing=0.1, softcap=4.0, return_token_accuracy=True),
+    "weighted": dict(weighted=True, label_smoothing=0.05, grad_scale=0.5),
+    "ignore_7": dict(ignore_index=7, two_phase=True, accum_dtype=torch.float32),
+    "token_scaling": dict(use_token_scaling=True, reduction="none", causal_shift=True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(SKIP_CASES))
+def test_skip_ignored_computes_only_the_scored_rows(device, dtype, case, monkeypatch):
+    """``skip_ignored`` (the default): only the scored rows reach the GEMMs, and every result is
+    laid out as the call's rows, equal to those of ``skip_ignored=False`` (which takes every row)
+    up to the order of the sums: the loss, z-loss and token accuracy (per row under
+    ``reduction="none"``: 0 where not scored), the predicted tokens (-1 where not scored) and the
+    three gradients. A call that would drop under 1/16 of its rows takes them all."""
+    opts = dict(SKIP_CASES[case])
+    weighted = opts.pop("weighted", False)
+    ignore_index = opts.get("ignore_index", -100)
+    h, w, b, y, cw = inputs(device, (3, 29), dtype=dtype, bias=True, weighted=weighted, ignore_index=ignore_index)
+    y[0, :11] = ignore_index  # a prompt, beside every fifth label
+    labels = y[..., 1:] if opts.get("causal_shift") else y
+    scored = int((labels != ignore_index).sum())
+    rows = rows_reaching_the_gemms(monkeypatch, device)
+    results = {}
+    for skip in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+        out = xt.linear_cross_entropy(*leaves[:2], y, leaves[2], ce_weight=cw, return_predicted_tokens=True,
+                                      skip_ignored=skip, **opts)
+        ((out.loss * torch.linspace(0.5, 2.0, out.loss.numel(), device=device).view(out.loss.shape)).sum()
+         ).backward()
+        results[skip] = out, [t.grad for t in leaves]
+    assert rows == [scored, h.shape[0] * h.shape[1]], rows
+    (got, got_grads), (want, want_grads) = results[True], results[False]
+    # The GEMMs over other rows may round a logit otherwise (another algorithm), so a row's
+    # argmax may move within a tie: one row's prediction and accuracy may differ.
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for what in ("loss", "z_loss", "token_accuracy"):
+        a, c = getattr(got, what), getattr(want, what)
+        assert (a is None) == (c is None), what
+        if a is None:
+            continue
+        assert a.shape == c.shape, what
+        if what == "token_accuracy":
+            assert float((a - c).abs().sum()) <= 1.0 / (scored if a.dim() == 0 else 1) + 1e-6, what
+        else:
+            torch.testing.assert_close(a, c, **tol, msg=what)
+    if opts.get("reduction") == "none":
+        unscored = scored_labels(y, ignore_index, opts.get("causal_shift", False)) == ignore_index
+        assert bool((got.loss[unscored] == 0).all())
+    assert got.predicted_tokens.shape == y.shape
+    assert torch.equal(got.predicted_tokens >= 0, want.predicted_tokens >= 0)
+    assert int((got.predicted_tokens != want.predicted_tokens).sum()) <= 1
+    assert int((got.predicted_tokens >= 0).sum()) == scored
+    for what, a, c in zip(("grad_hidden", "grad_weight", "grad_bias"), got_grads, want_grads):
+        assert a.dtype == c.dtype and a.shape == c.shape, what
+        assert float(c.abs().max()) > 0, what
+        torch.testing.assert_close(a.float(), c.float(), **tol, msg=what)
+
+    # Under 1/16 of the rows left out (each sequence's last under the causal shift, or one row):
+    # every row goes through.
+    rows.clear()
+    few = torch.randint(0, w.shape[0], y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    few[1, 4] = ignore_index
+    xt.linear_cross_entropy(h, w, few, b, ce_weight=cw, **opts)
+    assert rows == [h.shape[0] * h.shape[1]], rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_skip_ignored_with_every_label_ignored(device, reduction, monkeypatch):
+    """Every label ignored: no rows reach the GEMMs; the loss is PyTorch's (NaN for the mean, 0
+    for the sum, zeros per row), and the gradients are zero."""
+    h, w, b, y, _ = inputs(device, (2, 13), bias=True)
+    y = torch.full_like(y, -100)
+    rows = rows_reaching_the_gemms(monkeypatch, device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+    loss = xt.linear_cross_entropy(*leaves[:2], y, leaves[2], reduction=reduction, return_predicted_tokens=True)
+    assert rows == [0]
+    want = F.cross_entropy(F.linear(h.float(), w.float(), b.float()).view(-1, w.shape[0]), y.view(-1),
+                           reduction=reduction)
+    torch.testing.assert_close(loss.loss.float(), want.view(loss.loss.shape), equal_nan=True)
+    assert bool((loss.predicted_tokens == -1).all()) and loss.predicted_tokens.shape == y.shape
+    loss.loss.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and not leaf.grad.any()
+
+
+@cuda_only
+def test_skip_ignored_is_off_under_cuda_graph_capture():
+    """Capturing a call in a CUDA graph cannot wait to count its rows: every row is computed, and
+    the replayed loss is that of ``skip_ignored=False`` outside the graph."""
+    h, w, b, y, _ = inputs("cuda", (3, 29), bias=True)
+    want = xt.linear_cross_entropy(h, w, y, b, skip_ignored=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        xt.linear_cross_entropy(h, w, y, b)  # warm-up outside capture (cuBLASLt's handle, the kernels)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        loss = xt.linear_cross_entropy(h, w, y, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -312,7 +452,7 @@ def test_torch_compile_gives_eager_results_without_dynamo_warnings():
     h, w, b, y, _ = inputs("cuda", bias=True)
 
     def step(h, w, b):
-        return xt.linear_cross_entropy(h, w, y, b, label_smoothing=0.1)
+        return xt.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, skip_ignored=False)
 
     compiled = torch.compile(step)
     results = []
@@ -347,7 +487,8 @@ COMPILE_CASES = {
 def test_torch_compile_fullgraph_matches_eager(device, case):
     """``linear_cross_entropy`` compiled with ``fullgraph=True`` (a graph break fails: until
     session 47 the CUDA call was one): no graph break, and the loss, z-loss, token accuracy,
-    predicted tokens and the three gradients equal eager's, for upstream gradients 1 and 0.3. CUDA
+    predicted tokens and the three gradients equal eager's with ``skip_ignored=False``, for
+    upstream gradients 1 and 0.3 (compiled, the default ``skip_ignored`` computes every row). CUDA
     through Inductor (the custom operators ``torch.ops.xent.linear_*``), the CPU's unfused path
     through AOTAutograd with the aot_eager backend."""
     import torch._dynamo
@@ -359,9 +500,12 @@ def test_torch_compile_fullgraph_matches_eager(device, case):
     kwargs = dict(options, ce_weight=cw, return_z_loss=True, return_token_accuracy=True,
                   return_predicted_tokens=True)
 
-    def step(h, w, b):
-        out = xt.linear_cross_entropy(h, w, y, b, **kwargs)
+    def step(h, w, b, **more):
+        out = xt.linear_cross_entropy(h, w, y, b, **kwargs, **more)
         return out.loss, out.z_loss, out.token_accuracy, out.predicted_tokens
+
+    def eager(h, w, b):
+        return step(h, w, b, skip_ignored=False)
 
     def leaves():
         return tuple(t.clone().requires_grad_(True) for t in (h, w, b))
@@ -377,7 +521,7 @@ def test_torch_compile_fullgraph_matches_eager(device, case):
         return [t.detach() for t in (loss, z_loss, accuracy, predicted)], (hx.grad, wx.grad, bx.grad)
 
     for c in (1.0, 0.3):
-        (e_loss, e_z, e_acc, e_pred), e_grads = run(step, c)
+        (e_loss, e_z, e_acc, e_pred), e_grads = run(eager, c)
         (c_loss, c_z, c_acc, c_pred), c_grads = run(compiled, c)
         assert torch.equal(c_loss, e_loss), (case, c)
         assert torch.equal(c_pred, e_pred)

@@ -28,8 +28,8 @@ import inspect
 
 import torch
 
-from .functional import cross_entropy, scored_labels
-from .linear import linear_cross_entropy
+from .functional import cross_entropy
+from .linear import _may_wait, _scored_rows, linear_cross_entropy
 
 
 def ForCausalLMLoss(  # noqa: N802  (Transformers' name)
@@ -179,15 +179,19 @@ class _FusedCall:
             )
         hidden, bias = self.hidden, head.bias
         target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
+        scored = None
         if self.skip_ignored and _may_wait(hidden):
-            hidden, target, causal = _scored_rows(hidden, target, ignore_index, causal)
+            scored = _scored_rows(hidden, target, ignore_index, causal)
+        if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
+            hidden, target, _ = scored
+            causal = False
         if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
             hidden = hidden * self.factor
             bias = None if bias is None else bias * self.factor
         loss = linear_cross_entropy(
             hidden, head.weight, target, bias, ignore_index=ignore_index,
             reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
-            **self.options,
+            skip_ignored=False, **self.options,
         )
         return _per_item(loss, num_items_in_batch)
 
@@ -230,30 +234,6 @@ class _FusedCall:
                 model._loss_function = saved_loss
             for config, cap in zip(capped, saved_caps):
                 config.final_logit_softcapping = cap
-
-
-def _may_wait(tensor) -> bool:
-    """Whether a call may wait for the GPU to count its rows: not while ``torch.compile`` traces it
-    (a count of rows would be a dynamic shape) nor while a CUDA graph is captured."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _scored_rows(hidden, target, ignore_index, causal):
-    """``(hidden, target, causal)`` for the loss of ``hidden`` ``[..., T, D]`` against ``target``
-    (shifted by one where ``causal``: a sequence's last row scores nothing): the rows whose class
-    is not ``ignore_index`` alone, copied, with their classes, where that drops at least
-    ``_SKIP_AT_LEAST`` of the rows; else the call's own. Counting them waits for the GPU."""
-    flat = scored_labels(target, ignore_index, causal).reshape(-1)
-    keep = (flat != ignore_index).nonzero().squeeze(1)
-    if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
-        return hidden, target, causal
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), False
-
-
-# `_scored_rows` copies the scored rows: worth it where it drops at least this share of them.
-_SKIP_AT_LEAST = 1 / 16
 
 
 def _is_dtensor(tensor) -> bool:

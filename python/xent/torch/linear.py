@@ -459,6 +459,7 @@ def linear_cross_entropy(
     check_labels: bool = False,
     use_token_scaling: bool = False,
     return_predicted_tokens: bool = False,
+    skip_ignored: bool = True,
 ):
     """Cross-entropy of ``input @ weight.T + bias`` against ``target`` without materialising the
     logits: ``input`` ``[..., D]`` hidden states, ``weight`` ``[V, D]`` (the LM head), ``bias``
@@ -488,6 +489,13 @@ def linear_cross_entropy(
       weights for the cross-entropy part with ``ce_weight``). Runs two-phase with a per-row
       upstream (four GEMMs a chunk, as ``reduction="none"``); class weights with the z-loss
       under the mean are refused (their two parts need different denominators).
+    - ``skip_ignored`` (the default): only the scored rows (label not ``ignore_index`` after the
+      causal shift: a fine-tuning batch's masked prompt and padding) go through the GEMMs, where
+      that drops at least 1/16 of the rows; the results are laid out as the call's rows (0 for a
+      row not scored, -1 for its predicted token) and equal those of every row up to the order
+      of the sums. Counting the rows waits for the GPU once a call (``nonzero``), and the scored
+      rows of ``input`` are copied. Under ``torch.compile`` or CUDA graph capture every row is
+      computed (a count of rows would be a dynamic shape). ``False``: every row, no wait.
     """
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
@@ -510,6 +518,18 @@ def linear_cross_entropy(
         return_predicted_tokens=return_predicted_tokens, grad_scale=grad_scale,
         check_labels=check_labels,
     )
+    if skip_ignored and isinstance(input, torch.Tensor) and _may_wait(input):
+        # Validated first, so errors name the call's own shapes.
+        hidden, _, target_c, _, _, _ = _check(input, weight, target, bias, ce_weight, causal_shift)
+        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift)
+        if scored is not None:
+            rows, labels, keep = scored
+            out = linear_cross_entropy(
+                rows, weight, labels, bias, **dict(common, causal_shift=False), ce_weight=ce_weight,
+                use_token_scaling=use_token_scaling, accum_dtype=accum_dtype, two_phase=two_phase,
+                chunk_bytes=chunk_bytes, skip_ignored=False,
+            )
+            return _laid_out(out, keep, target, reduction)
     if use_token_scaling:
         return _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dtype, chunk_bytes)
     if not isinstance(input, torch.Tensor) or not input.is_cuda:
@@ -531,6 +551,54 @@ def linear_cross_entropy(
     return outputs(
         loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, check_labels,
         predicted.view(target.shape) if return_predicted_tokens else None,
+    )
+
+
+def _may_wait(tensor) -> bool:
+    """Whether a call may wait for the GPU to count its rows: not while ``torch.compile`` traces it
+    (a count of rows would be a dynamic shape) nor while a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# `_scored_rows`'s rows are copied: worth it where that drops at least this share of them.
+_SKIP_AT_LEAST = 1 / 16
+
+
+def _scored_rows(hidden, target, ignore_index, causal):
+    """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
+    by one within each sequence where ``causal``: a sequence's last row scores nothing): the
+    scored rows alone (label not ``ignore_index``), as ``(hidden rows [K, D] (a copy), their
+    labels [K], their indices among the flattened rows)``, where that leaves out at least
+    ``_SKIP_AT_LEAST`` of the rows; else None (every row). Counting them waits for the GPU."""
+    flat = scored_labels(target, ignore_index, causal).reshape(-1)
+    keep = (flat != ignore_index).nonzero().squeeze(1)
+    if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
+        return None
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep
+
+
+def _laid_out(out, keep, target, reduction):
+    """A call's results on the rows ``keep`` of ``target`` laid out as ``target``'s rows: the
+    per-row values (the loss, z-loss and token accuracy under ``reduction="none"``, the
+    predicted tokens always) scattered into rows of 0 (-1 for a predicted token)."""
+    rows = target.numel()
+
+    def spread(values, fill):
+        if values is None:
+            return None
+        full = torch.full((rows,), fill, dtype=values.dtype, device=values.device)
+        return full.index_copy(0, keep, values.reshape(-1)).view(target.shape)
+
+    per_row = reduction == "none"
+    if not isinstance(out, CrossEntropyOutput):
+        return spread(out, 0) if per_row else out
+    return CrossEntropyOutput(
+        loss=spread(out.loss, 0) if per_row else out.loss,
+        z_loss=spread(out.z_loss, 0) if per_row else out.z_loss,
+        token_accuracy=spread(out.token_accuracy, 0) if per_row else out.token_accuracy,
+        predicted_tokens=spread(out.predicted_tokens, -1),
     )
 
 
@@ -639,7 +707,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Liger's ``LigerFusedLinearCrossEntropyLoss`` (its arguments, defaults and return types),
     computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``
     (every argument of Liger's). Beyond Liger's:
-    ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``."""
+    ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``, ``skip_ignored``."""
 
     def __init__(
         self,
@@ -659,6 +727,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         grad_scale: float = 1.0,
         two_phase: Optional[bool] = None,
         chunk_bytes: Optional[int] = None,
+        skip_ignored: bool = True,
     ):
         super().__init__()
         _launch.checked(_launch.Opts(
@@ -673,6 +742,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             return_token_accuracy=return_token_accuracy, causal_shift=causal_shift,
             grad_scale=grad_scale, two_phase=two_phase, chunk_bytes=chunk_bytes,
             use_token_scaling=use_token_scaling, return_predicted_tokens=return_predicted_tokens,
+            skip_ignored=skip_ignored,
         )
 
     def forward(self, lin_weight, _input, target, bias=None):
