@@ -69,6 +69,7 @@ fn option_sets() -> Vec<(&'static str, Options)> {
                 weight: Some(vec![0.5, 1.0, 2.0, 1.5, 0.25]),
                 grad_scale: 0.5,
                 return_predicted_tokens: true,
+                return_entropy: true,
                 ..base.clone()
             },
         ),
@@ -78,6 +79,7 @@ fn option_sets() -> Vec<(&'static str, Options)> {
                 causal_shift: true,
                 label_smoothing: 0.2,
                 return_predicted_tokens: true,
+                return_entropy: true,
                 ..base
             },
         ),
@@ -334,6 +336,9 @@ fn check_linear<T: xent::Element>(
     if (loss - want.loss).abs() > 1e-3 * (1.0 + want.loss.abs()) {
         return Err(format!("loss {loss} against {}", want.loss));
     }
+    // The entropies, read from the same chunks of logits.
+    let entropy = out.read_entropy().map_err(|e| e.to_string())?;
+    xent_tests::check_entropy(entropy, &want.entropy)?;
     // The predicted tokens, exactly: the logits are integers, exact in T, so the GPU's chunks of
     // logits are the CPU's and so are their first maxima, ties included.
     let predicted = out.read_predicted_tokens().map_err(|e| e.to_string())?;
@@ -508,6 +513,7 @@ impl RawOut {
             extras: RawBuffer::of(stream, &mut self.extras),
             row_correct: None,
             predicted: None,
+            entropy: None,
             workspace: Some(RawBuffer::of(stream, &mut self.workspace)),
         }
     }

@@ -190,6 +190,7 @@ fn run_rank(
             .return_token_accuracy
             .then(|| RawBuffer::of(&stream, &mut row_correct)),
         predicted: None,
+        entropy: None,
         workspace: None,
     };
     let buffers = (

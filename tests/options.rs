@@ -20,7 +20,9 @@
 
 use xent::half::{bf16, f16};
 use xent::{DType, Element, Error, Label, Options, Reduction, Shape, cpu, plan};
-use xent_tests::{Case, DTYPES, assert_no_failures, run_case_dtype, subnormal_step, unit_roundoff};
+use xent_tests::{
+    Case, DTYPES, assert_no_failures, check_entropy, run_case_dtype, subnormal_step, unit_roundoff,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -609,6 +611,95 @@ fn predicted_tokens_are_each_scored_rows_first_maximal_logit() {
     let mut grad = [logits.clone(), vec![0.0, 0.0, 4.0, 0.0]].concat();
     let got = cpu::forward_backward(&mut grad, &labels, Shape::batched(2, 3, 4), &opts).unwrap();
     assert_eq!(got.predicted_tokens, Some(vec![1, 1, -1, 0, 3, -1]));
+}
+
+#[test]
+fn entropy_is_minus_sum_p_ln_p_of_each_scored_rows_softmax() {
+    // Uniform rows (ln V), a peaked row (about 0), -inf logits (no mass, no NaN), a NaN (NaN),
+    // an ignored row (0); with the soft cap, the entropy of the capped logits. The loss does not
+    // change.
+    let inf = f64::INFINITY;
+    let rows = [
+        vec![3.0, 3.0, 3.0, 3.0],
+        vec![0.0, 60.0, 1.0, -2.0],
+        vec![1.0, -inf, 2.0, -inf],
+        vec![2.0, f64::NAN, 9.0, 1.0],
+        vec![7.0, 1.0, 0.0, 3.0],
+        vec![0.5, -1.0, 2.0, 1.5],
+    ];
+    let logits: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+    let labels: Vec<i64> = vec![1, 2, 0, 3, -100, 2];
+    let run = |opts: &Options| {
+        let mut data = logits.clone();
+        cpu::forward_backward(&mut data, &labels, Shape::flat(6, 4), opts).unwrap()
+    };
+    for softcap in [None, Some(2.0)] {
+        for reduction in REDUCTIONS {
+            let plain = Options {
+                softcap,
+                ..with(reduction)
+            };
+            let got = run(&Options {
+                return_entropy: true,
+                ..plain.clone()
+            });
+            let entropy = got.entropy.clone().expect("asked for");
+            for (r, row) in rows.iter().enumerate() {
+                let want = if labels[r] == -100 {
+                    0.0
+                } else {
+                    let capped: Vec<f64> = row
+                        .iter()
+                        .map(|&x| softcap.map_or(x, |c| c as f64 * (x / c as f64).tanh()))
+                        .collect();
+                    softmax(&capped)
+                        .iter()
+                        .map(|&p| match p {
+                            p if p > 0.0 => -p * p.ln(),
+                            p if p.is_nan() => f64::NAN,
+                            _ => 0.0,
+                        })
+                        .sum()
+                };
+                let ok =
+                    (want.is_nan() && entropy[r].is_nan()) || (entropy[r] - want).abs() <= 1e-12;
+                assert!(
+                    ok,
+                    "{reduction:?} {softcap:?} row {r}: {} != {want}",
+                    entropy[r]
+                );
+            }
+            if softcap.is_none() {
+                assert!((entropy[0] - 4f64.ln()).abs() < 1e-12 && entropy[1] < 1e-20);
+                assert!(entropy[2] > 0.0 && entropy[3].is_nan());
+            }
+            let plain = run(&plain);
+            assert_eq!(plain.entropy, None);
+            for (a, b) in got.row_loss.iter().zip(&plain.row_loss) {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "the loss does not change: {a} {b}"
+                );
+            }
+        }
+    }
+    // Under the causal shift the last position of each sequence is not scored.
+    let opts = Options {
+        return_entropy: true,
+        causal_shift: true,
+        ..Options::default()
+    };
+    let mut data = logits.clone();
+    let got = cpu::forward_backward(
+        &mut data,
+        &[0i64, 1, 2, 3, 1, 0],
+        Shape::batched(2, 3, 4),
+        &opts,
+    )
+    .unwrap()
+    .entropy
+    .unwrap();
+    assert!(got[2] == 0.0 && got[5] == 0.0 && got[0] > 1.38 && got[4] > 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1237,8 +1328,10 @@ fn gpu_every_option_and_pair_matches_the_reference_for_every_dtype_label_type_an
                         plan: *plan,
                         causal_shift: cases % 2 == 0,
                         grad_scale: 0.5,
-                        // The predicted tokens in half the cases (they change nothing else).
+                        // The predicted tokens in half the cases (they change nothing else),
+                        // the entropies in another half.
                         return_predicted_tokens: cases % 4 < 2,
+                        return_entropy: cases % 4 == 1 || cases % 4 == 2,
                         ..set.clone()
                     },
                     ignored: 1.0 / 7.0,
@@ -1390,8 +1483,10 @@ fn gpu_softcap_with_infinite_masked_and_nan_logits_matches_the_reference() {
                         reduction: REDUCTIONS[cases % 3],
                         plan: *plan,
                         softcap: Some(cap),
-                        // The first maximum among infinities and NaNs too, in half the cases.
+                        // The first maximum among infinities and NaNs too, in half the cases,
+                        // and the entropies (NaN where a NaN is) in the other half.
                         return_predicted_tokens: cases % 2 == 0,
+                        return_entropy: cases % 2 == 1,
                         ..Options::default()
                     },
                     ignored: 0.0,
@@ -1817,6 +1912,134 @@ fn gpu_predicted_tokens_take_the_first_maximum_in_every_plan_and_mode() {
         failures.len()
     ));
     assert_no_failures(&failures);
+}
+
+/// The entropies on the GPU against the CPU reference for every dtype, from the fused call and
+/// the two-phase forward: rows of integers in [-20, 20] (3001 classes, rows 3011 apart: an
+/// unaligned start and tail), a peaked row, a row with half its logits -inf (masked), a NaN
+/// row (NaN), a row of -inf (NaN, as PyTorch's), ignored rows (0), the soft cap on and off, and
+/// a 128256-class row of spread logits (the summation's error over a long row).
+#[test]
+fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for (rows, vocab, stride) in [(37usize, 3001usize, 3011usize), (3, 128256, 128256)] {
+        let shape = Shape::flat(rows, vocab).with_row_stride(stride);
+        let mut rng = 777u64;
+        let mut data = vec![0.0f32; rows * stride];
+        for (i, x) in data.iter_mut().enumerate() {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *x = if i % stride < vocab {
+                ((rng >> 33) % 41) as f32 - 20.0
+            } else {
+                0.0
+            };
+        }
+        if rows > 6 {
+            data[stride + 17] = 80.0; // peaked: the entropy is about 0
+            for j in (0..vocab).step_by(2) {
+                data[2 * stride + j] = f32::NEG_INFINITY;
+            }
+            data[3 * stride + 2000] = f32::NAN;
+            for j in 0..vocab {
+                data[5 * stride + j] = f32::NEG_INFINITY;
+            }
+        }
+        let labels: Vec<i64> = (0..rows as i64)
+            .map(|r| {
+                if r % 6 == 4 {
+                    -100
+                } else {
+                    (r * 97) % vocab as i64
+                }
+            })
+            .collect();
+        let d_labels = stream.clone_htod(&labels).unwrap();
+        for softcap in [None, Some(15.0)] {
+            for dtype in DTYPES {
+                for two_phase in [false, true] {
+                    let opts = Options {
+                        softcap,
+                        return_entropy: true,
+                        ..Options::default()
+                    };
+                    cases += 1;
+                    // The reference on the values the GPU reads (rounded to the dtype).
+                    let (got, rounded) = match dtype {
+                        DType::F32 => (
+                            entropy_on_gpu(
+                                xent, &stream, &data, &d_labels, shape, &opts, two_phase,
+                            ),
+                            data.clone(),
+                        ),
+                        DType::F16 => {
+                            let logits: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                            let back = logits.iter().map(|x| x.to_f32()).collect();
+                            (
+                                entropy_on_gpu(
+                                    xent, &stream, &logits, &d_labels, shape, &opts, two_phase,
+                                ),
+                                back,
+                            )
+                        }
+                        DType::Bf16 => {
+                            let logits: Vec<bf16> =
+                                data.iter().map(|&x| bf16::from_f32(x)).collect();
+                            let back = logits.iter().map(|x| x.to_f32()).collect();
+                            (
+                                entropy_on_gpu(
+                                    xent, &stream, &logits, &d_labels, shape, &opts, two_phase,
+                                ),
+                                back,
+                            )
+                        }
+                    };
+                    let mut reference = rounded;
+                    let want = cpu::forward_backward(&mut reference, &labels, shape, &opts)
+                        .unwrap()
+                        .entropy;
+                    if let Err(e) = check_entropy(got, &want) {
+                        failures.push(format!(
+                            "{rows} x {vocab} {dtype:?} cap {softcap:?} two-phase {two_phase}: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    xent_tests::report(&format!(
+        "entropy on the GPU: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
+/// The entropies of one GPU call on `logits` (fused, or the two-phase forward).
+fn entropy_on_gpu<T: Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    logits: &[T],
+    labels: &xent::cudarc::driver::CudaSlice<i64>,
+    shape: Shape,
+    opts: &Options,
+    two_phase: bool,
+) -> Option<Vec<f32>> {
+    let mut d_logits = stream.clone_htod(logits).unwrap();
+    let loss = if two_phase {
+        let mut out = xent::Loss::new(stream, shape.rows()).unwrap();
+        xent.forward(stream, &d_logits, labels, shape, opts, &mut out)
+            .unwrap();
+        out
+    } else {
+        xent.forward_backward(stream, &mut d_logits, labels, shape, opts)
+            .unwrap()
+    };
+    loss.read_entropy().unwrap()
 }
 
 /// The predicted tokens of one GPU call on `logits` (fused, or the two-phase forward).

@@ -204,6 +204,30 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
         )
         .is_err()
     );
+    // The entropy is refused (a rank sees only its shard's logits), on the CPU and the GPU.
+    let entropy = Options {
+        return_entropy: true,
+        ..Options::default()
+    };
+    let err = vocab_parallel::cpu_shard_stats(
+        &logits,
+        &[1i64, 2],
+        Shape::flat(2, 5),
+        shard,
+        10,
+        &entropy,
+    );
+    assert!(
+        matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
+        "{err:?}"
+    );
+    if let Some(xent) = xent_tests::gpu() {
+        let err = xent.shard_layout(2, 10, 2, xent::DType::F32, &entropy);
+        assert!(
+            matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
+            "{err:?}"
+        );
+    }
     // The gathered stats of the wrong row count.
     let mut grad = logits.clone();
     let stats =
@@ -353,6 +377,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                     predicted: opts
                         .return_predicted_tokens
                         .then(|| RawBuffer::of(stream, tokens)),
+                    entropy: None,
                     workspace: None,
                 },
             )

@@ -110,6 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         extras: RawBuffer::of(&stream, extras),
                         row_correct: Some(RawBuffer::of(&stream, correct)),
                         predicted: None,
+                        entropy: None,
                         workspace: None,
                     },
                 )

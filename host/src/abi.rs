@@ -390,6 +390,23 @@ pub struct ArgmaxParams {
     pub out: u64,
 }
 
+/// Parameters of the entropy kernel (`return_entropy`): each scored row's entropy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EntropyParams {
+    pub rows: RowsParams,
+    /// Device address of `[f32; n_rows]`: each row's entropy in nats (of the soft-capped logits
+    /// where `softcap > 0`), 0 for a row not scored.
+    pub out: u64,
+    /// The soft cap (0: none).
+    pub softcap: f32,
+    /// `1 / softcap` (0 without).
+    pub inv_softcap: f32,
+}
+
+/// Dynamic shared memory of the entropy kernel: three `f32` a warp, for up to 32 warps.
+pub const SMEM_ENTROPY_BYTES: u32 = 3 * 32 * 4;
+
 /// Parameters of the vocabulary-parallel argmax, step 1 (token accuracy and predicted tokens):
 /// each scored row's first maximal logit in one rank's shard.
 #[repr(C)]

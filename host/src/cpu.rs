@@ -76,6 +76,9 @@ pub struct CpuLoss {
     /// With `return_predicted_tokens`: per row, its first maximal logit's class (`torch.argmax`
     /// of the logits as given), -1 for a row not scored.
     pub predicted_tokens: Option<Vec<i64>>,
+    /// With `return_entropy`: per row, the entropy of its softmax (of the soft-capped logits
+    /// with a soft cap) in nats, `Σ p·(lse - y)`; 0 for a row not scored.
+    pub entropy: Option<Vec<f64>>,
 }
 
 /// The gradient's scale for `n_valid` scored rows, without class weights (with them, the mean's
@@ -157,6 +160,7 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
         class_weight_sum: weight.map_or(shape.vocab as f64, |w| w.iter().map(|&x| x as f64).sum()),
         accuracy: opts.return_token_accuracy,
         predicted: opts.return_predicted_tokens,
+        entropy: opts.return_entropy,
     };
 
     // Rows are independent once the scales are known: split them over the machine's cores, each
@@ -231,6 +235,9 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
         predicted_tokens: opts
             .return_predicted_tokens
             .then(|| outs.iter().map(|o| o.predicted).collect()),
+        entropy: opts
+            .return_entropy
+            .then(|| outs.iter().map(|o| o.entropy).collect()),
     })
 }
 
@@ -259,6 +266,7 @@ struct RowMath<'a> {
     class_weight_sum: f64,
     accuracy: bool,
     predicted: bool,
+    entropy: bool,
 }
 
 impl RowMath<'_> {
@@ -291,6 +299,8 @@ struct RowOut {
     /// The first maximal logit's class (only computed with `return_predicted_tokens`; -1 for a
     /// row not scored or without classes).
     predicted: i64,
+    /// The entropy of the row's softmax (only computed with `return_entropy`).
+    entropy: f64,
 }
 
 impl RowOut {
@@ -300,6 +310,7 @@ impl RowOut {
         lse: 0.0,
         correct: false,
         predicted: -1,
+        entropy: 0.0,
     };
 }
 
@@ -347,6 +358,23 @@ fn row_forward_backward<T: Value>(
         _ => -1,
     };
 
+    // `Σ p·(lse - y)`, each term non-negative.
+    let entropy = match math.entropy {
+        true => row
+            .iter()
+            .map(|x| {
+                // `d` is +inf for a logit of -inf (p = 0): the term's limit, 0.
+                let d = lse_minus(capped(x));
+                if d == f64::INFINITY {
+                    0.0
+                } else {
+                    (-d).exp() * d
+                }
+            })
+            .sum(),
+        false => 0.0,
+    };
+
     let onehot_coef = (1.0 - smoothing) * w_class * math.ce_scale * factor;
     let smooth_coef = smoothing / vocab * math.ce_scale * factor;
     let z_coef = 2.0 * math.lse_square_scale * lse * math.z_scale * factor;
@@ -369,6 +397,7 @@ fn row_forward_backward<T: Value>(
         lse,
         correct,
         predicted,
+        entropy,
     }
 }
 

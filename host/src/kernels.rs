@@ -5,8 +5,8 @@
 use cudarc::driver::DeviceRepr;
 
 use crate::abi::{
-    ArgmaxParams, CountParams, FinishParams, GemmParams, LseGemmParams, LseTmaParams, OptParams,
-    ScaleParams, ShardArgmaxParams, ShardMergeParams, XentParams,
+    ArgmaxParams, CountParams, EntropyParams, FinishParams, GemmParams, LseGemmParams,
+    LseTmaParams, OptParams, ScaleParams, ShardArgmaxParams, ShardMergeParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
@@ -18,6 +18,7 @@ unsafe impl DeviceRepr for CountParams {}
 unsafe impl DeviceRepr for FinishParams {}
 unsafe impl DeviceRepr for ScaleParams {}
 unsafe impl DeviceRepr for ArgmaxParams {}
+unsafe impl DeviceRepr for EntropyParams {}
 unsafe impl DeviceRepr for ShardArgmaxParams {}
 unsafe impl DeviceRepr for ShardMergeParams {}
 unsafe impl DeviceRepr for LseGemmParams {}
@@ -89,6 +90,8 @@ pub(crate) enum Kernel {
     LseGemm,
     /// `xent_argmax_{dtype}_{label}`: the predicted tokens (`return_predicted_tokens`).
     Argmax { dtype: DType, label: &'static str },
+    /// `xent_entropy_{dtype}_{label}`: each row's entropy (`return_entropy`).
+    Entropy { dtype: DType, label: &'static str },
     /// `xent_shard_argmax_{dtype}_{label}`: a vocabulary shard's argmax (token accuracy and
     /// predicted tokens, vocabulary-parallel).
     ShardArgmax { dtype: DType, label: &'static str },
@@ -112,6 +115,7 @@ impl Kernel {
             Kernel::Scale { dtype } => format!("xent_scale_{}", dtype.name()),
             Kernel::LseGemm => "xent_lse_gemm_bf16".to_string(),
             Kernel::Argmax { dtype, label } => format!("xent_argmax_{}_{label}", dtype.name()),
+            Kernel::Entropy { dtype, label } => format!("xent_entropy_{}_{label}", dtype.name()),
             Kernel::ShardArgmax { dtype, label } => {
                 format!("xent_shard_argmax_{}_{label}", dtype.name())
             }

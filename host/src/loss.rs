@@ -73,6 +73,10 @@ pub struct Loss {
     pub(crate) predicted: Option<CudaSlice<i64>>,
     /// The last call asked for predicted tokens.
     pub(crate) predicted_on: bool,
+    /// Per-row entropies (`[f32; rows]`), once a call asked for them.
+    pub(crate) entropy: Option<CudaSlice<f32>>,
+    /// The last call asked for entropies.
+    pub(crate) entropy_on: bool,
     /// The loss options of the last call into these buffers (none before the first).
     pub(crate) loss_key: Option<LossKey>,
 }
@@ -95,6 +99,8 @@ impl Loss {
             accuracy_on: false,
             predicted: None,
             predicted_on: false,
+            entropy: None,
+            entropy_on: false,
             loss_key: None,
         })
     }
@@ -112,9 +118,13 @@ impl Loss {
         if opts.return_predicted_tokens && self.predicted.is_none() {
             self.predicted = Some(stream.alloc_zeros(self.rows.max(1))?);
         }
+        if opts.return_entropy && self.entropy.is_none() {
+            self.entropy = Some(stream.alloc_zeros(self.rows.max(1))?);
+        }
         self.loss_key = Some(LossKey::of(opts, opts.weight.is_some()));
         self.accuracy_on = opts.return_token_accuracy;
         self.predicted_on = opts.return_predicted_tokens;
+        self.entropy_on = opts.return_entropy;
         Ok(())
     }
 
@@ -138,6 +148,7 @@ impl Loss {
             extras: RawBuffer::of(stream, &mut self.extras),
             row_correct: self.row_correct.as_mut().map(|c| RawBuffer::of(stream, c)),
             predicted: self.predicted.as_mut().map(|c| RawBuffer::of(stream, c)),
+            entropy: self.entropy.as_mut().map(|c| RawBuffer::of(stream, c)),
             workspace: self.partials.as_mut().map(|p| RawBuffer::of(stream, p)),
         }
     }
@@ -244,6 +255,19 @@ impl Loss {
         match (&self.predicted, self.predicted_on) {
             (Some(p), true) => {
                 let v = self.stream.clone_dtoh(p)?;
+                Ok(Some(v[..self.rows].to_vec()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits for the call and returns, per row, the entropy of its softmax in nats (of the
+    /// soft-capped logits with a soft cap; 0 for rows not scored), or `None` when the call did
+    /// not ask for them (`return_entropy`).
+    pub fn read_entropy(&self) -> Result<Option<Vec<f32>>> {
+        match (&self.entropy, self.entropy_on) {
+            (Some(e), true) => {
+                let v = self.stream.clone_dtoh(e)?;
                 Ok(Some(v[..self.rows].to_vec()))
             }
             _ => Ok(None),

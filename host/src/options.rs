@@ -80,6 +80,12 @@ pub struct Options {
     /// costs about half the loss's own time. Not an option of the loss: the kernels that compute
     /// it are the same with it on or off. Default false.
     pub return_predicted_tokens: bool,
+    /// Also report each scored row's entropy, `-Σ p·ln p` over its softmax (of the soft-capped
+    /// logits where [`softcap`](Self::softcap) is set: the distribution the loss scores), in
+    /// nats, 0 for a row not scored (TRL's and the RL trainers' per-token entropy). No gradient
+    /// flows through it. One more read of the logits, as the predicted tokens take (a kernel of
+    /// its own, before the loss's). Default false.
+    pub return_entropy: bool,
 }
 
 impl Default for Options {
@@ -96,6 +102,7 @@ impl Default for Options {
             weight: None,
             return_token_accuracy: false,
             return_predicted_tokens: false,
+            return_entropy: false,
         }
     }
 }

@@ -72,7 +72,7 @@ pub struct RawCall {
 /// The outputs of a forward call, owned by the caller, as [`crate::Loss`] holds them: `loss`
 /// `[f32; 1]`, `row_loss` and `row_lse` `[f32; rows]`, `counts` `[u32; COUNT_WORDS]`, `extras`
 /// `[f32; 2]` (z-loss part, token accuracy), `row_correct` `[u32; rows]` (token accuracy only),
-/// `predicted` `[i64; rows]` (predicted tokens only),
+/// `predicted` `[i64; rows]` (predicted tokens only), `entropy` `[f32; rows]` (entropies only),
 /// `workspace` `[f32; workspace_len]` ([`CrossEntropy::raw_workspace_len`]; none when that is 0).
 /// A two-phase backward reads `counts` and `row_lse` of the forward that wrote them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +84,7 @@ pub struct RawLoss {
     pub extras: RawBuffer,
     pub row_correct: Option<RawBuffer>,
     pub predicted: Option<RawBuffer>,
+    pub entropy: Option<RawBuffer>,
     pub workspace: Option<RawBuffer>,
 }
 
@@ -178,6 +179,13 @@ impl RawLoss {
             "return_predicted_tokens needs a predicted buffer ([i64; rows])",
             "predicted",
         )?;
+        let entropy = asked_buffer(
+            opts.return_entropy,
+            self.entropy,
+            rows,
+            "return_entropy needs an entropy buffer ([f32; rows])",
+            "entropy",
+        )?;
         let partials = match (workspace_len, self.workspace) {
             (0, _) => 0,
             (needed, Some(buffer)) => {
@@ -198,6 +206,7 @@ impl RawLoss {
             extras: self.extras.ptr,
             row_correct,
             predicted,
+            entropy,
             partials,
             // The caller's counts: a small call zeroes the done counter first.
             done_zeroed: false,
@@ -247,6 +256,26 @@ impl CrossEntropy {
         let buffers = out.buffers(call.shape.rows(), opts, workspace_len)?;
         let mode = if fused { MODE_FUSED } else { MODE_FORWARD };
         self.launch_loss(stream, &call.kernel_call(), opts, launch, &buffers, mode)
+    }
+
+    /// Each scored row's entropy (of the soft-capped logits with `opts.softcap`; the labels,
+    /// `ignore_index` and the causal shift say which rows are scored) into `out` (`[f32; rows]`,
+    /// 0 for a row not scored), reading the logits once: what `return_entropy` adds to a
+    /// forward, on its own (before a fused forward, which writes over the logits). Enqueued.
+    ///
+    /// # Safety
+    /// As [`raw_forward`](Self::raw_forward) for `call`; `out` must hold `rows` `f32`.
+    pub unsafe fn raw_entropy(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &RawCall,
+        opts: &Options,
+        out: RawBuffer,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        call.validate(opts)?;
+        check_len("entropy", out, call.shape.rows())?;
+        self.launch_entropy(stream, &call.kernel_call(), opts, out.ptr)
     }
 
     /// Two-phase backward: the gradient of `upstream · loss` (`upstream` one `f32`, or one per

@@ -12,6 +12,7 @@
 #[path = "../../host/src/abi.rs"]
 pub mod abi;
 pub mod argmax;
+pub mod entropy;
 pub mod element;
 #[cfg(xent_wgmma)]
 pub mod gemm;
@@ -26,8 +27,8 @@ pub mod wgmma;
 pub mod xent;
 
 use abi::{
-    ArgmaxParams, CountParams, FinishParams, LseGemmParams, ScaleParams, ShardArgmaxParams,
-    ShardMergeParams, XentParams,
+    ArgmaxParams, CountParams, EntropyParams, FinishParams, LseGemmParams, ScaleParams,
+    ShardArgmaxParams, ShardMergeParams, XentParams,
 };
 #[cfg(xent_wgmma)]
 use abi::{GemmParams, GradGemmParams, LseTmaParams};
@@ -197,6 +198,13 @@ kernels! {
     xent_argmax_f16_i64(ArgmaxParams) => argmax::argmax::<F16, i64>;
     xent_argmax_f32_i32(ArgmaxParams) => argmax::argmax::<F32, i32>;
     xent_argmax_f32_i64(ArgmaxParams) => argmax::argmax::<F32, i64>;
+
+    xent_entropy_bf16_i32(EntropyParams) => entropy::entropy::<Bf16, i32>;
+    xent_entropy_bf16_i64(EntropyParams) => entropy::entropy::<Bf16, i64>;
+    xent_entropy_f16_i32(EntropyParams) => entropy::entropy::<F16, i32>;
+    xent_entropy_f16_i64(EntropyParams) => entropy::entropy::<F16, i64>;
+    xent_entropy_f32_i32(EntropyParams) => entropy::entropy::<F32, i32>;
+    xent_entropy_f32_i64(EntropyParams) => entropy::entropy::<F32, i64>;
 
     // Vocabulary-parallel token accuracy and predicted tokens: a shard's argmax, then the ranks'.
     xent_shard_argmax_bf16_i32(ShardArgmaxParams) => argmax::shard_argmax::<Bf16, i32>;

@@ -101,21 +101,26 @@ print("ok")
 
 # A fine-tuning batch whose prompts are masked (half of each sequence labelled -100): by default
 # (skip_ignored=True) only the scored rows go through the GEMMs; skip_ignored=False takes every
-# row. The same loss and gradients, up to the order of the sums.
-prompt = tokens.clone()
-prompt[:, : seq_len // 2] = -100
+# row. The same loss and gradients, up to the order of the sums. A call under 2^35 products
+# rows x D x V takes every row anyway (counting the rows would cost more than they save), so on
+# a GPU this part runs at a size where skipping pays: 8 x 1024 tokens, D = 1024, V = 32768.
+sft_batch, sft_len, sft_dim, sft_vocab = (8, 1024, 1024, 32768) if device == "cuda" else (4, 128, 256, 8192)
+sft_head = torch.randn(sft_vocab, sft_dim, device=device, dtype=dtype) / sft_dim**0.5
+sft_hidden = torch.randn(sft_batch, sft_len, sft_dim, device=device, dtype=dtype)
+prompt = torch.randint(0, sft_vocab, (sft_batch, sft_len), device=device)
+prompt[:, : sft_len // 2] = -100
 results = {}
 for skip in (True, False):
-    h = hidden.clone().requires_grad_()
+    h = sft_hidden.clone().requires_grad_()
     fn = xt.FusedLinearCrossEntropyLoss(causal_shift=True, skip_ignored=skip)
-    loss = fn(head.weight, h, prompt)
+    loss = fn(sft_head, h, prompt)
     loss.backward()
     results[skip] = float(loss.detach()), h.grad.float()
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(10):
-            fn(head.weight, h, prompt).backward()
+            fn(sft_head, h, prompt).backward()
         end.record()
         end.synchronize()
         print(f"skip_ignored={skip}: {start.elapsed_time(end) / 10:.3f} ms a step (forward + backward)")
@@ -125,4 +130,23 @@ print(f"half the rows masked: loss {loss_skip:.6f} (scored rows only) against {l
       f"largest gradient difference / largest gradient {grad_gap:.1e}")
 assert abs(loss_skip - loss_all) <= (1e-2 if dtype == torch.bfloat16 else 1e-6) * abs(loss_all)
 assert grad_gap < (5e-2 if dtype == torch.bfloat16 else 1e-5)
+print("ok")
+
+# Reinforcement learning (GRPO, PPO): each completion token's log-probability under the policy
+# (-loss of reduction="none", differentiable) and the entropy of its next-token distribution
+# (return_entropy: no gradient, for logging and entropy masks), with no logits held.
+temperature = 0.7
+out = xt.linear_cross_entropy(hidden / temperature, head.weight.detach(), tokens, reduction="none",
+                              causal_shift=True, return_entropy=True)
+logits = F.linear(hidden, head.weight.detach()).float()[:, :-1] / temperature
+want_logp = -F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1), ignore_index=-100,
+                             reduction="none").view(batch, seq_len - 1)
+want_entropy = torch.special.entr(torch.softmax(logits, -1)).sum(-1)
+scored = tokens[:, 1:] != -100
+logp_gap = float((-out.loss[:, :-1] - want_logp)[scored].abs().max())
+entropy_gap = float((out.entropy[:, :-1] - want_entropy)[scored].abs().max())
+print(f"per-token log-probs and entropies (mean entropy {float(out.entropy[:, :-1][scored].mean()):.4f} nats): "
+      f"largest differences from PyTorch {logp_gap:.1e} and {entropy_gap:.1e}")
+assert logp_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4) and entropy_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4)
+assert bool((out.entropy[:, -1] == 0).all()) and bool((out.entropy[:, :7] == 0).all())
 print("ok")

@@ -203,6 +203,7 @@ fn raw_loss(
     accuracy: bool,
     workspace: Option<Buffer>,
     predicted: Option<Buffer>,
+    entropy: Option<Buffer>,
 ) -> PyResult<RawLoss> {
     let (base, len) = stats;
     let at = |index: usize, n: usize| RawBuffer::new(base + 4 * index as u64, n);
@@ -220,14 +221,21 @@ fn raw_loss(
         row_lse: at(STATS_ROWS + rows, rows),
         row_correct: accuracy.then(|| at(STATS_ROWS + 2 * rows, rows)),
         predicted: predicted.map(raw),
+        entropy: entropy.map(raw),
         workspace: workspace.map(raw),
     })
 }
 
-/// `opts` with `return_predicted_tokens` on where the caller gave a `predicted` buffer.
-fn with_predicted(opts: &xent::Options, predicted: Option<Buffer>) -> xent::Options {
+/// `opts` with `return_predicted_tokens` and `return_entropy` on where the caller gave a
+/// `predicted` and an `entropy` buffer.
+fn with_outputs(
+    opts: &xent::Options,
+    predicted: Option<Buffer>,
+    entropy: Option<Buffer>,
+) -> xent::Options {
     xent::Options {
         return_predicted_tokens: predicted.is_some(),
+        return_entropy: entropy.is_some(),
         ..opts.clone()
     }
 }
@@ -295,25 +303,42 @@ impl Device {
         fused: bool,
     ) -> PyResult<usize> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
+        let opts = &opts.inner;
         let needed = self
             .xent
-            .raw_workspace_len(&call.shape, call.dtype, &opts.inner, weight.is_some())
+            .raw_workspace_len(&call.shape, call.dtype, opts, weight.is_some())
             .map_err(py_err)?;
         if needed > workspace.map_or(0, |(_, len)| len) {
             return Ok(needed);
         }
-        let accuracy = opts.inner.return_token_accuracy;
-        let out = raw_loss(stats, call.shape.rows(), accuracy, workspace, None)?;
+        let accuracy = opts.return_token_accuracy;
+        let out = raw_loss(stats, call.shape.rows(), accuracy, workspace, None, None)?;
         let stream = self.stream(stream);
         // SAFETY: `xent/_tensors.py` took every address and length from a live tensor of this
         // device, of the dtype named, and the tensors outlive the enqueued work (PyTorch's
         // caching allocator reuses memory only in stream order).
-        unsafe {
-            self.xent
-                .raw_forward(&stream, &call, &opts.inner, &out, fused)
-        }
-        .map_err(py_err)?;
+        unsafe { self.xent.raw_forward(&stream, &call, opts, &out, fused) }.map_err(py_err)?;
         Ok(0)
+    }
+
+    /// Each scored row's entropy into `out` (`[f32; rows]`, 0 for the others; of the soft-capped
+    /// logits with the options' soft cap), enqueued on `stream`: one read of the logits.
+    #[allow(clippy::too_many_arguments)]
+    fn entropy(
+        &self,
+        stream: usize,
+        logits: Buffer,
+        dtype: &str,
+        labels: Buffer,
+        label_type: &str,
+        shape: ShapeArgs,
+        opts: &Options,
+        out: Buffer,
+    ) -> PyResult<()> {
+        let call = raw_call(logits, dtype, labels, label_type, shape, None)?;
+        let stream = self.stream(stream);
+        // SAFETY: as in `forward`; `out` a live float32 tensor of one value a row.
+        unsafe { self.xent.raw_entropy(&stream, &call, &opts.inner, raw(out)) }.map_err(py_err)
     }
 
     /// Two-phase backward: the gradient of `upstream · loss` into `grad` (the logits' address
@@ -335,7 +360,7 @@ impl Device {
     ) -> PyResult<()> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
         let accuracy = opts.inner.return_token_accuracy;
-        let forward = raw_loss(stats, call.shape.rows(), accuracy, None, None)?;
+        let forward = raw_loss(stats, call.shape.rows(), accuracy, None, None, None)?;
         let stream = self.stream(stream);
         // SAFETY: as in `forward`.
         unsafe {

@@ -12,7 +12,7 @@ use xent::linear::{
 };
 
 use super::{
-    Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss, with_predicted,
+    Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss, with_outputs,
 };
 
 /// `[batch, seq_len]` rows of `hidden` features against `vocab` classes.
@@ -151,10 +151,11 @@ pub(crate) fn linear_scratch(
 /// `grads` (`(hidden, (weight, dtype), (bias, dtype), accumulate)`, each optional), working in
 /// `scratch` (`(chunk_rows, logits, gemm_workspace, labels, ones)`, sized by
 /// `linear_scratch`; the ones filled with 1). With `predicted` (`[i64; rows]`, a forward or
-/// fused pass), each scored row's first maximal logit's class too (-1 for the others).
+/// fused pass), each scored row's first maximal logit's class too (-1 for the others); with
+/// `entropy` (`[f32; rows]`, likewise), each scored row's entropy (0 for the others).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None))]
+#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None, entropy=None))]
 pub(crate) fn linear(
     device: &Device,
     stream: usize,
@@ -174,6 +175,7 @@ pub(crate) fn linear(
     grads: (Option<Buffer>, GradArg, GradArg, bool),
     scratch: (usize, Buffer, Buffer, Option<Buffer>, Option<Buffer>),
     predicted: Option<Buffer>,
+    entropy: Option<Buffer>,
 ) -> PyResult<()> {
     let call = raw_linear_call((
         hidden,
@@ -187,8 +189,15 @@ pub(crate) fn linear(
     ))?;
     let pass = pass_of(pass_name, upstream)?;
     let accuracy = opts.inner.return_token_accuracy;
-    let out = raw_loss(stats, call.shape.rows(), accuracy, workspace, predicted)?;
-    let opts = with_predicted(&opts.inner, predicted);
+    let out = raw_loss(
+        stats,
+        call.shape.rows(),
+        accuracy,
+        workspace,
+        predicted,
+        entropy,
+    )?;
+    let opts = with_outputs(&opts.inner, predicted, entropy);
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
         hidden: grad_hidden.map(raw),

@@ -150,7 +150,7 @@ pub(crate) fn shard_backward(
     let accuracy = opts.inner.return_token_accuracy;
     let opts = predicting(opts, predicted.is_some());
     let layout = layout(&device.xent, rows, vocab, world, call.dtype, &opts)?;
-    let out = raw_loss(stats, rows, accuracy, None, predicted)?;
+    let out = raw_loss(stats, rows, accuracy, None, predicted, None)?;
     let stream = device.stream(stream);
     // SAFETY: as in `shard_stats`; `predicted`, where given, a live int64 tensor of `rows`.
     unsafe {
@@ -192,7 +192,7 @@ pub(crate) fn shard_grad(
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
-    let out = raw_loss(stats, call.shape.rows(), false, None, None)?;
+    let out = raw_loss(stats, call.shape.rows(), false, None, None, None)?;
     let stream = device.stream(stream);
     // SAFETY: as in `shard_stats`; `stats` is the same call's step 3 output, enqueued before on
     // this stream.

@@ -21,3 +21,22 @@ def _installed_xent_first():
 
 
 _installed_xent_first()
+
+
+try:
+    import pytest
+
+    import xent.torch.linear as _linear
+except ImportError:  # NumPy-only runs (no torch)
+    _linear = None
+
+if _linear is not None:
+    # The shipped threshold, for the test that checks it.
+    SKIP_MIN_PRODUCTS = _linear._SKIP_MIN_PRODUCTS
+
+    @pytest.fixture(autouse=True)
+    def _small_calls_skip_ignored_rows(monkeypatch):
+        """The tests' shapes are far below ``_SKIP_MIN_PRODUCTS``, under which ``skip_ignored``
+        computes every row: every test takes the scored rows alone as large calls do (a test of
+        the threshold itself sets it back)."""
+        monkeypatch.setattr(_linear, "_SKIP_MIN_PRODUCTS", 0)

@@ -305,6 +305,27 @@ def test_skip_ignored_computes_only_the_scored_rows(device, dtype, case, monkeyp
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_skip_ignored_takes_every_row_of_a_small_call(device, monkeypatch):
+    """Under ``_SKIP_MIN_PRODUCTS`` products ``rows·D·V`` (the shipped value; the other tests set
+    it to 0) a call computes every row without counting them, and from that size on it skips."""
+    import conftest
+    import xent.torch.linear as linear
+
+    monkeypatch.setattr(linear, "_SKIP_MIN_PRODUCTS", conftest.SKIP_MIN_PRODUCTS)
+    assert linear._SKIP_MIN_PRODUCTS == 1 << 35
+    h, w, b, y, _ = inputs(device, (3, 29), bias=True)
+    y[0, :11] = -100
+    rows = rows_reaching_the_gemms(monkeypatch, device)
+    xt.linear_cross_entropy(h, w, y, b)
+    assert rows == [87]
+    # The same call as if it were at the threshold: skipped.
+    monkeypatch.setattr(linear, "_SKIP_MIN_PRODUCTS", 87 * 64 * 1003)
+    rows.clear()
+    xt.linear_cross_entropy(h, w, y, b)
+    assert rows == [int((y != -100).sum())]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_skip_ignored_with_every_label_ignored(device, reduction, monkeypatch):
     """Every label ignored: no rows reach the GEMMs; the loss is PyTorch's (NaN for the mean, 0
@@ -706,6 +727,54 @@ def test_return_predicted_tokens_is_the_scored_rows_argmax(device, dtype, case):
         assert hh.grad is not None and ww.grad is not None
     module = xt.FusedLinearCrossEntropyLoss(return_predicted_tokens=True, ignore_index=ignore_index)
     check_predicted(module(w, h, y, b).predicted_tokens, h, w, b, y, dtype, ignore_index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["mean", "none", "causal", "ignore_7", "token_scaling", "no_grad", "every_row"])
+def test_return_entropy_is_the_scored_rows_entropy(device, dtype, case):
+    """``return_entropy``: each scored row's entropy of the softmax of ``h·Wᵀ + b`` (soft-capped
+    where asked), read from the chunks of logits, against float64 PyTorch on the logits rounded to
+    the inputs' dtype as the GEMM rounds them (within 2e-5 of ``max(1, H)``, plus 2e-3 in 16 bits
+    for a logit the GEMM's f32 sums round the other way), 0 where not scored, no gradient; the
+    loss is the call's without it. With the scored rows alone (``skip_ignored``, the default) and
+    every row."""
+    from test_torch import expected_entropy
+
+    kwargs = dict(
+        mean=dict(),
+        none=dict(reduction="none", return_token_accuracy=True, two_phase=True),
+        causal=dict(causal_shift=True, softcap=4.0),
+        ignore_7=dict(ignore_index=7, return_z_loss=True, lse_square_scale=1e-4, return_predicted_tokens=True),
+        token_scaling=dict(use_token_scaling=True),
+        no_grad=dict(),
+        every_row=dict(skip_ignored=False, causal_shift=True),
+    )[case]
+    ignore_index = kwargs.get("ignore_index", -100)
+    causal = kwargs.get("causal_shift", False)
+    h, w, b, y, _ = inputs(device, (3, 41), dtype=dtype, bias=True, ignore_index=ignore_index, scale=2.0)
+    grad = case != "no_grad"
+    hh, ww, bb = (t.detach().clone().requires_grad_(grad) for t in (h, w, b))
+    # Small chunks, so that several chunks each take their rows' entropies.
+    out = xt.linear_cross_entropy(hh, ww, y, bb, return_entropy=True, chunk_bytes=40 * 1003 * 4, **kwargs)
+    assert isinstance(out, xt.CrossEntropyOutput)
+    assert out.entropy.dtype == torch.float32 and out.entropy.shape == y.shape and not out.entropy.requires_grad
+    logits = (h.detach().to(F64) @ w.detach().to(F64).T + b.detach().to(F64)).to(dtype)
+    want = expected_entropy(logits, y, ignore_index, causal, kwargs.get("softcap"))
+    got = out.entropy.cpu().to(F64)
+    atol = 0.0 if dtype == torch.float32 else 2e-3
+    err = (got - want).abs() - 2e-5 * want.abs().clamp(min=1.0)
+    assert float(err.max()) <= atol, f"worst error {float((got - want).abs().max()):.3g}"
+    assert torch.equal(got == 0, want == 0) and float(want.max()) > 1.0
+    plain = xt.linear_cross_entropy(h, w, y, b, chunk_bytes=40 * 1003 * 4, **kwargs)
+    loss = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
+    assert torch.equal(out.loss, loss), "the option changes the loss"
+    if grad:
+        out.loss.sum().backward()
+        assert hh.grad is not None and ww.grad is not None
+    module = xt.FusedLinearCrossEntropyLoss(return_entropy=True, ignore_index=ignore_index)
+    torch.testing.assert_close(module(w, h, y, b).entropy, xt.linear_cross_entropy(h, w, y, b, ignore_index=ignore_index,
+                               return_entropy=True).entropy, rtol=0, atol=0)
 
 
 @cuda_only

@@ -1039,6 +1039,86 @@ def test_return_predicted_tokens_is_the_scored_rows_argmax(device, dtype, case):
     assert torch.equal(module(logits.clone(), target).predicted_tokens, want)
 
 
+def expected_entropy(logits, target, ignore_index=-100, causal_shift=False, softcap=None):
+    """``return_entropy``'s definition in float64: ``-Σ p·ln p`` of each row's softmax (of the
+    soft-capped logits), 0 where the row is not scored (as ``expected_predicted`` decides)."""
+    x = logits.detach().to(F64).cpu()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1)
+    scored = expected_predicted(logits.cpu(), target.cpu(), ignore_index, causal_shift) >= 0
+    return torch.where(scored, entropy, torch.zeros_like(entropy))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", ["mean", "none", "softcap_causal", "grad_two_phase", "ignore_7", "peaked"])
+def test_return_entropy_is_each_scored_rows_entropy(device, dtype, case):
+    """``return_entropy``: each scored row's entropy of the softmax the loss scores (after the
+    soft cap), against float64 PyTorch within 2e-5 of ``max(1, H)`` (f32 sums of ``ex2.approx``
+    terms; the logits are the call's, rounded to ``dtype``), 0 where not scored, NaN for a NaN
+    row, with no gradient; the loss and gradient are those of the call without it, taken after
+    the entropy (a fused call writes over the logits); the module's argument too."""
+    kwargs = dict(
+        mean=dict(),
+        none=dict(reduction="none", return_token_accuracy=True),
+        softcap_causal=dict(softcap=2.0, causal_shift=True, label_smoothing=0.1),
+        grad_two_phase=dict(two_phase=True, lse_square_scale=1e-3, return_z_loss=True),
+        ignore_7=dict(ignore_index=7, return_predicted_tokens=True),
+        peaked=dict(softcap=30.0),
+    )[case]
+    ignore_index = kwargs.get("ignore_index", -100)
+    causal = kwargs.get("causal_shift", False)
+    logits, target, _ = make_inputs(device, (4, 33, 1003), dtype=dtype, ignore_index=ignore_index,
+                                    causal_shift=causal, hits=True,
+                                    logit_scale=12.0 if case == "peaked" else 3.0)
+    if case == "none":  # a NaN row, a row with masked (-inf) logits
+        logits[0, 1, 17] = float("nan")
+        logits[0, 2, ::3] = float("-inf")
+    want = expected_entropy(logits, target, ignore_index, causal, kwargs.get("softcap"))
+    plain = xt.cross_entropy(logits.clone(), target, **kwargs)
+    grad = case in ("mean", "grad_two_phase", "peaked")
+    x = logits.clone().requires_grad_(grad)
+    out = xt.cross_entropy(x, target, return_entropy=True, **kwargs)
+    assert isinstance(out, xt.CrossEntropyOutput)
+    assert out.entropy.dtype == torch.float32 and out.entropy.shape == target.shape
+    assert not out.entropy.requires_grad
+    got = out.entropy.cpu().to(F64)
+    assert bool((got.isnan() == want.isnan()).all())
+    ok = (got - want).abs() <= 2e-5 * want.abs().clamp(min=1.0)
+    assert bool((ok | want.isnan()).all()), f"worst error {float((got - want).abs().nan_to_num().max()):.3g}"
+    assert float(want.nan_to_num().max()) > 1.0  # not trivially 0
+    loss = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=0, equal_nan=True)  # the same loss
+    if grad:
+        out.loss.backward()  # the fused call wrote its gradient over x after the entropy was read
+        g = logits.clone().requires_grad_(True)
+        again = xt.cross_entropy(g, target, **kwargs)
+        (again.loss if isinstance(again, xt.CrossEntropyOutput) else again).backward()
+        assert torch.equal(x.grad, g.grad)
+    module = xt.CrossEntropyLoss(return_entropy=True, **kwargs)
+    torch.testing.assert_close(module(logits.clone(), target).entropy, out.entropy, rtol=0, atol=0, equal_nan=True)
+
+
+@cuda_only
+def test_return_entropy_under_torch_compile():
+    """``return_entropy`` compiled with ``fullgraph=True``: the custom operator ``xent::entropy``,
+    no graph break, the eager call's entropies bit for bit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    logits, target, _ = make_inputs("cuda", (2, 41, 1003), dtype=torch.bfloat16, causal_shift=True, logit_scale=3.0)
+
+    def step(x):
+        out = xt.cross_entropy(x, target, causal_shift=True, softcap=5.0, return_entropy=True)
+        return out.loss, out.entropy
+
+    explanation = torch._dynamo.explain(step)(logits.clone())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(logits.clone())[1], step(logits.clone())[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Empty inputs and bad inputs
 # ---------------------------------------------------------------------------------------------

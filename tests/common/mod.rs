@@ -253,6 +253,39 @@ pub fn grad_tol_scale(opts: &Options, expected: &cpu::CpuLoss) -> f64 {
     if scale.is_finite() { scale } else { z_scale }
 }
 
+/// Tolerance of a row's entropy `reference` (nats): f32 sums of `ex2.approx` terms over the row
+/// and an `lg2.approx` (each within about 2^-22), and the soft cap's polynomial (a few ulp of each
+/// capped logit, which moves the entropy by as much of the logits' spread).
+pub fn entropy_tol(reference: f64) -> f64 {
+    2e-5 * reference.abs().max(1.0)
+}
+
+/// Compares a call's entropies (`None`: not asked for) with the reference's: NaN where it is NaN.
+pub fn check_entropy(got: Option<Vec<f32>>, want: &Option<Vec<f64>>) -> Result<(), String> {
+    match (got, want) {
+        (None, None) => Ok(()),
+        (Some(got), Some(want)) if got.len() == want.len() => {
+            let bad = (0..got.len()).find(|&r| {
+                let (g, w) = (got[r] as f64, want[r]);
+                !((g.is_nan() && w.is_nan()) || (g - w).abs() <= entropy_tol(w))
+            });
+            match bad {
+                None => Ok(()),
+                Some(r) => Err(format!(
+                    "entropy row {r}: {} != reference {}",
+                    got[r], want[r]
+                )),
+            }
+        }
+        (got, want) => Err(format!(
+            "entropy: {} rows against the reference's {}",
+            got.map_or("no".to_string(), |g| g.len().to_string()),
+            want.as_ref()
+                .map_or("no".to_string(), |w| w.len().to_string())
+        )),
+    }
+}
+
 /// Compares what the loss options add (the z-loss part, the token accuracy per row and overall)
 /// with the reference; `Ok` when the call did not ask for them.
 pub fn check_option_outputs(
@@ -280,6 +313,10 @@ pub fn check_option_outputs(
             r.and_then(|r| want.get(r))
         ));
     }
+    check_entropy(
+        loss.read_entropy().map_err(|e| e.to_string())?,
+        &expected.entropy,
+    )?;
     let accuracy = loss.read_accuracy().map_err(|e| e.to_string())?;
     let row_correct = loss.read_row_correct().map_err(|e| e.to_string())?;
     match (

@@ -21,7 +21,8 @@ use crate::options::{Element, Options, Reduction};
 /// (u32, i64 or i32) of `hidden`'s leading shape (`[batch, seq_len]` for the causal shift). The
 /// loss is an f32 tensor: a scalar, or per row for `Reduction::None`. `loss.backward()` yields the
 /// gradients of `upstream · loss` w.r.t. `hidden` and `weight`, in their dtype. No bias (an LM
-/// head has none); `return_predicted_tokens` is refused (the op returns the loss only).
+/// head has none); `return_predicted_tokens` and `return_entropy` are refused (the op returns the
+/// loss only).
 pub fn linear_cross_entropy(
     hidden: &Tensor,
     weight: &Tensor,
@@ -30,10 +31,10 @@ pub fn linear_cross_entropy(
 ) -> candle_core::Result<Tensor> {
     let vocab = weight.dims().first().copied().unwrap_or(0);
     opts.validate(vocab).map_err(err)?;
-    if opts.return_predicted_tokens {
+    if opts.return_predicted_tokens || opts.return_entropy {
         candle_core::bail!(
-            "xent linear_cross_entropy: return_predicted_tokens is not supported here (the op \
-             returns the loss only)"
+            "xent linear_cross_entropy: return_predicted_tokens and return_entropy are not \
+             supported here (the op returns the loss only)"
         );
     }
     if hidden.dtype() != weight.dtype() {
@@ -617,6 +618,11 @@ mod tests {
             ..Options::default()
         };
         assert!(message(linear_cross_entropy(&h, &w, &t, &predicted)).contains("predicted"));
+        let entropy = Options {
+            return_entropy: true,
+            ..Options::default()
+        };
+        assert!(message(linear_cross_entropy(&h, &w, &t, &entropy)).contains("return_entropy"));
         let smoothing = Options {
             label_smoothing: 2.0,
             ..Options::default()

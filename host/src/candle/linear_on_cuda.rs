@@ -177,6 +177,7 @@ pub(super) fn forward(
         extras: RawBuffer::of(&stream, &mut extras),
         row_correct: row_correct.as_mut().map(|c| RawBuffer::of(&stream, c)),
         predicted: None,
+        entropy: None,
         workspace: workspace.as_mut().map(|w| RawBuffer::of(&stream, w)),
     };
     // The fused pass's gradients: the hidden states' in their dtype, the weight's summed over
@@ -386,6 +387,7 @@ pub(super) fn backward(
         extras: RawBuffer::new(0, 0),
         row_correct: None,
         predicted: None,
+        entropy: None,
         workspace: None,
     };
     let (n_hidden, n_weight) = (hidden.len, head.len);

@@ -28,10 +28,10 @@ pub fn cross_entropy(
 ) -> candle_core::Result<Tensor> {
     opts.validate(*logits.dims().last().unwrap_or(&0))
         .map_err(candle_core::Error::wrap)?;
-    if opts.return_predicted_tokens {
+    if opts.return_predicted_tokens || opts.return_entropy {
         candle_core::bail!(
-            "xent cross_entropy: return_predicted_tokens is not supported here (the op returns the \
-             loss only): take logits.argmax(D::Minus1) before the call"
+            "xent cross_entropy: return_predicted_tokens and return_entropy are not supported here \
+             (the op returns the loss only): take logits.argmax(D::Minus1) before the call"
         );
     }
     logits.apply_op2(

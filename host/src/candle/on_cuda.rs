@@ -189,6 +189,7 @@ fn run_forward(
         extras: RawBuffer::of(stream, &mut out.extras),
         row_correct: out.row_correct.as_mut().map(|c| RawBuffer::of(stream, c)),
         predicted: None,
+        entropy: None,
         workspace: out.workspace.as_mut().map(|w| RawBuffer::of(stream, w)),
     };
     // SAFETY: every address is a live buffer of candle's or this call's on `stream`'s context,
@@ -308,6 +309,7 @@ pub(super) fn backward(
         extras: RawBuffer::new(0, 0),
         row_correct: None,
         predicted: None,
+        entropy: None,
         workspace: None,
     };
     let len = logits.len;

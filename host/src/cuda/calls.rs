@@ -229,6 +229,10 @@ impl CrossEntropy {
             (true, Some(c)) => c.device_ptr_mut(stream).0,
             _ => 0,
         };
+        let entropy = match (opts.return_entropy, out.entropy.as_mut()) {
+            (true, Some(c)) => c.device_ptr_mut(stream).0,
+            _ => 0,
+        };
         let call = KernelCall {
             dtype: T::DTYPE,
             label: L::NAME,
@@ -245,6 +249,7 @@ impl CrossEntropy {
             extras,
             row_correct,
             predicted,
+            entropy,
             partials,
             // `Loss` allocates its counts zeroed, and small calls leave the done counter at 0.
             done_zeroed: true,

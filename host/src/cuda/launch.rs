@@ -8,8 +8,8 @@ use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
 use super::CrossEntropy;
 use crate::abi::{
-    ArgmaxParams, COUNT_DONE, COUNT_WORDS, CountParams, FinishParams, MODE_FUSED, RowsParams,
-    SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
+    ArgmaxParams, COUNT_DONE, COUNT_WORDS, CountParams, EntropyParams, FinishParams, MODE_FUSED,
+    RowsParams, SMEM_ENTROPY_BYTES, SMEM_REDUCTION_BYTES, ScaleParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, XentKind, opt_params, variant};
@@ -145,6 +145,7 @@ impl CrossEntropy {
         self.preload(loss_kernels(call, opts, &launch_plan, small, small_kernel))?;
         // The predicted tokens first: the fused modes write the gradient over the logits.
         self.launch_argmax(stream, call, opts, out.predicted)?;
+        self.launch_entropy(stream, call, opts, out.entropy)?;
         if !small {
             self.launch_count(stream, call, opts, out.counts)?;
             self.launch_main(stream, call, opts, launch_plan, out, mode, false)?;
@@ -390,6 +391,38 @@ impl CrossEntropy {
         )
     }
 
+    /// Enqueues the entropy kernel over `call`'s logits into `out` (`[f32; rows]`; 0: nothing to
+    /// do): before anything writes a gradient over them.
+    pub(crate) fn launch_entropy(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &KernelCall,
+        opts: &Options,
+        out: u64,
+    ) -> Result<()> {
+        let rows = call.shape.rows();
+        if rows == 0 || out == 0 {
+            return Ok(());
+        }
+        let kernel = entropy_kernel(call);
+        let cap = opts.softcap.unwrap_or(0.0);
+        let params = EntropyParams {
+            rows: self.rows_params(call.logits, call.labels, call.shape, opts),
+            out,
+            softcap: cap,
+            inv_softcap: if cap > 0.0 { 1.0 / cap } else { 0.0 },
+        };
+        self.preload([Some(kernel)])?;
+        self.launch(
+            stream,
+            kernel,
+            &params,
+            plan::argmax_blocks(rows, self.limits),
+            plan::ARGMAX_THREADS,
+            SMEM_ENTROPY_BYTES,
+        )
+    }
+
     /// Enqueues the finish kernel: the reduced loss of `rows` rows of `out`.
     pub(crate) fn launch_finish(
         &self,
@@ -484,6 +517,8 @@ pub(crate) struct LossBuffers {
     pub row_correct: u64,
     /// `[i64; rows]` of predicted tokens (`return_predicted_tokens`; 0: none).
     pub predicted: u64,
+    /// `[f32; rows]` of entropies (`return_entropy`; 0: none).
+    pub entropy: u64,
     pub partials: u64,
     /// Whether `counts[COUNT_DONE]` is known to be 0 (buffers xent allocated); otherwise a small
     /// call zeroes it first.
@@ -503,6 +538,14 @@ fn xent_kernel(call: &KernelCall, opts: &Options, kind: XentKind) -> Kernel {
 /// The predicted-tokens kernel of `call` ([`CrossEntropy::launch_argmax`]).
 pub(crate) fn argmax_kernel(call: &KernelCall) -> Kernel {
     Kernel::Argmax {
+        dtype: call.dtype,
+        label: call.label,
+    }
+}
+
+/// The entropy kernel of `call` ([`CrossEntropy::launch_entropy`]).
+pub(crate) fn entropy_kernel(call: &KernelCall) -> Kernel {
+    Kernel::Entropy {
         dtype: call.dtype,
         label: call.label,
     }

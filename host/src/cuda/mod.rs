@@ -40,7 +40,8 @@ mod planning;
 pub use partition::green_context;
 
 pub(crate) use launch::{
-    KernelCall, LossBuffers, argmax_kernel, backward_kernel, loss_kernels, main_kernels,
+    KernelCall, LossBuffers, argmax_kernel, backward_kernel, entropy_kernel, loss_kernels,
+    main_kernels,
 };
 use loading::configure;
 

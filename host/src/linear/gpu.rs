@@ -18,8 +18,8 @@ use super::{LinearShape, chunk_rows, gemm_tn, gemm_workspace_bytes, vocab_block}
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
 use crate::cuda::{
-    CrossEntropy, KernelCall, LossBuffers, argmax_kernel, backward_kernel, loss_kernels,
-    main_kernels,
+    CrossEntropy, KernelCall, LossBuffers, argmax_kernel, backward_kernel, entropy_kernel,
+    loss_kernels, main_kernels,
 };
 use crate::error::{Error, Result};
 use crate::loss::Loss;
@@ -352,6 +352,7 @@ impl CrossEntropy {
                     extras: 0,
                     row_correct: 0,
                     predicted: 0,
+                    entropy: 0,
                     partials: 0,
                     done_zeroed: false,
                 }
@@ -449,7 +450,8 @@ impl CrossEntropy {
                         .chain(main_kernels(&work.whole, &work.opts, &last, false))
                 })
                 .chain([backward])
-                .chain([(buffers.predicted != 0).then(|| argmax_kernel(&work.whole))]),
+                .chain([(buffers.predicted != 0).then(|| argmax_kernel(&work.whole))])
+                .chain([(buffers.entropy != 0).then(|| entropy_kernel(&work.whole))]),
         )?;
         // The loss (and, in the row scheme, the gradients) by chunks of rows.
         if !matches!(pass, LinearPass::Backward { .. }) {
@@ -780,6 +782,7 @@ impl Work<'_> {
             row_lse: at(buffers.row_lse, 4),
             row_correct: at(buffers.row_correct, 4),
             predicted: at(buffers.predicted, 8),
+            entropy: at(buffers.entropy, 4),
             ..*buffers
         };
         // The predicted tokens from the chunk's logits, before its gradient overwrites them.
@@ -789,6 +792,8 @@ impl Work<'_> {
             &self.opts,
             chunk_buffers.predicted,
         )?;
+        // The entropies likewise.
+        xent.launch_entropy(self.stream, &kernel_call, &self.opts, chunk_buffers.entropy)?;
         let mode = if grads { MODE_FUSED } else { MODE_FORWARD };
         xent.launch_main(
             self.stream,

@@ -152,6 +152,7 @@ impl ShardCall {
             ));
         }
         opts.validate(self.vocab)?;
+        super::refuse_entropy(opts)?;
         if let Some(w) = self.weight
             && w.len != self.vocab
         {
@@ -192,6 +193,7 @@ impl CrossEntropy {
         opts: &Options,
     ) -> Result<ShardLayout> {
         opts.validate_except_weight_values(vocab)?;
+        super::refuse_entropy(opts)?;
         let widest = Shard::split(vocab, world)?[0].width;
         let (chunk_len, n_chunks, threads) = match forced_shard_chunk()? {
             Some((len, threads)) => {

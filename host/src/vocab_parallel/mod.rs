@@ -125,6 +125,18 @@ fn class_weight(opts: &Options, class: usize) -> f64 {
     opts.weight.as_deref().map_or(1.0, |w| w[class] as f64)
 }
 
+/// [`Options::return_entropy`] is refused: a rank's kernels see only its shard's logits.
+pub(crate) fn refuse_entropy(opts: &Options) -> Result<()> {
+    match opts.return_entropy {
+        true => Err(Error::InvalidOption(
+            "return_entropy is not supported by the vocabulary-parallel loss (each rank sees only \
+             its shard's logits)"
+                .to_string(),
+        )),
+        false => Ok(()),
+    }
+}
+
 /// Checks a shard's call: `shape` is the shard's `[rows, width]` layout (batch and sequence as
 /// the whole call's, for the causal shift), and returns the whole vocabulary's shape.
 fn whole_shape(shape: &Shape, shard: Shard, vocab: usize, opts: &Options) -> Result<Shape> {
@@ -137,6 +149,7 @@ fn whole_shape(shape: &Shape, shard: Shard, vocab: usize, opts: &Options) -> Res
         )));
     }
     opts.validate(vocab)?;
+    refuse_entropy(opts)?;
     Ok(Shape {
         vocab,
         row_stride: vocab,
@@ -366,5 +379,6 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
         row_correct,
         accuracy,
         predicted_tokens: None,
+        entropy: None,
     })
 }

@@ -180,6 +180,20 @@ def forward(call: Call, opts: "_xent.Options", fused: bool) -> torch.Tensor:
     return stats
 
 
+def entropy(call: Call, opts: "_xent.Options") -> torch.Tensor:
+    """Enqueues each scored row's entropy (the soft-capped logits' with ``opts``' soft cap) and
+    returns it: float32, one a row (flat), 0 where not scored. CUDA only: one read of the
+    logits."""
+    logits = call.logits
+    out = torch.empty(call.layout.rows, dtype=torch.float32, device=logits.device)
+    index = logits.device.index
+    logits_, dtype, labels, label_type, shape, _ = call.args()
+    with _on(index):
+        device(index).entropy(_stream(index), logits_, dtype, labels, label_type, shape, opts,
+                              (out.data_ptr(), out.numel()))
+    return out
+
+
 def backward(call: Call, opts, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor) -> None:
     """Two-phase backward: the gradient of ``upstream * loss`` written into ``grad`` (the logits
     themselves, or a buffer from ``grad_buffer``), from a forward's stats."""

@@ -102,6 +102,19 @@ forward.register_fake(_fake_forward)
 fused_forward.register_fake(_fake_forward)
 
 
+@torch.library.custom_op("xent::entropy", mutates_args=())
+def entropy(logits: Tensor, target: Tensor, ignore_index: int, causal_shift: bool, softcap: float) -> Tensor:
+    """Each scored row's entropy (``[rows]`` float32, 0 where not scored); the logits are only
+    read."""
+    opts = _options(ignore_index, "mean", 1.0, causal_shift, 0.0, 0.0, softcap, False)
+    return _launch.entropy(_launch.prepare(logits, target, None, causal_shift), opts)
+
+
+@entropy.register_fake
+def _(logits, target, ignore_index, causal_shift, softcap):
+    return target.new_empty(target.numel(), dtype=torch.float32)
+
+
 @torch.library.custom_op("xent::backward", mutates_args=())
 def backward(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor, upstream: Tensor,

@@ -47,18 +47,44 @@ def predicted_tokens(logits, target, ignore_index, causal_shift):
     return torch.where(scored, argmax, torch.full_like(argmax, -1))
 
 
+def row_entropy(logits, target, ignore_index, causal_shift, softcap):
+    """Each scored row's entropy, ``-Σ p·ln p`` over the softmax of its logits (soft-capped by
+    ``softcap``: the distribution the loss scores), in nats; 0 for a row not scored (as
+    ``predicted_tokens`` decides); float32, ``target``'s shape, no gradient. On CUDA xent's
+    kernel (one read of the logits), on the CPU in float64. Read before a fused loss writes its
+    gradient over the logits."""
+    if logits.is_cuda:
+        if torch.compiler.is_compiling():
+            flat = _ops.entropy(logits, target, ignore_index, causal_shift, softcap or 0.0)
+        else:
+            opts = _launch.checked(_launch.Opts(ignore_index, causal_shift=causal_shift, softcap=softcap))
+            flat = _launch.entropy(_launch.prepare(logits, target, None, causal_shift), opts)
+        return flat.view(target.shape)
+    vocab = logits.shape[-1]
+    x = logits.detach().to(torch.float64)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1) if vocab else x.new_zeros(x.shape[:-1])
+    labels = scored_labels(target, ignore_index, causal_shift)
+    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    entropy = entropy.reshape(target.shape).to(torch.float32)
+    return torch.where(scored, entropy, torch.zeros_like(entropy))
+
+
 @dataclass
 class CrossEntropyOutput:
-    """What a call returns when ``return_z_loss``, ``return_token_accuracy`` or
-    ``return_predicted_tokens`` is set (Liger's ``CrossEntropyOutput``): device tensors, none of
-    them synchronised; scalars, or per row (``target``'s shape: each row's z-loss part, and 1.0
-    where its argmax is its label) with ``reduction="none"``; the predicted tokens are per row
-    (``target``'s shape, int64, -1 where not scored) whatever the reduction."""
+    """What a call returns when ``return_z_loss``, ``return_token_accuracy``,
+    ``return_predicted_tokens`` or ``return_entropy`` is set (Liger's ``CrossEntropyOutput``, and
+    ``entropy``): device tensors, none of them synchronised; scalars, or per row (``target``'s
+    shape: each row's z-loss part, and 1.0 where its argmax is its label) with
+    ``reduction="none"``; the predicted tokens (int64, -1 where not scored) and the entropies
+    (float32 nats, 0 where not scored, no gradient) are per row whatever the reduction."""
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor] = None
     token_accuracy: Optional[torch.Tensor] = None
     predicted_tokens: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
 
 
 def cross_entropy(
@@ -79,6 +105,7 @@ def cross_entropy(
     two_phase: Optional[bool] = None,
     inplace_backward: bool = True,
     check_labels: bool = False,
+    return_entropy: bool = False,
 ):
     """Cross-entropy of ``input`` (``[..., V]`` logits: float32, float16 or bfloat16; rows may be
     strided, the class dimension must be contiguous) against ``target`` (``[...]`` class indices,
@@ -91,6 +118,10 @@ def cross_entropy(
       ``return_predicted_tokens``: Liger's. The predicted tokens (``predicted_tokens``) are
       ``input.argmax(-1)``, taken before the loss (which may write its gradient over ``input``):
       one more read of the logits.
+    - ``return_entropy``: each scored row's entropy ``-Σ p·ln p`` of the softmax the loss scores
+      (after the soft cap), in nats, as ``entropy`` (float32, ``target``'s shape, 0 where not
+      scored; no gradient flows through it: for logging and entropy masks, as RL trainers use
+      it), taken before the loss: one more read of the logits (xent's kernel on CUDA).
     - ``causal_shift``: position ``t`` of each sequence (the last leading dimension) is scored
       against ``target`` at ``t + 1``, the last position ignored; no slice or copy needed.
     - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
@@ -116,9 +147,11 @@ def cross_entropy(
     )
     if not torch.compiler.is_compiling():
         _launch.checked(opts)  # bad option values raise here, before anything runs
-    predicted = None
+    predicted = entropy = None
     if return_predicted_tokens and isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
         predicted = predicted_tokens(input, target, ignore_index, causal_shift)
+    if return_entropy and isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+        entropy = row_entropy(input, target, ignore_index, causal_shift, softcap)
     if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
         if two_phase is None:
             two_phase = input.dtype == torch.float16 or reduction != "mean"
@@ -127,16 +160,17 @@ def cross_entropy(
         loss, stats = _forward_only(input, target, weight, opts)
     return outputs(
         loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
-        check_labels, predicted,
+        check_labels, predicted, entropy,
     )
 
 
 def outputs(loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy,
-            check_labels, predicted=None):
+            check_labels, predicted=None, entropy=None):
     """What a call returns from its loss and stats: the loss, or a ``CrossEntropyOutput`` (with
-    ``predicted``, the predicted tokens, too); with ``check_labels``, after waiting for the call
-    and raising IndexError for a bad target."""
-    if not (check_labels or return_z_loss or return_token_accuracy or predicted is not None):
+    ``predicted``, the predicted tokens, and ``entropy``, the entropies, too); with
+    ``check_labels``, after waiting for the call and raising IndexError for a bad target."""
+    extra = predicted is not None or entropy is not None
+    if not (check_labels or return_z_loss or return_token_accuracy or extra):
         return loss
     z_loss, accuracy, counts = extras_of(stats)
     if reduction == "none":  # per row, as Liger returns them
@@ -148,11 +182,12 @@ def outputs(loss, stats, target, reduction, lse_square_scale, return_z_loss, ret
             accuracy = row_correct.view(torch.int32).to(torch.float32).view(target.shape)
     if check_labels:
         _launch.check_labels(counts)
-    if return_z_loss or return_token_accuracy or predicted is not None:
+    if return_z_loss or return_token_accuracy or extra:
         return CrossEntropyOutput(
             loss=loss,
             z_loss=z_loss if return_z_loss else None,
             token_accuracy=accuracy if return_token_accuracy else None,
             predicted_tokens=predicted,
+            entropy=entropy,
         )
     return loss

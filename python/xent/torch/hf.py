@@ -181,7 +181,7 @@ class _FusedCall:
         target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
         scored = None
         if self.skip_ignored and _may_wait(hidden):
-            scored = _scored_rows(hidden, target, ignore_index, causal)
+            scored = _scored_rows(hidden, target, ignore_index, causal, self.head.out_features)
         if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
             hidden, target, _ = scored
             causal = False
@@ -323,7 +323,8 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, skip_ignored: boo
     or padding's) go through the head's GEMMs, so a fine-tuning batch whose prompts are masked
     costs that much less. Counting them waits for the GPU once a step (``nonzero``); the scored
     rows are copied (so a batch that would drop less than 1/16 of its rows keeps them all);
-    under ``torch.compile`` or CUDA graph capture every row is computed (the same loss).
+    under ``torch.compile`` or CUDA graph capture, and in a batch of fewer than 2^35 products
+    ``rows·D·V``, every row is computed without counting (the same loss).
     ``options`` go to ``linear_cross_entropy`` (``chunk_bytes``, ``accum_dtype``,
     ``label_smoothing``, ``lse_square_scale``, ``ce_weight``, ``use_token_scaling``, ...).
 

@@ -44,7 +44,7 @@ from .. import _xent
 from . import _launch
 from . import _ops
 from .function import extras_of, loss_of
-from .functional import CrossEntropyOutput, cross_entropy, outputs, predicted_tokens, scored_labels
+from .functional import CrossEntropyOutput, cross_entropy, outputs, predicted_tokens, row_entropy, scored_labels
 
 _BLAS_OPEN: set = set()
 
@@ -102,11 +102,11 @@ class _Call:
 
 
 def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-         accum_dtype=None, predicted=None):
+         accum_dtype=None, predicted=None, entropy=None):
     """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
     asked for). With ``predicted`` (``[rows]`` int64; a forward or fused pass) each scored row's
-    first maximal logit's class goes there too. The scratch comes from PyTorch's allocator and
-    goes back to its cache after."""
+    first maximal logit's class goes there too, and with ``entropy`` (``[rows]`` float32) its
+    entropy. The scratch comes from PyTorch's allocator and goes back to its cache after."""
     device = call.hidden.device
     index = device.index
     handle = _device(index)
@@ -135,7 +135,7 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
             handle, _launch._stream(index), *inputs, checked, pass_name, _buffer(upstream),
             _buffer(stats), _buffer(workspace), (_buffer(grad_h), typed(grad_w), typed(grad_b), False),
             (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
-            _buffer(predicted),
+            _buffer(predicted), _buffer(entropy),
         )
     return grad_h, grad_w, grad_b
 
@@ -153,27 +153,28 @@ def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
         handle.scale_grad(_launch._stream(index), _buffer(grad), _dtype(grad), shape, _buffer(upstream))
 
 
-def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted):
+def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy):
     """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for); returns
-    the stats, the gradients (None where not computed) and the predicted tokens (None where not
-    asked for). Eager calls and the custom operators below both run it."""
+    the stats, the gradients (None where not computed), the predicted tokens and the entropies
+    (each None where not asked for). Eager calls and the custom operators below both run it."""
     stats = _stats_buffer(call.target, opts.return_token_accuracy)
     predicted = _predicted_buffer(call.target) if want_predicted else None
+    entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
     if fused:
         grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                     predicted=predicted)
+                     predicted=predicted, entropy=entropy)
     else:
-        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted)
+        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy)
         grads = (None, None, None)
-    return stats, grads, predicted
+    return stats, grads, predicted, entropy
 
 
 # ---------------------------------------------------------------------------------------------
 # The passes as PyTorch custom operators (`torch.ops.xent.linear_*`), with fake implementations,
 # so that `torch.compile` traces through `linear_cross_entropy` (no graph break: `fullgraph=True`
 # compiles) and sees what each pass writes. Eager calls go through `_run` directly. A gradient not
-# asked for, and the predicted tokens when not asked for, come back as empty tensors (an
-# operator's outputs are tensors).
+# asked for, and the predicted tokens and entropies when not asked for, come back as empty tensors
+# (an operator's outputs are tensors).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -201,26 +202,28 @@ def _linear_fused_op(
     ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
     lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
     want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool, chunk_bytes: int,
-    want_predicted: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused pass: the stats, the gradients asked for (of ``grad_scale * loss``) and the
-    predicted tokens if asked for."""
+    want_predicted: bool, want_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused pass: the stats, the gradients asked for (of ``grad_scale * loss``), and the
+    predicted tokens and entropies if asked for."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
-    stats, grads, predicted = _forward_pass(
+    stats, grads, predicted, entropy = _forward_pass(
         _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, True,
         (want_hidden, want_weight, want_bias), torch.float32 if accum_f32 else None, chunk_bytes or None,
-        want_predicted,
+        want_predicted, want_entropy,
     )
-    return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64))
+    return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64),
+            _or_empty(entropy, target, torch.float32))
 
 
 @_linear_fused_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, want_hidden,
-      want_weight, want_bias, accum_f32, chunk_bytes, want_predicted):
+      want_weight, want_bias, accum_f32, chunk_bytes, want_predicted, want_entropy):
     grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
-    return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted))
+    return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted),
+            _fake_entropy(target, want_entropy))
 
 
 @torch.library.custom_op("xent::linear_forward", mutates_args=())
@@ -228,24 +231,25 @@ def _linear_forward_op(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
     ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
     lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
-    chunk_bytes: int, want_predicted: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Two-phase forward: the stats (with the per-row statistics backward needs) and the
-    predicted tokens if asked for."""
+    chunk_bytes: int, want_predicted: bool, want_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Two-phase forward: the stats (with the per-row statistics backward needs), and the
+    predicted tokens and entropies if asked for."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
-    stats, _, predicted = _forward_pass(
+    stats, _, predicted, entropy = _forward_pass(
         _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, False, (False, False, False),
-        None, chunk_bytes or None, want_predicted,
+        None, chunk_bytes or None, want_predicted, want_entropy,
     )
-    return stats, _or_empty(predicted, target, torch.int64)
+    return stats, _or_empty(predicted, target, torch.int64), _or_empty(entropy, target, torch.float32)
 
 
 @_linear_forward_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, chunk_bytes,
-      want_predicted):
-    return _ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted)
+      want_predicted, want_entropy):
+    return (_ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted),
+            _fake_entropy(target, want_entropy))
 
 
 @torch.library.custom_op("xent::linear_backward", mutates_args=())
@@ -288,6 +292,11 @@ def _stats_buffer(target, accuracy):
     return torch.empty(_xent.stats_len(target.numel(), accuracy), dtype=torch.float32, device=target.device)
 
 
+def _fake_entropy(target, want: bool) -> Tensor:
+    """The entropies as an operator returns them: ``[rows]`` float32, or empty when not asked for."""
+    return target.new_empty(target.numel() if want else 0, dtype=torch.float32)
+
+
 def _predicted_buffer(target):
     """Where the GPU path writes the predicted tokens: ``[rows]`` int64 (-1 where not scored)."""
     return torch.empty(target.numel(), dtype=torch.int64, device=target.device)
@@ -295,14 +304,15 @@ def _predicted_buffer(target):
 
 class LinearXentFunction(torch.autograd.Function):
     """``apply(hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-    chunk_bytes, want_predicted)`` -> ``(loss, stats, predicted)`` on checked CUDA tensors (see
-    ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the predicted tokens, where
-    ``want_predicted`` (else empty). Under ``torch.compile`` the passes are the custom operators
-    above."""
+    chunk_bytes, want_predicted, want_entropy)`` -> ``(loss, stats, predicted, entropy)`` on
+    checked CUDA tensors (see ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the
+    predicted tokens, where ``want_predicted``, and ``entropy`` ``[rows]`` float32, the entropies,
+    where ``want_entropy`` (else empty). Under ``torch.compile`` the passes are the custom
+    operators above."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-                chunk_bytes, want_predicted):
+                chunk_bytes, want_predicted, want_entropy):
         ctx.set_materialize_grads(False)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[3])
@@ -311,34 +321,36 @@ class LinearXentFunction(torch.autograd.Function):
             values = (*_ops.option_args(opts), shape[0], shape[1])
             accum_f32 = accum_dtype == torch.float32
             if fused:
-                stats, *grads, predicted = _linear_fused_op(
+                stats, *grads, predicted, entropy = _linear_fused_op(
                     hidden, weight, target, bias, ce_weight, *values, *want, accum_f32, chunk_bytes or 0,
-                    want_predicted,
+                    want_predicted, want_entropy,
                 )
                 ctx.save_for_backward(*(g if w else None for g, w in zip(grads, want)))
             else:
-                stats, predicted = _linear_forward_op(
-                    hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted
+                stats, predicted, entropy = _linear_forward_op(
+                    hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted,
+                    want_entropy,
                 )
                 if any(want):
                     ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         else:
             call = _Call(hidden, weight, target, bias, ce_weight, shape)
-            stats, grads, predicted = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
-                                                    want_predicted)
+            stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
+                                                             want_predicted, want_entropy)
             predicted = _or_empty(predicted, target, torch.int64)
+            entropy = _or_empty(entropy, target, torch.float32)
             if fused:
                 ctx.save_for_backward(*grads)
             elif any(want):
                 ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
-        ctx.mark_non_differentiable(stats, predicted)
-        return loss_of(stats, target, opts), stats, predicted
+        ctx.mark_non_differentiable(stats, predicted, entropy)
+        return loss_of(stats, target, opts), stats, predicted, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_predicted):
-        nones = (None,) * 7
+    def backward(ctx, grad_loss, _grad_stats, _grad_predicted, _grad_entropy):
+        nones = (None,) * 8
         if grad_loss is None or not any(ctx.want):
             return (None, None, None, None) + nones
         upstream = _launch.upstream_of(grad_loss)
@@ -460,6 +472,7 @@ def linear_cross_entropy(
     use_token_scaling: bool = False,
     return_predicted_tokens: bool = False,
     skip_ignored: bool = True,
+    return_entropy: bool = False,
 ):
     """Cross-entropy of ``input @ weight.T + bias`` against ``target`` without materialising the
     logits: ``input`` ``[..., D]`` hidden states, ``weight`` ``[V, D]`` (the LM head), ``bias``
@@ -489,13 +502,20 @@ def linear_cross_entropy(
       weights for the cross-entropy part with ``ce_weight``). Runs two-phase with a per-row
       upstream (four GEMMs a chunk, as ``reduction="none"``); class weights with the z-loss
       under the mean are refused (their two parts need different denominators).
+    - ``return_entropy``: each scored row's entropy ``-Σ p·ln p`` over the softmax the loss
+      scores (after the soft cap), in nats, as ``entropy`` of the ``CrossEntropyOutput``
+      (float32, ``target``'s shape, 0 for a row not scored; no gradient flows through it: for
+      logging and entropy masks, as TRL's GRPO and RLOO use it). Read from each chunk of logits
+      before its gradient overwrites it, as the predicted tokens are: a read of the chunk more.
     - ``skip_ignored`` (the default): only the scored rows (label not ``ignore_index`` after the
       causal shift: a fine-tuning batch's masked prompt and padding) go through the GEMMs, where
       that drops at least 1/16 of the rows; the results are laid out as the call's rows (0 for a
       row not scored, -1 for its predicted token) and equal those of every row up to the order
       of the sums. Counting the rows waits for the GPU once a call (``nonzero``), and the scored
-      rows of ``input`` are copied. Under ``torch.compile`` or CUDA graph capture every row is
-      computed (a count of rows would be a dynamic shape). ``False``: every row, no wait.
+      rows of ``input`` are copied. Every row is computed, without counting, under
+      ``torch.compile`` or CUDA graph capture (a count of rows would be a dynamic shape) and in
+      calls of fewer than 2^35 products ``rows·D·V`` (where the wait costs more than the rows
+      save). ``False``: every row, no wait.
     """
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
@@ -516,12 +536,12 @@ def linear_cross_entropy(
         lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
         return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
         return_predicted_tokens=return_predicted_tokens, grad_scale=grad_scale,
-        check_labels=check_labels,
+        check_labels=check_labels, return_entropy=return_entropy,
     )
     if skip_ignored and isinstance(input, torch.Tensor) and _may_wait(input):
         # Validated first, so errors name the call's own shapes.
-        hidden, _, target_c, _, _, _ = _check(input, weight, target, bias, ce_weight, causal_shift)
-        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift)
+        hidden, _, target_c, _, _, shape = _check(input, weight, target, bias, ce_weight, causal_shift)
+        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, shape[3])
         if scored is not None:
             rows, labels, keep = scored
             out = linear_cross_entropy(
@@ -542,15 +562,16 @@ def linear_cross_entropy(
     )
     if two_phase is None or reduction == "none":
         two_phase = two_phase or reduction == "none"
-    loss, stats, predicted = LinearXentFunction.apply(
+    loss, stats, predicted, entropy = LinearXentFunction.apply(
         hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes,
-        return_predicted_tokens,
+        return_predicted_tokens, return_entropy,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
     return outputs(
         loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, check_labels,
         predicted.view(target.shape) if return_predicted_tokens else None,
+        entropy.view(target.shape) if return_entropy else None,
     )
 
 
@@ -565,13 +586,22 @@ def _may_wait(tensor) -> bool:
 # `_scored_rows`'s rows are copied: worth it where that drops at least this share of them.
 _SKIP_AT_LEAST = 1 / 16
 
+# A call of fewer products than this (rows x D x V, about 0.3 ms of the three GEMMs on an H100)
+# takes every row without counting them: the wait for the GPU and the copies cost more than the
+# rows could save (a step of 512 x 256 x 8192 took 0.98 ms with half its rows skipped against 0.60
+# ms with every row, H100, session 51).
+_SKIP_MIN_PRODUCTS = 1 << 35
 
-def _scored_rows(hidden, target, ignore_index, causal):
+
+def _scored_rows(hidden, target, ignore_index, causal, vocab):
     """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
-    by one within each sequence where ``causal``: a sequence's last row scores nothing): the
-    scored rows alone (label not ``ignore_index``), as ``(hidden rows [K, D] (a copy), their
-    labels [K], their indices among the flattened rows)``, where that leaves out at least
-    ``_SKIP_AT_LEAST`` of the rows; else None (every row). Counting them waits for the GPU."""
+    by one within each sequence where ``causal``: a sequence's last row scores nothing) over
+    ``vocab`` classes: the scored rows alone (label not ``ignore_index``), as ``(hidden rows [K,
+    D] (a copy), their labels [K], their indices among the flattened rows)``, where that leaves
+    out at least ``_SKIP_AT_LEAST`` of the rows; else None (every row). Counting them waits for
+    the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted (None)."""
+    if target.numel() * hidden.shape[-1] * vocab < _SKIP_MIN_PRODUCTS:
+        return None
     flat = scored_labels(target, ignore_index, causal).reshape(-1)
     keep = (flat != ignore_index).nonzero().squeeze(1)
     if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
@@ -582,7 +612,7 @@ def _scored_rows(hidden, target, ignore_index, causal):
 def _laid_out(out, keep, target, reduction):
     """A call's results on the rows ``keep`` of ``target`` laid out as ``target``'s rows: the
     per-row values (the loss, z-loss and token accuracy under ``reduction="none"``, the
-    predicted tokens always) scattered into rows of 0 (-1 for a predicted token)."""
+    predicted tokens and entropies always) scattered into rows of 0 (-1 for a predicted token)."""
     rows = target.numel()
 
     def spread(values, fill):
@@ -599,6 +629,7 @@ def _laid_out(out, keep, target, reduction):
         z_loss=spread(out.z_loss, 0) if per_row else out.z_loss,
         token_accuracy=spread(out.token_accuracy, 0) if per_row else out.token_accuracy,
         predicted_tokens=spread(out.predicted_tokens, -1),
+        entropy=spread(out.entropy, 0),
     )
 
 
@@ -635,7 +666,8 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
             "supported: the cross-entropy part divides by the labels' class weights and the "
             "z-loss part by the scored rows; use reduction='sum' or 'none' and divide yourself"
         )
-    per_row = dict(common, reduction="none", return_z_loss=False, return_predicted_tokens=False)
+    per_row = dict(common, reduction="none", return_z_loss=False, return_predicted_tokens=False,
+                   return_entropy=False)
     hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
         input, weight, target, bias, ce_weight, causal_shift
     )
@@ -643,11 +675,13 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
     labels = scored_labels(target_c.view(target.shape), ignore_index, causal_shift).reshape(-1)
     scored = labels != ignore_index
     index = labels.clamp(0, max(vocab - 1, 0))
-    accuracy = predicted = None
+    accuracy = predicted = entropy = None
     if not input.is_cuda:
         logits = torch.nn.functional.linear(input, weight, bias)
         if common["return_predicted_tokens"]:
             predicted = predicted_tokens(logits, target, ignore_index, causal_shift)
+        if common["return_entropy"]:
+            entropy = row_entropy(logits, target, ignore_index, causal_shift, softcap)
         out = cross_entropy(logits, target, ce_weight, **per_row)
         rows_loss = out.loss if isinstance(out, CrossEntropyOutput) else out
         accuracy = out.token_accuracy if isinstance(out, CrossEntropyOutput) else None
@@ -657,11 +691,12 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         lse = torch.logsumexp(x, dim=-1) if vocab else x.new_zeros(x.shape[0])
         label_x = x.gather(1, index.view(-1, 1)).view(-1) if vocab else lse
     else:
-        rows_loss, stats, predicted = LinearXentFunction.apply(
+        rows_loss, stats, predicted, entropy = LinearXentFunction.apply(
             hidden, weight_c, target_c, bias_c, ce_weight_c, opts._replace(reduction="none"), shape, True,
-            accum_dtype, chunk_bytes, common["return_predicted_tokens"],
+            accum_dtype, chunk_bytes, common["return_predicted_tokens"], common["return_entropy"],
         )
         predicted = predicted.view(target.shape) if common["return_predicted_tokens"] else None
+        entropy = entropy.view(target.shape) if common["return_entropy"] else None
         rows_loss = rows_loss.view(target.shape)
         rows = target.numel()
         lse = stats[_ops.STATS_ROWS + rows:_ops.STATS_ROWS + 2 * rows].detach()
@@ -693,12 +728,13 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         loss, z_loss = scaled.sum() / denominator, z_scaled.sum() / count
     if reduction != "none" and accuracy is not None:
         accuracy = accuracy.sum() / count
-    if common["return_z_loss"] or common["return_token_accuracy"] or predicted is not None:
+    if common["return_z_loss"] or common["return_token_accuracy"] or predicted is not None or entropy is not None:
         return CrossEntropyOutput(
             loss=loss,
             z_loss=z_loss if common["return_z_loss"] else None,
             token_accuracy=accuracy if common["return_token_accuracy"] else None,
             predicted_tokens=predicted,
+            entropy=entropy,
         )
     return loss
 
@@ -707,7 +743,8 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Liger's ``LigerFusedLinearCrossEntropyLoss`` (its arguments, defaults and return types),
     computed by ``linear_cross_entropy``: ``forward(lin_weight, _input, target, bias=None)``
     (every argument of Liger's). Beyond Liger's:
-    ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``, ``skip_ignored``."""
+    ``causal_shift``, ``grad_scale``, ``two_phase``, ``chunk_bytes``, ``skip_ignored``,
+    ``return_entropy``."""
 
     def __init__(
         self,
@@ -728,6 +765,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         two_phase: Optional[bool] = None,
         chunk_bytes: Optional[int] = None,
         skip_ignored: bool = True,
+        return_entropy: bool = False,
     ):
         super().__init__()
         _launch.checked(_launch.Opts(
@@ -742,7 +780,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
             return_token_accuracy=return_token_accuracy, causal_shift=causal_shift,
             grad_scale=grad_scale, two_phase=two_phase, chunk_bytes=chunk_bytes,
             use_token_scaling=use_token_scaling, return_predicted_tokens=return_predicted_tokens,
-            skip_ignored=skip_ignored,
+            skip_ignored=skip_ignored, return_entropy=return_entropy,
         )
 
     def forward(self, lin_weight, _input, target, bias=None):

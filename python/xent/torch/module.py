@@ -26,11 +26,12 @@ class CrossEntropyLoss(torch.nn.Module):
     """``CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None,
     reduction="mean", label_smoothing=0.0, *, lse_square_scale=0.0, softcap=None,
     return_z_loss=False, return_token_accuracy=False, return_predicted_tokens=False,
-    causal_shift=False, grad_scale=1.0, two_phase=None)``: PyTorch's positional arguments in
-    PyTorch's order, Liger's by keyword.
+    causal_shift=False, grad_scale=1.0, two_phase=None, return_entropy=False)``: PyTorch's
+    positional arguments in PyTorch's order, Liger's by keyword.
 
     ``forward(input, target)`` returns the loss, or Liger's ``CrossEntropyOutput`` when
-    ``return_z_loss``, ``return_token_accuracy`` or ``return_predicted_tokens`` is set. Class indices only (no class
+    ``return_z_loss``, ``return_token_accuracy``, ``return_predicted_tokens`` or
+    ``return_entropy`` is set. Class indices only (no class
     probabilities as targets); the class dimension is the last (``[N, C]``, ``[..., C]`` or an
     unbatched ``[C]``).
     """
@@ -53,6 +54,7 @@ class CrossEntropyLoss(torch.nn.Module):
         grad_scale: float = 1.0,
         two_phase: Optional[bool] = None,
         inplace_backward: bool = True,
+        return_entropy: bool = False,
     ):
         super().__init__()
         reduction = _legacy_reduction(size_average, reduce, reduction)
@@ -74,6 +76,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.grad_scale = grad_scale
         self.two_phase = two_phase
         self.inplace_backward = inplace_backward
+        self.return_entropy = return_entropy
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return cross_entropy(
@@ -92,6 +95,7 @@ class CrossEntropyLoss(torch.nn.Module):
             grad_scale=self.grad_scale,
             two_phase=self.two_phase,
             inplace_backward=self.inplace_backward,
+            return_entropy=self.return_entropy,
         )
 
     def extra_repr(self) -> str:
