@@ -224,6 +224,7 @@ pub(crate) fn kernels() -> Vec<Kernel> {
     kernels.extend(DTYPES.map(|dtype| Kernel::Scale { dtype }));
     for dtype in DTYPES {
         kernels.extend(LABELS.map(|label| Kernel::Argmax { dtype, label }));
+        kernels.extend(LABELS.map(|label| Kernel::Entropy { dtype, label }));
         kernels.extend(LABELS.map(|label| Kernel::ShardArgmax { dtype, label }));
     }
     kernels.extend(LABELS.map(|label| Kernel::ShardMerge { label }));
@@ -470,6 +471,36 @@ pub(crate) const PLAN_CACHE_MAX: usize = 4096;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel of the committed sm_90 and sm_80 PTX is in the table a handle loads from
+    /// (a kernel missing there fails only on a GPU: "no kernel ... for this device"), and every
+    /// kernel of the table is in the PTX.
+    #[test]
+    fn the_table_holds_every_kernel_of_the_committed_ptx() {
+        for (ptx, extra) in [(PTX_SM90, cluster_kernels()), (PTX_SM80, split_kernels())] {
+            let entries: std::collections::BTreeSet<String> = ptx
+                .lines()
+                .filter_map(|line| line.trim().strip_prefix(".visible .entry "))
+                .map(|rest| rest.split('(').next().unwrap_or("").trim().to_string())
+                .collect();
+            assert!(entries.len() > 100, "{} entries", entries.len());
+            let table: std::collections::BTreeSet<String> = kernels()
+                .into_iter()
+                .chain(extra)
+                .map(Kernel::name)
+                .collect();
+            let missing: Vec<_> = entries.difference(&table).collect();
+            assert!(
+                missing.is_empty(),
+                "in the PTX, not in the table: {missing:?}"
+            );
+            let absent: Vec<_> = table.difference(&entries).collect();
+            assert!(
+                absent.is_empty(),
+                "in the table, not in the PTX: {absent:?}"
+            );
+        }
+    }
 
     #[test]
     fn every_variant_of_every_kind_runs_on_a_kernel_that_exists() {
