@@ -60,20 +60,30 @@ fn floored(d: f32) -> f32 {
 impl Ent2 {
     const EMPTY: Ent2 = Ent2 { m: f32::NEG_INFINITY, s: 0.0, t: 0.0 };
 
-    /// The same set against the reference `m` (at least `self.m`).
+    /// The same set against the reference `m` (at least `self.m`). An empty set (`m` = -inf)
+    /// stays empty, also against `m` = -inf (where `self.m - m` would be NaN).
     #[inline(always)]
     fn at(self, m: f32) -> Ent2 {
-        let d = floored(self.m - m);
+        let d = if self.m == m { 0.0 } else { floored(self.m - m) };
         let f = prim::ex2(d);
         Ent2 { m, s: self.s * f, t: f * prim::fma(self.s, d, self.t) }
     }
 
-    /// Adds `z[..n]`.
+    /// Adds `z[..n]`. While every value so far is -inf (no mass; `v - m` would be NaN) only a
+    /// NaN changes the set (its sum NaN).
     #[inline(always)]
     fn add(&mut self, z: &[f32; 8], n: usize) {
         let local = reduce::max_of(z, n);
         if local > self.m {
             *self = self.at(local);
+        }
+        if self.m == f32::NEG_INFINITY {
+            for &v in &z[..n] {
+                if v.is_nan() {
+                    self.s = f32::NAN;
+                }
+            }
+            return;
         }
         for &v in &z[..n] {
             let d = floored(v - self.m);
