@@ -554,9 +554,11 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         if opts.weight.is_some() {
             continue; // class weights: the typed test covers them
         }
-        // Predicted tokens: the typed test covers them (`RawOut` gives no buffer for them).
+        // Predicted tokens and entropies: the typed test covers them (`RawOut` gives no buffer
+        // for them).
         let opts = Options {
             return_predicted_tokens: false,
+            return_entropy: false,
             ..opts
         };
         // The typed fused call: the reference here.
