@@ -508,7 +508,7 @@ COMPILE_CASES = {
 def test_torch_compile_fullgraph_matches_eager(device, case):
     """``linear_cross_entropy`` compiled with ``fullgraph=True`` (a graph break fails: until
     session 47 the CUDA call was one): no graph break, and the loss, z-loss, token accuracy,
-    predicted tokens and the three gradients equal eager's with ``skip_ignored=False``, for
+    predicted tokens, entropies and the three gradients equal eager's with ``skip_ignored=False``, for
     upstream gradients 1 and 0.3 (compiled, the default ``skip_ignored`` computes every row). CUDA
     through Inductor (the custom operators ``torch.ops.xent.linear_*``), the CPU's unfused path
     through AOTAutograd with the aot_eager backend."""
@@ -519,11 +519,11 @@ def test_torch_compile_fullgraph_matches_eager(device, case):
     weighted = options.pop("weighted", False)
     h, w, b, y, cw = inputs(device, lead=(3, 29), bias=True, weighted=weighted)
     kwargs = dict(options, ce_weight=cw, return_z_loss=True, return_token_accuracy=True,
-                  return_predicted_tokens=True)
+                  return_predicted_tokens=True, return_entropy=True)
 
     def step(h, w, b, **more):
         out = xt.linear_cross_entropy(h, w, y, b, **kwargs, **more)
-        return out.loss, out.z_loss, out.token_accuracy, out.predicted_tokens
+        return out.loss, out.z_loss, out.token_accuracy, out.predicted_tokens, out.entropy
 
     def eager(h, w, b):
         return step(h, w, b, skip_ignored=False)
@@ -537,15 +537,16 @@ def test_torch_compile_fullgraph_matches_eager(device, case):
 
     def run(fn, c):
         hx, wx, bx = leaves()
-        loss, z_loss, accuracy, predicted = fn(hx, wx, bx)
+        loss, z_loss, accuracy, predicted, entropy = fn(hx, wx, bx)
         (loss.sum() * c).backward()
-        return [t.detach() for t in (loss, z_loss, accuracy, predicted)], (hx.grad, wx.grad, bx.grad)
+        return [t.detach() for t in (loss, z_loss, accuracy, predicted, entropy)], (hx.grad, wx.grad, bx.grad)
 
     for c in (1.0, 0.3):
-        (e_loss, e_z, e_acc, e_pred), e_grads = run(eager, c)
-        (c_loss, c_z, c_acc, c_pred), c_grads = run(compiled, c)
+        (e_loss, e_z, e_acc, e_pred, e_ent), e_grads = run(eager, c)
+        (c_loss, c_z, c_acc, c_pred, c_ent), c_grads = run(compiled, c)
         assert torch.equal(c_loss, e_loss), (case, c)
         assert torch.equal(c_pred, e_pred)
+        assert torch.equal(c_ent, e_ent) and float(e_ent.max()) > 0
         assert int((e_pred >= 0).sum()) > 0
         # The z-loss and accuracy are torch arithmetic on the stats, which Inductor may fuse.
         torch.testing.assert_close(c_z, e_z, rtol=1e-6, atol=0.0)
