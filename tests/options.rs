@@ -1845,32 +1845,13 @@ fn gpu_predicted_tokens_take_the_first_maximum_in_every_plan_and_mode() {
     plans.push(xent::PlanChoice::Auto);
     let (rows, vocab, stride) = (37, 3001, 3011);
     let shape = Shape::flat(rows, vocab).with_row_stride(stride);
-    let mut rng = 12345u64;
-    let mut data = vec![0.0f32; rows * stride];
-    for (i, x) in data.iter_mut().enumerate() {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *x = if i % stride < vocab {
-            ((rng >> 33) % 41) as f32 - 20.0
-        } else {
-            0.0
-        };
-    }
+    let mut data = integer_logits(rows, vocab, stride, 12345);
     data[3 * stride + 2000] = f32::NAN;
     data[3 * stride + 2500] = f32::NAN;
     for j in 0..vocab {
         data[5 * stride + j] = f32::NEG_INFINITY;
     }
-    let labels: Vec<i64> = (0..rows as i64)
-        .map(|r| {
-            if r % 6 == 4 {
-                -100
-            } else {
-                (r * 97) % vocab as i64
-            }
-        })
-        .collect();
+    let labels = every_sixth_ignored(rows, vocab);
     let d_labels = stream.clone_htod(&labels).unwrap();
     let (mut failures, mut cases) = (Vec::new(), 0);
     for plan in &plans {
@@ -1884,15 +1865,21 @@ fn gpu_predicted_tokens_take_the_first_maximum_in_every_plan_and_mode() {
                 cases += 1;
                 let got = match dtype {
                     DType::F32 => {
-                        predicted_on_gpu(xent, &stream, &data, &d_labels, shape, &opts, two_phase)
+                        loss_on_gpu(xent, &stream, &data, &d_labels, shape, &opts, two_phase)
+                            .read_predicted_tokens()
+                            .unwrap()
                     }
                     DType::F16 => {
                         let logits: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
-                        predicted_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                        loss_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                            .read_predicted_tokens()
+                            .unwrap()
                     }
                     DType::Bf16 => {
                         let logits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                        predicted_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                        loss_on_gpu(xent, &stream, &logits, &d_labels, shape, &opts, two_phase)
+                            .read_predicted_tokens()
+                            .unwrap()
                     }
                 };
                 let mut reference = data.clone();
@@ -1928,18 +1915,7 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
     let (mut failures, mut cases) = (Vec::new(), 0);
     for (rows, vocab, stride) in [(37usize, 3001usize, 3011usize), (3, 128256, 128256)] {
         let shape = Shape::flat(rows, vocab).with_row_stride(stride);
-        let mut rng = 777u64;
-        let mut data = vec![0.0f32; rows * stride];
-        for (i, x) in data.iter_mut().enumerate() {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            *x = if i % stride < vocab {
-                ((rng >> 33) % 41) as f32 - 20.0
-            } else {
-                0.0
-            };
-        }
+        let mut data = integer_logits(rows, vocab, stride, 777);
         if rows > 6 {
             data[stride + 17] = 80.0; // peaked: the entropy is about 0
             for j in (0..vocab).step_by(2) {
@@ -1950,15 +1926,7 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
                 data[5 * stride + j] = f32::NEG_INFINITY;
             }
         }
-        let labels: Vec<i64> = (0..rows as i64)
-            .map(|r| {
-                if r % 6 == 4 {
-                    -100
-                } else {
-                    (r * 97) % vocab as i64
-                }
-            })
-            .collect();
+        let labels = every_sixth_ignored(rows, vocab);
         let d_labels = stream.clone_htod(&labels).unwrap();
         for softcap in [None, Some(15.0)] {
             for dtype in DTYPES {
@@ -1972,18 +1940,20 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
                     // The reference on the values the GPU reads (rounded to the dtype).
                     let (got, rounded) = match dtype {
                         DType::F32 => (
-                            entropy_on_gpu(
-                                xent, &stream, &data, &d_labels, shape, &opts, two_phase,
-                            ),
+                            loss_on_gpu(xent, &stream, &data, &d_labels, shape, &opts, two_phase)
+                                .read_entropy()
+                                .unwrap(),
                             data.clone(),
                         ),
                         DType::F16 => {
                             let logits: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
                             let back = logits.iter().map(|x| x.to_f32()).collect();
                             (
-                                entropy_on_gpu(
+                                loss_on_gpu(
                                     xent, &stream, &logits, &d_labels, shape, &opts, two_phase,
-                                ),
+                                )
+                                .read_entropy()
+                                .unwrap(),
                                 back,
                             )
                         }
@@ -1992,9 +1962,11 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
                                 data.iter().map(|&x| bf16::from_f32(x)).collect();
                             let back = logits.iter().map(|x| x.to_f32()).collect();
                             (
-                                entropy_on_gpu(
+                                loss_on_gpu(
                                     xent, &stream, &logits, &d_labels, shape, &opts, two_phase,
-                                ),
+                                )
+                                .read_entropy()
+                                .unwrap(),
                                 back,
                             )
                         }
@@ -2019,31 +1991,38 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
     assert_no_failures(&failures);
 }
 
-/// The entropies of one GPU call on `logits` (fused, or the two-phase forward).
-fn entropy_on_gpu<T: Element>(
-    xent: &xent::CrossEntropy,
-    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
-    logits: &[T],
-    labels: &xent::cudarc::driver::CudaSlice<i64>,
-    shape: Shape,
-    opts: &Options,
-    two_phase: bool,
-) -> Option<Vec<f32>> {
-    let mut d_logits = stream.clone_htod(logits).unwrap();
-    let loss = if two_phase {
-        let mut out = xent::Loss::new(stream, shape.rows()).unwrap();
-        xent.forward(stream, &d_logits, labels, shape, opts, &mut out)
-            .unwrap();
-        out
-    } else {
-        xent.forward_backward(stream, &mut d_logits, labels, shape, opts)
-            .unwrap()
-    };
-    loss.read_entropy().unwrap()
+/// `rows` rows of `vocab` integers in [-20, 20] (many ties), `stride` apart (padding 0).
+fn integer_logits(rows: usize, vocab: usize, stride: usize, seed: u64) -> Vec<f32> {
+    let mut rng = seed;
+    let mut data = vec![0.0f32; rows * stride];
+    for (i, x) in data.iter_mut().enumerate() {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *x = if i % stride < vocab {
+            ((rng >> 33) % 41) as f32 - 20.0
+        } else {
+            0.0
+        };
+    }
+    data
 }
 
-/// The predicted tokens of one GPU call on `logits` (fused, or the two-phase forward).
-fn predicted_on_gpu<T: Element>(
+/// Labels of `rows` rows: every sixth row (from row 4) ignored, the others spread over `vocab`.
+fn every_sixth_ignored(rows: usize, vocab: usize) -> Vec<i64> {
+    (0..rows as i64)
+        .map(|r| {
+            if r % 6 == 4 {
+                -100
+            } else {
+                (r * 97) % vocab as i64
+            }
+        })
+        .collect()
+}
+
+/// One GPU call on `logits` (fused, or the two-phase forward), waited for by its reader.
+fn loss_on_gpu<T: Element>(
     xent: &xent::CrossEntropy,
     stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
     logits: &[T],
@@ -2051,9 +2030,9 @@ fn predicted_on_gpu<T: Element>(
     shape: Shape,
     opts: &Options,
     two_phase: bool,
-) -> Option<Vec<i64>> {
+) -> xent::Loss {
     let mut d_logits = stream.clone_htod(logits).unwrap();
-    let loss = if two_phase {
+    if two_phase {
         let mut out = xent::Loss::new(stream, shape.rows()).unwrap();
         xent.forward(stream, &d_logits, labels, shape, opts, &mut out)
             .unwrap();
@@ -2061,6 +2040,5 @@ fn predicted_on_gpu<T: Element>(
     } else {
         xent.forward_backward(stream, &mut d_logits, labels, shape, opts)
             .unwrap()
-    };
-    loss.read_predicted_tokens().unwrap()
+    }
 }
