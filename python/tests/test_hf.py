@@ -365,7 +365,7 @@ def test_fuse_refuses_what_it_cannot_compute():
     transformers = pytest.importorskip("transformers")
     model = tiny_model("llama", "cpu")
     input_ids = torch.randint(0, 251, (2, 9), generator=torch.Generator().manual_seed(8))
-    for bad in (dict(reduction="sum"), dict(softcap=3.0), dict(return_z_loss=True)):
+    for bad in (dict(reduction="sum"), dict(softcap=3.0), dict(return_z_loss=True), dict(return_entropy=True)):
         with pytest.raises(TypeError, match="sets or refuses"):
             xt.fuse_linear_cross_entropy(model, **bad)
     with pytest.raises(TypeError):

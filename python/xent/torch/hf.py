@@ -82,7 +82,7 @@ def _per_item(loss, num_items_in_batch):
 # refuses: the model's call decides the first four, and the return_* ones would change what the
 # model's loss is (a tuple instead of a scalar).
 _FUSE_SETS = ("ignore_index", "reduction", "causal_shift", "softcap")
-_FUSE_REFUSES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens")
+_FUSE_REFUSES = ("return_z_loss", "return_token_accuracy", "return_predicted_tokens", "return_entropy")
 # Scales that models put on their logits between the head and the loss, as their forward's
 # source writes them: (the expression, the object holding the value and its attribute, the factor
 # the hidden states take instead). Cohere (1 and 2) multiply by `self.logit_scale`, Granite and
