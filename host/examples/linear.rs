@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = Options {
         causal_shift: true,
         label_smoothing: 0.1,
+        // Each scored row's entropy too (RL trainers log it): one more read of each chunk.
+        return_entropy: true,
         ..Options::default()
     };
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -41,6 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(err) => {
             println!("no GPU ({err}): the CPU reference computed it");
             println!("loss = {:.6}", reference.loss.loss);
+            let entropy = reference.loss.entropy.as_deref().unwrap_or_default();
+            println!(
+                "mean entropy of the scored rows = {:.6} nats",
+                mean_scored(entropy, rows, shape.seq_len)
+            );
             return Ok(());
         }
     };
@@ -92,11 +99,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &reference.grad_weight,
     );
     println!("largest gradient error / largest gradient: hidden {eh:.2e}, weight {ew:.2e}");
+    let want_entropy = reference.loss.entropy.as_deref().unwrap_or_default();
+    let got_entropy: Vec<f64> = out
+        .read_entropy()?
+        .unwrap_or_default()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let entropy_error = got_entropy
+        .iter()
+        .zip(want_entropy)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0f64, f64::max);
+    println!(
+        "mean entropy of the scored rows = {:.6} nats; CPU reference {:.6}; largest difference {entropy_error:.2e}",
+        mean_scored(&got_entropy, rows, shape.seq_len),
+        mean_scored(want_entropy, rows, shape.seq_len)
+    );
     let loss_error = (loss as f64 - reference.loss.loss).abs();
     // bf16 logits and gradients: a few units of 2^-8 of the largest value.
-    if loss_error > 1e-2 || eh > 0.05 || ew > 0.05 {
-        return Err(format!("the GPU disagrees with the reference: loss {loss_error:.2e}").into());
+    if loss_error > 1e-2
+        || eh > 0.05
+        || ew > 0.05
+        || entropy_error > 1e-2
+        || got_entropy.len() != rows
+    {
+        return Err(format!(
+            "the GPU disagrees with the reference: loss {loss_error:.2e}, entropy {entropy_error:.2e}"
+        )
+        .into());
     }
     println!("ok");
     Ok(())
+}
+
+/// The mean of `values` (one a row) over the rows the causal shift scores (each sequence's last
+/// of `seq_len` is not).
+fn mean_scored(values: &[f64], rows: usize, seq_len: usize) -> f64 {
+    let scored: Vec<f64> = (0..rows)
+        .filter(|r| r % seq_len != seq_len - 1)
+        .map(|r| values.get(r).copied().unwrap_or(f64::NAN))
+        .collect();
+    scored.iter().sum::<f64>() / scored.len().max(1) as f64
 }
