@@ -375,19 +375,37 @@ impl CrossEntropy {
         if rows == 0 || out == 0 {
             return Ok(());
         }
-        let kernel = argmax_kernel(call);
         let params = ArgmaxParams {
             rows: self.rows_params(call.logits, call.labels, call.shape, opts),
             out,
         };
+        self.launch_row_reader(
+            stream,
+            argmax_kernel(call),
+            &params,
+            rows,
+            SMEM_REDUCTION_BYTES,
+        )
+    }
+
+    /// Enqueues a kernel that reads each row of a call's logits once with a block a row
+    /// (`xent_argmax_*`, `xent_entropy_*`): loaded first, the grid a block a row capped per SM.
+    fn launch_row_reader<P: cudarc::driver::DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernel: Kernel,
+        params: &P,
+        rows: usize,
+        smem_bytes: u32,
+    ) -> Result<()> {
         self.preload([Some(kernel)])?;
         self.launch(
             stream,
             kernel,
-            &params,
+            params,
             plan::argmax_blocks(rows, self.limits),
             plan::ARGMAX_THREADS,
-            SMEM_REDUCTION_BYTES,
+            smem_bytes,
         )
     }
 
@@ -404,7 +422,6 @@ impl CrossEntropy {
         if rows == 0 || out == 0 {
             return Ok(());
         }
-        let kernel = entropy_kernel(call);
         let cap = opts.softcap.unwrap_or(0.0);
         let params = EntropyParams {
             rows: self.rows_params(call.logits, call.labels, call.shape, opts),
@@ -412,13 +429,11 @@ impl CrossEntropy {
             softcap: cap,
             inv_softcap: if cap > 0.0 { 1.0 / cap } else { 0.0 },
         };
-        self.preload([Some(kernel)])?;
-        self.launch(
+        self.launch_row_reader(
             stream,
-            kernel,
+            entropy_kernel(call),
             &params,
-            plan::argmax_blocks(rows, self.limits),
-            plan::ARGMAX_THREADS,
+            rows,
             SMEM_ENTROPY_BYTES,
         )
     }

@@ -32,6 +32,13 @@ def scored_labels(target, ignore_index, causal_shift):
     return target
 
 
+def _scored(target, ignore_index, causal_shift, vocab):
+    """Whether each row is scored: its label (after the causal shift) neither ``ignore_index`` nor
+    out of ``[0, vocab)``; ``target``'s shape."""
+    labels = scored_labels(target, ignore_index, causal_shift)
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+
+
 def predicted_tokens(logits, target, ignore_index, causal_shift):
     """Liger's ``return_predicted_tokens``: each scored row's first maximal logit's class
     (``torch.argmax`` of ``logits`` as given, before any soft cap, as token accuracy takes it),
@@ -41,8 +48,7 @@ def predicted_tokens(logits, target, ignore_index, causal_shift):
     vocab = logits.shape[-1]
     if vocab == 0:
         return torch.full(target.shape, -1, dtype=torch.int64, device=target.device)
-    labels = scored_labels(target, ignore_index, causal_shift)
-    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    scored = _scored(target, ignore_index, causal_shift, vocab)
     argmax = logits.detach().argmax(-1).view(target.shape).to(device=target.device)
     return torch.where(scored, argmax, torch.full_like(argmax, -1))
 
@@ -65,8 +71,7 @@ def row_entropy(logits, target, ignore_index, causal_shift, softcap):
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(-1) if vocab else x.new_zeros(x.shape[:-1])
-    labels = scored_labels(target, ignore_index, causal_shift)
-    scored = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    scored = _scored(target, ignore_index, causal_shift, vocab)
     entropy = entropy.reshape(target.shape).to(torch.float32)
     return torch.where(scored, entropy, torch.zeros_like(entropy))
 
