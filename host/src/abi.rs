@@ -163,6 +163,12 @@ pub struct XentParams {
     /// or 0), as in `FinishParams`.
     pub loss: u64,
     pub extras: u64,
+    /// Backward only, the `*_opt_*` kernels: device addresses of each row's entropy `H` (`[f32;
+    /// n_rows]`, as the entropy kernel wrote it for the forward) and of its upstream gradient
+    /// (`[f32; n_rows]`); the gradient of `Σ_r entropy_upstream[r]·H_r` is added to the loss's,
+    /// `dH/dy_j = p_j·(lse - H - y_j)` (`y` the soft-capped logits). 0: none.
+    pub entropy: u64,
+    pub entropy_upstream: u64,
 }
 
 /// The loss options, as the `*_coef_*` and `*_opt_*` kernels read them. Every field's zero is

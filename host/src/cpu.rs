@@ -113,8 +113,26 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
     opts: &Options,
     upstream: &[f32],
 ) -> Result<CpuLoss> {
+    forward_backward_entropy(logits, labels, shape, opts, upstream, None)
+}
+
+/// [`forward_backward_upstream`] with the entropies' gradient added where `entropy_upstream` is
+/// given (one value a row): the gradient of `upstream · loss + Σ_r entropy_upstream[r]·H_r`, `H_r`
+/// the entropy of row `r`'s softmax (of the soft-capped logits; rows not scored have none), as
+/// the GPU's `backward_with_entropy_into` computes it.
+pub fn forward_backward_entropy<T: Value, L: Label>(
+    logits: &mut [T],
+    labels: &[L],
+    shape: Shape,
+    opts: &Options,
+    upstream: &[f32],
+    entropy_upstream: Option<&[f32]>,
+) -> Result<CpuLoss> {
     let rows = shape.rows();
     crate::options::check_upstream_len(rows, upstream.len())?;
+    if let Some(e) = entropy_upstream {
+        crate::options::check_entropy_upstream(rows, e.len())?;
+    }
     shape.validate(logits.len(), labels.len())?;
     opts.validate(shape.vocab)?;
     let targets: Vec<Target> = (0..rows)
@@ -177,7 +195,8 @@ pub fn forward_backward_upstream<T: Value, L: Label>(
             let start = i * shape.row_stride;
             let row = &mut mine[start..start + shape.vocab];
             let factor = upstream[if upstream.len() == 1 { 0 } else { first + i }];
-            outs[i] = row_forward_backward(row, *target, &math, factor as f64);
+            let entropy_factor = entropy_upstream.map(|e| e[first + i] as f64);
+            outs[i] = row_forward_backward(row, *target, &math, factor as f64, entropy_factor);
         }
     };
     if workers <= 1 {
@@ -314,13 +333,14 @@ impl RowOut {
     };
 }
 
-/// One row: returns its results and writes the gradient (times `factor`) over `row`; zeros for a
-/// row not scored.
+/// One row: returns its results and writes the gradient (times `factor`, plus `entropy_factor`
+/// times the entropy's where given) over `row`; zeros for a row not scored.
 fn row_forward_backward<T: Value>(
     row: &mut [T],
     target: Target,
     math: &RowMath,
     factor: f64,
+    entropy_factor: Option<f64>,
 ) -> RowOut {
     let Target::Class(class) = target else {
         row.fill(T::narrow(0.0));
@@ -359,7 +379,7 @@ fn row_forward_backward<T: Value>(
     };
 
     // `Σ p·(lse - y)`, each term non-negative.
-    let entropy = match math.entropy {
+    let entropy = match math.entropy || entropy_factor.is_some() {
         true => row
             .iter()
             .map(|x| {
@@ -388,6 +408,12 @@ fn row_forward_backward<T: Value>(
         }
         if math.lse_square_scale != 0.0 {
             grad += p * z_coef;
+        }
+        // `dH/dy = -p·(ln p + H) = p·(lse - y - H)`; 0 where `p` is (`y = -inf`).
+        if let Some(e) = entropy_factor
+            && p != 0.0
+        {
+            grad += e * p * (lse_minus(y) - entropy);
         }
         *x = T::narrow(grad * dy_dx);
     }

@@ -177,6 +177,22 @@ pub(crate) fn check_upstream_len(rows: usize, len: usize) -> Result<()> {
     }
 }
 
+/// The entropies' upstream gradient holds one value a row (at least `rows`; a call with no rows
+/// reads none).
+pub(crate) fn check_entropy_upstream(rows: usize, len: usize) -> Result<()> {
+    if len >= rows {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption(format!(
+            "the entropies' upstream gradient holds {len} values, the call has {rows} rows"
+        )))
+    }
+}
+
+/// What a backward with the entropies' gradient says when its forward kept no entropies.
+pub(crate) const NO_FORWARD_ENTROPY: &str = "the entropies' gradient needs the entropies of the \
+     forward call (made with return_entropy)";
+
 /// Every class weight must be finite.
 pub(crate) fn check_weight_values(weight: &[f32]) -> Result<()> {
     match weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {

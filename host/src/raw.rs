@@ -16,7 +16,7 @@ use cudarc::driver::CudaStream;
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
-use crate::options::{DType, Options, Shape};
+use crate::options::{DType, NO_FORWARD_ENTROPY, Options, Shape, check_entropy_upstream};
 use crate::plan;
 
 /// The type of the labels, as a value.
@@ -113,6 +113,24 @@ fn asked_buffer(
         (true, Some(buffer)) => check_len(what, buffer, rows).map(|()| buffer.ptr),
         (true, None) => Err(Error::InvalidOption(missing.to_string())),
     }
+}
+
+/// The backward's entropy addresses (the forward's entropies, their upstream) where
+/// `entropy_upstream` is given: both checked to hold `rows` values.
+pub(crate) fn entropy_pair(
+    forward: &RawLoss,
+    entropy_upstream: Option<RawBuffer>,
+    rows: usize,
+) -> Result<Option<(u64, u64)>> {
+    let Some(upstream) = entropy_upstream else {
+        return Ok(None);
+    };
+    check_entropy_upstream(rows, upstream.len)?;
+    let entropies = forward
+        .entropy
+        .ok_or_else(|| Error::InvalidOption(NO_FORWARD_ENTROPY.to_string()))?;
+    check_len("entropy", entropies, rows)?;
+    Ok(Some((entropies.ptr, upstream.ptr)))
 }
 
 impl RawCall {
@@ -296,12 +314,35 @@ impl CrossEntropy {
         upstream: RawBuffer,
         grad: RawBuffer,
     ) -> Result<()> {
+        unsafe { self.raw_backward_with_entropy(stream, call, opts, forward, upstream, None, grad) }
+    }
+
+    /// [`raw_backward`](Self::raw_backward), with `entropy_upstream` (`[f32; rows]`) the gradient
+    /// of `Σ_r entropy_upstream[r]·H_r` added, `H` the entropies in `forward.entropy` (a forward
+    /// with `return_entropy`), as
+    /// [`backward_with_entropy_into`](Self::backward_with_entropy_into) computes it; `None`:
+    /// `raw_backward`.
+    ///
+    /// # Safety
+    /// As [`raw_backward`](Self::raw_backward), for `entropy_upstream` and `forward.entropy` too.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw_backward_with_entropy(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &RawCall,
+        opts: &Options,
+        forward: &RawLoss,
+        upstream: RawBuffer,
+        entropy_upstream: Option<RawBuffer>,
+        grad: RawBuffer,
+    ) -> Result<()> {
         self.check_stream(stream)?;
         call.validate(opts)?;
         call.shape.validate(grad.len, call.labels.len)?;
         let rows = call.shape.rows();
         check_len("row_lse", forward.row_lse, rows)?;
         check_len("counts", forward.counts, COUNT_WORDS)?;
+        let entropy = entropy_pair(forward, entropy_upstream, rows)?;
         let delta = grad.ptr.wrapping_sub(call.logits.ptr);
         self.launch_backward(
             stream,
@@ -312,6 +353,7 @@ impl CrossEntropy {
             (upstream.ptr, upstream.len),
             delta,
             None,
+            entropy,
         )
     }
 

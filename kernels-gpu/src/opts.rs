@@ -726,6 +726,11 @@ pub struct Coef {
     pub wsum_later: bool,
     pub y_ref: f32,
     pub cap: f32,
+    /// The two-phase backward of a differentiable entropy (`Full` only; 0 otherwise): the row's
+    /// upstream gradient of its entropy `H`, and `lse - H` (natural units), so that the
+    /// element's gradient gains `p·ent·(ent_ref - y)` ([`grad_values_summing`]).
+    pub ent: f32,
+    pub ent_ref: f32,
 }
 
 /// A small call's valid and out-of-range row counts in one word of shared memory (each at most
@@ -791,7 +796,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     if !M::OPTS {
         let scale = if mean { p.grad_scale / unsafe { divisors(p) }.0 } else { p.grad_scale };
         let (wsum_later, y_ref, cap, lse2_a) = (false, 0.0, 0.0, fold_a(lse2, scale));
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a, weight: 0, wsum_later, y_ref, cap };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap: 0.0, lse2_a, weight: 0, wsum_later, y_ref, cap, ent: 0.0, ent_ref: 0.0 };
     }
     let o = &p.opts;
     let (ce_scale, z_scale) = if mean {
@@ -811,7 +816,7 @@ pub unsafe fn coef<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: u32) -
     let weight = if M::WSMOOTH && eps != 0.0 { o.weight } else { 0 };
     let lse2_a = if M::CAP && k == 0.0 { fold_a(lse2, a) } else { f32::NAN };
     let cap = if M::WSMOOTH { o.softcap } else { 0.0 };
-    Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight, wsum_later: false, y_ref: 0.0, cap }
+    Coef { lse2, a, b, k, col0, inv_cap, lse2_a, weight, wsum_later: false, y_ref: 0.0, cap, ent: 0.0, ent_ref: 0.0 }
 }
 
 /// The parts of [`coef`] that are the same for every row of a call, each an IEEE division whose
@@ -890,7 +895,7 @@ pub unsafe fn coef_early<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: 
     let (wsum_later, y_ref, inv_cap, weight, cap) = (false, 0.0, 0.0, 0, 0.0);
     if !M::OPTS {
         let (scale, lse2_a) = (s.ce, fold_a(lse2, s.ce));
-        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap, lse2_a, weight, wsum_later, y_ref, cap };
+        return Coef { lse2, a: scale, b: scale, k: 0.0, col0, inv_cap, lse2_a, weight, wsum_later, y_ref, cap, ent: 0.0, ent_ref: 0.0 };
     }
     let o = &p.opts;
     let eps = o.label_smoothing;
@@ -899,7 +904,7 @@ pub unsafe fn coef_early<M: Mode>(p: &XentParams, row: &Part, label: u32, col0: 
     if o.lse_square_scale != 0.0 {
         a = prim::fma(2.0 * o.lse_square_scale * s.z, lse2 * LN_2, a);
     }
-    Coef { lse2, a, b, k: s.k, col0, inv_cap, lse2_a: f32::NAN, weight, wsum_later, y_ref, cap }
+    Coef { lse2, a, b, k: s.k, col0, inv_cap, lse2_a: f32::NAN, weight, wsum_later, y_ref, cap, ent: 0.0, ent_ref: 0.0 }
 }
 
 impl Coef {
@@ -1009,7 +1014,13 @@ pub unsafe fn grad_values_summing<M: Mode, const N: usize>(
             } else {
                 (xi, 1.0)
             };
-            let mut g = prim::ex2(prim::fma(y, LOG2_E, -c.lse2)) * c.a;
+            let p = prim::ex2(prim::fma(y, LOG2_E, -c.lse2));
+            let mut g = p * c.a;
+            // The entropy's gradient `p·(lse - H - y)` (0 where `p` is: `y = -inf` would make
+            // the product NaN).
+            if c.ent != 0.0 && p != 0.0 {
+                g = prim::fma(p * c.ent, c.ent_ref - y, g);
+            }
             if c.k != 0.0 {
                 let w = unsafe { class_weight(o, c.col0 + first + i as u32) };
                 g = prim::fma(-w, c.k, g);

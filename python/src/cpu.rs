@@ -38,7 +38,7 @@ unsafe fn host_slice<'a, T>(ptr: u64, len: usize) -> &'a mut [T] {
 /// by `xent/_tensors.py`.
 #[pyfunction]
 #[pyo3(signature = (logits, dtype, labels, label_type, shape, weight, opts, stats, mode,
-    upstream=None, grad=None))]
+    upstream=None, grad=None, entropy_upstream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_call(
     logits: Buffer,
@@ -52,6 +52,7 @@ pub fn cpu_call(
     mode: &str,
     upstream: Option<Buffer>,
     grad: Option<Buffer>,
+    entropy_upstream: Option<Buffer>,
 ) -> PyResult<()> {
     let mode = match mode {
         "fused" => Mode::Fused,
@@ -75,6 +76,7 @@ pub fn cpu_call(
         mode,
         upstream,
         grad,
+        entropy_upstream,
     };
     let result = match (dtype_of(dtype)?, label_type_of(label_type)?) {
         (DType::F32, LabelType::I64) => call.run::<f32, i64>(),
@@ -127,6 +129,8 @@ struct Call {
     mode: Mode,
     upstream: Option<Buffer>,
     grad: Option<Buffer>,
+    /// A backward's entropies' upstream gradient (`[f32; rows]`): their gradient is added.
+    entropy_upstream: Option<Buffer>,
 }
 
 impl Call {
@@ -151,9 +155,17 @@ impl Call {
                     }
                 };
                 let upstream = unsafe { host_slice::<f32>(upstream.0, upstream.1) };
+                let entropy_upstream = self
+                    .entropy_upstream
+                    .map(|(ptr, len)| &*unsafe { host_slice::<f32>(ptr, len) });
                 if grad.0 == self.logits.0 {
-                    xent::cpu::forward_backward_upstream(
-                        logits, labels, self.shape, &self.opts, upstream,
+                    xent::cpu::forward_backward_entropy(
+                        logits,
+                        labels,
+                        self.shape,
+                        &self.opts,
+                        upstream,
+                        entropy_upstream,
                     )?;
                 } else {
                     let grad = unsafe { host_slice::<T>(grad.0, grad.1) };
@@ -165,8 +177,13 @@ impl Call {
                             grad[span.clone()].copy_from_slice(&logits[span]);
                         }
                     }
-                    xent::cpu::forward_backward_upstream(
-                        grad, labels, self.shape, &self.opts, upstream,
+                    xent::cpu::forward_backward_entropy(
+                        grad,
+                        labels,
+                        self.shape,
+                        &self.opts,
+                        upstream,
+                        entropy_upstream,
                     )?;
                 }
                 return Ok(());

@@ -342,8 +342,11 @@ impl Device {
     }
 
     /// Two-phase backward: the gradient of `upstream · loss` into `grad` (the logits' address
-    /// for in place), from the stats of a forward without `fused`.
+    /// for in place), from the stats of a forward without `fused`; with `entropy` (the
+    /// forward's entropies, `[f32; rows]`) and `entropy_upstream` (`[f32; rows]`), plus the
+    /// gradient of `Σ entropy_upstream·entropy`.
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (stream, logits, dtype, labels, label_type, shape, weight, opts, stats, upstream, grad, entropy=None, entropy_upstream=None))]
     fn backward(
         &self,
         stream: usize,
@@ -357,19 +360,22 @@ impl Device {
         stats: Buffer,
         upstream: Buffer,
         grad: Buffer,
+        entropy: Option<Buffer>,
+        entropy_upstream: Option<Buffer>,
     ) -> PyResult<()> {
         let call = raw_call(logits, dtype, labels, label_type, shape, weight)?;
         let accuracy = opts.inner.return_token_accuracy;
-        let forward = raw_loss(stats, call.shape.rows(), accuracy, None, None, None)?;
+        let forward = raw_loss(stats, call.shape.rows(), accuracy, None, None, entropy)?;
         let stream = self.stream(stream);
         // SAFETY: as in `forward`.
         unsafe {
-            self.xent.raw_backward(
+            self.xent.raw_backward_with_entropy(
                 &stream,
                 &call,
                 &opts.inner,
                 &forward,
                 raw(upstream),
+                entropy_upstream.map(raw),
                 raw(grad),
             )
         }

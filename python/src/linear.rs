@@ -152,10 +152,12 @@ pub(crate) fn linear_scratch(
 /// `scratch` (`(chunk_rows, logits, gemm_workspace, labels, ones)`, sized by
 /// `linear_scratch`; the ones filled with 1). With `predicted` (`[i64; rows]`, a forward or
 /// fused pass), each scored row's first maximal logit's class too (-1 for the others); with
-/// `entropy` (`[f32; rows]`, likewise), each scored row's entropy (0 for the others).
+/// `entropy` (`[f32; rows]`, likewise), each scored row's entropy (0 for the others). A
+/// `'backward'` pass with `entropy_upstream` (`[f32; rows]`) adds the gradient of the entropies
+/// that its forward wrote into `entropy`, times that upstream.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None, entropy=None))]
+#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None, entropy=None, entropy_upstream=None))]
 pub(crate) fn linear(
     device: &Device,
     stream: usize,
@@ -176,6 +178,7 @@ pub(crate) fn linear(
     scratch: (usize, Buffer, Buffer, Option<Buffer>, Option<Buffer>),
     predicted: Option<Buffer>,
     entropy: Option<Buffer>,
+    entropy_upstream: Option<Buffer>,
 ) -> PyResult<()> {
     let call = raw_linear_call((
         hidden,
@@ -197,7 +200,9 @@ pub(crate) fn linear(
         predicted,
         entropy,
     )?;
-    let opts = with_outputs(&opts.inner, predicted, entropy);
+    // A backward reads the forward's entropies (for their gradient); it writes none.
+    let backward = matches!(pass, LinearPass::Backward { .. });
+    let opts = with_outputs(&opts.inner, predicted, entropy.filter(|_| !backward));
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
         hidden: grad_hidden.map(raw),
@@ -220,9 +225,17 @@ pub(crate) fn linear(
     // ones; the tensors outlive the enqueued work (PyTorch's caching allocator reuses memory
     // only in stream order).
     unsafe {
-        device
-            .xent
-            .raw_linear(blas, &stream, &call, &opts, pass, &out, &grads, &scratch)
+        device.xent.raw_linear_with_entropy(
+            blas,
+            &stream,
+            &call,
+            &opts,
+            pass,
+            &out,
+            entropy_upstream.map(raw),
+            &grads,
+            &scratch,
+        )
     }
     .map_err(py_err)
 }

@@ -10,7 +10,7 @@ use super::launch::{KernelCall, LossBuffers};
 use crate::abi::{MODE_FORWARD, MODE_FUSED};
 use crate::error::{Error, Result};
 use crate::loss::{Loss, LossKey, same_bits};
-use crate::options::{Element, Label, Options, Shape};
+use crate::options::{Element, Label, NO_FORWARD_ENTROPY, Options, Shape, check_entropy_upstream};
 use crate::plan;
 
 impl CrossEntropy {
@@ -104,6 +104,52 @@ impl CrossEntropy {
             shape,
             opts,
             forward,
+            None,
+        )
+    }
+
+    /// As [`backward_into`](Self::backward_into), with the gradient of the entropies added: of
+    /// `upstream · loss + Σ_r entropy_upstream[r]·H_r`, where `H_r` is row `r`'s entropy as the
+    /// forward returned it (`forward` must come from a call with
+    /// [`Options::return_entropy`](crate::Options::return_entropy); `entropy_upstream` holds one
+    /// `f32` a row). `dH/dy_j = p_j·(lse - H - y_j)` for the softmax `p` of the soft-capped
+    /// logits `y` (the soft cap's derivative then applies); rows not scored get no gradient. An
+    /// entropy bonus in RL (`loss - β·mean(H)`) is `entropy_upstream = -β / rows` a row. The
+    /// per-element kernel runs it whatever the options (about twice the plain backward's time).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with_entropy_into<T: Element, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        forward: &Loss,
+        upstream: &impl DevicePtr<f32>,
+        entropy_upstream: &impl DevicePtr<f32>,
+        grad: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.validate(logits.len(), labels.len())?;
+        shape.validate(grad.len(), labels.len())?;
+        let (logits_ptr, _l) = logits.device_ptr(stream);
+        let (grad_ptr, _g) = grad.device_ptr_mut(stream);
+        let (labels_ptr, _b) = labels.device_ptr(stream);
+        let (upstream_ptr, _u) = upstream.device_ptr(stream);
+        let (entropy_ptr, _e) = entropy_upstream.device_ptr(stream);
+        let delta = grad_ptr.wrapping_sub(logits_ptr);
+        self.enqueue_backward::<T, L>(
+            stream,
+            (
+                logits_ptr,
+                delta,
+                labels_ptr,
+                (upstream_ptr, upstream.len()),
+            ),
+            shape,
+            opts,
+            forward,
+            Some((entropy_ptr, entropy_upstream.len())),
         )
     }
 
@@ -130,11 +176,14 @@ impl CrossEntropy {
             shape,
             opts,
             forward,
+            None,
         )
     }
 
     /// Checks a backward against the forward `Loss` it reads, then launches the backward kernel:
-    /// `ptrs` = (logits, grad - logits in bytes, labels, (upstream, its length)).
+    /// `ptrs` = (logits, grad - logits in bytes, labels, (upstream, its length)); with
+    /// `entropy_upstream` (address, length), the entropies' gradient too.
+    #[allow(clippy::too_many_arguments)]
     fn enqueue_backward<T: Element, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
@@ -142,6 +191,7 @@ impl CrossEntropy {
         shape: Shape,
         opts: &Options,
         forward: &Loss,
+        entropy_upstream: Option<(u64, usize)>,
     ) -> Result<()> {
         if forward.rows != shape.rows() {
             return Err(Error::InvalidOption(format!(
@@ -166,6 +216,14 @@ impl CrossEntropy {
             (Some(_), Some(w)) => w.device_ptr(stream).0,
             _ => 0,
         };
+        let entropy = match (entropy_upstream, &forward.entropy) {
+            (None, _) => None,
+            (Some((ptr, len)), Some(entropies)) if forward.entropy_on => {
+                check_entropy_upstream(shape.rows(), len)?;
+                Some((entropies.device_ptr(stream).0, ptr))
+            }
+            (Some(_), _) => return Err(Error::InvalidOption(NO_FORWARD_ENTROPY.to_string())),
+        };
         let (counts, _c) = forward.counts.device_ptr(stream);
         let (row_lse, _s) = forward.row_lse.device_ptr(stream);
         let (logits, grad_delta, labels, upstream) = ptrs;
@@ -178,7 +236,7 @@ impl CrossEntropy {
             weight,
         };
         self.launch_backward(
-            stream, &call, opts, counts, row_lse, upstream, grad_delta, None,
+            stream, &call, opts, counts, row_lse, upstream, grad_delta, None, entropy,
         )
     }
 

@@ -24,6 +24,8 @@ impl CrossEntropy {
     /// each logit (0: in place; a multiple of 16). Every address has been checked by the caller.
     /// With `slice` = `(start, len, row_stride)` the logits hold columns `[start, start + len)`
     /// of `call.shape.vocab`, `row_stride` elements apart, and only their gradient is written.
+    /// With `entropy` = `(entropies, their upstream)` (device addresses of `[f32; rows]` each, the
+    /// forward's entropies) the gradient of `Σ_r upstream_r·H_r` is added, by the `opt_` kernel.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_backward(
         &self,
@@ -35,6 +37,7 @@ impl CrossEntropy {
         upstream: (u64, usize),
         grad_delta: u64,
         slice: Option<(usize, usize, usize)>,
+        entropy: Option<(u64, u64)>,
     ) -> Result<()> {
         let (upstream_ptr, upstream_len) = upstream;
         let shape = call.shape;
@@ -89,9 +92,11 @@ impl CrossEntropy {
             opts: opt_params(opts, call.weight, 0),
             slice_start: slice_start as u32,
             slice_len: slice_len as u32,
+            entropy: entropy.map_or(0, |e| e.0),
+            entropy_upstream: entropy.map_or(0, |e| e.1),
             ..XentParams::default()
         };
-        let kernel = backward_kernel(call, opts);
+        let kernel = backward_kernel(call, opts, entropy.is_some());
         self.preload([Some(kernel)])?;
         self.launch(
             stream,
@@ -566,11 +571,16 @@ pub(crate) fn entropy_kernel(call: &KernelCall) -> Kernel {
     }
 }
 
-/// The two-phase backward kernel of `call` with `opts` (it never counts the token accuracy).
-pub(crate) fn backward_kernel(call: &KernelCall, opts: &Options) -> Kernel {
+/// The two-phase backward kernel of `call` with `opts` (it never counts the token accuracy);
+/// `entropy`: with the gradient of the entropies, which only the per-element `opt_` kernel adds.
+pub(crate) fn backward_kernel(call: &KernelCall, opts: &Options, entropy: bool) -> Kernel {
     Kernel::Xent {
         kind: XentKind::Backward,
-        variant: variant(opts, call.weight != 0, false),
+        variant: if entropy {
+            "opt_"
+        } else {
+            variant(opts, call.weight != 0, false)
+        },
         dtype: call.dtype,
         label: call.label,
     }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::loss::Loss;
 use crate::options::{DType, Element, Label, Options, Shape, check_upstream_len};
 use crate::plan;
-use crate::raw::{LabelType, RawBuffer, RawLoss, check_len};
+use crate::raw::{LabelType, RawBuffer, RawLoss, check_len, entropy_pair};
 
 /// What a linear + cross-entropy call computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,7 +312,40 @@ impl CrossEntropy {
         grads: &RawLinearGrads,
         scratch: &RawLinearScratch,
     ) -> Result<()> {
+        unsafe {
+            self.raw_linear_with_entropy(blas, stream, call, opts, pass, out, None, grads, scratch)
+        }
+    }
+
+    /// [`raw_linear`](Self::raw_linear); a [`LinearPass::Backward`] with `entropy_upstream`
+    /// (`[f32; rows]`) adds the gradient of `Σ_r entropy_upstream[r]·H_r`, `H` the entropies a
+    /// forward with `return_entropy` wrote into `out.entropy` (as
+    /// [`backward_with_entropy_into`](Self::backward_with_entropy_into) does on logits). Other
+    /// passes take no `entropy_upstream`.
+    ///
+    /// # Safety
+    /// As [`raw_linear`](Self::raw_linear), for `entropy_upstream` and `out.entropy` too.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw_linear_with_entropy(
+        &self,
+        blas: &CublasLt,
+        stream: &Arc<CudaStream>,
+        call: &RawLinearCall,
+        opts: &Options,
+        pass: LinearPass,
+        out: &RawLoss,
+        entropy_upstream: Option<RawBuffer>,
+        grads: &RawLinearGrads,
+        scratch: &RawLinearScratch,
+    ) -> Result<()> {
         self.check_stream(stream)?;
+        if entropy_upstream.is_some() && !matches!(pass, LinearPass::Backward { .. }) {
+            return Err(Error::InvalidOption(
+                "the entropies' gradient needs the backward pass (their upstream is known only \
+                 then)"
+                    .to_string(),
+            ));
+        }
         call.validate(opts)?;
         grads.validate(call, pass)?;
         let shape = call.shape;
@@ -339,11 +372,14 @@ impl CrossEntropy {
             _ => Some(self.chunk_plans(call, opts, chunk)?),
         };
         let partials_len = plans.map_or(0, |p| p.2);
+        // The backward's entropies and their upstream, where asked for.
+        let mut entropy = None;
         let buffers = match pass {
             LinearPass::Backward { upstream } => {
                 check_len("row_lse", out.row_lse, rows)?;
                 check_len("counts", out.counts, COUNT_WORDS)?;
                 check_upstream_len(rows, upstream.len)?;
+                entropy = entropy_pair(out, entropy_upstream, rows)?;
                 LossBuffers {
                     loss: 0,
                     row_loss: 0,
@@ -439,8 +475,8 @@ impl CrossEntropy {
         // that cannot be loaded fails the call before anything is enqueued (a weight gradient
         // added to halfway, say).
         let chunk_plans = plans.map(|(full, last, _)| (full, last));
-        let backward =
-            (scheme.vocab_backward && rows > 0).then(|| backward_kernel(&work.whole, &work.opts));
+        let backward = (scheme.vocab_backward && rows > 0)
+            .then(|| backward_kernel(&work.whole, &work.opts, entropy.is_some()));
         self.preload(
             chunk_plans
                 .into_iter()
@@ -484,7 +520,7 @@ impl CrossEntropy {
             };
             for v0 in (0..v).step_by(block) {
                 let width = block.min(v - v0);
-                work.vocab_block(self, v0, width, &buffers, upstream)?;
+                work.vocab_block(self, v0, width, &buffers, upstream, entropy)?;
             }
         }
         Ok(())
@@ -1002,6 +1038,7 @@ impl Work<'_> {
         width: usize,
         buffers: &LossBuffers,
         upstream: RawBuffer,
+        entropy: Option<(u64, u64)>,
     ) -> Result<()> {
         let shape = self.call.shape;
         let (rows, d) = (shape.rows(), shape.hidden);
@@ -1029,6 +1066,7 @@ impl Work<'_> {
             upstream,
             0,
             Some((v0, width, width)),
+            entropy,
         )?;
         let beta = if self.grads.accumulate { 1.0 } else { 0.0 };
         // grad_weight[block] (+)= Gᵀ·h, all rows at once.

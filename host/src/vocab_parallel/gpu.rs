@@ -450,6 +450,7 @@ impl CrossEntropy {
             (upstream.ptr, upstream.len),
             0,
             Some(slice),
+            None,
         )
     }
 }

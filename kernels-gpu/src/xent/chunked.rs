@@ -108,7 +108,9 @@ pub unsafe fn chunk_grad<T: Element, L: Label, M: Mode>(p: &XentParams) {
 
 /// Two-phase mode, backward: the gradient of one chunk of a row from the row's log-sum-exp (kept
 /// by a forward call), times the upstream gradient (one value, or one per row), written
-/// `grad_delta` bytes from the logits (0: in place). Reads and writes each element once.
+/// `grad_delta` bytes from the logits (0: in place). Reads and writes each element once. The
+/// `Full` kernels add the gradient of the row's entropy times its upstream where
+/// `entropy_upstream` is set.
 ///
 /// Launch: as `chunk_partial`, with `counts` and `row_lse` of the forward call; with a slice,
 /// `n_chunks` tiles cover `slice_len` columns.
@@ -129,6 +131,11 @@ pub unsafe fn backward<T: Element, L: Label, M: Mode>(p: &XentParams) {
     let factor = f32::from_bits(unsafe { prim::ld_global_u32(p.upstream + 4 * index) });
     let mut c = unsafe { opts::coef::<M>(p, &total, label, start) };
     c.scale::<M>(factor);
+    if M::FULL && p.entropy_upstream != 0 {
+        // A differentiable entropy: its upstream and `lse - H` (the forward's `H`).
+        c.ent = f32::from_bits(unsafe { prim::ld_global_u32(p.entropy_upstream + 4 * row) });
+        c.ent_ref = lse - f32::from_bits(unsafe { prim::ld_global_u32(p.entropy + 4 * row) });
+    }
     let local_label = label.wrapping_sub(start);
     unsafe { grad_segment::<T, M, false>(&seg, None, None, &p.opts, &c, local_label, p.grad_delta) };
 }

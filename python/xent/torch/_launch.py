@@ -194,20 +194,27 @@ def entropy(call: Call, opts: "_xent.Options") -> torch.Tensor:
     return out
 
 
-def backward(call: Call, opts, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor) -> None:
+def backward(call: Call, opts, stats: torch.Tensor, upstream: torch.Tensor, grad: torch.Tensor,
+             entropy: Optional[torch.Tensor] = None, entropy_upstream: Optional[torch.Tensor] = None) -> None:
     """Two-phase backward: the gradient of ``upstream * loss`` written into ``grad`` (the logits
-    themselves, or a buffer from ``grad_buffer``), from a forward's stats."""
+    themselves, or a buffer from ``grad_buffer``), from a forward's stats; with
+    ``entropy_upstream`` (``[rows]`` float32, contiguous) plus the gradient of
+    ``Σ entropy_upstream · H``, ``H`` the forward's entropies in ``entropy`` (``[rows]`` float32;
+    the CPU computes them again)."""
     grad_buffer_ = call.logits_buffer(grad)
     upstream_buffer = (upstream.data_ptr(), upstream.numel())
+    ent_up = None if entropy_upstream is None else (entropy_upstream.data_ptr(), entropy_upstream.numel())
     if call.logits.is_cuda:
+        ent = None if entropy is None or ent_up is None else (entropy.data_ptr(), entropy.numel())
         index = call.logits.device.index
         with _on(index):
             device(index).backward(
-                _stream(index), *call.args(), opts, (stats.data_ptr(), stats.numel()), upstream_buffer, grad_buffer_
+                _stream(index), *call.args(), opts, (stats.data_ptr(), stats.numel()), upstream_buffer, grad_buffer_,
+                ent, ent_up,
             )
     else:
         _xent.cpu_call(
-            *call.args(), opts, (stats.data_ptr(), stats.numel()), "backward", upstream_buffer, grad_buffer_
+            *call.args(), opts, (stats.data_ptr(), stats.numel()), "backward", upstream_buffer, grad_buffer_, ent_up
         )
 
 

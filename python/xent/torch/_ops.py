@@ -120,13 +120,15 @@ def backward(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor, upstream: Tensor,
     ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool,
     label_smoothing: float, lse_square_scale: float, softcap: float, return_token_accuracy: bool,
+    entropy: Optional[Tensor] = None, entropy_upstream: Optional[Tensor] = None,
 ) -> Tensor:
-    """Two-phase backward into a new tensor of the logits' layout."""
+    """Two-phase backward into a new tensor of the logits' layout; with ``entropy_upstream``, the
+    gradient of the forward's ``entropy`` too."""
     opts = _options(ignore_index, reduction, grad_scale, causal_shift, label_smoothing,
                     lse_square_scale, softcap, return_token_accuracy)
     call = _launch.prepare(logits, target, weight, opts.causal_shift)
     grad = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype, device=logits.device)
-    _launch.backward(call, opts, stats, upstream, grad)
+    _launch.backward(call, opts, stats, upstream, grad, entropy, entropy_upstream)
     return grad
 
 

@@ -64,13 +64,23 @@ def extras_of(stats: torch.Tensor):
 
 
 class XentFunction(torch.autograd.Function):
-    """``XentFunction.apply(logits, target, weight, opts, two_phase, inplace_backward)`` (``opts``:
-    an ``_launch.Opts``) -> ``(loss, stats)``: the loss (differentiable) and the forward's stats
-    buffer it was copied from (see ``outputs`` for the rest of it)."""
+    """``XentFunction.apply(logits, target, weight, opts, two_phase, inplace_backward,
+    want_entropy)`` (``opts``: an ``_launch.Opts``) -> ``(loss, stats, entropy)``: the loss
+    (differentiable), the forward's stats buffer it was copied from (see ``outputs`` for the rest
+    of it) and, with ``want_entropy``, each row's entropy (``target``'s shape, float32; else an
+    empty tensor), differentiable too: a two-phase backward adds its gradient (the entropy's
+    upstream, one value a row) in the same pass over the logits; a fused one cannot (the logits
+    are gone) and raises."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, two_phase, inplace_backward):
+    def forward(ctx, logits, target, weight, opts, two_phase, inplace_backward, want_entropy=False):
         ctx.set_materialize_grads(False)  # no zero tensors made for the stats' gradient
+        if want_entropy:  # read before a fused forward writes the gradient over the logits
+            from .functional import row_entropy
+
+            entropy = row_entropy(logits, target, opts.ignore_index, opts.causal_shift, opts.softcap)
+        else:
+            entropy = logits.new_empty(0, dtype=torch.float32)
         if torch.compiler.is_compiling():
             op = _ops.forward if two_phase else _ops.fused_forward
             stats = op(logits, target, weight, *_ops.option_args(opts))
@@ -86,38 +96,54 @@ class XentFunction(torch.autograd.Function):
         # the gradient returned from it can be taken by AccumulateGrad as it is: the input itself
         # (a leaf the user holds) would be copied, an N x V allocation and pass.
         if two_phase:
-            ctx.save_for_backward(logits.detach(), target, weight, stats)
+            ctx.save_for_backward(logits.detach(), target, weight, stats, entropy if want_entropy else None)
         else:  # the gradient is in the logits already: nothing else is needed
             ctx.save_for_backward(logits.detach(), target)
         ctx.opts = opts
         ctx.two_phase = two_phase
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(stats)
-        return loss_of(stats, target, opts), stats
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return loss_of(stats, target, opts), stats, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_stats, grad_entropy):
+        nones = (None,) * 6
+        if (grad_loss is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        if grad_entropy is not None and not ctx.two_phase:
+            raise RuntimeError(
+                "xent: the entropy's gradient needs the two-phase mode (the fused forward wrote the "
+                "loss's gradient over the logits): call cross_entropy with two_phase=True or None, "
+                "or detach the entropy"
+            )
         opts = ctx.opts
-        upstream = _launch.upstream_of(grad_loss)
+        if grad_loss is None:  # only the entropy is differentiated: the loss's upstream is 0
+            upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
+        else:
+            upstream = _launch.upstream_of(grad_loss)
         if not ctx.two_phase:
             logits, target = ctx.saved_tensors
             if torch.compiler.is_compiling():
                 _ops.scale_grad(logits, target, upstream)
             else:
                 _launch.scale_grad(_launch.Call(logits, target, None, *ctx.checked), upstream)
-            return logits, None, None, None, None, None
-        logits, target, weight, stats = ctx.saved_tensors
+            return (logits, *nones)
+        logits, target, weight, stats, entropy = ctx.saved_tensors
+        entropy_upstream = None if grad_entropy is None else _launch.upstream_of(grad_entropy)
+        if entropy_upstream is None:
+            entropy = None
         if torch.compiler.is_compiling():
-            grad = _ops.backward(logits, target, weight, stats, upstream, *_ops.option_args(opts))
-            return grad, None, None, None, None, None
+            grad = _ops.backward(logits, target, weight, stats, upstream, *_ops.option_args(opts), entropy,
+                                 entropy_upstream)
+            return (grad, *nones)
         call = _launch.Call(logits, target, weight, *ctx.checked)
         if ctx.inplace_backward:
-            _launch.backward(call, _launch.checked(opts), stats, upstream, logits)
+            _launch.backward(call, _launch.checked(opts), stats, upstream, logits, entropy, entropy_upstream)
             torch.autograd.graph.increment_version(logits)
             grad = logits
         else:
             grad = _launch.grad_buffer(call)
-            _launch.backward(call, _launch.checked(opts), stats, upstream, grad)
-        return grad, None, None, None, None, None
+            _launch.backward(call, _launch.checked(opts), stats, upstream, grad, entropy, entropy_upstream)
+        return (grad, *nones)

@@ -56,7 +56,8 @@ def predicted_tokens(logits, target, ignore_index, causal_shift):
 def row_entropy(logits, target, ignore_index, causal_shift, softcap):
     """Each scored row's entropy, ``-Σ p·ln p`` over the softmax of its logits (soft-capped by
     ``softcap``: the distribution the loss scores), in nats; 0 for a row not scored (as
-    ``predicted_tokens`` decides); float32, ``target``'s shape, no gradient. On CUDA xent's
+    ``predicted_tokens`` decides); float32, ``target``'s shape, no gradient (``XentFunction``
+    gives one). On CUDA xent's
     kernel (one read of the logits), on the CPU in float64. Read before a fused loss writes its
     gradient over the logits."""
     if logits.is_cuda:
@@ -83,7 +84,8 @@ class CrossEntropyOutput:
     ``entropy``): device tensors, none of them synchronised; scalars, or per row (``target``'s
     shape: each row's z-loss part, and 1.0 where its argmax is its label) with
     ``reduction="none"``; the predicted tokens (int64, -1 where not scored) and the entropies
-    (float32 nats, 0 where not scored, no gradient) are per row whatever the reduction."""
+    (float32 nats, 0 where not scored; differentiable where the loss is) are per row whatever
+    the reduction."""
 
     loss: torch.Tensor
     z_loss: Optional[torch.Tensor] = None
@@ -125,8 +127,12 @@ def cross_entropy(
       one more read of the logits.
     - ``return_entropy``: each scored row's entropy ``-Σ p·ln p`` of the softmax the loss scores
       (after the soft cap), in nats, as ``entropy`` (float32, ``target``'s shape, 0 where not
-      scored; no gradient flows through it: for logging and entropy masks, as RL trainers use
-      it), taken before the loss: one more read of the logits (xent's kernel on CUDA).
+      scored), taken before the loss: one more read of the logits (xent's kernel on CUDA). It is
+      differentiable (an entropy bonus, ``loss - β·entropy.mean()``, as TRL's GRPO
+      ``entropy_coef`` adds): the two-phase backward adds its gradient ``p·(lse - H - y)`` in its
+      one pass over the logits, in float32 before the one rounding, so with ``return_entropy``
+      ``two_phase=None`` picks two-phase. With ``two_phase=False`` (the fused path, for an entropy
+      that is only logged or masked) a gradient reaching the entropy raises RuntimeError.
     - ``causal_shift``: position ``t`` of each sequence (the last leading dimension) is scored
       against ``target`` at ``t + 1``, the last position ignored; no slice or copy needed.
     - ``grad_scale``: multiplies the gradient (not the loss), folded into the kernel: a scale
@@ -153,14 +159,19 @@ def cross_entropy(
     if not torch.compiler.is_compiling():
         _launch.checked(opts)  # bad option values raise here, before anything runs
     predicted = entropy = None
-    if return_predicted_tokens and isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+    tensors = isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+    if return_predicted_tokens and tensors:
         predicted = predicted_tokens(input, target, ignore_index, causal_shift)
-    if return_entropy and isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+    differentiable = torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad
+    if return_entropy and tensors and not differentiable:
         entropy = row_entropy(input, target, ignore_index, causal_shift, softcap)
-    if torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
+    if differentiable:
         if two_phase is None:
-            two_phase = input.dtype == torch.float16 or reduction != "mean"
-        loss, stats = XentFunction.apply(input, target, weight, opts, two_phase, inplace_backward)
+            two_phase = input.dtype == torch.float16 or reduction != "mean" or return_entropy
+        loss, stats, entropy = XentFunction.apply(input, target, weight, opts, two_phase, inplace_backward,
+                                                  return_entropy and tensors)
+        if not (return_entropy and tensors):
+            entropy = None
     else:
         loss, stats = _forward_only(input, target, weight, opts)
     return outputs(

@@ -12,7 +12,8 @@ Memory: one chunk of logits (``chunk_bytes``; by default an eighth of the whole 
   and keeps the gradients until backward, which multiplies them by the upstream gradient only
   when it is not exactly 1 (decided on the device). Liger's scheme.
 - two-phase (forced for ``reduction="none"``, whose per-row upstream cannot be applied to a
-  weight gradient already summed over rows): the forward computes the loss only (one GEMM per
+  weight gradient already summed over rows, and the default with ``return_entropy``, whose
+  gradient is known only at backward): the forward computes the loss only (one GEMM per
   chunk) and keeps per-row statistics; the backward computes the logits again and the gradients
   of ``upstream · loss`` (four GEMMs in all; nothing of size ``[V, D]`` held between the two).
 
@@ -44,7 +45,7 @@ from .. import _xent
 from . import _launch
 from . import _ops
 from .function import extras_of, loss_of
-from .functional import CrossEntropyOutput, cross_entropy, outputs, predicted_tokens, row_entropy, scored_labels
+from .functional import CrossEntropyOutput, cross_entropy, outputs, predicted_tokens, scored_labels
 
 _BLAS_OPEN: set = set()
 
@@ -102,11 +103,13 @@ class _Call:
 
 
 def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-         accum_dtype=None, predicted=None, entropy=None):
+         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None):
     """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
     asked for). With ``predicted`` (``[rows]`` int64; a forward or fused pass) each scored row's
     first maximal logit's class goes there too, and with ``entropy`` (``[rows]`` float32) its
-    entropy. The scratch comes from PyTorch's allocator and goes back to its cache after."""
+    entropy. A backward pass with ``entropy_upstream`` (``[rows]`` float32) adds the gradient of
+    the forward's ``entropy`` times it. The scratch comes from PyTorch's allocator and goes back
+    to its cache after."""
     device = call.hidden.device
     index = device.index
     handle = _device(index)
@@ -135,7 +138,7 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
             handle, _launch._stream(index), *inputs, checked, pass_name, _buffer(upstream),
             _buffer(stats), _buffer(workspace), (_buffer(grad_h), typed(grad_w), typed(grad_b), False),
             (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
-            _buffer(predicted), _buffer(entropy),
+            _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream),
         )
     return grad_h, grad_w, grad_b
 
@@ -258,22 +261,25 @@ def _linear_backward_op(
     stats: Tensor, upstream: Tensor, ignore_index: int, reduction: str, grad_scale: float,
     causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
     return_token_accuracy: bool, batch: int, seq_len: int, want_hidden: bool, want_weight: bool,
-    want_bias: bool, accum_f32: bool, chunk_bytes: int,
+    want_bias: bool, accum_f32: bool, chunk_bytes: int, entropy: Optional[Tensor] = None,
+    entropy_upstream: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Two-phase backward: the logits again, chunk by chunk, and the gradients asked for of
-    ``upstream · loss``."""
+    ``upstream · loss`` (plus ``entropy_upstream · entropy``, the forward's entropies, where
+    given)."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
     grads = _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "backward", stats,
                  chunk_bytes or None, upstream=upstream, grads=(want_hidden, want_weight, want_bias),
-                 accum_dtype=torch.float32 if accum_f32 else None)
+                 accum_dtype=torch.float32 if accum_f32 else None, entropy=entropy,
+                 entropy_upstream=entropy_upstream)
     return tuple(_or_empty(g, hidden) for g in grads)
 
 
 @_linear_backward_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, stats, upstream, ignore_index, reduction, grad_scale,
       causal_shift, label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len,
-      want_hidden, want_weight, want_bias, accum_f32, chunk_bytes):
+      want_hidden, want_weight, want_bias, accum_f32, chunk_bytes, entropy=None, entropy_upstream=None):
     return _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
 
 
@@ -332,7 +338,8 @@ class LinearXentFunction(torch.autograd.Function):
                     want_entropy,
                 )
                 if any(want):
-                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
+                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats,
+                                          entropy if want_entropy else None)
         else:
             call = _Call(hidden, weight, target, bias, ce_weight, shape)
             stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
@@ -342,18 +349,31 @@ class LinearXentFunction(torch.autograd.Function):
             if fused:
                 ctx.save_for_backward(*grads)
             elif any(want):
-                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats)
+                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats,
+                                      entropy if want_entropy else None)
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
-        ctx.mark_non_differentiable(stats, predicted, entropy)
+        ctx.mark_non_differentiable(stats, predicted)
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
         return loss_of(stats, target, opts), stats, predicted, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_predicted, _grad_entropy):
+    def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
         nones = (None,) * 8
-        if grad_loss is None or not any(ctx.want):
+        if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
             return (None, None, None, None) + nones
-        upstream = _launch.upstream_of(grad_loss)
+        if grad_entropy is not None and ctx.fused:
+            raise RuntimeError(
+                "xent: the entropy's gradient needs the two-phase mode (the fused pass computed the "
+                "gradients in the forward): call linear_cross_entropy with two_phase=True or None, "
+                "or detach the entropy"
+            )
+        if grad_loss is None:  # only the entropy is differentiated: the loss's upstream is 0
+            upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
+        else:
+            upstream = _launch.upstream_of(grad_loss)
+        entropy_upstream = None if grad_entropy is None else _launch.upstream_of(grad_entropy)
         compiling = torch.compiler.is_compiling()
         if ctx.fused:
             grads = list(ctx.saved_tensors)
@@ -364,16 +384,20 @@ class LinearXentFunction(torch.autograd.Function):
                     else:
                         _scale_grad(grad, upstream)
         elif compiling:
-            hidden, weight, target, bias, ce_weight, stats = ctx.saved_tensors
+            hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
+            entropy = entropy if entropy_upstream is not None else None
             values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1])
             out = _linear_backward_op(hidden, weight, target, bias, ce_weight, stats, upstream, *values, *ctx.want,
-                                      ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0)
+                                      ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0, entropy,
+                                      entropy_upstream)
             grads = [g if w else None for g, w in zip(out, ctx.want)]
         else:
-            hidden, weight, target, bias, ce_weight, stats = ctx.saved_tensors
+            hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
+            entropy = entropy if entropy_upstream is not None else None
             call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
             grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
-                              grads=ctx.want, accum_dtype=ctx.accum_dtype))
+                              grads=ctx.want, accum_dtype=ctx.accum_dtype, entropy=entropy,
+                              entropy_upstream=entropy_upstream))
         for i in (1, 2):
             if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
                 grads[i] = grads[i].to(ctx.weight_dtype)
@@ -487,8 +511,8 @@ def linear_cross_entropy(
       sum an f32 master weight's gradient over the chunks in f32.
     - ``accum_dtype``: the weight and bias gradients' accumulator (None: the weight's dtype;
       ``torch.float32``: exact to f32, one [V, D] f32 buffer more while it lives).
-    - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none (see
-      the module's doc for each mode's cost).
+    - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none and
+      with ``return_entropy`` (see the module's doc for each mode's cost).
     - ``chunk_bytes``: the memory of one chunk of logits (None: an eighth of the whole logits,
       at least 64 MiB); smaller saves memory and costs time.
     - ``return_predicted_tokens``: Liger's: also return each scored row's first maximal logit's
@@ -504,9 +528,13 @@ def linear_cross_entropy(
       under the mean are refused (their two parts need different denominators).
     - ``return_entropy``: each scored row's entropy ``-Σ p·ln p`` over the softmax the loss
       scores (after the soft cap), in nats, as ``entropy`` of the ``CrossEntropyOutput``
-      (float32, ``target``'s shape, 0 for a row not scored; no gradient flows through it: for
-      logging and entropy masks, as TRL's GRPO and RLOO use it). Read from each chunk of logits
+      (float32, ``target``'s shape, 0 for a row not scored). Read from each chunk of logits
       before its gradient overwrites it, as the predicted tokens are: a read of the chunk more.
+      Differentiable (an entropy bonus, as TRL's GRPO ``entropy_coef`` adds to its loss): the
+      two-phase backward adds ``entropy_upstream·p·(lse - H - y)`` to each chunk's gradient
+      before its GEMMs, so ``two_phase=None`` picks two-phase with it; with ``two_phase=False``
+      (the fused pass, for entropies only logged or used as masks) a gradient reaching them
+      raises RuntimeError.
     - ``skip_ignored`` (the default): only the scored rows (label not ``ignore_index`` after the
       causal shift: a fine-tuning batch's masked prompt and padding) go through the GEMMs, where
       that drops at least 1/16 of the rows; the results are laid out as the call's rows (0 for a
@@ -560,8 +588,9 @@ def linear_cross_entropy(
     hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
         input, weight, target, bias, ce_weight, causal_shift
     )
-    if two_phase is None or reduction == "none":
-        two_phase = two_phase or reduction == "none"
+    if two_phase is None:  # two-phase where the backward takes an upstream it cannot know now
+        two_phase = reduction == "none" or return_entropy
+    two_phase = two_phase or reduction == "none"
     loss, stats, predicted, entropy = LinearXentFunction.apply(
         hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes,
         return_predicted_tokens, return_entropy,
@@ -666,8 +695,7 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
             "supported: the cross-entropy part divides by the labels' class weights and the "
             "z-loss part by the scored rows; use reduction='sum' or 'none' and divide yourself"
         )
-    per_row = dict(common, reduction="none", return_z_loss=False, return_predicted_tokens=False,
-                   return_entropy=False)
+    per_row = dict(common, reduction="none", return_z_loss=False, return_predicted_tokens=False)
     hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
         input, weight, target, bias, ce_weight, causal_shift
     )
@@ -680,11 +708,10 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
         logits = torch.nn.functional.linear(input, weight, bias)
         if common["return_predicted_tokens"]:
             predicted = predicted_tokens(logits, target, ignore_index, causal_shift)
-        if common["return_entropy"]:
-            entropy = row_entropy(logits, target, ignore_index, causal_shift, softcap)
         out = cross_entropy(logits, target, ce_weight, **per_row)
         rows_loss = out.loss if isinstance(out, CrossEntropyOutput) else out
         accuracy = out.token_accuracy if isinstance(out, CrossEntropyOutput) else None
+        entropy = out.entropy if isinstance(out, CrossEntropyOutput) else None
         x = logits.detach().reshape(-1, vocab).to(torch.float64)
         if softcap is not None:
             x = softcap * torch.tanh(x / softcap)
