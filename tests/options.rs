@@ -702,6 +702,113 @@ fn entropy_is_minus_sum_p_ln_p_of_each_scored_rows_softmax() {
     assert!(got[2] == 0.0 && got[5] == 0.0 && got[0] > 1.38 && got[4] > 0.0);
 }
 
+#[test]
+fn entropy_gradient_is_the_derivative_of_the_entropy_and_adds_to_the_loss_gradient() {
+    // `cpu::forward_backward_entropy` with a loss upstream of 0 against a central finite
+    // difference of the reference's own entropies (f64, per row: `Σ_r e_r·H_r`), with and without
+    // the soft cap, an ignored row and a row with -inf logits; then with an upstream for the loss
+    // too, the sum of the two gradients.
+    let inf = f32::NEG_INFINITY;
+    let logits: Vec<f32> = vec![
+        0.5, -1.0, 2.0, 1.5, 0.25, //
+        3.0, 3.0, 3.0, 3.0, 3.0, //
+        1.0, inf, 2.0, inf, -0.5, //
+        7.0, 1.0, 0.0, 3.0, -2.0, //
+        -3.0, 4.0, 0.0, 0.75, 1.25,
+    ];
+    let labels: Vec<i64> = vec![2, 0, 4, -100, 1];
+    let shape = Shape::flat(5, 5);
+    let e_up: Vec<f32> = vec![0.75, -1.5, 2.0, 3.0, -0.5];
+    for softcap in [None, Some(2.5f32)] {
+        for reduction in REDUCTIONS {
+            let opts = Options {
+                softcap,
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-2,
+                return_entropy: true,
+                ..with(reduction)
+            };
+            let entropies = |x: &[f64]| -> Vec<f64> {
+                let mut data = x.to_vec();
+                cpu::forward_backward_upstream(&mut data, &labels, shape, &opts, &[1.0])
+                    .unwrap()
+                    .entropy
+                    .unwrap()
+            };
+            let x: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            let mut grad = x.clone();
+            let got = cpu::forward_backward_entropy(
+                &mut grad,
+                &labels,
+                shape,
+                &opts,
+                &[0.0],
+                Some(&e_up),
+            )
+            .unwrap();
+            assert_eq!(
+                got.entropy.unwrap(),
+                entropies(&x),
+                "the entropies do not change"
+            );
+            let h = 1e-6;
+            for i in 0..x.len() {
+                let (r, j) = (i / 5, i % 5);
+                if x[i].is_infinite() {
+                    assert_eq!(
+                        grad[i], 0.0,
+                        "{softcap:?} {reduction:?} row {r} class {j}: no mass"
+                    );
+                    continue;
+                }
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[i] += h;
+                down[i] -= h;
+                let (hu, hd) = (entropies(&up), entropies(&down));
+                let want: f64 = (0..5)
+                    .map(|q| e_up[q] as f64 * (hu[q] - hd[q]) / (2.0 * h))
+                    .sum();
+                assert!(
+                    (grad[i] - want).abs() <= 1e-7 * (1.0 + want.abs()),
+                    "{softcap:?} {reduction:?} row {r} class {j}: {} against {want}",
+                    grad[i]
+                );
+                if labels[r] == -100 {
+                    assert_eq!(grad[i], 0.0, "an ignored row gets no gradient");
+                }
+            }
+            // With the loss's upstream too: the two gradients add.
+            let upstream: Vec<f32> = if reduction == Reduction::None {
+                vec![0.5, -2.0, 1.0, 4.0, 1.5]
+            } else {
+                vec![0.5]
+            };
+            let mut both = x.clone();
+            cpu::forward_backward_entropy(&mut both, &labels, shape, &opts, &upstream, Some(&e_up))
+                .unwrap();
+            let mut loss_only = x.clone();
+            cpu::forward_backward_upstream(&mut loss_only, &labels, shape, &opts, &upstream)
+                .unwrap();
+            for i in 0..x.len() {
+                let want = loss_only[i] + grad[i];
+                assert!((both[i] - want).abs() <= F64_TOL * (1.0 + want.abs()));
+            }
+        }
+    }
+    // One value a row: a shorter upstream is refused.
+    let mut data = logits.clone();
+    let err = cpu::forward_backward_entropy(
+        &mut data,
+        &labels,
+        shape,
+        &Options::default(),
+        &[1.0],
+        Some(&[1.0; 4]),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pairs of options, hand-checked.
 // ---------------------------------------------------------------------------------------------
@@ -1989,6 +2096,235 @@ fn gpu_entropy_matches_the_reference_on_masked_peaked_and_long_rows() {
         failures.len()
     ));
     assert_no_failures(&failures);
+}
+
+/// The two-phase backward with the entropies' gradient (`backward_with_entropy_into`) against
+/// `cpu::forward_backward_entropy` on the logits the GPU reads, for every dtype: plain, the soft
+/// cap, smoothing with class weights and the z-loss, and `Reduction::None` with a per-row upstream;
+/// rows of integers in [-20, 20] (3001 classes, 3011 apart), a peaked row, a row half -inf, ignored
+/// rows. Refused: a forward without entropies, an upstream shorter than the rows.
+#[test]
+fn gpu_entropy_gradient_matches_the_reference() {
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let stream = xent.context().default_stream();
+    let (rows, vocab, stride) = (37usize, 3001usize, 3011usize);
+    let shape = Shape::flat(rows, vocab).with_row_stride(stride);
+    let mut data = integer_logits(rows, vocab, stride, 4242);
+    data[stride + 17] = 80.0; // peaked
+    for j in (0..vocab).step_by(2) {
+        data[2 * stride + j] = f32::NEG_INFINITY;
+    }
+    let labels = every_sixth_ignored(rows, vocab);
+    let d_labels = stream.clone_htod(&labels).unwrap();
+    let e_up: Vec<f32> = (0..rows).map(|r| ((r % 7) as f32 - 3.0) * 0.25).collect();
+    let d_e_up = stream.clone_htod(&e_up).unwrap();
+    let weights: Vec<f32> = (0..vocab).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect();
+    let option_sets = [
+        ("plain", Options::default()),
+        (
+            "softcap",
+            Options {
+                softcap: Some(15.0),
+                ..Options::default()
+            },
+        ),
+        (
+            "smoothing, weights, z-loss",
+            Options {
+                label_smoothing: 0.1,
+                weight: Some(weights),
+                lse_square_scale: 1e-3,
+                ..Options::default()
+            },
+        ),
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..Options::default()
+            },
+        ),
+    ];
+    let (mut failures, mut cases) = (Vec::new(), 0);
+    for (name, opts) in &option_sets {
+        let opts = Options {
+            return_entropy: true,
+            ..opts.clone()
+        };
+        let upstream: Vec<f32> = if opts.reduction == Reduction::None {
+            (0..rows).map(|r| 1.0 - (r % 3) as f32 * 0.5).collect()
+        } else {
+            vec![0.75]
+        };
+        let d_upstream = stream.clone_htod(&upstream).unwrap();
+        for dtype in DTYPES {
+            cases += 1;
+            let result = match dtype {
+                DType::F32 => entropy_grad_case(
+                    xent,
+                    &stream,
+                    &data,
+                    &d_labels,
+                    shape,
+                    &opts,
+                    &d_upstream,
+                    &d_e_up,
+                ),
+                DType::F16 => {
+                    let logits: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                    entropy_grad_case(
+                        xent,
+                        &stream,
+                        &logits,
+                        &d_labels,
+                        shape,
+                        &opts,
+                        &d_upstream,
+                        &d_e_up,
+                    )
+                }
+                DType::Bf16 => {
+                    let logits: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                    entropy_grad_case(
+                        xent,
+                        &stream,
+                        &logits,
+                        &d_labels,
+                        shape,
+                        &opts,
+                        &d_upstream,
+                        &d_e_up,
+                    )
+                }
+            };
+            let (got, rounded) = match result {
+                Ok(pair) => pair,
+                Err(e) => {
+                    failures.push(format!("{name} {dtype:?}: {e}"));
+                    continue;
+                }
+            };
+            let mut want = rounded;
+            let reference = cpu::forward_backward_entropy(
+                &mut want,
+                &labels,
+                shape,
+                &opts,
+                &upstream,
+                Some(&e_up),
+            )
+            .unwrap();
+            let entropies = reference.entropy.clone().unwrap();
+            let loss_scale = xent_tests::grad_tol_scale(&opts, &reference)
+                * upstream.iter().fold(0.0f64, |m, &u| m.max(u.abs() as f64));
+            let mut worst = None;
+            for r in 0..rows {
+                // The entropy term's f32 error: `lse - H` (the entropy's own tolerance and the
+                // log-sum-exp's) times `p ≤ 1` times the row's upstream.
+                let lse = reference.row_lse[r];
+                let atol = xent_tests::grad_atol(dtype, loss_scale)
+                    + e_up[r].abs() as f64
+                        * (xent_tests::entropy_tol(entropies[r]) + 1e-5 * lse.abs().max(1.0));
+                for j in 0..vocab {
+                    let (g, w) = (got[r * stride + j], want[r * stride + j]);
+                    if let Err((err, tol)) =
+                        xent_tests::grad_error(g, w, xent_tests::grad_rtol(dtype), atol)
+                    {
+                        worst.get_or_insert(format!(
+                            "row {r} class {j}: {g} against {w} (error {err:e}, tolerance {tol:e})"
+                        ));
+                    }
+                }
+            }
+            if let Some(msg) = worst {
+                failures.push(format!("{name} {dtype:?}: {msg}"));
+            }
+        }
+    }
+    // A forward without entropies, and an upstream one short, are refused.
+    let d_logits = stream.clone_htod(&data).unwrap();
+    let mut grad = stream.alloc_zeros::<f32>(data.len()).unwrap();
+    let one = stream.clone_htod(&[1.0f32]).unwrap();
+    let mut plain = xent::Loss::new(&stream, rows).unwrap();
+    xent.forward(
+        &stream,
+        &d_logits,
+        &d_labels,
+        shape,
+        &Options::default(),
+        &mut plain,
+    )
+    .unwrap();
+    let refused = xent.backward_with_entropy_into(
+        &stream,
+        &d_logits,
+        &d_labels,
+        shape,
+        &Options::default(),
+        &plain,
+        &one,
+        &d_e_up,
+        &mut grad,
+    );
+    if !matches!(refused, Err(Error::InvalidOption(_))) {
+        failures.push(format!("a forward without entropies: {refused:?}"));
+    }
+    let opts = Options {
+        return_entropy: true,
+        ..Options::default()
+    };
+    let mut out = xent::Loss::new(&stream, rows).unwrap();
+    xent.forward(&stream, &d_logits, &d_labels, shape, &opts, &mut out)
+        .unwrap();
+    let short = stream.clone_htod(&e_up[..rows - 1]).unwrap();
+    let refused = xent.backward_with_entropy_into(
+        &stream, &d_logits, &d_labels, shape, &opts, &out, &one, &short, &mut grad,
+    );
+    if !matches!(refused, Err(Error::InvalidOption(_))) {
+        failures.push(format!("an upstream one short: {refused:?}"));
+    }
+    xent_tests::report(&format!(
+        "entropy gradient on the GPU: {cases} cases, {} failed",
+        failures.len()
+    ));
+    assert_no_failures(&failures);
+}
+
+/// One two-phase call with the entropies' gradient: returns the gradient (the logits' layout, as
+/// f64) and the logits the GPU read (as f64, for the reference).
+#[allow(clippy::too_many_arguments)]
+fn entropy_grad_case<T: Element>(
+    xent: &xent::CrossEntropy,
+    stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    logits: &[T],
+    labels: &xent::cudarc::driver::CudaSlice<i64>,
+    shape: Shape,
+    opts: &Options,
+    upstream: &xent::cudarc::driver::CudaSlice<f32>,
+    entropy_upstream: &xent::cudarc::driver::CudaSlice<f32>,
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    let d_logits = stream.clone_htod(logits)?;
+    let mut out = xent::Loss::new(stream, shape.rows())?;
+    xent.forward(stream, &d_logits, labels, shape, opts, &mut out)?;
+    let mut grad = stream.clone_htod(logits)?;
+    xent.backward_with_entropy_into(
+        stream,
+        &d_logits,
+        labels,
+        shape,
+        opts,
+        &out,
+        upstream,
+        entropy_upstream,
+        &mut grad,
+    )?;
+    let got = stream.clone_dtoh(&grad)?;
+    Ok((
+        got.iter().map(|x| x.to_f64()).collect(),
+        logits.iter().map(|x| x.to_f64()).collect(),
+    ))
 }
 
 /// `rows` rows of `vocab` integers in [-20, 20] (many ties), `stride` apart (padding 0).

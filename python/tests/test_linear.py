@@ -759,10 +759,11 @@ def test_return_entropy_is_the_scored_rows_entropy(device, dtype, case):
     # Small chunks, so that several chunks each take their rows' entropies.
     out = xt.linear_cross_entropy(hh, ww, y, bb, return_entropy=True, chunk_bytes=40 * 1003 * 4, **kwargs)
     assert isinstance(out, xt.CrossEntropyOutput)
-    assert out.entropy.dtype == torch.float32 and out.entropy.shape == y.shape and not out.entropy.requires_grad
+    assert out.entropy.dtype == torch.float32 and out.entropy.shape == y.shape
+    assert out.entropy.requires_grad == grad  # differentiable where the loss is
     logits = (h.detach().to(F64) @ w.detach().to(F64).T + b.detach().to(F64)).to(dtype)
     want = expected_entropy(logits, y, ignore_index, causal, kwargs.get("softcap"))
-    got = out.entropy.cpu().to(F64)
+    got = out.entropy.detach().cpu().to(F64)
     atol = 0.0 if dtype == torch.float32 else 2e-3
     err = (got - want).abs() - 2e-5 * want.abs().clamp(min=1.0)
     assert float(err.max()) <= atol, f"worst error {float((got - want).abs().max()):.3g}"
@@ -776,6 +777,67 @@ def test_return_entropy_is_the_scored_rows_entropy(device, dtype, case):
     module = xt.FusedLinearCrossEntropyLoss(return_entropy=True, ignore_index=ignore_index)
     torch.testing.assert_close(module(w, h, y, b).entropy, xt.linear_cross_entropy(h, w, y, b, ignore_index=ignore_index,
                                return_entropy=True).entropy, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", ["rl_none", "bonus_mean", "options", "entropy_only", "every_row", "token_scaling"])
+def test_entropy_gradient_matches_float64(device, dtype, case):
+    """A differentiable ``return_entropy`` through the linear head: the gradients of the hidden
+    states, weight and bias of ``upstream·loss + Σ e·H`` (GRPO's per-token log-probabilities
+    weighted by advantages plus an entropy bonus, ``reduction="none"``; a mean loss with
+    ``-β·mean(H)``; every option; the entropy alone; every row; token scaling) against float64
+    autograd through ``h·Wᵀ + b``, within the tolerance of the other linear gradients; small
+    chunks, so several chunks and vocabulary blocks each add their part. Without the entropy's
+    term the f32 check would fail (checked)."""
+    from test_torch import entropy_and_grad
+
+    kwargs = dict(
+        rl_none=dict(reduction="none", causal_shift=True),
+        bonus_mean=dict(),
+        options=dict(softcap=4.0, label_smoothing=0.1, lse_square_scale=1e-3, causal_shift=True),
+        entropy_only=dict(reduction="sum"),
+        every_row=dict(skip_ignored=False, reduction="none"),
+        token_scaling=dict(use_token_scaling=True),
+    )[case]
+    causal = kwargs.get("causal_shift", False)
+    h, w, b, y, _ = inputs(device, (3, 41), dtype=dtype, bias=True, scale=2.0)
+    hh, ww, bb = (t.detach().clone().requires_grad_(True) for t in (h, w, b))
+    gen = torch.Generator().manual_seed(9)
+    e_up = (torch.randn(y.shape, generator=gen) * 10 / y.numel()).to(device)
+    per_row = kwargs.get("reduction") == "none"
+    up = torch.randn(y.shape, generator=gen).to(device) if per_row else torch.tensor(0.75)
+    out = xt.linear_cross_entropy(hh, ww, y, bb, return_entropy=True, chunk_bytes=40 * 1003 * 4, **kwargs)
+    assert out.entropy.requires_grad
+    objective = (out.entropy * e_up).sum()
+    if case != "entropy_only":
+        objective = objective + (out.loss * up.to(device)).sum()
+    objective.backward()
+    h64, w64, b64 = (t.detach().to(F64) for t in (h, w, b))
+    logits = h64 @ w64.T + b64
+    _, g_entropy = entropy_and_grad(logits.to(dtype), y, e_up, causal_shift=causal, softcap=kwargs.get("softcap"))
+    g = g_entropy.to(logits.device)
+    if case == "token_scaling":  # the loss's part through PyTorch's autograd on our own loss of the logits
+        x = logits.to(dtype).to(F64).requires_grad_(True)
+        scale = torch.exp(-xt.cross_entropy(x.detach().float(), y, reduction="none")).to(F64).view(y.shape)
+        rows = xt.cross_entropy(x.float(), y, reduction="none").to(F64)
+        loss = (rows * scale).sum() / (y != -100).sum()
+        (g_loss,) = torch.autograd.grad(loss * 0.75, x)
+        g = g + g_loss
+    elif case != "entropy_only":
+        opts = {k: v for k, v in kwargs.items() if k != "skip_ignored"}
+        g = g + reference(logits.to(dtype), y, upstream=up, **opts).grad.to(logits.device)
+    g2 = g.reshape(-1, w.shape[0])
+    hf = h64.reshape(-1, w.shape[1])
+    want = dict(hidden=(g2 @ w64).reshape(h.shape), weight=g2.T @ hf, bias=g2.sum(0))
+    terms = dict(hidden=(g2.abs() @ w64.abs()).reshape(h.shape), weight=g2.abs().T @ hf.abs(), bias=g2.abs().sum(0))
+    zmax = float(logits.abs().max())
+    for name, got in (("hidden", hh.grad), ("weight", ww.grad), ("bias", bb.grad)):
+        close(got, want[name], terms[name], dtype, zmax, f"grad_{name}")
+    if dtype == torch.float32:  # 16 bits' tolerance (8 units of the logits' magnitude) hides it at times
+        g2 = (g - g_entropy.to(g.device)).reshape(-1, w.shape[0])
+        with pytest.raises(AssertionError):
+            close(hh.grad, (g2 @ w64).reshape(h.shape), terms["hidden"], dtype, zmax, "grad_hidden without H")
 
 
 @cuda_only

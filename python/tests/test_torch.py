@@ -1082,8 +1082,8 @@ def test_return_entropy_is_each_scored_rows_entropy(device, dtype, case):
     out = xt.cross_entropy(x, target, return_entropy=True, **kwargs)
     assert isinstance(out, xt.CrossEntropyOutput)
     assert out.entropy.dtype == torch.float32 and out.entropy.shape == target.shape
-    assert not out.entropy.requires_grad
-    got = out.entropy.cpu().to(F64)
+    assert out.entropy.requires_grad == grad  # differentiable where the loss is
+    got = out.entropy.detach().cpu().to(F64)
     assert bool((got.isnan() == want.isnan()).all())
     ok = (got - want).abs() <= 2e-5 * want.abs().clamp(min=1.0)
     assert bool((ok | want.isnan()).all()), f"worst error {float((got - want).abs().nan_to_num().max()):.3g}"
@@ -1091,13 +1091,128 @@ def test_return_entropy_is_each_scored_rows_entropy(device, dtype, case):
     loss = plain.loss if isinstance(plain, xt.CrossEntropyOutput) else plain
     torch.testing.assert_close(out.loss, loss, rtol=0, atol=0, equal_nan=True)  # the same loss
     if grad:
-        out.loss.backward()  # the fused call wrote its gradient over x after the entropy was read
+        out.loss.backward()  # the entropy was read before the backward wrote over x
         g = logits.clone().requires_grad_(True)
-        again = xt.cross_entropy(g, target, **kwargs)
+        again = xt.cross_entropy(g, target, **dict(dict(two_phase=True), **kwargs))  # its mode
         (again.loss if isinstance(again, xt.CrossEntropyOutput) else again).backward()
         assert torch.equal(x.grad, g.grad)
     module = xt.CrossEntropyLoss(return_entropy=True, **kwargs)
-    torch.testing.assert_close(module(logits.clone(), target).entropy, out.entropy, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(module(logits.clone(), target).entropy, out.entropy.detach(), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+def entropy_and_grad(logits, target, entropy_upstream, ignore_index=-100, causal_shift=False, softcap=None):
+    """Each scored row's entropy (as ``expected_entropy``) and the gradient of ``Σ
+    entropy_upstream · H`` with respect to ``logits``, both in float64 (on the CPU)."""
+    x = logits.detach().to(F64).cpu().requires_grad_()
+    y = x if softcap is None else softcap * torch.tanh(x / softcap)
+    # `H = lse - Σ p·y` over the finite logits (a -inf logit has no mass: no NaN in the gradient).
+    finite = torch.where(y.isinf(), torch.zeros_like(y), y)
+    rows = torch.logsumexp(y, dim=-1) - (torch.softmax(y, dim=-1) * finite).sum(-1)
+    scored = expected_predicted(logits.cpu(), target.cpu(), ignore_index, causal_shift) >= 0
+    entropy = torch.where(scored, rows, torch.zeros_like(rows))
+    (grad,) = torch.autograd.grad((entropy * entropy_upstream.detach().cpu().to(F64)).sum(), x)
+    return entropy.detach(), grad
+
+
+def close_to_f64(got, want, dtype, what="gradient"):
+    """``got`` (in ``dtype``) against a float64 value: one rounding to ``dtype`` (2^-8 of the value
+    in bf16, 2^-11 in f16, f32 arithmetic otherwise) plus 2e-5 of the largest element (the f32
+    sums and ``ex2.approx``) and f16's subnormal spacing."""
+    got, want = got.detach().to(F64).cpu(), want.to(F64).cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} against {tuple(want.shape)}"
+    assert bool(want.isfinite().all()) and bool(got.isfinite().all()), f"{what}: not finite"
+    rel = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    allowed = 2 * rel * want.abs() + 2e-5 * float(want.abs().max()) + (2.0**-24 if dtype == torch.float16 else 0.0)
+    bad = (got - want).abs() > allowed
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst "
+        f"error/allowed {float(((got - want).abs() / allowed).max()):.3g}"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("case", ["mean_bonus", "none_rl", "softcap_causal_options", "entropy_only", "not_inplace"])
+def test_entropy_gradient_matches_float64(device, dtype, case):
+    """A differentiable ``return_entropy``: the gradient of ``upstream·loss + Σ e·H`` (an entropy
+    bonus, TRL's GRPO ``entropy_coef``; per-row log-probability weights) against float64
+    autograd on the logits rounded to ``dtype``, every option on, in place and not; the entropies
+    themselves unchanged; the default mode two-phase; without the entropy term the gradient would
+    be off by more than the tolerance (checked)."""
+    kwargs = dict(
+        mean_bonus=dict(),
+        none_rl=dict(reduction="none"),
+        softcap_causal_options=dict(softcap=2.0, causal_shift=True, label_smoothing=0.1, lse_square_scale=1e-3),
+        entropy_only=dict(),
+        not_inplace=dict(reduction="sum", inplace_backward=False),
+    )[case]
+    causal = kwargs.get("causal_shift", False)
+    logits, target, weight = make_inputs(device, (3, 29, 1003), dtype=dtype, causal_shift=causal, hits=True,
+                                         weight=case == "softcap_causal_options", logit_scale=3.0)
+    logits[0, 2, ::3] = float("-inf")  # masked classes: no mass, no gradient
+    gen = torch.Generator().manual_seed(5)
+    rows = target.numel()
+    e_up = (torch.randn(target.shape, generator=gen) / rows).to(device)
+    up = torch.randn(target.shape, generator=gen).to(device) if case == "none_rl" else torch.tensor(0.75)
+    x = logits.clone().requires_grad_(True)
+    out = xt.cross_entropy(x, target, weight, return_entropy=True, **kwargs)
+    assert out.entropy.requires_grad
+    objective = (out.entropy * e_up).sum()
+    if case != "entropy_only":
+        objective = objective + (out.loss * up.to(device)).sum()
+    objective.backward()
+    if case == "not_inplace":
+        assert torch.equal(x.detach(), logits), "the logits are left as they were"
+    opts = {k: v for k, v in kwargs.items() if k != "inplace_backward"}
+    want_h, want_g = entropy_and_grad(logits, target, e_up, causal_shift=causal, softcap=opts.get("softcap"))
+    if case != "entropy_only":
+        want_g = want_g + reference(logits, target, weight, upstream=up, **opts).grad.cpu()
+    close_to_f64(x.grad, want_g, dtype)
+    got_h = out.entropy.detach().cpu().to(F64)
+    assert bool(((got_h - want_h).abs() <= 2e-5 * want_h.abs().clamp(min=1.0)).all())
+    # The entropy's term is far larger than the tolerance: without it the check would fail.
+    _, bonus = entropy_and_grad(logits, target, e_up, causal_shift=causal, softcap=opts.get("softcap"))
+    with pytest.raises(AssertionError):
+        close_to_f64(x.grad, want_g - bonus, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entropy_gradient_needs_the_two_phase_mode(device):
+    """With ``two_phase=False`` (the fused pass, which writes the loss's gradient over the logits
+    in the forward) a gradient reaching the entropies raises RuntimeError rather than being
+    dropped; detached entropies (a mask, a log) leave the fused gradient as it is."""
+    logits, target, _ = make_inputs(device, (4, 1003), logit_scale=3.0)
+    x = logits.clone().requires_grad_(True)
+    out = xt.cross_entropy(x, target, return_entropy=True, two_phase=False)
+    with pytest.raises(RuntimeError, match="two-phase"):
+        (out.loss - 0.01 * out.entropy.mean()).backward()
+    x = logits.clone().requires_grad_(True)
+    out = xt.cross_entropy(x, target, return_entropy=True, two_phase=False)
+    (out.loss * (out.entropy.detach() > 1.0).float().mean()).backward()
+    assert x.grad is not None and bool(x.grad.isfinite().all())
+
+
+@cuda_only
+def test_entropy_gradient_under_torch_compile():
+    """An entropy bonus compiled with ``fullgraph=True``: the custom operators, no graph break,
+    the eager call's gradient bit for bit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    logits, target, _ = make_inputs("cuda", (2, 41, 1003), dtype=torch.bfloat16, causal_shift=True, logit_scale=3.0)
+
+    def step(x):
+        out = xt.cross_entropy(x, target, causal_shift=True, softcap=5.0, return_entropy=True)
+        (out.loss - 0.05 * out.entropy.mean()).backward()
+        return out.loss.detach(), out.entropy.detach()
+
+    explanation = torch._dynamo.explain(step)(logits.clone().requires_grad_(True))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager_x, compiled_x = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    step(eager_x)
+    torch.compile(step, fullgraph=True)(compiled_x)
+    assert torch.equal(compiled_x.grad, eager_x.grad)
 
 
 @cuda_only

@@ -103,13 +103,18 @@ class XentFunction(torch.autograd.Function):
         ctx.two_phase = two_phase
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(stats)
-        if not want_entropy:
+        # Under torch.compile the backward is traced, every output's gradient a tensor: a fused
+        # call's entropies carry none there (an unused output's zeros would raise below).
+        ctx.entropy_grad = want_entropy and (two_phase or not torch.compiler.is_compiling())
+        if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return loss_of(stats, target, opts), stats, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, grad_entropy):
         nones = (None,) * 6
+        if not ctx.entropy_grad:
+            grad_entropy = None
         if (grad_loss is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *nones)
         if grad_entropy is not None and not ctx.two_phase:

@@ -354,13 +354,17 @@ class LinearXentFunction(torch.autograd.Function):
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
         ctx.mark_non_differentiable(stats, predicted)
-        if not want_entropy:
+        # As `XentFunction`: under torch.compile a fused pass's entropies carry no gradient.
+        ctx.entropy_grad = want_entropy and (not fused or not torch.compiler.is_compiling())
+        if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return loss_of(stats, target, opts), stats, predicted, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
         nones = (None,) * 8
+        if not ctx.entropy_grad:
+            grad_entropy = None
         if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
             return (None, None, None, None) + nones
         if grad_entropy is not None and ctx.fused:
