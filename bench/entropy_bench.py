@@ -1,20 +1,28 @@
 """Per-token log-probabilities and entropies without logits (what GRPO, RLOO and KTO take from
 the policy): a step is the forward and the backward of ``-Σ log p(token)`` over the scored
-tokens, with or without each token's entropy beside it (no gradient through the entropy).
+tokens, with or without each token's entropy beside it (``entropy``: no gradient through it;
+``entropy_bonus``: the objective ``-Σ log p - 0.01·Σ H``, GRPO's ``entropy_coef``, its gradient
+through the entropies too).
 
 Methods (JSON lines, then a table; CUDA events, median of ``--iters`` steps):
 
-- ``xent_linear[logprobs]``, ``xent_linear[logprobs,entropy]``: ``xt.linear_cross_entropy(h, W,
-  y, reduction="none", return_entropy=...)`` (the scored rows only: ``skip_ignored``).
-- ``trl_chunked[logprobs]``, ``trl_chunked[logprobs,entropy]``: TRL 1.16's fused LM head
+- ``xent_linear[logprobs]``, ``xent_linear[logprobs,entropy]``,
+  ``xent_linear[logprobs,entropy_bonus]``: ``xt.linear_cross_entropy(h, W, y,
+  reduction="none", return_entropy=...)`` (the scored rows only: ``skip_ignored``).
+- ``trl_chunked[logprobs]``, ``trl_chunked[logprobs,entropy]``,
+  ``trl_chunked[logprobs,entropy_bonus]``: TRL 1.16's fused LM head
   (``trl.kernels.ChunkedLogProbFunction``, what ``add_fused_lm_head`` runs: cuBLAS tiles of 4096
   tokens x 32768 classes folded by a Triton kernel, the scored rows only), when its wheel is on
   the path. Its backward's DeepSpeed hook (``trl.trainer.utils.maybe_gather_lm_head_ctx``, a null
   context without ZeRO-3) is stubbed where ``trl.trainer.utils`` cannot be imported (its
   dependencies: datasets, pandas, ...).
-- ``torch[logprobs,entropy]``: the logits, ``log_softmax`` in float32 and the entropy from it.
-- ``xent[entropy]`` against ``xent``: ``xt.cross_entropy`` on materialised logits (N x V bf16),
-  fwd + bwd, with and without ``return_entropy`` (the entropy kernel's one read of the logits).
+- ``torch[logprobs,entropy]``, ``torch[logprobs,entropy_bonus]``: the logits, ``log_softmax`` in
+  float32 and the entropy from it.
+- ``xent``, ``xent[entropy,fused]``, ``xent[entropy]``, ``xent[entropy_bonus]``:
+  ``xt.cross_entropy`` on materialised logits (N x V bf16), fwd + bwd of the mean: without the
+  entropy; with it and ``two_phase=False`` (the entropy kernel's one read of the logits more);
+  with it in the default mode (two-phase, so that a gradient can reach it); and with the bonus's
+  gradient (the per-element ``opt_`` backward kernel).
 
 Each row also carries ``entropy_err``: the largest error of the method's entropies against
 float64 over the first 64 scored rows (on their logits rounded to bf16, as every method's GEMM
@@ -36,6 +44,9 @@ import types
 import torch
 
 import xent.torch as xt
+
+# The entropy bonus's coefficient (GRPO's ``entropy_coef``): the objective is ``-Σ log p - BONUS·Σ H``.
+BONUS = 0.01
 
 
 def timed(fn, iters, warm=3):
@@ -96,19 +107,25 @@ def main():
         check_rows = mask.nonzero().squeeze(1)[:64]
         want_entropy = reference_entropy(h0, w0, check_rows)
 
-        def xent_linear(entropy):
+        def xent_linear(entropy, bonus=False):
             def run(h, w):
                 out = xt.linear_cross_entropy(h, w, y, reduction="none", return_entropy=entropy)
                 loss = out.loss if entropy else out
-                loss.sum().backward()
-                return out.entropy if entropy else None
+                objective = loss.sum()
+                if bonus:
+                    objective = objective - BONUS * out.entropy.sum()
+                objective.backward()
+                return out.entropy.detach() if entropy else None
             return run
 
-        def trl_chunked(entropy):
+        def trl_chunked(entropy, bonus=False):
             def run(h, w):
                 logp, ent, *_ = trl.apply(h[mask], w, None, y[mask], 1.0, 32768, None, 1.0,
                                           ("entropy",) if entropy else ())
-                (-logp).sum().backward()
+                objective = (-logp).sum()
+                if bonus:
+                    objective = objective - BONUS * ent.sum()
+                objective.backward()
                 if ent is None:
                     return None
                 full = torch.zeros(n, dtype=ent.dtype, device=ent.device)
@@ -116,21 +133,29 @@ def main():
                 return full
             return run
 
-        def torch_logprobs(h, w):
-            logp_all = torch.log_softmax((h @ w.T).float(), -1)
-            logp = logp_all.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1) * mask
-            ent = -(logp_all.exp() * logp_all).sum(-1).detach()
-            (-logp).sum().backward()
-            return ent
+        def torch_logprobs(bonus):
+            def run(h, w):
+                logp_all = torch.log_softmax((h @ w.T).float(), -1)
+                logp = logp_all.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1) * mask
+                ent = -(logp_all.exp() * logp_all).sum(-1) * mask
+                objective = (-logp).sum()
+                if bonus:
+                    objective = objective - BONUS * ent.sum()
+                objective.backward()
+                return ent.detach()
+            return run
 
         methods = {
             "xent_linear[logprobs]": xent_linear(False),
             "xent_linear[logprobs,entropy]": xent_linear(True),
-            "torch[logprobs,entropy]": torch_logprobs,
+            "xent_linear[logprobs,entropy_bonus]": xent_linear(True, bonus=True),
+            "torch[logprobs,entropy]": torch_logprobs(False),
+            "torch[logprobs,entropy_bonus]": torch_logprobs(True),
         }
         if trl is not None:
             methods["trl_chunked[logprobs]"] = trl_chunked(False)
             methods["trl_chunked[logprobs,entropy]"] = trl_chunked(True)
+            methods["trl_chunked[logprobs,entropy_bonus]"] = trl_chunked(True, bonus=True)
         for rnd in range(a.rounds):
             for name, fn in methods.items():
                 h = h0.clone().requires_grad_(True)
@@ -163,13 +188,17 @@ def main():
 
         # The cross-entropy kernels on materialised logits, with and without the entropy.
         logits0 = (h0 @ w0.T).contiguous()
-        for name, entropy in (("xent", False), ("xent[entropy]", True)):
-            state = {}
+        for name, kwargs, bonus in (("xent", {}, False), ("xent[entropy,fused]", dict(two_phase=False), False),
+                                    ("xent[entropy]", {}, False), ("xent[entropy_bonus]", {}, True)):
+            entropy = name != "xent"
 
             def step():
                 x = logits0.clone().requires_grad_(True)
-                out = xt.cross_entropy(x, y, return_entropy=entropy)
-                (out.loss if entropy else out).backward()
+                out = xt.cross_entropy(x, y, return_entropy=entropy, **kwargs)
+                objective = out.loss if entropy else out
+                if bonus:
+                    objective = objective - BONUS * out.entropy.mean()
+                objective.backward()
 
             clone_ms, _ = timed(lambda: logits0.clone(), a.iters)
             med, mn = timed(step, a.iters)

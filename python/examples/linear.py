@@ -134,7 +134,7 @@ print("ok")
 
 # Reinforcement learning (GRPO, PPO): each completion token's log-probability under the policy
 # (-loss of reduction="none", differentiable) and the entropy of its next-token distribution
-# (return_entropy: no gradient, for logging and entropy masks), with no logits held.
+# (return_entropy: for logging, entropy masks and an entropy bonus), with no logits held.
 temperature = 0.7
 out = xt.linear_cross_entropy(hidden / temperature, head.weight.detach(), tokens, reduction="none",
                               causal_shift=True, return_entropy=True)
@@ -149,4 +149,23 @@ print(f"per-token log-probs and entropies (mean entropy {float(out.entropy[:, :-
       f"largest differences from PyTorch {logp_gap:.1e} and {entropy_gap:.1e}")
 assert logp_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4) and entropy_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4)
 assert bool((out.entropy[:, -1] == 0).all()) and bool((out.entropy[:, :7] == 0).all())
+print("ok")
+
+# GRPO's loss with an entropy bonus (TRL's entropy_coef): -Σ advantage·log p - β·Σ H over the
+# completion tokens, differentiated through both (the entropies' gradient joins the loss's in
+# the two-phase backward), against PyTorch on float32 logits.
+beta = 0.01
+advantages = torch.randn(batch, seq_len, device=device)
+h = hidden.detach().clone().requires_grad_(True)
+out = xt.linear_cross_entropy(h / temperature, head.weight.detach(), tokens, reduction="none",
+                              causal_shift=True, return_entropy=True)
+(-(-out.loss * advantages).sum() - beta * out.entropy.sum()).backward()
+h_ref = hidden.detach().float().clone().requires_grad_(True)
+logp_all = torch.log_softmax(F.linear(h_ref, head.weight.detach().float())[:, :-1] / temperature, -1)
+logp = logp_all.gather(-1, tokens[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+entropy = -(logp_all.exp() * logp_all).sum(-1) * scored
+(-(logp * advantages[:, :-1]).sum() - beta * entropy.sum()).backward()
+bonus_gap = float((h.grad.float() - h_ref.grad).abs().max() / h_ref.grad.abs().max())
+print(f"policy gradient with an entropy bonus: largest hidden-state gradient difference / largest {bonus_gap:.1e}")
+assert bonus_gap < (5e-2 if dtype == torch.bfloat16 else 1e-4)
 print("ok")
