@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::CrossEntropy;
 use super::launch::{KernelCall, LossBuffers};
@@ -85,26 +85,9 @@ impl CrossEntropy {
         upstream: &impl DevicePtr<f32>,
         grad: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
-        self.check_stream(stream)?;
-        shape.validate(logits.len(), labels.len())?;
-        shape.validate(grad.len(), labels.len())?;
-        let (logits_ptr, _l) = logits.device_ptr(stream);
-        let (grad_ptr, _g) = grad.device_ptr_mut(stream);
-        let (labels_ptr, _b) = labels.device_ptr(stream);
-        let (upstream_ptr, _u) = upstream.device_ptr(stream);
-        let delta = grad_ptr.wrapping_sub(logits_ptr);
-        self.enqueue_backward::<T, L>(
-            stream,
-            (
-                logits_ptr,
-                delta,
-                labels_ptr,
-                (upstream_ptr, upstream.len()),
-            ),
-            shape,
-            opts,
-            forward,
-            None,
+        let none: Option<&CudaSlice<f32>> = None;
+        self.backward_to(
+            stream, logits, labels, shape, opts, forward, upstream, none, grad,
         )
     }
 
@@ -115,7 +98,7 @@ impl CrossEntropy {
     /// `f32` a row). `dH/dy_j = p_j·(lse - H - y_j)` for the softmax `p` of the soft-capped
     /// logits `y` (the soft cap's derivative then applies); rows not scored get no gradient. An
     /// entropy bonus in RL (`loss - β·mean(H)`) is `entropy_upstream = -β / rows` a row. The
-    /// per-element kernel runs it whatever the options (about twice the plain backward's time).
+    /// per-element (`opt_`) backward kernel computes it, whatever the options.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_with_entropy_into<T: Element, L: Label>(
         &self,
@@ -129,6 +112,34 @@ impl CrossEntropy {
         entropy_upstream: &impl DevicePtr<f32>,
         grad: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
+        self.backward_to(
+            stream,
+            logits,
+            labels,
+            shape,
+            opts,
+            forward,
+            upstream,
+            Some(entropy_upstream),
+            grad,
+        )
+    }
+
+    /// [`backward_into`](Self::backward_into), with the entropies' gradient where
+    /// `entropy_upstream` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_to<T: Element, L: Label, E: DevicePtr<f32>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        logits: &impl DevicePtr<T>,
+        labels: &impl DevicePtr<L>,
+        shape: Shape,
+        opts: &Options,
+        forward: &Loss,
+        upstream: &impl DevicePtr<f32>,
+        entropy_upstream: Option<&E>,
+        grad: &mut impl DevicePtrMut<T>,
+    ) -> Result<()> {
         self.check_stream(stream)?;
         shape.validate(logits.len(), labels.len())?;
         shape.validate(grad.len(), labels.len())?;
@@ -136,7 +147,7 @@ impl CrossEntropy {
         let (grad_ptr, _g) = grad.device_ptr_mut(stream);
         let (labels_ptr, _b) = labels.device_ptr(stream);
         let (upstream_ptr, _u) = upstream.device_ptr(stream);
-        let (entropy_ptr, _e) = entropy_upstream.device_ptr(stream);
+        let entropy = entropy_upstream.map(|e| (e.device_ptr(stream), e.len()));
         let delta = grad_ptr.wrapping_sub(logits_ptr);
         self.enqueue_backward::<T, L>(
             stream,
@@ -149,7 +160,7 @@ impl CrossEntropy {
             shape,
             opts,
             forward,
-            Some((entropy_ptr, entropy_upstream.len())),
+            entropy.as_ref().map(|((ptr, _), len)| (*ptr, *len)),
         )
     }
 
