@@ -1204,15 +1204,17 @@ def test_entropy_gradient_under_torch_compile():
 
     def step(x):
         out = xt.cross_entropy(x, target, causal_shift=True, softcap=5.0, return_entropy=True)
-        (out.loss - 0.05 * out.entropy.mean()).backward()
-        return out.loss.detach(), out.entropy.detach()
+        return out.loss - 0.05 * out.entropy.mean()
 
     explanation = torch._dynamo.explain(step)(logits.clone().requires_grad_(True))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager_x, compiled_x = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    step(eager_x)
-    torch.compile(step, fullgraph=True)(compiled_x)
+    step(eager_x).backward()
+    torch.compile(step, fullgraph=True)(compiled_x).backward()
     assert torch.equal(compiled_x.grad, eager_x.grad)
+    plain = logits.clone().requires_grad_(True)
+    xt.cross_entropy(plain, target, causal_shift=True, softcap=5.0, two_phase=True).backward()
+    assert not torch.equal(plain.grad, eager_x.grad)  # the entropy's term is in both
 
 
 @cuda_only
