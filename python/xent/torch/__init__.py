@@ -7,6 +7,7 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> loss = xt.linear_cross_entropy(hidden, lm_head.weight, target)  # no [N, V] logits
 >>> model.loss_function = xt.ForCausalLMLoss            # a Transformers model's loss
 >>> xt.fuse_linear_cross_entropy(model)                 # ... from its hidden states, no logits
+>>> xt.trl.patch_trl()                                  # TRL's fused LM head on xent's kernels
 """
 
 from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
@@ -15,6 +16,7 @@ from .hf import FusedHandle, ForCausalLMLoss, fuse_linear_cross_entropy
 from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
+from . import trl  # noqa: E402  (TRL's fused head: xent.torch.trl.chunked_logprob, patch_trl)
 from .vocab_parallel import vocab_parallel_cross_entropy
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "cross_entropy",
     "fuse_linear_cross_entropy",
     "linear_cross_entropy",
+    "trl",
     "vocab_parallel_cross_entropy",
 ]
