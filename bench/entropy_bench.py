@@ -16,6 +16,8 @@ Methods (JSON lines, then a table; CUDA events, median of ``--iters`` steps):
   the path. Its backward's DeepSpeed hook (``trl.trainer.utils.maybe_gather_lm_head_ctx``, a null
   context without ZeRO-3) is stubbed where ``trl.trainer.utils`` cannot be imported (its
   dependencies: datasets, pandas, ...).
+- ``xent_trl[logprobs,entropy_bonus]``: the same through ``xt.trl.chunked_logprob`` (TRL's
+  function's arguments; the weight's gradient accumulated in float32, as TRL's is).
 - ``torch[logprobs,entropy]``, ``torch[logprobs,entropy_bonus]``: the logits, ``log_softmax`` in
   float32 and the entropy from it.
 - ``xent``, ``xent[entropy,fused]``, ``xent[entropy]``, ``xent[entropy_bonus]``:
@@ -152,6 +154,16 @@ def main():
             "torch[logprobs,entropy]": torch_logprobs(False),
             "torch[logprobs,entropy_bonus]": torch_logprobs(True),
         }
+        def xent_trl(h, w):
+            # `xt.trl.chunked_logprob`: TRL's function's arguments and outputs (the scored rows, as
+            # TRL's head passes them), the weight's gradient accumulated in f32 as TRL's is.
+            logp, ent, *_ = xt.trl.chunked_logprob(h[mask], w, None, y[mask], 1.0, 32768, None, 1.0, ("entropy",))
+            ((-logp).sum() - BONUS * ent.sum()).backward()
+            full = torch.zeros(n, dtype=ent.dtype, device=ent.device)
+            full[mask] = ent.detach()
+            return full
+
+        methods["xent_trl[logprobs,entropy_bonus]"] = xent_trl
         if trl is not None:
             methods["trl_chunked[logprobs]"] = trl_chunked(False)
             methods["trl_chunked[logprobs,entropy]"] = trl_chunked(True)
