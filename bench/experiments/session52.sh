@@ -22,6 +22,11 @@ for mode in "$@"; do
       echo "=== $mode $(date +%T)"
       XENT_TESTS=options timeout 400 bash bundle/run.sh sanitize gpu_entropy_gradient 2>&1 |
         grep -E "ERROR SUMMARY|test result|passed|failed|error" | tail -12 ;;
+    rustex)
+      echo "=== $mode $(date +%T)"
+      (cd bundle && { [[ -d bin ]] || tar -xJf bin.tar.xz; } && timeout 120 ./bin/example-two_phase 2>&1 | tail -6)
+      XENT_TESTS="options two_phase" XENT_REQUIRE_GPU=1 timeout 200 bash bundle/run.sh test entropy two_phase misused 2>&1 |
+        grep -E "test result|cases|panicked|FAILED|failed|error" | tail -12 ;;
     *) bash "$here/session51.sh" "$mode" ;;
   esac
 done
