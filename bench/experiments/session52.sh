@@ -27,6 +27,12 @@ for mode in "$@"; do
       (cd bundle && { [[ -d bin ]] || tar -xJf bin.tar.xz; } && timeout 120 ./bin/example-two_phase 2>&1 | tail -6)
       XENT_TESTS="options two_phase" XENT_REQUIRE_GPU=1 timeout 200 bash bundle/run.sh test entropy two_phase misused 2>&1 |
         grep -E "test result|cases|panicked|FAILED|failed|error" | tail -12 ;;
+    trl)
+      echo "=== $mode $(date +%T)"
+      peers=/tmp/s51-peers
+      [[ -d $peers ]] || python3 -m pip install -q --no-index --no-deps --target "$peers" bundle/wheels/*.whl
+      (cd bundle && XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/python/site:$peers" timeout ${T:-200} python3 -m pytest -q \
+        -p no:cacheprovider python/tests/test_trl.py -rfEs 2>&1 | tail -12) ;;
     *) bash "$here/session51.sh" "$mode" ;;
   esac
 done
