@@ -387,21 +387,20 @@ class LinearXentFunction(torch.autograd.Function):
                         _linear_scale_grad_op(grad, upstream)
                     else:
                         _scale_grad(grad, upstream)
-        elif compiling:
-            hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
-            entropy = entropy if entropy_upstream is not None else None
-            values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1])
-            out = _linear_backward_op(hidden, weight, target, bias, ce_weight, stats, upstream, *values, *ctx.want,
-                                      ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0, entropy,
-                                      entropy_upstream)
-            grads = [g if w else None for g, w in zip(out, ctx.want)]
         else:
             hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
-            entropy = entropy if entropy_upstream is not None else None
-            call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
-            grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
-                              grads=ctx.want, accum_dtype=ctx.accum_dtype, entropy=entropy,
-                              entropy_upstream=entropy_upstream))
+            entropy = entropy if entropy_upstream is not None else None  # its gradient, where one came
+            if compiling:
+                values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1])
+                out = _linear_backward_op(hidden, weight, target, bias, ce_weight, stats, upstream, *values,
+                                          *ctx.want, ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0,
+                                          entropy, entropy_upstream)
+                grads = [g if w else None for g, w in zip(out, ctx.want)]
+            else:
+                call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
+                grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
+                                  grads=ctx.want, accum_dtype=ctx.accum_dtype, entropy=entropy,
+                                  entropy_upstream=entropy_upstream))
         for i in (1, 2):
             if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
                 grads[i] = grads[i].to(ctx.weight_dtype)
