@@ -38,7 +38,7 @@ unsafe fn host_slice<'a, T>(ptr: u64, len: usize) -> &'a mut [T] {
 /// by `xent/_tensors.py`.
 #[pyfunction]
 #[pyo3(signature = (logits, dtype, labels, label_type, shape, weight, opts, stats, mode,
-    upstream=None, grad=None, entropy_upstream=None))]
+    upstream=None, grad=None, entropy_upstream=None, entropy=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_call(
     logits: Buffer,
@@ -53,6 +53,7 @@ pub fn cpu_call(
     upstream: Option<Buffer>,
     grad: Option<Buffer>,
     entropy_upstream: Option<Buffer>,
+    entropy: Option<Buffer>,
 ) -> PyResult<()> {
     let mode = match mode {
         "fused" => Mode::Fused,
@@ -65,6 +66,8 @@ pub fn cpu_call(
         }
     };
     let mut opts = opts.inner.clone();
+    // A forward's entropies (`[f32; rows]`) where the caller gave a buffer for them.
+    opts.return_entropy = entropy.is_some();
     // SAFETY: the weights are `vocab` f32 values of a live host array.
     opts.weight = weight.map(|(ptr, len)| unsafe { host_slice::<f32>(ptr, len) }.to_vec());
     let call = Call {
@@ -77,6 +80,7 @@ pub fn cpu_call(
         upstream,
         grad,
         entropy_upstream,
+        entropy,
     };
     let result = match (dtype_of(dtype)?, label_type_of(label_type)?) {
         (DType::F32, LabelType::I64) => call.run::<f32, i64>(),
@@ -131,6 +135,8 @@ struct Call {
     grad: Option<Buffer>,
     /// A backward's entropies' upstream gradient (`[f32; rows]`): their gradient is added.
     entropy_upstream: Option<Buffer>,
+    /// A forward's entropies (`[f32; rows]`), written where given.
+    entropy: Option<Buffer>,
 }
 
 impl Call {
@@ -189,6 +195,19 @@ impl Call {
                 return Ok(());
             }
         };
+        if let (Some((ptr, len)), Some(values)) = (self.entropy, &result.entropy) {
+            if len < values.len() {
+                return Err(xent::Error::InvalidOption(format!(
+                    "entropy holds {len} values, the call has {} rows",
+                    values.len()
+                )));
+            }
+            // SAFETY: a live host f32 array of `len` values.
+            let out = unsafe { host_slice::<f32>(ptr, len) };
+            for (o, v) in out.iter_mut().zip(values) {
+                *o = *v as f32;
+            }
+        }
         self.write_stats(&result)
     }
 

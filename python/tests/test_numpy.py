@@ -323,6 +323,70 @@ def test_cross_entropy_matches_reference(dtype, label_dtype, reduction, option_s
     assert target.dtype == label_dtype
 
 
+def entropy_reference(logits, target, ignore_index=-100, softcap=None, causal_shift=False):
+    """Each scored row's entropy ``-Σ p·ln p`` of the (soft-capped) softmax in float64, 0 where
+    not scored; ``target``'s shape."""
+    x = np.asarray(logits).astype(F64)
+    x = x.reshape(-1, x.shape[-1])
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    z = x - x.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    h = -(p * (z - np.log(np.exp(z).sum(-1, keepdims=True)))).sum(-1)
+    t = np.asarray(target).astype(np.int64)
+    if causal_shift:
+        labels = np.full(t.shape, ignore_index, dtype=np.int64)
+        labels[..., :-1] = t[..., 1:]
+    else:
+        labels = t
+    return np.where(labels.reshape(-1) != ignore_index, h, 0.0).reshape(t.shape)
+
+
+@pytest.mark.parametrize("option_set", ["plain", "softcap", "all"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_return_entropy_and_its_gradient(dtype, option_set):
+    """``return_entropy`` in ``cross_entropy`` and ``forward`` (each scored row's entropy, before
+    the gradient overwrites the logits; the loss unchanged), and ``backward``'s
+    ``entropy_upstream``: the gradient of ``upstream·loss + Σ e·H`` is the loss's plus a central
+    finite difference of the entropies (float64 on the logits as stored)."""
+    rng = np.random.default_rng(11)
+    rows, vocab = 9, 37
+    opts = options_for(option_set, rng, vocab)
+    logits = make_logits(rng, (rows, vocab), dtype)
+    target = make_target(rng, (rows,), vocab, np.int64, ignore_index=ignore_of(opts))
+    want = entropy_reference(logits, target, ignore_of(opts), opts.get("softcap"))
+    assert want.max() > 1.0
+    fwd = xn.forward(logits, target, return_entropy=True, **opts)
+    np.testing.assert_allclose(fwd.entropy.astype(F64), want, rtol=1e-6, atol=1e-6)
+    assert xn.forward(logits, target, **opts).entropy is None
+    work = logits.copy()
+    res = xn.cross_entropy(work, target, return_entropy=True, **opts)
+    np.testing.assert_allclose(res.entropy.astype(F64), want, rtol=1e-6, atol=1e-6)
+    assert_close(res.loss, fwd.loss)
+    e = rng.uniform(-2.0, 2.0, rows)
+    grad = xn.backward(logits, target, 0.5, entropy_upstream=e, **opts)
+    loss_grad = xn.backward(logits, target, 0.5, **opts)
+    x = logits.astype(F64)
+    step = 1e-6
+    bonus = np.zeros_like(x)
+    for r in range(rows):
+        for j in range(vocab):
+            up, down = x.copy(), x.copy()
+            up[r, j] += step
+            down[r, j] -= step
+            h_up = entropy_reference(up, target, ignore_of(opts), opts.get("softcap"))
+            h_down = entropy_reference(down, target, ignore_of(opts), opts.get("softcap"))
+            bonus[r, j] = (e * (h_up - h_down)).sum() / (2 * step)
+    assert np.abs(bonus).max() > 1e-2  # the term is there to be found
+    if dtype == "float32":
+        assert_grad(grad, loss_grad.astype(F64) + bonus, np_dtype(dtype))
+    else:  # the same sum, rounded to 16 bits instead of 32 (the f32 case checks the sum)
+        in_f32 = xn.backward(logits.astype(np.float32), target, 0.5, entropy_upstream=e, **opts)
+        assert_ulps(np.asarray(grad), round_to(in_f32.astype(F64), np_dtype(dtype)))
+    with pytest.raises(ValueError, match="entropies' upstream"):
+        xn.backward(logits, target, 0.5, entropy_upstream=e[:-1], **opts)
+
+
 @pytest.mark.parametrize("option_set", ["plain", "all"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

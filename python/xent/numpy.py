@@ -20,13 +20,15 @@ from . import _tensors, _xent
 class Result(NamedTuple):
     """What a call returns: the loss (a float, or the per-row losses for ``reduction="none"``),
     the z-loss part (0 without it), the token accuracy (``None`` unless asked for), per-row
-    log-sum-exp, and the number of scored rows."""
+    log-sum-exp, the number of scored rows, and with ``return_entropy`` each row's entropy
+    (float32, ``target``'s shape, 0 where not scored; else ``None``)."""
 
     loss: object
     z_loss: float
     token_accuracy: Optional[float]
     row_lse: np.ndarray
     n_valid: int
+    entropy: Optional[np.ndarray] = None
 
 
 def _array(x, name: str, writable: bool = False) -> np.ndarray:
@@ -67,7 +69,8 @@ def _options(**kwargs) -> _xent.Options:
     return _xent.Options(**kwargs)
 
 
-def _run(call: _Call, mode: str, stats: Optional[np.ndarray] = None, upstream=None, grad=None):
+def _run(call: _Call, mode: str, stats: Optional[np.ndarray] = None, upstream=None, grad=None,
+         entropy_upstream=None, entropy: Optional[np.ndarray] = None):
     layout = call.layout
     accuracy = call.options.return_token_accuracy
     if stats is None:
@@ -85,11 +88,13 @@ def _run(call: _Call, mode: str, stats: Optional[np.ndarray] = None, upstream=No
         mode,
         upstream,
         grad,
+        entropy_upstream,
+        None if entropy is None else (entropy.ctypes.data, entropy.size),
     )
     return stats
 
 
-def _result(call: _Call, stats: np.ndarray, reduction: str, accuracy: bool) -> Result:
+def _result(call: _Call, stats: np.ndarray, reduction: str, accuracy: bool, entropy=None) -> Result:
     rows = call.layout.rows
     base = _xent.STATS_ROWS
     row_loss = stats[base : base + rows]
@@ -101,6 +106,7 @@ def _result(call: _Call, stats: np.ndarray, reduction: str, accuracy: bool) -> R
         token_accuracy=float(stats[_xent.STATS_EXTRAS + 1]) if accuracy else None,
         row_lse=stats[base + rows : base + 2 * rows].reshape(call.target.shape).copy(),
         n_valid=int(counts[_xent.COUNT_VALID]),
+        entropy=None if entropy is None else entropy.reshape(call.target.shape),
     )
 
 
@@ -117,10 +123,13 @@ def cross_entropy(
     causal_shift: bool = False,
     grad_scale: float = 1.0,
     return_token_accuracy: bool = False,
+    return_entropy: bool = False,
 ) -> Result:
     """Loss of ``logits`` (``[..., V]``, float32/float16/bfloat16) against ``target`` (``[...]``
     class indices), with the gradient of ``grad_scale * loss`` written into ``logits`` in place.
-    Options as in ``torch.nn.functional.cross_entropy`` and Liger; see ``xent.torch``."""
+    Options as in ``torch.nn.functional.cross_entropy`` and Liger; see ``xent.torch``. With
+    ``return_entropy`` each scored row's entropy ``-Σ p·ln p`` of the (soft-capped) softmax,
+    taken before the gradient overwrites the logits."""
     options = _options(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -132,24 +141,31 @@ def cross_entropy(
         return_token_accuracy=return_token_accuracy,
     )
     call = _prepare(logits, target, weight, options, writable=True)
-    stats = _run(call, "fused")
-    return _result(call, stats, reduction, return_token_accuracy)
+    entropy = np.zeros(call.layout.rows, np.float32) if return_entropy else None
+    stats = _run(call, "fused", entropy=entropy)
+    return _result(call, stats, reduction, return_token_accuracy, entropy)
 
 
-def forward(logits, target, *, weight=None, **options) -> Result:
+def forward(logits, target, *, weight=None, return_entropy: bool = False, **options) -> Result:
     """The loss only (two-phase mode's first half): ``logits`` are read, not written. Takes the
     options of ``cross_entropy``."""
     call = _prepare(logits, target, weight, _options(**options), writable=False)
-    stats = _run(call, "forward")
-    return _result(call, stats, call.options.reduction, call.options.return_token_accuracy)
+    entropy = np.zeros(call.layout.rows, np.float32) if return_entropy else None
+    stats = _run(call, "forward", entropy=entropy)
+    return _result(call, stats, call.options.reduction, call.options.return_token_accuracy, entropy)
 
 
-def backward(logits, target, upstream=1.0, *, weight=None, out=None, **options) -> np.ndarray:
+def backward(logits, target, upstream=1.0, *, weight=None, out=None, entropy_upstream=None, **options) -> np.ndarray:
     """Two-phase mode's second half: the gradient of ``upstream * loss`` (``upstream`` a scalar,
     or one value per row for ``reduction="none"``), rounded once to the logits' dtype, written
-    into ``out`` (a new array when ``None``; ``out=logits`` for in place) and returned."""
+    into ``out`` (a new array when ``None``; ``out=logits`` for in place) and returned. With
+    ``entropy_upstream`` (one value per row) plus the gradient of ``Σ entropy_upstream · H`` of
+    the rows' entropies ``H`` (an entropy bonus), computed again from the logits."""
     call = _prepare(logits, target, weight, _options(**options), writable=out is logits)
     upstream = np.ascontiguousarray(np.asarray(upstream, dtype=np.float32).reshape(-1))
+    bonus = None  # the entropies' upstream, alive until the call returns
+    if entropy_upstream is not None:
+        bonus = np.ascontiguousarray(np.asarray(entropy_upstream, dtype=np.float32).reshape(-1))
     if out is None:
         # The logits' layout (row strides included), so the gradient lands where they lie.
         storage = np.empty(call.layout.extent, call.logits.dtype)
@@ -169,6 +185,7 @@ def backward(logits, target, upstream=1.0, *, weight=None, out=None, **options) 
         "backward",
         upstream=(upstream.ctypes.data, upstream.size),
         grad=(out_buf.ptr, call.layout.extent),
+        entropy_upstream=None if bonus is None else (bonus.ctypes.data, bonus.size),
     )
     return out
 
