@@ -189,10 +189,6 @@ pub(crate) fn check_entropy_upstream(rows: usize, len: usize) -> Result<()> {
     }
 }
 
-/// What a backward with the entropies' gradient says when its forward kept no entropies.
-pub(crate) const NO_FORWARD_ENTROPY: &str = "the entropies' gradient needs the entropies of the \
-     forward call (made with return_entropy)";
-
 /// Every class weight must be finite.
 pub(crate) fn check_weight_values(weight: &[f32]) -> Result<()> {
     match weight.iter().enumerate().find(|(_, w)| !w.is_finite()) {

@@ -16,7 +16,7 @@ use cudarc::driver::CudaStream;
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
-use crate::options::{DType, NO_FORWARD_ENTROPY, Options, Shape, check_entropy_upstream};
+use crate::options::{DType, Options, Shape, check_entropy_upstream};
 use crate::plan;
 
 /// The type of the labels, as a value.
@@ -115,10 +115,12 @@ fn asked_buffer(
     }
 }
 
-/// The backward's entropy addresses (the forward's entropies, their upstream) where
-/// `entropy_upstream` is given: both checked to hold `rows` values.
+/// The backward's entropy addresses (the forward's `entropies`, their upstream) where
+/// `entropy_upstream` is given: both checked to hold `rows` values; an error naming
+/// `return_entropy` without the forward's entropies. Every backward with entropies (typed, raw,
+/// linear) checks them here.
 pub(crate) fn entropy_pair(
-    forward: &RawLoss,
+    entropies: Option<RawBuffer>,
     entropy_upstream: Option<RawBuffer>,
     rows: usize,
 ) -> Result<Option<(u64, u64)>> {
@@ -126,9 +128,13 @@ pub(crate) fn entropy_pair(
         return Ok(None);
     };
     check_entropy_upstream(rows, upstream.len)?;
-    let entropies = forward
-        .entropy
-        .ok_or_else(|| Error::InvalidOption(NO_FORWARD_ENTROPY.to_string()))?;
+    let entropies = entropies.ok_or_else(|| {
+        Error::InvalidOption(
+            "the entropies' gradient needs the entropies of the forward call (made with \
+             return_entropy)"
+                .to_string(),
+        )
+    })?;
     check_len("entropy", entropies, rows)?;
     Ok(Some((entropies.ptr, upstream.ptr)))
 }
@@ -342,7 +348,7 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         check_len("row_lse", forward.row_lse, rows)?;
         check_len("counts", forward.counts, COUNT_WORDS)?;
-        let entropy = entropy_pair(forward, entropy_upstream, rows)?;
+        let entropy = entropy_pair(forward.entropy, entropy_upstream, rows)?;
         let delta = grad.ptr.wrapping_sub(call.logits.ptr);
         self.launch_backward(
             stream,

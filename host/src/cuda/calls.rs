@@ -10,8 +10,9 @@ use super::launch::{KernelCall, LossBuffers};
 use crate::abi::{MODE_FORWARD, MODE_FUSED};
 use crate::error::{Error, Result};
 use crate::loss::{Loss, LossKey, same_bits};
-use crate::options::{Element, Label, NO_FORWARD_ENTROPY, Options, Shape, check_entropy_upstream};
+use crate::options::{Element, Label, Options, Shape};
 use crate::plan;
+use crate::raw::{RawBuffer, entropy_pair};
 
 impl CrossEntropy {
     /// Cross-entropy loss of `logits` against `labels`, with the gradient written into `logits`
@@ -227,14 +228,12 @@ impl CrossEntropy {
             (Some(_), Some(w)) => w.device_ptr(stream).0,
             _ => 0,
         };
-        let entropy = match (entropy_upstream, &forward.entropy) {
-            (None, _) => None,
-            (Some((ptr, len)), Some(entropies)) if forward.entropy_on => {
-                check_entropy_upstream(shape.rows(), len)?;
-                Some((entropies.device_ptr(stream).0, ptr))
-            }
-            (Some(_), _) => return Err(Error::InvalidOption(NO_FORWARD_ENTROPY.to_string())),
+        let entropies = match &forward.entropy {
+            Some(e) if forward.entropy_on => Some(RawBuffer::new(e.device_ptr(stream).0, e.len())),
+            _ => None,
         };
+        let entropy_upstream = entropy_upstream.map(|(ptr, len)| RawBuffer::new(ptr, len));
+        let entropy = entropy_pair(entropies, entropy_upstream, shape.rows())?;
         let (counts, _c) = forward.counts.device_ptr(stream);
         let (row_lse, _s) = forward.row_lse.device_ptr(stream);
         let (logits, grad_delta, labels, upstream) = ptrs;

@@ -379,7 +379,7 @@ impl CrossEntropy {
                 check_len("row_lse", out.row_lse, rows)?;
                 check_len("counts", out.counts, COUNT_WORDS)?;
                 check_upstream_len(rows, upstream.len)?;
-                entropy = entropy_pair(out, entropy_upstream, rows)?;
+                entropy = entropy_pair(out.entropy, entropy_upstream, rows)?;
                 LossBuffers {
                     loss: 0,
                     row_loss: 0,
