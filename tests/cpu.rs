@@ -1273,11 +1273,12 @@ fn kernel_names_are_distinct() {
     // options, those and token accuracy, those and the soft cap, the soft cap with token accuracy
     // or weighted smoothing, weighted smoothing, every option), chunk partial in 5 (not the two
     // before the last), chunk grad and backward in 4 (no token accuracy in a second pass), each
-    // x 2 labels, + scale, + the predicted tokens, the entropies and a vocabulary shard's argmax,
-    // each x 2 labels; the shards' argmax merge x 2 labels; and the GEMM + log-sum-exp prototype.
+    // x 2 labels, + scale, + the predicted tokens, the entropies, a vocabulary shard's argmax and
+    // its entropy summaries, each x 2 labels; the shards' argmax and entropy merges x 2 labels;
+    // and the GEMM + log-sum-exp prototype.
     assert_eq!(
         names.len(),
-        2 + 1 + 3 * ((7 + 5 + 2 * 4) * 2 + 1 + 2 + 2 + 2) + 2 + 1
+        2 + 1 + 3 * ((7 + 5 + 2 * 4) * 2 + 1 + 2 + 2 + 2 + 2) + 2 + 2 + 1
     );
 }
 

@@ -1,6 +1,7 @@
 //! The vocabulary-parallel protocol (`xent::vocab_parallel`), in f64 on the CPU, against xent's
 //! CPU reference over the whole vocabulary: P in {1, 2, 3, 4, 8} shards, even and uneven, every
-//! option and reduction, the causal shift, ignored rows, upstream gradients, f32 and bf16.
+//! option and reduction, the causal shift, ignored rows, upstream gradients, the entropies and
+//! their gradient, f32 and bf16.
 
 use xent::half::bf16;
 use xent::vocab_parallel::{self, Shard};
@@ -26,14 +27,15 @@ fn inputs<T: Element>(shape: Shape, opts: &Options, seed: u64) -> (Vec<T>, Vec<i
 }
 
 /// One call split over `shards`: stats per shard, the "all-gather" (every rank sees all), then
-/// every shard's backward; returns rank 0's loss and the shards' gradients side by side.
+/// every shard's backward (with the entropies' gradient where `entropy_upstream` is given);
+/// returns rank 0's loss and the shards' gradients side by side.
 fn split_call<T: Element>(
     logits: &[T],
     labels: &[i64],
     shape: Shape,
     shards: &[Shard],
     opts: &Options,
-    upstream: &[f32],
+    (upstream, entropy_upstream): (&[f32], Option<&[f32]>),
 ) -> (cpu::CpuLoss, Vec<T>) {
     let (rows, vocab) = (shape.rows(), shape.vocab);
     let gathered: Vec<_> = shards
@@ -54,7 +56,7 @@ fn split_call<T: Element>(
     let mut first_loss = None;
     for s in shards {
         let mut mine = s.columns(logits, shape);
-        let loss = vocab_parallel::cpu_shard_backward(
+        let loss = vocab_parallel::cpu_shard_backward_entropy(
             &mut mine,
             labels,
             s.shape_in(shape),
@@ -63,6 +65,7 @@ fn split_call<T: Element>(
             opts,
             &gathered,
             upstream,
+            entropy_upstream,
         )
         .unwrap();
         for r in 0..rows {
@@ -72,29 +75,70 @@ fn split_call<T: Element>(
         // Every rank computes the same loss.
         match &first_loss {
             None => first_loss = Some(loss),
-            Some(first) => assert_eq!(first.loss.to_bits(), loss.loss.to_bits()),
+            Some(first) => {
+                assert_eq!(first.loss.to_bits(), loss.loss.to_bits());
+                let bits = |l: &cpu::CpuLoss| {
+                    l.entropy
+                        .as_ref()
+                        .map(|e| e.iter().map(|h| h.to_bits()).collect::<Vec<_>>())
+                };
+                assert_eq!(bits(first), bits(&loss));
+            }
         }
     }
     (first_loss.unwrap(), grad)
 }
 
+/// The split call against the whole-vocabulary reference; `upstreams` = the loss's upstream and,
+/// where given, the entropies'. With `return_entropy` and no smoothing (whose loss a `-inf` logit
+/// makes infinite) row 1 is half `-inf`, the half without its target: whole shards of it hold no
+/// finite logit at P >= 2.
 fn check<T: Element>(
     what: &str,
     shape: Shape,
     world: usize,
     opts: &Options,
-    upstream: &[f32],
+    upstreams: (&[f32], Option<&[f32]>),
 ) -> Result<(), String> {
     let (rows, vocab) = (shape.rows(), shape.vocab);
-    let (logits, labels) = inputs::<T>(shape, opts, 31);
+    let (mut logits, labels) = inputs::<T>(shape, opts, 31);
+    if opts.return_entropy && opts.label_smoothing == 0.0 {
+        let target = labels[if opts.causal_shift { 2 } else { 1 }];
+        let half = if (0..vocab as i64 / 2).contains(&target) {
+            vocab + vocab / 2..2 * vocab
+        } else {
+            vocab..vocab + vocab / 2
+        };
+        logits[half].fill(T::from_f64(f64::NEG_INFINITY));
+    }
     let shards = Shard::split(vocab, world).unwrap();
-    let (loss, grad) = split_call(&logits, &labels, shape, &shards, opts, upstream);
+    let (loss, grad) = split_call(&logits, &labels, shape, &shards, opts, upstreams);
     let mut want_grad = logits.clone();
-    let want =
-        cpu::forward_backward_upstream(&mut want_grad, &labels, shape, opts, upstream).unwrap();
+    let (upstream, entropy_upstream) = upstreams;
+    let want = cpu::forward_backward_entropy(
+        &mut want_grad,
+        &labels,
+        shape,
+        opts,
+        upstream,
+        entropy_upstream,
+    )
+    .unwrap();
     let near = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
     if !near(loss.loss, want.loss) {
         return Err(format!("{what}: loss {} against {}", loss.loss, want.loss));
+    }
+    match (&loss.entropy, &want.entropy) {
+        (None, None) => {}
+        (Some(got), Some(entropies)) => {
+            if let Some(r) = (0..rows).find(|&r| !near(got[r], entropies[r])) {
+                return Err(format!(
+                    "{what}: row {r}'s entropy {} against {}",
+                    got[r], entropies[r]
+                ));
+            }
+        }
+        (got, want) => return Err(format!("{what}: entropies {got:?} against {want:?}")),
     }
     for r in 0..rows {
         if !near(loss.row_loss[r], want.row_loss[r]) || !near(loss.row_lse[r], want.row_lse[r]) {
@@ -138,11 +182,34 @@ fn shards_reproduce_the_whole_vocabulary_reference() {
                 };
                 for upstream in &upstreams {
                     let what = format!("V {vocab} P {world} {name} upstream {:?}", &upstream[..1]);
-                    if let Err(msg) = check::<f32>(&what, shape, world, &opts, upstream) {
+                    let up = (upstream.as_slice(), None);
+                    if let Err(msg) = check::<f32>(&what, shape, world, &opts, up) {
                         failures.push(msg);
                     }
                     if let Err(msg) =
-                        check::<bf16>(&format!("{what} bf16"), shape, world, &opts, upstream)
+                        check::<bf16>(&format!("{what} bf16"), shape, world, &opts, up)
+                    {
+                        failures.push(msg);
+                    }
+                }
+                // The entropies over the whole vocabulary, logged and with their gradient (one
+                // upstream a row, of both signs, 0 on some).
+                let opts = Options {
+                    return_entropy: true,
+                    ..opts.clone()
+                };
+                let e_up: Vec<f32> = (0..rows).map(|r| ((r % 5) as f32 - 2.0) * 0.2).collect();
+                for entropy_upstream in [None, Some(e_up.as_slice())] {
+                    let what = format!(
+                        "V {vocab} P {world} {name} entropies, gradient {}",
+                        entropy_upstream.is_some()
+                    );
+                    let up = (upstreams[0].as_slice(), entropy_upstream);
+                    if let Err(msg) = check::<f32>(&what, shape, world, &opts, up) {
+                        failures.push(msg);
+                    }
+                    if let Err(msg) =
+                        check::<bf16>(&format!("{what} bf16"), shape, world, &opts, up)
                     {
                         failures.push(msg);
                     }
@@ -204,29 +271,45 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
         )
         .is_err()
     );
-    // The entropy is refused (a rank sees only its shard's logits), on the CPU and the GPU.
+    // The entropies' upstream must hold one value a row.
     let entropy = Options {
         return_entropy: true,
         ..Options::default()
     };
-    let err = vocab_parallel::cpu_shard_stats(
+    let stats = vocab_parallel::cpu_shard_stats(
         &logits,
         &[1i64, 2],
         Shape::flat(2, 5),
         shard,
         10,
         &entropy,
+    )
+    .unwrap();
+    let err = vocab_parallel::cpu_shard_backward_entropy(
+        &mut logits.clone(),
+        &[1i64, 2],
+        Shape::flat(2, 5),
+        shard,
+        10,
+        &entropy,
+        &[stats.clone(), stats],
+        &[1.0],
+        Some(&[0.5]),
     );
     assert!(
-        matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
+        matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("entropies")),
         "{err:?}"
     );
+    // A shard layout holds the entropy summaries if and only if the call asks for them.
     if let Some(xent) = xent_tests::gpu() {
-        let err = xent.shard_layout(2, 10, 2, xent::DType::F32, &entropy);
-        assert!(
-            matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
-            "{err:?}"
-        );
+        let with = xent
+            .shard_layout(2, 10, 2, xent::DType::F32, &entropy)
+            .unwrap();
+        let without = xent
+            .shard_layout(2, 10, 2, xent::DType::F32, &opts)
+            .unwrap();
+        assert_eq!(with.words, without.words + 3 * 2);
+        assert!(with.entropy && !without.entropy);
     }
     // The gathered stats of the wrong row count.
     let mut grad = logits.clone();
@@ -253,7 +336,9 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
 /// writes straight into its place of one gathered buffer (the collective, in process), then
 /// every shard's step 3 reads all of it. Against the CPU reference over the whole vocabulary,
 /// fused (the gradient in step 3) and two-phase (`raw_shard_grad` with an upstream gradient
-/// after a forward that leaves the logits alone).
+/// after a forward that leaves the logits alone); with the entropies ("mean", "none", "every
+/// option", "causal"), logged and, two-phase, with their gradient
+/// (`raw_shard_grad_with_entropy`).
 #[test]
 fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
     use xent::cudarc::driver::CudaSlice;
@@ -273,6 +358,7 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
             // Predicted tokens with token accuracy ("ignore 3") and alone ("causal").
             let opts = Options {
                 return_predicted_tokens: matches!(name, "ignore 3" | "causal"),
+                return_entropy: matches!(name, "mean" | "none" | "every option" | "causal"),
                 ..opts
             };
             for world in [1, 2, 3, 4, 8] {
@@ -360,25 +446,31 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         let mut predicted: Vec<CudaSlice<i64>> = (0..world)
             .map(|_| stream.clone_htod(&vec![-7i64; rows]).unwrap())
             .collect();
+        let mut entropies: Vec<CudaSlice<f32>> = (0..world)
+            .map(|_| stream.clone_htod(&vec![-7.0f32; rows]).unwrap())
+            .collect();
         let outs: Vec<RawLoss> = buffers
             .iter_mut()
             .zip(counts.iter_mut())
             .zip(row_correct.iter_mut().zip(predicted.iter_mut()))
+            .zip(entropies.iter_mut())
             .map(
-                |(([loss, row_loss, row_lse, extras], counts), (correct, tokens))| RawLoss {
-                    loss: RawBuffer::of(stream, loss),
-                    row_loss: RawBuffer::of(stream, row_loss),
-                    row_lse: RawBuffer::of(stream, row_lse),
-                    counts: RawBuffer::of(stream, counts),
-                    extras: RawBuffer::of(stream, extras),
-                    row_correct: opts
-                        .return_token_accuracy
-                        .then(|| RawBuffer::of(stream, correct)),
-                    predicted: opts
-                        .return_predicted_tokens
-                        .then(|| RawBuffer::of(stream, tokens)),
-                    entropy: None,
-                    workspace: None,
+                |((([loss, row_loss, row_lse, extras], counts), (correct, tokens)), entropy)| {
+                    RawLoss {
+                        loss: RawBuffer::of(stream, loss),
+                        row_loss: RawBuffer::of(stream, row_loss),
+                        row_lse: RawBuffer::of(stream, row_lse),
+                        counts: RawBuffer::of(stream, counts),
+                        extras: RawBuffer::of(stream, extras),
+                        row_correct: opts
+                            .return_token_accuracy
+                            .then(|| RawBuffer::of(stream, correct)),
+                        predicted: opts
+                            .return_predicted_tokens
+                            .then(|| RawBuffer::of(stream, tokens)),
+                        entropy: opts.return_entropy.then(|| RawBuffer::of(stream, entropy)),
+                        workspace: None,
+                    }
                 },
             )
             .collect();
@@ -444,33 +536,52 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
                     ));
                 }
             }
+            // The entropies over the whole vocabulary, the same bits on every rank.
+            if opts.return_entropy {
+                let got = stream.clone_dtoh(&entropies[q]).unwrap();
+                let first = stream.clone_dtoh(&entropies[0]).unwrap();
+                if got
+                    .iter()
+                    .zip(&first)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    return Err(format!("rank {q}'s entropies differ from rank 0's"));
+                }
+                xent_tests::check_entropy(Some(got), &want.entropy)
+                    .map_err(|e| format!("rank {q}: {e}"))?;
+            }
         }
         // Each shard's gradient against its columns of the whole-vocabulary reference.
-        let compare =
-            |what: &str, pieces: &[CudaSlice<T>], want_grad: &[T]| -> Result<(), String> {
-                let u = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
-                let scale = want_grad
-                    .iter()
-                    .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
-                for (s, piece) in shards.iter().zip(pieces) {
-                    let got = stream.clone_dtoh(piece).unwrap();
-                    for r in 0..rows {
-                        for j in 0..s.width {
-                            let g = got[r * s.width + j].to_f64();
-                            let w = want_grad[r * vocab + s.start + j].to_f64();
-                            let error = (g - w).abs();
-                            if error.is_nan() || error > 2.0 * u * w.abs() + 1e-5 * scale {
-                                return Err(format!(
-                                    "{what}grad[{r}, {}] {g} against {w}",
-                                    s.start + j
-                                ));
-                            }
+        // `extra[r]`: row `r`'s allowance beyond the loss gradient's (the entropy term's).
+        let compare = |what: &str,
+                       pieces: &[CudaSlice<T>],
+                       want_grad: &[T],
+                       extra: &[f64]|
+         -> Result<(), String> {
+            let u = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+            let scale = want_grad
+                .iter()
+                .fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
+            for (s, piece) in shards.iter().zip(pieces) {
+                let got = stream.clone_dtoh(piece).unwrap();
+                for r in 0..rows {
+                    for j in 0..s.width {
+                        let g = got[r * s.width + j].to_f64();
+                        let w = want_grad[r * vocab + s.start + j].to_f64();
+                        let error = (g - w).abs();
+                        let tol = 2.0 * u * w.abs() + 1e-5 * scale + extra[r];
+                        if error.is_nan() || error > tol {
+                            return Err(format!(
+                                "{what}grad[{r}, {}] {g} against {w}",
+                                s.start + j
+                            ));
                         }
                     }
                 }
-                Ok(())
-            };
-        compare("", &pieces, &want_grad)?;
+            }
+            Ok(())
+        };
+        compare("", &pieces, &want_grad, &vec![0.0; rows])?;
 
         // Two-phase: a forward that leaves the logits alone, then each rank's gradient of
         // `upstream · loss` (one value; one per row without a reduction) from its row_lse.
@@ -479,9 +590,40 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         } else {
             vec![0.75]
         };
+        // With the entropies, their gradient too: an upstream a row, of both signs.
+        let e_up: Vec<f32> = (0..rows).map(|r| ((r % 5) as f32 - 2.0) * 0.3).collect();
+        let entropy_upstream = opts.return_entropy.then_some(e_up.as_slice());
         let mut want_grad = logits.clone();
-        cpu::forward_backward_upstream(&mut want_grad, &labels, shape, opts, &upstream)
-            .map_err(|e| e.to_string())?;
+        let want = cpu::forward_backward_entropy(
+            &mut want_grad,
+            &labels,
+            shape,
+            opts,
+            &upstream,
+            entropy_upstream,
+        )
+        .map_err(|e| e.to_string())?;
+        // The entropy term's f32 error: `lse - y - H` (the entropy's tolerance and the
+        // log-sum-exp's) times the row's largest `p` times its upstream.
+        let extra: Vec<f64> = (0..rows)
+            .map(|r| match (&want.entropy, entropy_upstream) {
+                (Some(h), Some(e)) => {
+                    let lse = want.row_lse[r];
+                    let largest = (0..vocab)
+                        .map(|j| logits[r * vocab + j].to_f64())
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let largest = match opts.softcap {
+                        Some(cap) => cap as f64 * (largest / cap as f64).tanh(),
+                        None => largest,
+                    };
+                    let p = (largest - lse).exp().min(1.0);
+                    e[r].abs() as f64
+                        * p
+                        * (xent_tests::entropy_tol(h[r]) + 1e-5 * lse.abs().max(1.0))
+                }
+                _ => 0.0,
+            })
+            .collect();
         for (piece, original) in pieces.iter_mut().zip(&originals) {
             stream.memcpy_htod(original, piece).unwrap();
         }
@@ -498,10 +640,23 @@ fn gpu_shards_on_one_gpu_match_the_whole_vocabulary_reference() {
         }
         let mut d_upstream = stream.clone_htod(&upstream).unwrap();
         let upstream_raw = RawBuffer::of(stream, &mut d_upstream);
+        let mut d_e_up = stream.clone_htod(&e_up).unwrap();
+        let e_up_raw = opts
+            .return_entropy
+            .then(|| RawBuffer::of(stream, &mut d_e_up));
         for (call, out) in calls.iter().zip(&outs) {
-            unsafe { xent.raw_shard_grad(stream, call, &dev_opts, out, upstream_raw) }
-                .map_err(|e| format!("two-phase: {e}"))?;
+            unsafe {
+                xent.raw_shard_grad_with_entropy(
+                    stream,
+                    call,
+                    &dev_opts,
+                    out,
+                    upstream_raw,
+                    e_up_raw,
+                )
+            }
+            .map_err(|e| format!("two-phase: {e}"))?;
         }
-        compare("two-phase: ", &pieces, &want_grad)
+        compare("two-phase: ", &pieces, &want_grad, &extra)
     }
 }

@@ -413,6 +413,45 @@ pub struct EntropyParams {
 /// Dynamic shared memory of the entropy kernel: three `f32` a warp, for up to 32 warps.
 pub const SMEM_ENTROPY_BYTES: u32 = 3 * 32 * 4;
 
+/// Parameters of the vocabulary-parallel entropies, step 1 (`return_entropy`): each scored row's
+/// entropy summary over one rank's shard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ShardEntropyParams {
+    /// The shard's logits (`row_stride` apart), the labels, and the whole vocabulary's size
+    /// (`vocab`: the labels' range).
+    pub rows: RowsParams,
+    /// Device address of `[[u32; 3]; n_rows]`: each row's summary of its shard's (soft-capped)
+    /// logits `z` in log2 units, the f32 bits of `m = max z`, `s = Σ 2^(z - m)` and
+    /// `t = Σ 2^(z - m)·(z - m)`; `[-inf, 0, 0]` for a row not scored.
+    pub out: u64,
+    /// The shard's columns a row.
+    pub width: u32,
+    /// The soft cap (0: none).
+    pub softcap: f32,
+    /// `1 / softcap` (0 without).
+    pub inv_softcap: f32,
+    pub _pad: u32,
+}
+
+/// Parameters of the vocabulary-parallel entropies, step 3: each row's entropy over the whole
+/// vocabulary from every rank's summary ([`ShardEntropyParams::out`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ShardEntropyMergeParams {
+    /// The labels and the whole vocabulary (`logits` and `row_stride` unused).
+    pub rows: RowsParams,
+    /// Device address of the gathered values: `ranks` blocks of `rank_stride` bytes, each with
+    /// its summaries `offset` bytes in.
+    pub gathered: u64,
+    pub rank_stride: u64,
+    pub offset: u64,
+    /// Device address of `[f32; n_rows]`: each row's entropy in nats, 0 for a row not scored.
+    pub out: u64,
+    pub ranks: u32,
+    pub _pad: u32,
+}
+
 /// Parameters of the vocabulary-parallel argmax, step 1 (token accuracy and predicted tokens):
 /// each scored row's first maximal logit in one rank's shard.
 #[repr(C)]

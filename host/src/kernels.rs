@@ -6,7 +6,8 @@ use cudarc::driver::DeviceRepr;
 
 use crate::abi::{
     ArgmaxParams, CountParams, EntropyParams, FinishParams, GemmParams, LseGemmParams,
-    LseTmaParams, OptParams, ScaleParams, ShardArgmaxParams, ShardMergeParams, XentParams,
+    LseTmaParams, OptParams, ScaleParams, ShardArgmaxParams, ShardEntropyMergeParams,
+    ShardEntropyParams, ShardMergeParams, XentParams,
 };
 use crate::error::{Error, Result};
 use crate::options::{DType, Options};
@@ -21,6 +22,8 @@ unsafe impl DeviceRepr for ArgmaxParams {}
 unsafe impl DeviceRepr for EntropyParams {}
 unsafe impl DeviceRepr for ShardArgmaxParams {}
 unsafe impl DeviceRepr for ShardMergeParams {}
+unsafe impl DeviceRepr for ShardEntropyParams {}
+unsafe impl DeviceRepr for ShardEntropyMergeParams {}
 unsafe impl DeviceRepr for LseGemmParams {}
 unsafe impl DeviceRepr for GemmParams {}
 unsafe impl DeviceRepr for LseTmaParams {}
@@ -97,6 +100,11 @@ pub(crate) enum Kernel {
     ShardArgmax { dtype: DType, label: &'static str },
     /// `xent_shard_merge_{label}`: the ranks' argmaxes merged.
     ShardMerge { label: &'static str },
+    /// `xent_shard_entropy_{dtype}_{label}`: a vocabulary shard's entropy summaries
+    /// (`return_entropy`, vocabulary-parallel).
+    ShardEntropy { dtype: DType, label: &'static str },
+    /// `xent_shard_entropy_merge_{label}`: the ranks' entropy summaries merged.
+    ShardEntropyMerge { label: &'static str },
     /// `xent_{kind}_{variant}{dtype}_{label}`.
     Xent {
         kind: XentKind,
@@ -120,6 +128,10 @@ impl Kernel {
                 format!("xent_shard_argmax_{}_{label}", dtype.name())
             }
             Kernel::ShardMerge { label } => format!("xent_shard_merge_{label}"),
+            Kernel::ShardEntropy { dtype, label } => {
+                format!("xent_shard_entropy_{}_{label}", dtype.name())
+            }
+            Kernel::ShardEntropyMerge { label } => format!("xent_shard_entropy_merge_{label}"),
             Kernel::Xent {
                 kind,
                 variant,
@@ -226,8 +238,10 @@ pub(crate) fn kernels() -> Vec<Kernel> {
         kernels.extend(LABELS.map(|label| Kernel::Argmax { dtype, label }));
         kernels.extend(LABELS.map(|label| Kernel::Entropy { dtype, label }));
         kernels.extend(LABELS.map(|label| Kernel::ShardArgmax { dtype, label }));
+        kernels.extend(LABELS.map(|label| Kernel::ShardEntropy { dtype, label }));
     }
     kernels.extend(LABELS.map(|label| Kernel::ShardMerge { label }));
+    kernels.extend(LABELS.map(|label| Kernel::ShardEntropyMerge { label }));
     kernels.push(Kernel::LseGemm);
     kernels
 }

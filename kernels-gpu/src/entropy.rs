@@ -2,7 +2,7 @@
 //! after the soft cap where one is set), read from the logits before the cross-entropy kernel
 //! writes its gradient over them, as the predicted tokens are.
 
-use crate::abi::EntropyParams;
+use crate::abi::{EntropyParams, ShardEntropyMergeParams, ShardEntropyParams};
 use crate::element::{Element, Label};
 use crate::opts;
 use crate::prim::{self, shfl_xor_f32, sync_threads, thread_idx};
@@ -34,6 +34,67 @@ pub unsafe fn entropy<T: Element, L: Label>(p: &EntropyParams) {
             unsafe { prim::st_global_u32(p.out + 4 * row, h.to_bits()) };
         }
         row += prim::grid_dim() as u64;
+    }
+}
+
+/// Vocabulary-parallel entropies, step 1 (a rank's `raw_shard_stats`): each scored row's
+/// [`Ent2`] over this rank's shard (`width` logits a row, soft-capped with `softcap` > 0), as the
+/// f32 bits `[m, s, t]` at `out + 12·row` (`[-inf, 0, 0]` for a row not scored, not read). The
+/// ranks' summaries meet in [`shard_entropy_merge`].
+///
+/// Launch: as [`entropy`]. Traffic: one read of each scored row of the shard.
+#[inline(always)]
+pub unsafe fn shard_entropy<T: Element, L: Label>(p: &ShardEntropyParams) {
+    let rows = &p.rows;
+    let mut row = prim::block_idx() as u64;
+    while row < rows.n_rows {
+        // The row's target is the same for the whole block: every thread reaches the reduction.
+        let sums = match unsafe { row_target::<L>(rows, row) } {
+            Target::Class(_) => {
+                let addr = rows.logits + row * rows.row_stride * T::BYTES as u64;
+                unsafe { row_sums::<T>(addr, p.width, p.softcap, p.inv_softcap) }
+            }
+            Target::Ignored | Target::Bad => Ent2::EMPTY,
+        };
+        if thread_idx() == 0 {
+            let at = p.out + 12 * row;
+            unsafe {
+                prim::st_global_u32(at, sums.m.to_bits());
+                prim::st_global_u32(at + 4, sums.s.to_bits());
+                prim::st_global_u32(at + 8, sums.t.to_bits());
+            }
+        }
+        row += prim::grid_dim() as u64;
+    }
+}
+
+/// Vocabulary-parallel entropies, step 3 (`raw_shard_backward`, after the all-gather): each
+/// scored row's entropy over the whole vocabulary, the ranks' summaries ([`shard_entropy`])
+/// merged in rank order, into `out` (0 for a row not scored; NaN where a rank's shard of the row
+/// holds a NaN or no rank's holds a finite logit, as [`entropy`]).
+///
+/// Launch: any 1-D grid (thread `i` of the grid takes rows `i, i + threads in the grid, ...`).
+/// Traffic: 12 bytes a row a rank read, 4 written.
+#[inline(always)]
+pub unsafe fn shard_entropy_merge<L: Label>(p: &ShardEntropyMergeParams) {
+    let rows = &p.rows;
+    let threads = prim::grid_dim() as u64 * prim::block_dim() as u64;
+    let mut row = prim::block_idx() as u64 * prim::block_dim() as u64 + thread_idx() as u64;
+    while row < rows.n_rows {
+        let h = match unsafe { row_target::<L>(rows, row) } {
+            Target::Class(_) => {
+                let mut acc = Ent2::EMPTY;
+                for rank in 0..p.ranks as u64 {
+                    let at = p.gathered + rank * p.rank_stride + p.offset + 12 * row;
+                    let word = |k: u64| f32::from_bits(unsafe { prim::ld_global_u32(at + 4 * k) });
+                    acc = acc.merge(Ent2 { m: word(0), s: word(1), t: word(2) });
+                }
+                acc.entropy()
+            }
+            Target::Ignored | Target::Bad => 0.0,
+        };
+        unsafe { prim::st_global_u32(p.out + 4 * row, h.to_bits()) };
+        row += threads;
     }
 }
 

@@ -28,7 +28,7 @@ pub mod xent;
 
 use abi::{
     ArgmaxParams, CountParams, EntropyParams, FinishParams, LseGemmParams, ScaleParams,
-    ShardArgmaxParams, ShardMergeParams, XentParams,
+    ShardArgmaxParams, ShardEntropyMergeParams, ShardEntropyParams, ShardMergeParams, XentParams,
 };
 #[cfg(xent_wgmma)]
 use abi::{GemmParams, GradGemmParams, LseTmaParams};
@@ -215,6 +215,16 @@ kernels! {
     xent_shard_argmax_f32_i64(ShardArgmaxParams) => argmax::shard_argmax::<F32, i64>;
     xent_shard_merge_i32(ShardMergeParams) => argmax::shard_argmax_merge::<i32>;
     xent_shard_merge_i64(ShardMergeParams) => argmax::shard_argmax_merge::<i64>;
+
+    // Vocabulary-parallel entropies: a shard's summary, then the ranks'.
+    xent_shard_entropy_bf16_i32(ShardEntropyParams) => entropy::shard_entropy::<Bf16, i32>;
+    xent_shard_entropy_bf16_i64(ShardEntropyParams) => entropy::shard_entropy::<Bf16, i64>;
+    xent_shard_entropy_f16_i32(ShardEntropyParams) => entropy::shard_entropy::<F16, i32>;
+    xent_shard_entropy_f16_i64(ShardEntropyParams) => entropy::shard_entropy::<F16, i64>;
+    xent_shard_entropy_f32_i32(ShardEntropyParams) => entropy::shard_entropy::<F32, i32>;
+    xent_shard_entropy_f32_i64(ShardEntropyParams) => entropy::shard_entropy::<F32, i64>;
+    xent_shard_entropy_merge_i32(ShardEntropyMergeParams) => entropy::shard_entropy_merge::<i32>;
+    xent_shard_entropy_merge_i64(ShardEntropyMergeParams) => entropy::shard_entropy_merge::<i64>;
 }
 
 #[cfg(xent_cluster)]

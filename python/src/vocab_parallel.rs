@@ -10,10 +10,11 @@ use super::{
     Buffer, Device, Options, ShapeArgs, dtype_of, label_type_of, py_err, raw, raw_loss, shape_of,
 };
 
-/// `opts` with `return_predicted_tokens` as `predicted` says.
-fn predicting(opts: &Options, predicted: bool) -> xent::Options {
+/// `opts` with `return_predicted_tokens` and `return_entropy` as `predicted` and `entropy` say.
+fn with_outputs(opts: &Options, predicted: bool, entropy: bool) -> xent::Options {
     xent::Options {
         return_predicted_tokens: predicted,
+        return_entropy: entropy,
         ..opts.inner.clone()
     }
 }
@@ -58,9 +59,10 @@ fn call_of(
 }
 
 /// f32 values each rank contributes to the all-gather of a `world`-rank call (`predicted`: the
-/// call also returns the predicted tokens).
+/// call also returns the predicted tokens; `entropy`: the entropies).
 #[pyfunction]
-#[pyo3(signature = (device, rows, vocab, world, dtype, opts, predicted=false))]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, rows, vocab, world, dtype, opts, predicted=false, entropy=false))]
 pub(crate) fn shard_words(
     device: &Device,
     rows: usize,
@@ -69,16 +71,17 @@ pub(crate) fn shard_words(
     dtype: &str,
     opts: &Options,
     predicted: bool,
+    entropy: bool,
 ) -> PyResult<usize> {
-    let opts = predicting(opts, predicted);
+    let opts = with_outputs(opts, predicted, entropy);
     Ok(layout(&device.xent, rows, vocab, world, dtype_of(dtype)?, &opts)?.words)
 }
 
-/// Step 1 on one rank: its contribution into `send` (`shard_words` f32 values; `predicted` as
-/// there).
+/// Step 1 on one rank: its contribution into `send` (`shard_words` f32 values; `predicted` and
+/// `entropy` as there).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, send, predicted=false))]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, send, predicted=false, entropy=false))]
 pub(crate) fn shard_stats(
     device: &Device,
     stream: usize,
@@ -94,11 +97,12 @@ pub(crate) fn shard_stats(
     opts: &Options,
     send: Buffer,
     predicted: bool,
+    entropy: bool,
 ) -> PyResult<()> {
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
-    let opts = predicting(opts, predicted);
+    let opts = with_outputs(opts, predicted, entropy);
     let layout = layout(
         &device.xent,
         call.shape.rows(),
@@ -120,11 +124,12 @@ pub(crate) fn shard_stats(
 
 /// Step 3 on one rank: from the gathered contributions (`world · shard_words`), the loss into
 /// `stats` (the package's stats layout, with the rows predicted right where `opts` asks for token
-/// accuracy), the predicted tokens into `predicted` (int64, one a row) where given, and, with
-/// `fused`, the gradient of `grad_scale · loss` over the shard's logits.
+/// accuracy), the predicted tokens into `predicted` (int64, one a row) and the entropies into
+/// `entropy` (f32, one a row) where given, and, with `fused`, the gradient of
+/// `grad_scale · loss` over the shard's logits.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, gathered, stats, fused, predicted=None))]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, world, weight, opts, gathered, stats, fused, predicted=None, entropy=None))]
 pub(crate) fn shard_backward(
     device: &Device,
     stream: usize,
@@ -142,15 +147,16 @@ pub(crate) fn shard_backward(
     stats: Buffer,
     fused: bool,
     predicted: Option<Buffer>,
+    entropy: Option<Buffer>,
 ) -> PyResult<()> {
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
     let rows = call.shape.rows();
     let accuracy = opts.inner.return_token_accuracy;
-    let opts = predicting(opts, predicted.is_some());
+    let opts = with_outputs(opts, predicted.is_some(), entropy.is_some());
     let layout = layout(&device.xent, rows, vocab, world, call.dtype, &opts)?;
-    let out = raw_loss(stats, rows, accuracy, None, predicted, None)?;
+    let out = raw_loss(stats, rows, accuracy, None, predicted, entropy)?;
     let stream = device.stream(stream);
     // SAFETY: as in `shard_stats`; `predicted`, where given, a live int64 tensor of `rows`.
     unsafe {
@@ -170,10 +176,11 @@ pub(crate) fn shard_backward(
 
 /// Two-phase, step 4 on one rank: the gradient of `upstream · loss` over the shard's logits, from
 /// the `stats` of a step 3 without `fused` (its counts and whole-vocabulary log-sum-exps),
-/// `upstream` one value or one per row.
+/// `upstream` one value or one per row; with `entropy` (step 3's entropies, `[f32; rows]`) and
+/// `entropy_upstream` (`[f32; rows]`), plus the gradient of `Σ entropy_upstream·entropy`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, weight, opts, stats, upstream))]
+#[pyo3(signature = (device, stream, logits, dtype, labels, label_type, shape, shard, vocab, weight, opts, stats, upstream, entropy=None, entropy_upstream=None))]
 pub(crate) fn shard_grad(
     device: &Device,
     stream: usize,
@@ -188,18 +195,25 @@ pub(crate) fn shard_grad(
     opts: &Options,
     stats: Buffer,
     upstream: Buffer,
+    entropy: Option<Buffer>,
+    entropy_upstream: Option<Buffer>,
 ) -> PyResult<()> {
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
-    let out = raw_loss(stats, call.shape.rows(), false, None, None, None)?;
+    let out = raw_loss(stats, call.shape.rows(), false, None, None, entropy)?;
     let stream = device.stream(stream);
-    // SAFETY: as in `shard_stats`; `stats` is the same call's step 3 output, enqueued before on
-    // this stream.
+    // SAFETY: as in `shard_stats`; `stats` and `entropy` are the same call's step 3 outputs,
+    // enqueued before on this stream.
     unsafe {
-        device
-            .xent
-            .raw_shard_grad(&stream, &call, &opts.inner, &out, raw(upstream))
+        device.xent.raw_shard_grad_with_entropy(
+            &stream,
+            &call,
+            &opts.inner,
+            &out,
+            raw(upstream),
+            entropy_upstream.map(raw),
+        )
     }
     .map_err(py_err)
 }

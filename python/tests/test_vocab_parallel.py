@@ -1,7 +1,8 @@
 """``xent.torch.vocab_parallel`` on CUDA: every rank of a
 P-rank call simulated on one GPU through ``shard_stats`` / ``shard_loss`` (the all-gather is a
 concatenation), against ``test_torch.reference`` (PyTorch's cross-entropy with Liger's options in
-float64) over the whole vocabulary; and the autograd function through a one-rank NCCL group."""
+float64) and ``test_torch.entropy_and_grad`` (the entropies and their gradient in float64) over
+the whole vocabulary; and the autograd function through a one-rank NCCL group."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import xent.torch as xt  # noqa: E402
-from test_torch import reference  # noqa: E402
+from test_torch import close_to_f64, entropy_and_grad, reference  # noqa: E402
 from xent.torch import _launch  # noqa: E402
 from xent.torch import vocab_parallel as vp  # noqa: E402
 
@@ -158,11 +159,73 @@ def test_token_accuracy_and_predicted_tokens_are_the_whole_vocabularys(causal, w
         assert abs(got - want_accuracy) <= 1e-6, f"rank {q}: accuracy {got} against {want_accuracy}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", ["mean", "options", "causal"])
+def test_entropies_and_their_gradient_are_the_whole_vocabularys(case, world, dtype):
+    """Each rank adds its shard's entropy summary to the all-gather: every rank's entropies are
+    the whole rows' (the same bits on every rank, fused or not, a row half -inf included), and
+    ``shard_grad`` adds the gradient of ``Σ e·H`` (a per-row upstream of both signs) to the
+    loss's, against float64 autograd; without that term the gradient would be out of tolerance."""
+    kw = {"mean": dict(), "options": dict(CASES["options"]), "causal": dict(causal_shift=True)}[case]
+    causal = kw.get("causal_shift", False)
+    vocab = 1003
+    gen = torch.Generator().manual_seed(43 + world)
+    lead = (3, 11) if causal else (41,)
+    logits = (torch.randn(*lead, vocab, generator=gen) * 2).to(dtype)
+    target = torch.randint(0, vocab, lead, generator=gen)
+    target.view(-1)[4::5] = -100
+    if not kw.get("label_smoothing"):  # (smoothing's loss is infinite with a -inf logit)
+        labels = xt.functional.scored_labels(target, -100, causal).reshape(-1)
+        row = logits.view(-1, vocab)[1]
+        half = slice(vocab // 2, vocab) if 0 <= int(labels[1]) < vocab // 2 else slice(0, vocab // 2)
+        row[half] = float("-inf")
+    logits, target = logits.cuda(), target.cuda()
+    rows = target.numel()
+    e_up = (((torch.arange(rows) % 5) - 2).float() * 0.3).cuda()
+    opts = _launch.Opts(
+        -100, "mean", kw.get("grad_scale", 1.0), causal, kw.get("label_smoothing", 0.0),
+        kw.get("lse_square_scale", 0.0), kw.get("softcap"), False,
+    )
+    shards = split(vocab, world)
+    pieces = [logits[..., s:s + w].clone() for s, w in shards]
+    common = dict(vocab_size=vocab, world=world, opts=opts)
+    gathered = torch.cat(
+        [vp.shard_stats(p, target, vocab_start=s, entropy=True, **common) for p, (s, _) in zip(pieces, shards)]
+    )
+    want_h, want_h_grad = entropy_and_grad(logits, target, e_up.view(lead), causal_shift=causal, softcap=kw.get("softcap"))
+    stats, entropies = [], []
+    for fused in (True, False):
+        for q, (p, (s, w)) in enumerate(zip(pieces, shards)):
+            piece = p.clone() if fused else p  # the fused pass writes over its logits
+            entropy = torch.full((rows,), -7.0, device="cuda")
+            st = vp.shard_loss(piece, target, gathered, vocab_start=s, fused=fused, entropy=entropy, **common)
+            if not fused:
+                stats.append(st)
+            entropies.append(entropy)
+    for q, entropy in enumerate(entropies):
+        assert torch.equal(entropy, entropies[0]), f"entropies {q} differ from the first rank's"
+    got_h = entropies[0].view(lead).double().cpu()
+    assert torch.allclose(got_h, want_h, rtol=2e-5, atol=2e-5), f"entropies: worst {float((got_h - want_h).abs().max())}"
+    assert torch.equal(torch.cat(pieces, dim=-1), logits), "the two-phase forward wrote over the logits"
+    upstream = torch.tensor(0.75, device="cuda")
+    for p, (s, _), st in zip(pieces, shards, stats):
+        vp.shard_grad(p, target, st, upstream, vocab_start=s, vocab_size=vocab, opts=opts,
+                      entropy=entropies[0], entropy_upstream=e_up)
+    ref = reference(logits, target, upstream=0.75, **kw)
+    got = torch.cat(pieces, dim=-1)
+    close_to_f64(got, ref.grad.cpu() + want_h_grad, dtype)
+    with pytest.raises(AssertionError):
+        close_to_f64(got, ref.grad.cpu(), dtype)
+
+
 def test_reduction_none_needs_two_phase():
     logits = torch.randn(4, 10, device="cuda")
     target = torch.zeros(4, dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="two_phase"):
-        xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=10, reduction="none")
+        xt.vocab_parallel_cross_entropy(
+            logits, target, vocab_start=0, vocab_size=10, reduction="none", two_phase=False
+        )
 
 
 def test_autograd_function_through_a_one_rank_nccl_group():
@@ -208,6 +271,27 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         assert torch.allclose(loss.double(), ref.loss.cuda(), rtol=1e-4, atol=1e-4)
         err = (logits.grad.double() - ref.grad.cuda()).abs().max()
         assert float(err) <= 4 * 2.0**-8 * float(ref.grad.abs().max())
+
+        # An entropy bonus (the default mode is two-phase with return_entropy): the gradient of
+        # `loss - β·mean(H)` against float64, the entropies against it too.
+        logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        beta = 0.1
+        e_up = torch.full((64,), -beta / 64, device="cuda")
+        ref = reference(logits.detach().clone(), target)
+        want_h, want_h_grad = entropy_and_grad(logits, target, e_up)
+        out = xt.vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=vocab, return_entropy=True)
+        (out.loss - beta * out.entropy.mean()).backward()
+        assert torch.allclose(out.entropy.double().cpu(), want_h, rtol=2e-5, atol=2e-5)
+        close_to_f64(logits.grad, ref.grad.cpu() + want_h_grad, torch.bfloat16)
+        # The fused mode logs the entropies; a gradient reaching them raises.
+        logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        want_h = entropy_and_grad(logits, target, e_up)[0]  # before the forward writes its gradient
+        out = xt.vocab_parallel_cross_entropy(
+            logits, target, vocab_start=0, vocab_size=vocab, return_entropy=True, two_phase=False
+        )
+        assert torch.allclose(out.entropy.double().cpu(), want_h, rtol=2e-5, atol=2e-5)
+        with pytest.raises(RuntimeError, match="two-phase"):
+            (out.loss - beta * out.entropy.mean()).backward()
     finally:
         dist.destroy_process_group()
 
@@ -216,8 +300,8 @@ def test_torch_compile_through_a_one_rank_nccl_group():
     """``torch.compile(fullgraph=True)`` of an LM head and ``vocab_parallel_cross_entropy`` (the
     steps are the custom operators ``torch.ops.xent.shard_*``, the all-gather a functional
     collective): no graph break, and the loss, the token accuracy and the head's gradient equal
-    eager's, fused (smoothing, soft cap, token accuracy, upstream 0.5) and two-phase per row (a
-    per-row upstream)."""
+    eager's, fused (smoothing, soft cap, token accuracy, upstream 0.5), two-phase per row (a
+    per-row upstream) and with an entropy bonus (two-phase, the entropies differentiable)."""
     import torch._dynamo
     import torch.distributed as dist
 
@@ -239,11 +323,14 @@ def test_torch_compile_through_a_one_rank_nccl_group():
         cases = {
             "fused": dict(label_smoothing=0.1, softcap=30.0, return_token_accuracy=True),
             "two_phase": dict(two_phase=True, reduction="none"),
+            "entropy_bonus": dict(return_entropy=True, softcap=30.0),
         }
         for name, kwargs in cases.items():
 
             def step(h):
                 out = xt.vocab_parallel_cross_entropy(head(h), target, vocab_start=0, vocab_size=vocab, **kwargs)
+                if name == "entropy_bonus":
+                    return out.loss - 0.1 * out.entropy.mean(), out.entropy.detach()
                 # Per row: the loss and a detached alias of it, as a step returns a value to log.
                 return (out.loss, out.token_accuracy) if name == "fused" else (out, out.detach())
 
@@ -255,7 +342,7 @@ def test_torch_compile_through_a_one_rank_nccl_group():
             def run(fn):
                 head.zero_grad(set_to_none=True)
                 loss, extra = fn(h)
-                (loss * (0.5 if name == "fused" else upstream)).sum().backward()
+                (loss * (upstream if name == "two_phase" else 0.5)).sum().backward()
                 return loss.detach().clone(), extra.detach().clone(), head.weight.grad.clone()
 
             e_loss, e_extra, e_grad = run(step)
@@ -264,6 +351,8 @@ def test_torch_compile_through_a_one_rank_nccl_group():
             torch.testing.assert_close(c_loss, e_loss, rtol=1e-6, atol=0.0, msg=name)
             torch.testing.assert_close(c_extra, e_extra, rtol=1e-6, atol=0.0, msg=name)
             torch.testing.assert_close(c_grad, e_grad, rtol=1e-4, atol=1e-5 * float(e_grad.abs().max()), msg=name)
+            if name == "entropy_bonus":
+                continue  # (eager's entropy bonus against float64: the test above)
             # And eager against the float64 reference through the same head.
             kw = {k: v for k, v in kwargs.items() if k not in ("two_phase", "return_token_accuracy")}
             ref = reference(head(h).detach(), target, **kw)

@@ -11,6 +11,13 @@
 //! shard), and step 3 merges the ranks' pairs into the row's class over the whole vocabulary
 //! (`xent_shard_merge_*`), before the finish kernel counts the rows predicted right.
 //!
+//! The entropies (`return_entropy`) add three values per row: step 1 also summarises each row
+//! of the shard as `(max, Σ 2^(z - max), Σ 2^(z - max)·(z - max))` in log2 units
+//! (`xent_shard_entropy_*`, one more read of the shard), and step 3 merges the ranks' summaries
+//! into the row's entropy over the whole vocabulary (`xent_shard_entropy_merge_*`). A two-phase
+//! backward ([`CrossEntropy::raw_shard_grad_with_entropy`]) then adds the entropies' gradient on
+//! each rank's columns from the merged entropy and log-sum-exp, with no collective.
+//!
 //! Not yet: the smoothing sum's large-magnitude reference (0 here: every rank must take the
 //! same).
 
@@ -20,15 +27,16 @@ use cudarc::driver::CudaStream;
 
 use super::Shard;
 use crate::abi::{
-    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, RowsParams, SMEM_REDUCTION_BYTES,
-    ShardArgmaxParams, ShardMergeParams, XentParams,
+    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, RowsParams, SMEM_ENTROPY_BYTES,
+    SMEM_REDUCTION_BYTES, ShardArgmaxParams, ShardEntropyMergeParams, ShardEntropyParams,
+    ShardMergeParams, XentParams,
 };
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, XentKind, opt_params, variant};
 use crate::options::{DType, Options, Shape};
 use crate::plan;
-use crate::raw::{LabelType, RawBuffer, RawLoss, check_len};
+use crate::raw::{LabelType, RawBuffer, RawLoss, check_len, entropy_pair};
 
 /// One rank's call: its shard of the logits (`shape`: the call's rows, `shard.width` classes a
 /// row, `row_stride` apart; batch and sequence as the whole call's, for the causal shift), the
@@ -57,8 +65,11 @@ pub struct ShardLayout {
     /// Whether each rank also contributes each row's argmax pair (its shard's first maximal
     /// logit and that logit's class): for token accuracy or predicted tokens.
     pub argmax: bool,
+    /// Whether each rank also contributes each row's entropy summary (three values): for
+    /// `return_entropy`.
+    pub entropy: bool,
     /// `rows · n_chunks · PARTIAL_WORDS` partials, then `rows` label logits, then with `argmax`
-    /// `rows` pairs (`2 · rows` values).
+    /// `rows` pairs (`2 · rows` values), then with `entropy` `rows` summaries (`3 · rows`).
     pub words: usize,
 }
 
@@ -66,6 +77,9 @@ pub struct ShardLayout {
 fn wants_argmax(opts: &Options) -> bool {
     opts.return_token_accuracy || opts.return_predicted_tokens
 }
+
+/// Values a row of a rank's entropy summary (`xent_shard_entropy_*`): max, sum, weighted sum.
+const ENTROPY_WORDS: usize = 3;
 
 /// Threads a block of the argmax merge (`xent_shard_merge_*`: a thread a row).
 const MERGE_THREADS: u32 = 256;
@@ -112,13 +126,19 @@ impl ShardLayout {
         Ok(())
     }
 
-    /// A call with `opts` must need the argmax pairs if and only if the layout has them.
+    /// A call with `opts` must need the argmax pairs and the entropy summaries if and only if
+    /// the layout has them.
     fn check_options(&self, opts: &Options) -> Result<()> {
         if self.argmax != wants_argmax(opts) {
             return Err(Error::InvalidOption(
                 "the layout was made for options with a different return_token_accuracy or \
                  return_predicted_tokens"
                     .to_string(),
+            ));
+        }
+        if self.entropy != opts.return_entropy {
+            return Err(Error::InvalidOption(
+                "the layout was made for options with a different return_entropy".to_string(),
             ));
         }
         Ok(())
@@ -131,6 +151,11 @@ impl ShardLayout {
     /// Where the argmax pairs start, in f32 values.
     fn pairs_offset(&self) -> usize {
         self.label_offset() + self.rows
+    }
+
+    /// Where the entropy summaries start, in f32 values.
+    fn entropy_offset(&self) -> usize {
+        self.pairs_offset() + if self.argmax { 2 * self.rows } else { 0 }
     }
 }
 
@@ -152,7 +177,6 @@ impl ShardCall {
             ));
         }
         opts.validate(self.vocab)?;
-        super::refuse_entropy(opts)?;
         if let Some(w) = self.weight
             && w.len != self.vocab
         {
@@ -193,7 +217,6 @@ impl CrossEntropy {
         opts: &Options,
     ) -> Result<ShardLayout> {
         opts.validate_except_weight_values(vocab)?;
-        super::refuse_entropy(opts)?;
         let widest = Shard::split(vocab, world)?[0].width;
         let (chunk_len, n_chunks, threads) = match forced_shard_chunk()? {
             Some((len, threads)) => {
@@ -208,14 +231,18 @@ impl CrossEntropy {
             }
             None => plan::shard_chunking(widest, dtype),
         };
-        let argmax = wants_argmax(opts);
+        let (argmax, entropy) = (wants_argmax(opts), opts.return_entropy);
         Ok(ShardLayout {
             rows,
             threads,
             chunk_len: chunk_len as u32,
             n_chunks: n_chunks as u32,
             argmax,
-            words: rows * n_chunks * PARTIAL_WORDS + rows + if argmax { 2 * rows } else { 0 },
+            entropy,
+            words: rows * n_chunks * PARTIAL_WORDS
+                + rows
+                + if argmax { 2 * rows } else { 0 }
+                + if entropy { ENTROPY_WORDS * rows } else { 0 },
         })
     }
 
@@ -290,9 +317,14 @@ impl CrossEntropy {
             dtype: call.dtype,
             label: call.label_type.name(),
         };
+        let entropy = Kernel::ShardEntropy {
+            dtype: call.dtype,
+            label: call.label_type.name(),
+        };
         self.preload([
             (rows > 0).then_some(kernel),
             (rows > 0 && layout.argmax).then_some(argmax),
+            (rows > 0 && layout.entropy).then_some(entropy),
         ])?;
         unsafe {
             cudarc::driver::result::memset_d8_async(label_logits, 0, 4 * rows, stream.cu_stream())?;
@@ -314,23 +346,42 @@ impl CrossEntropy {
             layout.threads,
             SMEM_REDUCTION_BYTES,
         )?;
-        if !layout.argmax {
-            return Ok(());
+        if layout.argmax {
+            let params = ShardArgmaxParams {
+                rows: self.shard_rows(call, opts),
+                out: send.ptr + 4 * layout.pairs_offset() as u64,
+                width: call.shard.width as u32,
+                start: call.shard.start as u32,
+            };
+            self.launch(
+                stream,
+                argmax,
+                &params,
+                plan::argmax_blocks(rows, self.limits()),
+                plan::ARGMAX_THREADS,
+                SMEM_REDUCTION_BYTES,
+            )?;
         }
-        let params = ShardArgmaxParams {
-            rows: self.shard_rows(call, opts),
-            out: send.ptr + 4 * layout.pairs_offset() as u64,
-            width: call.shard.width as u32,
-            start: call.shard.start as u32,
-        };
-        self.launch(
-            stream,
-            argmax,
-            &params,
-            plan::argmax_blocks(rows, self.limits()),
-            plan::ARGMAX_THREADS,
-            SMEM_REDUCTION_BYTES,
-        )
+        if layout.entropy {
+            let cap = opts.softcap.unwrap_or(0.0);
+            let params = ShardEntropyParams {
+                rows: self.shard_rows(call, opts),
+                out: send.ptr + 4 * layout.entropy_offset() as u64,
+                width: call.shard.width as u32,
+                softcap: cap,
+                inv_softcap: if cap > 0.0 { 1.0 / cap } else { 0.0 },
+                _pad: 0,
+            };
+            self.launch(
+                stream,
+                entropy,
+                &params,
+                plan::argmax_blocks(rows, self.limits()),
+                plan::ARGMAX_THREADS,
+                SMEM_ENTROPY_BYTES,
+            )?;
+        }
+        Ok(())
     }
 
     /// Step 3 on one rank: from every rank's contributions (`gathered`: `world · layout.words`
@@ -366,6 +417,9 @@ impl CrossEntropy {
         let merge = Kernel::ShardMerge {
             label: kernel_call.label,
         };
+        let entropy_merge = Kernel::ShardEntropyMerge {
+            label: kernel_call.label,
+        };
         // All loaded before the first is launched (see `CrossEntropy::preload`).
         self.preload([
             Some(Kernel::Count {
@@ -373,6 +427,7 @@ impl CrossEntropy {
             }),
             (rows > 0).then(|| self.shard_kernel(call, opts, XentKind::ChunkGrad)),
             (rows > 0 && layout.argmax).then_some(merge),
+            (rows > 0 && layout.entropy).then_some(entropy_merge),
             Some(Kernel::Finish),
         ])?;
         self.launch_count(stream, &kernel_call, opts, buffers.counts)?;
@@ -409,16 +464,40 @@ impl CrossEntropy {
                 ranks: world as u32,
                 _pad: 0,
             };
-            let blocks = rows
-                .div_ceil(MERGE_THREADS as usize)
-                .min(4 * self.limits().sm_count as usize) as u32;
-            self.launch(stream, merge, &params, blocks, MERGE_THREADS, 0)?;
+            self.launch(
+                stream,
+                merge,
+                &params,
+                self.merge_blocks(rows),
+                MERGE_THREADS,
+                0,
+            )?;
+        }
+        if rows > 0 && layout.entropy {
+            // Each row's entropy over the whole vocabulary, from every rank's summary.
+            let params = ShardEntropyMergeParams {
+                rows: self.shard_rows(call, opts),
+                gathered: gathered.ptr,
+                rank_stride: 4 * layout.words as u64,
+                offset: 4 * layout.entropy_offset() as u64,
+                out: buffers.entropy,
+                ranks: world as u32,
+                _pad: 0,
+            };
+            let blocks = self.merge_blocks(rows);
+            self.launch(stream, entropy_merge, &params, blocks, MERGE_THREADS, 0)?;
         }
         self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
     }
 }
 
 impl CrossEntropy {
+    /// Blocks of a merge kernel over `rows` rows (a thread a row, [`MERGE_THREADS`] a block).
+    fn merge_blocks(&self, rows: usize) -> u32 {
+        rows.div_ceil(MERGE_THREADS as usize)
+            .min(4 * self.limits().sm_count as usize) as u32
+    }
+
     /// Two-phase, step 4 on one rank: the gradient of `upstream · loss` w.r.t. this rank's logits,
     /// written over them, from the forward's `out` (a [`raw_shard_backward`](Self::raw_shard_backward)
     /// with `fused` false, or [`raw_vocab_parallel`](Self::raw_vocab_parallel) with `fused` false:
@@ -437,9 +516,32 @@ impl CrossEntropy {
         out: &RawLoss,
         upstream: RawBuffer,
     ) -> Result<()> {
+        unsafe { self.raw_shard_grad_with_entropy(stream, call, opts, out, upstream, None) }
+    }
+
+    /// [`raw_shard_grad`](Self::raw_shard_grad), with `entropy_upstream` (`[f32; rows]`) the
+    /// gradient of `Σ_r entropy_upstream[r]·H_r` w.r.t. this rank's logits added, `H` the
+    /// entropies over the whole vocabulary in `out.entropy` (a forward with `return_entropy`), as
+    /// [`raw_backward_with_entropy`](Self::raw_backward_with_entropy) adds it on one GPU: the
+    /// term needs only the row's log-sum-exp and entropy, which every rank has, so still no
+    /// collective. `None`: `raw_shard_grad`.
+    ///
+    /// # Safety
+    /// As [`raw_shard_grad`](Self::raw_shard_grad), for `entropy_upstream` and `out.entropy` too.
+    pub unsafe fn raw_shard_grad_with_entropy(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &ShardCall,
+        opts: &Options,
+        out: &RawLoss,
+        upstream: RawBuffer,
+        entropy_upstream: Option<RawBuffer>,
+    ) -> Result<()> {
         self.check_stream(stream)?;
         call.validate(opts)?;
-        let buffers: LossBuffers = out.buffers(call.shape.rows(), opts, 0)?;
+        let rows = call.shape.rows();
+        let buffers: LossBuffers = out.buffers(rows, opts, 0)?;
+        let entropy = entropy_pair(out.entropy, entropy_upstream, rows)?;
         let slice = (call.shard.start, call.shard.width, call.shape.row_stride);
         self.launch_backward(
             stream,
@@ -450,7 +552,7 @@ impl CrossEntropy {
             (upstream.ptr, upstream.len),
             0,
             Some(slice),
-            None,
+            entropy,
         )
     }
 }

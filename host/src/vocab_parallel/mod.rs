@@ -2,11 +2,13 @@
 //! split by vocabulary, rank `r` holds logits `[N, width_r]` for the classes
 //! `[start_r, start_r + width_r)` of a `vocab`-class row and never sees a whole row.
 //!
-//! One collective per call (TransformerEngine's scheme, with label smoothing and token accuracy):
+//! One collective per call (TransformerEngine's scheme, with label smoothing, token accuracy and
+//! the entropies):
 //! 1. every rank summarises each row of its shard in [`STATS_WORDS`] numbers ([`RowStats`]):
 //!    the shard's largest (soft-capped) logit `max`, `sum = Σ exp(y_j - max)`, the weighted sum
 //!    `Σ w_j·y_j` (label smoothing's), the label's logit when the label is one of its classes
-//!    (else 0) and the first column of its largest raw logit (token accuracy);
+//!    (else 0), the first column of its largest raw logit (token accuracy) and
+//!    `Σ exp(y_j - max)·(y_j - max)` (the entropy's);
 //! 2. one all-gather of those stats (`P · N · STATS_WORDS` values);
 //! 3. every rank merges the P summaries of each row into the row's log-sum-exp and loss (the
 //!    same on every rank) and writes the gradient of its own columns.
@@ -25,8 +27,9 @@ use crate::cpu::{CpuLoss, Value};
 use crate::error::{Error, Result};
 use crate::options::{Label, Options, Reduction, Shape, Target, row_target};
 
-/// Numbers per row per rank in the collective: max, sum, weighted sum, label logit, argmax.
-pub const STATS_WORDS: usize = 5;
+/// Numbers per row per rank in the collective: max, sum, weighted sum, label logit, argmax,
+/// the entropy's sum.
+pub const STATS_WORDS: usize = 6;
 
 /// A rank's slice of the vocabulary: classes `start..start + width`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,9 @@ pub struct RowStats {
     /// The first column (in the whole vocabulary) of the shard's largest raw logit, with its
     /// value (NaN first, as `argmax` treats it).
     pub argmax: Option<(usize, f64)>,
+    /// `Σ exp(y_j - max)·(y_j - max)` over the shard (at most 0; a logit of -inf adds 0): with
+    /// `sum`, the row's entropy once the ranks' are merged.
+    pub ent: f64,
 }
 
 impl RowStats {
@@ -106,6 +112,7 @@ impl RowStats {
         weighted: 0.0,
         label: 0.0,
         argmax: None,
+        ent: 0.0,
     };
 }
 
@@ -125,18 +132,6 @@ fn class_weight(opts: &Options, class: usize) -> f64 {
     opts.weight.as_deref().map_or(1.0, |w| w[class] as f64)
 }
 
-/// [`Options::return_entropy`] is refused: a rank's kernels see only its shard's logits.
-pub(crate) fn refuse_entropy(opts: &Options) -> Result<()> {
-    match opts.return_entropy {
-        true => Err(Error::InvalidOption(
-            "return_entropy is not supported by the vocabulary-parallel loss (each rank sees only \
-             its shard's logits)"
-                .to_string(),
-        )),
-        false => Ok(()),
-    }
-}
-
 /// Checks a shard's call: `shape` is the shard's `[rows, width]` layout (batch and sequence as
 /// the whole call's, for the causal shift), and returns the whole vocabulary's shape.
 fn whole_shape(shape: &Shape, shard: Shard, vocab: usize, opts: &Options) -> Result<Shape> {
@@ -149,7 +144,6 @@ fn whole_shape(shape: &Shape, shard: Shard, vocab: usize, opts: &Options) -> Res
         )));
     }
     opts.validate(vocab)?;
-    refuse_entropy(opts)?;
     Ok(Shape {
         vocab,
         row_stride: vocab,
@@ -205,10 +199,14 @@ pub fn cpu_shard_stats<T: Value, L: Label>(
                 .map(|x| capped(opts.softcap, x.widen()).0)
                 .collect();
             let max = y.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let sum = if max == f64::NEG_INFINITY {
-                0.0
+            let (sum, ent) = if max == f64::NEG_INFINITY {
+                (0.0, 0.0)
             } else {
-                y.iter().map(|v| (v - max).exp()).sum()
+                let terms = y.iter().filter(|&&v| v != f64::NEG_INFINITY);
+                (
+                    terms.clone().map(|v| (v - max).exp()).sum(),
+                    terms.map(|v| (v - max).exp() * (v - max)).sum(),
+                )
             };
             let weighted = y
                 .iter()
@@ -235,22 +233,36 @@ pub fn cpu_shard_stats<T: Value, L: Label>(
                 weighted,
                 label,
                 argmax,
+                ent,
             }
         })
         .collect())
 }
 
-/// The P summaries of one row merged: (`max`, `ln Σ`, label logit, weighted sum, argmax).
-fn merge(parts: &[&RowStats]) -> (f64, f64, f64, f64, Option<usize>) {
+/// One row's P summaries merged.
+struct Merged {
+    max: f64,
+    /// `ln Σ exp(y - max)` over the whole row.
+    ln_sum: f64,
+    label: f64,
+    weighted: f64,
+    argmax: Option<usize>,
+    /// The entropy of the row's softmax: `ln S - T / S` with `S = Σ exp(y - max)` and
+    /// `T = Σ exp(y - max)·(y - max)`; NaN where no logit is finite.
+    entropy: f64,
+}
+
+fn merge(parts: &[&RowStats]) -> Merged {
     let max = parts
         .iter()
         .map(|p| p.max)
         .fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = if max == f64::NEG_INFINITY {
-        0.0
-    } else {
-        parts.iter().map(|p| p.sum * (p.max - max).exp()).sum()
-    };
+    // A shard without a finite logit (max -inf) holds no mass.
+    let massive = || parts.iter().filter(|p| p.max != f64::NEG_INFINITY);
+    let sum: f64 = massive().map(|p| p.sum * (p.max - max).exp()).sum();
+    let t: f64 = massive()
+        .map(|p| (p.max - max).exp() * (p.ent + p.sum * (p.max - max)))
+        .sum();
     let label = parts.iter().map(|p| p.label).sum();
     let weighted = parts.iter().map(|p| p.weighted).sum();
     let mut argmax: Option<(usize, f64)> = None;
@@ -261,13 +273,20 @@ fn merge(parts: &[&RowStats]) -> (f64, f64, f64, f64, Option<usize>) {
             _ => argmax = Some((j, x)),
         }
     }
-    (max, sum.ln(), label, weighted, argmax.map(|(j, _)| j))
+    Merged {
+        max,
+        ln_sum: sum.ln(),
+        label,
+        weighted,
+        argmax: argmax.map(|(j, _)| j),
+        entropy: sum.ln() - t / sum,
+    }
 }
 
 /// Step 3 on one rank: from every rank's stats (`gathered`, in shard order, each one per row),
-/// the loss (the same on every rank; per-row losses and log-sum-exps as xent reports them) and
-/// the gradient of `upstream · loss` (one value, or one per row) w.r.t. this shard's logits,
-/// written over them.
+/// the loss (the same on every rank; per-row losses and log-sum-exps as xent reports them, and
+/// with `return_entropy` the entropies over the whole vocabulary) and the gradient of
+/// `upstream · loss` (one value, or one per row) w.r.t. this shard's logits, written over them.
 #[allow(clippy::too_many_arguments)]
 pub fn cpu_shard_backward<T: Value, L: Label>(
     logits: &mut [T],
@@ -279,10 +298,34 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
     gathered: &[Vec<RowStats>],
     upstream: &[f32],
 ) -> Result<CpuLoss> {
+    cpu_shard_backward_entropy(
+        logits, labels, shape, shard, vocab, opts, gathered, upstream, None,
+    )
+}
+
+/// [`cpu_shard_backward`] with the entropies' gradient added where `entropy_upstream` is given
+/// (one value a row): the gradient of `upstream · loss + Σ_r entropy_upstream[r]·H_r` w.r.t.
+/// this shard's logits, `H_r` row `r`'s entropy over the whole vocabulary, as
+/// [`crate::cpu::forward_backward_entropy`] computes it on the whole rows.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_shard_backward_entropy<T: Value, L: Label>(
+    logits: &mut [T],
+    labels: &[L],
+    shape: Shape,
+    shard: Shard,
+    vocab: usize,
+    opts: &Options,
+    gathered: &[Vec<RowStats>],
+    upstream: &[f32],
+    entropy_upstream: Option<&[f32]>,
+) -> Result<CpuLoss> {
     let whole = whole_shape(&shape, shard, vocab, opts)?;
     shape.validate(logits.len(), labels.len())?;
     let rows = shape.rows();
     crate::options::check_upstream_len(rows, upstream.len())?;
+    if let Some(e) = entropy_upstream {
+        crate::options::check_entropy_upstream(rows, e.len())?;
+    }
     if gathered.is_empty() || gathered.iter().any(|g| g.len() != rows) {
         return Err(Error::InvalidOption(format!(
             "the gathered stats must hold {rows} rows from each rank"
@@ -315,6 +358,7 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
     let mut row_loss = vec![0.0; rows];
     let mut row_lse = vec![0.0; rows];
     let mut row_correct = vec![false; rows];
+    let mut entropy = vec![0.0; rows];
     for (r, target) in targets.iter().enumerate() {
         let row = &mut logits[r * shape.row_stride..r * shape.row_stride + shard.width];
         let Target::Class(class) = *target else {
@@ -322,8 +366,16 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
             continue;
         };
         let parts: Vec<&RowStats> = gathered.iter().map(|g| &g[r]).collect();
-        let (max, ln_sum, y_label, weighted, argmax) = merge(&parts);
+        let Merged {
+            max,
+            ln_sum,
+            label: y_label,
+            weighted,
+            argmax,
+            entropy: h,
+        } = merge(&parts);
         let lse = max + ln_sum;
+        entropy[r] = h;
         let w_class = class_weight(opts, class);
         let mut ce = (1.0 - eps) * w_class * ((max - y_label) + ln_sum);
         if eps > 0.0 {
@@ -340,6 +392,7 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
         let onehot_coef = (1.0 - eps) * w_class * ce_scale * factor;
         let smooth_coef = eps / vocab as f64 * ce_scale * factor;
         let z_coef = 2.0 * s * lse * z_scale * factor;
+        let entropy_factor = entropy_upstream.map(|e| e[r] as f64);
         for (j, x) in row.iter_mut().enumerate() {
             let column = shard.start + j;
             let (y, dy_dx) = capped(opts.softcap, x.widen());
@@ -351,6 +404,12 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
             }
             if s != 0.0 {
                 grad += p * z_coef;
+            }
+            // `dH/dy = p·(lse - y - H)`; 0 where `p` is (`y = -inf`).
+            if let Some(e) = entropy_factor
+                && p != 0.0
+            {
+                grad += e * p * ((max - y) + ln_sum - h);
             }
             *x = T::narrow(grad * dy_dx);
         }
@@ -379,6 +438,6 @@ pub fn cpu_shard_backward<T: Value, L: Label>(
         row_correct,
         accuracy,
         predicted_tokens: None,
-        entropy: None,
+        entropy: opts.return_entropy.then_some(entropy),
     })
 }
