@@ -3,7 +3,9 @@
 One GPU (``python3 vocab_parallel_bench.py``): for each world size P, one rank's kernels on its
 shard ``[N, V/P]`` (step 1 and step 3, fused gradient; no collective), timed between CUDA events,
 with ``pct_of_bound`` against the traffic of two reads and one write per logit at the copy
-bandwidth measured in the same run. Method ``xent_vocab_parallel``.
+bandwidth measured in the same run. Method ``xent_vocab_parallel``; with ``--entropy`` also
+``xent_vocab_parallel[entropy]`` (the entropies too: step 1's summary kernel reads the shard once
+more, so its bound is three reads and one write per logit).
 
 Several GPUs (``torchrun --nproc_per_node=P vocab_parallel_bench.py --distributed``; NVLink
 multicast off: ``NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1``):
@@ -11,9 +13,14 @@ per rank, forward + backward of the mean loss with the vocabulary split over the
 ``xent_vocab_parallel`` (xent.torch.vocab_parallel_cross_entropy, one all-gather),
 ``megatron_style`` (PyTorch: three all-reduces, the f32 softmax kept for backward),
 ``liger_vocab_parallel`` (LigerVocabParallelCrossEntropy, when importable), and ``xent`` with
-``world`` 1 (rank 0, the whole vocabulary on one GPU). Rank 0 prints the lines.
+``world`` 1 (rank 0, the whole vocabulary on one GPU); with ``--entropy`` also an entropy bonus,
+``loss - 0.01·mean(H)`` over the scored rows: ``xent_vocab_parallel[entropy_bonus]``
+(``return_entropy``, two-phase) against ``megatron_style[entropy_bonus]`` (the loss above plus
+verl's ``vocab_parallel_entropy`` in PyTorch: a max and two differentiable all-reduces). Rank 0
+prints the lines.
 
 Usage: [--configs N:V,...] [--worlds 1,2,4,8] [--distributed] [--chunkings auto,LEN[:THREADS],...]
+[--entropy]
 """
 
 import argparse
@@ -57,10 +64,11 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def one_gpu(configs, worlds, chunkings):
+def one_gpu(configs, worlds, chunkings, entropies=(False,)):
     bandwidth = copy_bandwidth()
     opts = _launch.Opts()
-    for n, v, world, chunking in ((n, v, w, c) for n, v in configs for w in worlds for c in chunkings):
+    cases = ((n, v, w, c, e) for n, v in configs for w in worlds for c in chunkings for e in entropies)
+    for n, v, world, chunking, entropic in cases:
         if chunking == "auto":
             os.environ.pop("XENT_SHARD_CHUNK", None)
         else:
@@ -70,19 +78,22 @@ def one_gpu(configs, worlds, chunkings):
         target = torch.randint(0, v, (n,), device="cuda")
         target[::7] = -100
         common = dict(vocab_size=v, world=world, opts=opts)
-        words = vp.shard_stats(logits, target, vocab_start=0, **common).numel()
+        words = vp.shard_stats(logits, target, vocab_start=0, entropy=entropic, **common).numel()
         gathered = torch.zeros(world * words, dtype=torch.float32, device="cuda")
+        entropy = torch.empty(n, dtype=torch.float32, device="cuda") if entropic else None
 
         def step():
-            send = vp.shard_stats(logits, target, vocab_start=0, **common)
+            send = vp.shard_stats(logits, target, vocab_start=0, entropy=entropic, **common)
             gathered[:words].copy_(send)  # the rank's own place; the others' stay empty rows
-            vp.shard_loss(logits, target, gathered, vocab_start=0, fused=True, **common)
+            vp.shard_loss(logits, target, gathered, vocab_start=0, fused=True, entropy=entropy, **common)
 
         ms = timed(step, reps=10)
-        # Two reads and one write of 2 bytes per logit, at the measured read + write rate.
-        bound_s = 6 * n * width / bandwidth
+        # Two reads and one write of 2 bytes per logit (three reads with the entropies' summary),
+        # at the measured read + write rate.
+        bound_s = (8 if entropic else 6) * n * width / bandwidth
         print(json.dumps({
-            "method": "xent_vocab_parallel", "world": world, "n": n, "v": v, "dtype": "bf16",
+            "method": "xent_vocab_parallel[entropy]" if entropic else "xent_vocab_parallel", "world": world,
+            "n": n, "v": v, "dtype": "bf16",
             "ms_median": round(ms, 4), "pct_of_bound": round(100 * bound_s / (ms * 1e-3), 1),
             "collective": "none: one rank's kernels", "copy_GBps": round(bandwidth / 1e9),
             **({} if chunking == "auto" else {"chunking": chunking}),
@@ -130,7 +141,23 @@ def megatron_style(logits, target, group, vocab_start):
     return _MegatronStyle.apply(logits, target, vocab_start, group)
 
 
-def distributed(configs):
+def verl_style_entropy(logits, group):
+    """Each row's entropy over the whole vocabulary, differentiable, as verl's
+    ``vocab_parallel_entropy`` computes it in PyTorch: the shard's f32 logits, a max all-reduce,
+    then ``Σ exp`` and ``Σ exp·z`` all-reduced (differentiable all-reduces)."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    z = logits.float()
+    m = z.detach().max(dim=-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    e = (z - m.unsqueeze(-1)).exp()
+    s = dist_nn.all_reduce(e.sum(-1), group=group or dist.group.WORLD)
+    t = dist_nn.all_reduce((e * z).sum(-1), group=group or dist.group.WORLD)
+    return torch.log(s) + m - t / s
+
+
+def distributed(configs, entropic=False):
     import torch.distributed as dist
 
     dist.init_process_group("nccl")
@@ -162,6 +189,18 @@ def distributed(configs):
                 valid = target != -100
                 return (per_token.squeeze(1) * valid).sum() / valid.sum()
             methods["liger_vocab_parallel"] = liger_loss
+        if entropic:
+            beta, valid = 0.01, target != -100
+
+            def xent_bonus(x):
+                out = xt.vocab_parallel_cross_entropy(x, target, vocab_start=start, vocab_size=v, return_entropy=True)
+                return out.loss - beta * out.entropy[valid].mean()
+
+            def megatron_bonus(x):
+                return megatron_style(x, target, None, start) - beta * verl_style_entropy(x, None)[valid].mean()
+
+            methods["xent_vocab_parallel[entropy_bonus]"] = xent_bonus
+            methods["megatron_style[entropy_bonus]"] = megatron_bonus
         for name, fn in methods.items():
             x = shard.clone().requires_grad_(True)
 
@@ -198,12 +237,15 @@ def main():
     ap.add_argument("--distributed", action="store_true")
     ap.add_argument("--chunkings", default="auto",
                     help="one GPU: shard chunkings to compare, 'auto' or XENT_SHARD_CHUNK values")
+    ap.add_argument("--entropy", action="store_true",
+                    help="also the entropies (one GPU) and an entropy bonus (distributed)")
     a = ap.parse_args()
     configs = [tuple(map(int, c.split(":"))) for c in a.configs.split(",")]
     if a.distributed:
-        distributed(configs)
+        distributed(configs, a.entropy)
     else:
-        one_gpu(configs, [int(w) for w in a.worlds.split(",")], a.chunkings.split(","))
+        entropies = (False, True) if a.entropy else (False,)
+        one_gpu(configs, [int(w) for w in a.worlds.split(",")], a.chunkings.split(","), entropies)
 
 
 if __name__ == "__main__":

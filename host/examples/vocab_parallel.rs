@@ -4,7 +4,8 @@
 //! in one process: on the GPU (`raw_shards_in_process`: each rank's step 1 writes its place of the
 //! gathered buffer, then each rank's step 3), else with the CPU model of the same protocol
 //! (`cpu_shard_stats` / `cpu_shard_backward`). Checked against the CPU reference over the whole
-//! vocabulary; it says which path ran. `cargo run --release --example vocab_parallel`.
+//! vocabulary (the loss, the gradient, token accuracy and each row's entropy); it says which
+//! path ran. `cargo run --release --example vocab_parallel`.
 //! Across GPUs, NCCL's communicator (`xent::nccl`) or PyTorch's process group does the all-gather
 //! (README, "Vocabulary-parallel").
 
@@ -19,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         label_smoothing: 0.1,
         lse_square_scale: 1e-4,
         return_token_accuracy: true,
+        return_entropy: true,
         ..Options::default()
     };
     let shards = Shard::split(vocab, world)?;
@@ -50,15 +52,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     println!(
         "vocabulary-parallel cross-entropy: {rows} rows, vocab {vocab} split over {world} ranks \
-         ({} classes each), f32, label smoothing 0.1, z-loss 1e-4, token accuracy",
+         ({} classes each), f32, label smoothing 0.1, z-loss 1e-4, token accuracy, entropies",
         shards[0].width
     );
 
     let mut want_grad = logits.clone();
     let want = cpu::forward_backward(&mut want_grad, &labels, shape, &opts)?;
-    // Each rank's gradient, and the loss and token accuracy every rank computed.
-    type Ranks = (String, Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
-    let (path, losses, accuracies, grads): Ranks = match CrossEntropy::new(0) {
+    // Each rank's gradient, and the loss, token accuracy and entropies every rank computed.
+    type Ranks = (String, Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f32>>);
+    let (path, losses, accuracies, entropies, grads): Ranks = match CrossEntropy::new(0) {
         Ok(xent) => {
             let stream = xent.context().default_stream();
             let layout = xent.shard_layout(rows, vocab, world, DType::F32, &opts)?;
@@ -84,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .collect();
             // Each rank's outputs: loss, per-row loss and lse, extras (the z-loss part and the
-            // token accuracy), counts, the rows predicted right.
+            // token accuracy), the entropies, counts, the rows predicted right.
             let mut buffers = (0..world)
                 .map(|_| -> Result<_, Box<dyn std::error::Error>> {
                     Ok((
@@ -93,6 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             stream.alloc_zeros::<f32>(rows)?,
                             stream.alloc_zeros::<f32>(rows)?,
                             stream.alloc_zeros::<f32>(2)?,
+                            stream.alloc_zeros::<f32>(rows)?,
                         ],
                         stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS)?,
                         stream.alloc_zeros::<u32>(rows)?,
@@ -102,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let outs: Vec<RawLoss> = buffers
                 .iter_mut()
                 .map(
-                    |([loss, row_loss, row_lse, extras], counts, correct)| RawLoss {
+                    |([loss, row_loss, row_lse, extras, entropy], counts, correct)| RawLoss {
                         loss: RawBuffer::of(&stream, loss),
                         row_loss: RawBuffer::of(&stream, row_loss),
                         row_lse: RawBuffer::of(&stream, row_lse),
@@ -110,7 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         extras: RawBuffer::of(&stream, extras),
                         row_correct: Some(RawBuffer::of(&stream, correct)),
                         predicted: None,
-                        entropy: None,
+                        entropy: Some(RawBuffer::of(&stream, entropy)),
                         workspace: None,
                     },
                 )
@@ -129,17 +132,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     true,
                 )
             }?;
-            let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
-            for ([loss, _, _, extras], _, _) in &buffers {
+            let (mut losses, mut accuracies, mut entropies) = (Vec::new(), Vec::new(), Vec::new());
+            for ([loss, _, _, extras, entropy], _, _) in &buffers {
                 losses.push(stream.clone_dtoh(loss)?[0] as f64);
                 accuracies.push(stream.clone_dtoh(extras)?[1] as f64);
+                entropies.push(
+                    stream
+                        .clone_dtoh(entropy)?
+                        .iter()
+                        .map(|&h| h as f64)
+                        .collect(),
+                );
             }
             let grads = pieces
                 .iter()
                 .map(|p| stream.clone_dtoh(p))
                 .collect::<Result<Vec<_>, _>>()?;
             let path = format!("GPU ({})", xent.context().name()?);
-            (path, losses, accuracies, grads)
+            (path, losses, accuracies, entropies, grads)
         }
         Err(err) => {
             println!("no CUDA GPU ({err}): the ranks run the protocol's CPU model");
@@ -158,7 +168,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let (mut losses, mut accuracies) = (Vec::new(), Vec::new());
-            let mut grads = Vec::new();
+            let (mut entropies, mut grads) = (Vec::new(), Vec::new());
             for s in &shards {
                 let mut mine = s.columns(&logits, shape);
                 let loss = vocab_parallel::cpu_shard_backward(
@@ -173,9 +183,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )?;
                 losses.push(loss.loss);
                 accuracies.push(loss.accuracy.unwrap_or(f64::NAN));
+                entropies.push(loss.entropy.unwrap_or_default());
                 grads.push(mine);
             }
-            ("CPU (f64)".to_string(), losses, accuracies, grads)
+            (
+                "CPU (f64)".to_string(),
+                losses,
+                accuracies,
+                entropies,
+                grads,
+            )
         }
     };
 
@@ -194,17 +211,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let loss_error = (losses[0] - want.loss).abs();
     let want_accuracy = want.accuracy.unwrap_or(f64::NAN);
+    // The entropies over the whole vocabulary: every rank's against the reference's.
+    let want_entropy = want.entropy.clone().unwrap_or_default();
+    let mut entropy_error = 0.0f64;
+    for (r, &w) in want_entropy.iter().enumerate() {
+        for rank in &entropies {
+            entropy_error = entropy_error.max((rank[r] - w).abs() / w.abs().max(1.0));
+        }
+    }
+    let mean_entropy = want_entropy.iter().sum::<f64>() / rows as f64;
     println!(
         "{path}: loss = {:.6} on every rank (reference over the whole vocabulary {:.6}, |error| \
          {loss_error:.1e}); max |gradient error| {worst:.1e} (gradient values up to {scale:.1e}); \
-         token accuracy {:.6} (reference {want_accuracy:.6})",
+         token accuracy {:.6} (reference {want_accuracy:.6}); entropies (mean {mean_entropy:.4} \
+         nats) within {entropy_error:.1e} relative",
         losses[0], want.loss, accuracies[0]
     );
     let same = losses.iter().all(|l| l.to_bits() == losses[0].to_bits());
     // The accuracy is a count over the scored rows: the same on every rank, and the reference's
     // to f32's rounding.
     let accurate = accuracies.iter().all(|a| (a - want_accuracy).abs() <= 1e-6);
-    if !same || loss_error > 1e-5 * (1.0 + want.loss.abs()) || worst > 1e-5 * scale || !accurate {
+    let entropies_ok = entropies.iter().all(|e| e.len() == rows) && entropy_error <= 2e-5;
+    if !same
+        || loss_error > 1e-5 * (1.0 + want.loss.abs())
+        || worst > 1e-5 * scale
+        || !accurate
+        || !entropies_ok
+    {
         return Err(format!(
             "the ranks do not match the reference (losses {losses:?}, accuracies {accuracies:?})"
         )

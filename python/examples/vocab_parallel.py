@@ -5,7 +5,9 @@ row (``torch.distributed``). Here a one-rank NCCL group (this process), then fou
 simulated on this GPU through the two steps apart (``shard_stats``, then ``shard_loss`` on the
 concatenated contributions), both against ``F.cross_entropy`` over the whole vocabulary. CUDA
 only (it says so and stops without a GPU). Under ``torchrun`` each rank calls
-``vocab_parallel_cross_entropy`` with its own slice and ``vocab_start``.
+``vocab_parallel_cross_entropy`` with its own slice and ``vocab_start``. With
+``return_entropy`` the entropies are the whole vocabulary's and differentiable (an entropy
+bonus, checked here against float64 autograd).
 
     python3 python/examples/vocab_parallel.py
 """
@@ -40,8 +42,26 @@ x = logits.clone().requires_grad_()
 loss = xt.vocab_parallel_cross_entropy(x, target, vocab_start=0, vocab_size=vocab, label_smoothing=0.1)
 loss.backward()
 loss = loss.detach()
-dist.destroy_process_group()
 print(f"one-rank NCCL group: loss {float(loss):.6f} (F.cross_entropy in float64: {float(reference):.6f})")
+
+# An entropy bonus (GRPO's entropy_coef): `loss - beta·mean(H)` over the scored rows' entropies,
+# whose gradient the two-phase backward (the default with return_entropy) adds in its one pass.
+beta = 0.01
+x = logits.clone().requires_grad_()
+out = xt.vocab_parallel_cross_entropy(x, target, vocab_start=0, vocab_size=vocab, return_entropy=True)
+scored = target != -100
+(out.loss - beta * out.entropy[scored].mean()).backward()
+want = logits.double().requires_grad_()
+p = torch.softmax(want, dim=-1)
+entropy = -(p * torch.log_softmax(want, dim=-1)).sum(-1)
+(F.cross_entropy(want, target) - beta * entropy[scored].mean()).backward()
+entropy_error = float((out.entropy.double() - torch.where(scored, entropy, 0.0)).abs().max())
+bonus_error = float((x.grad.double() - want.grad).abs().max())
+dist.destroy_process_group()
+print(f"entropy bonus: mean entropy {float(entropy[scored].mean()):.4f} nats, max |entropy error| "
+      f"{entropy_error:.1e}, max |gradient error| {bonus_error:.1e}")
+assert entropy_error <= 2e-5 * float(entropy.abs().max())
+assert bonus_error <= 1e-5 * float(want.grad.abs().max()) + 1e-7
 
 # 2. Four ranks on this GPU: each rank's contribution, the "all-gather" (a concatenation), then
 #    each rank's loss and gradient of its own columns.
