@@ -69,10 +69,19 @@ fn nccl_loads_and_reports_its_version_or_says_what_it_tried() {
 
 /// The vocabulary-parallel tests' option sets without `Reduction::None` (the loss these tests
 /// read is a scalar).
+/// The vocabulary-parallel option sets with a reduction, the entropies asked for with every
+/// option and with the causal shift.
 fn option_sets(vocab: usize) -> Vec<(&'static str, xent::Options)> {
     xent_tests::vocab_parallel_option_sets(vocab)
         .into_iter()
         .filter(|(_, opts)| opts.reduction != xent::Reduction::None)
+        .map(|(name, opts)| {
+            let opts = xent::Options {
+                return_entropy: matches!(name, "every option" | "causal"),
+                ..opts
+            };
+            (name, opts)
+        })
         .collect()
 }
 
@@ -113,7 +122,10 @@ struct RankResult {
     grad: Vec<f32>,
     /// The token accuracy, where the options ask for it.
     accuracy: Option<f32>,
-    replays: Vec<(f32, Vec<f32>)>,
+    /// The entropies over the whole vocabulary, where the options ask for them.
+    entropy: Option<Vec<f32>>,
+    /// Each replay's loss, gradient and entropies (empty without them).
+    replays: Vec<(f32, Vec<f32>, Vec<f32>)>,
 }
 
 /// Rank `rank` of a `world`-rank vocabulary-parallel call over NCCL on GPU `rank`: eagerly, then
@@ -170,6 +182,7 @@ fn run_rank(
         .map_err(drv)?;
     let mut extras = stream.alloc_zeros::<f32>(2).map_err(drv)?;
     let mut row_correct = stream.alloc_zeros::<u32>(rows).map_err(drv)?;
+    let mut entropy = stream.alloc_zeros::<f32>(rows).map_err(drv)?;
     let call = ShardCall {
         logits: RawBuffer::of(&stream, &mut d_piece),
         dtype: xent::DType::F32,
@@ -190,7 +203,9 @@ fn run_rank(
             .return_token_accuracy
             .then(|| RawBuffer::of(&stream, &mut row_correct)),
         predicted: None,
-        entropy: None,
+        entropy: opts
+            .return_entropy
+            .then(|| RawBuffer::of(&stream, &mut entropy)),
         workspace: None,
     };
     let buffers = (
@@ -212,6 +227,12 @@ fn run_rank(
         true => Some(stream.clone_dtoh(&extras).map_err(drv)?[1]),
         false => None,
     };
+    let read_entropy =
+        |stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>| match opts.return_entropy {
+            true => stream.clone_dtoh(&entropy).map_err(drv),
+            false => Ok(Vec::new()),
+        };
+    let entropies = read_entropy(&stream)?;
     let mut replays = Vec::new();
     if capture {
         stream
@@ -229,6 +250,7 @@ fn run_rank(
             replays.push((
                 read_loss(&stream)?,
                 stream.clone_dtoh(&d_piece).map_err(drv)?,
+                read_entropy(&stream)?,
             ));
         }
     }
@@ -236,6 +258,7 @@ fn run_rank(
         loss: result_loss,
         grad,
         accuracy,
+        entropy: opts.return_entropy.then_some(entropies),
         replays,
     })
 }
@@ -270,6 +293,9 @@ fn check_rank(
             result.accuracy
         ));
     }
+    // The entropies over the whole vocabulary.
+    xent_tests::check_entropy(result.entropy.clone(), &want.entropy)
+        .map_err(|e| format!("{at}: {e}"))?;
     for r in 0..rows {
         for j in 0..shard.width {
             let (g, w) = (
@@ -284,12 +310,15 @@ fn check_rank(
             }
         }
     }
-    for (i, (loss, grad)) in result.replays.iter().enumerate() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let eager_entropy = result.entropy.as_deref().map_or(Vec::new(), bits);
+    for (i, (loss, grad, entropy)) in result.replays.iter().enumerate() {
         let same = loss.to_bits() == result.loss.to_bits()
             && grad
                 .iter()
                 .zip(&result.grad)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && bits(entropy) == eager_entropy;
         if !same {
             return Err(format!(
                 "{at}: graph replay {i} differs from the eager call"
