@@ -9,7 +9,9 @@
 # `sanitize` runs the `gpu_shards` test under compute-sanitizer's four tools (the new kernels).
 # `vbench` times one rank's kernels with and without the entropies (vocab_parallel_bench.py
 # --entropy), then the entropy bonus against a Megatron + verl-style PyTorch peer under a
-# one-process torchrun (world 1).
+# one-process torchrun (world 1); `vdist` only the latter.
+# `nccl` runs the Rust NCCL tests (one rank here: a communicator per GPU, one thread and one
+# process per GPU, every option set, the entropies with two of them, CUDA graph replays).
 set -u
 here=$(dirname "$0")
 site=bundle/python/site
@@ -34,6 +36,17 @@ for mode in "$@"; do
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       PYTHONPATH="$PWD/$site" timeout 300 python3 bench/vocab_parallel_bench.py --entropy \
         --configs ${VB_CONFIGS:-8192:128256,16384:151936} --worlds ${VB_WORLDS:-1,2,4,8} 2>&1 | tail -20
+      PYTHONPATH="$PWD/$site" timeout 300 python3 -m torch.distributed.run --nproc_per_node=1 \
+        bench/vocab_parallel_bench.py --distributed --entropy --configs ${VD_CONFIGS:-8192:128256} 2>&1 |
+        grep -E '^\{|Error|error' | tail -12 ;;
+    nccl)
+      echo "=== $mode $(date +%T)"
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      XENT_TESTS=nccl XENT_REQUIRE_GPU=1 timeout 300 bash bundle/run.sh test 2>&1 |
+        grep -E "test result|cases|panicked|FAILED|failed|error|against|differ" | tail -12 ;;
+    vdist)
+      echo "=== $mode $(date +%T)"
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       PYTHONPATH="$PWD/$site" timeout 300 python3 -m torch.distributed.run --nproc_per_node=1 \
         bench/vocab_parallel_bench.py --distributed --entropy --configs ${VD_CONFIGS:-8192:128256} 2>&1 |
         grep -E '^\{|Error|error' | tail -12 ;;
