@@ -78,7 +78,8 @@ fn wants_argmax(opts: &Options) -> bool {
     opts.return_token_accuracy || opts.return_predicted_tokens
 }
 
-/// Values a row of a rank's entropy summary (`xent_shard_entropy_*`): max, sum, weighted sum.
+/// Values a row of a rank's entropy summary (`xent_shard_entropy_*`): `m`, `Σ 2^(z - m)` and
+/// `Σ 2^(z - m)·(z - m)`.
 const ENTROPY_WORDS: usize = 3;
 
 /// Threads a block of the argmax merge (`xent_shard_merge_*`: a thread a row).
