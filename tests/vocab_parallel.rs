@@ -310,6 +310,54 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
             .unwrap();
         assert_eq!(with.words, without.words + 3 * 2);
         assert!(with.entropy && !without.entropy);
+        // Refused before any launch: a layout without the summaries for a call that asks for the
+        // entropies, and the entropies' gradient without the forward's entropies.
+        use xent::raw::{LabelType, RawBuffer, RawLoss};
+        let stream = xent.context().default_stream();
+        let mut d_logits = stream.clone_htod(&logits).unwrap();
+        let mut d_labels = stream.clone_htod(&[1i64, 2]).unwrap();
+        let call = vocab_parallel::ShardCall {
+            logits: RawBuffer::of(&stream, &mut d_logits),
+            dtype: xent::DType::F32,
+            labels: RawBuffer::of(&stream, &mut d_labels),
+            label_type: LabelType::I64,
+            shape: Shape::flat(2, 5),
+            shard,
+            vocab: 10,
+            weight: None,
+        };
+        let mut send = stream.alloc_zeros::<f32>(with.words).unwrap();
+        let send = RawBuffer::of(&stream, &mut send);
+        let err = unsafe { xent.raw_shard_stats(&stream, &call, &entropy, &without, send) };
+        assert!(
+            matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
+            "{err:?}"
+        );
+        let f = |n: usize| stream.alloc_zeros::<f32>(n).unwrap();
+        let (mut loss, mut row_loss, mut row_lse, mut extras, mut e_up) =
+            (f(1), f(2), f(2), f(2), f(2));
+        let mut counts = stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap();
+        let out = RawLoss {
+            loss: RawBuffer::of(&stream, &mut loss),
+            row_loss: RawBuffer::of(&stream, &mut row_loss),
+            row_lse: RawBuffer::of(&stream, &mut row_lse),
+            counts: RawBuffer::of(&stream, &mut counts),
+            extras: RawBuffer::of(&stream, &mut extras),
+            row_correct: None,
+            predicted: None,
+            entropy: None,
+            workspace: None,
+        };
+        let mut one = stream.clone_htod(&[1.0f32]).unwrap();
+        let upstream = RawBuffer::of(&stream, &mut one);
+        let e_up = Some(RawBuffer::of(&stream, &mut e_up));
+        let err = unsafe {
+            xent.raw_shard_grad_with_entropy(&stream, &call, &opts, &out, upstream, e_up)
+        };
+        assert!(
+            matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
+            "{err:?}"
+        );
     }
     // The gathered stats of the wrong row count.
     let mut grad = logits.clone();
