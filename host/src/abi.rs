@@ -413,6 +413,10 @@ pub struct EntropyParams {
 /// Dynamic shared memory of the entropy kernel: three `f32` a warp, for up to 32 warps.
 pub const SMEM_ENTROPY_BYTES: u32 = 3 * 32 * 4;
 
+/// f32 values a row of a rank's entropy summary ([`ShardEntropyParams::out`]): `m`,
+/// `Σ 2^(z - m)` and `Σ 2^(z - m)·(z - m)`.
+pub const SHARD_ENTROPY_WORDS: usize = 3;
+
 /// Parameters of the vocabulary-parallel entropies, step 1 (`return_entropy`): each scored row's
 /// entropy summary over one rank's shard.
 #[repr(C)]

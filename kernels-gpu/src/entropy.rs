@@ -2,7 +2,7 @@
 //! after the soft cap where one is set), read from the logits before the cross-entropy kernel
 //! writes its gradient over them, as the predicted tokens are.
 
-use crate::abi::{EntropyParams, ShardEntropyMergeParams, ShardEntropyParams};
+use crate::abi::{EntropyParams, SHARD_ENTROPY_WORDS, ShardEntropyMergeParams, ShardEntropyParams};
 use crate::element::{Element, Label};
 use crate::opts;
 use crate::prim::{self, shfl_xor_f32, sync_threads, thread_idx};
@@ -57,7 +57,7 @@ pub unsafe fn shard_entropy<T: Element, L: Label>(p: &ShardEntropyParams) {
             Target::Ignored | Target::Bad => Ent2::EMPTY,
         };
         if thread_idx() == 0 {
-            let at = p.out + 12 * row;
+            let at = p.out + 4 * SHARD_ENTROPY_WORDS as u64 * row;
             unsafe {
                 prim::st_global_u32(at, sums.m.to_bits());
                 prim::st_global_u32(at + 4, sums.s.to_bits());
@@ -85,7 +85,7 @@ pub unsafe fn shard_entropy_merge<L: Label>(p: &ShardEntropyMergeParams) {
             Target::Class(_) => {
                 let mut acc = Ent2::EMPTY;
                 for rank in 0..p.ranks as u64 {
-                    let at = p.gathered + rank * p.rank_stride + p.offset + 12 * row;
+                    let at = p.gathered + rank * p.rank_stride + p.offset + 4 * SHARD_ENTROPY_WORDS as u64 * row;
                     let word = |k: u64| f32::from_bits(unsafe { prim::ld_global_u32(at + 4 * k) });
                     acc = acc.merge(Ent2 { m: word(0), s: word(1), t: word(2) });
                 }

@@ -394,8 +394,9 @@ impl CrossEntropy {
     }
 
     /// Enqueues a kernel that reads each row of a call's logits once with a block a row
-    /// (`xent_argmax_*`, `xent_entropy_*`): loaded first, the grid a block a row capped per SM.
-    fn launch_row_reader<P: cudarc::driver::DeviceRepr>(
+    /// (`xent_argmax_*`, `xent_entropy_*`, and their vocabulary-parallel shard kernels): loaded
+    /// first, the grid a block a row capped per SM.
+    pub(crate) fn launch_row_reader<P: cudarc::driver::DeviceRepr>(
         &self,
         stream: &Arc<CudaStream>,
         kernel: Kernel,

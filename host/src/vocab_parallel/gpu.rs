@@ -27,9 +27,9 @@ use cudarc::driver::CudaStream;
 
 use super::Shard;
 use crate::abi::{
-    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, RowsParams, SMEM_ENTROPY_BYTES,
-    SMEM_REDUCTION_BYTES, ShardArgmaxParams, ShardEntropyMergeParams, ShardEntropyParams,
-    ShardMergeParams, XentParams,
+    COUNT_WORDS, MODE_FORWARD, MODE_FUSED, PARTIAL_WORDS, RowsParams, SHARD_ENTROPY_WORDS,
+    SMEM_ENTROPY_BYTES, SMEM_REDUCTION_BYTES, ShardArgmaxParams, ShardEntropyMergeParams,
+    ShardEntropyParams, ShardMergeParams, XentParams,
 };
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers};
 use crate::error::{Error, Result};
@@ -77,10 +77,6 @@ pub struct ShardLayout {
 fn wants_argmax(opts: &Options) -> bool {
     opts.return_token_accuracy || opts.return_predicted_tokens
 }
-
-/// Values a row of a rank's entropy summary (`xent_shard_entropy_*`): `m`, `Σ 2^(z - m)` and
-/// `Σ 2^(z - m)·(z - m)`.
-const ENTROPY_WORDS: usize = 3;
 
 /// Threads a block of the argmax merge (`xent_shard_merge_*`: a thread a row).
 const MERGE_THREADS: u32 = 256;
@@ -243,7 +239,11 @@ impl CrossEntropy {
             words: rows * n_chunks * PARTIAL_WORDS
                 + rows
                 + if argmax { 2 * rows } else { 0 }
-                + if entropy { ENTROPY_WORDS * rows } else { 0 },
+                + if entropy {
+                    SHARD_ENTROPY_WORDS * rows
+                } else {
+                    0
+                },
         })
     }
 
@@ -354,14 +354,7 @@ impl CrossEntropy {
                 width: call.shard.width as u32,
                 start: call.shard.start as u32,
             };
-            self.launch(
-                stream,
-                argmax,
-                &params,
-                plan::argmax_blocks(rows, self.limits()),
-                plan::ARGMAX_THREADS,
-                SMEM_REDUCTION_BYTES,
-            )?;
+            self.launch_row_reader(stream, argmax, &params, rows, SMEM_REDUCTION_BYTES)?;
         }
         if layout.entropy {
             let cap = opts.softcap.unwrap_or(0.0);
@@ -373,14 +366,7 @@ impl CrossEntropy {
                 inv_softcap: if cap > 0.0 { 1.0 / cap } else { 0.0 },
                 _pad: 0,
             };
-            self.launch(
-                stream,
-                entropy,
-                &params,
-                plan::argmax_blocks(rows, self.limits()),
-                plan::ARGMAX_THREADS,
-                SMEM_ENTROPY_BYTES,
-            )?;
+            self.launch_row_reader(stream, entropy, &params, rows, SMEM_ENTROPY_BYTES)?;
         }
         Ok(())
     }
