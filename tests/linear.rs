@@ -261,10 +261,146 @@ fn bad_linear_shapes_are_errors() {
     ));
 }
 
-/// The GPU path against the arithmetic it performs, done on the CPU: logits `h·Wᵀ + b` rounded to
-/// `T` (the GEMM's output), xent's CPU reference on them (the gradient rounded to `T`, as the
-/// kernel writes it), then the gradients' GEMMs in f64. The GPU's GEMMs accumulate in f32, so a
-/// logit may round the other way: the tolerances below allow one unit of `T` in every term.
+/// The arithmetic of the GPU path, done on the CPU: logits `h·Wᵀ + b` rounded to `T` (the GEMM's
+/// output), xent's CPU reference on them (the gradient of `upstream · loss`, with the entropies'
+/// term where `entropy_upstream` is given, rounded to `T` as the kernel writes it), then the
+/// gradients' GEMMs in f64. Integer inputs (hidden states and weights in {-1, 0, 1}, biases in
+/// [-4, 4]): every logit is exact in T whichever algorithm cuBLASLt runs. On a grid of 1/64
+/// (until session 27) the logits needed rounding to bf16, and cuBLASLt's algorithms do not all
+/// round them alike: with its 2nd to 8th choices forced on the logits' GEMM
+/// (`XENT_GEMM_ALGO=k,0,0`) the vocabulary-blocked backward's weight gradient missed the
+/// reference by 5-10% (with a bias; the 2nd and 3rd also without), and the tuned run, whose
+/// choice is timed, failed once in 13 runs. One unit of bf16 in a logit of 8 moves its softmax
+/// by 6%, past these tolerances. With these inputs every forced choice passed.
+struct Arithmetic<T> {
+    shape: LinearShape,
+    hidden: Vec<T>,
+    weight: Vec<T>,
+    bias: Vec<T>,
+    /// The gradient of the logits, `[rows, vocab]`.
+    grad: Vec<T>,
+    want: cpu::CpuLoss,
+}
+
+impl<T: xent::Element> Arithmetic<T> {
+    fn new(
+        shape: LinearShape,
+        with_bias: bool,
+        labels: &[i64],
+        opts: &Options,
+        (upstream, entropy_upstream): (&[f32], Option<&[f32]>),
+    ) -> Result<Arithmetic<T>, String> {
+        let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+        assert!(d <= 200, "logits must stay exact in bf16");
+        let to_t = |x: &[f32]| x.iter().map(|&f| T::from_f64(f as f64)).collect::<Vec<T>>();
+        let hidden = to_t(&integer_grid(rows * d, 11, 1));
+        let weight = to_t(&integer_grid(v * d, 12, 1));
+        let bias = to_t(&integer_grid(v, 13, 4));
+        let mut grad: Vec<T> = (0..rows * v)
+            .map(|i| {
+                let (r, j) = (i / v, i % v);
+                let dot: f64 = (0..d)
+                    .map(|k| hidden[r * d + k].to_f64() * weight[j * d + k].to_f64())
+                    .sum();
+                T::from_f64(dot + if with_bias { bias[j].to_f64() } else { 0.0 })
+            })
+            .collect();
+        let want = cpu::forward_backward_entropy(
+            &mut grad,
+            labels,
+            shape.logits(),
+            opts,
+            upstream,
+            entropy_upstream,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Arithmetic {
+            shape,
+            hidden,
+            weight,
+            bias,
+            grad,
+            want,
+        })
+    }
+
+    /// The gradients against this arithmetic: `grad_hidden` (`[rows, D]`), and the weight's and
+    /// bias's rows `classes` (`[classes.len(), D]` and `[classes.len()]`, added to 0.25 and 0.5;
+    /// `None`: no bias). The GPU's GEMMs accumulate in f32, so a logit may round the other way:
+    /// the tolerances allow a few units of `T` in every term.
+    fn check_grads(
+        &self,
+        grad_hidden: &[f64],
+        classes: std::ops::Range<usize>,
+        grad_weight: &[f64],
+        grad_bias: Option<&[f64]>,
+    ) -> Result<(), String> {
+        let (rows, d, v) = (self.shape.rows(), self.shape.hidden, self.shape.vocab);
+        let g = |r: usize, j: usize| self.grad[r * v + j].to_f64();
+        let ulp = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
+        // f32 accumulation over k terms: at most k units of f32 roundoff of the terms' magnitudes
+        // (the GEMMs' order of summation is cuBLASLt's choice, which depends on its workspace).
+        let accumulation = |k: usize| k as f64 * 2f64.powi(-24);
+        for r in 0..rows {
+            for k in 0..d {
+                let terms: Vec<f64> = (0..v)
+                    .map(|j| g(r, j) * self.weight[j * d + k].to_f64())
+                    .collect();
+                let want: f64 = terms.iter().sum();
+                let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+                let got = grad_hidden[r * d + k];
+                if (got - want).abs() > (4.0 * ulp + accumulation(v)) * (scale + want.abs()) + 1e-30
+                {
+                    return Err(format!("grad_hidden[{r},{k}] {got} against {want}"));
+                }
+            }
+        }
+        for (i, j) in classes.clone().enumerate() {
+            for k in 0..d {
+                let terms: Vec<f64> = (0..rows)
+                    .map(|r| g(r, j) * self.hidden[r * d + k].to_f64())
+                    .collect();
+                let want = 0.25 + terms.iter().sum::<f64>();
+                let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+                let got = grad_weight[i * d + k];
+                if (got - want).abs() > (4.0 * ulp + accumulation(rows)) * scale + 1e-6 {
+                    return Err(format!("grad_weight[{j},{k}] {got} against {want}"));
+                }
+            }
+        }
+        if let Some(grad_bias) = grad_bias {
+            for (i, j) in classes.enumerate() {
+                let terms: Vec<f64> = (0..rows).map(|r| g(r, j)).collect();
+                let want = 0.5 + terms.iter().sum::<f64>();
+                let scale: f64 = terms.iter().map(|t| t.abs()).sum();
+                let got = grad_bias[i];
+                if (got - want).abs() > (4.0 * ulp + accumulation(rows)) * scale + 1e-6 {
+                    return Err(format!("grad_bias[{j}] {got} against {want}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The predicted tokens, exactly: the logits are integers, exact in T, so the GPU's chunks of
+/// logits are the CPU's and so are their first maxima, ties included.
+fn check_predicted(got: Option<Vec<i64>>, want: &Option<Vec<i64>>) -> Result<(), String> {
+    if got == *want {
+        return Ok(());
+    }
+    let (got, want) = (got.unwrap_or_default(), want.clone().unwrap_or_default());
+    let first = (0..got.len().max(want.len())).find(|&r| got.get(r) != want.get(r));
+    Err(format!(
+        "predicted tokens differ (lengths {} and {}), first at row {first:?}: {:?} against {:?}",
+        got.len(),
+        want.len(),
+        first.and_then(|r| got.get(r)),
+        first.and_then(|r| want.get(r)),
+    ))
+}
+
+/// The GPU path (the typed fused call) against the arithmetic it performs, done on the CPU.
 fn check_linear<T: xent::Element>(
     xent: &xent::CrossEntropy,
     blas: &xent::cublaslt::CublasLt,
@@ -276,40 +412,11 @@ fn check_linear<T: xent::Element>(
 ) -> Result<(), String> {
     let stream = xent.context().default_stream();
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let to_t = |x: &[f32]| x.iter().map(|&f| T::from_f64(f as f64)).collect::<Vec<T>>();
-    // Integer inputs (hidden states and weights in {-1, 0, 1}, biases in [-4, 4]): every logit is
-    // exact in T whichever algorithm cuBLASLt runs. On a grid of 1/64 (until session 27) the
-    // logits needed rounding to bf16, and cuBLASLt's algorithms do not all round them alike: with
-    // its 2nd to 8th choices forced on the logits' GEMM (`XENT_GEMM_ALGO=k,0,0`) the vocabulary-
-    // blocked backward's weight gradient missed the reference by 5-10% (with a bias; the 2nd and
-    // 3rd also without), and the tuned run, whose choice is timed, failed once in 13 runs. One
-    // unit of bf16 in a logit of 8 moves its softmax by 6%, past these tolerances. With these
-    // inputs every forced choice passed.
-    assert!(d <= 200, "logits must stay exact in bf16");
-    let hidden = to_t(&integer_grid(rows * d, 11, 1));
-    let weight = to_t(&integer_grid(v * d, 12, 1));
-    let bias = to_t(&integer_grid(v, 13, 4));
-    // The CPU's version of the GPU's arithmetic.
-    let mut logits: Vec<T> = (0..rows * v)
-        .map(|i| {
-            let (r, j) = (i / v, i % v);
-            let dot: f64 = (0..d)
-                .map(|k| hidden[r * d + k].to_f64() * weight[j * d + k].to_f64())
-                .sum();
-            T::from_f64(dot + if with_bias { bias[j].to_f64() } else { 0.0 })
-        })
-        .collect();
-    let want = cpu::forward_backward(&mut logits, labels, shape.logits(), opts)
-        .map_err(|e| e.to_string())?;
-    let g = |r: usize, j: usize| logits[r * v + j].to_f64();
-    let ulp = xent_tests::unit_roundoff(T::DTYPE) * 2.0;
-    // f32 accumulation over k terms: at most k units of f32 roundoff of the terms' magnitudes
-    // (the GEMMs' order of summation is cuBLASLt's choice, which depends on its workspace).
-    let accumulation = |k: usize| k as f64 * 2f64.powi(-24);
-
-    let d_hidden = stream.clone_htod(&hidden).unwrap();
-    let d_weight = stream.clone_htod(&weight).unwrap();
-    let d_bias = stream.clone_htod(&bias).unwrap();
+    let cpu = Arithmetic::<T>::new(shape, with_bias, labels, opts, (&[1.0], None))?;
+    let want = &cpu.want;
+    let d_hidden = stream.clone_htod(&cpu.hidden).unwrap();
+    let d_weight = stream.clone_htod(&cpu.weight).unwrap();
+    let d_bias = stream.clone_htod(&cpu.bias).unwrap();
     let d_labels = stream.clone_htod(labels).unwrap();
     let mut d_grad_hidden = stream.alloc_zeros::<T>(rows * d).unwrap();
     let mut d_grad_weight = stream.clone_htod(&vec![0.25f32; v * d]).unwrap(); // accumulated into
@@ -339,63 +446,15 @@ fn check_linear<T: xent::Element>(
     // The entropies, read from the same chunks of logits.
     let entropy = out.read_entropy().map_err(|e| e.to_string())?;
     xent_tests::check_entropy(entropy, &want.entropy)?;
-    // The predicted tokens, exactly: the logits are integers, exact in T, so the GPU's chunks of
-    // logits are the CPU's and so are their first maxima, ties included.
     let predicted = out.read_predicted_tokens().map_err(|e| e.to_string())?;
-    if predicted != want.predicted_tokens {
-        let (got, want) = (
-            predicted.unwrap_or_default(),
-            want.predicted_tokens.clone().unwrap_or_default(),
-        );
-        let first = (0..got.len().max(want.len())).find(|&r| got.get(r) != want.get(r));
-        return Err(format!(
-            "predicted tokens differ (lengths {} and {}), first at row {first:?}: {:?} against {:?}",
-            got.len(),
-            want.len(),
-            first.and_then(|r| got.get(r)),
-            first.and_then(|r| want.get(r)),
-        ));
-    }
-    let grad_hidden = stream.clone_dtoh(&d_grad_hidden).unwrap();
-    for r in 0..rows {
-        for k in 0..d {
-            let terms: Vec<f64> = (0..v)
-                .map(|j| g(r, j) * weight[j * d + k].to_f64())
-                .collect();
-            let want: f64 = terms.iter().sum();
-            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
-            let got = grad_hidden[r * d + k].to_f64();
-            if (got - want).abs() > (4.0 * ulp + accumulation(v)) * (scale + want.abs()) + 1e-30 {
-                return Err(format!("grad_hidden[{r},{k}] {got} against {want}"));
-            }
-        }
-    }
-    let grad_weight = stream.clone_dtoh(&d_grad_weight).unwrap();
-    for j in 0..v {
-        for k in 0..d {
-            let terms: Vec<f64> = (0..rows)
-                .map(|r| g(r, j) * hidden[r * d + k].to_f64())
-                .collect();
-            let want = 0.25 + terms.iter().sum::<f64>();
-            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
-            let got = grad_weight[j * d + k] as f64;
-            if (got - want).abs() > (4.0 * ulp + accumulation(rows)) * scale + 1e-6 {
-                return Err(format!("grad_weight[{j},{k}] {got} against {want}"));
-            }
-        }
-    }
-    if with_bias {
-        let grad_bias = stream.clone_dtoh(&d_grad_bias).unwrap();
-        for (j, &got) in grad_bias.iter().enumerate() {
-            let terms: Vec<f64> = (0..rows).map(|r| g(r, j)).collect();
-            let want = 0.5 + terms.iter().sum::<f64>();
-            let scale: f64 = terms.iter().map(|t| t.abs()).sum();
-            if (got as f64 - want).abs() > (4.0 * ulp + accumulation(rows)) * scale + 1e-6 {
-                return Err(format!("grad_bias[{j}] {got} against {want}"));
-            }
-        }
-    }
-    Ok(())
+    check_predicted(predicted, &want.predicted_tokens)?;
+    let grad_bias = with_bias.then(|| host_f64(&stream, &d_grad_bias));
+    cpu.check_grads(
+        &host_f64(&stream, &d_grad_hidden),
+        0..v,
+        &host_f64(&stream, &d_grad_weight),
+        grad_bias.as_deref(),
+    )
 }
 
 #[test]
@@ -773,4 +832,437 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An all-gather between the threads of one process, each a rank with its own stream on one GPU
+/// (the test's stand-in for NCCL): each rank publishes its send buffer once its stream has
+/// written it, then copies every rank's into its receive buffer, and no rank goes on (and may
+/// overwrite its send buffer) until every rank has copied.
+struct ThreadGather {
+    world: usize,
+    rank: usize,
+    barrier: std::sync::Arc<std::sync::Barrier>,
+    slots: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl xent::vocab_parallel::Collective for ThreadGather {
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    unsafe fn all_gather_f32(
+        &self,
+        send: u64,
+        recv: u64,
+        count: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> xent::Result<()> {
+        stream.synchronize()?;
+        self.slots.lock().unwrap()[self.rank] = send;
+        self.barrier.wait();
+        let slots = self.slots.lock().unwrap().clone();
+        for (q, &from) in slots.iter().enumerate() {
+            // SAFETY: every rank's send buffer holds `count` values, written and synchronised,
+            // and untouched until the barrier below; `recv` holds `world · count`.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    recv + (4 * q * count) as u64,
+                    from,
+                    4 * count,
+                    stream.cu_stream(),
+                )?;
+            }
+        }
+        stream.synchronize()?;
+        self.barrier.wait();
+        Ok(())
+    }
+}
+
+/// One rank's outputs, read back.
+struct RankOut {
+    loss: f32,
+    row_loss: Vec<f32>,
+    accuracy_rows: Option<Vec<u32>>,
+    predicted: Option<Vec<i64>>,
+    entropy: Option<Vec<f32>>,
+    grad_hidden: Vec<f64>,
+    grad_weight: Vec<f64>,
+    grad_bias: Option<Vec<f64>>,
+}
+
+/// One rank of a vocabulary-parallel linear call on its own stream: `Fused`, or with
+/// `two_phase` (`(upstream, entropy_upstream)`) a `Forward` then a `Backward`; the weight and
+/// bias gradients (f32) are added to 0.25 and 0.5 (gradient accumulation).
+#[allow(clippy::too_many_arguments)]
+fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
+    xent: &xent::CrossEntropy,
+    blas: &xent::cublaslt::CublasLt,
+    comm: &ThreadGather,
+    cpu: &Arithmetic<T>,
+    shard: xent::vocab_parallel::Shard,
+    (with_bias, labels): (bool, &[i64]),
+    opts: &Options,
+    budget: Option<usize>,
+    two_phase: Option<(&[f32], Option<&[f32]>)>,
+) -> Result<RankOut, String> {
+    use xent::linear::RawLinearShardCall;
+    use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
+    use xent::raw::{LabelType, RawBuffer, RawLoss};
+    let e = |e: xent::Error| e.to_string();
+    let stream = xent.context().new_stream().map_err(|e| e.to_string())?;
+    let shape = cpu.shape;
+    let (rows, d) = (shape.rows(), shape.hidden);
+    let rows_of = |x: &[T], width: usize| {
+        x[shard.start * width..(shard.start + shard.width) * width].to_vec()
+    };
+    let hidden = stream.clone_htod(&cpu.hidden).unwrap();
+    let weight = stream.clone_htod(&rows_of(&cpu.weight, d)).unwrap();
+    let bias = stream.clone_htod(&rows_of(&cpu.bias, 1)).unwrap();
+    let labels_d = stream.clone_htod(labels).unwrap();
+    let class_weight = opts.weight.as_ref().map(|w| stream.clone_htod(w).unwrap());
+    let ptr = |b: &cudarc::driver::CudaSlice<T>| RawBuffer::new(b.device_ptr(&stream).0, b.len());
+    let call = RawLinearShardCall {
+        linear: RawLinearCall {
+            hidden: ptr(&hidden),
+            weight: ptr(&weight),
+            bias: with_bias.then(|| ptr(&bias)),
+            dtype: T::DTYPE,
+            labels: RawBuffer::new(labels_d.device_ptr(&stream).0, rows),
+            label_type: LabelType::I64,
+            shape: LinearShape {
+                vocab: shard.width,
+                ..shape
+            },
+            class_weight: class_weight
+                .as_ref()
+                .map(|w| RawBuffer::new(w.device_ptr(&stream).0, w.len())),
+        },
+        start: shard.start,
+        vocab: shape.vocab,
+    };
+    let opts = &Options {
+        weight: None,
+        ..opts.clone()
+    };
+    let first_pass = if two_phase.is_some() {
+        LinearPass::Forward
+    } else {
+        LinearPass::Fused
+    };
+    let lens = xent
+        .raw_linear_shard_scratch_lens(&call, comm.world, opts, first_pass, budget)
+        .map_err(e)?;
+    let l = lens.linear;
+    let mut logits = stream.alloc_zeros::<u8>(l.logits_bytes).unwrap();
+    let mut gemm = stream.alloc_zeros::<u8>(l.gemm_workspace_bytes).unwrap();
+    let mut shifted = stream.alloc_zeros::<u8>(l.labels_bytes.max(1)).unwrap();
+    let mut ones = stream
+        .clone_htod(&vec![T::from_f64(1.0); l.ones_len.max(1)])
+        .unwrap();
+    let scratch = RawLinearScratch {
+        chunk_rows: l.chunk_rows,
+        logits: RawBuffer::of(&stream, &mut logits),
+        gemm_workspace: RawBuffer::of(&stream, &mut gemm),
+        labels: Some(RawBuffer::of(&stream, &mut shifted)),
+        ones: Some(RawBuffer::of(&stream, &mut ones)),
+    };
+    let mut send = stream.alloc_zeros::<f32>(lens.gather_words.max(1)).unwrap();
+    let mut recv = stream
+        .alloc_zeros::<f32>((comm.world * lens.gather_words).max(1))
+        .unwrap();
+    let gather = (
+        RawBuffer::of(&stream, &mut send),
+        RawBuffer::of(&stream, &mut recv),
+    );
+    let mut loss = stream.alloc_zeros::<f32>(1).unwrap();
+    let mut row_loss = stream.alloc_zeros::<f32>(rows).unwrap();
+    let mut row_lse = stream.alloc_zeros::<f32>(rows).unwrap();
+    let mut counts = stream.alloc_zeros::<u32>(xent::abi::COUNT_WORDS).unwrap();
+    let mut extras = stream.alloc_zeros::<f32>(2).unwrap();
+    let mut row_correct = stream.alloc_zeros::<u32>(rows).unwrap();
+    let mut predicted = stream.alloc_zeros::<i64>(rows).unwrap();
+    let mut entropy = stream.alloc_zeros::<f32>(rows).unwrap();
+    let out = RawLoss {
+        loss: RawBuffer::of(&stream, &mut loss),
+        row_loss: RawBuffer::of(&stream, &mut row_loss),
+        row_lse: RawBuffer::of(&stream, &mut row_lse),
+        counts: RawBuffer::of(&stream, &mut counts),
+        extras: RawBuffer::of(&stream, &mut extras),
+        row_correct: opts
+            .return_token_accuracy
+            .then(|| RawBuffer::of(&stream, &mut row_correct)),
+        predicted: opts
+            .return_predicted_tokens
+            .then(|| RawBuffer::of(&stream, &mut predicted)),
+        entropy: opts
+            .return_entropy
+            .then(|| RawBuffer::of(&stream, &mut entropy)),
+        workspace: None,
+    };
+    // Garbage in the overwritten hidden-state gradient: no pass may read it.
+    let mut gh = stream
+        .clone_htod(&vec![T::from_f64(7.0); rows * d])
+        .unwrap();
+    let mut gw = stream.clone_htod(&vec![0.25f32; shard.width * d]).unwrap();
+    let mut gb = stream.clone_htod(&vec![0.5f32; shard.width]).unwrap();
+    let grads = RawLinearGrads {
+        hidden: Some(RawBuffer::of(&stream, &mut gh)),
+        weight: Some(RawGrad {
+            buffer: RawBuffer::of(&stream, &mut gw),
+            dtype: DType::F32,
+        }),
+        bias: with_bias.then(|| RawGrad {
+            buffer: RawBuffer::of(&stream, &mut gb),
+            dtype: DType::F32,
+        }),
+        accumulate: true,
+    };
+    match two_phase {
+        None => unsafe {
+            xent.raw_linear_vocab_parallel(
+                blas,
+                &stream,
+                comm,
+                &call,
+                opts,
+                LinearPass::Fused,
+                &out,
+                None,
+                &grads,
+                &scratch,
+                gather,
+            )
+        }
+        .map_err(e)?,
+        Some((upstream, entropy_upstream)) => {
+            let none = RawLinearGrads::default();
+            unsafe {
+                xent.raw_linear_vocab_parallel(
+                    blas,
+                    &stream,
+                    comm,
+                    &call,
+                    opts,
+                    LinearPass::Forward,
+                    &out,
+                    None,
+                    &none,
+                    &scratch,
+                    gather,
+                )
+            }
+            .map_err(e)?;
+            let mut up = stream.clone_htod(upstream).unwrap();
+            let mut e_up = entropy_upstream.map(|x| stream.clone_htod(x).unwrap());
+            let pass = LinearPass::Backward {
+                upstream: RawBuffer::of(&stream, &mut up),
+            };
+            let e_up = e_up.as_mut().map(|x| RawBuffer::of(&stream, x));
+            unsafe {
+                xent.raw_linear_vocab_parallel(
+                    blas, &stream, comm, &call, opts, pass, &out, e_up, &grads, &scratch, gather,
+                )
+            }
+            .map_err(e)?;
+        }
+    }
+    stream.synchronize().map_err(|e| e.to_string())?;
+    Ok(RankOut {
+        loss: stream.clone_dtoh(&loss).unwrap()[0],
+        row_loss: stream.clone_dtoh(&row_loss).unwrap(),
+        accuracy_rows: opts
+            .return_token_accuracy
+            .then(|| stream.clone_dtoh(&row_correct).unwrap()),
+        predicted: opts
+            .return_predicted_tokens
+            .then(|| stream.clone_dtoh(&predicted).unwrap()),
+        entropy: opts
+            .return_entropy
+            .then(|| stream.clone_dtoh(&entropy).unwrap()),
+        grad_hidden: host_f64(&stream, &gh),
+        grad_weight: host_f64(&stream, &gw),
+        grad_bias: with_bias.then(|| host_f64(&stream, &gb)),
+    })
+}
+
+/// A vocabulary-parallel linear call (the LM head split over P ranks, each a thread with its
+/// own handle and stream on this GPU, an in-process all-gather between them) against the whole
+/// head's arithmetic on the CPU: every rank's loss, row losses, token accuracy, predicted tokens
+/// and entropies the same bits, and the whole vocabulary's; the hidden states' gradient the sum
+/// of the ranks' parts; each rank's weight and bias gradient its rows of the whole one. P in {1,
+/// 2, 3} (3 uneven), the fused pass and the two-phase one (a per-row upstream with `none`, the
+/// entropies' gradient with a per-row upstream of both signs), one chunk and chunks of 16 rows.
+#[test]
+fn gpu_linear_vocab_parallel_matches_the_whole_heads_arithmetic() {
+    use xent::half::bf16;
+    use xent::vocab_parallel::Shard;
+    let Some(shared) = xent_tests::gpu() else {
+        return;
+    };
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 37,
+        hidden: 48,
+        vocab: 1003,
+    };
+    let rows = shape.rows();
+    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 37) % 1003).collect();
+    labels[5] = -100;
+    labels[40] = -100;
+    const WORLD: usize = 3;
+    // A handle and a cuBLASLt per rank (a rank's call holds its handle's side stream until it
+    // returns, so ranks must not share one), strict: a load failing halfway would hang the rest.
+    let handles: Vec<_> = (0..WORLD)
+        .map(|_| xent_tests::strict_lazy_handle(shared))
+        .collect();
+    let blases: Vec<_> = (0..WORLD)
+        .map(|_| xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt"))
+        .collect();
+    let mut sets = xent_tests::vocab_parallel_option_sets(shape.vocab);
+    sets.push((
+        "entropy and predicted",
+        Options {
+            softcap: Some(3.0),
+            return_predicted_tokens: true,
+            return_entropy: true,
+            ..Options::default()
+        },
+    ));
+    let upstream_rows: Vec<f32> = (0..rows).map(|r| 0.5 + (r % 3) as f32 * 0.25).collect();
+    let entropy_rows: Vec<f32> = (0..rows).map(|r| (r % 5) as f32 * 0.1 - 0.2).collect();
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for (name, opts) in &sets {
+        for two_phase in [false, true] {
+            let upstream: Vec<f32> = match (two_phase, opts.reduction) {
+                (false, _) => vec![1.0],
+                (true, xent::Reduction::None) => upstream_rows.clone(),
+                (true, _) => vec![0.75],
+            };
+            let e_up = (two_phase && opts.return_entropy).then_some(entropy_rows.as_slice());
+            for with_bias in [false, true] {
+                let cpu =
+                    Arithmetic::<bf16>::new(shape, with_bias, &labels, opts, (&upstream, e_up))
+                        .unwrap();
+                for world in 1..=WORLD {
+                    let shards = Shard::split(shape.vocab, world).unwrap();
+                    for budget in [None, Some(16 * shards[0].width * 2)] {
+                        cases += 1;
+                        let barrier = std::sync::Arc::new(std::sync::Barrier::new(world));
+                        let slots = std::sync::Arc::new(std::sync::Mutex::new(vec![0; world]));
+                        let outs: Vec<Result<RankOut, String>> = std::thread::scope(|scope| {
+                            let threads: Vec<_> = shards
+                                .iter()
+                                .enumerate()
+                                .map(|(rank, &shard)| {
+                                    let comm = ThreadGather {
+                                        world,
+                                        rank,
+                                        barrier: barrier.clone(),
+                                        slots: slots.clone(),
+                                    };
+                                    let (xent, blas, cpu) = (&handles[rank], &blases[rank], &cpu);
+                                    let (labels, upstream) = (&labels, &upstream);
+                                    scope.spawn(move || {
+                                        linear_rank(
+                                            xent,
+                                            blas,
+                                            &comm,
+                                            cpu,
+                                            shard,
+                                            (with_bias, labels),
+                                            opts,
+                                            budget,
+                                            two_phase.then_some((upstream.as_slice(), e_up)),
+                                        )
+                                    })
+                                })
+                                .collect();
+                            threads.into_iter().map(|t| t.join().unwrap()).collect()
+                        });
+                        let case = format!(
+                            "{name}, P {world}, two-phase {two_phase}, bias {with_bias}, budget {budget:?}"
+                        );
+                        if let Err(msg) = check_ranks(&cpu, &shards, outs) {
+                            failures.push(format!("{case}: {msg}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "vocabulary-parallel linear on the GPU: {cases} cases, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The ranks' outputs against the whole head's arithmetic (see the test above).
+fn check_ranks(
+    cpu: &Arithmetic<xent::half::bf16>,
+    shards: &[xent::vocab_parallel::Shard],
+    outs: Vec<Result<RankOut, String>>,
+) -> Result<(), String> {
+    let outs = outs.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let want = &cpu.want;
+    let first = &outs[0];
+    for (rank, out) in outs.iter().enumerate().skip(1) {
+        let same = out.loss.to_bits() == first.loss.to_bits()
+            && out.row_loss == first.row_loss
+            && out.accuracy_rows == first.accuracy_rows
+            && out.predicted == first.predicted
+            && out
+                .entropy
+                .as_ref()
+                .map(|e| e.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                == first
+                    .entropy
+                    .as_ref()
+                    .map(|e| e.iter().map(|x| x.to_bits()).collect());
+        if !same {
+            return Err(format!(
+                "rank {rank}'s loss or per-row outputs differ from rank 0's"
+            ));
+        }
+    }
+    let loss = first.loss as f64;
+    if (loss - want.loss).abs() > 1e-3 * (1.0 + want.loss.abs()) {
+        return Err(format!("loss {loss} against {}", want.loss));
+    }
+    for (r, (&got, &w)) in first.row_loss.iter().zip(&want.row_loss).enumerate() {
+        if (got as f64 - w).abs() > 1e-3 * (1.0 + w.abs()) {
+            return Err(format!("row {r}'s loss {got} against {w}"));
+        }
+    }
+    if let (Some(got), Some(w)) = (&first.accuracy_rows, &want.row_correct) {
+        let got: Vec<bool> = got.iter().map(|&x| x != 0).collect();
+        if got != *w {
+            return Err("the rows predicted right differ".to_string());
+        }
+    }
+    check_predicted(first.predicted.clone(), &want.predicted_tokens)?;
+    xent_tests::check_entropy(first.entropy.clone(), &want.entropy)?;
+    // The hidden states' gradient: the sum of the ranks' parts (each rounded to bf16 once).
+    let mut grad_hidden = vec![0.0; first.grad_hidden.len()];
+    for out in &outs {
+        for (sum, x) in grad_hidden.iter_mut().zip(&out.grad_hidden) {
+            *sum += x;
+        }
+    }
+    for (rank, (out, shard)) in outs.iter().zip(shards).enumerate() {
+        cpu.check_grads(
+            &grad_hidden,
+            shard.start..shard.start + shard.width,
+            &out.grad_weight,
+            out.grad_bias.as_deref(),
+        )
+        .map_err(|msg| format!("rank {rank}: {msg}"))?;
+    }
+    Ok(())
 }

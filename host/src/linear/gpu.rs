@@ -14,6 +14,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
+mod shard;
+
+pub use shard::{LinearShardScratchLens, RawLinearShardCall};
+
 use super::{LinearShape, chunk_rows, gemm_tn, gemm_workspace_bytes, vocab_block};
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
@@ -424,17 +428,8 @@ impl CrossEntropy {
             weight: call.class_weight.map_or(0, |w| w.ptr),
         };
         // Overwritten gradients with no rows: zeros, as the sum over no rows.
-        if rows == 0 && !grads.accumulate && pass != LinearPass::Forward {
-            for grad in [grads.weight, bias_grad].into_iter().flatten() {
-                unsafe {
-                    cudarc::driver::result::memset_d8_async(
-                        grad.buffer.ptr,
-                        0,
-                        grad.buffer.len * grad.dtype.bytes(),
-                        cu_stream,
-                    )?;
-                }
-            }
+        if rows == 0 && pass != LinearPass::Forward {
+            unsafe { shard::zero_grads(grads, bias_grad, cu_stream) }?;
         }
         // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
         // held for the call).
@@ -447,29 +442,18 @@ impl CrossEntropy {
             }
             side_guard = Some(guard);
         }
-        let work = Work {
-            side: side_guard.as_ref().and_then(|g| g.as_ref()),
+        let work = Work::new(
             blas,
             stream,
             call,
-            opts: chunk_options(opts),
+            chunk_options(opts),
             whole,
-            logits: scratch.logits.ptr,
-            // The workspace's first bytes hold the upstream 1 of a fused call's blocked backward.
-            one: scratch.gemm_workspace.ptr,
-            gemm: (
-                scratch.gemm_workspace.ptr + GEMM_HEADER_BYTES as u64,
-                scratch.gemm_workspace.len - GEMM_HEADER_BYTES,
-            ),
+            scratch,
             grads,
             bias_grad,
             ones,
-            sms: if side_guard.is_some() {
-                GradSms::from_env()
-            } else {
-                GradSms::default()
-            },
-        };
+            side_guard.as_ref().and_then(|g| g.as_ref()),
+        );
 
         // Every xent kernel the call launches is loaded before the first is launched, so that one
         // that cannot be loaded fails the call before anything is enqueued (a weight gradient
@@ -741,6 +725,47 @@ impl GradSms {
     }
 }
 
+impl<'a> Work<'a> {
+    /// A call's work: `scratch`'s logits and workspace (its first bytes hold the upstream 1 of a
+    /// fused call's blocked backward), and with `side` the gradient GEMMs overlapped on it.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        blas: &'a CublasLt,
+        stream: &'a Arc<CudaStream>,
+        call: &'a RawLinearCall,
+        opts: Options,
+        whole: KernelCall,
+        scratch: &RawLinearScratch,
+        grads: &'a RawLinearGrads,
+        bias_grad: Option<RawGrad>,
+        ones: u64,
+        side: Option<&'a SideStream>,
+    ) -> Work<'a> {
+        Work {
+            side,
+            blas,
+            stream,
+            call,
+            opts,
+            whole,
+            logits: scratch.logits.ptr,
+            one: scratch.gemm_workspace.ptr,
+            gemm: (
+                scratch.gemm_workspace.ptr + GEMM_HEADER_BYTES as u64,
+                scratch.gemm_workspace.len - GEMM_HEADER_BYTES,
+            ),
+            grads,
+            bias_grad,
+            ones,
+            sms: if side.is_some() {
+                GradSms::from_env()
+            } else {
+                GradSms::default()
+            },
+        }
+    }
+}
+
 impl Work<'_> {
     fn matmul(&self, gemm: Gemm) -> Result<()> {
         // SAFETY: the operands were checked against the call's shape by the caller.
@@ -788,17 +813,8 @@ impl Work<'_> {
         buffers: &LossBuffers,
         grads: bool,
     ) -> Result<()> {
-        let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
-        let (dtype, t_bytes) = (self.call.dtype, self.t_bytes());
-        let hidden_rows = self.call.hidden.ptr + (first * d * t_bytes) as u64;
-        self.matmul(Gemm {
-            a: matrix(hidden_rows, dtype, c, d, false),
-            b: matrix(self.call.weight.ptr, dtype, v, d, true),
-            out: matrix(self.logits, dtype, c, v, false),
-            alpha: 1.0,
-            beta: 0.0,
-            bias: self.call.bias.map_or(0, |b| b.ptr),
-        })?;
+        let v = self.call.shape.vocab;
+        let hidden_rows = self.chunk_logits(first, c)?;
         let kernel_call = KernelCall {
             logits: self.logits,
             labels: self.whole.labels + (first * label_bytes(self.call.label_type)) as u64,
@@ -840,9 +856,41 @@ impl Work<'_> {
             mode,
             false,
         )?;
-        if !grads {
-            return Ok(());
+        if grads {
+            self.chunk_grads(xent, first, c, hidden_rows)?;
         }
+        Ok(())
+    }
+
+    /// Rows `first..first + c` of the logits, `h[chunk]·Wᵀ + b`, into the chunk's scratch; returns
+    /// the address of the chunk's hidden states.
+    pub(super) fn chunk_logits(&self, first: usize, c: usize) -> Result<u64> {
+        let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
+        let dtype = self.call.dtype;
+        let hidden_rows = self.call.hidden.ptr + (first * d * self.t_bytes()) as u64;
+        self.matmul(Gemm {
+            a: matrix(hidden_rows, dtype, c, d, false),
+            b: matrix(self.call.weight.ptr, dtype, v, d, true),
+            out: matrix(self.logits, dtype, c, v, false),
+            alpha: 1.0,
+            beta: 0.0,
+            bias: self.call.bias.map_or(0, |b| b.ptr),
+        })?;
+        Ok(hidden_rows)
+    }
+
+    /// The gradient GEMMs of rows `first..first + c`, from their gradient in the chunk's scratch
+    /// (`hidden_rows`: their hidden states): `grad_hidden[chunk] = G·W`, `grad_weight (+)= Gᵀ·h`
+    /// and `grad_bias (+)= Gᵀ·1`, on two streams where they overlap.
+    pub(super) fn chunk_grads(
+        &self,
+        xent: &CrossEntropy,
+        first: usize,
+        c: usize,
+        hidden_rows: u64,
+    ) -> Result<()> {
+        let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
+        let (dtype, t_bytes) = (self.call.dtype, self.t_bytes());
         let main = self.stream.cu_stream();
         if self.both_grads_in_one(xent, first, c, hidden_rows)? {
             return Ok(());

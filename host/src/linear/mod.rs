@@ -12,8 +12,9 @@ pub mod gpu;
 pub mod lse_gemm;
 
 pub use gpu::{
-    LinearGrads, LinearPass, LinearScratch, LinearScratchLens, ROW_SCHEME_MIN_ROWS, RawGrad,
-    RawLinearCall, RawLinearGrads, RawLinearScratch,
+    LinearGrads, LinearPass, LinearScratch, LinearScratchLens, LinearShardScratchLens,
+    ROW_SCHEME_MIN_ROWS, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
+    RawLinearShardCall,
 };
 
 use crate::cpu::{self, CpuLoss};

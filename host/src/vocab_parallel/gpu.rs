@@ -141,6 +141,21 @@ impl ShardLayout {
         Ok(())
     }
 
+    /// A rank's shard must fit the layout's chunks, which cover the widest shard of the even
+    /// split ([`Shard::split`]); a wider one would leave columns unread.
+    fn check_shard(&self, shard: Shard) -> Result<()> {
+        let covered = self.chunk_len as usize * self.n_chunks as usize;
+        if shard.width > covered {
+            return Err(Error::InvalidOption(format!(
+                "a shard of {} classes is wider than the layout covers ({covered}): the layout \
+                 is made for the even split of the vocabulary (Megatron's), whose widest shard \
+                 is at most that",
+                shard.width
+            )));
+        }
+        Ok(())
+    }
+
     fn label_offset(&self) -> usize {
         self.rows * self.n_chunks as usize * PARTIAL_WORDS
     }
@@ -283,7 +298,7 @@ impl CrossEntropy {
         }
     }
 
-    fn shard_kernel(&self, call: &ShardCall, opts: &Options, kind: XentKind) -> Kernel {
+    pub(crate) fn shard_kernel(&self, call: &ShardCall, opts: &Options, kind: XentKind) -> Kernel {
         Kernel::Xent {
             kind,
             variant: variant(opts, call.weight.is_some(), false),
@@ -312,6 +327,7 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         layout.check_rows(rows)?;
         layout.check_options(opts)?;
+        layout.check_shard(call.shard)?;
         let label_logits = send.ptr + 4 * layout.label_offset() as u64;
         let kernel = self.shard_kernel(call, opts, XentKind::ChunkPartial);
         let argmax = Kernel::ShardArgmax {
@@ -394,6 +410,7 @@ impl CrossEntropy {
         let rows = call.shape.rows();
         layout.check_rows(rows)?;
         layout.check_options(opts)?;
+        layout.check_shard(call.shard)?;
         if world == 0 {
             return Err(Error::InvalidOption("a call of 0 ranks".to_string()));
         }
@@ -418,6 +435,37 @@ impl CrossEntropy {
             Some(Kernel::Finish),
         ])?;
         self.launch_count(stream, &kernel_call, opts, buffers.counts)?;
+        self.shard_rows_backward(stream, call, opts, layout, world, gathered, &buffers, fused)?;
+        self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
+    }
+}
+
+impl CrossEntropy {
+    /// Step 3's kernels on `call`'s rows, without the count before them and the finish after
+    /// (the caller's: a linear call counts its labels once and finishes once, around its chunks):
+    /// each row's loss and log-sum-exp into `buffers` (and the argmax and entropy merges where
+    /// the layout has them), with `fused` the gradient over the logits, `buffers.counts` the
+    /// whole call's.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn shard_rows_backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &ShardCall,
+        opts: &Options,
+        layout: &ShardLayout,
+        world: usize,
+        gathered: RawBuffer,
+        buffers: &LossBuffers,
+        fused: bool,
+    ) -> Result<()> {
+        let rows = call.shape.rows();
+        let kernel_call = call.kernel_call();
+        let merge = Kernel::ShardMerge {
+            label: kernel_call.label,
+        };
+        let entropy_merge = Kernel::ShardEntropyMerge {
+            label: kernel_call.label,
+        };
         if rows > 0 {
             let params = XentParams {
                 row_loss: buffers.row_loss,
@@ -474,11 +522,9 @@ impl CrossEntropy {
             let blocks = self.merge_blocks(rows);
             self.launch(stream, entropy_merge, &params, blocks, MERGE_THREADS, 0)?;
         }
-        self.launch_finish(stream, rows, call.weight.is_some(), opts, &buffers)
+        Ok(())
     }
-}
 
-impl CrossEntropy {
     /// Blocks of a merge kernel over `rows` rows (a thread a row, [`MERGE_THREADS`] a block).
     fn merge_blocks(&self, rows: usize) -> u32 {
         rows.div_ceil(MERGE_THREADS as usize)
