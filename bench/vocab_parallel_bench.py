@@ -19,8 +19,16 @@ per rank, forward + backward of the mean loss with the vocabulary split over the
 verl's ``vocab_parallel_entropy`` in PyTorch: a max and two differentiable all-reduces). Rank 0
 prints the lines.
 
+Linear + cross-entropy with the head split over the ranks (``torchrun ... --linear D``): per
+rank, forward + backward from hidden states ``[N, D]`` and the rank's rows of the head:
+``xent_vocab_parallel_linear`` (xent.torch.vocab_parallel_linear_cross_entropy: no rank holds
+more than a chunk of its logits) against ``megatron_style_linear`` (``h @ W_rᵀ``, then
+``megatron_style``, the hidden states' gradient all-reduced), and ``xent_linear`` with ``world``
+1 (the whole head on rank 0); ``--entropy`` adds the entropy bonus of each; ``--as-worlds 2,4,8``
+on one rank also times one rank's share of a P-rank call alone (rows with ``as_world``).
+
 Usage: [--configs N:V,...] [--worlds 1,2,4,8] [--distributed] [--chunkings auto,LEN[:THREADS],...]
-[--entropy]
+[--entropy] [--linear D [--as-worlds P,...]]
 """
 
 import argparse
@@ -235,6 +243,118 @@ def distributed(configs, entropic=False):
     dist.destroy_process_group()
 
 
+def linear_methods(target, start, v, entropic):
+    """The linear + cross-entropy methods of one rank's shard ``w`` ``[V_r, D]`` of the head."""
+    import torch.distributed as dist
+
+    def megatron_linear(hh, ww):
+        return megatron_style(hh @ ww.t(), target, None, start)
+
+    methods = {
+        "xent_vocab_parallel_linear": lambda hh, ww: xt.vocab_parallel_linear_cross_entropy(
+            hh, ww, target, vocab_start=start, vocab_size=v),
+        "megatron_style_linear": megatron_linear,
+    }
+    if entropic:
+        beta, valid = 0.01, target != -100
+
+        def xent_bonus(hh, ww):
+            out = xt.vocab_parallel_linear_cross_entropy(hh, ww, target, vocab_start=start, vocab_size=v,
+                                                         return_entropy=True)
+            return out.loss - beta * out.entropy[valid].mean()
+
+        def megatron_bonus(hh, ww):
+            logits = hh @ ww.t()
+            entropy = verl_style_entropy(logits, None)
+            return megatron_style(logits, target, None, start) - beta * entropy[valid].mean()
+
+        methods["xent_vocab_parallel_linear[entropy_bonus]"] = xent_bonus
+        methods["megatron_style_linear[entropy_bonus]"] = megatron_bonus
+    # Megatron's column-parallel layer all-reduces the hidden states' gradient in its backward;
+    # xent does it inside its call (reduce_input_grad).
+    reduce_after = {name: name.startswith("megatron") and dist.get_world_size() > 1 for name in methods}
+    return methods, reduce_after
+
+
+def distributed_linear(configs, d, entropic=False, as_worlds=(None,)):
+    """Linear + cross-entropy with the head split over the ranks (``--linear D``): per rank,
+    forward + backward (the hidden states' and the shard's gradients) of the mean loss from
+    hidden states ``[N, D]`` and the shard ``[V_r, D]``: ``xent_vocab_parallel_linear`` against
+    ``megatron_style_linear`` (the shard's logits by ``h @ W_rᵀ``, then ``megatron_style``, the
+    hidden states' gradient all-reduced after), and ``xent_linear`` with ``world`` 1 (rank 0, the
+    whole head). ``as_worlds`` (one rank only): one rank's share of a P-rank call timed alone (a
+    shard of V/P classes of V; the collectives are a rank's own, so the loss is not the whole
+    vocabulary's: for time only), rows with ``as_world`` P."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    for n, v in configs:
+        for as_world in as_worlds:
+            parts = as_world or world
+            base, extra = divmod(v, parts)
+            r = rank if as_world is None else 0
+            width = base + (1 if r < extra else 0)
+            start = r * base + min(r, extra)
+            gen = torch.Generator().manual_seed(0)
+            h0 = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
+            w0 = (torch.randn(width, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
+            target = torch.randint(0, v, (n,), generator=gen).cuda()
+            target[::7] = -100
+            methods, reduce_after = linear_methods(target, start, v, entropic)
+            for name, fn in methods.items():
+                h = h0.clone().requires_grad_(True)
+                w = w0.clone().requires_grad_(True)
+
+                def step():
+                    h.grad = w.grad = None
+                    fn(h, w).backward()
+                    if reduce_after[name]:
+                        dist.all_reduce(h.grad)
+
+                try:
+                    step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base_mem = torch.cuda.memory_allocated()
+                    ms = timed(step)
+                    peak = torch.cuda.max_memory_allocated() - base_mem
+                    row = {"method": name, "world": world, "n": n, "d": d, "v": v, "dtype": "bf16",
+                           "ms_median": round(ms, 3), "extra_peak_MiB": round(peak / 2**20),
+                           "tflops_per_rank": round(6 * n * d * width / (ms * 1e-3) / 1e12, 1)}
+                    if as_world is not None:
+                        row["as_world"] = as_world
+                except Exception as ex:
+                    row = {"method": name, "world": world, "n": n, "v": v, "error": repr(ex)[:200]}
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+            del h0, w0
+        if rank == 0:
+            gen = torch.Generator().manual_seed(0)
+            h = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda().requires_grad_(True)
+            w = (torch.randn(v, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda().requires_grad_(True)
+            target = torch.randint(0, v, (n,), generator=gen).cuda()
+            target[::7] = -100
+
+            def whole_step():
+                h.grad = w.grad = None
+                xt.linear_cross_entropy(h, w, target, skip_ignored=False).backward()
+
+            whole_step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            ms = timed(whole_step)
+            peak = torch.cuda.max_memory_allocated() - base_mem
+            print(json.dumps({"method": "xent_linear", "world": 1, "n": n, "d": d, "v": v, "dtype": "bf16",
+                              "ms_median": round(ms, 3), "extra_peak_MiB": round(peak / 2**20),
+                              "tflops_per_rank": round(6 * n * d * v / (ms * 1e-3) / 1e12, 1)}), flush=True)
+            del h, w
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=DEFAULT_CONFIGS)
@@ -244,9 +364,16 @@ def main():
                     help="one GPU: shard chunkings to compare, 'auto' or XENT_SHARD_CHUNK values")
     ap.add_argument("--entropy", action="store_true",
                     help="also the entropies (one GPU) and an entropy bonus (distributed)")
+    ap.add_argument("--linear", type=int, default=0, metavar="D",
+                    help="distributed: linear + cross-entropy from hidden states of D features")
+    ap.add_argument("--as-worlds", default="",
+                    help="with --linear on one rank: also one rank's share of P-rank calls, e.g. 2,4,8")
     a = ap.parse_args()
     configs = [tuple(map(int, c.split(":"))) for c in a.configs.split(",")]
-    if a.distributed:
+    if a.linear:
+        as_worlds = [None] + [int(p) for p in a.as_worlds.split(",") if p]
+        distributed_linear(configs, a.linear, a.entropy, as_worlds)
+    elif a.distributed:
         distributed(configs, a.entropy)
     else:
         entropies = (False, True) if a.entropy else (False,)

@@ -358,6 +358,20 @@ fn shards_split_evenly_and_bad_calls_are_errors() {
             matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("return_entropy")),
             "{err:?}"
         );
+        // A shard wider than the layout's chunks cover (they cover the widest shard of the even
+        // split, 5 of 10 classes here, in chunks of 8) would leave columns unread: refused.
+        let mut wide_logits = stream.clone_htod(&[0.0f32; 18]).unwrap();
+        let wide = vocab_parallel::ShardCall {
+            logits: RawBuffer::of(&stream, &mut wide_logits),
+            shape: Shape::flat(2, 9),
+            shard: Shard { start: 0, width: 9 },
+            ..call
+        };
+        let err = unsafe { xent.raw_shard_stats(&stream, &wide, &opts, &without, send) };
+        assert!(
+            matches!(&err, Err(xent::Error::InvalidOption(m)) if m.contains("wider")),
+            "{err:?}"
+        );
     }
     // The gathered stats of the wrong row count.
     let mut grad = logits.clone();

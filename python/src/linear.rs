@@ -9,7 +9,9 @@ use pyo3::prelude::*;
 use xent::cublaslt::CublasLt;
 use xent::linear::{
     LinearPass, LinearShape, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
+    RawLinearShardCall,
 };
+use xent::vocab_parallel::Collective;
 
 use super::{
     Buffer, Device, Options, dtype_of, label_type_of, py_err, raw, raw_loss, with_outputs,
@@ -68,6 +70,48 @@ fn pass_of(name: &str, upstream: Option<Buffer>) -> PyResult<LinearPass> {
 /// A gradient buffer and its dtype's name.
 type GradArg = Option<(Buffer, String)>;
 
+/// A rank's part of a call whose LM head is split by vocabulary: `(start, vocab, world)`, its
+/// classes `start..start + V_r` of `vocab` over `world` ranks.
+type ShardArgs = (usize, usize, usize);
+
+/// A vocabulary-split call's collective: `(rank, gather, send, recv)`, `gather(count)` a Python
+/// callable that all-gathers the first `count` values of `send` (float32) from every rank into
+/// the first `world · count` of `recv`, in rank order, on PyTorch's current stream.
+type GatherArgs = (usize, Py<PyAny>, Buffer, Buffer);
+
+/// The all-gather as a Python callable does it (`torch.distributed.all_gather_into_tensor` on
+/// the caller's tensors); an exception it raises is kept and raised again by the call.
+struct PyGather {
+    world: usize,
+    rank: usize,
+    gather: Py<PyAny>,
+    failed: std::sync::Mutex<Option<PyErr>>,
+}
+
+impl Collective for PyGather {
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    unsafe fn all_gather_f32(
+        &self,
+        _send: u64,
+        _recv: u64,
+        count: usize,
+        _stream: &std::sync::Arc<xent::cudarc::driver::CudaStream>,
+    ) -> xent::Result<()> {
+        Python::attach(|py| self.gather.call1(py, (count,)).map(|_| ())).map_err(|err| {
+            let message = format!("the all-gather raised {err}");
+            *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+            xent::Error::Driver(message)
+        })
+    }
+}
+
 fn raw_grad(grad: GradArg) -> PyResult<Option<RawGrad>> {
     grad.map(|(buffer, dtype)| {
         Ok(RawGrad {
@@ -106,7 +150,7 @@ pub(crate) fn open_cublaslt(device: &Device, dirs: Vec<String>) -> PyResult<Stri
 /// `budget` bytes (None: the default).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget))]
+#[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget, shard=None))]
 pub(crate) fn linear_scratch(
     device: &Device,
     hidden: Buffer,
@@ -120,7 +164,8 @@ pub(crate) fn linear_scratch(
     opts: &Options,
     pass_name: &str,
     budget: Option<usize>,
-) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
+    shard: Option<ShardArgs>,
+) -> PyResult<(usize, usize, usize, usize, usize, usize, usize)> {
     let call = raw_linear_call((
         hidden,
         weight,
@@ -132,10 +177,27 @@ pub(crate) fn linear_scratch(
         class_weight,
     ))?;
     let pass = pass_of(pass_name, Some((0, 1)))?;
-    let lens = device
-        .xent
-        .raw_linear_scratch_lens(&call, &opts.inner, pass, budget)
-        .map_err(py_err)?;
+    let (lens, gather_words) = match shard {
+        None => (
+            device
+                .xent
+                .raw_linear_scratch_lens(&call, &opts.inner, pass, budget)
+                .map_err(py_err)?,
+            0,
+        ),
+        Some((start, vocab, world)) => {
+            let call = RawLinearShardCall {
+                linear: call,
+                start,
+                vocab,
+            };
+            let lens = device
+                .xent
+                .raw_linear_shard_scratch_lens(&call, world, &opts.inner, pass, budget)
+                .map_err(py_err)?;
+            (lens.linear, lens.gather_words)
+        }
+    };
     Ok((
         lens.chunk_rows,
         lens.logits_bytes,
@@ -143,6 +205,7 @@ pub(crate) fn linear_scratch(
         lens.labels_bytes,
         lens.ones_len,
         lens.loss_workspace_len,
+        gather_words,
     ))
 }
 
@@ -157,7 +220,7 @@ pub(crate) fn linear_scratch(
 /// that its forward wrote into `entropy`, times that upstream.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None, entropy=None, entropy_upstream=None))]
+#[pyo3(signature = (device, stream, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, upstream, stats, workspace, grads, scratch, predicted=None, entropy=None, entropy_upstream=None, shard=None, gather=None))]
 pub(crate) fn linear(
     device: &Device,
     stream: usize,
@@ -179,6 +242,8 @@ pub(crate) fn linear(
     predicted: Option<Buffer>,
     entropy: Option<Buffer>,
     entropy_upstream: Option<Buffer>,
+    shard: Option<ShardArgs>,
+    gather: Option<GatherArgs>,
 ) -> PyResult<()> {
     let call = raw_linear_call((
         hidden,
@@ -220,22 +285,62 @@ pub(crate) fn linear(
     };
     let blas = device.blas()?;
     let stream = device.stream(stream);
-    // SAFETY: `xent/torch/linear.py` took every address and length from a live tensor of
-    // this device, of the dtype named, sized the scratch with `linear_scratch` and filled the
-    // ones; the tensors outlive the enqueued work (PyTorch's caching allocator reuses memory
-    // only in stream order).
-    unsafe {
-        device.xent.raw_linear_with_entropy(
+    let entropy_upstream = entropy_upstream.map(raw);
+    let Some((start, vocab, world)) = shard else {
+        // SAFETY: `xent/torch/linear.py` took every address and length from a live tensor of
+        // this device, of the dtype named, sized the scratch with `linear_scratch` and filled the
+        // ones; the tensors outlive the enqueued work (PyTorch's caching allocator reuses memory
+        // only in stream order).
+        return unsafe {
+            device.xent.raw_linear_with_entropy(
+                blas,
+                &stream,
+                &call,
+                &opts,
+                pass,
+                &out,
+                entropy_upstream,
+                &grads,
+                &scratch,
+            )
+        }
+        .map_err(py_err);
+    };
+    let Some((rank, gather, send, recv)) = gather else {
+        return Err(PyValueError::new_err(
+            "a vocabulary-split call needs its all-gather",
+        ));
+    };
+    let call = RawLinearShardCall {
+        linear: call,
+        start,
+        vocab,
+    };
+    let comm = PyGather {
+        world,
+        rank,
+        gather,
+        failed: std::sync::Mutex::new(None),
+    };
+    // SAFETY: as above, and `gather` all-gathers into `recv` on PyTorch's current stream, which
+    // is `stream`.
+    let result = unsafe {
+        device.xent.raw_linear_vocab_parallel(
             blas,
             &stream,
+            &comm,
             &call,
             &opts,
             pass,
             &out,
-            entropy_upstream.map(raw),
+            entropy_upstream,
             &grads,
             &scratch,
+            (raw(send), raw(recv)),
         )
+    };
+    if let Some(err) = comm.failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(err);
     }
-    .map_err(py_err)
+    result.map_err(py_err)
 }

@@ -359,3 +359,93 @@ def test_torch_compile_through_a_one_rank_nccl_group():
             torch.testing.assert_close(e_loss.double().cpu(), ref.loss.reshape(e_loss.shape).cpu(), rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+LINEAR_CASES = {
+    "mean": dict(),
+    "options": dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, grad_scale=0.5,
+                    return_token_accuracy=True, return_predicted_tokens=True),
+    "weighted bias": dict(weighted=True, bias=True, label_smoothing=0.05),
+    "causal": dict(causal_shift=True),
+    "none": dict(reduction="none"),
+    "entropy bonus": dict(return_entropy=True, softcap=3.0),
+}
+
+
+def test_vocab_parallel_linear_through_a_one_rank_nccl_group():
+    """``xt.vocab_parallel_linear_cross_entropy`` on a one-rank group (the collective through
+    NCCL, the head whole) against ``xt.linear_cross_entropy`` over the same head: the same loss,
+    outputs and gradients to a few units of bfloat16, fused and two-phase, in chunks and whole;
+    with the ranks' shard beside the one-rank split, and the refusals."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this PyTorch")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29519", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        n, d, v = 150, 64, 1003
+        for name, case in LINEAR_CASES.items():
+            case = dict(case)
+            weighted, with_bias = case.pop("weighted", False), case.pop("bias", False)
+            h = (torch.randn(2, n // 2, d, generator=gen)).to(torch.bfloat16).cuda()
+            w = (torch.randn(v, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
+            b = (torch.randn(v, generator=gen) * 0.1).to(torch.bfloat16).cuda() if with_bias else None
+            y = torch.randint(0, v, (2, n // 2), generator=gen).cuda()
+            y[:, ::7] = -100
+            cw = (torch.rand(v, generator=gen) + 0.5).cuda() if weighted else None
+            upstream = torch.rand(2, n // 2, device="cuda") + 0.25 if case.get("reduction") == "none" else None
+            for chunk_bytes in (None, 16 * v * 2):
+                results = []
+                for fn in ("whole", "split"):
+                    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                    bb = b.clone().requires_grad_() if b is not None else None
+                    kw = dict(case, ce_weight=cw, chunk_bytes=chunk_bytes)
+                    if fn == "whole":
+                        out = xt.linear_cross_entropy(hh, ww, y, bb, skip_ignored=False, **kw)
+                    else:
+                        out = xt.vocab_parallel_linear_cross_entropy(hh, ww, y, bb, **kw)
+                    loss = out if isinstance(out, torch.Tensor) else out.loss
+                    total = (loss * upstream).sum() if upstream is not None else loss
+                    if case.get("return_entropy"):
+                        total = total - 0.1 * out.entropy.mean()
+                    total.backward()
+                    results.append((out, hh.grad, ww.grad, None if bb is None else bb.grad))
+                (whole, *whole_grads), (split_out, *split_grads) = results
+                what = f"{name}, chunk_bytes {chunk_bytes}"
+                if isinstance(whole, torch.Tensor):
+                    assert torch.allclose(split_out, whole, rtol=1e-5, atol=1e-5), what
+                else:
+                    for field in ("loss", "z_loss", "token_accuracy", "entropy"):
+                        a, c = getattr(split_out, field), getattr(whole, field)
+                        if c is not None:
+                            assert torch.allclose(a.float(), c.float(), rtol=1e-5, atol=1e-5), f"{what}: {field}"
+                    if whole.predicted_tokens is not None:
+                        assert torch.equal(split_out.predicted_tokens, whole.predicted_tokens), what
+                for got, want in zip(split_grads, whole_grads):
+                    if want is None:
+                        continue
+                    err = float((got.double() - want.double()).abs().max())
+                    assert err <= 4 * 2.0**-8 * float(want.double().abs().max()), f"{what}: gradient off by {err}"
+        # The explicit shard of a one-rank group is the default's; a shard outside the vocabulary
+        # and class weights of the shard's size are refused.
+        h = torch.randn(8, d, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16)
+        y = torch.randint(0, v, (8,), device="cuda")
+        a = xt.vocab_parallel_linear_cross_entropy(h, w, y)
+        c = xt.vocab_parallel_linear_cross_entropy(h, w, y, vocab_start=0, vocab_size=v)
+        assert torch.equal(a, c)
+        with pytest.raises(ValueError, match="not inside"):
+            xt.vocab_parallel_linear_cross_entropy(h, w, y, vocab_start=1, vocab_size=v)
+        with pytest.raises(ValueError, match="ce_weight"):
+            xt.vocab_parallel_linear_cross_entropy(h, w, y, vocab_size=2 * v, ce_weight=torch.ones(v))
+        with pytest.raises(ValueError, match="two_phase"):
+            xt.vocab_parallel_linear_cross_entropy(h, w, y, reduction="none", two_phase=False)
+        # The fused mode's entropies are logged only: a gradient reaching them raises.
+        hh = h.clone().requires_grad_()
+        out = xt.vocab_parallel_linear_cross_entropy(hh, w, y, return_entropy=True, two_phase=False)
+        with pytest.raises(RuntimeError, match="two-phase"):
+            (out.loss - out.entropy.mean()).backward()
+    finally:
+        dist.destroy_process_group()

@@ -8,12 +8,14 @@ current stream (CPU tensors take the f64 CPU reference).
 >>> model.loss_function = xt.ForCausalLMLoss            # a Transformers model's loss
 >>> xt.fuse_linear_cross_entropy(model)                 # ... from its hidden states, no logits
 >>> xt.trl.patch_trl()                                  # TRL's fused LM head on xent's kernels
+>>> loss = xt.vocab_parallel_linear_cross_entropy(hidden, head_shard, target, group=tp)  # TP head
 """
 
 from .function import XentFunction  # imports _ops: torch.ops.xent.* for torch.compile
 from .functional import CrossEntropyOutput, cross_entropy
 from .hf import FusedHandle, ForCausalLMLoss, fuse_linear_cross_entropy
 from .linear import FusedLinearCrossEntropyLoss, linear_cross_entropy
+from .linear_parallel import vocab_parallel_linear_cross_entropy
 from .module import CrossEntropyLoss
 from .seed import CrossEntropyFunction, TritonCausalLMLoss
 from . import trl  # noqa: E402  (TRL's fused head: xent.torch.trl.chunked_logprob, patch_trl)
@@ -33,4 +35,5 @@ __all__ = [
     "linear_cross_entropy",
     "trl",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]

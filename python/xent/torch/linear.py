@@ -103,20 +103,23 @@ class _Call:
 
 
 def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None):
+         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, split=None):
     """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
     asked for). With ``predicted`` (``[rows]`` int64; a forward or fused pass) each scored row's
     first maximal logit's class goes there too, and with ``entropy`` (``[rows]`` float32) its
     entropy. A backward pass with ``entropy_upstream`` (``[rows]`` float32) adds the gradient of
-    the forward's ``entropy`` times it. The scratch comes from PyTorch's allocator and goes back
-    to its cache after."""
+    the forward's ``entropy`` times it. ``split``: the head is split by vocabulary,
+    ``(vocab_start, vocab_size, rank, world, all_gather)`` with ``all_gather(send, recv)`` the
+    ranks' collective (``xent.torch.linear_parallel``); the hidden states' gradient is then this
+    rank's part. The scratch comes from PyTorch's allocator and goes back to its cache after."""
     device = call.hidden.device
     index = device.index
     handle = _device(index)
     checked = _launch.checked(opts)
     inputs = call.inputs()
-    chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len = _xent.linear_scratch(
-        handle, *inputs, checked, pass_name, chunk_bytes
+    shard = None if split is None else (split[0], split[1], split[3])
+    chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len, gather_words = (
+        _xent.linear_scratch(handle, *inputs, checked, pass_name, chunk_bytes, shard)
     )
     u8 = dict(dtype=torch.uint8, device=device)
     logits = torch.empty(max(logits_bytes, 1), **u8)
@@ -133,12 +136,22 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     def typed(tensor):
         return None if tensor is None else (_buffer(tensor), _dtype(tensor))
 
+    gather = None
+    if split is not None:
+        rank, world, all_gather = split[2], split[3], split[4]
+        send = torch.empty(max(gather_words, 1), dtype=torch.float32, device=device)
+        recv = torch.empty(max(world * gather_words, 1), dtype=torch.float32, device=device)
+
+        def gather_chunk(count):
+            all_gather(send[:count], recv[: world * count])
+
+        gather = (rank, gather_chunk, _buffer(send), _buffer(recv))
     with _launch._on(index):
         _xent.linear(
             handle, _launch._stream(index), *inputs, checked, pass_name, _buffer(upstream),
             _buffer(stats), _buffer(workspace), (_buffer(grad_h), typed(grad_w), typed(grad_b), False),
             (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
-            _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream),
+            _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), shard, gather,
         )
     return grad_h, grad_w, grad_b
 
