@@ -902,7 +902,7 @@ struct RankOut {
 fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
     xent: &xent::CrossEntropy,
     blas: &xent::cublaslt::CublasLt,
-    comm: &ThreadGather,
+    comm: &dyn xent::vocab_parallel::Collective,
     cpu: &Arithmetic<T>,
     shard: xent::vocab_parallel::Shard,
     (with_bias, labels): (bool, &[i64]),
@@ -955,7 +955,7 @@ fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
         LinearPass::Fused
     };
     let lens = xent
-        .raw_linear_shard_scratch_lens(&call, comm.world, opts, first_pass, budget)
+        .raw_linear_shard_scratch_lens(&call, comm.world(), opts, first_pass, budget)
         .map_err(e)?;
     let l = lens.linear;
     let mut logits = stream.alloc_zeros::<u8>(l.logits_bytes).unwrap();
@@ -973,7 +973,7 @@ fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
     };
     let mut send = stream.alloc_zeros::<f32>(lens.gather_words.max(1)).unwrap();
     let mut recv = stream
-        .alloc_zeros::<f32>((comm.world * lens.gather_words).max(1))
+        .alloc_zeros::<f32>((comm.world() * lens.gather_words).max(1))
         .unwrap();
     let gather = (
         RawBuffer::of(&stream, &mut send),
@@ -1265,4 +1265,86 @@ fn check_ranks(
         .map_err(|msg| format!("rank {rank}: {msg}"))?;
     }
     Ok(())
+}
+
+/// The same over NCCL, one thread per GPU of the machine (one rank on a one-GPU machine: the
+/// communicator on the call path; issue 16's run on several), the head split over them, a few
+/// option sets, fused and two-phase. `XENT_NCCL_WORLD` caps the ranks.
+#[test]
+fn gpu_linear_vocab_parallel_over_nccl_on_every_gpu() {
+    use xent::half::bf16;
+    use xent::vocab_parallel::Shard;
+    let Some(nccl) = xent_tests::nccl_for_gpu_tests() else {
+        return;
+    };
+    let world = xent_tests::nccl_world();
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 333,
+        hidden: 64,
+        vocab: 4003,
+    };
+    let rows = shape.rows();
+    let labels: Vec<i64> = (0..rows as i64)
+        .map(|r| if r % 9 == 4 { -100 } else { (r * 37) % 4003 })
+        .collect();
+    let shards = Shard::split(shape.vocab, world).unwrap();
+    let mut sets = xent_tests::vocab_parallel_option_sets(shape.vocab);
+    sets.retain(|(name, _)| ["mean", "every option", "causal"].contains(name));
+    sets.push((
+        "entropy",
+        Options {
+            return_entropy: true,
+            return_predicted_tokens: true,
+            ..Options::default()
+        },
+    ));
+    let entropy_rows: Vec<f32> = (0..rows).map(|r| (r % 5) as f32 * 0.1 - 0.2).collect();
+    let mut failures = Vec::new();
+    for (name, opts) in &sets {
+        for two_phase in [false, true] {
+            let e_up = (two_phase && opts.return_entropy).then_some(entropy_rows.as_slice());
+            let cpu = Arithmetic::<bf16>::new(shape, true, &labels, opts, (&[1.0], e_up)).unwrap();
+            // Chunks of 128 rows: six, the last shorter.
+            let budget = Some(128 * shards[0].width * 2);
+            let id = nccl.unique_id().expect("ncclGetUniqueId");
+            let outs: Vec<Result<RankOut, String>> = std::thread::scope(|scope| {
+                let threads: Vec<_> = shards
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, &shard)| {
+                        let (nccl, cpu, labels) = (&nccl, &cpu, &labels);
+                        scope.spawn(move || {
+                            let e = |e: xent::Error| e.to_string();
+                            let xent = xent::CrossEntropy::new(rank).map_err(e)?;
+                            xent.context().bind_to_thread().map_err(|e| e.to_string())?;
+                            let blas = xent::cublaslt::CublasLt::open(&[]).map_err(e)?;
+                            let comm = nccl.comm_init_rank(world, id, rank).map_err(e)?;
+                            linear_rank(
+                                &xent,
+                                &blas,
+                                &comm,
+                                cpu,
+                                shard,
+                                (true, labels),
+                                opts,
+                                budget,
+                                two_phase.then_some((&[1.0f32][..], e_up)),
+                            )
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            if let Err(msg) = check_ranks(&cpu, &shards, outs) {
+                failures.push(format!("{name}, two-phase {two_phase}: {msg}"));
+            }
+        }
+    }
+    println!(
+        "vocabulary-parallel linear over NCCL: {world} rank(s), {} cases, {} failed",
+        2 * sets.len(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -5,25 +5,7 @@
 use std::path::PathBuf;
 
 use xent::nccl::{self, Nccl};
-
-/// The site-packages folders of `python3`, if there is one.
-fn site_packages() -> Vec<PathBuf> {
-    std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import site; print('\\n'.join(site.getsitepackages()))",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(PathBuf::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use xent_tests::{nccl_for_gpu_tests, nccl_world, site_packages};
 
 #[test]
 fn candidates_look_where_the_wheels_put_nccl() {
@@ -326,33 +308,6 @@ fn check_rank(
         }
     }
     Ok(())
-}
-
-/// NCCL from `XENT_NCCL` or PyTorch's wheel, on a machine with a GPU (`None`: skip; a GPU
-/// without NCCL under `XENT_REQUIRE_GPU=1` fails).
-fn nccl_for_gpu_tests() -> Option<Nccl> {
-    xent_tests::gpu()?;
-    match Nccl::open(&[], &site_packages()) {
-        Ok(nccl) => Some(nccl),
-        Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("a GPU but no NCCL (set XENT_NCCL): {err}")
-        }
-        Err(err) => {
-            eprintln!("SKIPPED: no NCCL ({err})");
-            None
-        }
-    }
-}
-
-/// Ranks of the multi-GPU tests: every GPU, at most `XENT_NCCL_WORLD`.
-fn nccl_world() -> usize {
-    let gpus = xent::cudarc::driver::CudaContext::device_count().unwrap() as usize;
-    std::env::var("XENT_NCCL_WORLD")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(gpus)
-        .min(gpus)
-        .max(1)
 }
 
 /// The vocabulary-parallel call over NCCL (issues 15 and 16): one thread per GPU of the machine

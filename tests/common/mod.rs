@@ -907,3 +907,49 @@ pub fn vocab_parallel_option_sets(vocab: usize) -> Vec<(&'static str, Options)> 
     ]);
     sets
 }
+
+/// The site-packages folders of `python3`, if there is one (where PyTorch's wheels put NCCL).
+pub fn site_packages() -> Vec<std::path::PathBuf> {
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import site; print('\\n'.join(site.getsitepackages()))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(std::path::PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// NCCL from `XENT_NCCL` or PyTorch's wheel, on a machine with a GPU (`None`: skip; a GPU
+/// without NCCL under `XENT_REQUIRE_GPU=1` fails).
+pub fn nccl_for_gpu_tests() -> Option<xent::nccl::Nccl> {
+    gpu()?;
+    match xent::nccl::Nccl::open(&[], &site_packages()) {
+        Ok(nccl) => Some(nccl),
+        Err(err) if std::env::var("XENT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("a GPU but no NCCL (set XENT_NCCL): {err}")
+        }
+        Err(err) => {
+            eprintln!("SKIPPED: no NCCL ({err})");
+            None
+        }
+    }
+}
+
+/// Ranks of the multi-GPU tests: every GPU, at most `XENT_NCCL_WORLD`.
+pub fn nccl_world() -> usize {
+    let gpus = xent::cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    std::env::var("XENT_NCCL_WORLD")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(gpus)
+        .min(gpus)
+        .max(1)
+}
