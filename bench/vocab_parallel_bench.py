@@ -283,8 +283,8 @@ def distributed_linear(configs, d, entropic=False, as_worlds=(None,)):
     ``megatron_style_linear`` (the shard's logits by ``h @ W_rᵀ``, then ``megatron_style``, the
     hidden states' gradient all-reduced after), and ``xent_linear`` with ``world`` 1 (rank 0, the
     whole head). ``as_worlds`` (one rank only): one rank's share of a P-rank call timed alone (a
-    shard of V/P classes of V; the collectives are a rank's own, so the loss is not the whole
-    vocabulary's: for time only), rows with ``as_world`` P."""
+    call over V/P classes: the same GEMMs, kernels and summaries as a rank of a P-rank call,
+    without the collectives; for time only), rows with ``as_world`` P."""
     import torch.distributed as dist
 
     dist.init_process_group("nccl")
@@ -297,12 +297,16 @@ def distributed_linear(configs, d, entropic=False, as_worlds=(None,)):
             r = rank if as_world is None else 0
             width = base + (1 if r < extra else 0)
             start = r * base + min(r, extra)
+            # One rank's share alone: a call over its V/P classes (the same GEMMs, kernels and
+            # summaries as a rank of a P-rank call, without the collectives).
+            vocab = v if as_world is None else width
+            start = start if as_world is None else 0
             gen = torch.Generator().manual_seed(0)
             h0 = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
             w0 = (torch.randn(width, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
-            target = torch.randint(0, v, (n,), generator=gen).cuda()
+            target = torch.randint(0, vocab, (n,), generator=gen).cuda()
             target[::7] = -100
-            methods, reduce_after = linear_methods(target, start, v, entropic)
+            methods, reduce_after = linear_methods(target, start, vocab, entropic)
             for name, fn in methods.items():
                 h = h0.clone().requires_grad_(True)
                 w = w0.clone().requires_grad_(True)
