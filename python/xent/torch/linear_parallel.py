@@ -23,6 +23,10 @@ each chunk's logits again, with no collective but the hidden states' all-reduce)
 
 Eager only: under ``torch.compile`` the call is a graph break (the collective runs inside xent's
 chunk loop, which the compiler cannot trace).
+
+CPU tensors (a gloo group, say) take the unfused path: each rank's logits ``h @ W_r.T + b_r``
+are all-gathered whole and ``xt.cross_entropy`` runs on the f64 CPU reference, the same values in
+``O(N·V)`` memory, for tests and small runs; the shards must then be the even split.
 """
 
 from __future__ import annotations
@@ -122,6 +126,96 @@ class _LinearVocabParallel(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, *nones
 
 
+class _InputGradSum(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over the ranks of ``group`` (Megatron's
+    ``copy_to_tensor_model_parallel_region``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherColumns(torch.autograd.Function):
+    """Every rank's logits ``[rows, V_q]`` side by side, ``[rows, V]`` (the even split's widths;
+    padded to the widest for the all-gather); the backward takes this rank's columns of the
+    gradient (every rank computes the same loss from the same whole logits)."""
+
+    @staticmethod
+    def forward(ctx, local, widths, rank, group):
+        import torch.distributed as dist
+
+        widest = max(widths)
+        padded = torch.nn.functional.pad(local, (0, widest - local.shape[-1])).contiguous()
+        pieces = [torch.empty_like(padded) for _ in widths]
+        dist.all_gather(pieces, padded, group=group)
+        ctx.start, ctx.width = sum(widths[:rank]), widths[rank]
+        return torch.cat([p[:, :w] for p, w in zip(pieces, widths)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.start:ctx.start + ctx.width], None, None, None
+
+
+def _even_split(vocab, world):
+    """Megatron's split (``xent::vocab_parallel::Shard::split``): ``(start, width)`` per rank."""
+    base, extra = divmod(vocab, world)
+    return [(r * base + min(r, extra), base + (1 if r < extra else 0)) for r in range(world)]
+
+
+def _unfused(hidden, weight, target, bias, ce_weight, split, group, reduce_input_grad, common):
+    """The CPU path: every rank's logits gathered whole, then ``xt.cross_entropy``."""
+    from .functional import cross_entropy
+
+    vocab_start, vocab_size, rank, world = split
+    shards = _even_split(vocab_size, world)
+    if shards[rank] != (vocab_start, weight.shape[0]):
+        raise ValueError(
+            f"on CPU tensors the shards must be the even split of the vocabulary: rank {rank}'s is "
+            f"[{shards[rank][0]}, {sum(shards[rank])}), not [{vocab_start}, {vocab_start + weight.shape[0]})"
+        )
+    if reduce_input_grad and world > 1:
+        hidden = _InputGradSum.apply(hidden, group)
+    local = torch.nn.functional.linear(hidden, weight, bias)
+    lead = local.shape[:-1]
+    whole = _GatherColumns.apply(local.reshape(-1, local.shape[-1]), [w for _, w in shards], rank, group)
+    return cross_entropy(whole.reshape(*lead, vocab_size), target, ce_weight, **common)
+
+
+# (group, world, width) whose ranks were found to hold shards of one width: the default split
+# is checked once per group and width (one small all-gather and a wait).
+_EQUAL_WIDTHS: set = set()
+
+
+def _check_equal_widths(width, world, group, device):
+    """The default ``vocab_start`` and ``vocab_size`` assume every rank's shard is ``width`` wide
+    (Megatron pads its vocabulary so); ranks of other widths would disagree on the vocabulary and
+    on their collectives' sizes, so every rank raises ValueError instead."""
+    import torch.distributed as dist
+
+    key = (id(group), world, width)
+    if world == 1 or key in _EQUAL_WIDTHS:
+        return
+    mine = torch.tensor([width], dtype=torch.int64, device=device)
+    widths = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(widths, mine, group=group)
+    widths = [int(w) for w in widths]
+    if len(set(widths)) > 1:
+        raise ValueError(
+            f"the ranks' head shards are {widths} classes wide: pass vocab_start and vocab_size (the "
+            "defaults are for shards of one width)"
+        )
+    _EQUAL_WIDTHS.add(key)
+
+
 def _reduce_input_grad(ctx, grad_hidden):
     """The hidden states' gradient summed over the ranks, in place (where asked for)."""
     if grad_hidden is None or not ctx.reduce_input_grad or ctx.split[3] == 1:
@@ -165,10 +259,12 @@ def vocab_parallel_linear_cross_entropy(
     ``xt.linear_cross_entropy`` over the whole head returns (the same on every rank), every option
     meaning the same; differentiable in ``input``, ``weight`` and ``bias``.
 
-    - ``vocab_start``, ``vocab_size``: None for the even split (Megatron's, its vocabulary padded
-      to a multiple of the ranks): ``rank · V_r`` and ``world · V_r``. The ranks' shards must fit
-      the even split of ``vocab_size`` (``xent.vocab_parallel.Shard::split``: the first
-      ``vocab_size % world`` ranks take one class more).
+    - ``vocab_start``, ``vocab_size``: None for shards of one width (Megatron's, its vocabulary
+      padded to a multiple of the ranks): ``rank · V_r`` and ``world · V_r``, checked once per group
+      and width (an all-gather of the widths; ranks of several widths raise ValueError). Uneven
+      shards pass both; they must be the even split of ``vocab_size``
+      (``xent::vocab_parallel::Shard::split``: the first ``vocab_size % world`` ranks take one
+      class more), or fit its widest shard.
     - ``reduce_input_grad``: the hidden states' gradient summed over the ranks (one
       ``all_reduce`` of ``[N, D]``, the default); False leaves each rank its own part, for a caller
       whose layer reduces it already (Megatron's ``copy_to_tensor_model_parallel_region``).
@@ -191,10 +287,10 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_bytes is not None and chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     hidden, weight_c, target_c, bias_c, _, shape = _check(input, weight, target, bias, None, causal_shift)
-    if not hidden.is_cuda:
-        raise ValueError("vocab_parallel_linear_cross_entropy runs on CUDA tensors")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     width = weight_c.shape[0]
+    if vocab_start is None or vocab_size is None:
+        _check_equal_widths(width, world, group, hidden.device)
     vocab_start = rank * width if vocab_start is None else vocab_start
     vocab_size = world * width if vocab_size is None else vocab_size
     if not (0 <= vocab_start and vocab_start + width <= vocab_size):
@@ -207,6 +303,15 @@ def vocab_parallel_linear_cross_entropy(
         two_phase = reduction == "none" or return_entropy
     if reduction == "none" and not two_phase:
         raise ValueError("reduction='none' needs two_phase=True (a per-row upstream cannot reach a summed gradient)")
+    if not hidden.is_cuda:
+        common = dict(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
+            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            return_predicted_tokens=return_predicted_tokens, grad_scale=grad_scale, return_entropy=return_entropy,
+        )
+        return _unfused(input, weight, target, bias, ce_weight, (vocab_start, vocab_size, rank, world), group,
+                        reduce_input_grad, common)
     loss, stats, predicted, entropy = _LinearVocabParallel.apply(
         hidden, weight_c, target_c, bias_c, ce_weight, opts, shape, (vocab_start, vocab_size, rank, world), group,
         two_phase, accum_dtype, chunk_bytes, return_predicted_tokens, return_entropy, reduce_input_grad,

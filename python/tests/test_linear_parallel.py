@@ -1,0 +1,147 @@
+"""``xt.vocab_parallel_linear_cross_entropy`` over several ranks on the CPU (gloo): this file run as
+three processes (``python test_linear_parallel.py RANK WORLD PORT OUT``), each holding its rows of
+a head of 1003 classes (uneven shards), against ``xt.linear_cross_entropy`` over the whole head in
+the same process: the loss and its outputs the same on every rank, the hidden states' gradient
+summed over the ranks (or each rank's part with ``reduce_input_grad=False``), each rank's weight
+and bias gradient its rows of the whole one. The CUDA path's own tests are in
+``test_vocab_parallel.py`` (a one-rank NCCL group) and ``tests/linear.rs`` (P ranks as threads on
+one GPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import pytest
+
+torch = pytest.importorskip("torch") if __name__ != "__main__" else __import__("torch")
+
+WORLD = 3
+N, D, V = 40, 16, 1003
+CASES = {
+    "mean": dict(),
+    "options": dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, grad_scale=0.5, return_z_loss=True,
+                    return_token_accuracy=True, return_predicted_tokens=True),
+    "weighted bias": dict(weighted=True, bias=True, label_smoothing=0.05),
+    "causal": dict(causal_shift=True),
+    "none": dict(reduction="none"),
+    "entropy bonus": dict(return_entropy=True, softcap=3.0),
+    "own reduction": dict(reduce_input_grad=False),
+}
+
+
+def run_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Every case on this rank; a list of mismatches (empty: all agree) goes to ``out.RANK``."""
+    import torch.distributed as dist
+
+    import xent.torch as xt
+    from xent.torch.linear_parallel import _even_split
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    errors = []
+    try:
+        start, width = _even_split(V, world)[rank]
+        for name, case in CASES.items():
+            case = dict(case)
+            weighted, with_bias = case.pop("weighted", False), case.pop("bias", False)
+            reduce = case.pop("reduce_input_grad", True)
+            gen = torch.Generator().manual_seed(7)
+            h = torch.randn(2, N // 2, D, generator=gen, dtype=torch.float64).float()
+            w = (torch.randn(V, D, generator=gen) / D**0.5).float()
+            b = torch.randn(V, generator=gen) * 0.1 if with_bias else None
+            y = torch.randint(0, V, (2, N // 2), generator=gen)
+            y[:, ::7] = -100
+            cw = torch.rand(V, generator=gen) + 0.5 if weighted else None
+            up = torch.rand(2, N // 2, generator=gen) + 0.25 if case.get("reduction") == "none" else None
+            results = []
+            for split in (True, False):
+                hh = h.clone().requires_grad_()
+                ww = (w[start:start + width] if split else w).clone().requires_grad_()
+                bb = None if b is None else (b[start:start + width] if split else b).clone().requires_grad_()
+                if split:
+                    out_ = xt.vocab_parallel_linear_cross_entropy(hh, ww, y, bb, ce_weight=cw, reduce_input_grad=reduce,
+                                                                 vocab_start=start, vocab_size=V, **case)
+                else:
+                    out_ = xt.linear_cross_entropy(hh, ww, y, bb, ce_weight=cw, **case)
+                loss = out_ if isinstance(out_, torch.Tensor) else out_.loss
+                total = (loss * up).sum() if up is not None else loss
+                if case.get("return_entropy"):
+                    total = total - 0.1 * out_.entropy.mean()
+                total.backward()
+                gw = ww.grad if split else ww.grad[start:start + width]
+                gb = None if bb is None else (bb.grad if split else bb.grad[start:start + width])
+                results.append((out_, hh.grad, gw, gb))
+            (got, gh, gw, gb), (want, wh, ww_, wb) = results
+            if not reduce:  # each rank's part: their sum is the gradient
+                gh = gh.clone()
+                dist.all_reduce(gh)
+            fields = [("loss", got, want)] if isinstance(got, torch.Tensor) else [
+                (f, getattr(got, f), getattr(want, f))
+                for f in ("loss", "z_loss", "token_accuracy", "predicted_tokens", "entropy")
+            ]
+            fields += [("grad_hidden", gh, wh), ("grad_weight", gw, ww_), ("grad_bias", gb, wb)]
+            for field, a, c in fields:
+                if (a is None) != (c is None):
+                    errors.append(f"{name}: {field} is {a is None} None against {c is None}")
+                elif a is not None and not torch.allclose(a.double(), c.double(), rtol=1e-5, atol=1e-6):
+                    errors.append(f"{name}: {field} differs by {float((a.double() - c.double()).abs().max()):.3g}")
+        # Uneven shards without vocab_start and vocab_size: every rank refuses (the default is
+        # for shards of one width).
+        try:
+            xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D), torch.randn(width, D), torch.zeros(4).long())
+            errors.append("uneven shards without vocab_size were not refused")
+        except ValueError as ex:
+            if "one width" not in str(ex):
+                errors.append(f"the refusal said {ex}")
+        # Shards other than the even split are refused on the CPU path (every rank's is off by one).
+        try:
+            off = start + 1 if rank < world - 1 else start - 1
+            xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D), torch.randn(width, D), torch.zeros(4).long(),
+                                                   vocab_start=off, vocab_size=V)
+            errors.append("a shard off the even split was not refused")
+        except ValueError as ex:
+            if "even split" not in str(ex):
+                errors.append(f"the refusal said {ex}")
+    except Exception:
+        errors.append(traceback.format_exc())
+    finally:
+        torch.save(errors, f"{out}.{rank}")
+        dist.destroy_process_group()
+
+
+def test_three_ranks_on_the_cpu_match_the_whole_head(tmp_path):
+    import socket
+    import subprocess
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    import xent  # the children import the xent this process imported
+
+    site = os.path.dirname(os.path.dirname(os.path.abspath(xent.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
+    out = str(tmp_path / "errors")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(WORLD), str(port), out],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD)]
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the ranks did not finish in 300 s")
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log[-3000:]}"
+        errors = torch.load(f"{out}.{rank}")
+        assert not errors, f"rank {rank}:\n" + "\n".join(errors)
+
+
+if __name__ == "__main__":
+    run_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
