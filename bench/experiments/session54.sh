@@ -25,7 +25,7 @@ for mode in "$@"; do
         grep -E "test result|cases|panicked|FAILED|failed|error|against|differ" | tail -20
       PYTHONPATH="$PWD/$site" timeout 200 python3 python/examples/vocab_parallel_linear.py 2>&1 | tail -6
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-500} python3 -m pytest -q \
-        -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear.py -rfEs 2>&1 | tail -14 ;;
+        -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py python/tests/test_linear.py -rfEs 2>&1 | tail -14 ;;
     lbench)
       echo "=== $mode $(date +%T)"
       PYTHONPATH="$PWD/$site" timeout 400 python3 -m torch.distributed.run --nproc_per_node=1 \
