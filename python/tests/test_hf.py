@@ -588,13 +588,23 @@ def test_fused_model_trains_on_two_ranks_in_mixed_precision(two_rank_steps, layo
                                            msg=f"rank {rank} step {step}: {name}")
 
 
-def test_fused_model_refuses_a_tensor_parallel_head(two_rank_steps):
-    """A head split over the vocabulary by tensor parallelism (``ColwiseParallel``, its weight a
-    DTensor that FSDP does not gather) is refused with an error on every rank, not a wrong loss."""
+def test_fused_model_with_a_tensor_parallel_head(two_rank_steps):
+    """A head split over the vocabulary by tensor parallelism (``ColwiseParallel`` over both
+    ranks, its weight a DTensor sharded on its rows; both ranks take the same batch) computes its
+    loss with ``vocab_parallel_linear_cross_entropy``: on each rank the loss and every gradient
+    (the head's gathered whole) equal one process's with the model's own loss, and no logits."""
+    import two_ranks
+
+    want = two_ranks.reference(False, 1)
     for rank, results in enumerate(two_rank_steps):
         got = results["tp_head"]
-        assert isinstance(got, str), f"rank {rank} trained a tensor-parallel head"
-        assert "TypeError: the head's weight is a DTensor (tensor parallelism?)" in got, got
+        assert not isinstance(got, str), f"rank {rank}: {got}"
+        for step, ((no_logits, loss, grads), (want_losses, want_grads)) in enumerate(zip(got, want)):
+            assert no_logits, f"rank {rank} step {step} returned logits"
+            assert loss == pytest.approx(want_losses[0], rel=2e-3), f"rank {rank} step {step}"
+            for name, ref in want_grads.items():
+                torch.testing.assert_close(grads[name], ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()),
+                                           msg=f"rank {rank} step {step}: {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

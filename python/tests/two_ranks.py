@@ -26,7 +26,8 @@ LAYOUTS = {
     "fsdp_tail_resharded": (False, False, (("model.norm", "lm_head"), True)),
     "fsdp_tied_tail": (True, False, (("model.norm", "model.embed_tokens", "lm_head"), False)),
     "fsdp_tied_tail_resharded": (True, False, (("model.norm", "model.embed_tokens", "lm_head"), True)),
-    # Refused: the head split over the vocabulary by tensor parallelism (its weight a DTensor).
+    # The head split over the vocabulary by tensor parallelism (ColwiseParallel: its weight a
+    # DTensor sharded on its rows): both ranks take the same batch, as tensor parallelism does.
     "tp_head": (False, False, "tp_head"),
 }
 # Under FSDP2's mixed precision (bf16 compute, f32 gradient reduction): the fused step against the
@@ -126,7 +127,8 @@ def main(rank: int, world: int, port: int, out: str) -> None:
             wrapped = _wrap(model, layout, mesh)
             if patched_after:
                 xt.fuse_linear_cross_entropy(model)
-            results[name] = [step_of(model, wrapped, batch(rank, step)) for step in range(STEPS)]
+            data_rank = 0 if layout == "tp_head" else rank
+            results[name] = [step_of(model, wrapped, batch(data_rank, step)) for step in range(STEPS)]
         except Exception:
             results[name] = traceback.format_exc()
         dist.barrier()

@@ -144,12 +144,14 @@ class _FusedCall:
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
              shift_labels=None, **kwargs):
         sharded = _sharded_by_fsdp(self.head)
+        split = None if sharded else _split_head(self.head)
         if not sharded:
             for name, tensor in (("weight", self.head.weight), ("input", self.hidden)):
-                if _is_dtensor(tensor):
+                if _is_dtensor(tensor) and (split is None or name == "input"):
                     raise TypeError(
-                        f"the head's {name} is a DTensor (tensor parallelism?), which "
-                        "fuse_linear_cross_entropy does not take (FSDP2's fully_shard is supported)"
+                        f"the head's {name} is a DTensor of a layout fuse_linear_cross_entropy does not "
+                        "take (it takes FSDP2's fully_shard, and a head split over the vocabulary by "
+                        "tensor parallelism, ColwiseParallel on a 1-D mesh, fed plain hidden states)"
                     )
         if logits is not self.placeholder:
             raise RuntimeError(
@@ -185,9 +187,20 @@ class _FusedCall:
         if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
             hidden, target, _ = scored
             causal = False
+        if split is not None:
+            group, start, weight, bias = split
         if self.factor is not None:  # (h·Wᵀ + b)·s = (s·h)·Wᵀ + s·b
             hidden = hidden * self.factor
             bias = None if bias is None else bias * self.factor
+        if split is not None:
+            from .linear_parallel import vocab_parallel_linear_cross_entropy
+
+            loss = vocab_parallel_linear_cross_entropy(
+                hidden, weight, target, bias, group=group, vocab_start=start, vocab_size=head.out_features,
+                ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), causal_shift=causal,
+                softcap=self.softcap, **self.options,
+            )
+            return _per_item(loss, num_items_in_batch)
         loss = linear_cross_entropy(
             hidden, head.weight, target, bias, ignore_index=ignore_index,
             reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
@@ -208,6 +221,13 @@ class _FusedCall:
         ]
         saved_caps = [c.final_logit_softcapping for c in capped]
         saved_head = self.head.__dict__.get("forward", missing)
+        # A head parallelized by `parallelize_module` has hooks that turn its input into a DTensor
+        # and redistribute its output: off for the call, so the head keeps the hidden states as
+        # they come and returns the placeholder as it is.
+        saved_hooks = None
+        if _split_head(self.head) is not None:
+            saved_hooks = (self.head._forward_pre_hooks, self.head._forward_hooks)
+            self.head._forward_pre_hooks, self.head._forward_hooks = type(saved_hooks[0])(), type(saved_hooks[1])()
         if self.scale is not None:
             _, owner_of, name, factor_of = self.scale
             owner = owner_of(model)
@@ -228,6 +248,8 @@ class _FusedCall:
                 del self.head.forward
             else:
                 self.head.forward = saved_head
+            if saved_hooks is not None:
+                self.head._forward_pre_hooks, self.head._forward_hooks = saved_hooks
             if saved_loss is missing:
                 del model._loss_function
             else:
@@ -238,6 +260,29 @@ class _FusedCall:
 
 def _is_dtensor(tensor) -> bool:
     return torch.distributed.is_available() and isinstance(tensor, torch.distributed.tensor.DTensor)
+
+
+def _split_head(head):
+    """``(group, vocab_start, weight, bias)`` (this rank's rows, as local tensors) of a head split
+    over the vocabulary by tensor parallelism (``ColwiseParallel``: a DTensor weight sharded on
+    its rows over a 1-D mesh, outside FSDP), else None."""
+    weight = head.weight
+    if not _is_dtensor(weight) or _sharded_by_fsdp(head):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        return None
+    bias = head.bias
+    if bias is not None:
+        if not _is_dtensor(bias) or tuple(bias.placements) != (Shard(0),):
+            return None
+        bias = bias.to_local()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    return mesh.get_group(), int(offset[0]), weight.to_local(), bias
 
 
 def _sharded_by_fsdp(head) -> bool:
@@ -332,11 +377,16 @@ def fuse_linear_cross_entropy(model, *, in_eval: bool = False, skip_ignored: boo
     unit of its own that resharded after its forward, the loss gathers its weight again
     (``unshard()``) and the unit's post-backward hook reduce-scatters the gradient as usual.
 
-    Refused: a head that is not an ``nn.Linear`` or is split by tensor parallelism (a DTensor
-    weight outside FSDP), and, at the call, a model whose forward changes the logits before its
-    loss some other way or does not call its ``loss_function``, and a head whose weight is
-    gathered for its own forward only (DeepSpeed ZeRO-3): each with an error, never a wrong
-    loss."""
+    A head split over the vocabulary by tensor parallelism (``parallelize_module(model.lm_head,
+    mesh, ColwiseParallel())`` on a 1-D mesh: its weight a DTensor sharded on its rows) takes
+    ``vocab_parallel_linear_cross_entropy`` with the mesh's group: each rank's rows, no rank
+    holding more than a chunk of its logits, the hidden states' gradient summed over the ranks
+    (its ``options`` go there, so ``use_token_scaling`` is not taken).
+
+    Refused: a head that is not an ``nn.Linear`` or whose weight is a DTensor of another layout
+    (outside FSDP), and, at the call, a model whose forward changes the logits before its loss
+    some other way or does not call its ``loss_function``, and a head whose weight is gathered
+    for its own forward only (DeepSpeed ZeRO-3): each with an error, never a wrong loss."""
     for name in _FUSE_SETS + _FUSE_REFUSES:
         if name in options:
             raise TypeError(f"fuse_linear_cross_entropy sets or refuses {name!r}: the model's call decides it")
