@@ -24,8 +24,12 @@ for mode in "$@"; do
       XENT_TESTS="linear vocab_parallel" XENT_REQUIRE_GPU=1 timeout 400 bash bundle/run.sh test 2>&1 |
         grep -E "test result|cases|panicked|FAILED|failed|error|against|differ" | tail -20
       PYTHONPATH="$PWD/$site" timeout 200 python3 python/examples/vocab_parallel_linear.py 2>&1 | tail -6
-      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-500} python3 -m pytest -q \
-        -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py python/tests/test_linear.py -rfEs 2>&1 | tail -14 ;;
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-300} python3 -m pytest -q \
+        -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py -rfEs 2>&1 | tail -8
+      # xt.linear_cross_entropy's pass (its binding call changed): the options, upstreams, entropy.
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-300} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_linear.py -k "options_match or upstream or entropy_gradient or no_rows or bad_inputs" \
+        -rfEs 2>&1 | tail -8 ;;
     lbench)
       echo "=== $mode $(date +%T)"
       PYTHONPATH="$PWD/$site" timeout 400 python3 -m torch.distributed.run --nproc_per_node=1 \
