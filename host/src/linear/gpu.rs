@@ -433,15 +433,7 @@ impl CrossEntropy {
         }
         // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
         // held for the call).
-        let mut side_guard = None;
-        if scheme.row_grads && grads.weight.is_some() && grads.hidden.is_some() && overlap_enabled()
-        {
-            let mut guard = self.side.lock().unwrap_or_else(|e| e.into_inner());
-            if guard.is_none() {
-                *guard = Some(SideStream::new(stream.context())?);
-            }
-            side_guard = Some(guard);
-        }
+        let side_guard = self.side_stream(stream, scheme.row_grads, grads)?;
         let work = Work::new(
             blas,
             stream,
@@ -508,6 +500,24 @@ impl CrossEntropy {
             }
         }
         Ok(())
+    }
+
+    /// The handle's side stream for the gradient GEMMs, held for the call, where a pass writes
+    /// both gradients by chunks of rows (`row_grads`) and overlapping is on; `None` otherwise.
+    fn side_stream(
+        &self,
+        stream: &Arc<CudaStream>,
+        row_grads: bool,
+        grads: &RawLinearGrads,
+    ) -> Result<Option<std::sync::MutexGuard<'_, Option<SideStream>>>> {
+        if !(row_grads && grads.weight.is_some() && grads.hidden.is_some() && overlap_enabled()) {
+            return Ok(None);
+        }
+        let mut guard = self.side.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(SideStream::new(stream.context())?);
+        }
+        Ok(Some(guard))
     }
 
     /// A causal call's labels shifted once for the whole call: `shifted[r] = labels[r + 1]`, the

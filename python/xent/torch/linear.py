@@ -414,11 +414,15 @@ class LinearXentFunction(torch.autograd.Function):
                 grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
                                   grads=ctx.want, accum_dtype=ctx.accum_dtype, entropy=entropy,
                                   entropy_upstream=entropy_upstream))
-        for i in (1, 2):
-            if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
-                grads[i] = grads[i].to(ctx.weight_dtype)
-        grad_h, grad_w, grad_b = grads
+        grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
         return grad_h, grad_w, None, grad_b, *nones
+
+
+def _in_weight_dtype(grads, weight_dtype):
+    """``(hidden, weight, bias)`` gradients with the weight's and bias's in the weight's dtype (an
+    f32 accumulator converted once)."""
+    grad_h, *rest = grads
+    return (grad_h, *(g if g is None or g.dtype == weight_dtype else g.to(weight_dtype) for g in rest))
 
 
 def _check(hidden, weight, target, bias, ce_weight, causal_shift):

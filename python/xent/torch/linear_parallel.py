@@ -38,7 +38,9 @@ import torch
 from . import _launch
 from .function import loss_of
 from .functional import outputs
-from .linear import _Call, _autocast, _check, _or_empty, _predicted_buffer, _run, _scale_grad, _stats_buffer
+from .linear import (
+    _Call, _autocast, _check, _in_weight_dtype, _or_empty, _predicted_buffer, _run, _scale_grad, _stats_buffer,
+)
 
 
 def _all_gather(group):
@@ -119,10 +121,7 @@ class _LinearVocabParallel(torch.autograd.Function):
                               accum_dtype=ctx.accum_dtype, entropy=entropy, entropy_upstream=entropy_upstream,
                               split=(*ctx.split, _all_gather(ctx.group))))
             _reduce_input_grad(ctx, grads[0])
-        for i in (1, 2):
-            if grads[i] is not None and grads[i].dtype != ctx.weight_dtype:
-                grads[i] = grads[i].to(ctx.weight_dtype)
-        grad_h, grad_w, grad_b = grads
+        grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
         return grad_h, grad_w, None, grad_b, *nones
 
 

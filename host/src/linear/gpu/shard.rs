@@ -19,8 +19,7 @@ use cudarc::driver::CudaStream;
 
 use super::{
     GEMM_HEADER_BYTES, LinearPass, LinearScratchLens, RawLinearCall, RawLinearGrads,
-    RawLinearScratch, SideStream, Work, chunk_options, chunk_override, label_bytes,
-    overlap_enabled, workspace_for,
+    RawLinearScratch, Work, chunk_options, chunk_override, label_bytes, workspace_for,
 };
 use crate::abi::COUNT_WORDS;
 use crate::cublaslt::CublasLt;
@@ -291,15 +290,7 @@ impl CrossEntropy {
         if rows == 0 && pass != LinearPass::Forward {
             unsafe { zero_grads(grads, bias_grad, cu_stream) }?;
         }
-        let row_grads = pass != LinearPass::Forward;
-        let mut side_guard = None;
-        if row_grads && grads.weight.is_some() && grads.hidden.is_some() && overlap_enabled() {
-            let mut guard = self.side.lock().unwrap_or_else(|e| e.into_inner());
-            if guard.is_none() {
-                *guard = Some(SideStream::new(stream.context())?);
-            }
-            side_guard = Some(guard);
-        }
+        let side_guard = self.side_stream(stream, pass != LinearPass::Forward, grads)?;
         let work = Work::new(
             blas,
             stream,
