@@ -372,12 +372,23 @@ LINEAR_CASES = {
 }
 
 
-def test_vocab_parallel_linear_through_a_one_rank_nccl_group():
+def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
     """``xt.vocab_parallel_linear_cross_entropy`` on a one-rank group (the collective through
     NCCL, the head whole) against ``xt.linear_cross_entropy`` over the same head: the same loss,
     outputs and gradients to a few units of bfloat16, fused and two-phase, in chunks and whole;
-    with the ranks' shard beside the one-rank split, and the refusals."""
+    with the ranks' shard beside the one-rank split, and the refusals. With ``skip_ignored`` the
+    scored rows alone reach the split head's pass."""
     import torch.distributed as dist
+    import xent.torch.linear_parallel as lp
+
+    rows_seen = []
+    real = lp._LinearVocabParallel.apply
+
+    def spy(hidden, *args):
+        rows_seen.append(hidden.shape[0])
+        return real(hidden, *args)
+
+    monkeypatch.setattr(lp._LinearVocabParallel, "apply", spy)
 
     if not dist.is_nccl_available():
         pytest.skip("no NCCL in this PyTorch")
@@ -396,14 +407,16 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group():
             y[:, ::7] = -100
             cw = (torch.rand(v, generator=gen) + 0.5).cuda() if weighted else None
             upstream = torch.rand(2, n // 2, device="cuda") + 0.25 if case.get("reduction") == "none" else None
-            for chunk_bytes in (None, 16 * v * 2):
+            # skip_ignored (both calls alike: the tests' threshold is 0, so the scored rows alone
+            # reach the GEMMs) and every row.
+            for chunk_bytes, skip in ((None, True), (16 * v * 2, True), (None, False)):
                 results = []
                 for fn in ("whole", "split"):
                     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
                     bb = b.clone().requires_grad_() if b is not None else None
-                    kw = dict(case, ce_weight=cw, chunk_bytes=chunk_bytes)
+                    kw = dict(case, ce_weight=cw, chunk_bytes=chunk_bytes, skip_ignored=skip)
                     if fn == "whole":
-                        out = xt.linear_cross_entropy(hh, ww, y, bb, skip_ignored=False, **kw)
+                        out = xt.linear_cross_entropy(hh, ww, y, bb, **kw)
                     else:
                         out = xt.vocab_parallel_linear_cross_entropy(hh, ww, y, bb, **kw)
                     loss = out if isinstance(out, torch.Tensor) else out.loss
@@ -413,7 +426,9 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group():
                     total.backward()
                     results.append((out, hh.grad, ww.grad, None if bb is None else bb.grad))
                 (whole, *whole_grads), (split_out, *split_grads) = results
-                what = f"{name}, chunk_bytes {chunk_bytes}"
+                what = f"{name}, chunk_bytes {chunk_bytes}, skip_ignored {skip}"
+                labels = y[:, 1:] if case.get("causal_shift") else y
+                assert rows_seen[-1] == (int((labels != -100).sum()) if skip else n), f"{what}: {rows_seen}"
                 if isinstance(whole, torch.Tensor):
                     assert torch.allclose(split_out, whole, rtol=1e-5, atol=1e-5), what
                 else:
@@ -447,5 +462,62 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group():
         out = xt.vocab_parallel_linear_cross_entropy(hh, w, y, return_entropy=True, two_phase=False)
         with pytest.raises(RuntimeError, match="two-phase"):
             (out.loss - out.entropy.mean()).backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_linear_compiled_through_a_one_rank_nccl_group():
+    """``torch.compile(fullgraph=True)`` of ``xt.vocab_parallel_linear_cross_entropy`` (the passes
+    are the custom operators ``torch.ops.xent.linear_shard_*``, which take the group by its name):
+    no graph break, and the loss, outputs and gradients equal eager's, fused (options, an
+    upstream of 0.5), two-phase per row and with an entropy bonus; the default split's width check
+    runs inside the operator."""
+    import torch._dynamo
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this PyTorch")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29520", rank=0, world_size=1)
+    try:
+        gen = torch.Generator().manual_seed(8)
+        n, d, v = 96, 64, 1003
+        h = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
+        w = (torch.randn(v, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
+        b = (torch.randn(v, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+        y = torch.randint(0, v, (n,), generator=gen).cuda()
+        y[::7] = -100
+        upstream = torch.rand(n, device="cuda") + 0.25
+        cases = {
+            "fused": dict(label_smoothing=0.1, softcap=4.0, return_token_accuracy=True, chunk_bytes=16 * v * 2),
+            "two_phase": dict(reduction="none", vocab_start=0, vocab_size=v),
+            "entropy_bonus": dict(return_entropy=True, softcap=3.0),
+        }
+        for name, kwargs in cases.items():
+
+            def step(h, w, b):
+                # Every row (a compiled call does not count them; eager would skip the ignored).
+                out = xt.vocab_parallel_linear_cross_entropy(h, w, y, b, skip_ignored=False, **kwargs)
+                if name == "entropy_bonus":
+                    return out.loss - 0.1 * out.entropy.mean(), out.entropy.detach()
+                if name == "fused":
+                    return out.loss, out.token_accuracy
+                return out, out.detach()
+
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(step)(h, w, b)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+            compiled = torch.compile(step, fullgraph=True)
+
+            def run(fn):
+                hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+                loss, extra = fn(hh, ww, bb)
+                (loss * (upstream if name == "two_phase" else 0.5)).sum().backward()
+                return [t.detach().clone() for t in (loss, extra, hh.grad, ww.grad, bb.grad)]
+
+            eager, comp = run(step), run(compiled)
+            assert float(eager[3].abs().max()) > 0, name
+            for what, c, e in zip(("loss", "extra", "grad_h", "grad_w", "grad_b"), comp, eager):
+                torch.testing.assert_close(c, e, rtol=1e-6, atol=0.0, msg=f"{name}: {what}")
     finally:
         dist.destroy_process_group()

@@ -21,8 +21,13 @@ the gradients in the forward, three GEMMs a chunk) and two-phase (``reduction="n
 ``return_entropy``: the forward keeps the whole vocabulary's log-sum-exps, the backward computes
 each chunk's logits again, with no collective but the hidden states' all-reduce).
 
-Eager only: under ``torch.compile`` the call is a graph break (the collective runs inside xent's
-chunk loop, which the compiler cannot trace).
+Under ``torch.compile`` the passes are the custom operators ``torch.ops.xent.linear_shard_fused``,
+``linear_shard_forward`` and ``linear_shard_backward`` (with fake implementations), which take the
+group by its name and run the per-chunk all-gather and the hidden states' all-reduce inside, so
+the graph does not break at the loss (``fullgraph=True`` compiles). As in
+``xt.linear_cross_entropy``, a compiled fused pass's backward copies the saved gradients before
+scaling them by an upstream gradient other than 1, and a fused pass's entropies carry no
+gradient under the compiler.
 
 CPU tensors (a gloo group, say) take the unfused path: each rank's logits ``h @ W_r.T + b_r``
 are all-gathered whole and ``xt.cross_entropy`` runs on the f64 CPU reference, the same values in
@@ -31,15 +36,19 @@ are all-gathered whole and ``xt.cross_entropy`` runs on the f64 CPU reference, t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from torch import Tensor
+
 from . import _launch
+from . import _ops
 from .function import loss_of
 from .functional import outputs
 from .linear import (
-    _Call, _autocast, _check, _in_weight_dtype, _or_empty, _predicted_buffer, _run, _scale_grad, _stats_buffer,
+    _Call, _autocast, _check, _fake_entropy, _fake_grads, _in_weight_dtype, _laid_out, _linear_scale_grad_op,
+    _may_wait, _op_call, _or_empty, _predicted_buffer, _run, _scale_grad, _scored_rows, _stats_buffer,
 )
 
 
@@ -54,46 +63,201 @@ def _all_gather(group):
     return gather
 
 
+def _shard_pass(call, opts, fused, want, split, group, accum_dtype, chunk_bytes, want_predicted, want_entropy,
+                reduce_input_grad):
+    """The loss's pass over the chunks on this rank's shard (``fused``: with the gradients ``want``
+    asks for, the hidden states' summed over the ranks where ``reduce_input_grad``); returns the
+    stats, the gradients (None where not computed), the predicted tokens and the entropies (each
+    None where not asked for). Eager calls and the custom operators below both run it."""
+    stats = _stats_buffer(call.target, opts.return_token_accuracy)
+    predicted = _predicted_buffer(call.target) if want_predicted else None
+    entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
+    grads = _run(call, opts, "fused" if fused else "forward", stats, chunk_bytes,
+                 grads=want if fused else (False,) * 3, accum_dtype=accum_dtype, predicted=predicted,
+                 entropy=entropy, split=(*split, _all_gather(group)))
+    if fused:
+        _reduce_input_grad(grads[0], split[3], group, reduce_input_grad)
+    return stats, grads, predicted, entropy
+
+
+def _shard_backward(call, opts, stats, upstream, want, split, group, accum_dtype, chunk_bytes, entropy,
+                    entropy_upstream, reduce_input_grad):
+    """The two-phase backward on this rank's shard (each chunk's logits again; no collective but
+    the hidden states' all-reduce): the gradients ``want`` asks for (None where not)."""
+    grads = _run(call, opts, "backward", stats, chunk_bytes, upstream=upstream, grads=want, accum_dtype=accum_dtype,
+                 entropy=entropy, entropy_upstream=entropy_upstream, split=(*split, _all_gather(group)))
+    _reduce_input_grad(grads[0], split[3], group, reduce_input_grad)
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes as PyTorch custom operators (`torch.ops.xent.linear_shard_*`), for `torch.compile`:
+# each takes the group by its name (`ProcessGroup.group_name`, which Dynamo reads as a constant)
+# and runs its collectives inside, eagerly, where the compiler does not look. The arguments are
+# `xent.torch.linear`'s operators' with `vocab_start, vocab_size, group_name, reduce_input_grad`
+# after the shape; their outputs are those operators' too (empty tensors where not asked for).
+# ---------------------------------------------------------------------------------------------
+
+
+def _op_split(vocab_start, vocab_size, group_name, check_widths, weight):
+    """``(split, group)`` of an operator's arguments: the group resolved from its name; with
+    ``check_widths`` (the default split) the ranks' shards checked to be of one width, as eager
+    calls check them before the pass."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    world = dist.get_world_size(group)
+    if check_widths:
+        _check_equal_widths(weight.shape[0], world, group, weight.device)
+    return (vocab_start, vocab_size, dist.get_rank(group), world), group
+
+
+@torch.library.custom_op("xent::linear_shard_fused", mutates_args=())
+def _linear_shard_fused_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
+    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
+    vocab_start: int, vocab_size: int, group_name: str, check_widths: bool, reduce_input_grad: bool,
+    want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool, chunk_bytes: int,
+    want_predicted: bool, want_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused pass on this rank's shard: the stats, the gradients asked for (of
+    ``grad_scale * loss``), the predicted tokens and entropies if asked for."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    split, group = _op_split(vocab_start, vocab_size, group_name, check_widths, weight)
+    stats, grads, predicted, entropy = _shard_pass(
+        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, True,
+        (want_hidden, want_weight, want_bias), split, group, torch.float32 if accum_f32 else None,
+        chunk_bytes or None, want_predicted, want_entropy, reduce_input_grad,
+    )
+    return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64),
+            _or_empty(entropy, target, torch.float32))
+
+
+@_linear_shard_fused_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
+      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, vocab_start, vocab_size,
+      group_name, check_widths, reduce_input_grad, want_hidden, want_weight, want_bias, accum_f32, chunk_bytes,
+      want_predicted, want_entropy):
+    grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
+    return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted),
+            _fake_entropy(target, want_entropy))
+
+
+@torch.library.custom_op("xent::linear_shard_forward", mutates_args=())
+def _linear_shard_forward_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
+    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
+    vocab_start: int, vocab_size: int, group_name: str, check_widths: bool, chunk_bytes: int,
+    want_predicted: bool, want_entropy: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Two-phase forward on this rank's shard: the stats (with the per-row statistics backward
+    needs), the predicted tokens and entropies if asked for."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    split, group = _op_split(vocab_start, vocab_size, group_name, check_widths, weight)
+    stats, _, predicted, entropy = _shard_pass(
+        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, False, (False,) * 3, split, group,
+        None, chunk_bytes or None, want_predicted, want_entropy, False,
+    )
+    return stats, _or_empty(predicted, target, torch.int64), _or_empty(entropy, target, torch.float32)
+
+
+@_linear_shard_forward_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
+      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, vocab_start, vocab_size,
+      group_name, check_widths, chunk_bytes, want_predicted, want_entropy):
+    return (_ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted),
+            _fake_entropy(target, want_entropy))
+
+
+@torch.library.custom_op("xent::linear_shard_backward", mutates_args=())
+def _linear_shard_backward_op(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
+    stats: Tensor, upstream: Tensor, ignore_index: int, reduction: str, grad_scale: float,
+    causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
+    return_token_accuracy: bool, batch: int, seq_len: int, vocab_start: int, vocab_size: int, group_name: str,
+    reduce_input_grad: bool, want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool,
+    chunk_bytes: int, entropy: Optional[Tensor] = None, entropy_upstream: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Two-phase backward on this rank's shard: the gradients asked for of ``upstream · loss``
+    (plus ``entropy_upstream · entropy`` where given), the hidden states' summed over the ranks
+    where ``reduce_input_grad``."""
+    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
+                        softcap, return_token_accuracy)
+    split, group = _op_split(vocab_start, vocab_size, group_name, False, weight)
+    grads = _shard_backward(
+        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, stats, upstream,
+        (want_hidden, want_weight, want_bias), split, group, torch.float32 if accum_f32 else None,
+        chunk_bytes or None, entropy, entropy_upstream, reduce_input_grad,
+    )
+    return tuple(_or_empty(g, hidden) for g in grads)
+
+
+@_linear_shard_backward_op.register_fake
+def _(hidden, weight, target, bias, ce_weight, stats, upstream, ignore_index, reduction, grad_scale,
+      causal_shift, label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len,
+      vocab_start, vocab_size, group_name, reduce_input_grad, want_hidden, want_weight, want_bias, accum_f32,
+      chunk_bytes, entropy=None, entropy_upstream=None):
+    return _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
+
+
 class _LinearVocabParallel(torch.autograd.Function):
-    """``apply(hidden, weight, target, bias, ce_weight, opts, shape, split, group, two_phase,
-    accum_dtype, chunk_bytes, want_predicted, want_entropy, reduce_input_grad)`` ->
+    """``apply(hidden, weight, target, bias, ce_weight, opts, shape, split, group, check_widths,
+    two_phase, accum_dtype, chunk_bytes, want_predicted, want_entropy, reduce_input_grad)`` ->
     ``(loss, stats, predicted, entropy)`` (see ``xent.torch.linear.LinearXentFunction``);
-    ``split`` is ``(vocab_start, vocab_size, rank, world)``."""
+    ``split`` is ``(vocab_start, vocab_size, rank, world)``; ``check_widths`` (the default split,
+    compiled): the operators check the ranks' shards to be of one width (``_check_equal_widths``)
+    before their pass. Under ``torch.compile`` the passes
+    are the custom operators above."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, split, group, two_phase, accum_dtype,
-                chunk_bytes, want_predicted, want_entropy, reduce_input_grad):
+    def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, split, group, check_widths, two_phase,
+                accum_dtype, chunk_bytes, want_predicted, want_entropy, reduce_input_grad):
         ctx.set_materialize_grads(False)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
         fused = any(want) and not two_phase
-        call = _Call(hidden, weight, target, bias, ce_weight, shape)
-        run_split = (*split, _all_gather(group))
-        stats = _stats_buffer(target, opts.return_token_accuracy)
-        predicted = _predicted_buffer(target) if want_predicted else None
-        entropy = torch.empty(target.numel(), dtype=torch.float32, device=target.device) if want_entropy else None
-        pass_name = "fused" if fused else "forward"
-        grads = _run(call, opts, pass_name, stats, chunk_bytes, grads=want if fused else (False,) * 3,
-                     accum_dtype=accum_dtype, predicted=predicted, entropy=entropy, split=run_split)
-        ctx.group, ctx.split, ctx.reduce_input_grad = group, split, reduce_input_grad
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            ctx.group_name = _group_name(group)
+            values = (*_ops.option_args(opts), shape[0], shape[1], split[0], split[1], ctx.group_name, check_widths)
+            if fused:
+                stats, *grads, predicted, entropy = _linear_shard_fused_op(
+                    hidden, weight, target, bias, ce_weight, *values, reduce_input_grad, *want,
+                    accum_dtype == torch.float32, chunk_bytes or 0, want_predicted, want_entropy,
+                )
+                grads = [g if w else None for g, w in zip(grads, want)]
+            else:
+                stats, predicted, entropy = _linear_shard_forward_op(
+                    hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted, want_entropy,
+                )
+        else:
+            call = _Call(hidden, weight, target, bias, ce_weight, shape)
+            stats, grads, predicted, entropy = _shard_pass(call, opts, fused, want, split, group, accum_dtype,
+                                                           chunk_bytes, want_predicted, want_entropy, reduce_input_grad)
+            predicted = _or_empty(predicted, target, torch.int64)
+            entropy = _or_empty(entropy, target, torch.float32)
         if fused:
-            _reduce_input_grad(ctx, grads[0])
             ctx.save_for_backward(*grads)
         elif any(want):
             ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats, entropy if want_entropy else None)
-        predicted = _or_empty(predicted, target, torch.int64)
-        entropy = _or_empty(entropy, target, torch.float32)
+        ctx.group, ctx.split, ctx.reduce_input_grad = group, split, reduce_input_grad
         ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
         ctx.mark_non_differentiable(stats, predicted)
-        ctx.want_entropy = want_entropy
-        if not want_entropy:
+        # As `LinearXentFunction`: under torch.compile a fused pass's entropies carry no gradient.
+        ctx.entropy_grad = want_entropy and (not fused or not compiling)
+        if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return loss_of(stats, target, opts), stats, predicted, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
-        nones = (None,) * 11
-        if not ctx.want_entropy:
+        nones = (None,) * 12
+        if not ctx.entropy_grad:
             grad_entropy = None
         if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
             return (None, None, None, None) + nones
@@ -107,22 +271,38 @@ class _LinearVocabParallel(torch.autograd.Function):
             upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
         else:
             upstream = _launch.upstream_of(grad_loss)
+        compiling = torch.compiler.is_compiling()
         if ctx.fused:
             grads = list(ctx.saved_tensors)
             for grad in grads:
                 if grad is not None:  # scaled on the device where the upstream is not 1
-                    _scale_grad(grad, upstream)
+                    (_linear_scale_grad_op if compiling else _scale_grad)(grad, upstream)
         else:
             hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
             entropy_upstream = None if grad_entropy is None else _launch.upstream_of(grad_entropy)
             entropy = entropy if entropy_upstream is not None else None
-            call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
-            grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream, grads=ctx.want,
-                              accum_dtype=ctx.accum_dtype, entropy=entropy, entropy_upstream=entropy_upstream,
-                              split=(*ctx.split, _all_gather(ctx.group))))
-            _reduce_input_grad(ctx, grads[0])
+            if compiling:
+                values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1], ctx.split[0], ctx.split[1],
+                          ctx.group_name, ctx.reduce_input_grad)
+                out = _linear_shard_backward_op(
+                    hidden, weight, target, bias, ce_weight, stats, upstream, *values, *ctx.want,
+                    ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0, entropy, entropy_upstream,
+                )
+                grads = [g if w else None for g, w in zip(out, ctx.want)]
+            else:
+                call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
+                grads = _shard_backward(call, ctx.opts, stats, upstream, ctx.want, ctx.split, ctx.group,
+                                        ctx.accum_dtype, ctx.chunk_bytes, entropy, entropy_upstream,
+                                        ctx.reduce_input_grad)
         grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
         return grad_h, grad_w, None, grad_b, *nones
+
+
+def _group_name(group) -> str:
+    """The name the operators take a group by (None: the default group)."""
+    import torch.distributed as dist
+
+    return (group if group is not None else dist.group.WORLD).group_name
 
 
 class _InputGradSum(torch.autograd.Function):
@@ -215,13 +395,14 @@ def _check_equal_widths(width, world, group, device):
     _EQUAL_WIDTHS.add(key)
 
 
-def _reduce_input_grad(ctx, grad_hidden):
-    """The hidden states' gradient summed over the ranks, in place (where asked for)."""
-    if grad_hidden is None or not ctx.reduce_input_grad or ctx.split[3] == 1:
+def _reduce_input_grad(grad_hidden, world, group, wanted):
+    """The hidden states' gradient summed over the ``world`` ranks of ``group``, in place (where
+    ``wanted``)."""
+    if grad_hidden is None or not wanted or world == 1:
         return
     import torch.distributed as dist
 
-    dist.all_reduce(grad_hidden, group=ctx.group)
+    dist.all_reduce(grad_hidden, group=group)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -249,6 +430,7 @@ def vocab_parallel_linear_cross_entropy(
     return_predicted_tokens: bool = False,
     return_entropy: bool = False,
     reduce_input_grad: bool = True,
+    skip_ignored: bool = True,
 ):
     """Cross-entropy of ``input @ W.T + b`` over the whole vocabulary, the LM head ``W`` split by
     vocabulary over the ranks of ``group`` (None: the default group): ``weight`` ``[V_r, D]`` and
@@ -267,6 +449,11 @@ def vocab_parallel_linear_cross_entropy(
     - ``reduce_input_grad``: the hidden states' gradient summed over the ranks (one
       ``all_reduce`` of ``[N, D]``, the default); False leaves each rank its own part, for a caller
       whose layer reduces it already (Megatron's ``copy_to_tensor_model_parallel_region``).
+    - ``skip_ignored`` (the default): only the scored rows through the GEMMs, as
+      ``xt.linear_cross_entropy`` (where at least 1/16 of the rows are ignored, in calls of at
+      least 2^35 products ``rows·D·vocab_size``, eager only); every rank selects the same rows
+      from its labels, which must be the same on every rank (as they must be anyway; ranks
+      selecting different rows would wait at the collective for each other).
     - ``two_phase``, ``chunk_bytes`` (of the rank's logits), ``accum_dtype``: as
       ``xt.linear_cross_entropy``. ``return_entropy`` picks two-phase, where the entropies are
       differentiable (an entropy bonus); in the fused mode a gradient reaching them raises.
@@ -279,7 +466,8 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap,
         return_token_accuracy,
     )
-    _launch.checked(opts)  # bad option values raise here, before anything runs
+    if not torch.compiler.is_compiling():  # as in `linear_cross_entropy`: the operators check them
+        _launch.checked(opts)  # bad option values raise here, before anything runs
     input, weight, bias = _autocast(input, weight, bias)
     if accum_dtype not in (None, torch.float32, weight.dtype):
         raise ValueError(f"accum_dtype must be None, torch.float32 or the weight's dtype, got {accum_dtype}")
@@ -288,8 +476,13 @@ def vocab_parallel_linear_cross_entropy(
     hidden, weight_c, target_c, bias_c, _, shape = _check(input, weight, target, bias, None, causal_shift)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     width = weight_c.shape[0]
-    if vocab_start is None or vocab_size is None:
+    # The default split: every rank's shard checked to be of one width, before anything else can
+    # raise on one rank alone (the others would wait at a collective); under torch.compile by the
+    # operators when they run.
+    check_widths = vocab_start is None or vocab_size is None
+    if check_widths and not torch.compiler.is_compiling():
         _check_equal_widths(width, world, group, hidden.device)
+        check_widths = False
     vocab_start = rank * width if vocab_start is None else vocab_start
     vocab_size = world * width if vocab_size is None else vocab_size
     if not (0 <= vocab_start and vocab_start + width <= vocab_size):
@@ -302,18 +495,30 @@ def vocab_parallel_linear_cross_entropy(
         two_phase = reduction == "none" or return_entropy
     if reduction == "none" and not two_phase:
         raise ValueError("reduction='none' needs two_phase=True (a per-row upstream cannot reach a summed gradient)")
+    common = dict(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        return_predicted_tokens=return_predicted_tokens, grad_scale=grad_scale, return_entropy=return_entropy,
+    )
+    if skip_ignored and hidden.is_cuda and _may_wait(hidden):
+        # The threshold counts the whole vocabulary, so that every rank decides alike.
+        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, vocab_size)
+        if scored is not None:
+            rows, labels, keep = scored
+            out = vocab_parallel_linear_cross_entropy(
+                rows, weight_c, labels, bias_c, **dict(common, causal_shift=False), group=group,
+                vocab_start=vocab_start, vocab_size=vocab_size, ce_weight=ce_weight, accum_dtype=accum_dtype,
+                two_phase=two_phase, chunk_bytes=chunk_bytes, reduce_input_grad=reduce_input_grad,
+                skip_ignored=False,
+            )
+            return _laid_out(out, keep, target, reduction)
     if not hidden.is_cuda:
-        common = dict(
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            lse_square_scale=lse_square_scale, softcap=softcap, causal_shift=causal_shift,
-            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
-            return_predicted_tokens=return_predicted_tokens, grad_scale=grad_scale, return_entropy=return_entropy,
-        )
         return _unfused(input, weight, target, bias, ce_weight, (vocab_start, vocab_size, rank, world), group,
                         reduce_input_grad, common)
     loss, stats, predicted, entropy = _LinearVocabParallel.apply(
         hidden, weight_c, target_c, bias_c, ce_weight, opts, shape, (vocab_start, vocab_size, rank, world), group,
-        two_phase, accum_dtype, chunk_bytes, return_predicted_tokens, return_entropy, reduce_input_grad,
+        check_widths, two_phase, accum_dtype, chunk_bytes, return_predicted_tokens, return_entropy, reduce_input_grad,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
