@@ -198,7 +198,7 @@ class _FusedCall:
             loss = vocab_parallel_linear_cross_entropy(
                 hidden, weight, target, bias, group=group, vocab_start=start, vocab_size=head.out_features,
                 ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), causal_shift=causal,
-                softcap=self.softcap, **self.options,
+                softcap=self.softcap, skip_ignored=False, **self.options,
             )
             return _per_item(loss, num_items_in_batch)
         loss = linear_cross_entropy(
