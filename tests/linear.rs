@@ -958,11 +958,26 @@ fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
         .raw_linear_shard_scratch_lens(&call, comm.world(), opts, first_pass, budget)
         .map_err(e)?;
     let l = lens.linear;
+    // A two-phase call's backward needs the ones (for the bias gradient) its forward does not.
+    let placeholder = RawBuffer::new(0, 1);
+    let backward_ones = match two_phase {
+        Some(_) => {
+            let pass = LinearPass::Backward {
+                upstream: placeholder,
+            };
+            let lens = xent.raw_linear_shard_scratch_lens(&call, comm.world(), opts, pass, budget);
+            lens.map_err(e)?.linear.ones_len
+        }
+        None => 0,
+    };
     let mut logits = stream.alloc_zeros::<u8>(l.logits_bytes).unwrap();
     let mut gemm = stream.alloc_zeros::<u8>(l.gemm_workspace_bytes).unwrap();
     let mut shifted = stream.alloc_zeros::<u8>(l.labels_bytes.max(1)).unwrap();
     let mut ones = stream
-        .clone_htod(&vec![T::from_f64(1.0); l.ones_len.max(1)])
+        .clone_htod(&vec![
+            T::from_f64(1.0);
+            l.ones_len.max(backward_ones).max(1)
+        ])
         .unwrap();
     let scratch = RawLinearScratch {
         chunk_rows: l.chunk_rows,
@@ -1138,6 +1153,11 @@ fn gpu_linear_vocab_parallel_matches_the_whole_heads_arithmetic() {
     let mut failures = Vec::new();
     let mut cases = 0;
     for (name, opts) in &sets {
+        // The ignored rows under the set's own ignore_index.
+        let labels: Vec<i64> = labels
+            .iter()
+            .map(|&l| if l == -100 { opts.ignore_index } else { l })
+            .collect();
         for two_phase in [false, true] {
             let upstream: Vec<f32> = match (two_phase, opts.reduction) {
                 (false, _) => vec![1.0],

@@ -226,16 +226,12 @@ fn raw_loss(
     })
 }
 
-/// `opts` with `return_predicted_tokens` and `return_entropy` on where the caller gave a
-/// `predicted` and an `entropy` buffer.
-fn with_outputs(
-    opts: &xent::Options,
-    predicted: Option<Buffer>,
-    entropy: Option<Buffer>,
-) -> xent::Options {
+/// `opts` with `return_predicted_tokens` and `return_entropy` as `predicted` and `entropy` say
+/// (whether the caller gave a buffer for each).
+fn with_outputs(opts: &xent::Options, predicted: bool, entropy: bool) -> xent::Options {
     xent::Options {
-        return_predicted_tokens: predicted.is_some(),
-        return_entropy: entropy.is_some(),
+        return_predicted_tokens: predicted,
+        return_entropy: entropy,
         ..opts.clone()
     }
 }

@@ -146,11 +146,13 @@ pub(crate) fn open_cublaslt(device: &Device, dirs: Vec<String>) -> PyResult<Stri
 }
 
 /// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of cuBLASLt's
-/// workspace, bytes of shifted labels, ones, f32 values of the loss's workspace), for chunks of logits of at most
-/// `budget` bytes (None: the default).
+/// workspace, bytes of shifted labels, ones, f32 values of the loss's workspace, f32 values a
+/// vocabulary-split call's all-gather sends), for chunks of logits of at most `budget` bytes
+/// (None: the default). `outputs`: whether the call writes the predicted tokens and the
+/// entropies (a split call's all-gather carries more a row for them).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget, shard=None))]
+#[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget, shard=None, outputs=(false, false)))]
 pub(crate) fn linear_scratch(
     device: &Device,
     hidden: Buffer,
@@ -165,7 +167,9 @@ pub(crate) fn linear_scratch(
     pass_name: &str,
     budget: Option<usize>,
     shard: Option<ShardArgs>,
+    outputs: (bool, bool),
 ) -> PyResult<(usize, usize, usize, usize, usize, usize, usize)> {
+    let opts = &with_outputs(&opts.inner, outputs.0, outputs.1);
     let call = raw_linear_call((
         hidden,
         weight,
@@ -181,7 +185,7 @@ pub(crate) fn linear_scratch(
         None => (
             device
                 .xent
-                .raw_linear_scratch_lens(&call, &opts.inner, pass, budget)
+                .raw_linear_scratch_lens(&call, opts, pass, budget)
                 .map_err(py_err)?,
             0,
         ),
@@ -193,7 +197,7 @@ pub(crate) fn linear_scratch(
             };
             let lens = device
                 .xent
-                .raw_linear_shard_scratch_lens(&call, world, &opts.inner, pass, budget)
+                .raw_linear_shard_scratch_lens(&call, world, opts, pass, budget)
                 .map_err(py_err)?;
             (lens.linear, lens.gather_words)
         }
@@ -267,7 +271,11 @@ pub(crate) fn linear(
     )?;
     // A backward reads the forward's entropies (for their gradient); it writes none.
     let backward = matches!(pass, LinearPass::Backward { .. });
-    let opts = with_outputs(&opts.inner, predicted, entropy.filter(|_| !backward));
+    let opts = with_outputs(
+        &opts.inner,
+        predicted.is_some(),
+        entropy.is_some() && !backward,
+    );
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
         hidden: grad_hidden.map(raw),

@@ -8,16 +8,8 @@ use xent::{CrossEntropy, DType, Shape};
 
 use super::{
     Buffer, Device, Options, ShapeArgs, dtype_of, label_type_of, py_err, raw, raw_loss, shape_of,
+    with_outputs,
 };
-
-/// `opts` with `return_predicted_tokens` and `return_entropy` as `predicted` and `entropy` say.
-fn with_outputs(opts: &Options, predicted: bool, entropy: bool) -> xent::Options {
-    xent::Options {
-        return_predicted_tokens: predicted,
-        return_entropy: entropy,
-        ..opts.inner.clone()
-    }
-}
 
 fn layout(
     xent: &CrossEntropy,
@@ -73,7 +65,7 @@ pub(crate) fn shard_words(
     predicted: bool,
     entropy: bool,
 ) -> PyResult<usize> {
-    let opts = with_outputs(opts, predicted, entropy);
+    let opts = with_outputs(&opts.inner, predicted, entropy);
     Ok(layout(&device.xent, rows, vocab, world, dtype_of(dtype)?, &opts)?.words)
 }
 
@@ -102,7 +94,7 @@ pub(crate) fn shard_stats(
     let call = call_of(
         logits, dtype, labels, label_type, shape, shard, vocab, weight,
     )?;
-    let opts = with_outputs(opts, predicted, entropy);
+    let opts = with_outputs(&opts.inner, predicted, entropy);
     let layout = layout(
         &device.xent,
         call.shape.rows(),
@@ -154,7 +146,7 @@ pub(crate) fn shard_backward(
     )?;
     let rows = call.shape.rows();
     let accuracy = opts.inner.return_token_accuracy;
-    let opts = with_outputs(opts, predicted.is_some(), entropy.is_some());
+    let opts = with_outputs(&opts.inner, predicted.is_some(), entropy.is_some());
     let layout = layout(&device.xent, rows, vocab, world, call.dtype, &opts)?;
     let out = raw_loss(stats, rows, accuracy, None, predicted, entropy)?;
     let stream = device.stream(stream);
