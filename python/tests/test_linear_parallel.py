@@ -2,8 +2,9 @@
 three processes (``python test_linear_parallel.py RANK WORLD PORT OUT``), each holding its rows of
 a head of 1003 classes (uneven shards), against ``xt.linear_cross_entropy`` over the whole head in
 the same process: the loss and its outputs the same on every rank, the hidden states' gradient
-summed over the ranks (or each rank's part with ``reduce_input_grad=False``), each rank's weight
-and bias gradient its rows of the whole one. The CUDA path's own tests are in
+summed over the ranks (or each rank's part with ``reduce_input_grad=False``; with
+``sequence_parallel`` each rank's rows of it), each rank's weight and bias gradient its rows of the
+whole one. The CUDA path's own tests are in
 ``test_vocab_parallel.py`` (a one-rank NCCL group) and ``tests/linear.rs`` (P ranks as threads on
 one GPU)."""
 
@@ -28,7 +29,11 @@ CASES = {
     "none": dict(reduction="none"),
     "entropy bonus": dict(return_entropy=True, softcap=3.0),
     "own reduction": dict(reduce_input_grad=False),
+    # Each rank holds its block of rows (dim 0) of the hidden states; the labels are the whole's.
+    "sequence parallel": dict(sequence_parallel=True, causal_shift=True, label_smoothing=0.1),
+    "sequence parallel none": dict(sequence_parallel=True, reduction="none", return_entropy=True),
 }
+SP_ROWS = 4  # rows (dim 0) a rank holds with sequence_parallel
 
 
 def run_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -46,22 +51,26 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
             case = dict(case)
             weighted, with_bias = case.pop("weighted", False), case.pop("bias", False)
             reduce = case.pop("reduce_input_grad", True)
+            sp = case.pop("sequence_parallel", False)
+            mine = slice(rank * SP_ROWS, (rank + 1) * SP_ROWS) if sp else slice(None)
+            shape = (world * SP_ROWS, 5) if sp else (2, N // 2)
             gen = torch.Generator().manual_seed(7)
-            h = torch.randn(2, N // 2, D, generator=gen, dtype=torch.float64).float()
+            h = torch.randn(*shape, D, generator=gen, dtype=torch.float64).float()
             w = (torch.randn(V, D, generator=gen) / D**0.5).float()
             b = torch.randn(V, generator=gen) * 0.1 if with_bias else None
-            y = torch.randint(0, V, (2, N // 2), generator=gen)
+            y = torch.randint(0, V, shape, generator=gen)
             y[:, ::7] = -100
             cw = torch.rand(V, generator=gen) + 0.5 if weighted else None
-            up = torch.rand(2, N // 2, generator=gen) + 0.25 if case.get("reduction") == "none" else None
+            up = torch.rand(*shape, generator=gen) + 0.25 if case.get("reduction") == "none" else None
             results = []
             for split in (True, False):
-                hh = h.clone().requires_grad_()
+                hh = (h[mine] if split else h).clone().requires_grad_()
                 ww = (w[start:start + width] if split else w).clone().requires_grad_()
                 bb = None if b is None else (b[start:start + width] if split else b).clone().requires_grad_()
                 if split:
                     out_ = xt.vocab_parallel_linear_cross_entropy(hh, ww, y, bb, ce_weight=cw, reduce_input_grad=reduce,
-                                                                 vocab_start=start, vocab_size=V, **case)
+                                                                 vocab_start=start, vocab_size=V,
+                                                                 sequence_parallel=sp, **case)
                 else:
                     out_ = xt.linear_cross_entropy(hh, ww, y, bb, ce_weight=cw, **case)
                 loss = out_ if isinstance(out_, torch.Tensor) else out_.loss
@@ -73,6 +82,7 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
                 gb = None if bb is None else (bb.grad if split else bb.grad[start:start + width])
                 results.append((out_, hh.grad, gw, gb))
             (got, gh, gw, gb), (want, wh, ww_, wb) = results
+            wh = wh[mine]  # with sequence_parallel, this rank's rows of the gradient
             if not reduce:  # each rank's part: their sum is the gradient
                 gh = gh.clone()
                 dist.all_reduce(gh)
@@ -93,6 +103,24 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
             errors.append("uneven shards without vocab_size were not refused")
         except ValueError as ex:
             if "one width" not in str(ex):
+                errors.append(f"the refusal said {ex}")
+        # sequence_parallel: ranks holding other numbers of rows refuse on every rank, and
+        # reduce_input_grad=False (the reduce-scatter sums the parts) is refused.
+        try:
+            xt.vocab_parallel_linear_cross_entropy(torch.randn(2 + rank, D), torch.randn(width, D),
+                                                   torch.zeros(6).long(), vocab_start=start, vocab_size=V,
+                                                   sequence_parallel=True)
+            errors.append("ranks of other row counts were not refused")
+        except ValueError as ex:
+            if "as many" not in str(ex):
+                errors.append(f"the refusal said {ex}")
+        try:
+            xt.vocab_parallel_linear_cross_entropy(torch.randn(2, D), torch.randn(width, D), torch.zeros(6).long(),
+                                                   vocab_start=start, vocab_size=V, sequence_parallel=True,
+                                                   reduce_input_grad=False)
+            errors.append("sequence_parallel with reduce_input_grad=False was not refused")
+        except ValueError as ex:
+            if "reduce_input_grad" not in str(ex):
                 errors.append(f"the refusal said {ex}")
         # Shards other than the even split are refused on the CPU path (every rank's is off by one).
         try:

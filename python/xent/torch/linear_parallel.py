@@ -369,30 +369,77 @@ def _unfused(hidden, weight, target, bias, ce_weight, split, group, reduce_input
     return cross_entropy(whole.reshape(*lead, vocab_size), target, ce_weight, **common)
 
 
-# (group, world, width) whose ranks were found to hold shards of one width: the default split
-# is checked once per group and width (one small all-gather and a wait).
+# (group, world, width) whose ranks were found to hold shards of one width: the default split is
+# checked once per group and width (a head's shards keep their widths from call to call).
 _EQUAL_WIDTHS: set = set()
 
 
-def _check_equal_widths(width, world, group, device):
-    """The default ``vocab_start`` and ``vocab_size`` assume every rank's shard is ``width`` wide
-    (Megatron pads its vocabulary so); ranks of other widths would disagree on the vocabulary and
-    on their collectives' sizes, so every rank raises ValueError instead."""
+def _check_equal_sizes(size, world, group, device, what):
+    """Every rank's ``size`` the same, or ValueError on every rank (ranks of other sizes would
+    disagree on their collectives' sizes: a hang); one small all-gather and a wait. ``what``:
+    ``"widths"`` (the default ``vocab_start`` and ``vocab_size`` assume shards of one width, as
+    Megatron pads its vocabulary; checked once per group and width) or ``"rows"``
+    (``sequence_parallel``: the all-gather of the hidden states takes as many rows from every
+    rank; checked on every call, as a batch's rows change from step to step and a rank whose
+    count matched an earlier agreement would skip the check the others make)."""
     import torch.distributed as dist
 
-    key = (id(group), world, width)
-    if world == 1 or key in _EQUAL_WIDTHS:
+    key = (id(group), world, size)
+    if world == 1 or (what == "widths" and key in _EQUAL_WIDTHS):
         return
-    mine = torch.tensor([width], dtype=torch.int64, device=device)
-    widths = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(widths, mine, group=group)
-    widths = [int(w) for w in widths]
-    if len(set(widths)) > 1:
-        raise ValueError(
-            f"the ranks' head shards are {widths} classes wide: pass vocab_start and vocab_size (the "
-            "defaults are for shards of one width)"
-        )
-    _EQUAL_WIDTHS.add(key)
+    mine = torch.tensor([size], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    sizes = [int(w) for w in sizes]
+    if len(set(sizes)) > 1:
+        if what == "widths":
+            raise ValueError(
+                f"the ranks' head shards are {sizes} classes wide: pass vocab_start and vocab_size (the "
+                "defaults are for shards of one width)"
+            )
+        raise ValueError(f"sequence_parallel: the ranks hold {sizes} rows of hidden states; they must hold as many")
+    if what == "widths":
+        _EQUAL_WIDTHS.add(key)
+
+
+def _check_equal_widths(width, world, group, device):
+    _check_equal_sizes(width, world, group, device, "widths")
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows ``[R, ...]`` stacked in rank order, ``[world·R, ...]``; the backward sums
+    the gradient over the ranks and keeps this rank's rows (a reduce-scatter): Megatron's
+    ``gather_from_sequence_parallel_region``. Eager; compiled calls take the functional
+    collective of the same meaning (``all_gather_tensor_autograd``)."""
+
+    @staticmethod
+    def forward(ctx, x, world, group):
+        import torch.distributed as dist
+
+        ctx.world, ctx.group = world, group
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None, None
+
+
+def _gather_rows(input, world, group):
+    """``_GatherRows`` eagerly, the functional collective under ``torch.compile``."""
+    if not torch.compiler.is_compiling():
+        return _GatherRows.apply(input, world, group)
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.all_gather_tensor_autograd(input.contiguous(), 0, group if group is not None else dist.group.WORLD)
 
 
 def _reduce_input_grad(grad_hidden, world, group, wanted):
@@ -431,6 +478,7 @@ def vocab_parallel_linear_cross_entropy(
     return_entropy: bool = False,
     reduce_input_grad: bool = True,
     skip_ignored: bool = True,
+    sequence_parallel: bool = False,
 ):
     """Cross-entropy of ``input @ W.T + b`` over the whole vocabulary, the LM head ``W`` split by
     vocabulary over the ranks of ``group`` (None: the default group): ``weight`` ``[V_r, D]`` and
@@ -449,6 +497,12 @@ def vocab_parallel_linear_cross_entropy(
     - ``reduce_input_grad``: the hidden states' gradient summed over the ranks (one
       ``all_reduce`` of ``[N, D]``, the default); False leaves each rank its own part, for a caller
       whose layer reduces it already (Megatron's ``copy_to_tensor_model_parallel_region``).
+    - ``sequence_parallel``: ``input`` is this rank's block of rows ``[R, ..., D]`` (dim 0; as many
+      on every rank), all-gathered in rank order before the head (``[world·R, ..., D]``, whose
+      labels ``target`` gives, the same on every rank); the backward reduce-scatters their
+      gradient, so each rank gets its rows of the sum over the ranks (Megatron's sequence
+      parallelism: ``gather_from_sequence_parallel_region`` before the output layer). Eager calls
+      check that every rank holds as many rows (one small all-gather and a wait a call).
     - ``skip_ignored`` (the default): only the scored rows through the GEMMs, as
       ``xt.linear_cross_entropy`` (where at least 1/16 of the rows are ignored, in calls of at
       least 2^35 products ``rows·D·vocab_size``, eager only); every rank selects the same rows
@@ -462,6 +516,20 @@ def vocab_parallel_linear_cross_entropy(
 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if sequence_parallel:
+        if not reduce_input_grad:
+            raise ValueError(
+                "sequence_parallel reduce-scatters the hidden states' gradient (a sum over the ranks): "
+                "reduce_input_grad=False does not apply"
+            )
+        if not isinstance(input, torch.Tensor) or input.dim() < 2:
+            raise ValueError("sequence_parallel: input must be this rank's rows [R, ..., D]")
+        world = dist.get_world_size(group)
+        if not torch.compiler.is_compiling():
+            _check_equal_sizes(input.shape[0], world, group, input.device, "rows")
+        if world > 1:
+            input = _gather_rows(input, world, group)
+        reduce_input_grad = False  # the gather's backward sums the ranks' parts
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale, softcap,
         return_token_accuracy,
