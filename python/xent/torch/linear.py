@@ -377,30 +377,13 @@ class LinearXentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
         nones = (None,) * 8
-        if not ctx.entropy_grad:
-            grad_entropy = None
-        if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
+        upstreams = _upstreams(ctx, grad_loss, grad_entropy, "linear_cross_entropy")
+        if upstreams is None:
             return (None, None, None, None) + nones
-        if grad_entropy is not None and ctx.fused:
-            raise RuntimeError(
-                "xent: the entropy's gradient needs the two-phase mode (the fused pass computed the "
-                "gradients in the forward): call linear_cross_entropy with two_phase=True or None, "
-                "or detach the entropy"
-            )
-        if grad_loss is None:  # only the entropy is differentiated: the loss's upstream is 0
-            upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
-        else:
-            upstream = _launch.upstream_of(grad_loss)
-        entropy_upstream = None if grad_entropy is None else _launch.upstream_of(grad_entropy)
+        upstream, entropy_upstream = upstreams
         compiling = torch.compiler.is_compiling()
         if ctx.fused:
-            grads = list(ctx.saved_tensors)
-            for grad in grads:
-                if grad is not None:  # scaled on the device where the upstream is not 1
-                    if compiling:
-                        _linear_scale_grad_op(grad, upstream)
-                    else:
-                        _scale_grad(grad, upstream)
+            grads = _scaled_saved_grads(ctx, upstream)
         else:
             hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
             entropy = entropy if entropy_upstream is not None else None  # its gradient, where one came
@@ -417,6 +400,39 @@ class LinearXentFunction(torch.autograd.Function):
                                   entropy_upstream=entropy_upstream))
         grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
         return grad_h, grad_w, None, grad_b, *nones
+
+
+def _upstreams(ctx, grad_loss, grad_entropy, name):
+    """A linear autograd function's backward: ``(upstream, entropy_upstream)`` (``[1]`` or
+    ``[rows]`` float32; the second None where no gradient reached the entropies), or None where
+    there is nothing to compute. RuntimeError where the entropies' gradient reaches a fused pass
+    (``name``: the function to call otherwise)."""
+    if not ctx.entropy_grad:
+        grad_entropy = None
+    if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
+        return None
+    if grad_entropy is not None and ctx.fused:
+        raise RuntimeError(
+            "xent: the entropy's gradient needs the two-phase mode (the fused pass computed the "
+            f"gradients in the forward): call {name} with two_phase=True or None, or detach the "
+            "entropy"
+        )
+    if grad_loss is None:  # only the entropy is differentiated: the loss's upstream is 0
+        upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
+    else:
+        upstream = _launch.upstream_of(grad_loss)
+    return upstream, None if grad_entropy is None else _launch.upstream_of(grad_entropy)
+
+
+def _scaled_saved_grads(ctx, upstream):
+    """A fused pass's saved gradients times the upstream gradient, on the device (where it is
+    not exactly 1); in place eagerly, through the operator under ``torch.compile``."""
+    grads = list(ctx.saved_tensors)
+    scale = _linear_scale_grad_op if torch.compiler.is_compiling() else _scale_grad
+    for grad in grads:
+        if grad is not None:
+            scale(grad, upstream)
+    return grads
 
 
 def _in_weight_dtype(grads, weight_dtype):

@@ -47,8 +47,8 @@ from . import _ops
 from .function import loss_of
 from .functional import outputs
 from .linear import (
-    _Call, _autocast, _check, _fake_entropy, _fake_grads, _in_weight_dtype, _laid_out, _linear_scale_grad_op,
-    _may_wait, _op_call, _or_empty, _predicted_buffer, _run, _scale_grad, _scored_rows, _stats_buffer,
+    _Call, _autocast, _check, _fake_entropy, _fake_grads, _in_weight_dtype, _laid_out, _may_wait, _op_call,
+    _or_empty, _predicted_buffer, _run, _scaled_saved_grads, _scored_rows, _stats_buffer, _upstreams,
 )
 
 
@@ -257,29 +257,15 @@ class _LinearVocabParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
         nones = (None,) * 12
-        if not ctx.entropy_grad:
-            grad_entropy = None
-        if (grad_loss is None and grad_entropy is None) or not any(ctx.want):
+        upstreams = _upstreams(ctx, grad_loss, grad_entropy, "vocab_parallel_linear_cross_entropy")
+        if upstreams is None:
             return (None, None, None, None) + nones
-        if grad_entropy is not None and ctx.fused:
-            raise RuntimeError(
-                "xent: the entropy's gradient needs the two-phase mode (the fused pass computed the "
-                "gradients in the forward): call vocab_parallel_linear_cross_entropy with "
-                "two_phase=True or None, or detach the entropy"
-            )
-        if grad_loss is None:  # only the entropy is differentiated: the loss's upstream is 0
-            upstream = torch.zeros(1, dtype=torch.float32, device=grad_entropy.device)
-        else:
-            upstream = _launch.upstream_of(grad_loss)
+        upstream, entropy_upstream = upstreams
         compiling = torch.compiler.is_compiling()
         if ctx.fused:
-            grads = list(ctx.saved_tensors)
-            for grad in grads:
-                if grad is not None:  # scaled on the device where the upstream is not 1
-                    (_linear_scale_grad_op if compiling else _scale_grad)(grad, upstream)
+            grads = _scaled_saved_grads(ctx, upstream)
         else:
             hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
-            entropy_upstream = None if grad_entropy is None else _launch.upstream_of(grad_entropy)
             entropy = entropy if entropy_upstream is not None else None
             if compiling:
                 values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1], ctx.split[0], ctx.split[1],
