@@ -5,7 +5,7 @@
 # `new` runs the split head's tests (the Rust `linear` and `vocab_parallel` binaries; pytest over
 # test_vocab_parallel.py, with the compiled split head and skip_ignored, and test_linear_parallel.py;
 # the example) and the linear path's tests its shared backward touches (upstreams, entropy
-# gradient, compile).
+# gradient, compile). `sanitize` runs the thread test under the four compute-sanitizer tools.
 set -u
 here=$(dirname "$0")
 site=bundle/python/site
@@ -24,6 +24,12 @@ for mode in "$@"; do
         python/tests/test_linear.py -k "options_match or upstream or entropy_gradient or no_rows or bad_inputs or compile" \
         -rfEs 2>&1 | tail -8
       PYTHONPATH="$PWD/$site" timeout 120 python3 python/examples/vocab_parallel_linear.py 2>&1 | tail -6 ;;
+    sanitize)
+      # The thread test alone: under memcheck NCCL's communicator init probes kernels for other
+      # GPUs (64 cudaErrorNoKernelImageForDevice API errors, session 55), which the sanitizer counts.
+      echo "=== $mode $(date +%T)"
+      XENT_TESTS=linear timeout 580 bash bundle/run.sh sanitize gpu_linear_vocab_parallel_matches 2>&1 |
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|exit code" | tail -12 ;;
     *) bash "$here/session54.sh" "$mode" ;;
   esac
 done
