@@ -94,8 +94,10 @@ def _shard_backward(call, opts, stats, upstream, want, split, group, accum_dtype
 # The passes as PyTorch custom operators (`torch.ops.xent.linear_shard_*`), for `torch.compile`:
 # each takes the group by its name (`ProcessGroup.group_name`, which Dynamo reads as a constant)
 # and runs its collectives inside, eagerly, where the compiler does not look. The arguments are
-# `xent.torch.linear`'s operators' with `vocab_start, vocab_size, group_name, reduce_input_grad`
-# after the shape; their outputs are those operators' too (empty tensors where not asked for).
+# `xent.torch.linear`'s operators' with `vocab_start, vocab_size, group_name` after the shape, then
+# `check_widths` (the passes that come first: the default split's width check) and
+# `reduce_input_grad` (the passes that compute the hidden states' gradient); their outputs are
+# those operators' too (empty tensors where not asked for).
 # ---------------------------------------------------------------------------------------------
 
 
