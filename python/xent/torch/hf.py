@@ -144,6 +144,8 @@ class _FusedCall:
     def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
              shift_labels=None, **kwargs):
         sharded = _sharded_by_fsdp(self.head)
+        # Looked up here, inside the forward, not in `active`: a head inside the root's FSDP2 unit
+        # holds a sharded DTensor weight before the forward and the whole one now.
         split = None if sharded else _split_head(self.head)
         if not sharded:
             for name, tensor in (("weight", self.head.weight), ("input", self.hidden)):

@@ -170,18 +170,20 @@ def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
         handle.scale_grad(_launch._stream(index), _buffer(grad), _dtype(grad), shape, _buffer(upstream))
 
 
-def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy):
+def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy,
+                  split=None):
     """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for); returns
     the stats, the gradients (None where not computed), the predicted tokens and the entropies
-    (each None where not asked for). Eager calls and the custom operators below both run it."""
+    (each None where not asked for). ``split``: as ``_run``'s. Eager calls and the custom operators
+    (here and in ``linear_parallel.py``) all run it."""
     stats = _stats_buffer(call.target, opts.return_token_accuracy)
     predicted = _predicted_buffer(call.target) if want_predicted else None
     entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
     if fused:
         grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                     predicted=predicted, entropy=entropy)
+                     predicted=predicted, entropy=entropy, split=split)
     else:
-        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy)
+        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy, split=split)
         grads = (None, None, None)
     return stats, grads, predicted, entropy
 

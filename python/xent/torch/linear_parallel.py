@@ -47,8 +47,8 @@ from . import _ops
 from .function import loss_of
 from .functional import outputs
 from .linear import (
-    _Call, _autocast, _check, _fake_entropy, _fake_grads, _in_weight_dtype, _laid_out, _may_wait, _op_call,
-    _or_empty, _predicted_buffer, _run, _scaled_saved_grads, _scored_rows, _stats_buffer, _upstreams,
+    _Call, _autocast, _check, _fake_entropy, _fake_grads, _forward_pass, _in_weight_dtype, _laid_out, _may_wait,
+    _op_call, _or_empty, _run, _scaled_saved_grads, _scored_rows, _upstreams,
 )
 
 
@@ -69,12 +69,8 @@ def _shard_pass(call, opts, fused, want, split, group, accum_dtype, chunk_bytes,
     asks for, the hidden states' summed over the ranks where ``reduce_input_grad``); returns the
     stats, the gradients (None where not computed), the predicted tokens and the entropies (each
     None where not asked for). Eager calls and the custom operators below both run it."""
-    stats = _stats_buffer(call.target, opts.return_token_accuracy)
-    predicted = _predicted_buffer(call.target) if want_predicted else None
-    entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
-    grads = _run(call, opts, "fused" if fused else "forward", stats, chunk_bytes,
-                 grads=want if fused else (False,) * 3, accum_dtype=accum_dtype, predicted=predicted,
-                 entropy=entropy, split=(*split, _all_gather(group)))
+    stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
+                                                     want_predicted, want_entropy, split=(*split, _all_gather(group)))
     if fused:
         _reduce_input_grad(grads[0], split[3], group, reduce_input_grad)
     return stats, grads, predicted, entropy
@@ -504,6 +500,7 @@ def vocab_parallel_linear_cross_entropy(
 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     if sequence_parallel:
         if not reduce_input_grad:
             raise ValueError(
@@ -512,7 +509,6 @@ def vocab_parallel_linear_cross_entropy(
             )
         if not isinstance(input, torch.Tensor) or input.dim() < 2:
             raise ValueError("sequence_parallel: input must be this rank's rows [R, ..., D]")
-        world = dist.get_world_size(group)
         if not torch.compiler.is_compiling():
             _check_equal_sizes(input.shape[0], world, group, input.device, "rows")
         if world > 1:
@@ -530,7 +526,6 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_bytes is not None and chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     hidden, weight_c, target_c, bias_c, _, shape = _check(input, weight, target, bias, None, causal_shift)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     width = weight_c.shape[0]
     # The default split: every rank's shard checked to be of one width, before anything else can
     # raise on one rank alone (the others would wait at a collective); under torch.compile by the
