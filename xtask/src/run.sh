@@ -28,7 +28,8 @@
 #   run.sh precision [ARGS...]  the soft cap's error against float64: softcap_error.py (xent,
 #                               Liger, PyTorch; ARGS go to it) into precision.log
 #   run.sh sanitize [ARGS...]   the test binaries under compute-sanitizer: memcheck, racecheck,
-#                               initcheck, synccheck (XENT_SANITIZE=1 is set for them)
+#                               initcheck, synccheck (XENT_SANITIZE=1 is set for them;
+#                               XENT_SANITIZE_TOOLS="initcheck synccheck" runs only those)
 #   run.sh sweep [ARGS...]      bin/bench-throughput over forced cluster plans: sizes
 #                               $XENT_SWEEP_SIZES (4-8) x threads per CTA $XENT_SWEEP_THREADS
 #                               (auto 256 384 512) on $XENT_BENCH_CONFIGS (default: configs.txt),
@@ -376,7 +377,7 @@ else
     if "$sanitizer" --help 2>&1 | grep -- --require-cuda-init > /dev/null; then
       sanitizer_flags+=(--require-cuda-init no)
     fi
-    for tool in memcheck racecheck initcheck synccheck; do
+    for tool in ${XENT_SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
       for name in "${tests[@]}"; do
         run_one "$name [$tool]" "$log" timeout 900 "$sanitizer" --tool "$tool" "${sanitizer_flags[@]}" \
           "./bin/$name" --test-threads=1 "$@"
