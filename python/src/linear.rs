@@ -145,11 +145,26 @@ pub(crate) fn open_cublaslt(device: &Device, dirs: Vec<String>) -> PyResult<Stri
     Ok(path)
 }
 
+/// `opts` with the outputs a `pass` writes: the predicted tokens where asked for, the entropies
+/// where asked for except in a backward, which reads the forward's (for their gradient) and
+/// writes none. `linear_scratch` and `linear` take the same rule, so a split call's all-gather is
+/// sized for what its pass sends.
+fn pass_outputs(
+    opts: &xent::Options,
+    pass: &LinearPass,
+    predicted: bool,
+    entropy: bool,
+) -> xent::Options {
+    let backward = matches!(pass, LinearPass::Backward { .. });
+    with_outputs(opts, predicted, entropy && !backward)
+}
+
 /// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of cuBLASLt's
 /// workspace, bytes of shifted labels, ones, f32 values of the loss's workspace, f32 values a
 /// vocabulary-split call's all-gather sends), for chunks of logits of at most `budget` bytes
-/// (None: the default). `outputs`: whether the call writes the predicted tokens and the
-/// entropies (a split call's all-gather carries more a row for them).
+/// (None: the default). `outputs`: whether the call is given buffers for the predicted tokens and
+/// the entropies (a split call's all-gather carries more a row for those its pass writes:
+/// `pass_outputs`).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (device, hidden, weight, bias, dtype, labels, label_type, shape, class_weight, opts, pass_name, budget, shard=None, outputs=(false, false)))]
@@ -169,7 +184,8 @@ pub(crate) fn linear_scratch(
     shard: Option<ShardArgs>,
     outputs: (bool, bool),
 ) -> PyResult<(usize, usize, usize, usize, usize, usize, usize)> {
-    let opts = &with_outputs(&opts.inner, outputs.0, outputs.1);
+    let pass = pass_of(pass_name, Some((0, 1)))?;
+    let opts = &pass_outputs(&opts.inner, &pass, outputs.0, outputs.1);
     let call = raw_linear_call((
         hidden,
         weight,
@@ -180,7 +196,6 @@ pub(crate) fn linear_scratch(
         shape,
         class_weight,
     ))?;
-    let pass = pass_of(pass_name, Some((0, 1)))?;
     let (lens, gather_words) = match shard {
         None => (
             device
@@ -269,13 +284,7 @@ pub(crate) fn linear(
         predicted,
         entropy,
     )?;
-    // A backward reads the forward's entropies (for their gradient); it writes none.
-    let backward = matches!(pass, LinearPass::Backward { .. });
-    let opts = with_outputs(
-        &opts.inner,
-        predicted.is_some(),
-        entropy.is_some() && !backward,
-    );
+    let opts = pass_outputs(&opts.inner, &pass, predicted.is_some(), entropy.is_some());
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
         hidden: grad_hidden.map(raw),

@@ -343,94 +343,40 @@ impl CrossEntropy {
         scratch: &RawLinearScratch,
     ) -> Result<()> {
         self.check_stream(stream)?;
-        if entropy_upstream.is_some() && !matches!(pass, LinearPass::Backward { .. }) {
-            return Err(Error::InvalidOption(
-                "the entropies' gradient needs the backward pass (their upstream is known only \
-                 then)"
-                    .to_string(),
-            ));
-        }
+        check_entropy_pass(pass, entropy_upstream)?;
         call.validate(opts)?;
-        grads.validate(call, pass)?;
-        let shape = call.shape;
-        let (rows, v) = (shape.rows(), shape.vocab);
-        let t_bytes = call.dtype.bytes();
-        let chunk = scratch.chunk_rows;
-        if chunk == 0 {
-            return Err(Error::InvalidOption("chunk_rows is 0".to_string()));
-        }
+        let (rows, v) = (call.shape.rows(), call.shape.vocab);
+        let chunk = check_scratch(call, pass, grads, scratch, |chunk| {
+            logits_bytes(rows, v, chunk, call.dtype.bytes())
+        })?;
         let scheme = Scheme::of(pass, rows, chunk);
         let block = vocab_block(rows, v, chunk);
-        check_len(
-            "scratch.logits (bytes)",
-            scratch.logits,
-            logits_bytes(rows, v, chunk, t_bytes),
-        )?;
-        check_len(
-            "scratch.gemm_workspace (bytes)",
-            scratch.gemm_workspace,
-            GEMM_HEADER_BYTES + 1,
-        )?;
         let plans = match pass {
             LinearPass::Backward { .. } => None,
             _ => Some(self.chunk_plans(call, opts, chunk)?),
         };
-        let partials_len = plans.map_or(0, |p| p.2);
-        // The backward's entropies and their upstream, where asked for.
-        let mut entropy = None;
-        let buffers = match pass {
-            LinearPass::Backward { upstream } => {
-                check_len("row_lse", out.row_lse, rows)?;
-                check_len("counts", out.counts, COUNT_WORDS)?;
-                check_upstream_len(rows, upstream.len)?;
-                entropy = entropy_pair(out.entropy, entropy_upstream, rows)?;
-                LossBuffers {
-                    loss: 0,
-                    row_loss: 0,
-                    row_lse: out.row_lse.ptr,
-                    counts: out.counts.ptr,
-                    extras: 0,
-                    row_correct: 0,
-                    predicted: 0,
-                    entropy: 0,
-                    partials: 0,
-                    done_zeroed: false,
-                }
-            }
-            _ => out.buffers(rows, opts, partials_len)?,
+        let ones_len = if scheme.vocab_backward {
+            rows
+        } else {
+            chunk.min(rows)
         };
-        let bias_grad = grads.bias.filter(|_| pass != LinearPass::Forward);
-        let ones = match (bias_grad, scratch.ones) {
-            (None, _) => 0,
-            (Some(_), Some(ones)) => {
-                let needed = if scheme.vocab_backward {
-                    rows
-                } else {
-                    chunk.min(rows)
-                };
-                check_len("scratch.ones", ones, needed)?;
-                ones.ptr
-            }
-            (Some(_), None) => {
-                return Err(Error::InvalidOption(
-                    "a bias gradient needs scratch.ones".to_string(),
-                ));
-            }
-        };
+        let Setup {
+            entropy,
+            buffers,
+            bias_grad,
+            ones,
+            whole,
+        } = self.linear_setup(
+            stream,
+            call,
+            opts,
+            pass,
+            (out, entropy_upstream),
+            grads,
+            scratch,
+            (ones_len, plans.map_or(0, |p| p.2), v),
+        )?;
         let cu_stream = stream.cu_stream();
-        let labels = self.shifted_labels(call, opts, scratch, cu_stream)?;
-        let whole = KernelCall {
-            dtype: call.dtype,
-            label: call.label_type.name(),
-            logits: 0,
-            labels,
-            shape: Shape::flat(rows, v),
-            weight: call.class_weight.map_or(0, |w| w.ptr),
-        };
-        // Overwritten gradients with no rows: zeros, as the sum over no rows.
-        if rows == 0 && pass != LinearPass::Forward {
-            unsafe { shard::zero_grads(grads, bias_grad, cu_stream) }?;
-        }
         // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
         // held for the call).
         let side_guard = self.side_stream(stream, scheme.row_grads, grads)?;
@@ -500,6 +446,84 @@ impl CrossEntropy {
             }
         }
         Ok(())
+    }
+
+    /// What a linear call (the whole head's or a vocabulary shard's) sets up after its checks
+    /// and plans, before anything is launched: a `Backward`'s inputs checked (its row
+    /// log-sum-exps, counts, upstream, and the entropies with their upstream), the loss
+    /// buffers (a forward's from `out` with `partials_len` f32 values of workspace), the bias
+    /// gradient and its ones (`ones_len` of them), the labels (shifted once for a causal call)
+    /// and the kernels' view of the call over `vocab` classes; with no rows, the gradients it
+    /// overwrites zeroed.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_setup(
+        &self,
+        stream: &Arc<CudaStream>,
+        call: &RawLinearCall,
+        opts: &Options,
+        pass: LinearPass,
+        (out, entropy_upstream): (&RawLoss, Option<RawBuffer>),
+        grads: &RawLinearGrads,
+        scratch: &RawLinearScratch,
+        (ones_len, partials_len, vocab): (usize, usize, usize),
+    ) -> Result<Setup> {
+        let rows = call.shape.rows();
+        let mut entropy = None;
+        let buffers = match pass {
+            LinearPass::Backward { upstream } => {
+                check_len("row_lse", out.row_lse, rows)?;
+                check_len("counts", out.counts, COUNT_WORDS)?;
+                check_upstream_len(rows, upstream.len)?;
+                entropy = entropy_pair(out.entropy, entropy_upstream, rows)?;
+                LossBuffers {
+                    loss: 0,
+                    row_loss: 0,
+                    row_lse: out.row_lse.ptr,
+                    counts: out.counts.ptr,
+                    extras: 0,
+                    row_correct: 0,
+                    predicted: 0,
+                    entropy: 0,
+                    partials: 0,
+                    done_zeroed: false,
+                }
+            }
+            _ => out.buffers(rows, opts, partials_len)?,
+        };
+        let bias_grad = grads.bias.filter(|_| pass != LinearPass::Forward);
+        let ones = match (bias_grad, scratch.ones) {
+            (None, _) => 0,
+            (Some(_), Some(ones)) => {
+                check_len("scratch.ones", ones, ones_len)?;
+                ones.ptr
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidOption(
+                    "a bias gradient needs scratch.ones".to_string(),
+                ));
+            }
+        };
+        let cu_stream = stream.cu_stream();
+        let labels = self.shifted_labels(call, opts, scratch, cu_stream)?;
+        let whole = KernelCall {
+            dtype: call.dtype,
+            label: call.label_type.name(),
+            logits: 0,
+            labels,
+            shape: Shape::flat(rows, vocab),
+            weight: call.class_weight.map_or(0, |w| w.ptr),
+        };
+        // Overwritten gradients with no rows: zeros, as the sum over no rows.
+        if rows == 0 && pass != LinearPass::Forward {
+            unsafe { shard::zero_grads(grads, bias_grad, cu_stream) }?;
+        }
+        Ok(Setup {
+            entropy,
+            buffers,
+            bias_grad,
+            ones,
+            whole,
+        })
     }
 
     /// The handle's side stream for the gradient GEMMs, held for the call, where a pass writes
@@ -647,6 +671,53 @@ fn chunk_override(rows: usize) -> Option<usize> {
 /// a second time (H200, 8192 x 4096 x 128256 bf16, fwd + both gradients: rows scheme 90 ms at
 /// 128-row chunks, 55 at 256, 45 at 512; blocked 62 ms at 128-row memory, 57 at 256).
 pub const ROW_SCHEME_MIN_ROWS: usize = 192;
+
+/// What [`CrossEntropy::linear_setup`] gives a linear call: the backward's entropies and their
+/// upstream (where asked for), the loss buffers, the bias gradient a pass writes and its ones,
+/// and the kernels' view of the whole call.
+struct Setup {
+    entropy: Option<(u64, u64)>,
+    buffers: LossBuffers,
+    bias_grad: Option<RawGrad>,
+    ones: u64,
+    whole: KernelCall,
+}
+
+/// Refuses an upstream for the entropies outside a `Backward` pass.
+fn check_entropy_pass(pass: LinearPass, entropy_upstream: Option<RawBuffer>) -> Result<()> {
+    if entropy_upstream.is_some() && !matches!(pass, LinearPass::Backward { .. }) {
+        return Err(Error::InvalidOption(
+            "the entropies' gradient needs the backward pass (their upstream is known only then)"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The checks a linear call (the whole head's or a vocabulary shard's) makes of its gradients
+/// and scratch once its inputs are valid: the gradients `pass` writes, a chunk of at least one
+/// row, the chunks' logits (`logits_len(chunk)` bytes) and cuBLASLt's workspace. Returns the
+/// chunk's rows.
+fn check_scratch(
+    call: &RawLinearCall,
+    pass: LinearPass,
+    grads: &RawLinearGrads,
+    scratch: &RawLinearScratch,
+    logits_len: impl Fn(usize) -> usize,
+) -> Result<usize> {
+    grads.validate(call, pass)?;
+    let chunk = scratch.chunk_rows;
+    if chunk == 0 {
+        return Err(Error::InvalidOption("chunk_rows is 0".to_string()));
+    }
+    check_len("scratch.logits (bytes)", scratch.logits, logits_len(chunk))?;
+    check_len(
+        "scratch.gemm_workspace (bytes)",
+        scratch.gemm_workspace,
+        GEMM_HEADER_BYTES + 1,
+    )?;
+    Ok(chunk)
+}
 
 /// How a call computes its gradients.
 #[derive(Clone, Copy, Debug)]

@@ -120,7 +120,7 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     shard = None if split is None else (split[0], split[1], split[3])
     chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len, gather_words = (
         _xent.linear_scratch(handle, *inputs, checked, pass_name, chunk_bytes, shard,
-                             (predicted is not None, entropy is not None and pass_name != "backward"))
+                             (predicted is not None, entropy is not None))
     )
     u8 = dict(dtype=torch.uint8, device=device)
     logits = torch.empty(max(logits_bytes, 1), **u8)

@@ -18,17 +18,16 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 
 use super::{
-    GEMM_HEADER_BYTES, LinearPass, LinearScratchLens, RawLinearCall, RawLinearGrads,
-    RawLinearScratch, Work, chunk_options, chunk_override, label_bytes, workspace_for,
+    LinearPass, LinearScratchLens, RawLinearCall, RawLinearGrads, RawLinearScratch, Setup, Work,
+    check_entropy_pass, check_scratch, chunk_options, chunk_override, label_bytes, workspace_for,
 };
-use crate::abi::COUNT_WORDS;
 use crate::cublaslt::CublasLt;
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers, backward_kernel};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, XentKind};
 use crate::linear::chunk_rows;
-use crate::options::{Options, Shape, check_upstream_len};
-use crate::raw::{RawBuffer, RawLoss, check_len, entropy_pair};
+use crate::options::{Options, Shape};
+use crate::raw::{RawBuffer, RawLoss, check_len};
 use crate::vocab_parallel::{Collective, Shard, ShardCall};
 
 /// One rank's part of a linear + cross-entropy call whose LM head is split by vocabulary:
@@ -210,33 +209,14 @@ impl CrossEntropy {
     ) -> Result<()> {
         self.check_stream(stream)?;
         let backward = matches!(pass, LinearPass::Backward { .. });
-        if entropy_upstream.is_some() && !backward {
-            return Err(Error::InvalidOption(
-                "the entropies' gradient needs the backward pass (their upstream is known only \
-                 then)"
-                    .to_string(),
-            ));
-        }
+        check_entropy_pass(pass, entropy_upstream)?;
         call.validate(opts)?;
         let linear = &call.linear;
-        grads.validate(linear, pass)?;
         let (rows, width) = (linear.shape.rows(), linear.shape.vocab);
         let world = comm.world();
-        let chunk = scratch.chunk_rows;
-        if chunk == 0 {
-            return Err(Error::InvalidOption("chunk_rows is 0".to_string()));
-        }
-        let t_bytes = linear.dtype.bytes();
-        check_len(
-            "scratch.logits (bytes)",
-            scratch.logits,
-            chunk.min(rows.max(1)) * width * t_bytes,
-        )?;
-        check_len(
-            "scratch.gemm_workspace (bytes)",
-            scratch.gemm_workspace,
-            GEMM_HEADER_BYTES + 1,
-        )?;
+        let chunk = check_scratch(linear, pass, grads, scratch, |chunk| {
+            chunk.min(rows.max(1)) * width * linear.dtype.bytes()
+        })?;
         let lopts = chunk_options(opts);
         // The layouts of a full chunk and of the last, shorter one (the same on every rank).
         let layouts = if backward {
@@ -253,43 +233,23 @@ impl CrossEntropy {
             check_len("recv", recv, world * full.words)?;
             Some((full, last))
         };
-        let mut entropy = None;
-        let buffers = match pass {
-            LinearPass::Backward { upstream } => {
-                check_len("row_lse", out.row_lse, rows)?;
-                check_len("counts", out.counts, COUNT_WORDS)?;
-                check_upstream_len(rows, upstream.len)?;
-                entropy = entropy_pair(out.entropy, entropy_upstream, rows)?;
-                None
-            }
-            _ => Some(out.buffers(rows, opts, 0)?),
-        };
-        let bias_grad = grads.bias.filter(|_| pass != LinearPass::Forward);
-        let ones = match (bias_grad, scratch.ones) {
-            (None, _) => 0,
-            (Some(_), Some(ones)) => {
-                check_len("scratch.ones", ones, chunk.min(rows))?;
-                ones.ptr
-            }
-            (Some(_), None) => {
-                return Err(Error::InvalidOption(
-                    "a bias gradient needs scratch.ones".to_string(),
-                ));
-            }
-        };
-        let cu_stream = stream.cu_stream();
-        let labels = self.shifted_labels(linear, opts, scratch, cu_stream)?;
-        let whole = KernelCall {
-            dtype: linear.dtype,
-            label: linear.label_type.name(),
-            logits: 0,
-            labels,
-            shape: Shape::flat(rows, call.vocab),
-            weight: linear.class_weight.map_or(0, |w| w.ptr),
-        };
-        if rows == 0 && pass != LinearPass::Forward {
-            unsafe { zero_grads(grads, bias_grad, cu_stream) }?;
-        }
+        let Setup {
+            entropy,
+            buffers,
+            bias_grad,
+            ones,
+            whole,
+        } = self.linear_setup(
+            stream,
+            linear,
+            opts,
+            pass,
+            (out, entropy_upstream),
+            grads,
+            scratch,
+            (chunk.min(rows), 0, call.vocab),
+        )?;
+        let labels = whole.labels;
         let side_guard = self.side_stream(stream, pass != LinearPass::Forward, grads)?;
         let work = Work::new(
             blas,
@@ -329,8 +289,8 @@ impl CrossEntropy {
             (backward && rows > 0)
                 .then(|| backward_kernel(&work.whole, &work.opts, entropy.is_some())),
         ])?;
-        match (pass, &buffers, layouts) {
-            (LinearPass::Backward { upstream }, _, _) => {
+        match (pass, layouts) {
+            (LinearPass::Backward { upstream }, _) => {
                 for first in (0..rows).step_by(chunk) {
                     let c = chunk.min(rows - first);
                     let hidden_rows = work.chunk_logits(first, c)?;
@@ -361,7 +321,7 @@ impl CrossEntropy {
                     work.chunk_grads(self, first, c, hidden_rows)?;
                 }
             }
-            (_, Some(buffers), Some((full, last))) => {
+            (_, Some((full, last))) => {
                 let fused = pass == LinearPass::Fused;
                 self.launch_count(stream, &work.whole, &work.opts, buffers.counts)?;
                 for first in (0..rows).step_by(chunk) {
@@ -380,7 +340,7 @@ impl CrossEntropy {
                         row_correct: row_at(buffers.row_correct, 4, first),
                         predicted: row_at(buffers.predicted, 8, first),
                         entropy: row_at(buffers.entropy, 4, first),
-                        ..*buffers
+                        ..buffers
                     };
                     self.shard_rows_backward(
                         stream,
@@ -396,9 +356,9 @@ impl CrossEntropy {
                         work.chunk_grads(self, first, c, hidden_rows)?;
                     }
                 }
-                self.launch_finish(stream, rows, work.whole.weight != 0, &work.opts, buffers)?;
+                self.launch_finish(stream, rows, work.whole.weight != 0, &work.opts, &buffers)?;
             }
-            _ => unreachable!("a Forward or Fused pass has its buffers and layouts"),
+            _ => unreachable!("a Forward or Fused pass has its layouts"),
         }
         Ok(())
     }
