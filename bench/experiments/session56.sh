@@ -2,8 +2,9 @@
 # Session 56's steps for a GPU run: run from the repository root with bundle/ carried, e.g.
 # `bash bench/experiments/session56.sh verify sanck`; any other step goes to session55.sh (and on
 # to 54, 53, ...). The tree's python/xent is copied over the bundle's site first.
-# `verify` runs the Python tests of the split head and of the linear path's shared backward (no
-#   Rust binary changed since the bundle) and the split head's example;
+# `verify` runs the Rust tests of the linear path (whole head and split: their checks and setup are
+#   shared since session 56), the Python tests of the split head, the linear path and the
+#   Transformers integration, and the split head's example;
 # `sanck` the split head's thread test under initcheck and synccheck (session 55 ran memcheck and
 #   racecheck; its initcheck was cut off by the run's limit);
 # `table` issue 12's table: linear_bench.py's main methods at 8192 and 16384 rows, two rounds.
@@ -17,6 +18,8 @@ for mode in "$@"; do
   case $mode in
     verify)
       echo "=== $mode $(date +%T)"
+      XENT_TESTS="${VT:-linear vocab_parallel gemm}" XENT_REQUIRE_GPU=1 timeout ${TR:-240} bash bundle/run.sh test 2>&1 |
+        grep -E "test result|cases|panicked|FAILED|failed|error|against|differ" | tail -20
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-200} python3 -m pytest -q \
         -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py -rfEs 2>&1 | tail -8
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-200} python3 -m pytest -q -p no:cacheprovider \
