@@ -19,7 +19,7 @@ Inputs: ``random`` (a nearly uniform softmax) and ``peaked`` (hidden states scal
 per-row entropy is about 2.5 nats; recorded as ``entropy``).
 
 Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,R2@W,...]
-                                [--profile] [--rounds R] [--energy]
+                                [--profile] [--rounds R] [--energy] [--memory]
 
 ``--curve`` entries are budgets of ``R`` rows per chunk (rounded as the library rounds them),
 ``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
@@ -37,7 +37,10 @@ the rounds (``ms_spread``: the range of its round medians): the GPU's clocks dri
 heat over a run (the same step took 35.7 and 41.0 ms in session 25's profiles), and a method
 measured once is compared with the others at whatever clock it met. ``--energy`` adds, from NVML,
 each timed loop's energy a step (``joules_step``), its mean SM clock (``sm_mhz``) and the share of
-that time the clock was held by the software power cap (``power_capped``).
+that time the clock was held by the software power cap (``power_capped``). ``--memory`` follows
+each timed method (random input, first round) with one step under PyTorch's allocator history
+and prints what was allocated during that step and still held at its peak, largest first, each
+with the first frame outside PyTorch that allocated it: where ``extra_peak_MiB`` comes from.
 """
 
 import argparse
@@ -323,6 +326,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--energy", action="store_true")
+    ap.add_argument("--memory", action="store_true")
     a = ap.parse_args()
     only = set(filter(None, re.split(r",(?![^\[]*\])", a.only)))
     curve = [r for r in a.curve.split(",") if r]
@@ -385,6 +389,8 @@ def main():
                     (per_round if a.rounds > 1 else rows).append(row)
                     if a.profile and rnd == 0 and inp == "random" and "ms_median" in row:
                         profile(name, step)
+                    if a.memory and rnd == 0 and inp == "random" and "ms_median" in row:
+                        memory_at_peak(name, step)
                     torch.cuda.empty_cache()
             if a.rounds > 1:
                 rows.extend(over_rounds(per_round))
@@ -418,6 +424,57 @@ def over_rounds(per_round):
 
 
 PROFILE_STEPS = 5
+
+
+def memory_at_peak(name, step, top=8):
+    """One step of ``name`` under PyTorch's allocator history (``_record_memory_history``): the
+    peak of the bytes it allocated less those it freed, and the allocations made during the step
+    and still held at that peak, largest first."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=1 << 20)
+    try:
+        step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, held = peak_allocations(trace)
+    print(f"#### memory {name}: the step's peak {peak / 2**20:.1f} MiB over its start; held then:", flush=True)
+    for size, where in held[:top]:
+        print(f"  {size / 2**20:9.2f} MiB  {where}", flush=True)
+    if len(held) > top:
+        print(f"  {sum(sz for sz, _ in held[top:]) / 2**20:9.2f} MiB  in {len(held) - top} smaller allocations",
+              flush=True)
+
+
+def peak_allocations(trace):
+    """``(peak, held)`` of an allocator trace (``_snapshot()["device_traces"][device]``): the most
+    the bytes allocated less those freed reached (frees of blocks from before the trace count),
+    and ``[(bytes, where)]`` of the trace's own allocations live at that moment, largest first
+    (``where``: the first frame outside torch's own files). A block counts as freed when its free
+    is requested, as ``torch.cuda.memory_allocated`` counts it."""
+    live, net, peak, at_peak = {}, 0, 0, []
+    for event in trace:
+        action, addr, size = event.get("action"), event.get("addr"), event.get("size", 0)
+        if action == "alloc":
+            live[addr] = (size, _first_own_frame(event.get("frames", ())))
+            net += size
+            if net > peak:
+                peak, at_peak = net, list(live.values())
+        elif action == "free_requested":
+            live.pop(addr, None)
+            net -= size
+    return peak, sorted(at_peak, key=lambda held: -held[0])
+
+
+def _first_own_frame(frames):
+    """``file:line function`` of the first frame outside torch's own files, or ``?``."""
+    for frame in frames:
+        filename = frame.get("filename", "")
+        if "/torch/" not in filename and not filename.startswith("<"):
+            return f"{os.path.basename(filename)}:{frame.get('line', '?')} {frame.get('name', '?')}"
+    return "?"
 
 
 def profile(name, step):
