@@ -7,7 +7,9 @@
 #   Transformers integration, and the split head's example;
 # `sanck` the split head's thread test under initcheck and synccheck (session 55 ran memcheck and
 #   racecheck; its initcheck was cut off by the run's limit);
-# `table` issue 12's table: linear_bench.py's main methods at 8192 and 16384 rows, two rounds.
+# `table` issue 12's table: linear_bench.py's main methods at 8192 and 16384 rows, two rounds;
+# `memory` one step of xent_linear, xent_linear_small and torch.compile's under the allocator's
+#   history (linear_bench.py --memory): what each holds at its peak.
 set -u
 here=$(dirname "$0")
 site=bundle/python/site
@@ -29,8 +31,17 @@ for mode in "$@"; do
       echo "=== $mode $(date +%T)"
       XENT_SANITIZE_TOOLS="initcheck synccheck" XENT_TESTS=linear timeout ${TS:-400} bash bundle/run.sh sanitize \
         gpu_linear_vocab_parallel_matches 2>&1 | grep -E "ERROR SUMMARY|SUMMARY|test result|exit code" | tail -12 ;;
+    memory)
+      # Where the H100's extra 13 and 46 MiB (session 56) come from: one step of each under the
+      # allocator's history.
+      echo "=== $mode $(date +%T)"
+      cp bench/linear_bench.py bundle/
+      timeout ${TT:-300} bash bundle/run.sh linear --configs 8192:4096:128256 \
+        --only xent_linear,xent_linear_small,torch_compile_linear --curve "" --memory 2>&1 |
+        grep -E '^\{|^####|MiB|Error|error' | tail -40 ;;
     table)
       echo "=== $mode $(date +%T)"
+      cp bench/linear_bench.py bundle/
       timeout ${TT:-540} bash bundle/run.sh linear --configs ${LC:-8192:4096:128256,16384:4096:128256} \
         --only xent_linear,xent_linear_small,xent_unfused,torch_compile_linear,liger_flce --rounds ${LR:-2} --curve "" 2>&1 |
         grep -E '^\{|Error|error|summary|\|' | tail -60 ;;
