@@ -16,8 +16,10 @@
 #   run.sh vocab [ARGS...]      vocabulary-parallel, one GPU: vocab_parallel_bench.py (one rank's
 #                               shard kernels per world size, % of their traffic bound)
 #   run.sh multi [ARGS...]      vocabulary-parallel over every GPU of the machine: bin/nccl's
-#                               tests with XENT_NCCL_WORLD 2, 4, 8 (as many as there are GPUs),
-#                               then torchrun vocab_parallel_bench.py --distributed (NVLink
+#                               tests and bin/linear's split-head NCCL test with XENT_NCCL_WORLD
+#                               2, 4, 8 (as many as there are GPUs), then torchrun
+#                               vocab_parallel_bench.py --distributed, and again with --linear
+#                               $XENT_MULTI_LINEAR (default 4096; 0: not) --entropy (NVLink
 #                               multicast off)
 #   run.sh jit                  the driver's compile of the PTX, timed with its cache off
 #                               (CUDA_CACHE_DISABLE=1): bin/example-quickstart with the kernels
@@ -262,10 +264,14 @@ elif [[ $mode == vocab ]]; then
 elif [[ $mode == multi ]]; then
   gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
   # The NCCL tests (one thread per GPU, one process per GPU) at each world size the machine has,
-  # from 2 on, then the benchmark over every GPU.
+  # from 2 on, and the split LM head's linear + cross-entropy over NCCL (bin/linear's test, one
+  # thread per GPU); then the benchmark over every GPU, the loss on logits and (XENT_MULTI_LINEAR,
+  # default 4096: the hidden states' D; 0 skips it) linear + cross-entropy over the split head.
   for world in 2 4 8; do
     if ((world <= gpus)); then
       XENT_NCCL_WORLD=$world run_one "nccl x$world" "$log" timeout 900 ./bin/nccl --test-threads=1
+      XENT_NCCL_WORLD=$world run_one "linear x$world" "$log" timeout 900 ./bin/linear --test-threads=1 \
+        gpu_linear_vocab_parallel_over_nccl
     fi
   done
   install_peer_wheels
@@ -273,6 +279,11 @@ elif [[ $mode == multi ]]; then
     run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
       python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
       vocab_parallel_bench.py --distributed "$@"
+    if ((${XENT_MULTI_LINEAR:-4096} > 0)); then
+      run_one "torchrun x$gpus vocab_parallel_bench.py --linear" "$log" timeout 1800 \
+        python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
+        vocab_parallel_bench.py --distributed --linear "${XENT_MULTI_LINEAR:-4096}" --entropy "$@"
+    fi
   else
     names+=("python wheel") codes+=(2) notes+=("")
   fi
