@@ -303,11 +303,13 @@ def distributed_linear(configs, d, entropic=False, as_worlds=(None,)):
             # summaries as a rank of a P-rank call, without the collectives).
             vocab = v if as_world is None else width
             start = start if as_world is None else 0
+            # The hidden states and labels first, from one seed: the same on every rank whatever
+            # its shard's width (an uneven split draws a different number of weights).
             gen = torch.Generator().manual_seed(0)
             h0 = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
-            w0 = (torch.randn(width, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
             target = torch.randint(0, vocab, (n,), generator=gen).cuda()
             target[::7] = -100
+            w0 = (torch.randn(width, d, generator=gen) / d**0.5).to(torch.bfloat16).cuda()
             methods, reduce_after = linear_methods(target, start, vocab, entropic)
             for name, fn in methods.items():
                 h = h0.clone().requires_grad_(True)
