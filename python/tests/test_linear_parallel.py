@@ -1,10 +1,11 @@
-"""``xt.vocab_parallel_linear_cross_entropy`` over several ranks on the CPU (gloo): this file run as
-three processes (``python test_linear_parallel.py RANK WORLD PORT OUT``), each holding its rows of
-a head of 1003 classes (uneven shards), against ``xt.linear_cross_entropy`` over the whole head in
+"""``xt.vocab_parallel_linear_cross_entropy`` over several ranks: this file run as one process a
+rank (``python test_linear_parallel.py RANK WORLD PORT OUT BACKEND``), each holding its rows of a
+head of 1003 classes (uneven shards), against ``xt.linear_cross_entropy`` over the whole head in
 the same process: the loss and its outputs the same on every rank, the hidden states' gradient
 summed over the ranks (or each rank's part with ``reduce_input_grad=False``; with
 ``sequence_parallel`` each rank's rows of it), each rank's weight and bias gradient its rows of the
-whole one. The CUDA path's own tests are in
+whole one. Three ranks on the CPU (gloo), and one rank a GPU over NCCL on a machine's every GPU
+(issue 16's run; one rank on a one-GPU machine). The CUDA path's other tests are in
 ``test_vocab_parallel.py`` (a one-rank NCCL group) and ``tests/linear.rs`` (P ranks as threads on
 one GPU)."""
 
@@ -36,14 +37,26 @@ CASES = {
 SP_ROWS = 4  # rows (dim 0) a rank holds with sequence_parallel
 
 
-def run_rank(rank: int, world: int, port: int, out: str) -> None:
-    """Every case on this rank; a list of mismatches (empty: all agree) goes to ``out.RANK``."""
+# How far the split call may be from the whole head's: on the CPU both are float64 arithmetic on
+# the same values (rounding only); on a GPU the split call's chunks run other GEMM shapes and sum
+# the hidden states' gradient over the ranks, so their float32 sums round in other orders.
+TOLERANCE = {"gloo": dict(rtol=1e-5, atol=1e-6), "nccl": dict(rtol=1e-4, atol=1e-5)}
+
+
+def run_rank(rank: int, world: int, port: int, out: str, backend: str = "gloo") -> None:
+    """Every case on this rank; a list of mismatches (empty: all agree) goes to ``out.RANK``.
+    ``backend``: ``gloo`` (tensors on the CPU) or ``nccl`` (on GPU ``rank``)."""
     import torch.distributed as dist
 
     import xent.torch as xt
     from xent.torch.linear_parallel import _even_split
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dev = torch.device("cpu")
+    if backend == "nccl":
+        dev = torch.device("cuda", rank)
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    tol = TOLERANCE[backend]
     errors = []
     try:
         start, width = _even_split(V, world)[rank]
@@ -55,13 +68,14 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
             mine = slice(rank * SP_ROWS, (rank + 1) * SP_ROWS) if sp else slice(None)
             shape = (world * SP_ROWS, 5) if sp else (2, N // 2)
             gen = torch.Generator().manual_seed(7)
-            h = torch.randn(*shape, D, generator=gen, dtype=torch.float64).float()
-            w = (torch.randn(V, D, generator=gen) / D**0.5).float()
-            b = torch.randn(V, generator=gen) * 0.1 if with_bias else None
+            h = torch.randn(*shape, D, generator=gen, dtype=torch.float64).float().to(dev)
+            w = (torch.randn(V, D, generator=gen) / D**0.5).float().to(dev)
+            b = (torch.randn(V, generator=gen) * 0.1).to(dev) if with_bias else None
             y = torch.randint(0, V, shape, generator=gen)
             y[:, ::7] = -100
-            cw = torch.rand(V, generator=gen) + 0.5 if weighted else None
-            up = torch.rand(*shape, generator=gen) + 0.25 if case.get("reduction") == "none" else None
+            y = y.to(dev)
+            cw = (torch.rand(V, generator=gen) + 0.5).to(dev) if weighted else None
+            up = (torch.rand(*shape, generator=gen) + 0.25).to(dev) if case.get("reduction") == "none" else None
             results = []
             for split in (True, False):
                 hh = (h[mine] if split else h).clone().requires_grad_()
@@ -94,43 +108,50 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
             for field, a, c in fields:
                 if (a is None) != (c is None):
                     errors.append(f"{name}: {field} is {a is None} None against {c is None}")
-                elif a is not None and not torch.allclose(a.double(), c.double(), rtol=1e-5, atol=1e-6):
+                elif a is not None and not torch.allclose(a.double(), c.double(), **tol):
                     errors.append(f"{name}: {field} differs by {float((a.double() - c.double()).abs().max()):.3g}")
-        # Uneven shards without vocab_start and vocab_size: every rank refuses (the default is
-        # for shards of one width).
+        # What ranks disagree on (one rank has no other to disagree with): uneven shards without
+        # vocab_start and vocab_size (the default is for shards of one width), and, with
+        # sequence_parallel, ranks holding other numbers of rows. Every rank refuses.
+        if world > 1:
+            try:
+                xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D, device=dev),
+                                                       torch.randn(width, D, device=dev),
+                                                       torch.zeros(4, dtype=torch.long, device=dev))
+                errors.append("uneven shards without vocab_size were not refused")
+            except ValueError as ex:
+                if "one width" not in str(ex):
+                    errors.append(f"the refusal said {ex}")
+            try:
+                xt.vocab_parallel_linear_cross_entropy(torch.randn(2 + rank, D, device=dev),
+                                                       torch.randn(width, D, device=dev),
+                                                       torch.zeros(6, dtype=torch.long, device=dev),
+                                                       vocab_start=start, vocab_size=V, sequence_parallel=True)
+                errors.append("ranks of other row counts were not refused")
+            except ValueError as ex:
+                if "as many" not in str(ex):
+                    errors.append(f"the refusal said {ex}")
+        # sequence_parallel with reduce_input_grad=False (the reduce-scatter sums the parts) is
+        # refused.
         try:
-            xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D), torch.randn(width, D), torch.zeros(4).long())
-            errors.append("uneven shards without vocab_size were not refused")
-        except ValueError as ex:
-            if "one width" not in str(ex):
-                errors.append(f"the refusal said {ex}")
-        # sequence_parallel: ranks holding other numbers of rows refuse on every rank, and
-        # reduce_input_grad=False (the reduce-scatter sums the parts) is refused.
-        try:
-            xt.vocab_parallel_linear_cross_entropy(torch.randn(2 + rank, D), torch.randn(width, D),
-                                                   torch.zeros(6).long(), vocab_start=start, vocab_size=V,
-                                                   sequence_parallel=True)
-            errors.append("ranks of other row counts were not refused")
-        except ValueError as ex:
-            if "as many" not in str(ex):
-                errors.append(f"the refusal said {ex}")
-        try:
-            xt.vocab_parallel_linear_cross_entropy(torch.randn(2, D), torch.randn(width, D), torch.zeros(6).long(),
-                                                   vocab_start=start, vocab_size=V, sequence_parallel=True,
-                                                   reduce_input_grad=False)
+            xt.vocab_parallel_linear_cross_entropy(torch.randn(2, D, device=dev), torch.randn(width, D, device=dev),
+                                                   torch.zeros(6, dtype=torch.long, device=dev), vocab_start=start,
+                                                   vocab_size=V, sequence_parallel=True, reduce_input_grad=False)
             errors.append("sequence_parallel with reduce_input_grad=False was not refused")
         except ValueError as ex:
             if "reduce_input_grad" not in str(ex):
                 errors.append(f"the refusal said {ex}")
-        # Shards other than the even split are refused on the CPU path (every rank's is off by one).
-        try:
-            off = start + 1 if rank < world - 1 else start - 1
-            xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D), torch.randn(width, D), torch.zeros(4).long(),
-                                                   vocab_start=off, vocab_size=V)
-            errors.append("a shard off the even split was not refused")
-        except ValueError as ex:
-            if "even split" not in str(ex):
-                errors.append(f"the refusal said {ex}")
+        # Shards other than the even split are refused on the CPU path (every rank's is off by one;
+        # with one rank there is no other split). The GPU path takes any shards.
+        if backend == "gloo" and world > 1:
+            try:
+                off = start + 1 if rank < world - 1 else start - 1
+                xt.vocab_parallel_linear_cross_entropy(torch.randn(4, D), torch.randn(width, D),
+                                                       torch.zeros(4).long(), vocab_start=off, vocab_size=V)
+                errors.append("a shard off the even split was not refused")
+            except ValueError as ex:
+                if "even split" not in str(ex):
+                    errors.append(f"the refusal said {ex}")
     except Exception:
         errors.append(traceback.format_exc())
     finally:
@@ -139,24 +160,44 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_three_ranks_on_the_cpu_match_the_whole_head(tmp_path):
-    import socket
-    import subprocess
-
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    run_ranks(tmp_path, WORLD, "gloo")
+
+
+def test_a_rank_on_every_gpu_matches_the_whole_head(tmp_path):
+    """The same over NCCL, one process a GPU (issue 16's run on a machine with several; one rank
+    on a one-GPU machine)."""
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("no NCCL in this PyTorch")
+    run_ranks(tmp_path, torch.cuda.device_count(), "nccl")
+
+
+def run_ranks(tmp_path, world: int, backend: str) -> None:
+    """This file as ``world`` processes over ``backend``; fails with every rank's mismatches."""
+    import socket
+    import subprocess
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     import xent  # the children import the xent this process imported
 
     site = os.path.dirname(os.path.dirname(os.path.abspath(xent.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
+    # NVLink multicast stays off on the shared machines (issue 16).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]),
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     out = str(tmp_path / "errors")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(WORLD), str(port), out],
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(rank), str(world), str(port), out,
+                               backend],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
+             for rank in range(world)]
     logs = []
     for proc in procs:
         try:
@@ -172,4 +213,4 @@ def test_three_ranks_on_the_cpu_match_the_whole_head(tmp_path):
 
 
 if __name__ == "__main__":
-    run_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    run_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])

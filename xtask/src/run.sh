@@ -17,7 +17,8 @@
 #                               shard kernels per world size, % of their traffic bound)
 #   run.sh multi [ARGS...]      vocabulary-parallel over every GPU of the machine: bin/nccl's
 #                               tests and bin/linear's split-head NCCL test with XENT_NCCL_WORLD
-#                               2, 4, 8 (as many as there are GPUs), then torchrun
+#                               2, 4, 8 (as many as there are GPUs), the PyTorch split head's
+#                               test on every GPU (test_linear_parallel.py), then torchrun
 #                               vocab_parallel_bench.py --distributed, and again with --linear
 #                               $XENT_MULTI_LINEAR (default 4096; 0: not) --entropy (NVLink
 #                               multicast off)
@@ -276,6 +277,9 @@ elif [[ $mode == multi ]]; then
   done
   install_peer_wheels
   if install_xent_wheel; then
+    # The PyTorch split head, one process a GPU over NCCL, against the whole head.
+    run_one "pytest split head x$gpus" "$log" timeout 600 python3 -m pytest -q -p no:cacheprovider \
+      python/tests/test_linear_parallel.py -k every_gpu -rs
     run_one "torchrun x$gpus vocab_parallel_bench.py" "$log" timeout 1800 \
       python3 -m torch.distributed.run --standalone --nproc_per_node="${XENT_GPUS:-$gpus}" \
       vocab_parallel_bench.py --distributed "$@"
