@@ -6,6 +6,7 @@ the whole vocabulary; and the autograd function through a one-rank NCCL group.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -228,14 +229,24 @@ def test_reduction_none_needs_two_phase():
         )
 
 
-def test_autograd_function_through_a_one_rank_nccl_group():
+@contextlib.contextmanager
+def _one_rank_nccl(port: int):
+    """A one-rank NCCL process group (the default group) for the body, destroyed after; skips
+    where PyTorch has no NCCL. NVLink multicast stays off (issue 16)."""
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
         pytest.skip("no NCCL in this PyTorch")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_autograd_function_through_a_one_rank_nccl_group():
+    with _one_rank_nccl(29517):
         vocab = 2000
         logits = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         target = torch.randint(0, vocab, (64,), device="cuda")
@@ -292,8 +303,6 @@ def test_autograd_function_through_a_one_rank_nccl_group():
         assert torch.allclose(out.entropy.double().cpu(), want_h, rtol=2e-5, atol=2e-5)
         with pytest.raises(RuntimeError, match="two-phase"):
             (out.loss - beta * out.entropy.mean()).backward()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_torch_compile_through_a_one_rank_nccl_group():
@@ -303,13 +312,8 @@ def test_torch_compile_through_a_one_rank_nccl_group():
     eager's, fused (smoothing, soft cap, token accuracy, upstream 0.5), two-phase per row (a
     per-row upstream) and with an entropy bonus (two-phase, the entropies differentiable)."""
     import torch._dynamo
-    import torch.distributed as dist
 
-    if not dist.is_nccl_available():
-        pytest.skip("no NCCL in this PyTorch")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29518", rank=0, world_size=1)
-    try:
+    with _one_rank_nccl(29518):
         vocab, dims, rows = 2000, 64, 96
         gen = torch.Generator().manual_seed(3)
         head = torch.nn.Linear(dims, vocab, bias=False)
@@ -357,8 +361,6 @@ def test_torch_compile_through_a_one_rank_nccl_group():
             kw = {k: v for k, v in kwargs.items() if k not in ("two_phase", "return_token_accuracy")}
             ref = reference(head(h).detach(), target, **kw)
             torch.testing.assert_close(e_loss.double().cpu(), ref.loss.reshape(e_loss.shape).cpu(), rtol=1e-5, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
 
 
 LINEAR_CASES = {
@@ -378,7 +380,6 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
     outputs and gradients to a few units of bfloat16, fused and two-phase, in chunks and whole;
     with the ranks' shard beside the one-rank split, and the refusals. With ``skip_ignored`` the
     scored rows alone reach the split head's pass."""
-    import torch.distributed as dist
     import xent.torch.linear_parallel as lp
 
     rows_seen = []
@@ -390,11 +391,7 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
 
     monkeypatch.setattr(lp._LinearVocabParallel, "apply", spy)
 
-    if not dist.is_nccl_available():
-        pytest.skip("no NCCL in this PyTorch")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29519", rank=0, world_size=1)
-    try:
+    with _one_rank_nccl(29519):
         gen = torch.Generator().manual_seed(5)
         n, d, v = 150, 64, 1003
         for name, case in LINEAR_CASES.items():
@@ -462,8 +459,6 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
         out = xt.vocab_parallel_linear_cross_entropy(hh, w, y, return_entropy=True, two_phase=False)
         with pytest.raises(RuntimeError, match="two-phase"):
             (out.loss - out.entropy.mean()).backward()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_linear_compiled_through_a_one_rank_nccl_group():
@@ -473,13 +468,8 @@ def test_vocab_parallel_linear_compiled_through_a_one_rank_nccl_group():
     upstream of 0.5), two-phase per row and with an entropy bonus; the default split's width check
     runs inside the operator."""
     import torch._dynamo
-    import torch.distributed as dist
 
-    if not dist.is_nccl_available():
-        pytest.skip("no NCCL in this PyTorch")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29520", rank=0, world_size=1)
-    try:
+    with _one_rank_nccl(29520):
         gen = torch.Generator().manual_seed(8)
         n, d, v = 96, 64, 1003
         h = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
@@ -519,5 +509,3 @@ def test_vocab_parallel_linear_compiled_through_a_one_rank_nccl_group():
             assert float(eager[3].abs().max()) > 0, name
             for what, c, e in zip(("loss", "extra", "grad_h", "grad_w", "grad_b"), comp, eager):
                 torch.testing.assert_close(c, e, rtol=1e-6, atol=0.0, msg=f"{name}: {what}")
-    finally:
-        dist.destroy_process_group()

@@ -358,36 +358,43 @@ def _unfused(hidden, weight, target, bias, ce_weight, split, group, reduce_input
 _EQUAL_WIDTHS: set = set()
 
 
-def _check_equal_sizes(size, world, group, device, what):
-    """Every rank's ``size`` the same, or ValueError on every rank (ranks of other sizes would
-    disagree on their collectives' sizes: a hang); one small all-gather and a wait. ``what``:
-    ``"widths"`` (the default ``vocab_start`` and ``vocab_size`` assume shards of one width, as
-    Megatron pads its vocabulary; checked once per group and width) or ``"rows"``
-    (``sequence_parallel``: the all-gather of the hidden states takes as many rows from every
-    rank; checked on every call, as a batch's rows change from step to step and a rank whose
-    count matched an earlier agreement would skip the check the others make)."""
+def _ranks_sizes(size, world, group, device):
+    """Every rank's ``size``, in rank order (``world`` ranks): one small all-gather and a wait."""
     import torch.distributed as dist
 
-    key = (id(group), world, size)
-    if world == 1 or (what == "widths" and key in _EQUAL_WIDTHS):
-        return
     mine = torch.tensor([size], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(sizes, mine, group=group)
-    sizes = [int(w) for w in sizes]
-    if len(set(sizes)) > 1:
-        if what == "widths":
-            raise ValueError(
-                f"the ranks' head shards are {sizes} classes wide: pass vocab_start and vocab_size (the "
-                "defaults are for shards of one width)"
-            )
-        raise ValueError(f"sequence_parallel: the ranks hold {sizes} rows of hidden states; they must hold as many")
-    if what == "widths":
-        _EQUAL_WIDTHS.add(key)
+    return [int(s) for s in sizes]
 
 
 def _check_equal_widths(width, world, group, device):
-    _check_equal_sizes(width, world, group, device, "widths")
+    """The default ``vocab_start`` and ``vocab_size`` assume every rank's shard is ``width`` wide
+    (Megatron pads its vocabulary so); ranks of other widths would disagree on the vocabulary and
+    on their collectives' sizes (a hang), so every rank raises ValueError instead. Checked once
+    per group and width: a head's shards keep their widths from call to call."""
+    key = (id(group), world, width)
+    if world == 1 or key in _EQUAL_WIDTHS:
+        return
+    widths = _ranks_sizes(width, world, group, device)
+    if len(set(widths)) > 1:
+        raise ValueError(
+            f"the ranks' head shards are {widths} classes wide: pass vocab_start and vocab_size (the "
+            "defaults are for shards of one width)"
+        )
+    _EQUAL_WIDTHS.add(key)
+
+
+def _check_equal_rows(rows, world, group, device):
+    """``sequence_parallel``: the all-gather of the hidden states takes as many rows from every
+    rank, so ranks of other counts raise ValueError, every one. Checked on every call: a batch's
+    rows change from step to step, and a rank whose count matched an earlier agreement would skip
+    the check the others make."""
+    if world == 1:
+        return
+    counts = _ranks_sizes(rows, world, group, device)
+    if len(set(counts)) > 1:
+        raise ValueError(f"sequence_parallel: the ranks hold {counts} rows of hidden states; they must hold as many")
 
 
 class _GatherRows(torch.autograd.Function):
@@ -510,7 +517,7 @@ def vocab_parallel_linear_cross_entropy(
         if not isinstance(input, torch.Tensor) or input.dim() < 2:
             raise ValueError("sequence_parallel: input must be this rank's rows [R, ..., D]")
         if not torch.compiler.is_compiling():
-            _check_equal_sizes(input.shape[0], world, group, input.device, "rows")
+            _check_equal_rows(input.shape[0], world, group, input.device)
         if world > 1:
             input = _gather_rows(input, world, group)
         reduce_input_grad = False  # the gather's backward sums the ranks' parts
