@@ -380,16 +380,17 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
     outputs and gradients to a few units of bfloat16, fused and two-phase, in chunks and whole;
     with the ranks' shard beside the one-rank split, and the refusals. With ``skip_ignored`` the
     scored rows alone reach the split head's pass."""
-    import xent.torch.linear_parallel as lp
+    import xent.torch.linear as linear
 
     rows_seen = []
-    real = lp._LinearVocabParallel.apply
+    real = linear.LinearXentFunction.apply
 
     def spy(hidden, *args):
-        rows_seen.append(hidden.shape[0])
+        if args[-1] is not None:  # a shard: the split head's pass
+            rows_seen.append(hidden.shape[0])
         return real(hidden, *args)
 
-    monkeypatch.setattr(lp._LinearVocabParallel, "apply", spy)
+    monkeypatch.setattr(linear.LinearXentFunction, "apply", spy)
 
     with _one_rank_nccl(29519):
         gen = torch.Generator().manual_seed(5)
@@ -463,7 +464,8 @@ def test_vocab_parallel_linear_through_a_one_rank_nccl_group(monkeypatch):
 
 def test_vocab_parallel_linear_compiled_through_a_one_rank_nccl_group():
     """``torch.compile(fullgraph=True)`` of ``xt.vocab_parallel_linear_cross_entropy`` (the passes
-    are the custom operators ``torch.ops.xent.linear_shard_*``, which take the group by its name):
+    are the linear path's custom operators ``torch.ops.xent.linear_*``, whose last arguments name
+    the shard and take the group by its name):
     no graph break, and the loss, outputs and gradients equal eager's, fused (options, an
     upstream of 0.5), two-phase per row and with an entropy bonus; the default split's width check
     runs inside the operator."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import glob
 import os
 import site
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -81,6 +81,22 @@ def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).rpartition(".")[2]
 
 
+class _Shard(NamedTuple):
+    """This rank's part of a head split by vocabulary (``xent.torch.linear_parallel``): classes
+    ``[vocab_start, vocab_start + V_r)`` of ``vocab_size``, rank ``rank`` of the ``world`` ranks
+    of ``group``. ``check_widths`` (the default split, compiled): the operators check the ranks'
+    shards to be of one width before their pass, as eager calls do before the call;
+    ``reduce_input_grad``: the hidden states' gradient summed over the ranks (one ``all_reduce``)."""
+
+    vocab_start: int
+    vocab_size: int
+    rank: int
+    world: int
+    group: object
+    check_widths: bool
+    reduce_input_grad: bool
+
+
 class _Call:
     """A checked call on CUDA tensors: 2-D contiguous hidden states, weight, bias, flat labels,
     float32 class weights, and the shape ``(batch, seq_len, hidden, vocab)``."""
@@ -103,23 +119,23 @@ class _Call:
 
 
 def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, split=None):
+         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
     """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
     asked for). With ``predicted`` (``[rows]`` int64; a forward or fused pass) each scored row's
     first maximal logit's class goes there too, and with ``entropy`` (``[rows]`` float32) its
     entropy. A backward pass with ``entropy_upstream`` (``[rows]`` float32) adds the gradient of
-    the forward's ``entropy`` times it. ``split``: the head is split by vocabulary,
-    ``(vocab_start, vocab_size, rank, world, all_gather)`` with ``all_gather(send, recv)`` the
-    ranks' collective (``xent.torch.linear_parallel``); the hidden states' gradient is then this
-    rank's part. The scratch comes from PyTorch's allocator and goes back to its cache after."""
+    the forward's ``entropy`` times it. ``shard`` (a ``_Shard``): the head is split by vocabulary,
+    each chunk's summaries all-gathered over the shard's group; the hidden states' gradient is
+    then this rank's part (``_reduce_input_grad`` sums it). The scratch comes from PyTorch's
+    allocator and goes back to its cache after."""
     device = call.hidden.device
     index = device.index
     handle = _device(index)
     checked = _launch.checked(opts)
     inputs = call.inputs()
-    shard = None if split is None else (split[0], split[1], split[3])
+    split = None if shard is None else (shard.vocab_start, shard.vocab_size, shard.world)
     chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len, gather_words = (
-        _xent.linear_scratch(handle, *inputs, checked, pass_name, chunk_bytes, shard,
+        _xent.linear_scratch(handle, *inputs, checked, pass_name, chunk_bytes, split,
                              (predicted is not None, entropy is not None))
     )
     u8 = dict(dtype=torch.uint8, device=device)
@@ -138,21 +154,24 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
         return None if tensor is None else (_buffer(tensor), _dtype(tensor))
 
     gather = None
-    if split is not None:
-        rank, world, all_gather = split[2], split[3], split[4]
+    if shard is not None:
+        import torch.distributed as dist
+
+        world = shard.world
         send = torch.empty(max(gather_words, 1), dtype=torch.float32, device=device)
         recv = torch.empty(max(world * gather_words, 1), dtype=torch.float32, device=device)
 
         def gather_chunk(count):
-            all_gather(send[:count], recv[: world * count])
+            # A chunk's summaries: `count` words from every rank, in rank order.
+            dist.all_gather_into_tensor(recv[: world * count], send[:count], group=shard.group)
 
-        gather = (rank, gather_chunk, _buffer(send), _buffer(recv))
+        gather = (shard.rank, gather_chunk, _buffer(send), _buffer(recv))
     with _launch._on(index):
         _xent.linear(
             handle, _launch._stream(index), *inputs, checked, pass_name, _buffer(upstream),
             _buffer(stats), _buffer(workspace), (_buffer(grad_h), typed(grad_w), typed(grad_b), False),
             (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
-            _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), shard, gather,
+            _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), split, gather,
         )
     return grad_h, grad_w, grad_b
 
@@ -171,34 +190,87 @@ def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
 
 
 def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy,
-                  split=None):
-    """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for); returns
-    the stats, the gradients (None where not computed), the predicted tokens and the entropies
-    (each None where not asked for). ``split``: as ``_run``'s. Eager calls and the custom operators
-    (here and in ``linear_parallel.py``) all run it."""
+                  shard=None):
+    """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for, the hidden
+    states' summed over the ranks of a ``shard`` that asks for it); returns the stats, the
+    gradients (None where not computed), the predicted tokens and the entropies (each None where
+    not asked for). Eager calls and the custom operators both run it."""
     stats = _stats_buffer(call.target, opts.return_token_accuracy)
     predicted = _predicted_buffer(call.target) if want_predicted else None
     entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
     if fused:
         grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                     predicted=predicted, entropy=entropy, split=split)
+                     predicted=predicted, entropy=entropy, shard=shard)
+        _reduce_input_grad(grads[0], shard)
     else:
-        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy, split=split)
+        _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy, shard=shard)
         grads = (None, None, None)
     return stats, grads, predicted, entropy
 
 
+def _backward_pass(call: _Call, opts, stats, upstream, want, accum_dtype, chunk_bytes, entropy, entropy_upstream,
+                   shard=None):
+    """The two-phase backward (each chunk's logits again; on a ``shard`` no collective but the
+    hidden states' all-reduce, where it asks for one): the gradients ``want`` asks for (None
+    where not)."""
+    grads = _run(call, opts, "backward", stats, chunk_bytes, upstream=upstream, grads=want,
+                 accum_dtype=accum_dtype, entropy=entropy, entropy_upstream=entropy_upstream, shard=shard)
+    _reduce_input_grad(grads[0], shard)
+    return grads
+
+
+def _reduce_input_grad(grad_hidden, shard):
+    """A shard's part of the hidden states' gradient summed over its ranks, in place (where the
+    shard asks for it)."""
+    if grad_hidden is None or shard is None or not shard.reduce_input_grad or shard.world == 1:
+        return
+    import torch.distributed as dist
+
+    dist.all_reduce(grad_hidden, group=shard.group)
+
+
 # ---------------------------------------------------------------------------------------------
 # The passes as PyTorch custom operators (`torch.ops.xent.linear_*`), with fake implementations,
-# so that `torch.compile` traces through `linear_cross_entropy` (no graph break: `fullgraph=True`
-# compiles) and sees what each pass writes. Eager calls go through `_run` directly. A gradient not
-# asked for, and the predicted tokens and entropies when not asked for, come back as empty tensors
-# (an operator's outputs are tensors).
+# so that `torch.compile` traces through `linear_cross_entropy` and
+# `vocab_parallel_linear_cross_entropy` (no graph break: `fullgraph=True` compiles) and sees what
+# each pass writes. Eager calls go through `_forward_pass` and `_backward_pass` directly. A
+# gradient not asked for, and the predicted tokens and entropies when not asked for, come back as
+# empty tensors (an operator's outputs are tensors). The last five arguments are a vocabulary
+# shard's (`_shard_args`): `vocab_start, vocab_size, group_name` (empty: the whole head; the
+# group by its name, `ProcessGroup.group_name`, which Dynamo reads as a constant),
+# `check_widths` and `reduce_input_grad`; the operators run the shard's collectives inside,
+# eagerly, where the compiler does not look.
 # ---------------------------------------------------------------------------------------------
 
 
 def _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len):
     return _Call(hidden, weight, target, bias, ce_weight, (batch, seq_len, hidden.shape[1], weight.shape[0]))
+
+
+def _op_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight) -> Optional[_Shard]:
+    """An operator's shard (None for the whole head: no group name): the group resolved from its
+    name; with ``check_widths`` the ranks' shards checked to be of one width first."""
+    if not group_name:
+        return None
+    from .linear_parallel import _resolved_shard
+
+    return _resolved_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight)
+
+
+def _shard_args(shard: Optional[_Shard]) -> tuple:
+    """The operators' last five arguments for ``shard`` (its defaults for the whole head); read
+    under ``torch.compile`` only."""
+    if shard is None:
+        return ()
+    return (shard.vocab_start, shard.vocab_size, _group_name(shard.group), shard.check_widths,
+            shard.reduce_input_grad)
+
+
+def _group_name(group) -> str:
+    """The name the operators take a group by (None: the default group)."""
+    import torch.distributed as dist
+
+    return (group if group is not None else dist.group.WORLD).group_name
 
 
 def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -221,16 +293,19 @@ def _linear_fused_op(
     ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
     lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
     want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool, chunk_bytes: int,
-    want_predicted: bool, want_entropy: bool,
+    want_predicted: bool, want_entropy: bool, vocab_start: int = 0, vocab_size: int = 0, group_name: str = "",
+    check_widths: bool = False, reduce_input_grad: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused pass: the stats, the gradients asked for (of ``grad_scale * loss``), and the
-    predicted tokens and entropies if asked for."""
+    """Fused pass: the stats, the gradients asked for (of ``grad_scale * loss``; a shard's hidden
+    states' summed over the ranks where ``reduce_input_grad``), and the predicted tokens and
+    entropies if asked for."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
+    shard = _op_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight)
     stats, grads, predicted, entropy = _forward_pass(
         _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, True,
         (want_hidden, want_weight, want_bias), torch.float32 if accum_f32 else None, chunk_bytes or None,
-        want_predicted, want_entropy,
+        want_predicted, want_entropy, shard,
     )
     return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64),
             _or_empty(entropy, target, torch.float32))
@@ -239,7 +314,8 @@ def _linear_fused_op(
 @_linear_fused_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, want_hidden,
-      want_weight, want_bias, accum_f32, chunk_bytes, want_predicted, want_entropy):
+      want_weight, want_bias, accum_f32, chunk_bytes, want_predicted, want_entropy, vocab_start=0, vocab_size=0,
+      group_name="", check_widths=False, reduce_input_grad=False):
     grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
     return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted),
             _fake_entropy(target, want_entropy))
@@ -250,15 +326,18 @@ def _linear_forward_op(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
     ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
     lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
-    chunk_bytes: int, want_predicted: bool, want_entropy: bool,
+    chunk_bytes: int, want_predicted: bool, want_entropy: bool, vocab_start: int = 0, vocab_size: int = 0,
+    group_name: str = "", check_widths: bool = False, reduce_input_grad: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Two-phase forward: the stats (with the per-row statistics backward needs), and the
-    predicted tokens and entropies if asked for."""
+    predicted tokens and entropies if asked for (``reduce_input_grad`` does not apply: no
+    gradient)."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
+    shard = _op_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight)
     stats, _, predicted, entropy = _forward_pass(
         _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, False, (False, False, False),
-        None, chunk_bytes or None, want_predicted, want_entropy,
+        None, chunk_bytes or None, want_predicted, want_entropy, shard,
     )
     return stats, _or_empty(predicted, target, torch.int64), _or_empty(entropy, target, torch.float32)
 
@@ -266,7 +345,8 @@ def _linear_forward_op(
 @_linear_forward_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
       label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, chunk_bytes,
-      want_predicted, want_entropy):
+      want_predicted, want_entropy, vocab_start=0, vocab_size=0, group_name="", check_widths=False,
+      reduce_input_grad=False):
     return (_ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted),
             _fake_entropy(target, want_entropy))
 
@@ -278,24 +358,26 @@ def _linear_backward_op(
     causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
     return_token_accuracy: bool, batch: int, seq_len: int, want_hidden: bool, want_weight: bool,
     want_bias: bool, accum_f32: bool, chunk_bytes: int, entropy: Optional[Tensor] = None,
-    entropy_upstream: Optional[Tensor] = None,
+    entropy_upstream: Optional[Tensor] = None, vocab_start: int = 0, vocab_size: int = 0, group_name: str = "",
+    check_widths: bool = False, reduce_input_grad: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Two-phase backward: the logits again, chunk by chunk, and the gradients asked for of
     ``upstream · loss`` (plus ``entropy_upstream · entropy``, the forward's entropies, where
-    given)."""
+    given; a shard's hidden states' summed over the ranks where ``reduce_input_grad``)."""
     opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
                         softcap, return_token_accuracy)
-    grads = _run(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, "backward", stats,
-                 chunk_bytes or None, upstream=upstream, grads=(want_hidden, want_weight, want_bias),
-                 accum_dtype=torch.float32 if accum_f32 else None, entropy=entropy,
-                 entropy_upstream=entropy_upstream)
+    shard = _op_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight)
+    grads = _backward_pass(_op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, stats, upstream,
+                           (want_hidden, want_weight, want_bias), torch.float32 if accum_f32 else None,
+                           chunk_bytes or None, entropy, entropy_upstream, shard)
     return tuple(_or_empty(g, hidden) for g in grads)
 
 
 @_linear_backward_op.register_fake
 def _(hidden, weight, target, bias, ce_weight, stats, upstream, ignore_index, reduction, grad_scale,
       causal_shift, label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len,
-      want_hidden, want_weight, want_bias, accum_f32, chunk_bytes, entropy=None, entropy_upstream=None):
+      want_hidden, want_weight, want_bias, accum_f32, chunk_bytes, entropy=None, entropy_upstream=None,
+      vocab_start=0, vocab_size=0, group_name="", check_widths=False, reduce_input_grad=False):
     return _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
 
 
@@ -326,80 +408,79 @@ def _predicted_buffer(target):
 
 class LinearXentFunction(torch.autograd.Function):
     """``apply(hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-    chunk_bytes, want_predicted, want_entropy)`` -> ``(loss, stats, predicted, entropy)`` on
-    checked CUDA tensors (see ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the
+    chunk_bytes, want_predicted, want_entropy, shard)`` -> ``(loss, stats, predicted, entropy)``
+    on checked CUDA tensors (see ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the
     predicted tokens, where ``want_predicted``, and ``entropy`` ``[rows]`` float32, the entropies,
-    where ``want_entropy`` (else empty). Under ``torch.compile`` the passes are the custom
-    operators above."""
+    where ``want_entropy`` (else empty). ``shard``: None for the whole head, or a ``_Shard``, this
+    rank's part of a head split by vocabulary (``vocab_parallel_linear_cross_entropy``). Under
+    ``torch.compile`` the passes are the custom operators above."""
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-                chunk_bytes, want_predicted, want_entropy):
+                chunk_bytes, want_predicted, want_entropy, shard):
         ctx.set_materialize_grads(False)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[3])
         fused = any(want) and not two_phase
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             values = (*_ops.option_args(opts), shape[0], shape[1])
-            accum_f32 = accum_dtype == torch.float32
+            ctx.shard_args = _shard_args(shard)
             if fused:
                 stats, *grads, predicted, entropy = _linear_fused_op(
-                    hidden, weight, target, bias, ce_weight, *values, *want, accum_f32, chunk_bytes or 0,
-                    want_predicted, want_entropy,
+                    hidden, weight, target, bias, ce_weight, *values, *want, accum_dtype == torch.float32,
+                    chunk_bytes or 0, want_predicted, want_entropy, *ctx.shard_args,
                 )
-                ctx.save_for_backward(*(g if w else None for g, w in zip(grads, want)))
+                grads = [g if w else None for g, w in zip(grads, want)]
             else:
                 stats, predicted, entropy = _linear_forward_op(
                     hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted,
-                    want_entropy,
+                    want_entropy, *ctx.shard_args,
                 )
-                if any(want):
-                    ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats,
-                                          entropy if want_entropy else None)
         else:
             call = _Call(hidden, weight, target, bias, ce_weight, shape)
             stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
-                                                             want_predicted, want_entropy)
+                                                             want_predicted, want_entropy, shard)
             predicted = _or_empty(predicted, target, torch.int64)
             entropy = _or_empty(entropy, target, torch.float32)
-            if fused:
-                ctx.save_for_backward(*grads)
-            elif any(want):
-                ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats,
-                                      entropy if want_entropy else None)
-        ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
+        if fused:
+            ctx.save_for_backward(*grads)
+        elif any(want):
+            ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats, entropy if want_entropy else None)
+        ctx.fused, ctx.want, ctx.opts, ctx.shape, ctx.shard = fused, want, opts, shape, shard
         ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
         ctx.mark_non_differentiable(stats, predicted)
         # As `XentFunction`: under torch.compile a fused pass's entropies carry no gradient.
-        ctx.entropy_grad = want_entropy and (not fused or not torch.compiler.is_compiling())
+        ctx.entropy_grad = want_entropy and (not fused or not compiling)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return loss_of(stats, target, opts), stats, predicted, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
-        nones = (None,) * 8
-        upstreams = _upstreams(ctx, grad_loss, grad_entropy, "linear_cross_entropy")
+        nones = (None,) * 9
+        name = "linear_cross_entropy" if ctx.shard is None else "vocab_parallel_linear_cross_entropy"
+        upstreams = _upstreams(ctx, grad_loss, grad_entropy, name)
         if upstreams is None:
             return (None, None, None, None) + nones
         upstream, entropy_upstream = upstreams
-        compiling = torch.compiler.is_compiling()
         if ctx.fused:
             grads = _scaled_saved_grads(ctx, upstream)
         else:
             hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
             entropy = entropy if entropy_upstream is not None else None  # its gradient, where one came
-            if compiling:
+            if torch.compiler.is_compiling():
                 values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1])
+                # The widths were checked by the forward's operator.
+                shard_args = (*ctx.shard_args[:3], False, *ctx.shard_args[4:]) if ctx.shard_args else ()
                 out = _linear_backward_op(hidden, weight, target, bias, ce_weight, stats, upstream, *values,
                                           *ctx.want, ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0,
-                                          entropy, entropy_upstream)
+                                          entropy, entropy_upstream, *shard_args)
                 grads = [g if w else None for g, w in zip(out, ctx.want)]
             else:
                 call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
-                grads = list(_run(call, ctx.opts, "backward", stats, ctx.chunk_bytes, upstream=upstream,
-                                  grads=ctx.want, accum_dtype=ctx.accum_dtype, entropy=entropy,
-                                  entropy_upstream=entropy_upstream))
+                grads = _backward_pass(call, ctx.opts, stats, upstream, ctx.want, ctx.accum_dtype, ctx.chunk_bytes,
+                                       entropy, entropy_upstream, ctx.shard)
         grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
         return grad_h, grad_w, None, grad_b, *nones
 
@@ -632,7 +713,7 @@ def linear_cross_entropy(
     two_phase = two_phase or reduction == "none"
     loss, stats, predicted, entropy = LinearXentFunction.apply(
         hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes,
-        return_predicted_tokens, return_entropy,
+        return_predicted_tokens, return_entropy, None,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
@@ -759,7 +840,7 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
     else:
         rows_loss, stats, predicted, entropy = LinearXentFunction.apply(
             hidden, weight_c, target_c, bias_c, ce_weight_c, opts._replace(reduction="none"), shape, True,
-            accum_dtype, chunk_bytes, common["return_predicted_tokens"], common["return_entropy"],
+            accum_dtype, chunk_bytes, common["return_predicted_tokens"], common["return_entropy"], None,
         )
         predicted = predicted.view(target.shape) if common["return_predicted_tokens"] else None
         entropy = entropy.view(target.shape) if common["return_entropy"] else None

@@ -21,10 +21,12 @@ the gradients in the forward, three GEMMs a chunk) and two-phase (``reduction="n
 ``return_entropy``: the forward keeps the whole vocabulary's log-sum-exps, the backward computes
 each chunk's logits again, with no collective but the hidden states' all-reduce).
 
-Under ``torch.compile`` the passes are the custom operators ``torch.ops.xent.linear_shard_fused``,
-``linear_shard_forward`` and ``linear_shard_backward`` (with fake implementations), which take the
-group by its name and run the per-chunk all-gather and the hidden states' all-reduce inside, so
-the graph does not break at the loss (``fullgraph=True`` compiles). As in
+The passes are the whole head's (``xent.torch.linear``'s autograd Function, passes and custom
+operators) with the rank's shard (``_Shard``) added. Under ``torch.compile`` they are the custom
+operators ``torch.ops.xent.linear_fused``, ``linear_forward`` and ``linear_backward``, whose last
+arguments name the shard and take the group by its name; they run the per-chunk all-gather and
+the hidden states' all-reduce inside, so the graph does not break at the loss (``fullgraph=True``
+compiles). As in
 ``xt.linear_cross_entropy``, a compiled fused pass's backward copies the saved gradients before
 scaling them by an upstream gradient other than 1, and a fused pass's entropies carry no
 gradient under the compiler.
@@ -36,71 +38,19 @@ are all-gathered whole and ``xt.cross_entropy`` runs on the f64 CPU reference, t
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from torch import Tensor
-
 from . import _launch
-from . import _ops
-from .function import loss_of
 from .functional import outputs
-from .linear import (
-    _Call, _autocast, _check, _fake_entropy, _fake_grads, _forward_pass, _in_weight_dtype, _laid_out, _may_wait,
-    _op_call, _or_empty, _run, _scaled_saved_grads, _scored_rows, _upstreams,
-)
+from .linear import LinearXentFunction, _Shard, _autocast, _check, _laid_out, _may_wait, _scored_rows
 
 
-def _all_gather(group):
-    """The collective a chunk's summaries take: ``recv`` (``world`` times ``send``) from every
-    rank's ``send``, in rank order."""
-    import torch.distributed as dist
-
-    def gather(send, recv):
-        dist.all_gather_into_tensor(recv, send, group=group)
-
-    return gather
-
-
-def _shard_pass(call, opts, fused, want, split, group, accum_dtype, chunk_bytes, want_predicted, want_entropy,
-                reduce_input_grad):
-    """The loss's pass over the chunks on this rank's shard (``fused``: with the gradients ``want``
-    asks for, the hidden states' summed over the ranks where ``reduce_input_grad``); returns the
-    stats, the gradients (None where not computed), the predicted tokens and the entropies (each
-    None where not asked for). Eager calls and the custom operators below both run it."""
-    stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
-                                                     want_predicted, want_entropy, split=(*split, _all_gather(group)))
-    if fused:
-        _reduce_input_grad(grads[0], split[3], group, reduce_input_grad)
-    return stats, grads, predicted, entropy
-
-
-def _shard_backward(call, opts, stats, upstream, want, split, group, accum_dtype, chunk_bytes, entropy,
-                    entropy_upstream, reduce_input_grad):
-    """The two-phase backward on this rank's shard (each chunk's logits again; no collective but
-    the hidden states' all-reduce): the gradients ``want`` asks for (None where not)."""
-    grads = _run(call, opts, "backward", stats, chunk_bytes, upstream=upstream, grads=want, accum_dtype=accum_dtype,
-                 entropy=entropy, entropy_upstream=entropy_upstream, split=(*split, _all_gather(group)))
-    _reduce_input_grad(grads[0], split[3], group, reduce_input_grad)
-    return grads
-
-
-# ---------------------------------------------------------------------------------------------
-# The passes as PyTorch custom operators (`torch.ops.xent.linear_shard_*`), for `torch.compile`:
-# each takes the group by its name (`ProcessGroup.group_name`, which Dynamo reads as a constant)
-# and runs its collectives inside, eagerly, where the compiler does not look. The arguments are
-# `xent.torch.linear`'s operators' with `vocab_start, vocab_size, group_name` after the shape, then
-# `check_widths` (the passes that come first: the default split's width check) and
-# `reduce_input_grad` (the passes that compute the hidden states' gradient); their outputs are
-# those operators' too (empty tensors where not asked for).
-# ---------------------------------------------------------------------------------------------
-
-
-def _op_split(vocab_start, vocab_size, group_name, check_widths, weight):
-    """``(split, group)`` of an operator's arguments: the group resolved from its name; with
-    ``check_widths`` (the default split) the ranks' shards checked to be of one width, as eager
-    calls check them before the pass."""
+def _resolved_shard(vocab_start, vocab_size, group_name, check_widths, reduce_input_grad, weight) -> _Shard:
+    """The shard a custom operator's arguments name (``xent.torch.linear._op_shard``): the group
+    resolved from its name; with ``check_widths`` (the default split) the ranks' shards checked to
+    be of one width, as eager calls check them before the pass."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -108,185 +58,7 @@ def _op_split(vocab_start, vocab_size, group_name, check_widths, weight):
     world = dist.get_world_size(group)
     if check_widths:
         _check_equal_widths(weight.shape[0], world, group, weight.device)
-    return (vocab_start, vocab_size, dist.get_rank(group), world), group
-
-
-@torch.library.custom_op("xent::linear_shard_fused", mutates_args=())
-def _linear_shard_fused_op(
-    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
-    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
-    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
-    vocab_start: int, vocab_size: int, group_name: str, check_widths: bool, reduce_input_grad: bool,
-    want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool, chunk_bytes: int,
-    want_predicted: bool, want_entropy: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused pass on this rank's shard: the stats, the gradients asked for (of
-    ``grad_scale * loss``), the predicted tokens and entropies if asked for."""
-    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
-                        softcap, return_token_accuracy)
-    split, group = _op_split(vocab_start, vocab_size, group_name, check_widths, weight)
-    stats, grads, predicted, entropy = _shard_pass(
-        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, True,
-        (want_hidden, want_weight, want_bias), split, group, torch.float32 if accum_f32 else None,
-        chunk_bytes or None, want_predicted, want_entropy, reduce_input_grad,
-    )
-    return (stats, *(_or_empty(g, hidden) for g in grads), _or_empty(predicted, target, torch.int64),
-            _or_empty(entropy, target, torch.float32))
-
-
-@_linear_shard_fused_op.register_fake
-def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
-      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, vocab_start, vocab_size,
-      group_name, check_widths, reduce_input_grad, want_hidden, want_weight, want_bias, accum_f32, chunk_bytes,
-      want_predicted, want_entropy):
-    grads = _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
-    return (_ops.fake_stats(target, return_token_accuracy), *grads, _ops.fake_predicted(target, want_predicted),
-            _fake_entropy(target, want_entropy))
-
-
-@torch.library.custom_op("xent::linear_shard_forward", mutates_args=())
-def _linear_shard_forward_op(
-    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
-    ignore_index: int, reduction: str, grad_scale: float, causal_shift: bool, label_smoothing: float,
-    lse_square_scale: float, softcap: float, return_token_accuracy: bool, batch: int, seq_len: int,
-    vocab_start: int, vocab_size: int, group_name: str, check_widths: bool, chunk_bytes: int,
-    want_predicted: bool, want_entropy: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Two-phase forward on this rank's shard: the stats (with the per-row statistics backward
-    needs), the predicted tokens and entropies if asked for."""
-    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
-                        softcap, return_token_accuracy)
-    split, group = _op_split(vocab_start, vocab_size, group_name, check_widths, weight)
-    stats, _, predicted, entropy = _shard_pass(
-        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, False, (False,) * 3, split, group,
-        None, chunk_bytes or None, want_predicted, want_entropy, False,
-    )
-    return stats, _or_empty(predicted, target, torch.int64), _or_empty(entropy, target, torch.float32)
-
-
-@_linear_shard_forward_op.register_fake
-def _(hidden, weight, target, bias, ce_weight, ignore_index, reduction, grad_scale, causal_shift,
-      label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len, vocab_start, vocab_size,
-      group_name, check_widths, chunk_bytes, want_predicted, want_entropy):
-    return (_ops.fake_stats(target, return_token_accuracy), _ops.fake_predicted(target, want_predicted),
-            _fake_entropy(target, want_entropy))
-
-
-@torch.library.custom_op("xent::linear_shard_backward", mutates_args=())
-def _linear_shard_backward_op(
-    hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ce_weight: Optional[Tensor],
-    stats: Tensor, upstream: Tensor, ignore_index: int, reduction: str, grad_scale: float,
-    causal_shift: bool, label_smoothing: float, lse_square_scale: float, softcap: float,
-    return_token_accuracy: bool, batch: int, seq_len: int, vocab_start: int, vocab_size: int, group_name: str,
-    reduce_input_grad: bool, want_hidden: bool, want_weight: bool, want_bias: bool, accum_f32: bool,
-    chunk_bytes: int, entropy: Optional[Tensor] = None, entropy_upstream: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Two-phase backward on this rank's shard: the gradients asked for of ``upstream · loss``
-    (plus ``entropy_upstream · entropy`` where given), the hidden states' summed over the ranks
-    where ``reduce_input_grad``."""
-    opts = _ops.opts_of(ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
-                        softcap, return_token_accuracy)
-    split, group = _op_split(vocab_start, vocab_size, group_name, False, weight)
-    grads = _shard_backward(
-        _op_call(hidden, weight, target, bias, ce_weight, batch, seq_len), opts, stats, upstream,
-        (want_hidden, want_weight, want_bias), split, group, torch.float32 if accum_f32 else None,
-        chunk_bytes or None, entropy, entropy_upstream, reduce_input_grad,
-    )
-    return tuple(_or_empty(g, hidden) for g in grads)
-
-
-@_linear_shard_backward_op.register_fake
-def _(hidden, weight, target, bias, ce_weight, stats, upstream, ignore_index, reduction, grad_scale,
-      causal_shift, label_smoothing, lse_square_scale, softcap, return_token_accuracy, batch, seq_len,
-      vocab_start, vocab_size, group_name, reduce_input_grad, want_hidden, want_weight, want_bias, accum_f32,
-      chunk_bytes, entropy=None, entropy_upstream=None):
-    return _fake_grads(hidden, weight, bias, want_hidden, want_weight, want_bias, accum_f32)
-
-
-class _LinearVocabParallel(torch.autograd.Function):
-    """``apply(hidden, weight, target, bias, ce_weight, opts, shape, split, group, check_widths,
-    two_phase, accum_dtype, chunk_bytes, want_predicted, want_entropy, reduce_input_grad)`` ->
-    ``(loss, stats, predicted, entropy)`` (see ``xent.torch.linear.LinearXentFunction``);
-    ``split`` is ``(vocab_start, vocab_size, rank, world)``; ``check_widths`` (the default split,
-    compiled): the operators check the ranks' shards to be of one width (``_check_equal_widths``)
-    before their pass. Under ``torch.compile`` the passes
-    are the custom operators above."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, split, group, check_widths, two_phase,
-                accum_dtype, chunk_bytes, want_predicted, want_entropy, reduce_input_grad):
-        ctx.set_materialize_grads(False)
-        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
-        fused = any(want) and not two_phase
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            ctx.group_name = _group_name(group)
-            values = (*_ops.option_args(opts), shape[0], shape[1], split[0], split[1], ctx.group_name, check_widths)
-            if fused:
-                stats, *grads, predicted, entropy = _linear_shard_fused_op(
-                    hidden, weight, target, bias, ce_weight, *values, reduce_input_grad, *want,
-                    accum_dtype == torch.float32, chunk_bytes or 0, want_predicted, want_entropy,
-                )
-                grads = [g if w else None for g, w in zip(grads, want)]
-            else:
-                stats, predicted, entropy = _linear_shard_forward_op(
-                    hidden, weight, target, bias, ce_weight, *values, chunk_bytes or 0, want_predicted, want_entropy,
-                )
-        else:
-            call = _Call(hidden, weight, target, bias, ce_weight, shape)
-            stats, grads, predicted, entropy = _shard_pass(call, opts, fused, want, split, group, accum_dtype,
-                                                           chunk_bytes, want_predicted, want_entropy, reduce_input_grad)
-            predicted = _or_empty(predicted, target, torch.int64)
-            entropy = _or_empty(entropy, target, torch.float32)
-        if fused:
-            ctx.save_for_backward(*grads)
-        elif any(want):
-            ctx.save_for_backward(hidden, weight, target, bias, ce_weight, stats, entropy if want_entropy else None)
-        ctx.group, ctx.split, ctx.reduce_input_grad = group, split, reduce_input_grad
-        ctx.fused, ctx.want, ctx.opts, ctx.shape = fused, want, opts, shape
-        ctx.accum_dtype, ctx.chunk_bytes, ctx.weight_dtype = accum_dtype, chunk_bytes, weight.dtype
-        ctx.mark_non_differentiable(stats, predicted)
-        # As `LinearXentFunction`: under torch.compile a fused pass's entropies carry no gradient.
-        ctx.entropy_grad = want_entropy and (not fused or not compiling)
-        if not ctx.entropy_grad:
-            ctx.mark_non_differentiable(entropy)
-        return loss_of(stats, target, opts), stats, predicted, entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
-        nones = (None,) * 12
-        upstreams = _upstreams(ctx, grad_loss, grad_entropy, "vocab_parallel_linear_cross_entropy")
-        if upstreams is None:
-            return (None, None, None, None) + nones
-        upstream, entropy_upstream = upstreams
-        compiling = torch.compiler.is_compiling()
-        if ctx.fused:
-            grads = _scaled_saved_grads(ctx, upstream)
-        else:
-            hidden, weight, target, bias, ce_weight, stats, entropy = ctx.saved_tensors
-            entropy = entropy if entropy_upstream is not None else None
-            if compiling:
-                values = (*_ops.option_args(ctx.opts), ctx.shape[0], ctx.shape[1], ctx.split[0], ctx.split[1],
-                          ctx.group_name, ctx.reduce_input_grad)
-                out = _linear_shard_backward_op(
-                    hidden, weight, target, bias, ce_weight, stats, upstream, *values, *ctx.want,
-                    ctx.accum_dtype == torch.float32, ctx.chunk_bytes or 0, entropy, entropy_upstream,
-                )
-                grads = [g if w else None for g, w in zip(out, ctx.want)]
-            else:
-                call = _Call(hidden, weight, target, bias, ce_weight, ctx.shape)
-                grads = _shard_backward(call, ctx.opts, stats, upstream, ctx.want, ctx.split, ctx.group,
-                                        ctx.accum_dtype, ctx.chunk_bytes, entropy, entropy_upstream,
-                                        ctx.reduce_input_grad)
-        grad_h, grad_w, grad_b = _in_weight_dtype(grads, ctx.weight_dtype)
-        return grad_h, grad_w, None, grad_b, *nones
-
-
-def _group_name(group) -> str:
-    """The name the operators take a group by (None: the default group)."""
-    import torch.distributed as dist
-
-    return (group if group is not None else dist.group.WORLD).group_name
+    return _Shard(vocab_start, vocab_size, dist.get_rank(group), world, group, False, reduce_input_grad)
 
 
 class _InputGradSum(torch.autograd.Function):
@@ -574,9 +346,10 @@ def vocab_parallel_linear_cross_entropy(
     if not hidden.is_cuda:
         return _unfused(input, weight, target, bias, ce_weight, (vocab_start, vocab_size, rank, world), group,
                         reduce_input_grad, common)
-    loss, stats, predicted, entropy = _LinearVocabParallel.apply(
-        hidden, weight_c, target_c, bias_c, ce_weight, opts, shape, (vocab_start, vocab_size, rank, world), group,
-        check_widths, two_phase, accum_dtype, chunk_bytes, return_predicted_tokens, return_entropy, reduce_input_grad,
+    shard = _Shard(vocab_start, vocab_size, rank, world, group, check_widths, reduce_input_grad)
+    loss, stats, predicted, entropy = LinearXentFunction.apply(
+        hidden, weight_c, target_c, bias_c, ce_weight, opts, shape, two_phase, accum_dtype, chunk_bytes,
+        return_predicted_tokens, return_entropy, shard,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
