@@ -179,6 +179,157 @@ def test_a_rank_on_every_gpu_matches_the_whole_head(tmp_path):
     run_ranks(tmp_path, torch.cuda.device_count(), "nccl")
 
 
+class _StandIns:
+    """Plain-torch stand-ins for the CUDA path's passes (``linear._forward_pass``,
+    ``_backward_pass`` and ``_scale_grad``; the plain loss, float64 on the CPU), which record the
+    shard each pass was given: the autograd Function and the custom operators around them run as
+    they do on a GPU."""
+
+    def __init__(self):
+        self.seen = []  # (pass, shard)
+
+    @staticmethod
+    def _rows(call, opts):
+        h, w, y = call.hidden.double(), call.weight.double(), call.target
+        z = h @ w.T
+        keep = y != opts.ignore_index
+        lse = torch.logsumexp(z, -1)
+        rows_loss = torch.where(keep, lse - z.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
+        return h, w, y, z, keep, lse, rows_loss
+
+    def _grads(self, call, opts, row_scale, want, accum_dtype):
+        h, w, y, z, keep, _, _ = self._rows(call, opts)
+        g = torch.softmax(z, -1)
+        g[keep, y[keep]] -= 1
+        g = g * (row_scale * keep)[:, None]
+        grad_dtype = accum_dtype or call.weight.dtype
+        return ((g @ w).to(call.hidden.dtype) if want[0] else None,
+                (g.T @ h).to(grad_dtype) if want[1] else None, None)
+
+    def forward_pass(self, call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy,
+                     shard=None):
+        import xent.torch._ops as ops
+        import xent.torch.linear as linear
+
+        self.seen.append(("fused" if fused else "forward", shard))
+        *_, keep, lse, rows_loss = self._rows(call, opts)
+        rows = rows_loss.numel()
+        stats = linear._stats_buffer(call.target, False).zero_()
+        count = keep.sum().clamp(min=1)
+        if opts.reduction == "none":
+            stats[ops.STATS_ROWS:ops.STATS_ROWS + rows] = rows_loss.float()
+        else:
+            stats[ops.STATS_LOSS] = float(rows_loss.sum() / count)
+        grads = (None, None, None)
+        if fused:
+            grads = self._grads(call, opts, torch.full((rows,), 1.0 / float(count), dtype=torch.float64), want,
+                                accum_dtype)
+        return stats, grads, None, None
+
+    def backward_pass(self, call, opts, stats, upstream, want, accum_dtype, chunk_bytes, entropy, entropy_upstream,
+                      shard=None):
+        self.seen.append(("backward", shard))
+        keep = call.target != opts.ignore_index
+        rows = call.target.numel()
+        scale = upstream.double().expand(rows)
+        if opts.reduction != "none":
+            scale = scale / keep.sum().clamp(min=1)
+        return self._grads(call, opts, scale, want, accum_dtype)
+
+    @staticmethod
+    def scale_grad(grad, upstream):
+        grad.mul_(upstream.to(grad.dtype))
+
+
+def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
+    """Since session 57 the split head's passes are the whole head's (``LinearXentFunction`` with
+    a ``_Shard``; the custom operators ``xent::linear_*`` with the shard in their last arguments).
+    On the CPU, over a one-rank gloo group, with the passes replaced by plain-torch stand-ins
+    (the GPU kernels are the GPU tests'): eagerly and under ``torch.compile(fullgraph=True)``
+    (aot_eager), fused and two-phase, every pass gets the shard (its classes, rank, world, group
+    and ``reduce_input_grad``; the whole head none), the ranks' widths are checked by a compiled
+    fused or forward pass where the shard asks for it (the default split) and by no other, and the
+    loss and gradients equal the plain loss's."""
+    import torch.distributed as dist
+    import torch._dynamo
+    import xent.torch._launch as launch
+    import xent.torch.linear as linear
+    import xent.torch.linear_parallel as lp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    stand = _StandIns()
+    monkeypatch.setattr(linear, "_forward_pass", stand.forward_pass)
+    monkeypatch.setattr(linear, "_backward_pass", stand.backward_pass)
+    monkeypatch.setattr(linear, "_scale_grad", stand.scale_grad)
+    width_checks = []
+    real_check = lp._check_equal_widths
+    monkeypatch.setattr(lp, "_check_equal_widths", lambda *a: width_checks.append(a) or real_check(*a))
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        gen = torch.Generator().manual_seed(57)
+        n, d, v = 24, 8, 50
+        h0 = torch.randn(n, d, generator=gen)
+        w0 = torch.randn(v, d, generator=gen) / d**0.5
+        y = torch.randint(0, v, (n,), generator=gen)
+        y[::5] = -100
+        upstream = torch.rand(n, generator=gen) + 0.25
+        for reduction, two_phase in (("mean", False), ("mean", True), ("none", True)):
+            opts = launch.Opts(-100, reduction, 1.0, False, 0.0, 0.0, None, False)
+            for shard in (None, linear._Shard(0, v, 0, 1, None, True, True),
+                          linear._Shard(0, v, 0, 1, group, False, False)):
+                what = f"{reduction}, two_phase {two_phase}, shard {shard and shard[4:]}"
+
+                def step(h, w):
+                    loss, *_ = linear.LinearXentFunction.apply(h, w, y, None, None, opts, (1, n, d, v), two_phase,
+                                                               None, None, False, False, shard)
+                    return loss
+
+                def run(fn):
+                    hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    stand.seen.clear()
+                    width_checks.clear()
+                    loss = fn(hh, ww)
+                    (loss * (upstream if reduction == "none" else 0.5)).sum().backward()
+                    return (loss.detach(), hh.grad, ww.grad), list(stand.seen), len(width_checks)
+
+                torch._dynamo.reset()
+                explanation = torch._dynamo.explain(step)(h0.clone().requires_grad_(), w0.clone().requires_grad_())
+                assert explanation.graph_break_count == 0, (what, explanation.break_reasons)
+                eager, eager_seen, eager_checks = run(step)
+                torch._dynamo.reset()
+                comp, comp_seen, comp_checks = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+                # The plain loss and its gradients, in float64.
+                hh, ww = h0.double().requires_grad_(), w0.double().requires_grad_()
+                ref = torch.nn.functional.cross_entropy(hh @ ww.T, y, reduction=reduction)
+                (ref * (upstream.double() if reduction == "none" else 0.5)).sum().backward()
+                for got in (eager, comp):
+                    for name, a, b in zip(("loss", "grad_h", "grad_w"), got, (ref.detach(), hh.grad, ww.grad)):
+                        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=f"{what}: {name}")
+                passes = ["forward", "backward"] if two_phase else ["fused"]
+                assert [p for p, _ in eager_seen] == passes, (what, eager_seen)
+                assert [p for p, _ in comp_seen] == passes, (what, comp_seen)
+                if shard is None:
+                    assert all(s is None for _, s in eager_seen + comp_seen), what
+                    assert eager_checks == comp_checks == 0, what
+                    continue
+                assert all(s == shard for _, s in eager_seen), (what, eager_seen)
+                # The operators resolve the group by its name; the width check is theirs, once.
+                name = (shard.group or dist.group.WORLD).group_name
+                for _, s in comp_seen:
+                    assert (s.vocab_start, s.vocab_size, s.rank, s.world) == (0, v, 0, 1), (what, s)
+                    assert s.group.group_name == name and s.reduce_input_grad == shard.reduce_input_grad, what
+                assert eager_checks == 0 and comp_checks == int(shard.check_widths), (what, eager_checks, comp_checks)
+    finally:
+        dist.destroy_process_group()
+
+
 def run_ranks(tmp_path, world: int, backend: str) -> None:
     """This file as ``world`` processes over ``backend``; fails with every rank's mismatches."""
     import socket
