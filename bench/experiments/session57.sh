@@ -4,7 +4,8 @@
 # 55, 54, ...). The tree's python/xent is copied over the bundle's site first.
 # `py` runs the Python tests of the linear path, the split head and the Transformers integration,
 #   and the split head's example: session 57 folded the split head's autograd Function and custom
-#   operators into the linear path's (Python only: the Rust is ad81645's, verified in session 56).
+#   operators into the linear path's (Python only: the Rust is ad81645's, verified in session 56);
+# `pyshort` the split head's tests and the whole head's compiled ones only (about 4 minutes).
 set -u
 here=$(dirname "$0")
 site=bundle/python/site
@@ -20,6 +21,13 @@ for mode in "$@"; do
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${TL:-260} python3 -m pytest -q -p no:cacheprovider \
         python/tests/test_linear.py python/tests/test_hf.py -rfEs 2>&1 | tail -8
       PYTHONPATH="$PWD/$site" timeout 120 python3 python/examples/vocab_parallel_linear.py 2>&1 | tail -6 ;;
+    pyshort)
+      # What fits a short run: the split head's files whole, then the whole head's compiled tests.
+      echo "=== $mode $(date +%T)"
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-170} python3 -m pytest -q \
+        -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py -rfEs 2>&1 | tail -8
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${TL:-100} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_linear.py -k "compile" -rfEs 2>&1 | tail -8 ;;
     *) bash "$here/session56.sh" "$mode" ;;
   esac
 done
