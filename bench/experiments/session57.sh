@@ -6,6 +6,7 @@
 #   and the split head's example: session 57 folded the split head's autograd Function and custom
 #   operators into the linear path's (Python only: the Rust is ad81645's, verified in session 56);
 # `pyshort` the split head's tests and the whole head's compiled ones only (about 4 minutes).
+# `pytiny` the split head's linear tests alone (eager and compiled, one rank over NCCL; about 2 minutes).
 set -u
 here=$(dirname "$0")
 site=bundle/python/site
@@ -28,6 +29,11 @@ for mode in "$@"; do
         -p no:cacheprovider python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py -rfEs 2>&1 | tail -8
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${TL:-100} python3 -m pytest -q -p no:cacheprovider \
         python/tests/test_linear.py -k "compile" -rfEs 2>&1 | tail -8 ;;
+    pytiny)
+      # The least that runs the folded split head on a GPU, eager and compiled (about 2 minutes).
+      echo "=== $mode $(date +%T)"
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-120} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_vocab_parallel.py python/tests/test_linear_parallel.py -k "linear or head" -rfEs 2>&1 | tail -8 ;;
     *) bash "$here/session56.sh" "$mode" ;;
   esac
 done
