@@ -5,7 +5,9 @@ the same process: the loss and its outputs the same on every rank, the hidden st
 summed over the ranks (or each rank's part with ``reduce_input_grad=False``; with
 ``sequence_parallel`` each rank's rows of it), each rank's weight and bias gradient its rows of the
 whole one. Three ranks on the CPU (gloo), and one rank a GPU over NCCL on a machine's every GPU
-(issue 16's run; one rank on a one-GPU machine). The CUDA path's other tests are in
+(issue 16's run; one rank on a one-GPU machine). The CUDA path's Python (its autograd Function,
+passes, collectives and compiled operators) also runs on three CPU ranks with the kernels replaced
+by a stand-in (``run_stand_in_rank``). The CUDA path's other tests are in
 ``test_vocab_parallel.py`` (a one-rank NCCL group) and ``tests/linear.rs`` (P ranks as threads on
 one GPU)."""
 
@@ -330,6 +332,132 @@ def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
         dist.destroy_process_group()
 
 
+SI_V = 1002  # the stand-in ranks' vocabulary: shards of one width at 3 ranks, so the default's check passes
+SI_CASES = {  # (reduction, two_phase, bias, reduce_input_grad, named group, check_widths)
+    "fused mean": ("mean", False, False, True, False, True),
+    "fused sum, bias, own reduction, named group": ("sum", False, True, False, True, False),
+    "two-phase per row": ("none", True, False, True, False, True),
+    "two-phase mean, bias, own reduction": ("mean", True, True, False, True, True),
+}
+
+
+def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
+    """The CUDA path's Python on the CPU over gloo: ``LinearXentFunction`` with this rank's
+    ``_Shard``, its passes, the hidden states' all-reduce and, compiled (aot_eager), the custom
+    operators that resolve the group by its name and check the ranks' widths, with only the
+    kernels' ``_run`` (and ``_scale_grad``) replaced by a stand-in: the plain loss of the ranks'
+    logits all-gathered whole, each rank's gradients from its columns. Against the whole head's
+    ``F.cross_entropy`` in float64; mismatches go to ``out.RANK``."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import xent.torch._launch as launch
+    import xent.torch._ops as ops
+    import xent.torch.linear as linear
+    from xent.torch.linear_parallel import _even_split
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    errors = []
+    try:
+        shards = _even_split(SI_V, world)
+        start, width = shards[rank]
+        widest = max(w for _, w in shards)
+
+        def stand_in_run(call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
+                         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
+            assert (shard.vocab_start, shard.vocab_size, shard.rank, shard.world) == (start, SI_V, rank, world)
+            h, w = call.hidden.double(), call.weight.double()
+            local = h @ w.T + (0.0 if call.bias is None else call.bias.double())
+            pieces = [torch.empty(h.shape[0], widest, dtype=torch.float64) for _ in shards]
+            dist.all_gather(pieces, F.pad(local, (0, widest - width)).contiguous(), group=shard.group)
+            z = torch.cat([piece[:, :w_] for piece, (_, w_) in zip(pieces, shards)], -1)
+            y = call.target
+            keep = y != opts.ignore_index
+            count = keep.sum().clamp(min=1)
+            rows_loss = torch.where(keep, torch.logsumexp(z, -1) - z.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
+            if pass_name != "backward":
+                if opts.reduction == "none":
+                    stats[ops.STATS_ROWS:ops.STATS_ROWS + y.numel()] = rows_loss.float()
+                else:
+                    stats[ops.STATS_LOSS] = float(rows_loss.sum() / (count if opts.reduction == "mean" else 1))
+            if not any(grads):
+                return None, None, None
+            scale = (upstream.double().expand(y.numel()) if pass_name == "backward"
+                     else torch.full((y.numel(),), opts.grad_scale, dtype=torch.float64))
+            if opts.reduction == "mean":
+                scale = scale / count
+            g = torch.softmax(z, -1)
+            g[keep, y[keep]] -= 1
+            g = (g * (scale * keep)[:, None])[:, start:start + width]
+            grad_dtype = accum_dtype or call.weight.dtype
+            return ((g @ w).to(call.hidden.dtype) if grads[0] else None,
+                    (g.T @ h).to(grad_dtype) if grads[1] else None,
+                    g.sum(0).to(grad_dtype) if grads[2] else None)
+
+        linear._run = stand_in_run
+        linear._scale_grad = lambda grad, upstream: grad.mul_(upstream.to(grad.dtype))
+        named = dist.new_group(list(range(world)))
+        gen = torch.Generator().manual_seed(11)
+        n, d = 30, 8
+        h = torch.randn(n, d, generator=gen)
+        w = torch.randn(SI_V, d, generator=gen) / d**0.5
+        b = torch.randn(SI_V, generator=gen) * 0.1
+        y = torch.randint(0, SI_V, (n,), generator=gen)
+        y[::4] = -100
+        up = torch.rand(n, generator=gen) + 0.25
+        for name, (reduction, two_phase, with_bias, reduce, use_named, check) in SI_CASES.items():
+            opts = launch.Opts(-100, reduction, 1.0, False, 0.0, 0.0, None, False)
+            shard = linear._Shard(start, SI_V, rank, world, named if use_named else None, check, reduce)
+            bias = b[start:start + width] if with_bias else None
+
+            def step(hh, ww, bb):
+                loss, *_ = linear.LinearXentFunction.apply(hh, ww, y, bb, None, opts, (1, n, d, SI_V), two_phase,
+                                                           None, None, False, False, shard)
+                return loss
+
+            for mode in ("eager", "compiled"):
+                torch._dynamo.reset()
+                fn = step if mode == "eager" else torch.compile(step, backend="aot_eager", fullgraph=True)
+                hh = h.clone().requires_grad_()
+                ww = w[start:start + width].clone().requires_grad_()
+                bb = None if bias is None else bias.clone().requires_grad_()
+                loss = fn(hh, ww, bb)
+                (loss * (up if reduction == "none" else 0.5)).sum().backward()
+                gh = hh.grad
+                if not reduce:  # each rank's part: their sum is the gradient
+                    gh = gh.clone()
+                    dist.all_reduce(gh)
+                rh, rw = h.double().requires_grad_(), w.double().requires_grad_()
+                rb = b.double().requires_grad_() if with_bias else None
+                ref = F.cross_entropy(F.linear(rh, rw, rb), y, reduction=reduction)
+                (ref * (up.double() if reduction == "none" else 0.5)).sum().backward()
+                wanted = [("loss", loss, ref), ("grad_hidden", gh, rh.grad),
+                          ("grad_weight", ww.grad, rw.grad[start:start + width])]
+                if with_bias:
+                    wanted.append(("grad_bias", bb.grad, rb.grad[start:start + width]))
+                for field, got, want in wanted:
+                    if not torch.allclose(got.double(), want.detach(), rtol=1e-5, atol=1e-6):
+                        err = float((got.double() - want.detach()).abs().max())
+                        errors.append(f"{name}, {mode}: {field} differs by {err:.3g}")
+    except Exception:
+        errors.append(traceback.format_exc())
+    finally:
+        torch.save(errors, f"{out}.{rank}")
+        dist.destroy_process_group()
+
+
+def test_the_cuda_path_python_on_three_cpu_ranks(tmp_path):
+    """``run_stand_in_rank`` on three ranks (gloo): the split head's autograd Function, passes and
+    (compiled) custom operators with the kernels replaced by a stand-in, so that the hidden
+    states' all-reduce, ``reduce_input_grad=False``, a named group and the compiled width check
+    run over several ranks, which only issue 16's machines otherwise give."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    run_ranks(tmp_path, WORLD, "stand-in")
+
+
 def run_ranks(tmp_path, world: int, backend: str) -> None:
     """This file as ``world`` processes over ``backend``; fails with every rank's mismatches."""
     import socket
@@ -364,4 +492,7 @@ def run_ranks(tmp_path, world: int, backend: str) -> None:
 
 
 if __name__ == "__main__":
-    run_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
+    if sys.argv[5:6] == ["stand-in"]:
+        run_stand_in_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        run_rank(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
