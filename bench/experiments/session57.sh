@@ -11,8 +11,7 @@ set -u
 here=$(dirname "$0")
 site=bundle/python/site
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-(cd bundle && { [[ -d bin ]] || tar -xJf bin.tar.xz; })
-cp -r python/xent/. "$site/xent/"
+bash "$here/session56.sh"  # no step: only its setup (bundle/bin unpacked, python/xent over the site)
 for mode in "$@"; do
   case $mode in
     py)

@@ -13,6 +13,7 @@ one GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -45,6 +46,31 @@ SP_ROWS = 4  # rows (dim 0) a rank holds with sequence_parallel
 TOLERANCE = {"gloo": dict(rtol=1e-5, atol=1e-6), "nccl": dict(rtol=1e-4, atol=1e-5)}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _rank_process(backend: str, rank: int, world: int, port: int, out: str):
+    """This rank's process group for the body, which yields the list of mismatches it fills; the
+    list (with the body's exception, if it raised) goes to ``out.RANK`` after."""
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    errors = []
+    try:
+        yield errors
+    except Exception:
+        errors.append(traceback.format_exc())
+    finally:
+        torch.save(errors, f"{out}.{rank}")
+        dist.destroy_process_group()
+
+
 def run_rank(rank: int, world: int, port: int, out: str, backend: str = "gloo") -> None:
     """Every case on this rank; a list of mismatches (empty: all agree) goes to ``out.RANK``.
     ``backend``: ``gloo`` (tensors on the CPU) or ``nccl`` (on GPU ``rank``)."""
@@ -57,10 +83,8 @@ def run_rank(rank: int, world: int, port: int, out: str, backend: str = "gloo") 
     if backend == "nccl":
         dev = torch.device("cuda", rank)
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     tol = TOLERANCE[backend]
-    errors = []
-    try:
+    with _rank_process(backend, rank, world, port, out) as errors:
         start, width = _even_split(V, world)[rank]
         for name, case in CASES.items():
             case = dict(case)
@@ -154,11 +178,6 @@ def run_rank(rank: int, world: int, port: int, out: str, backend: str = "gloo") 
             except ValueError as ex:
                 if "even split" not in str(ex):
                     errors.append(f"the refusal said {ex}")
-    except Exception:
-        errors.append(traceback.format_exc())
-    finally:
-        torch.save(errors, f"{out}.{rank}")
-        dist.destroy_process_group()
 
 
 def test_three_ranks_on_the_cpu_match_the_whole_head(tmp_path):
@@ -181,73 +200,68 @@ def test_a_rank_on_every_gpu_matches_the_whole_head(tmp_path):
     run_ranks(tmp_path, torch.cuda.device_count(), "nccl")
 
 
-class _StandIns:
-    """Plain-torch stand-ins for the CUDA path's passes (``linear._forward_pass``,
-    ``_backward_pass`` and ``_scale_grad``; the plain loss, float64 on the CPU), which record the
-    shard each pass was given: the autograd Function and the custom operators around them run as
-    they do on a GPU."""
+def _stand_in_run(seen):
+    """A stand-in for the CUDA path's kernels (``linear._run``) on the CPU, which appends each
+    pass's ``(pass_name, shard)`` to ``seen``: the plain loss in float64 of the whole logits (a
+    shard's all-gathered over its group, the even split of its vocabulary), written into the
+    stats as the kernels write it, and this rank's gradients from its columns (the hidden states'
+    its part, which ``_reduce_input_grad`` sums)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
 
-    def __init__(self):
-        self.seen = []  # (pass, shard)
+    import xent.torch._ops as ops
+    from xent.torch.linear_parallel import _even_split
 
-    @staticmethod
-    def _rows(call, opts):
-        h, w, y = call.hidden.double(), call.weight.double(), call.target
-        z = h @ w.T
+    def run(call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
+            accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
+        seen.append((pass_name, shard))
+        h, w = call.hidden.double(), call.weight.double()
+        z = h @ w.T + (0.0 if call.bias is None else call.bias.double())
+        columns = slice(None)
+        if shard is not None:
+            shards = _even_split(shard.vocab_size, shard.world)
+            assert shards[shard.rank] == (shard.vocab_start, w.shape[0]), (shards, shard)
+            widest = max(width for _, width in shards)
+            pieces = [torch.empty(h.shape[0], widest, dtype=torch.float64) for _ in shards]
+            dist.all_gather(pieces, F.pad(z, (0, widest - w.shape[0])).contiguous(), group=shard.group)
+            z = torch.cat([piece[:, :width] for piece, (_, width) in zip(pieces, shards)], -1)
+            columns = slice(shard.vocab_start, shard.vocab_start + w.shape[0])
+        y = call.target
         keep = y != opts.ignore_index
-        lse = torch.logsumexp(z, -1)
-        rows_loss = torch.where(keep, lse - z.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
-        return h, w, y, z, keep, lse, rows_loss
-
-    def _grads(self, call, opts, row_scale, want, accum_dtype):
-        h, w, y, z, keep, _, _ = self._rows(call, opts)
+        count = keep.sum().clamp(min=1)
+        rows_loss = torch.where(keep, torch.logsumexp(z, -1) - z.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
+        if pass_name != "backward":
+            if opts.reduction == "none":
+                stats[ops.STATS_ROWS:ops.STATS_ROWS + y.numel()] = rows_loss.float()
+            else:
+                stats[ops.STATS_LOSS] = float(rows_loss.sum() / (count if opts.reduction == "mean" else 1))
+        if not any(grads):
+            return None, None, None
+        scale = (upstream.double().expand(y.numel()) if pass_name == "backward"
+                 else torch.full((y.numel(),), opts.grad_scale, dtype=torch.float64))
+        if opts.reduction == "mean":
+            scale = scale / count
         g = torch.softmax(z, -1)
         g[keep, y[keep]] -= 1
-        g = g * (row_scale * keep)[:, None]
+        g = (g * (scale * keep)[:, None])[:, columns]
         grad_dtype = accum_dtype or call.weight.dtype
-        return ((g @ w).to(call.hidden.dtype) if want[0] else None,
-                (g.T @ h).to(grad_dtype) if want[1] else None, None)
+        return ((g @ w).to(call.hidden.dtype) if grads[0] else None,
+                (g.T @ h).to(grad_dtype) if grads[1] else None,
+                g.sum(0).to(grad_dtype) if grads[2] else None)
 
-    def forward_pass(self, call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy,
-                     shard=None):
-        import xent.torch._ops as ops
-        import xent.torch.linear as linear
+    return run
 
-        self.seen.append(("fused" if fused else "forward", shard))
-        *_, keep, lse, rows_loss = self._rows(call, opts)
-        rows = rows_loss.numel()
-        stats = linear._stats_buffer(call.target, False).zero_()
-        count = keep.sum().clamp(min=1)
-        if opts.reduction == "none":
-            stats[ops.STATS_ROWS:ops.STATS_ROWS + rows] = rows_loss.float()
-        else:
-            stats[ops.STATS_LOSS] = float(rows_loss.sum() / count)
-        grads = (None, None, None)
-        if fused:
-            grads = self._grads(call, opts, torch.full((rows,), 1.0 / float(count), dtype=torch.float64), want,
-                                accum_dtype)
-        return stats, grads, None, None
 
-    def backward_pass(self, call, opts, stats, upstream, want, accum_dtype, chunk_bytes, entropy, entropy_upstream,
-                      shard=None):
-        self.seen.append(("backward", shard))
-        keep = call.target != opts.ignore_index
-        rows = call.target.numel()
-        scale = upstream.double().expand(rows)
-        if opts.reduction != "none":
-            scale = scale / keep.sum().clamp(min=1)
-        return self._grads(call, opts, scale, want, accum_dtype)
-
-    @staticmethod
-    def scale_grad(grad, upstream):
-        grad.mul_(upstream.to(grad.dtype))
+def _stand_in_scale_grad(grad, upstream):
+    """``linear._scale_grad``'s stand-in on the CPU."""
+    grad.mul_(upstream.to(grad.dtype))
 
 
 def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
     """Since session 57 the split head's passes are the whole head's (``LinearXentFunction`` with
     a ``_Shard``; the custom operators ``xent::linear_*`` with the shard in their last arguments).
-    On the CPU, over a one-rank gloo group, with the passes replaced by plain-torch stand-ins
-    (the GPU kernels are the GPU tests'): eagerly and under ``torch.compile(fullgraph=True)``
+    On the CPU, over a one-rank gloo group, with the kernels replaced by a plain-torch stand-in
+    (``_stand_in_run``; the kernels are the GPU tests'): eagerly and under ``torch.compile(fullgraph=True)``
     (aot_eager), fused and two-phase, every pass gets the shard (its classes, rank, world, group
     and ``reduce_input_grad``; the whole head none), the ranks' widths are checked by a compiled
     fused or forward pass where the shard asks for it (the default split) and by no other, and the
@@ -260,19 +274,13 @@ def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    stand = _StandIns()
-    monkeypatch.setattr(linear, "_forward_pass", stand.forward_pass)
-    monkeypatch.setattr(linear, "_backward_pass", stand.backward_pass)
-    monkeypatch.setattr(linear, "_scale_grad", stand.scale_grad)
+    seen = []  # (pass, shard)
+    monkeypatch.setattr(linear, "_run", _stand_in_run(seen))
+    monkeypatch.setattr(linear, "_scale_grad", _stand_in_scale_grad)
     width_checks = []
     real_check = lp._check_equal_widths
     monkeypatch.setattr(lp, "_check_equal_widths", lambda *a: width_checks.append(a) or real_check(*a))
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         group = dist.new_group([0])
         gen = torch.Generator().manual_seed(57)
@@ -295,11 +303,11 @@ def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
 
                 def run(fn):
                     hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-                    stand.seen.clear()
+                    seen.clear()
                     width_checks.clear()
                     loss = fn(hh, ww)
                     (loss * (upstream if reduction == "none" else 0.5)).sum().backward()
-                    return (loss.detach(), hh.grad, ww.grad), list(stand.seen), len(width_checks)
+                    return (loss.detach(), hh.grad, ww.grad), list(seen), len(width_checks)
 
                 torch._dynamo.reset()
                 explanation = torch._dynamo.explain(step)(h0.clone().requires_grad_(), w0.clone().requires_grad_())
@@ -345,57 +353,20 @@ def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
     """The CUDA path's Python on the CPU over gloo: ``LinearXentFunction`` with this rank's
     ``_Shard``, its passes, the hidden states' all-reduce and, compiled (aot_eager), the custom
     operators that resolve the group by its name and check the ranks' widths, with only the
-    kernels' ``_run`` (and ``_scale_grad``) replaced by a stand-in: the plain loss of the ranks'
-    logits all-gathered whole, each rank's gradients from its columns. Against the whole head's
+    kernels (``_run``, ``_scale_grad``) replaced by the stand-ins above. Against the whole head's
     ``F.cross_entropy`` in float64; mismatches go to ``out.RANK``."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
     import xent.torch._launch as launch
-    import xent.torch._ops as ops
     import xent.torch.linear as linear
     from xent.torch.linear_parallel import _even_split
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    errors = []
-    try:
-        shards = _even_split(SI_V, world)
-        start, width = shards[rank]
-        widest = max(w for _, w in shards)
-
-        def stand_in_run(call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-                         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
-            assert (shard.vocab_start, shard.vocab_size, shard.rank, shard.world) == (start, SI_V, rank, world)
-            h, w = call.hidden.double(), call.weight.double()
-            local = h @ w.T + (0.0 if call.bias is None else call.bias.double())
-            pieces = [torch.empty(h.shape[0], widest, dtype=torch.float64) for _ in shards]
-            dist.all_gather(pieces, F.pad(local, (0, widest - width)).contiguous(), group=shard.group)
-            z = torch.cat([piece[:, :w_] for piece, (_, w_) in zip(pieces, shards)], -1)
-            y = call.target
-            keep = y != opts.ignore_index
-            count = keep.sum().clamp(min=1)
-            rows_loss = torch.where(keep, torch.logsumexp(z, -1) - z.gather(1, y.clamp(min=0)[:, None])[:, 0], 0.0)
-            if pass_name != "backward":
-                if opts.reduction == "none":
-                    stats[ops.STATS_ROWS:ops.STATS_ROWS + y.numel()] = rows_loss.float()
-                else:
-                    stats[ops.STATS_LOSS] = float(rows_loss.sum() / (count if opts.reduction == "mean" else 1))
-            if not any(grads):
-                return None, None, None
-            scale = (upstream.double().expand(y.numel()) if pass_name == "backward"
-                     else torch.full((y.numel(),), opts.grad_scale, dtype=torch.float64))
-            if opts.reduction == "mean":
-                scale = scale / count
-            g = torch.softmax(z, -1)
-            g[keep, y[keep]] -= 1
-            g = (g * (scale * keep)[:, None])[:, start:start + width]
-            grad_dtype = accum_dtype or call.weight.dtype
-            return ((g @ w).to(call.hidden.dtype) if grads[0] else None,
-                    (g.T @ h).to(grad_dtype) if grads[1] else None,
-                    g.sum(0).to(grad_dtype) if grads[2] else None)
-
-        linear._run = stand_in_run
-        linear._scale_grad = lambda grad, upstream: grad.mul_(upstream.to(grad.dtype))
+    with _rank_process("gloo", rank, world, port, out) as errors:
+        start, width = _even_split(SI_V, world)[rank]
+        seen = []
+        linear._run = _stand_in_run(seen)
+        linear._scale_grad = _stand_in_scale_grad
         named = dist.new_group(list(range(world)))
         gen = torch.Generator().manual_seed(11)
         n, d = 30, 8
@@ -439,11 +410,10 @@ def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
                     if not torch.allclose(got.double(), want.detach(), rtol=1e-5, atol=1e-6):
                         err = float((got.double() - want.detach()).abs().max())
                         errors.append(f"{name}, {mode}: {field} differs by {err:.3g}")
-    except Exception:
-        errors.append(traceback.format_exc())
-    finally:
-        torch.save(errors, f"{out}.{rank}")
-        dist.destroy_process_group()
+                for _, given in seen:  # every pass got this rank's shard
+                    if (given.vocab_start, given.vocab_size, given.rank, given.world) != (start, SI_V, rank, world):
+                        errors.append(f"{name}, {mode}: a pass got the shard {given}")
+                seen.clear()
 
 
 def test_the_cuda_path_python_on_three_cpu_ranks(tmp_path):
@@ -460,12 +430,9 @@ def test_the_cuda_path_python_on_three_cpu_ranks(tmp_path):
 
 def run_ranks(tmp_path, world: int, backend: str) -> None:
     """This file as ``world`` processes over ``backend``; fails with every rank's mismatches."""
-    import socket
     import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     import xent  # the children import the xent this process imported
 
     site = os.path.dirname(os.path.dirname(os.path.abspath(xent.__file__)))
