@@ -386,6 +386,11 @@ def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
                                                            None, None, False, False, shard)
                 return loss
 
+            # The whole head's loss and gradients in float64, once for both modes.
+            rh, rw = h.double().requires_grad_(), w.double().requires_grad_()
+            rb = b.double().requires_grad_() if with_bias else None
+            ref = F.cross_entropy(F.linear(rh, rw, rb), y, reduction=reduction)
+            (ref * (up.double() if reduction == "none" else 0.5)).sum().backward()
             for mode in ("eager", "compiled"):
                 torch._dynamo.reset()
                 fn = step if mode == "eager" else torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -398,10 +403,6 @@ def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
                 if not reduce:  # each rank's part: their sum is the gradient
                     gh = gh.clone()
                     dist.all_reduce(gh)
-                rh, rw = h.double().requires_grad_(), w.double().requires_grad_()
-                rb = b.double().requires_grad_() if with_bias else None
-                ref = F.cross_entropy(F.linear(rh, rw, rb), y, reduction=reduction)
-                (ref * (up.double() if reduction == "none" else 0.5)).sum().backward()
                 wanted = [("loss", loss, ref), ("grad_hidden", gh, rh.grad),
                           ("grad_weight", ww.grad, rw.grad[start:start + width])]
                 if with_bias:
