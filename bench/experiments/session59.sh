@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 59's steps for a GPU run: run from the repository root with bundle/ carried, e.g.
+# `bash bench/experiments/session59.sh py memory full`; any other step goes to session57.sh (and
+# on to 56, 55, ...). The tree's python/xent is copied over the bundle's site first.
+# `full` issue 12's whole table in one run: every method of linear_bench.py (the peers CCE and
+#   CCE exact included: bundle/wheels/ now carries cut-cross-entropy 25.1.1), both inputs, the
+#   time-memory curve, at 8192 and 16384 rows (`LC=` other configs, `LR=` rounds, `CURVE=` budgets).
+set -u
+here=$(dirname "$0")
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+for mode in "$@"; do
+  case $mode in
+    full)
+      bash "$here/session56.sh"  # only its setup (bundle/bin unpacked, python/xent over the site)
+      echo "=== $mode $(date +%T)"
+      cp bench/linear_bench.py bundle/
+      timeout ${TT:-560} bash bundle/run.sh linear --configs ${LC:-8192:4096:128256,16384:4096:128256} \
+        --rounds ${LR:-1} --curve "${CURVE-256,512,1024,2048}" 2>&1 |
+        grep -E '^\{|Error|error|summary|\|' | tail -80 ;;
+    *) bash "$here/session57.sh" "$mode" ;;
+  esac
+done
