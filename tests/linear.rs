@@ -211,6 +211,48 @@ fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
             }
         }
     }
+    // The memory a call gives its chunks (logits and cuBLASLt's workspace), and the largest
+    // budget of logits within what is left of it when the call holds more (the Python package's
+    // `skip_ignored`: a copy of the scored rows and of their gradient).
+    assert_eq!(
+        linear::chunks_budget_bytes(8192, 128256, DType::Bf16, None),
+        8192 * 128256 * 2 / 8
+    );
+    assert_eq!(
+        linear::chunks_budget_bytes(8192, 128256, DType::Bf16, Some(1 << 20)),
+        (1 << 20) + linear::gemm_workspace_bytes(1 << 20)
+    );
+    let ws = linear::gemm_workspace_bytes;
+    for total in [
+        0,
+        256,
+        (4 << 20) + 255,
+        (4 << 20) + 256,
+        (4 << 20) + 257,
+        100 << 20,
+        (512 << 20) + (32 << 20) + 256,
+        1 << 40,
+    ] {
+        let logits = linear::logits_budget_within(total);
+        if total < ws(0) {
+            assert_eq!(logits, 0, "{total}: not even the workspace fits");
+            continue;
+        }
+        assert!(logits + ws(logits) <= total, "{total}: {logits}");
+        assert!(
+            logits + 1 + ws(logits + 1) > total,
+            "{total}: {logits} is not the largest"
+        );
+    }
+    // 8192 x 4096 x 128256 bf16 with one row in seven ignored (7021 scored): the copy, its
+    // labels and indices, and its gradient less the whole gradient take 45.7 MiB of the default
+    // budget; chunks of 784 rows fit the rest, 249.5 MiB in all.
+    let total = linear::chunks_budget_bytes(8192, 128256, DType::Bf16, None);
+    let held = 2 * 7021 * 4096 * 2 + 16 * 7021 - 8192 * 4096 * 2;
+    let budget = linear::logits_budget_within(total - held);
+    let rows = linear::chunk_rows(7021, 128256, DType::Bf16, Some(budget));
+    assert_eq!(rows, 784);
+    assert!(rows * 128256 * 2 + ws(rows * 128256 * 2) + held <= total);
     // Vocabulary blocks hold what a chunk of rows holds.
     assert_eq!(linear::vocab_block(8192, 128256, 256), 3968);
     assert_eq!(linear::vocab_block(1, 128256, 1), 128256);

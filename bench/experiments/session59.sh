@@ -5,13 +5,25 @@
 # `full` issue 12's whole table in one run: every method of linear_bench.py (the peers CCE and
 #   CCE exact included: bundle/wheels/ now carries cut-cross-entropy 25.1.1), both inputs, the
 #   time-memory curve, at 8192 and 16384 rows (`LC=` other configs, `LR=` rounds, `CURVE=` budgets).
+# `skip` the GPU tests of session 59's change (`skip_ignored` keeps the copy of the scored rows
+#   within the call's chunk budget; new functions in the extension, whose `_xent.abi3.so` travels
+#   as bundle/s59/_xent.abi3.so.xz and replaces the bundle's before any step).
 set -u
 here=$(dirname "$0")
+site=bundle/python/site
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+bash "$here/session56.sh"  # only its setup (bundle/bin unpacked, python/xent over the site)
+if [[ -f bundle/s59/_xent.abi3.so.xz ]]; then
+  xz -dc bundle/s59/_xent.abi3.so.xz > "$site/xent/_xent.abi3.so" && echo "session59.sh: the extension of session 59"
+fi
 for mode in "$@"; do
   case $mode in
+    skip)
+      echo "=== $mode $(date +%T)"
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-240} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_linear.py python/tests/test_hf.py python/tests/test_linear_parallel.py \
+        -k "skip or budget or scored or parallel or every_gpu" -rfEs 2>&1 | tail -8 ;;
     full)
-      bash "$here/session56.sh"  # only its setup (bundle/bin unpacked, python/xent over the site)
       echo "=== $mode $(date +%T)"
       cp bench/linear_bench.py bundle/
       timeout ${TT:-560} bash bundle/run.sh linear --configs ${LC:-8192:4096:128256,16384:4096:128256} \

@@ -446,6 +446,8 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::open_cublaslt, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_scratch, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_chunks_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_logits_within, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_words, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_stats, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_backward, m)?)?;

@@ -159,6 +159,33 @@ fn pass_outputs(
     with_outputs(opts, predicted, entropy && !backward)
 }
 
+/// The memory (bytes) a linear call of `rows` rows over `vocab` classes of `dtype` may give its
+/// chunks of logits and cuBLASLt's workspace: `budget` bytes of logits and the workspace for
+/// them, or the default budget (None). A call on fewer rows that holds other memory for them
+/// keeps within it by [`linear_logits_within`] of what is left.
+#[pyfunction]
+#[pyo3(signature = (rows, vocab, dtype, budget=None))]
+pub(crate) fn linear_chunks_budget(
+    rows: usize,
+    vocab: usize,
+    dtype: &str,
+    budget: Option<usize>,
+) -> PyResult<usize> {
+    Ok(xent::linear::chunks_budget_bytes(
+        rows,
+        vocab,
+        dtype_of(dtype)?,
+        budget,
+    ))
+}
+
+/// The largest budget of logits (bytes) whose chunk and cuBLASLt's workspace take at most `total`
+/// bytes together (0: none fits).
+#[pyfunction]
+pub(crate) fn linear_logits_within(total: usize) -> usize {
+    xent::linear::logits_budget_within(total)
+}
+
 /// The scratch a linear call needs: (rows per chunk, bytes of logits, bytes of cuBLASLt's
 /// workspace, bytes of shifted labels, ones, f32 values of the loss's workspace, f32 values a
 /// vocabulary-split call's all-gather sends), for chunks of logits of at most `budget` bytes

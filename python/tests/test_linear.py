@@ -328,6 +328,57 @@ def test_skip_ignored_takes_every_row_of_a_small_call(device, monkeypatch):
     assert rows == [int((y != -100).sum())]
 
 
+def test_skip_ignored_keeps_the_copy_within_the_calls_budget():
+    """The scored rows' copy, their labels and indices, and with a gradient the copy's gradient
+    (less the whole gradient a call over every row holds anyway) come out of the memory the call's
+    chunks would have over every row (``chunk_bytes`` and cuBLASLt's workspace, or the default
+    eighth of the logits); where that leaves under half of its logits, every row is taken."""
+    import xent.torch.linear as linear
+    from xent import _xent
+
+    n, k, d, v = 8192, 7021, 4096, 128256  # one row in seven ignored, as linear_bench.py's labels
+    total = _xent.linear_chunks_budget(n, v, "bfloat16")
+    assert total == n * v * 2 // 8
+    held = 2 * k * d * 2 + 16 * k - n * d * 2  # 45.7 MiB
+    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, None, True)
+    assert budget == _xent.linear_logits_within(total - held)
+    assert _xent.linear_chunks_budget(k, v, "bfloat16", budget) + held <= total
+    # Without a gradient, the copy alone.
+    copy = k * d * 2 + 16 * k
+    assert linear._rows_budget(n, k, d, v, torch.bfloat16, None, False) == _xent.linear_logits_within(total - copy)
+    # An explicit budget: its logits and their workspace.
+    given = 600 * v * 2
+    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, given, True)
+    assert budget == _xent.linear_logits_within(_xent.linear_chunks_budget(n, v, "bfloat16", given) - held)
+    # Liger's memory (256 rows) or a small vocabulary beside wide rows: the copy leaves less than
+    # half the logits, so every row.
+    assert linear._rows_budget(n, k, d, v, torch.bfloat16, 256 * v * 2, True) is None
+    assert linear._rows_budget(n, k, d, 32000, torch.bfloat16, None, True) is None
+    # Half the rows scored: the copy and its gradient take what the whole gradient would, so the
+    # chunks keep every row's budget, more than the default of the scored rows alone.
+    half = linear._rows_budget(n, n // 2, d, v, torch.bfloat16, None, True)
+    assert half == _xent.linear_logits_within(total - 16 * (n // 2))
+    assert half > _xent.linear_chunks_budget(n // 2, v, "bfloat16")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skip_ignored_takes_every_row_where_the_copy_does_not_fit_the_budget(device, monkeypatch):
+    """A ``chunk_bytes`` of two rows of logits has no room for a copy of the scored rows (each
+    of 64 features): every row goes through, with and without a gradient; at the default budget
+    the scored rows alone."""
+    h, w, b, y, _ = inputs(device, (3, 29), bias=True)
+    y[0, :11] = -100
+    scored = int((y != -100).sum())
+    rows = rows_reaching_the_gemms(monkeypatch, device)
+    two_rows = 2 * w.shape[0] * w.element_size()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+    xt.linear_cross_entropy(*leaves[:2], y, leaves[2], chunk_bytes=two_rows).backward()
+    with torch.no_grad():
+        xt.linear_cross_entropy(h, w, y, b, chunk_bytes=two_rows)
+    xt.linear_cross_entropy(*leaves[:2], y, leaves[2]).backward()
+    assert rows == [87, 87, scored], rows
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_skip_ignored_with_every_label_ignored(device, reduction, monkeypatch):

@@ -115,6 +115,47 @@ pub fn gemm_workspace_bytes(logits_bytes: usize) -> usize {
     (logits_bytes / GEMM_SHARE).clamp(4 << 20, 32 << 20) + 256
 }
 
+/// The default memory of a call's chunks (a chunk of logits and cuBLASLt's workspace together):
+/// [`DEFAULT_BUDGET_FRACTION`] of the whole `[rows, vocab]` logits, at least [`MIN_CHUNK_BYTES`].
+pub fn default_budget_bytes(rows: usize, vocab: usize, dtype: DType) -> usize {
+    let logits = rows.saturating_mul(vocab).saturating_mul(dtype.bytes());
+    (logits / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES)
+}
+
+/// The memory a call of `rows` rows may give its chunks: `budget_bytes` of logits (the caller's)
+/// and cuBLASLt's workspace for them, or, without a budget, [`default_budget_bytes`] (the
+/// workspace inside it). What a caller that holds other memory for the call (a copy of its scored
+/// rows, say) subtracts that from, to keep the call within the same budget
+/// ([`logits_budget_within`]).
+pub fn chunks_budget_bytes(
+    rows: usize,
+    vocab: usize,
+    dtype: DType,
+    budget_bytes: Option<usize>,
+) -> usize {
+    match budget_bytes {
+        Some(budget) => budget.saturating_add(gemm_workspace_bytes(budget)),
+        None => default_budget_bytes(rows, vocab, dtype),
+    }
+}
+
+/// The largest budget of logits whose chunk and cuBLASLt's workspace for it
+/// ([`gemm_workspace_bytes`]) take at most `total` bytes together; 0 where the workspace alone
+/// does not fit.
+pub fn logits_budget_within(total: usize) -> usize {
+    let fits = |logits: usize| logits.saturating_add(gemm_workspace_bytes(logits)) <= total;
+    if !fits(0) {
+        return 0;
+    }
+    // `logits + workspace(logits)` grows with `logits`: the last that fits, by bisection.
+    let (mut lo, mut hi) = (0, total);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
+}
+
 /// Rows per chunk of logits for `rows` rows of `vocab` classes of `dtype` under `budget_bytes`
 /// (`None`: the default, [`DEFAULT_BUDGET_FRACTION`] of the whole logits but at least
 /// [`MIN_CHUNK_BYTES`], less cuBLASLt's share): at least 1 and at most `rows`. The rows are
@@ -123,7 +164,7 @@ pub fn gemm_workspace_bytes(logits_bytes: usize) -> usize {
 pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<usize>) -> usize {
     let row_bytes = vocab.saturating_mul(dtype.bytes()).max(1);
     let budget = budget_bytes.unwrap_or_else(|| {
-        let total = (rows.saturating_mul(row_bytes) / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES);
+        let total = default_budget_bytes(rows, vocab, dtype);
         total - total / GEMM_SHARE
     });
     let rows = rows.max(1);

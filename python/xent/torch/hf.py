@@ -183,11 +183,15 @@ class _FusedCall:
             )
         hidden, bias = self.hidden, head.bias
         target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
-        scored = None
+        scored, options = None, dict(self.options)
         if self.skip_ignored and _may_wait(hidden):
-            scored = _scored_rows(hidden, target, ignore_index, causal, self.head.out_features)
+            vocab = self.head.out_features
+            # A split head's ranks decide alike: its chunks counted as an even share's.
+            width = None if split is None else max(vocab // torch.distributed.get_world_size(split[0]), 1)
+            scored = _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=options.get("chunk_bytes"),
+                                  needs_grad=torch.is_grad_enabled() and hidden.requires_grad, width=width)
         if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
-            hidden, target, _ = scored
+            hidden, target, _, options["chunk_bytes"] = scored
             causal = False
         if split is not None:
             group, start, weight, bias = split
@@ -200,13 +204,13 @@ class _FusedCall:
             loss = vocab_parallel_linear_cross_entropy(
                 hidden, weight, target, bias, group=group, vocab_start=start, vocab_size=head.out_features,
                 ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), causal_shift=causal,
-                softcap=self.softcap, skip_ignored=False, **self.options,
+                softcap=self.softcap, skip_ignored=False, **options,
             )
             return _per_item(loss, num_items_in_batch)
         loss = linear_cross_entropy(
             hidden, head.weight, target, bias, ignore_index=ignore_index,
             reduction=_reduction(num_items_in_batch), causal_shift=causal, softcap=self.softcap,
-            skip_ignored=False, **self.options,
+            skip_ignored=False, **options,
         )
         return _per_item(loss, num_items_in_batch)
 

@@ -660,7 +660,10 @@ def linear_cross_entropy(
       that drops at least 1/16 of the rows; the results are laid out as the call's rows (0 for a
       row not scored, -1 for its predicted token) and equal those of every row up to the order
       of the sums. Counting the rows waits for the GPU once a call (``nonzero``), and the scored
-      rows of ``input`` are copied. Every row is computed, without counting, under
+      rows of ``input`` are copied: the copy (and its gradient) comes out of the call's memory
+      budget (``chunk_bytes`` or the default), so the chunks over the scored rows are smaller,
+      and where that would leave them less than half of it every row is computed instead (at
+      Liger's 256-row chunks of a 128256-class, 4096-wide head, say). Every row is computed, without counting, under
       ``torch.compile`` or CUDA graph capture (a count of rows would be a dynamic shape) and in
       calls of fewer than 2^35 products ``rows·D·V`` (where the wait costs more than the rows
       save). ``False``: every row, no wait.
@@ -689,13 +692,15 @@ def linear_cross_entropy(
     if skip_ignored and isinstance(input, torch.Tensor) and _may_wait(input):
         # Validated first, so errors name the call's own shapes.
         hidden, _, target_c, _, _, shape = _check(input, weight, target, bias, ce_weight, causal_shift)
-        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, shape[3])
+        needs_grad = torch.is_grad_enabled() and input.requires_grad
+        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, shape[3],
+                              chunk_bytes=chunk_bytes, needs_grad=needs_grad)
         if scored is not None:
-            rows, labels, keep = scored
+            rows, labels, keep, rows_chunk_bytes = scored
             out = linear_cross_entropy(
                 rows, weight, labels, bias, **dict(common, causal_shift=False), ce_weight=ce_weight,
                 use_token_scaling=use_token_scaling, accum_dtype=accum_dtype, two_phase=two_phase,
-                chunk_bytes=chunk_bytes, skip_ignored=False,
+                chunk_bytes=rows_chunk_bytes, skip_ignored=False,
             )
             return _laid_out(out, keep, target, reduction)
     if use_token_scaling:
@@ -742,20 +747,48 @@ _SKIP_AT_LEAST = 1 / 16
 _SKIP_MIN_PRODUCTS = 1 << 35
 
 
-def _scored_rows(hidden, target, ignore_index, causal, vocab):
+def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, needs_grad=False, width=None):
     """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
     by one within each sequence where ``causal``: a sequence's last row scores nothing) over
-    ``vocab`` classes: the scored rows alone (label not ``ignore_index``), as ``(hidden rows [K,
-    D] (a copy), their labels [K], their indices among the flattened rows)``, where that leaves
-    out at least ``_SKIP_AT_LEAST`` of the rows; else None (every row). Counting them waits for
-    the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted (None)."""
+    ``vocab`` classes, whose chunks of logits are ``width`` classes wide (None: ``vocab``; a
+    vocabulary-split head's share, the same on every rank so that every rank decides alike) under
+    the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``), as ``(hidden
+    rows [K, D] (a copy), their labels [K], their indices among the flattened rows, the chunk
+    budget of a call on them)``, where that leaves out at least ``_SKIP_AT_LEAST`` of the rows and
+    ``_rows_budget`` finds room for the copy (``needs_grad``: and its gradient); else None (every
+    row). Counting them waits for the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted
+    (None)."""
     if target.numel() * hidden.shape[-1] * vocab < _SKIP_MIN_PRODUCTS:
         return None
     flat = scored_labels(target, ignore_index, causal).reshape(-1)
     keep = (flat != ignore_index).nonzero().squeeze(1)
     if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
         return None
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep
+    budget = _rows_budget(flat.numel(), keep.numel(), hidden.shape[-1], width or vocab, hidden.dtype, chunk_bytes,
+                          needs_grad)
+    if budget is None:
+        return None
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, budget
+
+
+def _rows_budget(rows, scored, width, vocab, dtype, chunk_bytes, needs_grad):
+    """The chunk budget (bytes of logits) of a call on ``scored`` of a call's ``rows`` rows of
+    ``width`` features that keeps it within the memory the call's chunks would take over every
+    row (``chunk_bytes`` and cuBLASLt's workspace for them, or the default budget of ``rows``
+    rows): less the copy of the scored rows, their labels and indices, and with ``needs_grad``
+    the copy's gradient (less the whole gradient a call over every row holds too); None where
+    that leaves less than half the logits of every row's budget: the smaller chunks would cost
+    more than the rows left out save (8192 x 4096 x 128256 bf16 with one row in seven ignored:
+    at the default budget chunks of 784 rows, 250 MiB in all with the copy; at Liger's 256 rows
+    no room, so every row, 63 MiB)."""
+    name = str(dtype).rpartition(".")[2]
+    total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
+    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    copy = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
+    if needs_grad:
+        copy += scored * row_bytes - rows * row_bytes
+    left = _xent.linear_logits_within(max(total - max(copy, 0), 0))
+    return left if 2 * left >= _xent.linear_logits_within(total) else None
 
 
 def _laid_out(out, keep, target, reduction):

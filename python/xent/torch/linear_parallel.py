@@ -333,9 +333,12 @@ def vocab_parallel_linear_cross_entropy(
     )
     if skip_ignored and hidden.is_cuda and _may_wait(hidden):
         # The threshold counts the whole vocabulary, so that every rank decides alike.
-        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, vocab_size)
+        # So does the room for the scored rows' copy: counted against an even share's chunks.
+        scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, vocab_size,
+                              chunk_bytes=chunk_bytes, needs_grad=torch.is_grad_enabled() and input.requires_grad,
+                              width=max(vocab_size // world, 1))
         if scored is not None:
-            rows, labels, keep = scored
+            rows, labels, keep, chunk_bytes = scored
             out = vocab_parallel_linear_cross_entropy(
                 rows, weight_c, labels, bias_c, **dict(common, causal_shift=False), group=group,
                 vocab_start=vocab_start, vocab_size=vocab_size, ce_weight=ce_weight, accum_dtype=accum_dtype,
