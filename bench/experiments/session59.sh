@@ -23,6 +23,11 @@ for mode in "$@"; do
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-240} python3 -m pytest -q -p no:cacheprovider \
         python/tests/test_linear.py python/tests/test_hf.py python/tests/test_linear_parallel.py \
         -k "skip or budget or scored or parallel or every_gpu" -rfEs 2>&1 | tail -8 ;;
+    skipvp)
+      # The vocabulary-split head's skip path (changed in session 59; not in `skip`'s selection).
+      echo "=== $mode $(date +%T)"
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-120} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_vocab_parallel.py -k "vocab_parallel_linear" -rfEs 2>&1 | tail -4 ;;
     full)
       echo "=== $mode $(date +%T)"
       cp bench/linear_bench.py bundle/
