@@ -663,10 +663,10 @@ def linear_cross_entropy(
       rows of ``input`` are copied: the copy (and its gradient) comes out of the call's memory
       budget (``chunk_bytes`` or the default), so the chunks over the scored rows are smaller,
       and where that would leave them less than half of it every row is computed instead (at
-      Liger's 256-row chunks of a 128256-class, 4096-wide head, say). Every row is computed, without counting, under
-      ``torch.compile`` or CUDA graph capture (a count of rows would be a dynamic shape) and in
-      calls of fewer than 2^35 products ``rows·D·V`` (where the wait costs more than the rows
-      save). ``False``: every row, no wait.
+      Liger's 256-row chunks of a 128256-class, 4096-wide head, say). Every row is computed,
+      without counting, under ``torch.compile`` or CUDA graph capture (a count of rows would be
+      a dynamic shape) and in calls of fewer than 2^35 products ``rows·D·V`` (where the wait
+      costs more than the rows save). ``False``: every row, no wait.
     """
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
@@ -771,9 +771,9 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, budget
 
 
-def _rows_budget(rows, scored, width, vocab, dtype, chunk_bytes, needs_grad):
+def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad):
     """The chunk budget (bytes of logits) of a call on ``scored`` of a call's ``rows`` rows of
-    ``width`` features that keeps it within the memory the call's chunks would take over every
+    ``features`` hidden features that keeps it within the memory the call's chunks would take over every
     row (``chunk_bytes`` and cuBLASLt's workspace for them, or the default budget of ``rows``
     rows): less the copy of the scored rows, their labels and indices, and with ``needs_grad``
     the copy's gradient (less the whole gradient a call over every row holds too); None where
@@ -783,7 +783,7 @@ def _rows_budget(rows, scored, width, vocab, dtype, chunk_bytes, needs_grad):
     no room, so every row, 63 MiB)."""
     name = str(dtype).rpartition(".")[2]
     total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
-    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    row_bytes = features * torch.empty((), dtype=dtype).element_size()
     copy = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
     if needs_grad:
         copy += scored * row_bytes - rows * row_bytes
