@@ -253,6 +253,24 @@ fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
     let rows = linear::chunk_rows(7021, 128256, DType::Bf16, Some(budget));
     assert_eq!(rows, 784);
     assert!(rows * 128256 * 2 + ws(rows * 128256 * 2) + held <= total);
+    // A vocabulary-split head's ranks chunk their rows alike, by the even split's widest shard:
+    // 32001 classes over 2 ranks (16001 and 16000 wide) at 15726 rows would have chunked by 1792
+    // and 1920 rows by their own widths.
+    assert_eq!(linear::chunk_rows(15726, 16001, DType::Bf16, None), 1792);
+    assert_eq!(linear::chunk_rows(15726, 16000, DType::Bf16, None), 1920);
+    assert_eq!(
+        linear::shard_chunk_rows(15726, 32001, 2, DType::Bf16, None),
+        1792
+    );
+    assert_eq!(
+        linear::shard_chunk_rows(1000, 1003, 3, DType::F32, Some(16 * 335 * 4)),
+        16
+    );
+    assert_eq!(
+        linear::shard_chunk_rows(1000, 1003, 3, DType::F32, Some(16 * 334 * 4)),
+        8,
+        "15 rows of the widest shard's 335 classes fit, rounded down to 8"
+    );
     // Vocabulary blocks hold what a chunk of rows holds.
     assert_eq!(linear::vocab_block(8192, 128256, 256), 3968);
     assert_eq!(linear::vocab_block(1, 128256, 1), 128256);

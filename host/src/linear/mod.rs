@@ -192,6 +192,22 @@ pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<
     }
 }
 
+/// Rows per chunk of a call over one rank's shard of a head split by vocabulary (`vocab` classes
+/// over `world` ranks): [`chunk_rows`] over the widest shard of the even split, whatever this
+/// rank's width. Every rank chunks its rows alike (each chunk's summaries meet in one all-gather:
+/// ranks of uneven shards sizing chunks by their own widths could disagree, 17 of 24265 shapes
+/// at the default budget and most at a given one), and no shard of the even split holds more
+/// logits than the budget.
+pub fn shard_chunk_rows(
+    rows: usize,
+    vocab: usize,
+    world: usize,
+    dtype: DType,
+    budget_bytes: Option<usize>,
+) -> usize {
+    chunk_rows(rows, vocab.div_ceil(world.max(1)), dtype, budget_bytes)
+}
+
 /// The multiple a chunk of `fit` rows is rounded to first: 128 (a whole tile of cuBLASLt's
 /// kernels on the rows' side) from 512 rows; 32 from 128 (a 224-row chunk, Liger's memory less
 /// cuBLASLt's, would otherwise round down to 128), 8 from 8, else 1. [`chunk_rows`] takes 16

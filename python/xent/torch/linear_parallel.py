@@ -333,10 +333,11 @@ def vocab_parallel_linear_cross_entropy(
     )
     if skip_ignored and hidden.is_cuda and _may_wait(hidden):
         # The threshold counts the whole vocabulary, so that every rank decides alike.
-        # So does the room for the scored rows' copy: counted against an even share's chunks.
+        # So does the room for the scored rows' copy: counted against the widest shard's chunks
+        # (``linear::shard_chunk_rows``: every rank chunks its rows by it).
         scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, vocab_size,
                               chunk_bytes=chunk_bytes, needs_grad=torch.is_grad_enabled() and input.requires_grad,
-                              width=max(vocab_size // world, 1))
+                              width=-(-vocab_size // world))
         if scored is not None:
             rows, labels, keep, chunk_bytes = scored
             out = vocab_parallel_linear_cross_entropy(

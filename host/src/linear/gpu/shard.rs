@@ -25,7 +25,7 @@ use crate::cublaslt::CublasLt;
 use crate::cuda::{CrossEntropy, KernelCall, LossBuffers, backward_kernel};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, XentKind};
-use crate::linear::chunk_rows;
+use crate::linear::shard_chunk_rows;
 use crate::options::{Options, Shape};
 use crate::raw::{RawBuffer, RawLoss, check_len};
 use crate::vocab_parallel::{Collective, Shard, ShardCall};
@@ -131,8 +131,8 @@ fn row_at(base: u64, bytes: u64, first: usize) -> u64 {
 
 impl CrossEntropy {
     /// The scratch a [`RawLinearShardCall`] over `world` ranks needs for `pass`, with chunks of
-    /// logits of at most `budget_bytes` (`None`: the default of [`chunk_rows`] over the rank's
-    /// classes).
+    /// logits of at most `budget_bytes` (`None`: the default of [`shard_chunk_rows`], the same on
+    /// every rank).
     pub fn raw_linear_shard_scratch_lens(
         &self,
         call: &RawLinearShardCall,
@@ -144,8 +144,9 @@ impl CrossEntropy {
         call.validate(opts)?;
         let linear = &call.linear;
         let (rows, width) = (linear.shape.rows(), linear.shape.vocab);
-        let chunk = chunk_override(rows)
-            .unwrap_or_else(|| chunk_rows(rows, width, linear.dtype, budget_bytes));
+        let chunk = chunk_override(rows).unwrap_or_else(|| {
+            shard_chunk_rows(rows, call.vocab, world, linear.dtype, budget_bytes)
+        });
         let gather_words = match pass {
             LinearPass::Backward { .. } => 0,
             _ => {
