@@ -329,7 +329,7 @@ def test_skip_ignored_takes_every_row_of_a_small_call(device, monkeypatch):
 
 
 def test_skip_ignored_keeps_the_copy_within_the_calls_budget():
-    """The scored rows' copy, their labels and indices, and with a gradient the copy's gradient
+    """The scored rows' copy, their labels and indices, and in a fused pass the copy's gradient
     (less the whole gradient a call over every row holds anyway) come out of the memory the call's
     chunks would have over every row (``chunk_bytes`` and cuBLASLt's workspace, or the default
     eighth of the logits); where that leaves under half of its logits, every row is taken."""
@@ -340,23 +340,26 @@ def test_skip_ignored_keeps_the_copy_within_the_calls_budget():
     total = _xent.linear_chunks_budget(n, v, "bfloat16")
     assert total == n * v * 2 // 8
     held = 2 * k * d * 2 + 16 * k - n * d * 2  # 45.7 MiB
-    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, None, True)
+    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, None, True, True)
     assert budget == _xent.linear_logits_within(total - held)
     assert _xent.linear_chunks_budget(k, v, "bfloat16", budget) + held <= total
-    # Without a gradient, the copy alone.
+    # Without a gradient, or two-phase (its forward's chunks beside the copy), the copy alone.
     copy = k * d * 2 + 16 * k
-    assert linear._rows_budget(n, k, d, v, torch.bfloat16, None, False) == _xent.linear_logits_within(total - copy)
+    for needs_grad, fused in ((False, True), (True, False)):
+        got = linear._rows_budget(n, k, d, v, torch.bfloat16, None, needs_grad, fused)
+        assert got == _xent.linear_logits_within(total - copy)
     # An explicit budget: its logits and their workspace.
     given = 600 * v * 2
-    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, given, True)
+    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, given, True, True)
     assert budget == _xent.linear_logits_within(_xent.linear_chunks_budget(n, v, "bfloat16", given) - held)
     # Liger's memory (256 rows) or a small vocabulary beside wide rows: the copy leaves less than
     # half the logits, so every row.
-    assert linear._rows_budget(n, k, d, v, torch.bfloat16, 256 * v * 2, True) is None
-    assert linear._rows_budget(n, k, d, 32000, torch.bfloat16, None, True) is None
+    for fused in (True, False):
+        assert linear._rows_budget(n, k, d, v, torch.bfloat16, 256 * v * 2, True, fused) is None
+        assert linear._rows_budget(n, k, d, 32000, torch.bfloat16, None, True, fused) is None
     # Half the rows scored: the copy and its gradient take what the whole gradient would, so the
     # chunks keep every row's budget, more than the default of the scored rows alone.
-    half = linear._rows_budget(n, n // 2, d, v, torch.bfloat16, None, True)
+    half = linear._rows_budget(n, n // 2, d, v, torch.bfloat16, None, True, True)
     assert half == _xent.linear_logits_within(total - 16 * (n // 2))
     assert half > _xent.linear_chunks_budget(n // 2, v, "bfloat16")
 

@@ -693,8 +693,12 @@ def linear_cross_entropy(
         # Validated first, so errors name the call's own shapes.
         hidden, _, target_c, _, _, shape = _check(input, weight, target, bias, ce_weight, causal_shift)
         needs_grad = torch.is_grad_enabled() and input.requires_grad
+        # A fused pass (the gradients in the forward) holds the copy's gradient beside the copy; a
+        # two-phase one the copy beside its forward's chunks.
+        two = (reduction == "none" or return_entropy) if two_phase is None else two_phase
+        fused = not use_token_scaling and not (two or reduction == "none")
         scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, shape[3],
-                              chunk_bytes=chunk_bytes, needs_grad=needs_grad)
+                              chunk_bytes=chunk_bytes, needs_grad=needs_grad, fused=fused)
         if scored is not None:
             rows, labels, keep, rows_chunk_bytes = scored
             out = linear_cross_entropy(
@@ -747,7 +751,8 @@ _SKIP_AT_LEAST = 1 / 16
 _SKIP_MIN_PRODUCTS = 1 << 35
 
 
-def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, needs_grad=False, width=None):
+def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, needs_grad=False, width=None,
+                 fused=False):
     """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
     by one within each sequence where ``causal``: a sequence's last row scores nothing) over
     ``vocab`` classes, whose chunks of logits are ``width`` classes wide (None: ``vocab``; a
@@ -755,8 +760,8 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
     the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``), as ``(hidden
     rows [K, D] (a copy), their labels [K], their indices among the flattened rows, the chunk
     budget of a call on them)``, where that leaves out at least ``_SKIP_AT_LEAST`` of the rows and
-    ``_rows_budget`` finds room for the copy (``needs_grad``: and its gradient); else None (every
-    row). Counting them waits for the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted
+    ``_rows_budget`` finds room for the copy (``needs_grad`` and ``fused``: and its gradient);
+    else None (every row). Counting them waits for the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted
     (None)."""
     if target.numel() * hidden.shape[-1] * vocab < _SKIP_MIN_PRODUCTS:
         return None
@@ -765,29 +770,32 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
     if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
         return None
     budget = _rows_budget(flat.numel(), keep.numel(), hidden.shape[-1], width or vocab, hidden.dtype, chunk_bytes,
-                          needs_grad)
+                          needs_grad, fused)
     if budget is None:
         return None
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, budget
 
 
-def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad):
+def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, fused=False):
     """The chunk budget (bytes of logits) of a call on ``scored`` of a call's ``rows`` rows of
-    ``features`` hidden features that keeps it within the memory the call's chunks would take over every
-    row (``chunk_bytes`` and cuBLASLt's workspace for them, or the default budget of ``rows``
-    rows): less the copy of the scored rows, their labels and indices, and with ``needs_grad``
-    the copy's gradient (less the whole gradient a call over every row holds too); None where
-    that leaves less than half the logits of every row's budget: the smaller chunks would cost
-    more than the rows left out save (8192 x 4096 x 128256 bf16 with one row in seven ignored:
-    at the default budget chunks of 784 rows, 250 MiB in all with the copy; at Liger's 256 rows
-    no room, so every row, 63 MiB)."""
+    ``features`` hidden features, such that it takes no more memory than the call's chunks would
+    over every row (``chunk_bytes`` and cuBLASLt's workspace for them, or the default budget of
+    ``rows`` rows); None where that leaves less than half the logits of every row's budget (the
+    smaller chunks would cost more than the rows left out save). Beside its chunks the call holds
+    the copy of the scored rows (with their labels and indices); a fused pass (``fused`` and
+    ``needs_grad``: the gradients in the forward, no hidden states kept for a backward) also the
+    copy's gradient, less the whole ``[rows, features]`` gradient a call over every row holds
+    too; a two-phase pass holds the copy beside its forward's chunks (and its backward the
+    copy's gradient beside the copy, less the whole gradient: no more). 8192 x 4096 x 128256
+    bf16 with one row in seven ignored, fused: at the default budget chunks of 784 rows, 250 MiB
+    in all with the copy; at Liger's 256 rows no room, so every row, 63 MiB."""
     name = str(dtype).rpartition(".")[2]
     total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
     row_bytes = features * torch.empty((), dtype=dtype).element_size()
-    copy = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
-    if needs_grad:
-        copy += scored * row_bytes - rows * row_bytes
-    left = _xent.linear_logits_within(max(total - max(copy, 0), 0))
+    held = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
+    if fused and needs_grad:
+        held += scored * row_bytes - rows * row_bytes
+    left = _xent.linear_logits_within(max(total - max(held, 0), 0))
     return left if 2 * left >= _xent.linear_logits_within(total) else None
 
 
