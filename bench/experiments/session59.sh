@@ -5,6 +5,8 @@
 # `full` issue 12's whole table in one run: every method of linear_bench.py (the peers CCE and
 #   CCE exact included: bundle/wheels/ now carries cut-cross-entropy 25.1.1), both inputs, the
 #   time-memory curve, at 8192 and 16384 rows (`LC=` other configs, `LR=` rounds, `CURVE=` budgets).
+# `verify` the Rust linear suite and the Python tests of session 59's changes (needs a bundle
+#   built after cff254a: the in-place gradient, the split head's chunks);
 # `skip` the GPU tests of session 59's change (`skip_ignored` keeps the copy of the scored rows
 #   within the call's chunk budget; new functions in the extension, whose `_xent.abi3.so` travels
 #   as bundle/s59/_xent.abi3.so.xz and replaces the bundle's before any step).
@@ -23,6 +25,14 @@ for mode in "$@"; do
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-240} python3 -m pytest -q -p no:cacheprovider \
         python/tests/test_linear.py python/tests/test_hf.py python/tests/test_linear_parallel.py \
         -k "skip or budget or scored or parallel or every_gpu" -rfEs 2>&1 | tail -8 ;;
+    verify)
+      # Session 59's Rust (in place, the split head's chunks by its widest shard) and Python.
+      echo "=== $mode $(date +%T)"
+      XENT_TESTS=linear XENT_REQUIRE_GPU=1 timeout ${TR:-200} bash bundle/run.sh test 2>&1 |
+        grep -E "test result|cases|in place|panicked|FAILED|failed|error|against|worst" | tail -20
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-150} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_linear.py python/tests/test_vocab_parallel.py \
+        -k "skip or budget or copy or vocab_parallel_linear" -rfEs 2>&1 | tail -6 ;;
     skipvp)
       # The vocabulary-split head's skip path (changed in session 59; not in `skip`'s selection).
       echo "=== $mode $(date +%T)"

@@ -151,7 +151,7 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     rows = call.hidden.shape[0]
     in_place = (grad_in_place and pass_name == "fused" and shard is None
                 and (chunk_rows >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk_rows >= rows))
-    grad_h = (call.hidden if in_place else torch.empty_like(call.hidden)) if want_h else None
+    grad_h = (call.hidden.detach() if in_place else torch.empty_like(call.hidden)) if want_h else None
     grad_dtype = accum_dtype or call.weight.dtype
     grad_w = torch.empty(call.weight.shape, dtype=grad_dtype, device=device) if want_w else None
     grad_b = torch.empty(call.bias.shape, dtype=grad_dtype, device=device) if want_b else None
