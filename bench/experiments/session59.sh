@@ -33,6 +33,18 @@ for mode in "$@"; do
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-150} python3 -m pytest -q -p no:cacheprovider \
         python/tests/test_linear.py python/tests/test_vocab_parallel.py \
         -k "skip or budget or copy or vocab_parallel_linear" -rfEs 2>&1 | tail -6 ;;
+    quick)
+      # The least that checks session 59's Rust and Python on a GPU, then Liger's memory in place.
+      echo "=== $mode $(date +%T)"
+      XENT_TESTS=linear XENT_REQUIRE_GPU=1 timeout ${TR:-150} bash bundle/run.sh test \
+        gpu_linear_fused_pass gpu_linear_vocab_parallel_matches 2>&1 |
+        grep -E "test result|cases|in place|panicked|FAILED|failed|error|against|worst" | tail -12
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/$site" timeout ${T:-90} python3 -m pytest -q -p no:cacheprovider \
+        python/tests/test_linear.py -k "over_its_copy or skip_ignored_computes or budget" -rfEs 2>&1 | tail -4
+      echo "=== small $(date +%T)"
+      cp bench/linear_bench.py bundle/
+      timeout ${TT:-100} bash bundle/run.sh linear --configs 8192:4096:128256 \
+        --only xent_linear,xent_linear_small,liger_flce --curve "" 2>&1 | grep -E '^\||Error|error' | tail -8 ;;
     skipvp)
       # The vocabulary-split head's skip path (changed in session 59; not in `skip`'s selection).
       echo "=== $mode $(date +%T)"
