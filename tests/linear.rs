@@ -894,6 +894,178 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A fused pass that writes the hidden states' gradient over the hidden states themselves
+/// (`RawLinearGrads::in_place`, the Python package's copy of the scored rows): in chunks of the
+/// row scheme (192 rows, the last of 16) its loss and gradients are those of the same pass
+/// writing the gradient beside them (whose GEMMs overlap), within one bf16 rounding; chunks of
+/// the vocabulary-blocked backward (16 rows) refuse it.
+#[test]
+fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
+    use xent::half::bf16;
+    use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
+    use xent::raw::{LabelType, RawBuffer};
+    let Some(xent) = xent_tests::gpu() else {
+        return;
+    };
+    let blas =
+        xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt (set XENT_CUBLASLT)");
+    let stream = xent.context().default_stream();
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 200,
+        hidden: 64,
+        vocab: 777,
+    };
+    let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+    let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+    let hidden_host = to_bf16(grid(rows * d, 31));
+    let weight = stream.clone_htod(&to_bf16(grid(v * d, 32))).unwrap();
+    let bias = stream.clone_htod(&to_bf16(grid(v, 33))).unwrap();
+    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
+    labels[7] = -100;
+    let labels = stream.clone_htod(&labels).unwrap();
+    let opt_sets = [
+        ("plain", Options::default()),
+        (
+            "smoothing, z-loss, sum",
+            Options {
+                label_smoothing: 0.1,
+                lse_square_scale: 1e-3,
+                reduction: xent::Reduction::Sum,
+                ..Options::default()
+            },
+        ),
+        (
+            "causal, soft cap",
+            Options {
+                causal_shift: true,
+                softcap: Some(4.0),
+                ..Options::default()
+            },
+        ),
+    ];
+    // A pass's loss, grad_hidden, grad_weight and grad_bias.
+    type Pass = (f64, Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut failures = Vec::new();
+    let n_sets = opt_sets.len();
+    for (name, opts) in opt_sets {
+        // One pass: (loss, grad_hidden, grad_weight, grad_bias), or the call's error.
+        let pass = |in_place: bool, chunk_of: usize| -> xent::Result<Pass> {
+            let budget = Some(chunk_of * v * 2);
+            let mut hidden = stream.clone_htod(&hidden_host).unwrap();
+            let mut gh = stream
+                .clone_htod(&vec![bf16::from_f32(7.0); rows * d])
+                .unwrap();
+            let mut gw = stream
+                .clone_htod(&vec![bf16::from_f32(7.0); v * d])
+                .unwrap();
+            let mut gb = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
+            let call = RawLinearCall {
+                hidden: RawBuffer::of(&stream, &mut hidden),
+                weight: RawBuffer::new(weight.device_ptr(&stream).0, weight.len()),
+                bias: Some(RawBuffer::new(bias.device_ptr(&stream).0, bias.len())),
+                dtype: DType::Bf16,
+                labels: RawBuffer::new(labels.device_ptr(&stream).0, labels.len()),
+                label_type: LabelType::I64,
+                shape,
+                class_weight: None,
+            };
+            let lens = xent.raw_linear_scratch_lens(&call, &opts, LinearPass::Fused, budget)?;
+            let mut logits = stream.alloc_zeros::<u8>(lens.logits_bytes).unwrap();
+            let mut gemm = stream.alloc_zeros::<u8>(lens.gemm_workspace_bytes).unwrap();
+            let mut shifted = stream.alloc_zeros::<u8>(rows * 8).unwrap();
+            let mut ones = stream
+                .clone_htod(&vec![bf16::ONE; lens.ones_len.max(1)])
+                .unwrap();
+            let scratch = RawLinearScratch {
+                chunk_rows: lens.chunk_rows,
+                logits: RawBuffer::of(&stream, &mut logits),
+                gemm_workspace: RawBuffer::of(&stream, &mut gemm),
+                labels: Some(RawBuffer::of(&stream, &mut shifted)),
+                ones: Some(RawBuffer::of(&stream, &mut ones)),
+            };
+            let grads = RawLinearGrads {
+                hidden: Some(if in_place {
+                    call.hidden
+                } else {
+                    RawBuffer::of(&stream, &mut gh)
+                }),
+                weight: Some(RawGrad {
+                    buffer: RawBuffer::of(&stream, &mut gw),
+                    dtype: DType::Bf16,
+                }),
+                bias: Some(RawGrad {
+                    buffer: RawBuffer::of(&stream, &mut gb),
+                    dtype: DType::Bf16,
+                }),
+                accumulate: false,
+            };
+            assert_eq!(grads.in_place(&call), in_place);
+            let mut raw_out = RawOut::new(&stream, rows, lens.loss_workspace_len);
+            let out = raw_out.raw(&stream);
+            unsafe {
+                xent.raw_linear(
+                    &blas,
+                    &stream,
+                    &call,
+                    &opts,
+                    LinearPass::Fused,
+                    &out,
+                    &grads,
+                    &scratch,
+                )
+            }?;
+            let loss = stream.clone_dtoh(&raw_out.loss).unwrap()[0] as f64;
+            let grad_hidden = if in_place { &hidden } else { &gh };
+            Ok((
+                loss,
+                host_f64(&stream, grad_hidden),
+                host_f64(&stream, &gw),
+                host_f64(&stream, &gb),
+            ))
+        };
+        // Chunks of 192 rows (200 fit, rounded to the granule): 192, 192 and 16.
+        let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
+        assert_eq!(lens_rows, 192);
+        let (want, got) = (pass(false, 200).unwrap(), pass(true, 200).unwrap());
+        if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
+            failures.push(format!("{name}: loss {} against {}", got.0, want.0));
+        }
+        for (what, g, w) in [
+            ("grad_hidden", &got.1, &want.1),
+            ("grad_weight", &got.2, &want.2),
+            ("grad_bias", &got.3, &want.3),
+        ] {
+            let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let worst = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f64, f64::max);
+            // Both bf16: at most a rounding of each, the GEMMs' algorithms aside.
+            if scale <= 0.0 || worst > 4.0 * 2f64.powi(-8) * scale {
+                failures.push(format!(
+                    "{name}: {what}: worst {worst:.3e} of the largest {scale:.3e}"
+                ));
+            }
+        }
+        // 16-row chunks take the vocabulary-blocked backward, which reads every row for every
+        // block: refused.
+        match pass(true, 16) {
+            Err(xent::Error::InvalidOption(msg)) if msg.contains("grads.hidden") => {}
+            other => failures.push(format!(
+                "{name}: 16-row chunks in place: {:?}",
+                other.map(|r| r.0)
+            )),
+        }
+    }
+    println!(
+        "linear in place: {n_sets} option sets, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// An all-gather between the threads of one process, each a rank with its own stream on one GPU
 /// (the test's stand-in for NCCL): each rank publishes its send buffer once its stream has
 /// written it, then copies every rank's into its receive buffer, and no rank goes on (and may

@@ -5,8 +5,8 @@
 # `full` issue 12's whole table in one run: every method of linear_bench.py (the peers CCE and
 #   CCE exact included: bundle/wheels/ now carries cut-cross-entropy 25.1.1), both inputs, the
 #   time-memory curve, at 8192 and 16384 rows (`LC=` other configs, `LR=` rounds, `CURVE=` budgets).
-# `verify` the Rust linear suite and the Python tests of session 59's changes (needs a bundle
-#   built with the in-place gradient: branch `inplace`, or experiments/inplace-grad.patch applied);
+# `verify` the Rust linear suite and the Python tests of session 59's changes (the in-place
+#   gradient, the split head's chunks);
 # `quick` the least of `verify` (the in-place tests, the split head's thread test), then
 #   `xent_linear_small` against Liger at 8192 rows;
 # `skip` the GPU tests of session 59's change (`skip_ignored` keeps the copy of the scored rows

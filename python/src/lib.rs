@@ -448,6 +448,7 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::linear, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_chunks_budget, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_logits_within, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_chunk_rows, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_words, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_stats, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_backward, m)?)?;
@@ -456,6 +457,10 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATS_EXTRAS", STATS_EXTRAS)?;
     m.add("STATS_COUNTS", STATS_COUNTS)?;
     m.add("STATS_ROWS", STATS_ROWS)?;
+    m.add(
+        "LINEAR_ROW_SCHEME_MIN_ROWS",
+        xent::linear::ROW_SCHEME_MIN_ROWS,
+    )?;
     m.add("COUNT_VALID", xent::abi::COUNT_VALID)?;
     m.add("COUNT_BAD", xent::abi::COUNT_BAD)?;
     m.add("COUNT_WEIGHT", xent::abi::COUNT_WEIGHT)?;

@@ -179,6 +179,24 @@ pub(crate) fn linear_chunks_budget(
     ))
 }
 
+/// Rows per chunk of a linear call of `rows` rows over `vocab` classes of `dtype` under `budget`
+/// bytes of logits (None: the default).
+#[pyfunction]
+#[pyo3(signature = (rows, vocab, dtype, budget=None))]
+pub(crate) fn linear_chunk_rows(
+    rows: usize,
+    vocab: usize,
+    dtype: &str,
+    budget: Option<usize>,
+) -> PyResult<usize> {
+    Ok(xent::linear::chunk_rows(
+        rows,
+        vocab,
+        dtype_of(dtype)?,
+        budget,
+    ))
+}
+
 /// The largest budget of logits (bytes) whose chunk and cuBLASLt's workspace take at most `total`
 /// bytes together (0: none fits).
 #[pyfunction]

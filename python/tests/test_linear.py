@@ -329,39 +329,94 @@ def test_skip_ignored_takes_every_row_of_a_small_call(device, monkeypatch):
 
 
 def test_skip_ignored_keeps_the_copy_within_the_calls_budget():
-    """The scored rows' copy, their labels and indices, and in a fused pass the copy's gradient
-    (less the whole gradient a call over every row holds anyway) come out of the memory the call's
+    """The scored rows' copy (with their labels and indices) comes out of the memory the call's
     chunks would have over every row (``chunk_bytes`` and cuBLASLt's workspace, or the default
-    eighth of the logits); where that leaves under half of its logits, every row is taken."""
+    eighth of the logits), and in a fused pass the copy's gradient too, less the whole gradient a
+    call over every row holds anyway; where that leaves under half of its logits, a fused pass
+    writes the copy's gradient over the copy (chunks of the row scheme only), and otherwise
+    every row is taken."""
     import xent.torch.linear as linear
     from xent import _xent
 
     n, k, d, v = 8192, 7021, 4096, 128256  # one row in seven ignored, as linear_bench.py's labels
+    bf16 = torch.bfloat16
     total = _xent.linear_chunks_budget(n, v, "bfloat16")
     assert total == n * v * 2 // 8
-    held = 2 * k * d * 2 + 16 * k - n * d * 2  # 45.7 MiB
-    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, None, True, True)
-    assert budget == _xent.linear_logits_within(total - held)
-    assert _xent.linear_chunks_budget(k, v, "bfloat16", budget) + held <= total
-    # Without a gradient, or two-phase (its forward's chunks beside the copy), the copy alone.
     copy = k * d * 2 + 16 * k
-    for needs_grad, fused in ((False, True), (True, False)):
-        got = linear._rows_budget(n, k, d, v, torch.bfloat16, None, needs_grad, fused)
-        assert got == _xent.linear_logits_within(total - copy)
+    held = copy + k * d * 2 - n * d * 2  # 45.7 MiB
+    budget, in_place = linear._rows_budget(n, k, d, v, bf16, None, True, True)
+    assert (budget, in_place) == (_xent.linear_logits_within(total - held), False)
+    assert _xent.linear_chunks_budget(k, v, "bfloat16", budget) + held <= total
+    assert _xent.linear_chunk_rows(k, v, "bfloat16", budget) == 784
+    # Two-phase, or without a gradient: the copy beside the chunks.
+    for needs_grad, fused in ((True, False), (False, True)):
+        got = linear._rows_budget(n, k, d, v, bf16, None, needs_grad, fused)
+        assert got == (_xent.linear_logits_within(total - copy), False)
     # An explicit budget: its logits and their workspace.
     given = 600 * v * 2
-    budget = linear._rows_budget(n, k, d, v, torch.bfloat16, given, True, True)
-    assert budget == _xent.linear_logits_within(_xent.linear_chunks_budget(n, v, "bfloat16", given) - held)
-    # Liger's memory (256 rows) or a small vocabulary beside wide rows: the copy leaves less than
-    # half the logits, so every row.
-    for fused in (True, False):
-        assert linear._rows_budget(n, k, d, v, torch.bfloat16, 256 * v * 2, True, fused) is None
-        assert linear._rows_budget(n, k, d, 32000, torch.bfloat16, None, True, fused) is None
-    # Half the rows scored: the copy and its gradient take what the whole gradient would, so the
-    # chunks keep every row's budget, more than the default of the scored rows alone.
-    half = linear._rows_budget(n, n // 2, d, v, torch.bfloat16, None, True, True)
-    assert half == _xent.linear_logits_within(total - 16 * (n // 2))
+    got = linear._rows_budget(n, k, d, v, bf16, given, True, True)
+    assert got == (_xent.linear_logits_within(_xent.linear_chunks_budget(n, v, "bfloat16", given) - held), False)
+    # Liger's memory (256 rows): no room beside the copy. A fused pass writes its gradient over
+    # the copy and keeps the whole budget (the copy is less than the whole gradient): 28 chunks of
+    # 256 rows for 7021; a two-phase pass takes every row.
+    liger = 256 * v * 2
+    budget, in_place = linear._rows_budget(n, k, d, v, bf16, liger, True, True)
+    assert in_place and budget == _xent.linear_logits_within(_xent.linear_chunks_budget(n, v, "bfloat16", liger))
+    assert _xent.linear_chunk_rows(k, v, "bfloat16", budget) == 256
+    assert linear._rows_budget(n, k, d, v, bf16, liger, True, False) is None
+    # So for a small vocabulary beside wide rows (32000 x 4096), but a fused pass's chunks at the
+    # default budget (the 64 MiB floor) take the row scheme in place: 896 rows.
+    assert linear._rows_budget(n, k, d, 32000, bf16, None, True, False) is None
+    budget, in_place = linear._rows_budget(n, k, d, 32000, bf16, None, True, True)
+    assert in_place and _xent.linear_chunk_rows(k, 32000, "bfloat16", budget) == 896
+    # In place only where the chunks take the row scheme (at least 192 rows, or every row).
+    assert linear._rows_budget(n, k, d, v, bf16, 100 * v * 2, True, True) is None
+    # Half the rows scored, fused: the copy and its gradient take what the whole gradient would,
+    # so the chunks keep every row's budget, more than the default of the scored rows alone.
+    half, in_place = linear._rows_budget(n, n // 2, d, v, bf16, None, True, True)
+    assert not in_place and half == _xent.linear_logits_within(total - 16 * (n // 2))
     assert half > _xent.linear_chunks_budget(n // 2, v, "bfloat16")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_skip_ignored_writes_a_fused_gradient_over_its_copy(dtype, monkeypatch):
+    """Where the copy of the scored rows and its gradient do not fit the budget beside the chunks
+    (2048 features, a budget of the call's 87 rows of logits), a fused pass writes the gradient
+    over the copy (one chunk of the 60 scored rows; the gradient GEMMs one after the other): the
+    loss and the three gradients equal those of every row (``skip_ignored=False``, written beside
+    the hidden states), for three option sets."""
+    import xent.torch.linear as linear
+
+    h, w, b, y, _ = inputs("cuda", (3, 29), d=2048, dtype=dtype, bias=True)
+    y[0, :11] = -100
+    budget = 87 * w.shape[0] * w.element_size()
+    seen = []
+    real = linear._run
+
+    def spy(call, opts, pass_name, *args, **kwargs):
+        grads = real(call, opts, pass_name, *args, **kwargs)
+        if grads[0] is not None:
+            seen.append((pass_name, grads[0].data_ptr() == call.hidden.data_ptr()))
+        return grads
+
+    monkeypatch.setattr(linear, "_run", spy)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for case in ({}, dict(reduction="sum", label_smoothing=0.1, lse_square_scale=1e-3),
+                 dict(causal_shift=True, softcap=4.0, grad_scale=0.5)):
+        results = {}
+        for skip in (True, False):
+            seen.clear()
+            leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+            loss = xt.linear_cross_entropy(*leaves[:2], y, leaves[2], chunk_bytes=budget, skip_ignored=skip, **case)
+            (loss * 0.7).backward()
+            assert seen == [("fused", skip)], (case, skip, seen)
+            results[skip] = loss.detach(), [t.grad for t in leaves]
+        (got, got_grads), (want, want_grads) = results[True], results[False]
+        torch.testing.assert_close(got, want, **tol, msg=f"{case}: loss")
+        for what, a, c in zip(("grad_hidden", "grad_weight", "grad_bias"), got_grads, want_grads):
+            assert float(c.abs().max()) > 0, what
+            torch.testing.assert_close(a.float(), c.float(), **tol, msg=f"{case}: {what}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -213,7 +213,7 @@ def _stand_in_run(seen):
     from xent.torch.linear_parallel import _even_split
 
     def run(call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-            accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
+            accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None, grad_in_place=False):
         seen.append((pass_name, shard))
         h, w = call.hidden.double(), call.weight.double()
         z = h @ w.T + (0.0 if call.bias is None else call.bias.double())
@@ -298,7 +298,7 @@ def test_the_linear_passes_carry_the_shard_compiled_and_eager(monkeypatch):
 
                 def step(h, w):
                     loss, *_ = linear.LinearXentFunction.apply(h, w, y, None, None, opts, (1, n, d, v), two_phase,
-                                                               None, None, False, False, shard)
+                                                               None, None, False, False, shard, False)
                     return loss
 
                 def run(fn):
@@ -383,7 +383,7 @@ def run_stand_in_rank(rank: int, world: int, port: int, out: str) -> None:
 
             def step(hh, ww, bb):
                 loss, *_ = linear.LinearXentFunction.apply(hh, ww, y, bb, None, opts, (1, n, d, SI_V), two_phase,
-                                                           None, None, False, False, shard)
+                                                           None, None, False, False, shard, False)
                 return loss
 
             # The whole head's loss and gradients in float64, once for both modes.

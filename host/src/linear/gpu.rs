@@ -68,9 +68,14 @@ pub struct RawGrad {
 }
 
 /// The gradients a `Fused` or `Backward` call writes; each is optional (a frozen weight, hidden
-/// states that need none). `hidden`: `[N, D]` of the call's dtype, overwritten. `weight`
-/// (`[V, D]`) and `bias` (`[V]`): f32 or the call's dtype; added to with `accumulate` (gradient
-/// accumulation), overwritten without (no zeroing needed).
+/// states that need none). `hidden`: `[N, D]` of the call's dtype, overwritten; in a `Fused`
+/// pass of the row scheme (chunks of at least [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may
+/// be the call's hidden states themselves ([`in_place`](Self::in_place)): each chunk's rows are
+/// overwritten by their gradient once its last GEMM has read them (the two gradient GEMMs then
+/// run one after the other), so a caller that holds the hidden states only for the call (a copy
+/// of some rows) needs no `[N, D]` more. `weight` (`[V, D]`) and `bias` (`[V]`): f32 or the
+/// call's dtype; added to with `accumulate` (gradient accumulation), overwritten without (no
+/// zeroing needed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawLinearGrads {
     pub hidden: Option<RawBuffer>,
@@ -143,6 +148,24 @@ impl RawLinearCall {
 }
 
 impl RawLinearGrads {
+    /// Whether the hidden states' gradient is written over the call's hidden states.
+    pub fn in_place(&self, call: &RawLinearCall) -> bool {
+        self.hidden
+            .is_some_and(|g| g.ptr == call.hidden.ptr && call.hidden.len > 0)
+    }
+
+    /// An in-place gradient where the call could not write it so: only a `Fused` pass of the row
+    /// scheme can (the vocabulary-blocked backward reads every row for every block).
+    fn check_in_place(&self, call: &RawLinearCall, row_scheme: bool) -> Result<()> {
+        if self.in_place(call) && !row_scheme {
+            return Err(Error::InvalidOption(format!(
+                "grads.hidden may be the call's hidden states only in a Fused pass whose chunks \
+                 hold at least {ROW_SCHEME_MIN_ROWS} rows (or every row)"
+            )));
+        }
+        Ok(())
+    }
+
     fn validate(&self, call: &RawLinearCall, pass: LinearPass) -> Result<()> {
         let any = self.hidden.is_some() || self.weight.is_some() || self.bias.is_some();
         if pass == LinearPass::Forward && any {
@@ -350,6 +373,7 @@ impl CrossEntropy {
             logits_bytes(rows, v, chunk, call.dtype.bytes())
         })?;
         let scheme = Scheme::of(pass, rows, chunk);
+        grads.check_in_place(call, scheme.row_grads)?;
         let block = vocab_block(rows, v, chunk);
         let plans = match pass {
             LinearPass::Backward { .. } => None,
@@ -378,8 +402,10 @@ impl CrossEntropy {
         )?;
         let cu_stream = stream.cu_stream();
         // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
-        // held for the call).
-        let side_guard = self.side_stream(stream, scheme.row_grads, grads)?;
+        // held for the call), unless `grad_hidden` is written over the hidden states: then the
+        // weight's GEMM (their last reader) runs before it on the call's stream.
+        let side_guard =
+            self.side_stream(stream, scheme.row_grads && !grads.in_place(call), grads)?;
         let work = Work::new(
             blas,
             stream,
@@ -1092,6 +1118,9 @@ impl Work<'_> {
         let (Some(grad_weight), Some(grad_hidden)) = (self.grads.weight, self.grads.hidden) else {
             return Ok(false);
         };
+        if self.grads.in_place(self.call) {
+            return Ok(false); // one kernel reading rows while writing them
+        }
         if !gemm_grads_for(xent, self.call.dtype, grad_weight.dtype) {
             return Ok(false);
         }

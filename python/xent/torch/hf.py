@@ -191,7 +191,7 @@ class _FusedCall:
             scored = _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=options.get("chunk_bytes"),
                                   needs_grad=torch.is_grad_enabled() and hidden.requires_grad, width=width)
         if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
-            hidden, target, _, options["chunk_bytes"] = scored
+            hidden, target, _, options["chunk_bytes"], _ = scored
             causal = False
         if split is not None:
             group, start, weight, bias = split

@@ -119,15 +119,18 @@ class _Call:
 
 
 def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
-         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None):
+         accum_dtype=None, predicted=None, entropy=None, entropy_upstream=None, shard=None, grad_in_place=False):
     """Enqueues one pass; returns the gradients it wrote (hidden, weight, bias; None where not
     asked for). With ``predicted`` (``[rows]`` int64; a forward or fused pass) each scored row's
     first maximal logit's class goes there too, and with ``entropy`` (``[rows]`` float32) its
     entropy. A backward pass with ``entropy_upstream`` (``[rows]`` float32) adds the gradient of
     the forward's ``entropy`` times it. ``shard`` (a ``_Shard``): the head is split by vocabulary,
     each chunk's summaries all-gathered over the shard's group; the hidden states' gradient is
-    then this rank's part (``_reduce_input_grad`` sums it). The scratch comes from PyTorch's
-    allocator and goes back to its cache after."""
+    then this rank's part (``_reduce_input_grad`` sums it). ``grad_in_place``: the hidden states
+    are the caller's own (a copy), so a fused pass of the whole head whose chunks take the row
+    scheme writes their gradient over them (``RawLinearGrads::in_place``: the gradient GEMMs of
+    a chunk one after the other) instead of into ``[N, D]`` more. The scratch comes from
+    PyTorch's allocator and goes back to its cache after."""
     device = call.hidden.device
     index = device.index
     handle = _device(index)
@@ -145,7 +148,10 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     ones = torch.ones(ones_len, dtype=call.hidden.dtype, device=device) if ones_len else None
     workspace = torch.empty(workspace_len, dtype=torch.float32, device=device) if workspace_len else None
     want_h, want_w, want_b = grads
-    grad_h = torch.empty_like(call.hidden) if want_h else None
+    rows = call.hidden.shape[0]
+    in_place = (grad_in_place and pass_name == "fused" and shard is None
+                and (chunk_rows >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk_rows >= rows))
+    grad_h = (call.hidden.detach() if in_place else torch.empty_like(call.hidden)) if want_h else None
     grad_dtype = accum_dtype or call.weight.dtype
     grad_w = torch.empty(call.weight.shape, dtype=grad_dtype, device=device) if want_w else None
     grad_b = torch.empty(call.bias.shape, dtype=grad_dtype, device=device) if want_b else None
@@ -190,17 +196,18 @@ def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
 
 
 def _forward_pass(call: _Call, opts, fused, want, accum_dtype, chunk_bytes, want_predicted, want_entropy,
-                  shard=None):
+                  shard=None, grad_in_place=False):
     """The loss's pass over the chunks (``fused``: with the gradients ``want`` asks for, the hidden
-    states' summed over the ranks of a ``shard`` that asks for it); returns the stats, the
-    gradients (None where not computed), the predicted tokens and the entropies (each None where
-    not asked for). Eager calls and the custom operators both run it."""
+    states' summed over the ranks of a ``shard`` that asks for it, and with ``grad_in_place``
+    written over the hidden states where ``_run`` can); returns the stats, the gradients (None
+    where not computed), the predicted tokens and the entropies (each None where not asked for).
+    Eager calls and the custom operators both run it."""
     stats = _stats_buffer(call.target, opts.return_token_accuracy)
     predicted = _predicted_buffer(call.target) if want_predicted else None
     entropy = torch.empty(call.target.numel(), dtype=torch.float32, device=call.target.device) if want_entropy else None
     if fused:
         grads = _run(call, opts, "fused", stats, chunk_bytes, grads=want, accum_dtype=accum_dtype,
-                     predicted=predicted, entropy=entropy, shard=shard)
+                     predicted=predicted, entropy=entropy, shard=shard, grad_in_place=grad_in_place)
         _reduce_input_grad(grads[0], shard)
     else:
         _run(call, opts, "forward", stats, chunk_bytes, predicted=predicted, entropy=entropy, shard=shard)
@@ -408,7 +415,8 @@ def _predicted_buffer(target):
 
 class LinearXentFunction(torch.autograd.Function):
     """``apply(hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-    chunk_bytes, want_predicted, want_entropy, shard)`` -> ``(loss, stats, predicted, entropy)``
+    chunk_bytes, want_predicted, want_entropy, shard, grad_in_place)`` -> ``(loss, stats,
+    predicted, entropy)``
     on checked CUDA tensors (see ``linear_cross_entropy``); ``predicted`` is ``[rows]`` int64, the
     predicted tokens, where ``want_predicted``, and ``entropy`` ``[rows]`` float32, the entropies,
     where ``want_entropy`` (else empty). ``shard``: None for the whole head, or a ``_Shard``, this
@@ -417,7 +425,7 @@ class LinearXentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target, bias, ce_weight, opts, shape, two_phase, accum_dtype,
-                chunk_bytes, want_predicted, want_entropy, shard):
+                chunk_bytes, want_predicted, want_entropy, shard, grad_in_place=False):
         ctx.set_materialize_grads(False)
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[3])
@@ -440,7 +448,7 @@ class LinearXentFunction(torch.autograd.Function):
         else:
             call = _Call(hidden, weight, target, bias, ce_weight, shape)
             stats, grads, predicted, entropy = _forward_pass(call, opts, fused, want, accum_dtype, chunk_bytes,
-                                                             want_predicted, want_entropy, shard)
+                                                             want_predicted, want_entropy, shard, grad_in_place)
             predicted = _or_empty(predicted, target, torch.int64)
             entropy = _or_empty(entropy, target, torch.float32)
         if fused:
@@ -458,7 +466,7 @@ class LinearXentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_predicted, grad_entropy):
-        nones = (None,) * 9
+        nones = (None,) * 10
         name = "linear_cross_entropy" if ctx.shard is None else "vocab_parallel_linear_cross_entropy"
         upstreams = _upstreams(ctx, grad_loss, grad_entropy, name)
         if upstreams is None:
@@ -693,22 +701,39 @@ def linear_cross_entropy(
         # Validated first, so errors name the call's own shapes.
         hidden, _, target_c, _, _, shape = _check(input, weight, target, bias, ce_weight, causal_shift)
         needs_grad = torch.is_grad_enabled() and input.requires_grad
-        # A fused pass (the gradients in the forward) holds the copy's gradient beside the copy; a
-        # two-phase one the copy beside its forward's chunks.
-        two = (reduction == "none" or return_entropy) if two_phase is None else two_phase
-        fused = not use_token_scaling and not (two or reduction == "none")
+        # A fused pass computes the gradients in the forward and keeps no hidden states for a
+        # backward, so it may write the copy's gradient over the copy (``_rows_budget``).
+        fused = not use_token_scaling and not _two_phase(two_phase, reduction, return_entropy)
         scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, shape[3],
                               chunk_bytes=chunk_bytes, needs_grad=needs_grad, fused=fused)
         if scored is not None:
-            rows, labels, keep, rows_chunk_bytes = scored
-            out = linear_cross_entropy(
-                rows, weight, labels, bias, **dict(common, causal_shift=False), ce_weight=ce_weight,
-                use_token_scaling=use_token_scaling, accum_dtype=accum_dtype, two_phase=two_phase,
-                chunk_bytes=rows_chunk_bytes, skip_ignored=False,
+            rows, labels, keep, rows_chunk_bytes, in_place = scored
+            out = _every_row(
+                rows, weight, labels, bias, ce_weight, opts._replace(causal_shift=False),
+                dict(common, causal_shift=False), use_token_scaling, accum_dtype, two_phase, rows_chunk_bytes,
+                grad_in_place=in_place,
             )
             return _laid_out(out, keep, target, reduction)
+    return _every_row(input, weight, target, bias, ce_weight, opts, common, use_token_scaling, accum_dtype,
+                      two_phase, chunk_bytes)
+
+
+def _two_phase(two_phase, reduction, return_entropy) -> bool:
+    """Whether a call runs two-phase: where asked, and where the backward takes an upstream it
+    cannot know now (per row, or the entropies')."""
+    if two_phase is None:
+        two_phase = reduction == "none" or return_entropy
+    return bool(two_phase) or reduction == "none"
+
+
+def _every_row(input, weight, target, bias, ce_weight, opts, common, use_token_scaling, accum_dtype, two_phase,
+               chunk_bytes, grad_in_place=False):
+    """``linear_cross_entropy`` over every row of ``input`` (``common``: its keyword options);
+    ``grad_in_place``: ``input`` is the call's own (a copy of the scored rows), so a fused pass
+    may write its gradient over it (``_run``)."""
     if use_token_scaling:
         return _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dtype, chunk_bytes)
+    causal_shift = common["causal_shift"]
     if not isinstance(input, torch.Tensor) or not input.is_cuda:
         # The unfused path, on the CPU reference: the same values, O(N·V) memory.
         _check(input, weight, target, bias, ce_weight, causal_shift)
@@ -717,17 +742,17 @@ def linear_cross_entropy(
     hidden, weight_c, target_c, bias_c, ce_weight_c, shape = _check(
         input, weight, target, bias, ce_weight, causal_shift
     )
-    if two_phase is None:  # two-phase where the backward takes an upstream it cannot know now
-        two_phase = reduction == "none" or return_entropy
-    two_phase = two_phase or reduction == "none"
+    reduction, return_entropy = common["reduction"], common["return_entropy"]
+    return_predicted_tokens = common["return_predicted_tokens"]
     loss, stats, predicted, entropy = LinearXentFunction.apply(
-        hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, two_phase, accum_dtype, chunk_bytes,
-        return_predicted_tokens, return_entropy, None,
+        hidden, weight_c, target_c, bias_c, ce_weight_c, opts, shape, _two_phase(two_phase, reduction, return_entropy),
+        accum_dtype, chunk_bytes, return_predicted_tokens, return_entropy, None, grad_in_place,
     )
     if reduction == "none":
         loss = loss.view(target.shape)
     return outputs(
-        loss, stats, target, reduction, lse_square_scale, return_z_loss, return_token_accuracy, check_labels,
+        loss, stats, target, reduction, common["lse_square_scale"], common["return_z_loss"],
+        common["return_token_accuracy"], common["check_labels"],
         predicted.view(target.shape) if return_predicted_tokens else None,
         entropy.view(target.shape) if return_entropy else None,
     )
@@ -756,13 +781,14 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
     """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
     by one within each sequence where ``causal``: a sequence's last row scores nothing) over
     ``vocab`` classes, whose chunks of logits are ``width`` classes wide (None: ``vocab``; a
-    vocabulary-split head's share, the same on every rank so that every rank decides alike) under
-    the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``), as ``(hidden
-    rows [K, D] (a copy), their labels [K], their indices among the flattened rows, the chunk
-    budget of a call on them)``, where that leaves out at least ``_SKIP_AT_LEAST`` of the rows and
-    ``_rows_budget`` finds room for the copy (``needs_grad`` and ``fused``: and its gradient);
-    else None (every row). Counting them waits for the GPU; a call under ``_SKIP_MIN_PRODUCTS`` is not counted
-    (None)."""
+    vocabulary-split head's widest shard, the same on every rank so that every rank decides
+    alike) under the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``),
+    as ``(hidden rows [K, D] (a copy), their labels [K], their indices among the flattened rows,
+    the chunk budget of a call on them, whether its gradient may be written over the copy)``,
+    where that leaves out at least ``_SKIP_AT_LEAST`` of the rows and ``_rows_budget`` finds room
+    for the copy (``needs_grad``: and its gradient; ``fused``: the call is a fused pass of the
+    whole head); else None (every row). Counting them waits for the GPU; a call under
+    ``_SKIP_MIN_PRODUCTS`` is not counted (None)."""
     if target.numel() * hidden.shape[-1] * vocab < _SKIP_MIN_PRODUCTS:
         return None
     flat = scored_labels(target, ignore_index, causal).reshape(-1)
@@ -773,30 +799,41 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
                           needs_grad, fused)
     if budget is None:
         return None
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, budget
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, *budget
 
 
 def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, fused=False):
-    """The chunk budget (bytes of logits) of a call on ``scored`` of a call's ``rows`` rows of
+    """``(chunk budget, in place)`` of a call on ``scored`` of a call's ``rows`` rows of
     ``features`` hidden features, such that it takes no more memory than the call's chunks would
     over every row (``chunk_bytes`` and cuBLASLt's workspace for them, or the default budget of
-    ``rows`` rows); None where that leaves less than half the logits of every row's budget (the
-    smaller chunks would cost more than the rows left out save). Beside its chunks the call holds
-    the copy of the scored rows (with their labels and indices); a fused pass (``fused`` and
-    ``needs_grad``: the gradients in the forward, no hidden states kept for a backward) also the
-    copy's gradient, less the whole ``[rows, features]`` gradient a call over every row holds
-    too; a two-phase pass holds the copy beside its forward's chunks (and its backward the
-    copy's gradient beside the copy, less the whole gradient: no more). 8192 x 4096 x 128256
-    bf16 with one row in seven ignored, fused: at the default budget chunks of 784 rows, 250 MiB
-    in all with the copy; at Liger's 256 rows no room, so every row, 63 MiB."""
+    ``rows`` rows), or None where that leaves less than half the logits of every row's budget
+    (the smaller chunks would cost more than the rows left out save). Beside its chunks the call
+    holds the copy of the scored rows (with their labels and indices); a fused pass (``fused``
+    and ``needs_grad``: the gradients in the forward, no hidden states kept for a backward) also
+    the copy's gradient, less the whole ``[rows, features]`` gradient that a call over every row
+    holds too. A two-phase call holds the copy beside its forward's chunks. Where that leaves no
+    room, a fused pass may write the copy's gradient over the copy (``in place``, where its chunks
+    take the row scheme: ``_xent.LINEAR_ROW_SCHEME_MIN_ROWS`` rows or all of them), which costs
+    nothing but the overlap of its two gradient GEMMs. 8192 x 4096 x 128256 bf16 with one row in
+    seven ignored, fused: at the default budget chunks of 784 scored rows beside the copy and its
+    gradient (250 MiB in all); at Liger's 256 rows in place (28 chunks of 256 for 7021 rows)."""
     name = str(dtype).rpartition(".")[2]
     total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
+    whole = _xent.linear_logits_within(total)
     row_bytes = features * torch.empty((), dtype=dtype).element_size()
-    held = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
-    if fused and needs_grad:
-        held += scored * row_bytes - rows * row_bytes
+    copy = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
+    fused = fused and needs_grad
+    held = copy + (scored * row_bytes - rows * row_bytes if fused else 0)
     left = _xent.linear_logits_within(max(total - max(held, 0), 0))
-    return left if 2 * left >= _xent.linear_logits_within(total) else None
+    if 2 * left >= whole:
+        return left, False
+    # In place (a fused pass's backward then holds the copy's gradient beside the whole one).
+    if fused and scored * row_bytes <= total:
+        left = _xent.linear_logits_within(total - max(copy - rows * row_bytes, 0))
+        chunk = _xent.linear_chunk_rows(scored, vocab, name, left)
+        if 2 * left >= whole and (chunk >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk >= scored):
+            return left, True
+    return None
 
 
 def _laid_out(out, keep, target, reduction):
@@ -881,7 +918,7 @@ def _token_scaled(input, weight, target, bias, ce_weight, opts, common, accum_dt
     else:
         rows_loss, stats, predicted, entropy = LinearXentFunction.apply(
             hidden, weight_c, target_c, bias_c, ce_weight_c, opts._replace(reduction="none"), shape, True,
-            accum_dtype, chunk_bytes, common["return_predicted_tokens"], common["return_entropy"], None,
+            accum_dtype, chunk_bytes, common["return_predicted_tokens"], common["return_entropy"], None, False,
         )
         predicted = predicted.view(target.shape) if common["return_predicted_tokens"] else None
         entropy = entropy.view(target.shape) if common["return_entropy"] else None

@@ -339,7 +339,7 @@ def vocab_parallel_linear_cross_entropy(
                               chunk_bytes=chunk_bytes, needs_grad=torch.is_grad_enabled() and input.requires_grad,
                               width=-(-vocab_size // world))
         if scored is not None:
-            rows, labels, keep, chunk_bytes = scored
+            rows, labels, keep, chunk_bytes, _ = scored
             out = vocab_parallel_linear_cross_entropy(
                 rows, weight_c, labels, bias_c, **dict(common, causal_shift=False), group=group,
                 vocab_start=vocab_start, vocab_size=vocab_size, ce_weight=ce_weight, accum_dtype=accum_dtype,
@@ -353,7 +353,7 @@ def vocab_parallel_linear_cross_entropy(
     shard = _Shard(vocab_start, vocab_size, rank, world, group, check_widths, reduce_input_grad)
     loss, stats, predicted, entropy = LinearXentFunction.apply(
         hidden, weight_c, target_c, bias_c, ce_weight, opts, shape, two_phase, accum_dtype, chunk_bytes,
-        return_predicted_tokens, return_entropy, shard,
+        return_predicted_tokens, return_entropy, shard, False,
     )
     if reduction == "none":
         loss = loss.view(target.shape)

@@ -213,6 +213,13 @@ impl CrossEntropy {
         check_entropy_pass(pass, entropy_upstream)?;
         call.validate(opts)?;
         let linear = &call.linear;
+        if grads.in_place(linear) {
+            return Err(Error::InvalidOption(
+                "a vocabulary-split call writes the hidden states' gradient beside them, not over \
+                 them (grads.hidden is the call's hidden states)"
+                    .to_string(),
+            ));
+        }
         let (rows, width) = (linear.shape.rows(), linear.shape.vocab);
         let world = comm.world();
         let chunk = check_scratch(linear, pass, grads, scratch, |chunk| {
