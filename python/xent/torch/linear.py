@@ -668,13 +668,15 @@ def linear_cross_entropy(
       that drops at least 1/16 of the rows; the results are laid out as the call's rows (0 for a
       row not scored, -1 for its predicted token) and equal those of every row up to the order
       of the sums. Counting the rows waits for the GPU once a call (``nonzero``), and the scored
-      rows of ``input`` are copied: the copy (and its gradient) comes out of the call's memory
-      budget (``chunk_bytes`` or the default), so the chunks over the scored rows are smaller,
-      and where that would leave them less than half of it every row is computed instead (at
-      Liger's 256-row chunks of a 128256-class, 4096-wide head, say). Every row is computed,
-      without counting, under ``torch.compile`` or CUDA graph capture (a count of rows would be
-      a dynamic shape) and in calls of fewer than 2^35 products ``rows·D·V`` (where the wait
-      costs more than the rows save). ``False``: every row, no wait.
+      rows of ``input`` are copied: the copy (and a fused pass's gradient of it) comes out of
+      the call's memory budget (``chunk_bytes`` or the default), so the chunks over the scored
+      rows are smaller; where that would leave them less than half of it, a fused pass writes
+      the gradient over the copy (its two gradient GEMMs then do not overlap; at Liger's 256-row
+      chunks of a 128256-class, 4096-wide head, say), and otherwise every row is computed.
+      Every row is computed, without counting, under ``torch.compile`` or CUDA graph capture (a
+      count of rows would be a dynamic shape) and in calls of fewer than 2^35 products
+      ``rows·D·V`` (where the wait costs more than the rows save). ``False``: every row, no
+      wait.
     """
     opts = _launch.Opts(
         ignore_index, reduction, grad_scale, causal_shift, label_smoothing, lse_square_scale,
