@@ -185,11 +185,11 @@ class _FusedCall:
         target, causal = _target(labels, shift_labels, hidden.device), shift_labels is None
         scored, options = None, dict(self.options)
         if self.skip_ignored and _may_wait(hidden):
-            vocab = self.head.out_features
             # A split head's ranks decide alike: its chunks counted as the widest shard's.
-            width = None if split is None else -(-vocab // torch.distributed.get_world_size(split[0]))
-            scored = _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=options.get("chunk_bytes"),
-                                  needs_grad=torch.is_grad_enabled() and hidden.requires_grad, width=width)
+            world = 1 if split is None else torch.distributed.get_world_size(split[0])
+            scored = _scored_rows(hidden, target, ignore_index, causal, self.head.out_features,
+                                  chunk_bytes=options.get("chunk_bytes"),
+                                  needs_grad=torch.is_grad_enabled() and hidden.requires_grad, world=world)
         if scored is not None:  # selected here, so a logit scale multiplies the scored rows only
             hidden, target, _, options["chunk_bytes"], _ = scored
             causal = False

@@ -148,9 +148,8 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     ones = torch.ones(ones_len, dtype=call.hidden.dtype, device=device) if ones_len else None
     workspace = torch.empty(workspace_len, dtype=torch.float32, device=device) if workspace_len else None
     want_h, want_w, want_b = grads
-    rows = call.hidden.shape[0]
     in_place = (grad_in_place and pass_name == "fused" and shard is None
-                and (chunk_rows >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk_rows >= rows))
+                and _row_scheme(chunk_rows, call.hidden.shape[0]))
     grad_h = (call.hidden.detach() if in_place else torch.empty_like(call.hidden)) if want_h else None
     grad_dtype = accum_dtype or call.weight.dtype
     grad_w = torch.empty(call.weight.shape, dtype=grad_dtype, device=device) if want_w else None
@@ -180,6 +179,12 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
             _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), split, gather,
         )
     return grad_h, grad_w, grad_b
+
+
+def _row_scheme(chunk_rows, rows) -> bool:
+    """Whether a fused pass of ``rows`` rows by chunks of ``chunk_rows`` takes the row scheme
+    (``Scheme::of`` in Rust), the only one that can write the hidden states' gradient over them."""
+    return chunk_rows >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk_rows >= rows
 
 
 def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -778,13 +783,13 @@ _SKIP_AT_LEAST = 1 / 16
 _SKIP_MIN_PRODUCTS = 1 << 35
 
 
-def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, needs_grad=False, width=None,
+def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, needs_grad=False, world=1,
                  fused=False):
     """For the loss of ``hidden`` ``[..., D]`` against ``target`` (``hidden.shape[:-1]``, shifted
     by one within each sequence where ``causal``: a sequence's last row scores nothing) over
-    ``vocab`` classes, whose chunks of logits are ``width`` classes wide (None: ``vocab``; a
-    vocabulary-split head's widest shard, the same on every rank so that every rank decides
-    alike) under the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``),
+    ``vocab`` classes split over ``world`` ranks (chunks of logits as wide as the even split's
+    widest shard, as ``linear::shard_chunk_rows`` sizes them on every rank, so that every rank
+    decides alike) under the call's ``chunk_bytes``: the scored rows alone (label not ``ignore_index``),
     as ``(hidden rows [K, D] (a copy), their labels [K], their indices among the flattened rows,
     the chunk budget of a call on them, whether its gradient may be written over the copy)``,
     where that leaves out at least ``_SKIP_AT_LEAST`` of the rows and ``_rows_budget`` finds room
@@ -797,8 +802,8 @@ def _scored_rows(hidden, target, ignore_index, causal, vocab, chunk_bytes=None, 
     keep = (flat != ignore_index).nonzero().squeeze(1)
     if keep.numel() > (1 - _SKIP_AT_LEAST) * flat.numel():
         return None
-    budget = _rows_budget(flat.numel(), keep.numel(), hidden.shape[-1], width or vocab, hidden.dtype, chunk_bytes,
-                          needs_grad, fused)
+    budget = _rows_budget(flat.numel(), keep.numel(), hidden.shape[-1], -(-vocab // world), hidden.dtype,
+                          chunk_bytes, needs_grad, fused)
     if budget is None:
         return None
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep), keep, *budget
@@ -822,7 +827,7 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     name = str(dtype).rpartition(".")[2]
     total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
     whole = _xent.linear_logits_within(total)
-    row_bytes = features * torch.empty((), dtype=dtype).element_size()
+    row_bytes = features * dtype.itemsize
     copy = scored * row_bytes + 16 * scored  # the rows, their int64 labels and indices
     fused = fused and needs_grad
     held = copy + (scored * row_bytes - rows * row_bytes if fused else 0)
@@ -833,7 +838,7 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     if fused and scored * row_bytes <= total:
         left = _xent.linear_logits_within(total - max(copy - rows * row_bytes, 0))
         chunk = _xent.linear_chunk_rows(scored, vocab, name, left)
-        if 2 * left >= whole and (chunk >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk >= scored):
+        if 2 * left >= whole and _row_scheme(chunk, scored):
             return left, True
     return None
 

@@ -337,7 +337,7 @@ def vocab_parallel_linear_cross_entropy(
         # (``linear::shard_chunk_rows``: every rank chunks its rows by it).
         scored = _scored_rows(hidden, target_c.view(target.shape), ignore_index, causal_shift, vocab_size,
                               chunk_bytes=chunk_bytes, needs_grad=torch.is_grad_enabled() and input.requires_grad,
-                              width=-(-vocab_size // world))
+                              world=world)
         if scored is not None:
             rows, labels, keep, chunk_bytes, _ = scored
             out = vocab_parallel_linear_cross_entropy(
