@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 60's steps for a GPU run: run from the repository root with bundle/ carried, e.g.
+# `bash bench/experiments/session60.sh full capsweep`; any other step goes to session59.sh (and
+# on to 57, 56, ...), whose setup (bundle/bin unpacked, python/xent over the site) runs first.
+# `capsweep` issue 13's soft cap on the card at hand: the cluster plans of 4, 8 and 16 CTAs of 128
+#   and 256 threads against the automatic plan, at the four 16-bit shapes of issue 13, with the
+#   soft cap alone, with token accuracy, and all five (`CFG=` other configs, `SIZES=`, `THREADS=`,
+#   `OPTS=`). Session 44 measured 8 x 128 on an H100 at +5 points at 8192 x 128256; the H200 was
+#   never swept at 128 threads.
+# `capauto` the automatic plan with `XENT_CAP_FEW_THREADS=1` (the planner also weighs 128 threads
+#   for the soft cap's 16-bit kernels) against without, two rounds each, alternating.
+set -u
+here=$(dirname "$0")
+cfg=${CFG:-8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f16}
+opts=${OPTS:-softcap,softcap+accuracy,all}
+bash "$here/session59.sh"  # only its setup
+for mode in "$@"; do
+  case $mode in
+    capsweep)
+      echo "=== $mode $(date +%T)"
+      (cd bundle && XENT_BENCH_CONFIGS=$cfg XENT_SWEEP_SIZES="${SIZES:-4 8 16}" \
+        XENT_SWEEP_THREADS="${THREADS:-128 256}" timeout ${TT:-400} ./run.sh sweep --options "$opts") 2>&1 |
+        grep -vE '^\{' | tail -70 ;;
+    capauto)
+      echo "=== $mode $(date +%T)"
+      for round in 1 2; do
+        for few in 0 1; do
+          echo "--- round $round XENT_CAP_FEW_THREADS=$few"
+          (cd bundle && XENT_CAP_FEW_THREADS=$few timeout ${TT:-120} ./bin/bench-throughput --bench \
+            --configs "$cfg" --options "$opts") 2>&1 | tee -a "${OUT:-/tmp}/capauto.jsonl" |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{") and "pct_of_copy" in l:
+        d = json.loads(l); print(d["method"], d["n"], d["v"], d["dtype"], d["pct_of_copy"], d["plan"][:60])'
+        done
+      done ;;
+    *) bash "$here/session59.sh" "$mode" ;;
+  esac
+done
