@@ -9,6 +9,7 @@
 #   never swept at 128 threads.
 # `capauto` the automatic plan with `XENT_CAP_FEW_THREADS=1` (the planner also weighs 128 threads
 #   for the soft cap's 16-bit kernels) against without, two rounds each, alternating.
+# `h200orpytest` `capsweep` on an H200, else the package's whole pytest (`TP=` its timeout).
 set -u
 here=$(dirname "$0")
 cfg=${CFG:-8192:128256:bf16,4096:262144:bf16,16384:151936:bf16,8192:128256:f16}
@@ -34,6 +35,16 @@ for l in sys.stdin:
         d = json.loads(l); print(d["method"], d["n"], d["v"], d["dtype"], d["pct_of_copy"], d["plan"][:60])'
         done
       done ;;
+    h200orpytest)
+      # Issue 13's sweep needs the H200 (the issue's card); on another card, the whole pytest.
+      if nvidia-smi -L | grep -q H200; then
+        bash "$0" capsweep
+      else
+        echo "=== pytest (not an H200) $(date +%T)"
+        python3 -m pip install -q --no-index --no-deps --target /tmp/s60-peers bundle/wheels/*.whl 2>&1 | tail -2
+        XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site:/tmp/s60-peers" timeout ${TP:-420} python3 -m pytest -q \
+          -p no:cacheprovider python/tests -rfE 2>&1 | tail -15
+      fi ;;
     *) bash "$here/session59.sh" "$mode" ;;
   esac
 done
