@@ -320,7 +320,8 @@ impl CrossEntropy {
     /// the chunks), or by blocks of the vocabulary after the loss (`Backward`, and `Fused` with
     /// smaller chunks): per block the logits of every row again, their gradient from the kept
     /// log-sum-exps, the block's weight gradient written once and the hidden states' gradient
-    /// accumulated, which moves `N·D` per block instead of `V·D` per chunk.
+    /// accumulated (in the call's dtype, so a 16-bit one rounds once a block), which moves `N·D`
+    /// per block instead of `V·D` per chunk.
     ///
     /// # Safety
     /// Every address must be device memory of this handle's context holding at least the stated
