@@ -171,6 +171,39 @@ def test_accum_dtype(device, accum):
     run(device, "mean", torch.bfloat16, True, accum_dtype=accum, chunk_bytes=8 * 1003 * 2)
 
 
+@cuda_only
+def test_accum_dtype_sums_grad_hidden_over_vocabulary_blocks_in_f32(monkeypatch):
+    """The two-phase backward by blocks of the vocabulary (126 blocks of 8 classes at 4 rows'
+    logits over 512 rows) sums the hidden states' gradient over the blocks: with
+    ``accum_dtype=torch.float32`` in an f32 buffer converted once, so nearer the float64
+    reference than in bfloat16 (one rounding a block); both come back in bfloat16."""
+    import xent.torch.linear as linear
+
+    h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
+    seen = []
+    real = linear._run
+
+    def spy(call, opts, pass_name, *args, **kwargs):
+        grads = real(call, opts, pass_name, *args, **kwargs)
+        if grads[0] is not None:
+            seen.append(grads[0].dtype)
+        return grads
+
+    monkeypatch.setattr(linear, "_run", spy)
+    errors = {}
+    for accum in (None, torch.float32):
+        hh = h.detach().clone().requires_grad_(True)
+        loss = xt.linear_cross_entropy(hh, w, y, two_phase=True, chunk_bytes=4 * 1003 * 2, accum_dtype=accum)
+        loss.backward()
+        assert hh.grad.dtype == torch.bfloat16
+        ref = LinearReference(hh, w, None, y, None)
+        errors[accum] = float((hh.grad.to(F64) - ref.grad_h.to(hh.device)).abs().max())
+        if accum is not None:
+            close(hh.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, "grad_hidden")
+    assert seen == [torch.bfloat16, torch.float32], seen
+    assert errors[torch.float32] < errors[None], errors
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_is_liger_shaped(device):
     h, w, b, y, _ = inputs(device, bias=True)

@@ -245,7 +245,9 @@ def _stand_in_run(seen):
         g[keep, y[keep]] -= 1
         g = (g * (scale * keep)[:, None])[:, columns]
         grad_dtype = accum_dtype or call.weight.dtype
-        return ((g @ w).to(call.hidden.dtype) if grads[0] else None,
+        # The hidden states' gradient in f32 where the call accumulates in f32, as ``_run`` does.
+        h_dtype = torch.float32 if accum_dtype == torch.float32 else call.hidden.dtype
+        return ((g @ w).to(h_dtype) if grads[0] else None,
                 (g.T @ h).to(grad_dtype) if grads[1] else None,
                 g.sum(0).to(grad_dtype) if grads[2] else None)
 
