@@ -172,11 +172,12 @@ def test_accum_dtype(device, accum):
 
 
 @cuda_only
-def test_accum_dtype_sums_grad_hidden_over_vocabulary_blocks_in_f32(monkeypatch):
-    """The two-phase backward by blocks of the vocabulary (126 blocks of 8 classes at 4 rows'
-    logits over 512 rows) sums the hidden states' gradient over the blocks: with
-    ``accum_dtype=torch.float32`` in an f32 buffer converted once, so nearer the float64
-    reference than in bfloat16 (one rounding a block); both come back in bfloat16."""
+def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
+    """By blocks of the vocabulary (126 blocks of 8 classes at 4 rows' logits over 512 rows) the
+    hidden states' gradient is a sum over the blocks: the two-phase backward, and a fused pass
+    with ``accum_dtype=torch.float32``, sum it in an f32 buffer converted once, so they are
+    nearer the float64 reference than a fused pass's sum in bfloat16 (one rounding a block); all
+    come back in bfloat16."""
     import xent.torch.linear as linear
 
     h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
@@ -191,17 +192,20 @@ def test_accum_dtype_sums_grad_hidden_over_vocabulary_blocks_in_f32(monkeypatch)
 
     monkeypatch.setattr(linear, "_run", spy)
     errors = {}
-    for accum in (None, torch.float32):
+    cases = (("fused", None), ("fused", torch.float32), ("two-phase", None))
+    for mode, accum in cases:
         hh = h.detach().clone().requires_grad_(True)
-        loss = xt.linear_cross_entropy(hh, w, y, two_phase=True, chunk_bytes=4 * 1003 * 2, accum_dtype=accum)
+        loss = xt.linear_cross_entropy(hh, w, y, two_phase=mode == "two-phase", chunk_bytes=4 * 1003 * 2,
+                                       accum_dtype=accum)
         loss.backward()
         assert hh.grad.dtype == torch.bfloat16
         ref = LinearReference(hh, w, None, y, None)
-        errors[accum] = float((hh.grad.to(F64) - ref.grad_h.to(hh.device)).abs().max())
-        if accum is not None:
-            close(hh.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, "grad_hidden")
-    assert seen == [torch.bfloat16, torch.float32], seen
-    assert errors[torch.float32] < errors[None], errors
+        errors[mode, accum] = float((hh.grad.to(F64) - ref.grad_h.to(hh.device)).abs().max())
+        if (mode, accum) != ("fused", None):
+            close(hh.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, f"grad_hidden ({mode}, {accum})")
+    assert seen == [torch.bfloat16, torch.float32, torch.float32], seen
+    bf16_sum = errors["fused", None]
+    assert errors["fused", torch.float32] < bf16_sum and errors["two-phase", None] < bf16_sum, errors
 
 
 @pytest.mark.parametrize("device", DEVICES)
