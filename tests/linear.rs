@@ -738,7 +738,10 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
             .unwrap();
         let mut gb16 = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
         let mut grads = RawLinearGrads {
-            hidden: Some(RawBuffer::of(&stream, &mut gh16)),
+            hidden: Some(RawGrad {
+                buffer: RawBuffer::of(&stream, &mut gh16),
+                dtype: DType::Bf16,
+            }),
             weight: Some(RawGrad {
                 buffer: RawBuffer::of(&stream, &mut gw16),
                 dtype: DType::Bf16,
@@ -894,13 +897,16 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A fused pass that writes the hidden states' gradient over the hidden states themselves
+/// Where a fused pass writes the hidden states' gradient. Over the hidden states themselves
 /// (`RawLinearGrads::in_place`, the Python package's copy of the scored rows): in chunks of the
 /// row scheme (192 rows, the last of 16) its loss and gradients are those of the same pass
 /// writing the gradient beside them (whose GEMMs overlap), within one bf16 rounding; chunks of
-/// the vocabulary-blocked backward (16 rows) refuse it.
+/// the vocabulary-blocked backward (16 rows) refuse it. In f32 (`accum_dtype=torch.float32` in
+/// the Python package): the vocabulary-blocked backward sums it over its 33 blocks of classes
+/// without rounding, so it is nearer the row scheme's (f32, unrounded) than the same blocks'
+/// 16-bit sum, which rounds once a block.
 #[test]
-fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
+fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
     use xent::half::bf16;
     use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
     use xent::raw::{LabelType, RawBuffer};
@@ -949,13 +955,15 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
     let mut failures = Vec::new();
     let n_sets = opt_sets.len();
     for (name, opts) in opt_sets {
-        // One pass: (loss, grad_hidden, grad_weight, grad_bias), or the call's error.
-        let pass = |in_place: bool, chunk_of: usize| -> xent::Result<Pass> {
+        // One pass: (loss, grad_hidden, grad_weight, grad_bias), or the call's error;
+        // `hidden_f32`: grad_hidden in f32.
+        let pass = |in_place: bool, chunk_of: usize, hidden_f32: bool| -> xent::Result<Pass> {
             let budget = Some(chunk_of * v * 2);
             let mut hidden = stream.clone_htod(&hidden_host).unwrap();
             let mut gh = stream
                 .clone_htod(&vec![bf16::from_f32(7.0); rows * d])
                 .unwrap();
+            let mut gh32 = stream.clone_htod(&vec![7.0f32; rows * d]).unwrap();
             let mut gw = stream
                 .clone_htod(&vec![bf16::from_f32(7.0); v * d])
                 .unwrap();
@@ -985,10 +993,19 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
                 ones: Some(RawBuffer::of(&stream, &mut ones)),
             };
             let grads = RawLinearGrads {
-                hidden: Some(if in_place {
-                    call.hidden
-                } else {
-                    RawBuffer::of(&stream, &mut gh)
+                hidden: Some(match (in_place, hidden_f32) {
+                    (true, f32) => RawGrad {
+                        buffer: call.hidden,
+                        dtype: if f32 { DType::F32 } else { DType::Bf16 },
+                    },
+                    (false, false) => RawGrad {
+                        buffer: RawBuffer::of(&stream, &mut gh),
+                        dtype: DType::Bf16,
+                    },
+                    (false, true) => RawGrad {
+                        buffer: RawBuffer::of(&stream, &mut gh32),
+                        dtype: DType::F32,
+                    },
                 }),
                 weight: Some(RawGrad {
                     buffer: RawBuffer::of(&stream, &mut gw),
@@ -1016,10 +1033,14 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
                 )
             }?;
             let loss = stream.clone_dtoh(&raw_out.loss).unwrap()[0] as f64;
-            let grad_hidden = if in_place { &hidden } else { &gh };
+            let grad_hidden = match (in_place, hidden_f32) {
+                (true, _) => host_f64(&stream, &hidden),
+                (false, false) => host_f64(&stream, &gh),
+                (false, true) => host_f64(&stream, &gh32),
+            };
             Ok((
                 loss,
-                host_f64(&stream, grad_hidden),
+                grad_hidden,
                 host_f64(&stream, &gw),
                 host_f64(&stream, &gb),
             ))
@@ -1027,7 +1048,10 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
         // Chunks of 192 rows (200 fit, rounded to the granule): 192, 192 and 16.
         let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
         assert_eq!(lens_rows, 192);
-        let (want, got) = (pass(false, 200).unwrap(), pass(true, 200).unwrap());
+        let (want, got) = (
+            pass(false, 200, false).unwrap(),
+            pass(true, 200, false).unwrap(),
+        );
         if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
             failures.push(format!("{name}: loss {} against {}", got.0, want.0));
         }
@@ -1051,10 +1075,45 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states() {
         }
         // 16-row chunks take the vocabulary-blocked backward, which reads every row for every
         // block: refused.
-        match pass(true, 16) {
+        match pass(true, 16, false) {
             Err(xent::Error::InvalidOption(msg)) if msg.contains("grads.hidden") => {}
             other => failures.push(format!(
                 "{name}: 16-row chunks in place: {:?}",
+                other.map(|r| r.0)
+            )),
+        }
+        // grad_hidden in f32: by rows (the reference: every row's sum written once, unrounded),
+        // and by 33 blocks of 24 classes (16 rows' logits over 400 rows) in f32 and in bf16.
+        assert_eq!(linear::vocab_block(rows, v, 16), 24);
+        let by_rows = pass(false, 200, true).unwrap().1;
+        let worst = |got: &[f64]| {
+            got.iter()
+                .zip(&by_rows)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f64, f64::max)
+        };
+        let scale = by_rows.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let (blocks_f32, blocks_bf16) = (
+            worst(&pass(false, 16, true).unwrap().1),
+            worst(&pass(false, 16, false).unwrap().1),
+        );
+        println!(
+            "{name}: grad_hidden by blocks against by rows: f32 {:.3e}, bf16 {:.3e} of the \
+             largest {scale:.3e}",
+            blocks_f32 / scale,
+            blocks_bf16 / scale
+        );
+        if !(blocks_f32 < blocks_bf16 && blocks_f32 <= 4.0 * 2f64.powi(-8) * scale) {
+            failures.push(format!(
+                "{name}: grad_hidden by blocks: f32 {blocks_f32:.3e}, bf16 {blocks_bf16:.3e} \
+                 from the rows' f32 (largest {scale:.3e})"
+            ));
+        }
+        // An f32 gradient over bf16 hidden states: refused.
+        match pass(true, 200, true) {
+            Err(xent::Error::InvalidOption(msg)) if msg.contains("of their dtype") => {}
+            other => failures.push(format!(
+                "{name}: an f32 gradient in place: {:?}",
                 other.map(|r| r.0)
             )),
         }
@@ -1258,7 +1317,10 @@ fn linear_rank<T: xent::Element + cudarc::driver::DeviceRepr>(
     let mut gw = stream.clone_htod(&vec![0.25f32; shard.width * d]).unwrap();
     let mut gb = stream.clone_htod(&vec![0.5f32; shard.width]).unwrap();
     let grads = RawLinearGrads {
-        hidden: Some(RawBuffer::of(&stream, &mut gh)),
+        hidden: Some(RawGrad {
+            buffer: RawBuffer::of(&stream, &mut gh),
+            dtype: T::DTYPE,
+        }),
         weight: Some(RawGrad {
             buffer: RawBuffer::of(&stream, &mut gw),
             dtype: DType::F32,

@@ -9,6 +9,7 @@
 #   never swept at 128 threads.
 # `capauto` the automatic plan with `XENT_CAP_FEW_THREADS=1` (the planner also weighs 128 threads
 #   for the soft cap's 16-bit kernels) against without, two rounds each, alternating.
+# `f32h` the Rust linear (and candle) suites and the whole pytest, for the f32 grad_hidden.
 # `h200orpytest` `capsweep` on an H200, else the package's whole pytest (`TP=` its timeout).
 set -u
 here=$(dirname "$0")
@@ -35,6 +36,17 @@ for l in sys.stdin:
         d = json.loads(l); print(d["method"], d["n"], d["v"], d["dtype"], d["pct_of_copy"], d["plan"][:60])'
         done
       done ;;
+    f32h)
+      # The f32 grad_hidden (branch f32-grad-hidden): the Rust linear suite (and candle's, which
+      # builds its RawLinearGrads), then the package's whole pytest.
+      echo "=== $mode $(date +%T)"
+      names=linear
+      [[ -x bundle/bin/candle_cuda ]] && names="linear candle_cuda"
+      XENT_TESTS=$names XENT_REQUIRE_GPU=1 timeout ${TR:-200} bash bundle/run.sh test 2>&1 |
+        grep -E "test result|grad_hidden by blocks|in place|panicked|FAILED|failed|error" | tail -24
+      python3 -m pip install -q --no-index --no-deps --target /tmp/s60-peers bundle/wheels/*.whl 2>&1 | tail -2
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site:/tmp/s60-peers" timeout ${TP:-330} python3 -m pytest -q \
+        -p no:cacheprovider python/tests -rfE 2>&1 | tail -8 ;;
     h200orpytest)
       # Issue 13's sweep needs the H200 (the issue's card); on another card, the whole pytest.
       if nvidia-smi -L | grep -q H200; then

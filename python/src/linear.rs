@@ -301,7 +301,7 @@ pub(crate) fn linear(
     upstream: Option<Buffer>,
     stats: Buffer,
     workspace: Option<Buffer>,
-    grads: (Option<Buffer>, GradArg, GradArg, bool),
+    grads: (GradArg, GradArg, GradArg, bool),
     scratch: (usize, Buffer, Buffer, Option<Buffer>, Option<Buffer>),
     predicted: Option<Buffer>,
     entropy: Option<Buffer>,
@@ -332,7 +332,7 @@ pub(crate) fn linear(
     let opts = pass_outputs(&opts.inner, &pass, predicted.is_some(), entropy.is_some());
     let (grad_hidden, grad_weight, grad_bias, accumulate) = grads;
     let grads = RawLinearGrads {
-        hidden: grad_hidden.map(raw),
+        hidden: raw_grad(grad_hidden)?,
         weight: raw_grad(grad_weight)?,
         bias: raw_grad(grad_bias)?,
         accumulate,

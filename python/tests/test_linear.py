@@ -171,6 +171,43 @@ def test_accum_dtype(device, accum):
     run(device, "mean", torch.bfloat16, True, accum_dtype=accum, chunk_bytes=8 * 1003 * 2)
 
 
+@cuda_only
+def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
+    """By blocks of the vocabulary (126 blocks of 8 classes at 4 rows' logits over 512 rows) the
+    hidden states' gradient is a sum over the blocks: the two-phase backward, and a fused pass
+    with ``accum_dtype=torch.float32``, sum it in an f32 buffer converted once, so they are
+    nearer the float64 reference than a fused pass's sum in bfloat16 (one rounding a block); all
+    come back in bfloat16."""
+    import xent.torch.linear as linear
+
+    h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
+    seen = []
+    real = linear._run
+
+    def spy(call, opts, pass_name, *args, **kwargs):
+        grads = real(call, opts, pass_name, *args, **kwargs)
+        if grads[0] is not None:
+            seen.append(grads[0].dtype)
+        return grads
+
+    monkeypatch.setattr(linear, "_run", spy)
+    errors = {}
+    cases = (("fused", None), ("fused", torch.float32), ("two-phase", None))
+    for mode, accum in cases:
+        hh = h.detach().clone().requires_grad_(True)
+        loss = xt.linear_cross_entropy(hh, w, y, two_phase=mode == "two-phase", chunk_bytes=4 * 1003 * 2,
+                                       accum_dtype=accum)
+        loss.backward()
+        assert hh.grad.dtype == torch.bfloat16
+        ref = LinearReference(hh, w, None, y, None)
+        errors[mode, accum] = float((hh.grad.to(F64) - ref.grad_h.to(hh.device)).abs().max())
+        if (mode, accum) != ("fused", None):
+            close(hh.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, f"grad_hidden ({mode}, {accum})")
+    assert seen == [torch.bfloat16, torch.float32, torch.float32], seen
+    bf16_sum = errors["fused", None]
+    assert errors["fused", torch.float32] < bf16_sum and errors["two-phase", None] < bf16_sum, errors
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_is_liger_shaped(device):
     h, w, b, y, _ = inputs(device, bias=True)

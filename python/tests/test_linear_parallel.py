@@ -210,6 +210,7 @@ def _stand_in_run(seen):
     import torch.nn.functional as F
 
     import xent.torch._ops as ops
+    import xent.torch.linear as linear
     from xent.torch.linear_parallel import _even_split
 
     def run(call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=(False, False, False),
@@ -245,7 +246,9 @@ def _stand_in_run(seen):
         g[keep, y[keep]] -= 1
         g = (g * (scale * keep)[:, None])[:, columns]
         grad_dtype = accum_dtype or call.weight.dtype
-        return ((g @ w).to(call.hidden.dtype) if grads[0] else None,
+        # The hidden states' gradient in the dtype ``_run`` writes it in.
+        h_dtype = linear._grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
+        return ((g @ w).to(h_dtype) if grads[0] else None,
                 (g.T @ h).to(grad_dtype) if grads[1] else None,
                 g.sum(0).to(grad_dtype) if grads[2] else None)
 

@@ -201,10 +201,10 @@ pub(super) fn forward(
         };
         let mut weight_grad = stream.alloc_zeros::<f32>(n_weight.max(1)).map_err(driver)?;
         let grads = RawLinearGrads {
-            hidden: Some(RawBuffer::new(
-                storage_ptr(&mut hidden_grad, &stream)?,
-                n_hidden,
-            )),
+            hidden: Some(RawGrad {
+                buffer: RawBuffer::new(storage_ptr(&mut hidden_grad, &stream)?, n_hidden),
+                dtype,
+            }),
             weight: Some(RawGrad {
                 buffer: RawBuffer::new(RawBuffer::of(&stream, &mut weight_grad).ptr, n_weight),
                 dtype: DType::F32,
@@ -398,7 +398,10 @@ pub(super) fn backward(
                 .map_err(driver)?;
             let base = RawBuffer::of(&stream, &mut packed).ptr;
             let grads = RawLinearGrads {
-                hidden: Some(RawBuffer::new(base, n_hidden)),
+                hidden: Some(RawGrad {
+                    buffer: RawBuffer::new(base, n_hidden),
+                    dtype,
+                }),
                 weight: Some(RawGrad {
                     buffer: RawBuffer::new(base + (n_hidden * size_of::<$t>()) as u64, n_weight),
                     dtype,

@@ -68,8 +68,11 @@ pub struct RawGrad {
 }
 
 /// The gradients a `Fused` or `Backward` call writes; each is optional (a frozen weight, hidden
-/// states that need none). `hidden`: `[N, D]` of the call's dtype, overwritten; in a `Fused`
-/// pass of the row scheme (chunks of at least [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may
+/// states that need none). `hidden`: `[N, D]`, f32 or the call's dtype, overwritten. By chunks
+/// of rows each of its rows is written once, but by blocks of the vocabulary (a `Backward` pass,
+/// and a `Fused` one of chunks under [`ROW_SCHEME_MIN_ROWS`] rows) it is accumulated over the
+/// blocks in its own dtype: a 16-bit one rounds once a block, an f32 one (converted by the
+/// caller) once at the end. In a `Fused` pass of the row scheme (chunks of at least [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may
 /// be the call's hidden states themselves ([`in_place`](Self::in_place)): each chunk's rows are
 /// overwritten by their gradient once its last GEMM has read them (the two gradient GEMMs then
 /// run one after the other), so a caller that holds the hidden states only for the call (a copy
@@ -78,7 +81,7 @@ pub struct RawGrad {
 /// zeroing needed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawLinearGrads {
-    pub hidden: Option<RawBuffer>,
+    pub hidden: Option<RawGrad>,
     pub weight: Option<RawGrad>,
     pub bias: Option<RawGrad>,
     pub accumulate: bool,
@@ -151,7 +154,7 @@ impl RawLinearGrads {
     /// Whether the hidden states' gradient is written over the call's hidden states.
     pub fn in_place(&self, call: &RawLinearCall) -> bool {
         self.hidden
-            .is_some_and(|g| g.ptr == call.hidden.ptr && call.hidden.len > 0)
+            .is_some_and(|g| g.buffer.ptr == call.hidden.ptr && call.hidden.len > 0)
     }
 
     /// An in-place gradient where the call could not write it so: only a `Fused` pass of the row
@@ -196,7 +199,15 @@ impl RawLinearGrads {
             }
         };
         if let Some(hidden) = self.hidden {
-            exact("grad_hidden", hidden, rows * d)?;
+            exact("grad_hidden", hidden.buffer, rows * d)?;
+            dtype_ok("grad_hidden", hidden)?;
+            if self.in_place(call) && hidden.dtype != call.dtype {
+                return Err(Error::InvalidOption(format!(
+                    "grads.hidden over the call's hidden states must be of their dtype ({:?}), \
+                     not {:?}",
+                    call.dtype, hidden.dtype
+                )));
+            }
         }
         if let Some(weight) = self.weight {
             exact("grad_weight", weight.buffer, v * d)?;
@@ -998,7 +1009,7 @@ impl Work<'_> {
         hidden_rows: u64,
     ) -> Result<()> {
         let (d, v) = (self.call.shape.hidden, self.call.shape.vocab);
-        let (dtype, t_bytes) = (self.call.dtype, self.t_bytes());
+        let dtype = self.call.dtype;
         let main = self.stream.cu_stream();
         if self.both_grads_in_one(xent, first, c, hidden_rows)? {
             return Ok(());
@@ -1078,8 +1089,8 @@ impl Work<'_> {
                     a: matrix(self.logits, dtype, c, v, false),
                     b: matrix(self.call.weight.ptr, dtype, v, d, false),
                     out: matrix(
-                        grad_hidden.ptr + (first * d * t_bytes) as u64,
-                        dtype,
+                        grad_hidden.buffer.ptr + (first * d * grad_hidden.dtype.bytes()) as u64,
+                        grad_hidden.dtype,
                         c,
                         d,
                         false,
@@ -1122,6 +1133,9 @@ impl Work<'_> {
         if self.grads.in_place(self.call) {
             return Ok(false); // one kernel reading rows while writing them
         }
+        if grad_hidden.dtype != self.call.dtype {
+            return Ok(false); // the kernel writes `grad_hidden` in the call's dtype
+        }
         if !gemm_grads_for(xent, self.call.dtype, grad_weight.dtype) {
             return Ok(false);
         }
@@ -1130,7 +1144,7 @@ impl Work<'_> {
             h: gemm_tn::Matrix::dense(hidden_rows, c, d),
             w: gemm_tn::Matrix::dense(self.call.weight.ptr, v, d),
             grad_weight: gemm_tn::Matrix::dense(grad_weight.buffer.ptr, v, d),
-            grad_hidden: grad_hidden.ptr + (first * d * self.t_bytes()) as u64,
+            grad_hidden: grad_hidden.buffer.ptr + (first * d * self.t_bytes()) as u64,
         };
         // The kernel's scratch is cuBLASLt's workspace, unused until the bias's GEMM after it;
         // splits of 2 where it holds their partial sums.
@@ -1256,7 +1270,7 @@ impl Work<'_> {
             self.matmul(Gemm {
                 a: matrix(self.logits, dtype, rows, width, false),
                 b: matrix(weight_rows, dtype, width, d, false),
-                out: matrix(grad_hidden.ptr, dtype, rows, d, false),
+                out: matrix(grad_hidden.buffer.ptr, grad_hidden.dtype, rows, d, false),
                 alpha: 1.0,
                 beta: if v0 == 0 { 0.0 } else { 1.0 },
                 bias: 0,
@@ -1440,7 +1454,10 @@ impl CrossEntropy {
             dtype: G::DTYPE,
         };
         let grads = RawLinearGrads {
-            hidden: Some(RawBuffer::of(stream, grad_hidden)),
+            hidden: Some(RawGrad {
+                buffer: RawBuffer::of(stream, grad_hidden),
+                dtype: T::DTYPE,
+            }),
             weight: Some(grad_of(grad_weight)),
             bias: grad_bias.map(grad_of),
             accumulate: true,
