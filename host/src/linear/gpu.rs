@@ -72,11 +72,12 @@ pub struct RawGrad {
 /// of rows each of its rows is written once, but by blocks of the vocabulary (a `Backward` pass,
 /// and a `Fused` one of chunks under [`ROW_SCHEME_MIN_ROWS`] rows) it is accumulated over the
 /// blocks in its own dtype: a 16-bit one rounds once a block, an f32 one (converted by the
-/// caller) once at the end. In a `Fused` pass of the row scheme (chunks of at least [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may
-/// be the call's hidden states themselves ([`in_place`](Self::in_place)): each chunk's rows are
-/// overwritten by their gradient once its last GEMM has read them (the two gradient GEMMs then
-/// run one after the other), so a caller that holds the hidden states only for the call (a copy
-/// of some rows) needs no `[N, D]` more. `weight` (`[V, D]`) and `bias` (`[V]`): f32 or the
+/// caller) once at the end. In a `Fused` pass of the row scheme (chunks of at least
+/// [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may be the call's hidden states themselves
+/// ([`in_place`](Self::in_place), in their dtype): each chunk's rows are overwritten by their
+/// gradient once its last GEMM has read them (the two gradient GEMMs then run one after the
+/// other), so a caller that holds the hidden states only for the call (a copy of some rows)
+/// needs no `[N, D]` more. `weight` (`[V, D]`) and `bias` (`[V]`): f32 or the
 /// call's dtype; added to with `accumulate` (gradient accumulation), overwritten without (no
 /// zeroing needed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -331,8 +332,8 @@ impl CrossEntropy {
     /// the chunks), or by blocks of the vocabulary after the loss (`Backward`, and `Fused` with
     /// smaller chunks): per block the logits of every row again, their gradient from the kept
     /// log-sum-exps, the block's weight gradient written once and the hidden states' gradient
-    /// accumulated (in the call's dtype, so a 16-bit one rounds once a block), which moves `N·D`
-    /// per block instead of `V·D` per chunk.
+    /// accumulated (in `grads.hidden`'s dtype: a 16-bit one rounds once a block, an f32 one once
+    /// where the caller converts it), which moves `N·D` per block instead of `V·D` per chunk.
     ///
     /// # Safety
     /// Every address must be device memory of this handle's context holding at least the stated
