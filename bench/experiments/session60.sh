@@ -10,6 +10,7 @@
 # `capauto` the automatic plan with `XENT_CAP_FEW_THREADS=1` (the planner also weighs 128 threads
 #   for the soft cap's 16-bit kernels) against without, two rounds each, alternating.
 # `f32h` the Rust linear (and candle) suites and the whole pytest, for the f32 grad_hidden.
+# `last` `full` on an H200, else the two-phase (`[dft]`) rows at 8192 rows, two rounds.
 # `h200orpytest` `capsweep` on an H200, else the package's whole pytest (`TP=` its timeout).
 set -u
 here=$(dirname "$0")
@@ -47,6 +48,17 @@ for l in sys.stdin:
       python3 -m pip install -q --no-index --no-deps --target /tmp/s60-peers bundle/wheels/*.whl 2>&1 | tail -2
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site:/tmp/s60-peers" timeout ${TP:-330} python3 -m pytest -q \
         -p no:cacheprovider python/tests -rfE 2>&1 | tail -8 ;;
+    last)
+      # The last call: issue 12's table where the card is an H200; else the two-phase rows
+      # (`xent_linear[dft]`, whose backward now writes grad_hidden in f32) beside the default.
+      if nvidia-smi -L | grep -q H200; then
+        TT=${TT:-420} bash "$0" full
+      else
+        echo "=== dft (not an H200) $(date +%T)"
+        cp bench/linear_bench.py bundle/
+        timeout ${TT:-200} bash bundle/run.sh linear --configs 8192:4096:128256 --rounds 2 --curve "" \
+          --only "xent_linear,xent_linear[dft],liger_flce[dft]" 2>&1 | grep -E '^\{|^\||Error|error' | tail -20
+      fi ;;
     h200orpytest)
       # Issue 13's sweep needs the H200 (the issue's card); on another card, the whole pytest.
       if nvidia-smi -L | grep -q H200; then
