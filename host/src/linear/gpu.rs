@@ -1370,11 +1370,11 @@ fn one_bytes<T: Element>(one: T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((&one as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
-/// The gradients a typed linear + cross-entropy call writes: `grad_hidden` (`[N, D]` of `T`,
+/// The gradients a typed linear + cross-entropy call writes: `grad_hidden` (`[N, D]` of `H`,
 /// overwritten), `grad_weight` (`[V, D]`, added to) and `grad_bias` (`[V]`, added to; with a bias
-/// only), the last two of `G`: f32, or `T` itself.
-pub type LinearGrads<'a, T, G> = (
-    &'a mut CudaSlice<T>,
+/// only), the last two of `G`; `H` and `G` each f32, or the call's element type itself.
+pub type LinearGrads<'a, H, G> = (
+    &'a mut CudaSlice<H>,
     &'a mut CudaSlice<G>,
     Option<&'a mut CudaSlice<G>>,
 );
@@ -1382,14 +1382,16 @@ pub type LinearGrads<'a, T, G> = (
 impl CrossEntropy {
     /// Linear layer + cross-entropy on the GPU: the loss of `logits = hidden·weightᵀ + bias`
     /// (`hidden` `[N, D]`, `weight` `[V, D]`, `bias` `[V]`, all of `T`) into `out`, and the
-    /// gradients of `grad_scale · loss`: `grad_hidden` (`[N, D]` of `T`, overwritten),
+    /// gradients of `grad_scale · loss`: `grad_hidden` (`[N, D]` of f32 or `T`, overwritten),
     /// `grad_weight` (`[V, D]`) and `grad_bias` (`[V]`), both of f32 or `T` and added to
     /// (gradient accumulation; with `T` each chunk's sum is rounded to `T` once, so f32 is the
     /// more exact). The logits exist one chunk of rows at a time ([`chunk_rows`] under the
-    /// scratch's budget). Every option of [`Options`] applies, the causal shift included.
+    /// scratch's budget); chunks under [`ROW_SCHEME_MIN_ROWS`] rows take the gradients by blocks
+    /// of the vocabulary, where `grad_hidden` is a sum over the blocks: in f32 it rounds once
+    /// (where the caller converts it), in `T` once a block. Every option of [`Options`] applies, the causal shift included.
     /// Enqueued on `stream`; nothing waits.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_forward_backward<T: Element, L: Label, G: Element>(
+    pub fn linear_forward_backward<T: Element, L: Label, G: Element, H: Element>(
         &self,
         blas: &CublasLt,
         stream: &Arc<CudaStream>,
@@ -1401,7 +1403,7 @@ impl CrossEntropy {
         labels: &impl DevicePtr<L>,
         shape: LinearShape,
         opts: &Options,
-        (grad_hidden, grad_weight, grad_bias): LinearGrads<'_, T, G>,
+        (grad_hidden, grad_weight, grad_bias): LinearGrads<'_, H, G>,
         scratch: &mut LinearScratch,
         out: &mut Loss,
     ) -> Result<()> {
@@ -1457,7 +1459,7 @@ impl CrossEntropy {
         let grads = RawLinearGrads {
             hidden: Some(RawGrad {
                 buffer: RawBuffer::of(stream, grad_hidden),
-                dtype: T::DTYPE,
+                dtype: H::DTYPE,
             }),
             weight: Some(grad_of(grad_weight)),
             bias: grad_bias.map(grad_of),
