@@ -651,6 +651,33 @@ impl RawOut {
     }
 }
 
+/// The bf16 inputs of the raw tests over `shape` (777 classes): hidden states (on the host) from
+/// `seed`, the weight and bias (on the device) from `seed + 1` and `seed + 2`, labels `53·r mod
+/// 777` with row 7 ignored.
+type RawInputs = (
+    Vec<xent::half::bf16>,
+    cudarc::driver::CudaSlice<xent::half::bf16>,
+    cudarc::driver::CudaSlice<xent::half::bf16>,
+    cudarc::driver::CudaSlice<i64>,
+);
+
+fn raw_inputs(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    shape: LinearShape,
+    seed: u64,
+) -> RawInputs {
+    use xent::half::bf16;
+    let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
+    assert_eq!(v, 777, "the labels are of 777 classes");
+    let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+    let hidden = to_bf16(grid(rows * d, seed));
+    let weight = stream.clone_htod(&to_bf16(grid(v * d, seed + 1))).unwrap();
+    let bias = stream.clone_htod(&to_bf16(grid(v, seed + 2))).unwrap();
+    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
+    labels[7] = -100;
+    (hidden, weight, bias, stream.clone_htod(&labels).unwrap())
+}
+
 /// The raw passes against the typed fused call (f32 weight gradient, from zero): a fused pass
 /// with 16-bit weight and bias gradients overwritten (no zeroing), and a forward pass then a
 /// backward pass with an upstream gradient (one value, and one per row), whose gradients are the
@@ -673,13 +700,8 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         vocab: 777,
     };
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
-    let hidden = stream.clone_htod(&to_bf16(grid(rows * d, 21))).unwrap();
-    let weight = stream.clone_htod(&to_bf16(grid(v * d, 22))).unwrap();
-    let bias = stream.clone_htod(&to_bf16(grid(v, 23))).unwrap();
-    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
-    labels[7] = -100;
-    let labels = stream.clone_htod(&labels).unwrap();
+    let (hidden_host, weight, bias, labels) = raw_inputs(&stream, shape, 21);
+    let hidden = stream.clone_htod(&hidden_host).unwrap();
     let budget = Some(16 * v * 2); // chunks of 16 rows, the last shorter
     let mut failures = Vec::new();
     for (name, opts) in option_sets() {
@@ -936,13 +958,7 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
         vocab: 777,
     };
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
-    let hidden_host = to_bf16(grid(rows * d, 31));
-    let weight = stream.clone_htod(&to_bf16(grid(v * d, 32))).unwrap();
-    let bias = stream.clone_htod(&to_bf16(grid(v, 33))).unwrap();
-    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
-    labels[7] = -100;
-    let labels = stream.clone_htod(&labels).unwrap();
+    let (hidden_host, weight, bias, labels) = raw_inputs(&stream, shape, 31);
     let opt_sets = [
         ("plain", Options::default()),
         (

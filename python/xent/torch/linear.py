@@ -82,7 +82,12 @@ def _buffer(tensor: Optional[torch.Tensor]):
 
 
 def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).rpartition(".")[2]
+    return _dtype_name(tensor.dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The extension's name of a dtype (``bfloat16``, ``float32``, ...)."""
+    return str(dtype).rpartition(".")[2]
 
 
 class _Shard(NamedTuple):
@@ -847,7 +852,7 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     nothing but the overlap of its two gradient GEMMs. 8192 x 4096 x 128256 bf16 with one row in
     seven ignored, fused: at the default budget chunks of 784 scored rows beside the copy and its
     gradient (250 MiB in all); at Liger's 256 rows in place (28 chunks of 256 for 7021 rows)."""
-    name = str(dtype).rpartition(".")[2]
+    name = _dtype_name(dtype)
     total = _xent.linear_chunks_budget(rows, vocab, name, chunk_bytes)
     whole = _xent.linear_logits_within(total)
     row_bytes = features * dtype.itemsize
