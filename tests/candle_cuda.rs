@@ -470,3 +470,117 @@ fn cuda_linear_cross_entropy_matches_the_cpu_path() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The hidden states' gradient of `linear_cross_entropy` by blocks of the vocabulary (forced:
+/// `XENT_CHUNK_ROWS=8` makes every block 8 classes, 251 of them at V = 2003) against the same
+/// call in one block, in bf16 and f16, two-phase (`Reduction::None`, whose backward always goes
+/// by blocks) and fused (the sum, whose chunks under 192 rows take the gradients by blocks; the
+/// sum, not the mean, keeps f16's gradients clear of its subnormals).
+/// Summed in f32 and rounded once, the two differ by at most one unit of the dtype (two
+/// roundings of nearly one value); summed in the dtype, they would differ by one rounding a
+/// block (session 60: 1.6-3.0% of the largest value over 33 blocks in bf16). The weight's
+/// gradient is written once a block, so it is held to the same bound.
+///
+/// The chunking is read from the environment for every call, so the blocked calls run in a
+/// child process of this test alone (`XENT_CANDLE_BLOCKS_CHILD`), which sets it between them.
+#[test]
+fn cuda_linear_cross_entropy_sums_grad_hidden_over_vocabulary_blocks_in_f32() {
+    const NAME: &str = "cuda_linear_cross_entropy_sums_grad_hidden_over_vocabulary_blocks_in_f32";
+    let Some(gpu) = cuda() else {
+        return;
+    };
+    if std::env::var_os("XENT_CANDLE_BLOCKS_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("XENT_CANDLE_BLOCKS_CHILD", "1")
+            .env_remove("XENT_CHUNK_ROWS")
+            .output()
+            .expect("start the child");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        // The child's lines (the harness may print its test's name in front of the first).
+        let cases: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.find("by blocks, ").map(|i| &l[i..]))
+            .collect();
+        for line in &cases {
+            println!("{line}");
+        }
+        assert!(out.status.success(), "the child failed:\n{text}");
+        assert_eq!(cases.len(), 4, "the child's cases:\n{text}");
+        return;
+    }
+    let (rows, d, vocab) = (400, 64, 2003);
+    let scaled =
+        |n: usize, seed: u64| -> Vec<f32> { logits(&[n], seed).iter().map(|x| x / 8.0).collect() };
+    let (hidden, weight) = (scaled(rows * d, 31), scaled(vocab * d, 32));
+    let ids = labels(rows, vocab, 7, 33);
+    let targets = Tensor::from_vec(ids, rows, &Device::Cpu).unwrap();
+    let cases = [
+        (
+            "none",
+            Options {
+                reduction: Reduction::None,
+                ..Options::default()
+            },
+        ),
+        (
+            "sum",
+            Options {
+                reduction: Reduction::Sum,
+                ..Options::default()
+            },
+        ),
+    ];
+    let run = |opts: &Options, dtype: DType| {
+        let upstream: Vec<f32> = if opts.reduction == Reduction::None {
+            (0..rows).map(|r| 0.25 + (r % 5) as f32 * 0.5).collect()
+        } else {
+            vec![0.75]
+        };
+        linear_loss_and_grads(
+            (&hidden, &weight),
+            (&[rows, d], vocab),
+            dtype,
+            &targets,
+            opts,
+            &upstream,
+            &gpu,
+        )
+    };
+    let largest = |g: &[f64]| g.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let farthest = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+    };
+    let mut failures = Vec::new();
+    for (name, opts) in &cases {
+        for (dtype, unit) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
+            let (_, gh_one, gw_one) = run(opts, dtype);
+            // SAFETY: this child process runs this test alone on one thread, and nothing else
+            // in it reads the environment while it is set.
+            unsafe { std::env::set_var("XENT_CHUNK_ROWS", "8") };
+            let (_, gh_blocks, gw_blocks) = run(opts, dtype);
+            unsafe { std::env::remove_var("XENT_CHUNK_ROWS") };
+            let (scale_h, scale_w) = (largest(&gh_one), largest(&gw_one));
+            let (off_h, off_w) = (
+                farthest(&gh_blocks, &gh_one) / scale_h,
+                farthest(&gw_blocks, &gw_one) / scale_w,
+            );
+            println!(
+                "by blocks, {name} {dtype:?}: grad_hidden {off_h:.3e}, grad_weight {off_w:.3e} of \
+                 the largest value apart (bound {:.3e})",
+                2.0 * unit
+            );
+            if !(scale_h > 0.0 && off_h <= 2.0 * unit && off_w <= 2.0 * unit) {
+                failures.push(format!(
+                    "{name} {dtype:?}: by blocks against one block, grad_hidden {off_h:.3e} and \
+                     grad_weight {off_w:.3e} of the largest value apart (bound {:.3e})",
+                    2.0 * unit
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -8,7 +8,8 @@
 //! two-phase: the forward (`LinearPass::Forward`) keeps the label counts and per-row
 //! log-sum-exps, and the backward (`LinearPass::Backward`) computes the chunks' logits again and
 //! writes both gradients of `upstream · loss` (per row for `Reduction::None`) into one new buffer
-//! (the hidden states', then the weight's).
+//! (the hidden states', then the weight's). A gradient that is a sum (the weight's over chunks of
+//! rows, the hidden states' over blocks of the vocabulary) is summed in f32 and rounded once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -180,30 +181,18 @@ pub(super) fn forward(
         entropy: None,
         workspace: workspace.as_mut().map(|w| RawBuffer::of(&stream, w)),
     };
-    // The fused pass's gradients: the hidden states' in their dtype, the weight's summed over
-    // the chunks in f32 and rounded to its dtype once at the end.
+    // The fused pass's gradients, both in f32 and rounded to the values' dtype once at the end:
+    // the weight's is summed over the chunks of rows, and the hidden states' over the blocks of
+    // the vocabulary where chunks of fewer than `ROW_SCHEME_MIN_ROWS` rows take them by blocks.
     let (n_hidden, n_weight) = (hidden.len, head.len);
-    let mut grad_hidden = None;
-    let mut grad_weight = None;
+    let mut sums = None;
     let grads = if fused {
-        macro_rules! alloc_of {
-            ($t:ty) => {
-                CudaStorage::wrap_cuda_slice(
-                    stream.alloc_zeros::<$t>(n_hidden.max(1)).map_err(driver)?,
-                    device.clone(),
-                )
-            };
-        }
-        let mut hidden_grad = match dtype {
-            DType::F32 => alloc_of!(f32),
-            DType::F16 => alloc_of!(half::f16),
-            DType::Bf16 => alloc_of!(half::bf16),
-        };
+        let mut hidden_grad = stream.alloc_zeros::<f32>(n_hidden.max(1)).map_err(driver)?;
         let mut weight_grad = stream.alloc_zeros::<f32>(n_weight.max(1)).map_err(driver)?;
         let grads = RawLinearGrads {
             hidden: Some(RawGrad {
-                buffer: RawBuffer::new(storage_ptr(&mut hidden_grad, &stream)?, n_hidden),
-                dtype,
+                buffer: RawBuffer::new(RawBuffer::of(&stream, &mut hidden_grad).ptr, n_hidden),
+                dtype: DType::F32,
             }),
             weight: Some(RawGrad {
                 buffer: RawBuffer::new(RawBuffer::of(&stream, &mut weight_grad).ptr, n_weight),
@@ -212,26 +201,18 @@ pub(super) fn forward(
             bias: None,
             accumulate: false,
         };
-        grad_hidden = Some(hidden_grad);
-        grad_weight = Some(weight_grad);
+        sums = Some((hidden_grad, weight_grad));
         grads
     } else {
         RawLinearGrads::default()
     };
     run(&xent, &stream, &call, &dev_opts, pass, &out, &grads)?;
-    let grads = match (grad_hidden, grad_weight) {
-        (Some(h), Some(w)) => {
-            let w = CudaStorage::wrap_cuda_slice(w, device.clone());
-            // The f32 sums' own layout: the weight's shape from their start.
-            let sums = Layout::contiguous(l2.shape().clone());
-            let w = match dtype {
-                DType::F32 => w,
-                DType::F16 => w.to_dtype(&sums, CandleDType::F16)?,
-                DType::Bf16 => w.to_dtype(&sums, CandleDType::BF16)?,
-            };
-            [Some(h), Some(w)]
-        }
-        _ => [None, None],
+    let grads = match sums {
+        Some((h, w)) => [
+            Some(rounded(h, l1.shape(), dtype, &device)?),
+            Some(rounded(w, l2.shape(), dtype, &device)?),
+        ],
+        None => [None, None],
     };
     let result = match opts.reduction {
         Reduction::None => (
@@ -259,6 +240,36 @@ fn storage_ptr(storage: &mut CudaStorage, stream: &Arc<CudaStream>) -> candle_co
         CandleDType::F16 => RawBuffer::of(stream, storage.as_cuda_slice_mut::<half::f16>()?).ptr,
         CandleDType::BF16 => RawBuffer::of(stream, storage.as_cuda_slice_mut::<half::bf16>()?).ptr,
         other => candle_core::bail!("xent linear_cross_entropy: a gradient of {other:?}"),
+    })
+}
+
+/// `sums` (f32, of `shape` from their start) rounded once to `dtype`, as a storage of that dtype
+/// (`sums` itself for f32).
+fn rounded(
+    sums: CudaSlice<f32>,
+    shape: &candle_core::Shape,
+    dtype: DType,
+    device: &candle_core::CudaDevice,
+) -> candle_core::Result<CudaStorage> {
+    let stream = device.cuda_stream();
+    macro_rules! zeros {
+        ($t:ty) => {
+            // No elements: candle's conversion would launch an empty grid.
+            CudaStorage::wrap_cuda_slice(
+                stream.alloc_zeros::<$t>(1).map_err(driver)?,
+                device.clone(),
+            )
+        };
+    }
+    let empty = shape.elem_count() == 0;
+    let sums = CudaStorage::wrap_cuda_slice(sums, device.clone());
+    let layout = Layout::contiguous(shape.clone());
+    Ok(match dtype {
+        DType::F32 => sums,
+        DType::F16 if empty => zeros!(half::f16),
+        DType::Bf16 if empty => zeros!(half::bf16),
+        DType::F16 => sums.to_dtype(&layout, CandleDType::F16)?,
+        DType::Bf16 => sums.to_dtype(&layout, CandleDType::BF16)?,
     })
 }
 
@@ -390,7 +401,16 @@ pub(super) fn backward(
         entropy: None,
         workspace: None,
     };
+    // Both gradients packed in one buffer of the values' dtype. The blocks of the vocabulary
+    // each add to the hidden states' gradient: a 16-bit one is summed in f32 and rounded once,
+    // into the buffer's front.
     let (n_hidden, n_weight) = (hidden.len, head.len);
+    let mut sums = match dtype {
+        DType::F32 => None,
+        DType::F16 | DType::Bf16 => {
+            Some(stream.alloc_zeros::<f32>(n_hidden.max(1)).map_err(driver)?)
+        }
+    };
     macro_rules! grads_of {
         ($t:ty) => {{
             let mut packed = stream
@@ -398,9 +418,15 @@ pub(super) fn backward(
                 .map_err(driver)?;
             let base = RawBuffer::of(&stream, &mut packed).ptr;
             let grads = RawLinearGrads {
-                hidden: Some(RawGrad {
-                    buffer: RawBuffer::new(base, n_hidden),
-                    dtype,
+                hidden: Some(match sums.as_mut() {
+                    Some(sums) => RawGrad {
+                        buffer: RawBuffer::new(RawBuffer::of(&stream, sums).ptr, n_hidden),
+                        dtype: DType::F32,
+                    },
+                    None => RawGrad {
+                        buffer: RawBuffer::new(base, n_hidden),
+                        dtype,
+                    },
                 }),
                 weight: Some(RawGrad {
                     buffer: RawBuffer::new(base + (n_hidden * size_of::<$t>()) as u64, n_weight),
@@ -418,6 +444,16 @@ pub(super) fn backward(
                 &forward_out,
                 &grads,
             )?;
+            if let Some(sums) = sums.take().filter(|_| n_hidden > 0) {
+                let shape = candle_core::Shape::from(n_hidden);
+                let narrow = rounded(sums, &shape, dtype, &device)?;
+                stream
+                    .memcpy_dtod(
+                        narrow.as_cuda_slice::<$t>()?,
+                        &mut packed.slice_mut(0..n_hidden),
+                    )
+                    .map_err(driver)?;
+            }
             CudaStorage::wrap_cuda_slice(packed, device)
         }};
     }
