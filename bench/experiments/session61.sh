@@ -4,6 +4,7 @@
 # 59, 57, ...), whose setup (bundle/bin unpacked, python/xent over the site) runs first.
 # `first`  on an H200: issue 12's whole table (`full`); on another card: the Rust linear suite
 #          and the whole pytest (`f32h`: session 60's typed f32 grad_hidden test, never GPU-run).
+# `h200full` issue 12's whole table (`full`) where the card is an H200; elsewhere nothing.
 # `candle` the candle-cuda suite (the two-phase backward's f32 grad_hidden) when its binaries
 #          travel in the bundle.
 # `candlebench` bench-candle's linear rows (the fused path, whose grad_hidden is now an f32 sum)
@@ -21,6 +22,11 @@ for mode in "$@"; do
         TT=${TT:-420} bash "$here/session60.sh" full
       else
         bash "$here/session60.sh" f32h
+      fi ;;
+    h200full)
+      nvidia-smi -L
+      if nvidia-smi -L | grep -q H200; then
+        TT=${TT:-500} bash "$here/session60.sh" full
       fi ;;
     candle|candlebench)
       # The candle-cuda binaries travel alone in bundle/c61.tar.xz (the whole bin.tar.xz and
