@@ -14,6 +14,14 @@
 #          sums), which it should fail.
 set -u
 here=$(dirname "$0")
+# The candle-cuda binaries link cuBLAS, cuRAND and NVRTC by soname: PyTorch's CUDA wheels have
+# them beside cuBLASLt.
+cuda_libs() {
+  local lt
+  lt=$(python3 -c 'import glob, site
+print(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/**/libcublasLt.so.*", recursive=True))[0])')
+  export XENT_CUBLASLT=$lt LD_LIBRARY_PATH="$(dirname "$lt")"
+}
 for mode in "$@"; do
   case $mode in
     first)
@@ -34,9 +42,7 @@ for mode in "$@"; do
       # and bench-candle-base, the bench of the build before the change.
       echo "=== $mode $(date +%T)"
       [[ -x /tmp/c61/bin/candle_cuda ]] || { mkdir -p /tmp/c61 && xz -dc bundle/c61.tar.xz | tar -x -C /tmp/c61; }
-      lt=$(python3 -c 'import glob, site
-print(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/**/libcublasLt.so.*", recursive=True))[0])')
-      export XENT_CUBLASLT=$lt LD_LIBRARY_PATH="$(dirname "$lt")"
+      cuda_libs
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
       if [[ $mode == candle ]]; then
         XENT_REQUIRE_GPU=1 timeout ${TR:-240} /tmp/c61/bin/candle_cuda --test-threads=1 --nocapture 2>&1 |
@@ -56,9 +62,7 @@ print(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/**/libcublasLt.so.*"
     candleab)
       echo "=== $mode $(date +%T)"
       [[ -x /tmp/c61b/bin/candle_cuda ]] || { mkdir -p /tmp/c61b && xz -dc bundle/c61b.tar.xz | tar -x -C /tmp/c61b; }
-      lt=$(python3 -c 'import glob, site
-print(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/**/libcublasLt.so.*", recursive=True))[0])')
-      export XENT_CUBLASLT=$lt LD_LIBRARY_PATH="$(dirname "$lt")"
+      cuda_libs
       for build in candle_cuda candle_cuda-base; do
         echo "--- $build"
         args=(--test-threads=1 --nocapture)
