@@ -651,6 +651,73 @@ impl RawOut {
     }
 }
 
+/// Raw device buffers of a linear call's scratch for `lens`, allocated by the test: the chunk of
+/// logits, cuBLASLt's workspace, the causal shift's labels for `rows` rows and bf16 ones.
+struct RawScratch {
+    chunk_rows: usize,
+    logits: cudarc::driver::CudaSlice<u8>,
+    gemm: cudarc::driver::CudaSlice<u8>,
+    shifted: cudarc::driver::CudaSlice<u8>,
+    ones: cudarc::driver::CudaSlice<xent::half::bf16>,
+}
+
+impl RawScratch {
+    fn new(
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        lens: &xent::linear::LinearScratchLens,
+        rows: usize,
+    ) -> RawScratch {
+        RawScratch {
+            chunk_rows: lens.chunk_rows,
+            logits: stream.alloc_zeros(lens.logits_bytes).unwrap(),
+            gemm: stream.alloc_zeros(lens.gemm_workspace_bytes).unwrap(),
+            shifted: stream.alloc_zeros(rows * 8).unwrap(),
+            ones: stream
+                .clone_htod(&vec![xent::half::bf16::ONE; lens.ones_len.max(1)])
+                .unwrap(),
+        }
+    }
+
+    fn raw(
+        &mut self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> xent::linear::RawLinearScratch {
+        use xent::raw::RawBuffer;
+        xent::linear::RawLinearScratch {
+            chunk_rows: self.chunk_rows,
+            logits: RawBuffer::of(stream, &mut self.logits),
+            gemm_workspace: RawBuffer::of(stream, &mut self.gemm),
+            labels: Some(RawBuffer::of(stream, &mut self.shifted)),
+            ones: Some(RawBuffer::of(stream, &mut self.ones)),
+        }
+    }
+}
+
+/// The raw call of the raw tests: `hidden` (the caller's view of them), and the weight, bias and
+/// labels of [`raw_inputs`].
+fn raw_call(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    hidden: xent::raw::RawBuffer,
+    (weight, bias, labels): (
+        &cudarc::driver::CudaSlice<xent::half::bf16>,
+        &cudarc::driver::CudaSlice<xent::half::bf16>,
+        &cudarc::driver::CudaSlice<i64>,
+    ),
+    shape: LinearShape,
+) -> xent::linear::RawLinearCall {
+    use xent::raw::RawBuffer;
+    xent::linear::RawLinearCall {
+        hidden,
+        weight: RawBuffer::new(weight.device_ptr(stream).0, weight.len()),
+        bias: Some(RawBuffer::new(bias.device_ptr(stream).0, bias.len())),
+        dtype: DType::Bf16,
+        labels: RawBuffer::new(labels.device_ptr(stream).0, labels.len()),
+        label_type: xent::raw::LabelType::I64,
+        shape,
+        class_weight: None,
+    }
+}
+
 /// The bf16 inputs of the raw tests over `shape` (777 classes): hidden states (on the host) from
 /// `seed`, the weight and bias (on the device) from `seed + 1` and `seed + 2`, labels `53·r mod
 /// 777` with row 7 ignored.
@@ -678,6 +745,24 @@ fn raw_inputs(
     (hidden, weight, bias, stream.clone_htod(&labels).unwrap())
 }
 
+/// The raw tests' setup: the GPU's handle (None without a GPU), cuBLASLt, the handle's default
+/// stream and [`raw_inputs`] over `shape` from `seed`.
+type RawSetup = (
+    &'static xent::CrossEntropy,
+    xent::cublaslt::CublasLt,
+    std::sync::Arc<cudarc::driver::CudaStream>,
+    RawInputs,
+);
+
+fn raw_setup(shape: LinearShape, seed: u64) -> Option<RawSetup> {
+    let xent = xent_tests::gpu()?;
+    let blas =
+        xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt (set XENT_CUBLASLT)");
+    let stream = xent.context().default_stream();
+    let inputs = raw_inputs(&stream, shape, seed);
+    Some((xent, blas, stream, inputs))
+}
+
 /// The raw passes against the typed fused call (f32 weight gradient, from zero): a fused pass
 /// with 16-bit weight and bias gradients overwritten (no zeroing), and a forward pass then a
 /// backward pass with an upstream gradient (one value, and one per row), whose gradients are the
@@ -685,22 +770,19 @@ fn raw_inputs(
 #[test]
 fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
     use xent::half::bf16;
-    use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
-    use xent::raw::{LabelType, RawBuffer};
-    let Some(xent) = xent_tests::gpu() else {
-        return;
-    };
-    let blas =
-        xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt (set XENT_CUBLASLT)");
-    let stream = xent.context().default_stream();
+    use xent::linear::{LinearPass, RawGrad, RawLinearGrads};
+    use xent::raw::RawBuffer;
     let shape = LinearShape {
         batch: 3,
         seq_len: 29,
         hidden: 64,
         vocab: 777,
     };
+    let Some((xent, blas, stream, (hidden_host, weight, bias, labels))) = raw_setup(shape, 21)
+    else {
+        return;
+    };
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let (hidden_host, weight, bias, labels) = raw_inputs(&stream, shape, 21);
     let hidden = stream.clone_htod(&hidden_host).unwrap();
     let budget = Some(16 * v * 2); // chunks of 16 rows, the last shorter
     let mut failures = Vec::new();
@@ -738,31 +820,18 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
         let want_gw: Vec<f64> = host_f64(&stream, &gw);
         let want_gb: Vec<f64> = host_f64(&stream, &gb);
 
-        let call = RawLinearCall {
-            hidden: RawBuffer::new(hidden.device_ptr(&stream).0, hidden.len()),
-            weight: RawBuffer::new(weight.device_ptr(&stream).0, weight.len()),
-            bias: Some(RawBuffer::new(bias.device_ptr(&stream).0, bias.len())),
-            dtype: DType::Bf16,
-            labels: RawBuffer::new(labels.device_ptr(&stream).0, labels.len()),
-            label_type: LabelType::I64,
+        let call = raw_call(
+            &stream,
+            RawBuffer::new(hidden.device_ptr(&stream).0, hidden.len()),
+            (&weight, &bias, &labels),
             shape,
-            class_weight: None,
-        };
+        );
         let lens = xent
             .raw_linear_scratch_lens(&call, &opts, LinearPass::Fused, budget)
             .unwrap();
         assert_eq!(lens.chunk_rows, 16);
-        let mut logits = stream.alloc_zeros::<u8>(lens.logits_bytes).unwrap();
-        let mut gemm = stream.alloc_zeros::<u8>(lens.gemm_workspace_bytes).unwrap();
-        let mut shifted = stream.alloc_zeros::<u8>(rows * 8).unwrap();
-        let mut ones = stream.clone_htod(&vec![bf16::ONE; lens.ones_len]).unwrap();
-        let scratch = RawLinearScratch {
-            chunk_rows: lens.chunk_rows,
-            logits: RawBuffer::of(&stream, &mut logits),
-            gemm_workspace: RawBuffer::of(&stream, &mut gemm),
-            labels: Some(RawBuffer::of(&stream, &mut shifted)),
-            ones: Some(RawBuffer::of(&stream, &mut ones)),
-        };
+        let mut scratch_buffers = RawScratch::new(&stream, &lens, rows);
+        let scratch = scratch_buffers.raw(&stream);
         let mut raw_out = RawOut::new(&stream, rows, lens.loss_workspace_len);
         // Garbage in the overwritten gradients: a pass without `accumulate` must not read it.
         let mut gh16 = stream
@@ -943,22 +1012,19 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
 #[test]
 fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
     use xent::half::bf16;
-    use xent::linear::{LinearPass, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch};
-    use xent::raw::{LabelType, RawBuffer};
-    let Some(xent) = xent_tests::gpu() else {
-        return;
-    };
-    let blas =
-        xent::cublaslt::CublasLt::open(&[]).expect("a GPU but no cuBLASLt (set XENT_CUBLASLT)");
-    let stream = xent.context().default_stream();
+    use xent::linear::{LinearPass, RawGrad, RawLinearGrads};
+    use xent::raw::RawBuffer;
     let shape = LinearShape {
         batch: 2,
         seq_len: 200,
         hidden: 64,
         vocab: 777,
     };
+    let Some((xent, blas, stream, (hidden_host, weight, bias, labels))) = raw_setup(shape, 31)
+    else {
+        return;
+    };
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let (hidden_host, weight, bias, labels) = raw_inputs(&stream, shape, 31);
     let opt_sets = [
         ("plain", Options::default()),
         (
@@ -997,30 +1063,15 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
                 .clone_htod(&vec![bf16::from_f32(7.0); v * d])
                 .unwrap();
             let mut gb = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
-            let call = RawLinearCall {
-                hidden: RawBuffer::of(&stream, &mut hidden),
-                weight: RawBuffer::new(weight.device_ptr(&stream).0, weight.len()),
-                bias: Some(RawBuffer::new(bias.device_ptr(&stream).0, bias.len())),
-                dtype: DType::Bf16,
-                labels: RawBuffer::new(labels.device_ptr(&stream).0, labels.len()),
-                label_type: LabelType::I64,
+            let call = raw_call(
+                &stream,
+                RawBuffer::of(&stream, &mut hidden),
+                (&weight, &bias, &labels),
                 shape,
-                class_weight: None,
-            };
+            );
             let lens = xent.raw_linear_scratch_lens(&call, &opts, LinearPass::Fused, budget)?;
-            let mut logits = stream.alloc_zeros::<u8>(lens.logits_bytes).unwrap();
-            let mut gemm = stream.alloc_zeros::<u8>(lens.gemm_workspace_bytes).unwrap();
-            let mut shifted = stream.alloc_zeros::<u8>(rows * 8).unwrap();
-            let mut ones = stream
-                .clone_htod(&vec![bf16::ONE; lens.ones_len.max(1)])
-                .unwrap();
-            let scratch = RawLinearScratch {
-                chunk_rows: lens.chunk_rows,
-                logits: RawBuffer::of(&stream, &mut logits),
-                gemm_workspace: RawBuffer::of(&stream, &mut gemm),
-                labels: Some(RawBuffer::of(&stream, &mut shifted)),
-                ones: Some(RawBuffer::of(&stream, &mut ones)),
-            };
+            let mut scratch_buffers = RawScratch::new(&stream, &lens, rows);
+            let scratch = scratch_buffers.raw(&stream);
             let grads = RawLinearGrads {
                 hidden: Some(match (in_place, hidden_f32) {
                     (true, f32) => RawGrad {
