@@ -179,35 +179,6 @@ fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
     // Few rows: the 64 MiB floor, capped at the rows there are.
     assert_eq!(linear::chunk_rows(100, 128256, DType::Bf16, None), 100);
     assert_eq!(linear::chunk_rows(1, 32000, DType::F32, None), 1);
-    // Wide rows: the default holds a chunk of the row scheme (192 rows, or every row), where
-    // the 64 MiB floor would hold 131 rows of 256000 bf16 classes (and take the gradients by
-    // blocks of the vocabulary, `grad_hidden` summed over them); so does the budget a caller
-    // derives from it (the Python package's, beside a copy of its scored rows).
-    assert_eq!(linear::chunk_rows(1000, 256000, DType::Bf16, None), 192);
-    for v in [32000, 128256, 163841, 256000, 262144] {
-        for dtype in [DType::Bf16, DType::F32] {
-            for rows in [
-                1, 131, 150, 191, 192, 193, 500, 1000, 1637, 1638, 2000, 8192,
-            ] {
-                let want = rows.min(linear::ROW_SCHEME_MIN_ROWS);
-                let chunk = linear::chunk_rows(rows, v, dtype, None);
-                assert!(chunk >= want, "{rows} x {v} {dtype:?}: {chunk} rows");
-                let total = linear::chunks_budget_bytes(rows, v, dtype, None);
-                let within = linear::logits_budget_within(total);
-                let chunk = linear::chunk_rows(rows, v, dtype, Some(within));
-                assert!(
-                    chunk >= want,
-                    "{rows} x {v} {dtype:?}, {within} bytes: {chunk} rows"
-                );
-                // No more than the floors ask for where an eighth of the logits is less.
-                let floor = (want * v * dtype.bytes() * 16 / 15 + 512).max(linear::MIN_CHUNK_BYTES);
-                assert!(
-                    total <= floor.max(rows * v * dtype.bytes() / 8) + 1,
-                    "{rows} x {v} {dtype:?}: {total} bytes"
-                );
-            }
-        }
-    }
     // An explicit budget (256 rows fit exactly: 32 chunks), and one below a row: still one row.
     assert_eq!(
         linear::chunk_rows(8192, 128256, DType::Bf16, Some(256 * 128256 * 2)),
@@ -225,9 +196,6 @@ fn chunks_fit_the_budget_and_default_to_an_eighth_of_the_logits() {
         linear::chunk_rows(1000, 10, DType::F32, Some(300 * 40)),
         256
     );
-    // ... but not below the row scheme's 192 rows where they fit: 300 rows under 200 take 192 +
-    // 108, not two chunks of 160 (which would take the gradients by blocks of the vocabulary).
-    assert_eq!(linear::chunk_rows(300, 10, DType::F32, Some(200 * 40)), 192);
     for rows in [1, 7, 8, 9, 1000, 8192, 16384] {
         for budget in [None, Some(1 << 20), Some(1 << 30)] {
             let chunk = linear::chunk_rows(rows, 32000, DType::Bf16, budget);

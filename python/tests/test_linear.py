@@ -413,17 +413,6 @@ def test_skip_ignored_keeps_the_copy_within_the_calls_budget():
     half, in_place = linear._rows_budget(n, n // 2, d, v, bf16, None, True, True)
     assert not in_place and half == _xent.linear_logits_within(total - 16 * (n // 2))
     assert half > _xent.linear_chunks_budget(n // 2, v, "bfloat16")
-    # Few wide rows (1000 x 256000): the default holds 192 rows of logits (the row scheme), not
-    # the 64 MiB floor's 131; the scored rows' fused pass keeps the row scheme too, in place
-    # (beside the copy and its gradient the chunks would hold 176 rows, by blocks of the
-    # vocabulary), and a pass with half the rows scored beside its copy.
-    wide = 256000
-    total = _xent.linear_chunks_budget(1000, wide, "bfloat16")
-    assert _xent.linear_chunk_rows(1000, wide, "bfloat16", _xent.linear_logits_within(total)) == 192
-    budget, in_place = linear._rows_budget(1000, 857, d, wide, bf16, None, True, True)
-    assert in_place and _xent.linear_chunk_rows(857, wide, "bfloat16", budget) == 192
-    budget, in_place = linear._rows_budget(1000, 500, d, wide, bf16, None, True, True)
-    assert not in_place and _xent.linear_chunk_rows(500, wide, "bfloat16", budget) >= 192
 
 
 @cuda_only

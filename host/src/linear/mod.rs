@@ -100,11 +100,8 @@ impl LinearShape {
 
 /// The default memory budget of a call: an eighth of the whole `[N, V]` logits (the issue's
 /// target: at most 1/8 of the unfused path's extra memory), and at least [`MIN_CHUNK_BYTES`], so
-/// that a chunk keeps the GEMMs large enough to run at speed, and at least a chunk of the row
-/// scheme ([`ROW_SCHEME_MIN_ROWS`] rows, or every row), so that a default `Fused` pass writes the
-/// hidden states' gradient once a row instead of summing it over blocks of the vocabulary. Of
-/// it, [`GEMM_SHARE`] goes to cuBLASLt's workspace ([`gemm_workspace_bytes`]) and the rest to a
-/// chunk of logits.
+/// that a chunk keeps the GEMMs large enough to run at speed. Of it, [`GEMM_SHARE`] goes to
+/// cuBLASLt's workspace ([`gemm_workspace_bytes`]) and the rest to a chunk of logits.
 pub const DEFAULT_BUDGET_FRACTION: usize = 8;
 /// The smallest default budget: 64 MiB holds 256 rows of a 128256-class bf16 vocabulary (Liger's
 /// chunk).
@@ -120,22 +117,9 @@ pub fn gemm_workspace_bytes(logits_bytes: usize) -> usize {
 
 /// The default memory of a call's chunks (a chunk of logits and cuBLASLt's workspace together):
 /// [`DEFAULT_BUDGET_FRACTION`] of the whole `[rows, vocab]` logits, at least [`MIN_CHUNK_BYTES`].
-/// [`DEFAULT_BUDGET_FRACTION`] of the whole `[rows, vocab]` logits, at least [`MIN_CHUNK_BYTES`]
-/// and at least [`ROW_SCHEME_MIN_ROWS`] rows of logits (or every row) beside cuBLASLt's share:
-/// that floor binds below 1638 rows where a row of logits is over 327 KiB (a bf16 vocabulary of
-/// more than 163840 classes, an f32 one of more than 81920).
 pub fn default_budget_bytes(rows: usize, vocab: usize, dtype: DType) -> usize {
-    let row_bytes = vocab.saturating_mul(dtype.bytes());
-    let logits = rows.saturating_mul(row_bytes);
-    // `total - total / GEMM_SHARE` (what `chunk_rows` gives the logits) holds the chunk, and so
-    // does `logits_budget_within(total)` (the workspace's 256 bytes of its own: 512 more).
-    let chunk = ROW_SCHEME_MIN_ROWS.min(rows).saturating_mul(row_bytes);
-    let row_scheme = chunk
-        .saturating_add(chunk.div_ceil(GEMM_SHARE - 1))
-        .saturating_add(512);
-    (logits / DEFAULT_BUDGET_FRACTION)
-        .max(MIN_CHUNK_BYTES)
-        .max(row_scheme)
+    let logits = rows.saturating_mul(vocab).saturating_mul(dtype.bytes());
+    (logits / DEFAULT_BUDGET_FRACTION).max(MIN_CHUNK_BYTES)
 }
 
 /// The memory a call of `rows` rows may give its chunks: `budget_bytes` of logits (the caller's)
@@ -173,8 +157,8 @@ pub fn logits_budget_within(total: usize) -> usize {
 }
 
 /// Rows per chunk of logits for `rows` rows of `vocab` classes of `dtype` under `budget_bytes`
-/// (`None`: the default, [`default_budget_bytes`] less cuBLASLt's share, which holds at least
-/// [`ROW_SCHEME_MIN_ROWS`] rows): at least 1 and at most `rows`. The rows are
+/// (`None`: the default, [`DEFAULT_BUDGET_FRACTION`] of the whole logits but at least
+/// [`MIN_CHUNK_BYTES`], less cuBLASLt's share): at least 1 and at most `rows`. The rows are
 /// split into as few chunks of equal size as fit (the last one may be shorter), rounded to whole
 /// GEMM tiles ([`chunk_granule`] rows) or to 16 rows where whole tiles would not fit.
 pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<usize>) -> usize {
@@ -195,23 +179,16 @@ pub fn chunk_rows(rows: usize, vocab: usize, dtype: DType, budget_bytes: Option<
     // As few chunks as fit, of equal size rounded up to the granule, else to 16 rows (a short
     // last chunk costs more than a partial tile: H200, 8192 x 4096 x 128256 bf16, nine chunks of
     // 912 rows 40.76 / 41.63 ms against 41.39 / 42.17 for nine of 896 and a tail of 128), else
-    // down to the granule (one chunk more). Never below the row scheme's chunk where one fits: a
-    // `Fused` pass of smaller chunks would take the gradients by blocks of the vocabulary
-    // (`ROW_SCHEME_MIN_ROWS`, a multiple of every granule up to 32, the largest below 512 rows).
+    // down to the granule (one chunk more).
     let chunks = rows.div_ceil(fit);
     let even = rows.div_ceil(chunks);
     let (whole, sixteens) = (even.next_multiple_of(granule), even.next_multiple_of(16));
-    let chunk = if whole <= fit {
+    if whole <= fit {
         whole
     } else if granule > 16 && sixteens <= fit {
         sixteens
     } else {
         fit / granule * granule
-    };
-    if fit >= ROW_SCHEME_MIN_ROWS {
-        chunk.max(ROW_SCHEME_MIN_ROWS)
-    } else {
-        chunk
     }
 }
 

@@ -5,8 +5,7 @@ logits never exist whole. ``FusedLinearCrossEntropyLoss`` takes the arguments of
 ``LigerFusedLinearCrossEntropyLoss`` and can replace it.
 
 Memory: one chunk of logits (``chunk_bytes``; by default an eighth of the whole logits, at least
-64 MiB and at least 192 rows of them), cuBLASLt's workspace, and the gradients themselves. Modes
-(``two_phase``):
+64 MiB), cuBLASLt's workspace, and the gradients themselves. Modes (``two_phase``):
 
 - fused (default for the mean and sum reductions): the forward computes the loss and every
   gradient (three GEMMs per chunk: the logits, ``grad_hidden = G·W``, ``grad_weight += Gᵀ·h``)
@@ -24,8 +23,8 @@ does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or 
 buffer more, exact to f32 accumulation). The hidden states' gradient is written once a row by
 chunks of rows, but by blocks of the vocabulary it is summed over the blocks: the two-phase
 backward sums it in an f32 ``[N, D]`` buffer converted once; the fused pass's chunks under 192
-rows (only from a ``chunk_bytes`` under 192 rows of logits: the default holds at least 192) sum
-it in the hidden states' dtype (one rounding a block) unless ``accum_dtype=torch.float32``.
+rows sum it in the hidden states' dtype (one rounding a block) unless
+``accum_dtype=torch.float32``.
 
 CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
 CPU reference). Under ``torch.compile`` the passes are the custom operators
@@ -676,9 +675,7 @@ def linear_cross_entropy(
     - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none and
       with ``return_entropy`` (see the module's doc for each mode's cost).
     - ``chunk_bytes``: the memory of one chunk of logits (None: an eighth of the whole logits,
-      at least 64 MiB and at least 192 rows of them); smaller saves memory and costs time, and
-      under 192 rows a fused pass takes the gradients by blocks of the vocabulary (the hidden
-      states' summed over them in their dtype unless ``accum_dtype=torch.float32``).
+      at least 64 MiB); smaller saves memory and costs time.
     - ``return_predicted_tokens``: Liger's: also return each scored row's first maximal logit's
       class (``predicted_tokens`` of the ``CrossEntropyOutput``: int64, ``target``'s shape, -1
       for a row not scored), found on each chunk of logits before its gradient overwrites it (a
@@ -850,9 +847,8 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     and ``needs_grad``: the gradients in the forward, no hidden states kept for a backward) also
     the copy's gradient, less the whole ``[rows, features]`` gradient that a call over every row
     holds too. A two-phase call holds the copy beside its forward's chunks. Where that leaves no
-    room, or where a fused pass's chunks would leave the row scheme (``_xent.LINEAR_ROW_SCHEME_MIN_ROWS``
-    rows or all of them) that every row's take, a fused pass may write the copy's gradient over
-    the copy (``in place``, where its chunks take the row scheme), which costs
+    room, a fused pass may write the copy's gradient over the copy (``in place``, where its chunks
+    take the row scheme: ``_xent.LINEAR_ROW_SCHEME_MIN_ROWS`` rows or all of them), which costs
     nothing but the overlap of its two gradient GEMMs. 8192 x 4096 x 128256 bf16 with one row in
     seven ignored, fused: at the default budget chunks of 784 scored rows beside the copy and its
     gradient (250 MiB in all); at Liger's 256 rows in place (28 chunks of 256 for 7021 rows)."""
@@ -864,11 +860,7 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     fused = fused and needs_grad
     held = copy + (scored * row_bytes - rows * row_bytes if fused else 0)
     left = _xent.linear_logits_within(max(total - max(held, 0), 0))
-    # A fused pass keeps the row scheme where every row's chunks would take it: smaller chunks
-    # would sum the hidden states' gradient over blocks of the vocabulary.
-    keeps_scheme = (not fused or _row_scheme(_xent.linear_chunk_rows(scored, vocab, name, left), scored)
-                    or not _row_scheme(_xent.linear_chunk_rows(rows, vocab, name, whole), rows))
-    if 2 * left >= whole and keeps_scheme:
+    if 2 * left >= whole:
         return left, False
     # In place (a fused pass's backward then holds the copy's gradient beside the whole one).
     if fused and scored * row_bytes <= total:
