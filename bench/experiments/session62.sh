@@ -6,6 +6,10 @@
 #          (session 61's mend of its raw tests, never GPU-run), the candle-cuda suite and the
 #          whole pytest (`f32h`).
 # `second` on an H200: issue 13's soft-cap sweep (`capsweep`); elsewhere nothing.
+# `f32sum` the fused pass's f32 sum of grad_hidden over vocabulary blocks (the tree's package)
+#          against the same with it refused (linear_bench_no_f32sum.py): `xent_linear` at the
+#          default budget where its 64 MiB floor makes the blocks, two rounds alternating; then
+#          the package's tests of those sums.
 set -u
 here=$(dirname "$0")
 for mode in "$@"; do
@@ -16,6 +20,22 @@ for mode in "$@"; do
       if nvidia-smi -L | grep -q H200; then
         TT=${TT:-500} bash "$here/session60.sh" capsweep
       fi ;;
+    f32sum)
+      bash "$here/session60.sh"  # its setup alone: bundle/bin, python/xent over the site
+      echo "=== $mode $(date +%T)"
+      cp bench/linear_bench.py bench/experiments/linear_bench_no_f32sum.py bundle/
+      for round in 1 2; do
+        for build in before after; do
+          script=linear_bench.py
+          [[ $build == before ]] && script=linear_bench_no_f32sum.py
+          echo "--- round $round $build"
+          (cd bundle && PYTHONPATH="$PWD/python/site" timeout ${TB:-150} python3 $script \
+            --configs ${LC:-1000:4096:256000,1535:4096:256000,600:2304:256000} --only xent_linear --curve "") 2>&1 |
+            grep -E '^\| xent|Error|error' | tail -8
+        done
+      done
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site" timeout ${TP:-200} python3 -m pytest -q \
+        -p no:cacheprovider python/tests/test_linear.py -rfE -k "f32_sum or blocks_in_f32 or accum or budget" 2>&1 | tail -6 ;;
     *) bash "$here/session61.sh" "$mode" ;;
   esac
 done

@@ -176,8 +176,9 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
     """By blocks of the vocabulary (126 blocks of 8 classes at 4 rows' logits over 512 rows) the
     hidden states' gradient is a sum over the blocks: the two-phase backward, and a fused pass
     with ``accum_dtype=torch.float32``, sum it in an f32 buffer converted once, so they are
-    nearer the float64 reference than a fused pass's sum in bfloat16 (one rounding a block); all
-    come back in bfloat16."""
+    nearer the float64 reference than a fused pass's sum in bfloat16 (one rounding a block; 4
+    rows' logits leave no room for the f32 buffer, ``_f32_sum_budget``); all come back in
+    bfloat16."""
     import xent.torch.linear as linear
 
     h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
@@ -206,6 +207,45 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
     assert seen == [torch.bfloat16, torch.float32, torch.float32], seen
     bf16_sum = errors["fused", None]
     assert errors["fused", torch.float32] < bf16_sum and errors["two-phase", None] < bf16_sum, errors
+
+
+@cuda_only
+def test_fused_blocks_sum_grad_hidden_in_f32_within_the_budget(monkeypatch):
+    """A fused pass whose chunks take the gradients by blocks of the vocabulary (under 192 rows)
+    sums the hidden states' gradient in an f32 buffer taken out of its budget where the buffer
+    fits in half of it (``_f32_sum_budget``), converted once to bfloat16: nearer the float64
+    reference than the sum in bfloat16 (the same call with the buffer refused), and as near as
+    one rounding allows. 512 x 64 x 1003 at 160 rows' logits: 94 rows' logits beside the 128 KiB
+    buffer, blocks of 128 classes."""
+    import xent.torch.linear as linear
+
+    h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
+    budget = 160 * 1003 * 2
+    assert linear._f32_sum_budget(512, 64, 1003, torch.bfloat16, budget) is not None
+    assert linear._f32_sum_budget(512, 64, 1003, torch.bfloat16, 128 * 1003 * 2) is None
+    seen = []
+    real = linear._xent.linear
+
+    def spy(*args):
+        seen.append(args[15][0][1])  # the hidden states' gradient's dtype, as the call got it
+        return real(*args)
+
+    monkeypatch.setattr(linear._xent, "linear", spy)
+    errors = {}
+    for f32_sum in (True, False):
+        if not f32_sum:
+            monkeypatch.setattr(linear, "_f32_sum_budget", lambda *args: None)
+        hh = h.detach().clone().requires_grad_(True)
+        loss = xt.linear_cross_entropy(hh, w, y, chunk_bytes=budget)
+        loss.backward()
+        assert hh.grad.dtype == torch.bfloat16
+        ref = LinearReference(hh, w, None, y, None)
+        check_loss(loss, ref.ref.loss, torch.bfloat16, ref.zmax)
+        errors[f32_sum] = float((hh.grad.to(F64) - ref.grad_h.to(hh.device)).abs().max())
+        if f32_sum:
+            close(hh.grad, ref.grad_h, ref.terms_h, torch.bfloat16, ref.zmax, "grad_hidden (f32 sum)")
+    assert seen == ["float32", "bfloat16"], seen
+    assert errors[True] < errors[False], errors
 
 
 @pytest.mark.parametrize("device", DEVICES)

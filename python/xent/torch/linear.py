@@ -22,9 +22,10 @@ does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or 
 ``accum_dtype=torch.float32``, converted to the weight's dtype in backward (an f32 ``[V, D]``
 buffer more, exact to f32 accumulation). The hidden states' gradient is written once a row by
 chunks of rows, but by blocks of the vocabulary it is summed over the blocks: the two-phase
-backward sums it in an f32 ``[N, D]`` buffer converted once; the fused pass's chunks under 192
-rows sum it in the hidden states' dtype (one rounding a block) unless
-``accum_dtype=torch.float32``.
+backward sums it in an f32 ``[N, D]`` buffer converted once; so do the fused pass's chunks under
+192 rows where that buffer fits in half their budget (taken out of it: the default budget's 64
+MiB floor, up to 4096 features at 1000 rows), else they sum it in the hidden states' dtype (one
+rounding a block) unless ``accum_dtype=torch.float32``.
 
 CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
 CPU reference). Under ``torch.compile`` the passes are the custom operators
@@ -150,17 +151,28 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
         _xent.linear_scratch(handle, *inputs, checked, pass_name, chunk_bytes, split,
                              (predicted is not None, entropy is not None))
     )
+    want_h, want_w, want_b = grads
+    rows = call.hidden.shape[0]
+    in_place = grad_in_place and pass_name == "fused" and shard is None and _row_scheme(chunk_rows, rows)
+    grad_dtype = accum_dtype or call.weight.dtype
+    h_dtype = _grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
+    rounded_h = None  # the dtype an f32 sum of the hidden states' gradient is converted to
+    if want_h and pass_name == "fused" and h_dtype != torch.float32 and not _row_scheme(chunk_rows, rows):
+        # By blocks of the vocabulary: the sum in f32, where its buffer fits in the chunks' budget.
+        width = call.weight.shape[0] if shard is None else -(-shard.vocab_size // shard.world)
+        budget = _f32_sum_budget(rows, call.hidden.shape[1], width, call.hidden.dtype, chunk_bytes)
+        if budget is not None:
+            chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len, gather_words = (
+                _xent.linear_scratch(handle, *inputs, checked, pass_name, budget, split,
+                                     (predicted is not None, entropy is not None))
+            )
+            rounded_h, h_dtype = h_dtype, torch.float32
     u8 = dict(dtype=torch.uint8, device=device)
     logits = torch.empty(max(logits_bytes, 1), **u8)
     gemm = torch.empty(gemm_bytes, **u8)
     labels = torch.empty(labels_bytes, **u8) if labels_bytes else None
     ones = torch.ones(ones_len, dtype=call.hidden.dtype, device=device) if ones_len else None
     workspace = torch.empty(workspace_len, dtype=torch.float32, device=device) if workspace_len else None
-    want_h, want_w, want_b = grads
-    in_place = (grad_in_place and pass_name == "fused" and shard is None
-                and _row_scheme(chunk_rows, call.hidden.shape[0]))
-    grad_dtype = accum_dtype or call.weight.dtype
-    h_dtype = _grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
     grad_h = (call.hidden.detach() if in_place else torch.empty(call.hidden.shape, dtype=h_dtype, device=device)
               ) if want_h else None
     grad_w = torch.empty(call.weight.shape, dtype=grad_dtype, device=device) if want_w else None
@@ -189,15 +201,37 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
             (chunk_rows, _buffer(logits), _buffer(gemm), _buffer(labels), _buffer(ones)),
             _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), split, gather,
         )
+    if rounded_h is not None:
+        grad_h = grad_h.to(rounded_h)
     return grad_h, grad_w, grad_b
 
 
+def _f32_sum_budget(rows, features, width, dtype, chunk_bytes):
+    """The chunks' budget (bytes of logits) of a fused pass whose chunks take the gradients by
+    blocks of the vocabulary (``width`` classes a chunk's row, a shard's by the even split) and
+    sum the hidden states' gradient over them in an f32 ``[rows, features]`` buffer (converted
+    once to ``dtype`` at the end) taken out of the call's budget (``chunk_bytes`` or the default,
+    with cuBLASLt's workspace), so that the pass holds no more than it would summing in ``dtype``;
+    None where the buffer would take more than half the budget's logits (the pass then sums in
+    ``dtype``, one rounding a block). At the default budget that is where an eighth of the logits
+    holds fewer than 192 rows, the 64 MiB floor: 1000 x 4096 x 256000 bf16 keeps 48 MiB of
+    logits beside a 16 MiB buffer."""
+    total = _xent.linear_chunks_budget(rows, width, _dtype_name(dtype), chunk_bytes)
+    logits = _xent.linear_logits_within(total)
+    buffer = 4 * rows * features
+    if 2 * buffer > logits:
+        return None
+    return _xent.linear_logits_within(total - buffer)
+
+
 def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
-    """The dtype a pass writes the hidden states' gradient in: f32 where it may be summed over
+    """The dtype a pass returns the hidden states' gradient in: f32 where it may be summed over
     blocks of the vocabulary (the two-phase backward always is; a fused pass is in chunks under
-    192 rows, where only ``accum_dtype=torch.float32`` asks for f32), so that a 16-bit one rounds
-    once, when backward converts it (measured on an H100, 33 blocks: 1.6-3.0% of the largest
-    value in bfloat16 against 0.0002-0.007% in f32); else the hidden states' dtype."""
+    192 rows), so that a 16-bit one rounds once, when backward converts it (measured on an H100,
+    33 blocks: 1.6-3.0% of the largest value in bfloat16 against 0.0002-0.007% in f32), and for
+    a fused pass only with ``accum_dtype=torch.float32`` (the operators' fakes cannot know its
+    chunks); else the hidden states' dtype. A fused pass of such chunks without it sums in f32
+    anyway where ``_f32_sum_budget`` finds room, and converts before it returns."""
     return torch.float32 if accum_f32 or backward else hidden_dtype
 
 
@@ -669,7 +703,8 @@ def linear_cross_entropy(
       the gradients reach each tensor in its own dtype). Pass ``accum_dtype=torch.float32`` to
       sum an f32 master weight's gradient over the chunks in f32.
     - ``accum_dtype``: the weight and bias gradients' accumulator, and the hidden states' over
-      blocks of the vocabulary in a fused pass (None: their own dtypes; ``torch.float32``: exact
+      blocks of the vocabulary in a fused pass (None: their own dtypes, but the hidden states'
+      summed in f32 where its buffer fits in half the chunks' budget; ``torch.float32``: exact
       to f32, one [V, D] and one [N, D] f32 buffer more while they live). The two-phase backward
       always sums the hidden states' gradient in f32.
     - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none and
