@@ -6,6 +6,7 @@
 #          (session 61's mend of its raw tests, never GPU-run), the candle-cuda suite and the
 #          whole pytest (`f32h`).
 # `second` on an H200: issue 13's soft-cap sweep (`capsweep`); elsewhere nothing.
+# `table-or-f32sum` on an H200 issue 12's whole table (`full`), elsewhere `f32sum`.
 # `f32sum` the fused pass's f32 sum of grad_hidden over vocabulary blocks (the tree's package)
 #          against the same with it refused (linear_bench_no_f32sum.py): `xent_linear` at the
 #          default budget where its 64 MiB floor makes the blocks, two rounds alternating; then
@@ -19,6 +20,12 @@ for mode in "$@"; do
       nvidia-smi -L
       if nvidia-smi -L | grep -q H200; then
         TT=${TT:-500} bash "$here/session60.sh" capsweep
+      fi ;;
+    table-or-f32sum)
+      if nvidia-smi -L | grep -q H200; then
+        bash "$here/session61.sh" h200full
+      else
+        bash "$0" f32sum
       fi ;;
     f32sum)
       bash "$here/session60.sh"  # its setup alone: bundle/bin, python/xent over the site
