@@ -177,7 +177,7 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
     hidden states' gradient is a sum over the blocks: the two-phase backward, and a fused pass
     with ``accum_dtype=torch.float32``, sum it in an f32 buffer converted once, so they are
     nearer the float64 reference than a fused pass's sum in bfloat16 (one rounding a block; 4
-    rows' logits leave no room for the f32 buffer, ``_f32_sum_budget``); all come back in
+    rows' logits leave no room for the f32 buffer, ``_f32_sum_fits``); all come back in
     bfloat16."""
     import xent.torch.linear as linear
 
@@ -212,17 +212,17 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
 @cuda_only
 def test_fused_blocks_sum_grad_hidden_in_f32_within_the_budget(monkeypatch):
     """A fused pass whose chunks take the gradients by blocks of the vocabulary (under 192 rows)
-    sums the hidden states' gradient in an f32 buffer taken out of its budget where the buffer
-    fits in half of it (``_f32_sum_budget``), converted once to bfloat16: nearer the float64
-    reference than the sum in bfloat16 (the same call with the buffer refused), and as near as
-    one rounding allows. 512 x 64 x 1003 at 160 rows' logits: 94 rows' logits beside the 128 KiB
-    buffer, blocks of 128 classes."""
+    sums the hidden states' gradient in an f32 buffer where the buffer is at most half the
+    chunks' logits (``_f32_sum_fits``), converted once to bfloat16: nearer the float64 reference
+    than the sum in bfloat16 (the same call with the buffer refused), and as near as one rounding
+    allows. 512 x 64 x 1003 at 160 rows' logits (313 KiB) beside the 128 KiB buffer: chunks of 128
+    rows, blocks of 192 classes."""
     import xent.torch.linear as linear
 
     h, w, _, y, _ = inputs("cuda", (8, 64), d=64, v=1003, dtype=torch.bfloat16)
     budget = 160 * 1003 * 2
-    assert linear._f32_sum_budget(512, 64, 1003, torch.bfloat16, budget) is not None
-    assert linear._f32_sum_budget(512, 64, 1003, torch.bfloat16, 128 * 1003 * 2) is None
+    assert linear._f32_sum_fits(512, 64, 1003, torch.bfloat16, budget)
+    assert not linear._f32_sum_fits(512, 64, 1003, torch.bfloat16, 128 * 1003 * 2)
     seen = []
     real = linear._xent.linear
 
@@ -234,7 +234,7 @@ def test_fused_blocks_sum_grad_hidden_in_f32_within_the_budget(monkeypatch):
     errors = {}
     for f32_sum in (True, False):
         if not f32_sum:
-            monkeypatch.setattr(linear, "_f32_sum_budget", lambda *args: None)
+            monkeypatch.setattr(linear, "_f32_sum_fits", lambda *args: False)
         hh = h.detach().clone().requires_grad_(True)
         loss = xt.linear_cross_entropy(hh, w, y, chunk_bytes=budget)
         loss.backward()

@@ -23,9 +23,9 @@ does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or 
 buffer more, exact to f32 accumulation). The hidden states' gradient is written once a row by
 chunks of rows, but by blocks of the vocabulary it is summed over the blocks: the two-phase
 backward sums it in an f32 ``[N, D]`` buffer converted once; so do the fused pass's chunks under
-192 rows where that buffer fits in half their budget (taken out of it: the default budget's 64
-MiB floor, up to 4096 features at 1000 rows), else they sum it in the hidden states' dtype (one
-rounding a block) unless ``accum_dtype=torch.float32``.
+192 rows where that buffer is at most half their logits (the default budget's 64 MiB floor up to
+4096 features at 1000 rows), else they sum it in the hidden states' dtype (one rounding a block)
+unless ``accum_dtype=torch.float32``.
 
 CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
 CPU reference). Under ``torch.compile`` the passes are the custom operators
@@ -158,14 +158,10 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     h_dtype = _grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
     rounded_h = None  # the dtype an f32 sum of the hidden states' gradient is converted to
     if want_h and pass_name == "fused" and h_dtype != torch.float32 and not _row_scheme(chunk_rows, rows):
-        # By blocks of the vocabulary: the sum in f32, where its buffer fits in the chunks' budget.
+        # By blocks of the vocabulary: the sum in f32, where its buffer is no more than half the
+        # chunks' logits.
         width = call.weight.shape[0] if shard is None else -(-shard.vocab_size // shard.world)
-        budget = _f32_sum_budget(rows, call.hidden.shape[1], width, call.hidden.dtype, chunk_bytes)
-        if budget is not None:
-            chunk_rows, logits_bytes, gemm_bytes, labels_bytes, ones_len, workspace_len, gather_words = (
-                _xent.linear_scratch(handle, *inputs, checked, pass_name, budget, split,
-                                     (predicted is not None, entropy is not None))
-            )
+        if _f32_sum_fits(rows, call.hidden.shape[1], width, call.hidden.dtype, chunk_bytes):
             rounded_h, h_dtype = h_dtype, torch.float32
     u8 = dict(dtype=torch.uint8, device=device)
     logits = torch.empty(max(logits_bytes, 1), **u8)
@@ -206,22 +202,18 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     return grad_h, grad_w, grad_b
 
 
-def _f32_sum_budget(rows, features, width, dtype, chunk_bytes):
-    """The chunks' budget (bytes of logits) of a fused pass whose chunks take the gradients by
-    blocks of the vocabulary (``width`` classes a chunk's row, a shard's by the even split) and
-    sum the hidden states' gradient over them in an f32 ``[rows, features]`` buffer (converted
-    once to ``dtype`` at the end) taken out of the call's budget (``chunk_bytes`` or the default,
-    with cuBLASLt's workspace), so that the pass holds no more than it would summing in ``dtype``;
-    None where the buffer would take more than half the budget's logits (the pass then sums in
-    ``dtype``, one rounding a block). At the default budget that is where an eighth of the logits
-    holds fewer than 192 rows, the 64 MiB floor: 1000 x 4096 x 256000 bf16 keeps 48 MiB of
-    logits beside a 16 MiB buffer."""
+def _f32_sum_fits(rows, features, width, dtype, chunk_bytes):
+    """Whether a fused pass whose chunks take the gradients by blocks of the vocabulary (``width``
+    classes a chunk's row, a shard's by the even split) sums the hidden states' gradient over
+    them in an f32 ``[rows, features]`` buffer (converted once to ``dtype`` at the end) rather
+    than in ``dtype`` (one rounding a block): where the buffer is no more than half the chunks'
+    logits (``chunk_bytes`` or the default budget's). It is a gradient, beside the chunks as the
+    gradients are, not taken out of them: that made the blocks smaller and the pass 6-12% slower
+    on an H100 at 1000-1535 x 4096 x 256000 bf16, where beside them it costs no time (session
+    62). At the default budget these passes come from its 64 MiB floor (an eighth of the logits
+    under 192 rows): 1000 x 4096 x 256000 bf16 holds 16 MiB more beside 60 MiB of logits."""
     total = _xent.linear_chunks_budget(rows, width, _dtype_name(dtype), chunk_bytes)
-    logits = _xent.linear_logits_within(total)
-    buffer = 4 * rows * features
-    if 2 * buffer > logits:
-        return None
-    return _xent.linear_logits_within(total - buffer)
+    return 2 * 4 * rows * features <= _xent.linear_logits_within(total)
 
 
 def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
@@ -231,7 +223,7 @@ def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
     33 blocks: 1.6-3.0% of the largest value in bfloat16 against 0.0002-0.007% in f32), and for
     a fused pass only with ``accum_dtype=torch.float32`` (the operators' fakes cannot know its
     chunks); else the hidden states' dtype. A fused pass of such chunks without it sums in f32
-    anyway where ``_f32_sum_budget`` finds room, and converts before it returns."""
+    anyway where ``_f32_sum_fits``, and converts before it returns."""
     return torch.float32 if accum_f32 or backward else hidden_dtype
 
 
@@ -704,7 +696,7 @@ def linear_cross_entropy(
       sum an f32 master weight's gradient over the chunks in f32.
     - ``accum_dtype``: the weight and bias gradients' accumulator, and the hidden states' over
       blocks of the vocabulary in a fused pass (None: their own dtypes, but the hidden states'
-      summed in f32 where its buffer fits in half the chunks' budget; ``torch.float32``: exact
+      summed in f32 where its buffer is at most half the chunks' logits; ``torch.float32``: exact
       to f32, one [V, D] and one [N, D] f32 buffer more while they live). The two-phase backward
       always sums the hidden states' gradient in f32.
     - ``two_phase``: None picks fused for the mean and sum reductions, two-phase for none and
