@@ -198,6 +198,9 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
             _buffer(predicted), _buffer(entropy), _buffer(entropy_upstream), split, gather,
         )
     if rounded_h is not None:
+        # The chunks' scratch goes back to the allocator first (stream-ordered: the conversion
+        # runs after the call), so the conversion's output takes its place, not more.
+        del logits, gemm
         grad_h = grad_h.to(rounded_h)
     return grad_h, grad_w, grad_b
 
