@@ -7,6 +7,7 @@
 #          whole pytest (`f32h`).
 # `second` on an H200: issue 13's soft-cap sweep (`capsweep`); elsewhere nothing.
 # `table-or-f32sum` on an H200 issue 12's whole table (`full`), elsewhere `f32sum`.
+# `f32test` f32sum's tests alone.
 # `f32sum` the fused pass's f32 sum of grad_hidden over vocabulary blocks (the tree's package)
 #          against the same with it refused (linear_bench_no_f32sum.py): `xent_linear` at the
 #          default budget where its 64 MiB floor makes the blocks, two rounds alternating; then
@@ -45,6 +46,12 @@ for mode in "$@"; do
       done
       [[ -n ${NOTEST:-} ]] && continue
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site" timeout ${TP:-200} python3 -m pytest -q \
+        -p no:cacheprovider python/tests/test_linear.py -rfE -k "f32_sum or blocks_in_f32 or accum or budget" 2>&1 | tail -6 ;;
+    f32test)
+      # f32sum's tests alone (the package's tests of the sums over vocabulary blocks).
+      bash "$here/session60.sh"
+      echo "=== $mode $(date +%T)"
+      XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site" timeout ${TP:-120} python3 -m pytest -q \
         -p no:cacheprovider python/tests/test_linear.py -rfE -k "f32_sum or blocks_in_f32 or accum or budget" 2>&1 | tail -6 ;;
     *) bash "$here/session61.sh" "$mode" ;;
   esac
