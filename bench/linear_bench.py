@@ -25,8 +25,9 @@ Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,
 ``=R`` for chunks of exactly ``R`` rows (``XENT_CHUNK_ROWS``), either with ``@W`` for cuBLASLt's
 workspace at ``W`` bytes (``4M``, ``256K``), then ``:serial`` for the gradient GEMMs on one
 stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``; ``:algo=L/H/W`` one a GEMM:
-the logits', ``grad_hidden``'s, ``grad_weight``'s) and ``:tune``
-for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
+the logits', ``grad_hidden``'s, ``grad_weight``'s), ``:scheme=S`` for chunks under ``S`` rows
+taking the gradients by blocks of the vocabulary (``XENT_ROW_SCHEME_MIN_ROWS``; the default 192)
+and ``:tune`` for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
 splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only, first round) with steps under
 ``torch.profiler`` (five steps back to back, reported a step): its kernels by GPU time (cuBLASLt's
@@ -195,7 +196,7 @@ def xent_methods(v, curve):
     out = {}
 
     def with_rows(rows, serial=False, workspace=None, exact=False, algo=None, tune=False, gemm_tn=None, sms=None,
-                  grads=False):
+                  grads=False, scheme=None):
         loss_fn = xt.FusedLinearCrossEntropyLoss(ignore_index=-100, chunk_bytes=None if rows is None else rows * v * 2)
 
         def run(h, w, y):
@@ -217,12 +218,14 @@ def xent_methods(v, curve):
                 os.environ["XENT_GEMM_GRADS"] = "1"
                 if grads is not True:
                     os.environ["XENT_GEMM_GRADS_SPLITS"] = str(grads)
+            if scheme is not None:  # chunks of fewer rows take the gradients by vocabulary blocks
+                os.environ["XENT_ROW_SCHEME_MIN_ROWS"] = str(scheme)
             try:
                 loss_fn(w, h, y).backward()
             finally:
                 for name in ("XENT_LINEAR_OVERLAP", "XENT_GEMM_WORKSPACE", "XENT_CHUNK_ROWS", "XENT_GEMM_ALGO",
                              "XENT_GEMM_TUNE", "XENT_GEMM_TN", "XENT_LINEAR_SMS", "XENT_GEMM_GRADS",
-                             "XENT_GEMM_GRADS_SPLITS"):
+                             "XENT_GEMM_GRADS_SPLITS", "XENT_ROW_SCHEME_MIN_ROWS"):
                     os.environ.pop(name, None)
 
         return run
@@ -288,7 +291,8 @@ def xent_methods(v, curve):
     out["xent_linear_small[tuned]"] = small(True)
     out["xent_linear[tuned]"] = with_rows(None, tune=True)
     # R or =R (exactly R rows), then @W (a W-byte workspace), :serial, :algo=I, :tune, :tn (xent's
-    # weight-gradient GEMM), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs),
+    # weight-gradient GEMM), :scheme=S (chunks under S rows take the vocabulary-blocked backward,
+# XENT_ROW_SCHEME_MIN_ROWS), :sms=H/W (the SMs of the overlapped grad_hidden / grad_weight GEMMs),
     # :grads (both gradient GEMMs from xent's one kernel; :grads=S with its hidden-state tiles in S
     # splits of the vocabulary, 1 or 2)
     for entry in curve:
@@ -304,12 +308,14 @@ def xent_methods(v, curve):
         tn = "tn" in flags
         grads = next((int(f[6:]) if f.startswith("grads=") else True for f in flags
                       if f == "grads" or f.startswith("grads=")), False)
+        scheme = next((int(f[7:]) for f in flags if f.startswith("scheme=")), None)
         name = f"xent_linear[rows={'=' if exact else ''}{rows}" + "".join(
             [f",workspace={ws}" if ws else "", ",serial" if serial else "", f",algo={algo}" if algo is not None else "",
              ",tuned" if tune else "", ",gemm_tn" if tn else "", f",sms={sms}" if sms else "",
-             (",grads" if grads is True else f",grads={grads}") if grads else ""]) + "]"
+             (",grads" if grads is True else f",grads={grads}") if grads else "",
+             f",scheme={scheme}" if scheme is not None else ""]) + "]"
         out[name] = with_rows(int(rows), serial=serial, workspace=size_bytes(ws) if ws else None, exact=exact,
-                              algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms, grads=grads)
+                              algo=algo, tune=tune, gemm_tn="1" if tn else None, sms=sms, grads=grads, scheme=scheme)
 
     def xent_unfused(h, w, y):
         xt.cross_entropy(h @ w.T, y, ignore_index=-100).backward()

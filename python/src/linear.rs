@@ -179,6 +179,13 @@ pub(crate) fn linear_chunks_budget(
     ))
 }
 
+/// The rows a fused pass's chunks must hold (or every row) to take the row scheme
+/// (`xent::linear::row_scheme_min_rows`: 192, or `XENT_ROW_SCHEME_MIN_ROWS`).
+#[pyfunction]
+pub(crate) fn linear_row_scheme_min_rows() -> usize {
+    xent::linear::row_scheme_min_rows()
+}
+
 /// Rows per chunk of a linear call of `rows` rows over `vocab` classes of `dtype` under `budget`
 /// bytes of logits (None: the default).
 #[pyfunction]

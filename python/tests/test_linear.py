@@ -209,6 +209,24 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
     assert errors["fused", torch.float32] < bf16_sum and errors["two-phase", None] < bf16_sum, errors
 
 
+def test_row_scheme_threshold_follows_the_library(monkeypatch):
+    """The package decides as ``Scheme::of`` does which chunks take the row scheme (at least 192
+    rows, or every row), ``XENT_ROW_SCHEME_MIN_ROWS`` included (a knob for measuring the two
+    schemes)."""
+    import xent.torch.linear as linear
+    from xent import _xent
+
+    monkeypatch.delenv("XENT_ROW_SCHEME_MIN_ROWS", raising=False)
+    assert _xent.linear_row_scheme_min_rows() == _xent.LINEAR_ROW_SCHEME_MIN_ROWS == 192
+    assert linear._row_scheme(192, 8192) and not linear._row_scheme(191, 8192) and linear._row_scheme(100, 100)
+    monkeypatch.setenv("XENT_ROW_SCHEME_MIN_ROWS", "512")
+    assert _xent.linear_row_scheme_min_rows() == 512
+    assert not linear._row_scheme(256, 8192) and linear._row_scheme(512, 8192) and linear._row_scheme(300, 300)
+    for bad in ("0", "x", ""):
+        monkeypatch.setenv("XENT_ROW_SCHEME_MIN_ROWS", bad)
+        assert _xent.linear_row_scheme_min_rows() == 192
+
+
 @cuda_only
 def test_fused_blocks_sum_grad_hidden_in_f32_within_the_budget(monkeypatch):
     """A fused pass whose chunks take the gradients by blocks of the vocabulary (under 192 rows)

@@ -164,7 +164,8 @@ impl RawLinearGrads {
         if self.in_place(call) && !row_scheme {
             return Err(Error::InvalidOption(format!(
                 "grads.hidden may be the call's hidden states only in a Fused pass whose chunks \
-                 hold at least {ROW_SCHEME_MIN_ROWS} rows (or every row)"
+                 hold at least {} rows (or every row)",
+                row_scheme_min_rows()
             )));
         }
         Ok(())
@@ -711,6 +712,21 @@ fn chunk_override(rows: usize) -> Option<usize> {
 /// 128-row chunks, 55 at 256, 45 at 512; blocked 62 ms at 128-row memory, 57 at 256).
 pub const ROW_SCHEME_MIN_ROWS: usize = 192;
 
+/// The rows a `Fused` call's chunks must hold (or every row) to take the row scheme:
+/// [`ROW_SCHEME_MIN_ROWS`], or `XENT_ROW_SCHEME_MIN_ROWS=R` (R at least 1), for measuring where
+/// the two schemes cross on a card. Per row the row scheme's weight gradient moves `2·V·D·b / R`
+/// bytes (`b` its element's) against the blocked scheme's second logits GEMM of `2·V·D` flops,
+/// so they cross near `R = b·F / BW` whatever N: about 330 rows on an H200 and 450-520 on an H100
+/// by their GEMM rate and bandwidth, below which an H100 measured the row scheme at 192-row
+/// chunks 1.2-1.3x slower than the blocked one at 112 (session 62); the H200's 192 is measured.
+pub fn row_scheme_min_rows() -> usize {
+    std::env::var("XENT_ROW_SCHEME_MIN_ROWS")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(ROW_SCHEME_MIN_ROWS)
+}
+
 /// What [`CrossEntropy::linear_setup`] gives a linear call: the backward's entropies and their
 /// upstream (where asked for), the loss buffers, the bias gradient a pass writes and its ones,
 /// and the kernels' view of the whole call.
@@ -779,7 +795,7 @@ impl Scheme {
                 vocab_backward: true,
             },
             LinearPass::Fused => {
-                let rows_scheme = chunk >= rows || chunk >= ROW_SCHEME_MIN_ROWS;
+                let rows_scheme = chunk >= rows || chunk >= row_scheme_min_rows();
                 Scheme {
                     row_grads: rows_scheme,
                     vocab_backward: !rows_scheme,

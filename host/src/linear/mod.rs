@@ -14,7 +14,7 @@ pub mod lse_gemm;
 pub use gpu::{
     LinearGrads, LinearPass, LinearScratch, LinearScratchLens, LinearShardScratchLens,
     ROW_SCHEME_MIN_ROWS, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
-    RawLinearShardCall,
+    RawLinearShardCall, row_scheme_min_rows,
 };
 
 use crate::cpu::{self, CpuLoss};

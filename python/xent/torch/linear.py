@@ -233,7 +233,7 @@ def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
 def _row_scheme(chunk_rows, rows) -> bool:
     """Whether a fused pass of ``rows`` rows by chunks of ``chunk_rows`` takes the row scheme
     (``Scheme::of`` in Rust), the only one that can write the hidden states' gradient over them."""
-    return chunk_rows >= _xent.LINEAR_ROW_SCHEME_MIN_ROWS or chunk_rows >= rows
+    return chunk_rows >= _xent.linear_row_scheme_min_rows() or chunk_rows >= rows
 
 
 def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -878,7 +878,7 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     the copy's gradient, less the whole ``[rows, features]`` gradient that a call over every row
     holds too. A two-phase call holds the copy beside its forward's chunks. Where that leaves no
     room, a fused pass may write the copy's gradient over the copy (``in place``, where its chunks
-    take the row scheme: ``_xent.LINEAR_ROW_SCHEME_MIN_ROWS`` rows or all of them), which costs
+    take the row scheme: ``_xent.linear_row_scheme_min_rows()`` rows or all of them), which costs
     nothing but the overlap of its two gradient GEMMs. 8192 x 4096 x 128256 bf16 with one row in
     seven ignored, fused: at the default budget chunks of 784 scored rows beside the copy and its
     gradient (250 MiB in all); at Liger's 256 rows in place (28 chunks of 256 for 7021 rows)."""
