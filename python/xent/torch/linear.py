@@ -153,11 +153,12 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     )
     want_h, want_w, want_b = grads
     rows = call.hidden.shape[0]
-    in_place = grad_in_place and pass_name == "fused" and shard is None and _row_scheme(chunk_rows, rows)
+    by_rows = _row_scheme(chunk_rows, rows)  # in a fused pass; else by blocks of the vocabulary
+    in_place = grad_in_place and pass_name == "fused" and shard is None and by_rows
     grad_dtype = accum_dtype or call.weight.dtype
     h_dtype = _grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
     rounded_h = None  # the dtype an f32 sum of the hidden states' gradient is converted to
-    if want_h and pass_name == "fused" and h_dtype != torch.float32 and not _row_scheme(chunk_rows, rows):
+    if want_h and pass_name == "fused" and h_dtype != torch.float32 and not by_rows:
         # By blocks of the vocabulary: the sum in f32, where its buffer is no more than half the
         # chunks' logits.
         width = call.weight.shape[0] if shard is None else -(-shard.vocab_size // shard.world)
