@@ -26,7 +26,8 @@ Usage: python3 linear_bench.py [--configs N:D:V,...] [--only m1,m2] [--curve R1,
 workspace at ``W`` bytes (``4M``, ``256K``), then ``:serial`` for the gradient GEMMs on one
 stream, ``:algo=I`` for cuBLASLt's ``I``-th heuristic choice (``XENT_GEMM_ALGO``; ``:algo=L/H/W`` one a GEMM:
 the logits', ``grad_hidden``'s, ``grad_weight``'s), ``:scheme=S`` for chunks under ``S`` rows
-taking the gradients by blocks of the vocabulary (``XENT_ROW_SCHEME_MIN_ROWS``; the default 192)
+taking the gradients by blocks of the vocabulary (``XENT_ROW_SCHEME_MIN_ROWS``; by default the
+card's crossover, printed first: 192 rows on an H200, 282 on an H100 SXM)
 and ``:tune`` for the GEMMs autotuned (``XENT_GEMM_TUNE=1``: the fastest of cuBLASLt's first eight choices,
 timed on the first call of each shape, as ``xent_linear[tuned]`` and ``xent_linear_small[tuned]``). ``--only``
 splits on the commas outside brackets (``xent_linear[rows=256,workspace=4M]`` is one name). ``--profile`` follows each timed method (random input only, first round) with steps under
@@ -338,6 +339,10 @@ def main():
     curve = [r for r in a.curve.split(",") if r]
     meter = meter_or_none() if a.energy else None
     torch.manual_seed(0)
+    from xent import _xent
+    from xent.torch import linear as xlinear
+    print(f"# {torch.cuda.get_device_name()}: fused chunks take the row scheme from "
+          f"{_xent.linear_row_scheme_rows(xlinear._device(torch.cuda.current_device()))} rows", flush=True)
     peers = peers_linear.methods() if peers_linear is not None else {}
     for cfg in a.configs.split(","):
         n, d, v = map(int, cfg.split(":"))

@@ -573,8 +573,8 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
             }
         }
     }
-    // The row scheme with several chunks: chunks of at least ROW_SCHEME_MIN_ROWS rows (448, 448
-    // and 4 of 900 rows).
+    // The row scheme with several chunks: chunks of at least the card's crossover (448, 448 and
+    // 4 of 900 rows; the crossover is at most ROW_SCHEME_MAX_ROWS).
     let shape = LinearShape {
         batch: 2,
         seq_len: 450,
@@ -583,7 +583,12 @@ fn gpu_linear_cross_entropy_matches_the_same_arithmetic_on_the_cpu() {
     };
     let budget = Some(450 * 203 * 2);
     assert_eq!(linear::chunk_rows(900, 203, DType::Bf16, budget), 448);
-    const { assert!(448 >= linear::ROW_SCHEME_MIN_ROWS) };
+    const { assert!(448 >= linear::ROW_SCHEME_MAX_ROWS) };
+    assert!(
+        xent.linear_row_scheme_rows() <= 448,
+        "{:?}",
+        xent.card_rates()
+    );
     let mut labels: Vec<i64> = (0..900).map(|r| (r * 31) % 203).collect();
     labels[100] = -100;
     for tuned in [false, true] {
@@ -1003,8 +1008,9 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
 
 /// Where a fused pass writes the hidden states' gradient. Over the hidden states themselves
 /// (`RawLinearGrads::in_place`, the Python package's copy of the scored rows): in chunks of the
-/// row scheme (192 rows, the last of 16) its loss and gradients are those of the same pass
-/// writing the gradient beside them (whose GEMMs overlap), within one bf16 rounding; chunks of
+/// row scheme (192 rows, the last of 16: in place takes it from 192 rows on any card) its loss
+/// and gradients are those of one chunk of every row writing the gradient beside them (whose
+/// GEMMs overlap), within a few bf16 roundings; chunks of
 /// the vocabulary-blocked backward (16 rows) refuse it. In f32 (`accum_dtype=torch.float32` in
 /// the Python package): the vocabulary-blocked backward sums it over its 33 blocks of classes
 /// without rounding, so it is nearer the row scheme's (f32, unrounded) than the same blocks'
@@ -1125,11 +1131,13 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
                 host_f64(&stream, &gb),
             ))
         };
-        // Chunks of 192 rows (200 fit, rounded to the granule): 192, 192 and 16.
+        // In place, chunks of 192 rows (200 fit, rounded to the granule): 192, 192 and 16, the
+        // row scheme on any card (in place from ROW_SCHEME_MIN_ROWS), against one chunk of every
+        // row (the row scheme too, where 192 rows may be under the card's crossover).
         let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
-        assert_eq!(lens_rows, 192);
+        assert_eq!(lens_rows, linear::ROW_SCHEME_MIN_ROWS);
         let (want, got) = (
-            pass(false, 200, false).unwrap(),
+            pass(false, rows, false).unwrap(),
             pass(true, 200, false).unwrap(),
         );
         if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
@@ -1165,7 +1173,7 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
         // grad_hidden in f32: by rows (the reference: every row's sum written once, unrounded),
         // and by 33 blocks of 24 classes (16 rows' logits over 400 rows) in f32 and in bf16.
         assert_eq!(linear::vocab_block(rows, v, 16), 24);
-        let by_rows = pass(false, 200, true).unwrap().1;
+        let by_rows = pass(false, rows, true).unwrap().1;
         let worst = |got: &[f64]| {
             got.iter()
                 .zip(&by_rows)

@@ -450,6 +450,7 @@ fn _xent(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::linear_logits_within, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_chunk_rows, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_row_scheme_min_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_row_scheme_rows, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_words, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_stats, m)?)?;
     m.add_function(wrap_pyfunction!(vocab_parallel::shard_backward, m)?)?;

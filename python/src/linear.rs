@@ -179,11 +179,20 @@ pub(crate) fn linear_chunks_budget(
     ))
 }
 
-/// The rows a fused pass's chunks must hold (or every row) to take the row scheme
-/// (`xent::linear::row_scheme_min_rows`: 192, or `XENT_ROW_SCHEME_MIN_ROWS`).
+/// The fewest rows a fused pass's chunks may hold (or every row) to take the row scheme, and to
+/// write the hidden states' gradient over them (`xent::linear::row_scheme_min_rows`: 192, or
+/// `XENT_ROW_SCHEME_MIN_ROWS`).
 #[pyfunction]
 pub(crate) fn linear_row_scheme_min_rows() -> usize {
     xent::linear::row_scheme_min_rows()
+}
+
+/// The rows from which a fused pass's chunks take the row scheme on `device`'s card
+/// (`CrossEntropy::linear_row_scheme_rows`: its crossover, 192 on an H200 and 282 on an H100
+/// SXM, or `XENT_ROW_SCHEME_MIN_ROWS`); fewer take the gradients by blocks of the vocabulary.
+#[pyfunction]
+pub(crate) fn linear_row_scheme_rows(device: &Device) -> usize {
+    device.xent.linear_row_scheme_rows()
 }
 
 /// Rows per chunk of a linear call of `rows` rows over `vocab` classes of `dtype` under `budget`

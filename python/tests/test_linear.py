@@ -210,21 +210,41 @@ def test_grad_hidden_is_summed_over_vocabulary_blocks_in_f32(monkeypatch):
 
 
 def test_row_scheme_threshold_follows_the_library(monkeypatch):
-    """The package decides as ``Scheme::of`` does which chunks take the row scheme (at least 192
-    rows, or every row), ``XENT_ROW_SCHEME_MIN_ROWS`` included (a knob for measuring the two
-    schemes)."""
+    """The package decides as ``Scheme::of`` does which chunks take the row scheme: from a card's
+    crossover (``_xent.linear_row_scheme_rows``) or every row, and may from 192 rows (where an
+    in-place gradient takes it), ``XENT_ROW_SCHEME_MIN_ROWS`` included (a knob for measuring the
+    two schemes, which sets both)."""
     import xent.torch.linear as linear
     from xent import _xent
 
     monkeypatch.delenv("XENT_ROW_SCHEME_MIN_ROWS", raising=False)
     assert _xent.linear_row_scheme_min_rows() == _xent.LINEAR_ROW_SCHEME_MIN_ROWS == 192
     assert linear._row_scheme(192, 8192) and not linear._row_scheme(191, 8192) and linear._row_scheme(100, 100)
+    # An H100 SXM's crossover: 256-row chunks by blocks there, but they may take rows in place.
+    assert not linear._row_scheme(256, 8192, 282) and linear._row_scheme(288, 8192, 282)
+    assert linear._row_scheme(256, 256, 282) and linear._row_scheme(256, 8192)
     monkeypatch.setenv("XENT_ROW_SCHEME_MIN_ROWS", "512")
     assert _xent.linear_row_scheme_min_rows() == 512
     assert not linear._row_scheme(256, 8192) and linear._row_scheme(512, 8192) and linear._row_scheme(300, 300)
     for bad in ("0", "x", ""):
         monkeypatch.setenv("XENT_ROW_SCHEME_MIN_ROWS", bad)
         assert _xent.linear_row_scheme_min_rows() == 192
+
+
+@cuda_only
+def test_the_cards_row_scheme_crossover(monkeypatch):
+    """The card's crossover of the two gradient schemes lies within the library's bounds (192 to
+    448 rows: the H200's, and where an H100 took the row scheme faster), and the knob sets it."""
+    import xent.torch.linear as linear
+    from xent import _xent
+
+    monkeypatch.delenv("XENT_ROW_SCHEME_MIN_ROWS", raising=False)
+    handle = linear._device(torch.cuda.current_device())
+    rows = _xent.linear_row_scheme_rows(handle)
+    print(f"{torch.cuda.get_device_name()}: the row scheme from {rows} rows a chunk")
+    assert 192 <= rows <= 448, rows
+    monkeypatch.setenv("XENT_ROW_SCHEME_MIN_ROWS", "100")
+    assert _xent.linear_row_scheme_rows(handle) == 100
 
 
 @cuda_only

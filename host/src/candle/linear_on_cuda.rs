@@ -183,7 +183,7 @@ pub(super) fn forward(
     };
     // The fused pass's gradients, both in f32 and rounded to the values' dtype once at the end:
     // the weight's is summed over the chunks of rows, and the hidden states' over the blocks of
-    // the vocabulary where chunks of fewer than `ROW_SCHEME_MIN_ROWS` rows take them by blocks.
+    // the vocabulary where chunks under the card's `linear_row_scheme_rows` take them by blocks.
     let (n_hidden, n_weight) = (hidden.len, head.len);
     let mut sums = None;
     let grads = if fused {

@@ -110,6 +110,9 @@ pub struct CrossEntropy {
     strict_preload: AtomicBool,
     /// `XENT_LIMITS=a100`: an SM holds the CTAs an A100's would ([`plan::a100_ctas_per_sm`]).
     a100: bool,
+    /// The card's tensor-core rate and memory bandwidth (its context's SMs), where known: where
+    /// the linear path's two gradient schemes cross ([`crate::linear::scheme`]).
+    pub(crate) rates: Option<crate::linear::CardRates>,
 }
 
 impl std::fmt::Debug for CrossEntropy {
@@ -220,6 +223,14 @@ impl CrossEntropy {
                 )));
             }
         };
+        let attribute = |which| ctx.attribute(which).map(i64::from).unwrap_or(0);
+        let rates = crate::linear::CardRates::from_attributes(
+            (major, minor),
+            limits.sm_count,
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE),
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE),
+            attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH),
+        );
         let mut wanted = kernels();
         if limits.max_cluster > 1 {
             wanted.extend(cluster_kernels());
@@ -259,6 +270,7 @@ impl CrossEntropy {
             small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0")),
             strict_preload: AtomicBool::new(false),
             a100,
+            rates,
         })
     }
 

@@ -18,6 +18,7 @@ mod shard;
 
 pub use shard::{LinearShardScratchLens, RawLinearShardCall};
 
+use super::scheme::{CardRates, Scheme, row_scheme_min_rows, row_scheme_rows};
 use super::{LinearShape, chunk_rows, gemm_tn, gemm_workspace_bytes, vocab_block};
 use crate::abi::{COUNT_WORDS, MODE_FORWARD, MODE_FUSED};
 use crate::cublaslt::{CublasLt, Gemm, Operand};
@@ -70,10 +71,10 @@ pub struct RawGrad {
 /// The gradients a `Fused` or `Backward` call writes; each is optional (a frozen weight, hidden
 /// states that need none). `hidden`: `[N, D]`, f32 or the call's dtype, overwritten. By chunks
 /// of rows each of its rows is written once, but by blocks of the vocabulary (a `Backward` pass,
-/// and a `Fused` one of chunks under [`ROW_SCHEME_MIN_ROWS`] rows) it is accumulated over the
-/// blocks in its own dtype: a 16-bit one rounds once a block, an f32 one (converted by the
-/// caller) once at the end. In a `Fused` pass of the row scheme (chunks of at least
-/// [`ROW_SCHEME_MIN_ROWS`] rows, or one chunk) it may be the call's hidden states themselves
+/// and a `Fused` one of chunks under [`CrossEntropy::linear_row_scheme_rows`]) it is accumulated
+/// over the blocks in its own dtype: a 16-bit one rounds once a block, an f32 one (converted by
+/// the caller) once at the end. In a `Fused` pass of chunks of at least [`ROW_SCHEME_MIN_ROWS`]
+/// rows (or one chunk), which then takes the row scheme, it may be the call's hidden states themselves
 /// ([`in_place`](Self::in_place), in their dtype): each chunk's rows are overwritten by their
 /// gradient once its last GEMM has read them (the two gradient GEMMs then run one after the
 /// other), so a caller that holds the hidden states only for the call (a copy of some rows)
@@ -329,7 +330,8 @@ impl CrossEntropy {
     ///
     /// How: the loss by chunks of rows (a GEMM writes a chunk's logits, xent's kernel reads them).
     /// The gradients either in the same pass (`Fused` with chunks of at least
-    /// [`ROW_SCHEME_MIN_ROWS`] rows: two GEMMs per chunk, the weight's gradient accumulated over
+    /// [`linear_row_scheme_rows`](Self::linear_row_scheme_rows), the card's crossover, or in place
+    /// from [`ROW_SCHEME_MIN_ROWS`]: two GEMMs per chunk, the weight's gradient accumulated over
     /// the chunks), or by blocks of the vocabulary after the loss (`Backward`, and `Fused` with
     /// smaller chunks): per block the logits of every row again, their gradient from the kept
     /// log-sum-exps, the block's weight gradient written once and the hidden states' gradient
@@ -386,7 +388,8 @@ impl CrossEntropy {
         let chunk = check_scratch(call, pass, grads, scratch, |chunk| {
             logits_bytes(rows, v, chunk, call.dtype.bytes())
         })?;
-        let scheme = Scheme::of(pass, rows, chunk);
+        let in_place = grads.in_place(call);
+        let scheme = Scheme::of(pass, rows, chunk, self.linear_row_scheme_rows(), in_place);
         grads.check_in_place(call, scheme.row_grads)?;
         let block = vocab_block(rows, v, chunk);
         let plans = match pass {
@@ -706,25 +709,20 @@ fn chunk_override(rows: usize) -> Option<usize> {
     (r > 0).then(|| r.min(rows.max(1)))
 }
 
-/// `Fused` calls whose chunks hold fewer rows take the vocabulary-blocked backward: below this,
-/// accumulating the `[V, D]` weight gradient once per chunk costs more than computing the logits
-/// a second time (H200, 8192 x 4096 x 128256 bf16, fwd + both gradients: rows scheme 90 ms at
-/// 128-row chunks, 55 at 256, 45 at 512; blocked 62 ms at 128-row memory, 57 at 256).
-pub const ROW_SCHEME_MIN_ROWS: usize = 192;
+impl CrossEntropy {
+    /// This handle's card: its dense 16-bit tensor-core rate and memory bandwidth, from the
+    /// device's attributes (`None` where its architecture's rate is not known here).
+    pub fn card_rates(&self) -> Option<CardRates> {
+        self.rates
+    }
 
-/// The rows a `Fused` call's chunks must hold (or every row) to take the row scheme:
-/// [`ROW_SCHEME_MIN_ROWS`], or `XENT_ROW_SCHEME_MIN_ROWS=R` (R at least 1), for measuring where
-/// the two schemes cross on a card. Per row the row scheme's weight gradient moves `2·V·D·b / R`
-/// bytes (`b` its element's) against the blocked scheme's second logits GEMM of `2·V·D` flops,
-/// so they cross near `R = b·F / BW` whatever N: about 330 rows on an H200 and 450-520 on an H100
-/// by their GEMM rate and bandwidth, below which an H100 measured the row scheme at 192-row
-/// chunks 1.2-1.3x slower than the blocked one at 112 (session 62); the H200's 192 is measured.
-pub fn row_scheme_min_rows() -> usize {
-    std::env::var("XENT_ROW_SCHEME_MIN_ROWS")
-        .ok()
-        .and_then(|r| r.parse::<usize>().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(ROW_SCHEME_MIN_ROWS)
+    /// The rows from which a `Fused` call's chunks take the row scheme on this handle's card
+    /// (fewer take the gradients by blocks of the vocabulary): [`row_scheme_rows`] of
+    /// [`card_rates`](Self::card_rates), 192 on an H200 and 282 on an H100 SXM. An in-place
+    /// hidden-state gradient takes the row scheme from [`row_scheme_min_rows`] (192).
+    pub fn linear_row_scheme_rows(&self) -> usize {
+        row_scheme_rows(self.rates)
+    }
 }
 
 /// What [`CrossEntropy::linear_setup`] gives a linear call: the backward's entropies and their
@@ -772,37 +770,6 @@ fn check_scratch(
         GEMM_HEADER_BYTES + 1,
     )?;
     Ok(chunk)
-}
-
-/// How a call computes its gradients.
-#[derive(Clone, Copy, Debug)]
-struct Scheme {
-    /// In the loss's pass over chunks of rows.
-    row_grads: bool,
-    /// Afterwards, by blocks of the vocabulary.
-    vocab_backward: bool,
-}
-
-impl Scheme {
-    fn of(pass: LinearPass, rows: usize, chunk: usize) -> Scheme {
-        match pass {
-            LinearPass::Forward => Scheme {
-                row_grads: false,
-                vocab_backward: false,
-            },
-            LinearPass::Backward { .. } => Scheme {
-                row_grads: false,
-                vocab_backward: true,
-            },
-            LinearPass::Fused => {
-                let rows_scheme = chunk >= rows || chunk >= row_scheme_min_rows();
-                Scheme {
-                    row_grads: rows_scheme,
-                    vocab_backward: !rows_scheme,
-                }
-            }
-        }
-    }
 }
 
 fn label_bytes(label_type: LabelType) -> usize {
@@ -1402,9 +1369,10 @@ impl CrossEntropy {
     /// `grad_weight` (`[V, D]`) and `grad_bias` (`[V]`), both of f32 or `T` and added to
     /// (gradient accumulation; with `T` each chunk's sum is rounded to `T` once, so f32 is the
     /// more exact). The logits exist one chunk of rows at a time ([`chunk_rows`] under the
-    /// scratch's budget); chunks under [`ROW_SCHEME_MIN_ROWS`] rows take the gradients by blocks
-    /// of the vocabulary, where `grad_hidden` is a sum over the blocks: in f32 it rounds once
-    /// (where the caller converts it), in `T` once a block. Every option of [`Options`] applies, the causal shift included.
+    /// scratch's budget); chunks under [`linear_row_scheme_rows`](Self::linear_row_scheme_rows)
+    /// take the gradients by blocks of the vocabulary, where `grad_hidden` is a sum over the
+    /// blocks: in f32 it rounds once (where the caller converts it), in `T` once a block. Every
+    /// option of [`Options`] applies, the causal shift included.
     /// Enqueued on `stream`; nothing waits.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward_backward<T: Element, L: Label, G: Element, H: Element>(

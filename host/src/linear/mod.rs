@@ -10,11 +10,14 @@
 pub mod gemm_tn;
 pub mod gpu;
 pub mod lse_gemm;
+pub mod scheme;
 
 pub use gpu::{
-    LinearGrads, LinearPass, LinearScratch, LinearScratchLens, LinearShardScratchLens,
-    ROW_SCHEME_MIN_ROWS, RawGrad, RawLinearCall, RawLinearGrads, RawLinearScratch,
-    RawLinearShardCall, row_scheme_min_rows,
+    LinearGrads, LinearPass, LinearScratch, LinearScratchLens, LinearShardScratchLens, RawGrad,
+    RawLinearCall, RawLinearGrads, RawLinearScratch, RawLinearShardCall,
+};
+pub use scheme::{
+    CardRates, ROW_SCHEME_MAX_ROWS, ROW_SCHEME_MIN_ROWS, row_scheme_min_rows, row_scheme_rows,
 };
 
 use crate::cpu::{self, CpuLoss};

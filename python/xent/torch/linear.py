@@ -23,8 +23,9 @@ does: each chunk's sum rounded once, so ``N / chunk_rows`` roundings in all) or 
 buffer more, exact to f32 accumulation). The hidden states' gradient is written once a row by
 chunks of rows, but by blocks of the vocabulary it is summed over the blocks: the two-phase
 backward sums it in an f32 ``[N, D]`` buffer converted once; so do the fused pass's chunks under
-192 rows where that buffer is at most half their logits (the default budget's 64 MiB floor up to
-4096 features at 1000 rows), else they sum it in the hidden states' dtype (one rounding a block)
+the card's crossover (``_xent.linear_row_scheme_rows``: 192 rows on an H200, 282 on an H100 SXM)
+where that buffer is at most half their logits (the default budget's 64 MiB floor up to 4096
+features at 1000 rows), else they sum it in the hidden states' dtype (one rounding a block)
 unless ``accum_dtype=torch.float32``.
 
 CPU tensors take the unfused path (``F.linear``, then ``xent.torch.cross_entropy`` on the f64
@@ -153,8 +154,10 @@ def _run(call: _Call, opts, pass_name, stats, chunk_bytes, upstream=None, grads=
     )
     want_h, want_w, want_b = grads
     rows = call.hidden.shape[0]
-    by_rows = _row_scheme(chunk_rows, rows)  # in a fused pass; else by blocks of the vocabulary
-    in_place = grad_in_place and pass_name == "fused" and shard is None and by_rows
+    # In place from the floor (``_rows_budget`` decided it so); else by rows from the card's
+    # crossover, and by blocks of the vocabulary below it (``Scheme::of``).
+    in_place = grad_in_place and pass_name == "fused" and shard is None and _row_scheme(chunk_rows, rows)
+    by_rows = in_place or _row_scheme(chunk_rows, rows, _xent.linear_row_scheme_rows(handle))
     grad_dtype = accum_dtype or call.weight.dtype
     h_dtype = _grad_hidden_dtype(call.hidden.dtype, accum_dtype == torch.float32, pass_name == "backward")
     rounded_h = None  # the dtype an f32 sum of the hidden states' gradient is converted to
@@ -215,7 +218,8 @@ def _f32_sum_fits(rows, features, width, dtype, chunk_bytes):
     gradients are, not taken out of them: that made the blocks smaller and the pass 6-12% slower
     on an H100 at 1000-1535 x 4096 x 256000 bf16, where beside them it costs no time (session
     62). At the default budget these passes come from its 64 MiB floor (an eighth of the logits
-    under 192 rows): 1000 x 4096 x 256000 bf16 holds 16 MiB more beside 60 MiB of logits."""
+    under the card's crossover): 1000 x 4096 x 256000 bf16 holds 16 MiB more beside 60 MiB of
+    logits."""
     total = _xent.linear_chunks_budget(rows, width, _dtype_name(dtype), chunk_bytes)
     return 2 * 4 * rows * features <= _xent.linear_logits_within(total)
 
@@ -223,7 +227,7 @@ def _f32_sum_fits(rows, features, width, dtype, chunk_bytes):
 def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
     """The dtype a pass returns the hidden states' gradient in: f32 where it may be summed over
     blocks of the vocabulary (the two-phase backward always is; a fused pass is in chunks under
-    192 rows), so that a 16-bit one rounds once, when backward converts it (measured on an H100,
+    the card's crossover), so that a 16-bit one rounds once, when backward converts it (measured on an H100,
     33 blocks: 1.6-3.0% of the largest value in bfloat16 against 0.0002-0.007% in f32), and for
     a fused pass only with ``accum_dtype=torch.float32`` (the operators' fakes cannot know its
     chunks); else the hidden states' dtype. A fused pass of such chunks without it sums in f32
@@ -231,10 +235,15 @@ def _grad_hidden_dtype(hidden_dtype, accum_f32, backward):
     return torch.float32 if accum_f32 or backward else hidden_dtype
 
 
-def _row_scheme(chunk_rows, rows) -> bool:
+def _row_scheme(chunk_rows, rows, from_rows=None) -> bool:
     """Whether a fused pass of ``rows`` rows by chunks of ``chunk_rows`` takes the row scheme
-    (``Scheme::of`` in Rust), the only one that can write the hidden states' gradient over them."""
-    return chunk_rows >= _xent.linear_row_scheme_min_rows() or chunk_rows >= rows
+    (``Scheme::of`` in Rust) where it does from ``from_rows`` rows a chunk (a card's
+    ``_xent.linear_row_scheme_rows``), or, with None, may (``_xent.linear_row_scheme_min_rows()``,
+    192): the fewest rows a chunk of the only scheme that can write the hidden states' gradient
+    over them, which such a pass takes from there on any card."""
+    if from_rows is None:
+        from_rows = _xent.linear_row_scheme_min_rows()
+    return chunk_rows >= from_rows or chunk_rows >= rows
 
 
 def _scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -879,8 +888,9 @@ def _rows_budget(rows, scored, features, vocab, dtype, chunk_bytes, needs_grad, 
     the copy's gradient, less the whole ``[rows, features]`` gradient that a call over every row
     holds too. A two-phase call holds the copy beside its forward's chunks. Where that leaves no
     room, a fused pass may write the copy's gradient over the copy (``in place``, where its chunks
-    take the row scheme: ``_xent.linear_row_scheme_min_rows()`` rows or all of them), which costs
-    nothing but the overlap of its two gradient GEMMs. 8192 x 4096 x 128256 bf16 with one row in
+    may take the row scheme: ``_xent.linear_row_scheme_min_rows()`` rows or all of them, which an
+    in-place pass takes on any card), which costs nothing but the overlap of its two gradient
+    GEMMs. 8192 x 4096 x 128256 bf16 with one row in
     seven ignored, fused: at the default budget chunks of 784 scored rows beside the copy and its
     gradient (250 MiB in all); at Liger's 256 rows in place (28 chunks of 256 for 7021 rows)."""
     name = _dtype_name(dtype)
