@@ -59,13 +59,21 @@ pub struct CardRates {
 
 impl CardRates {
     /// The H200 of the measurements (132 SMs at 1980 MHz; 3201 MHz memory on 6144 bits: 4.9 TB/s).
-    pub const H200: CardRates = CardRates::of_sm90(132, 1_980_000, 3_201_000, 6144);
+    pub const H200: CardRates = CardRates::new(132, 1_980_000, 4096.0, 3_201_000, 6144);
     /// An H100 SXM (132 SMs at 1980 MHz; 2619 MHz memory on 5120 bits: 3.35 TB/s).
-    pub const H100_SXM: CardRates = CardRates::of_sm90(132, 1_980_000, 2_619_000, 5120);
+    pub const H100_SXM: CardRates = CardRates::new(132, 1_980_000, 4096.0, 2_619_000, 5120);
 
-    const fn of_sm90(sms: u32, clock_khz: u32, memory_clock_khz: u32, bus_bits: u32) -> CardRates {
+    /// `sms` SMs at `clock_khz`, each of `per_sm_clock` flops a clock, and double-data-rate memory
+    /// at `memory_clock_khz` on `bus_bits`.
+    const fn new(
+        sms: u32,
+        clock_khz: i64,
+        per_sm_clock: f64,
+        memory_clock_khz: i64,
+        bus_bits: i64,
+    ) -> CardRates {
         CardRates {
-            flops: sms as f64 * clock_khz as f64 * 1e3 * 4096.0,
+            flops: sms as f64 * clock_khz as f64 * 1e3 * per_sm_clock,
             bytes_per_s: 2.0 * memory_clock_khz as f64 * 1e3 * bus_bits as f64 / 8.0,
         }
     }
@@ -89,11 +97,13 @@ impl CardRates {
         if sms == 0 || clock_khz <= 0 || memory_clock_khz <= 0 || bus_bits <= 0 {
             return None;
         }
-        Some(CardRates {
-            flops: f64::from(sms) * clock_khz as f64 * 1e3 * per_sm_clock,
-            // Double data rate.
-            bytes_per_s: 2.0 * memory_clock_khz as f64 * 1e3 * bus_bits as f64 / 8.0,
-        })
+        Some(CardRates::new(
+            sms,
+            clock_khz,
+            per_sm_clock,
+            memory_clock_khz,
+            bus_bits,
+        ))
     }
 
     /// Flops per byte of device memory.
