@@ -12,7 +12,9 @@
 #          budget where its chunks hold 192-282 rows (1024 and 2048 x 4096 x 128256, 2048 x 4096 x
 #          151936), and `xent_linear_small` at 8192 x 4096 x 128256 (in place at 256 rows: the
 #          row scheme on any card), two rounds alternating; `liger_flce` once.
-# `suites` the Rust linear suite and the package's linear tests.
+# `suites` the Rust linear suite and the package's linear tests (`K`: a pytest -k filter).
+# `short` `second` for a budget under ten minutes: crossbench at 1024 and 2048 rows (the small
+#          method in round 1 only), then the suites with the package's tests of the schemes.
 set -u
 here=$(dirname "$0")
 for mode in "$@"; do
@@ -45,17 +47,27 @@ for mode in "$@"; do
           env $env_192 timeout ${TB:-150} bash bundle/run.sh linear --curve "" --only $only \
             --configs ${LC:-1024:4096:128256,2048:4096:128256,2048:4096:151936} 2>&1 |
             grep -E '^#|^\| (xent|liger)|Error|error' | tail -12
+          [[ -n ${NOSMALL:-} && $round == 2 ]] && continue
           env $env_192 timeout ${TB:-150} bash bundle/run.sh linear --curve "" --only xent_linear_small \
             --configs 8192:4096:128256 2>&1 | grep -E '^\| xent|Error|error' | tail -3
         done
       done ;;
+    short)
+      # A shorter `second` for a device budget under ten minutes.
+      nvidia-smi -L
+      if nvidia-smi -L | grep -q H200; then
+        bash "$here/session61.sh" h200full
+      else
+        LC=${LC:-1024:4096:128256,2048:4096:128256} NOSMALL=1 bash "$0" crossbench
+        K="row_scheme or skip_ignored or f32_sum or in_place or budget or accum" bash "$0" suites
+      fi ;;
     suites)
       bash "$here/session60.sh"
       echo "=== $mode $(date +%T)"
       XENT_TESTS=linear XENT_REQUIRE_GPU=1 timeout ${TR:-200} bash bundle/run.sh test 2>&1 |
         grep -E "test result|panicked|FAILED|failed|error" | tail -12
       XENT_REQUIRE_GPU=1 PYTHONPATH="$PWD/bundle/python/site" timeout ${TP:-200} python3 -m pytest -q -s \
-        -p no:cacheprovider python/tests/test_linear.py -rfE 2>&1 | grep -E "row scheme from|passed|failed|Error" | tail -8 ;;
+        -p no:cacheprovider python/tests/test_linear.py -rfE ${K:+-k "$K"} 2>&1 | grep -E "row scheme from|passed|failed|Error" | tail -8 ;;
     *) bash "$here/session62.sh" "$mode" ;;
   esac
 done
