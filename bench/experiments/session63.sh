@@ -15,6 +15,7 @@
 # `suites` the Rust linear suite and the package's linear tests (`K`: a pytest -k filter).
 # `short` `second` for a budget under ten minutes: crossbench at 1024 and 2048 rows (the small
 #          method in round 1 only), then the suites with the package's tests of the schemes.
+# `tiny`   the suites' scheme tests, then one round of crossbench at 1024 rows.
 set -u
 here=$(dirname "$0")
 for mode in "$@"; do
@@ -37,7 +38,7 @@ for mode in "$@"; do
       bash "$here/session60.sh"
       echo "=== $mode $(date +%T)"
       cp bench/linear_bench.py bundle/
-      for round in 1 2; do
+      for round in $(seq ${ROUNDS:-2}); do
         for side in card fixed192; do
           echo "--- round $round $side"
           env_192=""
@@ -61,6 +62,10 @@ for mode in "$@"; do
         LC=${LC:-1024:4096:128256,2048:4096:128256} NOSMALL=1 bash "$0" crossbench
         K="row_scheme or skip_ignored or f32_sum or in_place or budget or accum" bash "$0" suites
       fi ;;
+    tiny)
+      # The suites' scheme tests first, then one round of crossbench at 1024 rows.
+      K="row_scheme or skip_ignored or f32_sum or in_place or accum" bash "$0" suites
+      LC=1024:4096:128256 NOSMALL=1 ROUNDS=1 bash "$0" crossbench ;;
     suites)
       bash "$here/session60.sh"
       echo "=== $mode $(date +%T)"
