@@ -77,10 +77,10 @@ pub struct RawGrad {
 /// [`ROW_SCHEME_MIN_ROWS`](super::ROW_SCHEME_MIN_ROWS) rows (or one chunk), which then takes the
 /// row scheme, it may be the call's hidden states themselves ([`in_place`](Self::in_place), in
 /// their dtype): each chunk's rows are overwritten by their gradient once its last GEMM has read
-/// them (the two gradient GEMMs then run one after the other), so a caller that holds the hidden states only for the call (a copy of some rows)
-/// needs no `[N, D]` more. `weight` (`[V, D]`) and `bias` (`[V]`): f32 or the
-/// call's dtype; added to with `accumulate` (gradient accumulation), overwritten without (no
-/// zeroing needed).
+/// them (the two gradient GEMMs then run one after the other), so a caller that holds the
+/// hidden states only for the call (a copy of some rows) needs no `[N, D]` more. `weight`
+/// (`[V, D]`) and `bias` (`[V]`): f32 or the call's dtype; added to with `accumulate` (gradient
+/// accumulation), overwritten without (no zeroing needed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawLinearGrads {
     pub hidden: Option<RawGrad>,
@@ -332,11 +332,12 @@ impl CrossEntropy {
     /// The gradients either in the same pass (`Fused` with chunks of at least
     /// [`linear_row_scheme_rows`](Self::linear_row_scheme_rows), the card's crossover, or in place
     /// from [`ROW_SCHEME_MIN_ROWS`](super::ROW_SCHEME_MIN_ROWS): two GEMMs per chunk, the
-    /// weight's gradient accumulated over the chunks), or by blocks of the vocabulary after the loss (`Backward`, and `Fused` with
-    /// smaller chunks): per block the logits of every row again, their gradient from the kept
-    /// log-sum-exps, the block's weight gradient written once and the hidden states' gradient
-    /// accumulated (in `grads.hidden`'s dtype: a 16-bit one rounds once a block, an f32 one once
-    /// where the caller converts it), which moves `N·D` per block instead of `V·D` per chunk.
+    /// weight's gradient accumulated over the chunks), or by blocks of the vocabulary after the
+    /// loss (`Backward`, and `Fused` with smaller chunks): per block the logits of every row
+    /// again, their gradient from the kept log-sum-exps, the block's weight gradient written once
+    /// and the hidden states' gradient accumulated (in `grads.hidden`'s dtype: a 16-bit one
+    /// rounds once a block, an f32 one once where the caller converts it), which moves `N·D` per
+    /// block instead of `V·D` per chunk.
     ///
     /// # Safety
     /// Every address must be device memory of this handle's context holding at least the stated
