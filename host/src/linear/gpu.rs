@@ -159,19 +159,6 @@ impl RawLinearGrads {
             .is_some_and(|g| g.buffer.ptr == call.hidden.ptr && call.hidden.len > 0)
     }
 
-    /// An in-place gradient where the call could not write it so: only a `Fused` pass of the row
-    /// scheme can (the vocabulary-blocked backward reads every row for every block).
-    fn check_in_place(&self, call: &RawLinearCall, row_scheme: bool) -> Result<()> {
-        if self.in_place(call) && !row_scheme {
-            return Err(Error::InvalidOption(format!(
-                "grads.hidden may be the call's hidden states only in a Fused pass whose chunks \
-                 hold at least {} rows (or every row)",
-                row_scheme_min_rows()
-            )));
-        }
-        Ok(())
-    }
-
     fn validate(&self, call: &RawLinearCall, pass: LinearPass) -> Result<()> {
         let any = self.hidden.is_some() || self.weight.is_some() || self.bias.is_some();
         if pass == LinearPass::Forward && any {
@@ -391,7 +378,15 @@ impl CrossEntropy {
         })?;
         let in_place = grads.in_place(call);
         let scheme = Scheme::of(pass, rows, chunk, self.linear_row_scheme_rows(), in_place);
-        grads.check_in_place(call, scheme.row_grads)?;
+        // An in-place gradient where the call could not write it so: only a `Fused` pass of the
+        // row scheme can (the vocabulary-blocked backward reads every row for every block).
+        if in_place && !scheme.row_grads {
+            return Err(Error::InvalidOption(format!(
+                "grads.hidden may be the call's hidden states only in a Fused pass whose chunks \
+                 hold at least {} rows (or every row)",
+                row_scheme_min_rows()
+            )));
+        }
         let block = vocab_block(rows, v, chunk);
         let plans = match pass {
             LinearPass::Backward { .. } => None,
@@ -422,8 +417,7 @@ impl CrossEntropy {
         // The row scheme's gradient GEMMs overlap on two streams (one side stream per handle,
         // held for the call), unless `grad_hidden` is written over the hidden states: then the
         // weight's GEMM (their last reader) runs before it on the call's stream.
-        let side_guard =
-            self.side_stream(stream, scheme.row_grads && !grads.in_place(call), grads)?;
+        let side_guard = self.side_stream(stream, scheme.row_grads && !in_place, grads)?;
         let work = Work::new(
             blas,
             stream,
