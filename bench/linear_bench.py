@@ -246,8 +246,10 @@ def xent_methods(v, curve):
         return run
 
     out["xent_linear_small"] = small(False)
-    # The weight gradient from xent's own GEMM (opt-in, XENT_GEMM_TN=1), beside the hidden states'
-    # GEMM or after it.
+    # The weight gradient from xent's own GEMM: by default where it runs alone (in place) at
+    # chunks of at most 256 rows; `[cublas]` never (XENT_GEMM_TN=0), `[gemm_tn]` for every chunk
+    # (XENT_GEMM_TN=1), beside the hidden states' GEMM or after it.
+    out["xent_linear_small[cublas]"] = small(False, gemm_tn="0")
     out["xent_linear_small[gemm_tn]"] = small(False, gemm_tn="1")
     out["xent_linear_small[gemm_tn,serial]"] = small(False, gemm_tn="1", serial=True)
     out["xent_linear[gemm_tn]"] = with_rows(None, gemm_tn="1")

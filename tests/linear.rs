@@ -723,9 +723,9 @@ fn raw_call(
     }
 }
 
-/// The bf16 inputs of the raw tests over `shape` (777 classes): hidden states (on the host) from
-/// `seed`, the weight and bias (on the device) from `seed + 1` and `seed + 2`, labels `53·r mod
-/// 777` with row 7 ignored.
+/// The bf16 inputs of the raw tests over `shape`: hidden states (on the host) from `seed`, the
+/// weight and bias (on the device) from `seed + 1` and `seed + 2`, labels `53·r mod V` with row 7
+/// ignored.
 type RawInputs = (
     Vec<xent::half::bf16>,
     cudarc::driver::CudaSlice<xent::half::bf16>,
@@ -740,12 +740,11 @@ fn raw_inputs(
 ) -> RawInputs {
     use xent::half::bf16;
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    assert_eq!(v, 777, "the labels are of 777 classes");
     let to_bf16 = |x: Vec<f32>| x.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
     let hidden = to_bf16(grid(rows * d, seed));
     let weight = stream.clone_htod(&to_bf16(grid(v * d, seed + 1))).unwrap();
     let bias = stream.clone_htod(&to_bf16(grid(v, seed + 2))).unwrap();
-    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % 777).collect();
+    let mut labels: Vec<i64> = (0..rows as i64).map(|r| (r * 53) % v as i64).collect();
     labels[7] = -100;
     (hidden, weight, bias, stream.clone_htod(&labels).unwrap())
 }
@@ -1006,32 +1005,139 @@ fn gpu_linear_raw_passes_and_16_bit_gradients_match_the_fused_call() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Where a fused pass writes the hidden states' gradient. Over the hidden states themselves
-/// (`RawLinearGrads::in_place`, the Python package's copy of the scored rows): in chunks of the
-/// row scheme (192 rows, the last of 16: in place takes it from 192 rows on any card) its loss
-/// and gradients are those of one chunk of every row writing the gradient beside them (whose
-/// GEMMs overlap), within a few bf16 roundings; chunks of
-/// the vocabulary-blocked backward (16 rows) refuse it. In f32 (`accum_dtype=torch.float32` in
-/// the Python package): the vocabulary-blocked backward sums it over its 33 blocks of classes
-/// without rounding, so it is nearer the row scheme's (f32, unrounded) than the same blocks'
-/// 16-bit sum, which rounds once a block.
-#[test]
-fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
+/// A pass's loss, grad_hidden, grad_weight and grad_bias.
+type Pass = (f64, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// One fused raw pass over [`raw_setup`]'s inputs, in chunks of `chunk_of` rows' logits: (loss,
+/// grad_hidden, grad_weight, grad_bias), or the call's error; `in_place`: grad_hidden over the
+/// hidden states, `hidden_f32`: grad_hidden in f32.
+fn fused_pass(
+    setup: &RawSetup,
+    shape: LinearShape,
+    opts: &Options,
+    (in_place, chunk_of, hidden_f32): (bool, usize, bool),
+) -> xent::Result<Pass> {
     use xent::half::bf16;
     use xent::linear::{LinearPass, RawGrad, RawLinearGrads};
     use xent::raw::RawBuffer;
-    let shape = LinearShape {
-        batch: 2,
-        seq_len: 200,
-        hidden: 64,
-        vocab: 777,
-    };
-    let Some((xent, blas, stream, (hidden_host, weight, bias, labels))) = raw_setup(shape, 31)
-    else {
-        return;
-    };
+    let (xent, blas, stream, (hidden_host, weight, bias, labels)) = setup;
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
-    let opt_sets = [
+    let budget = Some(chunk_of * v * 2);
+    let mut hidden = stream.clone_htod(hidden_host).unwrap();
+    let mut gh = stream
+        .clone_htod(&vec![bf16::from_f32(7.0); rows * d])
+        .unwrap();
+    let mut gh32 = stream.clone_htod(&vec![7.0f32; rows * d]).unwrap();
+    let mut gw = stream
+        .clone_htod(&vec![bf16::from_f32(7.0); v * d])
+        .unwrap();
+    let mut gb = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
+    let call = raw_call(
+        stream,
+        RawBuffer::of(stream, &mut hidden),
+        (weight, bias, labels),
+        shape,
+    );
+    let lens = xent.raw_linear_scratch_lens(&call, opts, LinearPass::Fused, budget)?;
+    let mut scratch_buffers = RawScratch::new(stream, &lens, rows);
+    let scratch = scratch_buffers.raw(stream);
+    let grads = RawLinearGrads {
+        hidden: Some(match (in_place, hidden_f32) {
+            (true, f32) => RawGrad {
+                buffer: call.hidden,
+                dtype: if f32 { DType::F32 } else { DType::Bf16 },
+            },
+            (false, false) => RawGrad {
+                buffer: RawBuffer::of(stream, &mut gh),
+                dtype: DType::Bf16,
+            },
+            (false, true) => RawGrad {
+                buffer: RawBuffer::of(stream, &mut gh32),
+                dtype: DType::F32,
+            },
+        }),
+        weight: Some(RawGrad {
+            buffer: RawBuffer::of(stream, &mut gw),
+            dtype: DType::Bf16,
+        }),
+        bias: Some(RawGrad {
+            buffer: RawBuffer::of(stream, &mut gb),
+            dtype: DType::Bf16,
+        }),
+        accumulate: false,
+    };
+    assert_eq!(grads.in_place(&call), in_place);
+    let mut raw_out = RawOut::new(stream, rows, lens.loss_workspace_len);
+    let out = raw_out.raw(stream);
+    unsafe {
+        xent.raw_linear(
+            blas,
+            stream,
+            &call,
+            opts,
+            LinearPass::Fused,
+            &out,
+            &grads,
+            &scratch,
+        )
+    }?;
+    let loss = stream.clone_dtoh(&raw_out.loss).unwrap()[0] as f64;
+    let grad_hidden = match (in_place, hidden_f32) {
+        (true, _) => host_f64(stream, &hidden),
+        (false, false) => host_f64(stream, &gh),
+        (false, true) => host_f64(stream, &gh32),
+    };
+    Ok((
+        loss,
+        grad_hidden,
+        host_f64(stream, &gw),
+        host_f64(stream, &gb),
+    ))
+}
+
+/// Appends to `failures` where a fused pass in place in chunks of 192 rows (200 rows' logits,
+/// rounded to the granule: 192, 192 and 16 for 400 rows; the row scheme on any card, in place
+/// from ROW_SCHEME_MIN_ROWS) is not one chunk of every row writing grad_hidden beside the hidden
+/// states (the row scheme too, its GEMMs overlapped), within a few bf16 roundings.
+fn in_place_against_one_chunk(
+    setup: &RawSetup,
+    shape: LinearShape,
+    (name, opts): (&str, &Options),
+    failures: &mut Vec<String>,
+) {
+    let (rows, v) = (shape.rows(), shape.vocab);
+    let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
+    assert_eq!(lens_rows, linear::ROW_SCHEME_MIN_ROWS);
+    let (want, got) = (
+        fused_pass(setup, shape, opts, (false, rows, false)).unwrap(),
+        fused_pass(setup, shape, opts, (true, 200, false)).unwrap(),
+    );
+    if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
+        failures.push(format!("{name}: loss {} against {}", got.0, want.0));
+    }
+    for (what, g, w) in [
+        ("grad_hidden", &got.1, &want.1),
+        ("grad_weight", &got.2, &want.2),
+        ("grad_bias", &got.3, &want.3),
+    ] {
+        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let worst = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f64, f64::max);
+        // Both bf16: at most a rounding of each, the GEMMs' algorithms aside.
+        if scale <= 0.0 || worst > 4.0 * 2f64.powi(-8) * scale {
+            failures.push(format!(
+                "{name}: {what}: worst {worst:.3e} of the largest {scale:.3e}"
+            ));
+        }
+    }
+}
+
+/// The option sets of the in-place tests.
+fn in_place_option_sets() -> [(&'static str, Options); 3] {
+    [
         ("plain", Options::default()),
         (
             "smoothing, z-loss, sum",
@@ -1050,117 +1156,67 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
                 ..Options::default()
             },
         ),
-    ];
-    // A pass's loss, grad_hidden, grad_weight and grad_bias.
-    type Pass = (f64, Vec<f64>, Vec<f64>, Vec<f64>);
+    ]
+}
+
+/// In place at 192-row chunks over a vocabulary whose rows the tensor memory accelerator can
+/// address (1024 classes, 2 KiB a logit row): there the weight's gradient runs alone on the
+/// call's stream, so on compute capability 9.0 it comes from xent's own GEMM (`gemm_tn`,
+/// [`linear::gemm_tn::takes_weight_grad`]), and the pass must match one chunk of every row, whose
+/// weight gradient cuBLASLt computes beside the hidden states' GEMM. (777 classes, the other
+/// in-place test's, are not 16-byte rows: cuBLASLt on both sides.)
+#[test]
+fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() {
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 200,
+        hidden: 64,
+        vocab: 1024,
+    };
+    let Some(setup) = raw_setup(shape, 41) else {
+        return;
+    };
+    let cc = setup.0.context().compute_capability().unwrap();
+    let ours = linear::gemm_tn::takes_weight_grad(192, true) && cc == (9, 0);
+    println!(
+        "linear in place, 1024 classes: the weight gradient from {}",
+        if ours { "xent's GEMM" } else { "cuBLASLt" }
+    );
     let mut failures = Vec::new();
-    let n_sets = opt_sets.len();
-    for (name, opts) in opt_sets {
-        // One pass: (loss, grad_hidden, grad_weight, grad_bias), or the call's error;
-        // `hidden_f32`: grad_hidden in f32.
-        let pass = |in_place: bool, chunk_of: usize, hidden_f32: bool| -> xent::Result<Pass> {
-            let budget = Some(chunk_of * v * 2);
-            let mut hidden = stream.clone_htod(&hidden_host).unwrap();
-            let mut gh = stream
-                .clone_htod(&vec![bf16::from_f32(7.0); rows * d])
-                .unwrap();
-            let mut gh32 = stream.clone_htod(&vec![7.0f32; rows * d]).unwrap();
-            let mut gw = stream
-                .clone_htod(&vec![bf16::from_f32(7.0); v * d])
-                .unwrap();
-            let mut gb = stream.clone_htod(&vec![bf16::from_f32(7.0); v]).unwrap();
-            let call = raw_call(
-                &stream,
-                RawBuffer::of(&stream, &mut hidden),
-                (&weight, &bias, &labels),
-                shape,
-            );
-            let lens = xent.raw_linear_scratch_lens(&call, &opts, LinearPass::Fused, budget)?;
-            let mut scratch_buffers = RawScratch::new(&stream, &lens, rows);
-            let scratch = scratch_buffers.raw(&stream);
-            let grads = RawLinearGrads {
-                hidden: Some(match (in_place, hidden_f32) {
-                    (true, f32) => RawGrad {
-                        buffer: call.hidden,
-                        dtype: if f32 { DType::F32 } else { DType::Bf16 },
-                    },
-                    (false, false) => RawGrad {
-                        buffer: RawBuffer::of(&stream, &mut gh),
-                        dtype: DType::Bf16,
-                    },
-                    (false, true) => RawGrad {
-                        buffer: RawBuffer::of(&stream, &mut gh32),
-                        dtype: DType::F32,
-                    },
-                }),
-                weight: Some(RawGrad {
-                    buffer: RawBuffer::of(&stream, &mut gw),
-                    dtype: DType::Bf16,
-                }),
-                bias: Some(RawGrad {
-                    buffer: RawBuffer::of(&stream, &mut gb),
-                    dtype: DType::Bf16,
-                }),
-                accumulate: false,
-            };
-            assert_eq!(grads.in_place(&call), in_place);
-            let mut raw_out = RawOut::new(&stream, rows, lens.loss_workspace_len);
-            let out = raw_out.raw(&stream);
-            unsafe {
-                xent.raw_linear(
-                    &blas,
-                    &stream,
-                    &call,
-                    &opts,
-                    LinearPass::Fused,
-                    &out,
-                    &grads,
-                    &scratch,
-                )
-            }?;
-            let loss = stream.clone_dtoh(&raw_out.loss).unwrap()[0] as f64;
-            let grad_hidden = match (in_place, hidden_f32) {
-                (true, _) => host_f64(&stream, &hidden),
-                (false, false) => host_f64(&stream, &gh),
-                (false, true) => host_f64(&stream, &gh32),
-            };
-            Ok((
-                loss,
-                grad_hidden,
-                host_f64(&stream, &gw),
-                host_f64(&stream, &gb),
-            ))
+    for (name, opts) in in_place_option_sets() {
+        in_place_against_one_chunk(&setup, shape, (name, &opts), &mut failures);
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Where a fused pass writes the hidden states' gradient. Over the hidden states themselves
+/// (`RawLinearGrads::in_place`, the Python package's copy of the scored rows): in chunks of the
+/// row scheme (192 rows, the last of 16: in place takes it from 192 rows on any card) its loss
+/// and gradients are those of one chunk of every row writing the gradient beside them (whose
+/// GEMMs overlap), within a few bf16 roundings; chunks of
+/// the vocabulary-blocked backward (16 rows) refuse it. In f32 (`accum_dtype=torch.float32` in
+/// the Python package): the vocabulary-blocked backward sums it over its 33 blocks of classes
+/// without rounding, so it is nearer the row scheme's (f32, unrounded) than the same blocks'
+/// 16-bit sum, which rounds once a block.
+#[test]
+fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
+    let shape = LinearShape {
+        batch: 2,
+        seq_len: 200,
+        hidden: 64,
+        vocab: 777,
+    };
+    let Some(setup) = raw_setup(shape, 31) else {
+        return;
+    };
+    let (rows, v) = (shape.rows(), shape.vocab);
+    let mut failures = Vec::new();
+    let n_sets = in_place_option_sets().len();
+    for (name, opts) in in_place_option_sets() {
+        let pass = |in_place: bool, chunk_of: usize, hidden_f32: bool| {
+            fused_pass(&setup, shape, &opts, (in_place, chunk_of, hidden_f32))
         };
-        // In place, chunks of 192 rows (200 fit, rounded to the granule): 192, 192 and 16, the
-        // row scheme on any card (in place from ROW_SCHEME_MIN_ROWS), against one chunk of every
-        // row (the row scheme too, where 192 rows may be under the card's crossover).
-        let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
-        assert_eq!(lens_rows, linear::ROW_SCHEME_MIN_ROWS);
-        let (want, got) = (
-            pass(false, rows, false).unwrap(),
-            pass(true, 200, false).unwrap(),
-        );
-        if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
-            failures.push(format!("{name}: loss {} against {}", got.0, want.0));
-        }
-        for (what, g, w) in [
-            ("grad_hidden", &got.1, &want.1),
-            ("grad_weight", &got.2, &want.2),
-            ("grad_bias", &got.3, &want.3),
-        ] {
-            let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            let worst = g
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f64, f64::max);
-            // Both bf16: at most a rounding of each, the GEMMs' algorithms aside.
-            if scale <= 0.0 || worst > 4.0 * 2f64.powi(-8) * scale {
-                failures.push(format!(
-                    "{name}: {what}: worst {worst:.3e} of the largest {scale:.3e}"
-                ));
-            }
-        }
+        in_place_against_one_chunk(&setup, shape, (name, &opts), &mut failures);
         // 16-row chunks take the vocabulary-blocked backward, which reads every row for every
         // block: refused.
         match pass(true, 16, false) {

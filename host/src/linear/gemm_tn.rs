@@ -20,6 +20,34 @@ pub(crate) const SMEM_BYTES: u32 = 3 * 64 * (128 + 256) * 2 + 128 * 256 * 2 + 20
 /// Three warpgroups: two consumers, the producer.
 const THREADS: u32 = 384;
 
+/// The most rows a chunk may hold for the linear path to take this GEMM for its weight gradient
+/// by itself (without `XENT_GEMM_TN`): where reading and writing the `[V, D]` gradient costs as
+/// much as the products. On an H100 at 256-row chunks it made the in-place path 8% faster (54.2
+/// against 58.7 ms at 8192 x 4096 x 128256 bf16) and at 512 rows 3% slower (82.4 against 79.9 at
+/// 16384); on the H200 alone, `Gᵀ·h` into `[128256, 4096]`: 0.739 against cuBLASLt's 0.850 ms at
+/// 256 rows and 1.466 against 1.390 at 896.
+pub const ALONE_MAX_ROWS: usize = 256;
+
+/// Whether the linear path takes this GEMM for a chunk's weight gradient, given the call's
+/// shapes fit it (bf16, compute capability 9.0, [`fits`]): `XENT_GEMM_TN=1` always, `=0` never,
+/// and by default where the GEMM runs `alone` on the call's stream (no hidden-state gradient
+/// GEMM beside it, as in place) for chunks of at most [`ALONE_MAX_ROWS`] rows. Beside the hidden
+/// states' GEMM on a second stream it loses (session 13: 56.7 against 54.9 ms at Liger's memory
+/// on the H200): its one 215 KiB CTA an SM leaves that GEMM no room, where cuBLASLt's kernels
+/// share the SMs.
+pub fn takes_weight_grad(rows: usize, alone: bool) -> bool {
+    wanted(std::env::var("XENT_GEMM_TN").ok().as_deref(), rows, alone)
+}
+
+/// [`takes_weight_grad`] with the knob's value given.
+fn wanted(knob: Option<&str>, rows: usize, alone: bool) -> bool {
+    match knob {
+        Some("1") => true,
+        Some("0") => false,
+        _ => alone && rows <= ALONE_MAX_ROWS,
+    }
+}
+
 /// One operand of [`CrossEntropy::gemm_tn_bf16`]: a row-major bf16 matrix of `rows` rows of
 /// `cols` elements at device address `ptr`, rows `ld` elements apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -399,5 +427,29 @@ impl CrossEntropy {
         // caller's matrices and the scratch the caller's, which the caller vouches for, and
         // `stream` is of this context.
         unsafe { self.launch_persistent(function, stream, &mut params, items, max_ctas) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_weight_gradient_takes_this_gemm_alone_at_short_chunks_or_when_asked() {
+        for (knob, rows, alone, want) in [
+            (None, 256, true, true),
+            (None, 16, true, true),
+            (None, 257, true, false),
+            (None, 256, false, false),
+            (Some(""), 192, true, true),
+            (Some("0"), 192, true, false),
+            (Some("1"), 4096, false, true),
+        ] {
+            assert_eq!(
+                wanted(knob, rows, alone),
+                want,
+                "{knob:?}, {rows} rows, alone {alone}"
+            );
+        }
     }
 }

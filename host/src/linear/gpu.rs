@@ -214,16 +214,11 @@ impl RawLinearGrads {
     }
 }
 
-/// Whether a chunk's weight gradient comes from xent's own GEMM (`gemm_tn`, compute capability
-/// 9.0, bf16 throughout): only when `XENT_GEMM_TN=1` asks for it. Alone it beats cuBLASLt where
-/// reading and writing the gradient costs as much as the products (H200, `Gᵀ·h` added to a
-/// `[128256, 4096]` bf16 gradient: 0.739 against 0.850 ms at 256 rows; 1.466 against 1.390 at
-/// 896), but in the linear path it lost (session 13: 56.7 / 58.1 ms against 54.9 / 54.5 at
-/// Liger's memory, 43.8 against 41.5 at the default budget, 8192 x 4096 x 128256): the weight
-/// gradient runs on a side stream beside the hidden states' GEMM, and this kernel's one 215 KiB
-/// CTA an SM leaves that GEMM no room, where cuBLASLt's kernels share the SMs.
-fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType) -> bool {
-    std::env::var("XENT_GEMM_TN").as_deref() == Ok("1") && bf16_gemms(xent, dtype, grad)
+/// Whether a chunk of `rows` rows takes its weight gradient from xent's own GEMM (`gemm_tn`,
+/// compute capability 9.0, bf16 throughout), running `alone` or beside the hidden states' GEMM:
+/// [`gemm_tn::takes_weight_grad`].
+fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType, rows: usize, alone: bool) -> bool {
+    gemm_tn::takes_weight_grad(rows, alone) && bf16_gemms(xent, dtype, grad)
 }
 
 /// Whether a chunk's two gradient GEMMs come from xent's one kernel (`gemm_grads`: compute
@@ -1009,8 +1004,8 @@ impl Work<'_> {
             None => (main, 0),
         };
         let beta = self.chunk_beta(first);
-        // grad_weight (+)= Gᵀ·h[chunk]: cuBLASLt, or xent's own GEMM where asked for (see
-        // `gemm_tn_for`).
+        // grad_weight (+)= Gᵀ·h[chunk]: cuBLASLt, or xent's own GEMM where it runs alone at short
+        // chunks or is asked for (see `gemm_tn_for`).
         if let Some(grad_weight) = self.grads.weight {
             let (g, h, out) = (
                 gemm_tn::Matrix::dense(self.logits, c, v),
@@ -1020,7 +1015,7 @@ impl Work<'_> {
             // Its tile counter: the first word of the weight stream's part of cuBLASLt's
             // workspace (unused by this GEMM), zeroed in stream order.
             let (counter, room) = self.workspace_half(which);
-            if gemm_tn_for(xent, dtype, grad_weight.dtype)
+            if gemm_tn_for(xent, dtype, grad_weight.dtype, c, self.side.is_none())
                 && gemm_tn::fits(&g, &h, &out)
                 && room >= 4
             {
