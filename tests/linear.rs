@@ -1135,6 +1135,16 @@ fn in_place_against_one_chunk(
     }
 }
 
+/// The in-place tests' shape: 2 sequences of 200 tokens, 64 features, `vocab` classes.
+fn in_place_shape(vocab: usize) -> LinearShape {
+    LinearShape {
+        batch: 2,
+        seq_len: 200,
+        hidden: 64,
+        vocab,
+    }
+}
+
 /// The option sets of the in-place tests.
 fn in_place_option_sets() -> [(&'static str, Options); 3] {
     [
@@ -1167,12 +1177,7 @@ fn in_place_option_sets() -> [(&'static str, Options); 3] {
 /// in-place test's, are not 16-byte rows: cuBLASLt on both sides.)
 #[test]
 fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() {
-    let shape = LinearShape {
-        batch: 2,
-        seq_len: 200,
-        hidden: 64,
-        vocab: 1024,
-    };
+    let shape = in_place_shape(1024);
     let Some(setup) = raw_setup(shape, 41) else {
         return;
     };
@@ -1200,12 +1205,7 @@ fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() 
 /// 16-bit sum, which rounds once a block.
 #[test]
 fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
-    let shape = LinearShape {
-        batch: 2,
-        seq_len: 200,
-        hidden: 64,
-        vocab: 777,
-    };
+    let shape = in_place_shape(777);
     let Some(setup) = raw_setup(shape, 31) else {
         return;
     };
