@@ -12,7 +12,8 @@
 //!   and the gaps between them, without the host's launches); `launch_floor`, the driver's own
 //!   share of `host`: an empty kernel with a parameter block of `XentParams`' size launched as one
 //!   cluster of 8 CTAs of 256 threads (`cluster8`, what a call of one row launches) and as a plain
-//!   launch of 8 CTAs (`plain`); `graph_floor`, the GPU time a call of nothing takes in the same
+//!   launch of 8 CTAs (`plain`), and a plain launch with a block of 8 bytes (`plain8`: what the
+//!   block's size costs); `graph_floor`, the GPU time a call of nothing takes in the same
 //!   graph: a kernel that only waits for the one before it and lets the next one start (what
 //!   every small call's kernel does first and last), launched as the small calls' plans launch
 //!   (`cluster16x128` for 1-4 rows, `cluster8x256` a cluster a row for 8: `rows8`, and 64 rows of
@@ -168,8 +169,15 @@ fn launch_floor(
     group: &mut BenchmarkGroup<WallTime>,
     stream: &Arc<CudaStream>,
 ) -> Result<(), Box<dyn Error>> {
-    let (function, params) = empty_kernel(stream, "")?;
-    for (name, cluster) in [("cluster8", true), ("plain", false)] {
+    let xent_params = std::mem::size_of::<xent::abi::XentParams>();
+    // (name, cluster, parameter bytes): `plain8` asks whether the block's size is the floor's.
+    let cases = [
+        ("cluster8", true, xent_params),
+        ("plain", false, xent_params),
+        ("plain8", false, 8),
+    ];
+    for (name, cluster, bytes) in cases {
+        let (function, params) = empty_kernel(stream, "", bytes)?;
         let mut launch = || {
             let shape = EmptyLaunch {
                 grid: 8,
@@ -387,6 +395,7 @@ fn graph_floor(
     let (function, params) = empty_kernel(
         stream,
         "\tgriddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n",
+        std::mem::size_of::<xent::abi::XentParams>(),
     )?;
     // (name, grid, cluster, threads): the automatic small plans at 128256 classes in bf16.
     let shapes = [
@@ -496,12 +505,12 @@ fn launch_empty(
 }
 
 /// A kernel of `body` (PTX lines; empty: it only returns) that takes a parameter block of
-/// `XentParams`' size, and a zeroed block to launch it with.
+/// `bytes` (a multiple of 8), and a zeroed block to launch it with.
 fn empty_kernel(
     stream: &Arc<CudaStream>,
     body: &str,
+    bytes: usize,
 ) -> Result<(xent::cudarc::driver::CudaFunction, Vec<u64>), Box<dyn Error>> {
-    let bytes = std::mem::size_of::<xent::abi::XentParams>();
     let ptx = format!(
         ".version 8.0\n.target sm_90\n.address_size 64\n\
          .visible .entry xent_floor(.param .align 8 .b8 p[{bytes}])\n{{\n{body}\tret;\n}}\n"
