@@ -1171,10 +1171,12 @@ fn in_place_option_sets() -> [(&'static str, Options); 3] {
 
 /// In place at 192-row chunks over a vocabulary whose rows the tensor memory accelerator can
 /// address (1024 classes, 2 KiB a logit row): there the weight's gradient runs alone on the
-/// call's stream, so on compute capability 9.0 it comes from xent's own GEMM (`gemm_tn`,
-/// [`linear::gemm_tn::takes_weight_grad`]), and the pass must match one chunk of every row, whose
-/// weight gradient cuBLASLt computes beside the hidden states' GEMM. (777 classes, the other
-/// in-place test's, are not 16-byte rows: cuBLASLt on both sides.)
+/// call's stream, so on compute capability 9.0 and a card that takes it (an H100 SXM, not the
+/// H200: [`linear::gemm_tn::takes_weight_grad`]) it comes from xent's own GEMM (`gemm_tn`), and
+/// the pass must match one chunk of every row, whose weight gradient cuBLASLt computes beside the
+/// hidden states' GEMM. It prints which GEMM ran (`tests/lse_gemm.rs` tests the GEMM itself on
+/// any sm_90 card). (777 classes, the other in-place test's, are not 16-byte rows: cuBLASLt on
+/// both sides.)
 #[test]
 fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() {
     let shape = in_place_shape(1024);
@@ -1182,7 +1184,7 @@ fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() 
         return;
     };
     let cc = setup.0.context().compute_capability().unwrap();
-    let ours = linear::gemm_tn::takes_weight_grad(192, true) && cc == (9, 0);
+    let ours = linear::gemm_tn::takes_weight_grad(192, true, setup.0.card_rates()) && cc == (9, 0);
     println!(
         "linear in place, 1024 classes: the weight gradient from {}",
         if ours { "xent's GEMM" } else { "cuBLASLt" }

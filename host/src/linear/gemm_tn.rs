@@ -13,6 +13,7 @@ use cudarc::driver::CudaStream;
 use crate::CrossEntropy;
 use crate::abi::{GemmParams, GradGemmParams};
 use crate::error::{Error, Result};
+use crate::linear::CardRates;
 
 /// Dynamic shared memory: three stages of a 64 x 128 and a 64 x 256 bf16 tile, `C`'s 128 x 256
 /// tile, 1024 bytes to align them, and the barriers.
@@ -28,23 +29,42 @@ const THREADS: u32 = 384;
 /// 256 rows and 1.466 against 1.390 at 896.
 pub const ALONE_MAX_ROWS: usize = 256;
 
+/// The least flops a byte of device memory ([`CardRates::flops_per_byte`]: the card's dense
+/// 16-bit tensor-core rate over its bandwidth) at which the linear path takes this GEMM by itself.
+/// In place at 256-row chunks (8192 x 4096 x 128256 bf16, `xent_linear_small`, ms random /
+/// peaked) it was 5-7% faster than cuBLASLt on an H100 SXM (319 flop/byte: 56.04 / 56.75 against
+/// 59.74 / 59.69, two rounds, session 64) and 3-5% slower on the H200 (218: 51.65 / 52.14 against
+/// 49.34 / 50.16, two rounds, session 65), where the GEMM alone is the faster (above). The line
+/// lies between the two cards (their geometric mean); where between them is not measured.
+pub const ALONE_MIN_FLOPS_PER_BYTE: f64 = 264.0;
+
 /// Whether the linear path takes this GEMM for a chunk's weight gradient, given the call's
 /// shapes fit it (bf16, compute capability 9.0, [`fits`]): `XENT_GEMM_TN=1` always, `=0` never,
 /// and by default where the GEMM runs `alone` on the call's stream (no hidden-state gradient
-/// GEMM beside it, as in place) for chunks of at most [`ALONE_MAX_ROWS`] rows. Beside the hidden
-/// states' GEMM on a second stream it loses (session 13: 56.7 against 54.9 ms at Liger's memory
-/// on the H200): its one 215 KiB CTA an SM leaves that GEMM no room, where cuBLASLt's kernels
-/// share the SMs.
-pub fn takes_weight_grad(rows: usize, alone: bool) -> bool {
-    wanted(std::env::var("XENT_GEMM_TN").ok().as_deref(), rows, alone)
+/// GEMM beside it, as in place) for chunks of at most [`ALONE_MAX_ROWS`] rows, on a card of
+/// `rates` with at least [`ALONE_MIN_FLOPS_PER_BYTE`] (an H100 SXM, not the H200; not a card
+/// whose rates are unknown). Beside the hidden states' GEMM on a second stream it loses
+/// (session 13: 56.7 against 54.9 ms at Liger's memory on the H200): its one 215 KiB CTA an SM
+/// leaves that GEMM no room, where cuBLASLt's kernels share the SMs.
+pub fn takes_weight_grad(rows: usize, alone: bool, rates: Option<CardRates>) -> bool {
+    wanted(
+        std::env::var("XENT_GEMM_TN").ok().as_deref(),
+        rows,
+        alone,
+        rates,
+    )
 }
 
 /// [`takes_weight_grad`] with the knob's value given.
-fn wanted(knob: Option<&str>, rows: usize, alone: bool) -> bool {
+fn wanted(knob: Option<&str>, rows: usize, alone: bool, rates: Option<CardRates>) -> bool {
     match knob {
         Some("1") => true,
         Some("0") => false,
-        _ => alone && rows <= ALONE_MAX_ROWS,
+        _ => {
+            alone
+                && rows <= ALONE_MAX_ROWS
+                && rates.is_some_and(|r| r.flops_per_byte() >= ALONE_MIN_FLOPS_PER_BYTE)
+        }
     }
 }
 
@@ -435,21 +455,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_weight_gradient_takes_this_gemm_alone_at_short_chunks_or_when_asked() {
-        for (knob, rows, alone, want) in [
-            (None, 256, true, true),
-            (None, 16, true, true),
-            (None, 257, true, false),
-            (None, 256, false, false),
-            (Some(""), 192, true, true),
-            (Some("0"), 192, true, false),
-            (Some("1"), 4096, false, true),
+    fn the_weight_gradient_takes_this_gemm_alone_at_short_chunks_on_some_cards_or_when_asked() {
+        let (h100, h200) = (Some(CardRates::H100_SXM), Some(CardRates::H200));
+        for (knob, rows, alone, rates, want) in [
+            (None, 256, true, h100, true),
+            (None, 16, true, h100, true),
+            (None, 257, true, h100, false),
+            (None, 256, false, h100, false),
+            (None, 256, true, h200, false),
+            (None, 256, true, None, false),
+            (Some(""), 192, true, h100, true),
+            (Some("0"), 192, true, h100, false),
+            (Some("1"), 4096, false, h200, true),
+            (Some("1"), 192, true, None, true),
         ] {
             assert_eq!(
-                wanted(knob, rows, alone),
+                wanted(knob, rows, alone, rates),
                 want,
-                "{knob:?}, {rows} rows, alone {alone}"
+                "{knob:?}, {rows} rows, alone {alone}, {rates:?}"
             );
         }
+        // The line lies between the two cards measured.
+        let line = ALONE_MIN_FLOPS_PER_BYTE;
+        assert!(
+            CardRates::H200.flops_per_byte() < line && line < CardRates::H100_SXM.flops_per_byte()
+        );
     }
 }
