@@ -1015,12 +1015,23 @@ fn fused_pass(
     setup: &RawSetup,
     shape: LinearShape,
     opts: &Options,
+    how: (bool, usize, bool),
+) -> xent::Result<Pass> {
+    fused_pass_on(setup.0, setup, shape, opts, how)
+}
+
+/// [`fused_pass`] on the handle `xent` (of the setup's context) instead of the setup's.
+fn fused_pass_on(
+    xent: &xent::CrossEntropy,
+    setup: &RawSetup,
+    shape: LinearShape,
+    opts: &Options,
     (in_place, chunk_of, hidden_f32): (bool, usize, bool),
 ) -> xent::Result<Pass> {
     use xent::half::bf16;
     use xent::linear::{LinearPass, RawGrad, RawLinearGrads};
     use xent::raw::RawBuffer;
-    let (xent, blas, stream, (hidden_host, weight, bias, labels)) = setup;
+    let (_, blas, stream, (hidden_host, weight, bias, labels)) = setup;
     let (rows, d, v) = (shape.rows(), shape.hidden, shape.vocab);
     let budget = Some(chunk_of * v * 2);
     let mut hidden = stream.clone_htod(hidden_host).unwrap();
@@ -1102,16 +1113,26 @@ fn fused_pass(
 fn in_place_against_one_chunk(
     setup: &RawSetup,
     shape: LinearShape,
+    named: (&str, &Options),
+    failures: &mut Vec<String>,
+) {
+    in_place_against_one_chunk_on(setup, setup.0, shape, named, failures);
+}
+
+/// [`in_place_against_one_chunk`] with the in-place pass on the handle `in_place` (of the setup's
+/// context) and the one chunk on the setup's.
+fn in_place_against_one_chunk_on(
+    setup: &RawSetup,
+    in_place: &xent::CrossEntropy,
+    shape: LinearShape,
     (name, opts): (&str, &Options),
     failures: &mut Vec<String>,
 ) {
     let (rows, v) = (shape.rows(), shape.vocab);
     let lens_rows = linear::chunk_rows(rows, v, DType::Bf16, Some(200 * v * 2));
     assert_eq!(lens_rows, linear::ROW_SCHEME_MIN_ROWS);
-    let (want, got) = (
-        fused_pass(setup, shape, opts, (false, rows, false)).unwrap(),
-        fused_pass(setup, shape, opts, (true, 200, false)).unwrap(),
-    );
+    let want = fused_pass(setup, shape, opts, (false, rows, false)).unwrap();
+    let got = fused_pass_on(in_place, setup, shape, opts, (true, 200, false)).unwrap();
     if (got.0 - want.0).abs() > 1e-6 * want.0.abs().max(1.0) {
         failures.push(format!("{name}: loss {} against {}", got.0, want.0));
     }
@@ -1170,28 +1191,38 @@ fn in_place_option_sets() -> [(&'static str, Options); 3] {
 }
 
 /// In place at 192-row chunks over a vocabulary whose rows the tensor memory accelerator can
-/// address (1024 classes, 2 KiB a logit row): there the weight's gradient runs alone on the
-/// call's stream, so on compute capability 9.0 and a card that takes it (an H100 SXM, not the
-/// H200: [`linear::gemm_tn::takes_weight_grad`]) it comes from xent's own GEMM (`gemm_tn`), and
-/// the pass must match one chunk of every row, whose weight gradient cuBLASLt computes beside the
-/// hidden states' GEMM. It prints which GEMM ran (`tests/lse_gemm.rs` tests the GEMM itself on
-/// any sm_90 card). (777 classes, the other in-place test's, are not 16-byte rows: cuBLASLt on
-/// both sides.)
+/// address (1024 classes, 2 KiB a logit row), the weight's gradient from xent's own GEMM
+/// (`gemm_tn`) on compute capability 9.0: the pass must match one chunk of every row, whose weight
+/// gradient cuBLASLt computes beside the hidden states' GEMM. By default the linear path takes
+/// xent's GEMM in place on some cards only ([`linear::gemm_tn::takes_weight_grad`]: an H100 SXM,
+/// not the H200), so the in-place pass runs on a handle of its own whose choice is set to xent's
+/// GEMM ([`xent::CrossEntropy::set_weight_grad_gemm`]), and the one chunk on one left to the rule
+/// (cuBLASLt: it is not alone). (777 classes, the other in-place test's, are not 16-byte rows:
+/// cuBLASLt on both sides.)
 #[test]
 fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() {
     let shape = in_place_shape(1024);
-    let Some(setup) = raw_setup(shape, 41) else {
+    let Some((shared, blas, stream, inputs)) = raw_setup(shape, 41) else {
         return;
     };
-    let cc = setup.0.context().compute_capability().unwrap();
-    let ours = linear::gemm_tn::takes_weight_grad(192, true, setup.0.card_rates()) && cc == (9, 0);
+    let cc = shared.context().compute_capability().unwrap();
     println!(
         "linear in place, 1024 classes: the weight gradient from {}",
-        if ours { "xent's GEMM" } else { "cuBLASLt" }
+        if cc == (9, 0) {
+            "xent's GEMM"
+        } else {
+            "cuBLASLt"
+        }
     );
+    // A handle of its own (on the same context), so that no other test's passes see the choice.
+    let own: &'static xent::CrossEntropy = Box::leak(Box::new(
+        xent::CrossEntropy::from_context(shared.context().clone()).unwrap(),
+    ));
+    own.set_weight_grad_gemm(Some(true));
+    let (one_chunk, in_place) = ((shared, blas, stream.clone(), inputs), own);
     let mut failures = Vec::new();
     for (name, opts) in in_place_option_sets() {
-        in_place_against_one_chunk(&setup, shape, (name, &opts), &mut failures);
+        in_place_against_one_chunk_on(&one_chunk, in_place, shape, (name, &opts), &mut failures);
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -216,9 +216,13 @@ impl RawLinearGrads {
 
 /// Whether a chunk of `rows` rows takes its weight gradient from xent's own GEMM (`gemm_tn`,
 /// compute capability 9.0, bf16 throughout), running `alone` or beside the hidden states' GEMM,
-/// on the handle's card: [`gemm_tn::takes_weight_grad`].
+/// on the handle's card: [`gemm_tn::takes_weight_grad`], unless a test set the handle's choice
+/// ([`CrossEntropy::set_weight_grad_gemm`]).
 fn gemm_tn_for(xent: &CrossEntropy, dtype: DType, grad: DType, rows: usize, alone: bool) -> bool {
-    gemm_tn::takes_weight_grad(rows, alone, xent.rates) && bf16_gemms(xent, dtype, grad)
+    let wanted = xent
+        .weight_grad_gemm()
+        .unwrap_or_else(|| gemm_tn::takes_weight_grad(rows, alone, xent.rates));
+    wanted && bf16_gemms(xent, dtype, grad)
 }
 
 /// Whether a chunk's two gradient GEMMs come from xent's one kernel (`gemm_grads`: compute
