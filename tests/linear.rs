@@ -1110,18 +1110,9 @@ fn fused_pass_on(
 /// rounded to the granule: 192, 192 and 16 for 400 rows; the row scheme on any card, in place
 /// from ROW_SCHEME_MIN_ROWS) is not one chunk of every row writing grad_hidden beside the hidden
 /// states (the row scheme too, its GEMMs overlapped), within a few bf16 roundings.
+/// The in-place pass runs on the handle `in_place` (the setup's, or another of its context), the
+/// one chunk on the setup's.
 fn in_place_against_one_chunk(
-    setup: &RawSetup,
-    shape: LinearShape,
-    named: (&str, &Options),
-    failures: &mut Vec<String>,
-) {
-    in_place_against_one_chunk_on(setup, setup.0, shape, named, failures);
-}
-
-/// [`in_place_against_one_chunk`] with the in-place pass on the handle `in_place` (of the setup's
-/// context) and the one chunk on the setup's.
-fn in_place_against_one_chunk_on(
     setup: &RawSetup,
     in_place: &xent::CrossEntropy,
     shape: LinearShape,
@@ -1202,10 +1193,10 @@ fn in_place_option_sets() -> [(&'static str, Options); 3] {
 #[test]
 fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() {
     let shape = in_place_shape(1024);
-    let Some((shared, blas, stream, inputs)) = raw_setup(shape, 41) else {
+    let Some(setup) = raw_setup(shape, 41) else {
         return;
     };
-    let cc = shared.context().compute_capability().unwrap();
+    let cc = setup.0.context().compute_capability().unwrap();
     println!(
         "linear in place, 1024 classes: the weight gradient from {}",
         if cc == (9, 0) {
@@ -1215,14 +1206,11 @@ fn gpu_linear_in_place_chunks_match_one_chunk_with_xents_weight_gradient_gemm() 
         }
     );
     // A handle of its own (on the same context), so that no other test's passes see the choice.
-    let own: &'static xent::CrossEntropy = Box::leak(Box::new(
-        xent::CrossEntropy::from_context(shared.context().clone()).unwrap(),
-    ));
+    let own = xent::CrossEntropy::from_context(setup.0.context().clone()).unwrap();
     own.set_weight_grad_gemm(Some(true));
-    let (one_chunk, in_place) = ((shared, blas, stream.clone(), inputs), own);
     let mut failures = Vec::new();
     for (name, opts) in in_place_option_sets() {
-        in_place_against_one_chunk_on(&one_chunk, in_place, shape, (name, &opts), &mut failures);
+        in_place_against_one_chunk(&setup, &own, shape, (name, &opts), &mut failures);
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -1249,7 +1237,7 @@ fn gpu_linear_fused_pass_writes_grad_hidden_over_the_hidden_states_or_in_f32() {
         let pass = |in_place: bool, chunk_of: usize, hidden_f32: bool| {
             fused_pass(&setup, shape, &opts, (in_place, chunk_of, hidden_f32))
         };
-        in_place_against_one_chunk(&setup, shape, (name, &opts), &mut failures);
+        in_place_against_one_chunk(&setup, setup.0, shape, (name, &opts), &mut failures);
         // 16-row chunks take the vocabulary-blocked backward, which reads every row for every
         // block: refused.
         match pass(true, 16, false) {

@@ -7,11 +7,11 @@
 //! On the H200 (PyTorch's `nvidia/cu13/lib/libcublasLt.so.13`), `tests/gemm.rs` checks each of the
 //! linear path's GEMM shapes against f64, and `tests/linear.rs` the whole path.
 
+use crate::setting::Setting;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use cudarc::cublaslt::sys as lt;
 use libloading::Library;
@@ -145,8 +145,8 @@ pub struct CublasLt {
     /// The algorithm chosen for each GEMM shape: cuBLASLt's heuristic choice (asked once per
     /// shape), or the fastest timed ([`CublasLt::set_tuning`]).
     algos: Mutex<HashMap<AlgoKey, lt::cublasLtMatmulAlgo_t>>,
-    /// [`CublasLt::set_tuning`]: 0 follows [`tuning_env`], 1 off, 2 on.
-    tune: AtomicU8,
+    /// [`CublasLt::set_tuning`]: `None` follows [`tuning_env`].
+    tune: Setting,
     /// Kept loaded while `fns` point into it; dropped last.
     _lib: Library,
 }
@@ -256,7 +256,7 @@ impl CublasLt {
                     handle,
                     path,
                     algos: Mutex::new(HashMap::new()),
-                    tune: AtomicU8::new(0),
+                    tune: Setting::default(),
                     _lib: lib,
                 })
             }
@@ -290,23 +290,12 @@ impl CublasLt {
     /// all round a 16-bit logit alike (with a bias, its 2nd to 8th choices for a `[74, 192]` block
     /// of logits on an H200 gave other bf16 values than its first; `tests/linear.rs`).
     pub fn set_tuning(&self, on: Option<bool>) {
-        self.tune.store(
-            match on {
-                None => 0,
-                Some(false) => 1,
-                Some(true) => 2,
-            },
-            Ordering::Relaxed,
-        );
+        self.tune.set(on);
     }
 
     /// Whether this handle's GEMMs are tuned now ([`set_tuning`](Self::set_tuning)).
     pub fn tuning(&self) -> bool {
-        match self.tune.load(Ordering::Relaxed) {
-            1 => false,
-            2 => true,
-            _ => tuning_env(),
-        }
+        self.tune.get().unwrap_or_else(tuning_env)
     }
 
     /// How many GEMM shapes have a tuned algorithm.

@@ -40,6 +40,7 @@ mod options;
 pub mod plan;
 mod ptx_index;
 pub mod raw;
+mod setting;
 pub mod vocab_parallel;
 
 pub use cuda::{CrossEntropy, driver_loadable, green_context};

@@ -15,7 +15,7 @@
 //! - [`loading`]: the kernel table, each kernel loaded when the handle is made or on first use.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -108,9 +108,9 @@ pub struct CrossEntropy {
     small_kernel: AtomicBool,
     /// Testing: a launch of a kernel that its call did not [`preload`](Self::preload) is an error.
     strict_preload: AtomicBool,
-    /// Testing: which GEMM the linear path's weight gradient takes where xent's fits (0: the
-    /// rule, `linear::gemm_tn::takes_weight_grad`; 1: xent's; 2: cuBLASLt's).
-    weight_grad_gemm: AtomicU8,
+    /// Testing: whether the linear path's weight gradient takes xent's GEMM where it fits (`None`:
+    /// the rule, `linear::gemm_tn::takes_weight_grad`).
+    weight_grad_gemm: crate::setting::Setting,
     /// `XENT_LIMITS=a100`: an SM holds the CTAs an A100's would ([`plan::a100_ctas_per_sm`]).
     a100: bool,
     /// The card's tensor-core rate and memory bandwidth (its context's SMs), where known: where
@@ -272,7 +272,7 @@ impl CrossEntropy {
             pdl: AtomicBool::new(std::env::var("XENT_PDL").as_deref() != Ok("0")),
             small_kernel: AtomicBool::new(std::env::var("XENT_SMALL_KERNEL").as_deref() != Ok("0")),
             strict_preload: AtomicBool::new(false),
-            weight_grad_gemm: AtomicU8::new(0),
+            weight_grad_gemm: crate::setting::Setting::default(),
             a100,
             rates,
         })
@@ -300,21 +300,12 @@ impl CrossEntropy {
     /// takes xent's in place on some cards only). Both compute the same sums; the roundings differ.
     #[doc(hidden)]
     pub fn set_weight_grad_gemm(&self, ours: Option<bool>) {
-        let code = match ours {
-            None => 0,
-            Some(true) => 1,
-            Some(false) => 2,
-        };
-        self.weight_grad_gemm.store(code, Ordering::Relaxed);
+        self.weight_grad_gemm.set(ours);
     }
 
     /// The choice [`set_weight_grad_gemm`](Self::set_weight_grad_gemm) made.
     pub(crate) fn weight_grad_gemm(&self) -> Option<bool> {
-        match self.weight_grad_gemm.load(Ordering::Relaxed) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        }
+        self.weight_grad_gemm.get()
     }
 
     /// Testing hook: whether small cluster calls are launched with a programmatic dependency on
