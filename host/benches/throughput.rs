@@ -197,6 +197,29 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     Ok(2.0 * bytes as f64 / (best as f64 * 1e-3) / 1e9)
 }
 
+/// GB/s of `scale_grad` (one read and one write of each value, a plain streaming kernel of
+/// xent's own) over 2 GiB of bf16 on `xent`'s default stream, best of 10 after 3 warm-ups. On a
+/// partition of the SMs (`XENT_GREEN_SMS`) it says what that many SMs can stream, which the
+/// whole device's copy does not: a CTA of the scale kernel runs only on the partition's SMs.
+fn scale_bandwidth_gbps(xent: &CrossEntropy) -> Result<f64, Box<dyn std::error::Error>> {
+    let stream = xent.context().default_stream();
+    let shape = Shape::flat(8192, 131072);
+    let mut grad = stream.alloc_zeros::<bf16>(shape.rows() * shape.vocab)?;
+    let upstream = stream.clone_htod(&[0.5f32])?;
+    let mut times = Vec::new();
+    for i in 0..13 {
+        let ms = common::event_ms(&stream, || {
+            Ok(xent.scale_grad(&stream, &mut grad, shape, &upstream)?)
+        })?;
+        if i >= 3 {
+            times.push(ms);
+        }
+    }
+    let (_, best) = median_min(times);
+    let bytes = 2.0 * 2.0 * (shape.rows() * shape.vocab) as f64;
+    Ok(bytes / (best as f64 * 1e-3) / 1e9)
+}
+
 /// Random logits (uniform in `±spread`; the default 3.45 has variance 4, as peers.py's N(0, 2))
 /// filled on all cores, and labels with every `ignore_every`-th row ignored from row 0 (one in
 /// seven, as peers.py; 0: none, which a call of one row needs to be scored at all).
@@ -385,9 +408,20 @@ fn main() {
     // its SMs (`XENT_GREEN_SMS`): the kernels' share of copy is then against the whole GPU's.
     let primary = CudaContext::new(0).expect("device 0");
     let copy_gbps = copy_bandwidth_gbps(&primary.default_stream()).expect("copy bandwidth");
+    // On a partition of the SMs, also what a streaming kernel reaches on it and on the whole
+    // device (`scale_GBps`, `scale_GBps_device`): the share of copy the partition can reach.
+    // (`XENT_LIMITS=a100` sizes both handles' grids for 108 SMs; the scale kernel's blocks loop
+    // over its tiles, so on the whole device they still spread over every SM.)
+    let mut partition = String::new();
+    if std::env::var_os("XENT_GREEN_SMS").is_some() {
+        let whole = CrossEntropy::from_context(primary.clone()).expect("a handle on the device");
+        let on = |xent: &CrossEntropy| scale_bandwidth_gbps(xent).expect("scale bandwidth");
+        let (part, device) = (on(&xent), on(&whole));
+        partition = format!(", \"scale_GBps\": {part:.0}, \"scale_GBps_device\": {device:.0}");
+    }
     drop(primary);
     println!(
-        "{{\"copy_GBps\": {copy_gbps:.0}, \"sm_count\": {}}}",
+        "{{\"copy_GBps\": {copy_gbps:.0}, \"sm_count\": {}{partition}}}",
         xent.limits().sm_count
     );
     for &(n, v, dtype) in &args.configs {
