@@ -8,7 +8,8 @@
 # `sm80both` issue 13's sm_80 rows two ways, `ROUNDS` (2) rounds, plain loss: under the A100's
 #            limits on a partition of 108 SMs (`XENT_GREEN_SMS=108`, the faithful emulation since
 #            session 36, which the issue table's rows used) and under the limits on the planner
-#            only (the issue's own words: 108 SMs' worth of resident blocks, on every SM). The
+#            only (the issue's own words: 108 SMs' worth of resident blocks, on every SM; last
+#            measured in session 37, before the tagged handshake and the 256-byte chunks). The
 #            first line of each process now has `scale_GBps` (xent's scale kernel, one read and one
 #            write a value, on the 108 SMs) and `scale_GBps_device` (the same on every SM): what a
 #            plain streaming kernel reaches on that many SMs, against the whole device's copy.
