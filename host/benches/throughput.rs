@@ -186,15 +186,29 @@ fn copy_bandwidth_gbps(stream: &Arc<CudaStream>) -> Result<f64, Box<dyn std::err
     let bytes = 4usize << 30;
     let src = stream.alloc_zeros::<u8>(bytes)?;
     let mut dst = stream.alloc_zeros::<u8>(bytes)?;
+    best_gbps(
+        stream,
+        2 * bytes,
+        || Ok(stream.memcpy_dtod(&src, &mut dst)?),
+    )
+}
+
+/// GB/s of the work `enqueue` puts on `stream`, moving `bytes` each time: the best of 10 timed
+/// calls after 3 warm-ups.
+fn best_gbps(
+    stream: &Arc<CudaStream>,
+    bytes: usize,
+    mut enqueue: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let mut times = Vec::new();
     for i in 0..13 {
-        let ms = common::event_ms(stream, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+        let ms = common::event_ms(stream, &mut enqueue)?;
         if i >= 3 {
             times.push(ms);
         }
     }
     let (_, best) = median_min(times);
-    Ok(2.0 * bytes as f64 / (best as f64 * 1e-3) / 1e9)
+    Ok(bytes as f64 / (best as f64 * 1e-3) / 1e9)
 }
 
 /// GB/s of `scale_grad` (one read and one write of each value, a plain streaming kernel of
@@ -206,18 +220,10 @@ fn scale_bandwidth_gbps(xent: &CrossEntropy) -> Result<f64, Box<dyn std::error::
     let shape = Shape::flat(8192, 131072);
     let mut grad = stream.alloc_zeros::<bf16>(shape.rows() * shape.vocab)?;
     let upstream = stream.clone_htod(&[0.5f32])?;
-    let mut times = Vec::new();
-    for i in 0..13 {
-        let ms = common::event_ms(&stream, || {
-            Ok(xent.scale_grad(&stream, &mut grad, shape, &upstream)?)
-        })?;
-        if i >= 3 {
-            times.push(ms);
-        }
-    }
-    let (_, best) = median_min(times);
-    let bytes = 2.0 * 2.0 * (shape.rows() * shape.vocab) as f64;
-    Ok(bytes / (best as f64 * 1e-3) / 1e9)
+    let bytes = 2 * 2 * shape.rows() * shape.vocab;
+    best_gbps(&stream, bytes, || {
+        Ok(xent.scale_grad(&stream, &mut grad, shape, &upstream)?)
+    })
 }
 
 /// Random logits (uniform in `±spread`; the default 3.45 has variance 4, as peers.py's N(0, 2))
