@@ -12,7 +12,7 @@
 # `small8`  issue 13's 8 rows (8.003 µs on the H200 against its 8): criterion's small/gpu_graph at
 #   `ROWS` (6,8,12,16) rows under forced cluster plans beside the automatic one (which takes a
 #   cluster of 8 x 256 a row from 5 to 31 rows; session 20 measured that before the small-call
-#   kernels existed).
+#   kernels existed). `PLANS` (space-separated) replaces the list of plans.
 # `allfive` all five at 16384 x 151936 (46.8% of copy in bf16 in session 65's one round against
 #   52.8 in session 47's) and 8192 x 128256, bf16 and f16, `ROUNDS` (2) rounds.
 # `inplace` the Rust in-place linear tests after 734b646 (which GEMM the card takes in place is
@@ -58,7 +58,7 @@ for mode in "$@"; do
     small8)
       bash "$here/session60.sh"  # only its setup
       echo "=== $mode $(date +%T)"
-      for plan in auto cluster:16:128 cluster:8:128 cluster:8:256 cluster:16:256 cluster:4:256; do
+      for plan in ${PLANS:-auto cluster:16:128 cluster:8:128 cluster:8:256 cluster:16:256 cluster:4:256}; do
         echo "--- XENT_SMALL_PLAN=$plan"
         (cd bundle && XENT_SMALL_PLAN=$plan XENT_SMALL_ROWS=${ROWS:-6,8,12,16} timeout ${TC:-120} \
           ./bin/bench-criterion --bench small/gpu_graph --warm-up-time 1 --measurement-time 2) 2>&1 |

@@ -11,7 +11,7 @@
 #   16 that `session65.sh small8` forced (any size up to 16 runs: `random` draws them): a CTA's
 #   share of the row's exponentials (two a logit, 16 a clock an SM) is about 1 µs at 8 CTAs a row
 #   of 128256, and 12 CTAs a row (96 CTAs) would still leave one cluster a GPC; `auto` first and
-#   last as the control.
+#   last as the control (`session65.sh small8` with these `PLANS`).
 set -u
 here=$(dirname "$0")
 out=${OUT:-/tmp}
@@ -28,14 +28,8 @@ for mode in "$@"; do
           timeout ${TT:-120} ./bin/example-small_trace) 2>&1 | tee -a "$out/s67-trace.txt"
       done ;;
     small8b)
-      bash "$here/session60.sh"  # only its setup
-      echo "=== $mode $(date +%T)"
-      for plan in auto cluster:12:256 cluster:12:128 cluster:10:256 cluster:11:256 cluster:14:128 auto; do
-        echo "--- XENT_SMALL_PLAN=$plan"
-        (cd bundle && XENT_SMALL_PLAN=$plan XENT_SMALL_ROWS=${ROWS:-8} timeout ${TC:-60} \
-          ./bin/bench-criterion --bench small/gpu_graph --warm-up-time 1 --measurement-time 2) 2>&1 |
-          tee -a "$out/s67-small8b.txt" | grep -E "small/|time:|rror" | grep -v Benchmarking
-      done ;;
+      PLANS="auto cluster:12:256 cluster:12:128 cluster:10:256 cluster:11:256 cluster:14:128 auto" \
+        ROWS=${ROWS:-8} TC=${TC:-60} bash "$here/session65.sh" small8 ;;
     *) bash "$here/session66.sh" "$mode" ;;
   esac
 done
