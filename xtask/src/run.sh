@@ -59,7 +59,9 @@
 #                               xent_chunk_*) of bin/bench-throughput on $XENT_BENCH_CONFIGS
 #                               (default 8192:128256:bf16): speed of light, memory, occupancy,
 #                               warp stalls, at the GPU's own clocks (--clock-control none);
-#                               ARGS go to the bench (e.g. --plan cluster:8:256)
+#                               ARGS go to the bench (e.g. --plan cluster:8:256);
+#                               XENT_NCU_SECTIONS adds ncu sections (e.g. "InstructionStats
+#                               ComputeWorkloadAnalysis")
 #
 # Every binary runs under `timeout`, so a hung kernel costs minutes, not the machine. When OUT is
 # set, output is also appended to $OUT/tests.log (bench.log, sanitize.log). Ends with the lines a
@@ -360,10 +362,12 @@ elif [[ $mode == profile ]]; then
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ ! -x $ncu ]]; then echo "run.sh: ncu not found; put CUDA's bin/ on PATH" >&2; exit 2; fi
   # The first launches warm up (module load, first plan); profile one launch after them.
+  extra=()
+  for section in ${XENT_NCU_SECTIONS:-}; do extra+=(--section "$section"); done
   run_one "ncu bench-throughput" "$log" timeout 600 "$ncu" --clock-control none \
     --kernel-name regex:'xent_(cluster|fused|chunk|split)' --launch-skip 4 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats ${extra[@]+"${extra[@]}"} \
     ./bin/bench-throughput --bench --iters 5 --configs "${XENT_BENCH_CONFIGS:-8192:128256:bf16}" "$@"
 elif [[ $mode == sweep ]]; then
   configs=${XENT_BENCH_CONFIGS:-$(cat configs.txt)}
